@@ -1,0 +1,203 @@
+"""Renters' jobs, the leases that run them on providers' GPUs, and their audit trail.
+
+Job lifecycle (every move goes through jobs.services with a conditional UPDATE):
+
+    pending ──► scheduled ──► running ──► succeeded | failed
+       ▲  │         │            │
+       │  └► cancelled ◄─────────┘  (cancel from pending, scheduled or running)
+       └──────── scheduled/running, when an interruptible job's lease is preempted or lost,
+                 or a lease fails to start (up to JOB_MAX_ATTEMPTS)
+
+Lease lifecycle:  assigned ──► running ──► ended
+                      └────────────────────► ended   (failed to start, lost, cancelled)
+                  and a running lease may first be asked to stop (stop_requested_at set).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.validators import MinValueValidator
+from django.db import models
+
+from providers.models import GPU, PRICE_DECIMALS, PRICE_MAX_DIGITS, Machine
+
+
+class Renter(models.Model):
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="renter")
+    display_name = models.CharField(max_length=100)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.display_name
+
+
+class Job(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SCHEDULED = "scheduled"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    class Kind(models.TextChoices):
+        CONTAINER = "container"
+        PROCESS = "process"
+
+    renter = models.ForeignKey(Renter, on_delete=models.PROTECT, related_name="jobs")
+    name = models.CharField(max_length=200, blank=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.CONTAINER)
+    image = models.CharField(max_length=500, blank=True)
+    command = models.JSONField(default=list)
+    env = models.JSONField(default=dict, blank=True)
+    gpu_count = models.PositiveSmallIntegerField(validators=[MinValueValidator(1)])
+    min_vram_mb = models.PositiveIntegerField(default=0)
+    # Empty: any model.
+    allowed_models = models.JSONField(default=list, blank=True)
+    region = models.CharField(max_length=64, blank=True)
+    max_price_per_gpu_hour = models.DecimalField(
+        max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_DECIMALS, validators=[MinValueValidator(Decimal("0"))]
+    )
+    expected_duration_s = models.PositiveIntegerField()
+    max_duration_s = models.PositiveIntegerField()
+    interruptible = models.BooleanField(default=True)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    # Why the matcher could not place it (a stable code and a sentence), while pending.
+    unplaced_code = models.CharField(max_length=64, blank=True)
+    unplaced_detail = models.CharField(max_length=500, blank=True)
+    unplaced_checked_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    exit_code = models.IntegerField(null=True, blank=True)
+    failure_reason = models.CharField(max_length=500, blank=True)
+    idempotency_key = models.CharField(max_length=128, null=True, blank=True)
+    # Hash of the create request, so a reused idempotency key with another body is refused.
+    request_fingerprint = models.CharField(max_length=64, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["renter", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="job_unique_idempotency_key_per_renter",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(max_duration_s__gte=models.F("expected_duration_s")),
+                name="job_max_duration_covers_expected",
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "created_at"], name="job_status_created")]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} ({self.status})"
+
+
+class Lease(models.Model):
+    class Status(models.TextChoices):
+        ASSIGNED = "assigned"
+        RUNNING = "running"
+        ENDED = "ended"
+
+    ACTIVE = (Status.ASSIGNED, Status.RUNNING)
+
+    class EndReason(models.TextChoices):
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        PREEMPTED_BY_OWNER = "preempted_by_owner"
+        LOST = "lost"
+        FAILED_TO_START = "failed_to_start"
+        START_TIMEOUT = "start_timeout"
+        CANCELLED = "cancelled"
+        MAX_DURATION = "max_duration"
+        MACHINE_SUSPENDED = "machine_suspended"
+
+    job = models.ForeignKey(Job, on_delete=models.PROTECT, related_name="leases")
+    machine = models.ForeignKey(Machine, on_delete=models.PROTECT, related_name="leases")
+    gpus = models.ManyToManyField(GPU, through="LeaseGPU", related_name="leases")
+    gpu_count = models.PositiveSmallIntegerField()
+    price_per_gpu_hour = models.DecimalField(max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_DECIMALS)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ASSIGNED, db_index=True)
+    end_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)
+    end_detail = models.CharField(max_length=500, blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    # Set when the marketplace wants the agent to stop it (cancel, max duration, suspension).
+    stop_requested_at = models.DateTimeField(null=True, blank=True)
+    stop_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)
+    # The tail of the job's output, as last sent by the agent.
+    log_tail = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["machine", "status"], name="lease_machine_status")]
+
+    def __str__(self) -> str:
+        return f"lease {self.pk} ({self.status})"
+
+
+class LeaseGPU(models.Model):
+    """One GPU of a lease. `active` is true while the lease is assigned or running; the partial
+    unique index makes it impossible, whatever a racing worker does, for one GPU to be in two
+    active leases."""
+
+    lease = models.ForeignKey(Lease, on_delete=models.CASCADE, related_name="lease_gpus")
+    gpu = models.ForeignKey(GPU, on_delete=models.PROTECT, related_name="lease_gpus")
+    active = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["gpu"], condition=models.Q(active=True), name="gpu_in_one_active_lease"),
+            models.UniqueConstraint(fields=["lease", "gpu"], name="leasegpu_unique"),
+        ]
+
+
+class Event(models.Model):
+    """The audit trail of jobs and leases: every transition, who caused it and why."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    lease = models.ForeignKey(Lease, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=64)
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16, blank=True)
+    actor = models.CharField(max_length=64, blank=True)  # "renter:3", "machine:7", "matcher", "operator:1"
+    detail = models.JSONField(default=dict, blank=True)
+    # For events an agent sends: its event id, so a repeated send is recorded once.
+    idempotency_key = models.CharField(max_length=128, null=True, blank=True, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+
+class UsageReport(models.Model):
+    """What an agent reported a lease used over one interval. Stored as received here; the
+    billing app verifies the signature and meters it."""
+
+    lease = models.ForeignKey(Lease, on_delete=models.PROTECT, related_name="usage_reports")
+    report_id = models.CharField(max_length=128)
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    gpu_seconds = models.DecimalField(max_digits=16, decimal_places=3)
+    mean_utilization_pct = models.FloatField(null=True, blank=True)
+    peak_memory_mb = models.PositiveIntegerField(null=True, blank=True)
+    payload = models.JSONField(default=dict)
+    signature = models.CharField(max_length=200, blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["period_start", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["lease", "report_id"], name="usage_unique_report_per_lease"),
+            models.CheckConstraint(condition=models.Q(period_end__gt=models.F("period_start")), name="usage_period_positive"),
+        ]

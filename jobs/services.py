@@ -1,0 +1,451 @@
+"""Writes for jobs and leases: the only place their status changes.
+
+Every transition is a conditional UPDATE (`… WHERE status IN (<allowed>)`): whoever updates
+first wins, and a racing worker's update matches no row and does nothing. Each successful
+transition appends an Event to the audit trail in the same transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFailed
+from jobs.models import Event, Job, Lease, LeaseGPU, Renter
+from providers.models import GPU
+
+logger = logging.getLogger(__name__)
+
+MAX_GPUS_PER_JOB = 16
+MAX_DURATION_S = 30 * 24 * 3600
+MAX_PRICE = Decimal("1000")
+
+ER = Lease.EndReason
+JS = Job.Status
+
+
+# --- audit ----------------------------------------------------------------------------------
+
+
+def event_record(
+    *,
+    job_id: int,
+    kind: str,
+    actor: str,
+    lease_id: int | None = None,
+    from_status: str = "",
+    to_status: str = "",
+    detail: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> Event:
+    return Event.objects.create(
+        job_id=job_id,
+        lease_id=lease_id,
+        kind=kind,
+        actor=actor,
+        from_status=from_status,
+        to_status=to_status,
+        detail=detail or {},
+        idempotency_key=idempotency_key,
+    )
+
+
+def _job_move(
+    *, job_id: int, from_statuses: Iterable[str], to: str, actor: str, kind: str,
+    lease_id: int | None = None, detail: dict[str, Any] | None = None, **fields: Any,
+) -> bool:
+    """Move a job from one of `from_statuses` to `to`; False (and no change) if it was not in
+    one of them. The caller holds a transaction."""
+    from_statuses = list(from_statuses)
+    current = Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
+    if current not in from_statuses:
+        return False
+    if to in Job.TERMINAL:
+        fields.setdefault("finished_at", timezone.now())
+    updated = Job.objects.filter(pk=job_id, status=current).update(status=to, updated_at=timezone.now(), **fields)
+    if not updated:
+        return False
+    event_record(job_id=job_id, lease_id=lease_id, kind=kind, actor=actor, from_status=current, to_status=to, detail=detail)
+    return True
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    gpu_count: int
+    max_price_per_gpu_hour: Decimal
+    expected_duration_s: int
+    max_duration_s: int | None = None
+    kind: str = Job.Kind.CONTAINER
+    image: str = ""
+    command: Sequence[str] = ()
+    env: dict[str, str] | None = None
+    name: str = ""
+    min_vram_mb: int = 0
+    allowed_models: Sequence[str] = ()
+    region: str = ""
+    interruptible: bool = True
+
+
+def _validate_spec(spec: JobSpec) -> None:
+    problems: dict[str, str] = {}
+    if not 1 <= spec.gpu_count <= MAX_GPUS_PER_JOB:
+        problems["gpu_count"] = f"must be between 1 and {MAX_GPUS_PER_JOB}"
+    if not Decimal("0") < spec.max_price_per_gpu_hour <= MAX_PRICE:
+        problems["max_price_per_gpu_hour"] = f"must be above 0 and at most {MAX_PRICE}"
+    if not 1 <= spec.expected_duration_s <= MAX_DURATION_S:
+        problems["expected_duration_s"] = f"must be between 1 and {MAX_DURATION_S} seconds"
+    max_duration = spec.max_duration_s if spec.max_duration_s is not None else spec.expected_duration_s
+    if not spec.expected_duration_s <= max_duration <= MAX_DURATION_S:
+        problems["max_duration_s"] = f"must be at least expected_duration_s and at most {MAX_DURATION_S}"
+    if spec.kind not in Job.Kind.values:
+        problems["kind"] = f"must be one of {', '.join(Job.Kind.values)}"
+    if spec.kind == Job.Kind.CONTAINER and not spec.image:
+        problems["image"] = "a container job needs an image"
+    if spec.kind == Job.Kind.PROCESS and not spec.command:
+        problems["command"] = "a process job needs a command"
+    if not all(isinstance(part, str) for part in spec.command):
+        problems["command"] = "must be a list of strings"
+    if spec.min_vram_mb < 0:
+        problems["min_vram_mb"] = "must not be negative"
+    if problems:
+        field, message = next(iter(problems.items()))
+        raise ValidationFailed(
+            f"{field}: {message}", extra={"fields": {k: [v] for k, v in problems.items()}}
+        )
+
+
+def _fingerprint(spec: JobSpec) -> str:
+    data = {k: (str(v) if isinstance(v, Decimal) else v) for k, v in spec.__dict__.items()}
+    data["command"] = list(spec.command)
+    data["allowed_models"] = list(spec.allowed_models)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def job_create(*, renter: Renter, spec: JobSpec, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Submit a job. With an idempotency key, a repeat of the same request returns the job
+    created the first time (and False); the same key with a different body is refused."""
+    _validate_spec(spec)
+    fingerprint = _fingerprint(spec)
+    if idempotency_key:
+        existing = Job.objects.filter(renter=renter, idempotency_key=idempotency_key).first()
+        if existing is not None:
+            return _idempotent_match(existing, fingerprint), False
+    try:
+        with transaction.atomic():
+            job = Job.objects.create(
+                renter=renter,
+                name=spec.name,
+                kind=spec.kind,
+                image=spec.image,
+                command=list(spec.command),
+                env=dict(spec.env or {}),
+                gpu_count=spec.gpu_count,
+                min_vram_mb=spec.min_vram_mb,
+                allowed_models=sorted(set(spec.allowed_models)),
+                region=spec.region,
+                max_price_per_gpu_hour=spec.max_price_per_gpu_hour,
+                expected_duration_s=spec.expected_duration_s,
+                max_duration_s=spec.max_duration_s if spec.max_duration_s is not None else spec.expected_duration_s,
+                interruptible=spec.interruptible,
+                idempotency_key=idempotency_key or None,
+                request_fingerprint=fingerprint,
+            )
+            event_record(job_id=job.pk, kind="job.created", actor=f"renter:{renter.pk}", to_status=JS.PENDING)
+    except IntegrityError:
+        if not idempotency_key:
+            raise
+        # A concurrent request with the same key won the insert.
+        existing = Job.objects.get(renter=renter, idempotency_key=idempotency_key)
+        return _idempotent_match(existing, fingerprint), False
+    return job, True
+
+
+def _idempotent_match(job: Job, fingerprint: str) -> Job:
+    if job.request_fingerprint != fingerprint:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was already used for a different job request; use a new key."
+        )
+    return job
+
+
+def job_cancel(*, job: Job, actor: str) -> Job:
+    """Cancel a job that has not finished. A pending job is cancelled at once; a scheduled or
+    running one is cancelled and its lease asked to stop (the agent is told on its next
+    heartbeat). Cancelling a cancelled job is harmless; a finished one is refused."""
+    with transaction.atomic():
+        moved = _job_move(
+            job_id=job.pk,
+            from_statuses=[JS.PENDING, JS.SCHEDULED, JS.RUNNING],
+            to=JS.CANCELLED,
+            actor=actor,
+            kind="job.cancelled",
+        )
+        if moved:
+            for lease in Lease.objects.filter(job_id=job.pk, status__in=Lease.ACTIVE):
+                if lease.status == Lease.Status.ASSIGNED:
+                    lease_end(lease_id=lease.pk, reason=ER.CANCELLED, actor=actor)
+                else:
+                    lease_request_stop(lease_id=lease.pk, reason=ER.CANCELLED, actor=actor)
+    job.refresh_from_db()
+    if not moved and job.status != JS.CANCELLED:
+        raise InvalidTransition(f"Job {job.pk} is already {job.status} and cannot be cancelled.")
+    return job
+
+
+def job_set_unplaced(*, reasons: dict[int, tuple[str, str]], now: datetime | None = None) -> None:
+    """Record why pending jobs could not be placed: {job_id: (code, sentence)}."""
+    now = now or timezone.now()
+    by_reason: dict[tuple[str, str], list[int]] = {}
+    for job_id, reason in reasons.items():
+        by_reason.setdefault(reason, []).append(job_id)
+    for (code, detail), ids in by_reason.items():
+        for start in range(0, len(ids), 1000):
+            Job.objects.filter(pk__in=ids[start : start + 1000], status=JS.PENDING).update(
+                unplaced_code=code, unplaced_detail=detail[:500], unplaced_checked_at=now
+            )
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    job_id: int
+    machine_id: int
+    gpu_ids: tuple[int, ...]
+    price_per_gpu_hour: Decimal
+
+
+def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") -> list[Lease]:
+    """Create a lease for each placement and move its job pending → scheduled.
+
+    Preconditions: the caller holds a transaction and row locks on the placements' jobs and
+    GPUs (see marketplace.matching). Safety does not rest on the caller alone: a job no longer
+    pending is skipped, and the partial unique index on LeaseGPU(gpu) WHERE active refuses a GPU
+    already in an active lease (IntegrityError, which rolls the caller's transaction back).
+    """
+    if not placements:
+        return []
+    now = timezone.now()
+    job_ids = [p.job_id for p in placements]
+    pending = set(Job.objects.filter(pk__in=job_ids, status=JS.PENDING).values_list("pk", flat=True))
+    placements = [p for p in placements if p.job_id in pending]
+    leases = Lease.objects.bulk_create(
+        [
+            Lease(
+                job_id=p.job_id,
+                machine_id=p.machine_id,
+                gpu_count=len(p.gpu_ids),
+                price_per_gpu_hour=p.price_per_gpu_hour,
+                status=Lease.Status.ASSIGNED,
+            )
+            for p in placements
+        ]
+    )
+    if any(lease.pk is None for lease in leases):  # backends without RETURNING on bulk insert
+        raise RuntimeError("database did not return lease ids on bulk insert")
+    LeaseGPU.objects.bulk_create(
+        [LeaseGPU(lease=lease, gpu_id=g, active=True) for lease, p in zip(leases, placements, strict=True) for g in p.gpu_ids]
+    )
+    gpu_ids = [g for p in placements for g in p.gpu_ids]
+    for start in range(0, len(gpu_ids), 1000):
+        GPU.objects.filter(pk__in=gpu_ids[start : start + 1000]).update(state=GPU.State.LEASED)
+    lease_by_job = {lease.job_id: lease for lease in leases}
+    for start in range(0, len(placements), 1000):
+        chunk = [p.job_id for p in placements[start : start + 1000]]
+        Job.objects.filter(pk__in=chunk, status=JS.PENDING).update(
+            status=JS.SCHEDULED,
+            attempts=F("attempts") + 1,
+            unplaced_code="",
+            unplaced_detail="",
+            updated_at=now,
+        )
+    Event.objects.bulk_create(
+        [
+            Event(
+                job_id=p.job_id,
+                lease_id=lease_by_job[p.job_id].pk,
+                kind="lease.assigned",
+                actor=actor,
+                from_status=JS.PENDING,
+                to_status=JS.SCHEDULED,
+                detail={
+                    "machine_id": p.machine_id,
+                    "gpu_ids": list(p.gpu_ids),
+                    "price_per_gpu_hour": str(p.price_per_gpu_hour),
+                },
+            )
+            for p in placements
+        ]
+    )
+    return leases
+
+
+def lease_mark_started(
+    *, lease_id: int, actor: str, at: datetime | None = None, idempotency_key: str | None = None
+) -> bool:
+    """assigned → running, and its job scheduled → running. Repeating it is harmless (False)."""
+    at = at or timezone.now()
+    with transaction.atomic():
+        updated = Lease.objects.filter(pk=lease_id, status=Lease.Status.ASSIGNED).update(
+            status=Lease.Status.RUNNING, started_at=at
+        )
+        if not updated:
+            return False
+        lease = Lease.objects.get(pk=lease_id)
+        _job_move(
+            job_id=lease.job_id,
+            from_statuses=[JS.SCHEDULED],
+            to=JS.RUNNING,
+            actor=actor,
+            kind="lease.started",
+            lease_id=lease_id,
+        )
+        if idempotency_key:
+            Event.objects.filter(lease_id=lease_id, kind="lease.started", idempotency_key__isnull=True).update(
+                idempotency_key=idempotency_key
+            )
+    return True
+
+
+def lease_request_stop(*, lease_id: int, reason: str, actor: str) -> bool:
+    """Ask the machine's agent to stop an active lease (told on its next heartbeat). The lease
+    ends when the agent reports the exit, with `reason` as its end reason."""
+    with transaction.atomic():
+        updated = Lease.objects.filter(
+            pk=lease_id, status__in=Lease.ACTIVE, stop_requested_at__isnull=True
+        ).update(stop_requested_at=timezone.now(), stop_reason=reason)
+        if updated:
+            lease = Lease.objects.get(pk=lease_id)
+            event_record(job_id=lease.job_id, lease_id=lease_id, kind="lease.stop_requested", actor=actor, detail={"reason": reason})
+    return bool(updated)
+
+
+# GPU state after a lease ends, by why it ended.
+_GPU_STATE_AFTER = {
+    ER.PREEMPTED_BY_OWNER: GPU.State.OWNER_BUSY,
+    ER.LOST: GPU.State.OFFLINE,
+    ER.MACHINE_SUSPENDED: GPU.State.OFFLINE,
+}
+
+# Reasons after which an interruptible job goes back to the queue.
+_REQUEUE_IF_INTERRUPTIBLE = {ER.PREEMPTED_BY_OWNER, ER.LOST, ER.MACHINE_SUSPENDED}
+# Reasons that say nothing about the job itself: retried while attempts remain.
+_RETRY = {ER.FAILED_TO_START, ER.START_TIMEOUT}
+
+
+def lease_end(
+    *,
+    lease_id: int,
+    reason: str,
+    actor: str,
+    at: datetime | None = None,
+    exit_code: int | None = None,
+    detail: str = "",
+    idempotency_key: str | None = None,
+) -> bool:
+    """End an active lease and move its job accordingly:
+
+    - succeeded / failed (the job's own exit): the job succeeds or fails with the exit code;
+    - preempted_by_owner, lost, machine_suspended: an interruptible job goes back to pending,
+      any other job fails with the reason;
+    - failed_to_start, start_timeout: the job goes back to pending while it has attempts left
+      (JOB_MAX_ATTEMPTS), then fails;
+    - cancelled: the job was cancelled already;
+    - max_duration: the job fails.
+
+    If a stop was requested, the agent's report of the exit ends the lease with the requested
+    reason. Ending an ended lease is harmless (returns False).
+    """
+    at = at or timezone.now()
+    with transaction.atomic():
+        lease = Lease.objects.filter(pk=lease_id).first()
+        if lease is None or lease.status == Lease.Status.ENDED:
+            return False
+        if lease.stop_reason and reason in (ER.SUCCEEDED, ER.FAILED, ER.PREEMPTED_BY_OWNER):
+            # The process ended because we asked; billing and the job follow our reason, except
+            # that an owner reclaim that raced the stop is still the owner's.
+            if reason != ER.PREEMPTED_BY_OWNER:
+                reason = lease.stop_reason
+        updated = Lease.objects.filter(pk=lease_id, status__in=Lease.ACTIVE).update(
+            status=Lease.Status.ENDED,
+            end_reason=reason,
+            end_detail=detail[:500],
+            exit_code=exit_code,
+            ended_at=at,
+        )
+        if not updated:
+            return False
+        gpu_ids = list(LeaseGPU.objects.filter(lease_id=lease_id, active=True).values_list("gpu_id", flat=True))
+        LeaseGPU.objects.filter(lease_id=lease_id, active=True).update(active=False)
+        GPU.objects.filter(pk__in=gpu_ids, state=GPU.State.LEASED).update(
+            state=_GPU_STATE_AFTER.get(reason, GPU.State.IDLE)
+        )
+        event_record(
+            job_id=lease.job_id,
+            lease_id=lease_id,
+            kind="lease.ended",
+            actor=actor,
+            from_status=lease.status,
+            to_status=Lease.Status.ENDED,
+            detail={"reason": reason, "exit_code": exit_code, "detail": detail[:500]},
+            idempotency_key=idempotency_key,
+        )
+        _job_after_lease(lease=lease, reason=reason, exit_code=exit_code, detail=detail, actor=actor)
+    return True
+
+
+def _job_after_lease(*, lease: Lease, reason: str, exit_code: int | None, detail: str, actor: str) -> None:
+    job = Job.objects.get(pk=lease.job_id)
+    live = [JS.SCHEDULED, JS.RUNNING]
+    common = {"job_id": job.pk, "from_statuses": live, "actor": actor, "lease_id": lease.pk}
+    if reason == ER.SUCCEEDED:
+        _job_move(**common, to=JS.SUCCEEDED, kind="job.succeeded", exit_code=exit_code)
+    elif reason == ER.FAILED:
+        _job_move(
+            **common, to=JS.FAILED, kind="job.failed", exit_code=exit_code,
+            failure_reason=detail or f"exited with code {exit_code}",
+        )
+    elif reason == ER.MAX_DURATION:
+        _job_move(**common, to=JS.FAILED, kind="job.failed", failure_reason="ran past its max_duration_s")
+    elif reason in _REQUEUE_IF_INTERRUPTIBLE and job.interruptible:
+        _job_move(**common, to=JS.PENDING, kind="job.requeued", detail={"reason": reason})
+    elif reason in _REQUEUE_IF_INTERRUPTIBLE:
+        _job_move(
+            **common, to=JS.FAILED, kind="job.failed",
+            failure_reason=f"lease ended ({reason}) and the job is not interruptible",
+        )
+    elif reason in _RETRY and job.attempts < settings.GPGPU["JOB_MAX_ATTEMPTS"]:
+        _job_move(**common, to=JS.PENDING, kind="job.requeued", detail={"reason": reason, "detail": detail[:500]})
+    elif reason in _RETRY:
+        _job_move(
+            **common, to=JS.FAILED, kind="job.failed",
+            failure_reason=f"could not be started after {job.attempts} attempts ({reason}: {detail[:200]})",
+        )
+    # CANCELLED: the job was moved by job_cancel already.
+
+
+def leases_end_for_machine(*, machine_id: int, reason: str, actor: str, detail: str = "") -> int:
+    """End every active lease of a machine (it went silent, or was suspended). Returns how many."""
+    count = 0
+    for lease_id in Lease.objects.filter(machine_id=machine_id, status__in=Lease.ACTIVE).order_by("pk").values_list("pk", flat=True):
+        count += lease_end(lease_id=lease_id, reason=reason, actor=actor, detail=detail)
+    return count
+
+
+def renter_create(*, user: Any, display_name: str) -> Renter:
+    return Renter.objects.create(user=user, display_name=display_name)

@@ -1,0 +1,45 @@
+"""Errors a service raises on purpose. The HTTP layer turns each into one response shape:
+
+    {"code": "<stable machine-readable code>", "detail": "<human sentence>"}
+
+Each app's errors.py subclasses these so that callers can catch by meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """A request the service refuses. `code` is stable; `detail` is for people."""
+
+    status_code = 400
+    default_code = "invalid"
+
+    def __init__(self, detail: str, *, code: str | None = None, extra: dict[str, Any] | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code or self.default_code
+        self.extra = extra or {}
+
+
+class ValidationFailed(ServiceError):
+    status_code = 400
+    default_code = "invalid"
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    default_code = "not_found"
+
+
+class PermissionDenied(ServiceError):
+    status_code = 403
+    default_code = "permission_denied"
+
+
+class Conflict(ServiceError):
+    """The row is not in a state that allows this (for example cancelling a finished job)."""
+
+    status_code = 409
+    default_code = "conflict"

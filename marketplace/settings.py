@@ -1,0 +1,273 @@
+"""Settings for the GPGPU marketplace.
+
+Every setting comes from the environment, with an embedded default that runs the whole
+system on a laptop with no servers: SQLite, a filesystem Celery broker and (for billing) a
+local chain. The README's settings table lists each variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("GPGPU_VAR_DIR", BASE_DIR / "var"))
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use true/false)")
+
+
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("GPGPU_REQUIRE_SECRET_KEY", False):
+        raise ImproperlyConfigured("SECRET_KEY must be set in production")
+    # Development default only: production (docker-compose) always sets SECRET_KEY.
+    SECRET_KEY = "dev-insecure-gpgpu-secret-key-change-me-0123456789abcdef"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "accounts",
+    "providers",
+    "jobs",
+    "billing",
+    "marketplace",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "marketplace.urls"
+WSGI_APPLICATION = "marketplace.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database: DATABASE_URL (postgres://user:pass@host:5432/name) or SQLite under var/.
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", f"sqlite:///{VAR_DIR / 'gpgpu.sqlite3'}"),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several processes (web, worker, beat) share the file: wait for locks instead of failing,
+    # and take the write lock at BEGIN so a read-then-write transaction cannot deadlock.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+# Serve app static files straight from their apps when collectstatic has not run (dev, tests).
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+# Request bodies larger than this are refused before they reach a view (agent heartbeats of
+# a 16-GPU machine are about 10 KiB).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 256 * 1024, minimum=1024)
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.auth.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "marketplace.api.Pagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "marketplace.api.exception_handler",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_THROTTLE_RATES": {},
+}
+if DEBUG:
+    REST_FRAMEWORK["DEFAULT_RENDERER_CLASSES"].append("rest_framework.renderers.BrowsableAPIRenderer")
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "GPGPU marketplace API",
+    "DESCRIPTION": (
+        "Rent idle GPUs. Renters submit jobs and follow their leases; providers manage machines, "
+        "availability windows and price floors; provider agents speak /api/agent/v1/. Every error "
+        "body has the shape {\"code\": <stable machine-readable code>, \"detail\": <human text>}."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {},
+}
+
+# Celery: a broker that needs no server by default (kombu's filesystem transport, which works
+# across processes on one host); CELERY_BROKER_URL or REDIS_URL for Redis in production.
+BROKER_DIR = VAR_DIR / "broker"
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL") or "filesystem://"
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    for sub in ("in", "processed"):
+        (BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(BROKER_DIR / "in"),
+        "data_folder_out": str(BROKER_DIR / "in"),
+        "processed_folder": str(BROKER_DIR / "processed"),
+        "store_processed": False,
+    }
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TIMEZONE = "UTC"
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+
+# Marketplace behaviour.
+GPGPU = {
+    # How often the agent is asked to heartbeat, and how many missed beats make a machine offline.
+    "HEARTBEAT_INTERVAL_S": env_int("HEARTBEAT_INTERVAL_S", 10, minimum=1),
+    "HEARTBEAT_GRACE_BEATS": env_int("HEARTBEAT_GRACE_BEATS", 3, minimum=1),
+    # The matching loop's period, and the most pending jobs one cycle considers.
+    "MATCH_INTERVAL_S": env_int("MATCH_INTERVAL_S", 5, minimum=1),
+    "MATCH_BATCH_SIZE": env_int("MATCH_BATCH_SIZE", 20000, minimum=1),
+    # A lease the agent has not started within this many seconds is given up and re-queued.
+    "LEASE_START_TIMEOUT_S": env_int("LEASE_START_TIMEOUT_S", 120, minimum=10),
+    # How often a job may be placed before it fails (failed starts, lost machines).
+    "JOB_MAX_ATTEMPTS": env_int("JOB_MAX_ATTEMPTS", 5, minimum=1),
+    # Raw telemetry is kept at most one sample per GPU per this many seconds, for this many
+    # hours; hourly rollups are kept for this many days.
+    "TELEMETRY_SAMPLE_INTERVAL_S": env_int("TELEMETRY_SAMPLE_INTERVAL_S", 60, minimum=1),
+    "TELEMETRY_RAW_RETENTION_H": env_int("TELEMETRY_RAW_RETENTION_H", 48, minimum=1),
+    "TELEMETRY_ROLLUP_RETENTION_D": env_int("TELEMETRY_ROLLUP_RETENTION_D", 400, minimum=1),
+    # Registration tokens expire after this many hours.
+    "REGISTRATION_TOKEN_TTL_H": env_int("REGISTRATION_TOKEN_TTL_H", 24, minimum=1),
+}
+
+CELERY_BEAT_SCHEDULE = {
+    "match-pending-jobs": {
+        "task": "marketplace.tasks.match_pending_jobs",
+        "schedule": float(GPGPU["MATCH_INTERVAL_S"]),
+        "options": {"expires": float(GPGPU["MATCH_INTERVAL_S"])},
+    },
+    "sweep-machine-liveness": {
+        "task": "providers.tasks.sweep_machine_liveness",
+        "schedule": float(GPGPU["HEARTBEAT_INTERVAL_S"]),
+        "options": {"expires": float(GPGPU["HEARTBEAT_INTERVAL_S"])},
+    },
+    "sweep-stuck-leases": {
+        "task": "jobs.tasks.sweep_leases",
+        "schedule": 15.0,
+        "options": {"expires": 15.0},
+    },
+    "rollup-telemetry": {
+        "task": "providers.tasks.rollup_telemetry",
+        "schedule": 300.0,
+        "options": {"expires": 300.0},
+    },
+    "prune-telemetry": {
+        "task": "providers.tasks.prune_telemetry",
+        "schedule": 3600.0,
+        "options": {"expires": 3600.0},
+    },
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

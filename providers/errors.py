@@ -1,0 +1,30 @@
+"""Errors of the fleet's services."""
+
+from marketplace.errors import Conflict, NotFound, PermissionDenied, ServiceError, ValidationFailed
+
+
+class RegistrationTokenInvalid(ServiceError):
+    status_code = 401
+    default_code = "registration_token_invalid"
+
+
+class MachineCredentialInvalid(ServiceError):
+    status_code = 401
+    default_code = "machine_credential_invalid"
+
+
+class MachineSuspended(ServiceError):
+    status_code = 403
+    default_code = "machine_suspended"
+
+
+__all__ = [
+    "Conflict",
+    "MachineCredentialInvalid",
+    "MachineSuspended",
+    "NotFound",
+    "PermissionDenied",
+    "RegistrationTokenInvalid",
+    "ServiceError",
+    "ValidationFailed",
+]

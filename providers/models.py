@@ -1,0 +1,210 @@
+"""The fleet: providers (GPU owners), their machines and GPUs, when they may be rented, and
+what the GPUs reported over time."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+
+eth_address_validator = RegexValidator(
+    r"^0x[0-9a-fA-F]{40}$", "Enter an Ethereum address: 0x followed by 40 hex digits."
+)
+
+# Prices are per GPU-hour in the marketplace's unit of account (USD-like, 6 decimals).
+PRICE_MAX_DIGITS = 12
+PRICE_DECIMALS = 6
+
+
+class Provider(models.Model):
+    """A GPU owner's account."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="provider")
+    display_name = models.CharField(max_length=100)
+    payout_address = models.CharField(max_length=42, blank=True, validators=[eth_address_validator])
+    # The floor for any of this provider's GPUs without one of its own, per GPU-hour.
+    default_price_floor = models.DecimalField(
+        max_digits=PRICE_MAX_DIGITS,
+        decimal_places=PRICE_DECIMALS,
+        default=Decimal("0.20"),
+        validators=[MinValueValidator(Decimal("0"))],
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.display_name
+
+
+class RegistrationToken(models.Model):
+    """A one-time token a provider gives an agent to register a machine."""
+
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="registration_tokens")
+    label = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=12)
+    token_digest = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+    machine = models.OneToOneField(
+        "Machine", null=True, blank=True, on_delete=models.SET_NULL, related_name="registration_token"
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.provider})"
+
+
+class Machine(models.Model):
+    """A host running the provider agent."""
+
+    class Status(models.TextChoices):
+        ONLINE = "online"
+        OFFLINE = "offline"
+        SUSPENDED = "suspended"
+
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="machines")
+    hostname = models.CharField(max_length=255)
+    # The agent's credential: only its digest is stored.
+    credential_digest = models.CharField(max_length=64, unique=True)
+    # The agent's signing address (for usage reports; see the agent and billing issues).
+    signing_address = models.CharField(max_length=42, blank=True, validators=[eth_address_validator])
+    agent_version = models.CharField(max_length=50, blank=True)
+    driver_version = models.CharField(max_length=50, blank=True)
+    cuda_version = models.CharField(max_length=50, blank=True)
+    cpu_cores = models.PositiveIntegerField(null=True, blank=True)
+    ram_mb = models.PositiveBigIntegerField(null=True, blank=True)
+    disk_gb = models.PositiveBigIntegerField(null=True, blank=True)
+    region = models.CharField(max_length=64, blank=True, db_index=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OFFLINE, db_index=True)
+    suspended_reason = models.CharField(max_length=255, blank=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.hostname} (#{self.pk})"
+
+
+class GPU(models.Model):
+    class State(models.TextChoices):
+        OFFLINE = "offline"
+        OWNER_BUSY = "owner_busy"
+        IDLE = "idle"
+        LEASED = "leased"
+
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="gpus")
+    uuid = models.CharField(max_length=96, unique=True)
+    index = models.PositiveSmallIntegerField()
+    model = models.CharField(max_length=100, db_index=True)
+    vram_mb = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE, db_index=True)
+    # When the agent last saw this GPU become idle (for how long it has been free).
+    idle_since = models.DateTimeField(null=True, blank=True)
+    # Per GPU-hour; null means the provider's default floor.
+    price_floor = models.DecimalField(
+        max_digits=PRICE_MAX_DIGITS,
+        decimal_places=PRICE_DECIMALS,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal("0"))],
+    )
+    # The latest telemetry, for listings without a join on the history.
+    utilization_pct = models.FloatField(null=True, blank=True)
+    memory_used_mb = models.PositiveIntegerField(null=True, blank=True)
+    temperature_c = models.FloatField(null=True, blank=True)
+    power_w = models.FloatField(null=True, blank=True)
+    last_telemetry_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["machine_id", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["machine", "index"], name="gpu_unique_index_per_machine"),
+        ]
+        indexes = [models.Index(fields=["state", "model"], name="gpu_state_model")]
+
+    def __str__(self) -> str:
+        return f"{self.model} #{self.index} on {self.machine_id}"
+
+
+class AvailabilityWindow(models.Model):
+    """A recurring weekly window in the provider's own time zone, e.g. Mon–Fri 20:00–08:00
+    Europe/Paris. A window whose end is at or before its start runs past midnight into the next
+    day. `days` is a bitmask, Monday = bit 0 … Sunday = bit 6, of the days the window *starts*.
+
+    A machine with no windows (its own or its provider's) is available at any time it is idle.
+    """
+
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="windows")
+    # Null: applies to every machine of the provider.
+    machine = models.ForeignKey(Machine, null=True, blank=True, on_delete=models.CASCADE, related_name="windows")
+    days = models.PositiveSmallIntegerField(validators=[MinValueValidator(1), MaxValueValidator(127)])
+    start_time = models.TimeField()
+    end_time = models.TimeField()
+    timezone = models.CharField(max_length=64, default="UTC")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"days={self.days:07b} {self.start_time}-{self.end_time} {self.timezone}"
+
+
+class Blackout(models.Model):
+    """A one-off period when the provider's machine (or all of them) must not be rented."""
+
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="blackouts")
+    machine = models.ForeignKey(
+        Machine, null=True, blank=True, on_delete=models.CASCADE, related_name="blackouts"
+    )
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    reason = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["starts_at"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(ends_at__gt=models.F("starts_at")), name="blackout_ends_after_start"),
+        ]
+
+
+class TelemetrySample(models.Model):
+    """Raw telemetry, at most one row per GPU per TELEMETRY_SAMPLE_INTERVAL_S, pruned after
+    TELEMETRY_RAW_RETENTION_H hours once rolled up."""
+
+    gpu = models.ForeignKey(GPU, on_delete=models.CASCADE, related_name="samples")
+    at = models.DateTimeField()
+    utilization_pct = models.FloatField(null=True)
+    memory_used_mb = models.PositiveIntegerField(null=True)
+    temperature_c = models.FloatField(null=True)
+    power_w = models.FloatField(null=True)
+    state = models.CharField(max_length=16, choices=GPU.State.choices)
+
+    class Meta:
+        indexes = [models.Index(fields=["gpu", "at"], name="telemetry_gpu_at"), models.Index(fields=["at"], name="telemetry_at")]
+
+
+class TelemetryRollup(models.Model):
+    """One GPU's telemetry over one hour: what charts of a fleet's history read."""
+
+    gpu = models.ForeignKey(GPU, on_delete=models.CASCADE, related_name="rollups")
+    hour = models.DateTimeField()
+    samples = models.PositiveIntegerField()
+    utilization_avg = models.FloatField(null=True)
+    utilization_max = models.FloatField(null=True)
+    memory_used_max_mb = models.PositiveIntegerField(null=True)
+    temperature_max_c = models.FloatField(null=True)
+    power_avg_w = models.FloatField(null=True)
+    # Share of the hour's samples in each state, 0..1.
+    idle_ratio = models.FloatField(default=0)
+    leased_ratio = models.FloatField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["gpu", "hour"], name="rollup_unique_gpu_hour")]
+        indexes = [models.Index(fields=["hour"], name="rollup_hour")]

@@ -1,0 +1,92 @@
+"""factory_boy factories for the whole project (apps' tests import from here)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import factory
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from accounts.services import api_token_create
+from jobs.models import Job, Renter
+from providers.models import GPU, Machine, Provider
+from providers.services import secret_digest
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda u: f"{u.username}@example.org")
+
+
+class ProviderFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Provider
+
+    user = factory.SubFactory(UserFactory)
+    display_name = factory.Sequence(lambda n: f"provider {n}")
+    payout_address = factory.Sequence(lambda n: "0x" + f"{n + 1:040x}")
+    default_price_floor = Decimal("0.20")
+
+
+class RenterFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Renter
+
+    user = factory.SubFactory(UserFactory)
+    display_name = factory.Sequence(lambda n: f"renter {n}")
+
+
+class MachineFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Machine
+
+    provider = factory.SubFactory(ProviderFactory)
+    hostname = factory.Sequence(lambda n: f"host-{n}")
+    credential_digest = factory.Sequence(lambda n: secret_digest(f"machine-credential-{n}"))
+    status = Machine.Status.ONLINE
+    region = "eu-west"
+    last_heartbeat_at = factory.LazyFunction(timezone.now)
+
+
+class GPUFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = GPU
+
+    machine = factory.SubFactory(MachineFactory)
+    uuid = factory.Sequence(lambda n: f"GPU-{n:08d}-0000-0000-0000-000000000000")
+    index = factory.Sequence(lambda n: n % 8)
+    model = "RTX 4090"
+    vram_mb = 24564
+    state = GPU.State.IDLE
+    idle_since = factory.LazyFunction(timezone.now)
+
+
+class JobFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Job
+
+    renter = factory.SubFactory(RenterFactory)
+    kind = Job.Kind.PROCESS
+    command = ["python", "-c", "print('hello')"]
+    gpu_count = 1
+    max_price_per_gpu_hour = Decimal("1.00")
+    expected_duration_s = 600
+    max_duration_s = 1200
+    interruptible = True
+
+
+def machine_with_gpus(*, count: int = 1, **gpu_kwargs) -> Machine:  # type: ignore[no-untyped-def]
+    """An online machine with `count` idle GPUs (indexes 0..count-1)."""
+    machine = MachineFactory()
+    for i in range(count):
+        GPUFactory(machine=machine, index=i, **gpu_kwargs)
+    return machine
+
+
+def token_for(user) -> str:  # type: ignore[no-untyped-def]
+    _, raw = api_token_create(user=user)
+    return raw
