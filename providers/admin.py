@@ -1,0 +1,512 @@
+"""Operator console for the fleet: providers, registration tokens, machines, GPUs, schedules
+and telemetry.
+
+What agents report (inventory, status, telemetry) is read-only here: the next heartbeat would
+overwrite an edit anyway. A machine's status changes only through the suspend / unsuspend
+actions, which call providers.services (ending its leases and re-queueing their jobs).
+Secrets (registration tokens, machine credentials) are stored as digests and never shown.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Count, DecimalField, F, QuerySet
+from django.db.models.functions import Coalesce
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+
+from providers import services, telemetry
+from providers.errors import Conflict
+from providers.models import (
+    GPU,
+    PRICE_DECIMALS,
+    PRICE_MAX_DIGITS,
+    AvailabilityWindow,
+    Blackout,
+    Machine,
+    Provider,
+    RegistrationToken,
+    TelemetryRollup,
+    TelemetrySample,
+)
+
+DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def operator_actor(request: HttpRequest) -> str:
+    """The audit trail's name for the operator making this request."""
+    return f"operator:{request.user.pk}"
+
+
+def change_link(obj: Any, text: str | None = None) -> str:
+    """A link to `obj`'s page in this console."""
+    if obj is None:
+        return "-"
+    opts = obj._meta
+    url = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk])
+    return format_html('<a href="{}">{}</a>', url, text if text is not None else str(obj))
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """A view-only page: rows are written by the system (agents, sweepers, services)."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+# --- providers and registration tokens ------------------------------------------------------
+
+
+@admin.register(Provider)
+class ProviderAdmin(admin.ModelAdmin):
+    list_display = ["display_name", "user", "payout_address", "default_price_floor", "machine_count", "created_at"]
+    search_fields = ["display_name", "user__username", "user__email", "payout_address"]
+    list_select_related = ["user"]
+    raw_id_fields = ["user"]
+    readonly_fields = ["created_at"]
+    date_hierarchy = "created_at"
+    actions = ["create_registration_tokens"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Provider]:
+        return super().get_queryset(request).annotate(_machine_count=Count("machines"))
+
+    @admin.display(description="machines", ordering="_machine_count")
+    def machine_count(self, obj: Provider) -> str:
+        url = reverse("admin:providers_machine_changelist") + f"?provider__id__exact={obj.pk}"
+        return format_html('<a href="{}">{}</a>', url, obj._machine_count)  # type: ignore[attr-defined]
+
+    def has_delete_permission(self, request: HttpRequest, obj: Provider | None = None) -> bool:
+        # Machines, leases and the ledger refer to providers: they are never deleted.
+        return False
+
+    @admin.action(description="Create a registration token for each selected provider", permissions=["change"])
+    def create_registration_tokens(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
+        for provider in queryset:
+            _, raw = services.registration_token_create(
+                provider=provider, label=f"issued by operator {request.user.get_username()}"
+            )
+            self.message_user(request, _registration_token_message(provider, raw), messages.WARNING)
+
+
+def _registration_token_message(provider: Provider, raw: str) -> str:
+    return f"Registration token for {provider}: {raw} — copy it now, it is not stored and will not be shown again."
+
+
+class RegistrationTokenAddForm(forms.ModelForm):
+    class Meta:
+        model = RegistrationToken
+        fields = ["provider", "label"]
+
+
+@admin.register(RegistrationToken)
+class RegistrationTokenAdmin(admin.ModelAdmin):
+    list_display = ["token_prefix", "provider", "label", "state", "created_at", "expires_at", "used_at", "machine"]
+    list_filter = [("used_at", admin.EmptyFieldListFilter), "expires_at", "created_at"]
+    search_fields = ["prefix", "label", "provider__display_name", "machine__hostname"]
+    list_select_related = ["provider", "machine"]
+    raw_id_fields = ["provider"]
+    date_hierarchy = "created_at"
+    fields = ["provider", "label", "prefix", "created_at", "expires_at", "used_at", "machine"]
+
+    @admin.display(description="token", ordering="prefix")
+    def token_prefix(self, obj: RegistrationToken) -> str:
+        return f"{obj.prefix}…"
+
+    @admin.display(description="state")
+    def state(self, obj: RegistrationToken) -> str:
+        if obj.used_at is not None:
+            return "used"
+        return "expired" if obj.expires_at <= timezone.now() else "unused"
+
+    def get_form(
+        self, request: HttpRequest, obj: RegistrationToken | None = None, **kwargs: Any
+    ) -> type[forms.ModelForm]:
+        if obj is None:
+            kwargs["form"] = RegistrationTokenAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request: HttpRequest, obj: RegistrationToken | None = None) -> list[str]:
+        return ["provider", "label"] if obj is None else list(self.fields)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: RegistrationToken | None = None) -> list[str]:
+        return [] if obj is None else ["provider", "prefix", "created_at", "expires_at", "used_at", "machine"]
+
+    def save_model(self, request: HttpRequest, obj: RegistrationToken, form: forms.ModelForm, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        token, raw = services.registration_token_create(
+            provider=form.cleaned_data["provider"], label=form.cleaned_data["label"]
+        )
+        # The add view goes on with `obj` (its log entry, its redirect): make it the new row.
+        obj.pk = token.pk
+        for field in ("prefix", "token_digest", "created_at", "expires_at"):
+            setattr(obj, field, getattr(token, field))
+        obj._state.adding = False
+        self.message_user(request, _registration_token_message(token.provider, raw), messages.WARNING)
+
+
+# --- machines and GPUs ----------------------------------------------------------------------
+
+
+class GPUInline(admin.TabularInline):
+    model = GPU
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    fields = [
+        "index",
+        "uuid",
+        "model",
+        "vram_mb",
+        "state",
+        "price_floor",
+        "idle_since",
+        "utilization_pct",
+        "memory_used_mb",
+        "temperature_c",
+        "last_telemetry_at",
+    ]
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Machine)
+class MachineAdmin(admin.ModelAdmin):
+    list_display = [
+        "hostname",
+        "provider",
+        "status",
+        "region",
+        "gpu_count",
+        "last_heartbeat_at",
+        "agent_version",
+        "driver_version",
+        "created_at",
+    ]
+    list_filter = ["status", "region", "agent_version"]
+    search_fields = ["=id", "hostname", "provider__display_name", "provider__user__username", "signing_address"]
+    list_select_related = ["provider"]
+    date_hierarchy = "created_at"
+    inlines = [GPUInline]
+    actions = ["suspend", "unsuspend"]
+    fields = [
+        "provider",
+        "hostname",
+        "region",
+        "status",
+        "suspended_reason",
+        "credential",
+        "signing_address",
+        "agent_version",
+        "driver_version",
+        "cuda_version",
+        "cpu_cores",
+        "ram_mb",
+        "disk_gb",
+        "last_heartbeat_at",
+        "created_at",
+    ]
+    # All of it is the agent's report or the result of a service: the status changes only
+    # through the actions below.
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Machine]:
+        return super().get_queryset(request).annotate(_gpu_count=Count("gpus"))
+
+    @admin.display(description="GPUs", ordering="_gpu_count")
+    def gpu_count(self, obj: Machine) -> int:
+        return obj._gpu_count  # type: ignore[attr-defined]
+
+    @admin.display(description="credential")
+    def credential(self, obj: Machine) -> str:
+        # Enough of the digest to tell two machines' credentials apart, no more.
+        return f"sha256 {obj.credential_digest[:8]}…"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Machines join through an agent and a registration token.
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Machine | None = None) -> bool:
+        return False
+
+    @admin.action(description="Suspend selected machines", permissions=["change"])
+    def suspend(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
+        from jobs.models import Lease
+
+        reason = f"suspended by operator {request.user.get_username()}"
+        machines = list(queryset.exclude(status=Machine.Status.SUSPENDED).order_by("pk"))
+        skipped = queryset.filter(status=Machine.Status.SUSPENDED).count()
+        ended_before = Lease.objects.filter(machine__in=machines, status__in=Lease.ACTIVE).count()
+        for machine in machines:
+            services.machine_suspend(machine=machine, reason=reason, actor=operator_actor(request))
+        self.message_user(
+            request,
+            f"Suspended {len(machines)} machine(s); {ended_before} active lease(s) ended.",
+            messages.SUCCESS,
+        )
+        if skipped:
+            self.message_user(request, f"{skipped} machine(s) were already suspended.", messages.INFO)
+
+    @admin.action(description="Unsuspend selected machines", permissions=["change"])
+    def unsuspend(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
+        done: list[Machine] = []
+        refused: list[str] = []
+        for machine in queryset.order_by("pk"):
+            try:
+                services.machine_unsuspend(machine=machine, actor=operator_actor(request))
+            except Conflict:
+                refused.append(str(machine))
+            else:
+                done.append(machine)
+        if done:
+            self.message_user(
+                request,
+                f"Unsuspended {len(done)} machine(s); each shows offline until its next heartbeat.",
+                messages.SUCCESS,
+            )
+        if refused:
+            self.message_user(request, f"Not suspended, left as they were: {', '.join(refused)}.", messages.WARNING)
+
+
+@admin.register(GPU)
+class GPUAdmin(admin.ModelAdmin):
+    list_display = [
+        "uuid",
+        "model",
+        "vram_mb",
+        "state",
+        "machine_link",
+        "effective_price_floor",
+        "idle_since",
+        "utilization_pct",
+        "memory_used_mb",
+        "temperature_c",
+        "last_telemetry_at",
+    ]
+    list_filter = ["state", "model", "machine__region", "machine__status"]
+    search_fields = ["uuid", "model", "machine__hostname", "machine__provider__display_name"]
+    list_select_related = ["machine", "machine__provider"]
+    fields = [
+        "machine",
+        "index",
+        "uuid",
+        "model",
+        "vram_mb",
+        "state",
+        "price_floor",
+        "effective_price_floor",
+        "idle_since",
+        "utilization_pct",
+        "memory_used_mb",
+        "temperature_c",
+        "power_w",
+        "last_telemetry_at",
+        "last_24_hours",
+    ]
+    readonly_fields = [f for f in fields if f != "price_floor"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[GPU]:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                _effective_floor=Coalesce(
+                    F("price_floor"),
+                    F("machine__provider__default_price_floor"),
+                    output_field=DecimalField(max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_DECIMALS),
+                )
+            )
+        )
+
+    @admin.display(description="machine", ordering="machine__hostname")
+    def machine_link(self, obj: GPU) -> str:
+        return change_link(obj.machine, obj.machine.hostname)
+
+    @admin.display(description="price floor / GPU-hour", ordering="_effective_floor")
+    def effective_price_floor(self, obj: GPU) -> str:
+        floor = getattr(obj, "_effective_floor", None)
+        if floor is None:
+            floor = obj.price_floor if obj.price_floor is not None else obj.machine.provider.default_price_floor
+        # SQLite hands computed decimals back unscaled: show the model's precision.
+        shown = Decimal(floor).quantize(Decimal(1).scaleb(-PRICE_DECIMALS))
+        return f"{shown}" if obj.price_floor is not None else f"{shown} (provider default)"
+
+    @admin.display(description="last 24 hours")
+    def last_24_hours(self, obj: GPU) -> str:
+        now = timezone.now()
+        points = telemetry.gpu_history(gpu=obj, since=now - timedelta(hours=24), until=now)
+        if not points:
+            return "no telemetry"
+
+        def cell(value: float | None, fmt: str) -> str:
+            return "-" if value is None else format(value, fmt)
+
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    p["hour"].strftime("%Y-%m-%d %H:00") + (" (so far)" if p["partial"] else ""),
+                    p["samples"],
+                    cell(p["utilization_avg"], ".0f"),
+                    cell(p["temperature_max_c"], ".0f"),
+                    cell(p["power_avg_w"], ".0f"),
+                    format(p["idle_ratio"], ".0%"),
+                    format(p["leased_ratio"], ".0%"),
+                )
+                for p in points
+            ),
+        )
+        return format_html(
+            "<table><tr><th>hour (UTC)</th><th>samples</th><th>util avg %</th><th>temp max °C</th>"
+            "<th>power avg W</th><th>idle</th><th>leased</th></tr>{}</table>",
+            rows,
+        )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: GPU | None = None) -> bool:
+        return False
+
+
+# --- availability ---------------------------------------------------------------------------
+
+
+class AvailabilityWindowForm(forms.ModelForm):
+    class Meta:
+        model = AvailabilityWindow
+        fields = ["provider", "machine", "days", "start_time", "end_time", "timezone"]
+
+    def clean_timezone(self) -> str:
+        name = self.cleaned_data["timezone"]
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise forms.ValidationError(f"{name!r} is not a known time zone (e.g. Europe/Paris).") from None
+        return name
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        machine, provider = data.get("machine"), data.get("provider")
+        if machine is not None and provider is not None and machine.provider_id != provider.pk:
+            raise forms.ValidationError("The machine belongs to another provider.")
+        return data
+
+
+@admin.register(AvailabilityWindow)
+class AvailabilityWindowAdmin(admin.ModelAdmin):
+    form = AvailabilityWindowForm
+    list_display = ["id", "provider", "machine", "day_names", "start_time", "end_time", "timezone", "created_at"]
+    list_filter = ["timezone"]
+    search_fields = ["provider__display_name", "machine__hostname"]
+    list_select_related = ["provider", "machine"]
+    raw_id_fields = ["provider", "machine"]
+
+    @admin.display(description="days")
+    def day_names(self, obj: AvailabilityWindow) -> str:
+        return ", ".join(name for bit, name in enumerate(DAY_NAMES) if obj.days & (1 << bit))
+
+
+class BlackoutForm(forms.ModelForm):
+    class Meta:
+        model = Blackout
+        fields = ["provider", "machine", "starts_at", "ends_at", "reason"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        starts, ends = data.get("starts_at"), data.get("ends_at")
+        if starts is not None and ends is not None and ends <= starts:
+            raise forms.ValidationError("The blackout must end after it starts.")
+        machine, provider = data.get("machine"), data.get("provider")
+        if machine is not None and provider is not None and machine.provider_id != provider.pk:
+            raise forms.ValidationError("The machine belongs to another provider.")
+        return data
+
+
+@admin.register(Blackout)
+class BlackoutAdmin(admin.ModelAdmin):
+    form = BlackoutForm
+    list_display = ["id", "provider", "machine", "starts_at", "ends_at", "reason"]
+    search_fields = ["provider__display_name", "machine__hostname", "reason"]
+    list_select_related = ["provider", "machine"]
+    raw_id_fields = ["provider", "machine"]
+    date_hierarchy = "starts_at"
+
+
+# --- telemetry ------------------------------------------------------------------------------
+
+
+@admin.register(TelemetrySample)
+class TelemetrySampleAdmin(ReadOnlyAdmin):
+    list_display = ["at", "gpu_uuid", "state", "utilization_pct", "memory_used_mb", "temperature_c", "power_w"]
+    list_filter = ["state"]
+    search_fields = ["=gpu__uuid", "gpu__machine__hostname"]
+    list_select_related = ["gpu"]
+    ordering = ["-at"]
+    # The raw table is large: skip the unfiltered COUNT(*) on every page.
+    show_full_result_count = False
+
+    @admin.display(description="GPU", ordering="gpu__uuid")
+    def gpu_uuid(self, obj: TelemetrySample) -> str:
+        return obj.gpu.uuid
+
+
+@admin.register(TelemetryRollup)
+class TelemetryRollupAdmin(ReadOnlyAdmin):
+    """Hourly telemetry per GPU (providers.telemetry.telemetry_rollup writes it)."""
+
+    list_display = [
+        "hour",
+        "gpu_uuid",
+        "samples",
+        "utilization_avg_pct",
+        "utilization_max",
+        "memory_used_max_mb",
+        "temperature_max_c",
+        "power_avg",
+        "idle_pct",
+        "leased_pct",
+    ]
+    list_filter = ["hour"]
+    search_fields = ["=gpu__uuid", "gpu__machine__hostname"]
+    list_select_related = ["gpu"]
+    ordering = ["-hour", "gpu_id"]
+    show_full_result_count = False
+
+    @admin.display(description="GPU", ordering="gpu__uuid")
+    def gpu_uuid(self, obj: TelemetryRollup) -> str:
+        return obj.gpu.uuid
+
+    @admin.display(description="util avg %", ordering="utilization_avg")
+    def utilization_avg_pct(self, obj: TelemetryRollup) -> str:
+        return "-" if obj.utilization_avg is None else f"{obj.utilization_avg:.1f}"
+
+    @admin.display(description="power avg W", ordering="power_avg_w")
+    def power_avg(self, obj: TelemetryRollup) -> str:
+        return "-" if obj.power_avg_w is None else f"{obj.power_avg_w:.1f}"
+
+    @admin.display(description="idle", ordering="idle_ratio")
+    def idle_pct(self, obj: TelemetryRollup) -> str:
+        return f"{obj.idle_ratio:.0%}"
+
+    @admin.display(description="leased", ordering="leased_ratio")
+    def leased_pct(self, obj: TelemetryRollup) -> str:
+        return f"{obj.leased_ratio:.0%}"
