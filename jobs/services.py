@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -21,8 +21,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFailed
-from jobs.models import Event, Job, Lease, LeaseGPU, Renter
+from jobs.errors import IdempotencyKeyReused, InvalidTransition, NotFound, ValidationFailed
+from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
 from providers.models import GPU
 
 logger = logging.getLogger(__name__)
@@ -449,3 +449,259 @@ def leases_end_for_machine(*, machine_id: int, reason: str, actor: str, detail: 
 
 def renter_create(*, user: Any, display_name: str) -> Renter:
     return Renter.objects.create(user=user, display_name=display_name)
+
+
+# --- agent reports: lease events and usage ------------------------------------------------------
+
+AGENT_EVENT_TYPES = ("started", "exited", "preempted_by_owner", "failed_to_start")
+# Agents' and the marketplace's clocks may disagree by this much.
+AGENT_CLOCK_SKEW = timedelta(seconds=5)
+# Ids beyond a bigint cannot exist (and some backends fail on them rather than match nothing).
+_BIGINT_MAX = 2**63 - 1
+
+
+def _agent_event_key(*, lease_id: int, event_id: str) -> str:
+    """The Event.idempotency_key of an agent's event. Event ids are unique only per agent, so
+    the key is scoped to the lease (hence to one machine); hashing keeps it within 128 chars."""
+    return f"agent:{lease_id}:{hashlib.sha256(event_id.encode()).hexdigest()}"
+
+
+def _clamp(at: datetime | None, *, lower: datetime, upper: datetime) -> datetime:
+    if at is None:
+        return upper
+    return max(lower, min(at, upper))
+
+
+def lease_event_ingest(
+    *,
+    machine: Any,
+    lease_id: int,
+    event_id: str,
+    type: str,
+    at: datetime | None,
+    exit_code: int | None = None,
+    detail: str = "",
+    log_tail: str | None = None,
+) -> tuple[Lease, bool]:
+    """Apply an agent's report about one of its machine's leases; returns (lease, duplicate).
+
+    - `started` (assigned lease) → lease_mark_started;
+    - `exited` (running lease) → lease_end with reason succeeded for exit code 0, else failed;
+    - `preempted_by_owner` (assigned or running) → lease_end(preempted_by_owner);
+    - `failed_to_start` (assigned) → lease_end(failed_to_start), which retries the job while it
+      has attempts left.
+
+    Idempotent by `event_id`: its key is stored on the audit Event the transition records, and a
+    repeat returns duplicate=True and changes nothing. Raises NotFound for a lease that is not
+    this machine's and InvalidTransition for an event the lease's state does not allow. The
+    agent's `at` is clamped between the lease's previous transition and now. A non-None
+    `log_tail` replaces the lease's stored tail.
+    """
+    if type not in AGENT_EVENT_TYPES:
+        raise ValidationFailed(f"type: must be one of {', '.join(AGENT_EVENT_TYPES)}")
+    if type == "exited" and exit_code is None:
+        raise ValidationFailed("exit_code: required for an exited event")
+    if not 0 < lease_id <= _BIGINT_MAX:
+        raise NotFound(f"Lease {lease_id} is not a lease of this machine.")
+    actor = f"machine:{machine.pk}"
+    key = _agent_event_key(lease_id=lease_id, event_id=event_id)
+    now = timezone.now()
+    with transaction.atomic():
+        # The row lock serialises events of one lease, so the duplicate check below is reliable.
+        lease = Lease.objects.select_for_update().filter(pk=lease_id, machine_id=machine.pk).first()
+        if lease is None:
+            raise NotFound(f"Lease {lease_id} is not a lease of this machine.")
+        if Event.objects.filter(idempotency_key=key).exists():
+            return lease, True
+        status = lease.status
+        at = _clamp(at, lower=lease.started_at or lease.created_at, upper=now)
+        allowed = {
+            "started": [Lease.Status.ASSIGNED],
+            "exited": [Lease.Status.RUNNING],
+            "preempted_by_owner": [Lease.Status.ASSIGNED, Lease.Status.RUNNING],
+            "failed_to_start": [Lease.Status.ASSIGNED],
+        }[type]
+        if status not in allowed:
+            raise InvalidTransition(
+                f"Lease {lease_id} is {status}; a '{type}' event needs it {' or '.join(allowed)}."
+            )
+        if type == "started":
+            moved = lease_mark_started(lease_id=lease_id, actor=actor, at=at, idempotency_key=key)
+            if moved and not Event.objects.filter(idempotency_key=key).exists():
+                # The job did not move (so no lease.started event took the key): record one anyway,
+                # so that a repeat of this event is recognised.
+                event_record(
+                    job_id=lease.job_id, lease_id=lease_id, kind="lease.started", actor=actor,
+                    from_status=status, to_status=Lease.Status.RUNNING, idempotency_key=key,
+                )
+        else:
+            reason = {
+                "exited": ER.SUCCEEDED if exit_code == 0 else ER.FAILED,
+                "preempted_by_owner": ER.PREEMPTED_BY_OWNER,
+                "failed_to_start": ER.FAILED_TO_START,
+            }[type]
+            moved = lease_end(
+                lease_id=lease_id, reason=reason, actor=actor, at=at, exit_code=exit_code,
+                detail=detail, idempotency_key=key,
+            )
+        if not moved:
+            raise InvalidTransition(f"Lease {lease_id} changed state meanwhile; '{type}' no longer applies.")
+        if log_tail is not None:
+            Lease.objects.filter(pk=lease_id).update(log_tail=log_tail)
+    lease.refresh_from_db()
+    return lease, False
+
+
+@dataclass(frozen=True)
+class UsageReportData:
+    """One interval of a lease's usage, as the agent signed it. `payload` is the report as
+    received, kept for billing's signature check."""
+
+    report_id: str
+    period_start: datetime
+    period_end: datetime
+    gpu_seconds: Decimal
+    mean_utilization_pct: float | None = None
+    peak_memory_mb: int | None = None
+    signature: str = ""
+    payload: dict[str, Any] | None = None
+
+
+def _seconds(delta: timedelta) -> Decimal:
+    return Decimal(delta.days * 86400 + delta.seconds) + Decimal(delta.microseconds) / Decimal(1_000_000)
+
+
+def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData) -> tuple[UsageReport, bool]:
+    """Store a usage report of one of the machine's leases; returns (report, created).
+
+    A repeated `report_id` for the lease returns the stored report and False, whatever its
+    content. Otherwise the period must be positive and lie within the lease (from its start to
+    its end, or now, with AGENT_CLOCK_SKEW either side), and gpu_seconds may not exceed the
+    period's length times the lease's GPUs (ValidationFailed `usage_period_outside_lease` /
+    `usage_gpu_seconds_exceeded`). Raises NotFound for a lease that is not this machine's.
+    """
+    lease = Lease.objects.filter(pk=lease_id, machine_id=machine.pk).first() if 0 < lease_id <= _BIGINT_MAX else None
+    if lease is None:
+        raise NotFound(f"Lease {lease_id} is not a lease of this machine.")
+    existing = UsageReport.objects.filter(lease_id=lease.pk, report_id=report.report_id).first()
+    if existing is not None:
+        return existing, False
+    if report.period_end <= report.period_start:
+        raise ValidationFailed(
+            "period_end: must be after period_start", extra={"fields": {"period_end": ["must be after period_start"]}}
+        )
+    if lease.started_at is None:
+        raise ValidationFailed(
+            f"Lease {lease.pk} has not started, so it has no usage yet.", code="usage_period_outside_lease"
+        )
+    lease_end_at = lease.ended_at or timezone.now()
+    if report.period_start < lease.started_at - AGENT_CLOCK_SKEW or report.period_end > lease_end_at + AGENT_CLOCK_SKEW:
+        raise ValidationFailed(
+            f"The period {report.period_start.isoformat()} to {report.period_end.isoformat()} is not within lease "
+            f"{lease.pk} ({lease.started_at.isoformat()} to {lease_end_at.isoformat()}).",
+            code="usage_period_outside_lease",
+        )
+    limit = _seconds(report.period_end - report.period_start) * lease.gpu_count
+    if report.gpu_seconds > limit:
+        raise ValidationFailed(
+            f"gpu_seconds {report.gpu_seconds} exceeds the period's length times the lease's "
+            f"{lease.gpu_count} GPU(s) ({limit}).",
+            code="usage_gpu_seconds_exceeded",
+        )
+    try:
+        with transaction.atomic():
+            row = UsageReport.objects.create(
+                lease=lease,
+                report_id=report.report_id,
+                period_start=report.period_start,
+                period_end=report.period_end,
+                gpu_seconds=report.gpu_seconds,
+                mean_utilization_pct=report.mean_utilization_pct,
+                peak_memory_mb=report.peak_memory_mb,
+                signature=report.signature,
+                payload=report.payload or {},
+            )
+    except IntegrityError:
+        # The same report, sent twice at once: the other request stored it.
+        existing = UsageReport.objects.filter(lease_id=lease.pk, report_id=report.report_id).first()
+        if existing is None:
+            raise
+        return existing, False
+    return row, True
+
+
+# --- sweeps ---------------------------------------------------------------------------------
+
+# A lease still running this long after its stop was requested is ended without the agent.
+STOP_GRACE_S = 60
+
+
+@dataclass(frozen=True)
+class LeaseSweepResult:
+    start_timeouts: int
+    stops_requested: int
+    ended_after_stop: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "start_timeouts": self.start_timeouts,
+            "stops_requested": self.stops_requested,
+            "ended_after_stop": self.ended_after_stop,
+        }
+
+
+def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
+    """Move leases that the agent left stuck:
+
+    - assigned for longer than LEASE_START_TIMEOUT_S: ended with `start_timeout` (the job is
+      retried while it has attempts left);
+    - running past their job's max_duration_s: asked to stop with reason `max_duration`;
+    - still running STOP_GRACE_S after a stop request (whatever its reason): ended with the
+      requested reason, so that an unresponsive agent does not hold the lease forever.
+
+    Every move goes through lease_end / lease_request_stop, so a concurrent agent report wins or
+    loses cleanly and running the sweep twice is harmless.
+    """
+    now = now or timezone.now()
+    timeout_s = settings.GPGPU["LEASE_START_TIMEOUT_S"]
+    start_timeouts = 0
+    for lease_id in (
+        Lease.objects.filter(status=Lease.Status.ASSIGNED, created_at__lt=now - timedelta(seconds=timeout_s))
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    ):
+        start_timeouts += lease_end(
+            lease_id=lease_id,
+            reason=ER.START_TIMEOUT,
+            actor="sweeper",
+            detail=f"the agent did not start it within {timeout_s} seconds",
+        )
+
+    ended_after_stop = 0
+    for lease_id, stop_reason in (
+        Lease.objects.filter(
+            status=Lease.Status.RUNNING, stop_requested_at__lt=now - timedelta(seconds=STOP_GRACE_S)
+        )
+        .order_by("pk")
+        .values_list("pk", "stop_reason")
+    ):
+        ended_after_stop += lease_end(
+            lease_id=lease_id,
+            reason=stop_reason or ER.MAX_DURATION,
+            actor="sweeper",
+            detail=f"still running {STOP_GRACE_S} seconds after the stop request",
+        )
+
+    # Durations differ per job, so the deadline is compared here rather than in SQL (portable
+    # across PostgreSQL and SQLite); only running leases without a stop request are read.
+    stops_requested = 0
+    for lease_id, started_at, max_duration_s in (
+        Lease.objects.filter(status=Lease.Status.RUNNING, stop_requested_at__isnull=True, started_at__isnull=False)
+        .order_by("pk")
+        .values_list("pk", "started_at", "job__max_duration_s")
+    ):
+        if started_at + timedelta(seconds=max_duration_s) < now:
+            stops_requested += lease_request_stop(lease_id=lease_id, reason=ER.MAX_DURATION, actor="sweeper")
+    return LeaseSweepResult(
+        start_timeouts=start_timeouts, stops_requested=stops_requested, ended_after_stop=ended_after_stop
+    )

@@ -13,4 +13,5 @@ urlpatterns = [
     path("api/agent/v1/", include("providers.agent_urls")),
     path("api/v1/", include("providers.urls")),
     path("api/v1/", include("jobs.urls")),
+    path("api/v1/", include("accounts.urls")),
 ]

@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
-from datetime import timedelta
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from providers.errors import Conflict
-from providers.models import GPU, Machine, Provider, RegistrationToken
+from providers.availability import days_to_mask, mask_to_days, validate_timezone
+from providers.errors import Conflict, RegistrationTokenInvalid, ValidationFailed
+from providers.models import (
+    GPU,
+    PRICE_DECIMALS,
+    AvailabilityWindow,
+    Blackout,
+    Machine,
+    Provider,
+    RegistrationToken,
+    TelemetrySample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +83,539 @@ def machine_unsuspend(*, machine: Machine, actor: str) -> Machine:
     logger.info("machine %s unsuspended by %s", machine.pk, actor)
     machine.refresh_from_db()
     return machine
+
+
+# --- provider settings from the REST API (/api/v1/) -------------------------------------------
+
+# The most a price floor may be, per GPU-hour: the same ceiling as a job's max price.
+PRICE_FLOOR_MAX = Decimal("1000")
+# Bounds on what one provider may declare, so availability arithmetic stays cheap.
+MAX_WINDOWS_PER_PROVIDER = 100
+MAX_BLACKOUTS_PER_PROVIDER = 500
+PAYOUT_ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+class _Unset:
+    """Marks a keyword argument the caller did not give (None is a value for some fields)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+def _invalid(field: str, message: str) -> ValidationFailed:
+    return ValidationFailed(f"{field}: {message}", extra={"fields": {field: [message]}})
+
+
+def _checked_price_floor(value: Decimal, *, field: str) -> Decimal:
+    if not isinstance(value, Decimal) or not value.is_finite():
+        raise _invalid(field, "must be a decimal number")
+    if value < 0 or value > PRICE_FLOOR_MAX:
+        raise _invalid(field, f"must be between 0 and {PRICE_FLOOR_MAX}")
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -PRICE_DECIMALS:
+        raise _invalid(field, f"must have at most {PRICE_DECIMALS} decimal places")
+    return value
+
+
+def provider_update(
+    *,
+    provider: Provider,
+    display_name: str = UNSET,
+    payout_address: str = UNSET,
+    default_price_floor: Decimal = UNSET,
+) -> Provider:
+    """Change a provider's own settings; arguments not given stay as they are.
+
+    display_name: 1 to 100 characters (trimmed). payout_address: an Ethereum address
+    (0x + 40 hex digits) or "" to clear it. default_price_floor: 0 to PRICE_FLOOR_MAX per GPU-hour,
+    at most 6 decimal places. Raises ValidationFailed and changes nothing on bad input.
+    """
+    changes: dict[str, Any] = {}
+    if display_name is not UNSET:
+        name = (display_name or "").strip()
+        if not 1 <= len(name) <= 100:
+            raise _invalid("display_name", "must be 1 to 100 characters")
+        changes["display_name"] = name
+    if payout_address is not UNSET:
+        address = (payout_address or "").strip()
+        if address and not PAYOUT_ADDRESS_RE.fullmatch(address):
+            raise _invalid("payout_address", "must be an Ethereum address: 0x followed by 40 hex digits")
+        changes["payout_address"] = address
+    if default_price_floor is not UNSET:
+        changes["default_price_floor"] = _checked_price_floor(default_price_floor, field="default_price_floor")
+    if changes:
+        Provider.objects.filter(pk=provider.pk).update(**changes)
+        provider.refresh_from_db()
+    return provider
+
+
+def gpu_price_floor_set(*, gpu: GPU, price_floor: Decimal | None) -> GPU:
+    """Set a GPU's own price floor per GPU-hour (0 to PRICE_FLOOR_MAX), or None to fall back to
+    its provider's default floor. The caller has checked the GPU is the provider's."""
+    if price_floor is not None:
+        price_floor = _checked_price_floor(price_floor, field="price_floor")
+    GPU.objects.filter(pk=gpu.pk).update(price_floor=price_floor)
+    gpu.refresh_from_db()
+    return gpu
+
+
+def _provider_machine(*, provider: Provider, machine_id: int | None) -> Machine | None:
+    if machine_id is None:
+        return None
+    machine = Machine.objects.filter(pk=machine_id, provider=provider).first()
+    if machine is None:
+        # Another provider's machine reads the same as a missing one.
+        raise _invalid("machine", f"you have no machine {machine_id}")
+    return machine
+
+
+def _window_fields(
+    *, days: Iterable[str | int], start_time: time, end_time: time, timezone_name: str
+) -> dict[str, Any]:
+    try:
+        mask = days_to_mask(days)
+    except (TypeError, ValueError) as exc:
+        raise _invalid("days", str(exc)) from None
+    try:
+        validate_timezone(timezone_name)
+    except ValueError as exc:
+        raise _invalid("timezone", str(exc)) from None
+    for field, value in (("start_time", start_time), ("end_time", end_time)):
+        if not isinstance(value, time) or value.tzinfo is not None:
+            raise _invalid(field, "must be a local time of day such as 20:00")
+    return {"days": mask, "start_time": start_time, "end_time": end_time, "timezone": timezone_name}
+
+
+def availability_window_create(
+    *,
+    provider: Provider,
+    machine_id: int | None,
+    days: Iterable[str | int],
+    start_time: time,
+    end_time: time,
+    timezone_name: str,
+) -> AvailabilityWindow:
+    """Declare a weekly window when the provider's machine (or, with machine_id None, every
+    machine of the provider without windows of its own) may be rented. An end at or before the
+    start runs past midnight. Raises ValidationFailed for an unknown day or time zone, or a
+    machine that is not the provider's."""
+    fields = _window_fields(days=days, start_time=start_time, end_time=end_time, timezone_name=timezone_name)
+    machine = _provider_machine(provider=provider, machine_id=machine_id)
+    with transaction.atomic():
+        # The provider row lock serialises concurrent creates, so the cap holds.
+        Provider.objects.select_for_update().filter(pk=provider.pk).first()
+        if AvailabilityWindow.objects.filter(provider=provider).count() >= MAX_WINDOWS_PER_PROVIDER:
+            raise _invalid("days", f"a provider may declare at most {MAX_WINDOWS_PER_PROVIDER} windows")
+        return AvailabilityWindow.objects.create(provider=provider, machine=machine, **fields)
+
+
+def availability_window_update(
+    *,
+    window: AvailabilityWindow,
+    machine_id: int | None = UNSET,
+    days: Iterable[str | int] = UNSET,
+    start_time: time = UNSET,
+    end_time: time = UNSET,
+    timezone_name: str = UNSET,
+) -> AvailabilityWindow:
+    """Change a window; arguments not given stay as they are. Same checks as create."""
+    provider = window.provider
+    fields = _window_fields(
+        days=mask_to_days(window.days) if days is UNSET else days,
+        start_time=window.start_time if start_time is UNSET else start_time,
+        end_time=window.end_time if end_time is UNSET else end_time,
+        timezone_name=window.timezone if timezone_name is UNSET else timezone_name,
+    )
+    if machine_id is not UNSET:
+        machine = _provider_machine(provider=provider, machine_id=machine_id)
+        fields["machine"] = machine
+    for name, value in fields.items():
+        setattr(window, name, value)
+    window.save(update_fields=[*fields])
+    return window
+
+
+def availability_window_delete(*, window: AvailabilityWindow) -> None:
+    AvailabilityWindow.objects.filter(pk=window.pk).delete()
+
+
+def blackout_create(
+    *,
+    provider: Provider,
+    machine_id: int | None,
+    starts_at: datetime,
+    ends_at: datetime,
+    reason: str = "",
+) -> Blackout:
+    """A one-off period when the provider's machine (or all of its machines, machine_id None)
+    must not be rented. Raises ValidationFailed unless ends_at is after starts_at (both
+    timezone-aware) and the machine is the provider's."""
+    for field, value in (("starts_at", starts_at), ("ends_at", ends_at)):
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise _invalid(field, "must be a date and time with a time zone")
+    if ends_at <= starts_at:
+        raise _invalid("ends_at", "must be after starts_at")
+    if len(reason) > 255:
+        raise _invalid("reason", "must be at most 255 characters")
+    machine = _provider_machine(provider=provider, machine_id=machine_id)
+    with transaction.atomic():
+        Provider.objects.select_for_update().filter(pk=provider.pk).first()
+        if Blackout.objects.filter(provider=provider).count() >= MAX_BLACKOUTS_PER_PROVIDER:
+            raise _invalid("starts_at", f"a provider may keep at most {MAX_BLACKOUTS_PER_PROVIDER} blackouts")
+        return Blackout.objects.create(
+            provider=provider, machine=machine, starts_at=starts_at, ends_at=ends_at, reason=reason
+        )
+
+
+def blackout_delete(*, blackout: Blackout) -> None:
+    Blackout.objects.filter(pk=blackout.pk).delete()
+
+
+# --- agent: registration, heartbeats, liveness ------------------------------------------------
+
+
+def machine_register(
+    *, raw_token: str, hostname: str, agent_version: str, signing_address: str = "", region: str = ""
+) -> tuple[Machine, str]:
+    """Trade a one-time registration token for a new machine of the token's provider; returns
+    the machine and its raw credential (shown once, only its digest is stored).
+
+    The token is claimed with one conditional UPDATE (`… WHERE used_at IS NULL AND expires_at >
+    now`), so of two concurrent registrations with the same token exactly one succeeds.
+    Raises RegistrationTokenInvalid for an unknown, used or expired token. The machine shows
+    offline until its first heartbeat.
+    """
+    now = timezone.now()
+    digest = secret_digest(raw_token)
+    with transaction.atomic():
+        claimed = RegistrationToken.objects.filter(
+            token_digest=digest, used_at__isnull=True, expires_at__gt=now
+        ).update(used_at=now)
+        if not claimed:
+            token = RegistrationToken.objects.filter(token_digest=digest).first()
+            if token is None:
+                raise RegistrationTokenInvalid("Unknown registration token.")
+            if token.used_at is not None:
+                raise RegistrationTokenInvalid("This registration token has already been used; create a new one.")
+            raise RegistrationTokenInvalid("This registration token has expired; create a new one.")
+        token = RegistrationToken.objects.get(token_digest=digest)
+        raw_credential = MACHINE_CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+        machine = Machine.objects.create(
+            provider_id=token.provider_id,
+            hostname=hostname,
+            credential_digest=secret_digest(raw_credential),
+            signing_address=signing_address,
+            agent_version=agent_version,
+            region=region,
+            status=Machine.Status.OFFLINE,
+        )
+        RegistrationToken.objects.filter(pk=token.pk).update(machine=machine)
+    logger.info("machine %s registered for provider %s with token %s…", machine.pk, token.provider_id, token.prefix)
+    return machine, raw_credential
+
+
+def machine_authenticate(*, raw_credential: str) -> Machine | None:
+    """The machine whose credential this is, or None. Callers refuse a suspended machine."""
+    return Machine.objects.filter(credential_digest=secret_digest(raw_credential)).first()
+
+
+@dataclass(frozen=True)
+class GpuReport:
+    """One GPU as the agent saw it. Telemetry fields are None where the agent could not read them."""
+
+    uuid: str
+    index: int
+    model: str
+    vram_mb: int
+    idle: bool
+    owner_busy: bool = False
+    idle_since: datetime | None = None
+    memory_used_mb: int | None = None
+    utilization_pct: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+
+
+@dataclass(frozen=True)
+class LeaseReport:
+    """A lease the agent is handling, and in what state ("starting", "running", "stopping")."""
+
+    lease_id: int
+    state: str
+
+
+@dataclass(frozen=True)
+class HeartbeatReport:
+    """A heartbeat's content. Machine facts left as None keep their stored value."""
+
+    gpus: Sequence[GpuReport]
+    leases: Sequence[LeaseReport] = ()
+    agent_version: str | None = None
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    cpu_cores: int | None = None
+    ram_mb: int | None = None
+    disk_gb: int | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class LeaseStart:
+    lease_id: int
+    job_id: int
+    kind: str
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    gpu_uuids: list[str]
+    max_duration_s: int
+    price_per_gpu_hour: str
+
+
+@dataclass(frozen=True)
+class LeaseStop:
+    lease_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    heartbeat_interval_s: int
+    server_time: datetime
+    start: list[LeaseStart]
+    stop: list[LeaseStop]
+
+
+# A lease the agent lists that the marketplace does not know for this machine.
+STOP_REASON_UNKNOWN_LEASE = "unknown_lease"
+# Where GPUs that must give up their index (reordered, or fallen off while another took their
+# slot) are parked: above any index a heartbeat may report.
+_GPU_PARKING_INDEX = 1000
+_MACHINE_FACTS = ("agent_version", "driver_version", "cuda_version", "cpu_cores", "ram_mb", "disk_gb", "region")
+
+
+def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> HeartbeatReply:
+    """Record a heartbeat: machine facts, GPU inventory and telemetry, and the machine online
+    (unless suspended); answer which leases the agent should start and stop.
+
+    - GPUs are upserted by uuid. A uuid registered to another machine raises Conflict
+      `gpu_uuid_taken` and nothing is written. Known GPUs missing from the report go offline.
+    - A GPU's state: `leased` while in an active lease, else `owner_busy` if the owner is using
+      it or the agent does not call it idle, else `idle`.
+    - One TelemetrySample per GPU per TELEMETRY_SAMPLE_INTERVAL_S bucket (the first heartbeat in
+      each bucket writes it), so heartbeats every few seconds do not grow the history.
+    - `start`: assigned leases of this machine, without a stop request, that the agent did not
+      list. `stop`: leases the agent listed that are ended, have a stop request, or are not this
+      machine's (reason `unknown_lease`).
+
+    The machine row is locked for the transaction, so heartbeats of one machine and the liveness
+    sweep's conditional update serialise.
+    """
+    from jobs.models import LeaseGPU
+
+    now = timezone.now()
+    interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
+    reported = {g.uuid: g for g in report.gpus}
+    try:
+        with transaction.atomic():
+            Machine.objects.select_for_update().filter(pk=machine.pk).first()
+            _gpu_uuids_check_free(machine_id=machine.pk, uuids=list(reported))
+
+            facts = {
+                name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None
+            }
+            Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=now, **facts)
+            Machine.objects.filter(pk=machine.pk).exclude(status=Machine.Status.SUSPENDED).update(
+                status=Machine.Status.ONLINE
+            )
+
+            existing = {g.uuid: g for g in GPU.objects.filter(machine_id=machine.pk)}
+            _gpu_indexes_make_room(existing=existing, reported=reported)
+            leased_ids = set(
+                LeaseGPU.objects.filter(active=True, gpu__machine_id=machine.pk).values_list("gpu_id", flat=True)
+            )
+            samples: list[TelemetrySample] = []
+            to_update: list[GPU] = []
+            for gr in report.gpus:
+                gpu = existing.get(gr.uuid)
+                previous_telemetry_at = gpu.last_telemetry_at if gpu else None
+                if gpu is None:
+                    gpu = GPU(machine_id=machine.pk, uuid=gr.uuid)
+                gpu.index = gr.index
+                gpu.model = gr.model
+                gpu.vram_mb = gr.vram_mb
+                if gpu.pk is not None and gpu.pk in leased_ids:
+                    gpu.state = GPU.State.LEASED
+                elif gr.owner_busy or not gr.idle:
+                    gpu.state = GPU.State.OWNER_BUSY
+                else:
+                    gpu.state = GPU.State.IDLE
+                if gr.idle and not gr.owner_busy:
+                    # The agent's clock may run ahead; an idle stretch cannot start in the future.
+                    gpu.idle_since = min(gr.idle_since or gpu.idle_since or now, now)
+                else:
+                    gpu.idle_since = None
+                gpu.utilization_pct = gr.utilization_pct
+                gpu.memory_used_mb = gr.memory_used_mb
+                gpu.temperature_c = gr.temperature_c
+                gpu.power_w = gr.power_w
+                gpu.last_telemetry_at = now
+                if gpu.pk is None:
+                    gpu.save()
+                else:
+                    to_update.append(gpu)
+                if previous_telemetry_at is None or _bucket(previous_telemetry_at, interval) != _bucket(now, interval):
+                    samples.append(
+                        TelemetrySample(
+                            gpu=gpu,
+                            at=now,
+                            utilization_pct=gr.utilization_pct,
+                            memory_used_mb=gr.memory_used_mb,
+                            temperature_c=gr.temperature_c,
+                            power_w=gr.power_w,
+                            state=gpu.state,
+                        )
+                    )
+            GPU.objects.bulk_update(
+                to_update,
+                [
+                    "index", "model", "vram_mb", "state", "idle_since", "utilization_pct", "memory_used_mb",
+                    "temperature_c", "power_w", "last_telemetry_at",
+                ],
+            )
+            missing = [g.pk for uuid, g in existing.items() if uuid not in reported]
+            if missing:
+                GPU.objects.filter(pk__in=missing).update(state=GPU.State.OFFLINE, idle_since=None)
+            TelemetrySample.objects.bulk_create(samples)
+
+            reply = _heartbeat_reply(machine_id=machine.pk, report=report, now=now)
+    except IntegrityError:
+        # Another machine claimed one of these uuids between the check and the insert.
+        _gpu_uuids_check_free(machine_id=machine.pk, uuids=list(reported))
+        raise
+    return reply
+
+
+def _bucket(at: datetime, interval_s: int) -> int:
+    return int(at.timestamp() // interval_s)
+
+
+def _gpu_uuids_check_free(*, machine_id: int, uuids: list[str]) -> None:
+    taken = sorted(GPU.objects.filter(uuid__in=uuids).exclude(machine_id=machine_id).values_list("uuid", flat=True))
+    if taken:
+        raise Conflict(
+            f"GPU {taken[0]} is registered to another machine; nothing was recorded.",
+            code="gpu_uuid_taken",
+            extra={"uuids": taken},
+        )
+
+
+def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuReport]) -> None:
+    """Move aside every stored GPU whose index must change or whose index another reported GPU
+    now has, so that writing the reported indexes cannot trip the (machine, index) uniqueness."""
+    reported_indexes = {g.index for g in reported.values()}
+    used = {g.index for g in existing.values()}
+    movers = [
+        g
+        for uuid, g in sorted(existing.items(), key=lambda item: item[1].index)
+        if (reported[uuid].index != g.index if uuid in reported else g.index in reported_indexes)
+    ]
+    next_free = _GPU_PARKING_INDEX
+    for gpu in movers:
+        while next_free in used:
+            next_free += 1
+        GPU.objects.filter(pk=gpu.pk).update(index=next_free)
+        used.add(next_free)
+        gpu.index = next_free
+
+
+def _by_gpu_index(lease_gpu: Any) -> int:
+    return lease_gpu.gpu.index
+
+
+def _heartbeat_reply(*, machine_id: int, report: HeartbeatReport, now: datetime) -> HeartbeatReply:
+    from jobs.models import Lease
+    listed = {lr.lease_id for lr in report.leases}
+    start: list[LeaseStart] = []
+    assigned = (
+        Lease.objects.filter(machine_id=machine_id, status=Lease.Status.ASSIGNED, stop_requested_at__isnull=True)
+        .exclude(pk__in=listed)
+        .select_related("job")
+        .prefetch_related("lease_gpus__gpu")
+        .order_by("pk")
+    )
+    for lease in assigned:
+        job = lease.job
+        start.append(
+            LeaseStart(
+                lease_id=lease.pk,
+                job_id=job.pk,
+                kind=job.kind,
+                image=job.image,
+                command=list(job.command),
+                env=dict(job.env),
+                gpu_uuids=[lg.gpu.uuid for lg in sorted(lease.lease_gpus.all(), key=_by_gpu_index) if lg.active],
+                max_duration_s=job.max_duration_s,
+                price_per_gpu_hour=str(lease.price_per_gpu_hour),
+            )
+        )
+    stop: list[LeaseStop] = []
+    if listed:
+        known = {
+            pk: (status, end_reason, stop_requested_at, stop_reason)
+            for pk, status, end_reason, stop_requested_at, stop_reason in Lease.objects.filter(
+                machine_id=machine_id, pk__in=listed
+            ).values_list("pk", "status", "end_reason", "stop_requested_at", "stop_reason")
+        }
+        for lease_id in sorted(listed):
+            if lease_id not in known:
+                stop.append(LeaseStop(lease_id=lease_id, reason=STOP_REASON_UNKNOWN_LEASE))
+                continue
+            status, end_reason, stop_requested_at, stop_reason = known[lease_id]
+            if status == Lease.Status.ENDED:
+                stop.append(LeaseStop(lease_id=lease_id, reason=end_reason))
+            elif stop_requested_at is not None:
+                stop.append(LeaseStop(lease_id=lease_id, reason=stop_reason))
+    return HeartbeatReply(
+        heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"], server_time=now, start=start, stop=stop
+    )
+
+
+def machines_mark_silent_offline(*, now: datetime | None = None) -> int:
+    """Machines online but silent for HEARTBEAT_INTERVAL_S * HEARTBEAT_GRACE_BEATS go offline:
+    their GPUs show offline and their active leases end as `lost` (interruptible jobs go back to
+    the queue, others fail). Returns how many machines went offline.
+
+    Each machine moves with a conditional UPDATE that re-checks its last heartbeat, so a machine
+    whose heartbeat lands while the sweep runs stays online.
+    """
+    from jobs.services import leases_end_for_machine
+
+    now = now or timezone.now()
+    grace = settings.GPGPU["HEARTBEAT_INTERVAL_S"] * settings.GPGPU["HEARTBEAT_GRACE_BEATS"]
+    cutoff = now - timedelta(seconds=grace)
+    silent = Q(last_heartbeat_at__lt=cutoff) | Q(last_heartbeat_at__isnull=True)
+    candidates = list(
+        Machine.objects.filter(silent, status=Machine.Status.ONLINE).order_by("pk").values_list("pk", flat=True)
+    )
+    count = 0
+    for machine_id in candidates:
+        with transaction.atomic():
+            moved = Machine.objects.filter(silent, pk=machine_id, status=Machine.Status.ONLINE).update(
+                status=Machine.Status.OFFLINE
+            )
+            if not moved:
+                continue
+            GPU.objects.filter(machine_id=machine_id).update(state=GPU.State.OFFLINE, idle_since=None)
+            lost = leases_end_for_machine(
+                machine_id=machine_id,
+                reason="lost",
+                actor="liveness",
+                detail=f"no heartbeat for over {grace} seconds",
+            )
+        count += 1
+        logger.info("machine %s went silent: offline, %d lease(s) lost", machine_id, lost)
+    return count

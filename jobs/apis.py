@@ -1,0 +1,334 @@
+"""Renters' REST API under /api/v1/: submit, follow and cancel jobs; read their leases and
+audit trail. Views validate input, call one selector or service and serialise the result.
+
+A renter sees only its own jobs and leases: another renter's is a 404, not a 403, so their
+existence does not leak. Money is a decimal string in JSON, never a float.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
+from rest_framework import serializers, status
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from jobs import selectors, services
+from jobs.errors import ValidationFailed
+from jobs.models import Job, Lease, Renter
+from marketplace.api import error_responses
+from marketplace.permissions import IsRenter, user_renter
+from providers.apis import ListApi, NamedChoiceField, StrictInputSerializer, price_field
+
+# Bounds on a job request, so one request cannot store or ship something absurd.
+MAX_COMMAND_PARTS = 256
+MAX_ARGUMENT_CHARS = 4096
+MAX_ENV_VARS = 128
+MAX_ENV_VALUE_CHARS = 4096
+MAX_ALLOWED_MODELS = 32
+MAX_VRAM_MB = 10_000_000
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# 1 to 128 visible ASCII characters (spaces inside are allowed).
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?")
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+class RenterApi(ListApi):
+    """A renter-only endpoint; `self.renter` is the caller's renter profile."""
+
+    permission_classes = [IsAuthenticated, IsRenter]
+
+    @property
+    def renter(self) -> Renter:
+        return user_renter(self.request.user)
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+class LeaseGpuSerializer(serializers.Serializer):
+    uuid = serializers.CharField()
+    model = serializers.CharField()
+    vram_mb = serializers.IntegerField()
+
+
+class LeaseSerializer(serializers.Serializer):
+    """A lease as its renter sees it (no provider identity or machine hostname)."""
+
+    id = serializers.IntegerField()
+    job = serializers.IntegerField(source="job_id")
+    status = NamedChoiceField(Lease.Status.choices, enum_name="LeaseStatus")
+    machine = serializers.IntegerField(source="machine_id")
+    region = serializers.CharField(source="machine.region")
+    gpu_count = serializers.IntegerField()
+    gpus = LeaseGpuSerializer(many=True, source="gpus.all")
+    price_per_gpu_hour = price_field()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    ended_at = serializers.DateTimeField(allow_null=True)
+    stop_requested_at = serializers.DateTimeField(allow_null=True)
+    stop_reason = NamedChoiceField(Lease.EndReason.choices, enum_name="LeaseEndReason", allow_null=True)
+    end_reason = NamedChoiceField(Lease.EndReason.choices, enum_name="LeaseEndReason", allow_null=True)
+    end_detail = serializers.CharField()
+    exit_code = serializers.IntegerField(allow_null=True)
+
+
+class LeaseDetailSerializer(LeaseSerializer):
+    log_tail = serializers.CharField(help_text="The last lines of the job's output, as the agent last sent them.")
+
+
+class UnplacedReasonSerializer(serializers.Serializer):
+    code = serializers.CharField(source="unplaced_code", help_text="Stable code, e.g. no_gpu_matches.")
+    detail = serializers.CharField(source="unplaced_detail")
+    checked_at = serializers.DateTimeField(source="unplaced_checked_at", allow_null=True)
+
+
+class JobSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    kind = NamedChoiceField(Job.Kind.choices, enum_name="JobKind")
+    image = serializers.CharField()
+    command = serializers.ListField(child=serializers.CharField())
+    env = serializers.DictField(child=serializers.CharField())
+    gpu_count = serializers.IntegerField()
+    min_vram_mb = serializers.IntegerField()
+    allowed_models = serializers.ListField(child=serializers.CharField())
+    region = serializers.CharField()
+    max_price_per_gpu_hour = price_field()
+    expected_duration_s = serializers.IntegerField()
+    max_duration_s = serializers.IntegerField()
+    interruptible = serializers.BooleanField()
+    status = NamedChoiceField(Job.Status.choices, enum_name="JobStatus")
+    unplaced_reason = serializers.SerializerMethodField(
+        help_text="While pending: why the matcher could not place it yet (null once placed or never checked)."
+    )
+    attempts = serializers.IntegerField()
+    exit_code = serializers.IntegerField(allow_null=True)
+    failure_reason = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+    @extend_schema_field(UnplacedReasonSerializer(allow_null=True))
+    def get_unplaced_reason(self, job: Job) -> dict[str, Any] | None:
+        if job.status != Job.Status.PENDING or not job.unplaced_code:
+            return None
+        return UnplacedReasonSerializer(job).data
+
+
+class JobDetailSerializer(JobSerializer):
+    current_lease = LeaseSerializer(allow_null=True, help_text="The assigned or running lease, if any.")
+
+
+class EventSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    kind = serializers.CharField(help_text="e.g. job.created, lease.assigned, lease.started, lease.ended.")
+    lease = serializers.IntegerField(source="lease_id", allow_null=True)
+    from_status = serializers.CharField()
+    to_status = serializers.CharField()
+    actor = serializers.CharField(help_text="Who caused it: renter:<id>, machine:<id>, matcher, operator:<id>.")
+    detail = serializers.DictField()
+    created_at = serializers.DateTimeField()
+
+
+def _job_detail(job: Job) -> dict[str, Any]:
+    job.current_lease = selectors.job_current_lease(job=job)
+    return JobDetailSerializer(job).data
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+
+class JobCreateInput(StrictInputSerializer):
+    name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+    kind = serializers.ChoiceField(choices=Job.Kind.choices, default=Job.Kind.CONTAINER)
+    image = serializers.CharField(required=False, allow_blank=True, max_length=500, default="")
+    command = serializers.ListField(
+        child=serializers.CharField(max_length=MAX_ARGUMENT_CHARS, allow_blank=True, trim_whitespace=False),
+        required=False,
+        max_length=MAX_COMMAND_PARTS,
+        default=list,
+    )
+    env = serializers.DictField(
+        child=serializers.CharField(max_length=MAX_ENV_VALUE_CHARS, allow_blank=True, trim_whitespace=False),
+        required=False,
+        default=dict,
+        help_text=f"Environment variables, at most {MAX_ENV_VARS}.",
+    )
+    gpu_count = serializers.IntegerField(min_value=1, max_value=services.MAX_GPUS_PER_JOB)
+    min_vram_mb = serializers.IntegerField(required=False, min_value=0, max_value=MAX_VRAM_MB, default=0)
+    allowed_models = serializers.ListField(
+        child=serializers.CharField(max_length=100),
+        required=False,
+        max_length=MAX_ALLOWED_MODELS,
+        default=list,
+        help_text="GPU models the job may run on; empty: any.",
+    )
+    region = serializers.CharField(required=False, allow_blank=True, max_length=64, default="")
+    max_price_per_gpu_hour = price_field(min_value=0, max_value=services.MAX_PRICE)
+    expected_duration_s = serializers.IntegerField(min_value=1, max_value=services.MAX_DURATION_S)
+    max_duration_s = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=services.MAX_DURATION_S,
+        help_text="When the job is stopped; defaults to expected_duration_s.",
+    )
+    interruptible = serializers.BooleanField(required=False, default=True)
+
+    def validate_env(self, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_ENV_VARS:
+            raise serializers.ValidationError(f"At most {MAX_ENV_VARS} variables.")
+        bad = [name for name in value if not ENV_NAME_RE.fullmatch(name)]
+        if bad:
+            raise serializers.ValidationError(f"{bad[0][:60]!r} is not a valid variable name.")
+        return value
+
+
+class JobFilter(StrictInputSerializer):
+    also_allowed = frozenset({"limit", "offset"})
+
+    status = serializers.CharField(
+        required=False, max_length=200, help_text="A status or a comma-separated list of them."
+    )
+
+    def validate_status(self, value: str) -> list[str]:
+        statuses = [part.strip().lower() for part in value.split(",") if part.strip()]
+        unknown = [s for s in statuses if s not in Job.Status.values]
+        if unknown:
+            raise serializers.ValidationError(
+                f"{unknown[0][:40]!r} is not a job status ({', '.join(Job.Status.values)})."
+            )
+        return statuses
+
+
+def _idempotency_key(request: Request) -> str | None:
+    raw = request.headers.get(IDEMPOTENCY_HEADER)
+    if raw is None:
+        return None
+    if not IDEMPOTENCY_KEY_RE.fullmatch(raw):
+        raise ValidationFailed(
+            f"{IDEMPOTENCY_HEADER} must be 1 to 128 printable ASCII characters.", code="invalid_idempotency_key"
+        )
+    return raw
+
+
+class JobListApi(RenterApi):
+    @extend_schema(
+        tags=["jobs"],
+        summary="List my jobs",
+        parameters=[JobFilter],
+        responses={200: JobSerializer(many=True), **error_responses(400, 401, 403)},
+    )
+    def get(self, request: Request) -> Response:
+        filters = JobFilter(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        jobs = selectors.job_list_for_renter(renter=self.renter, statuses=filters.validated_data.get("status", []))
+        return self.paginated_response(jobs, JobSerializer)
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="Submit a job",
+        description=(
+            "With an Idempotency-Key header, repeating the same request returns the job created the first "
+            "time (200); the same key with a different body is refused (409 idempotency_key_reused)."
+        ),
+        parameters=[
+            OpenApiParameter(
+                IDEMPOTENCY_HEADER,
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                required=False,
+                description="Up to 128 printable ASCII characters, unique per job request.",
+            )
+        ],
+        request=JobCreateInput,
+        responses={
+            201: OpenApiResponse(JobDetailSerializer, description="Created."),
+            200: OpenApiResponse(JobDetailSerializer, description="A repeat of an earlier request with this key."),
+            **error_responses(400, 401, 403, 409, 413),
+        },
+    )
+    def post(self, request: Request) -> Response:
+        key = _idempotency_key(request)
+        data = JobCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        job, created = services.job_create(
+            renter=self.renter, spec=services.JobSpec(**data.validated_data), idempotency_key=key
+        )
+        return Response(_job_detail(job), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class JobDetailApi(RenterApi):
+    @extend_schema(
+        tags=["jobs"],
+        summary="One of my jobs",
+        responses={200: JobDetailSerializer, **error_responses(401, 403, 404)},
+    )
+    def get(self, request: Request, job_id: int) -> Response:
+        return Response(_job_detail(selectors.job_get_for_renter(renter=self.renter, job_id=job_id)))
+
+
+class JobCancelApi(RenterApi):
+    @extend_schema(
+        tags=["jobs"],
+        summary="Cancel a job",
+        description="A running job's lease is asked to stop. Cancelling a cancelled job is harmless; "
+        "a finished job is refused (409 invalid_transition).",
+        request=None,
+        responses={200: JobDetailSerializer, **error_responses(401, 403, 404, 409)},
+    )
+    def post(self, request: Request, job_id: int) -> Response:
+        job = selectors.job_get_for_renter(renter=self.renter, job_id=job_id)
+        job = services.job_cancel(job=job, actor=f"renter:{self.renter.pk}")
+        return Response(_job_detail(job))
+
+
+class JobLeaseListApi(RenterApi):
+    @extend_schema(
+        tags=["jobs"],
+        summary="The leases of one of my jobs",
+        responses={200: LeaseSerializer(many=True), **error_responses(401, 403, 404)},
+    )
+    def get(self, request: Request, job_id: int) -> Response:
+        job = selectors.job_get_for_renter(renter=self.renter, job_id=job_id)
+        return self.paginated_response(selectors.lease_list_for_renter(renter=self.renter, job=job), LeaseSerializer)
+
+
+class JobEventListApi(RenterApi):
+    @extend_schema(
+        tags=["jobs"],
+        summary="The audit trail of one of my jobs",
+        responses={200: EventSerializer(many=True), **error_responses(401, 403, 404)},
+    )
+    def get(self, request: Request, job_id: int) -> Response:
+        job = selectors.job_get_for_renter(renter=self.renter, job_id=job_id)
+        return self.paginated_response(selectors.event_list_for_job(job=job), EventSerializer)
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+class LeaseListApi(RenterApi):
+    @extend_schema(
+        tags=["leases"],
+        summary="The leases of all my jobs",
+        responses={200: LeaseSerializer(many=True), **error_responses(401, 403)},
+    )
+    def get(self, request: Request) -> Response:
+        return self.paginated_response(selectors.lease_list_for_renter(renter=self.renter), LeaseSerializer)
+
+
+class LeaseDetailApi(RenterApi):
+    @extend_schema(
+        tags=["leases"],
+        summary="One lease of my jobs, with the tail of its output",
+        responses={200: LeaseDetailSerializer, **error_responses(401, 403, 404)},
+    )
+    def get(self, request: Request, lease_id: int) -> Response:
+        lease = selectors.lease_get_for_renter(renter=self.renter, lease_id=lease_id)
+        return Response(LeaseDetailSerializer(lease).data)

@@ -1,0 +1,61 @@
+"""Reads of jobs, leases and their audit trail, scoped to the renter who owns them.
+
+A job or lease of another renter is reported as missing (NotFound), never as forbidden, so its
+existence does not leak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from django.db.models import Prefetch, QuerySet
+
+from jobs.errors import NotFound
+from jobs.models import Event, Job, Lease, Renter
+from providers.models import GPU
+
+
+def _leases_with_gpus(queryset: QuerySet[Lease]) -> QuerySet[Lease]:
+    return queryset.select_related("machine").prefetch_related(Prefetch("gpus", queryset=GPU.objects.order_by("index")))
+
+
+def job_list_for_renter(*, renter: Renter, statuses: Sequence[str] = ()) -> QuerySet[Job]:
+    """The renter's jobs, newest first; only those in `statuses` when given."""
+    queryset = Job.objects.filter(renter=renter)
+    if statuses:
+        queryset = queryset.filter(status__in=list(statuses))
+    return queryset.order_by("-created_at", "-pk")
+
+
+def job_get_for_renter(*, renter: Renter, job_id: int) -> Job:
+    """The renter's job; NotFound for a job that is not the renter's."""
+    job = Job.objects.filter(renter=renter, pk=job_id).first()
+    if job is None:
+        raise NotFound(f"Job {job_id} not found.")
+    return job
+
+
+def job_current_lease(*, job: Job) -> Lease | None:
+    """The job's active (assigned or running) lease, if any."""
+    return _leases_with_gpus(Lease.objects.filter(job=job, status__in=Lease.ACTIVE)).order_by("-pk").first()
+
+
+def lease_list_for_renter(*, renter: Renter, job: Job | None = None) -> QuerySet[Lease]:
+    """The leases of the renter's jobs (of one job when given), newest first."""
+    queryset = Lease.objects.filter(job__renter=renter)
+    if job is not None:
+        queryset = queryset.filter(job=job)
+    return _leases_with_gpus(queryset).order_by("-created_at", "-pk")
+
+
+def lease_get_for_renter(*, renter: Renter, lease_id: int) -> Lease:
+    """A lease of one of the renter's jobs; NotFound otherwise."""
+    lease = _leases_with_gpus(Lease.objects.filter(job__renter=renter, pk=lease_id)).first()
+    if lease is None:
+        raise NotFound(f"Lease {lease_id} not found.")
+    return lease
+
+
+def event_list_for_job(*, job: Job) -> QuerySet[Event]:
+    """The job's audit trail, oldest first."""
+    return Event.objects.filter(job=job).order_by("created_at", "pk")

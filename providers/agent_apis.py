@@ -1,0 +1,370 @@
+"""The agent API (/api/agent/v1/): what a provider's agent daemon calls. See docs/agent-api.md.
+
+Views are thin: validate the body, call one service, serialise the answer. Unknown top-level
+fields are ignored, so a newer agent can talk to an older marketplace; every known field is
+validated strictly (lengths, ranges, finite numbers) and a refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import permissions, serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from jobs import services as job_services
+from marketplace.api import error_responses
+from marketplace.errors import ServiceError
+from providers import services
+from providers.auth import IsMachine, MachineAuthentication
+from providers.models import eth_address_validator
+
+MAX_GPUS_PER_MACHINE = 64
+MAX_LEASES_PER_HEARTBEAT = 128
+MAX_LOG_TAIL_BYTES = 64 * 1024
+INT32_MAX = 2**31 - 1
+BIGINT_MAX = 2**63 - 1
+UUID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+SIGNATURE_REGEX = r"^(0x[0-9a-fA-F]+)?$"
+
+
+class RequestTooLarge(ServiceError):
+    status_code = 413
+    default_code = "too_large"
+
+
+class AgentAPIView(APIView):
+    """Base of the agent's endpoints: Machine authentication, and bodies over MAX_REQUEST_BYTES
+    refused with 413 before anything else is read."""
+
+    authentication_classes = [MachineAuthentication]
+    permission_classes = [IsMachine]
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            raise RequestTooLarge(
+                f"The request body is {length} bytes; this endpoint accepts at most "
+                f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE}."
+            )
+        super().initial(request, *args, **kwargs)
+
+
+def _unique(items: list[dict[str, Any]], key: str, what: str) -> None:
+    seen: set[Any] = set()
+    for item in items:
+        if item[key] in seen:
+            raise serializers.ValidationError(f"{what} {item[key]!r} appears more than once.")
+        seen.add(item[key])
+
+
+# --- register -------------------------------------------------------------------------------
+
+
+class RegisterApi(AgentAPIView):
+    """Trade a one-time registration token for this machine's credential (shown once)."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [permissions.AllowAny]
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentRegisterInput"
+
+        token = serializers.CharField(max_length=200, help_text="The one-time registration token (gpreg_…).")
+        hostname = serializers.CharField(max_length=255)
+        agent_version = serializers.CharField(max_length=50)
+        signing_address = serializers.CharField(
+            max_length=42,
+            required=False,
+            allow_blank=True,
+            default="",
+            validators=[eth_address_validator],
+            help_text="The agent's usage-report signing address (0x followed by 40 hex digits).",
+        )
+        region = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentRegisterOutput"
+
+        machine_id = serializers.IntegerField()
+        credential = serializers.CharField(help_text="Send as `Authorization: Machine <credential>`; shown once.")
+        heartbeat_interval_s = serializers.IntegerField()
+
+    @extend_schema(
+        operation_id="agent_register",
+        tags=["agent"],
+        auth=[],
+        request=InputSerializer,
+        responses={201: OutputSerializer, **error_responses(400, 401, 413)},
+    )
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        machine, credential = services.machine_register(
+            raw_token=v["token"],
+            hostname=v["hostname"],
+            agent_version=v["agent_version"],
+            signing_address=v["signing_address"],
+            region=v["region"],
+        )
+        out = {
+            "machine_id": machine.pk,
+            "credential": credential,
+            "heartbeat_interval_s": settings.GPGPU["HEARTBEAT_INTERVAL_S"],
+        }
+        return Response(self.OutputSerializer(out).data, status=status.HTTP_201_CREATED)
+
+
+# --- heartbeat ------------------------------------------------------------------------------
+
+
+class GpuReportSerializer(serializers.Serializer):
+    uuid = serializers.RegexField(UUID_REGEX, max_length=96)
+    index = serializers.IntegerField(min_value=0, max_value=255)
+    model = serializers.CharField(max_length=100)
+    vram_mb = serializers.IntegerField(min_value=0, max_value=INT32_MAX)
+    memory_used_mb = serializers.IntegerField(min_value=0, max_value=INT32_MAX, allow_null=True, default=None)
+    utilization_pct = serializers.FloatField(min_value=0, max_value=100, allow_null=True, default=None)
+    temperature_c = serializers.FloatField(min_value=0, max_value=200, allow_null=True, default=None)
+    power_w = serializers.FloatField(min_value=0, max_value=10_000, allow_null=True, default=None)
+    idle = serializers.BooleanField(help_text="The agent's verdict: free for renters now.")
+    idle_since = serializers.DateTimeField(allow_null=True, default=None)
+    owner_busy = serializers.BooleanField(default=False, help_text="The owner is using the GPU now.")
+
+
+class LeaseReportSerializer(serializers.Serializer):
+    lease_id = serializers.IntegerField(min_value=1, max_value=BIGINT_MAX)
+    state = serializers.ChoiceField(choices=["starting", "running", "stopping"])
+
+
+class LeaseStartSerializer(serializers.Serializer):
+    lease_id = serializers.IntegerField()
+    job_id = serializers.IntegerField()
+    kind = serializers.ChoiceField(choices=["container", "process"])
+    image = serializers.CharField()
+    command = serializers.ListField(child=serializers.CharField())
+    env = serializers.DictField(child=serializers.CharField())
+    gpu_uuids = serializers.ListField(child=serializers.CharField())
+    max_duration_s = serializers.IntegerField()
+    price_per_gpu_hour = serializers.CharField(help_text="Decimal, per GPU-hour.")
+
+
+class LeaseStopSerializer(serializers.Serializer):
+    lease_id = serializers.IntegerField()
+    reason = serializers.CharField(
+        help_text="The lease's end reason or stop reason; `unknown_lease` for a lease this machine does not have."
+    )
+
+
+MACHINE_FACTS = ("agent_version", "driver_version", "cuda_version", "cpu_cores", "ram_mb", "disk_gb", "region")
+
+
+class HeartbeatApi(AgentAPIView):
+    """Inventory, telemetry and idleness of every GPU, and the leases the agent is handling;
+    answers which leases to start and which to stop. Omitted or null machine facts keep their
+    stored value."""
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentHeartbeatInput"
+
+        agent_version = serializers.CharField(max_length=50, required=False, allow_null=True)
+        driver_version = serializers.CharField(max_length=50, required=False, allow_blank=True, allow_null=True)
+        cuda_version = serializers.CharField(max_length=50, required=False, allow_blank=True, allow_null=True)
+        cpu_cores = serializers.IntegerField(min_value=0, max_value=100_000, required=False, allow_null=True)
+        ram_mb = serializers.IntegerField(min_value=0, max_value=10**12, required=False, allow_null=True)
+        disk_gb = serializers.IntegerField(min_value=0, max_value=10**9, required=False, allow_null=True)
+        region = serializers.CharField(max_length=64, required=False, allow_blank=True, allow_null=True)
+        gpus = GpuReportSerializer(many=True, max_length=MAX_GPUS_PER_MACHINE)
+        leases = LeaseReportSerializer(many=True, max_length=MAX_LEASES_PER_HEARTBEAT, required=False)
+
+        def validate_gpus(self, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            _unique(value, "uuid", "GPU uuid")
+            _unique(value, "index", "GPU index")
+            return value
+
+        def validate_leases(self, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            _unique(value, "lease_id", "lease_id")
+            return value
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentHeartbeatOutput"
+
+        heartbeat_interval_s = serializers.IntegerField()
+        server_time = serializers.DateTimeField()
+        start = LeaseStartSerializer(many=True, help_text="Leases to start (idempotent on the agent's side).")
+        stop = LeaseStopSerializer(many=True, help_text="Leases to stop.")
+
+    @extend_schema(
+        operation_id="agent_heartbeat",
+        tags=["agent"],
+        request=InputSerializer,
+        responses={200: OutputSerializer, **error_responses(400, 401, 403, 409, 413)},
+    )
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        report = services.HeartbeatReport(
+            gpus=[services.GpuReport(**g) for g in v["gpus"]],
+            leases=[services.LeaseReport(**lr) for lr in v.get("leases", [])],
+            **{name: v.get(name) for name in MACHINE_FACTS},
+        )
+        reply = services.machine_heartbeat(machine=request.auth, report=report)
+        return Response(self.OutputSerializer(reply).data)
+
+
+# --- lease events ---------------------------------------------------------------------------
+
+
+def _log_tail_size(value: str) -> None:
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_LOG_TAIL_BYTES:
+        raise serializers.ValidationError(f"must be at most {MAX_LOG_TAIL_BYTES} bytes (UTF-8); send the last lines.")
+
+
+class LeaseEventApi(AgentAPIView):
+    """Report what happened to one of this machine's leases: started, exited, preempted by the
+    owner, failed to start. A repeated event_id is answered like the first and changes nothing."""
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseEventInput"
+
+        event_id = serializers.CharField(max_length=128, help_text="Unique per event; repeats are harmless.")
+        type = serializers.ChoiceField(choices=list(job_services.AGENT_EVENT_TYPES))
+        at = serializers.DateTimeField(help_text="When it happened, by the agent's clock.")
+        exit_code = serializers.IntegerField(
+            min_value=-(2**31),
+            max_value=INT32_MAX,
+            required=False,
+            allow_null=True,
+            default=None,
+            help_text="Required for `exited`: 0 means the job succeeded.",
+        )
+        detail = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+        log_tail = serializers.CharField(
+            required=False,
+            allow_blank=True,
+            allow_null=True,
+            default=None,
+            trim_whitespace=False,
+            validators=[_log_tail_size],
+            help_text="The last lines of the job's output, at most 64 KiB.",
+        )
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            if attrs["type"] == "exited" and attrs.get("exit_code") is None:
+                raise serializers.ValidationError({"exit_code": ["is required for an exited event."]})
+            return attrs
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseEventOutput"
+
+        lease_id = serializers.IntegerField()
+        lease_status = serializers.CharField()
+        job_status = serializers.CharField()
+        duplicate = serializers.BooleanField()
+
+    @extend_schema(
+        operation_id="agent_lease_event",
+        tags=["agent"],
+        request=InputSerializer,
+        responses={200: OutputSerializer, **error_responses(400, 401, 403, 404, 409, 413)},
+    )
+    def post(self, request: Request, lease_id: int) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        lease, duplicate = job_services.lease_event_ingest(
+            machine=request.auth,
+            lease_id=lease_id,
+            event_id=v["event_id"],
+            type=v["type"],
+            at=v["at"],
+            exit_code=v["exit_code"],
+            detail=v["detail"],
+            log_tail=v["log_tail"],
+        )
+        out = {
+            "lease_id": lease.pk,
+            "lease_status": lease.status,
+            "job_status": lease.job.status,
+            "duplicate": duplicate,
+        }
+        return Response(self.OutputSerializer(out).data)
+
+
+# --- usage ----------------------------------------------------------------------------------
+
+
+class LeaseUsageApi(AgentAPIView):
+    """Usage of one interval of one of this machine's leases, stored for billing (which checks
+    the signature). A repeated report_id is answered 200 with duplicate=true; a new one 201."""
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseUsageInput"
+
+        report_id = serializers.CharField(max_length=128, help_text="Unique per lease; repeats are harmless.")
+        period_start = serializers.DateTimeField()
+        period_end = serializers.DateTimeField()
+        gpu_seconds = serializers.DecimalField(max_digits=16, decimal_places=3, min_value=0)
+        mean_utilization_pct = serializers.FloatField(
+            min_value=0, max_value=100, required=False, allow_null=True, default=None
+        )
+        peak_memory_mb = serializers.IntegerField(
+            min_value=0, max_value=INT32_MAX, required=False, allow_null=True, default=None
+        )
+        signature = serializers.RegexField(
+            SIGNATURE_REGEX, max_length=200, required=False, allow_blank=True, default=""
+        )
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            if attrs["period_end"] <= attrs["period_start"]:
+                raise serializers.ValidationError({"period_end": ["must be after period_start."]})
+            return attrs
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseUsageOutput"
+
+        id = serializers.IntegerField()
+        lease_id = serializers.IntegerField()
+        report_id = serializers.CharField()
+        duplicate = serializers.BooleanField()
+
+    @extend_schema(
+        operation_id="agent_lease_usage",
+        tags=["agent"],
+        request=InputSerializer,
+        responses={
+            201: OutputSerializer,
+            200: OpenApiResponse(OutputSerializer, description="A repeat of a report already stored"),
+            **error_responses(400, 401, 403, 404, 413),
+        },
+    )
+    def post(self, request: Request, lease_id: int) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        row, created = job_services.usage_report_ingest(
+            machine=request.auth,
+            lease_id=lease_id,
+            report=job_services.UsageReportData(**v, payload=dict(request.data)),
+        )
+        out = {"id": row.pk, "lease_id": row.lease_id, "report_id": row.report_id, "duplicate": not created}
+        return Response(
+            self.OutputSerializer(out).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )

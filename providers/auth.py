@@ -1,0 +1,78 @@
+"""`Authorization: Machine <credential>` for the agent API (/api/agent/v1/).
+
+A machine is not a person: authentication yields an anonymous user and the Machine as
+`request.auth`, and agent views admit only requests that carry one (IsMachine).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import AnonymousUser
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from rest_framework import authentication, exceptions, permissions
+
+from providers.models import Machine
+from providers.services import machine_authenticate
+
+MACHINE_CREDENTIAL_MAX_LENGTH = 200
+
+
+class MachineAuthentication(authentication.BaseAuthentication):
+    """Authenticate an agent by its machine credential.
+
+    Returns (AnonymousUser, machine). A missing header authenticates nothing (the view answers
+    401 `not_authenticated`); an unknown or malformed credential is 401
+    `machine_credential_invalid`; a suspended machine is 403 `machine_suspended`.
+    """
+
+    keyword = "Machine"
+
+    def authenticate(self, request: Any) -> tuple[AnonymousUser, Machine] | None:
+        header = authentication.get_authorization_header(request).split()
+        if not header or header[0].lower() != self.keyword.lower().encode():
+            return None
+        if len(header) != 2 or len(header[1]) > MACHINE_CREDENTIAL_MAX_LENGTH:
+            raise exceptions.AuthenticationFailed(
+                "Authorization header must be 'Machine <credential>'.", code="machine_credential_invalid"
+            )
+        try:
+            raw = header[1].decode()
+        except UnicodeError:
+            raise exceptions.AuthenticationFailed(
+                "The machine credential contains invalid characters.", code="machine_credential_invalid"
+            ) from None
+        machine = machine_authenticate(raw_credential=raw)
+        if machine is None:
+            raise exceptions.AuthenticationFailed(
+                "Unknown machine credential; register the machine again.", code="machine_credential_invalid"
+            )
+        if machine.status == Machine.Status.SUSPENDED:
+            reason = f": {machine.suspended_reason}" if machine.suspended_reason else ""
+            raise exceptions.PermissionDenied(
+                f"This machine is suspended{reason}. Contact the marketplace operators.", code="machine_suspended"
+            )
+        return AnonymousUser(), machine
+
+    def authenticate_header(self, request: Any) -> str:
+        return self.keyword
+
+
+class IsMachine(permissions.BasePermission):
+    """Admits requests authenticated by MachineAuthentication."""
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        return isinstance(request.auth, Machine)
+
+
+class MachineCredentialScheme(OpenApiAuthenticationExtension):
+    target_class = "providers.auth.MachineAuthentication"
+    name = "machineAuth"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": "`Machine <credential>`: the credential `POST /api/agent/v1/register` returned.",
+        }

@@ -1,0 +1,250 @@
+"""Who may call what on /api/v1/: anonymous callers get 401, renters and providers get 403 on
+the other role's endpoints, and another user's objects are 404 (their existence does not leak).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from jobs.models import Job
+from jobs.services import Placement, leases_assign
+from providers.models import GPU, AvailabilityWindow, Blackout
+from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, RenterFactory, token_for
+
+pytestmark = pytest.mark.django_db
+
+JOB_BODY = {
+    "kind": "process",
+    "command": ["true"],
+    "gpu_count": 1,
+    "max_price_per_gpu_hour": "1.00",
+    "expected_duration_s": 60,
+}
+WINDOW_BODY = {"days": ["mon"], "start_time": "20:00", "end_time": "08:00", "timezone": "UTC"}
+BLACKOUT_BODY = {"starts_at": "2030-01-01T00:00:00Z", "ends_at": "2030-01-02T00:00:00Z"}
+
+# (method, path template, body). Templates name the object of the *owner* in the world below.
+ANY_USER_ENDPOINTS = [
+    ("get", "/api/v1/me", None),
+    ("get", "/api/v1/gpus/", None),
+]
+RENTER_COLLECTION_ENDPOINTS = [
+    ("get", "/api/v1/jobs/", None),
+    ("post", "/api/v1/jobs/", JOB_BODY),
+    ("get", "/api/v1/leases/", None),
+]
+RENTER_OBJECT_ENDPOINTS = [
+    ("get", "/api/v1/jobs/{job}/", None),
+    ("post", "/api/v1/jobs/{job}/cancel/", None),
+    ("get", "/api/v1/jobs/{job}/leases/", None),
+    ("get", "/api/v1/jobs/{job}/events/", None),
+    ("get", "/api/v1/leases/{lease}/", None),
+]
+PROVIDER_COLLECTION_ENDPOINTS = [
+    ("get", "/api/v1/machines/", None),
+    ("get", "/api/v1/provider/", None),
+    ("patch", "/api/v1/provider/", {"display_name": "renamed"}),
+    ("get", "/api/v1/availability-windows/", None),
+    ("post", "/api/v1/availability-windows/", WINDOW_BODY),
+    ("get", "/api/v1/blackouts/", None),
+    ("post", "/api/v1/blackouts/", BLACKOUT_BODY),
+    ("get", "/api/v1/registration-tokens/", None),
+    ("post", "/api/v1/registration-tokens/", {"label": "x"}),
+]
+PROVIDER_OBJECT_ENDPOINTS = [
+    ("get", "/api/v1/machines/{machine}/", None),
+    ("patch", "/api/v1/machines/{machine}/gpus/{gpu}/", {"price_floor": "0.99"}),
+    ("get", "/api/v1/availability-windows/{window}/", None),
+    ("put", "/api/v1/availability-windows/{window}/", WINDOW_BODY),
+    ("patch", "/api/v1/availability-windows/{window}/", {"timezone": "Europe/Paris"}),
+    ("delete", "/api/v1/availability-windows/{window}/", None),
+    ("get", "/api/v1/blackouts/{blackout}/", None),
+    ("delete", "/api/v1/blackouts/{blackout}/", None),
+]
+RENTER_ENDPOINTS = RENTER_COLLECTION_ENDPOINTS + RENTER_OBJECT_ENDPOINTS
+PROVIDER_ENDPOINTS = PROVIDER_COLLECTION_ENDPOINTS + PROVIDER_OBJECT_ENDPOINTS
+ALL_ENDPOINTS = ANY_USER_ENDPOINTS + RENTER_ENDPOINTS + PROVIDER_ENDPOINTS
+
+
+def client_for(user: Any) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(user)}")
+    return client
+
+
+@dataclass
+class World:
+    """Two renters and two providers, each owning one of everything."""
+
+    ids: dict[str, dict[str, int]]
+    renter: APIClient
+    other_renter: APIClient
+    provider: APIClient
+    other_provider: APIClient
+
+    def url(self, template: str, owner: str) -> str:
+        return template.format(**self.ids[owner])
+
+
+def _provider_objects() -> tuple[Any, dict[str, int]]:
+    provider = ProviderFactory()
+    machine = MachineFactory(provider=provider)
+    gpu = GPUFactory(machine=machine, index=0)
+    window = AvailabilityWindow.objects.create(
+        provider=provider, machine=machine, days=1, start_time="20:00", end_time="08:00", timezone="UTC"
+    )
+    blackout = Blackout.objects.create(
+        provider=provider, starts_at=timezone.now() + timedelta(days=1), ends_at=timezone.now() + timedelta(days=2)
+    )
+    return provider, {"machine": machine.pk, "gpu": gpu.pk, "window": window.pk, "blackout": blackout.pk}
+
+
+def _renter_objects() -> tuple[Any, dict[str, int]]:
+    renter = RenterFactory()
+    job = JobFactory(renter=renter)
+    gpu = GPUFactory()
+    [lease] = leases_assign(
+        placements=[Placement(job_id=job.pk, machine_id=gpu.machine_id, gpu_ids=(gpu.pk,), price_per_gpu_hour=1)]
+    )
+    return renter, {"job": job.pk, "lease": lease.pk}
+
+
+@pytest.fixture
+def world(db) -> World:  # type: ignore[no-untyped-def]
+    renter, renter_ids = _renter_objects()
+    other_renter, other_renter_ids = _renter_objects()
+    provider, provider_ids = _provider_objects()
+    other_provider, other_provider_ids = _provider_objects()
+    return World(
+        ids={
+            "renter": renter_ids,
+            "other_renter": other_renter_ids,
+            "provider": provider_ids,
+            "other_provider": other_provider_ids,
+        },
+        renter=client_for(renter.user),
+        other_renter=client_for(other_renter.user),
+        provider=client_for(provider.user),
+        other_provider=client_for(other_provider.user),
+    )
+
+
+def call(client: APIClient, method: str, url: str, body: dict[str, Any] | None) -> Any:
+    return getattr(client, method)(url, body, format="json") if body is not None else getattr(client, method)(url)
+
+
+def _owner_of(template: str) -> str:
+    return "provider" if template in {t for _, t, _ in PROVIDER_ENDPOINTS} else "renter"
+
+
+@pytest.mark.parametrize(("method", "template", "body"), ALL_ENDPOINTS)
+def test_anonymous_callers_get_401_with_the_error_shape(world, method, template, body):
+    response = call(APIClient(), method, world.url(template, _owner_of(template)), body)
+
+    assert response.status_code == 401
+    assert response.json()["code"] == "not_authenticated"
+    assert response.json()["detail"]
+    assert response["WWW-Authenticate"] == "Token"
+
+
+@pytest.mark.parametrize(("method", "template", "body"), ALL_ENDPOINTS)
+def test_a_revoked_or_unknown_token_gets_401(world, method, template, body):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Token gpg_not-a-real-token")
+
+    response = call(client, method, world.url(template, _owner_of(template)), body)
+
+    assert response.status_code == 401
+    assert response.json()["code"] == "authentication_failed"
+
+
+@pytest.mark.parametrize(("method", "template", "body"), RENTER_ENDPOINTS)
+def test_a_provider_only_user_gets_403_on_renter_endpoints(world, method, template, body):
+    response = call(world.provider, method, world.url(template, "renter"), body)
+
+    assert response.status_code == 403
+    assert response.json()["code"] == "not_a_renter"
+
+
+@pytest.mark.parametrize(("method", "template", "body"), PROVIDER_ENDPOINTS)
+def test_a_renter_only_user_gets_403_on_provider_endpoints(world, method, template, body):
+    response = call(world.renter, method, world.url(template, "provider"), body)
+
+    assert response.status_code == 403
+    assert response.json()["code"] == "not_a_provider"
+
+
+@pytest.mark.parametrize(("method", "template", "body"), RENTER_OBJECT_ENDPOINTS)
+def test_another_renters_job_or_lease_is_not_found(world, method, template, body):
+    response = call(world.renter, method, world.url(template, "other_renter"), body)
+
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
+    assert Job.objects.get(pk=world.ids["other_renter"]["job"]).status == Job.Status.SCHEDULED
+
+
+@pytest.mark.parametrize(("method", "template", "body"), PROVIDER_OBJECT_ENDPOINTS)
+def test_another_providers_objects_are_not_found_and_unchanged(world, method, template, body):
+    theirs = world.ids["other_provider"]
+
+    response = call(world.provider, method, world.url(template, "other_provider"), body)
+
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
+    assert AvailabilityWindow.objects.get(pk=theirs["window"]).timezone == "UTC"
+    assert Blackout.objects.filter(pk=theirs["blackout"]).exists()
+    assert GPU.objects.get(pk=theirs["gpu"]).price_floor is None
+
+
+@pytest.mark.parametrize(("method", "template", "body"), RENTER_ENDPOINTS)
+def test_a_renter_may_use_every_renter_endpoint_on_its_own_objects(world, method, template, body):
+    response = call(world.renter, method, world.url(template, "renter"), body)
+
+    assert response.status_code in (200, 201), response.content
+
+
+@pytest.mark.parametrize(("method", "template", "body"), PROVIDER_ENDPOINTS)
+def test_a_provider_may_use_every_provider_endpoint_on_its_own_objects(world, method, template, body):
+    response = call(world.provider, method, world.url(template, "provider"), body)
+
+    assert response.status_code in (200, 201, 204), response.content
+
+
+@pytest.mark.parametrize(("method", "template", "body"), ANY_USER_ENDPOINTS)
+def test_any_signed_in_user_may_use_the_shared_endpoints(world, method, template, body):
+    for client in (world.renter, world.provider):
+        assert call(client, method, template, body).status_code == 200
+
+
+def test_me_tells_each_user_its_roles(world, db):
+    both = ProviderFactory()
+    RenterFactory(user=both.user)
+
+    renter_me = world.renter.get("/api/v1/me").json()
+    provider_me = world.provider.get("/api/v1/me").json()
+    both_me = client_for(both.user).get("/api/v1/me").json()
+
+    assert renter_me["roles"] == ["renter"]
+    assert renter_me["provider"] is None
+    assert provider_me["roles"] == ["provider"]
+    assert provider_me["renter"] is None
+    assert both_me["roles"] == ["renter", "provider"]
+    assert both_me["provider"]["id"] == both.pk
+    assert both_me["username"] == both.user.username
+
+
+def test_a_user_who_is_both_renter_and_provider_may_use_both_sides(db):
+    provider = ProviderFactory(default_price_floor=Decimal("0.30"))
+    RenterFactory(user=provider.user)
+    client = client_for(provider.user)
+
+    assert client.post("/api/v1/jobs/", JOB_BODY, format="json").status_code == 201
+    assert client.get("/api/v1/machines/").status_code == 200
+    assert client.get("/api/v1/provider/").json()["default_price_floor"] == "0.300000"
