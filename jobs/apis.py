@@ -20,9 +20,8 @@ from rest_framework.response import Response
 from jobs import selectors, services
 from jobs.errors import ValidationFailed
 from jobs.models import Job, Lease, Renter
-from marketplace.api import error_responses
+from marketplace.api import BaseApi, NamedChoiceField, StrictInputSerializer, error_responses, price_field
 from marketplace.permissions import IsRenter, user_renter
-from providers.apis import ListApi, NamedChoiceField, StrictInputSerializer, price_field
 
 # Bounds on a job request, so one request cannot store or ship something absurd.
 MAX_COMMAND_PARTS = 256
@@ -37,7 +36,7 @@ IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
-class RenterApi(ListApi):
+class RenterApi(BaseApi):
     """A renter-only endpoint; `self.renter` is the caller's renter profile."""
 
     permission_classes = [IsAuthenticated, IsRenter]

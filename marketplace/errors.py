@@ -43,3 +43,8 @@ class Conflict(ServiceError):
 
     status_code = 409
     default_code = "conflict"
+
+
+class RequestTooLarge(ServiceError):
+    status_code = 413
+    default_code = "too_large"

@@ -14,11 +14,9 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from jobs import services as job_services
-from marketplace.api import error_responses
-from marketplace.errors import ServiceError
+from marketplace.api import BaseApi, error_responses
 from providers import services
 from providers.auth import IsMachine, MachineAuthentication
 from providers.models import eth_address_validator
@@ -32,29 +30,11 @@ UUID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 SIGNATURE_REGEX = r"^(0x[0-9a-fA-F]+)?$"
 
 
-class RequestTooLarge(ServiceError):
-    status_code = 413
-    default_code = "too_large"
-
-
-class AgentAPIView(APIView):
-    """Base of the agent's endpoints: Machine authentication, and bodies over MAX_REQUEST_BYTES
-    refused with 413 before anything else is read."""
+class AgentAPIView(BaseApi):
+    """Base of the agent's endpoints: Machine authentication (and BaseApi's 413 check)."""
 
     authentication_classes = [MachineAuthentication]
     permission_classes = [IsMachine]
-
-    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        try:
-            length = int(request.META.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        if length > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-            raise RequestTooLarge(
-                f"The request body is {length} bytes; this endpoint accepts at most "
-                f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE}."
-            )
-        super().initial(request, *args, **kwargs)
 
 
 def _unique(items: list[dict[str, Any]], key: str, what: str) -> None:

@@ -11,24 +11,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from django.conf import settings
-from django.db.models import QuerySet
 from django.utils import timezone
-from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
-from marketplace.api import Pagination, error_responses
-from marketplace.errors import ServiceError
+from marketplace.api import BaseApi, NamedChoiceField, StrictInputSerializer, error_responses, price_field
 from marketplace.permissions import IsProvider, user_provider
 from providers import selectors, services
 from providers.availability import DAY_NAMES, FOREVER, mask_to_days
-from providers.models import GPU, PRICE_DECIMALS, PRICE_MAX_DIGITS, Machine, Provider, RegistrationToken
+from providers.models import GPU, Machine, Provider, RegistrationToken
 
 PRICE_MAX = services.PRICE_FLOOR_MAX
 # Bounds on search filters, so a query string cannot ask for something absurd.
@@ -36,89 +31,7 @@ MAX_MODELS_PER_SEARCH = 32
 MAX_VRAM_MB = 10_000_000
 
 
-# --- shared by the REST API's views ---------------------------------------------------------
-
-
-class StrictInputSerializer(serializers.Serializer):
-    """An input serializer that refuses keys it does not know, so a misspelt field is a 400
-    instead of being silently ignored. `also_allowed` names keys others handle (pagination)."""
-
-    also_allowed: frozenset[str] = frozenset()
-
-    def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, Mapping):
-            known = set(self.fields) | self.also_allowed
-            unknown = sorted(str(key) for key in data if key not in known)
-            if unknown:
-                raise serializers.ValidationError({key: ["Unknown field."] for key in unknown})
-        return super().to_internal_value(data)
-
-
-class NamedChoiceField(serializers.ChoiceField):
-    """A choice field whose choice set is one named component in the OpenAPI schema (GpuState,
-    JobStatus, …), however many serializers use it, so clients get one enum per set. A blank
-    stored value is rendered as null when the field allows null."""
-
-    def __init__(self, choices: Any, *, enum_name: str, **kwargs: Any) -> None:
-        self.enum_name = enum_name
-        super().__init__(choices, **kwargs)
-
-    def to_representation(self, value: Any) -> Any:
-        if value in ("", None) and self.allow_null:
-            return None
-        return super().to_representation(value)
-
-
-class NamedChoiceFieldExtension(OpenApiSerializerFieldExtension):
-    target_class = NamedChoiceField
-
-    def get_name(self) -> str:
-        return self.target.enum_name
-
-    def map_serializer_field(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
-        return {"type": "string", "enum": [str(choice) for choice in self.target.choices]}
-
-
-def price_field(**kwargs: Any) -> serializers.DecimalField:
-    """A price per GPU-hour, rendered as a decimal string."""
-    return serializers.DecimalField(
-        max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_DECIMALS, coerce_to_string=True, **kwargs
-    )
-
-
-class BodyTooLarge(ServiceError):
-    status_code = 413
-    default_code = "too_large"
-
-
-class ListApi(APIView):
-    """Base of the REST API's views: a body over MAX_REQUEST_BYTES is refused with 413 before
-    it is read, and GET lists are paginated (limit/offset, see marketplace.api.Pagination)."""
-
-    pagination_class = Pagination
-
-    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        try:
-            length = int(request.META.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        if length > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-            raise BodyTooLarge(
-                f"The request body is {length} bytes; at most {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} are accepted."
-            )
-        super().initial(request, *args, **kwargs)
-
-    def paginate(self, queryset: QuerySet[Any]) -> tuple[Pagination, list[Any]]:
-        paginator = self.pagination_class()
-        page = paginator.paginate_queryset(queryset, self.request, view=self)
-        return paginator, list(page or [])
-
-    def paginated_response(self, queryset: QuerySet[Any], serializer_class: type[serializers.Serializer]) -> Response:
-        paginator, page = self.paginate(queryset)
-        return paginator.get_paginated_response(serializer_class(page, many=True).data)
-
-
-class ProviderApi(ListApi):
+class ProviderApi(BaseApi):
     """A provider-only endpoint; `self.provider` is the caller's provider profile."""
 
     permission_classes = [IsAuthenticated, IsProvider]
@@ -159,7 +72,7 @@ class MarketGpuSerializer(serializers.Serializer):
     last_telemetry_at = serializers.DateTimeField(allow_null=True)
 
 
-class GpuSearchApi(ListApi):
+class GpuSearchApi(BaseApi):
     class FilterSerializer(StrictInputSerializer):
         also_allowed = frozenset({"limit", "offset"})
 
