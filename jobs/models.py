@@ -156,6 +156,8 @@ class LeaseGPU(models.Model):
     active = models.BooleanField(default=True)
 
     class Meta:
+        verbose_name = "lease GPU"
+        verbose_name_plural = "lease GPUs"
         constraints = [
             models.UniqueConstraint(fields=["gpu"], condition=models.Q(active=True), name="gpu_in_one_active_lease"),
             models.UniqueConstraint(fields=["lease", "gpu"], name="leasegpu_unique"),

@@ -122,6 +122,8 @@ class GPU(models.Model):
     last_telemetry_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        verbose_name = "GPU"
+        verbose_name_plural = "GPUs"
         ordering = ["machine_id", "index"]
         constraints = [
             models.UniqueConstraint(fields=["machine", "index"], name="gpu_unique_index_per_machine"),

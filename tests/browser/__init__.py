@@ -1,0 +1,1 @@
+"""The operator console driven in a real headless browser (Chromium through Selenium)."""
