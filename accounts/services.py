@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from accounts.models import ApiToken
 
-TOKEN_PREFIX = "gpg_"
+TOKEN_PREFIX = "gpg_"  # noqa: S105 - a public prefix, not a secret
 
 
 def token_digest(raw: str) -> str:

@@ -74,7 +74,8 @@ class Job(models.Model):
     attempts = models.PositiveSmallIntegerField(default=0)
     exit_code = models.IntegerField(null=True, blank=True)
     failure_reason = models.CharField(max_length=500, blank=True)
-    idempotency_key = models.CharField(max_length=128, null=True, blank=True)
+    # NULL, not "", when absent: the unique constraint applies only to jobs that sent a key.
+    idempotency_key = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001
     # Hash of the create request, so a reused idempotency key with another body is refused.
     request_fingerprint = models.CharField(max_length=64, blank=True)
 
@@ -163,6 +164,9 @@ class LeaseGPU(models.Model):
             models.UniqueConstraint(fields=["lease", "gpu"], name="leasegpu_unique"),
         ]
 
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id} in lease {self.lease_id}"
+
 
 class Event(models.Model):
     """The audit trail of jobs and leases: every transition, who caused it and why."""
@@ -180,6 +184,9 @@ class Event(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} (job {self.job_id})"
 
 
 class UsageReport(models.Model):
@@ -201,5 +208,10 @@ class UsageReport(models.Model):
         ordering = ["period_start", "id"]
         constraints = [
             models.UniqueConstraint(fields=["lease", "report_id"], name="usage_unique_report_per_lease"),
-            models.CheckConstraint(condition=models.Q(period_end__gt=models.F("period_start")), name="usage_period_positive"),
+            models.CheckConstraint(
+                condition=models.Q(period_end__gt=models.F("period_start")), name="usage_period_positive"
+            ),
         ]
+
+    def __str__(self) -> str:
+        return f"usage {self.report_id} of lease {self.lease_id}"

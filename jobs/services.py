@@ -62,8 +62,15 @@ def event_record(
 
 
 def _job_move(
-    *, job_id: int, from_statuses: Iterable[str], to: str, actor: str, kind: str,
-    lease_id: int | None = None, detail: dict[str, Any] | None = None, **fields: Any,
+    *,
+    job_id: int,
+    from_statuses: Iterable[str],
+    to: str,
+    actor: str,
+    kind: str,
+    lease_id: int | None = None,
+    detail: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> bool:
     """Move a job from one of `from_statuses` to `to`; False (and no change) if it was not in
     one of them. The caller holds a transaction."""
@@ -76,7 +83,9 @@ def _job_move(
     updated = Job.objects.filter(pk=job_id, status=current).update(status=to, updated_at=timezone.now(), **fields)
     if not updated:
         return False
-    event_record(job_id=job_id, lease_id=lease_id, kind=kind, actor=actor, from_status=current, to_status=to, detail=detail)
+    event_record(
+        job_id=job_id, lease_id=lease_id, kind=kind, actor=actor, from_status=current, to_status=to, detail=detail
+    )
     return True
 
 
@@ -123,9 +132,7 @@ def _validate_spec(spec: JobSpec) -> None:
         problems["min_vram_mb"] = "must not be negative"
     if problems:
         field, message = next(iter(problems.items()))
-        raise ValidationFailed(
-            f"{field}: {message}", extra={"fields": {k: [v] for k, v in problems.items()}}
-        )
+        raise ValidationFailed(f"{field}: {message}", extra={"fields": {k: [v] for k, v in problems.items()}})
 
 
 def _fingerprint(spec: JobSpec) -> str:
@@ -176,9 +183,7 @@ def job_create(*, renter: Renter, spec: JobSpec, idempotency_key: str | None = N
 
 def _idempotent_match(job: Job, fingerprint: str) -> Job:
     if job.request_fingerprint != fingerprint:
-        raise IdempotencyKeyReused(
-            "This Idempotency-Key was already used for a different job request; use a new key."
-        )
+        raise IdempotencyKeyReused("This Idempotency-Key was already used for a different job request; use a new key.")
     return job
 
 
@@ -259,7 +264,11 @@ def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") ->
     if any(lease.pk is None for lease in leases):  # backends without RETURNING on bulk insert
         raise RuntimeError("database did not return lease ids on bulk insert")
     LeaseGPU.objects.bulk_create(
-        [LeaseGPU(lease=lease, gpu_id=g, active=True) for lease, p in zip(leases, placements, strict=True) for g in p.gpu_ids]
+        [
+            LeaseGPU(lease=lease, gpu_id=g, active=True)
+            for lease, p in zip(leases, placements, strict=True)
+            for g in p.gpu_ids
+        ]
     )
     gpu_ids = [g for p in placements for g in p.gpu_ids]
     for start in range(0, len(gpu_ids), 1000):
@@ -326,12 +335,18 @@ def lease_request_stop(*, lease_id: int, reason: str, actor: str) -> bool:
     """Ask the machine's agent to stop an active lease (told on its next heartbeat). The lease
     ends when the agent reports the exit, with `reason` as its end reason."""
     with transaction.atomic():
-        updated = Lease.objects.filter(
-            pk=lease_id, status__in=Lease.ACTIVE, stop_requested_at__isnull=True
-        ).update(stop_requested_at=timezone.now(), stop_reason=reason)
+        updated = Lease.objects.filter(pk=lease_id, status__in=Lease.ACTIVE, stop_requested_at__isnull=True).update(
+            stop_requested_at=timezone.now(), stop_reason=reason
+        )
         if updated:
             lease = Lease.objects.get(pk=lease_id)
-            event_record(job_id=lease.job_id, lease_id=lease_id, kind="lease.stop_requested", actor=actor, detail={"reason": reason})
+            event_record(
+                job_id=lease.job_id,
+                lease_id=lease_id,
+                kind="lease.stop_requested",
+                actor=actor,
+                detail={"reason": reason},
+            )
     return bool(updated)
 
 
@@ -417,7 +432,10 @@ def _job_after_lease(*, lease: Lease, reason: str, exit_code: int | None, detail
         _job_move(**common, to=JS.SUCCEEDED, kind="job.succeeded", exit_code=exit_code)
     elif reason == ER.FAILED:
         _job_move(
-            **common, to=JS.FAILED, kind="job.failed", exit_code=exit_code,
+            **common,
+            to=JS.FAILED,
+            kind="job.failed",
+            exit_code=exit_code,
             failure_reason=detail or f"exited with code {exit_code}",
         )
     elif reason == ER.MAX_DURATION:
@@ -426,14 +444,18 @@ def _job_after_lease(*, lease: Lease, reason: str, exit_code: int | None, detail
         _job_move(**common, to=JS.PENDING, kind="job.requeued", detail={"reason": reason})
     elif reason in _REQUEUE_IF_INTERRUPTIBLE:
         _job_move(
-            **common, to=JS.FAILED, kind="job.failed",
+            **common,
+            to=JS.FAILED,
+            kind="job.failed",
             failure_reason=f"lease ended ({reason}) and the job is not interruptible",
         )
     elif reason in _RETRY and job.attempts < settings.GPGPU["JOB_MAX_ATTEMPTS"]:
         _job_move(**common, to=JS.PENDING, kind="job.requeued", detail={"reason": reason, "detail": detail[:500]})
     elif reason in _RETRY:
         _job_move(
-            **common, to=JS.FAILED, kind="job.failed",
+            **common,
+            to=JS.FAILED,
+            kind="job.failed",
             failure_reason=f"could not be started after {job.attempts} attempts ({reason}: {detail[:200]})",
         )
     # CANCELLED: the job was moved by job_cancel already.
@@ -442,7 +464,9 @@ def _job_after_lease(*, lease: Lease, reason: str, exit_code: int | None, detail
 def leases_end_for_machine(*, machine_id: int, reason: str, actor: str, detail: str = "") -> int:
     """End every active lease of a machine (it went silent, or was suspended). Returns how many."""
     count = 0
-    for lease_id in Lease.objects.filter(machine_id=machine_id, status__in=Lease.ACTIVE).order_by("pk").values_list("pk", flat=True):
+    for lease_id in (
+        Lease.objects.filter(machine_id=machine_id, status__in=Lease.ACTIVE).order_by("pk").values_list("pk", flat=True)
+    ):
         count += lease_end(lease_id=lease_id, reason=reason, actor=actor, detail=detail)
     return count
 
@@ -522,17 +546,20 @@ def lease_event_ingest(
             "failed_to_start": [Lease.Status.ASSIGNED],
         }[type]
         if status not in allowed:
-            raise InvalidTransition(
-                f"Lease {lease_id} is {status}; a '{type}' event needs it {' or '.join(allowed)}."
-            )
+            raise InvalidTransition(f"Lease {lease_id} is {status}; a '{type}' event needs it {' or '.join(allowed)}.")
         if type == "started":
             moved = lease_mark_started(lease_id=lease_id, actor=actor, at=at, idempotency_key=key)
             if moved and not Event.objects.filter(idempotency_key=key).exists():
                 # The job did not move (so no lease.started event took the key): record one anyway,
                 # so that a repeat of this event is recognised.
                 event_record(
-                    job_id=lease.job_id, lease_id=lease_id, kind="lease.started", actor=actor,
-                    from_status=status, to_status=Lease.Status.RUNNING, idempotency_key=key,
+                    job_id=lease.job_id,
+                    lease_id=lease_id,
+                    kind="lease.started",
+                    actor=actor,
+                    from_status=status,
+                    to_status=Lease.Status.RUNNING,
+                    idempotency_key=key,
                 )
         else:
             reason = {
@@ -541,8 +568,13 @@ def lease_event_ingest(
                 "failed_to_start": ER.FAILED_TO_START,
             }[type]
             moved = lease_end(
-                lease_id=lease_id, reason=reason, actor=actor, at=at, exit_code=exit_code,
-                detail=detail, idempotency_key=key,
+                lease_id=lease_id,
+                reason=reason,
+                actor=actor,
+                at=at,
+                exit_code=exit_code,
+                detail=detail,
+                idempotency_key=key,
             )
         if not moved:
             raise InvalidTransition(f"Lease {lease_id} changed state meanwhile; '{type}' no longer applies.")
@@ -679,9 +711,7 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
 
     ended_after_stop = 0
     for lease_id, stop_reason in (
-        Lease.objects.filter(
-            status=Lease.Status.RUNNING, stop_requested_at__lt=now - timedelta(seconds=STOP_GRACE_S)
-        )
+        Lease.objects.filter(status=Lease.Status.RUNNING, stop_requested_at__lt=now - timedelta(seconds=STOP_GRACE_S))
         .order_by("pk")
         .values_list("pk", "stop_reason")
     ):

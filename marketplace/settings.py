@@ -55,7 +55,7 @@ if not SECRET_KEY:
     if not DEBUG and env_bool("GPGPU_REQUIRE_SECRET_KEY", False):
         raise ImproperlyConfigured("SECRET_KEY must be set in production")
     # Development default only: production (docker-compose) always sets SECRET_KEY.
-    SECRET_KEY = "dev-insecure-gpgpu-secret-key-change-me-0123456789abcdef"
+    SECRET_KEY = "dev-insecure-gpgpu-secret-key-change-me-0123456789abcdef"  # noqa: S105
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
@@ -181,7 +181,7 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": (
         "Rent idle GPUs. Renters submit jobs and follow their leases; providers manage machines, "
         "availability windows and price floors; provider agents speak /api/agent/v1/. Every error "
-        "body has the shape {\"code\": <stable machine-readable code>, \"detail\": <human text>}."
+        'body has the shape {"code": <stable machine-readable code>, "detail": <human text>}.'
     ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,

@@ -162,9 +162,7 @@ class Blackout(models.Model):
     """A one-off period when the provider's machine (or all of them) must not be rented."""
 
     provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="blackouts")
-    machine = models.ForeignKey(
-        Machine, null=True, blank=True, on_delete=models.CASCADE, related_name="blackouts"
-    )
+    machine = models.ForeignKey(Machine, null=True, blank=True, on_delete=models.CASCADE, related_name="blackouts")
     starts_at = models.DateTimeField()
     ends_at = models.DateTimeField()
     reason = models.CharField(max_length=255, blank=True)
@@ -172,8 +170,13 @@ class Blackout(models.Model):
     class Meta:
         ordering = ["starts_at"]
         constraints = [
-            models.CheckConstraint(condition=models.Q(ends_at__gt=models.F("starts_at")), name="blackout_ends_after_start"),
+            models.CheckConstraint(
+                condition=models.Q(ends_at__gt=models.F("starts_at")), name="blackout_ends_after_start"
+            ),
         ]
+
+    def __str__(self) -> str:
+        return f"blackout {self.starts_at:%Y-%m-%d %H:%M}–{self.ends_at:%Y-%m-%d %H:%M}"
 
 
 class TelemetrySample(models.Model):
@@ -189,7 +192,13 @@ class TelemetrySample(models.Model):
     state = models.CharField(max_length=16, choices=GPU.State.choices)
 
     class Meta:
-        indexes = [models.Index(fields=["gpu", "at"], name="telemetry_gpu_at"), models.Index(fields=["at"], name="telemetry_at")]
+        indexes = [
+            models.Index(fields=["gpu", "at"], name="telemetry_gpu_at"),
+            models.Index(fields=["at"], name="telemetry_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id} at {self.at:%Y-%m-%d %H:%M}"
 
 
 class TelemetryRollup(models.Model):
@@ -210,3 +219,6 @@ class TelemetryRollup(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["gpu", "hour"], name="rollup_unique_gpu_hour")]
         indexes = [models.Index(fields=["hour"], name="rollup_hour")]
+
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id} hour {self.hour:%Y-%m-%d %H:00}"

@@ -32,7 +32,7 @@ from providers.models import (
 
 logger = logging.getLogger(__name__)
 
-REGISTRATION_TOKEN_PREFIX = "gpreg_"
+REGISTRATION_TOKEN_PREFIX = "gpreg_"  # noqa: S105 - a public prefix, not a secret
 MACHINE_CREDENTIAL_PREFIX = "gpm_"
 
 
@@ -424,9 +424,7 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             Machine.objects.select_for_update().filter(pk=machine.pk).first()
             _gpu_uuids_check_free(machine_id=machine.pk, uuids=list(reported))
 
-            facts = {
-                name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None
-            }
+            facts = {name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None}
             Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=now, **facts)
             Machine.objects.filter(pk=machine.pk).exclude(status=Machine.Status.SUSPENDED).update(
                 status=Machine.Status.ONLINE
@@ -482,8 +480,16 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             GPU.objects.bulk_update(
                 to_update,
                 [
-                    "index", "model", "vram_mb", "state", "idle_since", "utilization_pct", "memory_used_mb",
-                    "temperature_c", "power_w", "last_telemetry_at",
+                    "index",
+                    "model",
+                    "vram_mb",
+                    "state",
+                    "idle_since",
+                    "utilization_pct",
+                    "memory_used_mb",
+                    "temperature_c",
+                    "power_w",
+                    "last_telemetry_at",
                 ],
             )
             missing = [g.pk for uuid, g in existing.items() if uuid not in reported]
@@ -538,6 +544,7 @@ def _by_gpu_index(lease_gpu: Any) -> int:
 
 def _heartbeat_reply(*, machine_id: int, report: HeartbeatReport, now: datetime) -> HeartbeatReply:
     from jobs.models import Lease
+
     listed = {lr.lease_id for lr in report.leases}
     start: list[LeaseStart] = []
     assigned = (

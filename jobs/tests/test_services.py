@@ -27,8 +27,12 @@ from tests.factories import JobFactory, RenterFactory, machine_with_gpus
 pytestmark = pytest.mark.django_db
 
 SPEC = JobSpec(
-    kind="process", command=["python", "train.py"], gpu_count=1,
-    max_price_per_gpu_hour=Decimal("1.50"), expected_duration_s=600, max_duration_s=900,
+    kind="process",
+    command=["python", "train.py"],
+    gpu_count=1,
+    max_price_per_gpu_hour=Decimal("1.50"),
+    expected_duration_s=600,
+    max_duration_s=900,
 )
 
 
@@ -170,7 +174,12 @@ def test_lost_machine_ends_all_its_leases():
     job_a, job_b = JobFactory(interruptible=True), JobFactory(interruptible=False)
     machine = machine_with_gpus(count=2)
     g1, g2 = machine.gpus.values_list("pk", flat=True)
-    leases_assign(placements=[Placement(job_a.pk, machine.pk, (g1,), Decimal("1")), Placement(job_b.pk, machine.pk, (g2,), Decimal("1"))])
+    leases_assign(
+        placements=[
+            Placement(job_a.pk, machine.pk, (g1,), Decimal("1")),
+            Placement(job_b.pk, machine.pk, (g2,), Decimal("1")),
+        ]
+    )
     assert leases_end_for_machine(machine_id=machine.pk, reason="lost", actor="sweeper") == 2
     job_a.refresh_from_db()
     job_b.refresh_from_db()

@@ -17,7 +17,9 @@ from providers.availability import (
     validate_timezone,
 )
 
-WEEKNIGHTS_PARIS = WindowSpec(days=days_to_mask(["mon", "tue", "wed", "thu", "fri"]), start=time(20), end=time(8), tz="Europe/Paris")
+WEEKNIGHTS_PARIS = WindowSpec(
+    days=days_to_mask(["mon", "tue", "wed", "thu", "fri"]), start=time(20), end=time(8), tz="Europe/Paris"
+)
 
 
 def utc(*args: int) -> datetime:
@@ -31,9 +33,13 @@ def test_no_windows_means_available_without_end():
 def test_overnight_window_is_open_after_start_and_closes_next_morning_local_time():
     # Monday 2026-11-23, Paris is UTC+1 in winter: 20:00 local = 19:00 UTC.
     assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[], now=utc(2026, 11, 23, 18, 59)) is None
-    assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[], now=utc(2026, 11, 23, 19, 0)) == utc(2026, 11, 24, 7, 0)
+    assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[], now=utc(2026, 11, 23, 19, 0)) == utc(
+        2026, 11, 24, 7, 0
+    )
     # Tuesday 03:00 local still belongs to Monday's window.
-    assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[], now=utc(2026, 11, 24, 2, 0)) == utc(2026, 11, 24, 7, 0)
+    assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[], now=utc(2026, 11, 24, 2, 0)) == utc(
+        2026, 11, 24, 7, 0
+    )
 
 
 def test_friday_night_window_runs_into_saturday_but_saturday_night_is_closed():
@@ -43,7 +49,9 @@ def test_friday_night_window_runs_into_saturday_but_saturday_night_is_closed():
 
 def test_window_follows_daylight_saving_time():
     # Paris is UTC+2 in summer: Monday 2026-06-15 20:00 local = 18:00 UTC.
-    assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[], now=utc(2026, 6, 15, 18, 30)) == utc(2026, 6, 16, 6, 0)
+    assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[], now=utc(2026, 6, 15, 18, 30)) == utc(
+        2026, 6, 16, 6, 0
+    )
     assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[], now=utc(2026, 6, 15, 17, 59)) is None
 
 
@@ -63,7 +71,9 @@ def test_blackout_cuts_a_window_short_and_closes_it_while_it_lasts():
     now = utc(2026, 11, 23, 20)
     assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[blackout], now=now) == utc(2026, 11, 23, 23)
     assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[blackout], now=utc(2026, 11, 24, 0)) is None
-    assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[blackout], now=utc(2026, 11, 24, 1)) == utc(2026, 11, 24, 7)
+    assert available_until(windows=[WEEKNIGHTS_PARIS], blackouts=[blackout], now=utc(2026, 11, 24, 1)) == utc(
+        2026, 11, 24, 7
+    )
 
 
 def test_blackout_without_windows_ends_the_open_ended_availability():
