@@ -1,0 +1,34 @@
+# Sourced by scripts/demo and scripts/test: make .venv (Python 3.11+) and install a pinned
+# requirements file into it, skipping pip when the file has not changed since the last install.
+# Usage: ensure_venv requirements.txt
+
+find_python() {
+  local candidate
+  for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+      "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  echo "error: Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)" >&2
+  return 1
+}
+
+ensure_venv() {
+  local requirements="$1" python stamp digest
+  if [ ! -x .venv/bin/python ]; then
+    python="$(find_python)"
+    echo "Creating .venv with $("$python" --version)..."
+    "$python" -m venv .venv
+  fi
+  # The digest covers both files: requirements-dev.txt includes requirements.txt.
+  digest="$(cat "$requirements" requirements.txt | .venv/bin/python -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+  stamp=".venv/.installed-$(basename "$requirements").sha256"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
+    echo "Installing $requirements into .venv..."
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    echo "$digest" >"$stamp"
+  fi
+}
