@@ -1,0 +1,308 @@
+"""Time one matching cycle over a synthetic fleet and queue.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/gpgpu_bench \\
+        python benchmarks/matching.py --machines 1250 --gpus-per-machine 8 --jobs 10000
+
+or pass --database-url. Fills the database with M machines x G GPUs and N pending jobs (drawn
+with a fixed seed), runs ONE marketplace.matching.match_cycle, prints one JSON line and deletes
+every row it created (unless --keep).
+
+The matcher places every pending job of the database, so the script refuses a database that
+already holds machines or pending jobs (a real deployment's) unless --force; give it a
+database of its own. It refuses unapplied migrations unless --migrate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from datetime import UTC, datetime
+from datetime import time as clock
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (model, VRAM MB, typical floor per GPU-hour, share of machines)
+CATALOGUE = [
+    ("RTX 3090", 24576, 0.18, 0.22),
+    ("RTX 4090", 24564, 0.30, 0.30),
+    ("RTX A6000", 49140, 0.45, 0.10),
+    ("L40S", 46068, 0.80, 0.10),
+    ("A100-SXM4-40GB", 40960, 1.10, 0.10),
+    ("A100-SXM4-80GB", 81920, 1.50, 0.10),
+    ("H100-SXM5-80GB", 81920, 2.40, 0.08),
+]
+REGIONS = [("eu-west", 0.3), ("eu-central", 0.2), ("us-east", 0.25), ("us-west", 0.15), ("ap-south", 0.1)]
+TIMEZONES = ["Europe/Paris", "America/New_York", "Asia/Kolkata", "America/Los_Angeles", "Europe/Berlin"]
+# GPUs per job as in public cluster traces: almost all single-GPU, a few 2/4/8.
+GPU_COUNTS = [(1, 0.98), (2, 0.008), (4, 0.006), (8, 0.006)]
+MACHINES_PER_PROVIDER = 20
+RENTERS = 50
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--machines", type=int, required=True)
+    parser.add_argument("--gpus-per-machine", type=int, required=True)
+    parser.add_argument("--jobs", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=20260114)
+    parser.add_argument(
+        "--now",
+        type=datetime.fromisoformat,
+        default=datetime(2026, 1, 14, 12, 0, tzinfo=UTC),
+        help="the instant the cycle decides availability windows at (ISO 8601; fixed so runs compare)",
+    )
+    parser.add_argument("--database-url", help="the database to use (default: DATABASE_URL, else the SQLite file)")
+    parser.add_argument("--keep", action="store_true", help="leave the generated rows in the database")
+    parser.add_argument("--force", action="store_true", help="run even if the database holds machines or jobs")
+    parser.add_argument("--migrate", action="store_true", help="apply unapplied migrations first")
+    args = parser.parse_args()
+    for name in ("machines", "gpus_per_machine", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.gpus_per_machine > 64:
+        parser.error("--gpus-per-machine must be at most 64")
+    return args
+
+
+def _setup(args: argparse.Namespace) -> None:
+    if args.database_url:
+        os.environ["DATABASE_URL"] = args.database_url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+
+
+def _refuse(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_database(args: argparse.Namespace) -> None:
+    from django.core.management import call_command
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
+        if not args.migrate:
+            _refuse("the database has unapplied migrations: run `python manage.py migrate` or pass --migrate")
+        call_command("migrate", verbosity=0)
+
+    from jobs.models import Job
+    from providers.models import Machine
+
+    if not args.force and (Machine.objects.exists() or Job.objects.filter(status=Job.Status.PENDING).exists()):
+        _refuse(
+            "the database already holds machines or pending jobs; the benchmark would match them. "
+            "Use a database of its own (e.g. `createdb gpgpu_bench`), or pass --force."
+        )
+
+
+def _pick(rng: random.Random, weighted: list[tuple[Any, float]]) -> Any:
+    return rng.choices([v for v, _ in weighted], weights=[w for _, w in weighted])[0]
+
+
+def _cents(value: float) -> Decimal:
+    return Decimal(f"{max(value, 0.01):.2f}")
+
+
+def _fill(args: argparse.Namespace, tag: str) -> dict[str, list[int]]:
+    """Create the fleet and the queue; returns the ids of what it created, for cleanup."""
+    from django.contrib.auth import get_user_model
+
+    from jobs.models import Job, Renter
+    from providers.models import GPU, AvailabilityWindow, Machine, Provider
+
+    rng = random.Random(args.seed)
+    user_model = get_user_model()
+    providers_n = (args.machines + MACHINES_PER_PROVIDER - 1) // MACHINES_PER_PROVIDER
+    users = user_model.objects.bulk_create(
+        [user_model(username=f"{tag}-p{i}") for i in range(providers_n)]
+        + [user_model(username=f"{tag}-r{i}") for i in range(RENTERS)]
+    )
+    providers = Provider.objects.bulk_create(
+        [
+            Provider(user=u, display_name=u.username, default_price_floor=_cents(rng.uniform(0.15, 0.60)))
+            for u in users[:providers_n]
+        ]
+    )
+    renters = Renter.objects.bulk_create([Renter(user=u, display_name=u.username) for u in users[providers_n:]])
+
+    # A fifth of the providers rent only at night, in their own time zone.
+    windows = [
+        AvailabilityWindow(
+            provider=p,
+            days=127,
+            start_time=clock(rng.choice([18, 19, 20, 21])),
+            end_time=clock(rng.choice([6, 7, 8])),
+            timezone=rng.choice(TIMEZONES),
+        )
+        for p in providers
+        if rng.random() < 0.2
+    ]
+    AvailabilityWindow.objects.bulk_create(windows)
+
+    machine_models: list[tuple[str, int, float]] = []
+    machines = []
+    for i in range(args.machines):
+        model, vram, base, _ = rng.choices(CATALOGUE, weights=[c[3] for c in CATALOGUE])[0]
+        machine_models.append((model, vram, base))
+        machines.append(
+            Machine(
+                provider=providers[i // MACHINES_PER_PROVIDER],
+                hostname=f"{tag}-host-{i}",
+                credential_digest=hashlib.sha256(f"{tag}-machine-{i}".encode()).hexdigest(),
+                status=Machine.Status.ONLINE,
+                region=_pick(rng, REGIONS),
+            )
+        )
+    machines = Machine.objects.bulk_create(machines, batch_size=2000)
+
+    gpus = []
+    for machine, (model, vram, base) in zip(machines, machine_models, strict=True):
+        for index in range(args.gpus_per_machine):
+            state = _pick(rng, [(GPU.State.IDLE, 0.9), (GPU.State.OWNER_BUSY, 0.07), (GPU.State.OFFLINE, 0.03)])
+            floor = None if rng.random() < 0.4 else _cents(base * rng.uniform(0.7, 1.4))
+            gpus.append(
+                GPU(
+                    machine=machine,
+                    uuid=f"GPU-{tag}-{machine.pk}-{index}",
+                    index=index,
+                    model=model,
+                    vram_mb=vram,
+                    state=state,
+                    price_floor=floor,
+                )
+            )
+    gpus = GPU.objects.bulk_create(gpus, batch_size=5000)
+
+    model_names = [c[0] for c in CATALOGUE]
+    jobs = []
+    for i in range(args.jobs):
+        allowed: list[str] = []
+        roll = rng.random()
+        if roll < 0.3:
+            allowed = rng.sample(model_names, rng.choice([1, 2, 3]))
+        expected = int(min(2 * 86400, max(60, rng.lognormvariate(8, 1.5))))
+        jobs.append(
+            Job(
+                renter=renters[i % RENTERS],
+                name=f"{tag}-job-{i}",
+                kind=Job.Kind.PROCESS,
+                command=["python", "train.py"],
+                gpu_count=_pick(rng, GPU_COUNTS),
+                min_vram_mb=_pick(rng, [(0, 0.7), (24000, 0.15), (40000, 0.1), (80000, 0.05)]),
+                allowed_models=allowed,
+                region=_pick(rng, [("", 0.8)] + [(r, 0.2 / len(REGIONS)) for r, _ in REGIONS]),
+                max_price_per_gpu_hour=_cents(rng.uniform(0.10, 3.50)),
+                expected_duration_s=expected,
+                max_duration_s=expected * 2,
+            )
+        )
+    jobs = Job.objects.bulk_create(jobs, batch_size=5000)
+    return {
+        "users": [u.pk for u in users],
+        "providers": [p.pk for p in providers],
+        "renters": [r.pk for r in renters],
+        "machines": [m.pk for m in machines],
+        "gpus": [g.pk for g in gpus],
+        "jobs": [j.pk for j in jobs],
+    }
+
+
+def _analyze() -> None:
+    """Give PostgreSQL's planner statistics on the freshly loaded tables, as autovacuum would
+    have on a live database; without them it may plan small lookups as scans."""
+    from django.db import connection
+
+    from jobs.models import Event, Job, Lease, LeaseGPU
+    from providers.models import GPU, Machine
+
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        for model in (Machine, GPU, Job, Lease, LeaseGPU, Event):
+            cursor.execute(f"ANALYZE {connection.ops.quote_name(model._meta.db_table)}")
+
+
+def _cleanup(created: dict[str, list[int]]) -> None:
+    from django.contrib.auth import get_user_model
+    from django.db import transaction
+    from django.db.models import Q
+
+    from jobs.models import Event, Job, Lease, LeaseGPU, Renter
+    from providers.models import GPU, AvailabilityWindow, Machine, Provider
+
+    # Leases of the benchmark's jobs, and (with --force) other jobs' leases on its machines.
+    leases = Lease.objects.filter(
+        Q(job__renter_id__in=created["renters"]) | Q(machine__provider_id__in=created["providers"])
+    )
+    with transaction.atomic():
+        Event.objects.filter(Q(job__renter_id__in=created["renters"]) | Q(lease__in=leases)).delete()
+        LeaseGPU.objects.filter(lease__in=leases).delete()
+        leases.delete()
+        Job.objects.filter(renter_id__in=created["renters"]).delete()
+        Renter.objects.filter(pk__in=created["renters"]).delete()
+        GPU.objects.filter(machine__provider_id__in=created["providers"]).delete()
+        Machine.objects.filter(provider_id__in=created["providers"]).delete()
+        AvailabilityWindow.objects.filter(provider_id__in=created["providers"]).delete()
+        Provider.objects.filter(pk__in=created["providers"]).delete()
+        get_user_model().objects.filter(pk__in=created["users"]).delete()
+
+
+def main() -> None:
+    args = _parse()
+    _setup(args)
+    _check_database(args)
+
+    from django.db import connection
+
+    from marketplace.matching import match_cycle
+
+    tag = f"bench{int(time.time())}"
+    setup_started = time.perf_counter()
+    created = _fill(args, tag)
+    _analyze()
+    setup_seconds = time.perf_counter() - setup_started
+    cpu_started = time.process_time()
+    try:
+        now = args.now if args.now.tzinfo else args.now.replace(tzinfo=UTC)
+        result = match_cycle(now=now, batch_size=args.jobs)
+        cpu_seconds = time.process_time() - cpu_started
+    finally:
+        if not args.keep:
+            _cleanup(created)
+    seconds = result.seconds
+    print(
+        json.dumps(
+            {
+                "gpus": len(created["gpus"]),
+                "jobs": len(created["jobs"]),
+                "placed": result.placed,
+                "gpus_leased": result.gpus_leased,
+                "candidate_gpus": result.candidate_gpus,
+                "unplaced": result.unplaced,
+                "seconds": round(seconds, 3),
+                "placements_per_s": round(result.placed / seconds, 1) if seconds else None,
+                # This process's CPU time: the database's share of `seconds` is the rest.
+                "cpu_seconds": round(cpu_seconds, 3),
+                "setup_seconds": round(setup_seconds, 3),
+                "database": f"{connection.vendor}:{connection.settings_dict['NAME']}",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,692 @@
+"""The matching engine: places pending jobs on idle GPUs, and says why the others wait.
+
+Policy (one cycle, `match_cycle`):
+
+- Candidates are GPUs in state "idle", on machines that are online and inside their
+  availability stretch now (providers.selectors.machines_available_until), and in no active
+  lease. A GPU's effective floor is its own price_floor, else its provider's default.
+- Pending jobs are taken in FIFO order (created_at, id), at most GPGPU["MATCH_BATCH_SIZE"].
+  A job fits a machine when the machine has at least gpu_count candidate GPUs that each have
+  vram_mb >= min_vram_mb, a model in allowed_models (empty = any; case-insensitive), a floor
+  <= max_price_per_gpu_hour, when job.region is empty or the machine's region, and when the
+  machine's availability stretch lasts at least expected_duration_s. All GPUs of a lease are
+  on one machine.
+- Among fitting machines the cheapest wins (a lease costs the highest floor among its GPUs),
+  then the best fit (fewest eligible free GPUs left), then the lowest machine id; on that
+  machine the cheapest eligible GPUs are taken. The agreed price is that highest floor.
+- A job that is not placed gets a reason (jobs.services.job_set_unplaced): its constraints are
+  checked against the whole online fleet (idle or not), one after the other, and the first
+  that no machine passes is reported with a stable code (see `REASON_CODES`).
+
+Safety with several workers at once: each chunk of jobs is one transaction that locks its
+pending jobs and the GPUs it is about to lease with SELECT … FOR UPDATE SKIP LOCKED and
+re-checks the GPUs' state under the lock, so two workers never lease one GPU; a GPU another
+worker holds is given up and the chunk is matched again without it. The partial unique index
+gpu_in_one_active_lease is the last line of defence: an IntegrityError rolls that chunk back
+and the cycle carries on. On SQLite, transactions begin IMMEDIATE and so run one at a time.
+
+Speed: the fleet is read in a handful of queries, matching runs in memory over per-class
+heaps (class = model, VRAM, region) ordered by price, and writes are bulk, so a cycle over
+10,000 GPUs and 10,000 jobs takes seconds (benchmarks/matching.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from jobs.models import Job, LeaseGPU
+from jobs.services import Placement, job_set_unplaced, leases_assign
+from providers.availability import seconds_available
+from providers.models import GPU, Machine
+from providers.selectors import machines_available_until
+
+logger = logging.getLogger(__name__)
+
+# Jobs per transaction: small enough that locks are held briefly, large enough that the bulk
+# writes stay cheap.
+CHUNK_SIZE = 500
+# How often a chunk is matched again after losing GPUs to a concurrent worker before it keeps
+# only the placements whose GPUs it holds.
+MAX_LOCK_ROUNDS = 5
+
+REASON_CODES = (
+    "no_gpu_model",
+    "insufficient_vram",
+    "price_below_every_floor",
+    "region_unavailable",
+    "no_window_long_enough",
+    "no_idle_gpu",
+)
+
+_MICROS = 1_000_000
+_PRICE_QUANTUM = Decimal("0.000001")
+
+
+def _to_micros(value: Decimal) -> int:
+    """A price (6 decimals at most, as the models store them) as an integer count of
+    millionths, so the hot loop compares ints rather than Decimals."""
+    return int((value * _MICROS).to_integral_value())
+
+
+def _from_micros(micros: int) -> Decimal:
+    return (Decimal(micros) / _MICROS).quantize(_PRICE_QUANTUM)
+
+
+def _price_text(micros: int) -> str:
+    text = format(_from_micros(micros).normalize(), "f")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+@dataclass
+class MatchResult:
+    """What one cycle did. `unplaced` counts the considered jobs left pending (each with a
+    reason); `conflicts` counts chunks rolled back by the unique index."""
+
+    considered: int = 0
+    placed: int = 0
+    unplaced: int = 0
+    gpus_leased: int = 0
+    candidate_gpus: int = 0
+    chunks: int = 0
+    conflicts: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "considered": self.considered,
+            "placed": self.placed,
+            "unplaced": self.unplaced,
+            "gpus_leased": self.gpus_leased,
+            "candidate_gpus": self.candidate_gpus,
+            "chunks": self.chunks,
+            "conflicts": self.conflicts,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+# --- in-memory view of the fleet ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    id: int
+    created_at: datetime
+    gpu_count: int
+    min_vram_mb: int
+    models: frozenset[str]  # lower-cased; empty = any
+    models_text: str  # as the renter wrote them, for sentences
+    region: str
+    max_price: int  # micros
+    duration_s: int
+
+    @property
+    def shape(self) -> tuple[frozenset[str], int, str]:
+        return (self.models, self.min_vram_mb, self.region)
+
+
+@dataclass(slots=True)
+class _Machine:
+    id: int
+    region: str
+    seconds: float  # how long its availability lasts from now (0: not available now)
+    # Free candidate GPUs by class id: [(floor micros, gpu id)], sorted.
+    free: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # Bumped whenever free[class] changes, so older heap entries are recognised as stale.
+    version: dict[int, int] = field(default_factory=dict)
+
+
+class _Pool:
+    """The candidate GPUs of one cycle, grouped by class (model, VRAM, region), with one heap
+    per class of (cheapest free floor, free count of the class, machine id, class, version)
+    entries, one live entry per machine and class. Entries go stale lazily (version)."""
+
+    def __init__(self) -> None:
+        self.machines: dict[int, _Machine] = {}
+        self.class_ids: dict[tuple[str, int, str], int] = {}
+        self.class_keys: list[tuple[str, int, str]] = []
+        self.heaps: list[list[tuple[int, int, int, int, int]]] = []
+        self.gpu_home: dict[int, tuple[int, int, int]] = {}  # gpu id -> (machine id, class, floor)
+        self._shape_classes: dict[tuple[frozenset[str], int, str], tuple[tuple[int, ...], frozenset[int]]] = {}
+
+    # building
+    def add_machine(self, machine_id: int, region: str, seconds: float) -> None:
+        self.machines[machine_id] = _Machine(machine_id, region, seconds)
+
+    def add_gpu(self, *, gpu_id: int, machine_id: int, model: str, vram_mb: int, floor: int) -> None:
+        machine = self.machines[machine_id]
+        key = (model, vram_mb, machine.region)
+        cls = self.class_ids.get(key)
+        if cls is None:
+            cls = self.class_ids[key] = len(self.class_keys)
+            self.class_keys.append(key)
+            self.heaps.append([])
+        machine.free.setdefault(cls, []).append((floor, gpu_id))
+        self.gpu_home[gpu_id] = (machine_id, cls, floor)
+
+    def seal(self) -> None:
+        for machine in self.machines.values():
+            for cls, gpus in machine.free.items():
+                gpus.sort()
+                machine.version[cls] = 0
+                if gpus:
+                    self.heaps[cls].append((gpus[0][0], len(gpus), machine.id, cls, 0))
+        for heap in self.heaps:
+            heapq.heapify(heap)
+
+    @property
+    def free_count(self) -> int:
+        return sum(len(g) for m in self.machines.values() for g in m.free.values())
+
+    # maintenance
+    def _touch(self, machine: _Machine, cls: int) -> None:
+        version = machine.version[cls] = machine.version[cls] + 1
+        gpus = machine.free[cls]
+        if gpus:
+            heapq.heappush(self.heaps[cls], (gpus[0][0], len(gpus), machine.id, cls, version))
+
+    def _live(self, entry: tuple[int, int, int, int, int]) -> bool:
+        return self.machines[entry[2]].version[entry[3]] == entry[4]
+
+    def _clean(self, heap: list[tuple[int, int, int, int, int]]) -> None:
+        while heap and not self._live(heap[0]):
+            heapq.heappop(heap)
+
+    def take(self, machine: _Machine, gpus: Sequence[tuple[int, int]]) -> None:
+        touched = set()
+        for floor, gpu_id in gpus:
+            cls = self.gpu_home[gpu_id][1]
+            machine.free[cls].remove((floor, gpu_id))
+            touched.add(cls)
+        for cls in touched:
+            self._touch(machine, cls)
+
+    def give_back(self, machine_id: int, gpu_ids: Iterable[int]) -> None:
+        machine = self.machines[machine_id]
+        touched = set()
+        for gpu_id in gpu_ids:
+            _, cls, floor = self.gpu_home[gpu_id]
+            insort(machine.free[cls], (floor, gpu_id))
+            touched.add(cls)
+        for cls in touched:
+            self._touch(machine, cls)
+
+    def drop(self, gpu_ids: Iterable[int]) -> None:
+        """Forget free GPUs that are no longer candidates (ids not free here are ignored)."""
+        touched: set[tuple[int, int]] = set()
+        for gpu_id in gpu_ids:
+            home = self.gpu_home.get(gpu_id)
+            if home is None:
+                continue
+            machine_id, cls, floor = home
+            gpus = self.machines[machine_id].free[cls]
+            i = bisect_left(gpus, (floor, gpu_id))
+            if i < len(gpus) and gpus[i] == (floor, gpu_id):
+                del gpus[i]
+                touched.add((machine_id, cls))
+        for machine_id, cls in touched:
+            self._touch(self.machines[machine_id], cls)
+
+    def free_ids(self) -> set[int]:
+        return {g for m in self.machines.values() for gpus in m.free.values() for _, g in gpus}
+
+    # matching
+    def classes_for(self, job: _Job) -> tuple[tuple[int, ...], frozenset[int]]:
+        """The classes whose GPUs satisfy the job's model, VRAM and region (memoised)."""
+        shape = job.shape
+        found = self._shape_classes.get(shape)
+        if found is None:
+            ids = tuple(
+                cls
+                for cls, (model, vram, region) in enumerate(self.class_keys)
+                if (not job.models or model in job.models)
+                and vram >= job.min_vram_mb
+                and (not job.region or region == job.region)
+            )
+            found = self._shape_classes[shape] = (ids, frozenset(ids))
+        return found
+
+    def find(self, job: _Job) -> tuple[_Machine, list[tuple[int, int]]] | None:
+        """The machine and GPUs the policy gives `job` now, or None.
+
+        Walks the job's class heaps in order of (floor, class free count, machine id). For any
+        machine, its first entry in that order is a lower bound of its true rank (lease price,
+        eligible free count, machine id), so the walk stops at the first entry ranked above the
+        best machine found, usually after one or two machines."""
+        classes, class_set = self.classes_for(job)
+        heads: list[tuple[tuple[int, int, int, int, int], int]] = []
+        for cls in classes:
+            heap = self.heaps[cls]
+            self._clean(heap)
+            if heap:
+                heads.append((heap[0], cls))
+        heapq.heapify(heads)
+        popped: list[tuple[int, tuple[int, int, int, int, int]]] = []
+        seen: set[int] = set()
+        best_rank: tuple[int, int, int] | None = None
+        best: tuple[_Machine, list[tuple[int, int]]] | None = None
+        while heads:
+            entry, cls = heads[0]
+            if entry[0] > job.max_price or (best_rank is not None and entry[:3] > best_rank):
+                break
+            heap = self.heaps[cls]
+            heapq.heappop(heap)
+            popped.append((cls, entry))
+            self._clean(heap)
+            if heap:
+                heapq.heapreplace(heads, (heap[0], cls))
+            else:
+                heapq.heappop(heads)
+            machine_id = entry[2]
+            if machine_id in seen:
+                continue
+            seen.add(machine_id)
+            machine = self.machines[machine_id]
+            if machine.seconds < job.duration_s:
+                continue
+            eligible = [gpu for c, gpus in machine.free.items() if c in class_set for gpu in gpus]
+            if len(eligible) < job.gpu_count:
+                continue
+            eligible.sort()
+            chosen = eligible[: job.gpu_count]
+            price = chosen[-1][0]
+            if price > job.max_price:
+                continue
+            rank = (price, len(eligible), machine_id)
+            if best_rank is None or rank < best_rank:
+                best_rank, best = rank, (machine, chosen)
+        for cls, entry in popped:
+            if self._live(entry):
+                heapq.heappush(self.heaps[cls], entry)
+        return best
+
+
+@dataclass(slots=True)
+class _Shape:
+    """What the online fleet offers a (models, min VRAM, GPU count) request, for reasons."""
+
+    has_model: bool
+    # Region ("" = any) -> machines' availability seconds ascending, and the suffix minimum of
+    # their lease price: the cheapest machine lasting at least d seconds is a bisect away.
+    by_region: dict[str, tuple[list[float], list[int]]]
+
+    def cheapest(self, region: str, duration_s: float = 0.0) -> int | None:
+        entry = self.by_region.get(region)
+        if entry is None:
+            return None
+        seconds, suffix_min = entry
+        i = bisect_left(seconds, duration_s)
+        return suffix_min[i] if i < len(seconds) else None
+
+
+class _Fleet:
+    """Every GPU of every online machine, idle or not: what unplaced jobs are explained
+    against. Answers are memoised by the job's constraints."""
+
+    def __init__(self) -> None:
+        # machine id -> (region, seconds, [(model lower-cased, vram, floor micros)])
+        self.machines: dict[int, tuple[str, float, list[tuple[str, int, int]]]] = {}
+        # The same, with each machine's GPUs grouped by (model, VRAM), floors sorted: machines
+        # are usually uniform, so a request checks one group per machine.
+        self._grouped: list[tuple[str, float, list[tuple[str, int, list[int]]]]] | None = None
+        self._shapes: dict[tuple[frozenset[str], int, int], _Shape] = {}
+        self._reasons: dict[tuple[Any, ...], tuple[str, str]] = {}
+
+    def _machines_grouped(self) -> list[tuple[str, float, list[tuple[str, int, list[int]]]]]:
+        if self._grouped is None:
+            self._grouped = []
+            for region, seconds, gpus in self.machines.values():
+                groups: dict[tuple[str, int], list[int]] = {}
+                for model, vram, floor in gpus:
+                    groups.setdefault((model, vram), []).append(floor)
+                self._grouped.append(
+                    (region, seconds, [(model, vram, sorted(floors)) for (model, vram), floors in groups.items()])
+                )
+        return self._grouped
+
+    def _shape(self, models: frozenset[str], min_vram: int, count: int) -> _Shape:
+        key = (models, min_vram, count)
+        shape = self._shapes.get(key)
+        if shape is not None:
+            return shape
+        has_model = False
+        rows: dict[str, list[tuple[float, int]]] = {"": []}
+        for region, seconds, groups in self._machines_grouped():
+            of_model = 0
+            eligible: list[list[int]] = []
+            for model, vram, floors in groups:
+                if models and model not in models:
+                    continue
+                of_model += len(floors)
+                if vram >= min_vram:
+                    eligible.append(floors)
+            if of_model < count:
+                continue
+            has_model = True
+            if len(eligible) == 1:
+                floors = eligible[0]
+            else:
+                floors = sorted(f for group in eligible for f in group)
+            if len(floors) < count:
+                continue
+            price = floors[count - 1]
+            rows[""].append((seconds, price))
+            rows.setdefault(region, []).append((seconds, price))
+        by_region: dict[str, tuple[list[float], list[int]]] = {}
+        for region, items in rows.items():
+            if not items:
+                continue
+            items.sort()
+            suffix = [0] * len(items)
+            low = items[-1][1]
+            for i in range(len(items) - 1, -1, -1):
+                low = min(low, items[i][1])
+                suffix[i] = low
+            by_region[region] = ([s for s, _ in items], suffix)
+        shape = self._shapes[key] = _Shape(has_model=has_model, by_region=by_region)
+        return shape
+
+    def explain(self, job: _Job) -> tuple[str, str]:
+        """(code, sentence) for the first constraint no online machine meets, else no_idle_gpu."""
+        key = (job.models, job.min_vram_mb, job.gpu_count, job.region, job.max_price, job.duration_s)
+        reason = self._reasons.get(key)
+        if reason is None:
+            reason = self._reasons[key] = self._explain(job)
+        return reason
+
+    def _explain(self, job: _Job) -> tuple[str, str]:
+        n = job.gpu_count
+        gpus = f"{n} GPU" if n == 1 else f"{n} GPUs"
+        of_models = f" of the allowed models ({job.models_text})" if job.models else ""
+        shape = self._shape(job.models, job.min_vram_mb, n)
+        if not shape.has_model:
+            return "no_gpu_model", f"no online machine has {gpus}{of_models}"
+        cheapest = shape.cheapest("")
+        if cheapest is None:
+            return (
+                "insufficient_vram",
+                f"no online machine has {gpus}{of_models} with at least {job.min_vram_mb} MB of memory",
+            )
+        if cheapest > job.max_price:
+            return (
+                "price_below_every_floor",
+                f"the cheapest matching GPU costs {_price_text(cheapest)} per GPU-hour; "
+                f"your maximum is {_price_text(job.max_price)}",
+            )
+        region = job.region
+        in_region = shape.cheapest(region)
+        if in_region is None or in_region > job.max_price:
+            return (
+                "region_unavailable",
+                f"no online machine in region {region!r} has {gpus}{of_models} within your maximum price",
+            )
+        lasting = shape.cheapest(region, job.duration_s)
+        if lasting is None or lasting > job.max_price:
+            return (
+                "no_window_long_enough",
+                f"no matching machine is available for expected_duration_s={job.duration_s} seconds from now",
+            )
+        return "no_idle_gpu", "matching GPUs exist but all are busy or leased now; the job waits"
+
+
+def _fleet_load(*, now: datetime) -> tuple[_Pool, _Fleet]:
+    """Read the online fleet in four queries: machines, their availability, GPUs, and the GPUs
+    in active leases."""
+    machines = list(
+        Machine.objects.filter(status=Machine.Status.ONLINE)
+        .order_by()
+        .values_list("id", "provider_id", "region", "provider__default_price_floor")
+    )
+    until = machines_available_until(machines=[(m_id, p_id) for m_id, p_id, _, _ in machines], now=now)
+    pool, fleet = _Pool(), _Fleet()
+    default_floor: dict[int, int] = {}
+    for machine_id, _, region, provider_floor in machines:
+        seconds = seconds_available(until.get(machine_id), now)
+        default_floor[machine_id] = _to_micros(provider_floor)
+        fleet.machines[machine_id] = (region, seconds, [])
+        if until.get(machine_id) is not None and seconds > 0:
+            pool.add_machine(machine_id, region, seconds)
+    in_lease = set(
+        LeaseGPU.objects.filter(active=True, gpu__machine__status=Machine.Status.ONLINE).values_list(
+            "gpu_id", flat=True
+        )
+    )
+    for gpu_id, machine_id, model, vram_mb, state, price_floor in (
+        GPU.objects.filter(machine__status=Machine.Status.ONLINE)
+        .order_by()
+        .values_list("id", "machine_id", "model", "vram_mb", "state", "price_floor")
+        .iterator(chunk_size=5000)
+    ):
+        if machine_id not in fleet.machines:  # went online after the machine query
+            continue
+        floor = _to_micros(price_floor) if price_floor is not None else default_floor[machine_id]
+        model_key = model.strip().lower()
+        fleet.machines[machine_id][2].append((model_key, vram_mb, floor))
+        if state == GPU.State.IDLE and gpu_id not in in_lease and machine_id in pool.machines:
+            pool.add_gpu(gpu_id=gpu_id, machine_id=machine_id, model=model_key, vram_mb=vram_mb, floor=floor)
+    pool.seal()
+    return pool, fleet
+
+
+def _busy_gpu_ids() -> set[int]:
+    """GPUs of online machines that are no longer candidates (a concurrent worker leased them,
+    or their owner took them back)."""
+    busy = set(
+        GPU.objects.filter(machine__status=Machine.Status.ONLINE)
+        .exclude(state=GPU.State.IDLE)
+        .values_list("id", flat=True)
+    )
+    busy.update(LeaseGPU.objects.filter(active=True).values_list("gpu_id", flat=True))
+    return busy
+
+
+# --- one chunk ------------------------------------------------------------------------------
+
+
+_JOB_FIELDS = (
+    "id",
+    "created_at",
+    "gpu_count",
+    "min_vram_mb",
+    "allowed_models",
+    "region",
+    "max_price_per_gpu_hour",
+    "expected_duration_s",
+)
+
+
+def _job_from_row(row: tuple[Any, ...]) -> _Job:
+    job_id, created_at, gpu_count, min_vram_mb, allowed, region, max_price, duration = row
+    allowed = [str(m) for m in (allowed or []) if str(m).strip()]
+    return _Job(
+        id=job_id,
+        created_at=created_at,
+        gpu_count=gpu_count,
+        min_vram_mb=min_vram_mb or 0,
+        models=frozenset(m.strip().lower() for m in allowed),
+        models_text=", ".join(sorted(allowed)),
+        region=region or "",
+        max_price=_to_micros(max_price),
+        duration_s=duration,
+    )
+
+
+def _jobs_lock(*, after: tuple[datetime, int] | None, limit: int) -> list[_Job]:
+    """The next `limit` pending jobs in FIFO order after the cursor, locked; jobs another
+    worker holds are skipped. The caller holds a transaction."""
+    qs = Job.objects.filter(status=Job.Status.PENDING)
+    if after is not None:
+        created_at, job_id = after
+        qs = qs.filter(Q(created_at__gt=created_at) | Q(created_at=created_at, pk__gt=job_id))
+    rows = qs.order_by("created_at", "id").select_for_update(skip_locked=True).values_list(*_JOB_FIELDS)[:limit]
+    return [_job_from_row(row) for row in rows]
+
+
+def _gpus_lock(gpu_ids: Iterable[int]) -> set[int]:
+    """Lock the given GPUs and return those that are still candidates (idle, machine online,
+    in no active lease). GPUs another worker holds are skipped, not waited for. The caller
+    holds a transaction.
+
+    The lock is taken by primary key alone, and the state re-checked on the rows it returns
+    (the latest committed version under the lock), so its plan stays an index lookup even
+    before the planner has statistics on freshly loaded tables."""
+    ids = sorted(gpu_ids)
+    if not ids:
+        return set()
+    rows: list[tuple[int, str, int]] = []
+    for start in range(0, len(ids), 1000):
+        rows.extend(
+            GPU.objects.filter(pk__in=ids[start : start + 1000])
+            .order_by("pk")
+            .select_for_update(skip_locked=True)
+            .values_list("pk", "state", "machine_id")
+        )
+    idle = [(gpu_id, machine_id) for gpu_id, state, machine_id in rows if state == GPU.State.IDLE]
+    online = set(
+        Machine.objects.filter(pk__in={m for _, m in idle}, status=Machine.Status.ONLINE).values_list("pk", flat=True)
+    )
+    candidates = [gpu_id for gpu_id, machine_id in idle if machine_id in online]
+    in_lease: set[int] = set()
+    for start in range(0, len(candidates), 1000):
+        in_lease.update(
+            LeaseGPU.objects.filter(gpu_id__in=candidates[start : start + 1000], active=True).values_list(
+                "gpu_id", flat=True
+            )
+        )
+    return set(candidates) - in_lease
+
+
+_Chosen = tuple[_Job, _Machine, list[tuple[int, int]]]
+
+
+def _match_jobs(pool: _Pool, jobs: Sequence[_Job]) -> list[_Chosen]:
+    """Match jobs in order against the pool, taking the GPUs each placement uses."""
+    placements: list[_Chosen] = []
+    hopeless: set[tuple[Any, ...]] = set()  # the pool only shrinks while matching
+    for job in jobs:
+        key = (job.shape, job.gpu_count, job.max_price, job.duration_s)
+        if key in hopeless:
+            continue
+        found = pool.find(job)
+        if found is None:
+            hopeless.add(key)
+            continue
+        machine, chosen = found
+        pool.take(machine, chosen)
+        placements.append((job, machine, chosen))
+    return placements
+
+
+def _give_back(pool: _Pool, placements: Iterable[_Chosen]) -> None:
+    for _, machine, chosen in placements:
+        pool.give_back(machine.id, [gpu_id for _, gpu_id in chosen])
+
+
+def _chunk_place(pool: _Pool, jobs: Sequence[_Job]) -> list[_Chosen]:
+    """Match the chunk and lock the GPUs it uses. A GPU that cannot be locked (a concurrent
+    worker holds or leased it) leaves the pool, with every GPU found busy since the cycle
+    began, and the chunk is matched again so FIFO order still holds. The caller holds a
+    transaction; returns placements whose GPUs are all locked."""
+    locked: set[int] = set()
+    for attempt in range(MAX_LOCK_ROUNDS):
+        placements = _match_jobs(pool, jobs)
+        wanted = {gpu_id for _, _, chosen in placements for _, gpu_id in chosen} - locked
+        got = _gpus_lock(wanted)
+        locked |= got
+        lost = wanted - got
+        if not lost:
+            return placements
+        logger.info("matching: %d GPUs taken by a concurrent worker; matching the chunk again", len(lost))
+        if attempt == MAX_LOCK_ROUNDS - 1:
+            kept = [p for p in placements if all(gpu_id in locked for _, gpu_id in p[2])]
+            _give_back(pool, [p for p in placements if not all(gpu_id in locked for _, gpu_id in p[2])])
+            pool.drop(lost)
+            return kept
+        _give_back(pool, placements)
+        pool.drop(lost)
+        pool.drop(_busy_gpu_ids() - locked)
+    return []
+
+
+# --- the cycle ------------------------------------------------------------------------------
+
+
+def match_cycle(*, now: datetime | None = None, batch_size: int | None = None) -> MatchResult:
+    """Place as many pending jobs as the policy allows (see the module docstring) and record a
+    reason on each considered job left pending.
+
+    Considers at most `batch_size` jobs (default GPGPU["MATCH_BATCH_SIZE"]) in FIFO order, in
+    transactions of CHUNK_SIZE jobs. Safe to run in several workers at once. `now` decides
+    availability windows (default: the current time)."""
+    started = time.perf_counter()
+    now = now or timezone.now()
+    limit = batch_size if batch_size is not None else settings.GPGPU["MATCH_BATCH_SIZE"]
+    result = MatchResult()
+    if limit <= 0 or not Job.objects.filter(status=Job.Status.PENDING).exists():
+        result.seconds = time.perf_counter() - started
+        return result
+
+    pool, fleet = _fleet_load(now=now)
+    result.candidate_gpus = pool.free_count
+    cursor: tuple[datetime, int] | None = None
+    while result.considered < limit:
+        chunk_jobs: list[_Job] = []
+        placements: list[_Chosen] = []
+        try:
+            with transaction.atomic():
+                chunk_jobs = _jobs_lock(after=cursor, limit=min(CHUNK_SIZE, limit - result.considered))
+                if not chunk_jobs:
+                    break
+                placements = _chunk_place(pool, chunk_jobs) if pool.free_count else []
+                leases = leases_assign(
+                    placements=[
+                        Placement(
+                            job_id=job.id,
+                            machine_id=machine.id,
+                            gpu_ids=tuple(gpu_id for _, gpu_id in chosen),
+                            price_per_gpu_hour=_from_micros(chosen[-1][0]),
+                        )
+                        for job, machine, chosen in placements
+                    ]
+                )
+                # leases_assign skips a job that stopped being pending (it cannot while we hold
+                # its lock, but the count should say what was written).
+                placed_ids = {lease.job_id for lease in leases}
+                placements = [p for p in placements if p[0].id in placed_ids]
+                job_set_unplaced(
+                    reasons={job.id: fleet.explain(job) for job in chunk_jobs if job.id not in placed_ids},
+                    now=now,
+                )
+        except IntegrityError:
+            # The unique index refused a GPU already in an active lease: our view of the fleet
+            # is stale. Nothing of this chunk was written; the GPUs it chose stay out of the
+            # pool and its jobs wait for the next cycle.
+            logger.warning("matching: chunk of %d jobs rolled back on a lease conflict", len(chunk_jobs), exc_info=True)
+            result.conflicts += 1
+            placements = []
+        result.chunks += 1
+        result.considered += len(chunk_jobs)
+        result.placed += len(placements)
+        result.gpus_leased += sum(len(chosen) for _, _, chosen in placements)
+        last = chunk_jobs[-1]
+        cursor = (last.created_at, last.id)
+        if len(chunk_jobs) < CHUNK_SIZE and result.considered < limit:
+            break
+    result.unplaced = result.considered - result.placed
+    result.seconds = time.perf_counter() - started
+    if result.placed or result.conflicts:
+        logger.info("matching: %s", result.as_dict())
+    return result

@@ -1,0 +1,426 @@
+"""The matching engine, as renters and providers see it: which job lands on which GPUs, at
+what price, and why a job waits."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
+
+import pytest
+from django.utils import timezone
+
+from jobs.models import Job, Lease
+from jobs.services import lease_end
+from marketplace import matching
+from providers.availability import days_to_mask
+from providers.models import GPU, AvailabilityWindow, Blackout, Machine
+from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory
+
+pytestmark = pytest.mark.django_db
+
+EVERY_DAY = days_to_mask(range(7))
+
+
+def machine(*, gpus: int = 1, region: str = "eu-west", provider=None, **gpu_kwargs) -> Machine:  # type: ignore[no-untyped-def]
+    """An online machine with `gpus` idle GPUs (RTX 4090, 24 GB unless told otherwise)."""
+    kwargs = {"region": region}
+    if provider is not None:
+        kwargs["provider"] = provider
+    m = MachineFactory(**kwargs)
+    for i in range(gpus):
+        GPUFactory(machine=m, index=i, **gpu_kwargs)
+    return m
+
+
+def job(**kwargs) -> Job:  # type: ignore[no-untyped-def]
+    return JobFactory(**kwargs)
+
+
+def lease_of(j: Job) -> Lease:
+    return Lease.objects.get(job=j)
+
+
+def leased_gpu_ids(j: Job) -> set[int]:
+    return set(lease_of(j).gpus.values_list("pk", flat=True))
+
+
+def reason(j: Job) -> tuple[str, str]:
+    j.refresh_from_db()
+    return j.unplaced_code, j.unplaced_detail
+
+
+# --- placement ------------------------------------------------------------------------------
+
+
+def test_job_is_placed_on_an_idle_gpu_at_the_gpu_floor():
+    m = machine(gpus=1, price_floor=Decimal("0.35"))
+    j = job(max_price_per_gpu_hour=Decimal("1.00"))
+
+    result = matching.match_cycle()
+
+    j.refresh_from_db()
+    assert j.status == Job.Status.SCHEDULED
+    lease = lease_of(j)
+    assert lease.machine_id == m.pk
+    assert lease.price_per_gpu_hour == Decimal("0.35")
+    assert GPU.objects.get(machine=m).state == GPU.State.LEASED
+    assert result.as_dict()["placed"] == 1
+    assert result.as_dict()["considered"] == 1
+    assert result.as_dict()["unplaced"] == 0
+
+
+def test_multi_gpu_job_gets_all_its_gpus_on_one_machine():
+    machine(gpus=2)
+    machine(gpus=2)
+    j = job(gpu_count=3)
+
+    matching.match_cycle()
+
+    assert reason(j)[0] == "no_gpu_model"
+    assert "3 GPUs" in reason(j)[1]
+    assert j.status == Job.Status.PENDING
+
+    big = machine(gpus=4)
+    matching.match_cycle()
+
+    j.refresh_from_db()
+    assert j.status == Job.Status.SCHEDULED
+    lease = lease_of(j)
+    assert lease.machine_id == big.pk
+    assert lease.gpu_count == 3
+    assert set(GPU.objects.filter(pk__in=leased_gpu_ids(j)).values_list("machine_id", flat=True)) == {big.pk}
+
+
+def test_multi_gpu_job_waits_when_its_machine_has_too_few_idle_gpus():
+    m = machine(gpus=4)
+    GPU.objects.filter(machine=m, index__in=[0, 1]).update(state=GPU.State.OWNER_BUSY)
+    j = job(gpu_count=3)
+
+    matching.match_cycle()
+
+    assert reason(j)[0] == "no_idle_gpu"
+    assert not Lease.objects.exists()
+
+
+def test_job_needing_more_memory_gets_the_bigger_gpu():
+    machine(gpus=1, vram_mb=16384, price_floor=Decimal("0.10"))
+    big = machine(gpus=1, vram_mb=81920, price_floor=Decimal("2.00"))
+    j = job(min_vram_mb=40000, max_price_per_gpu_hour=Decimal("3.00"))
+
+    matching.match_cycle()
+
+    assert lease_of(j).machine_id == big.pk
+
+
+def test_job_needing_more_memory_than_any_gpu_has_says_so():
+    machine(gpus=2, vram_mb=24564)
+    j = job(min_vram_mb=100_000)
+
+    matching.match_cycle()
+
+    code, detail = reason(j)
+    assert code == "insufficient_vram"
+    assert "100000 MB" in detail
+
+
+def test_allowed_models_are_compared_case_insensitively():
+    machine(gpus=1, model="RTX 4090", price_floor=Decimal("0.10"))
+    a100 = machine(gpus=1, model="NVIDIA A100-SXM4-80GB", vram_mb=81920, price_floor=Decimal("1.50"))
+    j = job(allowed_models=["nvidia a100-sxm4-80gb"], max_price_per_gpu_hour=Decimal("2.00"))
+
+    matching.match_cycle()
+
+    assert lease_of(j).machine_id == a100.pk
+
+
+def test_job_asking_for_a_model_nobody_has_says_so():
+    machine(gpus=2, model="RTX 4090")
+    j = job(allowed_models=["H100"])
+
+    matching.match_cycle()
+
+    code, detail = reason(j)
+    assert code == "no_gpu_model"
+    assert "H100" in detail
+
+
+def test_gpu_floor_overrides_the_provider_default():
+    cheap_default = ProviderFactory(default_price_floor=Decimal("0.15"))
+    dear_default = ProviderFactory(default_price_floor=Decimal("0.90"))
+    by_default = machine(gpus=1, provider=cheap_default, price_floor=None)
+    overridden = machine(gpus=1, provider=dear_default, price_floor=Decimal("0.05"))
+    first = job(max_price_per_gpu_hour=Decimal("1.00"))
+    second = job(max_price_per_gpu_hour=Decimal("1.00"))
+
+    matching.match_cycle()
+
+    assert lease_of(first).machine_id == overridden.pk
+    assert lease_of(first).price_per_gpu_hour == Decimal("0.05")
+    assert lease_of(second).machine_id == by_default.pk
+    assert lease_of(second).price_per_gpu_hour == Decimal("0.15")
+
+
+def test_job_whose_maximum_is_below_every_floor_is_told_the_cheapest_price():
+    machine(gpus=1, price_floor=Decimal("0.40"))
+    machine(gpus=1, price_floor=Decimal("0.25"))
+    j = job(max_price_per_gpu_hour=Decimal("0.10"))
+
+    matching.match_cycle()
+
+    code, detail = reason(j)
+    assert code == "price_below_every_floor"
+    assert "0.25" in detail
+    assert "0.10" in detail
+
+
+def test_job_goes_only_to_its_region():
+    machine(gpus=1, region="eu-west", price_floor=Decimal("0.10"))
+    us = machine(gpus=1, region="us-east", price_floor=Decimal("0.80"))
+    j = job(region="us-east")
+
+    matching.match_cycle()
+
+    assert lease_of(j).machine_id == us.pk
+
+
+def test_job_in_a_region_without_machines_says_so():
+    machine(gpus=1, region="eu-west")
+    j = job(region="ap-south")
+
+    matching.match_cycle()
+
+    code, detail = reason(j)
+    assert code == "region_unavailable"
+    assert "ap-south" in detail
+
+
+# --- availability windows -------------------------------------------------------------------
+
+# Wednesday 14 January 2026, 21:00 in Paris (CET, UTC+1).
+WED_EVENING = datetime(2026, 1, 14, 20, 0, tzinfo=UTC)
+
+
+def nightly_machine() -> Machine:
+    """A machine rentable every night from 20:00 to 08:00 Paris time: at WED_EVENING it has
+    11 hours left (until Thursday 08:00 Paris = 07:00 UTC)."""
+    m = machine(gpus=1)
+    AvailabilityWindow.objects.create(
+        provider=m.provider, machine=m, days=EVERY_DAY, start_time=time(20), end_time=time(8), timezone="Europe/Paris"
+    )
+    return m
+
+
+def test_job_longer_than_the_window_left_is_not_placed():
+    nightly_machine()
+    j = job(expected_duration_s=12 * 3600, max_duration_s=12 * 3600)
+
+    matching.match_cycle(now=WED_EVENING)
+
+    code, detail = reason(j)
+    assert code == "no_window_long_enough"
+    assert str(12 * 3600) in detail
+    assert not Lease.objects.exists()
+
+
+def test_job_shorter_than_the_window_left_is_placed():
+    m = nightly_machine()
+    j = job(expected_duration_s=10 * 3600, max_duration_s=12 * 3600)
+
+    matching.match_cycle(now=WED_EVENING)
+
+    assert lease_of(j).machine_id == m.pk
+
+
+def test_machine_outside_its_window_gets_no_job():
+    nightly_machine()
+    j = job(expected_duration_s=60, max_duration_s=60)
+
+    matching.match_cycle(now=datetime(2026, 1, 14, 11, 0, tzinfo=UTC))  # noon in Paris
+
+    assert reason(j)[0] == "no_window_long_enough"
+    assert not Lease.objects.exists()
+
+
+def test_machine_in_a_blackout_gets_no_job():
+    m = machine(gpus=1)
+    now = timezone.now()
+    Blackout.objects.create(
+        provider=m.provider, machine=m, starts_at=now - timedelta(hours=1), ends_at=now + timedelta(hours=1)
+    )
+    j = job(expected_duration_s=60, max_duration_s=60)
+
+    matching.match_cycle(now=now)
+
+    assert reason(j)[0] == "no_window_long_enough"
+    assert not Lease.objects.exists()
+
+
+# --- what is not a candidate ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [GPU.State.OWNER_BUSY, GPU.State.OFFLINE])
+def test_gpu_not_idle_gets_no_job(state):
+    machine(gpus=1, state=state)
+    j = job()
+
+    matching.match_cycle()
+
+    assert reason(j)[0] == "no_idle_gpu"
+    assert not Lease.objects.exists()
+
+
+def test_leased_gpu_gets_no_second_job():
+    m = machine(gpus=1)
+    first = job()
+    matching.match_cycle()
+    second = job()
+
+    matching.match_cycle()
+
+    assert lease_of(first).machine_id == m.pk
+    assert reason(second)[0] == "no_idle_gpu"
+    assert Lease.objects.count() == 1
+
+
+def test_offline_machine_gets_no_job():
+    m = machine(gpus=2)
+    Machine.objects.filter(pk=m.pk).update(status=Machine.Status.OFFLINE)
+    j = job()
+
+    matching.match_cycle()
+
+    assert reason(j)[0] == "no_gpu_model"
+    assert not Lease.objects.exists()
+
+
+# --- choice among machines ------------------------------------------------------------------
+
+
+def test_cheapest_machine_wins():
+    machine(gpus=1, price_floor=Decimal("0.50"))
+    cheapest = machine(gpus=1, price_floor=Decimal("0.30"))
+    machine(gpus=1, price_floor=Decimal("0.40"))
+    j = job()
+
+    matching.match_cycle()
+
+    assert lease_of(j).machine_id == cheapest.pk
+    assert lease_of(j).price_per_gpu_hour == Decimal("0.30")
+
+
+def test_lease_price_is_the_dearest_of_its_gpus():
+    uneven = MachineFactory()
+    GPUFactory(machine=uneven, index=0, price_floor=Decimal("0.10"))
+    GPUFactory(machine=uneven, index=1, price_floor=Decimal("0.90"))
+    even = machine(gpus=2, price_floor=Decimal("0.50"))
+    j = job(gpu_count=2)
+
+    matching.match_cycle()
+
+    assert lease_of(j).machine_id == even.pk
+    assert lease_of(j).price_per_gpu_hour == Decimal("0.50")
+
+
+def test_cheapest_gpus_of_the_machine_are_taken():
+    m = MachineFactory()
+    floors = ["0.90", "0.10", "0.50", "0.20"]
+    gpus = [GPUFactory(machine=m, index=i, price_floor=Decimal(f)) for i, f in enumerate(floors)]
+    j = job(gpu_count=2)
+
+    matching.match_cycle()
+
+    assert leased_gpu_ids(j) == {gpus[1].pk, gpus[3].pk}
+    assert lease_of(j).price_per_gpu_hour == Decimal("0.20")
+
+
+def test_equal_prices_go_to_the_machine_left_with_fewest_free_gpus():
+    machine(gpus=4, price_floor=Decimal("0.30"))
+    snug = machine(gpus=1, price_floor=Decimal("0.30"))
+    j = job()
+
+    matching.match_cycle()
+
+    assert lease_of(j).machine_id == snug.pk
+
+
+def test_earlier_jobs_are_served_first_when_gpus_are_scarce():
+    machine(gpus=2)
+    now = timezone.now()
+    # Created (ids) in one order, submitted (created_at) in another: created_at decides.
+    late, early, middle = job(), job(), job()
+    for j, age in ((late, 1), (early, 30), (middle, 20)):
+        Job.objects.filter(pk=j.pk).update(created_at=now - timedelta(seconds=age))
+
+    matching.match_cycle()
+
+    for j in (late, early, middle):
+        j.refresh_from_db()
+    assert early.status == Job.Status.SCHEDULED
+    assert middle.status == Job.Status.SCHEDULED
+    assert late.status == Job.Status.PENDING
+    assert late.unplaced_code == "no_idle_gpu"
+
+
+def test_fifo_holds_across_chunks(monkeypatch):
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 2)
+    machine(gpus=3)
+    jobs = [job() for _ in range(5)]
+
+    result = matching.match_cycle()
+
+    statuses = [Job.objects.get(pk=j.pk).status for j in jobs]
+    assert statuses == [Job.Status.SCHEDULED] * 3 + [Job.Status.PENDING] * 2
+    assert result.considered == 5
+    assert result.chunks == 3
+
+
+def test_batch_size_limits_the_jobs_considered():
+    machine(gpus=5)
+    jobs = [job() for _ in range(4)]
+
+    result = matching.match_cycle(batch_size=2)
+
+    assert result.considered == 2
+    assert [Job.objects.get(pk=j.pk).status for j in jobs].count(Job.Status.SCHEDULED) == 2
+
+
+def test_waiting_job_is_placed_once_a_gpu_frees_up():
+    machine(gpus=1)
+    first, second = job(), job()
+    matching.match_cycle()
+    assert reason(second)[0] == "no_idle_gpu"
+
+    lease_end(lease_id=lease_of(first).pk, reason=Lease.EndReason.SUCCEEDED, actor="test", exit_code=0)
+    matching.match_cycle()
+
+    second.refresh_from_db()
+    assert second.status == Job.Status.SCHEDULED
+    assert second.unplaced_code == ""
+
+
+def test_cycle_with_nothing_to_do_changes_nothing():
+    machine(gpus=2)
+    finished = job(status=Job.Status.SUCCEEDED)
+
+    result = matching.match_cycle()
+
+    assert result.as_dict()["considered"] == 0
+    assert result.as_dict()["placed"] == 0
+    assert not Lease.objects.exists()
+    finished.refresh_from_db()
+    assert finished.unplaced_code == ""
+
+
+def test_many_jobs_each_get_distinct_gpus():
+    for floor in ("0.10", "0.20", "0.30"):
+        machine(gpus=8, price_floor=Decimal(floor))
+    big = [job(gpu_count=4) for _ in range(2)]
+    small = [job() for _ in range(12)]
+
+    result = matching.match_cycle()
+
+    leased = [g for j in big + small if Lease.objects.filter(job=j).exists() for g in leased_gpu_ids(j)]
+    assert len(leased) == len(set(leased)) == 20
+    assert result.placed == 14
+    for lease in Lease.objects.all():
+        assert set(lease.gpus.values_list("machine_id", flat=True)) == {lease.machine_id}

@@ -1,0 +1,142 @@
+"""No GPU is ever in two active leases, even with several matching workers at once."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from decimal import Decimal
+
+import pytest
+from django.db import IntegrityError, connection, connections, transaction
+
+from jobs.models import Job, Lease, LeaseGPU
+from jobs.services import Placement, leases_assign
+from marketplace import matching
+from providers.models import GPU
+from tests.factories import GPUFactory, JobFactory, MachineFactory
+
+WORKERS = 4
+ROUNDS = 3
+
+
+def test_a_gpu_cannot_be_in_two_active_leases(db):
+    m = MachineFactory()
+    gpu = GPUFactory(machine=m, index=0)
+    first, second = JobFactory(), JobFactory()
+    leases_assign(
+        placements=[Placement(job_id=first.pk, machine_id=m.pk, gpu_ids=(gpu.pk,), price_per_gpu_hour=Decimal("1"))]
+    )
+    lease = Lease.objects.create(job=second, machine=m, gpu_count=1, price_per_gpu_hour=Decimal("1"))
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        LeaseGPU.objects.create(lease=lease, gpu=gpu, active=True)
+
+    assert LeaseGPU.objects.filter(gpu=gpu, active=True).count() == 1
+
+
+def _fleet_and_jobs(*, machines: int, gpus_per_machine: int, jobs: int) -> None:
+    for _ in range(machines):
+        m = MachineFactory()
+        for i in range(gpus_per_machine):
+            # Equal floors everywhere, so every worker wants the same GPUs first.
+            GPUFactory(machine=m, index=i, price_floor=Decimal("0.30"))
+    for _ in range(jobs):
+        JobFactory()
+
+
+def _run_workers_at_once(count: int) -> list[BaseException]:
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def worker() -> None:
+        try:
+            start.wait()
+            matching.match_cycle()
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return errors
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_matching_workers_never_double_book_a_gpu(monkeypatch):
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: row locks (SELECT … FOR UPDATE SKIP LOCKED) only exist there")
+    # Small chunks make the workers interleave many transactions.
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 7)
+    _fleet_and_jobs(machines=10, gpus_per_machine=4, jobs=60)
+
+    for _ in range(ROUNDS):
+        errors = _run_workers_at_once(WORKERS)
+        assert errors == []
+
+    active = list(LeaseGPU.objects.filter(active=True).values_list("gpu_id", "gpu__machine_id", "lease__machine_id"))
+    per_gpu = Counter(gpu_id for gpu_id, _, _ in active)
+    assert per_gpu and max(per_gpu.values()) == 1, "a GPU is in two active leases"
+    assert all(gpu_machine == lease_machine for _, gpu_machine, lease_machine in active)
+    assert Lease.objects.filter(status__in=Lease.ACTIVE).count() == min(40, 60)
+    assert Job.objects.filter(status=Job.Status.SCHEDULED).count() == 40
+    assert Lease.objects.values("job_id").distinct().count() == Lease.objects.count()
+    assert GPU.objects.filter(state=GPU.State.LEASED).count() == 40
+    waiting = Job.objects.filter(status=Job.Status.PENDING)
+    assert waiting.count() == 20
+    assert set(waiting.values_list("unplaced_code", flat=True)) == {"no_idle_gpu"}
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_workers_place_multi_gpu_jobs_on_one_machine_each(monkeypatch):
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: row locks (SELECT … FOR UPDATE SKIP LOCKED) only exist there")
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 5)
+    _fleet_and_jobs(machines=10, gpus_per_machine=4, jobs=0)
+    for i in range(30):
+        JobFactory(gpu_count=(2 if i % 3 else 4))
+
+    for _ in range(ROUNDS):
+        assert _run_workers_at_once(WORKERS) == []
+
+    active = list(LeaseGPU.objects.filter(active=True).values_list("gpu_id", "gpu__machine_id", "lease__machine_id"))
+    assert len(active) == len({gpu_id for gpu_id, _, _ in active}), "a GPU is in two active leases"
+    assert all(gpu_machine == lease_machine for _, gpu_machine, lease_machine in active)
+    for lease in Lease.objects.filter(status__in=Lease.ACTIVE):
+        assert lease.lease_gpus.filter(active=True).count() == lease.gpu_count
+    # 40 GPUs on 4-GPU machines: every GPU ends up leased, whatever the mix of 2s and 4s.
+    assert len(active) == 40
+
+
+def test_chunk_is_rolled_back_whole_when_the_unique_index_refuses_a_gpu(db, monkeypatch):
+    """A worker whose view is stale (here: another lease slips in on one of its GPUs after
+    the lock) writes nothing for that chunk; the next cycle places the jobs."""
+    m = MachineFactory()
+    gpus = [GPUFactory(machine=m, index=i) for i in range(2)]
+    jobs = [JobFactory(), JobFactory()]
+    intruder_job = JobFactory(status=Job.Status.RUNNING)
+    real_lock = matching._gpus_lock
+
+    def lock_then_intrude(gpu_ids):  # type: ignore[no-untyped-def]
+        locked = real_lock(gpu_ids)
+        intruder = Lease.objects.create(job=intruder_job, machine=m, gpu_count=1, price_per_gpu_hour=Decimal("1"))
+        LeaseGPU.objects.create(lease=intruder, gpu=gpus[1], active=True)
+        return locked
+
+    monkeypatch.setattr(matching, "_gpus_lock", lock_then_intrude)
+    result = matching.match_cycle()
+
+    assert result.conflicts == 1
+    assert result.placed == 0
+    assert not Lease.objects.exists()
+    assert not LeaseGPU.objects.exists()
+    assert set(Job.objects.filter(pk__in=[j.pk for j in jobs]).values_list("status", flat=True)) == {"pending"}
+    assert set(GPU.objects.filter(machine=m).values_list("state", flat=True)) == {GPU.State.IDLE}
+
+    monkeypatch.setattr(matching, "_gpus_lock", real_lock)
+    assert matching.match_cycle().placed == 2
