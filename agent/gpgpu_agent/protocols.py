@@ -1,0 +1,75 @@
+"""The seams between the agent's parts. Tests swap in fakes at each (FakeNvml beneath pynvml,
+FakeTransport, a runner over short processes) and need no GPU, no network and no Docker."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from gpgpu_agent.types import HostSample, LeaseSpec, RunState
+
+
+class Collector(Protocol):
+    def sample(self) -> HostSample:
+        """Read every GPU now. Never raises for a failing GPU or field (see GpuSample.errors)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Runner(Protocol):
+    """Runs leased workloads in isolation on the leased GPUs only."""
+
+    def start(self, spec: LeaseSpec, *, gpu_indexes: Mapping[str, int]) -> RunState:
+        """Start the lease's workload; idempotent by lease_id (a second call returns the state of
+        the first). Raises RunnerError with a sentence for the marketplace when it cannot start."""
+        ...
+
+    def poll(self, lease_id: int) -> RunState: ...
+
+    def stop(self, lease_id: int, *, grace_s: float) -> RunState:
+        """SIGTERM (or `docker stop -t grace`), wait up to grace_s, then SIGKILL; returns the
+        final state. Stopping a stopped workload returns its state."""
+        ...
+
+    def adopt(self) -> list[RunState]:
+        """After an agent restart: the workloads still running (found by pid files or container
+        labels), taken back under management rather than orphaned or killed."""
+        ...
+
+    def forget(self, lease_id: int) -> None:
+        """Drop local records of a finished lease (pid files, stopped containers)."""
+        ...
+
+
+class Transport(Protocol):
+    """The agent API over HTTP (docs/agent-api.md). Raises TransportUnavailable for what a retry
+    may cure (connection refused, timeout, 5xx, 429) and Rejected for a 4xx answer."""
+
+    def register(self, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def heartbeat(self, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def lease_event(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def lease_usage(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+class AgentError(Exception):
+    """Base of the agent's own errors: each carries a sentence a provider can act on."""
+
+
+class RunnerError(AgentError):
+    pass
+
+
+class TransportUnavailable(AgentError):
+    pass
+
+
+class Rejected(AgentError):
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail

@@ -1,0 +1,96 @@
+"""The typed values the agent's modules pass each other. Only gpgpu_agent.nvml sees pynvml;
+everything else sees these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    pid: int
+    used_memory_mb: int | None  # None: the driver would not say (e.g. in containers)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One GPU at one poll. A field the driver could not read is None and its NVML error is in
+    `errors` (field name → message): one failing call spoils one field, never the sample."""
+
+    index: int
+    uuid: str
+    model: str | None = None
+    vram_total_mb: int | None = None
+    vram_used_mb: int | None = None
+    utilization_pct: float | None = None
+    memory_utilization_pct: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    pcie_gen: int | None = None
+    pcie_width: int | None = None
+    mig_enabled: bool | None = None
+    # MIG instances offered in place of the whole GPU (empty when MIG is off).
+    mig_devices: tuple[MigDevice, ...] = ()
+    processes: tuple[GpuProcess, ...] = ()
+    # Why this GPU is not offered at all (e.g. "MIG is enabled"), None when it may be.
+    declined_reason: str | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MigDevice:
+    uuid: str
+    gpu_instance_id: int | None
+    memory_total_mb: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """One poll of the whole machine: driver facts and every GPU."""
+
+    driver_version: str | None
+    cuda_version: str | None
+    gpus: tuple[GpuSample, ...]
+    taken_at: datetime
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuVerdict:
+    """The idle detector's answer for one GPU."""
+
+    uuid: str
+    idle: bool
+    owner_busy: bool
+    idle_since: datetime | None
+    reason: str  # why not idle, in words ("owner process 4242 is using it", "utilisation 63% ≥ 10%", …)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSpec:
+    """What the marketplace asked this machine to run (the heartbeat reply's `start` item)."""
+
+    lease_id: int
+    job_id: int
+    kind: Literal["container", "process"]
+    image: str
+    command: tuple[str, ...]
+    env: dict[str, str]
+    gpu_uuids: tuple[str, ...]
+    max_duration_s: int
+    price_per_gpu_hour: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """A runner's view of one lease's workload."""
+
+    lease_id: int
+    running: bool
+    exit_code: int | None  # set once it has exited
+    pids: tuple[int, ...]  # host pids of the workload (to tell rental processes from the owner's)
+    started_at: datetime | None
+    log_tail: str = ""
