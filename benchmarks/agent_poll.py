@@ -1,0 +1,122 @@
+"""The provider agent's own overhead, section by section.
+
+    python benchmarks/agent_poll.py                      # every section
+    python benchmarks/agent_poll.py --sections poll --polls 2000 --gpus 1,8,64
+
+Prints one JSON object with one key per section run: {"poll": {...}, "spool": {...}}.
+
+poll: the telemetry poll, NvmlCollector.sample() followed by IdleDetector.update(), over
+FakeNvml machines of 1, 8 and 64 GPUs (a few of them with processes, MIG off as on GeForce,
+utilisation in a spread). For each size: microseconds per poll and per poll per GPU, the NVML
+calls a poll makes (all of them, and per GPU), and an estimate of the part spent inside the
+fake's own functions (measured per fake call, times the calls), so that `agent_us_per_gpu`
+is the agent's own cost: on a real machine the driver's time replaces the fake's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "agent"))
+
+import pynvml  # noqa: E402
+from gpgpu_agent.fake_nvml import FakeNvml  # noqa: E402
+from gpgpu_agent.idle import IdleDetector, no_parent  # noqa: E402
+from gpgpu_agent.nvml import NvmlCollector  # noqa: E402
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
+    parser.add_argument("--polls", type=int, default=1000, help="poll: polls timed per machine size")
+    parser.add_argument("--gpus", default="1,8,64", help="poll: machine sizes (GPUs), comma-separated")
+    # Options of other sections go here.
+    return parser.parse_args()
+
+
+# --- poll: telemetry ----------------------------------------------------------------------------
+
+
+def _machine(fake: FakeNvml, gpus: int) -> None:
+    for index in range(gpus):
+        fake.add_gpu("NVIDIA GeForce RTX 4090", 24564, utilization=(index * 37) % 100)
+        if index % 4 == 0:  # a quarter of the GPUs have an owner's process (one compute, one graphics)
+            fake.add_process(index, 10_000 + index, 2048, kind="compute")
+            fake.add_process(index, 20_000 + index, 512, kind="graphics")
+
+
+def _fake_call_us(fake: FakeNvml, calls: int = 20_000) -> float:
+    """Microseconds one fake call takes (a telemetry call with a handle), to subtract."""
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    started = time.perf_counter()
+    for _ in range(calls):
+        pynvml.nvmlDeviceGetPowerUsage(handle)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def bench_poll(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = [int(n) for n in args.gpus.split(",") if n.strip()]
+    result: dict[str, Any] = {"polls": args.polls, "machines": []}
+    for gpus in sizes:
+        with FakeNvml() as fake:
+            _machine(fake, gpus)
+            collector = NvmlCollector()
+            # parent_of=no_parent: with no rental, the process tree is never walked anyway.
+            detector = IdleDetector(threshold_pct=10.0, grace_s=120.0, parent_of=no_parent)
+            now = datetime(2026, 1, 14, 12, 0, tzinfo=UTC)
+            detector.update(collector.sample(), rental_pids={}, schedule_open=True, now=now)  # handles, facts
+            fake.reset_calls()
+            started = time.perf_counter()
+            for _ in range(args.polls):
+                detector.update(collector.sample(), rental_pids={}, schedule_open=True, now=now)
+            elapsed = time.perf_counter() - started
+            calls = fake.total_calls()
+            fake_us = _fake_call_us(fake)
+            collector.close()
+        us_per_poll = elapsed / args.polls * 1e6
+        calls_per_poll = calls / args.polls
+        fake_us_per_poll = fake_us * calls_per_poll
+        result["machines"].append(
+            {
+                "gpus": gpus,
+                "us_per_poll": round(us_per_poll, 1),
+                "us_per_gpu": round(us_per_poll / gpus, 1),
+                "nvml_calls_per_poll": round(calls_per_poll, 2),
+                "nvml_calls_per_gpu": round(calls_per_poll / gpus, 2),
+                "fake_us_per_call": round(fake_us, 2),
+                "agent_us_per_gpu": round((us_per_poll - fake_us_per_poll) / gpus, 1),
+            }
+        )
+    return result
+
+
+# --- spool: replay ------------------------------------------------------------------------------
+# SPOOL SECTION GOES HERE: def bench_spool(args: argparse.Namespace) -> dict[str, Any], registered
+# in SECTIONS below as "spool" (its options in _parse).
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "poll": bench_poll,
+    # "spool": bench_spool,
+}
+
+
+def main() -> None:
+    args = _parse()
+    names = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    print(json.dumps({name: SECTIONS[name](args) for name in names}))
+
+
+if __name__ == "__main__":
+    main()
