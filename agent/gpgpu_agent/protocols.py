@@ -64,7 +64,12 @@ class RunnerError(AgentError):
 
 
 class TransportUnavailable(AgentError):
-    pass
+    """A retry may cure it. `retry_after_s`: how long the marketplace asked the agent to wait
+    (its Retry-After header), None when it did not say."""
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Rejected(AgentError):

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+# The text GpuSample.errors holds for a field this GPU's hardware or driver does not offer
+# (NVML_ERROR_NOT_SUPPORTED): normal on many GPUs, so nothing to warn about.
+NOT_SUPPORTED = "Not Supported"
+
 
 @dataclass(frozen=True, slots=True)
 class GpuProcess:
