@@ -1,0 +1,412 @@
+"""The process runner, with real processes: short Python children that print what they see,
+trap or ignore signals, fork grandchildren, and outlive the runner that started them."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from gpgpu_agent.protocols import RunnerError
+from gpgpu_agent.runners import ProcessRunner, UnknownLeaseError
+from gpgpu_agent.runners.state import LOG_TAIL_BYTES, proc_stat, write_json_atomic
+from gpgpu_agent.types import LeaseSpec, RunState
+
+GPUS = {"GPU-aaa": 0, "GPU-bbb": 1, "GPU-ccc": 2}
+T = TypeVar("T")
+
+
+def lease(lease_id: int, script: str, *, env: dict[str, str] | None = None, kind: str = "process") -> LeaseSpec:
+    return LeaseSpec(
+        lease_id=lease_id,
+        job_id=lease_id + 100,
+        kind=kind,  # type: ignore[arg-type]
+        image="",
+        command=(sys.executable, "-u", "-c", textwrap.dedent(script)),
+        env=env or {},
+        gpu_uuids=("GPU-ccc", "GPU-aaa"),
+        max_duration_s=60,
+        price_per_gpu_hour="0.400000",
+    )
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 5.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"gave up after {timeout} s")
+
+
+def ended(runner: ProcessRunner, lease_id: int) -> RunState:
+    def check() -> RunState | None:
+        state = runner.poll(lease_id)
+        return None if state.running else state
+
+    return wait_for(check)
+
+
+def log_says(runner: ProcessRunner, lease_id: int, text: str) -> str:
+    def check() -> str | None:
+        tail = runner.poll(lease_id).log_tail
+        return tail if text in tail else None
+
+    return wait_for(check)
+
+
+def alive(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and not stat.zombie
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> ProcessRunner:
+    return ProcessRunner(tmp_path / "state", tmp_path / "logs")
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path: Path):
+    """Whatever a test leaves running is killed, by the runner's own stop."""
+    yield
+    leftover = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    for state in leftover.adopt():
+        if state.running:
+            leftover.stop(state.lease_id, grace_s=0)
+
+
+# --- what the workload sees -------------------------------------------------------------------
+
+
+def test_workload_sees_only_the_leased_gpus_and_the_jobs_env(runner, monkeypatch):
+    monkeypatch.setenv("AGENT_ONLY_SECRET", "do-not-leak")
+    spec = lease(
+        1,
+        "import json, os; print(json.dumps(dict(os.environ)))",
+        env={"MODEL": "tiny", "CUDA_VISIBLE_DEVICES": "0,1,2"},
+    )
+
+    runner.start(spec, gpu_indexes=GPUS)
+    state = ended(runner, 1)
+
+    seen = json.loads(state.log_tail)
+    assert seen["CUDA_VISIBLE_DEVICES"] == "2,0"  # lease order, and the job cannot widen it
+    assert seen["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert seen["GPGPU_LEASE_ID"] == "1"
+    assert seen["GPGPU_JOB_ID"] == "101"
+    assert seen["MODEL"] == "tiny"
+    assert "AGENT_ONLY_SECRET" not in seen
+    assert state.exit_code == 0
+
+
+def test_workload_runs_in_a_process_group_of_its_own(runner, tmp_path):
+    spec = lease(2, "import os; print(os.getpgid(0), os.getsid(0), flush=True); import time; time.sleep(30)")
+
+    started = runner.start(spec, gpu_indexes=GPUS)
+    pgid, sid = (int(x) for x in log_says(runner, 2, "\n").split())
+
+    record = json.loads((tmp_path / "state" / "runs" / "lease-2.json").read_text())
+    assert pgid == sid == record["pgid"] == record["pid"]
+    assert pgid != os.getpgid(0)
+    assert record["lease_id"] == 2
+    assert record["command"] == list(spec.command)
+    assert record["start_ticks"] == proc_stat(record["pid"]).start_ticks
+    assert started.running and record["pid"] in started.pids
+
+
+# --- exit codes and logs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_code_and_output_are_reported(runner, code):
+    runner.start(lease(3, f"print('training done'); raise SystemExit({code})"), gpu_indexes=GPUS)
+
+    state = ended(runner, 3)
+
+    assert state.exit_code == code
+    assert state.pids == ()
+    assert "training done" in state.log_tail
+
+
+def test_log_tail_is_bounded_valid_text_without_nul(runner):
+    script = "import sys; sys.stdout.buffer.write(b'x' * 200_000 + b'\\xff\\x00the end\\n')"
+
+    runner.start(lease(4, script), gpu_indexes=GPUS)
+    state = ended(runner, 4)
+
+    assert len(state.log_tail.encode("utf-8")) <= LOG_TAIL_BYTES
+    assert state.log_tail.endswith("\ufffdthe end\n")
+    assert "\x00" not in state.log_tail
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+
+def test_stop_ends_a_workload_that_traps_sigterm_quickly(runner):
+    script = """
+        import os, signal, time
+        def cleanup(signum, frame):
+            print('saving checkpoint', flush=True)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        signal.signal(signal.SIGTERM, cleanup)
+        print('ready', flush=True)
+        time.sleep(30)
+    """
+    runner.start(lease(5, script), gpu_indexes=GPUS)
+    log_says(runner, 5, "ready")
+
+    began = time.monotonic()
+    state = runner.stop(5, grace_s=5)
+
+    assert time.monotonic() - began < 1.0  # it did not wait out the grace period
+    assert not state.running
+    assert state.exit_code == 128 + signal.SIGTERM
+    assert "saving checkpoint" in state.log_tail
+
+
+def test_stop_kills_a_workload_that_ignores_sigterm_after_the_grace_period(runner):
+    script = """
+        import signal, subprocess, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        escaped = subprocess.Popen(['sleep', '30'], start_new_session=True)
+        print('ready', escaped.pid, flush=True)
+        time.sleep(30)
+    """
+    started = runner.start(lease(6, script), gpu_indexes=GPUS)
+    escaped = int(log_says(runner, 6, "ready").split()[1])
+    pids = runner.poll(6).pids
+
+    began = time.monotonic()
+    state = runner.stop(6, grace_s=0.5)
+    took = time.monotonic() - began
+
+    assert 0.5 <= took <= 1.5
+    assert state.exit_code == 128 + signal.SIGKILL
+    assert not state.running
+    assert started.pids[0] in pids and escaped in pids
+    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=0.5)
+    assert runner.stop(6, grace_s=5).exit_code == 137  # stopping a stopped lease returns its state
+
+
+def test_stop_ends_the_workloads_children_even_those_in_a_session_of_their_own(runner):
+    script = """
+        import subprocess, time
+        child = subprocess.Popen(['sleep', '30'])
+        escaped = subprocess.Popen(['sleep', '31'], start_new_session=True)
+        print(child.pid, escaped.pid, flush=True)
+        time.sleep(30)
+    """
+    runner.start(lease(7, script), gpu_indexes=GPUS)
+    child, escaped = (int(x) for x in log_says(runner, 7, "\n").split())
+
+    running = runner.poll(7)
+    assert {child, escaped} <= set(running.pids)  # the idle detector counts them as the rental's
+
+    runner.stop(7, grace_s=1)
+
+    wait_for(lambda: not alive(child) and not alive(escaped), timeout=1.0)
+
+
+def test_processes_the_command_leaves_behind_die_when_it_ends(runner):
+    script = """
+        import subprocess
+        child = subprocess.Popen(['sleep', '30'])
+        print(child.pid, flush=True)
+    """
+    runner.start(lease(8, script), gpu_indexes=GPUS)
+
+    state = ended(runner, 8)
+
+    assert state.exit_code == 0
+    assert not alive(int(state.log_tail.split()[0]))
+
+
+# --- starting ---------------------------------------------------------------------------------
+
+
+def test_start_is_idempotent_by_lease(runner, tmp_path):
+    spec = lease(9, "import time; time.sleep(30)")
+
+    first = runner.start(spec, gpu_indexes=GPUS)
+    second = runner.start(spec, gpu_indexes=GPUS)
+    after_restart = ProcessRunner(tmp_path / "state", tmp_path / "logs").start(spec, gpu_indexes=GPUS)
+
+    assert first.pids[0] == second.pids[0] == after_restart.pids[0]
+    assert sorted(p.name for p in (tmp_path / "state" / "runs").iterdir()) == ["lease-9.json"]
+
+
+def test_container_leases_are_refused_with_a_sentence(runner):
+    with pytest.raises(RunnerError, match="this machine runs process jobs only; install Docker for container jobs"):
+        runner.start(lease(10, "pass", kind="container"), gpu_indexes=GPUS)
+
+
+@pytest.mark.parametrize(
+    ("gpu_indexes", "command", "message"),
+    [
+        ({"GPU-aaa": 0}, None, "GPU GPU-ccc is not on this machine"),
+        (GPUS, ("no-such-program-here",), "command not found: 'no-such-program-here'"),
+        (GPUS, (), "no command"),
+    ],
+)
+def test_a_lease_that_cannot_start_is_refused_and_leaves_nothing(runner, gpu_indexes, command, message):
+    spec = lease(11, "pass")
+    if command is not None:
+        spec = dataclasses.replace(spec, command=command)
+
+    with pytest.raises(RunnerError, match=message):
+        runner.start(spec, gpu_indexes=gpu_indexes)
+
+    with pytest.raises(UnknownLeaseError):
+        runner.poll(11)
+    assert runner.adopt() == []
+
+
+def test_invalid_environment_names_are_refused(runner):
+    with pytest.raises(RunnerError, match="not a valid environment variable name"):
+        runner.start(lease(12, "pass", env={"BAD=NAME": "x"}), gpu_indexes=GPUS)
+
+
+# --- agent restarts ---------------------------------------------------------------------------
+
+
+def test_a_restarted_agent_adopts_a_running_workload_and_learns_its_exit_code(tmp_path):
+    go = tmp_path / "go"
+    script = f"""
+        import os, time
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.02)
+        raise SystemExit(5)
+    """
+    first_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    started = first_agent.start(lease(13, script), gpu_indexes=GPUS)
+    del first_agent  # the agent exits without stopping anything
+    gc.collect()
+
+    second_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    (adopted,) = second_agent.adopt()
+
+    assert adopted.lease_id == 13 and adopted.running
+    assert started.pids[0] in adopted.pids
+    go.touch()
+    assert ended(second_agent, 13).exit_code == 5
+
+
+def test_an_adopted_workload_can_be_stopped(tmp_path):
+    first_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    first_agent.start(lease(14, "print('ready', flush=True); import time; time.sleep(30)"), gpu_indexes=GPUS)
+    log_says(first_agent, 14, "ready")
+    del first_agent
+    gc.collect()
+
+    second_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    second_agent.adopt()
+    state = second_agent.stop(14, grace_s=2)
+
+    assert state.exit_code == 128 + signal.SIGTERM
+
+
+def test_a_workload_that_ended_while_the_agent_was_down_is_reported_with_its_exit_code(tmp_path):
+    first_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    first_agent.start(lease(15, "print('bye'); raise SystemExit(4)"), gpu_indexes=GPUS)
+    del first_agent
+    gc.collect()
+    wait_for(lambda: (tmp_path / "state" / "runs" / "lease-15.exit.json").exists())
+
+    (state,) = ProcessRunner(tmp_path / "state", tmp_path / "logs").adopt()
+
+    assert not state.running
+    assert state.exit_code == 4
+    assert "bye" in state.log_tail
+
+
+def _pid_file(tmp_path: Path, lease_id: int, pid: int, start_ticks: int) -> None:
+    runs = tmp_path / "state" / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        runs / f"lease-{lease_id}.json",
+        {
+            "lease_id": lease_id,
+            "job_id": 1,
+            "pid": pid,
+            "pgid": pid,
+            "start_ticks": start_ticks,
+            "boot_id": None,
+            "started_at": "2026-11-22T01:00:00+00:00",
+            "command": ["train"],
+            "gpu_uuids": ["GPU-aaa"],
+            "log_path": str(tmp_path / "logs" / f"lease-{lease_id}.log"),
+            "exit_path": str(runs / f"lease-{lease_id}.exit.json"),
+            "work_dir": str(tmp_path / "work"),
+        },
+    )
+
+
+def test_a_pid_reused_by_another_process_is_never_taken_for_the_workload(tmp_path):
+    # Given a pid file whose pid now belongs to an unrelated process (another start time)
+    stranger = subprocess.Popen([shutil.which("sleep"), "30"], start_new_session=True)  # noqa: S603
+    try:
+        _pid_file(tmp_path, 16, stranger.pid, proc_stat(stranger.pid).start_ticks + 1)
+        runner = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+
+        (state,) = runner.adopt()
+        stopped = runner.stop(16, grace_s=0.2)
+
+        assert not state.running and state.pids == ()
+        assert stopped.exit_code == 137  # lost while the agent was down
+        assert stranger.poll() is None  # the stranger was never signalled
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_pid_file_of_a_dead_process_is_not_adopted_as_running(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _pid_file(tmp_path, 17, gone.pid, 12345)
+
+    (state,) = ProcessRunner(tmp_path / "state", tmp_path / "logs").adopt()
+
+    assert not state.running and state.pids == () and state.exit_code == 137
+
+
+def test_an_unreadable_pid_file_is_skipped(tmp_path, runner):
+    runs = tmp_path / "state" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "lease-18.json").write_text("{not json")
+    runner.start(lease(19, "pass"), gpu_indexes=GPUS)
+
+    assert [s.lease_id for s in runner.adopt()] == [19]
+
+
+def test_forget_removes_an_ended_leases_records_and_refuses_a_running_one(runner, tmp_path):
+    runner.start(lease(20, "print('ready', flush=True); import time; time.sleep(30)"), gpu_indexes=GPUS)
+    log_says(runner, 20, "ready")
+
+    with pytest.raises(RunnerError, match="still running"):
+        runner.forget(20)
+    runner.stop(20, grace_s=1)
+    runner.forget(20)
+    runner.forget(20)  # forgetting twice is harmless
+
+    assert list((tmp_path / "state" / "runs").iterdir()) == []
+    assert not (tmp_path / "logs" / "lease-20.log").exists()
+    assert not (tmp_path / "state" / "work" / "lease-20").exists()
+    with pytest.raises(UnknownLeaseError):
+        runner.poll(20)
+    with pytest.raises(UnknownLeaseError):
+        runner.stop(20, grace_s=1)
+    assert ProcessRunner(tmp_path / "state", tmp_path / "logs").adopt() == []
