@@ -1,0 +1,173 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+/// @title GPGPU escrow
+/// @notice Holds renters' stablecoin deposits, reserves a signed budget per job, pays providers for
+/// the leases the marketplace settles, and keeps the platform fee apart for the treasury.
+/// @dev Money conservation, checked by the test suite after every operation:
+///   token.balanceOf(escrow) == sum(availableBalance) + sum(job reservations) + sum(earnings) + feesAccrued.
+/// All amounts are in the token's smallest unit.
+///
+/// Settlement items are packed two 32-byte words per lease, to keep calldata small:
+///   word 0: provider address (bits 255..96) | cumulativeCharge (uint96, bits 95..0)
+///   word 1: jobId (uint192, bits 255..64) | leaseId (uint64, bits 63..0)
+/// `cumulativeCharge` is the lease's total charge so far; the escrow pays only the increase since
+/// the lease was last settled, so a repeated or replayed batch pays nothing twice.
+///
+/// Lease ordering rule: a job runs one lease at a time and lease ids increase. The escrow remembers,
+/// per job, only the current lease and what it has settled. The marketplace settles a lease's final
+/// charge before the first charge of its successor; an item whose lease id is lower than the job's
+/// current one is therefore stale and is skipped (with `SettlementItemSkipped`), never paid.
+///
+/// Fee rounding: for every paid amount, fee = paid * feeBps / 10_000 rounded down; the provider gets
+/// paid - fee. The two parts sum exactly to what leaves the job's reservation.
+///
+/// Pause: stops `deposit` and `settle` (no new obligations). Withdrawals of available balances,
+/// earnings and fees, and job releases, stay open while paused, so that money already owed to
+/// someone is never locked in by an operational stop.
+interface IGpgpuEscrow {
+    /// @notice A renter's authorization to reserve up to `maxAmount` for job `jobId`.
+    /// @dev Signed as EIP-712 typed data `Budget(uint256 jobId,address renter,uint256 maxAmount,uint256 deadline)`
+    /// under the domain {name: "GpgpuEscrow", version: "1", chainId, verifyingContract}.
+    /// `deadline` (unix seconds) is the last moment the operator may activate the budget, and after
+    /// it the renter may release the job's unspent reservation without the operator.
+    struct BudgetAuthorization {
+        uint256 jobId;
+        address renter;
+        uint256 maxAmount;
+        uint256 deadline;
+        bytes signature;
+    }
+
+    /// @notice Why a settlement item was skipped rather than paid.
+    enum SkipReason {
+        UnknownJob, // no budget was ever activated for the job
+        JobClosed, // the job was released; it takes no more charges
+        StaleLease, // the lease id is lower than the job's current lease
+        InvalidItem // zero provider or zero lease id
+    }
+
+    // ---------------------------------------------------------------- events
+
+    event Deposited(address indexed renter, uint256 amount);
+    event Withdrawn(address indexed renter, uint256 amount);
+    /// @notice A budget was activated: `maxAmount` moved from the renter's available balance to the job.
+    event BudgetReserved(uint256 indexed jobId, address indexed renter, uint256 maxAmount, uint256 deadline);
+    /// @notice The job was closed; `refunded` (its unspent reservation) went back to the renter.
+    event JobReleased(uint256 indexed jobId, address indexed renter, uint256 refunded);
+    /// @notice A settlement item was not paid at all (see `SkipReason`).
+    event SettlementItemSkipped(uint256 indexed jobId, uint256 indexed leaseId, SkipReason reason);
+    /// @notice A lease's charge exceeded the job's remaining reservation; `refused` was not paid.
+    event ChargeCapped(uint256 indexed jobId, uint256 indexed leaseId, uint256 refused);
+    /// @notice `amount` (after fee) was added to the provider's withdrawable earnings.
+    event EarningsCredited(address indexed provider, uint256 amount);
+    /// @notice One settlement batch: `paid` left job reservations, of which `fees` went to the treasury's account.
+    event Settled(uint256 itemCount, uint256 paid, uint256 fees);
+    event EarningsWithdrawn(address indexed provider, uint256 amount);
+    event FeesWithdrawn(address indexed treasury, uint256 amount);
+    event FeeChanged(uint256 oldFeeBps, uint256 newFeeBps);
+    event TreasuryChanged(address indexed oldTreasury, address indexed newTreasury);
+
+    // ---------------------------------------------------------------- errors
+
+    error GpgpuEscrow_ZeroAmount();
+    error GpgpuEscrow_ZeroAddress();
+    error GpgpuEscrow_InsufficientBalance(address renter, uint256 available, uint256 requested);
+    error GpgpuEscrow_InvalidSignature(uint256 jobId);
+    error GpgpuEscrow_BudgetExpired(uint256 jobId, uint256 deadline);
+    error GpgpuEscrow_InvalidBudget(uint256 jobId, uint256 maxAmount);
+    error GpgpuEscrow_MalformedItems(uint256 wordCount);
+    error GpgpuEscrow_UnknownJob(uint256 jobId);
+    error GpgpuEscrow_JobClosed(uint256 jobId);
+    error GpgpuEscrow_ReleaseNotAllowed(uint256 jobId, uint256 deadline);
+    error GpgpuEscrow_NothingToWithdraw();
+    error GpgpuEscrow_NotTreasury(address caller);
+    error GpgpuEscrow_FeeTooHigh(uint256 feeBps, uint256 maxFeeBps);
+
+    // ---------------------------------------------------------------- renters
+
+    /// @notice Pulls `amount` tokens from the caller (after `approve`) into their available balance.
+    /// @dev Reverts while paused, on zero amount, or if the transfer fails. The token must be a plain
+    /// ERC-20 (no fee on transfer, no rebasing): the escrow credits exactly `amount`.
+    function deposit(uint256 amount) external;
+
+    /// @notice Sends `amount` of the caller's available (unreserved) balance back to them.
+    /// @dev Reverts with `GpgpuEscrow_InsufficientBalance` if more than the available balance is
+    /// asked; funds reserved for jobs are never withdrawable until the job is released.
+    function withdraw(uint256 amount) external;
+
+    /// @notice Closes job `jobId` and returns its unspent reservation to the renter's available balance.
+    /// @dev Callable by an operator at any time, or by the job's renter once its budget deadline has
+    /// passed. Afterwards every settlement item for the job is skipped (`JobClosed`).
+    function releaseJob(uint256 jobId) external;
+
+    // ---------------------------------------------------------------- operator
+
+    /// @notice Activates new budgets, then pays the packed lease items (see the contract header).
+    /// @dev OPERATOR_ROLE only, not while paused. Each budget is activated once; a budget for a job
+    /// already known is ignored, so replaying a batch is harmless. A forged or mismatched signature
+    /// reverts with `GpgpuEscrow_InvalidSignature`, an expired one with `GpgpuEscrow_BudgetExpired`,
+    /// a renter without enough available balance with `GpgpuEscrow_InsufficientBalance`.
+    /// Items never revert the batch: unknown, closed, stale and invalid items are skipped with an event,
+    /// and a charge above the job's remaining reservation is paid only up to it (`ChargeCapped`).
+    /// Gas: sort items by provider; consecutive items of one provider are credited with one write.
+    /// @param items Two words per lease, packed as documented above.
+    /// @param budgets Authorizations for the jobs settled here for the first time.
+    function settle(bytes32[] calldata items, BudgetAuthorization[] calldata budgets) external;
+
+    // ---------------------------------------------------------------- payees
+
+    /// @notice Sends the caller (a provider) all their earnings; reverts with
+    /// `GpgpuEscrow_NothingToWithdraw` when there are none. Open while paused.
+    function withdrawEarnings() external;
+
+    /// @notice Sends all accrued fees to the treasury; only the treasury may call. Open while paused.
+    function withdrawFees() external;
+
+    // ---------------------------------------------------------------- admin
+
+    /// @notice Sets the platform fee in basis points (DEFAULT_ADMIN_ROLE); above MAX_FEE_BPS it reverts
+    /// with `GpgpuEscrow_FeeTooHigh`. Applies to settlements from the next batch on.
+    function setFee(uint256 newFeeBps) external;
+
+    /// @notice Sets the treasury (DEFAULT_ADMIN_ROLE). Fees already accrued become the new treasury's to withdraw.
+    function setTreasury(address newTreasury) external;
+
+    /// @notice Stops deposits and settlements (PAUSER_ROLE).
+    function pause() external;
+
+    /// @notice Resumes deposits and settlements (PAUSER_ROLE).
+    function unpause() external;
+
+    // ---------------------------------------------------------------- views
+
+    /// @notice The ERC-20 token this escrow holds; fixed at deployment.
+    function token() external view returns (address);
+
+    function treasury() external view returns (address);
+
+    function feeBps() external view returns (uint256);
+
+    function feesAccrued() external view returns (uint256);
+
+    /// @notice What `renter` may withdraw or reserve now.
+    function availableBalance(address renter) external view returns (uint256);
+
+    /// @notice What `provider` may withdraw now.
+    function earnings(address provider) external view returns (uint256);
+
+    /// @notice The state of job `jobId`. `closed` jobs have zero `remaining`; an unknown job has a zero `renter`.
+    /// @return renter The renter who signed the job's budget.
+    /// @return deadline The budget's deadline (saturated to uint64).
+    /// @return remaining The reservation not yet paid out.
+    /// @return leaseId The current lease (0 before the first paid item).
+    /// @return settledCharge The current lease's cumulative charge already settled (paid or refused).
+    /// @return closed Whether the job was released.
+    function job(uint256 jobId)
+        external
+        view
+        returns (address renter, uint256 deadline, uint256 remaining, uint256 leaseId, uint256 settledCharge, bool closed);
+
+    /// @notice The EIP-712 digest a renter signs for `budget` (its `signature` field is ignored).
+    function budgetDigest(BudgetAuthorization calldata budget) external view returns (bytes32);
+}
