@@ -17,10 +17,19 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from billing import metering as billing_metering
+from billing import selectors as billing_selectors
 from jobs import selectors, services
 from jobs.errors import ValidationFailed
 from jobs.models import Job, Lease, Renter
-from marketplace.api import BaseApi, NamedChoiceField, StrictInputSerializer, error_responses, price_field
+from marketplace.api import (
+    BaseApi,
+    ErrorSerializer,
+    NamedChoiceField,
+    StrictInputSerializer,
+    error_responses,
+    price_field,
+)
 from marketplace.permissions import IsRenter, user_renter
 
 # Bounds on a job request, so one request cannot store or ship something absurd.
@@ -119,8 +128,35 @@ class JobSerializer(serializers.Serializer):
         return UnplacedReasonSerializer(job).data
 
 
+class JobBudgetSerializer(serializers.Serializer):
+    """The job's money, in tokens (decimal strings): reserved at submission, charged by its
+    leases so far, released back to the renter after it finished, and still reserved."""
+
+    reserved = serializers.SerializerMethodField()
+    charged = serializers.SerializerMethodField()
+    released = serializers.SerializerMethodField()
+    remaining = serializers.SerializerMethodField()
+
+    @staticmethod
+    def _tokens(micro: int) -> str:
+        return str(billing_metering.micro_to_decimal(micro))
+
+    def get_reserved(self, budget: billing_selectors.JobBudget) -> str:
+        return self._tokens(budget.reserved)
+
+    def get_charged(self, budget: billing_selectors.JobBudget) -> str:
+        return self._tokens(budget.charged)
+
+    def get_released(self, budget: billing_selectors.JobBudget) -> str:
+        return self._tokens(budget.released)
+
+    def get_remaining(self, budget: billing_selectors.JobBudget) -> str:
+        return self._tokens(budget.remaining)
+
+
 class JobDetailSerializer(JobSerializer):
     current_lease = LeaseSerializer(allow_null=True, help_text="The assigned or running lease, if any.")
+    budget = JobBudgetSerializer(help_text="The job's budget, in tokens: see docs/billing.md.")
 
 
 class EventSerializer(serializers.Serializer):
@@ -136,6 +172,7 @@ class EventSerializer(serializers.Serializer):
 
 def _job_detail(job: Job) -> dict[str, Any]:
     job.current_lease = selectors.job_current_lease(job=job)
+    job.budget = billing_selectors.job_budget(job_id=job.pk)
     return JobDetailSerializer(job).data
 
 
@@ -234,7 +271,9 @@ class JobListApi(RenterApi):
         summary="Submit a job",
         description=(
             "With an Idempotency-Key header, repeating the same request returns the job created the first "
-            "time (200); the same key with a different body is refused (409 idempotency_key_reused)."
+            "time (200); the same key with a different body is refused (409 idempotency_key_reused). "
+            "The job's budget is reserved from the renter's available balance at once; without enough, "
+            "402 insufficient_funds and no job is created. What the job did not spend is released after it ends."
         ),
         parameters=[
             OpenApiParameter(
@@ -250,6 +289,11 @@ class JobListApi(RenterApi):
             201: OpenApiResponse(JobDetailSerializer, description="Created."),
             200: OpenApiResponse(JobDetailSerializer, description="A repeat of an earlier request with this key."),
             **error_responses(400, 401, 403, 409, 413),
+            402: OpenApiResponse(
+                ErrorSerializer,
+                description="insufficient_funds: the renter's available balance does not cover the job's budget "
+                "(max_price_per_gpu_hour × gpu_count × max_duration_s); no job is created.",
+            ),
         },
     )
     def post(self, request: Request) -> Response:

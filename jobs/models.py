@@ -202,6 +202,9 @@ class UsageReport(models.Model):
     peak_memory_mb = models.PositiveIntegerField(null=True, blank=True)
     payload = models.JSONField(default=dict)
     signature = models.CharField(max_length=200, blank=True)
+    # The address whose EIP-712 signature over this report the marketplace verified; "" for an
+    # unsigned report of a machine without a signing key.
+    verified_signer = models.CharField(max_length=42, blank=True)
     received_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

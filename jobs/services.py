@@ -21,6 +21,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from billing import services as billing_services
+from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import IdempotencyKeyReused, InvalidTransition, NotFound, ValidationFailed
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
 from providers.models import GPU
@@ -144,7 +146,11 @@ def _fingerprint(spec: JobSpec) -> str:
 
 def job_create(*, renter: Renter, spec: JobSpec, idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Submit a job. With an idempotency key, a repeat of the same request returns the job
-    created the first time (and False); the same key with a different body is refused."""
+    created the first time (and False); the same key with a different body is refused.
+
+    The job's budget is reserved from the renter's available balance in the same transaction
+    (billing.services.job_budget_reserve); without enough, InsufficientFunds (402) and no job.
+    The unused rest is released once the job has finished (billing.tasks.release_budgets)."""
     _validate_spec(spec)
     fingerprint = _fingerprint(spec)
     if idempotency_key:
@@ -172,6 +178,8 @@ def job_create(*, renter: Renter, spec: JobSpec, idempotency_key: str | None = N
                 request_fingerprint=fingerprint,
             )
             event_record(job_id=job.pk, kind="job.created", actor=f"renter:{renter.pk}", to_status=JS.PENDING)
+            # In the same transaction: a renter who cannot fund the budget gets no job (402).
+            billing_services.job_budget_reserve(job=job)
     except IntegrityError:
         if not idempotency_key:
             raise
@@ -391,6 +399,10 @@ def lease_end(
         lease = Lease.objects.filter(pk=lease_id).first()
         if lease is None or lease.status == Lease.Status.ENDED:
             return False
+        if lease.started_at is not None and at < lease.started_at:
+            # A lease cannot end before it started (e.g. a silent machine's last heartbeat came
+            # before the started event): it ran for no time.
+            at = lease.started_at
         if lease.stop_reason and reason in (ER.SUCCEEDED, ER.FAILED, ER.PREEMPTED_BY_OWNER):
             # The process ended because we asked; billing and the job follow our reason, except
             # that an owner reclaim that raced the stop is still the owner's.
@@ -461,13 +473,18 @@ def _job_after_lease(*, lease: Lease, reason: str, exit_code: int | None, detail
     # CANCELLED: the job was moved by job_cancel already.
 
 
-def leases_end_for_machine(*, machine_id: int, reason: str, actor: str, detail: str = "") -> int:
-    """End every active lease of a machine (it went silent, or was suspended). Returns how many."""
+def leases_end_for_machine(
+    *, machine_id: int, reason: str, actor: str, detail: str = "", at: datetime | None = None
+) -> int:
+    """End every active lease of a machine (it went silent, or was suspended). Returns how many.
+
+    `at` is when the leases really ended: for a machine that went silent, its last heartbeat,
+    so the silent stretch (a provider fault) is never billed."""
     count = 0
     for lease_id in (
         Lease.objects.filter(machine_id=machine_id, status__in=Lease.ACTIVE).order_by("pk").values_list("pk", flat=True)
     ):
-        count += lease_end(lease_id=lease_id, reason=reason, actor=actor, detail=detail)
+        count += lease_end(lease_id=lease_id, reason=reason, actor=actor, detail=detail, at=at)
     return count
 
 
@@ -603,6 +620,49 @@ def _seconds(delta: timedelta) -> Decimal:
     return Decimal(delta.days * 86400 + delta.seconds) + Decimal(delta.microseconds) / Decimal(1_000_000)
 
 
+def usage_signing_chain_id() -> int:
+    """The EIP-712 domain's chainId for usage reports (GPGPU["USAGE_SIGNING_CHAIN_ID"], default
+    the local development chain's id)."""
+    return int(settings.GPGPU["USAGE_SIGNING_CHAIN_ID"])
+
+
+def _usage_signature_verify(*, machine: Any, lease_id: int, report: UsageReportData) -> str:
+    """The address whose signature over exactly `report`'s fields was verified, or "" when the
+    machine has no signing address (an older agent: the report is accepted and recorded as
+    unsigned). Raises ValidationFailed `usage_signature_invalid` when the machine has a signing
+    address and the report is unsigned, signed by another key, altered after signing, or has a
+    value the signed struct cannot carry exactly (a fraction of a second, …)."""
+    address = getattr(machine, "signing_address", "") or ""
+    if not address:
+        return ""
+    code = "usage_signature_invalid"
+    if not report.signature:
+        raise ValidationFailed(
+            f"This machine signs its usage reports (signing address {address}), but this report has no signature.",
+            code=code,
+        )
+    protocol = usage_protocol
+    try:
+        struct = protocol.UsageStruct.from_wire(
+            lease_id=lease_id,
+            report_id=report.report_id,
+            period_start=report.period_start,
+            period_end=report.period_end,
+            gpu_seconds=report.gpu_seconds,
+            mean_utilization_pct=report.mean_utilization_pct,
+            peak_memory_mb=report.peak_memory_mb,
+        )
+    except protocol.UnsignableReport as exc:
+        raise ValidationFailed(f"The report cannot be checked against its signature: {exc}", code=code) from None
+    if not protocol.usage_signature_valid(struct, report.signature, address=address, chain_id=usage_signing_chain_id()):
+        raise ValidationFailed(
+            f"The signature is not this machine's key ({address}) signing exactly this report's fields "
+            f"(EIP-712 UsageReport, chainId {usage_signing_chain_id()}).",
+            code=code,
+        )
+    return address
+
+
 def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData) -> tuple[UsageReport, bool]:
     """Store a usage report of one of the machine's leases; returns (report, created).
 
@@ -611,6 +671,11 @@ def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData)
     its end, or now, with AGENT_CLOCK_SKEW either side), and gpu_seconds may not exceed the
     period's length times the lease's GPUs (ValidationFailed `usage_period_outside_lease` /
     `usage_gpu_seconds_exceeded`). Raises NotFound for a lease that is not this machine's.
+
+    A machine with a signing address must sign every report (EIP-712, see
+    _usage_signature_verify): otherwise ValidationFailed `usage_signature_invalid` and nothing
+    is stored. The report records the verified signer in `verified_signer` ("" for an unsigned
+    report of a machine without a signing address).
     """
     lease = Lease.objects.filter(pk=lease_id, machine_id=machine.pk).first() if 0 < lease_id <= _BIGINT_MAX else None
     if lease is None:
@@ -640,6 +705,7 @@ def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData)
             f"{lease.gpu_count} GPU(s) ({limit}).",
             code="usage_gpu_seconds_exceeded",
         )
+    signer = _usage_signature_verify(machine=machine, lease_id=lease.pk, report=report)
     try:
         with transaction.atomic():
             row = UsageReport.objects.create(
@@ -652,6 +718,7 @@ def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData)
                 peak_memory_mb=report.peak_memory_mb,
                 signature=report.signature,
                 payload=report.payload or {},
+                verified_signer=signer,
             )
     except IntegrityError:
         # The same report, sent twice at once: the other request stored it.

@@ -238,7 +238,47 @@ GPGPU = {
     "TELEMETRY_ROLLUP_RETENTION_D": env_int("TELEMETRY_ROLLUP_RETENTION_D", 400, minimum=1),
     # Registration tokens expire after this many hours.
     "REGISTRATION_TOKEN_TTL_H": env_int("REGISTRATION_TOKEN_TTL_H", 24, minimum=1),
+    # The EIP-712 domain chainId agents sign usage reports with (31337: the local dev chain).
+    "USAGE_SIGNING_CHAIN_ID": env_int("USAGE_SIGNING_CHAIN_ID", 31337, minimum=1),
 }
+
+# Billing (docs/billing.md). Amounts are int in the token's smallest unit (6 decimals: micro).
+BILLING_TOKEN_DECIMALS = env_int("BILLING_TOKEN_DECIMALS", 6)
+# The platform's fee on every settled charge, in basis points (1000 = 10 %; the escrow caps it at 2000).
+PLATFORM_FEE_BPS = env_int("PLATFORM_FEE_BPS", 1000)
+# How often agents send usage reports (their default), and the metering period.
+BILLING_USAGE_INTERVAL_S = env_int("BILLING_USAGE_INTERVAL_S", 60, minimum=1)
+BILLING_METER_INTERVAL_S = env_int("BILLING_METER_INTERVAL_S", 30, minimum=1)
+# An ended lease is billed for at most the seconds its usage reports cover plus this much: by
+# default one usage interval plus the heartbeat grace.
+USAGE_SLACK_S = env_int(
+    "USAGE_SLACK_S",
+    BILLING_USAGE_INTERVAL_S + GPGPU["HEARTBEAT_INTERVAL_S"] * GPGPU["HEARTBEAT_GRACE_BEATS"],
+)
+# An ended lease's charge becomes final this long after it ended (late usage reports count).
+BILLING_FINALIZE_GRACE_S = env_int("BILLING_FINALIZE_GRACE_S", USAGE_SLACK_S)
+
+# Chain (billing/chain/, README "Chain"). The node the operator sends settlements through; by
+# default the local anvil that scripts/demo starts.
+CHAIN_RPC_URL = os.environ.get("CHAIN_RPC_URL", "http://127.0.0.1:8545")
+# The chain id the node must report (guards against pointing at the wrong network); empty: any.
+CHAIN_ID: int | None = env_int("CHAIN_ID", 0, minimum=1) if os.environ.get("CHAIN_ID") else None
+# Blocks (the transaction's own included) before a settlement counts as final: 1 on a local node;
+# more on a public chain.
+CHAIN_CONFIRMATIONS = env_int("CHAIN_CONFIRMATIONS", 1, minimum=1)
+CHAIN_RECEIPT_TIMEOUT_S = env_int("CHAIN_RECEIPT_TIMEOUT_S", 120, minimum=1)
+CHAIN_RPC_TIMEOUT_S = env_int("CHAIN_RPC_TIMEOUT_S", 10, minimum=1)
+# The operator's signing key: hex in CHAIN_OPERATOR_KEY, or a 0600 file named by
+# CHAIN_OPERATOR_KEY_FILE. Never committed. Unset in DEBUG: anvil's public development key #0.
+CHAIN_OPERATOR_KEY = os.environ.get("CHAIN_OPERATOR_KEY", "")
+CHAIN_OPERATOR_KEY_FILE = os.environ.get("CHAIN_OPERATOR_KEY_FILE", "")
+# Where platform fees go (chain_deploy); unset in DEBUG: the operator.
+CHAIN_TREASURY_ADDRESS = os.environ.get("CHAIN_TREASURY_ADDRESS", "")
+# Production: the deployed escrow and token, and the block to scan its events from. Unset: the
+# deployment file GPGPU_VAR_DIR/chain/deployment-<chain id>.json written by chain_deploy.
+ESCROW_ADDRESS = os.environ.get("ESCROW_ADDRESS", "")
+TOKEN_ADDRESS = os.environ.get("TOKEN_ADDRESS", "")
+ESCROW_DEPLOYMENT_BLOCK = env_int("ESCROW_DEPLOYMENT_BLOCK", 0)
 
 CELERY_BEAT_SCHEDULE = {
     "match-pending-jobs": {
@@ -265,6 +305,16 @@ CELERY_BEAT_SCHEDULE = {
         "task": "providers.tasks.prune_telemetry",
         "schedule": 3600.0,
         "options": {"expires": 3600.0},
+    },
+    "meter-leases": {
+        "task": "billing.tasks.meter_leases",
+        "schedule": float(BILLING_METER_INTERVAL_S),
+        "options": {"expires": float(BILLING_METER_INTERVAL_S)},
+    },
+    "release-budgets": {
+        "task": "billing.tasks.release_budgets",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
     },
 }
 

@@ -78,6 +78,9 @@ class RegisterApi(AgentAPIView):
         machine_id = serializers.IntegerField()
         credential = serializers.CharField(help_text="Send as `Authorization: Machine <credential>`; shown once.")
         heartbeat_interval_s = serializers.IntegerField()
+        usage_signing_chain_id = serializers.IntegerField(
+            help_text="The chainId of the EIP-712 domain usage reports are signed under."
+        )
 
     @extend_schema(
         operation_id="agent_register",
@@ -101,6 +104,7 @@ class RegisterApi(AgentAPIView):
             "machine_id": machine.pk,
             "credential": credential,
             "heartbeat_interval_s": settings.GPGPU["HEARTBEAT_INTERVAL_S"],
+            "usage_signing_chain_id": job_services.usage_signing_chain_id(),
         }
         return Response(self.OutputSerializer(out).data, status=status.HTTP_201_CREATED)
 
@@ -146,6 +150,16 @@ class LeaseStopSerializer(serializers.Serializer):
     )
 
 
+class MachineScheduleSerializer(serializers.Serializer):
+    available_now = serializers.BooleanField(
+        help_text="Inside the owner's availability schedule now; false: offer nothing and reclaim running rentals."
+    )
+    available_until = serializers.DateTimeField(
+        allow_null=True, help_text="When the current stretch ends; null when not available or indefinitely."
+    )
+    indefinitely = serializers.BooleanField(help_text="Available with no end in sight.")
+
+
 MACHINE_FACTS = ("agent_version", "driver_version", "cuda_version", "cpu_cores", "ram_mb", "disk_gb", "region")
 
 
@@ -185,6 +199,7 @@ class HeartbeatApi(AgentAPIView):
         server_time = serializers.DateTimeField()
         start = LeaseStartSerializer(many=True, help_text="Leases to start (idempotent on the agent's side).")
         stop = LeaseStopSerializer(many=True, help_text="Leases to stop.")
+        schedule = MachineScheduleSerializer(help_text="The owner's availability schedule for this machine now.")
 
     @extend_schema(
         operation_id="agent_heartbeat",
@@ -290,8 +305,9 @@ class LeaseEventApi(AgentAPIView):
 
 
 class LeaseUsageApi(AgentAPIView):
-    """Usage of one interval of one of this machine's leases, stored for billing (which checks
-    the signature). A repeated report_id is answered 200 with duplicate=true; a new one 201."""
+    """Usage of one interval of one of this machine's leases, stored for billing. A machine with a
+    signing address must sign it (EIP-712, docs/agent-api.md): else 400 usage_signature_invalid.
+    A repeated report_id is answered 200 with duplicate=true; a new one 201."""
 
     class InputSerializer(serializers.Serializer):
         class Meta:

@@ -7,7 +7,7 @@ import logging
 import re
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -387,6 +387,35 @@ class HeartbeatReply:
     server_time: datetime
     start: list[LeaseStart]
     stop: list[LeaseStop]
+    # The owner's schedule for this machine now (see machine_schedule); None only in replies
+    # built before it was computed.
+    schedule: MachineSchedule | None = None
+
+
+@dataclass(frozen=True)
+class MachineSchedule:
+    """Whether the owner's schedule lets this machine be rented now, and until when.
+
+    available_now=False: outside every window or inside a blackout; the agent offers nothing
+    and reclaims running rentals. indefinitely=True: no end in sight (no windows, or windows
+    covering the horizon); available_until is then None."""
+
+    available_now: bool
+    available_until: datetime | None
+    indefinitely: bool
+
+
+def machine_schedule(*, machine: Machine, now: datetime) -> MachineSchedule:
+    """The owner's schedule for `machine` at `now`, from its windows and blackouts."""
+    from providers.availability import FOREVER
+    from providers.selectors import machine_available_until
+
+    until = machine_available_until(machine=machine, now=now)
+    if until is None:
+        return MachineSchedule(available_now=False, available_until=None, indefinitely=False)
+    if until == FOREVER:
+        return MachineSchedule(available_now=True, available_until=None, indefinitely=True)
+    return MachineSchedule(available_now=True, available_until=until, indefinitely=False)
 
 
 # A lease the agent lists that the marketplace does not know for this machine.
@@ -498,6 +527,7 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             TelemetrySample.objects.bulk_create(samples)
 
             reply = _heartbeat_reply(machine_id=machine.pk, report=report, now=now)
+            reply = replace(reply, schedule=machine_schedule(machine=machine, now=now))
     except IntegrityError:
         # Another machine claimed one of these uuids between the check and the insert.
         _gpu_uuids_check_free(machine_id=machine.pk, uuids=list(reported))
@@ -611,6 +641,9 @@ def machines_mark_silent_offline(*, now: datetime | None = None) -> int:
     count = 0
     for machine_id in candidates:
         with transaction.atomic():
+            last_heartbeat_at = (
+                Machine.objects.filter(pk=machine_id).values_list("last_heartbeat_at", flat=True).first()
+            )
             moved = Machine.objects.filter(silent, pk=machine_id, status=Machine.Status.ONLINE).update(
                 status=Machine.Status.OFFLINE
             )
@@ -622,6 +655,7 @@ def machines_mark_silent_offline(*, now: datetime | None = None) -> int:
                 reason="lost",
                 actor="liveness",
                 detail=f"no heartbeat for over {grace} seconds",
+                at=last_heartbeat_at,
             )
         count += 1
         logger.info("machine %s went silent: offline, %d lease(s) lost", machine_id, lost)

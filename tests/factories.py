@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 
 import factory
@@ -32,12 +33,32 @@ class ProviderFactory(factory.django.DjangoModelFactory):
     default_price_floor = Decimal("0.20")
 
 
+# What a factory-made renter has deposited, in micro (10,000 tokens): enough for any ordinary
+# test job's budget. RenterFactory(funds=0) makes an unfunded renter.
+DEFAULT_RENTER_FUNDS_MICRO = 10_000 * 10**6
+
+
+def fund(renter: Renter, amount: int) -> None:
+    """Credit `amount` micro to the renter's available balance, as a deposit seen on chain would
+    (through billing.services, with a made-up transaction hash)."""
+    from billing.services import deposit_record
+
+    deposit_record(renter=renter, amount=amount, tx_hash=f"test-deposit-{uuid.uuid4().hex}", log_index=0)
+
+
 class RenterFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = Renter
+        skip_postgeneration_save = True
 
     user = factory.SubFactory(UserFactory)
     display_name = factory.Sequence(lambda n: f"renter {n}")
+
+    @factory.post_generation
+    def funds(self, create: bool, extracted: int | None, **kwargs: object) -> None:
+        amount = DEFAULT_RENTER_FUNDS_MICRO if extracted is None else extracted
+        if create and amount:
+            fund(self, amount)
 
 
 class MachineFactory(factory.django.DjangoModelFactory):

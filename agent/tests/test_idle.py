@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pynvml
 import pytest
+
 from gpgpu_agent.fake_nvml import FakeNvml
 from gpgpu_agent.idle import IdleDetector, foreign_processes, no_parent, proc_parent
 from gpgpu_agent.nvml import MIG_DECLINED, NvmlCollector

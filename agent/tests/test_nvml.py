@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pynvml
 import pytest
+
 from gpgpu_agent.fake_nvml import FakeNvml
 from gpgpu_agent.nvml import (
     DRIVER_NOT_LOADED,

@@ -7,6 +7,7 @@ import random
 
 import pynvml
 import pytest
+
 from gpgpu_agent.idle import IdleDetector, foreign_processes, no_parent
 from gpgpu_agent.owner_usage import BUSY_RUNS, IDLE_RUNS, idle_fraction, owner_runs
 from gpgpu_agent.sim import OWNER_PID_BASE, SimulatedHost

@@ -71,6 +71,21 @@ def test_silent_machine_goes_offline_and_its_leases_are_lost() -> None:
     assert "lost" in fragile_job.failure_reason
 
 
+def test_lost_lease_ends_at_the_last_heartbeat_so_the_silence_is_not_billed() -> None:
+    machine = machine_with_gpus(count=1)
+    started = timezone.now() - timedelta(minutes=30)
+    lease = assign(JobFactory(), machine.gpus.get())
+    Lease.objects.filter(pk=lease.pk).update(started_at=started)
+    last_heartbeat = timezone.now() - grace() - timedelta(minutes=10)
+    Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=last_heartbeat)
+
+    services.machines_mark_silent_offline()
+
+    lease.refresh_from_db()
+    assert lease.end_reason == "lost"
+    assert lease.ended_at == last_heartbeat
+
+
 def test_machine_that_heartbeats_in_time_stays_online() -> None:
     machine = machine_with_gpus(count=1)
     lease = assign(JobFactory(), machine.gpus.get())

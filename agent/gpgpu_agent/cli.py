@@ -1,0 +1,259 @@
+"""`gpgpu-agent`: register this machine, run the daemon, show its status, check its setup.
+
+    gpgpu-agent register --url https://market.example --token gpreg_…
+    gpgpu-agent run [--simulate] [--config agent.toml] [--poll-interval-s 1 …]
+    gpgpu-agent status
+    gpgpu-agent doctor
+
+Every setting (see gpgpu_agent.config) can be given as a flag, as GPGPU_AGENT_<KEY> in the
+environment, or in the TOML file, in that order of precedence. A bad setting is one line on
+stderr and exit status 2; an agent error (no driver, no credential, marketplace refusal) is one
+line and exit status 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from gpgpu_agent import __version__
+from gpgpu_agent.config import KEYS, AgentConfig, ConfigError, load_config
+from gpgpu_agent.credentials import CredentialError, MachineCredential, load_credential, save_credential
+from gpgpu_agent.protocols import AgentError, Rejected, TransportUnavailable
+
+logger = logging.getLogger("gpgpu_agent")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+# Settings that are plain switches on the command line (--simulate, not --simulate true).
+_SWITCHES = ("simulate", "offer_mig", "simulate_owners_idle")
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", dest="config_file", metavar="FILE", help="TOML config file")
+    group = parser.add_argument_group("settings (also GPGPU_AGENT_<KEY> or the config file)")
+    for key in KEYS:
+        flag = "--" + key.replace("_", "-")
+        if key in _SWITCHES:
+            group.add_argument(flag, dest=key, action="store_const", const=True, default=None)
+        else:
+            group.add_argument(flag, dest=key, default=None, metavar=key.split("_")[-1].upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpgpu-agent", description="GPGPU provider agent.")
+    parser.add_argument("--version", action="version", version=f"gpgpu-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    register = sub.add_parser("register", help="trade a registration token for this machine's credential")
+    register.add_argument("--url", dest="marketplace_url", help="the marketplace's address")
+    register.add_argument("--token", help="the one-time registration token (gpreg_…)")
+    register.add_argument(
+        "--provider-token",
+        help="a provider API token: create a registration token with it first (demos, scripted installs)",
+    )
+    register.add_argument("--force", action="store_true", help="register again even if a credential exists")
+    _add_settings(register)
+
+    run = sub.add_parser("run", help="run the daemon (Ctrl-C stops it; rentals keep running)")
+    _add_settings(run)
+    status = sub.add_parser("status", help="machine, leases, spool and last heartbeat")
+    _add_settings(status)
+    doctor = sub.add_parser("doctor", help="check the driver, Docker, the marketplace and the files")
+    _add_settings(doctor)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    flags = {key: getattr(args, key, None) for key in KEYS}
+    return load_config(flags, config_file=args.config_file)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        print(f"gpgpu-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    try:
+        if args.command == "register":
+            return cmd_register(config, args)
+        if args.command == "run":
+            return cmd_run(config)
+        if args.command == "status":
+            return cmd_status(config)
+        if args.command == "doctor":
+            from gpgpu_agent.doctor import run_doctor
+
+            return run_doctor(config)
+    except AgentError as exc:
+        print(f"gpgpu-agent: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK
+    parser.error(f"unknown command {args.command}")
+    return EXIT_CONFIG
+
+
+# --- register ---------------------------------------------------------------------------------
+
+
+def cmd_register(config: AgentConfig, args: argparse.Namespace) -> int:
+    """Register: a fresh signing key (its address is sent), the credential written 0600."""
+    from gpgpu_agent.signing import create_key_file, load_key_file
+    from gpgpu_agent.transport import HttpTransport
+
+    if not config.marketplace_url:
+        print("gpgpu-agent: register needs --url (the marketplace's address)", file=sys.stderr)
+        return EXIT_CONFIG
+    if config.credential_path.exists() and not args.force:
+        existing = load_credential(config.credential_path)
+        print(f"already registered as machine {existing.machine_id} ({config.credential_path}); --force to redo")
+        return EXIT_OK
+    hostname = config.hostname or socket.gethostname()
+    token = args.token
+    if not token and args.provider_token:
+        token = _registration_token_create(config.marketplace_url, args.provider_token, label=hostname)
+    if not token:
+        print("gpgpu-agent: register needs --token (or --provider-token)", file=sys.stderr)
+        return EXIT_CONFIG
+    key = load_key_file(config.key_path) if config.key_path.exists() else create_key_file(config.key_path)
+    transport = HttpTransport(config.marketplace_url)
+    try:
+        reply = transport.register(
+            {
+                "token": token,
+                "hostname": hostname[:255],
+                "agent_version": __version__,
+                "signing_address": key.address,
+                "region": config.region,
+            }
+        )
+    except Rejected as exc:
+        raise AgentError(f"the marketplace refused the registration: {exc.detail or exc.code}") from None
+    except TransportUnavailable as exc:
+        raise AgentError(f"cannot register: {exc}") from None
+    finally:
+        transport.close()
+    save_credential(
+        config.credential_path,
+        MachineCredential(
+            machine_id=int(reply["machine_id"]),
+            credential=str(reply["credential"]),
+            marketplace_url=config.marketplace_url,
+        ),
+    )
+    print(f"registered as machine {reply['machine_id']}; credential in {config.credential_path}")
+    return EXIT_OK
+
+
+def _registration_token_create(url: str, provider_token: str, *, label: str) -> str:
+    """A one-time registration token from the provider API (POST /api/v1/registration-tokens/)."""
+    import requests
+
+    try:
+        response = requests.post(
+            f"{url.rstrip('/')}/api/v1/registration-tokens/",
+            json={"label": label[:100]},
+            headers={"Authorization": f"Token {provider_token}"},
+            timeout=10,
+        )
+    except requests.RequestException as exc:
+        raise AgentError(f"cannot reach {url}: {type(exc).__name__}") from None
+    if response.status_code != 201:
+        raise AgentError(f"the marketplace refused to create a registration token ({response.status_code})")
+    return str(response.json()["token"])
+
+
+# --- run --------------------------------------------------------------------------------------
+
+
+def cmd_run(config: AgentConfig) -> int:
+    from gpgpu_agent.daemon import build_agent
+
+    credential = load_credential(config.credential_path)
+    agent = build_agent(config, credential)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("signal %s: stopping (rentals keep running)", signal.Signals(signum).name)
+        agent.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    agent.run()
+    return EXIT_OK
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def read_status(config: AgentConfig) -> dict[str, Any]:
+    """What `status` prints, as a dict: machine, marketplace, running leases, spool depth and
+    the last heartbeat's outcome (from the daemon's status file)."""
+    out: dict[str, Any] = {"state_dir": str(config.state_dir)}
+    try:
+        cred = load_credential(config.credential_path)
+        out["machine_id"] = cred.machine_id
+        out["marketplace_url"] = config.marketplace_url or cred.marketplace_url
+    except CredentialError as exc:
+        out["machine_id"] = None
+        out["marketplace_url"] = config.marketplace_url
+        out["credential_problem"] = str(exc)
+    runs = config.runs_dir
+    running = []
+    if runs.is_dir():
+        for record in sorted(runs.glob("lease-*.json")):
+            if record.name.endswith(".exit.json"):
+                continue
+            lease = record.name.removeprefix("lease-").removesuffix(".json")
+            if lease.isdigit() and not (runs / f"lease-{lease}.exit.json").exists():
+                running.append(int(lease))
+    out["leases_running"] = running
+    try:
+        daemon_status = json.loads(config.status_path.read_text())
+    except (OSError, ValueError):
+        daemon_status = {}
+    out["spool_depth"] = daemon_status.get("spool_depth")
+    out["last_heartbeat"] = daemon_status.get("last_heartbeat")
+    out["status_updated_at"] = daemon_status.get("updated_at")
+    return out
+
+
+def cmd_status(config: AgentConfig) -> int:
+    status = read_status(config)
+    hb = status.get("last_heartbeat") or {}
+    if hb.get("ok") is None:
+        beat = "none yet (is `gpgpu-agent run` running?)"
+    elif hb.get("ok"):
+        beat = f"OK at {hb.get('at')}"
+    else:
+        beat = f"FAILED at {hb.get('at')}: {hb.get('error')}"
+    print(f"machine:        {status['machine_id'] if status['machine_id'] is not None else 'not registered'}")
+    print(f"marketplace:    {status['marketplace_url'] or '(not set)'}")
+    print(f"state dir:      {status['state_dir']}")
+    print(f"leases running: {', '.join(map(str, status['leases_running'])) or 'none'}")
+    depth = status.get("spool_depth")
+    print(f"spool:          {'unknown' if depth is None else f'{depth} report(s) waiting to be sent'}")
+    print(f"last heartbeat: {beat}")
+    if status.get("credential_problem"):
+        print(f"problem:        {status['credential_problem']}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,317 @@
+"""The agent API over HTTP (docs/agent-api.md), the backoff between retries, and a fake for tests.
+
+HttpTransport maps every way a call can go wrong onto two errors (protocols.Transport):
+
+- TransportUnavailable: a retry may cure it. Connection refused or reset, DNS failure, timeout,
+  408, 429 and 5xx answers (with the Retry-After header's wait, when given), a 2xx answer that
+  is not a JSON object, and a 4xx answer without the marketplace's `{"code", "detail"}` body (a
+  proxy or a wrong base URL answered, not the marketplace: giving up on the message would be
+  wrong).
+- Rejected(status, code, detail): the marketplace refused this request; sending it again
+  unchanged will be refused again.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+
+from gpgpu_agent import __version__
+from gpgpu_agent.protocol import (
+    API_PREFIX,
+    AUTH_SCHEME,
+    AUTHORIZATION_HEADER,
+    CODE_INVALID_TRANSITION,
+    EVENT_STARTED,
+    RETRY_AFTER_HEADER,
+)
+from gpgpu_agent.protocols import Rejected, TransportUnavailable
+
+logger = logging.getLogger(__name__)
+
+# Statuses a retry may cure besides 5xx: request timeout, too many requests.
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date), None when
+    absent or unreadable; never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+class HttpTransport:
+    """protocols.Transport over `requests`.
+
+    `base_url` is the marketplace's address (`https://market.example`); the agent API's prefix
+    `/api/agent/v1/` is added (a base URL that already ends with it is used as is). Every call
+    but `register` sends `Authorization: Machine <credential>`; set `credential` after
+    registering. Thread-safe as far as `requests.Session` is (one call at a time per thread)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        credential: str | None = None,
+        timeout_s: float = 10,
+        session: requests.Session | None = None,
+    ):
+        root = base_url.rstrip("/")
+        prefix = API_PREFIX.rstrip("/")
+        self.api_url = (root if root.endswith(prefix) else root + prefix) + "/"
+        self.credential = credential
+        self.timeout_s = timeout_s
+        self._session = session or requests.Session()
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- the agent API -------------------------------------------------------------------------
+
+    def register(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self._post("register", body, authenticated=False)
+
+    def heartbeat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self._post("heartbeat", body)
+
+    def lease_event(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self._post(f"leases/{int(lease_id)}/events", body)
+
+    def lease_usage(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self._post(f"leases/{int(lease_id)}/usage", body)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _post(self, path: str, body: Mapping[str, Any], *, authenticated: bool = True) -> dict[str, Any]:
+        url = self.api_url + path
+        headers = {"Accept": "application/json", "User-Agent": f"gpgpu-agent/{__version__}"}
+        if authenticated:
+            if not self.credential:
+                raise Rejected(
+                    401, "not_registered", "This agent has no machine credential; run `gpgpu-agent register`."
+                )
+            headers[AUTHORIZATION_HEADER] = f"{AUTH_SCHEME} {self.credential}"
+        try:
+            response = self._session.post(
+                url, json=dict(body), headers=headers, timeout=self.timeout_s, allow_redirects=False
+            )
+        except requests.Timeout:
+            raise TransportUnavailable(f"The marketplace did not answer {url} within {self.timeout_s:g} s.") from None
+        except requests.RequestException as exc:
+            raise TransportUnavailable(f"Cannot reach the marketplace at {url}: {type(exc).__name__}.") from None
+        return self._answer(url, response)
+
+    @staticmethod
+    def _answer(url: str, response: requests.Response) -> dict[str, Any]:
+        status = response.status_code
+        try:
+            payload: Any = response.json()
+        except ValueError:
+            payload = None
+        if 200 <= status < 300:
+            if not isinstance(payload, dict):
+                raise TransportUnavailable(f"{url} answered {status} with a body that is not a JSON object.")
+            return payload
+        if status >= 500 or status in _RETRYABLE_4XX:
+            wait = parse_retry_after(response.headers.get(RETRY_AFTER_HEADER))
+            hint = f"; it asks to retry in {wait:g} s" if wait is not None else ""
+            raise TransportUnavailable(f"{url} answered {status}{hint}.", retry_after_s=wait)
+        if 400 <= status < 500 and isinstance(payload, dict) and isinstance(payload.get("code"), str):
+            raise Rejected(status, payload["code"], str(payload.get("detail", "")))
+        # A redirect, or a 4xx that is not the marketplace's error body: something between us
+        # (a proxy, a wrong base URL) answered; the message itself may be fine.
+        where = f" to {response.headers.get('Location')}" if 300 <= status < 400 else ""
+        raise TransportUnavailable(
+            f"{url} answered {status}{where} without the marketplace's error body; is the marketplace URL right?"
+        )
+
+
+class Backoff:
+    """Exponential backoff with full jitter: after the n-th failure in a row, wait a uniformly
+    random time in [0, min(cap_s, base_s × 2^(n-1))). A Retry-After the marketplace sent is a
+    floor (itself capped at cap_s, so heartbeats never stop for longer). `reset()` after a
+    success. `rand` returns floats in [0, 1): inject one to make delays deterministic."""
+
+    def __init__(self, *, base_s: float = 1.0, cap_s: float = 60.0, rand: Callable[[], float] = random.random):
+        if base_s <= 0 or cap_s < base_s:
+            raise ValueError("Backoff needs 0 < base_s <= cap_s.")
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.failures = 0
+        self._rand = rand
+
+    def next_delay(self, retry_after_s: float | None = None) -> float:
+        """Record one more failure and return the seconds to wait before the next try."""
+        ceiling = min(self.cap_s, self.base_s * 2.0 ** min(self.failures, 62))
+        self.failures += 1
+        delay = self._rand() * ceiling
+        if retry_after_s is not None:
+            delay = max(delay, min(max(0.0, retry_after_s), self.cap_s))
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+# --- a fake for tests ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FakeCall:
+    """One call the fake received, and what became of it: "ok", "duplicate", "unavailable"
+    or "rejected"."""
+
+    method: str
+    lease_id: int | None
+    body: dict[str, Any]
+    outcome: str
+
+
+@dataclass
+class FakeTransport:
+    """protocols.Transport in memory, behaving like the marketplace where the agent can tell.
+
+    - Idempotency as on the server: a repeated event_id (per lease) or report_id (per lease) is
+      answered like the first time with duplicate=true and is not applied again; `applied` lists
+      what took effect, in order, as (kind, lease_id, key).
+    - `set_down()` / `set_up()`: every call raises TransportUnavailable while down;
+      `fail_next(n)`: the next n calls do.
+    - `reject(kind, lease_id, key, …)`: that message is refused for good (Rejected);
+      `reject_all(…)`: every call is (for example 403 machine_suspended).
+    - `heartbeat_replies`: replies returned in turn before the default (no starts, no stops).
+    """
+
+    heartbeat_interval_s: int = 10
+    up: bool = True
+    retry_after_s: float | None = None
+    calls: list[FakeCall] = field(default_factory=list)
+    applied: list[tuple[str, int, str]] = field(default_factory=list)
+    heartbeat_replies: deque[dict[str, Any]] = field(default_factory=deque)
+    record_calls: bool = True
+    _failures_left: int = 0
+    _rejections: dict[tuple[str, int, str], Rejected] = field(default_factory=dict)
+    _reject_all: Rejected | None = None
+    _events: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+    _usage: dict[tuple[int, str], tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- scripting -----------------------------------------------------------------------------
+
+    def set_down(self, *, retry_after_s: float | None = None) -> None:
+        self.up = False
+        self.retry_after_s = retry_after_s
+
+    def set_up(self) -> None:
+        self.up = True
+        self._failures_left = 0
+
+    def fail_next(self, n: int, *, retry_after_s: float | None = None) -> None:
+        self._failures_left = n
+        self.retry_after_s = retry_after_s
+
+    def reject(
+        self,
+        kind: str,
+        lease_id: int,
+        key: str,
+        *,
+        status: int = 409,
+        code: str = CODE_INVALID_TRANSITION,
+        detail: str = "The lease's state does not allow this.",
+    ) -> None:
+        self._rejections[(kind, lease_id, key)] = Rejected(status, code, detail)
+
+    def reject_all(self, status: int, code: str, detail: str = "") -> None:
+        self._reject_all = Rejected(status, code, detail)
+
+    def accept_all(self) -> None:
+        self._reject_all = None
+
+    def sent(self, kind: str) -> list[tuple[int, str]]:
+        """(lease_id, key) of what took effect, of one kind ("event" or "usage"), in order."""
+        return [(lease, key) for k, lease, key in self.applied if k == kind]
+
+    # -- protocols.Transport -------------------------------------------------------------------
+
+    def register(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        self._gate("register", None, body, None)
+        self._record("register", None, body, "ok")
+        return {"machine_id": 1, "credential": "gpm_fake_credential", "heartbeat_interval_s": self.heartbeat_interval_s}
+
+    def heartbeat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        self._gate("heartbeat", None, body, None)
+        self._record("heartbeat", None, body, "ok")
+        if self.heartbeat_replies:
+            return self.heartbeat_replies.popleft()
+        return {
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+            "server_time": datetime.now(UTC).isoformat(),
+            "start": [],
+            "stop": [],
+        }
+
+    def lease_event(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
+        key = str(body.get("event_id", ""))
+        self._gate("lease_event", lease_id, body, ("event", lease_id, key))
+        with self._lock:
+            duplicate = (lease_id, key) in self._events
+            if not duplicate:
+                self._events[(lease_id, key)] = dict(body)
+                self.applied.append(("event", lease_id, key))
+            self._record("lease_event", lease_id, body, "duplicate" if duplicate else "ok")
+            running = self._events[(lease_id, key)].get("type") == EVENT_STARTED
+        return {
+            "lease_id": lease_id,
+            "lease_status": "running" if running else "ended",
+            "job_status": "running" if running else "succeeded",
+            "duplicate": duplicate,
+        }
+
+    def lease_usage(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
+        key = str(body.get("report_id", ""))
+        self._gate("lease_usage", lease_id, body, ("usage", lease_id, key))
+        with self._lock:
+            duplicate = (lease_id, key) in self._usage
+            if not duplicate:
+                self._usage[(lease_id, key)] = (len(self._usage) + 1, dict(body))
+                self.applied.append(("usage", lease_id, key))
+            self._record("lease_usage", lease_id, body, "duplicate" if duplicate else "ok")
+            row_id = self._usage[(lease_id, key)][0]
+        return {"id": row_id, "lease_id": lease_id, "report_id": key, "duplicate": duplicate}
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _record(self, method: str, lease_id: int | None, body: Mapping[str, Any], outcome: str) -> None:
+        if self.record_calls:
+            self.calls.append(FakeCall(method, lease_id, dict(body), outcome))
+
+    def _gate(
+        self, method: str, lease_id: int | None, body: Mapping[str, Any], message: tuple[str, int, str] | None
+    ) -> None:
+        with self._lock:
+            if not self.up or self._failures_left > 0:
+                self._failures_left = max(0, self._failures_left - 1)
+                self._record(method, lease_id, body, "unavailable")
+                raise TransportUnavailable("The marketplace is unreachable (fake).", retry_after_s=self.retry_after_s)
+            rejection = self._reject_all or (self._rejections.get(message) if message else None)
+            if rejection is not None:
+                self._record(method, lease_id, body, "rejected")
+                raise Rejected(rejection.status, rejection.code, rejection.detail)

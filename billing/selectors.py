@@ -1,0 +1,118 @@
+"""Reads of billing: balances, a job's budget, unsettled leases and the ledger's invariants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import Count, Q, QuerySet, Sum
+
+from billing.models import LeaseCharge, LedgerAccount, LedgerEntry, Posting
+from jobs.models import Job, Lease
+
+AK = LedgerAccount.Kind
+EK = LedgerEntry.Kind
+
+
+def account_balance(*, kind: str, owner_key: str = "") -> int:
+    """An account's balance in micro (0 for an account never posted to)."""
+    return LedgerAccount.objects.filter(kind=kind, owner_key=owner_key).values_list("balance", flat=True).first() or 0
+
+
+def renter_available_micro(*, renter_id: int) -> int:
+    return account_balance(kind=AK.RENTER_AVAILABLE, owner_key=f"renter:{renter_id}")
+
+
+def provider_payable_micro(*, provider_id: int) -> int:
+    return account_balance(kind=AK.PROVIDER_PAYABLE, owner_key=f"provider:{provider_id}")
+
+
+@dataclass(frozen=True)
+class JobBudget:
+    """A job's money in micro: reserved at admission, charged by its leases, released at the end,
+    and what is still reserved."""
+
+    reserved: int
+    charged: int
+    released: int
+    remaining: int
+
+
+def job_budget(*, job_id: int) -> JobBudget:
+    """The job's budget, from the postings to its job_reserved account."""
+    rows = dict(
+        Posting.objects.filter(account__kind=AK.JOB_RESERVED, account__owner_key=f"job:{job_id}")
+        .values_list("entry__kind")
+        .annotate(total=Sum("amount"))
+        .values_list("entry__kind", "total")
+    )
+    reserved = rows.get(EK.RESERVE, 0)
+    charged = -rows.get(EK.CHARGE, 0)
+    released = -rows.get(EK.RELEASE, 0)
+    return JobBudget(reserved=reserved, charged=charged, released=released, remaining=reserved - charged - released)
+
+
+def leases_unsettled(*, limit: int = 1000) -> QuerySet[LedgerAccount]:
+    """lease_unsettled accounts holding money (what the settlement engine should send on chain),
+    oldest lease first, with the lease, its machine and its charge loaded."""
+    return (
+        LedgerAccount.objects.filter(kind=AK.LEASE_UNSETTLED, balance__gt=0)
+        .select_related("lease__machine", "lease__charge")
+        .order_by("lease_id")[:limit]
+    )
+
+
+def ledger_violations() -> list[str]:
+    """Every broken invariant of the ledger, as sentences (empty when all hold):
+
+    - every entry's postings sum to zero, and every entry has postings;
+    - every account's cached balance equals the sum of its postings;
+    - no guarded account (every kind but escrow_chain) is below zero;
+    - all accounts together sum to zero (money is conserved);
+    - a terminal job whose leases are all finally metered has nothing left reserved;
+    - no lease's charge exceeds its job's reservation.
+    """
+    problems: list[str] = []
+    for entry_id, key, total in (
+        LedgerEntry.objects.annotate(total=Sum("postings__amount"), legs=Count("postings"))
+        .filter(Q(legs=0) | ~Q(total=0))
+        .values_list("pk", "idempotency_key", "total")
+    ):
+        problems.append(f"entry {entry_id} ({key}) sums to {total or 0}, not zero (or has no postings)")
+
+    sums = dict(
+        Posting.objects.values_list("account_id").annotate(total=Sum("amount")).values_list("account_id", "total")
+    )
+    grand_total = 0
+    for account in LedgerAccount.objects.order_by("pk"):
+        expected = sums.get(account.pk, 0)
+        grand_total += account.balance
+        if account.balance != expected:
+            problems.append(
+                f"account {account.pk} ({account}) caches balance {account.balance} but its postings sum to {expected}"
+            )
+        if account.kind in LedgerAccount.GUARDED and account.balance < 0:
+            problems.append(f"account {account.pk} ({account}) is negative: {account.balance}")
+    if grand_total != 0:
+        problems.append(f"all balances together sum to {grand_total}, not zero")
+
+    for account in LedgerAccount.objects.filter(kind=AK.JOB_RESERVED, balance__gt=0, job__status__in=Job.TERMINAL):
+        leases = Lease.objects.filter(job_id=account.job_id).select_related("charge")
+        if all(lease.status == Lease.Status.ENDED and _final(lease) for lease in leases):
+            problems.append(
+                f"job {account.job_id} is finished and finally metered but still has {account.balance} reserved"
+            )
+
+    for job_id, charged in (
+        LeaseCharge.objects.values_list("lease__job_id")
+        .annotate(total=Sum("cumulative_micro"))
+        .values_list("lease__job_id", "total")
+    ):
+        reserved = job_budget(job_id=job_id).reserved
+        if charged > reserved:
+            problems.append(f"job {job_id}'s leases were charged {charged}, past its budget of {reserved}")
+    return problems
+
+
+def _final(lease: Lease) -> bool:
+    charge = getattr(lease, "charge", None)
+    return charge is not None and charge.final

@@ -1,0 +1,410 @@
+"""The real agent (gpgpu_agent, in simulation mode: the fake NVIDIA driver beneath pynvml, real
+processes under the process runner) against a live marketplace over HTTP.
+
+Each test registers the machine through the CLI (`gpgpu-agent register --provider-token …`),
+builds the agent with gpgpu_agent.daemon.build_agent from the same config the CLI would use,
+runs it in a thread, submits a job through the renter API and runs match cycles in this thread.
+
+On SQLite the test database lives in memory and the live server shares its one connection with
+this thread, so the agent's HTTP calls and this thread's work take turns (a lock); on
+PostgreSQL they run freely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from django.db import connection
+from django.utils import timezone
+
+from gpgpu_agent import cli
+from gpgpu_agent.config import load_config
+from gpgpu_agent.credentials import load_credential
+from gpgpu_agent.daemon import Agent, build_agent
+from gpgpu_agent.protocol import usage_signature_valid, wire_usage_struct
+from gpgpu_agent.transport import Backoff, HttpTransport
+from jobs.models import Event, Lease, UsageReport
+from marketplace.matching import match_cycle
+from providers.models import Machine
+from tests.factories import ProviderFactory, RenterFactory, token_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
+
+DEADLINE_S = 60.0
+# A pid no real process has (above the kernel's default pid_max of 4194304 is refused by
+# nothing here: the fake driver only lists it).
+OWNER_PID = 4_000_123
+
+
+class TurnTransport(HttpTransport):
+    """HttpTransport whose calls take turns with the test thread (SQLite's one connection), and
+    which remembers every usage report id it was asked to send."""
+
+    def __init__(self, *args: Any, turn: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.turn = turn
+        self.usage_ids_sent: set[str] = set()
+
+    def _post(self, path: str, body: Mapping[str, Any], *, authenticated: bool = True) -> dict[str, Any]:
+        if path.endswith("/usage"):
+            self.usage_ids_sent.add(str(body["report_id"]))
+        with self.turn:
+            return super()._post(path, body, authenticated=authenticated)
+
+
+class Outage:
+    """A TCP proxy on 127.0.0.1 in front of the live server; `down()` makes it refuse every
+    connection (accept, then reset) and cut the open ones, `up()` forwards again."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.is_down = False
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def down(self) -> None:
+        with self._lock:
+            self.is_down = True
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._open.clear()
+
+    def up(self) -> None:
+        self.is_down = False
+
+    def close(self) -> None:
+        self._closed = True
+        self.down()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.is_down:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class Market:
+    """A live marketplace, a renter session, and the agent(s) of one simulated machine."""
+
+    def __init__(self, url: str, tmp_path: Path) -> None:
+        self.url = url
+        self.state_dir = tmp_path / "agent"
+        self.turn: Any = threading.Lock() if connection.vendor == "sqlite" else contextlib.nullcontext()
+        self.session = requests.Session()
+        renter = RenterFactory()
+        self.session.headers["Authorization"] = f"Token {token_for(renter.user)}"
+        _fund(renter)
+        self.provider_token = token_for(ProviderFactory().user)
+        self.agent: Agent | None = None
+        self.thread: threading.Thread | None = None
+        self.transport: TurnTransport | None = None
+
+    def register(self, agent_url: str | None = None) -> None:
+        code = cli.main(
+            [
+                "register",
+                "--url",
+                agent_url or self.url,
+                "--provider-token",
+                self.provider_token,
+                "--state-dir",
+                str(self.state_dir),
+                "--hostname",
+                "e2e-rig",
+            ]
+        )
+        assert code == 0
+
+    def start_agent(self, agent_url: str | None = None) -> Agent:
+        config = load_config(
+            {
+                "state_dir": str(self.state_dir),
+                "marketplace_url": agent_url or self.url,
+                "simulate": True,
+                "simulate_owners_idle": True,
+                "simulate_gpus": "NVIDIA GeForce RTX 4090:24564",
+                "poll_interval_s": "0.2",
+                "heartbeat_interval_s": "0.5",
+                "usage_interval_s": "1",
+                "idle_grace_s": "0",
+                "stop_grace_s": "5",
+            },
+            environ={},
+        )
+        credential = load_credential(config.credential_path)
+        self.transport = TurnTransport(config.marketplace_url, credential.credential, turn=self.turn, timeout_s=5)
+        agent = build_agent(config, credential, transport=self.transport)
+        agent.backoff = Backoff(base_s=0.2, cap_s=2.0)  # come back quickly after the outage
+        self.agent = agent
+        self.thread = threading.Thread(target=agent.run, name="agent", daemon=True)
+        self.thread.start()
+        return agent
+
+    def stop_agent(self) -> None:
+        if self.agent is not None and self.thread is not None:
+            self.agent.request_stop()
+            self.thread.join(30)
+            assert not self.thread.is_alive(), "the agent did not stop"
+        self.agent = None
+        self.thread = None
+
+    @property
+    def fake(self) -> Any:
+        assert self.agent is not None
+        return self.agent.collector.host.fake  # type: ignore[attr-defined]
+
+    def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        with self.turn:
+            return self.session.request(method, f"{self.url}{path}", timeout=10, **kwargs)
+
+    def submit(self, command: list[str], key: str) -> dict[str, Any]:
+        body = {
+            "kind": "process",
+            "command": command,
+            "gpu_count": 1,
+            "max_price_per_gpu_hour": "2.00",
+            "expected_duration_s": 60,
+            "max_duration_s": 600,
+        }
+        response = self.call("POST", "/api/v1/jobs/", json=body, headers={"Idempotency-Key": key})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def wait_for(self, job_id: int, done: Callable[[dict[str, Any]], bool], deadline_s: float = DEADLINE_S) -> dict:
+        deadline = time.monotonic() + deadline_s
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            with self.turn:
+                match_cycle()
+            job = self.call("GET", f"/api/v1/jobs/{job_id}/").json()
+            if not seen or seen[-1] != job["status"]:
+                seen.append(job["status"])
+            if done(job):
+                return job
+            time.sleep(0.2)
+        pytest.fail(f"job {job_id} went through {seen} and did not get there within {deadline_s} s")
+
+    def lease_of(self, job_id: int) -> Lease:
+        with self.turn:
+            return Lease.objects.filter(job_id=job_id).order_by("pk").last()  # type: ignore[return-value]
+
+
+def _fund(renter: Any) -> None:
+    """A deposit for the renter, so jobs' budgets can be reserved (when billing reserves them)."""
+    from billing import services as billing_services
+
+    deposit = getattr(billing_services, "deposit_record", None)
+    if deposit is not None:
+        deposit(renter=renter, amount=1000 * 10**6, tx_hash="0x" + "ab" * 32, log_index=renter.pk)
+
+
+@pytest.fixture
+def market(live_server: Any, settings: Any, tmp_path: Path) -> Iterator[Market]:
+    settings.GPGPU = {**settings.GPGPU, "HEARTBEAT_INTERVAL_S": 1}
+    m = Market(live_server.url, tmp_path)
+    try:
+        yield m
+    finally:
+        m.stop_agent()
+        m.session.close()
+
+
+def _pid_command(pid_file: Path, seconds: float, *, message: str = "training") -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+        f"print({message!r}, os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True); time.sleep({seconds})",
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _wait(condition: Callable[[], bool], deadline_s: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < deadline_s:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    pytest.fail(f"{what} did not happen within {deadline_s} s")
+
+
+# --- (a) the whole path -----------------------------------------------------------------------
+
+
+def test_registered_agent_runs_a_process_job_and_reports_it_succeeded(market: Market, tmp_path: Path) -> None:
+    market.register()
+    market.start_agent()
+
+    job = market.submit(_pid_command(tmp_path / "pid", 1.5), key="agent-e2e-success")
+    job = market.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+
+    assert job["status"] == "succeeded", job
+    assert job["exit_code"] == 0
+    leases = market.call("GET", f"/api/v1/jobs/{job['id']}/leases/").json()["results"]
+    assert [lease["end_reason"] for lease in leases] == ["succeeded"]
+    lease = market.call("GET", f"/api/v1/leases/{leases[0]['id']}/").json()
+    # The command really ran, on the leased GPU only, and its output came back.
+    assert "training 0" in lease["log_tail"]
+    market.stop_agent()
+    # Usage arrived, signed by the key the agent registered, never more than the lease's time.
+    machine = Machine.objects.get(pk=load_credential(market.state_dir / "credential.json").machine_id)
+    reports = list(UsageReport.objects.filter(lease_id=lease["id"]))
+    assert reports
+    for report in reports:
+        struct = wire_usage_struct(lease["id"], report.payload)
+        assert usage_signature_valid(struct, report.signature, address=machine.signing_address)
+        assert report.gpu_seconds <= (report.period_end - report.period_start).total_seconds()
+
+
+# --- (b) the owner comes back -----------------------------------------------------------------
+
+
+def test_owner_process_on_the_leased_gpu_stops_the_rental_within_ten_seconds(market: Market, tmp_path: Path) -> None:
+    market.register()
+    market.start_agent()
+    pid_file = tmp_path / "pid"
+    job = market.submit(_pid_command(pid_file, 300), key="agent-e2e-reclaim")
+    market.wait_for(job["id"], lambda j: j["status"] == "running" and pid_file.exists())
+    pid = int(pid_file.read_text())
+
+    # Given a running rental, when the owner's process appears on its GPU …
+    appeared = timezone.now()
+    market.fake.add_process(0, OWNER_PID, 2000, kind="graphics")
+    seconds = _wait(lambda: not _alive(pid), 15, "the rental being stopped")
+
+    # … then the rental is gone within the bound, and billing ends when the owner came back.
+    assert seconds <= 10, f"the rental ran {seconds:.1f} s after the owner came back"
+    _wait(lambda: market.lease_of(job["id"]).status == Lease.Status.ENDED, 15, "the lease ending")
+    lease = market.lease_of(job["id"])
+    assert lease.end_reason == "preempted_by_owner"
+    assert abs((lease.ended_at - appeared).total_seconds()) <= 2.0
+    job = market.call("GET", f"/api/v1/jobs/{job['id']}/").json()
+    assert job["status"] == "pending"  # interruptible: back in the queue
+    # And the GPU is not offered again while the owner is on it.
+    with market.turn:
+        match_cycle()
+    assert market.call("GET", f"/api/v1/jobs/{job['id']}/").json()["status"] == "pending"
+
+
+# --- (c) the marketplace goes away for a minute --------------------------------------------------
+
+
+def test_reports_made_during_a_minute_long_outage_arrive_exactly_once(
+    market: Market, live_server: Any, tmp_path: Path
+) -> None:
+    proxy = Outage(int(live_server.url.rsplit(":", 1)[1]))
+    try:
+        market.register(proxy.url)
+        market.start_agent(proxy.url)
+        pid_file = tmp_path / "pid"
+        job = market.submit(_pid_command(pid_file, 20), key="agent-e2e-outage")
+        market.wait_for(job["id"], lambda j: j["status"] == "running" and pid_file.exists())
+        pid = int(pid_file.read_text())
+
+        proxy.down()
+        outage_started = time.monotonic()
+        # The job keeps running through the outage, and ends during it.
+        _wait(lambda: not _alive(pid), 40, "the job finishing")
+        assert proxy.is_down
+        time.sleep(max(0.0, 60 - (time.monotonic() - outage_started)))
+        assert market.lease_of(job["id"]).status == Lease.Status.RUNNING  # nothing got through
+        proxy.up()
+
+        job = market.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), deadline_s=30)
+        assert job["status"] == "succeeded", job
+        market.stop_agent()
+    finally:
+        proxy.close()
+
+    lease = market.lease_of(job["id"])
+    kinds = list(Event.objects.filter(lease=lease).values_list("kind", flat=True))
+    assert kinds.count("lease.started") == 1
+    assert kinds.count("lease.ended") == 1
+    reports = sorted(UsageReport.objects.filter(lease=lease), key=lambda r: r.period_start)
+    # Every report the agent made arrived, once (report ids are unique per lease) …
+    assert {r.report_id for r in reports} == market.transport.usage_ids_sent  # type: ignore[union-attr]
+    # … and together they cover the lease without a gap or an overlap, outage included.
+    for before, after in itertools.pairwise(reports):
+        assert before.period_end == after.period_start
+    assert abs((reports[0].period_start - lease.started_at).total_seconds()) <= 1.5
+    assert abs((reports[-1].period_end - lease.ended_at).total_seconds()) <= 1.5
+    assert lease.ended_at - lease.started_at >= timedelta(seconds=19)
+
+
+# --- (d) the agent restarts mid-lease --------------------------------------------------------------
+
+
+def test_lease_keeps_running_through_an_agent_restart_and_succeeds(market: Market, tmp_path: Path) -> None:
+    market.register()
+    market.start_agent()
+    pid_file = tmp_path / "pid"
+    job = market.submit(_pid_command(pid_file, 8, message="still here"), key="agent-e2e-restart")
+    market.wait_for(job["id"], lambda j: j["status"] == "running" and pid_file.exists())
+    pid = int(pid_file.read_text())
+
+    market.stop_agent()
+    assert _alive(pid), "stopping the agent killed the rental"
+    time.sleep(1.0)
+    market.start_agent()
+
+    job = market.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled", "pending"))
+    assert job["status"] == "succeeded", job
+    lease = market.lease_of(job["id"])
+    assert lease.end_reason == "succeeded"
+    assert "still here 0" in lease.log_tail
