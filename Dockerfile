@@ -1,5 +1,19 @@
-# The marketplace image: web (gunicorn), Celery worker and beat, and the simulated fleet all
-# run from it with different commands (see docker-compose.yml).
+# The local development chain for docker-compose's `chain` service (`--target chain`): anvil
+# from the npm package pinned in package-lock.json, in a small Node image, its chain kept in
+# /data. Linux amd64 only (the lock pins @foundry-rs/anvil-linux-amd64).
+FROM node:20-slim AS chain
+WORKDIR /chain
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund --loglevel=error \
+    && test -x node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil \
+    && mkdir /data && chown node:node /data
+USER node
+EXPOSE 8545
+ENTRYPOINT ["/chain/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil", "--host", "0.0.0.0", "--port", "8545", \
+            "--state", "/data/anvil-state.json", "--state-interval", "5"]
+
+# The marketplace image (the default target): web (gunicorn), Celery worker and beat, and the
+# simulated fleet all run from it with different commands (see docker-compose.yml).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -18,9 +32,9 @@ RUN pip install -r requirements.txt
 
 COPY . .
 # Static files (admin, API docs) are collected into the image and served by WhiteNoise.
-# The var dir (and its demo/ and beat/ subfolders, volumes in docker-compose) belongs to the app user.
+# The var dir (and its demo/, beat/ and chain/ subfolders, volumes in docker-compose) belongs to the app user.
 RUN python manage.py collectstatic --noinput -v 0 \
-    && mkdir -p "$GPGPU_VAR_DIR/demo" "$GPGPU_VAR_DIR/beat" \
+    && mkdir -p "$GPGPU_VAR_DIR/demo" "$GPGPU_VAR_DIR/beat" "$GPGPU_VAR_DIR/chain" \
     && chown -R gpgpu:gpgpu "$GPGPU_VAR_DIR"
 
 USER gpgpu

@@ -27,6 +27,7 @@ from eth_account import Account  # noqa: E402
 from eth_utils import keccak, to_checksum_address  # noqa: E402
 from web3.middleware import SignAndSendRawMiddlewareBuilder  # noqa: E402
 
+from billing.chain.anvil import anvil_running  # noqa: E402
 from billing.contract import (  # noqa: E402
     ESCROW,
     STABLECOIN,
@@ -35,7 +36,6 @@ from billing.contract import (  # noqa: E402
     contract_deploy,
     settlement_items_encode,
 )
-from billing.tests.conftest import anvil_running  # noqa: E402
 
 GOAL_GAS_PER_LEASE = 10_000
 LEASES_PER_PROVIDER = 10

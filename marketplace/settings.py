@@ -279,6 +279,17 @@ CHAIN_TREASURY_ADDRESS = os.environ.get("CHAIN_TREASURY_ADDRESS", "")
 ESCROW_ADDRESS = os.environ.get("ESCROW_ADDRESS", "")
 TOKEN_ADDRESS = os.environ.get("TOKEN_ADDRESS", "")
 ESCROW_DEPLOYMENT_BLOCK = env_int("ESCROW_DEPLOYMENT_BLOCK", 0)
+# Settlement (billing/settlement.py): a batch every SETTLEMENT_INTERVAL_S, sooner when
+# SETTLEMENT_BATCH_MAX leases are waiting; a lease is sent once its new charge reaches
+# SETTLEMENT_MIN_DELTA_MICRO (or its charge is final). Stuck batches are reconciled after
+# SETTLEMENT_STUCK_S.
+SETTLEMENT_INTERVAL_S = env_int("SETTLEMENT_INTERVAL_S", 120, minimum=1)
+SETTLEMENT_BATCH_MAX = env_int("SETTLEMENT_BATCH_MAX", 100, minimum=1)
+SETTLEMENT_MIN_DELTA_MICRO = env_int("SETTLEMENT_MIN_DELTA_MICRO", 0)
+SETTLEMENT_STUCK_S = env_int("SETTLEMENT_STUCK_S", 600, minimum=1)
+# The deposit watcher (billing/deposits.py): how often it runs and the most blocks one log query covers.
+CHAIN_WATCH_INTERVAL_S = env_int("CHAIN_WATCH_INTERVAL_S", 15, minimum=1)
+CHAIN_LOG_RANGE = env_int("CHAIN_LOG_RANGE", 2000, minimum=1)
 
 CELERY_BEAT_SCHEDULE = {
     "match-pending-jobs": {
@@ -313,6 +324,22 @@ CELERY_BEAT_SCHEDULE = {
     },
     "release-budgets": {
         "task": "billing.tasks.release_budgets",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
+    },
+    "watch-chain": {
+        "task": "billing.tasks.watch_chain",
+        "schedule": float(CHAIN_WATCH_INTERVAL_S),
+        "options": {"expires": float(CHAIN_WATCH_INTERVAL_S)},
+    },
+    # Runs every 15 s but sends a batch only every SETTLEMENT_INTERVAL_S, or sooner when a batch is full.
+    "settle": {
+        "task": "billing.tasks.settle",
+        "schedule": 15.0,
+        "options": {"expires": 15.0},
+    },
+    "reconcile-settlements": {
+        "task": "billing.tasks.reconcile_settlements",
         "schedule": 60.0,
         "options": {"expires": 60.0},
     },

@@ -29,6 +29,26 @@ ensure_venv() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     echo "Installing $requirements into .venv..."
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    # The provider agent, editable, so `gpgpu-agent` is on .venv's PATH (its deps are pinned above).
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e ./agent
+    echo "$digest" >"$stamp"
+  fi
+}
+
+# Install node_modules (the contract compiler and the anvil node the chain tests and the demo
+# use) with `npm ci`, skipping npm when package-lock.json has not changed since the last install.
+# Without npm, warn and go on: the anvil tests then skip (or fail under CI) and the demo runs
+# without a chain.
+ensure_node_modules() {
+  local digest stamp=node_modules/.installed-package-lock.sha256
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "warning: npm not found; install Node.js 20+ for the local chain (anvil)" >&2
+    return 0
+  fi
+  digest="$(.venv/bin/python -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' package-lock.json)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
+    echo "Installing node_modules (npm ci)..."
+    npm ci --no-audit --no-fund --loglevel=error
     echo "$digest" >"$stamp"
   fi
 }

@@ -1,7 +1,10 @@
 """Run the whole marketplace on this machine and supervise it (started by scripts/demo).
 
 Migrates the database, seeds the demo users, then starts the web server, a Celery worker,
-Celery beat and a simulated provider fleet, each in its own process group. Prints where to
+Celery beat and N provider agents (`gpgpu-agent run --simulate`: the real agent over simulated
+GPUs whose owners come and go), each in its own process group. Each agent keeps its state under
+var/demo/agents/<n>/ (credential, signing key, agent.toml, spool), so a re-run reuses the same
+machines instead of registering new ones. Prints where to
 look and a curl that submits a job. Ctrl-C (or SIGTERM) stops every child and exits 0; if a
 child dies on its own, the others are stopped and the exit status is 1.
 
@@ -26,17 +29,23 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 STOP_GRACE_S = 10.0
+sys.path.insert(0, str(ROOT))
+
+from billing.chain.anvil import anvil_binary, rpc_wait  # noqa: E402 - needs ROOT on sys.path
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/demo", description="Run the marketplace with a simulated fleet.")
     parser.add_argument("--port", type=int, default=8000, help="web server port on 127.0.0.1 (default 8000)")
-    parser.add_argument("--machines", type=int, default=4, help="simulated provider machines (default 4)")
+    parser.add_argument("--machines", type=int, default=4, help="simulated provider agents (default 4)")
     parser.add_argument("--time-scale", type=float, default=5.0, help="speed-up of owner patterns (default 5)")
     parser.add_argument("--verbose", action="store_true", help="show every process's log here, not only the fleet's")
+    parser.add_argument("--chain-port", type=int, default=8545, help="local anvil chain port (default 8545)")
     args = parser.parse_args()
     if not 1 <= args.port <= 65535 or not 1 <= args.machines <= 64 or not args.time_scale > 0:
         parser.error("--port must be 1-65535, --machines 1-64, --time-scale positive")
+    if not 1 <= args.chain_port <= 65535 or args.chain_port == args.port:
+        parser.error("--chain-port must be 1-65535 and differ from --port")
     return args
 
 
@@ -103,7 +112,62 @@ def wait_for_web(url: str, web: Child, timeout_s: float = 60.0) -> bool:
     return False
 
 
-def banner(url: str, credentials: dict, log_dir: Path) -> str:
+# The GPUs of each demo machine in turn (the agent's simulate_gpus setting).
+DEMO_MACHINES = [
+    "NVIDIA GeForce RTX 4090:24564",
+    "NVIDIA L4:23034,NVIDIA L4:23034",
+    "NVIDIA A100-SXM4-80GB:81920",
+    "NVIDIA GeForce RTX 4090:24564,NVIDIA GeForce RTX 4090:24564",
+]
+AGENT = [PYTHON, "-m", "gpgpu_agent"]
+
+
+def agent_prepare(n: int, *, url: str, provider_token: str, agents_dir: Path, time_scale: float, env: dict) -> Path:
+    """Machine n's state dir, with its agent.toml, registered once (re-runs reuse it)."""
+    state_dir = agents_dir / str(n)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    gpus = DEMO_MACHINES[(n - 1) % len(DEMO_MACHINES)]
+    (state_dir / "agent.toml").write_text(
+        f"# Written by scripts/demo for simulated machine {n}.\n"
+        f'marketplace_url = "{url}"\n'
+        "simulate = true\n"
+        f'simulate_gpus = "{gpus}"\n'
+        f"time_scale = {time_scale}\n"
+        "idle_grace_s = 10\n"
+        "usage_interval_s = 15\n"
+        f'hostname = "demo-rig-{n}"\n'
+    )
+    if not (state_dir / "credential.json").exists():
+        subprocess.run(  # noqa: S603 - our own command
+            [*AGENT, "register", "--state-dir", str(state_dir), "--provider-token", provider_token],
+            cwd=ROOT,
+            env=env,
+            check=True,
+        )
+    return state_dir
+
+
+def chain_prepare(*, env: dict[str, str], var_dir: Path, chain: Child) -> dict:
+    """Wait for the local chain, deploy the escrow on first start (chain_deploy is idempotent) and
+    make sure the demo renter (key in var/demo/renter.key, 0600) has tokens deposited in it."""
+    rpc_wait(env["CHAIN_RPC_URL"], timeout_s=30, process=chain.process)
+    manage = [PYTHON, "manage.py"]
+    deployed = subprocess.run(  # noqa: S603 - our own command
+        [*manage, "chain_deploy", "--json"], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
+    deployment = json.loads(deployed.stdout)
+    renter_key = var_dir / "demo" / "renter.key"
+    subprocess.run(  # noqa: S603 - our own command
+        [*manage, "chain_dev_fund", "--renter-key-file", str(renter_key), "--create-key", "--amount", "1000"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return {**deployment, "renter_key": str(renter_key)}
+
+
+def banner(url: str, credentials: dict, log_dir: Path, chain: dict | None = None) -> str:
     renter = credentials["renter"]["token"]
     provider = credentials["provider"]["token"]
     admin = credentials["admin"]
@@ -117,6 +181,15 @@ def banner(url: str, credentials: dict, log_dir: Path) -> str:
             "max_duration_s": 300,
         }
     )
+    if chain:
+        chain_lines = (
+            f"   Chain      {chain['rpc_url']} (anvil, chain {chain['chain_id']}; state in var/chain/)\n"
+            f"   Escrow     {chain['escrow']}\n"
+            f"   Token      {chain['token']}  (mock stablecoin, 6 decimals)\n"
+            f"   Renter key {chain['renter_key']}  (1000 tokens deposited in the escrow)\n"
+        )
+    else:
+        chain_lines = "   Chain      none (install Node.js and run `npm ci` for the local anvil chain)\n"
     return f"""
 ================================================================================
  GPGPU marketplace is running
@@ -124,11 +197,12 @@ def banner(url: str, credentials: dict, log_dir: Path) -> str:
    Admin      {url}/admin/   (user {admin["username"]}, password {admin["password"]})
    Health     {url}/healthz
    Logs       {log_dir}/  (web, worker, beat)
-
+   Agents     var/demo/agents/<n>/  (`gpgpu-agent status --state-dir var/demo/agents/1`)
+{chain_lines}
  Renter token:   {renter}
  Provider token: {provider}
 
- Submit a job (the simulated fleet runs it):
+ Submit a job (one of the provider agents runs it):
 
    curl -s -X POST {url}/api/v1/jobs/ \\
      -H "Authorization: Token {renter}" \\
@@ -191,6 +265,24 @@ def main() -> int:
 
     celery = [PYTHON, "-m", "celery", "-A", "marketplace"]
     try:
+        chain_info: dict | None = None
+        if anvil_binary() is not None:
+            env.setdefault("CHAIN_RPC_URL", f"http://127.0.0.1:{args.chain_port}")
+            chain_state = var_dir / "chain" / "anvil-state.json"
+            print(f"[demo] starting the local chain on {env['CHAIN_RPC_URL']} ...", flush=True)
+            chain = start(
+                "chain",
+                [PYTHON, "-m", "billing.chain.anvil", "--port", str(args.chain_port), "--state", str(chain_state)],
+            )
+            try:
+                chain_info = {**chain_prepare(env=env, var_dir=var_dir, chain=chain), "rpc_url": env["CHAIN_RPC_URL"]}
+            except (RuntimeError, subprocess.CalledProcessError) as error:
+                detail = getattr(error, "stderr", None) or error
+                print(f"[demo] the chain did not come up: {detail}; see {chain.log_path}", file=sys.stderr, flush=True)
+                stop_all(children)
+                return 1
+        else:
+            print("[demo] anvil not found (npm ci): running without a chain", file=sys.stderr, flush=True)
         web = start("web", [*manage, "runserver", f"127.0.0.1:{args.port}", "--noreload"])
         start("worker", [*celery, "worker", "--pool=threads", "--concurrency=2", "--loglevel=INFO"])
         start("beat", [*celery, "beat", "--loglevel=INFO", "--schedule", str(var_dir / "celerybeat-schedule")])
@@ -199,24 +291,18 @@ def main() -> int:
             print(f"[demo] the web server did not come up; see {web.log_path}", file=sys.stderr, flush=True)
             stop_all(children)
             return 1
-        start(
-            "fleet",
-            [
-                PYTHON,
-                "-m",
-                "simulator",
-                "--api",
-                url,
-                "--credentials",
-                str(credentials_path),
-                "--machines",
-                str(args.machines),
-                "--time-scale",
-                str(args.time_scale),
-            ],
-            to_terminal=True,
-        )
-        print(banner(url, credentials, log_dir), flush=True)
+        agents_dir = var_dir / "demo" / "agents"
+        for n in range(1, args.machines + 1):
+            state_dir = agent_prepare(
+                n,
+                url=url,
+                provider_token=credentials["provider"]["token"],
+                agents_dir=agents_dir,
+                time_scale=args.time_scale,
+                env=env,
+            )
+            start(f"agent-{n}", [*AGENT, "run", "--state-dir", str(state_dir)], to_terminal=True)
+        print(banner(url, credentials, log_dir, chain_info), flush=True)
         while not stopping:
             for child in children:
                 code = child.process.poll()

@@ -8,12 +8,7 @@ locally and fails when the CI environment variable is set.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import platform
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +24,7 @@ from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
 from web3.middleware import SignAndSendRawMiddlewareBuilder
 
+from billing.chain.anvil import anvil_binary, anvil_running
 from billing.contract import (
     ESCROW,
     STABLECOIN,
@@ -45,63 +41,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("eth-tester", "anvil")
 INITIAL_FEE_BPS = 500
 ONE_TOKEN = 10**6  # MockStablecoin has 6 decimals
-
-
-# ---------------------------------------------------------------------------- anvil process
-
-
-def anvil_binary() -> Path | None:
-    """The anvil executable shipped by @foundry-rs/anvil in node_modules (or $ANVIL_BIN), if present."""
-    if os.environ.get("ANVIL_BIN"):
-        return Path(os.environ["ANVIL_BIN"])
-    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine().lower())
-    system = {"Linux": "linux", "Darwin": "darwin", "Windows": "win32"}.get(platform.system())
-    suffix = ".exe" if system == "win32" else ""
-    candidate = REPO_ROOT / "node_modules" / "@foundry-rs" / f"anvil-{system}-{arch}" / "bin" / f"anvil{suffix}"
-    return candidate if candidate.is_file() else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def anvil_running(*, gas_limit: int = 100_000_000, startup_timeout: float = 20.0) -> Iterator[Web3]:
-    """Start anvil on a free 127.0.0.1 port, yield a Web3 connected to it, and stop it afterwards.
-
-    Raises FileNotFoundError if the binary is missing and RuntimeError if it does not answer in time.
-    """
-    binary = anvil_binary()
-    if binary is None:
-        raise FileNotFoundError("anvil not found: run `npm ci` at the repository root (or set ANVIL_BIN)")
-    port = _free_port()
-    process = subprocess.Popen(  # noqa: S603 - fixed binary and arguments
-        [str(binary), "--host", "127.0.0.1", "--port", str(port), "--gas-limit", str(gas_limit), "--silent"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        w3 = Web3(Web3.HTTPProvider(f"http://127.0.0.1:{port}", request_kwargs={"timeout": 60}))
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"anvil exited early: {process.stderr.read().decode(errors='replace')}")
-            with contextlib.suppress(Exception):
-                if w3.is_connected():
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"anvil did not answer on port {port} within {startup_timeout}s")
-            time.sleep(0.05)
-        yield w3
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # ---------------------------------------------------------------------------- the chain under test
