@@ -31,11 +31,16 @@ COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
 COPY . .
+# The agent package: the marketplace verifies usage signatures with its wire contract
+# (gpgpu_agent.protocol), and the compose `agent` service runs `gpgpu-agent`. Its dependencies
+# are in requirements.txt already.
+RUN pip install --no-deps ./agent
 # Static files (admin, API docs) are collected into the image and served by WhiteNoise.
 # The var dir (and its demo/, beat/ and chain/ subfolders, volumes in docker-compose) belongs to the app user.
 RUN python manage.py collectstatic --noinput -v 0 \
     && mkdir -p "$GPGPU_VAR_DIR/demo" "$GPGPU_VAR_DIR/beat" "$GPGPU_VAR_DIR/chain" \
-    && chown -R gpgpu:gpgpu "$GPGPU_VAR_DIR"
+    && mkdir -p /var/lib/gpgpu-agent \
+    && chown -R gpgpu:gpgpu "$GPGPU_VAR_DIR" /var/lib/gpgpu-agent
 
 USER gpgpu
 EXPOSE 8000

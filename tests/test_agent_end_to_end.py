@@ -312,6 +312,30 @@ def test_registered_agent_runs_a_process_job_and_reports_it_succeeded(market: Ma
         assert report.gpu_seconds <= (report.period_end - report.period_start).total_seconds()
 
 
+def test_cancelling_a_running_job_stops_its_process_on_the_machine(market: Market, tmp_path: Path) -> None:
+    market.register()
+    market.start_agent()
+    pid_file = tmp_path / "pid"
+    job = market.submit(_pid_command(pid_file, 300), key="agent-e2e-cancel")
+    market.wait_for(job["id"], lambda j: j["status"] == "running" and pid_file.exists())
+    pid = int(pid_file.read_text())
+
+    response = market.call("POST", f"/api/v1/jobs/{job['id']}/cancel/")
+
+    assert response.status_code == 200, response.text
+    # The agent hears of it on its next heartbeat and stops the process.
+    _wait(lambda: not _alive(pid), DEADLINE_S, "the cancelled job's process being stopped")
+    market.wait_for(job["id"], lambda j: j["status"] == "cancelled")
+    leases = market.call("GET", f"/api/v1/jobs/{job['id']}/leases/").json()["results"]
+    _wait(
+        lambda: market.call("GET", f"/api/v1/leases/{leases[0]['id']}/").json()["status"] == "ended",
+        DEADLINE_S,
+        "the cancelled lease ending",
+    )
+    assert market.call("GET", f"/api/v1/leases/{leases[0]['id']}/").json()["end_reason"] == "cancelled"
+    market.stop_agent()
+
+
 # --- (b) the owner comes back -----------------------------------------------------------------
 
 

@@ -1,14 +1,13 @@
 """When a simulated GPU's owner is using it: alternating idle and busy runs, like real owners.
 
-Moved here from the marketplace repository's simulator/owner_usage.py so that the agent's
-simulation mode (gpgpu_agent.sim, `gpgpu-agent run --simulate`) needs nothing outside this
-package; the fitted numbers are unchanged.
+The agent's simulation mode (gpgpu_agent.sim, `gpgpu-agent run --simulate`) draws its owners
+from here.
 
 A GPU owner's own workload comes and goes. Run lengths (seconds) are drawn from lognormal
 distributions fitted to real duty-cycle traces of 72 GPUs over 22.8 hours (one sample a
 minute; a minute with no kernel at all counts as idle):
 
-    python -m simulator.trace_params ../shared/data/traces
+    python -m gpgpu_agent.trace_params ../shared/data/traces
     threshold: duty cycle < 0.01% is idle
     sample interval: 57 s
     idle fraction of samples: 0.674
@@ -46,7 +45,7 @@ class RunLengths:
         return math.exp(self.mu + self.sigma**2 / 2)
 
 
-# Fitted by the marketplace repository's simulator/trace_params.py (see the module docstring).
+# Fitted by gpgpu_agent/trace_params.py (see the module docstring).
 IDLE_RUNS = RunLengths(mu=5.225, sigma=1.173)
 BUSY_RUNS = RunLengths(mu=5.079, sigma=0.758)
 

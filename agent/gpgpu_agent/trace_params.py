@@ -1,6 +1,6 @@
 """Fit the owner-usage model to real GPU duty-cycle traces and print its parameters.
 
-    python -m simulator.trace_params [TRACE_DIR] [--threshold PCT]
+    python -m gpgpu_agent.trace_params [TRACE_DIR] [--threshold PCT]
 
 TRACE_DIR (default ../shared/data/traces) holds gpu_duty_cycle_train.csv: one duty-cycle
 sample (percent of the minute a kernel ran) per pod per minute. Each pod stands for one
@@ -12,7 +12,7 @@ bounds, and dropping them would bias the fit toward short runs, since long runs 
 most likely to touch an edge. Run lengths are fitted with a lognormal by maximum likelihood
 (mu and sigma of ln(seconds)).
 
-The project commits none of the trace data: simulator.owner_usage carries the printed numbers
+The project commits none of the trace data: gpgpu_agent.owner_usage carries the printed numbers
 as its defaults.
 """
 
