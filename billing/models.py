@@ -124,6 +124,8 @@ class LedgerEntry(AppendOnlyModel):
         PROVIDER_WITHDRAWAL = "provider_withdrawal"
         FEE_WITHDRAWAL = "fee_withdrawal"
         RELEASE = "release"
+        # A chain movement whose block left the chain in a reorg, reversed (billing.deposits).
+        CHAIN_REVERSAL = "chain_reversal"
 
     kind = models.CharField(max_length=32, choices=Kind.choices, db_index=True)
     idempotency_key = models.CharField(max_length=200, unique=True)
@@ -181,3 +183,158 @@ class LeaseCharge(models.Model):
 
     def __str__(self) -> str:
         return f"charge of lease {self.lease_id}: {self.cumulative_micro}{' (final)' if self.final else ''}"
+
+
+# --- the chain side: wallets, budget authorizations, settlement batches, the event watcher ------
+
+
+class RenterWallet(models.Model):
+    """A renter's on-chain address: deposits come from it and it signs job budgets. `address`
+    is stored lowercase ("0x" + 40 hex digits) and belongs to one renter only."""
+
+    renter = models.ForeignKey(Renter, on_delete=models.PROTECT, related_name="wallets")
+    address = models.CharField(max_length=42, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["pk"]
+
+    def __str__(self) -> str:
+        return f"{self.address} (renter {self.renter_id})"
+
+
+class BudgetAuthorization(models.Model):
+    """The renter's EIP-712 signature of a job's budget (billing.contract.budget_typed_data).
+    `activated_at` is set when the first settlement carrying it confirmed on chain; until then
+    the budget exists only off chain."""
+
+    job = models.OneToOneField(Job, on_delete=models.PROTECT, related_name="budget_authorization")
+    renter_address = models.CharField(max_length=42)
+    max_amount = models.BigIntegerField()
+    deadline = models.DateTimeField()
+    signature = models.CharField(max_length=132)
+    created_at = models.DateTimeField(auto_now_add=True)
+    activated_at = models.DateTimeField(null=True, blank=True)
+    # Set by the settlement engine when the escrow refused this very signature (expired, forged,
+    # renter short of funds on chain): the job waits until a new signature is stored.
+    rejected_signature = models.CharField(max_length=132, blank=True)
+    rejected_reason = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["pk"]
+
+    def __str__(self) -> str:
+        return f"budget of job {self.job_id}: {self.max_amount} by {self.renter_address}"
+
+
+class Settlement(models.Model):
+    """One batch of lease charges sent to the escrow in one `settle` transaction.
+
+    pending → submitted → confirmed, or → failed (the ledger puts the charges back). Before the
+    transaction is sent, `nonce` and `calldata_hash` are recorded, so a worker that dies between
+    sending and recording `tx_hash` leaves enough for the reconciler to find the transaction."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SUBMITTED = "submitted"
+        CONFIRMED = "confirmed"
+        FAILED = "failed"
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    confirmed_at = models.DateTimeField(null=True, blank=True)
+    tx_hash = models.CharField(max_length=66, blank=True, db_index=True)
+    # The operator's nonce and the keccak of the exact calldata, recorded BEFORE sending.
+    nonce = models.PositiveBigIntegerField(null=True, blank=True)
+    calldata_hash = models.CharField(max_length=66, blank=True)
+    # The chain's head when the transaction was about to be sent: the reconciler searches from here.
+    sent_from_block = models.PositiveBigIntegerField(null=True, blank=True)
+    block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    fee_bps = models.PositiveIntegerField(default=0)
+    item_count = models.PositiveIntegerField(default=0)
+    total_micro = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["pk"]
+
+    def __str__(self) -> str:
+        return f"settlement {self.pk} ({self.status})"
+
+
+class SettlementItem(models.Model):
+    """One lease in a settlement: its cumulative charge as sent and the part new in this batch."""
+
+    settlement = models.ForeignKey(Settlement, on_delete=models.PROTECT, related_name="items")
+    lease = models.ForeignKey(Lease, on_delete=models.PROTECT, related_name="settlement_items")
+    job = models.ForeignKey(Job, on_delete=models.PROTECT, related_name="settlement_items")
+    provider_address = models.CharField(max_length=42)
+    cumulative_micro = models.BigIntegerField()
+    delta_micro = models.BigIntegerField()
+    carries_budget = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["settlement", "lease"], name="settlement_item_one_per_lease"),
+        ]
+
+    def __str__(self) -> str:
+        return f"lease {self.lease_id} +{self.delta_micro} in settlement {self.settlement_id}"
+
+
+class ChainCursor(models.Model):
+    """How far a chain watcher has read: the last block processed and its hash, plus
+    `recent_blocks`, a window of [number, hash] of recently processed blocks (newest last), from
+    which a reorg is rewound to the newest block still on the chain."""
+
+    name = models.CharField(max_length=64, unique=True)
+    last_block = models.BigIntegerField(default=-1)
+    last_block_hash = models.CharField(max_length=66, blank=True)
+    recent_blocks = models.JSONField(default=list, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} at block {self.last_block}"
+
+
+class ChainLog(models.Model):
+    """One escrow event read by the watcher, once per (tx_hash, log_index).
+
+    credited: its ledger movement is posted; unmatched: a deposit from an address no renter has
+    linked (credited when it is linked); rewound: its block left the chain in a reorg and its
+    movement was reversed; flagged: it could not be posted as is (a renter withdrawing money the
+    ledger holds reserved), see `detail`. `credits` counts how often it was posted, so a log
+    that comes back after a reorg gets fresh idempotency keys."""
+
+    class Status(models.TextChoices):
+        CREDITED = "credited"
+        UNMATCHED = "unmatched"
+        REWOUND = "rewound"
+        FLAGGED = "flagged"
+
+    tx_hash = models.CharField(max_length=66)
+    log_index = models.PositiveIntegerField()
+    block_number = models.BigIntegerField(db_index=True)
+    block_hash = models.CharField(max_length=66)
+    event = models.CharField(max_length=64)
+    args = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=Status.choices, db_index=True)
+    # The account the event is about (depositor, withdrawer), lowercase, for matching on link.
+    address = models.CharField(max_length=42, blank=True, db_index=True)
+    credits = models.PositiveIntegerField(default=0)
+    detail = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["block_number", "log_index"]
+        constraints = [
+            models.UniqueConstraint(fields=["tx_hash", "log_index"], name="chain_log_unique_event"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event} {self.tx_hash}:{self.log_index} ({self.status})"

@@ -593,3 +593,54 @@ def leases_meter(*, now: datetime | None = None, limit: int = 5000) -> dict[str,
         metered += 1
         finalised += bool(charge is not None and charge.final)
     return {"metered": metered, "finalised": finalised, "failed": failed}
+
+
+# --- chain reorgs (called by the deposit watcher, billing/deposits.py) ---------------------------
+
+
+def _entry_legs(entry: LedgerEntry, sign: int) -> list[Leg]:
+    legs = []
+    for posting in Posting.objects.filter(entry=entry).select_related("account"):
+        account = posting.account
+        ref = AccountRef(
+            kind=account.kind,
+            renter_id=account.renter_id,
+            provider_id=account.provider_id,
+            job_id=account.job_id,
+            lease_id=account.lease_id,
+        )
+        legs.append(Leg(ref, sign * posting.amount))
+    return legs
+
+
+def chain_movement_reverse(*, entry: LedgerEntry, generation: int) -> LedgerEntry:
+    """Undo a chain movement (deposit, withdrawal) whose block left the chain in a reorg: the
+    negation of `entry`'s postings, kind chain_reversal, key "chain_reversal:<key>:<generation>"
+    (`generation`: how many times the event had been credited, so each rewind reverses once).
+    Raises InsufficientBalance/InsufficientFunds when the money was already used (a deposit
+    reserved for a job): nothing is written and the watcher flags the event."""
+    if entry.kind not in (EK.DEPOSIT, EK.RENTER_WITHDRAWAL, EK.PROVIDER_WITHDRAWAL, EK.FEE_WITHDRAWAL):
+        raise ValidationFailed(f"entry {entry.pk} ({entry.kind}) is no chain movement")
+    reversed_entry, _ = ledger_post(
+        kind=EK.CHAIN_REVERSAL,
+        idempotency_key=f"chain_reversal:{entry.idempotency_key}:{generation}",
+        legs=_entry_legs(entry, -1),
+        chain_tx_hash=entry.chain_tx_hash,
+        chain_log_index=entry.chain_log_index,
+        memo=f"reorg: reverses entry {entry.pk}",
+    )
+    return reversed_entry
+
+
+def chain_movement_restore(*, entry: LedgerEntry, generation: int) -> LedgerEntry:
+    """Post a reversed chain movement again, when its event came back on the new chain: the
+    postings of `entry` once more, same kind, key "chain_restore:<key>:<generation>"."""
+    restored, _ = ledger_post(
+        kind=entry.kind,
+        idempotency_key=f"chain_restore:{entry.idempotency_key}:{generation}",
+        legs=_entry_legs(entry, 1),
+        chain_tx_hash=entry.chain_tx_hash,
+        chain_log_index=entry.chain_log_index,
+        memo=f"re-included after a reorg: entry {entry.pk} again",
+    )
+    return restored

@@ -26,3 +26,50 @@ def release_budgets() -> dict[str, int]:
         if not acquired:
             return {"skipped": 1}
         return services.budgets_release()
+
+
+@shared_task(name="billing.tasks.watch_chain", ignore_result=True, time_limit=300, soft_time_limit=240)
+def watch_chain() -> dict[str, object]:
+    """Post the escrow's deposits and withdrawals to the ledger (beat: every CHAIN_WATCH_INTERVAL_S).
+    Idempotent per event; an unreachable node is reported and retried by the next run."""
+    from billing.chain import ChainError, chain_client_from_settings
+    from billing.deposits import chain_watch
+
+    with try_lock("billing.watch_chain") as acquired:
+        if not acquired:
+            return {"skipped": 1}
+        try:
+            return chain_watch(client=chain_client_from_settings()).as_dict()
+        except ChainError as error:
+            return {"error": str(error)}
+
+
+@shared_task(name="billing.tasks.settle", ignore_result=True, time_limit=600, soft_time_limit=540)
+def settle() -> dict[str, object]:
+    """Send a settlement batch when due (every SETTLEMENT_INTERVAL_S, sooner when a batch is full)
+    and finish pending ones. Holds the settlement lock across commits (billing.settlement)."""
+    from billing.chain import ChainError, chain_client_from_settings
+    from billing.settlement import settle_run, settlement_lock
+
+    with settlement_lock() as acquired:
+        if not acquired:
+            return {"skipped": 1}
+        try:
+            return settle_run(client=chain_client_from_settings())
+        except ChainError as error:
+            return {"error": str(error)}
+
+
+@shared_task(name="billing.tasks.reconcile_settlements", ignore_result=True, time_limit=600, soft_time_limit=540)
+def reconcile_settlements() -> dict[str, object]:
+    """Complete settlements stuck pending or submitted longer than SETTLEMENT_STUCK_S."""
+    from billing.chain import ChainError, chain_client_from_settings
+    from billing.settlement import settlement_lock, settlements_reconcile
+
+    with settlement_lock() as acquired:
+        if not acquired:
+            return {"skipped": 1}
+        try:
+            return settlements_reconcile(client=chain_client_from_settings())
+        except ChainError as error:
+            return {"error": str(error)}

@@ -17,7 +17,9 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        problems = ledger_violations()
+        from billing.deposits import chain_flags
+
+        problems = ledger_violations() + chain_flags()
         self.stdout.write(
             f"Checked {LedgerEntry.objects.count()} entries and {LedgerAccount.objects.count()} accounts."
         )

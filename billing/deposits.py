@@ -1,0 +1,343 @@
+"""The deposit watcher: reads the escrow's money events and posts them to the ledger, once each.
+
+Events: Deposited / Withdrawn (renters), EarningsWithdrawn (providers' payout addresses),
+FeesWithdrawn (the treasury). Each log becomes one ChainLog row, unique per (tx_hash, log_index),
+so reading the same range twice posts nothing twice (the ledger keys are per event as well).
+
+Blocks are read only once CHAIN_CONFIRMATIONS deep: up to head − CHAIN_CONFIRMATIONS + 1, in
+ranges of at most CHAIN_LOG_RANGE blocks. The cursor (ChainCursor "escrow") keeps the last block
+read and its hash, plus `recent_blocks`, the [number, hash] of the last RECENT_WINDOW ranges'
+ends. Before reading, the stored hash is compared with the chain's: on a mismatch (a reorg) the
+watcher walks the window back to the newest block still on the chain, reverses the ledger
+movement of every log in the abandoned blocks (billing.services.chain_movement_reverse, keyed per
+generation), marks them `rewound` and reads again from there. A log that comes back on the new
+chain is posted again (chain_movement_restore).
+
+Unknown addresses: a deposit (or withdrawal) from an address no renter linked is stored
+`unmatched` and posted when `wallet_link` links that address. The ledger/chain gap (a renter
+withdrawing on chain money the ledger holds reserved for a job) is stored `flagged`, logged as an
+error and reported by `manage.py ledger_check` (see docs/billing.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+
+from billing import services
+from billing.chain import ChainClient, ChainEvent
+from billing.chain.deployment import Deployment, deployment_require
+from billing.contract import ESCROW
+from billing.errors import InsufficientBalance, InsufficientFunds, ValidationFailed
+from billing.models import ChainCursor, ChainLog, LedgerEntry, RenterWallet
+from jobs.models import Renter
+from providers.models import Provider
+
+logger = logging.getLogger(__name__)
+
+CURSOR_NAME = "escrow"
+EVENTS = ("Deposited", "Withdrawn", "EarningsWithdrawn", "FeesWithdrawn")
+# How many recent range ends the cursor remembers: a reorg deeper than this many ranges is
+# rewound to the escrow's deployment block (everything is re-read).
+RECENT_WINDOW = 64
+ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+ES = ChainLog.Status
+
+
+@dataclass
+class WatchResult:
+    """What one watcher run did."""
+
+    from_block: int = 0
+    to_block: int = -1
+    logs: int = 0
+    credited: int = 0
+    unmatched: int = 0
+    flagged: int = 0
+    rewound: int = 0
+    reorg: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def address_normalize(address: str) -> str:
+    """`address` lowercased; ValidationFailed (code invalid_address) unless 0x + 40 hex digits."""
+    if not isinstance(address, str) or not ADDRESS_RE.match(address.strip()):
+        raise ValidationFailed("An address is 0x followed by 40 hex digits.", code="invalid_address")
+    return address.strip().lower()
+
+
+# ----------------------------------------------------------------------------------- wallet link
+
+
+def wallet_link(*, renter: Renter, address: str) -> RenterWallet:
+    """Link `address` to `renter` and post every event from it that was waiting `unmatched`, in
+    chain order. Linking the same address to the same renter again changes nothing; an address
+    linked to another renter raises ValidationFailed (code wallet_taken)."""
+    normalized = address_normalize(address)
+    with transaction.atomic():
+        wallet = RenterWallet.objects.select_for_update().filter(address=normalized).first()
+        if wallet is not None and wallet.renter_id != renter.pk:
+            raise ValidationFailed("This address is linked to another account.", code="wallet_taken")
+        if wallet is None:
+            try:
+                with transaction.atomic():
+                    wallet = RenterWallet.objects.create(renter=renter, address=normalized)
+            except IntegrityError:
+                raise ValidationFailed("This address is linked to another account.", code="wallet_taken") from None
+        waiting = ChainLog.objects.select_for_update().filter(
+            address=normalized, status=ES.UNMATCHED, event__in=("Deposited", "Withdrawn")
+        )
+        for log in waiting.order_by("block_number", "log_index"):
+            _post(log)
+    return wallet
+
+
+# ----------------------------------------------------------------------------------- posting
+
+
+def _renter_for(address: str) -> Renter | None:
+    wallet = RenterWallet.objects.select_related("renter").filter(address=address).first()
+    return wallet.renter if wallet else None
+
+
+def _provider_for(address: str, amount: int) -> Provider | None:
+    """The provider whose payout address this is (the first holding enough, if several share it)."""
+    from billing.selectors import provider_payable_micro
+
+    candidates = list(Provider.objects.filter(payout_address__iexact=address).order_by("pk"))
+    for provider in candidates:
+        if provider_payable_micro(provider_id=provider.pk) >= amount:
+            return provider
+    return candidates[0] if candidates else None
+
+
+def _first_entry(log: ChainLog) -> LedgerEntry | None:
+    """The entry the log was first posted as (keyed by the movement services per tx and index)."""
+    return (
+        LedgerEntry.objects.filter(chain_tx_hash=log.tx_hash, chain_log_index=log.log_index)
+        .exclude(kind=LedgerEntry.Kind.CHAIN_REVERSAL)
+        .exclude(idempotency_key__startswith="chain_restore:")
+        .order_by("pk")
+        .first()
+    )
+
+
+def _post(log: ChainLog) -> None:
+    """Post one log's ledger movement and set its status (credited / unmatched / flagged)."""
+    amount = int(log.args.get("amount", 0))
+    if amount <= 0:
+        log.status, log.detail = ES.FLAGGED, "event without a positive amount"
+        log.save(update_fields=["status", "detail", "updated_at"])
+        return
+    if log.credits > 0:
+        # Came back after a reorg reversed it: post the original movement once more.
+        original = _first_entry(log)
+        if original is not None:
+            services.chain_movement_restore(entry=original, generation=log.credits)
+            log.status, log.detail, log.credits = ES.CREDITED, "", log.credits + 1
+            log.save(update_fields=["status", "detail", "credits", "updated_at"])
+            return
+    try:
+        with transaction.atomic():
+            posted = _post_movement(log, amount)
+    except (InsufficientFunds, InsufficientBalance) as error:
+        log.status = ES.FLAGGED
+        log.detail = (
+            f"{log.event} of {amount} by {log.address} exceeds what the ledger holds free for it: {error}. "
+            "The chain moved the money; the ledger did not. Resolve by hand (see docs/billing.md)."
+        )[:2000]
+        logger.error("chain/ledger gap: %s %s:%s: %s", log.event, log.tx_hash, log.log_index, log.detail)
+        log.save(update_fields=["status", "detail", "updated_at"])
+        return
+    if posted:
+        log.status, log.detail, log.credits = ES.CREDITED, "", log.credits + 1
+    else:
+        log.status = ES.UNMATCHED
+        log.detail = f"no account is linked to {log.address}"
+        if log.event in ("EarningsWithdrawn", "FeesWithdrawn"):
+            logger.error("chain event %s from an unknown address %s (%s)", log.event, log.address, log.tx_hash)
+    log.save(update_fields=["status", "detail", "credits", "updated_at"])
+
+
+def _post_movement(log: ChainLog, amount: int) -> bool:
+    """Post the movement through billing.services; False when no account matches the address."""
+    keys = {"tx_hash": log.tx_hash, "log_index": log.log_index}
+    if log.event == "Deposited":
+        renter = _renter_for(log.address)
+        if renter is None:
+            return False
+        services.deposit_record(renter=renter, amount=amount, **keys)
+    elif log.event == "Withdrawn":
+        renter = _renter_for(log.address)
+        if renter is None:
+            return False
+        services.renter_withdrawal_record(renter=renter, amount=amount, **keys)
+    elif log.event == "EarningsWithdrawn":
+        provider = _provider_for(log.address, amount)
+        if provider is None:
+            return False
+        services.provider_withdrawal_record(provider=provider, amount=amount, **keys)
+    elif log.event == "FeesWithdrawn":
+        services.fee_withdrawal_record(amount=amount, **keys)
+    else:  # pragma: no cover - only EVENTS are read
+        return False
+    return True
+
+
+def _reverse(log: ChainLog) -> None:
+    """Undo a log whose block left the chain and mark it rewound."""
+    if log.status == ES.CREDITED:
+        entry = _first_entry(log)
+        if entry is not None:
+            try:
+                with transaction.atomic():
+                    services.chain_movement_reverse(entry=entry, generation=log.credits)
+            except (InsufficientFunds, InsufficientBalance) as error:
+                log.status = ES.FLAGGED
+                log.detail = f"its block left the chain but the money was already used: {error}"[:2000]
+                logger.error("reorg: cannot reverse %s %s:%s: %s", log.event, log.tx_hash, log.log_index, error)
+                log.save(update_fields=["status", "detail", "updated_at"])
+                return
+    log.status, log.detail = ES.REWOUND, f"block {log.block_number} ({log.block_hash}) left the chain"
+    log.save(update_fields=["status", "detail", "updated_at"])
+
+
+# ----------------------------------------------------------------------------------- the watcher
+
+
+def _cursor(deployment: Deployment) -> ChainCursor:
+    cursor, _ = ChainCursor.objects.get_or_create(
+        name=CURSOR_NAME, defaults={"last_block": deployment.deployment_block - 1}
+    )
+    return ChainCursor.objects.select_for_update().get(pk=cursor.pk)
+
+
+def _rewind(client: ChainClient, cursor: ChainCursor, deployment: Deployment, result: WatchResult) -> None:
+    """The cursor's block is no longer on the chain: rewind to the newest remembered block that is."""
+    fork = deployment.deployment_block - 1
+    fork_hash = ""
+    kept: list[list[Any]] = []
+    recent = [entry for entry in cursor.recent_blocks if entry[0] < cursor.last_block]
+    for index in range(len(recent) - 1, -1, -1):
+        number, block_hash = recent[index]
+        if client.block_hash(number) == block_hash:
+            fork, fork_hash = number, block_hash
+            kept = recent[: index + 1]
+            break
+    logger.warning("chain reorg: block %s changed; rewinding the watcher to block %s", cursor.last_block, fork)
+    result.reorg = True
+    hashes: dict[int, str | None] = {}
+    for log in ChainLog.objects.select_for_update().filter(block_number__gt=fork).exclude(status=ES.REWOUND):
+        if log.block_number not in hashes:
+            hashes[log.block_number] = client.block_hash(log.block_number)
+        if hashes[log.block_number] == log.block_hash:
+            continue  # still on the chain: re-reading it will find it already stored
+        _reverse(log)
+        result.rewound += 1
+    cursor.last_block, cursor.last_block_hash, cursor.recent_blocks = fork, fork_hash, kept
+    cursor.save()
+
+
+def _store(event: ChainEvent) -> ChainLog | None:
+    """The ChainLog of `event`, created if new or revived if it comes back after a reorg; None if
+    it is already recorded on its current block (nothing to do)."""
+    address_arg = event.args.get("renter") or event.args.get("provider") or event.args.get("treasury") or ""
+    args = {key: (str(value) if isinstance(value, bytes | str) else int(value)) for key, value in event.args.items()}
+    log = ChainLog.objects.select_for_update().filter(tx_hash=event.tx_hash, log_index=event.log_index).first()
+    if log is None:
+        return ChainLog.objects.create(
+            tx_hash=event.tx_hash,
+            log_index=event.log_index,
+            block_number=event.block_number,
+            block_hash=event.block_hash,
+            event=event.name,
+            args=args,
+            address=str(address_arg).lower(),
+            status=ES.UNMATCHED,
+        )
+    if log.status != ES.REWOUND:
+        return None  # read twice: already posted (or waiting) once
+    log.block_number, log.block_hash, log.event, log.args = event.block_number, event.block_hash, event.name, args
+    log.address = str(address_arg).lower()
+    log.save()
+    return log
+
+
+def chain_watch(
+    *, client: ChainClient, deployment: Deployment | None = None, max_blocks: int | None = None
+) -> WatchResult:
+    """Read the escrow's money events from the cursor to the confirmed head and post them.
+
+    Idempotent and safe to stop at any point: each range's logs and the cursor move together in
+    one transaction. Raises NodeUnavailable (and other ChainError) when the node cannot be read;
+    nothing is lost, the next run continues from the cursor.
+    """
+    deployment = deployment or deployment_require(client)
+    escrow = client.contract(ESCROW, deployment.escrow)
+    confirmations = int(settings.CHAIN_CONFIRMATIONS)
+    step = int(settings.CHAIN_LOG_RANGE)
+    result = WatchResult()
+    head = client.block_number()
+    safe = head - confirmations + 1
+    with transaction.atomic():
+        cursor = _cursor(deployment)
+        if cursor.last_block >= 0 and cursor.last_block_hash:
+            if client.block_hash(cursor.last_block) != cursor.last_block_hash:
+                _rewind(client, cursor, deployment, result)
+    result.from_block = cursor.last_block + 1
+    limit = safe if max_blocks is None else min(safe, cursor.last_block + max_blocks)
+    start = cursor.last_block + 1
+    while start <= limit:
+        end = min(start + step - 1, limit)
+        end_hash = client.block_hash(end)
+        events: list[ChainEvent] = []
+        for name in EVENTS:
+            events.extend(client.get_logs(getattr(escrow.events, name), start, end))
+        if end_hash is None or client.block_hash(end) != end_hash:
+            break  # the chain moved under the read: the next run checks for a reorg and re-reads
+        events.sort(key=lambda e: (e.block_number, e.log_index))
+        with transaction.atomic():
+            cursor = ChainCursor.objects.select_for_update().get(pk=cursor.pk)
+            if cursor.last_block != start - 1:
+                break  # another watcher moved the cursor meanwhile
+            for event in events:
+                log = _store(event)
+                result.logs += 1
+                if log is None:
+                    continue
+                _post(log)
+                if log.status == ES.CREDITED:
+                    result.credited += 1
+                elif log.status == ES.UNMATCHED:
+                    result.unmatched += 1
+                elif log.status == ES.FLAGGED:
+                    result.flagged += 1
+            cursor.last_block, cursor.last_block_hash = end, end_hash
+            cursor.recent_blocks = [*cursor.recent_blocks, [end, end_hash]][-RECENT_WINDOW:]
+            cursor.save()
+        result.to_block = end
+        start = end + 1
+    return result
+
+
+def chain_flags() -> list[str]:
+    """Chain events the ledger could not follow (flagged), and money withdrawn from the escrow by
+    unknown payees, as sentences for `manage.py ledger_check` (empty when there are none)."""
+    problems = []
+    for log in ChainLog.objects.filter(status=ES.FLAGGED).order_by("block_number", "log_index"):
+        problems.append(f"chain event {log.event} {log.tx_hash}:{log.log_index} is flagged: {log.detail}")
+    for log in ChainLog.objects.filter(status=ES.UNMATCHED, event__in=("EarningsWithdrawn", "FeesWithdrawn")).order_by(
+        "block_number", "log_index"
+    ):
+        problems.append(f"chain event {log.event} {log.tx_hash}:{log.log_index} by unknown payee {log.address}")
+    return problems
+
+
+__all__ = ["WatchResult", "address_normalize", "chain_flags", "chain_watch", "wallet_link"]

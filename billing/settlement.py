@@ -1,0 +1,640 @@
+"""The settlement engine: gathers metered lease charges, sends them to the escrow in one `settle`
+transaction per batch, confirms them in the ledger, and reconciles batches left stuck.
+
+Lifecycle of a Settlement (docs/billing.md "Settlement"):
+
+1. gather (`settlement_gather`): leases whose lease_unsettled balance is positive, whose job has
+   a BudgetAuthorization the escrow has not refused, and whose earlier leases of the same job are
+   all final and settled (the contract skips a lease older than the job's current one). At most
+   one lease per job per batch, so items can be sorted by provider address (the contract credits
+   consecutive items of one provider with one write) without breaking that order.
+2. create (`settlement_create`): the Settlement (pending), its items and one
+   `settlement_submit_record` per lease, in ONE database transaction.
+3. send (`settlement_send`): the operator's next nonce, the keccak of the exact calldata and the
+   head block are stored and committed BEFORE the transaction is sent; then tx_hash → submitted.
+   The node unreachable: the settlement stays pending and the next run sends it again.
+4. confirm (`settlement_confirm`): after CHAIN_CONFIRMATIONS, what the escrow actually paid per
+   job is read from the contract's per-job state before and after the transaction's block, and
+   posted with `settlement_confirm_record` (fee as the contract computes it); whatever was not
+   paid (capped, skipped, already paid) goes back with `settlement_revert_record`. A revert:
+   failed with the decoded error and every item reverted.
+5. reconcile (`settlements_reconcile`): pending/submitted batches older than SETTLEMENT_STUCK_S
+   (or any, when forced) are completed from the chain: by tx_hash, or, when the worker died
+   between sending and recording it, by finding the operator's transaction with the recorded
+   nonce and calldata hash. Cumulative charges make re-sending safe: the contract pays only the
+   increase, so nothing is paid twice.
+
+Settlement runs and the reconciler share one lock (`settlement_lock`), held without an open
+database transaction, so each step commits before the next touches the chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Max
+from django.utils import timezone
+from eth_account import Account
+from eth_utils import keccak, to_checksum_address
+from hexbytes import HexBytes
+
+from billing import services
+from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavailable, Receipt, TransactionTimeout
+from billing.chain.deployment import Deployment, deployment_require
+from billing.contract import ESCROW, budget_typed_data, settlement_items_encode
+from billing.contract import SettlementItem as ChainItem
+from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, Settlement, SettlementItem
+from jobs.models import Lease
+
+logger = logging.getLogger(__name__)
+
+SS = Settlement.Status
+AK = LedgerAccount.Kind
+LOCK_NAME = "billing.settlement"
+# A budget whose deadline is this close is not sent: it could expire before the block is built.
+DEADLINE_MARGIN = timedelta(seconds=120)
+# How many blocks past `sent_from_block` the reconciler searches for an unrecorded transaction.
+NONCE_SEARCH_BLOCKS = 5000
+
+# Test seam: called right after the node accepted the transaction and before its hash is
+# recorded (a test makes it raise to simulate a worker killed at the worst moment).
+after_send_hook: Callable[[Settlement], None] | None = None
+
+
+def settlement_ref(settlement: Settlement) -> str:
+    """The ledger's settlement_ref of a batch (its entries' keys contain it)."""
+    return f"settlement:{settlement.pk}"
+
+
+# ----------------------------------------------------------------------------------- lock
+
+
+@contextlib.contextmanager
+def settlement_lock() -> Iterator[bool]:
+    """A lock held across commits (unlike marketplace.locks.try_lock, which holds a transaction
+    open): a PostgreSQL session advisory lock, or a file lock under VAR_DIR on SQLite. Yields
+    False when another worker holds it."""
+    if connection.vendor == "postgresql":
+        key = -1_234_567_001
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+            (acquired,) = cursor.fetchone()
+        try:
+            yield bool(acquired)
+        finally:
+            if acquired:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+        return
+    path = Path(settings.VAR_DIR) / "locks" / f"{LOCK_NAME}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------------- gather
+
+
+@dataclass
+class Candidate:
+    """One lease to settle: its new cumulative charge and the part not yet sent."""
+
+    lease: Lease
+    authorization: BudgetAuthorization
+    provider_address: str
+    cumulative: int
+    delta: int
+    carries_budget: bool
+
+
+@dataclass
+class Gathered:
+    candidates: list[Candidate] = field(default_factory=list)
+    # Why other leases with unsettled charges wait, counted per reason.
+    waiting: dict[str, int] = field(default_factory=dict)
+
+    def wait(self, reason: str) -> None:
+        self.waiting[reason] = self.waiting.get(reason, 0) + 1
+
+
+def lease_sent_micro(lease_id: int) -> int:
+    """The highest cumulative charge of the lease in a batch not failed (0 if none)."""
+    return (
+        SettlementItem.objects.filter(lease_id=lease_id)
+        .exclude(settlement__status=SS.FAILED)
+        .aggregate(top=Max("cumulative_micro"))["top"]
+        or 0
+    )
+
+
+def _balance(kind: str, lease_id: int) -> int:
+    return (
+        LedgerAccount.objects.filter(kind=kind, owner_key=f"lease:{lease_id}").values_list("balance", flat=True).first()
+        or 0
+    )
+
+
+def _earlier_leases_done(lease: Lease) -> bool:
+    for earlier in Lease.objects.filter(job_id=lease.job_id, pk__lt=lease.pk):
+        charge = LeaseCharge.objects.filter(lease=earlier).first()
+        if charge is None or not charge.final:
+            return False
+        if _balance(AK.LEASE_UNSETTLED, earlier.pk) > 0 or _balance(AK.IN_SETTLEMENT, earlier.pk) > 0:
+            return False
+    return True
+
+
+def _signature_valid(auth: BudgetAuthorization, *, chain_id: int, escrow: str) -> bool:
+    typed = budget_typed_data(
+        chain_id=chain_id,
+        escrow=escrow,
+        job_id=auth.job_id,
+        renter=auth.renter_address,
+        max_amount=int(auth.max_amount),
+        deadline=int(auth.deadline.timestamp()),
+    )
+    try:
+        from eth_account.messages import encode_typed_data
+
+        signer = Account.recover_message(encode_typed_data(full_message=typed), signature=HexBytes(auth.signature))
+    except Exception:
+        return False
+    return signer.lower() == auth.renter_address.lower()
+
+
+def _reject(auth: BudgetAuthorization, reason: str) -> None:
+    BudgetAuthorization.objects.filter(pk=auth.pk).update(
+        rejected_signature=auth.signature, rejected_reason=reason[:300]
+    )
+    logger.warning("budget authorization of job %s refused: %s", auth.job_id, reason)
+
+
+def settlement_gather(
+    *, limit: int | None = None, now: datetime | None = None, chain_id: int | None = None, escrow: str | None = None
+) -> Gathered:
+    """The leases the next batch should carry (at most `limit`, default SETTLEMENT_BATCH_MAX),
+    sorted by provider address, and counts of why the others wait:
+    awaiting_budget_authorization, budget_authorization_refused, awaiting_payout_address,
+    awaiting_earlier_lease, below_min_delta. With `chain_id` and `escrow`, a not yet activated
+    authorization whose signature does not recover to its renter (or that is about to expire) is
+    marked refused here, instead of making the whole batch revert."""
+    limit = int(settings.SETTLEMENT_BATCH_MAX) if limit is None else limit
+    now = now or timezone.now()
+    min_delta = int(settings.SETTLEMENT_MIN_DELTA_MICRO)
+    gathered = Gathered()
+    jobs_taken: set[int] = set()
+    accounts = (
+        LedgerAccount.objects.filter(kind=AK.LEASE_UNSETTLED, balance__gt=0)
+        .select_related("lease__machine__provider", "lease__charge", "lease__job")
+        .order_by("lease_id")
+    )
+    for account in accounts.iterator():
+        lease = account.lease
+        if len(gathered.candidates) >= limit:
+            gathered.wait("batch_full")
+            continue
+        auth = BudgetAuthorization.objects.filter(job_id=lease.job_id).first()
+        if auth is None:
+            gathered.wait("awaiting_budget_authorization")
+            continue
+        if auth.rejected_signature and auth.rejected_signature == auth.signature:
+            gathered.wait("budget_authorization_refused")
+            continue
+        carries = auth.activated_at is None
+        if carries and chain_id is not None and escrow is not None:
+            if auth.deadline <= now + DEADLINE_MARGIN:
+                _reject(auth, "the budget authorization expired before its first settlement")
+                gathered.wait("budget_authorization_refused")
+                continue
+            if not _signature_valid(auth, chain_id=chain_id, escrow=escrow):
+                _reject(auth, "the signature does not match the renter's address")
+                gathered.wait("budget_authorization_refused")
+                continue
+        payout = lease.machine.provider.payout_address
+        if not payout:
+            gathered.wait("awaiting_payout_address")
+            continue
+        if lease.job_id in jobs_taken or not _earlier_leases_done(lease):
+            gathered.wait("awaiting_earlier_lease")
+            continue
+        sent = lease_sent_micro(lease.pk)
+        charge = getattr(lease, "charge", None)
+        cumulative_now = charge.cumulative_micro if charge else 0
+        delta = min(cumulative_now - sent, account.balance)
+        if delta <= 0:
+            continue
+        if delta < min_delta and not (charge and charge.final):
+            gathered.wait("below_min_delta")
+            continue
+        jobs_taken.add(lease.job_id)
+        gathered.candidates.append(
+            Candidate(
+                lease=lease,
+                authorization=auth,
+                provider_address=to_checksum_address(payout),
+                cumulative=sent + delta,
+                delta=delta,
+                carries_budget=carries,
+            )
+        )
+    gathered.candidates.sort(key=lambda c: (int(c.provider_address, 16), c.lease.pk))
+    return gathered
+
+
+def settlement_create(*, candidates: list[Candidate], fee_bps: int = 0) -> Settlement | None:
+    """Record a pending batch of `candidates` and move their charges into settlement, atomically.
+    None when there is nothing to settle."""
+    if not candidates:
+        return None
+    with transaction.atomic():
+        settlement = Settlement.objects.create(
+            status=SS.PENDING,
+            fee_bps=fee_bps,
+            item_count=len(candidates),
+            total_micro=sum(c.delta for c in candidates),
+        )
+        for c in candidates:
+            SettlementItem.objects.create(
+                settlement=settlement,
+                lease=c.lease,
+                job_id=c.lease.job_id,
+                provider_address=c.provider_address.lower(),
+                cumulative_micro=c.cumulative,
+                delta_micro=c.delta,
+                carries_budget=c.carries_budget,
+            )
+            services.settlement_submit_record(
+                lease_id=c.lease.pk, amount=c.delta, settlement_ref=settlement_ref(settlement)
+            )
+    return settlement
+
+
+# ----------------------------------------------------------------------------------- send
+
+
+def _settle_call(client: ChainClient, deployment: Deployment, settlement: Settlement) -> Any:
+    escrow = client.contract(ESCROW, deployment.escrow)
+    items = list(settlement.items.select_related("job").order_by("pk"))
+    chain_items = [
+        ChainItem(
+            lease_id=i.lease_id, job_id=i.job_id, provider=i.provider_address, cumulative_charge=i.cumulative_micro
+        )
+        for i in items
+    ]
+    budgets = []
+    for item in items:
+        if not item.carries_budget:
+            continue
+        auth = BudgetAuthorization.objects.get(job_id=item.job_id)
+        budgets.append(
+            (
+                item.job_id,
+                to_checksum_address(auth.renter_address),
+                int(auth.max_amount),
+                int(auth.deadline.timestamp()),
+                bytes(HexBytes(auth.signature)),
+            )
+        )
+    return escrow.functions.settle(settlement_items_encode(chain_items), budgets)
+
+
+def _calldata_hash(fn: Any) -> str:
+    return "0x" + keccak(HexBytes(fn._encode_transaction_data())).hex()
+
+
+def settlement_send(*, settlement: Settlement, client: ChainClient, deployment: Deployment) -> Settlement:
+    """Send a pending batch. Records nonce, calldata hash and head block first (committed), then
+    the tx_hash (→ submitted). NodeUnavailable: stays pending (re-raised). A revert at estimation
+    (nothing sent): failed, charges back to unsettled, a refused budget marked."""
+    fn = _settle_call(client, deployment, settlement)
+    nonce = int(client.web3.eth.get_transaction_count(client.address, "pending"))
+    Settlement.objects.filter(pk=settlement.pk).update(
+        nonce=nonce,
+        calldata_hash=_calldata_hash(fn),
+        sent_from_block=client.block_number(),
+        attempts=settlement.attempts + 1,
+        updated_at=timezone.now(),
+    )
+    settlement.refresh_from_db()
+    try:
+        sent = client.transact(fn)
+    except ContractReverted as reverted:
+        _fail(settlement, reverted)
+        return settlement
+    except ChainError as error:
+        Settlement.objects.filter(pk=settlement.pk).update(last_error=str(error)[:2000], updated_at=timezone.now())
+        raise
+    if after_send_hook is not None:
+        after_send_hook(settlement)
+    Settlement.objects.filter(pk=settlement.pk).update(
+        tx_hash=sent.hash, nonce=sent.nonce, status=SS.SUBMITTED, submitted_at=timezone.now(), last_error=""
+    )
+    settlement.refresh_from_db()
+    return settlement
+
+
+def _fail(settlement: Settlement, reverted: ContractReverted | None, reason: str = "") -> None:
+    """Mark failed and put every item's charge back to unsettled; mark a budget the escrow refused."""
+    detail = reason or (str(reverted) if reverted else "failed")
+    with transaction.atomic():
+        locked = Settlement.objects.select_for_update().get(pk=settlement.pk)
+        if locked.status in (SS.CONFIRMED, SS.FAILED):
+            return
+        for item in locked.items.all():
+            services.settlement_revert_record(
+                lease_id=item.lease_id, amount=int(item.delta_micro), settlement_ref=settlement_ref(locked)
+            )
+        locked.status, locked.last_error = SS.FAILED, detail[:2000]
+        if reverted is not None and reverted.tx_hash:
+            locked.tx_hash = reverted.tx_hash
+        locked.save()
+    settlement.refresh_from_db()
+    logger.error("settlement %s failed: %s", settlement.pk, detail)
+    if reverted is not None and reverted.name in (
+        "GpgpuEscrow_InvalidSignature",
+        "GpgpuEscrow_BudgetExpired",
+        "GpgpuEscrow_InvalidBudget",
+    ):
+        job_id = int(reverted.error_args[0])
+        auth = BudgetAuthorization.objects.filter(job_id=job_id).first()
+        if auth is not None:
+            _reject(auth, f"the escrow refused it: {reverted.name}")
+
+
+# ----------------------------------------------------------------------------------- confirm
+
+
+def _job_remaining(client: ChainClient, escrow: Any, job_id: int, block: int) -> tuple[str, int]:
+    renter, _deadline, remaining, _lease, _settled, _closed = client.call(escrow.functions.job(job_id), block=block)
+    return str(renter), int(remaining)
+
+
+def settlement_confirm(
+    *, settlement: Settlement, client: ChainClient, deployment: Deployment, receipt: Receipt
+) -> Settlement:
+    """Post a mined batch once CHAIN_CONFIRMATIONS deep: per job, what left its reservation in this
+    block (the contract's state before and after) is confirmed with the contract's fee; what was
+    not paid goes back to unsettled. Raises TransactionTimeout when not deep enough yet."""
+    receipt = client.wait_confirmations(receipt)
+    escrow = client.contract(ESCROW, deployment.escrow)
+    block = receipt.block_number
+    fee_bps = int(client.call(escrow.functions.feeBps(), block=block))
+    paid: dict[int, int] = {}
+    items = list(settlement.items.all())
+    for item in items:
+        renter_before, before = _job_remaining(client, escrow, item.job_id, block - 1)
+        _, after = _job_remaining(client, escrow, item.job_id, block)
+        if int(renter_before, 16) == 0:  # activated by this transaction
+            auth = BudgetAuthorization.objects.filter(job_id=item.job_id).first()
+            before = int(auth.max_amount) if auth else after
+        paid[item.pk] = max(0, min(int(item.delta_micro), before - after))
+    ref = settlement_ref(settlement)
+    with transaction.atomic():
+        locked = Settlement.objects.select_for_update().get(pk=settlement.pk)
+        if locked.status == SS.CONFIRMED:
+            return locked
+        now = timezone.now()
+        notes = []
+        for item in items:
+            amount = paid[item.pk]
+            if amount > 0:
+                services.settlement_confirm_record(
+                    lease_id=item.lease_id, amount=amount, fee_bps=fee_bps, settlement_ref=ref, tx_hash=receipt.tx_hash
+                )
+            rest = int(item.delta_micro) - amount
+            if rest > 0:
+                services.settlement_revert_record(lease_id=item.lease_id, amount=rest, settlement_ref=ref)
+                notes.append(f"lease {item.lease_id}: {rest} not paid by the escrow")
+        BudgetAuthorization.objects.filter(job_id__in=[i.job_id for i in items], activated_at__isnull=True).update(
+            activated_at=now
+        )
+        locked.status, locked.confirmed_at, locked.block_number = SS.CONFIRMED, now, block
+        locked.tx_hash, locked.fee_bps, locked.last_error = receipt.tx_hash, fee_bps, "; ".join(notes)[:2000]
+        locked.save()
+    if notes:
+        logger.error("settlement %s: the escrow paid less than sent: %s", settlement.pk, "; ".join(notes))
+    return locked
+
+
+def _complete(*, settlement: Settlement, client: ChainClient, deployment: Deployment, wait: bool) -> Settlement:
+    """Drive a submitted batch to confirmed or failed from its receipt."""
+    try:
+        receipt = client.wait_receipt(settlement.tx_hash) if wait else client.receipt(settlement.tx_hash)
+    except ContractReverted as reverted:
+        _fail(settlement, reverted)
+        return settlement
+    if receipt is None:
+        return settlement
+    if not receipt.succeeded:
+        _fail(settlement, None, f"transaction {receipt.tx_hash} reverted")
+        return settlement
+    return settlement_confirm(settlement=settlement, client=client, deployment=deployment, receipt=receipt)
+
+
+# ----------------------------------------------------------------------------------- runs
+
+
+def _due(now: datetime) -> bool:
+    """A batch is due every SETTLEMENT_INTERVAL_S, or at once when a full batch is waiting."""
+    last = Settlement.objects.order_by("-created_at").values_list("created_at", flat=True).first()
+    if last is None or now - last >= timedelta(seconds=int(settings.SETTLEMENT_INTERVAL_S)):
+        return True
+    waiting = LedgerAccount.objects.filter(kind=AK.LEASE_UNSETTLED, balance__gt=0).count()
+    return waiting >= int(settings.SETTLEMENT_BATCH_MAX)
+
+
+def settle_run(
+    *, client: ChainClient, deployment: Deployment | None = None, force: bool = False, wait: bool = True
+) -> dict[str, Any]:
+    """One settlement run (the caller holds `settlement_lock`): first finish any pending batch
+    (re-send it: catch-up after the node was down), then, when due (or `force`), gather, create,
+    send and confirm a new one. NodeUnavailable leaves the batch pending and is reported, not
+    raised."""
+    deployment = deployment or deployment_require(client)
+    result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
+    try:
+        for pending in Settlement.objects.filter(status=SS.PENDING).order_by("pk"):
+            _resume(settlement=pending, client=client, deployment=deployment, result=result, wait=wait)
+        if not (force or _due(timezone.now())):
+            return result
+        escrow_address = deployment.escrow
+        gathered = settlement_gather(chain_id=client.chain_id(), escrow=escrow_address)
+        result["waiting"] = gathered.waiting
+        candidates = _affordable(gathered.candidates, client=client, deployment=deployment, result=result)
+        escrow = client.contract(ESCROW, deployment.escrow)
+        settlement = settlement_create(candidates=candidates, fee_bps=int(client.call(escrow.functions.feeBps())))
+        if settlement is None:
+            return result
+        _send_and_complete(settlement=settlement, client=client, deployment=deployment, result=result, wait=wait)
+    except NodeUnavailable as error:
+        logger.warning("settlement: the chain node is unreachable (%s); pending batches wait", error)
+        result["node_unavailable"] = str(error)
+    return result
+
+
+def _affordable(
+    candidates: list[Candidate], *, client: ChainClient, deployment: Deployment, result: dict[str, Any]
+) -> list[Candidate]:
+    """Leave out the jobs whose budget activation the renter's on-chain available balance cannot
+    cover (it would revert the whole batch); they wait for a deposit."""
+    escrow = client.contract(ESCROW, deployment.escrow)
+    need: dict[str, int] = {}
+    for c in candidates:
+        if c.carries_budget:
+            key = c.authorization.renter_address.lower()
+            need[key] = need.get(key, 0) + int(c.authorization.max_amount)
+    short = {
+        address
+        for address, amount in need.items()
+        if int(client.call(escrow.functions.availableBalance(to_checksum_address(address)))) < amount
+    }
+    if short:
+        result["waiting"]["renter_short_on_chain"] = sum(
+            1 for c in candidates if c.carries_budget and c.authorization.renter_address.lower() in short
+        )
+        logger.warning("settlement: renters %s lack on-chain funds to activate their job budgets", sorted(short))
+    return [c for c in candidates if not (c.carries_budget and c.authorization.renter_address.lower() in short)]
+
+
+def _send_and_complete(
+    *, settlement: Settlement, client: ChainClient, deployment: Deployment, result: dict[str, Any], wait: bool
+) -> None:
+    settlement = settlement_send(settlement=settlement, client=client, deployment=deployment)
+    if settlement.status == SS.FAILED:
+        result["failed"] += 1
+        return
+    result["sent"] += 1
+    try:
+        settlement = _complete(settlement=settlement, client=client, deployment=deployment, wait=wait)
+    except TransactionTimeout as error:
+        Settlement.objects.filter(pk=settlement.pk).update(last_error=str(error)[:2000])
+        return
+    if settlement.status == SS.CONFIRMED:
+        result["confirmed"] += 1
+    elif settlement.status == SS.FAILED:
+        result["failed"] += 1
+
+
+def _resume(
+    *, settlement: Settlement, client: ChainClient, deployment: Deployment, result: dict[str, Any], wait: bool
+) -> None:
+    """A pending batch (never recorded as sent): if its transaction is on chain, complete it from
+    there; otherwise send it again."""
+    found = _find_sent(settlement=settlement, client=client)
+    if found is not None:
+        Settlement.objects.filter(pk=settlement.pk).update(
+            tx_hash=found, status=SS.SUBMITTED, submitted_at=settlement.submitted_at or timezone.now()
+        )
+        settlement.refresh_from_db()
+        completed = _complete(settlement=settlement, client=client, deployment=deployment, wait=wait)
+        if completed.status == SS.CONFIRMED:
+            result["confirmed"] += 1
+        return
+    _send_and_complete(settlement=settlement, client=client, deployment=deployment, result=result, wait=wait)
+
+
+def _find_sent(*, settlement: Settlement, client: ChainClient) -> str | None:
+    """The hash of the operator's transaction with the settlement's recorded nonce and calldata,
+    if one was mined (searched from `sent_from_block`); None when none was."""
+    if settlement.nonce is None or not settlement.calldata_hash:
+        return None
+    mined = int(client.web3.eth.get_transaction_count(client.address, "latest"))
+    if mined <= settlement.nonce:
+        return None  # that nonce was never used on chain: the transaction did not get through
+    start = settlement.sent_from_block or 0
+    head = client.block_number()
+    operator = client.address.lower()
+    for number in range(start, min(head, start + NONCE_SEARCH_BLOCKS) + 1):
+        block = client.web3.eth.get_block(number, full_transactions=True)
+        for tx in block["transactions"]:
+            if str(tx["from"]).lower() != operator or int(tx["nonce"]) != settlement.nonce:
+                continue
+            data = HexBytes(tx.get("input", tx.get("data", b"")))
+            if "0x" + keccak(data).hex() == settlement.calldata_hash:
+                return HexBytes(tx["hash"]).to_0x_hex()
+            return None  # the nonce went to another transaction: ours was never mined
+    return None
+
+
+def settlements_reconcile(
+    *, client: ChainClient, deployment: Deployment | None = None, older_than_s: int | None = None
+) -> dict[str, int]:
+    """Complete batches stuck pending or submitted for longer than `older_than_s` (default
+    SETTLEMENT_STUCK_S): submitted ones from their receipt, pending ones by finding their
+    transaction by nonce and calldata hash (or sending them again). Each charge ends confirmed or
+    back in unsettled exactly once."""
+    deployment = deployment or deployment_require(client)
+    stuck_s = int(settings.SETTLEMENT_STUCK_S) if older_than_s is None else older_than_s
+    cutoff = timezone.now() - timedelta(seconds=stuck_s)
+    result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
+    try:
+        for settlement in Settlement.objects.filter(
+            status__in=(SS.PENDING, SS.SUBMITTED), updated_at__lte=cutoff
+        ).order_by("pk"):
+            if settlement.status == SS.PENDING:
+                _resume(settlement=settlement, client=client, deployment=deployment, result=result, wait=False)
+                continue
+            try:
+                completed = _complete(settlement=settlement, client=client, deployment=deployment, wait=False)
+            except TransactionTimeout:
+                continue
+            if completed.status == SS.CONFIRMED:
+                result["confirmed"] += 1
+            elif completed.status == SS.FAILED:
+                result["failed"] += 1
+            elif client.confirmations(settlement.tx_hash) == 0 and _nonce_taken_by_other(settlement, client):
+                _fail(settlement, None, "the transaction was replaced and never mined")
+                result["failed"] += 1
+    except NodeUnavailable as error:
+        result["node_unavailable"] = str(error)
+    return {k: v for k, v in result.items() if k != "waiting"}
+
+
+def _nonce_taken_by_other(settlement: Settlement, client: ChainClient) -> bool:
+    if settlement.nonce is None:
+        return False
+    mined = int(client.web3.eth.get_transaction_count(client.address, "latest"))
+    return mined > settlement.nonce and client.receipt(settlement.tx_hash) is None
+
+
+def settlement_retry(*, settlement: Settlement, client: ChainClient | None = None) -> Settlement:
+    """Admin "retry": drive one batch now. Pending → found on chain or sent again; submitted →
+    completed from its receipt; failed or confirmed → unchanged (a failed batch's charges are
+    already back to unsettled and go out in the next batch). Holds the settlement lock; raises
+    ValidationFailed (code settlement_busy) when a settlement run holds it."""
+    from billing.chain import chain_client_from_settings
+    from marketplace.errors import ValidationFailed
+
+    if settlement.status in (SS.CONFIRMED, SS.FAILED):
+        return settlement
+    client = client or chain_client_from_settings()
+    with settlement_lock() as acquired:
+        if not acquired:
+            raise ValidationFailed("A settlement run is in progress; try again shortly.", code="settlement_busy")
+        deployment = deployment_require(client)
+        result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
+        settlement.refresh_from_db()
+        if settlement.status == SS.PENDING:
+            _resume(settlement=settlement, client=client, deployment=deployment, result=result, wait=True)
+        elif settlement.status == SS.SUBMITTED:
+            with contextlib.suppress(TransactionTimeout):
+                _complete(settlement=settlement, client=client, deployment=deployment, wait=True)
+    settlement.refresh_from_db()
+    return settlement

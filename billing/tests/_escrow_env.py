@@ -1,0 +1,179 @@
+"""A deployed escrow on an in-process chain with the marketplace's operator, for the watcher and
+settlement tests, plus the helper that compares the escrow's balances with the ledger's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from django.utils import timezone
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak, to_checksum_address
+
+from billing import services
+from billing.chain import ChainClient, chain_client_eth_tester
+from billing.chain.deployment import Deployment, deployment_ensure
+from billing.contract import ESCROW, STABLECOIN, budget_sign
+from billing.models import BudgetAuthorization, LedgerAccount
+from jobs.models import Job, Lease, Renter, UsageReport
+from jobs.services import JobSpec, Placement, job_create, lease_end, lease_mark_started, leases_assign
+from tests.factories import ProviderFactory, machine_with_gpus
+
+ONE = 10**6
+
+
+@dataclass
+class EscrowEnv:
+    client: ChainClient
+    deployment: Deployment
+    escrow: Any
+    token: Any
+
+    def account(self, label: str) -> LocalAccount:
+        """A deterministic account funded with gas."""
+        account = Account.from_key(keccak(text=f"gpgpu settlement tests: {label}"))
+        if self.client.native_balance(account.address) == 0:
+            self.client.wait_receipt(self.client.send_value(account.address, 10**18).hash)
+        return account
+
+    def send_as(self, account: LocalAccount, fn: Any) -> Any:
+        sender = self.client.for_account(account)
+        return sender.wait_receipt(sender.transact(fn).hash)
+
+    def deposit(self, account: LocalAccount, amount: int) -> Any:
+        self.send_as(account, self.token.functions.mint(account.address, amount))
+        self.send_as(account, self.token.functions.approve(self.escrow.address, amount))
+        return self.send_as(account, self.escrow.functions.deposit(amount))
+
+    def sign_budget(self, account: LocalAccount, job: Job, max_amount: int) -> BudgetAuthorization:
+        deadline = int((timezone.now() + timedelta(days=1)).timestamp())
+        signed = budget_sign(
+            private_key=account.key,
+            chain_id=self.client.chain_id(),
+            escrow=self.deployment.escrow,
+            job_id=job.pk,
+            max_amount=max_amount,
+            deadline=deadline,
+        )
+        return BudgetAuthorization.objects.create(
+            job=job,
+            renter_address=account.address.lower(),
+            max_amount=max_amount,
+            deadline=datetime.fromtimestamp(deadline, tz=UTC),
+            signature="0x" + signed.signature.hex(),
+        )
+
+    # ----------------------------------------------------------------- ledger vs chain
+
+    def disagreements(self, renters: dict[int, str], providers: dict[int, str]) -> list[str]:
+        """Where the escrow and the ledger disagree: per renter, available + job reservations on
+        chain vs the ledger's available + reserved + unsettled + in settlement; per provider,
+        earnings vs provider_payable; fees vs platform_fees. `renters`/`providers`: id → address."""
+        problems = []
+        for renter_id, address in renters.items():
+            chain = int(self.escrow.functions.availableBalance(to_checksum_address(address)).call())
+            ledger = _balance(LedgerAccount.Kind.RENTER_AVAILABLE, f"renter:{renter_id}")
+            for job in Job.objects.filter(renter_id=renter_id):
+                _renter, _deadline, remaining, *_ = self.escrow.functions.job(job.pk).call()
+                chain += int(remaining)
+                auth = BudgetAuthorization.objects.filter(job=job, activated_at__isnull=False).first()
+                on_chain = auth is not None
+                reserved = _balance(LedgerAccount.Kind.JOB_RESERVED, f"job:{job.pk}")
+                owed = sum(
+                    _balance(kind, f"lease:{lease.pk}")
+                    for lease in job.leases.all()
+                    for kind in (LedgerAccount.Kind.LEASE_UNSETTLED, LedgerAccount.Kind.IN_SETTLEMENT)
+                )
+                if on_chain:
+                    # The job's reservation on chain still holds what the ledger released.
+                    released = -sum(
+                        p.amount
+                        for p in services.Posting.objects.filter(
+                            account__kind=LedgerAccount.Kind.JOB_RESERVED,
+                            account__owner_key=f"job:{job.pk}",
+                            entry__kind="release",
+                        )
+                    )
+                    ledger += reserved + owed
+                    chain -= released
+                else:
+                    ledger += reserved + owed
+            if chain != ledger:
+                problems.append(f"renter {renter_id}: escrow holds {chain}, ledger {ledger}")
+        for provider_id, address in providers.items():
+            chain = int(self.escrow.functions.earnings(to_checksum_address(address)).call())
+            ledger = _balance(LedgerAccount.Kind.PROVIDER_PAYABLE, f"provider:{provider_id}")
+            if chain != ledger:
+                problems.append(f"provider {provider_id}: escrow earnings {chain}, ledger payable {ledger}")
+        fees_chain = int(self.escrow.functions.feesAccrued().call())
+        fees_ledger = _balance(LedgerAccount.Kind.PLATFORM_FEES, "")
+        if fees_chain != fees_ledger:
+            problems.append(f"fees: escrow {fees_chain}, ledger {fees_ledger}")
+        return problems
+
+
+def _balance(kind: str, owner_key: str) -> int:
+    return LedgerAccount.objects.filter(kind=kind, owner_key=owner_key).values_list("balance", flat=True).first() or 0
+
+
+def escrow_env(tmp_path: Path, *, fee_bps: int = 1000) -> EscrowEnv:
+    client = chain_client_eth_tester()
+    deployment, _ = deployment_ensure(
+        client=client, treasury=client.address, fee_bps=fee_bps, dev_token=True, path=tmp_path / "deployment.json"
+    )
+    return EscrowEnv(
+        client=client,
+        deployment=deployment,
+        escrow=client.contract(ESCROW, deployment.escrow),
+        token=client.contract(STABLECOIN, deployment.token),
+    )
+
+
+def charged_job(renter: Renter, *, charge_s: int = 3600, provider_address: str | None = None) -> tuple[Job, Lease]:
+    """A job (1 GPU at 1.00/GPU-hour, budget for 2 h) whose one lease ran `charge_s` seconds,
+    ended and was finally metered (charge_s/3600 tokens unsettled)."""
+    spec = JobSpec(
+        gpu_count=1,
+        max_price_per_gpu_hour=Decimal("1.00"),
+        expected_duration_s=3600,
+        max_duration_s=7200,
+        kind=Job.Kind.PROCESS,
+        command=["true"],
+    )
+    job, _ = job_create(renter=renter, spec=spec)
+    machine = machine_with_gpus(count=1)
+    if provider_address is not None:
+        provider = machine.provider
+        provider.payout_address = provider_address
+        provider.save(update_fields=["payout_address"])
+    (lease,) = leases_assign(
+        placements=[
+            Placement(
+                job_id=job.pk,
+                machine_id=machine.pk,
+                gpu_ids=(machine.gpus.get().pk,),
+                price_per_gpu_hour=Decimal("1.00"),
+            )
+        ]
+    )
+    t0 = timezone.now() - timedelta(days=1)
+    lease_mark_started(lease_id=lease.pk, actor="test", at=t0)
+    UsageReport.objects.create(
+        lease=lease, report_id="all", period_start=t0, period_end=t0 + timedelta(seconds=charge_s), gpu_seconds=1
+    )
+    lease_end(
+        lease_id=lease.pk,
+        reason=Lease.EndReason.SUCCEEDED,
+        actor="test",
+        exit_code=0,
+        at=t0 + timedelta(seconds=charge_s),
+    )
+    services.lease_meter(lease_id=lease.pk)
+    return job, lease
+
+
+__all__ = ["ONE", "EscrowEnv", "ProviderFactory", "charged_job", "escrow_env"]

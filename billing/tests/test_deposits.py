@@ -1,0 +1,111 @@
+"""The deposit watcher on an in-process chain: each escrow event is posted once, unknown
+depositors wait for their wallet link, and a reorg reverses what left the chain."""
+
+from __future__ import annotations
+
+import pytest
+
+from billing.deposits import chain_watch, wallet_link
+from billing.errors import ValidationFailed
+from billing.models import ChainLog
+from billing.selectors import renter_available_micro
+from billing.tests._escrow_env import ONE, escrow_env
+from tests.factories import RenterFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def env(tmp_path):  # type: ignore[no-untyped-def]
+    return escrow_env(tmp_path)
+
+
+def test_a_deposit_is_credited_once_even_when_the_same_blocks_are_read_twice(env):
+    renter = RenterFactory(funds=0)
+    alice = env.account("alice")
+    wallet_link(renter=renter, address=alice.address)
+    env.deposit(alice, 25 * ONE)
+
+    first = chain_watch(client=env.client, deployment=env.deployment)
+    assert first.credited == 1
+    assert renter_available_micro(renter_id=renter.pk) == 25 * ONE
+
+    # Rewind the cursor as a crashed run would leave it: the same logs are read again.
+    ChainLog.objects.update()  # no-op: rows stay
+    from billing.models import ChainCursor
+
+    ChainCursor.objects.update(last_block=env.deployment.deployment_block - 1, last_block_hash="", recent_blocks=[])
+    again = chain_watch(client=env.client, deployment=env.deployment)
+    assert again.logs == 1 and again.credited == 0
+    assert renter_available_micro(renter_id=renter.pk) == 25 * ONE
+    assert env.disagreements({renter.pk: alice.address}, {}) == []
+
+
+def test_a_deposit_from_an_unknown_address_is_credited_when_the_renter_links_it(env):
+    renter = RenterFactory(funds=0)
+    bob = env.account("bob")
+    env.deposit(bob, 7 * ONE)
+
+    result = chain_watch(client=env.client, deployment=env.deployment)
+    assert result.unmatched == 1
+    assert renter_available_micro(renter_id=renter.pk) == 0
+    assert ChainLog.objects.get().status == "unmatched"
+
+    wallet_link(renter=renter, address=bob.address.upper().replace("0X", "0x"))
+    assert renter_available_micro(renter_id=renter.pk) == 7 * ONE
+    assert ChainLog.objects.get().status == "credited"
+    wallet_link(renter=renter, address=bob.address)  # linking again credits nothing more
+    assert renter_available_micro(renter_id=renter.pk) == 7 * ONE
+
+
+def test_an_address_cannot_be_linked_to_two_renters_or_be_malformed(env):
+    first, second = RenterFactory(funds=0), RenterFactory(funds=0)
+    wallet_link(renter=first, address="0x" + "ab" * 20)
+    with pytest.raises(ValidationFailed) as taken:
+        wallet_link(renter=second, address="0x" + "AB" * 20)
+    assert taken.value.code == "wallet_taken"
+    with pytest.raises(ValidationFailed) as malformed:
+        wallet_link(renter=second, address="0x1234")
+    assert malformed.value.code == "invalid_address"
+
+
+def test_a_reorg_reverses_the_deposit_that_left_the_chain(env):
+    renter = RenterFactory(funds=0)
+    carol = env.account("carol")
+    wallet_link(renter=renter, address=carol.address)
+    env.deposit(carol, 10 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+    tester = env.client.web3.provider.ethereum_tester
+    snapshot = tester.take_snapshot()
+
+    env.deposit(carol, 5 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+    assert renter_available_micro(renter_id=renter.pk) == 15 * ONE
+
+    # The second deposit's blocks are replaced by a longer chain without it.
+    tester.revert_to_snapshot(snapshot)
+    tester.mine_blocks(10)
+    result = chain_watch(client=env.client, deployment=env.deployment)
+
+    assert result.reorg and result.rewound == 1
+    assert renter_available_micro(renter_id=renter.pk) == 10 * ONE
+    assert sorted(ChainLog.objects.values_list("status", flat=True)) == ["credited", "rewound"]
+    assert env.disagreements({renter.pk: carol.address}, {}) == []
+
+
+def test_a_withdrawal_of_money_reserved_off_chain_is_flagged_not_crashing(env):
+    from billing.deposits import chain_flags
+    from billing.tests._escrow_env import charged_job
+
+    renter = RenterFactory(funds=0)
+    dave = env.account("dave")
+    wallet_link(renter=renter, address=dave.address)
+    env.deposit(dave, 3 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+    charged_job(renter)  # reserves 2 tokens off chain; nothing is reserved on chain yet
+    env.send_as(dave, env.escrow.functions.withdraw(3 * ONE))
+
+    result = chain_watch(client=env.client, deployment=env.deployment)
+    assert result.flagged == 1
+    flags = chain_flags()
+    assert len(flags) == 1 and "Withdrawn" in flags[0]

@@ -1,0 +1,85 @@
+"""Settlement faults: the node unreachable, the worker killed between sending and recording. Each
+test ends with the ledger and the escrow in agreement, every charge paid exactly once."""
+
+from __future__ import annotations
+
+import pytest
+from web3 import Web3
+
+from billing import settlement as engine
+from billing.chain import ChainClient, NodeUnavailable
+from billing.models import Settlement
+from billing.tests._escrow_env import ONE, charged_job, escrow_env
+from billing.tests.test_settlement import _funded_renter
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def env(tmp_path, settings):  # type: ignore[no-untyped-def]
+    settings.VAR_DIR = tmp_path
+    return escrow_env(tmp_path)
+
+
+def _setup(env, label):  # type: ignore[no-untyped-def]
+    renter, account = _funded_renter(env, label)
+    payee = env.account(f"payee {label}")
+    job, lease = charged_job(renter, provider_address=payee.address)
+    env.sign_budget(account, job, 2 * ONE)
+    return {renter.pk: account.address}, {lease.machine.provider_id: payee.address}, payee
+
+
+def test_node_down_leaves_the_charges_waiting_and_the_next_run_catches_up(env):
+    renters, providers, payee = _setup(env, "hal")
+    down = ChainClient(
+        Web3(Web3.HTTPProvider("http://127.0.0.1:9", exception_retry_configuration=None)),
+        operator_account=env.client.account,
+        receipt_timeout_s=1,
+    )
+    result = engine.settle_run(client=down, deployment=env.deployment, force=True)
+    assert "node_unavailable" in result and not Settlement.objects.exists()
+
+    # The node answers but drops the send: the batch stays pending with its nonce recorded.
+    real_transact = env.client.transact
+
+    def unreachable(fn, **kwargs):  # type: ignore[no-untyped-def]
+        raise NodeUnavailable("connection refused")
+
+    env.client.transact = unreachable  # type: ignore[method-assign]
+    result = engine.settle_run(client=env.client, deployment=env.deployment, force=True)
+    settlement = Settlement.objects.get()
+    assert "node_unavailable" in result and settlement.status == "pending" and settlement.nonce is not None
+    assert env.escrow.functions.earnings(payee.address).call() == 0
+
+    env.client.transact = real_transact  # type: ignore[method-assign]
+    engine.settle_run(client=env.client, deployment=env.deployment)
+    settlement.refresh_from_db()
+    assert settlement.status == "confirmed" and Settlement.objects.count() == 1
+    assert env.escrow.functions.earnings(payee.address).call() == 900_000
+    assert env.disagreements(renters, providers) == []
+
+
+def test_worker_killed_after_sending_is_completed_once_by_the_reconciler(env, monkeypatch):
+    renters, providers, payee = _setup(env, "ivy")
+
+    class Killed(Exception):
+        pass
+
+    def die(settlement):  # type: ignore[no-untyped-def]
+        raise Killed
+
+    monkeypatch.setattr(engine, "after_send_hook", die)
+    with pytest.raises(Killed):
+        engine.settle_run(client=env.client, deployment=env.deployment, force=True)
+    monkeypatch.setattr(engine, "after_send_hook", None)
+    settlement = Settlement.objects.get()
+    assert settlement.status == "pending" and settlement.tx_hash == ""
+    assert env.escrow.functions.earnings(payee.address).call() == 900_000  # it did go through
+
+    result = engine.settlements_reconcile(client=env.client, deployment=env.deployment, older_than_s=0)
+    settlement.refresh_from_db()
+    assert result["confirmed"] == 1 and settlement.status == "confirmed" and settlement.tx_hash
+    assert settlement.attempts == 1  # found on chain, not sent again
+    engine.settlements_reconcile(client=env.client, deployment=env.deployment, older_than_s=0)
+    assert env.escrow.functions.earnings(payee.address).call() == 900_000
+    assert env.disagreements(renters, providers) == []
