@@ -14,4 +14,5 @@ urlpatterns = [
     path("api/v1/", include("providers.urls")),
     path("api/v1/", include("jobs.urls")),
     path("api/v1/", include("accounts.urls")),
+    path("api/v1/", include("billing.urls")),
 ]

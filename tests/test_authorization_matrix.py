@@ -39,6 +39,12 @@ RENTER_COLLECTION_ENDPOINTS = [
     ("get", "/api/v1/jobs/", None),
     ("post", "/api/v1/jobs/", JOB_BODY),
     ("get", "/api/v1/leases/", None),
+    ("get", "/api/v1/billing/balance/", None),
+    ("get", "/api/v1/billing/deposits/", None),
+    ("get", "/api/v1/billing/charges/", None),
+    ("get", "/api/v1/billing/statements/monthly/?month=2026-11", None),
+    ("get", "/api/v1/billing/settlements/", None),
+    ("get", "/api/v1/billing/wallets/", None),
 ]
 RENTER_OBJECT_ENDPOINTS = [
     ("get", "/api/v1/jobs/{job}/", None),
@@ -46,6 +52,17 @@ RENTER_OBJECT_ENDPOINTS = [
     ("get", "/api/v1/jobs/{job}/leases/", None),
     ("get", "/api/v1/jobs/{job}/events/", None),
     ("get", "/api/v1/leases/{lease}/", None),
+    ("get", "/api/v1/billing/statements/jobs/{job}/", None),
+    ("get", "/api/v1/jobs/{job}/budget-authorization/?address=0x" + "ab" * 20, None),
+]
+# Renter writes whose success needs a signature made for the caller: checked for 401/403/404 only.
+RENTER_SIGNED_WRITES = [
+    ("post", "/api/v1/billing/wallets/", {"address": "0x" + "ab" * 20, "signature": "0x" + "00" * 65}),
+    (
+        "put",
+        "/api/v1/jobs/{job}/budget-authorization/",
+        {"renter_address": "0x" + "ab" * 20, "max_amount": 1, "deadline": 4_000_000_000, "signature": "0x" + "00" * 65},
+    ),
 ]
 PROVIDER_COLLECTION_ENDPOINTS = [
     ("get", "/api/v1/machines/", None),
@@ -57,6 +74,7 @@ PROVIDER_COLLECTION_ENDPOINTS = [
     ("post", "/api/v1/blackouts/", BLACKOUT_BODY),
     ("get", "/api/v1/registration-tokens/", None),
     ("post", "/api/v1/registration-tokens/", {"label": "x"}),
+    ("get", "/api/v1/billing/earnings/", None),
 ]
 PROVIDER_OBJECT_ENDPOINTS = [
     ("get", "/api/v1/machines/{machine}/", None),
@@ -114,6 +132,14 @@ def _renter_objects() -> tuple[Any, dict[str, int]]:
         placements=[Placement(job_id=job.pk, machine_id=gpu.machine_id, gpu_ids=(gpu.pk,), price_per_gpu_hour=1)]
     )
     return renter, {"job": job.pk, "lease": lease.pk}
+
+
+@pytest.fixture(autouse=True)
+def _escrow_known(settings):  # type: ignore[no-untyped-def]
+    """The escrow's domain is configured, so budget offers need no chain node."""
+    settings.CHAIN_ID = 31337
+    settings.ESCROW_ADDRESS = "0x" + "e5" * 20
+    settings.TOKEN_ADDRESS = "0x" + "70" * 20
 
 
 @pytest.fixture
@@ -248,3 +274,15 @@ def test_a_user_who_is_both_renter_and_provider_may_use_both_sides(db):
     assert client.post("/api/v1/jobs/", JOB_BODY, format="json").status_code == 201
     assert client.get("/api/v1/machines/").status_code == 200
     assert client.get("/api/v1/provider/").json()["default_price_floor"] == "0.300000"
+
+
+@pytest.mark.parametrize(("method", "template", "body"), RENTER_SIGNED_WRITES)
+def test_signed_renter_writes_refuse_strangers_providers_and_other_renters_jobs(world, method, template, body):
+    anonymous = call(APIClient(), method, world.url(template, "renter"), body)
+    provider = call(world.provider, method, world.url(template, "renter"), body)
+    theirs = call(world.renter, method, world.url(template, "other_renter"), body)
+
+    assert anonymous.status_code == 401
+    assert (provider.status_code, provider.json()["code"]) == (403, "not_a_renter")
+    if "{job}" in template:
+        assert (theirs.status_code, theirs.json()["code"]) == (404, "not_found")

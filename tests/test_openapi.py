@@ -34,6 +34,23 @@ PUBLIC_API = {
     "/api/v1/blackouts/": {"get", "post"},
     "/api/v1/blackouts/{blackout_id}/": {"get", "delete"},
     "/api/v1/registration-tokens/": {"get", "post"},
+    "/api/v1/jobs/{job_id}/budget-authorization/": {"get", "put"},
+    "/api/v1/billing/balance/": {"get"},
+    "/api/v1/billing/deposits/": {"get"},
+    "/api/v1/billing/charges/": {"get"},
+    "/api/v1/billing/statements/jobs/{job_id}/": {"get"},
+    "/api/v1/billing/statements/monthly/": {"get"},
+    "/api/v1/billing/settlements/": {"get"},
+    "/api/v1/billing/wallets/": {"get", "post"},
+    "/api/v1/billing/earnings/": {"get"},
+}
+# GET endpoints under PUBLIC_API that return one object, not a paginated list.
+SINGLE_OBJECT_GETS = {
+    "/api/v1/provider/",
+    "/api/v1/billing/balance/",
+    "/api/v1/billing/statements/monthly/",
+    "/api/v1/billing/earnings/",
+    "/api/v1/jobs/{job_id}/budget-authorization/",
 }
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 
@@ -100,7 +117,7 @@ def test_every_public_operation_requires_the_api_token(schema):
 def test_lists_are_documented_as_paginated(schema):
     for path, methods in PUBLIC_API.items():
         if "get" in methods and path.endswith("/") and not re.search(r"\{[a-z_]+\}/$", path):
-            if path == "/api/v1/provider/":
+            if path in SINGLE_OBJECT_GETS:
                 continue
             ok = schema["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
             component = schema["components"]["schemas"][ok["$ref"].rsplit("/", 1)[1]]
