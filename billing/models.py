@@ -219,6 +219,11 @@ class BudgetAuthorization(models.Model):
     # renter short of funds on chain): the job waits until a new signature is stored.
     rejected_signature = models.CharField(max_length=132, blank=True)
     rejected_reason = models.CharField(max_length=300, blank=True)
+    # Set by billing.release once the escrow closed the job (releaseJob: its unspent reservation
+    # went back to the renter's available balance on chain); the tx hash is empty when the job was
+    # found closed already (released earlier by a run that died before recording it, or by the renter).
+    released_on_chain_at = models.DateTimeField(null=True, blank=True)
+    release_tx_hash = models.CharField(max_length=66, blank=True)
 
     class Meta:
         ordering = ["pk"]

@@ -73,3 +73,32 @@ def reconcile_settlements() -> dict[str, object]:
             return settlements_reconcile(client=chain_client_from_settings())
         except ChainError as error:
             return {"error": str(error)}
+
+
+@shared_task(name="billing.tasks.release_jobs_on_chain", ignore_result=True, time_limit=600, soft_time_limit=540)
+def release_jobs_on_chain() -> dict[str, object]:
+    """Close in the escrow the budgets of finished jobs that the ledger released (beat: every
+    minute). Shares the settlement lock, so the operator's transactions go out one at a time; a
+    job already closed on chain is only recorded, so a repeated run sends nothing twice."""
+    import time
+
+    from billing.chain import ChainError, chain_client_from_settings
+    from billing.release import jobs_release_on_chain
+    from billing.settlement import settlement_lock
+
+    # Beat fires this and `settle` (every 15 s) at the same instants, and a quiet settle run holds
+    # the lock for milliseconds: wait for it a little instead of skipping every time.
+    for attempt in range(RELEASE_LOCK_TRIES):
+        with settlement_lock() as acquired:
+            if acquired:
+                try:
+                    return jobs_release_on_chain(client=chain_client_from_settings())
+                except ChainError as error:
+                    return {"error": str(error)}
+        if attempt + 1 < RELEASE_LOCK_TRIES:
+            time.sleep(RELEASE_LOCK_WAIT_S)
+    return {"skipped": 1}
+
+
+RELEASE_LOCK_TRIES = 10
+RELEASE_LOCK_WAIT_S = 1.0

@@ -343,6 +343,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 60.0,
         "options": {"expires": 60.0},
     },
+    "release-jobs-on-chain": {
+        "task": "billing.tasks.release_jobs_on_chain",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
+    },
 }
 
 LOGGING = {

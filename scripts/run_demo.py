@@ -147,9 +147,10 @@ def agent_prepare(n: int, *, url: str, provider_token: str, agents_dir: Path, ti
     return state_dir
 
 
-def chain_prepare(*, env: dict[str, str], var_dir: Path, chain: Child) -> dict:
-    """Wait for the local chain, deploy the escrow on first start (chain_deploy is idempotent) and
-    make sure the demo renter (key in var/demo/renter.key, 0600) has tokens deposited in it."""
+def chain_prepare(*, env: dict[str, str], var_dir: Path, chain: Child, credentials_path: Path) -> dict:
+    """Wait for the local chain, deploy the escrow on first start (chain_deploy is idempotent),
+    make sure the demo renter (key in var/demo/renter.key, 0600) has tokens deposited in it, link
+    that key's address to the demo renter and credit the deposit in the ledger."""
     rpc_wait(env["CHAIN_RPC_URL"], timeout_s=30, process=chain.process)
     manage = [PYTHON, "manage.py"]
     deployed = subprocess.run(  # noqa: S603 - our own command
@@ -164,7 +165,27 @@ def chain_prepare(*, env: dict[str, str], var_dir: Path, chain: Child) -> dict:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    return {**deployment, "renter_key": str(renter_key)}
+    # Link the key's address to the demo renter and credit its deposit now (the beat task
+    # billing.tasks.watch_chain does the same every CHAIN_WATCH_INTERVAL_S), so the banner's curl
+    # is admitted at once instead of getting 402 insufficient_funds.
+    seeded = subprocess.run(  # noqa: S603 - our own command
+        [
+            *manage,
+            "demo_seed",
+            "--credentials-file",
+            str(credentials_path),
+            "--renter-key-file",
+            str(renter_key),
+            "--watch-chain",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    balance = next((line.strip() for line in seeded.stdout.splitlines() if line.strip().startswith("balance")), "")
+    return {**deployment, "renter_key": str(renter_key), "balance": balance}
 
 
 def banner(url: str, credentials: dict, log_dir: Path, chain: dict | None = None) -> str:
@@ -186,7 +207,11 @@ def banner(url: str, credentials: dict, log_dir: Path, chain: dict | None = None
             f"   Chain      {chain['rpc_url']} (anvil, chain {chain['chain_id']}; state in var/chain/)\n"
             f"   Escrow     {chain['escrow']}\n"
             f"   Token      {chain['token']}  (mock stablecoin, 6 decimals)\n"
-            f"   Renter key {chain['renter_key']}  (1000 tokens deposited in the escrow)\n"
+            f"   Renter key {chain['renter_key']}  (1000 tokens deposited in the escrow, wallet linked)\n"
+            f"   Money      renter {chain['balance'].removeprefix('balance').strip()}\n"
+            f"              a signer (log: signer.log) signs each job's budget with the renter key; charges\n"
+            f"              are metered every {chain['meter_s']} s and settled on chain "
+            f"every {chain['settle_s']} s\n"
         )
     else:
         chain_lines = "   Chain      none (install Node.js and run `npm ci` for the local anvil chain)\n"
@@ -215,6 +240,13 @@ def banner(url: str, credentials: dict, log_dir: Path, chain: dict | None = None
    curl -s {url}/api/v1/jobs/1/ -H "Authorization: Token {renter}"
    curl -s {url}/api/v1/jobs/1/events/ -H "Authorization: Token {renter}"
 
+ And the money: the renter's balance and charges, the settlements on chain, the provider's earnings:
+
+   curl -s {url}/api/v1/billing/balance/ -H "Authorization: Token {renter}"
+   curl -s {url}/api/v1/billing/charges/ -H "Authorization: Token {renter}"
+   curl -s {url}/api/v1/billing/settlements/ -H "Authorization: Token {renter}"
+   curl -s {url}/api/v1/billing/earnings/ -H "Authorization: Token {provider}"
+
  Press Ctrl-C to stop everything.
 ================================================================================
 """.strip("\n")
@@ -229,6 +261,8 @@ def main() -> int:
     # still be set from the environment.
     env.setdefault("HEARTBEAT_INTERVAL_S", "5")
     env.setdefault("MATCH_INTERVAL_S", "2")
+    # Settle on chain every 20 s instead of every 2 minutes, so a job's payment shows up quickly.
+    env.setdefault("SETTLEMENT_INTERVAL_S", "20")
     var_dir = Path(env.get("GPGPU_VAR_DIR", ROOT / "var"))
     log_dir = var_dir / "demo" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +309,10 @@ def main() -> int:
                 [PYTHON, "-m", "billing.chain.anvil", "--port", str(args.chain_port), "--state", str(chain_state)],
             )
             try:
-                chain_info = {**chain_prepare(env=env, var_dir=var_dir, chain=chain), "rpc_url": env["CHAIN_RPC_URL"]}
+                prepared = chain_prepare(env=env, var_dir=var_dir, chain=chain, credentials_path=credentials_path)
+                chain_info = {**prepared, "rpc_url": env["CHAIN_RPC_URL"]}
+                chain_info["meter_s"] = env.get("BILLING_METER_INTERVAL_S", "30")
+                chain_info["settle_s"] = env["SETTLEMENT_INTERVAL_S"]
             except (RuntimeError, subprocess.CalledProcessError) as error:
                 detail = getattr(error, "stderr", None) or error
                 print(f"[demo] the chain did not come up: {detail}; see {chain.log_path}", file=sys.stderr, flush=True)
@@ -302,6 +339,10 @@ def main() -> int:
                 env=env,
             )
             start(f"agent-{n}", [*AGENT, "run", "--state-dir", str(state_dir)], to_terminal=True)
+        if chain_info is not None:
+            signer = [PYTHON, str(ROOT / "scripts" / "demo_budget_signer.py"), "--url", url]
+            signer += ["--credentials-file", str(credentials_path), "--key-file", chain_info["renter_key"]]
+            start("signer", signer)
         print(banner(url, credentials, log_dir, chain_info), flush=True)
         while not stopping:
             for child in children:

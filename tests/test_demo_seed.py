@@ -70,3 +70,23 @@ def test_demo_admin_password_comes_from_the_environment(tmp_path: Path, monkeypa
     credentials, _ = _seed(tmp_path / "credentials.json")
     assert credentials["admin"]["password"] == "a-demo-password-42"
     assert get_user_model().objects.get(username="admin").check_password("a-demo-password-42")
+
+
+def test_demo_seed_links_the_demo_renters_wallet_so_its_deposits_are_credited(tmp_path: Path) -> None:
+    from eth_account import Account
+
+    from billing.chain.client import key_file_create
+    from billing.models import RenterWallet
+
+    key_path = tmp_path / "demo" / "renter.key"
+    key_path.parent.mkdir(parents=True)
+    address = key_file_create(key_path).address.lower()
+    path = tmp_path / "demo" / "credentials.json"
+    for _ in range(2):  # linking again changes nothing
+        out = StringIO()
+        call_command("demo_seed", "--credentials-file", str(path), "--renter-key-file", str(key_path), stdout=out)
+        assert address in out.getvalue()
+
+    renter = Renter.objects.get(user__username="demo-renter")
+    assert list(RenterWallet.objects.filter(renter=renter).values_list("address", flat=True)) == [address]
+    assert Account.from_key(key_path.read_text().strip()).address.lower() == address

@@ -81,7 +81,8 @@ class EscrowEnv:
                 _renter, _deadline, remaining, *_ = self.escrow.functions.job(job.pk).call()
                 chain += int(remaining)
                 auth = BudgetAuthorization.objects.filter(job=job, activated_at__isnull=False).first()
-                on_chain = auth is not None
+                # Reserved on chain and not yet released there (billing.release).
+                on_chain = auth is not None and auth.released_on_chain_at is None
                 reserved = _balance(LedgerAccount.Kind.JOB_RESERVED, f"job:{job.pk}")
                 owed = sum(
                     _balance(kind, f"lease:{lease.pk}")
@@ -89,7 +90,8 @@ class EscrowEnv:
                     for kind in (LedgerAccount.Kind.LEASE_UNSETTLED, LedgerAccount.Kind.IN_SETTLEMENT)
                 )
                 if on_chain:
-                    # The job's reservation on chain still holds what the ledger released.
+                    # Until releaseJob, the job's reservation on chain still holds what the ledger
+                    # released.
                     released = -sum(
                         p.amount
                         for p in services.Posting.objects.filter(

@@ -15,11 +15,12 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from accounts.models import ApiToken
 from accounts.services import api_token_create, token_digest
+from billing.chain import ChainError
 from jobs.models import Renter
 from jobs.services import renter_create
 from providers.models import Provider
@@ -47,6 +48,18 @@ class Command(BaseCommand):
             default=None,
             help="where to keep the credentials (default: $GPGPU_VAR_DIR/demo/credentials.json)",
         )
+        parser.add_argument(
+            "--renter-key-file",
+            type=Path,
+            default=None,
+            help="link the address of this key (a 0600 hex key file, e.g. var/demo/renter.key) to the demo "
+            "renter, so its deposits in the escrow are credited to it",
+        )
+        parser.add_argument(
+            "--watch-chain",
+            action="store_true",
+            help="then read the escrow's deposits once (what the beat task billing.tasks.watch_chain does)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         path: Path = options["credentials_file"] or default_credentials_path()
@@ -71,6 +84,40 @@ class Command(BaseCommand):
         self.stdout.write(f"  admin     {ADMIN_USERNAME} / {admin_password}")
         self.stdout.write(f"  renter    {RENTER_USERNAME}: Authorization: Token {renter_token}")
         self.stdout.write(f"  provider  {PROVIDER_USERNAME}: Authorization: Token {provider_token}")
+        renter = Renter.objects.get(user=renter_user)
+        if options["renter_key_file"]:
+            self._wallet_link(renter, options["renter_key_file"])
+        if options["watch_chain"]:
+            self._watch_chain(renter)
+
+    def _wallet_link(self, renter: Renter, key_path: Path) -> None:
+        """Link the key's address to the demo renter (idempotent: billing.deposits.wallet_link)."""
+        from billing.chain.client import key_file_read
+        from billing.deposits import wallet_link
+        from billing.errors import ValidationFailed
+
+        try:
+            address = key_file_read(key_path, setting="--renter-key-file").address
+            wallet_link(renter=renter, address=address)
+        except (ChainError, ValidationFailed) as error:
+            raise CommandError(f"cannot link the demo renter's wallet: {error}") from error
+        self.stdout.write(f"  wallet    {address.lower()} linked to {RENTER_USERNAME}")
+
+    def _watch_chain(self, renter: Renter) -> None:
+        """Credit the escrow's deposits now, so the renter's balance is there before the first job."""
+        from billing.chain import chain_client_from_settings
+        from billing.deposits import chain_watch
+        from billing.selectors import renter_available_micro
+
+        try:
+            result = chain_watch(client=chain_client_from_settings())
+        except ChainError as error:
+            raise CommandError(f"cannot read the escrow's deposits: {error}") from error
+        available = renter_available_micro(renter_id=renter.pk)
+        self.stdout.write(
+            f"  balance   {RENTER_USERNAME} has {available} micro available "
+            f"({result.credited} chain event(s) credited now)"
+        )
 
 
 def _read(path: Path) -> dict[str, Any]:

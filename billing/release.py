@@ -1,0 +1,126 @@
+"""The on-chain half of releasing a finished job's budget.
+
+The ledger releases a terminal job's unused budget (`services.job_budget_release`, beat task
+`release_budgets`: job_reserved → renter_available). When the job's budget was activated on chain
+(its BudgetAuthorization has `activated_at`), the escrow still holds the job's reservation; the
+operator closes it with `escrow.releaseJob(jobId)`, which moves the reservation back to the
+renter's available balance inside the escrow, so the two agree again. No token leaves the escrow
+and the escrow emits only `JobReleased`, which the deposit watcher does not read: the ledger
+already made the same movement, so nothing is credited twice.
+
+A job is released on chain only once nothing more can be paid from it: it is terminal, every
+lease is finally metered, the ledger holds nothing reserved for it, and no charge of it waits
+unsettled or in a settlement (the escrow skips every item of a closed job, so releasing earlier
+would leave a provider unpaid).
+
+Idempotent: the contract's job state is read first; a job already closed (released by an earlier
+run that died before recording it, or by the renter after the deadline) is only recorded. An
+unreachable node leaves the job for the next run. The caller holds `settlement.settlement_lock`,
+so the operator's transactions go out one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.db.models import Q
+from django.utils import timezone
+
+from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavailable, TransactionTimeout
+from billing.chain.deployment import Deployment, deployment_require
+from billing.contract import ESCROW
+from billing.models import BudgetAuthorization, LedgerAccount
+from billing.services import job_leases_final
+from jobs.models import Job, Lease
+
+logger = logging.getLogger(__name__)
+
+AK = LedgerAccount.Kind
+
+
+def _holds(kind: str, owner_keys: list[str]) -> bool:
+    return LedgerAccount.objects.filter(kind=kind, owner_key__in=owner_keys, balance__gt=0).exists()
+
+
+def job_ready_for_chain_release(*, job_id: int) -> bool:
+    """True when nothing more can be charged to or paid from the job: terminal, every lease
+    finally metered, nothing left in job_reserved, nothing unsettled or in settlement."""
+    job = Job.objects.filter(pk=job_id).only("status").first()
+    if job is None or job.status not in Job.TERMINAL or not job_leases_final(job_id=job_id):
+        return False
+    if _holds(AK.JOB_RESERVED, [f"job:{job_id}"]):
+        return False
+    leases = [f"lease:{pk}" for pk in Lease.objects.filter(job_id=job_id).values_list("pk", flat=True)]
+    return not (_holds(AK.LEASE_UNSETTLED, leases) or _holds(AK.IN_SETTLEMENT, leases))
+
+
+def _record(auth: BudgetAuthorization, tx_hash: str) -> None:
+    BudgetAuthorization.objects.filter(pk=auth.pk, released_on_chain_at__isnull=True).update(
+        released_on_chain_at=timezone.now(), release_tx_hash=tx_hash
+    )
+
+
+def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, deployment: Deployment) -> str:
+    """Close one job's budget in the escrow and record it on `auth`. Returns what happened:
+    "released" (a releaseJob transaction confirmed), "already_closed" (found closed, recorded),
+    "not_on_chain" (the escrow never reserved it; recorded, nothing to free), "pending" (sent but
+    not confirmed in time, or the node is unreachable: the next run reads the state again).
+    Raises ContractReverted for any other refusal (e.g. the operator lost its role)."""
+    escrow = client.contract(ESCROW, deployment.escrow)
+    renter, _deadline, _remaining, _lease_id, _settled, closed = client.call(escrow.functions.job(auth.job_id))
+    if closed:
+        _record(auth, "")
+        return "already_closed"
+    if int(str(renter), 16) == 0:
+        _record(auth, "")
+        return "not_on_chain"
+    try:
+        sent = client.transact(escrow.functions.releaseJob(auth.job_id))
+    except ContractReverted as reverted:
+        if reverted.name == "GpgpuEscrow_JobClosed":  # closed between the read and the send
+            _record(auth, "")
+            return "already_closed"
+        raise
+    try:
+        receipt = client.wait_confirmations(client.wait_receipt(sent.hash))
+    except (TransactionTimeout, NodeUnavailable) as error:
+        logger.warning("releaseJob(%s) sent as %s, not confirmed yet: %s", auth.job_id, sent.hash, error)
+        return "pending"
+    _record(auth, receipt.tx_hash)
+    return "released"
+
+
+def jobs_release_on_chain(
+    *, client: ChainClient, deployment: Deployment | None = None, limit: int = 100
+) -> dict[str, Any]:
+    """Release on chain every job whose budget the escrow activated, that the ledger has released
+    (or spent) and that can be paid nothing more (billing.tasks.release_jobs_on_chain runs it under
+    the settlement lock). Returns counts per outcome; an unreachable node stops the run and is
+    reported as `node_unavailable` (the next run continues)."""
+    deployment = deployment or deployment_require(client)
+    result: dict[str, Any] = {"released": 0, "already_closed": 0, "not_on_chain": 0, "pending": 0, "waiting": 0}
+    candidates = (
+        BudgetAuthorization.objects.filter(activated_at__isnull=False, released_on_chain_at__isnull=True)
+        .filter(Q(job__status__in=Job.TERMINAL))
+        .order_by("pk")
+    )
+    for auth in candidates[:limit]:
+        if not job_ready_for_chain_release(job_id=auth.job_id):
+            result["waiting"] += 1
+            continue
+        try:
+            outcome = job_release_on_chain(auth=auth, client=client, deployment=deployment)
+        except NodeUnavailable as error:
+            logger.warning("release on chain: the node is unreachable (%s); retrying next run", error)
+            result["node_unavailable"] = str(error)
+            break
+        except ChainError as error:
+            logger.error("release on chain of job %s failed: %s", auth.job_id, error)
+            result.setdefault("errors", []).append(f"job {auth.job_id}: {error}")
+            continue
+        result[outcome] += 1
+    return result
+
+
+__all__ = ["job_ready_for_chain_release", "job_release_on_chain", "jobs_release_on_chain"]

@@ -1,0 +1,155 @@
+"""The escrow's side of a finished job, on an in-process chain: the operator closes a released
+budget on chain (releaseJob) once and only once nothing more can be paid from it, and the watcher
+follows providers' and the treasury's withdrawals. After each step the escrow and the ledger agree."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import CommandError, call_command
+from eth_account import Account
+from web3 import Web3
+
+from billing import services
+from billing import settlement as engine
+from billing.chain import ChainClient
+from billing.deposits import chain_watch, wallet_link
+from billing.models import BudgetAuthorization, ChainLog
+from billing.release import jobs_release_on_chain
+from billing.selectors import account_balance, provider_payable_micro, renter_available_micro
+from billing.tests._escrow_env import ONE, charged_job, escrow_env
+from tests.factories import RenterFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def env(tmp_path, settings):  # type: ignore[no-untyped-def]
+    settings.VAR_DIR = tmp_path
+    return escrow_env(tmp_path)
+
+
+def _settled_job(env, label: str):  # type: ignore[no-untyped-def]
+    """A renter with 10 tokens deposited and a finished job (budget 2 tokens, 1 token charged)
+    whose charge is settled on chain: the escrow holds the job's other token reserved."""
+    renter = RenterFactory(funds=0)
+    account = env.account(label)
+    wallet_link(renter=renter, address=account.address)
+    env.deposit(account, 10 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+    payee = env.account(f"{label} payee")
+    job, lease = charged_job(renter, charge_s=3600, provider_address=payee.address)
+    env.sign_budget(account, job, 2 * ONE)
+    assert engine.settle_run(client=env.client, deployment=env.deployment, force=True)["confirmed"] == 1
+    return renter, account, payee, job, lease
+
+
+def _on_chain_available(env, account) -> int:  # type: ignore[no-untyped-def]
+    return int(env.escrow.functions.availableBalance(account.address).call())
+
+
+def test_a_released_budget_goes_back_to_the_renter_on_chain_once(env):
+    renter, account, _payee, job, _lease = _settled_job(env, "hana")
+    assert _on_chain_available(env, account) == 8 * ONE  # 2 reserved on chain by the first settlement
+
+    assert services.budgets_release()["released"] == 1  # the ledger gives back the unspent token
+    assert renter_available_micro(renter_id=renter.pk) == 9 * ONE
+
+    result = jobs_release_on_chain(client=env.client, deployment=env.deployment)
+
+    assert result["released"] == 1
+    assert _on_chain_available(env, account) == 9 * ONE == renter_available_micro(renter_id=renter.pk)
+    _renter, _deadline, remaining, _lease_id, _settled, closed = env.escrow.functions.job(job.pk).call()
+    assert remaining == 0 and closed
+    auth = BudgetAuthorization.objects.get(job=job)
+    assert auth.released_on_chain_at is not None and auth.release_tx_hash.startswith("0x")
+
+    # A second run sends nothing, and the watcher credits nothing for the release.
+    head = env.client.block_number()
+    again = jobs_release_on_chain(client=env.client, deployment=env.deployment)
+    assert again["released"] == 0 and env.client.block_number() == head
+    chain_watch(client=env.client, deployment=env.deployment)
+    assert renter_available_micro(renter_id=renter.pk) == 9 * ONE
+    call_command("ledger_check")
+
+
+def test_a_job_is_not_released_on_chain_before_the_ledger_released_it(env):
+    _renter, account, _payee, job, _lease = _settled_job(env, "ivan")
+
+    result = jobs_release_on_chain(client=env.client, deployment=env.deployment)
+
+    assert result["waiting"] == 1 and result["released"] == 0
+    assert _on_chain_available(env, account) == 8 * ONE
+    assert not env.escrow.functions.job(job.pk).call()[5]  # still open: its charges could still be paid
+    assert BudgetAuthorization.objects.get(job=job).released_on_chain_at is None
+
+
+def test_a_job_the_renter_already_closed_is_only_recorded(env):
+    renter, account, _payee, job, _lease = _settled_job(env, "jade")
+    services.budgets_release()
+    # Past the budget's deadline the renter may close the job itself.
+    tester = env.client.web3.provider.ethereum_tester
+    tester.time_travel(int(BudgetAuthorization.objects.get(job=job).deadline.timestamp()) + 60)
+    env.send_as(account, env.escrow.functions.releaseJob(job.pk))
+    head = env.client.block_number()
+
+    result = jobs_release_on_chain(client=env.client, deployment=env.deployment)
+
+    assert result["already_closed"] == 1 and env.client.block_number() == head
+    auth = BudgetAuthorization.objects.get(job=job)
+    assert auth.released_on_chain_at is not None and auth.release_tx_hash == ""
+    assert _on_chain_available(env, account) == 9 * ONE == renter_available_micro(renter_id=renter.pk)
+
+
+def test_an_unreachable_node_leaves_the_release_for_the_next_run(env):
+    renter, account, _payee, job, _lease = _settled_job(env, "kofi")
+    services.budgets_release()
+    down = ChainClient(
+        Web3(Web3.HTTPProvider("http://127.0.0.1:9", exception_retry_configuration=None)),
+        operator_account=env.client.account,
+    )
+
+    result = jobs_release_on_chain(client=down, deployment=env.deployment)
+
+    assert "node_unavailable" in result and result["released"] == 0
+    assert BudgetAuthorization.objects.get(job=job).released_on_chain_at is None
+    assert jobs_release_on_chain(client=env.client, deployment=env.deployment)["released"] == 1
+    assert _on_chain_available(env, account) == renter_available_micro(renter_id=renter.pk) == 9 * ONE
+
+
+def test_provider_and_fee_withdrawals_on_chain_are_posted_once_by_the_watcher(env):
+    _renter, _account, payee, _job, lease = _settled_job(env, "lena")
+    provider_id = lease.machine.provider_id
+    assert provider_payable_micro(provider_id=provider_id) == 900_000
+    assert account_balance(kind="platform_fees") == 100_000
+
+    env.send_as(payee, env.escrow.functions.withdrawEarnings())
+    env.client.wait_receipt(env.client.transact(env.escrow.functions.withdrawFees()).hash)  # operator = treasury
+    first = chain_watch(client=env.client, deployment=env.deployment)
+    services.budgets_release()
+    second = chain_watch(client=env.client, deployment=env.deployment)
+
+    assert first.credited == 2 and second.credited == 0
+    assert provider_payable_micro(provider_id=provider_id) == 0
+    assert account_balance(kind="platform_fees") == 0
+    assert int(env.token.functions.balanceOf(payee.address).call()) == 900_000
+    assert set(
+        ChainLog.objects.filter(event__in=("EarningsWithdrawn", "FeesWithdrawn")).values_list("status", flat=True)
+    ) == {"credited"}
+    call_command("ledger_check")
+
+
+def test_earnings_withdrawn_by_an_unknown_payout_address_fail_the_ledger_check(env):
+    _renter, _account, payee, _job, lease = _settled_job(env, "milo")
+    # The provider changed its payout address after being paid: the escrow still pays the old one.
+    provider = lease.machine.provider
+    provider.payout_address = Account.create().address
+    provider.save(update_fields=["payout_address"])
+    env.send_as(payee, env.escrow.functions.withdrawEarnings())
+
+    result = chain_watch(client=env.client, deployment=env.deployment)
+
+    assert result.unmatched == 1
+    assert provider_payable_micro(provider_id=provider.pk) == 900_000  # nothing posted
+    services.budgets_release()
+    with pytest.raises(CommandError, match="violations"):
+        call_command("ledger_check")
