@@ -13,9 +13,10 @@ from billing import selectors, services
 from billing.errors import IdempotencyConflict, InsufficientBalance, InsufficientFunds, UnbalancedEntry
 from billing.models import AppendOnlyViolation, LedgerAccount, LedgerEntry, Posting
 from billing.services import ESCROW_CHAIN, Leg, ledger_post, renter_available
+from billing.tests._escrow_env import charged_job
 from jobs.models import Job, Lease
-from jobs.services import JobSpec, Placement, job_cancel, job_create, lease_end, lease_mark_started, leases_assign
-from tests.factories import ProviderFactory, RenterFactory, machine_with_gpus
+from jobs.services import JobSpec, job_cancel, job_create
+from tests.factories import ProviderFactory, RenterFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -133,44 +134,7 @@ def test_entries_and_postings_are_append_only():
 def _charged_lease(charge_s: int = 3600) -> Lease:
     """A finished lease whose hour at 1.00/GPU-hour was metered (1_000_000 micro unsettled) and
     whose job's unused budget was released."""
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from jobs.models import UsageReport
-
-    spec = JobSpec(
-        gpu_count=1,
-        max_price_per_gpu_hour=Decimal("1.00"),
-        expected_duration_s=7200,
-        kind=Job.Kind.PROCESS,
-        command=["true"],
-    )
-    job, _ = job_create(renter=RenterFactory(), spec=spec)
-    machine = machine_with_gpus(count=1)
-    (lease,) = leases_assign(
-        placements=[
-            Placement(
-                job_id=job.pk,
-                machine_id=machine.pk,
-                gpu_ids=(machine.gpus.get().pk,),
-                price_per_gpu_hour=Decimal("1.00"),
-            )
-        ]
-    )
-    t0 = timezone.now() - timedelta(days=1)
-    lease_mark_started(lease_id=lease.pk, actor="test", at=t0)
-    UsageReport.objects.create(
-        lease=lease, report_id="all", period_start=t0, period_end=t0 + timedelta(seconds=charge_s), gpu_seconds=1
-    )
-    lease_end(
-        lease_id=lease.pk,
-        reason=Lease.EndReason.SUCCEEDED,
-        actor="test",
-        exit_code=0,
-        at=t0 + timedelta(seconds=charge_s),
-    )
-    services.lease_meter(lease_id=lease.pk)
+    _, lease = charged_job(RenterFactory(), charge_s=charge_s)
     services.budgets_release()
     return lease
 
