@@ -291,63 +291,25 @@ SETTLEMENT_STUCK_S = env_int("SETTLEMENT_STUCK_S", 600, minimum=1)
 CHAIN_WATCH_INTERVAL_S = env_int("CHAIN_WATCH_INTERVAL_S", 15, minimum=1)
 CHAIN_LOG_RANGE = env_int("CHAIN_LOG_RANGE", 2000, minimum=1)
 
+
+def _every(task: str, seconds: float) -> dict[str, object]:
+    """A beat entry that runs `task` every `seconds` and expires a run not started by the next."""
+    return {"task": task, "schedule": float(seconds), "options": {"expires": float(seconds)}}
+
+
 CELERY_BEAT_SCHEDULE = {
-    "match-pending-jobs": {
-        "task": "marketplace.tasks.match_pending_jobs",
-        "schedule": float(GPGPU["MATCH_INTERVAL_S"]),
-        "options": {"expires": float(GPGPU["MATCH_INTERVAL_S"])},
-    },
-    "sweep-machine-liveness": {
-        "task": "providers.tasks.sweep_machine_liveness",
-        "schedule": float(GPGPU["HEARTBEAT_INTERVAL_S"]),
-        "options": {"expires": float(GPGPU["HEARTBEAT_INTERVAL_S"])},
-    },
-    "sweep-stuck-leases": {
-        "task": "jobs.tasks.sweep_leases",
-        "schedule": 15.0,
-        "options": {"expires": 15.0},
-    },
-    "rollup-telemetry": {
-        "task": "providers.tasks.rollup_telemetry",
-        "schedule": 300.0,
-        "options": {"expires": 300.0},
-    },
-    "prune-telemetry": {
-        "task": "providers.tasks.prune_telemetry",
-        "schedule": 3600.0,
-        "options": {"expires": 3600.0},
-    },
-    "meter-leases": {
-        "task": "billing.tasks.meter_leases",
-        "schedule": float(BILLING_METER_INTERVAL_S),
-        "options": {"expires": float(BILLING_METER_INTERVAL_S)},
-    },
-    "release-budgets": {
-        "task": "billing.tasks.release_budgets",
-        "schedule": 60.0,
-        "options": {"expires": 60.0},
-    },
-    "watch-chain": {
-        "task": "billing.tasks.watch_chain",
-        "schedule": float(CHAIN_WATCH_INTERVAL_S),
-        "options": {"expires": float(CHAIN_WATCH_INTERVAL_S)},
-    },
+    "match-pending-jobs": _every("marketplace.tasks.match_pending_jobs", GPGPU["MATCH_INTERVAL_S"]),
+    "sweep-machine-liveness": _every("providers.tasks.sweep_machine_liveness", GPGPU["HEARTBEAT_INTERVAL_S"]),
+    "sweep-stuck-leases": _every("jobs.tasks.sweep_leases", 15.0),
+    "rollup-telemetry": _every("providers.tasks.rollup_telemetry", 300.0),
+    "prune-telemetry": _every("providers.tasks.prune_telemetry", 3600.0),
+    "meter-leases": _every("billing.tasks.meter_leases", BILLING_METER_INTERVAL_S),
+    "release-budgets": _every("billing.tasks.release_budgets", 60.0),
+    "watch-chain": _every("billing.tasks.watch_chain", CHAIN_WATCH_INTERVAL_S),
     # Runs every 15 s but sends a batch only every SETTLEMENT_INTERVAL_S, or sooner when a batch is full.
-    "settle": {
-        "task": "billing.tasks.settle",
-        "schedule": 15.0,
-        "options": {"expires": 15.0},
-    },
-    "reconcile-settlements": {
-        "task": "billing.tasks.reconcile_settlements",
-        "schedule": 60.0,
-        "options": {"expires": 60.0},
-    },
-    "release-jobs-on-chain": {
-        "task": "billing.tasks.release_jobs_on_chain",
-        "schedule": 60.0,
-        "options": {"expires": 60.0},
-    },
+    "settle": _every("billing.tasks.settle", 15.0),
+    "reconcile-settlements": _every("billing.tasks.reconcile_settlements", 60.0),
+    "release-jobs-on-chain": _every("billing.tasks.release_jobs_on_chain", 60.0),
 }
 
 LOGGING = {
