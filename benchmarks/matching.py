@@ -45,6 +45,10 @@ TIMEZONES = ["Europe/Paris", "America/New_York", "Asia/Kolkata", "America/Los_An
 GPU_COUNTS = [(1, 0.98), (2, 0.008), (4, 0.006), (8, 0.006)]
 MACHINES_PER_PROVIDER = 20
 RENTERS = 50
+# Every machine accepts containers; this share of them also process jobs (their providers
+# opted in). This share of the jobs are process jobs, the rest containers.
+PROCESS_OPT_IN = 0.25
+PROCESS_JOBS = 0.2
 
 
 def _parse() -> argparse.Namespace:
@@ -125,6 +129,8 @@ def _fill(args: argparse.Namespace, tag: str) -> dict[str, list[int]]:
     from providers.models import GPU, AvailabilityWindow, Machine, Provider
 
     rng = random.Random(args.seed)
+    # Job kinds are drawn apart, so the rest of the fleet and queue is what it was before kinds.
+    kinds_rng = random.Random(args.seed + 1)
     user_model = get_user_model()
     providers_n = (args.machines + MACHINES_PER_PROVIDER - 1) // MACHINES_PER_PROVIDER
     users = user_model.objects.bulk_create(
@@ -165,6 +171,8 @@ def _fill(args: argparse.Namespace, tag: str) -> dict[str, list[int]]:
                 credential_digest=hashlib.sha256(f"{tag}-machine-{i}".encode()).hexdigest(),
                 status=Machine.Status.ONLINE,
                 region=_pick(rng, REGIONS),
+                accepts_container=True,
+                accepts_process=kinds_rng.random() < PROCESS_OPT_IN,
             )
         )
     machines = Machine.objects.bulk_create(machines, batch_size=2000)
@@ -195,11 +203,13 @@ def _fill(args: argparse.Namespace, tag: str) -> dict[str, list[int]]:
         if roll < 0.3:
             allowed = rng.sample(model_names, rng.choice([1, 2, 3]))
         expected = int(min(2 * 86400, max(60, rng.lognormvariate(8, 1.5))))
+        process = kinds_rng.random() < PROCESS_JOBS
         jobs.append(
             Job(
                 renter=renters[i % RENTERS],
                 name=f"{tag}-job-{i}",
-                kind=Job.Kind.PROCESS,
+                kind=Job.Kind.PROCESS if process else Job.Kind.CONTAINER,
+                image="" if process else "pytorch/pytorch:2.3.0-cuda12.1-cudnn8-runtime",
                 command=["python", "train.py"],
                 gpu_count=_pick(rng, GPU_COUNTS),
                 min_vram_mb=_pick(rng, [(0, 0.7), (24000, 0.15), (40000, 0.1), (80000, 0.05)]),

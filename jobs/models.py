@@ -120,6 +120,7 @@ class Lease(models.Model):
         CANCELLED = "cancelled"
         MAX_DURATION = "max_duration"
         MACHINE_SUSPENDED = "machine_suspended"
+        CREDENTIAL_REVOKED = "credential_revoked"
 
     job = models.ForeignKey(Job, on_delete=models.PROTECT, related_name="leases")
     machine = models.ForeignKey(Machine, on_delete=models.PROTECT, related_name="leases")

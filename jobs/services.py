@@ -363,10 +363,11 @@ _GPU_STATE_AFTER = {
     ER.PREEMPTED_BY_OWNER: GPU.State.OWNER_BUSY,
     ER.LOST: GPU.State.OFFLINE,
     ER.MACHINE_SUSPENDED: GPU.State.OFFLINE,
+    ER.CREDENTIAL_REVOKED: GPU.State.OFFLINE,
 }
 
 # Reasons after which an interruptible job goes back to the queue.
-_REQUEUE_IF_INTERRUPTIBLE = {ER.PREEMPTED_BY_OWNER, ER.LOST, ER.MACHINE_SUSPENDED}
+_REQUEUE_IF_INTERRUPTIBLE = {ER.PREEMPTED_BY_OWNER, ER.LOST, ER.MACHINE_SUSPENDED, ER.CREDENTIAL_REVOKED}
 # Reasons that say nothing about the job itself: retried while attempts remain.
 _RETRY = {ER.FAILED_TO_START, ER.START_TIMEOUT}
 
@@ -384,8 +385,8 @@ def lease_end(
     """End an active lease and move its job accordingly:
 
     - succeeded / failed (the job's own exit): the job succeeds or fails with the exit code;
-    - preempted_by_owner, lost, machine_suspended: an interruptible job goes back to pending,
-      any other job fails with the reason;
+    - preempted_by_owner, lost, machine_suspended, credential_revoked: an interruptible job goes
+      back to pending, any other job fails with the reason;
     - failed_to_start, start_timeout: the job goes back to pending while it has attempts left
       (JOB_MAX_ATTEMPTS), then fails;
     - cancelled: the job was cancelled already;
@@ -476,7 +477,8 @@ def _job_after_lease(*, lease: Lease, reason: str, exit_code: int | None, detail
 def leases_end_for_machine(
     *, machine_id: int, reason: str, actor: str, detail: str = "", at: datetime | None = None
 ) -> int:
-    """End every active lease of a machine (it went silent, or was suspended). Returns how many.
+    """End every active lease of a machine (it went silent, was suspended, or its credential was
+    revoked). Returns how many.
 
     `at` is when the leases really ended: for a machine that went silent, its last heartbeat,
     so the silent stretch (a provider fault) is never billed."""

@@ -5,6 +5,10 @@ Policy (one cycle, `match_cycle`):
 - Candidates are GPUs in state "idle", on machines that are online and inside their
   availability stretch now (providers.selectors.machines_available_until), and in no active
   lease. A GPU's effective floor is its own price_floor, else its provider's default.
+- A job goes only to a machine that accepts its kind (Machine.accepts_container /
+  accepts_process, from its agent's reported capabilities): renter code never reaches a
+  machine in a way its owner did not allow. (Should a machine stop accepting a kind after a
+  placement, its next heartbeat never hands that lease over: see machine_heartbeat.)
 - Pending jobs are taken in FIFO order (created_at, id), at most GPGPU["MATCH_BATCH_SIZE"].
   A job fits a machine when the machine has at least gpu_count candidate GPUs that each have
   vram_mb >= min_vram_mb, a model in allowed_models (empty = any; case-insensitive), a floor
@@ -26,8 +30,8 @@ gpu_in_one_active_lease is the last line of defence: an IntegrityError rolls tha
 and the cycle carries on. On SQLite, transactions begin IMMEDIATE and so run one at a time.
 
 Speed: the fleet is read in a handful of queries, matching runs in memory over per-class
-heaps (class = model, VRAM, region) ordered by price, and writes are bulk, so a cycle over
-10,000 GPUs and 10,000 jobs takes seconds (benchmarks/matching.py).
+heaps (class = model, VRAM, region, accepted job kinds) ordered by price, and writes are
+bulk, so a cycle over 10,000 GPUs and 10,000 jobs takes seconds (benchmarks/matching.py).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ CHUNK_SIZE = 500
 MAX_LOCK_ROUNDS = 5
 
 REASON_CODES = (
+    "kind_not_accepted",
     "no_gpu_model",
     "insufficient_vram",
     "price_below_every_floor",
@@ -70,6 +75,9 @@ REASON_CODES = (
     "no_window_long_enough",
     "no_idle_gpu",
 )
+
+# A machine's accepted job kinds as a bit mask, so the hot loop tests an int.
+KIND_BITS = {Job.Kind.CONTAINER.value: 1, Job.Kind.PROCESS.value: 2}
 
 _MICROS = 1_000_000
 _PRICE_QUANTUM = Decimal("0.000001")
@@ -132,10 +140,12 @@ class _Job:
     region: str
     max_price: int  # micros
     duration_s: int
+    kind: str
+    kind_bit: int  # KIND_BITS[kind]; 0 for a kind no machine can accept
 
     @property
-    def shape(self) -> tuple[frozenset[str], int, str]:
-        return (self.models, self.min_vram_mb, self.region)
+    def shape(self) -> tuple[frozenset[str], int, str, int]:
+        return (self.models, self.min_vram_mb, self.region, self.kind_bit)
 
 
 @dataclass(slots=True)
@@ -143,6 +153,7 @@ class _Machine:
     id: int
     region: str
     seconds: float  # how long its availability lasts from now (0: not available now)
+    kinds: int  # accepted job kinds, KIND_BITS ored
     # Free candidate GPUs by class id: [(floor micros, gpu id)], sorted.
     free: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     # Bumped whenever free[class] changes, so older heap entries are recognised as stale.
@@ -150,25 +161,26 @@ class _Machine:
 
 
 class _Pool:
-    """The candidate GPUs of one cycle, grouped by class (model, VRAM, region), with one heap
-    per class of (cheapest free floor, free count of the class, machine id, class, version)
-    entries, one live entry per machine and class. Entries go stale lazily (version)."""
+    """The candidate GPUs of one cycle, grouped by class (model, VRAM, region, accepted job
+    kinds), with one heap per class of (cheapest free floor, free count of the class, machine
+    id, class, version) entries, one live entry per machine and class. Entries go stale lazily
+    (version)."""
 
     def __init__(self) -> None:
         self.machines: dict[int, _Machine] = {}
-        self.class_ids: dict[tuple[str, int, str], int] = {}
-        self.class_keys: list[tuple[str, int, str]] = []
+        self.class_ids: dict[tuple[str, int, str, int], int] = {}
+        self.class_keys: list[tuple[str, int, str, int]] = []
         self.heaps: list[list[tuple[int, int, int, int, int]]] = []
         self.gpu_home: dict[int, tuple[int, int, int]] = {}  # gpu id -> (machine id, class, floor)
-        self._shape_classes: dict[tuple[frozenset[str], int, str], tuple[tuple[int, ...], frozenset[int]]] = {}
+        self._shape_classes: dict[tuple[frozenset[str], int, str, int], tuple[tuple[int, ...], frozenset[int]]] = {}
 
     # building
-    def add_machine(self, machine_id: int, region: str, seconds: float) -> None:
-        self.machines[machine_id] = _Machine(machine_id, region, seconds)
+    def add_machine(self, machine_id: int, region: str, seconds: float, kinds: int) -> None:
+        self.machines[machine_id] = _Machine(machine_id, region, seconds, kinds)
 
     def add_gpu(self, *, gpu_id: int, machine_id: int, model: str, vram_mb: int, floor: int) -> None:
         machine = self.machines[machine_id]
-        key = (model, vram_mb, machine.region)
+        key = (model, vram_mb, machine.region, machine.kinds)
         cls = self.class_ids.get(key)
         if cls is None:
             cls = self.class_ids[key] = len(self.class_keys)
@@ -245,14 +257,16 @@ class _Pool:
 
     # matching
     def classes_for(self, job: _Job) -> tuple[tuple[int, ...], frozenset[int]]:
-        """The classes whose GPUs satisfy the job's model, VRAM and region (memoised)."""
+        """The classes whose GPUs satisfy the job's model, VRAM and region, on machines that
+        accept its kind (memoised)."""
         shape = job.shape
         found = self._shape_classes.get(shape)
         if found is None:
             ids = tuple(
                 cls
-                for cls, (model, vram, region) in enumerate(self.class_keys)
-                if (not job.models or model in job.models)
+                for cls, (model, vram, region, kinds) in enumerate(self.class_keys)
+                if kinds & job.kind_bit
+                and (not job.models or model in job.models)
                 and vram >= job.min_vram_mb
                 and (not job.region or region == job.region)
             )
@@ -337,34 +351,44 @@ class _Fleet:
     against. Answers are memoised by the job's constraints."""
 
     def __init__(self) -> None:
-        # machine id -> (region, seconds, [(model lower-cased, vram, floor micros)])
-        self.machines: dict[int, tuple[str, float, list[tuple[str, int, int]]]] = {}
+        # machine id -> (region, seconds, accepted kinds, [(model lower-cased, vram, floor micros)])
+        self.machines: dict[int, tuple[str, float, int, list[tuple[str, int, int]]]] = {}
+        # The job kinds some online machine accepts (KIND_BITS ored).
+        self.kinds = 0
         # The same, with each machine's GPUs grouped by (model, VRAM), floors sorted: machines
         # are usually uniform, so a request checks one group per machine.
-        self._grouped: list[tuple[str, float, list[tuple[str, int, list[int]]]]] | None = None
-        self._shapes: dict[tuple[frozenset[str], int, int], _Shape] = {}
+        self._grouped: list[tuple[str, float, int, list[tuple[str, int, list[int]]]]] | None = None
+        self._shapes: dict[tuple[frozenset[str], int, int, int], _Shape] = {}
         self._reasons: dict[tuple[Any, ...], tuple[str, str]] = {}
 
-    def _machines_grouped(self) -> list[tuple[str, float, list[tuple[str, int, list[int]]]]]:
+    def _machines_grouped(self) -> list[tuple[str, float, int, list[tuple[str, int, list[int]]]]]:
         if self._grouped is None:
             self._grouped = []
-            for region, seconds, gpus in self.machines.values():
+            for region, seconds, kinds, gpus in self.machines.values():
                 groups: dict[tuple[str, int], list[int]] = {}
                 for model, vram, floor in gpus:
                     groups.setdefault((model, vram), []).append(floor)
                 self._grouped.append(
-                    (region, seconds, [(model, vram, sorted(floors)) for (model, vram), floors in groups.items()])
+                    (
+                        region,
+                        seconds,
+                        kinds,
+                        [(model, vram, sorted(floors)) for (model, vram), floors in groups.items()],
+                    )
                 )
         return self._grouped
 
-    def _shape(self, models: frozenset[str], min_vram: int, count: int) -> _Shape:
-        key = (models, min_vram, count)
+    def _shape(self, models: frozenset[str], min_vram: int, count: int, kind_bit: int) -> _Shape:
+        """What the online machines that accept the kind offer this request."""
+        key = (models, min_vram, count, kind_bit)
         shape = self._shapes.get(key)
         if shape is not None:
             return shape
         has_model = False
         rows: dict[str, list[tuple[float, int]]] = {"": []}
-        for region, seconds, groups in self._machines_grouped():
+        for region, seconds, kinds, groups in self._machines_grouped():
+            if not kinds & kind_bit:
+                continue
             of_model = 0
             eligible: list[list[int]] = []
             for model, vram, floors in groups:
@@ -400,18 +424,23 @@ class _Fleet:
         return shape
 
     def explain(self, job: _Job) -> tuple[str, str]:
-        """(code, sentence) for the first constraint no online machine meets, else no_idle_gpu."""
-        key = (job.models, job.min_vram_mb, job.gpu_count, job.region, job.max_price, job.duration_s)
+        """(code, sentence) for the first constraint no online machine meets, else no_idle_gpu.
+        The job's kind comes first (when some machine is online): machines that do not accept
+        it are not counted for the other constraints."""
+        key = (job.models, job.min_vram_mb, job.gpu_count, job.region, job.max_price, job.duration_s, job.kind_bit)
         reason = self._reasons.get(key)
         if reason is None:
             reason = self._reasons[key] = self._explain(job)
         return reason
 
     def _explain(self, job: _Job) -> tuple[str, str]:
+        if self.machines and not self.kinds & job.kind_bit:
+            opt_in = "; providers opt in to them" if job.kind == Job.Kind.PROCESS else ""
+            return "kind_not_accepted", f"no online machine accepts {job.kind} jobs{opt_in}"
         n = job.gpu_count
         gpus = f"{n} GPU" if n == 1 else f"{n} GPUs"
         of_models = f" of the allowed models ({job.models_text})" if job.models else ""
-        shape = self._shape(job.models, job.min_vram_mb, n)
+        shape = self._shape(job.models, job.min_vram_mb, n, job.kind_bit)
         if not shape.has_model:
             return "no_gpu_model", f"no online machine has {gpus}{of_models}"
         cheapest = shape.cheapest("")
@@ -448,17 +477,23 @@ def _fleet_load(*, now: datetime) -> tuple[_Pool, _Fleet]:
     machines = list(
         Machine.objects.filter(status=Machine.Status.ONLINE)
         .order_by()
-        .values_list("id", "provider_id", "region", "provider__default_price_floor")
+        .values_list(
+            "id", "provider_id", "region", "provider__default_price_floor", "accepts_container", "accepts_process"
+        )
     )
-    until = machines_available_until(machines=[(m_id, p_id) for m_id, p_id, _, _ in machines], now=now)
+    until = machines_available_until(machines=[(row[0], row[1]) for row in machines], now=now)
     pool, fleet = _Pool(), _Fleet()
     default_floor: dict[int, int] = {}
-    for machine_id, _, region, provider_floor in machines:
+    for machine_id, _, region, provider_floor, accepts_container, accepts_process in machines:
         seconds = seconds_available(until.get(machine_id), now)
         default_floor[machine_id] = _to_micros(provider_floor)
-        fleet.machines[machine_id] = (region, seconds, [])
-        if until.get(machine_id) is not None and seconds > 0:
-            pool.add_machine(machine_id, region, seconds)
+        kinds = (KIND_BITS[Job.Kind.CONTAINER] if accepts_container else 0) | (
+            KIND_BITS[Job.Kind.PROCESS] if accepts_process else 0
+        )
+        fleet.machines[machine_id] = (region, seconds, kinds, [])
+        fleet.kinds |= kinds
+        if kinds and until.get(machine_id) is not None and seconds > 0:
+            pool.add_machine(machine_id, region, seconds, kinds)
     in_lease = set(
         LeaseGPU.objects.filter(active=True, gpu__machine__status=Machine.Status.ONLINE).values_list(
             "gpu_id", flat=True
@@ -474,7 +509,7 @@ def _fleet_load(*, now: datetime) -> tuple[_Pool, _Fleet]:
             continue
         floor = _to_micros(price_floor) if price_floor is not None else default_floor[machine_id]
         model_key = model.strip().lower()
-        fleet.machines[machine_id][2].append((model_key, vram_mb, floor))
+        fleet.machines[machine_id][3].append((model_key, vram_mb, floor))
         if state == GPU.State.IDLE and gpu_id not in in_lease and machine_id in pool.machines:
             pool.add_gpu(gpu_id=gpu_id, machine_id=machine_id, model=model_key, vram_mb=vram_mb, floor=floor)
     pool.seal()
@@ -505,11 +540,12 @@ _JOB_FIELDS = (
     "region",
     "max_price_per_gpu_hour",
     "expected_duration_s",
+    "kind",
 )
 
 
 def _job_from_row(row: tuple[Any, ...]) -> _Job:
-    job_id, created_at, gpu_count, min_vram_mb, allowed, region, max_price, duration = row
+    job_id, created_at, gpu_count, min_vram_mb, allowed, region, max_price, duration, kind = row
     allowed = [str(m) for m in (allowed or []) if str(m).strip()]
     return _Job(
         id=job_id,
@@ -521,6 +557,8 @@ def _job_from_row(row: tuple[Any, ...]) -> _Job:
         region=region or "",
         max_price=_to_micros(max_price),
         duration_s=duration,
+        kind=kind,
+        kind_bit=KIND_BITS.get(kind, 0),
     )
 
 

@@ -1,10 +1,12 @@
 """Operator console for the fleet: providers, registration tokens, machines, GPUs, schedules
 and telemetry.
 
-What agents report (inventory, status, telemetry) is read-only here: the next heartbeat would
-overwrite an edit anyway. A machine's status changes only through the suspend / unsuspend
-actions, which call providers.services (ending its leases and re-queueing their jobs).
-Secrets (registration tokens, machine credentials) are stored as digests and never shown.
+What agents report (inventory, status, telemetry, capabilities) is read-only here: the next
+heartbeat would overwrite an edit anyway. A machine's status changes only through the suspend /
+unsuspend actions, and its credential only through the rotate / revoke actions, which call
+providers.services (ending its leases and re-queueing their jobs where needed).
+Secrets (registration tokens, machine credentials) are stored as digests and never shown; a
+new one is shown once, in the message after the action that made it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from providers.models import (
     AvailabilityWindow,
     Blackout,
     Machine,
+    MachineCredentialRevocation,
     Provider,
     RegistrationToken,
     TelemetryRollup,
@@ -187,12 +190,68 @@ class GPUInline(admin.TabularInline):
         return False
 
 
+def _yes_no(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
+
+
+def _limits_text(limits: dict[str, Any] | None) -> str:
+    if not limits:
+        return "not reported"
+    parts = []
+    if limits.get("cpus") is not None:
+        parts.append(f"{limits['cpus']:g} CPUs")
+    if limits.get("memory_mb") is not None:
+        parts.append(f"{limits['memory_mb']} MB memory")
+    if limits.get("pids") is not None:
+        parts.append(f"{limits['pids']} processes")
+    return ", ".join(parts) or "none"
+
+
+def _isolation_rows(kind: str, isolation: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) rows describing how the machine isolates one job kind."""
+
+    def named(name_key: str, version_key: str) -> str:
+        return " ".join(str(isolation[k]) for k in (name_key, version_key) if isolation.get(k)) or "unknown"
+
+    if kind == "container":
+        rows = [
+            ("engine", named("engine", "engine_version")),
+            ("runtime", isolation.get("runtime") or "unknown"),
+            ("user namespace", _yes_no(isolation.get("user_namespace"))),
+            ("read-only root", _yes_no(isolation.get("read_only_root"))),
+        ]
+    else:
+        rows = [
+            ("sandbox", named("sandbox", "sandbox_version")),
+            ("runs as user", isolation.get("user") or "unknown"),
+        ]
+    rows.append(("network", isolation.get("network") or "unknown"))
+    rows.append(("limits", _limits_text(isolation.get("limits"))))
+    return [(f"{kind}: {label}", text) for label, text in rows]
+
+
+def capabilities_html(machine: Machine) -> str:
+    """The machine's reported capabilities as a small table an operator can read."""
+    capabilities = machine.capabilities
+    if capabilities is None:
+        return "not reported yet: accepts containers only (the default until its agent says otherwise)"
+    rows: list[tuple[str, str]] = [("accepts", ", ".join(capabilities.get("kinds") or []) or "nothing")]
+    for kind in ("container", "process"):
+        isolation = capabilities.get(kind)
+        if isolation:
+            rows.extend(_isolation_rows(kind, isolation))
+    for kind, why in sorted((capabilities.get("refused") or {}).items()):
+        rows.append((f"{kind}: refused", why))
+    return format_html("<table>{}</table>", format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows))
+
+
 @admin.register(Machine)
 class MachineAdmin(admin.ModelAdmin):
     list_display = [
         "hostname",
         "provider",
         "status",
+        "accepts",
         "region",
         "gpu_count",
         "last_heartbeat_at",
@@ -200,19 +259,24 @@ class MachineAdmin(admin.ModelAdmin):
         "driver_version",
         "created_at",
     ]
-    list_filter = ["status", "region", "agent_version"]
+    list_filter = ["status", "accepts_container", "accepts_process", "region", "agent_version"]
     search_fields = ["=id", "hostname", "provider__display_name", "provider__user__username", "signing_address"]
     list_select_related = ["provider"]
     date_hierarchy = "created_at"
     inlines = [GPUInline]
-    actions = ["suspend", "unsuspend"]
+    actions = ["suspend", "unsuspend", "rotate_credential", "revoke_credential"]
     fields = [
         "provider",
         "hostname",
         "region",
         "status",
         "suspended_reason",
+        "accepts",
+        "capabilities_table",
+        "capabilities_reported_at",
         "credential",
+        "credential_revoked_at",
+        "credential_history",
         "signing_address",
         "agent_version",
         "driver_version",
@@ -236,8 +300,32 @@ class MachineAdmin(admin.ModelAdmin):
 
     @admin.display(description="credential")
     def credential(self, obj: Machine) -> str:
+        if obj.credential_revoked_at is not None:
+            return "revoked"
         # Enough of the digest to tell two machines' credentials apart, no more.
         return f"sha256 {obj.credential_digest[:8]}…"
+
+    @admin.display(description="accepts")
+    def accepts(self, obj: Machine) -> str:
+        return ", ".join(obj.accepted_kinds) or "nothing"
+
+    @admin.display(description="capabilities")
+    def capabilities_table(self, obj: Machine) -> str:
+        return capabilities_html(obj)
+
+    @admin.display(description="credential history")
+    def credential_history(self, obj: Machine) -> str:
+        revocations = list(obj.credential_revocations.order_by("-revoked_at", "-pk")[:20])
+        if not revocations:
+            return "-"
+        return format_html(
+            "<table><tr><th>when</th><th>what</th><th>by</th><th>reason</th></tr>{}</table>",
+            format_html_join(
+                "",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                ((f"{r.revoked_at:%Y-%m-%d %H:%M:%S}", r.get_kind_display(), r.actor, r.reason) for r in revocations),
+            ),
+        )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Machines join through an agent and a registration token.
@@ -283,6 +371,69 @@ class MachineAdmin(admin.ModelAdmin):
             )
         if refused:
             self.message_user(request, f"Not suspended, left as they were: {', '.join(refused)}.", messages.WARNING)
+
+    @admin.action(description="Rotate the credential of selected machines", permissions=["change"])
+    def rotate_credential(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
+        refused: list[str] = []
+        for machine in queryset.order_by("pk"):
+            try:
+                raw = services.machine_credential_rotate(machine=machine, actor=operator_actor(request))
+            except Conflict:
+                refused.append(str(machine))
+                continue
+            self.message_user(
+                request,
+                f"New credential for {machine}: {raw} — copy it now, it is not stored and will not be shown "
+                "again. Install it on the machine with `gpgpu-agent rotate-credential --credential-stdin`; "
+                "the old one no longer works.",
+                messages.WARNING,
+            )
+        if refused:
+            self.message_user(
+                request,
+                f"Credential revoked, not rotated (register them again): {', '.join(refused)}.",
+                messages.WARNING,
+            )
+
+    @admin.action(description="Revoke the credential of selected machines", permissions=["change"])
+    def revoke_credential(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
+        from jobs.models import Lease
+
+        reason = f"revoked by operator {request.user.get_username()}"
+        machines = list(queryset.filter(credential_revoked_at__isnull=True).order_by("pk"))
+        skipped = queryset.filter(credential_revoked_at__isnull=False).count()
+        active = Lease.objects.filter(machine__in=machines, status__in=Lease.ACTIVE).count()
+        for machine in machines:
+            services.machine_credential_revoke(machine=machine, actor=operator_actor(request), reason=reason)
+        self.message_user(
+            request,
+            f"Revoked the credential of {len(machines)} machine(s); {active} active lease(s) ended. "
+            "They must be registered again to come back.",
+            messages.SUCCESS,
+        )
+        if skipped:
+            self.message_user(request, f"{skipped} machine(s) were already revoked.", messages.INFO)
+
+
+@admin.register(MachineCredentialRevocation)
+class MachineCredentialRevocationAdmin(ReadOnlyAdmin):
+    """Credentials that no longer authenticate: rotated or revoked, when, by whom and why."""
+
+    list_display = ["revoked_at", "machine_link", "kind", "actor", "reason", "digest_prefix"]
+    list_filter = ["kind", "revoked_at"]
+    search_fields = ["=machine__id", "machine__hostname", "actor", "reason"]
+    list_select_related = ["machine"]
+    date_hierarchy = "revoked_at"
+    fields = ["machine", "kind", "reason", "actor", "revoked_at", "digest_prefix"]
+    readonly_fields = fields
+
+    @admin.display(description="machine", ordering="machine__hostname")
+    def machine_link(self, obj: MachineCredentialRevocation) -> str:
+        return change_link(obj.machine)
+
+    @admin.display(description="credential")
+    def digest_prefix(self, obj: MachineCredentialRevocation) -> str:
+        return f"sha256 {obj.digest[:8]}…"
 
 
 @admin.register(GPU)

@@ -16,7 +16,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from jobs import services as job_services
-from marketplace.api import BaseApi, error_responses
+from jobs.models import Job
+from marketplace.api import BaseApi, NamedChoiceField, error_responses
 from providers import services
 from providers.auth import IsMachine, MachineAuthentication
 from providers.models import eth_address_validator
@@ -28,6 +29,9 @@ INT32_MAX = 2**31 - 1
 BIGINT_MAX = 2**63 - 1
 UUID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 SIGNATURE_REGEX = r"^(0x[0-9a-fA-F]+)?$"
+# Bounds of a machine's reported isolation limits.
+MAX_LIMIT_CPUS = 4096
+MAX_LIMIT_MEMORY_MB = 10**12
 
 
 class AgentAPIView(BaseApi):
@@ -160,13 +164,141 @@ class MachineScheduleSerializer(serializers.Serializer):
     indefinitely = serializers.BooleanField(help_text="Available with no end in sight.")
 
 
+# --- capabilities: which job kinds a machine accepts, and how it isolates them ---------------
+# Used for the heartbeat's input and, as stored, in the provider API's machine output. Unknown
+# keys inside are ignored (a newer agent may say more); only the fields below are stored.
+
+
+def _positive(value: float) -> None:
+    if value <= 0:
+        raise serializers.ValidationError("must be greater than 0.")
+
+
+def _optional_text(max_length: int, help_text: str) -> serializers.CharField:
+    return serializers.CharField(
+        max_length=max_length, required=False, allow_blank=True, allow_null=True, default=None, help_text=help_text
+    )
+
+
+def _network_field() -> NamedChoiceField:
+    return NamedChoiceField(
+        ["filtered", "none"],
+        enum_name="IsolationNetwork",
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="filtered: outbound only, the owner's LAN and the host unreachable; none: no network at all.",
+    )
+
+
+class IsolationLimitsSerializer(serializers.Serializer):
+    cpus = serializers.FloatField(
+        max_value=MAX_LIMIT_CPUS,
+        validators=[_positive],
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="CPUs a job may use (more than 0); null: no limit.",
+    )
+    memory_mb = serializers.IntegerField(
+        min_value=0, max_value=MAX_LIMIT_MEMORY_MB, required=False, allow_null=True, default=None
+    )
+    pids = serializers.IntegerField(min_value=1, max_value=INT32_MAX, required=False, allow_null=True, default=None)
+
+
+class ContainerIsolationSerializer(serializers.Serializer):
+    engine = serializers.CharField(max_length=32, help_text="The container engine, e.g. docker or podman.")
+    engine_version = _optional_text(64, "The engine's version.")
+    runtime = _optional_text(32, "The OCI runtime, e.g. runc, crun or runsc.")
+    user_namespace = serializers.BooleanField(
+        required=False, allow_null=True, default=None, help_text="Root in the container is not root on the host."
+    )
+    network = _network_field()
+    read_only_root = serializers.BooleanField(
+        required=False, allow_null=True, default=None, help_text="The container's root filesystem is read-only."
+    )
+    limits = IsolationLimitsSerializer(required=False, allow_null=True, default=None)
+
+
+class ProcessIsolationSerializer(serializers.Serializer):
+    sandbox = serializers.CharField(max_length=32, help_text="The process sandbox, e.g. bubblewrap.")
+    sandbox_version = _optional_text(64, "The sandbox's version.")
+    user = _optional_text(64, "The unprivileged user process jobs run as.")
+    network = _network_field()
+    limits = IsolationLimitsSerializer(required=False, allow_null=True, default=None)
+
+
+class RefusedKindsSerializer(serializers.Serializer):
+    container = serializers.CharField(max_length=300, required=False, allow_null=True, default=None)
+    process = serializers.CharField(max_length=300, required=False, allow_null=True, default=None)
+
+
+def _plain(value: Any) -> Any:
+    """Validated data as plain JSON values (dicts, lists), for the JSONField."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+class CapabilitiesSerializer(serializers.Serializer):
+    """What job kinds a machine accepts now and how it isolates each. A real machine accepts
+    containers only unless its provider opted in to process jobs."""
+
+    class Meta:
+        ref_name = "MachineCapabilities"
+
+    kinds = serializers.ListField(
+        child=NamedChoiceField(Job.Kind.choices, enum_name="JobKind"),
+        max_length=len(Job.Kind.choices),
+        help_text="The job kinds this machine accepts now, each once; empty: none.",
+    )
+    container = ContainerIsolationSerializer(
+        required=False, allow_null=True, default=None, help_text="Required when kinds has container."
+    )
+    process = ProcessIsolationSerializer(
+        required=False, allow_null=True, default=None, help_text="Required when kinds has process."
+    )
+    refused = RefusedKindsSerializer(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="For a kind this machine does not accept: why (shown to its provider).",
+    )
+
+    def validate_kinds(self, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise serializers.ValidationError("Each kind may appear once.")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        errors: dict[str, list[str]] = {}
+        refused = {kind: why for kind, why in (attrs.get("refused") or {}).items() if why}
+        for kind in attrs["kinds"]:
+            if attrs.get(kind) is None:
+                errors[kind] = [f"is required when kinds has {kind}."]
+            if kind in refused:
+                errors[f"refused.{kind}"] = [f"{kind} is in kinds: it is accepted, not refused."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return _plain(
+            {
+                "kinds": [kind for kind, _ in Job.Kind.choices if kind in attrs["kinds"]],
+                "container": attrs.get("container"),
+                "process": attrs.get("process"),
+                "refused": refused,
+            }
+        )
+
+
 MACHINE_FACTS = ("agent_version", "driver_version", "cuda_version", "cpu_cores", "ram_mb", "disk_gb", "region")
 
 
 class HeartbeatApi(AgentAPIView):
-    """Inventory, telemetry and idleness of every GPU, and the leases the agent is handling;
-    answers which leases to start and which to stop. Omitted or null machine facts keep their
-    stored value."""
+    """Inventory, telemetry and idleness of every GPU, the job kinds the machine accepts, and the
+    leases the agent is handling; answers which leases to start and which to stop. Omitted or
+    null machine facts (capabilities included) keep their stored value."""
 
     class InputSerializer(serializers.Serializer):
         class Meta:
@@ -181,6 +313,11 @@ class HeartbeatApi(AgentAPIView):
         region = serializers.CharField(max_length=64, required=False, allow_blank=True, allow_null=True)
         gpus = GpuReportSerializer(many=True, max_length=MAX_GPUS_PER_MACHINE)
         leases = LeaseReportSerializer(many=True, max_length=MAX_LEASES_PER_HEARTBEAT, required=False)
+        capabilities = CapabilitiesSerializer(
+            required=False,
+            allow_null=True,
+            help_text="Which job kinds the machine accepts and how it isolates them; omitted or null: unchanged.",
+        )
 
         def validate_gpus(self, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
             _unique(value, "uuid", "GPU uuid")
@@ -214,10 +351,57 @@ class HeartbeatApi(AgentAPIView):
         report = services.HeartbeatReport(
             gpus=[services.GpuReport(**g) for g in v["gpus"]],
             leases=[services.LeaseReport(**lr) for lr in v.get("leases", [])],
+            capabilities=v.get("capabilities"),
             **{name: v.get(name) for name in MACHINE_FACTS},
         )
         reply = services.machine_heartbeat(machine=request.auth, report=report)
         return Response(self.OutputSerializer(reply).data)
+
+
+# --- credential rotation --------------------------------------------------------------------
+
+
+class CredentialRotateApi(AgentAPIView):
+    """Replace this machine's credential with a new one (shown once). The credential this call
+    was made with answers 401 `credential_revoked` from then on; leases go on untouched."""
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentCredentialRotateInput"
+
+        signing_address = serializers.CharField(
+            max_length=42,
+            required=False,
+            allow_null=True,
+            default=None,
+            validators=[eth_address_validator],
+            help_text="Also replace the machine's usage-signing address (0x followed by 40 hex digits).",
+        )
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentCredentialRotateOutput"
+
+        machine_id = serializers.IntegerField()
+        credential = serializers.CharField(help_text="Send as `Authorization: Machine <credential>`; shown once.")
+
+    @extend_schema(
+        operation_id="agent_credential_rotate",
+        tags=["agent"],
+        request=InputSerializer,
+        responses={200: OutputSerializer, **error_responses(400, 401, 403, 413)},
+    )
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        machine = request.auth
+        credential = services.machine_credential_rotate(
+            machine=machine,
+            actor=f"machine:{machine.pk}",
+            signing_address=data.validated_data["signing_address"],
+            only_if_digest=machine.credential_digest,
+        )
+        return Response(self.OutputSerializer({"machine_id": machine.pk, "credential": credential}).data)
 
 
 # --- lease events ---------------------------------------------------------------------------

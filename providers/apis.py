@@ -22,6 +22,7 @@ from rest_framework.response import Response
 from marketplace.api import BaseApi, NamedChoiceField, StrictInputSerializer, error_responses, price_field
 from marketplace.permissions import IsProvider, user_provider
 from providers import selectors, services
+from providers.agent_apis import CapabilitiesSerializer
 from providers.availability import DAY_NAMES, FOREVER, mask_to_days
 from providers.models import GPU, Machine, Provider, RegistrationToken
 
@@ -139,6 +140,19 @@ class MachineSummarySerializer(serializers.Serializer):
     agent_version = serializers.CharField()
     last_heartbeat_at = serializers.DateTimeField(allow_null=True)
     gpu_count = serializers.IntegerField()
+    accepts_container = serializers.BooleanField(help_text="Container jobs may be placed on it.")
+    accepts_process = serializers.BooleanField(
+        help_text="Process jobs may be placed on it: only when its agent says the provider opted in."
+    )
+    capabilities = CapabilitiesSerializer(
+        allow_null=True,
+        help_text="What its agent last reported: accepted job kinds, how each is isolated, why a kind is "
+        "refused. null until first reported (then: containers only).",
+    )
+    capabilities_reported_at = serializers.DateTimeField(allow_null=True)
+    credential_revoked_at = serializers.DateTimeField(
+        allow_null=True, help_text="When its credential was revoked; it must be registered again."
+    )
     created_at = serializers.DateTimeField()
 
 
@@ -198,11 +212,66 @@ class MachineDetailApi(ProviderApi):
         responses={200: MachineDetailSerializer, **error_responses(401, 403, 404)},
     )
     def get(self, request: Request, machine_id: int) -> Response:
+        return Response(_machine_detail(provider=self.provider, machine_id=machine_id))
+
+
+def _machine_detail(*, provider: Provider, machine_id: int) -> Any:
+    machine = selectors.machine_get_for_provider(provider=provider, machine_id=machine_id)
+    until = selectors.machine_available_until(machine=machine, now=timezone.now())
+    machine.schedule_open_now = until is not None
+    machine.schedule_open_until = None if until in (None, FOREVER) else until
+    return MachineDetailSerializer(machine).data
+
+
+class MachineCredentialSerializer(serializers.Serializer):
+    machine_id = serializers.IntegerField()
+    credential = serializers.CharField(
+        help_text="Shown once: install it on the machine with `gpgpu-agent rotate-credential --credential-stdin`."
+    )
+
+
+class MachineCredentialRotateApi(ProviderApi):
+    class RotateInput(StrictInputSerializer):
+        """No fields: the body is empty or {}."""
+
+    @extend_schema(
+        tags=["machines"],
+        summary="Rotate a machine's credential",
+        description="Issues the machine a new credential, shown once. The old one stops working at once "
+        "(401 credential_revoked): install the new one on the machine. A revoked machine is 409 machine_revoked.",
+        request=RotateInput,
+        responses={200: MachineCredentialSerializer, **error_responses(400, 401, 403, 404, 409, 413)},
+    )
+    def post(self, request: Request, machine_id: int) -> Response:
         machine = selectors.machine_get_for_provider(provider=self.provider, machine_id=machine_id)
-        until = selectors.machine_available_until(machine=machine, now=timezone.now())
-        machine.schedule_open_now = until is not None
-        machine.schedule_open_until = None if until in (None, FOREVER) else until
-        return Response(MachineDetailSerializer(machine).data)
+        self.RotateInput(data=request.data).is_valid(raise_exception=True)
+        credential = services.machine_credential_rotate(machine=machine, actor=f"provider:{self.provider.pk}")
+        return Response(MachineCredentialSerializer({"machine_id": machine.pk, "credential": credential}).data)
+
+
+class MachineCredentialRevokeApi(ProviderApi):
+    class RevokeInput(StrictInputSerializer):
+        reason = serializers.CharField(required=False, allow_blank=True, max_length=255, default="")
+
+    @extend_schema(
+        tags=["machines"],
+        summary="Revoke a machine's credential",
+        description="The machine can no longer authenticate: it goes offline, its running rentals end "
+        "(interruptible jobs go back to the queue). To bring it back, register it again with a new "
+        "registration token. Revoking a revoked machine changes nothing.",
+        request=RevokeInput,
+        responses={200: MachineDetailSerializer, **error_responses(400, 401, 403, 404, 413)},
+    )
+    def post(self, request: Request, machine_id: int) -> Response:
+        machine = selectors.machine_get_for_provider(provider=self.provider, machine_id=machine_id)
+        data = self.RevokeInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.machine_credential_revoke(
+            machine=machine,
+            actor=f"provider:{self.provider.pk}",
+            reason=data.validated_data["reason"] or "revoked by the provider",
+        )
+        return Response(_machine_detail(provider=self.provider, machine_id=machine_id))
 
 
 class MachineGpuApi(ProviderApi):

@@ -12,6 +12,7 @@ from django.contrib.auth.models import AnonymousUser
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
+from providers.errors import MachineCredentialRevoked
 from providers.models import Machine
 from providers.services import machine_authenticate
 
@@ -23,7 +24,8 @@ class MachineAuthentication(authentication.BaseAuthentication):
 
     Returns (AnonymousUser, machine). A missing header authenticates nothing (the view answers
     401 `not_authenticated`); an unknown or malformed credential is 401
-    `machine_credential_invalid`; a suspended machine is 403 `machine_suspended`.
+    `machine_credential_invalid`; a rotated or revoked one is 401 `credential_revoked` (the
+    detail says which, and when); a suspended machine is 403 `machine_suspended`.
     """
 
     keyword = "Machine"
@@ -42,7 +44,10 @@ class MachineAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed(
                 "The machine credential contains invalid characters.", code="machine_credential_invalid"
             ) from None
-        machine = machine_authenticate(raw_credential=raw)
+        try:
+            machine = machine_authenticate(raw_credential=raw)
+        except MachineCredentialRevoked as exc:
+            raise exceptions.AuthenticationFailed(exc.detail, code=exc.code) from None
         if machine is None:
             raise exceptions.AuthenticationFailed(
                 "Unknown machine credential; register the machine again.", code="machine_credential_invalid"

@@ -13,6 +13,13 @@ class MachineCredentialInvalid(ServiceError):
     default_code = "machine_credential_invalid"
 
 
+class MachineCredentialRevoked(ServiceError):
+    """The credential presented was rotated or revoked (the detail says which, and when)."""
+
+    status_code = 401
+    default_code = "credential_revoked"
+
+
 class MachineSuspended(ServiceError):
     status_code = 403
     default_code = "machine_suspended"
@@ -21,6 +28,7 @@ class MachineSuspended(ServiceError):
 __all__ = [
     "Conflict",
     "MachineCredentialInvalid",
+    "MachineCredentialRevoked",
     "MachineSuspended",
     "NotFound",
     "PermissionDenied",

@@ -82,6 +82,16 @@ class Machine(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OFFLINE, db_index=True)
     suspended_reason = models.CharField(max_length=255, blank=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    # What job kinds the machine accepts and how it isolates them, as its agent last reported
+    # (the heartbeat's validated `capabilities`; null until it first reports them). The two
+    # booleans are what the matcher filters on. A machine that never reported accepts
+    # containers only: process jobs need the provider's explicit opt-in.
+    capabilities = models.JSONField(null=True, blank=True)
+    accepts_container = models.BooleanField(default=True)
+    accepts_process = models.BooleanField(default=False)
+    capabilities_reported_at = models.DateTimeField(null=True, blank=True)
+    # Set when its credential was revoked: it can no longer authenticate and stays offline.
+    credential_revoked_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -89,6 +99,35 @@ class Machine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hostname} (#{self.pk})"
+
+    @property
+    def accepted_kinds(self) -> list[str]:
+        return [kind for kind, on in (("container", self.accepts_container), ("process", self.accepts_process)) if on]
+
+
+class MachineCredentialRevocation(models.Model):
+    """A machine credential that no longer authenticates (only its digest, like the live one):
+    replaced by a newer one (`rotated`) or revoked outright. A request that presents it is told
+    which, and when, rather than "unknown credential". These rows are the credential's audit
+    trail: who did it, when and why."""
+
+    class Kind(models.TextChoices):
+        ROTATED = "rotated"
+        REVOKED = "revoked"
+
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="credential_revocations")
+    digest = models.CharField(max_length=64, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    reason = models.CharField(max_length=255, blank=True)
+    # "provider:3", "machine:7", "operator:1"
+    actor = models.CharField(max_length=64)
+    revoked_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-revoked_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"credential of machine {self.machine_id} {self.kind} {self.revoked_at:%Y-%m-%d %H:%M}"
 
 
 class GPU(models.Model):

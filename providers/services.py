@@ -6,9 +6,9 @@ import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -18,13 +18,20 @@ from django.db.models import Q
 from django.utils import timezone
 
 from providers.availability import days_to_mask, mask_to_days, validate_timezone
-from providers.errors import Conflict, RegistrationTokenInvalid, ValidationFailed
+from providers.errors import (
+    Conflict,
+    MachineCredentialRevoked,
+    NotFound,
+    RegistrationTokenInvalid,
+    ValidationFailed,
+)
 from providers.models import (
     GPU,
     PRICE_DECIMALS,
     AvailabilityWindow,
     Blackout,
     Machine,
+    MachineCredentialRevocation,
     Provider,
     RegistrationToken,
     TelemetrySample,
@@ -318,8 +325,139 @@ def machine_register(
 
 
 def machine_authenticate(*, raw_credential: str) -> Machine | None:
-    """The machine whose credential this is, or None. Callers refuse a suspended machine."""
-    return Machine.objects.filter(credential_digest=secret_digest(raw_credential)).first()
+    """The machine whose credential this is, or None for a credential never issued. Raises
+    MachineCredentialRevoked (401 `credential_revoked`) for one that was rotated or revoked,
+    saying which and when. Callers refuse a suspended machine."""
+    digest = secret_digest(raw_credential)
+    machine = Machine.objects.filter(credential_digest=digest).first()
+    if machine is None:
+        revocation = MachineCredentialRevocation.objects.filter(digest=digest).first()
+        if revocation is not None:
+            raise _credential_revoked_error(revocation)
+    return machine
+
+
+def _credential_revoked_error(revocation: MachineCredentialRevocation | None) -> MachineCredentialRevoked:
+    if revocation is None:
+        return MachineCredentialRevoked("This machine's credential was replaced; it no longer authenticates.")
+    when = revocation.revoked_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if revocation.kind == MachineCredentialRevocation.Kind.ROTATED:
+        return MachineCredentialRevoked(
+            f"This machine's credential was replaced by a newer credential on {when}; install the newer one "
+            "(gpgpu-agent rotate-credential --credential-stdin) or register the machine again with a new "
+            "registration token."
+        )
+    return MachineCredentialRevoked(
+        f"This machine's credential was revoked on {when} ({revocation.reason}); register the machine again "
+        "with a new registration token."
+    )
+
+
+def _machine_lock(*, machine_id: int) -> Machine | None:
+    """Lock one machine's row until the caller's transaction ends and return it as it is now
+    (None if it does not exist). The one place a machine row is locked: heartbeats and
+    credential rotation and revocation serialise on it, and the liveness sweep's conditional
+    update waits for it. The caller holds a transaction."""
+    return Machine.objects.select_for_update().filter(pk=machine_id).first()
+
+
+# Why a revocation was made, when its caller gives none.
+DEFAULT_REVOKE_REASON = "revoked"
+
+
+def machine_credential_rotate(
+    *,
+    machine: Machine,
+    actor: str,
+    signing_address: str | None = None,
+    only_if_digest: str | None = None,
+) -> str:
+    """Give the machine a new credential; returns it raw (shown once, only its digest is
+    stored). The old credential is recorded as revoked (`rotated`): from now on it answers 401
+    `credential_revoked`. Leases, GPUs and status are untouched: the agent goes on with the new
+    credential.
+
+    signing_address: also replace the machine's usage-signing address (0x + 40 hex digits; it
+    cannot be cleared here). only_if_digest: the digest of the credential the caller
+    authenticated with (an agent rotating its own); if another rotation replaced it meanwhile,
+    raises MachineCredentialRevoked and changes nothing, so one credential rotates once.
+    Raises Conflict `machine_revoked` for a machine whose credential was revoked (it must be
+    registered again) and NotFound for a machine that does not exist.
+    """
+    if signing_address is not None and not PAYOUT_ADDRESS_RE.fullmatch(signing_address):
+        raise _invalid("signing_address", "must be an Ethereum address: 0x followed by 40 hex digits")
+    raw = MACHINE_CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic():
+        locked = _machine_lock(machine_id=machine.pk)
+        if locked is None:
+            raise NotFound(f"Machine {machine.pk} not found.")
+        if only_if_digest is not None and locked.credential_digest != only_if_digest:
+            raise _credential_revoked_error(MachineCredentialRevocation.objects.filter(digest=only_if_digest).first())
+        if locked.credential_revoked_at is not None:
+            raise Conflict(
+                f"Machine {machine.pk}'s credential was revoked; register the machine again with a new "
+                "registration token.",
+                code="machine_revoked",
+            )
+        MachineCredentialRevocation.objects.create(
+            machine_id=machine.pk,
+            digest=locked.credential_digest,
+            kind=MachineCredentialRevocation.Kind.ROTATED,
+            reason="rotated",
+            actor=actor[:64],
+            revoked_at=timezone.now(),
+        )
+        changes = {"credential_digest": secret_digest(raw)}
+        if signing_address is not None:
+            changes["signing_address"] = signing_address
+        Machine.objects.filter(pk=machine.pk).update(**changes)
+    logger.info("machine %s credential rotated by %s", machine.pk, actor)
+    machine.refresh_from_db()
+    return raw
+
+
+def machine_credential_revoke(*, machine: Machine, actor: str, reason: str = DEFAULT_REVOKE_REASON) -> None:
+    """Revoke the machine's credential for good: the current credential is recorded as revoked
+    (a request with it answers 401 `credential_revoked` with the time and `reason`), and the
+    machine's digest becomes one nobody holds the credential of, so nothing authenticates as
+    it any more. It goes offline (a suspended machine stays suspended), its GPUs show offline,
+    and its active leases end as `credential_revoked`: interruptible jobs go back to the
+    queue, others fail (as for a suspension). To come back, the machine registers again with a
+    new registration token, as a new machine.
+
+    Revoking a revoked machine changes nothing. reason: at most 255 characters (trimmed).
+    """
+    from jobs.models import Lease
+    from jobs.services import leases_end_for_machine
+
+    reason = reason.strip()[:255] or DEFAULT_REVOKE_REASON
+    with transaction.atomic():
+        locked = _machine_lock(machine_id=machine.pk)
+        if locked is None or locked.credential_revoked_at is not None:
+            return
+        now = timezone.now()
+        MachineCredentialRevocation.objects.create(
+            machine_id=machine.pk,
+            digest=locked.credential_digest,
+            kind=MachineCredentialRevocation.Kind.REVOKED,
+            reason=reason,
+            actor=actor[:64],
+            revoked_at=now,
+        )
+        # A random digest: no credential hashes to it that anyone could know.
+        Machine.objects.filter(pk=machine.pk).update(credential_digest=secrets.token_hex(32), credential_revoked_at=now)
+        Machine.objects.filter(pk=machine.pk).exclude(status=Machine.Status.SUSPENDED).update(
+            status=Machine.Status.OFFLINE
+        )
+        ended = leases_end_for_machine(
+            machine_id=machine.pk,
+            reason=Lease.EndReason.CREDENTIAL_REVOKED,
+            actor=actor,
+            detail=f"the machine's credential was revoked ({reason})",
+        )
+        GPU.objects.filter(machine_id=machine.pk).update(state=GPU.State.OFFLINE, idle_since=None)
+    logger.info("machine %s credential revoked by %s (%s): %d lease(s) ended", machine.pk, actor, reason, ended)
+    machine.refresh_from_db()
 
 
 @dataclass(frozen=True)
@@ -360,6 +498,9 @@ class HeartbeatReport:
     ram_mb: int | None = None
     disk_gb: int | None = None
     region: str | None = None
+    # The validated `capabilities` object (see providers.agent_apis.CapabilitiesSerializer);
+    # None keeps what is stored.
+    capabilities: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -424,6 +565,7 @@ STOP_REASON_UNKNOWN_LEASE = "unknown_lease"
 # slot) are parked: above any index a heartbeat may report.
 _GPU_PARKING_INDEX = 1000
 _MACHINE_FACTS = ("agent_version", "driver_version", "cuda_version", "cpu_cores", "ram_mb", "disk_gb", "region")
+JOB_KINDS = ("container", "process")
 
 
 def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> HeartbeatReply:
@@ -436,12 +578,19 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
       it or the agent does not call it idle, else `idle`.
     - One TelemetrySample per GPU per TELEMETRY_SAMPLE_INTERVAL_S bucket (the first heartbeat in
       each bucket writes it), so heartbeats every few seconds do not grow the history.
+    - `capabilities`, when reported, replace the stored ones and set which job kinds the
+      machine accepts (`accepts_container`, `accepts_process`); absent, they stay as they are.
+    - An assigned lease of a kind the machine no longer accepts ends as `failed_to_start` (its
+      job goes back to the queue) and is never sent.
     - `start`: assigned leases of this machine, without a stop request, that the agent did not
-      list. `stop`: leases the agent listed that are ended, have a stop request, or are not this
+      list, of a kind the machine accepts.
+    - `stop`: leases the agent listed that are ended, have a stop request, or are not this
       machine's (reason `unknown_lease`).
 
-    The machine row is locked for the transaction, so heartbeats of one machine and the liveness
-    sweep's conditional update serialise.
+    `machine` is the row as the request authenticated it. The row is locked for the
+    transaction, so heartbeats of one machine, credential rotation and revocation and the
+    liveness sweep's conditional update serialise; if the credential was rotated or revoked
+    while this request waited, raises MachineCredentialRevoked and records nothing.
     """
     from jobs.models import LeaseGPU
 
@@ -450,14 +599,28 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
     reported = {g.uuid: g for g in report.gpus}
     try:
         with transaction.atomic():
-            Machine.objects.select_for_update().filter(pk=machine.pk).first()
+            locked = _machine_lock(machine_id=machine.pk)
+            if locked is None or locked.credential_digest != machine.credential_digest:
+                raise _credential_revoked_error(
+                    MachineCredentialRevocation.objects.filter(digest=machine.credential_digest).first()
+                )
             _gpu_uuids_check_free(machine_id=machine.pk, uuids=list(reported))
 
-            facts = {name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None}
+            facts: dict[str, Any] = {
+                name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None
+            }
+            if report.capabilities is not None:
+                facts.update(_capability_facts(report.capabilities, now=now))
             Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=now, **facts)
             Machine.objects.filter(pk=machine.pk).exclude(status=Machine.Status.SUSPENDED).update(
                 status=Machine.Status.ONLINE
             )
+            accepts = {
+                "container": facts.get("accepts_container", locked.accepts_container),
+                "process": facts.get("accepts_process", locked.accepts_process),
+            }
+            kinds = frozenset(kind for kind, on in accepts.items() if on)
+            _leases_end_of_refused_kinds(machine_id=machine.pk, kinds=kinds)
 
             existing = {g.uuid: g for g in GPU.objects.filter(machine_id=machine.pk)}
             _gpu_indexes_make_room(existing=existing, reported=reported)
@@ -526,13 +689,50 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
                 GPU.objects.filter(pk__in=missing).update(state=GPU.State.OFFLINE, idle_since=None)
             TelemetrySample.objects.bulk_create(samples)
 
-            reply = _heartbeat_reply(machine_id=machine.pk, report=report, now=now)
+            reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, now=now)
             reply = replace(reply, schedule=machine_schedule(machine=machine, now=now))
     except IntegrityError:
         # Another machine claimed one of these uuids between the check and the insert.
         _gpu_uuids_check_free(machine_id=machine.pk, uuids=list(reported))
         raise
     return reply
+
+
+def _leases_end_of_refused_kinds(*, machine_id: int, kinds: frozenset[str]) -> None:
+    """End the machine's assigned leases whose job kind it does not accept (placed before it
+    stopped accepting that kind) as `failed_to_start`, so their jobs go back to the queue and
+    the agent is never asked to start them. Running leases are the agent's to handle."""
+    from jobs.models import Lease
+    from jobs.services import lease_end
+
+    refused = (
+        Lease.objects.filter(machine_id=machine_id, status=Lease.Status.ASSIGNED)
+        .exclude(job__kind__in=kinds)
+        .order_by("pk")
+        .values_list("pk", "job__kind")
+    )
+    for lease_id, kind in refused:
+        lease_end(
+            lease_id=lease_id,
+            reason=Lease.EndReason.FAILED_TO_START,
+            actor="marketplace",
+            detail=f"the machine no longer accepts {kind} jobs",
+        )
+
+
+def _capability_facts(capabilities: Mapping[str, Any], *, now: datetime) -> dict[str, Any]:
+    """The Machine fields a reported `capabilities` object sets. Its shape was validated by the
+    agent API; the kinds are checked again here because they decide what may run."""
+    kinds = list(capabilities.get("kinds") or [])
+    unknown = sorted(set(kinds) - set(JOB_KINDS))
+    if unknown:
+        raise _invalid("capabilities.kinds", f"unknown job kind {unknown[0]!r}")
+    return {
+        "capabilities": dict(capabilities),
+        "accepts_container": "container" in kinds,
+        "accepts_process": "process" in kinds,
+        "capabilities_reported_at": now,
+    }
 
 
 def _bucket(at: datetime, interval_s: int) -> int:
@@ -572,7 +772,9 @@ def _by_gpu_index(lease_gpu: Any) -> int:
     return lease_gpu.gpu.index
 
 
-def _heartbeat_reply(*, machine_id: int, report: HeartbeatReport, now: datetime) -> HeartbeatReply:
+def _heartbeat_reply(
+    *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], now: datetime
+) -> HeartbeatReply:
     from jobs.models import Lease
 
     listed = {lr.lease_id for lr in report.leases}
@@ -586,6 +788,10 @@ def _heartbeat_reply(*, machine_id: int, report: HeartbeatReport, now: datetime)
     )
     for lease in assigned:
         job = lease.job
+        if job.kind not in kinds:
+            # Renter code of a kind the owner does not allow is never sent (a lease placed while
+            # this heartbeat ran; the next one ends it).
+            continue
         start.append(
             LeaseStart(
                 lease_id=lease.pk,

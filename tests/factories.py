@@ -71,6 +71,11 @@ class MachineFactory(factory.django.DjangoModelFactory):
     status = Machine.Status.ONLINE
     region = "eu-west"
     last_heartbeat_at = factory.LazyFunction(timezone.now)
+    # Most tests run process jobs (JobFactory's kind): a factory machine accepts both kinds, as
+    # one whose provider opted in to process jobs would. A new machine's own default is
+    # containers only; MachineFactory(accepts_process=False) makes one like that.
+    accepts_container = True
+    accepts_process = True
 
 
 class GPUFactory(factory.django.DjangoModelFactory):
@@ -111,3 +116,34 @@ def machine_with_gpus(*, count: int = 1, **gpu_kwargs) -> Machine:  # type: igno
 def token_for(user) -> str:  # type: ignore[no-untyped-def]
     _, raw = api_token_create(user=user)
     return raw
+
+
+def capabilities_report(*, kinds: tuple[str, ...] = ("container", "process"), **extra: object) -> dict:
+    """A heartbeat's `capabilities` as the agent sends it: Podman and bubblewrap, each with limits,
+    for the accepted `kinds`; `extra` adds or replaces top-level keys (e.g. refused=…)."""
+    limits = {"cpus": 3.0, "memory_mb": 12000, "pids": 4096}
+    report: dict = {
+        "kinds": list(kinds),
+        "container": {
+            "engine": "podman",
+            "engine_version": "4.3.1",
+            "runtime": "runc",
+            "user_namespace": True,
+            "network": "filtered",
+            "read_only_root": True,
+            "limits": dict(limits),
+        }
+        if "container" in kinds
+        else None,
+        "process": {
+            "sandbox": "bubblewrap",
+            "sandbox_version": "0.8.0",
+            "user": "gpgpu-rental",
+            "network": "none",
+            "limits": dict(limits),
+        }
+        if "process" in kinds
+        else None,
+    }
+    report.update(extra)
+    return report

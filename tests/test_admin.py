@@ -24,14 +24,15 @@ from providers.models import (
     AvailabilityWindow,
     Blackout,
     Machine,
+    MachineCredentialRevocation,
     Provider,
     RegistrationToken,
     TelemetryRollup,
     TelemetrySample,
 )
-from providers.services import registration_token_create, secret_digest
+from providers.services import machine_credential_rotate, registration_token_create, secret_digest
 from providers.telemetry import telemetry_rollup
-from tests.factories import JobFactory, MachineFactory, UserFactory, machine_with_gpus
+from tests.factories import JobFactory, MachineFactory, UserFactory, capabilities_report, machine_with_gpus
 
 pytestmark = pytest.mark.django_db
 
@@ -110,6 +111,7 @@ def fleet(db) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         period_end=timezone.now(),
         gpu_seconds=Decimal("3600"),
     )
+    machine_credential_rotate(machine=machine, actor=f"provider:{provider.pk}")
     return {
         "provider": provider,
         "machine": machine,
@@ -127,6 +129,7 @@ def fleet(db) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         "sample": TelemetrySample.objects.first(),
         "rollup": TelemetryRollup.objects.first(),
         "report": report,
+        "revocation": MachineCredentialRevocation.objects.get(machine=machine),
     }
 
 
@@ -135,6 +138,7 @@ OBJECTS = {
     Provider: "provider",
     RegistrationToken: "registration_token",
     Machine: "machine",
+    MachineCredentialRevocation: "revocation",
     GPU: "gpu",
     AvailabilityWindow: "window",
     Blackout: "blackout",
@@ -237,6 +241,101 @@ def test_suspending_a_machine_ends_its_leases_and_requeues_interruptible_jobs(co
     assert set(machine.gpus.values_list("state", flat=True)) == {GPU.State.OFFLINE}
     assert Event.objects.filter(lease=lease, kind="lease.ended", actor=f"operator:{operator.pk}").exists()
     assert "Suspended 1 machine(s); 1 active lease(s) ended." in messages_of(response)
+
+
+CAPABILITIES = capabilities_report(
+    kinds=("container",),
+    process={"sandbox": "bubblewrap", "sandbox_version": "0.8.0", "user": "gpgpu-rental", "network": "none"},
+    refused={"process": "process jobs are off (allow_process_jobs = false)"},
+)
+
+
+def test_machine_list_shows_accepted_kinds_and_its_page_the_capabilities(console, fleet) -> None:  # type: ignore[no-untyped-def]
+    machine = fleet["machine"]
+    Machine.objects.filter(pk=machine.pk).update(
+        capabilities=CAPABILITIES,
+        accepts_container=True,
+        accepts_process=False,
+        capabilities_reported_at=timezone.now(),
+    )
+    silent = MachineFactory(accepts_container=True, accepts_process=False)
+    MachineFactory(accepts_container=True, accepts_process=True)
+
+    listing = console.get(url(Machine, "changelist")).content.decode()
+    page = console.get(url(Machine, "change", machine.pk)).content.decode()
+    silent_page = console.get(url(Machine, "change", silent.pk)).content.decode()
+    process_only = console.get(url(Machine, "changelist"), {"accepts_process__exact": "1"}).context["cl"].result_list
+
+    assert '<td class="field-accepts">container</td>' in listing
+    assert '<td class="field-accepts">container, process</td>' in listing
+    for shown in (
+        "podman 4.3.1",
+        "runc",
+        "bubblewrap 0.8.0",
+        "gpgpu-rental",
+        "filtered",
+        "3 CPUs, 12000 MB memory, 4096 processes",
+        "process jobs are off (allow_process_jobs = false)",
+    ):
+        assert shown in page, shown
+    assert "not reported yet: accepts containers only" in silent_page
+    assert machine.pk not in {m.pk for m in process_only}
+
+
+def test_rotate_credential_action_shows_the_new_credential_once_and_the_old_one_stops_working(
+    console, fleet, operator
+) -> None:  # type: ignore[no-untyped-def]
+    machine, lease = fleet["machine"], fleet["lease"]
+    old_digest = Machine.objects.get(pk=machine.pk).credential_digest
+
+    response = console.post(
+        url(Machine, "changelist"), {"action": "rotate_credential", "_selected_action": [machine.pk]}, follow=True
+    )
+
+    (shown,) = [m for m in messages_of(response) if "New credential" in m]
+    raw = next(word for word in shown.split() if word.startswith("gpm_"))
+    machine.refresh_from_db()
+    assert machine.credential_digest == secret_digest(raw) != old_digest
+    assert MachineCredentialRevocation.objects.filter(
+        digest=old_digest, kind="rotated", actor=f"operator:{operator.pk}"
+    ).exists()
+    lease.refresh_from_db()
+    assert lease.status == Lease.Status.RUNNING
+    page = console.get(url(Machine, "change", machine.pk)).content.decode()
+    assert raw not in page and machine.credential_digest not in page
+    assert "Rotated" in page  # the credential history
+
+
+def test_revoke_credential_action_ends_leases_and_requeues_interruptible_jobs(console, fleet, operator) -> None:  # type: ignore[no-untyped-def]
+    machine, job, lease = fleet["machine"], fleet["job"], fleet["lease"]
+
+    response = console.post(
+        url(Machine, "changelist"),
+        {"action": "revoke_credential", "_selected_action": [machine.pk]},
+        follow=True,
+    )
+    again = console.post(
+        url(Machine, "changelist"),
+        {"action": "revoke_credential", "_selected_action": [machine.pk]},
+        follow=True,
+    )
+
+    machine.refresh_from_db()
+    lease.refresh_from_db()
+    job.refresh_from_db()
+    assert machine.credential_revoked_at is not None
+    assert machine.status == Machine.Status.OFFLINE
+    assert (lease.status, lease.end_reason) == (Lease.Status.ENDED, Lease.EndReason.CREDENTIAL_REVOKED)
+    assert job.status == Job.Status.PENDING
+    assert Event.objects.filter(lease=lease, kind="lease.ended", actor=f"operator:{operator.pk}").exists()
+    revocation = MachineCredentialRevocation.objects.get(machine=machine, kind="revoked")
+    assert revocation.reason == "revoked by operator olga"
+    assert any("Revoked the credential of 1 machine(s); 1 active lease(s) ended." in m for m in messages_of(response))
+    assert "1 machine(s) were already revoked." in messages_of(again)
+    refused = console.post(
+        url(Machine, "changelist"), {"action": "rotate_credential", "_selected_action": [machine.pk]}, follow=True
+    )
+    assert not any("gpm_" in m for m in messages_of(refused))
 
 
 def test_unsuspending_brings_a_machine_back_offline_and_skips_others(console, fleet) -> None:  # type: ignore[no-untyped-def]

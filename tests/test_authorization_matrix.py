@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 
 from jobs.models import Job
 from jobs.services import Placement, leases_assign
-from providers.models import GPU, AvailabilityWindow, Blackout
+from providers.models import GPU, AvailabilityWindow, Blackout, Machine
 from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, RenterFactory, token_for
 
 pytestmark = pytest.mark.django_db
@@ -79,6 +79,8 @@ PROVIDER_COLLECTION_ENDPOINTS = [
 PROVIDER_OBJECT_ENDPOINTS = [
     ("get", "/api/v1/machines/{machine}/", None),
     ("patch", "/api/v1/machines/{machine}/gpus/{gpu}/", {"price_floor": "0.99"}),
+    ("post", "/api/v1/machines/{machine}/credential/rotate/", {}),
+    ("post", "/api/v1/machines/{machine}/credential/revoke/", {"reason": "test"}),
     ("get", "/api/v1/availability-windows/{window}/", None),
     ("put", "/api/v1/availability-windows/{window}/", WINDOW_BODY),
     ("patch", "/api/v1/availability-windows/{window}/", {"timezone": "Europe/Paris"}),
@@ -227,6 +229,8 @@ def test_another_providers_objects_are_not_found_and_unchanged(world, method, te
     assert AvailabilityWindow.objects.get(pk=theirs["window"]).timezone == "UTC"
     assert Blackout.objects.filter(pk=theirs["blackout"]).exists()
     assert GPU.objects.get(pk=theirs["gpu"]).price_floor is None
+    machine = Machine.objects.get(pk=theirs["machine"])
+    assert machine.credential_revoked_at is None and not machine.credential_revocations.exists()
 
 
 @pytest.mark.parametrize(("method", "template", "body"), RENTER_ENDPOINTS)

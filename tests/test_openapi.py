@@ -28,6 +28,8 @@ PUBLIC_API = {
     "/api/v1/machines/": {"get"},
     "/api/v1/machines/{machine_id}/": {"get"},
     "/api/v1/machines/{machine_id}/gpus/{gpu_id}/": {"patch"},
+    "/api/v1/machines/{machine_id}/credential/rotate/": {"post"},
+    "/api/v1/machines/{machine_id}/credential/revoke/": {"post"},
     "/api/v1/provider/": {"get", "patch"},
     "/api/v1/availability-windows/": {"get", "post"},
     "/api/v1/availability-windows/{window_id}/": {"get", "put", "patch", "delete"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -21,9 +22,17 @@ pytestmark = pytest.mark.django_db
 EVERY_DAY = days_to_mask(range(7))
 
 
-def machine(*, gpus: int = 1, region: str = "eu-west", provider=None, **gpu_kwargs) -> Machine:  # type: ignore[no-untyped-def]
-    """An online machine with `gpus` idle GPUs (RTX 4090, 24 GB unless told otherwise)."""
-    kwargs = {"region": region}
+def machine(
+    *,
+    gpus: int = 1,
+    region: str = "eu-west",
+    provider: Any = None,
+    kinds: tuple[str, ...] = ("container", "process"),
+    **gpu_kwargs: Any,
+) -> Machine:
+    """An online machine with `gpus` idle GPUs (RTX 4090, 24 GB unless told otherwise) that
+    accepts jobs of `kinds`."""
+    kwargs = {"region": region, "accepts_container": "container" in kinds, "accepts_process": "process" in kinds}
     if provider is not None:
         kwargs["provider"] = provider
     m = MachineFactory(**kwargs)
@@ -192,6 +201,70 @@ def test_job_in_a_region_without_machines_says_so():
     code, detail = reason(j)
     assert code == "region_unavailable"
     assert "ap-south" in detail
+
+
+# --- job kinds: only where the owner allows them ---------------------------------------------
+
+
+def test_process_job_never_goes_to_a_container_only_machine_even_the_cheapest():
+    machine(gpus=1, kinds=("container",), price_floor=Decimal("0.10"))
+    opted_in = machine(gpus=1, kinds=("container", "process"), price_floor=Decimal("0.90"))
+    j = job(kind=Job.Kind.PROCESS, max_price_per_gpu_hour=Decimal("1.00"))
+
+    matching.match_cycle()
+
+    assert lease_of(j).machine_id == opted_in.pk
+    assert lease_of(j).price_per_gpu_hour == Decimal("0.90")
+
+
+def test_container_job_never_goes_to_a_process_only_machine():
+    machine(gpus=1, kinds=("process",), price_floor=Decimal("0.10"))
+    containers = machine(gpus=1, kinds=("container",), price_floor=Decimal("0.90"))
+    first = job(kind=Job.Kind.CONTAINER, image="pytorch/pytorch:2.3.0", command=[])
+    second = job(kind=Job.Kind.CONTAINER, image="pytorch/pytorch:2.3.0", command=[])
+
+    matching.match_cycle()
+
+    assert lease_of(first).machine_id == containers.pk
+    assert reason(second)[0] == "no_idle_gpu"
+    assert Lease.objects.count() == 1
+
+
+def test_process_job_no_online_machine_accepts_waits_and_says_providers_opt_in():
+    container_only = machine(gpus=2, kinds=("container",), price_floor=Decimal("0.10"))
+    j = job(kind=Job.Kind.PROCESS)
+
+    matching.match_cycle()
+
+    j.refresh_from_db()
+    assert j.status == Job.Status.PENDING
+    assert reason(j) == ("kind_not_accepted", "no online machine accepts process jobs; providers opt in to them")
+    assert not Lease.objects.exists()
+    assert set(GPU.objects.filter(machine=container_only).values_list("state", flat=True)) == {GPU.State.IDLE}
+
+
+def test_machine_accepting_no_kind_gets_no_job():
+    machine(gpus=1, kinds=())
+    container_job = job(kind=Job.Kind.CONTAINER, image="alpine", command=[])
+    process_job = job(kind=Job.Kind.PROCESS)
+
+    matching.match_cycle()
+
+    assert reason(container_job) == ("kind_not_accepted", "no online machine accepts container jobs")
+    assert reason(process_job)[0] == "kind_not_accepted"
+    assert not Lease.objects.exists()
+
+
+def test_other_reasons_count_only_machines_that_accept_the_kind():
+    # The only RTX 4090 takes containers only: for a process job asking for one, no machine
+    # has that model, rather than "all busy".
+    machine(gpus=1, kinds=("container",), model="RTX 4090")
+    machine(gpus=1, kinds=("process",), model="L4")
+    j = job(kind=Job.Kind.PROCESS, allowed_models=["RTX 4090"])
+
+    matching.match_cycle()
+
+    assert reason(j)[0] == "no_gpu_model"
 
 
 # --- availability windows -------------------------------------------------------------------

@@ -19,7 +19,14 @@ from jobs.models import Event, Job, Lease, UsageReport
 from jobs.services import Placement, job_cancel, lease_request_stop, leases_assign
 from providers import services
 from providers.models import GPU, Machine, RegistrationToken, TelemetrySample
-from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, machine_with_gpus
+from tests.factories import (
+    GPUFactory,
+    JobFactory,
+    MachineFactory,
+    ProviderFactory,
+    capabilities_report,
+    machine_with_gpus,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -892,3 +899,281 @@ def test_agent_endpoints_are_in_the_openapi_schema_with_machine_auth(api_client:
     assert "machineAuth" in schema["components"]["securitySchemes"]
     assert paths["/api/agent/v1/heartbeat"]["post"]["security"] == [{"machineAuth": []}]
     assert "409" in paths["/api/agent/v1/heartbeat"]["post"]["responses"]
+
+
+# --- capabilities: which job kinds the machine accepts --------------------------------------
+
+CAPABILITIES: dict[str, Any] = capabilities_report()
+
+
+def registered_machine(api_client: APIClient) -> tuple[Machine, APIClient]:
+    """A machine registered through the agent API, as a real agent registers, and its client."""
+    _, raw = services.registration_token_create(provider=ProviderFactory())
+    body = api_client.post(
+        API + "register", {"token": raw, "hostname": "rig", "agent_version": "0.2.0"}, format="json"
+    ).json()
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Machine {body['credential']}")
+    return Machine.objects.get(pk=body["machine_id"]), client
+
+
+def test_a_machine_accepts_containers_only_until_its_agent_reports_otherwise(api_client: APIClient) -> None:
+    machine, client = registered_machine(api_client)
+
+    assert heartbeat(client, [gpu_entry("GPU-a")]).status_code == 200
+
+    machine.refresh_from_db()
+    assert (machine.accepts_container, machine.accepts_process) == (True, False)
+    assert machine.capabilities is None and machine.capabilities_reported_at is None
+
+
+def test_heartbeat_capabilities_say_which_kinds_the_machine_accepts_and_are_kept_until_reported_again(
+    api_client: APIClient,
+) -> None:
+    machine, client = registered_machine(api_client)
+    reported = json.loads(json.dumps(CAPABILITIES))
+    # A newer agent may say more; only the known fields are stored.
+    reported["container"].update(ready=True, problem=None)
+    reported["future"] = {"vm": True}
+
+    first = heartbeat(client, [gpu_entry("GPU-a")], capabilities=reported)
+    machine.refresh_from_db()
+    opted_in = (machine.accepts_container, machine.accepts_process, machine.capabilities)
+    reported_at = machine.capabilities_reported_at
+    without = heartbeat(client, [gpu_entry("GPU-a")])
+    machine.refresh_from_db()
+
+    assert first.status_code == 200, first.json()
+    assert opted_in == (True, True, {**CAPABILITIES, "refused": {}})
+    assert reported_at is not None
+    assert without.status_code == 200
+    assert (machine.accepts_container, machine.accepts_process) == (True, True)
+    assert machine.capabilities_reported_at == reported_at
+
+    refused = {"process": "process jobs are off (allow_process_jobs = false)"}
+    heartbeat(
+        client,
+        [gpu_entry("GPU-a")],
+        capabilities={"kinds": ["container"], "container": CAPABILITIES["container"], "refused": refused},
+    )
+    machine.refresh_from_db()
+    assert (machine.accepts_container, machine.accepts_process) == (True, False)
+    assert machine.capabilities["refused"] == refused
+    assert machine.capabilities["process"] is None
+
+    heartbeat(client, [gpu_entry("GPU-a")], capabilities={"kinds": []})
+    machine.refresh_from_db()
+    assert (machine.accepts_container, machine.accepts_process) == (False, False)
+
+
+def _capabilities(**changes: Any) -> dict[str, Any]:
+    body = json.loads(json.dumps(CAPABILITIES))
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        target = body
+        for key in parents:
+            target = target[key]
+        target[leaf] = value
+    return body
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "field"),
+    [
+        ("yes", "capabilities.non_field_errors"),
+        ({"container": None}, "capabilities.kinds"),
+        (_capabilities(kinds=["container", "container"]), "capabilities.kinds"),
+        (_capabilities(kinds=["vm"]), "capabilities.kinds.0"),
+        (_capabilities(kinds="container"), "capabilities.kinds"),
+        (_capabilities(process=None), "capabilities.process"),
+        (_capabilities(container={"network": "filtered"}), "capabilities.container.engine"),
+        (_capabilities(container__engine="x" * 33), "capabilities.container.engine"),
+        (_capabilities(container__engine_version="1" * 65), "capabilities.container.engine_version"),
+        (_capabilities(container__runtime="r" * 33), "capabilities.container.runtime"),
+        (_capabilities(container__user_namespace="maybe"), "capabilities.container.user_namespace"),
+        (_capabilities(container__network="open"), "capabilities.container.network"),
+        (_capabilities(process__user="u" * 65), "capabilities.process.user"),
+        (_capabilities(process__sandbox=""), "capabilities.process.sandbox"),
+        (_capabilities(container__limits__cpus=0), "capabilities.container.limits.cpus"),
+        (_capabilities(container__limits__cpus=4097), "capabilities.container.limits.cpus"),
+        (_capabilities(container__limits__cpus="Infinity"), "capabilities.container.limits.cpus"),
+        (_capabilities(process__limits__memory_mb=-1), "capabilities.process.limits.memory_mb"),
+        (_capabilities(process__limits__memory_mb=2.5), "capabilities.process.limits.memory_mb"),
+        (_capabilities(process__limits__pids=0), "capabilities.process.limits.pids"),
+        (_capabilities(kinds=["container"], refused={"process": "x" * 301}), "capabilities.refused.process"),
+        (_capabilities(refused={"process": "off"}), "capabilities.refused.process"),
+    ],
+)
+def test_malformed_capabilities_are_400_and_change_nothing(capabilities: Any, field: str) -> None:
+    machine = MachineFactory(last_heartbeat_at=None, accepts_container=True, accepts_process=False)
+    client = agent_client(machine)
+
+    resp = heartbeat(client, [gpu_entry("GPU-a")], capabilities=capabilities)
+
+    assert resp.status_code == 400
+    body = resp.json()
+    assert body["code"] == "invalid"
+    assert field in body["fields"], body
+    machine.refresh_from_db()
+    assert (machine.accepts_container, machine.accepts_process, machine.capabilities) == (True, False, None)
+    assert machine.last_heartbeat_at is None
+    assert not GPU.objects.exists()
+
+
+def test_capabilities_with_a_non_finite_number_are_400() -> None:
+    machine = MachineFactory(accepts_process=False)
+    client = agent_client(machine)
+    raw = json.dumps({"gpus": [], "capabilities": _capabilities(process__limits__cpus=1.5)}).replace("1.5", "NaN")
+
+    resp = client.post(API + "heartbeat", raw, content_type="application/json")
+
+    assert resp.status_code == 400
+    machine.refresh_from_db()
+    assert machine.accepts_process is False
+
+
+def test_a_lease_of_a_kind_the_machine_stopped_accepting_is_never_sent_and_its_job_requeued() -> None:
+    machine = machine_with_gpus(count=1)
+    gpu = machine.gpus.get()
+    lease = assign(JobFactory(kind=Job.Kind.PROCESS), [gpu])
+    client = agent_client(machine)
+    containers_only = {
+        "kinds": ["container"],
+        "container": CAPABILITIES["container"],
+        "refused": {"process": "process jobs are off (allow_process_jobs = false)"},
+    }
+
+    resp = heartbeat(client, [gpu_entry(gpu.uuid, 0)], capabilities=containers_only)
+
+    assert resp.status_code == 200
+    assert resp.json()["start"] == []
+    lease.refresh_from_db()
+    assert (lease.status, lease.end_reason) == (Lease.Status.ENDED, Lease.EndReason.FAILED_TO_START)
+    assert "no longer accepts process jobs" in lease.end_detail
+    assert Job.objects.get(pk=lease.job_id).status == Job.Status.PENDING
+    assert GPU.objects.get(pk=gpu.pk).state == GPU.State.IDLE
+
+
+# --- credential rotation --------------------------------------------------------------------
+
+
+def test_agent_rotates_its_credential_and_the_old_one_is_refused_everywhere() -> None:
+    machine = machine_with_gpus(count=1)
+    gpu = machine.gpus.get()
+    old = agent_client(machine)
+    lease = running_lease(old, JobFactory(), [gpu])
+    new_address = "0x" + "ab" * 20
+
+    resp = old.post(API + "credential/rotate", {"signing_address": new_address}, format="json")
+
+    assert resp.status_code == 200, resp.json()
+    body = resp.json()
+    assert body["machine_id"] == machine.pk and body["credential"].startswith("gpm_")
+    refused = [
+        heartbeat(old, [gpu_entry(gpu.uuid, 0)]),
+        post_event(old, lease, "exited", exit_code=0),
+        old.post(f"{API}leases/{lease.pk}/usage", usage_body(lease), format="json"),
+        old.post(API + "credential/rotate", {}, format="json"),
+    ]
+    for answer in refused:
+        assert answer.status_code == 401
+        assert answer.json()["code"] == "credential_revoked"
+        assert "replaced by a newer credential" in answer.json()["detail"]
+    new = APIClient()
+    new.credentials(HTTP_AUTHORIZATION=f"Machine {body['credential']}")
+    assert heartbeat(new, [gpu_entry(gpu.uuid, 0)], [{"lease_id": lease.pk, "state": "running"}]).status_code == 200
+    machine.refresh_from_db()
+    assert machine.signing_address == new_address
+    assert machine.status == Machine.Status.ONLINE
+    lease.refresh_from_db()
+    assert lease.status == Lease.Status.RUNNING
+    (revocation,) = machine.credential_revocations.all()
+    assert (revocation.kind, revocation.actor) == ("rotated", f"machine:{machine.pk}")
+
+
+def test_rotation_without_a_body_keeps_the_signing_address() -> None:
+    machine = MachineFactory(signing_address="0x" + "11" * 20)
+    client = agent_client(machine)
+
+    resp = client.post(API + "credential/rotate")
+
+    assert resp.status_code == 200
+    machine.refresh_from_db()
+    assert machine.signing_address == "0x" + "11" * 20
+    assert machine.credential_digest == services.secret_digest(resp.json()["credential"])
+
+
+@pytest.mark.parametrize("address", ["0x123", "", "0x" + "zz" * 20])
+def test_rotation_with_a_malformed_signing_address_is_400_and_changes_nothing(address: str) -> None:
+    machine = MachineFactory()
+    client = agent_client(machine)
+    digest = Machine.objects.get(pk=machine.pk).credential_digest
+
+    resp = client.post(API + "credential/rotate", {"signing_address": address}, format="json")
+
+    assert resp.status_code == 400
+    assert "signing_address" in resp.json()["fields"]
+    assert Machine.objects.get(pk=machine.pk).credential_digest == digest
+    assert heartbeat(client, [gpu_entry("GPU-a")]).status_code == 200
+
+
+def test_revoked_credential_is_401_saying_when_and_why_and_cannot_rotate_itself() -> None:
+    machine = MachineFactory()
+    client = agent_client(machine)
+    services.machine_credential_revoke(machine=machine, actor="provider:1", reason="laptop stolen")
+
+    beat = heartbeat(client, [gpu_entry("GPU-a")])
+    rotate = client.post(API + "credential/rotate", {}, format="json")
+
+    for answer in (beat, rotate):
+        assert answer.status_code == 401
+        assert answer.json()["code"] == "credential_revoked"
+        assert "revoked on" in answer.json()["detail"] and "(laptop stolen)" in answer.json()["detail"]
+        assert "register the machine again" in answer.json()["detail"]
+    assert not GPU.objects.exists()
+
+
+def test_a_heartbeat_that_waited_while_the_credential_was_rotated_records_nothing() -> None:
+    machine = MachineFactory(last_heartbeat_at=None)
+    as_authenticated = Machine.objects.get(pk=machine.pk)
+    services.machine_credential_rotate(machine=machine, actor="provider:1")
+    report = services.HeartbeatReport(
+        gpus=[services.GpuReport(uuid="GPU-a", index=0, model="L4", vram_mb=1, idle=True)]
+    )
+
+    with pytest.raises(services.MachineCredentialRevoked):
+        services.machine_heartbeat(machine=as_authenticated, report=report)
+
+    machine.refresh_from_db()
+    assert machine.last_heartbeat_at is None
+    assert not GPU.objects.exists()
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_concurrent_rotations_with_one_credential_cannot_both_succeed() -> None:
+    machine = MachineFactory()
+    authenticated = [Machine.objects.get(pk=machine.pk) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def rotate(as_authenticated: Machine) -> None:
+        try:
+            barrier.wait()
+            services.machine_credential_rotate(
+                machine=as_authenticated, actor="machine", only_if_digest=as_authenticated.credential_digest
+            )
+            outcomes.append("ok")
+        except services.MachineCredentialRevoked:
+            outcomes.append("refused")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=rotate, args=(m,)) for m in authenticated]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sorted(outcomes) == ["ok", "refused"]
+    assert machine.credential_revocations.count() == 1

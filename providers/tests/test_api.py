@@ -5,14 +5,24 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.utils import timezone
+from rest_framework.test import APIClient
 
-from jobs.services import Placement, leases_assign
+from jobs.models import Job, Lease
+from jobs.services import Placement, lease_mark_started, leases_assign
 from providers.models import GPU, AvailabilityWindow, Blackout, Machine, Provider, RegistrationToken
 from providers.services import secret_digest
-from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, machine_with_gpus
+from tests.factories import (
+    GPUFactory,
+    JobFactory,
+    MachineFactory,
+    ProviderFactory,
+    capabilities_report,
+    machine_with_gpus,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -273,6 +283,31 @@ def test_machine_detail_shows_gpus_facts_heartbeat_and_schedule(provider_client)
     assert body["gpus"][1]["temperature_c"] == 40.0
     assert body["schedule_open_now"] is False
     assert "credential_digest" not in body
+
+
+def test_provider_sees_which_job_kinds_each_machine_accepts_and_how_it_isolates_them(provider_client):
+    client, provider = provider_client
+    reported = capabilities_report(
+        kinds=("container",), refused={"process": "process jobs are off (allow_process_jobs = false)"}
+    )
+    reporting = MachineFactory(
+        provider=provider,
+        accepts_container=True,
+        accepts_process=False,
+        capabilities=reported,
+        capabilities_reported_at=timezone.now(),
+    )
+    silent = MachineFactory(provider=provider, accepts_container=True, accepts_process=False)
+
+    listed = {row["id"]: row for row in client.get("/api/v1/machines/").json()["results"]}
+    detail = client.get(f"/api/v1/machines/{reporting.pk}/").json()
+
+    assert (listed[silent.pk]["accepts_container"], listed[silent.pk]["accepts_process"]) == (True, False)
+    assert listed[silent.pk]["capabilities"] is None
+    assert (detail["accepts_container"], detail["accepts_process"]) == (True, False)
+    assert detail["capabilities"] == {**reported, "refused": {**reported["refused"], "container": None}}
+    assert detail["capabilities_reported_at"] is not None
+    assert detail["credential_revoked_at"] is None
 
 
 def test_provider_sets_and_clears_a_gpu_price_floor(provider_client):
@@ -622,3 +657,145 @@ def test_registration_token_label_too_long_is_refused(provider_client):
 
     assert response.status_code == 400
     assert not RegistrationToken.objects.exists()
+
+
+# --- machine credentials --------------------------------------------------------------------
+
+
+def machine_client(credential: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Machine {credential}")
+    return client
+
+
+def agent_heartbeat(credential: str, machine: Machine) -> Any:
+    gpus = [
+        {"uuid": g.uuid, "index": g.index, "model": g.model, "vram_mb": g.vram_mb, "idle": True}
+        for g in machine.gpus.order_by("index")
+    ]
+    return machine_client(credential).post("/api/agent/v1/heartbeat", {"gpus": gpus}, format="json")
+
+
+def with_credential(machine: Machine) -> str:
+    raw = f"gpm_test_{machine.pk}"
+    Machine.objects.filter(pk=machine.pk).update(credential_digest=secret_digest(raw))
+    machine.refresh_from_db()
+    return raw
+
+
+def test_provider_rotates_a_machine_credential_shown_once(provider_client):
+    client, provider = provider_client
+    machine = machine_with_gpus(count=1)
+    Machine.objects.filter(pk=machine.pk).update(provider=provider)
+    old = with_credential(machine)
+
+    response = client.post(f"/api/v1/machines/{machine.pk}/credential/rotate/")
+
+    assert response.status_code == 200, response.json()
+    new = response.json()["credential"]
+    assert response.json()["machine_id"] == machine.pk
+    refused = agent_heartbeat(old, machine)
+    assert refused.status_code == 401
+    assert refused.json()["code"] == "credential_revoked"
+    assert agent_heartbeat(new, machine).status_code == 200
+    detail = client.get(f"/api/v1/machines/{machine.pk}/").content.decode()
+    assert new not in detail and secret_digest(new) not in detail
+    (revocation,) = machine.credential_revocations.all()
+    assert (revocation.kind, revocation.actor) == ("rotated", f"provider:{provider.pk}")
+
+
+def test_rotation_refuses_unknown_fields_and_changes_nothing(provider_client):
+    client, provider = provider_client
+    machine = MachineFactory(provider=provider)
+    old = with_credential(machine)
+
+    response = client.post(f"/api/v1/machines/{machine.pk}/credential/rotate/", {"credential": "mine"}, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["fields"] == {"credential": ["Unknown field."]}
+    assert agent_heartbeat(old, machine).status_code == 200
+
+
+def test_provider_revokes_a_machine_credential_its_leases_end_and_interruptible_jobs_requeue(provider_client):
+    client, provider = provider_client
+    machine = machine_with_gpus(count=2)
+    Machine.objects.filter(pk=machine.pk).update(provider=provider)
+    credential = with_credential(machine)
+    g0, g1 = machine.gpus.order_by("index")
+    leases = leases_assign(
+        placements=[
+            Placement(
+                job_id=JobFactory(interruptible=True).pk,
+                machine_id=machine.pk,
+                gpu_ids=(g0.pk,),
+                price_per_gpu_hour=Decimal("0.4"),
+            ),
+            Placement(
+                job_id=JobFactory(interruptible=False).pk,
+                machine_id=machine.pk,
+                gpu_ids=(g1.pk,),
+                price_per_gpu_hour=Decimal("0.4"),
+            ),
+        ]
+    )
+    lease_mark_started(lease_id=leases[0].pk, actor=f"machine:{machine.pk}")
+
+    response = client.post(
+        f"/api/v1/machines/{machine.pk}/credential/revoke/", {"reason": "laptop stolen"}, format="json"
+    )
+
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["status"] == "offline"
+    assert body["credential_revoked_at"] is not None
+    assert {g["state"] for g in body["gpus"]} == {"offline"}
+    interruptible, other = (Lease.objects.select_related("job").get(pk=lease.pk) for lease in leases)
+    assert (interruptible.status, interruptible.end_reason) == (Lease.Status.ENDED, "credential_revoked")
+    assert interruptible.job.status == Job.Status.PENDING
+    assert (other.status, other.end_reason) == (Lease.Status.ENDED, "credential_revoked")
+    assert other.job.status == Job.Status.FAILED
+    refused = agent_heartbeat(credential, machine)
+    assert refused.status_code == 401
+    assert refused.json()["code"] == "credential_revoked"
+    assert "(laptop stolen)" in refused.json()["detail"]
+    machine.refresh_from_db()
+    assert machine.status == Machine.Status.OFFLINE
+
+    again = client.post(f"/api/v1/machines/{machine.pk}/credential/revoke/")
+    rotate = client.post(f"/api/v1/machines/{machine.pk}/credential/rotate/")
+
+    assert again.status_code == 200
+    assert again.json()["credential_revoked_at"] == body["credential_revoked_at"]
+    assert machine.credential_revocations.count() == 1
+    assert rotate.status_code == 409
+    assert rotate.json()["code"] == "machine_revoked"
+
+
+def test_a_revoked_machine_is_never_matched_again(provider_client):
+    from marketplace.matching import match_cycle
+
+    client, provider = provider_client
+    machine = machine_with_gpus(count=1)
+    Machine.objects.filter(pk=machine.pk).update(provider=provider)
+    client.post(f"/api/v1/machines/{machine.pk}/credential/revoke/")
+    job = JobFactory()
+
+    match_cycle()
+
+    job.refresh_from_db()
+    assert job.status == Job.Status.PENDING
+    assert not Lease.objects.filter(machine=machine).exists()
+
+
+@pytest.mark.parametrize("action", ["rotate", "revoke"])
+def test_another_providers_machine_credential_is_not_found_and_unchanged(provider_client, action):
+    client, _ = provider_client
+    theirs = MachineFactory()
+    credential = with_credential(theirs)
+
+    response = client.post(f"/api/v1/machines/{theirs.pk}/credential/{action}/")
+
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
+    assert not theirs.credential_revocations.exists()
+    assert Machine.objects.get(pk=theirs.pk).credential_digest == secret_digest(credential)
