@@ -7,6 +7,7 @@ failed. Each check catches its own errors: a missing driver is a FAIL line, neve
 from __future__ import annotations
 
 import email.utils
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpgpu_agent.config import AgentConfig
+from gpgpu_agent.runners import kinds
 
 Level = Literal["OK", "WARN", "FAIL"]
 CLOCK_SKEW_WARN_S = 2.0
@@ -75,38 +77,139 @@ def _run(argv: list[str], timeout: float = 15) -> subprocess.CompletedProcess[st
         return None
 
 
-def check_docker(config: AgentConfig) -> list[Finding]:
-    """`docker info`, and the NVIDIA container runtime among its runtimes."""
-    needed = config.runner == "docker" and not config.simulate
-    missing_level: Level = "FAIL" if needed else "WARN"
-    if shutil.which("docker") is None:
-        words = "the docker command is not installed"
-        if not needed:
-            words += "; container jobs cannot run (process jobs can)"
-        return [Finding(missing_level, "Docker", words)]
-    info = _run(["docker", "info", "--format", "{{json .Runtimes}}"])
-    if info is None or info.returncode != 0:
-        detail = (info.stderr.strip().splitlines() or ["no answer"])[-1] if info else "no answer"
-        return [
-            Finding(
-                missing_level,
-                "Docker",
-                f"`docker info` failed: {detail} (is the daemon running, is the agent's user in the docker group?)",
+ENGINE_SOCKETS = ("/run/podman/podman.sock", "/var/run/docker.sock", "/run/docker.sock")
+
+
+def check_container(config: AgentConfig) -> list[Finding]:
+    """Container jobs: the engine and its version, user namespaces, the OCI runtime (gVisor or
+    not), the GPUs' plumbing (Podman: the NVIDIA CDI spec; Docker: the NVIDIA toolkit), the
+    rentals network's firewall, and whether anyone else could drive the engine by its socket."""
+    from gpgpu_agent.runners.container import ContainerRunner, gpu_plumbing_problem
+
+    engine = getattr(config, "container_engine", "auto")
+    if config.simulate:
+        return [Finding("OK", "containers", "simulation mode: container jobs are not run")]
+    if engine == "none":
+        return [Finding("OK", "containers", "container jobs are off on this machine (container_engine = none)")]
+    rentals = getattr(config, "rentals_path", None) or Path(config.state_dir) / "rentals"
+    try:
+        runner = ContainerRunner(
+            engine=engine,
+            runtime=getattr(config, "container_runtime", "auto"),
+            network=getattr(config, "container_network", "filtered"),
+            rentals_dir=Path(rentals),
+            cpu_limit=getattr(config, "job_cpus", None),
+            memory_limit=getattr(config, "job_memory", None),
+            pids_limit=getattr(config, "job_pids", 4096),
+        )
+    except ValueError as exc:
+        return [Finding("FAIL", "containers", str(exc))]
+    missing: Level = "WARN" if engine == "auto" else "FAIL"
+    if shutil.which(runner.engine_bin) is None:
+        words = f"{runner.engine} is not installed"
+        if engine == "auto":
+            words = "neither podman nor docker is installed: container jobs cannot run"
+        return [Finding(missing, "container engine", words + " (apt-get install podman catatonit)")]
+    try:
+        facts = runner.facts()
+    except Exception as exc:  # RunnerError carries the sentence
+        return [Finding(missing, "container engine", str(exc))]
+    caps = runner.capabilities()
+    name = "Podman" if facts.engine == "podman" else "Docker"
+    out = [Finding("OK", "container engine", f"{name} {facts.version}" + (", rootless" if facts.rootless else ""))]
+    if facts.engine == "podman":
+        if facts.user_namespace:
+            out.append(
+                Finding("OK", "user namespaces", "each container gets its own range of host uids (--userns=auto)")
             )
-        ]
-    out = [Finding("OK", "Docker", "the Docker daemon answers")]
-    if "nvidia" in info.stdout:
-        out.append(Finding("OK", "NVIDIA container runtime", "registered with Docker"))
-    elif shutil.which("nvidia-container-toolkit") or shutil.which("nvidia-container-runtime-hook"):
-        out.append(Finding("OK", "NVIDIA container runtime", "the NVIDIA container toolkit is installed"))
+        else:
+            out.append(
+                Finding(
+                    "FAIL",
+                    "user namespaces",
+                    "/etc/subuid and /etc/subgid have no range for `containers` (containers:2147483647:2147483648)",
+                )
+            )
+    elif facts.user_namespace:
+        out.append(Finding("OK", "user namespaces", "Docker runs with userns-remap: container root is not host root"))
     else:
         out.append(
             Finding(
-                missing_level,
-                "NVIDIA container runtime",
-                "not found: install the NVIDIA Container Toolkit so containers can use the GPUs",
+                "WARN",
+                "user namespaces",
+                "Docker runs without userns-remap, so container root is host root: prefer Podman, or set "
+                '"userns-remap": "default" in /etc/docker/daemon.json',
             )
         )
+    runtime = caps["runtime"] or facts.default_runtime
+    if runtime == "runsc":
+        out.append(Finding("OK", "runtime", "gVisor (runsc): rentals do not talk to the host kernel directly"))
+    elif caps["problem"] and "runtime is not known" in caps["problem"]:
+        out.append(Finding("FAIL", "runtime", caps["problem"]))
+    else:
+        out.append(
+            Finding(
+                "WARN",
+                "runtime",
+                f"{runtime}: rentals share the host's kernel; install gVisor (runsc, https://gvisor.dev) for a "
+                "second wall",
+            )
+        )
+    gpu_problem = gpu_plumbing_problem(facts.engine, facts)
+    gpu_words = "the NVIDIA CDI spec is present" if facts.engine == "podman" else "the NVIDIA toolkit is installed"
+    out.append(
+        Finding("FAIL", "container GPUs", gpu_problem) if gpu_problem else Finding("OK", "container GPUs", gpu_words)
+    )
+    if runner.firewall is None:
+        out.append(Finding("OK", "rentals network", "none: containers get no network (container_network = none)"))
+    else:
+        problems = runner.firewall.check()
+        if problems:
+            words = "; ".join(problems) + ": run `gpgpu-agent setup` to install the rules"
+            out.append(Finding("FAIL", "rentals firewall", words))
+        else:
+            words = (
+                f"{runner.network_name} ({runner.subnet}) reaches the internet only; the nftables rules are in place"
+            )
+            out.append(Finding("OK", "rentals firewall", words))
+    out.extend(_engine_socket_findings())
+    return out
+
+
+def _engine_socket_findings(paths: tuple[str, ...] = ENGINE_SOCKETS) -> list[Finding]:
+    """A WARN for each engine socket that users other than root may open: whoever can is root."""
+    import grp
+    import pwd
+    import stat
+
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode):
+            continue
+        if st.st_mode & 0o006:
+            out.append(Finding("WARN", "engine socket", f"{path} is open to every user: each of them is root here"))
+            continue
+        if st.st_mode & 0o060:
+            try:
+                group = grp.getgrgid(st.st_gid)
+            except KeyError:
+                continue
+            members = set(group.gr_mem) | {u.pw_name for u in pwd.getpwall() if u.pw_gid == st.st_gid}
+            members.discard("root")
+            if members:
+                who = ", ".join(sorted(members))
+                out.append(
+                    Finding(
+                        "WARN",
+                        "engine socket",
+                        f"{path} is open to group {group.gr_name} ({who}): each of them can drive the engine, "
+                        f"which is root on this machine; remove them from the group",
+                    )
+                )
     return out
 
 
@@ -152,11 +255,52 @@ def check_marketplace(config: AgentConfig, url: str, *, get: Callable[..., Any] 
     return out
 
 
+def check_process_sandbox(config: AgentConfig) -> list[Finding]:
+    """Whether process jobs are accepted, and if the provider opted in, whether the sandbox works
+    here: bubblewrap, the rental user (the agent must be root), the per-lease cgroups."""
+    if not config.allow_process_jobs:
+        return [Finding("OK", "process jobs", "off (allow_process_jobs = false): this machine runs containers only")]
+    runner, why = kinds.process_runner(config)
+    if why is not None:
+        return [Finding("FAIL", "process jobs", f"allowed, but they cannot run sandboxed: {why}")]
+    caps = runner.capabilities()
+    limits = caps["limits"]
+    limit_words = (
+        f"limits {limits['cpus']:g} CPUs, {limits['memory_mb']} MB, {limits['pids']} processes"
+        if limits["cpus"] is not None
+        else "no CPU, memory or process limits (simulation without cgroups)"
+    )
+    who = f"as {caps['user']}" if caps["user"] else "as the agent's own user (simulation)"
+    return [
+        Finding(
+            "OK",
+            "process jobs",
+            f"sandboxed by bubblewrap {caps['sandbox_version']} {who}, no network, {limit_words}",
+        )
+    ]
+
+
 def check_files(config: AgentConfig) -> list[Finding]:
-    """The credential and the signing key exist and only their owner may read them."""
+    """The credential and the signing key exist and only their owner may read them; the state
+    directory is the agent's alone."""
     out = []
     for name, path in (("credential", config.credential_path), ("signing key", config.key_path)):
         out.append(_private_file(name, Path(path)))
+    try:
+        mode = config.state_dir.stat().st_mode & 0o777
+    except OSError as exc:
+        out.append(Finding("FAIL", "state directory", f"{config.state_dir} cannot be read: {exc.strerror}"))
+    else:
+        if mode & 0o077:
+            out.append(
+                Finding(
+                    "FAIL",
+                    "state directory",
+                    f"{config.state_dir} has mode {mode:04o}: run `chmod 700 {config.state_dir}`",
+                )
+            )
+        else:
+            out.append(Finding("OK", "state directory", f"{config.state_dir} is the agent's alone ({mode:04o})"))
     return out
 
 
@@ -184,7 +328,7 @@ def run_doctor(config: AgentConfig, *, out: Any = None) -> int:
         except Exception:
             url = ""
     findings: list[Finding] = []
-    for check in (check_nvidia, check_docker, check_files):
+    for check in (check_nvidia, check_container, check_process_sandbox, check_files):
         try:
             findings.extend(check(config))
         except Exception as exc:  # a check must never crash the doctor

@@ -1,0 +1,810 @@
+"""The container runner at the engine's command line, with a fake engine.
+
+These tests need no container engine: `agent/tests/fake_engine`, a small Python script put on
+PATH as `podman` or `docker`, records every argv it is given and answers the subcommands the
+runner uses from a JSON state file that each test edits to play a scenario (a container exits,
+the image does not exist, the daemon is down). They assert the safety-relevant arguments exactly
+(read-only root, user namespace, the one mount, no privileges, the leased GPUs only, the limits)
+and the refusals, for both engines; a fake firewall plays the nftables rules. The same runner
+against a real engine, attacked from inside, is test_container_engine.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import pytest
+
+from gpgpu_agent.protocols import RunnerError
+from gpgpu_agent.runners import ContainerRunner, FirewallError, UnknownLeaseError
+from gpgpu_agent.runners import container as container_module
+from gpgpu_agent.types import LeaseSpec
+
+FAKE_ENGINE = Path(__file__).with_name("fake_engine")
+GPUS = {"GPU-aaa": 0, "GPU-bbb": 1, "GPU-ccc": 2}
+IMAGE = "ghcr.io/acme/train:1.2"
+
+
+class FakeEngine:
+    def __init__(self, tmp_path: Path, name: str):
+        self.name = name
+        self.bin = tmp_path / "bin" / name
+        self.state_path = tmp_path / "engine-state.json"
+        self.log_path = tmp_path / "engine-calls.log"
+        self.state_path.write_text("{}")
+
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text())
+
+    def edit(self, change) -> None:
+        state = self.state()
+        change(state)
+        self.state_path.write_text(json.dumps(state))
+
+    def container(self, lease_id: int) -> dict:
+        return self.state()["containers"][f"gpgpu-lease-{lease_id}"]
+
+    def set_container(self, lease_id: int, **fields) -> None:
+        self.edit(lambda s: s["containers"][f"gpgpu-lease-{lease_id}"].update(fields))
+
+    def calls(self, command: str | None = None) -> list[list[str]]:
+        if not self.log_path.exists():
+            return []
+        calls = [json.loads(line) for line in self.log_path.read_text().splitlines()]
+        return [c for c in calls if command is None or c[0] == command]
+
+
+class FakeFirewall:
+    """Plays runners.firewall.Firewall: rules present or not, installable or not."""
+
+    table = "gpgpu_rentals"
+
+    def __init__(self, *, installed: bool = True, installable: bool = True):
+        self.installed = installed
+        self.installable = installable
+        self.installs = 0
+        self.bridge: str | None = None
+        self.dns_servers: list[str] | None = None
+
+    def adopt_network(self, *, bridge, dns_servers=None) -> None:
+        self.bridge, self.dns_servers = bridge, dns_servers
+
+    def check(self) -> list[str]:
+        return [] if self.installed else ["the nftables table inet gpgpu_rentals is missing"]
+
+    def install(self) -> None:
+        self.installs += 1
+        if not self.installable:
+            raise FirewallError("nftables is not installed (no `nft` command); install it (apt-get install nftables)")
+        self.installed = True
+
+
+def fake_engine(name: str, tmp_path: Path, monkeypatch) -> FakeEngine:
+    fake = FakeEngine(tmp_path, name)
+    fake.bin.parent.mkdir()
+    fake.bin.symlink_to(FAKE_ENGINE)
+    monkeypatch.setenv("FAKE_ENGINE_STATE", str(fake.state_path))
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(fake.log_path))
+    monkeypatch.setattr(container_module, "installed_runtimes", lambda: set())
+    subids = tmp_path / "subuid"
+    subids.write_text("containers:2147483647:2147483648\n")
+    monkeypatch.setattr(container_module, "SUBUID_FILES", (str(subids), str(subids)))
+    # The NVIDIA Container Toolkit's pieces: a CDI spec for Podman, the hook for Docker.
+    cdi = tmp_path / "cdi"
+    cdi.mkdir()
+    (cdi / "nvidia.yaml").write_text("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\n")
+    hook = tmp_path / "nvidia-container-runtime-hook"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    monkeypatch.setattr(container_module, "CDI_DIRS", (str(cdi),))
+    monkeypatch.setattr(container_module, "NVIDIA_HOOKS", (str(hook),))
+    return fake
+
+
+@pytest.fixture(params=["podman", "docker"])
+def engine(request, tmp_path, monkeypatch) -> FakeEngine:
+    return fake_engine(request.param, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def podman(tmp_path, monkeypatch) -> FakeEngine:
+    return fake_engine("podman", tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def docker(tmp_path, monkeypatch) -> FakeEngine:
+    return fake_engine("docker", tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def firewall() -> FakeFirewall:
+    return FakeFirewall()
+
+
+@pytest.fixture
+def rentals(tmp_path) -> Path:
+    return tmp_path / "rentals"
+
+
+def make_runner(engine: FakeEngine, rentals: Path, firewall=None, **kwargs) -> ContainerRunner:
+    options = {"cpu_limit": 2, "memory_limit": "4g", "pids_limit": 512}
+    options.update(kwargs)
+    return ContainerRunner(
+        engine=engine.name,
+        engine_bin=str(engine.bin),
+        rentals_dir=rentals,
+        firewall=firewall if firewall is not None else FakeFirewall(),
+        **options,
+    )
+
+
+@pytest.fixture
+def runner(request, rentals, firewall) -> ContainerRunner:
+    """A runner over whichever fake engine the test asks for (engine, podman or docker)."""
+    for name in ("engine", "podman", "docker"):
+        if name in request.fixturenames:
+            return make_runner(request.getfixturevalue(name), rentals, firewall)
+    raise AssertionError("the runner fixture needs an engine fixture")
+
+
+def lease(lease_id: int, **changes) -> LeaseSpec:
+    fields = {
+        "lease_id": lease_id,
+        "job_id": lease_id + 100,
+        "kind": "container",
+        "image": IMAGE,
+        "command": ("python", "train.py", "--epochs", "3"),
+        "env": {"MODEL": "tiny"},
+        "gpu_uuids": ("GPU-ccc", "GPU-aaa"),
+        "max_duration_s": 3600,
+        "price_per_gpu_hour": "0.400000",
+    }
+    fields.update(changes)
+    return LeaseSpec(**fields)
+
+
+def options_of(argv: list[str]) -> list[str]:
+    return argv[: argv.index(IMAGE)]
+
+
+def values(argv: list[str], option: str) -> list[str]:
+    """The values given to ``option`` before the image (argv after the "create" subcommand)."""
+    options = options_of(argv)
+    return [options[i + 1] for i, arg in enumerate(options) if arg == option]
+
+
+# --- what a container gets ------------------------------------------------------------------
+
+
+def test_container_gets_a_read_only_root_no_privileges_the_leased_gpus_and_limits(runner, engine, rentals):
+    spec = lease(21, env={"MODEL": "tiny", "NVIDIA_VISIBLE_DEVICES": "all", "GPGPU_LEASE_ID": "1", "HOME": "/root"})
+
+    state = runner.start(spec, gpu_indexes=GPUS)
+
+    (argv,) = engine.calls("create")
+    options = options_of(argv)
+    assert "--read-only" in options
+    assert "--init" in options
+    assert "--no-healthcheck" in options
+    assert values(argv, "--cap-drop") == ["ALL"]
+    assert values(argv, "--security-opt") == ["no-new-privileges"]
+    assert values(argv, "--cpus") == ["2"]
+    assert values(argv, "--memory") == values(argv, "--memory-swap") == ["4g"]  # no swap
+    assert values(argv, "--pids-limit") == ["512"]
+    assert values(argv, "--restart") == ["no"]
+    assert values(argv, "--workdir") == ["/work"]
+    assert values(argv, "--tmpfs") == ["/tmp:rw,nosuid,nodev,size=1g"]  # noqa: S108 - the container's
+    assert values(argv, "--network") == ["gpgpu-rentals"]
+    assert values(argv, "--sysctl") == ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
+    assert values(argv, "--name") == ["gpgpu-lease-21"]
+    assert values(argv, "--label") == ["gpgpu.lease_id=21", "gpgpu.job_id=121"]
+    assert sorted(values(argv, "--env")) == [
+        "GPGPU_JOB_ID=121",
+        "GPGPU_LEASE_ID=21",
+        "HOME=/work",
+        "MODEL=tiny",
+        "NVIDIA_VISIBLE_DEVICES=GPU-ccc,GPU-aaa",  # the job's "all" cannot widen the GPUs
+    ]
+    if engine.name == "podman":
+        assert values(argv, "--device") == ["nvidia.com/gpu=GPU-ccc", "nvidia.com/gpu=GPU-aaa"]
+        assert "--gpus" not in options
+    else:
+        assert values(argv, "--gpus") == ['"device=GPU-ccc,GPU-aaa"']
+        assert "--device" not in options
+    for forbidden in ("--privileged", "--cap-add", "--pid", "--ipc", "--uts", "--cgroupns", "--add-host", "-p"):
+        assert not any(arg == forbidden or arg.startswith(forbidden + "=") for arg in options), forbidden
+    assert not any("unconfined" in arg or "host" == arg for arg in options)
+    assert argv[argv.index(IMAGE) :] == [IMAGE, "python", "train.py", "--epochs", "3"]
+    made = engine.container(21)  # the command's own options were not read as the engine's
+    assert made["command"] == ["python", "train.py", "--epochs", "3"]
+    assert state.running and state.exit_code is None
+
+
+def test_ulimits_are_explicit_and_within_the_agents_own_hard_limits(runner, podman):
+    runner.start(lease(22), gpu_indexes=GPUS)
+
+    (argv,) = podman.calls("create")
+    limits = dict(v.split("=", 1) for v in values(argv, "--ulimit"))
+    nofile_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nproc_hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    nofile, nofile_max = (int(x) for x in limits["nofile"].split(":"))
+    nproc, nproc_max = (int(x) for x in limits["nproc"].split(":"))
+    assert nofile == nofile_max and nproc == nproc_max
+    assert nofile_hard == resource.RLIM_INFINITY or nofile <= nofile_hard
+    assert nproc_hard == resource.RLIM_INFINITY or nproc <= nproc_hard
+    assert nproc <= 32768  # Podman clamps its own RLIMIT_NPROC there
+
+
+def test_the_only_mount_is_the_leases_own_work_directory(runner, engine, rentals, tmp_path):
+    state_dir = tmp_path / "state"
+    runner.start(lease(23), gpu_indexes=GPUS)
+
+    (argv,) = engine.calls("create")
+    options = options_of(argv)
+    work = rentals / "containers" / "lease-23"
+    if engine.name == "podman":
+        # U: Podman chowns the new directory to the host uid the container's user maps to.
+        assert values(argv, "--volume") == [f"{work}:/work:rw,U,nosuid,nodev"]
+        assert "--mount" not in options
+    else:
+        assert values(argv, "--mount") == [f"type=bind,source={work},target=/work"]
+        assert "--volume" not in options
+    assert not any(arg in ("-v", "--volumes-from") for arg in options)
+    assert not any(str(state_dir) in arg or ".sock" in arg or "/var/lib/gpgpu-agent" in arg for arg in argv)
+    assert work.is_dir() and (work.stat().st_mode & 0o777) == 0o700
+    assert (work.parent.stat().st_mode & 0o777) == 0o700
+
+
+def test_podman_gives_every_container_its_own_user_namespace(runner, podman):
+    runner.start(lease(24), gpu_indexes=GPUS)
+
+    (argv,) = podman.calls("create")
+    assert values(argv, "--userns") == ["auto:size=65536"]
+    assert "--http-proxy=false" in options_of(argv)  # the host's proxy settings stay the host's
+    assert values(argv, "--image-volume") == ["tmpfs"]  # an image VOLUME is no way onto the disk
+    assert values(argv, "--log-driver") == ["k8s-file"]
+    assert runner.capabilities()["user_namespace"] is True
+
+
+def test_podman_without_a_subuid_range_for_containers_refuses(runner, podman, tmp_path, monkeypatch):
+    empty = tmp_path / "empty-subuid"
+    empty.write_text("alice:100000:65536\n")
+    monkeypatch.setattr(container_module, "SUBUID_FILES", (str(empty), str(empty)))
+
+    with pytest.raises(RunnerError, match="/etc/subuid and /etc/subgid need a range for the user `containers`"):
+        runner.start(lease(25), gpu_indexes=GPUS)
+    assert podman.calls("create") == []
+
+
+def test_docker_uses_the_daemons_user_namespace_only_when_remapped(docker, rentals):
+    plain = make_runner(docker, rentals)
+    assert plain.capabilities()["user_namespace"] is False
+    docker.edit(lambda s: s.update(info={"userns": True, "remap": "165536.165536"}))
+    remapped = make_runner(docker, rentals)
+
+    remapped.start(lease(26), gpu_indexes=GPUS)
+
+    assert remapped.capabilities()["user_namespace"] is True
+    (argv,) = docker.calls("create")
+    assert "--userns" not in options_of(argv)  # the daemon's remap applies; `host` would undo it
+
+
+def test_docker_work_dir_is_given_to_the_uid_the_images_user_maps_to(docker, rentals, monkeypatch):
+    owners: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(container_module.os, "lchown", lambda p, u, g: owners.append((str(p), u, g)))
+    docker.edit(
+        lambda s: s.update(
+            info={"userns": True, "remap": "165536.165536"},
+            image_users={IMAGE: "jovyan", "ghcr.io/acme/root:1": ""},
+            image_files={IMAGE: {"/etc/passwd": "root:x:0:0::/root:/bin/sh\njovyan:x:1000:100::/home/jovyan:/bin/sh"}},
+        )
+    )
+    runner = make_runner(docker, rentals)
+
+    runner.start(lease(27), gpu_indexes=GPUS)
+    runner.start(lease(28, image="ghcr.io/acme/root:1"), gpu_indexes=GPUS)
+
+    work = rentals / "containers"
+    assert owners == [(str(work / "lease-27"), 165536 + 1000, 165536 + 100), (str(work / "lease-28"), 165536, 165536)]
+    # created, chowned, then started: the workload never sees a directory it cannot write
+    assert [c[0] for c in docker.calls() if c[0] in ("create", "cp", "start")][:3] == ["create", "cp", "start"]
+
+
+def test_docker_refuses_an_image_user_it_cannot_map(docker, rentals, monkeypatch):
+    monkeypatch.setattr(container_module.os, "lchown", lambda *a: None)
+    passwd = {IMAGE: {"/etc/passwd": "root:x:0:0::/:"}}
+    docker.edit(lambda s: s.update(image_users={IMAGE: "ghost"}, image_files=passwd))
+    runner = make_runner(docker, rentals)
+
+    with pytest.raises(RunnerError, match="the image's user 'ghost' is not in its /etc/passwd"):
+        runner.start(lease(29), gpu_indexes=GPUS)
+    assert docker.state()["containers"] == {}
+    assert not (rentals / "containers" / "lease-29").exists()
+
+
+# --- runtime ---------------------------------------------------------------------------------
+
+
+def test_gvisor_is_used_when_the_engine_has_it(engine, rentals, monkeypatch):
+    if engine.name == "podman":
+        monkeypatch.setattr(container_module, "installed_runtimes", lambda: {"runc", "runsc"})
+    else:
+        engine.edit(lambda s: s.update(info={"runtimes": ["runc", "runsc"]}))
+    runner = make_runner(engine, rentals)
+
+    runner.start(lease(30), gpu_indexes=GPUS)
+
+    (argv,) = engine.calls("create")
+    assert values(argv, "--runtime") == ["runsc"]
+    assert runner.capabilities()["runtime"] == "runsc"
+
+
+def test_without_gvisor_the_engines_default_runtime_is_used_and_reported(runner, engine):
+    runner.start(lease(31), gpu_indexes=GPUS)
+
+    (argv,) = engine.calls("create")
+    assert "--runtime" not in options_of(argv)
+    assert runner.capabilities()["runtime"] == "runc"
+
+
+def test_a_configured_runtime_the_engine_lacks_is_refused(engine, rentals):
+    runner = make_runner(engine, rentals, runtime="runsc")
+
+    with pytest.raises(RunnerError, match="the runsc runtime is not known to"):
+        runner.check()
+    with pytest.raises(RunnerError, match="the runsc runtime is not known to"):
+        runner.start(lease(32), gpu_indexes=GPUS)
+    assert engine.calls("create") == []
+
+
+# --- network and firewall --------------------------------------------------------------------
+
+
+def test_the_rentals_network_is_created_once_and_the_firewall_told_its_bridge(runner, engine, firewall):
+    runner.start(lease(33), gpu_indexes=GPUS)
+    runner.start(lease(34), gpu_indexes=GPUS)
+
+    (create,) = [c for c in engine.calls("network") if c[1] == "create"]
+    assert values_after(create, "--subnet") == ["10.213.0.0/24"]
+    assert values_after(create, "--gateway") == ["10.213.0.1"]
+    assert create[-1] == "gpgpu-rentals"
+    net = engine.state()["networks"]["gpgpu-rentals"]
+    assert firewall.bridge == net["bridge"]
+    if engine.name == "docker":
+        assert net["options"]["com.docker.network.bridge.enable_icc"] == "false"
+        assert firewall.dns_servers is not None  # Docker's resolver asks the host's from inside
+    else:
+        assert firewall.dns_servers is None  # the gateway, where aardvark-dns answers
+
+
+def values_after(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
+
+
+def test_setup_makes_the_network_and_installs_the_rules_before_any_lease(engine, rentals):
+    firewall = FakeFirewall(installed=False)
+    runner = make_runner(engine, rentals, firewall)
+
+    words = runner.setup()
+
+    assert firewall.installed and "gpgpu-rentals" in engine.state()["networks"]
+    assert words.startswith("network gpgpu-rentals (10.213.0.0/24, bridge ")
+    assert engine.calls("create") == []
+
+
+def test_a_rentals_network_removed_behind_the_agents_back_is_made_again(runner, engine, firewall):
+    runner.start(lease(60), gpu_indexes=GPUS)
+    engine.edit(lambda s: s.update(networks={}))
+
+    state = runner.start(lease(61), gpu_indexes=GPUS)
+
+    assert state.running
+    assert len([c for c in engine.calls("network") if c[1] == "create"]) == 2
+    assert firewall.bridge == engine.state()["networks"]["gpgpu-rentals"]["bridge"]
+
+
+def test_a_rentals_network_with_another_subnet_is_refused(engine, rentals):
+    engine.edit(
+        lambda s: s.update(
+            networks={"gpgpu-rentals": {"subnet": "192.168.1.0/24", "gateway": "192.168.1.1", "bridge": "br0"}}
+        )
+    )
+    runner = make_runner(engine, rentals)
+
+    with pytest.raises(RunnerError, match=r"exists with subnet 192\.168\.1\.0/24, not 10\.213\.0\.0/24"):
+        runner.start(lease(35), gpu_indexes=GPUS)
+    assert engine.calls("create") == []
+
+
+def test_missing_firewall_rules_are_installed_before_the_first_container(podman, rentals):
+    firewall = FakeFirewall(installed=False)
+    runner = make_runner(podman, rentals, firewall)
+
+    runner.start(lease(36), gpu_indexes=GPUS)
+
+    assert firewall.installs == 1 and firewall.installed
+
+
+def test_without_firewall_rules_no_container_runs_fail_closed(engine, rentals):
+    firewall = FakeFirewall(installed=False, installable=False)
+    runner = make_runner(engine, rentals, firewall)
+
+    with pytest.raises(RunnerError, match="containers are not run without the rentals network firewall: nftables"):
+        runner.start(lease(37), gpu_indexes=GPUS)
+    with pytest.raises(RunnerError, match="run `gpgpu-agent setup`"):
+        runner.check()
+    caps = runner.capabilities()
+
+    assert engine.calls("create") == []
+    assert not (runner.work_dir(37)).exists()
+    assert caps["ready"] is False and "firewall" in caps["problem"]
+
+
+def test_a_running_rental_is_killed_when_its_firewall_vanishes_for_good(runner, podman, firewall, monkeypatch):
+    runner.start(lease(38), gpu_indexes=GPUS)
+    firewall.installed, firewall.installable = False, False
+    monkeypatch.setattr(container_module, "FIREWALL_CHECK_INTERVAL_S", 0.0)
+
+    state = runner.poll(38)
+
+    assert podman.calls("kill") == [["kill", "gpgpu-lease-38"]]
+    assert not state.running and state.exit_code == 137
+    assert "the rentals firewall rules are gone and could not be restored" in state.log_tail
+
+
+def test_vanished_firewall_rules_are_put_back_while_rentals_run(runner, podman, firewall, monkeypatch):
+    runner.start(lease(39), gpu_indexes=GPUS)
+    firewall.installed = False
+    monkeypatch.setattr(container_module, "FIREWALL_CHECK_INTERVAL_S", 0.0)
+
+    state = runner.poll(39)
+
+    assert state.running and firewall.installed and podman.calls("kill") == []
+
+
+def test_network_none_gives_no_network_and_needs_no_firewall(engine, rentals):
+    firewall = FakeFirewall(installed=False, installable=False)
+    runner = make_runner(engine, rentals, firewall, network="none")
+
+    runner.start(lease(40), gpu_indexes=GPUS)
+
+    (argv,) = engine.calls("create")
+    assert values(argv, "--network") == ["none"]
+    assert engine.calls("network") == [] and firewall.installs == 0
+    assert runner.capabilities()["network"] == "none" and runner.capabilities()["ready"] is True
+
+
+def test_capabilities_say_what_a_rental_gets(runner, engine):
+    caps = runner.capabilities()
+
+    assert caps == {
+        "engine": engine.name,
+        "engine_version": "4.3.1" if engine.name == "podman" else "20.10.24",
+        "runtime": "runc",
+        "user_namespace": engine.name == "podman",
+        "network": "filtered",
+        "read_only_root": True,
+        "limits": {"cpus": 2.0, "memory_mb": 4096, "pids": 512},
+        "ready": True,
+        "problem": None,
+    }
+
+
+# --- refusals and failures -------------------------------------------------------------------
+
+
+def test_start_is_idempotent_by_lease(runner, podman, rentals):
+    first = runner.start(lease(41), gpu_indexes=GPUS)
+    second = runner.start(lease(41), gpu_indexes=GPUS)
+    after_restart = make_runner(podman, rentals, cpu_limit=1, memory_limit="1g").start(lease(41), gpu_indexes=GPUS)
+
+    assert len(podman.calls("create")) == 1
+    assert first.pids == second.pids == after_restart.pids
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image": "--privileged"}, "not a container image reference"),
+        ({"image": ""}, "not a container image reference"),
+        ({"gpu_uuids": ("GPU-aaa,GPU-bbb",)}, "not a GPU uuid"),
+        ({"gpu_uuids": ('GPU-aaa"',)}, "not a GPU uuid"),
+        ({"gpu_uuids": ("GPU-zzz",)}, "GPU GPU-zzz is not on this machine"),
+        ({"gpu_uuids": ()}, "names no GPU"),
+        ({"env": {"NVIDIA_MIG_CONFIG_DEVICES": "all"}}, "may not set NVIDIA_MIG_CONFIG_DEVICES"),
+        ({"env": {"A B": "x"}}, "not a valid environment variable name"),
+        ({"kind": "process"}, "runs container jobs only"),
+    ],
+)
+def test_unsafe_or_impossible_leases_are_refused_before_the_engine_is_called(runner, engine, changes, message):
+    with pytest.raises(RunnerError, match=message):
+        runner.start(lease(42, **changes), gpu_indexes=GPUS)
+
+    assert engine.calls() == []
+
+
+def test_an_image_that_cannot_be_pulled_fails_to_start_and_leaves_nothing(runner, engine):
+    engine.edit(lambda s: s.update(missing_images=["ghcr.io/acme/nope:1"]))
+
+    with pytest.raises(RunnerError, match=r"could not start the container: .*ghcr\.io/acme/nope"):
+        runner.start(lease(43, image="ghcr.io/acme/nope:1"), gpu_indexes=GPUS)
+
+    with pytest.raises(UnknownLeaseError):
+        runner.poll(43)
+    assert not runner.work_dir(43).exists()
+
+
+def test_docker_without_the_nvidia_toolkit_is_explained_and_keeps_no_container(runner, docker):
+    docker.edit(lambda s: s.update(no_gpu_runtime=True))
+
+    with pytest.raises(RunnerError, match="install the NVIDIA Container Toolkit"):
+        runner.start(lease(44), gpu_indexes=GPUS)
+
+    assert docker.state()["containers"] == {}  # the created-but-not-started container was removed
+
+
+def test_podman_without_the_nvidia_cdi_spec_is_explained(runner, podman, tmp_path, monkeypatch):
+    podman.edit(lambda s: s.update(no_cdi=True))
+
+    with pytest.raises(RunnerError, match=r"generate the NVIDIA CDI spec \(nvidia-ctk cdi generate"):
+        runner.start(lease(45), gpu_indexes=GPUS)
+    monkeypatch.setattr(container_module, "CDI_DIRS", (str(tmp_path / "no-cdi"),))
+    with pytest.raises(RunnerError, match=r"no NVIDIA CDI spec in .*nvidia-ctk cdi generate"):
+        runner.check()
+    assert podman.calls("create") == [podman.calls("create")[0]]  # only the first attempt reached it
+
+
+def test_docker_without_the_nvidia_toolkit_is_not_ready(runner, docker, tmp_path, monkeypatch):
+    monkeypatch.setattr(container_module, "NVIDIA_HOOKS", (str(tmp_path / "absent"),))
+
+    assert "install the NVIDIA Container Toolkit" in runner.capabilities()["problem"]
+    docker.edit(lambda s: s.update(info={"runtimes": ["runc", "nvidia"]}))
+    assert runner.capabilities()["ready"] is True
+
+
+def test_an_engine_that_is_not_installed_is_a_clear_sentence(tmp_path, rentals):
+    for name in ("podman", "docker"):
+        runner = ContainerRunner(engine=name, engine_bin=str(tmp_path / f"no-{name}-here"), rentals_dir=rentals)
+
+        with pytest.raises(RunnerError, match=f"{name.capitalize()} is not installed here"):
+            runner.start(lease(46), gpu_indexes=GPUS)
+        with pytest.raises(RunnerError, match=f"{name.capitalize()} is not installed here"):
+            runner.adopt()
+        assert runner.capabilities()["ready"] is False
+
+
+def test_a_stopped_docker_daemon_is_a_clear_sentence(runner, docker):
+    runner.start(lease(47), gpu_indexes=GPUS)
+    docker.edit(lambda s: s.update(daemon_down=True))
+
+    for call in (lambda: runner.start(lease(48), gpu_indexes=GPUS), lambda: runner.poll(47), runner.adopt):
+        with pytest.raises(RunnerError, match="the Docker daemon is not running"):
+            call()
+
+
+def test_an_engine_call_that_hangs_is_cut_off(podman, rentals):
+    runner = make_runner(podman, rentals, call_timeout_s=0.5)
+    podman.edit(lambda s: s.update(hang=["inspect"]))
+
+    began = time.monotonic()
+    with pytest.raises(RunnerError, match=r"did not answer within 0\.5 s"):
+        runner.poll(49)
+    assert time.monotonic() - began < 5
+
+
+def test_auto_prefers_podman_and_falls_back_to_docker(tmp_path, monkeypatch, rentals):
+    bin_dir = tmp_path / "path"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    (bin_dir / "docker").symlink_to(FAKE_ENGINE)
+    assert ContainerRunner(rentals_dir=rentals).engine == "docker"
+    (bin_dir / "podman").symlink_to(FAKE_ENGINE)
+    assert ContainerRunner(rentals_dir=rentals).engine == "podman"
+
+
+# --- poll, stop, forget, adopt ---------------------------------------------------------------
+
+
+def test_a_running_container_reports_its_host_pids_and_an_ended_one_its_exit_code_and_logs(runner, engine):
+    runner.start(lease(50), gpu_indexes=GPUS)
+    engine.set_container(50, pid=4242, pids=[4242, 4243, 4250], logs="epoch 1\nloss nan\n")
+
+    running = runner.poll(50)
+    engine.set_container(50, status="exited", exit_code=3)
+    ended = runner.poll(50)
+
+    assert running.running and running.pids == (4242, 4243, 4250)
+    assert running.started_at is not None and running.started_at.year == 2026
+    assert not ended.running and ended.exit_code == 3 and ended.pids == ()
+    assert ended.log_tail == "epoch 1\nloss nan\n"
+
+
+def test_podman_log_tail_is_read_from_its_log_file_with_split_lines_joined(runner, podman, tmp_path):
+    runner.start(lease(62), gpu_indexes=GPUS)
+    log_file = tmp_path / "ctr.log"
+    log_file.write_text(
+        "2026-12-01T19:27:41.1+00:00 stdout P /bin/sh: \n"
+        "2026-12-01T19:27:41.2+00:00 stderr F Traceback (most recent call last)\n"
+        "2026-12-01T19:27:41.3+00:00 stdout F can't create /etc/x: Read-only file system\n"
+        "2026-12-01T19:27:41.4+00:00 stdout F epoch 1\n"
+    )
+    podman.set_container(62, log_path=str(log_file), logs="the CLI's answer\n")
+    calls_before = len(podman.calls("logs"))
+
+    state = runner.poll(62)
+
+    assert state.log_tail == (
+        "Traceback (most recent call last)\n/bin/sh: can't create /etc/x: Read-only file system\nepoch 1\n"
+    )
+    assert len(podman.calls("logs")) == calls_before  # `podman logs --tail` splits such lines apart
+
+
+def test_a_container_killed_for_memory_reports_137_and_one_never_started_125(runner, podman):
+    runner.start(lease(51), gpu_indexes=GPUS)
+    runner.start(lease(52), gpu_indexes=GPUS)
+    podman.set_container(51, status="exited", exit_code=0, oom_killed=True)
+    podman.set_container(52, status="created")
+
+    assert runner.poll(51).exit_code == 137
+    assert runner.poll(52).exit_code == 125
+
+
+def test_stop_gives_the_engine_the_grace_period_and_returns_the_final_state(runner, podman):
+    runner.start(lease(53), gpu_indexes=GPUS)
+
+    state = runner.stop(53, grace_s=2.5)
+    again = runner.stop(53, grace_s=2.5)
+
+    assert podman.calls("stop") == [["stop", "-t", "3", "gpgpu-lease-53"]]  # once: the second found it ended
+    assert not state.running and state.exit_code == 143
+    assert again.exit_code == 143
+
+
+def test_stopping_or_polling_an_unknown_lease_says_so(runner, podman):
+    with pytest.raises(UnknownLeaseError):
+        runner.stop(54, grace_s=1)
+    with pytest.raises(UnknownLeaseError):
+        runner.poll(54)
+
+
+def test_forget_removes_an_ended_container_and_its_work_dir_and_refuses_a_running_one(runner, engine, rentals):
+    runner.start(lease(55), gpu_indexes=GPUS)
+    (runner.work_dir(55) / "checkpoint.pt").write_text("weights")
+    process_lease_dir = rentals / "lease-55"  # the process runner's, in the same rentals_dir
+    process_lease_dir.mkdir()
+
+    with pytest.raises(RunnerError, match="still running"):
+        runner.forget(55)
+    runner.stop(55, grace_s=1)
+    runner.forget(55)
+    runner.forget(55)  # forgetting twice is harmless
+
+    assert engine.state()["containers"] == {}
+    assert not runner.work_dir(55).exists()
+    assert process_lease_dir.is_dir()
+    with pytest.raises(UnknownLeaseError):
+        runner.poll(55)
+
+
+def test_a_restarted_agent_adopts_lease_containers_by_label_without_touching_them(runner, engine, rentals):
+    runner.start(lease(56), gpu_indexes=GPUS)
+    runner.start(lease(57), gpu_indexes=GPUS)
+    engine.set_container(57, status="exited", exit_code=0)
+    engine.edit(
+        lambda s: s["containers"].update(
+            {
+                "someone-else": {**s["containers"]["gpgpu-lease-56"], "labels": {"gpgpu.lease_id": "99"}},
+                "gpgpu-lease-98": {**s["containers"]["gpgpu-lease-56"], "labels": {"gpgpu.lease_id": "97"}},
+            }
+        )
+    )
+    calls_before = len(engine.calls())
+
+    adopted = make_runner(engine, rentals, cpu_limit=1, memory_limit="1g").adopt()
+
+    assert [(s.lease_id, s.running, s.exit_code) for s in adopted] == [(56, True, None), (57, False, 0)]
+    made_since = {call[0] for call in engine.calls()[calls_before:]}
+    assert made_since <= {"ps", "inspect", "top", "logs"}  # nothing stopped, removed or started
+
+
+def test_a_stale_work_dir_of_a_vanished_container_is_not_handed_to_a_new_one(runner, podman):
+    stale = runner.work_dir(58)
+    stale.mkdir(parents=True)
+    (stale / "old.txt").write_text("someone else's")
+
+    runner.start(lease(58), gpu_indexes=GPUS)
+
+    assert list(stale.iterdir()) == []
+
+
+def test_settings_that_would_break_the_mount_or_the_limits_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="rentals_dir must be an absolute path"):
+        ContainerRunner(engine="podman", rentals_dir=Path("relative"))
+    with pytest.raises(ValueError, match="rentals_dir must be an absolute path"):
+        ContainerRunner(engine="podman", rentals_dir=tmp_path / "a,b")
+    with pytest.raises(ValueError, match="memory_limit"):
+        ContainerRunner(engine="podman", rentals_dir=tmp_path, memory_limit="lots")
+    with pytest.raises(ValueError, match="network must be one of"):
+        ContainerRunner(engine="podman", rentals_dir=tmp_path, network="host")
+    with pytest.raises(ValueError, match="host bits set"):
+        ContainerRunner(engine="podman", rentals_dir=tmp_path, subnet="10.213.0.1/24")
+    assert os.path.exists(FAKE_ENGINE)
+
+
+# --- gpgpu-agent doctor ---------------------------------------------------------------------------
+
+
+def doctor_config(tmp_path: Path, **changes):
+    from gpgpu_agent.config import AgentConfig
+
+    return AgentConfig(state_dir=tmp_path / "state", rentals_dir=tmp_path / "rentals", **changes)
+
+
+def test_doctor_reports_the_engine_its_user_namespaces_runtime_gpus_and_missing_rules(podman, tmp_path, monkeypatch):
+    from gpgpu_agent.doctor import check_container
+
+    monkeypatch.setenv("PATH", f"{podman.bin.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(container_module, "Firewall", lambda **kw: FakeFirewall(installed=False))
+
+    findings = {f.check: (f.level, f.words) for f in check_container(doctor_config(tmp_path))}
+
+    assert findings["container engine"] == ("OK", "Podman 4.3.1")
+    assert findings["user namespaces"][0] == "OK"
+    assert findings["runtime"][0] == "WARN" and "install gVisor" in findings["runtime"][1]
+    assert findings["container GPUs"] == ("OK", "the NVIDIA CDI spec is present")
+    assert findings["rentals firewall"][0] == "FAIL" and "run `gpgpu-agent setup`" in findings["rentals firewall"][1]
+
+
+def test_doctor_warns_that_docker_without_userns_remap_makes_container_root_host_root(docker, tmp_path, monkeypatch):
+    from gpgpu_agent.doctor import check_container
+
+    monkeypatch.setenv("PATH", f"{docker.bin.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(container_module, "Firewall", lambda **kw: FakeFirewall())
+    docker.edit(lambda s: s.update(info={"runtimes": ["runc", "runsc"]}))
+
+    findings = {
+        f.check: (f.level, f.words) for f in check_container(doctor_config(tmp_path, container_engine="docker"))
+    }
+
+    assert findings["user namespaces"][0] == "WARN" and "container root is host root" in findings["user namespaces"][1]
+    assert findings["runtime"][0] == "OK" and "gVisor" in findings["runtime"][1]
+    assert findings["rentals firewall"][0] == "OK"
+
+
+def test_doctor_fails_a_configured_engine_that_is_missing(tmp_path, monkeypatch):
+    from gpgpu_agent.doctor import check_container
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    (finding,) = check_container(doctor_config(tmp_path, container_engine="podman"))
+    (auto,) = check_container(doctor_config(tmp_path))
+
+    assert (finding.level, finding.words) == ("FAIL", "podman is not installed (apt-get install podman catatonit)")
+    assert auto.level == "WARN" and "neither podman nor docker is installed" in auto.words
+
+
+def test_doctor_warns_about_an_engine_socket_that_a_group_with_members_may_open(tmp_path, monkeypatch):
+    import grp
+    import socket
+
+    from gpgpu_agent.doctor import _engine_socket_findings
+
+    path = tmp_path / "docker.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        path.chmod(0o660)
+        gid = path.stat().st_gid
+        monkeypatch.setattr(grp, "getgrgid", lambda g: grp.struct_group(("docker", "x", gid, ["alice", "bob"])))
+
+        (finding,) = _engine_socket_findings((str(path),))
+        path.chmod(0o600)
+        assert _engine_socket_findings((str(path),)) == []
+        path.chmod(0o666)
+        (world,) = _engine_socket_findings((str(path),))
+
+    assert finding.level == "WARN" and "open to group docker (alice, bob)" in finding.words
+    assert world.level == "WARN" and "open to every user" in world.words
