@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,8 @@ def agent_prepare(n: int, *, url: str, provider_token: str, agents_dir: Path, ti
     """Machine n's state dir, with its agent.toml, registered once (re-runs reuse it)."""
     state_dir = agents_dir / str(n)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # The leases' work directories: outside the (0700) state dir, so the rental user may pass.
+    rentals_dir = agents_dir.parent / "rentals" / str(n)
     gpus = DEMO_MACHINES[(n - 1) % len(DEMO_MACHINES)]
     (state_dir / "agent.toml").write_text(
         f"# Written by scripts/demo for simulated machine {n}.\n"
@@ -136,7 +139,19 @@ def agent_prepare(n: int, *, url: str, provider_token: str, agents_dir: Path, ti
         "idle_grace_s = 10\n"
         "usage_interval_s = 15\n"
         f'hostname = "demo-rig-{n}"\n'
+        "# The demo's machines opt in to process jobs (sandboxed; a real machine runs containers only\n"
+        "# unless its owner sets this) and run no containers.\n"
+        "allow_process_jobs = true\n"
+        'container_engine = "none"\n'
+        f'rentals_dir = "{rentals_dir}"\n'
     )
+    if os.geteuid() == 0:
+        # As root the jobs run as the rental user: create it and the directories (idempotent).
+        subprocess.run(  # noqa: S603 - our own command
+            [*AGENT, "setup", "--state-dir", str(state_dir)], cwd=ROOT, env=env, check=True, capture_output=True
+        )
+    else:
+        rentals_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not (state_dir / "credential.json").exists():
         subprocess.run(  # noqa: S603 - our own command
             [*AGENT, "register", "--state-dir", str(state_dir), "--provider-token", provider_token],
@@ -270,6 +285,12 @@ def main() -> int:
     url = f"http://127.0.0.1:{args.port}"
     manage = [PYTHON, "manage.py"]
 
+    if shutil.which("bwrap") is None:
+        print(
+            "[demo] warning: bubblewrap is not installed (apt install bubblewrap): the simulated machines run\n"
+            "       renters' process jobs only inside its sandbox, so every job will wait unplaced.",
+            flush=True,
+        )
     print("[demo] migrating the database...", flush=True)
     subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)  # noqa: S603
     subprocess.run(  # noqa: S603

@@ -1,5 +1,5 @@
 """The real agent (gpgpu_agent, in simulation mode: the fake NVIDIA driver beneath pynvml, real
-processes under the process runner) against a live marketplace over HTTP.
+processes in the real process sandbox) against a live marketplace over HTTP.
 
 Each test registers the machine through the CLI (`gpgpu-agent register --provider-token …`),
 builds the agent with gpgpu_agent.daemon.build_agent from the same config the CLI would use,
@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import socket
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -43,6 +44,8 @@ from tests.factories import ProviderFactory, RenterFactory, token_for
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
 
 DEADLINE_S = 60.0
+# Jobs run in the sandbox, which shows /usr only: a virtualenv's python is not there.
+SANDBOX_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
 # A pid no real process has (above the kernel's default pid_max of 4194304 is refused by
 # nothing here: the fake driver only lists it).
 OWNER_PID = 4_000_123
@@ -136,6 +139,9 @@ class Market:
     def __init__(self, url: str, tmp_path: Path) -> None:
         self.url = url
         self.state_dir = tmp_path / "agent"
+        # The leases' root: outside the (0700) state dir, passable by the rental user.
+        self.rentals_dir = Path(tempfile.mkdtemp(prefix="gpgpu-e2e-rentals-", dir="/tmp"))
+        os.chmod(self.rentals_dir, 0o711)  # noqa: S103 - pass-through only
         self.turn: Any = threading.Lock() if connection.vendor == "sqlite" else contextlib.nullcontext()
         self.session = requests.Session()
         renter = RenterFactory()
@@ -168,6 +174,8 @@ class Market:
                 "state_dir": str(self.state_dir),
                 "marketplace_url": agent_url or self.url,
                 "simulate": True,
+                "allow_process_jobs": True,
+                "rentals_dir": str(self.rentals_dir),
                 "simulate_owners_idle": True,
                 "simulate_gpus": "NVIDIA GeForce RTX 4090:24564",
                 "poll_interval_s": "0.2",
@@ -181,6 +189,12 @@ class Market:
         credential = load_credential(config.credential_path)
         self.transport = TurnTransport(config.marketplace_url, credential.credential, turn=self.turn, timeout_s=5)
         agent = build_agent(config, credential, transport=self.transport)
+        if "process" not in agent.runner.accepts:  # type: ignore[attr-defined]
+            why = agent.runner.refused.get("process")  # type: ignore[attr-defined]
+            agent.outbox.close()
+            if os.environ.get("CI"):
+                pytest.fail(f"the process sandbox is missing in CI: {why}")
+            pytest.skip(f"process jobs cannot run sandboxed here: {why}")
         agent.backoff = Backoff(base_s=0.2, cap_s=2.0)  # come back quickly after the outage
         self.agent = agent
         self.thread = threading.Thread(target=agent.run, name="agent", daemon=True)
@@ -254,15 +268,32 @@ def market(live_server: Any, settings: Any, tmp_path: Path) -> Iterator[Market]:
     finally:
         m.stop_agent()
         m.session.close()
+        shutil.rmtree(m.rentals_dir, ignore_errors=True)
 
 
-def _pid_command(pid_file: Path, seconds: float, *, message: str = "training") -> list[str]:
+def _job_command(marker: str, seconds: float, *, message: str = "training") -> list[str]:
+    """A job that prints and sleeps; ``marker``, its last argument, lets the test find its host pid
+    (inside the sandbox it has a pid of its own namespace, and no view of the test's files)."""
     return [
-        sys.executable,
+        SANDBOX_PYTHON,
         "-c",
-        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
-        f"print({message!r}, os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True); time.sleep({seconds})",
+        f"import os, time; print({message!r}, os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True); "
+        f"time.sleep({seconds})",
+        marker,
     ]
+
+
+def _host_pid(marker: str) -> int | None:
+    """The host pid of the job whose last argument is ``marker`` (not its supervisor's or bwrap's)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            wrapper = argv[0].endswith(b"bwrap") or any(arg.endswith(b"shim.py") for arg in argv)
+            if marker.encode() in argv and not wrapper and _alive(int(name)):
+                return int(name)
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -291,7 +322,7 @@ def test_registered_agent_runs_a_process_job_and_reports_it_succeeded(market: Ma
     market.register()
     market.start_agent()
 
-    job = market.submit(_pid_command(tmp_path / "pid", 1.5), key="agent-e2e-success")
+    job = market.submit(_job_command("agent-e2e-success", 1.5), key="agent-e2e-success")
     job = market.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
 
     assert job["status"] == "succeeded", job
@@ -315,10 +346,10 @@ def test_registered_agent_runs_a_process_job_and_reports_it_succeeded(market: Ma
 def test_cancelling_a_running_job_stops_its_process_on_the_machine(market: Market, tmp_path: Path) -> None:
     market.register()
     market.start_agent()
-    pid_file = tmp_path / "pid"
-    job = market.submit(_pid_command(pid_file, 300), key="agent-e2e-cancel")
-    market.wait_for(job["id"], lambda j: j["status"] == "running" and pid_file.exists())
-    pid = int(pid_file.read_text())
+    job = market.submit(_job_command("agent-e2e-cancel", 300), key="agent-e2e-cancel")
+    market.wait_for(job["id"], lambda j: j["status"] == "running" and _host_pid("agent-e2e-cancel") is not None)
+    pid = _host_pid("agent-e2e-cancel")
+    assert pid is not None
 
     response = market.call("POST", f"/api/v1/jobs/{job['id']}/cancel/")
 
@@ -342,10 +373,10 @@ def test_cancelling_a_running_job_stops_its_process_on_the_machine(market: Marke
 def test_owner_process_on_the_leased_gpu_stops_the_rental_within_ten_seconds(market: Market, tmp_path: Path) -> None:
     market.register()
     market.start_agent()
-    pid_file = tmp_path / "pid"
-    job = market.submit(_pid_command(pid_file, 300), key="agent-e2e-reclaim")
-    market.wait_for(job["id"], lambda j: j["status"] == "running" and pid_file.exists())
-    pid = int(pid_file.read_text())
+    job = market.submit(_job_command("agent-e2e-reclaim", 300), key="agent-e2e-reclaim")
+    market.wait_for(job["id"], lambda j: j["status"] == "running" and _host_pid("agent-e2e-reclaim") is not None)
+    pid = _host_pid("agent-e2e-reclaim")
+    assert pid is not None
 
     # Given a running rental, when the owner's process appears on its GPU …
     appeared = timezone.now()
@@ -377,10 +408,10 @@ def test_reports_made_during_a_minute_long_outage_arrive_exactly_once(
     try:
         market.register(proxy.url)
         market.start_agent(proxy.url)
-        pid_file = tmp_path / "pid"
-        job = market.submit(_pid_command(pid_file, 20), key="agent-e2e-outage")
-        market.wait_for(job["id"], lambda j: j["status"] == "running" and pid_file.exists())
-        pid = int(pid_file.read_text())
+        job = market.submit(_job_command("agent-e2e-outage", 20), key="agent-e2e-outage")
+        market.wait_for(job["id"], lambda j: j["status"] == "running" and _host_pid("agent-e2e-outage") is not None)
+        pid = _host_pid("agent-e2e-outage")
+        assert pid is not None
 
         proxy.down()
         outage_started = time.monotonic()
@@ -418,10 +449,10 @@ def test_reports_made_during_a_minute_long_outage_arrive_exactly_once(
 def test_lease_keeps_running_through_an_agent_restart_and_succeeds(market: Market, tmp_path: Path) -> None:
     market.register()
     market.start_agent()
-    pid_file = tmp_path / "pid"
-    job = market.submit(_pid_command(pid_file, 8, message="still here"), key="agent-e2e-restart")
-    market.wait_for(job["id"], lambda j: j["status"] == "running" and pid_file.exists())
-    pid = int(pid_file.read_text())
+    job = market.submit(_job_command("agent-e2e-restart", 8, message="still here"), key="agent-e2e-restart")
+    market.wait_for(job["id"], lambda j: j["status"] == "running" and _host_pid("agent-e2e-restart") is not None)
+    pid = _host_pid("agent-e2e-restart")
+    assert pid is not None
 
     market.stop_agent()
     assert _alive(pid), "stopping the agent killed the rental"
@@ -433,3 +464,82 @@ def test_lease_keeps_running_through_an_agent_restart_and_succeeds(market: Marke
     lease = market.lease_of(job["id"])
     assert lease.end_reason == "succeeded"
     assert "still here 0" in lease.log_tail
+
+
+# --- (e) a renter's job against the machine's secrets; the provider rotates and revokes -----------
+
+
+def test_a_job_cannot_steal_the_machine_credential_or_signing_key(market: Market) -> None:
+    market.register()
+    market.start_agent()
+    credential = load_credential(market.state_dir / "credential.json").credential
+    key_text = (market.state_dir / "signing.key").read_text()
+    script = (
+        "import os\n"
+        "for path in ('../../credential.json', '../../signing.key', '../credential.json', "
+        f"{str(market.state_dir / 'credential.json')!r}, {str(market.state_dir / 'signing.key')!r}):\n"
+        "    try:\n"
+        "        print('READ', open(path).read())\n"
+        "    except OSError as exc:\n"
+        "        print('refused', path, type(exc).__name__)\n"
+    )
+    job = market.submit([SANDBOX_PYTHON, "-c", script], key="agent-e2e-steal")
+
+    job = market.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+
+    lease = market.lease_of(job["id"])
+    assert lease.log_tail.count("refused") == 5, lease.log_tail
+    assert "READ" not in lease.log_tail
+    assert credential not in lease.log_tail and key_text not in lease.log_tail
+
+
+def test_a_credential_rotated_on_the_machine_keeps_it_renting(market: Market) -> None:
+    market.register()
+    market.start_agent()
+    old = load_credential(market.state_dir / "credential.json").credential
+
+    code = cli.main(["rotate-credential", "--state-dir", str(market.state_dir), "--new-signing-key"])
+
+    assert code == 0
+    new = load_credential(market.state_dir / "credential.json").credential
+    assert new != old
+    refused = requests.post(
+        f"{market.url}/api/agent/v1/heartbeat",
+        json={"gpus": []},
+        headers={"Authorization": f"Machine {old}"},
+        timeout=10,
+    )
+    assert refused.status_code == 401 and refused.json()["code"] == "credential_revoked"
+    # The running agent takes the new credential (and signs with the new key) and keeps renting.
+    job = market.submit(_job_command("agent-e2e-rotated", 0.5), key="agent-e2e-rotated")
+    job = market.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+    assert job["status"] == "succeeded", job
+    assert market.agent is not None and market.agent.revoked is None
+
+
+def test_a_machine_revoked_by_its_provider_stops_its_rental_and_its_agent_exits(market: Market) -> None:
+    market.register()
+    agent = market.start_agent()
+    machine_id = load_credential(market.state_dir / "credential.json").machine_id
+    job = market.submit(_job_command("agent-e2e-revoked", 300), key="agent-e2e-revoked")
+    market.wait_for(job["id"], lambda j: j["status"] == "running" and _host_pid("agent-e2e-revoked") is not None)
+    pid = _host_pid("agent-e2e-revoked")
+    assert pid is not None
+    provider = requests.Session()
+    provider.headers["Authorization"] = f"Token {market.provider_token}"
+
+    response = provider.post(
+        f"{market.url}/api/v1/machines/{machine_id}/credential/revoke/", json={"reason": "stolen"}, timeout=10
+    )
+
+    assert response.status_code == 200, response.text
+    # The agent hears 401 credential_revoked, stops the rental and exits, saying why.
+    _wait(lambda: not _alive(pid), DEADLINE_S, "the revoked machine's rental being stopped")
+    assert market.thread is not None
+    market.thread.join(30)
+    assert not market.thread.is_alive()
+    assert agent.revoked is not None and "revoked" in agent.revoked
+    market.agent = market.thread = None
+    # The marketplace ended the lease and the job waits for another machine.
+    assert market.lease_of(job["id"]).status == Lease.Status.ENDED
+    assert market.call("GET", f"/api/v1/jobs/{job['id']}/").json()["status"] == "pending"

@@ -1,9 +1,11 @@
 """`gpgpu-agent`: register this machine, run the daemon, show its status, check its setup.
 
+    gpgpu-agent setup                      (as root, once: rental user, directories, firewall)
     gpgpu-agent register --url https://market.example --token gpreg_…
     gpgpu-agent run [--simulate] [--config agent.toml] [--poll-interval-s 1 …]
     gpgpu-agent status
     gpgpu-agent doctor
+    gpgpu-agent rotate-credential [--new-signing-key | --credential-stdin]
 
 Every setting (see gpgpu_agent.config) can be given as a flag, as GPGPU_AGENT_<KEY> in the
 environment, or in the TOML file, in that order of precedence. A bad setting is one line on
@@ -33,9 +35,12 @@ logger = logging.getLogger("gpgpu_agent")
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+# The marketplace revoked this machine's credential: restarting cannot help (the systemd unit
+# lists it in RestartPreventExitStatus).
+EXIT_REVOKED = 3
 
 # Settings that are plain switches on the command line (--simulate, not --simulate true).
-_SWITCHES = ("simulate", "offer_mig", "simulate_owners_idle")
+_SWITCHES = ("simulate", "offer_mig", "simulate_owners_idle", "allow_process_jobs")
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -68,8 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(run)
     status = sub.add_parser("status", help="machine, leases, spool and last heartbeat")
     _add_settings(status)
-    doctor = sub.add_parser("doctor", help="check the driver, Docker, the marketplace and the files")
+    doctor = sub.add_parser("doctor", help="check the driver, the sandboxes, the marketplace and the files")
     _add_settings(doctor)
+    setup = sub.add_parser("setup", help="as root: create the rental user, the directories and the firewall rules")
+    _add_settings(setup)
+    rotate = sub.add_parser("rotate-credential", help="replace this machine's credential (and signing key)")
+    rotate.add_argument(
+        "--new-signing-key", action="store_true", help="also replace the usage-signing key (if it may have leaked)"
+    )
+    rotate.add_argument(
+        "--credential-stdin",
+        action="store_true",
+        help="install a credential the provider rotated in the marketplace (read from standard input)",
+    )
+    _add_settings(rotate)
     return parser
 
 
@@ -101,6 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gpgpu_agent.doctor import run_doctor
 
             return run_doctor(config)
+        if args.command == "setup":
+            from gpgpu_agent.setup import run_setup
+
+            return run_setup(config)
+        if args.command == "rotate-credential":
+            return cmd_rotate_credential(config, args)
     except AgentError as exc:
         print(f"gpgpu-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -196,6 +219,54 @@ def cmd_run(config: AgentConfig) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     agent.run()
+    if agent.revoked is not None:
+        print(f"gpgpu-agent: this machine's credential was revoked: {agent.revoked}", file=sys.stderr)
+        return EXIT_REVOKED
+    return EXIT_OK
+
+
+# --- rotate-credential ------------------------------------------------------------------------
+
+
+def cmd_rotate_credential(config: AgentConfig, args: argparse.Namespace) -> int:
+    """Replace the machine credential: ask the marketplace for a new one (the old one stops
+    working at once), or, with --credential-stdin, install one the provider rotated in the
+    marketplace. A running daemon picks the new file up at its next refused call."""
+    from gpgpu_agent.signing import create_key_file
+    from gpgpu_agent.transport import HttpTransport
+
+    current = load_credential(config.credential_path)
+    url = config.marketplace_url or current.marketplace_url
+    if args.credential_stdin:
+        fresh = sys.stdin.readline().strip()
+        if not fresh.startswith("gpm_") or len(fresh) > 200 or not fresh.isprintable():
+            print("gpgpu-agent: standard input holds no machine credential (gpm_…)", file=sys.stderr)
+            return EXIT_CONFIG
+        save_credential(config.credential_path, MachineCredential(current.machine_id, fresh, url))
+        print(f"installed the new credential of machine {current.machine_id} in {config.credential_path}")
+        return EXIT_OK
+    body: dict[str, Any] = {}
+    new_key_path = config.key_path.with_name(config.key_path.name + ".new")
+    if args.new_signing_key:
+        new_key_path.unlink(missing_ok=True)
+        body["signing_address"] = create_key_file(new_key_path).address
+    transport = HttpTransport(url, credential=current.credential)
+    try:
+        reply = transport.rotate_credential(body)
+    except Rejected as exc:
+        new_key_path.unlink(missing_ok=True)
+        raise AgentError(f"the marketplace refused to rotate the credential: {exc.detail or exc.code}") from None
+    except TransportUnavailable as exc:
+        new_key_path.unlink(missing_ok=True)
+        raise AgentError(f"cannot rotate the credential: {exc}") from None
+    finally:
+        transport.close()
+    # The marketplace now knows only the new credential (and key): write them before anything else.
+    if args.new_signing_key:
+        new_key_path.replace(config.key_path)
+    save_credential(config.credential_path, MachineCredential(int(reply["machine_id"]), str(reply["credential"]), url))
+    what = "credential and signing key" if args.new_signing_key else "credential"
+    print(f"rotated the {what} of machine {reply['machine_id']}; the old credential no longer works")
     return EXIT_OK
 
 

@@ -25,7 +25,10 @@ SYSTEM_CONFIG_FILE = Path("/etc/gpgpu-agent/agent.toml")
 CONFIG_FILE_NAME = "agent.toml"
 CREDENTIAL_FILE_NAME = "credential.json"
 KEY_FILE_NAME = "signing.key"
-RUNNERS = ("auto", "docker", "process")
+CONTAINER_ENGINES = ("auto", "podman", "docker", "none")
+CONTAINER_RUNTIMES = ("auto", "runc", "runsc", "crun")
+CONTAINER_NETWORKS = ("filtered", "none")
+SYSTEM_RENTALS_DIR = Path("/var/lib/gpgpu-rentals")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -58,9 +61,22 @@ class AgentConfig:
     # SIGTERM (or docker stop -t) to SIGKILL; with poll_interval_s it bounds a reclaim.
     stop_grace_s: float = 5.0
     usage_interval_s: float = 60.0
-    runner: str = "auto"
-    docker_cpus: float | None = None
-    docker_memory: str | None = None
+    # Container jobs: the engine (auto: podman, else docker, else none), its OCI runtime (auto:
+    # gVisor's runsc when the engine has it) and their network ("filtered": the internet but not
+    # the owner's network; "none": no network at all).
+    container_engine: str = "auto"
+    container_runtime: str = "auto"
+    container_network: str = "filtered"
+    # Process jobs run only when the provider opts in, sandboxed (bubblewrap) as process_user.
+    allow_process_jobs: bool = False
+    process_user: str = "gpgpu-rental"
+    # Where each lease's work directory is made (outside the state dir: the rental user passes
+    # through it). Empty: /var/lib/gpgpu-rentals as root, else <state_dir>/rentals.
+    rentals_dir: Path | None = None
+    # Limits of every job, container or process. Empty: all CPUs but one, 3/4 of the memory.
+    job_cpus: float | None = None
+    job_memory: str | None = None
+    job_pids: int = 4096
     spool_max_items: int = 100_000
     offer_mig: bool = False
     hostname: str = ""
@@ -79,6 +95,14 @@ class AgentConfig:
     @property
     def key_path(self) -> Path:
         return self.key_file or self.state_dir / KEY_FILE_NAME
+
+    @property
+    def rentals_path(self) -> Path:
+        if self.rentals_dir is not None:
+            return self.rentals_dir
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            return SYSTEM_RENTALS_DIR
+        return self.state_dir / "rentals"
 
     @property
     def spool_path(self) -> Path:
@@ -196,6 +220,15 @@ def _memory(value: Any) -> str:
     return text
 
 
+def _user_name(value: Any) -> str:
+    text = _text(32)(value)
+    if not text or not text[0].isalpha() or not all(c.isalnum() or c in "-_." for c in text):
+        raise ValueError(f"{value!r} is not a user name")
+    if text == "root":
+        raise ValueError("process jobs never run as root")
+    return text
+
+
 def _parse_gpus(value: Any) -> list[tuple[str, int]]:
     text = _text(2000)(value)
     gpus: list[tuple[str, int]] = []
@@ -225,9 +258,15 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "idle_grace_s": _float_in(0, 86_400),
     "stop_grace_s": _float_in(0, 8),
     "usage_interval_s": _float_in(0.5, 3600),
-    "runner": _choice(RUNNERS),
-    "docker_cpus": _optional(_float_in(0.01, 4096)),
-    "docker_memory": _optional(_memory),
+    "container_engine": _choice(CONTAINER_ENGINES),
+    "container_runtime": _choice(CONTAINER_RUNTIMES),
+    "container_network": _choice(CONTAINER_NETWORKS),
+    "allow_process_jobs": _bool,
+    "process_user": _user_name,
+    "rentals_dir": _optional(_path),
+    "job_cpus": _optional(_float_in(0.01, 4096)),
+    "job_memory": _optional(_memory),
+    "job_pids": _int_in(16, 4_194_304),
     "spool_max_items": _int_in(10, 10_000_000),
     "offer_mig": _bool,
     "hostname": _text(255),

@@ -183,6 +183,8 @@ class Agent:
         clock: Callable[[], datetime] = utc_now,
         parent_of: ParentOf = proc_parent,
         rental_observer: Callable[[Mapping[str, set[int]]], None] | None = None,
+        secrets: tuple[str, ...] = (),
+        reload_credential: Callable[[], bool] | None = None,
     ) -> None:
         self.collector = collector
         self.idle = idle
@@ -206,6 +208,13 @@ class Agent:
         self.parent_of = parent_of
         # Simulation: told each poll which GPUs run which rental pids, so the fake driver lists them.
         self.rental_observer = rental_observer
+        # Never sent to the marketplace, whatever a job prints (see scrub_secrets).
+        self.secrets = secrets
+        # After a 401: re-read the credential file (rotated by `gpgpu-agent rotate-credential`);
+        # True when it changed and the next call should try the new one.
+        self.reload_credential = reload_credential
+        # Why the marketplace revoked this machine's credential; set, the agent stops renting.
+        self.revoked: str | None = None
 
         self.leases: dict[int, TrackedLease] = {}
         # Leases already run here (ended, refused or stopped): a repeated `start` is ignored.
@@ -253,6 +262,7 @@ class Agent:
             "leases": sorted(self.leases),
             "spool_depth": self._outbox_depth(),
             "schedule_open": self.schedule.open_at(self.clock()),
+            "revoked": self.revoked,
         }
         try:
             _write_private_json(self.state_dir / "status.json", status)
@@ -328,6 +338,8 @@ class Agent:
         """Flush: a last usage report per running lease (so the next agent continues from
         here), one last try at the spool, the state files. Rentals keep running."""
         now = self.clock()
+        if self.revoked is not None:
+            self._stop_all_rentals()
         for lease in list(self.leases.values()):
             self._queue_usage(lease, until=now)
         self._save_state()
@@ -339,6 +351,20 @@ class Agent:
         self.outbox.close()
         self.collector.close()
         logger.info("agent stopped; %d rental(s) left running for the next start to adopt", len(self.leases))
+
+    def _stop_all_rentals(self) -> None:
+        """Stop every rental (SIGTERM, grace, SIGKILL) and forget it: after a revocation nothing
+        may keep running in this machine's name."""
+        for lease_id in list(self.leases):
+            try:
+                self.runner.stop(lease_id, grace_s=self.stop_grace_s)
+                self.runner.forget(lease_id)
+            except Exception as exc:
+                logger.warning("lease %s: could not stop it: %s", lease_id, exc)
+            del self.leases[lease_id]
+            self.done.add(lease_id)
+            logger.info("lease %s: stopped (credential revoked)", lease_id)
+        self._save_state()
 
     # -- the poll loop -------------------------------------------------------------------------
 
@@ -444,7 +470,8 @@ class Agent:
         if lease.lease_id not in self.leases:
             return
         self._queue_usage(lease, until=at)
-        tail = (state.log_tail or "")[-LOG_TAIL_CHARS:].replace("\x00", "")
+        tail = scrub_secrets((state.log_tail or "")[-LOG_TAIL_CHARS:].replace("\x00", ""), self.secrets)
+        detail = scrub_secrets(detail, self.secrets)
         if lease.ending == "preempted_by_owner":
             self._event(lease.lease_id, EVENT_PREEMPTED_BY_OWNER, at=at, detail=detail, log_tail=tail)
         elif lease.ending is not None and lease.ending.startswith("stopped:unknown_lease"):
@@ -501,13 +528,18 @@ class Agent:
         state: RunState | None = None
         if refusal is None:
             try:
-                state = self.runner.start(spec, gpu_indexes={u: by_uuid[u].index for u in spec.gpu_uuids})
+                state = self.runner.start(
+                    spec,
+                    gpu_indexes={u: by_uuid[u].index for u in spec.gpu_uuids},
+                    **_minors_kwarg(self.runner, {u: by_uuid[u].minor_number for u in spec.gpu_uuids}),
+                )
             except RunnerError as exc:
                 refusal = str(exc)
         if refusal is not None or state is None:
             logger.warning("lease %s failed to start: %s", spec.lease_id, refusal)
             self.done.add(spec.lease_id)
-            self._event(spec.lease_id, EVENT_FAILED_TO_START, at=now, detail=str(refusal)[:500])
+            detail = scrub_secrets(str(refusal), self.secrets)[:500]
+            self._event(spec.lease_id, EVENT_FAILED_TO_START, at=now, detail=detail)
             self._save_state()
             return
         started = state.started_at or now
@@ -598,7 +630,13 @@ class Agent:
         except Rejected as exc:
             self._next_heartbeat = time.monotonic() + max(self.heartbeat_interval_s, self.backoff.next_delay())
             self.last_heartbeat = {"ok": False, "at": iso(self.clock()), "error": str(exc)}
-            logger.error("the marketplace refused the heartbeat: %s", exc)
+            if exc.status == 401 and self.reload_credential is not None and self.reload_credential():
+                logger.info("the credential file changed; using the new credential")
+                self._next_heartbeat = time.monotonic()
+            elif exc.status == 401 and exc.code == CREDENTIAL_REVOKED:
+                self._revoked(exc.detail or str(exc))
+            else:
+                logger.error("the marketplace refused the heartbeat: %s", exc)
         else:
             self.backoff.reset()
             self._next_heartbeat = time.monotonic() + self.heartbeat_interval_s
@@ -608,6 +646,18 @@ class Agent:
             for item in reply.get("start") or []:
                 self._orders.put(("start", item))
         self._write_status()
+
+    def _revoked(self, why: str) -> None:
+        """The marketplace revoked this machine's credential: stop renting at once (its leases
+        were ended there), say why, and stop the agent; only a new registration brings it back."""
+        self.revoked = why
+        logger.error(
+            "this machine's credential was revoked: %s. Rentals are stopped and the agent exits; register the "
+            "machine again (gpgpu-agent register --force) with a new registration token.",
+            why,
+        )
+        self._write_status()
+        self._stop.set()
 
     def _replay(self) -> int:
         """Send the spool in order; raises TransportUnavailable (or a machine-wide Rejected)
@@ -682,7 +732,7 @@ class Agent:
                         }
                     )
                     next_index += 1
-        return {
+        body: dict[str, Any] = {
             "agent_version": __version__,
             "driver_version": sample.driver_version,
             "cuda_version": sample.cuda_version,
@@ -691,6 +741,43 @@ class Agent:
             "gpus": gpus[:64],
             "leases": snapshot.leases,
         }
+        capabilities = getattr(self.runner, "capabilities", None)
+        if callable(capabilities):
+            body["capabilities"] = capabilities()
+        return body
+
+
+CREDENTIAL_REVOKED = "credential_revoked"
+REDACTED = "[redacted]"
+
+
+def secret_variants(*, credential: str, private_key_hex: str) -> tuple[str, ...]:
+    """The forms in which the machine's secrets could appear in a job's output: the credential,
+    and the signing key in hex with and without 0x (any letter case is matched by scrub)."""
+    key = private_key_hex.lower().removeprefix("0x")
+    return tuple(v for v in (credential, key) if v and len(v) >= 16)
+
+
+def scrub_secrets(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` with every occurrence of a secret replaced by [redacted] (case-insensitive, so
+    an upper-cased key is caught too). Secrets never leave the machine in a log tail."""
+    if not text or not secrets:
+        return text
+    lowered = text.lower()
+    for secret in secrets:
+        needle = secret.lower()
+        start = lowered.find(needle)
+        while start != -1:
+            text = text[:start] + REDACTED + text[start + len(needle) :]
+            lowered = lowered[:start] + REDACTED.lower() + lowered[start + len(needle) :]
+            start = lowered.find(needle, start + len(REDACTED))
+    return text
+
+
+def _minors_kwarg(runner: Any, minors: Mapping[str, int | None]) -> dict[str, Any]:
+    """``gpu_minors`` for runners that take it (the process runner, through KindRunner)."""
+    known = {uuid: minor for uuid, minor in minors.items() if minor is not None}
+    return {"gpu_minors": known} if getattr(runner, "takes_gpu_minors", False) else {}
 
 
 def _clamp(value: float | None, hi: float) -> float | None:
@@ -739,6 +826,7 @@ def build_agent(config: Any, credential: Any, *, transport: Transport | None = N
     `simulate`, a simulated host over the fake NVML), the configured runner, HTTP transport,
     the spool and the signing key. Raises AgentError subclasses with a sentence on failure
     (no driver, key file missing or not private…)."""
+    from gpgpu_agent.runners.kinds import build_runner
     from gpgpu_agent.signing import load_key_file, sign_usage
     from gpgpu_agent.transport import HttpTransport
 
@@ -757,13 +845,30 @@ def build_agent(config: Any, credential: Any, *, transport: Transport | None = N
         from gpgpu_agent.nvml import NvmlCollector
 
         collector = NvmlCollector(offer_mig=config.offer_mig)
-    runner = _build_runner(config)
+    runner = build_runner(config)
     spool = Spool(config.spool_path, max_items=config.spool_max_items)
+    http = transport or HttpTransport(url, credential=credential.credential)
+
+    def reload_credential() -> bool:
+        """Take a credential `gpgpu-agent rotate-credential` wrote while the daemon ran."""
+        from gpgpu_agent.credentials import CredentialError, load_credential
+
+        if not isinstance(http, HttpTransport):
+            return False
+        try:
+            fresh = load_credential(config.credential_path)
+        except CredentialError:
+            return False
+        if fresh.credential == http.credential:
+            return False
+        http.credential = fresh.credential
+        return True
+
     return Agent(
         collector=collector,
         idle=IdleDetector(threshold_pct=max(config.idle_threshold_pct, 0.001), grace_s=config.idle_grace_s),
         runner=runner,
-        transport=transport or HttpTransport(url, credential=credential.credential),
+        transport=http,
         outbox=spool,
         sign=lambda struct: sign_usage(struct, key),
         state_dir=config.state_dir,
@@ -777,6 +882,8 @@ def build_agent(config: Any, credential: Any, *, transport: Transport | None = N
         hostname=config.hostname,
         region=config.region,
         rental_observer=observer,
+        secrets=secret_variants(credential=credential.credential, private_key_hex=key.account.key.hex()),
+        reload_credential=reload_credential,
     )
 
 
@@ -792,56 +899,3 @@ def _simulated_host(config: Any) -> Any:
         owners_never_busy=config.simulate_owners_idle,
         uuid_namespace=f"gpgpu-sim/{config.state_dir.resolve()}",
     )
-
-
-def _build_runner(config: Any) -> Runner:
-    import shutil
-
-    from gpgpu_agent.runners.process import ProcessRunner
-
-    choice = config.runner
-    if config.simulate:
-        choice = "process"  # simulated GPUs, real processes: no container engine needed
-    elif choice == "auto":
-        choice = "docker" if shutil.which("docker") else "process"
-    if choice == "docker":
-        from gpgpu_agent.runners.docker import DockerRunner
-
-        docker = DockerRunner(cpu_limit=config.docker_cpus, memory_limit=config.docker_memory)
-        return KindRunner(container=docker, process=ProcessRunner(config.state_dir))
-    return ProcessRunner(config.state_dir)
-
-
-class KindRunner:
-    """Container jobs to the Docker runner, process jobs to the process runner."""
-
-    def __init__(self, *, container: Any, process: Any) -> None:
-        self.container = container
-        self.process = process
-        self._owner: dict[int, Any] = {}
-
-    def _of(self, lease_id: int) -> Any:
-        return self._owner.get(lease_id, self.process)
-
-    def start(self, spec: LeaseSpec, *, gpu_indexes: Mapping[str, int]) -> RunState:
-        runner = self.container if spec.kind == "container" else self.process
-        self._owner[spec.lease_id] = runner
-        return runner.start(spec, gpu_indexes=gpu_indexes)  # type: ignore[no-any-return]
-
-    def poll(self, lease_id: int) -> RunState:
-        return self._of(lease_id).poll(lease_id)  # type: ignore[no-any-return]
-
-    def stop(self, lease_id: int, *, grace_s: float) -> RunState:
-        return self._of(lease_id).stop(lease_id, grace_s=grace_s)  # type: ignore[no-any-return]
-
-    def adopt(self) -> list[RunState]:
-        states: list[RunState] = []
-        for runner in (self.container, self.process):
-            for state in runner.adopt():
-                self._owner[state.lease_id] = runner
-                states.append(state)
-        return states
-
-    def forget(self, lease_id: int) -> None:
-        self._of(lease_id).forget(lease_id)
-        self._owner.pop(lease_id, None)

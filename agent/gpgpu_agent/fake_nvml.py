@@ -39,6 +39,7 @@ MAX_MIG_DEVICES = 7  # as on an A100 or H100
 FIELD_FUNCTIONS: dict[str, tuple[str, ...]] = {
     "uuid": ("nvmlDeviceGetUUID",),
     "name": ("nvmlDeviceGetName",),
+    "minor_number": ("nvmlDeviceGetMinorNumber",),
     "memory": ("nvmlDeviceGetMemoryInfo",),
     "utilization": ("nvmlDeviceGetUtilizationRates",),
     "temperature": ("nvmlDeviceGetTemperature",),
@@ -122,6 +123,7 @@ class FakeGpu:
     lost: bool = False
     generation: int = 0
     failing: dict[str, int] = field(default_factory=dict)  # pynvml function name → error code
+    minor_number: int | None = None  # None: the index, as on most machines
 
 
 class FakeNvml:
@@ -494,6 +496,7 @@ class FakeNvml:
             counted("nvmlDeviceGetHandleByIndex", handle_by_index),
             device("nvmlDeviceGetUUID", uuid_of),
             device("nvmlDeviceGetName", lambda g, h: string(g.model)),
+            device("nvmlDeviceGetMinorNumber", lambda g, h: g.index if g.minor_number is None else g.minor_number),
             device("nvmlDeviceGetMemoryInfo", memory),
             device("nvmlDeviceGetUtilizationRates", utilization),
             device("nvmlDeviceGetTemperature", temperature),

@@ -40,6 +40,7 @@ FIELDS = (
     "gpu",  # the GPU as a whole: lost, or no handle
     "uuid",
     "name",
+    "minor_number",  # the GPU's device node, /dev/nvidia<minor>
     "memory",  # vram_total_mb and vram_used_mb
     "utilization",  # utilization_pct and memory_utilization_pct
     "temperature",
@@ -116,6 +117,7 @@ class _GpuState:
     uuid: str = ""  # the last uuid read: kept while the GPU is lost, to say which one it was
     uuid_read: bool = False  # read since the handle was fetched
     name: str | None = None
+    minor_number: int | None = None
     # field -> the error last logged for it, so a persistent failure is logged once, not every poll
     logged: dict[str, str] = field(default_factory=dict)
 
@@ -220,6 +222,7 @@ class NvmlCollector:
         # After a GPU came back the index may name another board: read its facts afresh.
         state.uuid_read = False
         state.name = None
+        state.minor_number = None
 
     def _read_gpu(self, state: _GpuState, errors: dict[str, str]) -> GpuSample:
         handle = state.handle
@@ -229,6 +232,10 @@ class NvmlCollector:
                 state.uuid, state.uuid_read = uuid, True
         if state.name is None:
             state.name = self._read(state, errors, "name", lambda: text(pynvml.nvmlDeviceGetName(handle)))
+        if state.minor_number is None:
+            state.minor_number = self._read(
+                state, errors, "minor_number", lambda: int(pynvml.nvmlDeviceGetMinorNumber(handle))
+            )
 
         memory = self._read(state, errors, "memory", lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
         rates = self._read(state, errors, "utilization", lambda: pynvml.nvmlDeviceGetUtilizationRates(handle))
@@ -247,6 +254,7 @@ class NvmlCollector:
             index=state.index,
             uuid=state.uuid,
             model=state.name,
+            minor_number=state.minor_number,
             vram_total_mb=None if memory is None else int(memory.total) // _MIB,
             vram_used_mb=None if memory is None else int(memory.used) // _MIB,
             utilization_pct=None if rates is None else float(rates.gpu),

@@ -98,6 +98,10 @@ class HttpTransport:
     def lease_usage(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
         return self._post(f"leases/{int(lease_id)}/usage", body)
 
+    def rotate_credential(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A new credential for this machine (the current one stops working at once)."""
+        return self._post("credential/rotate", body)
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def _post(self, path: str, body: Mapping[str, Any], *, authenticated: bool = True) -> dict[str, Any]:

@@ -26,6 +26,8 @@ class GpuSample:
     index: int
     uuid: str
     model: str | None = None
+    # The GPU's device node is /dev/nvidia<minor_number> (not always its index).
+    minor_number: int | None = None
     vram_total_mb: int | None = None
     vram_used_mb: int | None = None
     utilization_pct: float | None = None

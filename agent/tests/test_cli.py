@@ -69,3 +69,43 @@ def test_doctor_reports_missing_files_as_failures_in_plain_words(
     assert "FAIL  credential:" in out and "run `gpgpu-agent register`" in out
     assert "FAIL  marketplace: cannot reach http://127.0.0.1:9" in out
     assert "problem(s) to fix" in out
+
+
+def test_doctor_says_process_jobs_are_off_until_the_provider_opts_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli.main(["doctor", "--simulate", "--state-dir", str(tmp_path), "--marketplace-url", "http://127.0.0.1:9"])
+
+    assert "OK    process jobs: off (allow_process_jobs = false)" in capsys.readouterr().out
+
+
+def test_doctor_says_how_opted_in_process_jobs_are_sandboxed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sandbox_kit: object, rentals_dir: Path
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    cli.main(
+        [
+            "doctor",
+            "--simulate",
+            "--allow-process-jobs",
+            "--state-dir",
+            str(state),
+            "--rentals-dir",
+            str(rentals_dir),
+            "--marketplace-url",
+            "http://127.0.0.1:9",
+        ]
+    )
+    out = capsys.readouterr().out
+
+    who = "as gpgpu-rental" if os.geteuid() == 0 else "as the agent's own user (simulation)"
+    assert "OK    process jobs: sandboxed by bubblewrap" in out and who in out and "no network" in out
+    assert "OK    state directory:" in out
+
+
+def test_doctor_fails_a_state_directory_others_may_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path.chmod(0o755)
+    cli.main(["doctor", "--simulate", "--state-dir", str(tmp_path), "--marketplace-url", "http://127.0.0.1:9"])
+
+    assert f"FAIL  state directory: {tmp_path} has mode 0755" in capsys.readouterr().out

@@ -43,7 +43,9 @@ def test_misspelt_key_in_the_file_names_it_and_suggests_the_right_one(tmp_path: 
             {},
             "environment variable GPGPU_AGENT_STOP_GRACE_S: invalid value for 'stop_grace_s'",
         ),
-        ({"GPGPU_AGENT_RUNNER": "podman"}, {}, "'podman' is not one of auto, docker, process"),
+        ({"GPGPU_AGENT_CONTAINER_ENGINE": "lxc"}, {}, "'lxc' is not one of auto, podman, docker, none"),
+        ({"GPGPU_AGENT_PROCESS_USER": "root"}, {}, "process jobs never run as root"),
+        ({}, {"allow_process_jobs": "maybe"}, "'maybe' is not true or false"),
         ({}, {"poll_interval_s": "nan"}, "command line option --poll-interval-s"),
         ({}, {"simulate_gpus": "RTX 4090"}, "is not MODEL:VRAM_MB"),
         ({"GPGPU_AGENT_POL_INTERVAL_S": "1"}, {}, "unknown key 'pol_interval_s'"),
@@ -60,6 +62,17 @@ def test_invalid_values_are_refused_naming_key_and_source(
 def test_named_config_file_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config({}, environ={}, config_file=tmp_path / "nope.toml")
+
+
+def test_process_jobs_are_off_unless_the_provider_opts_in(tmp_path: Path) -> None:
+    assert load_config({"state_dir": str(tmp_path)}, environ={}).allow_process_jobs is False
+    _file(tmp_path, "allow_process_jobs = true\n")
+    assert load_config({"state_dir": str(tmp_path)}, environ={}).allow_process_jobs is True
+
+
+def test_the_old_runner_key_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key 'runner'"):
+        load_config({"state_dir": str(tmp_path)}, environ={"GPGPU_AGENT_RUNNER": "process"})
 
 
 def test_credential_and_key_live_in_the_state_dir_by_default(tmp_path: Path) -> None:

@@ -1,10 +1,10 @@
 """The daemon's decisions, driven step by step: the fake NVIDIA driver beneath the real collector,
-real short processes under the process runner, the in-memory FakeTransport and the real spool."""
+real short processes in the real process sandbox (a machine that accepts process jobs only), the
+in-memory FakeTransport and the real spool."""
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,24 +13,28 @@ from typing import Any
 
 import pytest
 
-from gpgpu_agent.daemon import Agent
+from conftest import SANDBOX_PYTHON, SandboxKit
+from gpgpu_agent.daemon import REDACTED, Agent, scrub_secrets, secret_variants
 from gpgpu_agent.fake_nvml import FakeNvml
 from gpgpu_agent.idle import IdleDetector, no_parent
 from gpgpu_agent.nvml import NvmlCollector
+from gpgpu_agent.runners.kinds import PROCESS_OFF, KindRunner
 from gpgpu_agent.runners.process import ProcessRunner
 from gpgpu_agent.spool import Spool
 from gpgpu_agent.transport import Backoff, FakeTransport
 
 OWNER_PID = 4_000_321
+CREDENTIAL = "gpm_" + "c" * 40
+PRIVATE_KEY = "ab" * 32
 
 
-def _order(lease_id: int, uuid: str, seconds: float) -> dict[str, Any]:
+def _order(lease_id: int, uuid: str, seconds: float, *, script: str | None = None) -> dict[str, Any]:
     return {
         "lease_id": lease_id,
         "job_id": 100 + lease_id,
         "kind": "process",
         "image": "",
-        "command": [sys.executable, "-c", f"import time; print('hello', flush=True); time.sleep({seconds})"],
+        "command": [SANDBOX_PYTHON, "-c", script or f"import time; print('hello', flush=True); time.sleep({seconds})"],
         "env": {},
         "gpu_uuids": [uuid],
         "max_duration_s": 3600,
@@ -43,14 +47,27 @@ def _reply(**extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Agent, FakeNvml, FakeTransport]]:
+def rig(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Iterator[tuple[Agent, FakeNvml, FakeTransport]]:
+    process = ProcessRunner(
+        tmp_path,
+        sandbox=sandbox_kit.sandbox,
+        user=sandbox_kit.user,
+        cgroups=sandbox_kit.cgroups,
+        limits=sandbox_kit.limits,
+        work_dir=rentals_dir,
+    )
+    runner = KindRunner(
+        runners={"process": process},
+        accepts={"process"},
+        refused={"container": "container jobs are off on this machine (container_engine = none)"},
+    )
     fake = FakeNvml().install()
     fake.add_gpu("NVIDIA L4", 23034)
     transport = FakeTransport()
     agent = Agent(
         collector=NvmlCollector(),
         idle=IdleDetector(threshold_pct=10, grace_s=0, parent_of=no_parent),
-        runner=ProcessRunner(tmp_path),
+        runner=runner,
         transport=transport,
         outbox=Spool(tmp_path / "spool.sqlite3"),
         sign=lambda struct: "0x" + "11" * 65,
@@ -59,6 +76,7 @@ def rig(tmp_path: Path) -> Iterator[tuple[Agent, FakeNvml, FakeTransport]]:
         usage_interval_s=1,
         backoff=Backoff(base_s=0.01, cap_s=0.01),
         parent_of=no_parent,
+        secrets=secret_variants(credential=CREDENTIAL, private_key_hex="0x" + PRIVATE_KEY),
     )
     try:
         yield agent, fake, transport
@@ -153,3 +171,95 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+# --- what the machine accepts, and its secrets --------------------------------------------------
+
+
+def test_each_heartbeat_says_which_kinds_the_machine_accepts_and_how_it_isolates_them(rig: Any) -> None:
+    agent, _fake, transport = rig
+    agent.poll_once()
+    agent.network_once()
+
+    capabilities = [c for c in transport.calls if c.method == "heartbeat"][-1].body["capabilities"]
+
+    assert capabilities["kinds"] == ["process"]
+    assert capabilities["container"] is None
+    assert capabilities["process"]["sandbox"] == "bubblewrap"
+    assert capabilities["process"]["network"] == "none"
+    assert capabilities["process"]["user"] == ("gpgpu-rental" if os.geteuid() == 0 else "")
+    assert capabilities["refused"] == {"container": "container jobs are off on this machine (container_engine = none)"}
+
+
+def test_a_kind_the_machine_does_not_accept_fails_to_start_with_the_reason(rig: Any) -> None:
+    agent, fake, transport = rig
+    agent.poll_once()
+    order = {**_order(2, fake.gpus[0].uuid, 1), "kind": "container", "image": "alpine:3.20"}
+    transport.heartbeat_replies.append(_reply(start=[order]))
+    agent.network_once()
+    agent.poll_once()
+    agent.network_once()
+
+    body = transport._events[(2, "lease-2-failed_to_start")]
+    assert body["detail"] == "container jobs are off on this machine (container_engine = none)"
+    assert 2 not in agent.leases
+
+
+def test_a_process_order_on_a_machine_that_did_not_opt_in_fails_to_start(tmp_path: Path) -> None:
+    runner = KindRunner(
+        runners={"process": ProcessRunner(tmp_path, sandbox=None)}, accepts=set(), refused={"process": PROCESS_OFF}
+    )
+    spec_order = _order(3, "GPU-x", 1)
+    from gpgpu_agent.daemon import lease_spec_from_order
+
+    with pytest.raises(Exception, match="allow_process_jobs = false"):
+        runner.start(lease_spec_from_order(spec_order), gpu_indexes={"GPU-x": 0})
+    assert runner.capabilities() == {
+        "kinds": [],
+        "container": None,
+        "process": None,
+        "refused": {"process": PROCESS_OFF},
+    }
+
+
+def test_secrets_a_job_prints_never_reach_the_marketplace(rig: Any) -> None:
+    agent, fake, transport = rig
+    script = (
+        f"print('cred {CREDENTIAL} key 0x{PRIVATE_KEY.upper()} bare {PRIVATE_KEY} ok', flush=True)"
+    )
+    agent.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[_order(4, fake.gpus[0].uuid, 0, script=script)]))
+    agent.network_once()
+    deadline = time.monotonic() + 10
+    while 4 not in agent.done and time.monotonic() < deadline:
+        agent.poll_once()
+        time.sleep(0.05)
+    agent.network_once()
+
+    tail = transport._events[(4, "lease-4-exited")]["log_tail"]
+    assert CREDENTIAL not in tail and PRIVATE_KEY not in tail.lower()
+    assert tail.strip() == f"cred {REDACTED} key 0x{REDACTED} bare {REDACTED} ok"
+
+
+def test_scrubbing_finds_every_occurrence_in_any_letter_case() -> None:
+    secrets = secret_variants(credential=CREDENTIAL, private_key_hex=PRIVATE_KEY)
+    text = f"{CREDENTIAL}{CREDENTIAL.upper()} {PRIVATE_KEY[:10]} {PRIVATE_KEY}"
+
+    assert scrub_secrets(text, secrets) == f"{REDACTED}{REDACTED} {PRIVATE_KEY[:10]} {REDACTED}"
+
+
+def test_a_revoked_credential_stops_the_rentals_and_the_agent_says_why(rig: Any) -> None:
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)
+    pids = agent.runner.poll(1).pids
+    transport.reject_all(401, "credential_revoked", "This machine's credential was revoked by its provider.")
+
+    agent.network_once()
+    assert agent.stopping
+    assert agent.revoked == "This machine's credential was revoked by its provider."
+    agent.shutdown()  # what run() does once stopping
+
+    assert all(not os.path.exists(f"/proc/{pid}/cmdline") or _zombie(pid) for pid in pids)
+    assert agent.leases == {}
+    status = (agent.state_dir / "status.json").read_text()
+    assert "revoked by its provider" in status

@@ -1,5 +1,7 @@
-"""The process runner, with real processes: short Python children that print what they see,
-trap or ignore signals, fork grandchildren, and outlive the runner that started them."""
+"""The process runner, with real processes in the real sandbox: short Python children that print
+what they see, trap or ignore signals, fork grandchildren, and outlive the runner that started
+them. Inside the sandbox a process sees its own PID namespace, so the tests find the host pids
+of what a job started by the job's command line (markers in its arguments)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import TypeVar
 
 import pytest
 
+from conftest import SANDBOX_PYTHON, SandboxKit
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners import ProcessRunner, UnknownLeaseError
 from gpgpu_agent.runners.state import LOG_TAIL_BYTES, proc_stat, write_json_atomic
@@ -34,7 +37,7 @@ def lease(lease_id: int, script: str, *, env: dict[str, str] | None = None, kind
         job_id=lease_id + 100,
         kind=kind,  # type: ignore[arg-type]
         image="",
-        command=(sys.executable, "-u", "-c", textwrap.dedent(script)),
+        command=(SANDBOX_PYTHON, "-u", "-c", textwrap.dedent(script)),
         env=env or {},
         gpu_uuids=("GPU-ccc", "GPU-aaa"),
         max_duration_s=60,
@@ -73,19 +76,57 @@ def alive(pid: int) -> bool:
     return stat is not None and not stat.zombie
 
 
+def host_pid(marker: str) -> int | None:
+    """The host pid of the live workload process whose command line holds ``marker`` as one
+    argument (not the supervisor's or bwrap's, whose command lines hold the job's too)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        wrapper = argv[0].endswith(b"bwrap") or any(arg.endswith(b"shim.py") for arg in argv)
+        if marker.encode() in argv and not wrapper and alive(int(name)):
+            return int(name)
+    return None
+
+
 @pytest.fixture
-def runner(tmp_path: Path) -> ProcessRunner:
-    return ProcessRunner(tmp_path / "state", tmp_path / "logs")
+def make_runner(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Callable[[], ProcessRunner]:
+    """A new runner over the same state (as an agent after a restart would build it)."""
+
+    def make() -> ProcessRunner:
+        return ProcessRunner(
+            tmp_path / "state",
+            tmp_path / "logs",
+            sandbox=sandbox_kit.sandbox,
+            user=sandbox_kit.user,
+            cgroups=sandbox_kit.cgroups,
+            limits=sandbox_kit.limits,
+            work_dir=rentals_dir,
+        )
+
+    return make
+
+
+@pytest.fixture
+def runner(make_runner: Callable[[], ProcessRunner]) -> ProcessRunner:
+    return make_runner()
 
 
 @pytest.fixture(autouse=True)
-def no_leftovers(tmp_path: Path):
-    """Whatever a test leaves running is killed, by the runner's own stop."""
+def no_leftovers(tmp_path: Path, rentals_dir: Path, sandbox_kit: SandboxKit):
+    """Whatever a test leaves running is killed, and its cgroup removed, by the runner's own stop
+    and forget."""
     yield
-    leftover = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    leftover = ProcessRunner(
+        tmp_path / "state", tmp_path / "logs", sandbox=None, cgroups=sandbox_kit.cgroups, work_dir=rentals_dir
+    )
     for state in leftover.adopt():
         if state.running:
             leftover.stop(state.lease_id, grace_s=0)
+        leftover.forget(state.lease_id)
 
 
 # --- what the workload sees -------------------------------------------------------------------
@@ -113,18 +154,20 @@ def test_workload_sees_only_the_leased_gpus_and_the_jobs_env(runner, monkeypatch
 
 
 def test_workload_runs_in_a_process_group_of_its_own(runner, tmp_path):
-    spec = lease(2, "import os; print(os.getpgid(0), os.getsid(0), flush=True); import time; time.sleep(30)")
+    spec = lease(2, "import time; print('ready', flush=True); time.sleep(30)  # marker-2")
 
     started = runner.start(spec, gpu_indexes=GPUS)
-    pgid, sid = (int(x) for x in log_says(runner, 2, "\n").split())
+    log_says(runner, 2, "ready")
 
     record = json.loads((tmp_path / "state" / "runs" / "lease-2.json").read_text())
-    assert pgid == sid == record["pgid"] == record["pid"]
-    assert pgid != os.getpgid(0)
+    workload = proc_stat(wait_for(lambda: host_pid(spec.command[-1])))
+    assert record["pgid"] == record["pid"] != os.getpgid(0)
+    assert workload.sid not in (os.getsid(0), record["pid"])  # a session of its own, in the sandbox
     assert record["lease_id"] == 2
     assert record["command"] == list(spec.command)
     assert record["start_ticks"] == proc_stat(record["pid"]).start_ticks
     assert started.running and record["pid"] in started.pids
+    assert workload.pid in runner.poll(2).pids
 
 
 # --- exit codes and logs ----------------------------------------------------------------------
@@ -182,12 +225,13 @@ def test_stop_kills_a_workload_that_ignores_sigterm_after_the_grace_period(runne
     script = """
         import signal, subprocess, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        escaped = subprocess.Popen(['sleep', '30'], start_new_session=True)
-        print('ready', escaped.pid, flush=True)
+        escaped = subprocess.Popen(['sleep', '30.6'], start_new_session=True)
+        print('ready', flush=True)
         time.sleep(30)
     """
     started = runner.start(lease(6, script), gpu_indexes=GPUS)
-    escaped = int(log_says(runner, 6, "ready").split()[1])
+    log_says(runner, 6, "ready")
+    escaped = wait_for(lambda: host_pid("30.6"))
     pids = runner.poll(6).pids
 
     began = time.monotonic()
@@ -205,13 +249,14 @@ def test_stop_kills_a_workload_that_ignores_sigterm_after_the_grace_period(runne
 def test_stop_ends_the_workloads_children_even_those_in_a_session_of_their_own(runner):
     script = """
         import subprocess, time
-        child = subprocess.Popen(['sleep', '30'])
-        escaped = subprocess.Popen(['sleep', '31'], start_new_session=True)
-        print(child.pid, escaped.pid, flush=True)
+        child = subprocess.Popen(['sleep', '30.7'])
+        escaped = subprocess.Popen(['sleep', '31.7'], start_new_session=True)
+        print('ready', flush=True)
         time.sleep(30)
     """
     runner.start(lease(7, script), gpu_indexes=GPUS)
-    child, escaped = (int(x) for x in log_says(runner, 7, "\n").split())
+    log_says(runner, 7, "ready")
+    child, escaped = wait_for(lambda: host_pid("30.7")), wait_for(lambda: host_pid("31.7"))
 
     running = runner.poll(7)
     assert {child, escaped} <= set(running.pids)  # the idle detector counts them as the rental's
@@ -223,34 +268,35 @@ def test_stop_ends_the_workloads_children_even_those_in_a_session_of_their_own(r
 
 def test_processes_the_command_leaves_behind_die_when_it_ends(runner):
     script = """
-        import subprocess
-        child = subprocess.Popen(['sleep', '30'])
-        print(child.pid, flush=True)
+        import subprocess, time
+        subprocess.Popen(['sleep', '30.8'])
+        time.sleep(0.5)
     """
     runner.start(lease(8, script), gpu_indexes=GPUS)
+    child = wait_for(lambda: host_pid("30.8"))
 
     state = ended(runner, 8)
 
     assert state.exit_code == 0
-    assert not alive(int(state.log_tail.split()[0]))
+    wait_for(lambda: not alive(child), timeout=1.0)
 
 
 # --- starting ---------------------------------------------------------------------------------
 
 
-def test_start_is_idempotent_by_lease(runner, tmp_path):
+def test_start_is_idempotent_by_lease(runner, make_runner, tmp_path):
     spec = lease(9, "import time; time.sleep(30)")
 
     first = runner.start(spec, gpu_indexes=GPUS)
     second = runner.start(spec, gpu_indexes=GPUS)
-    after_restart = ProcessRunner(tmp_path / "state", tmp_path / "logs").start(spec, gpu_indexes=GPUS)
+    after_restart = make_runner().start(spec, gpu_indexes=GPUS)
 
     assert first.pids[0] == second.pids[0] == after_restart.pids[0]
     assert sorted(p.name for p in (tmp_path / "state" / "runs").iterdir()) == ["lease-9.json"]
 
 
 def test_container_leases_are_refused_with_a_sentence(runner):
-    with pytest.raises(RunnerError, match="this machine runs process jobs only; install Docker for container jobs"):
+    with pytest.raises(RunnerError, match="the process runner runs process jobs only"):
         runner.start(lease(10, "pass", kind="container"), gpu_indexes=GPUS)
 
 
@@ -283,50 +329,49 @@ def test_invalid_environment_names_are_refused(runner):
 # --- agent restarts ---------------------------------------------------------------------------
 
 
-def test_a_restarted_agent_adopts_a_running_workload_and_learns_its_exit_code(tmp_path):
-    go = tmp_path / "go"
-    script = f"""
+def test_a_restarted_agent_adopts_a_running_workload_and_learns_its_exit_code(make_runner, rentals_dir):
+    script = """
         import os, time
-        while not os.path.exists({str(go)!r}):
+        while not os.path.exists('/work/go'):
             time.sleep(0.02)
         raise SystemExit(5)
     """
-    first_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    first_agent = make_runner()
     started = first_agent.start(lease(13, script), gpu_indexes=GPUS)
     del first_agent  # the agent exits without stopping anything
     gc.collect()
 
-    second_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    second_agent = make_runner()
     (adopted,) = second_agent.adopt()
 
     assert adopted.lease_id == 13 and adopted.running
     assert started.pids[0] in adopted.pids
-    go.touch()
+    (rentals_dir / "lease-13" / "go").touch()  # the job's /work
     assert ended(second_agent, 13).exit_code == 5
 
 
-def test_an_adopted_workload_can_be_stopped(tmp_path):
-    first_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+def test_an_adopted_workload_can_be_stopped(make_runner):
+    first_agent = make_runner()
     first_agent.start(lease(14, "print('ready', flush=True); import time; time.sleep(30)"), gpu_indexes=GPUS)
     log_says(first_agent, 14, "ready")
     del first_agent
     gc.collect()
 
-    second_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+    second_agent = make_runner()
     second_agent.adopt()
     state = second_agent.stop(14, grace_s=2)
 
     assert state.exit_code == 128 + signal.SIGTERM
 
 
-def test_a_workload_that_ended_while_the_agent_was_down_is_reported_with_its_exit_code(tmp_path):
-    first_agent = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+def test_a_workload_that_ended_while_the_agent_was_down_is_reported_with_its_exit_code(make_runner, tmp_path):
+    first_agent = make_runner()
     first_agent.start(lease(15, "print('bye'); raise SystemExit(4)"), gpu_indexes=GPUS)
     del first_agent
     gc.collect()
     wait_for(lambda: (tmp_path / "state" / "runs" / "lease-15.exit.json").exists())
 
-    (state,) = ProcessRunner(tmp_path / "state", tmp_path / "logs").adopt()
+    (state,) = make_runner().adopt()
 
     assert not state.running
     assert state.exit_code == 4
@@ -360,7 +405,7 @@ def test_a_pid_reused_by_another_process_is_never_taken_for_the_workload(tmp_pat
     stranger = subprocess.Popen([shutil.which("sleep"), "30"], start_new_session=True)  # noqa: S603
     try:
         _pid_file(tmp_path, 16, stranger.pid, proc_stat(stranger.pid).start_ticks + 1)
-        runner = ProcessRunner(tmp_path / "state", tmp_path / "logs")
+        runner = ProcessRunner(tmp_path / "state", tmp_path / "logs", sandbox=None)
 
         (state,) = runner.adopt()
         stopped = runner.stop(16, grace_s=0.2)
@@ -378,7 +423,7 @@ def test_a_pid_file_of_a_dead_process_is_not_adopted_as_running(tmp_path):
     gone.wait()
     _pid_file(tmp_path, 17, gone.pid, 12345)
 
-    (state,) = ProcessRunner(tmp_path / "state", tmp_path / "logs").adopt()
+    (state,) = ProcessRunner(tmp_path / "state", tmp_path / "logs", sandbox=None).adopt()
 
     assert not state.running and state.pids == () and state.exit_code == 137
 
@@ -392,7 +437,7 @@ def test_an_unreadable_pid_file_is_skipped(tmp_path, runner):
     assert [s.lease_id for s in runner.adopt()] == [19]
 
 
-def test_forget_removes_an_ended_leases_records_and_refuses_a_running_one(runner, tmp_path):
+def test_forget_removes_an_ended_leases_records_and_refuses_a_running_one(runner, make_runner, tmp_path, rentals_dir):
     runner.start(lease(20, "print('ready', flush=True); import time; time.sleep(30)"), gpu_indexes=GPUS)
     log_says(runner, 20, "ready")
 
@@ -404,9 +449,9 @@ def test_forget_removes_an_ended_leases_records_and_refuses_a_running_one(runner
 
     assert list((tmp_path / "state" / "runs").iterdir()) == []
     assert not (tmp_path / "logs" / "lease-20.log").exists()
-    assert not (tmp_path / "state" / "work" / "lease-20").exists()
+    assert not (rentals_dir / "lease-20").exists()
     with pytest.raises(UnknownLeaseError):
         runner.poll(20)
     with pytest.raises(UnknownLeaseError):
         runner.stop(20, grace_s=1)
-    assert ProcessRunner(tmp_path / "state", tmp_path / "logs").adopt() == []
+    assert make_runner().adopt() == []

@@ -772,6 +772,7 @@ class ContainerRunner:
                 capture_output=True,
                 timeout=self.call_timeout_s,
                 check=False,
+                cwd=self._engine_cwd(),
             )
         except (OSError, subprocess.TimeoutExpired):
             return ""
@@ -789,6 +790,17 @@ class ContainerRunner:
 
     # --- internals ------------------------------------------------------------------------------
 
+    def _engine_cwd(self) -> str:
+        """Where engine commands run: the runner's own private directory. Podman 4's conmon
+        leaves a file named ``oom`` in its working directory when a container is OOM-killed;
+        it must not land in whatever directory the agent was started from."""
+        private = self.rentals_dir / "containers"
+        try:
+            private.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            return "/"
+        return str(private)
+
     def _call(self, args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
         """Run one engine command. Raises RunnerError when the engine is missing, its daemon is
         down or unreachable, or it does not answer within ``timeout``; other failures are
@@ -800,6 +812,7 @@ class ContainerRunner:
                 capture_output=True,
                 timeout=timeout,
                 check=False,
+                cwd=self._engine_cwd(),
             )
         except FileNotFoundError as exc:
             raise RunnerError(
@@ -916,6 +929,7 @@ class ContainerRunner:
                 stderr=subprocess.STDOUT,  # the job's stderr comes out on the engine's stderr
                 timeout=self.call_timeout_s,
                 check=False,
+                cwd=self._engine_cwd(),
             )
         except (OSError, subprocess.TimeoutExpired):
             return ""

@@ -1,30 +1,43 @@
-"""The process runner: runs a lease's command as a plain process group on the leased GPUs.
-
-Isolation is a process group and CUDA_VISIBLE_DEVICES, not a sandbox: the workload runs as the
-agent's user and could look past CUDA_VISIBLE_DEVICES. Providers who rent to strangers use the
-Docker runner; this one is for trusted jobs and for machines without Docker.
+"""The process runner: runs a lease's command in a bubblewrap sandbox, as the rental user, on the
+leased GPUs only, within its CPU, memory and process limits.
 
 How one lease runs:
 
 - ``shim.py`` (the supervisor) is started with ``start_new_session=True``: it leads a new session
-  and process group, which the workload (its child) and the workload's children share, so one
-  signal to the group reaches all of them and none is reached by a signal to the agent's group;
-- stdin is /dev/null; stdout and stderr go to ``<log_dir>/lease-<id>.log``;
-- the environment is built from nothing: PATH, HOME (the lease's scratch directory, also its
-  working directory), LANG, then the job's ``env``, then what the agent sets and the job cannot
-  override: CUDA_VISIBLE_DEVICES (the leased GPUs' indexes, comma-joined in lease order),
+  and process group and is the ancestor of everything the workload starts; it stays outside the
+  sandbox and outside the lease's cgroup, so it outlives any misbehaviour of the workload and
+  writes down how it ended;
+- its child joins the lease's cgroup (``cgroups.py``: ``cpus``, ``memory``, ``pids``), drops to the
+  rental user (``sandbox.rental_user``; the simulated demo's unprivileged agent keeps its own), and
+  executes ``bwrap`` with the lease's sandbox (``sandbox.py``: an empty root with ``/usr``
+  read-only, its own PID, user, network and IPC namespaces, no network, no capability, only the
+  leased GPUs' device nodes, one writable ``/work``). The arguments reach ``bwrap`` through a
+  file descriptor (``--args``), so the job's environment never shows in a process listing;
+- stdin is /dev/null; stdout and stderr go to ``<log_dir>/lease-<id>.log`` (in the agent's state
+  directory, opened by the runner: the workload writes to it and cannot name it);
+- the environment is built from nothing: PATH, HOME=/work (its working directory), LANG, TMPDIR,
+  then the job's ``env``, then what the agent sets and the job cannot override:
+  CUDA_VISIBLE_DEVICES (the leased GPUs' indexes, comma-joined in lease order),
   CUDA_DEVICE_ORDER=PCI_BUS_ID (so CUDA numbers GPUs as NVML does), GPGPU_LEASE_ID, GPGPU_JOB_ID;
 - the pid file (see state.py) is written atomically once the supervisor has a pid.
 
+Stopping: SIGTERM goes to the workload's own processes (inside the sandbox; not to bwrap, whose
+death would SIGKILL the sandbox at once and cut the grace period short), then after the grace
+everything is SIGKILLed: the process tree, the process group and whatever is in the lease's
+cgroup, so a process that double-forked or called setsid cannot outlive its lease.
+
 Exit codes (RunState.exit_code) follow the shell's convention, as Docker's do: the workload's own
-status 0–255; 128+n when signal n ended it (143: SIGTERM, 137: SIGKILL). 137 is also reported
-when the supervisor itself vanished without recording an exit (someone SIGKILLed it, or the
-runner did at the end of a stop's grace period).
+status 0–255; 128+n when signal n ended it (143: SIGTERM, 137: SIGKILL, also the OOM killer). 137
+is also reported when the supervisor itself vanished without recording an exit (someone
+SIGKILLed it, or the runner did at the end of a stop's grace period).
 
 After an agent restart the workloads keep running (they are in their own session, their output
 goes to files, and the supervisor, not the agent, waits for them); ``adopt`` finds them again by
 their pid files. The agent's systemd unit must therefore use ``KillMode=process``, or stopping
 the agent would kill the workloads with it.
+
+``sandbox=None`` runs commands without a sandbox, as the agent's user: only the supervisor's own
+tests use it; ``daemon.build_agent`` never does.
 """
 
 from __future__ import annotations
@@ -39,13 +52,17 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from gpgpu_agent.protocols import RunnerError
+from gpgpu_agent.runners.cgroups import CgroupError, Cgroups, Limits
 from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
+from gpgpu_agent.runners.sandbox import TMP_DIR, WORK_DIR, Bubblewrap, LeaseView, SandboxUser, passwd_text
 from gpgpu_agent.runners.state import (
     LOG_TAIL_BYTES,
     ExitRecord,
     ProcessRecord,
+    ProcStat,
     RecordStore,
     all_proc_stats,
     boot_id,
@@ -61,22 +78,27 @@ log = logging.getLogger(__name__)
 
 SHIM = Path(__file__).with_name("shim.py")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CONTAINER_REFUSED = "this machine runs process jobs only; install Docker for container jobs"
+CONTAINER_REFUSED = "the process runner runs process jobs only"
+MIG_REFUSED = "MIG instances are rented as containers only; the process sandbox gives whole GPUs"
 # Variables the agent sets last, whatever the job's env says.
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPGPU_LEASE_ID", "GPGPU_JOB_ID")
+# bwrap's own two processes sit between the supervisor and the workload (see the module docstring).
+_SANDBOX_DEPTH = 3
 _POLL_STEP_S = 0.02
 
 
 class ProcessRunner:
-    """Runs ``kind: "process"`` leases as supervised process groups (see the module docstring).
+    """Runs ``kind: "process"`` leases as sandboxed, supervised process groups (see the module
+    docstring).
 
     ``state_dir`` is the agent's state directory (pid and exit files go to ``state_dir/runs``);
     ``log_dir`` holds the workloads' output (default ``state_dir/logs``); ``work_dir`` the leases'
-    scratch directories (default ``state_dir/work``). ``kill_wait_s`` bounds how long ``stop``
-    waits for the kernel to finish a SIGKILL: a stop returns within ``grace_s + kill_wait_s``.
-
-    Workloads run as the agent's user: run the agent as an unprivileged user. One runner is
-    driven from one thread (``stop`` blocks for up to its grace period).
+    work directories (default ``state_dir/rentals``). ``sandbox`` is the bubblewrap builder,
+    ``user`` the rental user (None: the agent's own, for the simulated demo only), ``cgroups``
+    and ``limits`` the per-lease limits (None: none, for the simulated demo only). ``kill_wait_s``
+    bounds how long ``stop`` waits for the kernel to finish a SIGKILL: a stop returns within
+    ``grace_s + kill_wait_s``. One runner is driven from one thread (``stop`` blocks for up to its
+    grace period).
     """
 
     def __init__(
@@ -84,31 +106,55 @@ class ProcessRunner:
         state_dir: Path | str,
         log_dir: Path | str | None = None,
         *,
+        sandbox: Bubblewrap | None,
+        user: SandboxUser | None = None,
+        cgroups: Cgroups | None = None,
+        limits: Limits | None = None,
         work_dir: Path | str | None = None,
         python: str = sys.executable,
         path: str = DEFAULT_PATH,
         kill_wait_s: float = 1.0,
         log_tail_bytes: int = LOG_TAIL_BYTES,
+        tmp_bytes: int = 1 << 30,
     ):
         state_dir = Path(state_dir)
         self.store = RecordStore(state_dir / "runs")
         self.log_dir = Path(log_dir) if log_dir is not None else state_dir / "logs"
-        self.work_dir = Path(work_dir) if work_dir is not None else state_dir / "work"
+        self.work_dir = Path(work_dir) if work_dir is not None else state_dir / "rentals"
+        self.sandbox = sandbox
+        self.user = user
+        self.cgroups = cgroups
+        self.limits = limits if cgroups is not None else None
         self.python = python
         self.path = path
         self.kill_wait_s = kill_wait_s
         self.log_tail_bytes = log_tail_bytes
+        self.tmp_bytes = tmp_bytes
         self._records: dict[int, ProcessRecord] = {}
         # Supervisors this runner started itself: it is their parent and must reap them.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._boot_id = boot_id()
 
+    def capabilities(self) -> dict[str, Any]:
+        """How process jobs are isolated here, for the heartbeat (docs/agent-api.md)."""
+        return {
+            "sandbox": "bubblewrap" if self.sandbox is not None else "none",
+            "sandbox_version": self.sandbox.version_text if self.sandbox is not None else "",
+            "user": self.user.name if self.user is not None else "",
+            "network": "none",
+            "limits": (self.limits or Limits(None, None, None)).describe(),
+        }
+
     # --- Runner protocol ------------------------------------------------------------------
 
-    def start(self, spec: LeaseSpec, *, gpu_indexes: Mapping[str, int]) -> RunState:
-        """Start the lease's command under its supervisor; a second call for the same lease
-        returns the state of the first (also after an agent restart: the pid file is found).
-        Raises RunnerError, with a sentence for the renter, when it cannot start."""
+    def start(
+        self, spec: LeaseSpec, *, gpu_indexes: Mapping[str, int], gpu_minors: Mapping[str, int] | None = None
+    ) -> RunState:
+        """Start the lease's command under its supervisor, in its sandbox; a second call for the
+        same lease returns the state of the first (also after an agent restart: the pid file is
+        found). ``gpu_minors``: each leased GPU's device minor number (/dev/nvidia<minor>; the
+        index when not given). Raises RunnerError, with a sentence for the renter, when it cannot
+        start."""
         if spec.kind != "process":
             raise RunnerError(CONTAINER_REFUSED)
         if self._record(spec.lease_id) is not None:
@@ -118,17 +164,28 @@ class ProcessRunner:
         check_env(spec.env)
         check_gpu_uuids(spec.gpu_uuids)
         visible = []
+        minors = []
         for uuid in spec.gpu_uuids:
             if uuid in gpu_indexes:
                 visible.append(str(int(gpu_indexes[uuid])))
+                minors.append(int((gpu_minors or {}).get(uuid, gpu_indexes[uuid])))
             elif uuid.startswith("MIG-"):
+                if self.sandbox is not None:
+                    raise RunnerError(MIG_REFUSED)
                 visible.append(uuid)  # CUDA addresses a MIG instance by its uuid only
             else:
                 raise RunnerError(f"GPU {uuid} is not on this machine")
 
+        sandboxed = self.sandbox is not None
         work = self.work_dir / f"lease-{spec.lease_id}"
-        work.mkdir(parents=True, exist_ok=True, mode=0o700)
-        env = {"PATH": self.path, "HOME": str(work), "LANG": "C.UTF-8"}
+        env = {
+            "PATH": self.path,
+            "HOME": WORK_DIR if sandboxed else str(work),
+            "LANG": "C.UTF-8",
+            "TMPDIR": TMP_DIR if sandboxed else str(work),
+        }
+        if self.user is not None:
+            env["USER"] = env["LOGNAME"] = self.user.name
         env.update(spec.env)
         env.update(
             {
@@ -140,8 +197,8 @@ class ProcessRunner:
         )
         program = spec.command[0]
         if "/" in program:
-            resolved = program if os.path.isabs(program) else str(work / program)
-            found = os.path.isfile(resolved) and os.access(resolved, os.X_OK)
+            inside = program if os.path.isabs(program) else None
+            found = inside is None or (os.path.isfile(inside) and os.access(inside, os.X_OK))
         else:
             found = shutil.which(program, path=env["PATH"]) is not None
         if not found:
@@ -149,28 +206,58 @@ class ProcessRunner:
 
         self.store.ensure()
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.prepare()
+        work.mkdir(exist_ok=True, mode=0o700)
+        if self.user is not None:
+            os.chown(work, self.user.uid, self.user.gid)
         log_path = self.log_dir / f"lease-{spec.lease_id}.log"
         exit_path = self.store.exit_path(spec.lease_id)
         try:
             exit_path.unlink()  # a stale exit file would end the new run at once
         except FileNotFoundError:
             pass
-        argv = [self.python, "-I", "-S", str(SHIM), str(exit_path), "--", *spec.command]
+        cgroup_dirs: tuple[str, ...] = ()
+        if self.cgroups is not None and self.limits is not None:
+            try:
+                cgroup_dirs = self.cgroups.create(spec.lease_id, self.limits)
+            except CgroupError as exc:
+                raise RunnerError(f"could not set the job's limits: {exc}") from exc
+        fds: list[int] = []
         try:
+            argv = [self.python, "-I", "-S", str(SHIM), str(exit_path)]
+            if self.user is not None:
+                argv += ["--uid", str(self.user.uid), "--gid", str(self.user.gid)]
+            for directory in cgroup_dirs:
+                argv += ["--cgroup", directory]
+            if self.sandbox is not None:
+                command, fds = self._sandbox_command(spec, work, env, minors)
+                for fd in fds:
+                    argv += ["--pass-fd", str(fd)]
+                child_env = {"PATH": self.path}
+                cwd = "/"
+            else:
+                command, child_env, cwd = list(spec.command), env, str(work)
+            argv += ["--", *command]
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             with open(log_fd, "ab") as log_file:
                 child = subprocess.Popen(  # noqa: S603 - argv, no shell; the command is the job's
                     argv,
-                    cwd=work,
-                    env=env,
+                    cwd=cwd,
+                    env=child_env,
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
+                    pass_fds=fds,
                 )
         except OSError as exc:
+            if self.cgroups is not None:
+                self.cgroups.remove(cgroup_dirs)
             raise RunnerError(f"could not start the job: {exc.strerror or exc}") from exc
+        finally:
+            for fd in fds:
+                os.close(fd)
         stat = proc_stat(child.pid)
         record = ProcessRecord(
             lease_id=spec.lease_id,
@@ -185,12 +272,73 @@ class ProcessRunner:
             log_path=str(log_path),
             exit_path=str(exit_path),
             work_dir=str(work),
+            cgroups=cgroup_dirs,
+            sandboxed=sandboxed,
         )
         self._children[spec.lease_id] = child
         self._records[spec.lease_id] = record
         self.store.save(record)
         log.info("lease %s: started %s as pid %s", spec.lease_id, list(spec.command), child.pid)
         return self.poll(spec.lease_id)
+
+    def prepare(self) -> None:
+        """Create the leases' root. bwrap binds a lease's directory by its path as the rental
+        user, so with a rental user the root and every directory above it must let others pass
+        through (x) without listing it: the root is 0711 and must not be inside the agent's own
+        0700 state directory. Each lease's directory is 0700 and the rental user's."""
+        if self.user is None:
+            self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        os.chmod(self.work_dir, 0o711)  # noqa: S103 - pass-through only (no r): see the docstring
+        for directory in [self.work_dir, *self.work_dir.resolve().parents]:
+            if not os.stat(directory).st_mode & 0o001:
+                raise RunnerError(
+                    f"the rentals directory {self.work_dir} is below {directory}, which other users may not "
+                    "pass through; set rentals_dir outside the agent's state directory (gpgpu-agent setup does)"
+                )
+
+    def _sandbox_command(
+        self, spec: LeaseSpec, work: Path, env: Mapping[str, str], minors: list[int]
+    ) -> tuple[list[str], list[int]]:
+        """``bwrap --args FD`` and the descriptors it reads: the work directory (bound by
+        descriptor: the rental user needs no path to it), /etc/passwd and /etc/group, and the
+        argument list itself (so the job's environment is not in any process listing)."""
+        assert self.sandbox is not None
+        uid = self.user.uid if self.user is not None else os.geteuid()
+        gid = self.user.gid if self.user is not None else os.getegid()
+        passwd, group = passwd_text(self.user, uid, gid)
+        fds: list[int] = []
+        try:
+            work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+            fds.append(work_fd)
+            passwd_fd = _memfd("passwd", passwd)
+            fds.append(passwd_fd)
+            group_fd = _memfd("group", group)
+            fds.append(group_fd)
+            view = LeaseView(
+                lease_id=spec.lease_id,
+                work_fd=work_fd,
+                passwd_fd=passwd_fd,
+                group_fd=group_fd,
+                uid=uid,
+                gid=gid,
+                env=env,
+                command=spec.command,
+                gpu_minors=minors,
+                tmp_bytes=self.tmp_bytes,
+            )
+            full = self.sandbox.argv(view)
+            split = full.index("--")
+            options = b"".join(a.encode("utf-8", "surrogateescape") + b"\0" for a in full[1:split])
+            args_fd = _memfd("args", options)
+            fds.append(args_fd)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        # bwrap reads its options from the descriptor; the command itself must follow on argv.
+        return [full[0], "--args", str(args_fd), *full[split:]], fds
 
     def poll(self, lease_id: int) -> RunState:
         """The workload's state now. Raises UnknownLeaseError for a lease without a record."""
@@ -262,7 +410,10 @@ class ProcessRunner:
             Path(record.log_path).unlink()
         except FileNotFoundError:
             pass
+        # rmtree does not follow the symlinks a job may have planted in its work directory.
         shutil.rmtree(record.work_dir, ignore_errors=True)
+        if record.cgroups and self.cgroups is not None:
+            self.cgroups.remove(record.cgroups)
         self._records.pop(lease_id, None)
         child = self._children.pop(lease_id, None)
         if child is not None:
@@ -316,11 +467,23 @@ class ProcessRunner:
         return lost
 
     def _signal(self, record: ProcessRecord, signum: signal.Signals) -> None:
-        """Send ``signum`` to the workload's process group and to its descendants outside it.
-        Only while the supervisor is provably the one the runner started: a reused pid or
-        process group id belongs to someone else and is never signalled."""
+        """Send ``signum`` to the workload. Only while the supervisor is provably the one the
+        runner started: a reused pid or process group id belongs to someone else and is never
+        signalled.
+
+        SIGKILL goes to everything: the process group, every descendant of the supervisor (also
+        those that left the group) and every process in the lease's cgroup. Any other signal of a
+        sandboxed lease goes to the workload's own processes only, not to bwrap's two (the
+        supervisor's child and grandchild): bwrap dying would SIGKILL the sandbox at once."""
         stats = all_proc_stats()
         if not self._leader_alive(record):
+            if signum == signal.SIGKILL and record.cgroups and self.cgroups is not None:
+                self.cgroups.kill(record.cgroups)
+            return
+        if signum != signal.SIGKILL and record.sandboxed:
+            for pid, depth in _descendants(record.pid, stats).items():
+                if depth >= _SANDBOX_DEPTH:
+                    _kill(pid, signum)
             return
         pids = workload_pids(record.pid, record.pgid, stats)
         try:
@@ -330,10 +493,48 @@ class ProcessRunner:
         for pid in pids:
             st = stats.get(pid)
             if st is not None and st.pgid != record.pgid:
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
+                _kill(pid, signum)
+        if signum == signal.SIGKILL and record.cgroups and self.cgroups is not None:
+            self.cgroups.kill(record.cgroups)
+
+
+def _kill(pid: int, signum: signal.Signals) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _descendants(leader: int, stats: Mapping[int, ProcStat]) -> dict[int, int]:
+    """Live descendants of ``leader`` → their depth below it (1: its children)."""
+    children: dict[int, list[int]] = {}
+    for st in stats.values():
+        children.setdefault(st.ppid, []).append(st.pid)
+    found: dict[int, int] = {}
+    stack = [(leader, 0)]
+    while stack:
+        pid, depth = stack.pop()
+        for child in children.get(pid, ()):
+            if child in found or child == leader:
+                continue
+            if not stats[child].zombie:
+                found[child] = depth + 1
+            stack.append((child, depth + 1))
+    return found
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An anonymous in-memory file holding ``data``, positioned at its start."""
+    fd = os.memfd_create(f"gpgpu-{name}", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _parse_time(value: str) -> datetime | None:

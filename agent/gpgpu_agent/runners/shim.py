@@ -1,25 +1,30 @@
 """The supervisor of one process lease: runs the workload and records its exit code in a file.
 
-    python -I -S shim.py EXIT_FILE -- COMMAND [ARG...]
+    python -I -S shim.py EXIT_FILE [--uid UID --gid GID] [--cgroup DIR]... [--pass-fd FD]... -- COMMAND [ARG...]
 
 The process runner starts this script as the leader of a new session and process group; the
 workload is its child, in the same group. It exists so that the exit code of a workload is known
 even to an agent that restarted meanwhile (and so is not the workload's parent):
 
-- it spawns COMMAND with default signal dispositions (Python ignores SIGPIPE and SIGXFSZ, which a
-  child would otherwise inherit);
+- it forks the workload's first process, which joins each ``--cgroup`` directory (writes its pid
+  to ``cgroup.procs``: the lease's CPU, memory and process limits), drops to ``--uid``/``--gid``
+  with no supplementary groups, restores default signal dispositions (Python ignores SIGPIPE and
+  SIGXFSZ, which a child would otherwise inherit) and executes COMMAND (the sandbox, for a
+  process job: ``bwrap``). If any of that fails the command is never run: a workload never
+  starts outside its limits or as the supervisor's user;
+- the supervisor itself stays outside the lease's cgroup (an OOM kill inside the lease cannot
+  take it with it) and closes its copies of the ``--pass-fd`` descriptors once the child has them;
 - it becomes a child subreaper, so the workload's orphaned descendants are re-parented to it and
   stay findable;
-- it shrugs off SIGTERM, SIGINT, SIGHUP and SIGQUIT: the runner signals the whole process group,
-  so the workload receives them itself, and the supervisor must outlive the workload to write
-  down how it ended;
+- it shrugs off SIGTERM, SIGINT, SIGHUP and SIGQUIT: the runner signals the workload itself, and
+  the supervisor must outlive the workload to write down how it ended;
 - when COMMAND ends, it SIGKILLs whatever the workload left behind (as Docker does when a
   container's first process exits), then writes ``{"exit_code": N}`` to EXIT_FILE atomically and
   exits with N.
 
 Exit codes follow the shell's convention: the workload's own status 0–255, or 128+n when signal n
 killed it (143 for SIGTERM, 137 for SIGKILL); 127 when COMMAND cannot be found, 126 when it cannot
-be run.
+be run (or its cgroup or user could not be entered).
 
 This file imports only the standard library and nothing from its package: it runs under
 ``python -I`` (isolated from the workload's PYTHON* variables) by file path.
@@ -34,6 +39,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 PR_SET_CHILD_SUBREAPER = 36
 _DEFAULT_IN_WORKLOAD = (
@@ -135,22 +141,110 @@ def _ignore(_signum: int, _frame: object) -> None:
     """A caught (not ignored) disposition: exec resets it to the default in the workload."""
 
 
+@dataclass
+class _Options:
+    exit_path: str
+    command: list[str]
+    uid: int | None = None
+    gid: int | None = None
+    cgroups: list[str] = field(default_factory=list)
+    pass_fds: list[int] = field(default_factory=list)
+
+
+def _parse(argv: list[str]) -> _Options | None:
+    if len(argv) < 4 or "--" not in argv[2:]:
+        return None
+    split = argv.index("--", 2)
+    options = _Options(exit_path=argv[1], command=argv[split + 1 :])
+    rest = argv[2:split]
+    if not options.command or len(rest) % 2:
+        return None
+    for flag, value in zip(rest[::2], rest[1::2], strict=True):
+        if flag == "--cgroup":
+            options.cgroups.append(value)
+            continue
+        if not value.isdigit():
+            return None
+        if flag == "--uid":
+            options.uid = int(value)
+        elif flag == "--gid":
+            options.gid = int(value)
+        elif flag == "--pass-fd":
+            options.pass_fds.append(int(value))
+        else:
+            return None
+    if (options.uid is None) != (options.gid is None):
+        return None
+    return options
+
+
+def _child(options: _Options, report_fd: int) -> None:
+    """In the forked child: enter the cgroups, drop privileges, exec. Never returns: on a failure
+    it writes ``errno:message`` to ``report_fd`` and exits 126/127 without running the command."""
+    step = "start"
+    try:
+        step = "join the lease's cgroup"
+        for directory in options.cgroups:
+            with open(os.path.join(directory, "cgroup.procs"), "w", encoding="ascii") as f:
+                f.write(str(os.getpid()))
+        for signum in _DEFAULT_IN_WORKLOAD:
+            signal.signal(signum, signal.SIG_DFL)
+        if options.uid is not None and options.gid is not None:
+            step = "switch to the rental user"
+            os.setgroups([])
+            os.setresgid(options.gid, options.gid, options.gid)
+            os.setresuid(options.uid, options.uid, options.uid)
+            if os.getuid() != options.uid or os.geteuid() != options.uid:
+                raise PermissionError(errno.EPERM, "the user id did not change")
+        step = f"run {options.command[0]!r}"
+        os.execvp(options.command[0], options.command)  # noqa: S606 - argv from the runner, no shell
+    except OSError as exc:
+        code = exc.errno or errno.EPERM
+        message = f"{code}:could not {step}: {exc.strerror or exc}"
+    except BaseException as exc:  # nothing may escape a forked child
+        code = errno.EPERM
+        message = f"{code}:could not {step}: {exc}"
+    try:
+        os.write(report_fd, message.encode("utf-8", "replace")[:1000])
+    finally:
+        os._exit(127 if code in (errno.ENOENT, errno.ENOTDIR) and step.startswith("run") else 126)
+
+
+def _spawn(options: _Options) -> tuple[int | None, str, int]:
+    """Fork and start the workload: (pid, "", 0) once it runs, (None, why, exit code 126 or 127)
+    when it never started."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        _child(options, write_fd)
+    os.close(write_fd)
+    for fd in options.pass_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    with os.fdopen(read_fd, "rb") as report:
+        failure = report.read()  # EOF without a byte: the exec succeeded (CLOEXEC closed the pipe)
+    if not failure:
+        return pid, "", 0
+    _, status = os.waitpid(pid, 0)
+    _errno, _, words = failure.decode("utf-8", "replace").partition(":")
+    return None, words or "the workload could not be started", os.waitstatus_to_exitcode(status)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) < 4 or argv[2] != "--":
-        _note("usage: shim.py EXIT_FILE -- COMMAND [ARG...]")
+    options = _parse(argv)
+    if options is None:
+        _note("usage: shim.py EXIT_FILE [--uid UID --gid GID] [--cgroup DIR]... [--pass-fd FD]... -- COMMAND [ARG...]")
         return 2
-    exit_path, command = argv[1], argv[3:]
     me = os.getpid()
     _become_subreaper()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, _ignore)
 
-    detail = ""
-    try:
-        child = os.posix_spawnp(command[0], command, os.environ, setsigdef=_DEFAULT_IN_WORKLOAD)
-    except OSError as exc:
-        code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
-        detail = f"could not run {command[0]!r}: {exc.strerror}"
+    child, detail, code = _spawn(options)
+    if child is None:
         _note(detail)
     else:
         while True:
@@ -170,7 +264,7 @@ def main(argv: list[str]) -> int:
                     code = 128 - code
                 break
         _kill_leftovers(me)
-    _write_exit(exit_path, code, detail)
+    _write_exit(options.exit_path, code, detail)
     return code
 
 

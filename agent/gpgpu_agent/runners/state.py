@@ -202,11 +202,16 @@ class ProcessRecord:
     log_path: str
     exit_path: str
     work_dir: str
+    # The lease's cgroup directories (its limits), removed with the lease; empty when it has none.
+    cgroups: tuple[str, ...] = ()
+    # Whether the workload runs in the bubblewrap sandbox (its first two processes are bwrap's).
+    sandboxed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["command"] = list(self.command)
         data["gpu_uuids"] = list(self.gpu_uuids)
+        data["cgroups"] = list(self.cgroups)
         return data
 
     @classmethod
@@ -228,6 +233,8 @@ class ProcessRecord:
                 log_path=str(data["log_path"]),
                 exit_path=str(data["exit_path"]),
                 work_dir=str(data["work_dir"]),
+                cgroups=tuple(str(c) for c in data.get("cgroups", ())),
+                sandboxed=bool(data.get("sandboxed", False)),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"missing or malformed field: {exc}") from exc
