@@ -50,6 +50,7 @@ from billing.chain.errors import (
     TransactionTimeout,
     chain_errors,
     is_already_known,
+    log_scrubbing_install,
 )
 from billing.contract import load_artifact
 
@@ -194,6 +195,17 @@ class ChainClient:
                 return _hex(self.web3.eth.get_block(number)["hash"])
             except BlockNotFound:
                 return None
+
+    def transaction_count(self, block: str = "latest") -> int:
+        """How many transactions the client's account has sent: mined ("latest"), or including
+        those the node holds unmined ("pending"; eth-tester counts only mined ones)."""
+        with chain_errors():
+            return int(self.web3.eth.get_transaction_count(self.address, block))
+
+    def block_transactions(self, number: int) -> list[Any]:
+        """The transactions of block `number`, in full (from, nonce, input, hash, ...)."""
+        with chain_errors():
+            return list(self.web3.eth.get_block(number, full_transactions=True)["transactions"])
 
     def native_balance(self, address: str) -> int:
         """The native (gas) balance of `address`, in wei."""
@@ -507,9 +519,12 @@ def operator_account_from_settings() -> LocalAccount:
 
 def chain_client_from_settings(*, account: LocalAccount | None = None) -> ChainClient:
     """A client on CHAIN_RPC_URL (HTTP, CHAIN_RPC_TIMEOUT_S per request, no silent retries), sending as
-    `account` or the operator from settings. Does no network I/O until first used."""
+    `account` or the operator from settings. Does no network I/O until first used. The URL may hold
+    a provider's API key: web3's and urllib3's log records are scrubbed of it from here on (errors
+    always are, see billing.chain.errors)."""
     from django.conf import settings
 
+    log_scrubbing_install()
     provider = Web3.HTTPProvider(
         settings.CHAIN_RPC_URL,
         request_kwargs={"timeout": settings.CHAIN_RPC_TIMEOUT_S},

@@ -14,11 +14,21 @@ Callers of the chain client catch these and nothing from web3:
 - `NonceConflict`: the nonce was taken by another transaction even after one refresh (another
   process sends with the same key), or a pending transaction with that nonce cannot be replaced.
 - `ChainConfigurationError`: a setting is missing or unsafe (operator key, addresses, chain id).
+
+Secrets in the node's URL: hosted node providers put the API key in CHAIN_RPC_URL's path or
+query (https://mainnet.example/v3/<key>), some take user:password, and requests, urllib3 and web3
+write that URL into their exception messages and debug logs. Every ChainError's message is
+scrubbed (`scrub`: a URL keeps only scheme://host:port, a bare request path is dropped) when it is
+made, the original exception is not chained to it (`raise … from None`: a traceback would print
+its text), and `log_scrubbing_install` filters the same out of web3's and urllib3's own log
+records. So no API body, console page or log line built from a chain error carries the key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -36,9 +46,67 @@ from web3.exceptions import (
 
 from billing.contract import revert_data, revert_decode
 
+# A URL: scheme, optional userinfo, host[:port], then anything up to whitespace or a quote (a
+# comma, full stop or parenthesis just before those is left to the sentence).
+_URL = re.compile(
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^\s/?#@'\"<>]*@)?"
+    r"(?P<host>[^\s/?#'\"<>,;)]*)(?P<rest>[/?#][^\s'\"<>]*?)?(?=[,.;)]?(?:[\s'\"<>]|$))"
+)
+# A request path without its host, as urllib3 writes it ("… with url: /v3/KEY?x=1", '"POST /v3/KEY HTTP/1.1"').
+_BARE_PATH = re.compile(
+    r"(?P<lead>\burl: |\b(?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) )(?P<path>/[^\s'\"<>]*)", re.IGNORECASE
+)
+_USERINFO = re.compile(r"(?P<scheme>://)[^\s/?#@'\"<>]*@")
+REDACTED = "[redacted]"
+
+
+def scrub(text: str) -> str:
+    """`text` without what a node URL may hide a secret in: every URL is cut to scheme://host:port
+    (userinfo, path, query and fragment become "[redacted]"), and a bare request path after "url: "
+    or an HTTP method is replaced. Hosts and ports stay: they say which node failed."""
+
+    def url(match: re.Match[str]) -> str:
+        hidden = match["userinfo"] or (match["rest"] or "/") != "/"
+        return f"{match['scheme']}{match['host']}{'/' + REDACTED if hidden else ''}"
+
+    text = _BARE_PATH.sub(lambda m: f"{m['lead']}/{REDACTED}", _URL.sub(url, text))
+    return _USERINFO.sub(r"\g<scheme>", text)  # whatever odd shape a URL had, never its credentials
+
 
 class ChainError(Exception):
-    """Base class of every error the chain client raises."""
+    """Base class of every error the chain client raises. Its message is scrubbed of URL secrets."""
+
+    def __init__(self, message: object = "", *args: Any) -> None:
+        super().__init__(scrub(str(message)), *args)
+
+
+class _ScrubRecord(logging.Filter):
+    """Rewrites a log record's message (and formatted traceback) through `scrub`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = scrub(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+# The loggers that write the node's URL (web3 at DEBUG: "Making request HTTP. URI: …"; urllib3's
+# request lines). A filter on a logger sees only the records made on it, so each is named.
+URL_LOGGERS = (
+    "web3.providers.HTTPProvider",
+    "web3.providers.AsyncHTTPProvider",
+    "web3._utils.http_session_manager.HTTPSessionManager",
+    "web3.manager.RequestManager",
+    "urllib3.connectionpool",
+)
+
+
+def log_scrubbing_install() -> None:
+    """Make the loggers in URL_LOGGERS scrub their records (idempotent)."""
+    for name in URL_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(existing, _ScrubRecord) for existing in target.filters):
+            target.addFilter(_ScrubRecord())
 
 
 class ChainConfigurationError(ChainError):
@@ -178,21 +246,24 @@ def _is_revert(error: BaseException) -> bool:
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
-    text = str(error) or type(error).__name__
+    # Scrubbed before it is cut, so a cut cannot leave half a secret the patterns no longer match.
+    text = scrub(str(error)) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @contextlib.contextmanager
 def chain_errors() -> Iterator[None]:
-    """Re-raise anything raised inside as its typed ChainError (keeping the original as the cause)."""
+    """Re-raise anything raised inside as its typed ChainError. The original is not chained (its
+    text may carry the node URL's secrets; see the module docstring): the typed error's message
+    keeps its type and scrubbed text."""
     try:
         yield
     except ChainError:
         raise
     except (Web3Exception, requests.exceptions.RequestException, OSError, ValueError) as error:
-        raise translate(error) from error
+        raise translate(error) from None
     except Exception as error:
         # eth-tester's ValidationError / TransactionFailed do not derive from the classes above.
         if type(error).__module__.startswith(("eth_tester", "eth_utils", "eth", "web3")):
-            raise translate(error) from error
+            raise translate(error) from None
         raise
