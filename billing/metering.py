@@ -92,14 +92,19 @@ def billable_seconds(
     end: datetime,
     reported: Iterable[tuple[datetime, datetime]],
     slack_s: int,
+    max_seconds: int | None = None,
 ) -> int:
     """Seconds of a lease to bill, from `started_at` to `end`:
 
-        min(wall-clock seconds, seconds covered by the agent's usage reports + slack_s)
+        min(wall-clock seconds, seconds covered by the agent's usage reports + slack_s,
+            max_seconds)
 
-    so a machine that stopped reporting is not paid for the time it did not report. The
-    caller passes slack_s = 0 while the lease runs (a provisional figure that can only grow)
-    and USAGE_SLACK_S once it has ended."""
+    so a machine that stopped reporting is not paid for the time it did not report, and a
+    lease is never billed past its job's max_duration_s (`max_seconds`), whatever the agent
+    did after it. The caller passes slack_s = 0 while the lease runs (a provisional figure that
+    can only grow) and USAGE_SLACK_S once it has ended."""
+    if max_seconds is not None:
+        end = min(end, started_at + timedelta(seconds=max(0, max_seconds)))
     wall = whole_seconds(end - started_at)
     covered = covered_seconds(reported, start=started_at, end=end)
     return min(wall, covered + slack_s)

@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from billing import services as billing_services
 from gpgpu_agent import protocol as usage_protocol
-from jobs.errors import IdempotencyKeyReused, InvalidTransition, NotFound, ValidationFailed
+from jobs.errors import Conflict, IdempotencyKeyReused, InvalidTransition, NotFound, ValidationFailed
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
 from providers.models import GPU
 
@@ -665,6 +665,17 @@ def _usage_signature_verify(*, machine: Any, lease_id: int, report: UsageReportD
     return address
 
 
+# Usage reports a lease may send: one per this many seconds of its job's max_duration_s on
+# average, plus a few (the agent reports every 60 s by default, and once more when it ends).
+USAGE_REPORT_MIN_SPACING_S = 10
+USAGE_REPORTS_EXTRA = 10
+
+
+def usage_reports_max(*, max_duration_s: int) -> int:
+    """The most usage reports one lease of a job with this max_duration_s may store."""
+    return USAGE_REPORTS_EXTRA + max_duration_s // USAGE_REPORT_MIN_SPACING_S
+
+
 def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData) -> tuple[UsageReport, bool]:
     """Store a usage report of one of the machine's leases; returns (report, created).
 
@@ -672,14 +683,21 @@ def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData)
     content. Otherwise the period must be positive and lie within the lease (from its start to
     its end, or now, with AGENT_CLOCK_SKEW either side), and gpu_seconds may not exceed the
     period's length times the lease's GPUs (ValidationFailed `usage_period_outside_lease` /
-    `usage_gpu_seconds_exceeded`). Raises NotFound for a lease that is not this machine's.
+    `usage_gpu_seconds_exceeded`). A period overlapping a report already accepted for the lease
+    is refused (Conflict `usage_period_overlaps`), and a lease stores at most
+    usage_reports_max(max_duration_s) reports (Conflict `usage_reports_limit`). Raises NotFound
+    for a lease that is not this machine's.
 
     A machine with a signing address must sign every report (EIP-712, see
     _usage_signature_verify): otherwise ValidationFailed `usage_signature_invalid` and nothing
     is stored. The report records the verified signer in `verified_signer` ("" for an unsigned
     report of a machine without a signing address).
     """
-    lease = Lease.objects.filter(pk=lease_id, machine_id=machine.pk).first() if 0 < lease_id <= _BIGINT_MAX else None
+    lease = (
+        Lease.objects.select_related("job").filter(pk=lease_id, machine_id=machine.pk).first()
+        if 0 < lease_id <= _BIGINT_MAX
+        else None
+    )
     if lease is None:
         raise NotFound(f"Lease {lease_id} is not a lease of this machine.")
     existing = UsageReport.objects.filter(lease_id=lease.pk, report_id=report.report_id).first()
@@ -710,6 +728,32 @@ def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData)
     signer = _usage_signature_verify(machine=machine, lease_id=lease.pk, report=report)
     try:
         with transaction.atomic():
+            # The lease's row lock serialises its reports: two overlapping ones sent at once
+            # cannot both pass the checks below.
+            Lease.objects.select_for_update().filter(pk=lease.pk).values_list("pk", flat=True).get()
+            if UsageReport.objects.filter(lease_id=lease.pk, report_id=report.report_id).exists():
+                return UsageReport.objects.get(lease_id=lease.pk, report_id=report.report_id), False
+            overlapping = (
+                UsageReport.objects.filter(
+                    lease_id=lease.pk, period_start__lt=report.period_end, period_end__gt=report.period_start
+                )
+                .order_by("period_start")
+                .first()
+            )
+            if overlapping is not None:
+                raise Conflict(
+                    f"The period {report.period_start.isoformat()} to {report.period_end.isoformat()} overlaps "
+                    f"report {overlapping.report_id!r} ({overlapping.period_start.isoformat()} to "
+                    f"{overlapping.period_end.isoformat()}) already accepted for lease {lease.pk}.",
+                    code="usage_period_overlaps",
+                )
+            limit_count = usage_reports_max(max_duration_s=lease.job.max_duration_s)
+            if UsageReport.objects.filter(lease_id=lease.pk).count() >= limit_count:
+                raise Conflict(
+                    f"Lease {lease.pk} already has {limit_count} usage reports, the most a lease of at most "
+                    f"{lease.job.max_duration_s} s may send (one per {USAGE_REPORT_MIN_SPACING_S} s on average).",
+                    code="usage_reports_limit",
+                )
             row = UsageReport.objects.create(
                 lease=lease,
                 report_id=report.report_id,
@@ -733,8 +777,9 @@ def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData)
 
 # --- sweeps ---------------------------------------------------------------------------------
 
-# A lease still running this long after its stop was requested is ended without the agent.
-STOP_GRACE_S = 60
+# A lease still running this long after its stop was requested is ended without the agent: it
+# hears the request at its next heartbeat (10 s) and stops the workload within its grace (≤ 8 s).
+STOP_GRACE_S = 30
 
 
 @dataclass(frozen=True)
@@ -758,7 +803,8 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
       retried while it has attempts left);
     - running past their job's max_duration_s: asked to stop with reason `max_duration`;
     - still running STOP_GRACE_S after a stop request (whatever its reason): ended with the
-      requested reason, so that an unresponsive agent does not hold the lease forever.
+      requested reason, as of the request (as of its maximum for max_duration), so that an
+      unresponsive agent neither holds the lease nor is paid for the time it ignored the stop.
 
     Every move goes through lease_end / lease_request_stop, so a concurrent agent report wins or
     loses cleanly and running the sweep twice is harmless.
@@ -779,16 +825,23 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
         )
 
     ended_after_stop = 0
-    for lease_id, stop_reason in (
+    for lease_id, stop_reason, stop_requested_at, started_at, max_duration_s in (
         Lease.objects.filter(status=Lease.Status.RUNNING, stop_requested_at__lt=now - timedelta(seconds=STOP_GRACE_S))
         .order_by("pk")
-        .values_list("pk", "stop_reason")
+        .values_list("pk", "stop_reason", "stop_requested_at", "started_at", "job__max_duration_s")
     ):
+        # The agent did not answer: the lease ends when it should have, not when the sweep
+        # noticed. Past the maximum nothing is billed; after a stop request (cancel, budget
+        # spent, suspension) nothing after the request is.
+        end_at = stop_requested_at
+        if (stop_reason or ER.MAX_DURATION) == ER.MAX_DURATION and started_at is not None:
+            end_at = min(stop_requested_at, started_at + timedelta(seconds=max_duration_s))
         ended_after_stop += lease_end(
             lease_id=lease_id,
             reason=stop_reason or ER.MAX_DURATION,
             actor="sweeper",
-            detail=f"still running {STOP_GRACE_S} seconds after the stop request",
+            at=end_at,
+            detail=f"still running {STOP_GRACE_S} seconds after the stop request; ended as of the request",
         )
 
     # Durations differ per job, so the deadline is compared here rather than in SQL (portable

@@ -264,7 +264,7 @@ class MachineAdmin(admin.ModelAdmin):
     list_select_related = ["provider"]
     date_hierarchy = "created_at"
     inlines = [GPUInline]
-    actions = ["suspend", "unsuspend", "rotate_credential", "revoke_credential"]
+    actions = ["suspend", "unsuspend", "rotate_credential", "revoke_credential", "remove"]
     fields = [
         "provider",
         "hostname",
@@ -413,6 +413,20 @@ class MachineAdmin(admin.ModelAdmin):
         )
         if skipped:
             self.message_user(request, f"{skipped} machine(s) were already revoked.", messages.INFO)
+
+    @admin.action(description="Remove selected machines (once they run no lease)", permissions=["change"])
+    def remove(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
+        removed: list[Machine] = []
+        refused: list[str] = []
+        for machine in queryset.filter(removed_at__isnull=True).order_by("pk"):
+            try:
+                removed.append(services.machine_remove(machine=machine, actor=operator_actor(request)))
+            except Conflict as exc:
+                refused.append(str(exc))
+        if removed:
+            self.message_user(request, f"Removed {len(removed)} machine(s); their credentials are revoked.")
+        for sentence in refused:
+            self.message_user(request, sentence, messages.WARNING)
 
 
 @admin.register(MachineCredentialRevocation)

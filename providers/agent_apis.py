@@ -17,10 +17,16 @@ from rest_framework.response import Response
 
 from jobs import services as job_services
 from jobs.models import Job
-from marketplace.api import BaseApi, NamedChoiceField, error_responses
+from marketplace.api import (
+    BaseApi,
+    DecimalInputField,
+    NamedChoiceField,
+    decimal_pattern,
+    error_responses,
+    eth_address_field,
+)
 from providers import services
 from providers.auth import IsMachine, MachineAuthentication
-from providers.models import eth_address_validator
 
 MAX_GPUS_PER_MACHINE = 64
 MAX_LEASES_PER_HEARTBEAT = 128
@@ -65,12 +71,10 @@ class RegisterApi(AgentAPIView):
         token = serializers.CharField(max_length=200, help_text="The one-time registration token (gpreg_…).")
         hostname = serializers.CharField(max_length=255)
         agent_version = serializers.CharField(max_length=50)
-        signing_address = serializers.CharField(
-            max_length=42,
+        signing_address = eth_address_field(
             required=False,
             allow_blank=True,
             default="",
-            validators=[eth_address_validator],
             help_text="The agent's usage-report signing address (0x followed by 40 hex digits).",
         )
         region = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
@@ -369,12 +373,10 @@ class CredentialRotateApi(AgentAPIView):
         class Meta:
             ref_name = "AgentCredentialRotateInput"
 
-        signing_address = serializers.CharField(
-            max_length=42,
+        signing_address = eth_address_field(
             required=False,
             allow_null=True,
             default=None,
-            validators=[eth_address_validator],
             help_text="Also replace the machine's usage-signing address (0x followed by 40 hex digits).",
         )
 
@@ -500,7 +502,12 @@ class LeaseUsageApi(AgentAPIView):
         report_id = serializers.CharField(max_length=128, help_text="Unique per lease; repeats are harmless.")
         period_start = serializers.DateTimeField()
         period_end = serializers.DateTimeField()
-        gpu_seconds = serializers.DecimalField(max_digits=16, decimal_places=3, min_value=0)
+        gpu_seconds = DecimalInputField(
+            pattern=decimal_pattern(whole_digits=13, decimal_places=3),
+            max_digits=16,
+            decimal_places=3,
+            min_value=0,
+        )
         mean_utilization_pct = serializers.FloatField(
             min_value=0, max_value=100, required=False, allow_null=True, default=None
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from zoneinfo import available_timezones
 
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -19,7 +20,16 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from marketplace.api import BaseApi, NamedChoiceField, StrictInputSerializer, error_responses, price_field
+from marketplace.api import (
+    BaseApi,
+    NamedChoiceField,
+    StrictInputSerializer,
+    error_responses,
+    eth_address_field,
+    id_field,
+    price_field,
+    price_input_field,
+)
 from marketplace.permissions import IsProvider, user_provider
 from providers import selectors, services
 from providers.agent_apis import CapabilitiesSerializer
@@ -79,17 +89,18 @@ class GpuSearchApi(BaseApi):
 
         model = serializers.CharField(
             required=False,
+            allow_blank=True,
             max_length=MAX_MODELS_PER_SEARCH * 101,
-            help_text="A model name or a comma-separated list of them, case-insensitive.",
+            help_text=f"A model name or a comma-separated list of at most {MAX_MODELS_PER_SEARCH}, each at most "
+            "100 characters, case-insensitive; empty: any.",
         )
         min_vram_mb = serializers.IntegerField(required=False, min_value=0, max_value=MAX_VRAM_MB)
-        max_price = price_field(
+        max_price = price_input_field(
             required=False,
-            min_value=0,
-            max_value=PRICE_MAX,
+            maximum=PRICE_MAX,
             help_text="Only GPUs whose effective price floor per GPU-hour is at most this.",
         )
-        region = serializers.CharField(required=False, max_length=64)
+        region = serializers.CharField(required=False, allow_blank=True, max_length=64, help_text="Empty: any.")
         available_now = serializers.ChoiceField(
             choices=["true", "false"],
             required=False,
@@ -214,6 +225,19 @@ class MachineDetailApi(ProviderApi):
     def get(self, request: Request, machine_id: int) -> Response:
         return Response(_machine_detail(provider=self.provider, machine_id=machine_id))
 
+    @extend_schema(
+        tags=["machines"],
+        summary="Remove one of my machines",
+        description="Takes the machine out of the fleet for good once it runs no lease (else 409 "
+        "machine_busy): its credential is revoked and it no longer shows in the lists. Its GPUs may "
+        "then be registered again, by any provider.",
+        responses={204: None, **error_responses(401, 403, 404, 409)},
+    )
+    def delete(self, request: Request, machine_id: int) -> Response:
+        machine = selectors.machine_get_for_provider(provider=self.provider, machine_id=machine_id)
+        services.machine_remove(machine=machine, actor=f"provider:{self.provider.pk}")
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
 
 def _machine_detail(*, provider: Provider, machine_id: int) -> Any:
     machine = selectors.machine_get_for_provider(provider=provider, machine_id=machine_id)
@@ -276,8 +300,8 @@ class MachineCredentialRevokeApi(ProviderApi):
 
 class MachineGpuApi(ProviderApi):
     class PriceFloorInput(StrictInputSerializer):
-        price_floor = price_field(
-            allow_null=True, min_value=0, max_value=PRICE_MAX, help_text="Per GPU-hour; null: use my default."
+        price_floor = price_input_field(
+            allow_null=True, maximum=PRICE_MAX, help_text="Per GPU-hour; null: use my default."
         )
 
     @extend_schema(
@@ -309,10 +333,10 @@ class ProviderProfileSerializer(serializers.Serializer):
 class ProviderProfileApi(ProviderApi):
     class ProfileInput(StrictInputSerializer):
         display_name = serializers.CharField(required=False, max_length=100)
-        payout_address = serializers.CharField(
-            required=False, allow_blank=True, max_length=42, help_text="0x followed by 40 hex digits, or empty."
+        payout_address = eth_address_field(
+            required=False, allow_blank=True, help_text="0x followed by 40 hex digits, or empty."
         )
-        default_price_floor = price_field(required=False, min_value=0, max_value=PRICE_MAX)
+        default_price_floor = price_input_field(required=False, maximum=PRICE_MAX)
 
     @extend_schema(
         tags=["provider"],
@@ -345,24 +369,36 @@ class DaysField(serializers.ListField):
         return mask_to_days(data)
 
 
+@extend_schema_field({"type": "string", "pattern": "^(?:[01][0-9]|2[0-3]):[0-5][0-9]$", "example": "08:30"})
+class HourMinuteField(serializers.TimeField):
+    """A local time of day as HH:MM, in and out."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(format="%H:%M", input_formats=["%H:%M"], **kwargs)
+
+
+# The names availability.validate_timezone accepts.
+TIME_ZONES = sorted(available_timezones() | {"UTC"})
+
+
 class WindowSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     machine = serializers.IntegerField(
         source="machine_id", allow_null=True, help_text="null: every machine without windows of its own."
     )
     days = DaysField(help_text="The days the window starts on.")
-    start_time = serializers.TimeField(format="%H:%M")
-    end_time = serializers.TimeField(format="%H:%M", help_text="At or before start_time: the next day.")
+    start_time = HourMinuteField()
+    end_time = HourMinuteField(help_text="At or before start_time: the next day.")
     timezone = serializers.CharField(help_text="An IANA time zone, e.g. Europe/Paris.")
     created_at = serializers.DateTimeField()
 
 
 class WindowInput(StrictInputSerializer):
-    machine = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    machine = id_field(required=False, allow_null=True, help_text="One of my machines; null or omitted: all.")
     days = serializers.ListField(child=serializers.ChoiceField(choices=list(DAY_NAMES)), min_length=1, max_length=7)
-    start_time = serializers.TimeField(input_formats=["%H:%M"], help_text="Local time, HH:MM.")
-    end_time = serializers.TimeField(input_formats=["%H:%M"], help_text="Local time, HH:MM.")
-    timezone = serializers.CharField(max_length=64)
+    start_time = HourMinuteField(help_text="Local time, HH:MM.")
+    end_time = HourMinuteField(help_text="Local time, HH:MM.")
+    timezone = NamedChoiceField(TIME_ZONES, enum_name="TimeZone", help_text="An IANA time zone, e.g. Europe/Paris.")
 
 
 def _window_service_args(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -456,7 +492,7 @@ class BlackoutSerializer(serializers.Serializer):
 
 class BlackoutListApi(ProviderApi):
     class BlackoutInput(StrictInputSerializer):
-        machine = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+        machine = id_field(required=False, allow_null=True, help_text="One of my machines; null or omitted: all.")
         starts_at = serializers.DateTimeField()
         ends_at = serializers.DateTimeField(help_text="After starts_at.")
         reason = serializers.CharField(required=False, allow_blank=True, max_length=255, default="")

@@ -92,6 +92,8 @@ class Machine(models.Model):
     capabilities_reported_at = models.DateTimeField(null=True, blank=True)
     # Set when its credential was revoked: it can no longer authenticate and stays offline.
     credential_revoked_at = models.DateTimeField(null=True, blank=True)
+    # Set when its provider removed it (machine_remove): out of the fleet for good.
+    removed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

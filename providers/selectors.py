@@ -18,9 +18,7 @@ from providers.errors import NotFound
 from providers.models import GPU, AvailabilityWindow, Blackout, Machine, Provider, RegistrationToken
 
 
-def machines_available_until(
-    *, machines: Iterable[tuple[int, int]], now: datetime
-) -> dict[int, datetime | None]:
+def machines_available_until(*, machines: Iterable[tuple[int, int]], now: datetime) -> dict[int, datetime | None]:
     """For each (machine_id, provider_id): the end of its current availability stretch
     (see providers.availability.available_until). Two queries, whatever the number of machines."""
     pairs = list(machines)
@@ -168,18 +166,22 @@ def gpus_availability(*, gpus: Sequence[GPU], now: datetime | None = None) -> di
 
 
 def machine_list_for_provider(*, provider: Provider) -> QuerySet[Machine]:
-    """The provider's machines, with `gpu_count`."""
-    return Machine.objects.filter(provider=provider).annotate(gpu_count=Count("gpus")).order_by("pk")
+    """The provider's machines in service (not removed), with `gpu_count`."""
+    return (
+        Machine.objects.filter(provider=provider, removed_at__isnull=True)
+        .annotate(gpu_count=Count("gpus"))
+        .order_by("pk")
+    )
 
 
 def machine_get_for_provider(*, provider: Provider, machine_id: int) -> Machine:
     """The provider's machine with its GPUs (and their `effective_price`); NotFound for a
-    machine that is not the provider's."""
+    machine that is not the provider's, or that it removed."""
     gpus = GPU.objects.annotate(
         effective_price=Coalesce("price_floor", "machine__provider__default_price_floor")
     ).order_by("index")
     machine = (
-        Machine.objects.filter(provider=provider, pk=machine_id)
+        Machine.objects.filter(provider=provider, pk=machine_id, removed_at__isnull=True)
         .prefetch_related(Prefetch("gpus", queryset=gpus))
         .first()
     )

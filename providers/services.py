@@ -416,7 +416,14 @@ def machine_credential_rotate(
     return raw
 
 
-def machine_credential_revoke(*, machine: Machine, actor: str, reason: str = DEFAULT_REVOKE_REASON) -> None:
+def machine_credential_revoke(
+    *,
+    machine: Machine,
+    actor: str,
+    reason: str = DEFAULT_REVOKE_REASON,
+    leases_end_as: str | None = None,
+    leases_end_at: datetime | None = None,
+) -> None:
     """Revoke the machine's credential for good: the current credential is recorded as revoked
     (a request with it answers 401 `credential_revoked` with the time and `reason`), and the
     machine's digest becomes one nobody holds the credential of, so nothing authenticates as
@@ -426,6 +433,8 @@ def machine_credential_revoke(*, machine: Machine, actor: str, reason: str = DEF
     new registration token, as a new machine.
 
     Revoking a revoked machine changes nothing. reason: at most 255 characters (trimmed).
+    `leases_end_as` / `leases_end_at`: another end reason and time for its leases (a machine
+    replaced by a new registration of the same rig: `lost`, at its last heartbeat).
     """
     from jobs.models import Lease
     from jobs.services import leases_end_for_machine
@@ -451,13 +460,41 @@ def machine_credential_revoke(*, machine: Machine, actor: str, reason: str = DEF
         )
         ended = leases_end_for_machine(
             machine_id=machine.pk,
-            reason=Lease.EndReason.CREDENTIAL_REVOKED,
+            reason=leases_end_as or Lease.EndReason.CREDENTIAL_REVOKED,
             actor=actor,
             detail=f"the machine's credential was revoked ({reason})",
+            at=leases_end_at,
         )
         GPU.objects.filter(machine_id=machine.pk).update(state=GPU.State.OFFLINE, idle_since=None)
     logger.info("machine %s credential revoked by %s (%s): %d lease(s) ended", machine.pk, actor, reason, ended)
     machine.refresh_from_db()
+
+
+def machine_remove(*, machine: Machine, actor: str) -> Machine:
+    """Take a machine out of the provider's fleet for good: refused (Conflict `machine_busy`)
+    while it holds an active lease; otherwise its credential is revoked, it goes offline, and it
+    is marked removed (hidden from the provider's lists; its history stays for statements).
+    Its GPUs may then be registered by a new machine of any provider (the rig changed hands).
+    Removing a removed machine changes nothing."""
+    from jobs.models import Lease
+
+    with transaction.atomic():
+        locked = _machine_lock(machine_id=machine.pk)
+        if locked is None or locked.removed_at is not None:
+            machine.refresh_from_db()
+            return machine
+        active = Lease.objects.filter(machine_id=machine.pk, status__in=Lease.ACTIVE).count()
+        if active:
+            raise Conflict(
+                f"Machine {machine.pk} is running {active} lease(s); remove it once they have ended "
+                "(or suspend it to end them now).",
+                code="machine_busy",
+            )
+        machine_credential_revoke(machine=locked, actor=actor, reason="the machine was removed by its provider")
+        Machine.objects.filter(pk=machine.pk).update(removed_at=timezone.now(), status=Machine.Status.OFFLINE)
+    logger.info("machine %s removed by %s", machine.pk, actor)
+    machine.refresh_from_db()
+    return machine
 
 
 @dataclass(frozen=True)
@@ -572,8 +609,11 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
     """Record a heartbeat: machine facts, GPU inventory and telemetry, and the machine online
     (unless suspended); answer which leases the agent should start and stop.
 
-    - GPUs are upserted by uuid. A uuid registered to another machine raises Conflict
-      `gpu_uuid_taken` and nothing is written. Known GPUs missing from the report go offline.
+    - GPUs are upserted by uuid. A uuid registered to a former machine of the same rig (same
+      provider, or a removed machine) is taken over (_gpus_claim: the old machine's credential is
+      revoked, its leases end as lost); one of another provider's machine in service raises
+      Conflict `gpu_uuid_taken` and nothing is written. Known GPUs missing from the report go
+      offline.
     - A GPU's state: `leased` while in an active lease, else `owner_busy` if the owner is using
       it or the agent does not call it idle, else `idle`.
     - One TelemetrySample per GPU per TELEMETRY_SAMPLE_INTERVAL_S bucket (the first heartbeat in
@@ -604,7 +644,7 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
                 raise _credential_revoked_error(
                     MachineCredentialRevocation.objects.filter(digest=machine.credential_digest).first()
                 )
-            _gpu_uuids_check_free(machine_id=machine.pk, uuids=list(reported))
+            _gpus_claim(machine=locked, uuids=list(reported))
 
             facts: dict[str, Any] = {
                 name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None
@@ -693,7 +733,15 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             reply = replace(reply, schedule=machine_schedule(machine=machine, now=now))
     except IntegrityError:
         # Another machine claimed one of these uuids between the check and the insert.
-        _gpu_uuids_check_free(machine_id=machine.pk, uuids=list(reported))
+        taken = sorted(
+            GPU.objects.filter(uuid__in=list(reported)).exclude(machine_id=machine.pk).values_list("uuid", flat=True)
+        )
+        if taken:
+            raise Conflict(
+                f"GPU {taken[0]} is registered to another machine; nothing was recorded.",
+                code="gpu_uuid_taken",
+                extra={"uuids": taken},
+            ) from None
         raise
     return reply
 
@@ -739,14 +787,52 @@ def _bucket(at: datetime, interval_s: int) -> int:
     return int(at.timestamp() // interval_s)
 
 
-def _gpu_uuids_check_free(*, machine_id: int, uuids: list[str]) -> None:
-    taken = sorted(GPU.objects.filter(uuid__in=uuids).exclude(machine_id=machine_id).values_list("uuid", flat=True))
+def _gpus_claim(*, machine: Machine, uuids: list[str]) -> None:
+    """Take over reported GPUs that are registered to another machine, when that machine is a
+    former registration of this rig: one of the same provider (the rig registered again, after
+    a reinstall or a lost state directory), or one its provider removed (the rig changed hands).
+    The old machine's credential is revoked and its active leases end as `lost` at its last
+    heartbeat; its GPU rows, with their history, move to this machine. A GPU of another
+    provider's machine still in service raises Conflict `gpu_uuid_taken` and nothing is written.
+    The caller holds this machine's row lock."""
+    owners = (
+        GPU.objects.filter(uuid__in=uuids)
+        .exclude(machine_id=machine.pk)
+        .values_list("uuid", "machine_id", "machine__provider_id", "machine__removed_at")
+    )
+    taken = sorted(
+        uuid for uuid, _, provider_id, removed_at in owners if provider_id != machine.provider_id and removed_at is None
+    )
     if taken:
         raise Conflict(
-            f"GPU {taken[0]} is registered to another machine; nothing was recorded.",
+            f"GPU {taken[0]} is registered to a machine of another provider; nothing was recorded. That "
+            "provider must remove the machine first.",
             code="gpu_uuid_taken",
             extra={"uuids": taken},
         )
+    for old_id in sorted({machine_id for _, machine_id, _, _ in owners}):
+        old = Machine.objects.get(pk=old_id)
+        if old.credential_revoked_at is None:
+            machine_credential_revoke(
+                machine=old,
+                actor=f"machine:{machine.pk}",
+                reason=f"the rig registered again as machine {machine.pk}",
+                leases_end_as="lost",
+                leases_end_at=old.last_heartbeat_at,
+            )
+        moving = list(GPU.objects.filter(machine_id=old_id, uuid__in=uuids).order_by("pk"))
+        used = set(GPU.objects.filter(machine_id=machine.pk).values_list("index", flat=True))
+        parking = _GPU_PARKING_INDEX
+        for gpu in moving:
+            # Out of the way of this machine's (machine, index) uniqueness; the heartbeat then
+            # writes the reported index.
+            while parking in used:
+                parking += 1
+            used.add(parking)
+            gpu.machine_id = machine.pk
+            gpu.index = parking
+        GPU.objects.bulk_update(moving, ["machine_id", "index"])
+        logger.info("machine %s took over %d GPU(s) of machine %s", machine.pk, len(moving), old_id)
 
 
 def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuReport]) -> None:

@@ -263,3 +263,27 @@ def test_a_revoked_credential_stops_the_rentals_and_the_agent_says_why(rig: Any)
     assert agent.leases == {}
     status = (agent.state_dir / "status.json").read_text()
     assert "revoked by its provider" in status
+
+
+def test_the_agent_stops_a_lease_at_its_maximum_without_being_told(rig: Any) -> None:
+    agent, fake, transport = rig
+    order = {**_order(5, fake.gpus[0].uuid, 300), "max_duration_s": 1}
+    agent.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[order]))
+    agent.network_once()
+    agent.poll_once()
+    pids = agent.runner.poll(5).pids
+    started = time.monotonic()
+    while 5 in agent.leases and time.monotonic() - started < 15:
+        agent.poll_once()  # no stop order ever comes from the marketplace
+        time.sleep(0.1)
+    agent.network_once()
+
+    assert 5 not in agent.leases
+    assert all(not os.path.exists(f"/proc/{pid}/cmdline") or _zombie(pid) for pid in pids)
+    body = transport._events[(5, "lease-5-exited")]
+    assert body["exit_code"] == 124 and body["detail"] == "killed after max_duration_s"
+    ran = datetime.fromisoformat(body["at"].replace("Z", "+00:00")) - datetime.fromisoformat(
+        transport._events[(5, "lease-5-started")]["at"].replace("Z", "+00:00")
+    )
+    assert timedelta(seconds=1) <= ran <= timedelta(seconds=1 + 2 + 1)  # the maximum, the stop grace, a poll

@@ -223,18 +223,43 @@ def test_ended_lease_waits_for_late_usage_reports_before_its_charge_is_final():
 
 def test_charge_is_capped_at_the_job_budget_and_the_lease_asked_to_stop():
     job = submit(max_price="1.00", max_duration_s=600)  # budget: 1_000_000 × 600 / 3600 → 166_667
-    lease = start(job, price="1.00")
-    report_every_minute(lease, 1200)
-    heartbeat(lease, at(1200))
+    first = start(job, price="1.00")
+    report_every_minute(first, 420)
+    lease_end(lease_id=first.pk, reason=ER.PREEMPTED_BY_OWNER, actor="machine", at=at(420))
+    services.lease_meter(lease_id=first.pk, now=at(420 + settings.BILLING_FINALIZE_GRACE_S))
+    # The job runs again elsewhere: its second lease may only spend what the first left.
+    second = start(job, price="1.00", started=1000)
+    report_every_minute(second, 1420, from_s=1000)
+    heartbeat(second, at(1420))
 
-    charge = services.lease_meter(lease_id=lease.pk, now=at(1200))
+    charge = services.lease_meter(lease_id=second.pk, now=at(1420))
 
     assert services.job_budget_micro_for(job) == 166_667
-    assert charge.capped and charge.uncapped_micro == 333_333
-    assert charge.cumulative_micro == 166_667 == unsettled(lease)
+    assert unsettled(first) == 1_000_000 * 420 // 3600 == 116_666
+    assert charge.capped and charge.uncapped_micro == 116_666
+    assert charge.cumulative_micro == 166_667 - 116_666 == unsettled(second)
     assert reserved(job) == 0
-    lease.refresh_from_db()
-    assert lease.stop_requested_at is not None and lease.stop_reason == ER.MAX_DURATION
+    second.refresh_from_db()
+    assert second.stop_requested_at is not None and second.stop_reason == ER.MAX_DURATION
+
+
+def test_a_lease_is_never_billed_past_its_jobs_max_duration_whatever_its_agent_reports():
+    # An agent that ignored the stop ran the lease 138 s and reported all of it; the job's
+    # maximum was 60 s.
+    job = submit(max_price="1.00", max_duration_s=60)
+    lease = start(job, price="1.00")
+    report(lease, 0, 60)
+    report(lease, 60, 120)
+    report(lease, 120, 138)
+    heartbeat(lease, at(138))
+
+    running = services.lease_meter(lease_id=lease.pk, now=at(138))
+    lease_end(lease_id=lease.pk, reason=ER.SUCCEEDED, actor="machine", exit_code=0, at=at(138))
+    final = services.lease_meter(lease_id=lease.pk, now=at(138 + settings.BILLING_FINALIZE_GRACE_S))
+
+    assert running.billable_seconds == 60
+    assert final.final and final.billable_seconds == 60
+    assert final.cumulative_micro == 1_000_000 * 60 // 3600 == unsettled(lease)
 
 
 def test_metering_again_posts_nothing_new():

@@ -3,6 +3,7 @@ stopped, then ended if the agent does not stop them."""
 
 from __future__ import annotations
 
+import secrets
 from datetime import timedelta
 from decimal import Decimal
 
@@ -10,13 +11,16 @@ import pytest
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from rest_framework.test import APIClient
 
+from billing import services as billing_services
 from jobs import services
 from jobs.models import Job, Lease
-from jobs.services import Placement, lease_mark_started, leases_assign
+from jobs.services import JobSpec, Placement, job_create, lease_mark_started, leases_assign
 from jobs.tasks import sweep_leases
-from providers.models import GPU
-from tests.factories import JobFactory, machine_with_gpus
+from providers import services as provider_services
+from providers.models import GPU, Machine
+from tests.factories import JobFactory, RenterFactory, machine_with_gpus
 
 pytestmark = pytest.mark.django_db
 
@@ -111,3 +115,84 @@ def test_repeated_sweeps_do_not_ask_twice() -> None:
 
     assert again.stops_requested == 0
     assert Lease.objects.get(pk=lease.pk).stop_requested_at == asked_at
+
+
+
+def test_an_agent_that_ignores_the_stop_is_ended_at_the_maximum_and_billed_no_further() -> None:
+    """An agent that heartbeats and reports usage as if nothing happened, 138 s into a lease
+    whose job may run 60 s: the marketplace asks it to stop, ends the lease without it, frees
+    the GPU, and bills 60 s."""
+    job = job_create(
+        renter=RenterFactory(),
+        spec=JobSpec(
+            kind=Job.Kind.PROCESS,
+            command=["sleep", "600"],
+            gpu_count=1,
+            max_price_per_gpu_hour=Decimal("1.00"),
+            expected_duration_s=60,
+            max_duration_s=60,
+        ),
+    )[0]
+    lease = assign(job)
+    t0 = timezone.now() - timedelta(seconds=200)
+    lease_mark_started(lease_id=lease.pk, actor="machine", at=t0)
+    machine = Machine.objects.get(pk=lease.machine_id)
+    client = _agent_client(machine)
+    gpu = GPU.objects.get(lease_gpus__lease=lease)
+
+    def beat() -> dict:  # type: ignore[type-arg]
+        body = {
+            "gpus": [
+                {"uuid": gpu.uuid, "index": gpu.index, "model": gpu.model, "vram_mb": gpu.vram_mb, "idle": False}
+            ],
+            "leases": [{"lease_id": lease.pk, "state": "running"}],
+        }
+        response = client.post("/api/agent/v1/heartbeat", body, format="json")
+        assert response.status_code == 200, response.content
+        return response.json()
+
+    def usage(start_s: int, end_s: int) -> int:
+        response = client.post(
+            f"/api/agent/v1/leases/{lease.pk}/usage",
+            {
+                "report_id": f"u-{start_s}",
+                "period_start": (t0 + timedelta(seconds=start_s)).isoformat(),
+                "period_end": (t0 + timedelta(seconds=end_s)).isoformat(),
+                "gpu_seconds": str(end_s - start_s),
+            },
+            format="json",
+        )
+        return response.status_code
+
+    # The agent runs on past the maximum and says so.
+    assert usage(0, 60) == 201
+    assert usage(60, 120) == 201
+    services.leases_sweep(now=t0 + timedelta(seconds=75))
+    # The request is stamped with the wall clock; put it where the sweep's clock is.
+    Lease.objects.filter(pk=lease.pk).update(stop_requested_at=t0 + timedelta(seconds=75))
+    assert [s["lease_id"] for s in beat()["stop"]] == [lease.pk]  # asked; ignored
+    assert usage(120, 138) == 201
+
+    services.leases_sweep(now=t0 + timedelta(seconds=75 + services.STOP_GRACE_S + 1))
+
+    lease.refresh_from_db()
+    assert (lease.status, lease.end_reason) == (Lease.Status.ENDED, "max_duration")
+    assert lease.ended_at == t0 + timedelta(seconds=60)
+    assert GPU.objects.get(pk=gpu.pk).state != GPU.State.LEASED  # the GPU is the owner's again
+    assert Job.objects.get(pk=job.pk).status == Job.Status.FAILED
+    charge = billing_services.lease_meter(
+        lease_id=lease.pk, now=t0 + timedelta(seconds=60 + settings.BILLING_FINALIZE_GRACE_S + 1)
+    )
+    assert charge.final and charge.billable_seconds == 60
+    assert charge.cumulative_micro == 500_000 * 60 // 3600  # 60 s at the lease price of 0.50 per hour
+    # What the agent reports afterwards is outside the lease.
+    assert usage(138, 150) == 400
+    assert beat()["stop"][0]["lease_id"] == lease.pk
+
+
+def _agent_client(machine: Machine) -> APIClient:
+    raw = "gpm_sweep_" + secrets.token_urlsafe(16)
+    Machine.objects.filter(pk=machine.pk).update(credential_digest=provider_services.secret_digest(raw))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
+    return client

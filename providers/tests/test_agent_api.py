@@ -763,6 +763,47 @@ def test_usage_report_is_stored_once() -> None:
     assert report.payload["period_start"] == body["period_start"]
 
 
+def test_a_usage_report_overlapping_one_already_accepted_is_refused() -> None:
+    machine = machine_with_gpus(count=1)
+    client = agent_client(machine)
+    lease = running_lease(client, JobFactory(), list(machine.gpus.all()))
+    first = usage_body(lease, start_offset_s=60, seconds=60)
+    overlapping = usage_body(lease, start_offset_s=90, seconds=60)
+    adjacent = usage_body(lease, start_offset_s=120, seconds=60)
+
+    assert client.post(f"{API}leases/{lease.pk}/usage", first, format="json").status_code == 201
+    refused = client.post(f"{API}leases/{lease.pk}/usage", overlapping, format="json")
+    accepted = client.post(f"{API}leases/{lease.pk}/usage", adjacent, format="json")
+
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "usage_period_overlaps"
+    assert first["report_id"] in refused.json()["detail"]
+    assert accepted.status_code == 201  # touching the end of another is not overlapping
+    assert UsageReport.objects.filter(lease=lease).count() == 2
+
+
+def test_a_lease_stores_a_bounded_number_of_usage_reports() -> None:
+    from jobs.services import usage_reports_max
+
+    machine = machine_with_gpus(count=1)
+    client = agent_client(machine)
+    job = JobFactory(expected_duration_s=60, max_duration_s=100)
+    lease = running_lease(client, job, list(machine.gpus.all()))
+    limit = usage_reports_max(max_duration_s=100)
+    codes = [
+        client.post(
+            f"{API}leases/{lease.pk}/usage",
+            usage_body(lease, start_offset_s=i, seconds=1, gpu_seconds="1.000"),
+            format="json",
+        ).status_code
+        for i in range(limit + 3)
+    ]
+
+    assert limit == 20
+    assert codes == [201] * limit + [409] * 3
+    assert UsageReport.objects.filter(lease=lease).count() == limit
+
+
 def test_usage_of_an_ended_lease_within_its_span_is_accepted() -> None:
     machine = machine_with_gpus(count=1)
     client = agent_client(machine)

@@ -778,7 +778,7 @@ def test_a_revoked_machine_is_never_matched_again(provider_client):
     machine = machine_with_gpus(count=1)
     Machine.objects.filter(pk=machine.pk).update(provider=provider)
     client.post(f"/api/v1/machines/{machine.pk}/credential/revoke/")
-    job = JobFactory()
+    job = JobFactory(budget_reserved=True)  # placeable anywhere else: only the revocation keeps it off
 
     match_cycle()
 
