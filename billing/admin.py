@@ -1,5 +1,5 @@
-"""Operator console for billing: the ledger, lease charges, wallets, budget authorizations,
-settlement batches and what the chain watcher read.
+"""Operator console for billing: the ledger, lease charges, wallets, budget authorizations and
+their reservation batches, settlement batches and what the chain watcher read.
 
 Money moves only through billing.services (docs/billing.md), so every page here is view-only:
 ledger entries and postings are append-only, and a mistake is corrected by a new entry, never
@@ -19,6 +19,7 @@ from billing import settlement as settlement_engine
 from billing.chain import ChainError
 from billing.models import (
     BudgetAuthorization,
+    BudgetReservation,
     ChainCursor,
     ChainLog,
     LeaseCharge,
@@ -106,10 +107,50 @@ class RenterWalletAdmin(ReadOnlyAdmin):
 
 @admin.register(BudgetAuthorization)
 class BudgetAuthorizationAdmin(ReadOnlyAdmin):
-    list_display = ["job", "renter_address", "max_amount", "deadline", "created_at", "activated_at"]
-    list_filter = [("activated_at", admin.EmptyFieldListFilter)]
+    """Signed by the renter, reserved (or refused) by the escrow (billing.reservations)."""
+
+    list_display = [
+        "job",
+        "status",
+        "renter_address",
+        "max_amount",
+        "deadline",
+        "reservation",
+        "created_at",
+        "activated_at",
+    ]
+    list_filter = ["status", ("activated_at", admin.EmptyFieldListFilter)]
     search_fields = ["=job__id", "renter_address"]
     readonly_fields = _fields(BudgetAuthorization)
+
+
+class ReservedAuthorizationInline(ReadOnlyInline):
+    model = BudgetAuthorization
+    fields = ["job", "status", "renter_address", "max_amount", "rejected_reason"]
+    readonly_fields = fields
+
+
+@admin.register(BudgetReservation)
+class BudgetReservationAdmin(ReadOnlyAdmin):
+    """One `reserve` transaction. A batch left pending or submitted is completed by the next
+    reservation run (beat, every few seconds), so there is nothing to retry by hand."""
+
+    list_display = [
+        "id",
+        "status",
+        "reserved_count",
+        "refused_count",
+        "tx_hash",
+        "block_number",
+        "attempts",
+        "last_error",
+        "created_at",
+    ]
+    list_filter = ["status"]
+    search_fields = ["=id", "tx_hash"]
+    readonly_fields = _fields(BudgetReservation)
+    date_hierarchy = "created_at"
+    inlines = [ReservedAuthorizationInline]
 
 
 # --- settlements ----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What a renter signs: proof that it owns a wallet (EIP-191), and a job's budget for the escrow
 (EIP-712, billing.contract.budget_typed_data). Verifies signatures and stores a job's budget
-authorization; the chain side (activation by the first settlement) belongs to billing.settlement.
+authorization; the chain side (the escrow reserving it before the job runs) belongs to
+billing.reservations, which a stored signature asks for a run right after commit.
 
 The escrow's domain (chain id and address) comes from settings CHAIN_ID and the deployment
 (ESCROW_ADDRESS or the deployment file); when CHAIN_ID is unset the node is asked through a
@@ -21,7 +22,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct, encode_typed_data
 from eth_utils import keccak, to_checksum_address
 
-from billing import selectors
+from billing import reservations, selectors
 from billing.chain import ChainClient, ChainError, chain_client_from_settings
 from billing.chain.deployment import deployment_load
 from billing.contract import ESCROW, budget_typed_data
@@ -203,8 +204,10 @@ def budget_authorization_store(
     (invalid_signature); `renter_address` is not one of the job's renter's linked wallets
     (wallet_not_linked); max_amount is below the job's reserved budget (budget_too_small) or
     above MAX_AMOUNT; the deadline has passed (deadline_passed). The same body again changes
-    nothing; another body replaces an authorization not yet activated on chain, and is refused
-    with Conflict (authorization_active) once it is.
+    nothing; another body replaces an authorization not yet sent to the escrow (status signed),
+    and is refused with Conflict once it is: authorization_reserving (in a reservation batch),
+    authorization_active (reserved on chain), authorization_refused (the escrow refused it and the
+    job was cancelled). A stored or replaced signature asks for a reservation run after commit.
     """
     now = now or timezone.now()
     address = renter_address.lower()
@@ -243,18 +246,34 @@ def budget_authorization_store(
         "deadline": datetime.fromtimestamp(deadline, tz=UTC),
         "signature": signature.lower(),
     }
+    status = BudgetAuthorization.Status
     with transaction.atomic():
         existing = BudgetAuthorization.objects.select_for_update().filter(job=job).first()
         if existing is None:
-            return BudgetAuthorization.objects.create(job=job, **fields), True
+            created = BudgetAuthorization.objects.create(job=job, status=status.SIGNED, **fields)
+            reservations.reservation_request_soon()
+            return created, True
         if all(getattr(existing, name) == value for name, value in fields.items()):
             return existing, False
-        if existing.activated_at is not None:
+        if existing.activated_at is not None or existing.status == status.RESERVED:
             raise Conflict(
                 "This job's budget is already active on chain; its authorization can no longer change.",
                 code="authorization_active",
             )
+        if existing.status == status.RESERVING:
+            raise Conflict(
+                "This job's budget is being reserved on chain; its authorization cannot change meanwhile.",
+                code="authorization_reserving",
+            )
+        if existing.status == status.REFUSED and job.status in Job.TERMINAL:
+            raise Conflict(
+                f"The escrow refused this job's budget ({existing.rejected_reason}) and the job was "
+                "cancelled; submit the job again.",
+                code="authorization_refused",
+            )
         for name, value in fields.items():
             setattr(existing, name, value)
-        existing.save(update_fields=list(fields))
+        existing.status = status.SIGNED
+        existing.save(update_fields=[*fields, "status"])
+        reservations.reservation_request_soon()
     return existing, True

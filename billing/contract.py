@@ -48,6 +48,16 @@ BUDGET_TYPES: dict[str, list[dict[str, str]]] = {
 # Skip reasons, in the order of the contract's `SkipReason` enum.
 SKIP_UNKNOWN_JOB, SKIP_JOB_CLOSED, SKIP_STALE_LEASE, SKIP_INVALID_ITEM = range(4)
 
+# Why a budget was not activated, in the order of the contract's `BudgetSkipReason` enum.
+BUDGET_SKIP_REASONS = ("AlreadyKnown", "Expired", "InvalidBudget", "InvalidSignature", "InsufficientBalance")
+(
+    BUDGET_SKIP_ALREADY_KNOWN,
+    BUDGET_SKIP_EXPIRED,
+    BUDGET_SKIP_INVALID_BUDGET,
+    BUDGET_SKIP_INVALID_SIGNATURE,
+    BUDGET_SKIP_INSUFFICIENT_BALANCE,
+) = range(len(BUDGET_SKIP_REASONS))
+
 
 @dataclass(frozen=True)
 class ContractArtifact:
@@ -90,7 +100,7 @@ class BudgetAuthorization:
     signature: bytes
 
     def as_abi(self) -> tuple[int, str, int, int, bytes]:
-        """The tuple `settle` takes for `IGpgpuEscrow.BudgetAuthorization`."""
+        """The tuple `reserve` (and `settle`) take for `IGpgpuEscrow.BudgetAuthorization`."""
         return (self.job_id, self.renter, self.max_amount, self.deadline, self.signature)
 
 

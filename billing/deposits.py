@@ -14,9 +14,14 @@ generation), marks them `rewound` and reads again from there. A log that comes b
 chain is posted again (chain_movement_restore).
 
 Unknown addresses: a deposit (or withdrawal) from an address no renter linked is stored
-`unmatched` and posted when `wallet_link` links that address. The ledger/chain gap (a renter
-withdrawing on chain money the ledger holds reserved for a job) is stored `flagged`, logged as an
-error and reported by `manage.py ledger_check` (see docs/billing.md).
+`unmatched` and posted when `wallet_link` links that address.
+
+A withdrawal the renter's available balance in the ledger cannot cover: the escrow let the money
+go, so it was not reserved there, and the jobs it backed in the ledger are admitted jobs whose
+budget the escrow had not reserved yet (none of them can have run: the matcher places only
+reserved jobs). They are cancelled, newest first, until the ledger covers the withdrawal
+(billing.reservations.unfunded_jobs_cancel), each with an event saying why. Only what even that
+cannot cover is stored `flagged`, logged as an error and reported by `manage.py ledger_check`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
-from billing import services
+from billing import reservations, services
 from billing.chain import ChainClient, ChainEvent
 from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW
@@ -129,8 +134,10 @@ def _first_entry(log: ChainLog) -> LedgerEntry | None:
     )
 
 
-def _post(log: ChainLog) -> None:
-    """Post one log's ledger movement and set its status (credited / unmatched / flagged)."""
+def _post(log: ChainLog, *, cancel_unfunded: bool = True) -> None:
+    """Post one log's ledger movement and set its status (credited / unmatched / flagged). With
+    `cancel_unfunded` False, a withdrawal the ledger cannot cover cancels no job (it is flagged,
+    for chain_watch to try again once the rest of its range is posted)."""
     amount = int(log.args.get("amount", 0))
     if amount <= 0:
         log.status, log.detail = ES.FLAGGED, "event without a positive amount"
@@ -146,12 +153,13 @@ def _post(log: ChainLog) -> None:
             return
     try:
         with transaction.atomic():
-            posted = _post_movement(log, amount)
+            posted = _post_movement(log, amount, cancel_unfunded=cancel_unfunded)
     except (InsufficientFunds, InsufficientBalance) as error:
         log.status = ES.FLAGGED
         log.detail = (
-            f"{log.event} of {amount} by {log.address} exceeds what the ledger holds free for it: {error}. "
-            "The chain moved the money; the ledger did not. Resolve by hand (see docs/billing.md)."
+            f"{log.event} of {amount} by {log.address} exceeds what the ledger holds free for it, even after "
+            f"cancelling the renter's jobs the escrow had not reserved: {error}. The chain moved the money; "
+            "the ledger did not. Resolve by hand (see docs/billing.md)."
         )[:2000]
         logger.error("chain/ledger gap: %s %s:%s: %s", log.event, log.tx_hash, log.log_index, log.detail)
         log.save(update_fields=["status", "detail", "updated_at"])
@@ -166,7 +174,7 @@ def _post(log: ChainLog) -> None:
     log.save(update_fields=["status", "detail", "credits", "updated_at"])
 
 
-def _post_movement(log: ChainLog, amount: int) -> bool:
+def _post_movement(log: ChainLog, amount: int, *, cancel_unfunded: bool = True) -> bool:
     """Post the movement through billing.services; False when no account matches the address."""
     keys = {"tx_hash": log.tx_hash, "log_index": log.log_index}
     if log.event == "Deposited":
@@ -178,6 +186,13 @@ def _post_movement(log: ChainLog, amount: int) -> bool:
         renter = _renter_for(log.address)
         if renter is None:
             return False
+        if cancel_unfunded:
+            # The money backing admitted jobs the escrow never reserved is gone: cancel them first.
+            reservations.unfunded_jobs_cancel(
+                renter=renter,
+                needed=amount,
+                why=reservations.withdrawal_unfunded_reason(amount=amount, tx_hash=log.tx_hash),
+            )
         services.renter_withdrawal_record(renter=renter, amount=amount, **keys)
     elif log.event == "EarningsWithdrawn":
         provider = _provider_for(log.address, amount)
@@ -270,6 +285,30 @@ def _store(event: ChainEvent) -> ChainLog | None:
     return log
 
 
+def _post_uncovered_withdrawals(posted: list[ChainLog]) -> None:
+    """Withdrawals the ledger could not cover when their turn came, tried again once the rest of
+    the range is posted, then with the renter's unreserved jobs cancelled (unfunded_jobs_cancel).
+
+    The ledger follows the chain with a delay: a renter may withdraw, deposit again, and have a
+    new job admitted and reserved in the escrow out of the new deposit, all before the watcher
+    reads the withdrawal. In chain order the ledger then meets the withdrawal with the new job's
+    budget held and the deposit not yet credited. Within one range nothing between the two is
+    seen by anyone (the range commits at once), so the deposits of the range are credited first;
+    a withdrawal flagged in an earlier range is tried again when its address deposits later."""
+    retry = [log for log in posted if log.event == "Withdrawn" and log.status == ES.FLAGGED]
+    depositors = {log.address for log in posted if log.event == "Deposited" and log.status == ES.CREDITED}
+    if depositors:
+        earlier = ChainLog.objects.filter(event="Withdrawn", status=ES.FLAGGED, address__in=depositors).exclude(
+            pk__in=[log.pk for log in retry]
+        )
+        retry = [*earlier.order_by("block_number", "log_index"), *retry]
+    for log in retry:
+        _post(log, cancel_unfunded=False)
+    for log in retry:
+        if log.status == ES.FLAGGED:
+            _post(log, cancel_unfunded=True)
+
+
 def chain_watch(
     *, client: ChainClient, deployment: Deployment | None = None, max_blocks: int | None = None
 ) -> WatchResult:
@@ -307,12 +346,16 @@ def chain_watch(
             cursor = ChainCursor.objects.select_for_update().get(pk=cursor.pk)
             if cursor.last_block != start - 1:
                 break  # another watcher moved the cursor meanwhile
+            posted: list[ChainLog] = []
             for event in events:
                 log = _store(event)
                 result.logs += 1
                 if log is None:
                     continue
-                _post(log)
+                _post(log, cancel_unfunded=False)
+                posted.append(log)
+            _post_uncovered_withdrawals(posted)
+            for log in posted:
                 if log.status == ES.CREDITED:
                     result.credited += 1
                 elif log.status == ES.UNMATCHED:

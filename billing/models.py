@@ -204,19 +204,40 @@ class RenterWallet(models.Model):
 
 
 class BudgetAuthorization(models.Model):
-    """The renter's EIP-712 signature of a job's budget (billing.contract.budget_typed_data).
-    `activated_at` is set when the first settlement carrying it confirmed on chain; until then
-    the budget exists only off chain."""
+    """The renter's EIP-712 signature of a job's budget (billing.contract.budget_typed_data), and
+    where that budget stands on chain (billing.reservations, docs/billing.md "Reserving budgets"):
+
+        signed ──► reserving ──► reserved   (BudgetReserved in the batch's receipt)
+          ▲            │    └──► refused    (BudgetSkipped: the job is cancelled, its budget released)
+          └────────────┘  (the batch failed or was replaced: sent again in the next batch)
+
+    The matcher places a job only once its budget is `reserved`: the escrow then holds it where
+    the renter's withdrawals cannot reach. `activated_at` is when the escrow reserved it."""
+
+    class Status(models.TextChoices):
+        # Stored; not yet in a reservation batch.
+        SIGNED = "signed"
+        # In a reservation batch (`reservation`) not yet confirmed; it cannot change meanwhile.
+        RESERVING = "reserving"
+        # The escrow reserved max_amount for the job (activated_at); fixed from now on.
+        RESERVED = "reserved"
+        # The escrow skipped it (rejected_reason); the job was cancelled.
+        REFUSED = "refused"
 
     job = models.OneToOneField(Job, on_delete=models.PROTECT, related_name="budget_authorization")
     renter_address = models.CharField(max_length=42)
     max_amount = models.BigIntegerField()
     deadline = models.DateTimeField()
     signature = models.CharField(max_length=132)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.SIGNED, db_index=True)
+    # The reservation batch it is (or last was) sent in.
+    reservation = models.ForeignKey(
+        "BudgetReservation", null=True, blank=True, on_delete=models.PROTECT, related_name="authorizations"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     activated_at = models.DateTimeField(null=True, blank=True)
-    # Set by the settlement engine when the escrow refused this very signature (expired, forged,
-    # renter short of funds on chain): the job waits until a new signature is stored.
+    # Set when the escrow refused this very signature (expired, forged, renter short of funds on
+    # chain), with the reason the renter is shown.
     rejected_signature = models.CharField(max_length=132, blank=True)
     rejected_reason = models.CharField(max_length=300, blank=True)
     # Set by billing.release once the escrow closed the job (releaseJob: its unspent reservation
@@ -232,12 +253,14 @@ class BudgetAuthorization(models.Model):
         return f"budget of job {self.job_id}: {self.max_amount} by {self.renter_address}"
 
 
-class Settlement(models.Model):
-    """One batch of lease charges sent to the escrow in one `settle` transaction.
+class OperatorTransaction(models.Model):
+    """What the operator's batched transactions (reservations, settlements) record to be completed
+    exactly once: `nonce` and `calldata_hash` (the keccak of the exact calldata) and the chain's
+    head (`sent_from_block`, where a search for the transaction starts) are committed BEFORE the
+    transaction is sent, so a worker that dies between sending and recording `tx_hash` leaves
+    enough for the next run to find it.
 
-    pending → submitted → confirmed, or → failed (the ledger puts the charges back). Before the
-    transaction is sent, `nonce` and `calldata_hash` are recorded, so a worker that dies between
-    sending and recording `tx_hash` leaves enough for the reconciler to find the transaction."""
+    pending → submitted → confirmed, or → failed."""
 
     class Status(models.TextChoices):
         PENDING = "pending"
@@ -251,14 +274,37 @@ class Settlement(models.Model):
     submitted_at = models.DateTimeField(null=True, blank=True)
     confirmed_at = models.DateTimeField(null=True, blank=True)
     tx_hash = models.CharField(max_length=66, blank=True, db_index=True)
-    # The operator's nonce and the keccak of the exact calldata, recorded BEFORE sending.
     nonce = models.PositiveBigIntegerField(null=True, blank=True)
     calldata_hash = models.CharField(max_length=66, blank=True)
-    # The chain's head when the transaction was about to be sent: the reconciler searches from here.
     sent_from_block = models.PositiveBigIntegerField(null=True, blank=True)
     block_number = models.PositiveBigIntegerField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class BudgetReservation(OperatorTransaction):
+    """One `reserve` transaction: a batch of signed budgets the escrow is asked to reserve before
+    their jobs run (billing.reservations). Failed: its authorizations go back to signed."""
+
+    # The jobs it carries, in calldata order (the authorizations point back to it).
+    job_ids = models.JSONField(default=list)
+    reserved_count = models.PositiveIntegerField(default=0)
+    refused_count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["pk"]
+
+    def __str__(self) -> str:
+        return f"reservation {self.pk} ({self.status})"
+
+
+class Settlement(OperatorTransaction):
+    """One batch of lease charges sent to the escrow in one `settle` transaction. Failed: the
+    ledger puts the charges back."""
+
     fee_bps = models.PositiveIntegerField(default=0)
     item_count = models.PositiveIntegerField(default=0)
     total_micro = models.BigIntegerField(default=0)

@@ -1,12 +1,14 @@
-"""Reads of billing: balances, a job's budget, unsettled leases and the ledger's invariants."""
+"""Reads of billing: balances, a job's budget, whether the escrow holds it (the matcher's gate),
+unsettled leases and the ledger's invariants."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.db.models import Count, Q, QuerySet, Sum
 
-from billing.models import LeaseCharge, LedgerAccount, LedgerEntry, Posting
+from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, LedgerEntry, Posting
 from jobs.models import Job, Lease
 
 AK = LedgerAccount.Kind
@@ -49,6 +51,41 @@ def job_budget(*, job_id: int) -> JobBudget:
     charged = -rows.get(EK.CHARGE, 0)
     released = -rows.get(EK.RELEASE, 0)
     return JobBudget(reserved=reserved, charged=charged, released=released, remaining=reserved - charged - released)
+
+
+# The matcher's unplaced code for a job whose budget the escrow does not hold yet.
+BUDGET_NOT_RESERVED = "budget_not_reserved"
+
+
+def jobs_budget_unreserved(*, job_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+    """The placement gate: of the given jobs, those whose budget the escrow has not reserved, each
+    with its unplaced reason (code budget_not_reserved and a sentence saying what happens next).
+    A job absent from the answer is reserved on chain and may be placed: every second it runs is
+    then covered by money its renter cannot withdraw. One query."""
+    ids = list(job_ids)
+    states = {
+        job_id: (status, reason)
+        for job_id, status, reason in BudgetAuthorization.objects.filter(job_id__in=ids).values_list(
+            "job_id", "status", "rejected_reason"
+        )
+    }
+    status = BudgetAuthorization.Status
+    waiting: dict[int, tuple[str, str]] = {}
+    for job_id in ids:
+        state, reason = states.get(job_id, (None, ""))
+        if state == status.RESERVED:
+            continue
+        if state is None:
+            sentence = (
+                "sign the job's budget authorization (GET, then PUT with the signature, "
+                f"/api/v1/jobs/{job_id}/budget-authorization/); it is placed once the escrow has reserved it"
+            )
+        elif state == status.REFUSED:
+            sentence = f"the escrow refused its budget: {reason}"
+        else:
+            sentence = "its budget is being reserved on chain; it is placed once the escrow has reserved it"
+        waiting[job_id] = (BUDGET_NOT_RESERVED, sentence)
+    return waiting
 
 
 def leases_unsettled(*, limit: int = 1000) -> QuerySet[LedgerAccount]:

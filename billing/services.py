@@ -504,7 +504,7 @@ def lease_meter(*, lease_id: int, now: datetime | None = None) -> LeaseCharge | 
     """
     now = now or timezone.now()
     with transaction.atomic():
-        lease = Lease.objects.select_related("machine").filter(pk=lease_id).first()
+        lease = Lease.objects.select_related("machine", "job").filter(pk=lease_id).first()
         if lease is None or lease.status == Lease.Status.ASSIGNED:
             return None
         charge = _lease_charge_locked(lease_id)
@@ -524,7 +524,13 @@ def lease_meter(*, lease_id: int, now: datetime | None = None) -> LeaseCharge | 
             end = min(now, heard)
             slack = 0
         reports = UsageReport.objects.filter(lease_id=lease_id).values_list("period_start", "period_end")
-        seconds = metering.billable_seconds(started_at=lease.started_at, end=end, reported=reports, slack_s=slack)
+        seconds = metering.billable_seconds(
+            started_at=lease.started_at,
+            end=end,
+            reported=reports,
+            slack_s=slack,
+            max_seconds=lease.job.max_duration_s,
+        )
         uncapped = metering.charge_micro(
             price_micro_per_gpu_hour=metering.price_micro(lease.price_per_gpu_hour),
             gpu_count=lease.gpu_count,

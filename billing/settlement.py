@@ -3,11 +3,13 @@ transaction per batch, confirms them in the ledger, and reconciles batches left 
 
 Lifecycle of a Settlement (docs/billing.md "Settlement"):
 
-1. gather (`settlement_gather`): leases whose lease_unsettled balance is positive, whose job has
-   a BudgetAuthorization the escrow has not refused, and whose earlier leases of the same job are
-   all final and settled (the contract skips a lease older than the job's current one). At most
-   one lease per job per batch, so items can be sorted by provider address (the contract credits
-   consecutive items of one provider with one write) without breaking that order.
+1. gather (`settlement_gather`): leases whose lease_unsettled balance is positive, whose job's
+   budget the escrow has reserved (billing.reservations does that before the job runs, so a batch
+   never carries budgets), and whose earlier leases of the same job are all final and settled (the
+   contract skips a lease older than the job's current one). At most one lease per job per batch,
+   so items can be sorted by provider address (the contract credits consecutive items of one
+   provider with one write) without breaking that order. Each run first sends the budgets waiting
+   to be reserved (`reservations.reserve_run`), so a charge never waits a run for its reservation.
 2. create (`settlement_create`): the Settlement (pending), its items and one
    `settlement_submit_record` per lease, in ONE database transaction.
 3. send (`settlement_send`): the operator's next nonce, the keccak of the exact calldata and the
@@ -24,8 +26,8 @@ Lifecycle of a Settlement (docs/billing.md "Settlement"):
    nonce and calldata hash. Cumulative charges make re-sending safe: the contract pays only the
    increase, so nothing is paid twice.
 
-Settlement runs and the reconciler share one lock (`settlement_lock`), held without an open
-database transaction, so each step commits before the next touches the chain.
+Settlement runs, reservation runs and the reconciler share one lock (`settlement_lock`), held
+without an open database transaction, so each step commits before the next touches the chain.
 """
 
 from __future__ import annotations
@@ -43,14 +45,13 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Max
 from django.utils import timezone
-from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 
-from billing import services
+from billing import reservations, services
 from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavailable, Receipt, TransactionTimeout
 from billing.chain.deployment import Deployment, deployment_require
-from billing.contract import ESCROW, budget_typed_data, settlement_items_encode
+from billing.contract import ESCROW, settlement_items_encode
 from billing.contract import SettlementItem as ChainItem
 from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, Settlement, SettlementItem
 from jobs.models import Lease
@@ -59,9 +60,8 @@ logger = logging.getLogger(__name__)
 
 SS = Settlement.Status
 AK = LedgerAccount.Kind
+BS = BudgetAuthorization.Status
 LOCK_NAME = "billing.settlement"
-# A budget whose deadline is this close is not sent: it could expire before the block is built.
-DEADLINE_MARGIN = timedelta(seconds=120)
 # How many blocks past `sent_from_block` the reconciler searches for an unrecorded transaction.
 NONCE_SEARCH_BLOCKS = 5000
 
@@ -114,7 +114,9 @@ def settlement_lock() -> Iterator[bool]:
 
 @dataclass
 class Candidate:
-    """One lease to settle: its new cumulative charge and the part not yet sent."""
+    """One lease to settle: its new cumulative charge and the part not yet sent. `carries_budget`
+    is always False now that budgets are reserved before the work (batches recorded before that
+    may still carry one, and `_settle_call` still sends it)."""
 
     lease: Lease
     authorization: BudgetAuthorization
@@ -161,42 +163,13 @@ def _earlier_leases_done(lease: Lease) -> bool:
     return True
 
 
-def _signature_valid(auth: BudgetAuthorization, *, chain_id: int, escrow: str) -> bool:
-    typed = budget_typed_data(
-        chain_id=chain_id,
-        escrow=escrow,
-        job_id=auth.job_id,
-        renter=auth.renter_address,
-        max_amount=int(auth.max_amount),
-        deadline=int(auth.deadline.timestamp()),
-    )
-    try:
-        from eth_account.messages import encode_typed_data
-
-        signer = Account.recover_message(encode_typed_data(full_message=typed), signature=HexBytes(auth.signature))
-    except Exception:
-        return False
-    return signer.lower() == auth.renter_address.lower()
-
-
-def _reject(auth: BudgetAuthorization, reason: str) -> None:
-    BudgetAuthorization.objects.filter(pk=auth.pk).update(
-        rejected_signature=auth.signature, rejected_reason=reason[:300]
-    )
-    logger.warning("budget authorization of job %s refused: %s", auth.job_id, reason)
-
-
-def settlement_gather(
-    *, limit: int | None = None, now: datetime | None = None, chain_id: int | None = None, escrow: str | None = None
-) -> Gathered:
+def settlement_gather(*, limit: int | None = None) -> Gathered:
     """The leases the next batch should carry (at most `limit`, default SETTLEMENT_BATCH_MAX),
     sorted by provider address, and counts of why the others wait:
-    awaiting_budget_authorization, budget_authorization_refused, awaiting_payout_address,
-    awaiting_earlier_lease, below_min_delta. With `chain_id` and `escrow`, a not yet activated
-    authorization whose signature does not recover to its renter (or that is about to expire) is
-    marked refused here, instead of making the whole batch revert."""
+    awaiting_budget_authorization (never signed), awaiting_budget_reservation (signed, not yet
+    reserved by the escrow), budget_authorization_refused, awaiting_payout_address,
+    awaiting_earlier_lease, below_min_delta."""
     limit = int(settings.SETTLEMENT_BATCH_MAX) if limit is None else limit
-    now = now or timezone.now()
     min_delta = int(settings.SETTLEMENT_MIN_DELTA_MICRO)
     gathered = Gathered()
     jobs_taken: set[int] = set()
@@ -214,19 +187,12 @@ def settlement_gather(
         if auth is None:
             gathered.wait("awaiting_budget_authorization")
             continue
-        if auth.rejected_signature and auth.rejected_signature == auth.signature:
+        if auth.status == BS.REFUSED:
             gathered.wait("budget_authorization_refused")
             continue
-        carries = auth.activated_at is None
-        if carries and chain_id is not None and escrow is not None:
-            if auth.deadline <= now + DEADLINE_MARGIN:
-                _reject(auth, "the budget authorization expired before its first settlement")
-                gathered.wait("budget_authorization_refused")
-                continue
-            if not _signature_valid(auth, chain_id=chain_id, escrow=escrow):
-                _reject(auth, "the signature does not match the renter's address")
-                gathered.wait("budget_authorization_refused")
-                continue
+        if auth.status != BS.RESERVED:
+            gathered.wait("awaiting_budget_reservation")
+            continue
         payout = lease.machine.provider.payout_address
         if not payout:
             gathered.wait("awaiting_payout_address")
@@ -251,7 +217,7 @@ def settlement_gather(
                 provider_address=to_checksum_address(payout),
                 cumulative=sent + delta,
                 delta=delta,
-                carries_budget=carries,
+                carries_budget=False,
             )
         )
     gathered.candidates.sort(key=lambda c: (int(c.provider_address, 16), c.lease.pk))
@@ -324,7 +290,7 @@ def settlement_send(*, settlement: Settlement, client: ChainClient, deployment: 
     the tx_hash (→ submitted). NodeUnavailable: stays pending (re-raised). A revert at estimation
     (nothing sent): failed, charges back to unsettled, a refused budget marked."""
     fn = _settle_call(client, deployment, settlement)
-    nonce = int(client.web3.eth.get_transaction_count(client.address, "pending"))
+    nonce = client.transaction_count("pending")
     Settlement.objects.filter(pk=settlement.pk).update(
         nonce=nonce,
         calldata_hash=_calldata_hash(fn),
@@ -351,7 +317,7 @@ def settlement_send(*, settlement: Settlement, client: ChainClient, deployment: 
 
 
 def _fail(settlement: Settlement, reverted: ContractReverted | None, reason: str = "") -> None:
-    """Mark failed and put every item's charge back to unsettled; mark a budget the escrow refused."""
+    """Mark failed and put every item's charge back to unsettled."""
     detail = reason or (str(reverted) if reverted else "failed")
     with transaction.atomic():
         locked = Settlement.objects.select_for_update().get(pk=settlement.pk)
@@ -367,15 +333,6 @@ def _fail(settlement: Settlement, reverted: ContractReverted | None, reason: str
         locked.save()
     settlement.refresh_from_db()
     logger.error("settlement %s failed: %s", settlement.pk, detail)
-    if reverted is not None and reverted.name in (
-        "GpgpuEscrow_InvalidSignature",
-        "GpgpuEscrow_BudgetExpired",
-        "GpgpuEscrow_InvalidBudget",
-    ):
-        job_id = int(reverted.error_args[0])
-        auth = BudgetAuthorization.objects.filter(job_id=job_id).first()
-        if auth is not None:
-            _reject(auth, f"the escrow refused it: {reverted.name}")
 
 
 # ----------------------------------------------------------------------------------- confirm
@@ -422,9 +379,10 @@ def settlement_confirm(
             if rest > 0:
                 services.settlement_revert_record(lease_id=item.lease_id, amount=rest, settlement_ref=ref)
                 notes.append(f"lease {item.lease_id}: {rest} not paid by the escrow")
-        BudgetAuthorization.objects.filter(job_id__in=[i.job_id for i in items], activated_at__isnull=True).update(
-            activated_at=now
-        )
+        # A batch recorded before budgets were reserved ahead of the work may have activated one.
+        BudgetAuthorization.objects.filter(
+            job_id__in=[i.job_id for i in items if i.carries_budget], activated_at__isnull=True
+        ).update(activated_at=now, status=BS.RESERVED)
         locked.status, locked.confirmed_at, locked.block_number = SS.CONFIRMED, now, block
         locked.tx_hash, locked.fee_bps, locked.last_error = receipt.tx_hash, fee_bps, "; ".join(notes)[:2000]
         locked.save()
@@ -463,23 +421,30 @@ def _due(now: datetime) -> bool:
 def settle_run(
     *, client: ChainClient, deployment: Deployment | None = None, force: bool = False, wait: bool = True
 ) -> dict[str, Any]:
-    """One settlement run (the caller holds `settlement_lock`): first finish any pending batch
+    """One settlement run (the caller holds `settlement_lock`): first reserve the budgets waiting
+    for it (billing.reservations; its counts under `reservations`), then finish any pending batch
     (re-send it: catch-up after the node was down), then, when due (or `force`), gather, create,
     send and confirm a new one. NodeUnavailable leaves the batch pending and is reported, not
     raised."""
     deployment = deployment or deployment_require(client)
     result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
+    reserved = reservations.reserve_run(client=client, deployment=deployment, wait=wait)
+    if reserved.get("sent") or reserved.get("node_unavailable"):
+        result["reservations"] = reserved
+    if "node_unavailable" in reserved:
+        result["node_unavailable"] = reserved["node_unavailable"]
+        return result
     try:
         for pending in Settlement.objects.filter(status=SS.PENDING).order_by("pk"):
             _resume(settlement=pending, client=client, deployment=deployment, result=result, wait=wait)
         if not (force or _due(timezone.now())):
             return result
-        escrow_address = deployment.escrow
-        gathered = settlement_gather(chain_id=client.chain_id(), escrow=escrow_address)
+        gathered = settlement_gather()
         result["waiting"] = gathered.waiting
-        candidates = _affordable(gathered.candidates, client=client, deployment=deployment, result=result)
         escrow = client.contract(ESCROW, deployment.escrow)
-        settlement = settlement_create(candidates=candidates, fee_bps=int(client.call(escrow.functions.feeBps())))
+        settlement = settlement_create(
+            candidates=gathered.candidates, fee_bps=int(client.call(escrow.functions.feeBps()))
+        )
         if settlement is None:
             return result
         _send_and_complete(settlement=settlement, client=client, deployment=deployment, result=result, wait=wait)
@@ -487,30 +452,6 @@ def settle_run(
         logger.warning("settlement: the chain node is unreachable (%s); pending batches wait", error)
         result["node_unavailable"] = str(error)
     return result
-
-
-def _affordable(
-    candidates: list[Candidate], *, client: ChainClient, deployment: Deployment, result: dict[str, Any]
-) -> list[Candidate]:
-    """Leave out the jobs whose budget activation the renter's on-chain available balance cannot
-    cover (it would revert the whole batch); they wait for a deposit."""
-    escrow = client.contract(ESCROW, deployment.escrow)
-    need: dict[str, int] = {}
-    for c in candidates:
-        if c.carries_budget:
-            key = c.authorization.renter_address.lower()
-            need[key] = need.get(key, 0) + int(c.authorization.max_amount)
-    short = {
-        address
-        for address, amount in need.items()
-        if int(client.call(escrow.functions.availableBalance(to_checksum_address(address)))) < amount
-    }
-    if short:
-        result["waiting"]["renter_short_on_chain"] = sum(
-            1 for c in candidates if c.carries_budget and c.authorization.renter_address.lower() in short
-        )
-        logger.warning("settlement: renters %s lack on-chain funds to activate their job budgets", sorted(short))
-    return [c for c in candidates if not (c.carries_budget and c.authorization.renter_address.lower() in short)]
 
 
 def _send_and_complete(
@@ -555,22 +496,40 @@ def _find_sent(*, settlement: Settlement, client: ChainClient) -> str | None:
     if one was mined (searched from `sent_from_block`); None when none was."""
     if settlement.nonce is None or not settlement.calldata_hash:
         return None
-    mined = int(client.web3.eth.get_transaction_count(client.address, "latest"))
-    if mined <= settlement.nonce:
+    return operator_tx_find(
+        client=client,
+        nonce=settlement.nonce,
+        calldata_hash=settlement.calldata_hash,
+        from_block=settlement.sent_from_block or 0,
+    )
+
+
+def operator_tx_find(*, client: ChainClient, nonce: int, calldata_hash: str, from_block: int) -> str | None:
+    """The hash of the operator's mined transaction with this nonce and calldata keccak, searched
+    from `from_block` (at most NONCE_SEARCH_BLOCKS blocks); None when the nonce is unused on chain
+    or went to another transaction. Shared by settlements and budget reservations."""
+    mined = client.transaction_count("latest")
+    if mined <= nonce:
         return None  # that nonce was never used on chain: the transaction did not get through
-    start = settlement.sent_from_block or 0
     head = client.block_number()
     operator = client.address.lower()
-    for number in range(start, min(head, start + NONCE_SEARCH_BLOCKS) + 1):
-        block = client.web3.eth.get_block(number, full_transactions=True)
-        for tx in block["transactions"]:
-            if str(tx["from"]).lower() != operator or int(tx["nonce"]) != settlement.nonce:
+    for number in range(from_block, min(head, from_block + NONCE_SEARCH_BLOCKS) + 1):
+        for tx in client.block_transactions(number):
+            if str(tx["from"]).lower() != operator or int(tx["nonce"]) != nonce:
                 continue
             data = HexBytes(tx.get("input", tx.get("data", b"")))
-            if "0x" + keccak(data).hex() == settlement.calldata_hash:
+            if "0x" + keccak(data).hex() == calldata_hash:
                 return HexBytes(tx["hash"]).to_0x_hex()
             return None  # the nonce went to another transaction: ours was never mined
     return None
+
+
+def operator_tx_in_mempool(*, client: ChainClient, nonce: int) -> bool:
+    """Whether the node holds an unmined transaction of the operator with this nonce (its pending
+    count is past it while its mined count is not): sending again would only duplicate it."""
+    latest = client.transaction_count("latest")
+    pending = client.transaction_count("pending")
+    return latest <= nonce < pending
 
 
 def settlements_reconcile(
@@ -610,7 +569,7 @@ def settlements_reconcile(
 def _nonce_taken_by_other(settlement: Settlement, client: ChainClient) -> bool:
     if settlement.nonce is None:
         return False
-    mined = int(client.web3.eth.get_transaction_count(client.address, "latest"))
+    mined = client.transaction_count("latest")
     return mined > settlement.nonce and client.receipt(settlement.tx_hash) is None
 
 

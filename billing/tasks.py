@@ -60,6 +60,35 @@ def settle() -> dict[str, object]:
             return {"error": str(error)}
 
 
+@shared_task(name="billing.tasks.reserve_budgets", ignore_result=True, time_limit=300, soft_time_limit=240)
+def reserve_budgets() -> dict[str, object]:
+    """Reserve signed job budgets in the escrow and complete reservation batches left pending or
+    submitted (beat: every 5 s; also dispatched, coalesced, right after a renter
+    stores a signature). Shares the settlement lock, waiting for it a little: a quiet settlement
+    run holds it for milliseconds. Each budget is reserved once (billing.reservations)."""
+    import time
+
+    from billing.chain import ChainError, chain_client_from_settings
+    from billing.reservations import reservation_request_clear, reserve_run
+    from billing.settlement import settlement_lock
+
+    reservation_request_clear()
+    for attempt in range(RESERVE_LOCK_TRIES):
+        with settlement_lock() as acquired:
+            if acquired:
+                try:
+                    return reserve_run(client=chain_client_from_settings())
+                except ChainError as error:
+                    return {"error": str(error)}
+        if attempt + 1 < RESERVE_LOCK_TRIES:
+            time.sleep(RESERVE_LOCK_WAIT_S)
+    return {"skipped": 1}
+
+
+RESERVE_LOCK_TRIES = 4
+RESERVE_LOCK_WAIT_S = 0.5
+
+
 @shared_task(name="billing.tasks.reconcile_settlements", ignore_result=True, time_limit=600, soft_time_limit=540)
 def reconcile_settlements() -> dict[str, object]:
     """Complete settlements stuck pending or submitted longer than SETTLEMENT_STUCK_S."""

@@ -119,6 +119,17 @@ contract GpgpuEscrow is IGpgpuEscrow, AccessControl, Pausable, ReentrancyGuardTr
     // ---------------------------------------------------------------- operator
 
     /// @inheritdoc IGpgpuEscrow
+    function reserve(BudgetAuthorization[] calldata budgets) external onlyRole(OPERATOR_ROLE) whenNotPaused {
+        // Checks (each budget is checked, and skipped or activated, in _activateBudget)
+        uint256 count = budgets.length;
+        if (count == 0) revert GpgpuEscrow_NoBudgets();
+        // Effects. There are no interactions.
+        for (uint256 b; b < count; ++b) {
+            _activateBudget(budgets[b]);
+        }
+    }
+
+    /// @inheritdoc IGpgpuEscrow
     function settle(bytes32[] calldata items, BudgetAuthorization[] calldata budgets)
         external
         onlyRole(OPERATOR_ROLE)
@@ -307,22 +318,34 @@ contract GpgpuEscrow is IGpgpuEscrow, AccessControl, Pausable, ReentrancyGuardTr
 
     // ---------------------------------------------------------------- internals
 
-    /// @dev Activates `b` unless its job already has a budget (a replay, ignored). Reverts on an
-    /// expired or forged authorization and when the renter's available balance is short.
+    /// @dev Activates `b`, or skips it with `BudgetSkipped` (moving nothing) when its job already has a
+    /// budget (a replay), it expired, it is malformed, its signature is not its renter's, or the
+    /// renter's available balance is short. Never reverts, so one budget cannot fail a batch.
     function _activateBudget(BudgetAuthorization calldata b) private {
         // Checks
-        if (_jobOwner[b.jobId].renter != address(0)) return;
-        if (block.timestamp > b.deadline) revert GpgpuEscrow_BudgetExpired(b.jobId, b.deadline);
+        if (_jobOwner[b.jobId].renter != address(0)) {
+            emit BudgetSkipped(b.jobId, b.renter, BudgetSkipReason.AlreadyKnown);
+            return;
+        }
+        if (block.timestamp > b.deadline) {
+            emit BudgetSkipped(b.jobId, b.renter, BudgetSkipReason.Expired);
+            return;
+        }
         // Items carry the job id in 192 bits and the reservation in 96.
         if (b.maxAmount == 0 || b.maxAmount > _MASK_96 || b.jobId > type(uint192).max) {
-            revert GpgpuEscrow_InvalidBudget(b.jobId, b.maxAmount);
+            emit BudgetSkipped(b.jobId, b.renter, BudgetSkipReason.InvalidBudget);
+            return;
         }
         (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecoverCalldata(_budgetDigest(b), b.signature);
         if (err != ECDSA.RecoverError.NoError || signer != b.renter || signer == address(0)) {
-            revert GpgpuEscrow_InvalidSignature(b.jobId);
+            emit BudgetSkipped(b.jobId, b.renter, BudgetSkipReason.InvalidSignature);
+            return;
         }
         uint256 available = _available[b.renter];
-        if (available < b.maxAmount) revert GpgpuEscrow_InsufficientBalance(b.renter, available, b.maxAmount);
+        if (available < b.maxAmount) {
+            emit BudgetSkipped(b.jobId, b.renter, BudgetSkipReason.InsufficientBalance);
+            return;
+        }
         // Effects
         unchecked {
             _available[b.renter] = available - b.maxAmount;

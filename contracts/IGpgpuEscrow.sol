@@ -6,7 +6,18 @@ pragma solidity ^0.8.24;
 /// the leases the marketplace settles, and keeps the platform fee apart for the treasury.
 /// @dev Money conservation, checked by the test suite after every operation:
 ///   token.balanceOf(escrow) == sum(availableBalance) + sum(job reservations) + sum(earnings) + feesAccrued.
+/// Only `deposit` and the withdrawals move tokens in or out; every other function moves money between
+/// the four terms: activating a budget moves `maxAmount` from the renter's available balance to the
+/// job's reservation (a skipped budget moves nothing), settlement moves it from the reservation to
+/// earnings and fees, `releaseJob` moves the unspent rest back to the available balance.
 /// All amounts are in the token's smallest unit.
+///
+/// Reservation before work: the marketplace activates a job's budget with `reserve` before any lease
+/// of the job starts, and places only jobs whose `BudgetReserved` it has seen confirmed. `withdraw`
+/// takes only the available (unreserved) balance, so whatever a running job can still be charged
+/// stays in its reservation until the job is released: every second a provider runs is payable.
+/// A budget that cannot be activated never reverts a batch; it is skipped with `BudgetSkipped`, so
+/// one renter (an emptied balance, a bad signature) cannot hold up everyone else's reservations.
 ///
 /// Settlement items are packed two 32-byte words per lease, to keep calldata small:
 ///   word 0: provider address (bits 255..96) | cumulativeCharge (uint96, bits 95..0)
@@ -22,7 +33,7 @@ pragma solidity ^0.8.24;
 /// Fee rounding: for every paid amount, fee = paid * feeBps / 10_000 rounded down; the provider gets
 /// paid - fee. The two parts sum exactly to what leaves the job's reservation.
 ///
-/// Pause: stops `deposit` and `settle` (no new obligations). Withdrawals of available balances,
+/// Pause: stops `deposit`, `reserve` and `settle` (no new obligations). Withdrawals of available balances,
 /// earnings and fees, and job releases, stay open while paused, so that money already owed to
 /// someone is never locked in by an operational stop.
 interface IGpgpuEscrow {
@@ -39,6 +50,15 @@ interface IGpgpuEscrow {
         bytes signature;
     }
 
+    /// @notice Why a budget was not activated (see `BudgetSkipped`).
+    enum BudgetSkipReason {
+        AlreadyKnown, // the job already has a budget (activated earlier, or a replayed batch): nothing changed
+        Expired, // block.timestamp is past the authorization's deadline
+        InvalidBudget, // zero maxAmount, maxAmount above uint96, or jobId above uint192
+        InvalidSignature, // the signature does not recover `renter` over exactly this budget
+        InsufficientBalance // the renter's available balance is below maxAmount
+    }
+
     /// @notice Why a settlement item was skipped rather than paid.
     enum SkipReason {
         UnknownJob, // no budget was ever activated for the job
@@ -53,6 +73,8 @@ interface IGpgpuEscrow {
     event Withdrawn(address indexed renter, uint256 amount);
     /// @notice A budget was activated: `maxAmount` moved from the renter's available balance to the job.
     event BudgetReserved(uint256 indexed jobId, address indexed renter, uint256 maxAmount, uint256 deadline);
+    /// @notice A budget was not activated and nothing moved (see `BudgetSkipReason`); the rest of the batch went on.
+    event BudgetSkipped(uint256 indexed jobId, address indexed renter, BudgetSkipReason reason);
     /// @notice The job was closed; `refunded` (its unspent reservation) went back to the renter.
     event JobReleased(uint256 indexed jobId, address indexed renter, uint256 refunded);
     /// @notice A settlement item was not paid at all (see `SkipReason`).
@@ -73,9 +95,7 @@ interface IGpgpuEscrow {
     error GpgpuEscrow_ZeroAmount();
     error GpgpuEscrow_ZeroAddress();
     error GpgpuEscrow_InsufficientBalance(address renter, uint256 available, uint256 requested);
-    error GpgpuEscrow_InvalidSignature(uint256 jobId);
-    error GpgpuEscrow_BudgetExpired(uint256 jobId, uint256 deadline);
-    error GpgpuEscrow_InvalidBudget(uint256 jobId, uint256 maxAmount);
+    error GpgpuEscrow_NoBudgets();
     error GpgpuEscrow_MalformedItems(uint256 wordCount);
     error GpgpuEscrow_UnknownJob(uint256 jobId);
     error GpgpuEscrow_JobClosed(uint256 jobId);
@@ -103,16 +123,28 @@ interface IGpgpuEscrow {
 
     // ---------------------------------------------------------------- operator
 
-    /// @notice Activates new budgets, then pays the packed lease items (see the contract header).
-    /// @dev OPERATOR_ROLE only, not while paused. Each budget is activated once; a budget for a job
-    /// already known is ignored, so replaying a batch is harmless. A forged or mismatched signature
-    /// reverts with `GpgpuEscrow_InvalidSignature`, an expired one with `GpgpuEscrow_BudgetExpired`,
-    /// a renter without enough available balance with `GpgpuEscrow_InsufficientBalance`.
-    /// Items never revert the batch: unknown, closed, stale and invalid items are skipped with an event,
-    /// and a charge above the job's remaining reservation is paid only up to it (`ChargeCapped`).
+    /// @notice Activates budgets ahead of work: moves each authorization's `maxAmount` from its renter's
+    /// available balance to its job's reservation, and emits `BudgetReserved`.
+    /// @dev OPERATOR_ROLE only, not while paused; reverts with `GpgpuEscrow_NoBudgets` when empty. The
+    /// marketplace sends it before any lease of the jobs starts. A budget is never a reason to revert
+    /// the batch: one that cannot be activated (its job already known, expired, malformed, not signed by
+    /// its renter, or more than the renter's available balance at that moment) is skipped with
+    /// `BudgetSkipped(jobId, renter, reason)` and moves nothing. Budgets are taken in order, so two
+    /// budgets of one renter that together exceed its balance: the first is reserved, the second skipped.
+    /// Replaying a batch therefore reserves nothing twice (every budget is skipped as `AlreadyKnown`).
+    /// @param budgets The authorizations to activate, each signed by its renter (EIP-712, see above).
+    function reserve(BudgetAuthorization[] calldata budgets) external;
+
+    /// @notice Activates any budgets given (exactly as `reserve`), then pays the packed lease items
+    /// (see the contract header).
+    /// @dev OPERATOR_ROLE only, not while paused. The marketplace reserves budgets with `reserve` before
+    /// the work and sends `budgets` empty; the parameter stays for jobs whose budget was never reserved.
+    /// Neither budgets nor items revert the batch: budgets are skipped as in `reserve`; unknown, closed,
+    /// stale and invalid items are skipped with `SettlementItemSkipped`, and a charge above the job's
+    /// remaining reservation is paid only up to it (`ChargeCapped`).
     /// Gas: sort items by provider; consecutive items of one provider are credited with one write.
     /// @param items Two words per lease, packed as documented above.
-    /// @param budgets Authorizations for the jobs settled here for the first time.
+    /// @param budgets Authorizations to activate first (usually none).
     function settle(bytes32[] calldata items, BudgetAuthorization[] calldata budgets) external;
 
     // ---------------------------------------------------------------- payees
@@ -133,10 +165,10 @@ interface IGpgpuEscrow {
     /// @notice Sets the treasury (DEFAULT_ADMIN_ROLE). Fees already accrued become the new treasury's to withdraw.
     function setTreasury(address newTreasury) external;
 
-    /// @notice Stops deposits and settlements (PAUSER_ROLE).
+    /// @notice Stops deposits, reservations and settlements (PAUSER_ROLE).
     function pause() external;
 
-    /// @notice Resumes deposits and settlements (PAUSER_ROLE).
+    /// @notice Resumes deposits, reservations and settlements (PAUSER_ROLE).
     function unpause() external;
 
     // ---------------------------------------------------------------- views
@@ -150,7 +182,7 @@ interface IGpgpuEscrow {
 
     function feesAccrued() external view returns (uint256);
 
-    /// @notice What `renter` may withdraw or reserve now.
+    /// @notice What `renter` may withdraw or reserve now (never what a job's reservation holds).
     function availableBalance(address renter) external view returns (uint256);
 
     /// @notice What `provider` may withdraw now.

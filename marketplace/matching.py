@@ -21,6 +21,8 @@ Policy (one cycle, `match_cycle`):
 - A job that is not placed gets a reason (jobs.services.job_set_unplaced): its constraints are
   checked against the whole online fleet (idle or not), one after the other, and the first
   that no machine passes is reported with a stable code (see `REASON_CODES`).
+- Billing gate: only a job whose budget the escrow has reserved on chain is placed
+  (billing.selectors.jobs_budget_unreserved); the others wait with code budget_not_reserved.
 
 Safety with several workers at once: each chunk of jobs is one transaction that locks its
 pending jobs and the GPUs it is about to lease with SELECT … FOR UPDATE SKIP LOCKED and
@@ -51,6 +53,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from billing import selectors as billing_selectors  # the billing gate
 from jobs.models import Job, LeaseGPU
 from jobs.services import Placement, job_set_unplaced, leases_assign
 from providers.availability import seconds_available
@@ -74,6 +77,8 @@ REASON_CODES = (
     "region_unavailable",
     "no_window_long_enough",
     "no_idle_gpu",
+    # Billing gate: the job's budget is not reserved in the escrow yet.
+    "budget_not_reserved",
 )
 
 # A machine's accepted job kinds as a bit mask, so the hot loop tests an int.
@@ -688,7 +693,10 @@ def match_cycle(*, now: datetime | None = None, batch_size: int | None = None) -
                 chunk_jobs = _jobs_lock(after=cursor, limit=min(CHUNK_SIZE, limit - result.considered))
                 if not chunk_jobs:
                     break
-                placements = _chunk_place(pool, chunk_jobs) if pool.free_count else []
+                # Billing gate: only jobs whose budget the escrow holds are placed.
+                unfunded = billing_selectors.jobs_budget_unreserved(job_ids=[job.id for job in chunk_jobs])
+                placeable = [job for job in chunk_jobs if job.id not in unfunded]
+                placements = _chunk_place(pool, placeable) if pool.free_count else []
                 leases = leases_assign(
                     placements=[
                         Placement(
@@ -705,7 +713,11 @@ def match_cycle(*, now: datetime | None = None, batch_size: int | None = None) -
                 placed_ids = {lease.job_id for lease in leases}
                 placements = [p for p in placements if p[0].id in placed_ids]
                 job_set_unplaced(
-                    reasons={job.id: fleet.explain(job) for job in chunk_jobs if job.id not in placed_ids},
+                    reasons={
+                        job.id: unfunded.get(job.id) or fleet.explain(job)  # the billing gate first
+                        for job in chunk_jobs
+                        if job.id not in placed_ids
+                    },
                     now=now,
                 )
         except IntegrityError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 
 import factory
@@ -91,9 +92,42 @@ class GPUFactory(factory.django.DjangoModelFactory):
     idle_since = factory.LazyFunction(timezone.now)
 
 
+class BudgetAuthorizationFactory(factory.django.DjangoModelFactory):
+    """A job's budget as the escrow holds it after its reservation batch confirmed (status
+    reserved), for tests that place jobs without a chain: the matcher places only such jobs.
+    The chain half (signing, the `reserve` transaction, its receipt) is covered by billing's
+    tests. The signature is a placeholder no escrow would accept."""
+
+    class Meta:
+        model = "billing.BudgetAuthorization"
+
+    job = factory.SubFactory("tests.factories.JobFactory")
+    renter_address = factory.Sequence(lambda n: "0x" + f"{n + 1:040x}")
+    max_amount = factory.LazyAttribute(lambda a: _job_budget_micro(a.job))
+    deadline = factory.LazyFunction(lambda: timezone.now() + timedelta(days=30))
+    signature = "0x" + "00" * 65
+    status = "reserved"
+    activated_at = factory.LazyFunction(timezone.now)
+
+
+def _job_budget_micro(job: Job) -> int:
+    from billing.services import job_budget_micro_for
+
+    return job_budget_micro_for(job)
+
+
 class JobFactory(factory.django.DjangoModelFactory):
+    """A pending job (no ledger reservation). `JobFactory(budget_reserved=True)` also gives it a
+    budget reserved in the escrow (BudgetAuthorizationFactory), as the matcher needs to place it."""
+
     class Meta:
         model = Job
+        skip_postgeneration_save = True
+
+    class Params:
+        budget_reserved = factory.Trait(
+            budget_authorization=factory.RelatedFactory(BudgetAuthorizationFactory, factory_related_name="job")
+        )
 
     renter = factory.SubFactory(RenterFactory)
     kind = Job.Kind.PROCESS
@@ -103,6 +137,13 @@ class JobFactory(factory.django.DjangoModelFactory):
     expected_duration_s = 600
     max_duration_s = 1200
     interruptible = True
+
+
+def budget_reserved(job: Job) -> Job:
+    """Mark `job`'s budget reserved in the escrow (BudgetAuthorizationFactory), as for a job a renter
+    submitted and signed through the API; returns the job."""
+    BudgetAuthorizationFactory(job=job)
+    return job
 
 
 def machine_with_gpus(*, count: int = 1, **gpu_kwargs) -> Machine:  # type: ignore[no-untyped-def]

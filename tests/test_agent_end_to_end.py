@@ -36,10 +36,10 @@ from gpgpu_agent.credentials import load_credential
 from gpgpu_agent.daemon import Agent, build_agent
 from gpgpu_agent.protocol import usage_signature_valid, wire_usage_struct
 from gpgpu_agent.transport import Backoff, HttpTransport
-from jobs.models import Event, Lease, UsageReport
+from jobs.models import Event, Job, Lease, UsageReport
 from marketplace.matching import match_cycle
 from providers.models import Machine
-from tests.factories import ProviderFactory, RenterFactory, token_for
+from tests.factories import ProviderFactory, RenterFactory, budget_reserved, token_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
 
@@ -229,7 +229,13 @@ class Market:
         }
         response = self.call("POST", "/api/v1/jobs/", json=body, headers={"Idempotency-Key": key})
         assert response.status_code == 201, response.text
-        return response.json()
+        job = response.json()
+        # Billing gate (issue 8): the matcher places a job only once the escrow has reserved its
+        # budget. The chain half (the renter signing, the `reserve` transaction and its receipt) is
+        # covered by billing's tests; here the budget is marked reserved as a confirmed batch would.
+        with self.turn:
+            budget_reserved(Job.objects.get(pk=job["id"]))
+        return job
 
     def wait_for(self, job_id: int, done: Callable[[dict[str, Any]], bool], deadline_s: float = DEADLINE_S) -> dict:
         deadline = time.monotonic() + deadline_s

@@ -72,7 +72,12 @@ class EscrowEnv:
     def disagreements(self, renters: dict[int, str], providers: dict[int, str]) -> list[str]:
         """Where the escrow and the ledger disagree: per renter, available + job reservations on
         chain vs the ledger's available + reserved + unsettled + in settlement; per provider,
-        earnings vs provider_payable; fees vs platform_fees. `renters`/`providers`: id → address."""
+        earnings vs provider_payable; fees vs platform_fees. `renters`/`providers`: id → address.
+
+        Exact whenever the watcher has read every block and no settlement is in flight, whatever
+        else is pending: a budget not yet reserved on chain is in the escrow's available balance
+        and in the ledger's job_reserved; one the ledger released but the escrow has not yet is
+        in the ledger's available balance and in the escrow's job reservation."""
         problems = []
         for renter_id, address in renters.items():
             chain = int(self.escrow.functions.availableBalance(to_checksum_address(address)).call())
@@ -80,30 +85,12 @@ class EscrowEnv:
             for job in Job.objects.filter(renter_id=renter_id):
                 _renter, _deadline, remaining, *_ = self.escrow.functions.job(job.pk).call()
                 chain += int(remaining)
-                auth = BudgetAuthorization.objects.filter(job=job, activated_at__isnull=False).first()
-                # Reserved on chain and not yet released there (billing.release).
-                on_chain = auth is not None and auth.released_on_chain_at is None
-                reserved = _balance(LedgerAccount.Kind.JOB_RESERVED, f"job:{job.pk}")
-                owed = sum(
+                ledger += _balance(LedgerAccount.Kind.JOB_RESERVED, f"job:{job.pk}")
+                ledger += sum(
                     _balance(kind, f"lease:{lease.pk}")
                     for lease in job.leases.all()
                     for kind in (LedgerAccount.Kind.LEASE_UNSETTLED, LedgerAccount.Kind.IN_SETTLEMENT)
                 )
-                if on_chain:
-                    # Until releaseJob, the job's reservation on chain still holds what the ledger
-                    # released.
-                    released = -sum(
-                        p.amount
-                        for p in services.Posting.objects.filter(
-                            account__kind=LedgerAccount.Kind.JOB_RESERVED,
-                            account__owner_key=f"job:{job.pk}",
-                            entry__kind="release",
-                        )
-                    )
-                    ledger += reserved + owed
-                    chain -= released
-                else:
-                    ledger += reserved + owed
             if chain != ledger:
                 problems.append(f"renter {renter_id}: escrow holds {chain}, ledger {ledger}")
         for provider_id, address in providers.items():

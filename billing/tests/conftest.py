@@ -126,6 +126,13 @@ class Chain:
             deadline=self.now() + 3600 if deadline is None else deadline,
         )
 
+    def reserve_call(self, budgets: list[BudgetAuthorization]) -> Any:
+        return self.escrow.functions.reserve([b.as_abi() for b in budgets])
+
+    def reserve(self, budgets: list[BudgetAuthorization]) -> Any:
+        """Reserve budgets as the operator and return the receipt."""
+        return self.send(self.reserve_call(budgets), self.operator)
+
     def settle_call(self, items: list[SettlementItem], budgets: list[BudgetAuthorization] = ()) -> Any:  # type: ignore[assignment]
         return self.escrow.functions.settle(settlement_items_encode(items), [b.as_abi() for b in budgets])
 
@@ -193,6 +200,20 @@ def eth_tester_web3() -> Web3:
     from web3 import EthereumTesterProvider
 
     return Web3(EthereumTesterProvider(EthereumTester(PyEVMBackend())))
+
+
+@pytest.fixture(autouse=True)
+def dispatched(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Reservation runs billing asked Celery for (billing.reservations.reservation_request_soon),
+    recorded instead of sent: billing's tests drive the runs themselves and write no broker files."""
+    from django.core.cache import cache
+
+    from billing import reservations, tasks
+
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(tasks.reserve_budgets, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
+    cache.delete(reservations._QUEUED_KEY)
+    return sent
 
 
 @pytest.fixture(params=BACKENDS)

@@ -17,6 +17,7 @@ from billing import settlement as settlement_engine
 from billing.errors import ValidationFailed
 from billing.models import (
     BudgetAuthorization,
+    BudgetReservation,
     ChainCursor,
     ChainLog,
     LeaseCharge,
@@ -48,6 +49,9 @@ def books() -> dict[str, Any]:
     job = new_job(renter)
     lease = run_lease(job, seconds=600)
     batch = Settlement.objects.create(status=Settlement.Status.SUBMITTED, tx_hash="0x" + "aa" * 32, attempts=1)
+    reservation = BudgetReservation.objects.create(
+        status=BudgetReservation.Status.CONFIRMED, tx_hash="0x" + "dd" * 32, job_ids=[job.pk], reserved_count=1
+    )
     SettlementItem.objects.create(
         settlement=batch, lease=lease, job=job, provider_address="0x" + "02" * 20,
         cumulative_micro=166_666, delta_micro=166_666,
@@ -63,7 +67,10 @@ def books() -> dict[str, Any]:
             max_amount=2_000_000,
             deadline=timezone.now() + timedelta(days=30),
             signature="0x" + "11" * 65,
+            status=BudgetAuthorization.Status.RESERVED,
+            reservation=reservation,
         ),
+        "reservation": reservation,
         "settlement": batch,
         "log": ChainLog.objects.create(
             tx_hash="0x" + "bb" * 32,

@@ -6,6 +6,12 @@ import pytest
 from eth_account import Account
 
 from billing.contract import (
+    BUDGET_SKIP_ALREADY_KNOWN,
+    BUDGET_SKIP_EXPIRED,
+    BUDGET_SKIP_INSUFFICIENT_BALANCE,
+    BUDGET_SKIP_INVALID_BUDGET,
+    BUDGET_SKIP_INVALID_SIGNATURE,
+    MAX_UINT96,
     SKIP_JOB_CLOSED,
     SKIP_STALE_LEASE,
     SKIP_UNKNOWN_JOB,
@@ -166,7 +172,55 @@ def test_first_settlement_reserves_the_signed_budget(chain: Chain, funded_job: t
     assert_escrow_holds_what_it_owes(chain, [job_id])
 
 
-def test_budget_signed_by_someone_else_is_refused(chain: Chain, funded_job: tuple[int, BudgetAuthorization]) -> None:
+def skips(chain: Chain, receipt: object) -> list[tuple[int, str, int]]:
+    """(jobId, renter, reason) of every BudgetSkipped in the receipt, in order."""
+    return [
+        (e["args"]["jobId"], e["args"]["renter"], e["args"]["reason"]) for e in chain.events(receipt, "BudgetSkipped")
+    ]
+
+
+def test_reserve_moves_the_budget_out_of_reach_before_any_work(
+    chain: Chain, funded_job: tuple[int, BudgetAuthorization]
+) -> None:
+    job_id, budget = funded_job
+    renter = chain.renters[0]
+
+    receipt = chain.reserve([budget])
+
+    [reserved] = chain.events(receipt, "BudgetReserved")
+    assert (reserved["args"]["jobId"], reserved["args"]["renter"]) == (job_id, renter.address)
+    assert reserved["args"]["maxAmount"] == 40 * ONE_TOKEN
+    assert reserved["args"]["deadline"] == budget.deadline
+    assert skips(chain, receipt) == [] and chain.events(receipt, "Settled") == []
+    assert job_state(chain, job_id)["remaining"] == 40 * ONE_TOKEN
+    assert available(chain, renter.address) == 60 * ONE_TOKEN
+    error = chain.revert_of(chain.escrow.functions.withdraw(60 * ONE_TOKEN + 1), renter)
+    assert error.name == "GpgpuEscrow_InsufficientBalance"
+    # A lease settled later is paid from the reservation, with no budget in its batch.
+    chain.settle([item(job_id, chain.providers[0].address, 40 * ONE_TOKEN)])
+    assert earnings(chain, chain.providers[0].address) == 40 * ONE_TOKEN - fee_of(40 * ONE_TOKEN)
+    assert_escrow_holds_what_it_owes(chain, [job_id])
+
+
+def test_only_the_operator_reserves_never_while_paused_and_never_nothing(
+    chain: Chain, funded_job: tuple[int, BudgetAuthorization]
+) -> None:
+    job_id, budget = funded_job
+    call = chain.reserve_call([budget])
+
+    for stranger in (chain.outsider, chain.renters[0], chain.admin):
+        assert chain.revert_of(call, stranger).name == "AccessControlUnauthorizedAccount"
+    assert chain.revert_of(chain.reserve_call([]), chain.operator).name == "GpgpuEscrow_NoBudgets"
+    chain.send(chain.escrow.functions.pause(), chain.pauser)
+    assert chain.revert_of(call, chain.operator).name == "EnforcedPause"
+    chain.send(chain.escrow.functions.unpause(), chain.pauser)
+    chain.send(call, chain.operator)
+    assert job_state(chain, job_id)["remaining"] == 40 * ONE_TOKEN
+
+
+def test_budget_signed_by_someone_else_is_skipped_and_the_batch_goes_on(
+    chain: Chain, funded_job: tuple[int, BudgetAuthorization]
+) -> None:
     job_id, _ = funded_job
     impostor = Account.from_key(b"\x01" * 32)
     forged = chain.budget(impostor, job_id, 40 * ONE_TOKEN)
@@ -177,15 +231,22 @@ def test_budget_signed_by_someone_else_is_refused(chain: Chain, funded_job: tupl
         deadline=forged.deadline,
         signature=forged.signature,
     )
+    honest = chain.renters[1]
+    chain.fund_renter(honest, 5 * ONE_TOKEN)
+    other_job = chain.new_job_id()
 
-    error = chain.revert_of(chain.settle_call([], [claims_renter]), chain.operator)
+    receipt = chain.reserve([claims_renter, chain.budget(honest, other_job, 5 * ONE_TOKEN)])
 
-    assert error.name == "GpgpuEscrow_InvalidSignature"
-    assert error.args == (job_id,)
+    assert skips(chain, receipt) == [(job_id, chain.renters[0].address, BUDGET_SKIP_INVALID_SIGNATURE)]
+    [reserved] = chain.events(receipt, "BudgetReserved")
+    assert reserved["args"]["jobId"] == other_job
+    assert job_state(chain, job_id)["renter"] == "0x0000000000000000000000000000000000000000"
     assert available(chain, chain.renters[0].address) == 100 * ONE_TOKEN
+    assert available(chain, honest.address) == 0
+    assert_escrow_holds_what_it_owes(chain, [job_id, other_job])
 
 
-def test_budget_with_a_raised_amount_is_refused(chain: Chain, funded_job: tuple[int, BudgetAuthorization]) -> None:
+def test_budget_with_a_raised_amount_is_skipped(chain: Chain, funded_job: tuple[int, BudgetAuthorization]) -> None:
     job_id, budget = funded_job
     tampered = BudgetAuthorization(
         job_id=job_id,
@@ -199,29 +260,61 @@ def test_budget_with_a_raised_amount_is_refused(chain: Chain, funded_job: tuple[
     )
 
     for bad in (tampered, garbage):
-        assert chain.revert_of(chain.settle_call([], [bad]), chain.operator).name == "GpgpuEscrow_InvalidSignature"
+        assert skips(chain, chain.reserve([bad])) == [(job_id, budget.renter, BUDGET_SKIP_INVALID_SIGNATURE)]
+        assert skips(chain, chain.settle([], [bad])) == [(job_id, budget.renter, BUDGET_SKIP_INVALID_SIGNATURE)]
     assert job_state(chain, job_id)["remaining"] == 0
+    assert available(chain, budget.renter) == 100 * ONE_TOKEN
 
 
-def test_expired_budget_is_refused(chain: Chain, funded_job: tuple[int, BudgetAuthorization]) -> None:
+def test_expired_budget_is_skipped(chain: Chain, funded_job: tuple[int, BudgetAuthorization]) -> None:
     job_id, _ = funded_job
     expired = chain.budget(chain.renters[0], job_id, 40 * ONE_TOKEN, deadline=chain.now() - 1)
 
-    error = chain.revert_of(chain.settle_call([], [expired]), chain.operator)
+    receipt = chain.reserve([expired])
 
-    assert error.name == "GpgpuEscrow_BudgetExpired"
+    assert skips(chain, receipt) == [(job_id, chain.renters[0].address, BUDGET_SKIP_EXPIRED)]
+    assert chain.events(receipt, "BudgetReserved") == []
     assert available(chain, chain.renters[0].address) == 100 * ONE_TOKEN
 
 
-def test_budget_above_available_balance_is_refused(chain: Chain) -> None:
-    renter = chain.renters[1]
+def test_malformed_budgets_are_skipped(chain: Chain) -> None:
+    renter = chain.renters[2]
+    chain.fund_renter(renter, ONE_TOKEN)
+    zero, huge = chain.new_job_id(), chain.new_job_id()
+
+    receipt = chain.reserve([chain.budget(renter, zero, 0), chain.budget(renter, huge, MAX_UINT96 + 1)])
+
+    assert skips(chain, receipt) == [
+        (zero, renter.address, BUDGET_SKIP_INVALID_BUDGET),
+        (huge, renter.address, BUDGET_SKIP_INVALID_BUDGET),
+    ]
+    assert available(chain, renter.address) == ONE_TOKEN
+
+
+def test_budget_above_available_balance_is_skipped_and_others_are_reserved(chain: Chain) -> None:
+    renter, other = chain.renters[1], chain.renters[2]
     chain.fund_renter(renter, 10 * ONE_TOKEN)
-    job_id = chain.new_job_id()
+    chain.fund_renter(other, 3 * ONE_TOKEN)
+    too_big, first, second, others = (chain.new_job_id() for _ in range(4))
 
-    error = chain.revert_of(chain.settle_call([], [chain.budget(renter, job_id, 11 * ONE_TOKEN)]), chain.operator)
+    receipt = chain.reserve(
+        [
+            chain.budget(renter, too_big, 11 * ONE_TOKEN),
+            chain.budget(renter, first, 6 * ONE_TOKEN),
+            # Together with `first` more than the renter has: the first in the batch wins.
+            chain.budget(renter, second, 6 * ONE_TOKEN),
+            chain.budget(other, others, 3 * ONE_TOKEN),
+        ]
+    )
 
-    assert error.name == "GpgpuEscrow_InsufficientBalance"
-    assert error.args[1:] == (10 * ONE_TOKEN, 11 * ONE_TOKEN)
+    assert skips(chain, receipt) == [
+        (too_big, renter.address, BUDGET_SKIP_INSUFFICIENT_BALANCE),
+        (second, renter.address, BUDGET_SKIP_INSUFFICIENT_BALANCE),
+    ]
+    assert [e["args"]["jobId"] for e in chain.events(receipt, "BudgetReserved")] == [first, others]
+    assert available(chain, renter.address) == 4 * ONE_TOKEN
+    assert available(chain, other.address) == 0
+    assert_escrow_holds_what_it_owes(chain, [too_big, first, second, others])
 
 
 def test_charge_above_budget_is_capped_at_the_budget(chain: Chain, funded_job: tuple[int, BudgetAuthorization]) -> None:
@@ -260,11 +353,13 @@ def test_second_job_cannot_spend_the_first_jobs_reservation(
 
 def test_replayed_budget_does_not_reserve_twice(chain: Chain, funded_job: tuple[int, BudgetAuthorization]) -> None:
     job_id, budget = funded_job
-    chain.settle([], [budget])
+    chain.reserve([budget])
 
-    receipt = chain.settle([], [budget])
+    replays = [chain.reserve([budget]), chain.settle([], [budget])]
 
-    assert chain.events(receipt, "BudgetReserved") == []
+    for receipt in replays:
+        assert chain.events(receipt, "BudgetReserved") == []
+        assert skips(chain, receipt) == [(job_id, budget.renter, BUDGET_SKIP_ALREADY_KNOWN)]
     assert available(chain, chain.renters[0].address) == 60 * ONE_TOKEN
     assert job_state(chain, job_id)["remaining"] == 40 * ONE_TOKEN
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing.contract import SettlementItem
+from billing.contract import BUDGET_SKIP_INSUFFICIENT_BALANCE, SettlementItem
 from billing.tests.conftest import Chain, _snapshot
 
 AMOUNT = st.integers(min_value=1, max_value=50_000)
@@ -138,13 +138,14 @@ def _run(chain: Chain, operations: list) -> None:
             _, renter, amount = operation
             next_job_id += 1
             authorization = chain.budget(chain.renters[renter], next_job_id, amount)
+            receipt = chain.reserve([authorization])
             if amount <= model.available[renter]:
-                chain.settle([], [authorization])
+                assert len(chain.events(receipt, "BudgetReserved")) == 1
                 model.available[renter] -= amount
                 model.jobs.append(JobModel(job_id=next_job_id, renter=renter, budget=amount, remaining=amount))
             else:
-                error = chain.revert_of(chain.settle_call([], [authorization]), chain.operator)
-                assert error.name == "GpgpuEscrow_InsufficientBalance"
+                [skipped] = chain.events(receipt, "BudgetSkipped")
+                assert skipped["args"]["reason"] == BUDGET_SKIP_INSUFFICIENT_BALANCE
         elif kind == "settle":
             items = []
             for job_index, provider, move, charge in operation[1]:

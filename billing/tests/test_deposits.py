@@ -93,19 +93,49 @@ def test_a_reorg_reverses_the_deposit_that_left_the_chain(env):
     assert env.disagreements({renter.pk: carol.address}, {}) == []
 
 
-def test_a_withdrawal_of_money_reserved_off_chain_is_flagged_not_crashing(env):
-    from billing.deposits import chain_flags
-    from billing.tests._escrow_env import charged_job
+def test_a_withdrawal_of_money_backing_unreserved_jobs_cancels_them_and_the_ledger_balances(env):
+    from django.core.management import call_command
+
+    from billing.selectors import job_budget
+    from billing.services import job_budget_reserve
+    from jobs.models import Event, Job
+    from tests.factories import JobFactory
 
     renter = RenterFactory(funds=0)
     dave = env.account("dave")
     wallet_link(renter=renter, address=dave.address)
     env.deposit(dave, 3 * ONE)
     chain_watch(client=env.client, deployment=env.deployment)
-    charged_job(renter)  # reserves 2 tokens off chain; nothing is reserved on chain yet
+    job = JobFactory(renter=renter, max_price_per_gpu_hour="1.00", max_duration_s=7200)
+    job_budget_reserve(job=job)  # admitted: 2 tokens reserved off chain; the escrow holds nothing for it
     env.send_as(dave, env.escrow.functions.withdraw(3 * ONE))
+
+    result = chain_watch(client=env.client, deployment=env.deployment)
+
+    assert result.credited == 1 and result.flagged == 0
+    assert Job.objects.get(pk=job.pk).status == Job.Status.CANCELLED
+    assert Event.objects.filter(job=job, kind="budget.unfunded").exists()
+    assert job_budget(job_id=job.pk).released == 2 * ONE
+    assert renter_available_micro(renter_id=renter.pk) == 0
+    call_command("ledger_check")
+    assert env.disagreements({renter.pk: dave.address}, {}) == []
+
+
+def test_a_withdrawal_of_money_a_job_that_already_ran_holds_is_flagged_not_crashing(env):
+    """Only a job admitted before budgets were reserved ahead of the work can have run without
+    the escrow holding its budget; the watcher cannot cancel it, so the withdrawal is flagged."""
+    from billing.deposits import chain_flags
+    from billing.tests._escrow_env import charged_job
+
+    renter = RenterFactory(funds=0)
+    erin = env.account("erin")
+    wallet_link(renter=renter, address=erin.address)
+    env.deposit(erin, 3 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+    charged_job(renter)  # reserves 2 tokens off chain and ran; nothing is reserved on chain
+    env.send_as(erin, env.escrow.functions.withdraw(3 * ONE))
 
     result = chain_watch(client=env.client, deployment=env.deployment)
     assert result.flagged == 1
     flags = chain_flags()
-    assert len(flags) == 1 and "Withdrawn" in flags[0]
+    assert len(flags) == 1 and "Withdrawn" in flags[0] and "even after cancelling" in flags[0]

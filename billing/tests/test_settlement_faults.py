@@ -9,6 +9,7 @@ from web3 import Web3
 from billing import settlement as engine
 from billing.chain import ChainClient, NodeUnavailable
 from billing.models import Settlement
+from billing.reservations import reserve_run
 from billing.tests._escrow_env import ONE, charged_job, escrow_env
 from billing.tests.test_settlement import _funded_renter
 
@@ -26,6 +27,8 @@ def _setup(env, label):  # type: ignore[no-untyped-def]
     payee = env.account(f"payee {label}")
     job, lease = charged_job(renter, provider_address=payee.address)
     env.sign_budget(account, job, 2 * ONE)
+    # The escrow reserves the budget before the faults below (as it does before any lease runs).
+    assert reserve_run(client=env.client, deployment=env.deployment)["reserved"] == 1
     return {renter.pk: account.address}, {lease.machine.provider_id: payee.address}, payee
 
 

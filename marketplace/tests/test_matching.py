@@ -42,6 +42,8 @@ def machine(
 
 
 def job(**kwargs) -> Job:  # type: ignore[no-untyped-def]
+    """A pending job whose budget the escrow has reserved (the matcher places no other)."""
+    kwargs.setdefault("budget_reserved", True)
     return JobFactory(**kwargs)
 
 
@@ -497,3 +499,59 @@ def test_many_jobs_each_get_distinct_gpus():
     assert result.placed == 14
     for lease in Lease.objects.all():
         assert set(lease.gpus.values_list("machine_id", flat=True)) == {lease.machine_id}
+
+
+# --- billing gate (issue 8): only jobs whose budget the escrow holds are placed -------------
+
+
+def test_a_job_is_placed_only_once_its_budget_is_reserved_on_chain():
+    from tests.factories import BudgetAuthorizationFactory
+
+    machine(gpus=4)
+    unsigned = job(budget_reserved=False)
+    reserving = job(budget_reserved=False)
+    BudgetAuthorizationFactory(job=reserving, status="reserving", activated_at=None)
+    refused = job(budget_reserved=False)
+    BudgetAuthorizationFactory(
+        job=refused, status="refused", activated_at=None, rejected_reason="its authorization's deadline had passed"
+    )
+    reserved = job()
+
+    result = matching.match_cycle()
+
+    assert Job.objects.get(pk=reserved.pk).status == Job.Status.SCHEDULED
+    assert result.placed == 1 and result.unplaced == 3
+    for waiting in (unsigned, reserving, refused):
+        assert Job.objects.get(pk=waiting.pk).status == Job.Status.PENDING
+        assert not Lease.objects.filter(job=waiting).exists()
+    assert reason(unsigned) == (
+        "budget_not_reserved",
+        f"sign the job's budget authorization (GET, then PUT with the signature, "
+        f"/api/v1/jobs/{unsigned.pk}/budget-authorization/); it is placed once the escrow has reserved it",
+    )
+    assert reason(reserving) == (
+        "budget_not_reserved",
+        "its budget is being reserved on chain; it is placed once the escrow has reserved it",
+    )
+    assert reason(refused) == (
+        "budget_not_reserved",
+        "the escrow refused its budget: its authorization's deadline had passed",
+    )
+    assert "budget_not_reserved" in matching.REASON_CODES
+
+
+def test_a_job_whose_budget_becomes_reserved_is_placed_in_the_next_cycle():
+    from billing.models import BudgetAuthorization
+    from tests.factories import BudgetAuthorizationFactory
+
+    machine(gpus=1)
+    j = job(budget_reserved=False)
+    BudgetAuthorizationFactory(job=j, status="reserving", activated_at=None)
+    matching.match_cycle()
+    assert reason(j)[0] == "budget_not_reserved"
+
+    BudgetAuthorization.objects.filter(job=j).update(status="reserved", activated_at=timezone.now())
+    matching.match_cycle()
+
+    j.refresh_from_db()
+    assert j.status == Job.Status.SCHEDULED and j.unplaced_code == ""

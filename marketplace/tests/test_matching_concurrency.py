@@ -41,7 +41,7 @@ def _fleet_and_jobs(*, machines: int, gpus_per_machine: int, jobs: int) -> None:
             # Equal floors everywhere, so every worker wants the same GPUs first.
             GPUFactory(machine=m, index=i, price_floor=Decimal("0.30"))
     for _ in range(jobs):
-        JobFactory()
+        JobFactory(budget_reserved=True)
 
 
 def _run_workers_at_once(count: int) -> list[BaseException]:
@@ -99,7 +99,7 @@ def test_concurrent_workers_place_multi_gpu_jobs_on_one_machine_each(monkeypatch
     monkeypatch.setattr(matching, "CHUNK_SIZE", 5)
     _fleet_and_jobs(machines=10, gpus_per_machine=4, jobs=0)
     for i in range(30):
-        JobFactory(gpu_count=(2 if i % 3 else 4))
+        JobFactory(gpu_count=(2 if i % 3 else 4), budget_reserved=True)
 
     for _ in range(ROUNDS):
         assert _run_workers_at_once(WORKERS) == []
@@ -118,7 +118,7 @@ def test_chunk_is_rolled_back_whole_when_the_unique_index_refuses_a_gpu(db, monk
     the lock) writes nothing for that chunk; the next cycle places the jobs."""
     m = MachineFactory()
     gpus = [GPUFactory(machine=m, index=i) for i in range(2)]
-    jobs = [JobFactory(), JobFactory()]
+    jobs = [JobFactory(budget_reserved=True), JobFactory(budget_reserved=True)]
     intruder_job = JobFactory(status=Job.Status.RUNNING)
     real_lock = matching._gpus_lock
 
