@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import secrets
 import sys
 import time
 from datetime import UTC, datetime
@@ -81,6 +82,8 @@ def _setup(args: argparse.Namespace) -> None:
         os.environ["DATABASE_URL"] = args.database_url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
+    # DEBUG is off here (production code paths): a throwaway signing key for this process.
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     sys.path.insert(0, str(ROOT))
     import django
 

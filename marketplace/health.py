@@ -1,13 +1,28 @@
-"""/healthz: is the database reachable, and the Celery broker? Says which failed."""
+"""/healthz: is the database reachable, and the Celery broker? Says which failed.
+
+Public (load balancers and container health checks call it), so the answer names the failed
+dependency and the kind of error, never its text: a driver's message may hold a host, a port,
+a user name or a password. The full error goes to the log.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from django.conf import settings
 from django.db import connection
 from django.http import JsonResponse
 from django.views.decorators.http import require_GET
+
+logger = logging.getLogger(__name__)
+
+
+def _failure(dependency: str, exc: Exception) -> str:
+    """The public description of a failed check (the exception's class name only); the
+    exception itself is logged."""
+    logger.warning("/healthz: the %s check failed: %s: %s", dependency, type(exc).__name__, exc)
+    return type(exc).__name__
 
 
 def _check_database() -> str | None:
@@ -16,7 +31,7 @@ def _check_database() -> str | None:
             cursor.execute("SELECT 1")
             cursor.fetchone()
     except Exception as exc:  # any failure is reported, not raised
-        return f"{type(exc).__name__}: {exc}"
+        return _failure("database", exc)
     return None
 
 
@@ -42,15 +57,16 @@ def _check_broker() -> str | None:
             # A connection that opens is not enough for Redis: ask the server something.
             conn.default_channel  # noqa: B018 - opening the channel talks to the broker
     except Exception as exc:  # any failure is reported, not raised
-        return f"{type(exc).__name__}: {exc}"
+        return _failure("broker", exc)
     return None
 
 
 @require_GET
 def healthz(request):  # type: ignore[no-untyped-def]
     """200 {"status": "ok", ...} when the database answers a query and the Celery broker
-    accepts a connection; otherwise 503 {"status": "unavailable", "checks": {name: "failed: …"}}
-    naming each failed dependency. Unauthenticated: it reveals no data, only reachability."""
+    accepts a connection; otherwise 503 {"status": "unavailable", "checks": {name: "failed:
+    <error class>"}} naming each failed dependency. Unauthenticated: it reveals no data, only
+    reachability: no host, port, user name or error text (those are logged)."""
     started = time.monotonic()
     checks = {"database": _check_database(), "broker": _check_broker()}
     failed = {name: err for name, err in checks.items() if err}

@@ -8,6 +8,10 @@ local chain. The README's settings table lists each variable.
 from __future__ import annotations
 
 import os
+import re
+import secrets
+import sys
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -49,13 +53,53 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def env_rate(name: str, default: str) -> str | None:
+    """A request rate "<count>/<period>" (period: s, min, h or day, as DRF's throttles read
+    them), or None for "off" (no limit)."""
+    raw = (os.environ.get(name) or default).strip().lower()
+    if raw in {"off", "none"}:
+        return None
+    if not re.fullmatch(r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)", raw):
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a rate (use e.g. 600/min, 20/minute, 5000/hour or off)")
+    return raw
+
+
+def env_lockout_parameters(name: str, default: str) -> list[str | list[str]]:
+    """django-axes' AXES_LOCKOUT_PARAMETERS from "username+ip_address,ip_address": commas
+    separate alternatives (each counted on its own), "+" joins a combination."""
+    parameters: list[str | list[str]] = []
+    for item in env_list(name, []) or [default]:
+        parts = [part.strip() for part in item.split("+")]
+        if any(part not in {"username", "ip_address", "user_agent"} for part in parts):
+            raise ImproperlyConfigured(
+                f"{name}={item!r}: use username, ip_address or user_agent, joined by + for a combination "
+                "and by commas for alternatives"
+            )
+        parameters.append(parts[0] if len(parts) == 1 else parts)
+    return parameters
+
+
 DEBUG = env_bool("DEBUG", False)
+# pytest-django imports these settings inside pytest, before any conftest could set the
+# environment. A test run is no deployment: it gets a random key (below) and a cache namespace
+# of its own, so that two runs on one Redis never share rate-limit counters. No server process
+# imports pytest.
+RUNNING_TESTS = "pytest" in sys.modules
+DEV_SECRET_KEY = "dev-insecure-gpgpu-secret-key-change-me-0123456789abcdef"  # noqa: S105 - DEBUG only
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not DEBUG and SECRET_KEY == DEV_SECRET_KEY:
+    raise ImproperlyConfigured("SECRET_KEY is the public development key; set a long random one (DEBUG is off)")
 if not SECRET_KEY:
-    if not DEBUG and env_bool("GPGPU_REQUIRE_SECRET_KEY", False):
-        raise ImproperlyConfigured("SECRET_KEY must be set in production")
-    # Development default only: production (docker-compose) always sets SECRET_KEY.
-    SECRET_KEY = "dev-insecure-gpgpu-secret-key-change-me-0123456789abcdef"  # noqa: S105
+    if DEBUG:
+        # Development (./scripts/demo sets DEBUG=true) only.
+        SECRET_KEY = DEV_SECRET_KEY
+    elif RUNNING_TESTS:
+        SECRET_KEY = secrets.token_urlsafe(50)
+    else:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set and DEBUG is off: set SECRET_KEY to a long random value, e.g. "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(50))' (or DEBUG=true for development)"
+        )
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
@@ -70,6 +114,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "axes",
     "accounts",
     "providers",
     "jobs",
@@ -86,6 +131,14 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into marketplace.throttling's answer.
+    "axes.middleware.AxesMiddleware",
+]
+
+# django-axes first: it refuses a locked-out login before the password is even checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "marketplace.urls"
@@ -110,7 +163,7 @@ TEMPLATES = [
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 DATABASES = {
     "default": dj_database_url.parse(
-        os.environ.get("DATABASE_URL", f"sqlite:///{VAR_DIR / 'gpgpu.sqlite3'}"),
+        os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'gpgpu.sqlite3'}",
         conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
         conn_health_checks=True,
     )
@@ -151,9 +204,78 @@ WHITENOISE_AUTOREFRESH = DEBUG
 # Raw tokens are shown once in an admin message: keep messages server-side, not in a cookie.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", False)
+# TLS=true declares that clients reach the marketplace over HTTPS (directly or through a TLS
+# proxy): plain HTTP is redirected, browsers are told to use HTTPS only (HSTS) and cookies are
+# sent over HTTPS only. /healthz is exempt from the redirect: probes inside the network speak
+# plain HTTP.
+TLS = env_bool("TLS", False)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", TLS)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600 if TLS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", TLS)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", TLS)
+SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", TLS)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# X-Forwarded-Proto says "this came in over HTTPS" only when a proxy we trust sets it: a client
+# reaching gunicorn directly could send it too.
+if env_bool("TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# How many proxies in front of the web server append to X-Forwarded-For. 0: the client's address
+# is the connection's (REMOTE_ADDR) and X-Forwarded-For, which anyone can send, is ignored.
+# Rate limits per address and the admin lockout use it (marketplace.throttling.client_ip).
+TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)
+
+# The cache: Redis when REDIS_URL is set (shared by every web worker: the rate limits' counters
+# live there), else this process's memory. A short socket timeout, so that a Redis outage slows
+# no request down for long (the throttles then let requests through).
+REDIS_URL = os.environ.get("REDIS_URL", "")
+CACHE_KEY_PREFIX = f"gpgpu-test-{secrets.token_hex(4)}" if RUNNING_TESTS else "gpgpu"
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": CACHE_KEY_PREFIX,
+            "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "gpgpu",
+            "KEY_PREFIX": CACHE_KEY_PREFIX,
+        }
+    }
+
+# Request rates (marketplace/throttling.py): per API token or session of a person
+# (user), per machine credential (machine), per client address for unauthenticated requests
+# (anon), and per address on the agent's register endpoint (register). 429 with Retry-After
+# beyond them. Generous defaults: an agent heartbeats every 10 s and reports usage every
+# minute; a renter polling its job every second uses a tenth of its rate.
+THROTTLE_ENABLED = env_bool("THROTTLE_ENABLED", True)
+THROTTLE_RATES: dict[str, str | None] = {
+    "user": env_rate("THROTTLE_USER", "600/min"),
+    "machine": env_rate("THROTTLE_MACHINE", "600/min"),
+    "anon": env_rate("THROTTLE_ANON", "60/min"),
+    "register": env_rate("THROTTLE_REGISTER", "20/min"),
+}
+
+# The admin login's lockout (django-axes, its attempts in the database): after
+# ADMIN_LOCKOUT_FAILURES failed logins the login is refused, even with the right password, for
+# ADMIN_LOCKOUT_COOLOFF_MIN minutes, and every attempt meanwhile starts the wait again. What is
+# locked: ADMIN_LOCKOUT_BY, a comma-separated list of what to count failures by, "+" joining a
+# combination (username, ip_address, user_agent). An operator lifts a lock with
+# `manage.py axes_reset_username <name>` (or axes_reset_ip, axes_reset).
+AXES_ENABLED = env_bool("ADMIN_LOCKOUT", True)
+AXES_FAILURE_LIMIT = env_int("ADMIN_LOCKOUT_FAILURES", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("ADMIN_LOCKOUT_COOLOFF_MIN", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = env_lockout_parameters("ADMIN_LOCKOUT_BY", "username+ip_address")
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "marketplace.throttling.client_ip"
+AXES_LOCKOUT_CALLABLE = "marketplace.throttling.admin_lockout_response"
+AXES_HTTP_RESPONSE_CODE = 429
 
 # Request bodies larger than this are refused before they reach a view (agent heartbeats of
 # a 16-GPU machine are about 10 KiB).
@@ -171,7 +293,13 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "marketplace.api.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # Rates are read per request from THROTTLE_RATES (the throttles pick the scope themselves).
+    "DEFAULT_THROTTLE_CLASSES": [
+        "marketplace.throttling.PrincipalRateThrottle",
+        "marketplace.throttling.RegisterRateThrottle",
+    ],
     "DEFAULT_THROTTLE_RATES": {},
+    "NUM_PROXIES": TRUSTED_PROXIES,
 }
 if DEBUG:
     REST_FRAMEWORK["DEFAULT_RENDERER_CLASSES"].append("rest_framework.renderers.BrowsableAPIRenderer")
@@ -268,8 +396,9 @@ CHAIN_ID: int | None = env_int("CHAIN_ID", 0, minimum=1) if os.environ.get("CHAI
 CHAIN_CONFIRMATIONS = env_int("CHAIN_CONFIRMATIONS", 1, minimum=1)
 CHAIN_RECEIPT_TIMEOUT_S = env_int("CHAIN_RECEIPT_TIMEOUT_S", 120, minimum=1)
 CHAIN_RPC_TIMEOUT_S = env_int("CHAIN_RPC_TIMEOUT_S", 10, minimum=1)
-# The operator's signing key: hex in CHAIN_OPERATOR_KEY, or a 0600 file named by
-# CHAIN_OPERATOR_KEY_FILE. Never committed. Unset in DEBUG: anvil's public development key #0.
+# The operator's signing key: a 0600 file named by CHAIN_OPERATOR_KEY_FILE (docker-compose mounts
+# it as a secret), or hex in CHAIN_OPERATOR_KEY. Never committed. Unset in DEBUG: anvil's public
+# development key #0.
 CHAIN_OPERATOR_KEY = os.environ.get("CHAIN_OPERATOR_KEY", "")
 CHAIN_OPERATOR_KEY_FILE = os.environ.get("CHAIN_OPERATOR_KEY_FILE", "")
 # Where platform fees go (chain_deploy); unset in DEBUG: the operator.
@@ -309,6 +438,8 @@ CELERY_BEAT_SCHEDULE = {
     # Runs every 15 s but sends a batch only every SETTLEMENT_INTERVAL_S, or sooner when a batch is full.
     "settle": _every("billing.tasks.settle", 15.0),
     "reconcile-settlements": _every("billing.tasks.reconcile_settlements", 60.0),
+    # Billing: budgets are reserved on chain before their jobs are placed; also completes stuck batches.
+    "reserve-budgets": _every("billing.tasks.reserve_budgets", 5.0),
     "release-jobs-on-chain": _every("billing.tasks.release_jobs_on_chain", 60.0),
 }
 

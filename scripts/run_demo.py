@@ -278,6 +278,8 @@ def main() -> int:
     env.setdefault("MATCH_INTERVAL_S", "2")
     # Settle on chain every 20 s instead of every 2 minutes, so a job's payment shows up quickly.
     env.setdefault("SETTLEMENT_INTERVAL_S", "20")
+    # Every demo machine registers from this one address on the first run.
+    env.setdefault("THROTTLE_REGISTER", "1000/min")
     var_dir = Path(env.get("GPGPU_VAR_DIR", ROOT / "var"))
     log_dir = var_dir / "demo" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

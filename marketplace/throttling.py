@@ -1,0 +1,164 @@
+"""Request rates for the HTTP API, and the admin login's lockout answer.
+
+Every API view (renter, provider and agent) gets two DRF throttles from
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"]; the views are not touched:
+
+- PrincipalRateThrottle: one budget per credential. A machine credential (`request.auth` is the
+  Machine, see providers.auth) counts against scope `machine`, a person's API token (only
+  operators issue them) or session against `user`, anything unauthenticated against `anon`, per
+  client address. A credential is known by its row and its digest, so a rotated credential (or a
+  row id the database hands out again) starts afresh.
+- RegisterRateThrottle: the agent's register endpoint (found by URL name, not by view), per client
+  address, scope `register`: registration tokens are guessed there.
+
+Rates come from settings.THROTTLE_RATES (THROTTLE_USER, THROTTLE_MACHINE, THROTTLE_ANON,
+THROTTLE_REGISTER), read per request; THROTTLE_ENABLED=false switches them all off (benchmarks).
+Counters live in the default cache: Redis when REDIS_URL is set, so every web worker shares
+them. A request over its rate is refused before the view runs with 429
+{"code": "throttled", "detail": …} and a Retry-After header (marketplace.api.exception_handler).
+
+Throttles run after authentication (DRF's order): a request with an invalid credential is
+answered 401 without being counted.
+
+The admin login's lockout is django-axes (settings AXES_*); admin_lockout_response is what a
+locked-out login is answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from rest_framework.throttling import SimpleRateThrottle
+
+logger = logging.getLogger(__name__)
+
+# The URL names (providers/agent_urls.py) of the endpoints RegisterRateThrottle guards.
+REGISTER_URL_NAMES = frozenset({"agent-register"})
+
+# What a cache backend raises when its server is unreachable.
+_CACHE_ERRORS: tuple[type[BaseException], ...] = (OSError, redis.RedisError)
+# One warning per this many seconds while the cache is down, not one per request.
+_CACHE_WARNING_EVERY_S = 60.0
+_cache_warned_at = -math.inf
+
+
+def client_ip(request: Any) -> str:
+    """The client's address: the connection's (REMOTE_ADDR), or with TRUSTED_PROXIES = n > 0 the
+    n-th address from the right of X-Forwarded-For (each trusted proxy appends the address it
+    received the request from, so the entries left of it are whatever the client sent).
+
+    Works on a Django HttpRequest and on a DRF Request; django-axes calls it too
+    (AXES_CLIENT_IP_CALLABLE), so the lockout and the rate limits see the same address."""
+    remote = str(request.META.get("REMOTE_ADDR") or "")
+    proxies = settings.TRUSTED_PROXIES
+    if proxies:
+        hops = [hop.strip() for hop in str(request.META.get("HTTP_X_FORWARDED_FOR") or "").split(",")]
+        hops = [hop for hop in hops if hop]
+        if hops:
+            return hops[-min(proxies, len(hops))]
+    return remote
+
+
+def _warn_cache_down(scope: str) -> None:
+    global _cache_warned_at
+    now = time.monotonic()
+    if now - _cache_warned_at >= _CACHE_WARNING_EVERY_S:
+        _cache_warned_at = now
+        logger.warning(
+            "the rate-limit cache is unreachable: requests are let through unthrottled (scope %s)",
+            scope,
+            exc_info=True,
+        )
+
+
+class _SettingsRateThrottle(SimpleRateThrottle):
+    """A SimpleRateThrottle whose scope and identity a subclass picks per request
+    (scope_and_ident) and whose rate is read from settings.THROTTLE_RATES at that moment, so a
+    test or an operator's override applies without re-importing anything.
+
+    When the cache cannot be reached the request is let through (and a warning logged): the
+    rate limits are a guard, and a Redis outage must not take the API down with it."""
+
+    def __init__(self) -> None:
+        # SimpleRateThrottle reads a fixed rate here; ours depends on the request.
+        self.rate: str | None = None
+        self.ident = ""
+
+    def scope_and_ident(self, request: Any) -> tuple[str, str] | None:
+        """(scope, identity) the request counts against, or None when this throttle does not apply."""
+        raise NotImplementedError
+
+    def allow_request(self, request: Any, view: Any) -> bool:
+        if not settings.THROTTLE_ENABLED:
+            return True
+        found = self.scope_and_ident(request)
+        if found is None:
+            return True
+        self.scope, self.ident = found
+        self.rate = settings.THROTTLE_RATES.get(self.scope)
+        if self.rate is None:
+            return True
+        self.num_requests, self.duration = self.parse_rate(self.rate)
+        try:
+            return super().allow_request(request, view)
+        except _CACHE_ERRORS:
+            _warn_cache_down(self.scope)
+            return True
+
+    def get_cache_key(self, request: Any, view: Any) -> str:
+        return self.cache_format % {"scope": self.scope, "ident": self.ident}
+
+
+class PrincipalRateThrottle(_SettingsRateThrottle):
+    """Per machine credential (scope machine), per person's API token or session (user), else
+    per client address (anon)."""
+
+    def scope_and_ident(self, request: Any) -> tuple[str, str]:
+        # Imported here: DRF imports this module while loading its settings, which may happen
+        # before the app registry is ready.
+        from accounts.models import ApiToken
+        from providers.models import Machine
+
+        auth = request.auth
+        if isinstance(auth, Machine):
+            return "machine", f"{auth.pk}.{auth.credential_digest[:16]}"
+        if isinstance(auth, ApiToken):
+            return "user", f"token{auth.pk}.{auth.key_digest[:16]}"
+        user = request.user
+        if user is not None and user.is_authenticated:
+            return "user", f"session{user.pk}"
+        return "anon", client_ip(request)
+
+
+class RegisterRateThrottle(_SettingsRateThrottle):
+    """The agent's register endpoint, per client address (scope register)."""
+
+    def scope_and_ident(self, request: Any) -> tuple[str, str] | None:
+        match = getattr(request, "resolver_match", None)
+        if match is None or match.url_name not in REGISTER_URL_NAMES:
+            return None
+        return "register", client_ip(request)
+
+
+def admin_lockout_response(
+    request: HttpRequest, original_response: HttpResponse | None = None, credentials: dict | None = None
+) -> HttpResponse:
+    """django-axes' answer to a login refused because of too many failures
+    (AXES_LOCKOUT_CALLABLE): 429, Retry-After, and a sentence that says so. Every attempt during
+    the lockout starts the cool-off again, so the wait is always the whole cool-off."""
+    seconds = int(settings.AXES_COOLOFF_TIME.total_seconds())
+    minutes = max(1, math.ceil(seconds / 60))
+    response = HttpResponse(
+        f"Too many failed logins: logging in is locked for {minutes} minutes, even with the right "
+        "password, and every attempt meanwhile starts the wait again. An operator can lift the lock sooner.\n",
+        status=settings.AXES_HTTP_RESPONSE_CODE,
+        content_type="text/plain; charset=utf-8",
+    )
+    response["Retry-After"] = str(seconds)
+    return response

@@ -1,0 +1,245 @@
+"""The production profile is safe by default: no signing key without one being given, HTTPS
+enforced once TLS is declared, the proxy's headers trusted only when configured, and
+`check --deploy` clean with what docker-compose sets.
+
+Settings are read from the environment when the settings module is imported, so each case reads
+the module again with an environment of its own (nothing from this shell leaks in); what a
+server does at start runs in a fresh interpreter."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import yaml
+from django.core.exceptions import ImproperlyConfigured
+from django.test import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = ROOT / "marketplace" / "settings.py"
+A_KEY = secrets.token_urlsafe(50)
+
+
+def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python <args>` in the repository with only PATH, a private var dir and `env`: a fresh
+    interpreter, as a server starts (no pytest loaded)."""
+    environment = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "GPGPU_VAR_DIR": str(tmp_path / "var"),
+        "STATIC_ROOT": str(tmp_path / "static"),
+        "LOG_LEVEL": "WARNING",
+        **env,
+    }
+    return subprocess.run(  # noqa: S603 - our own interpreter and files
+        [sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120
+    )
+
+
+def settings_with(tmp_path: Path, **env: str) -> dict[str, Any]:
+    """The settings module's values when the environment is exactly `env` (plus a private var
+    dir): the module run again in a namespace of its own; the live settings are untouched."""
+    environment = {"GPGPU_VAR_DIR": str(tmp_path / "var"), "STATIC_ROOT": str(tmp_path / "static"), **env}
+    with mock.patch.dict(os.environ, environment, clear=True):
+        return runpy.run_path(str(SETTINGS), run_name="settings_under_test")
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+# --- SECRET_KEY -----------------------------------------------------------------------------
+
+
+def test_without_a_secret_key_and_debug_off_the_marketplace_refuses_to_start_with_one_clear_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    done = run(["manage.py", "check"], tmp_path)
+
+    assert done.returncode != 0
+    assert last_line(done.stderr).startswith(
+        "django.core.exceptions.ImproperlyConfigured: SECRET_KEY is not set and DEBUG is off"
+    ), done.stderr
+
+
+def test_the_old_opt_out_no_longer_brings_back_the_public_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    done = run(["manage.py", "check"], tmp_path, GPGPU_REQUIRE_SECRET_KEY="false")
+
+    assert done.returncode != 0
+    assert "SECRET_KEY is not set" in last_line(done.stderr)
+
+
+def test_the_public_development_key_is_refused_when_debug_is_off(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from django.conf import settings
+
+    done = run(["manage.py", "check"], tmp_path, SECRET_KEY=settings.DEV_SECRET_KEY)
+
+    assert done.returncode != 0
+    assert "SECRET_KEY is the public development key" in last_line(done.stderr)
+
+
+def test_debug_runs_on_the_development_key_and_production_on_the_one_given(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    development = settings_with(tmp_path, DEBUG="true")
+
+    assert development["SECRET_KEY"] == development["DEV_SECRET_KEY"]
+    assert settings_with(tmp_path, SECRET_KEY=A_KEY)["SECRET_KEY"] == A_KEY
+
+
+# --- TLS and the proxy ----------------------------------------------------------------------
+
+
+def test_without_tls_declared_nothing_forces_https(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    shown = settings_with(tmp_path, SECRET_KEY=A_KEY)
+
+    assert shown["SECURE_SSL_REDIRECT"] is False
+    assert shown["SECURE_HSTS_SECONDS"] == 0
+    assert shown["SESSION_COOKIE_SECURE"] is False
+    assert "SECURE_PROXY_SSL_HEADER" not in shown
+
+
+def test_tls_turns_on_the_redirect_hsts_and_secure_cookies_but_trusts_no_proxy_header_by_itself(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    shown = settings_with(tmp_path, SECRET_KEY=A_KEY, TLS="true")
+
+    assert shown["SECURE_SSL_REDIRECT"] is True
+    assert shown["SECURE_HSTS_SECONDS"] == 365 * 24 * 3600
+    assert shown["SECURE_HSTS_INCLUDE_SUBDOMAINS"] is True
+    assert shown["SESSION_COOKIE_SECURE"] is True and shown["CSRF_COOKIE_SECURE"] is True
+    assert "SECURE_PROXY_SSL_HEADER" not in shown
+
+
+def test_the_forwarded_proto_header_is_trusted_only_when_configured(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    shown = settings_with(tmp_path, SECRET_KEY=A_KEY, TLS="true", TRUST_X_FORWARDED_PROTO="true")
+
+    assert shown["SECURE_PROXY_SSL_HEADER"] == ("HTTP_X_FORWARDED_PROTO", "https")
+
+
+def test_check_deploy_passes_with_tls_declared(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    done = run(
+        ["manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        tmp_path,
+        SECRET_KEY=A_KEY,
+        TLS="true",
+        TRUST_X_FORWARDED_PROTO="true",
+    )
+
+    assert done.returncode == 0, done.stderr + done.stdout
+
+
+@pytest.mark.django_db
+def test_with_the_redirect_on_plain_http_is_sent_to_https_but_the_health_probe_is_not(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.SECURE_SSL_REDIRECT = True
+
+    assert Client().get("/api/v1/me").status_code == 301
+    assert Client().get("/api/v1/me")["Location"].startswith("https://")
+    assert Client().get("/healthz").status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_client_cannot_claim_https_with_x_forwarded_proto_unless_a_proxy_is_trusted(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SECURE_PROXY_SSL_HEADER = None
+
+    assert Client().get("/admin/login/", HTTP_X_FORWARDED_PROTO="https").status_code == 301
+
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    assert Client().get("/admin/login/", HTTP_X_FORWARDED_PROTO="https").status_code == 200
+
+
+# --- rate limits and lockout ----------------------------------------------------------------
+
+
+def test_the_rate_limit_cache_is_redis_when_redis_url_is_set_and_local_memory_otherwise(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with_redis = settings_with(tmp_path, SECRET_KEY=A_KEY, REDIS_URL="redis://cache.internal:6379/1")
+    without = settings_with(tmp_path, SECRET_KEY=A_KEY)
+
+    assert with_redis["CACHES"]["default"]["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
+    assert with_redis["CACHES"]["default"]["LOCATION"] == "redis://cache.internal:6379/1"
+    assert without["CACHES"]["default"]["BACKEND"] == "django.core.cache.backends.locmem.LocMemCache"
+
+
+def test_the_default_rates_and_lockout_are_the_documented_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    shown = settings_with(tmp_path, SECRET_KEY=A_KEY)
+
+    assert shown["THROTTLE_ENABLED"] is True
+    assert shown["THROTTLE_RATES"] == {"user": "600/min", "machine": "600/min", "anon": "60/min", "register": "20/min"}
+    assert shown["AXES_FAILURE_LIMIT"] == 5
+    assert shown["AXES_COOLOFF_TIME"].total_seconds() == 15 * 60
+    assert shown["AXES_LOCKOUT_PARAMETERS"] == [["username", "ip_address"]]
+
+
+def test_rates_and_lockout_come_from_the_environment(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    shown = settings_with(
+        tmp_path,
+        SECRET_KEY=A_KEY,
+        THROTTLE_USER="100/hour",
+        THROTTLE_REGISTER="off",
+        THROTTLE_ENABLED="false",
+        ADMIN_LOCKOUT_FAILURES="3",
+        ADMIN_LOCKOUT_COOLOFF_MIN="60",
+        ADMIN_LOCKOUT_BY="username,ip_address",
+    )
+
+    assert shown["THROTTLE_ENABLED"] is False
+    assert shown["THROTTLE_RATES"]["user"] == "100/hour"
+    assert shown["THROTTLE_RATES"]["register"] is None
+    assert (shown["AXES_FAILURE_LIMIT"], shown["AXES_COOLOFF_TIME"].total_seconds()) == (3, 3600)
+    assert shown["AXES_LOCKOUT_PARAMETERS"] == ["username", "ip_address"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("THROTTLE_MACHINE", "lots"), ("THROTTLE_ANON", "10/fortnight"), ("ADMIN_LOCKOUT_BY", "email")]
+)
+def test_a_malformed_rate_or_lockout_setting_is_refused_by_name(tmp_path, name, value) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ImproperlyConfigured, match=name):
+        settings_with(tmp_path, SECRET_KEY=A_KEY, **{name: value})
+
+
+# --- docker-compose -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_seeds_demo_users_only_in_the_demo_profile_and_keeps_their_secrets_out_of_the_logs(compose) -> None:  # type: ignore[no-untyped-def]
+    services = compose["services"]
+
+    assert services["seed"]["profiles"] == ["demo"]
+    # The agent runs on the seed's demo provider token: without the profile it is not started either.
+    assert services["agent"]["profiles"] == ["demo"]
+    assert [name for name, service in services.items() if "demo" in service.get("profiles", [])] == ["seed", "agent"]
+    command = " ".join(services["seed"]["command"])
+    assert "demo_seed >/dev/null" in command
+
+
+def test_compose_gives_the_operator_key_as_a_file_secret_to_the_signing_services_only(compose) -> None:  # type: ignore[no-untyped-def]
+    services = compose["services"]
+    signing = {"chain-deploy", "worker", "beat"}
+
+    assert "file" in compose["secrets"]["chain_operator_key"]
+    for name, service in services.items():
+        environment = service.get("environment") or {}
+        assert "CHAIN_OPERATOR_KEY" not in environment, name
+        if name in signing:
+            assert service["secrets"] == ["chain_operator_key"], name
+            assert environment["CHAIN_OPERATOR_KEY_FILE"] == "/run/secrets/chain_operator_key", name
+        else:
+            assert "secrets" not in service and "CHAIN_OPERATOR_KEY_FILE" not in environment, name
+    # Never baked into the image or committed.
+    assert "secrets" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_compose_uses_redis_for_the_cache_and_leaves_tls_to_be_declared(compose) -> None:  # type: ignore[no-untyped-def]
+    web = compose["services"]["web"]["environment"]
+
+    assert web["REDIS_URL"].startswith("redis://redis:6379/")
+    assert web["REDIS_URL"] != web["CELERY_BROKER_URL"]
+    assert web["TLS"] == "${TLS:-false}"
+    assert web["TRUST_X_FORWARDED_PROTO"] == "${TRUST_X_FORWARDED_PROTO:-false}"
+    assert "GPGPU_REQUIRE_SECRET_KEY" not in web
