@@ -10,12 +10,16 @@ what to do), and the exit status is 1 when a step failed:
    is 0700 and the rental user's; the rental user may pass through, nobody may list it);
 3. **subordinate ids** for Podman's ``--userns=auto`` (``containers`` in /etc/subuid and
    /etc/subgid), so every container runs under host uids of its own, not root's;
-4. the **rentals' network and egress firewall** (when containers are enabled with the
+4. Podman's **network backend**: netavark, with aardvark-dns answering rentals' DNS on their
+   network's gateway (where the egress firewall lets DNS through); Podman keeps the older CNI
+   backend on a machine that already has images, so a drop-in names netavark;
+5. the **rentals' network and egress firewall** (when containers are enabled with the
    ``filtered`` network): the engine's network for rentals and the nftables rules that keep its
    containers off the owner's network (see ``runners.firewall``);
-5. a check that **bubblewrap** can build a sandbox here (process jobs need it).
+6. a check that **bubblewrap** can build a sandbox here (process jobs need it).
 
-It installs no package: on Debian/Ubuntu ``apt install bubblewrap podman nftables uidmap``
+It installs no package: on Debian/Ubuntu ``apt install bubblewrap podman netavark aardvark-dns
+nftables uidmap``
 (docs/security.md lists the steps for other systems).
 """
 
@@ -130,6 +134,39 @@ def step_subids(config: AgentConfig) -> tuple[str, str]:
     return "ok", "subordinate ids for containers are set (podman --userns=auto)"
 
 
+# A containers.conf drop-in (Podman reads every *.conf there, after containers.conf).
+PODMAN_CONF_D = Path("/etc/containers/containers.conf.d")
+NETWORK_BACKEND_CONF = "gpgpu-network.conf"
+NETAVARK_DIRS = ("/usr/libexec/podman", "/usr/lib/podman", "/usr/local/libexec/podman", "/usr/local/lib/podman")
+
+
+def _podman_used(config: AgentConfig) -> bool:
+    if config.simulate or config.container_engine in ("none", "docker"):
+        return False
+    return config.container_engine == "podman" or shutil.which("podman") is not None
+
+
+def step_network_backend(
+    config: AgentConfig, *, conf_d: Path = PODMAN_CONF_D, helper_dirs: tuple[str, ...] = NETAVARK_DIRS
+) -> tuple[str, str]:
+    if not _podman_used(config):
+        return "ok", "not needed (Podman is not the container engine here)"
+    missing = [
+        name for name in ("netavark", "aardvark-dns") if not any(Path(d, name).is_file() for d in helper_dirs)
+    ]
+    if missing:
+        raise SetupError(
+            f"Podman needs {' and '.join(missing)} (rentals' network and its DNS): apt install netavark aardvark-dns"
+        )
+    target = conf_d / NETWORK_BACKEND_CONF
+    wanted = '[network]\nnetwork_backend = "netavark"\n'
+    if target.exists() and target.read_text() == wanted:
+        return "ok", f"Podman uses netavark and aardvark-dns ({target})"
+    conf_d.mkdir(parents=True, exist_ok=True)
+    target.write_text(wanted)
+    return "done", f"Podman set to netavark and aardvark-dns ({target})"
+
+
 def step_network(config: AgentConfig) -> tuple[str, str]:
     if config.simulate or config.container_engine == "none":
         return "ok", "no container jobs here: no rentals network needed"
@@ -160,6 +197,7 @@ STEPS: tuple[tuple[str, Step], ...] = (
     ("rental user", step_rental_user),
     ("directories", step_directories),
     ("subordinate ids", step_subids),
+    ("podman network backend", step_network_backend),
     ("rentals network", step_network),
     ("process sandbox", step_sandbox),
 )

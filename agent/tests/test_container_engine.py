@@ -42,6 +42,7 @@ import pytest
 
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners import ContainerRunner, Firewall, UnknownLeaseError
+from gpgpu_agent.runners.container import cgroups_hybrid
 from gpgpu_agent.types import LeaseSpec, RunState
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -448,6 +449,8 @@ def _unprotected_run(lab: Lab, env: dict[str, str]) -> str:
     argv = [lab.engine, "run", "--rm", "--name", f"gpgpu-test-unprotected-{lab.engine}", "--network", lab.network]
     argv += ["--pid", "host", "-v", f"{state}:{state}:ro", "-v", "/etc/shadow:/etc/shadow:ro", "-v", f"{sock}:{sock}"]
     argv += ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--userns", "host"]
+    if lab.engine == "podman" and cgroups_hybrid():
+        argv += ["--runtime", "runc"]  # as the runner chooses: crun cannot start on hybrid cgroups
     for key, value in env.items():
         argv += ["--env", f"{key}={value}"]
     lab.firewall.remove()

@@ -351,6 +351,39 @@ def test_without_gvisor_the_engines_default_runtime_is_used_and_reported(runner,
     assert runner.capabilities()["runtime"] == "runc"
 
 
+@pytest.mark.parametrize("hybrid", [True, False], ids=["hybrid-cgroups", "plain-cgroups"])
+def test_on_hybrid_cgroups_podman_runs_runc_instead_of_its_default_crun(podman, rentals, monkeypatch, hybrid):
+    # crun refuses to start any container on a host with cgroup v1 and a v2 mount beside it.
+    podman.edit(lambda s: s.update(info={"default_runtime": "crun"}))
+    monkeypatch.setattr(container_module, "installed_runtimes", lambda: {"runc", "crun"})
+    monkeypatch.setattr(container_module, "cgroups_hybrid", lambda: hybrid)
+    runner = make_runner(podman, rentals)
+
+    runner.start(lease(33), gpu_indexes=GPUS)
+
+    (argv,) = podman.calls("create")
+    assert values(argv, "--runtime") == (["runc"] if hybrid else [])
+    assert runner.capabilities()["runtime"] == ("runc" if hybrid else "crun")
+
+
+def test_cgroups_hybrid_reads_the_mounts(tmp_path, monkeypatch):
+    mounts = {
+        "hybrid": "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n",
+        "v2": "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n",
+        "v1": "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n",
+    }
+    real_read_text = container_module.Path.read_text
+    seen = {}
+    for name, text in mounts.items():
+        monkeypatch.setattr(
+            container_module.Path,
+            "read_text",
+            lambda self, *a, _t=text, **k: _t if str(self) == "/proc/self/mounts" else real_read_text(self, *a, **k),
+        )
+        seen[name] = container_module.cgroups_hybrid()
+    assert seen == {"hybrid": True, "v2": False, "v1": False}
+
+
 def test_a_configured_runtime_the_engine_lacks_is_refused(engine, rentals):
     runner = make_runner(engine, rentals, runtime="runsc")
 

@@ -44,6 +44,24 @@ def test_a_rentals_dir_inside_the_state_dir_is_refused(tmp_path: Path) -> None:
         setup.step_directories(config)
 
 
+def test_podman_is_set_to_netavark_once_and_a_missing_dns_helper_is_named(tmp_path: Path) -> None:
+    helpers, conf_d = tmp_path / "libexec", tmp_path / "containers.conf.d"
+    helpers.mkdir()
+    (helpers / "netavark").write_text("")
+    config = _config(tmp_path, container_engine="podman")
+
+    with pytest.raises(AgentError, match=r"Podman needs aardvark-dns .*apt install netavark aardvark-dns"):
+        setup.step_network_backend(config, conf_d=conf_d, helper_dirs=(str(helpers),))
+    assert not conf_d.exists()
+
+    (helpers / "aardvark-dns").write_text("")
+    assert setup.step_network_backend(config, conf_d=conf_d, helper_dirs=(str(helpers),))[0] == "done"
+    assert setup.step_network_backend(config, conf_d=conf_d, helper_dirs=(str(helpers),))[0] == "ok"
+    assert (conf_d / "gpgpu-network.conf").read_text() == '[network]\nnetwork_backend = "netavark"\n'
+    docker = _config(tmp_path, container_engine="docker")
+    assert setup.step_network_backend(docker, conf_d=conf_d, helper_dirs=())[0] == "ok"
+
+
 def test_subordinate_ids_for_podman_are_added_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
     subuid.write_text("alice:100000:65536")  # no trailing newline

@@ -52,7 +52,8 @@ What every container is given, and why:
   back, and stops a running rental when it cannot. ``network="none"`` gives containers no
   network at all (``--network none``) and needs no rules;
 - the runtime: gVisor's ``runsc`` when the engine knows it (``runtime="auto"``), else the
-  engine's default (``runc``/``crun``); ``runtime`` may name one;
+  engine's default (``runc``/``crun``; ``runc`` instead of a default ``crun`` on a host with
+  hybrid cgroups, which crun refuses); ``runtime`` may name one;
 - never ``--privileged``, never the host's network, PID, IPC or user namespace, ``--restart no``,
   bounded logs (``--log-opt max-size``), no health check; with Podman, not the host's proxy
   variables (``--http-proxy=false``) and an image's VOLUMEs on tmpfs, not on the host's disk.
@@ -592,7 +593,11 @@ class ContainerRunner:
     def _runtime_choice(self, facts: EngineFacts) -> str | None:
         """The ``--runtime`` to pass; None for the engine's default."""
         if self.runtime == "auto":
-            return "runsc" if "runsc" in facts.runtimes and facts.default_runtime != "runsc" else None
+            if "runsc" in facts.runtimes:
+                return "runsc" if facts.default_runtime != "runsc" else None
+            if facts.default_runtime == "crun" and "runc" in facts.runtimes and cgroups_hybrid():
+                return "runc"  # crun refuses hosts with cgroup v1 and a v2 mount beside it
+            return None
         return None if self.runtime == facts.default_runtime else self.runtime
 
     def _runtime_name(self, facts: EngineFacts) -> str:
@@ -975,6 +980,18 @@ def _k8s_file_tail(path: Path, limit: int, lines: int) -> str | None:
         out += piece
     kept = b"\n".join(bytes(out).split(b"\n")[-lines - 1 :]) if lines > 0 else bytes(out)
     return tail_text(kept, limit)
+
+
+def cgroups_hybrid(root: Path = Path("/sys/fs/cgroup")) -> bool:
+    """Whether the host mounts cgroup v1 controllers with a cgroup v2 hierarchy beside them
+    ("hybrid" mode, as systemd sets up on older distributions). crun refuses to start containers
+    there ("cgroups in hybrid mode not supported"); runc runs them on the v1 controllers."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    types = {fields[1]: fields[2] for fields in (line.split() for line in mounts) if len(fields) > 2}
+    return types.get(str(root)) != "cgroup2" and types.get(str(root / "unified")) == "cgroup2"
 
 
 def _resolve_engine(engine: str, engine_bin: str | None) -> tuple[str, str]:
