@@ -9,9 +9,8 @@ from rest_framework import serializers
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
-from marketplace.api import error_responses
+from marketplace.api import BaseApi, error_responses
 from marketplace.permissions import user_provider, user_renter
 
 
@@ -32,7 +31,7 @@ class MeSerializer(serializers.Serializer):
     provider = RoleProfileSerializer(allow_null=True)
 
 
-class MeApi(APIView):
+class MeApi(BaseApi):
     permission_classes = [IsAuthenticated]
 
     @extend_schema(

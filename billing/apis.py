@@ -10,7 +10,6 @@ provider-only user and the provider endpoint a renter-only user with 403.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from django.conf import settings
@@ -25,10 +24,17 @@ from billing.models import BudgetAuthorization, LedgerEntry, Settlement
 from jobs import selectors as job_selectors
 from jobs.apis import RenterApi
 from jobs.models import Lease
-from marketplace.api import ErrorSerializer, NamedChoiceField, StrictInputSerializer, error_responses, price_field
+from marketplace.api import (
+    ErrorSerializer,
+    NamedChoiceField,
+    StrictInputSerializer,
+    error_responses,
+    eth_address_field,
+    price_field,
+    signature_field,
+)
 from providers.apis import ProviderApi
 
-MONTH_RE = re.compile(r"(\d{4})-(\d{2})")
 # The largest unix time a deadline may name (9999-12-31T23:59:59Z).
 MAX_DEADLINE = 253_402_300_799
 
@@ -223,13 +229,17 @@ class JobStatementApi(RenterApi):
 
 
 class MonthQuery(StrictInputSerializer):
-    month = serializers.CharField(max_length=7, help_text="The calendar month (UTC), as YYYY-MM.")
+    # YYYY-MM from 1970-01 to 9999-12, the rule the schema states as the pattern.
+    month = serializers.RegexField(
+        r"^(?:19[7-9][0-9]|[2-9][0-9]{3})-(?:0[1-9]|1[0-2])$",
+        max_length=7,
+        error_messages={"invalid": "Give a month from 1970-01 on as YYYY-MM, e.g. 2026-11."},
+        help_text="The calendar month (UTC), as YYYY-MM, from 1970-01.",
+    )
 
     def validate_month(self, value: str) -> tuple[int, int]:
-        match = MONTH_RE.fullmatch(value)
-        if not match or not 1 <= int(match.group(2)) <= 12 or int(match.group(1)) < 1970:
-            raise serializers.ValidationError("Give a month as YYYY-MM, e.g. 2026-11.")
-        return int(match.group(1)), int(match.group(2))
+        year, month = value.split("-")
+        return int(year), int(month)
 
 
 class MonthMovementSerializer(serializers.Serializer):
@@ -303,17 +313,11 @@ class WalletSerializer(serializers.Serializer):
 
 
 class WalletLinkInput(StrictInputSerializer):
-    address = serializers.CharField(max_length=42)
-    signature = serializers.CharField(
-        max_length=132,
+    address = eth_address_field()
+    signature = signature_field(
         help_text="personal_sign (EIP-191) by `address` of the exact text "
         '"Link wallet <address lowercase> to GPGPU renter <renter id>".',
     )
-
-    def validate_address(self, value: str) -> str:
-        if not authorizations.ADDRESS_RE.fullmatch(value):
-            raise serializers.ValidationError("Must be 0x followed by 40 hex digits.")
-        return value
 
 
 class WalletListApi(RenterApi):
@@ -358,9 +362,15 @@ class BudgetAuthorizationSerializer(serializers.Serializer):
     max_amount = AmountField()
     deadline = serializers.DateTimeField()
     signature = serializers.CharField()
+    status = NamedChoiceField(
+        BudgetAuthorization.Status.choices,
+        enum_name="BudgetAuthorizationStatus",
+        help_text="Where the budget stands in the escrow: signed, reserving, reserved (the job may run), refused "
+        "(see rejected_reason; the job was cancelled). The job is placed only once it is reserved.",
+    )
     created_at = serializers.DateTimeField()
     activated_at = serializers.DateTimeField(
-        allow_null=True, help_text="When the first settlement carrying it confirmed on chain; then it is fixed."
+        allow_null=True, help_text="When the escrow reserved it; from then on it is fixed."
     )
     rejected_reason = serializers.SerializerMethodField(
         help_text="Why the escrow refused this signature, if it did (sign a fresh budget); empty otherwise."
@@ -380,21 +390,21 @@ class BudgetOfferSerializer(serializers.Serializer):
 
 
 class BudgetOfferQuery(StrictInputSerializer):
-    address = serializers.CharField(
-        required=False, max_length=42, help_text="The wallet that will sign (default: my latest linked wallet)."
+    address = eth_address_field(
+        required=False, help_text="The wallet that will sign (default: my latest linked wallet)."
     )
 
     def validate_address(self, value: str) -> str:
-        if not authorizations.ADDRESS_RE.fullmatch(value):
-            raise serializers.ValidationError("Must be 0x followed by 40 hex digits.")
         return value.lower()
 
 
 class BudgetAuthorizationInput(StrictInputSerializer):
-    renter_address = serializers.CharField(max_length=42)
+    """Checked whole before the escrow's chain is asked anything (400 comes before 503)."""
+
+    renter_address = eth_address_field()
     max_amount = serializers.IntegerField(min_value=1, max_value=2**63 - 1, help_text="In micro.")
     deadline = serializers.IntegerField(min_value=1, max_value=MAX_DEADLINE, help_text="Unix time, seconds.")
-    signature = serializers.CharField(max_length=132, help_text="0x + 65 bytes hex, EIP-712 signature.")
+    signature = signature_field(help_text="0x + 65 bytes hex, EIP-712 signature.")
 
 
 def _authorization(job_id: int) -> dict[str, Any] | None:

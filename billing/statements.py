@@ -220,7 +220,11 @@ class MonthlyStatement:
 
 
 def month_bounds(year: int, month: int) -> tuple[datetime, datetime]:
+    """[start, end) of the month in UTC. December 9999 ends at the largest datetime there is
+    (its next month, year 10000, does not exist), which no entry can be created at."""
     start = datetime(year, month, 1, tzinfo=UTC)
+    if (year, month) == (datetime.max.year, 12):
+        return start, datetime.max.replace(tzinfo=UTC)
     end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC)
     return start, end
 

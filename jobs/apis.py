@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAuthenticated
@@ -29,6 +28,7 @@ from marketplace.api import (
     StrictInputSerializer,
     error_responses,
     price_field,
+    price_input_field,
 )
 from marketplace.permissions import IsRenter, user_renter
 
@@ -43,6 +43,12 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # 1 to 128 visible ASCII characters (spaces inside are allowed).
 IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 128,
+    "pattern": f"^{IDEMPOTENCY_KEY_RE.pattern}$",
+}
 
 
 class RenterApi(BaseApi):
@@ -179,6 +185,19 @@ def _job_detail(job: Job) -> dict[str, Any]:
 # --- jobs -----------------------------------------------------------------------------------
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "additionalProperties": {"type": "string", "maxLength": MAX_ENV_VALUE_CHARS},
+        "maxProperties": MAX_ENV_VARS,
+        "description": f"Environment variables, at most {MAX_ENV_VARS}; each name matches "
+        f"{ENV_NAME_RE.pattern} (OpenAPI 3.0 cannot state a pattern for names).",
+    }
+)
+class EnvField(serializers.DictField):
+    child = serializers.CharField(max_length=MAX_ENV_VALUE_CHARS, allow_blank=True, trim_whitespace=False)
+
+
 class JobCreateInput(StrictInputSerializer):
     name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
     kind = serializers.ChoiceField(choices=Job.Kind.choices, default=Job.Kind.CONTAINER)
@@ -189,12 +208,7 @@ class JobCreateInput(StrictInputSerializer):
         max_length=MAX_COMMAND_PARTS,
         default=list,
     )
-    env = serializers.DictField(
-        child=serializers.CharField(max_length=MAX_ENV_VALUE_CHARS, allow_blank=True, trim_whitespace=False),
-        required=False,
-        default=dict,
-        help_text=f"Environment variables, at most {MAX_ENV_VARS}.",
-    )
+    env = EnvField(required=False, default=dict)
     gpu_count = serializers.IntegerField(min_value=1, max_value=services.MAX_GPUS_PER_JOB)
     min_vram_mb = serializers.IntegerField(required=False, min_value=0, max_value=MAX_VRAM_MB, default=0)
     allowed_models = serializers.ListField(
@@ -205,14 +219,16 @@ class JobCreateInput(StrictInputSerializer):
         help_text="GPU models the job may run on; empty: any.",
     )
     region = serializers.CharField(required=False, allow_blank=True, max_length=64, default="")
-    max_price_per_gpu_hour = price_field(min_value=0, max_value=services.MAX_PRICE)
+    max_price_per_gpu_hour = price_input_field(
+        maximum=services.MAX_PRICE, positive=True, help_text="Above 0, per GPU-hour."
+    )
     expected_duration_s = serializers.IntegerField(min_value=1, max_value=services.MAX_DURATION_S)
     max_duration_s = serializers.IntegerField(
         required=False,
         allow_null=True,
         min_value=1,
         max_value=services.MAX_DURATION_S,
-        help_text="When the job is stopped; defaults to expected_duration_s.",
+        help_text="When the job is stopped, at least expected_duration_s; defaults to expected_duration_s.",
     )
     interruptible = serializers.BooleanField(required=False, default=True)
 
@@ -225,11 +241,29 @@ class JobCreateInput(StrictInputSerializer):
         return value
 
 
+_STATUS_NAME = f"(?:{'|'.join(Job.Status.values)})"
+
+
+@extend_schema_field(
+    {
+        "type": "string",
+        "maxLength": 200,
+        # Statuses separated by commas; blanks around them and empty items are ignored.
+        "pattern": rf"^\s*(?:{_STATUS_NAME}\s*)?(?:,\s*(?:{_STATUS_NAME}\s*)?)*$",
+    }
+)
+class StatusListField(serializers.CharField):
+    pass
+
+
 class JobFilter(StrictInputSerializer):
     also_allowed = frozenset({"limit", "offset"})
 
-    status = serializers.CharField(
-        required=False, max_length=200, help_text="A status or a comma-separated list of them."
+    status = StatusListField(
+        required=False,
+        allow_blank=True,
+        max_length=200,
+        help_text="A status or a comma-separated list of them (case-insensitive); empty: all.",
     )
 
     def validate_status(self, value: str) -> list[str]:
@@ -278,10 +312,11 @@ class JobListApi(RenterApi):
         parameters=[
             OpenApiParameter(
                 IDEMPOTENCY_HEADER,
-                OpenApiTypes.STR,
+                IDEMPOTENCY_KEY_SCHEMA,
                 OpenApiParameter.HEADER,
                 required=False,
-                description="Up to 128 printable ASCII characters, unique per job request.",
+                description="1 to 128 printable ASCII characters (no blank at either end), unique per job "
+                "request; otherwise 400 invalid_idempotency_key.",
             )
         ],
         request=JobCreateInput,

@@ -26,7 +26,7 @@ PUBLIC_API = {
     "/api/v1/leases/": {"get"},
     "/api/v1/leases/{lease_id}/": {"get"},
     "/api/v1/machines/": {"get"},
-    "/api/v1/machines/{machine_id}/": {"get"},
+    "/api/v1/machines/{machine_id}/": {"get", "delete"},
     "/api/v1/machines/{machine_id}/gpus/{gpu_id}/": {"patch"},
     "/api/v1/machines/{machine_id}/credential/rotate/": {"post"},
     "/api/v1/machines/{machine_id}/credential/revoke/": {"post"},
