@@ -34,7 +34,9 @@ COPY . .
 # The agent package: the marketplace verifies usage signatures with its wire contract
 # (gpgpu_agent.protocol), and the compose `agent` service runs `gpgpu-agent`. Its dependencies
 # are in requirements.txt already.
-RUN pip install --no-deps ./agent
+# Editable, so the demo profile's simulated agent finds its fake driver (gpgpu_agent_testing, which
+# the agent's own wheel does not ship).
+RUN pip install --no-deps -e ./agent
 # Static files (admin, API docs) are collected into the image and served by WhiteNoise.
 # The var dir (and its demo/, beat/ and chain/ subfolders, volumes in docker-compose) belongs to the app user.
 RUN python manage.py collectstatic --noinput -v 0 \

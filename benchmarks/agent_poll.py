@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "agent"))
 
 import pynvml  # noqa: E402
 
-from gpgpu_agent.fake_nvml import FakeNvml  # noqa: E402
 from gpgpu_agent.idle import IdleDetector, no_parent  # noqa: E402
 from gpgpu_agent.nvml import NvmlCollector  # noqa: E402
+from gpgpu_agent_testing.fake_nvml import FakeNvml  # noqa: E402
 
 
 def _parse() -> argparse.Namespace:

@@ -21,14 +21,15 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from gpgpu_agent import __version__
 from gpgpu_agent.config import KEYS, AgentConfig, ConfigError, load_config
 from gpgpu_agent.credentials import CredentialError, MachineCredential, load_credential, save_credential
 from gpgpu_agent.protocols import AgentError, Rejected, TransportUnavailable
+from gpgpu_agent.types import json_int
 
 logger = logging.getLogger("gpgpu_agent")
 
@@ -130,7 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     parser.error(f"unknown command {args.command}")
-    return EXIT_CONFIG
 
 
 # --- register ---------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def cmd_register(config: AgentConfig, args: argparse.Namespace) -> int:
     save_credential(
         config.credential_path,
         MachineCredential(
-            machine_id=int(reply["machine_id"]),
+            machine_id=json_int(reply["machine_id"]),
             credential=str(reply["credential"]),
             marketplace_url=config.marketplace_url,
         ),
@@ -245,7 +245,7 @@ def cmd_rotate_credential(config: AgentConfig, args: argparse.Namespace) -> int:
         save_credential(config.credential_path, MachineCredential(current.machine_id, fresh, url))
         print(f"installed the new credential of machine {current.machine_id} in {config.credential_path}")
         return EXIT_OK
-    body: dict[str, Any] = {}
+    body: dict[str, str] = {}
     new_key_path = config.key_path.with_name(config.key_path.name + ".new")
     if args.new_signing_key:
         new_key_path.unlink(missing_ok=True)
@@ -264,7 +264,9 @@ def cmd_rotate_credential(config: AgentConfig, args: argparse.Namespace) -> int:
     # The marketplace now knows only the new credential (and key): write them before anything else.
     if args.new_signing_key:
         new_key_path.replace(config.key_path)
-    save_credential(config.credential_path, MachineCredential(int(reply["machine_id"]), str(reply["credential"]), url))
+    save_credential(
+        config.credential_path, MachineCredential(json_int(reply["machine_id"]), str(reply["credential"]), url)
+    )
     what = "credential and signing key" if args.new_signing_key else "credential"
     print(f"rotated the {what} of machine {reply['machine_id']}; the old credential no longer works")
     return EXIT_OK
@@ -273,18 +275,31 @@ def cmd_rotate_credential(config: AgentConfig, args: argparse.Namespace) -> int:
 # --- status -----------------------------------------------------------------------------------
 
 
-def read_status(config: AgentConfig) -> dict[str, Any]:
+class AgentStatus(TypedDict):
+    """What `status` prints. The last three are the daemon's status file's, as it wrote them."""
+
+    state_dir: str
+    machine_id: int | None
+    marketplace_url: str
+    credential_problem: NotRequired[str]
+    leases_running: list[int]
+    spool_depth: object
+    last_heartbeat: object
+    status_updated_at: object
+
+
+def read_status(config: AgentConfig) -> AgentStatus:
     """What `status` prints, as a dict: machine, marketplace, running leases, spool depth and
     the last heartbeat's outcome (from the daemon's status file)."""
-    out: dict[str, Any] = {"state_dir": str(config.state_dir)}
     try:
         cred = load_credential(config.credential_path)
-        out["machine_id"] = cred.machine_id
-        out["marketplace_url"] = config.marketplace_url or cred.marketplace_url
+        machine_id: int | None = cred.machine_id
+        marketplace_url = config.marketplace_url or cred.marketplace_url
+        problem = None
     except CredentialError as exc:
-        out["machine_id"] = None
-        out["marketplace_url"] = config.marketplace_url
-        out["credential_problem"] = str(exc)
+        machine_id = None
+        marketplace_url = config.marketplace_url
+        problem = str(exc)
     runs = config.runs_dir
     running = []
     if runs.is_dir():
@@ -294,20 +309,28 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
             lease = record.name.removeprefix("lease-").removesuffix(".json")
             if lease.isdigit() and not (runs / f"lease-{lease}.exit.json").exists():
                 running.append(int(lease))
-    out["leases_running"] = running
     try:
         daemon_status = json.loads(config.status_path.read_text())
     except (OSError, ValueError):
         daemon_status = {}
-    out["spool_depth"] = daemon_status.get("spool_depth")
-    out["last_heartbeat"] = daemon_status.get("last_heartbeat")
-    out["status_updated_at"] = daemon_status.get("updated_at")
+    out: AgentStatus = {
+        "state_dir": str(config.state_dir),
+        "machine_id": machine_id,
+        "marketplace_url": marketplace_url,
+        "leases_running": running,
+        "spool_depth": daemon_status.get("spool_depth"),
+        "last_heartbeat": daemon_status.get("last_heartbeat"),
+        "status_updated_at": daemon_status.get("updated_at"),
+    }
+    if problem is not None:
+        out["credential_problem"] = problem
     return out
 
 
 def cmd_status(config: AgentConfig) -> int:
     status = read_status(config)
-    hb = status.get("last_heartbeat") or {}
+    last = status["last_heartbeat"]
+    hb: Mapping[str, object] = last if isinstance(last, Mapping) else {}
     if hb.get("ok") is None:
         beat = "none yet (is `gpgpu-agent run` running?)"
     elif hb.get("ok"):

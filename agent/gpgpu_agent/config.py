@@ -17,7 +17,9 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import SupportsFloat, SupportsIndex, SupportsInt, TypedDict, TypeVar, cast
+
+T = TypeVar("T")
 
 ENV_PREFIX = "GPGPU_AGENT_"
 SYSTEM_STATE_DIR = Path("/var/lib/gpgpu-agent")
@@ -126,12 +128,12 @@ class AgentConfig:
 # --- parsing and validation of single values ---------------------------------------------------
 
 
-def _float_in(lo: float, hi: float) -> Callable[[Any], float]:
-    def parse(value: Any) -> float:
+def _float_in(lo: float, hi: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
         if isinstance(value, bool):
             raise ValueError("must be a number")
         try:
-            number = float(value)
+            number = float(_float_arg(value))
         except (TypeError, ValueError):
             raise ValueError(f"{value!r} is not a number") from None
         if not lo <= number <= hi:  # also refuses NaN
@@ -141,12 +143,12 @@ def _float_in(lo: float, hi: float) -> Callable[[Any], float]:
     return parse
 
 
-def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
+def _int_in(lo: int, hi: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
         if isinstance(value, bool) or isinstance(value, float):
             raise ValueError(f"{value!r} is not a whole number")
         try:
-            number = int(value)
+            number = int(_int_arg(value))
         except (TypeError, ValueError):
             raise ValueError(f"{value!r} is not a whole number") from None
         if not lo <= number <= hi:
@@ -156,8 +158,22 @@ def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
     return parse
 
 
-def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def parse_optional(value: Any) -> Any:
+def _float_arg(value: object) -> str | bytes | SupportsFloat | SupportsIndex:
+    """`value`, when float() takes it; TypeError otherwise (as from float())."""
+    if isinstance(value, str | bytes | SupportsFloat | SupportsIndex):
+        return value
+    raise TypeError(f"float() argument must be a string or a real number, not {type(value).__name__!r}")
+
+
+def _int_arg(value: object) -> str | bytes | SupportsInt | SupportsIndex:
+    """`value`, when int() takes it; TypeError otherwise (as from int())."""
+    if isinstance(value, str | bytes | SupportsInt | SupportsIndex):
+        return value
+    raise TypeError(f"int() argument must be a string or a real number, not {type(value).__name__!r}")
+
+
+def _optional(parse: Callable[[object], T]) -> Callable[[object], T | None]:
+    def parse_optional(value: object) -> T | None:
         if value is None or (isinstance(value, str) and value.strip() == ""):
             return None
         return parse(value)
@@ -165,7 +181,7 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse_optional
 
 
-def _bool(value: Any) -> bool:
+def _bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -176,8 +192,8 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"{value!r} is not true or false")
 
 
-def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[object], str]:
+    def parse(value: object) -> str:
         text = str(value).strip()
         text = text.upper() if upper else text.lower()
         if text not in options:
@@ -187,8 +203,8 @@ def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[Any],
     return parse
 
 
-def _text(max_len: int) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
+def _text(max_len: int) -> Callable[[object], str]:
+    def parse(value: object) -> str:
         if not isinstance(value, str):
             raise ValueError(f"{value!r} is not text")
         if len(value) > max_len or "\x00" in value:
@@ -198,21 +214,21 @@ def _text(max_len: int) -> Callable[[Any], str]:
     return parse
 
 
-def _url(value: Any) -> str:
+def _url(value: object) -> str:
     text = _text(500)(value).rstrip("/")
     if text and not (text.startswith("http://") or text.startswith("https://")):
         raise ValueError(f"{value!r} is not an http:// or https:// URL")
     return text
 
 
-def _path(value: Any) -> Path:
+def _path(value: object) -> Path:
     text = _text(1000)(value)
     if not text:
         raise ValueError("must not be empty")
     return Path(text).expanduser()
 
 
-def _memory(value: Any) -> str:
+def _memory(value: object) -> str:
     text = _text(20)(value).lower()
     number = text[:-1] if text and text[-1] in "kmg" else text
     if not number.isdigit() or int(number) == 0:
@@ -220,7 +236,7 @@ def _memory(value: Any) -> str:
     return text
 
 
-def _user_name(value: Any) -> str:
+def _user_name(value: object) -> str:
     text = _text(32)(value)
     if not text or not text[0].isalpha() or not all(c.isalnum() or c in "-_." for c in text):
         raise ValueError(f"{value!r} is not a user name")
@@ -229,7 +245,7 @@ def _user_name(value: Any) -> str:
     return text
 
 
-def _parse_gpus(value: Any) -> list[tuple[str, int]]:
+def _parse_gpus(value: object) -> list[tuple[str, int]]:
     text = _text(2000)(value)
     gpus: list[tuple[str, int]] = []
     for part in text.split(","):
@@ -242,12 +258,12 @@ def _parse_gpus(value: Any) -> list[tuple[str, int]]:
     return gpus
 
 
-def _gpus(value: Any) -> str:
+def _gpus(value: object) -> str:
     _parse_gpus(value)
     return str(value).strip()
 
 
-PARSERS: dict[str, Callable[[Any], Any]] = {
+PARSERS: dict[str, Callable[[object], object]] = {
     "marketplace_url": _url,
     "state_dir": _path,
     "credential_file": _optional(_path),
@@ -281,20 +297,56 @@ KEYS = tuple(f.name for f in fields(AgentConfig))
 assert set(PARSERS) == set(KEYS), "every setting needs a parser"
 
 
+class _Parsed(TypedDict, total=False):
+    """The settings as their parsers (PARSERS) return them: AgentConfig's fields and types."""
+
+    marketplace_url: str
+    state_dir: Path
+    credential_file: Path | None
+    key_file: Path | None
+    heartbeat_interval_s: float | None
+    poll_interval_s: float
+    idle_threshold_pct: float
+    idle_grace_s: float
+    stop_grace_s: float
+    usage_interval_s: float
+    container_engine: str
+    container_runtime: str
+    container_network: str
+    allow_process_jobs: bool
+    process_user: str
+    rentals_dir: Path | None
+    job_cpus: float | None
+    job_memory: str | None
+    job_pids: int
+    spool_max_items: int
+    offer_mig: bool
+    hostname: str
+    region: str
+    simulate: bool
+    simulate_gpus: str
+    time_scale: float
+    simulate_owners_idle: bool
+    log_level: str
+
+
+assert set(_Parsed.__annotations__) == set(KEYS), "every setting has its parsed type"
+
+
 def _unknown(key: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, KEYS, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
-def _set(values: dict[str, Any], key: str, raw: Any, where: str) -> None:
+def _set(values: dict[str, object], key: str, raw: object, where: str) -> None:
     try:
         values[key] = PARSERS[key](raw)
     except ValueError as exc:
         raise ConfigError(f"{where}: invalid value for '{key}': {exc}") from None
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_file(path: Path) -> dict[str, object]:
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
@@ -309,7 +361,7 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def load_config(
-    flags: Mapping[str, Any] | None = None,
+    flags: Mapping[str, object] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
     config_file: Path | str | None = None,
@@ -323,7 +375,7 @@ def load_config(
         if key not in PARSERS:
             raise _unknown(key, "command line")
 
-    env_values: dict[str, Any] = {}
+    env_values: dict[str, object] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
@@ -331,14 +383,14 @@ def load_config(
         if key not in PARSERS:
             raise _unknown(key, f"environment variable {name}")
         _set(env_values, key, raw, f"environment variable {name}")
-    flag_values: dict[str, Any] = {}
-    for key, raw in flags.items():
-        _set(flag_values, key, raw, f"command line option --{key.replace('_', '-')}")
+    flag_values: dict[str, object] = {}
+    for key, given in flags.items():
+        _set(flag_values, key, given, f"command line option --{key.replace('_', '-')}")
 
     # The state dir decides where the default file is, so it is settled before the file is read.
-    state_dir = flag_values.get("state_dir") or env_values.get("state_dir") or default_state_dir()
+    state_dir = _parsed_path(flag_values, "state_dir") or _parsed_path(env_values, "state_dir") or default_state_dir()
     named = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
-    file_values: dict[str, Any] = {}
+    file_values: dict[str, object] = {}
     path: Path | None
     if named:
         path = Path(named).expanduser()
@@ -349,13 +401,19 @@ def load_config(
         path = next((p for p in candidates if p.is_file()), None)
     if path is not None:
         where = path.name if not named else str(path)
-        for key, raw in _read_file(path).items():
+        for key, written in _read_file(path).items():
             if key not in PARSERS:
                 raise _unknown(key, where)
-            _set(file_values, key, raw, where)
+            _set(file_values, key, written, where)
 
-    merged: dict[str, Any] = {"state_dir": default_state_dir()}
+    merged: dict[str, object] = {"state_dir": default_state_dir()}
     merged.update(file_values)
     merged.update(env_values)
     merged.update(flag_values)
-    return AgentConfig(**merged)
+    # Each value is its key's parser's result (PARSERS), of its setting's type: what _Parsed says.
+    return AgentConfig(**cast(_Parsed, merged))
+
+
+def _parsed_path(values: Mapping[str, object], key: str) -> Path | None:
+    value = values.get(key)
+    return value if isinstance(value, Path) else None

@@ -15,10 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal, TextIO
 
 from gpgpu_agent.config import AgentConfig
 from gpgpu_agent.runners import kinds
+
+if TYPE_CHECKING:
+    import requests
 
 Level = Literal["OK", "WARN", "FAIL"]
 CLOCK_SKEW_WARN_S = 2.0
@@ -213,7 +216,9 @@ def _engine_socket_findings(paths: tuple[str, ...] = ENGINE_SOCKETS) -> list[Fin
     return out
 
 
-def check_marketplace(config: AgentConfig, url: str, *, get: Callable[..., Any] | None = None) -> list[Finding]:
+def check_marketplace(
+    config: AgentConfig, url: str, *, get: Callable[..., requests.Response] | None = None
+) -> list[Finding]:
     """GET <url>/healthz answers, and the clocks agree (Date header or server_time)."""
     if not url:
         return [Finding("FAIL", "marketplace", "no marketplace URL (register first, or set marketplace_url)")]
@@ -261,7 +266,7 @@ def check_process_sandbox(config: AgentConfig) -> list[Finding]:
     if not config.allow_process_jobs:
         return [Finding("OK", "process jobs", "off (allow_process_jobs = false): this machine runs containers only")]
     runner, why = kinds.process_runner(config)
-    if why is not None:
+    if why is not None or runner is None:
         return [Finding("FAIL", "process jobs", f"allowed, but they cannot run sandboxed: {why}")]
     caps = runner.capabilities()
     limits = caps["limits"]
@@ -316,7 +321,7 @@ def _private_file(name: str, path: Path) -> Finding:
     return Finding("OK", name, f"{path} is present, mode {mode:04o}")
 
 
-def run_doctor(config: AgentConfig, *, out: Any = None) -> int:
+def run_doctor(config: AgentConfig, *, out: TextIO | None = None) -> int:
     """Print every finding and a summary; 1 when any check failed, else 0."""
     out = out or sys.stdout
     url = config.marketplace_url

@@ -56,13 +56,14 @@ def _is_rental(pid: int, rental: Collection[int], parent_of: ParentOf) -> bool:
         return True
     if pid <= 0 or not rental:
         return False
-    current: int | None = pid
+    current = pid
     for _ in range(_MAX_ANCESTRY):
-        current = parent_of(current)
-        if current is None or current <= 1:
+        parent = parent_of(current)
+        if parent is None or parent <= 1:
             return False
-        if current in rental:
+        if parent in rental:
             return True
+        current = parent
     return False
 
 

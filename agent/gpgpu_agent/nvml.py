@@ -2,7 +2,7 @@
 
 The only module of the agent that imports pynvml: every quirk of the driver stays here, and the
 rest of the agent sees typed samples (gpgpu_agent.types). Tests and the simulation mode run this
-very code over gpgpu_agent.fake_nvml, which replaces the functions beneath pynvml.
+very code over gpgpu_agent_testing.fake_nvml, which replaces the functions beneath pynvml.
 
 Contracts:
 - NVML is initialised once, when the collector is made, and shut down by `close()`. Device
@@ -19,12 +19,13 @@ Contracts:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pynvml
 
@@ -113,7 +114,7 @@ class _GpuState:
     """What the collector keeps about one GPU between polls."""
 
     index: int
-    handle: Any = None
+    handle: object = None  # pynvml's opaque device handle; None until fetched
     uuid: str = ""  # the last uuid read: kept while the GPU is lost, to say which one it was
     uuid_read: bool = False  # read since the handle was fetched
     name: str | None = None
@@ -295,7 +296,7 @@ class NvmlCollector:
         return True, devices, None
 
     @staticmethod
-    def _mig_devices(parent: Any) -> tuple[MigDevice, ...]:
+    def _mig_devices(parent: object) -> tuple[MigDevice, ...]:
         devices = []
         for slot in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(parent)):
             try:
@@ -324,7 +325,7 @@ class NvmlCollector:
             ("compute_processes", pynvml.nvmlDeviceGetComputeRunningProcesses),
             ("graphics_processes", pynvml.nvmlDeviceGetGraphicsRunningProcesses),
         ):
-            found = self._read(state, errors, name, lambda call=call: call(handle))
+            found = self._read(state, errors, name, functools.partial(call, handle))
             for process in found or ():
                 pid = int(process.pid)
                 used = _process_memory_mb(process)
@@ -376,7 +377,7 @@ class NvmlCollector:
         return value
 
 
-def _process_memory_mb(process: Any) -> int | None:
+def _process_memory_mb(process: object) -> int | None:
     used = getattr(process, "usedGpuMemory", None)
     # pynvml maps NVML_VALUE_NOT_AVAILABLE to None; an older one may pass the raw sentinel.
     if used is None or used == pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value:

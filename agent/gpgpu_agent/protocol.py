@@ -32,13 +32,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TypedDict
 
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_keys.exceptions import BadSignature
-from eth_keys.exceptions import ValidationError as KeyValidationError
-from eth_utils.exceptions import ValidationError as UtilsValidationError
+
+# eth_keys raises this one too: eth_keys.exceptions.ValidationError is eth_utils' class.
+from eth_utils.exceptions import ValidationError
 
 # --- HTTP -------------------------------------------------------------------------------------
 
@@ -112,6 +113,17 @@ def _unix_seconds(value: datetime, name: str) -> int:
 
 def _iso(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class UsageWire(TypedDict):
+    """The JSON body of `POST leases/{lease_id}/usage`, without `signature` (UsageStruct.to_wire)."""
+
+    report_id: str
+    period_start: str
+    period_end: str
+    gpu_seconds: str
+    mean_utilization_pct: float | None
+    peak_memory_mb: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,10 +210,12 @@ class UsageStruct:
         period_start: datetime,
         period_end: datetime,
         gpu_seconds: Decimal | str,
-        mean_utilization_pct: float | None,
-        peak_memory_mb: int | None,
+        mean_utilization_pct: object,
+        peak_memory_mb: object,
     ) -> UsageStruct:
         """The marketplace's side: the struct a report's (parsed) JSON fields stand for.
+        `mean_utilization_pct` is a number or None, `peak_memory_mb` an integer or None; they
+        are taken as parsed and checked here.
 
         Raises UnsignableReport when a value does not map exactly (see the module docstring):
         a signature over such a report cannot be checked against what would be stored."""
@@ -242,7 +256,7 @@ class UsageStruct:
 
     # -- encoding ------------------------------------------------------------------------------
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> UsageWire:
         """The JSON body of `POST leases/{lease_id}/usage`, without `signature`."""
         return {
             "report_id": self.report_id,
@@ -253,7 +267,7 @@ class UsageStruct:
             "peak_memory_mb": self.peak_memory_mb,
         }
 
-    def message(self) -> dict[str, Any]:
+    def message(self) -> dict[str, int | str]:
         """The EIP-712 message (struct values, camelCase)."""
         return {
             "leaseId": self.lease_id,
@@ -265,7 +279,7 @@ class UsageStruct:
             "peakMemoryMb": NOT_MEASURED if self.peak_memory_mb is None else self.peak_memory_mb,
         }
 
-    def typed_data(self, *, chain_id: int = DEFAULT_CHAIN_ID) -> dict[str, Any]:
+    def typed_data(self, *, chain_id: int = DEFAULT_CHAIN_ID) -> dict[str, object]:
         """The full EIP-712 typed data (domain, types, primary type, message)."""
         return {
             "types": {
@@ -278,7 +292,7 @@ class UsageStruct:
         }
 
 
-def usage_domain(*, chain_id: int = DEFAULT_CHAIN_ID) -> dict[str, Any]:
+def usage_domain(*, chain_id: int = DEFAULT_CHAIN_ID) -> dict[str, int | str]:
     return {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": chain_id}
 
 
@@ -294,7 +308,7 @@ def recover_usage_signer(report: UsageStruct, signature: str, *, chain_id: int =
         return str(
             Account.recover_message(encode_typed_data(full_message=report.typed_data(chain_id=chain_id)), signature=raw)
         )
-    except (ValueError, TypeError, BadSignature, KeyValidationError, UtilsValidationError):
+    except (ValueError, TypeError, BadSignature, ValidationError):
         # Not hex, or r, s or v out of range.
         return None
 
@@ -307,7 +321,7 @@ def usage_signature_valid(
     return signer is not None and signer.lower() == address.lower()
 
 
-def wire_usage_struct(lease_id: int, body: Mapping[str, Any]) -> UsageStruct:
+def wire_usage_struct(lease_id: int, body: Mapping[str, object]) -> UsageStruct:
     """The struct a raw JSON usage body stands for (times parsed from ISO 8601 text)."""
 
     def when(name: str) -> datetime:

@@ -4,9 +4,9 @@ FakeTransport, a runner over short processes) and need no GPU, no network and no
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
-from gpgpu_agent.types import HostSample, LeaseSpec, RunState
+from gpgpu_agent.types import HostSample, JsonObject, LeaseSpec, RunState
 
 
 class Collector(Protocol):
@@ -20,9 +20,14 @@ class Collector(Protocol):
 class Runner(Protocol):
     """Runs leased workloads in isolation on the leased GPUs only."""
 
-    def start(self, spec: LeaseSpec, *, gpu_indexes: Mapping[str, int]) -> RunState:
+    def start(
+        self, spec: LeaseSpec, *, gpu_indexes: Mapping[str, int], gpu_minors: Mapping[str, int] | None = None
+    ) -> RunState:
         """Start the lease's workload; idempotent by lease_id (a second call returns the state of
-        the first). Raises RunnerError with a sentence for the marketplace when it cannot start."""
+        the first). `gpu_indexes`: each leased GPU's index (by uuid); `gpu_minors`: its device
+        minor number (/dev/nvidia<minor>) where known, for runners that expose the device nodes
+        themselves (the others ignore it). Raises RunnerError with a sentence for the marketplace
+        when it cannot start."""
         ...
 
     def poll(self, lease_id: int) -> RunState: ...
@@ -42,17 +47,23 @@ class Runner(Protocol):
         ...
 
 
+class CapableRunner(Runner, Protocol):
+    """A Runner that says how it isolates the jobs it runs (the heartbeat's `capabilities`)."""
+
+    def capabilities(self) -> Mapping[str, object]: ...
+
+
 class Transport(Protocol):
     """The agent API over HTTP (docs/agent-api.md). Raises TransportUnavailable for what a retry
     may cure (connection refused, timeout, 5xx, 429) and Rejected for a 4xx answer."""
 
-    def register(self, body: Mapping[str, Any]) -> dict[str, Any]: ...
+    def register(self, body: Mapping[str, object]) -> JsonObject: ...
 
-    def heartbeat(self, body: Mapping[str, Any]) -> dict[str, Any]: ...
+    def heartbeat(self, body: Mapping[str, object]) -> JsonObject: ...
 
-    def lease_event(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]: ...
+    def lease_event(self, lease_id: int, body: Mapping[str, object]) -> JsonObject: ...
 
-    def lease_usage(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]: ...
+    def lease_usage(self, lease_id: int, body: Mapping[str, object]) -> JsonObject: ...
 
 
 class AgentError(Exception):

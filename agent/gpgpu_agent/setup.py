@@ -33,7 +33,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from gpgpu_agent.config import AgentConfig
 from gpgpu_agent.protocols import AgentError
@@ -203,7 +203,7 @@ STEPS: tuple[tuple[str, Step], ...] = (
 )
 
 
-def run_setup(config: AgentConfig, *, out: TextIO | Any = None, steps: tuple[tuple[str, Step], ...] = STEPS) -> int:
+def run_setup(config: AgentConfig, *, out: TextIO | None = None, steps: tuple[tuple[str, Step], ...] = STEPS) -> int:
     out = out or sys.stdout
     if os.geteuid() != 0:
         print("gpgpu-agent setup must run as root (it creates a user and firewall rules)", file=out)

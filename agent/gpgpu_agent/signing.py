@@ -62,7 +62,7 @@ def create_key_file(path: str | os.PathLike[str]) -> SigningKey:
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = SigningKey.generate()
     body = json.dumps(
-        {"version": KEY_FILE_VERSION, "address": key.address, "private_key": key.account.key.to_0x_hex()}
+        {"version": KEY_FILE_VERSION, "address": key.address, "private_key": "0x" + key.account.key.hex()}
     ).encode()
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

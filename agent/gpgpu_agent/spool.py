@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, TextIO
 
 from gpgpu_agent.protocols import AgentError, Rejected, Transport, TransportUnavailable
 
@@ -99,7 +99,7 @@ class DeadLetter:
     kind: str
     lease_id: int
     key: str
-    body: dict[str, Any]
+    body: dict[str, object]
     attempts: int
     status: int
     code: str
@@ -160,7 +160,7 @@ class Spool:
             raise SpoolError(f"Spool {self.path} cannot be opened: {exc}.") from None
         self._lock = threading.Lock()
         self._replaying = threading.Lock()
-        self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self._count: int = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._warned = self._count >= WARN_FRACTION * self.max_items
         self._closed = False
 
@@ -182,7 +182,7 @@ class Spool:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def put(self, kind: Kind, lease_id: int, key: str, body: Mapping[str, Any]) -> bool:
+    def put(self, kind: Kind, lease_id: int, key: str, body: Mapping[str, object]) -> bool:
         """Queue one message durably; True if queued, False if a message with this (kind,
         lease_id, key) is already queued or was dead-lettered (idempotent by key).
 
@@ -416,7 +416,7 @@ def _stats(db: sqlite3.Connection) -> SpoolStats:
     return SpoolStats(events=counts.get("event", 0), usage=counts.get("usage", 0), dead=dead, oldest_created_at=oldest)
 
 
-def _lock_exclusively(path: Path) -> Any:
+def _lock_exclusively(path: Path) -> TextIO:
     """Hold `<spool>.lock` for the life of the Spool: two agents replaying one spool would send
     its messages twice and out of order."""
     handle = open(f"{path}.lock", "a+")  # held open until close()

@@ -12,8 +12,8 @@ bounds, and dropping them would bias the fit toward short runs, since long runs 
 most likely to touch an edge. Run lengths are fitted with a lognormal by maximum likelihood
 (mu and sigma of ln(seconds)).
 
-The project commits none of the trace data: gpgpu_agent.owner_usage carries the printed numbers
-as its defaults.
+The project commits none of the trace data: gpgpu_agent_testing.owner_usage carries the printed
+numbers as its defaults.
 """
 
 from __future__ import annotations

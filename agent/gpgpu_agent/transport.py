@@ -21,7 +21,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import requests
 
@@ -35,6 +34,7 @@ from gpgpu_agent.protocol import (
     RETRY_AFTER_HEADER,
 )
 from gpgpu_agent.protocols import Rejected, TransportUnavailable
+from gpgpu_agent.types import JsonObject
 
 logger = logging.getLogger(__name__)
 
@@ -86,25 +86,25 @@ class HttpTransport:
 
     # -- the agent API -------------------------------------------------------------------------
 
-    def register(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def register(self, body: Mapping[str, object]) -> JsonObject:
         return self._post("register", body, authenticated=False)
 
-    def heartbeat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def heartbeat(self, body: Mapping[str, object]) -> JsonObject:
         return self._post("heartbeat", body)
 
-    def lease_event(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
+    def lease_event(self, lease_id: int, body: Mapping[str, object]) -> JsonObject:
         return self._post(f"leases/{int(lease_id)}/events", body)
 
-    def lease_usage(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
+    def lease_usage(self, lease_id: int, body: Mapping[str, object]) -> JsonObject:
         return self._post(f"leases/{int(lease_id)}/usage", body)
 
-    def rotate_credential(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def rotate_credential(self, body: Mapping[str, object]) -> JsonObject:
         """A new credential for this machine (the current one stops working at once)."""
         return self._post("credential/rotate", body)
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _post(self, path: str, body: Mapping[str, Any], *, authenticated: bool = True) -> dict[str, Any]:
+    def _post(self, path: str, body: Mapping[str, object], *, authenticated: bool = True) -> JsonObject:
         url = self.api_url + path
         headers = {"Accept": "application/json", "User-Agent": f"gpgpu-agent/{__version__}"}
         if authenticated:
@@ -124,10 +124,10 @@ class HttpTransport:
         return self._answer(url, response)
 
     @staticmethod
-    def _answer(url: str, response: requests.Response) -> dict[str, Any]:
+    def _answer(url: str, response: requests.Response) -> JsonObject:
         status = response.status_code
         try:
-            payload: Any = response.json()
+            payload: object = response.json()
         except ValueError:
             payload = None
         if 200 <= status < 300:
@@ -185,7 +185,7 @@ class FakeCall:
 
     method: str
     lease_id: int | None
-    body: dict[str, Any]
+    body: dict[str, object]
     outcome: str
 
 
@@ -208,13 +208,13 @@ class FakeTransport:
     retry_after_s: float | None = None
     calls: list[FakeCall] = field(default_factory=list)
     applied: list[tuple[str, int, str]] = field(default_factory=list)
-    heartbeat_replies: deque[dict[str, Any]] = field(default_factory=deque)
+    heartbeat_replies: deque[JsonObject] = field(default_factory=deque)
     record_calls: bool = True
     _failures_left: int = 0
     _rejections: dict[tuple[str, int, str], Rejected] = field(default_factory=dict)
     _reject_all: Rejected | None = None
-    _events: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
-    _usage: dict[tuple[int, str], tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    _events: dict[tuple[int, str], dict[str, object]] = field(default_factory=dict)
+    _usage: dict[tuple[int, str], tuple[int, dict[str, object]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- scripting -----------------------------------------------------------------------------
@@ -255,12 +255,12 @@ class FakeTransport:
 
     # -- protocols.Transport -------------------------------------------------------------------
 
-    def register(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def register(self, body: Mapping[str, object]) -> JsonObject:
         self._gate("register", None, body, None)
         self._record("register", None, body, "ok")
         return {"machine_id": 1, "credential": "gpm_fake_credential", "heartbeat_interval_s": self.heartbeat_interval_s}
 
-    def heartbeat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def heartbeat(self, body: Mapping[str, object]) -> JsonObject:
         self._gate("heartbeat", None, body, None)
         self._record("heartbeat", None, body, "ok")
         if self.heartbeat_replies:
@@ -272,7 +272,7 @@ class FakeTransport:
             "stop": [],
         }
 
-    def lease_event(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
+    def lease_event(self, lease_id: int, body: Mapping[str, object]) -> JsonObject:
         key = str(body.get("event_id", ""))
         self._gate("lease_event", lease_id, body, ("event", lease_id, key))
         with self._lock:
@@ -289,7 +289,7 @@ class FakeTransport:
             "duplicate": duplicate,
         }
 
-    def lease_usage(self, lease_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
+    def lease_usage(self, lease_id: int, body: Mapping[str, object]) -> JsonObject:
         key = str(body.get("report_id", ""))
         self._gate("lease_usage", lease_id, body, ("usage", lease_id, key))
         with self._lock:
@@ -303,12 +303,12 @@ class FakeTransport:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _record(self, method: str, lease_id: int | None, body: Mapping[str, Any], outcome: str) -> None:
+    def _record(self, method: str, lease_id: int | None, body: Mapping[str, object], outcome: str) -> None:
         if self.record_calls:
             self.calls.append(FakeCall(method, lease_id, dict(body), outcome))
 
     def _gate(
-        self, method: str, lease_id: int | None, body: Mapping[str, Any], message: tuple[str, int, str] | None
+        self, method: str, lease_id: int | None, body: Mapping[str, object], message: tuple[str, int, str] | None
     ) -> None:
         with self._lock:
             if not self.up or self._failures_left > 0:

@@ -5,7 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, TypedDict
+
+# The kinds of job a lease runs (LeaseSpec.kind): a container image, or a sandboxed process.
+JobKind = Literal["container", "process"]
+JOB_KINDS: tuple[JobKind, ...] = ("container", "process")
+
+# A JSON object received (from the marketplace, a file): its fields are checked where they are read.
+JsonObject = dict[str, object]
+
+
+def json_int(value: object) -> int:
+    """``int(value)`` for a JSON number or numeric text; TypeError (as from int()) for anything else."""
+    if isinstance(value, int | float | str):
+        return int(value)
+    raise TypeError(f"int() argument must be a string or a number, not {type(value).__name__!r}")
+
 
 # The text GpuSample.errors holds for a field this GPU's hardware or driver does not offer
 # (NVML_ERROR_NOT_SUPPORTED): normal on many GPUs, so nothing to warn about.
@@ -81,13 +96,21 @@ class LeaseSpec:
 
     lease_id: int
     job_id: int
-    kind: Literal["container", "process"]
+    kind: JobKind
     image: str
     command: tuple[str, ...]
     env: dict[str, str]
     gpu_uuids: tuple[str, ...]
     max_duration_s: int
     price_per_gpu_hour: str
+
+
+class JobLimits(TypedDict):
+    """What each job may use (the heartbeat's capabilities); None: no limit."""
+
+    cpus: float | None
+    memory_mb: int | None
+    pids: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,14 +14,15 @@ from typing import Any
 import pytest
 
 from conftest import SANDBOX_PYTHON, SandboxKit
-from gpgpu_agent.daemon import REDACTED, Agent, scrub_secrets, secret_variants
-from gpgpu_agent.fake_nvml import FakeNvml
+from gpgpu_agent.daemon import Agent
 from gpgpu_agent.idle import IdleDetector, no_parent
+from gpgpu_agent.leases import REDACTED, scrub_secrets, secret_variants
 from gpgpu_agent.nvml import NvmlCollector
 from gpgpu_agent.runners.kinds import PROCESS_OFF, KindRunner
 from gpgpu_agent.runners.process import ProcessRunner
 from gpgpu_agent.spool import Spool
 from gpgpu_agent.transport import Backoff, FakeTransport
+from gpgpu_agent_testing.fake_nvml import FakeNvml
 
 OWNER_PID = 4_000_321
 CREDENTIAL = "gpm_" + "c" * 40
@@ -210,7 +211,7 @@ def test_a_process_order_on_a_machine_that_did_not_opt_in_fails_to_start(tmp_pat
         runners={"process": ProcessRunner(tmp_path, sandbox=None)}, accepts=set(), refused={"process": PROCESS_OFF}
     )
     spec_order = _order(3, "GPU-x", 1)
-    from gpgpu_agent.daemon import lease_spec_from_order
+    from gpgpu_agent.leases import lease_spec_from_order
 
     with pytest.raises(Exception, match="allow_process_jobs = false"):
         runner.start(lease_spec_from_order(spec_order), gpu_indexes={"GPU-x": 0})

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import pynvml
 import pytest
 
-from gpgpu_agent.fake_nvml import FakeNvml
 from gpgpu_agent.idle import IdleDetector, foreign_processes, no_parent, proc_parent
 from gpgpu_agent.nvml import MIG_DECLINED, NvmlCollector
 from gpgpu_agent.types import GpuVerdict
+from gpgpu_agent_testing.fake_nvml import FakeNvml
 
 T0 = datetime(2026, 1, 14, 12, 0, tzinfo=UTC)
 

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import pynvml
 import pytest
 
-from gpgpu_agent.fake_nvml import FakeNvml
 from gpgpu_agent.nvml import (
     DRIVER_NOT_LOADED,
     MIG_DECLINED,
@@ -22,6 +21,7 @@ from gpgpu_agent.nvml import (
 )
 from gpgpu_agent.protocols import AgentError
 from gpgpu_agent.types import NOT_SUPPORTED, GpuProcess
+from gpgpu_agent_testing.fake_nvml import FakeNvml
 
 
 @pytest.fixture

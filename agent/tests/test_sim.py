@@ -9,8 +9,8 @@ import pynvml
 import pytest
 
 from gpgpu_agent.idle import IdleDetector, foreign_processes, no_parent
-from gpgpu_agent.owner_usage import BUSY_RUNS, IDLE_RUNS, idle_fraction, owner_runs
-from gpgpu_agent.sim import OWNER_PID_BASE, SimulatedHost
+from gpgpu_agent_testing.owner_usage import BUSY_RUNS, IDLE_RUNS, idle_fraction, owner_runs
+from gpgpu_agent_testing.sim import OWNER_PID_BASE, SimulatedHost
 
 RTX_4090 = ("NVIDIA GeForce RTX 4090", 24564)
 A100 = ("NVIDIA A100-SXM4-80GB", 81920)

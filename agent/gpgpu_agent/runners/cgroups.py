@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpgpu_agent.protocols import AgentError
+from gpgpu_agent.types import JobLimits
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Limits:
     memory_bytes: int | None
     pids: int | None
 
-    def describe(self) -> dict[str, float | int | None]:
+    def describe(self) -> JobLimits:
         return {
             "cpus": self.cpus,
             "memory_mb": None if self.memory_bytes is None else self.memory_bytes // (1024 * 1024),

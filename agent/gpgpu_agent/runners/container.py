@@ -80,17 +80,17 @@ import subprocess
 import tarfile
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import default_limits as cgroup_default_limits
 from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
 from gpgpu_agent.runners.firewall import Firewall, FirewallError
 from gpgpu_agent.runners.state import LOG_TAIL_BYTES, tail_text
-from gpgpu_agent.types import LeaseSpec, RunState
+from gpgpu_agent.types import JobLimits, LeaseSpec, RunState, json_int
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,20 @@ def own_ulimits() -> tuple[int, int]:
         return ceiling if limit == resource.RLIM_INFINITY else min(int(limit), ceiling)
 
     return hard(resource.RLIMIT_NOFILE, NOFILE_CEILING), hard(resource.RLIMIT_NPROC, PODMAN_NPROC_CEILING)
+
+
+class ContainerCapabilities(TypedDict):
+    """How container jobs are isolated here (the heartbeat's ``capabilities.container``)."""
+
+    engine: str
+    engine_version: str | None
+    runtime: str | None
+    user_namespace: bool | None
+    network: str
+    read_only_root: bool
+    limits: JobLimits
+    ready: bool
+    problem: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +286,7 @@ class ContainerRunner:
 
     # --- what this machine offers -----------------------------------------------------------
 
-    def capabilities(self) -> dict[str, Any]:
+    def capabilities(self) -> ContainerCapabilities:
         """What a rental gets here, for the marketplace and the doctor. ``ready`` is False, and
         ``problem`` says why, when containers cannot be run safely now (see ``check``)."""
         problem: str | None = None
@@ -352,9 +366,12 @@ class ContainerRunner:
 
     # --- Runner protocol ----------------------------------------------------------------------
 
-    def start(self, spec: LeaseSpec, *, gpu_indexes: Mapping[str, int]) -> RunState:
+    def start(
+        self, spec: LeaseSpec, *, gpu_indexes: Mapping[str, int], gpu_minors: Mapping[str, int] | None = None
+    ) -> RunState:
         """Create and start the lease's container (pulling the image if needed; this call blocks
         meanwhile); a second call for the same lease returns the existing container's state.
+        ``gpu_minors`` is not needed: the engine gives the container its GPUs by uuid.
         Raises RunnerError with a sentence (the marketplace then hears failed_to_start) when the
         lease asks for something unsafe, the image cannot be had, the container cannot start, or
         the machine is not ready (no engine, no firewall: fail closed)."""
@@ -409,7 +426,7 @@ class ContainerRunner:
             raise UnknownLeaseError(lease_id)
         return self._observe(lease_id, info)
 
-    def _observe(self, lease_id: int, info: Mapping[str, Any]) -> RunState:
+    def _observe(self, lease_id: int, info: Mapping[str, object]) -> RunState:
         if _running(info) and not self._firewall_holds():
             reason = "gpgpu-agent: stopped: the rentals firewall rules are gone and could not be restored"
             log.error("lease %s: %s; killing its container", lease_id, reason)
@@ -605,9 +622,9 @@ class ContainerRunner:
 
     # --- network and firewall -------------------------------------------------------------------
 
-    def _ensure_network(self) -> str:
-        """Create the rentals network when missing; its bridge's name. Raises RunnerError when a
-        network of that name exists with another subnet."""
+    def _ensure_network(self) -> str | None:
+        """Create the rentals network when missing; its bridge's name (None when the engine does
+        not say). Raises RunnerError when a network of that name exists with another subnet."""
         info = self._network_inspect()
         if info is None:
             args = ["network", "create", "--driver", "bridge", "--subnet", str(self.subnet)]
@@ -630,7 +647,7 @@ class ContainerRunner:
             )
         return bridge
 
-    def _network_inspect(self) -> dict[str, Any] | None:
+    def _network_inspect(self) -> dict[str, object] | None:
         done = self._call(["network", "inspect", self.network_name], timeout=self.call_timeout_s)
         if done.returncode != 0:
             if "not found" in done.stderr.lower() or "no such network" in done.stderr.lower():
@@ -737,7 +754,7 @@ class ContainerRunner:
     def _own_work_dir_for_docker(self, name: str, work: Path) -> None:
         """Chown the work directory to the host uid the created container's user maps to."""
         info = self._inspect_name(name)
-        user = str(((info or {}).get("Config") or {}).get("User") or "")
+        user = str(_object(_object(info).get("Config")).get("User") or "")
         uid, gid = self._docker_user_ids(name, user)
         base_uid, base_gid = self._engine_facts().remap or (0, 0)
         try:
@@ -839,10 +856,10 @@ class ContainerRunner:
                 raise RunnerError(sentence)
         return subprocess.CompletedProcess(done.args, done.returncode, stdout, stderr)
 
-    def _inspect(self, lease_id: int) -> dict[str, Any] | None:
+    def _inspect(self, lease_id: int) -> dict[str, object] | None:
         return self._inspect_name(container_name(lease_id))
 
-    def _inspect_name(self, name: str) -> dict[str, Any] | None:
+    def _inspect_name(self, name: str) -> dict[str, object] | None:
         done = self._call(["inspect", "--type", "container", name], timeout=self.call_timeout_s)
         if done.returncode != 0:
             message = _message(done.stderr)
@@ -874,8 +891,8 @@ class ContainerRunner:
             )
         return f"could not start the container: {message}"
 
-    def _state(self, lease_id: int, info: Mapping[str, Any]) -> RunState:
-        state = info.get("State") or {}
+    def _state(self, lease_id: int, info: Mapping[str, object]) -> RunState:
+        state = _object(info.get("State"))
         running = _running(info)
         exit_code: int | None = None
         if not running:
@@ -884,7 +901,7 @@ class ContainerRunner:
             elif state.get("OOMKilled"):
                 exit_code = EXIT_KILLED
             else:
-                exit_code = int(state.get("ExitCode") or 0)
+                exit_code = json_int(state.get("ExitCode") or 0)
         pids: tuple[int, ...] = ()
         if running:
             pids = self._host_pids(lease_id, state.get("Pid"))
@@ -901,7 +918,7 @@ class ContainerRunner:
             log_tail=log_tail,
         )
 
-    def _host_pids(self, lease_id: int, main_pid: Any) -> tuple[int, ...]:
+    def _host_pids(self, lease_id: int, main_pid: object) -> tuple[int, ...]:
         """Host pids of every process in the container (``podman top … hpid``; ``docker top``
         runs ps on the host); the main pid from inspect is kept when top fails."""
         pids: set[int] = set()
@@ -916,12 +933,12 @@ class ContainerRunner:
                     pids.add(int(token))
         return tuple(sorted(pids))
 
-    def _log_tail(self, lease_id: int, info: Mapping[str, Any]) -> str:
+    def _log_tail(self, lease_id: int, info: Mapping[str, object]) -> str:
         """The end of the job's output. Podman's: read from its k8s-file log itself, because
         ``podman logs --tail`` (4.3) drops or misorders the pieces of lines the job wrote in
         several writes; Docker's: ``docker logs --tail``."""
         if self.engine == "podman":
-            path = ((info.get("HostConfig") or {}).get("LogConfig") or {}).get("Path")
+            path = _object(_object(info.get("HostConfig")).get("LogConfig")).get("Path")
             if isinstance(path, str) and path:
                 text = _k8s_file_tail(Path(path), self.log_tail_bytes, self.log_tail_lines)
                 if text is not None:
@@ -1006,17 +1023,17 @@ def _resolve_engine(engine: str, engine_bin: str | None) -> tuple[str, str]:
     return "docker", "docker"
 
 
-def _podman_facts(info: Mapping[str, Any]) -> EngineFacts:
-    host = info.get("host") or {}
-    rootless = bool((host.get("security") or {}).get("rootless"))
-    default_runtime = str((host.get("ociRuntime") or {}).get("name") or "runc")
+def _podman_facts(info: Mapping[str, object]) -> EngineFacts:
+    host = _object(info.get("host"))
+    rootless = bool(_object(host.get("security")).get("rootless"))
+    default_runtime = str(_object(host.get("ociRuntime")).get("name") or "runc")
     # Podman's info names only the default runtime; the others are those containers.conf
     # configures or whose binary is where Podman looks by default.
     runtimes = {default_runtime, *installed_runtimes()}
     user = pwd.getpwuid(os.getuid()).pw_name if rootless else "containers"
     return EngineFacts(
         engine="podman",
-        version=str((info.get("version") or {}).get("Version") or "unknown"),
+        version=str(_object(info.get("version")).get("Version") or "unknown"),
         default_runtime=default_runtime,
         runtimes=frozenset(runtimes),
         user_namespace=all(_has_subid_range(Path(f), user) for f in SUBUID_FILES),
@@ -1024,8 +1041,8 @@ def _podman_facts(info: Mapping[str, Any]) -> EngineFacts:
     )
 
 
-def _docker_facts(info: Mapping[str, Any]) -> EngineFacts:
-    options = [str(o) for o in info.get("SecurityOptions") or []]
+def _docker_facts(info: Mapping[str, object]) -> EngineFacts:
+    options = [str(o) for o in _each(info.get("SecurityOptions"))]
     userns = any("name=userns" in o for o in options)
     rootless = any("name=rootless" in o for o in options)
     remap: tuple[int, int] | None = None
@@ -1036,7 +1053,7 @@ def _docker_facts(info: Mapping[str, Any]) -> EngineFacts:
         engine="docker",
         version=str(info.get("ServerVersion") or "unknown"),
         default_runtime=str(info.get("DefaultRuntime") or "runc"),
-        runtimes=frozenset(str(k) for k in (info.get("Runtimes") or {})),
+        runtimes=frozenset(str(k) for k in _each(info.get("Runtimes"))),
         user_namespace=userns or rootless,
         rootless=rootless,
         remap=remap,
@@ -1116,15 +1133,15 @@ def _has_subid_range(path: Path, user: str) -> bool:
     return False
 
 
-def _network_subnets_and_bridge(info: Mapping[str, Any]) -> tuple[list[str], str | None]:
+def _network_subnets_and_bridge(info: Mapping[str, object]) -> tuple[list[str], str | None]:
     """Subnets and bridge interface of a network, from Podman's or Docker's inspect."""
     if "subnets" in info or "network_interface" in info:  # Podman (netavark)
-        subnets = [str(s.get("subnet")) for s in info.get("subnets") or [] if isinstance(s, dict)]
+        subnets = [str(s.get("subnet")) for s in _each(info.get("subnets")) if isinstance(s, dict)]
         bridge = info.get("network_interface")
         return subnets, str(bridge) if bridge else None
-    config = (info.get("IPAM") or {}).get("Config") or []
+    config = _each(_object(info.get("IPAM")).get("Config"))
     subnets = [str(c.get("Subnet")) for c in config if isinstance(c, dict)]
-    options = info.get("Options") or {}
+    options = _object(info.get("Options"))
     bridge = options.get("com.docker.network.bridge.name") or (
         f"br-{str(info.get('Id'))[:12]}" if info.get("Id") else None
     )
@@ -1166,13 +1183,13 @@ def _remove_tree(path: Path) -> None:
         log.warning("could not remove %s: %s", path, exc)
 
 
-def _labels(info: Mapping[str, Any]) -> dict[str, str]:
-    labels = (info.get("Config") or {}).get("Labels") or {}
+def _labels(info: Mapping[str, object]) -> dict[str, str]:
+    labels = _object(info.get("Config")).get("Labels") or {}
     return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
 
-def _running(info: Mapping[str, Any]) -> bool:
-    state = info.get("State") or {}
+def _running(info: Mapping[str, object]) -> bool:
+    state = _object(info.get("State"))
     return bool(state.get("Running")) or state.get("Status") in ("restarting", "paused")
 
 
@@ -1205,14 +1222,35 @@ def _daemon_problem(stderr: str) -> str | None:
     return None
 
 
-def _json_list(text: str) -> list[dict[str, Any]]:
+def _json_list(text: str) -> list[dict[str, object]]:
     data = json.loads(text)
     if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
         raise ValueError("expected a list of objects")
     return data
 
 
-def _parse_engine_time(value: Any) -> datetime | None:
+# The engines' JSON, read field by field: a field that is missing or null reads as empty.
+
+
+def _object(value: object) -> Mapping[str, object]:
+    """A JSON object's fields; none for a missing (null) one. Raises TypeError for anything else."""
+    if not value:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _each(value: object) -> Iterable[object]:
+    """A JSON array's items (an object's keys); none for a missing (null) one."""
+    if not value:
+        return ()
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{type(value).__name__!r} object is not iterable")
+    return value
+
+
+def _parse_engine_time(value: object) -> datetime | None:
     """RFC 3339 times with nanoseconds; the zero time means never."""
     if not isinstance(value, str) or not value or value.startswith("0001-01-01"):
         return None

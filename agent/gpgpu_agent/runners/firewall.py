@@ -125,10 +125,11 @@ class Firewall:
         if bridge is not None and not BRIDGE_NAME.match(bridge):
             raise ValueError(f"{bridge!r} is not a network interface name")
         servers = [self.gateway] if dns_servers is None else [ipaddress.ip_address(s) for s in dns_servers]
-        if not all(isinstance(s, ipaddress.IPv4Address) for s in servers):
+        ipv4 = [s for s in servers if isinstance(s, ipaddress.IPv4Address)]
+        if len(ipv4) != len(servers):
             raise ValueError("dns_servers must be IPv4 addresses")
         self.bridge = bridge
-        self.dns_servers = tuple(sorted(set(servers)))  # type: ignore[arg-type]
+        self.dns_servers = tuple(sorted(set(ipv4)))
 
     # --- the ruleset ----------------------------------------------------------------------
 

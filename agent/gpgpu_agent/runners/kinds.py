@@ -23,15 +23,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
-from gpgpu_agent.protocols import AgentError, RunnerError
+from gpgpu_agent.config import AgentConfig
+from gpgpu_agent.protocols import AgentError, CapableRunner, RunnerError
 from gpgpu_agent.runners.common import UnknownLeaseError
-from gpgpu_agent.types import LeaseSpec, RunState
+from gpgpu_agent.types import JOB_KINDS, LeaseSpec, RunState
+
+if TYPE_CHECKING:
+    from gpgpu_agent.runners.container import ContainerRunner
+    from gpgpu_agent.runners.process import ProcessRunner
 
 log = logging.getLogger(__name__)
 
-KINDS = ("container", "process")
+KINDS = JOB_KINDS
 PROCESS_OFF = "process jobs are off on this machine (allow_process_jobs = false)"
 SIMULATED_NO_CONTAINERS = "a simulated machine runs process jobs only"
 CONTAINERS_OFF = "container jobs are off on this machine (container_engine = none)"
@@ -42,12 +47,10 @@ class KindRunner:
     machine does not accept. ``runners`` may hold a runner for a kind that is not accepted: it
     then only adopts, watches and stops what an earlier run of the agent left."""
 
-    takes_gpu_minors = True
-
     def __init__(
         self,
         *,
-        runners: Mapping[str, Any],
+        runners: Mapping[str, CapableRunner],
         accepts: set[str] | frozenset[str],
         refused: Mapping[str, str] | None = None,
     ) -> None:
@@ -60,11 +63,11 @@ class KindRunner:
         self.runners = dict(runners)
         self.accepts = frozenset(accepts)
         self.refused = {k: v for k, v in (refused or {}).items() if k not in self.accepts}
-        self._owner: dict[int, Any] = {}
+        self._owner: dict[int, CapableRunner] = {}
 
-    def capabilities(self) -> dict[str, Any]:
+    def capabilities(self) -> dict[str, object]:
         """The heartbeat's ``capabilities`` object."""
-        out: dict[str, Any] = {"kinds": [k for k in KINDS if k in self.accepts]}
+        out: dict[str, object] = {"kinds": [k for k in KINDS if k in self.accepts]}
         for kind in KINDS:
             runner = self.runners.get(kind) if kind in self.accepts else None
             out[kind] = runner.capabilities() if runner is not None else None
@@ -72,7 +75,7 @@ class KindRunner:
             out["refused"] = {k: v[:300] for k, v in self.refused.items()}
         return out
 
-    def _of(self, lease_id: int) -> Any:
+    def _of(self, lease_id: int) -> CapableRunner:
         runner = self._owner.get(lease_id)
         if runner is not None:
             return runner
@@ -93,15 +96,13 @@ class KindRunner:
             raise RunnerError(self.refused.get(spec.kind) or f"this machine does not accept {spec.kind} jobs")
         runner = self.runners[spec.kind]
         self._owner[spec.lease_id] = runner
-        if getattr(runner, "takes_gpu_minors", False) or spec.kind == "process":
-            return runner.start(spec, gpu_indexes=gpu_indexes, gpu_minors=gpu_minors)  # type: ignore[no-any-return]
-        return runner.start(spec, gpu_indexes=gpu_indexes)  # type: ignore[no-any-return]
+        return runner.start(spec, gpu_indexes=gpu_indexes, gpu_minors=gpu_minors)
 
     def poll(self, lease_id: int) -> RunState:
-        return self._of(lease_id).poll(lease_id)  # type: ignore[no-any-return]
+        return self._of(lease_id).poll(lease_id)
 
     def stop(self, lease_id: int, *, grace_s: float) -> RunState:
-        return self._of(lease_id).stop(lease_id, grace_s=grace_s)  # type: ignore[no-any-return]
+        return self._of(lease_id).stop(lease_id, grace_s=grace_s)
 
     def adopt(self) -> list[RunState]:
         states: list[RunState] = []
@@ -125,9 +126,9 @@ class KindRunner:
         self._owner.pop(lease_id, None)
 
 
-def build_runner(config: Any) -> KindRunner:
+def build_runner(config: AgentConfig) -> KindRunner:
     """The KindRunner the config asks for, with each refused kind's reason (logged once)."""
-    runners: dict[str, Any] = {}
+    runners: dict[str, CapableRunner] = {}
     accepts: set[str] = set()
     refused: dict[str, str] = {}
 
@@ -161,7 +162,7 @@ def build_runner(config: Any) -> KindRunner:
     return KindRunner(runners=runners, accepts=accepts, refused=refused)
 
 
-def process_runner(config: Any) -> tuple[Any | None, str | None]:
+def process_runner(config: AgentConfig) -> tuple[ProcessRunner | None, str | None]:
     """(runner, None) when process jobs can run sandboxed here; (runner or None, why) otherwise.
     A runner is returned even when it may not start jobs, so leases left from before are adopted."""
     from gpgpu_agent.runners.cgroups import CgroupError, Cgroups, default_limits
@@ -206,7 +207,7 @@ def process_runner(config: Any) -> tuple[Any | None, str | None]:
     return runner, None
 
 
-def _container_runner(config: Any) -> tuple[Any | None, str | None]:
+def _container_runner(config: AgentConfig) -> tuple[ContainerRunner | None, str | None]:
     from gpgpu_agent.runners.container import ContainerRunner
 
     try:

@@ -52,7 +52,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import CgroupError, Cgroups, Limits
@@ -72,7 +72,7 @@ from gpgpu_agent.runners.state import (
     workload_pids,
     write_exit,
 )
-from gpgpu_agent.types import LeaseSpec, RunState
+from gpgpu_agent.types import JobLimits, LeaseSpec, RunState
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPGPU_LEASE_ID", "
 # bwrap's own two processes sit between the supervisor and the workload (see the module docstring).
 _SANDBOX_DEPTH = 3
 _POLL_STEP_S = 0.02
+
+
+class ProcessCapabilities(TypedDict):
+    """How process jobs are isolated here (the heartbeat's ``capabilities.process``)."""
+
+    sandbox: str
+    sandbox_version: str
+    user: str
+    network: str
+    limits: JobLimits
 
 
 class ProcessRunner:
@@ -135,7 +145,7 @@ class ProcessRunner:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._boot_id = boot_id()
 
-    def capabilities(self) -> dict[str, Any]:
+    def capabilities(self) -> ProcessCapabilities:
         """How process jobs are isolated here, for the heartbeat (docs/agent-api.md)."""
         return {
             "sandbox": "bubblewrap" if self.sandbox is not None else "none",

@@ -242,12 +242,18 @@ class Bubblewrap:
             elif host.is_dir():
                 argv += ["--ro-bind", str(host), f"/{name}"]
         argv += ["--", "true"]
-        extra: dict[str, object] = {}
-        if user is not None:
-            extra = {"user": user.uid, "group": user.gid, "extra_groups": []}
         try:
             done = subprocess.run(  # noqa: S603 - argv, no shell
-                argv, capture_output=True, text=True, timeout=20, check=False, cwd="/", **extra
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+                cwd="/",
+                # As the rental user when given (None: subprocess's defaults, the agent's own).
+                user=user.uid if user is not None else None,
+                group=user.gid if user is not None else None,
+                extra_groups=[] if user is not None else None,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise SandboxError(f"cannot start bubblewrap: {exc}") from None

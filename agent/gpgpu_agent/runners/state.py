@@ -26,7 +26,6 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ LOG_TAIL_BYTES = 64 * 1024
 _RECORD_NAME = re.compile(r"^lease-(\d{1,18})\.json$")
 
 
-def write_json_atomic(path: Path, data: Any, *, mode: int = 0o600) -> None:
+def write_json_atomic(path: Path, data: object, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` as JSON in one step: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -55,8 +54,9 @@ def write_json_atomic(path: Path, data: Any, *, mode: int = 0o600) -> None:
         raise
 
 
-def _read_json(path: Path) -> Any | None:
-    """The JSON in ``path``; None when it is missing. A corrupt file is logged and read as missing."""
+def _read_json(path: Path) -> object:
+    """The JSON in ``path`` (of any shape); None when it is missing. A corrupt file is logged and
+    read as missing."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -207,7 +207,7 @@ class ProcessRecord:
     # Whether the workload runs in the bubblewrap sandbox (its first two processes are bwrap's).
     sandboxed: bool = False
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         data = asdict(self)
         data["command"] = list(self.command)
         data["gpu_uuids"] = list(self.gpu_uuids)
@@ -215,7 +215,7 @@ class ProcessRecord:
         return data
 
     @classmethod
-    def from_json(cls, data: Any) -> ProcessRecord:
+    def from_json(cls, data: object) -> ProcessRecord:
         """Raises ValueError for a record that does not have the expected fields and types."""
         if not isinstance(data, dict):
             raise ValueError("not an object")

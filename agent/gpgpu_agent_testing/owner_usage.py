@@ -1,7 +1,7 @@
 """When a simulated GPU's owner is using it: alternating idle and busy runs, like real owners.
 
-The agent's simulation mode (gpgpu_agent.sim, `gpgpu-agent run --simulate`) draws its owners
-from here.
+The agent's simulation mode (gpgpu_agent_testing.sim, `gpgpu-agent run --simulate`) draws its
+owners from here.
 
 A GPU owner's own workload comes and goes. Run lengths (seconds) are drawn from lognormal
 distributions fitted to real duty-cycle traces of 72 GPUs over 22.8 hours (one sample a

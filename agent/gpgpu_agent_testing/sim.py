@@ -2,12 +2,12 @@
 
 SimulatedHost installs a FakeNvml (beneath pynvml, so the real NvmlCollector reads it) and, per
 GPU, drives the owner's usage from the trace-fitted alternating idle/busy generator
-(gpgpu_agent.owner_usage): while the owner is busy a fake owner process (pid OWNER_PID_BASE and
-up, a graphics process for a gamer, a compute one for a researcher) is on the GPU and the
-utilisation follows a busy level drawn for that run; while the owner is idle the utilisation is
-about 0. A rental the agent runs shows too: `set_rental(uuid, True, pids)` lists the rental's
-real pids on the GPU and makes it busy, so the idle detector and reclaim see what they would
-on a real machine. Temperature and power follow the load.
+(gpgpu_agent_testing.owner_usage): while the owner is busy a fake owner process (pid
+OWNER_PID_BASE and up, a graphics process for a gamer, a compute one for a researcher) is on the
+GPU and the utilisation follows a busy level drawn for that run; while the owner is idle the
+utilisation is about 0. A rental the agent runs shows too: `set_rental(uuid, True, pids)` lists
+the rental's real pids on the GPU and makes it busy, so the idle detector and reclaim see what
+they would on a real machine. Temperature and power follow the load.
 
 Deterministic: the same seed and the same tick times give the same owners, levels and pids.
 
@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gpgpu_agent.fake_nvml import FakeNvml
 from gpgpu_agent.nvml import NvmlCollector
-from gpgpu_agent.owner_usage import NeverBusy, OwnerUsage, owner_runs
 from gpgpu_agent.types import HostSample
+from gpgpu_agent_testing.fake_nvml import FakeNvml
+from gpgpu_agent_testing.owner_usage import NeverBusy, OwnerUsage, owner_runs
 
 OWNER_PID_BASE = 900_000  # fake owner pids: OWNER_PID_BASE + 1000 × GPU index + busy run number
 # Model name fragment → (idle W, max W, idle °C); the first match wins.

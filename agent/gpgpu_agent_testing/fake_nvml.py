@@ -26,7 +26,7 @@ import uuid as uuid_module
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal, TypeAlias
 
 import pynvml
 
@@ -58,8 +58,8 @@ HOST_FIELD_FUNCTIONS: dict[str, tuple[str, ...]] = {
     "gpu_count": ("nvmlDeviceGetCount",),
 }
 
-NvmlErrorLike = int | pynvml.NVMLError | type[pynvml.NVMLError]
-UtilizationSource = float | int | Iterable[float] | Callable[[float], float]
+NvmlErrorLike: TypeAlias = int | pynvml.NVMLError | type[pynvml.NVMLError]
+UtilizationSource: TypeAlias = float | int | Iterable[float] | Callable[[float], float]
 
 _installed: FakeNvml | None = None
 _install_lock = threading.Lock()
@@ -70,9 +70,9 @@ def error_code(error: NvmlErrorLike) -> int:
     if isinstance(error, int):
         return error
     if isinstance(error, pynvml.NVMLError):
-        return error.value
+        return int(error.value)
     if isinstance(error, type) and issubclass(error, pynvml.NVMLError) and error is not pynvml.NVMLError:
-        return error().value  # the generated subclasses know their code
+        return int(error().value)  # the generated subclasses know their code
     raise TypeError(f"not an NVML error: {error!r}")
 
 
@@ -151,7 +151,7 @@ class FakeNvml:
         self._init_count = 0
         self._init_error: int | None = None
         self._host_failing: dict[str, int] = {}
-        self._saved: dict[str, Any] = {}
+        self._saved: dict[str, object] = {}
         self._lock = threading.RLock()
 
     # --- installing ---------------------------------------------------------------------------
@@ -374,12 +374,12 @@ class FakeNvml:
 
     # --- the fakes ----------------------------------------------------------------------------
 
-    def _fakes(self) -> dict[str, Callable[..., Any]]:
+    def _fakes(self) -> dict[str, Callable[..., object]]:
         """Every pynvml function the fake replaces, by name."""
         raise_for = self._raise
 
-        def counted(name: str, body: Callable[..., Any]) -> Callable[..., Any]:
-            def fake(*args: Any, **kwargs: Any) -> Any:
+        def counted(name: str, body: Callable[..., object]) -> Callable[..., object]:
+            def fake(*args: object, **kwargs: object) -> object:
                 with self._lock:
                     self.calls[name] += 1
                     raise_for(name)
@@ -389,10 +389,11 @@ class FakeNvml:
             fake.__qualname__ = f"FakeNvml.{name}"
             return fake
 
-        def device(name: str, body: Callable[[FakeGpu, FakeHandle], Any]) -> Callable[..., Any]:
-            """A call on a device handle: checks the handle, the GPU's state and failing fields."""
+        def device(name: str, body: Callable[..., object]) -> Callable[..., object]:
+            """A call on a device handle: checks the handle, the GPU's state and failing fields.
+            `body` takes the GPU, the handle and the call's other arguments."""
 
-            def call(handle: Any, *args: Any) -> Any:
+            def call(handle: object, *args: object) -> object:
                 gpu = self._gpu_of(handle)
                 if name in gpu.failing:
                     raise pynvml.NVMLError(gpu.failing[name])
@@ -400,7 +401,7 @@ class FakeNvml:
 
             return counted(name, call)
 
-        def init(*_args: Any) -> None:
+        def init(*_args: object) -> None:
             if self._init_error is not None:
                 raise pynvml.NVMLError(self._init_error)
             self._init_count += 1
@@ -416,7 +417,7 @@ class FakeNvml:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
             return FakeHandle(index=index, generation=gpu.generation)
 
-        def memory(gpu: FakeGpu, handle: FakeHandle, version: Any = None) -> Any:
+        def memory(gpu: FakeGpu, handle: FakeHandle, version: object = None) -> object:
             if handle.mig_slot is not None:
                 total = gpu.mig_devices[handle.mig_slot].memory_mb * _MIB
                 used = 0
@@ -425,7 +426,7 @@ class FakeNvml:
                 used = min(total, (gpu.base_used_mb + _process_mb(gpu)) * _MIB)
             return pynvml.c_nvmlMemory_t(total=total, free=total - used, used=used)
 
-        def utilization(gpu: FakeGpu, handle: FakeHandle) -> Any:
+        def utilization(gpu: FakeGpu, handle: FakeHandle) -> object:
             if gpu.mig_enabled:  # as the driver: no utilisation for a GPU split by MIG
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
             value = min(100, max(0, round(gpu.utilization())))
@@ -459,8 +460,8 @@ class FakeNvml:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
             return gpu.mig_devices[handle.mig_slot].gpu_instance_id
 
-        def processes(kind: str) -> Callable[[FakeGpu, FakeHandle], list[Any]]:
-            def listing(gpu: FakeGpu, handle: FakeHandle) -> list[Any]:
+        def processes(kind: str) -> Callable[[FakeGpu, FakeHandle], list[object]]:
+            def listing(gpu: FakeGpu, handle: FakeHandle) -> list[object]:
                 return [
                     pynvml.nvmlFriendlyObject(
                         {
@@ -528,7 +529,7 @@ class FakeNvml:
         if name in self._host_failing:
             raise pynvml.NVMLError(self._host_failing[name])
 
-    def _gpu_of(self, handle: Any) -> FakeGpu:
+    def _gpu_of(self, handle: object) -> FakeGpu:
         if not isinstance(handle, FakeHandle) or not 0 <= handle.index < len(self.gpus):
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         gpu = self.gpus[handle.index]

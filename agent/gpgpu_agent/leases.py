@@ -1,0 +1,575 @@
+"""The leases this machine runs: started on the marketplace's orders, stopped on its request, for
+the owner (reclaim) or at their maximum duration, and their usage accounted.
+
+LeaseTracker owns every TrackedLease and is the only one to start, poll or stop workloads
+(through the runner). It never talks to the marketplace: every event and usage report goes to
+the outbox (the spool) first, write-ahead, and the daemon's network loop sends it from there.
+Its state (the leases it runs, those it is done with) is persisted in `<state_dir>/leases.json`,
+so a restarted agent adopts the workloads still running and bills them from where the last one
+stopped.
+
+The daemon's poll loop drives it, one thread, each poll in this order:
+
+    states = tracker.poll()                    # the runner's view of every lease
+    tracker.rental_pids(states)                # which pids on which GPU are the rentals'
+    tracker.enforce(states, gpus, ...)         # reclaim for the owner, max duration, exits
+    tracker.start(order, gpus, ...) / tracker.stop(order)   # the marketplace's orders
+    tracker.account_usage()                    # a usage report per lease every interval
+
+and `adopt()` once at start, `flush()` at shutdown, `stop_all()` when the credential is revoked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal, TypedDict
+
+from gpgpu_agent.protocol import (
+    EVENT_EXITED,
+    EVENT_FAILED_TO_START,
+    EVENT_PREEMPTED_BY_OWNER,
+    EVENT_STARTED,
+    UsageStruct,
+)
+from gpgpu_agent.protocols import Runner, RunnerError
+from gpgpu_agent.spool import Spool, SpoolFull
+from gpgpu_agent.types import JOB_KINDS, GpuSample, JobKind, LeaseSpec, RunState
+
+logger = logging.getLogger("gpgpu_agent")
+
+LOG_TAIL_CHARS = 16 * 1024  # the API takes 64 KiB; the last 16 KiB tell the story
+TIMEOUT_EXIT_CODE = 124  # what timeout(1) returns for a command it killed
+REDACTED = "[redacted]"
+_DONE_KEPT = 1000  # leases remembered as done (a repeated `start` for them is ignored)
+
+UsageSigner = Callable[[UsageStruct], str]
+
+
+# --- times and files ------------------------------------------------------------------------
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: object) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def write_private_json(path: Path, data: object) -> None:
+    """Write JSON atomically with mode 0600."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _whole_second(at: datetime) -> datetime:
+    return at.replace(microsecond=0)
+
+
+# --- what lease tracking reads --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The owner's schedule from the last heartbeat reply (open with no end until told)."""
+
+    available_now: bool = True
+    available_until: datetime | None = None
+
+    def open_at(self, now: datetime) -> bool:
+        return self.available_now and (self.available_until is None or now < self.available_until)
+
+    @classmethod
+    def from_reply(cls, data: object) -> Schedule:
+        if not isinstance(data, Mapping):
+            return cls()
+        return cls(
+            available_now=bool(data.get("available_now", True)),
+            available_until=None if data.get("indefinitely") else parse_time(data.get("available_until")),
+        )
+
+
+@dataclass(frozen=True)
+class GpuView:
+    """What one poll saw of the GPUs, as lease tracking needs it: each GPU by uuid, and the
+    pids on each GPU that belong to no rental of it (the owner's, see idle.foreign_processes)."""
+
+    by_uuid: Mapping[str, GpuSample]
+    foreign: Mapping[str, list[int]]
+
+
+class LeaseReport(TypedDict):
+    """One lease in the heartbeat's `leases` (docs/agent-api.md)."""
+
+    lease_id: int
+    state: Literal["running", "stopping"]
+
+
+@dataclass
+class TrackedLease:
+    """A lease this machine runs, with what its usage reports need."""
+
+    lease_id: int
+    gpu_uuids: tuple[str, ...]
+    max_duration_s: float
+    started_at: datetime
+    # The start of the next usage period (whole seconds), persisted so a restart loses nothing.
+    usage_from: datetime
+    # Utilisation and memory samples since usage_from.
+    util_samples: list[float] = field(default_factory=list)
+    peak_memory_mb: int | None = None
+    # Why the agent is ending it: "preempted_by_owner", "stopped:<reason>", "timeout".
+    ending: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "lease_id": self.lease_id,
+            "gpu_uuids": list(self.gpu_uuids),
+            "max_duration_s": self.max_duration_s,
+            "started_at": iso(self.started_at),
+            "usage_from": iso(self.usage_from),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> TrackedLease:
+        """Raises KeyError, TypeError or ValueError for a record that is not one."""
+        if not isinstance(data, Mapping):
+            raise TypeError("a lease record is an object")
+        started = parse_time(data["started_at"]) or utc_now()
+        return cls(
+            lease_id=int(data["lease_id"]),
+            gpu_uuids=tuple(str(u) for u in data["gpu_uuids"]),
+            max_duration_s=float(data["max_duration_s"]),
+            started_at=started,
+            usage_from=parse_time(data.get("usage_from")) or started,
+        )
+
+
+# --- the tracker ------------------------------------------------------------------------------
+
+
+class LeaseTracker:
+    """Starts, watches, stops and bills the leases this machine runs (module docstring).
+
+    `runner` runs the workloads; `outbox` receives every event and usage report; `sign` signs a
+    usage report; `state_dir` holds leases.json. `stop_grace_s` is SIGTERM to SIGKILL when a
+    lease is stopped; `usage_interval_s` the length of a usage period; `secrets` never leave
+    the machine in an event's text (see scrub_secrets). Driven from one thread."""
+
+    def __init__(
+        self,
+        *,
+        runner: Runner,
+        outbox: Spool,
+        sign: UsageSigner,
+        state_dir: Path,
+        stop_grace_s: float = 5.0,
+        usage_interval_s: float = 60.0,
+        clock: Callable[[], datetime] = utc_now,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        self.runner = runner
+        self.outbox = outbox
+        self.sign = sign
+        self.state_dir = Path(state_dir)
+        self.stop_grace_s = stop_grace_s
+        self.usage_interval_s = usage_interval_s
+        self.clock = clock
+        self.secrets = secrets
+        self.leases: dict[int, TrackedLease] = {}
+        # Leases already run here (ended, refused or stopped): a repeated `start` is ignored.
+        self.done: set[int] = set()
+        self._next_usage = time.monotonic() + usage_interval_s
+        self._load()
+
+    # -- persisted state ---------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self.state_dir / "leases.json"
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        for item in data.get("leases", []):
+            try:
+                lease = TrackedLease.from_json(item)
+            except (KeyError, TypeError, ValueError):
+                continue
+            self.leases[lease.lease_id] = lease
+        self.done.update(int(x) for x in data.get("done", [])[-_DONE_KEPT:])
+
+    def save(self) -> None:
+        data = {"leases": [lease.to_json() for lease in self.leases.values()], "done": sorted(self.done)[-_DONE_KEPT:]}
+        write_private_json(self.path, data)
+
+    def reports(self) -> list[LeaseReport]:
+        """Every lease, for the heartbeat: running, or stopping (the agent is ending it)."""
+        return [
+            {"lease_id": lease.lease_id, "state": "running" if lease.ending is None else "stopping"}
+            for lease in self.leases.values()
+        ]
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """Take back the workloads still running from before a restart, and report those that
+        ended while the agent was away (their exit codes come from the runner's records)."""
+        now = self.clock()
+        adopted = {state.lease_id: state for state in self.runner.adopt()}
+        for lease_id, state in adopted.items():
+            lease = self.leases.get(lease_id)
+            if lease is None:
+                # No record of its GPUs: keep it reporting; the marketplace's reply tells whether
+                # it still wants it.
+                started = state.started_at or now
+                lease = TrackedLease(
+                    lease_id=lease_id,
+                    gpu_uuids=(),
+                    max_duration_s=math.inf,
+                    started_at=started,
+                    usage_from=_whole_second(started),
+                )
+                self.leases[lease_id] = lease
+            if state.running:
+                logger.info("lease %s: adopted its workload, still running (pids %s)", lease_id, list(state.pids))
+            else:
+                self._finish(lease, state, at=now)
+        for lease_id in [lease_id for lease_id in self.leases if lease_id not in adopted]:
+            logger.warning("lease %s: no runner record of it is left; forgetting it", lease_id)
+            del self.leases[lease_id]
+            self.done.add(lease_id)
+        self.save()
+
+    def stop_all(self, *, reason: str) -> None:
+        """Stop every rental (SIGTERM, grace, SIGKILL) and forget it: after a revocation nothing
+        may keep running in this machine's name. `reason` is for the log."""
+        for lease_id in list(self.leases):
+            try:
+                self.runner.stop(lease_id, grace_s=self.stop_grace_s)
+                self.runner.forget(lease_id)
+            except Exception as exc:
+                logger.warning("lease %s: could not stop it: %s", lease_id, exc)
+            del self.leases[lease_id]
+            self.done.add(lease_id)
+            logger.info("lease %s: stopped (%s)", lease_id, reason)
+        self.save()
+
+    def flush(self, *, until: datetime) -> None:
+        """A last usage report per running lease (so the next agent continues from `until`),
+        and the state file. The rentals keep running."""
+        for lease in list(self.leases.values()):
+            self._queue_usage(lease, until=until)
+        self.save()
+
+    # -- one poll ------------------------------------------------------------------------------
+
+    def poll(self) -> dict[int, RunState]:
+        """The runner's state of every lease; a lease whose records are gone is forgotten."""
+        states: dict[int, RunState] = {}
+        for lease_id in list(self.leases):
+            try:
+                states[lease_id] = self.runner.poll(lease_id)
+            except RunnerError as exc:  # its records are gone: nothing left to watch
+                logger.warning("lease %s: %s; forgetting it", lease_id, exc)
+                del self.leases[lease_id]
+                self.done.add(lease_id)
+        return states
+
+    def rental_pids(self, states: Mapping[int, RunState]) -> dict[str, set[int]]:
+        """GPU uuid → the host pids of the rentals running on it."""
+        rental_pids: dict[str, set[int]] = {}
+        for lease_id, lease in self.leases.items():
+            for uuid in lease.gpu_uuids:
+                rental_pids.setdefault(uuid, set()).update(states[lease_id].pids if states[lease_id].running else ())
+        return rental_pids
+
+    def enforce(self, states: dict[int, RunState], gpus: GpuView, *, schedule_open: bool, now: datetime) -> None:
+        """Reclaim leased GPUs the owner came back to (or whose schedule closed), stop leases past
+        their maximum duration, measure the others, and report the leases that ended. `states`
+        is this poll's (see poll()); a stopped lease's entry is replaced by its final state."""
+        # Reclaim first: it is the owner's GPU.
+        for lease_id, lease in list(self.leases.items()):
+            state = states[lease_id]
+            if not state.running or lease.ending is not None:
+                continue
+            why = self._owner_back(lease, gpus, schedule_open)
+            if why is not None:
+                self._reclaim(lease, at=now, why=why)  # reported and forgotten
+            elif (now - lease.started_at).total_seconds() > lease.max_duration_s:
+                logger.info("lease %s: past its max duration; stopping it", lease_id)
+                lease.ending = "timeout"
+                states[lease_id] = self.runner.stop(lease_id, grace_s=self.stop_grace_s)
+
+        # Measure and notice exits.
+        for lease_id, lease in list(self.leases.items()):
+            state = states[lease_id]
+            self._measure(lease, gpus.by_uuid)
+            if not state.running:
+                self._finish(lease, state, at=now)
+
+    def account_usage(self) -> None:
+        """Every `usage_interval_s`: spool a usage report per lease for the period since its last."""
+        if time.monotonic() >= self._next_usage:
+            self._next_usage = time.monotonic() + self.usage_interval_s
+            for lease in list(self.leases.values()):
+                self._queue_usage(lease, until=self.clock())
+            self.save()
+
+    def _owner_back(self, lease: TrackedLease, gpus: GpuView, schedule_open: bool) -> str | None:
+        if not schedule_open:
+            return "the owner's availability window has closed"
+        for uuid in lease.gpu_uuids:
+            gpu = gpus.by_uuid.get(uuid)
+            if gpu is not None and gpus.foreign.get(uuid):
+                return f"owner process {', '.join(map(str, gpus.foreign[uuid]))} appeared on GPU {gpu.index}"
+        return None
+
+    def _reclaim(self, lease: TrackedLease, *, at: datetime, why: str) -> None:
+        """Stop the rental now (SIGTERM, grace, SIGKILL) and report preempted_by_owner at `at`."""
+        logger.warning("lease %s: reclaiming for the owner: %s", lease.lease_id, why)
+        lease.ending = "preempted_by_owner"
+        started = time.monotonic()
+        state = self.runner.stop(lease.lease_id, grace_s=self.stop_grace_s)
+        logger.info(
+            "lease %s: rental stopped %.1f s after the owner was seen", lease.lease_id, time.monotonic() - started
+        )
+        self._finish(lease, state, at=at, detail=why)
+
+    @staticmethod
+    def _measure(lease: TrackedLease, by_uuid: Mapping[str, GpuSample]) -> None:
+        utils = [by_uuid[u].utilization_pct for u in lease.gpu_uuids if u in by_uuid]
+        known = [u for u in utils if u is not None]
+        if known:
+            lease.util_samples.append(sum(known) / len(known))
+        mems = [by_uuid[u].vram_used_mb for u in lease.gpu_uuids if u in by_uuid]
+        if mems and all(m is not None for m in mems):
+            total = sum(m for m in mems if m is not None)
+            lease.peak_memory_mb = max(lease.peak_memory_mb or 0, total)
+
+    def _finish(self, lease: TrackedLease, state: RunState, *, at: datetime, detail: str = "") -> None:
+        """The lease's workload is over: its last usage report, then its event, then forget it."""
+        if lease.lease_id not in self.leases:
+            return
+        self._queue_usage(lease, until=at)
+        tail = scrub_secrets((state.log_tail or "")[-LOG_TAIL_CHARS:].replace("\x00", ""), self.secrets)
+        detail = scrub_secrets(detail, self.secrets)
+        if lease.ending == "preempted_by_owner":
+            self._event(lease.lease_id, EVENT_PREEMPTED_BY_OWNER, at=at, detail=detail, log_tail=tail)
+        elif lease.ending is not None and lease.ending.startswith("stopped:unknown_lease"):
+            pass  # the marketplace does not know it: nothing to tell
+        else:
+            code = state.exit_code if state.exit_code is not None else -15
+            if lease.ending == "timeout":
+                code, detail = TIMEOUT_EXIT_CODE, "killed after max_duration_s"
+            elif lease.ending is not None:
+                detail = f"stopped on request ({lease.ending.partition(':')[2]})"
+            self._event(lease.lease_id, EVENT_EXITED, at=at, exit_code=code, detail=detail, log_tail=tail)
+        logger.info("lease %s ended (%s, exit code %s)", lease.lease_id, lease.ending or "exited", state.exit_code)
+        del self.leases[lease.lease_id]
+        self.done.add(lease.lease_id)
+        self.save()
+        try:
+            self.runner.forget(lease.lease_id)
+        except Exception as exc:
+            logger.warning("lease %s: could not clean up its records: %s", lease.lease_id, exc)
+
+    # -- the marketplace's orders --------------------------------------------------------------
+
+    def start(self, order: object, gpus: GpuView, *, schedule: Schedule) -> None:
+        """Start a lease (a heartbeat reply's `start` item) unless it runs or ran here already;
+        refused (failed_to_start, with the reason) when its GPUs are not all here and free, the
+        owner's schedule is closed or the runner cannot start it."""
+        try:
+            spec = lease_spec_from_order(order)
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("ignoring a malformed start order %r: %s", order, exc)
+            return
+        if spec.lease_id in self.leases or spec.lease_id in self.done:
+            return  # starting is idempotent: keyed by lease id
+        now = self.clock()
+        by_uuid, foreign = gpus.by_uuid, gpus.foreign
+        refusal = None
+        missing = [u for u in spec.gpu_uuids if u not in by_uuid]
+        if not spec.gpu_uuids or missing:
+            refusal = f"GPUs {missing or '(none)'} are not on this machine"
+        elif not schedule.open_at(now):
+            refusal = "the owner's availability window is closed"
+        else:
+            for uuid in spec.gpu_uuids:
+                if foreign.get(uuid):
+                    refusal = f"the owner is using GPU {by_uuid[uuid].index} (process {foreign[uuid][0]})"
+                    break
+        state: RunState | None = None
+        if refusal is None:
+            try:
+                state = self._runner_start(spec, by_uuid)
+            except RunnerError as exc:
+                refusal = str(exc)
+        if refusal is not None or state is None:
+            logger.warning("lease %s failed to start: %s", spec.lease_id, refusal)
+            self.done.add(spec.lease_id)
+            detail = scrub_secrets(str(refusal), self.secrets)[:500]
+            self._event(spec.lease_id, EVENT_FAILED_TO_START, at=now, detail=detail)
+            self.save()
+            return
+        started = state.started_at or now
+        self.leases[spec.lease_id] = TrackedLease(
+            lease_id=spec.lease_id,
+            gpu_uuids=spec.gpu_uuids,
+            max_duration_s=float(spec.max_duration_s or math.inf),
+            started_at=started,
+            usage_from=_whole_second(started),
+        )
+        self._event(spec.lease_id, EVENT_STARTED, at=started)
+        self.save()
+        logger.info("lease %s (job %s) started on GPUs %s", spec.lease_id, spec.job_id, list(spec.gpu_uuids))
+
+    def _runner_start(self, spec: LeaseSpec, by_uuid: Mapping[str, GpuSample]) -> RunState:
+        minors = {u: by_uuid[u].minor_number for u in spec.gpu_uuids}
+        return self.runner.start(
+            spec,
+            gpu_indexes={u: by_uuid[u].index for u in spec.gpu_uuids},
+            gpu_minors={uuid: minor for uuid, minor in minors.items() if minor is not None},
+        )
+
+    def stop(self, order: object) -> None:
+        """Stop a lease on the marketplace's request (a heartbeat reply's `stop` item) and
+        report it exited; an unknown lease, or one already ending, is left alone."""
+        try:
+            if not isinstance(order, Mapping):
+                raise TypeError("a stop order is an object")
+            lease_id = int(order["lease_id"])
+        except (KeyError, TypeError, ValueError):
+            return
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.ending is not None:
+            return
+        reason = str(order.get("reason") or "stop")
+        logger.info("lease %s: the marketplace asked to stop it (%s)", lease_id, reason)
+        lease.ending = f"stopped:{reason}"
+        state = self.runner.stop(lease_id, grace_s=self.stop_grace_s)
+        self._finish(lease, state, at=self.clock())
+
+    # -- reports (write-ahead) -----------------------------------------------------------------
+
+    def _event(self, lease_id: int, event_type: str, *, at: datetime, **fields: str | int | None) -> None:
+        # One event of each type per lease: a deterministic id makes any resend harmless.
+        event_id = f"lease-{lease_id}-{event_type}"
+        body: dict[str, str | int] = {"event_id": event_id, "type": event_type, "at": iso(at)}
+        body.update({k: v for k, v in fields.items() if v is not None and v != ""})
+        self.outbox.put("event", lease_id, event_id, body)
+
+    def _queue_usage(self, lease: TrackedLease, *, until: datetime) -> None:
+        """Spool a signed usage report for [usage_from, until) in whole seconds, then move on."""
+        end = _whole_second(until)
+        if end <= lease.usage_from:
+            return
+        seconds = int((end - lease.usage_from).total_seconds())
+        gpus = max(1, len(lease.gpu_uuids))
+        utils = lease.util_samples
+        struct = UsageStruct.measure(
+            lease_id=lease.lease_id,
+            report_id=f"{lease.lease_id}-{int(lease.usage_from.timestamp())}",
+            period_start=lease.usage_from,
+            period_end=end,
+            gpu_seconds=seconds * gpus,
+            mean_utilization_pct=sum(utils) / len(utils) if utils else None,
+            peak_memory_mb=lease.peak_memory_mb,
+            gpu_count=gpus,
+        )
+        body = {**struct.to_wire(), "signature": self.sign(struct)}
+        try:
+            self.outbox.put("usage", lease.lease_id, struct.report_id, body)
+        except SpoolFull as exc:
+            logger.error("%s", exc)
+        lease.usage_from = end
+        lease.util_samples = []
+        lease.peak_memory_mb = None
+
+
+# --- orders and secrets -----------------------------------------------------------------------
+
+
+def lease_spec_from_order(order: object) -> LeaseSpec:
+    """A heartbeat reply's `start` item as a LeaseSpec. Raises KeyError/TypeError/ValueError."""
+    if not isinstance(order, Mapping):
+        raise TypeError("a start order is an object")
+    kind = _job_kind(str(order["kind"]))
+    return LeaseSpec(
+        lease_id=int(order["lease_id"]),
+        job_id=int(order["job_id"]),
+        kind=kind,
+        image=str(order.get("image") or ""),
+        command=tuple(str(part) for part in _items(order.get("command") or ())),
+        env={str(k): str(v) for k, v in _fields(order.get("env") or {}).items()},
+        gpu_uuids=tuple(str(u) for u in _items(order.get("gpu_uuids") or ())),
+        max_duration_s=int(order.get("max_duration_s") or 0),
+        price_per_gpu_hour=str(order.get("price_per_gpu_hour") or "0"),
+    )
+
+
+def _job_kind(text: str) -> JobKind:
+    for kind in JOB_KINDS:
+        if kind == text:
+            return kind
+    raise ValueError(f"unknown kind {text!r}")
+
+
+def _items(value: object) -> Iterable[object]:
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{type(value).__name__!r} object is not iterable")
+    return value
+
+
+def _fields(value: object) -> Mapping[object, object]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{type(value).__name__!r} object is not a mapping")
+    return value
+
+
+def secret_variants(*, credential: str, private_key_hex: str) -> tuple[str, ...]:
+    """The forms in which the machine's secrets could appear in a job's output: the credential,
+    and the signing key in hex with and without 0x (any letter case is matched by scrub)."""
+    key = private_key_hex.lower().removeprefix("0x")
+    return tuple(v for v in (credential, key) if v and len(v) >= 16)
+
+
+def scrub_secrets(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` with every occurrence of a secret replaced by [redacted] (case-insensitive, so
+    an upper-cased key is caught too). Secrets never leave the machine in a log tail."""
+    if not text or not secrets:
+        return text
+    lowered = text.lower()
+    for secret in secrets:
+        needle = secret.lower()
+        start = lowered.find(needle)
+        while start != -1:
+            text = text[:start] + REDACTED + text[start + len(needle) :]
+            lowered = lowered[:start] + REDACTED.lower() + lowered[start + len(needle) :]
+            start = lowered.find(needle, start + len(REDACTED))
+    return text
