@@ -31,6 +31,11 @@ worker holds is given up and the chunk is matched again without it. The partial 
 gpu_in_one_active_lease is the last line of defence: an IntegrityError rolls that chunk back
 and the cycle carries on. On SQLite, transactions begin IMMEDIATE and so run one at a time.
 
+Heartbeats: the matcher never waits for a lock a heartbeat holds (SKIP LOCKED on GPUs; the
+heartbeat's machine lock is FOR NO KEY UPDATE, which a lease's foreign key check does not wait
+for), so the two cannot deadlock; and a heartbeat locks its machine's GPUs before it reads
+their leases, so it never shows a GPU leased here as idle (providers.services, "GPU state").
+
 Speed: the fleet is read in a handful of queries, matching runs in memory over per-class
 heaps (class = model, VRAM, region, accepted job kinds) ordered by price, and writes are
 bulk, so a cycle over 10,000 GPUs and 10,000 jobs takes seconds (benchmarks/matching.py).
@@ -56,6 +61,7 @@ from django.utils import timezone
 from billing import selectors as billing_selectors  # the billing gate
 from jobs.models import Job, LeaseGPU
 from jobs.services import Placement, job_set_unplaced, leases_assign
+from providers import services as providers_services
 from providers.availability import seconds_available
 from providers.models import GPU, Machine
 from providers.selectors import machines_available_until
@@ -583,20 +589,13 @@ def _gpus_lock(gpu_ids: Iterable[int]) -> set[int]:
     in no active lease). GPUs another worker holds are skipped, not waited for. The caller
     holds a transaction.
 
-    The lock is taken by primary key alone, and the state re-checked on the rows it returns
-    (the latest committed version under the lock), so its plan stays an index lookup even
-    before the planner has statistics on freshly loaded tables."""
-    ids = sorted(gpu_ids)
-    if not ids:
+    The lock is taken by primary key alone (providers.services.gpus_lock, in primary-key
+    order), and the state re-checked on the rows it returns (the latest committed version under
+    the lock), so its plan stays an index lookup even before the planner has statistics on
+    freshly loaded tables."""
+    rows = providers_services.gpus_lock(gpu_ids=gpu_ids, skip_locked=True)
+    if not rows:
         return set()
-    rows: list[tuple[int, str, int]] = []
-    for start in range(0, len(ids), 1000):
-        rows.extend(
-            GPU.objects.filter(pk__in=ids[start : start + 1000])
-            .order_by("pk")
-            .select_for_update(skip_locked=True)
-            .values_list("pk", "state", "machine_id")
-        )
     idle = [(gpu_id, machine_id) for gpu_id, state, machine_id in rows if state == GPU.State.IDLE]
     online = set(
         Machine.objects.filter(pk__in={m for _, m in idle}, status=Machine.Status.ONLINE).values_list("pk", flat=True)

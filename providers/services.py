@@ -1,4 +1,25 @@
-"""Writes for the fleet: providers, registration tokens, machines, GPUs, availability."""
+"""Writes for the fleet: providers, registration tokens, machines, GPUs, availability.
+
+GPU state: this module is its one writer. The heartbeat sets what the owner's agent reports
+(`idle`, `owner_busy`, `offline` for a GPU it no longer lists); jobs.services moves a GPU into
+and out of `leased` through gpus_lease and gpus_release, in the transaction that writes the
+lease; suspension, revocation and the liveness sweep take a machine's GPUs `offline`.
+
+Locks, always taken in this order, so no two of these writers can deadlock:
+
+1. the machine row (_machine_lock), FOR NO KEY UPDATE: heartbeats, credential changes and the
+   liveness sweep of one machine serialise on it, but a transaction inserting a row that
+   references the machine (a lease: its foreign key check takes FOR KEY SHARE at commit) never
+   waits for it;
+2. lease rows (jobs.services.lease_end, while leases end);
+3. GPU rows, in primary-key order (gpus_lock, _machine_gpus_lock): every GPU state write
+   holds them.
+
+The matcher locks GPUs with SKIP LOCKED (marketplace.matching) and never waits for a lock
+a heartbeat holds. A heartbeat locks its machine's GPU rows before it reads their active
+leases, so an assignment that holds some of them has committed (and its leases are seen) by
+the time the heartbeat writes: a heartbeat never writes a leased GPU back to `idle`.
+"""
 
 from __future__ import annotations
 
@@ -74,7 +95,7 @@ def machine_suspend(*, machine: Machine, reason: str, actor: str) -> Machine:
     with transaction.atomic():
         Machine.objects.filter(pk=machine.pk).update(status=Machine.Status.SUSPENDED, suspended_reason=reason[:255])
         leases_end_for_machine(machine_id=machine.pk, reason="machine_suspended", actor=actor, detail=reason)
-        GPU.objects.filter(machine_id=machine.pk).update(state=GPU.State.OFFLINE, idle_since=None)
+        _machine_gpus_offline(machine_id=machine.pk)
     logger.info("machine %s suspended by %s: %s", machine.pk, actor, reason)
     machine.refresh_from_db()
     return machine
@@ -357,8 +378,81 @@ def _machine_lock(*, machine_id: int) -> Machine | None:
     """Lock one machine's row until the caller's transaction ends and return it as it is now
     (None if it does not exist). The one place a machine row is locked: heartbeats and
     credential rotation and revocation serialise on it, and the liveness sweep's conditional
-    update waits for it. The caller holds a transaction."""
-    return Machine.objects.select_for_update().filter(pk=machine_id).first()
+    update waits for it. The caller holds a transaction.
+
+    FOR NO KEY UPDATE rather than FOR UPDATE: nothing here changes the machine's key, and a
+    FOR UPDATE lock would make every transaction that inserts a lease on the machine wait for it
+    at commit (the deferred foreign key check), while that transaction holds GPU rows this one
+    goes on to lock: the heartbeat/matcher deadlock."""
+    return Machine.objects.select_for_update(no_key=True).filter(pk=machine_id).first()
+
+
+# --- GPU state (see the module docstring) -----------------------------------------------------
+
+# Ids per locking query, so an IN list stays short.
+_GPU_LOCK_CHUNK = 1000
+
+
+def gpus_lock(*, gpu_ids: Iterable[int], skip_locked: bool = False) -> list[tuple[int, str, int]]:
+    """Lock the given GPU rows until the caller's transaction ends, in primary-key order, and
+    return (id, state, machine_id) of each as it is now, in that order; ids that do not exist
+    are left out. With skip_locked, rows another transaction holds are left out rather than
+    waited for (the matcher). The one place GPU rows are locked by id. The caller holds a
+    transaction."""
+    ids = sorted(set(gpu_ids))
+    rows: list[tuple[int, str, int]] = []
+    for start in range(0, len(ids), _GPU_LOCK_CHUNK):
+        rows.extend(
+            GPU.objects.filter(pk__in=ids[start : start + _GPU_LOCK_CHUNK])
+            .order_by("pk")
+            .select_for_update(skip_locked=skip_locked)
+            .values_list("pk", "state", "machine_id")
+        )
+    return rows
+
+
+def _machine_gpus_lock(*, machine_id: int) -> list[GPU]:
+    """Lock every GPU row of the machine until the caller's transaction ends, in primary-key
+    order (as gpus_lock does), and return them as they are now. The caller holds a
+    transaction and the machine's row lock."""
+    return list(GPU.objects.filter(machine_id=machine_id).order_by("pk").select_for_update())
+
+
+def gpus_lease(*, gpu_ids: Sequence[int]) -> None:
+    """Show the GPUs as `leased`. For jobs.services.leases_assign, in the transaction that
+    writes their active LeaseGPU rows; the rows are locked here (primary-key order) if the
+    caller does not hold them already."""
+    if not gpu_ids:
+        return
+    with transaction.atomic():  # a savepoint in the caller's transaction
+        gpus_lock(gpu_ids=gpu_ids)
+        for start in range(0, len(gpu_ids), _GPU_LOCK_CHUNK):
+            GPU.objects.filter(pk__in=gpu_ids[start : start + _GPU_LOCK_CHUNK]).update(state=GPU.State.LEASED)
+
+
+def gpus_release(*, gpu_ids: Sequence[int], state: str) -> None:
+    """Show the GPUs still `leased` as `state` (idle, owner_busy or offline): their lease
+    ended. For jobs.services.lease_end, in the transaction that ends the lease; a GPU that
+    meanwhile went offline or owner_busy keeps that state. The rows are locked here, in
+    primary-key order."""
+    if state == GPU.State.LEASED or state not in GPU.State.values:
+        raise ValueError(f"a released GPU cannot be shown {state!r}")
+    if not gpu_ids:
+        return
+    with transaction.atomic():  # a savepoint in the caller's transaction
+        gpus_lock(gpu_ids=gpu_ids)
+        for start in range(0, len(gpu_ids), _GPU_LOCK_CHUNK):
+            GPU.objects.filter(pk__in=gpu_ids[start : start + _GPU_LOCK_CHUNK], state=GPU.State.LEASED).update(
+                state=state
+            )
+
+
+def _machine_gpus_offline(*, machine_id: int) -> None:
+    """Show every GPU of the machine `offline` (it was suspended, revoked or went silent).
+    The caller holds a transaction and has ended the machine's leases (locks: machine, leases,
+    then GPUs)."""
+    _machine_gpus_lock(machine_id=machine_id)
+    GPU.objects.filter(machine_id=machine_id).update(state=GPU.State.OFFLINE, idle_since=None)
 
 
 # Why a revocation was made, when its caller gives none.
@@ -465,7 +559,7 @@ def machine_credential_revoke(
             detail=f"the machine's credential was revoked ({reason})",
             at=leases_end_at,
         )
-        GPU.objects.filter(machine_id=machine.pk).update(state=GPU.State.OFFLINE, idle_since=None)
+        _machine_gpus_offline(machine_id=machine.pk)
     logger.info("machine %s credential revoked by %s (%s): %d lease(s) ended", machine.pk, actor, reason, ended)
     machine.refresh_from_db()
 
@@ -615,7 +709,9 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
       Conflict `gpu_uuid_taken` and nothing is written. Known GPUs missing from the report go
       offline.
     - A GPU's state: `leased` while in an active lease, else `owner_busy` if the owner is using
-      it or the agent does not call it idle, else `idle`.
+      it or the agent does not call it idle, else `idle`. The machine's GPU rows are locked
+      (primary-key order) before the active leases are read, so a concurrent assignment is
+      never written back to `idle` (see the module docstring).
     - One TelemetrySample per GPU per TELEMETRY_SAMPLE_INTERVAL_S bucket (the first heartbeat in
       each bucket writes it), so heartbeats every few seconds do not grow the history.
     - `capabilities`, when reported, replace the stored ones and set which job kinds the
@@ -662,7 +758,10 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             kinds = frozenset(kind for kind, on in accepts.items() if on)
             _leases_end_of_refused_kinds(machine_id=machine.pk, kinds=kinds)
 
-            existing = {g.uuid: g for g in GPU.objects.filter(machine_id=machine.pk)}
+            # The GPU rows are locked before their leases are read: an assignment holding some of
+            # them commits first, and its leases are then read here (each statement reads what
+            # is committed when it starts), so its GPUs stay `leased`.
+            existing = {g.uuid: g for g in _machine_gpus_lock(machine_id=machine.pk)}
             _gpu_indexes_make_room(existing=existing, reported=reported)
             leased_ids = set(
                 LeaseGPU.objects.filter(active=True, gpu__machine_id=machine.pk).values_list("gpu_id", flat=True)
@@ -941,7 +1040,7 @@ def machines_mark_silent_offline(*, now: datetime | None = None) -> int:
             )
             if not moved:
                 continue
-            GPU.objects.filter(machine_id=machine_id).update(state=GPU.State.OFFLINE, idle_since=None)
+            # Leases first, then GPUs: the lock order of the module docstring.
             lost = leases_end_for_machine(
                 machine_id=machine_id,
                 reason="lost",
@@ -949,6 +1048,7 @@ def machines_mark_silent_offline(*, now: datetime | None = None) -> int:
                 detail=f"no heartbeat for over {grace} seconds",
                 at=last_heartbeat_at,
             )
+            _machine_gpus_offline(machine_id=machine_id)
         count += 1
         logger.info("machine %s went silent: offline, %d lease(s) lost", machine_id, lost)
     return count
