@@ -15,8 +15,9 @@ would leave a provider unpaid).
 
 Idempotent: the contract's job state is read first; a job already closed (released by an earlier
 run that died before recording it, or by the renter after the deadline) is only recorded. An
-unreachable node leaves the job for the next run. The caller holds `settlement.settlement_lock`,
-so the operator's transactions go out one at a time.
+unreachable node leaves the job for the next run. The caller holds the settlement lock
+(`settlement.LOCK_NAME`), so the operator's transactions go out one at a time. Each job is one
+item of the run (marketplace.periodic.item): a job whose release fails is logged and skipped.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from billing.contract import ESCROW
 from billing.models import BudgetAuthorization, LedgerAccount
 from billing.services import job_leases_final
 from jobs.models import Job, Lease
+from marketplace import periodic
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,8 @@ def jobs_release_on_chain(
     """Release on chain every job whose budget the escrow activated, that the ledger has released
     (or spent) and that can be paid nothing more (billing.tasks.release_jobs_on_chain runs it under
     the settlement lock). Returns counts per outcome; an unreachable node stops the run and is
-    reported as `node_unavailable` (the next run continues)."""
+    reported as `node_unavailable` (the next run continues); a job refused by the chain is reported
+    under `errors`, and one that fails otherwise is logged and skipped."""
     deployment = deployment or deployment_require(client)
     result: dict[str, Any] = {"released": 0, "already_closed": 0, "not_on_chain": 0, "pending": 0, "waiting": 0}
     candidates = (
@@ -105,22 +108,32 @@ def jobs_release_on_chain(
         .filter(Q(job__status__in=Job.TERMINAL))
         .order_by("pk")
     )
-    for auth in candidates[:limit]:
-        if not job_ready_for_chain_release(job_id=auth.job_id):
-            result["waiting"] += 1
-            continue
-        try:
-            outcome = job_release_on_chain(auth=auth, client=client, deployment=deployment)
-        except NodeUnavailable as error:
-            logger.warning("release on chain: the node is unreachable (%s); retrying next run", error)
-            result["node_unavailable"] = str(error)
-            break
-        except ChainError as error:
-            logger.error("release on chain of job %s failed: %s", auth.job_id, error)
-            result.setdefault("errors", []).append(f"job {auth.job_id}: {error}")
-            continue
-        result[outcome] += 1
+    try:
+        for auth in candidates[:limit]:
+            # No transaction around the job: `releaseJob` is sent and waited for, then recorded.
+            with periodic.item("job", auth.job_id, atomic=False, passthrough=(NodeUnavailable,)):
+                _release_one(auth=auth, client=client, deployment=deployment, result=result)
+    except NodeUnavailable as error:
+        logger.warning("release on chain: the node is unreachable (%s); retrying next run", error)
+        result["node_unavailable"] = str(error)
     return result
+
+
+def _release_one(
+    *, auth: BudgetAuthorization, client: ChainClient, deployment: Deployment, result: dict[str, Any]
+) -> None:
+    if not job_ready_for_chain_release(job_id=auth.job_id):
+        result["waiting"] += 1
+        return
+    try:
+        outcome = job_release_on_chain(auth=auth, client=client, deployment=deployment)
+    except NodeUnavailable:
+        raise
+    except ChainError as error:
+        logger.error("release on chain of job %s failed: %s", auth.job_id, error)
+        result.setdefault("errors", []).append(f"job {auth.job_id}: {error}")
+        return
+    result[outcome] += 1
 
 
 __all__ = ["job_ready_for_chain_release", "job_release_on_chain", "jobs_release_on_chain"]

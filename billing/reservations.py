@@ -28,8 +28,10 @@ signed when its batch failed. A batch (BudgetReservation): pending → submitted
    sending and recording, the node down, a receipt not there in time): that is the reconciler,
    and each batch is completed exactly once (conditional updates on its status).
 
-Runs hold `billing.settlement.settlement_lock`, so the operator's transactions go out one at a
-time. `reservation_request_soon` asks for a run right after a renter stores a signature.
+Runs hold the settlement lock (`billing.settlement.LOCK_NAME`), so the operator's transactions go
+out one at a time; each pending batch a run completes is one item (marketplace.periodic.item), so
+one that fails unexpectedly is logged and skipped and the run goes on. `reservation_request_soon`
+asks for a run right after a renter stores a signature.
 
 When the deposit watcher sees a withdrawal the renter's available balance in the ledger cannot
 cover, the money that backed its admitted-but-not-reserved jobs is gone: `unfunded_jobs_cancel`
@@ -39,6 +41,7 @@ cancels them, newest first, until the ledger balances.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -58,6 +61,7 @@ from billing.contract import BUDGET_SKIP_ALREADY_KNOWN, BUDGET_SKIP_REASONS, ESC
 from billing.errors import ValidationFailed
 from billing.models import BudgetAuthorization, BudgetReservation, LeaseCharge
 from jobs.models import Job, Renter
+from marketplace import periodic
 
 logger = logging.getLogger(__name__)
 
@@ -435,9 +439,10 @@ def _send_and_complete(
 def reserve_run(
     *, client: ChainClient, deployment: Deployment | None = None, limit: int = RESERVATION_BATCH_MAX, wait: bool = True
 ) -> dict[str, Any]:
-    """One reservation run (the caller holds `settlement_lock`): complete the batches left
+    """One reservation run (the caller holds the settlement lock): complete the batches left
     pending or submitted, then gather, create, send and confirm a new one. NodeUnavailable
-    leaves the batches for the next run and is reported as `node_unavailable`, not raised.
+    leaves the batches for the next run and is reported as `node_unavailable`, not raised; any
+    other failure of one pending batch is logged and skipped (marketplace.periodic.item).
     Returns counts: batches sent, budgets reserved and refused, batches failed, and why other
     signed budgets wait."""
     deployment = deployment or deployment_require(client)
@@ -454,16 +459,24 @@ def reserve_run(
     try:
         for batch in BudgetReservation.objects.filter(status__in=(RS.PENDING, RS.SUBMITTED)).order_by("pk"):
             before = batch.attempts
-            count(_resume(batch=batch, client=client, deployment=deployment, wait=wait), before)
+            with _batch(batch):
+                count(_resume(batch=batch, client=client, deployment=deployment, wait=wait), before)
         gathered = reservation_gather(client=client, deployment=deployment, limit=limit)
         result["waiting"] = gathered.waiting
         batch = reservation_create(authorizations=gathered.authorizations)
         if batch is not None:
+            # The new batch is the run's last step: its failure fails the run (nothing is left to skip to).
             count(_send_and_complete(batch=batch, client=client, deployment=deployment, wait=wait), 0)
     except NodeUnavailable as error:
         logger.warning("reservations: the chain node is unreachable (%s); budgets wait", error)
         result["node_unavailable"] = str(error)
     return result
+
+
+def _batch(batch: BudgetReservation) -> AbstractContextManager[Any]:
+    """One batch as one item of the run: no transaction around it (each step commits before the
+    chain is called), and an unreachable node ends the run instead of skipping the batch."""
+    return periodic.item("reservation batch", batch.pk, atomic=False, passthrough=(NodeUnavailable,))
 
 
 # ----------------------------------------------------------------------------------- withdrawals

@@ -31,6 +31,7 @@ from billing.errors import (
 )
 from billing.models import LeaseCharge, LedgerAccount, LedgerEntry, Posting
 from jobs.models import Job, Lease, Renter, UsageReport
+from marketplace import periodic
 from providers.models import Provider
 
 logger = logging.getLogger(__name__)
@@ -383,7 +384,9 @@ def job_budget_release(*, job_id: int) -> LedgerEntry | None:
 
 def budgets_release(*, limit: int = 1000) -> dict[str, int]:
     """Release the unused budget of every terminal job with money still reserved and all its
-    leases finally metered (billing.tasks.release_budgets runs it). Returns counts."""
+    leases finally metered (billing.tasks.release_budgets runs it), each job in its own
+    transaction: one job's failure is logged and skipped (marketplace.periodic.item). Returns
+    counts."""
     released = waiting = 0
     job_ids = list(
         LedgerAccount.objects.filter(kind=AK.JOB_RESERVED, balance__gt=0, job__status__in=Job.TERMINAL)
@@ -391,11 +394,12 @@ def budgets_release(*, limit: int = 1000) -> dict[str, int]:
         .values_list("job_id", flat=True)[:limit]
     )
     for job_id in job_ids:
-        if not job_leases_final(job_id=job_id):
-            waiting += 1
-            continue
-        if job_budget_release(job_id=job_id) is not None:
-            released += 1
+        with periodic.item("job", job_id):
+            if not job_leases_final(job_id=job_id):
+                waiting += 1
+                continue
+            if job_budget_release(job_id=job_id) is not None:
+                released += 1
     return {"released": released, "waiting_for_metering": waiting}
 
 
@@ -577,8 +581,9 @@ def lease_meter(*, lease_id: int, now: datetime | None = None) -> LeaseCharge | 
 
 def leases_meter(*, now: datetime | None = None, limit: int = 5000) -> dict[str, int]:
     """Meter every running lease and every ended lease whose charge is not final yet (the
-    beat task billing.tasks.meter_leases runs it). One lease's failure is logged and does not
-    stop the others. Returns counts."""
+    beat task billing.tasks.meter_leases runs it), each lease in its own transaction, so no row
+    lock outlives its lease and one lease's failure is logged and skipped, not the others'
+    charges (marketplace.periodic.item). Returns counts."""
     now = now or timezone.now()
     lease_ids = list(
         Lease.objects.filter(
@@ -590,10 +595,9 @@ def leases_meter(*, now: datetime | None = None, limit: int = 5000) -> dict[str,
     )
     metered = finalised = failed = 0
     for lease_id in lease_ids:
-        try:
+        with periodic.item("lease", lease_id) as it:
             charge = lease_meter(lease_id=lease_id, now=now)
-        except Exception:
-            logger.exception("metering lease %s failed", lease_id)
+        if not it.ok:
             failed += 1
             continue
         metered += 1

@@ -26,23 +26,24 @@ Lifecycle of a Settlement (docs/billing.md "Settlement"):
    nonce and calldata hash. Cumulative charges make re-sending safe: the contract pays only the
    increase, so nothing is paid twice.
 
-Settlement runs, reservation runs and the reconciler share one lock (`settlement_lock`), held
-without an open database transaction, so each step commits before the next touches the chain.
+Settlement runs, reservation runs, releases on chain and the reconciler share one lock
+(`LOCK_NAME`, taken by marketplace.periodic for the tasks and by `settlement_retry`), held across
+commits without an open database transaction, so each step commits before the next touches the
+chain. Each pending batch a run completes is one item (marketplace.periodic.item): one that fails
+unexpectedly is logged and skipped, and the run goes on with the others.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 from eth_utils import keccak, to_checksum_address
@@ -55,12 +56,15 @@ from billing.contract import ESCROW, settlement_items_encode
 from billing.contract import SettlementItem as ChainItem
 from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, Settlement, SettlementItem
 from jobs.models import Lease
+from marketplace import periodic
+from marketplace.locks import try_lock
 
 logger = logging.getLogger(__name__)
 
 SS = Settlement.Status
 AK = LedgerAccount.Kind
 BS = BudgetAuthorization.Status
+# The lock every run that sends the operator's transactions holds (billing.tasks.SETTLEMENT_LOCK).
 LOCK_NAME = "billing.settlement"
 # How many blocks past `sent_from_block` the reconciler searches for an unrecorded transaction.
 NONCE_SEARCH_BLOCKS = 5000
@@ -73,40 +77,6 @@ after_send_hook: Callable[[Settlement], None] | None = None
 def settlement_ref(settlement: Settlement) -> str:
     """The ledger's settlement_ref of a batch (its entries' keys contain it)."""
     return f"settlement:{settlement.pk}"
-
-
-# ----------------------------------------------------------------------------------- lock
-
-
-@contextlib.contextmanager
-def settlement_lock() -> Iterator[bool]:
-    """A lock held across commits (unlike marketplace.locks.try_lock, which holds a transaction
-    open): a PostgreSQL session advisory lock, or a file lock under VAR_DIR on SQLite. Yields
-    False when another worker holds it."""
-    if connection.vendor == "postgresql":
-        key = -1_234_567_001
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
-            (acquired,) = cursor.fetchone()
-        try:
-            yield bool(acquired)
-        finally:
-            if acquired:
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
-        return
-    path = Path(settings.VAR_DIR) / "locks" / f"{LOCK_NAME}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------- gather
@@ -421,11 +391,12 @@ def _due(now: datetime) -> bool:
 def settle_run(
     *, client: ChainClient, deployment: Deployment | None = None, force: bool = False, wait: bool = True
 ) -> dict[str, Any]:
-    """One settlement run (the caller holds `settlement_lock`): first reserve the budgets waiting
+    """One settlement run (the caller holds the lock LOCK_NAME): first reserve the budgets waiting
     for it (billing.reservations; its counts under `reservations`), then finish any pending batch
     (re-send it: catch-up after the node was down), then, when due (or `force`), gather, create,
     send and confirm a new one. NodeUnavailable leaves the batch pending and is reported, not
-    raised."""
+    raised; any other failure of one pending batch is logged and skipped (marketplace.periodic.item),
+    so it holds up neither the other pending batches nor the new one."""
     deployment = deployment or deployment_require(client)
     result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
     reserved = reservations.reserve_run(client=client, deployment=deployment, wait=wait)
@@ -436,7 +407,8 @@ def settle_run(
         return result
     try:
         for pending in Settlement.objects.filter(status=SS.PENDING).order_by("pk"):
-            _resume(settlement=pending, client=client, deployment=deployment, result=result, wait=wait)
+            with _batch(pending):
+                _resume(settlement=pending, client=client, deployment=deployment, result=result, wait=wait)
         if not (force or _due(timezone.now())):
             return result
         gathered = settlement_gather()
@@ -447,11 +419,18 @@ def settle_run(
         )
         if settlement is None:
             return result
+        # The new batch is the run's last step: its failure fails the run (nothing is left to skip to).
         _send_and_complete(settlement=settlement, client=client, deployment=deployment, result=result, wait=wait)
     except NodeUnavailable as error:
         logger.warning("settlement: the chain node is unreachable (%s); pending batches wait", error)
         result["node_unavailable"] = str(error)
     return result
+
+
+def _batch(settlement: Settlement) -> contextlib.AbstractContextManager[Any]:
+    """One batch as one item of the run: no transaction around it (each step commits before the
+    chain is called), and an unreachable node ends the run instead of skipping the batch."""
+    return periodic.item("settlement", settlement.pk, atomic=False, passthrough=(NodeUnavailable,))
 
 
 def _send_and_complete(
@@ -538,7 +517,7 @@ def settlements_reconcile(
     """Complete batches stuck pending or submitted for longer than `older_than_s` (default
     SETTLEMENT_STUCK_S): submitted ones from their receipt, pending ones by finding their
     transaction by nonce and calldata hash (or sending them again). Each charge ends confirmed or
-    back in unsettled exactly once."""
+    back in unsettled exactly once. A batch that fails otherwise is logged and skipped."""
     deployment = deployment or deployment_require(client)
     stuck_s = int(settings.SETTLEMENT_STUCK_S) if older_than_s is None else older_than_s
     cutoff = timezone.now() - timedelta(seconds=stuck_s)
@@ -547,23 +526,30 @@ def settlements_reconcile(
         for settlement in Settlement.objects.filter(
             status__in=(SS.PENDING, SS.SUBMITTED), updated_at__lte=cutoff
         ).order_by("pk"):
-            if settlement.status == SS.PENDING:
-                _resume(settlement=settlement, client=client, deployment=deployment, result=result, wait=False)
-                continue
-            try:
-                completed = _complete(settlement=settlement, client=client, deployment=deployment, wait=False)
-            except TransactionTimeout:
-                continue
-            if completed.status == SS.CONFIRMED:
-                result["confirmed"] += 1
-            elif completed.status == SS.FAILED:
-                result["failed"] += 1
-            elif client.confirmations(settlement.tx_hash) == 0 and _nonce_taken_by_other(settlement, client):
-                _fail(settlement, None, "the transaction was replaced and never mined")
-                result["failed"] += 1
+            with _batch(settlement):
+                _reconcile_one(settlement=settlement, client=client, deployment=deployment, result=result)
     except NodeUnavailable as error:
         result["node_unavailable"] = str(error)
     return {k: v for k, v in result.items() if k != "waiting"}
+
+
+def _reconcile_one(
+    *, settlement: Settlement, client: ChainClient, deployment: Deployment, result: dict[str, Any]
+) -> None:
+    if settlement.status == SS.PENDING:
+        _resume(settlement=settlement, client=client, deployment=deployment, result=result, wait=False)
+        return
+    try:
+        completed = _complete(settlement=settlement, client=client, deployment=deployment, wait=False)
+    except TransactionTimeout:
+        return
+    if completed.status == SS.CONFIRMED:
+        result["confirmed"] += 1
+    elif completed.status == SS.FAILED:
+        result["failed"] += 1
+    elif client.confirmations(settlement.tx_hash) == 0 and _nonce_taken_by_other(settlement, client):
+        _fail(settlement, None, "the transaction was replaced and never mined")
+        result["failed"] += 1
 
 
 def _nonce_taken_by_other(settlement: Settlement, client: ChainClient) -> bool:
@@ -584,7 +570,7 @@ def settlement_retry(*, settlement: Settlement, client: ChainClient | None = Non
     if settlement.status in (SS.CONFIRMED, SS.FAILED):
         return settlement
     client = client or chain_client_from_settings()
-    with settlement_lock() as acquired:
+    with try_lock(LOCK_NAME) as acquired:
         if not acquired:
             raise ValidationFailed("A settlement run is in progress; try again shortly.", code="settlement_busy")
         deployment = deployment_require(client)

@@ -3,6 +3,11 @@
 Every transition is a conditional UPDATE (`… WHERE status IN (<allowed>)`): whoever updates
 first wins, and a racing worker's update matches no row and does nothing. Each successful
 transition appends an Event to the audit trail in the same transaction.
+
+A GPU's state is not written here: providers.services owns it. A lease's GPUs are shown
+`leased` (gpus_lease) and given back (gpus_release) in the transaction that writes the lease,
+in that module's lock order (machine, leases, then GPUs in primary-key order), so that a
+heartbeat can neither undo an assignment nor deadlock with it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from billing import services as billing_services
 from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import Conflict, IdempotencyKeyReused, InvalidTransition, NotFound, ValidationFailed
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
+from marketplace import periodic
+from providers import services as providers_services
 from providers.models import GPU
 
 logger = logging.getLogger(__name__)
@@ -250,6 +257,7 @@ def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") ->
     GPUs (see marketplace.matching). Safety does not rest on the caller alone: a job no longer
     pending is skipped, and the partial unique index on LeaseGPU(gpu) WHERE active refuses a GPU
     already in an active lease (IntegrityError, which rolls the caller's transaction back).
+    The GPUs are shown `leased` through providers.services.gpus_lease, the owner of GPU state.
     """
     if not placements:
         return []
@@ -257,6 +265,9 @@ def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") ->
     job_ids = [p.job_id for p in placements]
     pending = set(Job.objects.filter(pk__in=job_ids, status=JS.PENDING).values_list("pk", flat=True))
     placements = [p for p in placements if p.job_id in pending]
+    gpu_ids = [g for p in placements for g in p.gpu_ids]
+    # GPU rows before the LeaseGPU rows: the lock order of providers.services.
+    providers_services.gpus_lease(gpu_ids=gpu_ids)
     leases = Lease.objects.bulk_create(
         [
             Lease(
@@ -278,9 +289,6 @@ def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") ->
             for g in p.gpu_ids
         ]
     )
-    gpu_ids = [g for p in placements for g in p.gpu_ids]
-    for start in range(0, len(gpu_ids), 1000):
-        GPU.objects.filter(pk__in=gpu_ids[start : start + 1000]).update(state=GPU.State.LEASED)
     lease_by_job = {lease.job_id: lease for lease in leases}
     for start in range(0, len(placements), 1000):
         chunk = [p.job_id for p in placements[start : start + 1000]]
@@ -419,10 +427,9 @@ def lease_end(
         if not updated:
             return False
         gpu_ids = list(LeaseGPU.objects.filter(lease_id=lease_id, active=True).values_list("gpu_id", flat=True))
+        # GPU rows before the LeaseGPU rows: the lock order of providers.services.
+        providers_services.gpus_release(gpu_ids=gpu_ids, state=_GPU_STATE_AFTER.get(reason, GPU.State.IDLE))
         LeaseGPU.objects.filter(lease_id=lease_id, active=True).update(active=False)
-        GPU.objects.filter(pk__in=gpu_ids, state=GPU.State.LEASED).update(
-            state=_GPU_STATE_AFTER.get(reason, GPU.State.IDLE)
-        )
         event_record(
             job_id=lease.job_id,
             lease_id=lease_id,
@@ -807,7 +814,8 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
       unresponsive agent neither holds the lease nor is paid for the time it ignored the stop.
 
     Every move goes through lease_end / lease_request_stop, so a concurrent agent report wins or
-    loses cleanly and running the sweep twice is harmless.
+    loses cleanly and running the sweep twice is harmless. Each lease moves in its own transaction
+    (marketplace.periodic.item): one that fails is logged and skipped, and the others' moves stand.
     """
     now = now or timezone.now()
     timeout_s = settings.GPGPU["LEASE_START_TIMEOUT_S"]
@@ -817,12 +825,13 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
         .order_by("pk")
         .values_list("pk", flat=True)
     ):
-        start_timeouts += lease_end(
-            lease_id=lease_id,
-            reason=ER.START_TIMEOUT,
-            actor="sweeper",
-            detail=f"the agent did not start it within {timeout_s} seconds",
-        )
+        with periodic.item("lease", lease_id):
+            start_timeouts += lease_end(
+                lease_id=lease_id,
+                reason=ER.START_TIMEOUT,
+                actor="sweeper",
+                detail=f"the agent did not start it within {timeout_s} seconds",
+            )
 
     ended_after_stop = 0
     for lease_id, stop_reason, stop_requested_at, started_at, max_duration_s in (
@@ -836,13 +845,14 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
         end_at = stop_requested_at
         if (stop_reason or ER.MAX_DURATION) == ER.MAX_DURATION and started_at is not None:
             end_at = min(stop_requested_at, started_at + timedelta(seconds=max_duration_s))
-        ended_after_stop += lease_end(
-            lease_id=lease_id,
-            reason=stop_reason or ER.MAX_DURATION,
-            actor="sweeper",
-            at=end_at,
-            detail=f"still running {STOP_GRACE_S} seconds after the stop request; ended as of the request",
-        )
+        with periodic.item("lease", lease_id):
+            ended_after_stop += lease_end(
+                lease_id=lease_id,
+                reason=stop_reason or ER.MAX_DURATION,
+                actor="sweeper",
+                at=end_at,
+                detail=f"still running {STOP_GRACE_S} seconds after the stop request; ended as of the request",
+            )
 
     # Durations differ per job, so the deadline is compared here rather than in SQL (portable
     # across PostgreSQL and SQLite); only running leases without a stop request are read.
@@ -853,7 +863,8 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
         .values_list("pk", "started_at", "job__max_duration_s")
     ):
         if started_at + timedelta(seconds=max_duration_s) < now:
-            stops_requested += lease_request_stop(lease_id=lease_id, reason=ER.MAX_DURATION, actor="sweeper")
+            with periodic.item("lease", lease_id):
+                stops_requested += lease_request_stop(lease_id=lease_id, reason=ER.MAX_DURATION, actor="sweeper")
     return LeaseSweepResult(
         start_timeouts=start_timeouts, stops_requested=stops_requested, ended_after_stop=ended_after_stop
     )

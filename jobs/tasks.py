@@ -1,19 +1,15 @@
-"""Celery tasks of jobs and leases: thin, idempotent, each calling one service."""
+"""Celery tasks of jobs and leases: thin, idempotent, each calling one service. The periodic ones
+run under marketplace.periodic (a lock per task, logging, a failure count per task)."""
 
 from __future__ import annotations
 
-from celery import shared_task
-
 from jobs import services
-from marketplace.locks import try_lock
+from marketplace.periodic import periodic_task
 
 
-@shared_task(name="jobs.tasks.sweep_leases", ignore_result=True, time_limit=120)
+@periodic_task(name="jobs.tasks.sweep_leases", time_limit=120)
 def sweep_leases() -> dict[str, int]:
     """Leases stuck assigned time out, leases past their job's max duration are stopped (then
-    ended if the agent does not stop them). Beat runs it every 15 s; a run that finds the
-    previous one still holding the lock does nothing."""
-    with try_lock("sweep_leases") as acquired:
-        if not acquired:
-            return {"skipped": 1}
-        return services.leases_sweep().as_dict()
+    ended if the agent does not stop them), each lease in its own transaction. Beat runs it every
+    15 s; a run that finds the previous one still holding the lock does nothing."""
+    return services.leases_sweep().as_dict()

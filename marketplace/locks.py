@@ -1,33 +1,115 @@
-"""Named locks for periodic sweepers, so two beat-triggered runs never overlap.
+"""Named locks for periodic work, so two runs of one sweep never overlap.
 
-On PostgreSQL: a transaction-level advisory lock (released at commit or rollback, and by the
-server if the worker dies). On SQLite, writers are serialised by the database itself
-(transactions begin IMMEDIATE), so the lock is the transaction.
+One mechanism, held across commits (a sweep commits item by item while it holds the lock) and
+never waited for: `try_lock(name)` yields False at once when the lock is held elsewhere.
+
+- PostgreSQL: a session advisory lock (`pg_try_advisory_lock`) on the caller's connection, keyed
+  by a 64-bit hash of the name; released with `pg_advisory_unlock`, or by the server when the
+  connection ends, so a killed worker never leaves it held. (Session locks need a session: not
+  for a pooler in transaction mode.)
+- SQLite in a file: an exclusive `flock` on VAR_DIR/locks/<name>.lock, which the kernel drops when
+  the process dies. An in-memory database (the tests') lives in one process, so the process-wide
+  registry below is its whole lock, and parallel test runs never see each other's locks.
+
+Not re-entrant, on either backend: a name this process already holds yields False (PostgreSQL's
+own advisory locks would let the same session take one twice).
 """
 
 from __future__ import annotations
 
-import zlib
+import fcntl
+import hashlib
+import logging
+import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from django.db import connection, transaction
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,150}$")
+# Names held by this process (any thread).
+_held: set[str] = set()
+_held_guard = threading.Lock()
 
 
-def _key(name: str) -> int:
-    # A stable signed 32-bit key per name.
-    return zlib.crc32(name.encode()) - 2**31
+def lock_key(name: str) -> int:
+    """The advisory lock key of `name`: a stable signed 64-bit hash."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 @contextmanager
-def try_lock(name: str) -> Iterator[bool]:
-    """Open a transaction and try to take the lock `name`; yields False (and does nothing
-    else) when another worker holds it."""
-    with transaction.atomic():
-        if connection.vendor != "postgresql":
-            yield True
+def try_lock(name: str, *, using: str = DEFAULT_DB_ALIAS) -> Iterator[bool]:
+    """Try to take the lock `name` without waiting; yields whether it was taken, and releases it on
+    exit. Opens no transaction: what the body writes commits as the body decides."""
+    if not _NAME.match(name):
+        raise ValueError(f"lock name {name!r}: letters, digits, '_', '.' and '-' only")
+    with _held_guard:
+        if name in _held:
+            taken_here = False
+        else:
+            _held.add(name)
+            taken_here = True
+    if not taken_here:
+        yield False
+        return
+    try:
+        connection = connections[using]
+        if connection.vendor == "postgresql":
+            backend = _advisory_lock(name, connection)
+        elif connection.vendor == "sqlite" and connection.is_in_memory_db():
+            backend = _process_lock()
+        else:
+            backend = _file_lock(name)
+        with backend as acquired:
+            yield acquired
+    finally:
+        with _held_guard:
+            _held.discard(name)
+
+
+@contextmanager
+def _process_lock() -> Iterator[bool]:
+    yield True
+
+
+@contextmanager
+def _advisory_lock(name: str, connection: BaseDatabaseWrapper) -> Iterator[bool]:
+    key = lock_key(name)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+        (acquired,) = cursor.fetchone()
+    if not acquired:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+        except DatabaseError:
+            # The session is broken (or its transaction aborted): ending it releases the lock.
+            logger.warning("lock %s: could not unlock; closing the connection to release it", name, exc_info=True)
+            connection.close()
+
+
+@contextmanager
+def _file_lock(name: str) -> Iterator[bool]:
+    path = Path(settings.VAR_DIR) / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
             return
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [_key(name)])
-            (acquired,) = cursor.fetchone()
-        yield bool(acquired)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

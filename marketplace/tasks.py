@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from celery import shared_task
-
 from marketplace import matching
+from marketplace.periodic import periodic_task
 
 
-@shared_task(ignore_result=True, time_limit=120, soft_time_limit=100)
+@periodic_task(name="marketplace.tasks.match_pending_jobs", time_limit=120, soft_time_limit=100)
 def match_pending_jobs() -> dict[str, float]:
-    """One matching cycle (beat runs it every MATCH_INTERVAL_S). Safe to run concurrently."""
+    """One matching cycle (beat runs it every MATCH_INTERVAL_S). Cycles are safe to run
+    concurrently (marketplace.matching), but one that overlaps the previous would only contend for
+    the same jobs and GPUs, so a run that finds the previous one still going skips."""
     return matching.match_cycle().as_dict()

@@ -1,33 +1,25 @@
-"""Celery tasks of the fleet: thin, idempotent, each calling one service."""
+"""Celery tasks of the fleet: thin, idempotent, each calling one service. The periodic ones run
+under marketplace.periodic (a lock per task, logging, a failure count per task)."""
 
 from __future__ import annotations
 
-from celery import shared_task
-
-from marketplace.locks import try_lock
+from marketplace.periodic import periodic_task
 from providers import services, telemetry
 
 
-@shared_task(ignore_result=True, time_limit=60)
-def sweep_machine_liveness() -> int:
+@periodic_task(name="providers.tasks.sweep_machine_liveness", time_limit=60)
+def sweep_machine_liveness() -> dict[str, int]:
     """Machines silent past the grace period go offline and their leases end as lost."""
-    with try_lock("sweep_machine_liveness") as acquired:
-        if not acquired:
-            return 0
-        return services.machines_mark_silent_offline()
+    return {"offline": services.machines_mark_silent_offline()}
 
 
-@shared_task(ignore_result=True, time_limit=600)
-def rollup_telemetry() -> int:
-    with try_lock("rollup_telemetry") as acquired:
-        if not acquired:
-            return 0
-        return telemetry.telemetry_rollup()
+@periodic_task(name="providers.tasks.rollup_telemetry", time_limit=600)
+def rollup_telemetry() -> dict[str, int]:
+    """Roll raw telemetry samples up into hourly aggregates (beat: every 5 minutes)."""
+    return {"rollups": telemetry.telemetry_rollup()}
 
 
-@shared_task(ignore_result=True, time_limit=600)
-def prune_telemetry() -> int:
-    with try_lock("prune_telemetry") as acquired:
-        if not acquired:
-            return 0
-        return telemetry.telemetry_prune()
+@periodic_task(name="providers.tasks.prune_telemetry", time_limit=600)
+def prune_telemetry() -> dict[str, int]:
+    """Delete telemetry past its retention (beat: every hour)."""
+    return {"pruned": telemetry.telemetry_prune()}

@@ -116,6 +116,43 @@ def test_an_unreachable_node_leaves_the_release_for_the_next_run(env):
     assert _on_chain_available(env, account) == renter_available_micro(renter_id=renter.pk) == 9 * ONE
 
 
+def test_a_job_whose_release_fails_is_skipped_and_reported_and_the_others_are_released(env, monkeypatch):
+    import billing.chain
+    from billing import release, tasks
+    from marketplace.models import PeriodicTaskState
+
+    settled = [_settled_job(env, label) for label in ("nora", "omar", "pia")]
+    services.budgets_release()
+    broken = settled[1][3]
+    real_release = release.job_release_on_chain
+
+    def job_release_on_chain(*, auth, **kwargs):  # type: ignore[no-untyped-def]
+        if auth.job_id == broken.pk:
+            raise RuntimeError("the database said no")
+        return real_release(auth=auth, **kwargs)
+
+    monkeypatch.setattr(release, "job_release_on_chain", job_release_on_chain)
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda: env.client)
+    monkeypatch.setattr(release, "deployment_require", lambda client: env.deployment)
+
+    result = tasks.release_jobs_on_chain()
+
+    assert (result["released"], result["items_failed"]) == (2, 1)
+    assert result["failed_items"] == [f"job {broken.pk}: RuntimeError: the database said no"]
+    released = dict(BudgetAuthorization.objects.values_list("job_id", "released_on_chain_at"))
+    assert [released[job.pk] is not None for _renter, _account, _payee, job, _lease in settled] == [True, False, True]
+    assert not env.escrow.functions.job(broken.pk).call()[5]  # still open on chain
+    state = PeriodicTaskState.objects.get(name="billing.tasks.release_jobs_on_chain")
+    assert (state.last_ok, state.items_ok, state.items_failed, state.consecutive_failures) == (False, 2, 1, 1)
+
+    monkeypatch.setattr(release, "job_release_on_chain", real_release)
+    assert tasks.release_jobs_on_chain()["released"] == 1
+    renter, account = settled[1][0], settled[1][1]
+    assert _on_chain_available(env, account) == renter_available_micro(renter_id=renter.pk) == 9 * ONE
+    state.refresh_from_db()
+    assert (state.last_ok, state.consecutive_failures) == (True, 0)
+
+
 def test_provider_and_fee_withdrawals_on_chain_are_posted_once_by_the_watcher(env):
     _renter, _account, payee, _job, lease = _settled_job(env, "lena")
     provider_id = lease.machine.provider_id

@@ -86,3 +86,47 @@ def test_worker_killed_after_sending_is_completed_once_by_the_reconciler(env, mo
     engine.settlements_reconcile(client=env.client, deployment=env.deployment, older_than_s=0)
     assert env.escrow.functions.earnings(payee.address).call() == 900_000
     assert env.disagreements(renters, providers) == []
+
+
+def test_a_batch_that_fails_to_resume_is_skipped_and_reported_and_the_others_settle(env, monkeypatch):
+    import billing.chain
+    from billing import tasks
+    from marketplace.models import PeriodicTaskState
+
+    renters, providers, payees, batches = {}, {}, [], []
+    fee_bps = int(env.client.call(env.escrow.functions.feeBps()))
+    for label in ("una", "vic", "wes"):
+        its_renters, its_providers, payee = _setup(env, label)
+        renters.update(its_renters)
+        providers.update(its_providers)
+        payees.append(payee)
+        # Recorded, never sent (as after a crash before sending): the next run sends it.
+        batches.append(engine.settlement_create(candidates=engine.settlement_gather().candidates, fee_bps=fee_bps))
+    broken = batches[1]
+    real_resume = engine._resume
+
+    def resume(*, settlement, **kwargs):  # type: ignore[no-untyped-def]
+        if settlement.pk == broken.pk:
+            raise RuntimeError("the database said no")
+        return real_resume(settlement=settlement, **kwargs)
+
+    monkeypatch.setattr(engine, "_resume", resume)
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda: env.client)
+    monkeypatch.setattr(engine, "deployment_require", lambda client: env.deployment)
+
+    result = tasks.settle()
+
+    assert (result["sent"], result["confirmed"], result["items_failed"]) == (2, 2, 1)
+    assert result["failed_items"] == [f"settlement {broken.pk}: RuntimeError: the database said no"]
+    statuses = dict(Settlement.objects.values_list("pk", "status"))
+    assert [statuses[batch.pk] for batch in batches] == ["confirmed", "pending", "confirmed"]
+    assert [env.escrow.functions.earnings(payee.address).call() for payee in payees] == [900_000, 0, 900_000]
+    state = PeriodicTaskState.objects.get(name="billing.tasks.settle")
+    assert (state.last_ok, state.items_ok, state.items_failed, state.consecutive_failures) == (False, 2, 1, 1)
+
+    monkeypatch.setattr(engine, "_resume", real_resume)
+    assert tasks.settle()["confirmed"] == 1
+    assert env.escrow.functions.earnings(payees[1].address).call() == 900_000
+    assert env.disagreements(renters, providers) == []
+    state.refresh_from_db()
+    assert (state.last_ok, state.consecutive_failures) == (True, 0)

@@ -4,6 +4,7 @@ stopped, then ended if the agent does not stop them."""
 from __future__ import annotations
 
 import secrets
+import threading
 from datetime import timedelta
 from decimal import Decimal
 
@@ -196,3 +197,63 @@ def _agent_client(machine: Machine) -> APIClient:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
     return client
+
+
+def _seen_by_another_connection(read):  # type: ignore[no-untyped-def]
+    """What `read()` returns on a connection of its own (another worker's view: committed rows)."""
+    from django.db import connection
+
+    seen: list[object] = []
+
+    def other() -> None:
+        try:
+            seen.append(read())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(10)
+    return seen[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_that_cannot_be_ended_is_skipped_and_reported_and_the_others_end(monkeypatch) -> None:
+    from django.db import connection
+
+    from marketplace.models import PeriodicTaskState
+
+    timeout = settings.GPGPU["LEASE_START_TIMEOUT_S"]
+    first, broken, last = (assign(JobFactory()) for _ in range(3))
+    Lease.objects.update(created_at=timezone.now() - timedelta(seconds=timeout + 1))
+    real_lease_end = services.lease_end
+    first_seen_ended_elsewhere: list[str] = []
+
+    def lease_end(*, lease_id: int, **kwargs):  # type: ignore[no-untyped-def]
+        if lease_id == broken.pk:
+            if connection.vendor == "postgresql":  # in-memory SQLite is not shared with another connection
+                first_seen_ended_elsewhere.append(
+                    _seen_by_another_connection(lambda: Lease.objects.get(pk=first.pk).status)
+                )
+            raise RuntimeError("the database said no")
+        return real_lease_end(lease_id=lease_id, **kwargs)
+
+    monkeypatch.setattr(services, "lease_end", lease_end)
+
+    result = sweep_leases()
+
+    assert result["start_timeouts"] == 2
+    assert result["items_failed"] == 1
+    assert result["failed_items"] == [f"lease {broken.pk}: RuntimeError: the database said no"]
+    statuses = dict(Lease.objects.values_list("pk", "status"))
+    assert statuses == {first.pk: Lease.Status.ENDED, broken.pk: Lease.Status.ASSIGNED, last.pk: Lease.Status.ENDED}
+    if connection.vendor == "postgresql":
+        assert first_seen_ended_elsewhere == [Lease.Status.ENDED]  # committed before the next lease
+    task = PeriodicTaskState.objects.get(name="jobs.tasks.sweep_leases")
+    assert (task.last_ok, task.items_ok, task.items_failed, task.consecutive_failures) == (False, 2, 1, 1)
+    assert task.last_error == f"lease {broken.pk}: RuntimeError: the database said no"
+
+    monkeypatch.setattr(services, "lease_end", real_lease_end)
+    assert sweep_leases()["start_timeouts"] == 1  # the next run ends it
+    task.refresh_from_db()
+    assert (task.last_ok, task.consecutive_failures, task.total_failures) == (True, 0, 1)

@@ -1,0 +1,235 @@
+"""Periodic tasks (marketplace.periodic): every beat task runs under its lock, never waits for it,
+commits item by item, and keeps a failure count an operator can read."""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.exceptions import Retry
+from django.conf import settings
+from django.db import connection, connections
+
+from billing import tasks as billing_tasks
+from billing.settlement import LOCK_NAME as SETTLEMENT_LOCK_NAME
+from marketplace import periodic
+from marketplace.celery import app
+from marketplace.locks import lock_key, try_lock
+from marketplace.models import PeriodicTaskState
+
+pytestmark = pytest.mark.django_db
+
+PROBE = "marketplace.tests.periodic_probe"
+# What the probe task does on its next run (set by each test).
+behaviour: dict[str, Any] = {}
+
+
+@periodic.periodic_task(name=PROBE, time_limit=30)
+def probe() -> Any:
+    """Writes one row per item (a PeriodicTaskState named "thing-<n>"), failing the items listed
+    in behaviour["fail"] after their write, then raises or returns as told."""
+    for n in behaviour.get("items", []):
+        with periodic.item("thing", n):
+            PeriodicTaskState.objects.create(name=f"thing-{n}")
+            if n in behaviour.get("fail", ()):
+                raise ValueError(f"thing {n} is bad")
+    if "raise" in behaviour:
+        raise behaviour["raise"]
+    return behaviour.get("result", {"done": 1})
+
+
+@pytest.fixture(autouse=True)
+def _clean_behaviour() -> Any:
+    behaviour.clear()
+    yield
+    behaviour.clear()
+
+
+def state(name: str = PROBE) -> PeriodicTaskState:
+    return PeriodicTaskState.objects.get(name=name)
+
+
+def things() -> list[str]:
+    return list(PeriodicTaskState.objects.filter(name__startswith="thing-").values_list("name", flat=True))
+
+
+def test_every_beat_task_runs_under_a_periodic_lock() -> None:
+    app.loader.import_default_modules()
+    for name, entry in settings.CELERY_BEAT_SCHEDULE.items():
+        assert getattr(app.tasks[entry["task"]], "periodic_lock", None), name
+    # The tasks that send the operator's transactions share one lock, which the admin's retry takes too.
+    shared = {t.periodic_lock for t in (billing_tasks.settle, billing_tasks.reserve_budgets)}
+    assert shared == {billing_tasks.SETTLEMENT_LOCK} == {SETTLEMENT_LOCK_NAME}
+    assert billing_tasks.meter_leases.periodic_lock == "billing.tasks.meter_leases"
+
+
+def test_a_failing_item_is_skipped_and_reported_and_the_others_are_kept() -> None:
+    behaviour.update(items=[1, 2, 3], fail={2})
+
+    result = probe()
+
+    assert result == {"done": 1, "items_failed": 1, "failed_items": ["thing 2: ValueError: thing 2 is bad"]}
+    assert sorted(things()) == ["thing-1", "thing-3"]  # the failing item's own write is rolled back
+    row = state()
+    assert (row.last_ok, row.items_ok, row.items_failed) == (False, 2, 1)
+    assert (row.consecutive_failures, row.total_failures, row.total_runs) == (1, 1, 1)
+    assert row.last_error == "thing 2: ValueError: thing 2 is bad"
+    assert row.last_started_at is not None and row.last_finished_at >= row.last_started_at
+
+
+def test_consecutive_failures_count_until_a_clean_run() -> None:
+    behaviour.update(items=[1], fail={1})
+    probe()
+    probe()
+    assert (state().consecutive_failures, state().total_failures) == (2, 2)
+
+    behaviour.update(fail=set(), items=[])
+    assert probe() == {"done": 1}
+
+    row = state()
+    assert (row.last_ok, row.consecutive_failures, row.total_failures, row.total_runs) == (True, 0, 2, 3)
+    assert (row.items_ok, row.items_failed) == (0, 0)
+    assert row.last_error.startswith("thing 1")  # what went wrong last is still there
+
+
+def test_a_run_that_raises_is_recorded_without_the_nodes_secret_and_raised() -> None:
+    behaviour["raise"] = RuntimeError("cannot reach https://user:SECRETPW@node.example:8545/v3/SECRETKEY")
+
+    with pytest.raises(RuntimeError):
+        probe()
+
+    row = state()
+    assert row.last_ok is False and row.consecutive_failures == 1
+    assert "node.example" in row.last_error and "SECRET" not in row.last_error
+    with try_lock(PROBE) as acquired:  # released although the run raised
+        assert acquired
+
+
+def test_a_result_that_reports_an_unreachable_node_counts_as_a_failure() -> None:
+    behaviour["result"] = {"sent": 0, "node_unavailable": "node.example:8545 refused the connection"}
+
+    assert probe() == behaviour["result"]
+
+    row = state()
+    assert row.last_ok is False and row.last_error.startswith("node_unavailable: node.example")
+
+
+def test_a_run_that_finds_the_lock_held_returns_at_once_as_skipped() -> None:
+    behaviour.update(items=[1])
+    with try_lock(PROBE) as acquired:
+        assert acquired
+        started = time.monotonic()
+        result = probe()
+        took = time.monotonic() - started
+
+    assert result == {"skipped": "locked"} and took < 1
+    assert things() == []
+    row = state()
+    assert (row.total_skipped, row.total_runs, row.last_started_at) == (1, 0, None)
+    assert row.last_skipped_at is not None
+    assert probe() == {"done": 1} and things() == ["thing-1"]  # the lock was released
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="the file lock is SQLite's")
+def test_on_sqlite_a_run_skips_while_another_process_holds_the_lock_file(monkeypatch, settings, tmp_path) -> None:
+    # The tests' database is in memory (one process); a database file is shared between processes,
+    # which the lock file then guards.
+    monkeypatch.setattr(connections["default"], "is_in_memory_db", lambda: False)
+    settings.VAR_DIR = tmp_path
+    behaviour.update(items=[1])
+    path = Path(tmp_path) / "locks" / f"{PROBE}.lock"
+    path.parent.mkdir(parents=True)
+    with path.open("a") as other:  # another open file: to flock, another process
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        started = time.monotonic()
+        assert probe() == {"skipped": "locked"}
+        assert time.monotonic() - started < 1
+        fcntl.flock(other, fcntl.LOCK_UN)
+
+    assert probe() == {"done": 1} and things() == ["thing-1"]
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="advisory locks are PostgreSQL's")
+def test_on_postgres_a_run_skips_while_another_connection_holds_the_advisory_lock() -> None:
+    behaviour.update(items=[1])
+    held, release = threading.Event(), threading.Event()
+
+    def other_worker() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_lock(%s)", [lock_key(PROBE)])
+                held.set()
+                release.wait(10)
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [lock_key(PROBE)])
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=other_worker)
+    worker.start()
+    try:
+        assert held.wait(10)
+        started = time.monotonic()
+        assert probe() == {"skipped": "locked"}
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
+        worker.join()
+
+    assert probe() == {"done": 1} and things() == ["thing-1"]
+
+
+def test_a_lock_is_not_taken_twice_in_one_process() -> None:
+    with try_lock("tests.reentry") as first:
+        with try_lock("tests.reentry") as second:
+            assert (first, second) == (True, False)
+        with try_lock("tests.other") as other:
+            assert other
+    with try_lock("tests.reentry") as again:
+        assert again
+
+
+def test_a_locked_release_run_is_sent_again_later_instead_of_sleeping(monkeypatch) -> None:
+    task = billing_tasks.release_jobs_on_chain
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(task, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
+    monkeypatch.setattr(time, "sleep", lambda _s: pytest.fail("a worker slept waiting for the lock"))
+
+    with try_lock(billing_tasks.SETTLEMENT_LOCK):
+        task.push_request(id="first", called_directly=False, is_eager=False, retries=0)
+        try:
+            with pytest.raises(Retry):
+                task.run()
+        finally:
+            task.pop_request()
+        task.push_request(id="last", called_directly=False, is_eager=False, retries=billing_tasks.RELEASE_LOCK_TRIES)
+        try:
+            assert task.run() == {"skipped": "locked"}  # out of tries: the next beat runs it
+        finally:
+            task.pop_request()
+
+    assert [kwargs["countdown"] for kwargs in sent] == [billing_tasks.RELEASE_LOCK_RETRY_S]
+    assert state("billing.tasks.release_jobs_on_chain").total_skipped == 2
+
+
+def test_the_console_shows_each_tasks_state_view_only() -> None:
+    from django.test import Client
+    from django.urls import reverse
+
+    from tests.factories import UserFactory
+
+    behaviour.update(items=[1], fail={1})
+    probe()
+    console = Client()
+    console.force_login(UserFactory(is_staff=True, is_superuser=True))
+
+    listing = console.get(reverse("admin:marketplace_periodictaskstate_changelist"))
+    detail = console.get(reverse("admin:marketplace_periodictaskstate_change", args=[state().pk]))
+
+    assert listing.status_code == detail.status_code == 200
+    assert PROBE in listing.content.decode() and "ValueError: thing 1 is bad" in listing.content.decode()
+    assert console.get(reverse("admin:marketplace_periodictaskstate_add")).status_code == 403
