@@ -10,8 +10,8 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from marketplace.api import BaseApi, error_responses
-from marketplace.permissions import user_provider, user_renter
+from core.api import BaseApi, error_responses
+from core.permissions import user_provider, user_renter
 
 
 class RoleProfileSerializer(serializers.Serializer):

@@ -27,3 +27,8 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} / {self.name} ({self.prefix}…)"
+
+    def throttle_key(self) -> tuple[str, str]:
+        """The rate limit's scope and key for a request this token authenticated
+        (core.throttling): the person's scope, per token."""
+        return "user", f"token{self.pk}.{self.key_digest[:16]}"

@@ -30,7 +30,7 @@ from billing.models import (
     Settlement,
     SettlementItem,
 )
-from marketplace.errors import ServiceError
+from core.errors import ServiceError
 from providers.admin import ReadOnlyAdmin, change_link
 
 

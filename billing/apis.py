@@ -21,10 +21,7 @@ from rest_framework.response import Response
 from billing import authorizations, metering, statements
 from billing.deposits import wallet_link
 from billing.models import BudgetAuthorization, LedgerEntry, Settlement
-from jobs import selectors as job_selectors
-from jobs.apis import RenterApi
-from jobs.models import Lease
-from marketplace.api import (
+from core.api import (
     ErrorSerializer,
     NamedChoiceField,
     StrictInputSerializer,
@@ -33,6 +30,9 @@ from marketplace.api import (
     price_field,
     signature_field,
 )
+from jobs import selectors as job_selectors
+from jobs.apis import RenterApi
+from jobs.models import Lease
 from providers.apis import ProviderApi
 
 # The largest unix time a deadline may name (9999-12-31T23:59:59Z).

@@ -29,8 +29,8 @@ from billing.contract import ESCROW, budget_typed_data
 from billing.errors import Conflict, ValidationFailed
 from billing.models import BudgetAuthorization, RenterWallet
 from billing.services import MAX_AMOUNT, job_budget_micro_for
+from core.errors import ServiceError
 from jobs.models import Job, Renter
-from marketplace.errors import ServiceError
 
 ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
 SIGNATURE_RE = re.compile(r"0x[0-9a-fA-F]{130}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from marketplace.errors import Conflict, NotFound, ServiceError, ValidationFailed
+from core.errors import Conflict, NotFound, ServiceError, ValidationFailed
 
 
 class LedgerError(ServiceError):

@@ -17,7 +17,7 @@ Idempotent: the contract's job state is read first; a job already closed (releas
 run that died before recording it, or by the renter after the deadline) is only recorded. An
 unreachable node leaves the job for the next run. The caller holds the settlement lock
 (`settlement.LOCK_NAME`), so the operator's transactions go out one at a time. Each job is one
-item of the run (marketplace.periodic.item): a job whose release fails is logged and skipped.
+item of the run (core.periodic.item): a job whose release fails is logged and skipped.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW
 from billing.models import BudgetAuthorization, LedgerAccount
 from billing.services import job_leases_final
+from core import periodic
 from jobs.models import Job, Lease
-from marketplace import periodic
 
 logger = logging.getLogger(__name__)
 

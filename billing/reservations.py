@@ -29,7 +29,7 @@ signed when its batch failed. A batch (BudgetReservation): pending → submitted
    and each batch is completed exactly once (conditional updates on its status).
 
 Runs hold the settlement lock (`billing.settlement.LOCK_NAME`), so the operator's transactions go
-out one at a time; each pending batch a run completes is one item (marketplace.periodic.item), so
+out one at a time; each pending batch a run completes is one item (core.periodic.item), so
 one that fails unexpectedly is logged and skipped and the run goes on. `reservation_request_soon`
 asks for a run right after a renter stores a signature.
 
@@ -60,8 +60,8 @@ from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import BUDGET_SKIP_ALREADY_KNOWN, BUDGET_SKIP_REASONS, ESCROW
 from billing.errors import ValidationFailed
 from billing.models import BudgetAuthorization, BudgetReservation, LeaseCharge
+from core import periodic
 from jobs.models import Job, Renter
-from marketplace import periodic
 
 logger = logging.getLogger(__name__)
 
@@ -442,7 +442,7 @@ def reserve_run(
     """One reservation run (the caller holds the settlement lock): complete the batches left
     pending or submitted, then gather, create, send and confirm a new one. NodeUnavailable
     leaves the batches for the next run and is reported as `node_unavailable`, not raised; any
-    other failure of one pending batch is logged and skipped (marketplace.periodic.item).
+    other failure of one pending batch is logged and skipped (core.periodic.item).
     Returns counts: batches sent, budgets reserved and refused, batches failed, and why other
     signed budgets wait."""
     deployment = deployment or deployment_require(client)
@@ -500,9 +500,7 @@ def unfunded_jobs_cancel(*, renter: Renter, needed: int, why: str) -> list[int]:
     candidates = (
         Job.objects.filter(renter=renter, status=Job.Status.PENDING)
         .exclude(pk__in=on_chain)
-        .annotate(
-            in_flight=Case(When(pk__in=in_flight, then=Value(1)), default=Value(0), output_field=IntegerField())
-        )
+        .annotate(in_flight=Case(When(pk__in=in_flight, then=Value(1)), default=Value(0), output_field=IntegerField()))
         .order_by("in_flight", "-created_at", "-pk")
     )
     cancelled: list[int] = []

@@ -30,8 +30,8 @@ from billing.errors import (
     ValidationFailed,
 )
 from billing.models import LeaseCharge, LedgerAccount, LedgerEntry, Posting
+from core import periodic
 from jobs.models import Job, Lease, Renter, UsageReport
-from marketplace import periodic
 from providers.models import Provider
 
 logger = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ def job_budget_release(*, job_id: int) -> LedgerEntry | None:
 def budgets_release(*, limit: int = 1000) -> dict[str, int]:
     """Release the unused budget of every terminal job with money still reserved and all its
     leases finally metered (billing.tasks.release_budgets runs it), each job in its own
-    transaction: one job's failure is logged and skipped (marketplace.periodic.item). Returns
+    transaction: one job's failure is logged and skipped (core.periodic.item). Returns
     counts."""
     released = waiting = 0
     job_ids = list(
@@ -583,7 +583,7 @@ def leases_meter(*, now: datetime | None = None, limit: int = 5000) -> dict[str,
     """Meter every running lease and every ended lease whose charge is not final yet (the
     beat task billing.tasks.meter_leases runs it), each lease in its own transaction, so no row
     lock outlives its lease and one lease's failure is logged and skipped, not the others'
-    charges (marketplace.periodic.item). Returns counts."""
+    charges (core.periodic.item). Returns counts."""
     now = now or timezone.now()
     lease_ids = list(
         Lease.objects.filter(

@@ -27,9 +27,9 @@ Lifecycle of a Settlement (docs/billing.md "Settlement"):
    increase, so nothing is paid twice.
 
 Settlement runs, reservation runs, releases on chain and the reconciler share one lock
-(`LOCK_NAME`, taken by marketplace.periodic for the tasks and by `settlement_retry`), held across
+(`LOCK_NAME`, taken by core.periodic for the tasks and by `settlement_retry`), held across
 commits without an open database transaction, so each step commits before the next touches the
-chain. Each pending batch a run completes is one item (marketplace.periodic.item): one that fails
+chain. Each pending batch a run completes is one item (core.periodic.item): one that fails
 unexpectedly is logged and skipped, and the run goes on with the others.
 """
 
@@ -55,9 +55,9 @@ from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW, settlement_items_encode
 from billing.contract import SettlementItem as ChainItem
 from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, Settlement, SettlementItem
+from core import periodic
+from core.locks import try_lock
 from jobs.models import Lease
-from marketplace import periodic
-from marketplace.locks import try_lock
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def settle_run(
     for it (billing.reservations; its counts under `reservations`), then finish any pending batch
     (re-send it: catch-up after the node was down), then, when due (or `force`), gather, create,
     send and confirm a new one. NodeUnavailable leaves the batch pending and is reported, not
-    raised; any other failure of one pending batch is logged and skipped (marketplace.periodic.item),
+    raised; any other failure of one pending batch is logged and skipped (core.periodic.item),
     so it holds up neither the other pending batches nor the new one."""
     deployment = deployment or deployment_require(client)
     result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
@@ -565,7 +565,7 @@ def settlement_retry(*, settlement: Settlement, client: ChainClient | None = Non
     already back to unsettled and go out in the next batch). Holds the settlement lock; raises
     ValidationFailed (code settlement_busy) when a settlement run holds it."""
     from billing.chain import chain_client_from_settings
-    from marketplace.errors import ValidationFailed
+    from core.errors import ValidationFailed
 
     if settlement.status in (SS.CONFIRMED, SS.FAILED):
         return settlement

@@ -1,10 +1,10 @@
 """Celery tasks of billing: thin, idempotent, each calling one service. The periodic ones run
-under marketplace.periodic (a lock per task, logging, a failure count per task)."""
+under core.periodic (a lock per task, logging, a failure count per task)."""
 
 from __future__ import annotations
 
 from billing import services
-from marketplace.periodic import periodic_task
+from core.periodic import periodic_task
 
 # The lock of every run that sends the operator's transactions (settlements, reservations, the
 # reconciler, releases on chain), so they go out one at a time: billing.settlement.LOCK_NAME.

@@ -18,10 +18,7 @@ from rest_framework.response import Response
 
 from billing import metering as billing_metering
 from billing import selectors as billing_selectors
-from jobs import selectors, services
-from jobs.errors import ValidationFailed
-from jobs.models import Job, Lease, Renter
-from marketplace.api import (
+from core.api import (
     BaseApi,
     ErrorSerializer,
     NamedChoiceField,
@@ -30,7 +27,10 @@ from marketplace.api import (
     price_field,
     price_input_field,
 )
-from marketplace.permissions import IsRenter, user_renter
+from core.permissions import IsRenter, user_renter
+from jobs import selectors, services
+from jobs.errors import ValidationFailed
+from jobs.models import Job, Lease, Renter
 
 # Bounds on a job request, so one request cannot store or ship something absurd.
 MAX_COMMAND_PARTS = 256

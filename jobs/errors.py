@@ -1,6 +1,6 @@
 """Errors of the jobs and leases services."""
 
-from marketplace.errors import Conflict, NotFound, PermissionDenied, ServiceError, ValidationFailed
+from core.errors import Conflict, NotFound, PermissionDenied, ServiceError, ValidationFailed
 
 
 class InvalidTransition(Conflict):

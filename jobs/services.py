@@ -27,10 +27,10 @@ from django.db.models import F
 from django.utils import timezone
 
 from billing import services as billing_services
+from core import periodic
 from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import Conflict, IdempotencyKeyReused, InvalidTransition, NotFound, ValidationFailed
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
-from marketplace import periodic
 from providers import services as providers_services
 from providers.models import GPU
 
@@ -815,7 +815,7 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
 
     Every move goes through lease_end / lease_request_stop, so a concurrent agent report wins or
     loses cleanly and running the sweep twice is harmless. Each lease moves in its own transaction
-    (marketplace.periodic.item): one that fails is logged and skipped, and the others' moves stand.
+    (core.periodic.item): one that fails is logged and skipped, and the others' moves stand.
     """
     now = now or timezone.now()
     timeout_s = settings.GPGPU["LEASE_START_TIMEOUT_S"]

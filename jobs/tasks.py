@@ -1,10 +1,10 @@
 """Celery tasks of jobs and leases: thin, idempotent, each calling one service. The periodic ones
-run under marketplace.periodic (a lock per task, logging, a failure count per task)."""
+run under core.periodic (a lock per task, logging, a failure count per task)."""
 
 from __future__ import annotations
 
+from core.periodic import periodic_task
 from jobs import services
-from marketplace.periodic import periodic_task
 
 
 @periodic_task(name="jobs.tasks.sweep_leases", time_limit=120)

@@ -115,6 +115,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "axes",
+    "core",
     "accounts",
     "providers",
     "jobs",
@@ -131,7 +132,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # Last, as django-axes asks: turns a locked-out login into marketplace.throttling's answer.
+    # Last, as django-axes asks: turns a locked-out login into core.throttling's answer.
     "axes.middleware.AxesMiddleware",
 ]
 
@@ -222,7 +223,7 @@ if env_bool("TRUST_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 # How many proxies in front of the web server append to X-Forwarded-For. 0: the client's address
 # is the connection's (REMOTE_ADDR) and X-Forwarded-For, which anyone can send, is ignored.
-# Rate limits per address and the admin lockout use it (marketplace.throttling.client_ip).
+# Rate limits per address and the admin lockout use it (core.throttling.client_ip).
 TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)
 
 # The cache: Redis when REDIS_URL is set (shared by every web worker: the rate limits' counters
@@ -248,7 +249,7 @@ else:
         }
     }
 
-# Request rates (marketplace/throttling.py): per API token or session of a person
+# Request rates (core/throttling.py): per API token or session of a person
 # (user), per machine credential (machine), per client address for unauthenticated requests
 # (anon), and per address on the agent's register endpoint (register). 429 with Retry-After
 # beyond them. Generous defaults: an agent heartbeats every 10 s and reports usage every
@@ -273,8 +274,8 @@ AXES_COOLOFF_TIME = timedelta(minutes=env_int("ADMIN_LOCKOUT_COOLOFF_MIN", 15, m
 AXES_LOCKOUT_PARAMETERS = env_lockout_parameters("ADMIN_LOCKOUT_BY", "username+ip_address")
 AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
 AXES_RESET_ON_SUCCESS = True
-AXES_CLIENT_IP_CALLABLE = "marketplace.throttling.client_ip"
-AXES_LOCKOUT_CALLABLE = "marketplace.throttling.admin_lockout_response"
+AXES_CLIENT_IP_CALLABLE = "core.throttling.client_ip"
+AXES_LOCKOUT_CALLABLE = "core.throttling.admin_lockout_response"
 AXES_HTTP_RESPONSE_CODE = 429
 
 # Request bodies larger than this are refused before they reach a view (agent heartbeats of
@@ -288,15 +289,15 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "marketplace.api.Pagination",
+    "DEFAULT_PAGINATION_CLASS": "core.api.Pagination",
     "PAGE_SIZE": 50,
-    "EXCEPTION_HANDLER": "marketplace.api.exception_handler",
+    "EXCEPTION_HANDLER": "core.api.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     # Rates are read per request from THROTTLE_RATES (the throttles pick the scope themselves).
     "DEFAULT_THROTTLE_CLASSES": [
-        "marketplace.throttling.PrincipalRateThrottle",
-        "marketplace.throttling.RegisterRateThrottle",
+        "core.throttling.PrincipalRateThrottle",
+        "core.throttling.RegisterRateThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {},
     "NUM_PROXIES": TRUSTED_PROXIES,

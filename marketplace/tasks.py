@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from core.periodic import periodic_task
 from marketplace import matching
-from marketplace.periodic import periodic_task
 
 
 @periodic_task(name="marketplace.tasks.match_pending_jobs", time_limit=120, soft_time_limit=100)

@@ -17,8 +17,8 @@ urlpatterns = [
     path("api/v1/", include("billing.urls")),
 ]
 
-# Under /api/ Django's own error answers use the API's error shape (marketplace.api).
-handler400 = "marketplace.api.bad_request"
-handler403 = "marketplace.api.permission_denied"
-handler404 = "marketplace.api.page_not_found"
-handler500 = "marketplace.api.server_error"
+# Under /api/ Django's own error answers use the API's error shape (core.api).
+handler400 = "core.api.bad_request"
+handler403 = "core.api.permission_denied"
+handler404 = "core.api.page_not_found"
+handler500 = "core.api.server_error"

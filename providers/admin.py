@@ -25,6 +25,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from core.admin import ReadOnlyAdmin, change_link, operator_actor
 from providers import services, telemetry
 from providers.errors import Conflict
 from providers.models import (
@@ -42,33 +43,6 @@ from providers.models import (
 )
 
 DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-
-
-def operator_actor(request: HttpRequest) -> str:
-    """The audit trail's name for the operator making this request."""
-    return f"operator:{request.user.pk}"
-
-
-def change_link(obj: Any, text: str | None = None) -> str:
-    """A link to `obj`'s page in this console."""
-    if obj is None:
-        return "-"
-    opts = obj._meta
-    url = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk])
-    return format_html('<a href="{}">{}</a>', url, text if text is not None else str(obj))
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """A view-only page: rows are written by the system (agents, sweepers, services)."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 # --- providers and registration tokens ------------------------------------------------------

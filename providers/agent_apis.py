@@ -15,9 +15,7 @@ from rest_framework import permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from jobs import services as job_services
-from jobs.models import Job
-from marketplace.api import (
+from core.api import (
     BaseApi,
     DecimalInputField,
     NamedChoiceField,
@@ -25,6 +23,8 @@ from marketplace.api import (
     error_responses,
     eth_address_field,
 )
+from jobs import services as job_services
+from jobs.models import Job
 from providers import services
 from providers.auth import IsMachine, MachineAuthentication
 

@@ -20,7 +20,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from marketplace.api import (
+from core.api import (
     BaseApi,
     NamedChoiceField,
     StrictInputSerializer,
@@ -30,7 +30,7 @@ from marketplace.api import (
     price_field,
     price_input_field,
 )
-from marketplace.permissions import IsProvider, user_provider
+from core.permissions import IsProvider, user_provider
 from providers import selectors, services
 from providers.agent_apis import CapabilitiesSerializer
 from providers.availability import DAY_NAMES, FOREVER, mask_to_days

@@ -1,6 +1,6 @@
 """Errors of the fleet's services."""
 
-from marketplace.errors import Conflict, NotFound, PermissionDenied, ServiceError, ValidationFailed
+from core.errors import Conflict, NotFound, PermissionDenied, ServiceError, ValidationFailed
 
 
 class RegistrationTokenInvalid(ServiceError):

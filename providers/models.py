@@ -9,13 +9,12 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
+# Prices are per GPU-hour (core.prices), re-exported here for the apps' models and services.
+from core.prices import PRICE_DECIMALS, PRICE_MAX_DIGITS
+
 eth_address_validator = RegexValidator(
     r"^0x[0-9a-fA-F]{40}$", "Enter an Ethereum address: 0x followed by 40 hex digits."
 )
-
-# Prices are per GPU-hour in the marketplace's unit of account (USD-like, 6 decimals).
-PRICE_MAX_DIGITS = 12
-PRICE_DECIMALS = 6
 
 
 class Provider(models.Model):
@@ -101,6 +100,11 @@ class Machine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hostname} (#{self.pk})"
+
+    def throttle_key(self) -> tuple[str, str]:
+        """The rate limit's scope and key for a request this machine's credential authenticated
+        (core.throttling): per credential, so a rotated credential starts afresh."""
+        return "machine", f"{self.pk}.{self.credential_digest[:16]}"
 
     @property
     def accepted_kinds(self) -> list[str]:

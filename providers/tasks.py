@@ -1,9 +1,9 @@
 """Celery tasks of the fleet: thin, idempotent, each calling one service. The periodic ones run
-under marketplace.periodic (a lock per task, logging, a failure count per task)."""
+under core.periodic (a lock per task, logging, a failure count per task)."""
 
 from __future__ import annotations
 
-from marketplace.periodic import periodic_task
+from core.periodic import periodic_task
 from providers import services, telemetry
 
 

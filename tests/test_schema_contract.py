@@ -15,9 +15,9 @@ import yaml
 from django.test import Client
 
 from billing.chain.anvil import free_port
+from core.api import ID_MAX, decimal_pattern
 from jobs.models import Job
 from jobs.services import JobSpec, job_create
-from marketplace.api import ID_MAX, decimal_pattern
 
 pytestmark = pytest.mark.django_db
 

@@ -211,11 +211,11 @@ def test_an_unreachable_rate_limit_cache_lets_requests_through_and_says_so(setti
             "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
         }
     }
-    from marketplace import throttling
+    from core import throttling
 
     throttling._cache_warned_at = float("-inf")
 
-    with caplog.at_level(logging.WARNING, logger="marketplace.throttling"):
+    with caplog.at_level(logging.WARNING, logger="core.throttling"):
         answer = register_attempt(APIClient(REMOTE_ADDR=fresh_address()))
 
     assert answer.status_code == 401

@@ -14,9 +14,9 @@ from billing import services, tasks
 from billing.models import LeaseCharge
 from billing.tests.test_admission import _submit, available
 from billing.tests.test_metering import heartbeat, report, start, submit, unsettled
+from core.models import PeriodicTaskState
 from jobs.models import Lease
 from jobs.services import job_cancel
-from marketplace.models import PeriodicTaskState
 from tests.factories import RenterFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)

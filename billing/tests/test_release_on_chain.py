@@ -119,7 +119,7 @@ def test_an_unreachable_node_leaves_the_release_for_the_next_run(env):
 def test_a_job_whose_release_fails_is_skipped_and_reported_and_the_others_are_released(env, monkeypatch):
     import billing.chain
     from billing import release, tasks
-    from marketplace.models import PeriodicTaskState
+    from core.models import PeriodicTaskState
 
     settled = [_settled_job(env, label) for label in ("nora", "omar", "pia")]
     services.budgets_release()

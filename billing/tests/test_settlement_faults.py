@@ -91,7 +91,7 @@ def test_worker_killed_after_sending_is_completed_once_by_the_reconciler(env, mo
 def test_a_batch_that_fails_to_resume_is_skipped_and_reported_and_the_others_settle(env, monkeypatch):
     import billing.chain
     from billing import tasks
-    from marketplace.models import PeriodicTaskState
+    from core.models import PeriodicTaskState
 
     renters, providers, payees, batches = {}, {}, [], []
     fee_bps = int(env.client.call(env.escrow.functions.feeBps()))

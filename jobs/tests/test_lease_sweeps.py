@@ -118,7 +118,6 @@ def test_repeated_sweeps_do_not_ask_twice() -> None:
     assert Lease.objects.get(pk=lease.pk).stop_requested_at == asked_at
 
 
-
 def test_an_agent_that_ignores_the_stop_is_ended_at_the_maximum_and_billed_no_further() -> None:
     """An agent that heartbeats and reports usage as if nothing happened, 138 s into a lease
     whose job may run 60 s: the marketplace asks it to stop, ends the lease without it, frees
@@ -143,9 +142,7 @@ def test_an_agent_that_ignores_the_stop_is_ended_at_the_maximum_and_billed_no_fu
 
     def beat() -> dict:  # type: ignore[type-arg]
         body = {
-            "gpus": [
-                {"uuid": gpu.uuid, "index": gpu.index, "model": gpu.model, "vram_mb": gpu.vram_mb, "idle": False}
-            ],
+            "gpus": [{"uuid": gpu.uuid, "index": gpu.index, "model": gpu.model, "vram_mb": gpu.vram_mb, "idle": False}],
             "leases": [{"lease_id": lease.pk, "state": "running"}],
         }
         response = client.post("/api/agent/v1/heartbeat", body, format="json")
@@ -221,7 +218,7 @@ def _seen_by_another_connection(read):  # type: ignore[no-untyped-def]
 def test_a_lease_that_cannot_be_ended_is_skipped_and_reported_and_the_others_end(monkeypatch) -> None:
     from django.db import connection
 
-    from marketplace.models import PeriodicTaskState
+    from core.models import PeriodicTaskState
 
     timeout = settings.GPGPU["LEASE_START_TIMEOUT_S"]
     first, broken, last = (assign(JobFactory()) for _ in range(3))

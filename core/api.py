@@ -23,8 +23,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from marketplace.errors import RequestTooLarge, ServiceError
-from providers.models import PRICE_DECIMALS, PRICE_MAX_DIGITS
+from core.errors import RequestTooLarge, ServiceError
+from core.prices import PRICE_DECIMALS, PRICE_MAX_DIGITS
 
 
 class ErrorSerializer(serializers.Serializer):

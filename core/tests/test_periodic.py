@@ -1,4 +1,4 @@
-"""Periodic tasks (marketplace.periodic): every beat task runs under its lock, never waits for it,
+"""Periodic tasks (core.periodic): every beat task runs under its lock, never waits for it,
 commits item by item, and keeps a failure count an operator can read."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from django.db import connection, connections
 
 from billing import tasks as billing_tasks
 from billing.settlement import LOCK_NAME as SETTLEMENT_LOCK_NAME
-from marketplace import periodic
+from core import periodic
+from core.locks import lock_key, try_lock
+from core.models import PeriodicTaskState
 from marketplace.celery import app
-from marketplace.locks import lock_key, try_lock
-from marketplace.models import PeriodicTaskState
 
 pytestmark = pytest.mark.django_db
 
@@ -227,9 +227,9 @@ def test_the_console_shows_each_tasks_state_view_only() -> None:
     console = Client()
     console.force_login(UserFactory(is_staff=True, is_superuser=True))
 
-    listing = console.get(reverse("admin:marketplace_periodictaskstate_changelist"))
-    detail = console.get(reverse("admin:marketplace_periodictaskstate_change", args=[state().pk]))
+    listing = console.get(reverse("admin:core_periodictaskstate_changelist"))
+    detail = console.get(reverse("admin:core_periodictaskstate_change", args=[state().pk]))
 
     assert listing.status_code == detail.status_code == 200
     assert PROBE in listing.content.decode() and "ValueError: thing 1 is bad" in listing.content.decode()
-    assert console.get(reverse("admin:marketplace_periodictaskstate_add")).status_code == 403
+    assert console.get(reverse("admin:core_periodictaskstate_add")).status_code == 403

@@ -15,7 +15,7 @@ Rates come from settings.THROTTLE_RATES (THROTTLE_USER, THROTTLE_MACHINE, THROTT
 THROTTLE_REGISTER), read per request; THROTTLE_ENABLED=false switches them all off (benchmarks).
 Counters live in the default cache: Redis when REDIS_URL is set, so every web worker shares
 them. A request over its rate is refused before the view runs with 429
-{"code": "throttled", "detail": …} and a Retry-After header (marketplace.api.exception_handler).
+{"code": "throttled", "detail": …} and a Retry-After header (core.api.exception_handler).
 
 Throttles run after authentication (DRF's order): a request with an invalid credential is
 answered 401 without being counted.
@@ -117,19 +117,13 @@ class _SettingsRateThrottle(SimpleRateThrottle):
 
 class PrincipalRateThrottle(_SettingsRateThrottle):
     """Per machine credential (scope machine), per person's API token or session (user), else
-    per client address (anon)."""
+    per client address (anon). A credential that has its own limit (a machine's, a person's API
+    token) says so with a `throttle_key()` method answering (scope, key)."""
 
     def scope_and_ident(self, request: Any) -> tuple[str, str]:
-        # Imported here: DRF imports this module while loading its settings, which may happen
-        # before the app registry is ready.
-        from accounts.models import ApiToken
-        from providers.models import Machine
-
-        auth = request.auth
-        if isinstance(auth, Machine):
-            return "machine", f"{auth.pk}.{auth.credential_digest[:16]}"
-        if isinstance(auth, ApiToken):
-            return "user", f"token{auth.pk}.{auth.key_digest[:16]}"
+        throttle_key = getattr(request.auth, "throttle_key", None)
+        if callable(throttle_key):
+            return throttle_key()
         user = request.user
         if user is not None and user.is_authenticated:
             return "user", f"session{user.pk}"

@@ -14,11 +14,11 @@ and `item` runs one item of a sweep so that its failure skips that item, not the
 A run of a periodic task:
 
 - takes the lock named after the task (`lock=` names one shared by several tasks) with
-  marketplace.locks.try_lock, never waiting for it: a run that finds it held returns
+  core.locks.try_lock, never waiting for it: a run that finds it held returns
   {"skipped": "locked"} at once. With `retry_locked=(tries, countdown_s)` it asks Celery to run it
   again countdown_s later, up to `tries` times: a message with an ETA, not a sleeping worker;
 - logs its start, and its end with its result, its items and its duration;
-- records itself in PeriodicTaskState (marketplace.models), which the console reads.
+- records itself in PeriodicTaskState (core.models), which the console reads.
 
 A run is not ok when it raised (recorded, then raised again for Celery to log), when its result
 reports a failure of the whole run (a non-empty "error", "errors" or "node_unavailable": the chain
@@ -51,7 +51,8 @@ from django.db import DatabaseError, InterfaceError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from marketplace.locks import try_lock
+from core.locks import try_lock
+from core.scrub import scrub
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,7 @@ class Item:
 
 def describe(error: BaseException) -> str:
     """A short description of `error` fit to store and show: scrubbed of what a node URL may hide
-    a secret in (billing.chain.errors.scrub), at most ERROR_CHARS characters."""
-    # Imported here: the chain package is heavy, and only a failure needs it.
-    from billing.chain.errors import scrub
-
+    a secret in (core.scrub.scrub), at most ERROR_CHARS characters."""
     return scrub(f"{type(error).__name__}: {error}")[:ERROR_CHARS]
 
 
@@ -214,7 +212,7 @@ def _finish(name: str, run: _Run, *, ok: bool, error: str | None) -> None:
 def _state_write(name: str, **changes: Any) -> None:
     """Update the task's PeriodicTaskState row (created on first use). A database that cannot take
     the write costs the record, never the run."""
-    from marketplace.models import PeriodicTaskState
+    from core.models import PeriodicTaskState
 
     try:
         with transaction.atomic():

@@ -6,7 +6,7 @@ from django.db import models
 
 
 class PeriodicTaskState(models.Model):
-    """One row per periodic task, written by marketplace.periodic at the start and end of every
+    """One row per periodic task, written by core.periodic at the start and end of every
     run (and when a run is skipped because the previous one still holds the lock), so an operator
     can see which sweep keeps failing and why.
 
