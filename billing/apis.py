@@ -24,6 +24,8 @@ from billing.models import BudgetAuthorization, LedgerEntry, Settlement
 from core.api import (
     ErrorSerializer,
     NamedChoiceField,
+    ProviderApi,
+    RenterApi,
     StrictInputSerializer,
     error_responses,
     eth_address_field,
@@ -31,9 +33,7 @@ from core.api import (
     signature_field,
 )
 from jobs import selectors as job_selectors
-from jobs.apis import RenterApi
 from jobs.models import Lease
-from providers.apis import ProviderApi
 
 # The largest unix time a deadline may name (9999-12-31T23:59:59Z).
 MAX_DEADLINE = 253_402_300_799

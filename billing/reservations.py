@@ -62,6 +62,7 @@ from billing.errors import ValidationFailed
 from billing.models import BudgetAuthorization, BudgetReservation, LeaseCharge
 from core import periodic
 from jobs.models import Job, Renter
+from jobs.services import event_record, job_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -341,8 +342,6 @@ def budget_refuse(*, auth: BudgetAuthorization, reason: str) -> None:
     is still pending (an event says why), releasing the job's ledger reservation. A job past
     pending (only one admitted before budgets were reserved ahead of work) is left running and
     the refusal logged: its charges wait as `budget_authorization_refused`."""
-    from jobs.services import event_record, job_cancel
-
     sentence = refusal_sentence(reason)
     with transaction.atomic():
         moved = BudgetAuthorization.objects.filter(pk=auth.pk, status__in=(BS.SIGNED, BS.RESERVING)).update(
@@ -490,8 +489,6 @@ def unfunded_jobs_cancel(*, renter: Renter, needed: int, why: str) -> list[int]:
     touched: the escrow did not let that money go. Returns the cancelled job ids. The caller holds
     a transaction (the deposit watcher's), so a withdrawal that still cannot be covered rolls the
     cancellations back with it."""
-    from jobs.services import event_record, job_cancel
-
     available = selectors.renter_available_micro(renter_id=renter.pk)
     if available >= needed:
         return []

@@ -32,6 +32,7 @@ from billing.errors import (
 from billing.models import LeaseCharge, LedgerAccount, LedgerEntry, Posting
 from core import periodic
 from jobs.models import Job, Lease, Renter, UsageReport
+from jobs.services import lease_request_stop
 from providers.models import Provider
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,8 @@ def job_budget_micro_for(job: Job) -> int:
 def job_budget_reserve(*, job: Job) -> LedgerEntry:
     """Reserve the job's budget (renter_available → job_reserved), key "reserve:<job>".
 
-    Called by jobs.services.job_create inside its transaction, so a refusal creates no job.
+    Called by marketplace.submit.job_submit in the transaction that creates the job, so a refusal
+    creates no job.
     Raises InsufficientFunds (HTTP 402, code insufficient_funds) with a sentence stating what
     the job needs and what the renter has available."""
     budget = job_budget_micro_for(job)
@@ -572,8 +574,6 @@ def lease_meter(*, lease_id: int, now: datetime | None = None) -> LeaseCharge | 
         charge.final = ended and now >= end + timedelta(seconds=settings.BILLING_FINALIZE_GRACE_S)
         charge.save()
         if capped and not ended and lease.stop_requested_at is None:
-            from jobs.services import lease_request_stop
-
             logger.warning("lease %s: job %s's budget is spent; asking the agent to stop", lease_id, lease.job_id)
             lease_request_stop(lease_id=lease_id, reason=Lease.EndReason.MAX_DURATION, actor="billing")
     return charge

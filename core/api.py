@@ -18,12 +18,14 @@ from django.views import defaults
 from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import exceptions, pagination, serializers
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from core.errors import RequestTooLarge, ServiceError
+from core.permissions import IsProvider, IsRenter, user_provider, user_renter
 from core.prices import PRICE_DECIMALS, PRICE_MAX_DIGITS
 
 
@@ -433,3 +435,24 @@ class BaseApi(APIView):
     def paginated_response(self, queryset: QuerySet[Any], serializer_class: type[serializers.Serializer]) -> Response:
         paginator, page = self.paginate(queryset)
         return paginator.get_paginated_response(serializer_class(page, many=True).data)
+
+
+class RenterApi(BaseApi):
+    """A renter-only endpoint; `self.renter` is the caller's renter profile (a jobs.models.Renter)."""
+
+    permission_classes = [IsAuthenticated, IsRenter]
+
+    @property
+    def renter(self) -> Any:
+        return user_renter(self.request.user)
+
+
+class ProviderApi(BaseApi):
+    """A provider-only endpoint; `self.provider` is the caller's provider profile (a
+    providers.models.Provider)."""
+
+    permission_classes = [IsAuthenticated, IsProvider]
+
+    @property
+    def provider(self) -> Any:
+        return user_provider(self.request.user)

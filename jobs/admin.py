@@ -135,7 +135,7 @@ class JobAdmin(admin.ModelAdmin):
         return f"{obj.unplaced_code}: {obj.unplaced_detail}" if obj.unplaced_detail else obj.unplaced_code
 
     def has_add_permission(self, request: HttpRequest) -> bool:
-        # Jobs come from renters through the API (jobs.services.job_create).
+        # Jobs come from renters through the API (marketplace.submit.job_submit).
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:

@@ -26,7 +26,6 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from billing import services as billing_services
 from core import periodic
 from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import Conflict, IdempotencyKeyReused, InvalidTransition, NotFound, ValidationFailed
@@ -155,9 +154,8 @@ def job_create(*, renter: Renter, spec: JobSpec, idempotency_key: str | None = N
     """Submit a job. With an idempotency key, a repeat of the same request returns the job
     created the first time (and False); the same key with a different body is refused.
 
-    The job's budget is reserved from the renter's available balance in the same transaction
-    (billing.services.job_budget_reserve); without enough, InsufficientFunds (402) and no job.
-    The unused rest is released once the job has finished (billing.tasks.release_budgets)."""
+    This creates the job only: a renter's submission goes through marketplace.submit.job_submit,
+    which reserves the job's budget in the same transaction (billing sits above jobs)."""
     _validate_spec(spec)
     fingerprint = _fingerprint(spec)
     if idempotency_key:
@@ -185,8 +183,6 @@ def job_create(*, renter: Renter, spec: JobSpec, idempotency_key: str | None = N
                 request_fingerprint=fingerprint,
             )
             event_record(job_id=job.pk, kind="job.created", actor=f"renter:{renter.pk}", to_status=JS.PENDING)
-            # In the same transaction: a renter who cannot fund the budget gets no job (402).
-            billing_services.job_budget_reserve(job=job)
     except IntegrityError:
         if not idempotency_key:
             raise

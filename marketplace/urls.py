@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from marketplace import health
+from marketplace import apis, health
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
@@ -12,6 +12,10 @@ urlpatterns = [
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("api/agent/v1/", include("providers.agent_urls")),
     path("api/v1/", include("providers.urls")),
+    # A job with its budget (billing) and submitting one (marketplace.submit) sit above jobs.
+    path("api/v1/jobs/", apis.JobListApi.as_view(), name="job-list"),
+    path("api/v1/jobs/<int:job_id>/", apis.JobDetailApi.as_view(), name="job-detail"),
+    path("api/v1/jobs/<int:job_id>/cancel/", apis.JobCancelApi.as_view(), name="job-cancel"),
     path("api/v1/", include("jobs.urls")),
     path("api/v1/", include("accounts.urls")),
     path("api/v1/", include("billing.urls")),

@@ -16,13 +16,13 @@ from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
-from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from core.api import (
     BaseApi,
     NamedChoiceField,
+    ProviderApi,
     StrictInputSerializer,
     error_responses,
     eth_address_field,
@@ -30,7 +30,6 @@ from core.api import (
     price_field,
     price_input_field,
 )
-from core.permissions import IsProvider, user_provider
 from providers import selectors, services
 from providers.agent_apis import CapabilitiesSerializer
 from providers.availability import DAY_NAMES, FOREVER, mask_to_days
@@ -40,16 +39,6 @@ PRICE_MAX = services.PRICE_FLOOR_MAX
 # Bounds on search filters, so a query string cannot ask for something absurd.
 MAX_MODELS_PER_SEARCH = 32
 MAX_VRAM_MB = 10_000_000
-
-
-class ProviderApi(BaseApi):
-    """A provider-only endpoint; `self.provider` is the caller's provider profile."""
-
-    permission_classes = [IsAuthenticated, IsProvider]
-
-    @property
-    def provider(self) -> Provider:
-        return user_provider(self.request.user)
 
 
 # --- the market -----------------------------------------------------------------------------

@@ -159,7 +159,8 @@ def _make_world(url: str, anvil_url: str) -> World:
     window, a blackout and a registration token."""
     from billing.deposits import wallet_link
     from jobs.models import Job
-    from jobs.services import JobSpec, Placement, job_create, leases_assign
+    from jobs.services import JobSpec, Placement, leases_assign
+    from marketplace.submit import job_submit
     from providers import services as provider_services
     from providers.models import AvailabilityWindow
     from tests.factories import GPUFactory, MachineFactory, ProviderFactory, RenterFactory, token_for
@@ -197,8 +198,8 @@ def _make_world(url: str, anvil_url: str) -> World:
         kind=Job.Kind.PROCESS,
         command=["python3", "-c", "print('fuzz')"],
     )
-    leased, _ = job_create(renter=renter, spec=spec)
-    pending, _ = job_create(renter=renter, spec=spec)
+    leased, _ = job_submit(renter=renter, spec=spec)
+    pending, _ = job_submit(renter=renter, spec=spec)
     (lease,) = leases_assign(
         placements=[
             Placement(job_id=leased.pk, machine_id=machine.pk, gpu_ids=(gpus[0].pk,), price_per_gpu_hour=Decimal("0.5"))

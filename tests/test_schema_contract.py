@@ -17,7 +17,8 @@ from django.test import Client
 from billing.chain.anvil import free_port
 from core.api import ID_MAX, decimal_pattern
 from jobs.models import Job
-from jobs.services import JobSpec, job_create
+from jobs.services import JobSpec
+from marketplace.submit import job_submit
 
 pytestmark = pytest.mark.django_db
 
@@ -46,7 +47,7 @@ def _job(renter: Any) -> Job:
         kind=Job.Kind.PROCESS,
         command=["true"],
     )
-    return job_create(renter=renter, spec=spec)[0]
+    return job_submit(renter=renter, spec=spec)[0]
 
 
 def _is_error_shape(response: Any, status: int, code: str | None = None) -> bool:

@@ -20,7 +20,8 @@ from billing.chain.deployment import Deployment, deployment_ensure
 from billing.contract import ESCROW, STABLECOIN, budget_sign
 from billing.models import BudgetAuthorization, LedgerAccount
 from jobs.models import Job, Lease, Renter, UsageReport
-from jobs.services import JobSpec, Placement, job_create, lease_end, lease_mark_started, leases_assign
+from jobs.services import JobSpec, Placement, lease_end, lease_mark_started, leases_assign
+from marketplace.submit import job_submit
 from tests.factories import ProviderFactory, machine_with_gpus
 
 ONE = 10**6
@@ -133,7 +134,7 @@ def charged_job(renter: Renter, *, charge_s: int = 3600, provider_address: str |
         kind=Job.Kind.PROCESS,
         command=["true"],
     )
-    job, _ = job_create(renter=renter, spec=spec)
+    job, _ = job_submit(renter=renter, spec=spec)
     machine = machine_with_gpus(count=1)
     if provider_address is not None:
         provider = machine.provider

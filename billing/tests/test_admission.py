@@ -14,7 +14,8 @@ from billing import selectors, services
 from billing.models import LedgerEntry
 from billing.tasks import release_budgets
 from jobs.models import Event, Job, Lease, UsageReport
-from jobs.services import JobSpec, Placement, job_cancel, job_create, lease_end, lease_mark_started, leases_assign
+from jobs.services import JobSpec, Placement, job_cancel, lease_end, lease_mark_started, leases_assign
+from marketplace.submit import job_submit
 from tests.factories import RenterFactory, machine_with_gpus, token_for
 
 pytestmark = pytest.mark.django_db
@@ -89,7 +90,7 @@ def _submit(renter) -> Job:  # type: ignore[no-untyped-def]
         kind=Job.Kind.PROCESS,
         command=["true"],
     )
-    job, _ = job_create(renter=renter, spec=spec)
+    job, _ = job_submit(renter=renter, spec=spec)
     return job
 
 

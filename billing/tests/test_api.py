@@ -19,7 +19,8 @@ from billing.chain import ChainClient
 from billing.contract import SettlementItem as ChainItem
 from billing.models import BudgetAuthorization, RenterWallet, Settlement, SettlementItem
 from jobs.models import Job, Lease, UsageReport
-from jobs.services import JobSpec, Placement, job_create, lease_end, lease_mark_started, leases_assign
+from jobs.services import JobSpec, Placement, lease_end, lease_mark_started, leases_assign
+from marketplace.submit import job_submit
 from tests.factories import RenterFactory, machine_with_gpus
 
 pytestmark = pytest.mark.django_db
@@ -43,7 +44,7 @@ def new_job(renter: Any, *, max_duration_s: int = 7200, price: str = "1.00") -> 
         kind=Job.Kind.PROCESS,
         command=["true"],
     )
-    job, _ = job_create(renter=renter, spec=spec)
+    job, _ = job_submit(renter=renter, spec=spec)
     return job
 
 

@@ -64,8 +64,9 @@ from billing.selectors import job_budget, ledger_violations
 from billing.settlement import settle_run, settlements_reconcile
 from billing.tests._escrow_env import EscrowEnv
 from jobs.models import Event, Job, Lease, UsageReport
-from jobs.services import JobSpec, job_create, lease_end, lease_mark_started
+from jobs.services import JobSpec, lease_end, lease_mark_started
 from marketplace.matching import match_cycle
+from marketplace.submit import job_submit
 from tests.factories import RenterFactory, machine_with_gpus
 
 pytestmark = pytest.mark.django_db
@@ -330,7 +331,7 @@ class Play:
         )
         before = Job.objects.count()
         try:
-            job, _ = job_create(renter=self.renters[renter], spec=spec)
+            job, _ = job_submit(renter=self.renters[renter], spec=spec)
         except InsufficientFunds:
             event("admission refused: 402 (the ledger's available balance is short)")
             assert Job.objects.count() == before

@@ -15,7 +15,8 @@ from billing.models import AppendOnlyViolation, LedgerAccount, LedgerEntry, Post
 from billing.services import ESCROW_CHAIN, Leg, ledger_post, renter_available
 from billing.tests._escrow_env import charged_job
 from jobs.models import Job, Lease
-from jobs.services import JobSpec, job_cancel, job_create
+from jobs.services import JobSpec, job_cancel
+from marketplace.submit import job_submit
 from tests.factories import ProviderFactory, RenterFactory
 
 pytestmark = pytest.mark.django_db
@@ -188,7 +189,7 @@ def test_ledger_check_catches_a_corrupted_balance(capsys):
 
 
 def test_ledger_check_reports_a_finished_job_whose_budget_was_not_released(capsys):
-    job, _ = job_create(
+    job, _ = job_submit(
         renter=RenterFactory(),
         spec=JobSpec(
             gpu_count=1,

@@ -18,7 +18,8 @@ from billing import selectors, services
 from billing.errors import InsufficientBalance
 from billing.models import LeaseCharge
 from jobs.models import Job, Lease, UsageReport
-from jobs.services import JobSpec, Placement, job_cancel, job_create, lease_end, lease_mark_started, leases_assign
+from jobs.services import JobSpec, Placement, job_cancel, lease_end, lease_mark_started, leases_assign
+from marketplace.submit import job_submit
 from providers.models import Machine
 from tests.factories import ProviderFactory, RenterFactory, machine_with_gpus
 
@@ -99,7 +100,7 @@ def _play(ops: list[tuple]) -> None:  # type: ignore[type-arg]
                     kind=Job.Kind.PROCESS,
                     command=["true"],
                 )
-                job, _ = job_create(renter=renters[who], spec=spec)
+                job, _ = job_submit(renter=renters[who], spec=spec)
                 jobs.append(job)
             elif kind == "start" and jobs:
                 job = jobs[step[1] % len(jobs)]

@@ -12,7 +12,8 @@ from django.utils import timezone
 from billing import metering, selectors, services
 from billing.models import LeaseCharge, LedgerEntry
 from jobs.models import Job, Lease, UsageReport
-from jobs.services import JobSpec, Placement, job_create, lease_end, lease_mark_started, leases_assign
+from jobs.services import JobSpec, Placement, lease_end, lease_mark_started, leases_assign
+from marketplace.submit import job_submit
 from providers.models import Machine
 from tests.factories import RenterFactory, machine_with_gpus
 
@@ -35,7 +36,7 @@ def submit(*, gpus: int = 1, max_price: str = "1.00", max_duration_s: int = 7200
         kind=Job.Kind.PROCESS,
         command=["true"],
     )
-    job, _ = job_create(renter=RenterFactory(), spec=spec)
+    job, _ = job_submit(renter=RenterFactory(), spec=spec)
     return job
 
 

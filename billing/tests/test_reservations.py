@@ -23,8 +23,9 @@ from billing.selectors import job_budget, renter_available_micro
 from billing.settlement import settle_run
 from billing.tests._escrow_env import ONE, escrow_env
 from jobs.models import Event, Job, Lease
-from jobs.services import JobSpec, job_create
+from jobs.services import JobSpec
 from marketplace.matching import match_cycle
+from marketplace.submit import job_submit
 from tests.factories import RenterFactory, machine_with_gpus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,7 +55,7 @@ def _submit(renter, *, tokens: str) -> Job:  # type: ignore[no-untyped-def]
         kind=Job.Kind.PROCESS,
         command=["true"],
     )
-    job, _ = job_create(renter=renter, spec=spec)
+    job, _ = job_submit(renter=renter, spec=spec)
     return job
 
 

@@ -17,8 +17,9 @@ from rest_framework.test import APIClient
 from billing import services as billing_services
 from jobs import services
 from jobs.models import Job, Lease
-from jobs.services import JobSpec, Placement, job_create, lease_mark_started, leases_assign
+from jobs.services import JobSpec, Placement, lease_mark_started, leases_assign
 from jobs.tasks import sweep_leases
+from marketplace.submit import job_submit
 from providers import services as provider_services
 from providers.models import GPU, Machine
 from tests.factories import JobFactory, RenterFactory, machine_with_gpus
@@ -122,7 +123,7 @@ def test_an_agent_that_ignores_the_stop_is_ended_at_the_maximum_and_billed_no_fu
     """An agent that heartbeats and reports usage as if nothing happened, 138 s into a lease
     whose job may run 60 s: the marketplace asks it to stop, ends the lease without it, frees
     the GPU, and bills 60 s."""
-    job = job_create(
+    job = job_submit(
         renter=RenterFactory(),
         spec=JobSpec(
             kind=Job.Kind.PROCESS,

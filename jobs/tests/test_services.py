@@ -14,13 +14,13 @@ from jobs.services import (
     JobSpec,
     Placement,
     job_cancel,
-    job_create,
     lease_end,
     lease_mark_started,
     lease_request_stop,
     leases_assign,
     leases_end_for_machine,
 )
+from marketplace.submit import job_submit
 from providers.models import GPU
 from tests.factories import JobFactory, RenterFactory, machine_with_gpus
 
@@ -51,30 +51,30 @@ def statuses(job: Job) -> list[tuple[str, str, str]]:
 
 
 def test_job_is_created_pending_with_an_audit_event():
-    job, created = job_create(renter=RenterFactory(), spec=SPEC)
+    job, created = job_submit(renter=RenterFactory(), spec=SPEC)
     assert created and job.status == Job.Status.PENDING
     assert statuses(job) == [("job.created", "", "pending")]
 
 
 def test_same_idempotency_key_and_body_returns_the_first_job():
     renter = RenterFactory()
-    first, created = job_create(renter=renter, spec=SPEC, idempotency_key="k-1")
-    again, created_again = job_create(renter=renter, spec=SPEC, idempotency_key="k-1")
+    first, created = job_submit(renter=renter, spec=SPEC, idempotency_key="k-1")
+    again, created_again = job_submit(renter=renter, spec=SPEC, idempotency_key="k-1")
     assert created and not created_again and again.pk == first.pk
     assert Job.objects.filter(renter=renter).count() == 1
 
 
 def test_same_idempotency_key_with_another_body_is_refused():
     renter = RenterFactory()
-    job_create(renter=renter, spec=SPEC, idempotency_key="k-1")
+    job_submit(renter=renter, spec=SPEC, idempotency_key="k-1")
     other = JobSpec(**{**SPEC.__dict__, "gpu_count": 2})
     with pytest.raises(IdempotencyKeyReused):
-        job_create(renter=renter, spec=other, idempotency_key="k-1")
+        job_submit(renter=renter, spec=other, idempotency_key="k-1")
 
 
 def test_idempotency_keys_are_per_renter():
-    a, _ = job_create(renter=RenterFactory(), spec=SPEC, idempotency_key="shared")
-    b, created = job_create(renter=RenterFactory(), spec=SPEC, idempotency_key="shared")
+    a, _ = job_submit(renter=RenterFactory(), spec=SPEC, idempotency_key="shared")
+    b, created = job_submit(renter=RenterFactory(), spec=SPEC, idempotency_key="shared")
     assert created and a.pk != b.pk
 
 
@@ -92,7 +92,7 @@ def test_idempotency_keys_are_per_renter():
 )
 def test_invalid_job_is_refused_and_nothing_is_stored(change, field):
     with pytest.raises(ValidationFailed) as err:
-        job_create(renter=RenterFactory(), spec=JobSpec(**{**SPEC.__dict__, **change}))
+        job_submit(renter=RenterFactory(), spec=JobSpec(**{**SPEC.__dict__, **change}))
     assert field in err.value.extra["fields"]
     assert Job.objects.count() == 0
 
