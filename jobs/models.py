@@ -21,7 +21,7 @@ from django.conf import settings
 from django.core.validators import MinValueValidator
 from django.db import models
 
-from providers.models import GPU, PRICE_DECIMALS, PRICE_MAX_DIGITS, Machine
+from providers.models import GPU, PRICE_DECIMALS, PRICE_MAX_DIGITS, JobKind, Machine
 
 
 class Renter(models.Model):
@@ -44,9 +44,7 @@ class Job(models.Model):
 
     TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
-    class Kind(models.TextChoices):
-        CONTAINER = "container"
-        PROCESS = "process"
+    Kind = JobKind
 
     renter = models.ForeignKey(Renter, on_delete=models.PROTECT, related_name="jobs")
     name = models.CharField(max_length=200, blank=True)

@@ -11,6 +11,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("api/agent/v1/", include("providers.agent_urls")),
+    path("api/agent/v1/", include("jobs.agent_urls")),
     path("api/v1/", include("providers.urls")),
     # A job with its budget (billing) and submitting one (marketplace.submit) sit above jobs.
     path("api/v1/jobs/", apis.JobListApi.as_view(), name="job-list"),

@@ -28,6 +28,7 @@ from django.utils.html import format_html, format_html_join
 from core.admin import ReadOnlyAdmin, change_link, operator_actor
 from providers import services, telemetry
 from providers.errors import Conflict
+from providers.leases import machine_leases
 from providers.models import (
     GPU,
     PRICE_DECIMALS,
@@ -310,12 +311,10 @@ class MachineAdmin(admin.ModelAdmin):
 
     @admin.action(description="Suspend selected machines", permissions=["change"])
     def suspend(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
-        from jobs.models import Lease
-
         reason = f"suspended by operator {request.user.get_username()}"
         machines = list(queryset.exclude(status=Machine.Status.SUSPENDED).order_by("pk"))
         skipped = queryset.filter(status=Machine.Status.SUSPENDED).count()
-        ended_before = Lease.objects.filter(machine__in=machines, status__in=Lease.ACTIVE).count()
+        ended_before = machine_leases().active_count(machine_ids=[m.pk for m in machines])
         for machine in machines:
             services.machine_suspend(machine=machine, reason=reason, actor=operator_actor(request))
         self.message_user(
@@ -371,12 +370,10 @@ class MachineAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke the credential of selected machines", permissions=["change"])
     def revoke_credential(self, request: HttpRequest, queryset: QuerySet[Machine]) -> None:
-        from jobs.models import Lease
-
         reason = f"revoked by operator {request.user.get_username()}"
         machines = list(queryset.filter(credential_revoked_at__isnull=True).order_by("pk"))
         skipped = queryset.filter(credential_revoked_at__isnull=False).count()
-        active = Lease.objects.filter(machine__in=machines, status__in=Lease.ACTIVE).count()
+        active = machine_leases().active_count(machine_ids=[m.pk for m in machines])
         for machine in machines:
             services.machine_credential_revoke(machine=machine, actor=operator_actor(request), reason=reason)
         self.message_user(

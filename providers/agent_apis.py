@@ -10,23 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from core.api import (
     BaseApi,
-    DecimalInputField,
     NamedChoiceField,
-    decimal_pattern,
     error_responses,
     eth_address_field,
 )
-from jobs import services as job_services
-from jobs.models import Job
 from providers import services
 from providers.auth import IsMachine, MachineAuthentication
+from providers.models import JobKind
 
 MAX_GPUS_PER_MACHINE = 64
 MAX_LEASES_PER_HEARTBEAT = 128
@@ -112,7 +109,7 @@ class RegisterApi(AgentAPIView):
             "machine_id": machine.pk,
             "credential": credential,
             "heartbeat_interval_s": settings.GPGPU["HEARTBEAT_INTERVAL_S"],
-            "usage_signing_chain_id": job_services.usage_signing_chain_id(),
+            "usage_signing_chain_id": services.usage_signing_chain_id(),
         }
         return Response(self.OutputSerializer(out).data, status=status.HTTP_201_CREATED)
 
@@ -254,8 +251,8 @@ class CapabilitiesSerializer(serializers.Serializer):
         ref_name = "MachineCapabilities"
 
     kinds = serializers.ListField(
-        child=NamedChoiceField(Job.Kind.choices, enum_name="JobKind"),
-        max_length=len(Job.Kind.choices),
+        child=NamedChoiceField(JobKind.choices, enum_name="JobKind"),
+        max_length=len(JobKind.choices),
         help_text="The job kinds this machine accepts now, each once; empty: none.",
     )
     container = ContainerIsolationSerializer(
@@ -288,7 +285,7 @@ class CapabilitiesSerializer(serializers.Serializer):
             raise serializers.ValidationError(errors)
         return _plain(
             {
-                "kinds": [kind for kind, _ in Job.Kind.choices if kind in attrs["kinds"]],
+                "kinds": [kind for kind, _ in JobKind.choices if kind in attrs["kinds"]],
                 "container": attrs.get("container"),
                 "process": attrs.get("process"),
                 "refused": refused,
@@ -404,154 +401,3 @@ class CredentialRotateApi(AgentAPIView):
             only_if_digest=machine.credential_digest,
         )
         return Response(self.OutputSerializer({"machine_id": machine.pk, "credential": credential}).data)
-
-
-# --- lease events ---------------------------------------------------------------------------
-
-
-def _log_tail_size(value: str) -> None:
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_LOG_TAIL_BYTES:
-        raise serializers.ValidationError(f"must be at most {MAX_LOG_TAIL_BYTES} bytes (UTF-8); send the last lines.")
-
-
-class LeaseEventApi(AgentAPIView):
-    """Report what happened to one of this machine's leases: started, exited, preempted by the
-    owner, failed to start. A repeated event_id is answered like the first and changes nothing."""
-
-    class InputSerializer(serializers.Serializer):
-        class Meta:
-            ref_name = "AgentLeaseEventInput"
-
-        event_id = serializers.CharField(max_length=128, help_text="Unique per event; repeats are harmless.")
-        type = serializers.ChoiceField(choices=list(job_services.AGENT_EVENT_TYPES))
-        at = serializers.DateTimeField(help_text="When it happened, by the agent's clock.")
-        exit_code = serializers.IntegerField(
-            min_value=-(2**31),
-            max_value=INT32_MAX,
-            required=False,
-            allow_null=True,
-            default=None,
-            help_text="Required for `exited`: 0 means the job succeeded.",
-        )
-        detail = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
-        log_tail = serializers.CharField(
-            required=False,
-            allow_blank=True,
-            allow_null=True,
-            default=None,
-            trim_whitespace=False,
-            validators=[_log_tail_size],
-            help_text="The last lines of the job's output, at most 64 KiB.",
-        )
-
-        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-            if attrs["type"] == "exited" and attrs.get("exit_code") is None:
-                raise serializers.ValidationError({"exit_code": ["is required for an exited event."]})
-            return attrs
-
-    class OutputSerializer(serializers.Serializer):
-        class Meta:
-            ref_name = "AgentLeaseEventOutput"
-
-        lease_id = serializers.IntegerField()
-        lease_status = serializers.CharField()
-        job_status = serializers.CharField()
-        duplicate = serializers.BooleanField()
-
-    @extend_schema(
-        operation_id="agent_lease_event",
-        tags=["agent"],
-        request=InputSerializer,
-        responses={200: OutputSerializer, **error_responses(400, 401, 403, 404, 409, 413)},
-    )
-    def post(self, request: Request, lease_id: int) -> Response:
-        data = self.InputSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        v = data.validated_data
-        lease, duplicate = job_services.lease_event_ingest(
-            machine=request.auth,
-            lease_id=lease_id,
-            event_id=v["event_id"],
-            type=v["type"],
-            at=v["at"],
-            exit_code=v["exit_code"],
-            detail=v["detail"],
-            log_tail=v["log_tail"],
-        )
-        out = {
-            "lease_id": lease.pk,
-            "lease_status": lease.status,
-            "job_status": lease.job.status,
-            "duplicate": duplicate,
-        }
-        return Response(self.OutputSerializer(out).data)
-
-
-# --- usage ----------------------------------------------------------------------------------
-
-
-class LeaseUsageApi(AgentAPIView):
-    """Usage of one interval of one of this machine's leases, stored for billing. A machine with a
-    signing address must sign it (EIP-712, docs/agent-api.md): else 400 usage_signature_invalid.
-    A repeated report_id is answered 200 with duplicate=true; a new one 201."""
-
-    class InputSerializer(serializers.Serializer):
-        class Meta:
-            ref_name = "AgentLeaseUsageInput"
-
-        report_id = serializers.CharField(max_length=128, help_text="Unique per lease; repeats are harmless.")
-        period_start = serializers.DateTimeField()
-        period_end = serializers.DateTimeField()
-        gpu_seconds = DecimalInputField(
-            pattern=decimal_pattern(whole_digits=13, decimal_places=3),
-            max_digits=16,
-            decimal_places=3,
-            min_value=0,
-        )
-        mean_utilization_pct = serializers.FloatField(
-            min_value=0, max_value=100, required=False, allow_null=True, default=None
-        )
-        peak_memory_mb = serializers.IntegerField(
-            min_value=0, max_value=INT32_MAX, required=False, allow_null=True, default=None
-        )
-        signature = serializers.RegexField(
-            SIGNATURE_REGEX, max_length=200, required=False, allow_blank=True, default=""
-        )
-
-        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-            if attrs["period_end"] <= attrs["period_start"]:
-                raise serializers.ValidationError({"period_end": ["must be after period_start."]})
-            return attrs
-
-    class OutputSerializer(serializers.Serializer):
-        class Meta:
-            ref_name = "AgentLeaseUsageOutput"
-
-        id = serializers.IntegerField()
-        lease_id = serializers.IntegerField()
-        report_id = serializers.CharField()
-        duplicate = serializers.BooleanField()
-
-    @extend_schema(
-        operation_id="agent_lease_usage",
-        tags=["agent"],
-        request=InputSerializer,
-        responses={
-            201: OutputSerializer,
-            200: OpenApiResponse(OutputSerializer, description="A repeat of a report already stored"),
-            **error_responses(400, 401, 403, 404, 413),
-        },
-    )
-    def post(self, request: Request, lease_id: int) -> Response:
-        data = self.InputSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        v = data.validated_data
-        row, created = job_services.usage_report_ingest(
-            machine=request.auth,
-            lease_id=lease_id,
-            report=job_services.UsageReportData(**v, payload=dict(request.data)),
-        )
-        out = {"id": row.pk, "lease_id": row.lease_id, "report_id": row.report_id, "duplicate": not created}
-        return Response(
-            self.OutputSerializer(out).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
-        )

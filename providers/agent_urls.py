@@ -1,4 +1,5 @@
-"""The agent API, mounted at /api/agent/v1/ (docs/agent-api.md)."""
+"""The agent API, mounted at /api/agent/v1/ (docs/agent-api.md); its lease operations are
+jobs.agent_urls."""
 
 from django.urls import path
 
@@ -8,6 +9,4 @@ urlpatterns = [
     path("register", agent_apis.RegisterApi.as_view(), name="agent-register"),
     path("heartbeat", agent_apis.HeartbeatApi.as_view(), name="agent-heartbeat"),
     path("credential/rotate", agent_apis.CredentialRotateApi.as_view(), name="agent-credential-rotate"),
-    path("leases/<int:lease_id>/events", agent_apis.LeaseEventApi.as_view(), name="agent-lease-events"),
-    path("leases/<int:lease_id>/usage", agent_apis.LeaseUsageApi.as_view(), name="agent-lease-usage"),
 ]

@@ -17,6 +17,13 @@ eth_address_validator = RegexValidator(
 )
 
 
+class JobKind(models.TextChoices):
+    """The kinds of renter code a machine may accept (its capabilities); jobs.models.Job.Kind."""
+
+    CONTAINER = "container"
+    PROCESS = "process"
+
+
 class Provider(models.Model):
     """A GPU owner's account."""
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from jobs.models import LeaseGPU
 from providers.availability import FOREVER, Interval, WindowSpec, available_until
 from providers.errors import NotFound
+from providers.leases import machine_leases
 from providers.models import GPU, AvailabilityWindow, Blackout, Machine, Provider, RegistrationToken
 
 
@@ -91,7 +91,7 @@ def gpu_market_queryset() -> QuerySet[GPU]:
         .select_related("machine")
         .annotate(
             effective_price=Coalesce("price_floor", "machine__provider__default_price_floor"),
-            in_active_lease=Exists(LeaseGPU.objects.filter(gpu_id=OuterRef("pk"), active=True)),
+            in_active_lease=machine_leases().gpu_in_active_lease(),
         )
         .order_by("effective_price", "pk")
     )

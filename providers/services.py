@@ -5,13 +5,16 @@ GPU state: this module is its one writer. The heartbeat sets what the owner's ag
 and out of `leased` through gpus_lease and gpus_release, in the transaction that writes the
 lease; suspension, revocation and the liveness sweep take a machine's GPUs `offline`.
 
+Leases live a layer above (jobs): what this module needs of them (end a machine's leases, count
+them, the heartbeat's orders) goes through providers.leases, which jobs fills in.
+
 Locks, always taken in this order, so no two of these writers can deadlock:
 
 1. the machine row (_machine_lock), FOR NO KEY UPDATE: heartbeats, credential changes and the
    liveness sweep of one machine serialise on it, but a transaction inserting a row that
    references the machine (a lease: its foreign key check takes FOR KEY SHARE at commit) never
    waits for it;
-2. lease rows (jobs.services.lease_end, while leases end);
+2. lease rows (jobs.services.lease_end, through providers.leases, while leases end);
 3. GPU rows, in primary-key order (gpus_lock, _machine_gpus_lock): every GPU state write
    holds them.
 
@@ -46,6 +49,7 @@ from providers.errors import (
     RegistrationTokenInvalid,
     ValidationFailed,
 )
+from providers.leases import machine_leases
 from providers.models import (
     GPU,
     PRICE_DECIMALS,
@@ -90,11 +94,9 @@ def machine_suspend(*, machine: Machine, reason: str, actor: str) -> Machine:
     """Take a machine off the market (an operator's decision): it gets no new leases, its
     active leases end (interruptible jobs go back to the queue) and its GPUs show offline.
     Only an operator's machine_unsuspend brings it back."""
-    from jobs.services import leases_end_for_machine
-
     with transaction.atomic():
         Machine.objects.filter(pk=machine.pk).update(status=Machine.Status.SUSPENDED, suspended_reason=reason[:255])
-        leases_end_for_machine(machine_id=machine.pk, reason="machine_suspended", actor=actor, detail=reason)
+        machine_leases().end_for_machine(machine_id=machine.pk, reason="machine_suspended", actor=actor, detail=reason)
         _machine_gpus_offline(machine_id=machine.pk)
     logger.info("machine %s suspended by %s: %s", machine.pk, actor, reason)
     machine.refresh_from_db()
@@ -345,6 +347,12 @@ def machine_register(
     return machine, raw_credential
 
 
+def usage_signing_chain_id() -> int:
+    """The EIP-712 domain's chainId for usage reports a machine signs (GPGPU["USAGE_SIGNING_CHAIN_ID"], default
+    the local development chain's id)."""
+    return int(settings.GPGPU["USAGE_SIGNING_CHAIN_ID"])
+
+
 def machine_authenticate(*, raw_credential: str) -> Machine | None:
     """The machine whose credential this is, or None for a credential never issued. Raises
     MachineCredentialRevoked (401 `credential_revoked`) for one that was rotated or revoked,
@@ -457,6 +465,8 @@ def _machine_gpus_offline(*, machine_id: int) -> None:
 
 # Why a revocation was made, when its caller gives none.
 DEFAULT_REVOKE_REASON = "revoked"
+# The end reason of the leases of a machine whose credential is revoked (jobs.models.Lease.EndReason).
+LEASE_END_CREDENTIAL_REVOKED = "credential_revoked"
 
 
 def machine_credential_rotate(
@@ -530,9 +540,6 @@ def machine_credential_revoke(
     `leases_end_as` / `leases_end_at`: another end reason and time for its leases (a machine
     replaced by a new registration of the same rig: `lost`, at its last heartbeat).
     """
-    from jobs.models import Lease
-    from jobs.services import leases_end_for_machine
-
     reason = reason.strip()[:255] or DEFAULT_REVOKE_REASON
     with transaction.atomic():
         locked = _machine_lock(machine_id=machine.pk)
@@ -552,9 +559,9 @@ def machine_credential_revoke(
         Machine.objects.filter(pk=machine.pk).exclude(status=Machine.Status.SUSPENDED).update(
             status=Machine.Status.OFFLINE
         )
-        ended = leases_end_for_machine(
+        ended = machine_leases().end_for_machine(
             machine_id=machine.pk,
-            reason=leases_end_as or Lease.EndReason.CREDENTIAL_REVOKED,
+            reason=leases_end_as or LEASE_END_CREDENTIAL_REVOKED,
             actor=actor,
             detail=f"the machine's credential was revoked ({reason})",
             at=leases_end_at,
@@ -570,14 +577,12 @@ def machine_remove(*, machine: Machine, actor: str) -> Machine:
     is marked removed (hidden from the provider's lists; its history stays for statements).
     Its GPUs may then be registered by a new machine of any provider (the rig changed hands).
     Removing a removed machine changes nothing."""
-    from jobs.models import Lease
-
     with transaction.atomic():
         locked = _machine_lock(machine_id=machine.pk)
         if locked is None or locked.removed_at is not None:
             machine.refresh_from_db()
             return machine
-        active = Lease.objects.filter(machine_id=machine.pk, status__in=Lease.ACTIVE).count()
+        active = machine_leases().active_count(machine_ids=[machine.pk])
         if active:
             raise Conflict(
                 f"Machine {machine.pk} is running {active} lease(s); remove it once they have ended "
@@ -728,8 +733,6 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
     liveness sweep's conditional update serialise; if the credential was rotated or revoked
     while this request waited, raises MachineCredentialRevoked and records nothing.
     """
-    from jobs.models import LeaseGPU
-
     now = timezone.now()
     interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
     reported = {g.uuid: g for g in report.gpus}
@@ -756,16 +759,14 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
                 "process": facts.get("accepts_process", locked.accepts_process),
             }
             kinds = frozenset(kind for kind, on in accepts.items() if on)
-            _leases_end_of_refused_kinds(machine_id=machine.pk, kinds=kinds)
+            machine_leases().end_refused_kinds(machine_id=machine.pk, kinds=kinds)
 
             # The GPU rows are locked before their leases are read: an assignment holding some of
             # them commits first, and its leases are then read here (each statement reads what
             # is committed when it starts), so its GPUs stay `leased`.
             existing = {g.uuid: g for g in _machine_gpus_lock(machine_id=machine.pk)}
             _gpu_indexes_make_room(existing=existing, reported=reported)
-            leased_ids = set(
-                LeaseGPU.objects.filter(active=True, gpu__machine_id=machine.pk).values_list("gpu_id", flat=True)
-            )
+            leased_ids = machine_leases().active_gpu_ids(machine_id=machine.pk)
             samples: list[TelemetrySample] = []
             to_update: list[GPU] = []
             for gr in report.gpus:
@@ -843,28 +844,6 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             ) from None
         raise
     return reply
-
-
-def _leases_end_of_refused_kinds(*, machine_id: int, kinds: frozenset[str]) -> None:
-    """End the machine's assigned leases whose job kind it does not accept (placed before it
-    stopped accepting that kind) as `failed_to_start`, so their jobs go back to the queue and
-    the agent is never asked to start them. Running leases are the agent's to handle."""
-    from jobs.models import Lease
-    from jobs.services import lease_end
-
-    refused = (
-        Lease.objects.filter(machine_id=machine_id, status=Lease.Status.ASSIGNED)
-        .exclude(job__kind__in=kinds)
-        .order_by("pk")
-        .values_list("pk", "job__kind")
-    )
-    for lease_id, kind in refused:
-        lease_end(
-            lease_id=lease_id,
-            reason=Lease.EndReason.FAILED_TO_START,
-            actor="marketplace",
-            detail=f"the machine no longer accepts {kind} jobs",
-        )
 
 
 def _capability_facts(capabilities: Mapping[str, Any], *, now: datetime) -> dict[str, Any]:
@@ -953,60 +932,12 @@ def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuR
         gpu.index = next_free
 
 
-def _by_gpu_index(lease_gpu: Any) -> int:
-    return lease_gpu.gpu.index
-
-
 def _heartbeat_reply(
     *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], now: datetime
 ) -> HeartbeatReply:
-    from jobs.models import Lease
-
-    listed = {lr.lease_id for lr in report.leases}
-    start: list[LeaseStart] = []
-    assigned = (
-        Lease.objects.filter(machine_id=machine_id, status=Lease.Status.ASSIGNED, stop_requested_at__isnull=True)
-        .exclude(pk__in=listed)
-        .select_related("job")
-        .prefetch_related("lease_gpus__gpu")
-        .order_by("pk")
+    start, stop = machine_leases().heartbeat_orders(
+        machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds
     )
-    for lease in assigned:
-        job = lease.job
-        if job.kind not in kinds:
-            # Renter code of a kind the owner does not allow is never sent (a lease placed while
-            # this heartbeat ran; the next one ends it).
-            continue
-        start.append(
-            LeaseStart(
-                lease_id=lease.pk,
-                job_id=job.pk,
-                kind=job.kind,
-                image=job.image,
-                command=list(job.command),
-                env=dict(job.env),
-                gpu_uuids=[lg.gpu.uuid for lg in sorted(lease.lease_gpus.all(), key=_by_gpu_index) if lg.active],
-                max_duration_s=job.max_duration_s,
-                price_per_gpu_hour=str(lease.price_per_gpu_hour),
-            )
-        )
-    stop: list[LeaseStop] = []
-    if listed:
-        known = {
-            pk: (status, end_reason, stop_requested_at, stop_reason)
-            for pk, status, end_reason, stop_requested_at, stop_reason in Lease.objects.filter(
-                machine_id=machine_id, pk__in=listed
-            ).values_list("pk", "status", "end_reason", "stop_requested_at", "stop_reason")
-        }
-        for lease_id in sorted(listed):
-            if lease_id not in known:
-                stop.append(LeaseStop(lease_id=lease_id, reason=STOP_REASON_UNKNOWN_LEASE))
-                continue
-            status, end_reason, stop_requested_at, stop_reason = known[lease_id]
-            if status == Lease.Status.ENDED:
-                stop.append(LeaseStop(lease_id=lease_id, reason=end_reason))
-            elif stop_requested_at is not None:
-                stop.append(LeaseStop(lease_id=lease_id, reason=stop_reason))
     return HeartbeatReply(
         heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"], server_time=now, start=start, stop=stop
     )
@@ -1020,8 +951,6 @@ def machines_mark_silent_offline(*, now: datetime | None = None) -> int:
     Each machine moves with a conditional UPDATE that re-checks its last heartbeat, so a machine
     whose heartbeat lands while the sweep runs stays online.
     """
-    from jobs.services import leases_end_for_machine
-
     now = now or timezone.now()
     grace = settings.GPGPU["HEARTBEAT_INTERVAL_S"] * settings.GPGPU["HEARTBEAT_GRACE_BEATS"]
     cutoff = now - timedelta(seconds=grace)
@@ -1041,7 +970,7 @@ def machines_mark_silent_offline(*, now: datetime | None = None) -> int:
             if not moved:
                 continue
             # Leases first, then GPUs: the lock order of the module docstring.
-            lost = leases_end_for_machine(
+            lost = machine_leases().end_for_machine(
                 machine_id=machine_id,
                 reason="lost",
                 actor="liveness",

@@ -1,0 +1,11 @@
+"""The agent API's lease operations, mounted at /api/agent/v1/ beside providers.agent_urls
+(docs/agent-api.md)."""
+
+from django.urls import path
+
+from jobs import agent_apis
+
+urlpatterns = [
+    path("leases/<int:lease_id>/events", agent_apis.LeaseEventApi.as_view(), name="agent-lease-events"),
+    path("leases/<int:lease_id>/usage", agent_apis.LeaseUsageApi.as_view(), name="agent-lease-usage"),
+]
