@@ -438,7 +438,10 @@ class BaseApi(APIView):
 
 
 class RenterApi(BaseApi):
-    """A renter-only endpoint; `self.renter` is the caller's renter profile (a jobs.models.Renter)."""
+    """A renter-only endpoint; `self.renter` is the caller's renter profile."""
+
+    # This docstring is the schema's description of every renter operation: `renter` is a
+    # jobs.models.Renter.
 
     permission_classes = [IsAuthenticated, IsRenter]
 
@@ -448,8 +451,10 @@ class RenterApi(BaseApi):
 
 
 class ProviderApi(BaseApi):
-    """A provider-only endpoint; `self.provider` is the caller's provider profile (a
-    providers.models.Provider)."""
+    """A provider-only endpoint; `self.provider` is the caller's provider profile."""
+
+    # This docstring is the schema's description of every provider operation: `provider` is a
+    # providers.models.Provider.
 
     permission_classes = [IsAuthenticated, IsProvider]
 

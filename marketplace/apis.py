@@ -66,7 +66,8 @@ def _job_detail(job: Job) -> dict[str, Any]:
 
 
 class JobListApi(job_apis.JobListApi):
-    """The renter's jobs (jobs.apis.JobListApi), and submitting one with its budget."""
+    # The renter's jobs (jobs.apis.JobListApi), and submitting one with its budget. No docstring:
+    # the schema describes the operations with RenterApi's, as before.
 
     @extend_schema(
         tags=["jobs"],
