@@ -129,9 +129,7 @@ def _subtract(intervals: list[Interval], holes: Sequence[Interval]) -> list[Inte
     return result
 
 
-def available_until(
-    *, windows: Sequence[WindowSpec], blackouts: Sequence[Interval], now: datetime
-) -> datetime | None:
+def available_until(*, windows: Sequence[WindowSpec], blackouts: Sequence[Interval], now: datetime) -> datetime | None:
     """The end of the stretch of availability that contains `now`.
 
     Returns None when the machine is outside every window (or inside a blackout) now, FOREVER

@@ -151,9 +151,7 @@ def step_network_backend(
 ) -> tuple[str, str]:
     if not _podman_used(config):
         return "ok", "not needed (Podman is not the container engine here)"
-    missing = [
-        name for name in ("netavark", "aardvark-dns") if not any(Path(d, name).is_file() for d in helper_dirs)
-    ]
+    missing = [name for name in ("netavark", "aardvark-dns") if not any(Path(d, name).is_file() for d in helper_dirs)]
     if missing:
         raise SetupError(
             f"Podman needs {' and '.join(missing)} (rentals' network and its DNS): apt install netavark aardvark-dns"

@@ -225,9 +225,7 @@ def test_a_process_order_on_a_machine_that_did_not_opt_in_fails_to_start(tmp_pat
 
 def test_secrets_a_job_prints_never_reach_the_marketplace(rig: Any) -> None:
     agent, fake, transport = rig
-    script = (
-        f"print('cred {CREDENTIAL} key 0x{PRIVATE_KEY.upper()} bare {PRIVATE_KEY} ok', flush=True)"
-    )
+    script = f"print('cred {CREDENTIAL} key 0x{PRIVATE_KEY.upper()} bare {PRIVATE_KEY} ok', flush=True)"
     agent.poll_once()
     transport.heartbeat_replies.append(_reply(start=[_order(4, fake.gpus[0].uuid, 0, script=script)]))
     agent.network_once()
