@@ -28,7 +28,7 @@ from billing.models import (
     Settlement,
     SettlementItem,
 )
-from billing.tests.test_api import new_job, run_lease
+from billing.tests.support import new_job, run_lease
 from tests.factories import RenterFactory
 
 pytestmark = pytest.mark.django_db

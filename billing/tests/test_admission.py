@@ -13,9 +13,9 @@ from rest_framework.test import APIClient
 from billing import selectors, services
 from billing.models import LedgerEntry
 from billing.tasks import release_budgets
+from billing.tests.support import available, submit_job
 from jobs.models import Event, Job, Lease, UsageReport
-from jobs.services import JobSpec, Placement, job_cancel, lease_end, lease_mark_started, leases_assign
-from marketplace.submit import job_submit
+from jobs.services import Placement, job_cancel, lease_end, lease_mark_started, leases_assign
 from tests.factories import RenterFactory, machine_with_gpus, token_for
 
 pytestmark = pytest.mark.django_db
@@ -37,10 +37,6 @@ def client_for(renter) -> APIClient:  # type: ignore[no-untyped-def]
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(renter.user)}")
     return client
-
-
-def available(renter) -> int:  # type: ignore[no-untyped-def]
-    return selectors.renter_available_micro(renter_id=renter.pk)
 
 
 def test_job_is_refused_without_funds_and_nothing_is_created():
@@ -82,18 +78,6 @@ def test_repeating_a_request_with_its_idempotency_key_reserves_once():
     assert available(renter) == 2_000_000 - BUDGET
 
 
-def _submit(renter) -> Job:  # type: ignore[no-untyped-def]
-    spec = JobSpec(
-        gpu_count=1,
-        max_price_per_gpu_hour=Decimal("1.00"),
-        expected_duration_s=3600,
-        kind=Job.Kind.PROCESS,
-        command=["true"],
-    )
-    job, _ = job_submit(renter=renter, spec=spec)
-    return job
-
-
 def _run(job: Job, *, seconds: int) -> Lease:
     """Place and start the job on a 1-GPU machine at 1.00/GPU-hour, reporting `seconds` of usage."""
     machine = machine_with_gpus(count=1)
@@ -119,7 +103,7 @@ def _run(job: Job, *, seconds: int) -> Lease:
 )
 def test_unused_budget_goes_back_to_the_renter_when_the_job_ends(reason, exit_code, status):
     renter = RenterFactory(funds=5_000_000)
-    job = _submit(renter)  # budget 1_000_000
+    job = submit_job(renter)  # budget 1_000_000
     lease = _run(job, seconds=900)
     lease_end(
         lease_id=lease.pk,
@@ -146,7 +130,7 @@ def test_unused_budget_goes_back_to_the_renter_when_the_job_ends(reason, exit_co
 
 def test_cancelling_a_pending_job_releases_its_whole_budget():
     renter = RenterFactory(funds=1_000_000)
-    job = _submit(renter)
+    job = submit_job(renter)
     assert available(renter) == 0
 
     job_cancel(job=job, actor="test")
@@ -157,7 +141,7 @@ def test_cancelling_a_pending_job_releases_its_whole_budget():
 
 def test_a_cancelled_running_job_keeps_its_budget_until_its_lease_is_finally_metered():
     renter = RenterFactory(funds=1_000_000)
-    job = _submit(renter)
+    job = submit_job(renter)
     lease = _run(job, seconds=360)
     job_cancel(job=job, actor="test")  # the lease is asked to stop and is still running
 
@@ -170,4 +154,4 @@ def test_a_cancelled_running_job_keeps_its_budget_until_its_lease_is_finally_met
 
     assert available(renter) == 1_000_000 - 100_000
     with pytest.raises(services.ValidationFailed):
-        services.job_budget_release(job_id=_submit(RenterFactory()).pk)  # a pending job keeps its budget
+        services.job_budget_release(job_id=submit_job(RenterFactory()).pk)  # a pending job keeps its budget

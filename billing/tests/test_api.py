@@ -4,8 +4,7 @@ the node is down)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -18,10 +17,9 @@ from billing import authorizations, services
 from billing.chain import ChainClient
 from billing.contract import SettlementItem as ChainItem
 from billing.models import BudgetAuthorization, RenterWallet, Settlement, SettlementItem
-from jobs.models import Job, Lease, UsageReport
-from jobs.services import JobSpec, Placement, lease_end, lease_mark_started, leases_assign
-from marketplace.submit import job_submit
-from tests.factories import RenterFactory, machine_with_gpus
+from billing.tests.support import new_job, run_lease
+from jobs.models import Lease
+from tests.factories import RenterFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -34,51 +32,6 @@ CHAIN_ID = 31337
 
 def micro(body: dict[str, Any]) -> int:
     return body["micro"]
-
-
-def new_job(renter: Any, *, max_duration_s: int = 7200, price: str = "1.00") -> Job:
-    spec = JobSpec(
-        gpu_count=1,
-        max_price_per_gpu_hour=Decimal(price),
-        expected_duration_s=max_duration_s,
-        kind=Job.Kind.PROCESS,
-        command=["true"],
-    )
-    job, _ = job_submit(renter=renter, spec=spec)
-    return job
-
-
-def run_lease(
-    job: Job,
-    *,
-    seconds: int,
-    reason: str = Lease.EndReason.SUCCEEDED,
-    price: str = "1.00",
-    t0: datetime | None = None,
-    provider: Any = None,
-) -> Lease:
-    """A lease of `job` that ran `seconds` (covered by one usage report), ended and was finally metered."""
-    machine = machine_with_gpus(count=1)
-    if provider is not None:
-        machine.provider = provider
-        machine.save(update_fields=["provider"])
-    (lease,) = leases_assign(
-        placements=[
-            Placement(
-                job_id=job.pk,
-                machine_id=machine.pk,
-                gpu_ids=(machine.gpus.get().pk,),
-                price_per_gpu_hour=Decimal(price),
-            )
-        ]
-    )
-    t0 = t0 or timezone.now() - timedelta(days=1)
-    lease_mark_started(lease_id=lease.pk, actor="test", at=t0)
-    end = t0 + timedelta(seconds=seconds)
-    UsageReport.objects.create(lease=lease, report_id="all", period_start=t0, period_end=end, gpu_seconds=1)
-    lease_end(lease_id=lease.pk, reason=reason, actor="test", exit_code=0, at=end)
-    services.lease_meter(lease_id=lease.pk, now=end + timedelta(hours=1))
-    return Lease.objects.get(pk=lease.pk)
 
 
 def settle(lease: Lease, amount: int, *, ref: str, fee_bps: int = 1000) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from billing.chain.anvil import anvil_binary, anvil_running, free_port
+from billing.chain.anvil import anvil_running, free_port
 from billing.chain.client import (
     ANVIL_DEV_KEY_0,
     ChainClient,
@@ -33,19 +32,11 @@ from billing.chain.errors import (
     TransactionTimeout,
 )
 from billing.contract import ESCROW, STABLECOIN
+from billing.tests.support import require_anvil
 
 BACKENDS = ("eth-tester", "anvil")
 OPERATOR = Account.from_key(keccak(text="gpgpu chain client tests: operator"))
 RENTER = Account.from_key(keccak(text="gpgpu chain client tests: renter"))
-
-
-def require_anvil() -> None:
-    """Skip without anvil locally; fail in CI, where the anvil half must run."""
-    if anvil_binary() is None:
-        message = "anvil binary missing (run `npm ci`): the anvil backend was not tested"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @dataclass

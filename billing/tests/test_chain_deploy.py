@@ -26,7 +26,7 @@ from billing.chain.deployment import (
 )
 from billing.chain.errors import ChainConfigurationError
 from billing.contract import ESCROW
-from billing.tests.test_chain_client import require_anvil
+from billing.tests.support import require_anvil
 
 TREASURY = Account.from_key(b"\x07" * 32).address
 

@@ -15,7 +15,7 @@ from billing import tasks
 from billing.chain.anvil import free_port
 from billing.chain.errors import scrub
 from billing.models import BudgetAuthorization, BudgetReservation, RenterWallet
-from billing.tests.test_api import new_job
+from billing.tests.support import new_job
 from tests.factories import ProviderFactory, RenterFactory, token_for
 
 pytestmark = pytest.mark.django_db

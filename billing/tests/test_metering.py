@@ -2,81 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from billing import metering, selectors, services
+from billing import metering, services
 from billing.models import LeaseCharge, LedgerEntry
-from jobs.models import Job, Lease, UsageReport
-from jobs.services import JobSpec, Placement, lease_end, lease_mark_started, leases_assign
-from marketplace.submit import job_submit
-from providers.models import Machine
-from tests.factories import RenterFactory, machine_with_gpus
+from billing.tests.support import at, heartbeat, report, report_every_minute, reserved, start, submit, unsettled
+from jobs.models import Lease
+from jobs.services import Placement, lease_end, leases_assign
+from tests.factories import machine_with_gpus
 
 pytestmark = pytest.mark.django_db
 
 ER = Lease.EndReason
-T0 = timezone.now().replace(microsecond=0) - timedelta(days=1)
-
-
-def at(seconds: int) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
-def submit(*, gpus: int = 1, max_price: str = "1.00", max_duration_s: int = 7200) -> Job:
-    spec = JobSpec(
-        gpu_count=gpus,
-        max_price_per_gpu_hour=Decimal(max_price),
-        expected_duration_s=max_duration_s,
-        max_duration_s=max_duration_s,
-        kind=Job.Kind.PROCESS,
-        command=["true"],
-    )
-    job, _ = job_submit(renter=RenterFactory(), spec=spec)
-    return job
-
-
-def start(job: Job, *, price: str = "0.40", started: int = 0) -> Lease:
-    machine = machine_with_gpus(count=job.gpu_count)
-    gpu_ids = tuple(machine.gpus.order_by("index").values_list("pk", flat=True))
-    (lease,) = leases_assign(
-        placements=[Placement(job_id=job.pk, machine_id=machine.pk, gpu_ids=gpu_ids, price_per_gpu_hour=Decimal(price))]
-    )
-    lease_mark_started(lease_id=lease.pk, actor="test", at=at(started))
-    heartbeat(lease, at(started))
-    return lease
-
-
-def heartbeat(lease: Lease, when: datetime) -> None:
-    Machine.objects.filter(pk=lease.machine_id).update(last_heartbeat_at=when)
-
-
-def report(lease: Lease, start_s: int, end_s: int) -> None:
-    """The agent's usage report for [start_s, end_s] after T0."""
-    UsageReport.objects.create(
-        lease=lease,
-        report_id=f"r-{start_s}-{end_s}",
-        period_start=at(start_s),
-        period_end=at(end_s),
-        gpu_seconds=Decimal(end_s - start_s) * lease.gpu_count,
-    )
-
-
-def report_every_minute(lease: Lease, until_s: int, from_s: int = 0) -> None:
-    for s in range(from_s, until_s, 60):
-        report(lease, s, min(s + 60, until_s))
-
-
-def unsettled(lease: Lease) -> int:
-    return selectors.account_balance(kind="lease_unsettled", owner_key=f"lease:{lease.pk}")
-
-
-def reserved(job: Job) -> int:
-    return selectors.account_balance(kind="job_reserved", owner_key=f"job:{job.pk}")
 
 
 # --- the arithmetic --------------------------------------------------------------------------

@@ -12,8 +12,7 @@ from django.utils import timezone
 
 from billing import services, tasks
 from billing.models import LeaseCharge
-from billing.tests.test_admission import _submit, available
-from billing.tests.test_metering import heartbeat, report, start, submit, unsettled
+from billing.tests.support import available, heartbeat, report, start, submit, submit_job, unsettled
 from core.models import PeriodicTaskState
 from jobs.models import Lease
 from jobs.services import job_cancel
@@ -89,7 +88,7 @@ def test_a_lease_that_cannot_be_metered_is_skipped_and_reported_and_the_others_a
 
 def test_a_budget_that_cannot_be_released_is_skipped_and_reported_and_the_others_go_back(monkeypatch):
     renters = [RenterFactory(funds=1_000_000) for _ in range(3)]
-    jobs = [_submit(renter) for renter in renters]
+    jobs = [submit_job(renter) for renter in renters]
     for job in jobs:
         job_cancel(job=job, actor="test")
     broken = jobs[1]

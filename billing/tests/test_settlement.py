@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from billing import settlement as engine
-from billing.deposits import chain_watch, wallet_link
 from billing.models import Settlement
 from billing.selectors import provider_payable_micro
 from billing.tests._escrow_env import ONE, charged_job, escrow_env
-from tests.factories import RenterFactory
+from billing.tests.support import funded_renter
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -20,17 +19,8 @@ def env(tmp_path, settings):  # type: ignore[no-untyped-def]
     return escrow_env(tmp_path)
 
 
-def _funded_renter(env, label: str, amount: int = 10 * ONE):  # type: ignore[no-untyped-def]
-    renter = RenterFactory(funds=0)
-    account = env.account(label)
-    wallet_link(renter=renter, address=account.address)
-    env.deposit(account, amount)
-    chain_watch(client=env.client, deployment=env.deployment)
-    return renter, account
-
-
 def test_a_settled_batch_pays_the_provider_and_fee_exactly_as_the_ledger_says(env):
-    renter, account = _funded_renter(env, "erin")
+    renter, account = funded_renter(env, "erin")
     payee = env.account("payee 1")
     job, lease = charged_job(renter, charge_s=3600, provider_address=payee.address)
     env.sign_budget(account, job, 2 * ONE)
@@ -49,7 +39,7 @@ def test_a_settled_batch_pays_the_provider_and_fee_exactly_as_the_ledger_says(en
 
 
 def test_a_replayed_batch_pays_nothing_twice(env):
-    renter, account = _funded_renter(env, "frank")
+    renter, account = funded_renter(env, "frank")
     payee = env.account("payee 2")
     job, lease = charged_job(renter, provider_address=payee.address)
     env.sign_budget(account, job, 2 * ONE)
@@ -64,7 +54,7 @@ def test_a_replayed_batch_pays_nothing_twice(env):
 
 
 def test_jobs_without_a_budget_authorization_wait(env):
-    renter, _account = _funded_renter(env, "gina")
+    renter, _account = funded_renter(env, "gina")
     _job, _ = charged_job(renter, provider_address=env.account("payee 3").address)
 
     result = engine.settle_run(client=env.client, deployment=env.deployment, force=True)

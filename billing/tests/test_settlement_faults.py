@@ -11,7 +11,7 @@ from billing.chain import ChainClient, NodeUnavailable
 from billing.models import Settlement
 from billing.reservations import reserve_run
 from billing.tests._escrow_env import ONE, charged_job, escrow_env
-from billing.tests.test_settlement import _funded_renter
+from billing.tests.support import funded_renter
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,7 +23,7 @@ def env(tmp_path, settings):  # type: ignore[no-untyped-def]
 
 
 def _setup(env, label):  # type: ignore[no-untyped-def]
-    renter, account = _funded_renter(env, label)
+    renter, account = funded_renter(env, label)
     payee = env.account(f"payee {label}")
     job, lease = charged_job(renter, provider_address=payee.address)
     env.sign_budget(account, job, 2 * ONE)
