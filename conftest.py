@@ -31,3 +31,28 @@ def provider_client(db):  # type: ignore[no-untyped-def]
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(provider.user)}")
     return client, provider
+
+
+# The long end-to-end and attack modules: `./scripts/test -m "not slow"` is a developer's quick
+# run without them; CI runs everything. Each with what makes it slow.
+SLOW_MODULES = {
+    "tests/test_agent_end_to_end.py": "real agents against a live server, owners coming and going",
+    "tests/test_billing_end_to_end.py": "a live server, agents and a chain",
+    "tests/browser/test_operator_console.py": "a real browser",
+    "agent/tests/test_container_engine.py": "attacks against real Podman and Docker",
+    "agent/tests/test_process_sandbox.py": "attacks against a real bubblewrap sandbox",
+    "billing/tests/test_budget_invariant_properties.py": "random interleavings on two EVM backends",
+    "billing/tests/test_contract_properties.py": "random operations against the escrow",
+    "providers/tests/test_gpu_state_race.py": "heartbeats racing the matcher for rounds",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a long end-to-end or attack module (see SLOW_MODULES)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = config.rootpath
+    for item in items:
+        if str(item.path.relative_to(root)) in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
