@@ -13,6 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from core.api import DecimalInputField, decimal_pattern, error_responses
+from gpgpu_agent import protocol as usage_protocol
 from jobs import services as job_services
 from providers.agent_apis import INT32_MAX, MAX_LOG_TAIL_BYTES, SIGNATURE_REGEX, AgentAPIView
 
@@ -109,7 +110,9 @@ class LeaseUsageApi(AgentAPIView):
         class Meta:
             ref_name = "AgentLeaseUsageInput"
 
-        report_id = serializers.CharField(max_length=128, help_text="Unique per lease; repeats are harmless.")
+        report_id = serializers.CharField(
+            max_length=usage_protocol.MAX_REPORT_ID_CHARS, help_text="Unique per lease; repeats are harmless."
+        )
         period_start = serializers.DateTimeField()
         period_end = serializers.DateTimeField()
         gpu_seconds = DecimalInputField(

@@ -609,7 +609,7 @@ def renter_create(*, user: Any, display_name: str) -> Renter:
 
 # --- agent reports: lease events and usage ------------------------------------------------------
 
-AGENT_EVENT_TYPES = ("started", "exited", "preempted_by_owner", "failed_to_start")
+AGENT_EVENT_TYPES = usage_protocol.EVENT_TYPES  # the agent's wire contract
 # Agents' and the marketplace's clocks may disagree by this much.
 AGENT_CLOCK_SKEW = timedelta(seconds=5)
 # Ids beyond a bigint cannot exist (and some backends fail on them rather than match nothing).
@@ -744,7 +744,7 @@ def _usage_signature_verify(*, machine: Any, lease_id: int, report: UsageReportD
     address = getattr(machine, "signing_address", "") or ""
     if not address:
         return ""
-    code = "usage_signature_invalid"
+    code = usage_protocol.CODE_USAGE_SIGNATURE_INVALID
     if not report.signature:
         raise ValidationFailed(
             f"This machine signs its usage reports (signing address {address}), but this report has no signature.",

@@ -12,6 +12,7 @@ from django.contrib.auth.models import AnonymousUser
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
+from gpgpu_agent import protocol
 from providers.errors import MachineCredentialRevoked
 from providers.models import Machine
 from providers.services import machine_authenticate
@@ -28,7 +29,7 @@ class MachineAuthentication(authentication.BaseAuthentication):
     detail says which, and when); a suspended machine is 403 `machine_suspended`.
     """
 
-    keyword = "Machine"
+    keyword = protocol.AUTH_SCHEME
 
     def authenticate(self, request: Any) -> tuple[AnonymousUser, Machine] | None:
         header = authentication.get_authorization_header(request).split()
@@ -36,13 +37,13 @@ class MachineAuthentication(authentication.BaseAuthentication):
             return None
         if len(header) != 2 or len(header[1]) > MACHINE_CREDENTIAL_MAX_LENGTH:
             raise exceptions.AuthenticationFailed(
-                "Authorization header must be 'Machine <credential>'.", code="machine_credential_invalid"
+                "Authorization header must be 'Machine <credential>'.", code=protocol.CODE_MACHINE_CREDENTIAL_INVALID
             )
         try:
             raw = header[1].decode()
         except UnicodeError:
             raise exceptions.AuthenticationFailed(
-                "The machine credential contains invalid characters.", code="machine_credential_invalid"
+                "The machine credential contains invalid characters.", code=protocol.CODE_MACHINE_CREDENTIAL_INVALID
             ) from None
         try:
             machine = machine_authenticate(raw_credential=raw)
@@ -50,12 +51,13 @@ class MachineAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed(exc.detail, code=exc.code) from None
         if machine is None:
             raise exceptions.AuthenticationFailed(
-                "Unknown machine credential; register the machine again.", code="machine_credential_invalid"
+                "Unknown machine credential; register the machine again.", code=protocol.CODE_MACHINE_CREDENTIAL_INVALID
             )
         if machine.status == Machine.Status.SUSPENDED:
             reason = f": {machine.suspended_reason}" if machine.suspended_reason else ""
             raise exceptions.PermissionDenied(
-                f"This machine is suspended{reason}. Contact the marketplace operators.", code="machine_suspended"
+                f"This machine is suspended{reason}. Contact the marketplace operators.",
+                code=protocol.CODE_MACHINE_SUSPENDED,
             )
         return AnonymousUser(), machine
 

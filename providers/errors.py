@@ -1,6 +1,7 @@
-"""Errors of the fleet's services."""
+"""Errors of the fleet's services. The codes an agent acts on come from its wire contract."""
 
 from core.errors import Conflict, NotFound, PermissionDenied, ServiceError, ValidationFailed
+from gpgpu_agent import protocol
 
 
 class RegistrationTokenInvalid(ServiceError):
@@ -10,7 +11,7 @@ class RegistrationTokenInvalid(ServiceError):
 
 class MachineCredentialInvalid(ServiceError):
     status_code = 401
-    default_code = "machine_credential_invalid"
+    default_code = protocol.CODE_MACHINE_CREDENTIAL_INVALID
 
 
 class MachineCredentialRevoked(ServiceError):
@@ -22,7 +23,7 @@ class MachineCredentialRevoked(ServiceError):
 
 class MachineSuspended(ServiceError):
     status_code = 403
-    default_code = "machine_suspended"
+    default_code = protocol.CODE_MACHINE_SUSPENDED
 
 
 __all__ = [
