@@ -27,7 +27,13 @@ from typing import NotRequired, TypedDict
 
 from gpgpu_agent import __version__
 from gpgpu_agent.config import KEYS, AgentConfig, ConfigError, load_config
-from gpgpu_agent.credentials import CredentialError, MachineCredential, load_credential, save_credential
+from gpgpu_agent.credentials import (
+    CredentialError,
+    MachineCredential,
+    load_credential,
+    rotation_mark_path,
+    save_credential,
+)
 from gpgpu_agent.protocols import AgentError, Rejected, TransportUnavailable
 from gpgpu_agent.types import json_int
 
@@ -251,13 +257,18 @@ def cmd_rotate_credential(config: AgentConfig, args: argparse.Namespace) -> int:
         new_key_path.unlink(missing_ok=True)
         body["signing_address"] = create_key_file(new_key_path).address
     transport = HttpTransport(url, credential=current.credential)
+    # A running daemon refused meanwhile waits for the new credential instead of exiting.
+    mark = rotation_mark_path(config.credential_path)
+    mark.touch()
     try:
         reply = transport.rotate_credential(body)
     except Rejected as exc:
         new_key_path.unlink(missing_ok=True)
+        mark.unlink(missing_ok=True)
         raise AgentError(f"the marketplace refused to rotate the credential: {exc.detail or exc.code}") from None
     except TransportUnavailable as exc:
         new_key_path.unlink(missing_ok=True)
+        mark.unlink(missing_ok=True)
         raise AgentError(f"cannot rotate the credential: {exc}") from None
     finally:
         transport.close()
@@ -267,6 +278,7 @@ def cmd_rotate_credential(config: AgentConfig, args: argparse.Namespace) -> int:
     save_credential(
         config.credential_path, MachineCredential(json_int(reply["machine_id"]), str(reply["credential"]), url)
     )
+    mark.unlink(missing_ok=True)
     what = "credential and signing key" if args.new_signing_key else "credential"
     print(f"rotated the {what} of machine {reply['machine_id']}; the old credential no longer works")
     return EXIT_OK

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,3 +85,25 @@ def load_credential(path: Path) -> MachineCredential:
         raise CredentialError(
             f"Credential file {path} is not a valid credential file ({type(exc).__name__})."
         ) from None
+
+
+# `gpgpu-agent rotate-credential` marks a rotation under way next to the credential file: between
+# the marketplace answering with the new credential (from then on it refuses the old one) and the
+# file holding it, a running daemon's heartbeat is refused, and must wait rather than exit.
+ROTATION_MARK_SUFFIX = ".rotating"
+# A mark older than this is left over from a rotation that died: it no longer holds the daemon.
+ROTATION_MARK_MAX_AGE_S = 120.0
+
+
+def rotation_mark_path(credential_path: Path) -> Path:
+    return credential_path.with_name(credential_path.name + ROTATION_MARK_SUFFIX)
+
+
+def rotation_pending(credential_path: Path) -> bool:
+    """Whether a rotation of this credential started less than ROTATION_MARK_MAX_AGE_S ago and has
+    not finished."""
+    try:
+        age = time.time() - rotation_mark_path(credential_path).stat().st_mtime
+    except OSError:
+        return False
+    return 0 <= age < ROTATION_MARK_MAX_AGE_S

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Literal, NotRequired, TypedDict
 
 from gpgpu_agent import __version__
 from gpgpu_agent.config import AgentConfig
-from gpgpu_agent.credentials import MachineCredential
+from gpgpu_agent.credentials import MachineCredential, rotation_pending
 from gpgpu_agent.idle import IdleDetector, ParentOf, foreign_processes, proc_parent
 from gpgpu_agent.leases import (
     GpuView,
@@ -65,6 +65,9 @@ logger = logging.getLogger("gpgpu_agent")
 DEFAULT_HEARTBEAT_INTERVAL_S = 10.0
 MAX_BACKOFF_S = 60.0
 CREDENTIAL_REVOKED = "credential_revoked"
+# While a rotation on this machine is under way (see credentials.rotation_pending), a refused
+# heartbeat is tried again this soon instead of ending the agent.
+ROTATION_RETRY_S = 0.5
 SIMULATION_MISSING = (
     "--simulate needs the agent's test support (the gpgpu_agent_testing package), which the installed "
     "package does not ship: run the agent from a source checkout (pip install -e ./agent, or the "
@@ -162,6 +165,7 @@ class Agent:
         rental_observer: Callable[[Mapping[str, set[int]]], None] | None = None,
         secrets: tuple[str, ...] = (),
         reload_credential: Callable[[], bool] | None = None,
+        rotation_pending: Callable[[], bool] | None = None,
     ) -> None:
         self.collector = collector
         self.idle = idle
@@ -185,6 +189,9 @@ class Agent:
         # After a 401: re-read the credential file (rotated by `gpgpu-agent rotate-credential`);
         # True when it changed and the next call should try the new one.
         self.reload_credential = reload_credential
+        # True while `gpgpu-agent rotate-credential` is replacing the credential on this machine:
+        # the marketplace already refuses the old one, the new one is not in the file yet.
+        self.rotation_pending = rotation_pending
         # Why the marketplace revoked this machine's credential; set, the agent stops renting.
         self.revoked: str | None = None
 
@@ -353,6 +360,9 @@ class Agent:
             if exc.status == 401 and self.reload_credential is not None and self.reload_credential():
                 logger.info("the credential file changed; using the new credential")
                 self._next_heartbeat = time.monotonic()
+            elif exc.status == 401 and self.rotation_pending is not None and self.rotation_pending():
+                logger.info("the credential is being rotated on this machine; waiting for the new one")
+                self._next_heartbeat = time.monotonic() + ROTATION_RETRY_S
             elif exc.status == 401 and exc.code == CREDENTIAL_REVOKED:
                 self._revoked(exc.detail or str(exc))
             else:
@@ -554,6 +564,7 @@ def build_agent(config: AgentConfig, credential: MachineCredential, *, transport
         rental_observer=observer,
         secrets=secret_variants(credential=credential.credential, private_key_hex=key.account.key.hex()),
         reload_credential=reload_credential,
+        rotation_pending=lambda: rotation_pending(config.credential_path),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import SANDBOX_PYTHON, SandboxKit
+from gpgpu_agent.credentials import rotation_mark_path, rotation_pending
 from gpgpu_agent.daemon import Agent
 from gpgpu_agent.idle import IdleDetector, no_parent
 from gpgpu_agent.leases import REDACTED, scrub_secrets, secret_variants
@@ -262,6 +263,29 @@ def test_a_revoked_credential_stops_the_rentals_and_the_agent_says_why(rig: Any)
     assert agent.leases == {}
     status = (agent.state_dir / "status.json").read_text()
     assert "revoked by its provider" in status
+
+
+def test_a_heartbeat_refused_while_the_credential_is_rotated_here_waits_for_the_new_one(
+    rig: Any, tmp_path: Path
+) -> None:
+    # `rotate-credential` marks the rotation before the marketplace swaps the credential and
+    # clears the mark once the new one is in the file: a heartbeat refused in between must not end
+    # the agent (it did, under load, in an end-to-end run).
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)
+    credential_path = tmp_path / "credential.json"
+    rotation_mark_path(credential_path).touch()
+    agent.rotation_pending = lambda: rotation_pending(credential_path)
+    transport.reject_all(401, "credential_revoked", "This machine's credential was replaced by a newer credential.")
+
+    agent.network_once()
+    assert not agent.stopping and agent.revoked is None
+    assert agent.leases  # still renting
+
+    rotation_mark_path(credential_path).unlink()  # the rotation is over and the file still holds the old one
+    agent.network_once()
+    assert agent.stopping and agent.revoked is not None
+    agent.shutdown()
 
 
 def test_the_agent_stops_a_lease_at_its_maximum_without_being_told(rig: Any) -> None:
