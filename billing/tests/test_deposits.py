@@ -139,3 +139,49 @@ def test_a_withdrawal_of_money_a_job_that_already_ran_holds_is_flagged_not_crash
     assert result.flagged == 1
     flags = chain_flags()
     assert len(flags) == 1 and "Withdrawn" in flags[0] and "even after cancelling" in flags[0]
+
+
+def test_a_withdrawal_read_with_a_later_deposit_of_the_same_range_cancels_nothing(env):
+    """The ledger follows the chain late: the renter withdrew everything and deposited again
+    before the watcher read either, and a job was admitted meanwhile. Read in chain order the
+    withdrawal finds the job's budget held; the range's deposit covers it, so no job is cancelled."""
+    from billing.services import job_budget_reserve
+    from jobs.models import Job
+    from tests.factories import JobFactory
+
+    renter = RenterFactory(funds=0)
+    fay = env.account("fay")
+    wallet_link(renter=renter, address=fay.address)
+    env.deposit(fay, 3 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+    env.send_as(fay, env.escrow.functions.withdraw(3 * ONE))
+    env.deposit(fay, 5 * ONE)
+    job = JobFactory(renter=renter, max_price_per_gpu_hour="1.00", max_duration_s=7200)
+    job_budget_reserve(job=job)  # admitted on the 3 tokens the ledger still shows: 1 left free
+
+    result = chain_watch(client=env.client, deployment=env.deployment)
+
+    assert result.credited == 2 and result.flagged == 0
+    assert Job.objects.get(pk=job.pk).status == Job.Status.PENDING
+    assert renter_available_micro(renter_id=renter.pk) == 3 * ONE  # 1 + 5 - 3; 2 still held by the job
+
+
+def test_a_flagged_withdrawal_is_posted_once_its_address_deposits_again(env):
+    from billing.deposits import chain_flags
+    from billing.tests._escrow_env import charged_job
+
+    renter = RenterFactory(funds=0)
+    gus = env.account("gus")
+    wallet_link(renter=renter, address=gus.address)
+    env.deposit(gus, 3 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+    charged_job(renter)  # 2 tokens held off chain by a job that ran; the escrow holds none of it
+    env.send_as(gus, env.escrow.functions.withdraw(3 * ONE))
+    assert chain_watch(client=env.client, deployment=env.deployment).flagged == 1
+
+    env.deposit(gus, 4 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+
+    assert chain_flags() == []
+    assert ChainLog.objects.get(event="Withdrawn").status == ChainLog.Status.CREDITED
+    assert renter_available_micro(renter_id=renter.pk) == 2 * ONE  # 1 + 4 - 3
