@@ -60,6 +60,7 @@ from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import BUDGET_SKIP_ALREADY_KNOWN, BUDGET_SKIP_REASONS, ESCROW
 from billing.errors import ValidationFailed
 from billing.models import BudgetAuthorization, BudgetReservation, LeaseCharge
+from billing.operator_tx import operator_tx_find, operator_tx_in_mempool, operator_tx_replaced
 from core import periodic
 from jobs.models import Job, Renter
 from jobs.services import event_record, job_cancel
@@ -382,7 +383,7 @@ def _complete(
     except TransactionTimeout:
         receipt = None
     if receipt is None:
-        if _nonce_taken_by_other(batch, client):
+        if operator_tx_replaced(record=batch, client=client):
             _fail(batch, "the transaction was replaced and never mined")
         return batch
     if not receipt.succeeded:
@@ -398,17 +399,8 @@ def _complete(
     return reservation_confirm(batch=batch, client=client, deployment=deployment, receipt=receipt)
 
 
-def _nonce_taken_by_other(batch: BudgetReservation, client: ChainClient) -> bool:
-    if batch.nonce is None:
-        return False
-    mined = client.transaction_count("latest")
-    return mined > batch.nonce and client.receipt(batch.tx_hash) is None
-
-
 def _resume(*, batch: BudgetReservation, client: ChainClient, deployment: Deployment, wait: bool) -> BudgetReservation:
     """A batch left pending (never recorded as sent) or submitted (not confirmed yet)."""
-    from billing.settlement import operator_tx_find, operator_tx_in_mempool
-
     if batch.status == RS.SUBMITTED:
         return _complete(batch=batch, client=client, deployment=deployment, wait=False)
     if batch.nonce is not None and batch.calldata_hash:

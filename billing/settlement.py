@@ -54,7 +54,14 @@ from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavail
 from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW, settlement_items_encode
 from billing.contract import SettlementItem as ChainItem
-from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, Settlement, SettlementItem
+from billing.models import (
+    BudgetAuthorization,
+    LeaseCharge,
+    LedgerAccount,
+    Settlement,
+    SettlementItem,
+)
+from billing.operator_tx import operator_tx_find, operator_tx_replaced
 from core import periodic
 from core.locks import try_lock
 from jobs.models import Lease
@@ -67,7 +74,6 @@ BS = BudgetAuthorization.Status
 # The lock every run that sends the operator's transactions holds (billing.tasks.SETTLEMENT_LOCK).
 LOCK_NAME = "billing.settlement"
 # How many blocks past `sent_from_block` the reconciler searches for an unrecorded transaction.
-NONCE_SEARCH_BLOCKS = 5000
 
 # Test seam: called right after the node accepted the transaction and before its hash is
 # recorded (a test makes it raise to simulate a worker killed at the worst moment).
@@ -483,34 +489,6 @@ def _find_sent(*, settlement: Settlement, client: ChainClient) -> str | None:
     )
 
 
-def operator_tx_find(*, client: ChainClient, nonce: int, calldata_hash: str, from_block: int) -> str | None:
-    """The hash of the operator's mined transaction with this nonce and calldata keccak, searched
-    from `from_block` (at most NONCE_SEARCH_BLOCKS blocks); None when the nonce is unused on chain
-    or went to another transaction. Shared by settlements and budget reservations."""
-    mined = client.transaction_count("latest")
-    if mined <= nonce:
-        return None  # that nonce was never used on chain: the transaction did not get through
-    head = client.block_number()
-    operator = client.address.lower()
-    for number in range(from_block, min(head, from_block + NONCE_SEARCH_BLOCKS) + 1):
-        for tx in client.block_transactions(number):
-            if str(tx["from"]).lower() != operator or int(tx["nonce"]) != nonce:
-                continue
-            data = HexBytes(tx.get("input", tx.get("data", b"")))
-            if "0x" + keccak(data).hex() == calldata_hash:
-                return HexBytes(tx["hash"]).to_0x_hex()
-            return None  # the nonce went to another transaction: ours was never mined
-    return None
-
-
-def operator_tx_in_mempool(*, client: ChainClient, nonce: int) -> bool:
-    """Whether the node holds an unmined transaction of the operator with this nonce (its pending
-    count is past it while its mined count is not): sending again would only duplicate it."""
-    latest = client.transaction_count("latest")
-    pending = client.transaction_count("pending")
-    return latest <= nonce < pending
-
-
 def settlements_reconcile(
     *, client: ChainClient, deployment: Deployment | None = None, older_than_s: int | None = None
 ) -> dict[str, int]:
@@ -547,16 +525,9 @@ def _reconcile_one(
         result["confirmed"] += 1
     elif completed.status == SS.FAILED:
         result["failed"] += 1
-    elif client.confirmations(settlement.tx_hash) == 0 and _nonce_taken_by_other(settlement, client):
+    elif client.confirmations(settlement.tx_hash) == 0 and operator_tx_replaced(record=settlement, client=client):
         _fail(settlement, None, "the transaction was replaced and never mined")
         result["failed"] += 1
-
-
-def _nonce_taken_by_other(settlement: Settlement, client: ChainClient) -> bool:
-    if settlement.nonce is None:
-        return False
-    mined = client.transaction_count("latest")
-    return mined > settlement.nonce and client.receipt(settlement.tx_hash) is None
 
 
 def settlement_retry(*, settlement: Settlement, client: ChainClient | None = None) -> Settlement:
