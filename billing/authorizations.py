@@ -30,6 +30,7 @@ from billing.errors import Conflict, ValidationFailed
 from billing.models import BudgetAuthorization, RenterWallet
 from billing.services import MAX_AMOUNT, job_budget_micro_for
 from core.errors import ServiceError
+from gpgpu_agent.protocol import recover_signer
 from jobs.models import Job, Renter
 
 ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
@@ -115,13 +116,6 @@ def wallet_link_message(*, renter_id: int, address: str) -> str:
     return f"Link wallet {address.lower()} to GPGPU renter {renter_id}"
 
 
-def _recover(signable: Any, signature: str) -> str | None:
-    try:
-        return Account.recover_message(signable, signature=signature)
-    except Exception:  # a malformed signature (bad v, s out of range) recovers nobody
-        return None
-
-
 def wallet_signature_verify(*, renter: Renter, address: str, signature: str) -> str:
     """The lowercase address, once `signature` is shown to be its personal_sign of
     wallet_link_message. Raises ValidationFailed (invalid_signature) otherwise."""
@@ -130,7 +124,7 @@ def wallet_signature_verify(*, renter: Renter, address: str, signature: str) -> 
     if not SIGNATURE_RE.fullmatch(signature or ""):
         raise ValidationFailed("signature must be 0x followed by 130 hex digits (65 bytes).", code="invalid_signature")
     message = wallet_link_message(renter_id=renter.pk, address=address)
-    signer = _recover(encode_defunct(text=message), signature)
+    signer = recover_signer(encode_defunct(text=message), signature)
     if signer is None or signer.lower() != address.lower():
         raise ValidationFailed(
             f"The signature was not made by {address.lower()} over the message {message!r}.",
@@ -232,7 +226,7 @@ def budget_authorization_store(
     typed = budget_typed_data_for(
         job=job, renter_address=address, max_amount=max_amount, deadline=deadline, domain=domain
     )
-    signer = _recover(encode_typed_data(full_message=typed), signature)
+    signer = recover_signer(encode_typed_data(full_message=typed), signature)
     if signer is None or signer.lower() != address:
         raise ValidationFailed(
             f"The signature was not made by {to_checksum_address(address)} over this job's budget "

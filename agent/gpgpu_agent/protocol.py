@@ -35,7 +35,7 @@ from decimal import Decimal, InvalidOperation
 from typing import TypedDict
 
 from eth_account import Account
-from eth_account.messages import encode_typed_data
+from eth_account.messages import SignableMessage, encode_typed_data
 from eth_keys.exceptions import BadSignature
 
 # eth_keys raises this one too: eth_keys.exceptions.ValidationError is eth_utils' class.
@@ -296,21 +296,25 @@ def usage_domain(*, chain_id: int = DEFAULT_CHAIN_ID) -> dict[str, int | str]:
     return {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": chain_id}
 
 
-def recover_usage_signer(report: UsageStruct, signature: str, *, chain_id: int = DEFAULT_CHAIN_ID) -> str | None:
-    """The checksummed address that signed `report`, or None when `signature` is not a
-    well-formed 65-byte secp256k1 signature. A valid signature by another key recovers another
-    address: compare the result with the expected signer."""
+def recover_signer(message: SignableMessage, signature: str) -> str | None:
+    """The checksummed address that signed `message` (EIP-191 or EIP-712, as encoded by
+    eth_account.messages), or None when `signature` is not a well-formed 65-byte secp256k1
+    signature ("0x" and 130 hex digits, or the digits alone). A valid signature by another key
+    recovers another address: compare the result with the expected signer. The one signature
+    check of the project: usage reports here, wallets and budgets in billing.authorizations."""
     text = signature[2:] if signature[:2] in ("0x", "0X") else signature
     if len(text) != 130:
         return None
     try:
-        raw = bytes.fromhex(text)
-        return str(
-            Account.recover_message(encode_typed_data(full_message=report.typed_data(chain_id=chain_id)), signature=raw)
-        )
+        return str(Account.recover_message(message, signature=bytes.fromhex(text)))
     except (ValueError, TypeError, BadSignature, ValidationError):
         # Not hex, or r, s or v out of range.
         return None
+
+
+def recover_usage_signer(report: UsageStruct, signature: str, *, chain_id: int = DEFAULT_CHAIN_ID) -> str | None:
+    """The checksummed address that signed `report` (recover_signer over its EIP-712 form)."""
+    return recover_signer(encode_typed_data(full_message=report.typed_data(chain_id=chain_id)), signature)
 
 
 def usage_signature_valid(
