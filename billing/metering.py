@@ -13,6 +13,8 @@ from decimal import Decimal
 
 from django.conf import settings
 
+from core.timespans import Interval, merge, whole_seconds
+
 SECONDS_PER_HOUR = 3600
 BPS = 10_000
 
@@ -63,27 +65,10 @@ def settlement_amounts(delta: int, fee_bps: int) -> tuple[int, int]:
     return delta - fee, fee
 
 
-def whole_seconds(delta: timedelta) -> int:
-    """A duration in whole seconds, rounded down (a started second is not billed); never negative."""
-    return max(0, delta.days * 86400 + delta.seconds)
-
-
 def covered_seconds(intervals: Iterable[tuple[datetime, datetime]], *, start: datetime, end: datetime) -> int:
     """How many whole seconds of [start, end] the intervals cover, overlaps counted once."""
-    clipped = sorted((max(a, start), min(b, end)) for a, b in intervals if min(b, end) > max(a, start))
-    total = timedelta(0)
-    current_start: datetime | None = None
-    current_end: datetime | None = None
-    for a, b in clipped:
-        if current_end is None or a > current_end:
-            if current_end is not None and current_start is not None:
-                total += current_end - current_start
-            current_start, current_end = a, b
-        else:
-            current_end = max(current_end, b)
-    if current_end is not None and current_start is not None:
-        total += current_end - current_start
-    return whole_seconds(total)
+    clipped = (Interval(max(a, start), min(b, end)) for a, b in intervals if min(b, end) > max(a, start))
+    return whole_seconds(sum((iv.end - iv.start for iv in merge(clipped)), timedelta(0)))
 
 
 def billable_seconds(

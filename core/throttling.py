@@ -36,6 +36,8 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from rest_framework.throttling import SimpleRateThrottle
 
+from core.timespans import whole_seconds
+
 logger = logging.getLogger(__name__)
 
 # The URL names (providers/agent_urls.py) of the endpoints RegisterRateThrottle guards.
@@ -146,7 +148,7 @@ def admin_lockout_response(
     """django-axes' answer to a login refused because of too many failures
     (AXES_LOCKOUT_CALLABLE): 429, Retry-After, and a sentence that says so. Every attempt during
     the lockout starts the cool-off again, so the wait is always the whole cool-off."""
-    seconds = int(settings.AXES_COOLOFF_TIME.total_seconds())
+    seconds = whole_seconds(settings.AXES_COOLOFF_TIME)
     minutes = max(1, math.ceil(seconds / 60))
     response = HttpResponse(
         f"Too many failed logins: logging in is locked for {minutes} minutes, even with the right "

@@ -27,6 +27,7 @@ from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
 from core import periodic
+from core.timespans import exact_seconds
 from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import Conflict, IdempotencyKeyReused, InvalidTransition, NotFound, ValidationFailed
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
@@ -731,10 +732,6 @@ class UsageReportData:
     payload: dict[str, Any] | None = None
 
 
-def _seconds(delta: timedelta) -> Decimal:
-    return Decimal(delta.days * 86400 + delta.seconds) + Decimal(delta.microseconds) / Decimal(1_000_000)
-
-
 def _usage_signature_verify(*, machine: Any, lease_id: int, report: UsageReportData) -> str:
     """The address whose signature over exactly `report`'s fields was verified, or "" when the
     machine has no signing address (an older agent: the report is accepted and recorded as
@@ -825,7 +822,7 @@ def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData)
             f"{lease.pk} ({lease.started_at.isoformat()} to {lease_end_at.isoformat()}).",
             code="usage_period_outside_lease",
         )
-    limit = _seconds(report.period_end - report.period_start) * lease.gpu_count
+    limit = exact_seconds(report.period_end - report.period_start) * lease.gpu_count
     if report.gpu_seconds > limit:
         raise ValidationFailed(
             f"gpu_seconds {report.gpu_seconds} exceeds the period's length times the lease's "

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
+from core.timespans import Interval, merge
+
 # "Available with no end in sight": no windows at all, or windows that cover the horizon.
 FOREVER = datetime.max.replace(tzinfo=UTC)
 # How far ahead windows are expanded; a stretch reaching past it counts as FOREVER.
@@ -34,12 +36,6 @@ class WindowSpec:
     start: time
     end: time
     tz: str
-
-
-@dataclass(frozen=True, slots=True)
-class Interval:
-    start: datetime
-    end: datetime
 
 
 def days_to_mask(days: Iterable[str | int]) -> int:
@@ -102,17 +98,6 @@ def window_intervals(window: WindowSpec, start: datetime, end: datetime) -> list
     return out
 
 
-def _merge(intervals: Sequence[Interval]) -> list[Interval]:
-    merged: list[Interval] = []
-    for iv in sorted(intervals, key=lambda i: i.start):
-        if merged and iv.start <= merged[-1].end:
-            if iv.end > merged[-1].end:
-                merged[-1] = Interval(merged[-1].start, iv.end)
-        else:
-            merged.append(iv)
-    return merged
-
-
 def _subtract(intervals: list[Interval], holes: Sequence[Interval]) -> list[Interval]:
     result = intervals
     for hole in holes:
@@ -140,7 +125,7 @@ def available_until(*, windows: Sequence[WindowSpec], blackouts: Sequence[Interv
         spans: list[Interval] = []
         for window in windows:
             spans.extend(window_intervals(window, now - timedelta(days=1), horizon_end))
-        stretches = _merge(spans)
+        stretches = merge(spans)
     else:
         stretches = [Interval(now - timedelta(days=1), FOREVER)]
     stretches = _subtract(stretches, [b for b in blackouts if b.end > now and b.start < horizon_end])
