@@ -11,7 +11,6 @@ new one is shown once, in the message after the action that made it.
 
 from __future__ import annotations
 
-import zoneinfo
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -27,7 +26,8 @@ from django.utils.html import format_html, format_html_join
 
 from core.admin import ReadOnlyAdmin, change_link, operator_actor
 from providers import services, telemetry
-from providers.errors import Conflict
+from providers.availability import mask_to_days
+from providers.errors import Conflict, ValidationFailed
 from providers.leases import machine_leases
 from providers.models import (
     GPU,
@@ -42,9 +42,6 @@ from providers.models import (
     TelemetryRollup,
     TelemetrySample,
 )
-
-DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-
 
 # --- providers and registration tokens ------------------------------------------------------
 
@@ -526,25 +523,54 @@ class GPUAdmin(admin.ModelAdmin):
 # --- availability ---------------------------------------------------------------------------
 
 
-class AvailabilityWindowForm(forms.ModelForm):
+class _ServiceForm(forms.ModelForm):
+    """A form whose row is written by a providers.services function, so the admin keeps the
+    rules the API keeps (validation, the per-provider cap and its lock): `write` calls the
+    service from clean(), inside the admin's transaction, and the service's refusal shows on the
+    form, field by field, with nothing saved. save() then hands the admin the service's row."""
+
+    def write(self, data: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        try:
+            self.instance = self.write(data)
+        except ValidationFailed as exc:
+            fields = (exc.extra or {}).get("fields") or {}
+            for name, problems in fields.items():
+                for problem in problems:
+                    self.add_error(name if name in self.fields else None, problem)
+            if not fields:
+                raise forms.ValidationError(str(exc)) from None
+        return data
+
+    def save(self, commit: bool = True) -> Any:
+        return self.instance
+
+    def save_m2m(self) -> None:
+        """These rows have no many-to-many fields."""
+
+
+class AvailabilityWindowForm(_ServiceForm):
     class Meta:
         model = AvailabilityWindow
         fields = ["provider", "machine", "days", "start_time", "end_time", "timezone"]
 
-    def clean_timezone(self) -> str:
-        name = self.cleaned_data["timezone"]
-        try:
-            zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise forms.ValidationError(f"{name!r} is not a known time zone (e.g. Europe/Paris).") from None
-        return name
-
-    def clean(self) -> dict[str, Any]:
-        data = super().clean()
-        machine, provider = data.get("machine"), data.get("provider")
-        if machine is not None and provider is not None and machine.provider_id != provider.pk:
-            raise forms.ValidationError("The machine belongs to another provider.")
-        return data
+    def write(self, data: dict[str, Any]) -> AvailabilityWindow:
+        machine = data.get("machine")
+        window = {
+            "machine_id": machine.pk if machine is not None else None,
+            "days": mask_to_days(data["days"]),
+            "start_time": data["start_time"],
+            "end_time": data["end_time"],
+            "timezone_name": data["timezone"],
+        }
+        if self.instance.pk is None:
+            return services.availability_window_create(provider=data["provider"], **window)
+        return services.availability_window_update(window=self.instance, **window)
 
 
 @admin.register(AvailabilityWindow)
@@ -558,33 +584,55 @@ class AvailabilityWindowAdmin(admin.ModelAdmin):
 
     @admin.display(description="days")
     def day_names(self, obj: AvailabilityWindow) -> str:
-        return ", ".join(name for bit, name in enumerate(DAY_NAMES) if obj.days & (1 << bit))
+        return ", ".join(name.title() for name in mask_to_days(obj.days))
+
+    def get_readonly_fields(self, request: HttpRequest, obj: AvailabilityWindow | None = None) -> list[str]:
+        # A window stays its provider's (providers.services.availability_window_update).
+        return [] if obj is None else ["provider"]
+
+    def save_model(self, request: HttpRequest, obj: AvailabilityWindow, form: forms.ModelForm, change: bool) -> None:
+        """Saved by the service in the form's clean()."""
+
+    def delete_model(self, request: HttpRequest, obj: AvailabilityWindow) -> None:
+        services.availability_window_delete(window=obj)
 
 
-class BlackoutForm(forms.ModelForm):
+class BlackoutForm(_ServiceForm):
     class Meta:
         model = Blackout
         fields = ["provider", "machine", "starts_at", "ends_at", "reason"]
 
-    def clean(self) -> dict[str, Any]:
-        data = super().clean()
-        starts, ends = data.get("starts_at"), data.get("ends_at")
-        if starts is not None and ends is not None and ends <= starts:
-            raise forms.ValidationError("The blackout must end after it starts.")
-        machine, provider = data.get("machine"), data.get("provider")
-        if machine is not None and provider is not None and machine.provider_id != provider.pk:
-            raise forms.ValidationError("The machine belongs to another provider.")
-        return data
+    def write(self, data: dict[str, Any]) -> Blackout:
+        machine = data.get("machine")
+        return services.blackout_create(
+            provider=data["provider"],
+            machine_id=machine.pk if machine is not None else None,
+            starts_at=data["starts_at"],
+            ends_at=data["ends_at"],
+            reason=data.get("reason") or "",
+        )
 
 
 @admin.register(Blackout)
 class BlackoutAdmin(admin.ModelAdmin):
+    """Added and deleted, as providers do through the API; a blackout is not edited (delete it
+    and add the right one)."""
+
     form = BlackoutForm
     list_display = ["id", "provider", "machine", "starts_at", "ends_at", "reason"]
     search_fields = ["provider__display_name", "machine__hostname", "reason"]
     list_select_related = ["provider", "machine"]
     raw_id_fields = ["provider", "machine"]
     date_hierarchy = "starts_at"
+
+    def has_change_permission(self, request: HttpRequest, obj: Blackout | None = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: Blackout, form: forms.ModelForm, change: bool) -> None:
+        """Saved by the service in the form's clean()."""
+
+    def delete_model(self, request: HttpRequest, obj: Blackout) -> None:
+        services.blackout_delete(blackout=obj)
 
 
 # --- telemetry ------------------------------------------------------------------------------
