@@ -734,101 +734,14 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
     while this request waited, raises MachineCredentialRevoked and records nothing.
     """
     now = timezone.now()
-    interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
     reported = {g.uuid: g for g in report.gpus}
     try:
         with transaction.atomic():
-            locked = _machine_lock(machine_id=machine.pk)
-            if locked is None or locked.credential_digest != machine.credential_digest:
-                raise _credential_revoked_error(
-                    MachineCredentialRevocation.objects.filter(digest=machine.credential_digest).first()
-                )
+            locked = _heartbeat_machine_lock(machine=machine)
             _gpus_claim(machine=locked, uuids=list(reported))
-
-            facts: dict[str, Any] = {
-                name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None
-            }
-            if report.capabilities is not None:
-                facts.update(_capability_facts(report.capabilities, now=now))
-            Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=now, **facts)
-            Machine.objects.filter(pk=machine.pk).exclude(status=Machine.Status.SUSPENDED).update(
-                status=Machine.Status.ONLINE
-            )
-            accepts = {
-                "container": facts.get("accepts_container", locked.accepts_container),
-                "process": facts.get("accepts_process", locked.accepts_process),
-            }
-            kinds = frozenset(kind for kind, on in accepts.items() if on)
+            kinds = _machine_facts_record(machine=locked, report=report, now=now)
             machine_leases().end_refused_kinds(machine_id=machine.pk, kinds=kinds)
-
-            # The GPU rows are locked before their leases are read: an assignment holding some of
-            # them commits first, and its leases are then read here (each statement reads what
-            # is committed when it starts), so its GPUs stay `leased`.
-            existing = {g.uuid: g for g in _machine_gpus_lock(machine_id=machine.pk)}
-            _gpu_indexes_make_room(existing=existing, reported=reported)
-            leased_ids = machine_leases().active_gpu_ids(machine_id=machine.pk)
-            samples: list[TelemetrySample] = []
-            to_update: list[GPU] = []
-            for gr in report.gpus:
-                gpu = existing.get(gr.uuid)
-                previous_telemetry_at = gpu.last_telemetry_at if gpu else None
-                if gpu is None:
-                    gpu = GPU(machine_id=machine.pk, uuid=gr.uuid)
-                gpu.index = gr.index
-                gpu.model = gr.model
-                gpu.vram_mb = gr.vram_mb
-                if gpu.pk is not None and gpu.pk in leased_ids:
-                    gpu.state = GPU.State.LEASED
-                elif gr.owner_busy or not gr.idle:
-                    gpu.state = GPU.State.OWNER_BUSY
-                else:
-                    gpu.state = GPU.State.IDLE
-                if gr.idle and not gr.owner_busy:
-                    # The agent's clock may run ahead; an idle stretch cannot start in the future.
-                    gpu.idle_since = min(gr.idle_since or gpu.idle_since or now, now)
-                else:
-                    gpu.idle_since = None
-                gpu.utilization_pct = gr.utilization_pct
-                gpu.memory_used_mb = gr.memory_used_mb
-                gpu.temperature_c = gr.temperature_c
-                gpu.power_w = gr.power_w
-                gpu.last_telemetry_at = now
-                if gpu.pk is None:
-                    gpu.save()
-                else:
-                    to_update.append(gpu)
-                if previous_telemetry_at is None or _bucket(previous_telemetry_at, interval) != _bucket(now, interval):
-                    samples.append(
-                        TelemetrySample(
-                            gpu=gpu,
-                            at=now,
-                            utilization_pct=gr.utilization_pct,
-                            memory_used_mb=gr.memory_used_mb,
-                            temperature_c=gr.temperature_c,
-                            power_w=gr.power_w,
-                            state=gpu.state,
-                        )
-                    )
-            GPU.objects.bulk_update(
-                to_update,
-                [
-                    "index",
-                    "model",
-                    "vram_mb",
-                    "state",
-                    "idle_since",
-                    "utilization_pct",
-                    "memory_used_mb",
-                    "temperature_c",
-                    "power_w",
-                    "last_telemetry_at",
-                ],
-            )
-            missing = [g.pk for uuid, g in existing.items() if uuid not in reported]
-            if missing:
-                GPU.objects.filter(pk__in=missing).update(state=GPU.State.OFFLINE, idle_since=None)
-            TelemetrySample.objects.bulk_create(samples)
-
+            _gpus_record(machine_id=machine.pk, report=report, now=now)
             reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, now=now)
             reply = replace(reply, schedule=machine_schedule(machine=machine, now=now))
     except IntegrityError:
@@ -844,6 +757,112 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             ) from None
         raise
     return reply
+
+
+def _heartbeat_machine_lock(*, machine: Machine) -> Machine:
+    """The machine's row, locked for the heartbeat's transaction; MachineCredentialRevoked if
+    its credential was rotated or revoked since the request authenticated `machine`."""
+    locked = _machine_lock(machine_id=machine.pk)
+    if locked is None or locked.credential_digest != machine.credential_digest:
+        raise _credential_revoked_error(
+            MachineCredentialRevocation.objects.filter(digest=machine.credential_digest).first()
+        )
+    return locked
+
+
+def _machine_facts_record(*, machine: Machine, report: HeartbeatReport, now: datetime) -> frozenset[str]:
+    """Write what the agent reports of the machine (versions, sizes, region, capabilities) and its
+    last heartbeat, and put it online unless suspended; returns the job kinds it accepts now."""
+    facts: dict[str, Any] = {
+        name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None
+    }
+    if report.capabilities is not None:
+        facts.update(_capability_facts(report.capabilities, now=now))
+    Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=now, **facts)
+    Machine.objects.filter(pk=machine.pk).exclude(status=Machine.Status.SUSPENDED).update(status=Machine.Status.ONLINE)
+    accepts = {
+        "container": facts.get("accepts_container", machine.accepts_container),
+        "process": facts.get("accepts_process", machine.accepts_process),
+    }
+    return frozenset(kind for kind, on in accepts.items() if on)
+
+
+_GPU_REPORTED_FIELDS = [
+    "index",
+    "model",
+    "vram_mb",
+    "state",
+    "idle_since",
+    "utilization_pct",
+    "memory_used_mb",
+    "temperature_c",
+    "power_w",
+    "last_telemetry_at",
+]
+
+
+def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> None:
+    """Upsert the reported GPUs with their state and telemetry, take the ones no longer reported
+    offline, and sample telemetry once per TELEMETRY_SAMPLE_INTERVAL_S bucket.
+
+    The GPU rows are locked before their leases are read: an assignment holding some of them
+    commits first, and its leases are then read here (each statement reads what is committed
+    when it starts), so its GPUs stay `leased`."""
+    interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
+    reported = {g.uuid: g for g in report.gpus}
+    existing = {g.uuid: g for g in _machine_gpus_lock(machine_id=machine_id)}
+    _gpu_indexes_make_room(existing=existing, reported=reported)
+    leased_ids = machine_leases().active_gpu_ids(machine_id=machine_id)
+    samples: list[TelemetrySample] = []
+    to_update: list[GPU] = []
+    for gr in report.gpus:
+        gpu = existing.get(gr.uuid) or GPU(machine_id=machine_id, uuid=gr.uuid)
+        previous_telemetry_at = gpu.last_telemetry_at
+        _gpu_reported(gpu, gr, leased=gpu.pk is not None and gpu.pk in leased_ids, now=now)
+        if gpu.pk is None:
+            gpu.save()
+        else:
+            to_update.append(gpu)
+        if previous_telemetry_at is None or _bucket(previous_telemetry_at, interval) != _bucket(now, interval):
+            samples.append(
+                TelemetrySample(
+                    gpu=gpu,
+                    at=now,
+                    utilization_pct=gr.utilization_pct,
+                    memory_used_mb=gr.memory_used_mb,
+                    temperature_c=gr.temperature_c,
+                    power_w=gr.power_w,
+                    state=gpu.state,
+                )
+            )
+    GPU.objects.bulk_update(to_update, _GPU_REPORTED_FIELDS)
+    missing = [g.pk for uuid, g in existing.items() if uuid not in reported]
+    if missing:
+        GPU.objects.filter(pk__in=missing).update(state=GPU.State.OFFLINE, idle_since=None)
+    TelemetrySample.objects.bulk_create(samples)
+
+
+def _gpu_reported(gpu: GPU, gr: GpuReport, *, leased: bool, now: datetime) -> None:
+    """Set a GPU row's inventory, state and telemetry from its report (not saved)."""
+    gpu.index = gr.index
+    gpu.model = gr.model
+    gpu.vram_mb = gr.vram_mb
+    if leased:
+        gpu.state = GPU.State.LEASED
+    elif gr.owner_busy or not gr.idle:
+        gpu.state = GPU.State.OWNER_BUSY
+    else:
+        gpu.state = GPU.State.IDLE
+    if gr.idle and not gr.owner_busy:
+        # The agent's clock may run ahead; an idle stretch cannot start in the future.
+        gpu.idle_since = min(gr.idle_since or gpu.idle_since or now, now)
+    else:
+        gpu.idle_since = None
+    gpu.utilization_pct = gr.utilization_pct
+    gpu.memory_used_mb = gr.memory_used_mb
+    gpu.temperature_c = gr.temperature_c
+    gpu.power_w = gr.power_w
+    gpu.last_telemetry_at = now
 
 
 def _capability_facts(capabilities: Mapping[str, Any], *, now: datetime) -> dict[str, Any]:
