@@ -17,9 +17,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 from eth_account import Account
-from eth_account.messages import encode_defunct, encode_typed_data
+from eth_account.messages import SignableMessage, encode_defunct, encode_typed_data
 from eth_utils import keccak, to_checksum_address
 
 from billing import reservations, selectors
@@ -115,7 +116,7 @@ def wallet_link_message(*, renter_id: int, address: str) -> str:
     return f"Link wallet {address.lower()} to GPGPU renter {renter_id}"
 
 
-def _recover(signable: Any, signature: str) -> str | None:
+def _recover(signable: SignableMessage, signature: str) -> str | None:
     try:
         return Account.recover_message(signable, signature=signature)
     except Exception:  # a malformed signature (bad v, s out of range) recovers nobody
@@ -139,7 +140,7 @@ def wallet_signature_verify(*, renter: Renter, address: str, signature: str) -> 
     return address.lower()
 
 
-def renter_wallets(*, renter: Renter) -> Any:
+def renter_wallets(*, renter: Renter) -> QuerySet[RenterWallet]:
     return RenterWallet.objects.filter(renter=renter).order_by("pk")
 
 
@@ -154,7 +155,7 @@ def job_budget_to_authorize(*, job: Job) -> int:
 
 def budget_typed_data_for(
     *, job: Job, renter_address: str, max_amount: int, deadline: int, domain: EscrowDomain
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # the EIP-712 message, JSON
     return budget_typed_data(
         chain_id=domain.chain_id,
         escrow=domain.escrow,
