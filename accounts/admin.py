@@ -38,7 +38,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     actions = ["revoke"]
     # The key digest is never shown: it is not a secret's hash anyone needs to read.
-    fields = ["user", "name", "prefix", "created_at", "last_used_at", "revoked_at"]
+    fields = ("user", "name", "prefix", "created_at", "last_used_at", "revoked_at")
 
     @admin.display(description="key", ordering="prefix")
     def key_prefix(self, obj: ApiToken) -> str:
@@ -48,14 +48,17 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def is_active(self, obj: ApiToken) -> bool:
         return obj.revoked_at is None
 
-    def get_form(self, request: HttpRequest, obj: ApiToken | None = None, **kwargs: Any) -> type[forms.ModelForm]:
+    # ModelAdmin.get_form's options for the form factory, untyped in django-stubs too.
+    def get_form(
+        self, request: HttpRequest, obj: ApiToken | None = None, change: bool = False, **kwargs: Any
+    ) -> type[forms.ModelForm]:
         if obj is None:
             kwargs["form"] = ApiTokenAddForm
             kwargs["fields"] = ["user", "name"]
-        return super().get_form(request, obj, **kwargs)
+        return super().get_form(request, obj, change, **kwargs)
 
-    def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> list[str]:
-        return ["user", "name"] if obj is None else list(self.fields)
+    def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> tuple[str, ...]:
+        return ("user", "name") if obj is None else self.fields
 
     def get_readonly_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> list[str]:
         if obj is None:

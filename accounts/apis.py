@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
+from django.contrib.auth.models import User
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.permissions import IsAuthenticated
@@ -40,7 +41,7 @@ class MeApi(BaseApi):
         responses={200: MeSerializer, **error_responses(401)},
     )
     def get(self, request: Request) -> Response:
-        user: Any = request.user
+        user = cast(User, request.user)  # IsAuthenticated: never the AnonymousUser
         renter, provider = user_renter(user), user_provider(user)
         roles = [role for role, profile in (("renter", renter), ("provider", provider)) if profile is not None]
         me = {

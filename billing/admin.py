@@ -9,10 +9,8 @@ billing.settlement.settlement_retry for each selected batch and says what became
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 
 from billing import settlement as settlement_engine
@@ -34,7 +32,7 @@ from core.errors import ServiceError
 from providers.admin import ReadOnlyAdmin, change_link
 
 
-def _fields(model: Any) -> list[str]:
+def _fields(model: type[Model]) -> list[str]:
     return [f.name for f in model._meta.concrete_fields]
 
 
@@ -42,10 +40,10 @@ class ReadOnlyInline(admin.TabularInline):
     extra = 0
     can_delete = False
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
 
@@ -67,7 +65,7 @@ class LedgerAccountAdmin(ReadOnlyAdmin):
 
 class PostingInline(ReadOnlyInline):
     model = Posting
-    fields = ["account", "amount"]
+    fields = ("account", "amount")
     readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Posting]:
@@ -126,7 +124,7 @@ class BudgetAuthorizationAdmin(ReadOnlyAdmin):
 
 class ReservedAuthorizationInline(ReadOnlyInline):
     model = BudgetAuthorization
-    fields = ["job", "status", "renter_address", "max_amount", "rejected_reason"]
+    fields = ("job", "status", "renter_address", "max_amount", "rejected_reason")
     readonly_fields = fields
 
 
@@ -158,7 +156,7 @@ class BudgetReservationAdmin(ReadOnlyAdmin):
 
 class SettlementItemInline(ReadOnlyInline):
     model = SettlementItem
-    fields = ["lease", "job", "provider_address", "cumulative_micro", "delta_micro", "carries_budget"]
+    fields = ("lease", "job", "provider_address", "cumulative_micro", "delta_micro", "carries_budget")
     readonly_fields = fields
 
 

@@ -17,10 +17,11 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.serializer_helpers import ReturnDict
 
 from billing import authorizations, metering, statements
 from billing.deposits import wallet_link
-from billing.models import BudgetAuthorization, LedgerEntry, Settlement
+from billing.models import BudgetAuthorization, LeaseCharge, LedgerEntry, Settlement
 from core.api import (
     ErrorSerializer,
     NamedChoiceField,
@@ -53,22 +54,23 @@ class AmountSerializer(serializers.Serializer):
     tokens = serializers.CharField(help_text='Decimal string in tokens, e.g. "1.600445".')
     micro = serializers.IntegerField(help_text="The same amount in micro (10^-6 token), exact.")
 
-    def to_representation(self, instance: int) -> dict[str, Any]:
+    def to_representation(self, instance: int) -> dict[str, str | int]:
         return amount(instance)
 
 
-def amount(micro: int) -> dict[str, Any]:
+def amount(micro: int) -> dict[str, str | int]:
     return {"tokens": str(metering.micro_to_decimal(micro)), "micro": int(micro)}
 
 
 class AmountField(serializers.Field):
     """Renders an int of micro as an Amount object (read-only)."""
 
+    # Field's options, passed on as they are.
     def __init__(self, **kwargs: Any) -> None:
         kwargs["read_only"] = True
         super().__init__(**kwargs)
 
-    def to_representation(self, value: int) -> dict[str, Any]:
+    def to_representation(self, value: int) -> dict[str, str | int]:
         return amount(value or 0)
 
 
@@ -140,7 +142,7 @@ class ChargeSerializer(serializers.Serializer):
     updated_at = serializers.DateTimeField()
 
 
-def _charge_rows(charges: list[Any]) -> list[dict[str, Any]]:
+def _charge_rows(charges: list[LeaseCharge]) -> list[dict[str, object]]:
     money = statements.lease_money(lease_ids=[c.lease_id for c in charges])
     return [
         {
@@ -300,7 +302,8 @@ class SettlementListApi(RenterApi):
         paginator, page = self.paginate(statements.renter_settlements(renter_id=self.renter.pk))
         share = statements.settlement_share(settlement_ids=[s.pk for s in page], renter_id=self.renter.pk)
         for settlement in page:
-            settlement.my_items, settlement.my_amount = share.get(settlement.pk, (0, 0))
+            # For RenterSettlementSerializer alone, not fields of the model.
+            settlement.my_items, settlement.my_amount = share.get(settlement.pk, (0, 0))  # type: ignore[attr-defined]
         return paginator.get_paginated_response(RenterSettlementSerializer(page, many=True).data)
 
 
@@ -407,7 +410,7 @@ class BudgetAuthorizationInput(StrictInputSerializer):
     signature = signature_field(help_text="0x + 65 bytes hex, EIP-712 signature.")
 
 
-def _authorization(job_id: int) -> dict[str, Any] | None:
+def _authorization(job_id: int) -> ReturnDict | None:
     stored = BudgetAuthorization.objects.filter(job_id=job_id).first()
     return BudgetAuthorizationSerializer(stored).data if stored else None
 

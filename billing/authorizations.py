@@ -17,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 from eth_account import Account
 from eth_account.messages import encode_defunct, encode_typed_data
@@ -133,7 +134,7 @@ def wallet_signature_verify(*, renter: Renter, address: str, signature: str) -> 
     return address.lower()
 
 
-def renter_wallets(*, renter: Renter) -> Any:
+def renter_wallets(*, renter: Renter) -> QuerySet[RenterWallet]:
     return RenterWallet.objects.filter(renter=renter).order_by("pk")
 
 
@@ -148,7 +149,7 @@ def job_budget_to_authorize(*, job: Job) -> int:
 
 def budget_typed_data_for(
     *, job: Job, renter_address: str, max_amount: int, deadline: int, domain: EscrowDomain
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # the EIP-712 message, JSON
     return budget_typed_data(
         chain_id=domain.chain_id,
         escrow=domain.escrow,

@@ -13,11 +13,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eth_abi import decode as abi_decode
 from eth_account import Account
 from eth_utils import keccak, to_checksum_address
+
+if TYPE_CHECKING:
+    # For the type only: this module describes the contract and imports no web3 at run time
+    # (contract_deploy's caller brings its own).
+    from web3 import Web3
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "contracts" / "build"
 
@@ -64,7 +69,7 @@ class ContractArtifact:
     """One compiled contract as committed in contracts/build/<name>.json."""
 
     name: str
-    abi: list[dict[str, Any]]
+    abi: list[dict[str, Any]]  # the ABI's JSON
     bytecode: str
     deployed_bytecode: str
     compiler_version: str
@@ -106,7 +111,7 @@ class BudgetAuthorization:
 
 def budget_typed_data(
     *, chain_id: int, escrow: str, job_id: int, renter: str, max_amount: int, deadline: int
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # the EIP-712 message, JSON
     """The full EIP-712 message a renter signs (e.g. with `eth_signTypedData_v4` in a wallet)."""
     return {
         "types": BUDGET_TYPES,
@@ -182,7 +187,7 @@ class DecodedError:
     """A revert reason: the error's name and its arguments in ABI order."""
 
     name: str
-    args: tuple[Any, ...]
+    args: tuple[Any, ...]  # decoded ABI values, of their ABI types
 
 
 _BUILTIN_ERRORS: dict[bytes, tuple[str, list[str]]] = {
@@ -191,7 +196,7 @@ _BUILTIN_ERRORS: dict[bytes, tuple[str, list[str]]] = {
 }
 
 
-def _abi_type(param: Mapping[str, Any]) -> str:
+def _abi_type(param: Mapping[str, Any]) -> str:  # `param`: an ABI parameter's JSON
     """Canonical ABI type of a parameter, expanding tuples."""
     kind = param["type"]
     if kind.startswith("tuple"):
@@ -226,7 +231,7 @@ def revert_data(error: BaseException | bytes | str) -> bytes:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        data: Any = getattr(current, "data", None)
+        data: object = getattr(current, "data", None)
         if isinstance(data, Mapping):
             data = data.get("data")
         if isinstance(data, bytes | bytearray) and data:
@@ -281,7 +286,9 @@ def revert_decode(
 # ---------------------------------------------------------------------------- deployment
 
 
-def contract_deploy(w3: Any, name: str, *args: Any, sender: str) -> Any:
+# `args`: the constructor's ABI arguments. The result is a web3 Contract, which web3's types cannot
+# tell from the class (the receipt's contractAddress may be None in its TypedDict).
+def contract_deploy(w3: Web3, name: str, *args: Any, sender: str) -> Any:
     """Deploy the committed artifact `name` from `sender` and return the web3 contract at its address.
 
     Waits for the receipt and raises RuntimeError if the deployment transaction failed.

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -67,7 +67,7 @@ class WatchResult:
     rewound: int = 0
     reorg: bool = False
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
 
 
@@ -174,9 +174,14 @@ def _post(log: ChainLog, *, cancel_unfunded: bool = True) -> None:
     log.save(update_fields=["status", "detail", "credits", "updated_at"])
 
 
+class _ChainKeys(TypedDict):
+    tx_hash: str
+    log_index: int
+
+
 def _post_movement(log: ChainLog, amount: int, *, cancel_unfunded: bool = True) -> bool:
     """Post the movement through billing.services; False when no account matches the address."""
-    keys = {"tx_hash": log.tx_hash, "log_index": log.log_index}
+    keys: _ChainKeys = {"tx_hash": log.tx_hash, "log_index": log.log_index}
     if log.event == "Deposited":
         renter = _renter_for(log.address)
         if renter is None:
@@ -238,7 +243,7 @@ def _rewind(client: ChainClient, cursor: ChainCursor, deployment: Deployment, re
     """The cursor's block is no longer on the chain: rewind to the newest remembered block that is."""
     fork = deployment.deployment_block - 1
     fork_hash = ""
-    kept: list[list[Any]] = []
+    kept: list[list[Any]] = []  # the cursor's JSON [block number, block hash] pairs
     recent = [entry for entry in cursor.recent_blocks if entry[0] < cursor.last_block]
     for index in range(len(recent) - 1, -1, -1):
         number, block_hash = recent[index]

@@ -29,7 +29,7 @@ class AppendOnlyViolation(Exception):
 class AppendOnlyQuerySet(models.QuerySet):
     """Bulk updates and deletes of append-only rows are refused."""
 
-    def update(self, **kwargs: Any) -> int:
+    def update(self, **kwargs: Any) -> int:  # QuerySet.update's signature
         raise AppendOnlyViolation(f"{self.model.__name__} rows are append-only; post a correcting entry instead.")
 
     def delete(self) -> tuple[int, dict[str, int]]:
@@ -44,12 +44,12 @@ class AppendOnlyModel(models.Model):
     class Meta:
         abstract = True
 
-    def save(self, *args: Any, **kwargs: Any) -> None:
+    def save(self, *args: Any, **kwargs: Any) -> None:  # Model.save's signature
         if not self._state.adding:
             raise AppendOnlyViolation(f"{type(self).__name__} rows are append-only; post a correcting entry instead.")
         super().save(*args, **kwargs)
 
-    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:  # Model.delete's signature
         raise AppendOnlyViolation(f"{type(self).__name__} rows are append-only; post a correcting entry instead.")
 
 

@@ -93,6 +93,7 @@ def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, depl
     return "released"
 
 
+# The run's counts, waiting reasons and node error: values of several types.
 def jobs_release_on_chain(
     *, client: ChainClient, deployment: Deployment | None = None, limit: int = 100
 ) -> dict[str, Any]:
@@ -102,6 +103,7 @@ def jobs_release_on_chain(
     reported as `node_unavailable` (the next run continues); a job refused by the chain is reported
     under `errors`, and one that fails otherwise is logged and skipped."""
     deployment = deployment or deployment_require(client)
+    # The run's counts, waiting reasons and node error: values of several types.
     result: dict[str, Any] = {"released": 0, "already_closed": 0, "not_on_chain": 0, "pending": 0, "waiting": 0}
     candidates = (
         BudgetAuthorization.objects.filter(activated_at__isnull=False, released_on_chain_at__isnull=True)
@@ -119,6 +121,7 @@ def jobs_release_on_chain(
     return result
 
 
+# The run's counts, waiting reasons and node error: values of several types.
 def _release_one(
     *, auth: BudgetAuthorization, client: ChainClient, deployment: Deployment, result: dict[str, Any]
 ) -> None:

@@ -41,6 +41,7 @@ cancels them, newest first, until the ledger balances.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -52,6 +53,7 @@ from django.db.models import Case, IntegerField, Q, Value, When
 from django.utils import timezone
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
+from web3.contract.contract import ContractFunction
 from web3.logs import DISCARD
 
 from billing import metering, selectors, services
@@ -79,7 +81,7 @@ _QUEUED_KEY = "billing.reservations.run_queued"
 
 # Test seam: called right after the node accepted the transaction and before its hash is
 # recorded (a test makes it raise to simulate a worker killed at the worst moment).
-after_send_hook: Any = None
+after_send_hook: Callable[[BudgetReservation], None] | None = None
 
 REFUSAL_REASONS = {
     "Expired": "its authorization's deadline had passed",
@@ -222,12 +224,12 @@ def _budgets(batch: BudgetReservation) -> list[tuple[int, str, int, int, bytes]]
     ]
 
 
-def reserve_call(client: ChainClient, deployment: Deployment, batch: BudgetReservation) -> Any:
+def reserve_call(client: ChainClient, deployment: Deployment, batch: BudgetReservation) -> ContractFunction:
     """The bound `escrow.reserve(budgets)` of a batch (its calldata is what `calldata_hash` hashes)."""
     return client.contract(ESCROW, deployment.escrow).functions.reserve(_budgets(batch))
 
 
-def _calldata_hash(fn: Any) -> str:
+def _calldata_hash(fn: ContractFunction) -> str:
     return "0x" + keccak(HexBytes(fn._encode_transaction_data())).hex()
 
 
@@ -427,6 +429,7 @@ def _send_and_complete(
     return _complete(batch=batch, client=client, deployment=deployment, wait=wait)
 
 
+# The run's counts, waiting reasons and node error: values of several types.
 def reserve_run(
     *, client: ChainClient, deployment: Deployment | None = None, limit: int = RESERVATION_BATCH_MAX, wait: bool = True
 ) -> dict[str, Any]:
@@ -437,6 +440,7 @@ def reserve_run(
     Returns counts: batches sent, budgets reserved and refused, batches failed, and why other
     signed budgets wait."""
     deployment = deployment or deployment_require(client)
+    # The run's counts, waiting reasons and node error: values of several types.
     result: dict[str, Any] = {"sent": 0, "reserved": 0, "refused": 0, "failed": 0, "waiting": {}}
 
     def count(batch: BudgetReservation, sent_before: int) -> None:
@@ -454,17 +458,17 @@ def reserve_run(
                 count(_resume(batch=batch, client=client, deployment=deployment, wait=wait), before)
         gathered = reservation_gather(client=client, deployment=deployment, limit=limit)
         result["waiting"] = gathered.waiting
-        batch = reservation_create(authorizations=gathered.authorizations)
-        if batch is not None:
+        created = reservation_create(authorizations=gathered.authorizations)
+        if created is not None:
             # The new batch is the run's last step: its failure fails the run (nothing is left to skip to).
-            count(_send_and_complete(batch=batch, client=client, deployment=deployment, wait=wait), 0)
+            count(_send_and_complete(batch=created, client=client, deployment=deployment, wait=wait), 0)
     except NodeUnavailable as error:
         logger.warning("reservations: the chain node is unreachable (%s); budgets wait", error)
         result["node_unavailable"] = str(error)
     return result
 
 
-def _batch(batch: BudgetReservation) -> AbstractContextManager[Any]:
+def _batch(batch: BudgetReservation) -> AbstractContextManager[periodic.Item]:
     """One batch as one item of the run: no transaction around it (each step commits before the
     chain is called), and an unreachable node ends the run instead of skipping the batch."""
     return periodic.item("reservation batch", batch.pk, atomic=False, passthrough=(NodeUnavailable,))

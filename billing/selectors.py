@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from django.db.models import Count, Q, QuerySet, Sum
 
@@ -133,7 +134,8 @@ def ledger_violations() -> list[str]:
         problems.append(f"all balances together sum to {grand_total}, not zero")
 
     for account in LedgerAccount.objects.filter(kind=AK.JOB_RESERVED, balance__gt=0, job__status__in=Job.TERMINAL):
-        leases = Lease.objects.filter(job_id=account.job_id).select_related("charge")
+        # cast: the filter on job__status excludes accounts without a job.
+        leases = Lease.objects.filter(job_id=cast(int, account.job_id)).select_related("charge")
         if all(lease.status == Lease.Status.ENDED and _final(lease) for lease in leases):
             problems.append(
                 f"job {account.job_id} is finished and finally metered but still has {account.balance} reserved"

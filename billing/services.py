@@ -70,7 +70,7 @@ class AccountRef:
         return ""
 
 
-_OWNER_OF_KIND = {
+_OWNER_OF_KIND: dict[str, str | None] = {
     AK.RENTER_AVAILABLE: "renter_id",
     AK.JOB_RESERVED: "job_id",
     AK.LEASE_UNSETTLED: "lease_id",

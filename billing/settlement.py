@@ -40,7 +40,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.db import transaction
@@ -48,6 +48,8 @@ from django.db.models import Max
 from django.utils import timezone
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
+from web3.contract import Contract
+from web3.contract.contract import ContractFunction
 
 from billing import reservations, services
 from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavailable, Receipt, TransactionTimeout
@@ -155,7 +157,7 @@ def settlement_gather(*, limit: int | None = None) -> Gathered:
         .order_by("lease_id")
     )
     for account in accounts.iterator():
-        lease = account.lease
+        lease = cast(Lease, account.lease)  # a LEASE_UNSETTLED account always names its lease
         if len(gathered.candidates) >= limit:
             gathered.wait("batch_full")
             continue
@@ -231,7 +233,7 @@ def settlement_create(*, candidates: list[Candidate], fee_bps: int = 0) -> Settl
 # ----------------------------------------------------------------------------------- send
 
 
-def _settle_call(client: ChainClient, deployment: Deployment, settlement: Settlement) -> Any:
+def _settle_call(client: ChainClient, deployment: Deployment, settlement: Settlement) -> ContractFunction:
     escrow = client.contract(ESCROW, deployment.escrow)
     items = list(settlement.items.select_related("job").order_by("pk"))
     chain_items = [
@@ -257,7 +259,7 @@ def _settle_call(client: ChainClient, deployment: Deployment, settlement: Settle
     return escrow.functions.settle(settlement_items_encode(chain_items), budgets)
 
 
-def _calldata_hash(fn: Any) -> str:
+def _calldata_hash(fn: ContractFunction) -> str:
     return "0x" + keccak(HexBytes(fn._encode_transaction_data())).hex()
 
 
@@ -314,7 +316,7 @@ def _fail(settlement: Settlement, reverted: ContractReverted | None, reason: str
 # ----------------------------------------------------------------------------------- confirm
 
 
-def _job_remaining(client: ChainClient, escrow: Any, job_id: int, block: int) -> tuple[str, int]:
+def _job_remaining(client: ChainClient, escrow: Contract, job_id: int, block: int) -> tuple[str, int]:
     renter, _deadline, remaining, _lease, _settled, _closed = client.call(escrow.functions.job(job_id), block=block)
     return str(renter), int(remaining)
 
@@ -394,6 +396,7 @@ def _due(now: datetime) -> bool:
     return waiting >= int(settings.SETTLEMENT_BATCH_MAX)
 
 
+# The run's counts, waiting reasons and node error: values of several types.
 def settle_run(
     *, client: ChainClient, deployment: Deployment | None = None, force: bool = False, wait: bool = True
 ) -> dict[str, Any]:
@@ -404,6 +407,7 @@ def settle_run(
     raised; any other failure of one pending batch is logged and skipped (core.periodic.item),
     so it holds up neither the other pending batches nor the new one."""
     deployment = deployment or deployment_require(client)
+    # The run's counts, waiting reasons and node error: values of several types.
     result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
     reserved = reservations.reserve_run(client=client, deployment=deployment, wait=wait)
     if reserved.get("sent") or reserved.get("node_unavailable"):
@@ -433,12 +437,13 @@ def settle_run(
     return result
 
 
-def _batch(settlement: Settlement) -> contextlib.AbstractContextManager[Any]:
+def _batch(settlement: Settlement) -> contextlib.AbstractContextManager[periodic.Item]:
     """One batch as one item of the run: no transaction around it (each step commits before the
     chain is called), and an unreachable node ends the run instead of skipping the batch."""
     return periodic.item("settlement", settlement.pk, atomic=False, passthrough=(NodeUnavailable,))
 
 
+# The run's counts, waiting reasons and node error: values of several types.
 def _send_and_complete(
     *, settlement: Settlement, client: ChainClient, deployment: Deployment, result: dict[str, Any], wait: bool
 ) -> None:
@@ -458,6 +463,7 @@ def _send_and_complete(
         result["failed"] += 1
 
 
+# The run's counts, waiting reasons and node error: values of several types.
 def _resume(
     *, settlement: Settlement, client: ChainClient, deployment: Deployment, result: dict[str, Any], wait: bool
 ) -> None:
@@ -491,7 +497,7 @@ def _find_sent(*, settlement: Settlement, client: ChainClient) -> str | None:
 
 def settlements_reconcile(
     *, client: ChainClient, deployment: Deployment | None = None, older_than_s: int | None = None
-) -> dict[str, int]:
+) -> dict[str, object]:
     """Complete batches stuck pending or submitted for longer than `older_than_s` (default
     SETTLEMENT_STUCK_S): submitted ones from their receipt, pending ones by finding their
     transaction by nonce and calldata hash (or sending them again). Each charge ends confirmed or
@@ -499,6 +505,7 @@ def settlements_reconcile(
     deployment = deployment or deployment_require(client)
     stuck_s = int(settings.SETTLEMENT_STUCK_S) if older_than_s is None else older_than_s
     cutoff = timezone.now() - timedelta(seconds=stuck_s)
+    # The run's counts, waiting reasons and node error: values of several types.
     result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
     try:
         for settlement in Settlement.objects.filter(
@@ -511,6 +518,7 @@ def settlements_reconcile(
     return {k: v for k, v in result.items() if k != "waiting"}
 
 
+# The run's counts, waiting reasons and node error: values of several types.
 def _reconcile_one(
     *, settlement: Settlement, client: ChainClient, deployment: Deployment, result: dict[str, Any]
 ) -> None:
@@ -545,6 +553,7 @@ def settlement_retry(*, settlement: Settlement, client: ChainClient | None = Non
         if not acquired:
             raise ValidationFailed("A settlement run is in progress; try again shortly.", code="settlement_busy")
         deployment = deployment_require(client)
+        # The run's counts, waiting reasons and node error: values of several types.
         result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
         settlement.refresh_from_db()
         if settlement.status == SS.PENDING:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, Model, QuerySet, Sum
 
 from billing.models import LeaseCharge, LedgerAccount, LedgerEntry, Posting, Settlement, SettlementItem
 from billing.selectors import JobBudget, job_budget
@@ -22,11 +22,12 @@ AK = LedgerAccount.Kind
 EK = LedgerEntry.Kind
 
 
-def _sum(queryset: QuerySet[Any], field_name: str = "amount") -> int:
+def _sum(queryset: QuerySet[Model], field_name: str = "amount") -> int:
     return queryset.aggregate(total=Sum(field_name))["total"] or 0
 
 
-def _by(queryset: QuerySet[Any], key: str, field_name: str = "amount") -> dict[Any, int]:
+# Keyed by the `key` field's values, of that field's type.
+def _by(queryset: QuerySet[Model], key: str, field_name: str = "amount") -> dict[Any, int]:
     """Sums of `field_name` grouped by `key`."""
     return {
         group: total or 0

@@ -4,9 +4,8 @@ been doing (view-only; core.periodic writes the rows)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin
+from django.db.models import Model
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
@@ -19,7 +18,7 @@ def operator_actor(request: HttpRequest) -> str:
     return f"operator:{request.user.pk}"
 
 
-def change_link(obj: Any, text: str | None = None) -> str:
+def change_link(obj: Model | None, text: str | None = None) -> str:
     """A link to `obj`'s page in this console."""
     if obj is None:
         return "-"
@@ -31,13 +30,13 @@ def change_link(obj: Any, text: str | None = None) -> str:
 class ReadOnlyAdmin(admin.ModelAdmin):
     """A view-only page: rows are written by the system (agents, sweepers, services)."""
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
         return False
 
 

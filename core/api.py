@@ -7,16 +7,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from drf_spectacular.extensions import OpenApiSerializerFieldExtension
-from drf_spectacular.utils import OpenApiResponse
+from drf_spectacular.utils import Direction, OpenApiResponse
 from rest_framework import exceptions, pagination, serializers
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
@@ -28,13 +28,25 @@ from core.errors import RequestTooLarge, ServiceError
 from core.permissions import IsProvider, IsRenter, user_provider, user_renter
 from core.prices import PRICE_DECIMALS, PRICE_MAX_DIGITS
 
+if TYPE_CHECKING:
+    # ApiSchemaMixin's base for the types alone: at run time _ApiSchema combines the two, since
+    # drf_spectacular.openapi cannot be imported with this module (see _ApiSchema).
+    from drf_spectacular.openapi import AutoSchema
+    from rest_framework.schemas.inspectors import ViewInspector
+
+    _SchemaMixinBase = AutoSchema
+else:
+    _SchemaMixinBase = object
+
 
 class ErrorSerializer(serializers.Serializer):
     """The one error body every endpoint returns."""
 
     code = serializers.CharField(help_text="Stable, machine-readable error code.")
     detail = serializers.CharField(help_text="What went wrong, for a person.")
-    fields = serializers.DictField(
+    # DRF's serializer metaclass takes declared fields off the class, so this does not replace
+    # Serializer.fields at run time; the stubs cannot know that.
+    fields = serializers.DictField(  # type: ignore[assignment]
         child=serializers.ListField(child=serializers.CharField()),
         required=False,
         help_text="For validation errors: the messages for each offending field.",
@@ -58,7 +70,7 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
     return {s: OpenApiResponse(ErrorSerializer, description=descriptions.get(s, "Error")) for s in statuses}
 
 
-def _flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
+def _flatten(detail: object, prefix: str = "") -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     if isinstance(detail, dict):
         for key, value in detail.items():
@@ -75,10 +87,11 @@ def _flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
     return out
 
 
+# DRF's EXCEPTION_HANDLER signature (the stubs type its context's values loosely).
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Render every error as {"code", "detail"} (plus "fields" for validation errors)."""
     if isinstance(exc, ServiceError):
-        body: dict[str, Any] = {"code": exc.code, "detail": exc.detail, **exc.extra}
+        body: dict[str, object] = {"code": exc.code, "detail": exc.detail, **exc.extra}
         return Response(body, status=exc.status_code)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
@@ -116,7 +129,7 @@ def _error(status: int, code: str, detail: str) -> JsonResponse:
     return JsonResponse({"code": code, "detail": detail}, status=status)
 
 
-def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
     if not _is_api(request):
         return defaults.bad_request(request, exception)
     if isinstance(exception, RequestDataTooBig):
@@ -124,7 +137,7 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
     return _error(400, "bad_request", "The request is malformed.")
 
 
-def permission_denied(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+def permission_denied(request: HttpRequest, exception: Exception) -> HttpResponse:
     if not _is_api(request):
         return defaults.permission_denied(request, exception)
     return _error(403, exceptions.PermissionDenied.default_code, str(exceptions.PermissionDenied.default_detail))
@@ -178,7 +191,8 @@ class Pagination(pagination.LimitOffsetPagination):
             raise exceptions.ValidationError({name: [f"Must be an integer from {low} to {high}."]})
         return int(raw)
 
-    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+    # OpenAPI parameter objects, untyped JSON in DRF's stubs.
+    def get_schema_operation_parameters(self, view: APIView) -> list[dict[str, Any]]:
         bounds = {
             self.limit_query_param: (1, self.max_limit, f"How many results to return (default {self.default_limit})."),
             self.offset_query_param: (0, self.max_offset, "How many results to skip."),
@@ -194,19 +208,16 @@ class Pagination(pagination.LimitOffsetPagination):
 # --- the schema inspector -------------------------------------------------------------------
 
 
-class ApiSchemaMixin:
+class ApiSchemaMixin(_SchemaMixinBase):
     """What every BaseApi view shares, written into each of its operations by drf-spectacular's
     inspector: `<int:…>` path parameters as ids (1 to ID_MAX), and the errors the framework
     answers whatever the view declares: 406 for an Accept header without application/json; 413
     for any body over the limit; 400 and 415 for an operation that reads a JSON body; 400 for a
     bad limit/offset; 429 when the view throttles."""
 
-    path_regex: str
-    method: str
-    view: Any
-
+    # OpenAPI parameter objects, untyped JSON in drf-spectacular.
     def _resolve_path_parameters(self, variables: list[str]) -> list[dict[str, Any]]:
-        parameters = super()._resolve_path_parameters(variables)  # type: ignore[misc]
+        parameters = super()._resolve_path_parameters(variables)
         ids = set(_INT_PARAMETER_RE.findall(self.path_regex))
         for parameter in parameters:
             if parameter["name"] in ids:
@@ -215,24 +226,23 @@ class ApiSchemaMixin:
 
     def _implied_error_statuses(self) -> set[int]:
         statuses = {406, 413}
-        if self.method in {"POST", "PUT", "PATCH"} and self.get_request_serializer() is not None:  # type: ignore[attr-defined]
+        if self.method in {"POST", "PUT", "PATCH"} and self.get_request_serializer() is not None:
             statuses |= {400, 415}
-        if self._get_pagination_parameters():  # type: ignore[attr-defined]
+        if self._get_pagination_parameters():
             statuses.add(400)
         if self.view.get_throttles():
             statuses.add(429)
         return statuses
 
-    def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:
-        responses = super()._get_response_bodies(direction)  # type: ignore[misc]
+    # OpenAPI response objects, untyped JSON in drf-spectacular (its _SchemaType).
+    def _get_response_bodies(self, direction: Direction = "response") -> dict[str, Any]:
+        responses = super()._get_response_bodies(direction)
         if direction != "response":
             return responses
         implied = error_responses(*sorted(self._implied_error_statuses()))
         for status, response in implied.items():
             if str(status) not in responses:
-                responses[str(status)] = self._get_response_for_code(  # type: ignore[attr-defined]
-                    response, str(status), direction=direction
-                )
+                responses[str(status)] = self._get_response_for_code(response, str(status), direction=direction)
         return dict(sorted(responses.items()))
 
 
@@ -242,19 +252,19 @@ class _ApiSchema:
     imports rest_framework.generics, which imports this module's Pagination (DRF's
     DEFAULT_PAGINATION_CLASS)."""
 
-    _inspector: Any = None
+    _inspector: AutoSchema | None = None
 
-    def _get(self) -> Any:
+    def _get(self) -> ViewInspector:
         if self._inspector is None:
             from drf_spectacular.openapi import AutoSchema
 
             self._inspector = type("ApiAutoSchema", (ApiSchemaMixin, AutoSchema), {})()
         return self._inspector
 
-    def __get__(self, instance: Any, owner: type) -> Any:
+    def __get__(self, instance: APIView | None, owner: type[APIView]) -> ViewInspector:
         return self._get().__get__(instance, owner)
 
-    def __set__(self, instance: Any, value: Any) -> None:
+    def __set__(self, instance: APIView, value: ViewInspector | None) -> None:
         self._get().__set__(instance, value)
 
 
@@ -264,6 +274,7 @@ class StrictInputSerializer(serializers.Serializer):
 
     also_allowed: frozenset[str] = frozenset()
 
+    # DRF's signature: the request's parsed body, of no known shape yet.
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, Mapping):
             known = set(self.fields) | self.also_allowed
@@ -278,10 +289,12 @@ class NamedChoiceField(serializers.ChoiceField):
     JobStatus, …), however many serializers use it, so clients get one enum per set. A blank
     stored value is rendered as null when the field allows null."""
 
+    # Passed on to ChoiceField, whose stubs type choices and options loosely.
     def __init__(self, choices: Any, *, enum_name: str, **kwargs: Any) -> None:
         self.enum_name = enum_name
         super().__init__(choices, **kwargs)
 
+    # DRF's signature: a ChoiceField's value is whatever its choices hold.
     def to_representation(self, value: Any) -> Any:
         if value in ("", None) and self.allow_null:
             return None
@@ -294,10 +307,12 @@ class NamedChoiceFieldExtension(OpenApiSerializerFieldExtension):
     def get_name(self) -> str:
         return self.target.enum_name
 
-    def map_serializer_field(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+    # The schema fragment: untyped JSON in drf-spectacular (its _SchemaType).
+    def map_serializer_field(self, auto_schema: AutoSchema, direction: Direction) -> dict[str, Any]:
         return {"type": "string", "enum": [str(choice) for choice in self.target.choices]}
 
 
+# The field's other options, passed on to DecimalField as they are.
 def price_field(**kwargs: Any) -> serializers.DecimalField:
     """A price per GPU-hour, rendered as a decimal string."""
     return serializers.DecimalField(
@@ -339,6 +354,7 @@ class DecimalInputField(serializers.DecimalField):
     """A decimal input whose schema carries its pattern (decimal_pattern): OpenAPI cannot bound
     a string's value, so the pattern states the digits and the range."""
 
+    # DecimalField's options, passed on as they are.
     def __init__(self, *, pattern: str, **kwargs: Any) -> None:
         self.pattern = pattern
         super().__init__(**kwargs)
@@ -348,7 +364,8 @@ class DecimalInputFieldExtension(OpenApiSerializerFieldExtension):
     target_class = DecimalInputField
     match_subclasses = True
 
-    def map_serializer_field(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+    # The schema fragment: untyped JSON in drf-spectacular (its _SchemaType).
+    def map_serializer_field(self, auto_schema: AutoSchema, direction: Direction) -> dict[str, Any]:
         return {"type": "string", "format": "decimal", "pattern": self.target.pattern}
 
 
@@ -357,6 +374,7 @@ def _not_zero(value: Decimal) -> None:
         raise serializers.ValidationError("Must be greater than 0.")
 
 
+# The field's other options, passed on to DecimalField as they are.
 def price_input_field(*, maximum: Decimal, positive: bool = False, **kwargs: Any) -> DecimalInputField:
     """A price per GPU-hour as input: from 0 (or above 0 when `positive`) to `maximum`, at most
     PRICE_DECIMALS decimal places, its whole rule in the schema's pattern."""
@@ -378,6 +396,7 @@ ETH_ADDRESS_REGEX = r"^0x[0-9a-fA-F]{40}$"
 SIGNATURE_REGEX = r"^0x[0-9a-fA-F]{130}$"
 
 
+# The field's other options, passed on to RegexField as they are.
 def eth_address_field(*, allow_blank: bool = False, **kwargs: Any) -> serializers.RegexField:
     """An Ethereum address (0x + 40 hex digits; or empty, with `allow_blank`: DRF takes "" before
     the pattern is tried, and the schema says oneOf the pattern or an empty string)."""
@@ -390,6 +409,7 @@ def eth_address_field(*, allow_blank: bool = False, **kwargs: Any) -> serializer
     )
 
 
+# The field's other options, passed on to RegexField as they are.
 def signature_field(**kwargs: Any) -> serializers.RegexField:
     """A 65-byte secp256k1 signature, 0x + 130 hex digits."""
     return serializers.RegexField(
@@ -400,9 +420,13 @@ def signature_field(**kwargs: Any) -> serializers.RegexField:
     )
 
 
+# The field's other options, passed on to IntegerField as they are.
 def id_field(**kwargs: Any) -> serializers.IntegerField:
     """The id of a row (1 to ID_MAX) in a body: bigger would not fit the database's column."""
     return serializers.IntegerField(min_value=1, max_value=ID_MAX, **kwargs)
+
+
+_M = TypeVar("_M", bound=Model)
 
 
 class BaseApi(APIView):
@@ -414,6 +438,7 @@ class BaseApi(APIView):
     pagination_class = Pagination
     schema = _ApiSchema()
 
+    # APIView.initial's signature: the URL's arguments.
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -427,12 +452,12 @@ class BaseApi(APIView):
         if any(isinstance(value, int) and value > ID_MAX for value in kwargs.values()):
             raise exceptions.NotFound()
 
-    def paginate(self, queryset: QuerySet[Any]) -> tuple[Pagination, list[Any]]:
+    def paginate(self, queryset: QuerySet[_M]) -> tuple[Pagination, list[_M]]:
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(queryset, self.request, view=self)
         return paginator, list(page or [])
 
-    def paginated_response(self, queryset: QuerySet[Any], serializer_class: type[serializers.Serializer]) -> Response:
+    def paginated_response(self, queryset: QuerySet[Model], serializer_class: type[serializers.Serializer]) -> Response:
         paginator, page = self.paginate(queryset)
         return paginator.get_paginated_response(serializer_class(page, many=True).data)
 
@@ -446,7 +471,7 @@ class RenterApi(BaseApi):
     permission_classes = [IsAuthenticated, IsRenter]
 
     @property
-    def renter(self) -> Any:
+    def renter(self) -> Any:  # a jobs.models.Renter, which core (below jobs) cannot name
         return user_renter(self.request.user)
 
 
@@ -459,5 +484,5 @@ class ProviderApi(BaseApi):
     permission_classes = [IsAuthenticated, IsProvider]
 
     @property
-    def provider(self) -> Any:
+    def provider(self) -> Any:  # a providers.models.Provider, which core (below providers) cannot name
         return user_provider(self.request.user)

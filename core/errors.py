@@ -16,6 +16,7 @@ class ServiceError(Exception):
     status_code = 400
     default_code = "invalid"
 
+    # `extra`: more keys for the error body, JSON values whose type each reader knows by key.
     def __init__(self, detail: str, *, code: str | None = None, extra: dict[str, Any] | None = None):
         super().__init__(detail)
         self.detail = detail

@@ -25,10 +25,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
+
+if TYPE_CHECKING:
+    from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteDatabaseWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ def try_lock(name: str, *, using: str = DEFAULT_DB_ALIAS) -> Iterator[bool]:
         connection = connections[using]
         if connection.vendor == "postgresql":
             backend = _advisory_lock(name, connection)
-        elif connection.vendor == "sqlite" and connection.is_in_memory_db():
+        elif connection.vendor == "sqlite" and cast("SQLiteDatabaseWrapper", connection).is_in_memory_db():
             backend = _process_lock()
         else:
             backend = _file_lock(name)

@@ -119,15 +119,15 @@ def periodic_task(
     name: str,
     lock: str | None = None,
     retry_locked: tuple[int, float] | None = None,
-    **options: Any,
-) -> Callable[[Callable[[], Any]], Any]:
+    **options: Any,  # shared_task's options: celery ships no types
+) -> Callable[[Callable[[], object]], Any]:  # a celery task: celery ships no types
     """Make `fn` (no arguments; returns its counts, usually a dict) the Celery task `name`, run
     under the lock `lock` (default: `name`), logged and recorded as the module docstring says.
     `options` go to shared_task (time_limit, soft_time_limit, ...); results are ignored."""
     lock_name = lock or name
 
-    def decorate(fn: Callable[[], Any]) -> Any:
-        def run(task: Any) -> Any:
+    def decorate(fn: Callable[[], object]) -> Any:  # a celery task: celery ships no types
+        def run(task: Any) -> object:  # a bound celery Task: celery ships no types
             with try_lock(lock_name) as acquired:
                 if acquired:
                     return _run(name, fn)
@@ -141,7 +141,8 @@ def periodic_task(
     return decorate
 
 
-def _skip(task: Any, name: str, lock_name: str, retry_locked: tuple[int, float] | None) -> Any:
+# `task`: a bound celery Task (celery ships no types).
+def _skip(task: Any, name: str, lock_name: str, retry_locked: tuple[int, float] | None) -> dict[str, str]:
     _state_write(name, last_skipped_at=timezone.now(), total_skipped=F("total_skipped") + 1)
     request = task.request
     if retry_locked is not None and not (request.called_directly or request.is_eager):
@@ -153,7 +154,7 @@ def _skip(task: Any, name: str, lock_name: str, retry_locked: tuple[int, float] 
     return dict(SKIPPED)
 
 
-def _run(name: str, fn: Callable[[], Any]) -> Any:
+def _run(name: str, fn: Callable[[], object]) -> object:
     run = _Run(name=name)
     started = time.monotonic()
     _state_write(name, last_started_at=timezone.now())
@@ -161,10 +162,10 @@ def _run(name: str, fn: Callable[[], Any]) -> Any:
     token = _current.set(run)
     try:
         result = fn()
-    except Exception as error:
+    except Exception as exc:
         seconds = time.monotonic() - started
         logger.error("%s: failed after %.2f s (%d item(s) ok, %d failed)", name, seconds, run.items_ok, len(run.failed))
-        _finish(name, run, ok=False, error=describe(error))
+        _finish(name, run, ok=False, error=describe(exc))
         raise
     finally:
         _current.reset(token)
@@ -181,7 +182,7 @@ def _run(name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _result_error(result: Any) -> str | None:
+def _result_error(result: object) -> str | None:
     if not isinstance(result, dict):
         return None
     for key in RUN_ERROR_KEYS:
@@ -191,7 +192,7 @@ def _result_error(result: Any) -> str | None:
 
 
 def _finish(name: str, run: _Run, *, ok: bool, error: str | None) -> None:
-    changes: dict[str, Any] = {
+    changes: dict[str, object] = {
         "last_finished_at": timezone.now(),
         "last_ok": ok,
         "total_runs": F("total_runs") + 1,
@@ -209,7 +210,7 @@ def _finish(name: str, run: _Run, *, ok: bool, error: str | None) -> None:
     _state_write(name, **changes)
 
 
-def _state_write(name: str, **changes: Any) -> None:
+def _state_write(name: str, **changes: object) -> None:
     """Update the task's PeriodicTaskState row (created on first use). A database that cannot take
     the write costs the record, never the run."""
     from core.models import PeriodicTaskState

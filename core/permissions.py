@@ -14,8 +14,11 @@ from typing import Any
 from django.core.exceptions import ObjectDoesNotExist
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
+from rest_framework.views import APIView
 
 
+# The profiles are jobs' and providers' models, which core (below both) cannot name; `user` may
+# be an AnonymousUser or a User with or without them.
 def user_renter(user: Any) -> Any | None:
     """The user's renter profile, or None."""
     if not getattr(user, "is_authenticated", False):
@@ -26,6 +29,7 @@ def user_renter(user: Any) -> Any | None:
         return None
 
 
+# As user_renter: a providers.models.Provider, not nameable in core.
 def user_provider(user: Any) -> Any | None:
     """The user's provider profile, or None."""
     if not getattr(user, "is_authenticated", False):
@@ -42,7 +46,7 @@ class IsRenter(BasePermission):
     message = "This endpoint is for renters; this account has no renter profile."
     code = "not_a_renter"
 
-    def has_permission(self, request: Request, view: Any) -> bool:
+    def has_permission(self, request: Request, view: APIView) -> bool:
         return user_renter(request.user) is not None
 
 
@@ -52,5 +56,5 @@ class IsProvider(BasePermission):
     message = "This endpoint is for providers; this account has no provider profile."
     code = "not_a_provider"
 
-    def has_permission(self, request: Request, view: Any) -> bool:
+    def has_permission(self, request: Request, view: APIView) -> bool:
         return user_provider(request.user) is not None

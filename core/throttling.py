@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import redis
 from django.conf import settings
@@ -37,6 +37,11 @@ from django.http import HttpRequest, HttpResponse
 from rest_framework.throttling import SimpleRateThrottle
 
 from core.timespans import whole_seconds
+
+if TYPE_CHECKING:
+    # For the types only: DRF imports this module (DEFAULT_THROTTLE_CLASSES) while it defines APIView.
+    from rest_framework.request import Request
+    from rest_framework.views import APIView
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ _CACHE_WARNING_EVERY_S = 60.0
 _cache_warned_at = -math.inf
 
 
-def client_ip(request: Any) -> str:
+def client_ip(request: HttpRequest) -> str:
     """The client's address: the connection's (REMOTE_ADDR), or with TRUSTED_PROXIES = n > 0 the
     n-th address from the right of X-Forwarded-For (each trusted proxy appends the address it
     received the request from, so the entries left of it are whatever the client sent).
@@ -92,11 +97,11 @@ class _SettingsRateThrottle(SimpleRateThrottle):
         self.rate: str | None = None
         self.ident = ""
 
-    def scope_and_ident(self, request: Any) -> tuple[str, str] | None:
+    def scope_and_ident(self, request: Request) -> tuple[str, str] | None:
         """(scope, identity) the request counts against, or None when this throttle does not apply."""
         raise NotImplementedError
 
-    def allow_request(self, request: Any, view: Any) -> bool:
+    def allow_request(self, request: Request, view: APIView) -> bool:
         if not settings.THROTTLE_ENABLED:
             return True
         found = self.scope_and_ident(request)
@@ -113,7 +118,7 @@ class _SettingsRateThrottle(SimpleRateThrottle):
             _warn_cache_down(self.scope)
             return True
 
-    def get_cache_key(self, request: Any, view: Any) -> str:
+    def get_cache_key(self, request: Request, view: APIView) -> str:
         return self.cache_format % {"scope": self.scope, "ident": self.ident}
 
 
@@ -122,7 +127,7 @@ class PrincipalRateThrottle(_SettingsRateThrottle):
     per client address (anon). A credential that has its own limit (a machine's, a person's API
     token) says so with a `throttle_key()` method answering (scope, key)."""
 
-    def scope_and_ident(self, request: Any) -> tuple[str, str]:
+    def scope_and_ident(self, request: Request) -> tuple[str, str]:
         throttle_key = getattr(request.auth, "throttle_key", None)
         if callable(throttle_key):
             return throttle_key()
@@ -135,7 +140,7 @@ class PrincipalRateThrottle(_SettingsRateThrottle):
 class RegisterRateThrottle(_SettingsRateThrottle):
     """The agent's register endpoint, per client address (scope register)."""
 
-    def scope_and_ident(self, request: Any) -> tuple[str, str] | None:
+    def scope_and_ident(self, request: Request) -> tuple[str, str] | None:
         match = getattr(request, "resolver_match", None)
         if match is None or match.url_name not in REGISTER_URL_NAMES:
             return None

@@ -8,10 +8,10 @@ Events and usage reports are records of what happened: view-only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 from django.contrib import admin, messages
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Model, Q, QuerySet
 from django.http import HttpRequest
 
 from jobs.errors import InvalidTransition
@@ -19,8 +19,18 @@ from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
 from jobs.services import job_cancel
 from providers.admin import ReadOnlyAdmin, change_link, operator_actor
 
+if TYPE_CHECKING:
+    # django-stubs-ext is a development requirement: its names are for the types only.
+    from django_stubs_ext import WithAnnotations
 
-def _search_by_number(queryset: QuerySet[Any], search_term: str, *id_fields: str) -> tuple[QuerySet[Any], bool] | None:
+_M = TypeVar("_M", bound=Model)
+
+
+class _JobCount(TypedDict):
+    _job_count: int
+
+
+def _search_by_number(queryset: QuerySet[_M], search_term: str, *id_fields: str) -> tuple[QuerySet[_M], bool] | None:
     """A number typed in the search box means an id (operators paste job and lease ids), not
     any text containing those digits; None when the term is not a number."""
     term = search_term.strip().lstrip("#")
@@ -32,8 +42,8 @@ def _search_by_number(queryset: QuerySet[Any], search_term: str, *id_fields: str
     return queryset.filter(match), False
 
 
-def _all_fields(model: Any, *, hide: tuple[str, ...] = ()) -> list[str]:
-    return [f.name for f in model._meta.concrete_fields if f.name != "id" and f.name not in hide]
+def _all_fields(model: type[Model], *, hide: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return tuple(f.name for f in model._meta.concrete_fields if f.name != "id" and f.name not in hide)
 
 
 @admin.register(Renter)
@@ -49,8 +59,8 @@ class RenterAdmin(admin.ModelAdmin):
         return super().get_queryset(request).annotate(_job_count=Count("jobs"))
 
     @admin.display(description="jobs", ordering="_job_count")
-    def job_count(self, obj: Renter) -> int:
-        return obj._job_count  # type: ignore[attr-defined]
+    def job_count(self, obj: WithAnnotations[Renter, _JobCount]) -> int:
+        return obj._job_count
 
     def has_delete_permission(self, request: HttpRequest, obj: Renter | None = None) -> bool:
         return False
@@ -61,7 +71,7 @@ class LeaseInline(admin.TabularInline):
     extra = 0
     can_delete = False
     show_change_link = True
-    fields = [
+    fields = (
         "machine",
         "status",
         "gpu_count",
@@ -72,10 +82,10 @@ class LeaseInline(admin.TabularInline):
         "ended_at",
         "stop_requested_at",
         "stop_reason",
-    ]
+    )
     readonly_fields = fields
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Lease]:
@@ -86,14 +96,14 @@ class EventInline(admin.TabularInline):
     model = Event
     extra = 0
     can_delete = False
-    fields = ["created_at", "kind", "from_status", "to_status", "actor", "lease", "detail"]
+    fields = ("created_at", "kind", "from_status", "to_status", "actor", "lease", "detail")
     readonly_fields = fields
     ordering = ["created_at", "id"]
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
         return False
 
 
@@ -170,10 +180,10 @@ class LeaseGPUInline(admin.TabularInline):
     model = LeaseGPU
     extra = 0
     can_delete = False
-    fields = ["gpu", "active"]
+    fields = ("gpu", "active")
     readonly_fields = fields
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Lease | None = None) -> bool:
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[LeaseGPU]:

@@ -5,7 +5,7 @@ bounds are the agent API's (providers.agent_apis); the URLs are in jobs.agent_ur
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
@@ -16,6 +16,7 @@ from core.api import DecimalInputField, decimal_pattern, error_responses
 from gpgpu_agent import protocol as usage_protocol
 from jobs import services as job_services
 from providers.agent_apis import INT32_MAX, MAX_LOG_TAIL_BYTES, SIGNATURE_REGEX, AgentAPIView
+from providers.models import Machine
 
 # --- lease events ---------------------------------------------------------------------------
 
@@ -55,6 +56,7 @@ class LeaseEventApi(AgentAPIView):
             help_text="The last lines of the job's output, at most 64 KiB.",
         )
 
+        # Validated data: each field's own type.
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
             if attrs["type"] == "exited" and attrs.get("exit_code") is None:
                 raise serializers.ValidationError({"exit_code": ["is required for an exited event."]})
@@ -80,7 +82,7 @@ class LeaseEventApi(AgentAPIView):
         data.is_valid(raise_exception=True)
         v = data.validated_data
         lease, duplicate = job_services.lease_event_ingest(
-            machine=request.auth,
+            machine=cast(Machine, request.auth),  # AgentAPIView's IsMachine admits only a Machine
             lease_id=lease_id,
             event_id=v["event_id"],
             type=v["type"],
@@ -131,6 +133,7 @@ class LeaseUsageApi(AgentAPIView):
             SIGNATURE_REGEX, max_length=200, required=False, allow_blank=True, default=""
         )
 
+        # Validated data: each field's own type.
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
             if attrs["period_end"] <= attrs["period_start"]:
                 raise serializers.ValidationError({"period_end": ["must be after period_start."]})
@@ -160,7 +163,7 @@ class LeaseUsageApi(AgentAPIView):
         data.is_valid(raise_exception=True)
         v = data.validated_data
         row, created = job_services.usage_report_ingest(
-            machine=request.auth,
+            machine=cast(Machine, request.auth),  # AgentAPIView's IsMachine admits only a Machine
             lease_id=lease_id,
             report=job_services.UsageReportData(**v, payload=dict(request.data)),
         )

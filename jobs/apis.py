@@ -8,12 +8,12 @@ existence does not leak. Money is a decimal string in JSON, never a float.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.serializer_helpers import ReturnDict
 
 from core.api import (
     NamedChoiceField,
@@ -113,7 +113,7 @@ class JobSerializer(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
 
     @extend_schema_field(UnplacedReasonSerializer(allow_null=True))
-    def get_unplaced_reason(self, job: Job) -> dict[str, Any] | None:
+    def get_unplaced_reason(self, job: Job) -> ReturnDict | None:
         if job.status != Job.Status.PENDING or not job.unplaced_code:
             return None
         return UnplacedReasonSerializer(job).data

@@ -19,9 +19,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TypedDict, cast
 
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
@@ -32,7 +33,7 @@ from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import Conflict, IdempotencyKeyReused, InvalidTransition, NotFound, ValidationFailed
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
 from providers import services as providers_services
-from providers.models import GPU
+from providers.models import GPU, Machine
 from providers.services import usage_signing_chain_id
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def event_record(
     lease_id: int | None = None,
     from_status: str = "",
     to_status: str = "",
-    detail: dict[str, Any] | None = None,
+    detail: dict[str, object] | None = None,
     idempotency_key: str | None = None,
 ) -> Event:
     return Event.objects.create(
@@ -79,8 +80,8 @@ def _job_move(
     actor: str,
     kind: str,
     lease_id: int | None = None,
-    detail: dict[str, Any] | None = None,
-    **fields: Any,
+    detail: dict[str, object] | None = None,
+    **fields: object,
 ) -> bool:
     """Move a job from one of `from_statuses` to `to`; False (and no change) if it was not in
     one of them. The caller holds a transaction."""
@@ -365,7 +366,7 @@ def lease_request_stop(*, lease_id: int, reason: str, actor: str) -> bool:
 
 
 # GPU state after a lease ends, by why it ended.
-_GPU_STATE_AFTER = {
+_GPU_STATE_AFTER: dict[str, GPU.State] = {
     ER.PREEMPTED_BY_OWNER: GPU.State.OWNER_BUSY,
     ER.LOST: GPU.State.OFFLINE,
     ER.MACHINE_SUSPENDED: GPU.State.OFFLINE,
@@ -442,10 +443,17 @@ def lease_end(
     return True
 
 
+class _JobMoveCommon(TypedDict):
+    job_id: int
+    from_statuses: list[str]
+    actor: str
+    lease_id: int
+
+
 def _job_after_lease(*, lease: Lease, reason: str, exit_code: int | None, detail: str, actor: str) -> None:
     job = Job.objects.get(pk=lease.job_id)
-    live = [JS.SCHEDULED, JS.RUNNING]
-    common = {"job_id": job.pk, "from_statuses": live, "actor": actor, "lease_id": lease.pk}
+    live: list[str] = [JS.SCHEDULED, JS.RUNNING]
+    common: _JobMoveCommon = {"job_id": job.pk, "from_statuses": live, "actor": actor, "lease_id": lease.pk}
     if reason == ER.SUCCEEDED:
         _job_move(**common, to=JS.SUCCEEDED, kind="job.succeeded", exit_code=exit_code)
     elif reason == ER.FAILED:
@@ -518,7 +526,7 @@ def leases_end_of_refused_kinds(*, machine_id: int, kinds: frozenset[str]) -> No
         )
 
 
-def _by_gpu_index(lease_gpu: Any) -> int:
+def _by_gpu_index(lease_gpu: LeaseGPU) -> int:
     return lease_gpu.gpu.index
 
 
@@ -604,7 +612,7 @@ class MachineLeases:
         return leases_heartbeat_orders(machine_id=machine_id, listed=listed, kinds=kinds)
 
 
-def renter_create(*, user: Any, display_name: str) -> Renter:
+def renter_create(*, user: User, display_name: str) -> Renter:
     return Renter.objects.create(user=user, display_name=display_name)
 
 
@@ -631,7 +639,7 @@ def _clamp(at: datetime | None, *, lower: datetime, upper: datetime) -> datetime
 
 def lease_event_ingest(
     *,
-    machine: Any,
+    machine: Machine,
     lease_id: int,
     event_id: str,
     type: str,
@@ -729,10 +737,10 @@ class UsageReportData:
     mean_utilization_pct: float | None = None
     peak_memory_mb: int | None = None
     signature: str = ""
-    payload: dict[str, Any] | None = None
+    payload: dict[str, object] | None = None
 
 
-def _usage_signature_verify(*, machine: Any, lease_id: int, report: UsageReportData) -> str:
+def _usage_signature_verify(*, machine: Machine, lease_id: int, report: UsageReportData) -> str:
     """The address whose signature over exactly `report`'s fields was verified, or "" when the
     machine has no signing address (an older agent: the report is accepted and recorded as
     unsigned). Raises ValidationFailed `usage_signature_invalid` when the machine has a signing
@@ -780,7 +788,7 @@ def usage_reports_max(*, max_duration_s: int) -> int:
     return USAGE_REPORTS_EXTRA + max_duration_s // USAGE_REPORT_MIN_SPACING_S
 
 
-def usage_report_ingest(*, machine: Any, lease_id: int, report: UsageReportData) -> tuple[UsageReport, bool]:
+def usage_report_ingest(*, machine: Machine, lease_id: int, report: UsageReportData) -> tuple[UsageReport, bool]:
     """Store a usage report of one of the machine's leases; returns (report, created).
 
     A repeated `report_id` for the lease returns the stored report and False, whatever its
@@ -941,7 +949,8 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
         # spent, suspension) nothing after the request is.
         end_at = stop_requested_at
         if (stop_reason or ER.MAX_DURATION) == ER.MAX_DURATION and started_at is not None:
-            end_at = min(stop_requested_at, started_at + timedelta(seconds=max_duration_s))
+            # cast: the filter on stop_requested_at excludes NULL.
+            end_at = min(cast(datetime, stop_requested_at), started_at + timedelta(seconds=max_duration_s))
         with periodic.item("lease", lease_id):
             ended_after_stop += lease_end(
                 lease_id=lease_id,
@@ -959,7 +968,7 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
         .order_by("pk")
         .values_list("pk", "started_at", "job__max_duration_s")
     ):
-        if started_at + timedelta(seconds=max_duration_s) < now:
+        if cast(datetime, started_at) + timedelta(seconds=max_duration_s) < now:  # the filter excludes NULL
             with periodic.item("lease", lease_id):
                 stops_requested += lease_request_stop(lease_id=lease_id, reason=ER.MAX_DURATION, actor="sweeper")
     return LeaseSweepResult(

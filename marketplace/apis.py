@@ -4,12 +4,11 @@ and schema as the rest of /api/v1/jobs/ (jobs.apis)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.serializer_helpers import ReturnDict
 
 from billing import metering as billing_metering
 from billing import selectors as billing_selectors
@@ -59,9 +58,10 @@ class JobDetailSerializer(JobSerializer):
     budget = JobBudgetSerializer(help_text="The job's budget, in tokens: see docs/billing.md.")
 
 
-def _job_detail(job: Job) -> dict[str, Any]:
-    job.current_lease = selectors.job_current_lease(job=job)
-    job.budget = billing_selectors.job_budget(job_id=job.pk)
+def _job_detail(job: Job) -> ReturnDict:
+    # For JobDetailSerializer alone, not fields of the model.
+    job.current_lease = selectors.job_current_lease(job=job)  # type: ignore[attr-defined]
+    job.budget = billing_selectors.job_budget(job_id=job.pk)  # type: ignore[attr-defined]
     return JobDetailSerializer(job).data
 
 

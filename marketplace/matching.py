@@ -124,7 +124,7 @@ class MatchResult:
     conflicts: int = 0
     seconds: float = 0.0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, float]:
         return {
             "considered": self.considered,
             "placed": self.placed,
@@ -370,7 +370,8 @@ class _Fleet:
         # are usually uniform, so a request checks one group per machine.
         self._grouped: list[tuple[str, float, int, list[tuple[str, int, list[int]]]]] | None = None
         self._shapes: dict[tuple[frozenset[str], int, int, int], _Shape] = {}
-        self._reasons: dict[tuple[Any, ...], tuple[str, str]] = {}
+        # (models, min VRAM, GPU count, region, max price, duration, kind bit) -> reason
+        self._reasons: dict[tuple[frozenset[str], int, int, str, int, int, int], tuple[str, str]] = {}
 
     def _machines_grouped(self) -> list[tuple[str, float, int, list[tuple[str, int, list[int]]]]]:
         if self._grouped is None:
@@ -555,7 +556,7 @@ _JOB_FIELDS = (
 )
 
 
-def _job_from_row(row: tuple[Any, ...]) -> _Job:
+def _job_from_row(row: tuple[Any, ...]) -> _Job:  # values_list(*_JOB_FIELDS): each of its field's type
     job_id, created_at, gpu_count, min_vram_mb, allowed, region, max_price, duration, kind = row
     allowed = [str(m) for m in (allowed or []) if str(m).strip()]
     return _Job(
@@ -617,7 +618,7 @@ _Chosen = tuple[_Job, _Machine, list[tuple[int, int]]]
 def _match_jobs(pool: _Pool, jobs: Sequence[_Job]) -> list[_Chosen]:
     """Match jobs in order against the pool, taking the GPUs each placement uses."""
     placements: list[_Chosen] = []
-    hopeless: set[tuple[Any, ...]] = set()  # the pool only shrinks while matching
+    hopeless: set[tuple[tuple[frozenset[str], int, str, int], int, int, int]] = set()  # the pool only shrinks
     for job in jobs:
         key = (job.shape, job.gpu_count, job.max_price, job.duration_s)
         if key in hopeless:

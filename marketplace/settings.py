@@ -13,6 +13,7 @@ import secrets
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -282,7 +283,8 @@ AXES_HTTP_RESPONSE_CODE = 429
 # a 16-GPU machine are about 10 KiB).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 256 * 1024, minimum=1024)
 
-REST_FRAMEWORK = {
+# DRF's settings: values of several types (lists, dicts, strings, numbers), as DRF reads them.
+REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "accounts.auth.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",

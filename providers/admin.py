@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from django import forms
 from django.contrib import admin, messages
@@ -43,6 +43,19 @@ from providers.models import (
     TelemetrySample,
 )
 
+if TYPE_CHECKING:
+    # django-stubs-ext is a development requirement: its names are for the types only.
+    from django_stubs_ext import WithAnnotations
+
+
+class _MachineCount(TypedDict):
+    _machine_count: int
+
+
+class _GpuCount(TypedDict):
+    _gpu_count: int
+
+
 # --- providers and registration tokens ------------------------------------------------------
 
 
@@ -60,9 +73,9 @@ class ProviderAdmin(admin.ModelAdmin):
         return super().get_queryset(request).annotate(_machine_count=Count("machines"))
 
     @admin.display(description="machines", ordering="_machine_count")
-    def machine_count(self, obj: Provider) -> str:
+    def machine_count(self, obj: WithAnnotations[Provider, _MachineCount]) -> str:
         url = reverse("admin:providers_machine_changelist") + f"?provider__id__exact={obj.pk}"
-        return format_html('<a href="{}">{}</a>', url, obj._machine_count)  # type: ignore[attr-defined]
+        return format_html('<a href="{}">{}</a>', url, obj._machine_count)
 
     def has_delete_permission(self, request: HttpRequest, obj: Provider | None = None) -> bool:
         # Machines, leases and the ledger refer to providers: they are never deleted.
@@ -95,7 +108,7 @@ class RegistrationTokenAdmin(admin.ModelAdmin):
     list_select_related = ["provider", "machine"]
     raw_id_fields = ["provider"]
     date_hierarchy = "created_at"
-    fields = ["provider", "label", "prefix", "created_at", "expires_at", "used_at", "machine"]
+    fields = ("provider", "label", "prefix", "created_at", "expires_at", "used_at", "machine")
 
     @admin.display(description="token", ordering="prefix")
     def token_prefix(self, obj: RegistrationToken) -> str:
@@ -107,15 +120,16 @@ class RegistrationTokenAdmin(admin.ModelAdmin):
             return "used"
         return "expired" if obj.expires_at <= timezone.now() else "unused"
 
+    # ModelAdmin.get_form's options for the form factory, untyped in django-stubs too.
     def get_form(
-        self, request: HttpRequest, obj: RegistrationToken | None = None, **kwargs: Any
+        self, request: HttpRequest, obj: RegistrationToken | None = None, change: bool = False, **kwargs: Any
     ) -> type[forms.ModelForm]:
         if obj is None:
             kwargs["form"] = RegistrationTokenAddForm
-        return super().get_form(request, obj, **kwargs)
+        return super().get_form(request, obj, change, **kwargs)
 
-    def get_fields(self, request: HttpRequest, obj: RegistrationToken | None = None) -> list[str]:
-        return ["provider", "label"] if obj is None else list(self.fields)
+    def get_fields(self, request: HttpRequest, obj: RegistrationToken | None = None) -> tuple[str, ...]:
+        return ("provider", "label") if obj is None else self.fields
 
     def get_readonly_fields(self, request: HttpRequest, obj: RegistrationToken | None = None) -> list[str]:
         return [] if obj is None else ["provider", "prefix", "created_at", "expires_at", "used_at", "machine"]
@@ -143,7 +157,7 @@ class GPUInline(admin.TabularInline):
     extra = 0
     can_delete = False
     show_change_link = True
-    fields = [
+    fields = (
         "index",
         "uuid",
         "model",
@@ -155,10 +169,10 @@ class GPUInline(admin.TabularInline):
         "memory_used_mb",
         "temperature_c",
         "last_telemetry_at",
-    ]
+    )
     readonly_fields = fields
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Machine | None = None) -> bool:
         return False
 
 
@@ -166,6 +180,7 @@ def _yes_no(value: bool | None) -> str:
     return "unknown" if value is None else ("yes" if value else "no")
 
 
+# `limits`: JSON from the machine's reported capabilities.
 def _limits_text(limits: dict[str, Any] | None) -> str:
     if not limits:
         return "not reported"
@@ -179,6 +194,7 @@ def _limits_text(limits: dict[str, Any] | None) -> str:
     return ", ".join(parts) or "none"
 
 
+# `isolation`: JSON from the machine's reported capabilities.
 def _isolation_rows(kind: str, isolation: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, text) rows describing how the machine isolates one job kind."""
 
@@ -237,7 +253,7 @@ class MachineAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     inlines = [GPUInline]
     actions = ["suspend", "unsuspend", "rotate_credential", "revoke_credential", "remove"]
-    fields = [
+    fields = (
         "provider",
         "hostname",
         "region",
@@ -258,7 +274,7 @@ class MachineAdmin(admin.ModelAdmin):
         "disk_gb",
         "last_heartbeat_at",
         "created_at",
-    ]
+    )
     # All of it is the agent's report or the result of a service: the status changes only
     # through the actions below.
     readonly_fields = fields
@@ -267,8 +283,8 @@ class MachineAdmin(admin.ModelAdmin):
         return super().get_queryset(request).annotate(_gpu_count=Count("gpus"))
 
     @admin.display(description="GPUs", ordering="_gpu_count")
-    def gpu_count(self, obj: Machine) -> int:
-        return obj._gpu_count  # type: ignore[attr-defined]
+    def gpu_count(self, obj: WithAnnotations[Machine, _GpuCount]) -> int:
+        return obj._gpu_count
 
     @admin.display(description="credential")
     def credential(self, obj: Machine) -> str:
@@ -406,7 +422,7 @@ class MachineCredentialRevocationAdmin(ReadOnlyAdmin):
     search_fields = ["=machine__id", "machine__hostname", "actor", "reason"]
     list_select_related = ["machine"]
     date_hierarchy = "revoked_at"
-    fields = ["machine", "kind", "reason", "actor", "revoked_at", "digest_prefix"]
+    fields = ("machine", "kind", "reason", "actor", "revoked_at", "digest_prefix")
     readonly_fields = fields
 
     @admin.display(description="machine", ordering="machine__hostname")
@@ -436,7 +452,7 @@ class GPUAdmin(admin.ModelAdmin):
     list_filter = ["state", "model", "machine__region", "machine__status"]
     search_fields = ["uuid", "model", "machine__hostname", "machine__provider__display_name"]
     list_select_related = ["machine", "machine__provider"]
-    fields = [
+    fields = (
         "machine",
         "index",
         "uuid",
@@ -452,7 +468,7 @@ class GPUAdmin(admin.ModelAdmin):
         "power_w",
         "last_telemetry_at",
         "last_24_hours",
-    ]
+    )
     readonly_fields = [f for f in fields if f != "price_floor"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[GPU]:

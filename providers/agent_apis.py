@@ -7,11 +7,13 @@ validated strictly (lengths, ranges, finite numbers) and a refusal changes nothi
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, serializers, status
+from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -23,7 +25,7 @@ from core.api import (
 )
 from providers import services
 from providers.auth import IsMachine, MachineAuthentication
-from providers.models import JobKind
+from providers.models import JobKind, Machine
 
 MAX_GPUS_PER_MACHINE = 64
 MAX_LEASES_PER_HEARTBEAT = 128
@@ -44,8 +46,8 @@ class AgentAPIView(BaseApi):
     permission_classes = [IsMachine]
 
 
-def _unique(items: list[dict[str, Any]], key: str, what: str) -> None:
-    seen: set[Any] = set()
+def _unique(items: Sequence[Mapping[str, object]], key: str, what: str) -> None:
+    seen: set[object] = set()
     for item in items:
         if item[key] in seen:
             raise serializers.ValidationError(f"{what} {item[key]!r} appears more than once.")
@@ -58,7 +60,7 @@ def _unique(items: list[dict[str, Any]], key: str, what: str) -> None:
 class RegisterApi(AgentAPIView):
     """Trade a one-time registration token for this machine's credential (shown once)."""
 
-    authentication_classes: list[Any] = []
+    authentication_classes: list[type[BaseAuthentication]] = []
     permission_classes = [permissions.AllowAny]
 
     class InputSerializer(serializers.Serializer):
@@ -234,7 +236,7 @@ class RefusedKindsSerializer(serializers.Serializer):
     process = serializers.CharField(max_length=300, required=False, allow_null=True, default=None)
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any) -> Any:  # JSON-like values of whatever shape the serializers gave
     """Validated data as plain JSON values (dicts, lists), for the JSONField."""
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
@@ -273,6 +275,7 @@ class CapabilitiesSerializer(serializers.Serializer):
             raise serializers.ValidationError("Each kind may appear once.")
         return value
 
+    # Validated data: each field's own type.
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         errors: dict[str, list[str]] = {}
         refused = {kind: why for kind, why in (attrs.get("refused") or {}).items() if why}
@@ -312,19 +315,22 @@ class HeartbeatApi(AgentAPIView):
         ram_mb = serializers.IntegerField(min_value=0, max_value=10**12, required=False, allow_null=True)
         disk_gb = serializers.IntegerField(min_value=0, max_value=10**9, required=False, allow_null=True)
         region = serializers.CharField(max_length=64, required=False, allow_blank=True, allow_null=True)
-        gpus = GpuReportSerializer(many=True, max_length=MAX_GPUS_PER_MACHINE)
-        leases = LeaseReportSerializer(many=True, max_length=MAX_LEASES_PER_HEARTBEAT, required=False)
+        # With many=True, DRF hands max_length to the ListSerializer; the stubs' signature lacks it.
+        gpus = GpuReportSerializer(many=True, max_length=MAX_GPUS_PER_MACHINE)  # type: ignore[call-arg]
+        leases = LeaseReportSerializer(many=True, max_length=MAX_LEASES_PER_HEARTBEAT, required=False)  # type: ignore[call-arg]
         capabilities = CapabilitiesSerializer(
             required=False,
             allow_null=True,
             help_text="Which job kinds the machine accepts and how it isolates them; omitted or null: unchanged.",
         )
 
+        # Validated reports: each field's own type.
         def validate_gpus(self, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
             _unique(value, "uuid", "GPU uuid")
             _unique(value, "index", "GPU index")
             return value
 
+        # Validated reports: each field's own type.
         def validate_leases(self, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
             _unique(value, "lease_id", "lease_id")
             return value
@@ -355,7 +361,8 @@ class HeartbeatApi(AgentAPIView):
             capabilities=v.get("capabilities"),
             **{name: v.get(name) for name in MACHINE_FACTS},
         )
-        reply = services.machine_heartbeat(machine=request.auth, report=report)
+        # IsMachine admits only a request whose auth is a Machine.
+        reply = services.machine_heartbeat(machine=cast(Machine, request.auth), report=report)
         return Response(self.OutputSerializer(reply).data)
 
 
@@ -393,7 +400,7 @@ class CredentialRotateApi(AgentAPIView):
     def post(self, request: Request) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        machine = request.auth
+        machine = cast(Machine, request.auth)  # IsMachine admits only a request whose auth is a Machine
         credential = services.machine_credential_rotate(
             machine=machine,
             actor=f"machine:{machine.pk}",

@@ -18,6 +18,7 @@ from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.serializer_helpers import ReturnDict
 
 from core.api import (
     BaseApi,
@@ -33,7 +34,7 @@ from core.api import (
 from providers import selectors, services
 from providers.agent_apis import CapabilitiesSerializer
 from providers.availability import DAY_NAMES, FOREVER, mask_to_days
-from providers.models import GPU, Machine, Provider, RegistrationToken
+from providers.models import GPU, AvailabilityWindow, Machine, Provider, RegistrationToken
 
 PRICE_MAX = services.PRICE_FLOOR_MAX
 # Bounds on search filters, so a query string cannot ask for something absurd.
@@ -125,7 +126,8 @@ class GpuSearchApi(BaseApi):
         paginator, page = self.paginate(queryset)
         availability = selectors.gpus_availability(gpus=page)
         for gpu in page:
-            gpu.availability = availability[gpu.pk]
+            # For MarketGpuSerializer alone, not a field of the model.
+            gpu.availability = availability[gpu.pk]  # type: ignore[attr-defined]
         return paginator.get_paginated_response(MarketGpuSerializer(page, many=True).data)
 
 
@@ -139,7 +141,8 @@ class MachineSummarySerializer(serializers.Serializer):
     region = serializers.CharField()
     agent_version = serializers.CharField()
     last_heartbeat_at = serializers.DateTimeField(allow_null=True)
-    gpu_count = serializers.IntegerField()
+    # Declared wider: MachineDetailSerializer counts the GPUs itself.
+    gpu_count: serializers.Field = serializers.IntegerField()
     accepts_container = serializers.BooleanField(help_text="Container jobs may be placed on it.")
     accepts_process = serializers.BooleanField(
         help_text="Process jobs may be placed on it: only when its agent says the provider opted in."
@@ -189,7 +192,7 @@ class MachineDetailSerializer(MachineSummarySerializer):
     gpus = ProviderGpuSerializer(many=True)
 
     @extend_schema_field(OpenApiTypes.INT)
-    def get_gpu_count(self, machine: Any) -> int:
+    def get_gpu_count(self, machine: Machine) -> int:
         return len(machine.gpus.all())
 
 
@@ -228,11 +231,12 @@ class MachineDetailApi(ProviderApi):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-def _machine_detail(*, provider: Provider, machine_id: int) -> Any:
+def _machine_detail(*, provider: Provider, machine_id: int) -> ReturnDict:
     machine = selectors.machine_get_for_provider(provider=provider, machine_id=machine_id)
     until = selectors.machine_available_until(machine=machine, now=timezone.now())
-    machine.schedule_open_now = until is not None
-    machine.schedule_open_until = None if until in (None, FOREVER) else until
+    # For MachineDetailSerializer alone, not fields of the model.
+    machine.schedule_open_now = until is not None  # type: ignore[attr-defined]
+    machine.schedule_open_until = None if until in (None, FOREVER) else until  # type: ignore[attr-defined]
     return MachineDetailSerializer(machine).data
 
 
@@ -304,7 +308,10 @@ class MachineGpuApi(ProviderApi):
         data = self.PriceFloorInput(data=request.data)
         data.is_valid(raise_exception=True)
         gpu = services.gpu_price_floor_set(gpu=gpu, price_floor=data.validated_data["price_floor"])
-        gpu.effective_price = gpu.price_floor if gpu.price_floor is not None else self.provider.default_price_floor
+        # For ProviderGpuSerializer alone, as machine_get_for_provider annotates it.
+        gpu.effective_price = (  # type: ignore[attr-defined]
+            gpu.price_floor if gpu.price_floor is not None else self.provider.default_price_floor
+        )
         return Response(ProviderGpuSerializer(gpu).data)
 
 
@@ -354,6 +361,7 @@ class ProviderProfileApi(ProviderApi):
 class DaysField(serializers.ListField):
     child = serializers.ChoiceField(choices=list(DAY_NAMES))
 
+    # The stored day mask, an int, where ListField's stubs expect a list.
     def to_representation(self, data: Any) -> list[str]:
         return mask_to_days(data)
 
@@ -362,6 +370,7 @@ class DaysField(serializers.ListField):
 class HourMinuteField(serializers.TimeField):
     """A local time of day as HH:MM, in and out."""
 
+    # TimeField's other options, passed on as they are.
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(format="%H:%M", input_formats=["%H:%M"], **kwargs)
 
@@ -390,6 +399,7 @@ class WindowInput(StrictInputSerializer):
     timezone = NamedChoiceField(TIME_ZONES, enum_name="TimeZone", help_text="An IANA time zone, e.g. Europe/Paris.")
 
 
+# Validated input of mixed types, passed on as the service's keyword arguments.
 def _window_service_args(data: Mapping[str, Any]) -> dict[str, Any]:
     renames = {"machine": "machine_id", "timezone": "timezone_name"}
     return {renames.get(key, key): value for key, value in data.items()}
@@ -419,7 +429,7 @@ class WindowListApi(ProviderApi):
 
 
 class WindowDetailApi(ProviderApi):
-    def _window(self, window_id: int) -> Any:
+    def _window(self, window_id: int) -> AvailabilityWindow:
         return selectors.availability_window_get(provider=self.provider, window_id=window_id)
 
     @extend_schema(
@@ -540,7 +550,8 @@ class BlackoutDetailApi(ProviderApi):
 class RegistrationTokenSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     prefix = serializers.CharField(help_text="The token's first characters, to tell tokens apart.")
-    label = serializers.CharField()
+    # Declared fields are taken off the class by DRF's metaclass: this does not replace Field.label.
+    label = serializers.CharField()  # type: ignore[assignment]
     created_at = serializers.DateTimeField()
     expires_at = serializers.DateTimeField()
     used_at = serializers.DateTimeField(allow_null=True)
@@ -558,14 +569,18 @@ class RegistrationTokenCreatedSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     token = serializers.CharField(help_text="Shown once: give it to the agent's register call.")
     prefix = serializers.CharField()
-    label = serializers.CharField()
+    # Declared fields are taken off the class by DRF's metaclass: this does not replace Field.label.
+    label = serializers.CharField()  # type: ignore[assignment]
     created_at = serializers.DateTimeField()
     expires_at = serializers.DateTimeField()
 
 
 class RegistrationTokenApi(ProviderApi):
     class TokenInput(StrictInputSerializer):
-        label = serializers.CharField(required=False, allow_blank=True, max_length=100, default="")
+        # Declared fields are taken off the class by DRF's metaclass: this does not replace Field.label.
+        label = serializers.CharField(  # type: ignore[assignment]
+            required=False, allow_blank=True, max_length=100, default=""
+        )
 
     @extend_schema(
         tags=["machines"],
@@ -587,5 +602,5 @@ class RegistrationTokenApi(ProviderApi):
         data = self.TokenInput(data=request.data)
         data.is_valid(raise_exception=True)
         token, raw = services.registration_token_create(provider=self.provider, label=data.validated_data["label"])
-        token.token = raw
+        token.token = raw  # type: ignore[attr-defined]  # the raw token, for the answer alone: never stored
         return Response(RegistrationTokenCreatedSerializer(token).data, status=status.HTTP_201_CREATED)

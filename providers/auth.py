@@ -6,16 +6,23 @@ A machine is not a person: authentication yields an anonymous user and the Machi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from django.contrib.auth.models import AnonymousUser
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
+from rest_framework.request import Request
+from rest_framework.views import APIView
 
 from gpgpu_agent import protocol
 from providers.errors import MachineCredentialRevoked
 from providers.models import Machine
 from providers.services import machine_authenticate
+
+if TYPE_CHECKING:
+    # For the type only: drf_spectacular.openapi imports DRF's views, which import the
+    # authentication classes in settings while they are defined.
+    from drf_spectacular.openapi import AutoSchema
 
 MACHINE_CREDENTIAL_MAX_LENGTH = 200
 
@@ -31,7 +38,7 @@ class MachineAuthentication(authentication.BaseAuthentication):
 
     keyword = protocol.AUTH_SCHEME
 
-    def authenticate(self, request: Any) -> tuple[AnonymousUser, Machine] | None:
+    def authenticate(self, request: Request) -> tuple[AnonymousUser, Machine] | None:
         header = authentication.get_authorization_header(request).split()
         if not header or header[0].lower() != self.keyword.lower().encode():
             return None
@@ -61,14 +68,14 @@ class MachineAuthentication(authentication.BaseAuthentication):
             )
         return AnonymousUser(), machine
 
-    def authenticate_header(self, request: Any) -> str:
+    def authenticate_header(self, request: Request) -> str:
         return self.keyword
 
 
 class IsMachine(permissions.BasePermission):
     """Admits requests authenticated by MachineAuthentication."""
 
-    def has_permission(self, request: Any, view: Any) -> bool:
+    def has_permission(self, request: Request, view: APIView) -> bool:
         return isinstance(request.auth, Machine)
 
 
@@ -76,7 +83,7 @@ class MachineCredentialScheme(OpenApiAuthenticationExtension):
     target_class = "providers.auth.MachineAuthentication"
     name = "machineAuth"
 
-    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+    def get_security_definition(self, auto_schema: AutoSchema) -> dict[str, str]:
         return {
             "type": "apiKey",
             "in": "header",

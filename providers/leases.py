@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from django.db.models import Exists
+
+if TYPE_CHECKING:
+    # For the types only: providers.services imports this module.
+    from providers.services import LeaseStart, LeaseStop
 
 
 class MachineLeases(Protocol):
@@ -28,12 +34,12 @@ class MachineLeases(Protocol):
     def active_gpu_ids(self, *, machine_id: int) -> set[int]:
         """The machine's GPUs that are in an active lease."""
 
-    def gpu_in_active_lease(self) -> Any:
+    def gpu_in_active_lease(self) -> Exists:
         """An expression for a GPU queryset's annotation: True while the GPU is in an active lease."""
 
     def heartbeat_orders(
         self, *, machine_id: int, listed: set[int], kinds: frozenset[str]
-    ) -> tuple[list[Any], list[Any]]:
+    ) -> tuple[list[LeaseStart], list[LeaseStop]]:
         """The heartbeat reply's lease orders: (start, stop), lists of providers.services.LeaseStart
         and LeaseStop."""
 

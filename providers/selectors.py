@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING, TypedDict
 
 from django.db.models import Count, Prefetch, Q, QuerySet
 from django.db.models.functions import Coalesce
@@ -16,6 +17,17 @@ from providers.availability import FOREVER, Interval, WindowSpec, available_unti
 from providers.errors import NotFound
 from providers.leases import machine_leases
 from providers.models import GPU, AvailabilityWindow, Blackout, Machine, Provider, RegistrationToken
+
+if TYPE_CHECKING:
+    # django-stubs-ext is a development requirement: its names are for the types only.
+    from django_stubs_ext import WithAnnotations
+
+
+class MarketAnnotations(TypedDict):
+    """What gpu_market_queryset annotates each GPU with."""
+
+    effective_price: Decimal
+    in_active_lease: bool
 
 
 def machines_available_until(*, machines: Iterable[tuple[int, int]], now: datetime) -> dict[int, datetime | None]:
@@ -82,7 +94,7 @@ class GpuAvailability:
     forever: bool
 
 
-def gpu_market_queryset() -> QuerySet[GPU]:
+def gpu_market_queryset() -> QuerySet[WithAnnotations[GPU, MarketAnnotations]]:
     """GPUs on the market (any machine not suspended by an operator), annotated with
     `effective_price` (the GPU's floor, else its provider's default) and `in_active_lease`,
     cheapest first."""
@@ -97,7 +109,9 @@ def gpu_market_queryset() -> QuerySet[GPU]:
     )
 
 
-def _placeable_now(queryset: QuerySet[GPU]) -> QuerySet[GPU]:
+def _placeable_now(
+    queryset: QuerySet[WithAnnotations[GPU, MarketAnnotations]],
+) -> QuerySet[WithAnnotations[GPU, MarketAnnotations]]:
     return queryset.filter(state=GPU.State.IDLE, machine__status=Machine.Status.ONLINE, in_active_lease=False)
 
 
@@ -109,7 +123,7 @@ def gpu_search(
     region: str = "",
     available_now: bool | None = None,
     now: datetime | None = None,
-) -> QuerySet[GPU]:
+) -> QuerySet[WithAnnotations[GPU, MarketAnnotations]]:
     """The market's GPUs matching every filter given (see gpu_market_queryset).
 
     models: any of these model names, case-insensitive. max_price: the effective floor is at

@@ -37,6 +37,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -72,7 +73,7 @@ def secret_digest(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def provider_create(*, user, display_name: str, payout_address: str = "") -> Provider:  # type: ignore[no-untyped-def]
+def provider_create(*, user: User, display_name: str, payout_address: str = "") -> Provider:
     return Provider.objects.create(user=user, display_name=display_name, payout_address=payout_address)
 
 
@@ -132,6 +133,7 @@ class _Unset:
         return "UNSET"
 
 
+# Typed loosely so that it can be the default of a parameter of any type.
 UNSET: Any = _Unset()
 
 
@@ -163,7 +165,7 @@ def provider_update(
     (0x + 40 hex digits) or "" to clear it. default_price_floor: 0 to PRICE_FLOOR_MAX per GPU-hour,
     at most 6 decimal places. Raises ValidationFailed and changes nothing on bad input.
     """
-    changes: dict[str, Any] = {}
+    changes: dict[str, object] = {}
     if display_name is not UNSET:
         name = (display_name or "").strip()
         if not 1 <= len(name) <= 100:
@@ -204,7 +206,7 @@ def _provider_machine(*, provider: Provider, machine_id: int | None) -> Machine 
 
 def _window_fields(
     *, days: Iterable[str | int], start_time: time, end_time: time, timezone_name: str
-) -> dict[str, Any]:
+) -> dict[str, object]:
     try:
         mask = days_to_mask(days)
     except (TypeError, ValueError) as exc:
@@ -636,7 +638,7 @@ class HeartbeatReport:
     region: str | None = None
     # The validated `capabilities` object (see providers.agent_apis.CapabilitiesSerializer);
     # None keeps what is stored.
-    capabilities: Mapping[str, Any] | None = None
+    capabilities: Mapping[str, Any] | None = None  # JSON values, checked by that serializer
 
 
 @dataclass(frozen=True)
@@ -773,7 +775,7 @@ def _heartbeat_machine_lock(*, machine: Machine) -> Machine:
 def _machine_facts_record(*, machine: Machine, report: HeartbeatReport, now: datetime) -> frozenset[str]:
     """Write what the agent reports of the machine (versions, sizes, region, capabilities) and its
     last heartbeat, and put it online unless suspended; returns the job kinds it accepts now."""
-    facts: dict[str, Any] = {
+    facts: dict[str, object] = {
         name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None
     }
     if report.capabilities is not None:
@@ -865,7 +867,8 @@ def _gpu_reported(gpu: GPU, gr: GpuReport, *, leased: bool, now: datetime) -> No
     gpu.last_telemetry_at = now
 
 
-def _capability_facts(capabilities: Mapping[str, Any], *, now: datetime) -> dict[str, Any]:
+# `capabilities`: JSON values, checked by the agent API's serializer.
+def _capability_facts(capabilities: Mapping[str, Any], *, now: datetime) -> dict[str, object]:
     """The Machine fields a reported `capabilities` object sets. Its shape was validated by the
     agent API; the kinds are checked again here because they decide what may run."""
     kinds = list(capabilities.get("kinds") or [])

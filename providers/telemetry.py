@@ -12,7 +12,7 @@ that a single run would not.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,7 +48,8 @@ def hour_floor(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def _hourly_aggregates(samples: QuerySet[TelemetrySample]) -> QuerySet[Any]:
+# Rows of aggregates: the stubs type their values loosely.
+def _hourly_aggregates(samples: QuerySet[TelemetrySample]) -> QuerySet[TelemetrySample, Mapping[str, Any]]:
     """One row per (gpu_id, hour) of `samples`, computed by the database: a GROUP BY over
     date_trunc('hour', at), never a loop over raw rows in Python."""
     return (
@@ -68,7 +69,8 @@ def _hourly_aggregates(samples: QuerySet[TelemetrySample]) -> QuerySet[Any]:
     )
 
 
-def _point(row: dict[str, Any]) -> dict[str, Any]:
+# `row`: one of _hourly_aggregates' rows.
+def _point(row: Mapping[str, Any]) -> dict[str, object]:
     """An aggregate row as rollup field values."""
     n = row["n"]
     return {
@@ -110,6 +112,7 @@ def _write_rollups(*, start: datetime, end: datetime, overwrite: bool) -> int:
     otherwise left alone. Returns how many (gpu, hour) summaries were computed."""
     rows = _hourly_aggregates(TelemetrySample.objects.filter(at__gte=start, at__lt=end))
     rollups = (TelemetryRollup(gpu_id=row["gpu_id"], hour=row["hour"], **_point(row)) for row in rows.iterator())
+    # bulk_create's options, of several types.
     conflict: dict[str, Any] = (
         {"update_conflicts": True, "unique_fields": ["gpu", "hour"], "update_fields": list(ROLLUP_FIELDS)}
         if overwrite
@@ -170,6 +173,7 @@ def telemetry_prune(*, now: datetime | None = None) -> int:
     return samples_deleted + rollups_deleted
 
 
+# Each point's values are of its key's type (the docstring lists them).
 def gpu_history(*, gpu: GPU, since: datetime, until: datetime) -> list[dict[str, Any]]:
     """Hourly telemetry of one GPU for the hours overlapping [since, until), oldest first.
 

@@ -25,7 +25,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from types import FrameType
+from typing import IO
 
 from web3 import Web3
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"anvil listening on {node.url}" + (f", state in {args.state}" if args.state else ""), flush=True)
 
-    def forward(signum: int, frame: Any) -> None:
+    def forward(signum: int, frame: FrameType | None) -> None:
         # Only pass the signal on: anvil then writes its state and exits, which ends the wait below.
         # (Waiting on the process here, inside the handler, would deadlock with that wait.)
         with contextlib.suppress(ProcessLookupError):

@@ -29,17 +29,21 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
+from web3.contract import Contract
+from web3.contract.contract import ContractEvent, ContractFunction
 from web3.exceptions import BlockNotFound, TransactionNotFound
+from web3.types import BlockIdentifier, RPCEndpoint, RPCResponse, TxReceipt, Wei
 
 from billing.chain.errors import (
     ChainConfigurationError,
@@ -83,7 +87,7 @@ class Receipt:
     gas_used: int
     effective_gas_price: int
     contract_address: str | None
-    raw: Mapping[str, Any]
+    raw: TxReceipt
 
     @property
     def succeeded(self) -> bool:
@@ -95,7 +99,7 @@ class ChainEvent:
     """One decoded contract event. (`tx_hash`, `log_index`) identifies it uniquely on a chain."""
 
     name: str
-    args: dict[str, Any]
+    args: dict[str, Any]  # the event's ABI arguments, of their ABI types
     address: str
     block_number: int
     block_hash: str
@@ -146,7 +150,7 @@ class ChainClient:
     # ------------------------------------------------------------------------------------- identity
 
     @property
-    def address(self) -> str:
+    def address(self) -> ChecksumAddress:
         """The operator's (sender's) checksummed address."""
         return self.account.address
 
@@ -174,7 +178,7 @@ class ChainClient:
             self._chain_id = chain_id
         return self._chain_id
 
-    def contract(self, name: str, address: str) -> Any:
+    def contract(self, name: str, address: str) -> Contract:
         """The web3 contract `name` (a committed artifact, e.g. billing.contract.ESCROW) at `address`."""
         return self.web3.eth.contract(address=to_checksum_address(address), abi=load_artifact(name).abi)
 
@@ -196,12 +200,13 @@ class ChainClient:
             except BlockNotFound:
                 return None
 
-    def transaction_count(self, block: str = "latest") -> int:
+    def transaction_count(self, block: Literal["latest", "pending"] = "latest") -> int:
         """How many transactions the client's account has sent: mined ("latest"), or including
         those the node holds unmined ("pending"; eth-tester counts only mined ones)."""
         with chain_errors():
             return int(self.web3.eth.get_transaction_count(self.address, block))
 
+    # Full transactions; web3 types the list as hashes or TxData, whichever was asked for.
     def block_transactions(self, number: int) -> list[Any]:
         """The transactions of block `number`, in full (from, nonce, input, hash, ...)."""
         with chain_errors():
@@ -217,12 +222,13 @@ class ChainClient:
         with chain_errors():
             return bytes(self.web3.eth.get_code(to_checksum_address(address)))
 
-    def call(self, fn: Any, *, block: int | str = "latest") -> Any:
+    # The function's result: its ABI outputs, which web3 does not type.
+    def call(self, fn: ContractFunction, *, block: BlockIdentifier = "latest") -> Any:
         """Run a view (or simulate a write) `fn` as the operator at `block`; a revert raises ContractReverted."""
         with chain_errors():
             return fn.call({"from": self.address}, block_identifier=block)
 
-    def get_logs(self, event: Any, from_block: int, to_block: int) -> list[ChainEvent]:
+    def get_logs(self, event: ContractEvent | type[ContractEvent], from_block: int, to_block: int) -> list[ChainEvent]:
         """Events `event` (e.g. `escrow.events.Deposited`) emitted in blocks from_block..to_block inclusive.
 
         Sorted by (block, log index). Nodes limit the range one query may cover (often 1k-10k
@@ -249,6 +255,8 @@ class ChainClient:
 
     # ---------------------------------------------------------------------------------------- sends
 
+    # `fn`: a bound ContractFunction or a ContractConstructor, left untyped because web3 types the
+    # transaction dicts below as TxParams (TypedDicts of NewTypes), which these plain dicts are not.
     def transact(self, fn: Any, *, gas: int | None = None, value: int = 0) -> SentTx:
         """Sign and send `fn` (a bound contract function or constructor) from the operator.
 
@@ -258,13 +266,13 @@ class ChainClient:
         then unknown: re-read the contract state before sending again), InsufficientGasFunds,
         NonceConflict.
         """
-        params: dict[str, Any] = {"from": self.address, "value": value}
+        params: dict[str, Any] = {"from": self.address, "value": value}  # transaction fields of several types
         if gas is None:
             gas = self._estimate(lambda: fn.estimate_gas(params))
         fees = self._fees()
         chain_id = self.chain_id()
 
-        def build(nonce: int) -> dict[str, Any]:
+        def build(nonce: int) -> dict[str, Any]:  # the transaction to sign: fields of several types
             with chain_errors():
                 return fn.build_transaction({**params, **fees, "gas": gas, "nonce": nonce, "chainId": chain_id})
 
@@ -314,6 +322,7 @@ class ChainClient:
         with chain_errors():
             return int(self.web3.eth.get_transaction_count(self.address, "pending"))
 
+    # `build`: the transaction to sign for a nonce, fields of several types.
     def _sign_and_send(self, build: Callable[[int], dict[str, Any]]) -> SentTx:
         with self._nonce_lock:
             for attempt in (1, 2):
@@ -344,7 +353,7 @@ class ChainClient:
         """The receipt of `tx_hash` if it is mined on the node's current chain, else None."""
         with chain_errors():
             try:
-                raw = self.web3.eth.get_transaction_receipt(tx_hash)
+                raw = self.web3.eth.get_transaction_receipt(HexStr(tx_hash))
             except TransactionNotFound:
                 return None
         if raw is None or raw.get("blockNumber") is None:
@@ -422,7 +431,7 @@ class ChainClient:
         reverted = ContractReverted(None, (), b"", tx_hash=receipt.tx_hash, receipt=receipt)
         try:
             with chain_errors():
-                tx = self.web3.eth.get_transaction(receipt.tx_hash)
+                tx = self.web3.eth.get_transaction(HexStr(receipt.tx_hash))
                 if tx.get("to") is None:
                     return reverted  # a failed deployment: nothing to call
                 self.web3.eth.call(
@@ -561,7 +570,8 @@ def chain_client_eth_tester(
     class _SerialisedEthereumTesterProvider(EthereumTesterProvider):
         _lock = threading.RLock()
 
-        def make_request(self, method: Any, params: Any) -> Any:
+        # EthereumTesterProvider.make_request's signature: the parameters are the method's own.
+        def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
             with self._lock:
                 return super().make_request(method, params)
 
@@ -569,7 +579,7 @@ def chain_client_eth_tester(
     account = operator_account or Account.from_key(keccak(text="gpgpu chain client: eth-tester operator"))
     faucet = web3.eth.accounts[0]
     web3.eth.wait_for_transaction_receipt(
-        web3.eth.send_transaction({"from": faucet, "to": account.address, "value": fund_wei})
+        web3.eth.send_transaction({"from": faucet, "to": account.address, "value": Wei(fund_wei)})
     )
     return ChainClient(
         web3,

@@ -45,7 +45,7 @@ class Deployment:
     fee_bps: int | None = None
     source: str = "file"
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> dict[str, Any]:  # the JSON of the deployment file
         data = asdict(self)
         data.pop("source")
         return data
@@ -155,7 +155,7 @@ def deployment_require(client: ChainClient, *, path: Path | None = None) -> Depl
     return deployment
 
 
-def _deploy(client: ChainClient, name: str, *args: Any) -> Receipt:
+def _deploy(client: ChainClient, name: str, *args: Any) -> Receipt:  # the constructor's ABI arguments
     artifact = load_artifact(name)
     constructor = client.web3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode).constructor(*args)
     sent = client.transact(constructor)

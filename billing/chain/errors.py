@@ -30,7 +30,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from eth_utils import is_hex_address, to_checksum_address
@@ -46,13 +46,17 @@ from web3.exceptions import (
 from billing.contract import revert_data, revert_decode
 from core.scrub import scrub
 
+if TYPE_CHECKING:
+    # For the type only: billing.chain.client imports this module.
+    from billing.chain.client import Receipt
+
 
 # A URL: scheme, optional userinfo, host[:port], then anything up to whitespace or a quote (a
 # comma, full stop or parenthesis just before those is left to the sentence).
 class ChainError(Exception):
     """Base class of every error the chain client raises. Its message is scrubbed of URL secrets."""
 
-    def __init__(self, message: object = "", *args: Any) -> None:
+    def __init__(self, message: object = "", *args: object) -> None:
         super().__init__(scrub(str(message)), *args)
 
 
@@ -115,11 +119,11 @@ class ContractReverted(ChainError):
     def __init__(
         self,
         name: str | None,
-        args: tuple[Any, ...] = (),
+        args: tuple[Any, ...] = (),  # decoded ABI values, of their ABI types
         raw: bytes = b"",
         *,
         tx_hash: str | None = None,
-        receipt: Any = None,
+        receipt: Receipt | None = None,
     ) -> None:
         label = name or (f"undecoded revert 0x{raw.hex()}" if raw else "revert without data")
         where = f" in transaction {tx_hash}" if tx_hash else ""
@@ -131,7 +135,7 @@ class ContractReverted(ChainError):
         self.receipt = receipt
 
     @property
-    def error_args(self) -> tuple[Any, ...]:
+    def error_args(self) -> tuple[Any, ...]:  # decoded ABI values, of their ABI types
         """The decoded error's arguments (named so as not to shadow `BaseException.args`)."""
         return self.args_
 

@@ -30,7 +30,7 @@ class Command(BaseCommand):
         parser.add_argument("--fee-bps", type=int, default=None, help="platform fee (default PLATFORM_FEE_BPS)")
         parser.add_argument("--json", action="store_true", help="print the deployment as one JSON object")
 
-    def handle(self, *args: Any, **options: Any) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:  # BaseCommand.handle's signature
         token = options["token"] or settings.TOKEN_ADDRESS
         # An existing token (--token or TOKEN_ADDRESS) always wins over the mock one.
         dev_token = (options["dev_token"] or settings.DEBUG) and not token

@@ -9,6 +9,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from eth_utils import is_address, to_checksum_address
+from web3.contract import Contract
 
 from billing.chain.client import ChainClient, chain_client_from_settings, key_file_create, key_file_read
 from billing.chain.deployment import deployment_require
@@ -46,7 +47,7 @@ class Command(BaseCommand):
         parser.add_argument("--create-key", action="store_true", help="create --renter-key-file if missing")
         parser.add_argument("--amount", default="1000", help="tokens (default 1000)")
 
-    def handle(self, *args: Any, **options: Any) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:  # BaseCommand.handle's signature
         if not settings.DEBUG:
             raise CommandError("chain_dev_fund is for development chains only: it needs DEBUG=true")
         if not options["to"] and not options["renter_key_file"]:
@@ -70,7 +71,7 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from error
 
     def _fund_renter(
-        self, client: ChainClient, escrow_address: str, token: Any, units: int, key_path: Path, options: dict
+        self, client: ChainClient, escrow_address: str, token: Contract, units: int, key_path: Path, options: dict
     ) -> None:
         if not key_path.exists() and options["create_key"]:
             account = key_file_create(key_path)

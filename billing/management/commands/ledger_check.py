@@ -16,7 +16,7 @@ class Command(BaseCommand):
         "balance is negative, money is conserved, finished jobs have released their budgets."
     )
 
-    def handle(self, *args: Any, **options: Any) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:  # BaseCommand.handle's signature
         from billing.deposits import chain_flags
 
         problems = ledger_violations() + chain_flags()

@@ -15,7 +15,8 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.contrib.auth.models import User
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
 from accounts.models import ApiToken
@@ -41,7 +42,7 @@ def default_credentials_path() -> Path:
 class Command(BaseCommand):
     help = "Create (once) the demo admin, renter and provider, and print their credentials."
 
-    def add_arguments(self, parser: Any) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--credentials-file",
             type=Path,
@@ -61,7 +62,7 @@ class Command(BaseCommand):
             help="then read the escrow's deposits once (what the beat task billing.tasks.watch_chain does)",
         )
 
-    def handle(self, *args: Any, **options: Any) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:  # BaseCommand.handle's signature
         path: Path = options["credentials_file"] or default_credentials_path()
         previous = _read(path)
         with transaction.atomic():
@@ -120,7 +121,7 @@ class Command(BaseCommand):
         )
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> dict[str, Any]:  # the credentials file's JSON
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -143,12 +144,12 @@ def _admin_ensure(previous_password: str | None) -> str:
     return password
 
 
-def _user_ensure(username: str) -> Any:
+def _user_ensure(username: str) -> User:
     user, _ = get_user_model().objects.get_or_create(username=username, defaults={"email": f"{username}@example.org"})
     return user
 
 
-def _token_ensure(user: Any, previous_raw: str | None) -> str:
+def _token_ensure(user: User, previous_raw: str | None) -> str:
     """The raw token kept from last time if it still works, else a new one."""
     if (
         previous_raw
