@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import factory
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.utils import timezone
 
 from accounts.services import api_token_create
-from jobs.models import Job, Renter
+from jobs.models import Job, Lease, Renter
+from jobs.services import Placement, lease_mark_started, leases_assign
 from providers.models import GPU, Machine, Provider
 from providers.services import secret_digest
 
@@ -146,12 +150,84 @@ def budget_reserved(job: Job) -> Job:
     return job
 
 
-def machine_with_gpus(*, count: int = 1, **gpu_kwargs) -> Machine:  # type: ignore[no-untyped-def]
-    """An online machine with `count` idle GPUs (indexes 0..count-1)."""
-    machine = MachineFactory()
+def machine_with_gpus(*, count: int = 1, provider: Provider | None = None, **gpu_kwargs) -> Machine:  # type: ignore[no-untyped-def]
+    """An online machine (of `provider`, or of a new one) with `count` idle GPUs (indexes
+    0..count-1)."""
+    machine = MachineFactory(provider=provider) if provider is not None else MachineFactory()
     for i in range(count):
         GPUFactory(machine=machine, index=i, **gpu_kwargs)
     return machine
+
+
+def placed_lease(
+    *,
+    job: Job | None = None,
+    machine: Machine | None = None,
+    gpus: int | Sequence[GPU] | None = None,
+    provider: Provider | None = None,
+    renter: Renter | None = None,
+    price: Decimal | str | int = "0.40",
+    started: bool | datetime = False,
+    **job_fields: Any,
+) -> Lease:
+    """A lease placed through jobs.services.leases_assign, in a transaction of its own, as the
+    matcher places one: the GPUs shown leased with their active LeaseGPU rows, the job scheduled
+    with one more attempt, the `lease.assigned` event. Returns the lease as stored.
+
+    - `job`: a pending job (one from job_submit has its budget reserved in the ledger). Without
+      it, a JobFactory job of `renter` (or of a new funded renter) with `job_fields`, asking for
+      as many GPUs as the lease gets.
+    - `gpus`: the GPUs to lease (all on one machine), or how many (default: the job's
+      gpu_count). A number is taken from `machine`, its GPUs in no active lease by index (their
+      state and the machine's are not checked: a test may place on a silent machine), or else
+      from a fresh online machine of `provider` (or of a new provider) with that many idle GPUs.
+    - `price`: the lease's price per GPU-hour.
+    - `started`: True marks the lease started now, a datetime started then
+      (jobs.services.lease_mark_started, as the agent's `started` event does), so the lease and
+      its job are running.
+
+    The job and GPU rows are not locked first as the matcher locks them: a test places from one
+    thread. Raises ValueError when it cannot place (too few free GPUs, a job not pending) and
+    TypeError for arguments that contradict each other.
+    """
+    if job is None:
+        count = 1 if gpus is None else gpus if isinstance(gpus, int) else len(gpus)
+        job_fields.setdefault("gpu_count", count)
+        job = JobFactory(renter=renter, **job_fields) if renter is not None else JobFactory(**job_fields)
+    elif renter is not None or job_fields:
+        raise TypeError("renter and job fields describe the job placed_lease makes; not with job=")
+    if gpus is None or isinstance(gpus, int):
+        count = job.gpu_count if gpus is None else gpus
+        if machine is None:
+            machine = machine_with_gpus(count=count, provider=provider)
+        elif provider is not None:
+            raise TypeError("provider is for the fresh machine placed_lease makes; not with machine=")
+        machine_id = machine.pk
+        free = machine.gpus.exclude(lease_gpus__active=True).order_by("index").values_list("pk", flat=True)
+        gpu_ids = tuple(free[:count])
+        if len(gpu_ids) < count:
+            raise ValueError(f"machine {machine_id} has {len(gpu_ids)} GPUs in no active lease, not {count}")
+    else:
+        if machine is not None or provider is not None:
+            raise TypeError("the GPUs given name their machine; not with machine= or provider=")
+        machine_ids = {gpu.machine_id for gpu in gpus}
+        if len(machine_ids) != 1:
+            raise ValueError(f"a lease's GPUs are on one machine, not on machines {sorted(machine_ids)}")
+        (machine_id,) = machine_ids
+        gpu_ids = tuple(gpu.pk for gpu in gpus)
+    with transaction.atomic():
+        placed = leases_assign(
+            placements=[
+                Placement(job_id=job.pk, machine_id=machine_id, gpu_ids=gpu_ids, price_per_gpu_hour=Decimal(str(price)))
+            ]
+        )
+    if not placed:
+        raise ValueError(f"job {job.pk} is not pending: leases_assign placed nothing")
+    (lease,) = placed
+    if started is not False:
+        at = timezone.now() if started is True else started
+        lease_mark_started(lease_id=lease.pk, actor=f"machine:{machine_id}", at=at)
+    return Lease.objects.get(pk=lease.pk)
 
 
 def token_for(user) -> str:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ from django.utils import timezone
 from accounts.models import ApiToken
 from accounts.services import api_token_create, token_digest
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
-from jobs.services import Placement, lease_end, lease_mark_started, leases_assign
+from jobs.services import lease_end
 from providers.models import (
     GPU,
     AvailabilityWindow,
@@ -32,7 +32,14 @@ from providers.models import (
 )
 from providers.services import machine_credential_rotate, registration_token_create, secret_digest
 from providers.telemetry import telemetry_rollup
-from tests.factories import JobFactory, MachineFactory, UserFactory, capabilities_report, machine_with_gpus
+from tests.factories import (
+    JobFactory,
+    MachineFactory,
+    UserFactory,
+    capabilities_report,
+    machine_with_gpus,
+    placed_lease,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -42,15 +49,6 @@ APPS = ("accounts", "providers", "jobs")
 
 def url(model: Any, view: str, *args: Any) -> str:
     return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_{view}", args=args)
-
-
-def place(job: Job, machine: Machine, *, started: bool = False) -> Lease:
-    gpu_ids = tuple(machine.gpus.order_by("index").values_list("pk", flat=True)[: job.gpu_count])
-    (lease,) = leases_assign(placements=[Placement(job.pk, machine.pk, gpu_ids, Decimal("0.40"))])
-    if started:
-        lease_mark_started(lease_id=lease.pk, actor=f"machine:{machine.pk}")
-    lease.refresh_from_db()
-    return lease
 
 
 def messages_of(response: Any) -> list[str]:
@@ -88,7 +86,7 @@ def fleet(db) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         provider=provider, starts_at=timezone.now(), ends_at=timezone.now() + timedelta(hours=2), reason="maintenance"
     )
     job = JobFactory(name="train-resnet")
-    lease = place(job, machine, started=True)
+    lease = placed_lease(job=job, machine=machine, started=True)
     job.refresh_from_db()
     pending = JobFactory(name="waiting", unplaced_code="no_capacity", unplaced_detail="No idle GPU matches.")
     gpu = machine.gpus.order_by("index").first()
@@ -181,7 +179,7 @@ def test_list_pages_do_not_query_once_per_row(console, fleet, model) -> None:  #
     # More of everything: machines with GPUs, jobs with leases and events, telemetry.
     for _ in range(4):
         machine = machine_with_gpus(count=2)
-        place(JobFactory(), machine, started=True)
+        placed_lease(machine=machine, started=True)
         registration_token_create(provider=machine.provider)
         TelemetrySample.objects.create(
             gpu=machine.gpus.first(), at=timezone.now() - timedelta(hours=1), state=GPU.State.IDLE
@@ -359,9 +357,7 @@ def test_unsuspending_brings_a_machine_back_offline_and_skips_others(console, fl
 def test_cancel_action_cancels_live_jobs_and_reports_finished_ones(console, fleet, operator) -> None:  # type: ignore[no-untyped-def]
     running, pending = fleet["job"], fleet["pending"]
     done = JobFactory()
-    lease_end(
-        lease_id=place(done, machine_with_gpus(), started=True).pk, reason="succeeded", actor="machine:1", exit_code=0
-    )
+    lease_end(lease_id=placed_lease(job=done, started=True).pk, reason="succeeded", actor="machine:1", exit_code=0)
 
     response = console.post(
         url(Job, "changelist"),

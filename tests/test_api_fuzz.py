@@ -159,11 +159,11 @@ def _make_world(url: str, anvil_url: str) -> World:
     window, a blackout and a registration token."""
     from billing.deposits import wallet_link
     from jobs.models import Job
-    from jobs.services import JobSpec, Placement, leases_assign
+    from jobs.services import JobSpec
     from marketplace.submit import job_submit
     from providers import services as provider_services
     from providers.models import AvailabilityWindow
-    from tests.factories import GPUFactory, MachineFactory, ProviderFactory, RenterFactory, token_for
+    from tests.factories import GPUFactory, MachineFactory, ProviderFactory, RenterFactory, placed_lease, token_for
 
     renter = RenterFactory()
     wallet_link(renter=renter, address=_account("wallet").address.lower())
@@ -200,11 +200,7 @@ def _make_world(url: str, anvil_url: str) -> World:
     )
     leased, _ = job_submit(renter=renter, spec=spec)
     pending, _ = job_submit(renter=renter, spec=spec)
-    (lease,) = leases_assign(
-        placements=[
-            Placement(job_id=leased.pk, machine_id=machine.pk, gpu_ids=(gpus[0].pk,), price_per_gpu_hour=Decimal("0.5"))
-        ]
-    )
+    lease = placed_lease(job=leased, gpus=gpus[:1])
     assert isinstance(window, AvailabilityWindow)
     return World(
         url=url,

@@ -14,9 +14,16 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from jobs.models import Job
-from jobs.services import Placement, leases_assign
 from providers.models import GPU, AvailabilityWindow, Blackout, Machine
-from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, RenterFactory, token_for
+from tests.factories import (
+    GPUFactory,
+    JobFactory,
+    MachineFactory,
+    ProviderFactory,
+    RenterFactory,
+    placed_lease,
+    token_for,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -129,10 +136,7 @@ def _provider_objects() -> tuple[Any, dict[str, int]]:
 def _renter_objects() -> tuple[Any, dict[str, int]]:
     renter = RenterFactory()
     job = JobFactory(renter=renter)
-    gpu = GPUFactory()
-    [lease] = leases_assign(
-        placements=[Placement(job_id=job.pk, machine_id=gpu.machine_id, gpu_ids=(gpu.pk,), price_per_gpu_hour=1)]
-    )
+    lease = placed_lease(job=job)
     return renter, {"job": job.pk, "lease": lease.pk}
 
 

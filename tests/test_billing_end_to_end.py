@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from datetime import timedelta
-from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
@@ -37,8 +36,8 @@ from billing.release import jobs_release_on_chain
 from billing.selectors import account_balance, provider_payable_micro, renter_available_micro
 from billing.settlement import settle_run
 from jobs.models import Job, Lease, UsageReport
-from jobs.services import Placement, lease_end, lease_mark_started, leases_assign
-from tests.factories import RenterFactory, machine_with_gpus, token_for
+from jobs.services import lease_end
+from tests.factories import RenterFactory, machine_with_gpus, placed_lease, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -136,18 +135,8 @@ def test_money_flows_from_a_deposit_to_the_provider_and_the_ledger_equals_the_ch
     assert stored.status_code == 200, stored.json()
 
     # A lease runs for one hour (reported by usage), ends, and is finally metered: 1 token.
-    (lease,) = leases_assign(
-        placements=[
-            Placement(
-                job_id=job_id,
-                machine_id=machine.pk,
-                gpu_ids=(machine.gpus.get().pk,),
-                price_per_gpu_hour=Decimal("1.00"),
-            )
-        ]
-    )
     started = timezone.now() - timedelta(hours=3)
-    lease_mark_started(lease_id=lease.pk, actor="test", at=started)
+    lease = placed_lease(job=Job.objects.get(pk=job_id), machine=machine, price="1.00", started=started)
     UsageReport.objects.create(
         lease=lease, report_id="hour", period_start=started, period_end=started + timedelta(hours=1), gpu_seconds=1
     )

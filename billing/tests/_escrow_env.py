@@ -20,9 +20,9 @@ from billing.chain.deployment import Deployment, deployment_ensure
 from billing.contract import ESCROW, STABLECOIN, budget_sign
 from billing.models import BudgetAuthorization, LedgerAccount
 from jobs.models import Job, Lease, Renter, UsageReport
-from jobs.services import JobSpec, Placement, lease_end, lease_mark_started, leases_assign
+from jobs.services import JobSpec, lease_end
 from marketplace.submit import job_submit
-from tests.factories import ProviderFactory, machine_with_gpus
+from tests.factories import ProviderFactory, placed_lease
 
 ONE = 10**6
 
@@ -135,23 +135,9 @@ def charged_job(renter: Renter, *, charge_s: int = 3600, provider_address: str |
         command=["true"],
     )
     job, _ = job_submit(renter=renter, spec=spec)
-    machine = machine_with_gpus(count=1)
-    if provider_address is not None:
-        provider = machine.provider
-        provider.payout_address = provider_address
-        provider.save(update_fields=["payout_address"])
-    (lease,) = leases_assign(
-        placements=[
-            Placement(
-                job_id=job.pk,
-                machine_id=machine.pk,
-                gpu_ids=(machine.gpus.get().pk,),
-                price_per_gpu_hour=Decimal("1.00"),
-            )
-        ]
-    )
+    provider = ProviderFactory(payout_address=provider_address) if provider_address is not None else None
     t0 = timezone.now() - timedelta(days=1)
-    lease_mark_started(lease_id=lease.pk, actor="test", at=t0)
+    lease = placed_lease(job=job, provider=provider, price="1.00", started=t0)
     UsageReport.objects.create(
         lease=lease, report_id="all", period_start=t0, period_end=t0 + timedelta(seconds=charge_s), gpu_seconds=1
     )

@@ -17,10 +17,10 @@ from billing.chain.anvil import anvil_binary
 from billing.deposits import chain_watch, wallet_link
 from billing.tests._escrow_env import ONE
 from jobs.models import Job, Lease, UsageReport
-from jobs.services import JobSpec, Placement, lease_end, lease_mark_started, leases_assign
+from jobs.services import JobSpec, lease_end
 from marketplace.submit import job_submit
 from providers.models import Machine
-from tests.factories import RenterFactory, machine_with_gpus
+from tests.factories import RenterFactory, placed_lease
 
 T0 = timezone.now().replace(microsecond=0) - timedelta(days=1)
 
@@ -43,12 +43,9 @@ def submit(*, gpus: int = 1, max_price: str = "1.00", max_duration_s: int = 7200
 
 
 def start(job: Job, *, price: str = "0.40", started: int = 0) -> Lease:
-    machine = machine_with_gpus(count=job.gpu_count)
-    gpu_ids = tuple(machine.gpus.order_by("index").values_list("pk", flat=True))
-    (lease,) = leases_assign(
-        placements=[Placement(job_id=job.pk, machine_id=machine.pk, gpu_ids=gpu_ids, price_per_gpu_hour=Decimal(price))]
-    )
-    lease_mark_started(lease_id=lease.pk, actor="test", at=at(started))
+    """`job` leased on a fresh machine, started `started` seconds after T0, when its machine last
+    heartbeat."""
+    lease = placed_lease(job=job, price=price, started=at(started))
     heartbeat(lease, at(started))
     return lease
 
@@ -103,22 +100,8 @@ def run_lease(
     provider: Any = None,
 ) -> Lease:
     """A lease of `job` that ran `seconds` (covered by one usage report), ended and was finally metered."""
-    machine = machine_with_gpus(count=1)
-    if provider is not None:
-        machine.provider = provider
-        machine.save(update_fields=["provider"])
-    (lease,) = leases_assign(
-        placements=[
-            Placement(
-                job_id=job.pk,
-                machine_id=machine.pk,
-                gpu_ids=(machine.gpus.get().pk,),
-                price_per_gpu_hour=Decimal(price),
-            )
-        ]
-    )
     t0 = t0 or timezone.now() - timedelta(days=1)
-    lease_mark_started(lease_id=lease.pk, actor="test", at=t0)
+    lease = placed_lease(job=job, gpus=1, provider=provider, price=price, started=t0)
     end = t0 + timedelta(seconds=seconds)
     UsageReport.objects.create(lease=lease, report_id="all", period_start=t0, period_end=end, gpu_seconds=1)
     lease_end(lease_id=lease.pk, reason=reason, actor="test", exit_code=0, at=end)

@@ -4,7 +4,6 @@ goes back to the renter when it ends."""
 from __future__ import annotations
 
 from datetime import timedelta
-from decimal import Decimal
 
 import pytest
 from django.utils import timezone
@@ -15,8 +14,8 @@ from billing.models import LedgerEntry
 from billing.tasks import release_budgets
 from billing.tests.support import available, submit_job
 from jobs.models import Event, Job, Lease, UsageReport
-from jobs.services import Placement, job_cancel, lease_end, lease_mark_started, leases_assign
-from tests.factories import RenterFactory, machine_with_gpus, token_for
+from jobs.services import job_cancel, lease_end
+from tests.factories import RenterFactory, placed_lease, token_for
 
 pytestmark = pytest.mark.django_db
 
@@ -80,16 +79,8 @@ def test_repeating_a_request_with_its_idempotency_key_reserves_once():
 
 def _run(job: Job, *, seconds: int) -> Lease:
     """Place and start the job on a 1-GPU machine at 1.00/GPU-hour, reporting `seconds` of usage."""
-    machine = machine_with_gpus(count=1)
-    (lease,) = leases_assign(
-        placements=[
-            Placement(
-                job_id=job.pk, machine_id=machine.pk, gpu_ids=(machine.gpus.get().pk,), price_per_gpu_hour=Decimal("1")
-            )
-        ]
-    )
     t0 = timezone.now() - timedelta(hours=2)
-    lease_mark_started(lease_id=lease.pk, actor="test", at=t0)
+    lease = placed_lease(job=job, gpus=1, price="1", started=t0)
     UsageReport.objects.create(
         lease=lease, report_id="r", period_start=t0, period_end=t0 + timedelta(seconds=seconds), gpu_seconds=seconds
     )

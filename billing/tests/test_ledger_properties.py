@@ -18,10 +18,10 @@ from billing import selectors, services
 from billing.errors import InsufficientBalance
 from billing.models import LeaseCharge
 from jobs.models import Job, Lease, UsageReport
-from jobs.services import JobSpec, Placement, job_cancel, lease_end, lease_mark_started, leases_assign
+from jobs.services import JobSpec, job_cancel, lease_end
 from marketplace.submit import job_submit
 from providers.models import Machine
-from tests.factories import ProviderFactory, RenterFactory, machine_with_gpus
+from tests.factories import ProviderFactory, RenterFactory, machine_with_gpus, placed_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -105,22 +105,10 @@ def _play(ops: list[tuple]) -> None:  # type: ignore[type-arg]
             elif kind == "start" and jobs:
                 job = jobs[step[1] % len(jobs)]
                 job.refresh_from_db()
-                free = list(
-                    machine.gpus.exclude(lease_gpus__active=True).order_by("index").values_list("pk", flat=True)
-                )
-                if job.status == Job.Status.PENDING and len(free) >= job.gpu_count:
-                    (lease,) = leases_assign(
-                        placements=[
-                            Placement(
-                                job_id=job.pk,
-                                machine_id=machine.pk,
-                                gpu_ids=tuple(free[: job.gpu_count]),
-                                price_per_gpu_hour=min(Decimal(step[2]), job.max_price_per_gpu_hour),
-                            )
-                        ]
-                    )
-                    lease_mark_started(lease_id=lease.pk, actor="test", at=now())
-                    leases.append(lease)
+                free = machine.gpus.exclude(lease_gpus__active=True).count()
+                if job.status == Job.Status.PENDING and free >= job.gpu_count:
+                    price = min(Decimal(step[2]), job.max_price_per_gpu_hour)
+                    leases.append(placed_lease(job=job, machine=machine, price=price, started=now()))
             elif kind == "meter":
                 begin = now()
                 clock["s"] += step[2]

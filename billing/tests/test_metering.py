@@ -12,8 +12,8 @@ from billing import metering, services
 from billing.models import LeaseCharge, LedgerEntry
 from billing.tests.support import at, heartbeat, report, report_every_minute, reserved, start, submit, unsettled
 from jobs.models import Lease
-from jobs.services import Placement, lease_end, leases_assign
-from tests.factories import machine_with_gpus
+from jobs.services import lease_end
+from tests.factories import placed_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -114,17 +114,7 @@ def test_lost_lease_is_billed_to_the_last_heartbeat_even_if_metered_while_silent
 
 def test_lease_that_never_started_is_never_billed():
     job = submit()
-    machine = machine_with_gpus(count=1)
-    (lease,) = leases_assign(
-        placements=[
-            Placement(
-                job_id=job.pk,
-                machine_id=machine.pk,
-                gpu_ids=(machine.gpus.get().pk,),
-                price_per_gpu_hour=Decimal("0.40"),
-            )
-        ]
-    )
+    lease = placed_lease(job=job)
     assert services.lease_meter(lease_id=lease.pk) is None  # assigned: nothing to meter yet
     lease_end(lease_id=lease.pk, reason=ER.FAILED_TO_START, actor="machine")
 
@@ -226,18 +216,7 @@ def test_meter_task_meters_running_leases_and_finalises_ended_ones():
     running = start(submit(), price="0.40", started=-600)
     report(running, -600, -1)
     heartbeat(running, timezone.now())
-    never_started = submit()
-    machine = machine_with_gpus(count=1)
-    (failed,) = leases_assign(
-        placements=[
-            Placement(
-                job_id=never_started.pk,
-                machine_id=machine.pk,
-                gpu_ids=(machine.gpus.get().pk,),
-                price_per_gpu_hour=Decimal("0.40"),
-            )
-        ]
-    )
+    failed = placed_lease(job=submit())
     lease_end(lease_id=failed.pk, reason=ER.FAILED_TO_START, actor="machine")
 
     result = meter_leases()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 import pytest
 
 from jobs.models import Event, Job, Lease
-from jobs.services import Placement, job_set_unplaced, lease_end, lease_mark_started, leases_assign
-from tests.factories import GPUFactory, JobFactory, machine_with_gpus
+from jobs.services import job_set_unplaced, lease_end, lease_mark_started
+from tests.factories import GPUFactory, JobFactory, placed_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -26,16 +24,6 @@ PROCESS_JOB = {
     "max_duration_s": 7200,
     "interruptible": False,
 }
-
-
-def place(job: Job, *, gpu_count: int = 1, price: str = "0.40") -> Lease:
-    """Put `job` on a fresh machine as the matcher would."""
-    machine = machine_with_gpus(count=gpu_count)
-    gpu_ids = tuple(machine.gpus.values_list("pk", flat=True))
-    [lease] = leases_assign(
-        placements=[Placement(job_id=job.pk, machine_id=machine.pk, gpu_ids=gpu_ids, price_per_gpu_hour=Decimal(price))]
-    )
-    return lease
 
 
 # --- submitting -----------------------------------------------------------------------------
@@ -271,7 +259,7 @@ def test_pending_job_says_why_it_is_not_placed(renter_client):
 def test_scheduled_job_shows_its_current_lease_and_attempts(renter_client):
     client, renter = renter_client
     job = JobFactory(renter=renter, unplaced_code="no_gpu_matches", unplaced_detail="none")
-    lease = place(job, gpu_count=2, price="0.40")
+    lease = placed_lease(job=job, gpus=2)
 
     body = client.get(f"/api/v1/jobs/{job.pk}/").json()
 
@@ -288,7 +276,7 @@ def test_scheduled_job_shows_its_current_lease_and_attempts(renter_client):
 def test_finished_job_shows_exit_code_and_failure_reason(renter_client):
     client, renter = renter_client
     job = JobFactory(renter=renter)
-    lease = place(job)
+    lease = placed_lease(job=job)
     lease_mark_started(lease_id=lease.pk, actor="machine:1")
     lease_end(lease_id=lease.pk, reason="failed", actor="machine:1", exit_code=3, detail="CUDA out of memory")
 
@@ -304,7 +292,7 @@ def test_finished_job_shows_exit_code_and_failure_reason(renter_client):
 def test_job_leases_and_events_show_the_audit_trail(renter_client):
     client, renter = renter_client
     job = JobFactory(renter=renter)
-    lease = place(job)
+    lease = placed_lease(job=job)
     lease_mark_started(lease_id=lease.pk, actor="machine:1")
     lease_end(lease_id=lease.pk, reason="succeeded", actor="machine:1", exit_code=0)
     Event.objects.create(job=job, kind="job.created", actor=f"renter:{renter.pk}", to_status="pending")
@@ -328,9 +316,9 @@ def test_job_leases_and_events_show_the_audit_trail(renter_client):
 
 def test_renter_reads_its_leases_with_the_log_tail(renter_client):
     client, renter = renter_client
-    lease = place(JobFactory(renter=renter))
+    lease = placed_lease(renter=renter)
     Lease.objects.filter(pk=lease.pk).update(log_tail="epoch 1: loss 0.3\n")
-    place(JobFactory())  # another renter's
+    placed_lease()  # another renter's
 
     listed = client.get("/api/v1/leases/").json()
     detail = client.get(f"/api/v1/leases/{lease.pk}/").json()
@@ -362,7 +350,7 @@ def test_cancelling_a_pending_job_cancels_it(renter_client):
 def test_cancelling_a_running_job_asks_its_lease_to_stop(renter_client):
     client, renter = renter_client
     job = JobFactory(renter=renter)
-    lease = place(job)
+    lease = placed_lease(job=job)
     lease_mark_started(lease_id=lease.pk, actor="machine:1")
 
     response = client.post(f"/api/v1/jobs/{job.pk}/cancel/")

@@ -10,51 +10,32 @@ from decimal import Decimal
 
 import pytest
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from billing import services as billing_services
 from jobs import services
 from jobs.models import Job, Lease
-from jobs.services import JobSpec, Placement, lease_mark_started, leases_assign
+from jobs.services import JobSpec
 from jobs.tasks import sweep_leases
 from marketplace.submit import job_submit
 from providers import services as provider_services
 from providers.models import GPU, Machine
-from tests.factories import JobFactory, RenterFactory, machine_with_gpus
+from tests.factories import JobFactory, RenterFactory, placed_lease
 
 pytestmark = pytest.mark.django_db
 
 
-def assign(job: Job) -> Lease:
-    machine = machine_with_gpus(count=1)
-    with transaction.atomic():
-        [lease] = leases_assign(
-            placements=[
-                Placement(
-                    job_id=job.pk,
-                    machine_id=machine.pk,
-                    gpu_ids=(machine.gpus.get().pk,),
-                    price_per_gpu_hour=Decimal("0.5"),
-                )
-            ]
-        )
-    return lease
-
-
 def running(job: Job, *, for_s: int) -> Lease:
-    lease = assign(job)
-    lease_mark_started(lease_id=lease.pk, actor="test")
-    Lease.objects.filter(pk=lease.pk).update(started_at=timezone.now() - timedelta(seconds=for_s))
-    return lease
+    """`job` leased on a fresh machine, running for `for_s` seconds."""
+    return placed_lease(job=job, started=timezone.now() - timedelta(seconds=for_s))
 
 
 def test_lease_not_started_in_time_is_ended_and_its_job_requeued() -> None:
     timeout = settings.GPGPU["LEASE_START_TIMEOUT_S"]
-    stale = assign(JobFactory())
+    stale = placed_lease()
     Lease.objects.filter(pk=stale.pk).update(created_at=timezone.now() - timedelta(seconds=timeout + 1))
-    fresh = assign(JobFactory())
+    fresh = placed_lease()
 
     result = sweep_leases()
 
@@ -69,7 +50,7 @@ def test_lease_not_started_in_time_is_ended_and_its_job_requeued() -> None:
 
 def test_start_timeouts_fail_the_job_once_attempts_run_out(settings) -> None:  # type: ignore[no-untyped-def]
     settings.GPGPU = {**settings.GPGPU, "JOB_MAX_ATTEMPTS": 1}
-    lease = assign(JobFactory())
+    lease = placed_lease()
     Lease.objects.filter(pk=lease.pk).update(created_at=timezone.now() - timedelta(hours=1))
 
     services.leases_sweep()
@@ -134,9 +115,8 @@ def test_an_agent_that_ignores_the_stop_is_ended_at_the_maximum_and_billed_no_fu
             max_duration_s=60,
         ),
     )[0]
-    lease = assign(job)
     t0 = timezone.now() - timedelta(seconds=200)
-    lease_mark_started(lease_id=lease.pk, actor="machine", at=t0)
+    lease = placed_lease(job=job, price="0.5", started=t0)
     machine = Machine.objects.get(pk=lease.machine_id)
     client = _agent_client(machine)
     gpu = GPU.objects.get(lease_gpus__lease=lease)
@@ -222,7 +202,7 @@ def test_a_lease_that_cannot_be_ended_is_skipped_and_reported_and_the_others_end
     from core.models import PeriodicTaskState
 
     timeout = settings.GPGPU["LEASE_START_TIMEOUT_S"]
-    first, broken, last = (assign(JobFactory()) for _ in range(3))
+    first, broken, last = (placed_lease() for _ in range(3))
     Lease.objects.update(created_at=timezone.now() - timedelta(seconds=timeout + 1))
     real_lease_end = services.lease_end
     first_seen_ended_elsewhere: list[str] = []

@@ -22,7 +22,7 @@ from jobs.services import (
 )
 from marketplace.submit import job_submit
 from providers.models import GPU
-from tests.factories import JobFactory, RenterFactory, machine_with_gpus
+from tests.factories import JobFactory, RenterFactory, machine_with_gpus, placed_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -34,13 +34,6 @@ SPEC = JobSpec(
     expected_duration_s=600,
     max_duration_s=900,
 )
-
-
-def place(job: Job, *, gpus: int = 1, price: str = "0.40") -> Lease:
-    machine = machine_with_gpus(count=gpus)
-    gpu_ids = tuple(machine.gpus.values_list("pk", flat=True))
-    (lease,) = leases_assign(placements=[Placement(job.pk, machine.pk, gpu_ids, Decimal(price))])
-    return lease
 
 
 def statuses(job: Job) -> list[tuple[str, str, str]]:
@@ -102,7 +95,7 @@ def test_invalid_job_is_refused_and_nothing_is_stored(change, field):
 
 def test_job_runs_to_success_through_its_lease():
     job = JobFactory()
-    lease = place(job)
+    lease = placed_lease(job=job)
     job.refresh_from_db()
     assert job.status == Job.Status.SCHEDULED and job.attempts == 1
     assert GPU.objects.get(lease_gpus__lease=lease).state == GPU.State.LEASED
@@ -121,7 +114,7 @@ def test_job_runs_to_success_through_its_lease():
 
 def test_non_zero_exit_fails_the_job_with_the_code():
     job = JobFactory()
-    lease = place(job)
+    lease = placed_lease(job=job)
     lease_mark_started(lease_id=lease.pk, actor="m")
     lease_end(lease_id=lease.pk, reason="failed", exit_code=3, actor="m")
     job.refresh_from_db()
@@ -130,7 +123,7 @@ def test_non_zero_exit_fails_the_job_with_the_code():
 
 def test_repeated_transitions_change_nothing_the_second_time():
     job = JobFactory()
-    lease = place(job)
+    lease = placed_lease(job=job)
     assert lease_mark_started(lease_id=lease.pk, actor="m")
     assert not lease_mark_started(lease_id=lease.pk, actor="m")
     assert lease_end(lease_id=lease.pk, reason="succeeded", exit_code=0, actor="m")
@@ -142,7 +135,7 @@ def test_repeated_transitions_change_nothing_the_second_time():
 
 def test_owner_reclaim_puts_an_interruptible_job_back_in_the_queue():
     job = JobFactory(interruptible=True)
-    lease = place(job)
+    lease = placed_lease(job=job)
     lease_mark_started(lease_id=lease.pk, actor="m")
     lease_end(lease_id=lease.pk, reason="preempted_by_owner", actor="m")
     job.refresh_from_db()
@@ -152,7 +145,7 @@ def test_owner_reclaim_puts_an_interruptible_job_back_in_the_queue():
 
 def test_owner_reclaim_fails_a_job_that_cannot_be_interrupted():
     job = JobFactory(interruptible=False)
-    lease = place(job)
+    lease = placed_lease(job=job)
     lease_mark_started(lease_id=lease.pk, actor="m")
     lease_end(lease_id=lease.pk, reason="preempted_by_owner", actor="m")
     job.refresh_from_db()
@@ -162,10 +155,10 @@ def test_owner_reclaim_fails_a_job_that_cannot_be_interrupted():
 @override_settings(GPGPU={**__import__("django.conf").conf.settings.GPGPU, "JOB_MAX_ATTEMPTS": 2})
 def test_failed_starts_are_retried_until_attempts_run_out():
     job = JobFactory()
-    lease_end(lease_id=place(job).pk, reason="failed_to_start", detail="image not found", actor="m")
+    lease_end(lease_id=placed_lease(job=job).pk, reason="failed_to_start", detail="image not found", actor="m")
     job.refresh_from_db()
     assert job.status == Job.Status.PENDING
-    lease_end(lease_id=place(job).pk, reason="failed_to_start", detail="image not found", actor="m")
+    lease_end(lease_id=placed_lease(job=job).pk, reason="failed_to_start", detail="image not found", actor="m")
     job.refresh_from_db()
     assert job.status == Job.Status.FAILED and job.attempts == 2 and "image not found" in job.failure_reason
 
@@ -173,13 +166,8 @@ def test_failed_starts_are_retried_until_attempts_run_out():
 def test_lost_machine_ends_all_its_leases():
     job_a, job_b = JobFactory(interruptible=True), JobFactory(interruptible=False)
     machine = machine_with_gpus(count=2)
-    g1, g2 = machine.gpus.values_list("pk", flat=True)
-    leases_assign(
-        placements=[
-            Placement(job_a.pk, machine.pk, (g1,), Decimal("1")),
-            Placement(job_b.pk, machine.pk, (g2,), Decimal("1")),
-        ]
-    )
+    placed_lease(job=job_a, machine=machine)
+    placed_lease(job=job_b, machine=machine)
     assert leases_end_for_machine(machine_id=machine.pk, reason="lost", actor="sweeper") == 2
     job_a.refresh_from_db()
     job_b.refresh_from_db()
@@ -199,7 +187,7 @@ def test_cancelling_a_pending_job_is_immediate_and_repeatable():
 
 def test_cancelling_a_scheduled_job_releases_its_gpus_at_once():
     job = JobFactory()
-    lease = place(job)
+    lease = placed_lease(job=job)
     job_cancel(job=job, actor="renter")
     lease.refresh_from_db()
     assert lease.status == Lease.Status.ENDED and lease.end_reason == "cancelled"
@@ -208,7 +196,7 @@ def test_cancelling_a_scheduled_job_releases_its_gpus_at_once():
 
 def test_cancelling_a_running_job_asks_the_agent_to_stop_and_the_exit_ends_it_as_cancelled():
     job = JobFactory()
-    lease = place(job)
+    lease = placed_lease(job=job)
     lease_mark_started(lease_id=lease.pk, actor="m")
     job_cancel(job=job, actor="renter")
     lease.refresh_from_db()
@@ -222,7 +210,7 @@ def test_cancelling_a_running_job_asks_the_agent_to_stop_and_the_exit_ends_it_as
 
 def test_a_finished_job_cannot_be_cancelled():
     job = JobFactory()
-    lease = place(job)
+    lease = placed_lease(job=job)
     lease_mark_started(lease_id=lease.pk, actor="m")
     lease_end(lease_id=lease.pk, reason="succeeded", exit_code=0, actor="m")
     with pytest.raises(InvalidTransition):
@@ -231,7 +219,7 @@ def test_a_finished_job_cannot_be_cancelled():
 
 def test_stop_request_is_recorded_once():
     job = JobFactory()
-    lease = place(job)
+    lease = placed_lease(job=job)
     lease_mark_started(lease_id=lease.pk, actor="m")
     assert lease_request_stop(lease_id=lease.pk, reason="max_duration", actor="sweeper")
     assert not lease_request_stop(lease_id=lease.pk, reason="cancelled", actor="renter")
@@ -253,7 +241,7 @@ def test_database_refuses_a_gpu_in_two_active_leases():
 
 def test_a_job_no_longer_pending_is_not_placed_again():
     job = JobFactory()
-    place(job)
+    placed_lease(job=job)
     machine = machine_with_gpus(count=1)
     assert leases_assign(placements=[Placement(job.pk, machine.pk, (machine.gpus.get().pk,), Decimal("1"))]) == []
     assert Lease.objects.filter(job=job).count() == 1

@@ -10,7 +10,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -18,10 +17,9 @@ from rest_framework.test import APIClient
 from gpgpu_agent.protocol import UsageStruct
 from gpgpu_agent.signing import SigningKey, sign_usage
 from jobs.models import Lease, UsageReport
-from jobs.services import Placement, leases_assign
 from providers import services as provider_services
 from providers.models import Machine
-from tests.factories import JobFactory, machine_with_gpus
+from tests.factories import machine_with_gpus, placed_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -48,17 +46,7 @@ def signing_machine(key: SigningKey | None, gpus: int = 1) -> tuple[Machine, API
     if key is not None:
         Machine.objects.filter(pk=machine.pk).update(signing_address=key.address)
     client = agent_client(machine)
-    with transaction.atomic():
-        [lease] = leases_assign(
-            placements=[
-                Placement(
-                    job_id=JobFactory(gpu_count=gpus).pk,
-                    machine_id=machine.pk,
-                    gpu_ids=tuple(machine.gpus.values_list("pk", flat=True)),
-                    price_per_gpu_hour=Decimal("0.400000"),
-                )
-            ]
-        )
+    lease = placed_lease(machine=machine, gpus=gpus)
     started = client.post(
         f"{API}leases/{lease.pk}/events",
         {"event_id": "start", "type": "started", "at": timezone.now().isoformat()},

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from jobs.models import Event, Job, Lease, UsageReport
-from jobs.services import Placement, job_cancel, lease_request_stop, leases_assign
+from jobs.services import job_cancel, lease_request_stop
 from providers import services
 from providers.models import GPU, Machine, RegistrationToken, TelemetrySample
 from tests.factories import (
@@ -26,6 +26,7 @@ from tests.factories import (
     ProviderFactory,
     capabilities_report,
     machine_with_gpus,
+    placed_lease,
 )
 
 pytestmark = pytest.mark.django_db
@@ -82,21 +83,6 @@ def heartbeat(client: APIClient, gpus: list[dict[str, Any]], leases: list[dict[s
     return client.post(API + "heartbeat", body, format="json")
 
 
-def assign(job: Job, gpus: list[GPU], price: str = "0.400000") -> Lease:
-    with transaction.atomic():
-        [lease] = leases_assign(
-            placements=[
-                Placement(
-                    job_id=job.pk,
-                    machine_id=gpus[0].machine_id,
-                    gpu_ids=tuple(g.pk for g in gpus),
-                    price_per_gpu_hour=Decimal(price),
-                )
-            ]
-        )
-    return lease
-
-
 def post_event(client: APIClient, lease: Lease, type_: str, event_id: str | None = None, **fields: Any):  # type: ignore[no-untyped-def]
     body = {"event_id": event_id or secrets.token_hex(8), "type": type_, "at": timezone.now().isoformat(), **fields}
     return client.post(f"{API}leases/{lease.pk}/events", body, format="json")
@@ -118,7 +104,8 @@ def usage_body(lease: Lease, *, start_offset_s: float = 0, seconds: float = 60, 
 
 
 def running_lease(client: APIClient, job: Job, gpus: list[GPU]) -> Lease:
-    lease = assign(job, gpus)
+    """`job` leased on `gpus`, reported started by their machine's agent (`client`), ten minutes ago."""
+    lease = placed_lease(job=job, gpus=gpus)
     assert post_event(client, lease, "started").status_code == 200
     lease.refresh_from_db()
     # Usage periods are checked against the start; put it a while back so a period fits.
@@ -332,7 +319,7 @@ def test_heartbeat_records_inventory_facts_and_telemetry() -> None:
 def test_heartbeat_derives_each_gpus_state() -> None:
     machine = machine_with_gpus(count=1)
     leased = machine.gpus.get()
-    assign(JobFactory(), [leased])
+    placed_lease(gpus=[leased])
     client = agent_client(machine)
 
     resp = heartbeat(
@@ -502,9 +489,9 @@ def test_heartbeat_reply_says_what_to_start_and_what_to_stop() -> None:
     g0, g1, g2, g3 = machine.gpus.order_by("index")
     client = agent_client(machine)
     job = JobFactory(kind=Job.Kind.CONTAINER, image="pytorch:2", command=["python", "train.py"], env={"A": "1"})
-    to_start = assign(job, [g0, g1], price="0.400000")
-    running = assign(JobFactory(), [g2])
-    lease_to_cancel = assign(JobFactory(), [g3])
+    to_start = placed_lease(job=job, gpus=[g0, g1])
+    running = placed_lease(gpus=[g2])
+    lease_to_cancel = placed_lease(gpus=[g3])
     post_event(client, running, "started")
     post_event(client, lease_to_cancel, "started")
     lease_request_stop(lease_id=running.pk, reason=Lease.EndReason.MAX_DURATION, actor="test")
@@ -570,7 +557,7 @@ def test_lease_lifecycle_from_start_to_success() -> None:
     machine = machine_with_gpus(count=1)
     gpu = machine.gpus.get()
     client = agent_client(machine)
-    lease = assign(JobFactory(), [gpu])
+    lease = placed_lease(gpus=[gpu])
 
     started = post_event(client, lease, "started")
     assert started.status_code == 200, started.json()
@@ -632,7 +619,7 @@ def test_exited_without_exit_code_is_400() -> None:
 def test_malformed_event_is_400_and_changes_nothing(fields: dict[str, Any], offending: str) -> None:
     machine = machine_with_gpus(count=1)
     client = agent_client(machine)
-    lease = assign(JobFactory(), list(machine.gpus.all()))
+    lease = placed_lease(machine=machine)
     body = {"event_id": "e1", "type": "started", "at": timezone.now().isoformat(), **fields}
 
     resp = client.post(f"{API}leases/{lease.pk}/events", body, format="json")
@@ -675,12 +662,12 @@ def test_failed_start_is_retried_then_fails_after_max_attempts(settings) -> None
     client = agent_client(machine)
     job = JobFactory()
 
-    first = post_event(client, assign(job, [gpu]), "failed_to_start", detail="image pull failed")
+    first = post_event(client, placed_lease(job=job, gpus=[gpu]), "failed_to_start", detail="image pull failed")
     assert first.json()["job_status"] == "pending"
     gpu.refresh_from_db()
     assert gpu.state == GPU.State.IDLE
 
-    second = post_event(client, assign(job, [gpu]), "failed_to_start", detail="image pull failed")
+    second = post_event(client, placed_lease(job=job, gpus=[gpu]), "failed_to_start", detail="image pull failed")
 
     assert second.json()["job_status"] == "failed"
     job.refresh_from_db()
@@ -707,7 +694,7 @@ def test_event_ids_of_different_leases_do_not_collide() -> None:
     machine = machine_with_gpus(count=2)
     g0, g1 = machine.gpus.order_by("index")
     client = agent_client(machine)
-    a, b = assign(JobFactory(), [g0]), assign(JobFactory(), [g1])
+    a, b = placed_lease(gpus=[g0]), placed_lease(gpus=[g1])
 
     ra = post_event(client, a, "started", event_id="start")
     rb = post_event(client, b, "started", event_id="start")
@@ -913,7 +900,7 @@ def test_usage_period_that_ends_before_it_starts_is_400() -> None:
 def test_usage_of_a_lease_not_yet_started_is_400() -> None:
     machine = machine_with_gpus(count=1)
     client = agent_client(machine)
-    lease = assign(JobFactory(), list(machine.gpus.all()))
+    lease = placed_lease(machine=machine)
     now = timezone.now()
     body = {
         "report_id": "r1",
@@ -1076,7 +1063,7 @@ def test_capabilities_with_a_non_finite_number_are_400() -> None:
 def test_a_lease_of_a_kind_the_machine_stopped_accepting_is_never_sent_and_its_job_requeued() -> None:
     machine = machine_with_gpus(count=1)
     gpu = machine.gpus.get()
-    lease = assign(JobFactory(kind=Job.Kind.PROCESS), [gpu])
+    lease = placed_lease(gpus=[gpu], kind=Job.Kind.PROCESS)
     client = agent_client(machine)
     containers_only = {
         "kinds": ["container"],

@@ -12,7 +12,6 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from jobs.models import Job, Lease
-from jobs.services import Placement, lease_mark_started, leases_assign
 from providers.models import GPU, AvailabilityWindow, Blackout, Machine, Provider, RegistrationToken
 from providers.services import secret_digest
 from tests.factories import (
@@ -22,6 +21,7 @@ from tests.factories import (
     ProviderFactory,
     capabilities_report,
     machine_with_gpus,
+    placed_lease,
 )
 
 pytestmark = pytest.mark.django_db
@@ -148,11 +148,7 @@ def test_available_now_keeps_only_gpus_a_job_could_be_placed_on_now(renter_clien
     owner_busy = GPUFactory(state=GPU.State.OWNER_BUSY)
     offline_machine = GPUFactory(machine=MachineFactory(status=Machine.Status.OFFLINE))
     leased = GPUFactory()
-    leases_assign(
-        placements=[
-            Placement(job_id=JobFactory().pk, machine_id=leased.machine_id, gpu_ids=(leased.pk,), price_per_gpu_hour=1)
-        ]
-    )
+    placed_lease(gpus=[leased])
     GPUFactory(machine=MachineFactory(status=Machine.Status.SUSPENDED))
 
     available = client.get("/api/v1/gpus/", {"available_now": "true"})
@@ -722,23 +718,10 @@ def test_provider_revokes_a_machine_credential_its_leases_end_and_interruptible_
     Machine.objects.filter(pk=machine.pk).update(provider=provider)
     credential = with_credential(machine)
     g0, g1 = machine.gpus.order_by("index")
-    leases = leases_assign(
-        placements=[
-            Placement(
-                job_id=JobFactory(interruptible=True).pk,
-                machine_id=machine.pk,
-                gpu_ids=(g0.pk,),
-                price_per_gpu_hour=Decimal("0.4"),
-            ),
-            Placement(
-                job_id=JobFactory(interruptible=False).pk,
-                machine_id=machine.pk,
-                gpu_ids=(g1.pk,),
-                price_per_gpu_hour=Decimal("0.4"),
-            ),
-        ]
-    )
-    lease_mark_started(lease_id=leases[0].pk, actor=f"machine:{machine.pk}")
+    leases = [
+        placed_lease(gpus=[g0], interruptible=True, started=True),
+        placed_lease(gpus=[g1], interruptible=False),
+    ]
 
     response = client.post(
         f"/api/v1/machines/{machine.pk}/credential/revoke/", {"reason": "laptop stolen"}, format="json"

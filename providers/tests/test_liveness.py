@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 import threading
 from datetime import timedelta
-from decimal import Decimal
 
 import pytest
 from django.conf import settings
@@ -14,10 +13,9 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from jobs.models import Job, Lease
-from jobs.services import Placement, lease_mark_started, leases_assign
 from providers import services
 from providers.models import GPU, Machine
-from tests.factories import JobFactory, MachineFactory, machine_with_gpus
+from tests.factories import MachineFactory, machine_with_gpus, placed_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -36,25 +34,11 @@ def silent_machine(*, gpus: int = 2) -> Machine:
     return machine
 
 
-def assign(job: Job, gpu: GPU, *, start: bool = True) -> Lease:
-    with transaction.atomic():
-        [lease] = leases_assign(
-            placements=[
-                Placement(
-                    job_id=job.pk, machine_id=gpu.machine_id, gpu_ids=(gpu.pk,), price_per_gpu_hour=Decimal("0.3")
-                )
-            ]
-        )
-    if start:
-        lease_mark_started(lease_id=lease.pk, actor="test")
-    return lease
-
-
 def test_silent_machine_goes_offline_and_its_leases_are_lost() -> None:
     machine = silent_machine()
     g0, g1 = machine.gpus.order_by("index")
-    interruptible = assign(JobFactory(interruptible=True), g0)
-    fragile = assign(JobFactory(interruptible=False), g1, start=False)
+    interruptible = placed_lease(gpus=[g0], interruptible=True, started=True)
+    fragile = placed_lease(gpus=[g1], interruptible=False)
 
     assert services.machines_mark_silent_offline() == 1
 
@@ -74,8 +58,7 @@ def test_silent_machine_goes_offline_and_its_leases_are_lost() -> None:
 def test_lost_lease_ends_at_the_last_heartbeat_so_the_silence_is_not_billed() -> None:
     machine = machine_with_gpus(count=1)
     started = timezone.now() - timedelta(minutes=30)
-    lease = assign(JobFactory(), machine.gpus.get())
-    Lease.objects.filter(pk=lease.pk).update(started_at=started)
+    lease = placed_lease(machine=machine, started=started)
     last_heartbeat = timezone.now() - grace() - timedelta(minutes=10)
     Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=last_heartbeat)
 
@@ -88,7 +71,7 @@ def test_lost_lease_ends_at_the_last_heartbeat_so_the_silence_is_not_billed() ->
 
 def test_machine_that_heartbeats_in_time_stays_online() -> None:
     machine = machine_with_gpus(count=1)
-    lease = assign(JobFactory(), machine.gpus.get())
+    lease = placed_lease(machine=machine, started=True)
     # Just inside the grace period.
     Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=timezone.now() - grace() + timedelta(seconds=2))
 
@@ -113,7 +96,7 @@ def test_sweep_leaves_offline_and_suspended_machines_alone() -> None:
 
 def test_sweeping_twice_is_harmless() -> None:
     machine = silent_machine(gpus=1)
-    lease = assign(JobFactory(), machine.gpus.get())
+    lease = placed_lease(machine=machine, started=True)
     services.machines_mark_silent_offline()
     lease.refresh_from_db()
     ended_at = lease.ended_at
@@ -126,7 +109,7 @@ def test_sweeping_twice_is_harmless() -> None:
 def test_machine_back_after_going_silent_is_online_and_told_to_stop_its_lost_lease() -> None:
     machine = silent_machine(gpus=1)
     gpu = machine.gpus.get()
-    lease = assign(JobFactory(), gpu)
+    lease = placed_lease(gpus=[gpu], started=True)
     services.machines_mark_silent_offline()
     raw = "gpm_" + secrets.token_urlsafe(16)
     Machine.objects.filter(pk=machine.pk).update(credential_digest=services.secret_digest(raw))
@@ -156,7 +139,7 @@ def test_heartbeat_landing_during_the_sweep_keeps_the_machine_online() -> None:
     """The heartbeat holds the machine's row lock when the sweep tries to move it; the sweep's
     conditional update then sees the fresh heartbeat and leaves the machine alone."""
     machine = silent_machine(gpus=1)
-    lease = assign(JobFactory(), machine.gpus.get())
+    lease = placed_lease(machine=machine, started=True)
     locked, release = threading.Event(), threading.Event()
     swept: list[int] = []
 

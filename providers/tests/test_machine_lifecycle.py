@@ -5,19 +5,16 @@ Registering a rig again with the same GPUs used to lock it out: every heartbeat 
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from jobs.models import Job, Lease
-from jobs.services import Placement, lease_mark_started, leases_assign
 from providers import services
 from providers.models import GPU, Machine, Provider
-from tests.factories import JobFactory, ProviderFactory, token_for
+from tests.factories import ProviderFactory, placed_lease, token_for
 
 pytestmark = pytest.mark.django_db
 
@@ -41,26 +38,11 @@ def beat(client: APIClient, uuids: tuple[str, ...] = UUIDS) -> Any:
     return client.post(API + "heartbeat", {"gpus": gpus, "leases": []}, format="json")
 
 
-def running_lease(machine: Machine) -> Lease:
-    gpu = GPU.objects.filter(machine=machine).order_by("index").first()
-    assert gpu is not None
-    with transaction.atomic():
-        [lease] = leases_assign(
-            placements=[
-                Placement(
-                    job_id=JobFactory().pk, machine_id=machine.pk, gpu_ids=(gpu.pk,), price_per_gpu_hour=Decimal("0.4")
-                )
-            ]
-        )
-    lease_mark_started(lease_id=lease.pk, actor="test")
-    return lease
-
-
 def test_a_rig_registered_again_takes_its_gpus_and_the_old_machine_is_retired() -> None:
     provider = ProviderFactory()
     old, old_client = register(provider, "rig-before-reinstall")
     assert beat(old_client).status_code == 200
-    lease = running_lease(old)
+    lease = placed_lease(machine=old, started=True)
     old_gpu_ids = set(GPU.objects.filter(machine=old).values_list("pk", flat=True))
 
     new, new_client = register(provider, "rig-after-reinstall")
@@ -135,7 +117,7 @@ def test_a_machine_running_a_lease_cannot_be_removed() -> None:
     provider = ProviderFactory()
     machine, agent = register(provider)
     assert beat(agent).status_code == 200
-    lease = running_lease(machine)
+    lease = placed_lease(machine=machine, started=True)
 
     response = provider_client(provider).delete(f"/api/v1/machines/{machine.pk}/")
 
@@ -163,7 +145,7 @@ def test_the_operator_removes_machines_from_the_console_except_busy_ones(admin_c
     assert beat(idle_agent, ("GPU-idle",)).status_code == 200
     busy, busy_agent = register(provider, "busy")
     assert beat(busy_agent, ("GPU-busy",)).status_code == 200
-    running_lease(busy)
+    placed_lease(machine=busy, started=True)
 
     response = admin_client.post(
         "/admin/providers/machine/",

@@ -4,7 +4,6 @@ one, cancels a job, issues a registration token, reads a job's audit trail."""
 from __future__ import annotations
 
 import re
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,9 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from jobs.models import Event, Job, Lease
-from jobs.services import Placement, lease_mark_started, leases_assign
 from providers.models import GPU, Machine, RegistrationToken
 from providers.services import secret_digest
-from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory
+from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, placed_lease
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -111,15 +109,6 @@ def machine_with(hostname: str, *, gpus: int, status: str = Machine.Status.ONLIN
     return machine
 
 
-def running_lease(job: Job, machine: Machine) -> Lease:
-    """Place `job` on `machine` through jobs.services and report it started, as an agent would."""
-    gpu_ids = tuple(machine.gpus.order_by("index").values_list("pk", flat=True)[: job.gpu_count])
-    (lease,) = leases_assign(placements=[Placement(job.pk, machine.pk, gpu_ids, Decimal("0.40"))])
-    lease_mark_started(lease_id=lease.pk, actor=f"machine:{machine.pk}")
-    lease.refresh_from_db()
-    return lease
-
-
 # --- tests ------------------------------------------------------------------------------------
 
 
@@ -180,7 +169,7 @@ def test_suspending_a_busy_machine_ends_its_lease_and_puts_the_job_back_in_the_q
     busy = machine_with("rig-busy", gpus=2)
     idle = machine_with("rig-idle", gpus=1)
     job = JobFactory(name="train-resnet", interruptible=True)
-    lease = running_lease(job, busy)
+    lease = placed_lease(job=job, machine=busy, started=True)
     open_page(console, live_server, reverse("admin:providers_machine_changelist"))
 
     run_action(console, "Suspend selected machines", [busy.pk])
@@ -247,7 +236,7 @@ def test_registration_token_is_shown_once_after_the_add_form(console, live_serve
 
 def test_job_page_shows_its_audit_trail_and_no_way_to_edit_its_status(console, live_server) -> None:  # type: ignore[no-untyped-def]
     job = JobFactory(name="render-frames")
-    running_lease(job, machine_with("rig-render", gpus=1))
+    placed_lease(job=job, machine=machine_with("rig-render", gpus=1), started=True)
     job.refresh_from_db()
     recorded = list(Event.objects.filter(job=job).order_by("created_at", "id").values_list("kind", flat=True))
     assert job.status == Job.Status.RUNNING and len(recorded) >= 2
