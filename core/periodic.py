@@ -3,7 +3,7 @@ and `item` runs one item of a sweep so that its failure skips that item, not the
 
     @periodic_task(name="jobs.tasks.sweep_leases", time_limit=120)
     def sweep_leases() -> dict[str, int]:
-        return services.leases_sweep().as_dict()
+        return sweeps.leases_sweep().as_dict()
 
     # in the sweep (a service):
     for lease_id in lease_ids:

@@ -1,5 +1,5 @@
 """The agent API's lease operations (/api/agent/v1/leases/…, docs/agent-api.md): what happened to
-a lease (events) and its usage, ingested by jobs.services. Authentication, the base view and the
+a lease (events) and its usage, ingested by jobs.ingestion. Authentication, the base view and the
 bounds are the agent API's (providers.agent_apis); the URLs are in jobs.agent_urls.
 """
 
@@ -14,7 +14,7 @@ from rest_framework.response import Response
 
 from core.api import DecimalInputField, decimal_pattern, error_responses
 from gpgpu_agent import protocol as usage_protocol
-from jobs import services as job_services
+from jobs import ingestion
 from providers.agent_apis import INT32_MAX, MAX_LOG_TAIL_BYTES, SIGNATURE_REGEX, AgentAPIView
 from providers.models import Machine
 
@@ -35,7 +35,7 @@ class LeaseEventApi(AgentAPIView):
             ref_name = "AgentLeaseEventInput"
 
         event_id = serializers.CharField(max_length=128, help_text="Unique per event; repeats are harmless.")
-        type = serializers.ChoiceField(choices=list(job_services.AGENT_EVENT_TYPES))
+        type = serializers.ChoiceField(choices=list(ingestion.AGENT_EVENT_TYPES))
         at = serializers.DateTimeField(help_text="When it happened, by the agent's clock.")
         exit_code = serializers.IntegerField(
             min_value=-(2**31),
@@ -81,7 +81,7 @@ class LeaseEventApi(AgentAPIView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        lease, duplicate = job_services.lease_event_ingest(
+        lease, duplicate = ingestion.lease_event_ingest(
             machine=cast(Machine, request.auth),  # AgentAPIView's IsMachine admits only a Machine
             lease_id=lease_id,
             event_id=v["event_id"],
@@ -162,10 +162,10 @@ class LeaseUsageApi(AgentAPIView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        row, created = job_services.usage_report_ingest(
+        row, created = ingestion.usage_report_ingest(
             machine=cast(Machine, request.auth),  # AgentAPIView's IsMachine admits only a Machine
             lease_id=lease_id,
-            report=job_services.UsageReportData(**v, payload=dict(request.data)),
+            report=ingestion.UsageReportData(**v, payload=dict(request.data)),
         )
         out = {"id": row.pk, "lease_id": row.lease_id, "report_id": row.report_id, "duplicate": not created}
         return Response(

@@ -9,7 +9,7 @@ class JobsConfig(AppConfig):
 
     def ready(self) -> None:
         # providers asks for the leases on its machines through this port (providers.leases);
-        # jobs.services needs the app registry ready (it imports models).
-        from jobs.services import MachineLeases
+        # jobs.machine_leases needs the app registry ready (it imports models).
+        from jobs.machine_leases import MachineLeases
 
         machine_leases_register(MachineLeases())

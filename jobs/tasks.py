@@ -4,7 +4,7 @@ run under core.periodic (a lock per task, logging, a failure count per task)."""
 from __future__ import annotations
 
 from core.periodic import periodic_task
-from jobs import services
+from jobs import sweeps
 
 
 @periodic_task(name="jobs.tasks.sweep_leases", time_limit=120)
@@ -12,4 +12,4 @@ def sweep_leases() -> dict[str, int]:
     """Leases stuck assigned time out, leases past their job's max duration are stopped (then
     ended if the agent does not stop them), each lease in its own transaction. Beat runs it every
     15 s; a run that finds the previous one still holding the lock does nothing."""
-    return services.leases_sweep().as_dict()
+    return sweeps.leases_sweep().as_dict()

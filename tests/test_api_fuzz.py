@@ -76,6 +76,9 @@ CREDENTIALS = ("renter", "provider", "machine")
 
 if not ENABLED:
     pytest.skip("API fuzzing takes minutes: set GPGPU_API_FUZZ=1 (CI does)", allow_module_level=True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Its tallies live in this process and its last test reads them all.
+    pytest.fail("Run the API fuzzing in one process: ./scripts/test tests/test_api_fuzz.py -n 0", pytrace=False)
 
 # The test database; the world is committed once for the module (see `world`).
 pytestmark = pytest.mark.django_db

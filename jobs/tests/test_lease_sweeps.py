@@ -14,7 +14,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from billing import services as billing_services
-from jobs import services
+from jobs import services, sweeps
 from jobs.models import Job, Lease
 from jobs.services import JobSpec
 from jobs.tasks import sweep_leases
@@ -53,7 +53,7 @@ def test_start_timeouts_fail_the_job_once_attempts_run_out(settings) -> None:  #
     lease = placed_lease()
     Lease.objects.filter(pk=lease.pk).update(created_at=timezone.now() - timedelta(hours=1))
 
-    services.leases_sweep()
+    sweeps.leases_sweep()
 
     job = Job.objects.get(pk=lease.job_id)
     assert job.status == Job.Status.FAILED
@@ -65,7 +65,7 @@ def test_lease_past_max_duration_is_asked_to_stop_then_ended() -> None:
     over = running(job, for_s=121)
     within = running(JobFactory(expected_duration_s=60, max_duration_s=120), for_s=100)
 
-    first = services.leases_sweep()
+    first = sweeps.leases_sweep()
 
     assert first.stops_requested == 1
     over.refresh_from_db()
@@ -74,12 +74,12 @@ def test_lease_past_max_duration_is_asked_to_stop_then_ended() -> None:
     assert Lease.objects.get(pk=within.pk).stop_requested_at is None
 
     # A sweep inside the grace period leaves it to the agent.
-    assert services.leases_sweep().ended_after_stop == 0
+    assert sweeps.leases_sweep().ended_after_stop == 0
     Lease.objects.filter(pk=over.pk).update(
-        stop_requested_at=timezone.now() - timedelta(seconds=services.STOP_GRACE_S + 1)
+        stop_requested_at=timezone.now() - timedelta(seconds=sweeps.STOP_GRACE_S + 1)
     )
 
-    last = services.leases_sweep()
+    last = sweeps.leases_sweep()
 
     assert last.ended_after_stop == 1
     over.refresh_from_db()
@@ -92,9 +92,9 @@ def test_lease_past_max_duration_is_asked_to_stop_then_ended() -> None:
 def test_repeated_sweeps_do_not_ask_twice() -> None:
     lease = running(JobFactory(expected_duration_s=60, max_duration_s=60), for_s=61)
 
-    services.leases_sweep()
+    sweeps.leases_sweep()
     asked_at = Lease.objects.get(pk=lease.pk).stop_requested_at
-    again = services.leases_sweep()
+    again = sweeps.leases_sweep()
 
     assert again.stops_requested == 0
     assert Lease.objects.get(pk=lease.pk).stop_requested_at == asked_at
@@ -146,13 +146,13 @@ def test_an_agent_that_ignores_the_stop_is_ended_at_the_maximum_and_billed_no_fu
     # The agent runs on past the maximum and says so.
     assert usage(0, 60) == 201
     assert usage(60, 120) == 201
-    services.leases_sweep(now=t0 + timedelta(seconds=75))
+    sweeps.leases_sweep(now=t0 + timedelta(seconds=75))
     # The request is stamped with the wall clock; put it where the sweep's clock is.
     Lease.objects.filter(pk=lease.pk).update(stop_requested_at=t0 + timedelta(seconds=75))
     assert [s["lease_id"] for s in beat()["stop"]] == [lease.pk]  # asked; ignored
     assert usage(120, 138) == 201
 
-    services.leases_sweep(now=t0 + timedelta(seconds=75 + services.STOP_GRACE_S + 1))
+    sweeps.leases_sweep(now=t0 + timedelta(seconds=75 + sweeps.STOP_GRACE_S + 1))
 
     lease.refresh_from_db()
     assert (lease.status, lease.end_reason) == (Lease.Status.ENDED, "max_duration")
@@ -204,7 +204,7 @@ def test_a_lease_that_cannot_be_ended_is_skipped_and_reported_and_the_others_end
     timeout = settings.GPGPU["LEASE_START_TIMEOUT_S"]
     first, broken, last = (placed_lease() for _ in range(3))
     Lease.objects.update(created_at=timezone.now() - timedelta(seconds=timeout + 1))
-    real_lease_end = services.lease_end
+    real_lease_end = sweeps.lease_end
     first_seen_ended_elsewhere: list[str] = []
 
     def lease_end(*, lease_id: int, **kwargs):  # type: ignore[no-untyped-def]
@@ -216,7 +216,7 @@ def test_a_lease_that_cannot_be_ended_is_skipped_and_reported_and_the_others_end
             raise RuntimeError("the database said no")
         return real_lease_end(lease_id=lease_id, **kwargs)
 
-    monkeypatch.setattr(services, "lease_end", lease_end)
+    monkeypatch.setattr(sweeps, "lease_end", lease_end)
 
     result = sweep_leases()
 
@@ -231,7 +231,7 @@ def test_a_lease_that_cannot_be_ended_is_skipped_and_reported_and_the_others_end
     assert (task.last_ok, task.items_ok, task.items_failed, task.consecutive_failures) == (False, 2, 1, 1)
     assert task.last_error == f"lease {broken.pk}: RuntimeError: the database said no"
 
-    monkeypatch.setattr(services, "lease_end", real_lease_end)
+    monkeypatch.setattr(sweeps, "lease_end", real_lease_end)
     assert sweep_leases()["start_timeouts"] == 1  # the next run ends it
     task.refresh_from_db()
     assert (task.last_ok, task.consecutive_failures, task.total_failures) == (True, 0, 1)

@@ -770,7 +770,7 @@ def test_a_usage_report_overlapping_one_already_accepted_is_refused() -> None:
 
 
 def test_a_lease_stores_a_bounded_number_of_usage_reports() -> None:
-    from jobs.services import usage_reports_max
+    from jobs.ingestion import usage_reports_max
 
     machine = machine_with_gpus(count=1)
     client = agent_client(machine)
