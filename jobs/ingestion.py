@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -22,6 +23,7 @@ from jobs.services import (
     ER,
     event_record,
     lease_end,
+    lease_lost_reconcile,
     lease_mark_started,
 )
 from providers.models import Machine
@@ -91,6 +93,16 @@ def lease_event_ingest(
         if Event.objects.filter(idempotency_key=key).exists():
             return lease, True
         status = lease.status
+        if status == Lease.Status.ENDED and lease.end_reason == ER.LOST and type in ("exited", "preempted_by_owner"):
+            # The agent was cut off long enough for the lease to be declared lost, and now tells
+            # how its workload ended: its truth is recorded, never refused.
+            lease_lost_reconcile(
+                lease=lease, type=type, exit_code=exit_code, at=at, detail=detail, actor=actor, idempotency_key=key
+            )
+            if log_tail is not None:
+                Lease.objects.filter(pk=lease_id).update(log_tail=log_tail)
+            lease.refresh_from_db()
+            return lease, False
         at = _clamp(at, lower=lease.started_at or lease.created_at, upper=now)
         allowed = {
             "started": [Lease.Status.ASSIGNED],
@@ -236,6 +248,10 @@ def usage_report_ingest(*, machine: Machine, lease_id: int, report: UsageReportD
             f"Lease {lease.pk} has not started, so it has no usage yet.", code="usage_period_outside_lease"
         )
     lease_end_at = lease.ended_at or timezone.now()
+    if lease.end_reason == ER.LOST and lease.ended_at is not None:
+        # A lost lease ends at its machine's last heartbeat, but its cut-off agent may have run
+        # the workload up to its fence: that usage is accepted (and billed within the lease).
+        lease_end_at = lease.ended_at + timedelta(seconds=settings.GPGPU["LEASE_FENCE_S"])
     if report.period_start < lease.started_at - AGENT_CLOCK_SKEW or report.period_end > lease_end_at + AGENT_CLOCK_SKEW:
         raise ValidationFailed(
             f"The period {report.period_start.isoformat()} to {report.period_end.isoformat()} is not within lease "

@@ -115,6 +115,10 @@ class MachineLeases:
     def active_count(self, *, machine_ids: Sequence[int]) -> int:
         return Lease.objects.filter(machine_id__in=machine_ids, status__in=Lease.ACTIVE).count()
 
+    def machines_with_active_leases(self, *, machine_ids: Sequence[int]) -> set[int]:
+        active = Lease.objects.filter(machine_id__in=machine_ids, status__in=Lease.ACTIVE)
+        return set(active.values_list("machine_id", flat=True))
+
     def active_gpu_ids(self, *, machine_id: int) -> set[int]:
         return set(LeaseGPU.objects.filter(active=True, gpu__machine_id=machine_id).values_list("gpu_id", flat=True))
 

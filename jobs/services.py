@@ -485,6 +485,53 @@ def _job_after_lease(*, lease: Lease, reason: str, exit_code: int | None, detail
     # CANCELLED: the job was moved by job_cancel already.
 
 
+def lease_lost_reconcile(
+    *,
+    lease: Lease,
+    type: str,
+    exit_code: int | None,
+    at: datetime | None,
+    detail: str,
+    actor: str,
+    idempotency_key: str,
+) -> None:
+    """Record what the agent of a lease declared lost says of its workload's end (an `exited` or
+    `preempted_by_owner` event that arrives once its machine is back), instead of refusing it.
+
+    The lease stays ended as lost (its charge is what the marketplace knew), but when the
+    workload exited 0 on its own (not stopped by the agent's fence, detail `fenced:`) and its job
+    was re-queued by this loss and is still waiting, the job succeeds with that exit instead of
+    running again. The caller holds the lease's row lock."""
+    event_record(
+        job_id=lease.job_id,
+        lease_id=lease.pk,
+        kind="lease.reported_after_loss",
+        actor=actor,
+        detail={
+            "type": type,
+            "exit_code": exit_code,
+            "at": at.isoformat() if at is not None else None,
+            "detail": detail[:500],
+        },
+        idempotency_key=idempotency_key,
+    )
+    finished = type == "exited" and exit_code == 0 and not detail.startswith("fenced:")
+    if not finished or Lease.objects.filter(job_id=lease.job_id, pk__gt=lease.pk).exists():
+        return
+    _job_move(
+        job_id=lease.job_id,
+        from_statuses=[JS.PENDING],
+        to=JS.SUCCEEDED,
+        actor=actor,
+        kind="job.succeeded",
+        lease_id=lease.pk,
+        detail={"reason": "exited 0 before its lost lease was reported"},
+        exit_code=exit_code,
+        unplaced_code="",
+        unplaced_detail="",
+    )
+
+
 def leases_end_for_machine(
     *, machine_id: int, reason: str, actor: str, detail: str = "", at: datetime | None = None
 ) -> int:

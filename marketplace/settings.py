@@ -355,6 +355,18 @@ GPGPU = {
     # How often the agent is asked to heartbeat, and how many missed beats make a machine offline.
     "HEARTBEAT_INTERVAL_S": env_int("HEARTBEAT_INTERVAL_S", 10, minimum=1),
     "HEARTBEAT_GRACE_BEATS": env_int("HEARTBEAT_GRACE_BEATS", 3, minimum=1),
+    # An agent stops its rentals' workloads once it has not reached the marketplace for this long
+    # (a watchdog beside each workload enforces it even if the agent is paused or killed), and a
+    # silent machine's leases end as lost only after LEASE_LOST_AFTER_S, later than that: so a
+    # job never runs twice at once, whoever was cut off.
+    "LEASE_FENCE_S": env_int("LEASE_FENCE_S", 120, minimum=10),
+    "LEASE_LOST_AFTER_S": env_int("LEASE_LOST_AFTER_S", 0),
+    # When at least this many machines and this share of the online fleet go silent at once, the
+    # marketplace assumes the fault is between them and itself and stops ending leases (a
+    # disrupted zone), for at most LIVENESS_DISRUPTION_HOLD_S.
+    "LIVENESS_DISRUPTION_MIN_MACHINES": env_int("LIVENESS_DISRUPTION_MIN_MACHINES", 10, minimum=1),
+    "LIVENESS_DISRUPTION_PCT": env_int("LIVENESS_DISRUPTION_PCT", 50, minimum=1),
+    "LIVENESS_DISRUPTION_HOLD_S": env_int("LIVENESS_DISRUPTION_HOLD_S", 900, minimum=0),
     # The matching loop's period, and the most pending jobs one cycle considers.
     "MATCH_INTERVAL_S": env_int("MATCH_INTERVAL_S", 5, minimum=1),
     "MATCH_BATCH_SIZE": env_int("MATCH_BATCH_SIZE", 20000, minimum=1),
@@ -372,6 +384,14 @@ GPGPU = {
     # The EIP-712 domain chainId agents sign usage reports with (31337: the local dev chain).
     "USAGE_SIGNING_CHAIN_ID": env_int("USAGE_SIGNING_CHAIN_ID", 31337, minimum=1),
 }
+# Leases are declared lost a margin after the agents' fence: by then every workload of a cut-off
+# agent has been stopped. Set lower, a job could run on two machines at once.
+GPGPU["LEASE_LOST_AFTER_S"] = GPGPU["LEASE_LOST_AFTER_S"] or GPGPU["LEASE_FENCE_S"] + 30
+if GPGPU["LEASE_LOST_AFTER_S"] <= GPGPU["LEASE_FENCE_S"]:
+    raise ImproperlyConfigured(
+        f"LEASE_LOST_AFTER_S ({GPGPU['LEASE_LOST_AFTER_S']}) must be more than LEASE_FENCE_S "
+        f"({GPGPU['LEASE_FENCE_S']}): a lease declared lost before its agent stops it could run twice."
+    )
 
 # Billing (docs/billing.md). Amounts are int in the token's smallest unit (6 decimals: micro).
 BILLING_TOKEN_DECIMALS = env_int("BILLING_TOKEN_DECIMALS", 6)

@@ -341,6 +341,10 @@ class HeartbeatApi(AgentAPIView):
 
         heartbeat_interval_s = serializers.IntegerField()
         server_time = serializers.DateTimeField()
+        lease_fence_s = serializers.IntegerField(
+            help_text="Stop every rental's workload once this many seconds pass without a successful heartbeat: "
+            "the marketplace declares a silent machine's leases lost only later, so a job never runs twice."
+        )
         start = LeaseStartSerializer(many=True, help_text="Leases to start (idempotent on the agent's side).")
         stop = LeaseStopSerializer(many=True, help_text="Leases to stop.")
         schedule = MachineScheduleSerializer(help_text="The owner's availability schedule for this machine now.")

@@ -31,6 +31,9 @@ class MachineLeases(Protocol):
     def active_count(self, *, machine_ids: Sequence[int]) -> int:
         """How many active leases these machines hold."""
 
+    def machines_with_active_leases(self, *, machine_ids: Sequence[int]) -> set[int]:
+        """Which of these machines hold an active lease."""
+
     def active_gpu_ids(self, *, machine_id: int) -> set[int]:
         """The machine's GPUs that are in an active lease."""
 

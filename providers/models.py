@@ -274,3 +274,22 @@ class TelemetryRollup(models.Model):
 
     def __str__(self) -> str:
         return f"GPU {self.gpu_id} hour {self.hour:%Y-%m-%d %H:00}"
+
+
+class LivenessState(models.Model):
+    """What the liveness sweep (providers.services.machines_liveness_sweep) remembers between
+    runs, one row: when it last ran, until when the marketplace itself could not see its fleet
+    (its database, worker or beat down, or no heartbeat reaching it at all), and since when a
+    large share of the fleet has been silent at once. Silence is counted from the later of a
+    machine's last heartbeat and `blind_until`, so an outage of the marketplace is not blamed on
+    the machines."""
+
+    last_sweep_at = models.DateTimeField(null=True, blank=True)
+    blind_until = models.DateTimeField(null=True, blank=True)
+    # The first sweep of the current stretch with no heartbeat from anyone (None: heartbeats flow).
+    quiet_since = models.DateTimeField(null=True, blank=True)
+    # The first sweep of the current disruption (None: no disruption).
+    disrupted_since = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"liveness (last sweep {self.last_sweep_at})"

@@ -39,7 +39,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from providers.availability import days_to_mask, mask_to_days, validate_timezone
@@ -56,6 +56,7 @@ from providers.models import (
     PRICE_DECIMALS,
     AvailabilityWindow,
     Blackout,
+    LivenessState,
     Machine,
     MachineCredentialRevocation,
     Provider,
@@ -666,6 +667,8 @@ class HeartbeatReply:
     server_time: datetime
     start: list[LeaseStart]
     stop: list[LeaseStop]
+    # How long the agent's workloads may outlive its last successful heartbeat (LEASE_FENCE_S).
+    lease_fence_s: int = 120
     # The owner's schedule for this machine now (see machine_schedule); None only in replies
     # built before it was computed.
     schedule: MachineSchedule | None = None
@@ -961,45 +964,138 @@ def _heartbeat_reply(
         machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds
     )
     return HeartbeatReply(
-        heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"], server_time=now, start=start, stop=stop
+        heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"],
+        server_time=now,
+        start=start,
+        stop=stop,
+        lease_fence_s=settings.GPGPU["LEASE_FENCE_S"],
     )
 
 
-def machines_mark_silent_offline(*, now: datetime | None = None) -> int:
-    """Machines online but silent for HEARTBEAT_INTERVAL_S * HEARTBEAT_GRACE_BEATS go offline:
-    their GPUs show offline and their active leases end as `lost` (interruptible jobs go back to
-    the queue, others fail). Returns how many machines went offline.
+@dataclass(frozen=True)
+class LivenessSweep:
+    """What one liveness sweep did and saw."""
 
-    Each machine moves with a conditional UPDATE that re-checks its last heartbeat, so a machine
-    whose heartbeat lands while the sweep runs stays online.
+    offline: int  # machines that went offline
+    leases_lost: int  # leases ended as lost
+    blind: bool  # the marketplace could not see its fleet (its own outage): nothing was evicted
+    disrupted: bool  # a large share of the fleet went silent at once: no lease was ended
+    held: int  # machines silent past LEASE_LOST_AFTER_S whose leases the disruption kept
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return {
+            "offline": self.offline,
+            "leases_lost": self.leases_lost,
+            "blind": self.blind,
+            "disrupted": self.disrupted,
+            "held": self.held,
+        }
+
+
+def machines_liveness_sweep(*, now: datetime | None = None) -> LivenessSweep:
+    """Take silent machines offline and, much later, end their leases as lost, without blaming
+    the machines for an outage of the marketplace itself.
+
+    - A machine is silent for the time since the later of its last heartbeat and the end of the
+      marketplace's own blindness (`LivenessState.blind_until`). The marketplace was blind when
+      this sweep had not run for 3 heartbeat intervals (its database, worker or beat was down),
+      or while no machine at all has heartbeated for 2 intervals (its web tier or its network
+      was down: one agent cannot tell, a whole fleet can), for at most
+      LIVENESS_DISRUPTION_HOLD_S (past that, the fleet really is gone).
+    - Silent for HEARTBEAT_INTERVAL_S * HEARTBEAT_GRACE_BEATS: the machine goes offline and its
+      GPUs show offline (nothing new is placed there); its leases keep running.
+    - Silent for LEASE_LOST_AFTER_S (after the agents' LEASE_FENCE_S, when a cut-off agent has
+      stopped its workloads): its leases end as `lost` at its last heartbeat, and interruptible
+      jobs go back to the queue. A job is thus never run by two machines at once.
+    - When at least LIVENESS_DISRUPTION_MIN_MACHINES machines and LIVENESS_DISRUPTION_PCT of
+      the machines with a recent heartbeat go silent at once, no lease ends (a disrupted zone, as
+      Kubernetes' node controller does) for at most LIVENESS_DISRUPTION_HOLD_S.
+
+    Each machine moves in its own transaction, with a conditional UPDATE that re-checks its last
+    heartbeat, so a heartbeat landing while the sweep runs keeps its machine.
     """
     now = now or timezone.now()
-    grace = settings.GPGPU["HEARTBEAT_INTERVAL_S"] * settings.GPGPU["HEARTBEAT_GRACE_BEATS"]
-    cutoff = now - timedelta(seconds=grace)
-    silent = Q(last_heartbeat_at__lt=cutoff) | Q(last_heartbeat_at__isnull=True)
-    candidates = list(
-        Machine.objects.filter(silent, status=Machine.Status.ONLINE).order_by("pk").values_list("pk", flat=True)
-    )
-    count = 0
-    for machine_id in candidates:
+    cfg = settings.GPGPU
+    interval = cfg["HEARTBEAT_INTERVAL_S"]
+    grace = timedelta(seconds=interval * cfg["HEARTBEAT_GRACE_BEATS"])
+    lost_after = timedelta(seconds=cfg["LEASE_LOST_AFTER_S"])
+    hold = timedelta(seconds=cfg["LIVENESS_DISRUPTION_HOLD_S"])
+    few = cfg["LIVENESS_DISRUPTION_MIN_MACHINES"]
+    in_service = Machine.objects.filter(removed_at__isnull=True).exclude(status=Machine.Status.SUSPENDED)
+    grace_cutoff, lost_cutoff = now - grace, now - lost_after
+    silent = Q(last_heartbeat_at__lt=grace_cutoff) | Q(last_heartbeat_at__isnull=True)
+
+    with transaction.atomic():
+        state, _ = LivenessState.objects.select_for_update().get_or_create(pk=1)
+        # The sweep itself did not run: the database, the worker or beat was down.
+        blind = state.last_sweep_at is not None and now - state.last_sweep_at > timedelta(seconds=3 * interval)
+        # No heartbeat from a whole fleet: the web tier or the network in front of it is down.
+        online = in_service.filter(status=Machine.Status.ONLINE).count()
+        newest = in_service.aggregate(newest=Max("last_heartbeat_at"))["newest"]
+        quiet = online >= few and newest is not None and now - newest > timedelta(seconds=2 * interval)
+        state.quiet_since = (state.quiet_since or now) if quiet else None
+        if quiet and now - (state.quiet_since or now) <= hold:
+            blind = True
+        if blind:
+            state.blind_until = now
+        state.last_sweep_at = now
+        since = state.blind_until
+        # A share of the recently alive fleet silent at once: a disrupted zone (alive as of the
+        # disruption's start, so that the zone still counts while it is held).
+        alive = in_service.filter(last_heartbeat_at__gte=(state.disrupted_since or now) - lost_after - grace)
+        silent_now = alive.filter(silent).count()
+        disrupted = silent_now >= few and silent_now * 100 >= cfg["LIVENESS_DISRUPTION_PCT"] * alive.count()
+        state.disrupted_since = (state.disrupted_since or now) if disrupted else None
+        holding = disrupted and now - (state.disrupted_since or now) <= hold
+        state.save()
+
+    if since is not None and now - since <= grace:
+        logger.warning("liveness: the marketplace could not see its fleet until %s; no machine is blamed", since)
+        return LivenessSweep(offline=0, leases_lost=0, blind=True, disrupted=holding, held=0)
+
+    offline = 0
+    candidates = in_service.filter(silent, status=Machine.Status.ONLINE).order_by("pk").values_list("pk", flat=True)
+    for machine_id in list(candidates):
         with transaction.atomic():
-            last_heartbeat_at = (
-                Machine.objects.filter(pk=machine_id).values_list("last_heartbeat_at", flat=True).first()
-            )
             moved = Machine.objects.filter(silent, pk=machine_id, status=Machine.Status.ONLINE).update(
                 status=Machine.Status.OFFLINE
             )
-            if not moved:
-                continue
+            if moved:
+                _machine_gpus_offline(machine_id=machine_id)
+        if moved:
+            offline += 1
+            logger.info("machine %s went silent: offline (its leases keep running for now)", machine_id)
+
+    if since is not None and now - since <= lost_after:
+        # Within LEASE_LOST_AFTER_S of the marketplace's own outage nobody is declared lost.
+        return LivenessSweep(offline=offline, leases_lost=0, blind=False, disrupted=holding, held=0)
+    gone = Q(last_heartbeat_at__lt=lost_cutoff) | Q(last_heartbeat_at__isnull=True)
+    gone_ids = list(in_service.filter(gone, status=Machine.Status.OFFLINE).values_list("pk", flat=True))
+    with_leases = sorted(machine_leases().machines_with_active_leases(machine_ids=gone_ids))
+    if holding:
+        if with_leases:
+            logger.warning(
+                "liveness: %d machines went silent at once (a disrupted zone); the leases of %d are kept for now",
+                silent_now,
+                len(with_leases),
+            )
+        return LivenessSweep(offline=offline, leases_lost=0, blind=False, disrupted=True, held=len(with_leases))
+    lost = 0
+    for machine_id in with_leases:
+        with transaction.atomic():
+            machine = _machine_lock(machine_id=machine_id)
+            last = machine.last_heartbeat_at if machine is not None else None
+            back = machine is None or machine.status != Machine.Status.OFFLINE
+            if back or (last is not None and last >= lost_cutoff):
+                continue  # it came back meanwhile
             # Leases first, then GPUs: the lock order of the module docstring.
-            lost = machine_leases().end_for_machine(
+            ended = machine_leases().end_for_machine(
                 machine_id=machine_id,
                 reason="lost",
                 actor="liveness",
-                detail=f"no heartbeat for over {grace} seconds",
-                at=last_heartbeat_at,
+                detail=f"no heartbeat for over {cfg['LEASE_LOST_AFTER_S']} seconds",
+                at=last,
             )
-            _machine_gpus_offline(machine_id=machine_id)
-        count += 1
-        logger.info("machine %s went silent: offline, %d lease(s) lost", machine_id, lost)
-    return count
+        lost += ended
+        logger.info("machine %s silent for over %s s: %d lease(s) lost", machine_id, cfg["LEASE_LOST_AFTER_S"], ended)
+    return LivenessSweep(offline=offline, leases_lost=lost, blind=False, disrupted=disrupted, held=0)

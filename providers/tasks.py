@@ -8,9 +8,10 @@ from providers import services, telemetry
 
 
 @periodic_task(name="providers.tasks.sweep_machine_liveness", time_limit=60)
-def sweep_machine_liveness() -> dict[str, int]:
-    """Machines silent past the grace period go offline and their leases end as lost."""
-    return {"offline": services.machines_mark_silent_offline()}
+def sweep_machine_liveness() -> dict[str, int | bool]:
+    """Silent machines go offline, and much later their leases end as lost
+    (providers.services.machines_liveness_sweep)."""
+    return services.machines_liveness_sweep().as_dict()
 
 
 @periodic_task(name="providers.tasks.rollup_telemetry", time_limit=600)

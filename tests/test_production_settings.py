@@ -243,3 +243,13 @@ def test_compose_uses_redis_for_the_cache_and_leaves_tls_to_be_declared(compose)
     assert web["TLS"] == "${TLS:-false}"
     assert web["TRUST_X_FORWARDED_PROTO"] == "${TRUST_X_FORWARDED_PROTO:-false}"
     assert "GPGPU_REQUIRE_SECRET_KEY" not in web
+
+
+# --- liveness -------------------------------------------------------------------------------
+
+
+def test_leases_cannot_be_declared_lost_before_the_agents_fence_stops_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    values = settings_with(tmp_path, DEBUG="true", LEASE_FENCE_S="60")
+    assert values["GPGPU"]["LEASE_LOST_AFTER_S"] == 90  # the fence and a margin, by default
+    with pytest.raises(ImproperlyConfigured, match="LEASE_LOST_AFTER_S .60. must be more than LEASE_FENCE_S"):
+        settings_with(tmp_path, DEBUG="true", LEASE_FENCE_S="60", LEASE_LOST_AFTER_S="60")

@@ -14,7 +14,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from billing import services as billing_services
-from jobs import services, sweeps
+from jobs import sweeps
 from jobs.models import Job, Lease
 from jobs.services import JobSpec
 from jobs.tasks import sweep_leases
