@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from django.db.models import Exists, OuterRef
+from django.utils import timezone
 
 from jobs.models import Lease, LeaseGPU
 from jobs.services import (
@@ -53,9 +54,12 @@ def leases_heartbeat_orders(
     `kinds`; `stop`, the listed leases that are ended, have a stop request, or are not this
     machine's (reason `unknown_lease`)."""
     start: list[providers_services.LeaseStart] = []
+    # Locked without waiting: a lease a cancel holds is left for the next heartbeat (the cancel
+    # then ends it, never started); one sent here records start_sent_at before the lock is let go.
     assigned = (
         Lease.objects.filter(machine_id=machine_id, status=Lease.Status.ASSIGNED, stop_requested_at__isnull=True)
         .exclude(pk__in=listed)
+        .select_for_update(skip_locked=True, of=("self",))
         .select_related("job")
         .prefetch_related("lease_gpus__gpu")
         .order_by("pk")
@@ -78,6 +82,10 @@ def leases_heartbeat_orders(
                 max_duration_s=job.max_duration_s,
                 price_per_gpu_hour=str(lease.price_per_gpu_hour),
             )
+        )
+    if start:
+        Lease.objects.filter(pk__in=[order.lease_id for order in start], start_sent_at__isnull=True).update(
+            start_sent_at=timezone.now()
         )
     stop: list[providers_services.LeaseStop] = []
     if listed:

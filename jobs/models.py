@@ -132,6 +132,9 @@ class Lease(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    # When a heartbeat reply first told the agent to start it: before that, the agent cannot be
+    # running it, so a cancel may end it at once; after, the cancel asks the agent to stop it.
+    start_sent_at = models.DateTimeField(null=True, blank=True)
     # Set when the marketplace wants the agent to stop it (cancel, max duration, suspension).
     stop_requested_at = models.DateTimeField(null=True, blank=True)
     stop_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)

@@ -200,9 +200,11 @@ def _idempotent_match(job: Job, fingerprint: str) -> Job:
 
 
 def job_cancel(*, job: Job, actor: str) -> Job:
-    """Cancel a job that has not finished. A pending job is cancelled at once; a scheduled or
-    running one is cancelled and its lease asked to stop (the agent is told on its next
-    heartbeat). Cancelling a cancelled job is harmless; a finished one is refused."""
+    """Cancel a job that has not finished. A pending job is cancelled at once, and so is a
+    scheduled one whose start order no agent has been sent; otherwise the job is cancelled and
+    its lease asked to stop (the agent is told on its next heartbeat, and the lease ends, billed
+    for what ran, when the agent reports the exit). Cancelling a cancelled job is harmless; a
+    finished one is refused."""
     with transaction.atomic():
         moved = _job_move(
             job_id=job.pk,
@@ -212,8 +214,12 @@ def job_cancel(*, job: Job, actor: str) -> Job:
             kind="job.cancelled",
         )
         if moved:
-            for lease in Lease.objects.filter(job_id=job.pk, status__in=Lease.ACTIVE):
-                if lease.status == Lease.Status.ASSIGNED:
+            # The lease rows are locked before their start_sent_at is read: a heartbeat sending
+            # the start order holds them (jobs.machine_leases), so either it has sent the order
+            # and the agent is asked to stop (and the seconds it ran are billed), or it skips
+            # this lease and it ends here, never started.
+            for lease in Lease.objects.select_for_update().filter(job_id=job.pk, status__in=Lease.ACTIVE):
+                if lease.status == Lease.Status.ASSIGNED and lease.start_sent_at is None:
                     lease_end(lease_id=lease.pk, reason=ER.CANCELLED, actor=actor)
                 else:
                     lease_request_stop(lease_id=lease.pk, reason=ER.CANCELLED, actor=actor)

@@ -44,6 +44,8 @@ class LeaseSweepResult:
 def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
     """Move leases that the agent left stuck:
 
+    - assigned and asked to stop (a cancel after its start order was sent) STOP_GRACE_S ago,
+      never reported started: ended with the requested reason, as of the request;
     - assigned for longer than LEASE_START_TIMEOUT_S: ended with `start_timeout` (the job is
       retried while it has attempts left);
     - running past their job's max_duration_s: asked to stop with reason `max_duration`;
@@ -57,6 +59,23 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
     """
     now = now or timezone.now()
     timeout_s = settings.GPGPU["LEASE_START_TIMEOUT_S"]
+    ended_after_stop = 0
+    # Asked to stop (a cancel) after its start order was sent, and never reported started: the
+    # agent did not run it (it would have said so within the grace).
+    for lease_id, stop_reason, stop_requested_at in (
+        Lease.objects.filter(status=Lease.Status.ASSIGNED, stop_requested_at__lt=now - timedelta(seconds=STOP_GRACE_S))
+        .order_by("pk")
+        .values_list("pk", "stop_reason", "stop_requested_at")
+    ):
+        with periodic.item("lease", lease_id):
+            ended_after_stop += lease_end(
+                lease_id=lease_id,
+                reason=stop_reason or ER.CANCELLED,
+                actor="sweeper",
+                at=stop_requested_at,
+                detail=f"not reported started {STOP_GRACE_S} seconds after the stop request",
+            )
+
     start_timeouts = 0
     for lease_id in (
         Lease.objects.filter(status=Lease.Status.ASSIGNED, created_at__lt=now - timedelta(seconds=timeout_s))
@@ -71,7 +90,6 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
                 detail=f"the agent did not start it within {timeout_s} seconds",
             )
 
-    ended_after_stop = 0
     for lease_id, stop_reason, stop_requested_at, started_at, max_duration_s in (
         Lease.objects.filter(status=Lease.Status.RUNNING, stop_requested_at__lt=now - timedelta(seconds=STOP_GRACE_S))
         .order_by("pk")
