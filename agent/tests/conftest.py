@@ -55,7 +55,9 @@ def sandbox_kit() -> SandboxKit:
     cgroups = None
     if os.geteuid() == 0:
         try:
-            cgroups = Cgroups.detect()
+            # A name of this test process's own: other test processes (pytest-xdist workers) use
+            # the same lease ids.
+            cgroups = Cgroups.detect(name=f"gpgpu-rentals-test-{os.getpid()}")
         except CgroupError as exc:
             missing(str(exc))
     return SandboxKit(sandbox=sandbox, user=user, cgroups=cgroups, limits=TEST_LIMITS if cgroups else None)

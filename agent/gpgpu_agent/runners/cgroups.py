@@ -1,6 +1,7 @@
 """Per-lease control groups: the CPU, memory and process-count limits of a sandboxed process job.
 
-Each lease gets its own cgroup, ``gpgpu-rentals/lease-<id>``, below the agent's own cgroup, with
+Each lease gets its own cgroup, ``gpgpu-rentals/lease-<id>``, below the agent's own cgroup (an
+agent with a state directory of its own uses ``gpgpu-rentals-<digest>``: group_name_for), with
 
 - ``cpus``: a CPU quota (``cpu.max`` on cgroup v2, ``cpu.cfs_quota_us`` on v1), in CPUs;
 - ``memory_bytes``: a hard memory limit with no swap (``memory.max`` and ``memory.swap.max = 0``;
@@ -28,6 +29,7 @@ process runner refuses process jobs rather than run them without limits.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -42,6 +44,19 @@ from gpgpu_agent.types import JobLimits
 log = logging.getLogger(__name__)
 
 GROUP_NAME = "gpgpu-rentals"
+
+
+def group_name_for(state_dir: Path, *, system_state_dir: Path) -> str:
+    """The lease cgroups' parent name of the agent whose state lives in `state_dir`:
+    ``gpgpu-rentals`` for the system agent, ``gpgpu-rentals-<digest of its state dir>`` for any
+    other (simulated agents, tests), so that agents sharing one host and cgroup (each with its
+    own marketplace, hence its own lease ids) never reach into each other's lease cgroups. Stable
+    across restarts, so a restarted agent finds its leases' cgroups."""
+    if state_dir.resolve() == system_state_dir.resolve():
+        return GROUP_NAME
+    return f"{GROUP_NAME}-{hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]}"
+
+
 V1_CONTROLLERS = ("cpu", "memory", "pids")
 V2_CONTROLLERS = ("cpu", "memory", "pids")
 CPU_PERIOD_US = 100_000

@@ -25,7 +25,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from gpgpu_agent.config import AgentConfig
+from gpgpu_agent.config import SYSTEM_STATE_DIR, AgentConfig
 from gpgpu_agent.protocols import AgentError, CapableRunner, RunnerError
 from gpgpu_agent.runners.common import UnknownLeaseError
 from gpgpu_agent.types import JOB_KINDS, LeaseSpec, RunState
@@ -165,7 +165,7 @@ def build_runner(config: AgentConfig) -> KindRunner:
 def process_runner(config: AgentConfig) -> tuple[ProcessRunner | None, str | None]:
     """(runner, None) when process jobs can run sandboxed here; (runner or None, why) otherwise.
     A runner is returned even when it may not start jobs, so leases left from before are adopted."""
-    from gpgpu_agent.runners.cgroups import CgroupError, Cgroups, default_limits
+    from gpgpu_agent.runners.cgroups import CgroupError, Cgroups, default_limits, group_name_for
     from gpgpu_agent.runners.process import ProcessRunner
     from gpgpu_agent.runners.sandbox import Bubblewrap, SandboxError, rental_user
 
@@ -187,7 +187,7 @@ def process_runner(config: AgentConfig) -> tuple[ProcessRunner | None, str | Non
         return adopt_only, str(exc)
     cgroups = None
     try:
-        cgroups = Cgroups.detect()
+        cgroups = Cgroups.detect(name=group_name_for(config.state_dir, system_state_dir=SYSTEM_STATE_DIR))
     except CgroupError as exc:
         if not config.simulate:
             return adopt_only, f"the jobs' CPU, memory and process limits cannot be set: {exc}"
