@@ -446,6 +446,8 @@ CELERY_BEAT_SCHEDULE = {
     # Billing: budgets are reserved on chain before their jobs are placed; also completes stuck batches.
     "reserve-budgets": _every("billing.tasks.reserve_budgets", 5.0),
     "release-jobs-on-chain": _every("billing.tasks.release_jobs_on_chain", 60.0),
+    # Proof of life of beat and a worker, read by /healthz (marketplace.health).
+    "worker-heartbeat": _every("marketplace.tasks.worker_heartbeat", 30.0),
 }
 
 LOGGING = {
