@@ -137,6 +137,9 @@ def test_with_the_redirect_on_plain_http_is_sent_to_https_but_the_health_probe_i
     assert Client().get("/api/v1/me").status_code == 301
     assert Client().get("/api/v1/me")["Location"].startswith("https://")
     assert Client().get("/healthz").status_code == 200
+    assert Client().get("/livez").status_code == 200
+    assert Client().get("/readyz").status_code == 200
+    assert Client().get("/livezz").status_code == 301
 
 
 @pytest.mark.django_db
