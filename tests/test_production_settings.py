@@ -246,3 +246,10 @@ def test_compose_uses_redis_for_the_cache_and_leaves_tls_to_be_declared(compose)
     assert web["TLS"] == "${TLS:-false}"
     assert web["TRUST_X_FORWARDED_PROTO"] == "${TRUST_X_FORWARDED_PROTO:-false}"
     assert "GPGPU_REQUIRE_SECRET_KEY" not in web
+
+
+def test_compose_checks_web_on_liveness_which_no_dependency_outage_fails(compose) -> None:  # type: ignore[no-untyped-def]
+    probe = " ".join(compose["services"]["web"]["healthcheck"]["test"])
+
+    assert "http://127.0.0.1:8000/livez" in probe
+    assert "/healthz" not in probe and "/readyz" not in probe
