@@ -5,6 +5,7 @@ documents the errors every operation can give."""
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -25,6 +26,7 @@ from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from core.errors import RequestTooLarge, ServiceError
+from core.middleware import database_unavailable_response, is_database_unavailable
 from core.permissions import IsProvider, IsRenter, user_provider, user_renter
 from core.prices import PRICE_DECIMALS, PRICE_MAX_DIGITS
 
@@ -66,6 +68,7 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
         413: "Request body too large",
         415: "Unsupported media type: send application/json",
         429: "Too many requests",
+        503: "Unavailable for now (database_unavailable: the database cannot be reached); retry after Retry-After",
     }
     return {s: OpenApiResponse(ErrorSerializer, description=descriptions.get(s, "Error")) for s in statuses}
 
@@ -89,7 +92,8 @@ def _flatten(detail: object, prefix: str = "") -> dict[str, list[str]]:
 
 # DRF's EXCEPTION_HANDLER signature (the stubs type its context's values loosely).
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    """Render every error as {"code", "detail"} (plus "fields" for validation errors)."""
+    """Render every error as {"code", "detail"} (plus "fields" for validation errors). A database
+    connection error is not answered here: DRF raises it again and core.middleware answers 503."""
     if isinstance(exc, ServiceError):
         body: dict[str, object] = {"code": exc.code, "detail": exc.detail, **exc.extra}
         return Response(body, status=exc.status_code)
@@ -150,6 +154,11 @@ def page_not_found(request: HttpRequest, exception: Exception | None = None) -> 
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
+    # Django calls this while handling the exception (core.middleware): a database that cannot be
+    # reached, whether a middleware or a view hit it, is a 503 to retry, not a crash.
+    exc = sys.exc_info()[1]
+    if is_database_unavailable(exc):
+        return database_unavailable_response(request, exc)
     if not _is_api(request):
         return defaults.server_error(request)
     return _error(500, "server_error", "The server failed to answer this request; it has been logged.")
@@ -213,7 +222,8 @@ class ApiSchemaMixin(_SchemaMixinBase):
     inspector: `<int:…>` path parameters as ids (1 to ID_MAX), and the errors the framework
     answers whatever the view declares: 406 for an Accept header without application/json; 413
     for any body over the limit; 400 and 415 for an operation that reads a JSON body; 400 for a
-    bad limit/offset; 429 when the view throttles."""
+    bad limit/offset; 429 when the view throttles; 503 when the database cannot be reached
+    (core.middleware)."""
 
     # OpenAPI parameter objects, untyped JSON in drf-spectacular.
     def _resolve_path_parameters(self, variables: list[str]) -> list[dict[str, Any]]:
@@ -225,7 +235,7 @@ class ApiSchemaMixin(_SchemaMixinBase):
         return parameters
 
     def _implied_error_statuses(self) -> set[int]:
-        statuses = {406, 413}
+        statuses = {406, 413, 503}
         if self.method in {"POST", "PUT", "PATCH"} and self.get_request_serializer() is not None:
             statuses |= {400, 415}
         if self._get_pagination_parameters():

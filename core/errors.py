@@ -49,3 +49,12 @@ class Conflict(ServiceError):
 class RequestTooLarge(ServiceError):
     status_code = 413
     default_code = "too_large"
+
+
+class DatabaseUnavailable(ServiceError):
+    """The database cannot be reached (or dropped the connection): the request may succeed if sent
+    again later. Raised by nobody on purpose; core.middleware answers it for every request that
+    hits a database connection error."""
+
+    status_code = 503
+    default_code = "database_unavailable"

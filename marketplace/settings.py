@@ -125,6 +125,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # A database connection error raised by a view answers 503 (JSON under /api/), not a crash.
+    "core.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -208,11 +210,11 @@ MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
 # TLS=true declares that clients reach the marketplace over HTTPS (directly or through a TLS
 # proxy): plain HTTP is redirected, browsers are told to use HTTPS only (HSTS) and cookies are
-# sent over HTTPS only. /healthz is exempt from the redirect: probes inside the network speak
-# plain HTTP.
+# sent over HTTPS only. /livez, /readyz and /healthz are exempt from the redirect: probes inside
+# the network speak plain HTTP.
 TLS = env_bool("TLS", False)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", TLS)
-SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+SECURE_REDIRECT_EXEMPT = [r"^(livez|readyz|healthz)$"]
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600 if TLS else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", TLS)
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", TLS)
@@ -464,6 +466,8 @@ CELERY_BEAT_SCHEDULE = {
     # Billing: budgets are reserved on chain before their jobs are placed; also completes stuck batches.
     "reserve-budgets": _every("billing.tasks.reserve_budgets", 5.0),
     "release-jobs-on-chain": _every("billing.tasks.release_jobs_on_chain", 60.0),
+    # Proof of life of beat and a worker, read by /healthz (marketplace.health).
+    "worker-heartbeat": _every("marketplace.tasks.worker_heartbeat", 30.0),
 }
 
 LOGGING = {

@@ -12,3 +12,12 @@ def match_pending_jobs() -> dict[str, float]:
     concurrently (marketplace.matching), but one that overlaps the previous would only contend for
     the same jobs and GPUs, so a run that finds the previous one still going skips."""
     return matching.match_cycle().as_dict()
+
+
+@periodic_task(name="marketplace.tasks.worker_heartbeat", time_limit=30)
+def worker_heartbeat() -> dict[str, int]:
+    """Proof that beat and a worker are alive (beat sends it every 30 s, its entry
+    "worker-heartbeat"): it does nothing, and core.periodic records when it ran in
+    PeriodicTaskState, which /healthz reads (marketplace.health: a heartbeat older than three
+    intervals means beat or every worker is down)."""
+    return {}

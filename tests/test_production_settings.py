@@ -137,6 +137,9 @@ def test_with_the_redirect_on_plain_http_is_sent_to_https_but_the_health_probe_i
     assert Client().get("/api/v1/me").status_code == 301
     assert Client().get("/api/v1/me")["Location"].startswith("https://")
     assert Client().get("/healthz").status_code == 200
+    assert Client().get("/livez").status_code == 200
+    assert Client().get("/readyz").status_code == 200
+    assert Client().get("/livezz").status_code == 301
 
 
 @pytest.mark.django_db
@@ -245,11 +248,18 @@ def test_compose_uses_redis_for_the_cache_and_leaves_tls_to_be_declared(compose)
     assert "GPGPU_REQUIRE_SECRET_KEY" not in web
 
 
+def test_compose_checks_web_on_liveness_which_no_dependency_outage_fails(compose) -> None:  # type: ignore[no-untyped-def]
+    probe = " ".join(compose["services"]["web"]["healthcheck"]["test"])
+
+    assert "http://127.0.0.1:8000/livez" in probe
+    assert "/healthz" not in probe and "/readyz" not in probe
+
+
 # --- liveness -------------------------------------------------------------------------------
 
 
 def test_leases_cannot_be_declared_lost_before_the_agents_fence_stops_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
     values = settings_with(tmp_path, DEBUG="true", LEASE_FENCE_S="60")
     assert values["GPGPU"]["LEASE_LOST_AFTER_S"] == 90  # the fence and a margin, by default
-    with pytest.raises(ImproperlyConfigured, match="LEASE_LOST_AFTER_S .60. must be more than LEASE_FENCE_S"):
+    with pytest.raises(ImproperlyConfigured, match=r"LEASE_LOST_AFTER_S \(60\) must be more than LEASE_FENCE_S"):
         settings_with(tmp_path, DEBUG="true", LEASE_FENCE_S="60", LEASE_LOST_AFTER_S="60")
