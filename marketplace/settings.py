@@ -181,6 +181,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A PostgreSQL that drops packets answers the request with a quick 503 (core.middleware),
+    # not after the operating system's minutes-long TCP timeout.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env_int("DATABASE_CONNECT_TIMEOUT_S", 5, minimum=1)
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -263,3 +263,11 @@ def test_leases_cannot_be_declared_lost_before_the_agents_fence_stops_them(tmp_p
     assert values["GPGPU"]["LEASE_LOST_AFTER_S"] == 90  # the fence and a margin, by default
     with pytest.raises(ImproperlyConfigured, match=r"LEASE_LOST_AFTER_S \(60\) must be more than LEASE_FENCE_S"):
         settings_with(tmp_path, DEBUG="true", LEASE_FENCE_S="60", LEASE_LOST_AFTER_S="60")
+
+
+def test_an_unreachable_postgresql_is_given_up_within_the_connect_timeout(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = "postgres://gpgpu:pw@db.internal:5432/gpgpu"
+    values = settings_with(tmp_path, DEBUG="true", DATABASE_URL=url)
+    assert values["DATABASES"]["default"]["OPTIONS"]["connect_timeout"] == 5
+    values = settings_with(tmp_path, DEBUG="true", DATABASE_URL=url, DATABASE_CONNECT_TIMEOUT_S="2")
+    assert values["DATABASES"]["default"]["OPTIONS"]["connect_timeout"] == 2
