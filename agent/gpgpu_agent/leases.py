@@ -17,6 +17,12 @@ The daemon's poll loop drives it, one thread, each poll in this order:
     tracker.account_usage()                    # a usage report per lease every interval
 
 and `adopt()` once at start, `flush()` at shutdown, `stop_all()` when the credential is revoked.
+
+Times: a lease's end is reported when its workload ended, as recorded where it ran (its
+supervisor's exit file, the container engine's FinishedAt: RunState.ended_at), never when the
+agent happened to notice, so a workload that ended while the agent was stopped is billed to its
+real end; its last usage report is cut there too. Only a reclaim ends billing earlier: at the
+moment the owner was seen.
 """
 
 from __future__ import annotations
@@ -238,7 +244,8 @@ class LeaseTracker:
 
     def adopt(self) -> None:
         """Take back the workloads still running from before a restart, and report those that
-        ended while the agent was away (their exit codes come from the runner's records)."""
+        ended while the agent was away (their exit codes and end times come from the runner's
+        records)."""
         now = self.clock()
         adopted = {state.lease_id: state for state in self.runner.adopt()}
         for lease_id, state in adopted.items():
@@ -372,9 +379,15 @@ class LeaseTracker:
             lease.peak_memory_mb = max(lease.peak_memory_mb or 0, total)
 
     def _finish(self, lease: TrackedLease, state: RunState, *, at: datetime, detail: str = "") -> None:
-        """The lease's workload is over: its last usage report, then its event, then forget it."""
+        """The lease's workload is over: its last usage report, then its event, then forget it.
+
+        `at` is when the agent saw it end (a reclaim: when the owner was seen); the workload's
+        recorded end (state.ended_at) wins, except that a reclaim ends no later than the owner
+        was seen."""
         if lease.lease_id not in self.leases:
             return
+        if state.ended_at is not None:
+            at = min(at, state.ended_at) if lease.ending == "preempted_by_owner" else state.ended_at
         self._queue_usage(lease, until=at)
         tail = scrub_secrets((state.log_tail or "")[-LOG_TAIL_CHARS:].replace("\x00", ""), self.secrets)
         detail = scrub_secrets(detail, self.secrets)

@@ -36,6 +36,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -655,6 +656,31 @@ def test_exit_codes_stop_within_grace_and_adoption_after_a_restart(lab):
     )
     adopted = {s.lease_id: s for s in restarted.adopt()}
     assert adopted[ended.lease_id].exit_code == 3 and adopted[stubborn.lease_id].exit_code == 137
+
+
+def _restarted(lab: Lab, **options) -> ContainerRunner:
+    """A runner over the lab's engine, network and firewall, as an agent's next start builds it."""
+    return ContainerRunner(
+        engine=lab.engine,
+        network_name=lab.network,
+        subnet=str(lab.runner.subnet),
+        rentals_dir=lab.rentals_dir,
+        firewall=lab.firewall,
+        attach_gpus=False,
+        **options,
+    )
+
+
+def test_a_container_that_ended_while_the_agent_was_away_reports_when_the_engine_saw_it_end(lab):
+    started = lab.start("busybox sleep 2; exit 3")
+    time.sleep(6)  # no agent polls meanwhile
+
+    adopted = {s.lease_id: s for s in _restarted(lab).adopt()}[started.lease_id]
+
+    assert adopted.exit_code == 3
+    assert adopted.started_at is not None and adopted.ended_at is not None
+    assert timedelta(seconds=1.5) <= adopted.ended_at - adopted.started_at <= timedelta(seconds=3)  # the job's 2 s
+    assert datetime.now(UTC) - adopted.ended_at >= timedelta(seconds=3)  # not when it was noticed
 
 
 def test_the_gateways_address_stays_put_while_rentals_come_and_go(lab):

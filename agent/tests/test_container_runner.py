@@ -15,13 +15,17 @@ import json
 import os
 import resource
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from gpgpu_agent.leases import LeaseTracker
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners import ContainerRunner, FirewallError, UnknownLeaseError
 from gpgpu_agent.runners import container as container_module
+from gpgpu_agent.spool import Spool
+from gpgpu_agent.transport import FakeTransport
 from gpgpu_agent.types import LeaseSpec
 
 FAKE_ENGINE = Path(__file__).with_name("fake_engine")
@@ -742,6 +746,38 @@ def test_a_restarted_agent_adopts_lease_containers_by_label_without_touching_the
     assert [(s.lease_id, s.running, s.exit_code) for s in adopted] == [(56, True, None), (57, False, 0)]
     made_since = {call[0] for call in engine.calls()[calls_before:]}
     assert made_since <= {"ps", "inspect", "top", "logs"}  # nothing stopped, removed or started
+
+
+def test_an_ended_container_reports_when_the_engine_saw_it_start_and_end(runner, engine):
+    runner.start(lease(63), gpu_indexes=GPUS)
+    engine.set_container(
+        63, status="exited", exit_code=0, started_at="2026-11-22T01:02:03.5Z", finished_at="2026-11-22T01:02:19.25Z"
+    )
+
+    state = runner.poll(63)
+
+    assert state.started_at == datetime(2026, 11, 22, 1, 2, 3, 500000, tzinfo=UTC)
+    assert state.ended_at == datetime(2026, 11, 22, 1, 2, 19, 250000, tzinfo=UTC)
+
+
+def test_a_container_that_ended_while_the_agent_was_away_is_reported_at_its_finish(engine, rentals, tmp_path):
+    make_runner(engine, rentals).start(lease(65), gpu_indexes=GPUS)
+    engine.set_container(
+        65, status="exited", exit_code=0, started_at="2026-11-22T01:02:03.5Z", finished_at="2026-11-22T01:02:19.75Z"
+    )
+    transport = FakeTransport()
+    with Spool(tmp_path / "spool.sqlite3") as spool:
+        tracker = LeaseTracker(
+            runner=make_runner(engine, rentals), outbox=spool, sign=lambda struct: "", state_dir=tmp_path
+        )
+
+        tracker.adopt()  # the agent's next start
+        spool.replay(transport)
+
+    exited = transport._events[(65, "lease-65-exited")]
+    assert exited["at"] == "2026-11-22T01:02:19.750000Z"
+    ((_, usage),) = transport._usage.values()
+    assert (usage["period_start"], usage["period_end"]) == ("2026-11-22T01:02:03Z", "2026-11-22T01:02:19Z")
 
 
 def test_a_stale_work_dir_of_a_vanished_container_is_not_handed_to_a_new_one(runner, podman):

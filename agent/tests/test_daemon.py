@@ -48,8 +48,17 @@ def _reply(**extra: Any) -> dict[str, Any]:
     return {"heartbeat_interval_s": 10, "server_time": datetime.now(UTC).isoformat(), "start": [], "stop": [], **extra}
 
 
-@pytest.fixture
-def rig(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Iterator[tuple[Agent, FakeNvml, FakeTransport]]:
+def _agent(
+    tmp_path: Path,
+    sandbox_kit: SandboxKit,
+    rentals_dir: Path,
+    transport: FakeTransport,
+    *,
+    backoff: Backoff | None = None,
+    **options: Any,
+) -> Agent:
+    """An agent over the state in tmp_path (a second one over the same state is the first one
+    restarted)."""
     process = ProcessRunner(
         tmp_path,
         sandbox=sandbox_kit.sandbox,
@@ -63,10 +72,7 @@ def rig(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Iterator[
         accepts={"process"},
         refused={"container": "container jobs are off on this machine (container_engine = none)"},
     )
-    fake = FakeNvml().install()
-    fake.add_gpu("NVIDIA L4", 23034)
-    transport = FakeTransport()
-    agent = Agent(
+    return Agent(
         collector=NvmlCollector(),
         idle=IdleDetector(threshold_pct=10, grace_s=0, parent_of=no_parent),
         runner=runner,
@@ -76,10 +82,19 @@ def rig(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Iterator[
         state_dir=tmp_path,
         stop_grace_s=2,
         usage_interval_s=1,
-        backoff=Backoff(base_s=0.01, cap_s=0.01),
+        backoff=backoff or Backoff(base_s=0.01, cap_s=0.01),
         parent_of=no_parent,
         secrets=secret_variants(credential=CREDENTIAL, private_key_hex="0x" + PRIVATE_KEY),
+        **options,
     )
+
+
+@pytest.fixture
+def rig(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Iterator[tuple[Agent, FakeNvml, FakeTransport]]:
+    fake = FakeNvml().install()
+    fake.add_gpu("NVIDIA L4", 23034)
+    transport = FakeTransport()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
     try:
         yield agent, fake, transport
     finally:
@@ -310,3 +325,69 @@ def test_the_agent_stops_a_lease_at_its_maximum_without_being_told(rig: Any) -> 
         transport._events[(5, "lease-5-started")]["at"].replace("Z", "+00:00")
     )
     assert timedelta(seconds=1) <= ran <= timedelta(seconds=1 + 2 + 1)  # the maximum, the stop grace, a poll
+
+
+# --- times across restarts ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu() -> Iterator[FakeNvml]:
+    fake = FakeNvml().install()
+    fake.add_gpu("NVIDIA L4", 23034)
+    try:
+        yield fake
+    finally:
+        fake.uninstall()
+
+
+def _close(agent: Agent) -> None:
+    """Stop what a test left running, close the spool."""
+    for lease_id in list(agent.leases):
+        agent.runner.stop(lease_id, grace_s=0)
+    agent.outbox.close()
+
+
+def _at(body: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(str(body["at"]).replace("Z", "+00:00"))
+
+
+def _usage_ends(transport: FakeTransport, lease_id: int) -> list[datetime]:
+    return [
+        datetime.fromisoformat(str(body["period_end"]).replace("Z", "+00:00"))
+        for (lease, _key), (_row, body) in transport._usage.items()
+        if lease == lease_id
+    ]
+
+
+def _wait(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_a_lease_that_ended_while_the_agent_was_stopped_is_reported_at_its_real_end(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport()
+    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    _start_lease(first, gpu, transport, 1.5)
+    pids = first.runner.poll(1).pids
+    first.request_stop()
+    first.shutdown()  # the agent stops; the rental runs on, and ends while no agent runs
+
+    _wait(lambda: not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids), 10, "the job ending")
+    ended = datetime.now(UTC)
+    time.sleep(3)
+    second = _agent(tmp_path, sandbox_kit, rentals_dir, transport)  # the agent's next start
+    try:
+        second.adopt()
+        second.poll_once()
+        second.network_once()
+    finally:
+        _close(second)
+
+    body = transport._events[(1, "lease-1-exited")]
+    assert body["exit_code"] == 0
+    assert abs(_at(body) - ended) <= timedelta(seconds=1)  # not when the agent came back
+    assert _usage_ends(transport, 1) and max(_usage_ends(transport, 1)) <= _at(body)

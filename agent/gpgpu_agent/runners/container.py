@@ -60,6 +60,8 @@ What every container is given, and why:
 
 Exit codes are the engine's: the main process's status, 128+n when signal n ended it (137:
 SIGKILL, also the out-of-memory killer), 125 for a container that was created but never started.
+So are the times: RunState.started_at and ended_at are the engine's ``StartedAt`` and
+``FinishedAt``, so a container that ended while the agent was away is reported at its real end.
 """
 
 from __future__ import annotations
@@ -916,6 +918,7 @@ class ContainerRunner:
             pids=pids,
             started_at=_parse_engine_time(state.get("StartedAt")),
             log_tail=log_tail,
+            ended_at=None if running else _parse_engine_time(state.get("FinishedAt")),
         )
 
     def _host_pids(self, lease_id: int, main_pid: object) -> tuple[int, ...]:

@@ -34,7 +34,10 @@ SIGKILLed it, or the runner did at the end of a stop's grace period).
 After an agent restart the workloads keep running (they are in their own session, their output
 goes to files, and the supervisor, not the agent, waits for them); ``adopt`` finds them again by
 their pid files. The agent's systemd unit must therefore use ``KillMode=process``, or stopping
-the agent would kill the workloads with it.
+the agent would kill the workloads with it. The supervisor's exit file keeps when the workload
+ended (RunState.ended_at), so one that ended while the agent was away is reported at its real
+end, not at the agent's return; only a supervisor that vanished without a record (SIGKILLed) is
+given the time the runner noticed.
 
 ``sandbox=None`` runs commands without a sandbox, as the agent's user: only the supervisor's own
 tests use it; ``daemon.build_agent`` never does.
@@ -365,6 +368,7 @@ class ProcessRunner:
             pids=pids,
             started_at=_parse_time(record.started_at),
             log_tail=read_tail(Path(record.log_path), self.log_tail_bytes),
+            ended_at=None if exit_record is None else exit_record.exited_at,
         )
 
     def stop(self, lease_id: int, *, grace_s: float) -> RunState:
@@ -389,7 +393,10 @@ class ProcessRunner:
             if self._exit(record) is None:
                 # The supervisor would not die within kill_wait_s (uninterruptible sleep in the
                 # kernel, typically a GPU driver call): report the kill; it cannot outlive SIGKILL.
-                write_exit(Path(record.exit_path), ExitRecord(EXIT_KILLED, "killed with SIGKILL"))
+                write_exit(
+                    Path(record.exit_path),
+                    ExitRecord(EXIT_KILLED, "killed with SIGKILL", exited_at=datetime.now(UTC)),
+                )
         return self.poll(lease_id)
 
     def adopt(self) -> list[RunState]:
@@ -397,9 +404,10 @@ class ProcessRunner:
 
         Returns one RunState per record: running ones (their supervisor is alive: same pid, same
         start time, same boot) are managed again, never signalled by adopting them; ended ones
-        carry the exit code their supervisor recorded, or 137 when it vanished without one (killed
-        while the agent was down). A pid that now belongs to another process (the kernel reused
-        it) is never taken for the workload: that lease is reported ended and its pid untouched.
+        carry the exit code and end time their supervisor recorded, or 137 and the time it was
+        found gone when it vanished without a record (killed while the agent was down). A pid
+        that now belongs to another process (the kernel reused it) is never taken for the
+        workload: that lease is reported ended and its pid untouched.
         """
         states = []
         for record in self.store.all():
@@ -472,7 +480,10 @@ class ProcessRunner:
         code = EXIT_KILLED
         if child is not None and child.returncode is not None:
             code = child.returncode if child.returncode >= 0 else 128 - child.returncode
-        lost = ExitRecord(code, "the workload's supervisor ended without recording an exit status")
+        # When it ended is not known: the time it was found gone is the best there is.
+        lost = ExitRecord(
+            code, "the workload's supervisor ended without recording an exit status", exited_at=datetime.now(UTC)
+        )
         write_exit(exit_path, lost)
         return lost
 

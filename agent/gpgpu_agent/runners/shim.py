@@ -1,4 +1,4 @@
-"""The supervisor of one process lease: runs the workload and records its exit code in a file.
+"""The supervisor of one process lease: runs the workload and records how and when it ended in a file.
 
     python -I -S shim.py EXIT_FILE [--uid UID --gid GID] [--cgroup DIR]... [--pass-fd FD]... -- COMMAND [ARG...]
 
@@ -19,8 +19,11 @@ even to an agent that restarted meanwhile (and so is not the workload's parent):
 - it shrugs off SIGTERM, SIGINT, SIGHUP and SIGQUIT: the runner signals the workload itself, and
   the supervisor must outlive the workload to write down how it ended;
 - when COMMAND ends, it SIGKILLs whatever the workload left behind (as Docker does when a
-  container's first process exits), then writes ``{"exit_code": N}`` to EXIT_FILE atomically and
-  exits with N.
+  container's first process exits), then writes ``{"exit_code": N, "detail": …, "started_at": …,
+  "exited_at": …}`` to EXIT_FILE atomically (fsync, rename) and exits with N. The times are
+  wall-clock UTC (ISO 8601): when the workload started, and when it ended (the moment the
+  supervisor reaped it). They outlive an agent restart, so the agent reports a workload that
+  ended while it was away at its real end.
 
 Exit codes follow the shell's convention: the workload's own status 0–255, or 128+n when signal n
 killed it (143 for SIGTERM, 137 for SIGKILL); 127 when COMMAND cannot be found, 126 when it cannot
@@ -40,6 +43,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 PR_SET_CHILD_SUBREAPER = 36
 _DEFAULT_IN_WORKLOAD = (
@@ -128,10 +132,14 @@ def _kill_leftovers(me: int) -> None:
         _reap_all()
 
 
-def _write_exit(path: str, code: int, detail: str) -> None:
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _write_exit(path: str, record: dict[str, object]) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"exit_code": code, "detail": detail}, f)
+        json.dump(record, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -244,6 +252,7 @@ def main(argv: list[str]) -> int:
         signal.signal(signum, _ignore)
 
     child, detail, code = _spawn(options)
+    started_at = _now() if child is not None else None
     if child is None:
         _note(detail)
     else:
@@ -263,8 +272,13 @@ def main(argv: list[str]) -> int:
                     detail = f"killed by signal {-code} ({name})"
                     code = 128 - code
                 break
+    exited_at = _now()
+    if child is not None:
         _kill_leftovers(me)
-    _write_exit(options.exit_path, code, detail)
+    _write_exit(
+        options.exit_path,
+        {"exit_code": code, "detail": detail, "started_at": started_at, "exited_at": exited_at},
+    )
     return code
 
 
