@@ -8,9 +8,13 @@ Two threads share the work so a slow or unreachable marketplace never delays a r
   owner's schedule closed), notice leases that exited and act on the marketplace's start/stop
   orders; the tracker writes every event and usage report to the spool first (write-ahead). It
   is the only thread that calls the runner.
-- the **network loop**: replays the spool in order, heartbeats at the interval the marketplace
-  asks (or the configured override), hands the reply's orders to the poll loop, and backs off
-  with jitter while the marketplace is unreachable.
+- the **network loop**: heartbeats at the interval the marketplace asks (or the configured
+  override), hands the reply's orders to the poll loop, and replays the spool in order: around
+  each heartbeat, and between heartbeats as soon as something is spooled, so an event or usage
+  report never waits for the next heartbeat. While the marketplace is unreachable it backs off
+  with jitter, never longer than the marketplace's heartbeat interval: a machine that comes back
+  is heard from well within the marketplace's grace (HEARTBEAT_GRACE_BEATS intervals), and the
+  first request that succeeds after failures brings a heartbeat and the spool's replay at once.
 
 Reclaim bound: the owner is seen at most `poll_interval_s` after their process appears; the
 workload then gets `stop_grace_s` before SIGKILL. With the defaults (1 s + 5 s) that is well
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gpgpu_agent")
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 10.0
+# The backoff's own cap; the daemon caps each delay lower still (Agent.retry_cap_s).
 MAX_BACKOFF_S = 60.0
 CREDENTIAL_REVOKED = "credential_revoked"
 # While a rotation on this machine is under way (see credentials.rotation_pending), a refused
@@ -178,6 +183,8 @@ class Agent:
         self.poll_interval_s = poll_interval_s
         self.heartbeat_override_s = heartbeat_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s or DEFAULT_HEARTBEAT_INTERVAL_S
+        # What the marketplace last asked for (its grace is a few of these): the retry cap.
+        self.marketplace_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self.offer_mig = offer_mig
         self.hostname = hostname or socket.gethostname()
         self.region = region
@@ -211,7 +218,20 @@ class Agent:
         self._snapshot_lock = threading.Lock()
         self._stop = threading.Event()
         self._next_heartbeat = 0.0
+        # Between heartbeats the spool is replayed as soon as it holds something, not before this.
+        self._next_replay = 0.0
         self.last_heartbeat: HeartbeatOutcome = {"ok": None, "at": None, "error": None}
+
+    @property
+    def retry_cap_s(self) -> float:
+        """The longest wait between tries while the marketplace is unreachable: its heartbeat
+        interval, so a machine that is back is heard from within the marketplace's grace."""
+        return min(self.heartbeat_interval_s, self.marketplace_interval_s)
+
+    @property
+    def next_heartbeat_in_s(self) -> float:
+        """Seconds until the network loop heartbeats (or tries again) next."""
+        return max(0.0, self._next_heartbeat - time.monotonic())
 
     @property
     def leases(self) -> dict[int, TrackedLease]:
@@ -334,28 +354,55 @@ class Agent:
 
     def _network_loop(self) -> None:
         while not self._stop.is_set():
-            if time.monotonic() >= self._next_heartbeat:
-                try:
-                    self.network_once()
-                except Exception:
-                    logger.exception("heartbeat failed unexpectedly; retrying")
-                    self._next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+            self.network_step()
             self._stop.wait(0.1)
+
+    def network_step(self) -> None:
+        """One turn of the network loop: heartbeat when it is time, else send what the spool
+        holds (as soon as it holds something, unless backing off)."""
+        now = time.monotonic()
+        try:
+            if now >= self._next_heartbeat:
+                self.network_once()
+            elif now >= self._next_replay and self.outbox.pending():
+                self.replay_once()
+        except Exception:
+            logger.exception("heartbeat failed unexpectedly; retrying")
+            self._next_heartbeat = self._next_replay = time.monotonic() + self.heartbeat_interval_s
+
+    def replay_once(self) -> None:
+        """Send the spool between heartbeats. Unreachable: back off (the next try of anything
+        waits); the first success after failures brings the heartbeat forward to now. A
+        machine-wide refusal waits for the next heartbeat, which handles it."""
+        try:
+            self._replay()
+        except TransportUnavailable as exc:
+            delay = self.backoff.next_delay(exc.retry_after_s, cap_s=self.retry_cap_s)
+            self._next_replay = time.monotonic() + delay
+            logger.warning("marketplace unreachable (%s); retrying in %.1f s, reports are spooled", exc, delay)
+        except Rejected:
+            self._next_replay = self._next_heartbeat
+        else:
+            if self.backoff.failures:
+                self.backoff.reset()
+                self._next_heartbeat = time.monotonic()
 
     def network_once(self) -> None:
         """Replay the spool, heartbeat, hand the reply's orders to the poll loop, replay again.
-        On an unreachable marketplace, back off (exponential with jitter)."""
+        On an unreachable marketplace, back off (exponential with jitter, capped at
+        retry_cap_s)."""
         try:
             self._replay()
             reply = self._heartbeat()
             self._replay()
         except TransportUnavailable as exc:
-            delay = self.backoff.next_delay(exc.retry_after_s)
-            self._next_heartbeat = time.monotonic() + delay
+            delay = self.backoff.next_delay(exc.retry_after_s, cap_s=self.retry_cap_s)
+            self._next_heartbeat = self._next_replay = time.monotonic() + delay
             self.last_heartbeat = {"ok": False, "at": iso(self.clock()), "error": str(exc)}
             logger.warning("marketplace unreachable (%s); retrying in %.1f s, reports are spooled", exc, delay)
         except Rejected as exc:
-            self._next_heartbeat = time.monotonic() + max(self.heartbeat_interval_s, self.backoff.next_delay())
+            delay = max(self.heartbeat_interval_s, self.backoff.next_delay(cap_s=self.retry_cap_s))
+            self._next_heartbeat = self._next_replay = time.monotonic() + delay
             self.last_heartbeat = {"ok": False, "at": iso(self.clock()), "error": str(exc)}
             if exc.status == 401 and self.reload_credential is not None and self.reload_credential():
                 logger.info("the credential file changed; using the new credential")
@@ -370,6 +417,7 @@ class Agent:
         else:
             self.backoff.reset()
             self._next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+            self._next_replay = 0.0
             self.last_heartbeat = {"ok": True, "at": iso(self.clock()), "error": None}
             for item in _order_items(reply.get("stop")):
                 self._orders.put(("stop", item))
@@ -404,8 +452,10 @@ class Agent:
             raise TransportUnavailable("no GPU sample yet")
         reply = self.transport.heartbeat(self.heartbeat_body(snapshot))
         interval = reply.get("heartbeat_interval_s")
-        if self.heartbeat_override_s is None and isinstance(interval, int | float) and interval > 0:
-            self.heartbeat_interval_s = float(interval)
+        if isinstance(interval, int | float) and not isinstance(interval, bool) and interval > 0:
+            self.marketplace_interval_s = float(interval)
+            if self.heartbeat_override_s is None:
+                self.heartbeat_interval_s = float(interval)
         schedule = Schedule.from_reply(reply.get("schedule"))
         if schedule != self.schedule:
             logger.info(

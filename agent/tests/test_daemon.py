@@ -5,6 +5,7 @@ in-memory FakeTransport and the real spool."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -327,7 +328,7 @@ def test_the_agent_stops_a_lease_at_its_maximum_without_being_told(rig: Any) -> 
     assert timedelta(seconds=1) <= ran <= timedelta(seconds=1 + 2 + 1)  # the maximum, the stop grace, a poll
 
 
-# --- times across restarts ---------------------------------------------------------------------------
+# --- times across restarts, retries ------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -391,3 +392,61 @@ def test_a_lease_that_ended_while_the_agent_was_stopped_is_reported_at_its_real_
     assert body["exit_code"] == 0
     assert abs(_at(body) - ended) <= timedelta(seconds=1)  # not when the agent came back
     assert _usage_ends(transport, 1) and max(_usage_ends(transport, 1)) <= _at(body)
+
+
+def test_retries_never_wait_longer_than_the_heartbeat_interval_the_marketplace_gave(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport(heartbeat_interval_s=4)
+    slowest = Backoff(base_s=1, cap_s=60, rand=lambda: 0.999999)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, backoff=slowest)
+    try:
+        agent.poll_once()
+        agent.network_once()  # the marketplace asks for a heartbeat every 4 s
+        transport.set_down(retry_after_s=300)
+
+        waits = []
+        for _ in range(12):
+            agent.network_once()
+            waits.append(agent.next_heartbeat_in_s)
+    finally:
+        _close(agent)
+
+    assert max(waits) <= 4.0  # its grace is 3 intervals: a machine back is heard from in time
+    assert waits[-1] > 3.5
+
+
+def test_retries_wait_at_most_ten_seconds_before_the_marketplace_said_anything(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport()
+    transport.set_down()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, backoff=Backoff(rand=lambda: 0.999999))
+    try:
+        agent.poll_once()
+        waits = []
+        for _ in range(12):
+            agent.network_once()
+            waits.append(agent.next_heartbeat_in_s)
+    finally:
+        _close(agent)
+
+    assert 9.5 < max(waits) <= 10.0
+
+
+def test_an_event_is_sent_as_soon_as_it_is_spooled_not_at_the_next_heartbeat(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport(heartbeat_interval_s=30)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, poll_interval_s=0.1)
+    transport.heartbeat_replies.append(_reply(heartbeat_interval_s=30, start=[_order(1, gpu.gpus[0].uuid, 300)]))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        # The lease starts after the heartbeat that ordered it; its `started` goes out at once.
+        _wait(lambda: ("event", 1, "lease-1-started") in transport.applied, 5, "the started event arriving")
+        assert [c.method for c in transport.calls if c.outcome == "ok"].count("heartbeat") == 1
+    finally:
+        agent.request_stop()
+        thread.join(30)
+        _close(agent)
