@@ -4,6 +4,7 @@ in-memory FakeTransport and the real spool."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ import pytest
 from conftest import SANDBOX_PYTHON, SandboxKit
 from gpgpu_agent.credentials import rotation_mark_path, rotation_pending
 from gpgpu_agent.daemon import Agent
+from gpgpu_agent.fencing import boottime
 from gpgpu_agent.idle import IdleDetector, no_parent
 from gpgpu_agent.leases import REDACTED, scrub_secrets, secret_variants
 from gpgpu_agent.nvml import NvmlCollector
@@ -49,6 +51,21 @@ def _reply(**extra: Any) -> dict[str, Any]:
     return {"heartbeat_interval_s": 10, "server_time": datetime.now(UTC).isoformat(), "start": [], "stop": [], **extra}
 
 
+class SlowStart:
+    """A runner whose `start` first waits, as one pulling a large image does."""
+
+    def __init__(self, runner: KindRunner, delay_s: float) -> None:
+        self.runner = runner
+        self.delay_s = delay_s
+
+    def start(self, spec: Any, **options: Any) -> Any:
+        time.sleep(self.delay_s)
+        return self.runner.start(spec, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+
 def _agent(
     tmp_path: Path,
     sandbox_kit: SandboxKit,
@@ -56,10 +73,12 @@ def _agent(
     transport: FakeTransport,
     *,
     backoff: Backoff | None = None,
+    fenced: bool = False,
+    start_delay_s: float = 0.0,
     **options: Any,
 ) -> Agent:
     """An agent over the state in tmp_path (a second one over the same state is the first one
-    restarted)."""
+    restarted). ``fenced``: its runner's supervisors watch the leases' fence deadlines."""
     process = ProcessRunner(
         tmp_path,
         sandbox=sandbox_kit.sandbox,
@@ -67,6 +86,8 @@ def _agent(
         cgroups=sandbox_kit.cgroups,
         limits=sandbox_kit.limits,
         work_dir=rentals_dir,
+        fence_dir=tmp_path / "fence" if fenced else None,
+        fence_grace_s=1,
     )
     runner = KindRunner(
         runners={"process": process},
@@ -76,7 +97,7 @@ def _agent(
     return Agent(
         collector=NvmlCollector(),
         idle=IdleDetector(threshold_pct=10, grace_s=0, parent_of=no_parent),
-        runner=runner,
+        runner=SlowStart(runner, start_delay_s) if start_delay_s else runner,
         transport=transport,
         outbox=Spool(tmp_path / "spool.sqlite3"),
         sign=lambda struct: "0x" + "11" * 65,
@@ -328,7 +349,7 @@ def test_the_agent_stops_a_lease_at_its_maximum_without_being_told(rig: Any) -> 
     assert timedelta(seconds=1) <= ran <= timedelta(seconds=1 + 2 + 1)  # the maximum, the stop grace, a poll
 
 
-# --- times across restarts, retries ------------------------------------------------------------------
+# --- times across restarts, retries, fencing ------------------------------------------------------
 
 
 @pytest.fixture
@@ -434,6 +455,28 @@ def test_retries_wait_at_most_ten_seconds_before_the_marketplace_said_anything(
     assert 9.5 < max(waits) <= 10.0
 
 
+def test_heartbeats_and_retries_come_at_least_three_times_per_lease_fence(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport(heartbeat_interval_s=10)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, backoff=Backoff(rand=lambda: 0.999999))
+    try:
+        agent.poll_once()
+        transport.heartbeat_replies.append(_reply(lease_fence_s=6))
+        agent.network_once()
+        beat = agent.next_heartbeat_in_s
+        transport.set_down()
+        waits = []
+        for _ in range(8):
+            agent.network_once()
+            waits.append(agent.next_heartbeat_in_s)
+    finally:
+        _close(agent)
+
+    assert 1.9 < beat <= 2.0
+    assert max(waits) <= 2.0
+
+
 def test_an_event_is_sent_as_soon_as_it_is_spooled_not_at_the_next_heartbeat(
     tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
 ) -> None:
@@ -446,6 +489,117 @@ def test_an_event_is_sent_as_soon_as_it_is_spooled_not_at_the_next_heartbeat(
         # The lease starts after the heartbeat that ordered it; its `started` goes out at once.
         _wait(lambda: ("event", 1, "lease-1-started") in transport.applied, 5, "the started event arriving")
         assert [c.method for c in transport.calls if c.outcome == "ok"].count("heartbeat") == 1
+    finally:
+        agent.request_stop()
+        thread.join(30)
+        _close(agent)
+
+
+def test_each_heartbeat_renews_the_deadlines_of_the_leases_it_reported_but_not_one_asked_to_stop(
+    rig: Any, tmp_path: Path
+) -> None:
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)
+    agent.poll_once()  # lease 1 is in the next heartbeat
+    deadline_file = tmp_path / "fence" / "lease-1.json"
+
+    transport.heartbeat_replies.append(_reply(lease_fence_s=40))
+    sent = boottime()
+    agent.network_once()
+    renewed = json.loads(deadline_file.read_text())["deadline"]
+    transport.heartbeat_replies.append(_reply(lease_fence_s=40, stop=[{"lease_id": 1, "reason": "cancelled"}]))
+    time.sleep(0.2)
+    agent.network_once()
+
+    assert sent + 40 <= renewed <= boottime() + 40
+    assert json.loads(deadline_file.read_text())["deadline"] == renewed  # the marketplace is ending it
+    agent.poll_once()  # acts on the stop
+    assert not deadline_file.exists()  # gone with the lease
+
+
+def test_without_lease_fence_s_in_the_reply_the_fence_is_120_seconds(rig: Any, tmp_path: Path) -> None:
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)
+    agent.poll_once()
+
+    agent.network_once()  # the fake's reply has no lease_fence_s
+
+    deadline = json.loads((tmp_path / "fence" / "lease-1.json").read_text())["deadline"]
+    assert agent.fence.fence_s == 120
+    assert boottime() + 119 <= deadline <= boottime() + 120
+
+
+def test_a_rental_cut_off_from_the_marketplace_past_the_fence_is_stopped_and_reported_fenced(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, fenced=True)
+    try:
+        agent.poll_once()
+        transport.heartbeat_replies.append(_reply(start=[_order(1, gpu.gpus[0].uuid, 300)], lease_fence_s=2))
+        last_contact = time.monotonic()
+        agent.network_once()
+        agent.poll_once()
+        assert 1 in agent.leases
+
+        # The marketplace becomes unreachable; the agent runs on but cannot renew the deadline.
+        transport.set_down()
+        while 1 in agent.leases and time.monotonic() - last_contact < 10:
+            agent.poll_once()
+            agent.network_once()
+            time.sleep(0.1)
+        stopped_after = time.monotonic() - last_contact
+        transport.set_up()
+        agent.network_once()
+    finally:
+        _close(agent)
+
+    assert 1.9 <= stopped_after <= 2 + 0.5 + 1.5  # the fence, the watchdog's check, a poll
+    body = transport._events[(1, "lease-1-exited")]
+    assert body["detail"].startswith("fenced:"), body
+    assert body["exit_code"] == 143
+    assert max(_usage_ends(transport, 1)) <= _at(body)
+
+
+def test_a_rental_adopted_without_a_deadline_gets_one(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    # A rental started by an agent from before fencing has no deadline file; the next agent gives
+    # it one (counting from its own start) rather than leave it unfenced for good.
+    transport = FakeTransport()
+    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    _start_lease(first, gpu, transport, 300)
+    first.request_stop()
+    first.shutdown()
+    deadline_file = tmp_path / "fence" / "lease-1.json"
+    deadline_file.unlink()
+
+    second = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    try:
+        second.adopt()
+        deadline = json.loads(deadline_file.read_text())["deadline"]
+    finally:
+        _close(second)
+
+    assert boottime() + 119 <= deadline <= boottime() + 120
+
+
+def test_a_lease_whose_start_takes_longer_than_the_fence_is_not_fenced_meanwhile(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, fenced=True, start_delay_s=3, poll_interval_s=0.1)
+    order = _order(1, gpu.gpus[0].uuid, 300)
+    transport.heartbeat_replies.extend([_reply(heartbeat_interval_s=1, start=[order], lease_fence_s=1.5)])
+    transport.heartbeat_replies.extend(_reply(heartbeat_interval_s=1, lease_fence_s=1.5) for _ in range(100))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        # The heartbeats go on while the start takes twice the fence; the deadline goes on with them.
+        _wait(lambda: ("event", 1, "lease-1-started") in transport.applied, 10, "the lease starting")
+        time.sleep(1.5)
+        assert 1 in agent.leases and agent.runner.poll(1).running
+        assert ("event", 1, "lease-1-exited") not in transport.applied
     finally:
         agent.request_stop()
         thread.join(30)

@@ -39,6 +39,11 @@ ended (RunState.ended_at), so one that ended while the agent was away is reporte
 end, not at the agent's return; only a supervisor that vanished without a record (SIGKILLed) is
 given the time the runner noticed.
 
+Fencing (gpgpu_agent.fencing): with ``fence_dir`` the supervisor is also the lease's watchdog. It
+reads the lease's deadline file there and stops the workload itself (SIGTERM as ``stop`` sends it,
+SIGKILL after ``fence_grace_s``) when the agent has not renewed it in time, whether the agent is
+stopped, gone or only cut off from the marketplace; RunState.fenced_at then says when.
+
 ``sandbox=None`` runs commands without a sandbox, as the agent's user: only the supervisor's own
 tests use it; ``daemon.build_agent`` never does.
 """
@@ -57,6 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypedDict
 
+from gpgpu_agent.fencing import deadline_path
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import CgroupError, Cgroups, Limits
 from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
@@ -110,8 +116,9 @@ class ProcessRunner:
     ``user`` the rental user (None: the agent's own, for the simulated demo only), ``cgroups``
     and ``limits`` the per-lease limits (None: none, for the simulated demo only). ``kill_wait_s``
     bounds how long ``stop`` waits for the kernel to finish a SIGKILL: a stop returns within
-    ``grace_s + kill_wait_s``. One runner is driven from one thread (``stop`` blocks for up to its
-    grace period).
+    ``grace_s + kill_wait_s``. ``fence_dir`` holds the leases' deadline files (None: the leases it
+    starts are not fenced); ``fence_grace_s`` is SIGTERM to SIGKILL when a fence fires. One runner
+    is driven from one thread (``stop`` blocks for up to its grace period).
     """
 
     def __init__(
@@ -129,6 +136,8 @@ class ProcessRunner:
         kill_wait_s: float = 1.0,
         log_tail_bytes: int = LOG_TAIL_BYTES,
         tmp_bytes: int = 1 << 30,
+        fence_dir: Path | str | None = None,
+        fence_grace_s: float = 5.0,
     ):
         state_dir = Path(state_dir)
         self.store = RecordStore(state_dir / "runs")
@@ -143,6 +152,8 @@ class ProcessRunner:
         self.kill_wait_s = kill_wait_s
         self.log_tail_bytes = log_tail_bytes
         self.tmp_bytes = tmp_bytes
+        self.fence_dir = Path(fence_dir) if fence_dir is not None else None
+        self.fence_grace_s = fence_grace_s
         self._records: dict[int, ProcessRecord] = {}
         # Supervisors this runner started itself: it is their parent and must reap them.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -242,6 +253,10 @@ class ProcessRunner:
                 argv += ["--uid", str(self.user.uid), "--gid", str(self.user.gid)]
             for directory in cgroup_dirs:
                 argv += ["--cgroup", directory]
+            if self.fence_dir is not None:
+                argv += ["--fence", str(deadline_path(self.fence_dir, spec.lease_id))]
+                argv += ["--grace", f"{max(0.0, self.fence_grace_s):g}"]
+                argv += ["--term-depth", str(_SANDBOX_DEPTH if sandboxed else 1)]
             if self.sandbox is not None:
                 command, fds = self._sandbox_command(spec, work, env, minors)
                 for fd in fds:
@@ -369,6 +384,7 @@ class ProcessRunner:
             started_at=_parse_time(record.started_at),
             log_tail=read_tail(Path(record.log_path), self.log_tail_bytes),
             ended_at=None if exit_record is None else exit_record.exited_at,
+            fenced_at=None if exit_record is None else exit_record.fenced_at,
         )
 
     def stop(self, lease_id: int, *, grace_s: float) -> RunState:

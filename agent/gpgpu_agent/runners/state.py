@@ -9,9 +9,9 @@ A process lease leaves two files in ``<state_dir>/runs/`` (the agent's state dir
   since handed to another process (after the workload ended, or after a reboot) is never taken
   for the workload;
 - ``lease-<id>.exit.json``, the exit file, written by the supervisor (``shim.py``) when the
-  workload ends, or by the runner when it had to kill the supervisor, so that an exit code and
-  the times the workload started and ended are still known to an agent that was not running when
-  the workload ended.
+  workload ends, or by the runner when it had to kill the supervisor, so that an exit code, the
+  times the workload started and ended and whether its fence stopped it are still known to an
+  agent that was not running when the workload ended.
 
 Both are written atomically (a temporary file in the same directory, fsync, rename), so a reader
 sees the old content or the new one, never half of one.
@@ -248,13 +248,14 @@ class ProcessRecord:
 @dataclass(frozen=True, slots=True)
 class ExitRecord:
     """The exit file of one process lease (``lease-<id>.exit.json``). Times are UTC: when the
-    workload started and ended, as the supervisor saw them; ``exited_at`` is None only in a
-    record of an older supervisor."""
+    workload started and ended, and when its fence stopped it (None: it did not), as the
+    supervisor saw them; ``exited_at`` is None only in a record of an older supervisor."""
 
     exit_code: int
     detail: str = ""
     started_at: datetime | None = None
     exited_at: datetime | None = None
+    fenced_at: datetime | None = None
 
 
 def read_exit(path: Path) -> ExitRecord | None:
@@ -267,6 +268,7 @@ def read_exit(path: Path) -> ExitRecord | None:
         detail=str(data.get("detail", "")),
         started_at=parse_utc(data.get("started_at")),
         exited_at=parse_utc(data.get("exited_at")),
+        fenced_at=parse_utc(data.get("fenced_at")),
     )
 
 
@@ -278,6 +280,7 @@ def write_exit(path: Path, record: ExitRecord) -> None:
             "detail": record.detail,
             "started_at": _iso(record.started_at),
             "exited_at": _iso(record.exited_at),
+            "fenced_at": _iso(record.fenced_at),
         },
     )
 
