@@ -120,6 +120,11 @@ class AgentConfig:
         """Where runners keep their records (pid files, logs) of leases."""
         return self.state_dir / "runs"
 
+    @property
+    def fence_dir(self) -> Path:
+        """The leases' fence deadlines, which their watchdogs read (gpgpu_agent.fencing)."""
+        return self.state_dir / "fence"
+
     def simulated_gpus(self) -> list[tuple[str, int]]:
         """`simulate_gpus` as [(model, vram_mb)]; validated by load_config."""
         return _parse_gpus(self.simulate_gpus)

@@ -8,9 +8,20 @@ Two threads share the work so a slow or unreachable marketplace never delays a r
   owner's schedule closed), notice leases that exited and act on the marketplace's start/stop
   orders; the tracker writes every event and usage report to the spool first (write-ahead). It
   is the only thread that calls the runner.
-- the **network loop**: replays the spool in order, heartbeats at the interval the marketplace
-  asks (or the configured override), hands the reply's orders to the poll loop, and backs off
-  with jitter while the marketplace is unreachable.
+- the **network loop**: heartbeats at the interval the marketplace asks (or the configured
+  override), hands the reply's orders to the poll loop, renews the leases' fence deadlines, and
+  replays the spool in order: around each heartbeat, and between heartbeats as soon as something
+  is spooled, so an event or usage report never waits for the next heartbeat. While the
+  marketplace is unreachable it backs off with jitter, never longer than the marketplace's
+  heartbeat interval (nor a third of the lease fence): a machine that comes back is heard from
+  well within the marketplace's grace (HEARTBEAT_GRACE_BEATS intervals), and the first request
+  that succeeds after failures brings a heartbeat and the spool's replay at once.
+
+Fencing (gpgpu_agent.fencing): the heartbeat reply's `lease_fence_s` (120 s when absent) bounds
+how long a rental may outlive the agent's contact with the marketplace. After each successful
+heartbeat the leases' deadlines move to (the time that heartbeat was sent) + lease_fence_s; a
+watchdog outside this process stops a workload whose deadline passes. The agent heartbeats at
+least three times per fence, whatever the interval.
 
 Reclaim bound: the owner is seen at most `poll_interval_s` after their process appears; the
 workload then gets `stop_grace_s` before SIGKILL. With the defaults (1 s + 5 s) that is well
@@ -18,7 +29,8 @@ inside the 10 s goal. The `preempted_by_owner` event's `at` is the moment the ow
 the lease's billable time ends there.
 
 Stopping (SIGTERM/SIGINT → `Agent.request_stop`) leaves rentals running: the runner adopts
-them on the next start. What can be flushed (a final usage report per lease, the spool) is.
+them on the next start, if it comes within their fence (their watchdogs stop them otherwise).
+What can be flushed (a final usage report per lease, the spool) is.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from typing import TYPE_CHECKING, Literal, NotRequired, TypedDict
 from gpgpu_agent import __version__
 from gpgpu_agent.config import AgentConfig
 from gpgpu_agent.credentials import MachineCredential, rotation_pending
+from gpgpu_agent.fencing import DEFAULT_LEASE_FENCE_S, Fence
 from gpgpu_agent.idle import IdleDetector, ParentOf, foreign_processes, proc_parent
 from gpgpu_agent.leases import (
     GpuView,
@@ -63,7 +76,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gpgpu_agent")
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 10.0
+# The backoff's own cap; the daemon caps each delay lower still (Agent.retry_cap_s).
 MAX_BACKOFF_S = 60.0
+# Heartbeats (and retries) per fence period, at least: one lost or slow heartbeat never fences.
+BEATS_PER_FENCE = 3
 CREDENTIAL_REVOKED = "credential_revoked"
 # While a rotation on this machine is under way (see credentials.rotation_pending), a refused
 # heartbeat is tried again this soon instead of ending the agent.
@@ -166,6 +182,7 @@ class Agent:
         secrets: tuple[str, ...] = (),
         reload_credential: Callable[[], bool] | None = None,
         rotation_pending: Callable[[], bool] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.collector = collector
         self.idle = idle
@@ -178,6 +195,8 @@ class Agent:
         self.poll_interval_s = poll_interval_s
         self.heartbeat_override_s = heartbeat_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s or DEFAULT_HEARTBEAT_INTERVAL_S
+        # What the marketplace last asked for (its grace is a few of these): the retry cap.
+        self.marketplace_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self.offer_mig = offer_mig
         self.hostname = hostname or socket.gethostname()
         self.region = region
@@ -194,6 +213,8 @@ class Agent:
         self.rotation_pending = rotation_pending
         # Why the marketplace revoked this machine's credential; set, the agent stops renting.
         self.revoked: str | None = None
+        # The leases' deadlines, renewed after each heartbeat (the runners' watchdogs read them).
+        self.fence = fence if fence is not None else Fence(self.state_dir / "fence")
 
         self.tracker = LeaseTracker(
             runner=runner,
@@ -204,6 +225,7 @@ class Agent:
             usage_interval_s=usage_interval_s,
             clock=clock,
             secrets=secrets,
+            fence=self.fence,
         )
         self.schedule = Schedule()
         self._orders: queue.Queue[Order] = queue.Queue()
@@ -211,7 +233,26 @@ class Agent:
         self._snapshot_lock = threading.Lock()
         self._stop = threading.Event()
         self._next_heartbeat = 0.0
+        # Between heartbeats the spool is replayed as soon as it holds something, not before this.
+        self._next_replay = 0.0
         self.last_heartbeat: HeartbeatOutcome = {"ok": None, "at": None, "error": None}
+
+    @property
+    def beat_s(self) -> float:
+        """Seconds between heartbeats: the marketplace's interval (or the override), and at most a
+        third of the lease fence, so the deadlines are renewed well before they pass."""
+        return min(self.heartbeat_interval_s, self.fence.fence_s / BEATS_PER_FENCE)
+
+    @property
+    def retry_cap_s(self) -> float:
+        """The longest wait between tries while the marketplace is unreachable: its heartbeat
+        interval, so a machine that is back is heard from within the marketplace's grace."""
+        return min(self.beat_s, self.marketplace_interval_s)
+
+    @property
+    def next_heartbeat_in_s(self) -> float:
+        """Seconds until the network loop heartbeats (or tries again) next."""
+        return max(0.0, self._next_heartbeat - time.monotonic())
 
     @property
     def leases(self) -> dict[int, TrackedLease]:
@@ -334,28 +375,55 @@ class Agent:
 
     def _network_loop(self) -> None:
         while not self._stop.is_set():
-            if time.monotonic() >= self._next_heartbeat:
-                try:
-                    self.network_once()
-                except Exception:
-                    logger.exception("heartbeat failed unexpectedly; retrying")
-                    self._next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+            self.network_step()
             self._stop.wait(0.1)
+
+    def network_step(self) -> None:
+        """One turn of the network loop: heartbeat when it is time, else send what the spool
+        holds (as soon as it holds something, unless backing off)."""
+        now = time.monotonic()
+        try:
+            if now >= self._next_heartbeat:
+                self.network_once()
+            elif now >= self._next_replay and self.outbox.pending():
+                self.replay_once()
+        except Exception:
+            logger.exception("heartbeat failed unexpectedly; retrying")
+            self._next_heartbeat = self._next_replay = time.monotonic() + self.beat_s
+
+    def replay_once(self) -> None:
+        """Send the spool between heartbeats. Unreachable: back off (the next try of anything
+        waits); the first success after failures brings the heartbeat forward to now. A
+        machine-wide refusal waits for the next heartbeat, which handles it."""
+        try:
+            self._replay()
+        except TransportUnavailable as exc:
+            delay = self.backoff.next_delay(exc.retry_after_s, cap_s=self.retry_cap_s)
+            self._next_replay = time.monotonic() + delay
+            logger.warning("marketplace unreachable (%s); retrying in %.1f s, reports are spooled", exc, delay)
+        except Rejected:
+            self._next_replay = self._next_heartbeat
+        else:
+            if self.backoff.failures:
+                self.backoff.reset()
+                self._next_heartbeat = time.monotonic()
 
     def network_once(self) -> None:
         """Replay the spool, heartbeat, hand the reply's orders to the poll loop, replay again.
-        On an unreachable marketplace, back off (exponential with jitter)."""
+        On an unreachable marketplace, back off (exponential with jitter, capped at
+        retry_cap_s)."""
         try:
             self._replay()
             reply = self._heartbeat()
             self._replay()
         except TransportUnavailable as exc:
-            delay = self.backoff.next_delay(exc.retry_after_s)
-            self._next_heartbeat = time.monotonic() + delay
+            delay = self.backoff.next_delay(exc.retry_after_s, cap_s=self.retry_cap_s)
+            self._next_heartbeat = self._next_replay = time.monotonic() + delay
             self.last_heartbeat = {"ok": False, "at": iso(self.clock()), "error": str(exc)}
             logger.warning("marketplace unreachable (%s); retrying in %.1f s, reports are spooled", exc, delay)
         except Rejected as exc:
-            self._next_heartbeat = time.monotonic() + max(self.heartbeat_interval_s, self.backoff.next_delay())
+            delay = max(self.beat_s, self.backoff.next_delay(cap_s=self.retry_cap_s))
+            self._next_heartbeat = self._next_replay = time.monotonic() + delay
             self.last_heartbeat = {"ok": False, "at": iso(self.clock()), "error": str(exc)}
             if exc.status == 401 and self.reload_credential is not None and self.reload_credential():
                 logger.info("the credential file changed; using the new credential")
@@ -369,7 +437,8 @@ class Agent:
                 logger.error("the marketplace refused the heartbeat: %s", exc)
         else:
             self.backoff.reset()
-            self._next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+            self._next_heartbeat = time.monotonic() + self.beat_s
+            self._next_replay = 0.0
             self.last_heartbeat = {"ok": True, "at": iso(self.clock()), "error": None}
             for item in _order_items(reply.get("stop")):
                 self._orders.put(("stop", item))
@@ -402,10 +471,16 @@ class Agent:
             snapshot = self._snapshot
         if snapshot.sample is None:
             raise TransportUnavailable("no GPU sample yet")
-        reply = self.transport.heartbeat(self.heartbeat_body(snapshot))
+        body = self.heartbeat_body(snapshot)
+        # The marketplace hears from this machine no earlier than now: the deadlines count from here.
+        contact = self.fence.now()
+        reply = self.transport.heartbeat(body)
         interval = reply.get("heartbeat_interval_s")
-        if self.heartbeat_override_s is None and isinstance(interval, int | float) and interval > 0:
-            self.heartbeat_interval_s = float(interval)
+        if isinstance(interval, int | float) and not isinstance(interval, bool) and interval > 0:
+            self.marketplace_interval_s = float(interval)
+            if self.heartbeat_override_s is None:
+                self.heartbeat_interval_s = float(interval)
+        self._renew_fences(body, reply, contact=contact)
         schedule = Schedule.from_reply(reply.get("schedule"))
         if schedule != self.schedule:
             logger.info(
@@ -416,6 +491,26 @@ class Agent:
             )
         self.schedule = schedule
         return reply
+
+    def _renew_fences(self, body: HeartbeatBody, reply: JsonObject, *, contact: float) -> None:
+        """After a successful heartbeat: take the reply's `lease_fence_s` (DEFAULT_LEASE_FENCE_S
+        when absent), and move the deadline of every lease the heartbeat reported, except those
+        the reply asks to stop, and of the lease being started (its image may take minutes to
+        pull), to `contact` + lease_fence_s. A lease started since the snapshot was armed from
+        the last contact when it started."""
+        fence_s = _lease_fence_s(reply.get("lease_fence_s"))
+        if fence_s != self.fence.fence_s:
+            logger.info("lease fence: rentals stop after %g s without contact with the marketplace", fence_s)
+            self.fence.set_fence_s(fence_s)
+        stopping = {item.get("lease_id") for item in _order_items(reply.get("stop")) if isinstance(item, Mapping)}
+        renewed = [lease["lease_id"] for lease in body["leases"] if lease["lease_id"] not in stopping]
+        starting = self.tracker.starting
+        if starting is not None:
+            renewed.append(starting)
+        try:
+            self.fence.renew(renewed, contact=contact)
+        except OSError as exc:
+            logger.error("could not renew the leases' fence deadlines: %s", exc)
 
     def heartbeat_body(self, snapshot: Snapshot) -> HeartbeatBody:
         """The heartbeat request (docs/agent-api.md) from one poll's sample and verdicts."""
@@ -484,6 +579,14 @@ def _order_items(value: object) -> Iterable[object]:
     if not isinstance(value, Iterable):
         raise TypeError(f"{type(value).__name__!r} object is not iterable")
     return value
+
+
+def _lease_fence_s(value: object) -> float:
+    """A heartbeat reply's `lease_fence_s`: seconds, a positive finite number; absent (an older
+    marketplace) or anything else, DEFAULT_LEASE_FENCE_S."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        return DEFAULT_LEASE_FENCE_S
+    return float(value)
 
 
 def _clamp(value: float | None, hi: float) -> float | None:
@@ -565,6 +668,7 @@ def build_agent(config: AgentConfig, credential: MachineCredential, *, transport
         secrets=secret_variants(credential=credential.credential, private_key_hex=key.account.key.hex()),
         reload_credential=reload_credential,
         rotation_pending=lambda: rotation_pending(config.credential_path),
+        fence=Fence(config.fence_dir),
     )
 
 

@@ -17,6 +17,17 @@ The daemon's poll loop drives it, one thread, each poll in this order:
     tracker.account_usage()                    # a usage report per lease every interval
 
 and `adopt()` once at start, `flush()` at shutdown, `stop_all()` when the credential is revoked.
+
+Times: a lease's end is reported when its workload ended, as recorded where it ran (its
+supervisor's exit file, the container engine's FinishedAt: RunState.ended_at), never when the
+agent happened to notice, so a workload that ended while the agent was stopped is billed to its
+real end; its last usage report is cut there too. Only a reclaim ends billing earlier: at the
+moment the owner was seen.
+
+Fencing (gpgpu_agent.fencing): the tracker arms each lease's deadline before it starts the
+workload and removes it once the lease's records are forgotten; the daemon renews the deadlines
+after each heartbeat. A workload its watchdog stopped (RunState.fenced_at) is reported `exited`
+at its recorded end, with its recorded exit code and a detail that starts `fenced:`.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypedDict
 
+from gpgpu_agent.fencing import Fence
 from gpgpu_agent.protocol import (
     EVENT_EXITED,
     EVENT_FAILED_TO_START,
@@ -176,7 +188,8 @@ class LeaseTracker:
     `runner` runs the workloads; `outbox` receives every event and usage report; `sign` signs a
     usage report; `state_dir` holds leases.json. `stop_grace_s` is SIGTERM to SIGKILL when a
     lease is stopped; `usage_interval_s` the length of a usage period; `secrets` never leave
-    the machine in an event's text (see scrub_secrets). Driven from one thread."""
+    the machine in an event's text (see scrub_secrets); `fence` holds the leases' deadlines (None:
+    leases are not fenced). Driven from one thread."""
 
     def __init__(
         self,
@@ -189,8 +202,10 @@ class LeaseTracker:
         usage_interval_s: float = 60.0,
         clock: Callable[[], datetime] = utc_now,
         secrets: tuple[str, ...] = (),
+        fence: Fence | None = None,
     ) -> None:
         self.runner = runner
+        self.fence = fence
         self.outbox = outbox
         self.sign = sign
         self.state_dir = Path(state_dir)
@@ -201,6 +216,9 @@ class LeaseTracker:
         self.leases: dict[int, TrackedLease] = {}
         # Leases already run here (ended, refused or stopped): a repeated `start` is ignored.
         self.done: set[int] = set()
+        # The lease being started now (the runner may pull an image for minutes meanwhile): the
+        # daemon renews its deadline although no heartbeat has reported it yet.
+        self.starting: int | None = None
         self._next_usage = time.monotonic() + usage_interval_s
         self._load()
 
@@ -238,7 +256,9 @@ class LeaseTracker:
 
     def adopt(self) -> None:
         """Take back the workloads still running from before a restart, and report those that
-        ended while the agent was away (their exit codes come from the runner's records)."""
+        ended while the agent was away (their exit codes and end times come from the runner's
+        records). A running one without a fence deadline (left by an agent without fencing) gets
+        one, from now."""
         now = self.clock()
         adopted = {state.lease_id: state for state in self.runner.adopt()}
         for lease_id, state in adopted.items():
@@ -257,12 +277,15 @@ class LeaseTracker:
                 self.leases[lease_id] = lease
             if state.running:
                 logger.info("lease %s: adopted its workload, still running (pids %s)", lease_id, list(state.pids))
+                if self.fence is not None and not self.fence.armed(lease_id):
+                    self._arm(lease_id)
             else:
                 self._finish(lease, state, at=now)
         for lease_id in [lease_id for lease_id in self.leases if lease_id not in adopted]:
             logger.warning("lease %s: no runner record of it is left; forgetting it", lease_id)
             del self.leases[lease_id]
             self.done.add(lease_id)
+            self._disarm(lease_id)
         self.save()
 
     def stop_all(self, *, reason: str) -> None:
@@ -274,6 +297,8 @@ class LeaseTracker:
                 self.runner.forget(lease_id)
             except Exception as exc:
                 logger.warning("lease %s: could not stop it: %s", lease_id, exc)
+            else:
+                self._disarm(lease_id)
             del self.leases[lease_id]
             self.done.add(lease_id)
             logger.info("lease %s: stopped (%s)", lease_id, reason)
@@ -298,6 +323,7 @@ class LeaseTracker:
                 logger.warning("lease %s: %s; forgetting it", lease_id, exc)
                 del self.leases[lease_id]
                 self.done.add(lease_id)
+                self._disarm(lease_id)
         return states
 
     def rental_pids(self, states: Mapping[int, RunState]) -> dict[str, set[int]]:
@@ -372,9 +398,15 @@ class LeaseTracker:
             lease.peak_memory_mb = max(lease.peak_memory_mb or 0, total)
 
     def _finish(self, lease: TrackedLease, state: RunState, *, at: datetime, detail: str = "") -> None:
-        """The lease's workload is over: its last usage report, then its event, then forget it."""
+        """The lease's workload is over: its last usage report, then its event, then forget it.
+
+        `at` is when the agent saw it end (a reclaim: when the owner was seen); the workload's
+        recorded end (state.ended_at) wins, except that a reclaim ends no later than the owner
+        was seen."""
         if lease.lease_id not in self.leases:
             return
+        if state.ended_at is not None:
+            at = min(at, state.ended_at) if lease.ending == "preempted_by_owner" else state.ended_at
         self._queue_usage(lease, until=at)
         tail = scrub_secrets((state.log_tail or "")[-LOG_TAIL_CHARS:].replace("\x00", ""), self.secrets)
         detail = scrub_secrets(detail, self.secrets)
@@ -388,7 +420,15 @@ class LeaseTracker:
                 code, detail = TIMEOUT_EXIT_CODE, "killed after max_duration_s"
             elif lease.ending is not None:
                 detail = f"stopped on request ({lease.ending.partition(':')[2]})"
+            elif state.fenced_at is not None:
+                detail = self._fenced_detail(state.fenced_at)
             self._event(lease.lease_id, EVENT_EXITED, at=at, exit_code=code, detail=detail, log_tail=tail)
+        if state.fenced_at is not None and lease.ending is None:
+            logger.warning(
+                "lease %s: its watchdog stopped it at %s (fenced: no contact with the marketplace in time)",
+                lease.lease_id,
+                iso(state.fenced_at),
+            )
         logger.info("lease %s ended (%s, exit code %s)", lease.lease_id, lease.ending or "exited", state.exit_code)
         del self.leases[lease.lease_id]
         self.done.add(lease.lease_id)
@@ -397,6 +437,31 @@ class LeaseTracker:
             self.runner.forget(lease.lease_id)
         except Exception as exc:
             logger.warning("lease %s: could not clean up its records: %s", lease.lease_id, exc)
+        else:
+            self._disarm(lease.lease_id)
+
+    def _fenced_detail(self, fenced_at: datetime) -> str:
+        """The `exited` detail of a workload its fence stopped (docs/agent-api.md: `fenced:`)."""
+        limit = f"{self.fence.fence_s:g} s (lease_fence_s)" if self.fence is not None else "its lease fence"
+        return (
+            f"fenced: the machine had no contact with the marketplace for {limit}; its watchdog stopped the "
+            f"workload at {iso(fenced_at)}"
+        )
+
+    # -- fencing -------------------------------------------------------------------------------
+
+    def _arm(self, lease_id: int) -> None:
+        """Raises OSError when the deadline cannot be written."""
+        if self.fence is not None:
+            self.fence.arm(lease_id)
+
+    def _disarm(self, lease_id: int) -> None:
+        if self.fence is None:
+            return
+        try:
+            self.fence.disarm(lease_id)
+        except OSError as exc:
+            logger.warning("lease %s: could not remove its fence deadline: %s", lease_id, exc)
 
     # -- the marketplace's orders --------------------------------------------------------------
 
@@ -427,11 +492,20 @@ class LeaseTracker:
         state: RunState | None = None
         if refusal is None:
             try:
+                self._arm(spec.lease_id)  # the workload never runs without its deadline
+            except OSError as exc:
+                refusal = f"could not write the lease's fence deadline: {exc.strerror or exc}"
+        if refusal is None:
+            self.starting = spec.lease_id
+            try:
                 state = self._runner_start(spec, by_uuid)
             except RunnerError as exc:
                 refusal = str(exc)
+            finally:
+                self.starting = None
         if refusal is not None or state is None:
             logger.warning("lease %s failed to start: %s", spec.lease_id, refusal)
+            self._disarm(spec.lease_id)
             self.done.add(spec.lease_id)
             detail = scrub_secrets(str(refusal), self.secrets)[:500]
             self._event(spec.lease_id, EVENT_FAILED_TO_START, at=now, detail=detail)

@@ -151,7 +151,7 @@ class HttpTransport:
 class Backoff:
     """Exponential backoff with full jitter: after the n-th failure in a row, wait a uniformly
     random time in [0, min(cap_s, base_s × 2^(n-1))). A Retry-After the marketplace sent is a
-    floor (itself capped at cap_s, so heartbeats never stop for longer). `reset()` after a
+    floor (itself capped at the cap, so heartbeats never stop for longer). `reset()` after a
     success. `rand` returns floats in [0, 1): inject one to make delays deterministic."""
 
     def __init__(self, *, base_s: float = 1.0, cap_s: float = 60.0, rand: Callable[[], float] = random.random):
@@ -162,13 +162,15 @@ class Backoff:
         self.failures = 0
         self._rand = rand
 
-    def next_delay(self, retry_after_s: float | None = None) -> float:
-        """Record one more failure and return the seconds to wait before the next try."""
-        ceiling = min(self.cap_s, self.base_s * 2.0 ** min(self.failures, 62))
+    def next_delay(self, retry_after_s: float | None = None, *, cap_s: float | None = None) -> float:
+        """Record one more failure and return the seconds to wait before the next try. `cap_s`
+        lowers the cap for this delay (the daemon passes the marketplace's heartbeat interval)."""
+        cap = self.cap_s if cap_s is None else max(0.0, min(self.cap_s, cap_s))
+        ceiling = min(cap, self.base_s * 2.0 ** min(self.failures, 62))
         self.failures += 1
         delay = self._rand() * ceiling
         if retry_after_s is not None:
-            delay = max(delay, min(max(0.0, retry_after_s), self.cap_s))
+            delay = max(delay, min(max(0.0, retry_after_s), cap))
         return delay
 
     def reset(self) -> None:

@@ -123,3 +123,9 @@ class RunState:
     pids: tuple[int, ...]  # host pids of the workload (to tell rental processes from the owner's)
     started_at: datetime | None
     log_tail: str = ""
+    # When it ended, as recorded where it ran (its supervisor, the container engine); None while
+    # it runs, or when nobody recorded it (the agent then reports the time it noticed).
+    ended_at: datetime | None = None
+    # When its fence watchdog stopped it (the agent had lost contact with the marketplace for
+    # longer than the fence; gpgpu_agent.fencing); None when it did not.
+    fenced_at: datetime | None = None

@@ -24,6 +24,7 @@ engine ("1" means podman; "podman,docker" both): CI sets it, and there a missing
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -655,6 +657,104 @@ def test_exit_codes_stop_within_grace_and_adoption_after_a_restart(lab):
     )
     adopted = {s.lease_id: s for s in restarted.adopt()}
     assert adopted[ended.lease_id].exit_code == 3 and adopted[stubborn.lease_id].exit_code == 137
+
+
+def _restarted(lab: Lab, **options) -> ContainerRunner:
+    """A runner over the lab's engine, network and firewall, as an agent's next start builds it."""
+    return ContainerRunner(
+        engine=lab.engine,
+        network_name=lab.network,
+        subnet=str(lab.runner.subnet),
+        rentals_dir=lab.rentals_dir,
+        firewall=lab.firewall,
+        attach_gpus=False,
+        **options,
+    )
+
+
+def test_a_container_that_ended_while_the_agent_was_away_reports_when_the_engine_saw_it_end(lab):
+    started = lab.start("busybox sleep 2; exit 3")
+    time.sleep(6)  # no agent polls meanwhile
+
+    adopted = {s.lease_id: s for s in _restarted(lab).adopt()}[started.lease_id]
+
+    assert adopted.exit_code == 3
+    assert adopted.started_at is not None and adopted.ended_at is not None
+    assert timedelta(seconds=1.5) <= adopted.ended_at - adopted.started_at <= timedelta(seconds=3)  # the job's 2 s
+    assert datetime.now(UTC) - adopted.ended_at >= timedelta(seconds=3)  # not when it was noticed
+
+
+# The agent's stand-in for the fencing test: starts one fenced rental, renews its deadline every
+# half second, and is then SIGKILLed by the test.
+FENCED_AGENT = r"""
+import json, sys, time
+from pathlib import Path
+from gpgpu_agent.fencing import Fence
+from gpgpu_agent.runners import ContainerRunner, Firewall
+from gpgpu_agent.types import LeaseSpec
+
+lab = json.loads(sys.argv[1])
+fence_dir = Path(lab["fence_dir"])
+runner = ContainerRunner(
+    engine=lab["engine"], network_name=lab["network"], subnet=lab["subnet"], rentals_dir=Path(lab["rentals_dir"]),
+    firewall=Firewall(subnet=lab["subnet"], table=lab["table"]), attach_gpus=False, cpu_limit=1,
+    memory_limit="128m", pids_limit=64, shm_size="16m", tmp_size="16m", fence_dir=fence_dir, fence_grace_s=1,
+)
+fence = Fence(fence_dir, fence_s=lab["fence_s"])
+spec = LeaseSpec(
+    lease_id=lab["lease_id"], job_id=lab["lease_id"], kind="container", image=lab["image"],
+    command=("/bin/sh", "-c", lab["script"]), env={}, gpu_uuids=tuple(lab["gpus"]), max_duration_s=600,
+    price_per_gpu_hour="0.1",
+)
+fence.arm(spec.lease_id)
+runner.start(spec, gpu_indexes=lab["gpus"])
+print("started", flush=True)
+while True:
+    fence.renew([spec.lease_id], contact=fence.now())
+    time.sleep(0.5)
+"""
+
+
+def test_a_killed_agents_container_is_stopped_by_its_watcher_once_the_fence_passes(lab, tmp_path):
+    spec = lab.lease("while :; do busybox sleep 1; done")
+    fence_dir = tmp_path / "fence"
+    settings = {
+        "engine": lab.engine,
+        "network": lab.network,
+        "subnet": str(lab.runner.subnet),
+        "rentals_dir": str(lab.rentals_dir),
+        "table": lab.firewall.table,
+        "fence_dir": str(fence_dir),
+        "fence_s": 3,
+        "image": lab.image,
+        "lease_id": spec.lease_id,
+        "script": spec.command[-1],
+        "gpus": GPU,
+    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])}
+    agent = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-c", FENCED_AGENT, json.dumps(settings)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert agent.stdout is not None and agent.stdout.readline().strip() == "started"
+        time.sleep(2)  # renewals keep it running past one fence …
+        assert lab.runner.poll(spec.lease_id).running
+
+        agent.kill()  # … until the agent dies
+        killed = datetime.now(UTC)
+        deadline = time.monotonic() + 3 + 1 + 30
+        while lab.runner.poll(spec.lease_id).running:
+            assert time.monotonic() < deadline, "the fence watcher did not stop the container"
+            time.sleep(0.2)
+    finally:
+        agent.kill()
+        agent.wait()
+
+    state = {s.lease_id: s for s in _restarted(lab, fence_dir=fence_dir).adopt()}[spec.lease_id]
+    assert state.exit_code in (128 + 15, 128 + 9)
+    assert state.fenced_at is not None and state.ended_at is not None
+    assert timedelta(seconds=2) <= state.fenced_at - killed <= timedelta(seconds=3 + 1)
+    assert timedelta(0) <= state.ended_at - state.fenced_at <= timedelta(seconds=1 + 5)  # the grace, the engine
 
 
 def test_the_gateways_address_stays_put_while_rentals_come_and_go(lab):

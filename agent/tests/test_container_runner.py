@@ -14,14 +14,21 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from gpgpu_agent.fencing import Fence, boottime
+from gpgpu_agent.leases import LeaseTracker
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners import ContainerRunner, FirewallError, UnknownLeaseError
 from gpgpu_agent.runners import container as container_module
+from gpgpu_agent.runners.state import proc_stat
+from gpgpu_agent.spool import Spool
+from gpgpu_agent.transport import FakeTransport
 from gpgpu_agent.types import LeaseSpec
 
 FAKE_ENGINE = Path(__file__).with_name("fake_engine")
@@ -43,7 +50,9 @@ class FakeEngine:
     def edit(self, change) -> None:
         state = self.state()
         change(state)
-        self.state_path.write_text(json.dumps(state))
+        tmp = self.state_path.with_suffix(".edit")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.state_path)  # a fence watcher may be reading it
 
     def container(self, lease_id: int) -> dict:
         return self.state()["containers"][f"gpgpu-lease-{lease_id}"]
@@ -742,6 +751,144 @@ def test_a_restarted_agent_adopts_lease_containers_by_label_without_touching_the
     assert [(s.lease_id, s.running, s.exit_code) for s in adopted] == [(56, True, None), (57, False, 0)]
     made_since = {call[0] for call in engine.calls()[calls_before:]}
     assert made_since <= {"ps", "inspect", "top", "logs"}  # nothing stopped, removed or started
+
+
+def test_an_ended_container_reports_when_the_engine_saw_it_start_and_end(runner, engine):
+    runner.start(lease(63), gpu_indexes=GPUS)
+    engine.set_container(
+        63, status="exited", exit_code=0, started_at="2026-11-22T01:02:03.5Z", finished_at="2026-11-22T01:02:19.25Z"
+    )
+
+    state = runner.poll(63)
+
+    assert state.started_at == datetime(2026, 11, 22, 1, 2, 3, 500000, tzinfo=UTC)
+    assert state.ended_at == datetime(2026, 11, 22, 1, 2, 19, 250000, tzinfo=UTC)
+
+
+def test_a_container_podman_is_still_stopping_is_running(runner, podman):
+    runner.start(lease(64), gpu_indexes=GPUS)
+    podman.set_container(64, status="stopping")  # Podman: Running false, no exit code yet
+
+    state = runner.poll(64)
+
+    assert state.running and state.exit_code is None and state.ended_at is None
+
+
+def test_a_container_that_ended_while_the_agent_was_away_is_reported_at_its_finish(engine, rentals, tmp_path):
+    make_runner(engine, rentals).start(lease(65), gpu_indexes=GPUS)
+    engine.set_container(
+        65, status="exited", exit_code=0, started_at="2026-11-22T01:02:03.5Z", finished_at="2026-11-22T01:02:19.75Z"
+    )
+    transport = FakeTransport()
+    with Spool(tmp_path / "spool.sqlite3") as spool:
+        tracker = LeaseTracker(
+            runner=make_runner(engine, rentals), outbox=spool, sign=lambda struct: "", state_dir=tmp_path
+        )
+
+        tracker.adopt()  # the agent's next start
+        spool.replay(transport)
+
+    exited = transport._events[(65, "lease-65-exited")]
+    assert exited["at"] == "2026-11-22T01:02:19.750000Z"
+    ((_, usage),) = transport._usage.values()
+    assert (usage["period_start"], usage["period_end"]) == ("2026-11-22T01:02:03Z", "2026-11-22T01:02:19Z")
+
+
+# --- fencing: the watcher -------------------------------------------------------------------
+
+
+def _watcher_pid(fence_dir: Path, lease_id: int) -> int:
+    return json.loads((fence_dir / f"lease-{lease_id}.watcher.json").read_text())["pid"]
+
+
+def _alive(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and not stat.zombie
+
+
+def _until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.05)
+    return value
+
+
+def test_a_fenced_container_is_stopped_by_its_own_watcher_once_its_deadline_passes(engine, rentals, tmp_path):
+    fence_dir = tmp_path / "fence"
+    runner = make_runner(engine, rentals, fence_dir=fence_dir, fence_grace_s=1)
+    fence = Fence(fence_dir, fence_s=60)
+    fence.arm(66)
+    runner.start(lease(66), gpu_indexes=GPUS)  # slow with the fake engine: the deadline starts after it
+    fence.set_fence_s(1.5)
+    fence.renew([66], contact=boottime())  # the last contact with the marketplace
+
+    watcher = proc_stat(_watcher_pid(fence_dir, 66))
+
+    # The watcher is nobody's child here and in a session of its own: the agent's end is not its.
+    assert watcher is not None and watcher.ppid != os.getpid() and watcher.sid != os.getsid(0)
+    _until(lambda: engine.container(66)["status"] == "exited", 10, "the watcher stopping the container")
+    state = runner.poll(66)
+    assert not state.running and state.exit_code == 143
+    assert state.fenced_at is not None and state.ended_at is not None and state.fenced_at <= state.ended_at
+    assert engine.calls("stop") == [["stop", "-t", "1", "gpgpu-lease-66"]]
+    _until(lambda: not _alive(watcher.pid), 5, "the watcher leaving")
+
+
+def test_a_renewed_container_runs_on_and_its_watcher_leaves_with_the_lease(engine, rentals, tmp_path):
+    fence_dir = tmp_path / "fence"
+    runner = make_runner(engine, rentals, fence_dir=fence_dir)
+    fence = Fence(fence_dir, fence_s=60)
+    fence.arm(67)
+    runner.start(lease(67), gpu_indexes=GPUS)
+    watcher = _watcher_pid(fence_dir, 67)
+    fence.set_fence_s(2)
+
+    until = time.monotonic() + 5  # longer than the fence: only the renewals keep it running
+    while time.monotonic() < until:
+        fence.renew([67], contact=boottime())
+        time.sleep(0.2)
+    assert runner.poll(67).running and engine.calls("stop") == []
+
+    runner.stop(67, grace_s=1)
+    runner.forget(67)
+    fence.disarm(67)
+    _until(lambda: not _alive(watcher), 5, "the watcher leaving with its lease")
+    assert list(fence_dir.iterdir()) == []
+
+
+def test_a_running_container_whose_watcher_is_gone_gets_a_new_one(podman, rentals, tmp_path):
+    fence_dir = tmp_path / "fence"
+    runner = make_runner(podman, rentals, fence_dir=fence_dir)
+    fence = Fence(fence_dir, fence_s=60)
+    fence.arm(68)
+    runner.start(lease(68), gpu_indexes=GPUS)
+    first = _watcher_pid(fence_dir, 68)
+    os.kill(first, signal.SIGKILL)
+    _until(lambda: not _alive(first), 5, "the watcher dying")
+
+    assert runner.poll(68).running
+    second = _watcher_pid(fence_dir, 68)
+    assert second != first and _alive(second)
+    fence.disarm(68)
+    _until(lambda: not _alive(second), 5, "the watcher leaving")
+
+
+def test_a_container_that_ended_before_its_fence_fired_is_not_reported_fenced(runner, podman, tmp_path, rentals):
+    fence_dir = tmp_path / "fence"
+    fence_dir.mkdir()
+    runner = make_runner(podman, rentals, fence_dir=fence_dir)  # not armed: no watcher
+    runner.start(lease(69), gpu_indexes=GPUS)
+    podman.set_container(69, status="exited", exit_code=0, finished_at="2026-11-22T01:02:19Z")
+
+    (fence_dir / "lease-69.fenced.json").write_text('{"fenced_at": "2026-11-22T01:02:20Z"}')
+    ended_first = runner.poll(69)
+    (fence_dir / "lease-69.fenced.json").write_text('{"fenced_at": "2026-11-22T01:02:18Z"}')
+    fenced = runner.poll(69)
+
+    assert ended_first.fenced_at is None
+    assert fenced.fenced_at == datetime(2026, 11, 22, 1, 2, 18, tzinfo=UTC)
+    assert not (fence_dir / "lease-69.watcher.json").exists()
 
 
 def test_a_stale_work_dir_of_a_vanished_container_is_not_handed_to_a_new_one(runner, podman):

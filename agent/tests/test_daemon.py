@@ -4,7 +4,9 @@ in-memory FakeTransport and the real spool."""
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,7 @@ import pytest
 from conftest import SANDBOX_PYTHON, SandboxKit
 from gpgpu_agent.credentials import rotation_mark_path, rotation_pending
 from gpgpu_agent.daemon import Agent
+from gpgpu_agent.fencing import boottime
 from gpgpu_agent.idle import IdleDetector, no_parent
 from gpgpu_agent.leases import REDACTED, scrub_secrets, secret_variants
 from gpgpu_agent.nvml import NvmlCollector
@@ -48,8 +51,34 @@ def _reply(**extra: Any) -> dict[str, Any]:
     return {"heartbeat_interval_s": 10, "server_time": datetime.now(UTC).isoformat(), "start": [], "stop": [], **extra}
 
 
-@pytest.fixture
-def rig(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Iterator[tuple[Agent, FakeNvml, FakeTransport]]:
+class SlowStart:
+    """A runner whose `start` first waits, as one pulling a large image does."""
+
+    def __init__(self, runner: KindRunner, delay_s: float) -> None:
+        self.runner = runner
+        self.delay_s = delay_s
+
+    def start(self, spec: Any, **options: Any) -> Any:
+        time.sleep(self.delay_s)
+        return self.runner.start(spec, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+
+def _agent(
+    tmp_path: Path,
+    sandbox_kit: SandboxKit,
+    rentals_dir: Path,
+    transport: FakeTransport,
+    *,
+    backoff: Backoff | None = None,
+    fenced: bool = False,
+    start_delay_s: float = 0.0,
+    **options: Any,
+) -> Agent:
+    """An agent over the state in tmp_path (a second one over the same state is the first one
+    restarted). ``fenced``: its runner's supervisors watch the leases' fence deadlines."""
     process = ProcessRunner(
         tmp_path,
         sandbox=sandbox_kit.sandbox,
@@ -57,29 +86,37 @@ def rig(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Iterator[
         cgroups=sandbox_kit.cgroups,
         limits=sandbox_kit.limits,
         work_dir=rentals_dir,
+        fence_dir=tmp_path / "fence" if fenced else None,
+        fence_grace_s=1,
     )
     runner = KindRunner(
         runners={"process": process},
         accepts={"process"},
         refused={"container": "container jobs are off on this machine (container_engine = none)"},
     )
-    fake = FakeNvml().install()
-    fake.add_gpu("NVIDIA L4", 23034)
-    transport = FakeTransport()
-    agent = Agent(
+    return Agent(
         collector=NvmlCollector(),
         idle=IdleDetector(threshold_pct=10, grace_s=0, parent_of=no_parent),
-        runner=runner,
+        runner=SlowStart(runner, start_delay_s) if start_delay_s else runner,
         transport=transport,
         outbox=Spool(tmp_path / "spool.sqlite3"),
         sign=lambda struct: "0x" + "11" * 65,
         state_dir=tmp_path,
         stop_grace_s=2,
         usage_interval_s=1,
-        backoff=Backoff(base_s=0.01, cap_s=0.01),
+        backoff=backoff or Backoff(base_s=0.01, cap_s=0.01),
         parent_of=no_parent,
         secrets=secret_variants(credential=CREDENTIAL, private_key_hex="0x" + PRIVATE_KEY),
+        **options,
     )
+
+
+@pytest.fixture
+def rig(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Iterator[tuple[Agent, FakeNvml, FakeTransport]]:
+    fake = FakeNvml().install()
+    fake.add_gpu("NVIDIA L4", 23034)
+    transport = FakeTransport()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
     try:
         yield agent, fake, transport
     finally:
@@ -310,3 +347,260 @@ def test_the_agent_stops_a_lease_at_its_maximum_without_being_told(rig: Any) -> 
         transport._events[(5, "lease-5-started")]["at"].replace("Z", "+00:00")
     )
     assert timedelta(seconds=1) <= ran <= timedelta(seconds=1 + 2 + 1)  # the maximum, the stop grace, a poll
+
+
+# --- times across restarts, retries, fencing ------------------------------------------------------
+
+
+@pytest.fixture
+def gpu() -> Iterator[FakeNvml]:
+    fake = FakeNvml().install()
+    fake.add_gpu("NVIDIA L4", 23034)
+    try:
+        yield fake
+    finally:
+        fake.uninstall()
+
+
+def _close(agent: Agent) -> None:
+    """Stop what a test left running, close the spool."""
+    for lease_id in list(agent.leases):
+        agent.runner.stop(lease_id, grace_s=0)
+    agent.outbox.close()
+
+
+def _at(body: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(str(body["at"]).replace("Z", "+00:00"))
+
+
+def _usage_ends(transport: FakeTransport, lease_id: int) -> list[datetime]:
+    return [
+        datetime.fromisoformat(str(body["period_end"]).replace("Z", "+00:00"))
+        for (lease, _key), (_row, body) in transport._usage.items()
+        if lease == lease_id
+    ]
+
+
+def _wait(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_a_lease_that_ended_while_the_agent_was_stopped_is_reported_at_its_real_end(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport()
+    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    _start_lease(first, gpu, transport, 1.5)
+    pids = first.runner.poll(1).pids
+    first.request_stop()
+    first.shutdown()  # the agent stops; the rental runs on, and ends while no agent runs
+
+    _wait(lambda: not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids), 10, "the job ending")
+    ended = datetime.now(UTC)
+    time.sleep(3)
+    second = _agent(tmp_path, sandbox_kit, rentals_dir, transport)  # the agent's next start
+    try:
+        second.adopt()
+        second.poll_once()
+        second.network_once()
+    finally:
+        _close(second)
+
+    body = transport._events[(1, "lease-1-exited")]
+    assert body["exit_code"] == 0
+    assert abs(_at(body) - ended) <= timedelta(seconds=1)  # not when the agent came back
+    assert _usage_ends(transport, 1) and max(_usage_ends(transport, 1)) <= _at(body)
+
+
+def test_retries_never_wait_longer_than_the_heartbeat_interval_the_marketplace_gave(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport(heartbeat_interval_s=4)
+    slowest = Backoff(base_s=1, cap_s=60, rand=lambda: 0.999999)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, backoff=slowest)
+    try:
+        agent.poll_once()
+        agent.network_once()  # the marketplace asks for a heartbeat every 4 s
+        transport.set_down(retry_after_s=300)
+
+        waits = []
+        for _ in range(12):
+            agent.network_once()
+            waits.append(agent.next_heartbeat_in_s)
+    finally:
+        _close(agent)
+
+    assert max(waits) <= 4.0  # its grace is 3 intervals: a machine back is heard from in time
+    assert waits[-1] > 3.5
+
+
+def test_retries_wait_at_most_ten_seconds_before_the_marketplace_said_anything(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport()
+    transport.set_down()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, backoff=Backoff(rand=lambda: 0.999999))
+    try:
+        agent.poll_once()
+        waits = []
+        for _ in range(12):
+            agent.network_once()
+            waits.append(agent.next_heartbeat_in_s)
+    finally:
+        _close(agent)
+
+    assert 9.5 < max(waits) <= 10.0
+
+
+def test_heartbeats_and_retries_come_at_least_three_times_per_lease_fence(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport(heartbeat_interval_s=10)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, backoff=Backoff(rand=lambda: 0.999999))
+    try:
+        agent.poll_once()
+        transport.heartbeat_replies.append(_reply(lease_fence_s=6))
+        agent.network_once()
+        beat = agent.next_heartbeat_in_s
+        transport.set_down()
+        waits = []
+        for _ in range(8):
+            agent.network_once()
+            waits.append(agent.next_heartbeat_in_s)
+    finally:
+        _close(agent)
+
+    assert 1.9 < beat <= 2.0
+    assert max(waits) <= 2.0
+
+
+def test_an_event_is_sent_as_soon_as_it_is_spooled_not_at_the_next_heartbeat(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport(heartbeat_interval_s=30)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, poll_interval_s=0.1)
+    transport.heartbeat_replies.append(_reply(heartbeat_interval_s=30, start=[_order(1, gpu.gpus[0].uuid, 300)]))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        # The lease starts after the heartbeat that ordered it; its `started` goes out at once.
+        _wait(lambda: ("event", 1, "lease-1-started") in transport.applied, 5, "the started event arriving")
+        assert [c.method for c in transport.calls if c.outcome == "ok"].count("heartbeat") == 1
+    finally:
+        agent.request_stop()
+        thread.join(30)
+        _close(agent)
+
+
+def test_each_heartbeat_renews_the_deadlines_of_the_leases_it_reported_but_not_one_asked_to_stop(
+    rig: Any, tmp_path: Path
+) -> None:
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)
+    agent.poll_once()  # lease 1 is in the next heartbeat
+    deadline_file = tmp_path / "fence" / "lease-1.json"
+
+    transport.heartbeat_replies.append(_reply(lease_fence_s=40))
+    sent = boottime()
+    agent.network_once()
+    renewed = json.loads(deadline_file.read_text())["deadline"]
+    transport.heartbeat_replies.append(_reply(lease_fence_s=40, stop=[{"lease_id": 1, "reason": "cancelled"}]))
+    time.sleep(0.2)
+    agent.network_once()
+
+    assert sent + 40 <= renewed <= boottime() + 40
+    assert json.loads(deadline_file.read_text())["deadline"] == renewed  # the marketplace is ending it
+    agent.poll_once()  # acts on the stop
+    assert not deadline_file.exists()  # gone with the lease
+
+
+def test_without_lease_fence_s_in_the_reply_the_fence_is_120_seconds(rig: Any, tmp_path: Path) -> None:
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)
+    agent.poll_once()
+
+    agent.network_once()  # the fake's reply has no lease_fence_s
+
+    deadline = json.loads((tmp_path / "fence" / "lease-1.json").read_text())["deadline"]
+    assert agent.fence.fence_s == 120
+    assert boottime() + 119 <= deadline <= boottime() + 120
+
+
+def test_a_rental_cut_off_from_the_marketplace_past_the_fence_is_stopped_and_reported_fenced(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, fenced=True)
+    try:
+        agent.poll_once()
+        transport.heartbeat_replies.append(_reply(start=[_order(1, gpu.gpus[0].uuid, 300)], lease_fence_s=2))
+        last_contact = time.monotonic()
+        agent.network_once()
+        agent.poll_once()
+        assert 1 in agent.leases
+
+        # The marketplace becomes unreachable; the agent runs on but cannot renew the deadline.
+        transport.set_down()
+        while 1 in agent.leases and time.monotonic() - last_contact < 10:
+            agent.poll_once()
+            agent.network_once()
+            time.sleep(0.1)
+        stopped_after = time.monotonic() - last_contact
+        transport.set_up()
+        agent.network_once()
+    finally:
+        _close(agent)
+
+    assert 1.9 <= stopped_after <= 2 + 0.5 + 1.5  # the fence, the watchdog's check, a poll
+    body = transport._events[(1, "lease-1-exited")]
+    assert body["detail"].startswith("fenced:"), body
+    assert body["exit_code"] == 143
+    assert max(_usage_ends(transport, 1)) <= _at(body)
+
+
+def test_a_rental_adopted_without_a_deadline_gets_one(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    # A rental started by an agent from before fencing has no deadline file; the next agent gives
+    # it one (counting from its own start) rather than leave it unfenced for good.
+    transport = FakeTransport()
+    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    _start_lease(first, gpu, transport, 300)
+    first.request_stop()
+    first.shutdown()
+    deadline_file = tmp_path / "fence" / "lease-1.json"
+    deadline_file.unlink()
+
+    second = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    try:
+        second.adopt()
+        deadline = json.loads(deadline_file.read_text())["deadline"]
+    finally:
+        _close(second)
+
+    assert boottime() + 119 <= deadline <= boottime() + 120
+
+
+def test_a_lease_whose_start_takes_longer_than_the_fence_is_not_fenced_meanwhile(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, fenced=True, start_delay_s=3, poll_interval_s=0.1)
+    order = _order(1, gpu.gpus[0].uuid, 300)
+    transport.heartbeat_replies.extend([_reply(heartbeat_interval_s=1, start=[order], lease_fence_s=1.5)])
+    transport.heartbeat_replies.extend(_reply(heartbeat_interval_s=1, lease_fence_s=1.5) for _ in range(100))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        # The heartbeats go on while the start takes twice the fence; the deadline goes on with them.
+        _wait(lambda: ("event", 1, "lease-1-started") in transport.applied, 10, "the lease starting")
+        time.sleep(1.5)
+        assert 1 in agent.leases and agent.runner.poll(1).running
+        assert ("event", 1, "lease-1-exited") not in transport.applied
+    finally:
+        agent.request_stop()
+        thread.join(30)
+        _close(agent)

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -376,6 +377,23 @@ def test_a_workload_that_ended_while_the_agent_was_down_is_reported_with_its_exi
     assert not state.running
     assert state.exit_code == 4
     assert "bye" in state.log_tail
+
+
+def test_a_workload_that_ended_while_the_agent_was_down_is_reported_with_when_it_ended(make_runner):
+    first_agent = make_runner()
+    started = first_agent.start(lease(21, "import time; time.sleep(0.5); raise SystemExit(4)"), gpu_indexes=GPUS)
+    del first_agent
+    gc.collect()
+    supervisor = started.pids[0]
+    wait_for(lambda: not alive(supervisor))
+    ended = datetime.now(UTC)
+    time.sleep(2)
+
+    (state,) = make_runner().adopt()
+
+    assert state.exit_code == 4
+    assert state.ended_at is not None and abs(state.ended_at - ended) <= timedelta(seconds=0.5)
+    assert state.started_at is not None and timedelta(seconds=0.5) <= state.ended_at - state.started_at
 
 
 def _pid_file(tmp_path: Path, lease_id: int, pid: int, start_ticks: int) -> None:

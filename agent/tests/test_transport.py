@@ -254,6 +254,16 @@ def test_backoff_waits_at_least_what_the_marketplace_asked_but_never_past_the_ca
     assert backoff.next_delay(retry_after_s=3600) == 60
 
 
+def test_a_lower_cap_for_one_delay_bounds_its_jitter_and_the_retry_after() -> None:
+    backoff = Backoff(base_s=1, cap_s=60, rand=lambda: 0.999999)
+    for _ in range(10):
+        backoff.next_delay()
+
+    assert 3.9 < backoff.next_delay(cap_s=4) <= 4
+    assert backoff.next_delay(retry_after_s=3600, cap_s=4) == 4
+    assert backoff.next_delay() > 59  # the backoff's own cap is untouched
+
+
 def test_backoff_survives_a_very_long_outage() -> None:
     backoff = Backoff(rand=lambda: 0.999)
     for _ in range(10_000):

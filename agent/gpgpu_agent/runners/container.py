@@ -60,6 +60,17 @@ What every container is given, and why:
 
 Exit codes are the engine's: the main process's status, 128+n when signal n ended it (137:
 SIGKILL, also the out-of-memory killer), 125 for a container that was created but never started.
+So are the times: RunState.started_at and ended_at are the engine's ``StartedAt`` and
+``FinishedAt``, so a container that ended while the agent was away is reported at its real end.
+
+Fencing (gpgpu_agent.fencing): with ``fence_dir``, every lease container has a watcher, a small
+detached process (``fencing.py watch``, in a session of its own, not the agent's child) that
+reads the lease's deadline file and, when the agent has not renewed it in time, records
+``fenced_at`` (``lease-N.fenced.json`` beside the deadline) and stops the container (``stop -t
+fence_grace_s``, ``kill`` if that fails) through the engine's command line, with or without the
+agent. The runner starts it before the container and starts it again whenever it finds a running
+container without one (after a restart, or if someone killed it); ``lease-N.watcher.json`` holds
+its pid and start time.
 """
 
 from __future__ import annotations
@@ -77,6 +88,7 @@ import resource
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 import tomllib
@@ -85,11 +97,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypedDict
 
+from gpgpu_agent import fencing
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import default_limits as cgroup_default_limits
 from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
 from gpgpu_agent.runners.firewall import Firewall, FirewallError
-from gpgpu_agent.runners.state import LOG_TAIL_BYTES, tail_text
+from gpgpu_agent.runners.state import LOG_TAIL_BYTES, boot_id, parse_utc, proc_stat, tail_text, write_json_atomic
 from gpgpu_agent.types import JobLimits, LeaseSpec, RunState, json_int
 
 log = logging.getLogger(__name__)
@@ -207,6 +220,8 @@ class ContainerRunner:
     ``default_limits()`` picks them. ``attach_gpus=False`` passes no GPU to the engine (for
     tests on machines without one: the leased uuids are still checked). Each engine call has
     ``call_timeout_s``; ``create`` (which may pull the image) has ``run_timeout_s``.
+    ``fence_dir`` holds the leases' deadline files (None: containers are not fenced); a fence
+    that fires stops the container with ``stop -t fence_grace_s``. ``python`` runs the watchers.
     """
 
     def __init__(
@@ -231,6 +246,9 @@ class ContainerRunner:
         run_timeout_s: float = 600.0,
         log_tail_lines: int = 2000,
         log_tail_bytes: int = LOG_TAIL_BYTES,
+        fence_dir: Path | None = None,
+        fence_grace_s: float = 5.0,
+        python: str = sys.executable,
     ):
         if engine not in ("auto", *ENGINES):
             raise ValueError(f"engine must be one of auto, podman, docker, not {engine!r}")
@@ -278,6 +296,10 @@ class ContainerRunner:
         self.run_timeout_s = run_timeout_s
         self.log_tail_lines = log_tail_lines
         self.log_tail_bytes = log_tail_bytes
+        self.fence_dir = Path(fence_dir) if fence_dir is not None else None
+        self.fence_grace_s = fence_grace_s
+        self.python = python
+        self._boot_id = boot_id()
         self._facts: EngineFacts | None = None
         self._network_ready = False
         self._bridge: str | None = None
@@ -404,6 +426,7 @@ class ContainerRunner:
                 raise RunnerError(self._start_failure(done.stderr))
             if self.engine == "docker":
                 self._own_work_dir_for_docker(name, work)
+            self._start_watcher(spec.lease_id)  # before the workload runs: never a moment unfenced
             done = self._call(["start", name], timeout=self.run_timeout_s)
             if done.returncode != 0:
                 raise RunnerError(self._start_failure(done.stderr))
@@ -427,6 +450,8 @@ class ContainerRunner:
         return self._observe(lease_id, info)
 
     def _observe(self, lease_id: int, info: Mapping[str, object]) -> RunState:
+        if _running(info):
+            self._ensure_watcher(lease_id)
         if _running(info) and not self._firewall_holds():
             reason = "gpgpu-agent: stopped: the rentals firewall rules are gone and could not be restored"
             log.error("lease %s: %s; killing its container", lease_id, reason)
@@ -496,6 +521,9 @@ class ContainerRunner:
                 raise RunnerError(f"could not remove the container: {message}")
         _remove_tree(self.work_dir(lease_id))
         self._firewall_kills.pop(lease_id, None)
+        if self.fence_dir is not None:
+            for path in (fencing.fenced_path(self.fence_dir, lease_id), fencing.watcher_path(self.fence_dir, lease_id)):
+                path.unlink(missing_ok=True)
 
     # --- the engine's arguments -----------------------------------------------------------------
 
@@ -730,6 +758,73 @@ class ContainerRunner:
         if done.returncode != 0:
             log.warning("could not pin the address of bridge %s: %s", self._bridge, _message(done.stderr))
 
+    # --- fencing ------------------------------------------------------------------------------
+
+    def _start_watcher(self, lease_id: int) -> None:
+        """Start the lease's fence watcher (module docstring) and record its pid; nothing when the
+        lease has no deadline (not fenced). Raises RunnerError when it cannot be started: a
+        container is not run unfenced."""
+        if self.fence_dir is None or not fencing.deadline_path(self.fence_dir, lease_id).exists():
+            return
+        argv = [self.python, "-I", "-S", str(Path(fencing.__file__).resolve()), "watch"]
+        argv += ["--engine-bin", self.engine_bin, "--name", container_name(lease_id)]
+        argv += ["--deadline", str(fencing.deadline_path(self.fence_dir, lease_id))]
+        argv += ["--record", str(fencing.fenced_path(self.fence_dir, lease_id))]
+        argv += ["--grace", f"{max(0.0, self.fence_grace_s):g}"]
+        try:
+            self.fence_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            done = subprocess.run(  # noqa: S603 - argv, no shell
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=self.call_timeout_s,
+                check=False,
+                cwd=self._engine_cwd(),  # the engine calls it makes run there too
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RunnerError(f"could not start the lease's fence watcher: {exc}") from exc
+        pid_text = done.stdout.decode("ascii", "replace").strip()
+        stat = proc_stat(int(pid_text)) if done.returncode == 0 and pid_text.isdigit() else None
+        if stat is None:
+            why = done.stderr.decode("utf-8", "replace").strip() or f"exit status {done.returncode}"
+            raise RunnerError(f"could not start the lease's fence watcher: {why}")
+        write_json_atomic(
+            fencing.watcher_path(self.fence_dir, lease_id),
+            {"pid": stat.pid, "start_ticks": stat.start_ticks, "boot_id": self._boot_id},
+        )
+
+    def _watcher_alive(self, lease_id: int) -> bool:
+        assert self.fence_dir is not None
+        data = fencing.read_json(fencing.watcher_path(self.fence_dir, lease_id))
+        if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
+            return False
+        stat = proc_stat(data["pid"])
+        if stat is None or stat.zombie or stat.start_ticks != data.get("start_ticks"):
+            return False
+        return data.get("boot_id") == self._boot_id
+
+    def _ensure_watcher(self, lease_id: int) -> None:
+        """A running fenced container has its watcher: started again when it is gone (logged)."""
+        if self.fence_dir is None or not fencing.deadline_path(self.fence_dir, lease_id).exists():
+            return
+        if self._watcher_alive(lease_id):
+            return
+        log.warning("lease %s: its container has no fence watcher; starting one", lease_id)
+        try:
+            self._start_watcher(lease_id)
+        except RunnerError as exc:
+            log.error("lease %s: %s", lease_id, exc)
+
+    def _fenced_at(self, lease_id: int, ended_at: datetime | None) -> datetime | None:
+        """When the watcher fenced the lease, if it did and the container ended by it (not before)."""
+        if self.fence_dir is None:
+            return None
+        data = fencing.read_json(fencing.fenced_path(self.fence_dir, lease_id))
+        fenced_at = parse_utc(data.get("fenced_at")) if isinstance(data, dict) else None
+        if fenced_at is None or (ended_at is not None and ended_at < fenced_at):
+            return None
+        return fenced_at
+
     # --- work directories -----------------------------------------------------------------------
 
     def _make_work_dir(self, lease_id: int) -> Path:
@@ -909,6 +1004,7 @@ class ContainerRunner:
         note = self._firewall_kills.get(lease_id)
         if note:
             log_tail = tail_text((log_tail + ("\n" if log_tail else "") + note + "\n").encode(), self.log_tail_bytes)
+        ended_at = None if running else _parse_engine_time(state.get("FinishedAt"))
         return RunState(
             lease_id=lease_id,
             running=running,
@@ -916,6 +1012,8 @@ class ContainerRunner:
             pids=pids,
             started_at=_parse_engine_time(state.get("StartedAt")),
             log_tail=log_tail,
+            ended_at=ended_at,
+            fenced_at=None if running else self._fenced_at(lease_id, ended_at),
         )
 
     def _host_pids(self, lease_id: int, main_pid: object) -> tuple[int, ...]:
@@ -1189,8 +1287,10 @@ def _labels(info: Mapping[str, object]) -> dict[str, str]:
 
 
 def _running(info: Mapping[str, object]) -> bool:
+    """Whether the container runs. Podman says Running false while a `stop` is under way (status
+    "stopping", no exit code yet): that one still runs (its fence watcher may be stopping it)."""
     state = _object(info.get("State"))
-    return bool(state.get("Running")) or state.get("Status") in ("restarting", "paused")
+    return bool(state.get("Running")) or state.get("Status") in ("restarting", "paused", "stopping")
 
 
 def _message(stderr: str) -> str:

@@ -170,7 +170,13 @@ def process_runner(config: AgentConfig) -> tuple[ProcessRunner | None, str | Non
     from gpgpu_agent.runners.sandbox import Bubblewrap, SandboxError, rental_user
 
     limits = default_limits(cpus=config.job_cpus, memory=config.job_memory, pids=config.job_pids)
-    adopt_only = ProcessRunner(config.state_dir, sandbox=None, work_dir=config.rentals_path)
+    adopt_only = ProcessRunner(
+        config.state_dir,
+        sandbox=None,
+        work_dir=config.rentals_path,
+        fence_dir=config.fence_dir,
+        fence_grace_s=config.stop_grace_s,
+    )
     if not config.allow_process_jobs:
         return adopt_only, PROCESS_OFF
     try:
@@ -199,6 +205,8 @@ def process_runner(config: AgentConfig) -> tuple[ProcessRunner | None, str | Non
         cgroups=cgroups,
         limits=limits if cgroups is not None else None,
         work_dir=config.rentals_path,
+        fence_dir=config.fence_dir,
+        fence_grace_s=config.stop_grace_s,
     )
     try:
         runner.prepare()
@@ -219,6 +227,8 @@ def _container_runner(config: AgentConfig) -> tuple[ContainerRunner | None, str 
             cpu_limit=config.job_cpus,
             memory_limit=config.job_memory,
             pids_limit=config.job_pids,
+            fence_dir=config.fence_dir,
+            fence_grace_s=config.stop_grace_s,
         )
     except (AgentError, ValueError) as exc:
         return None, str(exc)

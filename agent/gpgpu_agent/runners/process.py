@@ -34,7 +34,15 @@ SIGKILLed it, or the runner did at the end of a stop's grace period).
 After an agent restart the workloads keep running (they are in their own session, their output
 goes to files, and the supervisor, not the agent, waits for them); ``adopt`` finds them again by
 their pid files. The agent's systemd unit must therefore use ``KillMode=process``, or stopping
-the agent would kill the workloads with it.
+the agent would kill the workloads with it. The supervisor's exit file keeps when the workload
+ended (RunState.ended_at), so one that ended while the agent was away is reported at its real
+end, not at the agent's return; only a supervisor that vanished without a record (SIGKILLed) is
+given the time the runner noticed.
+
+Fencing (gpgpu_agent.fencing): with ``fence_dir`` the supervisor is also the lease's watchdog. It
+reads the lease's deadline file there and stops the workload itself (SIGTERM as ``stop`` sends it,
+SIGKILL after ``fence_grace_s``) when the agent has not renewed it in time, whether the agent is
+stopped, gone or only cut off from the marketplace; RunState.fenced_at then says when.
 
 ``sandbox=None`` runs commands without a sandbox, as the agent's user: only the supervisor's own
 tests use it; ``daemon.build_agent`` never does.
@@ -54,6 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypedDict
 
+from gpgpu_agent.fencing import deadline_path
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import CgroupError, Cgroups, Limits
 from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
@@ -107,8 +116,9 @@ class ProcessRunner:
     ``user`` the rental user (None: the agent's own, for the simulated demo only), ``cgroups``
     and ``limits`` the per-lease limits (None: none, for the simulated demo only). ``kill_wait_s``
     bounds how long ``stop`` waits for the kernel to finish a SIGKILL: a stop returns within
-    ``grace_s + kill_wait_s``. One runner is driven from one thread (``stop`` blocks for up to its
-    grace period).
+    ``grace_s + kill_wait_s``. ``fence_dir`` holds the leases' deadline files (None: the leases it
+    starts are not fenced); ``fence_grace_s`` is SIGTERM to SIGKILL when a fence fires. One runner
+    is driven from one thread (``stop`` blocks for up to its grace period).
     """
 
     def __init__(
@@ -126,6 +136,8 @@ class ProcessRunner:
         kill_wait_s: float = 1.0,
         log_tail_bytes: int = LOG_TAIL_BYTES,
         tmp_bytes: int = 1 << 30,
+        fence_dir: Path | str | None = None,
+        fence_grace_s: float = 5.0,
     ):
         state_dir = Path(state_dir)
         self.store = RecordStore(state_dir / "runs")
@@ -140,6 +152,8 @@ class ProcessRunner:
         self.kill_wait_s = kill_wait_s
         self.log_tail_bytes = log_tail_bytes
         self.tmp_bytes = tmp_bytes
+        self.fence_dir = Path(fence_dir) if fence_dir is not None else None
+        self.fence_grace_s = fence_grace_s
         self._records: dict[int, ProcessRecord] = {}
         # Supervisors this runner started itself: it is their parent and must reap them.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -239,6 +253,10 @@ class ProcessRunner:
                 argv += ["--uid", str(self.user.uid), "--gid", str(self.user.gid)]
             for directory in cgroup_dirs:
                 argv += ["--cgroup", directory]
+            if self.fence_dir is not None:
+                argv += ["--fence", str(deadline_path(self.fence_dir, spec.lease_id))]
+                argv += ["--grace", f"{max(0.0, self.fence_grace_s):g}"]
+                argv += ["--term-depth", str(_SANDBOX_DEPTH if sandboxed else 1)]
             if self.sandbox is not None:
                 command, fds = self._sandbox_command(spec, work, env, minors)
                 for fd in fds:
@@ -365,6 +383,8 @@ class ProcessRunner:
             pids=pids,
             started_at=_parse_time(record.started_at),
             log_tail=read_tail(Path(record.log_path), self.log_tail_bytes),
+            ended_at=None if exit_record is None else exit_record.exited_at,
+            fenced_at=None if exit_record is None else exit_record.fenced_at,
         )
 
     def stop(self, lease_id: int, *, grace_s: float) -> RunState:
@@ -389,7 +409,10 @@ class ProcessRunner:
             if self._exit(record) is None:
                 # The supervisor would not die within kill_wait_s (uninterruptible sleep in the
                 # kernel, typically a GPU driver call): report the kill; it cannot outlive SIGKILL.
-                write_exit(Path(record.exit_path), ExitRecord(EXIT_KILLED, "killed with SIGKILL"))
+                write_exit(
+                    Path(record.exit_path),
+                    ExitRecord(EXIT_KILLED, "killed with SIGKILL", exited_at=datetime.now(UTC)),
+                )
         return self.poll(lease_id)
 
     def adopt(self) -> list[RunState]:
@@ -397,9 +420,10 @@ class ProcessRunner:
 
         Returns one RunState per record: running ones (their supervisor is alive: same pid, same
         start time, same boot) are managed again, never signalled by adopting them; ended ones
-        carry the exit code their supervisor recorded, or 137 when it vanished without one (killed
-        while the agent was down). A pid that now belongs to another process (the kernel reused
-        it) is never taken for the workload: that lease is reported ended and its pid untouched.
+        carry the exit code and end time their supervisor recorded, or 137 and the time it was
+        found gone when it vanished without a record (killed while the agent was down). A pid
+        that now belongs to another process (the kernel reused it) is never taken for the
+        workload: that lease is reported ended and its pid untouched.
         """
         states = []
         for record in self.store.all():
@@ -472,7 +496,10 @@ class ProcessRunner:
         code = EXIT_KILLED
         if child is not None and child.returncode is not None:
             code = child.returncode if child.returncode >= 0 else 128 - child.returncode
-        lost = ExitRecord(code, "the workload's supervisor ended without recording an exit status")
+        # When it ended is not known: the time it was found gone is the best there is.
+        lost = ExitRecord(
+            code, "the workload's supervisor ended without recording an exit status", exited_at=datetime.now(UTC)
+        )
         write_exit(exit_path, lost)
         return lost
 

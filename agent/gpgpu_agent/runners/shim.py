@@ -1,6 +1,8 @@
-"""The supervisor of one process lease: runs the workload and records its exit code in a file.
+"""The supervisor of one process lease: runs the workload, records how and when it ended in a file,
+and fences it.
 
-    python -I -S shim.py EXIT_FILE [--uid UID --gid GID] [--cgroup DIR]... [--pass-fd FD]... -- COMMAND [ARG...]
+    python -I -S shim.py EXIT_FILE [--uid UID --gid GID] [--cgroup DIR]... [--pass-fd FD]...
+                         [--fence FILE [--grace SECONDS] [--term-depth N]] -- COMMAND [ARG...]
 
 The process runner starts this script as the leader of a new session and process group; the
 workload is its child, in the same group. It exists so that the exit code of a workload is known
@@ -18,9 +20,19 @@ even to an agent that restarted meanwhile (and so is not the workload's parent):
   stay findable;
 - it shrugs off SIGTERM, SIGINT, SIGHUP and SIGQUIT: the runner signals the workload itself, and
   the supervisor must outlive the workload to write down how it ended;
+- it is the lease's fence watchdog (see gpgpu_agent/fencing.py): with ``--fence FILE`` it reads
+  the lease's deadline from FILE twice a second, and once the deadline has passed without the
+  agent renewing it (the agent lost contact with the marketplace, or is stopped or gone) it sends
+  SIGTERM to the workload's processes (those ``--term-depth`` levels or more below it: 3 in the
+  sandbox, whose first two are bwrap's, as the runner's own stop does), then after ``--grace``
+  seconds SIGKILLs everything below it and in the lease's cgroups. It needs nothing of the
+  agent process for that;
 - when COMMAND ends, it SIGKILLs whatever the workload left behind (as Docker does when a
-  container's first process exits), then writes ``{"exit_code": N}`` to EXIT_FILE atomically and
-  exits with N.
+  container's first process exits), then writes ``{"exit_code": N, "detail": …, "started_at": …,
+  "exited_at": …, "fenced_at": …}`` to EXIT_FILE atomically (fsync, rename) and exits with N. The
+  times are wall-clock UTC (ISO 8601): when the workload started, when it ended (the moment the
+  supervisor reaped it), and when the fence fired (null if it did not). They outlive an agent
+  restart, so the agent reports a workload that ended while it was away at its real end.
 
 Exit codes follow the shell's convention: the workload's own status 0–255, or 128+n when signal n
 killed it (143 for SIGTERM, 137 for SIGKILL); 127 when COMMAND cannot be found, 126 when it cannot
@@ -36,10 +48,12 @@ import ctypes
 import errno
 import json
 import os
+import select
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 PR_SET_CHILD_SUBREAPER = 36
 _DEFAULT_IN_WORKLOAD = (
@@ -51,6 +65,8 @@ _DEFAULT_IN_WORKLOAD = (
     signal.SIGQUIT,
 )
 _CLEANUP_LIMIT_S = 2.0
+# How often the deadline file is read (fencing.CHECK_INTERVAL_S).
+_FENCE_CHECK_S = 0.5
 
 
 def _become_subreaper() -> None:
@@ -128,13 +144,98 @@ def _kill_leftovers(me: int) -> None:
         _reap_all()
 
 
-def _write_exit(path: str, code: int, detail: str) -> None:
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _write_exit(path: str, record: dict[str, object]) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"exit_code": code, "detail": detail}, f)
+        json.dump(record, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _deadline_passed(path: str, boot: str | None) -> bool:
+    """fencing.deadline_passed, which this file cannot import: no readable deadline is no fence;
+    a deadline of another boot has passed; else CLOCK_BOOTTIME against the deadline."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    deadline = data.get("deadline") if isinstance(data, dict) else None
+    if not isinstance(deadline, int | float):
+        return False
+    written_in = data.get("boot_id")
+    if written_in is not None and boot is not None and written_in != boot:
+        return True
+    return time.clock_gettime(time.CLOCK_BOOTTIME) >= deadline
+
+
+def _descendants(me: int) -> dict[int, int]:
+    """Live descendants of this supervisor → their depth below it (1: its children)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None and st[0] not in ("Z", "X"):
+                parents[int(name)] = st[1]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[int, int] = {}
+    stack = [(me, 0)]
+    while stack:
+        pid, depth = stack.pop()
+        for child in children.get(pid, ()):
+            if child not in found:
+                found[child] = depth + 1
+                stack.append((child, depth + 1))
+    return found
+
+
+def _terminate(me: int, depth: int) -> None:
+    """SIGTERM the workload's processes: those at least ``depth`` levels below the supervisor."""
+    for pid, below in _descendants(me).items():
+        if below >= depth:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+
+
+def _kill_all(me: int, cgroups: list[str]) -> None:
+    """SIGKILL everything below the supervisor, in its group and in the lease's cgroups (through
+    cgroup.kill where the kernel has it, cgroup v2; else each pid cgroup.procs lists)."""
+    pids = set(_leftovers(me))
+    for directory in cgroups:
+        try:
+            with open(os.path.join(directory, "cgroup.kill"), "w", encoding="ascii") as f:
+                f.write("1")
+            continue
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as f:
+                pids.update(int(line) for line in f if line.strip().isdigit())
+        except OSError:
+            pass
+    pids.discard(me)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _ignore(_signum: int, _frame: object) -> None:
@@ -149,6 +250,9 @@ class _Options:
     gid: int | None = None
     cgroups: list[str] = field(default_factory=list)
     pass_fds: list[int] = field(default_factory=list)
+    fence: str | None = None
+    grace_s: float = 5.0
+    term_depth: int = 1
 
 
 def _parse(argv: list[str]) -> _Options | None:
@@ -163,6 +267,15 @@ def _parse(argv: list[str]) -> _Options | None:
         if flag == "--cgroup":
             options.cgroups.append(value)
             continue
+        if flag == "--fence":
+            options.fence = value
+            continue
+        if flag == "--grace":
+            try:
+                options.grace_s = max(0.0, float(value))
+            except ValueError:
+                return None
+            continue
         if not value.isdigit():
             return None
         if flag == "--uid":
@@ -171,6 +284,8 @@ def _parse(argv: list[str]) -> _Options | None:
             options.gid = int(value)
         elif flag == "--pass-fd":
             options.pass_fds.append(int(value))
+        elif flag == "--term-depth":
+            options.term_depth = max(1, int(value))
         else:
             return None
     if (options.uid is None) != (options.gid is None):
@@ -183,6 +298,7 @@ def _child(options: _Options, report_fd: int) -> None:
     it writes ``errno:message`` to ``report_fd`` and exits 126/127 without running the command."""
     step = "start"
     try:
+        signal.set_wakeup_fd(-1)  # the supervisor's; the workload has no business with it
         step = "join the lease's cgroup"
         for directory in options.cgroups:
             with open(os.path.join(directory, "cgroup.procs"), "w", encoding="ascii") as f:
@@ -233,38 +349,105 @@ def _spawn(options: _Options) -> tuple[int | None, str, int]:
     return None, words or "the workload could not be started", os.waitstatus_to_exitcode(status)
 
 
+def _exit_code(status: int) -> tuple[int, str]:
+    """The shell's exit code for a wait status, and what a signal death says."""
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return code, ""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unnamed"
+    return 128 - code, f"killed by signal {-code} ({name})"
+
+
+def _reap(child: int) -> int | None:
+    """Reap every child that ended (orphans come back to the subreaper); the workload's wait
+    status once it has ended, else None."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # cannot happen while the child is ours; be safe anyway
+            return -1
+        if pid == 0:
+            return None
+        if pid == child:
+            return status
+
+
+def _supervise(options: _Options, me: int, child: int, wake: int) -> tuple[int, str, str | None]:
+    """Wait for the workload, fencing it if its deadline passes: (exit code, detail, fenced_at).
+    ``wake`` is readable when a SIGCHLD arrived (signal.set_wakeup_fd)."""
+    boot = _boot_id()
+    fenced_at: str | None = None
+    kill_at: float | None = None
+    while True:
+        status = _reap(child)
+        if status is not None:
+            if status == -1:
+                return 137, "the workload vanished", fenced_at
+            code, detail = _exit_code(status)
+            return code, detail, fenced_at
+        if fenced_at is None and options.fence is not None and _deadline_passed(options.fence, boot):
+            fenced_at = _now()
+            _note(
+                f"fenced: this machine's lease deadline passed without renewal at {fenced_at} (the agent lost "
+                "contact with the marketplace); stopping the workload"
+            )
+            _terminate(me, options.term_depth)
+            kill_at = time.monotonic() + options.grace_s
+        if kill_at is not None and time.monotonic() >= kill_at:
+            _kill_all(me, options.cgroups)
+            kill_at = time.monotonic() + 1.0  # again, until the workload is gone
+        timeout = _FENCE_CHECK_S if kill_at is None else max(0.0, min(_FENCE_CHECK_S, kill_at - time.monotonic()))
+        select.select([wake], [], [], timeout)
+        try:
+            while os.read(wake, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+
 def main(argv: list[str]) -> int:
     options = _parse(argv)
     if options is None:
-        _note("usage: shim.py EXIT_FILE [--uid UID --gid GID] [--cgroup DIR]... [--pass-fd FD]... -- COMMAND [ARG...]")
+        _note(
+            "usage: shim.py EXIT_FILE [--uid UID --gid GID] [--cgroup DIR]... [--pass-fd FD]... "
+            "[--fence FILE [--grace SECONDS] [--term-depth N]] -- COMMAND [ARG...]"
+        )
         return 2
     me = os.getpid()
     _become_subreaper()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, _ignore)
+    # A SIGCHLD wakes the wait below at once (the exit time is the moment the workload ended);
+    # the handler must be a function: SIG_IGN for SIGCHLD would have the kernel reap children.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, _ignore)
 
     child, detail, code = _spawn(options)
+    started_at = _now() if child is not None else None
+    fenced_at: str | None = None
     if child is None:
         _note(detail)
     else:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:  # cannot happen while the child is ours; be safe anyway
-                code, detail = 137, "the workload vanished"
-                break
-            if pid == child:
-                code = os.waitstatus_to_exitcode(status)
-                if code < 0:
-                    try:
-                        name = signal.Signals(-code).name
-                    except ValueError:
-                        name = "unnamed"
-                    detail = f"killed by signal {-code} ({name})"
-                    code = 128 - code
-                break
+        code, detail, fenced_at = _supervise(options, me, child, wake_r)
+    exited_at = _now()
+    if child is not None:
         _kill_leftovers(me)
-    _write_exit(options.exit_path, code, detail)
+    if fenced_at is not None:
+        detail = f"fenced: the lease's deadline passed at {fenced_at}" + (f"; {detail}" if detail else "")
+    _write_exit(
+        options.exit_path,
+        {
+            "exit_code": code,
+            "detail": detail,
+            "started_at": started_at,
+            "exited_at": exited_at,
+            "fenced_at": fenced_at,
+        },
+    )
     return code
 
 

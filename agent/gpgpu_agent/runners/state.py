@@ -9,8 +9,9 @@ A process lease leaves two files in ``<state_dir>/runs/`` (the agent's state dir
   since handed to another process (after the workload ended, or after a reboot) is never taken
   for the workload;
 - ``lease-<id>.exit.json``, the exit file, written by the supervisor (``shim.py``) when the
-  workload ends, or by the runner when it had to kill the supervisor, so that an exit code is
-  still known to an agent that was not running when the workload ended.
+  workload ends, or by the runner when it had to kill the supervisor, so that an exit code, the
+  times the workload started and ended and whether its fence stopped it are still known to an
+  agent that was not running when the workload ended.
 
 Both are written atomically (a temporary file in the same directory, fsync, rename), so a reader
 sees the old content or the new one, never half of one.
@@ -25,6 +26,7 @@ import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -245,10 +247,15 @@ class ProcessRecord:
 
 @dataclass(frozen=True, slots=True)
 class ExitRecord:
-    """The exit file of one process lease (``lease-<id>.exit.json``)."""
+    """The exit file of one process lease (``lease-<id>.exit.json``). Times are UTC: when the
+    workload started and ended, and when its fence stopped it (None: it did not), as the
+    supervisor saw them; ``exited_at`` is None only in a record of an older supervisor."""
 
     exit_code: int
     detail: str = ""
+    started_at: datetime | None = None
+    exited_at: datetime | None = None
+    fenced_at: datetime | None = None
 
 
 def read_exit(path: Path) -> ExitRecord | None:
@@ -256,11 +263,41 @@ def read_exit(path: Path) -> ExitRecord | None:
     data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("exit_code"), int):
         return None
-    return ExitRecord(exit_code=data["exit_code"], detail=str(data.get("detail", "")))
+    return ExitRecord(
+        exit_code=data["exit_code"],
+        detail=str(data.get("detail", "")),
+        started_at=parse_utc(data.get("started_at")),
+        exited_at=parse_utc(data.get("exited_at")),
+        fenced_at=parse_utc(data.get("fenced_at")),
+    )
 
 
 def write_exit(path: Path, record: ExitRecord) -> None:
-    write_json_atomic(path, {"exit_code": record.exit_code, "detail": record.detail})
+    write_json_atomic(
+        path,
+        {
+            "exit_code": record.exit_code,
+            "detail": record.detail,
+            "started_at": _iso(record.started_at),
+            "exited_at": _iso(record.exited_at),
+            "fenced_at": _iso(record.fenced_at),
+        },
+    )
+
+
+def parse_utc(value: object) -> datetime | None:
+    """An ISO 8601 time with a zone ("Z" too) as an aware datetime; None for anything else."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class RecordStore:
