@@ -247,7 +247,7 @@ def test_a_job_can_write_only_its_work_directory(runner, rentals_dir, bystander)
         for path in ('/usr/bin/evil', '/etc/evil', '/evil', '/proc/sys/kernel/hostname', '/sys/kernel/evil'):
             attempt('write ' + path, lambda p=path: open(p, 'w').write('x'))
         open('/work/result.txt', 'w').write('trained')
-        open('/tmp/scratch', 'w').write('scratch')
+        open('/tmp/gpgpu-job-scratch-5f1c', 'w').write('scratch')
         print('wrote /work and its own /tmp', flush=True)
         """,
     )
@@ -255,7 +255,8 @@ def test_a_job_can_write_only_its_work_directory(runner, rentals_dir, bystander)
     assert state.log_tail.count("BLOCKED write") == 5
     assert "wrote /work and its own /tmp" in state.log_tail
     assert (rentals_dir / "lease-5" / "result.txt").read_text() == "trained"
-    assert not Path("/tmp/scratch").exists()  # noqa: S108 - the job's /tmp is its own, not the host's
+    # The job's /tmp is its own, not the host's (a name nothing else on the host uses).
+    assert not Path("/tmp/gpgpu-job-scratch-5f1c").exists()  # noqa: S108
     bystander()
 
 
