@@ -16,15 +16,16 @@ SETTLEMENT_LOCK = "billing.settlement"
 
 def _chain_run(run: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
     """Run `run(client)` on the chain client from settings and return its result. A chain error
-    that ends the run before it could report one itself is reported the way the chain runs report
-    it (so core.periodic counts the run as failed and logs it at ERROR): an unreachable node under
-    "node_unavailable", any other chain error (no deployment, a misconfigured node) under "error"."""
+    that ends the run before it could report one itself is reported under "error" (so
+    core.periodic counts the run as failed and logs it at ERROR); an unreachable node also under
+    "node_unavailable", as the runs report one they meet, so every chain task says the same
+    thing for the same outage whichever step met it."""
     from billing.chain import ChainError, NodeUnavailable, chain_client_from_settings
 
     try:
         return run(chain_client_from_settings())
     except NodeUnavailable as error:
-        return {"node_unavailable": str(error)}
+        return {"error": str(error), "node_unavailable": str(error)}
     except ChainError as error:
         return {"error": str(error)}
 
