@@ -401,3 +401,28 @@ class ChainLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} {self.tx_hash}:{self.log_index} ({self.status})"
+
+
+class LedgerCheck(models.Model):
+    """One run of the ledger check (billing.ledger_check: `manage.py ledger_check` and the periodic
+    task billing.tasks.check_ledger): the ledger's own invariants and, when an escrow is deployed,
+    the ledger against the chain as of a confirmed block. `differences` lists what disagrees, as
+    sentences; `in_flight` what was accounted for as legitimately under way (by kind: counts);
+    `error` says why the chain could not be compared (then `ok` is False). The newest row is
+    billing.selectors.ledger_check_latest()."""
+
+    checked_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    ok = models.BooleanField()
+    chain_compared = models.BooleanField(default=False)
+    block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    block_hash = models.CharField(max_length=66, blank=True)
+    differences = models.JSONField(default=list, blank=True)
+    in_flight = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-checked_at", "-pk"]
+
+    def __str__(self) -> str:
+        at = f" at block {self.block_number}" if self.block_number is not None else ""
+        return f"ledger check {self.pk}{at}: {'ok' if self.ok else 'NOT ok'}"

@@ -116,3 +116,26 @@ def release_jobs_on_chain() -> dict[str, object]:
     from billing.release import jobs_release_on_chain
 
     return _chain_run(lambda client: jobs_release_on_chain(client=client))
+
+
+@periodic_task(name="billing.tasks.check_ledger", time_limit=600, soft_time_limit=540)
+def check_ledger() -> dict[str, object]:
+    """Check the ledger and compare it with the chain as of a confirmed block (billing.ledger_check;
+    beat: every 5 minutes). Each run is stored (billing.models.LedgerCheck; the newest is
+    billing.selectors.ledger_check_latest(), for the console and /healthz). A run that finds a
+    violation or a difference, or cannot read the chain, reports ok False and counts as failed."""
+    from billing.ledger_check import ledger_check_run
+
+    result = ledger_check_run()
+    found = [*result.problems, *result.differences]
+    summary: dict[str, object] = {
+        "ok": result.ok,
+        "block": result.block,
+        "differences": found[:5] + ([f"... and {len(found) - 5} more"] if len(found) > 5 else []),
+        "in_flight": result.in_flight,
+    }
+    if result.node_unavailable:
+        summary["node_unavailable"] = result.error
+    elif result.error:
+        summary["error"] = result.error
+    return summary

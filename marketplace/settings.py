@@ -444,6 +444,8 @@ CELERY_BEAT_SCHEDULE = {
     # Billing: budgets are reserved on chain before their jobs are placed; also completes stuck batches.
     "reserve-budgets": _every("billing.tasks.reserve_budgets", 5.0),
     "release-jobs-on-chain": _every("billing.tasks.release_jobs_on_chain", 60.0),
+    # The ledger against the chain as of a confirmed block; its last result: billing.selectors.ledger_check_latest.
+    "check-ledger": _every("billing.tasks.check_ledger", 300.0),
 }
 
 LOGGING = {

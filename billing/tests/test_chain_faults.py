@@ -2,7 +2,7 @@
 EVM and on a real anvil node: a block rolled back under a confirmed settlement, reservation and
 release; a submitted settlement whose transaction vanished; a node restarted from saved state
 without its history under a submitted settlement. Each test ends with the chain and the ledger in
-agreement, every charge paid once and every batch sent again at most once."""
+agreement (the ledger check passes), every charge paid once and every batch sent again at most once."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from billing.chain.anvil import AnvilNode, anvil_start
 from billing.chain.client import ANVIL_DEV_KEY_0
 from billing.chain.deployment import deployment_ensure
 from billing.contract import ESCROW, STABLECOIN
+from billing.ledger_check import ledger_check_run
 from billing.models import BudgetAuthorization, BudgetReservation, LedgerEntry, Settlement
 from billing.release import jobs_release_on_chain
 from billing.reservations import reserve_run
@@ -121,8 +122,11 @@ def _charged(node: Node, label: str):  # type: ignore[no-untyped-def]
 
 
 def _agree(node: Node, renters: dict[int, str], providers: dict[int, str]) -> None:
-    """The escrow equals the ledger."""
+    """The escrow equals the ledger (the tests' own comparison, and the ledger check's)."""
     assert node.env.disagreements(renters, providers) == []
+    check = ledger_check_run(client=node.env.client, deployment=node.env.deployment)
+    assert (check.problems, check.differences, check.error) == ([], [], ""), check.as_dict()
+    assert check.ok and check.chain_compared
 
 
 def _earnings(node: Node, payee: Any) -> int:
@@ -144,6 +148,8 @@ def test_a_settlement_whose_block_left_the_chain_is_undone_in_the_ledger_and_pai
     node.roll_back(mark)
     node.mine(2)
     assert _earnings(node, payee) == 0 and provider_payable_micro(provider_id=lease.machine.provider_id) == 900_000
+    check = ledger_check_run(client=node.env.client, deployment=node.env.deployment)
+    assert not check.ok and any("earnings of 0, the ledger expects 900000" in d for d in check.differences)
 
     result = engine.settle_run(client=node.env.client, deployment=node.env.deployment)
 
@@ -181,6 +187,7 @@ def test_a_reservation_whose_block_left_the_chain_is_reserved_again_once(node):
     node.roll_back(mark)
     node.mine(1)
     assert int(node.env.escrow.functions.job(job.pk).call()[0], 16) == 0  # the escrow holds no budget for it
+    assert not ledger_check_run(client=node.env.client, deployment=node.env.deployment).ok
 
     result = reserve_run(client=node.env.client, deployment=node.env.deployment)
 
@@ -206,6 +213,7 @@ def test_a_release_whose_block_left_the_chain_is_sent_again_once(node):
     node.roll_back(mark)
     node.mine(1)
     assert not node.env.escrow.functions.job(job.pk).call()[5]  # open again: 1 token still reserved there
+    assert not ledger_check_run(client=node.env.client, deployment=node.env.deployment).ok
 
     result = jobs_release_on_chain(client=node.env.client, deployment=node.env.deployment)
 
@@ -372,3 +380,43 @@ def test_unresolvable_receipts_fail_the_run_loudly_instead_of_passing(node, tmp_
     state = PeriodicTaskState.objects.get(name="billing.tasks.reconcile_settlements")
     assert (state.last_ok, state.consecutive_failures) == (False, 1)
     assert Settlement.objects.get().status == "submitted"
+
+
+# ---------------------------------------------------------------------------- what the ledger check sees
+
+
+def test_a_corrupted_ledger_fails_the_ledger_check_with_the_difference_printed(node, settings, capsys, monkeypatch):
+    from django.core.management import CommandError, call_command
+
+    import billing.chain
+    from billing.chain.deployment import deployment_save
+
+    renter, account, payee, _job, lease = _charged(node, "ida")
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    provider_id = lease.machine.provider_id
+    _agree(node, {renter.pk: account.address}, {provider_id: payee.address})
+    # The command finds the escrow as production does (its deployment file) and reads the node.
+    deployment_save(
+        node.env.deployment, path=Path(settings.VAR_DIR) / "chain" / f"deployment-{node.env.client.chain_id()}.json"
+    )
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda: node.env.client)
+    call_command("ledger_check")
+    assert "agrees with the chain" in capsys.readouterr().out
+
+    # A movement the chain never made, balanced and well formed: the ledger alone cannot tell.
+    services.ledger_post(
+        kind="settlement_confirm",
+        idempotency_key="corruption",
+        legs=[
+            services.Leg(services.provider_payable(provider_id), -1),
+            services.Leg(services.PLATFORM_FEES, 1),
+        ],
+    )
+    with pytest.raises(CommandError) as failed:
+        call_command("ledger_check")
+
+    assert failed.value.returncode == 1
+    out = capsys.readouterr().out
+    assert "fees: the escrow accrued 100000, the ledger expects 100001 (platform_fees 100001)" in out
+    assert f"provider {provider_id} ({payee.address.lower()}): the escrow holds earnings of 900000, " in out
+    assert "the ledger expects 899999 (provider_payable 899999)" in out
