@@ -44,6 +44,7 @@ from typing import Any
 from django.conf import settings
 from django.db.models import Max, Sum
 from django.utils import timezone
+from eth_account import Account
 from eth_utils import to_checksum_address
 
 from billing import selectors, services
@@ -144,11 +145,12 @@ def ledger_check_run(
     record: bool = True,
 ) -> LedgerCheckResult:
     """Check the ledger, and (unless `chain` is False) compare it with the chain as the module
-    docstring says, on `client` (default: from settings) at the newest block `confirmations`
-    deep (default CHAIN_CONFIRMATIONS). Without a client, the chain is compared only when an
-    escrow is deployed (ESCROW_ADDRESS, or a chain_deploy file under VAR_DIR); otherwise `note`
-    says so. Stores a LedgerCheck row unless `record` is False (the newest CHECKS_KEPT are kept).
-    Never raises for the chain: a node that cannot be read is reported in `error`."""
+    docstring says, on `client` (default: the node from settings, read as a throwaway account) at
+    the newest block `confirmations` deep (default CHAIN_CONFIRMATIONS). Without a client, the
+    chain is compared only when an escrow is deployed (ESCROW_ADDRESS, or a chain_deploy file
+    under VAR_DIR); otherwise `note` says so. Stores a LedgerCheck row unless `record` is False
+    (the newest CHECKS_KEPT are kept). Never raises for the chain: a node that cannot be read is
+    reported in `error`."""
     depth = int(settings.CHAIN_CONFIRMATIONS) if confirmations is None else confirmations
     result = LedgerCheckResult(confirmations=max(1, depth))
     result.entries, result.accounts = LedgerEntry.objects.count(), LedgerAccount.objects.count()
@@ -162,7 +164,8 @@ def ledger_check_run(
                 if client is None:
                     from billing.chain import chain_client_from_settings
 
-                    client = chain_client_from_settings()
+                    # The check only reads: it needs no operator key (a checking host may hold none).
+                    client = chain_client_from_settings(account=Account.create())
                 _compare(client, deployment or deployment_require(client), result)
                 result.chain_compared = True
             except NodeUnavailable as error:

@@ -399,7 +399,7 @@ def test_a_corrupted_ledger_fails_the_ledger_check_with_the_difference_printed(n
     deployment_save(
         node.env.deployment, path=Path(settings.VAR_DIR) / "chain" / f"deployment-{node.env.client.chain_id()}.json"
     )
-    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda: node.env.client)
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda **kwargs: node.env.client)
     call_command("ledger_check")
     assert "agrees with the chain" in capsys.readouterr().out
 

@@ -39,7 +39,7 @@ def env(tmp_path, settings, monkeypatch):  # type: ignore[no-untyped-def]
     settings.CHAIN_CONFIRMATIONS = 1
     made = escrow_env(tmp_path)
     deployment_save(made.deployment, path=Path(tmp_path) / "chain" / f"deployment-{made.client.chain_id()}.json")
-    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda: made.client)
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda **kwargs: made.client)
     return made
 
 
@@ -205,7 +205,7 @@ def test_the_check_fails_with_exit_2_when_the_chain_cannot_be_read(env, monkeypa
         Web3(Web3.HTTPProvider("http://127.0.0.1:9", exception_retry_configuration=None)),
         operator_account=env.client.account,
     )
-    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda: down)
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda **kwargs: down)
 
     with pytest.raises(CommandError) as failed:
         call_command("ledger_check")
