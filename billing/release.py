@@ -107,6 +107,8 @@ def _follow_sent(auth: BudgetAuthorization, client: ChainClient) -> str | None:
         return "pending"
     why = "reverted" if receipt is not None else "is no longer known to the node"
     logger.warning("job %s: releaseJob %s %s; reading the job's state again", auth.job_id, tx_hash, why)
+    if receipt is None:
+        client.nonce_reset()  # its nonce is free again: the next send must not skip it
     BudgetAuthorization.objects.filter(pk=auth.pk, release_tx_hash=tx_hash, released_on_chain_at__isnull=True).update(
         release_tx_hash=""
     )

@@ -275,6 +275,58 @@ def test_a_submitted_settlement_whose_transaction_vanished_is_sent_again_exactly
     _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
 
 
+def test_a_submitted_reservation_whose_transaction_vanished_is_sent_again_exactly_once(node):
+    renter, account = funded_renter(node.env, "fin")
+    job = new_job(renter)
+    node.env.sign_budget(account, job, 2 * ONE)
+    mark = node.mark()
+    client = node.client(confirmations=2)
+    reserve_run(client=client, deployment=node.env.deployment)
+    batch = BudgetReservation.objects.get()
+    assert batch.status == "submitted"
+
+    node.roll_back(mark)
+    first = reserve_run(client=client, deployment=node.env.deployment)
+    node.mine(1)
+    second = reserve_run(client=client, deployment=node.env.deployment)
+
+    assert first["rewound"] == {"vanished": 1} and first["sent"] == 1
+    assert second["sent"] == 0 and second["reserved"] == 1
+    batch.refresh_from_db()
+    assert (batch.status, batch.attempts) == ("confirmed", 2)
+    assert BudgetAuthorization.objects.get(job=job).status == "reserved"
+    assert node.env.escrow.functions.job(job.pk).call()[2] == 2 * ONE
+    _agree(node, {renter.pk: account.address}, {})
+
+
+def test_a_release_whose_transaction_vanished_before_it_confirmed_is_sent_again_exactly_once(node):
+    renter, account, payee, job, lease = _charged(node, "gwen")
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    mark = node.mark()
+    client = node.client(confirmations=2)
+    assert jobs_release_on_chain(client=client, deployment=node.env.deployment)["pending"] == 1
+    sent = BudgetAuthorization.objects.get(job=job).release_tx_hash
+    assert sent and node.env.escrow.functions.job(job.pk).call()[5]
+    # A run while it waits for depth follows that transaction: nothing is sent again.
+    head = client.block_number()
+    assert jobs_release_on_chain(client=client, deployment=node.env.deployment)["pending"] == 1
+    assert client.block_number() == head
+
+    node.roll_back(mark)  # the releaseJob is gone: the job is open on chain again
+    sent_by_operator = client.transaction_count("latest")
+    again = jobs_release_on_chain(client=client, deployment=node.env.deployment)
+    node.mine(1)
+    done = jobs_release_on_chain(client=client, deployment=node.env.deployment)
+
+    assert again["pending"] == 1 and done["released"] == 1
+    assert client.transaction_count("latest") == sent_by_operator + 1  # one releaseJob more
+    auth = BudgetAuthorization.objects.get(job=job)
+    assert auth.released_on_chain_at is not None and auth.release_tx_hash.startswith("0x")
+    assert node.env.escrow.functions.job(job.pk).call()[5]
+    assert int(node.env.escrow.functions.availableBalance(account.address).call()) == 9 * ONE
+    _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
+
+
 # ---------------------------------------------------------------------------- a node without history
 
 
