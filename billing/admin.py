@@ -1,5 +1,6 @@
 """Operator console for billing: the ledger, lease charges, wallets, budget authorizations and
-their reservation batches, settlement batches and what the chain watcher read.
+their reservation batches, settlement batches, what the chain watcher read, and the ledger
+checks (the ledger against the chain; the newest first).
 
 Money moves only through billing.services (docs/billing.md), so every page here is view-only:
 ledger entries and postings are append-only, and a mistake is corrected by a new entry, never
@@ -22,6 +23,7 @@ from billing.models import (
     ChainLog,
     LeaseCharge,
     LedgerAccount,
+    LedgerCheck,
     LedgerEntry,
     Posting,
     RenterWallet,
@@ -215,3 +217,14 @@ class ChainLogAdmin(ReadOnlyAdmin):
 class ChainCursorAdmin(ReadOnlyAdmin):
     list_display = ["name", "last_block", "last_block_hash", "updated_at"]
     readonly_fields = _fields(ChainCursor)
+
+
+@admin.register(LedgerCheck)
+class LedgerCheckAdmin(ReadOnlyAdmin):
+    list_display = ["id", "checked_at", "ok", "chain_compared", "block_number", "difference_count", "error"]
+    list_filter = ["ok", "chain_compared"]
+    readonly_fields = _fields(LedgerCheck)
+
+    @admin.display(description="differences")
+    def difference_count(self, obj: LedgerCheck) -> int:
+        return len(obj.differences or [])

@@ -243,8 +243,15 @@ class BudgetAuthorization(models.Model):
     # Set by billing.release once the escrow closed the job (releaseJob: its unspent reservation
     # went back to the renter's available balance on chain); the tx hash is empty when the job was
     # found closed already (released earlier by a run that died before recording it, or by the renter).
+    # While a releaseJob sent is not confirmed yet, release_tx_hash holds it and released_on_chain_at
+    # is empty.
     released_on_chain_at = models.DateTimeField(null=True, blank=True)
     release_tx_hash = models.CharField(max_length=66, blank=True)
+    # The block the release was confirmed in (or, when it was found closed, the head block it was
+    # seen closed at) and its hash: when that block leaves the chain (a reorg, a node rolled back),
+    # billing.rewind forgets the release and the next run looks again.
+    release_block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    release_block_hash = models.CharField(max_length=66, blank=True)
 
     class Meta:
         ordering = ["pk"]
@@ -260,7 +267,10 @@ class OperatorTransaction(models.Model):
     transaction is sent, so a worker that dies between sending and recording `tx_hash` leaves
     enough for the next run to find it.
 
-    pending → submitted → confirmed, or → failed."""
+    pending → submitted → confirmed, or → failed. A confirmed batch whose block (`block_number`,
+    `block_hash`) left the chain, or a submitted one whose transaction the node no longer knows,
+    goes back to pending (billing.rewind) and is sent again; `rewinds` counts how often its
+    confirmation was undone, and keys the ledger entries of each new confirmation."""
 
     class Status(models.TextChoices):
         PENDING = "pending"
@@ -278,7 +288,9 @@ class OperatorTransaction(models.Model):
     calldata_hash = models.CharField(max_length=66, blank=True)
     sent_from_block = models.PositiveBigIntegerField(null=True, blank=True)
     block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    block_hash = models.CharField(max_length=66, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    rewinds = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
 
     class Meta:
@@ -389,3 +401,28 @@ class ChainLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} {self.tx_hash}:{self.log_index} ({self.status})"
+
+
+class LedgerCheck(models.Model):
+    """One run of the ledger check (billing.ledger_check: `manage.py ledger_check` and the periodic
+    task billing.tasks.check_ledger): the ledger's own invariants and, when an escrow is deployed,
+    the ledger against the chain as of a confirmed block. `differences` lists what disagrees, as
+    sentences; `in_flight` what was accounted for as legitimately under way (by kind: counts);
+    `error` says why the chain could not be compared (then `ok` is False). The newest row is
+    billing.selectors.ledger_check_latest()."""
+
+    checked_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    ok = models.BooleanField()
+    chain_compared = models.BooleanField(default=False)
+    block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    block_hash = models.CharField(max_length=66, blank=True)
+    differences = models.JSONField(default=list, blank=True)
+    in_flight = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-checked_at", "-pk"]
+
+    def __str__(self) -> str:
+        at = f" at block {self.block_number}" if self.block_number is not None else ""
+        return f"ledger check {self.pk}{at}: {'ok' if self.ok else 'NOT ok'}"

@@ -18,6 +18,14 @@ run that died before recording it, or by the renter after the deadline) is only 
 unreachable node leaves the job for the next run. The caller holds the settlement lock
 (`settlement.LOCK_NAME`), so the operator's transactions go out one at a time. Each job is one
 item of the run (core.periodic.item): a job whose release fails is logged and skipped.
+
+Exactly once through rollbacks: the hash of a releaseJob sent is recorded before it is waited
+for. A later run follows that transaction rather than sending another: confirmed once deep
+enough, waited for while the node holds it; only when the node no longer knows it (it left the
+chain with a rollback, or was dropped) is the job's state read again and, if still open, one new
+releaseJob sent. A recorded release keeps its block's number and hash (for a job found closed,
+the head it was seen at): when that block leaves the chain, billing.rewind forgets the release
+(`release_forget`) and the next run reads the job's state again.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavail
 from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW
 from billing.models import BudgetAuthorization, LedgerAccount
+from billing.rewind import chain_rewind
 from billing.services import job_leases_final
 from core import periodic
 from jobs.models import Job, Lease
@@ -57,39 +66,87 @@ def job_ready_for_chain_release(*, job_id: int) -> bool:
     return not (_holds(AK.LEASE_UNSETTLED, leases) or _holds(AK.IN_SETTLEMENT, leases))
 
 
-def _record(auth: BudgetAuthorization, tx_hash: str) -> None:
+def _record(auth: BudgetAuthorization, tx_hash: str, block_number: int, block_hash: str) -> None:
     BudgetAuthorization.objects.filter(pk=auth.pk, released_on_chain_at__isnull=True).update(
-        released_on_chain_at=timezone.now(), release_tx_hash=tx_hash
+        released_on_chain_at=timezone.now(),
+        release_tx_hash=tx_hash,
+        release_block_number=block_number,
+        release_block_hash=block_hash,
     )
+
+
+def _record_seen(auth: BudgetAuthorization, client: ChainClient) -> None:
+    """Record a release found on chain (closed already, or never reserved) at the head it was seen."""
+    head = client.block_number()
+    _record(auth, "", head, client.block_hash(head) or "")
+
+
+def release_forget(*, auth: BudgetAuthorization, why: str) -> None:
+    """Forget a recorded release whose block left the chain (billing.rewind found it): the next
+    run reads the job's state again and sends releaseJob once more if the job is open again."""
+    forgot = BudgetAuthorization.objects.filter(pk=auth.pk, released_on_chain_at__isnull=False).update(
+        released_on_chain_at=None, release_tx_hash="", release_block_number=None, release_block_hash=""
+    )
+    if forgot:
+        logger.warning("job %s: its release on chain is forgotten: %s", auth.job_id, why)
+
+
+def _follow_sent(auth: BudgetAuthorization, client: ChainClient) -> str | None:
+    """The outcome of the releaseJob an earlier run sent (release_tx_hash, not yet recorded as
+    released): "released" once confirmed, "pending" while mined but not deep enough or waiting in
+    the node's pool; None when it reverted or the node no longer knows it (the hash is forgotten
+    and the caller reads the job's state, and sends again if it is still open)."""
+    tx_hash = auth.release_tx_hash
+    receipt = client.receipt(tx_hash)
+    if receipt is not None and receipt.succeeded:
+        if client.confirmations(tx_hash) < client.confirmations_required:
+            return "pending"
+        _record(auth, receipt.tx_hash, receipt.block_number, receipt.block_hash)
+        return "released"
+    if receipt is None and client.transaction_known(tx_hash):
+        return "pending"
+    why = "reverted" if receipt is not None else "is no longer known to the node"
+    logger.warning("job %s: releaseJob %s %s; reading the job's state again", auth.job_id, tx_hash, why)
+    if receipt is None:
+        client.nonce_reset()  # its nonce is free again: the next send must not skip it
+    BudgetAuthorization.objects.filter(pk=auth.pk, release_tx_hash=tx_hash, released_on_chain_at__isnull=True).update(
+        release_tx_hash=""
+    )
+    return None
 
 
 def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, deployment: Deployment) -> str:
     """Close one job's budget in the escrow and record it on `auth`. Returns what happened:
     "released" (a releaseJob transaction confirmed), "already_closed" (found closed, recorded),
     "not_on_chain" (the escrow never reserved it; recorded, nothing to free), "pending" (sent but
-    not confirmed in time, or the node is unreachable: the next run reads the state again).
+    not confirmed in time, or the node is unreachable: the next run follows the transaction sent).
     Raises ContractReverted for any other refusal (e.g. the operator lost its role)."""
+    if auth.release_tx_hash:
+        followed = _follow_sent(auth, client)
+        if followed is not None:
+            return followed
     escrow = client.contract(ESCROW, deployment.escrow)
     renter, _deadline, _remaining, _lease_id, _settled, closed = client.call(escrow.functions.job(auth.job_id))
     if closed:
-        _record(auth, "")
+        _record_seen(auth, client)
         return "already_closed"
     if int(str(renter), 16) == 0:
-        _record(auth, "")
+        _record_seen(auth, client)
         return "not_on_chain"
     try:
         sent = client.transact(escrow.functions.releaseJob(auth.job_id))
     except ContractReverted as reverted:
         if reverted.name == "GpgpuEscrow_JobClosed":  # closed between the read and the send
-            _record(auth, "")
+            _record_seen(auth, client)
             return "already_closed"
         raise
+    BudgetAuthorization.objects.filter(pk=auth.pk).update(release_tx_hash=sent.hash)
     try:
         receipt = client.wait_confirmations(client.wait_receipt(sent.hash))
     except (TransactionTimeout, NodeUnavailable) as error:
         logger.warning("releaseJob(%s) sent as %s, not confirmed yet: %s", auth.job_id, sent.hash, error)
         return "pending"
-    _record(auth, receipt.tx_hash)
+    _record(auth, receipt.tx_hash, receipt.block_number, receipt.block_hash)
     return "released"
 
 
@@ -99,7 +156,8 @@ def jobs_release_on_chain(
 ) -> dict[str, Any]:
     """Release on chain every job whose budget the escrow activated, that the ledger has released
     (or spent) and that can be paid nothing more (billing.tasks.release_jobs_on_chain runs it under
-    the settlement lock). Returns counts per outcome; an unreachable node stops the run and is
+    the settlement lock), after undoing what the chain took back (billing.rewind; counts under
+    `rewound`). Returns counts per outcome; an unreachable node stops the run and is
     reported as `node_unavailable` (the next run continues); a job refused by the chain is reported
     under `errors`, and one that fails otherwise is logged and skipped."""
     deployment = deployment or deployment_require(client)
@@ -111,6 +169,9 @@ def jobs_release_on_chain(
         .order_by("pk")
     )
     try:
+        rewound = chain_rewind(client=client)
+        if rewound.changed or rewound.errors:
+            result["rewound"] = rewound.as_dict()
         for auth in candidates[:limit]:
             # No transaction around the job: `releaseJob` is sent and waited for, then recorded.
             with periodic.item("job", auth.job_id, atomic=False, passthrough=(NodeUnavailable,)):
@@ -139,4 +200,4 @@ def _release_one(
     result[outcome] += 1
 
 
-__all__ = ["job_ready_for_chain_release", "job_release_on_chain", "jobs_release_on_chain"]
+__all__ = ["job_ready_for_chain_release", "job_release_on_chain", "jobs_release_on_chain", "release_forget"]

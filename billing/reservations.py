@@ -63,6 +63,7 @@ from billing.contract import BUDGET_SKIP_ALREADY_KNOWN, BUDGET_SKIP_REASONS, ESC
 from billing.errors import ValidationFailed
 from billing.models import BudgetAuthorization, BudgetReservation, LeaseCharge
 from billing.operator_tx import operator_tx_find, operator_tx_in_mempool, operator_tx_replaced
+from billing.rewind import chain_rewind
 from core import periodic
 from jobs.models import Job, Renter
 from jobs.services import event_record, job_cancel
@@ -211,7 +212,10 @@ def reservation_create(*, authorizations: list[BudgetAuthorization]) -> BudgetRe
 
 
 def _budgets(batch: BudgetReservation) -> list[tuple[int, str, int, int, bytes]]:
-    by_job = {a.job_id: a for a in BudgetAuthorization.objects.filter(reservation=batch)}
+    """The batch's budgets still being reserved, in calldata order. All of them, except for a batch
+    sent again after its block left the chain (billing.rewind): a budget it had got refused stays
+    refused (its job was cancelled), and is not sent again."""
+    by_job = {a.job_id: a for a in BudgetAuthorization.objects.filter(reservation=batch, status=BS.RESERVING)}
     return [
         (
             job_id,
@@ -221,6 +225,7 @@ def _budgets(batch: BudgetReservation) -> list[tuple[int, str, int, int, bytes]]
             bytes(HexBytes(by_job[job_id].signature)),
         )
         for job_id in batch.job_ids
+        if job_id in by_job
     ]
 
 
@@ -280,7 +285,9 @@ def _fail(batch: BudgetReservation, detail: str) -> None:
 # ----------------------------------------------------------------------------------- confirm
 
 
-def _logs(client: ChainClient, deployment: Deployment, receipt: Receipt) -> tuple[set[int], dict[int, str]]:
+def reservation_events(
+    client: ChainClient, deployment: Deployment, receipt: Receipt
+) -> tuple[set[int], dict[int, str]]:
     """(job ids reserved, {job id: skip reason name}) from the receipt's own escrow logs."""
     escrow = client.contract(ESCROW, deployment.escrow)
     ours = escrow.address.lower()
@@ -303,7 +310,7 @@ def reservation_confirm(
     """Settle each budget of a mined batch from the receipt's BudgetReserved / BudgetSkipped logs
     (the caller made sure it is CHAIN_CONFIRMATIONS deep). Idempotent: a confirmed batch is
     returned unchanged."""
-    reserved, skipped = _logs(client, deployment, receipt)
+    reserved, skipped = reservation_events(client, deployment, receipt)
     escrow = client.contract(ESCROW, deployment.escrow)
     now = timezone.now()
     with transaction.atomic():
@@ -333,9 +340,35 @@ def reservation_confirm(
                 logger.error("reservation %s: no event for job %s in %s", batch.pk, auth.job_id, receipt.tx_hash)
                 BudgetAuthorization.objects.filter(pk=auth.pk, status=BS.RESERVING).update(status=BS.SIGNED)
         locked.status, locked.confirmed_at, locked.block_number = RS.CONFIRMED, now, receipt.block_number
-        locked.tx_hash, locked.last_error = receipt.tx_hash, ""
-        locked.reserved_count, locked.refused_count = counts["reserved"], counts["refused"]
+        locked.block_hash, locked.tx_hash, locked.last_error = receipt.block_hash, receipt.tx_hash, ""
+        # A batch confirmed again after a rewind keeps the refusals of its first confirmation.
+        locked.reserved_count, locked.refused_count = counts["reserved"], locked.refused_count + counts["refused"]
         locked.save()
+    return locked
+
+
+def reservation_unconfirm(*, batch: BudgetReservation, why: str) -> BudgetReservation:
+    """Undo a confirmed batch whose block left the chain (billing.rewind found it): the escrow no
+    longer holds the budgets it reserved, so they go back to reserving (activated_at cleared: the
+    matcher places none of their jobs meanwhile, and their charges wait as
+    awaiting_budget_reservation) and the batch to pending, keeping its nonce and calldata hash: the
+    next run finds its transaction if the chain mined it again, waits for it if the node holds it,
+    and sends it (with those budgets only) once more otherwise. Refusals stand (their jobs were
+    cancelled). A batch that reserved nothing stays confirmed, its block forgotten. The ledger is
+    not touched: it reserved each job's budget at admission, and that has not changed."""
+    with transaction.atomic():
+        locked = BudgetReservation.objects.select_for_update().get(pk=batch.pk)
+        if locked.status != RS.CONFIRMED:
+            return locked
+        undone = BudgetAuthorization.objects.filter(reservation=locked, status=BS.RESERVED).update(
+            status=BS.RESERVING, activated_at=None
+        )
+        if undone:
+            locked.status, locked.confirmed_at, locked.reserved_count = RS.PENDING, None, 0
+        locked.rewinds, locked.last_error = locked.rewinds + 1, why[:2000]
+        locked.block_number, locked.block_hash = None, ""
+        locked.save()
+    logger.warning("budget reservation %s: %s; %d budget(s) to reserve again", batch.pk, why, undone)
     return locked
 
 
@@ -433,8 +466,10 @@ def _send_and_complete(
 def reserve_run(
     *, client: ChainClient, deployment: Deployment | None = None, limit: int = RESERVATION_BATCH_MAX, wait: bool = True
 ) -> dict[str, Any]:
-    """One reservation run (the caller holds the settlement lock): complete the batches left
-    pending or submitted, then gather, create, send and confirm a new one. NodeUnavailable
+    """One reservation run (the caller holds the settlement lock): first undo what the chain took
+    back (billing.rewind: settlements, reservation batches and releases whose block left the
+    chain; its counts under `rewound`), then complete the batches left pending or submitted, then
+    gather, create, send and confirm a new one. NodeUnavailable
     leaves the batches for the next run and is reported as `node_unavailable`, not raised; any
     other failure of one pending batch is logged and skipped (core.periodic.item).
     Returns counts: batches sent, budgets reserved and refused, batches failed, and why other
@@ -452,6 +487,9 @@ def reserve_run(
             result["failed"] += 1
 
     try:
+        rewound = chain_rewind(client=client)
+        if rewound.changed or rewound.errors:
+            result["rewound"] = rewound.as_dict()
         for batch in BudgetReservation.objects.filter(status__in=(RS.PENDING, RS.SUBMITTED)).order_by("pk"):
             before = batch.attempts
             with _batch(batch):
@@ -527,6 +565,7 @@ __all__ = [
     "reservation_request_clear",
     "reservation_request_soon",
     "reservation_send",
+    "reservation_unconfirm",
     "reserve_call",
     "reserve_run",
     "unfunded_jobs_cancel",

@@ -9,7 +9,7 @@ from typing import cast
 
 from django.db.models import Count, Q, QuerySet, Sum
 
-from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, LedgerEntry, Posting
+from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, LedgerCheck, LedgerEntry, Posting
 from jobs.models import Job, Lease
 
 AK = LedgerAccount.Kind
@@ -99,14 +99,15 @@ def leases_unsettled(*, limit: int = 1000) -> QuerySet[LedgerAccount]:
     )
 
 
-def ledger_violations() -> list[str]:
+def ledger_violations(*, unreleased: bool = True) -> list[str]:
     """Every broken invariant of the ledger, as sentences (empty when all hold):
 
     - every entry's postings sum to zero, and every entry has postings;
     - every account's cached balance equals the sum of its postings;
     - no guarded account (every kind but escrow_chain) is below zero;
     - all accounts together sum to zero (money is conserved);
-    - a terminal job whose leases are all finally metered has nothing left reserved;
+    - a terminal job whose leases are all finally metered has nothing left reserved (left out with
+      `unreleased` False: billing.ledger_check judges those, as in flight or stuck);
     - no lease's charge exceeds its job's reservation.
     """
     problems: list[str] = []
@@ -133,13 +134,9 @@ def ledger_violations() -> list[str]:
     if grand_total != 0:
         problems.append(f"all balances together sum to {grand_total}, not zero")
 
-    for account in LedgerAccount.objects.filter(kind=AK.JOB_RESERVED, balance__gt=0, job__status__in=Job.TERMINAL):
-        # cast: the filter on job__status excludes accounts without a job.
-        leases = Lease.objects.filter(job_id=cast(int, account.job_id)).select_related("charge")
-        if all(lease.status == Lease.Status.ENDED and _final(lease) for lease in leases):
-            problems.append(
-                f"job {account.job_id} is finished and finally metered but still has {account.balance} reserved"
-            )
+    if unreleased:
+        for job_id, balance in finished_jobs_unreleased():
+            problems.append(f"job {job_id} is finished and finally metered but still has {balance} reserved")
 
     for job_id, charged in (
         LeaseCharge.objects.values_list("lease__job_id")
@@ -150,6 +147,26 @@ def ledger_violations() -> list[str]:
         if charged > reserved:
             problems.append(f"job {job_id}'s leases were charged {charged}, past its budget of {reserved}")
     return problems
+
+
+def finished_jobs_unreleased() -> list[tuple[int, int]]:
+    """(job id, micro still reserved) of each terminal job whose leases are all finally metered
+    and whose budget the ledger has not released yet (billing.tasks.release_budgets does, every
+    minute)."""
+    found = []
+    for account in LedgerAccount.objects.filter(kind=AK.JOB_RESERVED, balance__gt=0, job__status__in=Job.TERMINAL):
+        # cast: the filter on job__status excludes accounts without a job.
+        leases = Lease.objects.filter(job_id=cast(int, account.job_id)).select_related("charge")
+        if all(lease.status == Lease.Status.ENDED and _final(lease) for lease in leases):
+            found.append((cast(int, account.job_id), account.balance))
+    return found
+
+
+def ledger_check_latest() -> LedgerCheck | None:
+    """The newest ledger check (billing.ledger_check: the periodic task billing.tasks.check_ledger
+    or `manage.py ledger_check`): whether the ledger and the chain agreed, as of which block, and
+    what differed. None before the first check. For the console and /healthz."""
+    return LedgerCheck.objects.order_by("-checked_at", "-pk").first()
 
 
 def _final(lease: Lease) -> bool:

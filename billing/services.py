@@ -436,18 +436,34 @@ def settlement_submit_record(*, lease_id: int, amount: int, settlement_ref: str)
     return entry
 
 
+def _settlement_key(kind: str, settlement_ref: str, lease_id: int, generation: int) -> str:
+    """The key of a settlement's confirm or revert entry for a lease. `generation`: how many times
+    the batch's confirmation was undone before (billing.rewind), so a batch confirmed again after
+    its block left the chain posts fresh entries; generation 0 keeps the original key."""
+    key = f"{kind}:{settlement_ref}:{lease_id}"
+    return f"{key}:{generation}" if generation else key
+
+
 def settlement_confirm_record(
-    *, lease_id: int, amount: int, fee_bps: int, settlement_ref: str, tx_hash: str, log_index: int | None = None
+    *,
+    lease_id: int,
+    amount: int,
+    fee_bps: int,
+    settlement_ref: str,
+    tx_hash: str,
+    log_index: int | None = None,
+    generation: int = 0,
 ) -> LedgerEntry:
     """The escrow paid `amount` for the lease: in_settlement → provider_payable (amount − fee)
     + platform_fees (fee = amount × fee_bps // 10_000, as the contract rounds), key
-    "settlement_confirm:<ref>:<lease>". `fee_bps` is the fee the contract applied."""
+    "settlement_confirm:<ref>:<lease>" (":<generation>" appended after a rewind). `fee_bps` is the
+    fee the contract applied."""
     _positive(amount)
     lease = _lease_of(lease_id)
     provider_part, fee = metering.settlement_amounts(amount, fee_bps)
     entry, _ = ledger_post(
         kind=EK.SETTLEMENT_CONFIRM,
-        idempotency_key=f"settlement_confirm:{settlement_ref}:{lease_id}",
+        idempotency_key=_settlement_key("settlement_confirm", settlement_ref, lease_id, generation),
         legs=[
             Leg(in_settlement(lease_id), -amount),
             Leg(provider_payable(lease.machine.provider_id), provider_part),
@@ -463,20 +479,66 @@ def settlement_confirm_record(
     return entry
 
 
-def settlement_revert_record(*, lease_id: int, amount: int, settlement_ref: str) -> LedgerEntry:
+def settlement_revert_record(*, lease_id: int, amount: int, settlement_ref: str, generation: int = 0) -> LedgerEntry:
     """A settlement transaction failed (or paid less): `amount` goes back to the lease's
-    unsettled charges (in_settlement → lease_unsettled), key "settlement_revert:<ref>:<lease>"."""
+    unsettled charges (in_settlement → lease_unsettled), key "settlement_revert:<ref>:<lease>"
+    (":<generation>" appended after a rewind)."""
     _positive(amount)
     lease = _lease_of(lease_id)
     entry, _ = ledger_post(
         kind=EK.SETTLEMENT_REVERT,
-        idempotency_key=f"settlement_revert:{settlement_ref}:{lease_id}",
+        idempotency_key=_settlement_key("settlement_revert", settlement_ref, lease_id, generation),
         legs=[Leg(in_settlement(lease_id), -amount), Leg(lease_unsettled(lease_id), amount)],
         job_id=lease.job_id,
         lease_id=lease_id,
         settlement_ref=settlement_ref,
     )
     return entry
+
+
+def settlement_unconfirm_record(*, lease_id: int, settlement_ref: str, generation: int, why: str) -> list[LedgerEntry]:
+    """Undo what confirming a settlement (generation `generation`) posted for a lease, because
+    the block that paid it left the chain (billing.rewind): the confirm entry is reversed by a
+    chain_reversal entry (provider_payable and platform_fees → in_settlement), key
+    "chain_reversal:<confirm key>", and the part the escrow did not pay, which went back to
+    lease_unsettled, goes into the settlement again (a settlement_submit entry, key
+    "settlement_resubmit:<ref>:<lease>:<generation>"). The lease's whole delta is then in
+    settlement again, as before the confirmation; nothing is edited. Idempotent per key. Raises
+    InsufficientBalance when the money was moved on meanwhile (a provider withdrew the earnings
+    the ledger still shows): nothing is written, and the caller tries again later (the deposit
+    watcher reverses that withdrawal too when its block left the chain). The caller holds a
+    transaction."""
+    posted = []
+    confirm = LedgerEntry.objects.filter(
+        idempotency_key=_settlement_key("settlement_confirm", settlement_ref, lease_id, generation)
+    ).first()
+    if confirm is not None:
+        entry, _ = ledger_post(
+            kind=EK.CHAIN_REVERSAL,
+            idempotency_key=f"chain_reversal:{confirm.idempotency_key}",
+            legs=_entry_legs(confirm, -1),
+            job_id=confirm.job_id,
+            lease_id=lease_id,
+            settlement_ref=settlement_ref,
+            chain_tx_hash=confirm.chain_tx_hash,
+            memo=f"reverses entry {confirm.pk}: {why}",
+        )
+        posted.append(entry)
+    revert = LedgerEntry.objects.filter(
+        idempotency_key=_settlement_key("settlement_revert", settlement_ref, lease_id, generation)
+    ).first()
+    if revert is not None:
+        entry, _ = ledger_post(
+            kind=EK.SETTLEMENT_SUBMIT,
+            idempotency_key=f"settlement_resubmit:{settlement_ref}:{lease_id}:{generation}",
+            legs=_entry_legs(revert, -1),
+            job_id=revert.job_id,
+            lease_id=lease_id,
+            settlement_ref=settlement_ref,
+            memo=f"reverses entry {revert.pk}: {why}",
+        )
+        posted.append(entry)
+    return posted
 
 
 # --- metering ---------------------------------------------------------------------------------

@@ -16,15 +16,28 @@ Lifecycle of a Settlement (docs/billing.md "Settlement"):
    head block are stored and committed BEFORE the transaction is sent; then tx_hash → submitted.
    The node unreachable: the settlement stays pending and the next run sends it again.
 4. confirm (`settlement_confirm`): after CHAIN_CONFIRMATIONS, what the escrow actually paid per
-   job is read from the contract's per-job state before and after the transaction's block, and
-   posted with `settlement_confirm_record` (fee as the contract computes it); whatever was not
-   paid (capped, skipped, already paid) goes back with `settlement_revert_record`. A revert:
-   failed with the decoded error and every item reverted.
+   lease is read from the transaction's own receipt (`settlement_outcome`): its escrow events say
+   which items were skipped (SettlementItemSkipped) or capped (ChargeCapped), and its `Settled`
+   event the totals paid and taken as fees, which the per-item amounts and the fee rate must add
+   up to. No historical state is read, so a pruned node, or one restored from saved state without
+   its history, confirms a batch as well as an archive node. Only when the events do not add up
+   (the chain had settled a lease further than the ledger knew) is the contract's per-job state
+   before and after the block read; a node that keeps no such state leaves the batch submitted
+   and the run reports it (SettlementUnresolved). Paid amounts are posted with
+   `settlement_confirm_record` (fee as the contract computes it); whatever was not paid (capped,
+   skipped, already paid) goes back with `settlement_revert_record`. The block's number and hash
+   are recorded. A revert: failed with the decoded error and every item reverted.
 5. reconcile (`settlements_reconcile`): pending/submitted batches older than SETTLEMENT_STUCK_S
    (or any, when forced) are completed from the chain: by tx_hash, or, when the worker died
    between sending and recording it, by finding the operator's transaction with the recorded
    nonce and calldata hash. Cumulative charges make re-sending safe: the contract pays only the
    increase, so nothing is paid twice.
+6. rewind (`settlement_unconfirm`, driven by billing.rewind before every run sends anything): a
+   confirmed batch whose block left the chain (a reorg, a node rolled back or restored from older
+   state) has its confirmation's ledger entries compensated and goes back to pending; a submitted
+   one whose transaction the node no longer knows goes back to pending. A pending batch is then
+   found on chain by nonce and calldata hash (mined again), waited for (in the node's pool), or
+   sent once more.
 
 Settlement runs, reservation runs, releases on chain and the reconciler share one lock
 (`LOCK_NAME`, taken by core.periodic for the tasks and by `settlement_retry`), held across
@@ -50,6 +63,7 @@ from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
+from web3.logs import DISCARD
 
 from billing import reservations, services
 from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavailable, Receipt, TransactionTimeout
@@ -63,7 +77,8 @@ from billing.models import (
     Settlement,
     SettlementItem,
 )
-from billing.operator_tx import operator_tx_find, operator_tx_replaced
+from billing.operator_tx import operator_tx_find, operator_tx_in_mempool, operator_tx_replaced
+from billing.rewind import chain_rewind
 from core import periodic
 from core.locks import try_lock
 from jobs.models import Lease
@@ -75,7 +90,6 @@ AK = LedgerAccount.Kind
 BS = BudgetAuthorization.Status
 # The lock every run that sends the operator's transactions holds (billing.tasks.SETTLEMENT_LOCK).
 LOCK_NAME = "billing.settlement"
-# How many blocks past `sent_from_block` the reconciler searches for an unrecorded transaction.
 
 # Test seam: called right after the node accepted the transaction and before its hash is
 # recorded (a test makes it raise to simulate a worker killed at the worst moment).
@@ -303,7 +317,10 @@ def _fail(settlement: Settlement, reverted: ContractReverted | None, reason: str
             return
         for item in locked.items.all():
             services.settlement_revert_record(
-                lease_id=item.lease_id, amount=int(item.delta_micro), settlement_ref=settlement_ref(locked)
+                lease_id=item.lease_id,
+                amount=int(item.delta_micro),
+                settlement_ref=settlement_ref(locked),
+                generation=locked.rewinds,
             )
         locked.status, locked.last_error = SS.FAILED, detail[:2000]
         if reverted is not None and reverted.tx_hash:
@@ -316,23 +333,110 @@ def _fail(settlement: Settlement, reverted: ContractReverted | None, reason: str
 # ----------------------------------------------------------------------------------- confirm
 
 
+class SettlementUnresolved(ChainError):
+    """A mined batch whose receipt's events do not add up to what the ledger sent, on a node that
+    keeps no state old enough to tell what it paid: it stays submitted, and the run reports it."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a mined `settle` transaction paid: per SettlementItem pk, and the fee rate applied.
+    `source`: "logs" (the receipt's events) or "state" (the contract's state around the block)."""
+
+    paid: dict[int, int]
+    fee_bps: int
+    source: str
+
+
+def _escrow_events(escrow: Contract, receipt: Receipt, name: str) -> list[dict[str, Any]]:
+    """The arguments of the escrow's `name` events in `receipt` (another contract's are ignored)."""
+    ours = escrow.address.lower()
+    return [
+        dict(log["args"])
+        for log in getattr(escrow.events, name)().process_receipt(receipt.raw, errors=DISCARD)
+        if str(log["address"]).lower() == ours
+    ]
+
+
+def settlement_outcome(
+    *,
+    settlement: Settlement,
+    items: list[SettlementItem],
+    client: ChainClient,
+    deployment: Deployment,
+    receipt: Receipt,
+) -> Outcome:
+    """What the mined batch paid each of its `items`, from the receipt's own events: an item
+    skipped (SettlementItemSkipped) was paid nothing, a capped one (ChargeCapped) its delta less
+    what the escrow refused, any other its delta. Trusted when they add up to the `Settled`
+    event's total and the fees at the batch's recorded rate (else at the rate the contract had in
+    that block, or has now) add up to its fee total. Otherwise (the chain had settled a lease
+    further than the ledger knew, so an item paid less, silently) it is read from the contract's
+    per-job state before and after the block; a node that keeps no such state raises
+    SettlementUnresolved. NodeUnavailable propagates."""
+    escrow = client.contract(ESCROW, deployment.escrow)
+    skipped = {(int(a["jobId"]), int(a["leaseId"])) for a in _escrow_events(escrow, receipt, "SettlementItemSkipped")}
+    refused: dict[tuple[int, int], int] = {}
+    for a in _escrow_events(escrow, receipt, "ChargeCapped"):
+        key = (int(a["jobId"]), int(a["leaseId"]))
+        refused[key] = refused.get(key, 0) + int(a["refused"])
+    paid = {
+        item.pk: 0
+        if (item.job_id, item.lease_id) in skipped
+        else max(0, int(item.delta_micro) - refused.get((item.job_id, item.lease_id), 0))
+        for item in items
+    }
+    totals = _escrow_events(escrow, receipt, "Settled")
+    if len(totals) == 1 and sum(paid.values()) == int(totals[0]["paid"]):
+        fee_bps = _fee_bps_applied(
+            settlement=settlement, escrow=escrow, client=client, receipt=receipt, paid=paid, fees=int(totals[0]["fees"])
+        )
+        if fee_bps is not None:
+            return Outcome(paid=paid, fee_bps=fee_bps, source="logs")
+    try:
+        return _outcome_from_state(items=items, escrow=escrow, client=client, block=receipt.block_number)
+    except NodeUnavailable:
+        raise
+    except ChainError as error:
+        raise SettlementUnresolved(
+            f"settlement {settlement.pk}: the events of {receipt.tx_hash} do not add up to what was sent, and the "
+            f"node cannot tell what it paid from the contract's state around block {receipt.block_number} ({error})"
+        ) from None
+
+
+def _fee_bps_applied(
+    *, settlement: Settlement, escrow: Contract, client: ChainClient, receipt: Receipt, paid: dict[int, int], fees: int
+) -> int | None:
+    """The fee rate (bps) under which the per-item fees of `paid` add up to `fees`, as the contract
+    rounds them: the batch's recorded rate, else the contract's in the batch's block, else now."""
+
+    def matches(bps: int) -> bool:
+        return sum(services.settlement_amounts(amount, bps)[1] for amount in paid.values()) == fees
+
+    if matches(int(settlement.fee_bps)):
+        return int(settlement.fee_bps)
+    for block in (receipt.block_number, "latest"):
+        try:
+            bps = int(client.call(escrow.functions.feeBps(), block=block))
+        except NodeUnavailable:
+            raise
+        except ChainError:
+            continue  # the node keeps no state of that block
+        if matches(bps):
+            return bps
+    return None
+
+
 def _job_remaining(client: ChainClient, escrow: Contract, job_id: int, block: int) -> tuple[str, int]:
     renter, _deadline, remaining, _lease, _settled, _closed = client.call(escrow.functions.job(job_id), block=block)
     return str(renter), int(remaining)
 
 
-def settlement_confirm(
-    *, settlement: Settlement, client: ChainClient, deployment: Deployment, receipt: Receipt
-) -> Settlement:
-    """Post a mined batch once CHAIN_CONFIRMATIONS deep: per job, what left its reservation in this
-    block (the contract's state before and after) is confirmed with the contract's fee; what was
-    not paid goes back to unsettled. Raises TransactionTimeout when not deep enough yet."""
-    receipt = client.wait_confirmations(receipt)
-    escrow = client.contract(ESCROW, deployment.escrow)
-    block = receipt.block_number
+def _outcome_from_state(*, items: list[SettlementItem], escrow: Contract, client: ChainClient, block: int) -> Outcome:
+    """What left each job's reservation in `block` (the contract's state before and after it):
+    needs the state of block − 1, which a pruned or restored node may not keep."""
     fee_bps = int(client.call(escrow.functions.feeBps(), block=block))
     paid: dict[int, int] = {}
-    items = list(settlement.items.all())
     for item in items:
         renter_before, before = _job_remaining(client, escrow, item.job_id, block - 1)
         _, after = _job_remaining(client, escrow, item.job_id, block)
@@ -340,6 +444,23 @@ def settlement_confirm(
             auth = BudgetAuthorization.objects.filter(job_id=item.job_id).first()
             before = int(auth.max_amount) if auth else after
         paid[item.pk] = max(0, min(int(item.delta_micro), before - after))
+    return Outcome(paid=paid, fee_bps=fee_bps, source="state")
+
+
+def settlement_confirm(
+    *, settlement: Settlement, client: ChainClient, deployment: Deployment, receipt: Receipt
+) -> Settlement:
+    """Post a mined batch once CHAIN_CONFIRMATIONS deep: per lease, what the escrow paid
+    (`settlement_outcome`) is confirmed with the contract's fee; what was not paid goes back to
+    unsettled. Records the block's number and hash. Raises TransactionTimeout when not deep enough
+    yet, SettlementUnresolved when what it paid cannot be told (it stays submitted)."""
+    receipt = client.wait_confirmations(receipt)
+    block = receipt.block_number
+    items = list(settlement.items.order_by("pk"))
+    outcome = settlement_outcome(
+        settlement=settlement, items=items, client=client, deployment=deployment, receipt=receipt
+    )
+    fee_bps = outcome.fee_bps
     ref = settlement_ref(settlement)
     with transaction.atomic():
         locked = Settlement.objects.select_for_update().get(pk=settlement.pk)
@@ -348,24 +469,56 @@ def settlement_confirm(
         now = timezone.now()
         notes = []
         for item in items:
-            amount = paid[item.pk]
+            amount = outcome.paid[item.pk]
             if amount > 0:
                 services.settlement_confirm_record(
-                    lease_id=item.lease_id, amount=amount, fee_bps=fee_bps, settlement_ref=ref, tx_hash=receipt.tx_hash
+                    lease_id=item.lease_id,
+                    amount=amount,
+                    fee_bps=fee_bps,
+                    settlement_ref=ref,
+                    tx_hash=receipt.tx_hash,
+                    generation=locked.rewinds,
                 )
             rest = int(item.delta_micro) - amount
             if rest > 0:
-                services.settlement_revert_record(lease_id=item.lease_id, amount=rest, settlement_ref=ref)
+                services.settlement_revert_record(
+                    lease_id=item.lease_id, amount=rest, settlement_ref=ref, generation=locked.rewinds
+                )
                 notes.append(f"lease {item.lease_id}: {rest} not paid by the escrow")
         # A batch recorded before budgets were reserved ahead of the work may have activated one.
         BudgetAuthorization.objects.filter(
             job_id__in=[i.job_id for i in items if i.carries_budget], activated_at__isnull=True
         ).update(activated_at=now, status=BS.RESERVED)
         locked.status, locked.confirmed_at, locked.block_number = SS.CONFIRMED, now, block
+        locked.block_hash = receipt.block_hash
         locked.tx_hash, locked.fee_bps, locked.last_error = receipt.tx_hash, fee_bps, "; ".join(notes)[:2000]
         locked.save()
     if notes:
         logger.error("settlement %s: the escrow paid less than sent: %s", settlement.pk, "; ".join(notes))
+    return locked
+
+
+def settlement_unconfirm(*, settlement: Settlement, why: str) -> Settlement:
+    """Undo a confirmed batch whose block left the chain (billing.rewind found it): every ledger
+    entry its confirmation posted is compensated (services.settlement_unconfirm_record: the whole
+    delta of each lease is in settlement again), `rewinds` grows by one (its next confirmation
+    posts entries under new keys) and it goes back to pending, keeping its nonce and calldata
+    hash, so the next run finds its transaction if the chain mined it again, waits for it if the
+    node holds it, and sends it once more otherwise. Raises InsufficientBalance (nothing written)
+    when the money moved on meanwhile (a withdrawal the ledger still shows). Returns it fresh."""
+    ref = settlement_ref(settlement)
+    with transaction.atomic():
+        locked = Settlement.objects.select_for_update().get(pk=settlement.pk)
+        if locked.status != SS.CONFIRMED:
+            return locked
+        for item in locked.items.order_by("pk"):
+            services.settlement_unconfirm_record(
+                lease_id=item.lease_id, settlement_ref=ref, generation=locked.rewinds, why=why
+            )
+        locked.status, locked.rewinds, locked.last_error = SS.PENDING, locked.rewinds + 1, why[:2000]
+        locked.confirmed_at, locked.block_number, locked.block_hash = None, None, ""
+        locked.save()
+    logger.warning("settlement %s is pending again: %s", settlement.pk, why)
     return locked
 
 
@@ -412,6 +565,8 @@ def settle_run(
     reserved = reservations.reserve_run(client=client, deployment=deployment, wait=wait)
     if reserved.get("sent") or reserved.get("node_unavailable"):
         result["reservations"] = reserved
+    if "rewound" in reserved:  # what the reservation run undid first (billing.rewind), settlements included
+        result["rewound"] = reserved["rewound"]
     if "node_unavailable" in reserved:
         result["node_unavailable"] = reserved["node_unavailable"]
         return result
@@ -479,6 +634,8 @@ def _resume(
         if completed.status == SS.CONFIRMED:
             result["confirmed"] += 1
         return
+    if settlement.nonce is not None and operator_tx_in_mempool(client=client, nonce=settlement.nonce):
+        return  # sent and waiting in the node's pool: do not send it twice
     _send_and_complete(settlement=settlement, client=client, deployment=deployment, result=result, wait=wait)
 
 
@@ -498,7 +655,8 @@ def _find_sent(*, settlement: Settlement, client: ChainClient) -> str | None:
 def settlements_reconcile(
     *, client: ChainClient, deployment: Deployment | None = None, older_than_s: int | None = None
 ) -> dict[str, object]:
-    """Complete batches stuck pending or submitted for longer than `older_than_s` (default
+    """First undo what the chain took back (billing.rewind; counts under `rewound`), then complete
+    batches stuck pending or submitted for longer than `older_than_s` (default
     SETTLEMENT_STUCK_S): submitted ones from their receipt, pending ones by finding their
     transaction by nonce and calldata hash (or sending them again). Each charge ends confirmed or
     back in unsettled exactly once. A batch that fails otherwise is logged and skipped."""
@@ -508,6 +666,9 @@ def settlements_reconcile(
     # The run's counts, waiting reasons and node error: values of several types.
     result: dict[str, Any] = {"sent": 0, "confirmed": 0, "failed": 0, "waiting": {}}
     try:
+        rewound = chain_rewind(client=client)
+        if rewound.changed or rewound.errors:
+            result["rewound"] = rewound.as_dict()
         for settlement in Settlement.objects.filter(
             status__in=(SS.PENDING, SS.SUBMITTED), updated_at__lte=cutoff
         ).order_by("pk"):

@@ -3,7 +3,8 @@ provider's earnings, all computed from the ledger (docs/billing.md). Nothing her
 
 Every amount is an int in micro. A renter's money is the sum of its renter_available account,
 its jobs' job_reserved accounts and its leases' lease_unsettled / in_settlement accounts; what
-has left that set for a provider (and the platform's fee) is "settled".
+has left that set for a provider (and the platform's fee) is "settled" (a confirmation undone
+after its block left the chain counts no more: `SETTLED`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db.models import Count, Model, QuerySet, Sum
+from django.db.models import Count, Model, Q, QuerySet, Sum
 
 from billing.models import LeaseCharge, LedgerAccount, LedgerEntry, Posting, Settlement, SettlementItem
 from billing.selectors import JobBudget, job_budget
@@ -20,6 +21,11 @@ from jobs.models import Job, Lease
 
 AK = LedgerAccount.Kind
 EK = LedgerEntry.Kind
+
+
+# A settlement's confirmation: its confirm entries, less their chain_reversal entries where the
+# block that paid it left the chain (billing.rewind) and the batch was confirmed again.
+SETTLED = Q(entry__kind=EK.SETTLEMENT_CONFIRM) | (Q(entry__kind=EK.CHAIN_REVERSAL) & ~Q(entry__settlement_ref=""))
 
 
 def _sum(queryset: QuerySet[Model], field_name: str = "amount") -> int:
@@ -66,9 +72,7 @@ def renter_balance(*, renter_id: int) -> RenterBalance:
     unsettled = _sum(lease_accounts.filter(kind__in=[AK.LEASE_UNSETTLED, AK.IN_SETTLEMENT]), "balance")
     in_settlement = _sum(lease_accounts.filter(kind=AK.IN_SETTLEMENT), "balance")
     settled = -_sum(
-        Posting.objects.filter(
-            entry__kind=EK.SETTLEMENT_CONFIRM, account__kind=AK.IN_SETTLEMENT, account__lease__job__renter_id=renter_id
-        )
+        Posting.objects.filter(SETTLED, account__kind=AK.IN_SETTLEMENT, account__lease__job__renter_id=renter_id)
     )
     chain_moves = renter_chain_movements(renter_id=renter_id)
     deposited = _sum(chain_moves.filter(amount__gt=0))
@@ -121,15 +125,11 @@ class LeaseMoney:
 def lease_money(*, lease_ids: list[int]) -> dict[int, LeaseMoney]:
     """LeaseMoney for each of `lease_ids` (three grouped queries, whatever their number)."""
     settled = _by(
-        Posting.objects.filter(
-            entry__kind=EK.SETTLEMENT_CONFIRM, account__kind=AK.IN_SETTLEMENT, account__lease_id__in=lease_ids
-        ),
+        Posting.objects.filter(SETTLED, account__kind=AK.IN_SETTLEMENT, account__lease_id__in=lease_ids),
         "account__lease_id",
     )
     fees = _by(
-        Posting.objects.filter(
-            entry__kind=EK.SETTLEMENT_CONFIRM, account__kind=AK.PLATFORM_FEES, entry__lease_id__in=lease_ids
-        ),
+        Posting.objects.filter(SETTLED, account__kind=AK.PLATFORM_FEES, entry__lease_id__in=lease_ids),
         "entry__lease_id",
     )
     unsettled = _by(
@@ -253,7 +253,7 @@ def monthly_statement(*, renter_id: int, year: int, month: int) -> MonthlyStatem
     )
     settled = -_sum(
         Posting.objects.filter(
-            entry__kind=EK.SETTLEMENT_CONFIRM,
+            SETTLED,
             account__kind=AK.IN_SETTLEMENT,
             account__lease__job__renter_id=renter_id,
             entry__created_at__gte=start,
@@ -308,7 +308,7 @@ def provider_earnings(*, provider_id: int) -> ProviderEarnings:
     payable_postings = Posting.objects.filter(
         account__kind=AK.PROVIDER_PAYABLE, account__owner_key=f"provider:{provider_id}"
     )
-    earned = _sum(payable_postings.filter(entry__kind=EK.SETTLEMENT_CONFIRM))
+    earned = _sum(payable_postings.filter(SETTLED))
     withdrawn = -_sum(payable_postings.filter(entry__kind=EK.PROVIDER_WITHDRAWAL))
     payable = _sum(
         LedgerAccount.objects.filter(kind=AK.PROVIDER_PAYABLE, owner_key=f"provider:{provider_id}"), "balance"

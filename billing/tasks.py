@@ -3,12 +3,31 @@ under core.periodic (a lock per task, logging, a failure count per task)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from billing import services
 from core.periodic import periodic_task
 
 # The lock of every run that sends the operator's transactions (settlements, reservations, the
 # reconciler, releases on chain), so they go out one at a time: billing.settlement.LOCK_NAME.
 SETTLEMENT_LOCK = "billing.settlement"
+
+
+def _chain_run(run: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """Run `run(client)` on the chain client from settings and return its result. A chain error
+    that ends the run before it could report one itself is reported under "error" (so
+    core.periodic counts the run as failed and logs it at ERROR); an unreachable node also under
+    "node_unavailable", as the runs report one they meet, so every chain task says the same
+    thing for the same outage whichever step met it."""
+    from billing.chain import ChainError, NodeUnavailable, chain_client_from_settings
+
+    try:
+        return run(chain_client_from_settings())
+    except NodeUnavailable as error:
+        return {"error": str(error), "node_unavailable": str(error)}
+    except ChainError as error:
+        return {"error": str(error)}
 
 
 @periodic_task(name="billing.tasks.meter_leases", time_limit=300, soft_time_limit=240)
@@ -31,26 +50,18 @@ def release_budgets() -> dict[str, int]:
 def watch_chain() -> dict[str, object]:
     """Post the escrow's deposits and withdrawals to the ledger (beat: every CHAIN_WATCH_INTERVAL_S).
     Idempotent per event; an unreachable node is reported and retried by the next run."""
-    from billing.chain import ChainError, chain_client_from_settings
     from billing.deposits import chain_watch
 
-    try:
-        return chain_watch(client=chain_client_from_settings()).as_dict()
-    except ChainError as error:
-        return {"error": str(error)}
+    return _chain_run(lambda client: chain_watch(client=client).as_dict())
 
 
 @periodic_task(name="billing.tasks.settle", lock=SETTLEMENT_LOCK, time_limit=600, soft_time_limit=540)
 def settle() -> dict[str, object]:
     """Send a settlement batch when due (every SETTLEMENT_INTERVAL_S, sooner when a batch is full)
     and finish pending ones, each batch on its own. Holds the settlement lock across commits."""
-    from billing.chain import ChainError, chain_client_from_settings
     from billing.settlement import settle_run
 
-    try:
-        return settle_run(client=chain_client_from_settings())
-    except ChainError as error:
-        return {"error": str(error)}
+    return _chain_run(lambda client: settle_run(client=client))
 
 
 # A quiet settlement run holds the settlement lock for milliseconds. A reservation run that finds
@@ -75,27 +86,19 @@ def reserve_budgets() -> dict[str, object]:
     submitted, each batch on its own (beat: every 5 s; also dispatched, coalesced, right after a
     renter stores a signature). Shares the settlement lock. Each budget is reserved once
     (billing.reservations)."""
-    from billing.chain import ChainError, chain_client_from_settings
     from billing.reservations import reservation_request_clear, reserve_run
 
     reservation_request_clear()
-    try:
-        return reserve_run(client=chain_client_from_settings())
-    except ChainError as error:
-        return {"error": str(error)}
+    return _chain_run(lambda client: reserve_run(client=client))
 
 
 @periodic_task(name="billing.tasks.reconcile_settlements", lock=SETTLEMENT_LOCK, time_limit=600, soft_time_limit=540)
 def reconcile_settlements() -> dict[str, object]:
     """Complete settlements stuck pending or submitted longer than SETTLEMENT_STUCK_S, each batch
     on its own."""
-    from billing.chain import ChainError, chain_client_from_settings
     from billing.settlement import settlements_reconcile
 
-    try:
-        return settlements_reconcile(client=chain_client_from_settings())
-    except ChainError as error:
-        return {"error": str(error)}
+    return _chain_run(lambda client: settlements_reconcile(client=client))
 
 
 @periodic_task(
@@ -110,10 +113,29 @@ def release_jobs_on_chain() -> dict[str, object]:
     minute), each job on its own. Shares the settlement lock, so the operator's transactions go out
     one at a time; a job already closed on chain is only recorded, so a repeated run sends nothing
     twice."""
-    from billing.chain import ChainError, chain_client_from_settings
     from billing.release import jobs_release_on_chain
 
-    try:
-        return jobs_release_on_chain(client=chain_client_from_settings())
-    except ChainError as error:
-        return {"error": str(error)}
+    return _chain_run(lambda client: jobs_release_on_chain(client=client))
+
+
+@periodic_task(name="billing.tasks.check_ledger", time_limit=600, soft_time_limit=540)
+def check_ledger() -> dict[str, object]:
+    """Check the ledger and compare it with the chain as of a confirmed block (billing.ledger_check;
+    beat: every 5 minutes). Each run is stored (billing.models.LedgerCheck; the newest is
+    billing.selectors.ledger_check_latest(), for the console and /healthz). A run that finds a
+    violation or a difference, or cannot read the chain, reports ok False and counts as failed."""
+    from billing.ledger_check import ledger_check_run
+
+    result = ledger_check_run()
+    found = [*result.problems, *result.differences]
+    summary: dict[str, object] = {
+        "ok": result.ok,
+        "block": result.block,
+        "differences": found[:5] + ([f"... and {len(found) - 5} more"] if len(found) > 5 else []),
+        "in_flight": result.in_flight,
+    }
+    if result.node_unavailable:
+        summary["node_unavailable"] = result.error
+    elif result.error:
+        summary["error"] = result.error
+    return summary

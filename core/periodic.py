@@ -21,9 +21,13 @@ A run of a periodic task:
 - records itself in PeriodicTaskState (core.models), which the console reads.
 
 A run is not ok when it raised (recorded, then raised again for Celery to log), when its result
-reports a failure of the whole run (a non-empty "error", "errors" or "node_unavailable": the chain
-tasks report an unreachable node that way instead of raising), or when any item failed; its result
-then says so under "items_failed" (a count) and "failed_items" (the first few, with their errors).
+reports a failure of the whole run, or when any item failed; its result then says so under
+"items_failed" (a count) and "failed_items" (the first few, with their errors). A result reports a
+failure with a non-empty "error", "errors" or "node_unavailable" (the chain tasks report an
+unreachable node that way instead of raising), with "ok": False (a check that found differences),
+at its top level or in a dict nested in it (a settlement run reports its reservation run's
+outcome under "reservations"). A run that is not ok is logged at ERROR (failed as a whole) or
+WARNING (items failed), never as a plain "finished".
 
 An item (`item`) runs in its own transaction, or in none with `atomic=False` for an item that
 commits step by step around chain calls (a transaction must not stay open while the chain is
@@ -171,23 +175,45 @@ def _run(name: str, fn: Callable[[], object]) -> object:
         _current.reset(token)
     seconds = time.monotonic() - started
     error = _result_error(result)
+    counts = (run.items_ok, len(run.failed))
+    if error is not None:
+        logger.error(
+            "%s: failed after %.2f s: %s; result %s (%d item(s) ok, %d failed)", name, seconds, error, result, *counts
+        )
     if run.failed:
         if isinstance(result, dict):
             result = {**result, "items_failed": len(run.failed), "failed_items": run.failed[:FAILED_ITEMS_SHOWN]}
         more = f" (and {len(run.failed) - 1} more)" if len(run.failed) > 1 else ""
+        if error is None:
+            logger.warning(
+                "%s: finished in %.2f s with failed items: %s (%d item(s) ok, %d failed)",
+                name,
+                seconds,
+                result,
+                *counts,
+            )
         error = error or f"{run.failed[0]}{more}"[:ERROR_CHARS]
-    log = logger.info if error is None else logger.warning
-    log("%s: finished in %.2f s: %s (%d item(s) ok, %d failed)", name, seconds, result, run.items_ok, len(run.failed))
+    if error is None:
+        logger.info("%s: finished in %.2f s: %s (%d item(s) ok, %d failed)", name, seconds, result, *counts)
     _finish(name, run, ok=error is None, error=error)
     return result
 
 
-def _result_error(result: object) -> str | None:
+def _result_error(result: object, path: str = "") -> str | None:
+    """The failure `result` reports (module docstring), named by where it is ("reservations.error:
+    ..."); None when it reports none. Dicts nested in it are searched too."""
     if not isinstance(result, dict):
         return None
     for key in RUN_ERROR_KEYS:
         if result.get(key):
-            return f"{key}: {result[key]}"[:ERROR_CHARS]
+            return f"{path}{key}: {result[key]}"[:ERROR_CHARS]
+    if result.get("ok") is False:
+        detail = result.get("differences") or result.get("detail") or "not ok"
+        return f"{path}ok: False: {detail}"[:ERROR_CHARS]
+    for key, value in result.items():
+        found = _result_error(value, f"{path}{key}.")
+        if found is not None:
+            return found
     return None
 
 

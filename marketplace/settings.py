@@ -474,6 +474,8 @@ CELERY_BEAT_SCHEDULE = {
     "release-jobs-on-chain": _every("billing.tasks.release_jobs_on_chain", 60.0),
     # Proof of life of beat and a worker, read by /healthz (marketplace.health).
     "worker-heartbeat": _every("marketplace.tasks.worker_heartbeat", 30.0),
+    # The ledger against the chain as of a confirmed block; its last result: billing.selectors.ledger_check_latest.
+    "check-ledger": _every("billing.tasks.check_ledger", 300.0),
 }
 
 LOGGING = {

@@ -390,6 +390,24 @@ class ChainClient:
             raise self._revert_reason(receipt)
         return receipt
 
+    def transaction_known(self, tx_hash: str) -> bool:
+        """Whether the node knows `tx_hash` at all: mined on its current chain or waiting in its
+        pool. False for a transaction it dropped, or that left the chain with a rollback and was
+        not put back in the pool (anvil's anvil_rollback / evm_revert, a node restored from older
+        state): such a transaction will never be mined unless it is sent again."""
+        with chain_errors():
+            try:
+                return self.web3.eth.get_transaction(HexStr(tx_hash)) is not None
+            except TransactionNotFound:
+                return False
+
+    def nonce_reset(self) -> None:
+        """Forget the local nonce counter, so the next send asks the node's pending count. Called
+        when transactions of the operator left the chain (a rollback): the counter would skip the
+        nonces they used, and a transaction sent past a gap waits forever."""
+        with self._nonce_lock:
+            self._next_local_nonce = None
+
     def confirmations(self, tx_hash: str) -> int:
         """How many blocks (its own included) confirm `tx_hash`: 0 if not mined or reorged away."""
         receipt = self.receipt(tx_hash)

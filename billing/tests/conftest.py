@@ -203,6 +203,14 @@ def eth_tester_web3() -> Web3:
 
 
 @pytest.fixture(autouse=True)
+def _own_var_dir(settings: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """billing's tests keep their files (deployment files above all) in a directory of their own:
+    a developer's var/chain/ (a demo's deployment) must not make `manage.py ledger_check` look for
+    a chain node. A test that needs its own sets VAR_DIR again."""
+    settings.VAR_DIR = tmp_path_factory.mktemp("var")
+
+
+@pytest.fixture(autouse=True)
 def dispatched(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Reservation runs billing asked Celery for (billing.reservations.reservation_request_soon),
     recorded instead of sent: billing's tests drive the runs themselves and write no broker files."""

@@ -118,6 +118,66 @@ def test_a_result_that_reports_an_unreachable_node_counts_as_a_failure() -> None
     assert row.last_ok is False and row.last_error.startswith("node_unavailable: node.example")
 
 
+def test_a_failure_reported_inside_a_nested_result_fails_the_run_and_is_logged_as_an_error(caplog) -> None:
+    # A settlement run reports its reservation run's node outage under "reservations".
+    behaviour["result"] = {"sent": 0, "reservations": {"sent": 0, "node_unavailable": "connection refused"}}
+
+    with caplog.at_level("INFO", logger="core.periodic"):
+        assert probe() == behaviour["result"]
+
+    row = state()
+    assert (row.last_ok, row.consecutive_failures) == (False, 1)
+    assert row.last_error == "reservations.node_unavailable: connection refused"
+    levels = {record.levelname for record in caplog.records if "finished" in record.getMessage()}
+    assert levels == set(), "a failed run must not be logged as finished"
+    assert any(r.levelname == "ERROR" and "failed after" in r.getMessage() for r in caplog.records)
+
+
+def test_a_check_whose_result_is_not_ok_fails_the_run() -> None:
+    behaviour["result"] = {"ok": False, "block": 12, "differences": ["fees: escrow 100, expected 90"]}
+
+    probe()
+    probe()
+
+    row = state()
+    assert (row.last_ok, row.consecutive_failures, row.total_failures) == (False, 2, 2)
+    assert "fees: escrow 100, expected 90" in row.last_error
+
+    behaviour["result"] = {"ok": True, "block": 13, "differences": []}
+    probe()
+    assert (state().last_ok, state().consecutive_failures) == (True, 0)
+
+
+def test_billing_tasks_report_an_unreachable_node_the_same_way(monkeypatch) -> None:
+    """Every chain task reports an unreachable node under "node_unavailable" (and "error"),
+    counted as a failure of the run (the deposit watcher used to report it as a bare "error",
+    unlike the settlement run)."""
+    from eth_account import Account
+    from web3 import Web3
+
+    import billing.chain
+    from billing.chain import ChainClient
+
+    down = ChainClient(
+        Web3(Web3.HTTPProvider("http://127.0.0.1:9", exception_retry_configuration=None)),
+        operator_account=Account.create(),
+    )
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda: down)
+    tasks = {
+        "billing.tasks.watch_chain": billing_tasks.watch_chain,
+        "billing.tasks.settle": billing_tasks.settle,
+        "billing.tasks.reconcile_settlements": billing_tasks.reconcile_settlements,
+        "billing.tasks.release_jobs_on_chain": billing_tasks.release_jobs_on_chain,
+    }
+    for name, task in tasks.items():
+        result = task()
+        assert set(result) == {"error", "node_unavailable"}, name
+        assert result["node_unavailable"].startswith("chain node unreachable"), name
+        row = state(name)
+        assert (row.last_ok, row.consecutive_failures) == (False, 1), name
+        assert "chain node unreachable" in row.last_error, name
+
+
 def test_a_run_that_finds_the_lock_held_returns_at_once_as_skipped() -> None:
     behaviour.update(items=[1])
     with try_lock(PROBE) as acquired:

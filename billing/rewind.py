@@ -1,0 +1,193 @@
+"""Undoing what the chain took back: the operator's own transactions after a reorg or a node that
+came back with fewer blocks (rolled back, or restored from older saved state).
+
+The deposit watcher rewinds deposits and withdrawals (billing.deposits). This module does the
+same for what the operator sent: job activations (reservation batches), settlements, and job
+closures (releases on chain). `chain_rewind` runs at the start of every run that sends the
+operator's transactions (reservations, and so settlements, the reconciler, releases), under the
+settlement lock, before anything is sent, and:
+
+- finds every confirmed record whose block left the chain: its block is above the node's head,
+  or the node's block at that number has another hash than the one recorded at confirmation.
+  Records confirmed in the last REWIND_DEPTH_BLOCKS blocks are checked (one eth_getBlockByNumber
+  per distinct block), those above the head always. A record confirmed before block hashes were
+  recorded is checked by its receipt once, and its hash filled in;
+- undoes each, newest block first (a later record may rest on an earlier one: a settlement on its
+  job's activation): a settlement's confirmation is compensated in the ledger and the batch goes
+  back to pending (billing.settlement.settlement_unconfirm); a reservation batch's budgets go back
+  to reserving and the batch to pending (billing.reservations.reservation_unconfirm); a release
+  is forgotten (billing.release.release_forget);
+- finds every submitted batch whose transaction vanished: the node knows it no more (neither
+  mined nor in its pool) while the operator's nonce it used is still unused on chain. It goes back
+  to pending (no ledger entry was made for it yet).
+
+A pending batch is then completed by the usual path of its run, exactly once: its transaction is
+found by the nonce and calldata hash recorded before it was sent (the chain mined it again), or
+waited for (the node holds a transaction with that nonce), or else sent once more, its nonce,
+calldata hash and head recorded again before the send. The contract refuses to pay a charge or
+reserve a budget twice besides (cumulative charges, `AlreadyKnown`, `JobClosed`).
+
+A settlement whose confirmation cannot be compensated yet (a provider withdrew the earnings the
+ledger still shows; the watcher reverses that withdrawal when its block left the chain too) is
+reported under "errors" and tried again by the next run; the run counts as failed meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from django.db.models import Q
+
+from billing.chain import ChainClient, NodeUnavailable
+from billing.errors import InsufficientBalance, InsufficientFunds
+from billing.models import BudgetAuthorization, BudgetReservation, OperatorTransaction, Settlement
+from core import periodic
+
+logger = logging.getLogger(__name__)
+
+# How far below the head confirmed records are checked for a changed block: deeper reorgs do not
+# happen on the chains the escrow runs on; a node that lost more blocks than this has its head
+# below the records' blocks, which is always checked.
+REWIND_DEPTH_BLOCKS = 256
+
+OS = OperatorTransaction.Status
+
+
+@dataclass
+class RewindResult:
+    """What one pass undid: confirmed records whose block left the chain, by kind, and submitted
+    batches whose transaction vanished; `errors`: what could not be undone yet."""
+
+    settlements: int = 0
+    reservations: int = 0
+    releases: int = 0
+    vanished: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.settlements or self.reservations or self.releases or self.vanished)
+
+    def as_dict(self) -> dict[str, object]:
+        counts: dict[str, object] = {key: value for key, value in self.__dict__.items() if key != "errors" and value}
+        if self.errors:
+            counts["errors"] = self.errors
+        return counts
+
+
+class _Chain:
+    """The node's canonical block hashes, read once per number in a pass."""
+
+    def __init__(self, client: ChainClient) -> None:
+        self.client = client
+        self.head = client.block_number()
+        self._hashes: dict[int, str | None] = {}
+
+    def hash(self, number: int) -> str | None:
+        if number > self.head:
+            return None
+        if number not in self._hashes:
+            self._hashes[number] = self.client.block_hash(number)
+        return self._hashes[number]
+
+
+def _left_chain(chain: _Chain, record: OperatorTransaction) -> bool:
+    """Whether a confirmed batch's block is no longer on the chain. A batch confirmed before block
+    hashes were recorded is judged by its receipt (and its hash filled in when it still holds)."""
+    number = record.block_number
+    if number is None:
+        return False
+    if record.block_hash:
+        return chain.hash(number) != record.block_hash
+    receipt = chain.client.receipt(record.tx_hash) if record.tx_hash else None
+    if receipt is None or receipt.block_number != number or receipt.block_hash != chain.hash(number):
+        return True
+    model = Settlement if isinstance(record, Settlement) else BudgetReservation
+    model.objects.filter(pk=record.pk, block_hash="").update(block_hash=receipt.block_hash)
+    return False
+
+
+def _why(number: int | None, chain: _Chain) -> str:
+    return f"its block {number} left the chain (the node's head is now {chain.head})"
+
+
+def chain_rewind(*, client: ChainClient) -> RewindResult:
+    """Undo the operator's confirmed records whose block left the chain and put back to pending
+    the submitted batches whose transaction vanished (module docstring). The caller holds the
+    settlement lock. Each record is one item (core.periodic.item): one that fails unexpectedly is
+    logged and skipped. Raises NodeUnavailable."""
+    chain = _Chain(client)
+    result = RewindResult()
+    low = max(0, chain.head - REWIND_DEPTH_BLOCKS)
+    recent = Q(block_number__gte=low)
+    # (block, order within a block, item kind, item id, record)
+    undo: list[tuple[int, int, str, int, object]] = []
+    for settlement in Settlement.objects.filter(recent, status=OS.CONFIRMED):
+        if _left_chain(chain, settlement):
+            undo.append((settlement.block_number or 0, 1, "settlement", settlement.pk, settlement))
+    for batch in BudgetReservation.objects.filter(recent, status=OS.CONFIRMED):
+        if _left_chain(chain, batch):
+            undo.append((batch.block_number or 0, 0, "reservation batch", batch.pk, batch))
+    for auth in BudgetAuthorization.objects.filter(
+        released_on_chain_at__isnull=False, release_block_number__gte=low
+    ).exclude(release_block_hash=""):
+        if chain.hash(auth.release_block_number or 0) != auth.release_block_hash:
+            undo.append((auth.release_block_number or 0, 2, "release of job", auth.job_id, auth))
+    # Newest block first; in one block, what rests on the rest first (release, settlement, reservation).
+    undo.sort(key=lambda entry: (entry[0], entry[1]), reverse=True)
+    for _number, _order, kind, item_id, record in undo:
+        with periodic.item(kind, item_id, atomic=False, passthrough=(NodeUnavailable,)):
+            _undo(record, chain, result)
+    _vanished(client, result)
+    if result.changed:
+        client.nonce_reset()  # the operator's transactions that left the chain freed their nonces
+        logger.warning("chain rewind: %s", result.as_dict())
+    return result
+
+
+def _undo(record: object, chain: _Chain, result: RewindResult) -> None:
+    from billing.release import release_forget
+    from billing.reservations import reservation_unconfirm
+    from billing.settlement import settlement_unconfirm
+
+    if isinstance(record, Settlement):
+        why = _why(record.block_number, chain)
+        try:
+            settlement_unconfirm(settlement=record, why=why)
+        except (InsufficientBalance, InsufficientFunds) as error:
+            message = f"settlement {record.pk}: {why}, but its confirmation cannot be undone yet: {error}"
+            logger.error("%s", message)
+            result.errors.append(message)
+            return
+        result.settlements += 1
+    elif isinstance(record, BudgetReservation):
+        reservation_unconfirm(batch=record, why=_why(record.block_number, chain))
+        result.reservations += 1
+    elif isinstance(record, BudgetAuthorization):
+        release_forget(auth=record, why=_why(record.release_block_number, chain))
+        result.releases += 1
+
+
+def _vanished(client: ChainClient, result: RewindResult) -> None:
+    """Submitted batches whose transaction the node no longer knows while its nonce is unused on
+    chain (it left with a rollback, or was dropped): back to pending, sent again by their run."""
+    mined: int | None = None
+    for model in (BudgetReservation, Settlement):
+        for record in model.objects.filter(status=OS.SUBMITTED).exclude(tx_hash="").order_by("pk"):
+            if record.nonce is None or client.transaction_known(record.tx_hash):
+                continue
+            if mined is None:
+                mined = client.transaction_count("latest")
+            if mined > record.nonce:
+                continue  # its nonce went to another transaction: the batch's run handles a replacement
+            moved = model.objects.filter(pk=record.pk, status=OS.SUBMITTED).update(
+                status=OS.PENDING,
+                last_error=f"transaction {record.tx_hash} vanished: the node no longer knows it",
+            )
+            if moved:
+                logger.warning("%s: transaction %s vanished; it goes out again", record, record.tx_hash)
+                result.vanished += moved
+
+
+__all__ = ["REWIND_DEPTH_BLOCKS", "RewindResult", "chain_rewind"]

@@ -1,0 +1,474 @@
+"""The node misbehaving under the operator's confirmed and submitted transactions, on the in-process
+EVM and on a real anvil node: a block rolled back under a confirmed settlement, reservation and
+release; a submitted settlement whose transaction vanished; a node restarted from saved state
+without its history under a submitted settlement. Each test ends with the chain and the ledger in
+agreement (the ledger check passes), every charge paid once and every batch sent again at most once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+from web3 import Web3
+
+from billing import services
+from billing import settlement as engine
+from billing.chain import ChainClient, ChainError
+from billing.chain.anvil import AnvilNode, anvil_start
+from billing.chain.client import ANVIL_DEV_KEY_0
+from billing.chain.deployment import deployment_ensure
+from billing.contract import ESCROW, STABLECOIN
+from billing.ledger_check import ledger_check_run
+from billing.models import BudgetAuthorization, BudgetReservation, LedgerEntry, Settlement
+from billing.release import jobs_release_on_chain
+from billing.reservations import reserve_run
+from billing.selectors import provider_payable_micro, renter_available_micro
+from billing.statements import LeaseMoney, lease_money, provider_earnings, renter_balance
+from billing.tests._escrow_env import ONE, EscrowEnv, charged_job, escrow_env
+from billing.tests.support import funded_renter, new_job, require_anvil
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Node:
+    """An escrow on one backend, with the faults the node can be made to show."""
+
+    def __init__(self, backend: str, env: EscrowEnv, anvil: AnvilNode | None = None) -> None:
+        self.backend, self.env, self.anvil = backend, env, anvil
+
+    @property
+    def w3(self) -> Web3:
+        return self.env.client.web3
+
+    def mark(self) -> int:
+        """Remember the chain as it is now (eth-tester: a snapshot id; anvil: the head)."""
+        if self.anvil is None:
+            return int(self.w3.provider.ethereum_tester.take_snapshot())  # type: ignore[attr-defined]
+        return int(self.w3.eth.block_number)
+
+    def roll_back(self, mark: int) -> None:
+        """The node comes back as it was at `mark`: the blocks since are gone, and their
+        transactions with them (neither backend puts them back in its pool)."""
+        if self.anvil is None:
+            self.w3.provider.ethereum_tester.revert_to_snapshot(mark)  # type: ignore[attr-defined]
+        else:
+            self.w3.provider.make_request("anvil_rollback", [self.w3.eth.block_number - mark])  # type: ignore[arg-type]
+
+    def mine(self, blocks: int) -> None:
+        if self.anvil is None:
+            self.w3.provider.ethereum_tester.mine_blocks(blocks)  # type: ignore[attr-defined]
+        else:
+            for _ in range(blocks):
+                self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+
+    def client(self, *, confirmations: int = 1) -> ChainClient:
+        """The operator on this node, needing `confirmations` (a fresh nonce counter)."""
+        return ChainClient(
+            self.w3,
+            operator_account=self.env.client.account,
+            confirmations=confirmations,
+            receipt_timeout_s=0.3,
+            poll_interval_s=0.01,
+        )
+
+
+def _anvil_env(anvil: AnvilNode, tmp_path: Path) -> EscrowEnv:
+    client = ChainClient(anvil.web3(), operator_account=Account.from_key(ANVIL_DEV_KEY_0), receipt_timeout_s=5)
+    deployment, _ = deployment_ensure(
+        client=client, treasury=client.address, fee_bps=1000, dev_token=True, path=tmp_path / "anvil.json"
+    )
+    return EscrowEnv(
+        client=client,
+        deployment=deployment,
+        escrow=client.contract(ESCROW, deployment.escrow),
+        token=client.contract(STABLECOIN, deployment.token),
+    )
+
+
+def _node(backend: str, tmp_path: Path) -> Node:
+    if backend == "eth-tester":
+        return Node(backend, escrow_env(tmp_path))
+    require_anvil()
+    anvil = anvil_start(state_path=tmp_path / "anvil-state.json")
+    return Node(backend, _anvil_env(anvil, tmp_path), anvil)
+
+
+@pytest.fixture(params=["eth-tester", "anvil"])
+def node(request: pytest.FixtureRequest, tmp_path: Path, settings: Any) -> Iterator[Node]:
+    settings.VAR_DIR = tmp_path
+    settings.CHAIN_CONFIRMATIONS = 1
+    made = _node(request.param, tmp_path)
+    try:
+        yield made
+    finally:
+        if made.anvil is not None:
+            made.anvil.stop()
+
+
+def _charged(node: Node, label: str):  # type: ignore[no-untyped-def]
+    """A renter with 10 tokens in the escrow and a finished job (budget 2 tokens, reserved on
+    chain) whose lease was charged 1 token, to be paid to a payee; the ledger has released the
+    unspent token (as billing.tasks.release_budgets does within a minute)."""
+    renter, account = funded_renter(node.env, label)
+    payee = node.env.account(f"payee {label}")
+    job, lease = charged_job(renter, provider_address=payee.address)
+    node.env.sign_budget(account, job, 2 * ONE)
+    assert reserve_run(client=node.env.client, deployment=node.env.deployment)["reserved"] == 1
+    assert services.budgets_release()["released"] == 1
+    return renter, account, payee, job, lease
+
+
+def _agree(node: Node, renters: dict[int, str], providers: dict[int, str]) -> None:
+    """The escrow equals the ledger (the tests' own comparison, and the ledger check's)."""
+    assert node.env.disagreements(renters, providers) == []
+    check = ledger_check_run(client=node.env.client, deployment=node.env.deployment)
+    assert (check.problems, check.differences, check.error) == ([], [], ""), check.as_dict()
+    assert check.ok and check.chain_compared
+
+
+def _earnings(node: Node, payee: Any) -> int:
+    return int(node.env.escrow.functions.earnings(payee.address).call())
+
+
+# ---------------------------------------------------------------------------- a rollback under confirmed work
+
+
+def test_a_settlement_whose_block_left_the_chain_is_undone_in_the_ledger_and_paid_once_more(node):
+    renter, account, payee, _job, lease = _charged(node, "abe")
+    renters, providers = {renter.pk: account.address}, {lease.machine.provider_id: payee.address}
+    mark = node.mark()
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    settlement = Settlement.objects.get()
+    assert _earnings(node, payee) == 900_000 == provider_payable_micro(provider_id=lease.machine.provider_id)
+
+    # The node comes back without the settlement's block, then mines on: the block at that number is another.
+    node.roll_back(mark)
+    node.mine(2)
+    assert _earnings(node, payee) == 0 and provider_payable_micro(provider_id=lease.machine.provider_id) == 900_000
+    check = ledger_check_run(client=node.env.client, deployment=node.env.deployment)
+    assert not check.ok and any("earnings of 0, the ledger expects 900000" in d for d in check.differences)
+
+    result = engine.settle_run(client=node.env.client, deployment=node.env.deployment)
+
+    assert result["rewound"] == {"settlements": 1} and result["sent"] == 1 and result["confirmed"] == 1
+    settlement.refresh_from_db()
+    assert (settlement.status, settlement.attempts, settlement.rewinds) == ("confirmed", 2, 1)
+    assert _earnings(node, payee) == 900_000 == provider_payable_micro(provider_id=lease.machine.provider_id)
+    # The first confirmation was compensated, never edited: one reversal, two confirmations.
+    kinds = list(
+        LedgerEntry.objects.filter(settlement_ref=f"settlement:{settlement.pk}").values_list("kind", flat=True)
+    )
+    assert sorted(kinds) == ["chain_reversal", "settlement_confirm", "settlement_confirm", "settlement_submit"]
+    # What the provider and the renter are shown counts the payment once.
+    assert provider_earnings(provider_id=lease.machine.provider_id).earned == 900_000
+    assert renter_balance(renter_id=renter.pk).settled == ONE
+    assert lease_money(lease_ids=[lease.pk])[lease.pk] == LeaseMoney(settled=ONE, fee=100_000, unsettled=0)
+    _agree(node, renters, providers)
+
+    # Sent once more, not twice.
+    head = node.env.client.block_number()
+    again = engine.settle_run(client=node.env.client, deployment=node.env.deployment)
+    assert again["sent"] == 0 and "rewound" not in again and node.env.client.block_number() == head
+    assert _earnings(node, payee) == 900_000
+
+
+def test_a_reservation_whose_block_left_the_chain_is_reserved_again_once(node):
+    renter, account = funded_renter(node.env, "bea")
+    job = new_job(renter)
+    node.env.sign_budget(account, job, 2 * ONE)  # the job's budget: 1.00/GPU-hour for 2 h
+    mark = node.mark()
+    assert reserve_run(client=node.env.client, deployment=node.env.deployment)["reserved"] == 1
+    auth = BudgetAuthorization.objects.get(job=job)
+    assert auth.status == "reserved" and node.env.escrow.functions.job(job.pk).call()[2] == 2 * ONE
+
+    node.roll_back(mark)
+    node.mine(1)
+    assert int(node.env.escrow.functions.job(job.pk).call()[0], 16) == 0  # the escrow holds no budget for it
+    assert not ledger_check_run(client=node.env.client, deployment=node.env.deployment).ok
+
+    result = reserve_run(client=node.env.client, deployment=node.env.deployment)
+
+    assert result["rewound"] == {"reservations": 1} and (result["sent"], result["reserved"]) == (1, 1)
+    auth.refresh_from_db()
+    batch = BudgetReservation.objects.get()
+    assert auth.status == "reserved" and auth.activated_at is not None
+    assert (batch.status, batch.attempts, batch.rewinds) == ("confirmed", 2, 1)
+    assert node.env.escrow.functions.job(job.pk).call()[2] == 2 * ONE
+    _agree(node, {renter.pk: account.address}, {})
+    head = node.env.client.block_number()
+    assert reserve_run(client=node.env.client, deployment=node.env.deployment)["sent"] == 0
+    assert node.env.client.block_number() == head
+
+
+def test_a_release_whose_block_left_the_chain_is_sent_again_once(node):
+    renter, account, payee, job, lease = _charged(node, "cy")
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    mark = node.mark()
+    assert jobs_release_on_chain(client=node.env.client, deployment=node.env.deployment)["released"] == 1
+    assert node.env.escrow.functions.job(job.pk).call()[5]  # closed
+
+    node.roll_back(mark)
+    node.mine(1)
+    assert not node.env.escrow.functions.job(job.pk).call()[5]  # open again: 1 token still reserved there
+    assert not ledger_check_run(client=node.env.client, deployment=node.env.deployment).ok
+
+    result = jobs_release_on_chain(client=node.env.client, deployment=node.env.deployment)
+
+    assert result["rewound"] == {"releases": 1} and result["released"] == 1
+    assert node.env.escrow.functions.job(job.pk).call()[5]
+    assert int(node.env.escrow.functions.availableBalance(account.address).call()) == 9 * ONE
+    assert renter_available_micro(renter_id=renter.pk) == 9 * ONE
+    _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
+    head = node.env.client.block_number()
+    assert jobs_release_on_chain(client=node.env.client, deployment=node.env.deployment)["released"] == 0
+    assert node.env.client.block_number() == head
+
+
+def test_a_rollback_under_reservation_settlement_and_release_undoes_all_three_and_redoes_each_once(node):
+    renter, account = funded_renter(node.env, "dot")
+    payee = node.env.account("payee dot")
+    job, lease = charged_job(renter, provider_address=payee.address)
+    node.env.sign_budget(account, job, 2 * ONE)
+    mark = node.mark()
+    client = node.env.client
+    assert engine.settle_run(client=client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    services.budgets_release()
+    assert jobs_release_on_chain(client=client, deployment=node.env.deployment)["released"] == 1
+
+    node.roll_back(mark)  # the reservation, the settlement and the release are gone
+    node.mine(4)
+    engine.settle_run(client=client, deployment=node.env.deployment)
+    jobs_release_on_chain(client=client, deployment=node.env.deployment)
+
+    assert (BudgetReservation.objects.get().attempts, Settlement.objects.get().attempts) == (2, 2)
+    assert _earnings(node, payee) == 900_000
+    assert node.env.escrow.functions.job(job.pk).call()[5]
+    _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
+
+
+# ---------------------------------------------------------------------------- a submitted transaction vanishes
+
+
+def test_a_submitted_settlement_whose_transaction_vanished_is_sent_again_exactly_once(node):
+    renter, account, payee, _job, lease = _charged(node, "eli")
+    mark = node.mark()
+    client = node.client(confirmations=2)  # mined, not deep enough: the batch stays submitted
+    engine.settle_run(client=client, deployment=node.env.deployment, force=True)
+    settlement = Settlement.objects.get()
+    assert settlement.status == "submitted" and _earnings(node, payee) == 900_000
+
+    node.roll_back(mark)  # its transaction is gone from the chain and from the node's pool
+    assert client.receipt(settlement.tx_hash) is None and _earnings(node, payee) == 0
+
+    first = engine.settle_run(client=client, deployment=node.env.deployment)
+    node.mine(1)
+    second = engine.settlements_reconcile(client=client, deployment=node.env.deployment, older_than_s=0)
+
+    assert first["rewound"] == {"vanished": 1} and first["sent"] == 1
+    assert second["confirmed"] == 1 and second["sent"] == 0
+    settlement.refresh_from_db()
+    assert (settlement.status, settlement.attempts) == ("confirmed", 2)
+    assert _earnings(node, payee) == 900_000 == provider_payable_micro(provider_id=lease.machine.provider_id)
+    _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
+
+
+def test_a_submitted_reservation_whose_transaction_vanished_is_sent_again_exactly_once(node):
+    renter, account = funded_renter(node.env, "fin")
+    job = new_job(renter)
+    node.env.sign_budget(account, job, 2 * ONE)
+    mark = node.mark()
+    client = node.client(confirmations=2)
+    reserve_run(client=client, deployment=node.env.deployment)
+    batch = BudgetReservation.objects.get()
+    assert batch.status == "submitted"
+
+    node.roll_back(mark)
+    first = reserve_run(client=client, deployment=node.env.deployment)
+    node.mine(1)
+    second = reserve_run(client=client, deployment=node.env.deployment)
+
+    assert first["rewound"] == {"vanished": 1} and first["sent"] == 1
+    assert second["sent"] == 0 and second["reserved"] == 1
+    batch.refresh_from_db()
+    assert (batch.status, batch.attempts) == ("confirmed", 2)
+    assert BudgetAuthorization.objects.get(job=job).status == "reserved"
+    assert node.env.escrow.functions.job(job.pk).call()[2] == 2 * ONE
+    _agree(node, {renter.pk: account.address}, {})
+
+
+def test_a_release_whose_transaction_vanished_before_it_confirmed_is_sent_again_exactly_once(node):
+    renter, account, payee, job, lease = _charged(node, "gwen")
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    mark = node.mark()
+    client = node.client(confirmations=2)
+    assert jobs_release_on_chain(client=client, deployment=node.env.deployment)["pending"] == 1
+    sent = BudgetAuthorization.objects.get(job=job).release_tx_hash
+    assert sent and node.env.escrow.functions.job(job.pk).call()[5]
+    # A run while it waits for depth follows that transaction: nothing is sent again.
+    head = client.block_number()
+    assert jobs_release_on_chain(client=client, deployment=node.env.deployment)["pending"] == 1
+    assert client.block_number() == head
+
+    node.roll_back(mark)  # the releaseJob is gone: the job is open on chain again
+    sent_by_operator = client.transaction_count("latest")
+    again = jobs_release_on_chain(client=client, deployment=node.env.deployment)
+    node.mine(1)
+    done = jobs_release_on_chain(client=client, deployment=node.env.deployment)
+
+    assert again["pending"] == 1 and done["released"] == 1
+    assert client.transaction_count("latest") == sent_by_operator + 1  # one releaseJob more
+    auth = BudgetAuthorization.objects.get(job=job)
+    assert auth.released_on_chain_at is not None and auth.release_tx_hash.startswith("0x")
+    assert node.env.escrow.functions.job(job.pk).call()[5]
+    assert int(node.env.escrow.functions.availableBalance(account.address).call()) == 9 * ONE
+    _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
+
+
+# ---------------------------------------------------------------------------- a node without history
+
+
+class _PrunedClient(ChainClient):
+    """A client on a node that keeps no state below `oldest` (restored from saved state, or
+    pruned): reading it fails as anvil fails it (BlockOutOfRangeError)."""
+
+    oldest = 0
+
+    def call(self, fn: Any, *, block: Any = "latest") -> Any:
+        if isinstance(block, int) and block < self.oldest:
+            raise ChainError(f"BlockOutOfRangeError: block height is {self.oldest} but requested was {block}")
+        return super().call(fn, block=block)
+
+
+def _restart_without_history(node: Node, tmp_path: Path) -> ChainClient:
+    """The node restarted from its saved state (anvil: stopped, which writes its state file, and
+    started again from it; it then serves no state older than that), needing 2 confirmations."""
+    if node.anvil is None:
+        client = _PrunedClient(
+            node.env.client.web3,
+            operator_account=node.env.client.account,
+            confirmations=2,
+            receipt_timeout_s=0.3,
+            poll_interval_s=0.01,
+        )
+        client.oldest = client.block_number()
+        return client
+    state = node.anvil.state_path
+    node.anvil.stop()
+    node.anvil = anvil_start(state_path=state)
+    node.env = _anvil_env(node.anvil, tmp_path)  # the same deployment, found again in its file
+    return node.client(confirmations=2)
+
+
+@pytest.mark.parametrize("leases", [3])
+def test_a_settlement_submitted_before_the_node_restarted_without_history_confirms(node, tmp_path, leases):
+    renters, providers, payees = {}, {}, []
+    for n in range(leases):
+        renter, account, payee, _job, lease = _charged(node, f"fay {n}")
+        renters[renter.pk], providers[lease.machine.provider_id] = account.address, payee.address
+        payees.append(payee)
+    engine.settle_run(client=node.client(confirmations=2), deployment=node.env.deployment, force=True)
+    settlement = Settlement.objects.get()
+    assert settlement.status == "submitted" and settlement.item_count == leases
+
+    client = _restart_without_history(node, tmp_path)
+    with pytest.raises(ChainError):  # the state before the settlement's block is gone
+        client.call(node.env.escrow.functions.feeBps(), block=client.block_number() - 1)
+    node.mine(1)
+    result = engine.settlements_reconcile(client=client, deployment=node.env.deployment, older_than_s=0)
+
+    assert result["confirmed"] == 1 and "items_failed" not in result
+    settlement.refresh_from_db()
+    assert settlement.status == "confirmed" and settlement.block_hash and settlement.attempts == 1
+    assert [_earnings(node, p) for p in payees] == [900_000] * leases
+    node.env.client = client
+    _agree(node, renters, providers)
+
+
+def test_a_node_that_restarted_without_history_still_passes_the_reconciler_run(node, tmp_path, monkeypatch):
+    """Through the task: the reconciler's run is ok (not failing every minute) once it confirmed."""
+    import billing.chain
+    from billing import tasks
+    from core.models import PeriodicTaskState
+
+    _charged(node, "gus")
+    engine.settle_run(client=node.client(confirmations=2), deployment=node.env.deployment, force=True)
+    client = _restart_without_history(node, tmp_path)
+    node.mine(1)
+    Settlement.objects.update(updated_at="2000-01-01T00:00:00Z")  # stuck long enough for the reconciler
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda: client)
+    monkeypatch.setattr(engine, "deployment_require", lambda client: node.env.deployment)
+
+    result = tasks.reconcile_settlements()
+
+    assert result["confirmed"] == 1
+    state = PeriodicTaskState.objects.get(name="billing.tasks.reconcile_settlements")
+    assert (state.last_ok, state.consecutive_failures) == (True, 0)
+    assert Settlement.objects.get().status == "confirmed"
+
+
+def test_unresolvable_receipts_fail_the_run_loudly_instead_of_passing(node, tmp_path, monkeypatch):
+    """A mined batch whose events do not add up, on a node without history, stays submitted and
+    fails the reconciler's run (logged as an error, counted), rather than passing as succeeded."""
+    import billing.chain
+    from billing import tasks
+    from core.models import PeriodicTaskState
+
+    _charged(node, "hal")
+    engine.settle_run(client=node.client(confirmations=2), deployment=node.env.deployment, force=True)
+    client = _restart_without_history(node, tmp_path)
+    node.mine(1)
+    Settlement.objects.update(updated_at="2000-01-01T00:00:00Z")
+    # The ledger believes it sent more than the chain was asked for.
+    Settlement.objects.get().items.update(delta_micro=1_000_001)
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda: client)
+    monkeypatch.setattr(engine, "deployment_require", lambda client: node.env.deployment)
+
+    result = tasks.reconcile_settlements()
+
+    assert result["items_failed"] == 1 and "SettlementUnresolved" in result["failed_items"][0]
+    state = PeriodicTaskState.objects.get(name="billing.tasks.reconcile_settlements")
+    assert (state.last_ok, state.consecutive_failures) == (False, 1)
+    assert Settlement.objects.get().status == "submitted"
+
+
+# ---------------------------------------------------------------------------- what the ledger check sees
+
+
+def test_a_corrupted_ledger_fails_the_ledger_check_with_the_difference_printed(node, settings, capsys, monkeypatch):
+    from django.core.management import CommandError, call_command
+
+    import billing.chain
+    from billing.chain.deployment import deployment_save
+
+    renter, account, payee, _job, lease = _charged(node, "ida")
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    provider_id = lease.machine.provider_id
+    _agree(node, {renter.pk: account.address}, {provider_id: payee.address})
+    # The command finds the escrow as production does (its deployment file) and reads the node.
+    deployment_save(
+        node.env.deployment, path=Path(settings.VAR_DIR) / "chain" / f"deployment-{node.env.client.chain_id()}.json"
+    )
+    monkeypatch.setattr(billing.chain, "chain_client_from_settings", lambda **kwargs: node.env.client)
+    call_command("ledger_check")
+    assert "agrees with the chain" in capsys.readouterr().out
+
+    # A movement the chain never made, balanced and well formed: the ledger alone cannot tell.
+    services.ledger_post(
+        kind="settlement_confirm",
+        idempotency_key="corruption",
+        legs=[
+            services.Leg(services.provider_payable(provider_id), -1),
+            services.Leg(services.PLATFORM_FEES, 1),
+        ],
+    )
+    with pytest.raises(CommandError) as failed:
+        call_command("ledger_check")
+
+    assert failed.value.returncode == 1
+    out = capsys.readouterr().out
+    assert "fees: the escrow accrued 100000, the ledger expects 100001 (platform_fees 100001)" in out
+    assert f"provider {provider_id} ({payee.address.lower()}): the escrow holds earnings of 900000, " in out
+    assert "the ledger expects 899999 (provider_payable 899999)" in out
