@@ -38,6 +38,7 @@ from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from billing import selectors as billing_selectors
 from core.middleware import DATABASE_UNAVAILABLE_ERRORS, RETRY_AFTER_S
 
 if TYPE_CHECKING:
@@ -298,6 +299,21 @@ def readyz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ready", "checks": {"database": database}})
 
 
+def _ledger() -> dict[str, Any]:
+    """The newest ledger check (billing.ledger_check): agreed, differs (how many differences, not
+    what: they name accounts), or never run."""
+    check = billing_selectors.ledger_check_latest()
+    if check is None:
+        return {"status": "never_run"}
+    return {
+        "status": "ok" if check.ok else "differs",
+        "checked_at": _iso(check.checked_at),
+        "chain_compared": check.chain_compared,
+        "block_number": check.block_number,
+        "differences": len(check.differences or []),
+    }
+
+
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
     """The status document (module docstring; README "Health and status" shows one)."""
@@ -313,15 +329,17 @@ def healthz(request: HttpRequest) -> JsonResponse:
     worker: Check = {"status": "unknown", "interval_s": heartbeat_interval, "last_beat_at": None, "age_s": None}
     tasks: dict[str, Check] = {name: {"status": "unknown", "interval_s": s} for name, s in sorted(intervals.items())}
     settlement: dict[str, Any] | None = None
+    ledger: dict[str, Any] | None = None
     watcher_block: int | None = None
     if database["status"] == "ok":
         try:
             states = _states()
-            worker, tasks, settlement, watcher_block = (
+            worker, tasks, settlement, watcher_block, ledger = (
                 _worker(states.get(HEARTBEAT_TASK), heartbeat_interval, now),
                 {name: _task(states.get(name), s, now) for name, s in sorted(intervals.items())},
                 _settlement_backlog(now),
                 _watcher_last_block(),
+                _ledger(),
             )
         except DATABASE_UNAVAILABLE_ERRORS as exc:  # it went away since the check: down after all
             database = {**database, **_failure("database", exc)}
@@ -336,6 +354,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
     problems = [name for name in ("broker", "cache", "chain") if checks[name]["status"] != "ok"]
     problems += ["worker"] if checks["worker"]["status"] in {"stale", "missing"} else []
     problems += [f"task:{name}" for name, task in tasks.items() if task["status"] in {"stale", "failing"}]
+    problems += ["ledger"] if ledger is not None and ledger["status"] == "differs" else []
     down = database["status"] != "ok"
     body = {
         "status": "down" if down else "degraded" if problems else "ok",
@@ -344,6 +363,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
         "checks": checks,
         "tasks": tasks,
         "settlement": settlement,
+        "ledger": ledger,
         "seconds": round(time.monotonic() - started, 3),
     }
     if down:

@@ -216,7 +216,25 @@ def test_healthz_is_ok_with_every_dependency_up_and_every_task_fresh(every_task_
         "open_settlements": 0,
         "oldest_open_settlement_age_s": None,
     }
+    assert body["ledger"] == {"status": "never_run"}
     assert body["server_time"].endswith("Z")
+
+
+def test_healthz_shows_a_ledger_that_differs_from_the_chain_as_a_problem(every_task_fresh: None) -> None:
+    from billing.models import LedgerCheck
+
+    LedgerCheck.objects.create(ok=True, chain_compared=True, block_number=7)
+    assert Client().get("/healthz").json()["ledger"]["status"] == "ok"
+    LedgerCheck.objects.create(
+        ok=False, chain_compared=True, block_number=9, differences=["provider 0xabc: chain 10, ledger 12"]
+    )
+
+    body = Client().get("/healthz").json()
+
+    assert body["ledger"]["status"] == "differs"
+    assert (body["ledger"]["block_number"], body["ledger"]["differences"]) == (9, 1)
+    assert "ledger" in body["problems"] and body["status"] == "degraded"
+    assert "0xabc" not in str(body)  # what differs names accounts: the console shows it, not this page
 
 
 @pytest.mark.skipif(not str(app.conf.broker_url).startswith("redis"), reason="the configured broker is not Redis")
