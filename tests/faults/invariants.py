@@ -450,10 +450,10 @@ def _unsettled(snapshot: Mapping[str, Any]) -> tuple[list[Violation], int]:
             Violation(STUCK, now, f"{len(unfinal)} ended lease(s) not finally metered: {_examples(unfinal)}", "unfinal")
         )
     by_kind = snapshot["money"]["ledger"]["by_kind"]
-    for kind in ("lease_unsettled", "in_settlement"):
-        if by_kind.get(kind, 0):
-            found.append(Violation(STUCK, now, f"{by_kind[kind]} micro still in {kind}", f"unsettled:{kind}"))
-    return found, len(open_) + len(unfinal)
+    unsettled = [kind for kind in ("lease_unsettled", "in_settlement") if by_kind.get(kind, 0)]
+    for kind in unsettled:
+        found.append(Violation(STUCK, now, f"{by_kind[kind]} micro still in {kind}", f"unsettled:{kind}"))
+    return found, len(open_) + len(unfinal) + len(unsettled)
 
 
 # --- the table --------------------------------------------------------------------------------

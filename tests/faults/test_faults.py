@@ -43,7 +43,7 @@ def test_the_marketplace_keeps_its_invariants_through_each_fault(capsys: pytest.
 
     with suite_running(config, log=log) as suite:
         ok = suite.run()
-        report = suite.report()
-    log("\n" + report)
+        log("\n" + suite.report())
+        broken = [str(violation) for violation in suite.violations]
 
-    assert ok, report
+    assert ok, f"{len(broken)} violation(s) (the table and each violation's phase are above):\n" + "\n".join(broken)
