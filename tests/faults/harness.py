@@ -1,7 +1,8 @@
 """The fault suite's harness: the whole marketplace on this machine, faults one at a time, and the
 checks after each (docs/faults.md).
 
-`run_suite(config)` starts, under a temporary directory and on free ports:
+`Suite(config).run()` (or `with suite_running(config) as suite`) starts, under a temporary
+directory and on free ports:
 
 - PostgreSQL (initdb / pg_ctl, as the `postgres` user when we are root), Redis (no persistence)
   and anvil (its chain saved in a state file, so it can be stopped and started again);
@@ -1156,7 +1157,6 @@ class Suite:
 
     def fault_anvil_restart(self) -> list[str]:
         self.cluster.anvil.stop()
-        head_before = None
         time.sleep(self.config.outage_s)
         self.cluster.anvil.start()
         self.cluster.anvil_wait()
@@ -1182,16 +1182,25 @@ class Suite:
             logs = [log for log in found if int(log["blockNumber"], 16) > head]
             time.sleep(0.2)
         if not logs:
-            return ["no settlement was sent within 60 s: nothing rolled back"]
+            raise RuntimeError("no settlement was mined within 60 s: nothing to roll back")
         block = int(logs[0]["blockNumber"], 16)
-        # Long enough for the settle task to read the receipt and record the settlement confirmed.
-        time.sleep(4)
+        tx_hash = logs[0]["transactionHash"]
+        # Roll back once the marketplace holds it confirmed (its worst moment), or after 20 s.
+        deadline = time.monotonic() + 20
+        recorded = "not recorded confirmed within 20 s"
+        while time.monotonic() < deadline:
+            settlements = self.cluster.probe()["settlements"]
+            mine = next((b for b in settlements if b["tx_hash"].lower() == tx_hash.lower()), None)
+            if mine is not None and mine["status"] == "confirmed":
+                recorded = f"settlement {mine['id']}, confirmed in the ledger"
+                break
+            time.sleep(0.5)
         head = int(rpc(url, "eth_blockNumber"), 16)
         rpc(url, "anvil_rollback", [head - block + 1])
         after = int(rpc(url, "eth_blockNumber"), 16)
-        receipt = rpc(url, "eth_getTransactionReceipt", [logs[0]["transactionHash"]])
+        receipt = rpc(url, "eth_getTransactionReceipt", [tx_hash])
         return [
-            f"settlement tx {logs[0]['transactionHash'][:12]}… mined in block {block}; chain rolled back "
+            f"settlement tx {tx_hash[:12]}… ({recorded}) mined in block {block}; chain rolled back "
             f"{head - block + 1} block(s) from {head} to {after}; "
             f"its receipt now: {'gone' if receipt is None else 'still there'}"
         ]
@@ -1242,8 +1251,15 @@ class Suite:
     def _checkpoint(self, phase: Phase, *, final: bool = False) -> None:
         assert self.watcher is not None
         t0 = time.monotonic()
-        self.snapshot = self.cluster.probe(ledger_check_tries=3)
-        check = self.snapshot["ledger_check"]
+        try:
+            snapshot = self.cluster.probe(ledger_check_tries=3)
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as error:
+            text = f"the marketplace could not be read after {phase.name}: {error}"
+            self.violations.append(Violation(invariants.HARNESS, time.time(), text, f"probe:{phase.name}"))
+            self.log(f"[faults] checkpoint after {phase.name}: {text}")
+            return
+        self.snapshot = snapshot
+        check = snapshot["ledger_check"]
         cp = invariants.checkpoint(
             self.watcher.runs(),
             self.snapshot,
@@ -1284,9 +1300,14 @@ class Suite:
         released on chain, or `drain_s` passes."""
         deadline = time.monotonic() + self.config.drain_s
         said = time.monotonic()
+        waiting = "the marketplace could not be read"
         while time.monotonic() < deadline:
-            snapshot = self.cluster.probe()
-            waiting = _waiting(snapshot)
+            try:
+                waiting = _waiting(self.cluster.probe())
+            except (RuntimeError, ValueError, subprocess.TimeoutExpired) as error:
+                waiting = f"the marketplace could not be read: {str(error)[-300:]}"
+                time.sleep(3)
+                continue
             if not waiting:
                 self.log(f"[faults] drained in {self.config.drain_s - (deadline - time.monotonic()):.0f} s")
                 return
@@ -1297,7 +1318,10 @@ class Suite:
         self.log(f"[faults] not drained after {self.config.drain_s:g} s: {waiting}")
 
     def report(self) -> str:
-        table = invariants.render(invariants.rows(self.phases, self.snapshot, self.violations))
+        if self.snapshot and self.phases:
+            table = invariants.render(invariants.rows(self.phases, self.snapshot, self.violations))
+        else:
+            table = "(no checkpoint could read the marketplace: no table)"
         lines = [table, ""]
         for phase in self.phases:
             if phase.notes:
@@ -1318,13 +1342,13 @@ class Suite:
             lines.append(f"workload runs seen: {len(runs)} ({self.watcher.scans} scans of /proc)")
         lines.append(f"total {time.monotonic() - self.started:.0f} s; logs in {self.cluster.logs}")
         for observation in self.observations:
-            phase = next((p.name for p in self.phases if _within(p, observation.at)), "?")
-            lines.append(f"{phase}: {observation}")
+            where = next((p.name for p in self.phases if _within(p, observation.at)), "?")
+            lines.append(f"{where}: {observation}")
         if self.violations:
             lines.append(f"\n{len(self.violations)} violation(s):")
             for violation in self.violations:
-                phase = next((p.name for p in self.phases if _within(p, violation.at)), "?")
-                lines.append(f"  ({phase}) {violation}")
+                where = next((p.name for p in self.phases if _within(p, violation.at)), "?")
+                lines.append(f"  ({where}) {violation}")
         return "\n".join(lines)
 
     def close(self) -> None:

@@ -167,12 +167,12 @@ def ran_twice(runs: Sequence[Run], snapshot: Mapping[str, Any]) -> list[Violatio
                 )
     for job_id, leases in leases_by_job.items():
         leases.sort(key=lambda lease: lease["started_at"] or lease["created_at"])
-        for i, first in enumerate(leases):
-            a = _span(first["started_at"], first["ended_at"], now)
+        for i, before in enumerate(leases):
+            a = _span(before["started_at"], before["ended_at"], now)
             if a is None:
                 continue
-            for later in leases[i + 1 :]:
-                b = _span(later["started_at"], later["ended_at"], now)
+            for after in leases[i + 1 :]:
+                b = _span(after["started_at"], after["ended_at"], now)
                 if b is None:
                     continue
                 if b[0] < a[1]:
@@ -180,20 +180,20 @@ def ran_twice(runs: Sequence[Run], snapshot: Mapping[str, Any]) -> list[Violatio
                         Violation(
                             RAN_TWICE,
                             b[0],
-                            f"job {job_id} ran twice at once (marketplace): lease {first['id']} "
-                            f"[{a[0]:.1f}, {a[1]:.1f}] ({first['end_reason'] or first['status']}) and lease "
-                            f"{later['id']} from {b[0]:.1f}",
-                            f"server-twice:{first['id']}:{later['id']}",
+                            f"job {job_id} ran twice at once (marketplace): lease {before['id']} "
+                            f"[{a[0]:.1f}, {a[1]:.1f}] ({before['end_reason'] or before['status']}) and lease "
+                            f"{after['id']} from {b[0]:.1f}",
+                            f"server-twice:{before['id']}:{after['id']}",
                         )
                     )
-                elif first["end_reason"] == "succeeded":
+                elif before["end_reason"] == "succeeded":
                     found.append(
                         Violation(
                             RAN_TWICE,
                             b[0],
-                            f"job {job_id} ran again after it succeeded (marketplace): lease {first['id']} "
-                            f"succeeded at {a[1]:.1f}, lease {later['id']} started at {b[0]:.1f}",
-                            f"server-again:{first['id']}:{later['id']}",
+                            f"job {job_id} ran again after it succeeded (marketplace): lease {before['id']} "
+                            f"succeeded at {a[1]:.1f}, lease {after['id']} started at {b[0]:.1f}",
+                            f"server-again:{before['id']}:{after['id']}",
                         )
                     )
     return found
@@ -498,7 +498,7 @@ def rows(phases: Sequence[Phase], snapshot: Mapping[str, Any], violations: Seque
                 return i
         return len(phases) - 1 if t >= phases[-1].start else 0
 
-    counts = [defaultdict(int) for _ in phases]
+    counts: list[defaultdict[str, int]] = [defaultdict(int) for _ in phases]
     for job in snapshot["jobs"]:
         i = phase_of(job["created_at"])
         if i is not None:
@@ -535,7 +535,7 @@ def rows(phases: Sequence[Phase], snapshot: Mapping[str, Any], violations: Seque
                 f"{phase.end - phase.start:.0f}",
             ]
         )
-    total = defaultdict(int)
+    total: defaultdict[str, int] = defaultdict(int)
     for c in counts:
         for key, value in c.items():
             total[key] += value

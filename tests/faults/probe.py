@@ -50,7 +50,7 @@ def snapshot() -> dict[str, Any]:
     from providers.models import Machine
 
     now = time.time()
-    jobs = [
+    jobs: list[dict[str, Any]] = [
         {
             "id": job.pk,
             "key": job.idempotency_key or "",
