@@ -139,7 +139,7 @@ class Config:
     agent_down_s: float = 4.0
     # An agent is SIGSTOPped for LEASE_LOST_AFTER_S plus this.
     sigstop_extra_s: float = 10.0
-    drain_s: float = 150.0
+    drain_s: float = 120.0
     bounds: Bounds = field(default_factory=Bounds)
     keep: bool = False
     base_dir: Path | None = None
@@ -167,7 +167,7 @@ class Config:
             outage_s=_env_float(environ, "GPGPU_FAULTS_OUTAGE_S", 8),
             agent_down_s=_env_float(environ, "GPGPU_FAULTS_AGENT_DOWN_S", 4),
             sigstop_extra_s=_env_float(environ, "GPGPU_FAULTS_SIGSTOP_EXTRA_S", 10),
-            drain_s=_env_float(environ, "GPGPU_FAULTS_DRAIN_S", 150),
+            drain_s=_env_float(environ, "GPGPU_FAULTS_DRAIN_S", 120),
             bounds=Bounds(
                 bill_tolerance_s=_env_float(environ, "GPGPU_FAULTS_BILL_TOLERANCE_S", 2),
                 job_stuck_s=_env_float(environ, "GPGPU_FAULTS_JOB_STUCK_S", 120),
@@ -1167,19 +1167,23 @@ class Suite:
         ]
 
     def fault_anvil_rollback(self) -> list[str]:
-        """Wait for the next `Settled` event, let the marketplace see it confirmed, then roll the
-        chain back to the block before it (anvil_rollback): the settlement is gone from the chain."""
+        """Take a snapshot of the chain (evm_snapshot), wait for the next `Settled` event and for the
+        marketplace to hold that settlement confirmed, then revert the chain to the snapshot
+        (evm_revert): the settlement, and whatever else was mined since, is gone from the chain."""
         url = self.cluster.chain_url
         deployment = json.loads(next((self.cluster.var / "chain").glob("deployment-*.json")).read_text())
         topic = "0x" + _keccak("Settled(uint256,uint256,uint256)")
-        head = int(rpc(url, "eth_blockNumber"), 16)
+        snapshot_id = rpc(url, "evm_snapshot")
+        snapshot_block = int(rpc(url, "eth_blockNumber"), 16)
         deadline = time.monotonic() + 60
         logs: list[dict[str, Any]] = []
         while not logs and time.monotonic() < deadline:
             found = rpc(
-                url, "eth_getLogs", [{"address": deployment["escrow"], "topics": [topic], "fromBlock": hex(head)}]
+                url,
+                "eth_getLogs",
+                [{"address": deployment["escrow"], "topics": [topic], "fromBlock": hex(snapshot_block)}],
             )
-            logs = [log for log in found if int(log["blockNumber"], 16) > head]
+            logs = [log for log in found if int(log["blockNumber"], 16) > snapshot_block]
             time.sleep(0.2)
         if not logs:
             raise RuntimeError("no settlement was mined within 60 s: nothing to roll back")
@@ -1196,12 +1200,13 @@ class Suite:
                 break
             time.sleep(0.5)
         head = int(rpc(url, "eth_blockNumber"), 16)
-        rpc(url, "anvil_rollback", [head - block + 1])
+        if not rpc(url, "evm_revert", [snapshot_id]):
+            raise RuntimeError(f"evm_revert to snapshot {snapshot_id} was refused")
         after = int(rpc(url, "eth_blockNumber"), 16)
         receipt = rpc(url, "eth_getTransactionReceipt", [tx_hash])
         return [
-            f"settlement tx {tx_hash[:12]}… ({recorded}) mined in block {block}; chain rolled back "
-            f"{head - block + 1} block(s) from {head} to {after}; "
+            f"settlement tx {tx_hash[:12]}… ({recorded}) mined in block {block}; chain reverted from block "
+            f"{head} to the snapshot at block {snapshot_block} (now {after}); "
             f"its receipt now: {'gone' if receipt is None else 'still there'}"
         ]
 
@@ -1337,6 +1342,14 @@ class Suite:
             for t, name, status in self.restarts:
                 if _within(phase, t):
                     lines.append(f"{phase.name}: {name} exited on its own (status {status}) and was started again")
+            agent_of = {machine: n for n, machine in self.cluster.machine_ids.items()}
+            for lease in self.snapshot.get("leases", []):
+                if lease["end_reason"] == "lost" and _within(phase, lease["ended_at"] or 0):
+                    lines.append(
+                        f"{phase.name}: lease {lease['id']} (job {lease['job_id']}, agent "
+                        f"{agent_of.get(lease['machine_id'], '?')}) ended lost as of {lease['ended_at']:.1f}, "
+                        f"started {lease['started_at'] or 0:.1f}: {lease.get('end_detail') or '-'}"
+                    )
         if self.watcher is not None:
             runs = self.watcher.runs()
             lines.append(f"workload runs seen: {len(runs)} ({self.watcher.scans} scans of /proc)")

@@ -104,6 +104,7 @@ def snapshot() -> dict[str, Any]:
             "machine_id": lease.machine_id,
             "status": lease.status,
             "end_reason": lease.end_reason,
+            "end_detail": lease.end_detail[:200],
             "exit_code": lease.exit_code,
             "created_at": _ts(lease.created_at),
             "started_at": _ts(lease.started_at),
