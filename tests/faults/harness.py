@@ -36,6 +36,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -50,6 +51,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -713,9 +715,27 @@ class Cluster:
             if self.postgres.running():
                 self.postgres.stop("immediate")
 
+    def usage_refusals(self) -> list[tuple[float, int, int]]:
+        """(when, lease, status) of every usage report the web server answered with a 4xx, from its
+        access log: signed usage the marketplace will never bill."""
+        found = []
+        with contextlib.suppress(OSError), self.web.log_path.open(errors="replace") as log:
+            for line in log:
+                match = _USAGE_REFUSED.search(line)
+                if match:
+                    when = datetime.strptime(match["time"], "%d/%b/%Y:%H:%M:%S %z").timestamp()
+                    found.append((when, int(match["lease"]), int(match["status"])))
+        return found
+
     @property
     def marker_prefix(self) -> str:
         return f"gpgpu-faults-{self.run_id}:"
+
+
+# An access log line of gunicorn's default format for a refused usage report.
+_USAGE_REFUSED = re.compile(
+    r'\[(?P<time>[^\]]+)\] "POST /api/agent/v1/leases/(?P<lease>\d+)/usage [^"]*" (?P<status>4\d\d) '
+)
 
 
 def workloads_kill(base: str, marker_prefix: str) -> int:
@@ -976,7 +996,9 @@ class Renter(threading.Thread):
             "gpu_count": 1,
             "max_price_per_gpu_hour": "2.00",
             "expected_duration_s": int(seconds) + 30,
-            "max_duration_s": int(seconds) + 90,
+            # The marketplace takes at most 10 + max_duration_s / 10 usage reports per lease
+            # (jobs.ingestion.usage_reports_max) and the agents report every second: room for all.
+            "max_duration_s": max(int(seconds) + 90, 10 * (int(seconds) + 20)),
         }
         deadline = time.monotonic() + 30
         while not self._halt.is_set() and time.monotonic() < deadline:
@@ -1342,9 +1364,17 @@ class Suite:
             for t, name, status in self.restarts:
                 if _within(phase, t):
                     lines.append(f"{phase.name}: {name} exited on its own (status {status}) and was started again")
+            refused = [(lease, status) for t, lease, status in self.cluster.usage_refusals() if _within(phase, t)]
+            if refused:
+                counts = Counter(status for _, status in refused)
+                lines.append(
+                    f"{phase.name}: usage reports the marketplace refused: "
+                    + ", ".join(f"{status} ×{n}" for status, n in sorted(counts.items()))
+                    + f" (leases {', '.join(str(x) for x in sorted({lease for lease, _ in refused}))})"
+                )
             agent_of = {machine: n for n, machine in self.cluster.machine_ids.items()}
             for lease in self.snapshot.get("leases", []):
-                if lease["end_reason"] == "lost" and _within(phase, lease["ended_at"] or 0):
+                if lease["end_reason"] == "lost" and _within(phase, lease.get("ended_recorded_at") or 0):
                     lines.append(
                         f"{phase.name}: lease {lease['id']} (job {lease['job_id']}, agent "
                         f"{agent_of.get(lease['machine_id'], '?')}) ended lost as of {lease['ended_at']:.1f}, "

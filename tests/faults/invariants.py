@@ -486,7 +486,7 @@ COLUMNS = (
 
 
 def rows(phases: Sequence[Phase], snapshot: Mapping[str, Any], violations: Sequence[Violation]) -> list[list[str]]:
-    """One row per phase: jobs submitted in it, leases that ended in it (lost: as lost), ran-twice
+    """One row per phase: jobs submitted in it, leases the marketplace ended in it (lost: as lost), ran-twice
     violations that started in it, the billed and signed-usage seconds of its leases, its
     checkpoint's ledger verdict and stuck count, and its length; then a total row."""
 
@@ -504,7 +504,7 @@ def rows(phases: Sequence[Phase], snapshot: Mapping[str, Any], violations: Seque
         if i is not None:
             counts[i]["jobs"] += 1
     for lease in snapshot["leases"]:
-        i = phase_of(lease["ended_at"])
+        i = phase_of(lease.get("ended_recorded_at") or lease["ended_at"])
         if i is None:
             continue
         counts[i]["leases"] += 1

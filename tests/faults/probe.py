@@ -88,12 +88,15 @@ def snapshot() -> dict[str, Any]:
     )
     events: dict[int, Counter[str]] = defaultdict(Counter)
     reported_after_loss: dict[int, datetime] = {}
+    ended_recorded: dict[int, datetime] = {}
     for lease_id, kind, created_at in Event.objects.filter(lease__isnull=False).values_list(
         "lease_id", "kind", "created_at"
     ):
         events[lease_id][kind] += 1
         if kind == "lease.reported_after_loss":
             reported_after_loss.setdefault(lease_id, created_at)
+        elif kind == "lease.ended":
+            ended_recorded.setdefault(lease_id, created_at)
 
     leases = []
     for lease in Lease.objects.order_by("pk"):
@@ -109,6 +112,9 @@ def snapshot() -> dict[str, Any]:
             "created_at": _ts(lease.created_at),
             "started_at": _ts(lease.started_at),
             "ended_at": _ts(lease.ended_at),
+            # When the marketplace ended it (ended_at may be earlier: a lost lease ends as of its
+            # machine's last heartbeat).
+            "ended_recorded_at": _ts(ended_recorded.get(lease.pk)),
             "gpu_count": lease.gpu_count,
             "price_micro_per_gpu_hour": metering.price_micro(lease.price_per_gpu_hour),
             "reports": len(own),
