@@ -1353,6 +1353,7 @@ class Suite:
         for phase in self.phases:
             if phase.notes:
                 lines.append(f"{phase.name}: {'; '.join(phase.notes)}")
+        usage_refusals = self.cluster.usage_refusals()
         for phase in self.phases:
             during = [(t, what) for t, what in (self.renter.failure_log if self.renter else []) if _within(phase, t)]
             if during:
@@ -1364,12 +1365,12 @@ class Suite:
             for t, name, status in self.restarts:
                 if _within(phase, t):
                     lines.append(f"{phase.name}: {name} exited on its own (status {status}) and was started again")
-            refused = [(lease, status) for t, lease, status in self.cluster.usage_refusals() if _within(phase, t)]
+            refused = [(lease, status) for t, lease, status in usage_refusals if _within(phase, t)]
             if refused:
-                counts = Counter(status for _, status in refused)
+                statuses = Counter(status for _, status in refused)
                 lines.append(
                     f"{phase.name}: usage reports the marketplace refused: "
-                    + ", ".join(f"{status} ×{n}" for status, n in sorted(counts.items()))
+                    + ", ".join(f"{status} ×{n}" for status, n in sorted(statuses.items()))
                     + f" (leases {', '.join(str(x) for x in sorted({lease for lease, _ in refused}))})"
                 )
             agent_of = {machine: n for n, machine in self.cluster.machine_ids.items()}
