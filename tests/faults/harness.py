@@ -1395,7 +1395,12 @@ class Suite:
                     lines.append(
                         f"{phase.name}: lease {lease['id']} (job {lease['job_id']}, agent "
                         f"{agent_of.get(lease['machine_id'], '?')}) ended lost as of {lease['ended_at']:.1f}, "
-                        f"started {lease['started_at'] or 0:.1f}: {lease.get('end_detail') or '-'}"
+                        + (
+                            f"started {lease['started_at']:.1f}"
+                            if lease["started_at"]
+                            else "its start never reached the marketplace"
+                        )
+                        + f": {lease.get('end_detail') or '-'}"
                     )
         if self.watcher is not None:
             runs = self.watcher.runs()
