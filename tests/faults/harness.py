@@ -171,7 +171,7 @@ class Config:
             sigstop_extra_s=_env_float(environ, "GPGPU_FAULTS_SIGSTOP_EXTRA_S", 10),
             drain_s=_env_float(environ, "GPGPU_FAULTS_DRAIN_S", 120),
             bounds=Bounds(
-                bill_tolerance_s=_env_float(environ, "GPGPU_FAULTS_BILL_TOLERANCE_S", 2),
+                bill_tolerance_s=_env_float(environ, "GPGPU_FAULTS_BILL_TOLERANCE_S", 1),
                 job_stuck_s=_env_float(environ, "GPGPU_FAULTS_JOB_STUCK_S", 120),
                 batch_stuck_s=_env_float(environ, "GPGPU_FAULTS_BATCH_STUCK_S", 60),
             ),
@@ -1098,21 +1098,34 @@ class Suite:
 
     # -- faults: each injects, waits and heals, and returns notes ------------------------------
 
-    def _victim(self, min_left_s: float, wait_s: float = 30.0) -> tuple[int, str]:
-        """An agent with a workload that will still run `min_left_s` from now (waiting up to
-        `wait_s` for one), else agent 0."""
+    def _victim(self, min_left_s: float, *, ending_within_s: float = 0.0, wait_s: float = 30.0) -> tuple[int, str]:
+        """An agent with a workload that will still run `min_left_s` from now and, with
+        `ending_within_s`, preferably also one that ends within that many seconds (waiting up to
+        `wait_s`, the second wish dropped halfway); else agent 0."""
         assert self.watcher is not None
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        while time.monotonic() - started < wait_s:
             now = time.time()
-            for run in sorted(self.watcher.running(), key=lambda r: -(r.start + r.planned_s)):
-                if run.agent is not None and run.start + run.planned_s - now >= min_left_s:
+            running = self.watcher.running()
+            for run in sorted(running, key=lambda r: -(r.start + r.planned_s)):
+                if run.agent is None or run.start + run.planned_s - now < min_left_s:
+                    continue
+                left = run.start + run.planned_s - now
+                why = f"job {run.job_id} (lease {run.lease_id}) running on it, {left:.0f} s left"
+                if ending_within_s <= 0:
+                    return run.agent, why
+                ending = [
+                    r for r in running if r.agent == run.agent and 0.5 < r.start + r.planned_s - now < ending_within_s
+                ]
+                if ending:
                     return (
                         run.agent,
-                        f"job {run.job_id} (lease {run.lease_id}) running on it, "
-                        f"{run.start + run.planned_s - now:.0f} s left",
+                        f"{why}; job {ending[0].job_id} due to end "
+                        f"{ending[0].start + ending[0].planned_s - now:.1f} s from now",
                     )
-            time.sleep(0.2)
+                if time.monotonic() - started > wait_s / 2:
+                    return run.agent, why
+            time.sleep(0.1)
         return 0, "no workload long enough was running on any agent"
 
     @contextlib.contextmanager
@@ -1148,7 +1161,9 @@ class Suite:
         return [f"web killed -9, restarted after {self.config.outage_s:g} s, healthy {took:.1f} s later"]
 
     def fault_agent_kill(self) -> list[str]:
-        n, why = self._victim(self.config.agent_down_s + 3)
+        # Preferably one with a workload that ends early in the outage, too: its exit can be known
+        # only from the supervisor's record once the agent is back.
+        n, why = self._victim(self.config.agent_down_s + 3, ending_within_s=max(1.0, self.config.agent_down_s / 2))
         with self._down(self.cluster.agents[n]):
             self.cluster.agents[n].kill()
             time.sleep(self.config.agent_down_s)
@@ -1286,6 +1301,7 @@ class Suite:
             self.log(f"[faults] checkpoint after {phase.name}: {text}")
             return
         self.snapshot = snapshot
+        (self.cluster.shared / f"snapshot-{len(self.phases):02d}-{phase.name}.json").write_text(json.dumps(snapshot))
         check = snapshot["ledger_check"]
         cp = invariants.checkpoint(
             self.watcher.runs(),
@@ -1379,7 +1395,12 @@ class Suite:
                     lines.append(
                         f"{phase.name}: lease {lease['id']} (job {lease['job_id']}, agent "
                         f"{agent_of.get(lease['machine_id'], '?')}) ended lost as of {lease['ended_at']:.1f}, "
-                        f"started {lease['started_at'] or 0:.1f}: {lease.get('end_detail') or '-'}"
+                        + (
+                            f"started {lease['started_at']:.1f}"
+                            if lease["started_at"]
+                            else "its start never reached the marketplace"
+                        )
+                        + f": {lease.get('end_detail') or '-'}"
                     )
         if self.watcher is not None:
             runs = self.watcher.runs()

@@ -87,8 +87,9 @@ class Bounds:
     """How much the suite tolerates, in seconds."""
 
     # Billed seconds of a lease beyond the seconds its workload was seen running: the agent
-    # reports a start just before the process exists and an exit after polling for it.
-    bill_tolerance_s: float = 2.0
+    # reports a start just before the process exists (about 0.05 s) and an exit after polling for
+    # it (up to its poll interval, 0.5 s in the suite); billing rounds down to whole seconds.
+    bill_tolerance_s: float = 1.0
     # A job not terminal this long after it was submitted is stuck.
     job_stuck_s: float = 120.0
     # A settlement or reservation batch pending or submitted this long is stuck.

@@ -5,7 +5,7 @@ invariants of docs/faults.md. It prints a table (fault | jobs | leases | lost | 
 billed s | usage s | diff | ledger = chain | stuck) and fails on any violation, listing each
 with the rows that show it.
 
-Slow (about 8 minutes on 2 cores): skipped unless GPGPU_FAULTS=1; CI runs it in a step of its own:
+Slow (6½ to 9 minutes on 2 cores): skipped unless GPGPU_FAULTS=1; CI runs it in a step of its own:
 
     GPGPU_FAULTS=1 ./scripts/test tests/faults -n 0 -q
 

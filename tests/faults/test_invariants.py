@@ -5,6 +5,7 @@ being able to fail."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -84,7 +85,9 @@ def _world() -> tuple[list[Run], dict[str, Any]]:
     return runs, snapshot
 
 
-def _check(runs: list[Run], snapshot: dict, *, final: bool = True, ledger_ok: bool = True, output: str = ""):  # type: ignore[no-untyped-def]
+def _check(
+    runs: list[Run], snapshot: dict[str, Any], *, final: bool = True, ledger_ok: bool = True, output: str = ""
+) -> invariants.Checkpoint:
     return invariants.checkpoint(
         runs, snapshot, BOUNDS, ledger_check_ok=ledger_ok, ledger_check_output=output, final=final
     )
@@ -225,7 +228,9 @@ def test_a_failing_ledger_check_is_a_violation() -> None:
         ),
     ],
 )
-def test_the_ledger_against_the_chain(change, in_flight, caught) -> None:  # type: ignore[no-untyped-def]
+def test_the_ledger_against_the_chain(
+    change: Callable[[dict[str, Any]], object], in_flight: list[int], caught: bool
+) -> None:
     runs, snapshot = _world()
     change(snapshot)
     snapshot["money"]["in_flight"] = in_flight
