@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 AK = LedgerAccount.Kind
 
 
+class ReleaseStalled(Exception):
+    """A releaseJob sent was not mined within the receipt timeout: the run sends nothing more."""
+
+
 def _holds(kind: str, owner_keys: list[str]) -> bool:
     return LedgerAccount.objects.filter(kind=kind, owner_key__in=owner_keys, balance__gt=0).exists()
 
@@ -143,9 +147,15 @@ def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, depl
     BudgetAuthorization.objects.filter(pk=auth.pk).update(release_tx_hash=sent.hash)
     try:
         receipt = client.wait_confirmations(client.wait_receipt(sent.hash))
-    except (TransactionTimeout, NodeUnavailable) as error:
+    except NodeUnavailable as error:
         logger.warning("releaseJob(%s) sent as %s, not confirmed yet: %s", auth.job_id, sent.hash, error)
         return "pending"
+    except TransactionTimeout as error:
+        # The chain is not mining the operator's transactions (stalled, or rolled back under this
+        # one's nonce): sending more would only make each wait as long. The run stops here, the
+        # next one follows this transaction, after billing.rewind has looked at the chain.
+        logger.warning("releaseJob(%s) sent as %s, not confirmed yet: %s", auth.job_id, sent.hash, error)
+        raise ReleaseStalled(str(error)) from error
     _record(auth, receipt.tx_hash, receipt.block_number, receipt.block_hash)
     return "released"
 
@@ -174,11 +184,14 @@ def jobs_release_on_chain(
             result["rewound"] = rewound.as_dict()
         for auth in candidates[:limit]:
             # No transaction around the job: `releaseJob` is sent and waited for, then recorded.
-            with periodic.item("job", auth.job_id, atomic=False, passthrough=(NodeUnavailable,)):
+            with periodic.item("job", auth.job_id, atomic=False, passthrough=(NodeUnavailable, ReleaseStalled)):
                 _release_one(auth=auth, client=client, deployment=deployment, result=result)
     except NodeUnavailable as error:
         logger.warning("release on chain: the node is unreachable (%s); retrying next run", error)
         result["node_unavailable"] = str(error)
+    except ReleaseStalled as error:
+        result["pending"] += 1
+        result["stalled"] = str(error)
     return result
 
 
@@ -191,7 +204,7 @@ def _release_one(
         return
     try:
         outcome = job_release_on_chain(auth=auth, client=client, deployment=deployment)
-    except NodeUnavailable:
+    except (NodeUnavailable, ReleaseStalled):
         raise
     except ChainError as error:
         logger.error("release on chain of job %s failed: %s", auth.job_id, error)

@@ -55,23 +55,35 @@ def watch_chain() -> dict[str, object]:
     return _chain_run(lambda client: chain_watch(client=client).as_dict())
 
 
-@periodic_task(name="billing.tasks.settle", lock=SETTLEMENT_LOCK, time_limit=600, soft_time_limit=540)
+# Every run under the settlement lock that finds it held is run again a moment later (up to its
+# *_LOCK_TRIES times; Celery holds the message until then: no worker sleeps) instead of waiting
+# for the next beat. Their beats fire at common instants (reservations every 5 s, settlement
+# every 15 s, releases and the reconciler every minute): a run that skipped instead could lose the
+# race at every one of them, and charges would wait unsettled, and budgets unreleased, for as long
+# as that lasted. A quiet run holds the lock for milliseconds.
+RESERVE_LOCK_TRIES = 3
+RESERVE_LOCK_RETRY_S = 0.5
+SETTLE_LOCK_TRIES = 9
+SETTLE_LOCK_RETRY_S = 1.0
+RELEASE_LOCK_TRIES = 9
+RELEASE_LOCK_RETRY_S = 1.0
+RECONCILE_LOCK_TRIES = 9
+RECONCILE_LOCK_RETRY_S = 1.0
+
+
+@periodic_task(
+    name="billing.tasks.settle",
+    lock=SETTLEMENT_LOCK,
+    retry_locked=(SETTLE_LOCK_TRIES, SETTLE_LOCK_RETRY_S),
+    time_limit=600,
+    soft_time_limit=540,
+)
 def settle() -> dict[str, object]:
     """Send a settlement batch when due (every SETTLEMENT_INTERVAL_S, sooner when a batch is full)
     and finish pending ones, each batch on its own. Holds the settlement lock across commits."""
     from billing.settlement import settle_run
 
     return _chain_run(lambda client: settle_run(client=client))
-
-
-# A quiet settlement run holds the settlement lock for milliseconds. A reservation run that finds
-# it held is run again a moment later (up to RESERVE_LOCK_TRIES times) instead of waiting for the
-# next beat; so is a release run, which beat fires at the same instants as `settle` (every 15 s)
-# and would otherwise skip every time. Celery holds the message until then: no worker sleeps.
-RESERVE_LOCK_TRIES = 3
-RESERVE_LOCK_RETRY_S = 0.5
-RELEASE_LOCK_TRIES = 9
-RELEASE_LOCK_RETRY_S = 1.0
 
 
 @periodic_task(
@@ -92,7 +104,13 @@ def reserve_budgets() -> dict[str, object]:
     return _chain_run(lambda client: reserve_run(client=client))
 
 
-@periodic_task(name="billing.tasks.reconcile_settlements", lock=SETTLEMENT_LOCK, time_limit=600, soft_time_limit=540)
+@periodic_task(
+    name="billing.tasks.reconcile_settlements",
+    lock=SETTLEMENT_LOCK,
+    retry_locked=(RECONCILE_LOCK_TRIES, RECONCILE_LOCK_RETRY_S),
+    time_limit=600,
+    soft_time_limit=540,
+)
 def reconcile_settlements() -> dict[str, object]:
     """Complete settlements stuck pending or submitted longer than SETTLEMENT_STUCK_S, each batch
     on its own."""

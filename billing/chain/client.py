@@ -382,6 +382,9 @@ class ChainClient:
         while (receipt := self.receipt(tx_hash)) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                # Not mined in time: it may wait past a gap (the chain rolled back under the local
+                # nonce counter), so the next send asks the node's pending count again.
+                self.nonce_reset()
                 raise TransactionTimeout(
                     f"no receipt for {tx_hash} within {timeout:g}s", tx_hash=tx_hash, timeout_s=timeout
                 )
@@ -431,6 +434,9 @@ class ChainClient:
         while self.confirmations(receipt.tx_hash) < depth:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                # Not mined in time: it may wait past a gap (the chain rolled back under the local
+                # nonce counter), so the next send asks the node's pending count again.
+                self.nonce_reset()
                 raise TransactionTimeout(
                     f"{receipt.tx_hash} did not reach {depth} confirmations within {timeout:g}s",
                     tx_hash=receipt.tx_hash,

@@ -200,6 +200,40 @@ def test_receipt_wait_times_out_while_nothing_is_mined(node: Node) -> None:
     assert client.wait_receipt(sent.hash, timeout_s=5).succeeded
 
 
+@pytest.fixture
+def anvil_node(request: pytest.FixtureRequest) -> Iterator[Node]:
+    """`node` on anvil only: a real node's pool, which holds a transaction past a nonce gap."""
+    base: Node = request.getfixturevalue("_anvil")
+    revert = base.snapshot()
+    try:
+        yield Node(base.backend, base.client.for_account(OPERATOR), *list(vars(base).values())[2:])
+    finally:
+        base.set_automine(True)
+        revert()
+
+
+def test_a_send_past_a_rollback_that_is_never_mined_does_not_strand_the_next_one(anvil_node: Node) -> None:
+    """The chain rolls back under the client's local nonce counter (a reorg, a node restored from
+    older state): the next transaction goes out past a gap and is never mined. Once its wait times
+    out, the send after it asks the node again and is mined."""
+    node = anvil_node
+    client = node.client
+    revert = node.snapshot()
+    mined = client.transact(node.token.functions.mint(client.address, 1))
+    client.wait_receipt(mined.hash)
+    revert()  # the transaction and its nonce left the chain; the client's counter is past them
+
+    stranded = client.transact(node.token.functions.mint(client.address, 2))
+    assert stranded.nonce == mined.nonce + 1
+    with pytest.raises(TransactionTimeout):
+        client.wait_receipt(stranded.hash, timeout_s=0.5)
+
+    after = client.transact(node.token.functions.mint(client.address, 4))
+
+    assert after.nonce == mined.nonce
+    assert client.wait_receipt(after.hash, timeout_s=5).succeeded
+
+
 def test_concurrent_sends_all_succeed_with_distinct_nonces(node: Node) -> None:
     client = node.client
     first_nonce = client.web3.eth.get_transaction_count(client.address)

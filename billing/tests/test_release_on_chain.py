@@ -4,6 +4,8 @@ follows providers' and the treasury's withdrawals. After each step the escrow an
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from django.core.management import CommandError, call_command
 from eth_account import Account
@@ -151,6 +153,37 @@ def test_a_job_whose_release_fails_is_skipped_and_reported_and_the_others_are_re
     assert _on_chain_available(env, account) == renter_available_micro(renter_id=renter.pk) == 9 * ONE
     state.refresh_from_db()
     assert (state.last_ok, state.consecutive_failures) == (True, 0)
+
+
+def test_a_release_the_chain_does_not_mine_stops_the_run_and_the_next_run_finishes(env):
+    """The chain stops mining the operator's transactions (stalled, or rolled back under the
+    nonce of the one just sent): the run does not send the other jobs' releases one receipt
+    timeout after another while it holds the settlement lock; the next run finishes them all."""
+    settled = [_settled_job(env, label) for label in ("quin", "rhea", "sol")]
+    services.budgets_release()
+    tester = env.client.web3.provider.ethereum_tester
+    client = env.client.for_account(env.client.account)
+    client.receipt_timeout_s = 0.3
+    tester.disable_auto_mine_transactions()
+    try:
+        started = time.monotonic()
+        stalled = jobs_release_on_chain(client=client, deployment=env.deployment)
+        took = time.monotonic() - started
+    finally:
+        tester.enable_auto_mine_transactions()
+
+    assert (stalled["released"], stalled["pending"]) == (0, 1) and "stalled" in stalled
+    assert took < 3  # one receipt timeout, not three
+    sent = BudgetAuthorization.objects.exclude(release_tx_hash="").count()
+    assert sent == 1 and not BudgetAuthorization.objects.filter(released_on_chain_at__isnull=False).exists()
+
+    tester.mine_blocks(1)
+    result = jobs_release_on_chain(client=env.client, deployment=env.deployment)
+
+    assert result["released"] == 3
+    for renter, account, _payee, _job, _lease in settled:
+        assert _on_chain_available(env, account) == renter_available_micro(renter_id=renter.pk) == 9 * ONE
+    call_command("ledger_check")
 
 
 def test_provider_and_fee_withdrawals_on_chain_are_posted_once_by_the_watcher(env):

@@ -253,8 +253,35 @@ def test_a_lock_is_not_taken_twice_in_one_process() -> None:
         assert again
 
 
-def test_a_locked_release_run_is_sent_again_later_instead_of_sleeping(monkeypatch) -> None:
-    task = billing_tasks.release_jobs_on_chain
+SETTLEMENT_LOCK_TASKS = [
+    (billing_tasks.reserve_budgets, billing_tasks.RESERVE_LOCK_TRIES, billing_tasks.RESERVE_LOCK_RETRY_S),
+    (billing_tasks.settle, billing_tasks.SETTLE_LOCK_TRIES, billing_tasks.SETTLE_LOCK_RETRY_S),
+    (billing_tasks.release_jobs_on_chain, billing_tasks.RELEASE_LOCK_TRIES, billing_tasks.RELEASE_LOCK_RETRY_S),
+    (
+        billing_tasks.reconcile_settlements,
+        billing_tasks.RECONCILE_LOCK_TRIES,
+        billing_tasks.RECONCILE_LOCK_RETRY_S,
+    ),
+]
+
+
+def test_every_run_sharing_the_settlement_lock_is_listed_here() -> None:
+    """A task added under the settlement lock without a retry could lose the race at each of its
+    beats to the others (they fire at common instants) and never run."""
+    from celery import current_app
+
+    sharing = {
+        name
+        for name, task in current_app.tasks.items()
+        if getattr(task, "periodic_lock", None) == billing_tasks.SETTLEMENT_LOCK
+    }
+    assert sharing == {task.name for task, _tries, _countdown in SETTLEMENT_LOCK_TASKS}
+
+
+@pytest.mark.parametrize("task, tries, countdown", SETTLEMENT_LOCK_TASKS, ids=lambda v: getattr(v, "name", ""))
+def test_a_locked_chain_run_is_sent_again_later_instead_of_skipping_or_sleeping(
+    monkeypatch, task, tries, countdown
+) -> None:
     sent: list[dict[str, Any]] = []
     monkeypatch.setattr(task, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
     monkeypatch.setattr(time, "sleep", lambda _s: pytest.fail("a worker slept waiting for the lock"))
@@ -266,14 +293,41 @@ def test_a_locked_release_run_is_sent_again_later_instead_of_sleeping(monkeypatc
                 task.run()
         finally:
             task.pop_request()
-        task.push_request(id="last", called_directly=False, is_eager=False, retries=billing_tasks.RELEASE_LOCK_TRIES)
+        task.push_request(id="last", called_directly=False, is_eager=False, retries=tries)
         try:
             assert task.run() == {"skipped": "locked"}  # out of tries: the next beat runs it
         finally:
             task.pop_request()
 
-    assert [kwargs["countdown"] for kwargs in sent] == [billing_tasks.RELEASE_LOCK_RETRY_S]
-    assert state("billing.tasks.release_jobs_on_chain").total_skipped == 2
+    assert [kwargs["countdown"] for kwargs in sent] == [countdown]
+    assert state(task.name).total_skipped == 2
+
+
+def test_a_settlement_run_is_not_starved_by_reservation_runs_beat_fires_with_it(monkeypatch) -> None:
+    """Beat fires `settle` and `reserve_budgets` at the same instant every 15 s; the reservation
+    run takes the lock first. The settlement run must still run, a moment later."""
+    ran: list[str] = []
+    monkeypatch.setattr("billing.tasks._chain_run", lambda run: ran.append("settle") or {"sent": 0})
+    retried: list[float] = []
+    monkeypatch.setattr(
+        billing_tasks.settle, "apply_async", lambda *args, **kwargs: retried.append(kwargs["countdown"])
+    )
+
+    with try_lock(billing_tasks.SETTLEMENT_LOCK):  # the reservation run, holding it
+        billing_tasks.settle.push_request(id="beat", called_directly=False, is_eager=False, retries=0)
+        try:
+            with pytest.raises(Retry):
+                billing_tasks.settle.run()
+        finally:
+            billing_tasks.settle.pop_request()
+    assert ran == [] and retried == [billing_tasks.SETTLE_LOCK_RETRY_S]
+
+    billing_tasks.settle.push_request(id="beat", called_directly=False, is_eager=False, retries=1)  # the retry
+    try:
+        assert billing_tasks.settle.run() == {"sent": 0}
+    finally:
+        billing_tasks.settle.pop_request()
+    assert ran == ["settle"]
 
 
 def test_the_console_shows_each_tasks_state_view_only() -> None:
