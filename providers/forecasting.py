@@ -1,0 +1,329 @@
+"""Idle forecasts: how long a machine's idle stretch will last, learnt from its own history.
+
+Plain code over plain data (no ORM): the marketplace keeps one `StretchCounts` per machine, and
+one for the whole fleet as the prior, updated from heartbeat history (providers.idle_history);
+the matcher and the trace-replay simulator ask the same questions of the same code.
+
+A *stretch* is a maximal run of time in which the machine's owner leaves its GPUs alone (idle,
+or leased to a renter). It ends when the owner comes back (an *ended* stretch, its length
+observed) or when what we know of it stops without the owner coming back (*censored*: the
+machine went offline, or the stretch is still running). Each stretch is counted in the hour of
+the week (UTC, Monday 00:00 = 0) in which it began, in one of `BIN_EDGES_S`' duration bins.
+
+The question the matcher asks (`Forecast.survival`): a machine idle for `age` seconds, since a
+stretch that began in hour-of-week `h`: what is the probability that it stays idle another `d`
+seconds? That is S(age + d) / S(age), where S is the survival function of stretch lengths,
+estimated per bin as Kaplan-Meier does (hazard in a bin = stretches ended in it ÷ stretches at
+risk at its start; censored ones count as at risk up to their bin) and interpolated
+log-linearly inside a bin (a constant hazard rate within each bin).
+
+Where a machine's data for hour `h` is thin, its counts are blended with its own all-hours
+counts and with the fleet prior, each scaled to a fixed weight in stretches (`HOUR_PRIOR_WEIGHT`,
+`FLEET_PRIOR_WEIGHT`): a new machine is forecast as the fleet; a machine with weeks of history
+mostly as itself at that hour. Counts decay (`StretchCounts.decay`), so a machine whose owner
+changes habits is forecast by its recent weeks; storage is bounded: at most 168 × len(bins) × 2
+numbers per machine, kept sparse.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import pairwise
+from typing import Any
+
+# Duration bins of stretch lengths, seconds: log-spaced from a minute to a week. The last bin is
+# open-ended (a stretch longer than a week is counted in it).
+BIN_EDGES_S: tuple[float, ...] = (
+    0,
+    60,
+    120,
+    180,
+    300,
+    450,
+    600,
+    900,
+    1200,
+    1800,
+    2700,
+    3600,
+    5400,
+    7200,
+    10800,
+    14400,
+    21600,
+    28800,
+    43200,
+    86400,
+    172800,
+    604800,
+)
+NBINS = len(BIN_EDGES_S)  # bin i covers [BIN_EDGES_S[i], BIN_EDGES_S[i+1]); the last is open
+HOURS_OF_WEEK = 168
+# Weight, in stretches, of the machine's all-hours counts blended into one hour's counts, and of
+# the fleet prior blended into the machine's.
+HOUR_PRIOR_WEIGHT = 4.0
+FLEET_PRIOR_WEIGHT = 3.0
+# Hazard rate beyond the last edge (per second): a stretch over a week ends within about a week.
+_TAIL_RATE = 1.0 / 604800
+
+
+def hour_of_week(at: datetime | float) -> int:
+    """0..167: Monday 00:00 UTC is 0. `at` is an aware datetime or a Unix time in seconds."""
+    when = at if isinstance(at, datetime) else datetime.fromtimestamp(at, UTC)
+    when = when.astimezone(UTC)
+    return when.weekday() * 24 + when.hour
+
+
+def bin_of(length_s: float) -> int:
+    """The bin a stretch of `length_s` seconds falls in."""
+    return max(0, min(bisect_right(BIN_EDGES_S, max(length_s, 0.0)) - 1, NBINS - 1))
+
+
+@dataclass
+class StretchCounts:
+    """Counts of stretches by (hour of week, duration bin): `ended[h][b]`, `censored[h][b]`,
+    stored sparse ({hour: {bin: count}}). Counts are floats (they decay)."""
+
+    ended: dict[int, dict[int, float]] = field(default_factory=dict)
+    censored: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    def add(self, *, began_hour: int, length_s: float, ended: bool, weight: float = 1.0) -> None:
+        """Count one stretch that began in hour-of-week `began_hour` and lasted `length_s`
+        (ended by the owner's return when `ended`, else censored at that length)."""
+        if not 0 <= began_hour < HOURS_OF_WEEK:
+            raise ValueError(f"began_hour must be 0..167, not {began_hour}")
+        if not math.isfinite(length_s) or length_s < 0:
+            raise ValueError(f"length_s must be a finite number of seconds >= 0, not {length_s}")
+        table = self.ended if ended else self.censored
+        row = table.setdefault(began_hour, {})
+        b = bin_of(length_s)
+        row[b] = row.get(b, 0.0) + weight
+
+    def merge(self, other: StretchCounts, weight: float = 1.0) -> None:
+        for mine, theirs in ((self.ended, other.ended), (self.censored, other.censored)):
+            for hour, row in theirs.items():
+                target = mine.setdefault(hour, {})
+                for b, n in row.items():
+                    target[b] = target.get(b, 0.0) + n * weight
+
+    def decay(self, factor: float, *, floor: float = 0.01) -> None:
+        """Multiply every count by `factor` (0 < factor <= 1), dropping counts below `floor`."""
+        if not 0 < factor <= 1:
+            raise ValueError("factor must be in (0, 1]")
+        for table in (self.ended, self.censored):
+            for hour in list(table):
+                row = {b: n * factor for b, n in table[hour].items() if n * factor >= floor}
+                if row:
+                    table[hour] = row
+                else:
+                    del table[hour]
+
+    def total(self, hour: int | None = None) -> float:
+        tables = (self.ended, self.censored)
+        if hour is None:
+            return sum(n for table in tables for row in table.values() for n in row.values())
+        return sum(n for table in tables for n in table.get(hour, {}).values())
+
+    def profile(self, hour: int | None = None) -> tuple[list[float], list[float]]:
+        """(ended per bin, censored per bin) for one hour of the week, or summed over all."""
+        ended = [0.0] * NBINS
+        censored = [0.0] * NBINS
+        hours: Iterable[int] = range(HOURS_OF_WEEK) if hour is None else (hour,)
+        for h in hours:
+            for b, n in self.ended.get(h, {}).items():
+                ended[b] += n
+            for b, n in self.censored.get(h, {}).items():
+                censored[b] += n
+        return ended, censored
+
+    # storage: {"e": {"h": {"b": n}}, "c": {...}} with string keys (JSON)
+    def to_json(self) -> dict[str, dict[str, dict[str, float]]]:
+        def dump(table: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
+            return {str(h): {str(b): round(n, 4) for b, n in row.items()} for h, row in table.items() if row}
+
+        return {"e": dump(self.ended), "c": dump(self.censored)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> StretchCounts:
+        """Counts stored by `to_json`; entries out of range or not numbers are refused."""
+        counts = cls()
+        if not data:
+            return counts
+        for key, table in (("e", counts.ended), ("c", counts.censored)):
+            for hour_text, row in (data.get(key) or {}).items():
+                hour = int(hour_text)
+                if not 0 <= hour < HOURS_OF_WEEK:
+                    raise ValueError(f"hour {hour} out of range")
+                parsed: dict[int, float] = {}
+                for bin_text, n in row.items():
+                    b, value = int(bin_text), float(n)
+                    if not 0 <= b < NBINS or not math.isfinite(value) or value < 0:
+                        raise ValueError(f"bad count {bin_text}: {n}")
+                    parsed[b] = value
+                table[hour] = parsed
+        return counts
+
+
+def _scaled(profile: tuple[list[float], list[float]], weight: float) -> tuple[list[float], list[float]]:
+    ended, censored = profile
+    total = sum(ended) + sum(censored)
+    if total <= 0:
+        return [0.0] * NBINS, [0.0] * NBINS
+    k = weight / total
+    return [n * k for n in ended], [n * k for n in censored]
+
+
+def _add(a: tuple[list[float], list[float]], b: tuple[list[float], list[float]]) -> tuple[list[float], list[float]]:
+    return [x + y for x, y in zip(a[0], b[0], strict=True)], [x + y for x, y in zip(a[1], b[1], strict=True)]
+
+
+# A stretch profile nobody has measured: a mean of about an hour, as a constant hazard.
+_UNKNOWN_RATE = 1.0 / 3600
+
+
+@dataclass(frozen=True)
+class Survival:
+    """S at each bin edge (S[0] = 1, non-increasing) and each bin's constant hazard rate."""
+
+    at_edges: tuple[float, ...]
+    rates: tuple[float, ...]
+
+    def __call__(self, t: float) -> float:
+        """P(a stretch lasts at least t seconds)."""
+        if t <= 0:
+            return 1.0
+        b = bin_of(t)
+        return self.at_edges[b] * math.exp(-self.rates[b] * (t - BIN_EDGES_S[b]))
+
+    def conditional(self, age_s: float, more_s: float) -> float:
+        """P(still idle `more_s` seconds from now | idle for `age_s` seconds already)."""
+        base = self(age_s)
+        if base <= 1e-12:
+            # Beyond anything seen: the tail's rate alone.
+            return math.exp(-self.rates[-1] * max(more_s, 0.0))
+        return min(1.0, self(age_s + max(more_s, 0.0)) / base)
+
+    def quantile_more(self, age_s: float, p: float) -> float:
+        """The `d` with P(still idle after d more seconds | age) = p (p in (0, 1)): p=0.5 is the
+        median remaining stretch. Found by bisection over [0, 4 weeks]."""
+        lo, hi = 0.0, 4 * 604800.0
+        if self.conditional(age_s, hi) >= p:
+            return hi
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if self.conditional(age_s, mid) >= p:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    @classmethod
+    def from_profile(cls, ended: list[float], censored: list[float]) -> Survival:
+        at_risk = 0.0
+        risk = [0.0] * NBINS
+        for b in range(NBINS - 1, -1, -1):
+            at_risk += ended[b] + censored[b]
+            risk[b] = at_risk
+        edges = [1.0]
+        rates: list[float] = []
+        s = 1.0
+        for b in range(NBINS):
+            if b == NBINS - 1:
+                width = None
+            else:
+                width = BIN_EDGES_S[b + 1] - BIN_EDGES_S[b]
+            if risk[b] <= 0:
+                rate = rates[-1] if rates else _UNKNOWN_RATE
+            else:
+                # Censored stretches of this bin were at risk for about half of it.
+                exposed = risk[b] - censored[b] / 2
+                q = min(ended[b] / exposed, 0.999999) if exposed > 0 else 0.0
+                rate = -math.log(1 - q) / width if width else max(_TAIL_RATE, q / 604800)
+            rates.append(rate)
+            if width is not None:
+                s *= math.exp(-rate * width)
+                edges.append(s)
+        return cls(tuple(edges), tuple(rates))
+
+
+@dataclass
+class Forecast:
+    """The forecast of one machine: its own counts blended with the fleet prior."""
+
+    machine: StretchCounts
+    fleet: StretchCounts
+    _cache: dict[int, Survival] = field(default_factory=dict, repr=False)
+
+    def curve(self, began_hour: int) -> Survival:
+        """The survival function of stretches that begin in hour-of-week `began_hour`."""
+        found = self._cache.get(began_hour)
+        if found is None:
+            fleet_all = _scaled(self.fleet.profile(), FLEET_PRIOR_WEIGHT)
+            mine_all = _add(self.machine.profile(), fleet_all)
+            mine_hour = _add(self.machine.profile(began_hour), _scaled(mine_all, HOUR_PRIOR_WEIGHT))
+            found = self._cache[began_hour] = Survival.from_profile(*mine_hour)
+        return found
+
+    def survival(self, *, idle_since: float, now: float, more_s: float) -> float:
+        """P(a machine idle since `idle_since` (Unix s) stays idle until `now + more_s`)."""
+        age = max(now - idle_since, 0.0)
+        return self.curve(hour_of_week(idle_since)).conditional(age, more_s)
+
+    def median_more(self, *, idle_since: float, now: float) -> float:
+        """The median of how much longer the machine stays idle, seconds."""
+        age = max(now - idle_since, 0.0)
+        return self.curve(hour_of_week(idle_since)).quantile_more(age, 0.5)
+
+
+def _sawtooth_integral(x: float, interval: float) -> float:
+    """The integral of (t mod interval) dt from 0 to x."""
+    whole, rest = divmod(x, interval)
+    return whole * interval * interval / 2 + rest * rest / 2
+
+
+def expected_lost_s(
+    survive: Callable[[float], float],
+    *,
+    duration_s: float,
+    checkpoint_interval_s: float | None,
+    steps: int = 48,
+) -> float:
+    """Expected seconds of work a job of `duration_s` loses on a machine where `survive(x)` is
+    the probability that the owner is still away x seconds from now: if the owner comes back at
+    x < duration, the work since the last checkpoint (x mod interval; all of x without
+    checkpoints) is lost. Summed over `steps` log-spaced segments of [0, duration], the owner's
+    return taken as uniform inside each."""
+    if duration_s <= 0:
+        return 0.0
+    interval = checkpoint_interval_s if checkpoint_interval_s and checkpoint_interval_s > 0 else None
+    start = min(30.0, duration_s / 2)
+    ratio = (duration_s / start) ** (1 / max(steps - 1, 1))
+    points = [0.0] + [start * ratio**k for k in range(steps - 1)] + [duration_s]
+    lost = 0.0
+    previous_s = 1.0
+    for a, b in pairwise(points):
+        if b <= a:
+            continue
+        s = survive(b)
+        if interval:
+            mean_lost = (_sawtooth_integral(b, interval) - _sawtooth_integral(a, interval)) / (b - a)
+        else:
+            mean_lost = (a + b) / 2
+        lost += max(previous_s - s, 0.0) * mean_lost
+        previous_s = s
+    return lost
+
+
+__all__ = [
+    "BIN_EDGES_S",
+    "Forecast",
+    "StretchCounts",
+    "Survival",
+    "bin_of",
+    "expected_lost_s",
+    "hour_of_week",
+]
