@@ -41,6 +41,7 @@ of the week gets one extra (censored) stretch.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -99,9 +100,21 @@ def _decayed(counts: StretchCounts, *, since: datetime, now: datetime) -> Stretc
     return counts
 
 
+def _counts_of(data: object, *, whose: str) -> StretchCounts:
+    """A profile's stored counts; a profile that cannot be read (edited by hand, say) is logged
+    and starts afresh, so it cannot stop every later fold."""
+    try:
+        return StretchCounts.from_json(data if isinstance(data, dict) else None)
+    except (ValueError, TypeError, AttributeError):
+        logger.error("idle profile of %s cannot be read; it starts afresh", whose, exc_info=True)
+        return StretchCounts()
+
+
 def _counted(counts: StretchCounts, rows: Iterable[tuple[datetime, float, bool]]) -> int:
     n = 0
     for began_at, length_s, ended in rows:
+        if not math.isfinite(length_s):
+            continue  # never written by idle_stretch_over; skipped rather than stop the fold
         counts.add(began_hour=hour_of_week(began_at), length_s=max(length_s, 0.0), ended=ended)
         n += 1
     return n
@@ -121,7 +134,7 @@ def _fleet_fold(*, now: datetime) -> int:
         )
         if not rows:
             return 0
-        counts = _decayed(StretchCounts.from_json(fleet.counts), since=fleet.decayed_at, now=now)
+        counts = _decayed(_counts_of(fleet.counts, whose="the fleet"), since=fleet.decayed_at, now=now)
         n = _counted(counts, (row[1:] for row in rows))
         FleetIdleProfile.objects.filter(pk=_FLEET_PK).update(
             counts=counts.to_json(), decayed_at=max(now, fleet.decayed_at), stretches=fleet.stretches + n
@@ -145,7 +158,7 @@ def _machine_fold(*, machine_id: int, now: datetime) -> int:
     profile = MachineIdleProfile.objects.select_for_update().filter(machine_id=machine_id).first()
     if profile is None:
         profile = MachineIdleProfile(machine_id=machine_id, counts={}, decayed_at=now)
-    counts = _decayed(StretchCounts.from_json(profile.counts), since=profile.decayed_at, now=now)
+    counts = _decayed(_counts_of(profile.counts, whose=f"machine {machine_id}"), since=profile.decayed_at, now=now)
     n = _counted(counts, (row[1:] for row in rows))
     profile.counts = counts.to_json()
     profile.decayed_at = max(now, profile.decayed_at)
@@ -194,11 +207,14 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
     if not ids:
         return {}
     fleet_row = FleetIdleProfile.objects.filter(pk=_FLEET_PK).values_list("counts", flat=True).first()
-    fleet = StretchCounts.from_json(fleet_row)
+    fleet = _counts_of(fleet_row, whose="the fleet")
     profiles = dict(MachineIdleProfile.objects.filter(machine_id__in=ids).values_list("machine_id", "counts"))
     empty = StretchCounts()
     return {
-        machine_id: Forecast(StretchCounts.from_json(profiles[machine_id]) if machine_id in profiles else empty, fleet)
+        machine_id: Forecast(
+            _counts_of(profiles[machine_id], whose=f"machine {machine_id}") if machine_id in profiles else empty,
+            fleet,
+        )
         for machine_id in ids
     }
 

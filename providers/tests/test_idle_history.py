@@ -323,3 +323,16 @@ def test_machines_idle_since_is_the_youngest_stretch_among_its_idle_or_leased_gp
     since = idle_history.machines_idle_since(machine_ids=[machine.pk, busy.pk])
 
     assert since == {machine.pk: pytest.approx((now - timedelta(hours=1)).timestamp()), busy.pk: None}
+
+
+def test_a_profile_that_cannot_be_read_starts_afresh_and_stops_nothing() -> None:
+    machine = machine_with_gpus(count=1)
+    FleetIdleProfile.objects.create(pk=1, counts={"e": {"999": {"0": 1}}}, decayed_at=timezone.now())
+    MachineIdleProfile.objects.create(machine=machine, counts={"e": {"3": {"0": "many"}}}, decayed_at=timezone.now())
+    stretch(machine, began_at=datetime(2026, 11, 23, 9, 0, tzinfo=UTC), length_s=600)
+
+    assert idle_history.machine_forecasts(machine_ids=[machine.pk])[machine.pk] is not None
+    result = fold_idle_stretches()
+
+    assert (result["fleet"], result["stretches"]) == (1, 1)
+    assert StretchCounts.from_json(MachineIdleProfile.objects.get(machine=machine).counts).total() == 1
