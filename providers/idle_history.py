@@ -201,20 +201,20 @@ def idle_stretches_fold(*, now: datetime | None = None) -> dict[str, int]:
 def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
     """The idle forecast of each machine: its MachineIdleProfile blended with the fleet prior
     (providers.forecasting.Forecast); a machine with no profile is forecast as the fleet, and with
-    no fleet prior either, as forecasting's default (an hour's mean). Two queries whatever the
-    number of machines; one Forecast per machine (each caches its own curves)."""
+    no fleet prior either, as forecasting's default (an hour's mean); those machines share one
+    Forecast object. Two queries whatever the number of machines."""
     ids = sorted(set(machine_ids))
     if not ids:
         return {}
     fleet_row = FleetIdleProfile.objects.filter(pk=_FLEET_PK).values_list("counts", flat=True).first()
     fleet = _counts_of(fleet_row, whose="the fleet")
     profiles = dict(MachineIdleProfile.objects.filter(machine_id__in=ids).values_list("machine_id", "counts"))
-    empty = StretchCounts()
+    # Machines with no history share one Forecast, and so its cached curves.
+    as_the_fleet = Forecast(StretchCounts(), fleet)
     return {
-        machine_id: Forecast(
-            _counts_of(profiles[machine_id], whose=f"machine {machine_id}") if machine_id in profiles else empty,
-            fleet,
-        )
+        machine_id: Forecast(_counts_of(profiles[machine_id], whose=f"machine {machine_id}"), fleet)
+        if machine_id in profiles
+        else as_the_fleet
         for machine_id in ids
     }
 

@@ -742,6 +742,9 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
       never written back to `idle` (see the module docstring).
     - One TelemetrySample per GPU per TELEMETRY_SAMPLE_INTERVAL_S bucket (the first heartbeat in
       each bucket writes it), so heartbeats every few seconds do not grow the history.
+    - A GPU whose `idle_since` the report clears or moves had its owner's stretch end: it is
+      recorded for the idle forecasts (providers.idle_history), all of them in one insert, and
+      nothing is written when none ended.
     - `capabilities`, when reported, replace the stored ones and set which job kinds the
       machine accepts (`accepts_container`, `accepts_process`); absent, they stay as they are.
     - An assigned lease of a kind the machine no longer accepts ends as `failed_to_start` (its
