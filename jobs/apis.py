@@ -101,6 +101,11 @@ class JobSerializer(serializers.Serializer):
     expected_duration_s = serializers.IntegerField()
     max_duration_s = serializers.IntegerField()
     interruptible = serializers.BooleanField()
+    checkpoint_interval_s = serializers.IntegerField(
+        allow_null=True,
+        help_text="The renter's promise: the job saves its progress at least this often (seconds), so an "
+        "interruption loses at most this much work. null: an interruption loses all of it.",
+    )
     status = NamedChoiceField(Job.Status.choices, enum_name="JobStatus")
     unplaced_reason = serializers.SerializerMethodField(
         help_text="While pending: why the matcher could not place it yet (null once placed or never checked)."
@@ -179,6 +184,16 @@ class JobCreateInput(StrictInputSerializer):
         help_text="When the job is stopped, at least expected_duration_s; defaults to expected_duration_s.",
     )
     interruptible = serializers.BooleanField(required=False, default=True)
+    checkpoint_interval_s = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=services.MIN_CHECKPOINT_INTERVAL_S,
+        max_value=services.MAX_CHECKPOINT_INTERVAL_S,
+        help_text=f"How often the job saves its progress, in seconds ({services.MIN_CHECKPOINT_INTERVAL_S} to "
+        f"{services.MAX_CHECKPOINT_INTERVAL_S}): an interruption then loses at most this much work. Omitted or "
+        "null: the job keeps no checkpoints and an interruption loses all its work.",
+    )
 
     def validate_env(self, value: dict[str, str]) -> dict[str, str]:
         if len(value) > MAX_ENV_VARS:

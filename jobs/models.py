@@ -18,7 +18,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.conf import settings
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from providers.models import GPU, PRICE_DECIMALS, PRICE_MAX_DIGITS, JobKind, Machine
@@ -63,6 +63,12 @@ class Job(models.Model):
     expected_duration_s = models.PositiveIntegerField()
     max_duration_s = models.PositiveIntegerField()
     interruptible = models.BooleanField(default=True)
+    # The renter's promise: the job saves its progress at least this often, so an interrupted run
+    # loses at most this much work. Null: an interruption loses everything (jobs.services'
+    # MIN_CHECKPOINT_INTERVAL_S..MAX_CHECKPOINT_INTERVAL_S).
+    checkpoint_interval_s = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(60), MaxValueValidator(24 * 3600)]
+    )
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     # Why the matcher could not place it (a stable code and a sentence), while pending.

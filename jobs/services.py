@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 MAX_GPUS_PER_JOB = 16
 MAX_DURATION_S = 30 * 24 * 3600
 MAX_PRICE = Decimal("1000")
+# A checkpoint promise: at least once a minute would be noise, more than a day apart no promise.
+MIN_CHECKPOINT_INTERVAL_S = 60
+MAX_CHECKPOINT_INTERVAL_S = 24 * 3600
 
 ER = Lease.EndReason
 JS = Job.Status
@@ -116,6 +119,8 @@ class JobSpec:
     allowed_models: Sequence[str] = ()
     region: str = ""
     interruptible: bool = True
+    # Seconds between the job's checkpoints; None: an interruption loses all its work.
+    checkpoint_interval_s: int | None = None
 
 
 def _validate_spec(spec: JobSpec) -> None:
@@ -139,6 +144,12 @@ def _validate_spec(spec: JobSpec) -> None:
         problems["command"] = "must be a list of strings"
     if spec.min_vram_mb < 0:
         problems["min_vram_mb"] = "must not be negative"
+    checkpoint = spec.checkpoint_interval_s
+    if checkpoint is not None and not MIN_CHECKPOINT_INTERVAL_S <= checkpoint <= MAX_CHECKPOINT_INTERVAL_S:
+        problems["checkpoint_interval_s"] = (
+            f"must be between {MIN_CHECKPOINT_INTERVAL_S} and {MAX_CHECKPOINT_INTERVAL_S} seconds, or null "
+            "(an interruption loses all the work)"
+        )
     if problems:
         field, message = next(iter(problems.items()))
         raise ValidationFailed(f"{field}: {message}", extra={"fields": {k: [v] for k, v in problems.items()}})
@@ -148,6 +159,9 @@ def _fingerprint(spec: JobSpec) -> str:
     data = {k: (str(v) if isinstance(v, Decimal) else v) for k, v in spec.__dict__.items()}
     data["command"] = list(spec.command)
     data["allowed_models"] = list(spec.allowed_models)
+    if data.get("checkpoint_interval_s") is None:
+        # Left out when absent, so requests made before the field existed keep their fingerprint.
+        data.pop("checkpoint_interval_s", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -180,6 +194,7 @@ def job_create(*, renter: Renter, spec: JobSpec, idempotency_key: str | None = N
                 expected_duration_s=spec.expected_duration_s,
                 max_duration_s=spec.max_duration_s if spec.max_duration_s is not None else spec.expected_duration_s,
                 interruptible=spec.interruptible,
+                checkpoint_interval_s=spec.checkpoint_interval_s,
                 idempotency_key=idempotency_key or None,
                 request_fingerprint=fingerprint,
             )

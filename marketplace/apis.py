@@ -12,7 +12,7 @@ from rest_framework.utils.serializer_helpers import ReturnDict
 
 from billing import metering as billing_metering
 from billing import selectors as billing_selectors
-from core.api import ErrorSerializer, RenterApi, error_responses
+from core.api import ErrorSerializer, RenterApi, error_responses, price_field
 from jobs import apis as job_apis
 from jobs import selectors, services
 from jobs.apis import (
@@ -25,6 +25,10 @@ from jobs.apis import (
 )
 from jobs.models import Job
 from marketplace.submit import job_submit
+from providers import selectors as provider_selectors
+
+# The most offers a pending job's detail shows.
+JOB_OFFERS = 5
 
 
 class JobBudgetSerializer(serializers.Serializer):
@@ -53,16 +57,74 @@ class JobBudgetSerializer(serializers.Serializer):
         return self._tokens(budget.remaining)
 
 
+class OfferGpuSerializer(serializers.Serializer):
+    uuid = serializers.CharField()
+    model = serializers.CharField()
+    vram_mb = serializers.IntegerField()
+
+
+class OfferSerializer(serializers.Serializer):
+    """A machine the pending job could be placed on now, and what the renter risks there."""
+
+    machine = serializers.IntegerField(source="machine_id")
+    region = serializers.CharField()
+    gpus = OfferGpuSerializer(many=True, help_text="The cheapest of its GPUs that fit the job, as many as it asks.")
+    price_per_gpu_hour = price_field(help_text="The highest floor among those GPUs, per GPU-hour.")
+    available_until = serializers.DateTimeField(
+        source="availability.until",
+        allow_null=True,
+        help_text="When the machine's availability ends; null when no end is known.",
+    )
+    predicted_idle_s = serializers.IntegerField(
+        source="risk.predicted_idle_s",
+        allow_null=True,
+        help_text="How much longer its owner is likely to stay away, seconds (the median of the machine's idle "
+        "forecast); null when unknown.",
+    )
+    p_finish = serializers.FloatField(
+        source="risk.p_finish",
+        allow_null=True,
+        min_value=0,
+        max_value=1,
+        help_text="The probability, 0 to 1, that the job (its expected_duration_s) runs to its end there "
+        "without the owner coming back; null when unknown.",
+    )
+
+
 class JobDetailSerializer(JobSerializer):
     current_lease = LeaseSerializer(allow_null=True, help_text="The assigned or running lease, if any.")
     budget = JobBudgetSerializer(help_text="The job's budget, in tokens: see docs/billing.md.")
+    offers = OfferSerializer(
+        many=True,
+        allow_null=True,
+        help_text=f"While pending: up to {JOB_OFFERS} machines the job could be placed on now (same constraints as "
+        "the matcher: models, VRAM, region, price ceiling, accepted kind, GPU count, availability lasting its "
+        "expected duration), the likeliest to finish it first (p_finish), then the cheapest. The matcher, not "
+        "this list, decides where it runs. null once the job is no longer pending.",
+    )
 
 
 def _job_detail(job: Job) -> ReturnDict:
     # For JobDetailSerializer alone, not fields of the model.
     job.current_lease = selectors.job_current_lease(job=job)  # type: ignore[attr-defined]
     job.budget = billing_selectors.job_budget(job_id=job.pk)  # type: ignore[attr-defined]
+    job.offers = _job_offers(job)  # type: ignore[attr-defined]
     return JobDetailSerializer(job).data
+
+
+def _job_offers(job: Job) -> list[provider_selectors.MachineOffer] | None:
+    if job.status != Job.Status.PENDING:
+        return None
+    return provider_selectors.machine_offers(
+        models=job.allowed_models,
+        min_vram_mb=job.min_vram_mb,
+        max_price=job.max_price_per_gpu_hour,
+        region=job.region,
+        kind=job.kind,
+        gpu_count=job.gpu_count,
+        duration_s=job.expected_duration_s,
+        limit=JOB_OFFERS,
+    )
 
 
 class JobListApi(job_apis.JobListApi):

@@ -387,6 +387,12 @@ GPGPU = {
     "TELEMETRY_SAMPLE_INTERVAL_S": env_int("TELEMETRY_SAMPLE_INTERVAL_S", 60, minimum=1),
     "TELEMETRY_RAW_RETENTION_H": env_int("TELEMETRY_RAW_RETENTION_H", 48, minimum=1),
     "TELEMETRY_ROLLUP_RETENTION_D": env_int("TELEMETRY_ROLLUP_RETENTION_D", 400, minimum=1),
+    # Idle forecasts (providers.idle_history): stretch counts lose half their weight every this
+    # many days; one fold takes at most this many new stretches into the fleet prior; a stretch
+    # reported longer than this many days (a clock far off) is refused.
+    "IDLE_FORECAST_HALF_LIFE_D": env_int("IDLE_FORECAST_HALF_LIFE_D", 28, minimum=1),
+    "IDLE_FORECAST_FOLD_BATCH": env_int("IDLE_FORECAST_FOLD_BATCH", 20000, minimum=1),
+    "IDLE_STRETCH_MAX_D": env_int("IDLE_STRETCH_MAX_D", 90, minimum=1),
     # Registration tokens expire after this many hours.
     "REGISTRATION_TOKEN_TTL_H": env_int("REGISTRATION_TOKEN_TTL_H", 24, minimum=1),
     # The EIP-712 domain chainId agents sign usage reports with (31337: the local dev chain).
@@ -463,6 +469,8 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-stuck-leases": _every("jobs.tasks.sweep_leases", 15.0),
     "rollup-telemetry": _every("providers.tasks.rollup_telemetry", 300.0),
     "prune-telemetry": _every("providers.tasks.prune_telemetry", 3600.0),
+    # Idle stretches the heartbeats recorded, folded into each machine's forecast and the fleet prior.
+    "fold-idle-stretches": _every("providers.tasks.fold_idle_stretches", 300.0),
     "meter-leases": _every("billing.tasks.meter_leases", BILLING_METER_INTERVAL_S),
     "release-budgets": _every("billing.tasks.release_budgets", 60.0),
     "watch-chain": _every("billing.tasks.watch_chain", CHAIN_WATCH_INTERVAL_S),

@@ -37,6 +37,7 @@ from providers.models import (
     Blackout,
     Machine,
     MachineCredentialRevocation,
+    MachineIdleProfile,
     Provider,
     RegistrationToken,
     TelemetryRollup,
@@ -710,3 +711,16 @@ class TelemetryRollupAdmin(ReadOnlyAdmin):
     @admin.display(description="leased", ordering="leased_ratio")
     def leased_pct(self, obj: TelemetryRollup) -> str:
         return f"{obj.leased_ratio:.0%}"
+
+
+# --- idle forecasts ---------------------------------------------------------------------------
+
+
+@admin.register(MachineIdleProfile)
+class MachineIdleProfileAdmin(ReadOnlyAdmin):
+    """Each machine's idle history (providers.idle_history folds it; counts as JSON)."""
+
+    list_display = ["machine", "stretches", "decayed_at"]
+    search_fields = ["=machine__id", "machine__hostname"]
+    list_select_related = ["machine"]
+    ordering = ["machine_id"]

@@ -40,6 +40,8 @@ PRICE_MAX = services.PRICE_FLOOR_MAX
 # Bounds on search filters, so a query string cannot ask for something absurd.
 MAX_MODELS_PER_SEARCH = 32
 MAX_VRAM_MB = 10_000_000
+# The longest job duration a search asks about: 30 days, the longest job (jobs.services.MAX_DURATION_S).
+MAX_SEARCH_DURATION_S = 30 * 24 * 3600
 
 
 # --- the market -----------------------------------------------------------------------------
@@ -71,6 +73,22 @@ class MarketGpuSerializer(serializers.Serializer):
     memory_used_mb = serializers.IntegerField(allow_null=True)
     temperature_c = serializers.FloatField(allow_null=True)
     last_telemetry_at = serializers.DateTimeField(allow_null=True)
+    predicted_idle_s = serializers.IntegerField(
+        source="idle_risk.predicted_idle_s",
+        allow_null=True,
+        help_text="How much longer its owner is likely to stay away, seconds: the median of its machine's idle "
+        "forecast, learnt from when the owner came back before (at this hour of the week). Not capped by "
+        "available_until. null when the owner is not away now (using the GPU, or it is offline).",
+    )
+    p_finish = serializers.FloatField(
+        source="idle_risk.p_finish",
+        allow_null=True,
+        min_value=0,
+        max_value=1,
+        help_text="With duration_s: the probability, 0 to 1, that a job of that length started now runs to its "
+        "end without its owner coming back; 0 when its availability window ends first. null without "
+        "duration_s, or when the GPU cannot take a job now or its owner is not away.",
+    )
 
 
 class GpuSearchApi(BaseApi):
@@ -95,6 +113,13 @@ class GpuSearchApi(BaseApi):
             choices=["true", "false"],
             required=False,
             help_text="true: only GPUs a job could be placed on now; false: only the others.",
+        )
+        duration_s = serializers.IntegerField(
+            required=False,
+            min_value=1,
+            max_value=MAX_SEARCH_DURATION_S,
+            help_text="Your job's expected duration, seconds: each GPU then shows p_finish, the probability that "
+            "the job runs to its end there without its owner coming back.",
         )
 
         def validate_model(self, value: str) -> list[str]:
@@ -124,10 +149,21 @@ class GpuSearchApi(BaseApi):
             available_now=None if available_now is None else available_now == "true",
         )
         paginator, page = self.paginate(queryset)
-        availability = selectors.gpus_availability(gpus=page)
+        now = timezone.now()
+        availability = selectors.gpus_availability(gpus=page, now=now)
+        # A machine takes a job now when one of its GPUs on the page does.
+        machines: dict[int, selectors.GpuAvailability] = {}
         for gpu in page:
-            # For MarketGpuSerializer alone, not a field of the model.
+            if gpu.machine_id not in machines or availability[gpu.pk].available_now:
+                machines[gpu.machine_id] = availability[gpu.pk]
+        risks = selectors.machines_idle_risk(availability=machines, duration_s=data.get("duration_s"), now=now)
+        for gpu in page:
+            # For MarketGpuSerializer alone, not fields of the model.
             gpu.availability = availability[gpu.pk]  # type: ignore[attr-defined]
+            gpu.idle_risk = selectors.IdleRisk(  # type: ignore[attr-defined]
+                predicted_idle_s=risks[gpu.machine_id].predicted_idle_s,
+                p_finish=risks[gpu.machine_id].p_finish if availability[gpu.pk].available_now else None,
+            )
         return paginator.get_paginated_response(MarketGpuSerializer(page, many=True).data)
 
 

@@ -293,3 +293,50 @@ class LivenessState(models.Model):
 
     def __str__(self) -> str:
         return f"liveness (last sweep {self.last_sweep_at})"
+
+
+class IdleStretch(models.Model):
+    """One GPU's stretch of its owner's absence (idle or leased, providers.idle_history) that the
+    marketplace saw end: the owner came back (`ended`) or what we know of it stopped (the GPU
+    went offline, its machine went silent or its agent started the stretch afresh: censored).
+    Written by the heartbeat, in one bulk insert; folded into the machine's MachineIdleProfile
+    and the FleetIdleProfile by providers.tasks.fold_idle_stretches, then deleted."""
+
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="+")
+    # Not indexed: rows live minutes (folded, then deleted), and a GPU is deleted only with its machine.
+    gpu = models.ForeignKey(GPU, on_delete=models.CASCADE, related_name="+", db_index=False)
+    began_at = models.DateTimeField()
+    length_s = models.FloatField()
+    ended = models.BooleanField()
+    # Counted in the fleet prior already; the machine's own profile takes it next, then deletes it.
+    in_fleet = models.BooleanField(default=False)
+
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id} idle {self.length_s:.0f} s from {self.began_at:%Y-%m-%d %H:%M}"
+
+
+class MachineIdleProfile(models.Model):
+    """What a machine's idle stretches were like: providers.forecasting.StretchCounts as JSON
+    (bounded: at most 168 hours × 22 bins × 2 numbers), decayed to `decayed_at` with a half-life
+    of IDLE_FORECAST_HALF_LIFE_D days. Deleted with the machine, and once its provider removed it."""
+
+    machine = models.OneToOneField(Machine, on_delete=models.CASCADE, primary_key=True, related_name="idle_profile")
+    counts = models.JSONField(default=dict)
+    decayed_at = models.DateTimeField()
+    # Stretches folded in so far, not decayed (for the console).
+    stretches = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"idle profile of machine {self.machine_id}"
+
+
+class FleetIdleProfile(models.Model):
+    """The whole fleet's idle stretches, one row (pk 1): the prior of every machine's forecast,
+    and the forecast of a machine with no history. As MachineIdleProfile."""
+
+    counts = models.JSONField(default=dict)
+    decayed_at = models.DateTimeField()
+    stretches = models.PositiveBigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return "idle profile of the fleet"

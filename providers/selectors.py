@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -15,8 +15,9 @@ from django.utils import timezone
 
 from providers.availability import FOREVER, Interval, WindowSpec, available_until
 from providers.errors import NotFound
+from providers.idle_history import machine_forecasts, machines_idle_since
 from providers.leases import machine_leases
-from providers.models import GPU, AvailabilityWindow, Blackout, Machine, Provider, RegistrationToken
+from providers.models import GPU, AvailabilityWindow, Blackout, JobKind, Machine, Provider, RegistrationToken
 
 if TYPE_CHECKING:
     # django-stubs-ext is a development requirement: its names are for the types only.
@@ -177,6 +178,117 @@ def gpus_availability(*, gpus: Sequence[GPU], now: datetime | None = None) -> di
         else:
             result[gpu.pk] = GpuAvailability(available_now=True, until=end, forever=False)
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class IdleRisk:
+    """What a renter risks on a machine: how long its owner is likely to stay away (the median of
+    its forecast, seconds; None when no stretch is running on it), and the probability that a job
+    of the duration asked for runs to its end without the owner coming back (None when no
+    duration was asked for, the machine takes no job now or its stretch is unknown; 0 when its
+    availability window ends first)."""
+
+    predicted_idle_s: int | None
+    p_finish: float | None
+
+
+def machines_idle_risk(
+    *, availability: Mapping[int, GpuAvailability], duration_s: int | None = None, now: datetime | None = None
+) -> dict[int, IdleRisk]:
+    """For each machine of `availability` (machine id: whether it takes a job now, and until
+    when), its IdleRisk for a job of `duration_s` starting now, from its idle forecast
+    (providers.idle_history): three queries whatever the number of machines."""
+    now = now or timezone.now()
+    ids = list(availability)
+    since = machines_idle_since(machine_ids=ids)
+    forecasts = machine_forecasts(machine_ids=[m for m in ids if since.get(m) is not None])
+    at = now.timestamp()
+    result: dict[int, IdleRisk] = {}
+    for machine_id, avail in availability.items():
+        began = since.get(machine_id)
+        if began is None:
+            result[machine_id] = IdleRisk(predicted_idle_s=None, p_finish=None)
+            continue
+        forecast = forecasts[machine_id]
+        predicted = round(forecast.median_more(idle_since=began, now=at))
+        p_finish: float | None = None
+        if duration_s is not None and avail.available_now:
+            if avail.until is not None and (avail.until - now).total_seconds() < duration_s:
+                p_finish = 0.0
+            else:
+                p_finish = round(forecast.survival(idle_since=began, now=at, more_s=duration_s), 4)
+        result[machine_id] = IdleRisk(predicted_idle_s=predicted, p_finish=p_finish)
+    return result
+
+
+# The most GPUs machine_offers reads (the cheapest that fit): bounds the read of a job's detail.
+OFFER_GPUS_READ = 1000
+
+
+@dataclass(frozen=True)
+class MachineOffer:
+    """A machine a job could be placed on now: the cheapest GPUs of it that fit the job (as many
+    as it asks for), at the highest floor among them, with its idle risk for the job."""
+
+    machine_id: int
+    region: str
+    gpus: list[GPU]
+    price_per_gpu_hour: Decimal
+    availability: GpuAvailability
+    risk: IdleRisk
+
+
+def machine_offers(
+    *,
+    models: Sequence[str],
+    min_vram_mb: int,
+    max_price: Decimal,
+    region: str,
+    kind: str,
+    gpu_count: int,
+    duration_s: int,
+    limit: int = 5,
+    now: datetime | None = None,
+) -> list[MachineOffer]:
+    """Up to `limit` machines a job with these constraints could be placed on now (as the
+    matcher places: GPUs available now, of one of `models` (empty: any), with at least
+    `min_vram_mb`, a floor at most `max_price`, in `region` (empty: any), on a machine that
+    accepts `kind`, `gpu_count` of them on one machine whose availability lasts `duration_s`),
+    best first: the likeliest to finish the job (p_finish), then the cheapest. Read among the
+    OFFER_GPUS_READ cheapest fitting GPUs; a bounded number of queries."""
+    now = now or timezone.now()
+    gpus = gpu_search(
+        models=models, min_vram_mb=min_vram_mb, max_price=max_price, region=region, available_now=True, now=now
+    )
+    if kind == JobKind.PROCESS:
+        gpus = gpus.filter(machine__accepts_process=True)
+    else:
+        gpus = gpus.filter(machine__accepts_container=True)
+    by_machine: dict[int, list[WithAnnotations[GPU, MarketAnnotations]]] = defaultdict(list)
+    for gpu in gpus[:OFFER_GPUS_READ]:
+        by_machine[gpu.machine_id].append(gpu)
+    fitting = {m: chosen[:gpu_count] for m, chosen in by_machine.items() if len(chosen) >= gpu_count}
+    availability = gpus_availability(gpus=[chosen[0] for chosen in fitting.values()], now=now)
+    by_machine_availability = {m: availability[chosen[0].pk] for m, chosen in fitting.items()}
+    lasting = {
+        m: a
+        for m, a in by_machine_availability.items()
+        if a.available_now and (a.until is None or (a.until - now).total_seconds() >= duration_s)
+    }
+    risks = machines_idle_risk(availability=lasting, duration_s=duration_s, now=now)
+    offers = [
+        MachineOffer(
+            machine_id=m,
+            region=fitting[m][0].machine.region,
+            gpus=list(fitting[m]),
+            price_per_gpu_hour=max(g.effective_price for g in fitting[m]),
+            availability=lasting[m],
+            risk=risks[m],
+        )
+        for m in lasting
+    ]
+    offers.sort(key=lambda o: (-(o.risk.p_finish or 0.0), o.price_per_gpu_hour, o.machine_id))
+    return offers[:limit]
 
 
 def machine_list_for_provider(*, provider: Provider) -> QuerySet[Machine]:

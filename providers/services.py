@@ -42,6 +42,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
+from providers import idle_history
 from providers.availability import days_to_mask, mask_to_days, validate_timezone
 from providers.errors import (
     Conflict,
@@ -56,6 +57,7 @@ from providers.models import (
     PRICE_DECIMALS,
     AvailabilityWindow,
     Blackout,
+    IdleStretch,
     LivenessState,
     Machine,
     MachineCredentialRevocation,
@@ -462,8 +464,24 @@ def _machine_gpus_offline(*, machine_id: int) -> None:
     """Show every GPU of the machine `offline` (it was suspended, revoked or went silent).
     The caller holds a transaction and has ended the machine's leases (locks: machine, leases,
     then GPUs)."""
-    _machine_gpus_lock(machine_id=machine_id)
+    gpus = _machine_gpus_lock(machine_id=machine_id)
     GPU.objects.filter(machine_id=machine_id).update(state=GPU.State.OFFLINE, idle_since=None)
+    away = [g for g in gpus if g.idle_since is not None]
+    if away:
+        # What we know of their stretches ends at the machine's last heartbeat (censored).
+        last = Machine.objects.filter(pk=machine_id).values_list("last_heartbeat_at", flat=True).first()
+        over_at = last or timezone.now()
+        idle_history.idle_stretches_record(
+            idle_history.idle_stretch_over(
+                machine_id=machine_id,
+                gpu_id=g.pk,
+                began_at=g.idle_since,
+                over_at=max(over_at, g.idle_since),
+                ended=False,
+            )
+            for g in away
+            if g.idle_since is not None
+        )
 
 
 # Why a revocation was made, when its caller gives none.
@@ -724,6 +742,9 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
       never written back to `idle` (see the module docstring).
     - One TelemetrySample per GPU per TELEMETRY_SAMPLE_INTERVAL_S bucket (the first heartbeat in
       each bucket writes it), so heartbeats every few seconds do not grow the history.
+    - A GPU whose `idle_since` the report clears or moves had its owner's stretch end: it is
+      recorded for the idle forecasts (providers.idle_history), all of them in one insert, and
+      nothing is written when none ended.
     - `capabilities`, when reported, replace the stored ones and set which job kinds the
       machine accepts (`accepts_container`, `accepts_process`); absent, they stay as they are.
     - An assigned lease of a kind the machine no longer accepts ends as `failed_to_start` (its
@@ -820,10 +841,14 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
     leased_ids = machine_leases().active_gpu_ids(machine_id=machine_id)
     samples: list[TelemetrySample] = []
     to_update: list[GPU] = []
+    stretches: list[IdleStretch | None] = []
     for gr in report.gpus:
         gpu = existing.get(gr.uuid) or GPU(machine_id=machine_id, uuid=gr.uuid)
         previous_telemetry_at = gpu.last_telemetry_at
+        previous_idle_since = gpu.idle_since
         _gpu_reported(gpu, gr, leased=gpu.pk is not None and gpu.pk in leased_ids, now=now)
+        if previous_idle_since is not None and gpu.idle_since != previous_idle_since:
+            stretches.append(_stretch_over(gpu, previous_idle_since, gr=gr, now=now))
         if gpu.pk is None:
             gpu.save()
         else:
@@ -841,10 +866,34 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
                 )
             )
     GPU.objects.bulk_update(to_update, _GPU_REPORTED_FIELDS)
-    missing = [g.pk for uuid, g in existing.items() if uuid not in reported]
+    missing = [g for uuid, g in existing.items() if uuid not in reported]
     if missing:
-        GPU.objects.filter(pk__in=missing).update(state=GPU.State.OFFLINE, idle_since=None)
+        GPU.objects.filter(pk__in=[g.pk for g in missing]).update(state=GPU.State.OFFLINE, idle_since=None)
+        stretches.extend(
+            idle_history.idle_stretch_over(
+                machine_id=machine_id, gpu_id=g.pk, began_at=g.idle_since, over_at=now, ended=False
+            )
+            for g in missing
+            if g.idle_since is not None
+        )
     TelemetrySample.objects.bulk_create(samples)
+    idle_history.idle_stretches_record(stretches)
+
+
+def _stretch_over(gpu: GPU, began_at: datetime, *, gr: GpuReport, now: datetime) -> IdleStretch | None:
+    """The stretch since `began_at` that this report of `gpu` closes (its idle_since was cleared
+    or moved): ended when the agent says the owner is back; censored otherwise (not idle for
+    another reason, or a later idle_since: the agent started the stretch afresh), at the later
+    idle_since when there is one."""
+    if gpu.idle_since is None:
+        return idle_history.idle_stretch_over(
+            machine_id=gpu.machine_id, gpu_id=gpu.pk, began_at=began_at, over_at=now, ended=gr.owner_busy
+        )
+    if gpu.idle_since < began_at:
+        return None  # the agent reports an earlier start of the same stretch: nothing is over
+    return idle_history.idle_stretch_over(
+        machine_id=gpu.machine_id, gpu_id=gpu.pk, began_at=began_at, over_at=gpu.idle_since, ended=False
+    )
 
 
 def _gpu_reported(gpu: GPU, gr: GpuReport, *, leased: bool, now: datetime) -> None:

@@ -4,7 +4,7 @@ under core.periodic (a lock per task, logging, a failure count per task)."""
 from __future__ import annotations
 
 from core.periodic import periodic_task
-from providers import services, telemetry
+from providers import idle_history, services, telemetry
 
 
 @periodic_task(name="providers.tasks.sweep_machine_liveness", time_limit=60)
@@ -24,3 +24,10 @@ def rollup_telemetry() -> dict[str, int]:
 def prune_telemetry() -> dict[str, int]:
     """Delete telemetry past its retention (beat: every hour)."""
     return {"pruned": telemetry.telemetry_prune()}
+
+
+@periodic_task(name="providers.tasks.fold_idle_stretches", time_limit=600)
+def fold_idle_stretches() -> dict[str, int]:
+    """Fold the idle stretches heartbeats recorded into each machine's forecast and the fleet
+    prior, then delete them (providers.idle_history; beat: every 5 minutes)."""
+    return idle_history.idle_stretches_fold()

@@ -264,3 +264,36 @@ def capabilities_report(*, kinds: tuple[str, ...] = ("container", "process"), **
     }
     report.update(extra)
     return report
+
+
+def idle_history_of(machine: Machine, *, stretches: Sequence[tuple[datetime, float]], ended: bool = True) -> None:
+    """Give `machine` a history of idle stretches (start, length in seconds), as its heartbeats
+    would have recorded them, and fold it into its forecast and the fleet prior."""
+    from providers.idle_history import idle_stretches_fold
+    from providers.models import IdleStretch
+
+    gpu = machine.gpus.first() or GPUFactory(machine=machine)
+    IdleStretch.objects.bulk_create(
+        IdleStretch(machine=machine, gpu=gpu, began_at=began, length_s=length, ended=ended)
+        for began, length in stretches
+    )
+    idle_stretches_fold()
+
+
+def nightly_owner_history(machine: Machine, *, weeks: int = 4, until: datetime) -> None:
+    """An owner away every night from 22:00 to 07:00 UTC, and by day for 4 minutes at a time,
+    for the `weeks` before `until`."""
+    start = (until - timedelta(weeks=weeks)).replace(hour=0, minute=0, second=0, microsecond=0)
+    stretches: list[tuple[datetime, float]] = []
+    for day in range(7 * weeks):
+        midnight = start + timedelta(days=day)
+        stretches.append((midnight + timedelta(hours=22), 9 * 3600.0))
+        stretches.extend((midnight + timedelta(hours=hour), 240.0) for hour in range(8, 21))
+    idle_history_of(machine, stretches=stretches)
+
+
+def fickle_owner_history(machine: Machine, *, weeks: int = 4, until: datetime) -> None:
+    """An owner back every few minutes, at any hour, for the `weeks` before `until`."""
+    start = until - timedelta(weeks=weeks)
+    stretches = [(start + timedelta(hours=h), 120.0 + 60 * (h % 4)) for h in range(weeks * 168)]
+    idle_history_of(machine, stretches=stretches)

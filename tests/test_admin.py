@@ -25,6 +25,7 @@ from providers.models import (
     Blackout,
     Machine,
     MachineCredentialRevocation,
+    MachineIdleProfile,
     Provider,
     RegistrationToken,
     TelemetryRollup,
@@ -37,6 +38,7 @@ from tests.factories import (
     MachineFactory,
     UserFactory,
     capabilities_report,
+    idle_history_of,
     machine_with_gpus,
     placed_lease,
 )
@@ -110,6 +112,7 @@ def fleet(db) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         gpu_seconds=Decimal("3600"),
     )
     machine_credential_rotate(machine=machine, actor=f"provider:{provider.pk}")
+    idle_history_of(machine, stretches=[(hour_ago - timedelta(hours=2), 7200.0)])
     return {
         "provider": provider,
         "machine": machine,
@@ -128,6 +131,7 @@ def fleet(db) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         "rollup": TelemetryRollup.objects.first(),
         "report": report,
         "revocation": MachineCredentialRevocation.objects.get(machine=machine),
+        "idle_profile": MachineIdleProfile.objects.get(machine=machine),
     }
 
 
@@ -148,6 +152,7 @@ OBJECTS = {
     LeaseGPU: "lease_gpu",
     Event: "event",
     UsageReport: "report",
+    MachineIdleProfile: "idle_profile",
 }
 
 

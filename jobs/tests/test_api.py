@@ -57,6 +57,48 @@ def test_max_duration_defaults_to_the_expected_duration(renter_client):
     assert response.json()["max_duration_s"] == 3600
 
 
+def test_a_job_without_checkpoints_says_so(renter_client):
+    client, _ = renter_client
+
+    body = client.post("/api/v1/jobs/", PROCESS_JOB, format="json").json()
+
+    assert body["checkpoint_interval_s"] is None
+
+
+@pytest.mark.parametrize("interval", [60, 900, 86400])
+def test_the_renters_checkpoint_promise_is_kept_and_shown(renter_client, interval):
+    client, _ = renter_client
+
+    created = client.post("/api/v1/jobs/", {**PROCESS_JOB, "checkpoint_interval_s": interval}, format="json")
+
+    assert created.status_code == 201
+    assert created.json()["checkpoint_interval_s"] == interval
+    assert Job.objects.get(pk=created.json()["id"]).checkpoint_interval_s == interval
+    detail = client.get(f"/api/v1/jobs/{created.json()['id']}/").json()
+    assert detail["checkpoint_interval_s"] == interval
+
+
+def test_an_out_of_range_checkpoint_interval_is_refused_with_its_range(renter_client):
+    client, _ = renter_client
+
+    response = client.post("/api/v1/jobs/", {**PROCESS_JOB, "checkpoint_interval_s": 30}, format="json")
+
+    assert response.status_code == 400
+    assert "60" in str(response.json()["fields"]["checkpoint_interval_s"])
+    assert not Job.objects.exists()
+
+
+def test_same_idempotency_key_with_another_checkpoint_interval_is_a_conflict(renter_client):
+    client, _ = renter_client
+    headers = {"HTTP_IDEMPOTENCY_KEY": "checkpointed"}
+    first = client.post("/api/v1/jobs/", {**PROCESS_JOB, "checkpoint_interval_s": 600}, format="json", **headers)
+
+    again = client.post("/api/v1/jobs/", {**PROCESS_JOB, "checkpoint_interval_s": 1200}, format="json", **headers)
+
+    assert first.status_code == 201
+    assert again.status_code == 409
+
+
 def test_same_idempotency_key_and_body_returns_the_same_job(renter_client):
     client, _ = renter_client
 
@@ -149,6 +191,12 @@ def test_idempotency_key_of_128_characters_is_accepted(renter_client):
         ({"allowed_models": "RTX 4090"}, "allowed_models"),
         ({"region": "r" * 65}, "region"),
         ({"gpus": 2}, "gpus"),
+        ({"checkpoint_interval_s": 59}, "checkpoint_interval_s"),
+        ({"checkpoint_interval_s": 0}, "checkpoint_interval_s"),
+        ({"checkpoint_interval_s": -600}, "checkpoint_interval_s"),
+        ({"checkpoint_interval_s": 86401}, "checkpoint_interval_s"),
+        ({"checkpoint_interval_s": "hourly"}, "checkpoint_interval_s"),
+        ({"checkpoint_interval_s": 90.5}, "checkpoint_interval_s"),
     ],
 )
 def test_invalid_job_requests_are_refused_and_create_nothing(renter_client, change, field):
