@@ -19,7 +19,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from marketplace.placement import FreePool, GpuOffer, JobRequest, MachineOffer, pool_place
+from marketplace.placement import FreePool, GpuOffer, JobRequest, MachineOffer, Placement, pool_place
 from marketplace.simulator.metrics import Metrics
 from marketplace.simulator.traces import DutySeries, Node, TraceJob
 from providers.forecasting import Forecast, StretchCounts, hour_of_week
@@ -31,6 +31,7 @@ EPOCH = 1_767_571_200.0
 FORECAST_REFRESH_S = 1800.0  # a GPU's forecast is rebuilt at most this often
 FLEET_PRIOR_REFRESH_S = 6 * 3600.0
 RENTERS = 16
+STARVED_AFTER_S = 86400.0  # a job waiting longer while GPUs fitting it go to later jobs is starved
 FLOOR = 500_000  # micro-units per GPU-hour, every GPU
 CEILINGS = (1_000_000, 1_500_000, 2_000_000)  # renters' price ceilings, drawn per renter
 VRAM_MB = 16_384  # the traces name no VRAM: every GPU has this, every job asks for none
@@ -143,10 +144,12 @@ class Simulation:
         patterns = [idle_runs(s, origin_s=origin, period_s=period) for s in duty]
         self.metrics = Metrics(warmup_s=config.warmup_s, horizon_s=config.horizon_s)
         self.gpus: list[_Gpu] = []
+        self.machine_gpus: list[list[int]] = []
         self.machines: list[MachineOffer] = []
         supply = 0.0  # mean rentable GPUs over a period
         for m, node in enumerate(nodes):
             self.machines.append(MachineOffer(m, "", 1, math.inf, None, None, []))
+            self.machine_gpus.append(list(range(len(self.gpus), len(self.gpus) + node.gpus)))
             for _ in range(node.gpus):
                 k = rng.randrange(len(patterns))
                 phase = rng.uniform(0, period)
@@ -374,6 +377,33 @@ class Simulation:
             self.held[job.renter] = self.held.get(job.renter, 0) + job.gpu_count
             self._push(now + (job.duration - job.done), _FINISH, job.id * (1 << 20) + job.lease_seq)
             self.metrics.placed(job.id, now)
+        self._starved(now, placements)
+
+    def _starved(self, now: float, placements: list[Placement]) -> None:
+        """Note each job never placed yet, waiting over a day since its arrival, while GPUs that
+        fit it went to a later job in this cycle."""
+        old = [j for j in self.pending.values() if now - j.arrival > STARVED_AFTER_S and j.first_start is None]
+        if not old or not placements:
+            return
+        given: dict[int, list[int]] = {}
+        for p in placements:
+            given.setdefault(p.machine_id, []).extend(p.gpu_ids)
+        for waiting in old:
+            if waiting.id in self.metrics.starved:
+                continue
+            for p in placements:
+                if self.jobs[p.job_id].arrival <= waiting.arrival:
+                    continue
+                # the GPUs free on that machine when the cycle began, of a model the job allows
+                free = [
+                    g for g in self.machine_gpus[p.machine_id] if self.gpus[g].rentable and self.gpus[g].lease is None
+                ]
+                fits = [
+                    g for g in free + given[p.machine_id] if not waiting.models or self.gpus[g].model in waiting.models
+                ]
+                if len(fits) >= waiting.gpu_count:
+                    self.metrics.starved.add(waiting.id)
+                    break
 
     def _close(self, end: float) -> None:
         for gpu in self.gpus:

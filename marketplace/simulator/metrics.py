@@ -10,6 +10,8 @@
   its arrival; grouped by allowed models) to idle supply per GPU model. useful_vs_bound =
   useful / upper bound.
 - preemptions_per_job: preemptions in the period / jobs leased in the period.
+- starved_over_a_day: jobs never placed yet, waiting over a day, at a cycle that gave a later
+  job GPUs on a machine where enough GPUs of a model they allow were free.
 - wait (first placement - arrival) and completion (finish - arrival) percentiles: jobs that
   arrived in the period. jobs_completed: finishes in the period. never_placed: by reason.
 """
@@ -104,6 +106,7 @@ class Metrics:
     jobs_arrived: int = 0
     never_placed: dict[str, int] = field(default_factory=dict)
     max_wait_s: float = 0.0
+    starved: set[int] = field(default_factory=set)
     _rentable: dict[int, tuple[str, float]] = field(default_factory=dict)
 
     def _clip(self, a: float, b: float) -> float:
@@ -175,6 +178,7 @@ class Metrics:
             "wait_p50_s": pct(self.waits, 0.5),
             "wait_p95_s": pct(self.waits, 0.95),
             "max_wait_s": round(self.max_wait_s, 1),
+            "starved_over_a_day": len(self.starved),
             "completion_p50_s": pct(self.completions, 0.5),
             "completion_p95_s": pct(self.completions, 0.95),
             "jobs_arrived": self.jobs_arrived,
