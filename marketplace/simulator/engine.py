@@ -79,7 +79,7 @@ def _tiled(runs: list[tuple[float, float]], period_s: float, phase_s: float) -> 
     if not runs:
         return
     if runs[0][0] <= 0 and runs[-1][1] >= period_s and len(runs) == 1:
-        yield (-math.inf, math.inf)  # an owner who never comes back
+        yield (-phase_s, math.inf)  # an owner who never comes back (away since the trace began)
         return
     k = 0
     pending: tuple[float, float] | None = None

@@ -190,3 +190,12 @@ def test_the_command_names_a_malformed_file(tmp_path: Path, traces: dict[str, Pa
     bad.write_text("sn,gpu,model\nn1,x,T4\n")
     with pytest.raises(CommandError, match=r"fleet\.csv:2"):
         call_command("simulate", "--jobs", str(traces["jobs"]), "--fleet", str(bad), "--duty", str(traces["duty"]))
+
+
+def test_owners_who_never_come_back_rent_out_everything_and_lose_nothing(tmp_path: Path) -> None:
+    paths = write_traces(tmp_path, nodes=3, jobs=60)
+    paths["duty"].write_text("value,timestamp_anon,container_ip\n" + "".join(f"0,{i * STEP},p\n" for i in range(1440)))
+    summary = simulate(paths, horizon_s=43200.0, warmup_s=3600.0, load=0.5, policy="v2")
+    assert summary["idle_gpu_s"] == 6 * (43200 - 3600)
+    assert summary["lost_gpu_s"] == 0
+    assert summary["preemptions"] == 0
