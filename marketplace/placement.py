@@ -25,20 +25,28 @@ Policies (`POLICIES`):
     capacity is short a higher ceiling goes first, but a renter's bid is discounted by what
     it already holds: a flood from one renter cannot starve another (the other's head job
     outbids it once the flood holds price ratio-many GPUs), and aging bounds every wait.
-  * Machine. Each free GPU gets a *horizon*: the time its owner stays away with probability
-    `P_TARGET`, from its forecast (providers.forecasting: the machine's own stretches by
-    hour of the week, blended with the fleet prior, conditioned on how long it has been idle
-    already). A placement's horizon is the smallest horizon among its GPUs. The job goes to
-    the fitting placement with the *smallest horizon that still covers the job's remaining
-    duration* (best fit: long stretches are kept for long jobs); when none covers it, to the
-    one with the largest horizon (the least expected loss). Price breaks ties only through
-    the hard constraints (the agreed price is still the highest floor).
+  * Machine. Each free GPU gets a *safe-until* time: the instant until which its owner stays
+    away with probability `P_TARGET`, from its forecast (providers.forecasting: its own
+    stretches by hour of the week, blended with the fleet prior), conditioned on how long the
+    owner has been away already (judged at grid ages 0, 60 s, then growing by half: see
+    `_age_step`). A placement's safe-until is the earliest of its GPUs'. The job goes to the
+    fitting placement whose safe-until is the *earliest that still covers the job's
+    remaining duration* (best fit: long stretches are kept for long jobs); when none covers
+    it, to the one with the latest safe-until (the least expected loss). On a machine the
+    steadiest GPUs are taken first. Price plays no part here beyond the hard constraints
+    (the agreed price is still the highest floor).
   * No holding back: a job that fits some free GPUs is placed this cycle, so no GPU sits idle
     while a fitting job waits. (Holding a job up to 30 min for a steadier GPU while capacity
     was ample was tried on the traces: no fewer preemptions, longer waits.)
-  * Speed: per class of GPU (model, VRAM, region, kinds) a list of (horizon, machine) entries
-    sorted by horizon; a job bisects to its duration and walks upward, so a cycle costs about
-    (free GPUs + jobs) × log(free GPUs), not jobs × machines.
+  * Speed: per class of GPU (model, VRAM, region, kinds) and tier of free count (1, 2, 4, 8)
+    a list of (safe-until, machine) entries sorted; a job bisects to now + its duration and
+    walks upward (at most `_WALK_LIMIT` machines each way), so a cycle costs about
+    (free GPUs + jobs) x log(free GPUs), not jobs x machines (benchmarks/placement.py).
+
+Approximations every policy shares: a machine is found through the class lists of the job's
+tier, so a job for n GPUs is not placed across two classes of one machine that each have fewer
+than tier(n) free GPUs (mixed-model machines); marketplace.matching keeps its own pool until
+the lead wires match_cycle to this module.
 
 Every placement reports `p_finish`, the predicted probability that the job runs its whole
 remaining duration without a preemption (the product of its GPUs' survival), and
