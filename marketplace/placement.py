@@ -284,7 +284,11 @@ class FreePool:
         return (gpus[0].safe_until, mid)
 
     def _reenter(self, machine: _Machine, cls: int) -> None:
-        old = machine.keys.pop(cls, None)
+        gpus = machine.free.get(cls)
+        old = machine.keys.get(cls)
+        if gpus and old is not None and old == (self._key(machine, cls), _tier(len(gpus))):
+            return  # its entries stand
+        machine.keys.pop(cls, None)
         tiers = self.sorted[cls]
         if old is not None:
             entry = (old[0], machine.offer.id, cls)
@@ -293,7 +297,6 @@ class FreePool:
                 i = bisect_left(entries, entry)
                 if i < len(entries) and entries[i] == entry:
                     del entries[i]
-        gpus = machine.free.get(cls)
         if gpus:
             key = self._key(machine, cls)
             top = _tier(len(gpus))

@@ -131,6 +131,7 @@ class _Job:
     first_start: float | None = None
     finished: float | None = None
     preemptions: int = 0
+    request: JobRequest | None = None  # what the matcher is handed, until the job is requeued
 
 
 class Simulation:
@@ -169,10 +170,7 @@ class Simulation:
         self._arrivals(jobs, rng)
         for gpu in self.gpus:
             self._next_absence(gpu, 0.0)
-        t = 0.0
-        while t < config.horizon_s:
-            self._push(t, _CYCLE, 0)
-            t += config.cycle_s
+        self._push(0.0, _CYCLE, 0)  # each cycle schedules the next: a small event heap
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -209,7 +207,8 @@ class Simulation:
             )
             self.metrics.offered(job.arrival, job.gpu_count, job.duration, job.models or frozenset(models))
             self.jobs[i] = job
-            self._push(at, _ARRIVE, i)
+        if self.jobs:
+            self._push(self.jobs[0].arrival, _ARRIVE, 0)
 
     def _push(self, at: float, kind: int, subject: int) -> None:
         self.seq += 1
@@ -260,8 +259,13 @@ class Simulation:
             elif kind == _ARRIVE:
                 self.pending[subject] = self.jobs[subject]
                 self.changed = True
-            elif kind == _CYCLE and self.pending and self.changed:
-                self._cycle(at)
+                if subject + 1 in self.jobs:  # arrivals are numbered in time order
+                    self._push(self.jobs[subject + 1].arrival, _ARRIVE, subject + 1)
+            elif kind == _CYCLE:
+                if at + cfg.cycle_s < cfg.horizon_s:
+                    self._push(at + cfg.cycle_s, _CYCLE, 0)
+                if self.pending and self.changed:
+                    self._cycle(at)
         self._close(cfg.horizon_s)
         return self.metrics
 
@@ -326,6 +330,7 @@ class Simulation:
         else:
             kept = 0.0
         job.done += kept
+        job.request = None  # its remaining work changed
         job.preemptions += 1
         self.metrics.lease(job.id, job.gpu_count, started, now, lost_from=started + kept, preempted=True)
         self.pending[job.id] = job
@@ -345,22 +350,7 @@ class Simulation:
 
     def _cycle(self, now: float) -> None:
         self.changed = False
-        requests = [
-            JobRequest(
-                id=job.id,
-                renter=job.renter,
-                submitted_at=EPOCH + job.arrival,
-                gpu_count=job.gpu_count,
-                min_vram_mb=0,
-                models=job.models,
-                region="",
-                max_price=job.max_price,
-                duration_s=math.ceil(job.duration - job.done),
-                checkpoint_interval_s=job.checkpoint,
-                kind_bit=1,
-            )
-            for job in self.pending.values()
-        ]
+        requests = [job.request or self._request(job) for job in self.pending.values()]
         placements = pool_place(self.pool, requests, now=EPOCH + now, held_by_renter=self.held)
         for p in placements:
             job = self.pending.pop(p.job_id)
@@ -378,6 +368,23 @@ class Simulation:
             self._push(now + (job.duration - job.done), _FINISH, job.id * (1 << 20) + job.lease_seq)
             self.metrics.placed(job.id, now)
         self._starved(now, placements)
+
+    @staticmethod
+    def _request(job: _Job) -> JobRequest:
+        job.request = JobRequest(
+            id=job.id,
+            renter=job.renter,
+            submitted_at=EPOCH + job.arrival,
+            gpu_count=job.gpu_count,
+            min_vram_mb=0,
+            models=job.models,
+            region="",
+            max_price=job.max_price,
+            duration_s=math.ceil(job.duration - job.done),
+            checkpoint_interval_s=job.checkpoint,
+            kind_bit=1,
+        )
+        return job.request
 
     def _starved(self, now: float, placements: list[Placement]) -> None:
         """Note each job never placed yet, waiting over a day since its arrival, while GPUs that
