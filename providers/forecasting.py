@@ -69,13 +69,16 @@ HOUR_PRIOR_WEIGHT = 4.0
 FLEET_PRIOR_WEIGHT = 3.0
 # Hazard rate beyond the last edge (per second): a stretch over a week ends within about a week.
 _TAIL_RATE = 1.0 / 604800
+_A_MONDAY = 4 * 86400  # 1970-01-05 00:00 UTC, a Monday, as a Unix time
 
 
 def hour_of_week(at: datetime | float) -> int:
     """0..167: Monday 00:00 UTC is 0. `at` is an aware datetime or a Unix time in seconds."""
-    when = at if isinstance(at, datetime) else datetime.fromtimestamp(at, UTC)
-    when = when.astimezone(UTC)
-    return when.weekday() * 24 + when.hour
+    if isinstance(at, datetime):
+        when = at.astimezone(UTC)
+        return when.weekday() * 24 + when.hour
+    # Arithmetic, not datetime: the matcher asks this of every free GPU in every cycle.
+    return int((at - _A_MONDAY) // 3600) % HOURS_OF_WEEK
 
 
 def bin_of(length_s: float) -> int:
@@ -90,6 +93,16 @@ class StretchCounts:
 
     ended: dict[int, dict[int, float]] = field(default_factory=dict)
     censored: dict[int, dict[int, float]] = field(default_factory=dict)
+    # profile(hour) answers, dropped by add/merge/decay (a fleet prior is read for every
+    # machine's forecast; summing its 168 hours each time would dominate). Code that edits
+    # `ended`/`censored` directly must call `changed()`.
+    _profiles: dict[int | None, tuple[list[float], list[float]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def changed(self) -> None:
+        """Forget cached profiles (after editing `ended` or `censored` in place)."""
+        self._profiles.clear()
 
     def add(self, *, began_hour: int, length_s: float, ended: bool, weight: float = 1.0) -> None:
         """Count one stretch that began in hour-of-week `began_hour` and lasted `length_s`
@@ -102,6 +115,7 @@ class StretchCounts:
         row = table.setdefault(began_hour, {})
         b = bin_of(length_s)
         row[b] = row.get(b, 0.0) + weight
+        self._profiles.clear()
 
     def merge(self, other: StretchCounts, weight: float = 1.0) -> None:
         for mine, theirs in ((self.ended, other.ended), (self.censored, other.censored)):
@@ -109,6 +123,7 @@ class StretchCounts:
                 target = mine.setdefault(hour, {})
                 for b, n in row.items():
                     target[b] = target.get(b, 0.0) + n * weight
+        self._profiles.clear()
 
     def decay(self, factor: float, *, floor: float = 0.01) -> None:
         """Multiply every count by `factor` (0 < factor <= 1), dropping counts below `floor`."""
@@ -121,6 +136,7 @@ class StretchCounts:
                     table[hour] = row
                 else:
                     del table[hour]
+        self._profiles.clear()
 
     def total(self, hour: int | None = None) -> float:
         tables = (self.ended, self.censored)
@@ -129,10 +145,17 @@ class StretchCounts:
         return sum(n for table in tables for n in table.get(hour, {}).values())
 
     def profile(self, hour: int | None = None) -> tuple[list[float], list[float]]:
-        """(ended per bin, censored per bin) for one hour of the week, or summed over all."""
+        """(ended per bin, censored per bin) for one hour of the week, or summed over all.
+        The lists are fresh copies (the cache keeps its own)."""
+        found = self._profiles.get(hour)
+        if found is None:
+            found = self._profiles[hour] = self._profile(hour)
+        return list(found[0]), list(found[1])
+
+    def _profile(self, hour: int | None) -> tuple[list[float], list[float]]:
         ended = [0.0] * NBINS
         censored = [0.0] * NBINS
-        hours: Iterable[int] = range(HOURS_OF_WEEK) if hour is None else (hour,)
+        hours: Iterable[int] = sorted(self.ended.keys() | self.censored.keys()) if hour is None else (hour,)
         for h in hours:
             for b, n in self.ended.get(h, {}).items():
                 ended[b] += n
@@ -209,17 +232,29 @@ class Survival:
 
     def quantile_more(self, age_s: float, p: float) -> float:
         """The `d` with P(still idle after d more seconds | age) = p (p in (0, 1)): p=0.5 is the
-        median remaining stretch. Found by bisection over [0, 4 weeks]."""
-        lo, hi = 0.0, 4 * 604800.0
-        if self.conditional(age_s, hi) >= p:
-            return hi
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            if self.conditional(age_s, mid) >= p:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        median remaining stretch, capped at 4 weeks. Solved in closed form: S is log-linear
+        inside each bin, so the bin where S falls to p·S(age) is found by a walk over the edges
+        and the time inside it by one logarithm."""
+        cap = 4 * 604800.0
+        if not 0 < p < 1:
+            raise ValueError(f"p must be in (0, 1), not {p}")
+        age = max(age_s, 0.0)
+        base = self(age)
+        if base <= 1e-12:
+            rate = self.rates[-1]
+            return min(cap, -math.log(p) / rate) if rate > 0 else cap
+        target = p * base
+        b = bin_of(age)
+        # The first bin after age's whose end falls below target holds the answer.
+        while b < NBINS - 1 and self.at_edges[b + 1] >= target:
+            b += 1
+        start = max(BIN_EDGES_S[b], age)
+        at_start = self(start)
+        rate = self.rates[b]
+        if rate <= 0:
+            return cap
+        t = start + math.log(at_start / target) / rate
+        return min(cap, max(t - age, 0.0))
 
     @classmethod
     def from_profile(cls, ended: list[float], censored: list[float]) -> Survival:

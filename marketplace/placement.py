@@ -1,0 +1,576 @@
+"""Placement policies: which pending job goes on which idle GPUs. Plain code over plain data (no
+ORM, no Django): the matcher feeds it from the database, the trace-replay simulator
+(marketplace.simulator) from its simulated world, so both run the same rules.
+
+Hard constraints, every policy: the machine accepts the job's kind; every GPU has an allowed
+model (empty = any), at least min_vram_mb and a floor <= the job's price ceiling; the machine is
+in the job's region (when it names one); the machine's declared window lasts at least the job's
+duration; all GPUs of a placement are on one machine; no GPU is given twice. The agreed price
+is the highest floor among the chosen GPUs.
+
+Policies (`POLICIES`):
+
+- ``first-fit``: jobs in FIFO order (submitted_at, id); the fitting machine with the lowest id;
+  its lowest-id eligible GPUs.
+- ``v1``: today's production rule (marketplace.matching): jobs FIFO; among fitting machines the
+  cheapest lease wins (the highest floor of the job's gpu_count cheapest eligible GPUs), then
+  the best fit (fewest eligible free GPUs), then the lowest machine id; on it the cheapest
+  eligible GPUs.
+- ``v2``: forecast-aware, fair, priced and aged:
+
+  * Order. A job waiting longer than `AGE_LIMIT_S` goes before every other, oldest first.
+    The others are taken renter by renter: the next job comes from the renter whose head job
+    bids most per GPU already held, max_price / (1 + GPUs the renter holds, counting this
+    cycle's placements); within a renter, higher price ceiling first, then FIFO. So when
+    capacity is short a higher ceiling goes first, but a renter's bid is discounted by what
+    it already holds: a flood from one renter cannot starve another (the other's head job
+    outbids it once the flood holds price ratio-many GPUs), and aging bounds every wait.
+  * Machine. Each free GPU gets a *safe-until* time: the instant until which its owner stays
+    away with probability `P_TARGET`, from its forecast (providers.forecasting: its own
+    stretches by hour of the week, blended with the fleet prior), conditioned on how long the
+    owner has been away already (judged at grid ages 0, 60 s, then growing by half: see
+    `_age_step`). A placement's safe-until is the earliest of its GPUs'. The job goes to the
+    fitting placement whose safe-until is the *earliest that still covers the job's
+    remaining duration* (best fit: long stretches are kept for long jobs); when none covers
+    it, to the one with the latest safe-until (the least expected loss). On a machine the
+    steadiest GPUs are taken first. Price plays no part here beyond the hard constraints
+    (the agreed price is still the highest floor).
+  * No holding back: a job that fits some free GPUs is placed this cycle, so no GPU sits idle
+    while a fitting job waits. (Holding a job up to 30 min for a steadier GPU while capacity
+    was ample was tried on the traces: no fewer preemptions, longer waits.)
+  * Speed: per class of GPU (model, VRAM, region, kinds) and tier of free count (1, 2, 4, 8)
+    a list of (safe-until, machine) entries sorted; a job bisects to now + its duration and
+    walks upward (at most `_WALK_LIMIT` machines each way), so a cycle costs about
+    (free GPUs + jobs) x log(free GPUs), not jobs x machines (benchmarks/placement.py).
+
+Approximations every policy shares: a machine is found through the class lists of the job's
+tier, so a job for n GPUs is not placed across two classes of one machine that each have fewer
+than tier(n) free GPUs (mixed-model machines); marketplace.matching keeps its own pool until
+the lead wires match_cycle to this module.
+
+Every placement reports `p_finish`, the predicted probability that the job runs its whole
+remaining duration without a preemption (the product of its GPUs' survival), and
+`expected_lost_s`, the expected seconds of work lost per GPU to a preemption (work since the
+last checkpoint), from the same forecasts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left, insort
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from providers.forecasting import Forecast, StretchCounts, Survival, expected_lost_s, hour_of_week
+
+POLICIES = ("first-fit", "v1", "v2")
+
+# v2: a job waiting longer than this goes first (no job waits a day while GPUs fit it).
+AGE_LIMIT_S = 6 * 3600.0
+# v2: a GPU's horizon is the time its owner stays away with this probability.
+P_TARGET = 0.8
+# v2: entries looked at above the best-fit point before settling for the first that fits.
+_WALK_LIMIT = 256
+
+_NO_FORECAST = Forecast(StretchCounts(), StretchCounts())
+_NO_CURVE = _NO_FORECAST.curve(0)
+# Segments of expected_lost_s for a placement's report (a figure, not a decision).
+_LOST_STEPS = 16
+# A machine's entry for a class sits in the list of each tier up to its free count there, so a
+# job for n GPUs walks only machines with at least tier(n) free GPUs of one class.
+_TIERS = (1, 2, 4, 8)
+
+
+def _tier(count: int) -> int:
+    """Index of the largest tier <= count (count >= 1)."""
+    return 3 if count >= 8 else 2 if count >= 4 else 1 if count >= 2 else 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    id: int
+    renter: int  # renter id, for the fair share
+    submitted_at: float  # Unix seconds
+    gpu_count: int
+    min_vram_mb: int
+    models: frozenset[str]  # lower-case model names; empty = any
+    region: str  # "" = any
+    max_price: int  # micro-units per GPU-hour (price ceiling)
+    duration_s: int  # expected (remaining) run time
+    checkpoint_interval_s: int | None  # None: a preemption loses all work
+    kind_bit: int  # 1 container, 2 process (matching.KIND_BITS)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuOffer:
+    id: int
+    model: str  # lower-case
+    vram_mb: int
+    floor: int  # micro-units per GPU-hour
+    # Where each GPU has an owner of its own (the simulator's world), its own idle stretch and
+    # forecast; None: the machine's.
+    idle_since: float | None = None
+    forecast: Forecast | None = None
+
+
+@dataclass(slots=True)
+class MachineOffer:
+    id: int
+    region: str
+    kinds: int  # accepted kinds, KIND_BITS or-ed
+    window_s: float  # declared availability left from now (math.inf: no declared end)
+    idle_since: float | None  # Unix s: start of the current idle stretch (None: unknown)
+    forecast: Forecast | None  # None: v2 forecasts it as an unknown machine (a mean of about an hour)
+    gpus: list[GpuOffer]  # free candidate GPUs
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    job_id: int
+    machine_id: int
+    gpu_ids: tuple[int, ...]
+    price: int  # micro-units per GPU-hour: the highest floor among the chosen GPUs
+    p_finish: float  # P(the job runs its whole remaining duration without a preemption)
+    expected_lost_s: float  # expected seconds of work lost per GPU to a preemption
+
+
+# --- the pool --------------------------------------------------------------------------------
+
+_Class = tuple[str, int, str, int]  # model, VRAM, region, kinds
+
+
+def _age_step(age_s: float) -> tuple[float, float]:
+    """(the grid age at or below `age_s`, the next grid age). v2 judges a GPU at grid ages
+    (0, then 60 s growing by half each step), so a pool kept across cycles recomputes a
+    GPU's horizon O(log stretch) times per stretch and answers as one built from scratch."""
+    if age_s < 60:
+        return 0.0, 60.0
+    k = math.floor(math.log(age_s / 60) / _LOG_STEP + 1e-9)
+    return 60 * _AGE_GROWTH**k, 60 * _AGE_GROWTH ** (k + 1)
+
+
+_AGE_GROWTH = 1.5
+_LOG_STEP = math.log(_AGE_GROWTH)
+
+
+@dataclass(slots=True)
+class _Gpu:
+    offer: GpuOffer
+    machine: int
+    cls: int
+    curve: Survival
+    idle_since: float
+    safe_until: float  # v2: the owner is still away at this time with probability P_TARGET
+    stamp: int = 0
+
+    def order(self, policy: str) -> tuple[float, ...]:
+        """The order GPUs are taken in on one machine."""
+        if policy == "first-fit":
+            return (self.offer.id,)
+        if policy == "v1":
+            return (self.offer.floor, self.offer.id)
+        return (-self.safe_until, self.offer.floor, self.offer.id)  # the safest first
+
+
+@dataclass(slots=True)
+class _Machine:
+    offer: MachineOffer
+    free: dict[int, list[_Gpu]] = field(default_factory=dict)  # class id -> free GPUs, in order
+    keys: dict[int, tuple[tuple[float, ...], int]] = field(default_factory=dict)  # class -> (key, tier)
+
+
+class FreePool:
+    """The free GPUs a policy places jobs on, grouped by class (model, VRAM, region, kinds),
+    with per class and tier a sorted list of (key, machine id, class) entries, one live entry
+    per machine and class. `place()` builds one per call; a caller that sees GPUs come and go
+    one by one (the simulator) keeps one and `add`s and `remove`s them, and gets the same
+    answers as `place()` over the same free GPUs (a machine's region, kinds and window are
+    taken from its first `add`)."""
+
+    def __init__(self, policy: str) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.machines: dict[int, _Machine] = {}
+        self.gpus: dict[int, _Gpu] = {}
+        self.class_ids: dict[_Class, int] = {}
+        self.class_keys: list[_Class] = []
+        self.sorted: list[tuple[list[tuple[tuple[float, ...], int, int]], ...]] = []
+        self._shape_classes: dict[tuple[frozenset[str], int, str, int], tuple[int, ...]] = {}
+        self._due: list[tuple[float, int, int]] = []  # v2: (grid age reached at, gpu id, stamp)
+        self._stamp = 0
+
+    def __len__(self) -> int:
+        return len(self.gpus)
+
+    # --- keeping it -------------------------------------------------------------------------
+
+    def add(self, machine: MachineOffer, gpu: GpuOffer, *, now: float) -> None:
+        """Offer one free GPU of `machine` (a GPU already offered is left as it is)."""
+        if gpu.id in self.gpus:
+            return
+        held = self.machines.get(machine.id)
+        if held is None:
+            held = self.machines[machine.id] = _Machine(machine)
+        offer = held.offer
+        key = (gpu.model, gpu.vram_mb, offer.region, offer.kinds)
+        cls = self.class_ids.get(key)
+        if cls is None:
+            cls = self.class_ids[key] = len(self.class_keys)
+            self.class_keys.append(key)
+            self.sorted.append(([], [], [], []))
+            self._shape_classes.clear()
+        if self.policy == "v2":
+            forecast = gpu.forecast or offer.forecast or _NO_FORECAST
+            idle_since = gpu.idle_since if gpu.idle_since is not None else offer.idle_since
+            if idle_since is None:
+                idle_since = now
+            curve = forecast.curve(hour_of_week(idle_since))
+        else:
+            curve, idle_since = _NO_CURVE, now
+        entry = self.gpus[gpu.id] = _Gpu(gpu, machine.id, cls, curve, idle_since, 0.0)
+        if self.policy == "v2":
+            self._judge(entry, now)
+        gpus = held.free.setdefault(cls, [])
+        insort(gpus, entry, key=lambda g: g.order(self.policy))
+        self._reenter(held, cls)
+
+    def remove(self, gpu_id: int) -> None:
+        """Withdraw a free GPU (ignored when it is not in the pool)."""
+        entry = self.gpus.pop(gpu_id, None)
+        if entry is None:
+            return
+        machine = self.machines[entry.machine]
+        machine.free[entry.cls].remove(entry)
+        self._reenter(machine, entry.cls)
+        if not any(machine.free.values()):
+            del self.machines[entry.machine]
+
+    def _judge(self, gpu: _Gpu, now: float) -> None:
+        """v2: the GPU's safe_until at its current grid age; due again at the next grid age."""
+        age = max(now - gpu.idle_since, 0.0)
+        grid, following = _age_step(age)
+        gpu.safe_until = gpu.idle_since + grid + gpu.curve.quantile_more(grid, P_TARGET)
+        self._stamp += 1
+        gpu.stamp = self._stamp
+        heapq.heappush(self._due, (gpu.idle_since + following, gpu.offer.id, gpu.stamp))
+
+    def _refresh(self, now: float) -> None:
+        due = self._due
+        while due and due[0][0] <= now:
+            _, gpu_id, stamp = heapq.heappop(due)
+            gpu = self.gpus.get(gpu_id)
+            if gpu is None or gpu.stamp != stamp:
+                continue
+            machine = self.machines[gpu.machine]
+            gpus = machine.free[gpu.cls]
+            head = gpus[0]
+            gpus.remove(gpu)
+            self._judge(gpu, now)
+            insort(gpus, gpu, key=lambda g: g.order(self.policy))
+            if gpus[0] is not head or head is gpu:  # the class's key moved
+                self._reenter(machine, gpu.cls)
+
+    def _key(self, machine: _Machine, cls: int) -> tuple[float, ...]:
+        """A lower bound (first-fit, v1) or upper bound (v2) of the machine's rank for any job
+        this class serves."""
+        gpus = machine.free[cls]
+        mid = machine.offer.id
+        if self.policy == "first-fit":
+            return (mid,)
+        if self.policy == "v1":
+            return (gpus[0].offer.floor, len(gpus), mid)
+        return (gpus[0].safe_until, mid)
+
+    def _reenter(self, machine: _Machine, cls: int) -> None:
+        gpus = machine.free.get(cls)
+        old = machine.keys.get(cls)
+        if gpus and old is not None and old == (self._key(machine, cls), _tier(len(gpus))):
+            return  # its entries stand
+        machine.keys.pop(cls, None)
+        tiers = self.sorted[cls]
+        if old is not None:
+            entry = (old[0], machine.offer.id, cls)
+            for t in range(old[1] + 1):
+                entries = tiers[t]
+                i = bisect_left(entries, entry)
+                if i < len(entries) and entries[i] == entry:
+                    del entries[i]
+        if gpus:
+            key = self._key(machine, cls)
+            top = _tier(len(gpus))
+            machine.keys[cls] = (key, top)
+            entry = (key, machine.offer.id, cls)
+            for t in range(top + 1):
+                insort(tiers[t], entry)
+
+    def classes_for(self, job: JobRequest) -> tuple[int, ...]:
+        shape = (job.models, job.min_vram_mb, job.region, job.kind_bit)
+        found = self._shape_classes.get(shape)
+        if found is None:
+            found = self._shape_classes[shape] = tuple(
+                cls
+                for cls, (model, vram, region, kinds) in enumerate(self.class_keys)
+                if kinds & job.kind_bit
+                and (not job.models or model in job.models)
+                and vram >= job.min_vram_mb
+                and (not job.region or region == job.region)
+            )
+        return found
+
+    def eligible(self, machine: _Machine, job: JobRequest, classes: tuple[int, ...]) -> list[_Gpu] | None:
+        """The job's eligible free GPUs on the machine in the order they are taken, or None
+        when the machine cannot take the job."""
+        if machine.offer.window_s < job.duration_s or not machine.offer.kinds & job.kind_bit:
+            return None
+        gpus = [g for cls in classes for g in machine.free.get(cls, ()) if g.offer.floor <= job.max_price]
+        if len(gpus) < job.gpu_count:
+            return None
+        if len(machine.free) > 1:
+            gpus.sort(key=lambda g: g.order(self.policy))
+        return gpus
+
+    def take(self, chosen: Sequence[_Gpu]) -> None:
+        for gpu in chosen:
+            self.remove(gpu.offer.id)
+
+    # --- search ---------------------------------------------------------------------------
+
+    def find_ordered(self, job: JobRequest, classes: tuple[int, ...]) -> tuple[_Machine, list[_Gpu]] | None:
+        """first-fit and v1: walk the job's classes in key order (merged); each entry's key is a
+        lower bound of its machine's rank, so the walk stops at the first entry ranked above
+        the best machine found."""
+        tier = _tier(job.gpu_count)
+        lists = [self.sorted[cls][tier] for cls in classes if self.sorted[cls][tier]]
+        heads = [(entries[0], k, 0) for k, entries in enumerate(lists)]
+        heapq.heapify(heads)
+        seen: set[int] = set()
+        best_rank: tuple[float, ...] | None = None
+        best: tuple[_Machine, list[_Gpu]] | None = None
+        while heads:
+            entry, k, i = heads[0]
+            key, machine_id, _ = entry
+            if best_rank is not None and key > best_rank:
+                break
+            if self.policy == "v1" and key[0] > job.max_price:
+                break
+            if i + 1 < len(lists[k]):
+                heapq.heapreplace(heads, (lists[k][i + 1], k, i + 1))
+            else:
+                heapq.heappop(heads)
+            if machine_id in seen:
+                continue
+            seen.add(machine_id)
+            machine = self.machines[machine_id]
+            gpus = self.eligible(machine, job, classes)
+            if gpus is None:
+                continue
+            chosen = gpus[: job.gpu_count]
+            if self.policy == "first-fit":
+                rank: tuple[float, ...] = (machine_id,)
+            else:
+                rank = (max(g.offer.floor for g in chosen), len(gpus), machine_id)
+            if best_rank is None or rank < best_rank:
+                best_rank, best = rank, (machine, chosen)
+        return best
+
+    def find_v2(self, job: JobRequest, classes: tuple[int, ...], *, now: float) -> tuple[_Machine, list[_Gpu]] | None:
+        """The fitting placement with the smallest horizon >= the job's duration, else the one
+        with the largest horizon. An entry's key (its best GPU's horizon) bounds the horizon of
+        any placement on it from above."""
+        need = now + float(job.duration_s)  # safe_until is a time
+        tier = _tier(job.gpu_count)
+        lists = [self.sorted[cls][tier] for cls in classes if self.sorted[cls][tier]]
+        if not lists:
+            return None
+        # Upward from the duration: the first fitting placement whose horizon covers the job.
+        starts = [bisect_left(entries, ((need,),)) for entries in lists]
+        heads = [(lists[k][i], k, i) for k, i in enumerate(starts) if i < len(lists[k])]
+        heapq.heapify(heads)
+        seen: set[int] = set()
+        fallback: tuple[float, _Machine, list[_Gpu]] | None = None
+        walked = 0
+        while heads and walked < _WALK_LIMIT:
+            entry, k, i = heads[0]
+            if i + 1 < len(lists[k]):
+                heapq.heapreplace(heads, (lists[k][i + 1], k, i + 1))
+            else:
+                heapq.heappop(heads)
+            machine_id = entry[1]
+            if machine_id in seen:
+                continue
+            seen.add(machine_id)
+            walked += 1
+            machine = self.machines[machine_id]
+            gpus = self.eligible(machine, job, classes)
+            if gpus is None:
+                continue
+            chosen = gpus[: job.gpu_count]
+            horizon = min(g.safe_until for g in chosen)
+            if horizon >= need:
+                return machine, chosen
+            if fallback is None or horizon > fallback[0]:
+                fallback = (horizon, machine, chosen)
+        # Downward from the duration: the largest horizon among placements that fit.
+        tails = [(tuple(-x for x in lists[k][i - 1][0]), k, i - 1) for k, i in enumerate(starts) if i > 0]
+        heapq.heapify(tails)
+        walked = 0
+        while tails and walked < _WALK_LIMIT:
+            neg_key, k, i = heapq.heappop(tails)
+            if fallback is not None and -neg_key[0] <= fallback[0]:
+                break
+            if i > 0:
+                heapq.heappush(tails, (tuple(-x for x in lists[k][i - 1][0]), k, i - 1))
+            machine_id = lists[k][i][1]
+            if machine_id in seen:
+                continue
+            seen.add(machine_id)
+            walked += 1
+            machine = self.machines[machine_id]
+            gpus = self.eligible(machine, job, classes)
+            if gpus is None:
+                continue
+            chosen = gpus[: job.gpu_count]
+            horizon = min(g.safe_until for g in chosen)
+            if fallback is None or horizon > fallback[0]:
+                fallback = (horizon, machine, chosen)
+        return (fallback[1], fallback[2]) if fallback else None
+
+
+# --- order -----------------------------------------------------------------------------------
+
+
+def _fifo(job: JobRequest) -> tuple[float, int]:
+    return (job.submitted_at, job.id)
+
+
+def _v2_order(
+    jobs: Sequence[JobRequest], *, now: float, held: dict[int, int]
+) -> Callable[[Callable[[JobRequest], bool]], None]:
+    """A driver that offers jobs to `try_place` in v2's order (module docstring), updating the
+    renters' holdings as placements are made."""
+
+    def drive(try_place: Callable[[JobRequest], bool]) -> None:
+        aged = sorted((j for j in jobs if now - j.submitted_at > AGE_LIMIT_S), key=_fifo)
+        for job in aged:
+            if try_place(job):
+                held[job.renter] = held.get(job.renter, 0) + job.gpu_count
+        queues: dict[int, list[JobRequest]] = {}
+        for job in jobs:
+            if now - job.submitted_at <= AGE_LIMIT_S:
+                queues.setdefault(job.renter, []).append(job)
+        heap: list[tuple[float, float, int, int, int]] = []
+        for renter, queue in queues.items():
+            queue.sort(key=lambda j: (-j.max_price, j.submitted_at, j.id), reverse=True)  # pop() = next
+            head = queue[-1]
+            heap.append((-head.max_price / (1 + held.get(renter, 0)), head.submitted_at, head.id, renter, 0))
+        heapq.heapify(heap)
+        while heap:
+            _, _, _, renter, _ = heapq.heappop(heap)
+            queue = queues[renter]
+            job = queue.pop()
+            if try_place(job):
+                held[renter] = held.get(renter, 0) + job.gpu_count
+            if queue:
+                head = queue[-1]
+                heapq.heappush(
+                    heap, (-head.max_price / (1 + held.get(renter, 0)), head.submitted_at, head.id, renter, 0)
+                )
+
+    return drive
+
+
+# --- the entry point ------------------------------------------------------------------------
+
+
+def _shape_key(job: JobRequest) -> tuple[frozenset[str], int, str, int, int]:
+    return (job.models, job.min_vram_mb, job.region, job.kind_bit, job.gpu_count)
+
+
+def place(
+    jobs: Sequence[JobRequest],
+    machines: Sequence[MachineOffer],
+    *,
+    now: float,
+    policy: str = "v2",
+    held_by_renter: Mapping[int, int] | None = None,
+) -> list[Placement]:
+    """Place what `policy` places of `jobs` on the free GPUs of `machines` at time `now`
+    (Unix s), honouring the hard constraints (module docstring). `held_by_renter`: GPUs each
+    renter holds in running leases (v2's fair share; others ignore it). Placements come in
+    the order they were made; a job appears at most once, a GPU at most once."""
+    pool = FreePool(policy)
+    for machine in machines:
+        if machine.kinds and machine.window_s > 0:
+            for gpu in machine.gpus:
+                pool.add(machine, gpu, now=now)
+    return pool_place(pool, jobs, now=now, held_by_renter=held_by_renter)
+
+
+def pool_place(
+    pool: FreePool,
+    jobs: Sequence[JobRequest],
+    *,
+    now: float,
+    held_by_renter: Mapping[int, int] | None = None,
+) -> list[Placement]:
+    """`place()` over a pool kept by the caller: the GPUs placed leave the pool."""
+    policy = pool.policy
+    if policy == "v2":
+        pool._refresh(now)
+    placements: list[Placement] = []
+    # (shape) -> failed (max_price, duration) pairs: the pool only shrinks, so a job no looser
+    # than one that failed fails too.
+    failed: dict[tuple[frozenset[str], int, str, int, int], list[tuple[int, int]]] = {}
+    placed_ids: set[int] = set()
+
+    def try_place(job: JobRequest) -> bool:
+        if job.id in placed_ids or job.gpu_count <= 0:
+            return False
+        shape = _shape_key(job)
+        for max_price, duration in failed.get(shape, ()):
+            if job.max_price <= max_price and job.duration_s >= duration:
+                return False
+        classes = pool.classes_for(job)
+        found = pool.find_v2(job, classes, now=now) if policy == "v2" else pool.find_ordered(job, classes)
+        if found is None:
+            failed.setdefault(shape, []).append((job.max_price, job.duration_s))
+            return False
+        machine, chosen = found
+        placements.append(_placement(job, machine, chosen, now=now, with_forecast=policy == "v2"))
+        pool.take(chosen)
+        placed_ids.add(job.id)
+        return True
+
+    if policy == "v2":
+        _v2_order(jobs, now=now, held=dict(held_by_renter or {}))(try_place)
+    else:
+        for job in sorted(jobs, key=_fifo):
+            try_place(job)
+    return placements
+
+
+def _placement(
+    job: JobRequest, machine: _Machine, chosen: Sequence[_Gpu], *, now: float, with_forecast: bool
+) -> Placement:
+    price = max(g.offer.floor for g in chosen)
+    gpu_ids = tuple(g.offer.id for g in chosen)
+    if not with_forecast:
+        return Placement(job.id, machine.offer.id, gpu_ids, price, math.nan, math.nan)
+
+    ages = [max(now - g.idle_since, 0.0) for g in chosen]
+
+    def survive(x: float) -> float:
+        p = 1.0
+        for g, age in zip(chosen, ages, strict=True):
+            p *= g.curve.conditional(age, x)
+        return p
+
+    lost = expected_lost_s(
+        survive, duration_s=job.duration_s, checkpoint_interval_s=job.checkpoint_interval_s, steps=_LOST_STEPS
+    )
+    return Placement(job.id, machine.offer.id, gpu_ids, price, survive(job.duration_s), lost)
+
+
+__all__ = ["POLICIES", "FreePool", "GpuOffer", "JobRequest", "MachineOffer", "Placement", "place", "pool_place"]

@@ -1,0 +1,431 @@
+"""The event engine: owners' GPUs become rentable and are reclaimed as their duty cycles say,
+jobs arrive, a match cycle runs every `cycle_s` simulated seconds and hands the pending jobs and
+the free GPUs to `marketplace.placement.place`, leases run until they finish or an owner comes
+back.
+
+The world's rules (docs/simulator.md): a GPU is rentable once its owner's utilisation has been
+under `IDLE_BELOW` percent for `RENTABLE_AFTER_S` seconds; the owner's return preempts a lease
+on it at once and the work since the lease's last checkpoint is lost; a preempted job goes back
+to the queue with its checkpointed work kept. Forecasts are learnt as production learns them:
+each GPU's own idle stretches, counted when they end, plus a fleet prior refreshed every
+`FLEET_PRIOR_REFRESH_S`; nothing from the future.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from marketplace.placement import FreePool, GpuOffer, JobRequest, MachineOffer, Placement, pool_place
+from marketplace.simulator.metrics import Metrics
+from marketplace.simulator.traces import DutySeries, Node, TraceJob
+from providers.forecasting import Forecast, StretchCounts, hour_of_week
+
+IDLE_BELOW = 10.0  # percent: the owner is away below this duty cycle
+RENTABLE_AFTER_S = 120.0
+# The simulated clock's origin: Monday 2026-01-05 00:00 UTC, so hours of the week are plain.
+EPOCH = 1_767_571_200.0
+FORECAST_REFRESH_S = 1800.0  # a GPU's forecast is rebuilt at most this often
+FLEET_PRIOR_REFRESH_S = 6 * 3600.0
+RENTERS = 16
+STARVED_AFTER_S = 86400.0  # a job waiting longer while GPUs fitting it go to later jobs is starved
+FLOOR = 500_000  # micro-units per GPU-hour, every GPU
+CEILINGS = (1_000_000, 1_500_000, 2_000_000)  # renters' price ceilings, drawn per renter
+VRAM_MB = 16_384  # the traces name no VRAM: every GPU has this, every job asks for none
+
+# Event kinds, in the order they are handled at one instant.
+_BACK, _FINISH, _RENTABLE, _ARRIVE, _CYCLE = range(5)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    horizon_s: float = 3 * 86400.0
+    warmup_s: float = 6 * 3600.0
+    seed: int = 1
+    policy: str = "v2"
+    load: float | None = None  # None: the trace's own arrivals
+    checkpoint_interval_s: int = 600  # for jobs that declare none; 0 = none
+    checkpoint_on_reclaim_s: float | None = None  # jobs save within this of SIGTERM: nothing lost
+    max_duration_s: float = 86400.0
+    cycle_s: float = 30.0
+
+
+def idle_runs(series: DutySeries, *, origin_s: float, period_s: float) -> list[tuple[float, float]]:
+    """The series' owner-away runs (duty cycle under IDLE_BELOW) as (start, end) seconds from
+    `origin_s`, inside [0, period_s). Missing samples and time outside the series count as the
+    owner being present (no rent on what nobody saw)."""
+    runs: list[tuple[float, float]] = []
+    begin: float | None = None
+    offset = series.start_s - origin_s
+    for i, value in enumerate(series.values):
+        at = offset + i * series.step_s
+        idle = value is not None and value < IDLE_BELOW
+        if idle and begin is None:
+            begin = at
+        elif not idle and begin is not None:
+            runs.append((begin, at))
+            begin = None
+    if begin is not None:
+        runs.append((begin, min(offset + len(series.values) * series.step_s, period_s)))
+    return [(max(a, 0.0), min(b, period_s)) for a, b in runs if min(b, period_s) > max(a, 0.0)]
+
+
+def _tiled(runs: list[tuple[float, float]], period_s: float, phase_s: float) -> Iterator[tuple[float, float]]:
+    """The runs repeated every period and shifted back by `phase_s`, runs that touch across a
+    period's end joined; from the run in progress at time 0 on."""
+    if not runs:
+        return
+    if runs[0][0] <= 0 and runs[-1][1] >= period_s and len(runs) == 1:
+        yield (-phase_s, math.inf)  # an owner who never comes back (away since the trace began)
+        return
+    k = 0
+    pending: tuple[float, float] | None = None
+    while True:
+        base = k * period_s - phase_s
+        for a, b in runs:
+            start, end = a + base, b + base
+            if pending is not None and start <= pending[1]:
+                pending = (pending[0], end)
+                continue
+            if pending is not None and pending[1] > 0:
+                yield pending
+            pending = (start, end)
+        k += 1
+
+
+@dataclass(slots=True)
+class _Gpu:
+    id: int
+    machine: int
+    model: str
+    runs: Iterator[tuple[float, float]]
+    counts: StretchCounts = field(default_factory=StretchCounts)
+    forecast: Forecast | None = None
+    forecast_at: float = -math.inf
+    counts_changed: bool = False
+    short: list[tuple[float, float]] = field(default_factory=list)  # absences too short to rent, not yet counted
+    away_since: float = 0.0  # start of the owner's current absence
+    away_until: float = 0.0  # its end
+    rentable: bool = False
+    offer: GpuOffer | None = None
+    lease: int | None = None  # job id
+
+
+@dataclass(slots=True)
+class _Job:
+    id: int
+    renter: int
+    arrival: float
+    gpu_count: int
+    models: frozenset[str]
+    duration: int
+    checkpoint: int | None
+    max_price: int
+    done: float = 0.0  # checkpointed work, seconds
+    started: float | None = None  # current lease's start
+    gpus: tuple[int, ...] = ()
+    lease_seq: int = 0
+    first_start: float | None = None
+    finished: float | None = None
+    preemptions: int = 0
+    request: JobRequest | None = None  # what the matcher is handed, until the job is requeued
+
+
+class Simulation:
+    def __init__(
+        self, *, nodes: Sequence[Node], jobs: Sequence[TraceJob], duty: Sequence[DutySeries], config: Config
+    ) -> None:
+        self.config = config
+        rng = random.Random(config.seed)
+        origin = min(s.start_s for s in duty)
+        period = max(s.start_s + len(s.values) * s.step_s for s in duty) - origin
+        patterns = [idle_runs(s, origin_s=origin, period_s=period) for s in duty]
+        self.metrics = Metrics(warmup_s=config.warmup_s, horizon_s=config.horizon_s)
+        self.gpus: list[_Gpu] = []
+        self.machine_gpus: list[list[int]] = []
+        self.machines: list[MachineOffer] = []
+        supply = 0.0  # mean rentable GPUs over a period
+        for m, node in enumerate(nodes):
+            self.machines.append(MachineOffer(m, "", 1, math.inf, None, None, []))
+            self.machine_gpus.append(list(range(len(self.gpus), len(self.gpus) + node.gpus)))
+            for _ in range(node.gpus):
+                k = rng.randrange(len(patterns))
+                phase = rng.uniform(0, period)
+                self.gpus.append(_Gpu(len(self.gpus), m, node.model, _tiled(patterns[k], period, phase)))
+                supply += sum(max(b - a - RENTABLE_AFTER_S, 0.0) for a, b in patterns[k]) / period
+        self.mean_supply = supply
+        self.pool = FreePool(config.policy)
+        self.fleet_live = StretchCounts()
+        self.fleet = StretchCounts()
+        self.learn = config.policy == "v2"
+        self.events: list[tuple[float, int, int, int]] = []
+        self.seq = 0
+        self.jobs: dict[int, _Job] = {}
+        self.pending: dict[int, _Job] = {}
+        self.held: dict[int, int] = {}
+        self.changed = True
+        self._arrivals(jobs, rng)
+        for gpu in self.gpus:
+            self._next_absence(gpu, 0.0)
+        self._push(0.0, _CYCLE, 0)  # each cycle schedules the next: a small event heap
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def _arrivals(self, trace: Sequence[TraceJob], rng: random.Random) -> None:
+        cfg = self.config
+        usable = []
+        for row in trace:
+            if row.duration_s > cfg.max_duration_s:
+                self.metrics.skip("over_max_duration", row.arrival_s)
+            else:
+                usable.append(row)
+        if not usable:
+            return
+        renter_rng = random.Random(cfg.seed * 7919 + 1)
+        ceilings = [renter_rng.choice(CEILINGS) for _ in range(RENTERS)]
+        picked: list[tuple[float, TraceJob]] = []
+        if cfg.load is None:
+            origin = usable[0].arrival_s
+            picked = [(j.arrival_s - origin, j) for j in usable if j.arrival_s - origin < cfg.horizon_s]
+        else:
+            work = sum(j.gpu_count * j.duration_s for j in usable) / len(usable)
+            rate = cfg.load * self.mean_supply / work  # jobs per second
+            arrival_rng = random.Random(cfg.seed * 104729 + 3)
+            t = arrival_rng.expovariate(rate) if rate > 0 else math.inf
+            while t < cfg.horizon_s:
+                picked.append((t, usable[arrival_rng.randrange(len(usable))]))
+                t += arrival_rng.expovariate(rate)
+        models = {g.model for g in self.gpus}
+        for i, (at, trace_job) in enumerate(picked):
+            renter = renter_rng.randrange(RENTERS)
+            checkpoint = cfg.checkpoint_interval_s or None
+            job = _Job(
+                i, renter, at, trace_job.gpu_count, trace_job.models, trace_job.duration_s, checkpoint, ceilings[renter]
+            )
+            self.metrics.offered(job.arrival, job.gpu_count, job.duration, job.models or frozenset(models))
+            self.jobs[i] = job
+        if self.jobs:
+            self._push(self.jobs[0].arrival, _ARRIVE, 0)
+
+    def _push(self, at: float, kind: int, subject: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (at, kind, self.seq, subject))
+
+    def _next_absence(self, gpu: _Gpu, now: float) -> None:
+        """Schedule the GPU's next absence of its owner long enough to rent. Shorter ones are
+        counted in its stretches when they have ended (at the next event)."""
+        for start, end in gpu.runs:
+            if start >= self.config.horizon_s:
+                return
+            if end - start > RENTABLE_AFTER_S:
+                gpu.away_since, gpu.away_until = start, end
+                self._push(max(start + RENTABLE_AFTER_S, now), _RENTABLE, gpu.id)
+                self._push(end, _BACK, gpu.id)
+                return
+            if self.learn and math.isfinite(start):
+                gpu.short.append((start, end))
+
+    def _count(self, gpu: _Gpu, start: float, end: float) -> None:
+        """Count an ended stretch (its end is not in the future)."""
+        if not math.isfinite(start):
+            return
+        hour = hour_of_week(EPOCH + start)
+        gpu.counts.add(began_hour=hour, length_s=end - start, ended=True)
+        self.fleet_live.add(began_hour=hour, length_s=end - start, ended=True)
+        gpu.counts_changed = True
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def run(self) -> Metrics:
+        cfg = self.config
+        last_prior = 0.0
+        while self.events:
+            at, kind, _, subject = heapq.heappop(self.events)
+            if at >= cfg.horizon_s:
+                break
+            if self.learn and at - last_prior >= FLEET_PRIOR_REFRESH_S:
+                self.fleet = StretchCounts()
+                self.fleet.merge(self.fleet_live)
+                last_prior = at
+            if kind == _BACK:
+                self._owner_back(self.gpus[subject], at)
+            elif kind == _RENTABLE:
+                self._rentable(self.gpus[subject], at)
+            elif kind == _FINISH:
+                self._finish(subject, at)
+            elif kind == _ARRIVE:
+                self.pending[subject] = self.jobs[subject]
+                self.changed = True
+                if subject + 1 in self.jobs:  # arrivals are numbered in time order
+                    self._push(self.jobs[subject + 1].arrival, _ARRIVE, subject + 1)
+            elif kind == _CYCLE:
+                if at + cfg.cycle_s < cfg.horizon_s:
+                    self._push(at + cfg.cycle_s, _CYCLE, 0)
+                if self.pending and self.changed:
+                    self._cycle(at)
+        self._close(cfg.horizon_s)
+        return self.metrics
+
+    def _rentable(self, gpu: _Gpu, now: float) -> None:
+        for start, end in gpu.short:  # all ended before this absence began
+            self._count(gpu, start, end)
+        gpu.short.clear()
+        if self.learn and gpu.counts_changed and now - gpu.forecast_at >= FORECAST_REFRESH_S:
+            gpu.forecast = Forecast(gpu.counts, self.fleet)
+            gpu.forecast_at = now
+            gpu.counts_changed = False
+        elif self.learn and gpu.forecast is None:
+            gpu.forecast = Forecast(gpu.counts, self.fleet)
+            gpu.forecast_at = now
+        gpu.rentable = True
+        gpu.offer = GpuOffer(gpu.id, gpu.model, VRAM_MB, FLOOR, EPOCH + gpu.away_since, gpu.forecast)
+        self.metrics.rentable_from(gpu.id, gpu.model, now)
+        self._free(gpu, now)
+
+    def _free(self, gpu: _Gpu, now: float) -> None:
+        assert gpu.offer is not None
+        self.pool.add(self.machines[gpu.machine], gpu.offer, now=EPOCH + now)
+        self.changed = True
+
+    def _unfree(self, gpu: _Gpu) -> None:
+        self.pool.remove(gpu.id)
+
+    def _owner_back(self, gpu: _Gpu, now: float) -> None:
+        if gpu.rentable:
+            self.metrics.rentable_until(gpu.id, now)
+            gpu.rentable = False
+            if gpu.lease is not None:
+                self._preempt(self.jobs[gpu.lease], now)
+            else:
+                self._unfree(gpu)
+        if self.learn:
+            self._count(gpu, gpu.away_since, now)
+        self._next_absence(gpu, now)
+
+    def _end_lease(self, job: _Job, now: float) -> float:
+        """Close the job's lease; return the work it did. Its GPUs still rentable go back."""
+        assert job.started is not None
+        worked = now - job.started
+        for gpu_id in job.gpus:
+            gpu = self.gpus[gpu_id]
+            gpu.lease = None
+            if gpu.rentable:
+                self._free(gpu, now)
+        self.held[job.renter] -= job.gpu_count
+        job.started = None
+        job.lease_seq += 1
+        return worked
+
+    def _preempt(self, job: _Job, now: float) -> None:
+        assert job.started is not None
+        started = job.started
+        worked = self._end_lease(job, now)
+        if self.config.checkpoint_on_reclaim_s is not None:
+            kept = worked
+        elif job.checkpoint:
+            kept = (worked // job.checkpoint) * job.checkpoint
+        else:
+            kept = 0.0
+        job.done += kept
+        job.request = None  # its remaining work changed
+        job.preemptions += 1
+        self.metrics.lease(job.id, job.gpu_count, started, now, lost_from=started + kept, preempted=True)
+        self.pending[job.id] = job
+        self.changed = True
+
+    def _finish(self, subject: int, now: float) -> None:
+        job_id, seq = divmod(subject, 1 << 20)
+        job = self.jobs[job_id]
+        if job.lease_seq != seq or job.started is None:
+            return  # a lease preempted before it finished
+        started = job.started
+        self._end_lease(job, now)
+        job.done = job.duration
+        job.finished = now
+        self.metrics.lease(job.id, job.gpu_count, started, now, lost_from=now, preempted=False)
+        self.metrics.completed(job.arrival, now)
+
+    def _cycle(self, now: float) -> None:
+        self.changed = False
+        requests = [job.request or self._request(job) for job in self.pending.values()]
+        placements = pool_place(self.pool, requests, now=EPOCH + now, held_by_renter=self.held)
+        for p in placements:
+            job = self.pending.pop(p.job_id)
+            job.started = now
+            job.gpus = p.gpu_ids
+            if job.first_start is None:
+                job.first_start = now
+                self.metrics.waited(job.arrival, now)
+            for gpu_id in p.gpu_ids:
+                gpu = self.gpus[gpu_id]
+                assert gpu.rentable and gpu.lease is None, "a GPU given twice"
+                gpu.lease = job.id
+                self._unfree(gpu)
+            self.held[job.renter] = self.held.get(job.renter, 0) + job.gpu_count
+            self._push(now + (job.duration - job.done), _FINISH, job.id * (1 << 20) + job.lease_seq)
+            self.metrics.placed(job.id, now)
+        self._starved(now, placements)
+
+    @staticmethod
+    def _request(job: _Job) -> JobRequest:
+        job.request = JobRequest(
+            id=job.id,
+            renter=job.renter,
+            submitted_at=EPOCH + job.arrival,
+            gpu_count=job.gpu_count,
+            min_vram_mb=0,
+            models=job.models,
+            region="",
+            max_price=job.max_price,
+            duration_s=math.ceil(job.duration - job.done),
+            checkpoint_interval_s=job.checkpoint,
+            kind_bit=1,
+        )
+        return job.request
+
+    def _starved(self, now: float, placements: list[Placement]) -> None:
+        """Note each job never placed yet, waiting over a day since its arrival, while GPUs that
+        fit it went to a later job in this cycle."""
+        old = [j for j in self.pending.values() if now - j.arrival > STARVED_AFTER_S and j.first_start is None]
+        if not old or not placements:
+            return
+        given: dict[int, list[int]] = {}
+        for p in placements:
+            given.setdefault(p.machine_id, []).extend(p.gpu_ids)
+        for waiting in old:
+            if waiting.id in self.metrics.starved:
+                continue
+            for p in placements:
+                if self.jobs[p.job_id].arrival <= waiting.arrival:
+                    continue
+                # the GPUs free on that machine when the cycle began, of a model the job allows
+                free = [
+                    g for g in self.machine_gpus[p.machine_id] if self.gpus[g].rentable and self.gpus[g].lease is None
+                ]
+                fits = [
+                    g for g in free + given[p.machine_id] if not waiting.models or self.gpus[g].model in waiting.models
+                ]
+                if len(fits) >= waiting.gpu_count:
+                    self.metrics.starved.add(waiting.id)
+                    break
+
+    def _close(self, end: float) -> None:
+        for gpu in self.gpus:
+            if gpu.rentable:
+                self.metrics.rentable_until(gpu.id, end)
+        for job in self.jobs.values():
+            if job.started is not None:
+                self.metrics.lease(job.id, job.gpu_count, job.started, end, lost_from=end, preempted=False)
+            elif job.first_start is None and job.arrival < end:
+                self.metrics.skip("still_waiting", job.arrival)
+        self.metrics.max_wait_s = max(
+            (
+                ((job.first_start if job.first_start is not None else end) - job.arrival)
+                for job in self.jobs.values()
+                if job.arrival < end
+            ),
+            default=0.0,
+        )

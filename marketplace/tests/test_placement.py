@@ -1,0 +1,235 @@
+"""The placement policies (marketplace.placement): hard constraints, each policy's choice, v2's
+fair share, price priority and aging, and the kept pool answering as a fresh one."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from marketplace.placement import POLICIES, FreePool, GpuOffer, JobRequest, MachineOffer, place, pool_place
+from providers.forecasting import Forecast, StretchCounts, hour_of_week
+
+NOW = 1_767_571_200.0 + 10 * 3600
+
+
+def job(
+    id: int,
+    *,
+    renter: int = 1,
+    at: float = NOW - 60,
+    gpus: int = 1,
+    vram: int = 0,
+    models: frozenset[str] = frozenset(),
+    region: str = "",
+    price: int = 2_000_000,
+    duration: int = 600,
+    kind: int = 1,
+) -> JobRequest:
+    return JobRequest(id, renter, at, gpus, vram, models, region, price, duration, 600, kind)
+
+
+def machine(
+    id: int,
+    gpus: list[GpuOffer],
+    *,
+    region: str = "eu",
+    kinds: int = 1,
+    window: float = math.inf,
+    idle_since: float | None = None,
+    forecast: Forecast | None = None,
+) -> MachineOffer:
+    return MachineOffer(id, region, kinds, window, idle_since, forecast, gpus)
+
+
+def gpu(id: int, *, model: str = "a100", vram: int = 40_000, floor: int = 500_000) -> GpuOffer:
+    return GpuOffer(id, model, vram, floor)
+
+
+def random_world(rng: random.Random) -> tuple[list[JobRequest], list[MachineOffer]]:
+    machines = []
+    gid = 0
+    for m in range(30):
+        gpus = []
+        for _ in range(rng.choice((1, 2, 4, 8))):
+            gid += 1
+            gpus.append(
+                gpu(
+                    gid,
+                    model=rng.choice(("a100", "t4", "h100")),
+                    vram=rng.choice((16_000, 40_000, 80_000)),
+                    floor=rng.choice((300_000, 800_000, 1_500_000)),
+                )
+            )
+        machines.append(
+            machine(
+                m,
+                gpus,
+                region=rng.choice(("eu", "us")),
+                kinds=rng.choice((1, 2, 3)),
+                window=rng.choice((math.inf, 3600.0, 600.0)),
+                idle_since=NOW - rng.uniform(0, 20_000),
+            )
+        )
+    jobs = [
+        job(
+            j,
+            renter=rng.randrange(4),
+            at=NOW - rng.uniform(0, 90_000),
+            gpus=rng.choice((1, 1, 2, 4, 8)),
+            vram=rng.choice((0, 20_000, 60_000)),
+            models=rng.choice((frozenset(), frozenset({"t4"}), frozenset({"a100", "h100"}))),
+            region=rng.choice(("", "eu", "us")),
+            price=rng.choice((400_000, 1_000_000, 2_000_000)),
+            duration=rng.choice((60, 1200, 7200)),
+            kind=rng.choice((1, 2)),
+        )
+        for j in range(120)
+    ]
+    return jobs, machines
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_placement_keeps_the_hard_constraints(policy: str) -> None:
+    rng = random.Random(7)
+    for _ in range(5):
+        jobs, machines = random_world(rng)
+        by_job = {j.id: j for j in jobs}
+        by_machine = {m.id: m for m in machines}
+        placements = place(jobs, machines, now=NOW, policy=policy, held_by_renter={0: 3})
+        assert placements, "a world with spare GPUs places something"
+        given: set[int] = set()
+        placed_jobs: set[int] = set()
+        for p in placements:
+            j, m = by_job[p.job_id], by_machine[p.machine_id]
+            gpus = {g.id: g for g in m.gpus}
+            assert p.job_id not in placed_jobs
+            placed_jobs.add(p.job_id)
+            assert len(p.gpu_ids) == j.gpu_count
+            assert all(g in gpus for g in p.gpu_ids), "all GPUs on the one machine"
+            assert not given & set(p.gpu_ids), "a GPU given twice"
+            given |= set(p.gpu_ids)
+            assert m.kinds & j.kind_bit
+            assert not j.region or m.region == j.region
+            assert m.window_s >= j.duration_s
+            for g in (gpus[i] for i in p.gpu_ids):
+                assert not j.models or g.model in j.models
+                assert g.vram_mb >= j.min_vram_mb
+                assert g.floor <= j.max_price
+            assert p.price == max(gpus[i].floor for i in p.gpu_ids) <= j.max_price
+
+
+def test_first_fit_takes_the_lowest_machine_in_fifo_order() -> None:
+    machines = [machine(5, [gpu(50)]), machine(2, [gpu(20, floor=900_000)]), machine(9, [gpu(90, floor=100_000)])]
+    jobs = [job(2, at=NOW - 10), job(1, at=NOW - 20)]
+    placements = place(jobs, machines, now=NOW, policy="first-fit")
+    assert [(p.job_id, p.machine_id) for p in placements] == [(1, 2), (2, 5)]
+
+
+def test_v1_takes_the_cheapest_then_the_best_fit() -> None:
+    machines = [
+        machine(1, [gpu(10, floor=900_000)]),
+        machine(2, [gpu(20, floor=400_000), gpu(21, floor=400_000), gpu(22, floor=400_000)]),
+        machine(3, [gpu(30, floor=400_000)]),
+    ]
+    placements = place([job(1)], machines, now=NOW, policy="v1")
+    assert [(p.machine_id, p.gpu_ids, p.price) for p in placements] == [(3, (30,), 400_000)]
+
+
+def test_a_renters_flood_does_not_starve_another_renter() -> None:
+    # Given renter 1 floods 40 jobs before renter 2 submits 5, and 10 GPUs are free
+    machines = [machine(m, [gpu(m * 10 + k) for k in range(2)]) for m in range(5)]
+    flood = [job(i, renter=1, at=NOW - 1000 + i) for i in range(40)]
+    late = [job(100 + i, renter=2, at=NOW - 100 + i) for i in range(5)]
+    # When v2 places
+    placed = {p.job_id for p in place(flood + late, machines, now=NOW, policy="v2")}
+    # Then renter 2 gets its share; first-fit gives the flood everything
+    assert len(placed) == 10
+    assert len(placed & {j.id for j in late}) == 5
+    assert not {p.job_id for p in place(flood + late, machines, now=NOW, policy="first-fit")} & {j.id for j in late}
+
+
+def test_a_renter_holding_many_gpus_waits_behind_one_holding_none() -> None:
+    machines = [machine(1, [gpu(1)])]
+    jobs = [job(1, renter=1, at=NOW - 500), job(2, renter=2, at=NOW - 100)]
+    placements = place(jobs, machines, now=NOW, policy="v2", held_by_renter={1: 20})
+    assert [p.job_id for p in placements] == [2]
+
+
+def test_a_higher_price_ceiling_goes_first_when_capacity_is_short() -> None:
+    machines = [machine(1, [gpu(1)])]
+    jobs = [job(1, renter=1, at=NOW - 500, price=1_000_000), job(2, renter=2, at=NOW - 100, price=1_500_000)]
+    assert [p.job_id for p in place(jobs, machines, now=NOW, policy="v2")] == [2]
+    assert [p.job_id for p in place(jobs, machines, now=NOW, policy="v1")] == [1]
+
+
+def test_a_job_waiting_past_the_age_limit_goes_before_richer_ones() -> None:
+    machines = [machine(1, [gpu(1)])]
+    jobs = [job(1, renter=1, at=NOW - 86_000, price=600_000), job(2, renter=2, at=NOW - 10, price=2_000_000)]
+    assert [p.job_id for p in place(jobs, machines, now=NOW, policy="v2")] == [1]
+
+
+def _history(lengths: list[float]) -> StretchCounts:
+    counts = StretchCounts()
+    for i, length in enumerate(lengths):
+        counts.add(began_hour=i % 168, length_s=length, ended=True)
+    return counts
+
+
+def test_v2_puts_a_long_job_where_the_owner_stays_away_and_a_short_one_on_the_flaky_gpu() -> None:
+    fleet = _history([300.0] * 50 + [20_000.0] * 50)
+    steady = Forecast(_history([30_000.0] * 40), fleet)
+    flaky = Forecast(_history([400.0] * 40), fleet)
+    since = NOW - 200  # both owners away 200 s: the flaky one is due back, the steady one not
+    machines = [
+        machine(1, [GpuOffer(1, "a100", 40_000, 500_000, since, flaky)]),
+        machine(2, [GpuOffer(2, "a100", 40_000, 500_000, since, steady)]),
+    ]
+    long_job = job(1, duration=10_000, at=NOW - 20)
+    short_job = job(2, duration=60, at=NOW - 10)
+    placements = {p.job_id: p for p in place([long_job, short_job], machines, now=NOW, policy="v2")}
+    assert placements[1].machine_id == 2
+    assert placements[2].machine_id == 1
+    assert placements[1].p_finish > 0.5
+    assert place([long_job], machines[:1], now=NOW, policy="v2")[0].p_finish < 0.5
+    # first-fit sends the long job to the flaky GPU
+    assert place([long_job], machines, now=NOW, policy="first-fit")[0].machine_id == 1
+
+
+def test_v2_leaves_no_gpu_idle_when_more_jobs_wait_than_gpus_are_free() -> None:
+    fleet = _history([200.0] * 100)
+    flaky = Forecast(_history([150.0] * 40), fleet)
+    machines = [machine(m, [GpuOffer(m, "a100", 40_000, 500_000, NOW - 130, flaky)]) for m in range(3)]
+    jobs = [job(i, duration=50_000) for i in range(4)]
+    assert len(place(jobs, machines, now=NOW, policy="v2")) == 3
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_pool_kept_across_cycles_answers_as_a_fresh_one(policy: str) -> None:
+    rng = random.Random(3)
+    jobs, machines = random_world(rng)
+    forecast = Forecast(_history([rng.expovariate(1 / 2000) for _ in range(200)]), StretchCounts())
+    for m in machines:
+        m.forecast = forecast
+    pool = FreePool(policy)
+    # Added in another order, some added, removed and added again, an hour before
+    for m in reversed(machines):
+        for g in m.gpus:
+            pool.add(m, g, now=NOW - 3600)
+            if g.id % 3 == 0:
+                pool.remove(g.id)
+                pool.add(m, g, now=NOW - 3600)
+    kept = pool_place(pool, jobs, now=NOW)
+    fresh = place(jobs, machines, now=NOW, policy=policy)
+    assert [(p.job_id, p.machine_id, p.gpu_ids) for p in kept] == [(p.job_id, p.machine_id, p.gpu_ids) for p in fresh]
+    assert len(pool) == sum(len(m.gpus) for m in machines) - sum(len(p.gpu_ids) for p in kept)
+
+
+def test_an_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown policy"):
+        place([], [], now=NOW, policy="best")
+
+
+def test_hour_of_week_of_now_is_plain() -> None:
+    assert hour_of_week(1_767_571_200.0) == 0  # a Monday, midnight UTC

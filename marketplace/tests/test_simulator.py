@@ -1,0 +1,201 @@
+"""The trace-replay simulator (marketplace.simulator) on small traces the tests write
+themselves: what a user of its figures would notice."""
+
+from __future__ import annotations
+
+import json
+import random
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from marketplace.simulator.engine import Config, Simulation
+from marketplace.simulator.metrics import max_flow_bound
+from marketplace.simulator.traces import TraceError, read_duty, read_fleet, read_jobs
+
+STEP = 60
+
+
+def write_traces(folder: Path, *, seed: int = 5, nodes: int = 12, jobs: int = 400) -> dict[str, Path]:
+    """A fleet of 2-GPU nodes; owners of two kinds, each a repeating daily pattern: *steady* ones
+    away for hours at a time, *flaky* ones away for a few minutes between bursts of work; a job
+    mix of short and long one- and two-GPU jobs."""
+    rng = random.Random(seed)
+    fleet = folder / "fleet.csv"
+    fleet.write_text("sn,gpu,model\n" + "".join(f"n{i},2,{'t4' if i % 3 else 'a10'}\n" for i in range(nodes)))
+    duty = folder / "duty.csv"
+    lines = ["value,timestamp_anon,container_ip"]
+    samples = 86400 // STEP
+    for pod in range(8):
+        steady = pod % 2 == 0
+        t = 0
+        values: list[float] = []
+        while len(values) < samples:
+            away = rng.randint(60, 240) if steady else rng.randint(3, 9)  # minutes
+            busy = rng.randint(5, 30) if steady else rng.randint(1, 4)
+            values += [0.0] * away + [rng.uniform(30, 90)] * busy
+        for i, value in enumerate(values[:samples]):
+            t = 1_000_000 + i * STEP
+            lines.append(f"{value:.1f},{t},pod{pod}")
+    duty.write_text("\n".join(lines) + "\n")
+    jobs_csv = folder / "jobs.csv"
+    rows = ["name,num_gpu,gpu_milli,gpu_spec,creation_time,scheduled_time,deletion_time"]
+    t = 0.0
+    for i in range(jobs):
+        t += rng.expovariate(1 / 300)
+        length = rng.choice((120, 300, 900, 3600, 4 * 3600))
+        gpus = rng.choice((1, 1, 1, 2))
+        spec = rng.choice(("", "", "T4", "A10|T4"))
+        rows.append(f"j{i},{gpus},{rng.choice((1000, 500))},{spec},{t:.0f},{t:.0f},{t + length:.0f}")
+    rows.append(f"zero,0,0,,{t:.0f},{t:.0f},{t + 60:.0f}")
+    jobs_csv.write_text("\n".join(rows) + "\n")
+    return {"fleet": fleet, "duty": duty, "jobs": jobs_csv}
+
+
+def simulate(paths: dict[str, Path], **config: object) -> dict[str, object]:
+    defaults: dict[str, object] = {"horizon_s": 2 * 86400.0, "warmup_s": 6 * 3600.0, "load": 0.6}
+    defaults.update(config)
+    sim = Simulation(
+        nodes=read_fleet(paths["fleet"]),
+        jobs=read_jobs(paths["jobs"]),
+        duty=read_duty(paths["duty"]),
+        config=Config(**defaults),  # type: ignore[arg-type]
+    )
+    return sim.run().summary()
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_traces(tmp_path_factory.mktemp("traces"))
+
+
+def test_v2_preempts_less_than_first_fit_where_owners_have_predictable_patterns(traces: dict[str, Path]) -> None:
+    first_fit = simulate(traces, policy="first-fit")
+    v2 = simulate(traces, policy="v2")
+    assert v2["preemptions_per_job"] < first_fit["preemptions_per_job"]
+    assert v2["lost_gpu_s"] < first_fit["lost_gpu_s"]
+    assert v2["useful_gpu_s"] >= 0.95 * first_fit["useful_gpu_s"]
+
+
+@pytest.mark.parametrize("policy", ["first-fit", "v1", "v2"])
+def test_work_is_conserved_and_no_more_is_rented_than_was_idle(traces: dict[str, Path], policy: str) -> None:
+    summary = simulate(traces, policy=policy)
+    assert summary["leased_gpu_s"] > 0
+    assert summary["useful_gpu_s"] + summary["lost_gpu_s"] == pytest.approx(summary["leased_gpu_s"], abs=2)
+    assert summary["leased_gpu_s"] <= summary["idle_gpu_s"]
+    assert summary["useful_gpu_s"] <= summary["upper_bound_gpu_s"] + 1
+
+
+def test_the_same_seed_gives_the_same_figures_and_another_seed_others(traces: dict[str, Path]) -> None:
+    one = simulate(traces, seed=3, horizon_s=86400.0)
+    assert simulate(traces, seed=3, horizon_s=86400.0) == one
+    assert simulate(traces, seed=4, horizon_s=86400.0) != one
+
+
+def test_without_checkpoints_a_preemption_loses_more(traces: dict[str, Path]) -> None:
+    saved = simulate(traces, policy="first-fit", checkpoint_interval_s=120)
+    none = simulate(traces, policy="first-fit", checkpoint_interval_s=0)
+    on_reclaim = simulate(traces, policy="first-fit", checkpoint_on_reclaim_s=10.0)
+    assert none["lost_gpu_s"] > saved["lost_gpu_s"] > on_reclaim["lost_gpu_s"] == 0
+
+
+def test_a_job_is_never_on_two_machines_and_a_gpu_never_in_two_leases(traces: dict[str, Path]) -> None:
+    sim = Simulation(
+        nodes=read_fleet(traces["fleet"]),
+        jobs=read_jobs(traces["jobs"]),
+        duty=read_duty(traces["duty"]),
+        config=Config(horizon_s=86400.0, warmup_s=0.0, load=1.5, policy="v2"),
+    )
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    original = sim._cycle
+
+    def watched(now: float) -> None:
+        original(now)
+        leases = {job.id: job.gpus for job in sim.jobs.values() if job.started is not None}
+        gpus = [g for ids in leases.values() for g in ids]
+        assert len(gpus) == len(set(gpus)), "a GPU in two leases"
+        for ids in leases.values():
+            assert len({sim.gpus[g].machine for g in ids}) == 1, "a job across machines"
+            assert all(sim.gpus[g].rentable for g in ids), "a lease on a GPU its owner uses"
+        seen.append((len(leases), ()))
+
+    sim._cycle = watched  # type: ignore[method-assign]
+    sim.run()
+    assert any(n for n, _ in seen)
+
+
+def test_jobs_longer_than_the_limit_are_skipped_and_counted(traces: dict[str, Path]) -> None:
+    summary = simulate(traces, max_duration_s=1000.0, horizon_s=86400.0)
+    assert summary["never_placed"]["over_max_duration"] > 0
+
+
+def test_the_bound_is_a_max_flow_over_allowed_models() -> None:
+    demand = {frozenset({"a"}): 10.0, frozenset({"a", "b"}): 10.0}
+    assert max_flow_bound(demand, {"a": 10.0, "b": 5.0}) == pytest.approx(15.0)
+    assert max_flow_bound(demand, {"a": 30.0, "b": 0.0}) == pytest.approx(20.0)
+    # the flexible demand moves to b so the restricted demand gets a
+    assert max_flow_bound({frozenset({"a", "b"}): 10.0, frozenset({"a"}): 10.0}, {"a": 10.0, "b": 10.0}) == 20.0
+
+
+@pytest.mark.parametrize(
+    ("which", "text", "message"),
+    [
+        ("fleet", "sn,model\nn1,T4\n", "no GPU count column"),
+        ("fleet", "sn,gpu,model\nn1,two,T4\n", "fleet.csv:2: column 'gpu' is not a number: 'two'"),
+        ("fleet", "sn,gpu,model\nn1,2,\n", "column 'model' is empty"),
+        ("jobs", "name,num_gpu,creation_time\nj,1,0\n", "no deletion_time column"),
+        ("jobs", "name,num_gpu,creation_time,deletion_time\nj,1,50,10\n", "jobs.csv:2: deletion_time 10 is before"),
+        ("duty", "value,timestamp_anon,container_ip\n150,0,p\n60,60,p\n", "duty.csv:2: value must be a percentage"),
+        ("duty", "value,timestamp_anon\n1,0\n", "no container_ip column"),
+        ("duty", "", "empty file"),
+    ],
+)
+def test_a_malformed_trace_is_refused_with_its_file_and_line(
+    tmp_path: Path, which: str, text: str, message: str
+) -> None:
+    path = tmp_path / f"{which}.csv"
+    path.write_text(text)
+    reader = {"fleet": read_fleet, "jobs": read_jobs, "duty": read_duty}[which]
+    with pytest.raises(TraceError, match=message.replace("(", r"\(")):
+        reader(path)
+
+
+def test_any_fleet_csv_with_a_model_and_a_count_will_do(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.csv"
+    path.write_text("host,gpu_type,num_gpu,rack\nh1,A100,4,r1\nh2,H100,0,r2\n")
+    nodes = read_fleet(path)
+    assert [(n.name, n.model, n.gpus) for n in nodes] == [("h1", "a100", 4)]
+
+
+def test_the_command_prints_a_table_and_json_last(traces: dict[str, Path]) -> None:
+    out = StringIO()
+    call_command(
+        "simulate",
+        "--jobs", str(traces["jobs"]), "--fleet", str(traces["fleet"]), "--duty", str(traces["duty"]),
+        "--horizon", "43200", "--warmup", "3600", "--load", "0.5", "--policy", "v1",
+        stdout=out,
+    )  # fmt: skip
+    lines = out.getvalue().strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["policy"] == "v1"
+    for key in ("idle_gpu_s", "useful_share", "useful_vs_bound", "preemptions_per_job", "wait_p95_s", "never_placed"):
+        assert key in summary
+    assert any(line.startswith("useful_share") for line in lines[:-1])
+
+
+def test_the_command_names_a_malformed_file(tmp_path: Path, traces: dict[str, Path]) -> None:
+    bad = tmp_path / "fleet.csv"
+    bad.write_text("sn,gpu,model\nn1,x,T4\n")
+    with pytest.raises(CommandError, match=r"fleet\.csv:2"):
+        call_command("simulate", "--jobs", str(traces["jobs"]), "--fleet", str(bad), "--duty", str(traces["duty"]))
+
+
+def test_owners_who_never_come_back_rent_out_everything_and_lose_nothing(tmp_path: Path) -> None:
+    paths = write_traces(tmp_path, nodes=3, jobs=60)
+    paths["duty"].write_text("value,timestamp_anon,container_ip\n" + "".join(f"0,{i * STEP},p\n" for i in range(1440)))
+    summary = simulate(paths, horizon_s=43200.0, warmup_s=3600.0, load=0.5, policy="v2")
+    assert summary["idle_gpu_s"] == 6 * (43200 - 3600)
+    assert summary["lost_gpu_s"] == 0
+    assert summary["preemptions"] == 0
