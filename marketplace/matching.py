@@ -1,6 +1,19 @@
 """The matching engine: places pending jobs on idle GPUs, and says why the others wait.
 
-Policy (one cycle, `match_cycle`):
+Which job goes where is decided by a placement policy, settings.MATCH_POLICY:
+
+- `v2` (the default): marketplace.placement's forecast-aware policy, the same code the
+  trace-replay simulator measures (docs/simulator.md). A cycle reads the free fleet (below), each
+  machine's idle forecast and current stretch (providers.idle_history), the pending jobs (oldest
+  MATCH_BATCH_SIZE, with their renters and checkpoint intervals) and the GPUs each renter holds;
+  `placement.place` returns the plan (fair share across renters, price when short, aging, long
+  jobs where owners stay away longest); `_plan_write` writes it in transactions of CHUNK_SIZE
+  placements, each locking its jobs (still pending) and GPUs (still candidates) with SKIP
+  LOCKED, so a placement another worker got to first is dropped, never written twice.
+- `v1`: the rule below, matched and written chunk by chunk in FIFO order (also
+  `placement.place(..., policy="v1")` for the simulator); `first-fit` for comparison.
+
+Both keep the same hard constraints and reasons. The v1 rule (one cycle, `match_cycle`):
 
 - Candidates are GPUs in state "idle", on machines that are online and inside their
   availability stretch now (providers.selectors.machines_available_until), and in no active
@@ -55,14 +68,16 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from billing import selectors as billing_selectors  # the billing gate
 from jobs.models import Job, LeaseGPU
 from jobs.services import Placement, job_set_unplaced, leases_assign
+from marketplace import placement as policy
 from providers import services as providers_services
 from providers.availability import seconds_available
+from providers.idle_history import machine_forecasts, machines_idle_since
 from providers.models import GPU, Machine
 from providers.selectors import machines_available_until
 
@@ -682,6 +697,15 @@ def match_cycle(*, now: datetime | None = None, batch_size: int | None = None) -
         result.seconds = time.perf_counter() - started
         return result
 
+    name = settings.MATCH_POLICY
+    if name != "v1":
+        _match_cycle_planned(now=now, limit=limit, name=name, result=result)
+        result.unplaced = result.considered - result.placed
+        result.seconds = time.perf_counter() - started
+        if result.placed or result.conflicts:
+            logger.info("matching: %s", result.as_dict())
+        return result
+
     pool, fleet = _fleet_load(now=now)
     result.candidate_gpus = pool.free_count
     cursor: tuple[datetime, int] | None = None
@@ -740,3 +764,139 @@ def match_cycle(*, now: datetime | None = None, batch_size: int | None = None) -
     if result.placed or result.conflicts:
         logger.info("matching: %s", result.as_dict())
     return result
+
+
+# --- the planned cycle (policies other than v1) -------------------------------------------------
+
+
+def _pending_requests(limit: int) -> tuple[list[_Job], dict[int, policy.JobRequest]]:
+    """The oldest `limit` pending jobs (not locked: the plan is written under locks later), as
+    the reasons' view (_Job) and as the policy's requests."""
+    rows = list(
+        Job.objects.filter(status=Job.Status.PENDING)
+        .order_by("created_at", "id")
+        .values_list(*_JOB_FIELDS, "renter_id", "checkpoint_interval_s")[:limit]
+    )
+    jobs: list[_Job] = []
+    requests: dict[int, policy.JobRequest] = {}
+    for row in rows:
+        job = _job_from_row(row[: len(_JOB_FIELDS)])
+        renter_id, checkpoint_interval_s = row[len(_JOB_FIELDS) :]
+        jobs.append(job)
+        requests[job.id] = policy.JobRequest(
+            id=job.id,
+            renter=renter_id,
+            submitted_at=job.created_at.timestamp(),
+            gpu_count=job.gpu_count,
+            min_vram_mb=job.min_vram_mb,
+            models=job.models,
+            region=job.region,
+            max_price=job.max_price,
+            duration_s=job.duration_s,
+            checkpoint_interval_s=checkpoint_interval_s,
+            kind_bit=job.kind_bit,
+        )
+    return jobs, requests
+
+
+def _offers(pool: _Pool) -> list[policy.MachineOffer]:
+    """The pool's machines with free GPUs, with each machine's idle forecast, for the policy."""
+    machines = [machine for machine in pool.machines.values() if any(machine.free.values())]
+    ids = [machine.id for machine in machines]
+    forecasts = machine_forecasts(machine_ids=ids)
+    idle_since = machines_idle_since(machine_ids=ids)
+    offers = []
+    for machine in machines:
+        gpus = [
+            policy.GpuOffer(id=gpu_id, model=pool.class_keys[cls][0], vram_mb=pool.class_keys[cls][1], floor=floor)
+            for cls, free in machine.free.items()
+            for floor, gpu_id in free
+        ]
+        offers.append(
+            policy.MachineOffer(
+                id=machine.id,
+                region=machine.region,
+                kinds=machine.kinds,
+                window_s=machine.seconds,
+                idle_since=idle_since.get(machine.id),
+                forecast=forecasts.get(machine.id),
+                gpus=gpus,
+            )
+        )
+    return offers
+
+
+def _gpus_held_by_renter() -> dict[int, int]:
+    """GPUs in active leases per renter: the fair share's starting point."""
+    return dict(
+        LeaseGPU.objects.filter(active=True)
+        .order_by()
+        .values_list("lease__job__renter_id")
+        .annotate(n=Count("id"))
+        .values_list("lease__job__renter_id", "n")
+    )
+
+
+def _plan_write(plan: Sequence[policy.Placement]) -> tuple[list[policy.Placement], int]:
+    """Write the plan in transactions of CHUNK_SIZE placements: each locks its jobs (still
+    pending) and GPUs (still candidates), skipping rows another worker holds, and writes the
+    placements whose job and GPUs it holds; the others wait for the next cycle. Returns what
+    was written and how many chunks the unique index refused."""
+    written: list[policy.Placement] = []
+    conflicts = 0
+    for start in range(0, len(plan), CHUNK_SIZE):
+        chunk = plan[start : start + CHUNK_SIZE]
+        try:
+            with transaction.atomic():
+                held_jobs = set(
+                    Job.objects.filter(pk__in=[p.job_id for p in chunk], status=Job.Status.PENDING)
+                    .select_for_update(skip_locked=True)
+                    .values_list("pk", flat=True)
+                )
+                wanted = [p for p in chunk if p.job_id in held_jobs]
+                held_gpus = _gpus_lock({gpu_id for p in wanted for gpu_id in p.gpu_ids})
+                ready = [p for p in wanted if all(gpu_id in held_gpus for gpu_id in p.gpu_ids)]
+                leases = leases_assign(
+                    placements=[
+                        Placement(
+                            job_id=p.job_id,
+                            machine_id=p.machine_id,
+                            gpu_ids=p.gpu_ids,
+                            price_per_gpu_hour=_from_micros(p.price),
+                        )
+                        for p in ready
+                    ]
+                )
+                placed_ids = {lease.job_id for lease in leases}
+                written.extend(p for p in ready if p.job_id in placed_ids)
+        except IntegrityError:
+            logger.warning("matching: %d placements rolled back on a lease conflict", len(chunk), exc_info=True)
+            conflicts += 1
+    return written, conflicts
+
+
+def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchResult) -> None:
+    """One cycle of a planning policy (v2, first-fit): read the pending jobs and the free fleet,
+    let marketplace.placement choose which jobs go where (its order is not FIFO: fair share,
+    price and expected lost work), then write the plan under row locks (_plan_write) and
+    record a reason on each job left pending."""
+    pool, fleet = _fleet_load(now=now)
+    result.candidate_gpus = pool.free_count
+    jobs, requests = _pending_requests(limit)
+    unfunded = billing_selectors.jobs_budget_unreserved(job_ids=list(requests))
+    placeable = [request for job_id, request in requests.items() if job_id not in unfunded]
+    plan = (
+        policy.place(placeable, _offers(pool), now=now.timestamp(), policy=name, held_by_renter=_gpus_held_by_renter())
+        if placeable and pool.free_count
+        else []
+    )
+    written, result.conflicts = _plan_write(plan)
+    placed_ids = {p.job_id for p in written}
+    job_set_unplaced(
+        reasons={job.id: unfunded.get(job.id) or fleet.explain(job) for job in jobs if job.id not in placed_ids},
+        now=now,
+    )
+    result.considered = len(jobs)
+    result.placed = len(written)
+    result.gpus_leased = sum(len(p.gpu_ids) for p in written)
+    result.chunks = max(1, -(-len(plan) // CHUNK_SIZE))

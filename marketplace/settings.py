@@ -47,6 +47,13 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
     return value
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (os.environ.get(name) or default).strip()
+    if raw not in choices:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None:
@@ -398,6 +405,10 @@ GPGPU = {
     # The EIP-712 domain chainId agents sign usage reports with (31337: the local dev chain).
     "USAGE_SIGNING_CHAIN_ID": env_int("USAGE_SIGNING_CHAIN_ID", 31337, minimum=1),
 }
+
+# The matcher's placement policy (marketplace.placement): v2 (forecast-aware, fair share across
+# renters, price when short), v1 (FIFO, cheapest first: the rule before v2), first-fit.
+MATCH_POLICY = env_choice("MATCH_POLICY", "v2", ("v2", "v1", "first-fit"))
 # Leases are declared lost a margin after the agents' fence: by then every workload of a cut-off
 # agent has been stopped. Set lower, a job could run on two machines at once.
 GPGPU["LEASE_LOST_AFTER_S"] = GPGPU["LEASE_LOST_AFTER_S"] or GPGPU["LEASE_FENCE_S"] + 30

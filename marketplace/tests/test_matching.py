@@ -22,6 +22,19 @@ pytestmark = pytest.mark.django_db
 EVERY_DAY = days_to_mask(range(7))
 
 
+@pytest.fixture(autouse=True, params=["v1", "v2"])
+def policy(request: pytest.FixtureRequest, settings: Any) -> str:
+    """Every guarantee here holds under both placement policies (settings.MATCH_POLICY);
+    tests of v1's own order (FIFO, cheapest first) are marked `v1_only`."""
+    settings.MATCH_POLICY = request.param
+    return str(request.param)
+
+
+# v1's own order: FIFO, the cheapest machine, the best fit (v2 orders by fair share and forecast:
+# marketplace/tests/test_matching_v2.py).
+v1_only = pytest.mark.parametrize("policy", ["v1"], indirect=True)
+
+
 def machine(
     *,
     gpus: int = 1,
@@ -155,6 +168,7 @@ def test_job_asking_for_a_model_nobody_has_says_so():
     assert "H100" in detail
 
 
+@v1_only
 def test_gpu_floor_overrides_the_provider_default():
     cheap_default = ProviderFactory(default_price_floor=Decimal("0.15"))
     dear_default = ProviderFactory(default_price_floor=Decimal("0.90"))
@@ -371,6 +385,7 @@ def test_offline_machine_gets_no_job():
 # --- choice among machines ------------------------------------------------------------------
 
 
+@v1_only
 def test_cheapest_machine_wins():
     machine(gpus=1, price_floor=Decimal("0.50"))
     cheapest = machine(gpus=1, price_floor=Decimal("0.30"))
@@ -383,6 +398,7 @@ def test_cheapest_machine_wins():
     assert lease_of(j).price_per_gpu_hour == Decimal("0.30")
 
 
+@v1_only
 def test_lease_price_is_the_dearest_of_its_gpus():
     uneven = MachineFactory()
     GPUFactory(machine=uneven, index=0, price_floor=Decimal("0.10"))
@@ -408,6 +424,7 @@ def test_cheapest_gpus_of_the_machine_are_taken():
     assert lease_of(j).price_per_gpu_hour == Decimal("0.20")
 
 
+@v1_only
 def test_equal_prices_go_to_the_machine_left_with_fewest_free_gpus():
     machine(gpus=4, price_floor=Decimal("0.30"))
     snug = machine(gpus=1, price_floor=Decimal("0.30"))
@@ -436,6 +453,7 @@ def test_earlier_jobs_are_served_first_when_gpus_are_scarce():
     assert late.unplaced_code == "no_idle_gpu"
 
 
+@v1_only
 def test_fifo_holds_across_chunks(monkeypatch):
     monkeypatch.setattr(matching, "CHUNK_SIZE", 2)
     machine(gpus=3)

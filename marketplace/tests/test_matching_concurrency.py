@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.db import IntegrityError, connection, connections, transaction
@@ -17,6 +18,14 @@ from tests.factories import GPUFactory, JobFactory, MachineFactory
 
 WORKERS = 4
 ROUNDS = 3
+
+
+@pytest.fixture(autouse=True, params=["v1", "v2"])
+def policy(request: pytest.FixtureRequest, settings: Any) -> str:
+    """Both placement policies: v1 matches chunk by chunk under its locks, v2 plans the whole
+    cycle and then writes it under locks (marketplace.matching._plan_write)."""
+    settings.MATCH_POLICY = request.param
+    return str(request.param)
 
 
 def test_a_gpu_cannot_be_in_two_active_leases(db):
