@@ -22,7 +22,7 @@ import random
 import secrets
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from datetime import time as clock
 from decimal import Decimal
 from pathlib import Path
@@ -68,6 +68,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="leave the generated rows in the database")
     parser.add_argument("--force", action="store_true", help="run even if the database holds machines or jobs")
     parser.add_argument("--migrate", action="store_true", help="apply unapplied migrations first")
+    parser.add_argument(
+        "--policy", choices=("v2", "v1", "first-fit"), default="v2", help="the placement policy (MATCH_POLICY)"
+    )
     args = parser.parse_args()
     for name in ("machines", "gpus_per_machine", "jobs"):
         if getattr(args, name) < 1:
@@ -82,6 +85,7 @@ def _setup(args: argparse.Namespace) -> None:
         os.environ["DATABASE_URL"] = args.database_url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ["MATCH_POLICY"] = args.policy
     # DEBUG is off here (production code paths): a throwaway signing key for this process.
     os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     sys.path.insert(0, str(ROOT))
@@ -128,10 +132,14 @@ def _fill(args: argparse.Namespace, tag: str) -> dict[str, list[int]]:
     """Create the fleet and the queue; returns the ids of what it created, for cleanup."""
     from django.contrib.auth import get_user_model
 
+    from billing.models import BudgetAuthorization
+    from billing.services import job_budget_micro_for
     from jobs.models import Job, Renter
     from providers.models import GPU, AvailabilityWindow, Machine, Provider
 
     rng = random.Random(args.seed)
+    # How long each idle GPU's owner has been away (v2 reads it), drawn apart too.
+    idle_rng = random.Random(args.seed + 2)
     # Job kinds are drawn apart, so the rest of the fleet and queue is what it was before kinds.
     kinds_rng = random.Random(args.seed + 1)
     user_model = get_user_model()
@@ -194,6 +202,11 @@ def _fill(args: argparse.Namespace, tag: str) -> dict[str, list[int]]:
                     vram_mb=vram,
                     state=state,
                     price_floor=floor,
+                    idle_since=(
+                        args.now - timedelta(seconds=idle_rng.expovariate(1 / 1800))
+                        if state == GPU.State.IDLE
+                        else None
+                    ),
                 )
             )
     gpus = GPU.objects.bulk_create(gpus, batch_size=5000)
@@ -224,6 +237,23 @@ def _fill(args: argparse.Namespace, tag: str) -> dict[str, list[int]]:
             )
         )
     jobs = Job.objects.bulk_create(jobs, batch_size=5000)
+    # The matcher places only jobs whose budget the escrow has reserved (the billing gate): the
+    # rows a confirmed reservation leaves (the chain half is billing's own benchmark's and tests').
+    BudgetAuthorization.objects.bulk_create(
+        [
+            BudgetAuthorization(
+                job=job,
+                renter_address="0x" + f"{job.pk:040x}",
+                max_amount=job_budget_micro_for(job),
+                deadline=args.now + timedelta(days=30),
+                signature="0x" + "00" * 65,
+                status=BudgetAuthorization.Status.RESERVED,
+                activated_at=args.now,
+            )
+            for job in jobs
+        ],
+        batch_size=5000,
+    )
     return {
         "users": [u.pk for u in users],
         "providers": [p.pk for p in providers],
@@ -254,6 +284,7 @@ def _cleanup(created: dict[str, list[int]]) -> None:
     from django.db import transaction
     from django.db.models import Q
 
+    from billing.models import BudgetAuthorization
     from jobs.models import Event, Job, Lease, LeaseGPU, Renter
     from providers.models import GPU, AvailabilityWindow, Machine, Provider
 
@@ -265,6 +296,7 @@ def _cleanup(created: dict[str, list[int]]) -> None:
         Event.objects.filter(Q(job__renter_id__in=created["renters"]) | Q(lease__in=leases)).delete()
         LeaseGPU.objects.filter(lease__in=leases).delete()
         leases.delete()
+        BudgetAuthorization.objects.filter(job__renter_id__in=created["renters"]).delete()
         Job.objects.filter(renter_id__in=created["renters"]).delete()
         Renter.objects.filter(pk__in=created["renters"]).delete()
         GPU.objects.filter(machine__provider_id__in=created["providers"]).delete()
@@ -300,6 +332,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "policy": args.policy,
                 "gpus": len(created["gpus"]),
                 "jobs": len(created["jobs"]),
                 "placed": result.placed,
