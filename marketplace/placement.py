@@ -520,22 +520,23 @@ def pool_place(
     if policy == "v2":
         pool._refresh(now)
     placements: list[Placement] = []
-    # (shape) -> failed (max_price, duration) pairs: the pool only shrinks, so a job no looser
-    # than one that failed fails too.
-    failed: dict[tuple[frozenset[str], int, str, int, int], list[tuple[int, int]]] = {}
+    # (shape) -> {max_price: shortest duration that failed}: the pool only shrinks, so a job no
+    # looser than one that failed (no higher ceiling, no shorter duration) fails too.
+    failed: dict[tuple[frozenset[str], int, str, int, int], dict[int, int]] = {}
     placed_ids: set[int] = set()
 
     def try_place(job: JobRequest) -> bool:
         if job.id in placed_ids or job.gpu_count <= 0:
             return False
         shape = _shape_key(job)
-        for max_price, duration in failed.get(shape, ()):
+        for max_price, duration in failed.get(shape, {}).items():
             if job.max_price <= max_price and job.duration_s >= duration:
                 return False
         classes = pool.classes_for(job)
         found = pool.find_v2(job, classes, now=now) if policy == "v2" else pool.find_ordered(job, classes)
         if found is None:
-            failed.setdefault(shape, []).append((job.max_price, job.duration_s))
+            known = failed.setdefault(shape, {})
+            known[job.max_price] = min(known.get(job.max_price, job.duration_s), job.duration_s)
             return False
         machine, chosen = found
         placements.append(_placement(job, machine, chosen, now=now, with_forecast=policy == "v2"))

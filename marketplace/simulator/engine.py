@@ -389,26 +389,34 @@ class Simulation:
     def _starved(self, now: float, placements: list[Placement]) -> None:
         """Note each job never placed yet, waiting over a day since its arrival, while GPUs that
         fit it went to a later job in this cycle."""
-        old = [j for j in self.pending.values() if now - j.arrival > STARVED_AFTER_S and j.first_start is None]
-        if not old or not placements:
+        if not placements:
             return
-        given: dict[int, list[int]] = {}
+        old = [
+            j
+            for j in self.pending.values()
+            if j.first_start is None and now - j.arrival > STARVED_AFTER_S and j.id not in self.metrics.starved
+        ]
+        if not old:
+            return
+        # per machine given GPUs this cycle: the models of its GPUs free when the cycle began,
+        # and the latest arrival among the jobs it was given to
+        placed = {g for p in placements for g in p.gpu_ids}
+        given: dict[int, tuple[list[str], float]] = {}
         for p in placements:
-            given.setdefault(p.machine_id, []).extend(p.gpu_ids)
+            models, latest = given.get(p.machine_id, ([], -math.inf))
+            if not models:
+                models = [
+                    self.gpus[g].model
+                    for g in self.machine_gpus[p.machine_id]
+                    if self.gpus[g].rentable and (self.gpus[g].lease is None or g in placed)
+                ]
+            given[p.machine_id] = (models, max(latest, self.jobs[p.job_id].arrival))
         for waiting in old:
-            if waiting.id in self.metrics.starved:
-                continue
-            for p in placements:
-                if self.jobs[p.job_id].arrival <= waiting.arrival:
+            for models, latest in given.values():
+                if latest <= waiting.arrival:
                     continue
-                # the GPUs free on that machine when the cycle began, of a model the job allows
-                free = [
-                    g for g in self.machine_gpus[p.machine_id] if self.gpus[g].rentable and self.gpus[g].lease is None
-                ]
-                fits = [
-                    g for g in free + given[p.machine_id] if not waiting.models or self.gpus[g].model in waiting.models
-                ]
-                if len(fits) >= waiting.gpu_count:
+                fits = len(models) if not waiting.models else sum(1 for m in models if m in waiting.models)
+                if fits >= waiting.gpu_count:
                     self.metrics.starved.add(waiting.id)
                     break
 
