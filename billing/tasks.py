@@ -61,20 +61,17 @@ def watch_chain() -> dict[str, object]:
 # every 15 s, releases and the reconciler every minute): a run that skipped instead could lose the
 # race at every one of them, and charges would wait unsettled, and budgets unreleased, for as long
 # as that lasted. A quiet run holds the lock for milliseconds.
+# Reservation runs are short and frequent: fewer, quicker retries.
 RESERVE_LOCK_TRIES = 3
 RESERVE_LOCK_RETRY_S = 0.5
-SETTLE_LOCK_TRIES = 9
-SETTLE_LOCK_RETRY_S = 1.0
-RELEASE_LOCK_TRIES = 9
-RELEASE_LOCK_RETRY_S = 1.0
-RECONCILE_LOCK_TRIES = 9
-RECONCILE_LOCK_RETRY_S = 1.0
+CHAIN_LOCK_TRIES = 9
+CHAIN_LOCK_RETRY_S = 1.0
 
 
 @periodic_task(
     name="billing.tasks.settle",
     lock=SETTLEMENT_LOCK,
-    retry_locked=(SETTLE_LOCK_TRIES, SETTLE_LOCK_RETRY_S),
+    retry_locked=(CHAIN_LOCK_TRIES, CHAIN_LOCK_RETRY_S),
     time_limit=600,
     soft_time_limit=540,
 )
@@ -107,7 +104,7 @@ def reserve_budgets() -> dict[str, object]:
 @periodic_task(
     name="billing.tasks.reconcile_settlements",
     lock=SETTLEMENT_LOCK,
-    retry_locked=(RECONCILE_LOCK_TRIES, RECONCILE_LOCK_RETRY_S),
+    retry_locked=(CHAIN_LOCK_TRIES, CHAIN_LOCK_RETRY_S),
     time_limit=600,
     soft_time_limit=540,
 )
@@ -122,7 +119,7 @@ def reconcile_settlements() -> dict[str, object]:
 @periodic_task(
     name="billing.tasks.release_jobs_on_chain",
     lock=SETTLEMENT_LOCK,
-    retry_locked=(RELEASE_LOCK_TRIES, RELEASE_LOCK_RETRY_S),
+    retry_locked=(CHAIN_LOCK_TRIES, CHAIN_LOCK_RETRY_S),
     time_limit=600,
     soft_time_limit=540,
 )

@@ -402,16 +402,13 @@ class FreePool:
                 continue
             seen.add(machine_id)
             walked += 1
-            machine = self.machines[machine_id]
-            gpus = self.eligible(machine, job, classes)
-            if gpus is None:
+            found = self._v2_candidate(machine_id, job, classes)
+            if found is None:
                 continue
-            chosen = gpus[: job.gpu_count]
-            horizon = min(g.safe_until for g in chosen)
-            if horizon >= need:
-                return machine, chosen
-            if fallback is None or horizon > fallback[0]:
-                fallback = (horizon, machine, chosen)
+            if found[0] >= need:
+                return found[1], found[2]
+            if fallback is None or found[0] > fallback[0]:
+                fallback = found
         # Downward from the duration: the largest horizon among placements that fit.
         tails = [(tuple(-x for x in lists[k][i - 1][0]), k, i - 1) for k, i in enumerate(starts) if i > 0]
         heapq.heapify(tails)
@@ -427,15 +424,22 @@ class FreePool:
                 continue
             seen.add(machine_id)
             walked += 1
-            machine = self.machines[machine_id]
-            gpus = self.eligible(machine, job, classes)
-            if gpus is None:
-                continue
-            chosen = gpus[: job.gpu_count]
-            horizon = min(g.safe_until for g in chosen)
-            if fallback is None or horizon > fallback[0]:
-                fallback = (horizon, machine, chosen)
+            found = self._v2_candidate(machine_id, job, classes)
+            if found is not None and (fallback is None or found[0] > fallback[0]):
+                fallback = found
         return (fallback[1], fallback[2]) if fallback else None
+
+    def _v2_candidate(
+        self, machine_id: int, job: JobRequest, classes: tuple[int, ...]
+    ) -> tuple[float, _Machine, list[_Gpu]] | None:
+        """The job's placement on this machine (its steadiest eligible GPUs) and its horizon (the
+        earliest safe-until among them), or None when the machine cannot take the job."""
+        machine = self.machines[machine_id]
+        gpus = self.eligible(machine, job, classes)
+        if gpus is None:
+            return None
+        chosen = gpus[: job.gpu_count]
+        return min(g.safe_until for g in chosen), machine, chosen
 
 
 # --- order -----------------------------------------------------------------------------------

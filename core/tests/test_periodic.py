@@ -255,12 +255,12 @@ def test_a_lock_is_not_taken_twice_in_one_process() -> None:
 
 SETTLEMENT_LOCK_TASKS = [
     (billing_tasks.reserve_budgets, billing_tasks.RESERVE_LOCK_TRIES, billing_tasks.RESERVE_LOCK_RETRY_S),
-    (billing_tasks.settle, billing_tasks.SETTLE_LOCK_TRIES, billing_tasks.SETTLE_LOCK_RETRY_S),
-    (billing_tasks.release_jobs_on_chain, billing_tasks.RELEASE_LOCK_TRIES, billing_tasks.RELEASE_LOCK_RETRY_S),
+    (billing_tasks.settle, billing_tasks.CHAIN_LOCK_TRIES, billing_tasks.CHAIN_LOCK_RETRY_S),
+    (billing_tasks.release_jobs_on_chain, billing_tasks.CHAIN_LOCK_TRIES, billing_tasks.CHAIN_LOCK_RETRY_S),
     (
         billing_tasks.reconcile_settlements,
-        billing_tasks.RECONCILE_LOCK_TRIES,
-        billing_tasks.RECONCILE_LOCK_RETRY_S,
+        billing_tasks.CHAIN_LOCK_TRIES,
+        billing_tasks.CHAIN_LOCK_RETRY_S,
     ),
 ]
 
@@ -320,7 +320,7 @@ def test_a_settlement_run_is_not_starved_by_reservation_runs_beat_fires_with_it(
                 billing_tasks.settle.run()
         finally:
             billing_tasks.settle.pop_request()
-    assert ran == [] and retried == [billing_tasks.SETTLE_LOCK_RETRY_S]
+    assert ran == [] and retried == [billing_tasks.CHAIN_LOCK_RETRY_S]
 
     billing_tasks.settle.push_request(id="beat", called_directly=False, is_eager=False, retries=1)  # the retry
     try:
