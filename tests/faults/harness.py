@@ -765,6 +765,8 @@ def _cmdline(pid: int) -> list[str] | None:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The kernel's thread creator: every kernel thread is its child.
+_KTHREADD = 2
 
 
 def _boot_time() -> float:
@@ -865,7 +867,14 @@ class Watcher(threading.Thread):
                 live = self._track(pid, argv, now)
                 if live is not None:
                     found[pid] = live
-            elif not argv or not any("bwrap" in a or a.endswith("shim.py") for a in argv):
+            elif not argv:
+                # Empty: a kernel thread, a zombie, or a process inside execve (its new image's
+                # arguments are not mapped yet; a tight poll reads that about half the time).
+                # Only the first two are settled; the third may be a workload a moment later.
+                stat = _stat(pid)
+                if stat is None or stat[0] == "Z" or stat[1] == _KTHREADD or pid == _KTHREADD:
+                    self._ignored.add(pid)
+            elif not any("bwrap" in a or a.endswith("shim.py") for a in argv):
                 # Not a workload, and not a process that may yet exec one (bwrap, the supervisor).
                 self._ignored.add(pid)
         with self._lock:
