@@ -6,8 +6,8 @@
   kept: finished, checkpointed, or still running at the horizon).
 - rented_share = leased / idle; useful_share = useful / idle.
 - upper_bound_gpu_s: the most useful work any policy could do, ignoring time: a maximum flow
-  from offered demand (each job's GPUs x its duration, capped at the measured time left after
-  its arrival; grouped by allowed models) to idle supply per GPU model. useful_vs_bound =
+  from offered demand (each job's GPUs x the part of [arrival, arrival + duration] inside the
+  measured period; grouped by allowed models) to idle supply per GPU model. useful_vs_bound =
   useful / upper bound.
 - preemptions_per_job: preemptions in the period / jobs leased in the period.
 - starved_over_a_day: jobs never placed yet, waiting over a day, at a cycle that gave a later
@@ -122,7 +122,11 @@ class Metrics:
     def offered(self, arrival: float, gpus: int, duration: float, models: frozenset[str]) -> None:
         if arrival >= self.warmup_s:
             self.jobs_arrived += 1
-        work = gpus * min(duration, max(0.0, self.horizon_s - max(arrival, self.warmup_s)))
+        # The part of [arrival, arrival + duration] inside the measured period: what the job
+        # offers there if it ran at once. A job that arrived during the warm-up offers only what
+        # is left of it after the warm-up (its earlier work was the warm-up's, and it was
+        # counted whole here once: work done before the period inflated the bound).
+        work = gpus * self._clip(arrival, arrival + duration)
         self.demand_by_models[models] = self.demand_by_models.get(models, 0.0) + work
 
     def lease(self, job: int, gpus: int, start: float, end: float, *, lost_from: float, preempted: bool) -> None:

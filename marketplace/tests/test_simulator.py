@@ -12,7 +12,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from marketplace.simulator.engine import Config, Simulation
-from marketplace.simulator.metrics import max_flow_bound
+from marketplace.simulator.metrics import Metrics, max_flow_bound
 from marketplace.simulator.traces import TraceError, read_duty, read_fleet, read_jobs
 
 STEP = 60
@@ -137,6 +137,19 @@ def test_the_bound_is_a_max_flow_over_allowed_models() -> None:
     assert max_flow_bound(demand, {"a": 30.0, "b": 0.0}) == pytest.approx(20.0)
     # the flexible demand moves to b so the restricted demand gets a
     assert max_flow_bound({frozenset({"a", "b"}): 10.0, frozenset({"a"}): 10.0}, {"a": 10.0, "b": 10.0}) == 20.0
+
+
+def test_the_bound_counts_only_the_work_a_job_offers_inside_the_measured_period() -> None:
+    metrics = Metrics(warmup_s=1000.0, horizon_s=5000.0)
+    t4 = frozenset({"t4"})
+    metrics.offered(100.0, 1, 500.0, t4)  # came and went in the warm-up: nothing
+    metrics.offered(800.0, 2, 400.0, t4)  # 200 s of it after the warm-up, on 2 GPUs
+    metrics.offered(4500.0, 1, 2000.0, t4)  # 500 s of it before the horizon
+    metrics.rentable_from(1, "t4", 0.0)
+    metrics.rentable_until(1, 5000.0)
+    metrics.rentable_from(2, "t4", 0.0)
+    metrics.rentable_until(2, 5000.0)
+    assert metrics.summary()["upper_bound_gpu_s"] == 2 * 200 + 500
 
 
 @pytest.mark.parametrize(
