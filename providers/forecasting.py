@@ -285,6 +285,9 @@ class Survival:
         return cls(tuple(edges), tuple(rates))
 
 
+_ALL_HOURS = HOURS_OF_WEEK  # Forecast._cache's key of the all-hours curve
+
+
 @dataclass
 class Forecast:
     """The forecast of one machine: its own counts blended with the fleet prior."""
@@ -297,11 +300,21 @@ class Forecast:
         """The survival function of stretches that begin in hour-of-week `began_hour`."""
         found = self._cache.get(began_hour)
         if found is None:
-            fleet_all = _scaled(self.fleet.profile(), FLEET_PRIOR_WEIGHT)
-            mine_all = _add(self.machine.profile(), fleet_all)
-            mine_hour = _add(self.machine.profile(began_hour), _scaled(mine_all, HOUR_PRIOR_WEIGHT))
-            found = self._cache[began_hour] = Survival.from_profile(*mine_hour)
+            if began_hour not in self.machine.ended and began_hour not in self.machine.censored:
+                # Nothing of the machine's own in this hour: the blend is the all-hours shape
+                # (a survival curve does not change when every count is scaled), one per forecast.
+                found = self._cache.get(_ALL_HOURS)
+                if found is None:
+                    found = self._cache[_ALL_HOURS] = Survival.from_profile(*self._mine_all())
+            else:
+                mine_hour = _add(self.machine.profile(began_hour), _scaled(self._mine_all(), HOUR_PRIOR_WEIGHT))
+                found = Survival.from_profile(*mine_hour)
+            self._cache[began_hour] = found
         return found
+
+    def _mine_all(self) -> tuple[list[float], list[float]]:
+        fleet_all = _scaled(self.fleet.profile(), FLEET_PRIOR_WEIGHT)
+        return _add(self.machine.profile(), fleet_all)
 
     def survival(self, *, idle_since: float, now: float, more_s: float) -> float:
         """P(a machine idle since `idle_since` (Unix s) stays idle until `now + more_s`)."""

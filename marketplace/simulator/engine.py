@@ -351,7 +351,7 @@ class Simulation:
     def _cycle(self, now: float) -> None:
         self.changed = False
         requests = [job.request or self._request(job) for job in self.pending.values()]
-        placements = pool_place(self.pool, requests, now=EPOCH + now, held_by_renter=self.held)
+        placements = pool_place(self.pool, requests, now=EPOCH + now, held_by_renter=self.held, report=False)
         for p in placements:
             job = self.pending.pop(p.job_id)
             job.started = now
@@ -391,11 +391,16 @@ class Simulation:
         fit it went to a later job in this cycle."""
         if not placements:
             return
-        old = [
-            j
-            for j in self.pending.values()
-            if j.first_start is None and now - j.arrival > STARVED_AFTER_S and j.id not in self.metrics.starved
-        ]
+        # Jobs never placed sit in `pending` in arrival order (they enter once, on arrival, and
+        # leave once), so the walk stops at the first of them under a day old.
+        old = []
+        for j in self.pending.values():
+            if j.first_start is not None:
+                continue
+            if now - j.arrival <= STARVED_AFTER_S:
+                break
+            if j.id not in self.metrics.starved:
+                old.append(j)
         if not old:
             return
         # per machine given GPUs this cycle: the models of its GPUs free when the cycle began,
