@@ -458,6 +458,8 @@ def _v2_order(
     the queue's length, not its length x log."""
 
     def drive(try_place: Callable[[JobRequest], bool], exhausted: Callable[[], bool]) -> None:
+        if exhausted():
+            return
         aged: list[tuple[float, int, JobRequest]] = []
         queues: dict[int, list[tuple[int, float, int, JobRequest]]] = {}
         for job in jobs:

@@ -17,10 +17,12 @@ estimated per bin as Kaplan-Meier does (hazard in a bin = stretches ended in it 
 risk at its start; censored ones count as at risk up to their bin) and interpolated
 log-linearly inside a bin (a constant hazard rate within each bin).
 
-Where a machine's data for hour `h` is thin, its counts are blended with its own all-hours
-counts and with the fleet prior, each scaled to a fixed weight in stretches (`HOUR_PRIOR_WEIGHT`,
-`FLEET_PRIOR_WEIGHT`): a new machine is forecast as the fleet; a machine with weeks of history
-mostly as itself at that hour. Counts decay (`StretchCounts.decay`), so a machine whose owner
+Where a machine's data for hour-of-week `h` is thin, its counts are blended with its counts of
+the same hour of day on every day of the week, those with its own all-hours counts, and those
+with the fleet prior, each level scaled to a fixed weight in stretches (`HOUR_PRIOR_WEIGHT`,
+`FLEET_PRIOR_WEIGHT`): a new machine is forecast as the fleet; a machine with days of history
+by its daily habits at that hour (owners keep days more than weeks); one with weeks of history
+mostly as itself at that hour of that weekday. Counts decay (`StretchCounts.decay`), so a machine whose owner
 changes habits is forecast by its recent weeks; storage is bounded: at most 168 × len(bins) × 2
 numbers per machine, kept sparse.
 """
@@ -285,7 +287,7 @@ class Survival:
         return cls(tuple(edges), tuple(rates))
 
 
-_ALL_HOURS = HOURS_OF_WEEK  # Forecast._cache's key of the all-hours curve
+_ALL_HOURS = HOURS_OF_WEEK  # Forecast._cache's key of the all-hours curve; +1+h: hour of day h's
 
 
 @dataclass
@@ -295,26 +297,50 @@ class Forecast:
     machine: StretchCounts
     fleet: StretchCounts
     _cache: dict[int, Survival] = field(default_factory=dict, repr=False)
+    _all: tuple[list[float], list[float]] | None = field(default=None, repr=False)
+    _days: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict, repr=False)
 
     def curve(self, began_hour: int) -> Survival:
-        """The survival function of stretches that begin in hour-of-week `began_hour`."""
+        """The survival function of stretches that begin in hour-of-week `began_hour`: the
+        machine's counts of that hour, blended with those of the same hour on every day of the
+        week, blended with its all-hours counts and the fleet's (module docstring). Levels
+        without data of the machine's own are skipped: the blend below them has the same
+        shape (a survival curve does not change when every count is scaled)."""
         found = self._cache.get(began_hour)
         if found is None:
-            if began_hour not in self.machine.ended and began_hour not in self.machine.censored:
-                # Nothing of the machine's own in this hour: the blend is the all-hours shape
-                # (a survival curve does not change when every count is scaled), one per forecast.
+            own = self.machine
+            hour_of_day = began_hour % 24
+            same_hour = [h for h in range(hour_of_day, HOURS_OF_WEEK, 24) if h in own.ended or h in own.censored]
+            if not same_hour:
                 found = self._cache.get(_ALL_HOURS)
                 if found is None:
                     found = self._cache[_ALL_HOURS] = Survival.from_profile(*self._mine_all())
+            elif began_hour not in same_hour:
+                key = _ALL_HOURS + 1 + hour_of_day
+                found = self._cache.get(key)
+                if found is None:
+                    found = self._cache[key] = Survival.from_profile(*self._day(hour_of_day, same_hour))
             else:
-                mine_hour = _add(self.machine.profile(began_hour), _scaled(self._mine_all(), HOUR_PRIOR_WEIGHT))
-                found = Survival.from_profile(*mine_hour)
+                day = _scaled(self._day(hour_of_day, same_hour), HOUR_PRIOR_WEIGHT)
+                found = Survival.from_profile(*_add(own.profile(began_hour), day))
             self._cache[began_hour] = found
         return found
 
     def _mine_all(self) -> tuple[list[float], list[float]]:
-        fleet_all = _scaled(self.fleet.profile(), FLEET_PRIOR_WEIGHT)
-        return _add(self.machine.profile(), fleet_all)
+        if self._all is None:
+            self._all = _add(self.machine.profile(), _scaled(self.fleet.profile(), FLEET_PRIOR_WEIGHT))
+        return self._all
+
+    def _day(self, hour_of_day: int, hours: list[int]) -> tuple[list[float], list[float]]:
+        """The machine's counts of stretches begun at this hour of any day, blended with the
+        all-hours level."""
+        found = self._days.get(hour_of_day)
+        if found is None:
+            found = _scaled(self._mine_all(), HOUR_PRIOR_WEIGHT)
+            for h in hours:
+                found = _add(self.machine.profile(h), found)
+            self._days[hour_of_day] = found
+        return found
 
     def survival(self, *, idle_since: float, now: float, more_s: float) -> float:
         """P(a machine idle since `idle_since` (Unix s) stays idle until `now + more_s`)."""

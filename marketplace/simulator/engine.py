@@ -141,7 +141,12 @@ class Simulation:
         self.config = config
         rng = random.Random(config.seed)
         origin = min(s.start_s for s in duty)
-        period = max(s.start_s + len(s.values) * s.step_s for s in duty) - origin
+        # An owner's day is a day: the series repeat every whole number of days that covers
+        # them, the time a series does not cover counting as the owner present. (Repeated at
+        # their own length, 22.8 h in the shared traces, owners would live on days no clock
+        # keeps, and nothing could learn their habits by the hour.)
+        span = max(s.start_s + len(s.values) * s.step_s for s in duty) - origin
+        period = math.ceil(span / 86400.0) * 86400.0
         patterns = [idle_runs(s, origin_s=origin, period_s=period) for s in duty]
         self.metrics = Metrics(warmup_s=config.warmup_s, horizon_s=config.horizon_s)
         self.gpus: list[_Gpu] = []

@@ -75,6 +75,23 @@ def test_an_hour_with_its_own_history_is_forecast_from_it() -> None:
     assert forecast.survival(idle_since=MONDAY + 20 * 3600, now=MONDAY + 20 * 3600, more_s=1200) > 0.8
 
 
+
+def test_a_day_of_history_forecasts_the_same_hour_on_other_days() -> None:
+    # Monday's history alone: nights away for hours, afternoons back within minutes. Tuesday
+    # has no history of its own; its night and afternoon are forecast from Monday's same hours,
+    # and an hour never seen on any day from the machine's all-hours counts.
+    counts = exponential_counts(20_000, 40, hour=2)  # Monday 02:00
+    counts.merge(exponential_counts(200, 40, hour=14, seed=3))  # Monday 14:00
+    forecast = Forecast(counts, StretchCounts())
+    tuesday = MONDAY + 86400
+    night = forecast.survival(idle_since=tuesday + 2 * 3600, now=tuesday + 2 * 3600, more_s=3600)
+    afternoon = forecast.survival(idle_since=tuesday + 14 * 3600, now=tuesday + 14 * 3600, more_s=3600)
+    evening = forecast.survival(idle_since=tuesday + 20 * 3600, now=tuesday + 20 * 3600, more_s=3600)
+    assert night > 0.7
+    assert afternoon < 0.1
+    assert afternoon < evening < night
+
+
 def test_median_more_is_where_survival_halves() -> None:
     forecast = Forecast(exponential_counts(1800, 20_000), StretchCounts())
     median = forecast.median_more(idle_since=MONDAY, now=MONDAY + 600)
