@@ -408,23 +408,29 @@ class Simulation:
                 old.append(j)
         if not old:
             return
-        # per machine given GPUs this cycle: the models of its GPUs free when the cycle began,
-        # and the latest arrival among the jobs it was given to
+        # Per machine given GPUs this cycle: its GPUs free when the cycle began (gpu -> model),
+        # and the placements made on it. Every policy offers a job waiting over a day after
+        # every job that arrived before it and before every later one (FIFO; v2's aged jobs
+        # first, oldest first), so what was left for the waiting job at its turn is what was
+        # free at the start less what went to jobs that arrived before it.
         placed = {g for p in placements for g in p.gpu_ids}
-        given: dict[int, tuple[list[str], float]] = {}
+        given: dict[int, tuple[dict[int, str], list[tuple[tuple[float, int], tuple[int, ...]]]]] = {}
         for p in placements:
-            models, latest = given.get(p.machine_id, ([], -math.inf))
-            if not models:
-                models = [
-                    self.gpus[g].model
+            if p.machine_id not in given:
+                free = {
+                    g: self.gpus[g].model
                     for g in self.machine_gpus[p.machine_id]
                     if self.gpus[g].rentable and (self.gpus[g].lease is None or g in placed)
-                ]
-            given[p.machine_id] = (models, max(latest, self.jobs[p.job_id].arrival))
+                }
+                given[p.machine_id] = (free, [])
+            given[p.machine_id][1].append(((self.jobs[p.job_id].arrival, p.job_id), p.gpu_ids))
         for waiting in old:
-            for models, latest in given.values():
-                if latest <= waiting.arrival:
-                    continue
+            turn = (waiting.arrival, waiting.id)
+            for free, made in given.values():
+                if all(order < turn for order, _ in made):
+                    continue  # no later job got GPUs here
+                taken = {g for order, gpu_ids in made if order < turn for g in gpu_ids}
+                models = [m for g, m in free.items() if g not in taken]
                 fits = len(models) if not waiting.models else sum(1 for m in models if m in waiting.models)
                 if fits >= waiting.gpu_count:
                     self.metrics.starved.add(waiting.id)

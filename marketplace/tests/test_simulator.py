@@ -4,6 +4,7 @@ themselves: what a user of its figures would notice."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from io import StringIO
 from pathlib import Path
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
+from marketplace.placement import Placement
 from marketplace.simulator.engine import Config, Simulation
 from marketplace.simulator.metrics import Metrics, max_flow_bound
-from marketplace.simulator.traces import TraceError, read_duty, read_fleet, read_jobs
+from marketplace.simulator.traces import DutySeries, Node, TraceError, TraceJob, read_duty, read_fleet, read_jobs
 
 STEP = 60
 
@@ -150,6 +152,37 @@ def test_the_bound_counts_only_the_work_a_job_offers_inside_the_measured_period(
     metrics.rentable_from(2, "t4", 0.0)
     metrics.rentable_until(2, 5000.0)
     assert metrics.summary()["upper_bound_gpu_s"] == 2 * 200 + 500
+
+
+def _starved_after(placed: list[tuple[int, int]]) -> set[int]:
+    """A 2-GPU machine whose owner never comes back; jobs 0 (1 GPU), 1 (2 GPUs), 2 (1 GPU) in
+    arrival order; at two days, job 1 still waits, both GPUs were free when the cycle began,
+    and `placed` (job, GPU) were this cycle's placements: which jobs count as starved."""
+    sim = Simulation(
+        nodes=[Node("n0", "t4", 2)],
+        jobs=[
+            TraceJob(name, at, gpus, frozenset(), 600) for name, at, gpus in (("e", 0, 1), ("w", 10, 2), ("l", 20, 1))
+        ],
+        duty=[DutySeries("p", 0.0, 60.0, (0.0,) * 1440)],
+        config=Config(policy="first-fit", horizon_s=3 * 86400.0, warmup_s=0.0),
+    )
+    sim.pending = {1: sim.jobs[1]}
+    for gpu in sim.gpus:
+        gpu.rentable = True
+    placements = []
+    for job_id, gpu_id in placed:
+        sim.gpus[gpu_id].lease = job_id
+        placements.append(Placement(job_id, 0, (gpu_id,), 500_000, math.nan, math.nan))
+    sim._starved(2 * 86400.0, placements)
+    return sim.metrics.starved
+
+
+def test_a_job_is_starved_only_where_gpus_fitting_it_at_its_turn_went_to_later_jobs() -> None:
+    # A later job took a GPU while both were free at the waiting job's turn: starved.
+    assert _starved_after([(2, 0)]) == {1}
+    # An earlier job took one GPU first: one was left at the 2-GPU job's turn, it could not fit,
+    # and the later job taking that one starved nobody.
+    assert _starved_after([(0, 0), (2, 1)]) == set()
 
 
 @pytest.mark.parametrize(
