@@ -424,14 +424,28 @@ class Simulation:
                 }
                 given[p.machine_id] = (free, [])
             given[p.machine_id][1].append(((self.jobs[p.job_id].arrival, p.job_id), p.gpu_ids))
+        # (first and last turn given GPUs there, GPUs free at the start by model, free at the start)
+        machines = []
+        for free, made in given.values():
+            by_model: dict[str, int] = {}
+            for model in free.values():
+                by_model[model] = by_model.get(model, 0) + 1
+            orders = [order for order, _ in made]
+            machines.append((min(orders), max(orders), by_model, free, made))
         for waiting in old:
             turn = (waiting.arrival, waiting.id)
-            for free, made in given.values():
-                if all(order < turn for order, _ in made):
+            for first, last, by_model, free, made in machines:
+                if last < turn:
                     continue  # no later job got GPUs here
-                taken = {g for order, gpu_ids in made if order < turn for g in gpu_ids}
-                models = [m for g, m in free.items() if g not in taken]
-                fits = len(models) if not waiting.models else sum(1 for m in models if m in waiting.models)
+                if first > turn:  # nothing went to a job ahead of it: all that was free was left
+                    left = by_model
+                else:
+                    taken = {g for order, gpu_ids in made if order < turn for g in gpu_ids}
+                    left = {}
+                    for g, model in free.items():
+                        if g not in taken:
+                            left[model] = left.get(model, 0) + 1
+                fits = sum(left.values()) if not waiting.models else sum(left.get(m, 0) for m in waiting.models)
                 if fits >= waiting.gpu_count:
                     self.metrics.starved.add(waiting.id)
                     break
