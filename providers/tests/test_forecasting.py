@@ -75,7 +75,6 @@ def test_an_hour_with_its_own_history_is_forecast_from_it() -> None:
     assert forecast.survival(idle_since=MONDAY + 20 * 3600, now=MONDAY + 20 * 3600, more_s=1200) > 0.8
 
 
-
 def test_a_day_of_history_forecasts_the_same_hour_on_other_days() -> None:
     # Monday's history alone: nights away for hours, afternoons back within minutes. Tuesday
     # has no history of its own; its night and afternoon are forecast from Monday's same hours,
