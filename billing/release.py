@@ -40,7 +40,7 @@ from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavail
 from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW
 from billing.models import BudgetAuthorization, LedgerAccount
-from billing.rewind import chain_rewind
+from billing.rewind import chain_rewind, job_settlements_on_chain
 from billing.services import job_leases_final
 from core import periodic
 from jobs.models import Job, Lease
@@ -200,6 +200,12 @@ def _release_one(
     *, auth: BudgetAuthorization, client: ChainClient, deployment: Deployment, result: dict[str, Any]
 ) -> None:
     if not job_ready_for_chain_release(job_id=auth.job_id):
+        result["waiting"] += 1
+        return
+    if not job_settlements_on_chain(job_id=auth.job_id, client=client):
+        # The chain took back a settlement of the job since the run began: undo it in the
+        # ledger now; the job waits until its charges are settled again.
+        chain_rewind(client=client)
         result["waiting"] += 1
         return
     try:

@@ -146,6 +146,17 @@ def chain_rewind(*, client: ChainClient) -> RewindResult:
     return result
 
 
+def job_settlements_on_chain(*, job_id: int, client: ChainClient) -> bool:
+    """Whether every confirmed settlement that paid a lease of the job is still in its block, read
+    at the node's head now. The release run asks it just before it sends a job's releaseJob: a
+    rollback after the run's own rewind would otherwise let it close on chain a job whose charges
+    the ledger still counts as paid, and a closed job's charges are never paid (the escrow skips
+    its items). Raises NodeUnavailable."""
+    chain = _Chain(client)
+    settlements = Settlement.objects.filter(status=OS.CONFIRMED, items__lease__job_id=job_id).distinct()
+    return not any(_left_chain(chain, settlement) for settlement in settlements)
+
+
 def _undo(record: object, chain: _Chain, result: RewindResult) -> None:
     from billing.release import release_forget
     from billing.reservations import reservation_unconfirm

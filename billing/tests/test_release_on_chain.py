@@ -74,6 +74,46 @@ def test_a_released_budget_goes_back_to_the_renter_on_chain_once(env):
     call_command("ledger_check")
 
 
+def test_a_settlement_the_chain_takes_back_during_a_run_is_not_released_over(env, monkeypatch):
+    # The run's rewind finds the chain whole; then the node rolls back the block that settled
+    # the job's charge. The release must not close the job on chain now: the escrow would never
+    # pay the charge the ledger is about to put back to unsettled.
+    renter = RenterFactory(funds=0)
+    account = env.account("ines")
+    wallet_link(renter=renter, address=account.address)
+    env.deposit(account, 10 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+    payee = env.account("ines payee")
+    job, lease = charged_job(renter, charge_s=3600, provider_address=payee.address)
+    env.sign_budget(account, job, 2 * ONE)
+    tester = env.client.web3.provider.ethereum_tester
+    before_settlement = tester.take_snapshot()
+    assert engine.settle_run(client=env.client, deployment=env.deployment, force=True)["confirmed"] == 1
+    assert services.budgets_release()["released"] == 1
+
+    import billing.release as release
+
+    rewind = release.chain_rewind
+
+    def rewind_then_roll_back(*, client):  # type: ignore[no-untyped-def]
+        found = rewind(client=client)
+        monkeypatch.setattr(release, "chain_rewind", rewind)
+        tester.revert_to_snapshot(before_settlement)
+        return found
+
+    monkeypatch.setattr(release, "chain_rewind", rewind_then_roll_back)
+    result = jobs_release_on_chain(client=env.client, deployment=env.deployment)
+
+    assert result["released"] == 0 and result["waiting"] == 1
+    *_rest, closed = env.escrow.functions.job(job.pk).call()
+    assert not closed
+    assert account_balance(kind="in_settlement", owner_key=f"lease:{lease.pk}") > 0  # to be paid again
+    # Settled again, the job is released, and the escrow and the ledger agree.
+    assert engine.settle_run(client=env.client, deployment=env.deployment, force=True)["confirmed"] == 1
+    assert jobs_release_on_chain(client=env.client, deployment=env.deployment)["released"] == 1
+    call_command("ledger_check")
+
+
 def test_a_job_is_not_released_on_chain_before_the_ledger_released_it(env):
     _renter, account, _payee, job, _lease = _settled_job(env, "ivan")
 
