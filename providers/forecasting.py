@@ -22,9 +22,9 @@ the same hour of day on every day of the week, those with its own all-hours coun
 with the fleet prior, each level scaled to a fixed weight in stretches (`HOUR_PRIOR_WEIGHT`,
 `FLEET_PRIOR_WEIGHT`): a new machine is forecast as the fleet; a machine with days of history
 by its daily habits at that hour (owners keep days more than weeks); one with weeks of history
-mostly as itself at that hour of that weekday. Counts decay (`StretchCounts.decay`), so a machine whose owner
-changes habits is forecast by its recent weeks; storage is bounded: at most 168 × len(bins) × 2
-numbers per machine, kept sparse.
+mostly as itself at that hour of that weekday. Counts decay (`StretchCounts.decay`), so a
+machine whose owner changes habits is forecast by its recent weeks; storage is bounded: at most
+168 × len(bins) × 2 numbers per machine, kept sparse.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 from eth_account import Account
 from web3 import Web3
 
-from billing import services
+from billing import release, services
 from billing import settlement as engine
 from billing.chain import ChainClient
 from billing.deposits import chain_watch, wallet_link
@@ -90,8 +90,6 @@ def test_a_settlement_the_chain_takes_back_during_a_run_is_not_released_over(env
     before_settlement = tester.take_snapshot()
     assert engine.settle_run(client=env.client, deployment=env.deployment, force=True)["confirmed"] == 1
     assert services.budgets_release()["released"] == 1
-
-    import billing.release as release
 
     rewind = release.chain_rewind
 

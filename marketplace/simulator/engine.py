@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -424,14 +425,11 @@ class Simulation:
                 }
                 given[p.machine_id] = (free, [])
             given[p.machine_id][1].append(((self.jobs[p.job_id].arrival, p.job_id), p.gpu_ids))
-        # (first and last turn given GPUs there, GPUs free at the start by model, free at the start)
-        machines = []
-        for free, made in given.values():
-            by_model: dict[str, int] = {}
-            for model in free.values():
-                by_model[model] = by_model.get(model, 0) + 1
-            orders = [order for order, _ in made]
-            machines.append((min(orders), max(orders), by_model, free, made))
+        # (first and last turn given GPUs there, free GPUs by model, free GPUs, placements)
+        machines = [
+            (min(order for order, _ in made), max(order for order, _ in made), Counter(free.values()), free, made)
+            for free, made in given.values()
+        ]
         for waiting in old:
             turn = (waiting.arrival, waiting.id)
             for first, last, by_model, free, made in machines:
@@ -441,10 +439,7 @@ class Simulation:
                     left = by_model
                 else:
                     taken = {g for order, gpu_ids in made if order < turn for g in gpu_ids}
-                    left = {}
-                    for g, model in free.items():
-                        if g not in taken:
-                            left[model] = left.get(model, 0) + 1
+                    left = Counter(model for g, model in free.items() if g not in taken)
                 fits = sum(left.values()) if not waiting.models else sum(left.get(m, 0) for m in waiting.models)
                 if fits >= waiting.gpu_count:
                     self.metrics.starved.add(waiting.id)
