@@ -109,6 +109,14 @@ if not SECRET_KEY:
             "python3 -c 'import secrets; print(secrets.token_urlsafe(50))' (or DEBUG=true for development)"
         )
 
+# /metrics (marketplace.metrics) answers only `Authorization: Bearer <METRICS_TOKEN>`; unset, it is off.
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "").strip()
+if METRICS_TOKEN and len(METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured(
+        "METRICS_TOKEN is shorter than 32 characters: use a long random value, e.g. "
+        "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    )
+
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
@@ -223,11 +231,11 @@ MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
 # TLS=true declares that clients reach the marketplace over HTTPS (directly or through a TLS
 # proxy): plain HTTP is redirected, browsers are told to use HTTPS only (HSTS) and cookies are
-# sent over HTTPS only. /livez, /readyz and /healthz are exempt from the redirect: probes inside
-# the network speak plain HTTP.
+# sent over HTTPS only. /livez, /readyz, /healthz and /metrics are exempt from the redirect: probes
+# and Prometheus inside the network speak plain HTTP.
 TLS = env_bool("TLS", False)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", TLS)
-SECURE_REDIRECT_EXEMPT = [r"^(livez|readyz|healthz)$"]
+SECURE_REDIRECT_EXEMPT = [r"^(livez|readyz|healthz|metrics)$"]
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600 if TLS else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", TLS)
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", TLS)

@@ -139,6 +139,7 @@ def test_with_the_redirect_on_plain_http_is_sent_to_https_but_the_health_probe_i
     assert Client().get("/healthz").status_code == 200
     assert Client().get("/livez").status_code == 200
     assert Client().get("/readyz").status_code == 200
+    assert Client().get("/metrics").status_code == 404  # off (no METRICS_TOKEN), and not redirected
     assert Client().get("/livezz").status_code == 301
 
 
@@ -200,6 +201,14 @@ def test_rates_and_lockout_come_from_the_environment(tmp_path) -> None:  # type:
 def test_a_malformed_rate_or_lockout_setting_is_refused_by_name(tmp_path, name, value) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ImproperlyConfigured, match=name):
         settings_with(tmp_path, SECRET_KEY=A_KEY, **{name: value})
+
+
+def test_a_short_metrics_token_is_refused_and_none_leaves_metrics_off(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ImproperlyConfigured, match="METRICS_TOKEN"):
+        settings_with(tmp_path, SECRET_KEY=A_KEY, METRICS_TOKEN="short-guessable")
+    assert settings_with(tmp_path, SECRET_KEY=A_KEY)["METRICS_TOKEN"] == ""
+    token = secrets.token_urlsafe(32)
+    assert settings_with(tmp_path, SECRET_KEY=A_KEY, METRICS_TOKEN=token)["METRICS_TOKEN"] == token
 
 
 # --- docker-compose -------------------------------------------------------------------------
