@@ -245,16 +245,30 @@ def job_cancel(*, job: Job, actor: str) -> Job:
 
 
 def job_set_unplaced(*, reasons: dict[int, tuple[str, str]], now: datetime | None = None) -> None:
-    """Record why pending jobs could not be placed: {job_id: (code, sentence)}."""
+    """Record why pending jobs could not be placed: {job_id: (code, sentence)}.
+
+    A reason is a note, not a state: each batch locks its still-pending jobs in id order and
+    skips those another transaction holds (a matcher placing them, a renter cancelling one),
+    so recording reasons never waits on a job row. Several matcher workers recording reasons
+    for overlapping jobs while others write placements deadlocked on PostgreSQL when each
+    UPDATE locked its rows as it met them; a skipped job keeps its last reason until the next
+    cycle."""
     now = now or timezone.now()
     by_reason: dict[tuple[str, str], list[int]] = {}
     for job_id, reason in reasons.items():
         by_reason.setdefault(reason, []).append(job_id)
     for (code, detail), ids in by_reason.items():
         for start in range(0, len(ids), 1000):
-            Job.objects.filter(pk__in=ids[start : start + 1000], status=JS.PENDING).update(
-                unplaced_code=code, unplaced_detail=detail[:500], unplaced_checked_at=now
-            )
+            with transaction.atomic():
+                held = list(
+                    Job.objects.filter(pk__in=ids[start : start + 1000], status=JS.PENDING)
+                    .order_by("pk")
+                    .select_for_update(skip_locked=True)
+                    .values_list("pk", flat=True)
+                )
+                Job.objects.filter(pk__in=held).update(
+                    unplaced_code=code, unplaced_detail=detail[:500], unplaced_checked_at=now
+                )
 
 
 # --- leases ---------------------------------------------------------------------------------

@@ -149,3 +149,52 @@ def test_chunk_is_rolled_back_whole_when_the_unique_index_refuses_a_gpu(db, monk
 
     monkeypatch.setattr(matching, "_gpus_lock", real_lock)
     assert matching.match_cycle().placed == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_recording_why_jobs_wait_never_waits_on_a_job_another_transaction_holds(policy: str) -> None:
+    """v2's cycle records reasons for every job it read, unlocked, while other workers hold some
+    of those jobs to place them: the reasons' UPDATE locked rows as it met them, and two such
+    workers deadlocked on jobs_job (seen in a full run). Now it skips a held job instead."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: row locks only exist there")
+    from jobs.services import job_set_unplaced
+
+    held, free = JobFactory(), JobFactory()
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        try:
+            with transaction.atomic():
+                list(Job.objects.filter(pk=held.pk).select_for_update())
+                locked.set()
+                release.wait(timeout=30)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(timeout=10)
+        done = threading.Event()
+
+        def record() -> None:
+            try:
+                job_set_unplaced(reasons={held.pk: ("no_idle_gpu", "busy"), free.pk: ("no_idle_gpu", "busy")})
+                done.set()
+            finally:
+                connections.close_all()
+
+        recorder = threading.Thread(target=record)
+        recorder.start()
+        # Before: the UPDATE waited here for the holder, however long it held the job.
+        assert done.wait(timeout=5), "recording reasons waited on a job another transaction holds"
+        recorder.join(timeout=5)
+    finally:
+        release.set()
+        holder.join(timeout=30)
+
+    assert Job.objects.get(pk=free.pk).unplaced_code == "no_idle_gpu"
+    assert Job.objects.get(pk=held.pk).unplaced_code == ""  # skipped: its holder decides
