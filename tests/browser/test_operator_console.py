@@ -11,9 +11,9 @@ from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.urls import reverse
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from jobs.models import Event, Job, Lease
@@ -35,11 +35,26 @@ def wait_for_page(driver: webdriver.Chrome) -> None:
     WebDriverWait(driver, WAIT_S).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
+def _gone(element: WebElement) -> bool:
+    """The element's page has been replaced. Chrome answers a node of a page being torn down
+    with "does not belong to the document" rather than a stale reference (seen under load);
+    both mean the old page is gone."""
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as exc:
+        if "does not belong to the document" in (exc.msg or ""):
+            return True
+        raise
+    return False
+
+
 def click_and_wait(driver: webdriver.Chrome, element: WebElement) -> None:
     """Click something that loads a new page, and wait until that page has loaded."""
     old_page = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, WAIT_S).until(EC.staleness_of(old_page))
+    WebDriverWait(driver, WAIT_S).until(lambda _: _gone(old_page))
     wait_for_page(driver)
 
 
