@@ -63,6 +63,7 @@ import math
 from bisect import bisect_left, insort
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from providers.forecasting import Forecast, StretchCounts, Survival, expected_lost_s, hour_of_week
 
@@ -447,50 +448,150 @@ class FreePool:
 # --- order -----------------------------------------------------------------------------------
 
 
-def _fifo(job: JobRequest) -> tuple[float, int]:
-    return (job.submitted_at, job.id)
+class JobQueue:
+    """The pending jobs in the order `policy` offers them, kept across cycles: FIFO
+    (submitted_at, id) for first-fit and v1, v2's aged-then-fair-share order (module docstring)
+    for v2. `place()` builds one per call from a list; a caller that sees jobs come and go one
+    by one (the simulator) keeps one, `add`s arrivals and requeued jobs, and `pool_place` takes
+    out the jobs it places. A cycle then costs the jobs it tries (it stops once no GPU is
+    free), not the queue's length, and offers them in the order one built from scratch would.
 
+    Heaps with lazy deletion: each entry carries a sequence number and is live while that is
+    its job's current one; a job added again (its remaining duration changed) gets a new one."""
 
-def _v2_order(
-    jobs: Sequence[JobRequest], *, now: float, held: dict[int, int]
-) -> Callable[[Callable[[JobRequest], bool], Callable[[], bool]], None]:
-    """A driver that offers jobs to `try_place` in v2's order (module docstring), updating the
-    renters' holdings as placements are made, until `exhausted()` (no free GPU left). Lazy:
-    heaps, not sorts, so a cycle that fills the pool from the head of a long queue costs about
-    the queue's length, not its length x log."""
+    def __init__(self, jobs: Sequence[JobRequest] = (), *, policy: str = "v2") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.jobs: dict[int, JobRequest] = {}
+        self._seq: dict[int, int] = {}
+        self._next = 0
+        self._fifo: list[tuple[float, int, int]] = []  # (submitted_at, id, seq); FIFO policies
+        self._young: list[tuple[float, int, int]] = []  # v2: jobs not yet past AGE_LIMIT_S
+        self._aged: list[tuple[float, int, int]] = []  # v2: past it, oldest first
+        self._aged_ids: set[int] = set()
+        self._renters: dict[int, list[tuple[int, float, int, int]]] = {}  # v2: (-ceiling, submitted_at, id, seq)
+        for job in jobs:
+            self._enter(job, push=False)
+        heapq.heapify(self._fifo)
+        heapq.heapify(self._young)
+        for queue in self._renters.values():
+            heapq.heapify(queue)
 
-    def drive(try_place: Callable[[JobRequest], bool], exhausted: Callable[[], bool]) -> None:
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __contains__(self, job_id: int) -> bool:
+        return job_id in self.jobs
+
+    def _enter(self, job: JobRequest, *, push: bool) -> None:
+        self._next += 1
+        seq = self._next
+        self.jobs[job.id] = job
+        self._seq[job.id] = seq
+        self._aged_ids.discard(job.id)
+        entries: list[tuple[list[Any], tuple[Any, ...]]] = []
+        if self.policy == "v2":
+            entries.append((self._young, (job.submitted_at, job.id, seq)))
+            renter = self._renters.setdefault(job.renter, [])
+            entries.append((renter, (-job.max_price, job.submitted_at, job.id, seq)))
+        else:
+            entries.append((self._fifo, (job.submitted_at, job.id, seq)))
+        for heap, entry in entries:
+            if push:
+                heapq.heappush(heap, entry)
+            else:
+                heap.append(entry)
+
+    def add(self, job: JobRequest) -> None:
+        """Queue a job, or queue it again with new figures (same id)."""
+        self._enter(job, push=True)
+
+    def remove(self, job_id: int) -> None:
+        """Take a job out (ignored when it is not queued)."""
+        if self.jobs.pop(job_id, None) is not None:
+            del self._seq[job_id]
+            self._aged_ids.discard(job_id)
+
+    def _live(self, job_id: int, seq: int) -> bool:
+        return self._seq.get(job_id) == seq
+
+    # --- driving a cycle ----------------------------------------------------------------------
+
+    def drive_fifo(self, try_place: Callable[[JobRequest], bool], exhausted: Callable[[], bool]) -> None:
+        """Offer the jobs oldest first until `exhausted()`; placed jobs leave the queue."""
+        heap, tried = self._fifo, []
+        while heap and not exhausted():
+            entry = heapq.heappop(heap)
+            if not self._live(entry[1], entry[2]):
+                continue
+            if try_place(self.jobs[entry[1]]):
+                self.remove(entry[1])
+            else:
+                tried.append(entry)
+        for entry in tried:
+            heapq.heappush(heap, entry)
+
+    def drive_v2(
+        self,
+        try_place: Callable[[JobRequest], bool],
+        exhausted: Callable[[], bool],
+        *,
+        now: float,
+        held: dict[int, int],
+    ) -> None:
+        """Offer the jobs in v2's order (module docstring), counting each placement in the
+        renter's holdings, until `exhausted()`; placed jobs leave the queue."""
+        young, aged = self._young, self._aged
+        while young and now - young[0][0] > AGE_LIMIT_S:
+            entry = heapq.heappop(young)
+            if self._live(entry[1], entry[2]):
+                heapq.heappush(aged, entry)
+                self._aged_ids.add(entry[1])
         if exhausted():
             return
-        aged: list[tuple[float, int, JobRequest]] = []
-        queues: dict[int, list[tuple[int, float, int, JobRequest]]] = {}
-        for job in jobs:
-            if now - job.submitted_at > AGE_LIMIT_S:
-                aged.append((job.submitted_at, job.id, job))
-            else:
-                queues.setdefault(job.renter, []).append((-job.max_price, job.submitted_at, job.id, job))
-        heapq.heapify(aged)
+        tried: list[tuple[float, int, int]] = []
         while aged and not exhausted():
-            job = heapq.heappop(aged)[2]
+            entry = heapq.heappop(aged)
+            if not self._live(entry[1], entry[2]):
+                continue
+            job = self.jobs[entry[1]]
             if try_place(job):
                 held[job.renter] = held.get(job.renter, 0) + job.gpu_count
-        heap: list[tuple[float, float, int, int]] = []
-        for renter, queue in queues.items():
-            heapq.heapify(queue)  # queue[0]: the renter's next job (highest ceiling, then FIFO)
-            head = queue[0][3]
-            heap.append((-head.max_price / (1 + held.get(renter, 0)), head.submitted_at, head.id, renter))
+                self.remove(job.id)
+            else:
+                tried.append(entry)
+        for entry in tried:
+            heapq.heappush(aged, entry)
+
+        def head(renter: int) -> tuple[float, float, int, int] | None:
+            """The renter's next job's place in the renters' heap; stale entries dropped."""
+            queue = self._renters[renter]
+            while queue and (not self._live(queue[0][2], queue[0][3]) or queue[0][2] in self._aged_ids):
+                heapq.heappop(queue)
+            if not queue:
+                return None
+            job = self.jobs[queue[0][2]]
+            return (-job.max_price / (1 + held.get(renter, 0)), job.submitted_at, job.id, renter)
+
+        heap = [key for renter in list(self._renters) if (key := head(renter)) is not None]
         heapq.heapify(heap)
+        put_back: list[tuple[int, tuple[int, float, int, int]]] = []
         while heap and not exhausted():
             renter = heapq.heappop(heap)[3]
-            queue = queues[renter]
-            job = heapq.heappop(queue)[3]
+            mine = heapq.heappop(self._renters[renter])
+            job = self.jobs[mine[2]]
             if try_place(job):
                 held[renter] = held.get(renter, 0) + job.gpu_count
-            if queue:
-                head = queue[0][3]
-                heapq.heappush(heap, (-head.max_price / (1 + held.get(renter, 0)), head.submitted_at, head.id, renter))
-
-    return drive
+                self.remove(job.id)
+            else:
+                put_back.append((renter, mine))
+            if (key := head(renter)) is not None:
+                heapq.heappush(heap, key)
+        for renter, mine in put_back:
+            heapq.heappush(self._renters[renter], mine)
+        for renter in [r for r, queue in self._renters.items() if not queue]:
+            del self._renters[renter]
 
 
 # --- the entry point ------------------------------------------------------------------------
@@ -522,15 +623,16 @@ def place(
 
 def pool_place(
     pool: FreePool,
-    jobs: Sequence[JobRequest],
+    jobs: Sequence[JobRequest] | JobQueue,
     *,
     now: float,
     held_by_renter: Mapping[int, int] | None = None,
     report: bool = True,
 ) -> list[Placement]:
-    """`place()` over a pool kept by the caller: the GPUs placed leave the pool. Without
-    `report`, placements carry no p_finish or expected_lost_s (NaN): figures for people, which
-    decide nothing, and cost a third of a simulated cycle."""
+    """`place()` over a pool kept by the caller: the GPUs placed leave the pool, and, when
+    `jobs` is a JobQueue the caller keeps, the jobs placed leave it. Without `report`,
+    placements carry no p_finish or expected_lost_s (NaN): figures for people, which decide
+    nothing, and cost a third of a simulated cycle."""
     policy = pool.policy
     if policy == "v2":
         pool._refresh(now)
@@ -562,13 +664,13 @@ def pool_place(
     def exhausted() -> bool:
         return not pool.gpus
 
+    queue = jobs if isinstance(jobs, JobQueue) else JobQueue(jobs, policy=policy)
+    if queue.policy != policy:
+        raise ValueError(f"a {queue.policy} queue cannot drive a {policy} pool")
     if policy == "v2":
-        _v2_order(jobs, now=now, held=dict(held_by_renter or {}))(try_place, exhausted)
+        queue.drive_v2(try_place, exhausted, now=now, held=dict(held_by_renter or {}))
     else:
-        for job in sorted(jobs, key=_fifo):
-            if exhausted():
-                break
-            try_place(job)
+        queue.drive_fifo(try_place, exhausted)
     return placements
 
 
@@ -594,4 +696,14 @@ def _placement(
     return Placement(job.id, machine.offer.id, gpu_ids, price, survive(job.duration_s), lost)
 
 
-__all__ = ["POLICIES", "FreePool", "GpuOffer", "JobRequest", "MachineOffer", "Placement", "place", "pool_place"]
+__all__ = [
+    "POLICIES",
+    "FreePool",
+    "GpuOffer",
+    "JobQueue",
+    "JobRequest",
+    "MachineOffer",
+    "Placement",
+    "place",
+    "pool_place",
+]

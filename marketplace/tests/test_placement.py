@@ -8,7 +8,16 @@ import random
 
 import pytest
 
-from marketplace.placement import POLICIES, FreePool, GpuOffer, JobRequest, MachineOffer, place, pool_place
+from marketplace.placement import (
+    POLICIES,
+    FreePool,
+    GpuOffer,
+    JobQueue,
+    JobRequest,
+    MachineOffer,
+    place,
+    pool_place,
+)
 from providers.forecasting import Forecast, StretchCounts, hour_of_week
 
 NOW = 1_767_571_200.0 + 10 * 3600
@@ -224,6 +233,60 @@ def test_a_pool_kept_across_cycles_answers_as_a_fresh_one(policy: str) -> None:
     fresh = place(jobs, machines, now=NOW, policy=policy)
     assert [(p.job_id, p.machine_id, p.gpu_ids) for p in kept] == [(p.job_id, p.machine_id, p.gpu_ids) for p in fresh]
     assert len(pool) == sum(len(m.gpus) for m in machines) - sum(len(p.gpu_ids) for p in kept)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_queue_kept_across_cycles_offers_jobs_as_a_fresh_one(policy: str) -> None:
+    """Cycle after cycle: jobs arrive, some age past AGE_LIMIT_S between cycles, placed jobs
+    come back with less work left (a preemption), renters' holdings change. A JobQueue kept
+    across all of it places exactly what a queue built from the pending list each cycle does."""
+    rng = random.Random(11)
+    jobs, _ = random_world(rng)
+    # Arrivals spread over the run; about a third arrive before it, some over 6 h before.
+    arrivals = sorted(jobs, key=lambda j: j.submitted_at)
+    kept = JobQueue(policy=policy)
+    pending: dict[int, JobRequest] = {}
+    placed_total = 0
+    for cycle in range(40):
+        now = NOW + cycle * 1800.0  # half an hour apart: jobs cross the age limit mid-run
+        for request in arrivals[cycle * 3 : cycle * 3 + 3]:
+            shifted = JobRequest(**{**_fields(request), "submitted_at": request.submitted_at + cycle * 1800.0})
+            kept.add(shifted)
+            pending[shifted.id] = shifted
+        _, machines = random_world(random.Random(cycle))
+        held = {r: rng.randrange(6) for r in range(4)}
+        rebuilt = place(list(pending.values()), machines, now=now, policy=policy, held_by_renter=held)
+        # The same machines for both: place() builds its own pool from them.
+        from_queue = pool_place(_pool(policy, machines, now), kept, now=now, held_by_renter=held)
+        assert [(p.job_id, p.machine_id, p.gpu_ids) for p in from_queue] == [
+            (p.job_id, p.machine_id, p.gpu_ids) for p in rebuilt
+        ]
+        for p in from_queue:
+            request = pending.pop(p.job_id)
+            placed_total += 1
+            if rng.random() < 0.5:  # preempted: back in the queue with less work left
+                again = JobRequest(**{**_fields(request), "duration_s": max(1, request.duration_s // 2)})
+                kept.add(again)
+                pending[again.id] = again
+        assert set(kept.jobs) == set(pending)
+    assert placed_total > 40  # the check above compared real cycles, not empty ones
+
+
+def _fields(request: JobRequest) -> dict[str, object]:
+    return {name: getattr(request, name) for name in JobRequest.__slots__}
+
+
+def _pool(policy: str, machines: list[MachineOffer], now: float) -> FreePool:
+    pool = FreePool(policy)
+    for m in machines:
+        for g in m.gpus:
+            pool.add(m, g, now=now)
+    return pool
+
+
+def test_a_queue_drives_only_its_own_policy() -> None:
+    with pytest.raises(ValueError, match="cannot drive"):
+        pool_place(FreePool("v2"), JobQueue(policy="v1"), now=NOW)
 
 
 def test_an_unknown_policy_is_refused() -> None:
