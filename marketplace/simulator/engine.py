@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from marketplace.placement import FreePool, GpuOffer, JobRequest, MachineOffer, Placement, pool_place
+from marketplace.placement import FreePool, GpuOffer, JobQueue, JobRequest, MachineOffer, Placement, pool_place
 from marketplace.simulator.metrics import Metrics
 from marketplace.simulator.traces import DutySeries, Node, TraceJob
 from providers.forecasting import Forecast, StretchCounts, hour_of_week
@@ -132,7 +132,6 @@ class _Job:
     first_start: float | None = None
     finished: float | None = None
     preemptions: int = 0
-    request: JobRequest | None = None  # what the matcher is handed, until the job is requeued
 
 
 class Simulation:
@@ -170,7 +169,8 @@ class Simulation:
         self.events: list[tuple[float, int, int, int]] = []
         self.seq = 0
         self.jobs: dict[int, _Job] = {}
-        self.pending: dict[int, _Job] = {}
+        self.pending: dict[int, _Job] = {}  # waiting jobs, in the order they entered
+        self.queue = JobQueue(policy=config.policy)  # the same, as the policy orders them
         self.held: dict[int, int] = {}
         self.changed = True
         self._arrivals(jobs, rng)
@@ -263,8 +263,7 @@ class Simulation:
             elif kind == _FINISH:
                 self._finish(subject, at)
             elif kind == _ARRIVE:
-                self.pending[subject] = self.jobs[subject]
-                self.changed = True
+                self._enqueue(self.jobs[subject])
                 if subject + 1 in self.jobs:  # arrivals are numbered in time order
                     self._push(self.jobs[subject + 1].arrival, _ARRIVE, subject + 1)
             elif kind == _CYCLE:
@@ -336,11 +335,9 @@ class Simulation:
         else:
             kept = 0.0
         job.done += kept
-        job.request = None  # its remaining work changed
         job.preemptions += 1
         self.metrics.lease(job.id, job.gpu_count, started, now, lost_from=started + kept, preempted=True)
-        self.pending[job.id] = job
-        self.changed = True
+        self._enqueue(job)  # its remaining work changed
 
     def _finish(self, subject: int, now: float) -> None:
         job_id, seq = divmod(subject, 1 << 20)
@@ -354,10 +351,15 @@ class Simulation:
         self.metrics.lease(job.id, job.gpu_count, started, now, lost_from=now, preempted=False)
         self.metrics.completed(job.arrival, now)
 
+    def _enqueue(self, job: _Job) -> None:
+        self.pending[job.id] = job
+        self.queue.add(self._request(job))
+        self.changed = True
+
     def _cycle(self, now: float) -> None:
         self.changed = False
-        requests = [job.request or self._request(job) for job in self.pending.values()]
-        placements = pool_place(self.pool, requests, now=EPOCH + now, held_by_renter=self.held, report=False)
+        # The queue is kept across cycles; placed jobs leave it in pool_place.
+        placements = pool_place(self.pool, self.queue, now=EPOCH + now, held_by_renter=self.held, report=False)
         for p in placements:
             job = self.pending.pop(p.job_id)
             job.started = now
@@ -377,7 +379,7 @@ class Simulation:
 
     @staticmethod
     def _request(job: _Job) -> JobRequest:
-        job.request = JobRequest(
+        return JobRequest(
             id=job.id,
             renter=job.renter,
             submitted_at=EPOCH + job.arrival,
@@ -390,7 +392,6 @@ class Simulation:
             checkpoint_interval_s=job.checkpoint,
             kind_bit=1,
         )
-        return job.request
 
     def _starved(self, now: float, placements: list[Placement]) -> None:
         """Note each job never placed yet, waiting over a day since its arrival, while GPUs that
