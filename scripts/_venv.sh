@@ -31,6 +31,8 @@ ensure_venv() {
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
     # The provider agent, editable, so `gpgpu-agent` is on .venv's PATH (its deps are pinned above).
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e ./agent
+    # The renter's client, editable, so `gpgpu` is on .venv's PATH (its deps are pinned above too).
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e ./client
     echo "$digest" >"$stamp"
   fi
 }
