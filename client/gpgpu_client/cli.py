@@ -143,7 +143,7 @@ def _available(offer: Offer) -> str:
 
 def _search_params(args: argparse.Namespace) -> dict[str, str]:
     try:
-        return parse_query(" ".join(args.query))
+        return parse_query(args.query)
     except QueryError as exc:
         raise UsageError(str(exc)) from None
 
@@ -458,7 +458,7 @@ def cmd_completion(args: argparse.Namespace, out: TextIO) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Rent GPUs on the GPGPU marketplace.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -549,19 +549,19 @@ def main(argv: Sequence[str] | None = None, *, session: requests.Session | None 
     args = build_parser().parse_args(argv)
     out = sys.stdout
     try:
-        if args.command == "completion":
+        if args.cmd == "completion":
             return cmd_completion(args, out)
         # Input is checked before a config or the network is needed.
-        if args.command == "search":
+        if args.cmd == "search":
             _search_params(args)
-        if args.command == "run":
+        if args.cmd == "run":
             try:
                 job_spec(_run_values(args))
             except JobFileError as exc:
                 where = f"bad job file {args.file!r}" if args.file else "bad job"
                 raise UsageError(f"{where}: {exc}") from None
-        client = Client(args.url, args.token, session=session) if args.command == "login" else _client(args, session)
-        return _COMMANDS[args.command](args, client, out)
+        client = Client(args.url, args.token, session=session) if args.cmd == "login" else _client(args, session)
+        return _COMMANDS[args.cmd](args, client, out)
     except UsageError as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
         return 2

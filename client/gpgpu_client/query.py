@@ -1,7 +1,9 @@
 """The search language of `gpgpu search`: terms separated by blanks, each mapped onto one query
 parameter of GET /api/v1/gpus/.
 
-    model=RTX-4090            model (a comma-separated list for several; case-insensitive)
+    model=RTX-4090            model (a comma-separated list for several; the full name, as the
+                              market shows it, any case: quote one with blanks,
+                              model="NVIDIA GeForce RTX 4090")
     vram>=20  vram>20         min_vram_mb (GB by default; 24gb, 24564mb)
     price<=0.5                max_price (tokens per GPU-hour)
     region=eu                 region
@@ -12,6 +14,8 @@ parameter of GET /api/v1/gpus/.
 from __future__ import annotations
 
 import re
+import shlex
+from collections.abc import Sequence
 
 from gpgpu_client.units import parse_duration, parse_price, parse_vram_mb
 
@@ -28,11 +32,18 @@ class QueryError(ValueError):
         self.reason = reason
 
 
-def parse_query(text: str) -> dict[str, str]:
-    """The query parameters for `text`; QueryError naming the first bad term."""
+def parse_query(query: str | Sequence[str]) -> dict[str, str]:
+    """The query parameters for `query` (one string, or the command line's words, each split
+    into terms like a shell's, quotes kept together); QueryError naming the first bad term."""
+    terms: list[str] = []
+    for text in [query] if isinstance(query, str) else query:
+        try:
+            terms.extend(shlex.split(text))
+        except ValueError as exc:
+            raise QueryError(text, str(exc)) from None
     params: dict[str, str] = {}
     seen: set[str] = set()
-    for term in text.split():
+    for term in terms:
         key, param, value = _term(term)
         if key in seen:
             raise QueryError(term, f"{key} is given twice")

@@ -36,6 +36,19 @@ def test_units_and_variants(term: str, param: str, value: str) -> None:
     assert parse_query(term) == {param: value}
 
 
+def test_a_quoted_model_name_keeps_its_blanks_and_words_are_terms() -> None:
+    assert parse_query(['model="NVIDIA GeForce RTX 4090" vram>=24', "region=eu"]) == {
+        "model": "NVIDIA GeForce RTX 4090",
+        "min_vram_mb": "24576",
+        "region": "eu",
+    }
+
+
+def test_an_unclosed_quote_is_a_bad_term() -> None:
+    with pytest.raises(QueryError, match="No closing quotation"):
+        parse_query('model="RTX 4090')
+
+
 def test_an_empty_query_asks_for_everything() -> None:
     assert parse_query("   ") == {}
 
