@@ -23,8 +23,9 @@ ensure_venv() {
     echo "Creating .venv with $("$python" --version)..."
     "$python" -m venv .venv
   fi
-  # The digest covers both files: requirements-dev.txt includes requirements.txt.
-  digest="$(cat "$requirements" requirements.txt | .venv/bin/python -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+  # The digest covers both files (requirements-dev.txt includes requirements.txt) and the client's
+  # pyproject.toml (its pins and console script), so a change there reinstalls it.
+  digest="$(cat "$requirements" requirements.txt client/pyproject.toml | .venv/bin/python -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
   stamp=".venv/.installed-$(basename "$requirements").sha256"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     echo "Installing $requirements into .venv..."
