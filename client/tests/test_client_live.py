@@ -218,6 +218,51 @@ def test_a_renter_runs_a_job_from_a_toml_file_and_follows_it_to_success(
     offers = _json(["search", 'model="NVIDIA GeForce RTX 4090" vram>=20 available'], live, capsys)
     assert [o["model"] for o in offers] == ["NVIDIA GeForce RTX 4090"]
 
+    # And in tables for a person
+    assert main(["leases", str(job_id)], session=live["session"]) == 0
+    assert "1× NVIDIA GeForce RTX 4090" in capsys.readouterr().out
+    assert main(["balance"], session=live["session"]) == 0
+    assert "deposited   50" in capsys.readouterr().out
+    assert main(["search", "vram>=20"], session=live["session"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split()[:3] == ["MODEL", "VRAM", "PRICE/H"]
+    assert "NVIDIA GeForce RTX 4090  24 GB" in rows[1]
+
+
+def test_why_says_what_keeps_a_job_waiting_and_cancel_ends_it(
+    live: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a job, submitted with flags alone, for a model no machine on the market has
+    assert main(["login", "--url", live["url"], "--token", live["token"]], session=live["session"]) == 0
+    capsys.readouterr()
+    argv = ["run", "--kind", "process", "--command", "true", "--gpus", "1", "--model", "NVIDIA H100"]
+    assert main([*argv, "--max-price", "1", "--duration", "5m"], session=live["session"]) == 0
+    job_id = int(capsys.readouterr().out)
+    with live["turn"]:
+        budget_reserved(Job.objects.get(pk=job_id))
+        match_cycle()
+
+    # When the renter asks why it waits
+    assert main(["why", str(job_id)], session=live["session"]) == 0
+    why = capsys.readouterr().out
+
+    # Then the matcher's reason is there, in words and with its code
+    with live["turn"]:
+        job = Job.objects.get(pk=job_id)
+    assert job.unplaced_code
+    assert why == f"Job {job_id} is waiting: {job.unplaced_detail} ({job.unplaced_code})\n"
+    assert main(["ls"], session=live["session"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:3] == ["ID", "NAME", "STATUS"]
+    assert listing[1].split()[:3] == [str(job_id), "-", "pending"]
+
+    # And cancelling it ends it; a second cancel is harmless
+    assert main(["cancel", str(job_id)], session=live["session"]) == 0
+    assert capsys.readouterr().out == f"Job {job_id} cancelled\n"
+    assert main(["cancel", str(job_id)], session=live["session"]) == 0
+    assert main(["status", str(job_id)], session=live["session"]) == 0
+    assert "status       cancelled" in capsys.readouterr().out
+
 
 def test_a_job_the_server_refuses_is_one_line_and_exit_1(
     live: dict[str, Any], capsys: pytest.CaptureFixture[str]
