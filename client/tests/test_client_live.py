@@ -229,6 +229,25 @@ def test_a_renter_runs_a_job_from_a_toml_file_and_follows_it_to_success(
     assert "NVIDIA GeForce RTX 4090  24 GB" in rows[1]
 
 
+def test_follow_exits_with_the_exit_code_of_a_job_that_failed(
+    live: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["login", "--url", live["url"], "--token", live["token"]], session=live["session"]) == 0
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        "kind: process\n"
+        f"command: [{json.dumps(SANDBOX_PYTHON)}, -c, 'import sys; sys.exit(3)']\n"
+        "gpus: 1\nmax_price: '2.00'\nduration: 60\n"
+    )
+
+    thread, codes = _run_in_thread(["run", str(job_file), "--follow", "--poll-interval", "0.2"], live["session"])
+    _work_the_market(live, thread)
+
+    out, err = capsys.readouterr()
+    assert codes == [3], err
+    assert " failed (exit code 3" in out.splitlines()[-1]
+
+
 def test_why_says_what_keeps_a_job_waiting_and_cancel_ends_it(
     live: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
