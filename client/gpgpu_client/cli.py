@@ -87,15 +87,14 @@ def _gb(mb: int) -> str:
 # --- commands -------------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace, session: requests.Session | None) -> Client:
+def _client(session: requests.Session | None) -> Client:
+    """A client for the saved (or GPGPU_API_URL / GPGPU_TOKEN) marketplace and token."""
     config = config_load()
-    url = getattr(args, "url", None) or config.api_url
-    token = getattr(args, "token", None) or config.token
-    if not url or not token:
+    if not config.api_url or not config.token:
         raise ClientError(
             f"not logged in: run `{PROG} login --url URL --token TOKEN` (or set GPGPU_API_URL and GPGPU_TOKEN)"
         )
-    return Client(url, token, session=session)
+    return Client(config.api_url, config.token, session=session)
 
 
 def cmd_login(args: argparse.Namespace, client: Client, out: TextIO) -> int:
@@ -184,14 +183,18 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def cmd_run(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    values = _run_values(args)
+def _run_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The submit API's body for `run`'s file and flags; UsageError naming the bad key."""
     try:
-        spec = job_spec(values)
+        return job_spec(_run_values(args))
     except JobFileError as exc:
         where = f"bad job file {args.file!r}" if args.file else "bad job"
         raise UsageError(f"{where}: {exc}") from None
-    job = client.job_submit(spec, idempotency_key=args.idempotency_key)
+
+
+def cmd_run(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    # args.spec: checked by main before the client was made.
+    job = client.job_submit(args.spec, idempotency_key=args.idempotency_key)
     if not args.follow:
         if args.json:
             _print_json(job.raw, out)
@@ -216,17 +219,20 @@ def follow(
     status_out: TextIO | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Job:
-    """Poll the job until it ends, writing a status line to `status_out` whenever it changes (in
-    place on a terminal); returns the ended job."""
-    last = ""
+    """Poll the job until it ends, writing its status line to `status_out`: rewritten in place at
+    every poll on a terminal, else a new line whenever its state, lease or reason for waiting
+    changes. Returns the ended job."""
+    last: tuple[object, ...] = ()
     tty = bool(status_out and status_out.isatty())
     while True:
         job = client.job(job_id)
-        line = status_line(job)
-        if status_out is not None and line != last:
+        lease = job.current_lease
+        key = (job.status, lease.id if lease else None, job.unplaced_reason)
+        if status_out is not None and (tty or key != last):
+            line = status_line(job)
             status_out.write(f"\r\x1b[2K{line}" if tty else f"{line}\n")
             status_out.flush()
-            last = line
+            last = key
         if job.finished:
             if tty and status_out is not None:
                 status_out.write("\n")
@@ -555,12 +561,8 @@ def main(argv: Sequence[str] | None = None, *, session: requests.Session | None 
         if args.cmd == "search":
             _search_params(args)
         if args.cmd == "run":
-            try:
-                job_spec(_run_values(args))
-            except JobFileError as exc:
-                where = f"bad job file {args.file!r}" if args.file else "bad job"
-                raise UsageError(f"{where}: {exc}") from None
-        client = Client(args.url, args.token, session=session) if args.cmd == "login" else _client(args, session)
+            args.spec = _run_spec(args)
+        client = Client(args.url, args.token, session=session) if args.cmd == "login" else _client(session)
         return _COMMANDS[args.cmd](args, client, out)
     except UsageError as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")

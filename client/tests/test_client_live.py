@@ -183,7 +183,8 @@ def test_a_renter_runs_a_job_from_a_toml_file_and_follows_it_to_success(
     job_file.write_text(
         'name = "hello"\n'
         'kind = "process"\n'
-        f'command = [{json.dumps(SANDBOX_PYTHON)}, "-c", "print(\'hello from gpgpu\')"]\n'
+        # It runs long enough (1.5 s) for the status line, polled every 0.2 s, to see it running.
+        f'command = [{json.dumps(SANDBOX_PYTHON)}, "-c", "import time; print(\'hello\'); time.sleep(1.5)"]\n'
         "gpus = 1\n"
         'models = ["NVIDIA GeForce RTX 4090"]\n'
         'max_price = "2.00"\n'
