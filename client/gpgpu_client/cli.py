@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +31,9 @@ from gpgpu_client.query import QueryError, parse_query
 
 PROG = "gpgpu"
 COMMANDS = ("login", "search", "run", "ls", "status", "cancel", "leases", "why", "balance", "statement", "completion")
+
+
+_MONTH_RE = re.compile(r"[0-9]{4}-(?:0[1-9]|1[0-2])")
 
 
 class UsageError(Exception):
@@ -365,9 +369,16 @@ def why_text(job: Job) -> str:
     """Why the job is where it is, in words."""
     if job.status == "pending":
         if job.unplaced_reason is None:
-            return f"Job {job.id} is waiting; the matcher has not looked at it yet."
-        reason = job.unplaced_reason
-        return f"Job {job.id} is waiting: {reason.detail} ({reason.code})"
+            text = f"Job {job.id} is waiting; the matcher has not looked at it yet."
+        else:
+            text = f"Job {job.id} is waiting: {job.unplaced_reason.detail} ({job.unplaced_reason.code})"
+        for offer in (job.offers or [])[:3]:
+            chance = f", P(finish) {offer.p_finish:.0%}" if offer.p_finish is not None else ""
+            text += (
+                f"\n  it fits machine {offer.machine} now ({offer.region or 'no region'}, "
+                f"{offer.price_per_gpu_hour}/GPU-hour{chance})"
+            )
+        return text
     if job.status in {"scheduled", "running"}:
         where = f" on machine {job.current_lease.machine}" if job.current_lease is not None else ""
         return f"Job {job.id} is placed{where}: {job.status}."
@@ -528,10 +539,8 @@ def _positive(text: str) -> int:
 
 
 def _month(text: str) -> str:
-    try:
-        datetime.strptime(text, "%Y-%m")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a month as YYYY-MM") from None
+    if not _MONTH_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a month as YYYY-MM")
     return text
 
 

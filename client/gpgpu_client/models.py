@@ -137,6 +137,31 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class JobOffer:
+    """A machine a pending job could be placed on now (a job detail's `offers`)."""
+
+    machine: int
+    region: str
+    gpu_models: list[str]
+    price_per_gpu_hour: Decimal
+    available_until: datetime | None
+    predicted_idle_s: int | None
+    p_finish: float | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobOffer:
+        return cls(
+            machine=int(data["machine"]),
+            region=str(data.get("region", "")),
+            gpu_models=[str(g.get("model", "")) for g in data.get("gpus", [])],
+            price_per_gpu_hour=Decimal(str(data["price_per_gpu_hour"])),
+            available_until=_dt(data.get("available_until")),
+            predicted_idle_s=_int(data.get("predicted_idle_s")),
+            p_finish=_float(data.get("p_finish")),
+        )
+
+
+@dataclass(frozen=True)
 class UnplacedReason:
     code: str
     detail: str
@@ -174,7 +199,7 @@ class Job:
     finished_at: datetime | None
     current_lease: Lease | None
     budget: JobBudget | None
-    offers: list[JSON] | None
+    offers: list[JobOffer] | None
     raw: JSON = field(repr=False, compare=False)
 
     @property
@@ -219,7 +244,7 @@ class Job:
             )
             if isinstance(budget, Mapping)
             else None,
-            offers=list(data["offers"]) if isinstance(data.get("offers"), list) else None,
+            offers=[JobOffer.from_json(o) for o in data["offers"]] if isinstance(data.get("offers"), list) else None,
             raw=data,
         )
 

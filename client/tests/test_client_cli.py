@@ -129,3 +129,22 @@ def test_why_says_the_unplaced_reason_in_words() -> None:
     job = _job(status="pending", unplaced_reason={"code": "no_gpu_matches", "detail": "No GPU has 80 GB."})
 
     assert why_text(job) == "Job 7 is waiting: No GPU has 80 GB. (no_gpu_matches)"
+
+
+def test_why_names_the_machines_a_waiting_job_fits_now() -> None:
+    offer = {"machine": 3, "region": "eu", "gpus": [{"model": "L4"}], "price_per_gpu_hour": "0.40", "p_finish": 0.92}
+    job = _job(status="pending", offers=[offer])
+
+    assert why_text(job) == (
+        "Job 7 is waiting; the matcher has not looked at it yet.\n"
+        "  it fits machine 3 now (eu, 0.40/GPU-hour, P(finish) 92%)"
+    )
+
+
+@pytest.mark.parametrize("month", ["2026-1", "2026-13", "26-01"])
+def test_a_month_not_as_yyyy_mm_is_a_usage_error(month: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["statement", "--month", month])
+
+    assert caught.value.code == 2
+    assert "YYYY-MM" in capsys.readouterr().err
