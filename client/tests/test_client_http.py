@@ -4,6 +4,7 @@ shape as typed exceptions, the Idempotency-Key on a submission, pagination."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from gpgpu_client import Client, NotFound, RateLimited, Unavailable, ValidationFailed
+from gpgpu_client import Client, ClientError, NotFound, RateLimited, Unavailable, ValidationFailed
 from gpgpu_client.client import parse_retry_after
 
 Reply = tuple[int, dict[str, str], Any]
@@ -61,7 +62,7 @@ class Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
 
 @pytest.fixture
@@ -193,3 +194,18 @@ def test_retry_after_readings() -> None:
     assert parse_retry_after("Wed, 31 Dec 2025 00:00:00 GMT", now=now) == 0.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+def test_a_server_that_cannot_be_reached_is_retried_with_backoff_then_a_client_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    waits: list[float] = []
+    client = Client(f"http://127.0.0.1:{port}", "tok", sleep=waits.append, max_retries=3, backoff_s=0.5)
+
+    with pytest.raises(ClientError, match="cannot reach"):
+        client.me()
+
+    assert len(waits) == 3
+    assert waits[0] < waits[1] < waits[2]
+    assert 0.5 <= waits[0] <= 0.75
