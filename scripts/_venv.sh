@@ -23,14 +23,17 @@ ensure_venv() {
     echo "Creating .venv with $("$python" --version)..."
     "$python" -m venv .venv
   fi
-  # The digest covers both files: requirements-dev.txt includes requirements.txt.
-  digest="$(cat "$requirements" requirements.txt | .venv/bin/python -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+  # The digest covers both files (requirements-dev.txt includes requirements.txt) and the client's
+  # pyproject.toml (its pins and console script), so a change there reinstalls it.
+  digest="$(cat "$requirements" requirements.txt client/pyproject.toml | .venv/bin/python -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
   stamp=".venv/.installed-$(basename "$requirements").sha256"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     echo "Installing $requirements into .venv..."
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
     # The provider agent, editable, so `gpgpu-agent` is on .venv's PATH (its deps are pinned above).
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e ./agent
+    # The renter's client, editable, so `gpgpu` is on .venv's PATH (its deps are pinned above too).
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e ./client
     echo "$digest" >"$stamp"
   fi
 }

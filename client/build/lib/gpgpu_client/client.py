@@ -1,0 +1,189 @@
+"""The HTTP client of the renter API (/api/v1/). One `Client` per marketplace and token.
+
+- Every error answer is raised as a typed ApiError (gpgpu_client.errors).
+- 429 and 503 are retried after the server's Retry-After (seconds or an HTTP date), capped, at
+  most `max_retries` times; a connection that fails is retried with exponential backoff. Only
+  requests that are safe to repeat are retried: reads, a job submission (it carries an
+  Idempotency-Key, so a repeat returns the job created the first time) and a cancel (harmless
+  twice).
+- Lists are iterators that page through limit/offset as they are consumed.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urljoin
+
+import requests
+
+from gpgpu_client import __version__
+from gpgpu_client.errors import ApiError, ClientError, error_for
+from gpgpu_client.models import JSON, Balance, Job, Lease, Me, Offer, Statement
+
+RETRY_STATUSES = frozenset({429, 503})
+# The longest wait one Retry-After may impose before the client gives up waiting for it.
+MAX_RETRY_AFTER_S = 60.0
+PAGE_SIZE = 100
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date; None when absent
+    or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+class Client:
+    """The renter API at `url` (the marketplace's root, e.g. https://market.example), signed in
+    with `token` (`Authorization: Token …`)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        session: requests.Session | None = None,
+        timeout_s: float = 30.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ClientError(f"the API URL must start with http:// or https://, not {url!r}")
+        self.url = url.rstrip("/") + "/"
+        self.token = token
+        self.session = session or requests.Session()
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.sleep = sleep
+
+    # --- transport --------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry: bool = True,
+    ) -> Any:
+        """Send one request (retrying as the module says when `retry`) and return the parsed JSON
+        answer; raise ApiError for an error answer, ClientError when the server cannot be reached."""
+        all_headers = {"Accept": "application/json", "User-Agent": f"gpgpu-client/{__version__}"}
+        if self.token:
+            all_headers["Authorization"] = f"Token {self.token}"
+        all_headers.update(headers or {})
+        target = urljoin(self.url, path.lstrip("/"))
+        attempt = 0
+        while True:
+            try:
+                response = self.session.request(
+                    method, target, params=params, json=body, headers=all_headers, timeout=self.timeout_s
+                )
+            except requests.RequestException as exc:
+                if not retry or attempt >= self.max_retries:
+                    raise ClientError(f"cannot reach {self.url}: {exc}") from exc
+                self.sleep(self._backoff(attempt))
+                attempt += 1
+                continue
+            if response.status_code < 400:
+                return self._json(response)
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if retry and response.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                wait = retry_after if retry_after is not None else self._backoff(attempt)
+                if wait <= MAX_RETRY_AFTER_S:
+                    self.sleep(wait)
+                    attempt += 1
+                    continue
+            raise self._error(response, retry_after)
+
+    def _backoff(self, attempt: int) -> float:
+        return float(self.backoff_s * 2**attempt * (1 + random.random() / 2))
+
+    @staticmethod
+    def _json(response: requests.Response) -> Any:
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ClientError(f"the server answered {response.status_code} with something that is not JSON") from exc
+
+    @staticmethod
+    def _error(response: requests.Response, retry_after: float | None) -> ApiError:
+        try:
+            body: object = response.json()
+        except ValueError:
+            body = None
+        fallback = f"HTTP {response.status_code} {response.reason or ''}".strip()
+        return error_for(response.status_code, body, retry_after_s=retry_after, fallback_detail=fallback)
+
+    def paginate(self, path: str, params: Mapping[str, str | int] | None = None) -> Iterator[JSON]:
+        """Every row of a limit/offset list, fetched a page at a time as the iterator is consumed."""
+        offset = 0
+        while True:
+            page = self.request("GET", path, params={**(params or {}), "limit": PAGE_SIZE, "offset": offset})
+            results = page.get("results", []) if isinstance(page, Mapping) else []
+            yield from results
+            offset += len(results)
+            if not results or not page.get("next"):
+                return
+
+    # --- the renter API ---------------------------------------------------------------------
+
+    def me(self) -> Me:
+        return Me.from_json(self.request("GET", "api/v1/me"))
+
+    def gpus(self, **filters: str | int) -> Iterator[Offer]:
+        """The GPUs on the market (GET /api/v1/gpus/); `filters` are its query parameters: model,
+        min_vram_mb, max_price, region, available_now ("true"/"false"), duration_s."""
+        for row in self.paginate("api/v1/gpus/", filters):
+            yield Offer.from_json(row)
+
+    def job_submit(self, spec: Mapping[str, Any], *, idempotency_key: str | None = None) -> Job:
+        """Submit a job (the body of POST /api/v1/jobs/). A fresh Idempotency-Key is made unless
+        one is given; retries reuse it, so a retried submission cannot create a second job."""
+        key = idempotency_key or f"gpgpu-client-{uuid.uuid4()}"
+        data = self.request("POST", "api/v1/jobs/", body=spec, headers={"Idempotency-Key": key})
+        return Job.from_json(data)
+
+    def jobs(self, *, status: str | None = None) -> Iterator[Job]:
+        params: dict[str, str | int] = {"status": status} if status else {}
+        for row in self.paginate("api/v1/jobs/", params):
+            yield Job.from_json(row)
+
+    def job(self, job_id: int) -> Job:
+        return Job.from_json(self.request("GET", f"api/v1/jobs/{int(job_id)}/"))
+
+    def job_cancel(self, job_id: int) -> Job:
+        return Job.from_json(self.request("POST", f"api/v1/jobs/{int(job_id)}/cancel/"))
+
+    def job_leases(self, job_id: int) -> Iterator[Lease]:
+        for row in self.paginate(f"api/v1/jobs/{int(job_id)}/leases/"):
+            yield Lease.from_json(row)
+
+    def balance(self) -> Balance:
+        return Balance.from_json(self.request("GET", "api/v1/billing/balance/"))
+
+    def statement(self, month: str) -> Statement:
+        """The monthly statement for `month` (YYYY-MM)."""
+        return Statement.from_json(self.request("GET", "api/v1/billing/statements/monthly/", params={"month": month}))

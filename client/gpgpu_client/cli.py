@@ -1,0 +1,595 @@
+"""`gpgpu`: the renter's command line, built on gpgpu_client.Client.
+
+Exit codes: 0 success; 1 the server refused or could not be reached (one line on stderr); 2 bad
+usage, a bad search term or a bad job file (one line on stderr); `run --follow` exits with the
+job's own exit code when it failed with one, 1 for any other end but succeeded, 130 when
+interrupted (the job goes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import requests
+
+from gpgpu_client import __version__
+from gpgpu_client.client import Client
+from gpgpu_client.config import Config, config_load, config_save
+from gpgpu_client.errors import ApiError, ClientError
+from gpgpu_client.jobfile import JobFileError, job_file_read, job_spec
+from gpgpu_client.models import Job, Offer
+from gpgpu_client.query import QueryError, parse_query
+
+PROG = "gpgpu"
+COMMANDS = ("login", "search", "run", "ls", "status", "cancel", "leases", "why", "balance", "statement", "completion")
+
+
+_MONTH_RE = re.compile(r"[0-9]{4}-(?:0[1-9]|1[0-2])")
+
+
+class UsageError(Exception):
+    """Bad input on the command line or in a file it names: exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as for every other usage error (argparse would print the usage first).
+        self.exit(2, f"{PROG}: {message} (see {PROG} --help)\n")
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def _print_json(data: object, out: TextIO) -> None:
+    out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], out: TextIO) -> None:
+    cells = [[str(c) for c in headers], *([_cell(c) for c in row] for row in rows)]
+    if len(cells) == 1:
+        out.write("(none)\n")
+        return
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _gb(mb: int) -> str:
+    return f"{mb / 1024:.0f} GB" if mb else "-"
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _client(session: requests.Session | None) -> Client:
+    """A client for the saved (or GPGPU_API_URL / GPGPU_TOKEN) marketplace and token."""
+    config = config_load()
+    if not config.api_url or not config.token:
+        raise ClientError(
+            f"not logged in: run `{PROG} login --url URL --token TOKEN` (or set GPGPU_API_URL and GPGPU_TOKEN)"
+        )
+    return Client(config.api_url, config.token, session=session)
+
+
+def cmd_login(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    me = client.me()
+    path = config_save(Config(api_url=client.url.rstrip("/"), token=client.token))
+    if args.json:
+        _print_json({"api_url": client.url.rstrip("/"), "config": str(path), "me": me.raw}, out)
+    else:
+        roles = ", ".join(me.roles) or "no role"
+        out.write(f"Logged in to {client.url.rstrip('/')} as {me.username} ({roles}); saved to {path}\n")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    params = _search_params(args)
+    offers = list(itertools.islice(client.gpus(**params), args.limit))
+    if args.json:
+        _print_json([o.raw for o in offers], out)
+        return 0
+    _table(
+        ("MODEL", "VRAM", "PRICE/H", "REGION", "MACHINE", "AVAILABLE", "IDLE FOR", "P(FINISH)"),
+        (
+            (
+                o.model,
+                _gb(o.vram_mb),
+                o.price_per_gpu_hour,
+                o.region or "-",
+                o.machine,
+                _available(o),
+                _duration(o.predicted_idle_s),
+                f"{o.p_finish:.0%}" if o.p_finish is not None else "-",
+            )
+            for o in offers
+        ),
+        out,
+    )
+    return 0
+
+
+def _available(offer: Offer) -> str:
+    if not offer.available_now:
+        return "no"
+    return f"until {_cell(offer.available_until)}" if offer.available_until else "now"
+
+
+def _search_params(args: argparse.Namespace) -> dict[str, str]:
+    try:
+        return parse_query(args.query)
+    except QueryError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _run_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The job file's values with the flags over them."""
+    values: dict[str, Any] = {}
+    if args.file:
+        try:
+            values = job_file_read(Path(args.file))
+        except JobFileError as exc:
+            raise UsageError(f"bad job file {args.file!r}: {exc}") from None
+    flags = {
+        "name": args.name,
+        "kind": args.kind,
+        "image": args.image,
+        "command": args.command,
+        "gpus": args.gpus,
+        "vram": args.vram,
+        "models": args.model,
+        "region": args.region,
+        "max_price": args.max_price,
+        "duration": args.duration,
+        "max_duration": args.max_duration,
+        "checkpoint_interval": args.checkpoint_interval,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.env:
+        env = dict(values.get("env") or {})
+        for item in args.env:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"bad --env {item!r}: expected NAME=VALUE")
+            env[name] = value
+        values["env"] = env
+    if args.no_interruptible:
+        values["interruptible"] = False
+    return values
+
+
+def _run_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The submit API's body for `run`'s file and flags; UsageError naming the bad key."""
+    try:
+        return job_spec(_run_values(args))
+    except JobFileError as exc:
+        where = f"bad job file {args.file!r}" if args.file else "bad job"
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def cmd_run(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    # args.spec: checked by main before the client was made.
+    job = client.job_submit(args.spec, idempotency_key=args.idempotency_key)
+    if not args.follow:
+        if args.json:
+            _print_json(job.raw, out)
+        else:
+            out.write(f"{job.id}\n")
+        return 0
+    if not args.json:
+        out.write(f"Submitted job {job.id}\n")
+    job = follow(client, job.id, interval_s=args.poll_interval, status_out=sys.stderr)
+    if args.json:
+        _print_json(job.raw, out)
+    else:
+        out.write(f"Job {job.id} {job.status}{_end_note(job)}\n")
+    return job_exit_code(job)
+
+
+def follow(
+    client: Client,
+    job_id: int,
+    *,
+    interval_s: float = 2.0,
+    status_out: TextIO | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Job:
+    """Poll the job until it ends, writing its status line to `status_out`: rewritten in place at
+    every poll on a terminal, else a new line whenever its state, lease or reason for waiting
+    changes. Returns the ended job."""
+    last: tuple[object, ...] = ()
+    tty = bool(status_out and status_out.isatty())
+    while True:
+        job = client.job(job_id)
+        lease = job.current_lease
+        key = (job.status, lease.id if lease else None, job.unplaced_reason)
+        if status_out is not None and (tty or key != last):
+            line = status_line(job)
+            status_out.write(f"\r\x1b[2K{line}" if tty else f"{line}\n")
+            status_out.flush()
+            last = key
+        if job.finished:
+            if tty and status_out is not None:
+                status_out.write("\n")
+            return job
+        sleep(interval_s)
+
+
+def status_line(job: Job, *, now: datetime | None = None) -> str:
+    """`job 12  running  machine 3  00:01:20  charged 0.0123` (what the API shows)."""
+    parts = [f"job {job.id}", job.status]
+    lease = job.current_lease
+    if lease is not None:
+        parts.append(f"machine {lease.machine}")
+        if lease.started_at is not None:
+            end = lease.ended_at or now or datetime.now(UTC)
+            parts.append(_duration((end - lease.started_at).total_seconds()))
+    elif job.status == "pending" and job.unplaced_reason is not None:
+        parts.append(f"waiting: {job.unplaced_reason.detail}")
+    if job.budget is not None and job.budget.charged:
+        parts.append(f"charged {job.budget.charged}")
+    return "  ".join(parts)
+
+
+def job_exit_code(job: Job) -> int:
+    if job.status == "succeeded":
+        return 0
+    if job.exit_code is not None and 0 < job.exit_code < 256:
+        return job.exit_code
+    return 1
+
+
+def _end_note(job: Job) -> str:
+    notes = []
+    if job.exit_code is not None:
+        notes.append(f"exit code {job.exit_code}")
+    if job.failure_reason:
+        notes.append(job.failure_reason)
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def cmd_ls(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    jobs = list(itertools.islice(client.jobs(status=args.status), args.limit))
+    if args.json:
+        _print_json([j.raw for j in jobs], out)
+        return 0
+    _table(
+        ("ID", "NAME", "STATUS", "GPUS", "MAX PRICE/H", "ATTEMPTS", "CREATED"),
+        (
+            (j.id, j.name or "-", j.status, j.gpu_count, j.max_price_per_gpu_hour, j.attempts, j.created_at)
+            for j in jobs
+        ),
+        out,
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    job = client.job(args.id)
+    if args.json:
+        _print_json(job.raw, out)
+        return 0
+    _print_job(job, out)
+    return 0
+
+
+def _print_job(job: Job, out: TextIO) -> None:
+    rows: list[tuple[str, object]] = [
+        ("id", job.id),
+        ("name", job.name or "-"),
+        ("status", job.status + _end_note(job)),
+        ("kind", job.kind),
+        ("gpus", job.gpu_count),
+        ("vram", _gb(job.min_vram_mb)),
+        ("models", ", ".join(job.allowed_models) or "any"),
+        ("region", job.region or "any"),
+        ("max price/h", job.max_price_per_gpu_hour),
+        ("duration", f"{_duration(job.expected_duration_s)} (at most {_duration(job.max_duration_s)})"),
+        ("attempts", job.attempts),
+        ("created", _cell(job.created_at)),
+        ("finished", _cell(job.finished_at)),
+    ]
+    if job.current_lease is not None:
+        rows.append(("lease", f"{job.current_lease.id} on machine {job.current_lease.machine}"))
+    if job.budget is not None:
+        rows.append(("budget", f"reserved {job.budget.reserved}, charged {job.budget.charged}"))
+    if job.unplaced_reason is not None:
+        rows.append(("waiting", job.unplaced_reason.detail))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        out.write(f"{key.ljust(width)}  {value}\n")
+
+
+def cmd_cancel(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    job = client.job_cancel(args.id)
+    if args.json:
+        _print_json(job.raw, out)
+    else:
+        out.write(f"Job {job.id} {job.status}\n")
+    return 0
+
+
+def cmd_leases(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    leases = list(client.job_leases(args.id))
+    if args.json:
+        _print_json([lease.raw for lease in leases], out)
+        return 0
+    _table(
+        ("ID", "STATUS", "MACHINE", "REGION", "GPUS", "PRICE/H", "STARTED", "ENDED", "END", "EXIT"),
+        (
+            (
+                lease.id,
+                lease.status,
+                lease.machine,
+                lease.region or "-",
+                f"{lease.gpu_count}× {', '.join(sorted(set(lease.gpu_models)))}",
+                lease.price_per_gpu_hour,
+                lease.started_at,
+                lease.ended_at,
+                lease.end_reason,
+                lease.exit_code,
+            )
+            for lease in leases
+        ),
+        out,
+    )
+    return 0
+
+
+def why_text(job: Job) -> str:
+    """Why the job is where it is, in words."""
+    if job.status == "pending":
+        if job.unplaced_reason is None:
+            text = f"Job {job.id} is waiting; the matcher has not looked at it yet."
+        else:
+            text = f"Job {job.id} is waiting: {job.unplaced_reason.detail} ({job.unplaced_reason.code})"
+        for offer in (job.offers or [])[:3]:
+            chance = f", P(finish) {offer.p_finish:.0%}" if offer.p_finish is not None else ""
+            text += (
+                f"\n  it fits machine {offer.machine} now ({offer.region or 'no region'}, "
+                f"{offer.price_per_gpu_hour}/GPU-hour{chance})"
+            )
+        return text
+    if job.status in {"scheduled", "running"}:
+        where = f" on machine {job.current_lease.machine}" if job.current_lease is not None else ""
+        return f"Job {job.id} is placed{where}: {job.status}."
+    return f"Job {job.id} has ended: {job.status}{_end_note(job)}."
+
+
+def cmd_why(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    job = client.job(args.id)
+    if args.json:
+        reason = job.raw.get("unplaced_reason")
+        _print_json({"id": job.id, "status": job.status, "unplaced_reason": reason, "text": why_text(job)}, out)
+    else:
+        out.write(why_text(job) + "\n")
+    return 0
+
+
+def cmd_balance(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    balance = client.balance()
+    if args.json:
+        _print_json(balance.raw, out)
+        return 0
+    for name in ("available", "reserved", "unsettled", "settled", "deposited", "withdrawn", "total"):
+        out.write(f"{name.ljust(10)}  {getattr(balance, name).tokens}\n")
+    return 0
+
+
+def cmd_statement(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    month = args.month or datetime.now(UTC).strftime("%Y-%m")
+    statement = client.statement(month)
+    if args.json:
+        _print_json(statement.raw, out)
+        return 0
+    out.write(f"Statement for {statement.month}\n")
+    out.write(f"opening balance  {statement.opening_balance.tokens}\n")
+    for movement in statement.movements:
+        out.write(f"  {movement.kind} ×{movement.count}  {movement.amount.tokens}\n")
+    out.write(f"closing balance  {statement.closing_balance.tokens}\n")
+    out.write(f"charged          {statement.charged.tokens}\n")
+    out.write(f"settled          {statement.settled.tokens}\n")
+    return 0
+
+
+# --- completion -----------------------------------------------------------------------------
+
+_BASH = """# bash completion for gpgpu: eval "$(gpgpu completion bash)"
+_gpgpu() {
+  local cur=${COMP_WORDS[COMP_CWORD]}
+  if [ "$COMP_CWORD" -eq 1 ]; then
+    COMPREPLY=($(compgen -W "%(commands)s" -- "$cur"))
+  elif [ "${COMP_WORDS[1]}" = run ]; then
+    COMPREPLY=($(compgen -f -X '!*.@(toml|yaml|yml)' -- "$cur") $(compgen -W "%(run)s" -- "$cur"))
+  elif [ "${COMP_WORDS[1]}" = completion ]; then
+    COMPREPLY=($(compgen -W "bash zsh" -- "$cur"))
+  else
+    COMPREPLY=($(compgen -W "--json --help" -- "$cur"))
+  fi
+}
+shopt -s extglob
+complete -o filenames -F _gpgpu gpgpu
+"""
+
+_ZSH = """#compdef gpgpu
+# zsh completion for gpgpu: gpgpu completion zsh > "${fpath[1]}/_gpgpu"
+_gpgpu() {
+  if (( CURRENT == 2 )); then
+    compadd %(commands)s
+  elif [[ $words[2] == run ]]; then
+    _files -g '*.(toml|yaml|yml)'
+    compadd -- %(run)s
+  elif [[ $words[2] == completion ]]; then
+    compadd bash zsh
+  else
+    compadd -- --json --help
+  fi
+}
+compdef _gpgpu gpgpu
+"""
+
+_RUN_FLAGS = (
+    "--follow --json --name --kind --image --command --env --gpus --vram --model --region --max-price "
+    "--duration --max-duration --checkpoint-interval --no-interruptible --idempotency-key"
+)
+
+
+def cmd_completion(args: argparse.Namespace, out: TextIO) -> int:
+    template = _BASH if args.shell == "bash" else _ZSH
+    out.write(template % {"commands": " ".join(COMMANDS), "run": _RUN_FLAGS})
+    return 0
+
+
+# --- the parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Rent GPUs on the GPGPU marketplace.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if name != "completion":
+            sub.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        return sub
+
+    login = command("login", "check a token against the marketplace and save it")
+    login.add_argument("--url", required=True, help="the marketplace's address, e.g. https://market.example")
+    login.add_argument("--token", required=True, help="your API token")
+
+    search = command("search", "search the GPUs on the market")
+    search.add_argument("query", nargs="*", help="e.g. 'model=RTX-4090 vram>=20 price<=0.5 region=eu available'")
+    search.add_argument("--limit", type=_positive, default=20, help="show at most this many (default 20)")
+
+    run = command("run", "submit a job from a TOML/YAML file and/or flags")
+    run.add_argument("file", nargs="?", help="a job file (.toml, .yaml)")
+    run.add_argument("--follow", "-f", action="store_true", help="show its status until it ends; exit with its result")
+    run.add_argument("--name")
+    run.add_argument("--kind", choices=("container", "process"))
+    run.add_argument("--image")
+    run.add_argument("--command", help="the command line, split like a shell's")
+    run.add_argument("--env", action="append", metavar="NAME=VALUE")
+    run.add_argument("--gpus", type=int)
+    run.add_argument("--vram", help="GPU memory at least, GB (or 24gb, 24564mb)")
+    run.add_argument("--model", action="append", help="a GPU model it may run on (repeat for several)")
+    run.add_argument("--region")
+    run.add_argument("--max-price", help="the most it pays per GPU-hour")
+    run.add_argument("--duration", help="its expected duration (3600, 90m, 2h)")
+    run.add_argument("--max-duration", help="when it is stopped (default: its duration)")
+    run.add_argument("--checkpoint-interval", help="how often it saves its progress (10m)")
+    run.add_argument("--no-interruptible", action="store_true", help="only on machines that will not take it back")
+    run.add_argument("--idempotency-key", help="default: a fresh one")
+    run.add_argument("--poll-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+
+    ls = command("ls", "list your jobs, newest first")
+    ls.add_argument("--status", help="only these statuses (comma-separated)")
+    ls.add_argument("--limit", type=_positive, default=50)
+
+    for name, help_text in (
+        ("status", "one job in detail"),
+        ("cancel", "cancel a job"),
+        ("leases", "a job's leases (where and when it ran)"),
+        ("why", "why a job is waiting"),
+    ):
+        command(name, help_text).add_argument("id", type=_positive, help="the job's id")
+
+    command("balance", "your balance")
+    statement = command("statement", "your statement for a month")
+    statement.add_argument("--month", type=_month, help="YYYY-MM (default: this month, UTC)")
+
+    completion = command("completion", "print a shell completion script")
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _month(text: str) -> str:
+    if not _MONTH_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a month as YYYY-MM")
+    return text
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Client, TextIO], int]] = {
+    "login": cmd_login,
+    "search": cmd_search,
+    "run": cmd_run,
+    "ls": cmd_ls,
+    "status": cmd_status,
+    "cancel": cmd_cancel,
+    "leases": cmd_leases,
+    "why": cmd_why,
+    "balance": cmd_balance,
+    "statement": cmd_statement,
+}
+
+
+def main(argv: Sequence[str] | None = None, *, session: requests.Session | None = None) -> int:
+    """Run one command; returns the exit code. `session` (tests) is the requests session the
+    client uses."""
+    args = build_parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        if args.cmd == "completion":
+            return cmd_completion(args, out)
+        # Input is checked before a config or the network is needed.
+        if args.cmd == "search":
+            _search_params(args)
+        if args.cmd == "run":
+            args.spec = _run_spec(args)
+        client = Client(args.url, args.token, session=session) if args.cmd == "login" else _client(session)
+        return _COMMANDS[args.cmd](args, client, out)
+    except UsageError as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return 2
+    except ApiError as exc:
+        sys.stderr.write(f"{PROG}: {_api_error_line(exc)}\n")
+        return 1
+    except ClientError as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{PROG}: interrupted (a submitted job goes on: {PROG} cancel ID stops it)\n")
+        return 130
+
+
+def _api_error_line(exc: ApiError) -> str:
+    line = f"{exc.detail} ({exc.code})"
+    others = [f"{name}: {'; '.join(messages)}" for name, messages in exc.fields.items()]
+    if len(others) > 1:
+        line += " [" + ", ".join(others) + "]"
+    return line

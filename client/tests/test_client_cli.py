@@ -1,0 +1,150 @@
+"""`gpgpu`'s answers that need no server: bad input is one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpgpu_client.cli import job_exit_code, main, status_line, why_text
+from gpgpu_client.models import Job
+
+GPGPU = Path(sys.executable).parent / "gpgpu"
+
+
+@pytest.fixture(autouse=True)
+def _no_login(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GPGPU_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("GPGPU_API_URL", raising=False)
+    monkeypatch.delenv("GPGPU_TOKEN", raising=False)
+
+
+def test_a_bad_search_term_is_one_line_on_stderr_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["search", "model=RTX-4090 vram>>20"])
+
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert err == "gpgpu: bad search term 'vram>>20': the value '>20' has an operator in it\n"
+
+
+def test_a_bad_job_file_is_one_line_on_stderr_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('image = "x"\ngpus = 99\nmax_price = "1"\nduration = "1h"\n')
+
+    code = main(["run", str(job)])
+
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert err == f"gpgpu: bad job file '{job}': gpus: must be a whole number from 1 to 16\n"
+
+
+def test_the_installed_script_answers_a_bad_job_file_the_same_way(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("gpus: [1,\n")
+
+    done = subprocess.run(  # noqa: S603 - argv, no shell
+        [str(GPGPU), "run", str(job)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith(f"gpgpu: bad job file '{job}': not valid YAML")
+
+
+def test_a_flag_overrides_the_job_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('image = "x"\ngpus = 1\nmax_price = "1"\nduration = "1h"\n')
+
+    code = main(["run", str(job), "--gpus", "0"])
+
+    assert code == 2
+    assert "gpus: must be a whole number from 1 to 16" in capsys.readouterr().err
+
+
+def test_without_a_login_a_command_says_how_to_log_in(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["ls"])
+
+    assert code == 1
+    assert "gpgpu login --url URL --token TOKEN" in capsys.readouterr().err
+
+
+def test_a_usage_error_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["status", "twelve"])
+
+    assert caught.value.code == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_scripts_name_every_command(shell: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["completion", shell]) == 0
+
+    script = capsys.readouterr().out
+    for command in ("login", "search", "run", "ls", "status", "cancel", "leases", "why", "balance", "statement"):
+        assert command in script
+
+
+def test_the_bash_completion_script_is_valid_bash(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["completion", "bash"])
+    script = capsys.readouterr().out
+
+    bash = shutil.which("bash") or "/bin/bash"
+    done = subprocess.run(  # noqa: S603 - argv, no shell
+        [bash, "-n"], input=script, capture_output=True, text=True, timeout=30, check=False
+    )
+
+    assert done.returncode == 0, done.stderr
+
+
+def _job(**fields: object) -> Job:
+    return Job.from_json({"id": 7, "status": "running", **fields})
+
+
+def test_the_exit_code_follows_the_jobs_end() -> None:
+    assert job_exit_code(_job(status="succeeded", exit_code=0)) == 0
+    assert job_exit_code(_job(status="failed", exit_code=3)) == 3
+    assert job_exit_code(_job(status="failed", exit_code=None)) == 1
+    assert job_exit_code(_job(status="cancelled")) == 1
+
+
+def test_the_status_line_shows_machine_elapsed_and_charge() -> None:
+    job = _job(
+        current_lease={"id": 1, "job": 7, "status": "running", "machine": 3, "started_at": "2026-01-01T00:00:00Z"},
+        budget={"reserved": "2", "charged": "0.0123", "released": "0", "remaining": "1.9877"},
+    )
+
+    line = status_line(job, now=job.current_lease.started_at.replace(minute=1, second=20))  # type: ignore[union-attr]
+
+    assert line == "job 7  running  machine 3  1m20s  charged 0.0123"
+
+
+def test_why_says_the_unplaced_reason_in_words() -> None:
+    job = _job(status="pending", unplaced_reason={"code": "no_gpu_matches", "detail": "No GPU has 80 GB."})
+
+    assert why_text(job) == "Job 7 is waiting: No GPU has 80 GB. (no_gpu_matches)"
+
+
+def test_why_names_the_machines_a_waiting_job_fits_now() -> None:
+    offer = {"machine": 3, "region": "eu", "gpus": [{"model": "L4"}], "price_per_gpu_hour": "0.40", "p_finish": 0.92}
+    job = _job(status="pending", offers=[offer])
+
+    assert why_text(job) == (
+        "Job 7 is waiting; the matcher has not looked at it yet.\n"
+        "  it fits machine 3 now (eu, 0.40/GPU-hour, P(finish) 92%)"
+    )
+
+
+@pytest.mark.parametrize("month", ["2026-1", "2026-13", "26-01"])
+def test_a_month_not_as_yyyy_mm_is_a_usage_error(month: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["statement", "--month", month])
+
+    assert caught.value.code == 2
+    assert "YYYY-MM" in capsys.readouterr().err
