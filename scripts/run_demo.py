@@ -250,6 +250,13 @@ def banner(url: str, credentials: dict, log_dir: Path, chain: dict | None = None
      -H "Idempotency-Key: demo-job-1" \\
      -d '{job}'
 
+ Or with the renter's command line (client/, `gpgpu` in .venv/bin):
+
+   .venv/bin/gpgpu login --url {url} --token {renter}
+   .venv/bin/gpgpu search available
+   .venv/bin/gpgpu run --command 'python3 -c "print(42)"' --gpus 1 --max-price 2.00 \\
+     --duration 1m --max-duration 5m --follow
+
  Then follow it (put the id from the reply in place of 1):
 
    curl -s {url}/api/v1/jobs/1/ -H "Authorization: Token {renter}"

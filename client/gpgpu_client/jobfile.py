@@ -3,7 +3,8 @@
 
 The file's keys, all optional but gpus, max_price and duration:
 
-    name = "train"                 kind = "container" (or "process")
+    name = "train"                 kind = "container" or "process" (default: container when
+                                   an image is given, process for a command alone)
     image = "pytorch/pytorch:2.4"  command = ["python", "train.py"] (or one string, split like a shell)
     env = { EPOCHS = "3" }         gpus = 1
     vram = 20 (GB; or "24gb", "24564mb")
@@ -98,7 +99,10 @@ def job_spec(values: Mapping[str, Any]) -> dict[str, Any]:
         raise JobFileError(f"{unknown[0]}: unknown key (known: {', '.join(KEYS)})")
     body: dict[str, Any] = {}
     body["name"] = _string(values, "name", 200)
-    body["kind"] = _string(values, "kind", 20) or "container"
+    # Unsaid, the kind follows from what is given: an image runs as a container, a command alone
+    # as a process (the provider's agent decides whether it accepts either).
+    inferred = "process" if values.get("command") and not values.get("image") else "container"
+    body["kind"] = _string(values, "kind", 20) or inferred
     if body["kind"] not in KINDS:
         raise JobFileError(f"kind: must be one of {', '.join(KINDS)}")
     body["image"] = _string(values, "image", 500)

@@ -100,6 +100,16 @@ def test_a_value_the_api_would_refuse_is_named(change: dict[str, object], says: 
     assert says in str(caught.value)
 
 
+def test_the_kind_follows_from_an_image_or_a_command_alone_unless_said() -> None:
+    base = {"gpus": 1, "max_price": "1", "duration": 60}
+    assert job_spec({**base, "command": "python3 run.py"})["kind"] == "process"
+    assert job_spec({**base, "image": "python:3.11", "command": "python3 run.py"})["kind"] == "container"
+    with pytest.raises(JobFileError, match="image: a container job needs an image"):
+        job_spec({**base, "kind": "container", "command": "python3 run.py"})
+    with pytest.raises(JobFileError, match="image: a container job needs an image"):
+        job_spec(base)
+
+
 def test_a_process_job_needs_a_command() -> None:
     with pytest.raises(JobFileError, match="command: a process job needs a command"):
         job_spec({"kind": "process", "gpus": 1, "max_price": "1", "duration": 60})
