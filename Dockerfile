@@ -38,9 +38,9 @@ COPY . .
 # the agent's own wheel does not ship).
 RUN pip install --no-deps -e ./agent
 # Static files (admin, API docs) are collected into the image and served by WhiteNoise.
-# The var dir (and its demo/, beat/ and chain/ subfolders, volumes in docker-compose) belongs to the app user.
+# The var dir (and its demo/, beat/, chain/ and metrics/ subfolders, volumes in docker-compose) belongs to the app user.
 RUN python manage.py collectstatic --noinput -v 0 \
-    && mkdir -p "$GPGPU_VAR_DIR/demo" "$GPGPU_VAR_DIR/beat" "$GPGPU_VAR_DIR/chain" \
+    && mkdir -p "$GPGPU_VAR_DIR/demo" "$GPGPU_VAR_DIR/beat" "$GPGPU_VAR_DIR/chain" "$GPGPU_VAR_DIR/metrics" \
     && mkdir -p /var/lib/gpgpu-agent \
     && chown -R gpgpu:gpgpu "$GPGPU_VAR_DIR" /var/lib/gpgpu-agent
 

@@ -26,6 +26,7 @@ message, scrubbed of URLs' credentials and of any `password=`; never the DSN. Dj
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import psycopg
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from core import prom
 from core.errors import DatabaseUnavailable
 from core.scrub import scrub
 
@@ -95,9 +97,9 @@ def database_unavailable_response(request: HttpRequest, exc: BaseException) -> H
 
 class DatabaseUnavailableMiddleware:
     """Answers a database connection error raised by a view with `database_unavailable_response`;
-    other exceptions go on to Django's handling. First in MIDDLEWARE: it only has
-    process_exception, which Django calls innermost first, so no other middleware's answer is
-    pre-empted."""
+    other exceptions go on to Django's handling. First in MIDDLEWARE (after
+    AgentApiErrorsMiddleware, which only counts answers): it only has process_exception, which
+    Django calls innermost first, so no other middleware's answer is pre-empted."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -109,3 +111,38 @@ class DatabaseUnavailableMiddleware:
         if is_database_unavailable(exception):
             return database_unavailable_response(request, exception)
         return None
+
+
+AGENT_API_PREFIX = "/api/agent/"
+# The longest error body read back for its code: the error shape is a few hundred bytes.
+_ERROR_BODY_MAX = 64 * 1024
+
+
+def _error_code(response: HttpResponse) -> str:
+    """The `code` of an error answer in the API's one shape; `http_<status>` when it has none."""
+    data = getattr(response, "data", None)  # a DRF Response: its body before rendering
+    if data is None and response.get("Content-Type", "").startswith("application/json"):
+        content = getattr(response, "content", b"")
+        if len(content) <= _ERROR_BODY_MAX:
+            try:
+                data = json.loads(content)
+            except ValueError:
+                data = None
+    code = data.get("code") if isinstance(data, dict) else None
+    return code if isinstance(code, str) and code else f"http_{response.status_code}"
+
+
+class AgentApiErrorsMiddleware:
+    """Counts every error answer (4xx, 5xx) under /api/agent/ by its code, for /metrics
+    (core.prom): the views' refusals, the throttle's 429, an unknown URL's 404, the database's 503
+    and a crash's 500 alike. First in MIDDLEWARE, so the answers of the other middleware (the
+    database's 503 included) pass through it."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        if response.status_code >= 400 and request.path_info.startswith(AGENT_API_PREFIX):
+            prom.agent_api_error_count(code=_error_code(response))
+        return response

@@ -72,6 +72,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from billing import selectors as billing_selectors  # the billing gate
+from core import prom
 from jobs.models import Job, LeaseGPU
 from jobs.services import Placement, job_set_unplaced, leases_assign
 from marketplace import placement as policy
@@ -688,7 +689,15 @@ def match_cycle(*, now: datetime | None = None, batch_size: int | None = None) -
 
     Considers at most `batch_size` jobs (default GPGPU["MATCH_BATCH_SIZE"]) in FIFO order, in
     transactions of CHUNK_SIZE jobs. Safe to run in several workers at once. `now` decides
-    availability windows (default: the current time)."""
+    availability windows (default: the current time). A cycle that ends is counted in /metrics
+    (gpgpu_match_cycles_total, gpgpu_match_cycle_seconds, gpgpu_match_placements_total)."""
+    result = _match_cycle(now=now, batch_size=batch_size)
+    prom.match_cycle_observe(seconds=result.seconds, placed=result.placed)
+    return result
+
+
+def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult:
+    """match_cycle without the counting."""
     started = time.perf_counter()
     now = now or timezone.now()
     limit = batch_size if batch_size is not None else settings.GPGPU["MATCH_BATCH_SIZE"]

@@ -10,6 +10,10 @@ the settlement backlog and the newest ledger check against the chain. When the d
 be asked the answer is still a 200 with `gpgpu_database_up 0` and nothing made up, so the
 alert on it fires rather than a scrape error that hides why.
 
+What leaves no row behind is counted where it happens (core.prom: heartbeats received and their
+latency, the agent API's errors, match cycles) and added to every scrape, the database up or
+not; with PROMETHEUS_MULTIPROC_DIR set, added up over every web and worker process.
+
 Access: `Authorization: Bearer <METRICS_TOKEN>`. Without METRICS_TOKEN the endpoint is off (404):
 the figures (fleet size, revenue backlog) are the operator's, not the public's. Like /healthz it
 holds counts, states and times, never a host, an account or an address.
@@ -30,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from core import prom
 from core.middleware import DATABASE_UNAVAILABLE_ERRORS
 from marketplace import health
 
@@ -200,4 +205,5 @@ def metrics(request: HttpRequest) -> HttpResponse:
         return response
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MarketplaceCollector())
+    registry.register(prom.RequestPathCollector())
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

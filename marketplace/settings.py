@@ -140,6 +140,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Counts the agent API's error answers for /metrics, whichever layer below gave them.
+    "core.middleware.AgentApiErrorsMiddleware",
     # A database connection error raised by a view answers 503 (JSON under /api/), not a crash.
     "core.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",

@@ -7,16 +7,19 @@ validated strictly (lengths, ranges, finite numbers) and a refusal changes nothi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from django.conf import settings
+from django.http import HttpRequest, HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from core import prom
 from core.api import (
     BaseApi,
     NamedChoiceField,
@@ -348,6 +351,19 @@ class HeartbeatApi(AgentAPIView):
         start = LeaseStartSerializer(many=True, help_text="Leases to start (idempotent on the agent's side).")
         stop = LeaseStopSerializer(many=True, help_text="Leases to stop.")
         schedule = MachineScheduleSerializer(help_text="The owner's availability schedule for this machine now.")
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        # Counted around DRF's whole dispatch, so a heartbeat refused before post() (a bad
+        # credential, a suspended machine, the rate limit) counts too, and one that raises (the
+        # database gone: core.middleware answers it) counts as an error.
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            response = super().dispatch(request, *args, **kwargs)
+            outcome = prom.heartbeat_outcome(response.status_code)
+            return response
+        finally:
+            prom.heartbeat_observe(outcome=outcome, seconds=time.perf_counter() - started)
 
     @extend_schema(
         operation_id="agent_heartbeat",

@@ -264,6 +264,50 @@ def test_compose_checks_web_on_liveness_which_no_dependency_outage_fails(compose
     assert "/healthz" not in probe and "/readyz" not in probe
 
 
+def test_compose_runs_prometheus_and_grafana_only_in_the_monitoring_profile(compose) -> None:  # type: ignore[no-untyped-def]
+    services = compose["services"]
+
+    monitoring = [name for name, service in services.items() if "monitoring" in service.get("profiles", [])]
+    assert monitoring == ["prometheus", "grafana"]
+    for name in monitoring:
+        assert services[name]["profiles"] == ["monitoring"], name
+        tag = services[name]["image"].partition(":")[2]
+        assert tag and tag != "latest" and tag[0] in "v0123456789", name  # pinned
+        # Reachable from this host only: the token-free UIs are not published to the network.
+        assert all(str(port).startswith("127.0.0.1:") for port in services[name]["ports"]), name
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and grafana["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    # Prometheus reads the token from the file its entrypoint writes, the one prometheus.yml names.
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+    token_file = scrape["authorization"]["credentials_file"]
+    assert token_file in services["prometheus"]["command"][0]
+    assert scrape["static_configs"][0]["targets"] == ["web:8000"]
+
+
+def test_compose_gives_web_and_the_worker_their_own_metrics_directory_and_web_reads_both(compose) -> None:  # type: ignore[no-untyped-def]
+    web = compose["services"]["web"]["environment"]
+    worker = compose["services"]["worker"]["environment"]
+
+    assert web["PROMETHEUS_MULTIPROC_DIR"] != worker["PROMETHEUS_MULTIPROC_DIR"]
+    own = [web["PROMETHEUS_MULTIPROC_DIR"], worker["PROMETHEUS_MULTIPROC_DIR"]]
+    assert web["METRICS_MULTIPROC_DIRS"].split(",") == own
+    # The worker empties its own directory before Celery starts (web: gunicorn.conf.py).
+    assert 'rm -f "$$PROMETHEUS_MULTIPROC_DIR"/*.db' in " ".join(compose["services"]["worker"]["command"])
+    for name in ("beat", "migrate", "seed", "chain-deploy"):
+        assert "PROMETHEUS_MULTIPROC_DIR" not in (compose["services"][name].get("environment") or {}), name
+
+
+def test_gunicorn_empties_the_metrics_directory_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "counter_7.db").write_bytes(b"stale")
+    (tmp_path / "keep.txt").write_text("not ours")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    hooks = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+
+    hooks["on_starting"](server=None)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
 # --- liveness -------------------------------------------------------------------------------
 
 
