@@ -34,6 +34,23 @@ from prometheus_client.registry import Collector
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 READ_DIRS_ENV = "METRICS_MULTIPROC_DIRS"
 
+
+def _multiproc_dir_ready() -> None:
+    """Make PROMETHEUS_MULTIPROC_DIR when it is set and missing: prometheus-client opens its files
+    there as each metric below is created, and a missing directory would stop the process at
+    import with a bare FileNotFoundError (a one-off `manage.py` command run with web's
+    environment outside its container, say)."""
+    path = os.environ.get(MULTIPROC_DIR_ENV, "")
+    if not path:
+        return
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"{MULTIPROC_DIR_ENV}={path!r} is not a directory this process can make: {exc}") from exc
+
+
+_multiproc_dir_ready()
+
 # No `<name>_created` series: multiprocess mode has none, and the same scrape should look the
 # same in both modes (in the classic text format they are extra gauges nothing here reads).
 disable_created_metrics()

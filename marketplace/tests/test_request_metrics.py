@@ -177,3 +177,14 @@ def test_in_multiprocess_mode_web_alone_reads_its_own_directory(
 
     assert value(samples, "gpgpu_agent_heartbeats_total", outcome="ok") == 2
     assert value(samples, "gpgpu_match_placements_total") == 1
+
+
+def test_a_process_started_with_a_missing_multiprocess_directory_makes_it(tmp_path: Path) -> None:
+    """A one-off `manage.py` run with web's environment outside its container (CI's `check
+    --deploy` does) stopped at import with a bare FileNotFoundError; now the directory is made."""
+    missing = tmp_path / "metrics" / "web"
+
+    count_in_another_process(missing, heartbeats=1, placed=0)
+
+    assert missing.is_dir()
+    assert list(missing.glob("*.db")), "the counting process wrote no file there"
