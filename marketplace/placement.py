@@ -42,8 +42,9 @@ Policies (`POLICIES`):
     a list of (safe-until, machine) entries sorted; a job bisects to now + its duration and
     walks upward (at most `_WALK_LIMIT` machines each way), so a cycle costs about
     (free GPUs + jobs) x log(free GPUs), not jobs x machines (benchmarks/placement.py).
-    Jobs are drawn from heaps, and a cycle stops drawing once no GPU is free: a long queue
-    costs one pass to build the heaps, not a sort and a try per job.
+    Jobs are drawn from heaps (JobQueue), and a cycle stops drawing once no GPU is free; a
+    caller that keeps its JobQueue across cycles (the simulator) pays for the jobs a cycle
+    tries, not for the queue's length.
 
 Approximations every policy shares: a machine is found through the class lists of the job's
 tier, so a job for n GPUs is not placed across two classes of one machine that each have fewer
