@@ -232,6 +232,11 @@ def cmd_run(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     if args.authorize:
         authorization = job_authorize(client, args.account, job.id, confirm=None if args.yes else _confirm)
         if authorization is None:
+            # The job exists: its id is still the output, and the exit says it cannot run yet.
+            if args.json:
+                _print_json(job.raw, out)
+            else:
+                out.write(f"{job.id}\n")
             sys.stderr.write(f"{PROG}: job {job.id} submitted but its budget not signed: {PROG} authorize {job.id}\n")
             return 1
         if not args.json:
