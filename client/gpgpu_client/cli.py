@@ -9,9 +9,11 @@ interrupted (the job goes on).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import itertools
 import json
+import os
 import re
 import sys
 import time
@@ -25,6 +27,7 @@ import requests
 from eth_account.signers.local import LocalAccount
 
 from gpgpu_client import __version__
+from gpgpu_client.chain import Rpc, escrow_deposit
 from gpgpu_client.client import Client
 from gpgpu_client.config import Config, config_load, config_save
 from gpgpu_client.errors import ApiError, ClientError
@@ -55,6 +58,7 @@ COMMANDS = (
     "balance",
     "statement",
     "authorize",
+    "deposit",
     "wallet",
     "provider",
     "completion",
@@ -549,6 +553,49 @@ def cmd_authorize(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     return 0
 
 
+def _micro(text: str) -> int:
+    """Tokens (at most 6 decimals) to micro, the token's smallest unit."""
+    try:
+        tokens = parse_price(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of tokens (e.g. 25 or 12.5)") from None
+    micro = tokens * MICRO_PER_TOKEN
+    if micro != micro.to_integral_value() or micro <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of tokens above 0 with at most 6 decimals")
+    return int(micro)
+
+
+def cmd_deposit(args: argparse.Namespace, out: TextIO, session: requests.Session | None) -> int:
+    """Needs the chain node and the key, not the marketplace: its chain watcher credits the deposit."""
+    environ = os.environ
+    rpc_url = args.rpc_url or environ.get("GPGPU_RPC_URL")
+    escrow = args.escrow or environ.get("GPGPU_ESCROW_ADDRESS")
+    token = args.token or environ.get("GPGPU_TOKEN_ADDRESS") or None
+    if not rpc_url:
+        raise UsageError("name the chain node: --rpc-url URL or GPGPU_RPC_URL")
+    if not escrow:
+        raise UsageError("name the escrow: --escrow ADDRESS or GPGPU_ESCROW_ADDRESS")
+    account: LocalAccount = args.account
+    tokens = Decimal(args.amount) / MICRO_PER_TOKEN
+    question = f"Deposit {tokens} tokens ({args.amount} micro) from wallet {account.address} into the escrow {escrow}?"
+    if not args.yes and not _confirm(question):
+        sys.stderr.write(f"{PROG}: nothing deposited\n")
+        return 1
+    deposit = escrow_deposit(Rpc(rpc_url, session=session), account, escrow=escrow, amount=args.amount, token=token)
+    if args.json:
+        _print_json(dataclasses.asdict(deposit), out)
+        return 0
+    if deposit.approve_tx:
+        out.write(f"Approved the escrow on the token {deposit.token}: {deposit.approve_tx}\n")
+    out.write(
+        f"Deposited {tokens} tokens into the escrow {deposit.escrow} on chain {deposit.chain_id}: "
+        f"{deposit.deposit_tx}\n"
+        f"Available in the escrow: {Decimal(deposit.available_after) / MICRO_PER_TOKEN} tokens; the marketplace "
+        f"credits the deposit once it is confirmed ({PROG} balance), if {deposit.address} is linked ({PROG} wallet).\n"
+    )
+    return 0
+
+
 def cmd_wallet(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     account: LocalAccount | None = args.account
     linked = None
@@ -791,6 +838,13 @@ def build_parser() -> argparse.ArgumentParser:
     authorize.add_argument("id", type=_positive, help="the job's id")
     _key_options(authorize, required=True)
 
+    deposit = command("deposit", "deposit tokens from your wallet into the escrow (approve, then deposit)")
+    deposit.add_argument("amount", type=_micro, help="tokens, e.g. 25 or 12.5")
+    deposit.add_argument("--rpc-url", help="the chain node's JSON-RPC URL (default: $GPGPU_RPC_URL)")
+    deposit.add_argument("--escrow", help="the escrow's address (default: $GPGPU_ESCROW_ADDRESS)")
+    deposit.add_argument("--token", help="the token's address (default: $GPGPU_TOKEN_ADDRESS, else the escrow's)")
+    _key_options(deposit, required=True)
+
     wallet = command("wallet", "your linked wallets (and the address of a key)")
     wallet.add_argument("--link", action="store_true", help="link the key's wallet to your account")
     _key_options(wallet, confirm=False)
@@ -893,8 +947,10 @@ def main(argv: Sequence[str] | None = None, *, session: requests.Session | None 
         if args.cmd == "provider" and args.pcmd == "windows" and args.wcmd == "add":
             args.window = _window(args)
         # The key is opened before anything is sent, so a bad one leaves no unsigned job behind.
-        if args.cmd in {"run", "authorize", "wallet"}:
+        if args.cmd in {"run", "authorize", "wallet", "deposit"}:
             args.account = _account(args)
+        if args.cmd == "deposit":
+            return cmd_deposit(args, out, session)
         client = Client(args.url, args.token, session=session) if args.cmd == "login" else _client(session)
         return _COMMANDS[args.cmd](args, client, out)
     except UsageError as exc:
