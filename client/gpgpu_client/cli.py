@@ -780,7 +780,8 @@ compdef _gpgpu gpgpu
 
 _RUN_FLAGS = (
     "--follow --json --name --kind --image --command --env --gpus --vram --model --region --max-price "
-    "--duration --max-duration --checkpoint-interval --no-interruptible --idempotency-key"
+    "--duration --max-duration --checkpoint-interval --no-interruptible --idempotency-key --authorize --key-file "
+    "--keystore --yes"
 )
 
 
