@@ -1,7 +1,7 @@
 """`gpgpu`'s money and provider commands against a live marketplace (pytest-django's
-live_server): a provider declares an availability window and reads it back and its earnings; a
-renter links a key's wallet and signs a job's budget with it, and the marketplace accepts the
-signature (it verifies it over its own typed data before storing it).
+live_server): a provider declares an availability window and reads it back, reads its earnings
+and sets a GPU's price floor; a renter links a key's wallet and signs a job's budget with it, and
+the marketplace accepts the signature (it verifies it over its own typed data before storing it).
 
 No agent and no chain: the escrow's domain comes from settings (CHAIN_ID, ESCROW_ADDRESS), the
 reservation run a stored signature asks for is not dispatched (reserving on chain is billing's
@@ -12,6 +12,7 @@ once."""
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ from billing.models import BudgetAuthorization, RenterWallet
 from gpgpu_agent.protocol import recover_signer
 from gpgpu_client.cli import main
 from jobs.models import Job
-from providers.models import AvailabilityWindow
-from tests.factories import ProviderFactory, RenterFactory, token_for
+from providers.models import GPU, AvailabilityWindow
+from tests.factories import ProviderFactory, RenterFactory, machine_with_gpus, token_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 
@@ -96,6 +97,17 @@ def test_a_provider_adds_a_window_lists_it_and_reads_its_earnings(
     earnings = run_json(["provider", "earnings"], capsys)
     assert earnings["earned"]["micro"] == 0 and earnings["on_chain"]["reachable"] is False
     assert run_json(["provider", "machines"], capsys) == []
+
+    # And it sets a GPU's price floor, the GPU named alone, then goes back to its default
+    machine = machine_with_gpus(provider=provider)
+    gpu = GPU.objects.get(machine=machine)
+    assert [m["id"] for m in run_json(["provider", "machines"], capsys)] == [machine.pk]
+    floored = run_json(["provider", "floor", str(gpu.pk), "0.45"], capsys)
+    assert floored["price_floor"] == floored["effective_price_floor"] == "0.450000"
+    assert GPU.objects.get(pk=gpu.pk).price_floor == Decimal("0.45")
+    assert main(["provider", "floor", str(gpu.pk), "default", "--machine", str(machine.pk)]) == 0
+    assert "(your default)" in capsys.readouterr().out
+    assert GPU.objects.get(pk=gpu.pk).price_floor is None
 
     # And removing the window removes it
     assert main(["provider", "windows", "rm", str(window.pk)]) == 0
