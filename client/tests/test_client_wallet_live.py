@@ -147,6 +147,14 @@ def test_a_renter_links_its_key_and_the_marketplace_accepts_the_budget_it_signs(
     assert recover_signer(encode_typed_data(full_message=typed), stored.signature) == WALLET.address
     assert stored.max_amount == authorizations.job_budget_to_authorize(job=Job.objects.get(pk=job_id))
 
+    # And the same key from an encrypted keystore, its password from the environment, is the same wallet
+    keystore = Path(market["key_file"]).with_name("keystore.json")
+    keystore.write_text(json.dumps(Account.encrypt(KEY, "pass phrase", kdf="pbkdf2", iterations=2)))
+    monkeypatch.setenv("GPGPU_KEYSTORE_PASSWORD", "pass phrase")
+    assert run_json(["wallet", "--keystore", str(keystore)], capsys)["key_address"] == WALLET.address.lower()
+    assert main(["wallet", "--keystore", str(keystore)]) == 0
+    assert f"Key: {WALLET.address} (linked)" in capsys.readouterr().out
+
     # And signing again leaves the stored budget as it is
     assert main(["authorize", str(job_id), "--key-file", market["key_file"], "--yes"]) == 0
     assert "is signed by" in capsys.readouterr().out
