@@ -39,6 +39,8 @@ SLOW_MODULES = {
     "tests/test_agent_end_to_end.py": "real agents against a live server, owners coming and going",
     "tests/test_billing_end_to_end.py": "a live server, agents and a chain",
     "client/tests/test_client_live.py": "the renter CLI against a live server and a simulated agent",
+    "client/tests/test_client_wallet_live.py": "the wallet and provider commands against a live server",
+    "client/tests/test_client_deposit_chain.py": "gpgpu deposit against a real anvil node",
     "tests/browser/test_operator_console.py": "a real browser",
     "agent/tests/test_container_engine.py": "attacks against real Podman and Docker",
     "agent/tests/test_process_sandbox.py": "attacks against a real bubblewrap sandbox",

@@ -9,28 +9,62 @@ interrupted (the job goes on).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import getpass
 import itertools
 import json
+import os
 import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import requests
+from eth_account.signers.local import LocalAccount
 
 from gpgpu_client import __version__
+from gpgpu_client.chain import Rpc, escrow_deposit
 from gpgpu_client.client import Client
 from gpgpu_client.config import Config, config_load, config_save
 from gpgpu_client.errors import ApiError, ClientError
 from gpgpu_client.jobfile import JobFileError, job_file_read, job_spec
-from gpgpu_client.models import Job, Offer
+from gpgpu_client.models import JSON, Job, Offer
 from gpgpu_client.query import QueryError, parse_query
+from gpgpu_client.units import parse_price
+from gpgpu_client.wallet import (
+    WalletError,
+    budget_signature,
+    key_file_load,
+    keystore_load,
+    keystore_password,
+    wallet_link_signature,
+)
+from gpgpu_client.windows import WindowError, parse_window
 
 PROG = "gpgpu"
-COMMANDS = ("login", "search", "run", "ls", "status", "cancel", "leases", "why", "balance", "statement", "completion")
+COMMANDS = (
+    "login",
+    "search",
+    "run",
+    "ls",
+    "status",
+    "cancel",
+    "leases",
+    "why",
+    "balance",
+    "statement",
+    "authorize",
+    "deposit",
+    "wallet",
+    "provider",
+    "completion",
+)
+# The budget's token counts in micro (10^-6 token), as the API's amounts do.
+MICRO_PER_TOKEN = 10**6
 
 
 _MONTH_RE = re.compile(r"[0-9]{4}-(?:0[1-9]|1[0-2])")
@@ -197,8 +231,20 @@ def _run_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    # args.spec: checked by main before the client was made.
+    # args.spec and args.account: checked and loaded by main before the client was made.
     job = client.job_submit(args.spec, idempotency_key=args.idempotency_key)
+    if args.authorize:
+        authorization = job_authorize(client, args.account, job.id, confirm=None if args.yes else _confirm)
+        if authorization is None:
+            # The job exists: its id is still the output, and the exit says it cannot run yet.
+            if args.json:
+                _print_json(job.raw, out)
+            else:
+                out.write(f"{job.id}\n")
+            sys.stderr.write(f"{PROG}: job {job.id} submitted but its budget not signed: {PROG} authorize {job.id}\n")
+            return 1
+        if not args.json:
+            sys.stderr.write(f"{PROG}: {_authorization_line(job.id, authorization)}\n")
     if not args.follow:
         if args.json:
             _print_json(job.raw, out)
@@ -421,6 +467,281 @@ def cmd_statement(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     return 0
 
 
+# --- the wallet: budgets and linking -------------------------------------------------------
+
+
+def _account(args: argparse.Namespace) -> LocalAccount | None:
+    """The key named by --key-file or --keystore (its password from GPGPU_KEYSTORE_PASSWORD, or
+    asked for), or None when neither is given. UsageError when it cannot be used."""
+    try:
+        if args.key_file:
+            return key_file_load(Path(args.key_file))
+        if args.keystore:
+            password = keystore_password()
+            if password is None:
+                password = getpass.getpass(f"Password of {args.keystore}: ")
+            return keystore_load(Path(args.keystore), password)
+    except WalletError as exc:
+        raise UsageError(str(exc)) from None
+    return None
+
+
+def _confirm(question: str) -> bool:
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    try:
+        answer = input()
+    except EOFError:
+        return False
+    return answer.strip().lower() in {"y", "yes"}
+
+
+def budget_question(job_id: int, typed_data: JSON) -> str:
+    """What the renter is asked before signing: the amount, the wallet, the escrow, the deadline
+    (all read from the typed data to be signed)."""
+    message, domain = typed_data["message"], typed_data["domain"]
+    tokens = Decimal(int(message["maxAmount"])) / MICRO_PER_TOKEN
+    until = datetime.fromtimestamp(int(message["deadline"]), tz=UTC)
+    return (
+        f"Sign job {job_id}'s budget: at most {tokens} tokens ({int(message['maxAmount'])} micro) from wallet "
+        f"{message['renter']}, for the escrow {domain['verifyingContract']} on chain {domain['chainId']}, "
+        f"valid until {_cell(until)}?"
+    )
+
+
+def job_authorize(
+    client: Client, account: LocalAccount, job_id: int, *, confirm: Callable[[str], bool] | None
+) -> JSON | None:
+    """Sign job `job_id`'s budget with `account` and store it; returns the stored authorization,
+    or None when `confirm` (asked the budget_question; None: do not ask) said no. A budget already
+    signed and not refused is left as it is (and returned)."""
+    address = account.address.lower()
+    offer = client.budget_offer(job_id, address=address)
+    stored = offer.get("authorization")
+    if stored and stored.get("status") != "refused" and not stored.get("rejected_reason"):
+        return dict(stored)
+    typed = offer["typed_data"]
+    if confirm is not None and not confirm(budget_question(job_id, typed)):
+        return None
+    message = typed["message"]
+    return client.budget_authorize(
+        job_id,
+        renter_address=address,
+        max_amount=int(message["maxAmount"]),
+        deadline=int(message["deadline"]),
+        signature=budget_signature(account, typed),
+    )
+
+
+def _authorization_line(job_id: int, authorization: JSON) -> str:
+    micro = int((authorization.get("max_amount") or {}).get("micro", 0))
+    return (
+        f"job {job_id}'s budget of at most {Decimal(micro) / MICRO_PER_TOKEN} tokens is signed by "
+        f"{authorization.get('renter_address')}: {authorization.get('status')}"
+    )
+
+
+def cmd_authorize(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    authorization = job_authorize(client, args.account, args.id, confirm=None if args.yes else _confirm)
+    if authorization is None:
+        sys.stderr.write(f"{PROG}: not signed\n")
+        return 1
+    if args.json:
+        _print_json(authorization, out)
+    else:
+        out.write(_authorization_line(args.id, authorization).capitalize() + "\n")
+    return 0
+
+
+def _micro(text: str) -> int:
+    """Tokens (at most 6 decimals) to micro, the token's smallest unit."""
+    try:
+        tokens = parse_price(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of tokens (e.g. 25 or 12.5)") from None
+    micro = tokens * MICRO_PER_TOKEN
+    if micro != micro.to_integral_value() or micro <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of tokens above 0 with at most 6 decimals")
+    return int(micro)
+
+
+def cmd_deposit(args: argparse.Namespace, out: TextIO, session: requests.Session | None) -> int:
+    """Needs the chain node and the key, not the marketplace: its chain watcher credits the deposit."""
+    environ = os.environ
+    rpc_url = args.rpc_url or environ.get("GPGPU_RPC_URL")
+    escrow = args.escrow or environ.get("GPGPU_ESCROW_ADDRESS")
+    token = args.token or environ.get("GPGPU_TOKEN_ADDRESS") or None
+    if not rpc_url:
+        raise UsageError("name the chain node: --rpc-url URL or GPGPU_RPC_URL")
+    if not escrow:
+        raise UsageError("name the escrow: --escrow ADDRESS or GPGPU_ESCROW_ADDRESS")
+    account: LocalAccount = args.account
+    tokens = Decimal(args.amount) / MICRO_PER_TOKEN
+    question = f"Deposit {tokens} tokens ({args.amount} micro) from wallet {account.address} into the escrow {escrow}?"
+    if not args.yes and not _confirm(question):
+        sys.stderr.write(f"{PROG}: nothing deposited\n")
+        return 1
+    deposit = escrow_deposit(Rpc(rpc_url, session=session), account, escrow=escrow, amount=args.amount, token=token)
+    if args.json:
+        _print_json(dataclasses.asdict(deposit), out)
+        return 0
+    if deposit.approve_tx:
+        out.write(f"Approved the escrow on the token {deposit.token}: {deposit.approve_tx}\n")
+    out.write(
+        f"Deposited {tokens} tokens into the escrow {deposit.escrow} on chain {deposit.chain_id}: "
+        f"{deposit.deposit_tx}\n"
+        f"Available in the escrow: {Decimal(deposit.available_after) / MICRO_PER_TOKEN} tokens; the marketplace "
+        f"credits the deposit once it is confirmed ({PROG} balance), if {deposit.address} is linked ({PROG} wallet).\n"
+    )
+    return 0
+
+
+def cmd_wallet(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    account: LocalAccount | None = args.account
+    linked = None
+    if args.link:
+        if account is None:
+            raise UsageError("--link needs the wallet's key: --key-file PATH or --keystore PATH")
+        me = client.me()
+        renter = me.raw.get("renter")
+        if not isinstance(renter, dict):
+            raise ClientError(f"{me.username} is not a renter: only a renter links wallets")
+        signature = wallet_link_signature(account, renter_id=int(renter["id"]))
+        linked = client.wallet_link(address=account.address.lower(), signature=signature)
+    wallets = list(client.wallets())
+    key_address = account.address.lower() if account is not None else None
+    if args.json:
+        _print_json({"key_address": key_address, "linked": linked, "wallets": wallets}, out)
+        return 0
+    if key_address is not None:
+        known = any(w.get("address") == key_address for w in wallets)
+        state = "linked" if known else f"not linked: {PROG} wallet --link"
+        out.write(f"Key: {account.address if account else ''} ({state})\n")
+    _table(("WALLET", "LINKED"), ((w.get("address"), w.get("created_at")) for w in wallets), out)
+    return 0
+
+
+# --- provider commands ----------------------------------------------------------------------
+
+
+def cmd_provider(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    if args.pcmd == "earnings":
+        return _provider_earnings(args, client, out)
+    if args.pcmd == "machines":
+        return _provider_machines(args, client, out)
+    if args.pcmd == "floor":
+        return _provider_floor(args, client, out)
+    return _provider_windows(args, client, out)
+
+
+def _tokens(value: object) -> str:
+    return str(value.get("tokens")) if isinstance(value, dict) else "-"
+
+
+def _provider_earnings(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    earnings = client.earnings()
+    if args.json:
+        _print_json(earnings, out)
+        return 0
+    for name in ("earned", "pending", "payable", "withdrawn"):
+        out.write(f"{name.ljust(12)}  {_tokens(earnings.get(name))}\n")
+    on_chain = earnings.get("on_chain") or {}
+    withdrawable = _tokens(on_chain.get("withdrawable")) if on_chain.get("reachable") else "unknown"
+    out.write(f"{'withdrawable'.ljust(12)}  {withdrawable}\n")
+    out.write(f"{'fee'.ljust(12)}  {earnings.get('fee_bps')} bps\n")
+    how = (earnings.get("how_to_withdraw") or {}).get("instructions")
+    if how:
+        out.write(f"\n{how}\n")
+    return 0
+
+
+def _provider_machines(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    machines = list(client.machines())
+    if args.json:
+        _print_json(machines, out)
+        return 0
+    _table(
+        ("ID", "HOSTNAME", "STATUS", "REGION", "GPUS", "LAST HEARTBEAT"),
+        (
+            (
+                m.get("id"),
+                m.get("hostname"),
+                m.get("status"),
+                m.get("region") or "-",
+                m.get("gpu_count"),
+                m.get("last_heartbeat_at"),
+            )
+            for m in machines
+        ),
+        out,
+    )
+    return 0
+
+
+def _provider_floor(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    machine_id = args.machine
+    if machine_id is None:
+        # The API addresses a GPU under its machine: find the machine that has it.
+        for machine in client.machines():
+            gpus = client.machine(int(machine["id"])).get("gpus") or []
+            if any(gpu.get("id") == args.gpu for gpu in gpus):
+                machine_id = int(machine["id"])
+                break
+        else:
+            raise ClientError(f"no GPU {args.gpu} on your machines ({PROG} provider machines --json lists them)")
+    gpu = client.gpu_price_floor_set(machine_id, args.gpu, args.floor)
+    if args.json:
+        _print_json(gpu, out)
+    else:
+        own = gpu.get("price_floor")
+        out.write(
+            f"GPU {gpu.get('id')} ({gpu.get('model')}) on machine {machine_id}: floor "
+            f"{gpu.get('effective_price_floor')}/GPU-hour{'' if own is not None else ' (your default)'}\n"
+        )
+    return 0
+
+
+def _provider_windows(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    if args.wcmd == "add":
+        window = client.window_create(args.window)
+        if args.json:
+            _print_json(window, out)
+        else:
+            out.write(f"Window {window.get('id')}: {_window_text(window)}\n")
+        return 0
+    if args.wcmd == "rm":
+        client.window_delete(args.id)
+        if not args.json:
+            out.write(f"Window {args.id} removed\n")
+        else:
+            _print_json({"id": args.id, "removed": True}, out)
+        return 0
+    windows = list(client.windows())
+    if args.json:
+        _print_json(windows, out)
+        return 0
+    _table(
+        ("ID", "MACHINE", "WINDOW"),
+        ((w.get("id"), w.get("machine") if w.get("machine") is not None else "all", _window_text(w)) for w in windows),
+        out,
+    )
+    return 0
+
+
+def _window_text(window: JSON) -> str:
+    days = ",".join(window.get("days") or [])
+    return f"{days} {window.get('start_time')}-{window.get('end_time')} {window.get('timezone')}"
+
+
+def _floor(text: str) -> str | None:
+    if text == "default":
+        return None
+    try:
+        return str(parse_price(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'default')") from None
+
+
 # --- completion -----------------------------------------------------------------------------
 
 _BASH = """# bash completion for gpgpu: eval "$(gpgpu completion bash)"
@@ -459,7 +780,8 @@ compdef _gpgpu gpgpu
 
 _RUN_FLAGS = (
     "--follow --json --name --kind --image --command --env --gpus --vram --model --region --max-price "
-    "--duration --max-duration --checkpoint-interval --no-interruptible --idempotency-key"
+    "--duration --max-duration --checkpoint-interval --no-interruptible --idempotency-key --authorize --key-file "
+    "--keystore --yes"
 )
 
 
@@ -510,6 +832,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-interruptible", action="store_true", help="only on machines that will not take it back")
     run.add_argument("--idempotency-key", help="default: a fresh one")
     run.add_argument("--poll-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    run.add_argument("--authorize", action="store_true", help="sign its budget right after submitting it")
+    _key_options(run)
+
+    authorize = command("authorize", "sign a job's budget with your wallet's key, for the escrow")
+    authorize.add_argument("id", type=_positive, help="the job's id")
+    _key_options(authorize, required=True)
+
+    deposit = command("deposit", "deposit tokens from your wallet into the escrow (approve, then deposit)")
+    deposit.add_argument("amount", type=_micro, help="tokens, e.g. 25 or 12.5")
+    deposit.add_argument("--rpc-url", help="the chain node's JSON-RPC URL (default: $GPGPU_RPC_URL)")
+    deposit.add_argument("--escrow", help="the escrow's address (default: $GPGPU_ESCROW_ADDRESS)")
+    deposit.add_argument("--token", help="the token's address (default: $GPGPU_TOKEN_ADDRESS, else the escrow's)")
+    _key_options(deposit, required=True)
+
+    wallet = command("wallet", "your linked wallets (and the address of a key)")
+    wallet.add_argument("--link", action="store_true", help="link the key's wallet to your account")
+    _key_options(wallet, confirm=False)
 
     ls = command("ls", "list your jobs, newest first")
     ls.add_argument("--status", help="only these statuses (comma-separated)")
@@ -527,9 +866,39 @@ def build_parser() -> argparse.ArgumentParser:
     statement = command("statement", "your statement for a month")
     statement.add_argument("--month", type=_month, help="YYYY-MM (default: this month, UTC)")
 
+    provider = commands.add_parser("provider", help="a provider's machines, prices, windows and earnings")
+    pcommands = provider.add_subparsers(dest="pcmd", required=True, parser_class=_Parser)
+
+    def pcommand(parent: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        return sub
+
+    pcommand(pcommands, "earnings", "your earnings and how to withdraw them")
+    pcommand(pcommands, "machines", "your machines")
+    floor = pcommand(pcommands, "floor", "set a GPU's price floor per GPU-hour")
+    floor.add_argument("gpu", type=_positive, help="the GPU's id (gpgpu provider machines --json)")
+    floor.add_argument("floor", type=_floor, help="tokens per GPU-hour, or 'default' for your default floor")
+    floor.add_argument("--machine", type=_positive, help="its machine (default: found among yours)")
+    windows = pcommands.add_parser("windows", help="your availability windows")
+    wcommands = windows.add_subparsers(dest="wcmd", required=True, parser_class=_Parser)
+    pcommand(wcommands, "list", "list your availability windows")
+    add = pcommand(wcommands, "add", "declare an availability window")
+    add.add_argument("text", help="DAYS HH:MM-HH:MM [TIME ZONE], e.g. 'mon-fri 20:00-08:00 Europe/Paris'")
+    add.add_argument("--machine", type=_positive, help="one of your machines (default: all)")
+    pcommand(wcommands, "rm", "remove an availability window").add_argument("id", type=_positive)
+
     completion = command("completion", "print a shell completion script")
     completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
+
+
+def _key_options(parser: argparse.ArgumentParser, *, required: bool = False, confirm: bool = True) -> None:
+    keys = parser.add_mutually_exclusive_group(required=required)
+    keys.add_argument("--key-file", help="a file holding the wallet's 0x hex private key (mode 0600)")
+    keys.add_argument("--keystore", help="an encrypted JSON keystore (password: $GPGPU_KEYSTORE_PASSWORD or asked)")
+    if confirm:
+        parser.add_argument("--yes", "-y", action="store_true", help="sign without asking")
 
 
 def _positive(text: str) -> int:
@@ -555,6 +924,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Client, TextIO], int]] = {
     "why": cmd_why,
     "balance": cmd_balance,
     "statement": cmd_statement,
+    "authorize": cmd_authorize,
+    "wallet": cmd_wallet,
+    "provider": cmd_provider,
 }
 
 
@@ -571,6 +943,15 @@ def main(argv: Sequence[str] | None = None, *, session: requests.Session | None 
             _search_params(args)
         if args.cmd == "run":
             args.spec = _run_spec(args)
+            if args.authorize and not (args.key_file or args.keystore):
+                raise UsageError("--authorize needs the wallet's key: --key-file PATH or --keystore PATH")
+        if args.cmd == "provider" and args.pcmd == "windows" and args.wcmd == "add":
+            args.window = _window(args)
+        # The key is opened before anything is sent, so a bad one leaves no unsigned job behind.
+        if args.cmd in {"run", "authorize", "wallet", "deposit"}:
+            args.account = _account(args)
+        if args.cmd == "deposit":
+            return cmd_deposit(args, out, session)
         client = Client(args.url, args.token, session=session) if args.cmd == "login" else _client(session)
         return _COMMANDS[args.cmd](args, client, out)
     except UsageError as exc:
@@ -585,6 +966,16 @@ def main(argv: Sequence[str] | None = None, *, session: requests.Session | None 
     except KeyboardInterrupt:
         sys.stderr.write(f"\n{PROG}: interrupted (a submitted job goes on: {PROG} cancel ID stops it)\n")
         return 130
+
+
+def _window(args: argparse.Namespace) -> JSON:
+    try:
+        window = parse_window(args.text)
+    except WindowError as exc:
+        raise UsageError(f"bad window: {exc}") from None
+    if args.machine is not None:
+        window["machine"] = args.machine
+    return window
 
 
 def _api_error_line(exc: ApiError) -> str:

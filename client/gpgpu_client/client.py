@@ -187,3 +187,74 @@ class Client:
     def statement(self, month: str) -> Statement:
         """The monthly statement for `month` (YYYY-MM)."""
         return Statement.from_json(self.request("GET", "api/v1/billing/statements/monthly/", params={"month": month}))
+
+    # --- the renter's wallet and budgets ----------------------------------------------------
+
+    def wallets(self) -> Iterator[JSON]:
+        """My linked wallets (GET /api/v1/billing/wallets/): {address, created_at}."""
+        yield from self.paginate("api/v1/billing/wallets/")
+
+    def wallet_link(self, *, address: str, signature: str) -> JSON:
+        """Link `address`, with its personal_sign of the text gpgpu_client.wallet.wallet_link_message
+        names (harmless when it is linked to me already)."""
+        data: JSON = self.request(
+            "POST", "api/v1/billing/wallets/", body={"address": address, "signature": signature}, retry=False
+        )
+        return data
+
+    def budget_offer(self, job_id: int, *, address: str | None = None) -> JSON:
+        """What to sign for a job's budget (GET /api/v1/jobs/ID/budget-authorization/):
+        {typed_data, authorization}; `address` the wallet that will sign (default: my latest linked)."""
+        params: dict[str, str | int] = {"address": address} if address else {}
+        data: JSON = self.request("GET", f"api/v1/jobs/{int(job_id)}/budget-authorization/", params=params)
+        return data
+
+    def budget_authorize(
+        self, job_id: int, *, renter_address: str, max_amount: int, deadline: int, signature: str
+    ) -> JSON:
+        """Store a signed budget (PUT /api/v1/jobs/ID/budget-authorization/); the same body again
+        is harmless, so it is retried like a read."""
+        body = {
+            "renter_address": renter_address,
+            "max_amount": max_amount,
+            "deadline": deadline,
+            "signature": signature,
+        }
+        data: JSON = self.request("PUT", f"api/v1/jobs/{int(job_id)}/budget-authorization/", body=body)
+        return data
+
+    # --- the provider API -------------------------------------------------------------------
+
+    def earnings(self) -> JSON:
+        """A provider's earnings and how to withdraw them (GET /api/v1/billing/earnings/)."""
+        data: JSON = self.request("GET", "api/v1/billing/earnings/")
+        return data
+
+    def machines(self) -> Iterator[JSON]:
+        """A provider's machines (GET /api/v1/machines/)."""
+        yield from self.paginate("api/v1/machines/")
+
+    def machine(self, machine_id: int) -> JSON:
+        """One machine with its GPUs (GET /api/v1/machines/ID/)."""
+        data: JSON = self.request("GET", f"api/v1/machines/{int(machine_id)}/")
+        return data
+
+    def gpu_price_floor_set(self, machine_id: int, gpu_id: int, price_floor: str | None) -> JSON:
+        """Set a GPU's price floor per GPU-hour (None: the provider's default)."""
+        data: JSON = self.request(
+            "PATCH", f"api/v1/machines/{int(machine_id)}/gpus/{int(gpu_id)}/", body={"price_floor": price_floor}
+        )
+        return data
+
+    def windows(self) -> Iterator[JSON]:
+        """A provider's availability windows (GET /api/v1/availability-windows/)."""
+        yield from self.paginate("api/v1/availability-windows/")
+
+    def window_create(self, window: Mapping[str, Any]) -> JSON:
+        """Declare a window: {machine?, days, start_time, end_time, timezone}. Not retried: a
+        repeat would declare it twice."""
+        data: JSON = self.request("POST", "api/v1/availability-windows/", body=window, retry=False)
+        return data
+
+    def window_delete(self, window_id: int) -> None:
+        self.request("DELETE", f"api/v1/availability-windows/{int(window_id)}/")
