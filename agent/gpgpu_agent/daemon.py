@@ -183,6 +183,7 @@ class Agent:
         reload_credential: Callable[[], bool] | None = None,
         rotation_pending: Callable[[], bool] | None = None,
         fence: Fence | None = None,
+        stop_rentals_on_exit: bool = False,
     ) -> None:
         self.collector = collector
         self.idle = idle
@@ -215,6 +216,8 @@ class Agent:
         self.revoked: str | None = None
         # The leases' deadlines, renewed after each heartbeat (the runners' watchdogs read them).
         self.fence = fence if fence is not None else Fence(self.state_dir / "fence")
+        # Stop the rentals on the way out (demos, tests) instead of leaving them to the next start.
+        self.stop_rentals_on_exit = stop_rentals_on_exit
 
         self.tracker = LeaseTracker(
             runner=runner,
@@ -323,10 +326,15 @@ class Agent:
     def shutdown(self) -> None:
         """Flush: a last usage report per running lease (so the next agent continues from
         here), one last try at the spool, the state files. Rentals keep running, unless the
-        credential was revoked: then nothing may keep running in this machine's name."""
+        credential was revoked (then nothing may keep running in this machine's name) or the agent
+        was started with stop_rentals_on_exit (then each is stopped and reported exited, as on the
+        marketplace's request)."""
         now = self.clock()
         if self.revoked is not None:
             self.tracker.stop_all(reason="credential revoked")
+        elif self.stop_rentals_on_exit:
+            for lease_id in list(self.leases):
+                self.tracker.stop({"lease_id": lease_id, "reason": "agent_stopped"})
         self.tracker.flush(until=now)
         try:
             self._replay()
@@ -335,7 +343,10 @@ class Agent:
         self._write_status()
         self.outbox.close()
         self.collector.close()
-        logger.info("agent stopped; %d rental(s) left running for the next start to adopt", len(self.leases))
+        if self.leases:
+            logger.info("agent stopped; %d rental(s) left running for the next start to adopt", len(self.leases))
+        else:
+            logger.info("agent stopped; no rental left running")
 
     # -- the poll loop -------------------------------------------------------------------------
 
@@ -669,6 +680,7 @@ def build_agent(config: AgentConfig, credential: MachineCredential, *, transport
         reload_credential=reload_credential,
         rotation_pending=lambda: rotation_pending(config.credential_path),
         fence=Fence(config.fence_dir),
+        stop_rentals_on_exit=config.stop_rentals_on_exit,
     )
 
 
