@@ -284,6 +284,9 @@ def main() -> int:
     # still be set from the environment.
     env.setdefault("HEARTBEAT_INTERVAL_S", "5")
     env.setdefault("MATCH_INTERVAL_S", "2")
+    # The agents' doorbell (docs/agent-api.md, orders/wait): runserver gives each held call a
+    # thread, so a lease reaches its machine at once instead of at the next heartbeat.
+    env.setdefault("AGENT_ORDERS_WAIT_S", "25")
     # Settle on chain every 20 s instead of every 2 minutes, so a job's payment shows up quickly.
     env.setdefault("SETTLEMENT_INTERVAL_S", "20")
     # Every demo machine registers from this one address on the first run.
