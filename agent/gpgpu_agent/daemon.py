@@ -239,6 +239,8 @@ class Agent:
         self._snapshot = Snapshot()
         self._snapshot_lock = threading.Lock()
         self._stop = threading.Event()
+        # Set when the poll loop has something to do before its next poll (orders arrived, stop).
+        self._poll_wake = threading.Event()
         self._next_heartbeat = 0.0
         # Set by the doorbell: the marketplace has a new order, heartbeat now.
         self._ring = threading.Event()
@@ -320,7 +322,9 @@ class Agent:
                     self.poll_once()
                 except Exception:
                     logger.exception("poll failed; continuing")
-                self._stop.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
+                # Orders from a heartbeat are acted on at once, not at the next poll.
+                self._poll_wake.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
+                self._poll_wake.clear()
         finally:
             self._stop.set()
             net.join(timeout=15)
@@ -328,6 +332,7 @@ class Agent:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._poll_wake.set()
 
     @property
     def stopping(self) -> bool:
@@ -467,6 +472,8 @@ class Agent:
                 self._orders.put(("stop", item))
             for item in _order_items(reply.get("start")):
                 self._orders.put(("start", item))
+            if not self._orders.empty():
+                self._poll_wake.set()
         self._write_status()
 
     # -- the doorbell --------------------------------------------------------------------------
@@ -510,7 +517,7 @@ class Agent:
             why,
         )
         self._write_status()
-        self._stop.set()
+        self.request_stop()
 
     def _replay(self) -> int:
         """Send the spool in order; raises TransportUnavailable (or a machine-wide Rejected)

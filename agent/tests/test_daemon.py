@@ -525,6 +525,29 @@ def test_a_lease_ordered_between_heartbeats_starts_when_the_doorbell_rings_not_a
         _close(agent)
 
 
+def test_an_order_is_acted_on_as_soon_as_the_heartbeat_brings_it_not_at_the_next_poll(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport(heartbeat_interval_s=30, doorbell_held=True)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, poll_interval_s=2.0)
+    transport.heartbeat_replies.append(_reply(heartbeat_interval_s=30))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: agent.last_heartbeat["ok"], 5, "the first heartbeat")
+        time.sleep(0.3)  # the poll loop has just gone to sleep for its 2 s
+        transport.heartbeat_replies.append(_reply(heartbeat_interval_s=30, start=[_order(1, gpu.gpus[0].uuid, 300)]))
+        rang = time.monotonic()
+        transport.doorbell.put({"orders": True, "wait_s": 25})
+        _wait(lambda: ("event", 1, "lease-1-started") in transport.applied, 5, "the lease starting")
+
+        assert time.monotonic() - rang < 1.2  # not up to a 2 s poll interval later
+    finally:
+        agent.request_stop()
+        thread.join(30)
+        _close(agent)
+
+
 def test_each_heartbeat_renews_the_deadlines_of_the_leases_it_reported_but_not_one_asked_to_stop(
     rig: Any, tmp_path: Path
 ) -> None:
