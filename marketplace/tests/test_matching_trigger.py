@@ -1,5 +1,5 @@
-"""A job is matched as soon as it may be placed (submitted, its budget reserved), not at the next
-beat run: one coalesced matching run per burst, under the beat run's lock."""
+"""A job is matched as soon as it may be placed (submitted, its budget reserved, a GPU freed), not at
+the next beat run: one coalesced matching run per burst, under the beat run's lock."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from django.db import transaction
 from billing.models import BudgetAuthorization, BudgetReservation
 from billing.signals import budgets_reserved
 from core.locks import try_lock
-from jobs.models import Job
-from jobs.services import JobSpec
+from jobs.models import Job, Lease
+from jobs.services import JobSpec, lease_end
 from marketplace import matching, tasks
 from marketplace.submit import job_submit
-from tests.factories import BudgetAuthorizationFactory, RenterFactory, machine_with_gpus
+from tests.factories import BudgetAuthorizationFactory, JobFactory, RenterFactory, machine_with_gpus
 
 pytestmark = pytest.mark.django_db
 
@@ -101,3 +101,21 @@ def test_the_requested_run_takes_the_beat_runs_lock() -> None:
     assert tasks.match_pending_jobs_soon.periodic_lock == tasks.match_pending_jobs.periodic_lock
     with try_lock(tasks.match_pending_jobs.periodic_lock):
         assert tasks.match_pending_jobs_soon.apply().get() == {"skipped": "locked"}
+
+
+def test_a_job_waiting_for_a_gpu_gets_the_one_a_lease_just_freed_without_waiting_for_beat(
+    eager: None, django_capture_on_commit_callbacks: Any
+) -> None:
+    machine_with_gpus(count=1)
+    first, second = JobFactory(budget_reserved=True), JobFactory(budget_reserved=True)
+    matching.match_cycle()
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.status, second.status) == (Job.Status.SCHEDULED, Job.Status.PENDING)
+
+    # The first job's process exits; the agent reports it and the lease ends.
+    with django_capture_on_commit_callbacks(execute=True):
+        lease_end(lease_id=Lease.objects.get(job=first).pk, reason="succeeded", actor="agent", exit_code=0)
+
+    second.refresh_from_db()
+    assert second.status == Job.Status.SCHEDULED
