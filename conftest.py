@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from rest_framework.test import APIClient
 
@@ -9,6 +11,21 @@ from rest_framework.test import APIClient
 @pytest.fixture
 def api_client() -> APIClient:
     return APIClient()
+
+
+@pytest.fixture(autouse=True)
+def matching_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Matching runs asked for (marketplace.matching.matching_request_soon: a job submitted, a
+    budget reserved), recorded instead of sent: tests run match_cycle themselves and write no
+    broker files. A test that wants the run to happen sets Celery's eager mode and undoes this."""
+    from django.core.cache import cache
+
+    from marketplace import matching, tasks
+
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(tasks.match_pending_jobs_soon, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
+    cache.delete(matching._QUEUED_KEY)
+    return sent
 
 
 @pytest.fixture

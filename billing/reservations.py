@@ -64,6 +64,7 @@ from billing.errors import ValidationFailed
 from billing.models import BudgetAuthorization, BudgetReservation, LeaseCharge
 from billing.operator_tx import operator_tx_find, operator_tx_in_mempool, operator_tx_replaced
 from billing.rewind import chain_rewind
+from billing.signals import budgets_reserved
 from core import periodic
 from jobs.models import Job, Renter
 from jobs.services import event_record, job_cancel
@@ -318,6 +319,7 @@ def reservation_confirm(
         if locked.status in (RS.CONFIRMED, RS.FAILED):
             return locked
         counts = {"reserved": 0, "refused": 0}
+        newly_reserved: list[int] = []
         for auth in BudgetAuthorization.objects.filter(reservation=locked, status=BS.RESERVING).order_by("pk"):
             reason = skipped.get(auth.job_id)
             if reason == BUDGET_SKIP_REASONS[BUDGET_SKIP_ALREADY_KNOWN]:
@@ -333,6 +335,7 @@ def reservation_confirm(
                     status=BS.RESERVED, activated_at=now
                 )
                 counts["reserved"] += 1
+                newly_reserved.append(auth.job_id)
             elif reason is not None:
                 budget_refuse(auth=auth, reason=REFUSAL_REASONS.get(reason, "the escrow holds another budget for it"))
                 counts["refused"] += 1
@@ -344,6 +347,9 @@ def reservation_confirm(
         # A batch confirmed again after a rewind keeps the refusals of its first confirmation.
         locked.reserved_count, locked.refused_count = counts["reserved"], locked.refused_count + counts["refused"]
         locked.save()
+        if newly_reserved:
+            # Their jobs may be placed now: the marketplace asks for a matching run on commit.
+            budgets_reserved.send(sender=BudgetReservation, batch=locked, job_ids=newly_reserved)
     return locked
 
 

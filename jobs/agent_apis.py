@@ -5,8 +5,10 @@ bounds are the agent API's (providers.agent_apis); the URLs are in jobs.agent_ur
 
 from __future__ import annotations
 
+import time
 from typing import Any, cast
 
+from django.conf import settings
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -14,7 +16,7 @@ from rest_framework.response import Response
 
 from core.api import DecimalInputField, decimal_pattern, error_responses
 from gpgpu_agent import protocol as usage_protocol
-from jobs import ingestion
+from jobs import ingestion, selectors
 from providers.agent_apis import INT32_MAX, MAX_LOG_TAIL_BYTES, SIGNATURE_REGEX, AgentAPIView
 from providers.models import Machine
 
@@ -171,3 +173,55 @@ class LeaseUsageApi(AgentAPIView):
         return Response(
             self.OutputSerializer(out).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
+
+
+# --- orders: the agent's doorbell -----------------------------------------------------------
+
+# How often a held orders/wait call looks for a new order: one small query per machine per check.
+ORDERS_CHECK_S = 0.25
+
+
+class OrdersWaitApi(AgentAPIView):
+    """The agent's doorbell: held open until the machine has a new order (a lease to start, one
+    to stop) or `wait_s` has passed, at most settings.GPGPU["AGENT_ORDERS_WAIT_S"] (0: answered
+    at once). The orders themselves come with the heartbeat the agent sends as soon as this
+    answers `orders: true`, so they are handed over once, in one place, as before."""
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentOrdersWaitInput"
+
+        wait_s = serializers.FloatField(min_value=0, max_value=60, help_text="The longest to hold the call.")
+        since = serializers.DateTimeField(
+            required=False,
+            allow_null=True,
+            default=None,
+            help_text="The server_time of the agent's last heartbeat reply: only orders newer than it ring.",
+        )
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentOrdersWaitOutput"
+
+        orders = serializers.BooleanField(help_text="True: heartbeat now, there is an order for this machine.")
+        wait_s = serializers.FloatField(help_text="How long the marketplace holds these calls (0: it does not).")
+
+    @extend_schema(
+        operation_id="agent_orders_wait",
+        tags=["agent"],
+        request=InputSerializer,
+        responses={200: OutputSerializer, **error_responses(400, 401, 403, 413)},
+    )
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        machine = cast(Machine, request.auth)  # AgentAPIView's IsMachine admits only a Machine
+        held = float(settings.GPGPU["AGENT_ORDERS_WAIT_S"])
+        deadline = time.monotonic() + min(data.validated_data["wait_s"], held)
+        since = data.validated_data["since"]
+        while True:
+            orders = selectors.machine_has_new_orders(machine_id=machine.pk, since=since)
+            if orders or time.monotonic() >= deadline:
+                break
+            time.sleep(min(ORDERS_CHECK_S, max(0.0, deadline - time.monotonic())))
+        return Response(self.OutputSerializer({"orders": orders, "wait_s": held}).data)

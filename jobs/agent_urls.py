@@ -7,5 +7,6 @@ from jobs import agent_apis
 
 urlpatterns = [
     path("leases/<int:lease_id>/events", agent_apis.LeaseEventApi.as_view(), name="agent-lease-events"),
+    path("orders/wait", agent_apis.OrdersWaitApi.as_view(), name="agent-orders-wait"),
     path("leases/<int:lease_id>/usage", agent_apis.LeaseUsageApi.as_view(), name="agent-lease-usage"),
 ]

@@ -7,8 +7,9 @@ existence does not leak.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 
 from jobs.errors import NotFound
 from jobs.models import Event, Job, Lease, Renter
@@ -59,3 +60,18 @@ def lease_get_for_renter(*, renter: Renter, lease_id: int) -> Lease:
 def event_list_for_job(*, job: Job) -> QuerySet[Event]:
     """The job's audit trail, oldest first."""
     return Event.objects.filter(job=job).order_by("created_at", "pk")
+
+
+def machine_has_new_orders(*, machine_id: int, since: datetime | None) -> bool:
+    """Whether the machine's next heartbeat has an order for it that its last did not: a lease
+    assigned to it after `since` (the last heartbeat's server time) and not yet handed over
+    (jobs.machine_leases.leases_heartbeat_orders sends it and records start_sent_at), or an active
+    lease asked to stop after `since`. Only what is new since then: one the heartbeat holds back
+    (a kind the machine refuses) must not ring again and again. `since` None: anything. One
+    query over the machine's leases."""
+    start = Q(status=Lease.Status.ASSIGNED, start_sent_at__isnull=True, stop_requested_at__isnull=True)
+    stop = Q(status__in=Lease.ACTIVE, stop_requested_at__isnull=False)
+    if since is not None:
+        start &= Q(created_at__gt=since)
+        stop &= Q(stop_requested_at__gt=since)
+    return Lease.objects.filter(start | stop, machine_id=machine_id).exists()

@@ -31,6 +31,7 @@ from django.utils import timezone
 
 from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFailed
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter
+from jobs.signals import lease_ended
 from providers import services as providers_services
 from providers.models import GPU
 
@@ -473,6 +474,7 @@ def lease_end(
             idempotency_key=idempotency_key,
         )
         _job_after_lease(lease=lease, reason=reason, exit_code=exit_code, detail=detail, actor=actor)
+        lease_ended.send(sender=Lease, lease_id=lease_id, reason=reason)
     return True
 
 

@@ -67,6 +67,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
@@ -909,3 +910,41 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     result.placed = len(written)
     result.gpus_leased = sum(len(p.gpu_ids) for p in written)
     result.chunks = max(1, -(-len(plan) // CHUNK_SIZE))
+
+
+# ----------------------------------------------------------------------------------- trigger
+
+# A burst of requests within this many seconds makes one run (see matching_request_soon).
+COALESCE_S = 0.5
+# How often a requested run that finds a cycle going tries again, and how long after.
+LOCKED_TRIES, LOCKED_RETRY_S = 10, 0.5
+_QUEUED_KEY = "marketplace.matching.run_queued"
+
+
+def matching_request_soon() -> None:
+    """Ask for a matching run within about COALESCE_S seconds, once the caller's transaction
+    commits (a job submitted, a budget reserved): a renter's job starts without waiting for the
+    beat entry `match-pending-jobs`, which stays as the safety net. A burst of requests
+    dispatches one task (a cache key marks one as queued; the task clears it as it starts). The
+    run takes the beat run's lock; finding it held, it asks Celery to run it again shortly (a
+    message with an ETA, never a sleeping worker)."""
+    transaction.on_commit(_dispatch)
+
+
+def _dispatch() -> None:
+    try:
+        if not cache.add(_QUEUED_KEY, 1, timeout=COALESCE_S):
+            return
+        from marketplace.tasks import match_pending_jobs_soon
+
+        match_pending_jobs_soon.apply_async(countdown=COALESCE_S, expires=60)
+    except Exception:  # the broker or the cache is down: the beat entry places the job
+        logger.warning("could not dispatch a matching run; the beat schedule will", exc_info=True)
+
+
+def matching_request_clear() -> None:
+    """Called by the requested run as it starts: a request from now on asks for another run."""
+    try:
+        cache.delete(_QUEUED_KEY)
+    except Exception:
+        logger.warning("could not clear the queued matching marker", exc_info=True)

@@ -362,6 +362,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "processed_folder": str(BROKER_DIR / "processed"),
         "store_processed": False,
         "control_folder": str(BROKER_DIR / "control"),
+        # The worker looks for new messages this often (kombu's default: every second), which a
+        # job's dispatch pays twice (its reservation run, then its matching run).
+        "polling_interval": 0.2,
     }
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
@@ -379,6 +382,11 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 GPGPU = {
     # How often the agent is asked to heartbeat, and how many missed beats make a machine offline.
     "HEARTBEAT_INTERVAL_S": env_int("HEARTBEAT_INTERVAL_S", 10, minimum=1),
+    # The longest an agent's orders/wait call is held open waiting for a new order (its doorbell:
+    # jobs.agent_apis.OrdersWaitApi). 0, the default, answers at once: each held call holds a
+    # web worker (or thread) for that long, so enable it only on a server that has one to spare
+    # per machine (runserver, gunicorn --worker-class gthread with enough threads).
+    "AGENT_ORDERS_WAIT_S": min(env_int("AGENT_ORDERS_WAIT_S", 0, minimum=0), 25),
     "HEARTBEAT_GRACE_BEATS": env_int("HEARTBEAT_GRACE_BEATS", 3, minimum=1),
     # An agent stops its rentals' workloads once it has not reached the marketplace for this long
     # (a watchdog beside each workload enforces it even if the agent is paused or killed), and a

@@ -12,6 +12,7 @@ from django.db import transaction
 from billing import services as billing_services
 from jobs import services as job_services
 from jobs.models import Job, Renter
+from marketplace import matching
 
 
 def job_submit(*, renter: Renter, spec: job_services.JobSpec, idempotency_key: str | None = None) -> tuple[Job, bool]:
@@ -23,4 +24,6 @@ def job_submit(*, renter: Renter, spec: job_services.JobSpec, idempotency_key: s
         if created:
             # In the same transaction: a renter who cannot fund the budget gets no job (402).
             billing_services.job_budget_reserve(job=job)
+            # Placed at once once it may be (its budget reserved): not at the next beat run.
+            matching.matching_request_soon()
     return job, created

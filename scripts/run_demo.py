@@ -5,7 +5,8 @@ Celery beat and N provider agents (`gpgpu-agent run --simulate`: the real agent 
 GPUs whose owners come and go), each in its own process group. Each agent keeps its state under
 var/demo/agents/<n>/ (credential, signing key, agent.toml, spool), so a re-run reuses the same
 machines instead of registering new ones. Prints where to
-look and a curl that submits a job. Ctrl-C (or SIGTERM) stops every child and exits 0; if a
+look and a curl that submits a job. Ctrl-C (or SIGTERM) stops every child, the agents stopping
+their rentals on the way out (`--stop-rentals-on-exit`), and exits 0; if a
 child dies on its own, the others are stopped and the exit status is 1.
 
 The database and broker are the embedded defaults (SQLite and a filesystem broker under
@@ -283,6 +284,9 @@ def main() -> int:
     # still be set from the environment.
     env.setdefault("HEARTBEAT_INTERVAL_S", "5")
     env.setdefault("MATCH_INTERVAL_S", "2")
+    # The agents' doorbell (docs/agent-api.md, orders/wait): runserver gives each held call a
+    # thread, so a lease reaches its machine at once instead of at the next heartbeat.
+    env.setdefault("AGENT_ORDERS_WAIT_S", "25")
     # Settle on chain every 20 s instead of every 2 minutes, so a job's payment shows up quickly.
     env.setdefault("SETTLEMENT_INTERVAL_S", "20")
     # Every demo machine registers from this one address on the first run.
@@ -368,7 +372,9 @@ def main() -> int:
                 time_scale=args.time_scale,
                 env=env,
             )
-            start(f"agent-{n}", [*AGENT, "run", "--state-dir", str(state_dir)], to_terminal=True)
+            # Ctrl-C stops the demo's rentals too (a real agent leaves them for its next start).
+            agent_run = [*AGENT, "run", "--state-dir", str(state_dir), "--stop-rentals-on-exit"]
+            start(f"agent-{n}", agent_run, to_terminal=True)
         if chain_info is not None:
             signer = [PYTHON, str(ROOT / "scripts" / "demo_budget_signer.py"), "--url", url]
             signer += ["--credentials-file", str(credentials_path), "--key-file", chain_info["renter_key"]]

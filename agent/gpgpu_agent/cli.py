@@ -47,7 +47,7 @@ EXIT_CONFIG = 2
 EXIT_REVOKED = 3
 
 # Settings that are plain switches on the command line (--simulate, not --simulate true).
-_SWITCHES = ("simulate", "offer_mig", "simulate_owners_idle", "allow_process_jobs")
+_SWITCHES = ("simulate", "offer_mig", "simulate_owners_idle", "allow_process_jobs", "stop_rentals_on_exit")
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--force", action="store_true", help="register again even if a credential exists")
     _add_settings(register)
 
-    run = sub.add_parser("run", help="run the daemon (Ctrl-C stops it; rentals keep running)")
+    run = sub.add_parser("run", help="run the daemon (Ctrl-C stops it; rentals run on, unless --stop-rentals-on-exit)")
     _add_settings(run)
     status = sub.add_parser("status", help="machine, leases, spool and last heartbeat")
     _add_settings(status)
@@ -219,7 +219,8 @@ def cmd_run(config: AgentConfig) -> int:
     agent = build_agent(config, credential)
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        logger.info("signal %s: stopping (rentals keep running)", signal.Signals(signum).name)
+        kept = "rentals are stopped" if config.stop_rentals_on_exit else "rentals keep running"
+        logger.info("signal %s: stopping (%s)", signal.Signals(signum).name, kept)
         agent.request_stop()
 
     signal.signal(signal.SIGTERM, stop)

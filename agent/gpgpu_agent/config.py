@@ -88,6 +88,9 @@ class AgentConfig:
     time_scale: float = 1.0
     # Simulated owners never use their GPUs (demos and tests that want a GPU free at once).
     simulate_owners_idle: bool = False
+    # Stop every rental when the daemon stops (demos, tests). Off by default: a real agent leaves
+    # them running and the next start adopts them, so an upgrade or a restart costs renters nothing.
+    stop_rentals_on_exit: bool = False
     log_level: str = "INFO"
 
     @property
@@ -296,6 +299,7 @@ PARSERS: dict[str, Callable[[object], object]] = {
     "simulate_gpus": _gpus,
     "time_scale": _float_in(0.001, 10_000),
     "simulate_owners_idle": _bool,
+    "stop_rentals_on_exit": _bool,
     "log_level": _choice(LOG_LEVELS, upper=True),
 }
 KEYS = tuple(f.name for f in fields(AgentConfig))
@@ -332,6 +336,7 @@ class _Parsed(TypedDict, total=False):
     simulate_gpus: str
     time_scale: float
     simulate_owners_idle: bool
+    stop_rentals_on_exit: bool
     log_level: str
 
 

@@ -84,6 +84,10 @@ CREDENTIAL_REVOKED = "credential_revoked"
 # While a rotation on this machine is under way (see credentials.rotation_pending), a refused
 # heartbeat is tried again this soon instead of ending the agent.
 ROTATION_RETRY_S = 0.5
+# The doorbell (Agent._doorbell_loop): how long one orders/wait call asks to be held, and how long
+# to wait before asking again a marketplace that does not hold them (or does not know the call).
+DOORBELL_WAIT_S = 25.0
+DOORBELL_OFF_RETRY_S = 300.0
 SIMULATION_MISSING = (
     "--simulate needs the agent's test support (the gpgpu_agent_testing package), which the installed "
     "package does not ship: run the agent from a source checkout (pip install -e ./agent, or the "
@@ -183,6 +187,7 @@ class Agent:
         reload_credential: Callable[[], bool] | None = None,
         rotation_pending: Callable[[], bool] | None = None,
         fence: Fence | None = None,
+        stop_rentals_on_exit: bool = False,
     ) -> None:
         self.collector = collector
         self.idle = idle
@@ -215,6 +220,8 @@ class Agent:
         self.revoked: str | None = None
         # The leases' deadlines, renewed after each heartbeat (the runners' watchdogs read them).
         self.fence = fence if fence is not None else Fence(self.state_dir / "fence")
+        # Stop the rentals on the way out (demos, tests) instead of leaving them to the next start.
+        self.stop_rentals_on_exit = stop_rentals_on_exit
 
         self.tracker = LeaseTracker(
             runner=runner,
@@ -232,7 +239,13 @@ class Agent:
         self._snapshot = Snapshot()
         self._snapshot_lock = threading.Lock()
         self._stop = threading.Event()
+        # Set when the poll loop has something to do before its next poll (orders arrived, stop).
+        self._poll_wake = threading.Event()
         self._next_heartbeat = 0.0
+        # Set by the doorbell: the marketplace has a new order, heartbeat now.
+        self._ring = threading.Event()
+        # The server_time of the last heartbeat reply: the doorbell asks only for orders newer.
+        self._server_time: object = None
         # Between heartbeats the spool is replayed as soon as it holds something, not before this.
         self._next_replay = 0.0
         self.last_heartbeat: HeartbeatOutcome = {"ok": None, "at": None, "error": None}
@@ -294,6 +307,8 @@ class Agent:
         self.adopt()
         net = threading.Thread(target=self._network_loop, name="gpgpu-agent-net", daemon=True)
         net.start()
+        # Not joined: it may be held in a call for DOORBELL_WAIT_S, and it owns no state.
+        threading.Thread(target=self._doorbell_loop, name="gpgpu-agent-doorbell", daemon=True).start()
         logger.info(
             "agent running: machine %s, marketplace %s, polling every %.1f s",
             self.machine_id,
@@ -307,7 +322,9 @@ class Agent:
                     self.poll_once()
                 except Exception:
                     logger.exception("poll failed; continuing")
-                self._stop.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
+                # Orders from a heartbeat are acted on at once, not at the next poll.
+                self._poll_wake.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
+                self._poll_wake.clear()
         finally:
             self._stop.set()
             net.join(timeout=15)
@@ -315,6 +332,7 @@ class Agent:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._poll_wake.set()
 
     @property
     def stopping(self) -> bool:
@@ -323,10 +341,15 @@ class Agent:
     def shutdown(self) -> None:
         """Flush: a last usage report per running lease (so the next agent continues from
         here), one last try at the spool, the state files. Rentals keep running, unless the
-        credential was revoked: then nothing may keep running in this machine's name."""
+        credential was revoked (then nothing may keep running in this machine's name) or the agent
+        was started with stop_rentals_on_exit (then each is stopped and reported exited, as on the
+        marketplace's request)."""
         now = self.clock()
         if self.revoked is not None:
             self.tracker.stop_all(reason="credential revoked")
+        elif self.stop_rentals_on_exit:
+            for lease_id in list(self.leases):
+                self.tracker.stop({"lease_id": lease_id, "reason": "agent_stopped"})
         self.tracker.flush(until=now)
         try:
             self._replay()
@@ -335,7 +358,10 @@ class Agent:
         self._write_status()
         self.outbox.close()
         self.collector.close()
-        logger.info("agent stopped; %d rental(s) left running for the next start to adopt", len(self.leases))
+        if self.leases:
+            logger.info("agent stopped; %d rental(s) left running for the next start to adopt", len(self.leases))
+        else:
+            logger.info("agent stopped; no rental left running")
 
     # -- the poll loop -------------------------------------------------------------------------
 
@@ -383,7 +409,8 @@ class Agent:
         holds (as soon as it holds something, unless backing off)."""
         now = time.monotonic()
         try:
-            if now >= self._next_heartbeat:
+            if now >= self._next_heartbeat or self._ring.is_set():
+                self._ring.clear()  # a ring while this heartbeat runs asks for another
                 self.network_once()
             elif now >= self._next_replay and self.outbox.pending():
                 self.replay_once()
@@ -440,11 +467,45 @@ class Agent:
             self._next_heartbeat = time.monotonic() + self.beat_s
             self._next_replay = 0.0
             self.last_heartbeat = {"ok": True, "at": iso(self.clock()), "error": None}
+            self._server_time = reply.get("server_time")
             for item in _order_items(reply.get("stop")):
                 self._orders.put(("stop", item))
             for item in _order_items(reply.get("start")):
                 self._orders.put(("start", item))
+            if not self._orders.empty():
+                self._poll_wake.set()
         self._write_status()
+
+    # -- the doorbell --------------------------------------------------------------------------
+
+    def _doorbell_loop(self) -> None:
+        while not self._stop.is_set():
+            pause = self.doorbell_once()
+            if pause:
+                self._stop.wait(pause)
+
+    def doorbell_once(self) -> float:
+        """One orders/wait call, held by the marketplace until it has a new order for this machine
+        (or DOORBELL_WAIT_S): answered `orders`, ring for a heartbeat now (which brings the
+        orders, as every heartbeat does) and wait until it was sent. Returns how long to wait
+        before the next call: none after an answer, a heartbeat interval after a failure (the
+        network loop deals with outages), DOORBELL_OFF_RETRY_S from a marketplace that does not
+        hold these calls."""
+        since = self._server_time
+        try:
+            answer = self.transport.orders_wait({"wait_s": DOORBELL_WAIT_S, "since": since})
+        except Rejected:
+            return DOORBELL_OFF_RETRY_S  # an older marketplace without the call, or a refusal the heartbeat handles
+        except TransportUnavailable:
+            return self.beat_s
+        if answer.get("orders") is True:
+            self._ring.set()
+            deadline = time.monotonic() + self.beat_s
+            while self._server_time == since and time.monotonic() < deadline and not self._stop.is_set():
+                self._stop.wait(0.05)
+            return 0.0
+        held = answer.get("wait_s")
+        return 0.0 if isinstance(held, int | float) and held > 0 else DOORBELL_OFF_RETRY_S
 
     def _revoked(self, why: str) -> None:
         """The marketplace revoked this machine's credential: stop renting at once (its leases
@@ -456,7 +517,7 @@ class Agent:
             why,
         )
         self._write_status()
-        self._stop.set()
+        self.request_stop()
 
     def _replay(self) -> int:
         """Send the spool in order; raises TransportUnavailable (or a machine-wide Rejected)
@@ -669,6 +730,7 @@ def build_agent(config: AgentConfig, credential: MachineCredential, *, transport
         reload_credential=reload_credential,
         rotation_pending=lambda: rotation_pending(config.credential_path),
         fence=Fence(config.fence_dir),
+        stop_rentals_on_exit=config.stop_rentals_on_exit,
     )
 
 

@@ -65,6 +65,10 @@ class Transport(Protocol):
 
     def lease_usage(self, lease_id: int, body: Mapping[str, object]) -> JsonObject: ...
 
+    def orders_wait(self, body: Mapping[str, object]) -> JsonObject:
+        """The doorbell (POST orders/wait): held up to body["wait_s"] until the machine has a new
+        order; answers {"orders": bool, "wait_s": how long the marketplace holds these calls}."""
+
 
 class AgentError(Exception):
     """Base of the agent's own errors: each carries a sentence a provider can act on."""

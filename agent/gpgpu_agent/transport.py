@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import queue
 import random
 import threading
 from collections import deque
@@ -102,10 +103,19 @@ class HttpTransport:
         """A new credential for this machine (the current one stops working at once)."""
         return self._post("credential/rotate", body)
 
+    def orders_wait(self, body: Mapping[str, object]) -> JsonObject:
+        """The doorbell: held by the marketplace up to body["wait_s"] until there is a new order."""
+        held = body.get("wait_s")
+        wait_s = float(held) if isinstance(held, int | float) else 0.0
+        return self._post("orders/wait", body, timeout_s=self.timeout_s + wait_s)
+
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _post(self, path: str, body: Mapping[str, object], *, authenticated: bool = True) -> JsonObject:
+    def _post(
+        self, path: str, body: Mapping[str, object], *, authenticated: bool = True, timeout_s: float | None = None
+    ) -> JsonObject:
         url = self.api_url + path
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         headers = {"Accept": "application/json", "User-Agent": f"gpgpu-agent/{__version__}"}
         if authenticated:
             if not self.credential:
@@ -114,11 +124,9 @@ class HttpTransport:
                 )
             headers[AUTHORIZATION_HEADER] = f"{AUTH_SCHEME} {self.credential}"
         try:
-            response = self._session.post(
-                url, json=dict(body), headers=headers, timeout=self.timeout_s, allow_redirects=False
-            )
+            response = self._session.post(url, json=dict(body), headers=headers, timeout=timeout, allow_redirects=False)
         except requests.Timeout:
-            raise TransportUnavailable(f"The marketplace did not answer {url} within {self.timeout_s:g} s.") from None
+            raise TransportUnavailable(f"The marketplace did not answer {url} within {timeout:g} s.") from None
         except requests.RequestException as exc:
             raise TransportUnavailable(f"Cannot reach the marketplace at {url}: {type(exc).__name__}.") from None
         return self._answer(url, response)
@@ -203,6 +211,9 @@ class FakeTransport:
     - `reject(kind, lease_id, key, …)`: that message is refused for good (Rejected);
       `reject_all(…)`: every call is (for example 403 machine_suspended).
     - `heartbeat_replies`: replies returned in turn before the default (no starts, no stops).
+    - `doorbell`: each orders_wait call takes the next answer from it, blocking until there is
+      one; without one queued (`doorbell_held` False, the default) it answers at once that the
+      marketplace holds no calls, as a marketplace without AGENT_ORDERS_WAIT_S does.
     """
 
     heartbeat_interval_s: int = 10
@@ -218,6 +229,9 @@ class FakeTransport:
     _events: dict[tuple[int, str], dict[str, object]] = field(default_factory=dict)
     _usage: dict[tuple[int, str], tuple[int, dict[str, object]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    doorbell_held: bool = False
+    doorbell: queue.Queue[JsonObject] = field(default_factory=queue.Queue)
+    doorbell_calls: list[dict[str, object]] = field(default_factory=list)
 
     # -- scripting -----------------------------------------------------------------------------
 
@@ -273,6 +287,19 @@ class FakeTransport:
             "start": [],
             "stop": [],
         }
+
+    def orders_wait(self, body: Mapping[str, object]) -> JsonObject:
+        # Neither recorded in `calls` nor taking a fail_next failure: the other calls' scripts stay as they were.
+        self.doorbell_calls.append(dict(body))
+        if not self.doorbell_held:
+            return {"orders": False, "wait_s": 0.0}
+        if not self.up:
+            raise TransportUnavailable("The marketplace is unreachable (fake).")
+        try:
+            held = body.get("wait_s")
+            return self.doorbell.get(timeout=float(held) if isinstance(held, int | float) else 0.0)
+        except queue.Empty:
+            return {"orders": False, "wait_s": 25.0}
 
     def lease_event(self, lease_id: int, body: Mapping[str, object]) -> JsonObject:
         key = str(body.get("event_id", ""))

@@ -495,6 +495,59 @@ def test_an_event_is_sent_as_soon_as_it_is_spooled_not_at_the_next_heartbeat(
         _close(agent)
 
 
+def test_a_lease_ordered_between_heartbeats_starts_when_the_doorbell_rings_not_at_the_next_heartbeat(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport(heartbeat_interval_s=30, doorbell_held=True)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, poll_interval_s=0.1)
+    transport.heartbeat_replies.append(_reply(heartbeat_interval_s=30))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: agent.last_heartbeat["ok"], 5, "the first heartbeat")
+        _wait(lambda: len(transport.doorbell_calls) >= 1, 5, "the doorbell call")
+        first_since = transport.doorbell_calls[-1]["since"]
+
+        # The marketplace places a lease on this machine: its held call answers, the agent
+        # heartbeats at once and gets the order, 30 s before its next heartbeat was due.
+        transport.heartbeat_replies.append(_reply(heartbeat_interval_s=30, start=[_order(1, gpu.gpus[0].uuid, 300)]))
+        rang = time.monotonic()
+        transport.doorbell.put({"orders": True, "wait_s": 25})
+        _wait(lambda: ("event", 1, "lease-1-started") in transport.applied, 3, "the lease starting")
+
+        assert time.monotonic() - rang < 3
+        assert [c.method for c in transport.calls if c.outcome == "ok"].count("heartbeat") == 2
+        # The next call asks only for orders newer than that heartbeat.
+        _wait(lambda: transport.doorbell_calls[-1]["since"] != first_since, 3, "a doorbell call after the heartbeat")
+    finally:
+        agent.request_stop()
+        thread.join(30)
+        _close(agent)
+
+
+def test_an_order_is_acted_on_as_soon_as_the_heartbeat_brings_it_not_at_the_next_poll(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport(heartbeat_interval_s=30, doorbell_held=True)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, poll_interval_s=2.0)
+    transport.heartbeat_replies.append(_reply(heartbeat_interval_s=30))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: agent.last_heartbeat["ok"], 5, "the first heartbeat")
+        time.sleep(0.3)  # the poll loop has just gone to sleep for its 2 s
+        transport.heartbeat_replies.append(_reply(heartbeat_interval_s=30, start=[_order(1, gpu.gpus[0].uuid, 300)]))
+        rang = time.monotonic()
+        transport.doorbell.put({"orders": True, "wait_s": 25})
+        _wait(lambda: ("event", 1, "lease-1-started") in transport.applied, 5, "the lease starting")
+
+        assert time.monotonic() - rang < 1.2  # not up to a 2 s poll interval later
+    finally:
+        agent.request_stop()
+        thread.join(30)
+        _close(agent)
+
+
 def test_each_heartbeat_renews_the_deadlines_of_the_leases_it_reported_but_not_one_asked_to_stop(
     rig: Any, tmp_path: Path
 ) -> None:

@@ -312,7 +312,7 @@ class FakeMarket:
 class AgentProcess:
     """`gpgpu-agent run --simulate` in a process of its own, against a FakeMarket."""
 
-    def __init__(self, state_dir: Path, rentals_dir: Path, market: FakeMarket) -> None:
+    def __init__(self, state_dir: Path, rentals_dir: Path, market: FakeMarket, *extra: str) -> None:
         self.state_dir = state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         save_credential(state_dir / "credential.json", MachineCredential(1, "gpm_" + "f" * 40, market.url))
@@ -321,6 +321,7 @@ class AgentProcess:
         argv += ["--marketplace-url", market.url, "--simulate", "--allow-process-jobs", "--simulate-owners-idle"]
         argv += ["--simulate-gpus", "NVIDIA L4:23034", "--rentals-dir", str(rentals_dir)]
         argv += ["--poll-interval-s", "0.2", "--idle-grace-s", "0", "--stop-grace-s", "1", "--usage-interval-s", "1"]
+        argv += extra
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(AGENT_DIR), os.environ.get("PYTHONPATH", "")])}
         self.log = (state_dir / "agent.log").open("wb")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)  # noqa: S603
@@ -421,3 +422,35 @@ def test_an_agent_paused_shorter_than_the_fence_leaves_its_rental_running_and_re
     assert alive(pid)
     assert market.event("exited") is None
     assert json.loads(deadline_file.read_text())["deadline"] > boottime() + 6.0 - 2.0
+
+
+# --- an agent told to stop its rentals when it stops (the demo's agents) --------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_agent_run_with_stop_rentals_on_exit_leaves_no_workload_running_when_signalled(
+    sig: signal.Signals, tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path
+) -> None:
+    lease_id = 9_500_200 + sig
+    marker = f"gpgpu-exit-test-{lease_id}"
+    command = [SANDBOX_PYTHON, "-c", "import time; print('working', flush=True); time.sleep(120)", marker]
+    market = FakeMarket(lease_id=lease_id, command=command, fence_s=120)
+    agent = AgentProcess(tmp_path / "agent", rentals_dir, market, "--stop-rentals-on-exit")
+    try:
+        wait_for(lambda: market.event("started"), 60, f"the lease starting; the agent said:\n{agent.output()}")
+        pid = wait_for(lambda: host_pid(marker), 10, "the workload showing up")
+
+        # Given a running rental, when the agent is told to stop (Ctrl-C, or the demo's SIGTERM) …
+        os.kill(agent.pid, sig)
+        code = agent.process.wait(timeout=30)
+
+        # … then it exits cleanly having stopped the rental and told the marketplace so.
+        assert code == 0, agent.output()
+        assert not alive(pid) and host_pid(marker) is None
+        exited = market.event("exited")
+        assert exited is not None and "agent_stopped" in exited["detail"], market.events
+    finally:
+        agent.close()
+        market.close()
+        if (left := host_pid(marker)) is not None:
+            os.kill(left, signal.SIGKILL)

@@ -24,7 +24,7 @@ from billing.settlement import settle_run
 from billing.tests._escrow_env import ONE, escrow_env
 from jobs.models import Event, Job, Lease
 from jobs.services import JobSpec
-from marketplace.matching import match_cycle
+from marketplace.matching import match_cycle, matching_request_clear
 from marketplace.submit import job_submit
 from tests.factories import RenterFactory, machine_with_gpus
 
@@ -90,7 +90,9 @@ def _ledger_clean() -> None:
     call_command("ledger_check")  # raises CommandError (exit 1) on any violation or flagged event
 
 
-def test_a_signed_budget_is_reserved_from_the_receipt_and_only_then_the_job_is_placed(env, dispatched):
+def test_a_signed_budget_is_reserved_from_the_receipt_and_only_then_the_job_is_placed(
+    env, dispatched, matching_requested
+):
     renter, account = _renter(env, "ada", 10 * ONE)
     machine_with_gpus(count=1)
     job = _submit(renter, tokens="2.00")
@@ -101,6 +103,8 @@ def test_a_signed_budget_is_reserved_from_the_receipt_and_only_then_the_job_is_p
     job.refresh_from_db()
     assert job.status == Job.Status.PENDING and job.unplaced_code == "budget_not_reserved"
     assert "being reserved on chain" in job.unplaced_detail
+    matching_request_clear()  # the run the submission asked for has started
+    matching_requested.clear()
 
     result = reserve_run(client=env.client, deployment=env.deployment)
 
@@ -112,6 +116,7 @@ def test_a_signed_budget_is_reserved_from_the_receipt_and_only_then_the_job_is_p
     renter_on_chain, _, remaining, _, _, closed = env.escrow.functions.job(job.pk).call()
     assert (renter_on_chain, remaining, closed) == (account.address, 2 * ONE, False)
     assert env.escrow.functions.availableBalance(account.address).call() == 8 * ONE
+    assert len(matching_requested) == 1  # the job may be placed now: matched without waiting for beat
     match_cycle()
     assert Job.objects.get(pk=job.pk).status == Job.Status.SCHEDULED
     # A reserved budget is fixed; the next run has nothing to send.
