@@ -919,6 +919,10 @@ COALESCE_S = 0.5
 # How often a requested run that finds a cycle going tries again, and how long after.
 LOCKED_TRIES, LOCKED_RETRY_S = 10, 0.5
 _QUEUED_KEY = "marketplace.matching.run_queued"
+# How long the queued marker lives if its run never starts (a lost message): whole seconds, as
+# Redis keeps them (Django's Redis cache cuts a timeout to whole seconds, and an `add` with 0
+# deletes the key at once, so a 0.5 s marker coalesced nothing there). Beat covers meanwhile.
+_QUEUED_TTL_S = 10
 
 
 def matching_request_soon() -> None:
@@ -933,7 +937,7 @@ def matching_request_soon() -> None:
 
 def _dispatch() -> None:
     try:
-        if not cache.add(_QUEUED_KEY, 1, timeout=COALESCE_S):
+        if not cache.add(_QUEUED_KEY, 1, timeout=_QUEUED_TTL_S):
             return
         from marketplace.tasks import match_pending_jobs_soon
 
