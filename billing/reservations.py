@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Case, IntegerField, Q, Value, When
 from django.utils import timezone
@@ -65,7 +64,7 @@ from billing.models import BudgetAuthorization, BudgetReservation, LeaseCharge
 from billing.operator_tx import operator_tx_find, operator_tx_in_mempool, operator_tx_replaced
 from billing.rewind import chain_rewind
 from billing.signals import budgets_reserved
-from core import periodic
+from core import periodic, soon
 from jobs.models import Job, Renter
 from jobs.services import event_record, job_cancel
 
@@ -103,29 +102,21 @@ def refusal_sentence(reason: str) -> str:
 
 def reservation_request_soon() -> None:
     """Ask for a reservation run within about COALESCE_S seconds, once the caller's transaction
-    commits. A burst of requests dispatches one task (a cache key marks one as queued; the task
-    clears it as it starts), and the beat entry `reserve-budgets` runs every few seconds anyway,
-    so a request lost with the broker is only late."""
-    transaction.on_commit(_dispatch)
+    commits. A burst of requests dispatches one task (core.soon), and the beat entry
+    `reserve-budgets` runs every few seconds anyway, so a request lost with the broker is only
+    late."""
 
-
-def _dispatch() -> None:
-    try:
-        if not cache.add(_QUEUED_KEY, 1, timeout=COALESCE_S):
-            return
+    def send() -> None:
         from billing.tasks import reserve_budgets
 
         reserve_budgets.apply_async(countdown=COALESCE_S, expires=60)
-    except Exception:  # the broker or the cache is down: the beat entry picks the budget up
-        logger.warning("could not dispatch a reservation run; the beat schedule will", exc_info=True)
+
+    soon.request_soon(key=_QUEUED_KEY, send=send, what="reservation")
 
 
 def reservation_request_clear() -> None:
     """Called by the task as it starts: a signature stored from now on asks for another run."""
-    try:
-        cache.delete(_QUEUED_KEY)
-    except Exception:
-        logger.warning("could not clear the queued reservation marker", exc_info=True)
+    soon.request_clear(key=_QUEUED_KEY, what="reservation")
 
 
 # ----------------------------------------------------------------------------------- gather

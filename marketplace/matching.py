@@ -67,13 +67,12 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
 from billing import selectors as billing_selectors  # the billing gate
-from core import prom
+from core import prom, soon
 from jobs.models import Job, LeaseGPU
 from jobs.services import Placement, job_set_unplaced, leases_assign
 from marketplace import placement as policy
@@ -919,36 +918,24 @@ COALESCE_S = 0.5
 # How often a requested run that finds a cycle going tries again, and how long after.
 LOCKED_TRIES, LOCKED_RETRY_S = 10, 0.5
 _QUEUED_KEY = "marketplace.matching.run_queued"
-# How long the queued marker lives if its run never starts (a lost message): whole seconds, as
-# Redis keeps them (Django's Redis cache cuts a timeout to whole seconds, and an `add` with 0
-# deletes the key at once, so a 0.5 s marker coalesced nothing there). Beat covers meanwhile.
-_QUEUED_TTL_S = 10
 
 
 def matching_request_soon() -> None:
     """Ask for a matching run within about COALESCE_S seconds, once the caller's transaction
-    commits (a job submitted, a budget reserved): a renter's job starts without waiting for the
-    beat entry `match-pending-jobs`, which stays as the safety net. A burst of requests
-    dispatches one task (a cache key marks one as queued; the task clears it as it starts). The
-    run takes the beat run's lock; finding it held, it asks Celery to run it again shortly (a
-    message with an ETA, never a sleeping worker)."""
-    transaction.on_commit(_dispatch)
+    commits (a job submitted, a budget reserved, a lease ended): a renter's job starts without
+    waiting for the beat entry `match-pending-jobs`, which stays as the safety net. A burst of
+    requests dispatches one task (core.soon). The run takes the beat run's lock; finding it
+    held, it asks Celery to run it again shortly (a message with an ETA, never a sleeping
+    worker)."""
 
-
-def _dispatch() -> None:
-    try:
-        if not cache.add(_QUEUED_KEY, 1, timeout=_QUEUED_TTL_S):
-            return
+    def send() -> None:
         from marketplace.tasks import match_pending_jobs_soon
 
         match_pending_jobs_soon.apply_async(countdown=COALESCE_S, expires=60)
-    except Exception:  # the broker or the cache is down: the beat entry places the job
-        logger.warning("could not dispatch a matching run; the beat schedule will", exc_info=True)
+
+    soon.request_soon(key=_QUEUED_KEY, send=send, what="matching")
 
 
 def matching_request_clear() -> None:
     """Called by the requested run as it starts: a request from now on asks for another run."""
-    try:
-        cache.delete(_QUEUED_KEY)
-    except Exception:
-        logger.warning("could not clear the queued matching marker", exc_info=True)
+    soon.request_clear(key=_QUEUED_KEY, what="matching")
