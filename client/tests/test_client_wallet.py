@@ -11,6 +11,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct, encode_typed_data
 from eth_utils import keccak
 
+from billing.contract import BUDGET_DOMAIN_NAME, BUDGET_DOMAIN_VERSION, BUDGET_TYPES
 from gpgpu_client.cli import budget_question, main
 from gpgpu_client.wallet import (
     WalletError,
@@ -26,23 +27,16 @@ ADDRESS = Account.from_key(KEY).address
 
 
 def typed_for(renter: str) -> dict:
+    """A budget as the marketplace offers it: the escrow's own EIP-712 types and domain."""
     return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "Budget": [
-                {"name": "jobId", "type": "uint256"},
-                {"name": "renter", "type": "address"},
-                {"name": "maxAmount", "type": "uint256"},
-                {"name": "deadline", "type": "uint256"},
-            ],
-        },
+        "types": BUDGET_TYPES,
         "primaryType": "Budget",
-        "domain": {"name": "GpgpuEscrow", "version": "1", "chainId": 31337, "verifyingContract": "0x" + "e5" * 20},
+        "domain": {
+            "name": BUDGET_DOMAIN_NAME,
+            "version": BUDGET_DOMAIN_VERSION,
+            "chainId": 31337,
+            "verifyingContract": "0x" + "e5" * 20,
+        },
         "message": {"jobId": 7, "renter": renter, "maxAmount": 2_500_000, "deadline": 1_900_000_000},
     }
 
