@@ -60,11 +60,13 @@ class TurnTransport(HttpTransport):
         self.turn = turn
         self.usage_ids_sent: set[str] = set()
 
-    def _post(self, path: str, body: Mapping[str, Any], *, authenticated: bool = True) -> dict[str, Any]:
+    def _post(
+        self, path: str, body: Mapping[str, Any], *, authenticated: bool = True, timeout_s: float | None = None
+    ) -> dict[str, Any]:
         if path.endswith("/usage"):
             self.usage_ids_sent.add(str(body["report_id"]))
         with self.turn:
-            return super()._post(path, body, authenticated=authenticated)
+            return super()._post(path, body, authenticated=authenticated, timeout_s=timeout_s)
 
 
 class Outage:

@@ -498,6 +498,9 @@ class Agent:
             return DOORBELL_OFF_RETRY_S  # an older marketplace without the call, or a refusal the heartbeat handles
         except TransportUnavailable:
             return self.beat_s
+        except Exception:  # a bug here must not end the doorbell: the heartbeat still brings orders
+            logger.exception("the orders doorbell call failed; trying again after a heartbeat interval")
+            return self.beat_s
         if answer.get("orders") is True:
             self._ring.set()
             deadline = time.monotonic() + self.beat_s

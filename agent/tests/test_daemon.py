@@ -5,6 +5,7 @@ in-memory FakeTransport and the real spool."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -523,6 +524,22 @@ def test_a_lease_ordered_between_heartbeats_starts_when_the_doorbell_rings_not_a
         agent.request_stop()
         thread.join(30)
         _close(agent)
+
+
+def test_an_unexpected_doorbell_failure_is_logged_and_retried_after_a_heartbeat_interval(
+    rig: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent, _fake, transport = rig
+
+    def broken(body: Any) -> Any:
+        raise TypeError("a bug in the doorbell call")
+
+    monkeypatch.setattr(transport, "orders_wait", broken)
+    with caplog.at_level(logging.ERROR, logger="gpgpu_agent"):
+        pause = agent.doorbell_once()
+
+    assert pause == agent.beat_s  # the loop goes on, no faster than the heartbeat
+    assert "orders doorbell call failed" in caplog.text
 
 
 def test_an_order_is_acted_on_as_soon_as_the_heartbeat_brings_it_not_at_the_next_poll(

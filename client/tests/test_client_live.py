@@ -51,9 +51,11 @@ class TurnTransport(HttpTransport):
         super().__init__(*args, **kwargs)
         self.turn = turn
 
-    def _post(self, path: str, body: Mapping[str, Any], *, authenticated: bool = True) -> dict[str, Any]:
+    def _post(
+        self, path: str, body: Mapping[str, Any], *, authenticated: bool = True, timeout_s: float | None = None
+    ) -> dict[str, Any]:
         with self.turn:
-            return super()._post(path, body, authenticated=authenticated)
+            return super()._post(path, body, authenticated=authenticated, timeout_s=timeout_s)
 
 
 class TurnSession(requests.Session):

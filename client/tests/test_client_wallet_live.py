@@ -22,7 +22,8 @@ from eth_account.messages import encode_typed_data
 from eth_utils import keccak
 from web3 import Web3
 
-from billing import authorizations, reservations
+from billing import authorizations
+from billing import tasks as billing_tasks
 from billing.chain import ChainClient
 from billing.chain.anvil import free_port
 from billing.models import BudgetAuthorization, RenterWallet
@@ -50,7 +51,8 @@ def market(live_server: Any, settings: Any, tmp_path: Path, monkeypatch: pytest.
     settings.CHAIN_ID = 31337
     settings.ESCROW_ADDRESS = ESCROW
     settings.TOKEN_ADDRESS = "0x" + "70" * 20
-    monkeypatch.setattr(reservations, "_dispatch", lambda: None)
+    # The reservation run the signature asks for is not sent: no chain node serves this test.
+    monkeypatch.setattr(billing_tasks.reserve_budgets, "apply_async", lambda *args, **kwargs: None)
     monkeypatch.setattr(authorizations, "chain_reader", unreachable_chain)
     monkeypatch.setenv("GPGPU_CONFIG_DIR", str(tmp_path / "gpgpu-config"))
     monkeypatch.setenv("GPGPU_API_URL", live_server.url)
