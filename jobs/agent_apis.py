@@ -9,6 +9,7 @@ import time
 from typing import Any, cast
 
 from django.conf import settings
+from django.db import connection
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -16,7 +17,7 @@ from rest_framework.response import Response
 
 from core.api import DecimalInputField, decimal_pattern, error_responses
 from gpgpu_agent import protocol as usage_protocol
-from jobs import ingestion, selectors
+from jobs import doorbell, ingestion, selectors
 from providers.agent_apis import INT32_MAX, MAX_LOG_TAIL_BYTES, SIGNATURE_REGEX, AgentAPIView
 from providers.models import Machine
 
@@ -219,9 +220,21 @@ class OrdersWaitApi(AgentAPIView):
         held = float(settings.GPGPU["AGENT_ORDERS_WAIT_S"])
         deadline = time.monotonic() + min(data.validated_data["wait_s"], held)
         since = data.validated_data["since"]
-        while True:
+        if deadline <= time.monotonic():  # not held (AGENT_ORDERS_WAIT_S 0, or wait_s 0): one look
             orders = selectors.machine_has_new_orders(machine_id=machine.pk, since=since)
-            if orders or time.monotonic() >= deadline:
-                break
-            time.sleep(min(ORDERS_CHECK_S, max(0.0, deadline - time.monotonic())))
+            return Response(self.OutputSerializer({"orders": orders, "wait_s": held}).data)
+        with doorbell.waiter(machine.pk) as bell:  # heard from before the first look: no ring lost
+            while True:
+                orders = selectors.machine_has_new_orders(machine_id=machine.pk, since=since)
+                left = deadline - time.monotonic()
+                if orders or left <= 0:
+                    break
+                if bell.live:
+                    # Rung when an order is committed (Redis pub/sub): no query meanwhile, and the
+                    # database connection goes back while the call sleeps (a held call holds none).
+                    if not connection.in_atomic_block:
+                        connection.close()
+                    bell.wait(left)  # then a last look, rung or not
+                else:  # no Redis (or its subscription is down): look again soon
+                    bell.wait(min(ORDERS_CHECK_S, left))
         return Response(self.OutputSerializer({"orders": orders, "wait_s": held}).data)

@@ -29,6 +29,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from jobs import doorbell
 from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFailed
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter
 from jobs.signals import lease_ended
@@ -322,6 +323,7 @@ def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") ->
             for g in p.gpu_ids
         ]
     )
+    doorbell.ring(p.machine_id for p in placements)  # the machines' agents hear of it at once
     lease_by_job = {lease.job_id: lease for lease in leases}
     for start in range(0, len(placements), 1000):
         chunk = [p.job_id for p in placements[start : start + 1000]]
@@ -389,6 +391,7 @@ def lease_request_stop(*, lease_id: int, reason: str, actor: str) -> bool:
         )
         if updated:
             lease = Lease.objects.get(pk=lease_id)
+            doorbell.ring([lease.machine_id])
             event_record(
                 job_id=lease.job_id,
                 lease_id=lease_id,

@@ -204,6 +204,19 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
         "connect_timeout", env_int("DATABASE_CONNECT_TIMEOUT_S", 5, minimum=1)
     )
+    # DATABASE_POOL_MAX_SIZE > 0: each process keeps a pool of at most that many connections
+    # (psycopg_pool), which its threads borrow per request. A threaded web server (gunicorn's
+    # gthread worker, hundreds of threads, most of them holding agents' orders/wait calls) then
+    # opens a bounded number of connections instead of one per thread; a request waits up to
+    # DATABASE_POOL_TIMEOUT_S for one (then 503). Connections are not kept per thread with a pool.
+    DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 0, minimum=0)
+    if DATABASE_POOL_MAX_SIZE:
+        DATABASES["default"]["OPTIONS"]["pool"] = {
+            "min_size": min(2, DATABASE_POOL_MAX_SIZE),
+            "max_size": DATABASE_POOL_MAX_SIZE,
+            "timeout": env_int("DATABASE_POOL_TIMEOUT_S", 10, minimum=1),
+        }
+        DATABASES["default"]["CONN_MAX_AGE"] = 0
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -324,3 +324,15 @@ def test_an_unreachable_postgresql_is_given_up_within_the_connect_timeout(tmp_pa
     assert values["DATABASES"]["default"]["OPTIONS"]["connect_timeout"] == 5
     values = settings_with(tmp_path, DEBUG="true", DATABASE_URL=url, DATABASE_CONNECT_TIMEOUT_S="2")
     assert values["DATABASES"]["default"]["OPTIONS"]["connect_timeout"] == 2
+
+
+def test_a_connection_pool_is_bounded_per_process_and_replaces_per_thread_connections(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = "postgres://gpgpu@db.internal:5432/gpgpu"
+    pooled = settings_with(tmp_path, SECRET_KEY=A_KEY, DATABASE_URL=url, DATABASE_POOL_MAX_SIZE="15")
+    plain = settings_with(tmp_path, SECRET_KEY=A_KEY, DATABASE_URL=url)
+
+    database = pooled["DATABASES"]["default"]
+    assert database["OPTIONS"]["pool"] == {"min_size": 2, "max_size": 15, "timeout": 10}
+    assert database["CONN_MAX_AGE"] == 0  # Django refuses persistent connections with a pool
+    assert "pool" not in plain["DATABASES"]["default"]["OPTIONS"]
+    assert plain["DATABASES"]["default"]["CONN_MAX_AGE"] == 60
