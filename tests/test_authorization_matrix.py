@@ -59,6 +59,7 @@ RENTER_OBJECT_ENDPOINTS = [
     ("get", "/api/v1/jobs/{job}/leases/", None),
     ("get", "/api/v1/jobs/{job}/events/", None),
     ("get", "/api/v1/leases/{lease}/", None),
+    ("get", "/api/v1/leases/{lease}/telemetry/", None),
     ("get", "/api/v1/billing/statements/jobs/{job}/", None),
     ("get", "/api/v1/jobs/{job}/budget-authorization/?address=0x" + "ab" * 20, None),
 ]

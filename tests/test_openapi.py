@@ -25,6 +25,7 @@ PUBLIC_API = {
     "/api/v1/jobs/{job_id}/events/": {"get"},
     "/api/v1/leases/": {"get"},
     "/api/v1/leases/{lease_id}/": {"get"},
+    "/api/v1/leases/{lease_id}/telemetry/": {"get"},
     "/api/v1/machines/": {"get"},
     "/api/v1/machines/{machine_id}/": {"get", "delete"},
     "/api/v1/machines/{machine_id}/gpus/{gpu_id}/": {"patch"},
@@ -53,6 +54,7 @@ SINGLE_OBJECT_GETS = {
     "/api/v1/billing/statements/monthly/",
     "/api/v1/billing/earnings/",
     "/api/v1/jobs/{job_id}/budget-authorization/",
+    "/api/v1/leases/{lease_id}/telemetry/",
 }
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 
