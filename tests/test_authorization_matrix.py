@@ -86,6 +86,7 @@ PROVIDER_COLLECTION_ENDPOINTS = [
 ]
 PROVIDER_OBJECT_ENDPOINTS = [
     ("get", "/api/v1/machines/{machine}/", None),
+    ("get", "/api/v1/machines/{machine}/usage/", None),
     ("patch", "/api/v1/machines/{machine}/gpus/{gpu}/", {"price_floor": "0.99"}),
     ("post", "/api/v1/machines/{machine}/credential/rotate/", {}),
     ("post", "/api/v1/machines/{machine}/credential/revoke/", {"reason": "test"}),
