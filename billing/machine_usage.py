@@ -61,8 +61,8 @@ def machine_usage_by_day(*, machine_id: int, days: int, now: datetime | None = N
         rows.append(
             MachineUsageDay(
                 day=day,
-                idle_hours=idle.get(day, 0.0),
-                rented_hours=rented.get(day, 0.0),
+                idle_hours=round(idle.get(day, 0.0), 4),
+                rented_hours=round(rented.get(day, 0.0), 4),
                 charged=charged,
                 earned=earned,
             )

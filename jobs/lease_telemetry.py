@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from jobs.models import Lease
 from providers.models import GPU, TelemetryRollup, TelemetrySample
-from providers.utilization import bucket_size_s, gpus_telemetry_buckets, raw_complete_from
+from providers.utilization import bucket_size_s, gpus_telemetry_buckets, raw_complete_from, raw_readable
 
 DEFAULT_POINTS = 120
 MAX_POINTS = 1000
@@ -131,7 +131,7 @@ def job_gpu_utilization_mean(*, job_id: int, now: datetime | None = None) -> flo
         gpu__lease_gpus__lease__job_id=job_id,
         at__gte=F("gpu__lease_gpus__lease__started_at"),
         at__lt=lease_end,
-    ).filter(at__gte=split)
+    ).filter(raw_readable(split=split))
     raw_totals = raw.aggregate(total=Sum("utilization_pct"), n=Count("utilization_pct"))
     rollups = TelemetryRollup.objects.filter(
         gpu__lease_gpus__lease__job_id=job_id,

@@ -17,8 +17,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db.models import Count, F, FloatField, Max, Q, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import Count, DateTimeField, Exists, ExpressionWrapper, F, FloatField, Max, OuterRef, Q, Sum
+from django.db.models.functions import TruncDate, TruncHour
 
 from core.buckets import EpochBucket
 from providers.models import GPU, TelemetryRollup, TelemetrySample
@@ -30,6 +30,16 @@ _N = TypeVar("_N", int, float)
 
 def _hour_floor(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def raw_readable(*, split: datetime) -> Q:
+    """The raw samples to read, given `split` (raw_complete_from, or later): every one from
+    `split` on, and before it those whose hour has no rollup yet (the rollup task has not reached
+    them; telemetry_prune keeps them). The others are read through their hour's rollup, so no
+    sample is counted twice. For a TelemetrySample queryset."""
+    sample_hour = TruncHour(ExpressionWrapper(OuterRef("at"), output_field=DateTimeField()), tzinfo=UTC)
+    rolled_up = TelemetryRollup.objects.filter(gpu_id=OuterRef("gpu_id"), hour=sample_hour)
+    return Q(at__gte=split) | Q(~Exists(rolled_up))
 
 
 def raw_complete_from(*, now: datetime) -> datetime:
@@ -90,32 +100,33 @@ def gpus_telemetry_buckets(
     `since` (bucket i starts at since + i × width): (width in seconds, buckets ordered by GPU
     and index). At most `points` buckets per GPU; a bucket with no samples is absent.
 
-    Raw samples are read from raw_complete_from(now) on and are cut exactly at `since` and
-    `until`. Before that the hourly rollups of the hours overlapping the range are read, so the
-    first and last such hour may hold samples from just outside it. Two queries, each one
-    GROUP BY (gpu, bucket) over the (gpu, at) and (gpu, hour) indexes."""
+    Raw samples are read from raw_complete_from(now) on, cut exactly at `since` and `until`.
+    Before that the hourly rollups of the hours overlapping the range are read (the first and
+    last such hour may hold samples from just outside it), and the raw samples of any hour not
+    rolled up yet (raw_readable). Two queries, each one GROUP BY (gpu, bucket) over the
+    (gpu, at) and (gpu, hour) indexes."""
     if until <= since or not gpu_ids:
         return bucket_size_s(since=since, until=max(until, since), points=points), []
     size_s = bucket_size_s(since=since, until=until, points=points)
     split = max(since, min(raw_complete_from(now=now), until))
     buckets: dict[tuple[int, int], TelemetryBucket] = {}
 
-    if split < until:
-        raw = (
-            TelemetrySample.objects.filter(gpu_id__in=list(gpu_ids), at__gte=split, at__lt=until)
-            .annotate(bucket=EpochBucket("at", origin=since, size_s=size_s))
-            .values("gpu_id", "bucket")
-            .annotate(
-                n=Count("id"),
-                util_sum=Sum("utilization_pct"),
-                util_n=Count("utilization_pct"),
-                util_max=Max("utilization_pct"),
-                mem_max=Max("memory_used_mb"),
-            )
-            .order_by()
+    raw = (
+        TelemetrySample.objects.filter(gpu_id__in=list(gpu_ids), at__gte=since, at__lt=until)
+        .filter(raw_readable(split=split))
+        .annotate(bucket=EpochBucket("at", origin=since, size_s=size_s))
+        .values("gpu_id", "bucket")
+        .annotate(
+            n=Count("id"),
+            util_sum=Sum("utilization_pct"),
+            util_n=Count("utilization_pct"),
+            util_max=Max("utilization_pct"),
+            mem_max=Max("memory_used_mb"),
         )
-        for row in raw:
-            _add(buckets, row, resolution_s=size_s)
+        .order_by()
+    )
+    for row in raw:
+        _add(buckets, row, resolution_s=size_s)
 
     if since < split:
         rolled = (
@@ -167,18 +178,16 @@ def machine_idle_hours_by_day(*, machine_id: int, since: datetime, until: dateti
     interval_h = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"] / HOUR_S
     split = max(since, min(raw_complete_from(now=now), until))
     idle_samples: dict[date, float] = {}
-    if split < until:
-        for day, n in (
-            TelemetrySample.objects.filter(
-                gpu__machine_id=machine_id, state=GPU.State.IDLE, at__gte=split, at__lt=until
-            )
-            .annotate(day=TruncDate("at", tzinfo=UTC))
-            .values("day")
-            .annotate(n=Count("id"))
-            .values_list("day", "n")
-            .order_by()
-        ):
-            idle_samples[day] = idle_samples.get(day, 0.0) + n
+    for day, n in (
+        TelemetrySample.objects.filter(gpu__machine_id=machine_id, state=GPU.State.IDLE, at__gte=since, at__lt=until)
+        .filter(raw_readable(split=split))
+        .annotate(day=TruncDate("at", tzinfo=UTC))
+        .values("day")
+        .annotate(n=Count("id"))
+        .values_list("day", "n")
+        .order_by()
+    ):
+        idle_samples[day] = idle_samples.get(day, 0.0) + n
     if since < split:
         for day, n in (
             TelemetryRollup.objects.filter(gpu__machine_id=machine_id, hour__gte=_hour_floor(since), hour__lt=split)

@@ -178,6 +178,28 @@ def test_an_old_lease_is_read_from_the_hourly_rollups_once_its_samples_are_prune
     assert mean == pytest.approx(20.0)
 
 
+@pytest.mark.parametrize("rolled_up", [False, True], ids=["not-rolled-up-yet", "rolled-up-not-pruned-yet"])
+def test_samples_past_retention_count_once_whether_or_not_their_hour_is_rolled_up(rolled_up):
+    now = timezone.now()
+    top = hour_floor(now)
+    lease = placed_lease(started=top - timedelta(hours=4))
+    gpu = lease.gpus.get()
+    samples(gpu, top - timedelta(hours=4), 60, util=10.0)
+    samples(gpu, top - timedelta(hours=3), 60, util=30.0)
+    lease_end(lease_id=lease.pk, reason=Lease.EndReason.SUCCEEDED, actor="test", at=top - timedelta(hours=2))
+    with override_settings(GPGPU={**settings.GPGPU, "TELEMETRY_RAW_RETENTION_H": 1}):
+        if rolled_up:
+            telemetry_rollup(now=now)
+        result = lease_telemetry(lease=Lease.objects.get(pk=lease.pk), points=120, now=now)
+        mean = job_gpu_utilization_mean(job_id=lease.job_id, now=now)
+
+    (series,) = result.gpus
+    assert sum(p.samples for p in series.points) == 120
+    assert {p.resolution_s for p in series.points} == ({3600} if rolled_up else {60})
+    assert series.utilization_mean == pytest.approx(20.0)
+    assert mean == pytest.approx(20.0)
+
+
 def test_the_number_of_queries_does_not_grow_with_the_samples(renter_client):
     client, renter = renter_client
     start = timezone.now().replace(microsecond=0) - timedelta(hours=6)
