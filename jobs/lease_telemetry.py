@@ -121,8 +121,8 @@ def _gpu(gpu: GPU, points: list[TelemetryPoint], sums: tuple[float, int] | None 
 def job_gpu_utilization_mean(*, job_id: int, now: datetime | None = None) -> float | None:
     """The mean utilisation (percent) of the job's GPUs over all its leases: every sample of a
     lease's GPU taken while the lease held it weighs the same (an hourly rollup, as many samples
-    as it summarised). None when there are none (no lease started, or no telemetry yet). Two
-    aggregate queries (raw samples, rollups), whatever the number of leases."""
+    as it summarised). None when there are none (no lease started, or no telemetry yet). One
+    query, whatever the number of leases."""
     now = now or timezone.now()
     split = raw_complete_from(now=now)
     lease_end = Coalesce(F("gpu__lease_gpus__lease__ended_at"), Value(now, output_field=DateTimeField()))
@@ -132,16 +132,32 @@ def job_gpu_utilization_mean(*, job_id: int, now: datetime | None = None) -> flo
         at__gte=F("gpu__lease_gpus__lease__started_at"),
         at__lt=lease_end,
     ).filter(raw_readable(split=split))
-    raw_totals = raw.aggregate(total=Sum("utilization_pct"), n=Count("utilization_pct"))
     rollups = TelemetryRollup.objects.filter(
         gpu__lease_gpus__lease__job_id=job_id,
         hour__gte=TruncHour("gpu__lease_gpus__lease__started_at", tzinfo=UTC),
         hour__lt=lease_end,
         utilization_avg__isnull=False,
     ).filter(hour__lt=split)
-    rolled_totals = rollups.aggregate(
-        total=Sum(ExpressionWrapper(F("utilization_avg") * F("samples"), output_field=FloatField())), n=Sum("samples")
+    # Both sums in one statement (UNION ALL of two one-row GROUP BYs over the job's id).
+    raw_sums = (
+        raw.values("gpu__lease_gpus__lease__job_id")
+        .annotate(
+            total=Sum("utilization_pct", output_field=FloatField()),
+            n=Count("utilization_pct"),
+        )
+        .values_list("total", "n")
+        .order_by()
     )
-    total = float(raw_totals["total"] or 0.0) + float(rolled_totals["total"] or 0.0)
-    n = int(raw_totals["n"] or 0) + int(rolled_totals["n"] or 0)
+    rolled_sums = (
+        rollups.values("gpu__lease_gpus__lease__job_id")
+        .annotate(
+            total=Sum(ExpressionWrapper(F("utilization_avg") * F("samples"), output_field=FloatField())),
+            n=Sum("samples"),
+        )
+        .values_list("total", "n")
+        .order_by()
+    )
+    rows = list(raw_sums.union(rolled_sums, all=True))
+    total = sum(float(row_total or 0.0) for row_total, _ in rows)
+    n = sum(int(row_n or 0) for _, row_n in rows)
     return total / n if n else None

@@ -200,6 +200,27 @@ def test_samples_past_retention_count_once_whether_or_not_their_hour_is_rolled_u
     assert mean == pytest.approx(20.0)
 
 
+def test_a_lease_across_the_retention_line_reads_rollups_before_it_and_samples_after():
+    now = hour_floor(timezone.now()) + timedelta(minutes=30)
+    top = hour_floor(now)
+    lease = placed_lease(started=top - timedelta(hours=2))
+    gpu = lease.gpus.get()
+    samples(gpu, top - timedelta(hours=2), 120, util=10.0)
+    samples(gpu, top, 29, util=40.0)
+    with override_settings(GPGPU={**settings.GPGPU, "TELEMETRY_RAW_RETENTION_H": 1}):
+        telemetry_rollup(now=now)
+        telemetry_prune(now=now)
+        result = lease_telemetry(lease=Lease.objects.get(pk=lease.pk), points=150, now=now)
+        mean = job_gpu_utilization_mean(job_id=lease.job_id, now=now)
+
+    (series,) = result.gpus
+    assert [(p.resolution_s, p.samples) for p in series.points[:2]] == [(3600, 60), (3600, 60)]
+    assert {(p.resolution_s, p.samples, p.utilization_avg) for p in series.points[2:]} == {(60, 1, 40.0)}
+    assert len(series.points) == 2 + 29
+    assert mean == pytest.approx((120 * 10.0 + 29 * 40.0) / 149)
+    assert series.utilization_mean == pytest.approx(mean)
+
+
 def test_the_number_of_queries_does_not_grow_with_the_samples(renter_client):
     client, renter = renter_client
     start = timezone.now().replace(microsecond=0) - timedelta(hours=6)
