@@ -19,7 +19,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.utils.serializer_helpers import ReturnDict
 
-from billing import authorizations, metering, statements
+from billing import authorizations, machine_usage, metering, statements
 from billing.deposits import wallet_link
 from billing.models import BudgetAuthorization, LeaseCharge, LedgerEntry, Settlement
 from core.api import (
@@ -35,6 +35,7 @@ from core.api import (
 )
 from jobs import selectors as job_selectors
 from jobs.models import Lease
+from providers import selectors as provider_selectors
 
 # The largest unix time a deadline may name (9999-12-31T23:59:59Z).
 MAX_DEADLINE = 253_402_300_799
@@ -529,3 +530,50 @@ class EarningsApi(ProviderApi):
             },
         }
         return Response(EarningsSerializer(body).data)
+
+
+# --- provider: one machine's use, day by day ----------------------------------------------
+
+
+class MachineUsageDaySerializer(serializers.Serializer):
+    date = serializers.DateField(source="day", help_text="The UTC day; today's row runs up to now.")
+    idle_hours = serializers.FloatField(
+        help_text="GPU-hours the machine's GPUs were idle on offer (not rented), summed over its GPUs, from its "
+        "telemetry: hours it sent none count as not idle."
+    )
+    rented_hours = serializers.FloatField(help_text="GPU-hours rented: each lease's GPUs × its time in the day.")
+    charged = AmountField(help_text="Metered charges of the machine's leases posted that day, before the fee.")
+    earned = AmountField(
+        help_text="Your share (after the fee) of the settlements of the machine's leases confirmed that day."
+    )
+
+
+class MachineUsageSerializer(serializers.Serializer):
+    machine = serializers.IntegerField()
+    timezone = serializers.CharField(help_text='Always "UTC": the days are UTC days.')
+    days = MachineUsageDaySerializer(many=True, help_text="Oldest first, every day of the range (zeros included).")
+
+
+class MachineUsageApi(ProviderApi):
+    class UsageFilter(StrictInputSerializer):
+        days = serializers.IntegerField(
+            required=False,
+            min_value=1,
+            max_value=machine_usage.MAX_DAYS,
+            default=machine_usage.DEFAULT_DAYS,
+            help_text=f"How many UTC days, ending today (1 to {machine_usage.MAX_DAYS}, "
+            f"default {machine_usage.DEFAULT_DAYS}).",
+        )
+
+    @extend_schema(
+        tags=["billing"],
+        summary="One of my machines, day by day: idle hours, rented hours and earnings",
+        parameters=[UsageFilter],
+        responses={200: MachineUsageSerializer, **error_responses(400, 401, 403, 404)},
+    )
+    def get(self, request: Request, machine_id: int) -> Response:
+        filters = self.UsageFilter(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        machine = provider_selectors.machine_get_for_provider(provider=self.provider, machine_id=machine_id)
+        days = machine_usage.machine_usage_by_day(machine_id=machine.pk, days=filters.validated_data["days"])
+        return Response(MachineUsageSerializer({"machine": machine.pk, "timezone": "UTC", "days": days}).data)

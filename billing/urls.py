@@ -13,6 +13,8 @@ urlpatterns = [
     path("billing/settlements/", apis.SettlementListApi.as_view(), name="billing-settlement-list"),
     path("billing/wallets/", apis.WalletListApi.as_view(), name="billing-wallet-list"),
     path("billing/earnings/", apis.EarningsApi.as_view(), name="billing-earnings"),
+    # A provider's machine, day by day: here, above jobs (its leases) and the ledger.
+    path("machines/<int:machine_id>/usage/", apis.MachineUsageApi.as_view(), name="machine-usage"),
     path(
         "jobs/<int:job_id>/budget-authorization/",
         apis.BudgetAuthorizationApi.as_view(),

@@ -23,7 +23,7 @@ from core.api import (
     price_field,
     price_input_field,
 )
-from jobs import selectors, services
+from jobs import lease_telemetry, selectors, services
 from jobs.errors import ValidationFailed
 from jobs.models import Job, Lease
 
@@ -308,3 +308,69 @@ class LeaseDetailApi(RenterApi):
     def get(self, request: Request, lease_id: int) -> Response:
         lease = selectors.lease_get_for_renter(renter=self.renter, lease_id=lease_id)
         return Response(LeaseDetailSerializer(lease).data)
+
+
+# --- a lease's telemetry --------------------------------------------------------------------
+
+
+class TelemetryPointSerializer(serializers.Serializer):
+    at = serializers.DateTimeField(help_text="The start of the bucket: the lease's start + i × bucket_s.")
+    resolution_s = serializers.IntegerField(
+        help_text="How finely the data behind this point was kept: bucket_s where raw samples were read, at least "
+        "3600 where they had been pruned and hourly summaries were read instead."
+    )
+    samples = serializers.IntegerField(help_text="Telemetry samples summarised (one per GPU per sample interval).")
+    utilization_avg = serializers.FloatField(allow_null=True, help_text="Mean GPU utilisation, percent.")
+    utilization_max = serializers.FloatField(allow_null=True, help_text="Highest GPU utilisation sampled, percent.")
+    memory_used_max_mb = serializers.IntegerField(allow_null=True, help_text="Most GPU memory in use sampled, MB.")
+
+
+class GpuTelemetrySerializer(serializers.Serializer):
+    uuid = serializers.CharField()
+    index = serializers.IntegerField()
+    model = serializers.CharField()
+    utilization_mean = serializers.FloatField(
+        allow_null=True, help_text="Mean utilisation over the whole lease, percent; null without telemetry."
+    )
+    points = TelemetryPointSerializer(many=True, help_text="Oldest first; a bucket with no samples has no point.")
+
+
+class LeaseTelemetrySerializer(serializers.Serializer):
+    lease = serializers.IntegerField(source="lease_id")
+    since = serializers.DateTimeField(allow_null=True, help_text="The lease's start; null if it never started.")
+    until = serializers.DateTimeField(allow_null=True, help_text="Its end, or now while it runs.")
+    running = serializers.BooleanField(help_text="Not ended yet: `until` is now and the last point may grow.")
+    bucket_s = serializers.IntegerField(help_text="The width of each point's bucket, in seconds.")
+    points_max = serializers.IntegerField(help_text="The most points per GPU asked for (`points`).")
+    gpus = GpuTelemetrySerializer(many=True)
+
+
+class LeaseTelemetryFilter(StrictInputSerializer):
+    points = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=lease_telemetry.MAX_POINTS,
+        default=lease_telemetry.DEFAULT_POINTS,
+        help_text=f"At most this many points per GPU (1 to {lease_telemetry.MAX_POINTS}, "
+        f"default {lease_telemetry.DEFAULT_POINTS}).",
+    )
+
+
+class LeaseTelemetryApi(RenterApi):
+    @extend_schema(
+        tags=["leases"],
+        summary="What one of my lease's GPUs did: utilisation and memory over the lease",
+        description="Per GPU of the lease, its telemetry from the lease's start to its end (now while it runs), "
+        "downsampled into at most `points` buckets of equal width. Only samples taken while the GPU was this "
+        "lease's count; where raw samples have been pruned (older than the raw retention), hourly summaries are "
+        "read instead (resolution_s 3600 or more), and the lease's first and last hour may then include samples "
+        "from just outside it.",
+        parameters=[LeaseTelemetryFilter],
+        responses={200: LeaseTelemetrySerializer, **error_responses(400, 401, 403, 404)},
+    )
+    def get(self, request: Request, lease_id: int) -> Response:
+        filters = LeaseTelemetryFilter(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        lease = selectors.lease_get_for_renter(renter=self.renter, lease_id=lease_id)
+        telemetry = lease_telemetry.lease_telemetry(lease=lease, points=filters.validated_data["points"])
+        return Response(LeaseTelemetrySerializer(telemetry).data)

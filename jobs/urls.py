@@ -10,4 +10,5 @@ urlpatterns = [
     path("jobs/<int:job_id>/events/", apis.JobEventListApi.as_view(), name="job-event-list"),
     path("leases/", apis.LeaseListApi.as_view(), name="lease-list"),
     path("leases/<int:lease_id>/", apis.LeaseDetailApi.as_view(), name="lease-detail"),
+    path("leases/<int:lease_id>/telemetry/", apis.LeaseTelemetryApi.as_view(), name="lease-telemetry"),
 ]

@@ -14,7 +14,7 @@ from billing import metering as billing_metering
 from billing import selectors as billing_selectors
 from core.api import ErrorSerializer, RenterApi, error_responses, price_field
 from jobs import apis as job_apis
-from jobs import selectors, services
+from jobs import lease_telemetry, selectors, services
 from jobs.apis import (
     IDEMPOTENCY_HEADER,
     IDEMPOTENCY_KEY_SCHEMA,
@@ -93,6 +93,12 @@ class OfferSerializer(serializers.Serializer):
 
 class JobDetailSerializer(JobSerializer):
     current_lease = LeaseSerializer(allow_null=True, help_text="The assigned or running lease, if any.")
+    gpu_utilization_mean = serializers.FloatField(
+        allow_null=True,
+        help_text="Mean utilisation of the job's GPUs, percent, over all its leases (each sample taken while a lease "
+        "held its GPU weighs the same): near 0 for a job that leaves its GPUs idle. null before any telemetry. "
+        "Per GPU and over time: GET /api/v1/leases/{id}/telemetry/. Not in the job list.",
+    )
     budget = JobBudgetSerializer(help_text="The job's budget, in tokens: see docs/billing.md.")
     offers = OfferSerializer(
         many=True,
@@ -107,6 +113,7 @@ class JobDetailSerializer(JobSerializer):
 def _job_detail(job: Job) -> ReturnDict:
     # For JobDetailSerializer alone, not fields of the model.
     job.current_lease = selectors.job_current_lease(job=job)  # type: ignore[attr-defined]
+    job.gpu_utilization_mean = lease_telemetry.job_gpu_utilization_mean(job_id=job.pk)  # type: ignore[attr-defined]
     job.budget = billing_selectors.job_budget(job_id=job.pk)  # type: ignore[attr-defined]
     job.offers = _job_offers(job)  # type: ignore[attr-defined]
     return JobDetailSerializer(job).data

@@ -59,6 +59,7 @@ RENTER_OBJECT_ENDPOINTS = [
     ("get", "/api/v1/jobs/{job}/leases/", None),
     ("get", "/api/v1/jobs/{job}/events/", None),
     ("get", "/api/v1/leases/{lease}/", None),
+    ("get", "/api/v1/leases/{lease}/telemetry/", None),
     ("get", "/api/v1/billing/statements/jobs/{job}/", None),
     ("get", "/api/v1/jobs/{job}/budget-authorization/?address=0x" + "ab" * 20, None),
 ]
@@ -85,6 +86,7 @@ PROVIDER_COLLECTION_ENDPOINTS = [
 ]
 PROVIDER_OBJECT_ENDPOINTS = [
     ("get", "/api/v1/machines/{machine}/", None),
+    ("get", "/api/v1/machines/{machine}/usage/", None),
     ("patch", "/api/v1/machines/{machine}/gpus/{gpu}/", {"price_floor": "0.99"}),
     ("post", "/api/v1/machines/{machine}/credential/rotate/", {}),
     ("post", "/api/v1/machines/{machine}/credential/revoke/", {"reason": "test"}),

@@ -25,9 +25,11 @@ PUBLIC_API = {
     "/api/v1/jobs/{job_id}/events/": {"get"},
     "/api/v1/leases/": {"get"},
     "/api/v1/leases/{lease_id}/": {"get"},
+    "/api/v1/leases/{lease_id}/telemetry/": {"get"},
     "/api/v1/machines/": {"get"},
     "/api/v1/machines/{machine_id}/": {"get", "delete"},
     "/api/v1/machines/{machine_id}/gpus/{gpu_id}/": {"patch"},
+    "/api/v1/machines/{machine_id}/usage/": {"get"},
     "/api/v1/machines/{machine_id}/credential/rotate/": {"post"},
     "/api/v1/machines/{machine_id}/credential/revoke/": {"post"},
     "/api/v1/provider/": {"get", "patch"},
@@ -53,6 +55,8 @@ SINGLE_OBJECT_GETS = {
     "/api/v1/billing/statements/monthly/",
     "/api/v1/billing/earnings/",
     "/api/v1/jobs/{job_id}/budget-authorization/",
+    "/api/v1/leases/{lease_id}/telemetry/",
+    "/api/v1/machines/{machine_id}/usage/",
 }
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 
