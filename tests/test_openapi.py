@@ -23,6 +23,7 @@ PUBLIC_API = {
     "/api/v1/jobs/{job_id}/cancel/": {"post"},
     "/api/v1/jobs/{job_id}/leases/": {"get"},
     "/api/v1/jobs/{job_id}/events/": {"get"},
+    "/api/v1/jobs/{job_id}/logs/": {"get"},
     "/api/v1/leases/": {"get"},
     "/api/v1/leases/{lease_id}/": {"get"},
     "/api/v1/machines/": {"get"},
@@ -53,6 +54,7 @@ SINGLE_OBJECT_GETS = {
     "/api/v1/billing/statements/monthly/",
     "/api/v1/billing/earnings/",
     "/api/v1/jobs/{job_id}/budget-authorization/",
+    "/api/v1/jobs/{job_id}/logs/",
 }
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 
