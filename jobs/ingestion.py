@@ -13,6 +13,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, models, transaction
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from core.timespans import exact_seconds
@@ -319,6 +320,9 @@ def usage_report_ingest(*, machine: Machine, lease_id: int, report: UsageReportD
 
 # The most UTF-8 bytes of text one chunk may carry (the agent ships 16 KiB of output per chunk).
 MAX_LOG_CHUNK_BYTES = 64 * 1024
+# Against a job's bound a chunk counts at least this many bytes, so the bound caps its rows too
+# (JOB_LOG_MAX_BYTES / 256 at most).
+LOG_CHUNK_MIN_CHARGE = 256
 CODE_LOG_CHUNK_TOO_LARGE = "log_chunk_too_large"
 
 
@@ -346,10 +350,11 @@ def lease_log_ingest(
     Idempotent by (lease, seq): a repeat answers duplicate=True and changes nothing. Raises
     NotFound for a lease that is not this machine's (whatever its state: the last chunks of a
     lease may arrive after its end) and ValidationFailed `log_chunk_too_large` for a text over
-    MAX_LOG_CHUNK_BYTES. A job keeps at most settings.GPGPU["JOB_LOG_MAX_BYTES"] of text: the
-    first chunk that would pass it is replaced by a notice saying so (truncated, stored=False),
-    and later chunks of the job are answered stored=False and dropped, so the start of the output
-    is kept and the agent is not made to retry. The `at` of the agent is clamped to now.
+    MAX_LOG_CHUNK_BYTES. A job keeps at most settings.GPGPU["JOB_LOG_MAX_BYTES"] of text, each
+    chunk counted as at least LOG_CHUNK_MIN_CHARGE bytes: the first chunk that would pass it is
+    replaced by a notice saying so (truncated, stored=False), and later chunks of the job are
+    answered stored=False and dropped, so the start of the output is kept and the agent is not
+    made to retry. The `at` of the agent is clamped to now.
 
     The lease's row lock serialises its chunks; a job runs one lease at a time, so its bound
     holds (two of its leases reporting at once, a late one and its successor, may pass it by a
@@ -376,8 +381,9 @@ def lease_log_ingest(
         kept = LogChunk.objects.filter(job_id=lease.job_id)
         if kept.filter(truncated=True, text=notice).exists():
             return LogChunkResult(chunk=None, duplicate=False, stored=False)
-        used = kept.aggregate(total=models.Sum("size"))["total"] or 0
-        stored = used + size <= max_bytes
+        charged = Greatest("size", models.Value(LOG_CHUNK_MIN_CHARGE))
+        used = kept.aggregate(total=models.Sum(charged))["total"] or 0
+        stored = used + max(size, LOG_CHUNK_MIN_CHARGE) <= max_bytes
         if not stored:
             text, size, truncated = notice, len(notice.encode("utf-8")), True
         chunk = LogChunk.objects.create(

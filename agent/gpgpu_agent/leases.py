@@ -213,6 +213,8 @@ class LeaseTracker:
         # Each lease's read position, as the spool last recorded it.
         self._log_cursors: dict[int, LogCursor] = {}
         self._log_full_warned: set[int] = set()
+        # When each lease's last chunk was queued (time.monotonic()).
+        self._log_shipped_at: dict[int, float] = {}
         self.fence = fence
         self.outbox = outbox
         self.sign = sign
@@ -383,7 +385,8 @@ class LeaseTracker:
             self._ship_output(lease, final=False)
 
     def _ship_output(self, lease: TrackedLease, *, final: bool) -> None:
-        """Read and queue the lease's new output; `final` (its workload ended): read to the end
+        """Read and queue the lease's new output, at most one short chunk per MIN_INTERVAL_S (a
+        full read ships at once); `final` (its workload ended): read to the end
         (within the cap) and hold nothing back. A full spool leaves the rest unread for a later
         poll (or, when final, unshipped: the tail still comes with the event)."""
         if self.log_max_bytes <= 0 or not isinstance(self.runner, OutputReader):
@@ -401,6 +404,9 @@ class LeaseTracker:
                 return
             if got is None or (not got.data and not (final and cursor.carry)):
                 return
+            recent = time.monotonic() - self._log_shipped_at.get(lease_id, -math.inf) < logship.MIN_INTERVAL_S
+            if not final and recent and len(got.data) < logship.READ_BYTES:
+                return  # a trickle: read again at a later poll, one chunk per MIN_INTERVAL_S
             over = len(got.data) > room
             taken = got.data[:room] if over else got.data
             text, held = logship.cut_output(cursor.carry + taken, secrets=self.secrets, final=final or over)
@@ -434,11 +440,14 @@ class LeaseTracker:
                 return
             self._log_full_warned.discard(lease_id)
             self._log_cursors[lease_id] = cursor = after
+            if text:
+                self._log_shipped_at[lease_id] = time.monotonic()
             if len(got.data) < min(logship.READ_BYTES, room + 1) and not (final and cursor.carry):
                 return  # read all there is for now
 
     def _forget_output(self, lease_id: int) -> None:
         self._log_cursors.pop(lease_id, None)
+        self._log_shipped_at.pop(lease_id, None)
         self._log_full_warned.discard(lease_id)
         try:
             self.outbox.log_cursor_forget(lease_id)

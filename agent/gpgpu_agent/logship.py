@@ -12,8 +12,10 @@ or an outage every byte is shipped once, in order. What this module decides:
   is still seen whole, and scrubbed exactly as the log tail is (leases.scrub_secrets), while
   any other output is shipped at once;
 - how much: at most READ_BYTES per read and READS_PER_POLL reads per lease per poll (so a
-  chatty job costs the agent a bounded amount of work), and `max_bytes` per lease in all; past
-  that one last chunk says so (`truncated`) and nothing more is read.
+  chatty job costs the agent a bounded amount of work), a short chunk at most every
+  MIN_INTERVAL_S (a trickle of output is gathered, not shipped a line per poll), and
+  `max_bytes` per lease in all; past that one last chunk says so (`truncated`) and nothing
+  more is read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import re
 
 READ_BYTES = 16 * 1024  # a chunk's raw output: its text stays under the API's 64 KiB per chunk
 READS_PER_POLL = 4
+# A job that writes a little at a time ships one chunk per this many seconds (the renter's
+# follower asks every 2 s); a full read (READ_BYTES) ships at once.
+MIN_INTERVAL_S = 2.0
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
 

@@ -750,7 +750,7 @@ def test_a_secret_the_job_prints_in_pieces_across_reads_never_reaches_the_market
 
 def test_output_spooled_while_the_marketplace_is_unreachable_arrives_once_in_order_after_it(rig: Any) -> None:
     agent, fake, transport = rig
-    script = "import time\nfor n in range(6):\n    print(f'tick {n}', flush=True); time.sleep(0.3)\n"
+    script = "import time\nfor n in range(10):\n    print(f'tick {n}', flush=True); time.sleep(0.3)\n"
     agent.poll_once()
     transport.heartbeat_replies.append(_reply(start=[_order(7, fake.gpus[0].uuid, 0, script=script)]))
     agent.network_once()
@@ -765,7 +765,7 @@ def test_output_spooled_while_the_marketplace_is_unreachable_arrives_once_in_ord
     for _ in range(4):
         agent.network_once()
 
-    assert transport.log_text(7) == "".join(f"tick {n}\n" for n in range(6))
+    assert transport.log_text(7) == "".join(f"tick {n}\n" for n in range(10))
     logs = [key for kind, lease, key in transport.applied if kind == "log" and lease == 7]
     assert logs == [str(n) for n in range(len(logs))]  # each once, in order
     assert agent.outbox.pending() == 0

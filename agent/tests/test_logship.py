@@ -4,15 +4,18 @@ of shipping it: a chunk and the read position after it in one transaction."""
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gpgpu_agent.leases import REDACTED, scrub_secrets
+from gpgpu_agent.leases import REDACTED, LeaseTracker, TrackedLease, scrub_secrets
 from gpgpu_agent.logship import cut_output
+from gpgpu_agent.runners.state import read_from
 from gpgpu_agent.spool import LogCursor, Spool, SpoolFull
 from gpgpu_agent.transport import FakeTransport
+from gpgpu_agent.types import OutputRead
 
 SECRET = "gpm_" + "s" * 40
 SECRETS = (SECRET,)
@@ -120,4 +123,65 @@ def test_a_spool_written_before_log_chunks_takes_them_and_keeps_its_queue(tmp_pa
     spool.replay(fake)
 
     assert fake.applied == [("event", 1, "lease-1-started"), ("log", 1, "0")]
+    spool.close()
+
+
+class FileRunner:
+    """A runner whose one lease's output is a file the test appends to (read_output only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read_output(self, lease_id: int, *, offset: int, limit: int) -> OutputRead | None:
+        data, next_offset = read_from(self.path, offset, limit)
+        return OutputRead(data=data, next_offset=next_offset)
+
+
+def _tracker(tmp_path: Path, spool: Spool) -> LeaseTracker:
+    tracker = LeaseTracker(
+        runner=FileRunner(tmp_path / "out.log"),  # type: ignore[arg-type]
+        outbox=spool,
+        sign=lambda struct: "",
+        state_dir=tmp_path,
+        secrets=SECRETS,
+    )
+    now = datetime.now(UTC)
+    tracker.leases[1] = TrackedLease(lease_id=1, gpu_uuids=(), max_duration_s=3600, started_at=now, usage_from=now)
+    return tracker
+
+
+def test_a_trickle_of_output_is_gathered_into_one_chunk_per_interval(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.sqlite3")
+    tracker = _tracker(tmp_path, spool)
+    out = tmp_path / "out.log"
+    out.write_text("")
+
+    for n in range(20):  # twenty polls, a line each, well within MIN_INTERVAL_S
+        with out.open("a") as f:
+            f.write(f"line {n}\n")
+        tracker.ship_output()
+    fake = FakeTransport()
+    spool.replay(fake)
+
+    assert fake.log_text(1) == "line 0\n"  # the first at once; the rest waits for the interval
+    assert len(fake.logs) == 1
+    spool.close()
+
+
+def test_an_agent_restarted_between_reads_ships_on_from_where_the_last_chunk_ended(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    out.write_text("before the restart\n")
+    spool = Spool(tmp_path / "spool.sqlite3")
+    _tracker(tmp_path, spool).ship_output()
+    spool.close()
+    with out.open("a") as f:
+        f.write("after it\n")
+
+    spool = Spool(tmp_path / "spool.sqlite3")  # a new agent process
+    _tracker(tmp_path, spool).ship_output()
+    fake = FakeTransport()
+    spool.replay(fake)
+
+    assert fake.log_text(1) == "before the restart\nafter it\n"
+    assert fake.sent("log") == [(1, "0"), (1, "1")]
     spool.close()

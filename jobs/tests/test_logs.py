@@ -151,21 +151,31 @@ def test_bad_chunks_are_refused(running) -> None:  # type: ignore[no-untyped-def
 
 def test_a_job_keeps_its_output_up_to_its_bound_then_a_notice_and_nothing_more(running, settings) -> None:  # type: ignore[no-untyped-def]
     renter, agent, lease = running
-    settings.GPGPU = {**settings.GPGPU, "JOB_LOG_MAX_BYTES": 100}
-    answers = [ship(agent, lease, chunk(seq, "x" * 40)).json() for seq in range(4)]
+    settings.GPGPU = {**settings.GPGPU, "JOB_LOG_MAX_BYTES": 1000}
+    answers = [ship(agent, lease, chunk(seq, "x" * 400)).json() for seq in range(4)]
 
     texts = [c["text"] for c in read(renter, lease.job_id)["chunks"]]
-    assert texts[:2] == ["x" * 40, "x" * 40]
-    assert texts[2] == "\n[gpgpu: this job's output passed 100 bytes; the rest is not kept]\n"
+    assert texts[:2] == ["x" * 400, "x" * 400]
+    assert texts[2] == "\n[gpgpu: this job's output passed 1000 bytes; the rest is not kept]\n"
     assert len(texts) == 3
     assert [a["stored"] for a in answers] == [True, True, False, False]
-    assert sum(c.size for c in LogChunk.objects.exclude(truncated=True)) <= 100
+    assert sum(c.size for c in LogChunk.objects.exclude(truncated=True)) <= 1000
     assert ship(agent, lease, chunk(2, "x")).json() == {
         "lease_id": lease.pk,
         "seq": 2,
         "duplicate": True,
         "stored": False,
     }
+
+
+def test_small_chunks_count_at_least_256_bytes_so_the_bound_caps_the_rows_too(running, settings) -> None:  # type: ignore[no-untyped-def]
+    _, agent, lease = running
+    settings.GPGPU = {**settings.GPGPU, "JOB_LOG_MAX_BYTES": 1024}
+
+    answers = [ship(agent, lease, chunk(seq, "x\n")).json()["stored"] for seq in range(6)]
+
+    assert answers == [True, True, True, True, False, False]
+    assert LogChunk.objects.filter(job_id=lease.job_id).count() == 5  # four, and the notice
 
 
 def test_prune_deletes_only_the_output_of_jobs_finished_longer_ago_than_the_retention(settings) -> None:
