@@ -409,10 +409,11 @@ class LeaseTracker:
                 return  # a trickle: read again at a later poll, one chunk per MIN_INTERVAL_S
             over = len(got.data) > room
             taken = got.data[:room] if over else got.data
-            text, held = logship.cut_output(cursor.carry + taken, secrets=self.secrets, final=final or over)
+            # At the cap, what could be the start of a secret is held back and never shipped.
+            text, held = logship.cut_output(cursor.carry + taken, secrets=self.secrets, final=final and not over)
             text = scrub_secrets(text, self.secrets)
             if over:
-                text += logship.truncation_notice(self.log_max_bytes)
+                text, held = text + logship.truncation_notice(self.log_max_bytes), b""
             after = LogCursor(
                 offset=got.next_offset,
                 seq=cursor.seq + (1 if text else 0),

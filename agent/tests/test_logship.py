@@ -137,13 +137,14 @@ class FileRunner:
         return OutputRead(data=data, next_offset=next_offset)
 
 
-def _tracker(tmp_path: Path, spool: Spool) -> LeaseTracker:
+def _tracker(tmp_path: Path, spool: Spool, **options: Any) -> LeaseTracker:
     tracker = LeaseTracker(
         runner=FileRunner(tmp_path / "out.log"),  # type: ignore[arg-type]
         outbox=spool,
         sign=lambda struct: "",
         state_dir=tmp_path,
         secrets=SECRETS,
+        **options,
     )
     now = datetime.now(UTC)
     tracker.leases[1] = TrackedLease(lease_id=1, gpu_uuids=(), max_duration_s=3600, started_at=now, usage_from=now)
@@ -184,4 +185,20 @@ def test_an_agent_restarted_between_reads_ships_on_from_where_the_last_chunk_end
 
     assert fake.log_text(1) == "before the restart\nafter it\n"
     assert fake.sent("log") == [(1, "0"), (1, "1")]
+    spool.close()
+
+
+def test_the_cap_never_ships_the_start_of_a_secret_it_cuts_through(tmp_path: Path) -> None:
+    (tmp_path / "out.log").write_text("x" * 10 + SECRET + " more\n")
+    spool = Spool(tmp_path / "spool.sqlite3")
+    tracker = _tracker(tmp_path, spool, log_max_bytes=20)  # the cap falls inside the secret
+
+    tracker.ship_output()
+    tracker.ship_output()
+    fake = FakeTransport()
+    spool.replay(fake)
+
+    text = fake.log_text(1)
+    assert text.startswith("x" * 10 + "\n[gpgpu-agent: this lease's output passed 20 bytes")
+    assert "gpm_" not in text and [body["truncated"] for body in fake.logs.values()] == [True]
     spool.close()
