@@ -16,7 +16,8 @@ chunks end, so no byte is shipped twice or lost.
 
 What the marketplace refuses for good (a 4xx other than 401/403, say 409 `invalid_transition`
 for an `exited` event of a lease it already ended as lost) would block the queue forever: such a
-message moves to the `dead` table with the refusal, and a WARNING names it. 401 and 403 concern
+message moves to the `dead` table with the refusal, and a WARNING names it. A log chunk so
+refused is dropped instead (one WARNING per lease): it is output, not a report. 401 and 403 concern
 the whole machine (credential revoked, machine suspended), not the message: replay stops and
 keeps the queue.
 
@@ -194,6 +195,7 @@ class Spool:
             raise SpoolError(f"Spool {self.path} cannot be opened: {exc}.") from None
         self._lock = threading.Lock()
         self._replaying = threading.Lock()
+        self._log_refused: set[int] = set()
         self._count: int = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._warned = self._count >= WARN_FRACTION * self.max_items
         self._closed = False
@@ -406,12 +408,15 @@ class Spool:
                         self._note_failure(seq, str(exc))
                         stopped = exc
                         break
-                    self._bury(seq, exc)
                     dead += 1
+                    if kind == "log":
+                        self._drop_log(seq, lease_id, key, exc)
+                        continue
+                    self._bury(seq, exc)
                     logger.warning(
                         "The marketplace refused %s %r of lease %d for good (%d %s: %s); it is kept in the "
                         "spool's dead letters and will not be sent again.",
-                        {"event": "event", "log": "log chunk"}.get(kind, "usage report"),
+                        "event" if kind == "event" else "usage report",
                         key,
                         lease_id,
                         exc.status,
@@ -422,6 +427,24 @@ class Spool:
                 self._delete(seq)
                 sent += 1
         return ReplayResult(sent=sent, dead=dead, pending=self.pending(), stopped=stopped or held_for)
+
+    def _drop_log(self, seq: int, lease_id: int, key: str, exc: Rejected) -> None:
+        """A log chunk refused for good is dropped, not kept as a dead letter (a marketplace
+        without the logs endpoint answers every one 404: megabytes of them), and logged once
+        per lease."""
+        self._delete(seq)
+        quiet = lease_id in self._log_refused
+        self._log_refused.add(lease_id)
+        logger.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "The marketplace refused log chunk %s of lease %d (%d %s: %s); it is dropped%s.",
+            key,
+            lease_id,
+            exc.status,
+            exc.code,
+            exc.detail,
+            "" if quiet else ", and so are this lease's next refused chunks, without another warning",
+        )
 
     def _fetch(self, after: int) -> list[tuple[int, str, int, str, str]]:
         with self._lock:

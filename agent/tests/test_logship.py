@@ -3,6 +3,7 @@ of shipping it: a chunk and the read position after it in one transaction."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,4 +202,25 @@ def test_the_cap_never_ships_the_start_of_a_secret_it_cuts_through(tmp_path: Pat
     text = fake.log_text(1)
     assert text.startswith("x" * 10 + "\n[gpgpu-agent: this lease's output passed 20 bytes")
     assert "gpm_" not in text and [body["truncated"] for body in fake.logs.values()] == [True]
+    spool.close()
+
+
+def test_log_chunks_refused_for_good_are_dropped_with_one_warning_per_lease(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path / "spool.sqlite3", max_items=100)
+    for seq in range(3):
+        spool.put_log(1, _chunk(seq), cursor=LogCursor(seq=seq + 1))
+    spool.put("event", 1, "lease-1-exited", {"event_id": "lease-1-exited", "type": "exited"})
+    fake = FakeTransport()
+    for seq in range(3):  # an older marketplace, without the logs endpoint
+        fake.reject("log", 1, str(seq), status=404, code="not_found", detail="No such page.")
+
+    with caplog.at_level(logging.WARNING, logger="gpgpu_agent.spool"):
+        result = spool.replay(fake)
+
+    assert (result.sent, result.dead, result.pending) == (1, 3, 0)
+    assert fake.applied == [("event", 1, "lease-1-exited")]
+    assert spool.dead_letters() == []
+    assert len([r for r in caplog.records if "log chunk" in r.getMessage()]) == 1
     spool.close()
