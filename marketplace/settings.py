@@ -284,6 +284,7 @@ THROTTLE_ENABLED = env_bool("THROTTLE_ENABLED", True)
 THROTTLE_RATES: dict[str, str | None] = {
     "user": env_rate("THROTTLE_USER", "600/min"),
     "machine": env_rate("THROTTLE_MACHINE", "600/min"),
+    "machine_logs": env_rate("THROTTLE_MACHINE_LOGS", "600/min"),
     "anon": env_rate("THROTTLE_ANON", "60/min"),
     "register": env_rate("THROTTLE_REGISTER", "20/min"),
 }
