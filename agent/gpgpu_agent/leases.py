@@ -213,8 +213,11 @@ class LeaseTracker:
         # Each lease's read position, as the spool last recorded it.
         self._log_cursors: dict[int, LogCursor] = {}
         self._log_full_warned: set[int] = set()
-        # When each lease's last chunk was queued (time.monotonic()).
+        # When each lease's last chunk was queued (time.monotonic()), and the machine's budget of
+        # chunks (logship.CHUNKS_PER_S, up to CHUNKS_BURST), refilled as time passes.
         self._log_shipped_at: dict[int, float] = {}
+        self._log_budget = float(logship.CHUNKS_BURST)
+        self._log_budget_at = time.monotonic()
         self.fence = fence
         self.outbox = outbox
         self.sign = sign
@@ -380,7 +383,13 @@ class LeaseTracker:
 
     def ship_output(self) -> None:
         """Queue what each running lease's workload wrote since the last poll, as log chunks
-        (gpgpu_agent.logship): at most READS_PER_POLL reads of READ_BYTES per lease."""
+        (gpgpu_agent.logship): at most READS_PER_POLL reads of READ_BYTES per lease, and
+        CHUNKS_PER_S for the whole machine (what is not read now is read at a later poll)."""
+        now = time.monotonic()
+        self._log_budget = min(
+            float(logship.CHUNKS_BURST), self._log_budget + (now - self._log_budget_at) * logship.CHUNKS_PER_S
+        )
+        self._log_budget_at = now
         for lease in list(self.leases.values()):
             self._ship_output(lease, final=False)
 
@@ -394,7 +403,9 @@ class LeaseTracker:
         lease_id = lease.lease_id
         cursor = self._log_cursors.get(lease_id) or self.outbox.log_cursor(lease_id)
         reads = 0
-        while cursor.shipped < self.log_max_bytes and (final or reads < logship.READS_PER_POLL):
+        while cursor.shipped < self.log_max_bytes and (
+            final or (reads < logship.READS_PER_POLL and self._log_budget >= 1)
+        ):
             reads += 1
             room = self.log_max_bytes - cursor.shipped
             try:
@@ -443,6 +454,7 @@ class LeaseTracker:
             self._log_cursors[lease_id] = cursor = after
             if text:
                 self._log_shipped_at[lease_id] = time.monotonic()
+                self._log_budget -= 1
             if len(got.data) < min(logship.READ_BYTES, room + 1) and not (final and cursor.carry):
                 return  # read all there is for now
 

@@ -13,7 +13,8 @@ or an outage every byte is shipped once, in order. What this module decides:
   any other output is shipped at once;
 - how much: at most READ_BYTES per read and READS_PER_POLL reads per lease per poll (so a
   chatty job costs the agent a bounded amount of work), a short chunk at most every
-  MIN_INTERVAL_S (a trickle of output is gathered, not shipped a line per poll), and
+  MIN_INTERVAL_S (a trickle of output is gathered, not shipped a line per poll), CHUNKS_PER_S
+  for the machine, and
   `max_bytes` per lease in all; past that one last chunk says so (`truncated`) and nothing
   more is read.
 """
@@ -27,6 +28,11 @@ READS_PER_POLL = 4
 # A job that writes a little at a time ships one chunk per this many seconds (the renter's
 # follower asks every 2 s); a full read (READ_BYTES) ships at once.
 MIN_INTERVAL_S = 2.0
+# The whole machine queues at most this many chunks a second (a burst of CHUNKS_BURST), well
+# within the marketplace's THROTTLE_MACHINE_LOGS (600/min); a lease's last output, read when it
+# ends, is not held to it.
+CHUNKS_PER_S = 4.0
+CHUNKS_BURST = 8
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
 
