@@ -396,18 +396,19 @@ class LeaseTracker:
     def _ship_output(self, lease: TrackedLease, *, final: bool) -> None:
         """Read and queue the lease's new output, at most one short chunk per MIN_INTERVAL_S (a
         full read ships at once); `final` (its workload ended): read to the end
-        (within the cap) and hold nothing back. A full spool leaves the rest unread for a later
+        (within the cap, and at most FINAL_BYTES more, so that a job's last burst cannot hold up
+        the poll loop) and hold nothing back. A full spool leaves the rest unread for a later
         poll (or, when final, unshipped: the tail still comes with the event)."""
         if self.log_max_bytes <= 0 or not isinstance(self.runner, OutputReader):
             return
         lease_id = lease.lease_id
         cursor = self._log_cursors.get(lease_id) or self.outbox.log_cursor(lease_id)
+        cap = min(self.log_max_bytes, cursor.shipped + logship.FINAL_BYTES) if final else self.log_max_bytes
+        notice = logship.truncation_notice(self.log_max_bytes, ending=cap < self.log_max_bytes)
         reads = 0
-        while cursor.shipped < self.log_max_bytes and (
-            final or (reads < logship.READS_PER_POLL and self._log_budget >= 1)
-        ):
+        while cursor.shipped < cap and (final or (reads < logship.READS_PER_POLL and self._log_budget >= 1)):
             reads += 1
-            room = self.log_max_bytes - cursor.shipped
+            room = cap - cursor.shipped
             try:
                 got = self.runner.read_output(lease_id, offset=cursor.offset, limit=min(logship.READ_BYTES, room + 1))
             except (OSError, RunnerError) as exc:
@@ -424,7 +425,7 @@ class LeaseTracker:
             text, held = logship.cut_output(cursor.carry + taken, secrets=self.secrets, final=final and not over)
             text = scrub_secrets(text, self.secrets)
             if over:
-                text, held = text + logship.truncation_notice(self.log_max_bytes), b""
+                text, held = text + notice, b""
             after = LogCursor(
                 offset=got.next_offset,
                 seq=cursor.seq + (1 if text else 0),

@@ -36,7 +36,18 @@ CHUNKS_BURST = 8
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
 
-def truncation_notice(max_bytes: int) -> str:
+# What a lease's last output, read when it ended, may add at most (64 reads).
+FINAL_BYTES = 1024 * 1024
+
+
+def truncation_notice(max_bytes: int, *, ending: bool = False) -> str:
+    """The end of a lease's last chunk: it passed `max_bytes`, or (`ending`) it wrote more than
+    FINAL_BYTES in its last moments."""
+    if ending:
+        return (
+            f"\n[gpgpu-agent: the job wrote more than {FINAL_BYTES} bytes as it ended; the rest is not "
+            "shipped (the last lines come with the job's end)]\n"
+        )
     return (
         f"\n[gpgpu-agent: this lease's output passed {max_bytes} bytes; the rest is not shipped "
         "(the last lines come with the job's end)]\n"

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from gpgpu_agent import logship
 from gpgpu_agent.leases import REDACTED, LeaseTracker, TrackedLease, scrub_secrets
 from gpgpu_agent.logship import cut_output
 from gpgpu_agent.runners.state import read_from
@@ -223,4 +224,25 @@ def test_log_chunks_refused_for_good_are_dropped_with_one_warning_per_lease(
     assert fake.applied == [("event", 1, "lease-1-exited")]
     assert spool.dead_letters() == []
     assert len([r for r in caplog.records if "log chunk" in r.getMessage()]) == 1
+    spool.close()
+
+
+def test_a_burst_of_output_as_the_job_ends_ships_at_most_final_bytes_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logship, "FINAL_BYTES", 100)
+    (tmp_path / "out.log").write_text("a" * 30)
+    spool = Spool(tmp_path / "spool.sqlite3")
+    tracker = _tracker(tmp_path, spool)
+    tracker.ship_output()
+    with (tmp_path / "out.log").open("a") as f:
+        f.write("b" * 500)  # its last moments
+
+    tracker._ship_output(tracker.leases[1], final=True)  # as LeaseTracker._finish does
+    fake = FakeTransport()
+    spool.replay(fake)
+
+    text = fake.log_text(1)
+    assert text.startswith("a" * 30 + "b" * 100 + "\n[gpgpu-agent: the job wrote more than 100 bytes as it ended")
+    assert [body["truncated"] for _, body in sorted(fake.logs.items())] == [False, True]
     spool.close()
