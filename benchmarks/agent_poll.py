@@ -181,6 +181,65 @@ def bench_spool(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- logs: shipping a job's output ------------------------------------------------------------
+
+
+class _FileOutput:
+    """A runner whose one lease's output is a file (read_output only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read_output(self, lease_id: int, *, offset: int, limit: int) -> Any:
+        from gpgpu_agent.runners.state import read_from
+        from gpgpu_agent.types import OutputRead
+
+        data, next_offset = read_from(self.path, offset, limit)
+        return OutputRead(data=data, next_offset=next_offset)
+
+
+def bench_logs(args: argparse.Namespace) -> dict[str, Any]:
+    """LeaseTracker.ship_output for one lease, per poll (as if a second had passed each time):
+    with no new output, with 1 KiB new (one chunk), with 64 KiB new (four chunks, the most a
+    poll reads). CPU and wall milliseconds per poll; the wall includes the spool's fsync."""
+    import tempfile
+
+    from gpgpu_agent.leases import LeaseTracker, TrackedLease
+    from gpgpu_agent.spool import Spool
+
+    folder = Path(tempfile.mkdtemp(prefix="gpgpu-bench-logs-", dir=args.spool_dir))
+    out = folder / "out.log"
+    out.write_bytes(b"")
+    spool = Spool(folder / "spool.sqlite3")
+    tracker = LeaseTracker(
+        runner=_FileOutput(out),  # type: ignore[arg-type]
+        outbox=spool,
+        sign=lambda struct: "",
+        state_dir=folder,
+        secrets=("gpm_" + "c" * 40, "ab" * 32),
+    )
+    now = datetime.now(UTC)
+    tracker.leases[1] = TrackedLease(lease_id=1, gpu_uuids=("g",), max_duration_s=1e9, started_at=now, usage_from=now)
+    line = b"step 123 loss 0.1234 " + b"x" * 40 + b"\n"
+    results: dict[str, Any] = {}
+    for name, polls, new_bytes in (("idle", 2000, 0), ("1KiB", 300, 1024), ("64KiB", 100, 65536)):
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(polls):
+            if new_bytes:
+                with out.open("ab") as f:
+                    f.write(line * (new_bytes // len(line)))
+            tracker._log_shipped_at.clear()  # a second has passed: no chunk is held back for it
+            tracker._log_budget_at -= 1.0
+            tracker.ship_output()
+        results[name] = {
+            "cpu_ms_per_poll": round((time.process_time() - cpu) / polls * 1e3, 3),
+            "wall_ms_per_poll": round((time.perf_counter() - wall) / polls * 1e3, 3),
+        }
+    results["chunks_queued"] = spool.stats().logs
+    spool.close()
+    return results
+
+
 def _filesystem(folder: str) -> str:
     """The file system type under `folder` (from /proc/mounts), or "unknown"."""
     try:
@@ -195,6 +254,7 @@ def _filesystem(folder: str) -> str:
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "poll": bench_poll,
     "spool": bench_spool,
+    "logs": bench_logs,
 }
 
 

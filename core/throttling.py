@@ -8,11 +8,13 @@ REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"]; the views are not touched:
   operators issue them) or session against `user`, anything unauthenticated against `anon`, per
   client address. A credential is known by its row and its digest, so a rotated credential (or a
   row id the database hands out again) starts afresh.
+  A machine's log chunks (URL name in LOG_URL_NAMES) count against a budget of their own,
+  scope `machine_logs`: a chatty job's output never throttles its machine's heartbeats.
 - RegisterRateThrottle: the agent's register endpoint (found by URL name, not by view), per client
   address, scope `register`: registration tokens are guessed there.
 
-Rates come from settings.THROTTLE_RATES (THROTTLE_USER, THROTTLE_MACHINE, THROTTLE_ANON,
-THROTTLE_REGISTER), read per request; THROTTLE_ENABLED=false switches them all off (benchmarks).
+Rates come from settings.THROTTLE_RATES (THROTTLE_USER, THROTTLE_MACHINE, THROTTLE_MACHINE_LOGS,
+THROTTLE_ANON, THROTTLE_REGISTER), read per request; THROTTLE_ENABLED=false switches them all off (benchmarks).
 Counters live in the default cache: Redis when REDIS_URL is set, so every web worker shares
 them. A request over its rate is refused before the view runs with 429
 {"code": "throttled", "detail": …} and a Retry-After header (core.api.exception_handler).
@@ -47,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 # The URL names (providers/agent_urls.py) of the endpoints RegisterRateThrottle guards.
 REGISTER_URL_NAMES = frozenset({"agent-register"})
+# The URL names (jobs/agent_urls.py) of the agent's log shipping, which has a budget of its own.
+LOG_URL_NAMES = frozenset({"agent-lease-logs"})
 
 # What a cache backend raises when its server is unreachable.
 _CACHE_ERRORS: tuple[type[BaseException], ...] = (OSError, redis.RedisError)
@@ -130,7 +134,11 @@ class PrincipalRateThrottle(_SettingsRateThrottle):
     def scope_and_ident(self, request: Request) -> tuple[str, str]:
         throttle_key = getattr(request.auth, "throttle_key", None)
         if callable(throttle_key):
-            return throttle_key()
+            scope, key = throttle_key()
+            match = getattr(request, "resolver_match", None)
+            if scope == "machine" and match is not None and match.url_name in LOG_URL_NAMES:
+                return "machine_logs", key
+            return scope, key
         user = request.user
         if user is not None and user.is_authenticated:
             return "user", f"session{user.pk}"

@@ -1,5 +1,5 @@
 """The agent API's lease operations (/api/agent/v1/leases/…, docs/agent-api.md): what happened to
-a lease (events) and its usage, ingested by jobs.ingestion. Authentication, the base view and the
+a lease (events), its usage and its job's output, ingested by jobs.ingestion. Authentication, the base view and the
 bounds are the agent API's (providers.agent_apis); the URLs are in jobs.agent_urls.
 """
 
@@ -171,6 +171,80 @@ class LeaseUsageApi(AgentAPIView):
             report=ingestion.UsageReportData(**v, payload=dict(request.data)),
         )
         out = {"id": row.pk, "lease_id": row.lease_id, "report_id": row.report_id, "duplicate": not created}
+        return Response(
+            self.OutputSerializer(out).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )
+
+
+# --- the job's output -----------------------------------------------------------------------
+
+
+def _log_chunk_size(value: str) -> None:
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > ingestion.MAX_LOG_CHUNK_BYTES:
+        raise serializers.ValidationError(
+            f"must be at most {ingestion.MAX_LOG_CHUNK_BYTES} bytes (UTF-8); this one has {size}.",
+            code=ingestion.CODE_LOG_CHUNK_TOO_LARGE,
+        )
+
+
+class LeaseLogApi(AgentAPIView):
+    """One chunk of the output of one of this machine's leases, for its renter to follow. A
+    repeated seq is answered 200 with duplicate=true; a new one 201. A job keeps at most
+    JOB_LOG_MAX_BYTES of output: past it a chunk is answered stored=false (not an error)."""
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseLogInput"
+
+        seq = serializers.IntegerField(
+            min_value=0, max_value=INT32_MAX, help_text="The lease's chunks count from 0; repeats are harmless."
+        )
+        at = serializers.DateTimeField(help_text="When the agent read it, by its clock.")
+        text = serializers.CharField(
+            allow_blank=True,
+            trim_whitespace=False,
+            validators=[_log_chunk_size],
+            help_text=f"The output, scrubbed of the machine's secrets; at most {ingestion.MAX_LOG_CHUNK_BYTES} "
+            "bytes (UTF-8).",
+        )
+        truncated = serializers.BooleanField(
+            required=False, default=False, help_text="The agent ships no more of this lease's output after it."
+        )
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseLogOutput"
+
+        lease_id = serializers.IntegerField()
+        seq = serializers.IntegerField()
+        duplicate = serializers.BooleanField()
+        stored = serializers.BooleanField(help_text="False: the job's output passed JOB_LOG_MAX_BYTES before it.")
+
+    @extend_schema(
+        operation_id="agent_lease_log",
+        tags=["agent"],
+        request=InputSerializer,
+        responses={
+            201: OutputSerializer,
+            200: OpenApiResponse(OutputSerializer, description="A repeat of a chunk, or one past the job's bound"),
+            **error_responses(400, 401, 403, 404, 413),
+        },
+    )
+    def post(self, request: Request, lease_id: int) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        result = ingestion.lease_log_ingest(
+            machine=cast(Machine, request.auth),  # AgentAPIView's IsMachine admits only a Machine
+            lease_id=lease_id,
+            seq=v["seq"],
+            text=v["text"],
+            at=v["at"],
+            truncated=v["truncated"],
+        )
+        out = {"lease_id": lease_id, "seq": v["seq"], "duplicate": result.duplicate, "stored": result.stored}
+        created = result.chunk is not None and not result.duplicate
         return Response(
             self.OutputSerializer(out).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )

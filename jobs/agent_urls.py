@@ -9,4 +9,5 @@ urlpatterns = [
     path("leases/<int:lease_id>/events", agent_apis.LeaseEventApi.as_view(), name="agent-lease-events"),
     path("orders/wait", agent_apis.OrdersWaitApi.as_view(), name="agent-orders-wait"),
     path("leases/<int:lease_id>/usage", agent_apis.LeaseUsageApi.as_view(), name="agent-lease-usage"),
+    path("leases/<int:lease_id>/logs", agent_apis.LeaseLogApi.as_view(), name="agent-lease-logs"),
 ]

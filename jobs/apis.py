@@ -286,6 +286,69 @@ class JobEventListApi(RenterApi):
         return self.paginated_response(selectors.event_list_for_job(job=job), EventSerializer)
 
 
+# --- output ---------------------------------------------------------------------------------
+
+LOG_PAGE_DEFAULT = 50
+LOG_PAGE_MAX = 200
+
+
+class LogFilter(StrictInputSerializer):
+    cursor = serializers.IntegerField(
+        required=False,
+        default=0,
+        min_value=0,
+        max_value=2**63 - 1,
+        help_text="The next_cursor of the previous answer; 0 or omitted: from the start.",
+    )
+    limit = serializers.IntegerField(
+        required=False, default=LOG_PAGE_DEFAULT, min_value=1, max_value=LOG_PAGE_MAX, help_text="Chunks at most."
+    )
+
+
+class LogChunkSerializer(serializers.Serializer):
+    id = serializers.IntegerField(help_text="Pass it as the cursor to read what follows.")
+    lease = serializers.IntegerField(source="lease_id")
+    seq = serializers.IntegerField(help_text="The chunk's place in its lease's output, from 0.")
+    text = serializers.CharField(help_text="The output, scrubbed of the provider machine's secrets.")
+    truncated = serializers.BooleanField(help_text="The output after this chunk is not kept (a size bound).")
+    at = serializers.DateTimeField(help_text="When the provider's agent read it.")
+
+
+class JobLogsSerializer(serializers.Serializer):
+    chunks = LogChunkSerializer(many=True)
+    next_cursor = serializers.IntegerField(help_text="Pass it as `cursor` to read on; the same when nothing came.")
+    finished = serializers.BooleanField(
+        help_text="The job is over and this answer holds the rest of its output: a follower can stop."
+    )
+
+
+class JobLogApi(RenterApi):
+    @extend_schema(
+        tags=["jobs"],
+        summary="The output of one of my jobs, from a cursor",
+        description="The job's output as its providers' agents ship it while it runs (scrubbed of the machines' "
+        "secrets), in chunks after `cursor`, oldest first. Follow a running job by passing `next_cursor` back "
+        "until `finished` is true. A job keeps at most JOB_LOG_MAX_BYTES of output, for JOB_LOG_RETENTION_H "
+        "hours after it finished.",
+        parameters=[LogFilter],
+        responses={200: JobLogsSerializer, **error_responses(400, 401, 403, 404)},
+    )
+    def get(self, request: Request, job_id: int) -> Response:
+        filters = LogFilter(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        cursor, limit = filters.validated_data["cursor"], filters.validated_data["limit"]
+        job = selectors.job_get_for_renter(renter=self.renter, job_id=job_id)
+        # Asked before the chunks are read: every chunk of a finished job is stored by then.
+        over = selectors.job_output_finished(job=job)
+        chunks = selectors.log_chunks_after(job=job, cursor=cursor, limit=limit)
+        out = {
+            "chunks": chunks,
+            "next_cursor": chunks[-1].pk if chunks else cursor,
+            "finished": over and len(chunks) < limit,
+        }
+        return Response(JobLogsSerializer(out).data)
+
+
 # --- leases ---------------------------------------------------------------------------------
 
 

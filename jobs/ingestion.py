@@ -1,7 +1,7 @@
 """What the agents report of their leases, ingested: lease events (started, exited, preempted,
-failed) and signed usage reports (docs/agent-api.md). Each report is idempotent by its id, checked
-against the lease it names (this machine's, its period inside the lease), and recorded with the
-lease's transition in one transaction through jobs.services."""
+failed), signed usage reports and chunks of the jobs' output (docs/agent-api.md). Each report is
+idempotent by its id, checked against the lease it names (this machine's, its period inside the
+lease), and recorded with the lease's transition in one transaction through jobs.services."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from core.timespans import exact_seconds
 from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
-from jobs.models import Event, Lease, UsageReport
+from jobs.models import Event, Lease, LogChunk, UsageReport
 from jobs.services import (
     ER,
     event_record,
@@ -313,3 +314,85 @@ def usage_report_ingest(*, machine: Machine, lease_id: int, report: UsageReportD
             raise
         return existing, False
     return row, True
+
+
+# --- the jobs' output ---------------------------------------------------------------------------
+
+# The most UTF-8 bytes of text one chunk may carry (the agent ships 16 KiB of output per chunk).
+MAX_LOG_CHUNK_BYTES = 64 * 1024
+# Against a job's bound a chunk counts at least this many bytes, so the bound caps its rows too
+# (JOB_LOG_MAX_BYTES / 256 at most).
+LOG_CHUNK_MIN_CHARGE = 256
+CODE_LOG_CHUNK_TOO_LARGE = "log_chunk_too_large"
+
+
+def log_truncation_notice(*, max_bytes: int) -> str:
+    return f"\n[gpgpu: this job's output passed {max_bytes} bytes; the rest is not kept]\n"
+
+
+@dataclass(frozen=True)
+class LogChunkResult:
+    """What became of a chunk: `chunk` is the stored row (None when the job's output was already
+    cut off before it); `duplicate`: this seq was seen before; `stored`: its text is kept (False:
+    it did not fit within JOB_LOG_MAX_BYTES, and a notice saying so is kept in its place, or the
+    job's output had already been cut off)."""
+
+    chunk: LogChunk | None
+    duplicate: bool
+    stored: bool
+
+
+def lease_log_ingest(
+    *, machine: Machine, lease_id: int, seq: int, text: str, at: datetime, truncated: bool = False
+) -> LogChunkResult:
+    """Store one chunk of the output of one of the machine's leases, for its renter to follow.
+
+    Idempotent by (lease, seq): a repeat answers duplicate=True and changes nothing. Raises
+    NotFound for a lease that is not this machine's (whatever its state: the last chunks of a
+    lease may arrive after its end) and ValidationFailed `log_chunk_too_large` for a text over
+    MAX_LOG_CHUNK_BYTES. A job keeps at most settings.GPGPU["JOB_LOG_MAX_BYTES"] of text, each
+    chunk counted as at least LOG_CHUNK_MIN_CHARGE bytes: the first chunk that would pass it is
+    replaced by a notice saying so (truncated, stored=False), and later chunks of the job are
+    answered stored=False and dropped, so the start of the output is kept and the agent is not
+    made to retry. The `at` of the agent is clamped to now.
+
+    The lease's row lock serialises its chunks; a job runs one lease at a time, so its bound
+    holds (two of its leases reporting at once, a late one and its successor, may pass it by a
+    chunk)."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_LOG_CHUNK_BYTES:
+        raise ValidationFailed(
+            f"A log chunk carries at most {MAX_LOG_CHUNK_BYTES} bytes of text (UTF-8); this one has {size}.",
+            code=CODE_LOG_CHUNK_TOO_LARGE,
+        )
+    if not 0 < lease_id <= _BIGINT_MAX:
+        raise NotFound(f"Lease {lease_id} is not a lease of this machine.")
+    max_bytes = int(settings.GPGPU["JOB_LOG_MAX_BYTES"])
+    # The notice depends on the bound alone: found among the job's chunks, the job is cut off.
+    notice = log_truncation_notice(max_bytes=max_bytes)
+    with transaction.atomic():
+        lease = Lease.objects.select_for_update().filter(pk=lease_id, machine_id=machine.pk).first()
+        if lease is None:
+            raise NotFound(f"Lease {lease_id} is not a lease of this machine.")
+        existing = LogChunk.objects.filter(lease_id=lease.pk, seq=seq).first()
+        if existing is not None:
+            cut_here = existing.truncated and existing.text == notice
+            return LogChunkResult(chunk=existing, duplicate=True, stored=not cut_here)
+        kept = LogChunk.objects.filter(job_id=lease.job_id)
+        if kept.filter(truncated=True, text=notice).exists():
+            return LogChunkResult(chunk=None, duplicate=False, stored=False)
+        charged = Greatest("size", models.Value(LOG_CHUNK_MIN_CHARGE))
+        used = kept.aggregate(total=models.Sum(charged))["total"] or 0
+        stored = used + max(size, LOG_CHUNK_MIN_CHARGE) <= max_bytes
+        if not stored:
+            text, size, truncated = notice, len(notice.encode("utf-8")), True
+        chunk = LogChunk.objects.create(
+            job_id=lease.job_id,
+            lease=lease,
+            seq=seq,
+            text=text,
+            size=size,
+            truncated=truncated,
+            at=min(at, timezone.now()),
+        )
+    return LogChunkResult(chunk=chunk, duplicate=False, stored=stored)

@@ -226,3 +226,31 @@ class UsageReport(models.Model):
 
     def __str__(self) -> str:
         return f"usage {self.report_id} of lease {self.lease_id}"
+
+
+class LogChunk(models.Model):
+    """A piece of a running job's output, as its lease's agent shipped it (scrubbed of the
+    machine's secrets), for its renter to follow (GET /api/v1/jobs/{id}/logs/). `seq` counts a
+    lease's chunks from 0: a repeat is stored once. Their id is the renter's cursor. A job keeps
+    at most JOB_LOG_MAX_BYTES of them, for JOB_LOG_RETENTION_H hours after it finished."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_chunks")
+    lease = models.ForeignKey(Lease, on_delete=models.CASCADE, related_name="log_chunks")
+    seq = models.PositiveIntegerField()
+    text = models.TextField()
+    # The text's length in UTF-8 bytes, against the job's bound.
+    size = models.PositiveIntegerField()
+    # The agent stopped shipping this lease's output here (its cap), or the marketplace stopped
+    # storing this job's (JOB_LOG_MAX_BYTES): this chunk says so.
+    truncated = models.BooleanField(default=False)
+    # When the agent read it, by its clock.
+    at = models.DateTimeField()
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["lease", "seq"], name="logchunk_unique_seq_per_lease")]
+        indexes = [models.Index(fields=["job", "id"], name="logchunk_job_id")]
+
+    def __str__(self) -> str:
+        return f"log chunk {self.seq} of lease {self.lease_id}"

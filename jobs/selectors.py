@@ -12,7 +12,7 @@ from datetime import datetime
 from django.db.models import Prefetch, Q, QuerySet
 
 from jobs.errors import NotFound
-from jobs.models import Event, Job, Lease, Renter
+from jobs.models import Event, Job, Lease, LogChunk, Renter
 from providers.models import GPU
 
 
@@ -75,3 +75,19 @@ def machine_has_new_orders(*, machine_id: int, since: datetime | None) -> bool:
         start &= Q(created_at__gt=since)
         stop &= Q(stop_requested_at__gt=since)
     return Lease.objects.filter(start | stop, machine_id=machine_id).exists()
+
+
+def log_chunks_after(*, job: Job, cursor: int, limit: int) -> list[LogChunk]:
+    """The job's output after `cursor` (a LogChunk id; 0: from the start), oldest first, at most
+    `limit` chunks. Each lease's chunks arrive in order (its agent sends them one at a time), so
+    a follower that passes the last id it got as the next cursor reads each chunk once."""
+    return list(LogChunk.objects.filter(job=job, pk__gt=cursor).order_by("pk")[:limit])
+
+
+def job_output_finished(*, job: Job) -> bool:
+    """Whether the job's output is complete: the job is over and none of its leases is still
+    assigned or running (a cancelled job's lease ends when its agent has stopped it and shipped
+    its last output)."""
+    if job.status not in Job.TERMINAL:
+        return False
+    return not Lease.objects.filter(job=job, status__in=Lease.ACTIVE).exists()

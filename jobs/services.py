@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TypedDict
 
@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from jobs import doorbell
 from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFailed
-from jobs.models import Event, Job, Lease, LeaseGPU, Renter
+from jobs.models import Event, Job, Lease, LeaseGPU, LogChunk, Renter
 from jobs.signals import lease_ended
 from providers import services as providers_services
 from providers.models import GPU
@@ -590,3 +590,23 @@ def leases_end_for_machine(
 
 def renter_create(*, user: User, display_name: str) -> Renter:
     return Renter.objects.create(user=user, display_name=display_name)
+
+
+# --- the jobs' output -----------------------------------------------------------------------
+
+LOG_PRUNE_BATCH = 5000
+
+
+def log_chunks_prune(*, now: datetime | None = None) -> int:
+    """Delete the output (LogChunk rows) of jobs that finished more than
+    settings.GPGPU["JOB_LOG_RETENTION_H"] hours before `now`; a job still pending, scheduled or
+    running keeps all of it. Deletes in batches of LOG_PRUNE_BATCH, each its own statement, so a
+    large backlog never holds one long transaction. Returns how many were deleted."""
+    cutoff = (now or timezone.now()) - timedelta(hours=settings.GPGPU["JOB_LOG_RETENTION_H"])
+    expired = LogChunk.objects.filter(job__status__in=Job.TERMINAL, job__finished_at__lt=cutoff)
+    deleted = 0
+    while True:
+        ids = list(expired.order_by("pk").values_list("pk", flat=True)[:LOG_PRUNE_BATCH])
+        if not ids:
+            return deleted
+        deleted += LogChunk.objects.filter(pk__in=ids).delete()[0]

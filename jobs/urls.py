@@ -8,6 +8,7 @@ from jobs import apis
 urlpatterns = [
     path("jobs/<int:job_id>/leases/", apis.JobLeaseListApi.as_view(), name="job-lease-list"),
     path("jobs/<int:job_id>/events/", apis.JobEventListApi.as_view(), name="job-event-list"),
+    path("jobs/<int:job_id>/logs/", apis.JobLogApi.as_view(), name="job-logs"),
     path("leases/", apis.LeaseListApi.as_view(), name="lease-list"),
     path("leases/<int:lease_id>/", apis.LeaseDetailApi.as_view(), name="lease-detail"),
     path("leases/<int:lease_id>/telemetry/", apis.LeaseTelemetryApi.as_view(), name="lease-telemetry"),

@@ -297,6 +297,7 @@ THROTTLE_ENABLED = env_bool("THROTTLE_ENABLED", True)
 THROTTLE_RATES: dict[str, str | None] = {
     "user": env_rate("THROTTLE_USER", "600/min"),
     "machine": env_rate("THROTTLE_MACHINE", "600/min"),
+    "machine_logs": env_rate("THROTTLE_MACHINE_LOGS", "600/min"),
     "anon": env_rate("THROTTLE_ANON", "60/min"),
     "register": env_rate("THROTTLE_REGISTER", "20/min"),
 }
@@ -431,6 +432,10 @@ GPGPU = {
     "IDLE_FORECAST_HALF_LIFE_D": env_int("IDLE_FORECAST_HALF_LIFE_D", 28, minimum=1),
     "IDLE_FORECAST_FOLD_BATCH": env_int("IDLE_FORECAST_FOLD_BATCH", 20000, minimum=1),
     "IDLE_STRETCH_MAX_D": env_int("IDLE_STRETCH_MAX_D", 90, minimum=1),
+    # A job keeps at most this many bytes of its output (the log chunks its agents ship; the
+    # start is kept, a notice marks the cut), for this many hours after it finished.
+    "JOB_LOG_MAX_BYTES": env_int("JOB_LOG_MAX_BYTES", 16 * 1024 * 1024, minimum=64 * 1024),
+    "JOB_LOG_RETENTION_H": env_int("JOB_LOG_RETENTION_H", 168, minimum=1),
     # Registration tokens expire after this many hours.
     "REGISTRATION_TOKEN_TTL_H": env_int("REGISTRATION_TOKEN_TTL_H", 24, minimum=1),
     # The EIP-712 domain chainId agents sign usage reports with (31337: the local dev chain).
@@ -511,6 +516,7 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-stuck-leases": _every("jobs.tasks.sweep_leases", 15.0),
     "rollup-telemetry": _every("providers.tasks.rollup_telemetry", 300.0),
     "prune-telemetry": _every("providers.tasks.prune_telemetry", 3600.0),
+    "prune-job-logs": _every("jobs.tasks.prune_job_logs", 3600.0),
     # Idle stretches the heartbeats recorded, folded into each machine's forecast and the fleet prior.
     "fold-idle-stretches": _every("providers.tasks.fold_idle_stretches", 300.0),
     "meter-leases": _every("billing.tasks.meter_leases", BILLING_METER_INTERVAL_S),

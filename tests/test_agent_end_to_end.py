@@ -36,7 +36,7 @@ from gpgpu_agent.credentials import load_credential
 from gpgpu_agent.daemon import Agent, build_agent
 from gpgpu_agent.protocol import usage_signature_valid, wire_usage_struct
 from gpgpu_agent.transport import Backoff, HttpTransport
-from jobs.models import Event, Job, Lease, UsageReport
+from jobs.models import Event, Job, Lease, LogChunk, UsageReport
 from marketplace.matching import match_cycle
 from providers.models import Machine
 from tests.factories import ProviderFactory, RenterFactory, budget_reserved, token_for
@@ -416,7 +416,9 @@ def test_reports_made_during_a_minute_long_outage_arrive_exactly_once(
     try:
         market.register(proxy.url)
         market.start_agent(proxy.url)
-        job = market.submit(_job_command("agent-e2e-outage", 20), key="agent-e2e-outage")
+        # It prints a line a second for 20 s: most of its output is made during the outage.
+        ticks = "import time\nfor n in range(20):\n    print(f'tick {n}', flush=True); time.sleep(1)\n"
+        job = market.submit([SANDBOX_PYTHON, "-c", ticks, "agent-e2e-outage"], key="agent-e2e-outage")
         market.wait_for(job["id"], lambda j: j["status"] == "running" and _host_pid("agent-e2e-outage") is not None)
         pid = _host_pid("agent-e2e-outage")
         assert pid is not None
@@ -449,6 +451,10 @@ def test_reports_made_during_a_minute_long_outage_arrive_exactly_once(
     assert abs((reports[0].period_start - lease.started_at).total_seconds()) <= 1.5
     assert abs((reports[-1].period_end - lease.ended_at).total_seconds()) <= 1.5
     assert lease.ended_at - lease.started_at >= timedelta(seconds=19)
+    # Its output arrived whole, each chunk once and in order, the outage's included.
+    chunks = list(LogChunk.objects.filter(lease=lease).order_by("pk"))
+    assert "".join(c.text for c in chunks) == "".join(f"tick {n}\n" for n in range(20))
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
 
 
 # --- (d) the agent restarts mid-lease --------------------------------------------------------------
@@ -499,6 +505,8 @@ def test_a_job_cannot_steal_the_machine_credential_or_signing_key(market: Market
     assert lease.log_tail.count("refused") == 5, lease.log_tail
     assert "READ" not in lease.log_tail
     assert credential not in lease.log_tail and key_text not in lease.log_tail
+    shipped = "".join(LogChunk.objects.filter(lease=lease).values_list("text", flat=True))
+    assert shipped.count("refused") == 5 and "READ" not in shipped, shipped
 
 
 def test_a_credential_rotated_on_the_machine_keeps_it_renting(market: Market) -> None:

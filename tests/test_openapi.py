@@ -23,6 +23,7 @@ PUBLIC_API = {
     "/api/v1/jobs/{job_id}/cancel/": {"post"},
     "/api/v1/jobs/{job_id}/leases/": {"get"},
     "/api/v1/jobs/{job_id}/events/": {"get"},
+    "/api/v1/jobs/{job_id}/logs/": {"get"},
     "/api/v1/leases/": {"get"},
     "/api/v1/leases/{lease_id}/": {"get"},
     "/api/v1/leases/{lease_id}/telemetry/": {"get"},
@@ -57,6 +58,7 @@ SINGLE_OBJECT_GETS = {
     "/api/v1/jobs/{job_id}/budget-authorization/",
     "/api/v1/leases/{lease_id}/telemetry/",
     "/api/v1/machines/{machine_id}/usage/",
+    "/api/v1/jobs/{job_id}/logs/",
 }
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 

@@ -170,7 +170,13 @@ def test_the_default_rates_and_lockout_are_the_documented_ones(tmp_path) -> None
     shown = settings_with(tmp_path, SECRET_KEY=A_KEY)
 
     assert shown["THROTTLE_ENABLED"] is True
-    assert shown["THROTTLE_RATES"] == {"user": "600/min", "machine": "600/min", "anon": "60/min", "register": "20/min"}
+    assert shown["THROTTLE_RATES"] == {
+        "user": "600/min",
+        "machine": "600/min",
+        "machine_logs": "600/min",
+        "anon": "60/min",
+        "register": "20/min",
+    }
     assert shown["AXES_FAILURE_LIMIT"] == 5
     assert shown["AXES_COOLOFF_TIME"].total_seconds() == 15 * 60
     assert shown["AXES_LOCKOUT_PARAMETERS"] == [["username", "ip_address"]]

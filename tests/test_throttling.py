@@ -22,7 +22,7 @@ from rest_framework.test import APIClient
 
 from providers import services
 from providers.models import Machine
-from tests.factories import MachineFactory, ProviderFactory, RenterFactory, token_for
+from tests.factories import MachineFactory, ProviderFactory, RenterFactory, placed_lease, token_for
 
 pytestmark = pytest.mark.django_db
 
@@ -81,7 +81,13 @@ def documented_defaults(settings):  # type: ignore[no-untyped-def]
     """The defaults the README documents (tests/test_production_settings.py checks that the
     settings have them), whatever this shell's environment overrides."""
     settings.THROTTLE_ENABLED = True
-    settings.THROTTLE_RATES = {"user": "600/min", "machine": "600/min", "anon": "60/min", "register": "20/min"}
+    settings.THROTTLE_RATES = {
+        "user": "600/min",
+        "machine": "600/min",
+        "machine_logs": "600/min",
+        "anon": "60/min",
+        "register": "20/min",
+    }
     settings.TRUSTED_PROXIES = 0
     settings.AXES_ENABLED = True
     settings.AXES_FAILURE_LIMIT = 5
@@ -158,6 +164,24 @@ def test_a_machine_hammering_heartbeats_gets_429_and_another_machine_does_not(ra
     assert_throttled(refused)
     # Same address (both from the test client), another credential: its own budget.
     assert heartbeat(neighbour).status_code == 200
+
+
+def test_a_machine_over_its_log_chunk_rate_gets_429_for_them_and_its_heartbeats_still_pass(rates) -> None:  # type: ignore[no-untyped-def]
+    rates(machine="5/min", machine_logs="3/min")
+    lease = placed_lease(started=True)
+    client = machine_client(lease.machine)
+
+    def ship(seq: int) -> Any:
+        body = {"seq": seq, "at": timezone.now().isoformat(), "text": "x\n"}
+        return client.post(f"/api/agent/v1/leases/{lease.pk}/logs", body, format="json")
+
+    answers = [ship(seq).status_code for seq in range(3)]
+    refused = ship(3)
+
+    assert answers == [201] * 3
+    assert_throttled(refused)
+    assert [heartbeat(client).status_code for _ in range(5)] == [200] * 5  # a budget apart
+    assert_throttled(heartbeat(client))
 
 
 def test_a_renters_token_over_its_rate_gets_429_and_other_tokens_do_not(rates) -> None:  # type: ignore[no-untyped-def]

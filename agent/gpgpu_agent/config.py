@@ -80,6 +80,9 @@ class AgentConfig:
     job_memory: str | None = None
     job_pids: int = 4096
     spool_max_items: int = 100_000
+    # A running job's output is shipped live (its renter follows it), up to this many bytes per
+    # lease; 0: only the tail that comes with its end.
+    log_max_bytes: int = 10 * 1024 * 1024
     offer_mig: bool = False
     hostname: str = ""
     region: str = ""
@@ -292,6 +295,7 @@ PARSERS: dict[str, Callable[[object], object]] = {
     "job_memory": _optional(_memory),
     "job_pids": _int_in(16, 4_194_304),
     "spool_max_items": _int_in(10, 10_000_000),
+    "log_max_bytes": _int_in(0, 1024**3),
     "offer_mig": _bool,
     "hostname": _text(255),
     "region": _text(64),
@@ -329,6 +333,7 @@ class _Parsed(TypedDict, total=False):
     job_memory: str | None
     job_pids: int
     spool_max_items: int
+    log_max_bytes: int
     offer_mig: bool
     hostname: str
     region: str

@@ -65,6 +65,7 @@ from gpgpu_agent.leases import (
     utc_now,
     write_private_json,
 )
+from gpgpu_agent.logship import DEFAULT_MAX_BYTES as DEFAULT_LOG_MAX_BYTES
 from gpgpu_agent.protocols import AgentError, Collector, Rejected, Runner, Transport, TransportUnavailable
 from gpgpu_agent.spool import Spool
 from gpgpu_agent.transport import Backoff
@@ -188,6 +189,7 @@ class Agent:
         rotation_pending: Callable[[], bool] | None = None,
         fence: Fence | None = None,
         stop_rentals_on_exit: bool = False,
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
     ) -> None:
         self.collector = collector
         self.idle = idle
@@ -233,6 +235,7 @@ class Agent:
             clock=clock,
             secrets=secrets,
             fence=self.fence,
+            log_max_bytes=log_max_bytes,
         )
         self.schedule = Schedule()
         self._orders: queue.Queue[Order] = queue.Queue()
@@ -381,6 +384,7 @@ class Agent:
         self.tracker.enforce(states, gpus, schedule_open=schedule_open, now=now)
         self._act_on_orders(gpus)
         self.tracker.account_usage()
+        self.tracker.ship_output()
 
         verdicts = self.idle.update(sample, rental_pids=rental_pids, schedule_open=schedule_open, now=now)
         with self._snapshot_lock:
@@ -733,6 +737,7 @@ def build_agent(config: AgentConfig, credential: MachineCredential, *, transport
         reload_credential=reload_credential,
         rotation_pending=lambda: rotation_pending(config.credential_path),
         fence=Fence(config.fence_dir),
+        log_max_bytes=config.log_max_bytes,
         stop_rentals_on_exit=config.stop_rentals_on_exit,
     )
 

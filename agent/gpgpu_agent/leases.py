@@ -15,6 +15,7 @@ The daemon's poll loop drives it, one thread, each poll in this order:
     tracker.enforce(states, gpus, ...)         # reclaim for the owner, max duration, exits
     tracker.start(order, gpus, ...) / tracker.stop(order)   # the marketplace's orders
     tracker.account_usage()                    # a usage report per lease every interval
+    tracker.ship_output()                      # what each job wrote since, as log chunks
 
 and `adopt()` once at start, `flush()` at shutdown, `stop_all()` when the credential is revoked.
 
@@ -44,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypedDict
 
+from gpgpu_agent import logship
 from gpgpu_agent.fencing import Fence
 from gpgpu_agent.protocol import (
     EVENT_EXITED,
@@ -52,8 +54,8 @@ from gpgpu_agent.protocol import (
     EVENT_STARTED,
     UsageStruct,
 )
-from gpgpu_agent.protocols import Runner, RunnerError
-from gpgpu_agent.spool import Spool, SpoolFull
+from gpgpu_agent.protocols import OutputReader, Runner, RunnerError
+from gpgpu_agent.spool import LogCursor, Spool, SpoolError, SpoolFull
 from gpgpu_agent.types import JOB_KINDS, GpuSample, JobKind, LeaseSpec, RunState
 
 logger = logging.getLogger("gpgpu_agent")
@@ -188,8 +190,9 @@ class LeaseTracker:
     `runner` runs the workloads; `outbox` receives every event and usage report; `sign` signs a
     usage report; `state_dir` holds leases.json. `stop_grace_s` is SIGTERM to SIGKILL when a
     lease is stopped; `usage_interval_s` the length of a usage period; `secrets` never leave
-    the machine in an event's text (see scrub_secrets); `fence` holds the leases' deadlines (None:
-    leases are not fenced). Driven from one thread."""
+    the machine in an event's text or a log chunk (see scrub_secrets); `fence` holds the leases'
+    deadlines (None: leases are not fenced); `log_max_bytes` caps the output shipped per lease
+    (0: none is shipped live; gpgpu_agent.logship). Driven from one thread."""
 
     def __init__(
         self,
@@ -203,8 +206,18 @@ class LeaseTracker:
         clock: Callable[[], datetime] = utc_now,
         secrets: tuple[str, ...] = (),
         fence: Fence | None = None,
+        log_max_bytes: int = logship.DEFAULT_MAX_BYTES,
     ) -> None:
         self.runner = runner
+        self.log_max_bytes = log_max_bytes
+        # Each lease's read position, as the spool last recorded it.
+        self._log_cursors: dict[int, LogCursor] = {}
+        self._log_full_warned: set[int] = set()
+        # When each lease's last chunk was queued (time.monotonic()), and the machine's budget of
+        # chunks (logship.CHUNKS_PER_S, up to CHUNKS_BURST), refilled as time passes.
+        self._log_shipped_at: dict[int, float] = {}
+        self._log_budget = float(logship.CHUNKS_BURST)
+        self._log_budget_at = time.monotonic()
         self.fence = fence
         self.outbox = outbox
         self.sign = sign
@@ -299,6 +312,7 @@ class LeaseTracker:
                 logger.warning("lease %s: could not stop it: %s", lease_id, exc)
             else:
                 self._disarm(lease_id)
+                self._forget_output(lease_id)
             del self.leases[lease_id]
             self.done.add(lease_id)
             logger.info("lease %s: stopped (%s)", lease_id, reason)
@@ -324,6 +338,7 @@ class LeaseTracker:
                 del self.leases[lease_id]
                 self.done.add(lease_id)
                 self._disarm(lease_id)
+                self._forget_output(lease_id)
         return states
 
     def rental_pids(self, states: Mapping[int, RunState]) -> dict[str, set[int]]:
@@ -365,6 +380,93 @@ class LeaseTracker:
             for lease in list(self.leases.values()):
                 self._queue_usage(lease, until=self.clock())
             self.save()
+
+    def ship_output(self) -> None:
+        """Queue what each running lease's workload wrote since the last poll, as log chunks
+        (gpgpu_agent.logship): at most READS_PER_POLL reads of READ_BYTES per lease, and
+        CHUNKS_PER_S for the whole machine (what is not read now is read at a later poll)."""
+        now = time.monotonic()
+        self._log_budget = min(
+            float(logship.CHUNKS_BURST), self._log_budget + (now - self._log_budget_at) * logship.CHUNKS_PER_S
+        )
+        self._log_budget_at = now
+        for lease in list(self.leases.values()):
+            self._ship_output(lease, final=False)
+
+    def _ship_output(self, lease: TrackedLease, *, final: bool) -> None:
+        """Read and queue the lease's new output, at most one short chunk per MIN_INTERVAL_S (a
+        full read ships at once); `final` (its workload ended): read to the end
+        (within the cap, and at most FINAL_BYTES more, so that a job's last burst cannot hold up
+        the poll loop) and hold nothing back. A full spool leaves the rest unread for a later
+        poll (or, when final, unshipped: the tail still comes with the event)."""
+        if self.log_max_bytes <= 0 or not isinstance(self.runner, OutputReader):
+            return
+        lease_id = lease.lease_id
+        cursor = self._log_cursors.get(lease_id) or self.outbox.log_cursor(lease_id)
+        cap = min(self.log_max_bytes, cursor.shipped + logship.FINAL_BYTES) if final else self.log_max_bytes
+        notice = logship.truncation_notice(self.log_max_bytes, ending=cap < self.log_max_bytes)
+        reads = 0
+        while cursor.shipped < cap and (final or (reads < logship.READS_PER_POLL and self._log_budget >= 1)):
+            reads += 1
+            room = cap - cursor.shipped
+            try:
+                got = self.runner.read_output(lease_id, offset=cursor.offset, limit=min(logship.READ_BYTES, room + 1))
+            except (OSError, RunnerError) as exc:
+                logger.warning("lease %s: could not read its output: %s", lease_id, exc)
+                return
+            if got is None or (not got.data and not (final and cursor.carry)):
+                return
+            recent = time.monotonic() - self._log_shipped_at.get(lease_id, -math.inf) < logship.MIN_INTERVAL_S
+            if not final and recent and len(got.data) < logship.READ_BYTES:
+                return  # a trickle: read again at a later poll, one chunk per MIN_INTERVAL_S
+            over = len(got.data) > room
+            taken = got.data[:room] if over else got.data
+            # At the cap, what could be the start of a secret is held back and never shipped.
+            text, held = logship.cut_output(cursor.carry + taken, secrets=self.secrets, final=final and not over)
+            text = scrub_secrets(text, self.secrets)
+            if over:
+                text, held = text + notice, b""
+            after = LogCursor(
+                offset=got.next_offset,
+                seq=cursor.seq + (1 if text else 0),
+                shipped=self.log_max_bytes if over else cursor.shipped + len(taken),
+                carry=held,
+            )
+            try:
+                if text:
+                    body: dict[str, object] = {
+                        "seq": cursor.seq,
+                        "at": iso(self.clock()),
+                        "text": text,
+                        "truncated": over,
+                    }
+                    self.outbox.put_log(lease_id, body, cursor=after)
+                else:
+                    self.outbox.log_cursor_set(lease_id, after)
+            except SpoolFull as exc:
+                if lease_id not in self._log_full_warned:
+                    self._log_full_warned.add(lease_id)
+                    logger.warning("lease %s: %s", lease_id, exc)
+                return
+            except SpoolError as exc:
+                logger.warning("lease %s: could not queue its output: %s", lease_id, exc)
+                return
+            self._log_full_warned.discard(lease_id)
+            self._log_cursors[lease_id] = cursor = after
+            if text:
+                self._log_shipped_at[lease_id] = time.monotonic()
+                self._log_budget -= 1
+            if len(got.data) < min(logship.READ_BYTES, room + 1) and not (final and cursor.carry):
+                return  # read all there is for now
+
+    def _forget_output(self, lease_id: int) -> None:
+        self._log_cursors.pop(lease_id, None)
+        self._log_shipped_at.pop(lease_id, None)
+        self._log_full_warned.discard(lease_id)
+        try:
+            self.outbox.log_cursor_forget(lease_id)
+        except SpoolError as exc:
+            logger.warning("lease %s: could not drop its output's read position: %s", lease_id, exc)
 
     def _owner_back(self, lease: TrackedLease, gpus: GpuView, schedule_open: bool) -> str | None:
         if not schedule_open:
@@ -408,6 +510,8 @@ class LeaseTracker:
         if state.ended_at is not None:
             at = min(at, state.ended_at) if lease.ending == "preempted_by_owner" else state.ended_at
         self._queue_usage(lease, until=at)
+        # Its last output before its end, so that a follower who sees the job end has it all.
+        self._ship_output(lease, final=True)
         tail = scrub_secrets((state.log_tail or "")[-LOG_TAIL_CHARS:].replace("\x00", ""), self.secrets)
         detail = scrub_secrets(detail, self.secrets)
         if lease.ending == "preempted_by_owner":
@@ -439,6 +543,7 @@ class LeaseTracker:
             logger.warning("lease %s: could not clean up its records: %s", lease.lease_id, exc)
         else:
             self._disarm(lease.lease_id)
+            self._forget_output(lease.lease_id)
 
     def _fenced_detail(self, fenced_at: datetime) -> str:
         """The `exited` detail of a workload its fence stopped (docs/agent-api.md: `fenced:`)."""

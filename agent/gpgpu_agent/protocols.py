@@ -4,9 +4,9 @@ FakeTransport, a runner over short processes) and need no GPU, no network and no
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from gpgpu_agent.types import HostSample, JsonObject, LeaseSpec, RunState
+from gpgpu_agent.types import HostSample, JsonObject, LeaseSpec, OutputRead, RunState
 
 
 class Collector(Protocol):
@@ -47,6 +47,18 @@ class Runner(Protocol):
         ...
 
 
+@runtime_checkable
+class OutputReader(Protocol):
+    """A runner that can read a lease's output as it is written (for the job's live logs)."""
+
+    def read_output(self, lease_id: int, *, offset: int, limit: int) -> OutputRead | None:
+        """At most `limit` bytes of the lease's output from position `offset` (a position an
+        earlier read returned, or 0), and the position after them; None when this lease's
+        output cannot be read as it runs. Only reads what the workload wrote: never waits for
+        it, never slows it."""
+        ...
+
+
 class CapableRunner(Runner, Protocol):
     """A Runner that says how it isolates the jobs it runs (the heartbeat's `capabilities`)."""
 
@@ -64,6 +76,10 @@ class Transport(Protocol):
     def lease_event(self, lease_id: int, body: Mapping[str, object]) -> JsonObject: ...
 
     def lease_usage(self, lease_id: int, body: Mapping[str, object]) -> JsonObject: ...
+
+    def lease_log(self, lease_id: int, body: Mapping[str, object]) -> JsonObject:
+        """One chunk of the lease's output (POST leases/{id}/logs); a repeated seq is a duplicate."""
+        ...
 
     def orders_wait(self, body: Mapping[str, object]) -> JsonObject:
         """The doorbell (POST orders/wait): held up to body["wait_s"] until the machine has a new

@@ -99,6 +99,9 @@ class HttpTransport:
     def lease_usage(self, lease_id: int, body: Mapping[str, object]) -> JsonObject:
         return self._post(f"leases/{int(lease_id)}/usage", body)
 
+    def lease_log(self, lease_id: int, body: Mapping[str, object]) -> JsonObject:
+        return self._post(f"leases/{int(lease_id)}/logs", body)
+
     def rotate_credential(self, body: Mapping[str, object]) -> JsonObject:
         """A new credential for this machine (the current one stops working at once)."""
         return self._post("credential/rotate", body)
@@ -203,7 +206,7 @@ class FakeCall:
 class FakeTransport:
     """protocols.Transport in memory, behaving like the marketplace where the agent can tell.
 
-    - Idempotency as on the server: a repeated event_id (per lease) or report_id (per lease) is
+    - Idempotency as on the server: a repeated event_id, report_id or log seq (per lease) is
       answered like the first time with duplicate=true and is not applied again; `applied` lists
       what took effect, in order, as (kind, lease_id, key).
     - `set_down()` / `set_up()`: every call raises TransportUnavailable while down;
@@ -228,6 +231,7 @@ class FakeTransport:
     _reject_all: Rejected | None = None
     _events: dict[tuple[int, str], dict[str, object]] = field(default_factory=dict)
     _usage: dict[tuple[int, str], tuple[int, dict[str, object]]] = field(default_factory=dict)
+    logs: dict[tuple[int, int], dict[str, object]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     doorbell_held: bool = False
     doorbell: queue.Queue[JsonObject] = field(default_factory=queue.Queue)
@@ -266,7 +270,7 @@ class FakeTransport:
         self._reject_all = None
 
     def sent(self, kind: str) -> list[tuple[int, str]]:
-        """(lease_id, key) of what took effect, of one kind ("event" or "usage"), in order."""
+        """(lease_id, key) of what took effect, of one kind ("event", "usage" or "log"), in order."""
         return [(lease, key) for k, lease, key in self.applied if k == kind]
 
     # -- protocols.Transport -------------------------------------------------------------------
@@ -329,6 +333,24 @@ class FakeTransport:
             self._record("lease_usage", lease_id, body, "duplicate" if duplicate else "ok")
             row_id = self._usage[(lease_id, key)][0]
         return {"id": row_id, "lease_id": lease_id, "report_id": key, "duplicate": duplicate}
+
+    def lease_log(self, lease_id: int, body: Mapping[str, object]) -> JsonObject:
+        seq = body.get("seq")
+        key = str(seq)
+        self._gate("lease_log", lease_id, body, ("log", lease_id, key))
+        with self._lock:
+            duplicate = isinstance(seq, int) and (lease_id, seq) in self.logs
+            if isinstance(seq, int) and not duplicate:
+                self.logs[(lease_id, seq)] = dict(body)
+                self.applied.append(("log", lease_id, key))
+            self._record("lease_log", lease_id, body, "duplicate" if duplicate else "ok")
+        return {"lease_id": lease_id, "seq": seq, "duplicate": duplicate, "stored": not duplicate}
+
+    def log_text(self, lease_id: int) -> str:
+        """The output the lease's chunks carried, in seq order."""
+        with self._lock:
+            chunks = sorted((seq, body) for (lease, seq), body in self.logs.items() if lease == lease_id)
+        return "".join(str(body.get("text", "")) for _, body in chunks)
 
     # -- plumbing ------------------------------------------------------------------------------
 

@@ -114,6 +114,14 @@ class JobLimits(TypedDict):
 
 
 @dataclass(frozen=True, slots=True)
+class OutputRead:
+    """Bytes of a workload's output read from one position, and the position after them."""
+
+    data: bytes
+    next_offset: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunState:
     """A runner's view of one lease's workload."""
 

@@ -685,6 +685,31 @@ def test_podman_log_tail_is_read_from_its_log_file_with_split_lines_joined(runne
     assert len(podman.calls("logs")) == calls_before  # `podman logs --tail` splits such lines apart
 
 
+def test_podman_output_is_read_on_from_its_log_file_one_whole_record_at_a_time(runner, podman, tmp_path):
+    runner.start(lease(63), gpu_indexes=GPUS)
+    log_file = tmp_path / "ctr63.log"
+    first = "2026-12-01T19:27:41.1+00:00 stdout P step \n2026-12-01T19:27:41.2+00:00 stdout F 1\n"
+    log_file.write_text(first + "2026-12-01T19:27:41.3+00:00 stderr F warn")  # the last record is unfinished
+    podman.set_container(63, log_path=str(log_file))
+    inspects = len(podman.calls("inspect"))
+
+    one = runner.read_output(63, offset=0, limit=65536)
+    with log_file.open("a") as f:
+        f.write("ing\n2026-12-01T19:27:41.4+00:00 stdout F step 2\n")
+    two = runner.read_output(63, offset=one.next_offset, limit=65536)
+    three = runner.read_output(63, offset=two.next_offset, limit=65536)
+
+    assert one.data == b"step 1\n" and one.next_offset == len(first)
+    assert two.data == b"warning\nstep 2\n" and three.data == b""
+    assert len(podman.calls("inspect")) == inspects + 1  # the file is found once, then only read
+
+
+def test_docker_output_is_not_read_as_it_runs(runner, docker):
+    runner.start(lease(64), gpu_indexes=GPUS)
+
+    assert runner.read_output(64, offset=0, limit=65536) is None
+
+
 def test_a_container_killed_for_memory_reports_137_and_one_never_started_125(runner, podman):
     runner.start(lease(51), gpu_indexes=GPUS)
     runner.start(lease(52), gpu_indexes=GPUS)

@@ -674,3 +674,125 @@ def test_a_lease_whose_start_takes_longer_than_the_fence_is_not_fenced_meanwhile
         agent.request_stop()
         thread.join(30)
         _close(agent)
+
+
+# --- the job's output, live ---------------------------------------------------------------------
+
+
+def _run_to_end(agent: Agent, transport: FakeTransport, lease_id: int, *, network: bool = True) -> None:
+    deadline = time.monotonic() + 15
+    while lease_id not in agent.done and time.monotonic() < deadline:
+        agent.poll_once()
+        if network:
+            agent.network_once()
+        time.sleep(0.05)
+    assert lease_id in agent.done
+
+
+def test_a_running_jobs_output_reaches_the_marketplace_while_it_runs_then_all_of_it_before_its_end(
+    rig: Any,
+) -> None:
+    agent, fake, transport = rig
+    script = (
+        "import sys, time\n"
+        "print('first line', flush=True)\n"
+        "time.sleep(1.0)\n"
+        "for n in range(2000): print(f'line {n} ' + 'x' * 40)\n"
+        "sys.stdout.flush()\n"
+    )
+    agent.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[_order(5, fake.gpus[0].uuid, 0, script=script)]))
+    agent.network_once()
+    deadline = time.monotonic() + 10
+    while not transport.logs and time.monotonic() < deadline:
+        agent.poll_once()
+        agent.network_once()
+        time.sleep(0.05)
+    assert transport.log_text(5) == "first line\n"  # while the job still runs
+    assert 5 in agent.leases
+
+    _run_to_end(agent, transport, 5)
+    agent.network_once()
+
+    expected = "first line\n" + "".join(f"line {n} {'x' * 40}\n" for n in range(2000))
+    assert transport.log_text(5) == expected
+    seqs = [int(key) for kind, lease, key in transport.applied if kind == "log" and lease == 5]
+    assert seqs == list(range(len(seqs))) and len(seqs) > 2
+    assert all(len(str(body["text"]).encode()) <= 64 * 1024 for body in transport.logs.values())
+    kinds = [kind for kind, lease, key in transport.applied if lease == 5]
+    assert kinds.index("event", 1) > max(i for i, kind in enumerate(kinds) if kind == "log")  # exited last
+
+
+def test_a_secret_the_job_prints_in_pieces_across_reads_never_reaches_the_marketplace(rig: Any) -> None:
+    agent, fake, transport = rig
+    # The credential is written in two halves a second apart: the agent reads the first half
+    # alone, in one poll, and the rest in a later one.
+    half = len(CREDENTIAL) // 2
+    key = PRIVATE_KEY.upper()
+    script = (
+        "import sys, time\n"
+        f"sys.stdout.write('cred {CREDENTIAL[:half]}'); sys.stdout.flush(); time.sleep(1.0)\n"
+        f"sys.stdout.write('{CREDENTIAL[half:]} key 0x{key[:7]}'); sys.stdout.flush(); time.sleep(1.0)\n"
+        f"print('{key[7:]} done', flush=True)\n"
+    )
+    agent.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[_order(6, fake.gpus[0].uuid, 0, script=script)]))
+    agent.network_once()
+
+    _run_to_end(agent, transport, 6)
+    agent.network_once()
+
+    shipped = [str(body["text"]) for (lease, _), body in sorted(transport.logs.items()) if lease == 6]
+    assert "".join(shipped) == f"cred {REDACTED} key 0x{REDACTED} done\n"
+    for text in shipped:
+        assert CREDENTIAL[:8] not in text and PRIVATE_KEY[:8] not in text.lower()
+
+
+def test_output_spooled_while_the_marketplace_is_unreachable_arrives_once_in_order_after_it(rig: Any) -> None:
+    agent, fake, transport = rig
+    script = "import time\nfor n in range(10):\n    print(f'tick {n}', flush=True); time.sleep(0.3)\n"
+    agent.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[_order(7, fake.gpus[0].uuid, 0, script=script)]))
+    agent.network_once()
+    agent.poll_once()
+    agent.network_once()
+    transport.set_down()
+
+    _run_to_end(agent, transport, 7)
+    assert agent.outbox.stats().logs >= 2  # kept on disk meanwhile
+    transport.set_up()
+    transport.fail_next(1)  # the first try after the outage fails too
+    for _ in range(4):
+        agent.network_once()
+
+    assert transport.log_text(7) == "".join(f"tick {n}\n" for n in range(10))
+    logs = [key for kind, lease, key in transport.applied if kind == "log" and lease == 7]
+    assert logs == [str(n) for n in range(len(logs))]  # each once, in order
+    assert agent.outbox.pending() == 0
+
+
+def test_output_past_the_cap_is_not_shipped_and_the_last_chunk_says_so(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path
+) -> None:
+    fake = FakeNvml().install()
+    fake.add_gpu("NVIDIA L4", 23034)
+    transport = FakeTransport()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, log_max_bytes=1000)
+    try:
+        script = "print('y' * 99, end=''); [print('z' * 99) for _ in range(50)]"
+        agent.poll_once()
+        transport.heartbeat_replies.append(_reply(start=[_order(8, fake.gpus[0].uuid, 0, script=script)]))
+        agent.network_once()
+        _run_to_end(agent, transport, 8)
+        agent.network_once()
+    finally:
+        agent.outbox.close()
+        fake.uninstall()
+
+    text = transport.log_text(8)
+    output = "y" * 99 + "".join("z" * 99 + "\n" for _ in range(50))
+    assert text.startswith(output[:1000])
+    assert text[1000:].startswith("\n[gpgpu-agent: this lease's output passed 1000 bytes")
+    last = max((seq, body) for (lease, seq), body in transport.logs.items() if lease == 8)[1]
+    assert last["truncated"] is True
+    assert [body["truncated"] for (lease, _), body in sorted(transport.logs.items()) if lease == 8].count(True) == 1

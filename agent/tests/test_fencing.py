@@ -283,6 +283,8 @@ class FakeMarket:
             if m := re.search(r"/leases/(\d+)/events$", path):
                 self.events.append(body)
                 return 200, {"lease_id": int(m.group(1)), "lease_status": "running", "duplicate": False}
+            if m := re.search(r"/leases/(\d+)/logs$", path):
+                return 201, {"lease_id": int(m.group(1)), "seq": body["seq"], "duplicate": False, "stored": True}
             if m := re.search(r"/leases/(\d+)/usage$", path):
                 self.usage.append(body)
                 return 201, {"id": len(self.usage), "lease_id": int(m.group(1)), "report_id": body["report_id"]}

@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 the server refused or could not be reached (one line on stderr); 2 bad
 usage, a bad search term or a bad job file (one line on stderr); `run --follow` exits with the
 job's own exit code when it failed with one, 1 for any other end but succeeded, 130 when
-interrupted (the job goes on).
+interrupted (the job goes on; so does `logs --follow`, interrupted).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ COMMANDS = (
     "status",
     "cancel",
     "leases",
+    "logs",
     "why",
     "balance",
     "statement",
@@ -409,6 +410,41 @@ def cmd_leases(args: argparse.Namespace, client: Client, out: TextIO) -> int:
         out,
     )
     return 0
+
+
+def cmd_logs(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    return job_logs_print(
+        client, args.id, out=out, follow=args.follow, as_json=args.json, interval_s=args.poll_interval
+    )
+
+
+def job_logs_print(
+    client: Client,
+    job_id: int,
+    *,
+    out: TextIO,
+    follow: bool = False,
+    as_json: bool = False,
+    interval_s: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Write the job's output so far to `out` (each chunk's text as it came; with `as_json`, one
+    JSON object per chunk and line). With `follow`, keep reading from the last cursor every
+    `interval_s` until the output is complete (the job is over). Returns the exit code, 0."""
+    cursor = 0
+    while True:
+        logs = client.job_logs(job_id, cursor=cursor)
+        for chunk in logs.chunks:
+            out.write(json.dumps(chunk.raw, sort_keys=True) + "\n" if as_json else chunk.text)
+        out.flush()
+        cursor = logs.next_cursor
+        if logs.finished:
+            return 0
+        if logs.chunks:
+            continue  # there may be more already: read on at once
+        if not follow:
+            return 0
+        sleep(interval_s)
 
 
 def why_text(job: Job) -> str:
@@ -854,6 +890,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--status", help="only these statuses (comma-separated)")
     ls.add_argument("--limit", type=_positive, default=50)
 
+    logs = command("logs", "a job's output so far (--follow: until it ends)")
+    logs.add_argument("id", type=_positive, help="the job's id")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing its output until the job ends")
+    logs.add_argument("--poll-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+
     for name, help_text in (
         ("status", "one job in detail"),
         ("cancel", "cancel a job"),
@@ -921,6 +962,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Client, TextIO], int]] = {
     "status": cmd_status,
     "cancel": cmd_cancel,
     "leases": cmd_leases,
+    "logs": cmd_logs,
     "why": cmd_why,
     "balance": cmd_balance,
     "statement": cmd_statement,

@@ -24,7 +24,7 @@ import requests
 
 from gpgpu_client import __version__
 from gpgpu_client.errors import ApiError, ClientError, error_for
-from gpgpu_client.models import JSON, Balance, Job, Lease, Me, Offer, Statement
+from gpgpu_client.models import JSON, Balance, Job, JobLogs, Lease, Me, Offer, Statement
 
 RETRY_STATUSES = frozenset({429, 503})
 # The longest wait one Retry-After may impose before the client gives up waiting for it.
@@ -176,6 +176,14 @@ class Client:
 
     def job_cancel(self, job_id: int) -> Job:
         return Job.from_json(self.request("POST", f"api/v1/jobs/{int(job_id)}/cancel/"))
+
+    def job_logs(self, job_id: int, *, cursor: int = 0, limit: int | None = None) -> JobLogs:
+        """The job's output after `cursor` (0: from the start); pass the answer's next_cursor
+        to read on."""
+        params: dict[str, str | int] = {"cursor": int(cursor)}
+        if limit is not None:
+            params["limit"] = int(limit)
+        return JobLogs.from_json(self.request("GET", f"api/v1/jobs/{int(job_id)}/logs/", params=params))
 
     def job_leases(self, job_id: int) -> Iterator[Lease]:
         for row in self.paginate(f"api/v1/jobs/{int(job_id)}/leases/"):

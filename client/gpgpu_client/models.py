@@ -307,3 +307,48 @@ class Statement:
             settled=Amount.from_json(data.get("settled")),
             raw=data,
         )
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """A piece of a job's output (GET /api/v1/jobs/{id}/logs/); `id` is the cursor after it."""
+
+    id: int
+    lease: int
+    seq: int
+    text: str
+    truncated: bool
+    at: datetime | None
+    raw: JSON = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: JSON) -> LogChunk:
+        return cls(
+            id=int(data["id"]),
+            lease=int(data["lease"]),
+            seq=int(data["seq"]),
+            text=str(data.get("text", "")),
+            truncated=bool(data.get("truncated", False)),
+            at=_dt(data.get("at")),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class JobLogs:
+    """One read of a job's output: the chunks after the cursor asked for, the cursor to ask next,
+    and whether the output is complete (the job is over and nothing more will come)."""
+
+    chunks: list[LogChunk]
+    next_cursor: int
+    finished: bool
+    raw: JSON = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: JSON) -> JobLogs:
+        return cls(
+            chunks=[LogChunk.from_json(c) for c in data.get("chunks", [])],
+            next_cursor=int(data.get("next_cursor", 0)),
+            finished=bool(data.get("finished", False)),
+            raw=data,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpgpu_client.cli import job_exit_code, main, status_line, why_text
-from gpgpu_client.models import Job
+from gpgpu_client.cli import job_exit_code, job_logs_print, main, status_line, why_text
+from gpgpu_client.models import Job, JobLogs
 
 GPGPU = Path(sys.executable).parent / "gpgpu"
 
@@ -148,3 +149,65 @@ def test_a_month_not_as_yyyy_mm_is_a_usage_error(month: str, capsys: pytest.Capt
 
     assert caught.value.code == 2
     assert "YYYY-MM" in capsys.readouterr().err
+
+
+class _Logs:
+    """A client whose job_logs answers from a script, then is interrupted (Ctrl-C)."""
+
+    def __init__(self, answers: list[dict[str, object]]) -> None:
+        self.answers = answers
+        self.cursors: list[int] = []
+
+    def job_logs(self, job_id: int, *, cursor: int = 0, limit: int | None = None) -> JobLogs:
+        self.cursors.append(cursor)
+        if not self.answers:
+            raise KeyboardInterrupt
+        return JobLogs.from_json(self.answers.pop(0))
+
+
+def _chunk(n: int, text: str) -> dict[str, object]:
+    return {"id": n, "lease": 1, "seq": n - 1, "text": text, "truncated": False, "at": "2026-01-14T12:00:00Z"}
+
+
+def test_logs_follow_reads_on_from_each_cursor_and_waits_only_when_nothing_came(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = _Logs(
+        [
+            {"chunks": [_chunk(1, "a\n"), _chunk(2, "b")], "next_cursor": 2, "finished": False},
+            {"chunks": [], "next_cursor": 2, "finished": False},
+            {"chunks": [_chunk(3, "c\n")], "next_cursor": 3, "finished": True},
+        ]
+    )
+    waits: list[float] = []
+
+    code = job_logs_print(client, 7, out=sys.stdout, follow=True, interval_s=0.5, sleep=waits.append)  # type: ignore[arg-type]
+
+    assert (code, capsys.readouterr().out) == (0, "a\nbc\n")
+    assert client.cursors == [0, 2, 2] and waits == [0.5]
+
+
+def test_logs_without_follow_stops_when_nothing_more_came(capsys: pytest.CaptureFixture[str]) -> None:
+    client = _Logs(
+        [
+            {"chunks": [_chunk(1, "a\n")], "next_cursor": 1, "finished": False},
+            {"chunks": [], "next_cursor": 1, "finished": False},
+        ]
+    )
+
+    assert job_logs_print(client, 7, out=sys.stdout, as_json=True) == 0  # type: ignore[arg-type]
+
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["a\n"]
+
+
+def test_logs_follow_interrupted_with_ctrl_c_exits_130_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = _Logs([{"chunks": [_chunk(1, "a\n")], "next_cursor": 1, "finished": False}])
+    monkeypatch.setattr("gpgpu_client.cli._client", lambda session: client)
+
+    code = main(["logs", "7", "--follow", "--poll-interval", "0"])
+
+    out, err = capsys.readouterr()
+    assert (code, out) == (130, "a\n")
+    assert err.strip().startswith("gpgpu: interrupted") and len(err.strip().splitlines()) == 1

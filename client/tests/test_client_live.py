@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import threading
@@ -298,3 +299,64 @@ def test_a_job_the_server_refuses_is_one_line_and_exit_1(
     err = capsys.readouterr().err
     assert err.startswith("gpgpu: ") and err.endswith(" (not_found)\n")
     assert len(err.splitlines()) == 1
+
+
+def test_a_renter_follows_a_running_jobs_output_then_reads_it_back(
+    live: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a job that writes a line every 0.3 s for 3 s
+    assert main(["login", "--url", live["url"], "--token", live["token"]], session=live["session"]) == 0
+    script = "import time\nfor n in range(10):\n    print(f'step {n}', flush=True); time.sleep(0.3)\n"
+    argv = ["run", "--kind", "process", "--command", shlex.join([SANDBOX_PYTHON, "-c", script])]
+    capsys.readouterr()
+    assert main([*argv, "--gpus", "1", "--max-price", "2", "--duration", "60"], session=live["session"]) == 0
+    job_id = int(capsys.readouterr().out)
+    expected = "".join(f"step {n}\n" for n in range(10))
+
+    # When the renter follows its output, from before it is placed until it ends
+    thread, codes = _run_in_thread(["logs", str(job_id), "--follow", "--poll-interval", "0.2"], live["session"])
+    _work_the_market(live, thread)
+
+    # Then every line came, once, in order, and the command ended with the job
+    out, err = capsys.readouterr()
+    assert codes == [0], err
+    assert out == expected
+    with live["turn"]:
+        job = Job.objects.get(pk=job_id)
+        chunks = list(job.log_chunks.order_by("pk"))
+    assert job.status == Job.Status.SUCCEEDED
+    # ... shipped while it ran, not all at its end
+    assert len(chunks) > 1 and job.finished_at is not None and chunks[0].received_at < job.finished_at
+
+    # And it reads back whole, as text and as JSON lines
+    assert main(["logs", str(job_id)], session=live["session"]) == 0
+    assert capsys.readouterr().out == expected
+    assert main(["logs", str(job_id), "--json"], session=live["session"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "".join(line["text"] for line in lines) == expected
+    assert [line["seq"] for line in lines] == list(range(len(lines)))
+    assert {line["lease"] for line in lines} == {chunks[0].lease_id}
+
+
+def test_following_the_output_of_someone_elses_job_is_not_found(
+    live: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    stranger = token_for(RenterFactory().user)
+    assert main(["login", "--url", live["url"], "--token", stranger], session=live["session"]) == 0
+    with live["turn"]:
+        job = Job.objects.create(
+            renter=live["renter"],
+            kind="process",
+            command=["true"],
+            gpu_count=1,
+            max_price_per_gpu_hour="1",
+            expected_duration_s=60,
+            max_duration_s=60,
+        )
+    capsys.readouterr()
+
+    code = main(["logs", str(job.pk), "--follow"], session=live["session"])
+
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, "")
+    assert err.endswith("(not_found)\n")

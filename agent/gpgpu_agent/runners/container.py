@@ -102,8 +102,16 @@ from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import default_limits as cgroup_default_limits
 from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
 from gpgpu_agent.runners.firewall import Firewall, FirewallError
-from gpgpu_agent.runners.state import LOG_TAIL_BYTES, boot_id, parse_utc, proc_stat, tail_text, write_json_atomic
-from gpgpu_agent.types import JobLimits, LeaseSpec, RunState, json_int
+from gpgpu_agent.runners.state import (
+    LOG_TAIL_BYTES,
+    boot_id,
+    parse_utc,
+    proc_stat,
+    read_from,
+    tail_text,
+    write_json_atomic,
+)
+from gpgpu_agent.types import JobLimits, LeaseSpec, OutputRead, RunState, json_int
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +313,8 @@ class ContainerRunner:
         self._bridge: str | None = None
         self._firewall_checked_at = -math.inf
         self._firewall_kills: dict[int, str] = {}
+        # Each lease's k8s-file log (Podman), found by one inspect; "" when it has none.
+        self._log_files: dict[int, str] = {}
 
     # --- what this machine offers -----------------------------------------------------------
 
@@ -521,6 +531,7 @@ class ContainerRunner:
                 raise RunnerError(f"could not remove the container: {message}")
         _remove_tree(self.work_dir(lease_id))
         self._firewall_kills.pop(lease_id, None)
+        self._log_files.pop(lease_id, None)
         if self.fence_dir is not None:
             for path in (fencing.fenced_path(self.fence_dir, lease_id), fencing.watcher_path(self.fence_dir, lease_id)):
                 path.unlink(missing_ok=True)
@@ -1031,6 +1042,29 @@ class ContainerRunner:
                     pids.add(int(token))
         return tuple(sorted(pids))
 
+    def read_output(self, lease_id: int, *, offset: int, limit: int) -> OutputRead | None:
+        """Up to ``limit`` bytes of the container's k8s-file log (Podman) from ``offset``, whole
+        records only, as the job's output (protocols.OutputReader): a read of the file conmon
+        appends to, no engine call after the first inspect. Pieces of stdout and stderr lines are
+        joined in the order they were written, so a line the job wrote in several pieces may
+        interleave with the other stream's. None with Docker (its log files are root's) or
+        another log driver: such a lease's output comes only as the tail of its end."""
+        if self.engine != "podman":
+            return None
+        path = self._log_files.get(lease_id)
+        if path is None:
+            info = self._inspect(lease_id)
+            if info is None:
+                return None
+            found = _object(_object(info.get("HostConfig")).get("LogConfig")).get("Path")
+            path = self._log_files[lease_id] = found if isinstance(found, str) else ""
+        if not path:
+            return None
+        raw, end = read_from(Path(path), offset, limit)
+        start = end - len(raw)
+        whole = raw[: raw.rfind(b"\n") + 1]  # a record still being written waits for the next read
+        return OutputRead(data=_k8s_file_text(whole), next_offset=start + len(whole))
+
     def _log_tail(self, lease_id: int, info: Mapping[str, object]) -> str:
         """The end of the job's output. Podman's: read from its k8s-file log itself, because
         ``podman logs --tail`` (4.3) drops or misorders the pieces of lines the job wrote in
@@ -1095,6 +1129,20 @@ def _k8s_file_tail(path: Path, limit: int, lines: int) -> str | None:
         out += piece
     kept = b"\n".join(bytes(out).split(b"\n")[-lines - 1 :]) if lines > 0 else bytes(out)
     return tail_text(kept, limit)
+
+
+def _k8s_file_text(records: bytes) -> bytes:
+    """The job's output in whole k8s-file records (``<time> <stream> <P|F> <text>``): each
+    record's text, a newline after each F (the end of a line)."""
+    out = bytearray()
+    for record in records.split(b"\n"):
+        parts = record.split(b" ", 3)
+        if len(parts) < 3 or parts[2] not in (b"P", b"F"):
+            continue
+        out += parts[3] if len(parts) == 4 else b""
+        if parts[2] == b"F":
+            out += b"\n"
+    return bytes(out)
 
 
 def cgroups_hybrid(root: Path = Path("/sys/fs/cgroup")) -> bool:

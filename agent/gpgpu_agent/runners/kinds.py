@@ -26,9 +26,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from gpgpu_agent.config import SYSTEM_STATE_DIR, AgentConfig
-from gpgpu_agent.protocols import AgentError, CapableRunner, RunnerError
+from gpgpu_agent.protocols import AgentError, CapableRunner, OutputReader, RunnerError
 from gpgpu_agent.runners.common import UnknownLeaseError
-from gpgpu_agent.types import JOB_KINDS, LeaseSpec, RunState
+from gpgpu_agent.types import JOB_KINDS, LeaseSpec, OutputRead, RunState
 
 if TYPE_CHECKING:
     from gpgpu_agent.runners.container import ContainerRunner
@@ -116,6 +116,16 @@ class KindRunner:
                 self._owner[state.lease_id] = runner
                 states.append(state)
         return states
+
+    def read_output(self, lease_id: int, *, offset: int, limit: int) -> OutputRead | None:
+        """The lease's runner's read_output (protocols.OutputReader); None when it has none."""
+        try:
+            runner = self._of(lease_id)
+        except RunnerError:
+            return None
+        if not isinstance(runner, OutputReader):
+            return None
+        return runner.read_output(lease_id, offset=offset, limit=limit)
 
     def forget(self, lease_id: int) -> None:
         try:

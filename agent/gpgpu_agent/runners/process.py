@@ -77,11 +77,12 @@ from gpgpu_agent.runners.state import (
     boot_id,
     proc_stat,
     read_exit,
+    read_from,
     read_tail,
     workload_pids,
     write_exit,
 )
-from gpgpu_agent.types import JobLimits, LeaseSpec, RunState
+from gpgpu_agent.types import JobLimits, LeaseSpec, OutputRead, RunState
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +387,15 @@ class ProcessRunner:
             ended_at=None if exit_record is None else exit_record.exited_at,
             fenced_at=None if exit_record is None else exit_record.fenced_at,
         )
+
+    def read_output(self, lease_id: int, *, offset: int, limit: int) -> OutputRead | None:
+        """Up to ``limit`` bytes of the lease's log file from ``offset`` (protocols.OutputReader):
+        a plain read of the file the workload appends to. None for a lease without a record."""
+        record = self._record(lease_id)
+        if record is None:
+            return None
+        data, next_offset = read_from(Path(record.log_path), offset, limit)
+        return OutputRead(data=data, next_offset=next_offset)
 
     def stop(self, lease_id: int, *, grace_s: float) -> RunState:
         """SIGTERM the workload's process group (and descendants that left it), wait up to

@@ -185,6 +185,22 @@ def read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
         return ""
 
 
+def read_from(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
+    """At most ``limit`` bytes of a file from ``offset``, and the offset after them. A file now
+    shorter than ``offset`` was truncated (a log rotated by size): reading starts again at 0. A
+    missing file reads as nothing."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < offset:
+                offset = 0
+            f.seek(offset)
+            data = f.read(max(0, limit))
+    except FileNotFoundError:
+        return b"", offset
+    return data, offset + len(data)
+
+
 # --- records --------------------------------------------------------------------------------
 
 
