@@ -254,7 +254,9 @@ def cmd_run(args: argparse.Namespace, client: Client, out: TextIO) -> int:
         return 0
     if not args.json:
         out.write(f"Submitted job {job.id}\n")
-    job = follow(client, job.id, interval_s=args.poll_interval, status_out=sys.stderr)
+    job = follow(
+        client, job.id, interval_s=args.poll_interval, status_out=sys.stderr, log_out=None if args.json else out
+    )
     if args.json:
         _print_json(job.raw, out)
     else:
@@ -268,17 +270,26 @@ def follow(
     *,
     interval_s: float = 2.0,
     status_out: TextIO | None = None,
+    log_out: TextIO | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Job:
     """Poll the job until it ends, writing its status line to `status_out`: rewritten in place at
     every poll on a terminal, else a new line whenever its state, lease or reason for waiting
-    changes. Returns the ended job."""
+    changes. With `log_out`, the job's output is written there as it arrives, and all of it
+    before this returns (the last chunks can arrive just after the job ended: read for up to
+    LOG_DRAIN_POLLS more polls). Returns the ended job."""
     last: tuple[object, ...] = ()
     tty = bool(status_out and status_out.isatty())
+    cursor = 0
     while True:
         job = client.job(job_id)
         lease = job.current_lease
         key = (job.status, lease.id if lease else None, job.unplaced_reason)
+        if log_out is not None:
+            if tty and status_out is not None:
+                status_out.write("\r\x1b[2K")  # the output goes above the status line
+                status_out.flush()
+            cursor, _complete = _logs_read(client, job_id, cursor, log_out)
         if status_out is not None and (tty or key != last):
             line = status_line(job)
             status_out.write(f"\r\x1b[2K{line}" if tty else f"{line}\n")
@@ -287,8 +298,32 @@ def follow(
         if job.finished:
             if tty and status_out is not None:
                 status_out.write("\n")
+            if log_out is not None:
+                for _ in range(LOG_DRAIN_POLLS):
+                    cursor, complete = _logs_read(client, job_id, cursor, log_out)
+                    if complete:
+                        break
+                    sleep(interval_s)
             return job
         sleep(interval_s)
+
+
+# After the job ended, how many polls `run --follow` waits for the rest of its output.
+LOG_DRAIN_POLLS = 5
+
+
+def _logs_read(client: Client, job_id: int, cursor: int, out: TextIO, *, as_json: bool = False) -> tuple[int, bool]:
+    """Write the job's output after `cursor` to `out` (each chunk's text as it came; with
+    `as_json`, one JSON object per chunk and line), reading on while pages come full; returns the
+    new cursor and whether the output is complete (the job is over and all of it was read)."""
+    while True:
+        logs = client.job_logs(job_id, cursor=cursor)
+        for chunk in logs.chunks:
+            out.write(json.dumps(chunk.raw, sort_keys=True) + "\n" if as_json else chunk.text)
+        out.flush()
+        cursor = logs.next_cursor
+        if logs.finished or not logs.chunks:
+            return cursor, logs.finished
 
 
 def status_line(job: Job, *, now: datetime | None = None) -> str:
@@ -433,16 +468,8 @@ def job_logs_print(
     `interval_s` until the output is complete (the job is over). Returns the exit code, 0."""
     cursor = 0
     while True:
-        logs = client.job_logs(job_id, cursor=cursor)
-        for chunk in logs.chunks:
-            out.write(json.dumps(chunk.raw, sort_keys=True) + "\n" if as_json else chunk.text)
-        out.flush()
-        cursor = logs.next_cursor
-        if logs.finished:
-            return 0
-        if logs.chunks:
-            continue  # there may be more already: read on at once
-        if not follow:
+        cursor, complete = _logs_read(client, job_id, cursor, out, as_json=as_json)
+        if complete or not follow:
             return 0
         sleep(interval_s)
 

@@ -204,6 +204,7 @@ def test_a_renter_runs_a_job_from_a_toml_file_and_follows_it_to_success(
     assert codes == [0], err
     job_id = int(out.splitlines()[0].removeprefix("Submitted job "))
     assert out.splitlines()[-1].startswith(f"Job {job_id} succeeded")
+    assert "hello" in out.splitlines()[1:-1]  # its output, between the id and the end
     assert "running  machine" in err  # the live status line saw it run
     with live["turn"]:
         assert Job.objects.get(pk=job_id).status == Job.Status.SUCCEEDED
