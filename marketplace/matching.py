@@ -730,7 +730,7 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
                 unfunded = billing_selectors.jobs_budget_unreserved(job_ids=[job.id for job in chunk_jobs])
                 placeable = [job for job in chunk_jobs if job.id not in unfunded]
                 placements = _chunk_place(pool, placeable) if pool.free_count else []
-                leases = leases_assign(
+                placed_ids = leases_assign(
                     placements=[
                         Placement(
                             job_id=job.id,
@@ -743,7 +743,6 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
                 )
                 # leases_assign skips a job that stopped being pending (it cannot while we hold
                 # its lock, but the count should say what was written).
-                placed_ids = {lease.job_id for lease in leases}
                 placements = [p for p in placements if p[0].id in placed_ids]
                 job_set_unplaced(
                     reasons={
@@ -865,7 +864,7 @@ def _plan_write(plan: Sequence[policy.Placement]) -> tuple[list[policy.Placement
                 wanted = [p for p in chunk if p.job_id in held_jobs]
                 held_gpus = _gpus_lock({gpu_id for p in wanted for gpu_id in p.gpu_ids})
                 ready = [p for p in wanted if all(gpu_id in held_gpus for gpu_id in p.gpu_ids)]
-                leases = leases_assign(
+                placed_ids = leases_assign(
                     placements=[
                         Placement(
                             job_id=p.job_id,
@@ -876,7 +875,6 @@ def _plan_write(plan: Sequence[policy.Placement]) -> tuple[list[policy.Placement
                         for p in ready
                     ]
                 )
-                placed_ids = {lease.job_id for lease in leases}
                 written.extend(p for p in ready if p.job_id in placed_ids)
         except IntegrityError:
             logger.warning("matching: %d placements rolled back on a lease conflict", len(chunk), exc_info=True)
