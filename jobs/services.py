@@ -21,11 +21,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, models, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -284,24 +284,61 @@ class Placement:
     price_per_gpu_hour: Decimal
 
 
-def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") -> list[Lease]:
-    """Create a lease for each placement and move its job pending → scheduled.
+def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") -> dict[int, int]:
+    """Create a lease for each placement and move its job pending → scheduled; returns
+    {job id: lease id} of the leases written.
 
     Preconditions: the caller holds a transaction and row locks on the placements' jobs and
     GPUs (see marketplace.matching). Safety does not rest on the caller alone: a job no longer
     pending is skipped, and the partial unique index on LeaseGPU(gpu) WHERE active refuses a GPU
     already in an active lease (IntegrityError, which rolls the caller's transaction back).
-    The GPUs are shown `leased` through providers.services.gpus_lease, the owner of GPU state.
+    The GPUs are shown `leased` through providers.services.gpus_lease, the owner of GPU state,
+    before their LeaseGPU rows are written (that module's lock order).
+
+    On PostgreSQL the leases, their GPUs, the jobs' moves and their `lease.assigned` events are
+    one statement, whatever the number of placements (_leases_write_set); elsewhere bulk ORM
+    writes (_leases_write_orm). Both write the same rows.
     """
     if not placements:
-        return []
-    now = timezone.now()
-    job_ids = [p.job_id for p in placements]
-    pending = set(Job.objects.filter(pk__in=job_ids, status=JS.PENDING).values_list("pk", flat=True))
+        return {}
+    pending = _jobs_pending(job_ids=[p.job_id for p in placements])
     placements = [p for p in placements if p.job_id in pending]
-    gpu_ids = [g for p in placements for g in p.gpu_ids]
+    if not placements:
+        return {}
     # GPU rows before the LeaseGPU rows: the lock order of providers.services.
-    providers_services.gpus_lease(gpu_ids=gpu_ids)
+    providers_services.gpus_lease(gpu_ids=[g for p in placements for g in p.gpu_ids])
+    if connection.vendor == "postgresql":
+        written = _leases_write_set(placements=placements, actor=actor)
+    else:
+        written = _leases_write_orm(placements=placements, actor=actor)
+    # The machines' agents hear of their new leases at once (after commit: jobs.doorbell).
+    doorbell.ring(p.machine_id for p in placements if p.job_id in written)
+    return written
+
+
+def _jobs_pending(*, job_ids: list[int]) -> set[int]:
+    if connection.vendor == "postgresql":  # one array parameter rather than an IN list
+        with connection.cursor() as cursor:
+            table = connection.ops.quote_name(Job._meta.db_table)
+            sql = f"SELECT id FROM {table} WHERE id = ANY(%s::bigint[]) AND status = %s"  # noqa: S608
+            cursor.execute(sql, [job_ids, JS.PENDING])
+            return {row[0] for row in cursor.fetchall()}
+    pending: set[int] = set()
+    for start in range(0, len(job_ids), 1000):
+        pending.update(
+            Job.objects.filter(pk__in=job_ids[start : start + 1000], status=JS.PENDING).values_list("pk", flat=True)
+        )
+    return pending
+
+
+def _assigned_detail(p: Placement) -> dict[str, object]:
+    """The `lease.assigned` event's detail."""
+    return {"machine_id": p.machine_id, "gpu_ids": list(p.gpu_ids), "price_per_gpu_hour": str(p.price_per_gpu_hour)}
+
+
+def _leases_write_orm(*, placements: Sequence[Placement], actor: str) -> dict[int, int]:
+    """leases_assign's writes as bulk ORM statements (backends other than PostgreSQL)."""
+    now = timezone.now()
     leases = Lease.objects.bulk_create(
         [
             Lease(
@@ -323,8 +360,7 @@ def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") ->
             for g in p.gpu_ids
         ]
     )
-    doorbell.ring(p.machine_id for p in placements)  # the machines' agents hear of it at once
-    lease_by_job = {lease.job_id: lease for lease in leases}
+    lease_by_job = {lease.job_id: lease.pk for lease in leases}
     for start in range(0, len(placements), 1000):
         chunk = [p.job_id for p in placements[start : start + 1000]]
         Job.objects.filter(pk__in=chunk, status=JS.PENDING).update(
@@ -338,21 +374,117 @@ def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") ->
         [
             Event(
                 job_id=p.job_id,
-                lease_id=lease_by_job[p.job_id].pk,
+                lease_id=lease_by_job[p.job_id],
                 kind="lease.assigned",
                 actor=actor,
                 from_status=JS.PENDING,
                 to_status=JS.SCHEDULED,
-                detail={
-                    "machine_id": p.machine_id,
-                    "gpu_ids": list(p.gpu_ids),
-                    "price_per_gpu_hour": str(p.price_per_gpu_hour),
-                },
+                detail=_assigned_detail(p),
             )
             for p in placements
         ]
     )
-    return leases
+    return lease_by_job
+
+
+def _constant_columns(obj: models.Model, *, varying: Iterable[str]) -> tuple[list[str], list[object]]:
+    """The quoted columns of obj's table other than its primary key and the `varying` fields,
+    with the values an ORM insert of obj would write in them (defaults, auto_now_add): a new
+    field of the model is written here without this module knowing it."""
+    skip = set(varying)
+    columns: list[str] = []
+    values: list[object] = []
+    for f in obj._meta.concrete_fields:
+        if f.primary_key or f.attname in skip or f.name in skip:
+            continue
+        columns.append(connection.ops.quote_name(str(f.column)))
+        values.append(f.get_db_prep_save(f.pre_save(obj, add=True), connection=connection))
+    return columns, values
+
+
+def _fk_checks_by_index(cursor: Any) -> None:
+    """Make the foreign-key checks of the rows this transaction writes index scans, whatever
+    the planner's statistics say.
+
+    PostgreSQL checks each inserted lease GPU and event against jobs_lease (and every lease
+    against jobs_job and providers_machine) at commit, with a plan it caches for the whole
+    connection. Planned while jobs_lease looked empty (statistics taken on an empty table,
+    autovacuum off or not yet run), that plan was a sequential scan, and every later commit
+    scanned the growing table once per row: seen in benchmarks/matching.py, commits growing
+    from 18 ms to 1.8 s per chunk of 500 (EXPLAIN through auto_explain: `Seq Scan on
+    jobs_lease x` for `SELECT 1 FROM ONLY jobs_lease x WHERE id = $1 FOR KEY SHARE OF x`).
+    DISCARD PLANS drops the cached plans so the checks are planned again at this commit, and
+    with sequential scans disabled for the rest of this transaction (SET LOCAL) they are
+    planned as primary-key index scans, which is what they should be at any size."""
+    cursor.execute("SET LOCAL enable_seqscan = off")
+    cursor.execute("DISCARD PLANS")
+
+
+def _leases_write_set(*, placements: Sequence[Placement], actor: str) -> dict[int, int]:
+    """leases_assign's writes on PostgreSQL, in one statement: the placements travel as
+    arrays (unnest), the jobs move with one UPDATE … FROM, and the leases, their GPUs and the
+    events are INSERT … SELECT in data-modifying CTEs, in the placements' order. A lease is
+    written only for a job the UPDATE moved from pending."""
+    now = timezone.now()
+    qn = connection.ops.quote_name
+    lease_cols, lease_vals = _constant_columns(
+        Lease(status=Lease.Status.ASSIGNED), varying=("job", "machine", "gpu_count", "price_per_gpu_hour")
+    )
+    gpu_cols, gpu_vals = _constant_columns(LeaseGPU(active=True), varying=("lease", "gpu"))
+    event_cols, event_vals = _constant_columns(
+        Event(kind="lease.assigned", actor=actor, from_status=JS.PENDING, to_status=JS.SCHEDULED),
+        varying=("job", "lease", "detail"),
+    )
+
+    def slots(values: list[object]) -> str:
+        return "".join(", %s" for _ in values)
+
+    sql = f"""
+        WITH p AS (
+            SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::int[], %s::numeric[], %s::text[])
+                WITH ORDINALITY AS p(job_id, machine_id, gpu_count, price, detail, ord)
+        ), moved AS (
+            UPDATE {qn(Job._meta.db_table)} AS j
+            SET status = %s, attempts = j.attempts + 1, unplaced_code = '', unplaced_detail = '', updated_at = %s
+            FROM p WHERE j.id = p.job_id AND j.status = %s
+            RETURNING j.id
+        ), lease AS (
+            INSERT INTO {qn(Lease._meta.db_table)}
+                (job_id, machine_id, gpu_count, price_per_gpu_hour, {", ".join(lease_cols)})
+            SELECT p.job_id, p.machine_id, p.gpu_count, p.price{slots(lease_vals)}
+            FROM p JOIN moved ON moved.id = p.job_id ORDER BY p.ord
+            RETURNING id, job_id
+        ), lease_gpu AS (
+            INSERT INTO {qn(LeaseGPU._meta.db_table)} (lease_id, gpu_id, {", ".join(gpu_cols)})
+            SELECT lease.id, g.gpu_id{slots(gpu_vals)}
+            FROM unnest(%s::bigint[], %s::bigint[]) WITH ORDINALITY AS g(job_id, gpu_id, ord)
+            JOIN lease ON lease.job_id = g.job_id ORDER BY g.ord
+        ), event AS (
+            INSERT INTO {qn(Event._meta.db_table)} (job_id, lease_id, detail, {", ".join(event_cols)})
+            SELECT p.job_id, lease.id, p.detail::jsonb{slots(event_vals)}
+            FROM p JOIN lease ON lease.job_id = p.job_id ORDER BY p.ord
+        )
+        SELECT job_id, id FROM lease
+    """  # noqa: S608 (table and column names come from the models; every value is a parameter)
+    params: list[Any] = [
+        [p.job_id for p in placements],
+        [p.machine_id for p in placements],
+        [len(p.gpu_ids) for p in placements],
+        [p.price_per_gpu_hour for p in placements],
+        [json.dumps(_assigned_detail(p)) for p in placements],
+        JS.SCHEDULED,
+        now,
+        JS.PENDING,
+        *lease_vals,
+        *gpu_vals,
+        [p.job_id for p in placements for _ in p.gpu_ids],
+        [g for p in placements for g in p.gpu_ids],
+        *event_vals,
+    ]
+    with connection.cursor() as cursor:
+        _fk_checks_by_index(cursor)
+        cursor.execute(sql, params)
+        return dict(cursor.fetchall())
 
 
 def lease_mark_started(

@@ -328,7 +328,11 @@ class FreePool:
         when the machine cannot take the job."""
         if machine.offer.window_s < job.duration_s or not machine.offer.kinds & job.kind_bit:
             return None
-        gpus = [g for cls in classes for g in machine.free.get(cls, ()) if g.offer.floor <= job.max_price]
+        # The machine's own classes (one or two) tested against the job's (up to every class of
+        # the fleet), not the other way round: this ran for every candidate machine of every job.
+        # With several classes the list is sorted below, by an order without ties (GPU id last).
+        max_price = job.max_price
+        gpus = [g for cls, free in machine.free.items() if cls in classes for g in free if g.offer.floor <= max_price]
         if len(gpus) < job.gpu_count:
             return None
         if len(machine.free) > 1:

@@ -223,11 +223,11 @@ def placed_lease(
         )
     if not placed:
         raise ValueError(f"job {job.pk} is not pending: leases_assign placed nothing")
-    (lease,) = placed
+    lease_id = placed[job.pk]
     if started is not False:
         at = timezone.now() if started is True else started
-        lease_mark_started(lease_id=lease.pk, actor=f"machine:{machine_id}", at=at)
-    return Lease.objects.get(pk=lease.pk)
+        lease_mark_started(lease_id=lease_id, actor=f"machine:{machine_id}", at=at)
+    return Lease.objects.get(pk=lease_id)
 
 
 def token_for(user) -> str:  # type: ignore[no-untyped-def]

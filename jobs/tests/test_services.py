@@ -243,5 +243,5 @@ def test_a_job_no_longer_pending_is_not_placed_again():
     job = JobFactory()
     placed_lease(job=job)
     machine = machine_with_gpus(count=1)
-    assert leases_assign(placements=[Placement(job.pk, machine.pk, (machine.gpus.get().pk,), Decimal("1"))]) == []
+    assert leases_assign(placements=[Placement(job.pk, machine.pk, (machine.gpus.get().pk,), Decimal("1"))]) == {}
     assert Lease.objects.filter(job=job).count() == 1
