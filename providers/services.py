@@ -10,10 +10,10 @@ them, the heartbeat's orders) goes through providers.leases, which jobs fills in
 
 Locks, always taken in this order, so no two of these writers can deadlock:
 
-1. the machine row (_machine_lock), FOR NO KEY UPDATE: heartbeats, credential changes and the
-   liveness sweep of one machine serialise on it, but a transaction inserting a row that
-   references the machine (a lease: its foreign key check takes FOR KEY SHARE at commit) never
-   waits for it;
+1. the machine row (_machine_lock; a heartbeat's UPDATE in _heartbeat_machine_lock takes the
+   same lock), FOR NO KEY UPDATE: heartbeats, credential changes and the liveness sweep of one
+   machine serialise on it, but a transaction inserting a row that references the machine (a
+   lease: its foreign key check takes FOR KEY SHARE at commit) never waits for it;
 2. lease rows (jobs.services.lease_end, through providers.leases, while leases end);
 3. GPU rows, in primary-key order (gpus_lock, _machine_gpus_lock): every GPU state write
    holds them.
@@ -389,9 +389,10 @@ def _credential_revoked_error(revocation: MachineCredentialRevocation | None) ->
 
 def _machine_lock(*, machine_id: int) -> Machine | None:
     """Lock one machine's row until the caller's transaction ends and return it as it is now
-    (None if it does not exist). The one place a machine row is locked: heartbeats and
-    credential rotation and revocation serialise on it, and the liveness sweep's conditional
-    update waits for it. The caller holds a transaction.
+    (None if it does not exist). The one place a machine row is locked, but for the heartbeat,
+    whose UPDATE takes the same lock (_heartbeat_machine_lock): heartbeats and credential
+    rotation and revocation serialise on it, and the liveness sweep's conditional update waits
+    for it. The caller holds a transaction.
 
     FOR NO KEY UPDATE rather than FOR UPDATE: nothing here changes the machine's key, and a
     FOR UPDATE lock would make every transaction that inserts a lease on the machine wait for it
