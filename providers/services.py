@@ -769,8 +769,8 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
                 _gpus_claim(machine=locked, uuids=list(reported))
             kinds = _machine_facts_record(machine=locked, report=report, now=now)
             machine_leases().end_refused_kinds(machine_id=machine.pk, kinds=kinds)
-            _gpus_record(machine_id=machine.pk, report=report, now=now)
-            reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, now=now)
+            leased = _gpus_record(machine_id=machine.pk, report=report, now=now)
+            reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, leased=leased, now=now)
             reply = replace(reply, schedule=machine_schedule(machine=machine, now=now))
     except IntegrityError:
         # Another machine claimed one of these uuids between the check and the insert.
@@ -871,9 +871,11 @@ _GPU_REPORTED_FIELDS = [
 ]
 
 
-def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> None:
+def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> bool:
     """Upsert the reported GPUs with their state and telemetry, take the ones no longer reported
-    offline, and sample telemetry once per TELEMETRY_SAMPLE_INTERVAL_S bucket.
+    offline, and sample telemetry once per TELEMETRY_SAMPLE_INTERVAL_S bucket. Returns whether
+    any of the machine's GPUs is in an active lease (their rows stay locked: that holds until
+    the transaction ends).
 
     A known GPU's row is written (all of them in one statement) only when something it stores
     changed, or once per bucket: `last_telemetry_at` says when the telemetry beside it was
@@ -931,6 +933,7 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
     if samples:
         TelemetrySample.objects.bulk_create(samples)
     idle_history.idle_stretches_record(stretches)
+    return bool(leased_ids)
 
 
 def _gpu_stored(gpu: GPU) -> tuple[object, ...]:
@@ -1094,10 +1097,10 @@ def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuR
 
 
 def _heartbeat_reply(
-    *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], now: datetime
+    *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], leased: bool, now: datetime
 ) -> HeartbeatReply:
     start, stop = machine_leases().heartbeat_orders(
-        machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds
+        machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds, leased=leased
     )
     return HeartbeatReply(
         heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"],

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.django_db
 
 # What a steady heartbeat of a machine without leases may send: authentication, then the
 # machine's UPDATE … RETURNING, the refused kinds, the GPU rows' lock, their active leases, the
-# changed GPU rows, the leases to start, the windows and the blackouts.
-STEADY_HEARTBEAT_STATEMENTS = 9
+# changed GPU rows, the windows and the blackouts (no GPU in a lease: no lease to start).
+STEADY_HEARTBEAT_STATEMENTS = 8
 _TRANSACTION_CONTROL = ("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK", "BEGIN", "COMMIT")
 
 
