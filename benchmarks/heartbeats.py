@@ -22,8 +22,10 @@ One JSON line per concurrency: `heartbeats_per_s`, `p50_ms`, `p95_ms`, `p99_ms`,
 answer but 200, or a broken connection), `sql_per_heartbeat` (statements the server sent
 through Django's cursors, as its answers say), `rows_written_per_heartbeat` and
 `commits_per_heartbeat` (PostgreSQL's pg_stat_database deltas over the run: every row any
-client inserted, updated or deleted, so approximate), and `generator_cpu_share` (the load
-generator's CPU time over the run's wall time, in cores: what it took from the machine). The
+client inserted, updated or deleted, so approximate), `generator_cpu_share` (the load
+generator's CPU time over the run's wall time, in cores: what it took from the machine) and
+`server_cpu_ms_per_heartbeat` (the gunicorn workers' CPU time over the heartbeats answered: a
+figure other work on the machine does not change much, unlike the rates; null with --url). The
 last line is one JSON summary of them all, with the settings.
 
 The script refuses a database that already holds machines unless --force, and deletes what it
@@ -196,6 +198,22 @@ def _pg_counters() -> dict[str, int] | None:
 
 
 # --- the server -------------------------------------------------------------------------------
+
+
+def _cpu_seconds(parent: int) -> float:
+    """CPU seconds (user and system) used so far by the processes whose parent is `parent`
+    (gunicorn's workers), from /proc; 0 where /proc cannot tell."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command: state, ppid, …; utime and stime are the 14th and 15th fields.
+        if int(fields[1]) == parent:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 def _free_port() -> int:
@@ -428,7 +446,9 @@ def main() -> None:
         setup_seconds = time.perf_counter() - setup_started
         for concurrency in args.levels:
             before = _pg_counters()
+            server_cpu = _cpu_seconds(server.pid) if server is not None else 0.0
             run = _drive(url, machines, concurrency, args.generators, args.seconds)
+            server_cpu = _cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
             after = _pg_counters()
             n = len(run["latencies"])
             ordered = sorted(run["latencies"])
@@ -445,6 +465,7 @@ def main() -> None:
                 "rows_written_per_heartbeat": None,
                 "commits_per_heartbeat": None,
                 "generator_cpu_share": round(run["cpu_s"] / run["wall_s"], 2),
+                "server_cpu_ms_per_heartbeat": round(1000 * server_cpu / n, 2) if server is not None and n else None,
             }
             if before is not None and after is not None and n:
                 row["rows_written_per_heartbeat"] = round((after["rows"] - before["rows"]) / n, 2)
