@@ -364,6 +364,11 @@ def _generate(url: str, machines: list[_Machine], connections: int, seconds: flo
     `machines`; puts what it measured on `queue`."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    # Forked children inherit the machines' random state: without a fresh one, each run would
+    # replay the telemetry of the one before, and a repeated report writes nothing.
+    salt = secrets.randbits(64)
+    for number, machine in enumerate(machines):
+        machine.rng.seed(salt + number)
     out: dict[str, Any] = {"latencies": [], "errors": 0, "statuses": {}, "sql": 0, "sql_counted": 0}
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     until = time.monotonic() + seconds
