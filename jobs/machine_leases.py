@@ -47,12 +47,16 @@ def _by_gpu_index(lease_gpu: LeaseGPU) -> int:
 
 
 def leases_heartbeat_orders(
-    *, machine_id: int, listed: set[int], kinds: frozenset[str]
+    *, machine_id: int, listed: set[int], kinds: frozenset[str], leased: bool = True
 ) -> tuple[list[providers_services.LeaseStart], list[providers_services.LeaseStop]]:
     """The heartbeat reply's lease orders for a machine whose agent listed the leases `listed`:
     `start`, its assigned leases without a stop request that the agent did not list, of a kind in
     `kinds`; `stop`, the listed leases that are ended, have a stop request, or are not this
-    machine's (reason `unknown_lease`)."""
+    machine's (reason `unknown_lease`).
+
+    leased=False: the caller holds the machine's GPU rows (no assignment can commit on them
+    meanwhile) and found none in an active lease; an assigned lease holds active GPUs, so there
+    is none to start and the query is skipped."""
     start: list[providers_services.LeaseStart] = []
     # Locked without waiting: a lease a cancel holds is left for the next heartbeat (the cancel
     # then ends it, never started); one sent here records start_sent_at before the lock is let go.
@@ -63,6 +67,8 @@ def leases_heartbeat_orders(
         .select_related("job")
         .prefetch_related("lease_gpus__gpu")
         .order_by("pk")
+        if leased
+        else Lease.objects.none()
     )
     for lease in assigned:
         job = lease.job
@@ -134,6 +140,6 @@ class MachineLeases:
         return Exists(LeaseGPU.objects.filter(gpu_id=OuterRef("pk"), active=True))
 
     def heartbeat_orders(
-        self, *, machine_id: int, listed: set[int], kinds: frozenset[str]
+        self, *, machine_id: int, listed: set[int], kinds: frozenset[str], leased: bool = True
     ) -> tuple[list[providers_services.LeaseStart], list[providers_services.LeaseStop]]:
-        return leases_heartbeat_orders(machine_id=machine_id, listed=listed, kinds=kinds)
+        return leases_heartbeat_orders(machine_id=machine_id, listed=listed, kinds=kinds, leased=leased)

@@ -41,10 +41,11 @@ class MachineLeases(Protocol):
         """An expression for a GPU queryset's annotation: True while the GPU is in an active lease."""
 
     def heartbeat_orders(
-        self, *, machine_id: int, listed: set[int], kinds: frozenset[str]
+        self, *, machine_id: int, listed: set[int], kinds: frozenset[str], leased: bool = True
     ) -> tuple[list[LeaseStart], list[LeaseStop]]:
         """The heartbeat reply's lease orders: (start, stop), lists of providers.services.LeaseStart
-        and LeaseStop."""
+        and LeaseStop. leased=False: the caller holds the machine's GPU rows and saw none of them
+        in an active lease, so the machine has no assigned lease to start."""
 
 
 _machine_leases: MachineLeases | None = None

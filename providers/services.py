@@ -10,10 +10,10 @@ them, the heartbeat's orders) goes through providers.leases, which jobs fills in
 
 Locks, always taken in this order, so no two of these writers can deadlock:
 
-1. the machine row (_machine_lock), FOR NO KEY UPDATE: heartbeats, credential changes and the
-   liveness sweep of one machine serialise on it, but a transaction inserting a row that
-   references the machine (a lease: its foreign key check takes FOR KEY SHARE at commit) never
-   waits for it;
+1. the machine row (_machine_lock; a heartbeat's UPDATE in _heartbeat_machine_lock takes the
+   same lock), FOR NO KEY UPDATE: heartbeats, credential changes and the liveness sweep of one
+   machine serialise on it, but a transaction inserting a row that references the machine (a
+   lease: its foreign key check takes FOR KEY SHARE at commit) never waits for it;
 2. lease rows (jobs.services.lease_end, through providers.leases, while leases end);
 3. GPU rows, in primary-key order (gpus_lock, _machine_gpus_lock): every GPU state write
    holds them.
@@ -38,8 +38,8 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Field, Max, Model, Q
 from django.utils import timezone
 
 from providers import idle_history
@@ -389,9 +389,10 @@ def _credential_revoked_error(revocation: MachineCredentialRevocation | None) ->
 
 def _machine_lock(*, machine_id: int) -> Machine | None:
     """Lock one machine's row until the caller's transaction ends and return it as it is now
-    (None if it does not exist). The one place a machine row is locked: heartbeats and
-    credential rotation and revocation serialise on it, and the liveness sweep's conditional
-    update waits for it. The caller holds a transaction.
+    (None if it does not exist). The one place a machine row is locked, but for the heartbeat,
+    whose UPDATE takes the same lock (_heartbeat_machine_lock): heartbeats and credential
+    rotation and revocation serialise on it, and the liveness sweep's conditional update waits
+    for it. The caller holds a transaction.
 
     FOR NO KEY UPDATE rather than FOR UPDATE: nothing here changes the machine's key, and a
     FOR UPDATE lock would make every transaction that inserts a lease on the machine wait for it
@@ -763,12 +764,13 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
     reported = {g.uuid: g for g in report.gpus}
     try:
         with transaction.atomic():
-            locked = _heartbeat_machine_lock(machine=machine)
-            _gpus_claim(machine=locked, uuids=list(reported))
+            locked, foreign_gpus = _heartbeat_machine_lock(machine=machine, report=report, now=now)
+            if foreign_gpus:
+                _gpus_claim(machine=locked, uuids=list(reported))
             kinds = _machine_facts_record(machine=locked, report=report, now=now)
             machine_leases().end_refused_kinds(machine_id=machine.pk, kinds=kinds)
-            _gpus_record(machine_id=machine.pk, report=report, now=now)
-            reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, now=now)
+            leased = _gpus_record(machine_id=machine.pk, report=report, now=now)
+            reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, leased=leased, now=now)
             reply = replace(reply, schedule=machine_schedule(machine=machine, now=now))
     except IntegrityError:
         # Another machine claimed one of these uuids between the check and the insert.
@@ -785,27 +787,69 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
     return reply
 
 
-def _heartbeat_machine_lock(*, machine: Machine) -> Machine:
-    """The machine's row, locked for the heartbeat's transaction; MachineCredentialRevoked if
-    its credential was rotated or revoked since the request authenticated `machine`."""
-    locked = _machine_lock(machine_id=machine.pk)
+def _field_column(model: type[Model], name: str) -> tuple[Field[Any, Any], str]:
+    """A concrete field of `model` and its column's quoted name, for SQL written here."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, Field) and field.column is not None
+    return field, connection.ops.quote_name(field.column)
+
+
+def _heartbeat_machine_lock(*, machine: Machine, report: HeartbeatReport, now: datetime) -> tuple[Machine, bool]:
+    """Lock the machine's row for the heartbeat's transaction and write its heartbeat, in one
+    UPDATE … RETURNING (the row lock a non-key UPDATE takes is _machine_lock's, FOR NO KEY
+    UPDATE): `last_heartbeat_at`, online unless suspended, and `capabilities_reported_at` when
+    the report has capabilities. Returns the row as it is now and whether any reported GPU
+    uuid is registered to another machine (then _gpus_claim has work to do).
+
+    Raises MachineCredentialRevoked if the credential was rotated or revoked since the request
+    authenticated `machine` (the caller's transaction then rolls the write back)."""
+    qn = connection.ops.quote_name
+    table = qn(Machine._meta.db_table)
+    heartbeat_field, heartbeat_at = _field_column(Machine, "last_heartbeat_at")
+    at = heartbeat_field.get_db_prep_save(now, connection)
+    status = _field_column(Machine, "status")[1]
+    assignments = [f"{heartbeat_at} = %s", f"{status} = CASE WHEN {status} = %s THEN {status} ELSE %s END"]
+    params: list[Any] = [at, Machine.Status.SUSPENDED, Machine.Status.ONLINE]
+    if report.capabilities is not None:
+        assignments.append(f"{_field_column(Machine, 'capabilities_reported_at')[1]} = %s")
+        params.append(at)
+    uuids = [g.uuid for g in report.gpus]
+    gpu_table = qn(GPU._meta.db_table)
+    # Any reported uuid on another machine; uuid IN (…): the same text on SQLite and PostgreSQL.
+    foreign = "FALSE"
+    if uuids:
+        listed = ", ".join(["%s"] * len(uuids))
+        gpu_uuid = f"{gpu_table}.{_field_column(GPU, 'uuid')[1]}"
+        gpu_machine = f"{gpu_table}.{_field_column(GPU, 'machine')[1]}"
+        foreign = f"EXISTS (SELECT 1 FROM {gpu_table} WHERE {gpu_uuid} IN ({listed}) "  # noqa: S608
+        foreign += f"AND {gpu_machine} <> {table}.{_field_column(Machine, 'id')[1]})"
+    columns = ", ".join(f"{table}.{_field_column(Machine, f.name)[1]}" for f in Machine._meta.concrete_fields)
+    # Only the models' own (quoted) table and column names go into the text; values are parameters.
+    sql = f"UPDATE {table} SET {', '.join(assignments)} WHERE {table}.{_field_column(Machine, 'id')[1]} = %s "  # noqa: S608
+    sql += f"RETURNING {columns}, {foreign} AS foreign_gpus"
+    params += [machine.pk, *uuids]
+    locked = next(iter(Machine.objects.raw(sql, params)), None)
     if locked is None or locked.credential_digest != machine.credential_digest:
         raise _credential_revoked_error(
             MachineCredentialRevocation.objects.filter(digest=machine.credential_digest).first()
         )
-    return locked
+    return locked, bool(getattr(locked, "foreign_gpus"))  # noqa: B009 - a column of the raw query
 
 
 def _machine_facts_record(*, machine: Machine, report: HeartbeatReport, now: datetime) -> frozenset[str]:
-    """Write what the agent reports of the machine (versions, sizes, region, capabilities) and its
-    last heartbeat, and put it online unless suspended; returns the job kinds it accepts now."""
+    """Write what the agent reports of the machine (versions, sizes, region, capabilities) where
+    it changed (its heartbeat and status are _heartbeat_machine_lock's); returns the job kinds it
+    accepts now. `machine` is the row as locked."""
     facts: dict[str, object] = {
         name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None
     }
     if report.capabilities is not None:
-        facts.update(_capability_facts(report.capabilities, now=now))
-    Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=now, **facts)
-    Machine.objects.filter(pk=machine.pk).exclude(status=Machine.Status.SUSPENDED).update(status=Machine.Status.ONLINE)
+        facts.update(_capability_facts(report.capabilities))
+    # _heartbeat_machine_lock wrote the heartbeat itself; here only the facts that changed
+    # (`machine` is the locked row, as stored), in one UPDATE, and none when none did.
+    changed = {name: value for name, value in facts.items() if getattr(machine, name) != value}
+    if changed:
+        Machine.objects.filter(pk=machine.pk).update(**changed)
     accepts = {
         "container": facts.get("accepts_container", machine.accepts_container),
         "process": facts.get("accepts_process", machine.accepts_process),
@@ -827,9 +871,15 @@ _GPU_REPORTED_FIELDS = [
 ]
 
 
-def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> None:
+def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> bool:
     """Upsert the reported GPUs with their state and telemetry, take the ones no longer reported
-    offline, and sample telemetry once per TELEMETRY_SAMPLE_INTERVAL_S bucket.
+    offline, and sample telemetry once per TELEMETRY_SAMPLE_INTERVAL_S bucket. Returns whether
+    any of the machine's GPUs is in an active lease (their rows stay locked: that holds until
+    the transaction ends).
+
+    A known GPU's row is written (all of them in one statement) only when something it stores
+    changed, or once per bucket: `last_telemetry_at` says when the telemetry beside it was
+    reported, at most a bucket ago, and a GPU whose report is unchanged costs no row write.
 
     The GPU rows are locked before their leases are read: an assignment holding some of them
     commits first, and its leases are then read here (each statement reads what is committed
@@ -846,14 +896,18 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
         gpu = existing.get(gr.uuid) or GPU(machine_id=machine_id, uuid=gr.uuid)
         previous_telemetry_at = gpu.last_telemetry_at
         previous_idle_since = gpu.idle_since
+        stored = _gpu_stored(gpu)
         _gpu_reported(gpu, gr, leased=gpu.pk is not None and gpu.pk in leased_ids, now=now)
         if previous_idle_since is not None and gpu.idle_since != previous_idle_since:
             stretches.append(_stretch_over(gpu, previous_idle_since, gr=gr, now=now))
+        new_bucket = previous_telemetry_at is None or _bucket(previous_telemetry_at, interval) != _bucket(now, interval)
         if gpu.pk is None:
             gpu.save()
-        else:
+        elif new_bucket or _gpu_stored(gpu) != stored:
             to_update.append(gpu)
-        if previous_telemetry_at is None or _bucket(previous_telemetry_at, interval) != _bucket(now, interval):
+        else:
+            gpu.last_telemetry_at = previous_telemetry_at  # as stored: the row is not written
+        if new_bucket:
             samples.append(
                 TelemetrySample(
                     gpu=gpu,
@@ -865,7 +919,7 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
                     state=gpu.state,
                 )
             )
-    GPU.objects.bulk_update(to_update, _GPU_REPORTED_FIELDS)
+    _gpus_write(to_update)
     missing = [g for uuid, g in existing.items() if uuid not in reported]
     if missing:
         GPU.objects.filter(pk__in=[g.pk for g in missing]).update(state=GPU.State.OFFLINE, idle_since=None)
@@ -876,8 +930,45 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
             for g in missing
             if g.idle_since is not None
         )
-    TelemetrySample.objects.bulk_create(samples)
+    if samples:
+        TelemetrySample.objects.bulk_create(samples)
     idle_history.idle_stretches_record(stretches)
+    return bool(leased_ids)
+
+
+def _gpu_stored(gpu: GPU) -> tuple[object, ...]:
+    """What the heartbeat writes of a GPU row, but the time of its telemetry."""
+    return tuple(getattr(gpu, name) for name in _GPU_REPORTED_FIELDS[:-1])
+
+
+def _gpus_write(gpus: Sequence[GPU]) -> None:
+    """Write the heartbeat's fields (_GPU_REPORTED_FIELDS) of `gpus`, rows that exist, in one
+    UPDATE … FROM (VALUES …): bulk_update's CASE WHEN per field and row cost most of a
+    heartbeat's CPU. The caller holds the rows' locks."""
+    if not gpus:
+        return
+    pk_field, pk_column = _field_column(GPU, "id")
+    reported = [_field_column(GPU, name) for name in _GPU_REPORTED_FIELDS]
+    fields = [f for f, _ in reported]
+    if connection.vendor == "postgresql":
+        # VALUES has no column types of its own: each one says its column's.
+        row = "(" + ", ".join(f"%s::{f.cast_db_type(connection)}" for f in [pk_field, *fields]) + ")"
+    else:
+        row = "(" + ", ".join("%s" for _ in range(len(fields) + 1)) + ")"
+    table = connection.ops.quote_name(GPU._meta.db_table)
+    value_columns = [c for _, c in reported]
+    columns = [pk_column, *value_columns]
+    values = ", ".join([row] * len(gpus))
+    assignments = ", ".join(f"{c} = v.{c}" for c in value_columns)
+    # Only the model's own (quoted) table and column names go into the text; values are parameters.
+    sql = f"WITH v ({', '.join(columns)}) AS (VALUES {values}) UPDATE {table} SET {assignments} FROM v "  # noqa: S608
+    sql += f"WHERE {table}.{pk_column} = v.{pk_column}"
+    params: list[Any] = []
+    for gpu in gpus:
+        params.append(gpu.pk)
+        params.extend(f.get_db_prep_save(getattr(gpu, f.attname), connection) for f in fields)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def _stretch_over(gpu: GPU, began_at: datetime, *, gr: GpuReport, now: datetime) -> IdleStretch | None:
@@ -920,7 +1011,7 @@ def _gpu_reported(gpu: GPU, gr: GpuReport, *, leased: bool, now: datetime) -> No
 
 
 # `capabilities`: JSON values, checked by the agent API's serializer.
-def _capability_facts(capabilities: Mapping[str, Any], *, now: datetime) -> dict[str, object]:
+def _capability_facts(capabilities: Mapping[str, Any]) -> dict[str, object]:
     """The Machine fields a reported `capabilities` object sets. Its shape was validated by the
     agent API; the kinds are checked again here because they decide what may run."""
     kinds = list(capabilities.get("kinds") or [])
@@ -931,7 +1022,6 @@ def _capability_facts(capabilities: Mapping[str, Any], *, now: datetime) -> dict
         "capabilities": dict(capabilities),
         "accepts_container": "container" in kinds,
         "accepts_process": "process" in kinds,
-        "capabilities_reported_at": now,
     }
 
 
@@ -1007,10 +1097,10 @@ def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuR
 
 
 def _heartbeat_reply(
-    *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], now: datetime
+    *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], leased: bool, now: datetime
 ) -> HeartbeatReply:
     start, stop = machine_leases().heartbeat_orders(
-        machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds
+        machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds, leased=leased
     )
     return HeartbeatReply(
         heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"],

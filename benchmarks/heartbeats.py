@@ -1,0 +1,510 @@
+"""Drive the agent's heartbeat (POST /api/agent/v1/heartbeat) over HTTP at several concurrencies.
+
+    createdb -h 127.0.0.1 -U postgres gpgpu_bench
+    python benchmarks/heartbeats.py --database-url postgres://postgres@127.0.0.1:5432/gpgpu_bench \\
+        --redis-url redis://127.0.0.1:6379/5 --migrate --machines 1000 --concurrency 8,32,128
+
+Registers --machines machines (a direct fill of what registration writes: a Machine row per
+machine, offline, holding its credential's digest, so the real `Authorization: Machine …` check
+accepts the credentials), starts gunicorn with the project's WSGI app (DEBUG off, throttles on,
+benchmarks/heartbeats_wsgi.py adds a statement count to each answer) unless --url names a running
+server on the same database, sends every machine's first heartbeat (its GPUs are created then),
+and then, for each concurrency, keeps that many keep-alive connections busy for --seconds, each
+connection heartbeating its own machines in turn (one machine is never sent two at once).
+
+A heartbeat is what the agent sends (gpgpu_agent.daemon.heartbeat_body): --gpus-per-machine GPUs
+with full telemetry (utilization, memory, temperature and power moving a little each time: the
+latest telemetry differs on every beat, as on a real machine), the agent's idle verdicts (nine
+GPUs in ten idle since a fixed time, the rest busy with their owner), the machine facts and the
+container capabilities. No leases run.
+
+One JSON line per concurrency: `heartbeats_per_s`, `p50_ms`, `p95_ms`, `p99_ms`, `errors` (any
+answer but 200, or a broken connection), `sql_per_heartbeat` (statements the server sent
+through Django's cursors, as its answers say), `rows_written_per_heartbeat` and
+`commits_per_heartbeat` (PostgreSQL's pg_stat_database deltas over the run: every row any
+client inserted, updated or deleted, so approximate), `generator_cpu_share` (the load
+generator's CPU time over the run's wall time, in cores: what it took from the machine) and
+`server_cpu_ms_per_heartbeat` (the gunicorn workers' CPU time over the heartbeats answered: a
+figure other work on the machine does not change much, unlike the rates; null with --url). The
+last line is one JSON summary of them all, with the settings.
+
+The script refuses a database that already holds machines unless --force, and deletes what it
+created (machines, their GPUs and telemetry) unless --keep. Give it a database of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+PATH = "/api/agent/v1/heartbeat"
+MACHINES_PER_PROVIDER = 20
+MODELS = [("NVIDIA GeForce RTX 4090", 24564), ("NVIDIA A100-SXM4-80GB", 81920), ("NVIDIA L4", 23034)]
+CAPABILITIES = {
+    "kinds": ["container"],
+    "container": {
+        "engine": "docker",
+        "engine_version": "27.3.1",
+        "runtime": "runc",
+        "user_namespace": True,
+        "network": "filtered",
+        "read_only_root": True,
+        "limits": {"cpus": 8.0, "memory_mb": 32768, "pids": 4096},
+    },
+    "process": None,
+}
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--machines", type=int, default=1000)
+    parser.add_argument("--gpus-per-machine", type=int, default=8)
+    parser.add_argument("--concurrency", default="8,32,128", help="comma-separated connection counts")
+    parser.add_argument("--seconds", type=float, default=20, help="how long each concurrency runs")
+    parser.add_argument("--database-url", help="the database (default: DATABASE_URL); PostgreSQL for figures")
+    parser.add_argument("--redis-url", help="the cache, for the rate limits (default: REDIS_URL)")
+    parser.add_argument("--url", help="a running server on the same database, instead of starting gunicorn")
+    parser.add_argument("--workers", type=int, default=3, help="gunicorn workers")
+    parser.add_argument("--threads", type=int, default=1, help="gunicorn threads per worker (over 1: gthread)")
+    parser.add_argument("--generators", type=int, default=1, help="load generator processes")
+    parser.add_argument("--keep", action="store_true", help="leave the machines in the database")
+    parser.add_argument("--force", action="store_true", help="run even if the database holds machines")
+    parser.add_argument("--migrate", action="store_true", help="apply unapplied migrations first")
+    parser.add_argument("--seed", type=int, default=20260114)
+    args = parser.parse_args()
+    args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.machines < 1 or not args.levels or min(args.levels) < 1:
+        parser.error("--machines and every --concurrency must be at least 1")
+    if not 1 <= args.gpus_per_machine <= 64:
+        parser.error("--gpus-per-machine must be between 1 and 64")
+    if max(args.levels) > args.machines:
+        parser.error("each connection needs a machine of its own: --machines must be at least the concurrency")
+    return args
+
+
+def _setup(args: argparse.Namespace) -> None:
+    if args.database_url:
+        os.environ["DATABASE_URL"] = args.database_url
+    if args.redis_url:
+        os.environ["REDIS_URL"] = args.redis_url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+
+
+def _refuse(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_database(args: argparse.Namespace) -> None:
+    from django.core.management import call_command
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    from providers.models import Machine
+
+    executor = MigrationExecutor(connection)
+    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
+        if not args.migrate:
+            _refuse("the database has unapplied migrations: run `python manage.py migrate` or pass --migrate")
+        call_command("migrate", verbosity=0)
+    if not args.force and Machine.objects.exists():
+        _refuse("the database already holds machines; use a database of its own, or pass --force.")
+
+
+def _register(args: argparse.Namespace, tag: str) -> tuple[dict[str, list[int]], list[str]]:
+    """Write what machine_register writes for each machine (an offline Machine row holding its
+    credential's digest); returns the ids created and the raw credentials."""
+    from django.contrib.auth import get_user_model
+
+    from providers.models import Machine, Provider
+    from providers.services import MACHINE_CREDENTIAL_PREFIX, secret_digest
+
+    user_model = get_user_model()
+    n_providers = (args.machines + MACHINES_PER_PROVIDER - 1) // MACHINES_PER_PROVIDER
+    users = user_model.objects.bulk_create([user_model(username=f"{tag}-p{i}") for i in range(n_providers)])
+    providers = Provider.objects.bulk_create([Provider(user=u, display_name=u.username) for u in users])
+    credentials = [MACHINE_CREDENTIAL_PREFIX + secrets.token_urlsafe(32) for _ in range(args.machines)]
+    machines = Machine.objects.bulk_create(
+        [
+            Machine(
+                provider=providers[i // MACHINES_PER_PROVIDER],
+                hostname=f"{tag}-host-{i}",
+                credential_digest=secret_digest(raw),
+                agent_version="0.1.0",
+                status=Machine.Status.OFFLINE,
+            )
+            for i, raw in enumerate(credentials)
+        ],
+        batch_size=2000,
+    )
+    created = {"users": [u.pk for u in users], "providers": [p.pk for p in providers]}
+    created["machines"] = [m.pk for m in machines]
+    return created, credentials
+
+
+def _cleanup(created: dict[str, list[int]]) -> None:
+    from django.contrib.auth import get_user_model
+    from django.db import transaction
+
+    from providers.models import GPU, IdleStretch, Machine, Provider, TelemetrySample
+
+    with transaction.atomic():
+        TelemetrySample.objects.filter(gpu__machine__provider_id__in=created["providers"]).delete()
+        IdleStretch.objects.filter(machine__provider_id__in=created["providers"]).delete()
+        GPU.objects.filter(machine__provider_id__in=created["providers"]).delete()
+        Machine.objects.filter(provider_id__in=created["providers"]).delete()
+        Provider.objects.filter(pk__in=created["providers"]).delete()
+        get_user_model().objects.filter(pk__in=created["users"]).delete()
+
+
+def _pg_counters() -> dict[str, int] | None:
+    """This database's commits and rows written so far (pg_stat_database), or None off PostgreSQL.
+    Backends report their counts at most once a second: wait a little before reading."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return None
+    time.sleep(1.5)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted FROM pg_stat_database "
+            "WHERE datname = current_database()"
+        )
+        commits, rows = cursor.fetchone()
+    return {"commits": int(commits), "rows": int(rows)}
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def _cpu_seconds(parent: int) -> float:
+    """CPU seconds (user and system) used so far by the processes whose parent is `parent`
+    (gunicorn's workers), from /proc; 0 where /proc cannot tell."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command: state, ppid, …; utime and stime are the 14th and 15th fields.
+        if int(fields[1]) == parent:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DEBUG": "false",
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    argv = [sys.executable, "-m", "gunicorn", "heartbeats_wsgi:application", "--bind", f"127.0.0.1:{port}"]
+    argv += ["--workers", str(args.workers), "--log-level", "warning"]
+    if args.threads > 1:
+        argv += ["--worker-class", "gthread", "--threads", str(args.threads)]
+    server = subprocess.Popen(argv, cwd=ROOT, env=env)  # noqa: S603 - our own interpreter and arguments
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            _refuse("gunicorn stopped while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return server, url
+        except OSError:
+            time.sleep(0.2)
+    server.terminate()
+    _refuse("gunicorn did not start listening within 60 s")
+    raise AssertionError  # unreachable
+
+
+# --- the load generator -------------------------------------------------------------------------
+
+
+class _Machine:
+    """One machine's heartbeat, with telemetry that moves a little on every beat."""
+
+    def __init__(self, number: int, credential: str, gpus: int, rng: random.Random, idle_since: datetime) -> None:
+        model, vram = MODELS[number % len(MODELS)]
+        self.auth = f"Machine {credential}"
+        self.rng = rng
+        self.gpus = [
+            {
+                "uuid": f"GPU-{number:08x}-{index:04x}-{secrets.token_hex(6)}",
+                "index": index,
+                "model": model,
+                "vram_mb": vram,
+                "busy": rng.random() < 0.1,
+            }
+            for index in range(gpus)
+        ]
+        self.idle_since = idle_since.isoformat().replace("+00:00", "Z")
+
+    def body(self) -> bytes:
+        rng = self.rng
+        gpus = []
+        for gpu in self.gpus:
+            busy = gpu["busy"]
+            gpus.append(
+                {
+                    "uuid": gpu["uuid"],
+                    "index": gpu["index"],
+                    "model": gpu["model"],
+                    "vram_mb": gpu["vram_mb"],
+                    "memory_used_mb": rng.randint(8000, 20000) if busy else rng.randint(0, 4),
+                    "utilization_pct": float(rng.randint(60, 100) if busy else rng.randint(0, 1)),
+                    "temperature_c": float(rng.randint(60, 80) if busy else rng.randint(30, 38)),
+                    "power_w": round(rng.uniform(250, 420) if busy else rng.uniform(18, 30), 3),
+                    "idle": not busy,
+                    "idle_since": None if busy else self.idle_since,
+                    "owner_busy": busy,
+                }
+            )
+        return json.dumps(
+            {
+                "agent_version": "0.1.0",
+                "driver_version": "550.54.15",
+                "cuda_version": "12.4",
+                "cpu_cores": 32,
+                "region": "eu-west",
+                "gpus": gpus,
+                "leases": [],
+                "capabilities": CAPABILITIES,
+            }
+        ).encode()
+
+
+async def _connection(
+    host: str, port: int, machines: Sequence[_Machine], until: float, out: dict[str, Any], once: bool
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    head = f"POST {PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    try:
+        while True:
+            for machine in machines:
+                if not once and time.monotonic() >= until:
+                    return
+                body = machine.body()
+                request = f"{head}Authorization: {machine.auth}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                started = time.perf_counter()
+                try:
+                    writer.write(request + body)
+                    status, headers = await _read_head(reader)
+                    await reader.readexactly(int(headers.get("content-length", "0")))
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    out["errors"] += 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                    continue
+                out["latencies"].append(time.perf_counter() - started)
+                if status != 200:
+                    out["errors"] += 1
+                    out["statuses"][status] = out["statuses"].get(status, 0) + 1
+                sql = headers.get("x-bench-sql-statements")
+                if sql is not None and status == 200:
+                    out["sql"] += int(sql)
+                    out["sql_counted"] += 1
+                if headers.get("connection") == "close":
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+            if once:
+                return
+    finally:
+        writer.close()
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    raw = await reader.readuntil(b"\r\n\r\n")
+    lines = raw.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+def _generate(url: str, machines: list[_Machine], connections: int, seconds: float, once: bool, queue: Any) -> None:
+    """One generator process: `connections` keep-alive connections, each with its share of
+    `machines`; puts what it measured on `queue`."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    # Forked children inherit the machines' random state: without a fresh one, each run would
+    # replay the telemetry of the one before, and a repeated report writes nothing.
+    salt = secrets.randbits(64)
+    for number, machine in enumerate(machines):
+        machine.rng.seed(salt + number)
+    out: dict[str, Any] = {"latencies": [], "errors": 0, "statuses": {}, "sql": 0, "sql_counted": 0}
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    until = time.monotonic() + seconds
+
+    async def run() -> None:
+        await asyncio.gather(
+            *(_connection(host, port, machines[i::connections], until, out, once) for i in range(connections))
+        )
+
+    asyncio.run(run())
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_s"] = used.ru_utime - cpu.ru_utime + used.ru_stime - cpu.ru_stime
+    queue.put(out)
+
+
+def _drive(
+    url: str, machines: list[_Machine], concurrency: int, generators: int, seconds: float, once: bool = False
+) -> dict[str, Any]:
+    """Run `concurrency` connections over `generators` processes (forked: they share the
+    machines' bodies) and add up what they measured."""
+    from django.db import connections as db_connections
+
+    db_connections.close_all()  # no database connection crosses the fork
+    procs = min(generators, concurrency)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    children = []
+    started = time.perf_counter()
+    for p in range(procs):
+        share = concurrency // procs + (1 if p < concurrency % procs else 0)
+        child = context.Process(target=_generate, args=(url, machines[p::procs], share, seconds, once, queue))
+        child.start()
+        children.append(child)
+    results = [queue.get() for _ in children]
+    wall = time.perf_counter() - started
+    for child in children:
+        child.join()
+    total: dict[str, Any] = {"latencies": [], "errors": 0, "statuses": {}, "sql": 0, "sql_counted": 0, "cpu_s": 0.0}
+    for r in results:
+        total["latencies"].extend(r["latencies"])
+        for key in ("errors", "sql", "sql_counted", "cpu_s"):
+            total[key] += r[key]
+        for status, n in r["statuses"].items():
+            total["statuses"][status] = total["statuses"].get(status, 0) + n
+    total["wall_s"] = wall
+    return total
+
+
+def _percentile(ordered: list[float], share: float) -> float | None:
+    if not ordered:
+        return None
+    return round(1000 * ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))], 1)
+
+
+def main() -> None:
+    args = _parse()
+    _setup(args)
+    _check_database(args)
+    from django.db import connection
+
+    tag = f"hb{int(time.time())}"
+    setup_started = time.perf_counter()
+    created, credentials = _register(args, tag)
+    rng = random.Random(args.seed)
+    idle_since = datetime.now(UTC) - timedelta(hours=1)
+    machines = [
+        _Machine(i, raw, args.gpus_per_machine, random.Random(rng.random()), idle_since)
+        for i, raw in enumerate(credentials)
+    ]
+    server = None
+    rows: list[dict[str, Any]] = []
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            server, url = _server_start(args)
+        first = _drive(url, machines, min(32, args.machines), args.generators, 0, once=True)
+        if first["errors"]:
+            _refuse(f"{first['errors']} of the first heartbeats failed (statuses {first['statuses']})")
+        setup_seconds = time.perf_counter() - setup_started
+        for concurrency in args.levels:
+            before = _pg_counters()
+            server_cpu = _cpu_seconds(server.pid) if server is not None else 0.0
+            run = _drive(url, machines, concurrency, args.generators, args.seconds)
+            server_cpu = _cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
+            after = _pg_counters()
+            n = len(run["latencies"])
+            ordered = sorted(run["latencies"])
+            row: dict[str, Any] = {
+                "concurrency": concurrency,
+                "heartbeats": n,
+                "heartbeats_per_s": round(n / run["wall_s"], 1),
+                "p50_ms": _percentile(ordered, 0.50),
+                "p95_ms": _percentile(ordered, 0.95),
+                "p99_ms": _percentile(ordered, 0.99),
+                "errors": run["errors"],
+                "statuses": run["statuses"],
+                "sql_per_heartbeat": round(run["sql"] / run["sql_counted"], 2) if run["sql_counted"] else None,
+                "rows_written_per_heartbeat": None,
+                "commits_per_heartbeat": None,
+                "generator_cpu_share": round(run["cpu_s"] / run["wall_s"], 2),
+                "server_cpu_ms_per_heartbeat": round(1000 * server_cpu / n, 2) if server is not None and n else None,
+            }
+            if before is not None and after is not None and n:
+                row["rows_written_per_heartbeat"] = round((after["rows"] - before["rows"]) / n, 2)
+                row["commits_per_heartbeat"] = round((after["commits"] - before["commits"]) / n, 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        if not args.keep:
+            _cleanup(created)
+    server_desc = args.url or f"gunicorn {'gthread' if args.threads > 1 else 'sync'} x{args.workers}"
+    if args.threads > 1:
+        server_desc += f" x{args.threads} threads"
+    print(
+        json.dumps(
+            {
+                "summary": rows,
+                "machines": args.machines,
+                "gpus_per_machine": args.gpus_per_machine,
+                "seconds": args.seconds,
+                "server": server_desc,
+                "generators": args.generators,
+                "setup_seconds": round(setup_seconds, 1),
+                "database": f"{connection.vendor}:{connection.settings_dict['NAME']}",
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
