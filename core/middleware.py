@@ -30,13 +30,13 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import psycopg
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from core import prom
+from core import logcontext, prom
 from core.errors import DatabaseUnavailable
 from core.scrub import scrub
 
@@ -135,8 +135,8 @@ def _error_code(response: HttpResponse) -> str:
 class AgentApiErrorsMiddleware:
     """Counts every error answer (4xx, 5xx) under /api/agent/ by its code, for /metrics
     (core.prom): the views' refusals, the throttle's 429, an unknown URL's 404, the database's 503
-    and a crash's 500 alike. First in MIDDLEWARE, so the answers of the other middleware (the
-    database's 503 included) pass through it."""
+    and a crash's 500 alike. Before the others in MIDDLEWARE (after RequestContextMiddleware), so
+    the answers of the other middleware (the database's 503 included) pass through it."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -146,3 +146,29 @@ class AgentApiErrorsMiddleware:
         if response.status_code >= 400 and request.path_info.startswith(AGENT_API_PREFIX):
             prom.agent_api_error_count(code=_error_code(response))
         return response
+
+
+class RequestContextMiddleware:
+    """Binds the request's log ids (core.logcontext) for everything the request logs: its id (the
+    caller's `X-Request-ID` when it is a plain token, else a new one; echoed in the answer's
+    `X-Request-ID`), then the `job_id`, `lease_id` and `machine_id` of its URL. The agent's
+    machine is bound by its authentication (providers.auth). Cleared at request_finished."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        request_id = logcontext.request_id_from(request.headers.get("X-Request-ID"))
+        # Bound until request_finished (core.apps), not only while the middleware runs: Django
+        # logs a 4xx or 5xx answer after the middleware has returned it.
+        logcontext.start(request_id=request_id)
+        response = self.get_response(request)
+        response["X-Request-ID"] = request_id
+        return response
+
+    def process_view(
+        self, request: HttpRequest, view_func: Callable[..., Any], view_args: Any, view_kwargs: dict[str, Any]
+    ) -> None:
+        ids = {name: view_kwargs[name] for name in ("job_id", "lease_id", "machine_id") if name in view_kwargs}
+        if ids:
+            logcontext.bind(**ids)

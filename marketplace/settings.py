@@ -140,6 +140,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # The request's id (X-Request-ID) and the ids in its URL on every log line it makes.
+    "core.middleware.RequestContextMiddleware",
     # Counts the agent API's error answers for /metrics, whichever layer below gave them.
     "core.middleware.AgentApiErrorsMiddleware",
     # A database connection error raised by a view answers 503 (JSON under /api/), not a crash.
@@ -534,11 +536,24 @@ CELERY_BEAT_SCHEDULE = {
     "check-ledger": _every("billing.tasks.check_ledger", 300.0),
 }
 
+# LOG_FORMAT=json: one JSON object per line (python-json-logger) with the time, level, logger,
+# message and the request (or Celery task), machine, lease and job ids it is about
+# (core.logcontext; null where they do not apply), for a fleet's log pipeline. plain: for people.
+LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "core.logcontext.ContextFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s "
+            "%(request_id)s %(machine_id)s %(lease_id)s %(job_id)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }

@@ -14,6 +14,7 @@ from rest_framework import authentication, exceptions, permissions
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from core import logcontext
 from gpgpu_agent import protocol
 from providers.errors import MachineCredentialRevoked
 from providers.models import Machine
@@ -66,6 +67,7 @@ class MachineAuthentication(authentication.BaseAuthentication):
                 f"This machine is suspended{reason}. Contact the marketplace operators.",
                 code=protocol.CODE_MACHINE_SUSPENDED,
             )
+        logcontext.bind(machine_id=machine.pk)  # on the request's log lines
         return AnonymousUser(), machine
 
     def authenticate_header(self, request: Request) -> str:

@@ -342,3 +342,14 @@ def test_a_connection_pool_is_bounded_per_process_and_replaces_per_thread_connec
     assert database["CONN_MAX_AGE"] == 0  # Django refuses persistent connections with a pool
     assert "pool" not in plain["DATABASES"]["default"]["OPTIONS"]
     assert plain["DATABASES"]["default"]["CONN_MAX_AGE"] == 60
+
+
+def test_json_logs_are_an_option_and_a_wrong_format_is_refused_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert settings_with(tmp_path, SECRET_KEY=A_KEY)["LOGGING"]["handlers"]["console"]["formatter"] == "plain"
+    json_logs = settings_with(tmp_path, SECRET_KEY=A_KEY, LOG_FORMAT="json")["LOGGING"]
+    assert json_logs["handlers"]["console"]["formatter"] == "json"
+    assert json_logs["handlers"]["console"]["filters"] == ["context"]
+
+    refused = run(["manage.py", "check"], tmp_path, SECRET_KEY=A_KEY, LOG_FORMAT="xml")
+    assert refused.returncode != 0
+    assert "LOG_FORMAT" in refused.stderr and "xml" in refused.stderr
