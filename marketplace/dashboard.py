@@ -12,7 +12,7 @@ Every figure is read from what the marketplace stores; nothing is simulated or e
 - Idle GPU-hours offered and rented: the same rollups (each row is one GPU-hour). Offered is idle
   plus leased time (a leased GPU's time was offered and taken), rented the leased time. Lost to
   preemption: the GPU-hours of the leases that ended in the range by a preemption, from start
-  to end (their work since the last checkpoint is lost; counting all of it is an upper bound);
+  (or the range's start) to end (their work since the last checkpoint is lost; counting all of it is an upper bound);
   useful is rented less that.
 - Placements, preemptions and owner reclaims: jobs.Lease (created_at; ended_at with end_reason).
 - Pending jobs over time: jobs.Event's status moves into and out of "pending", walked back from
@@ -185,7 +185,7 @@ def _gpu_hours(d: Dashboard) -> None:
         idle=Sum("idle_ratio"), leased=Sum("leased_ratio")
     )
     idle, leased = hours["idle"] or 0.0, hours["leased"] or 0.0
-    lost = _lost_gpu_hours(Lease.objects.filter(ended_at__gte=d.since, ended_at__lt=d.until))
+    lost = _lost_gpu_hours(Lease.objects.filter(ended_at__gte=d.since, ended_at__lt=d.until), since=d.since)
     offered = idle + leased
     useful = max(leased - lost, 0.0)
     d.figures.update(
@@ -199,16 +199,17 @@ def _gpu_hours(d: Dashboard) -> None:
     )
 
 
-def _lost_gpu_hours(ended: QuerySet[Lease]) -> float:
-    """GPU-hours of the leases in `ended` that a preemption ended, start to end."""
-    ran = ExpressionWrapper(F("ended_at") - F("started_at"), output_field=DurationField())
-    rows = (
-        ended.filter(end_reason__in=PREEMPTIONS, started_at__isnull=False)
-        .values("gpu_count")
-        .annotate(ran=Sum(ran))
-        .order_by()
+def _lost_gpu_hours(ended: QuerySet[Lease], *, since: datetime) -> float:
+    """GPU-hours of the leases in `ended` that a preemption ended, from their start (or `since`,
+    when they started before the range) to their end."""
+    rows = ended.filter(end_reason__in=PREEMPTIONS, started_at__isnull=False).values_list(
+        "gpu_count", "started_at", "ended_at"
     )
-    return sum(row["gpu_count"] * row["ran"].total_seconds() / 3600 for row in rows if row["ran"])
+    return sum(
+        count * max((end - max(start, since)).total_seconds(), 0.0) / 3600
+        for count, start, end in rows.order_by()
+        if start is not None and end is not None
+    )
 
 
 def _lease_events(d: Dashboard, buckets: list[datetime]) -> Chart:
