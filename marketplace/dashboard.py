@@ -145,20 +145,48 @@ def _series(name: str, buckets: list[datetime], values: Mapping[datetime, float 
     return Series(name, [(at, values.get(at, 0)) for at in buckets])
 
 
-def _gpu_states(d: Dashboard) -> Chart:
-    start = _floor(d.since, HOUR)
-    total = GPU.objects.count()
+@dataclass(frozen=True)
+class _FleetHour:
+    """The rollups of one hour, one GPU model and one region, summed."""
+
+    hour: datetime
+    model: str
+    region: str
+    reported: int
+    idle: float
+    leased: float
+
+
+def _fleet_hours(d: Dashboard) -> list[_FleetHour]:
+    """The range's rollups summed by hour, model and region: one scan of the rollups (through
+    their hour index), which every rollup figure of the page is computed from."""
     rows = (
-        TelemetryRollup.objects.filter(hour__gte=start, hour__lt=d.until)
-        .values("hour")
+        TelemetryRollup.objects.filter(hour__gte=_floor(d.since, HOUR), hour__lt=d.until)
+        .values("hour", "gpu__model", "gpu__machine__region")
         .annotate(reported=Count("pk"), idle=Sum("idle_ratio"), leased=Sum("leased_ratio"))
-        .order_by("hour")
+        .order_by()
     )
+    return [
+        _FleetHour(
+            r["hour"], r["gpu__model"], r["gpu__machine__region"], r["reported"], r["idle"] or 0.0, r["leased"] or 0.0
+        )
+        for r in rows
+    ]
+
+
+def _gpu_states(d: Dashboard, fleet: list[_FleetHour]) -> Chart:
+    total = GPU.objects.count()
+    by_hour: dict[datetime, dict[str, float]] = defaultdict(lambda: {"reported": 0, "idle": 0.0, "leased": 0.0})
+    for f in fleet:
+        sums = by_hour[f.hour]
+        sums["reported"] += f.reported
+        sums["idle"] += f.idle
+        sums["leased"] += f.leased
     points: dict[str, list[tuple[datetime, float | None]]] = defaultdict(list)
-    for row in rows:
+    for hour, row in sorted(by_hour.items()):
         # The hour is drawn at its middle: its rollup is the average over it.
-        at = row["hour"] + HOUR / 2
-        idle, leased = row["idle"] or 0.0, row["leased"] or 0.0
+        at = hour + HOUR / 2
+        idle, leased = row["idle"], row["leased"]
         points["idle"].append((at, idle))
         points["owner busy"].append((at, max(row["reported"] - idle - leased, 0.0)))
         points["leased"].append((at, leased))
@@ -179,12 +207,9 @@ def _gpu_states(d: Dashboard) -> Chart:
     )
 
 
-def _gpu_hours(d: Dashboard) -> None:
+def _gpu_hours(d: Dashboard, fleet: list[_FleetHour]) -> None:
     start = _floor(d.since, HOUR)
-    hours = TelemetryRollup.objects.filter(hour__gte=start, hour__lt=d.until).aggregate(
-        idle=Sum("idle_ratio"), leased=Sum("leased_ratio")
-    )
-    idle, leased = hours["idle"] or 0.0, hours["leased"] or 0.0
+    idle, leased = sum(f.idle for f in fleet), sum(f.leased for f in fleet)
     lost = _lost_gpu_hours(Lease.objects.filter(ended_at__gte=d.since, ended_at__lt=d.until), since=d.since)
     offered = idle + leased
     useful = max(leased - lost, 0.0)
@@ -358,25 +383,21 @@ def _revenue(d: Dashboard, buckets: list[datetime]) -> Chart:
     )
 
 
-def _breakdowns(d: Dashboard) -> None:
-    start = _floor(d.since, HOUR)
-    rollups = TelemetryRollup.objects.filter(hour__gte=start, hour__lt=d.until)
+def _breakdowns(d: Dashboard, fleet: list[_FleetHour]) -> None:
     leases = Lease.objects.filter(created_at__gte=d.since, created_at__lt=d.until)
     ended = Lease.objects.filter(ended_at__gte=d.since, ended_at__lt=d.until, end_reason=ER.PREEMPTED_BY_OWNER)
-    for key, gpu_path, lease_path, target in (
-        ("model", "gpu__model", "lease_gpus__gpu__model", d.by_model),
-        ("region", "gpu__machine__region", "machine__region", d.by_region),
+    for key, lease_path, target in (
+        ("model", "lease_gpus__gpu__model", d.by_model),
+        ("region", "machine__region", d.by_region),
     ):
         rows: dict[str, dict[str, Any]] = defaultdict(
             lambda: {"gpu_h": 0.0, "idle": 0.0, "leased": 0.0, "placements": 0, "reclaims": 0, "revenue": None}
         )
-        for r in (
-            rollups.values(gpu_path)
-            .annotate(n=Count("pk"), idle=Sum("idle_ratio"), leased=Sum("leased_ratio"))
-            .order_by()
-        ):
-            row = rows[r[gpu_path] or "—"]
-            row.update(gpu_h=float(r["n"]), idle=r["idle"] or 0.0, leased=r["leased"] or 0.0)
+        for f in fleet:
+            row = rows[(f.model if key == "model" else f.region) or "—"]
+            row["gpu_h"] += f.reported
+            row["idle"] += f.idle
+            row["leased"] += f.leased
         for r in leases.values(lease_path).annotate(n=Count("pk", distinct=True)).order_by():
             rows[r[lease_path] or "—"]["placements"] = r["n"]
         for r in ended.values(lease_path).annotate(n=Count("pk", distinct=True)).order_by():
@@ -422,12 +443,13 @@ def fleet_dashboard(*, range_name: str = DEFAULT_RANGE, now: datetime | None = N
         time_zone=timezone.get_current_timezone_name(),
     )
     buckets = _buckets(d.since, d.until, step)
-    d.charts.append(_gpu_states(d))
-    _gpu_hours(d)
+    fleet = _fleet_hours(d)
+    d.charts.append(_gpu_states(d, fleet))
+    _gpu_hours(d, fleet)
     d.charts.append(_waits(d, buckets))
     d.charts.append(_lease_events(d, buckets))
     d.charts.append(_revenue(d, buckets))
-    _breakdowns(d)
+    _breakdowns(d, fleet)
     _chain(d)
     return d
 
