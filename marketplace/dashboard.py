@@ -20,11 +20,6 @@ Every figure is read from what the marketplace stores; nothing is simulated or e
 - Revenue and fees: billing's ledger postings (charges into lease_unsettled; settlement
   confirmations into platform_fees). Settlement lag: each confirmed batch, created → confirmed.
   Chain health: the deposit watcher's cursor, the newest ledger check and the open batches.
-
-Over a day or a week, the figures of hours that ended more than SETTLED_AFTER ago are computed
-once and kept in Django's cache (_figures_by_bucket); the rest are read each time. A week of
-10,000 GPUs is about 1.7 million rollup rows and 650,000 ledger entries: scanning them on every
-request takes seconds (benchmarks/dashboard.py).
 """
 
 from __future__ import annotations
@@ -64,7 +59,7 @@ from billing.selectors import ledger_check_latest
 from core.charts import Series, line_chart
 from jobs.models import Event, Job, Lease
 from marketplace import health
-from providers.models import GPU, Machine, TelemetryRollup
+from providers.models import GPU, TelemetryRollup
 
 logger = logging.getLogger(__name__)
 HOUR = timedelta(hours=1)
@@ -160,14 +155,15 @@ def _grouped(
     return list(out.values())
 
 
-def _postings(start: datetime, end: datetime, kind: str) -> QuerySet[Posting]:
-    """The postings of the `kind` entries made in [start, end). Over a few hours the entries are
-    looked up first (their created_at index), then their postings (the entry_id index): joined
-    in one query, PostgreSQL scans every posting instead."""
+def _postings(start: datetime, end: datetime, kind: str, account: str) -> QuerySet[Posting]:
+    """The postings into `account` accounts of the `kind` entries made in [start, end). Over a
+    few hours the entries are looked up first (their created_at index), then their postings (the
+    entry_id index): joined in one query, PostgreSQL scans every posting instead."""
     entries = LedgerEntry.objects.filter(created_at__gte=start, created_at__lt=end, kind=kind)
     if end - start <= SHORT_SPAN:
-        return Posting.objects.filter(entry_id__in=list(entries.values_list("pk", flat=True)))
-    return Posting.objects.filter(entry__in=entries)
+        ids = list(entries.values_list("pk", flat=True))
+        return Posting.objects.filter(entry_id__in=ids, account__kind=account)
+    return Posting.objects.filter(entry__in=entries, account__kind=account)
 
 
 def _add(into: dict[str, Any], name: str, key: str, n: int) -> None:
@@ -219,33 +215,21 @@ def _bucket_figures(start: datetime, end: datetime, step: timedelta) -> dict[dat
         out[r["bucket"]]["out"] += r["moved_out"]
     for at, (p50, p95) in _wait_percentiles(start, end, step).items():
         out[at]["wait_p50"], out[at]["wait_p95"] = p50, p95
-    # Accounts, leases and machines are looked up by id, each in a query of its own: joined to
-    # the postings, PostgreSQL would scan every account, lease and machine.
-    charges = _grouped(
-        _postings(start, end, EK.CHARGE), "entry__created_at", step, by=("account_id",), total=Sum("amount")
-    )
-    # The kind is checked here: in the query, PostgreSQL would walk every account of the kind.
-    leases = {
-        pk: lease_id
-        for pk, kind, lease_id in LedgerAccount.objects.filter(pk__in={r["account_id"] for r in charges}).values_list(
-            "pk", "kind", "lease_id"
+    charges = _postings(start, end, EK.CHARGE, AK.LEASE_UNSETTLED)
+    by_account = _grouped(charges, "entry__created_at", step, by=("account_id",), total=Sum("amount"))
+    # The accounts' regions in a query of their own: joined to the postings, PostgreSQL would
+    # scan every account, lease and machine.
+    regions = dict(
+        LedgerAccount.objects.filter(pk__in={r["account_id"] for r in by_account}).values_list(
+            "pk", "lease__machine__region"
         )
-        if kind == AK.LEASE_UNSETTLED
-    }
-    machines = dict(Lease.objects.filter(pk__in=set(leases.values())).values_list("pk", "machine_id"))
-    regions = dict(Machine.objects.filter(pk__in=set(machines.values())).values_list("pk", "region"))
-    for r in charges:
-        if r["account_id"] in leases:
-            region = regions.get(machines.get(leases[r["account_id"]], 0), "")
-            out[r["bucket"]]["revenue"] += r["total"] or 0
-            _add(out[r["bucket"]], "revenue_by_region", region, r["total"] or 0)
-    fee_accounts = set(LedgerAccount.objects.filter(kind=AK.PLATFORM_FEES).values_list("pk", flat=True))
-    fees = _grouped(
-        _postings(start, end, EK.SETTLEMENT_CONFIRM), "entry__created_at", step, by=("account_id",), total=Sum("amount")
     )
-    for r in fees:
-        if r["account_id"] in fee_accounts:
-            out[r["bucket"]]["fees"] += r["total"] or 0
+    for r in by_account:
+        out[r["bucket"]]["revenue"] += r["total"] or 0
+        _add(out[r["bucket"]], "revenue_by_region", regions.get(r["account_id"]) or "", r["total"] or 0)
+    fees = _postings(start, end, EK.SETTLEMENT_CONFIRM, AK.PLATFORM_FEES)
+    for r in _grouped(fees, "entry__created_at", step, total=Sum("amount")):
+        out[r["bucket"]]["fees"] += r["total"] or 0
     confirmed = Settlement.objects.filter(
         status=Settlement.Status.CONFIRMED, confirmed_at__gte=start, confirmed_at__lt=end
     )
