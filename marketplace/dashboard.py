@@ -20,6 +20,11 @@ Every figure is read from what the marketplace stores; nothing is simulated or e
 - Revenue and fees: billing's ledger postings (charges into lease_unsettled; settlement
   confirmations into platform_fees). Settlement lag: each confirmed batch, created → confirmed.
   Chain health: the deposit watcher's cursor, the newest ledger check and the open batches.
+
+Over a day or a week, the figures of hours that ended more than SETTLED_AFTER ago are computed
+once and kept in Django's cache (_figures_by_bucket); the rest are read each time. A week of
+10,000 GPUs is about 1.7 million rollup rows and 650,000 ledger entries: scanning them on every
+request takes seconds (benchmarks/dashboard.py).
 """
 
 from __future__ import annotations
