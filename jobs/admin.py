@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, TypedDict, TypeVar
 from django.contrib import admin, messages
 from django.db.models import Count, Model, Q, QuerySet
 from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html_join
 
 from jobs.errors import InvalidTransition
 from jobs.models import Event, Job, Lease, LeaseGPU, Renter, UsageReport
 from jobs.services import job_cancel
 from providers.admin import ReadOnlyAdmin, change_link, operator_actor
+from providers.telemetry_charts import gpu_telemetry_charts
 
 if TYPE_CHECKING:
     # django-stubs-ext is a development requirement: its names are for the types only.
@@ -211,8 +214,17 @@ class LeaseAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     inlines = [LeaseGPUInline]
     # Read-only, status first of all: it moves only through jobs.services.
-    readonly_fields = _all_fields(Lease)
+    readonly_fields = (*_all_fields(Lease), "gpu_utilisation")
     fields = readonly_fields
+
+    @admin.display(description="GPU utilisation over the lease")
+    def gpu_utilisation(self, obj: Lease) -> str:
+        since = obj.started_at or obj.created_at
+        until = obj.ended_at or timezone.now()
+        if until <= since:
+            return "-"
+        charts = gpu_telemetry_charts(gpus=list(obj.gpus.all()), since=since, until=until, metrics=["utilization_pct"])
+        return format_html_join("", '<figure class="console-chart"><figcaption>{}</figcaption>{}</figure>', charts)
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Lease], search_term: str

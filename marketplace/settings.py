@@ -170,7 +170,9 @@ WSGI_APPLICATION = "marketplace.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # The console's base template (its stylesheet on every admin page): looked up before the
+        # apps' templates, where django.contrib.admin's own would win.
+        "DIRS": [BASE_DIR / "marketplace" / "console_templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -230,6 +232,8 @@ AUTH_PASSWORD_VALIDATORS = [
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
+# Times to the second with the zone in the console (marketplace/formats).
+FORMAT_MODULE_PATH = ["marketplace.formats"]
 USE_TZ = True
 
 STATIC_URL = "static/"

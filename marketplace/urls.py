@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from marketplace import apis, health, metrics
+from marketplace import apis, dashboard, health, metrics
 
 urlpatterns = [
     # Probes and the status document, outside /api/ (marketplace.health, README "Health and status").
@@ -11,6 +11,8 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     # Prometheus' scrape, behind METRICS_TOKEN (marketplace.metrics).
     path("metrics", metrics.metrics, name="metrics"),
+    # The console's home is the fleet dashboard (marketplace.dashboard), staff only like the rest.
+    path("admin/", admin.site.admin_view(dashboard.console_index), name="console-index"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

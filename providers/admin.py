@@ -43,6 +43,7 @@ from providers.models import (
     TelemetryRollup,
     TelemetrySample,
 )
+from providers.telemetry_charts import gpu_telemetry_charts
 
 if TYPE_CHECKING:
     # django-stubs-ext is a development requirement: its names are for the types only.
@@ -234,6 +235,10 @@ def capabilities_html(machine: Machine) -> str:
     return format_html("<table>{}</table>", format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows))
 
 
+# How far back a machine's page draws its GPUs' telemetry.
+TELEMETRY_SPAN = timedelta(hours=24)
+
+
 @admin.register(Machine)
 class MachineAdmin(admin.ModelAdmin):
     list_display = [
@@ -275,6 +280,7 @@ class MachineAdmin(admin.ModelAdmin):
         "disk_gb",
         "last_heartbeat_at",
         "created_at",
+        "telemetry",
     )
     # All of it is the agent's report or the result of a service: the status changes only
     # through the actions below.
@@ -293,6 +299,15 @@ class MachineAdmin(admin.ModelAdmin):
             return "revoked"
         # Enough of the digest to tell two machines' credentials apart, no more.
         return f"sha256 {obj.credential_digest[:8]}…"
+
+    @admin.display(description="telemetry, last 24 hours")
+    def telemetry(self, obj: Machine) -> str:
+        until = timezone.now()
+        charts = gpu_telemetry_charts(gpus=list(obj.gpus.all()), since=until - TELEMETRY_SPAN, until=until)
+        return format_html(
+            '<div class="console-charts">{}</div>',
+            format_html_join("", '<figure class="console-chart"><figcaption>{}</figcaption>{}</figure>', charts),
+        )
 
     @admin.display(description="accepts")
     def accepts(self, obj: Machine) -> str:
