@@ -284,7 +284,9 @@ def follow(
     while True:
         job = client.job(job_id)
         lease = job.current_lease
-        key = (job.status, lease.id if lease else None, job.unplaced_reason)
+        reason = job.unplaced_reason
+        # The reason's words, not when the matcher last checked it: a new line only when they change.
+        key = (job.status, lease.id if lease else None, (reason.code, reason.detail) if reason else None)
         if log_out is not None:
             if tty and status_out is not None:
                 status_out.write("\r\x1b[2K")  # the output goes above the status line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpgpu_client.cli import job_exit_code, job_logs_print, main, status_line, why_text
+from gpgpu_client.cli import follow, job_exit_code, job_logs_print, main, status_line, why_text
 from gpgpu_client.models import Job, JobLogs
 
 GPGPU = Path(sys.executable).parent / "gpgpu"
@@ -211,3 +212,38 @@ def test_logs_follow_interrupted_with_ctrl_c_exits_130_with_one_line(
     out, err = capsys.readouterr()
     assert (code, out) == (130, "a\n")
     assert err.strip().startswith("gpgpu: interrupted") and len(err.strip().splitlines()) == 1
+
+
+class _Jobs:
+    """A client whose job() answers from a script (and has no output to show)."""
+
+    def __init__(self, answers: list[Job]) -> None:
+        self.answers = answers
+
+    def job(self, job_id: int) -> Job:
+        return self.answers.pop(0)
+
+
+def test_follow_writes_a_status_line_when_the_words_change_not_each_time_the_matcher_looked() -> None:
+    def waiting(checked_at: str, detail: str = "no online machine accepts process jobs") -> Job:
+        return _job(status="pending", unplaced_reason={"code": "no_machine", "detail": detail, "checked_at": checked_at})
+
+    client = _Jobs(
+        [
+            waiting("2026-01-14T12:00:00Z"),
+            waiting("2026-01-14T12:00:02Z"),
+            waiting("2026-01-14T12:00:04Z"),
+            waiting("2026-01-14T12:00:06Z", detail="no GPU is idle"),
+            _job(status="succeeded", exit_code=0),
+        ]
+    )
+    status = io.StringIO()
+
+    job = follow(client, 7, status_out=status, sleep=lambda _: None)  # type: ignore[arg-type]
+
+    assert job.status == "succeeded"
+    assert status.getvalue().splitlines() == [
+        "job 7  pending  waiting: no online machine accepts process jobs",
+        "job 7  pending  waiting: no GPU is idle",
+        "job 7  succeeded",
+    ]
