@@ -226,7 +226,8 @@ class _Jobs:
 
 def test_follow_writes_a_status_line_when_the_words_change_not_each_time_the_matcher_looked() -> None:
     def waiting(checked_at: str, detail: str = "no online machine accepts process jobs") -> Job:
-        return _job(status="pending", unplaced_reason={"code": "no_machine", "detail": detail, "checked_at": checked_at})
+        reason = {"code": "no_machine", "detail": detail, "checked_at": checked_at}
+        return _job(status="pending", unplaced_reason=reason)
 
     client = _Jobs(
         [
