@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import statistics
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from _django import django_setup, migrations_ready, refuse
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["RTX 3090", "RTX 4090", "RTX A6000", "L40S", "A100-SXM4-40GB", "A100-SXM4-80GB", "H100-SXM5-80GB"]
@@ -59,33 +59,19 @@ def _parse() -> argparse.Namespace:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    if args.database_url:
-        os.environ["DATABASE_URL"] = args.database_url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
-    sys.path.insert(0, str(ROOT))
-    import django
-
-    django.setup()
+    django_setup(database_url=args.database_url)
 
 
 def _check_database(args: argparse.Namespace) -> None:
-    from django.core.management import call_command
     from django.db import connection
-    from django.db.migrations.executor import MigrationExecutor
 
     if connection.vendor != "postgresql":
-        sys.exit("the benchmark fills its history with PostgreSQL's generate_series: give it a PostgreSQL database")
-    executor = MigrationExecutor(connection)
-    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
-        if not args.migrate:
-            sys.exit("the database has unapplied migrations: run `python manage.py migrate` or pass --migrate")
-        call_command("migrate", verbosity=0)
+        refuse("the benchmark fills its history with PostgreSQL's generate_series: give it a PostgreSQL database")
+    migrations_ready(migrate=args.migrate)
     from providers.models import Machine
 
     if not args.no_fill and not args.force and Machine.objects.exists():
-        sys.exit("the database already holds machines: give the benchmark a database of its own, or pass --force")
+        refuse("the database already holds machines: give the benchmark a database of its own, or pass --force")
 
 
 def _fill(args: argparse.Namespace, now: datetime) -> None:

@@ -40,6 +40,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from _django import django_setup, free_port, migrations_ready, refuse
+
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/api/agent/v1/orders/wait"
 WAIT_S = 25
@@ -71,32 +73,16 @@ def _args() -> argparse.Namespace:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    os.environ["DATABASE_URL"] = args.database_url
-    os.environ["REDIS_URL"] = args.redis_url if args.mode == "redis" else ""
     os.environ["CELERY_BROKER_URL"] = args.redis_url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
-    sys.path.insert(0, str(ROOT))
-    import django
-
-    django.setup()
+    django_setup(database_url=args.database_url, redis_url=args.redis_url if args.mode == "redis" else "")
 
 
 def _check_database(args: argparse.Namespace) -> None:
-    from django.core.management import call_command
-    from django.db import connection
-    from django.db.migrations.executor import MigrationExecutor
-
+    migrations_ready(migrate=args.migrate)
     from providers.models import Machine
 
-    executor = MigrationExecutor(connection)
-    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
-        if not args.migrate:
-            sys.exit("the database has unapplied migrations: run `python manage.py migrate` or pass --migrate")
-        call_command("migrate", verbosity=0)
     if not args.force and Machine.objects.exists():
-        sys.exit("the database already holds machines: use a database of its own, or pass --force")
+        refuse("the database already holds machines: use a database of its own, or pass --force")
 
 
 def _fill(args: argparse.Namespace, tag: str) -> dict[str, Any]:
@@ -174,12 +160,6 @@ def _cleanup(made: dict[str, Any]) -> None:
     Provider.objects.filter(pk=made["provider"]).delete()
     Renter.objects.filter(pk=made["renter"]).delete()
     get_user_model().objects.filter(pk__in=made["users"]).delete()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _server(args: argparse.Namespace, port: int, threads: int) -> subprocess.Popen[bytes]:
@@ -407,7 +387,7 @@ def main() -> int:
     fill_started = time.monotonic()
     made = _fill(args, tag)
     setup_s = time.monotonic() - fill_started
-    port = _free_port()
+    port = free_port()
     server = _server(args, port, args.threads)
     try:
         deadline = time.monotonic() + 60

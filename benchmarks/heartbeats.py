@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from _django import django_setup, free_port, migrations_ready, refuse
+
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/api/agent/v1/heartbeat"
 MACHINES_PER_PROVIDER = 20
@@ -100,38 +102,15 @@ def _parse() -> argparse.Namespace:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    if args.database_url:
-        os.environ["DATABASE_URL"] = args.database_url
-    if args.redis_url:
-        os.environ["REDIS_URL"] = args.redis_url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
-    sys.path.insert(0, str(ROOT))
-    import django
-
-    django.setup()
-
-
-def _refuse(message: str) -> None:
-    print(message, file=sys.stderr)
-    sys.exit(2)
+    django_setup(database_url=args.database_url, redis_url=args.redis_url or None)
 
 
 def _check_database(args: argparse.Namespace) -> None:
-    from django.core.management import call_command
-    from django.db import connection
-    from django.db.migrations.executor import MigrationExecutor
-
+    migrations_ready(migrate=args.migrate)
     from providers.models import Machine
 
-    executor = MigrationExecutor(connection)
-    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
-        if not args.migrate:
-            _refuse("the database has unapplied migrations: run `python manage.py migrate` or pass --migrate")
-        call_command("migrate", verbosity=0)
     if not args.force and Machine.objects.exists():
-        _refuse("the database already holds machines; use a database of its own, or pass --force.")
+        refuse("the database already holds machines; use a database of its own, or pass --force.")
 
 
 def _register(args: argparse.Namespace, tag: str) -> tuple[dict[str, list[int]], list[str]]:
@@ -216,14 +195,8 @@ def _cpu_seconds(parent: int) -> float:
     return total / ticks
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DEBUG": "false",
@@ -241,14 +214,14 @@ def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            _refuse("gunicorn stopped while starting")
+            refuse("gunicorn stopped while starting")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return server, url
         except OSError:
             time.sleep(0.2)
     server.terminate()
-    _refuse("gunicorn did not start listening within 60 s")
+    refuse("gunicorn did not start listening within 60 s")
     raise AssertionError  # unreachable
 
 
@@ -447,7 +420,7 @@ def main() -> None:
             server, url = _server_start(args)
         first = _drive(url, machines, min(32, args.machines), args.generators, 0, once=True)
         if first["errors"]:
-            _refuse(f"{first['errors']} of the first heartbeats failed (statuses {first['statuses']})")
+            refuse(f"{first['errors']} of the first heartbeats failed (statuses {first['statuses']})")
         setup_seconds = time.perf_counter() - setup_started
         for concurrency in args.levels:
             before = _pg_counters()

@@ -19,14 +19,14 @@ import hashlib
 import json
 import os
 import random
-import secrets
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+from _django import django_setup, migrations_ready, refuse
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,40 +81,18 @@ def _parse() -> argparse.Namespace:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    if args.database_url:
-        os.environ["DATABASE_URL"] = args.database_url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
     os.environ["MATCH_POLICY"] = args.policy
-    # DEBUG is off here (production code paths): a throwaway signing key for this process.
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
-    sys.path.insert(0, str(ROOT))
-    import django
-
-    django.setup()
-
-
-def _refuse(message: str) -> None:
-    print(message, file=sys.stderr)
-    sys.exit(2)
+    django_setup(database_url=args.database_url)
 
 
 def _check_database(args: argparse.Namespace) -> None:
-    from django.core.management import call_command
-    from django.db import connection
-    from django.db.migrations.executor import MigrationExecutor
-
-    executor = MigrationExecutor(connection)
-    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
-        if not args.migrate:
-            _refuse("the database has unapplied migrations: run `python manage.py migrate` or pass --migrate")
-        call_command("migrate", verbosity=0)
+    migrations_ready(migrate=args.migrate)
 
     from jobs.models import Job
     from providers.models import Machine
 
     if not args.force and (Machine.objects.exists() or Job.objects.filter(status=Job.Status.PENDING).exists()):
-        _refuse(
+        refuse(
             "the database already holds machines or pending jobs; the benchmark would match them. "
             "Use a database of its own (e.g. `createdb gpgpu_bench`), or pass --force."
         )

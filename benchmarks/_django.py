@@ -1,0 +1,57 @@
+"""What the benchmarks that run the marketplace's own code share: Django set up on the database
+(and Redis) they are given, a database checked before it is filled, a free port.
+
+Each script is run as `python benchmarks/<name>.py`, so this directory is on sys.path and
+`import _django` finds this module."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def django_setup(*, database_url: str | None = None, redis_url: str | None = None) -> None:
+    """Django on `database_url` (else DATABASE_URL) and `redis_url` (else REDIS_URL), with DEBUG
+    off (production code paths), a throwaway signing key and warnings-only logs."""
+    if database_url:
+        os.environ["DATABASE_URL"] = database_url
+    if redis_url is not None:
+        os.environ["REDIS_URL"] = redis_url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+
+
+def refuse(message: str) -> NoReturn:
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+def migrations_ready(*, migrate: bool) -> None:
+    """Apply unapplied migrations when `migrate`, else refuse to go on with them."""
+    from django.core.management import call_command
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
+        if not migrate:
+            refuse("the database has unapplied migrations: run `python manage.py migrate` or pass --migrate")
+        call_command("migrate", verbosity=0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
