@@ -66,6 +66,7 @@ from gpgpu_agent.leases import (
     write_private_json,
 )
 from gpgpu_agent.logship import DEFAULT_MAX_BYTES as DEFAULT_LOG_MAX_BYTES
+from gpgpu_agent.metrics import AgentMetrics
 from gpgpu_agent.protocols import AgentError, Collector, Rejected, Runner, Transport, TransportUnavailable
 from gpgpu_agent.spool import Spool
 from gpgpu_agent.transport import Backoff
@@ -225,7 +226,9 @@ class Agent:
         # Stop the rentals on the way out (demos, tests) instead of leaving them to the next start.
         self.stop_rentals_on_exit = stop_rentals_on_exit
 
+        self.metrics = AgentMetrics()
         self.tracker = LeaseTracker(
+            metrics=self.metrics,
             runner=runner,
             outbox=outbox,
             sign=sign,
@@ -283,6 +286,7 @@ class Agent:
     # -- the status file -----------------------------------------------------------------------
 
     def _write_status(self) -> None:
+        spool_depth = self.outbox.pending()
         status = {
             "machine_id": self.machine_id,
             "marketplace_url": self.marketplace_url,
@@ -290,7 +294,7 @@ class Agent:
             "updated_at": iso(self.clock()),
             "last_heartbeat": self.last_heartbeat,
             "leases": sorted(self.leases),
-            "spool_depth": self.outbox.pending(),
+            "spool_depth": spool_depth,
             "schedule_open": self.schedule.open_at(self.clock()),
             "revoked": self.revoked,
         }
@@ -298,6 +302,8 @@ class Agent:
             write_private_json(self.state_dir / "status.json", status)
         except OSError as exc:
             logger.warning("could not write the status file: %s", exc)
+        self.metrics.gauges(spool_depth=spool_depth, rentals_running=len(self.leases))
+        self.metrics.write(self.state_dir)  # gpgpu_agent.metrics: for node_exporter's textfile collector
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -324,6 +330,7 @@ class Agent:
                 try:
                     self.poll_once()
                 except Exception:
+                    self.metrics.poll(failed=True)
                     logger.exception("poll failed; continuing")
                 # Orders from a heartbeat are acted on at once, not at the next poll.
                 self._poll_wake.wait(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
@@ -389,6 +396,7 @@ class Agent:
         verdicts = self.idle.update(sample, rental_pids=rental_pids, schedule_open=schedule_open, now=now)
         with self._snapshot_lock:
             self._snapshot = Snapshot(sample=sample, verdicts=verdicts, leases=self.tracker.reports())
+        self.metrics.poll(nvml_errors=len(sample.errors) + sum(len(gpu.errors) for gpu in sample.gpus))
 
     def _act_on_orders(self, gpus: GpuView) -> None:
         while True:
@@ -429,6 +437,7 @@ class Agent:
         try:
             self._replay()
         except TransportUnavailable as exc:
+            self.metrics.heartbeat("unreachable")
             delay = self.backoff.next_delay(exc.retry_after_s, cap_s=self.retry_cap_s)
             self._next_replay = time.monotonic() + delay
             logger.warning("marketplace unreachable (%s); retrying in %.1f s, reports are spooled", exc, delay)
@@ -448,11 +457,13 @@ class Agent:
             reply = self._heartbeat()
             self._replay()
         except TransportUnavailable as exc:
+            self.metrics.heartbeat("unreachable")
             delay = self.backoff.next_delay(exc.retry_after_s, cap_s=self.retry_cap_s)
             self._next_heartbeat = self._next_replay = time.monotonic() + delay
             self.last_heartbeat = {"ok": False, "at": iso(self.clock()), "error": str(exc)}
             logger.warning("marketplace unreachable (%s); retrying in %.1f s, reports are spooled", exc, delay)
         except Rejected as exc:
+            self.metrics.heartbeat("refused")
             delay = max(self.beat_s, self.backoff.next_delay(cap_s=self.retry_cap_s))
             self._next_heartbeat = self._next_replay = time.monotonic() + delay
             self.last_heartbeat = {"ok": False, "at": iso(self.clock()), "error": str(exc)}
@@ -467,6 +478,7 @@ class Agent:
             else:
                 logger.error("the marketplace refused the heartbeat: %s", exc)
         else:
+            self.metrics.heartbeat("ok")
             self.backoff.reset()
             self._next_heartbeat = time.monotonic() + self.beat_s
             self._next_replay = 0.0

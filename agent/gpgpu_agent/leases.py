@@ -47,6 +47,7 @@ from typing import Literal, TypedDict
 
 from gpgpu_agent import logship
 from gpgpu_agent.fencing import Fence
+from gpgpu_agent.metrics import AgentMetrics
 from gpgpu_agent.protocol import (
     EVENT_EXITED,
     EVENT_FAILED_TO_START,
@@ -207,8 +208,10 @@ class LeaseTracker:
         secrets: tuple[str, ...] = (),
         fence: Fence | None = None,
         log_max_bytes: int = logship.DEFAULT_MAX_BYTES,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.runner = runner
+        self.metrics = metrics or AgentMetrics()
         self.log_max_bytes = log_max_bytes
         # Each lease's read position, as the spool last recorded it.
         self._log_cursors: dict[int, LogCursor] = {}
@@ -483,9 +486,9 @@ class LeaseTracker:
         lease.ending = "preempted_by_owner"
         started = time.monotonic()
         state = self.runner.stop(lease.lease_id, grace_s=self.stop_grace_s)
-        logger.info(
-            "lease %s: rental stopped %.1f s after the owner was seen", lease.lease_id, time.monotonic() - started
-        )
+        took = time.monotonic() - started
+        self.metrics.reclaim(took)
+        logger.info("lease %s: rental stopped %.1f s after the owner was seen", lease.lease_id, took)
         self._finish(lease, state, at=at, detail=why)
 
     @staticmethod

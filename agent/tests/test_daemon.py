@@ -796,3 +796,53 @@ def test_output_past_the_cap_is_not_shipped_and_the_last_chunk_says_so(
     last = max((seq, body) for (lease, seq), body in transport.logs.items() if lease == 8)[1]
     assert last["truncated"] is True
     assert [body["truncated"] for (lease, _), body in sorted(transport.logs.items()) if lease == 8].count(True) == 1
+
+
+def _metrics(state_dir: Path) -> dict[str, float]:
+    """metrics.prom, parsed as a scraper would (prometheus-client's parser), name{labels} → value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (state_dir / "metrics.prom").read_text()
+    assert text.endswith("\n")
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return values
+
+
+def test_the_agents_own_metrics_count_polls_nvml_errors_heartbeats_spool_and_reclaims(
+    rig: Any, tmp_path: Path
+) -> None:
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)  # two polls, one heartbeat answered
+    fake.fail_field(0, "temperature")
+    agent.poll_once()  # one NVML read fails
+    transport.up = False
+    agent.network_once()  # the marketplace is away: the usage report waits in the spool
+    state_dir = agent.state_dir
+
+    seen = _metrics(state_dir)
+    assert seen["gpgpu_agent_polls_total"] == 3
+    assert seen["gpgpu_agent_nvml_errors_total"] == 1
+    assert seen["gpgpu_agent_heartbeats_total{outcome=ok}"] == 1
+    assert seen["gpgpu_agent_heartbeats_total{outcome=unreachable}"] == 1
+    assert seen["gpgpu_agent_rentals_running"] == 1
+    assert seen["gpgpu_agent_spool_depth"] == agent.outbox.pending() >= 1
+    assert seen["gpgpu_agent_last_heartbeat_ok_timestamp_seconds"] > time.time() - 60
+    assert (state_dir / "metrics.prom").stat().st_mode & 0o777 == 0o644  # a collector running as another user
+
+    fake.heal_field(0, "temperature")
+    fake.add_process(0, OWNER_PID, 1000)  # the owner is back
+    agent.poll_once()
+    transport.up = True
+    agent.network_once()
+
+    seen = _metrics(state_dir)
+    assert seen["gpgpu_agent_reclaim_seconds_count"] == 1
+    assert 0 < seen["gpgpu_agent_reclaim_longest_seconds"] == seen["gpgpu_agent_reclaim_seconds_sum"] < 10
+    assert seen["gpgpu_agent_rentals_running"] == 0
+    assert seen["gpgpu_agent_spool_depth"] == 0
+    assert seen["gpgpu_agent_polls_total"] == 4 and seen["gpgpu_agent_nvml_errors_total"] == 1
+    assert not list(state_dir.glob(".metrics.*.tmp"))  # written whole, by rename
