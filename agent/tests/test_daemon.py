@@ -812,9 +812,7 @@ def _metrics(state_dir: Path) -> dict[str, float]:
     return values
 
 
-def test_the_agents_own_metrics_count_polls_nvml_errors_heartbeats_spool_and_reclaims(
-    rig: Any, tmp_path: Path
-) -> None:
+def test_the_agents_own_metrics_count_polls_nvml_errors_heartbeats_spool_and_reclaims(rig: Any, tmp_path: Path) -> None:
     agent, fake, transport = rig
     _start_lease(agent, fake, transport, 300)  # two polls, one heartbeat answered
     fake.fail_field(0, "temperature")
