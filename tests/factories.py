@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -12,6 +13,7 @@ import factory
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from accounts.services import api_token_create
 from jobs.models import Job, Lease, Renter
@@ -297,3 +299,53 @@ def fickle_owner_history(machine: Machine, *, weeks: int = 4, until: datetime) -
     start = until - timedelta(weeks=weeks)
     stretches = [(start + timedelta(hours=h), 120.0 + 60 * (h % 4)) for h in range(weeks * 168)]
     idle_history_of(machine, stretches=stretches)
+
+
+# --- the agent API, as an agent calls it ---------------------------------------------------------
+
+AGENT_API = "/api/agent/v1/"
+
+
+def agent_client(machine: Machine) -> APIClient:
+    """A client holding a fresh credential of `machine`."""
+    raw = f"gpm_test_{secrets.token_urlsafe(16)}"
+    Machine.objects.filter(pk=machine.pk).update(credential_digest=secret_digest(raw))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
+    return client
+
+
+def gpu_entry(uuid: str, index: int = 0, **overrides: Any) -> dict[str, Any]:
+    """One GPU of a heartbeat, idle, with its telemetry."""
+    entry: dict[str, Any] = {
+        "uuid": uuid,
+        "index": index,
+        "model": "NVIDIA GeForce RTX 4090",
+        "vram_mb": 24564,
+        "memory_used_mb": 312,
+        "utilization_pct": 0.0,
+        "temperature_c": 41.0,
+        "power_w": 22.5,
+        "idle": True,
+        "idle_since": "2026-01-01T00:00:00Z",
+        "owner_busy": False,
+    }
+    entry.update(overrides)
+    return entry
+
+
+def heartbeat(client: APIClient, gpus: list[dict[str, Any]], leases: list[dict[str, Any]] | None = None, **facts: Any):  # type: ignore[no-untyped-def]
+    """POST a heartbeat with these GPUs and leases (and the machine's facts)."""
+    body = {
+        "agent_version": "0.1.0",
+        "driver_version": "550.54",
+        "cuda_version": "12.4",
+        "cpu_cores": 16,
+        "ram_mb": 64000,
+        "disk_gb": 900,
+        "region": "eu-west",
+        "gpus": gpus,
+        "leases": leases or [],
+        **facts,
+    }
+    return client.post(AGENT_API + "heartbeat", body, format="json")

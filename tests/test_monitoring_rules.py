@@ -21,8 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from billing.models import LedgerCheck
 from core.models import PeriodicTaskState
 from marketplace import health, matching
-from providers.tests.test_agent_api import gpu_entry, heartbeat
-from tests.factories import GPUFactory, JobFactory, MachineFactory, placed_lease
+from tests.factories import GPUFactory, JobFactory, MachineFactory, gpu_entry, heartbeat, placed_lease
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

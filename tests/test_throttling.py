@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import secrets
 import uuid
 from datetime import timedelta
 from io import StringIO
@@ -22,7 +21,7 @@ from rest_framework.test import APIClient
 
 from providers import services
 from providers.models import Machine
-from tests.factories import MachineFactory, ProviderFactory, RenterFactory, placed_lease, token_for
+from tests.factories import MachineFactory, ProviderFactory, RenterFactory, agent_client, placed_lease, token_for
 
 pytestmark = pytest.mark.django_db
 
@@ -42,14 +41,6 @@ GUESS = "gpreg_guess"
 def register_attempt(client: APIClient, token: str = GUESS, **extra: str) -> Any:
     body = {"token": token, "hostname": "rig", "agent_version": "0.1.0"}
     return client.post(REGISTER, body, format="json", **extra)
-
-
-def machine_client(machine: Machine) -> APIClient:
-    raw = f"gpm_test_{secrets.token_urlsafe(16)}"
-    Machine.objects.filter(pk=machine.pk).update(credential_digest=services.secret_digest(raw))
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
-    return client
 
 
 def heartbeat(client: APIClient) -> Any:
@@ -155,7 +146,7 @@ def test_behind_a_trusted_proxy_each_client_address_has_its_own_budget(settings,
 
 def test_a_machine_hammering_heartbeats_gets_429_and_another_machine_does_not(rates) -> None:  # type: ignore[no-untyped-def]
     rates(machine="5/min")
-    hammering, neighbour = machine_client(MachineFactory()), machine_client(MachineFactory())
+    hammering, neighbour = agent_client(MachineFactory()), agent_client(MachineFactory())
 
     answers = [heartbeat(hammering).status_code for _ in range(5)]
     refused = heartbeat(hammering)
@@ -169,7 +160,7 @@ def test_a_machine_hammering_heartbeats_gets_429_and_another_machine_does_not(ra
 def test_a_machine_over_its_log_chunk_rate_gets_429_for_them_and_its_heartbeats_still_pass(rates) -> None:  # type: ignore[no-untyped-def]
     rates(machine="5/min", machine_logs="3/min")
     lease = placed_lease(started=True)
-    client = machine_client(lease.machine)
+    client = agent_client(lease.machine)
 
     def ship(seq: int) -> Any:
         body = {"seq": seq, "at": timezone.now().isoformat(), "text": "x\n"}
@@ -200,11 +191,11 @@ def test_a_renters_token_over_its_rate_gets_429_and_other_tokens_do_not(rates) -
 def test_a_rotated_machine_credential_is_a_new_budget_and_a_bad_one_is_401_not_counted(rates) -> None:  # type: ignore[no-untyped-def]
     rates(machine="2/min")
     machine = MachineFactory()
-    old = machine_client(machine)
+    old = agent_client(machine)
     assert [heartbeat(old).status_code for _ in range(2)] == [200, 200]
     assert_throttled(heartbeat(old))
 
-    rotated = machine_client(machine)
+    rotated = agent_client(machine)
 
     assert heartbeat(old).status_code == 401
     assert heartbeat(rotated).status_code == 200

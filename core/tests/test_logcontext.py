@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,9 +15,7 @@ from rest_framework.test import APIClient
 
 from core import logcontext
 from marketplace.celery import app
-from providers import services
-from providers.models import Machine
-from tests.factories import JobFactory, MachineFactory, placed_lease
+from tests.factories import JobFactory, MachineFactory, agent_client, placed_lease
 
 
 @pytest.fixture
@@ -41,21 +38,13 @@ def json_lines() -> Iterator[io.StringIO]:
         logger.removeHandler(handler)
 
 
-def _machine_client(machine: Machine) -> APIClient:
-    raw = f"gpm_test_{secrets.token_urlsafe(16)}"
-    Machine.objects.filter(pk=machine.pk).update(credential_digest=services.secret_digest(raw))
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
-    return client
-
-
 @pytest.mark.django_db
 def test_an_agents_refused_call_logs_one_json_line_naming_its_request_machine_and_lease(
     json_lines: io.StringIO,
 ) -> None:
     machine = MachineFactory()
     others = placed_lease(job=JobFactory())  # a lease on another machine
-    client = _machine_client(machine)
+    client = agent_client(machine)
 
     resp = client.post(
         f"/api/agent/v1/leases/{others.pk}/events",

@@ -3,7 +3,6 @@ renter reads (GET /api/v1/jobs/{id}/logs/), the per-job bound and the retention.
 
 from __future__ import annotations
 
-import secrets
 from datetime import timedelta
 from typing import Any
 
@@ -16,21 +15,11 @@ from jobs.ingestion import MAX_LOG_CHUNK_BYTES
 from jobs.models import Job, Lease, LogChunk
 from jobs.services import lease_end
 from jobs.tasks import prune_job_logs
-from providers import services as provider_services
-from providers.models import Machine
-from tests.factories import RenterFactory, placed_lease, token_for
+from tests.factories import RenterFactory, agent_client, placed_lease, token_for
 
 pytestmark = pytest.mark.django_db
 
 API = "/api/agent/v1/"
-
-
-def agent_client(machine: Machine) -> APIClient:
-    raw = f"gpm_test_{secrets.token_urlsafe(16)}"
-    Machine.objects.filter(pk=machine.pk).update(credential_digest=provider_services.secret_digest(raw))
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
-    return client
 
 
 def chunk(seq: int, text: str, **extra: Any) -> dict[str, Any]:

@@ -1,33 +1,32 @@
 """The agent's doorbell (POST /api/agent/v1/orders/wait): held open until the machine has a new
-order, answered at once when it has one, never ringing twice for the same one."""
+order, answered at once when it has one, never ringing twice for the same one.
+
+Then the doorbell over Redis pub/sub (jobs.doorbell): a held call sleeps without asking the
+database and answers as soon as a commit gives its machine an order; when the subscription is
+down it looks at the database every 0.25 s, as without Redis. Those tests need a real Redis
+(REDIS_URL, else 127.0.0.1:6379): skipped without one, except in CI."""
 
 from __future__ import annotations
 
-import secrets
+import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from django.db import connection
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from jobs import doorbell, selectors
 from jobs.models import Lease
 from jobs.services import job_cancel
-from providers import services
 from providers.models import Machine
-from tests.factories import GPUFactory, JobFactory, MachineFactory, placed_lease
+from tests.factories import GPUFactory, JobFactory, MachineFactory, agent_client, placed_lease
 
 API = "/api/agent/v1/"
-
-
-def agent(machine: Machine) -> APIClient:
-    raw = f"gpm_test_{secrets.token_urlsafe(16)}"
-    Machine.objects.filter(pk=machine.pk).update(credential_digest=services.secret_digest(raw))
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
-    return client
 
 
 def wait(client: APIClient, wait_s: float, since: Any = None) -> tuple[dict[str, Any], float]:
@@ -45,7 +44,7 @@ def held(settings: Any) -> None:
 
 @pytest.mark.django_db
 def test_a_machine_with_nothing_new_is_answered_empty_after_the_wait(held: None) -> None:
-    client = agent(MachineFactory())
+    client = agent_client(MachineFactory())
     answer, took = wait(client, 0.6)
     assert answer == {"orders": False, "wait_s": 25.0}
     assert 0.5 <= took < 3
@@ -54,7 +53,7 @@ def test_a_machine_with_nothing_new_is_answered_empty_after_the_wait(held: None)
 @pytest.mark.django_db
 def test_a_lease_not_yet_handed_over_rings_at_once_and_not_after_its_heartbeat(held: None) -> None:
     lease = placed_lease(job=JobFactory())
-    client = agent(Machine.objects.get(pk=lease.machine_id))
+    client = agent_client(Machine.objects.get(pk=lease.machine_id))
     before = lease.created_at - timezone.timedelta(seconds=1)
 
     answer, took = wait(client, 10, since=before)
@@ -70,7 +69,7 @@ def test_a_cancel_after_the_last_heartbeat_rings(held: None) -> None:
     job = JobFactory()
     lease = placed_lease(job=job)
     Lease.objects.filter(pk=lease.pk).update(start_sent_at=timezone.now())
-    client = agent(Machine.objects.get(pk=lease.machine_id))
+    client = agent_client(Machine.objects.get(pk=lease.machine_id))
     last_heartbeat = timezone.now()
     assert wait(client, 0.3, since=last_heartbeat)[0]["orders"] is False
 
@@ -84,7 +83,7 @@ def test_a_cancel_after_the_last_heartbeat_rings(held: None) -> None:
 def test_a_held_call_answers_as_soon_as_a_lease_is_placed(held: None) -> None:
     machine = MachineFactory(accepts_process=True)
     gpu = GPUFactory(machine=machine, index=0)
-    client = agent(machine)
+    client = agent_client(machine)
     since = timezone.now()
 
     def place() -> None:
@@ -103,6 +102,159 @@ def test_a_held_call_answers_as_soon_as_a_lease_is_placed(held: None) -> None:
 
 @pytest.mark.django_db
 def test_a_marketplace_that_does_not_hold_calls_answers_at_once() -> None:
-    client = agent(MachineFactory())
+    client = agent_client(MachineFactory())
     answer, took = wait(client, 20)
     assert answer == {"orders": False, "wait_s": 0.0} and took < 2
+
+
+# --- the doorbell over Redis pub/sub ----------------------------------------------------------
+
+REDIS = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+def _redis_up(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def live_bell(settings: Any) -> Iterator[str]:
+    """The marketplace holds calls and rings them through this Redis."""
+    if not _redis_up(REDIS):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs the doorbell against a real Redis, and {REDIS} does not answer")
+        pytest.skip(f"no Redis at {REDIS}")
+    settings.REDIS_URL = REDIS
+    settings.GPGPU = {**settings.GPGPU, "AGENT_ORDERS_WAIT_S": 25}
+    with doorbell.waiter(0) as bell:  # starts this process's listener; wait until it has subscribed
+        deadline = time.monotonic() + 5
+        while not bell.live and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert bell.live, "the doorbell's listener did not subscribe"
+    yield REDIS
+
+
+@pytest.fixture
+def looks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each held call's look at the database, by machine id."""
+    seen: list[int] = []
+    real = selectors.machine_has_new_orders
+
+    def counted(*, machine_id: int, since: Any) -> bool:
+        seen.append(machine_id)
+        return real(machine_id=machine_id, since=since)
+
+    monkeypatch.setattr(selectors, "machine_has_new_orders", counted)
+    return seen
+
+
+def _in_a_second(work: Any) -> threading.Thread:
+    def run() -> None:
+        time.sleep(1.0)
+        try:
+            work()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_held_call_is_rung_by_the_placement_and_asks_the_database_only_then(live_bell: str, looks: list[int]) -> None:
+    machine = MachineFactory(accepts_process=True)
+    gpu = GPUFactory(machine=machine, index=0)
+    client = agent_client(machine)
+    since = timezone.now()
+
+    placer = _in_a_second(lambda: placed_lease(job=JobFactory(), gpus=[gpu]))
+    answer, took = wait(client, 20, since=since)
+    placer.join()
+
+    assert answer["orders"] is True and 0.9 <= took < 3
+    # One look when the call came, one when the bell rang: none while it slept (polling every
+    # 0.25 s would have made four or more).
+    assert looks.count(machine.pk) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stop_request_rings_the_leases_machine_and_no_other(live_bell: str, looks: list[int]) -> None:
+    job = JobFactory()
+    lease = placed_lease(job=job)
+    Lease.objects.filter(pk=lease.pk).update(start_sent_at=timezone.now())
+    machine = Machine.objects.get(pk=lease.machine_id)
+    other = MachineFactory()
+    since = timezone.now()
+
+    results: dict[str, tuple[dict[str, Any], float]] = {}
+
+    def hold_other() -> None:
+        try:
+            results["other"] = wait(agent_client(other), 2.5, since=since)
+        finally:
+            connection.close()
+
+    bystander = threading.Thread(target=hold_other)
+    bystander.start()
+    canceller = _in_a_second(lambda: job_cancel(job=job, actor="renter"))
+    answer, took = wait(agent_client(machine), 20, since=since)
+    canceller.join()
+    bystander.join()
+
+    assert answer["orders"] is True and 0.9 <= took < 3
+    other_answer, other_took = results["other"]
+    assert other_answer["orders"] is False and other_took >= 2.4  # held to its end, not woken
+    assert looks.count(other.pk) <= 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_noise_on_the_channel_rings_no_one_and_the_listener_goes_on(live_bell: str, looks: list[int]) -> None:
+    machine = MachineFactory(accepts_process=True)
+    gpu = GPUFactory(machine=machine, index=0)
+    client = agent_client(machine)
+    since = timezone.now()
+    publisher = redis.Redis.from_url(live_bell)
+
+    def noise_then_a_lease() -> None:
+        for junk in (b"\xff\xfe", b"", b"abc,-1,../../x", b"9" * 40, str(machine.pk + 10_000).encode()):
+            publisher.publish(doorbell.channel(), junk)
+        placed_lease(job=JobFactory(), gpus=[gpu])
+
+    placer = _in_a_second(noise_then_a_lease)
+    answer, took = wait(client, 20, since=since)
+    placer.join()
+
+    assert answer["orders"] is True and 0.9 <= took < 3
+    assert looks.count(machine.pk) == 2  # the noise woke nobody
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_a_subscription_a_held_call_looks_every_quarter_second(
+    settings: Any, looks: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Redis nobody listens on: the listener never subscribes, so the bell is not live.
+    monkeypatch.setattr(doorbell, "_RECONNECT_S", (0.2,))
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    settings.GPGPU = {**settings.GPGPU, "AGENT_ORDERS_WAIT_S": 25}
+    machine = MachineFactory(accepts_process=True)
+    gpu = GPUFactory(machine=machine, index=0)
+    client = agent_client(machine)
+    since = timezone.now()
+
+    placer = _in_a_second(lambda: placed_lease(job=JobFactory(), gpus=[gpu]))
+    answer, took = wait(client, 20, since=since)
+    placer.join()
+
+    assert answer["orders"] is True and 0.9 <= took < 2
+    assert looks.count(machine.pk) >= 4  # it polled, as without Redis
+
+
+def test_a_message_names_machine_ids_and_nothing_else() -> None:
+    assert doorbell._decode(b"3,1,2") == {1, 2, 3}
+    assert doorbell._decode("7") == {7}
+    assert doorbell._decode(b"x,-4,5 ,,9" + b"9" * 30) == set()
+    assert doorbell._decode(None) == set()
+    assert doorbell._encode([3, 1, 3]) == "1,3"

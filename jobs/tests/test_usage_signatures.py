@@ -19,7 +19,7 @@ from gpgpu_agent.signing import SigningKey, sign_usage
 from jobs.models import Lease, UsageReport
 from providers import services as provider_services
 from providers.models import Machine
-from tests.factories import machine_with_gpus, placed_lease
+from tests.factories import agent_client, machine_with_gpus, placed_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -29,14 +29,6 @@ API = "/api/agent/v1/"
 @pytest.fixture(scope="module")
 def key() -> SigningKey:
     return SigningKey.generate()
-
-
-def agent_client(machine: Machine) -> APIClient:
-    raw = f"gpm_test_{secrets.token_urlsafe(16)}"
-    Machine.objects.filter(pk=machine.pk).update(credential_digest=provider_services.secret_digest(raw))
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
-    return client
 
 
 def signing_machine(key: SigningKey | None, gpus: int = 1) -> tuple[Machine, APIClient, Lease]:

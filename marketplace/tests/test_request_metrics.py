@@ -14,8 +14,7 @@ import pytest
 
 from marketplace import matching
 from marketplace.tests.test_metrics import TOKEN, _scrape
-from providers.tests.test_agent_api import agent_client, gpu_entry, heartbeat
-from tests.factories import GPUFactory, JobFactory, MachineFactory
+from tests.factories import GPUFactory, JobFactory, MachineFactory, agent_client, gpu_entry, heartbeat
 
 pytestmark = pytest.mark.django_db
 

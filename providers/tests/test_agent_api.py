@@ -24,7 +24,10 @@ from tests.factories import (
     JobFactory,
     MachineFactory,
     ProviderFactory,
+    agent_client,
     capabilities_report,
+    gpu_entry,
+    heartbeat,
     machine_with_gpus,
     placed_lease,
 )
@@ -38,49 +41,6 @@ on_postgres = pytest.mark.skipif(
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def agent_client(machine: Machine) -> APIClient:
-    """A client holding a fresh credential of `machine`."""
-    raw = f"gpm_test_{secrets.token_urlsafe(16)}"
-    Machine.objects.filter(pk=machine.pk).update(credential_digest=services.secret_digest(raw))
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
-    return client
-
-
-def gpu_entry(uuid: str, index: int = 0, **overrides: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "uuid": uuid,
-        "index": index,
-        "model": "NVIDIA GeForce RTX 4090",
-        "vram_mb": 24564,
-        "memory_used_mb": 312,
-        "utilization_pct": 0.0,
-        "temperature_c": 41.0,
-        "power_w": 22.5,
-        "idle": True,
-        "idle_since": "2026-01-01T00:00:00Z",
-        "owner_busy": False,
-    }
-    entry.update(overrides)
-    return entry
-
-
-def heartbeat(client: APIClient, gpus: list[dict[str, Any]], leases: list[dict[str, Any]] | None = None, **facts: Any):  # type: ignore[no-untyped-def]
-    body = {
-        "agent_version": "0.1.0",
-        "driver_version": "550.54",
-        "cuda_version": "12.4",
-        "cpu_cores": 16,
-        "ram_mb": 64000,
-        "disk_gb": 900,
-        "region": "eu-west",
-        "gpus": gpus,
-        "leases": leases or [],
-        **facts,
-    }
-    return client.post(API + "heartbeat", body, format="json")
 
 
 def post_event(client: APIClient, lease: Lease, type_: str, event_id: str | None = None, **fields: Any):  # type: ignore[no-untyped-def]

@@ -13,8 +13,7 @@ from django.utils import timezone
 
 from providers import services
 from providers.models import GPU, Machine
-from providers.tests.test_agent_api import agent_client, gpu_entry, heartbeat
-from tests.factories import MachineFactory, capabilities_report, machine_with_gpus
+from tests.factories import MachineFactory, agent_client, capabilities_report, gpu_entry, heartbeat, machine_with_gpus
 
 pytestmark = pytest.mark.django_db
 
