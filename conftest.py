@@ -68,6 +68,7 @@ SLOW_MODULES = {
     "client/tests/test_client_wallet_live.py": "the wallet and provider commands against a live server",
     "client/tests/test_client_deposit_chain.py": "gpgpu deposit against a real anvil node",
     "tests/browser/test_operator_console.py": "a real browser",
+    "tests/browser/test_console_charts.py": "a simulated run, then a real browser",
     "agent/tests/test_container_engine.py": "attacks against real Podman and Docker",
     "agent/tests/test_process_sandbox.py": "attacks against a real bubblewrap sandbox",
     "billing/tests/test_budget_invariant_properties.py": "random interleavings on two EVM backends",

@@ -67,6 +67,7 @@ from jobs.models import Event, Job, Lease, UsageReport
 from jobs.services import JobSpec, lease_end, lease_mark_started
 from marketplace.matching import match_cycle
 from marketplace.submit import job_submit
+from tests.depth import examples
 from tests.factories import RenterFactory, machine_with_gpus
 
 pytestmark = pytest.mark.django_db
@@ -74,7 +75,7 @@ pytestmark = pytest.mark.django_db
 ONE = 10**6
 RENTERS = 2
 AK = LedgerAccount.Kind
-EXAMPLES = int(os.environ.get("BUDGET_PROPERTY_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("BUDGET_PROPERTY_EXAMPLES", examples(quick=6, deep=50)))
 WITHDRAW_GAS = 120_000
 
 

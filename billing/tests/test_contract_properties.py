@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from billing.contract import BUDGET_SKIP_INSUFFICIENT_BALANCE, SettlementItem
 from billing.tests.conftest import Chain, _snapshot
+from tests.depth import examples
 
 AMOUNT = st.integers(min_value=1, max_value=50_000)
 RENTER = st.integers(min_value=0, max_value=2)
@@ -91,7 +92,11 @@ def _check(chain: Chain, model: Model) -> None:
     assert chain.token_balance(chain.escrow.address) == owed
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=examples(quick=8, deep=60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     opening=st.lists(st.tuples(st.just("budget"), RENTER, AMOUNT), min_size=1, max_size=3),
     operations=st.lists(OPERATION, min_size=1, max_size=8),

@@ -21,6 +21,7 @@ from jobs.models import Job, Lease, UsageReport
 from jobs.services import JobSpec, job_cancel, lease_end
 from marketplace.submit import job_submit
 from providers.models import Machine
+from tests.depth import examples
 from tests.factories import ProviderFactory, RenterFactory, machine_with_gpus, placed_lease
 
 pytestmark = pytest.mark.django_db
@@ -53,7 +54,11 @@ class Rollback(Exception):
     pass
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=examples(quick=40, deep=200),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(ops=st.lists(op, max_size=30))
 def test_random_money_movements_keep_the_ledger_consistent(db, ops):  # type: ignore[no-untyped-def]
     try:
