@@ -28,15 +28,6 @@ def matching_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return sent
 
 
-@pytest.fixture(autouse=True)
-def dashboard_cache_forgotten() -> None:
-    """The fleet dashboard caches settled hours' figures (marketplace.dashboard); each test's
-    database is new, so the cached hours must go too."""
-    from marketplace.dashboard import dashboard_cache_forget
-
-    dashboard_cache_forget()
-
-
 @pytest.fixture
 def renter_client(db):  # type: ignore[no-untyped-def]
     """(client authenticated as a fresh renter, renter)."""
