@@ -21,9 +21,11 @@ Who writes and when (marketplace.tasks):
   rollup task's hours, including a late or backfilled rollup) and jobs' `lease_ended` (a lease
   ended back in an earlier hour, e.g. at a lost machine's last heartbeat). The marketplace marks
   those hours stale in the writer's transaction (`fleet_hours_mark_stale`) and asks for a run soon.
-  A stale hour is computed from the sources until it is recomputed, so the dashboard never shows a
-  summary older than its sources. Ledger entries, job events, placements and settlements are
-  stamped when written, so they only reach the hours RECENT covers.
+  A stale hour is computed from the sources until it is recomputed, so such a change is on the
+  page at once. Ledger entries (billing's metering and settlement), job events, placements and
+  settlements are stamped when written, so they can only land in an hour already summarised by
+  committing just after it ended: RECENT recomputes those hours on every run, and until then
+  (one beat interval at most) the page may lack such a row.
 
 Recomputing an hour replaces its rows: running it twice gives the same rows.
 """
@@ -38,7 +40,7 @@ from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import Count, F, Q, QuerySet, Sum
-from django.db.models.functions import TruncHour
+from django.db.models.functions import TruncHour, TruncMinute
 from django.utils import timezone
 
 from billing.models import LedgerAccount, LedgerEntry, Posting, Settlement
@@ -48,6 +50,7 @@ from marketplace.models import FleetHour, FleetHourSlice
 from providers.models import TelemetryRollup
 
 HOUR = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
 # Hours that ended this recently are recomputed on every run of the summary task.
 RECENT = timedelta(hours=2)
 # A run asked for by a change to a summarised hour waits this long, so that a burst of changes
@@ -99,9 +102,9 @@ def _grouped(
     queryset: QuerySet[Any], stamp: str, step: timedelta, *, by: tuple[str, ...] = (), **aggregates: Any
 ) -> list[dict[str, Any]]:
     """Rows of `aggregates` per bucket of `stamp` ("bucket": the bucket's start) and the fields
-    `by`. The database groups by the hour; other buckets (five minutes in the hour range: a few
-    hundred rows) are summed here from one row per object, so only aggregates that sum (Count,
-    Sum) may be given."""
+    `by`. The database groups by the hour, or by the minute for buckets of whole minutes that
+    divide an hour (five minutes in the hour range), which are summed here; other buckets are
+    summed here from one row per object. So only aggregates that sum (Count, Sum) may be given."""
     if step == HOUR:
         return list(
             queryset.annotate(bucket=TruncHour(stamp, tzinfo=UTC))
@@ -109,8 +112,12 @@ def _grouped(
             .annotate(**aggregates)
             .order_by()
         )
+    if step % MINUTE == timedelta(0) and HOUR % step == timedelta(0):
+        rows = queryset.annotate(at=TruncMinute(stamp, tzinfo=UTC)).values("at", *by).annotate(**aggregates).order_by()
+    else:
+        rows = queryset.values("pk", *by).annotate(at=F(stamp), **aggregates).order_by()
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for row in queryset.values("pk", *by).annotate(at=F(stamp), **aggregates).order_by():
+    for row in rows:
         at = floor_to(row["at"], step)
         bucket = out.setdefault((at, *(row[f] for f in by)), {"bucket": at, **{f: row[f] for f in by}})
         for name in aggregates:

@@ -193,3 +193,17 @@ def test_the_backfill_command_summarises_the_days_asked_for(history) -> None:  #
 
     assert FleetHour.objects.count() == 48
     assert not FleetHour.objects.filter(hour__gte=hour_floor(timezone.now())).exists()
+
+
+def test_five_minute_buckets_add_up_to_their_hours(history) -> None:  # type: ignore[no-untyped-def]
+    now = history
+    start, end = hour_floor(now) - HOURS * HOUR, hour_floor(now)
+    hours = bucket_figures(start, end, HOUR)
+    fives = bucket_figures(start, end, timedelta(minutes=5))
+
+    for name in ("placements", "preemptions", "reclaims", "revenue", "in", "out"):
+        summed: dict[datetime, int] = {}
+        for at, f in fives.items():
+            summed[hour_floor(at)] = summed.get(hour_floor(at), 0) + f.get(name, 0)
+        assert {at: n for at, n in summed.items() if n} == {at: f[name] for at, f in hours.items() if f.get(name)}, name
+    assert sum(f.get("revenue", 0) for f in fives.values()) > 0
