@@ -28,6 +28,20 @@ def matching_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return sent
 
 
+@pytest.fixture(autouse=True)
+def fleet_summary_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Fleet summary runs asked for (marketplace.fleet_summary.fleet_summary_request_soon: a late
+    rollup, a lease ended back in time), recorded instead of sent, as matching runs are."""
+    from django.core.cache import cache
+
+    from marketplace import fleet_summary, tasks
+
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(tasks.summarise_fleet_soon, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
+    cache.delete(fleet_summary._QUEUED_KEY)
+    return sent
+
+
 @pytest.fixture
 def renter_client(db):  # type: ignore[no-untyped-def]
     """(client authenticated as a fresh renter, renter)."""

@@ -26,8 +26,8 @@ from marketplace.fleet_summary import (
     fleet_summary_run,
 )
 from marketplace.models import FleetHour, FleetHourSlice
-from providers.models import GPU, TelemetryRollup
-from providers.telemetry import hour_floor
+from providers.models import GPU, TelemetryRollup, TelemetrySample
+from providers.telemetry import hour_floor, telemetry_rollup
 from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, fund, placed_lease
 
 pytestmark = pytest.mark.django_db
@@ -207,3 +207,21 @@ def test_five_minute_buckets_add_up_to_their_hours(history) -> None:  # type: ig
             summed[hour_floor(at)] = summed.get(hour_floor(at), 0) + f.get(name, 0)
         assert {at: n for at, n in summed.items() if n} == {at: f[name] for at, f in hours.items() if f.get(name)}, name
     assert sum(f.get("revenue", 0) for f in fives.values()) > 0
+
+
+def test_a_late_rollup_asks_for_a_summary_run_once_committed(
+    history, fleet_summary_requested, django_capture_on_commit_callbacks
+) -> None:  # type: ignore[no-untyped-def]
+    now = history
+    fleet_summary_run(now=now)
+    hour = hour_floor(now) - 20 * HOUR
+    gpu = GPU.objects.filter(model="L40S").get()
+    TelemetrySample.objects.create(gpu=gpu, at=hour + timedelta(minutes=5), state=GPU.State.IDLE)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        telemetry_rollup(now=now, since=hour)
+
+    assert FleetHour.objects.filter(stale=True).count() == 20
+    assert len(fleet_summary_requested) == 1
+    fleet_summary_run(now=now)
+    assert not FleetHour.objects.filter(stale=True).exists()
