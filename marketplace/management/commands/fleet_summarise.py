@@ -9,6 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from core.locks import try_lock
 from marketplace.fleet_summary import HOUR, SUMMARY_DAYS, fleet_hours_summarise, floor_to
 
 
@@ -30,8 +31,12 @@ class Command(BaseCommand):
         end = floor_to(now, HOUR)
         at = end - timedelta(days=options["days"])
         started, hours = time.monotonic(), 0
-        while at < end:
-            # A day per call: each commits on its own, and a day's sources fit in memory.
-            hours += fleet_hours_summarise(start=at, end=min(at + timedelta(days=1), end), now=now)
-            at += timedelta(days=1)
+        # The summary task's lock: two writers of one hour would insert its breakdown rows twice.
+        with try_lock("marketplace.tasks.summarise_fleet") as locked:
+            if not locked:
+                raise CommandError("the summary task is running; try again when it is done")
+            while at < end:
+                # A day per call: each commits on its own, and a day's sources fit in memory.
+                hours += fleet_hours_summarise(start=at, end=min(at + timedelta(days=1), end), now=now)
+                at += timedelta(days=1)
         self.stdout.write(f"{hours} hours summarised in {time.monotonic() - started:.1f} s")
