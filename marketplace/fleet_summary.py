@@ -208,10 +208,19 @@ def _ledger_sums(
 
     if connection.vendor != "postgresql" or end - start > SHORT_SPAN:
         return sums()
+    # In a transaction of its own (SET LOCAL ends with it), and put back as found in case the
+    # caller's transaction is the one (atomic() then makes a savepoint).
     with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('enable_hashjoin'), current_setting('enable_mergejoin')")
+        found = cursor.fetchone()
         cursor.execute("SET LOCAL enable_hashjoin = off")
         cursor.execute("SET LOCAL enable_mergejoin = off")
-        return sums()
+        try:
+            return sums()
+        finally:
+            cursor.execute(
+                "SELECT set_config('enable_hashjoin', %s, true), set_config('enable_mergejoin', %s, true)", found
+            )
 
 
 def _lease_figures(out: dict[datetime, dict[str, Any]], start: datetime, end: datetime, step: timedelta) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.db import connection, transaction
 from django.utils import timezone
 
 from billing.models import LedgerEntry, Settlement
@@ -225,3 +226,13 @@ def test_a_late_rollup_asks_for_a_summary_run_once_committed(
     assert len(fleet_summary_requested) == 1
     fleet_summary_run(now=now)
     assert not FleetHour.objects.filter(stale=True).exists()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's planner settings")
+def test_the_current_hours_ledger_leaves_the_planner_as_it_found_it(history) -> None:  # type: ignore[no-untyped-def]
+    now = history
+    with transaction.atomic(), connection.cursor() as cursor:
+        bucket_figures(hour_floor(now), now, HOUR)
+
+        cursor.execute("SELECT current_setting('enable_hashjoin'), current_setting('enable_mergejoin')")
+        assert cursor.fetchone() == ("on", "on")
