@@ -29,12 +29,17 @@ def matching_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(autouse=True)
-def dashboard_cache_forgotten() -> None:
-    """The fleet dashboard caches settled hours' figures (marketplace.dashboard); each test's
-    database is new, so the cached hours must go too."""
-    from marketplace.dashboard import dashboard_cache_forget
+def fleet_summary_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Fleet summary runs asked for (marketplace.fleet_summary.fleet_summary_request_soon: a late
+    rollup, a lease ended back in time), recorded instead of sent, as matching runs are."""
+    from django.core.cache import cache
 
-    dashboard_cache_forget()
+    from marketplace import fleet_summary, tasks
+
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(tasks.summarise_fleet_soon, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
+    cache.delete(fleet_summary._QUEUED_KEY)
+    return sent
 
 
 @pytest.fixture

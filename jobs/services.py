@@ -609,7 +609,7 @@ def lease_end(
             idempotency_key=idempotency_key,
         )
         _job_after_lease(lease=lease, reason=reason, exit_code=exit_code, detail=detail, actor=actor)
-        lease_ended.send(sender=Lease, lease_id=lease_id, reason=reason)
+        lease_ended.send(sender=Lease, lease_id=lease_id, reason=reason, ended_at=at)
     return True
 
 

@@ -534,6 +534,8 @@ CELERY_BEAT_SCHEDULE = {
     # Billing: budgets are reserved on chain before their jobs are placed; also completes stuck batches.
     "reserve-budgets": _every("billing.tasks.reserve_budgets", 5.0),
     "release-jobs-on-chain": _every("billing.tasks.release_jobs_on_chain", 60.0),
+    # The fleet's hourly summary, which the console's dashboard reads (marketplace.fleet_summary).
+    "summarise-fleet": _every("marketplace.tasks.summarise_fleet", 300.0),
     # Proof of life of beat and a worker, read by /healthz (marketplace.health).
     "worker-heartbeat": _every("marketplace.tasks.worker_heartbeat", 30.0),
     # The ledger against the chain as of a confirmed block; its last result: billing.selectors.ledger_check_latest.

@@ -1,9 +1,9 @@
-"""Celery tasks of the matching engine."""
+"""Celery tasks of the matching engine and of the fleet's hourly summary."""
 
 from __future__ import annotations
 
 from core.periodic import periodic_task
-from marketplace import matching
+from marketplace import fleet_summary, matching
 
 
 @periodic_task(name="marketplace.tasks.match_pending_jobs", time_limit=120, soft_time_limit=100)
@@ -36,3 +36,25 @@ def worker_heartbeat() -> dict[str, int]:
     PeriodicTaskState, which /healthz reads (marketplace.health: a heartbeat older than three
     intervals means beat or every worker is down)."""
     return {}
+
+
+@periodic_task(name="marketplace.tasks.summarise_fleet", time_limit=900, soft_time_limit=840)
+def summarise_fleet() -> dict[str, int]:
+    """The fleet summary's due hours (beat runs it every few minutes, its entry "summarise-fleet";
+    marketplace.fleet_summary): the hours that ended recently, and any of the last week not
+    summarised yet or stale. Its first run on a deployment fills the week."""
+    return fleet_summary.fleet_summary_run()
+
+
+@periodic_task(
+    name="marketplace.tasks.summarise_fleet_soon",
+    lock="marketplace.tasks.summarise_fleet",
+    retry_locked=(fleet_summary.LOCKED_TRIES, fleet_summary.LOCKED_RETRY_S),
+    time_limit=900,
+    soft_time_limit=840,
+)
+def summarise_fleet_soon() -> dict[str, int]:
+    """A summary run asked for by a change to a summarised hour (fleet_summary.fleet_hours_changed),
+    under the beat run's lock."""
+    fleet_summary.fleet_summary_request_clear()
+    return fleet_summary.fleet_summary_run()

@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from providers.errors import ValidationFailed
 from providers.models import GPU, TelemetryRollup, TelemetrySample
+from providers.signals import rollups_written
 
 HOUR = timedelta(hours=1)
 # The longest range gpu_history answers: one point per hour, about 8,800 points at most.
@@ -149,6 +150,8 @@ def telemetry_rollup(*, now: datetime | None = None, since: datetime | None = No
             written += _write_rollups(start=start, end=min(complete_from, end), overwrite=False)
         if complete_from < end:
             written += _write_rollups(start=max(start, complete_from), end=end, overwrite=True)
+        if written:
+            rollups_written.send(sender=TelemetryRollup, start=start, end=end)
     return written
 
 

@@ -15,9 +15,11 @@ from billing.models import LedgerEntry
 from billing.services import Leg, job_budget_reserve, job_reserved, lease_unsettled, ledger_post
 from jobs.models import Job, Lease
 from jobs.services import lease_end
-from marketplace.dashboard import dashboard_cache_forget, fleet_dashboard
-from providers.models import GPU, TelemetryRollup
-from providers.telemetry import hour_floor
+from marketplace.dashboard import fleet_dashboard
+from marketplace.fleet_summary import fleet_hours_summarise, fleet_summary_run
+from marketplace.models import FleetHour
+from providers.models import GPU, TelemetryRollup, TelemetrySample
+from providers.telemetry import hour_floor, telemetry_rollup
 from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, fund, placed_lease
 
 pytestmark = pytest.mark.django_db
@@ -146,18 +148,24 @@ def test_an_unknown_range_falls_back_to_the_day(admin_client) -> None:  # type: 
     assert GPU.objects.count() == 0
 
 
-def test_settled_hours_are_read_from_the_cache_and_recent_ones_from_the_database(fleet) -> None:  # type: ignore[no-untyped-def]
+def test_a_late_rollup_is_shown_at_once_and_its_hour_summarised_again(fleet) -> None:  # type: ignore[no-untyped-def]
     now = fleet + timedelta(seconds=1)
+    fleet_hours_summarise(start=now - timedelta(days=7), end=now, now=now)
     before = fleet_dashboard(range_name="week", now=now).figures["rented_gpu_h"]
     gpu = GPU.objects.filter(model="H100").first()
-    settled_hour = hour_floor(now) - timedelta(hours=5)
-    TelemetryRollup.objects.create(gpu=gpu, hour=settled_hour, samples=60, idle_ratio=0.0, leased_ratio=1.0)
-    TelemetryRollup.objects.create(gpu=gpu, hour=hour_floor(now) - timedelta(hours=1), samples=60, leased_ratio=1.0)
+    late_hour = hour_floor(now) - timedelta(hours=5)
+    # An agent's samples of an hour summarised long ago, rolled up late (a backfill).
+    TelemetrySample.objects.bulk_create(
+        TelemetrySample(gpu=gpu, at=late_hour + timedelta(minutes=m), state=GPU.State.LEASED) for m in range(0, 60, 10)
+    )
 
-    after = fleet_dashboard(range_name="week", now=now).figures["rented_gpu_h"]
+    telemetry_rollup(now=now, since=late_hour)
 
-    # The hour 5 hours ago was cached before its row was written (nothing writes such an hour
-    # in a running marketplace); the last hour is read afresh.
-    assert after == pytest.approx(before + 1.0)
-    dashboard_cache_forget(now=now)
-    assert fleet_dashboard(range_name="week", now=now).figures["rented_gpu_h"] == pytest.approx(before + 2.0)
+    # Shown at once, computed from the rollups while its summary is stale...
+    assert FleetHour.objects.get(hour=late_hour).stale
+    assert fleet_dashboard(range_name="week", now=now).figures["rented_gpu_h"] == pytest.approx(before + 1.0)
+    # ...and summarised again by the next run.
+    fleet_summary_run(now=now)
+    summary = FleetHour.objects.get(hour=late_hour)
+    assert not summary.stale and summary.leased_gpu_h == pytest.approx(1.0)
+    assert fleet_dashboard(range_name="week", now=now).figures["rented_gpu_h"] == pytest.approx(before + 1.0)
