@@ -106,6 +106,9 @@ class JobSerializer(serializers.Serializer):
         help_text="The renter's promise: the job saves its progress at least this often (seconds), so an "
         "interruption loses at most this much work. null: an interruption loses all of it.",
     )
+    checkpoint_dir = serializers.CharField(
+        help_text="The directory under /work that follows the job from lease to lease; empty: none."
+    )
     status = NamedChoiceField(Job.Status.choices, enum_name="JobStatus")
     unplaced_reason = serializers.SerializerMethodField(
         help_text="While pending: why the matcher could not place it yet (null once placed or never checked)."
@@ -194,6 +197,22 @@ class JobCreateInput(StrictInputSerializer):
         f"{services.MAX_CHECKPOINT_INTERVAL_S}): an interruption then loses at most this much work. Omitted or "
         "null: the job keeps no checkpoints and an interruption loses all its work.",
     )
+    checkpoint_dir = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        max_length=services.MAX_CHECKPOINT_DIR_CHARS,
+        help_text="A directory of the job's view under /work (like /work/checkpoints) that follows the job: when "
+        "its lease is stopped (the owner comes back, the lease's window ends) the job gets SIGTERM and "
+        "GPGPU_STOP_GRACE_S seconds to write it, then it is uploaded; the job's next lease, on any machine, starts "
+        "with it restored. At most CHECKPOINT_MAX_BYTES; deleted when the job ends. Empty: none.",
+    )
+
+    def validate_checkpoint_dir(self, value: str) -> str:
+        problem = services.checkpoint_dir_problem(value) if value else None
+        if problem is not None:
+            raise serializers.ValidationError(problem[:1].upper() + problem[1:] + ".")
+        return value
 
     def validate_env(self, value: dict[str, str]) -> dict[str, str]:
         if len(value) > MAX_ENV_VARS:

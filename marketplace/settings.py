@@ -241,6 +241,15 @@ STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    # Jobs' checkpoints (jobs.checkpoints): local files by default (the demo, one server).
+    "checkpoints": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {
+            "location": os.environ.get("CHECKPOINT_ROOT", str(BASE_DIR / "var" / "checkpoints")),
+            "file_permissions_mode": 0o600,
+            "directory_permissions_mode": 0o700,
+        },
+    },
 }
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 # Serve app static files straight from their apps when collectstatic has not run (dev, tests).
@@ -442,6 +451,11 @@ GPGPU = {
     # start is kept, a notice marks the cut), for this many hours after it finished.
     "JOB_LOG_MAX_BYTES": env_int("JOB_LOG_MAX_BYTES", 16 * 1024 * 1024, minimum=64 * 1024),
     "JOB_LOG_RETENTION_H": env_int("JOB_LOG_RETENTION_H", 168, minimum=1),
+    # A job's checkpoint (its checkpoint_dir, packed by the agent) may be at most this many bytes;
+    # an agent may upload it up to this many seconds after its lease ended (it uploads before it
+    # reports the end, so this covers only a report that overtook it).
+    "CHECKPOINT_MAX_BYTES": env_int("CHECKPOINT_MAX_BYTES", 1024**3, minimum=1024),
+    "CHECKPOINT_UPLOAD_GRACE_S": env_int("CHECKPOINT_UPLOAD_GRACE_S", 300, minimum=0),
     # Registration tokens expire after this many hours.
     "REGISTRATION_TOKEN_TTL_H": env_int("REGISTRATION_TOKEN_TTL_H", 24, minimum=1),
     # The EIP-712 domain chainId agents sign usage reports with (31337: the local dev chain).

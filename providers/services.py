@@ -662,6 +662,21 @@ class HeartbeatReport:
 
 
 @dataclass(frozen=True)
+class LeaseCheckpoint:
+    """A start order's checkpoint (jobs.checkpoints): where the job keeps it, the most it may be,
+    where the agent uploads it, the archive to restore first (restore_url None: none yet) and
+    how many times the job was resumed. A URL without a scheme is the agent API's own."""
+
+    dir: str
+    max_bytes: int
+    upload_url: str
+    restore_url: str | None
+    restore_sha256: str
+    restore_size: int
+    resume_count: int
+
+
+@dataclass(frozen=True)
 class LeaseStart:
     lease_id: int
     job_id: int
@@ -672,6 +687,9 @@ class LeaseStart:
     gpu_uuids: list[str]
     max_duration_s: int
     price_per_gpu_hour: str
+    # The job's promised checkpoint interval, seconds (None: none promised).
+    checkpoint_interval_s: int | None = None
+    checkpoint: LeaseCheckpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -691,6 +709,9 @@ class HeartbeatReply:
     # The owner's schedule for this machine now (see machine_schedule); None only in replies
     # built before it was computed.
     schedule: MachineSchedule | None = None
+    # How much longer the machine's idle stretch is likely to last (its forecast's median),
+    # seconds; None when it runs no lease or no stretch is running. Passed on to the jobs.
+    predicted_idle_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1102,12 +1123,16 @@ def _heartbeat_reply(
     start, stop = machine_leases().heartbeat_orders(
         machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds, leased=leased
     )
+    predicted = None
+    if report.leases or start:  # only the jobs running here read it: no queries for an idle machine
+        predicted = idle_history.machine_predicted_idle_s(machine_id=machine_id, now=now.timestamp())
     return HeartbeatReply(
         heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"],
         server_time=now,
         start=start,
         stop=stop,
         lease_fence_s=settings.GPGPU["LEASE_FENCE_S"],
+        predicted_idle_s=predicted,
     )
 
 
