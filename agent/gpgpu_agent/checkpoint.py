@@ -5,8 +5,9 @@ and an archive to restore may have been made by another machine's agent (or forg
 
 - ``pack`` runs after the workload is dead and reads the directory through file descriptors,
   never following a symbolic link (the directory itself, or any of its parents below the work
-  directory, replaced by a link is refused), and keeps only directories and regular files: links,
-  device nodes, FIFOs and sockets are left out, set-id bits dropped. The archive is capped while
+  directory, replaced by a link is refused), and keeps only directories and regular files with
+  one name: symbolic links, hard-linked files (the other name may be a file outside the
+  directory), device nodes, FIFOs and sockets are left out, set-id bits dropped. The archive is capped while
   it is written (content and entries), not after.
 - ``unpack`` checks the archive's size and SHA-256 (``Restore``) before it reads it, and extracts
   into the lease's new, empty work directory before the workload starts: only directories and
@@ -51,7 +52,7 @@ class Packed:
     size: int
     sha256: str
     files: int
-    # Entries left out: links, devices, FIFOs, sockets.
+    # Entries left out: links, hard-linked files, devices, FIFOs, sockets.
     skipped: int
 
 
@@ -180,7 +181,7 @@ def pack(work: Path, checkpoint_dir: str, dest: Path, *, max_bytes: int) -> Pack
                             info.mtime = int(st.st_mtime)
                             tar.addfile(info)
                             stack.append((*names, entry.name))
-                        elif stat.S_ISREG(st.st_mode):
+                        elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                             files += 1
                             _add_file(tar, fd, entry.name, name, budget)
                         else:
@@ -206,7 +207,7 @@ def _add_file(tar: tarfile.TarFile, dir_fd: int, entry: str, name: str, budget: 
         raise CheckpointError(f"could not read {name!r}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):  # swapped since it was listed
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # swapped since it was listed
             raise CheckpointError(f"{name!r} changed while it was packed")
         budget.take(st.st_size)
         info = tarfile.TarInfo(name)

@@ -82,6 +82,18 @@ def test_a_link_in_the_checkpoint_is_left_out_not_followed(work: Path, tmp_path:
         assert b"credential" not in packed.path.read_bytes()
 
 
+def test_a_file_hard_linked_from_outside_the_checkpoint_is_left_out(work: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "agent-secret"
+    secret.write_text("the machine's credential")
+    ckpt = work / "ckpt"
+    ckpt.mkdir()
+    os.link(secret, ckpt / "innocent.pt")
+    packed = pack(work, "/work/ckpt", tmp_path / "out.tar", max_bytes=MB)
+    assert packed is not None
+    assert (packed.files, packed.skipped) == (0, 1)
+    assert b"credential" not in packed.path.read_bytes()
+
+
 @pytest.mark.parametrize("where", ["ckpt", "parent"])
 def test_a_checkpoint_directory_replaced_by_a_link_is_refused(work: Path, tmp_path: Path, where: str) -> None:
     outside = tmp_path / "agent-state"
