@@ -66,17 +66,30 @@ def checkpoint_order(*, lease: Lease) -> LeaseCheckpoint | None:
         return None
     url = f"leases/{lease.pk}/checkpoint"
     current = Checkpoint.objects.filter(job_id=job.pk).first()
+    restore = None
+    if current is not None:
+        restore = _presigned_get(current.storage_key) or url
     # Resumed: each earlier lease of the job that ran (its workload started).
     resumed = Lease.objects.filter(job_id=job.pk, pk__lt=lease.pk, started_at__isnull=False).count()
     return LeaseCheckpoint(
         dir=job.checkpoint_dir,
         max_bytes=max_bytes(),
         upload_url=url,
-        restore_url=url if current is not None else None,
+        restore_url=restore,
         restore_sha256=current.sha256 if current is not None else "",
         restore_size=current.size if current is not None else 0,
         resume_count=resumed,
     )
+
+
+def _presigned_get(key: str) -> str | None:
+    """A short-lived pre-signed GET URL of the stored archive, when the checkpoints' storage signs
+    URLs (django-storages' S3Storage with querystring_auth; valid its querystring_expire
+    seconds); None for one that does not (local files: the agent API serves them)."""
+    storage = checkpoint_storage()
+    if not getattr(storage, "querystring_auth", False) or not hasattr(storage, "bucket_name"):
+        return None
+    return str(storage.url(key))
 
 
 # --- upload ---------------------------------------------------------------------------------

@@ -241,7 +241,8 @@ STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
-    # Jobs' checkpoints (jobs.checkpoints): local files by default (the demo, one server).
+    # Jobs' checkpoints (jobs.checkpoints): local files by default (the demo, one server); an
+    # S3-compatible bucket when CHECKPOINT_S3_BUCKET is set (below).
     "checkpoints": {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
         "OPTIONS": {
@@ -251,6 +252,29 @@ STORAGES = {
         },
     },
 }
+if os.environ.get("CHECKPOINT_S3_BUCKET"):
+    # django-storages' S3Storage (boto3): AWS S3, MinIO (docker-compose), any S3-compatible store.
+    # Private objects; reads are pre-signed GET URLs valid CHECKPOINT_URL_TTL_S (the agent of the
+    # job's next lease fetches the archive straight from the store); writes go through the
+    # marketplace, which checks size and SHA-256 before it stores them.
+    STORAGES["checkpoints"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": os.environ["CHECKPOINT_S3_BUCKET"],
+            # Empty: AWS. For MinIO, its address as the agents reach it (pre-signed URLs name it).
+            "endpoint_url": os.environ.get("CHECKPOINT_S3_ENDPOINT_URL") or None,
+            "region_name": os.environ.get("CHECKPOINT_S3_REGION") or None,
+            # Empty: boto3's own chain (instance role, AWS_* variables, ~/.aws).
+            "access_key": os.environ.get("CHECKPOINT_S3_ACCESS_KEY_ID") or None,
+            "secret_key": os.environ.get("CHECKPOINT_S3_SECRET_ACCESS_KEY") or None,
+            "addressing_style": os.environ.get("CHECKPOINT_S3_ADDRESSING_STYLE") or None,
+            "signature_version": "s3v4",
+            "default_acl": None,
+            "querystring_auth": True,
+            "querystring_expire": env_int("CHECKPOINT_URL_TTL_S", 120, minimum=10),
+            "file_overwrite": False,
+        },
+    }
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 # Serve app static files straight from their apps when collectstatic has not run (dev, tests).
 WHITENOISE_USE_FINDERS = True
