@@ -25,7 +25,7 @@ from core.api import (
 )
 from jobs import lease_telemetry, selectors, services
 from jobs.errors import ValidationFailed
-from jobs.models import Job, Lease
+from jobs.models import Checkpoint, Job, Lease
 
 # Bounds on a job request, so one request cannot store or ship something absurd.
 MAX_COMMAND_PARTS = 256
@@ -86,6 +86,13 @@ class UnplacedReasonSerializer(serializers.Serializer):
     checked_at = serializers.DateTimeField(source="unplaced_checked_at", allow_null=True)
 
 
+class CheckpointSerializer(serializers.Serializer):
+    lease = serializers.IntegerField(source="lease_id", help_text="The lease whose agent saved it.")
+    size = serializers.IntegerField(help_text="Bytes (the packed directory, a tar archive).")
+    sha256 = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
 class JobSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     name = serializers.CharField()
@@ -109,6 +116,10 @@ class JobSerializer(serializers.Serializer):
     checkpoint_dir = serializers.CharField(
         help_text="The directory under /work that follows the job from lease to lease; empty: none."
     )
+    checkpoint = serializers.SerializerMethodField(
+        help_text="Its newest saved checkpoint, restored when its next lease starts (null: none yet, or the job "
+        "has ended and it was deleted). The archive itself is only for the agent running the job."
+    )
     status = NamedChoiceField(Job.Status.choices, enum_name="JobStatus")
     unplaced_reason = serializers.SerializerMethodField(
         help_text="While pending: why the matcher could not place it yet (null once placed or never checked)."
@@ -121,6 +132,13 @@ class JobSerializer(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
 
     @extend_schema_field(UnplacedReasonSerializer(allow_null=True))
+    @extend_schema_field(CheckpointSerializer(allow_null=True))
+    def get_checkpoint(self, job: Job) -> ReturnDict | None:
+        try:
+            return CheckpointSerializer(job.checkpoint).data
+        except Checkpoint.DoesNotExist:
+            return None
+
     def get_unplaced_reason(self, job: Job) -> ReturnDict | None:
         if job.status != Job.Status.PENDING or not job.unplaced_code:
             return None

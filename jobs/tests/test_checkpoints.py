@@ -354,3 +354,21 @@ def test_with_an_s3_store_the_next_lease_restores_from_a_short_lived_presigned_u
     assert "X-Amz-Expires=120" in restore
     # The upload still goes through the marketplace, which checks the bytes before storing them.
     assert order["checkpoint"]["upload_url"] == f"leases/{second.pk}/checkpoint"
+
+
+def test_the_renter_sees_the_saved_checkpoint_on_the_job_but_not_its_bytes() -> None:
+    lease = running_lease()
+    renter = APIClient()
+    renter.credentials(HTTP_AUTHORIZATION=f"Token {token_for(lease.job.renter.user)}")
+    assert renter.get(f"/api/v1/jobs/{lease.job_id}/").json()["checkpoint"] is None
+    assert upload(agent_client(lease.machine), lease.pk).status_code == 201
+    shown = renter.get(f"/api/v1/jobs/{lease.job_id}/").json()["checkpoint"]
+    assert shown["lease"] == lease.pk
+    assert shown["size"] == len(ARCHIVE)
+    assert shown["sha256"] == hashlib.sha256(ARCHIVE).hexdigest()
+    listed = renter.get("/api/v1/jobs/").json()["results"]
+    assert listed[0]["checkpoint"]["size"] == len(ARCHIVE)
+    # Another renter sees nothing of it.
+    other = APIClient()
+    other.credentials(HTTP_AUTHORIZATION=f"Token {token_for(RenterFactory().user)}")
+    assert other.get(f"/api/v1/jobs/{lease.job_id}/").status_code == 404
