@@ -22,7 +22,7 @@ import re
 import secrets
 import tempfile
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import IO, Protocol
 
 from django.conf import settings
@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from jobs.errors import Conflict, NotFound, ValidationFailed
 from jobs.models import Checkpoint, Job, Lease
-from jobs.services import checkpoint_file_delete, checkpoint_storage, event_record
+from jobs.services import checkpoint_file_delete, checkpoint_storage, checkpoints_delete, event_record
 from providers.services import LeaseCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -220,3 +220,43 @@ def checkpoint_chunks(handle: IO[bytes]) -> Iterator[bytes]:
     with handle:
         while chunk := handle.read(_READ_BYTES):
             yield chunk
+
+
+# --- the sweep --------------------------------------------------------------------------------
+
+# A stored file younger than this may be an upload whose row is not committed yet: left alone.
+ORPHAN_MIN_AGE = timedelta(hours=1)
+
+
+def checkpoint_orphans_delete(*, now: datetime | None = None) -> int:
+    """Delete the checkpoints' files no Checkpoint row names (a deletion that failed when their job
+    ended, an upload whose row was never written), once they are ORPHAN_MIN_AGE old, and the rows
+    of jobs that have ended (none should be left). Returns how many files were deleted. For the
+    hourly beat task jobs.tasks.sweep_checkpoints."""
+    now = now or timezone.now()
+    for job_id in Checkpoint.objects.filter(job__status__in=Job.TERMINAL).values_list("job_id", flat=True):
+        with transaction.atomic():
+            checkpoints_delete(job_id=job_id)
+    storage = checkpoint_storage()
+    known = set(Checkpoint.objects.values_list("storage_key", flat=True))
+    deleted = 0
+    try:
+        folders, _ = storage.listdir("")
+    except FileNotFoundError:
+        return 0
+    for folder in folders:
+        if not folder.startswith("job-"):
+            continue
+        _, files = storage.listdir(folder)
+        for name in files:
+            key = f"{folder}/{name}"
+            if key in known:
+                continue
+            try:
+                if now - storage.get_modified_time(key) < ORPHAN_MIN_AGE:
+                    continue
+            except (FileNotFoundError, NotImplementedError):
+                continue
+            checkpoint_file_delete(key)
+            deleted += 1
+    return deleted

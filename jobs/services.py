@@ -101,7 +101,7 @@ def _job_move(
     if not updated:
         return False
     if to in Job.TERMINAL:
-        _checkpoints_delete(job_id=job_id)
+        checkpoints_delete(job_id=job_id)
     event_record(
         job_id=job_id, lease_id=lease_id, kind=kind, actor=actor, from_status=current, to_status=to, detail=detail
     )
@@ -126,8 +126,9 @@ def checkpoint_file_delete(key: str) -> None:
         logger.warning("could not delete checkpoint file %s: %s", key, exc)
 
 
-def _checkpoints_delete(*, job_id: int) -> None:
-    """A job has ended: its checkpoint goes, the row now, the file once the transaction commits."""
+def checkpoints_delete(*, job_id: int) -> None:
+    """A job has ended: its checkpoint goes, the row now, the file once the caller's transaction
+    commits."""
     for key in list(Checkpoint.objects.filter(job_id=job_id).values_list("storage_key", flat=True)):
         transaction.on_commit(lambda key=key: checkpoint_file_delete(key))  # type: ignore[misc]
     Checkpoint.objects.filter(job_id=job_id).delete()

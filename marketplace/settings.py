@@ -561,6 +561,7 @@ CELERY_BEAT_SCHEDULE = {
     "rollup-telemetry": _every("providers.tasks.rollup_telemetry", 300.0),
     "prune-telemetry": _every("providers.tasks.prune_telemetry", 3600.0),
     "prune-job-logs": _every("jobs.tasks.prune_job_logs", 3600.0),
+    "sweep-checkpoints": _every("jobs.tasks.sweep_checkpoints", 3600.0),
     # Idle stretches the heartbeats recorded, folded into each machine's forecast and the fleet prior.
     "fold-idle-stretches": _every("providers.tasks.fold_idle_stretches", 300.0),
     "meter-leases": _every("billing.tasks.meter_leases", BILLING_METER_INTERVAL_S),

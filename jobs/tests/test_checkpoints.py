@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from jobs import checkpoints, services
 from jobs.errors import ValidationFailed
 from jobs.models import Checkpoint, Event, Job, Lease
 from jobs.services import lease_end
+from jobs.tasks import sweep_checkpoints
 from tests.factories import (
     RenterFactory,
     agent_client,
@@ -372,3 +374,24 @@ def test_the_renter_sees_the_saved_checkpoint_on_the_job_but_not_its_bytes() -> 
     other = APIClient()
     other.credentials(HTTP_AUTHORIZATION=f"Token {token_for(RenterFactory().user)}")
     assert other.get(f"/api/v1/jobs/{lease.job_id}/").status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweep_deletes_old_files_no_job_holds_and_keeps_the_rest(checkpoint_store: Path) -> None:
+    lease = running_lease()
+    assert upload(agent_client(lease.machine), lease.pk).status_code == 201
+    (kept,) = files_in(checkpoint_store)
+    # A file whose deletion failed when its job ended, and one being uploaded right now.
+    orphan = checkpoint_store / "job-999" / "lost.tar"
+    fresh = checkpoint_store / "job-999" / "uploading.tar"
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"old")
+    fresh.write_bytes(b"new")
+    two_hours_ago = (timezone.now() - timedelta(hours=2)).timestamp()
+    os.utime(orphan, (two_hours_ago, two_hours_ago))
+    os.utime(kept, (two_hours_ago, two_hours_ago))
+
+    result = sweep_checkpoints.apply().get()
+
+    assert result == {"deleted": 1}
+    assert sorted(files_in(checkpoint_store)) == sorted([kept, fresh])
