@@ -38,6 +38,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.cache import cache
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Field, Max, Model, Q
 from django.utils import timezone
@@ -1117,6 +1118,28 @@ def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuR
         gpu.index = next_free
 
 
+# A machine's predicted idle time is computed at most this often (three queries), and counted down
+# from the cached answer in between: its running jobs are told it at every heartbeat.
+PREDICTED_IDLE_CACHE_S = 60
+
+
+def _predicted_idle_s(*, machine_id: int, now: datetime) -> int | None:
+    """idle_history.machine_predicted_idle_s, from the cache when it was computed in the last
+    PREDICTED_IDLE_CACHE_S seconds (less the time since); 0: not cached."""
+    if PREDICTED_IDLE_CACHE_S <= 0:
+        return idle_history.machine_predicted_idle_s(machine_id=machine_id, now=now.timestamp())
+    key = f"gpgpu:predicted-idle:{machine_id}"
+    cached = cache.get(key)
+    if isinstance(cached, tuple) and len(cached) == 2:
+        predicted, at = cached
+        if predicted is None:
+            return None
+        return max(0, int(predicted - (now.timestamp() - at)))
+    predicted = idle_history.machine_predicted_idle_s(machine_id=machine_id, now=now.timestamp())
+    cache.set(key, (predicted, now.timestamp()), PREDICTED_IDLE_CACHE_S)
+    return predicted
+
+
 def _heartbeat_reply(
     *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], leased: bool, now: datetime
 ) -> HeartbeatReply:
@@ -1124,8 +1147,8 @@ def _heartbeat_reply(
         machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds, leased=leased
     )
     predicted = None
-    if report.leases or start:  # only the jobs running here read it: no queries for an idle machine
-        predicted = idle_history.machine_predicted_idle_s(machine_id=machine_id, now=now.timestamp())
+    if report.leases or start:  # only the jobs running here read it: nothing for an idle machine
+        predicted = _predicted_idle_s(machine_id=machine_id, now=now)
     return HeartbeatReply(
         heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"],
         server_time=now,

@@ -395,3 +395,39 @@ def test_the_sweep_deletes_old_files_no_job_holds_and_keeps_the_rest(checkpoint_
 
     assert result == {"deleted": 1}
     assert sorted(files_in(checkpoint_store)) == sorted([kept, fresh])
+
+
+# --- what the job is told of its machine's forecast -----------------------------------------------
+
+
+def test_a_machine_running_a_lease_is_told_its_predicted_idle_time_and_an_idle_one_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from providers import idle_history
+    from providers import services as providers_services
+
+    lease = running_lease()
+    gpu = lease.gpus.get()
+    agent = agent_client(lease.machine)
+    listed = [{"lease_id": lease.pk, "state": "running"}]
+    away = (timezone.now() - timedelta(minutes=10)).isoformat()
+    reply = heartbeat(agent, [gpu_entry(gpu.uuid, gpu.index, idle_since=away)], listed)
+    assert reply.status_code == 200, reply.json()
+    assert isinstance(reply.json()["predicted_idle_s"], int)
+    assert reply.json()["predicted_idle_s"] > 0
+
+    idle = machine_with_gpus()
+    idle_gpu = idle.gpus.get()
+    assert heartbeat(agent_client(idle), [gpu_entry(idle_gpu.uuid, 0)]).json()["predicted_idle_s"] is None
+
+    # Cached for a minute: the forecast is not read again at each heartbeat.
+    monkeypatch.setattr(providers_services, "PREDICTED_IDLE_CACHE_S", 60)
+    calls: list[int] = []
+    real = idle_history.machine_predicted_idle_s
+    monkeypatch.setattr(
+        idle_history, "machine_predicted_idle_s", lambda **kw: calls.append(kw["machine_id"]) or real(**kw)
+    )
+    first = heartbeat(agent, [gpu_entry(gpu.uuid, gpu.index, idle_since=away)], listed).json()["predicted_idle_s"]
+    second = heartbeat(agent, [gpu_entry(gpu.uuid, gpu.index, idle_since=away)], listed).json()["predicted_idle_s"]
+    assert calls == [lease.machine_id]
+    assert 0 <= first - second <= 1
