@@ -394,18 +394,22 @@ class LeaseTracker:
         """Reclaim leased GPUs the owner came back to (or whose schedule closed), stop leases past
         their maximum duration, measure the others, and report the leases that ended. `states`
         is this poll's (see poll()); a stopped lease's entry is replaced by its final state."""
-        # Reclaim first: it is the owner's GPU.
+        # Reclaim first: it is the owner's GPU. Every rental the owner came back to is stopped
+        # before any is reported, so that saving one's checkpoint never holds up another's stop.
+        reclaimed: list[tuple[TrackedLease, RunState, str]] = []
         for lease_id, lease in list(self.leases.items()):
             state = states[lease_id]
             if not state.running or lease.ending is not None:
                 continue
             why = self._owner_back(lease, gpus, schedule_open)
             if why is not None:
-                self._reclaim(lease, at=now, why=why)  # reported and forgotten
+                reclaimed.append((lease, self._reclaim(lease, why=why), why))
             elif (now - lease.started_at).total_seconds() > lease.max_duration_s:
                 logger.info("lease %s: past its max duration; stopping it", lease_id)
                 lease.ending = "timeout"
                 states[lease_id] = self.runner.stop(lease_id, grace_s=self.stop_grace_s)
+        for lease, state, why in reclaimed:
+            self._finish(lease, state, at=now, detail=why)  # reported and forgotten
 
         # Measure and notice exits.
         for lease_id, lease in list(self.leases.items()):
@@ -518,8 +522,9 @@ class LeaseTracker:
                 return f"owner process {', '.join(map(str, gpus.foreign[uuid]))} appeared on GPU {gpu.index}"
         return None
 
-    def _reclaim(self, lease: TrackedLease, *, at: datetime, why: str) -> None:
-        """Stop the rental now (SIGTERM, grace, SIGKILL) and report preempted_by_owner at `at`."""
+    def _reclaim(self, lease: TrackedLease, *, why: str) -> RunState:
+        """Stop the rental now (SIGTERM, grace, SIGKILL); the caller then reports it
+        preempted_by_owner (_finish)."""
         logger.warning("lease %s: reclaiming for the owner: %s", lease.lease_id, why)
         lease.ending = "preempted_by_owner"
         started = time.monotonic()
@@ -527,7 +532,7 @@ class LeaseTracker:
         took = time.monotonic() - started
         self.metrics.reclaim(took)
         logger.info("lease %s: rental stopped %.1f s after the owner was seen", lease.lease_id, took)
-        self._finish(lease, state, at=at, detail=why)
+        return state
 
     @staticmethod
     def _measure(lease: TrackedLease, by_uuid: Mapping[str, GpuSample]) -> None:

@@ -1022,3 +1022,34 @@ def test_a_cancelled_jobs_checkpoint_is_not_uploaded(checkpoint_rig: Any) -> Non
     agent.poll_once()
     assert 4 not in agent.leases
     assert store.uploads == []
+
+
+def test_every_rental_the_owner_came_back_to_is_stopped_before_any_checkpoint_is_uploaded(
+    checkpoint_rig: Any,
+) -> None:
+    agent, fake, transport, store, rentals = checkpoint_rig
+    fake.add_gpu("NVIDIA L4", 23034)
+    agent.poll_once()
+    orders = [
+        {**_order(lease_id, gpu.uuid, 0, script=TOLD), "checkpoint": _checkpoint(lease_id)}
+        for lease_id, gpu in ((5, fake.gpus[0]), (6, fake.gpus[1]))
+    ]
+    transport.heartbeat_replies.append(_reply(start=orders))
+    agent.network_once()
+    agent.poll_once()
+    for lease_id in (5, 6):
+        _wait((rentals / f"lease-{lease_id}" / "ckpt" / "told.json").exists, 15, f"lease {lease_id} starting")
+    stop = agent.tracker.runner.stop
+
+    def noted_stop(lease_id: int, *, grace_s: float) -> Any:
+        store.log.append(f"stop {lease_id}")
+        return stop(lease_id, grace_s=grace_s)
+
+    agent.tracker.runner.stop = noted_stop  # type: ignore[method-assign]
+    fake.add_process(0, OWNER_PID, 1000)
+    fake.add_process(1, OWNER_PID + 1, 1000)
+    store.log.clear()
+    agent.poll_once()
+
+    steps = [line for line in store.log if line.startswith(("stop", "upload"))]
+    assert steps == ["stop 5", "stop 6", "upload leases/5/checkpoint", "upload leases/6/checkpoint"]
