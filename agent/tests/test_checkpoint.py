@@ -217,6 +217,19 @@ def test_a_checkpoint_path_outside_work_in_an_order_is_refused(path: str) -> Non
         checkpoint.relative_parts(path)
 
 
+def test_a_leases_checkpoint_is_remembered_across_an_agent_restart() -> None:
+    from datetime import UTC, datetime
+
+    from gpgpu_agent.leases import TrackedLease
+    from gpgpu_agent.types import CheckpointSpec
+
+    spec = CheckpointSpec("/work/ckpt", 1 << 20, "leases/7/checkpoint", None, "", 0, 2)
+    now = datetime.now(UTC).replace(microsecond=0)
+    lease = TrackedLease(7, ("GPU-a",), 3600.0, now, now, job_id=70, checkpoint=spec, checkpoint_interval_s=600)
+    again = TrackedLease.from_json(json.loads(json.dumps(lease.to_json())))
+    assert (again.job_id, again.checkpoint, again.checkpoint_interval_s) == (70, spec, 600)
+
+
 # --- what the job is told -------------------------------------------------------------------------
 
 
