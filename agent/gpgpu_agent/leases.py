@@ -77,6 +77,9 @@ REDACTED = "[redacted]"
 _DONE_KEPT = 1000  # leases remembered as done (a repeated `start` for them is ignored)
 # Stop reasons after which the job does not run again (or the marketplace does not know the
 # lease): its checkpoint is not uploaded.
+# A checkpoint upload the marketplace could not take (unreachable, 5xx) is tried this many times,
+# a second, then two, apart: the poll loop waits meanwhile, but the rentals are already stopped.
+CHECKPOINT_UPLOAD_ATTEMPTS = 3
 _NO_CHECKPOINT_STOPS = frozenset({"cancelled", "max_duration", "unknown_lease", "succeeded", "failed"})
 
 UsageSigner = Callable[[UsageStruct], str]
@@ -244,6 +247,8 @@ class LeaseTracker:
     ) -> None:
         self.runner = runner
         self.checkpoints = checkpoints
+        # Waits between checkpoint upload attempts (tests make it instant).
+        self.pause: Callable[[float], None] = time.sleep
         # The machine's predicted idle time from the last heartbeat reply and when it came
         # (time.monotonic()); set by the daemon's network loop, read here (one tuple, swapped whole).
         self.forecast: tuple[int | None, float] = (None, time.monotonic())
@@ -676,7 +681,17 @@ class LeaseTracker:
             if packed is None:
                 logger.info("lease %s: no checkpoint directory %s to save", lease.lease_id, ckpt.dir)
                 return f"no checkpoint saved: {ckpt.dir} did not exist"
-            self.checkpoints.checkpoint_upload(ckpt.upload_url, packed.path, size=packed.size, sha256=packed.sha256)
+            for attempt in range(1, CHECKPOINT_UPLOAD_ATTEMPTS + 1):
+                try:
+                    self.checkpoints.checkpoint_upload(
+                        ckpt.upload_url, packed.path, size=packed.size, sha256=packed.sha256
+                    )
+                    break
+                except TransportUnavailable as exc:
+                    if attempt == CHECKPOINT_UPLOAD_ATTEMPTS:
+                        raise
+                    logger.info("lease %s: checkpoint upload failed (%s); trying again", lease.lease_id, exc)
+                    self.pause(attempt)
         except (CheckpointError, TransportUnavailable, Rejected, OSError) as exc:
             logger.warning("lease %s: could not save its checkpoint: %s", lease.lease_id, exc)
             return f"checkpoint not saved: {exc}"

@@ -27,6 +27,7 @@ from gpgpu_agent.fencing import boottime
 from gpgpu_agent.idle import IdleDetector, no_parent
 from gpgpu_agent.leases import REDACTED, scrub_secrets, secret_variants
 from gpgpu_agent.nvml import NvmlCollector
+from gpgpu_agent.protocols import TransportUnavailable
 from gpgpu_agent.runners.kinds import PROCESS_OFF, KindRunner
 from gpgpu_agent.runners.process import ProcessRunner
 from gpgpu_agent.spool import Spool
@@ -861,6 +862,7 @@ class FakeCheckpoints:
         self.archives: dict[str, bytes] = {}
         self.uploads: list[tuple[str, bytes, str]] = []
         self.log = log
+        self.unreachable_for = 0  # the next uploads that find the marketplace unreachable
 
     def checkpoint_download(self, url: str, dest: Path, *, size: int, sha256: str, max_bytes: int) -> None:
         data = self.archives[url]
@@ -870,6 +872,10 @@ class FakeCheckpoints:
         dest.write_bytes(data)
 
     def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str) -> None:
+        if self.unreachable_for > 0:
+            self.unreachable_for -= 1
+            self.log.append(f"unreachable {url}")
+            raise TransportUnavailable("Cannot reach the marketplace: ConnectionError.")
         data = path.read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (size, sha256)
         self.uploads.append((url, data, sha256))
@@ -1053,3 +1059,30 @@ def test_every_rental_the_owner_came_back_to_is_stopped_before_any_checkpoint_is
 
     steps = [line for line in store.log if line.startswith(("stop", "upload"))]
     assert steps == ["stop 5", "stop 6", "upload leases/5/checkpoint", "upload leases/6/checkpoint"]
+
+
+def test_a_checkpoint_upload_the_marketplace_could_not_take_is_tried_again_and_then_given_up(
+    checkpoint_rig: Any,
+) -> None:
+    agent, fake, transport, store, rentals = checkpoint_rig
+    agent.tracker.pause = lambda seconds: None
+    agent.poll_once()
+    orders = [
+        {**_order(lease_id, fake.gpus[0].uuid, 0, script=TOLD), "checkpoint": _checkpoint(lease_id)}
+        for lease_id in (8, 9)
+    ]
+    for order in orders:
+        transport.heartbeat_replies.append(_reply(start=[order]))
+        agent.network_once()
+        agent.poll_once()
+        lease_id = order["lease_id"]
+        _wait((rentals / f"lease-{lease_id}" / "ckpt" / "told.json").exists, 15, f"lease {lease_id} starting")
+        # Twice unreachable then taken; then unreachable every time: given up, said in the event.
+        store.unreachable_for = 2 if lease_id == 8 else 99
+        transport.heartbeat_replies.append(_reply(stop=[{"lease_id": lease_id, "reason": "machine_suspended"}]))
+        agent.network_once()
+        agent.poll_once()
+        assert lease_id not in agent.leases
+
+    assert [url for url, _, _ in store.uploads] == ["leases/8/checkpoint"]
+    assert store.log.count("unreachable leases/9/checkpoint") == 3
