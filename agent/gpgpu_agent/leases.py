@@ -567,8 +567,8 @@ class LeaseTracker:
         # Stored before the end is reported: the job is queued again only once its checkpoint is.
         note = self._save_checkpoint(lease)
         if note and lease.ending == "preempted_by_owner":
-            detail = f"{detail}; {note}"[:500]
-        detail = scrub_secrets(detail, self.secrets)
+            detail = f"{detail}; {note}"
+        detail = scrub_secrets(detail[:500], self.secrets)
         if lease.ending == "preempted_by_owner":
             self._event(lease.lease_id, EVENT_PREEMPTED_BY_OWNER, at=at, detail=detail, log_tail=tail)
         elif lease.ending is not None and lease.ending.startswith("stopped:unknown_lease"):
@@ -579,6 +579,8 @@ class LeaseTracker:
                 code, detail = TIMEOUT_EXIT_CODE, "killed after max_duration_s"
             elif lease.ending is not None:
                 detail = f"stopped on request ({lease.ending.partition(':')[2]})"
+                if note:
+                    detail = scrub_secrets(f"{detail}; {note}"[:500], self.secrets)
             elif state.fenced_at is not None:
                 detail = self._fenced_detail(state.fenced_at)
             self._event(lease.lease_id, EVENT_EXITED, at=at, exit_code=code, detail=detail, log_tail=tail)

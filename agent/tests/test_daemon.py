@@ -1086,3 +1086,6 @@ def test_a_checkpoint_upload_the_marketplace_could_not_take_is_tried_again_and_t
 
     assert [url for url, _, _ in store.uploads] == ["leases/8/checkpoint"]
     assert store.log.count("unreachable leases/9/checkpoint") == 3
+    agent.network_once()
+    assert transport._events[(8, "lease-8-exited")]["detail"] == "stopped on request (machine_suspended)"
+    assert "checkpoint not saved" in transport._events[(9, "lease-9-exited")]["detail"]
