@@ -431,3 +431,18 @@ def test_a_machine_running_a_lease_is_told_its_predicted_idle_time_and_an_idle_o
     second = heartbeat(agent, [gpu_entry(gpu.uuid, gpu.index, idle_since=away)], listed).json()["predicted_idle_s"]
     assert calls == [lease.machine_id]
     assert 0 <= first - second <= 1
+
+
+def test_a_checkpoint_larger_than_an_ordinary_request_body_is_taken(settings: Any) -> None:
+    settings.GPGPU = {**settings.GPGPU, "CHECKPOINT_MAX_BYTES": 4 * 1024 * 1024}
+    big = os.urandom(3 * settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+    lease = running_lease()
+    response = upload(agent_client(lease.machine), lease.pk, big)
+    assert response.status_code == 201, response.content
+    assert body_of(download_after_requeue(lease)) == big
+
+
+def download_after_requeue(first: Lease) -> Any:
+    lease_end(lease_id=first.pk, reason=Lease.EndReason.PREEMPTED_BY_OWNER, actor="test")
+    second = placed_lease(job=Job.objects.get(pk=first.job_id))
+    return download(agent_client(second.machine), second.pk)
