@@ -42,6 +42,15 @@ def fleet_summary_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
     return sent
 
 
+@pytest.fixture(autouse=True)
+def predicted_idle_uncached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine's predicted idle time is cached by machine id (providers.services); each test's
+    database reuses ids, so tests compute it each time (one test turns the cache back on)."""
+    from providers import services
+
+    monkeypatch.setattr(services, "PREDICTED_IDLE_CACHE_S", 0)
+
+
 @pytest.fixture
 def renter_client(db):  # type: ignore[no-untyped-def]
     """(client authenticated as a fresh renter, renter)."""

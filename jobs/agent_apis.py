@@ -10,14 +10,16 @@ from typing import Any, cast
 
 from django.conf import settings
 from django.db import connection
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import serializers, status
+from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from core.api import DecimalInputField, decimal_pattern, error_responses
+from core.api import ID_MAX, BaseApi, DecimalInputField, decimal_pattern, error_responses
 from gpgpu_agent import protocol as usage_protocol
-from jobs import doorbell, ingestion, selectors
+from jobs import checkpoints, doorbell, ingestion, selectors
 from providers.agent_apis import INT32_MAX, MAX_LOG_TAIL_BYTES, SIGNATURE_REGEX, AgentAPIView
 from providers.models import Machine
 
@@ -312,3 +314,87 @@ class OrdersWaitApi(AgentAPIView):
                 else:  # no Redis (or its subscription is down): look again soon
                     bell.wait(min(ORDERS_CHECK_S, left))
         return Response(self.OutputSerializer({"orders": orders, "wait_s": held}).data)
+
+
+class LengthRequired(exceptions.APIException):
+    status_code = status.HTTP_411_LENGTH_REQUIRED
+    default_code = "length_required"
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+SHA256_HEADER = "X-Checkpoint-SHA256"
+
+
+class LeaseCheckpointApi(AgentAPIView):
+    """The checkpoint of the job of one of this machine's leases (jobs.checkpoints).
+
+    PUT: the archive as the raw body (`Content-Type: application/x-tar`, a Content-Length, its
+    SHA-256 in X-Checkpoint-SHA256), from the machine of the job's newest lease while it is live
+    or just ended; replaces the job's previous checkpoint. GET: the archive to restore, for the
+    machine of the job's live lease only, with its SHA-256 in X-Checkpoint-SHA256."""
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseCheckpointOutput"
+
+        lease_id = serializers.IntegerField()
+        size = serializers.IntegerField()
+        sha256 = serializers.CharField()
+
+    # The archive is the body, streamed to storage: not bound by DATA_UPLOAD_MAX_MEMORY_SIZE
+    # (BaseApi's check) but by CHECKPOINT_MAX_BYTES, which checkpoint_upload enforces.
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        if request.method == "PUT":
+            super(BaseApi, self).initial(request, *args, **kwargs)
+            if any(isinstance(value, int) and value > ID_MAX for value in kwargs.values()):
+                raise exceptions.NotFound()
+            return
+        super().initial(request, *args, **kwargs)
+
+    @extend_schema(
+        operation_id="agent_lease_checkpoint_upload",
+        tags=["agent"],
+        request={"application/x-tar": OpenApiTypes.BINARY},
+        parameters=[
+            OpenApiParameter(SHA256_HEADER, str, OpenApiParameter.HEADER, required=True, description="hex SHA-256")
+        ],
+        responses={201: OutputSerializer, **error_responses(400, 401, 403, 404, 409, 411, 413)},
+    )
+    def put(self, request: Request, lease_id: int) -> Response:
+        try:
+            size = int(request.META.get("CONTENT_LENGTH") or "")
+        except ValueError:
+            raise LengthRequired("A checkpoint upload needs a Content-Length.") from None
+        if size < 0:
+            raise LengthRequired("A checkpoint upload needs a Content-Length.")
+        row = checkpoints.checkpoint_upload(
+            machine_id=cast(Machine, request.auth).pk,  # AgentAPIView's IsMachine admits only a Machine
+            lease_id=lease_id,
+            stream=request._request,  # the raw body, read as it arrives
+            size=size,
+            sha256=str(request.META.get("HTTP_X_CHECKPOINT_SHA256", "")).strip().lower(),
+        )
+        out = {"lease_id": lease_id, "size": row.size, "sha256": row.sha256}
+        return Response(self.OutputSerializer(out).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        operation_id="agent_lease_checkpoint_download",
+        tags=["agent"],
+        responses={
+            (200, "application/x-tar"): OpenApiResponse(OpenApiTypes.BINARY, description="The archive"),
+            **error_responses(401, 403, 404, 409),
+        },
+    )
+    def get(self, request: Request, lease_id: int) -> StreamingHttpResponse:
+        row = checkpoints.checkpoint_for_download(
+            machine_id=cast(Machine, request.auth).pk,  # AgentAPIView's IsMachine admits only a Machine
+            lease_id=lease_id,
+        )
+        response = StreamingHttpResponse(
+            checkpoints.checkpoint_chunks(checkpoints.checkpoint_open(row)), content_type="application/x-tar"
+        )
+        response["Content-Length"] = str(row.size)
+        response[SHA256_HEADER] = row.sha256
+        response["Cache-Control"] = "no-store"
+        return response

@@ -10,4 +10,5 @@ urlpatterns = [
     path("orders/wait", agent_apis.OrdersWaitApi.as_view(), name="agent-orders-wait"),
     path("leases/<int:lease_id>/usage", agent_apis.LeaseUsageApi.as_view(), name="agent-lease-usage"),
     path("leases/<int:lease_id>/logs", agent_apis.LeaseLogApi.as_view(), name="agent-lease-logs"),
+    path("leases/<int:lease_id>/checkpoint", agent_apis.LeaseCheckpointApi.as_view(), name="agent-lease-checkpoint"),
 ]

@@ -25,7 +25,7 @@ from core.api import (
 )
 from jobs import lease_telemetry, selectors, services
 from jobs.errors import ValidationFailed
-from jobs.models import Job, Lease
+from jobs.models import Checkpoint, Job, Lease
 
 # Bounds on a job request, so one request cannot store or ship something absurd.
 MAX_COMMAND_PARTS = 256
@@ -86,6 +86,13 @@ class UnplacedReasonSerializer(serializers.Serializer):
     checked_at = serializers.DateTimeField(source="unplaced_checked_at", allow_null=True)
 
 
+class CheckpointSerializer(serializers.Serializer):
+    lease = serializers.IntegerField(source="lease_id", help_text="The lease whose agent saved it.")
+    size = serializers.IntegerField(help_text="Bytes (the packed directory, a tar archive).")
+    sha256 = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
 class JobSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     name = serializers.CharField()
@@ -106,6 +113,13 @@ class JobSerializer(serializers.Serializer):
         help_text="The renter's promise: the job saves its progress at least this often (seconds), so an "
         "interruption loses at most this much work. null: an interruption loses all of it.",
     )
+    checkpoint_dir = serializers.CharField(
+        help_text="The directory under /work that follows the job from lease to lease; empty: none."
+    )
+    checkpoint = serializers.SerializerMethodField(
+        help_text="Its newest saved checkpoint, restored when its next lease starts (null: none yet, or the job "
+        "has ended and it was deleted). The archive itself is only for the agent running the job."
+    )
     status = NamedChoiceField(Job.Status.choices, enum_name="JobStatus")
     unplaced_reason = serializers.SerializerMethodField(
         help_text="While pending: why the matcher could not place it yet (null once placed or never checked)."
@@ -118,6 +132,13 @@ class JobSerializer(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
 
     @extend_schema_field(UnplacedReasonSerializer(allow_null=True))
+    @extend_schema_field(CheckpointSerializer(allow_null=True))
+    def get_checkpoint(self, job: Job) -> ReturnDict | None:
+        try:
+            return CheckpointSerializer(job.checkpoint).data
+        except Checkpoint.DoesNotExist:
+            return None
+
     def get_unplaced_reason(self, job: Job) -> ReturnDict | None:
         if job.status != Job.Status.PENDING or not job.unplaced_code:
             return None
@@ -194,6 +215,22 @@ class JobCreateInput(StrictInputSerializer):
         f"{services.MAX_CHECKPOINT_INTERVAL_S}): an interruption then loses at most this much work. Omitted or "
         "null: the job keeps no checkpoints and an interruption loses all its work.",
     )
+    checkpoint_dir = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        max_length=services.MAX_CHECKPOINT_DIR_CHARS,
+        help_text="A directory of the job's view under /work (like /work/checkpoints) that follows the job: when "
+        "its lease is stopped (the owner comes back, the lease's window ends) the job gets SIGTERM and "
+        "GPGPU_STOP_GRACE_S seconds to write it, then it is uploaded; the job's next lease, on any machine, starts "
+        "with it restored. At most CHECKPOINT_MAX_BYTES; deleted when the job ends. Empty: none.",
+    )
+
+    def validate_checkpoint_dir(self, value: str) -> str:
+        problem = services.checkpoint_dir_problem(value) if value else None
+        if problem is not None:
+            raise serializers.ValidationError(problem[:1].upper() + problem[1:] + ".")
+        return value
 
     def validate_env(self, value: dict[str, str]) -> dict[str, str]:
         if len(value) > MAX_ENV_VARS:

@@ -12,6 +12,7 @@ from datetime import datetime
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
+from jobs.checkpoints import checkpoint_order
 from jobs.models import Lease, LeaseGPU
 from jobs.services import (
     lease_end,
@@ -87,6 +88,8 @@ def leases_heartbeat_orders(
                 gpu_uuids=[lg.gpu.uuid for lg in sorted(lease.lease_gpus.all(), key=_by_gpu_index) if lg.active],
                 max_duration_s=job.max_duration_s,
                 price_per_gpu_hour=str(lease.price_per_gpu_hour),
+                checkpoint_interval_s=job.checkpoint_interval_s,
+                checkpoint=checkpoint_order(lease=lease),
             )
         )
     if start:

@@ -69,6 +69,9 @@ class Job(models.Model):
     checkpoint_interval_s = models.PositiveIntegerField(
         null=True, blank=True, validators=[MinValueValidator(60), MaxValueValidator(24 * 3600)]
     )
+    # A directory of the job's view (under /work) that follows the job: uploaded when a lease is
+    # stopped under it, restored before its next lease starts (jobs.checkpoints). "": none.
+    checkpoint_dir = models.CharField(max_length=200, blank=True)
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     # Why the matcher could not place it (a stable code and a sentence), while pending.
@@ -254,3 +257,20 @@ class LogChunk(models.Model):
 
     def __str__(self) -> str:
         return f"log chunk {self.seq} of lease {self.lease_id}"
+
+
+class Checkpoint(models.Model):
+    """The newest checkpoint of a job (its checkpoint_dir as a tar archive), as the agent of one
+    of its leases uploaded it; restored before the job's next lease starts. One per job: a newer
+    upload replaces it. Its file lives in the `checkpoints` storage under `storage_key` and is
+    deleted with the row when the job ends (jobs.checkpoints)."""
+
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, related_name="checkpoint")
+    lease = models.ForeignKey(Lease, on_delete=models.CASCADE, related_name="checkpoints")
+    storage_key = models.CharField(max_length=200, unique=True)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"checkpoint of job {self.job_id} (lease {self.lease_id})"

@@ -22,7 +22,7 @@ def _leases_with_gpus(queryset: QuerySet[Lease]) -> QuerySet[Lease]:
 
 def job_list_for_renter(*, renter: Renter, statuses: Sequence[str] = ()) -> QuerySet[Job]:
     """The renter's jobs, newest first; only those in `statuses` when given."""
-    queryset = Job.objects.filter(renter=renter)
+    queryset = Job.objects.filter(renter=renter).select_related("checkpoint")
     if statuses:
         queryset = queryset.filter(status__in=list(statuses))
     return queryset.order_by("-created_at", "-pk")
@@ -30,7 +30,7 @@ def job_list_for_renter(*, renter: Renter, statuses: Sequence[str] = ()) -> Quer
 
 def job_get_for_renter(*, renter: Renter, job_id: int) -> Job:
     """The renter's job; NotFound for a job that is not the renter's."""
-    job = Job.objects.filter(renter=renter, pk=job_id).first()
+    job = Job.objects.filter(renter=renter, pk=job_id).select_related("checkpoint").first()
     if job is None:
         raise NotFound(f"Job {job_id} not found.")
     return job

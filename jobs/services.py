@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,13 +27,14 @@ from typing import Any, TypedDict
 
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.files.storage import Storage, storages
 from django.db import IntegrityError, connection, models, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from jobs import doorbell
 from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFailed
-from jobs.models import Event, Job, Lease, LeaseGPU, LogChunk, Renter
+from jobs.models import Checkpoint, Event, Job, Lease, LeaseGPU, LogChunk, Renter
 from jobs.signals import lease_ended
 from providers import services as providers_services
 from providers.models import GPU
@@ -97,10 +100,38 @@ def _job_move(
     updated = Job.objects.filter(pk=job_id, status=current).update(status=to, updated_at=timezone.now(), **fields)
     if not updated:
         return False
+    if to in Job.TERMINAL:
+        checkpoints_delete(job_id=job_id)
     event_record(
         job_id=job_id, lease_id=lease_id, kind=kind, actor=actor, from_status=current, to_status=to, detail=detail
     )
     return True
+
+
+# --- checkpoints' files (jobs.checkpoints) --------------------------------------------------
+
+CHECKPOINT_STORAGE = "checkpoints"
+
+
+def checkpoint_storage() -> Storage:
+    """The storage of jobs' checkpoints (settings.STORAGES["checkpoints"])."""
+    return storages[CHECKPOINT_STORAGE]
+
+
+def checkpoint_file_delete(key: str) -> None:
+    """Delete a checkpoint's file; a failure is logged (its row is gone: no lease can read it)."""
+    try:
+        checkpoint_storage().delete(key)
+    except Exception as exc:
+        logger.warning("could not delete checkpoint file %s: %s", key, exc)
+
+
+def checkpoints_delete(*, job_id: int) -> None:
+    """A job has ended: its checkpoint goes, the row now, the file once the caller's transaction
+    commits."""
+    for key in list(Checkpoint.objects.filter(job_id=job_id).values_list("storage_key", flat=True)):
+        transaction.on_commit(lambda key=key: checkpoint_file_delete(key))  # type: ignore[misc]
+    Checkpoint.objects.filter(job_id=job_id).delete()
 
 
 # --- jobs -----------------------------------------------------------------------------------
@@ -123,6 +154,28 @@ class JobSpec:
     interruptible: bool = True
     # Seconds between the job's checkpoints; None: an interruption loses all its work.
     checkpoint_interval_s: int | None = None
+    # A directory under /work that follows the job from lease to lease (jobs.checkpoints); "": none.
+    checkpoint_dir: str = ""
+
+
+# The job's writable view (both runners mount the lease's work directory there).
+WORKSPACE = "/work"
+MAX_CHECKPOINT_DIR_CHARS = 200
+_CHECKPOINT_DIR_RE = re.compile(r"^/work(/[A-Za-z0-9._@+-]+)+$")
+
+
+def checkpoint_dir_problem(value: str) -> str | None:
+    """Why `value` is not a valid checkpoint_dir, or None: an absolute path under /work, in
+    normal form (no `.`, `..`, `//` or trailing `/`), of letters, digits and `._@+-`."""
+    if len(value) > MAX_CHECKPOINT_DIR_CHARS:
+        return f"must be at most {MAX_CHECKPOINT_DIR_CHARS} characters"
+    if not _CHECKPOINT_DIR_RE.fullmatch(value) or posixpath.normpath(value) != value:
+        return f"must be a directory under {WORKSPACE}, like /work/checkpoints (no '.' or '..' parts)"
+    if any(part in {".", ".."} for part in value.split("/")):
+        return "must not have '.' or '..' parts"
+    if value.split("/")[2].startswith(".gpgpu"):
+        return "must not be the agent's own /work/.gpgpu… files"
+    return None
 
 
 def _validate_spec(spec: JobSpec) -> None:
@@ -152,6 +205,10 @@ def _validate_spec(spec: JobSpec) -> None:
             f"must be between {MIN_CHECKPOINT_INTERVAL_S} and {MAX_CHECKPOINT_INTERVAL_S} seconds, or null "
             "(an interruption loses all the work)"
         )
+    if spec.checkpoint_dir:
+        problem = checkpoint_dir_problem(spec.checkpoint_dir)
+        if problem is not None:
+            problems["checkpoint_dir"] = problem
     if problems:
         field, message = next(iter(problems.items()))
         raise ValidationFailed(f"{field}: {message}", extra={"fields": {k: [v] for k, v in problems.items()}})
@@ -164,6 +221,8 @@ def _fingerprint(spec: JobSpec) -> str:
     if data.get("checkpoint_interval_s") is None:
         # Left out when absent, so requests made before the field existed keep their fingerprint.
         data.pop("checkpoint_interval_s", None)
+    if not data.get("checkpoint_dir"):
+        data.pop("checkpoint_dir", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -197,6 +256,7 @@ def job_create(*, renter: Renter, spec: JobSpec, idempotency_key: str | None = N
                 max_duration_s=spec.max_duration_s if spec.max_duration_s is not None else spec.expected_duration_s,
                 interruptible=spec.interruptible,
                 checkpoint_interval_s=spec.checkpoint_interval_s,
+                checkpoint_dir=spec.checkpoint_dir,
                 idempotency_key=idempotency_key or None,
                 request_fingerprint=fingerprint,
             )

@@ -4,7 +4,7 @@ run under core.periodic (a lock per task, logging, a failure count per task)."""
 from __future__ import annotations
 
 from core.periodic import periodic_task
-from jobs import services, sweeps
+from jobs import checkpoints, services, sweeps
 
 
 @periodic_task(name="jobs.tasks.sweep_leases", time_limit=120)
@@ -20,3 +20,10 @@ def prune_job_logs() -> dict[str, int]:
     """The output of jobs finished more than JOB_LOG_RETENTION_H hours ago is deleted; beat runs
     it hourly."""
     return {"pruned": services.log_chunks_prune()}
+
+
+@periodic_task(name="jobs.tasks.sweep_checkpoints", time_limit=600)
+def sweep_checkpoints() -> dict[str, int]:
+    """Checkpoints' files no job holds any more (a deletion that failed) are deleted; beat runs it
+    hourly."""
+    return {"deleted": checkpoints.checkpoint_orphans_delete()}

@@ -241,7 +241,40 @@ STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    # Jobs' checkpoints (jobs.checkpoints): local files by default (the demo, one server); an
+    # S3-compatible bucket when CHECKPOINT_S3_BUCKET is set (below).
+    "checkpoints": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {
+            "location": os.environ.get("CHECKPOINT_ROOT", str(BASE_DIR / "var" / "checkpoints")),
+            "file_permissions_mode": 0o600,
+            "directory_permissions_mode": 0o700,
+        },
+    },
 }
+if os.environ.get("CHECKPOINT_S3_BUCKET"):
+    # django-storages' S3Storage (boto3): AWS S3, MinIO (docker-compose), any S3-compatible store.
+    # Private objects; reads are pre-signed GET URLs valid CHECKPOINT_URL_TTL_S (the agent of the
+    # job's next lease fetches the archive straight from the store); writes go through the
+    # marketplace, which checks size and SHA-256 before it stores them.
+    STORAGES["checkpoints"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": os.environ["CHECKPOINT_S3_BUCKET"],
+            # Empty: AWS. For MinIO, its address as the agents reach it (pre-signed URLs name it).
+            "endpoint_url": os.environ.get("CHECKPOINT_S3_ENDPOINT_URL") or None,
+            "region_name": os.environ.get("CHECKPOINT_S3_REGION") or None,
+            # Empty: boto3's own chain (instance role, AWS_* variables, ~/.aws).
+            "access_key": os.environ.get("CHECKPOINT_S3_ACCESS_KEY_ID") or None,
+            "secret_key": os.environ.get("CHECKPOINT_S3_SECRET_ACCESS_KEY") or None,
+            "addressing_style": os.environ.get("CHECKPOINT_S3_ADDRESSING_STYLE") or None,
+            "signature_version": "s3v4",
+            "default_acl": None,
+            "querystring_auth": True,
+            "querystring_expire": env_int("CHECKPOINT_URL_TTL_S", 120, minimum=10),
+            "file_overwrite": False,
+        },
+    }
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 # Serve app static files straight from their apps when collectstatic has not run (dev, tests).
 WHITENOISE_USE_FINDERS = True
@@ -442,6 +475,11 @@ GPGPU = {
     # start is kept, a notice marks the cut), for this many hours after it finished.
     "JOB_LOG_MAX_BYTES": env_int("JOB_LOG_MAX_BYTES", 16 * 1024 * 1024, minimum=64 * 1024),
     "JOB_LOG_RETENTION_H": env_int("JOB_LOG_RETENTION_H", 168, minimum=1),
+    # A job's checkpoint (its checkpoint_dir, packed by the agent) may be at most this many bytes;
+    # an agent may upload it up to this many seconds after its lease ended (it uploads before it
+    # reports the end, so this covers only a report that overtook it).
+    "CHECKPOINT_MAX_BYTES": env_int("CHECKPOINT_MAX_BYTES", 1024**3, minimum=1024),
+    "CHECKPOINT_UPLOAD_GRACE_S": env_int("CHECKPOINT_UPLOAD_GRACE_S", 300, minimum=0),
     # Registration tokens expire after this many hours.
     "REGISTRATION_TOKEN_TTL_H": env_int("REGISTRATION_TOKEN_TTL_H", 24, minimum=1),
     # The EIP-712 domain chainId agents sign usage reports with (31337: the local dev chain).
@@ -523,6 +561,7 @@ CELERY_BEAT_SCHEDULE = {
     "rollup-telemetry": _every("providers.tasks.rollup_telemetry", 300.0),
     "prune-telemetry": _every("providers.tasks.prune_telemetry", 3600.0),
     "prune-job-logs": _every("jobs.tasks.prune_job_logs", 3600.0),
+    "sweep-checkpoints": _every("jobs.tasks.sweep_checkpoints", 3600.0),
     # Idle stretches the heartbeats recorded, folded into each machine's forecast and the fleet prior.
     "fold-idle-stretches": _every("providers.tasks.fold_idle_stretches", 300.0),
     "meter-leases": _every("billing.tasks.meter_leases", BILLING_METER_INTERVAL_S),

@@ -141,6 +141,21 @@ class LeaseReportSerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=["starting", "running", "stopping"])
 
 
+class LeaseCheckpointSerializer(serializers.Serializer):
+    dir = serializers.CharField(help_text="The job's checkpoint directory, a path of its view under /work.")
+    max_bytes = serializers.IntegerField(help_text="The most the packed directory (a tar archive) may be.")
+    upload_url = serializers.CharField(
+        help_text="Where to PUT the archive when the lease is stopped: a path of the agent API (sent with the "
+        "machine's credential), or an absolute pre-signed URL (sent without it)."
+    )
+    restore_url = serializers.CharField(
+        allow_null=True, help_text="Where to GET the archive to restore before the job starts; null: none yet."
+    )
+    restore_sha256 = serializers.CharField(help_text="The archive's SHA-256 (hex); the agent refuses other bytes.")
+    restore_size = serializers.IntegerField()
+    resume_count = serializers.IntegerField(help_text="How many earlier leases of the job ran.")
+
+
 class LeaseStartSerializer(serializers.Serializer):
     lease_id = serializers.IntegerField()
     job_id = serializers.IntegerField()
@@ -151,6 +166,12 @@ class LeaseStartSerializer(serializers.Serializer):
     gpu_uuids = serializers.ListField(child=serializers.CharField())
     max_duration_s = serializers.IntegerField()
     price_per_gpu_hour = serializers.CharField(help_text="Decimal, per GPU-hour.")
+    checkpoint_interval_s = serializers.IntegerField(
+        allow_null=True, help_text="How often the job promised to checkpoint, seconds (null: no promise)."
+    )
+    checkpoint = LeaseCheckpointSerializer(
+        allow_null=True, help_text="The job's checkpoint directory, carried between its leases; null: none."
+    )
 
 
 class LeaseStopSerializer(serializers.Serializer):
@@ -351,6 +372,11 @@ class HeartbeatApi(AgentAPIView):
         start = LeaseStartSerializer(many=True, help_text="Leases to start (idempotent on the agent's side).")
         stop = LeaseStopSerializer(many=True, help_text="Leases to stop.")
         schedule = MachineScheduleSerializer(help_text="The owner's availability schedule for this machine now.")
+        predicted_idle_s = serializers.IntegerField(
+            allow_null=True,
+            help_text="How much longer this machine's idle stretch is likely to last (its forecast's median), "
+            "seconds; null when unknown or no lease runs here. The agent tells its jobs.",
+        )
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         # Counted around DRF's whole dispatch, so a heartbeat refused before post() (a bad

@@ -241,11 +241,22 @@ def machines_idle_since(*, machine_ids: Iterable[int]) -> dict[int, float | None
     return result
 
 
+def machine_predicted_idle_s(*, machine_id: int, now: float) -> int | None:
+    """How many more seconds the machine's current idle stretch is likely to last (the median of
+    its forecast), at Unix time `now`; None when no stretch is running on it. Three queries."""
+    since = machines_idle_since(machine_ids=[machine_id]).get(machine_id)
+    if since is None:
+        return None
+    forecast = machine_forecasts(machine_ids=[machine_id])[machine_id]
+    return round(forecast.median_more(idle_since=since, now=now))
+
+
 __all__ = [
     "AWAY_STATES",
     "idle_stretch_over",
     "idle_stretches_fold",
     "idle_stretches_record",
     "machine_forecasts",
+    "machine_predicted_idle_s",
     "machines_idle_since",
 ]

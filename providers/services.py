@@ -38,6 +38,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.cache import cache
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Field, Max, Model, Q
 from django.utils import timezone
@@ -662,6 +663,21 @@ class HeartbeatReport:
 
 
 @dataclass(frozen=True)
+class LeaseCheckpoint:
+    """A start order's checkpoint (jobs.checkpoints): where the job keeps it, the most it may be,
+    where the agent uploads it, the archive to restore first (restore_url None: none yet) and
+    how many times the job was resumed. A URL without a scheme is the agent API's own."""
+
+    dir: str
+    max_bytes: int
+    upload_url: str
+    restore_url: str | None
+    restore_sha256: str
+    restore_size: int
+    resume_count: int
+
+
+@dataclass(frozen=True)
 class LeaseStart:
     lease_id: int
     job_id: int
@@ -672,6 +688,9 @@ class LeaseStart:
     gpu_uuids: list[str]
     max_duration_s: int
     price_per_gpu_hour: str
+    # The job's promised checkpoint interval, seconds (None: none promised).
+    checkpoint_interval_s: int | None = None
+    checkpoint: LeaseCheckpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -691,6 +710,9 @@ class HeartbeatReply:
     # The owner's schedule for this machine now (see machine_schedule); None only in replies
     # built before it was computed.
     schedule: MachineSchedule | None = None
+    # How much longer the machine's idle stretch is likely to last (its forecast's median),
+    # seconds; None when it runs no lease or no stretch is running. Passed on to the jobs.
+    predicted_idle_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1096,18 +1118,44 @@ def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuR
         gpu.index = next_free
 
 
+# A machine's predicted idle time is computed at most this often (three queries), and counted down
+# from the cached answer in between: its running jobs are told it at every heartbeat.
+PREDICTED_IDLE_CACHE_S = 60
+
+
+def _predicted_idle_s(*, machine_id: int, now: datetime) -> int | None:
+    """idle_history.machine_predicted_idle_s, from the cache when it was computed in the last
+    PREDICTED_IDLE_CACHE_S seconds (less the time since); 0: not cached."""
+    if PREDICTED_IDLE_CACHE_S <= 0:
+        return idle_history.machine_predicted_idle_s(machine_id=machine_id, now=now.timestamp())
+    key = f"gpgpu:predicted-idle:{machine_id}"
+    cached = cache.get(key)
+    if isinstance(cached, tuple) and len(cached) == 2:
+        predicted, at = cached
+        if predicted is None:
+            return None
+        return max(0, int(predicted - (now.timestamp() - at)))
+    predicted = idle_history.machine_predicted_idle_s(machine_id=machine_id, now=now.timestamp())
+    cache.set(key, (predicted, now.timestamp()), PREDICTED_IDLE_CACHE_S)
+    return predicted
+
+
 def _heartbeat_reply(
     *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], leased: bool, now: datetime
 ) -> HeartbeatReply:
     start, stop = machine_leases().heartbeat_orders(
         machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds, leased=leased
     )
+    predicted = None
+    if report.leases or start:  # only the jobs running here read it: nothing for an idle machine
+        predicted = _predicted_idle_s(machine_id=machine_id, now=now)
     return HeartbeatReply(
         heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"],
         server_time=now,
         start=start,
         stop=stop,
         lease_fence_s=settings.GPGPU["LEASE_FENCE_S"],
+        predicted_idle_s=predicted,
     )
 
 

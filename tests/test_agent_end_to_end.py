@@ -36,7 +36,7 @@ from gpgpu_agent.credentials import load_credential
 from gpgpu_agent.daemon import Agent, build_agent
 from gpgpu_agent.protocol import usage_signature_valid, wire_usage_struct
 from gpgpu_agent.transport import Backoff, HttpTransport
-from jobs.models import Event, Job, Lease, LogChunk, UsageReport
+from jobs.models import Checkpoint, Event, Job, Lease, LogChunk, UsageReport
 from marketplace.matching import match_cycle
 from providers.models import Machine
 from tests.factories import ProviderFactory, RenterFactory, budget_reserved, token_for
@@ -220,7 +220,7 @@ class Market:
         with self.turn:
             return self.session.request(method, f"{self.url}{path}", timeout=10, **kwargs)
 
-    def submit(self, command: list[str], key: str) -> dict[str, Any]:
+    def submit(self, command: list[str], key: str, **fields: Any) -> dict[str, Any]:
         body = {
             "kind": "process",
             "command": command,
@@ -228,6 +228,7 @@ class Market:
             "max_price_per_gpu_hour": "2.00",
             "expected_duration_s": 60,
             "max_duration_s": 600,
+            **fields,
         }
         response = self.call("POST", "/api/v1/jobs/", json=body, headers={"Idempotency-Key": key})
         assert response.status_code == 201, response.text
@@ -404,6 +405,112 @@ def test_owner_process_on_the_leased_gpu_stops_the_rental_within_ten_seconds(mar
     with market.turn:
         match_cycle()
     assert market.call("GET", f"/api/v1/jobs/{job['id']}/").json()["status"] == "pending"
+
+
+# --- (b2) a preempted job resumes from its checkpoint on another machine --------------------------
+
+# A training loop as the README shows it: resumes from its checkpoint, saves it every few steps
+# and on SIGTERM (within GPGPU_STOP_GRACE_S), and sums 1..STEPS however often it was interrupted.
+CHECKPOINTED_JOB = """
+import json, os, signal, sys, time
+ckpt = os.environ["GPGPU_CHECKPOINT_DIR"]
+state_path = os.path.join(ckpt, "state.json")
+os.makedirs(ckpt, exist_ok=True)
+state = {"step": 0, "total": 0}
+if os.path.exists(state_path):
+    with open(state_path) as f:
+        state = json.load(f)
+with open(os.environ["GPGPU_LEASE_INFO"]) as f:
+    info = json.load(f)
+print("resume", os.environ["GPGPU_RESUME_COUNT"], "from step", state["step"], "grace",
+      os.environ["GPGPU_STOP_GRACE_S"], "interval", info["suggested_checkpoint_interval_s"], flush=True)
+stopping = False
+def on_term(signum, frame):
+    global stopping
+    stopping = True
+signal.signal(signal.SIGTERM, on_term)
+def save():
+    tmp = state_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, state_path)
+while state["step"] < 60:
+    state["step"] += 1
+    state["total"] += state["step"]
+    print("step", state["step"], flush=True)
+    if stopping or state["step"] % 5 == 0:
+        save()
+    if stopping:
+        print("checkpointed at step", state["step"], flush=True)
+        sys.exit(143)
+    time.sleep(0.2)
+print("result", state["total"], flush=True)
+"""
+
+
+def test_a_job_preempted_by_its_owner_resumes_from_its_checkpoint_on_another_machine_and_finishes(
+    market: Market, live_server: Any, settings: Any, tmp_path: Path
+) -> None:
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "checkpoints": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(tmp_path / "checkpoints")},
+        },
+    }
+    # Machine B, another provider's, online before A is preempted.
+    other = Market(live_server.url, tmp_path / "b")
+    other.turn = market.turn
+    try:
+        market.register()
+        market.start_agent()
+        job = market.submit(
+            [SANDBOX_PYTHON, "-c", CHECKPOINTED_JOB, "agent-e2e-checkpoint"],
+            key="agent-e2e-checkpoint",
+            checkpoint_dir="/work/ckpt",
+        )
+        market.wait_for(job["id"], lambda j: j["status"] == "running")
+        first = market.lease_of(job["id"])
+        _wait(lambda: _job_output(job["id"]).count("step ") >= 12, DEADLINE_S, "the job's first steps")
+        other.register()
+
+        # The owner of machine A comes back: the job gets SIGTERM, writes its checkpoint, and the
+        # agent uploads it before the lease's end is reported.
+        market.fake.add_process(0, OWNER_PID, 2000, kind="graphics")
+        _wait(lambda: market.lease_of(job["id"]).status == Lease.Status.ENDED, DEADLINE_S, "the lease ending")
+        with market.turn:
+            first.refresh_from_db()
+            assert first.end_reason == "preempted_by_owner", first.end_detail
+            stored = Event.objects.filter(job_id=job["id"], kind="checkpoint.stored").get()
+        assert stored.lease_id == first.pk
+        # (One simulated driver per process: A's agent makes way for B's, another provider's machine.)
+        market.stop_agent()
+        other.start_agent()
+
+        done = market.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+        assert done["status"] == "succeeded", done
+        second = market.lease_of(job["id"])
+        assert second.machine_id != first.machine_id
+        output = _job_output(job["id"])
+        print(*(line for line in output.splitlines() if not line.startswith("step ")), sep="\n")
+        # It ran on, from the step it had saved, and got the right answer: 1 + 2 + … + 60.
+        assert "resume 0 from step 0" in output
+        saved = int(output.split("checkpointed at step ")[1].split()[0])
+        assert f"resume 1 from step {saved}" in output
+        assert saved >= 12
+        assert "result 1830" in output
+        # Its checkpoint is gone with the job.
+        with market.turn:
+            assert not Checkpoint.objects.filter(job_id=job["id"]).exists()
+        assert not any(p.is_file() for p in (tmp_path / "checkpoints").rglob("*"))
+    finally:
+        other.stop_agent()
+        other.session.close()
+        shutil.rmtree(other.rentals_dir, ignore_errors=True)
+
+
+def _job_output(job_id: int) -> str:
+    return "".join(chunk.text for chunk in LogChunk.objects.filter(job_id=job_id).order_by("pk"))
 
 
 # --- (c) the marketplace goes away for a minute --------------------------------------------------

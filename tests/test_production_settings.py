@@ -353,3 +353,29 @@ def test_json_logs_are_an_option_and_a_wrong_format_is_refused_by_name(tmp_path)
     refused = run(["manage.py", "check"], tmp_path, SECRET_KEY=A_KEY, LOG_FORMAT="xml")
     assert refused.returncode != 0
     assert "LOG_FORMAT" in refused.stderr and "xml" in refused.stderr
+
+
+def test_compose_keeps_checkpoints_in_a_private_minio_bucket_whose_password_must_be_set(compose) -> None:  # type: ignore[no-untyped-def]
+    services = compose["services"]
+    env = services["web"]["environment"]
+    assert env["CHECKPOINT_S3_ENDPOINT_URL"].endswith("http://minio:9000}")
+    assert env["CHECKPOINT_S3_SECRET_ACCESS_KEY"].startswith("${MINIO_ROOT_PASSWORD:?")
+    assert "MINIO_ROOT_PASSWORD:?" in services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+    # Its API is not published beyond this host, and the bucket is made private before web starts.
+    assert all(port.startswith("127.0.0.1:") for port in services["minio"]["ports"])
+    assert "mc anonymous set none" in " ".join(services["minio-init"]["command"])
+    assert services["web"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+
+
+def test_settings_put_checkpoints_in_s3_when_a_bucket_is_named(tmp_path: Path) -> None:
+    local = settings_with(tmp_path, DEBUG="true")["STORAGES"]["checkpoints"]
+    assert local["BACKEND"] == "django.core.files.storage.FileSystemStorage"
+    s3 = settings_with(
+        tmp_path, DEBUG="true", CHECKPOINT_S3_BUCKET="checkpoints", CHECKPOINT_S3_ENDPOINT_URL="http://minio:9000"
+    )["STORAGES"]["checkpoints"]
+    assert s3["BACKEND"] == "storages.backends.s3.S3Storage"
+    assert s3["OPTIONS"]["bucket_name"] == "checkpoints"
+    # Private objects, read by short-lived pre-signed URLs only.
+    assert s3["OPTIONS"]["default_acl"] is None
+    assert s3["OPTIONS"]["querystring_auth"] is True
+    assert s3["OPTIONS"]["querystring_expire"] == 120

@@ -67,7 +67,15 @@ from gpgpu_agent.leases import (
 )
 from gpgpu_agent.logship import DEFAULT_MAX_BYTES as DEFAULT_LOG_MAX_BYTES
 from gpgpu_agent.metrics import AgentMetrics
-from gpgpu_agent.protocols import AgentError, Collector, Rejected, Runner, Transport, TransportUnavailable
+from gpgpu_agent.protocols import (
+    AgentError,
+    CheckpointTransfer,
+    Collector,
+    Rejected,
+    Runner,
+    Transport,
+    TransportUnavailable,
+)
 from gpgpu_agent.spool import Spool
 from gpgpu_agent.transport import Backoff
 from gpgpu_agent.types import GpuVerdict, HostSample, JsonObject
@@ -191,6 +199,7 @@ class Agent:
         fence: Fence | None = None,
         stop_rentals_on_exit: bool = False,
         log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
+        checkpoints: CheckpointTransfer | None = None,
     ) -> None:
         self.collector = collector
         self.idle = idle
@@ -239,6 +248,7 @@ class Agent:
             secrets=secrets,
             fence=self.fence,
             log_max_bytes=log_max_bytes,
+            checkpoints=checkpoints,
         )
         self.schedule = Schedule()
         self._orders: queue.Queue[Order] = queue.Queue()
@@ -392,6 +402,7 @@ class Agent:
         self._act_on_orders(gpus)
         self.tracker.account_usage()
         self.tracker.ship_output()
+        self.tracker.refresh_status()
 
         verdicts = self.idle.update(sample, rental_pids=rental_pids, schedule_open=schedule_open, now=now)
         with self._snapshot_lock:
@@ -561,6 +572,11 @@ class Agent:
             if self.heartbeat_override_s is None:
                 self.heartbeat_interval_s = float(interval)
         self._renew_fences(body, reply, contact=contact)
+        predicted = reply.get("predicted_idle_s")
+        if isinstance(predicted, int | float) and not isinstance(predicted, bool) and predicted >= 0:
+            self.tracker.forecast = (int(predicted), time.monotonic())
+        else:
+            self.tracker.forecast = (None, time.monotonic())
         schedule = Schedule.from_reply(reply.get("schedule"))
         if schedule != self.schedule:
             logger.info(
@@ -751,6 +767,7 @@ def build_agent(config: AgentConfig, credential: MachineCredential, *, transport
         fence=Fence(config.fence_dir),
         log_max_bytes=config.log_max_bytes,
         stop_rentals_on_exit=config.stop_rentals_on_exit,
+        checkpoints=http if isinstance(http, HttpTransport) else None,
     )
 
 

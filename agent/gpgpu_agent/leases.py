@@ -37,15 +37,17 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypedDict
 
-from gpgpu_agent import logship
+from gpgpu_agent import checkpoint, logship
+from gpgpu_agent.checkpoint import CheckpointError, relative_parts
 from gpgpu_agent.fencing import Fence
 from gpgpu_agent.metrics import AgentMetrics
 from gpgpu_agent.protocol import (
@@ -55,9 +57,17 @@ from gpgpu_agent.protocol import (
     EVENT_STARTED,
     UsageStruct,
 )
-from gpgpu_agent.protocols import OutputReader, Runner, RunnerError
+from gpgpu_agent.protocols import (
+    CheckpointTransfer,
+    OutputReader,
+    Rejected,
+    Runner,
+    RunnerError,
+    TransportUnavailable,
+    Workspaces,
+)
 from gpgpu_agent.spool import LogCursor, Spool, SpoolError, SpoolFull
-from gpgpu_agent.types import JOB_KINDS, GpuSample, JobKind, LeaseSpec, RunState
+from gpgpu_agent.types import JOB_KINDS, CheckpointSpec, GpuSample, JobKind, LeaseSpec, RunState, json_int
 
 logger = logging.getLogger("gpgpu_agent")
 
@@ -65,6 +75,12 @@ LOG_TAIL_CHARS = 16 * 1024  # the API takes 64 KiB; the last 16 KiB tell the sto
 TIMEOUT_EXIT_CODE = 124  # what timeout(1) returns for a command it killed
 REDACTED = "[redacted]"
 _DONE_KEPT = 1000  # leases remembered as done (a repeated `start` for them is ignored)
+# Stop reasons after which the job does not run again (or the marketplace does not know the
+# lease): its checkpoint is not uploaded.
+# A checkpoint upload the marketplace could not take (unreachable, 5xx) is tried this many times,
+# a second, then two, apart: the poll loop waits meanwhile, but the rentals are already stopped.
+CHECKPOINT_UPLOAD_ATTEMPTS = 3
+_NO_CHECKPOINT_STOPS = frozenset({"cancelled", "max_duration", "unknown_lease", "succeeded", "failed"})
 
 UsageSigner = Callable[[UsageStruct], str]
 
@@ -157,6 +173,11 @@ class TrackedLease:
     peak_memory_mb: int | None = None
     # Why the agent is ending it: "preempted_by_owner", "stopped:<reason>", "timeout".
     ending: str | None = None
+    job_id: int = 0
+    # The job's checkpoint directory and where to upload it (None: the job keeps none), and its
+    # promised checkpoint interval.
+    checkpoint: CheckpointSpec | None = None
+    checkpoint_interval_s: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -165,11 +186,14 @@ class TrackedLease:
             "max_duration_s": self.max_duration_s,
             "started_at": iso(self.started_at),
             "usage_from": iso(self.usage_from),
+            "job_id": self.job_id,
+            "checkpoint": asdict(self.checkpoint) if self.checkpoint is not None else None,
+            "checkpoint_interval_s": self.checkpoint_interval_s,
         }
 
     @classmethod
     def from_json(cls, data: object) -> TrackedLease:
-        """Raises KeyError, TypeError or ValueError for a record that is not one."""
+        """Raises KeyError, TypeError or ValueError (CheckpointError) for a record that is not one."""
         if not isinstance(data, Mapping):
             raise TypeError("a lease record is an object")
         started = parse_time(data["started_at"]) or utc_now()
@@ -179,6 +203,9 @@ class TrackedLease:
             max_duration_s=float(data["max_duration_s"]),
             started_at=started,
             usage_from=parse_time(data.get("usage_from")) or started,
+            job_id=json_int(data.get("job_id") or 0),
+            checkpoint=_checkpoint_spec(data.get("checkpoint")),
+            checkpoint_interval_s=_optional_int(data.get("checkpoint_interval_s")),
         )
 
 
@@ -193,7 +220,14 @@ class LeaseTracker:
     lease is stopped; `usage_interval_s` the length of a usage period; `secrets` never leave
     the machine in an event's text or a log chunk (see scrub_secrets); `fence` holds the leases'
     deadlines (None: leases are not fenced); `log_max_bytes` caps the output shipped per lease
-    (0: none is shipped live; gpgpu_agent.logship). Driven from one thread."""
+    (0: none is shipped live; gpgpu_agent.logship); `checkpoints` moves jobs' checkpoints (None:
+    a job's checkpoint is neither restored nor saved). Driven from one thread.
+
+    Checkpoints are the one exception to "never talks to the marketplace": a lease's archive is
+    fetched before its workload starts, and uploaded after its workload is stopped and before
+    its end event is queued, so the job is back in the queue only once its checkpoint is stored
+    (its next lease, on any machine, restores it). Both block the poll loop for their transfer;
+    the rental's GPUs are already given back when the upload runs."""
 
     def __init__(
         self,
@@ -209,8 +243,17 @@ class LeaseTracker:
         fence: Fence | None = None,
         log_max_bytes: int = logship.DEFAULT_MAX_BYTES,
         metrics: AgentMetrics | None = None,
+        checkpoints: CheckpointTransfer | None = None,
     ) -> None:
         self.runner = runner
+        self.checkpoints = checkpoints
+        # Waits between checkpoint upload attempts (tests make it instant).
+        self.pause: Callable[[float], None] = time.sleep
+        # The machine's predicted idle time from the last heartbeat reply and when it came
+        # (time.monotonic()); set by the daemon's network loop, read here (one tuple, swapped whole).
+        self.forecast: tuple[int | None, float] = (None, time.monotonic())
+        # The forecast each lease's status file was last written with.
+        self._status_of: dict[int, tuple[int | None, float]] = {}
         self.metrics = metrics or AgentMetrics()
         self.log_max_bytes = log_max_bytes
         # Each lease's read position, as the spool last recorded it.
@@ -252,7 +295,7 @@ class LeaseTracker:
         for item in data.get("leases", []):
             try:
                 lease = TrackedLease.from_json(item)
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, CheckpointError):
                 continue
             self.leases[lease.lease_id] = lease
         self.done.update(int(x) for x in data.get("done", [])[-_DONE_KEPT:])
@@ -356,18 +399,22 @@ class LeaseTracker:
         """Reclaim leased GPUs the owner came back to (or whose schedule closed), stop leases past
         their maximum duration, measure the others, and report the leases that ended. `states`
         is this poll's (see poll()); a stopped lease's entry is replaced by its final state."""
-        # Reclaim first: it is the owner's GPU.
+        # Reclaim first: it is the owner's GPU. Every rental the owner came back to is stopped
+        # before any is reported, so that saving one's checkpoint never holds up another's stop.
+        reclaimed: list[tuple[TrackedLease, RunState, str]] = []
         for lease_id, lease in list(self.leases.items()):
             state = states[lease_id]
             if not state.running or lease.ending is not None:
                 continue
             why = self._owner_back(lease, gpus, schedule_open)
             if why is not None:
-                self._reclaim(lease, at=now, why=why)  # reported and forgotten
+                reclaimed.append((lease, self._reclaim(lease, why=why), why))
             elif (now - lease.started_at).total_seconds() > lease.max_duration_s:
                 logger.info("lease %s: past its max duration; stopping it", lease_id)
                 lease.ending = "timeout"
                 states[lease_id] = self.runner.stop(lease_id, grace_s=self.stop_grace_s)
+        for lease, state, why in reclaimed:
+            self._finish(lease, state, at=now, detail=why)  # reported and forgotten
 
         # Measure and notice exits.
         for lease_id, lease in list(self.leases.items()):
@@ -480,8 +527,9 @@ class LeaseTracker:
                 return f"owner process {', '.join(map(str, gpus.foreign[uuid]))} appeared on GPU {gpu.index}"
         return None
 
-    def _reclaim(self, lease: TrackedLease, *, at: datetime, why: str) -> None:
-        """Stop the rental now (SIGTERM, grace, SIGKILL) and report preempted_by_owner at `at`."""
+    def _reclaim(self, lease: TrackedLease, *, why: str) -> RunState:
+        """Stop the rental now (SIGTERM, grace, SIGKILL); the caller then reports it
+        preempted_by_owner (_finish)."""
         logger.warning("lease %s: reclaiming for the owner: %s", lease.lease_id, why)
         lease.ending = "preempted_by_owner"
         started = time.monotonic()
@@ -489,7 +537,7 @@ class LeaseTracker:
         took = time.monotonic() - started
         self.metrics.reclaim(took)
         logger.info("lease %s: rental stopped %.1f s after the owner was seen", lease.lease_id, took)
-        self._finish(lease, state, at=at, detail=why)
+        return state
 
     @staticmethod
     def _measure(lease: TrackedLease, by_uuid: Mapping[str, GpuSample]) -> None:
@@ -516,7 +564,11 @@ class LeaseTracker:
         # Its last output before its end, so that a follower who sees the job end has it all.
         self._ship_output(lease, final=True)
         tail = scrub_secrets((state.log_tail or "")[-LOG_TAIL_CHARS:].replace("\x00", ""), self.secrets)
-        detail = scrub_secrets(detail, self.secrets)
+        # Stored before the end is reported: the job is queued again only once its checkpoint is.
+        note = self._save_checkpoint(lease)
+        if note and lease.ending == "preempted_by_owner":
+            detail = f"{detail}; {note}"
+        detail = scrub_secrets(detail[:500], self.secrets)
         if lease.ending == "preempted_by_owner":
             self._event(lease.lease_id, EVENT_PREEMPTED_BY_OWNER, at=at, detail=detail, log_tail=tail)
         elif lease.ending is not None and lease.ending.startswith("stopped:unknown_lease"):
@@ -527,6 +579,8 @@ class LeaseTracker:
                 code, detail = TIMEOUT_EXIT_CODE, "killed after max_duration_s"
             elif lease.ending is not None:
                 detail = f"stopped on request ({lease.ending.partition(':')[2]})"
+                if note:
+                    detail = scrub_secrets(f"{detail}; {note}"[:500], self.secrets)
             elif state.fenced_at is not None:
                 detail = self._fenced_detail(state.fenced_at)
             self._event(lease.lease_id, EVENT_EXITED, at=at, exit_code=code, detail=detail, log_tail=tail)
@@ -538,6 +592,7 @@ class LeaseTracker:
             )
         logger.info("lease %s ended (%s, exit code %s)", lease.lease_id, lease.ending or "exited", state.exit_code)
         del self.leases[lease.lease_id]
+        self._status_of.pop(lease.lease_id, None)
         self.done.add(lease.lease_id)
         self.save()
         try:
@@ -555,6 +610,133 @@ class LeaseTracker:
             f"fenced: the machine had no contact with the marketplace for {limit}; its watchdog stopped the "
             f"workload at {iso(fenced_at)}"
         )
+
+    # -- checkpoints and what the job is told (gpgpu_agent.checkpoint) ---------------------------
+
+    def _predicted_idle_s(self) -> int | None:
+        """The owner's predicted remaining absence, as of now: the last reply's, less the time since."""
+        predicted, at = self.forecast
+        if predicted is None:
+            return None
+        return max(0, int(predicted - (time.monotonic() - at)))
+
+    def _job_view(self, *, spec: CheckpointSpec | None, promised: int | None) -> dict[str, str]:
+        """What the job is told to checkpoint well, as environment variables."""
+        predicted = self._predicted_idle_s()
+        env = {
+            "GPGPU_STOP_GRACE_S": f"{self.stop_grace_s:g}",
+            "GPGPU_LEASE_INFO": f"{checkpoint.WORKSPACE}/{checkpoint.STATUS_FILE}",
+            "GPGPU_SUGGESTED_CHECKPOINT_INTERVAL_S": str(
+                checkpoint.suggested_interval_s(predicted_idle_s=predicted, promised_s=promised)
+            ),
+        }
+        if predicted is not None:
+            env["GPGPU_PREDICTED_IDLE_S"] = str(predicted)
+        if spec is not None:
+            env["GPGPU_CHECKPOINT_DIR"] = spec.dir
+            env["GPGPU_RESUME_COUNT"] = str(spec.resume_count)
+        return env
+
+    def _with_checkpoint(self, spec: LeaseSpec) -> LeaseSpec:
+        """`spec` with the job's variables and, when it has one, its checkpoint fetched and checked
+        (restore_archive). Raises CheckpointError when the checkpoint cannot be had: the lease
+        then fails to start (and the job is placed again) rather than start from nothing."""
+        env = self._job_view(spec=spec.checkpoint, promised=spec.checkpoint_interval_s)
+        spec = replace(spec, agent_env=env)
+        ckpt = spec.checkpoint
+        if ckpt is None or ckpt.restore_url is None:
+            return spec
+        if self.checkpoints is None:
+            raise CheckpointError("this agent cannot fetch checkpoints")
+        dest = self.state_dir / "checkpoints" / f"lease-{spec.lease_id}-restore.tar"
+        try:
+            self.checkpoints.checkpoint_download(
+                ckpt.restore_url, dest, size=ckpt.restore_size, sha256=ckpt.restore_sha256, max_bytes=ckpt.max_bytes
+            )
+        except (TransportUnavailable, Rejected, OSError) as exc:
+            raise CheckpointError(f"could not fetch the job's checkpoint: {exc}") from exc
+        logger.info("lease %s: fetched its job's checkpoint (%d bytes)", spec.lease_id, ckpt.restore_size)
+        return replace(spec, restore_archive=str(dest))
+
+    def _checkpoint_wanted(self, lease: TrackedLease) -> bool:
+        """Whether the lease's job will run again and so wants its checkpoint: it was stopped by
+        the owner or the machine, not cancelled, timed out or unknown to the marketplace."""
+        if lease.checkpoint is None or lease.ending is None:
+            return False
+        if lease.ending == "preempted_by_owner":
+            return True
+        reason = lease.ending.partition(":")[2] if lease.ending.startswith("stopped:") else ""
+        return bool(reason) and reason not in _NO_CHECKPOINT_STOPS
+
+    def _save_checkpoint(self, lease: TrackedLease) -> str:
+        """Pack and upload the stopped lease's checkpoint directory; a sentence when it could not
+        be saved (for the end event's detail), "" otherwise."""
+        ckpt = lease.checkpoint
+        if ckpt is None or not self._checkpoint_wanted(lease):
+            return ""
+        work = self.runner.workspace(lease.lease_id) if isinstance(self.runner, Workspaces) else None
+        if work is None or self.checkpoints is None:
+            return "checkpoint not saved: this agent cannot save checkpoints"
+        dest = self.state_dir / "checkpoints" / f"lease-{lease.lease_id}.tar"
+        try:
+            packed = checkpoint.pack(work, ckpt.dir, dest, max_bytes=ckpt.max_bytes)
+            if packed is None:
+                logger.info("lease %s: no checkpoint directory %s to save", lease.lease_id, ckpt.dir)
+                return f"no checkpoint saved: {ckpt.dir} did not exist"
+            for attempt in range(1, CHECKPOINT_UPLOAD_ATTEMPTS + 1):
+                try:
+                    self.checkpoints.checkpoint_upload(
+                        ckpt.upload_url, packed.path, size=packed.size, sha256=packed.sha256
+                    )
+                    break
+                except TransportUnavailable as exc:
+                    if attempt == CHECKPOINT_UPLOAD_ATTEMPTS:
+                        raise
+                    logger.info("lease %s: checkpoint upload failed (%s); trying again", lease.lease_id, exc)
+                    self.pause(attempt)
+        except (CheckpointError, TransportUnavailable, Rejected, OSError) as exc:
+            logger.warning("lease %s: could not save its checkpoint: %s", lease.lease_id, exc)
+            return f"checkpoint not saved: {exc}"
+        finally:
+            dest.unlink(missing_ok=True)
+        logger.info(
+            "lease %s: saved its checkpoint (%d files, %d bytes%s)",
+            lease.lease_id,
+            packed.files,
+            packed.size,
+            f", {packed.skipped} links or special files left out" if packed.skipped else "",
+        )
+        return ""
+
+    def refresh_status(self) -> None:
+        """Rewrite each running lease's status file when a heartbeat brought a new forecast."""
+        for lease in list(self.leases.values()):
+            if lease.ending is None and self._status_of.get(lease.lease_id) is not self.forecast:
+                self._write_status(lease)
+
+    def _write_status(self, lease: TrackedLease) -> None:
+        """/work/.gpgpu-lease.json of the lease: what its job is told to checkpoint well, current."""
+        work = self.runner.workspace(lease.lease_id) if isinstance(self.runner, Workspaces) else None
+        self._status_of[lease.lease_id] = self.forecast
+        if work is None:
+            return
+        predicted = self._predicted_idle_s()
+        data: dict[str, object] = {
+            "lease_id": lease.lease_id,
+            "job_id": lease.job_id,
+            "stop_grace_s": self.stop_grace_s,
+            "predicted_idle_s": predicted,
+            "suggested_checkpoint_interval_s": checkpoint.suggested_interval_s(
+                predicted_idle_s=predicted, promised_s=lease.checkpoint_interval_s
+            ),
+            "checkpoint_dir": lease.checkpoint.dir if lease.checkpoint is not None else None,
+            "resume_count": lease.checkpoint.resume_count if lease.checkpoint is not None else 0,
+            "updated_at": iso(self.clock()),
+        }
+        try:
+            checkpoint.write_status(work, data)
+        except OSError as exc:
+            logger.warning("lease %s: could not write its status file: %s", lease.lease_id, exc)
 
     # -- fencing -------------------------------------------------------------------------------
 
@@ -579,7 +761,7 @@ class LeaseTracker:
         owner's schedule is closed or the runner cannot start it."""
         try:
             spec = lease_spec_from_order(order)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, CheckpointError) as exc:
             logger.warning("ignoring a malformed start order %r: %s", order, exc)
             return
         if spec.lease_id in self.leases or spec.lease_id in self.done:
@@ -606,11 +788,14 @@ class LeaseTracker:
         if refusal is None:
             self.starting = spec.lease_id
             try:
+                spec = self._with_checkpoint(spec)
                 state = self._runner_start(spec, by_uuid)
-            except RunnerError as exc:
+            except (RunnerError, CheckpointError) as exc:
                 refusal = str(exc)
             finally:
                 self.starting = None
+                if spec.restore_archive is not None:
+                    Path(spec.restore_archive).unlink(missing_ok=True)
         if refusal is not None or state is None:
             logger.warning("lease %s failed to start: %s", spec.lease_id, refusal)
             self._disarm(spec.lease_id)
@@ -620,15 +805,19 @@ class LeaseTracker:
             self.save()
             return
         started = state.started_at or now
-        self.leases[spec.lease_id] = TrackedLease(
+        lease = self.leases[spec.lease_id] = TrackedLease(
             lease_id=spec.lease_id,
             gpu_uuids=spec.gpu_uuids,
             max_duration_s=float(spec.max_duration_s or math.inf),
             started_at=started,
             usage_from=_whole_second(started),
+            job_id=spec.job_id,
+            checkpoint=spec.checkpoint,
+            checkpoint_interval_s=spec.checkpoint_interval_s,
         )
         self._event(spec.lease_id, EVENT_STARTED, at=started)
         self.save()
+        self._write_status(lease)
         logger.info("lease %s (job %s) started on GPUs %s", spec.lease_id, spec.job_id, list(spec.gpu_uuids))
 
     def _runner_start(self, spec: LeaseSpec, by_uuid: Mapping[str, GpuSample]) -> RunState:
@@ -712,6 +901,38 @@ def lease_spec_from_order(order: object) -> LeaseSpec:
         gpu_uuids=tuple(str(u) for u in _items(order.get("gpu_uuids") or ())),
         max_duration_s=int(order.get("max_duration_s") or 0),
         price_per_gpu_hour=str(order.get("price_per_gpu_hour") or "0"),
+        checkpoint_interval_s=_optional_int(order.get("checkpoint_interval_s")),
+        checkpoint=_checkpoint_spec(order.get("checkpoint")),
+    )
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else json_int(value)
+
+
+def _checkpoint_spec(value: object) -> CheckpointSpec | None:
+    """A start order's `checkpoint`; None for none. Raises KeyError/TypeError/ValueError (and
+    CheckpointError, a ValueError's kin, for a directory that is not under /work)."""
+    if value is None:
+        return None
+    data = _fields(value)
+    directory = str(data["dir"])
+    relative_parts(directory)
+    restore = data.get("restore_url")
+    sha256 = str(data.get("restore_sha256") or "")
+    if restore is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError("restore_sha256 is not a SHA-256")
+    max_bytes = json_int(data["max_bytes"])
+    if max_bytes <= 0:
+        raise ValueError("max_bytes must be positive")
+    return CheckpointSpec(
+        dir=directory,
+        max_bytes=max_bytes,
+        upload_url=str(data["upload_url"]),
+        restore_url=None if restore is None else str(restore),
+        restore_sha256=sha256,
+        restore_size=json_int(data.get("restore_size") or 0),
+        resume_count=max(0, json_int(data.get("resume_count") or 0)),
     )
 
 

@@ -4,6 +4,7 @@ FakeTransport, a runner over short processes) and need no GPU, no network and no
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from gpgpu_agent.types import HostSample, JsonObject, LeaseSpec, OutputRead, RunState
@@ -48,6 +49,15 @@ class Runner(Protocol):
 
 
 @runtime_checkable
+class Workspaces(Protocol):
+    """A runner that can say where a lease's work directory (the job's /work) is on this host."""
+
+    def workspace(self, lease_id: int) -> Path | None:
+        """The host path of the lease's work directory; None when this runner has no record of it."""
+        ...
+
+
+@runtime_checkable
 class OutputReader(Protocol):
     """A runner that can read a lease's output as it is written (for the job's live logs)."""
 
@@ -84,6 +94,22 @@ class Transport(Protocol):
     def orders_wait(self, body: Mapping[str, object]) -> JsonObject:
         """The doorbell (POST orders/wait): held up to body["wait_s"] until the machine has a new
         order; answers {"orders": bool, "wait_s": how long the marketplace holds these calls}."""
+
+
+class CheckpointTransfer(Protocol):
+    """Moves a job's checkpoint archive to and from its store (docs/agent-api.md, "Checkpoints").
+    A URL without a scheme is the agent API's own (sent with the machine's credential); an
+    absolute one (a store's pre-signed URL) is fetched without it. Raises TransportUnavailable
+    or Rejected as Transport does, and CheckpointError for bytes that are not the ones named."""
+
+    def checkpoint_download(self, url: str, dest: Path, *, size: int, sha256: str, max_bytes: int) -> None:
+        """Write the archive at `url` to `dest` (0600), refusing more than `max_bytes`, another
+        size than `size` or another SHA-256 than `sha256` (nothing is left at `dest` then)."""
+        ...
+
+    def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str) -> None:
+        """PUT the archive `path` (`size` bytes, SHA-256 `sha256`) to `url`."""
+        ...
 
 
 class AgentError(Exception):

@@ -14,7 +14,9 @@ HttpTransport maps every way a call can go wrong onto two errors (protocols.Tran
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import logging
+import os
 import queue
 import random
 import threading
@@ -22,10 +24,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
 from gpgpu_agent import __version__
+from gpgpu_agent.checkpoint import CheckpointError
 from gpgpu_agent.protocol import (
     API_PREFIX,
     AUTH_SCHEME,
@@ -39,6 +44,7 @@ from gpgpu_agent.types import JsonObject
 
 logger = logging.getLogger(__name__)
 
+SHA256_HEADER = "X-Checkpoint-SHA256"
 # Statuses a retry may cure besides 5xx: request timeout, too many requests.
 _RETRYABLE_4XX = frozenset({408, 429})
 
@@ -112,6 +118,56 @@ class HttpTransport:
         wait_s = float(held) if isinstance(held, int | float) else 0.0
         return self._post("orders/wait", body, timeout_s=self.timeout_s + wait_s)
 
+    # -- checkpoints (protocols.CheckpointTransfer) ----------------------------------------------
+
+    def _checkpoint_target(self, url: str) -> tuple[str, dict[str, str]]:
+        """The URL to call and its headers: the agent API's own paths get the credential; a
+        store's absolute URL never does (it may be anyone's host)."""
+        headers = {"User-Agent": f"gpgpu-agent/{__version__}"}
+        parts = urlsplit(url)
+        if not parts.scheme and not parts.netloc:
+            if url.startswith("/") or ".." in url.split("/") or "\\" in url or "?" in url or "#" in url:
+                raise Rejected(400, "bad_checkpoint_url", f"{url[:200]!r} is not a path of the agent API")
+            if not self.credential:
+                raise Rejected(401, "not_registered", "This agent has no machine credential.")
+            headers[AUTHORIZATION_HEADER] = f"{AUTH_SCHEME} {self.credential}"
+            return self.api_url + url, headers
+        if parts.scheme not in ("https", "http") or not parts.netloc:
+            raise Rejected(400, "bad_checkpoint_url", f"{url[:200]!r} is not an http(s) URL")
+        return url, headers
+
+    def checkpoint_download(self, url: str, dest: Path, *, size: int, sha256: str, max_bytes: int) -> None:
+        target, headers = self._checkpoint_target(url)
+        if size > max_bytes:
+            raise CheckpointError(f"the checkpoint is {size} bytes, over its limit of {max_bytes}")
+        try:
+            with self._session.get(
+                target, headers=headers, stream=True, timeout=self.timeout_s, allow_redirects=False
+            ) as response:
+                if response.status_code != 200:
+                    self._answer(target, response)  # raises for every error status
+                    raise TransportUnavailable(f"{target} answered {response.status_code}, not the archive.")
+                _receive(response, dest, size=size, sha256=sha256)
+        except requests.Timeout:
+            raise TransportUnavailable(f"The checkpoint store did not answer {target} in time.") from None
+        except requests.RequestException as exc:
+            raise TransportUnavailable(f"Cannot fetch the checkpoint: {type(exc).__name__}.") from None
+
+    def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str) -> None:
+        target, headers = self._checkpoint_target(url)
+        headers |= {"Content-Type": "application/x-tar", "Content-Length": str(size), SHA256_HEADER: sha256}
+        try:
+            with open(path, "rb") as body:
+                response = self._session.put(
+                    target, data=body, headers=headers, timeout=self.timeout_s, allow_redirects=False
+                )
+        except requests.Timeout:
+            raise TransportUnavailable(f"The checkpoint store did not answer {target} in time.") from None
+        except requests.RequestException as exc:
+            raise TransportUnavailable(f"Cannot upload the checkpoint: {type(exc).__name__}.") from None
+        if not 200 <= response.status_code < 300:
+            self._answer(target, response)
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def _post(
@@ -157,6 +213,31 @@ class HttpTransport:
         raise TransportUnavailable(
             f"{url} answered {status}{where} without the marketplace's error body; is the marketplace URL right?"
         )
+
+
+def _receive(response: requests.Response, dest: Path, *, size: int, sha256: str) -> None:
+    """Write the response's body to `dest` (0600): exactly `size` bytes of SHA-256 `sha256`, or
+    CheckpointError and nothing left at `dest`."""
+    digest = hashlib.sha256()
+    got = 0
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in response.iter_content(chunk_size=1 << 20):
+                got += len(chunk)
+                if got > size:
+                    raise CheckpointError(f"the checkpoint sent is larger than the {size} bytes announced")
+                digest.update(chunk)
+                out.write(chunk)
+        if got != size:
+            raise CheckpointError(f"the checkpoint sent is {got} bytes, not the {size} announced")
+        if digest.hexdigest() != sha256:
+            raise CheckpointError("the checkpoint sent does not match its SHA-256: it was damaged or replaced")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
 
 
 class Backoff:

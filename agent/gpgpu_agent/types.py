@@ -91,6 +91,21 @@ class GpuVerdict:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckpointSpec:
+    """A start order's `checkpoint` (gpgpu_agent.checkpoint): the job's directory (a path of its
+    view under /work), the most its archive may be, where to upload it when the lease is stopped,
+    the archive to restore first (restore_url None: none) and how often the job was resumed."""
+
+    dir: str
+    max_bytes: int
+    upload_url: str
+    restore_url: str | None
+    restore_sha256: str
+    restore_size: int
+    resume_count: int
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseSpec:
     """What the marketplace asked this machine to run (the heartbeat reply's `start` item)."""
 
@@ -103,6 +118,13 @@ class LeaseSpec:
     gpu_uuids: tuple[str, ...]
     max_duration_s: int
     price_per_gpu_hour: str
+    checkpoint_interval_s: int | None = None
+    checkpoint: CheckpointSpec | None = None
+    # Set by the agent, not the order: variables the runner gives the workload after the job's
+    # own (GPGPU_STOP_GRACE_S, …), and the checked archive to extract into its checkpoint
+    # directory before the workload starts.
+    agent_env: dict[str, str] = field(default_factory=dict)
+    restore_archive: str | None = None
 
 
 class JobLimits(TypedDict):

@@ -11,10 +11,12 @@ against a real engine, attacked from inside, is test_container_engine.py.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
 import signal
+import tarfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +31,7 @@ from gpgpu_agent.runners import container as container_module
 from gpgpu_agent.runners.state import proc_stat
 from gpgpu_agent.spool import Spool
 from gpgpu_agent.transport import FakeTransport
-from gpgpu_agent.types import LeaseSpec
+from gpgpu_agent.types import CheckpointSpec, LeaseSpec
 
 FAKE_ENGINE = Path(__file__).with_name("fake_engine")
 GPUS = {"GPU-aaa": 0, "GPU-bbb": 1, "GPU-ccc": 2}
@@ -1013,3 +1015,66 @@ def test_doctor_warns_about_an_engine_socket_that_a_group_with_members_may_open(
 
     assert finding.level == "WARN" and "open to group docker (alice, bob)" in finding.words
     assert world.level == "WARN" and "open to every user" in world.words
+
+
+# --- a restored checkpoint ------------------------------------------------------------------------
+
+
+def _archive(tmp_path, name: str, data: bytes):  # type: ignore[no-untyped-def]
+    path = tmp_path / "restore.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _checkpoint_spec() -> CheckpointSpec:
+    return CheckpointSpec(
+        dir="/work/ckpt",
+        max_bytes=1 << 20,
+        upload_url="leases/29/checkpoint",
+        restore_url="leases/29/checkpoint",
+        restore_sha256="0" * 64,
+        restore_size=0,
+        resume_count=1,
+    )
+
+
+def test_docker_gives_a_restored_checkpoint_to_the_images_user_before_the_container_starts(
+    docker, rentals, monkeypatch, tmp_path
+):
+    owners: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(container_module.os, "lchown", lambda p, u, g: owners.append((str(p), u, g)))
+    docker.edit(
+        lambda s: s.update(
+            info={"userns": True, "remap": "165536.165536"},
+            image_users={IMAGE: "1000:100"},
+        )
+    )
+    runner = make_runner(docker, rentals)
+    archive = _archive(tmp_path, "state.txt", b"step 13")
+
+    runner.start(
+        lease(29, checkpoint=_checkpoint_spec(), restore_archive=str(archive), agent_env={"GPGPU_RESUME_COUNT": "1"}),
+        gpu_indexes=GPUS,
+    )
+
+    work = rentals / "containers" / "lease-29"
+    assert (work / "ckpt" / "state.txt").read_bytes() == b"step 13"
+    assert sorted(owners) == sorted(
+        (str(path), 165536 + 1000, 165536 + 100) for path in (work, work / "ckpt", work / "ckpt" / "state.txt")
+    )
+    create = next(c for c in docker.calls() if c[0] == "create")
+    assert "GPGPU_RESUME_COUNT=1" in values(create, "--env")
+
+
+def test_a_hostile_checkpoint_fails_the_containers_start_and_leaves_no_work_directory(
+    runner, engine, rentals, tmp_path
+):
+    archive = _archive(tmp_path, "../../escaped", b"x")
+    with pytest.raises(RunnerError, match="checkpoint"):
+        runner.start(lease(30, checkpoint=_checkpoint_spec(), restore_archive=str(archive)), gpu_indexes=GPUS)
+    assert not (rentals / "containers" / "lease-30").exists()
+    assert not (rentals / "escaped").exists()
+    assert not [c for c in engine.calls() if c[0] == "create"]

@@ -4,9 +4,12 @@ in-memory FakeTransport and the real spool."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -17,12 +20,14 @@ from typing import Any
 import pytest
 
 from conftest import SANDBOX_PYTHON, SandboxKit
+from gpgpu_agent.checkpoint import CheckpointError
 from gpgpu_agent.credentials import rotation_mark_path, rotation_pending
 from gpgpu_agent.daemon import Agent
 from gpgpu_agent.fencing import boottime
 from gpgpu_agent.idle import IdleDetector, no_parent
 from gpgpu_agent.leases import REDACTED, scrub_secrets, secret_variants
 from gpgpu_agent.nvml import NvmlCollector
+from gpgpu_agent.protocols import TransportUnavailable
 from gpgpu_agent.runners.kinds import PROCESS_OFF, KindRunner
 from gpgpu_agent.runners.process import ProcessRunner
 from gpgpu_agent.spool import Spool
@@ -844,3 +849,243 @@ def test_the_agents_own_metrics_count_polls_nvml_errors_heartbeats_spool_and_rec
     assert seen["gpgpu_agent_spool_depth"] == 0
     assert seen["gpgpu_agent_polls_total"] == 4 and seen["gpgpu_agent_nvml_errors_total"] == 1
     assert not list(state_dir.glob(".metrics.*.tmp"))  # written whole, by rename
+
+
+# --- checkpoints that follow the job ----------------------------------------------------------------
+
+
+class FakeCheckpoints:
+    """protocols.CheckpointTransfer in memory: archives to serve by URL, uploads kept in order,
+    and each call noted in `log` (shared with the spool's puts, to see what came first)."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.archives: dict[str, bytes] = {}
+        self.uploads: list[tuple[str, bytes, str]] = []
+        self.log = log
+        self.unreachable_for = 0  # the next uploads that find the marketplace unreachable
+
+    def checkpoint_download(self, url: str, dest: Path, *, size: int, sha256: str, max_bytes: int) -> None:
+        data = self.archives[url]
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256 or size > max_bytes:
+            raise CheckpointError("the checkpoint sent does not match its SHA-256")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+
+    def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str) -> None:
+        if self.unreachable_for > 0:
+            self.unreachable_for -= 1
+            self.log.append(f"unreachable {url}")
+            raise TransportUnavailable("Cannot reach the marketplace: ConnectionError.")
+        data = path.read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, sha256)
+        self.uploads.append((url, data, sha256))
+        self.log.append(f"upload {url}")
+
+
+@pytest.fixture
+def checkpoint_rig(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path
+) -> Iterator[tuple[Agent, FakeNvml, FakeTransport, FakeCheckpoints, Path]]:
+    fake = FakeNvml().install()
+    fake.add_gpu("NVIDIA L4", 23034)
+    transport = FakeTransport()
+    log: list[str] = []
+    store = FakeCheckpoints(log)
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, checkpoints=store)
+    put = agent.outbox.put
+
+    def noted_put(kind: Any, lease_id: int, key: str, body: Any) -> bool:
+        log.append(f"{kind} {key}")
+        return put(kind, lease_id, key, body)
+
+    agent.outbox.put = noted_put  # type: ignore[method-assign]
+    try:
+        yield agent, fake, transport, store, rentals_dir
+    finally:
+        for lease_id in list(agent.leases):
+            agent.runner.stop(lease_id, grace_s=0)
+        agent.outbox.close()
+        fake.uninstall()
+
+
+def _checkpoint(lease_id: int, *, restore: bytes | None = None, sha256: str | None = None) -> dict[str, Any]:
+    url = f"leases/{lease_id}/checkpoint"
+    return {
+        "dir": "/work/ckpt",
+        "max_bytes": 1 << 20,
+        "upload_url": url,
+        "restore_url": url if restore is not None else None,
+        "restore_sha256": sha256 or (hashlib.sha256(restore).hexdigest() if restore is not None else ""),
+        "restore_size": len(restore) if restore is not None else 0,
+        "resume_count": 0 if restore is None else 1,
+    }
+
+
+# The job: saves what it was told in its checkpoint directory, then trains until stopped.
+TOLD = (
+    "import json, os, time\n"
+    "os.makedirs('/work/ckpt', exist_ok=True)\n"
+    "told = {k: v for k, v in os.environ.items() if k.startswith('GPGPU_')}\n"
+    "json.dump(told, open('/work/ckpt/told.json', 'w'))\n"
+    "time.sleep(300)\n"
+)
+
+
+def test_a_preempted_jobs_checkpoint_is_uploaded_before_its_end_is_reported_and_it_was_told_how_to_checkpoint(
+    checkpoint_rig: Any,
+) -> None:
+    agent, fake, transport, store, rentals = checkpoint_rig
+    agent.poll_once()
+    order = {**_order(1, fake.gpus[0].uuid, 0, script=TOLD), "checkpoint": _checkpoint(1), "checkpoint_interval_s": 900}
+    transport.heartbeat_replies.append(_reply(start=[order], predicted_idle_s=7200))
+    agent.network_once()
+    agent.poll_once()
+    told_path = rentals / "lease-1" / "ckpt" / "told.json"
+    _wait(told_path.exists, 15, "the job writing what it was told")
+    told = json.loads(told_path.read_text())
+    assert told["GPGPU_CHECKPOINT_DIR"] == "/work/ckpt"
+    assert told["GPGPU_RESUME_COUNT"] == "0"
+    assert told["GPGPU_STOP_GRACE_S"] == "2"
+    assert 7100 <= int(told["GPGPU_PREDICTED_IDLE_S"]) <= 7200
+    assert told["GPGPU_SUGGESTED_CHECKPOINT_INTERVAL_S"] == "900"  # its promise is shorter than 7200 / 4
+    status = json.loads((rentals / "lease-1" / ".gpgpu-lease.json").read_text())
+    assert (status["resume_count"], status["checkpoint_dir"], status["stop_grace_s"]) == (0, "/work/ckpt", 2)
+
+    # A later heartbeat says the owner is due back sooner: the file follows.
+    transport.heartbeat_replies.append(_reply(predicted_idle_s=600))
+    agent.network_once()
+    agent.poll_once()
+    status = json.loads((rentals / "lease-1" / ".gpgpu-lease.json").read_text())
+    assert status["predicted_idle_s"] <= 600
+    assert 145 <= status["suggested_checkpoint_interval_s"] <= 150  # a quarter of what is left
+
+    fake.add_process(0, OWNER_PID, 1000)
+    store.log.clear()
+    agent.poll_once()  # reclaim: SIGTERM, grace, pack, upload, then the end event
+
+    ((url, data, _),) = store.uploads
+    assert url == "leases/1/checkpoint"
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getnames() == ["told.json"]
+    upload = store.log.index("upload leases/1/checkpoint")
+    assert upload < store.log.index("event lease-1-preempted_by_owner")
+
+
+def test_a_lease_starts_with_its_jobs_checkpoint_restored_and_owned_by_the_job(checkpoint_rig: Any) -> None:
+    agent, fake, transport, store, _ = checkpoint_rig
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo("state.txt")
+        info.size = 7
+        tar.addfile(info, io.BytesIO(b"step 13"))
+    store.archives["leases/2/checkpoint"] = archive.getvalue()
+    script = (
+        "import os, time; print(open('/work/ckpt/state.txt').read(), 'resumed', os.environ['GPGPU_RESUME_COUNT'], "
+        "os.access('/work/ckpt/state.txt', os.W_OK), flush=True); time.sleep(300)"
+    )
+    agent.poll_once()
+    order = {**_order(2, fake.gpus[0].uuid, 0, script=script), "checkpoint": _checkpoint(2, restore=archive.getvalue())}
+    transport.heartbeat_replies.append(_reply(start=[order]))
+    agent.network_once()
+    agent.poll_once()
+    assert 2 in agent.leases
+    log = agent.state_dir / "logs" / "lease-2.log"
+    _wait(lambda: log.exists() and "resumed" in log.read_text(), 15, "the job reading its checkpoint")
+    assert "step 13 resumed 1 True" in log.read_text()
+    # The fetched archive does not linger in the agent's state.
+    assert not list((agent.state_dir / "checkpoints").glob("*"))
+
+
+def test_a_checkpoint_that_is_not_the_one_named_fails_the_start_rather_than_start_from_nothing(
+    checkpoint_rig: Any,
+) -> None:
+    agent, fake, transport, store, _ = checkpoint_rig
+    store.archives["leases/3/checkpoint"] = b"replaced by someone"
+    agent.poll_once()
+    order = {
+        **_order(3, fake.gpus[0].uuid, 1),
+        "checkpoint": _checkpoint(3, restore=b"replaced by someone", sha256="0" * 64),
+    }
+    transport.heartbeat_replies.append(_reply(start=[order]))
+    agent.network_once()
+    agent.poll_once()
+    agent.network_once()
+    body = transport._events[(3, "lease-3-failed_to_start")]
+    assert "checkpoint" in body["detail"]
+    assert 3 not in agent.leases
+
+
+def test_a_cancelled_jobs_checkpoint_is_not_uploaded(checkpoint_rig: Any) -> None:
+    agent, fake, transport, store, rentals = checkpoint_rig
+    agent.poll_once()
+    order = {**_order(4, fake.gpus[0].uuid, 0, script=TOLD), "checkpoint": _checkpoint(4)}
+    transport.heartbeat_replies.append(_reply(start=[order]))
+    agent.network_once()
+    agent.poll_once()
+    _wait((rentals / "lease-4" / "ckpt" / "told.json").exists, 15, "the job starting")
+    transport.heartbeat_replies.append(_reply(stop=[{"lease_id": 4, "reason": "cancelled"}]))
+    agent.network_once()
+    agent.poll_once()
+    assert 4 not in agent.leases
+    assert store.uploads == []
+
+
+def test_every_rental_the_owner_came_back_to_is_stopped_before_any_checkpoint_is_uploaded(
+    checkpoint_rig: Any,
+) -> None:
+    agent, fake, transport, store, rentals = checkpoint_rig
+    fake.add_gpu("NVIDIA L4", 23034)
+    agent.poll_once()
+    orders = [
+        {**_order(lease_id, gpu.uuid, 0, script=TOLD), "checkpoint": _checkpoint(lease_id)}
+        for lease_id, gpu in ((5, fake.gpus[0]), (6, fake.gpus[1]))
+    ]
+    transport.heartbeat_replies.append(_reply(start=orders))
+    agent.network_once()
+    agent.poll_once()
+    for lease_id in (5, 6):
+        _wait((rentals / f"lease-{lease_id}" / "ckpt" / "told.json").exists, 15, f"lease {lease_id} starting")
+    stop = agent.tracker.runner.stop
+
+    def noted_stop(lease_id: int, *, grace_s: float) -> Any:
+        store.log.append(f"stop {lease_id}")
+        return stop(lease_id, grace_s=grace_s)
+
+    agent.tracker.runner.stop = noted_stop  # type: ignore[method-assign]
+    fake.add_process(0, OWNER_PID, 1000)
+    fake.add_process(1, OWNER_PID + 1, 1000)
+    store.log.clear()
+    agent.poll_once()
+
+    steps = [line for line in store.log if line.startswith(("stop", "upload"))]
+    assert steps == ["stop 5", "stop 6", "upload leases/5/checkpoint", "upload leases/6/checkpoint"]
+
+
+def test_a_checkpoint_upload_the_marketplace_could_not_take_is_tried_again_and_then_given_up(
+    checkpoint_rig: Any,
+) -> None:
+    agent, fake, transport, store, rentals = checkpoint_rig
+    agent.tracker.pause = lambda seconds: None
+    agent.poll_once()
+    orders = [
+        {**_order(lease_id, fake.gpus[0].uuid, 0, script=TOLD), "checkpoint": _checkpoint(lease_id)}
+        for lease_id in (8, 9)
+    ]
+    for order in orders:
+        transport.heartbeat_replies.append(_reply(start=[order]))
+        agent.network_once()
+        agent.poll_once()
+        lease_id = order["lease_id"]
+        _wait((rentals / f"lease-{lease_id}" / "ckpt" / "told.json").exists, 15, f"lease {lease_id} starting")
+        # Twice unreachable then taken; then unreachable every time: given up, said in the event.
+        store.unreachable_for = 2 if lease_id == 8 else 99
+        transport.heartbeat_replies.append(_reply(stop=[{"lease_id": lease_id, "reason": "machine_suspended"}]))
+        agent.network_once()
+        agent.poll_once()
+        assert lease_id not in agent.leases
+
+    assert [url for url, _, _ in store.uploads] == ["leases/8/checkpoint"]
+    assert store.log.count("unreachable leases/9/checkpoint") == 3
+    agent.network_once()
+    assert transport._events[(8, "lease-8-exited")]["detail"] == "stopped on request (machine_suspended)"
+    assert "checkpoint not saved" in transport._events[(9, "lease-9-exited")]["detail"]

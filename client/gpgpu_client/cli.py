@@ -207,6 +207,7 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
         "duration": args.duration,
         "max_duration": args.max_duration,
         "checkpoint_interval": args.checkpoint_interval,
+        "checkpoint_dir": args.checkpoint_dir,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.env:
@@ -845,8 +846,8 @@ compdef _gpgpu gpgpu
 
 _RUN_FLAGS = (
     "--follow --json --name --kind --image --command --env --gpus --vram --model --region --max-price "
-    "--duration --max-duration --checkpoint-interval --no-interruptible --idempotency-key --authorize --key-file "
-    "--keystore --yes"
+    "--duration --max-duration --checkpoint-interval --checkpoint-dir --no-interruptible --idempotency-key --authorize "
+    "--key-file --keystore --yes"
 )
 
 
@@ -894,6 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", help="its expected duration (3600, 90m, 2h)")
     run.add_argument("--max-duration", help="when it is stopped (default: its duration)")
     run.add_argument("--checkpoint-interval", help="how often it saves its progress (10m)")
+    run.add_argument("--checkpoint-dir", help="a directory under /work that follows the job (/work/ckpt)")
     run.add_argument("--no-interruptible", action="store_true", help="only on machines that will not take it back")
     run.add_argument("--idempotency-key", help="default: a fresh one")
     run.add_argument("--poll-interval", type=float, default=2.0, help=argparse.SUPPRESS)

@@ -13,10 +13,12 @@ The file's keys, all optional but gpus, max_price and duration:
     duration = "2h" (expected; seconds or 90s/30m/2h/1d)
     max_duration = "3h"            interruptible = true
     checkpoint_interval = "10m"
+    checkpoint_dir = "/work/ckpt" (follows the job from machine to machine; README "Checkpoints")
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shlex
 import tomllib
@@ -43,6 +45,8 @@ MAX_ENV_VALUE_CHARS = 4096
 MAX_MODELS = 32
 KINDS = ("container", "process")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+CHECKPOINT_DIR_RE = re.compile(r"/work(/[A-Za-z0-9._@+-]+)+")
+MAX_CHECKPOINT_DIR_CHARS = 200
 
 KEYS = (
     "name",
@@ -59,6 +63,7 @@ KEYS = (
     "max_duration",
     "interruptible",
     "checkpoint_interval",
+    "checkpoint_dir",
 )
 
 
@@ -127,6 +132,17 @@ def job_spec(values: Mapping[str, Any]) -> dict[str, Any]:
     if checkpoint is not None and not MIN_CHECKPOINT_S <= checkpoint <= MAX_CHECKPOINT_S:
         raise JobFileError(f"checkpoint_interval: must be between {MIN_CHECKPOINT_S} and {MAX_CHECKPOINT_S} seconds")
     body["checkpoint_interval_s"] = checkpoint
+    checkpoint_dir = _string(values, "checkpoint_dir", MAX_CHECKPOINT_DIR_CHARS)
+    if checkpoint_dir:
+        parts = checkpoint_dir.split("/")
+        if (
+            not CHECKPOINT_DIR_RE.fullmatch(checkpoint_dir)
+            or posixpath.normpath(checkpoint_dir) != checkpoint_dir
+            or any(part in {".", ".."} for part in parts)
+            or parts[2].startswith(".gpgpu")
+        ):
+            raise JobFileError("checkpoint_dir: must be a directory under /work, like /work/ckpt (no '.' or '..')")
+        body["checkpoint_dir"] = checkpoint_dir
     if body["kind"] == "container" and not body["image"]:
         raise JobFileError('image: a container job needs an image (or kind = "process")')
     if body["kind"] == "process" and not body["command"]:

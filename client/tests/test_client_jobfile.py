@@ -83,6 +83,9 @@ def test_a_yaml_job_file_becomes_the_submit_body(tmp_path: Path) -> None:
         ({"duration": "31d"}, "duration: must be between 1 second and 30 days"),
         ({"max_duration": "1m"}, "max_duration: must be at least duration"),
         ({"checkpoint_interval": "10s"}, "checkpoint_interval: must be between 60"),
+        ({"checkpoint_dir": "/work/../etc"}, "checkpoint_dir: must be a directory under /work"),
+        ({"checkpoint_dir": "/etc/cron.d"}, "checkpoint_dir: must be a directory under /work"),
+        ({"checkpoint_dir": "/work"}, "checkpoint_dir: must be a directory under /work"),
         ({"env": {"1BAD": "x"}}, "env: '1BAD' is not a valid variable name"),
         ({"kind": "vm"}, "kind: must be one of container, process"),
         ({"image": None}, "image: a container job needs an image"),
@@ -138,3 +141,9 @@ def test_a_file_that_cannot_be_read_says_why_on_one_line(tmp_path: Path, name: s
 def test_a_missing_file_is_a_job_file_error(tmp_path: Path) -> None:
     with pytest.raises(JobFileError, match="cannot read it"):
         job_file_read(tmp_path / "absent.toml")
+
+
+def test_a_checkpoint_dir_is_sent_only_when_given() -> None:
+    values: dict[str, object] = {"image": "x", "gpus": 1, "max_price": "0.5", "duration": "1h"}
+    assert "checkpoint_dir" not in job_spec(values)
+    assert job_spec({**values, "checkpoint_dir": "/work/ckpt"})["checkpoint_dir"] == "/work/ckpt"

@@ -482,6 +482,8 @@ def test_heartbeat_reply_says_what_to_start_and_what_to_stop() -> None:
             "gpu_uuids": [g0.uuid, g1.uuid],
             "max_duration_s": job.max_duration_s,
             "price_per_gpu_hour": "0.400000",
+            "checkpoint_interval_s": None,
+            "checkpoint": None,
         }
     ]
     assert body["stop"] == [

@@ -97,7 +97,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypedDict
 
-from gpgpu_agent import fencing
+from gpgpu_agent import checkpoint, fencing
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import default_limits as cgroup_default_limits
 from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
@@ -426,6 +426,20 @@ class ContainerRunner:
 
         name = container_name(spec.lease_id)
         work = self._make_work_dir(spec.lease_id)
+        if spec.restore_archive is not None and spec.checkpoint is not None:
+            try:
+                # Before the container exists: nothing of the job runs yet. Podman's `U` mount
+                # option then gives the whole tree to the container's user; Docker's is chowned.
+                checkpoint.unpack(
+                    Path(spec.restore_archive),
+                    work,
+                    spec.checkpoint.dir,
+                    max_bytes=spec.checkpoint.max_bytes,
+                    owner=None,
+                )
+            except (checkpoint.CheckpointError, OSError) as exc:
+                _remove_tree(work)
+                raise RunnerError(f"could not restore the job's checkpoint: {exc}") from exc
         try:
             done = self._call(self.create_args(spec, work), timeout=self.run_timeout_s)
             if done.returncode != 0 and self.firewall is not None and _network_missing(done.stderr):
@@ -541,11 +555,17 @@ class ContainerRunner:
     def work_dir(self, lease_id: int) -> Path:
         return self.rentals_dir / "containers" / f"lease-{lease_id}"
 
+    def workspace(self, lease_id: int) -> Path | None:
+        """The lease's work directory (the container's /work), while it exists."""
+        path = self.work_dir(lease_id)
+        return path if path.is_dir() else None
+
     def create_args(self, spec: LeaseSpec, work: Path) -> list[str]:
         """The ``create`` arguments for a lease (after the engine's program name)."""
         facts = self._engine_facts()
         uuids = ",".join(spec.gpu_uuids)
         env = {k: v for k, v in spec.env.items() if k not in AGENT_ENV}
+        env.update(spec.agent_env)
         env.update(
             {
                 "NVIDIA_VISIBLE_DEVICES": uuids,
@@ -865,6 +885,10 @@ class ContainerRunner:
         base_uid, base_gid = self._engine_facts().remap or (0, 0)
         try:
             os.lchown(work, base_uid + uid, base_gid + gid)
+            # A restored checkpoint (gpgpu_agent.checkpoint.unpack made no links; nothing runs yet).
+            for root, dirs, files in os.walk(work):
+                for entry in (*dirs, *files):
+                    os.lchown(os.path.join(root, entry), base_uid + uid, base_gid + gid)
         except OSError as exc:
             raise RunnerError(f"could not give the container its work directory: {exc.strerror}") from exc
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpgpu_agent.config import SYSTEM_STATE_DIR, AgentConfig
-from gpgpu_agent.protocols import AgentError, CapableRunner, OutputReader, RunnerError
+from gpgpu_agent.protocols import AgentError, CapableRunner, OutputReader, RunnerError, Workspaces
 from gpgpu_agent.runners.common import UnknownLeaseError
 from gpgpu_agent.types import JOB_KINDS, LeaseSpec, OutputRead, RunState
 
@@ -116,6 +117,16 @@ class KindRunner:
                 self._owner[state.lease_id] = runner
                 states.append(state)
         return states
+
+    def workspace(self, lease_id: int) -> Path | None:
+        """The lease's runner's workspace (protocols.Workspaces); None when it has none."""
+        try:
+            runner = self._of(lease_id)
+        except RunnerError:
+            return None
+        if not isinstance(runner, Workspaces):
+            return None
+        return runner.workspace(lease_id)
 
     def read_output(self, lease_id: int, *, offset: int, limit: int) -> OutputRead | None:
         """The lease's runner's read_output (protocols.OutputReader); None when it has none."""

@@ -62,6 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypedDict
 
+from gpgpu_agent import checkpoint
 from gpgpu_agent.fencing import deadline_path
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import CgroupError, Cgroups, Limits
@@ -212,6 +213,7 @@ class ProcessRunner:
         if self.user is not None:
             env["USER"] = env["LOGNAME"] = self.user.name
         env.update(spec.env)
+        env.update(spec.agent_env)
         env.update(
             {
                 "CUDA_VISIBLE_DEVICES": ",".join(visible),
@@ -235,6 +237,19 @@ class ProcessRunner:
         work.mkdir(exist_ok=True, mode=0o700)
         if self.user is not None:
             os.chown(work, self.user.uid, self.user.gid)
+        if spec.restore_archive is not None and spec.checkpoint is not None:
+            owner = (self.user.uid, self.user.gid) if self.user is not None else None
+            try:
+                checkpoint.unpack(
+                    Path(spec.restore_archive),
+                    work,
+                    spec.checkpoint.dir,
+                    max_bytes=spec.checkpoint.max_bytes,
+                    owner=owner,
+                )
+            except (checkpoint.CheckpointError, OSError) as exc:
+                shutil.rmtree(work, ignore_errors=True)
+                raise RunnerError(f"could not restore the job's checkpoint: {exc}") from exc
         log_path = self.log_dir / f"lease-{spec.lease_id}.log"
         exit_path = self.store.exit_path(spec.lease_id)
         try:
@@ -387,6 +402,11 @@ class ProcessRunner:
             ended_at=None if exit_record is None else exit_record.exited_at,
             fenced_at=None if exit_record is None else exit_record.fenced_at,
         )
+
+    def workspace(self, lease_id: int) -> Path | None:
+        """The lease's work directory (the job's /work), while its records are kept."""
+        record = self._record(lease_id)
+        return Path(record.work_dir) if record is not None else None
 
     def read_output(self, lease_id: int, *, offset: int, limit: int) -> OutputRead | None:
         """Up to ``limit`` bytes of the lease's log file from ``offset`` (protocols.OutputReader):

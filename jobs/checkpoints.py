@@ -1,0 +1,262 @@
+"""Checkpoints that follow a job from lease to lease (docs/agent-api.md, "Checkpoints").
+
+A job that declares a `checkpoint_dir` (a directory of its view, under /work) has it carried
+over: when its lease is stopped under it (the owner comes back, the owner's window closes, the
+agent is stopped), the agent sends the job SIGTERM, waits its stop grace, packs the directory as
+a tar archive and uploads it here with its SHA-256 before it reports the lease's end; the job's
+next lease, on any machine, starts with it restored. Only the newest checkpoint of a job is
+kept (Checkpoint, one per job), in the `checkpoints` storage (Django's storage API: local files
+by default), under a random key; it is deleted when the job ends.
+
+Who may touch one: only the agent of the machine that holds the job's lease. An upload is
+accepted from the machine of the job's newest lease while that lease is live or ended less
+than CHECKPOINT_UPLOAD_GRACE_S ago; a download only by the machine of the job's live lease.
+Renters have no access to the archive (it is the job's, passed between its leases).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import IO, Protocol
+
+from django.conf import settings
+from django.core.files import File
+from django.db import transaction
+from django.utils import timezone
+
+from jobs.errors import Conflict, NotFound, ValidationFailed
+from jobs.models import Checkpoint, Job, Lease
+from jobs.services import checkpoint_file_delete, checkpoint_storage, checkpoints_delete, event_record
+from providers.services import LeaseCheckpoint
+
+logger = logging.getLogger(__name__)
+
+
+class Readable(Protocol):
+    """A request's body, or a file: read(n) returns at most n bytes, b"" at the end."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_READ_BYTES = 1 << 20
+
+CODE_TOO_LARGE = "checkpoint_too_large"
+CODE_HASH_MISMATCH = "checkpoint_hash_mismatch"
+CODE_NOT_ACCEPTED = "checkpoint_not_accepted"
+
+
+def max_bytes() -> int:
+    return int(settings.GPGPU["CHECKPOINT_MAX_BYTES"])
+
+
+# --- what a lease's start order says --------------------------------------------------------
+
+
+def checkpoint_order(*, lease: Lease) -> LeaseCheckpoint | None:
+    """The checkpoint part of `lease`'s start order; None when its job declares no directory."""
+    job = lease.job
+    if not job.checkpoint_dir:
+        return None
+    url = f"leases/{lease.pk}/checkpoint"
+    current = Checkpoint.objects.filter(job_id=job.pk).first()
+    restore = None
+    if current is not None:
+        restore = _presigned_get(current.storage_key) or url
+    # Resumed: each earlier lease of the job that ran (its workload started).
+    resumed = Lease.objects.filter(job_id=job.pk, pk__lt=lease.pk, started_at__isnull=False).count()
+    return LeaseCheckpoint(
+        dir=job.checkpoint_dir,
+        max_bytes=max_bytes(),
+        upload_url=url,
+        restore_url=restore,
+        restore_sha256=current.sha256 if current is not None else "",
+        restore_size=current.size if current is not None else 0,
+        resume_count=resumed,
+    )
+
+
+def _presigned_get(key: str) -> str | None:
+    """A short-lived pre-signed GET URL of the stored archive, when the checkpoints' storage signs
+    URLs (django-storages' S3Storage with querystring_auth; valid its querystring_expire
+    seconds); None for one that does not (local files: the agent API serves them)."""
+    storage = checkpoint_storage()
+    if not getattr(storage, "querystring_auth", False) or not hasattr(storage, "bucket_name"):
+        return None
+    return str(storage.url(key))
+
+
+# --- upload ---------------------------------------------------------------------------------
+
+
+def _lease_of_machine(*, machine_id: int, lease_id: int) -> Lease:
+    lease = Lease.objects.select_related("job").filter(pk=lease_id, machine_id=machine_id).first()
+    if lease is None:
+        raise NotFound(f"Lease {lease_id} is not a lease of this machine.")
+    return lease
+
+
+def _upload_refusal(lease: Lease) -> str | None:
+    """Why the machine of `lease` may not write its job's checkpoint now, or None."""
+    job = lease.job
+    if not job.checkpoint_dir:
+        return "the job keeps no checkpoint"
+    if job.status in Job.TERMINAL:
+        return f"the job is {job.status}"
+    if Lease.objects.filter(job_id=job.pk, pk__gt=lease.pk).exists():
+        return "a later lease of the job has been placed"
+    if lease.status == Lease.Status.ENDED:
+        grace = timedelta(seconds=int(settings.GPGPU["CHECKPOINT_UPLOAD_GRACE_S"]))
+        if lease.ended_at is None or timezone.now() - lease.ended_at > grace:
+            return "the lease ended too long ago"
+    return None
+
+
+def _spool(stream: Readable, *, declared: int) -> tuple[IO[bytes], str]:
+    """Copy at most `declared` bytes of `stream` to a temporary file, hashing them; raises
+    ValidationFailed when the body is shorter than declared (a cut upload)."""
+    digest = hashlib.sha256()
+    out = tempfile.TemporaryFile()
+    left = declared
+    while left > 0:
+        chunk = stream.read(min(_READ_BYTES, left))
+        if not chunk:
+            out.close()
+            raise ValidationFailed(f"The upload ended {left} bytes short of its Content-Length.")
+        digest.update(chunk)
+        out.write(chunk)
+        left -= len(chunk)
+    out.seek(0)
+    return out, digest.hexdigest()
+
+
+def checkpoint_upload(*, machine_id: int, lease_id: int, stream: Readable, size: int, sha256: str) -> Checkpoint:
+    """Store the archive `stream` (`size` bytes, SHA-256 `sha256`) as the checkpoint of the job of
+    the machine's lease `lease_id`, replacing the job's previous one (its file deleted after
+    commit). Raises NotFound for a lease that is not the machine's; Conflict
+    `checkpoint_not_accepted` when it may not write it now (module docstring); ValidationFailed
+    `checkpoint_too_large` over CHECKPOINT_MAX_BYTES (checked before a byte is read), and
+    `checkpoint_hash_mismatch` when the bytes are not the ones the agent hashed."""
+    if not SHA256_RE.fullmatch(sha256):
+        raise ValidationFailed("X-Checkpoint-SHA256 must be 64 lower-case hex digits.")
+    limit = max_bytes()
+    if size > limit:
+        raise ValidationFailed(
+            f"The checkpoint is {size} bytes; a job's checkpoint may be at most {limit}.", code=CODE_TOO_LARGE
+        )
+    refusal = _upload_refusal(_lease_of_machine(machine_id=machine_id, lease_id=lease_id))
+    if refusal is not None:
+        raise Conflict(f"Lease {lease_id} may not write a checkpoint: {refusal}.", code=CODE_NOT_ACCEPTED)
+    spooled, actual = _spool(stream, declared=size)
+    with spooled:
+        if not secrets.compare_digest(actual, sha256):
+            raise ValidationFailed(
+                "The checkpoint's bytes do not match X-Checkpoint-SHA256: it was damaged on the way.",
+                code=CODE_HASH_MISMATCH,
+            )
+        storage = checkpoint_storage()
+        lease = _lease_of_machine(machine_id=machine_id, lease_id=lease_id)
+        key = storage.save(f"job-{lease.job_id}/{secrets.token_hex(16)}.tar", File(spooled))
+    try:
+        with transaction.atomic():
+            # The job's row lock orders this against its end (which deletes the checkpoint) and
+            # against a racing upload of the same job.
+            Job.objects.select_for_update().filter(pk=lease.job_id).first()
+            lease = _lease_of_machine(machine_id=machine_id, lease_id=lease_id)
+            refusal = _upload_refusal(lease)
+            if refusal is not None:
+                raise Conflict(f"Lease {lease_id} may not write a checkpoint: {refusal}.", code=CODE_NOT_ACCEPTED)
+            old = Checkpoint.objects.filter(job_id=lease.job_id).first()
+            if old is not None:
+                old.delete()
+                transaction.on_commit(lambda: checkpoint_file_delete(old.storage_key))
+            checkpoint = Checkpoint.objects.create(
+                job_id=lease.job_id, lease=lease, storage_key=key, size=size, sha256=actual
+            )
+            event_record(
+                job_id=lease.job_id,
+                lease_id=lease.pk,
+                kind="checkpoint.stored",
+                actor=f"machine:{machine_id}",
+                detail={"size": size, "sha256": actual},
+            )
+    except BaseException:
+        checkpoint_file_delete(key)
+        raise
+    return checkpoint
+
+
+# --- download -------------------------------------------------------------------------------
+
+
+def checkpoint_for_download(*, machine_id: int, lease_id: int) -> Checkpoint:
+    """The checkpoint to restore for the machine's live lease `lease_id`. Raises NotFound for a
+    lease that is not the machine's, or a job with no checkpoint; Conflict when the lease is no
+    longer live (an ended lease's machine reads nothing more of the job)."""
+    lease = _lease_of_machine(machine_id=machine_id, lease_id=lease_id)
+    if lease.status not in Lease.ACTIVE:
+        raise Conflict(f"Lease {lease_id} has ended: its job's checkpoint is no longer this machine's to read.")
+    checkpoint = Checkpoint.objects.filter(job_id=lease.job_id).first()
+    if checkpoint is None:
+        raise NotFound(f"The job of lease {lease_id} has no checkpoint.")
+    return checkpoint
+
+
+def checkpoint_open(checkpoint: Checkpoint) -> IO[bytes]:
+    """The checkpoint's archive, open for reading. Raises NotFound when its file is gone."""
+    try:
+        return checkpoint_storage().open(checkpoint.storage_key, "rb")
+    except FileNotFoundError:
+        raise NotFound("The checkpoint's file is gone.") from None
+
+
+def checkpoint_chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(_READ_BYTES):
+            yield chunk
+
+
+# --- the sweep --------------------------------------------------------------------------------
+
+# A stored file younger than this may be an upload whose row is not committed yet: left alone.
+ORPHAN_MIN_AGE = timedelta(hours=1)
+
+
+def checkpoint_orphans_delete(*, now: datetime | None = None) -> int:
+    """Delete the checkpoints' files no Checkpoint row names (a deletion that failed when their job
+    ended, an upload whose row was never written), once they are ORPHAN_MIN_AGE old, and the rows
+    of jobs that have ended (none should be left). Returns how many files were deleted. For the
+    hourly beat task jobs.tasks.sweep_checkpoints."""
+    now = now or timezone.now()
+    for job_id in Checkpoint.objects.filter(job__status__in=Job.TERMINAL).values_list("job_id", flat=True):
+        with transaction.atomic():
+            checkpoints_delete(job_id=job_id)
+    storage = checkpoint_storage()
+    known = set(Checkpoint.objects.values_list("storage_key", flat=True))
+    deleted = 0
+    try:
+        folders, _ = storage.listdir("")
+    except FileNotFoundError:
+        return 0
+    for folder in folders:
+        if not folder.startswith("job-"):
+            continue
+        _, files = storage.listdir(folder)
+        for name in files:
+            key = f"{folder}/{name}"
+            if key in known:
+                continue
+            try:
+                if now - storage.get_modified_time(key) < ORPHAN_MIN_AGE:
+                    continue
+            except (FileNotFoundError, NotImplementedError):
+                continue
+            checkpoint_file_delete(key)
+            deleted += 1
+    return deleted
