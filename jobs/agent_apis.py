@@ -357,7 +357,14 @@ class LeaseCheckpointApi(AgentAPIView):
         tags=["agent"],
         request={"application/x-tar": OpenApiTypes.BINARY},
         parameters=[
-            OpenApiParameter(SHA256_HEADER, str, OpenApiParameter.HEADER, required=True, description="hex SHA-256")
+            OpenApiParameter(
+                SHA256_HEADER,
+                str,
+                OpenApiParameter.HEADER,
+                required=True,
+                pattern="^[0-9a-fA-F]{64}$",
+                description="The archive's SHA-256, 64 hex digits",
+            )
         ],
         responses={201: OutputSerializer, **error_responses(400, 401, 403, 404, 409, 411, 413)},
     )
