@@ -18,13 +18,12 @@ def matching_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Matching runs asked for (marketplace.matching.matching_request_soon: a job submitted, a
     budget reserved), recorded instead of sent: tests run match_cycle themselves and write no
     broker files. A test that wants the run to happen sets Celery's eager mode and undoes this."""
-    from django.core.cache import cache
-
+    from core import soon
     from marketplace import matching, tasks
 
     sent: list[dict[str, Any]] = []
     monkeypatch.setattr(tasks.match_pending_jobs_soon, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
-    cache.delete(matching._QUEUED_KEY)
+    soon.marker_delete(matching._QUEUED_KEY)
     return sent
 
 
@@ -32,13 +31,12 @@ def matching_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 def fleet_summary_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Fleet summary runs asked for (marketplace.fleet_summary.fleet_summary_request_soon: a late
     rollup, a lease ended back in time), recorded instead of sent, as matching runs are."""
-    from django.core.cache import cache
-
+    from core import soon
     from marketplace import fleet_summary, tasks
 
     sent: list[dict[str, Any]] = []
     monkeypatch.setattr(tasks.summarise_fleet_soon, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
-    cache.delete(fleet_summary._QUEUED_KEY)
+    soon.marker_delete(fleet_summary._QUEUED_KEY)
     return sent
 
 

@@ -2,7 +2,8 @@
 budget (a reservation run) uses so that the work starts within a second instead of at its next
 beat run, while a burst of requests sends one task.
 
-`request_soon` sends after the caller's transaction commits, unless a cache marker says a run
+`request_soon` sends after the caller's transaction commits, unless a marker in the
+"coordination" cache (shared by the web and the worker: Redis, or files without it) says a run
 is already queued; the task clears the marker as it starts (`request_clear`), so a request from
 then on asks for another run. The marker lives QUEUED_TTL_S if its run never starts (a lost
 message): whole seconds, as Redis keeps them (Django's Redis cache cuts a timeout to whole
@@ -16,12 +17,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from django.core.cache import cache
+from django.core.cache import caches
 from django.db import transaction
 
 logger = logging.getLogger(__name__)
 
 QUEUED_TTL_S = 10
+CACHE_ALIAS = "coordination"
+
+
+def marker_delete(key: str) -> None:
+    """Forget a queued marker (tests start each from none)."""
+    caches[CACHE_ALIAS].delete(key)
 
 
 def request_soon(*, key: str, send: Callable[[], None], what: str) -> None:
@@ -30,7 +37,7 @@ def request_soon(*, key: str, send: Callable[[], None], what: str) -> None:
 
     def dispatch() -> None:
         try:
-            if cache.add(key, 1, timeout=QUEUED_TTL_S):
+            if caches[CACHE_ALIAS].add(key, 1, timeout=QUEUED_TTL_S):
                 send()
         except Exception:  # the broker or the cache is down: the beat entry does the work
             logger.warning("could not dispatch a %s run; the beat schedule will", what, exc_info=True)
@@ -41,6 +48,6 @@ def request_soon(*, key: str, send: Callable[[], None], what: str) -> None:
 def request_clear(*, key: str, what: str) -> None:
     """Called by the requested task as it starts: a request from now on asks for another run."""
     try:
-        cache.delete(key)
+        caches[CACHE_ALIAS].delete(key)
     except Exception:
         logger.warning("could not clear the queued %s marker", what, exc_info=True)

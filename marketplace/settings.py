@@ -304,27 +304,35 @@ if env_bool("TRUST_X_FORWARDED_PROTO", False):
 # Rate limits per address and the admin lockout use it (core.throttling.client_ip).
 TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)
 
-# The cache: Redis when REDIS_URL is set (shared by every web worker: the rate limits' counters
+# The caches: Redis when REDIS_URL is set (shared by every web worker: the rate limits' counters
 # live there), else this process's memory. A short socket timeout, so that a Redis outage slows
 # no request down for long (the throttles then let requests through).
+# "coordination" holds what the web and the worker must both see: core.soon's "a run is queued"
+# markers, which a request sets and the worker's task clears. Redis with Redis; without it, files
+# under VAR_DIR (a process's memory there kept each web process's marker for QUEUED_TTL_S, so a
+# job's runs waited for beat).
 REDIS_URL = os.environ.get("REDIS_URL", "")
 CACHE_KEY_PREFIX = f"gpgpu-test-{secrets.token_hex(4)}" if RUNNING_TESTS else "gpgpu"
 if REDIS_URL:
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "KEY_PREFIX": CACHE_KEY_PREFIX,
-            "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
-        }
+    _redis_cache = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": CACHE_KEY_PREFIX,
+        "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
     }
+    CACHES = {"default": _redis_cache, "coordination": dict(_redis_cache)}
 else:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
             "LOCATION": "gpgpu",
             "KEY_PREFIX": CACHE_KEY_PREFIX,
-        }
+        },
+        "coordination": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(VAR_DIR / "cache" / "coordination"),
+            "KEY_PREFIX": CACHE_KEY_PREFIX,
+        },
     }
 
 # Request rates (core/throttling.py): per API token or session of a person
@@ -427,6 +435,11 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# How long the worker's ETA timer may sleep between looks at its schedule (Celery's default: a
+# second). With the thread pool (the demo) or any transport without an event loop, a task with a
+# countdown (a requested matching or reservation run, a run retried behind a held lock) started
+# up to a second after its time; each job's dispatch waits for two of them.
+CELERY_WORKER_TIMER_PRECISION = 0.1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")

@@ -214,13 +214,12 @@ def _own_var_dir(settings: Any, tmp_path_factory: pytest.TempPathFactory) -> Non
 def dispatched(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Reservation runs billing asked Celery for (billing.reservations.reservation_request_soon),
     recorded instead of sent: billing's tests drive the runs themselves and write no broker files."""
-    from django.core.cache import cache
-
     from billing import reservations, tasks
+    from core import soon
 
     sent: list[dict[str, Any]] = []
     monkeypatch.setattr(tasks.reserve_budgets, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
-    cache.delete(reservations._QUEUED_KEY)
+    soon.marker_delete(reservations._QUEUED_KEY)
     return sent
 
 
