@@ -77,7 +77,9 @@ DEADLINE_MARGIN = timedelta(seconds=120)
 # Budgets per `reserve` transaction (about 60k gas each: a signature check and two new slots).
 RESERVATION_BATCH_MAX = 100
 # A burst of signatures within this many seconds makes one batch (see reservation_request_soon).
-COALESCE_S = 1.0
+# Short: every renter waits it before the job can run (issue 13's submit → running ≤ 2 s), and a
+# burst that outlasts it makes a second batch at most while the first is on its way (core.soon).
+COALESCE_S = 0.25
 _QUEUED_KEY = "billing.reservations.run_queued"
 
 # Test seam: called right after the node accepted the transaction and before its hash is

@@ -957,8 +957,9 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
 
 # ----------------------------------------------------------------------------------- trigger
 
-# A burst of requests within this many seconds makes one run (see matching_request_soon).
-COALESCE_S = 0.5
+# A burst of requests within this many seconds makes one run (see matching_request_soon); every
+# submitted job waits it, and a run placing a burst takes milliseconds.
+COALESCE_S = 0.1
 # How often a requested run that finds a cycle going tries again, and how long after.
 LOCKED_TRIES, LOCKED_RETRY_S = 10, 0.5
 _QUEUED_KEY = "marketplace.matching.run_queued"
