@@ -75,11 +75,11 @@ LOG_TAIL_CHARS = 16 * 1024  # the API takes 64 KiB; the last 16 KiB tell the sto
 TIMEOUT_EXIT_CODE = 124  # what timeout(1) returns for a command it killed
 REDACTED = "[redacted]"
 _DONE_KEPT = 1000  # leases remembered as done (a repeated `start` for them is ignored)
-# Stop reasons after which the job does not run again (or the marketplace does not know the
-# lease): its checkpoint is not uploaded.
 # A checkpoint upload the marketplace could not take (unreachable, 5xx) is tried this many times,
 # a second, then two, apart: the poll loop waits meanwhile, but the rentals are already stopped.
 CHECKPOINT_UPLOAD_ATTEMPTS = 3
+# Stop reasons after which the job does not run again (or the marketplace does not know the
+# lease): its checkpoint is not uploaded.
 _NO_CHECKPOINT_STOPS = frozenset({"cancelled", "max_duration", "unknown_lease", "succeeded", "failed"})
 
 UsageSigner = Callable[[UsageStruct], str]
