@@ -8,6 +8,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_client_http import Server
@@ -77,7 +78,7 @@ def test_a_damaged_download_leaves_the_file_as_it_was(server: Server, client: Cl
 
 
 def test_a_redirect_to_the_store_is_followed_without_the_token(server: Server, client: Client, tmp_path: Path) -> None:
-    def answer(seen: dict) -> tuple[int, dict[str, str], object]:  # type: ignore[type-arg]
+    def answer(seen: dict[str, Any]) -> tuple[int, dict[str, str], object]:
         if seen["path"] == "/api/v1/jobs/7/checkpoint/":
             return (
                 302,
