@@ -295,7 +295,6 @@ def job_cancel(*, job: Job, actor: str, keep_checkpoint: bool = False) -> Job:
         raise ValidationFailed(
             f"Job {job.pk} declares no checkpoint_dir: it has no checkpoint to keep.", code=CODE_NO_CHECKPOINT_DIR
         )
-    keep: dict[str, object] = {"keep_checkpoint": True} if keep_checkpoint else {}
     with transaction.atomic():
         moved = _job_move(
             job_id=job.pk,
@@ -303,8 +302,8 @@ def job_cancel(*, job: Job, actor: str, keep_checkpoint: bool = False) -> Job:
             to=JS.CANCELLED,
             actor=actor,
             kind="job.cancelled",
-            detail=keep or None,
-            **keep,
+            detail={"keep_checkpoint": True} if keep_checkpoint else None,
+            keep_checkpoint=keep_checkpoint,
         )
         if moved:
             # The lease rows are locked before their start_sent_at is read: a heartbeat sending
