@@ -99,7 +99,7 @@ def checkpoint_order(*, lease: Lease) -> LeaseCheckpoint | None:
 def presigned_get(key: str) -> str | None:
     """A short-lived pre-signed GET URL of the stored archive, when the checkpoints' storage signs
     URLs (django-storages' S3Storage with querystring_auth; valid its querystring_expire
-    seconds); None for one that does not (local files: the agent API serves them)."""
+    seconds); None for one that does not (local files: the APIs serve them)."""
     storage = checkpoint_storage()
     if not getattr(storage, "querystring_auth", False) or not hasattr(storage, "bucket_name"):
         return None
