@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from django.http import HttpResponseRedirect, StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -23,7 +25,7 @@ from core.api import (
     price_field,
     price_input_field,
 )
-from jobs import lease_telemetry, selectors, services
+from jobs import checkpoints, lease_telemetry, selectors, services
 from jobs.errors import ValidationFailed
 from jobs.models import Checkpoint, Job, Lease
 
@@ -91,6 +93,15 @@ class CheckpointSerializer(serializers.Serializer):
     size = serializers.IntegerField(help_text="Bytes (the packed directory, a tar archive).")
     sha256 = serializers.CharField()
     created_at = serializers.DateTimeField()
+    kept_until = serializers.SerializerMethodField(
+        help_text="When the checkpoint of a job cancelled keeping it is deleted (CHECKPOINT_KEEP_AFTER_CANCEL_H "
+        "after the job ended); null for any other job, whose checkpoint goes when it ends."
+    )
+
+    @extend_schema_field(serializers.DateTimeField(allow_null=True))
+    def get_kept_until(self, checkpoint: Checkpoint) -> str | None:
+        until = checkpoints.kept_until(checkpoint.job)
+        return serializers.DateTimeField().to_representation(until) if until is not None else None
 
 
 class JobSerializer(serializers.Serializer):
@@ -118,7 +129,12 @@ class JobSerializer(serializers.Serializer):
     )
     checkpoint = serializers.SerializerMethodField(
         help_text="Its newest saved checkpoint, restored when its next lease starts (null: none yet, or the job "
-        "has ended and it was deleted). The archive itself is only for the agent running the job."
+        "has ended and it was deleted). After a cancel that kept it, the final one, until `kept_until`. Its "
+        "renter downloads the archive at GET /api/v1/jobs/{id}/checkpoint/."
+    )
+    keep_checkpoint = serializers.BooleanField(
+        help_text="Cancelled asking to keep its checkpoint: the agent saved it as it stopped the job, and it is "
+        "kept for CHECKPOINT_KEEP_AFTER_CANCEL_H hours after the job ended."
     )
     status = NamedChoiceField(Job.Status.choices, enum_name="JobStatus")
     unplaced_reason = serializers.SerializerMethodField(
@@ -384,6 +400,55 @@ class JobLogApi(RenterApi):
             "finished": over and len(chunks) < limit,
         }
         return Response(JobLogsSerializer(out).data)
+
+
+# --- checkpoint ---------------------------------------------------------------------------
+
+CHECKPOINT_SHA256_HEADER = "X-Checkpoint-SHA256"
+
+
+class JobCheckpointApi(RenterApi):
+    @extend_schema(
+        tags=["jobs"],
+        summary="The checkpoint of one of my jobs",
+        description="The job's checkpoint directory as its agent packed it (a tar archive), with its SHA-256 in "
+        "X-Checkpoint-SHA256: the newest one while the job lives, and after a cancel that kept it "
+        "(`keep_checkpoint`) the final one, for CHECKPOINT_KEEP_AFTER_CANCEL_H hours after the job ended. Where "
+        "checkpoints are stored in S3, a 302 to a short-lived pre-signed URL of the archive. 404 `no_checkpoint` "
+        "when the job has none (or it was deleted).",
+        parameters=[
+            OpenApiParameter(
+                CHECKPOINT_SHA256_HEADER,
+                str,
+                OpenApiParameter.HEADER,
+                description="The archive's SHA-256, 64 lower-case hex digits",
+                response=[200, 302],
+            ),
+            OpenApiParameter(
+                "Location", str, OpenApiParameter.HEADER, description="The pre-signed URL", response=[302]
+            ),
+        ],
+        responses={
+            (200, "application/x-tar"): OpenApiResponse(OpenApiTypes.BINARY, description="The archive"),
+            302: OpenApiResponse(description="The archive is at the pre-signed URL in Location"),
+            **error_responses(401, 403, 404),
+        },
+    )
+    def get(self, request: Request, job_id: int) -> StreamingHttpResponse | HttpResponseRedirect:
+        row = checkpoints.checkpoint_for_renter(renter=self.renter, job_id=job_id)
+        url = checkpoints.presigned_get(row.storage_key)
+        response: StreamingHttpResponse | HttpResponseRedirect
+        if url is not None:
+            response = HttpResponseRedirect(url)
+        else:
+            response = StreamingHttpResponse(
+                checkpoints.checkpoint_chunks(checkpoints.checkpoint_open(row)), content_type="application/x-tar"
+            )
+            response["Content-Length"] = str(row.size)
+            response["Content-Disposition"] = f'attachment; filename="job-{job_id}-checkpoint.tar"'
+        response[CHECKPOINT_SHA256_HEADER] = row.sha256
+        response["Cache-Control"] = "no-store"
+        return response
 
 
 # --- leases ---------------------------------------------------------------------------------

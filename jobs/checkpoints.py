@@ -8,10 +8,15 @@ next lease, on any machine, starts with it restored. Only the newest checkpoint 
 kept (Checkpoint, one per job), in the `checkpoints` storage (Django's storage API: local files
 by default), under a random key; it is deleted when the job ends.
 
-Who may touch one: only the agent of the machine that holds the job's lease. An upload is
-accepted from the machine of the job's newest lease while that lease is live or ended less
-than CHECKPOINT_UPLOAD_GRACE_S ago; a download only by the machine of the job's live lease.
-Renters have no access to the archive (it is the job's, passed between its leases).
+A renter who cancels a job asking to keep its checkpoint (jobs.services.job_cancel,
+keep_checkpoint) has the running lease's agent told to upload it as it stops the job (the stop
+order's save_checkpoint), and the checkpoint is kept after the job ended, for
+CHECKPOINT_KEEP_AFTER_CANCEL_H hours from then; the hourly sweep deletes it after that.
+
+Who may touch one: an upload is accepted only from the machine of the job's newest lease while
+that lease is live or ended less than CHECKPOINT_UPLOAD_GRACE_S ago, and while the job has not
+ended, or was cancelled keeping its checkpoint. A download by an agent only by the machine of the
+job's live lease; by a renter, of their own job's checkpoint (GET /api/v1/jobs/{id}/checkpoint/).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from jobs.errors import Conflict, NotFound, ValidationFailed
-from jobs.models import Checkpoint, Job, Lease
+from jobs.models import Checkpoint, Job, Lease, Renter
 from jobs.services import checkpoint_file_delete, checkpoint_storage, checkpoints_delete, event_record
 from providers.services import LeaseCheckpoint
 
@@ -50,10 +55,19 @@ _READ_BYTES = 1 << 20
 CODE_TOO_LARGE = "checkpoint_too_large"
 CODE_HASH_MISMATCH = "checkpoint_hash_mismatch"
 CODE_NOT_ACCEPTED = "checkpoint_not_accepted"
+CODE_NO_CHECKPOINT = "no_checkpoint"
 
 
 def max_bytes() -> int:
     return int(settings.GPGPU["CHECKPOINT_MAX_BYTES"])
+
+
+def kept_until(job: Job) -> datetime | None:
+    """When the checkpoint of a job its renter cancelled keeping it is deleted; None for any other
+    job (its checkpoint, if any, goes when it ends)."""
+    if not job.keep_checkpoint or job.status != Job.Status.CANCELLED or job.finished_at is None:
+        return None
+    return job.finished_at + timedelta(hours=int(settings.GPGPU["CHECKPOINT_KEEP_AFTER_CANCEL_H"]))
 
 
 # --- what a lease's start order says --------------------------------------------------------
@@ -68,7 +82,7 @@ def checkpoint_order(*, lease: Lease) -> LeaseCheckpoint | None:
     current = Checkpoint.objects.filter(job_id=job.pk).first()
     restore = None
     if current is not None:
-        restore = _presigned_get(current.storage_key) or url
+        restore = presigned_get(current.storage_key) or url
     # Resumed: each earlier lease of the job that ran (its workload started).
     resumed = Lease.objects.filter(job_id=job.pk, pk__lt=lease.pk, started_at__isnull=False).count()
     return LeaseCheckpoint(
@@ -82,10 +96,10 @@ def checkpoint_order(*, lease: Lease) -> LeaseCheckpoint | None:
     )
 
 
-def _presigned_get(key: str) -> str | None:
+def presigned_get(key: str) -> str | None:
     """A short-lived pre-signed GET URL of the stored archive, when the checkpoints' storage signs
     URLs (django-storages' S3Storage with querystring_auth; valid its querystring_expire
-    seconds); None for one that does not (local files: the agent API serves them)."""
+    seconds); None for one that does not (local files: the APIs serve them)."""
     storage = checkpoint_storage()
     if not getattr(storage, "querystring_auth", False) or not hasattr(storage, "bucket_name"):
         return None
@@ -107,7 +121,7 @@ def _upload_refusal(lease: Lease) -> str | None:
     job = lease.job
     if not job.checkpoint_dir:
         return "the job keeps no checkpoint"
-    if job.status in Job.TERMINAL:
+    if job.status in Job.TERMINAL and kept_until(job) is None:
         return f"the job is {job.status}"
     if Lease.objects.filter(job_id=job.pk, pk__gt=lease.pk).exists():
         return "a later lease of the job has been placed"
@@ -208,6 +222,23 @@ def checkpoint_for_download(*, machine_id: int, lease_id: int) -> Checkpoint:
     return checkpoint
 
 
+def checkpoint_for_renter(*, renter: Renter, job_id: int) -> Checkpoint:
+    """The checkpoint of the renter's job `job_id`: the newest one while the job lives, the kept
+    one after a cancel that kept it. Raises NotFound for a job that is not the renter's (as every
+    renter read does) and for a job with no checkpoint, or whose kept one has expired."""
+    checkpoint = Checkpoint.objects.select_related("job").filter(job_id=job_id, job__renter=renter).first()
+    if checkpoint is None:
+        if not Job.objects.filter(pk=job_id, renter=renter).exists():
+            raise NotFound(f"Job {job_id} not found.")
+        raise NotFound(f"Job {job_id} has no checkpoint.", code=CODE_NO_CHECKPOINT)
+    until = kept_until(checkpoint.job)
+    if until is not None and until <= timezone.now():
+        raise NotFound(
+            f"Job {job_id}'s checkpoint was kept until {until.isoformat()} and is gone.", code=CODE_NO_CHECKPOINT
+        )
+    return checkpoint
+
+
 def checkpoint_open(checkpoint: Checkpoint) -> IO[bytes]:
     """The checkpoint's archive, open for reading. Raises NotFound when its file is gone."""
     try:
@@ -231,10 +262,15 @@ ORPHAN_MIN_AGE = timedelta(hours=1)
 def checkpoint_orphans_delete(*, now: datetime | None = None) -> int:
     """Delete the checkpoints' files no Checkpoint row names (a deletion that failed when their job
     ended, an upload whose row was never written), once they are ORPHAN_MIN_AGE old, and the rows
-    of jobs that have ended (none should be left). Returns how many files were deleted. For the
-    hourly beat task jobs.tasks.sweep_checkpoints."""
+    of jobs that have ended (none should be left), except those kept after a cancel, until
+    CHECKPOINT_KEEP_AFTER_CANCEL_H hours after the job ended. Returns how many files were
+    deleted. For the hourly beat task jobs.tasks.sweep_checkpoints."""
     now = now or timezone.now()
-    for job_id in Checkpoint.objects.filter(job__status__in=Job.TERMINAL).values_list("job_id", flat=True):
+    kept_since = now - timedelta(hours=int(settings.GPGPU["CHECKPOINT_KEEP_AFTER_CANCEL_H"]))
+    ended = Checkpoint.objects.filter(job__status__in=Job.TERMINAL).exclude(
+        job__status=Job.Status.CANCELLED, job__keep_checkpoint=True, job__finished_at__gt=kept_since
+    )
+    for job_id in ended.values_list("job_id", flat=True):
         with transaction.atomic():
             checkpoints_delete(job_id=job_id)
     storage = checkpoint_storage()

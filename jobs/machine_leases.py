@@ -53,7 +53,8 @@ def leases_heartbeat_orders(
     """The heartbeat reply's lease orders for a machine whose agent listed the leases `listed`:
     `start`, its assigned leases without a stop request that the agent did not list, of a kind in
     `kinds`; `stop`, the listed leases that are ended, have a stop request, or are not this
-    machine's (reason `unknown_lease`).
+    machine's (reason `unknown_lease`), flagged save_checkpoint when cancelled by a renter who
+    keeps the job's checkpoint.
 
     leased=False: the caller holds the machine's GPU rows (no assignment can commit on them
     meanwhile) and found none in an active lease; an assigned lease holds active GPUs, so there
@@ -99,10 +100,10 @@ def leases_heartbeat_orders(
     stop: list[providers_services.LeaseStop] = []
     if listed:
         known = {
-            pk: (status, end_reason, stop_requested_at, stop_reason)
-            for pk, status, end_reason, stop_requested_at, stop_reason in Lease.objects.filter(
+            pk: (status, end_reason, stop_requested_at, stop_reason, keep)
+            for pk, status, end_reason, stop_requested_at, stop_reason, keep in Lease.objects.filter(
                 machine_id=machine_id, pk__in=listed
-            ).values_list("pk", "status", "end_reason", "stop_requested_at", "stop_reason")
+            ).values_list("pk", "status", "end_reason", "stop_requested_at", "stop_reason", "job__keep_checkpoint")
         }
         for lease_id in sorted(listed):
             if lease_id not in known:
@@ -110,11 +111,12 @@ def leases_heartbeat_orders(
                     providers_services.LeaseStop(lease_id=lease_id, reason=providers_services.STOP_REASON_UNKNOWN_LEASE)
                 )
                 continue
-            status, end_reason, stop_requested_at, stop_reason = known[lease_id]
-            if status == Lease.Status.ENDED:
-                stop.append(providers_services.LeaseStop(lease_id=lease_id, reason=end_reason))
-            elif stop_requested_at is not None:
-                stop.append(providers_services.LeaseStop(lease_id=lease_id, reason=stop_reason))
+            status, end_reason, stop_requested_at, stop_reason, keep = known[lease_id]
+            reason = end_reason if status == Lease.Status.ENDED else stop_reason if stop_requested_at else None
+            if reason is not None:
+                # A cancel that keeps the checkpoint: the agent uploads it as it stops the job.
+                save = keep and reason == Lease.EndReason.CANCELLED
+                stop.append(providers_services.LeaseStop(lease_id=lease_id, reason=reason, save_checkpoint=save))
     return start, stop
 
 

@@ -72,6 +72,10 @@ class Job(models.Model):
     # A directory of the job's view (under /work) that follows the job: uploaded when a lease is
     # stopped under it, restored before its next lease starts (jobs.checkpoints). "": none.
     checkpoint_dir = models.CharField(max_length=200, blank=True)
+    # Its renter cancelled it asking to keep its checkpoint: its lease's agent uploads the directory
+    # as it stops, and the checkpoint outlives the job for CHECKPOINT_KEEP_AFTER_CANCEL_H hours, for
+    # the renter to download (jobs.checkpoints).
+    keep_checkpoint = models.BooleanField(default=False)
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     # Why the matcher could not place it (a stable code and a sentence), while pending.
@@ -263,7 +267,8 @@ class Checkpoint(models.Model):
     """The newest checkpoint of a job (its checkpoint_dir as a tar archive), as the agent of one
     of its leases uploaded it; restored before the job's next lease starts. One per job: a newer
     upload replaces it. Its file lives in the `checkpoints` storage under `storage_key` and is
-    deleted with the row when the job ends (jobs.checkpoints)."""
+    deleted with the row when the job ends, or CHECKPOINT_KEEP_AFTER_CANCEL_H hours after a cancel
+    that keeps it (jobs.checkpoints)."""
 
     job = models.OneToOneField(Job, on_delete=models.CASCADE, related_name="checkpoint")
     lease = models.ForeignKey(Lease, on_delete=models.CASCADE, related_name="checkpoints")

@@ -100,7 +100,7 @@ def _job_move(
     updated = Job.objects.filter(pk=job_id, status=current).update(status=to, updated_at=timezone.now(), **fields)
     if not updated:
         return False
-    if to in Job.TERMINAL:
+    if to in Job.TERMINAL and not fields.get("keep_checkpoint"):
         checkpoints_delete(job_id=job_id)
     event_record(
         job_id=job_id, lease_id=lease_id, kind=kind, actor=actor, from_status=current, to_status=to, detail=detail
@@ -127,8 +127,8 @@ def checkpoint_file_delete(key: str) -> None:
 
 
 def checkpoints_delete(*, job_id: int) -> None:
-    """A job has ended: its checkpoint goes, the row now, the file once the caller's transaction
-    commits."""
+    """A job has ended (or the checkpoint its renter kept has expired): its checkpoint goes, the
+    row now, the file once the caller's transaction commits."""
     for key in list(Checkpoint.objects.filter(job_id=job_id).values_list("storage_key", flat=True)):
         transaction.on_commit(lambda key=key: checkpoint_file_delete(key))  # type: ignore[misc]
     Checkpoint.objects.filter(job_id=job_id).delete()
@@ -276,12 +276,25 @@ def _idempotent_match(job: Job, fingerprint: str) -> Job:
     return job
 
 
-def job_cancel(*, job: Job, actor: str) -> Job:
+CODE_NO_CHECKPOINT_DIR = "no_checkpoint_dir"
+
+
+def job_cancel(*, job: Job, actor: str, keep_checkpoint: bool = False) -> Job:
     """Cancel a job that has not finished. A pending job is cancelled at once, and so is a
     scheduled one whose start order no agent has been sent; otherwise the job is cancelled and
     its lease asked to stop (the agent is told on its next heartbeat, and the lease ends, billed
     for what ran, when the agent reports the exit). Cancelling a cancelled job is harmless; a
-    finished one is refused."""
+    finished one is refused.
+
+    keep_checkpoint: the job's checkpoint is not deleted with it but kept for its renter to
+    download, CHECKPOINT_KEEP_AFTER_CANCEL_H hours after the job ended (jobs.checkpoints), and a
+    running lease's agent is told to upload the checkpoint directory as it stops the job. Raises
+    ValidationFailed `no_checkpoint_dir` for a job that declares no checkpoint_dir, and
+    InvalidTransition for one cancelled earlier without keeping it (its checkpoint is gone)."""
+    if keep_checkpoint and not job.checkpoint_dir:
+        raise ValidationFailed(
+            f"Job {job.pk} declares no checkpoint_dir: it has no checkpoint to keep.", code=CODE_NO_CHECKPOINT_DIR
+        )
     with transaction.atomic():
         moved = _job_move(
             job_id=job.pk,
@@ -289,6 +302,8 @@ def job_cancel(*, job: Job, actor: str) -> Job:
             to=JS.CANCELLED,
             actor=actor,
             kind="job.cancelled",
+            detail={"keep_checkpoint": True} if keep_checkpoint else None,
+            keep_checkpoint=keep_checkpoint,
         )
         if moved:
             # The lease rows are locked before their start_sent_at is read: a heartbeat sending
@@ -299,10 +314,16 @@ def job_cancel(*, job: Job, actor: str) -> Job:
                 if lease.status == Lease.Status.ASSIGNED and lease.start_sent_at is None:
                     lease_end(lease_id=lease.pk, reason=ER.CANCELLED, actor=actor)
                 else:
-                    lease_request_stop(lease_id=lease.pk, reason=ER.CANCELLED, actor=actor)
+                    lease_request_stop(
+                        lease_id=lease.pk, reason=ER.CANCELLED, actor=actor, save_checkpoint=keep_checkpoint
+                    )
     job.refresh_from_db()
     if not moved and job.status != JS.CANCELLED:
         raise InvalidTransition(f"Job {job.pk} is already {job.status} and cannot be cancelled.")
+    if not moved and keep_checkpoint and not job.keep_checkpoint:
+        raise InvalidTransition(
+            f"Job {job.pk} was cancelled without keeping its checkpoint, which was deleted when it ended."
+        )
     return job
 
 
@@ -574,9 +595,12 @@ def lease_mark_started(
     return True
 
 
-def lease_request_stop(*, lease_id: int, reason: str, actor: str) -> bool:
+def lease_request_stop(*, lease_id: int, reason: str, actor: str, save_checkpoint: bool = False) -> bool:
     """Ask the machine's agent to stop an active lease (told on its next heartbeat). The lease
-    ends when the agent reports the exit, with `reason` as its end reason."""
+    ends when the agent reports the exit, with `reason` as its end reason. save_checkpoint: the
+    job's renter keeps its checkpoint (job_cancel), so the agent uploads it as it stops the lease;
+    the stop order's flag follows from the job (jobs.machine_leases), this notes it in the audit
+    trail."""
     with transaction.atomic():
         updated = Lease.objects.filter(pk=lease_id, status__in=Lease.ACTIVE, stop_requested_at__isnull=True).update(
             stop_requested_at=timezone.now(), stop_reason=reason
@@ -589,7 +613,7 @@ def lease_request_stop(*, lease_id: int, reason: str, actor: str) -> bool:
                 lease_id=lease_id,
                 kind="lease.stop_requested",
                 actor=actor,
-                detail={"reason": reason},
+                detail={"reason": reason, **({"save_checkpoint": True} if save_checkpoint else {})},
             )
     return bool(updated)
 

@@ -12,7 +12,7 @@ from rest_framework.utils.serializer_helpers import ReturnDict
 
 from billing import metering as billing_metering
 from billing import selectors as billing_selectors
-from core.api import ErrorSerializer, RenterApi, error_responses, price_field
+from core.api import ErrorSerializer, RenterApi, StrictInputSerializer, error_responses, price_field
 from jobs import apis as job_apis
 from jobs import lease_telemetry, selectors, services
 from jobs.apis import (
@@ -187,16 +187,31 @@ class JobDetailApi(RenterApi):
         return Response(_job_detail(selectors.job_get_for_renter(renter=self.renter, job_id=job_id)))
 
 
+class JobCancelInput(StrictInputSerializer):
+    keep_checkpoint = serializers.BooleanField(
+        default=False,
+        help_text="Keep the job's checkpoint: a running job's agent uploads its checkpoint_dir as it stops it "
+        "(SIGTERM, then its stop grace), and the checkpoint is kept for CHECKPOINT_KEEP_AFTER_CANCEL_H hours "
+        "after the job ended, for download at GET /api/v1/jobs/{id}/checkpoint/. Only for a job with a "
+        "checkpoint_dir (400 no_checkpoint_dir otherwise).",
+    )
+
+
 class JobCancelApi(RenterApi):
     @extend_schema(
         tags=["jobs"],
         summary="Cancel a job",
-        description="A running job's lease is asked to stop. Cancelling a cancelled job is harmless; "
-        "a finished job is refused (409 invalid_transition).",
-        request=None,
-        responses={200: JobDetailSerializer, **error_responses(401, 403, 404, 409)},
+        description="A running job's lease is asked to stop. The body is optional. Cancelling a cancelled job "
+        "is harmless, unless it asks to keep a checkpoint the first cancel did not keep (409 "
+        "invalid_transition: it is gone); a finished job is refused (409 invalid_transition).",
+        request=JobCancelInput,
+        responses={200: JobDetailSerializer, **error_responses(400, 401, 403, 404, 409)},
     )
     def post(self, request: Request, job_id: int) -> Response:
+        body = JobCancelInput(data=request.data)
+        body.is_valid(raise_exception=True)
         job = selectors.job_get_for_renter(renter=self.renter, job_id=job_id)
-        job = services.job_cancel(job=job, actor=f"renter:{self.renter.pk}")
+        job = services.job_cancel(
+            job=job, actor=f"renter:{self.renter.pk}", keep_checkpoint=body.validated_data["keep_checkpoint"]
+        )
         return Response(_job_detail(job))

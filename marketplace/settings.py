@@ -493,6 +493,8 @@ GPGPU = {
     # reports the end, so this covers only a report that overtook it).
     "CHECKPOINT_MAX_BYTES": env_int("CHECKPOINT_MAX_BYTES", 1024**3, minimum=1024),
     "CHECKPOINT_UPLOAD_GRACE_S": env_int("CHECKPOINT_UPLOAD_GRACE_S", 300, minimum=0),
+    # How long the checkpoint of a job its renter cancelled keeping it stays downloadable (hours).
+    "CHECKPOINT_KEEP_AFTER_CANCEL_H": env_int("CHECKPOINT_KEEP_AFTER_CANCEL_H", 168, minimum=1),
     # Registration tokens expire after this many hours.
     "REGISTRATION_TOKEN_TTL_H": env_int("REGISTRATION_TOKEN_TTL_H", 24, minimum=1),
     # The EIP-712 domain chainId agents sign usage reports with (31337: the local dev chain).

@@ -26,6 +26,7 @@ from core.api import (
     error_responses,
     eth_address_field,
 )
+from gpgpu_agent import protocol
 from providers import services
 from providers.auth import IsMachine, MachineAuthentication
 from providers.models import JobKind, Machine
@@ -179,6 +180,17 @@ class LeaseStopSerializer(serializers.Serializer):
     reason = serializers.CharField(
         help_text="The lease's end reason or stop reason; `unknown_lease` for a lease this machine does not have."
     )
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        # The flag's wire name is the agent protocol's (gpgpu_agent.protocol), not declared again
+        # here; LeaseStop.save_checkpoint bears the same name.
+        fields = super().get_fields()
+        fields[protocol.STOP_SAVE_CHECKPOINT] = serializers.BooleanField(
+            help_text="Pack and upload the job's checkpoint directory before reporting the exit, whatever the "
+            "reason (its renter cancelled it keeping its checkpoint). An agent that does not know it still stops "
+            "the lease.",
+        )
+        return fields
 
 
 class MachineScheduleSerializer(serializers.Serializer):

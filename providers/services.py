@@ -697,6 +697,8 @@ class LeaseStart:
 class LeaseStop:
     lease_id: int
     reason: str
+    # Upload the job's checkpoint as it stops (protocol.STOP_SAVE_CHECKPOINT).
+    save_checkpoint: bool = False
 
 
 @dataclass(frozen=True)

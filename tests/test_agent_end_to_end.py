@@ -13,10 +13,14 @@ PostgreSQL they run freely.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import itertools
+import json
 import os
 import shutil
 import socket
+import tarfile
 import tempfile
 import threading
 import time
@@ -507,6 +511,44 @@ def test_a_job_preempted_by_its_owner_resumes_from_its_checkpoint_on_another_mac
         other.stop_agent()
         other.session.close()
         shutil.rmtree(other.rentals_dir, ignore_errors=True)
+
+
+def test_a_job_cancelled_keeping_its_checkpoint_leaves_its_renter_the_archive_of_its_state(
+    market: Market, settings: Any, tmp_path: Path
+) -> None:
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "checkpoints": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(tmp_path / "checkpoints")},
+        },
+    }
+    market.register()
+    market.start_agent()
+    job = market.submit(
+        [SANDBOX_PYTHON, "-c", CHECKPOINTED_JOB, "agent-e2e-keep"], key="agent-e2e-keep", checkpoint_dir="/work/ckpt"
+    )
+    market.wait_for(job["id"], lambda j: j["status"] == "running")
+    _wait(lambda: _job_output(job["id"]).count("step ") >= 8, DEADLINE_S, "the job's first steps")
+
+    # The renter stops it, keeping its state: SIGTERM, the job saves, the agent uploads.
+    cancelled = market.call("POST", f"/api/v1/jobs/{job['id']}/cancel/", json={"keep_checkpoint": True})
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    _wait(lambda: market.lease_of(job["id"]).status == Lease.Status.ENDED, DEADLINE_S, "the lease ending")
+    assert market.lease_of(job["id"]).end_reason == "cancelled"
+
+    archive = market.call("GET", f"/api/v1/jobs/{job['id']}/checkpoint/")
+    assert archive.status_code == 200, archive.text
+    assert archive.headers["X-Checkpoint-SHA256"] == hashlib.sha256(archive.content).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        member = tar.extractfile("state.json")
+        assert member is not None
+        state = json.load(member)
+    saved = int(_job_output(job["id"]).split("checkpointed at step ")[1].split()[0])
+    assert state["step"] == saved >= 8
+    assert state["total"] == saved * (saved + 1) // 2
+    assert market.call("GET", f"/api/v1/jobs/{job['id']}/").json()["checkpoint"]["kept_until"] is not None
 
 
 def _job_output(job_id: int) -> str:

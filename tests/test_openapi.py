@@ -24,6 +24,7 @@ PUBLIC_API = {
     "/api/v1/jobs/{job_id}/leases/": {"get"},
     "/api/v1/jobs/{job_id}/events/": {"get"},
     "/api/v1/jobs/{job_id}/logs/": {"get"},
+    "/api/v1/jobs/{job_id}/checkpoint/": {"get"},
     "/api/v1/leases/": {"get"},
     "/api/v1/leases/{lease_id}/": {"get"},
     "/api/v1/leases/{lease_id}/telemetry/": {"get"},
@@ -59,6 +60,7 @@ SINGLE_OBJECT_GETS = {
     "/api/v1/leases/{lease_id}/telemetry/",
     "/api/v1/machines/{machine_id}/usage/",
     "/api/v1/jobs/{job_id}/logs/",
+    "/api/v1/jobs/{job_id}/checkpoint/",
 }
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 

@@ -55,6 +55,7 @@ from gpgpu_agent.protocol import (
     EVENT_FAILED_TO_START,
     EVENT_PREEMPTED_BY_OWNER,
     EVENT_STARTED,
+    STOP_SAVE_CHECKPOINT,
     UsageStruct,
 )
 from gpgpu_agent.protocols import (
@@ -79,7 +80,8 @@ _DONE_KEPT = 1000  # leases remembered as done (a repeated `start` for them is i
 # a second, then two, apart: the poll loop waits meanwhile, but the rentals are already stopped.
 CHECKPOINT_UPLOAD_ATTEMPTS = 3
 # Stop reasons after which the job does not run again (or the marketplace does not know the
-# lease): its checkpoint is not uploaded.
+# lease): its checkpoint is not uploaded, unless the stop order asks for it
+# (protocol.STOP_SAVE_CHECKPOINT: a renter's cancel that keeps the checkpoint).
 _NO_CHECKPOINT_STOPS = frozenset({"cancelled", "max_duration", "unknown_lease", "succeeded", "failed"})
 
 UsageSigner = Callable[[UsageStruct], str]
@@ -178,6 +180,9 @@ class TrackedLease:
     # promised checkpoint interval.
     checkpoint: CheckpointSpec | None = None
     checkpoint_interval_s: int | None = None
+    # The marketplace's stop order asked for the checkpoint whatever its reason (a renter's cancel
+    # that keeps it): protocol.STOP_SAVE_CHECKPOINT.
+    save_checkpoint: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -659,11 +664,14 @@ class LeaseTracker:
         return replace(spec, restore_archive=str(dest))
 
     def _checkpoint_wanted(self, lease: TrackedLease) -> bool:
-        """Whether the lease's job will run again and so wants its checkpoint: it was stopped by
-        the owner or the machine, not cancelled, timed out or unknown to the marketplace."""
+        """Whether the lease's job wants its checkpoint: it will run again (stopped by the owner or
+        the machine, not cancelled, timed out or unknown to the marketplace), or the stop order
+        asked for it (a renter's cancel that keeps it)."""
         if lease.checkpoint is None or lease.ending is None:
             return False
         if lease.ending == "preempted_by_owner":
+            return True
+        if lease.save_checkpoint and lease.ending.startswith("stopped:"):
             return True
         reason = lease.ending.partition(":")[2] if lease.ending.startswith("stopped:") else ""
         return bool(reason) and reason not in _NO_CHECKPOINT_STOPS
@@ -841,7 +849,13 @@ class LeaseTracker:
         if lease is None or lease.ending is not None:
             return
         reason = str(order.get("reason") or "stop")
-        logger.info("lease %s: the marketplace asked to stop it (%s)", lease_id, reason)
+        lease.save_checkpoint = order.get(STOP_SAVE_CHECKPOINT) is True
+        logger.info(
+            "lease %s: the marketplace asked to stop it (%s%s)",
+            lease_id,
+            reason,
+            ", saving its checkpoint" if lease.save_checkpoint else "",
+        )
         lease.ending = f"stopped:{reason}"
         state = self.runner.stop(lease_id, grace_s=self.stop_grace_s)
         self._finish(lease, state, at=self.clock())

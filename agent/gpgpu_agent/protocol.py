@@ -63,6 +63,14 @@ CODE_USAGE_SIGNATURE_INVALID = "usage_signature_invalid"
 CODE_MACHINE_CREDENTIAL_INVALID = "machine_credential_invalid"
 CODE_MACHINE_SUSPENDED = "machine_suspended"
 
+# --- heartbeat orders -------------------------------------------------------------------------
+
+# A stop order's flag: true when the job's checkpoint directory is to be packed and uploaded
+# before the exit is reported although the job will not run again (its renter cancelled it and
+# asked to keep its checkpoint). Absent or false: the stop reason decides. An agent that does not
+# know the flag still stops the lease, and uploads nothing.
+STOP_SAVE_CHECKPOINT = "save_checkpoint"
+
 # --- signed usage reports ---------------------------------------------------------------------
 
 DOMAIN_NAME = "GPGPU Usage"

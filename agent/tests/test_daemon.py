@@ -27,6 +27,7 @@ from gpgpu_agent.fencing import boottime
 from gpgpu_agent.idle import IdleDetector, no_parent
 from gpgpu_agent.leases import REDACTED, scrub_secrets, secret_variants
 from gpgpu_agent.nvml import NvmlCollector
+from gpgpu_agent.protocol import STOP_SAVE_CHECKPOINT
 from gpgpu_agent.protocols import TransportUnavailable
 from gpgpu_agent.runners.kinds import PROCESS_OFF, KindRunner
 from gpgpu_agent.runners.process import ProcessRunner
@@ -1027,6 +1028,48 @@ def test_a_cancelled_jobs_checkpoint_is_not_uploaded(checkpoint_rig: Any) -> Non
     agent.network_once()
     agent.poll_once()
     assert 4 not in agent.leases
+    assert store.uploads == []
+
+
+def test_a_job_cancelled_keeping_its_checkpoint_has_it_uploaded_before_its_exit_is_reported(
+    checkpoint_rig: Any,
+) -> None:
+    agent, fake, transport, store, rentals = checkpoint_rig
+    agent.poll_once()
+    order = {**_order(5, fake.gpus[0].uuid, 0, script=TOLD), "checkpoint": _checkpoint(5)}
+    transport.heartbeat_replies.append(_reply(start=[order]))
+    agent.network_once()
+    agent.poll_once()
+    _wait((rentals / "lease-5" / "ckpt" / "told.json").exists, 15, "the job starting")
+    store.log.clear()
+    stop = {"lease_id": 5, "reason": "cancelled", STOP_SAVE_CHECKPOINT: True}
+    transport.heartbeat_replies.append(_reply(stop=[stop]))
+    agent.network_once()
+    agent.poll_once()  # SIGTERM, grace, pack, upload, then the exit
+
+    assert 5 not in agent.leases
+    ((url, data, _),) = store.uploads
+    assert url == "leases/5/checkpoint"
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getnames() == ["told.json"]
+    assert store.log.index("upload leases/5/checkpoint") < store.log.index("event lease-5-exited")
+    agent.network_once()
+    assert transport._events[(5, "lease-5-exited")]["detail"] == "stopped on request (cancelled)"
+
+
+def test_a_stop_order_whose_checkpoint_flag_is_not_true_uploads_nothing(checkpoint_rig: Any) -> None:
+    agent, fake, transport, store, rentals = checkpoint_rig
+    agent.poll_once()
+    order = {**_order(6, fake.gpus[0].uuid, 0, script=TOLD), "checkpoint": _checkpoint(6)}
+    transport.heartbeat_replies.append(_reply(start=[order]))
+    agent.network_once()
+    agent.poll_once()
+    _wait((rentals / "lease-6" / "ckpt" / "told.json").exists, 15, "the job starting")
+    stop = {"lease_id": 6, "reason": "cancelled", STOP_SAVE_CHECKPOINT: "yes"}
+    transport.heartbeat_replies.append(_reply(stop=[stop]))
+    agent.network_once()
+    agent.poll_once()
+    assert 6 not in agent.leases
     assert store.uploads == []
 
 

@@ -53,6 +53,7 @@ COMMANDS = (
     "ls",
     "status",
     "cancel",
+    "checkpoint",
     "leases",
     "logs",
     "why",
@@ -415,11 +416,26 @@ def _print_job(job: Job, out: TextIO) -> None:
 
 
 def cmd_cancel(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    job = client.job_cancel(args.id)
+    job = client.job_cancel(args.id, keep_checkpoint=args.keep_checkpoint)
     if args.json:
         _print_json(job.raw, out)
+        return 0
+    out.write(f"Job {job.id} {job.status}\n")
+    if args.keep_checkpoint:
+        checkpoint = job.raw.get("checkpoint")
+        until = checkpoint.get("kept_until") if isinstance(checkpoint, dict) else None
+        saved = f"its checkpoint is kept until {until}" if until else "its checkpoint is saved as it stops"
+        out.write(f"{saved}: {PROG} checkpoint {job.id} -o FILE downloads it\n")
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    dest = args.output or f"job-{args.id}-checkpoint.tar"
+    size, sha256 = client.job_checkpoint_download(args.id, dest)
+    if args.json:
+        _print_json({"job": args.id, "path": str(dest), "size": size, "sha256": sha256}, out)
     else:
-        out.write(f"Job {job.id} {job.status}\n")
+        out.write(f"Saved job {args.id}'s checkpoint to {dest} ({size} bytes, sha256 {sha256})\n")
     return 0
 
 
@@ -926,9 +942,20 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing its output until the job ends")
     logs.add_argument("--poll-interval", type=float, default=2.0, help=argparse.SUPPRESS)
 
+    cancel = command("cancel", "cancel a job")
+    cancel.add_argument("id", type=_positive, help="the job's id")
+    cancel.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="save its checkpoint_dir as it stops and keep it for download (gpgpu checkpoint)",
+    )
+
+    checkpoint = command("checkpoint", "download a job's checkpoint (a tar archive), its SHA-256 checked")
+    checkpoint.add_argument("id", type=_positive, help="the job's id")
+    checkpoint.add_argument("--output", "-o", help="the file to write (default: job-ID-checkpoint.tar)")
+
     for name, help_text in (
         ("status", "one job in detail"),
-        ("cancel", "cancel a job"),
         ("leases", "a job's leases (where and when it ran)"),
         ("why", "why a job is waiting"),
     ):
@@ -992,6 +1019,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Client, TextIO], int]] = {
     "ls": cmd_ls,
     "status": cmd_status,
     "cancel": cmd_cancel,
+    "checkpoint": cmd_checkpoint,
     "leases": cmd_leases,
     "logs": cmd_logs,
     "why": cmd_why,

@@ -12,11 +12,15 @@
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import os
 import random
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
@@ -30,6 +34,7 @@ RETRY_STATUSES = frozenset({429, 503})
 # The longest wait one Retry-After may impose before the client gives up waiting for it.
 MAX_RETRY_AFTER_S = 60.0
 PAGE_SIZE = 100
+CHECKPOINT_SHA256_HEADER = "X-Checkpoint-SHA256"
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -88,6 +93,22 @@ class Client:
     ) -> Any:
         """Send one request (retrying as the module says when `retry`) and return the parsed JSON
         answer; raise ApiError for an error answer, ClientError when the server cannot be reached."""
+        return self._json(self._send(method, path, params=params, body=body, headers=headers, retry=retry))
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry: bool = True,
+        stream: bool = False,
+        follow_redirects: bool = True,
+    ) -> requests.Response:
+        """request's transport: the answer under 400 as it came (with `stream`, its body not read
+        yet)."""
         all_headers = {"Accept": "application/json", "User-Agent": f"gpgpu-client/{__version__}"}
         if self.token:
             all_headers["Authorization"] = f"Token {self.token}"
@@ -97,7 +118,14 @@ class Client:
         while True:
             try:
                 response = self.session.request(
-                    method, target, params=params, json=body, headers=all_headers, timeout=self.timeout_s
+                    method,
+                    target,
+                    params=params,
+                    json=body,
+                    headers=all_headers,
+                    timeout=self.timeout_s,
+                    stream=stream,
+                    allow_redirects=follow_redirects,
                 )
             except requests.RequestException as exc:
                 if not retry or attempt >= self.max_retries:
@@ -106,7 +134,7 @@ class Client:
                 attempt += 1
                 continue
             if response.status_code < 400:
-                return self._json(response)
+                return response
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if retry and response.status_code in RETRY_STATUSES and attempt < self.max_retries:
                 wait = retry_after if retry_after is not None else self._backoff(attempt)
@@ -174,8 +202,60 @@ class Client:
     def job(self, job_id: int) -> Job:
         return Job.from_json(self.request("GET", f"api/v1/jobs/{int(job_id)}/"))
 
-    def job_cancel(self, job_id: int) -> Job:
-        return Job.from_json(self.request("POST", f"api/v1/jobs/{int(job_id)}/cancel/"))
+    def job_cancel(self, job_id: int, *, keep_checkpoint: bool = False) -> Job:
+        """Cancel a job. keep_checkpoint: its agent saves its checkpoint_dir as it stops it, and the
+        checkpoint is kept for a while after (job_checkpoint_download); only for a job with a
+        checkpoint_dir."""
+        body = {"keep_checkpoint": True} if keep_checkpoint else None
+        return Job.from_json(self.request("POST", f"api/v1/jobs/{int(job_id)}/cancel/", body=body))
+
+    def job_checkpoint_download(self, job_id: int, dest: str | os.PathLike[str]) -> tuple[int, str]:
+        """Save the job's checkpoint archive (a tar, GET /api/v1/jobs/ID/checkpoint/) as `dest`.
+        The bytes go to a temporary file beside it, their SHA-256 is checked against the one the
+        marketplace stored (X-Checkpoint-SHA256), and only then is it renamed to `dest`: `dest` is
+        the whole archive or is left as it was. A pre-signed URL the marketplace redirects to is
+        fetched without the token. Returns (bytes, sha256); raises ApiError (NotFound when the
+        job has no checkpoint) or ClientError (a damaged or cut download)."""
+        response = self._send("GET", f"api/v1/jobs/{int(job_id)}/checkpoint/", stream=True, follow_redirects=False)
+        expected = response.headers.get(CHECKPOINT_SHA256_HEADER, "").strip().lower()
+        if response.is_redirect:
+            location = response.headers.get("Location", "")
+            response.close()
+            try:
+                response = self.session.get(location, stream=True, timeout=self.timeout_s)
+            except requests.RequestException as exc:
+                raise ClientError(f"cannot fetch the checkpoint from its store: {exc}") from exc
+            if response.status_code >= 400:
+                response.close()
+                raise ClientError(f"the checkpoint's store answered HTTP {response.status_code}")
+        if len(expected) != 64:
+            response.close()
+            raise ClientError("the marketplace did not say the checkpoint's SHA-256")
+        target = Path(dest)
+        digest = hashlib.sha256()
+        size = 0
+        handle, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with response, os.fdopen(handle, "wb") as out:
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != expected:
+                raise ClientError(
+                    f"the checkpoint's bytes do not match its SHA-256 {expected} (got {digest.hexdigest()}): "
+                    "damaged on the way; nothing was saved"
+                )
+            os.replace(part, target)
+        except requests.RequestException as exc:
+            Path(part).unlink(missing_ok=True)
+            raise ClientError(f"the checkpoint's download was cut: {exc}") from exc
+        except BaseException:
+            Path(part).unlink(missing_ok=True)
+            raise
+        return size, expected
 
     def job_logs(self, job_id: int, *, cursor: int = 0, limit: int | None = None) -> JobLogs:
         """The job's output after `cursor` (0: from the start); pass the answer's next_cursor

@@ -47,7 +47,8 @@ class Server:
                     status, headers, body = server.answer(seen)
                 else:
                     status, headers, body = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
-                data = json.dumps(body).encode()
+                # Bytes are sent as they are (an archive); anything else as JSON.
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 for name, value in {"Content-Type": "application/json", **headers}.items():
                     self.send_header(name, value)

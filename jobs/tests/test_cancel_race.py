@@ -60,7 +60,7 @@ def test_a_cancel_after_the_start_order_was_sent_stops_the_workload_and_bills_wh
     started = timezone.now() - timedelta(seconds=30)
     assert event(client, lease, "started", started).status_code == 200
     reply = heartbeat(client, gpu, [{"lease_id": lease.pk, "state": "running"}])
-    assert reply["stop"] == [{"lease_id": lease.pk, "reason": "cancelled"}]
+    assert reply["stop"] == [{"lease_id": lease.pk, "reason": "cancelled", "save_checkpoint": False}]
     assert reply["start"] == []
     assert event(client, lease, "exited", started + timedelta(seconds=5), exit_code=-15).status_code == 200
 

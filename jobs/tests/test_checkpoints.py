@@ -1,5 +1,6 @@
 """Checkpoints that follow a job (jobs.checkpoints): the agent API's upload and download, who
-may use them, the start order that carries them, the job's end that deletes them."""
+may use them, the start order that carries them, the job's end that deletes them. A cancel that
+keeps the checkpoint: test_cancel_checkpoint."""
 
 from __future__ import annotations
 
@@ -358,7 +359,7 @@ def test_with_an_s3_store_the_next_lease_restores_from_a_short_lived_presigned_u
     assert order["checkpoint"]["upload_url"] == f"leases/{second.pk}/checkpoint"
 
 
-def test_the_renter_sees_the_saved_checkpoint_on_the_job_but_not_its_bytes() -> None:
+def test_the_renter_sees_the_saved_checkpoint_on_the_job_and_downloads_it() -> None:
     lease = running_lease()
     renter = APIClient()
     renter.credentials(HTTP_AUTHORIZATION=f"Token {token_for(lease.job.renter.user)}")
@@ -368,12 +369,16 @@ def test_the_renter_sees_the_saved_checkpoint_on_the_job_but_not_its_bytes() -> 
     assert shown["lease"] == lease.pk
     assert shown["size"] == len(ARCHIVE)
     assert shown["sha256"] == hashlib.sha256(ARCHIVE).hexdigest()
+    assert shown["kept_until"] is None  # it goes when the job ends
     listed = renter.get("/api/v1/jobs/").json()["results"]
     assert listed[0]["checkpoint"]["size"] == len(ARCHIVE)
+    archive = renter.get(f"/api/v1/jobs/{lease.job_id}/checkpoint/")
+    assert (body_of(archive), archive["X-Checkpoint-SHA256"]) == (ARCHIVE, shown["sha256"])
     # Another renter sees nothing of it.
     other = APIClient()
     other.credentials(HTTP_AUTHORIZATION=f"Token {token_for(RenterFactory().user)}")
     assert other.get(f"/api/v1/jobs/{lease.job_id}/").status_code == 404
+    assert other.get(f"/api/v1/jobs/{lease.job_id}/checkpoint/").status_code == 404
 
 
 @pytest.mark.django_db(transaction=True)

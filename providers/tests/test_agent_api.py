@@ -487,9 +487,9 @@ def test_heartbeat_reply_says_what_to_start_and_what_to_stop() -> None:
         }
     ]
     assert body["stop"] == [
-        {"lease_id": running.pk, "reason": "max_duration"},
-        {"lease_id": lease_to_cancel.pk, "reason": "cancelled"},
-        {"lease_id": 999_999, "reason": "unknown_lease"},
+        {"lease_id": running.pk, "reason": "max_duration", "save_checkpoint": False},
+        {"lease_id": lease_to_cancel.pk, "reason": "cancelled", "save_checkpoint": False},
+        {"lease_id": 999_999, "reason": "unknown_lease", "save_checkpoint": False},
     ]
     # The leased GPUs stay leased whatever the agent says about their idleness.
     assert set(GPU.objects.filter(machine=machine).values_list("state", flat=True)) == {GPU.State.LEASED}
@@ -509,7 +509,7 @@ def test_ended_lease_the_agent_still_lists_is_in_stop_with_its_end_reason() -> N
 
     resp = heartbeat(client, [gpu_entry(machine.gpus.get().uuid, 0)], [{"lease_id": lease.pk, "state": "stopping"}])
 
-    assert resp.json()["stop"] == [{"lease_id": lease.pk, "reason": "succeeded"}]
+    assert resp.json()["stop"] == [{"lease_id": lease.pk, "reason": "succeeded", "save_checkpoint": False}]
 
 
 # --- lease events ---------------------------------------------------------------------------

@@ -186,7 +186,7 @@ def test_machine_back_after_its_leases_were_lost_is_online_and_told_to_stop_them
     resp = heartbeat(agent_client(machine), gpu, lease)
 
     assert resp.status_code == 200
-    assert resp.json()["stop"] == [{"lease_id": lease.pk, "reason": "lost"}]
+    assert resp.json()["stop"] == [{"lease_id": lease.pk, "reason": "lost", "save_checkpoint": False}]
     machine.refresh_from_db()
     assert machine.status == Machine.Status.ONLINE
     gpu.refresh_from_db()
