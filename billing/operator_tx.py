@@ -11,27 +11,38 @@ from hexbytes import HexBytes
 from billing.chain import ChainClient
 from billing.models import OperatorTransaction
 
-# How many blocks past `sent_from_block` the reconciler searches for an unrecorded transaction.
+# How many blocks past `sent_from_block` (and before it) the reconciler searches for an unrecorded
+# transaction.
 NONCE_SEARCH_BLOCKS = 5000
 
 
 def operator_tx_find(*, client: ChainClient, nonce: int, calldata_hash: str, from_block: int) -> str | None:
     """The hash of the operator's mined transaction with this nonce and calldata keccak, searched
-    from `from_block` (at most NONCE_SEARCH_BLOCKS blocks); None when the nonce is unused on chain
-    or went to another transaction. Shared by settlements and budget reservations."""
+    from `from_block` (at most NONCE_SEARCH_BLOCKS blocks), then back from it as far again; None
+    when the nonce is unused on chain or went to another transaction. Shared by settlements and
+    budget reservations.
+
+    Back as well as forward: after the chain went back (a reorg, a node restored from older
+    state) blocks are numbered again from below the head a batch recorded, so a transaction sent
+    again, or mined again, can sit below `from_block`; searching only forward missed it, and the
+    batch was sent a second time."""
     mined = client.transaction_count("latest")
     if mined <= nonce:
         return None  # that nonce was never used on chain: the transaction did not get through
     head = client.block_number()
+    start = min(from_block, head)
+    forward = range(start, min(head, start + NONCE_SEARCH_BLOCKS) + 1)
+    backward = range(start - 1, max(-1, start - 1 - NONCE_SEARCH_BLOCKS), -1)
     operator = client.address.lower()
-    for number in range(from_block, min(head, from_block + NONCE_SEARCH_BLOCKS) + 1):
-        for tx in client.block_transactions(number):
-            if str(tx["from"]).lower() != operator or int(tx["nonce"]) != nonce:
-                continue
-            data = HexBytes(tx.get("input", tx.get("data", b"")))
-            if "0x" + keccak(data).hex() == calldata_hash:
-                return HexBytes(tx["hash"]).to_0x_hex()
-            return None  # the nonce went to another transaction: ours was never mined
+    for numbers in (forward, backward):
+        for number in numbers:
+            for tx in client.block_transactions(number):
+                if str(tx["from"]).lower() != operator or int(tx["nonce"]) != nonce:
+                    continue
+                data = HexBytes(tx.get("input", tx.get("data", b"")))
+                if "0x" + keccak(data).hex() == calldata_hash:
+                    return HexBytes(tx["hash"]).to_0x_hex()
+                return None  # the nonce went to another transaction: ours was never mined
     return None
 
 

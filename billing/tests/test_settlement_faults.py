@@ -88,6 +88,37 @@ def test_worker_killed_after_sending_is_completed_once_by_the_reconciler(env, mo
     assert env.disagreements(renters, providers) == []
 
 
+def test_a_batch_mined_below_the_head_it_recorded_is_found_not_sent_again(env, monkeypatch):
+    """After the chain went back (a reorg, a node restored from older state), blocks are numbered
+    again from below the head a batch recorded before sending: its transaction, mined again, sits
+    below that head. The reconciler finds it there instead of sending the batch a second time
+    (which the escrow would skip, leaving the ledger short of what it paid)."""
+    renters, providers, payee = _setup(env, "kit")
+
+    class Killed(Exception):
+        pass
+
+    def die(settlement):  # type: ignore[no-untyped-def]
+        raise Killed
+
+    monkeypatch.setattr(engine, "after_send_hook", die)
+    with pytest.raises(Killed):
+        engine.settle_run(client=env.client, deployment=env.deployment, force=True)
+    monkeypatch.setattr(engine, "after_send_hook", None)
+    settlement = Settlement.objects.get()
+    assert settlement.status == "pending" and settlement.tx_hash == ""
+    # The head it recorded is now above the block its transaction is in.
+    Settlement.objects.filter(pk=settlement.pk).update(sent_from_block=env.client.block_number() + 5)
+
+    result = engine.settlements_reconcile(client=env.client, deployment=env.deployment, older_than_s=0)
+
+    settlement.refresh_from_db()
+    assert result["confirmed"] == 1 and settlement.status == "confirmed" and settlement.tx_hash
+    assert settlement.attempts == 1  # found on chain, not sent again
+    assert env.escrow.functions.earnings(payee.address).call() == 900_000
+    assert env.disagreements(renters, providers) == []
+
+
 def test_a_batch_that_fails_to_resume_is_skipped_and_reported_and_the_others_settle(env, monkeypatch):
     import billing.chain
     from billing import tasks
