@@ -166,11 +166,11 @@ def _fill(args: argparse.Namespace, now: datetime) -> None:
         """INSERT INTO jobs_job (name, kind, image, command, env, gpu_count, min_vram_mb, allowed_models, region,
                max_price_per_gpu_hour, expected_duration_s, max_duration_s, interruptible, status, unplaced_code,
                unplaced_detail, attempts, failure_reason, request_fingerprint, created_at, updated_at, renter_id,
-               idempotency_key)
+               idempotency_key, checkpoint_dir, keep_checkpoint)
            SELECT 'bench-' || i, 'container', 'img', '[]'::jsonb, '{}'::jsonb, 1, 0, '[]'::jsonb, '',
                   1.00, 3600, 86400, true,
                   CASE WHEN placed + ran < %(now)s THEN 'succeeded' ELSE 'running' END, '', '', 1, '', '',
-                  placed - waited, placed, %(r0)s + i %% %(rn)s, %(tag)s || '-' || i
+                  placed - waited, placed, %(r0)s + i %% %(rn)s, %(tag)s || '-' || i, '', false
            FROM bench_plan""",
         """INSERT INTO jobs_lease (gpu_count, price_per_gpu_hour, status, end_reason, end_detail, created_at,
                started_at, ended_at, stop_reason, log_tail, job_id, machine_id)
@@ -201,11 +201,12 @@ def _fill(args: argparse.Namespace, now: datetime) -> None:
         # Jobs pending now, submitted over the last hour.
         """INSERT INTO jobs_job (name, kind, image, command, env, gpu_count, min_vram_mb, allowed_models, region,
                max_price_per_gpu_hour, expected_duration_s, max_duration_s, interruptible, status, unplaced_code,
-               unplaced_detail, attempts, failure_reason, request_fingerprint, created_at, updated_at, renter_id)
+               unplaced_detail, attempts, failure_reason, request_fingerprint, created_at, updated_at, renter_id,
+               checkpoint_dir, keep_checkpoint)
            SELECT 'bench-pending-' || i, 'container', 'img', '[]'::jsonb, '{}'::jsonb, 1, 0, '[]'::jsonb, '',
                   1.00, 3600, 86400, true,
                   'pending', '', '', 0, '', '', %(now)s - interval '1 second' * (random() * 3600), %(now)s,
-                  %(r0)s + i %% %(rn)s
+                  %(r0)s + i %% %(rn)s, '', false
            FROM generate_series(1, %(pending)s) i""",
         """INSERT INTO jobs_event (kind, from_status, to_status, actor, detail, created_at, job_id)
            SELECT 'job.created', '', 'pending', 'renter:1', '{}'::jsonb, created_at, id FROM jobs_job

@@ -104,6 +104,11 @@ class LedgerAccount(models.Model):
                 name="ledger_account_guarded_balance_not_negative",
             ),
         ]
+        # The accounts still holding money, by kind: what waits to be settled (lease_unsettled)
+        # or released (job_reserved), read by the settlement engine, the release run, the ledger
+        # check and the dashboard. A few thousand rows where the table holds every lease's and
+        # job's account ever opened.
+        indexes = [models.Index(fields=["kind"], condition=models.Q(balance__gt=0), name="ledger_account_open")]
 
     def __str__(self) -> str:
         return f"{self.kind} {self.owner_key}".strip()

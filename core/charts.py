@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from html import escape
 
 from django.utils import timezone
-from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
 WIDTH = 640
@@ -48,7 +48,7 @@ def line_chart(*, title: str, series: Sequence[Series], unit: str = "", y_min: f
     """The series as one inline <svg> (module docstring). `unit` follows every value shown; the
     y axis starts at `y_min` (0 by default) and ends at the largest value."""
     values = [(name, at, v) for name, at, v in ((s.name, at, v) for s in series for at, v in s.points) if v is not None]
-    label = escape(title)
+    label = escape(str(title))
     if not values:
         return mark_safe(  # noqa: S308 - every interpolated string is escaped
             f'<svg class="chart chart-empty" role="img" viewBox="0 0 {WIDTH} 60" width="100%"'
@@ -86,22 +86,33 @@ def line_chart(*, title: str, series: Sequence[Series], unit: str = "", y_min: f
             f'<text x="{x(at):.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="{anchor}">{escape(when(at))}</text>'
         )
     parts.append("</g>")
+    # The series share their times: each time's label is written once (a week's chart has 168
+    # times and up to four series).
+    labels: dict[datetime, str] = {}
+
+    def label_of(at: datetime) -> str:
+        text = labels.get(at)
+        if text is None:
+            text = labels[at] = escape(when(at))
+        return text
+
     legend_x = LEFT
     for index, s in enumerate(series):
         colour = PALETTE[index % len(PALETTE)]
+        name = escape(s.name)
         shown = [(at, v) for at, v in sorted(s.points, key=lambda p: p[0]) if v is not None]
-        parts.append(f'<g class="series" data-series="{escape(s.name)}" stroke="{colour}" fill="{colour}">')
+        parts.append(f'<g class="series" data-series="{name}" stroke="{colour}" fill="{colour}">')
         if len(shown) > 1:
             path = " ".join(f"{x(at):.1f},{y(v):.1f}" for at, v in shown)
             parts.append(f'<polyline fill="none" stroke-width="1.5" points="{path}"/>')
         for at, v in shown:
             parts.append(
                 f'<circle class="point" cx="{x(at):.1f}" cy="{y(v):.1f}" r="2.5">'
-                f"<title>{escape(s.name)}, {escape(when(at))}: {escape(_number(v) + unit_text)}</title></circle>"
+                f"<title>{name}, {label_of(at)}: {escape(_number(v) + unit_text)}</title></circle>"
             )
         parts.append(
             f'<text class="legend" x="{legend_x}" y="{HEIGHT - 4}" font-size="11" stroke="none">'
-            f"\u25a0 {escape(s.name)}</text></g>"
+            f"\u25a0 {name}</text></g>"
         )
         legend_x += 14 + 7 * len(s.name)
     parts.append("</svg>")

@@ -156,7 +156,12 @@ class Lease(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["machine", "status"], name="lease_machine_status")]
+        indexes = [
+            models.Index(fields=["machine", "status"], name="lease_machine_status"),
+            # The dashboard's placements and ends in a range, and the preemption losses.
+            models.Index(fields=["created_at"], name="lease_created_at"),
+            models.Index(fields=["ended_at"], name="lease_ended_at"),
+        ]
 
     def __str__(self) -> str:
         return f"lease {self.pk} ({self.status})"
