@@ -379,3 +379,17 @@ def test_settings_put_checkpoints_in_s3_when_a_bucket_is_named(tmp_path: Path) -
     assert s3["OPTIONS"]["default_acl"] is None
     assert s3["OPTIONS"]["querystring_auth"] is True
     assert s3["OPTIONS"]["querystring_expire"] == 120
+
+
+def test_the_web_process_freezes_what_it_made_at_start_so_full_collections_skip_it() -> None:
+    import gc
+    import importlib
+
+    import marketplace.wsgi
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    importlib.reload(marketplace.wsgi)
+    # Django's modules, settings, app registry and middleware at least: tens of thousands of objects.
+    assert gc.get_freeze_count() > 10_000
+    assert callable(marketplace.wsgi.application)
