@@ -198,7 +198,9 @@ def _along_indexes(start: datetime, end: datetime) -> Iterator[None]:
         yield
         return
     # In a transaction of its own (SET LOCAL ends with it), and put back as found in case the
-    # caller's transaction is the one (atomic() then makes a savepoint).
+    # caller's transaction is the one (atomic() then makes a savepoint). On an error nothing is
+    # put back by hand: the rollback of that transaction or savepoint undoes the settings too,
+    # and a statement sent after the error would only hide it.
     with transaction.atomic(), connection.cursor() as cursor:
         # The target list is evaluated in order: the settings as found, then turned off.
         cursor.execute(
@@ -206,12 +208,10 @@ def _along_indexes(start: datetime, end: datetime) -> Iterator[None]:
             " set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)"
         )
         found = cursor.fetchone()[:2]
-        try:
-            yield
-        finally:
-            cursor.execute(
-                "SELECT set_config('enable_hashjoin', %s, true), set_config('enable_mergejoin', %s, true)", found
-            )
+        yield
+        cursor.execute(
+            "SELECT set_config('enable_hashjoin', %s, true), set_config('enable_mergejoin', %s, true)", found
+        )
 
 
 def _ledger_sums(

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from billing.models import LedgerEntry, Settlement
@@ -226,6 +226,18 @@ def test_a_late_rollup_asks_for_a_summary_run_once_committed(
     assert len(fleet_summary_requested) == 1
     fleet_summary_run(now=now)
     assert not FleetHour.objects.filter(stale=True).exists()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's planner settings")
+@pytest.mark.django_db
+def test_an_error_in_a_short_spans_reads_is_the_one_raised_and_leaves_the_planner_as_it_found_it() -> None:
+    now = timezone.now()
+    with transaction.atomic(), connection.cursor() as cursor:
+        with pytest.raises(DatabaseError, match="no_such_table"), fleet_summary._along_indexes(now - HOUR, now):
+            cursor.execute("SELECT * FROM no_such_table")
+
+        cursor.execute("SELECT current_setting('enable_hashjoin'), current_setting('enable_mergejoin')")
+        assert cursor.fetchone() == ("on", "on")
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's planner settings")
