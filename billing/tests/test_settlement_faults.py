@@ -62,8 +62,9 @@ def test_node_down_leaves_the_charges_waiting_and_the_next_run_catches_up(env):
     assert env.disagreements(renters, providers) == []
 
 
-def test_worker_killed_after_sending_is_completed_once_by_the_reconciler(env, monkeypatch):
-    renters, providers, payee = _setup(env, "ivy")
+def _settle_killed_after_sending(env, monkeypatch) -> Settlement:  # type: ignore[no-untyped-def]
+    """Run a settlement whose worker dies right after sending its batch, before recording the
+    transaction: the batch is left pending with no hash (its transaction did go through)."""
 
     class Killed(Exception):
         pass
@@ -77,6 +78,12 @@ def test_worker_killed_after_sending_is_completed_once_by_the_reconciler(env, mo
     monkeypatch.setattr(engine, "after_send_hook", None)
     settlement = Settlement.objects.get()
     assert settlement.status == "pending" and settlement.tx_hash == ""
+    return settlement
+
+
+def test_worker_killed_after_sending_is_completed_once_by_the_reconciler(env, monkeypatch):
+    renters, providers, payee = _setup(env, "ivy")
+    settlement = _settle_killed_after_sending(env, monkeypatch)
     assert env.escrow.functions.earnings(payee.address).call() == 900_000  # it did go through
 
     result = engine.settlements_reconcile(client=env.client, deployment=env.deployment, older_than_s=0)
@@ -94,19 +101,7 @@ def test_a_batch_mined_below_the_head_it_recorded_is_found_not_sent_again(env, m
     below that head. The reconciler finds it there instead of sending the batch a second time
     (which the escrow would skip, leaving the ledger short of what it paid)."""
     renters, providers, payee = _setup(env, "kit")
-
-    class Killed(Exception):
-        pass
-
-    def die(settlement):  # type: ignore[no-untyped-def]
-        raise Killed
-
-    monkeypatch.setattr(engine, "after_send_hook", die)
-    with pytest.raises(Killed):
-        engine.settle_run(client=env.client, deployment=env.deployment, force=True)
-    monkeypatch.setattr(engine, "after_send_hook", None)
-    settlement = Settlement.objects.get()
-    assert settlement.status == "pending" and settlement.tx_hash == ""
+    settlement = _settle_killed_after_sending(env, monkeypatch)
     # The head it recorded is now above the block its transaction is in.
     Settlement.objects.filter(pk=settlement.pk).update(sent_from_block=env.client.block_number() + 5)
 
