@@ -19,6 +19,16 @@ unreachable node leaves the job for the next run. The caller holds the settlemen
 (`settlement.LOCK_NAME`), so the operator's transactions go out one at a time. Each job is one
 item of the run (core.periodic.item): a job whose release fails is logged and skipped.
 
+Guarded against the chain going back under it: `releaseJob` carries the job's last settlement
+the ledger holds confirmed (its lease and cumulative charge; `_settled_expected`), and the escrow
+reverts it (`GpgpuEscrow_SettlementBehind`) when its own state for the job is behind that. The run
+checks just before sending that the job's settlements are still in their blocks, but a rollback
+can come after that check and before the transaction is mined (a transaction sent under a nonce
+the rollback freed waits in the node's pool and is mined later, after the settlement it depended
+on was undone): closed then, the job would skip the settlement sent again and its provider would
+never be paid. A refused release is "waiting": the ledger undoes what the chain lost
+(billing.rewind), the settlement goes out again, and a later run releases the job.
+
 Exactly once through rollbacks: the hash of a releaseJob sent is recorded before it is waited
 for. A later run follows that transaction rather than sending another: confirmed once deep
 enough, waited for while the node holds it; only when the node no longer knows it (it left the
@@ -39,7 +49,7 @@ from django.utils import timezone
 from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavailable, TransactionTimeout
 from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW
-from billing.models import BudgetAuthorization, LedgerAccount
+from billing.models import BudgetAuthorization, LedgerAccount, OperatorTransaction, SettlementItem
 from billing.rewind import chain_rewind, job_settlements_on_chain
 from billing.services import job_leases_final
 from core import periodic
@@ -48,6 +58,7 @@ from jobs.models import Job, Lease
 logger = logging.getLogger(__name__)
 
 AK = LedgerAccount.Kind
+BEHIND = "GpgpuEscrow_SettlementBehind"
 
 
 class ReleaseStalled(Exception):
@@ -119,11 +130,31 @@ def _follow_sent(auth: BudgetAuthorization, client: ChainClient) -> str | None:
     return None
 
 
+def _settled_expected(job_id: int) -> tuple[int, int]:
+    """What the escrow holds settled for the job once every settlement the ledger holds confirmed
+    is on chain: (lease id, cumulative charge) of its newest lease in them, (0, 0) when none. The
+    escrow keeps, per job, the newest lease an item paid and that lease's highest cumulative charge."""
+    confirmed = SettlementItem.objects.filter(job_id=job_id, settlement__status=OperatorTransaction.Status.CONFIRMED)
+    newest = confirmed.order_by("-lease_id", "-cumulative_micro").values_list("lease_id", "cumulative_micro").first()
+    return (0, 0) if newest is None else (int(newest[0]), int(newest[1]))
+
+
+def _behind(auth: BudgetAuthorization, client: ChainClient, error: ContractReverted) -> str:
+    """The escrow refused the release: it holds less settled for the job than the ledger (a
+    settlement left the chain). The ledger undoes what the chain lost now; the job waits until its
+    charges are settled again."""
+    logger.warning("job %s: releaseJob refused, the escrow is behind the ledger (%s)", auth.job_id, error)
+    BudgetAuthorization.objects.filter(pk=auth.pk, released_on_chain_at__isnull=True).update(release_tx_hash="")
+    chain_rewind(client=client)
+    return "waiting"
+
+
 def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, deployment: Deployment) -> str:
     """Close one job's budget in the escrow and record it on `auth`. Returns what happened:
     "released" (a releaseJob transaction confirmed), "already_closed" (found closed, recorded),
     "not_on_chain" (the escrow never reserved it; recorded, nothing to free), "pending" (sent but
-    not confirmed in time, or the node is unreachable: the next run follows the transaction sent).
+    not confirmed in time, or the node is unreachable: the next run follows the transaction sent),
+    "waiting" (the escrow refused it: it holds less settled for the job than the ledger).
     Raises ContractReverted for any other refusal (e.g. the operator lost its role)."""
     if auth.release_tx_hash:
         followed = _follow_sent(auth, client)
@@ -138,15 +169,21 @@ def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, depl
         _record_seen(auth, client)
         return "not_on_chain"
     try:
-        sent = client.transact(escrow.functions.releaseJob(auth.job_id))
+        sent = client.transact(escrow.functions.releaseJob(auth.job_id, *_settled_expected(auth.job_id)))
     except ContractReverted as reverted:
         if reverted.name == "GpgpuEscrow_JobClosed":  # closed between the read and the send
             _record_seen(auth, client)
             return "already_closed"
+        if reverted.name == BEHIND:
+            return _behind(auth, client, reverted)
         raise
     BudgetAuthorization.objects.filter(pk=auth.pk).update(release_tx_hash=sent.hash)
     try:
         receipt = client.wait_confirmations(client.wait_receipt(sent.hash))
+    except ContractReverted as reverted:
+        if reverted.name == BEHIND:  # mined after a rollback took a settlement away
+            return _behind(auth, client, reverted)
+        raise
     except NodeUnavailable as error:
         logger.warning("releaseJob(%s) sent as %s, not confirmed yet: %s", auth.job_id, sent.hash, error)
         return "pending"

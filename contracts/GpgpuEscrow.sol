@@ -99,12 +99,16 @@ contract GpgpuEscrow is IGpgpuEscrow, AccessControl, Pausable, ReentrancyGuardTr
     }
 
     /// @inheritdoc IGpgpuEscrow
-    function releaseJob(uint256 jobId) external {
+    function releaseJob(uint256 jobId, uint256 leaseId, uint256 settledCharge) external {
         // Checks
         JobOwner memory owner = _jobOwner[jobId];
         if (owner.renter == address(0)) revert GpgpuEscrow_UnknownJob(jobId);
         uint256 state = _jobState[jobId];
-        if ((state >> 96) & _MASK_64 == _CLOSED) revert GpgpuEscrow_JobClosed(jobId);
+        uint256 currentLease = (state >> 96) & _MASK_64;
+        if (currentLease == _CLOSED) revert GpgpuEscrow_JobClosed(jobId);
+        if (currentLease < leaseId || (currentLease == leaseId && state >> 160 < settledCharge)) {
+            revert GpgpuEscrow_SettlementBehind(jobId, currentLease, state >> 160);
+        }
         bool renterAfterDeadline = msg.sender == owner.renter && block.timestamp > owner.deadline;
         if (!renterAfterDeadline && !hasRole(OPERATOR_ROLE, msg.sender)) {
             revert GpgpuEscrow_ReleaseNotAllowed(jobId, owner.deadline);

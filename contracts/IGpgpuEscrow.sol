@@ -100,6 +100,7 @@ interface IGpgpuEscrow {
     error GpgpuEscrow_UnknownJob(uint256 jobId);
     error GpgpuEscrow_JobClosed(uint256 jobId);
     error GpgpuEscrow_ReleaseNotAllowed(uint256 jobId, uint256 deadline);
+    error GpgpuEscrow_SettlementBehind(uint256 jobId, uint256 leaseId, uint256 settledCharge);
     error GpgpuEscrow_NothingToWithdraw();
     error GpgpuEscrow_NotTreasury(address caller);
     error GpgpuEscrow_FeeTooHigh(uint256 feeBps, uint256 maxFeeBps);
@@ -119,7 +120,14 @@ interface IGpgpuEscrow {
     /// @notice Closes job `jobId` and returns its unspent reservation to the renter's available balance.
     /// @dev Callable by an operator at any time, or by the job's renter once its budget deadline has
     /// passed. Afterwards every settlement item for the job is skipped (`JobClosed`).
-    function releaseJob(uint256 jobId) external;
+    /// `leaseId` and `settledCharge` are what the caller holds settled for the job: the call reverts
+    /// with `GpgpuEscrow_SettlementBehind` (carrying the job's current lease and settled charge)
+    /// when the escrow is behind them, that is when its current lease is older than `leaseId`, or
+    /// is `leaseId` with less than `settledCharge` settled. The operator passes the last settlement
+    /// its ledger holds confirmed: a release decided before a chain rollback took that settlement
+    /// away, and mined after it, would close the job with the charge unpaid for good (the
+    /// settlement sent again would be skipped); it reverts instead. Zero and zero always pass.
+    function releaseJob(uint256 jobId, uint256 leaseId, uint256 settledCharge) external;
 
     // ---------------------------------------------------------------- operator
 

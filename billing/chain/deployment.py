@@ -12,7 +12,10 @@ Addresses come from, in order:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +26,8 @@ from eth_utils import is_address, to_checksum_address
 from billing.chain.client import ChainClient, Receipt
 from billing.chain.errors import ChainConfigurationError, ChainError
 from billing.contract import ESCROW, STABLECOIN, load_artifact
+
+logger = logging.getLogger(__name__)
 
 # Chains where real money lives: a mock token (mintable by anyone) is never deployed there.
 PUBLIC_MAINNET_CHAIN_IDS = frozenset({1, 10, 56, 100, 137, 324, 8453, 42161, 43114, 59144})
@@ -43,12 +48,35 @@ class Deployment:
     dev_token: bool = False
     treasury: str | None = None
     fee_bps: int | None = None
+    # escrow_build() of the artifact it was deployed from ("" in files written before it was kept).
+    escrow_build: str = ""
     source: str = "file"
 
     def as_json(self) -> dict[str, Any]:  # the JSON of the deployment file
         data = asdict(self)
         data.pop("source")
         return data
+
+
+@functools.cache
+def escrow_build() -> str:
+    """The committed escrow artifact's identity: sha256 of its creation bytecode (ABI and code).
+    A file deployment records it, so an escrow deployed from another version of the contract (a
+    development chain kept across an upgrade) is noticed instead of called with an ABI it lacks."""
+    return hashlib.sha256(load_artifact(ESCROW).bytecode.encode()).hexdigest()
+
+
+def _stale(deployment: Deployment) -> bool:
+    """A file deployment whose escrow was built from another version of the contract (an env one is
+    the operator's choice and is not judged)."""
+    return deployment.source != "env" and deployment.escrow_build != escrow_build()
+
+
+def _stale_message(deployment: Deployment) -> str:
+    return (
+        f"the escrow recorded in {deployment.source} ({deployment.escrow}) was deployed from another version of "
+        "contracts/GpgpuEscrow.sol than the committed build"
+    )
 
 
 def deployment_path(chain_id: int, *, directory: Path | None = None) -> Path:
@@ -119,6 +147,7 @@ def deployment_load(chain_id: int, *, path: Path | None = None, use_env: bool = 
             dev_token=bool(data.get("dev_token", False)),
             treasury=data.get("treasury"),
             fee_bps=data.get("fee_bps"),
+            escrow_build=str(data.get("escrow_build", "")),
             source=str(file),
         )
     except (KeyError, TypeError, ValueError) as error:
@@ -152,6 +181,8 @@ def deployment_require(client: ChainClient, *, path: Path | None = None) -> Depl
         raise DeploymentMissing(
             f"no contract code at the recorded escrow/token on chain {chain_id} ({deployment.source})"
         )
+    if _stale(deployment):
+        raise DeploymentMissing(f"{_stale_message(deployment)}: run `manage.py chain_deploy` to deploy the current one")
     return deployment
 
 
@@ -174,7 +205,10 @@ def deployment_ensure(
     """Make sure the client's chain has an escrow, with the client's account as admin and operator.
 
     Idempotent: when a recorded (or env-given) deployment has code on the chain, nothing is sent
-    and `(deployment, False)` is returned. Otherwise deploys MockStablecoin (only when `dev_token`;
+    and `(deployment, False)` is returned. A recorded development deployment (mock token) built
+    from another version of the contract is replaced; one on a real token is refused (its funds
+    are real: settle and release them on the old escrow, then deploy on purpose). Otherwise
+    deploys MockStablecoin (only when `dev_token`;
     else `token` must be an existing ERC-20), then GpgpuEscrow(token, admin=operator, treasury,
     fee_bps), grants OPERATOR_ROLE to the operator, records the file and returns `(deployment, True)`.
     Raises ChainConfigurationError for unusable arguments, ChainError subclasses for chain failures.
@@ -182,7 +216,14 @@ def deployment_ensure(
     chain_id = client.chain_id()
     existing = deployment_load(chain_id, path=path)
     if existing is not None and deployment_is_live(client, existing):
-        return existing, False
+        if not _stale(existing):
+            return existing, False
+        if not existing.dev_token:
+            raise ChainConfigurationError(
+                f"{_stale_message(existing)}; it holds a real token: settle and release everything on it, "
+                f"then move {existing.source} away and deploy again"
+            )
+        logger.warning("%s; deploying the current one", _stale_message(existing))
     if existing is not None and existing.source == "env":
         raise ChainConfigurationError(
             f"ESCROW_ADDRESS/TOKEN_ADDRESS have no contract code on chain {chain_id}; unset them to deploy"
@@ -216,6 +257,7 @@ def deployment_ensure(
         dev_token=dev_token,
         treasury=treasury,
         fee_bps=fee_bps,
+        escrow_build=escrow_build(),
     )
     saved = deployment_save(deployment, path=path)
     return Deployment(**{**deployment.as_json(), "source": str(saved)}), True

@@ -74,6 +74,42 @@ def test_a_reset_chain_gets_a_fresh_deployment(tmp_path: Path) -> None:
     assert deployment_require(new_client, path=record).escrow == new.escrow
 
 
+def _built_elsewhere(record: Path, **changes: Any) -> None:
+    """Make the recorded deployment look deployed from another version of the contract."""
+    data = json.loads(record.read_text())
+    data.update(escrow_build="0" * 64, **changes)
+    record.write_text(json.dumps(data))
+
+
+def test_a_dev_escrow_deployed_from_another_contract_version_is_replaced(tmp_path: Path) -> None:
+    client = chain_client_eth_tester()
+    record = tmp_path / "deployment.json"
+    old, _ = deployment_ensure(client=client, treasury=TREASURY, fee_bps=0, dev_token=True, path=record)
+    _built_elsewhere(record)
+
+    with pytest.raises(DeploymentMissing, match=r"another version of contracts/GpgpuEscrow\.sol.*chain_deploy"):
+        deployment_require(client, path=record)
+    new, created = deployment_ensure(client=client, treasury=TREASURY, fee_bps=0, dev_token=True, path=record)
+
+    assert created and new.escrow != old.escrow
+    assert deployment_require(client, path=record).escrow == new.escrow
+
+
+def test_an_escrow_on_a_real_token_deployed_from_another_contract_version_is_refused_not_replaced(
+    tmp_path: Path,
+) -> None:
+    client = chain_client_eth_tester()
+    record = tmp_path / "deployment.json"
+    deployment_ensure(client=client, treasury=TREASURY, fee_bps=0, dev_token=True, path=record)
+    _built_elsewhere(record, dev_token=False)
+    nonce = client.web3.eth.get_transaction_count(client.address)
+
+    with pytest.raises(ChainConfigurationError, match="real token: settle and release everything on it"):
+        deployment_ensure(client=client, treasury=TREASURY, fee_bps=0, token=TREASURY, path=record)
+
+    assert client.web3.eth.get_transaction_count(client.address) == nonce
+
+
 def test_deploy_without_a_token_or_dev_token_is_refused_and_sends_nothing(tmp_path: Path) -> None:
     client = chain_client_eth_tester()
     nonce = client.web3.eth.get_transaction_count(client.address)

@@ -14,6 +14,7 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
+from billing import release as release_module
 from billing import services
 from billing import settlement as engine
 from billing.chain import ChainClient, ChainError
@@ -246,6 +247,44 @@ def test_a_rollback_under_reservation_settlement_and_release_undoes_all_three_an
     assert (BudgetReservation.objects.get().attempts, Settlement.objects.get().attempts) == (2, 2)
     assert _earnings(node, payee) == 900_000
     assert node.env.escrow.functions.job(job.pk).call()[5]
+    _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
+
+
+def test_a_rollback_after_the_release_checked_the_settlement_cannot_close_the_job_with_its_charge_unpaid(
+    node, monkeypatch
+):
+    """The release run checks that the job's settlement is still in its block, then the chain rolls
+    back under it before the releaseJob is mined: the escrow refuses the release (its anchor, the
+    settlement's block, is gone), the ledger undoes the settlement, it is paid again, and only then
+    is the job closed. Closed at once, the job would skip the settlement sent again: the provider
+    unpaid for good, the ledger holding the charge forever."""
+    renter, account, payee, job, lease = _charged(node, "hal")
+    client = node.client()
+    mark = node.mark()
+    assert engine.settle_run(client=client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    checked = release_module.job_settlements_on_chain
+
+    def checked_then_rolled_back(*, job_id: int, client: ChainClient) -> bool:
+        held = checked(job_id=job_id, client=client)
+        node.roll_back(mark)  # the settlement is gone the moment after the check
+        node.mine(2)
+        client.nonce_reset()  # the operator's next transaction is mined at once
+        return held
+
+    monkeypatch.setattr(release_module, "job_settlements_on_chain", checked_then_rolled_back)
+    result = jobs_release_on_chain(client=client, deployment=node.env.deployment)
+
+    assert result["waiting"] == 1 and result["released"] == 0
+    assert Settlement.objects.get().status == "pending"  # the ledger undid it: it goes out again
+    assert not node.env.escrow.functions.job(job.pk).call()[5]  # still open: the charge can be paid again
+    assert _earnings(node, payee) == 0
+    monkeypatch.undo()
+
+    assert engine.settle_run(client=client, deployment=node.env.deployment)["confirmed"] == 1
+    assert jobs_release_on_chain(client=client, deployment=node.env.deployment)["released"] == 1
+
+    assert node.env.escrow.functions.job(job.pk).call()[5]
+    assert _earnings(node, payee) == 900_000 == provider_payable_micro(provider_id=lease.machine.provider_id)
     _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
 
 

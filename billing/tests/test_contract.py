@@ -387,7 +387,7 @@ def test_release_returns_the_unspent_reservation_and_closes_the_job(
     provider = chain.providers[0].address
     chain.settle([item(job_id, provider, 15 * ONE_TOKEN)], [budget])
 
-    receipt = chain.send(chain.escrow.functions.releaseJob(job_id), chain.operator)
+    receipt = chain.send(chain.escrow.functions.releaseJob(job_id, 0, 0), chain.operator)
 
     [released] = chain.events(receipt, "JobReleased")
     assert released["args"]["refunded"] == 25 * ONE_TOKEN
@@ -398,9 +398,27 @@ def test_release_returns_the_unspent_reservation_and_closes_the_job(
     [skipped] = chain.events(later, "SettlementItemSkipped")
     assert skipped["args"]["reason"] == SKIP_JOB_CLOSED
     assert earnings(chain, provider) == 15 * ONE_TOKEN - fee_of(15 * ONE_TOKEN)
-    error = chain.revert_of(chain.escrow.functions.releaseJob(job_id), chain.operator)
+    error = chain.revert_of(chain.escrow.functions.releaseJob(job_id, 0, 0), chain.operator)
     assert error.name == "GpgpuEscrow_JobClosed"
     assert_escrow_holds_what_it_owes(chain, [job_id])
+
+
+def test_a_release_expecting_more_settled_than_the_escrow_holds_reverts_and_leaves_the_job_open(
+    chain: Chain, funded_job: tuple[int, BudgetAuthorization]
+) -> None:
+    job_id, budget = funded_job
+    chain.settle([item(job_id, chain.providers[0].address, 15 * ONE_TOKEN, lease_id=3)], [budget])
+
+    # The caller holds more settled than the escrow: a later lease, or more of the same one.
+    for expected in [(4, 0), (3, 15 * ONE_TOKEN + 1)]:
+        error = chain.revert_of(chain.escrow.functions.releaseJob(job_id, *expected), chain.operator)
+        assert (error.name, error.args) == ("GpgpuEscrow_SettlementBehind", (job_id, 3, 15 * ONE_TOKEN))
+        assert job_state(chain, job_id)["closed"] is False and job_state(chain, job_id)["remaining"] == 25 * ONE_TOKEN
+
+    # Exactly what it holds (or less: an older lease) closes the job.
+    chain.send(chain.escrow.functions.releaseJob(job_id, 3, 15 * ONE_TOKEN), chain.operator)
+    assert job_state(chain, job_id)["closed"] is True
+    assert available(chain, chain.renters[0].address) == 85 * ONE_TOKEN
 
 
 def test_renter_may_release_only_after_the_deadline(chain: Chain) -> None:
@@ -408,7 +426,7 @@ def test_renter_may_release_only_after_the_deadline(chain: Chain) -> None:
     chain.fund_renter(renter, 10 * ONE_TOKEN)
     job_id = chain.new_job_id()
     chain.settle([], [chain.budget(renter, job_id, 10 * ONE_TOKEN, deadline=chain.now() + 600)])
-    release = chain.escrow.functions.releaseJob(job_id)
+    release = chain.escrow.functions.releaseJob(job_id, 0, 0)
 
     assert chain.revert_of(release, renter).name == "GpgpuEscrow_ReleaseNotAllowed"
     chain.advance_time(601)
@@ -416,7 +434,10 @@ def test_renter_may_release_only_after_the_deadline(chain: Chain) -> None:
     chain.send(release, renter)
 
     assert available(chain, renter.address) == 10 * ONE_TOKEN
-    assert chain.revert_of(chain.escrow.functions.releaseJob(12_345), chain.operator).name == "GpgpuEscrow_UnknownJob"
+    assert (
+        chain.revert_of(chain.escrow.functions.releaseJob(12_345, 0, 0), chain.operator).name
+        == "GpgpuEscrow_UnknownJob"
+    )
 
 
 # ---------------------------------------------------------------------------- cumulative settlement
@@ -582,7 +603,7 @@ def test_withdrawals_stay_open_while_paused(chain: Chain, funded_job: tuple[int,
     chain.send(chain.escrow.functions.withdrawEarnings(), provider)
     chain.send(chain.escrow.functions.withdraw(60 * ONE_TOKEN), renter)
     chain.send(chain.escrow.functions.withdrawFees(), chain.treasury)
-    chain.send(chain.escrow.functions.releaseJob(job_id), chain.operator)
+    chain.send(chain.escrow.functions.releaseJob(job_id, 0, 0), chain.operator)
 
     assert chain.token_balance(provider.address) == 10 * ONE_TOKEN - fee_of(10 * ONE_TOKEN)
     assert chain.token_balance(renter.address) == 60 * ONE_TOKEN

@@ -175,7 +175,7 @@ def _run(chain: Chain, operations: list) -> None:
             if not model.jobs:
                 continue
             job = model.jobs[job_index % len(model.jobs)]
-            call = chain.escrow.functions.releaseJob(job.job_id)
+            call = chain.escrow.functions.releaseJob(job.job_id, 0, 0)
             if job.closed:
                 assert chain.revert_of(call, chain.operator).name == "GpgpuEscrow_JobClosed"
             else:

@@ -129,7 +129,7 @@ def test_a_job_the_renter_already_closed_is_only_recorded(env):
     # Past the budget's deadline the renter may close the job itself.
     tester = env.client.web3.provider.ethereum_tester
     tester.time_travel(int(BudgetAuthorization.objects.get(job=job).deadline.timestamp()) + 60)
-    env.send_as(account, env.escrow.functions.releaseJob(job.pk))
+    env.send_as(account, env.escrow.functions.releaseJob(job.pk, 0, 0))
     head = env.client.block_number()
 
     result = jobs_release_on_chain(client=env.client, deployment=env.deployment)

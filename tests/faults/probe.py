@@ -282,8 +282,13 @@ def _confirmed_not_on_chain(client: Any, limit: int = 300) -> list[dict[str, Any
                         "confirmed_at": _ts(row.confirmed_at),
                     }
                 )
+    # Recorded released only: a releaseJob sent and not confirmed yet (release_tx_hash alone) may
+    # wait in the node's pool, or be gone with a rollback; the release run follows it.
     released = (
-        BudgetAuthorization.objects.exclude(release_tx_hash="").order_by("-pk").values_list("job_id", "release_tx_hash")
+        BudgetAuthorization.objects.filter(released_on_chain_at__isnull=False)
+        .exclude(release_tx_hash="")
+        .order_by("-pk")
+        .values_list("job_id", "release_tx_hash")
     )
     for job_id, tx_hash in released[:limit]:
         if client.receipt(tx_hash) is None:
