@@ -588,8 +588,10 @@ def chain_client_eth_tester(
     `client.web3.provider.ethereum_tester` (mine_blocks, disable_auto_mine_transactions, snapshots).
     Requests are serialised by a lock, since py-evm is not thread-safe.
     """
-    from eth_tester import EthereumTester, PyEVMBackend
+    from eth_tester import EthereumTester
     from web3 import EthereumTesterProvider
+
+    from billing.chain.evm import eth_tester_backend
 
     class _SerialisedEthereumTesterProvider(EthereumTesterProvider):
         _lock = threading.RLock()
@@ -599,7 +601,7 @@ def chain_client_eth_tester(
             with self._lock:
                 return super().make_request(method, params)
 
-    web3 = Web3(_SerialisedEthereumTesterProvider(EthereumTester(PyEVMBackend())))
+    web3 = Web3(_SerialisedEthereumTesterProvider(EthereumTester(eth_tester_backend())))
     account = operator_account or Account.from_key(keccak(text="gpgpu chain client: eth-tester operator"))
     faucet = web3.eth.accounts[0]
     web3.eth.wait_for_transaction_receipt(

@@ -196,10 +196,12 @@ def _build_chain(backend: str, w3: Web3) -> Chain:
 
 def eth_tester_web3() -> Web3:
     """A Web3 on a fresh in-process py-evm chain."""
-    from eth_tester import EthereumTester, PyEVMBackend
+    from eth_tester import EthereumTester
     from web3 import EthereumTesterProvider
 
-    return Web3(EthereumTesterProvider(EthereumTester(PyEVMBackend())))
+    from billing.chain.evm import eth_tester_backend
+
+    return Web3(EthereumTesterProvider(EthereumTester(eth_tester_backend())))
 
 
 @pytest.fixture(autouse=True)
