@@ -14,6 +14,7 @@ heartbeat can neither undo an assignment nor deadlock with it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -130,7 +131,7 @@ def checkpoints_delete(*, job_id: int) -> None:
     """A job has ended (or the checkpoint its renter kept has expired): its checkpoint goes, the
     row now, the file once the caller's transaction commits."""
     for key in list(Checkpoint.objects.filter(job_id=job_id).values_list("storage_key", flat=True)):
-        transaction.on_commit(lambda key=key: checkpoint_file_delete(key))  # type: ignore[misc]
+        transaction.on_commit(functools.partial(checkpoint_file_delete, key))
     Checkpoint.objects.filter(job_id=job_id).delete()
 
 
