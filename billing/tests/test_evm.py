@@ -3,8 +3,6 @@ py-evm's own bisection, the transaction's error when it cannot succeed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from eth.estimators.gas import binary_gas_search_intrinsic_tolerance
 from eth_tester.exceptions import TransactionFailed
@@ -12,16 +10,7 @@ from web3.exceptions import ContractLogicError
 
 from billing.chain.evm import estimate_gas
 from billing.contract import revert_decode
-from billing.tests.conftest import ONE_TOKEN, Chain, _snapshot
-
-
-@pytest.fixture
-def chain(_deployed_eth_tester: Chain) -> Iterator[Chain]:
-    revert = _snapshot(_deployed_eth_tester.w3, "eth-tester")
-    try:
-        yield _deployed_eth_tester
-    finally:
-        revert()
+from billing.tests.conftest import ONE_TOKEN, Chain
 
 
 def _bisected(chain: Chain, call: object, sender: str) -> int:
@@ -34,7 +23,8 @@ def _bisected(chain: Chain, call: object, sender: str) -> int:
         evm.gas_estimator = estimate_gas
 
 
-def test_a_deposit_through_the_token_gets_enough_gas_and_about_what_bisection_gives(chain: Chain) -> None:
+def test_a_deposit_through_the_token_gets_enough_gas_and_about_what_bisection_gives(tester_chain: Chain) -> None:
+    chain = tester_chain  # the in-process EVM only: its estimator is the one tested
     renter = chain.renters[0]
     chain.send(chain.token.functions.mint(renter.address, 5 * ONE_TOKEN), renter)
     chain.send(chain.token.functions.approve(chain.escrow.address, 5 * ONE_TOKEN), renter)
@@ -50,7 +40,8 @@ def test_a_deposit_through_the_token_gets_enough_gas_and_about_what_bisection_gi
     assert int(chain.escrow.functions.availableBalance(renter.address).call()) == 5 * ONE_TOKEN
 
 
-def test_a_plain_transfer_is_estimated_exactly_and_a_reverting_call_raises_its_error(chain: Chain) -> None:
+def test_a_plain_transfer_is_estimated_exactly_and_a_reverting_call_raises_its_error(tester_chain: Chain) -> None:
+    chain = tester_chain  # the in-process EVM only: its estimator is the one tested
     renter = chain.renters[1]
     assert chain.w3.eth.estimate_gas({"from": renter.address, "to": chain.outsider.address, "value": 1}) == 21_000
     with pytest.raises((ContractLogicError, TransactionFailed)) as caught:
