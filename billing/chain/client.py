@@ -145,6 +145,7 @@ class ChainClient:
         self.priority_fee_floor_wei = priority_fee_floor_wei
         self._nonce_lock = threading.Lock()
         self._next_local_nonce: int | None = None
+        self._contracts: dict[tuple[str, str], Contract] = {}
         self._chain_id: int | None = None
 
     # ------------------------------------------------------------------------------------- identity
@@ -179,8 +180,14 @@ class ChainClient:
         return self._chain_id
 
     def contract(self, name: str, address: str) -> Contract:
-        """The web3 contract `name` (a committed artifact, e.g. billing.contract.ESCROW) at `address`."""
-        return self.web3.eth.contract(address=to_checksum_address(address), abi=load_artifact(name).abi)
+        """The web3 contract `name` (a committed artifact, e.g. billing.contract.ESCROW) at `address`.
+        Made once per client and address: web3 builds a contract's functions and events from the
+        whole ABI each time (8 ms for the escrow), and every run asks for it."""
+        key = (name, to_checksum_address(address))
+        made = self._contracts.get(key)
+        if made is None:
+            made = self._contracts[key] = self.web3.eth.contract(address=key[1], abi=load_artifact(name).abi)
+        return made
 
     # ---------------------------------------------------------------------------------------- reads
 
