@@ -254,9 +254,9 @@ def test_a_rollback_after_the_release_checked_the_settlement_cannot_close_the_jo
     node, monkeypatch
 ):
     """The release run checks that the job's settlement is still in its block, then the chain rolls
-    back under it before the releaseJob is mined: the escrow refuses the release (its anchor, the
-    settlement's block, is gone), the ledger undoes the settlement, it is paid again, and only then
-    is the job closed. Closed at once, the job would skip the settlement sent again: the provider
+    back under it before the releaseJob is mined: the escrow refuses the release (it holds less
+    settled for the job than the ledger), the ledger undoes the settlement, it is paid again, and
+    only then is the job closed. Closed at once, the job would skip the settlement sent again: the provider
     unpaid for good, the ledger holding the charge forever."""
     renter, account, payee, job, lease = _charged(node, "hal")
     client = node.client()
