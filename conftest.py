@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -172,6 +173,15 @@ LONGEST_MODULES = (
     "providers/tests/test_gpu_state_race.py",  # 12
     "marketplace/tests/test_matching_concurrency.py",  # 12
 )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
+    """Before xdist starts its workers: rewrite the test modules' asserts once, over the cores,
+    instead of in every worker at once (a fresh checkout's first run; tests/assert_cache.py)."""
+    from tests import assert_cache
+
+    assert_cache.warm(config, assert_cache.test_files(config, config.args), os.cpu_count() or 1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
