@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import marshal
 import os
 import resource
 import signal
@@ -43,18 +44,18 @@ class FakeEngine:
     def __init__(self, tmp_path: Path, name: str):
         self.name = name
         self.bin = tmp_path / "bin" / name
-        self.state_path = tmp_path / "engine-state.json"
+        self.state_path = tmp_path / "engine-state.marshal"
         self.log_path = tmp_path / "engine-calls.log"
-        self.state_path.write_text("{}")
+        self.state_path.write_bytes(marshal.dumps({}))
 
     def state(self) -> dict:
-        return json.loads(self.state_path.read_text())
+        return marshal.loads(self.state_path.read_bytes())  # noqa: S302 - the fake engine's own file
 
     def edit(self, change) -> None:
         state = self.state()
         change(state)
         tmp = self.state_path.with_suffix(".edit")
-        tmp.write_text(json.dumps(state))
+        tmp.write_bytes(marshal.dumps(state))
         tmp.replace(self.state_path)  # a fence watcher may be reading it
 
     def container(self, lease_id: int) -> dict:
@@ -950,6 +951,27 @@ def test_settings_that_would_break_the_mount_or_the_limits_are_refused(tmp_path)
     with pytest.raises(ValueError, match="host bits set"):
         ContainerRunner(engine="podman", rentals_dir=tmp_path, subnet="10.213.0.1/24")
     assert os.path.exists(FAKE_ENGINE)
+
+
+def test_the_fake_engines_json_reads_back_as_written(tmp_path, monkeypatch):
+    """The fake engine writes its JSON without the json module: what the runner parses must be
+    what the state held, escapes included."""
+    import runpy
+
+    monkeypatch.setenv("FAKE_ENGINE_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(tmp_path / "log"))
+    dumps = runpy.run_path(str(FAKE_ENGINE), run_name="fake_engine")["dumps"]
+    value = {
+        "Id": "abc",
+        "Args": ["sh", "-c", 'echo "quoted" \\ back\tslash\n\x01 é'],
+        "State": {"Running": False, "ExitCode": 137, "OOMKilled": True, "Pid": 0, "Error": None},
+        "Mounts": [],
+        "Ratio": 0.5,
+        "2": {},
+    }
+    assert json.loads(dumps(value)) == value
+    with pytest.raises(TypeError):
+        dumps({1, 2})
 
 
 # --- gpgpu-agent doctor ---------------------------------------------------------------------------
