@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
+
+from tests.s3 import S3Store
 
 # Tables a flush leaves as they are: what migrate wrote and every test reads the same (Django's
 # post_migrate would write it all again after each flush).
@@ -65,6 +69,60 @@ def _postgresql_flush_by_delete() -> None:
 
 
 _postgresql_flush_by_delete()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 endpoint on 127.0.0.1: moto's server, which speaks S3's REST API (pre-signed URLs,
+    HEAD, ranged reads) but checks neither signatures nor a PUT's x-amz-checksum-sha256; AWS S3
+    and MinIO check both."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(s3_endpoint: str, settings: Any) -> S3Store:
+    """The checkpoints' storage a fresh bucket of `s3_endpoint`, configured as production's
+    CHECKPOINT_S3_BUCKET does (django-storages, path-style, pre-signed URLs valid 120 s)."""
+    import boto3
+    from botocore.config import Config
+
+    bucket = f"checkpoints-{secrets.token_hex(6)}"
+    options = {
+        "bucket_name": bucket,
+        "endpoint_url": s3_endpoint,
+        "access_key": "gpgpu-test",
+        "secret_key": "gpgpu-test-secret",
+        "region_name": "us-east-1",
+        "addressing_style": "path",
+        "signature_version": "s3v4",
+        "default_acl": None,
+        "querystring_auth": True,
+        "querystring_expire": 120,
+        "file_overwrite": False,
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=options["access_key"],
+        aws_secret_access_key=options["secret_key"],
+        region_name=options["region_name"],
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+    client.create_bucket(Bucket=bucket)
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "checkpoints": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": options},
+    }
+    return S3Store(endpoint=s3_endpoint, bucket=bucket, client=client)
 
 
 @pytest.fixture

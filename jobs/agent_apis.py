@@ -405,3 +405,74 @@ class LeaseCheckpointApi(AgentAPIView):
         response[SHA256_HEADER] = row.sha256
         response["Cache-Control"] = "no-store"
         return response
+
+
+class LeaseCheckpointUploadApi(AgentAPIView):
+    """A direct upload of the checkpoint of the job of one of this machine's leases, when the
+    checkpoints' store signs URLs (the start order's `upload_direct`): a pre-signed PUT for an
+    archive of `size` bytes and SHA-256 `sha256`, sent with exactly `headers`; then POST
+    `leases/{id}/checkpoint/commit` with `token` (jobs.checkpoints.checkpoint_upload_begin)."""
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseCheckpointUploadInput"
+
+        size = serializers.IntegerField(min_value=0, max_value=2**63 - 1)
+        sha256 = serializers.RegexField(r"^[0-9a-f]{64}$", help_text="The archive's SHA-256, 64 lower-case hex digits")
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseCheckpointUploadOutput"
+
+        url = serializers.URLField(help_text="The pre-signed PUT URL (send no credential to it).")
+        headers = serializers.DictField(child=serializers.CharField(), help_text="Send exactly these headers.")
+        token = serializers.CharField(help_text="What the commit sends back.")
+        expires_s = serializers.IntegerField(help_text="Seconds the URL is valid for starting the PUT.")
+
+    @extend_schema(
+        operation_id="agent_lease_checkpoint_upload_begin",
+        tags=["agent"],
+        request=InputSerializer,
+        responses={201: OutputSerializer, **error_responses(400, 401, 403, 404, 409)},
+    )
+    def post(self, request: Request, lease_id: int) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        upload = checkpoints.checkpoint_upload_begin(
+            machine_id=cast(Machine, request.auth).pk,  # AgentAPIView's IsMachine admits only a Machine
+            lease_id=lease_id,
+            size=data["size"],
+            sha256=data["sha256"],
+        )
+        out = {"url": upload.url, "headers": upload.headers, "token": upload.token, "expires_s": upload.expires_s}
+        return Response(self.OutputSerializer(out).data, status=status.HTTP_201_CREATED)
+
+
+class LeaseCheckpointCommitApi(AgentAPIView):
+    """The end of a direct upload: the object the pre-signed PUT wrote becomes the job's checkpoint
+    once its size and SHA-256 are the declared ones (jobs.checkpoints.checkpoint_upload_commit)."""
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "AgentLeaseCheckpointCommitInput"
+
+        token = serializers.CharField(max_length=2048)
+
+    @extend_schema(
+        operation_id="agent_lease_checkpoint_upload_commit",
+        tags=["agent"],
+        request=InputSerializer,
+        responses={201: LeaseCheckpointApi.OutputSerializer, **error_responses(400, 401, 403, 404, 409)},
+    )
+    def post(self, request: Request, lease_id: int) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        row = checkpoints.checkpoint_upload_commit(
+            machine_id=cast(Machine, request.auth).pk,  # AgentAPIView's IsMachine admits only a Machine
+            lease_id=lease_id,
+            token=data["token"],
+        )
+        out = {"lease_id": lease_id, "size": row.size, "sha256": row.sha256}
+        return Response(LeaseCheckpointApi.OutputSerializer(out).data, status=status.HTTP_201_CREATED)

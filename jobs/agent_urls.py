@@ -11,4 +11,14 @@ urlpatterns = [
     path("leases/<int:lease_id>/usage", agent_apis.LeaseUsageApi.as_view(), name="agent-lease-usage"),
     path("leases/<int:lease_id>/logs", agent_apis.LeaseLogApi.as_view(), name="agent-lease-logs"),
     path("leases/<int:lease_id>/checkpoint", agent_apis.LeaseCheckpointApi.as_view(), name="agent-lease-checkpoint"),
+    path(
+        "leases/<int:lease_id>/checkpoint/upload",
+        agent_apis.LeaseCheckpointUploadApi.as_view(),
+        name="agent-lease-checkpoint-upload",
+    ),
+    path(
+        "leases/<int:lease_id>/checkpoint/commit",
+        agent_apis.LeaseCheckpointCommitApi.as_view(),
+        name="agent-lease-checkpoint-commit",
+    ),
 ]

@@ -21,17 +21,22 @@ job's live lease; by a renter, of their own job's checkpoint (GET /api/v1/jobs/{
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import re
 import secrets
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from django.conf import settings
+from django.core import signing
 from django.core.files import File
+from django.core.files.storage import Storage
 from django.db import transaction
 from django.utils import timezone
 
@@ -56,6 +61,12 @@ CODE_TOO_LARGE = "checkpoint_too_large"
 CODE_HASH_MISMATCH = "checkpoint_hash_mismatch"
 CODE_NOT_ACCEPTED = "checkpoint_not_accepted"
 CODE_NO_CHECKPOINT = "no_checkpoint"
+CODE_UPLOAD_INVALID = "checkpoint_upload_invalid"
+CODE_NOT_UPLOADED = "checkpoint_not_uploaded"
+
+# What a direct upload's commit carries back (signed by the marketplace, so that an agent can
+# commit only the object it was given a URL for): salt of django.core.signing.
+_UPLOAD_SALT = "jobs.checkpoints.direct-upload"
 
 
 def max_bytes() -> int:
@@ -93,17 +104,30 @@ def checkpoint_order(*, lease: Lease) -> LeaseCheckpoint | None:
         restore_sha256=current.sha256 if current is not None else "",
         restore_size=current.size if current is not None else 0,
         resume_count=resumed,
+        upload_direct=direct_uploads(),
     )
+
+
+def _signs_urls(storage: Storage) -> bool:
+    """Whether `storage` is an S3-compatible bucket that hands out pre-signed URLs (django-storages'
+    S3Storage with querystring_auth); local files do not: the agent API serves them."""
+    return bool(getattr(storage, "querystring_auth", False)) and hasattr(storage, "bucket_name")
 
 
 def presigned_get(key: str) -> str | None:
     """A short-lived pre-signed GET URL of the stored archive, when the checkpoints' storage signs
-    URLs (django-storages' S3Storage with querystring_auth; valid its querystring_expire
-    seconds); None for one that does not (local files: the APIs serve them)."""
+    URLs (valid its querystring_expire seconds); None for one that does not."""
     storage = checkpoint_storage()
-    if not getattr(storage, "querystring_auth", False) or not hasattr(storage, "bucket_name"):
+    if not _signs_urls(storage):
         return None
     return str(storage.url(key))
+
+
+def direct_uploads() -> bool:
+    """Whether agents upload checkpoints straight to the store (pre-signed PUT, then a commit) rather
+    than through `PUT leases/{id}/checkpoint`: a store that signs URLs, unless
+    CHECKPOINT_DIRECT_UPLOAD is off (a store that does not check the SHA-256 a PUT declares)."""
+    return bool(settings.GPGPU["CHECKPOINT_DIRECT_UPLOAD"]) and _signs_urls(checkpoint_storage())
 
 
 # --- upload ---------------------------------------------------------------------------------
@@ -150,6 +174,27 @@ def _spool(stream: Readable, *, declared: int) -> tuple[IO[bytes], str]:
     return out, digest.hexdigest()
 
 
+def _upload_admitted(*, machine_id: int, lease_id: int, size: int, sha256: str, header: str) -> Lease:
+    """The machine's lease `lease_id`, when it may write its job's checkpoint of `size` bytes now;
+    raises as checkpoint_upload says."""
+    if not SHA256_RE.fullmatch(sha256):
+        raise ValidationFailed(f"{header} must be 64 lower-case hex digits.")
+    limit = max_bytes()
+    if size > limit:
+        raise ValidationFailed(
+            f"The checkpoint is {size} bytes; a job's checkpoint may be at most {limit}.", code=CODE_TOO_LARGE
+        )
+    lease = _lease_of_machine(machine_id=machine_id, lease_id=lease_id)
+    refusal = _upload_refusal(lease)
+    if refusal is not None:
+        raise Conflict(f"Lease {lease_id} may not write a checkpoint: {refusal}.", code=CODE_NOT_ACCEPTED)
+    return lease
+
+
+def _new_key(job_id: int) -> str:
+    return f"job-{job_id}/{secrets.token_hex(16)}.tar"
+
+
 def checkpoint_upload(*, machine_id: int, lease_id: int, stream: Readable, size: int, sha256: str) -> Checkpoint:
     """Store the archive `stream` (`size` bytes, SHA-256 `sha256`) as the checkpoint of the job of
     the machine's lease `lease_id`, replacing the job's previous one (its file deleted after
@@ -157,16 +202,9 @@ def checkpoint_upload(*, machine_id: int, lease_id: int, stream: Readable, size:
     `checkpoint_not_accepted` when it may not write it now (module docstring); ValidationFailed
     `checkpoint_too_large` over CHECKPOINT_MAX_BYTES (checked before a byte is read), and
     `checkpoint_hash_mismatch` when the bytes are not the ones the agent hashed."""
-    if not SHA256_RE.fullmatch(sha256):
-        raise ValidationFailed("X-Checkpoint-SHA256 must be 64 lower-case hex digits.")
-    limit = max_bytes()
-    if size > limit:
-        raise ValidationFailed(
-            f"The checkpoint is {size} bytes; a job's checkpoint may be at most {limit}.", code=CODE_TOO_LARGE
-        )
-    refusal = _upload_refusal(_lease_of_machine(machine_id=machine_id, lease_id=lease_id))
-    if refusal is not None:
-        raise Conflict(f"Lease {lease_id} may not write a checkpoint: {refusal}.", code=CODE_NOT_ACCEPTED)
+    lease = _upload_admitted(
+        machine_id=machine_id, lease_id=lease_id, size=size, sha256=sha256, header="X-Checkpoint-SHA256"
+    )
     spooled, actual = _spool(stream, declared=size)
     with spooled:
         if not secrets.compare_digest(actual, sha256):
@@ -174,36 +212,169 @@ def checkpoint_upload(*, machine_id: int, lease_id: int, stream: Readable, size:
                 "The checkpoint's bytes do not match X-Checkpoint-SHA256: it was damaged on the way.",
                 code=CODE_HASH_MISMATCH,
             )
-        storage = checkpoint_storage()
-        lease = _lease_of_machine(machine_id=machine_id, lease_id=lease_id)
-        key = storage.save(f"job-{lease.job_id}/{secrets.token_hex(16)}.tar", File(spooled))
+        key = checkpoint_storage().save(_new_key(lease.job_id), File(spooled))
+    return _store(machine_id=machine_id, lease_id=lease_id, key=key, size=size, sha256=actual)
+
+
+def _store(*, machine_id: int, lease_id: int, key: str, size: int, sha256: str) -> Checkpoint:
+    """Make the stored file `key` the checkpoint of the job of the machine's lease `lease_id`,
+    replacing the job's previous one, once more checking that the lease may write it (under the
+    job's row lock); the file is deleted when it is refused or anything fails."""
     try:
+        job_id = _lease_of_machine(machine_id=machine_id, lease_id=lease_id).job_id
         with transaction.atomic():
             # The job's row lock orders this against its end (which deletes the checkpoint) and
             # against a racing upload of the same job.
-            Job.objects.select_for_update().filter(pk=lease.job_id).first()
+            Job.objects.select_for_update().filter(pk=job_id).first()
             lease = _lease_of_machine(machine_id=machine_id, lease_id=lease_id)
             refusal = _upload_refusal(lease)
             if refusal is not None:
                 raise Conflict(f"Lease {lease_id} may not write a checkpoint: {refusal}.", code=CODE_NOT_ACCEPTED)
             old = Checkpoint.objects.filter(job_id=lease.job_id).first()
+            if old is not None and old.storage_key == key:
+                return old  # the same direct upload committed twice at once
             if old is not None:
                 old.delete()
                 transaction.on_commit(lambda: checkpoint_file_delete(old.storage_key))
             checkpoint = Checkpoint.objects.create(
-                job_id=lease.job_id, lease=lease, storage_key=key, size=size, sha256=actual
+                job_id=lease.job_id, lease=lease, storage_key=key, size=size, sha256=sha256
             )
             event_record(
                 job_id=lease.job_id,
                 lease_id=lease.pk,
                 kind="checkpoint.stored",
                 actor=f"machine:{machine_id}",
-                detail={"size": size, "sha256": actual},
+                detail={"size": size, "sha256": sha256},
             )
     except BaseException:
         checkpoint_file_delete(key)
         raise
     return checkpoint
+
+
+# --- direct upload (a store that signs URLs) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectUpload:
+    """Where an agent PUTs a checkpoint itself: `url` (pre-signed, valid `expires_s`), with exactly
+    `headers` (the size and SHA-256 are part of the signature: the store refuses other bytes), then
+    commits with `token`."""
+
+    url: str
+    headers: dict[str, str]
+    token: str
+    expires_s: int
+
+
+def _client_and_name(storage: Storage, key: str) -> tuple[Any, str, str]:
+    """boto3's client, the bucket and the object's name for the storage's `key` (as
+    django-storages' S3Storage.url names it)."""
+    from storages.utils import clean_name
+
+    s3: Any = storage
+    return s3.connection.meta.client, str(s3.bucket_name), str(s3._normalize_name(clean_name(key)))
+
+
+def _b64(sha256_hex: str) -> str:
+    return base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
+
+
+def checkpoint_upload_begin(*, machine_id: int, lease_id: int, size: int, sha256: str) -> DirectUpload:
+    """A pre-signed PUT for the checkpoint (`size` bytes, SHA-256 `sha256`) of the job of the
+    machine's lease `lease_id`, under a new random key. Content-Length and x-amz-checksum-sha256
+    are signed: the store refuses a body of another size (the signature) or other bytes (S3 and
+    MinIO answer BadDigest). Raises as checkpoint_upload, and Conflict `checkpoint_not_accepted`
+    when the store takes uploads through the marketplace only (direct_uploads() false)."""
+    lease = _upload_admitted(machine_id=machine_id, lease_id=lease_id, size=size, sha256=sha256, header="sha256")
+    if not direct_uploads():
+        raise Conflict(
+            f"This marketplace takes checkpoints through PUT leases/{lease_id}/checkpoint only.",
+            code=CODE_NOT_ACCEPTED,
+        )
+    storage = checkpoint_storage()
+    key = _new_key(lease.job_id)
+    client, bucket, name = _client_and_name(storage, key)
+    expires = int(getattr(storage, "querystring_expire", 120))
+    headers = {"Content-Type": "application/x-tar", "Content-Length": str(size), "x-amz-checksum-sha256": _b64(sha256)}
+    url = client.generate_presigned_url(
+        "put_object",
+        Params={
+            "Bucket": bucket,
+            "Key": name,
+            "ContentType": headers["Content-Type"],
+            "ContentLength": size,
+            "ChecksumSHA256": headers["x-amz-checksum-sha256"],
+        },
+        ExpiresIn=expires,
+        HttpMethod="PUT",
+    )
+    token = signing.dumps(
+        {"machine": machine_id, "lease": lease_id, "key": key, "size": size, "sha256": sha256}, salt=_UPLOAD_SALT
+    )
+    return DirectUpload(url=str(url), headers=headers, token=token, expires_s=expires)
+
+
+def _stored_digest(storage: Storage, key: str, size: int) -> str:
+    """The SHA-256 (hex) of the stored object `key`, which must be `size` bytes: the store's own
+    checksum when it keeps one (it checked the PUT's against the bytes), else read back and hashed.
+    Raises ValidationFailed `checkpoint_not_uploaded` when there is no such object."""
+    from botocore.exceptions import ClientError
+
+    client, bucket, name = _client_and_name(storage, key)
+    try:
+        head = client.head_object(Bucket=bucket, Key=name, ChecksumMode="ENABLED")
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            raise ValidationFailed(
+                "Nothing was uploaded to the checkpoint's URL (or it expired).", code=CODE_NOT_UPLOADED
+            ) from None
+        raise
+    if int(head.get("ContentLength", -1)) != size:
+        return ""  # not the size declared: not the archive
+    kept = head.get("ChecksumSHA256")
+    if isinstance(kept, str) and "-" not in kept:  # a multipart upload's checksum is of its parts
+        try:
+            return base64.b64decode(kept, validate=True).hex()
+        except binascii.Error:
+            return ""
+    digest = hashlib.sha256()
+    with storage.open(key, "rb") as handle:
+        while chunk := handle.read(_READ_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_upload_commit(*, machine_id: int, lease_id: int, token: str) -> Checkpoint:
+    """Make the object a direct upload wrote (checkpoint_upload_begin's `token`) the checkpoint of
+    the job of the machine's lease `lease_id`, once its size and SHA-256 are the ones declared.
+    Raises ValidationFailed `checkpoint_upload_invalid` for a token this marketplace did not give
+    this machine for this lease (or older than an hour: the sweep may have deleted its object),
+    `checkpoint_not_uploaded` when the store holds nothing under it, `checkpoint_hash_mismatch`
+    for other bytes (the object is deleted); and as checkpoint_upload. Committing the same token
+    again answers the checkpoint it made."""
+    try:
+        upload = signing.loads(token, salt=_UPLOAD_SALT, max_age=ORPHAN_MIN_AGE)
+    except signing.BadSignature:
+        raise ValidationFailed(
+            "This upload token was not given for this lease, or has expired.", code=CODE_UPLOAD_INVALID
+        ) from None
+    if not isinstance(upload, dict) or upload.get("machine") != machine_id or upload.get("lease") != lease_id:
+        raise ValidationFailed("This upload token was not given for this lease.", code=CODE_UPLOAD_INVALID)
+    key, size, sha256 = str(upload["key"]), int(upload["size"]), str(upload["sha256"])
+    done = Checkpoint.objects.filter(storage_key=key, lease_id=lease_id).first()
+    if done is not None:
+        return done
+    _upload_admitted(machine_id=machine_id, lease_id=lease_id, size=size, sha256=sha256, header="sha256")
+    storage = checkpoint_storage()
+    actual = _stored_digest(storage, key, size)
+    if not secrets.compare_digest(actual, sha256):
+        checkpoint_file_delete(key)
+        raise ValidationFailed(
+            "The uploaded checkpoint is not the archive declared (size or SHA-256): it was deleted.",
+            code=CODE_HASH_MISMATCH,
+        )
+    return _store(machine_id=machine_id, lease_id=lease_id, key=key, size=size, sha256=sha256)
 
 
 # --- download -------------------------------------------------------------------------------

@@ -254,9 +254,11 @@ STORAGES = {
 }
 if os.environ.get("CHECKPOINT_S3_BUCKET"):
     # django-storages' S3Storage (boto3): AWS S3, MinIO (docker-compose), any S3-compatible store.
-    # Private objects; reads are pre-signed GET URLs valid CHECKPOINT_URL_TTL_S (the agent of the
-    # job's next lease fetches the archive straight from the store); writes go through the
-    # marketplace, which checks size and SHA-256 before it stores them.
+    # Private objects; the agents read and write them by pre-signed URLs valid CHECKPOINT_URL_TTL_S:
+    # the agent of the job's next lease fetches the archive straight from the store, and an agent
+    # saving one PUTs it there with its size and SHA-256 signed into the URL (the store refuses
+    # other bytes), then the marketplace checks the object before it becomes the job's checkpoint
+    # (jobs.checkpoints; CHECKPOINT_DIRECT_UPLOAD=false sends uploads through the marketplace).
     STORAGES["checkpoints"] = {
         "BACKEND": "storages.backends.s3.S3Storage",
         "OPTIONS": {
@@ -493,6 +495,9 @@ GPGPU = {
     # reports the end, so this covers only a report that overtook it).
     "CHECKPOINT_MAX_BYTES": env_int("CHECKPOINT_MAX_BYTES", 1024**3, minimum=1024),
     "CHECKPOINT_UPLOAD_GRACE_S": env_int("CHECKPOINT_UPLOAD_GRACE_S", 300, minimum=0),
+    # With a store that signs URLs (CHECKPOINT_S3_BUCKET), agents upload straight to it. Off for a
+    # store that accepts a PUT's x-amz-checksum-sha256 without checking it against the bytes.
+    "CHECKPOINT_DIRECT_UPLOAD": env_bool("CHECKPOINT_DIRECT_UPLOAD", True),
     # How long the checkpoint of a job its renter cancelled keeping it stays downloadable (hours).
     "CHECKPOINT_KEEP_AFTER_CANCEL_H": env_int("CHECKPOINT_KEEP_AFTER_CANCEL_H", 168, minimum=1),
     # Registration tokens expire after this many hours.

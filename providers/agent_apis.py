@@ -155,6 +155,11 @@ class LeaseCheckpointSerializer(serializers.Serializer):
     restore_sha256 = serializers.CharField(help_text="The archive's SHA-256 (hex); the agent refuses other bytes.")
     restore_size = serializers.IntegerField()
     resume_count = serializers.IntegerField(help_text="How many earlier leases of the job ran.")
+    upload_direct = serializers.BooleanField(
+        default=False,
+        help_text="Upload straight to the store: POST {upload_url}/upload for a pre-signed PUT, PUT the archive "
+        "there, then POST {upload_url}/commit. False: PUT the archive to upload_url.",
+    )
 
 
 class LeaseStartSerializer(serializers.Serializer):

@@ -666,7 +666,9 @@ class HeartbeatReport:
 class LeaseCheckpoint:
     """A start order's checkpoint (jobs.checkpoints): where the job keeps it, the most it may be,
     where the agent uploads it, the archive to restore first (restore_url None: none yet) and
-    how many times the job was resumed. A URL without a scheme is the agent API's own."""
+    how many times the job was resumed. A URL without a scheme is the agent API's own.
+    `upload_direct`: the agent uploads to the store itself (POST `{upload_url}/upload` for a
+    pre-signed PUT, then `{upload_url}/commit`) rather than PUT `upload_url`."""
 
     dir: str
     max_bytes: int
@@ -675,6 +677,7 @@ class LeaseCheckpoint:
     restore_sha256: str
     restore_size: int
     resume_count: int
+    upload_direct: bool = False
 
 
 @dataclass(frozen=True)

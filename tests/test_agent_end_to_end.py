@@ -40,6 +40,7 @@ from gpgpu_agent.credentials import load_credential
 from gpgpu_agent.daemon import Agent, build_agent
 from gpgpu_agent.protocol import usage_signature_valid, wire_usage_struct
 from gpgpu_agent.transport import Backoff, HttpTransport
+from jobs import checkpoints
 from jobs.models import Checkpoint, Event, Job, Lease, LogChunk, UsageReport
 from marketplace.matching import match_cycle
 from providers.models import Machine
@@ -452,16 +453,29 @@ print("result", state["total"], flush=True)
 """
 
 
+@pytest.mark.parametrize("store", ["files", "s3"])
 def test_a_job_preempted_by_its_owner_resumes_from_its_checkpoint_on_another_machine_and_finishes(
-    market: Market, live_server: Any, settings: Any, tmp_path: Path
+    market: Market, live_server: Any, settings: Any, tmp_path: Path, store: str, request: Any, monkeypatch: Any
 ) -> None:
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "checkpoints": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
-            "OPTIONS": {"location": str(tmp_path / "checkpoints")},
-        },
-    }
+    """With local files the archive goes through the marketplace; with an S3 store (a real S3
+    endpoint) straight from agent to store and back, by pre-signed URLs: the marketplace's own
+    upload path is closed for that run, so a checkpoint that reached it would fail the test."""
+    bucket = None
+    if store == "s3":
+        bucket = request.getfixturevalue("s3_store")
+
+        def through_the_marketplace(**kwargs: Any) -> None:
+            raise AssertionError("the agent uploaded through the marketplace, not to the store")
+
+        monkeypatch.setattr(checkpoints, "checkpoint_upload", through_the_marketplace)
+    else:
+        settings.STORAGES = {
+            **settings.STORAGES,
+            "checkpoints": {
+                "BACKEND": "django.core.files.storage.FileSystemStorage",
+                "OPTIONS": {"location": str(tmp_path / "checkpoints")},
+            },
+        }
     # Machine B, another provider's, online before A is preempted.
     other = Market(live_server.url, tmp_path / "b")
     other.turn = market.turn
@@ -486,7 +500,10 @@ def test_a_job_preempted_by_its_owner_resumes_from_its_checkpoint_on_another_mac
             first.refresh_from_db()
             assert first.end_reason == "preempted_by_owner", first.end_detail
             stored = Event.objects.filter(job_id=job["id"], kind="checkpoint.stored").get()
+            kept = Checkpoint.objects.get(job_id=job["id"])
         assert stored.lease_id == first.pk
+        if bucket is not None:
+            assert bucket.keys() == [kept.storage_key]
         # (One simulated driver per process: A's agent makes way for B's, another provider's machine.)
         market.stop_agent()
         other.start_agent()
@@ -507,6 +524,8 @@ def test_a_job_preempted_by_its_owner_resumes_from_its_checkpoint_on_another_mac
         with market.turn:
             assert not Checkpoint.objects.filter(job_id=job["id"]).exists()
         assert not any(p.is_file() for p in (tmp_path / "checkpoints").rglob("*"))
+        if bucket is not None:
+            assert bucket.keys() == []
     finally:
         other.stop_agent()
         other.session.close()

@@ -694,7 +694,7 @@ class LeaseTracker:
             for attempt in range(1, CHECKPOINT_UPLOAD_ATTEMPTS + 1):
                 try:
                     self.checkpoints.checkpoint_upload(
-                        ckpt.upload_url, packed.path, size=packed.size, sha256=packed.sha256
+                        ckpt.upload_url, packed.path, size=packed.size, sha256=packed.sha256, direct=ckpt.upload_direct
                     )
                     break
                 except TransportUnavailable as exc:
@@ -947,6 +947,7 @@ def _checkpoint_spec(value: object) -> CheckpointSpec | None:
         restore_sha256=sha256,
         restore_size=json_int(data.get("restore_size") or 0),
         resume_count=max(0, json_int(data.get("resume_count") or 0)),
+        upload_direct=data.get("upload_direct") is True,
     )
 
 

@@ -107,8 +107,9 @@ class CheckpointTransfer(Protocol):
         size than `size` or another SHA-256 than `sha256` (nothing is left at `dest` then)."""
         ...
 
-    def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str) -> None:
-        """PUT the archive `path` (`size` bytes, SHA-256 `sha256`) to `url`."""
+    def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str, direct: bool = False) -> None:
+        """PUT the archive `path` (`size` bytes, SHA-256 `sha256`) to `url`; `direct`: to the store
+        by a pre-signed PUT that `{url}/upload` gives, then commit it at `{url}/commit`."""
         ...
 
 

@@ -45,6 +45,8 @@ from gpgpu_agent.types import JsonObject
 logger = logging.getLogger(__name__)
 
 SHA256_HEADER = "X-Checkpoint-SHA256"
+# The headers a store's pre-signed PUT may ask for, besides its own x-amz-* ones.
+_DIRECT_UPLOAD_HEADERS = frozenset({"content-type", "content-length", "content-md5"})
 # Statuses a retry may cure besides 5xx: request timeout, too many requests.
 _RETRYABLE_4XX = frozenset({408, 429})
 
@@ -153,7 +155,10 @@ class HttpTransport:
         except requests.RequestException as exc:
             raise TransportUnavailable(f"Cannot fetch the checkpoint: {type(exc).__name__}.") from None
 
-    def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str) -> None:
+    def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str, direct: bool = False) -> None:
+        if direct:
+            self._checkpoint_upload_direct(url, path, size=size, sha256=sha256)
+            return
         target, headers = self._checkpoint_target(url)
         headers |= {"Content-Type": "application/x-tar", "Content-Length": str(size), SHA256_HEADER: sha256}
         try:
@@ -167,6 +172,42 @@ class HttpTransport:
             raise TransportUnavailable(f"Cannot upload the checkpoint: {type(exc).__name__}.") from None
         if not 200 <= response.status_code < 300:
             self._answer(target, response)
+
+    def _checkpoint_upload_direct(self, url: str, path: Path, *, size: int, sha256: str) -> None:
+        """Straight to the store: ask `{url}/upload` for a pre-signed PUT, PUT the archive there
+        with exactly the headers it names (its size and SHA-256 are signed: the store refuses
+        other bytes), then `{url}/commit`, where the marketplace checks the object."""
+        begin, _ = self._checkpoint_target(f"{url}/upload")  # refuses anything but an agent API path
+        if not begin.startswith(self.api_url):
+            raise Rejected(400, "bad_checkpoint_url", f"{url[:200]!r} is not a path of the agent API")
+        answer = self._post(f"{url}/upload", {"size": size, "sha256": sha256})
+        put_url, put_headers, token = answer.get("url"), answer.get("headers"), answer.get("token")
+        if not isinstance(put_url, str) or not isinstance(token, str) or not isinstance(put_headers, dict):
+            raise TransportUnavailable(f"{begin} answered without a URL, headers and a token to upload to.")
+        target, headers = self._checkpoint_target(put_url)
+        if target.startswith(self.api_url):
+            raise Rejected(400, "bad_checkpoint_url", "a direct upload's URL must be the store's, not the agent API")
+        for name, value in put_headers.items():
+            allowed = name.lower() in _DIRECT_UPLOAD_HEADERS or name.lower().startswith("x-amz-")
+            if not allowed or not isinstance(value, str):
+                raise Rejected(400, "bad_checkpoint_url", f"a direct upload may not set the header {str(name)[:100]!r}")
+            headers[str(name)] = value
+        if headers.get("Content-Length", str(size)) != str(size):
+            raise Rejected(400, "bad_checkpoint_url", "the store's URL was signed for another size")
+        headers["Content-Length"] = str(size)
+        try:
+            with open(path, "rb") as body:
+                response = self._session.put(
+                    target, data=body, headers=headers, timeout=self.timeout_s, allow_redirects=False
+                )
+        except requests.Timeout:
+            raise TransportUnavailable("The checkpoint store did not answer the upload in time.") from None
+        except requests.RequestException as exc:
+            raise TransportUnavailable(f"Cannot upload the checkpoint to its store: {type(exc).__name__}.") from None
+        if not 200 <= response.status_code < 300:
+            # The store's own error (XML): a retry asks for a new URL.
+            raise TransportUnavailable(f"The checkpoint store answered {response.status_code} to the upload.")
+        self._post(f"{url}/commit", {"token": token})
 
     # -- plumbing ------------------------------------------------------------------------------
 

@@ -94,7 +94,8 @@ class GpuVerdict:
 class CheckpointSpec:
     """A start order's `checkpoint` (gpgpu_agent.checkpoint): the job's directory (a path of its
     view under /work), the most its archive may be, where to upload it when the lease is stopped,
-    the archive to restore first (restore_url None: none) and how often the job was resumed."""
+    the archive to restore first (restore_url None: none) and how often the job was resumed;
+    `upload_direct`: upload straight to the store (a pre-signed PUT, then a commit)."""
 
     dir: str
     max_bytes: int
@@ -103,6 +104,7 @@ class CheckpointSpec:
     restore_sha256: str
     restore_size: int
     resume_count: int
+    upload_direct: bool = False
 
 
 @dataclass(frozen=True, slots=True)

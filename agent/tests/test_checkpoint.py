@@ -20,7 +20,7 @@ import pytest
 
 from gpgpu_agent import checkpoint
 from gpgpu_agent.checkpoint import CheckpointError, pack, suggested_interval_s, unpack, write_status
-from gpgpu_agent.protocols import Rejected
+from gpgpu_agent.protocols import Rejected, TransportUnavailable
 from gpgpu_agent.transport import HttpTransport
 
 MB = 1024 * 1024
@@ -288,9 +288,23 @@ class Store:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.seen.append(("POST", self.path, dict(self.headers)))
+                outer.posted.append((self.path, json.loads(body)))
+                answer = json.dumps(outer.answers.get(self.path.rsplit("/", 1)[-1], {})).encode()
+                self.send_response(201)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
+        # What POST .../upload and .../commit answer (the marketplace's direct-upload steps).
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.posted: list[tuple[str, Any]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -318,6 +332,62 @@ def test_the_agent_apis_own_path_gets_the_credential_and_a_stores_url_never_does
     assert presigned_path.startswith("/bucket/key")
     assert "Authorization" not in presigned
     assert store.put_body == b"archive"
+
+
+def _direct(store: Store, **answer: Any) -> None:
+    store.answers["upload"] = {
+        "url": f"{store.url}/bucket/job-1/k.tar?X-Amz-Signature=abc",
+        "headers": {"Content-Type": "application/x-tar", "Content-Length": "7", "x-amz-checksum-sha256": "b64"},
+        "token": "signed-by-the-marketplace",
+        "expires_s": 120,
+    } | answer
+    store.answers["commit"] = {"lease_id": 5, "size": 7, "sha256": "x"}
+
+
+def test_a_direct_upload_asks_for_a_url_puts_to_the_store_without_the_credential_and_commits(
+    store: Store, tmp_path: Path
+) -> None:
+    transport = HttpTransport(store.url, credential="gpm_secret_credential_1234567890")
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(b"archive")
+    digest = hashlib.sha256(b"archive").hexdigest()
+    _direct(store)
+    transport.checkpoint_upload("leases/5/checkpoint", archive, size=7, sha256=digest, direct=True)
+    (begin_method, begin_path, begin_headers), (put_method, put_path, put_headers), (_, commit_path, commit_headers) = (
+        store.seen
+    )
+    assert (begin_method, begin_path) == ("POST", "/api/agent/v1/leases/5/checkpoint/upload")
+    assert begin_headers["Authorization"] == "Machine gpm_secret_credential_1234567890"
+    assert (put_method, put_path) == ("PUT", "/bucket/job-1/k.tar?X-Amz-Signature=abc")
+    assert "Authorization" not in put_headers
+    assert put_headers["x-amz-checksum-sha256"] == "b64"
+    assert store.put_body == b"archive"
+    assert commit_path == "/api/agent/v1/leases/5/checkpoint/commit"
+    assert commit_headers["Authorization"] == "Machine gpm_secret_credential_1234567890"
+    assert [body for _, body in store.posted] == [{"size": 7, "sha256": digest}, {"token": "signed-by-the-marketplace"}]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"url": "leases/9/checkpoint"},  # the agent API itself: the credential would go with it
+        {"url": "file:///etc/passwd"},
+        {"headers": {"Authorization": "Bearer stolen"}},  # not a header a store's URL needs
+        {"headers": {"Host": "elsewhere"}},
+        {"headers": {"Content-Length": "70000000"}},  # signed for another size than the archive's
+        {"token": None},
+    ],
+)
+def test_a_direct_upload_answer_that_would_misuse_the_agent_is_refused_before_any_put(
+    store: Store, tmp_path: Path, answer: dict[str, Any]
+) -> None:
+    transport = HttpTransport(store.url, credential="gpm_secret_credential_1234567890")
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(b"archive")
+    _direct(store, **answer)
+    with pytest.raises((Rejected, TransportUnavailable)):
+        transport.checkpoint_upload("leases/5/checkpoint", archive, size=7, sha256="0" * 64, direct=True)
+    assert [method for method, _, _ in store.seen] == ["POST"]  # nothing sent but the request for a URL
 
 
 @pytest.mark.parametrize(

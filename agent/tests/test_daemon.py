@@ -872,7 +872,7 @@ class FakeCheckpoints:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
 
-    def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str) -> None:
+    def checkpoint_upload(self, url: str, path: Path, *, size: int, sha256: str, direct: bool = False) -> None:
         if self.unreachable_for > 0:
             self.unreachable_for -= 1
             self.log.append(f"unreachable {url}")

@@ -286,6 +286,7 @@ def test_the_start_order_carries_the_checkpoint_to_restore_and_the_resume_count(
         "restore_sha256": hashlib.sha256(ARCHIVE).hexdigest(),
         "restore_size": len(ARCHIVE),
         "resume_count": 1,
+        "upload_direct": False,  # local files: through PUT upload_url
     }
     assert "predicted_idle_s" in reply.json()
 
@@ -339,8 +340,10 @@ def test_with_an_s3_store_the_next_lease_restores_from_a_short_lived_presigned_u
     assert restore.startswith(f"{s3_checkpoint_store}/job-1/abc.tar?")
     assert "X-Amz-Signature=" in restore
     assert "X-Amz-Expires=120" in restore
-    # The upload still goes through the marketplace, which checks the bytes before storing them.
+    # The upload goes to the store too: a pre-signed PUT asked at {upload_url}/upload, then a
+    # commit (test_checkpoints_direct).
     assert order["checkpoint"]["upload_url"] == f"leases/{second.pk}/checkpoint"
+    assert order["checkpoint"]["upload_direct"] is True
 
 
 def test_the_renter_sees_the_saved_checkpoint_on_the_job_and_downloads_it() -> None:
