@@ -494,6 +494,7 @@ def test_a_job_preempted_by_its_owner_resumes_from_its_checkpoint_on_another_mac
 
         # The owner of machine A comes back: the job gets SIGTERM, writes its checkpoint, and the
         # agent uploads it before the lease's end is reported.
+        owner_back = timezone.now()
         market.fake.add_process(0, OWNER_PID, 2000, kind="graphics")
         _wait(lambda: market.lease_of(job["id"]).status == Lease.Status.ENDED, DEADLINE_S, "the lease ending")
         with market.turn:
@@ -512,6 +513,14 @@ def test_a_job_preempted_by_its_owner_resumes_from_its_checkpoint_on_another_mac
         assert done["status"] == "succeeded", done
         second = market.lease_of(job["id"])
         assert second.machine_id != first.machine_id
+        assert second.started_at is not None
+        # The figures (pytest -s): the archive, owner back -> stored (the job's SIGTERM grace,
+        # packing, upload), placed -> started on B (the fetch and the restore before it runs).
+        print(
+            f"checkpoint via {store}: {stored.detail['size']} bytes; owner back -> stored "
+            f"{(stored.created_at - owner_back).total_seconds():.2f} s; placed -> started on B "
+            f"{(second.started_at - second.created_at).total_seconds():.2f} s"
+        )
         output = _job_output(job["id"])
         print(*(line for line in output.splitlines() if not line.startswith("step ")), sep="\n")
         # It ran on, from the step it had saved, and got the right answer: 1 + 2 + … + 60.
