@@ -164,7 +164,12 @@ class HttpTransport:
         try:
             with open(path, "rb") as body:
                 response = self._session.put(
-                    target, data=body, headers=headers, timeout=self.timeout_s, allow_redirects=False
+                    # An empty file would go chunked (requests), beside the Content-Length: 0.
+                    target,
+                    data=body if size else b"",
+                    headers=headers,
+                    timeout=self.timeout_s,
+                    allow_redirects=False,
                 )
         except requests.Timeout:
             raise TransportUnavailable(f"The checkpoint store did not answer {target} in time.") from None
@@ -198,7 +203,12 @@ class HttpTransport:
         try:
             with open(path, "rb") as body:
                 response = self._session.put(
-                    target, data=body, headers=headers, timeout=self.timeout_s, allow_redirects=False
+                    # An empty file would go chunked (requests), beside the Content-Length: 0.
+                    target,
+                    data=body if size else b"",
+                    headers=headers,
+                    timeout=self.timeout_s,
+                    allow_redirects=False,
                 )
         except requests.Timeout:
             raise TransportUnavailable("The checkpoint store did not answer the upload in time.") from None

@@ -334,6 +334,23 @@ def test_the_agent_apis_own_path_gets_the_credential_and_a_stores_url_never_does
     assert store.put_body == b"archive"
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_an_empty_archive_is_sent_with_its_length_not_chunked(store: Store, tmp_path: Path, direct: bool) -> None:
+    """requests sends an empty file chunked: beside a Content-Length of 0 a store may wait for
+    chunks that never come."""
+    transport = HttpTransport(store.url, credential="gpm_secret_credential_1234567890")
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    _direct(store, headers={"Content-Type": "application/x-tar", "Content-Length": "0"})
+    transport.checkpoint_upload(
+        "leases/5/checkpoint", empty, size=0, sha256=hashlib.sha256(b"").hexdigest(), direct=direct
+    )
+    (put,) = [headers for method, _, headers in store.seen if method == "PUT"]
+    assert put["Content-Length"] == "0"
+    assert "Transfer-Encoding" not in put
+    assert store.put_body == b""
+
+
 def _direct(store: Store, **answer: Any) -> None:
     store.answers["upload"] = {
         "url": f"{store.url}/bucket/job-1/k.tar?X-Amz-Signature=abc",
