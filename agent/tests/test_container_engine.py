@@ -659,6 +659,22 @@ def test_exit_codes_stop_within_grace_and_adoption_after_a_restart(lab):
     assert adopted[ended.lease_id].exit_code == 3 and adopted[stubborn.lease_id].exit_code == 137
 
 
+def test_a_rentals_output_is_read_as_it_runs_from_the_engines_log_file(lab):
+    """What the agent ships live (logship): read from the engine's own log file, Podman's
+    k8s-file or Docker's json-file, while the container runs."""
+    started = lab.start("echo first line; busybox sleep 1; echo second line >&2; busybox sleep 60")
+    text, offset = b"", 0
+    deadline = time.monotonic() + 30
+    while b"second line" not in text and time.monotonic() < deadline:
+        read = lab.runner.read_output(started.lease_id, offset=offset, limit=65536)
+        assert read is not None, f"{lab.engine}: no log file to read"
+        text, offset = text + read.data, read.next_offset
+        time.sleep(0.2)
+    assert lab.runner.poll(started.lease_id).running
+    lab.runner.stop(started.lease_id, grace_s=1)
+    assert text == b"first line\nsecond line\n"
+
+
 def _restarted(lab: Lab, **options) -> ContainerRunner:
     """A runner over the lab's engine, network and firewall, as an agent's next start builds it."""
     return ContainerRunner(

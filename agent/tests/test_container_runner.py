@@ -717,10 +717,41 @@ def test_podman_output_is_read_on_from_its_log_file_one_whole_record_at_a_time(r
     assert len(podman.calls("inspect")) == inspects + 1  # the file is found once, then only read
 
 
-def test_docker_output_is_not_read_as_it_runs(runner, docker):
+def test_docker_output_is_read_on_from_its_json_file_log_one_whole_record_at_a_time(runner, docker, tmp_path):
     runner.start(lease(64), gpu_indexes=GPUS)
+    (argv,) = docker.calls("create")
+    assert values(argv, "--log-driver") == ["json-file"]
+    assert values(argv, "--log-opt") == ["max-size=20m", "max-file=1"]
+    log_file = tmp_path / "ctr64-json.log"
+    first = (
+        '{"log":"step ","stream":"stdout","time":"2026-12-01T19:27:41.1Z"}\n'
+        '{"log":"1\\n","stream":"stdout","time":"2026-12-01T19:27:41.2Z"}\n'
+        "not a record\n"
+    )
+    log_file.write_text(first + '{"log":"warn')  # the last record is unfinished
+    docker.set_container(64, log_path=str(log_file))
+    inspects = len(docker.calls("inspect"))
 
-    assert runner.read_output(64, offset=0, limit=65536) is None
+    one = runner.read_output(64, offset=0, limit=65536)
+    with log_file.open("a") as f:
+        f.write('ing \\u00e9\\n","stream":"stderr","time":"2026-12-01T19:27:41.3Z"}\n')
+    two = runner.read_output(64, offset=one.next_offset, limit=65536)
+    three = runner.read_output(64, offset=two.next_offset, limit=65536)
+
+    assert one.data == b"step 1\n" and one.next_offset == len(first)
+    assert two.data == "warning é\n".encode() and three.data == b""
+    assert len(docker.calls("inspect")) == inspects + 1  # the file is found once, then only read
+
+
+def test_a_log_file_the_agent_cannot_read_gives_no_live_output(runner, docker, tmp_path, monkeypatch):
+    runner.start(lease(65), gpu_indexes=GPUS)
+    docker.set_container(65, log_path=str(tmp_path / "ctr65-json.log"))
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(container_module, "read_from", refused)
+    assert runner.read_output(65, offset=0, limit=65536) is None
 
 
 def test_a_container_killed_for_memory_reports_137_and_one_never_started_125(runner, podman):

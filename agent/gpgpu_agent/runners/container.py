@@ -620,7 +620,10 @@ class ContainerRunner:
             args += ["--log-driver", "k8s-file", "--log-opt", f"max-size={self.log_max_size}"]
         else:
             args += ["--mount", f"type=bind,source={work},target={WORK}"]
-            args += ["--log-driver", "local", "--log-opt", f"max-size={self.log_max_size}"]
+            # json-file, one file (max-file=1: at max-size it starts again): the agent, root, reads
+            # it as it grows (read_output), as Podman's k8s-file.
+            args += ["--log-driver", "json-file", "--log-opt", f"max-size={self.log_max_size}"]
+            args += ["--log-opt", "max-file=1"]
         if self.network == "none":
             args += ["--network", "none"]
         else:
@@ -1067,27 +1070,35 @@ class ContainerRunner:
         return tuple(sorted(pids))
 
     def read_output(self, lease_id: int, *, offset: int, limit: int) -> OutputRead | None:
-        """Up to ``limit`` bytes of the container's k8s-file log (Podman) from ``offset``, whole
-        records only, as the job's output (protocols.OutputReader): a read of the file conmon
-        appends to, no engine call after the first inspect. Pieces of stdout and stderr lines are
-        joined in the order they were written, so a line the job wrote in several pieces may
-        interleave with the other stream's. None with Docker (its log files are root's) or
-        another log driver: such a lease's output comes only as the tail of its end."""
-        if self.engine != "podman":
-            return None
+        """Up to ``limit`` bytes of the container's log file from ``offset``, whole records only,
+        as the job's output (protocols.OutputReader): a read of the file the engine appends to
+        (Podman's k8s-file, which conmon writes; Docker's json-file, its ``LogPath``), no engine
+        call after the first inspect. Pieces of stdout and stderr lines are joined in the order
+        they were written, so a line the job wrote in several pieces may interleave with the
+        other stream's. None for a container of another log driver, or a file the agent cannot
+        read (an agent not run as root, with Docker): such a lease's output comes only as the
+        tail of its end."""
         path = self._log_files.get(lease_id)
         if path is None:
             info = self._inspect(lease_id)
             if info is None:
                 return None
-            found = _object(_object(info.get("HostConfig")).get("LogConfig")).get("Path")
+            if self.engine == "podman":
+                found = _object(_object(info.get("HostConfig")).get("LogConfig")).get("Path")
+            else:
+                found = info.get("LogPath")
             path = self._log_files[lease_id] = found if isinstance(found, str) else ""
         if not path:
             return None
-        raw, end = read_from(Path(path), offset, limit)
+        try:
+            raw, end = read_from(Path(path), offset, limit)
+        except PermissionError:
+            self._log_files[lease_id] = ""
+            return None
         start = end - len(raw)
         whole = raw[: raw.rfind(b"\n") + 1]  # a record still being written waits for the next read
-        return OutputRead(data=_k8s_file_text(whole), next_offset=start + len(whole))
+        text = _k8s_file_text(whole) if self.engine == "podman" else _json_file_text(whole)
+        return OutputRead(data=text, next_offset=start + len(whole))
 
     def _log_tail(self, lease_id: int, info: Mapping[str, object]) -> str:
         """The end of the job's output. Podman's: read from its k8s-file log itself, because
@@ -1153,6 +1164,22 @@ def _k8s_file_tail(path: Path, limit: int, lines: int) -> str | None:
         out += piece
     kept = b"\n".join(bytes(out).split(b"\n")[-lines - 1 :]) if lines > 0 else bytes(out)
     return tail_text(kept, limit)
+
+
+def _json_file_text(records: bytes) -> bytes:
+    """The job's output in whole json-file records (Docker: ``{"log": "<text>", "stream":
+    "stdout", "time": "…"}`` a line): each record's text (a line the engine split is in several
+    records, the last ending with a newline). A record that is not such an object is skipped."""
+    out = bytearray()
+    for line in records.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        text = record.get("log") if isinstance(record, dict) else None
+        if isinstance(text, str):
+            out += text.encode("utf-8", "surrogateescape")
+    return bytes(out)
 
 
 def _k8s_file_text(records: bytes) -> bytes:
