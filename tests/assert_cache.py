@@ -83,8 +83,8 @@ def _rewrite_in_child(file: Path) -> bool:
     assert _config is not None
     try:
         return _rewrite(_config, file)
-    except SyntaxError:
-        return False  # the worker's own import reports it, as pytest always has
+    except Exception:  # a syntax error, an unreadable file: the worker's own import reports it
+        return False
 
 
 def warm(config: pytest.Config, files: list[Path], processes: int) -> int:
