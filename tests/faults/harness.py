@@ -1053,15 +1053,23 @@ class Renter(threading.Thread):
                 self.submit(self.n)
                 next_at = max(next_at + period, time.monotonic())
             if time.monotonic() >= sign_after:
-                for job_id in list(self.unsigned):
-                    if self._halt.is_set():
-                        break
-                    if self.sign(job_id):
-                        self.unsigned.remove(job_id)
-                    else:
-                        sign_after = time.monotonic() + 1.0  # the marketplace is down: try again in a second
-                        break
+                sign_after = self._sign_waiting()
             self._halt.wait(0.05)
+        # Stopped: no more jobs, but the ones submitted are signed, as a renter's client signs
+        # right after it submits (a job left unsigned would wait, admitted, for ever).
+        deadline = time.monotonic() + 30
+        while self.unsigned and time.monotonic() < deadline:
+            if time.monotonic() >= sign_after:
+                sign_after = self._sign_waiting()
+            time.sleep(0.05)
+
+    def _sign_waiting(self) -> float:
+        """Sign the submitted jobs not signed yet; when to try again."""
+        for job_id in list(self.unsigned):
+            if not self.sign(job_id):
+                return time.monotonic() + 1.0  # the marketplace is down: try again in a second
+            self.unsigned.remove(job_id)
+        return time.monotonic()
 
 
 # --- faults -------------------------------------------------------------------------------------
