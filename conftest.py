@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from tests.s3 import S3Store
+from tests.s3 import S3Store, s3_storage
 
 # Tables a flush leaves as they are: what migrate wrote and every test reads the same (Django's
 # post_migrate would write it all again after each flush).
@@ -96,32 +96,18 @@ def s3_store(s3_endpoint: str, settings: Any) -> S3Store:
     from botocore.config import Config
 
     bucket = f"checkpoints-{secrets.token_hex(6)}"
-    options = {
-        "bucket_name": bucket,
-        "endpoint_url": s3_endpoint,
-        "access_key": "gpgpu-test",
-        "secret_key": "gpgpu-test-secret",
-        "region_name": "us-east-1",
-        "addressing_style": "path",
-        "signature_version": "s3v4",
-        "default_acl": None,
-        "querystring_auth": True,
-        "querystring_expire": 120,
-        "file_overwrite": False,
-    }
+    key, secret = "gpgpu-test", secrets.token_hex(8)  # moto takes any
+    storage = s3_storage(endpoint=s3_endpoint, bucket=bucket, access_key=key, secret_key=secret, region="us-east-1")
     client = boto3.client(
         "s3",
         endpoint_url=s3_endpoint,
-        aws_access_key_id=options["access_key"],
-        aws_secret_access_key=options["secret_key"],
-        region_name=options["region_name"],
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
     )
     client.create_bucket(Bucket=bucket)
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "checkpoints": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": options},
-    }
+    settings.STORAGES = {**settings.STORAGES, "checkpoints": storage}
     return S3Store(endpoint=s3_endpoint, bucket=bucket, client=client)
 
 

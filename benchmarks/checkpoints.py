@@ -71,22 +71,15 @@ def _storage(store: str, args: argparse.Namespace, scratch: Path, endpoint: str 
             "BACKEND": "django.core.files.storage.FileSystemStorage",
             "OPTIONS": {"location": str(scratch / "checkpoints")},
         }
-    return {
-        "BACKEND": "storages.backends.s3.S3Storage",
-        "OPTIONS": {
-            "bucket_name": args.s3_bucket,
-            "endpoint_url": endpoint,
-            "access_key": args.s3_access_key,
-            "secret_key": args.s3_secret_key,
-            "region_name": args.s3_region,
-            "addressing_style": "path",
-            "signature_version": "s3v4",
-            "default_acl": None,
-            "querystring_auth": True,
-            "querystring_expire": 120,
-            "file_overwrite": False,
-        },
-    }
+    from tests.s3 import s3_storage
+
+    return s3_storage(
+        endpoint=str(endpoint),
+        bucket=args.s3_bucket,
+        access_key=args.s3_access_key,
+        secret_key=args.s3_secret_key,
+        region=args.s3_region,
+    )
 
 
 def _round(store: str, size_mib: int, api_url: str, scratch: Path) -> dict[str, Any]:

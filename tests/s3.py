@@ -17,3 +17,25 @@ class S3Store:
     def keys(self) -> list[str]:
         listed = self.client.list_objects_v2(Bucket=self.bucket)
         return sorted(item["Key"] for item in listed.get("Contents", []))
+
+
+def s3_storage(*, endpoint: str, bucket: str, access_key: str, secret_key: str, region: str) -> dict[str, Any]:
+    """The checkpoints' STORAGES entry for `bucket` of `endpoint`, as production's
+    CHECKPOINT_S3_BUCKET configures it (marketplace/settings.py: django-storages, private objects,
+    pre-signed URLs valid 120 s), path-style as a local endpoint needs."""
+    return {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": bucket,
+            "endpoint_url": endpoint,
+            "access_key": access_key,
+            "secret_key": secret_key,
+            "region_name": region,
+            "addressing_style": "path",
+            "signature_version": "s3v4",
+            "default_acl": None,
+            "querystring_auth": True,
+            "querystring_expire": 120,
+            "file_overwrite": False,
+        },
+    }

@@ -161,9 +161,16 @@ class HttpTransport:
             return
         target, headers = self._checkpoint_target(url)
         headers |= {"Content-Type": "application/x-tar", "Content-Length": str(size), SHA256_HEADER: sha256}
+        response = self._put_archive(target, path, size=size, headers=headers)
+        if not 200 <= response.status_code < 300:
+            self._answer(target, response)
+
+    def _put_archive(self, target: str, path: Path, *, size: int, headers: dict[str, str]) -> requests.Response:
+        """PUT the archive `path` (`size` bytes) to `target` with `headers`; TransportUnavailable
+        when it cannot be sent or answered in time."""
         try:
             with open(path, "rb") as body:
-                response = self._session.put(
+                return self._session.put(
                     # An empty file would go chunked (requests), beside the Content-Length: 0.
                     target,
                     data=body if size else b"",
@@ -175,8 +182,6 @@ class HttpTransport:
             raise TransportUnavailable(f"The checkpoint store did not answer {target} in time.") from None
         except requests.RequestException as exc:
             raise TransportUnavailable(f"Cannot upload the checkpoint: {type(exc).__name__}.") from None
-        if not 200 <= response.status_code < 300:
-            self._answer(target, response)
 
     def _checkpoint_upload_direct(self, url: str, path: Path, *, size: int, sha256: str) -> None:
         """Straight to the store: ask `{url}/upload` for a pre-signed PUT, PUT the archive there
@@ -200,20 +205,7 @@ class HttpTransport:
         if headers.get("Content-Length", str(size)) != str(size):
             raise Rejected(400, "bad_checkpoint_url", "the store's URL was signed for another size")
         headers["Content-Length"] = str(size)
-        try:
-            with open(path, "rb") as body:
-                response = self._session.put(
-                    # An empty file would go chunked (requests), beside the Content-Length: 0.
-                    target,
-                    data=body if size else b"",
-                    headers=headers,
-                    timeout=self.timeout_s,
-                    allow_redirects=False,
-                )
-        except requests.Timeout:
-            raise TransportUnavailable("The checkpoint store did not answer the upload in time.") from None
-        except requests.RequestException as exc:
-            raise TransportUnavailable(f"Cannot upload the checkpoint to its store: {type(exc).__name__}.") from None
+        response = self._put_archive(target, path, size=size, headers=headers)
         if not 200 <= response.status_code < 300:
             # The store's own error (XML): a retry asks for a new URL.
             raise TransportUnavailable(f"The checkpoint store answered {response.status_code} to the upload.")
