@@ -147,7 +147,8 @@ MIDDLEWARE = [
     # A database connection error raised by a view answers 503 (JSON under /api/), not a crash.
     "core.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    # WhiteNoise, its static files found once per process (core/staticfiles.py).
+    "core.staticfiles.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
