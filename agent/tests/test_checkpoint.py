@@ -392,6 +392,7 @@ def test_a_direct_upload_asks_for_a_url_puts_to_the_store_without_the_credential
         {"headers": {"Authorization": "Bearer stolen"}},  # not a header a store's URL needs
         {"headers": {"Host": "elsewhere"}},
         {"headers": {"Content-Length": "70000000"}},  # signed for another size than the archive's
+        {"headers": {"content-length": "70000000"}},
         {"token": None},
     ],
 )
