@@ -47,6 +47,13 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
     return value
 
 
+def env_divisor(name: str, default: int, *, of: int) -> int:
+    value = env_int(name, default, minimum=1)
+    if of % value:
+        raise ImproperlyConfigured(f"{name}={value} must divide {of}")
+    return value
+
+
 def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     raw = (os.environ.get(name) or default).strip()
     if raw not in choices:
@@ -481,6 +488,9 @@ GPGPU = {
     "TELEMETRY_SAMPLE_INTERVAL_S": env_int("TELEMETRY_SAMPLE_INTERVAL_S", 60, minimum=1),
     "TELEMETRY_RAW_RETENTION_H": env_int("TELEMETRY_RAW_RETENTION_H", 48, minimum=1),
     "TELEMETRY_ROLLUP_RETENTION_D": env_int("TELEMETRY_ROLLUP_RETENTION_D", 400, minimum=1),
+    # On PostgreSQL raw telemetry is partitioned by time, one partition per this many hours (a
+    # divisor of 24); a sample is dropped with its partition, at most this long past retention.
+    "TELEMETRY_PARTITION_H": env_divisor("TELEMETRY_PARTITION_H", 6, of=24),
     # Idle forecasts (providers.idle_history): stretch counts lose half their weight every this
     # many days; one fold takes at most this many new stretches into the fleet prior; a stretch
     # reported longer than this many days (a clock far off) is refused.

@@ -3,7 +3,9 @@
 Raw samples (providers.TelemetrySample) arrive with every heartbeat, at most one per GPU per
 TELEMETRY_SAMPLE_INTERVAL_S, stamped with the server's clock. Each completed hour of them is
 summarised into one TelemetryRollup row per GPU; raw rows are kept TELEMETRY_RAW_RETENTION_H
-hours (and only once their hour is rolled up), rollups TELEMETRY_ROLLUP_RETENTION_D days.
+hours (and only once their hour is rolled up), rollups TELEMETRY_ROLLUP_RETENTION_D days. On
+PostgreSQL the raw samples are partitioned by time and expire a partition at a time
+(providers.telemetry_partitions).
 
 Beat runs `telemetry_rollup` every few minutes and `telemetry_prune` hourly (providers.tasks).
 Both are idempotent: running either twice, or concurrently with ingestion, changes nothing
@@ -22,6 +24,7 @@ from django.db.models import Avg, Count, DateTimeField, Exists, ExpressionWrappe
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
+from providers import telemetry_partitions
 from providers.errors import ValidationFailed
 from providers.models import GPU, TelemetryRollup, TelemetrySample
 from providers.signals import rollups_written
@@ -157,15 +160,36 @@ def telemetry_rollup(*, now: datetime | None = None, since: datetime | None = No
 
 def telemetry_prune(*, now: datetime | None = None) -> int:
     """Delete raw samples older than TELEMETRY_RAW_RETENTION_H hours whose hour is rolled up,
-    and rollups older than TELEMETRY_ROLLUP_RETENTION_D days; returns how many rows went.
+    and rollups older than TELEMETRY_ROLLUP_RETENTION_D days; returns how many rows were deleted
+    one by one.
 
     A raw sample whose hour has no rollup is kept (the next rollup will summarise it), unless
     it is older than the rollup retention too: its rollup would be deleted at once, so keeping
     it would only let the table grow.
+
+    On PostgreSQL raw samples live in time-range partitions (providers.telemetry_partitions):
+    this first makes sure partitions are ready for the next day, then drops the partitions whose
+    whole range is expired (not counted in the return value: dropping a table does not count
+    its rows), and deletes row by row only in the DEFAULT partition. A sample there is kept at
+    least the raw retention and at most one partition width (TELEMETRY_PARTITION_H) longer.
     """
     now = now or timezone.now()
     raw_cutoff = now - timedelta(hours=settings.GPGPU["TELEMETRY_RAW_RETENTION_H"])
     rollup_cutoff = hour_floor(now - timedelta(days=settings.GPGPU["TELEMETRY_ROLLUP_RETENTION_D"]))
+    if telemetry_partitions.supported():
+        telemetry_partitions.ensure(now=now)
+        latest = TelemetryRollup.objects.aggregate(m=Max("hour"))["m"]
+        telemetry_partitions.drop_expired(
+            raw_cutoff=raw_cutoff,
+            rollup_cutoff=rollup_cutoff,
+            rolled_up_until=latest + HOUR if latest is not None else None,
+        )
+        with transaction.atomic():
+            samples_deleted = telemetry_partitions.delete_expired_defaults(
+                raw_cutoff=raw_cutoff, rollup_cutoff=rollup_cutoff
+            )
+            rollups_deleted, _ = TelemetryRollup.objects.filter(hour__lt=rollup_cutoff).delete()
+        return samples_deleted + rollups_deleted
     sample_hour = TruncHour(ExpressionWrapper(OuterRef("at"), output_field=DateTimeField()), tzinfo=UTC)
     rolled_up = TelemetryRollup.objects.filter(gpu_id=OuterRef("gpu_id"), hour=sample_hour)
     with transaction.atomic():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.db import connection
 from django.test import override_settings
 
 from providers.errors import ValidationFailed
@@ -14,11 +15,15 @@ from tests.factories import GPUFactory
 
 pytestmark = pytest.mark.django_db
 
-T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+# Years ahead of the clock: on PostgreSQL these samples are outside every partition the migration
+# made, in the DEFAULT one, until a prune makes partitions around its `now` (see
+# test_telemetry_partitions.py for what partitions change).
+T0 = datetime(datetime.now(UTC).year + 4, 1, 7, 10, 0, tzinfo=UTC)
 RETENTION = {
     "TELEMETRY_SAMPLE_INTERVAL_S": 60,
     "TELEMETRY_RAW_RETENTION_H": 6,
     "TELEMETRY_ROLLUP_RETENTION_D": 2,
+    "TELEMETRY_PARTITION_H": 2,
 }
 
 
@@ -186,13 +191,17 @@ def test_prune_deletes_rollups_past_their_retention() -> None:
     assert TelemetrySample.objects.count() == 0
 
 
+@pytest.mark.django_db(transaction=True)  # each step commits, as beat's tasks do (a partition is
+# not dropped in the transaction that wrote it)
 def test_tables_stay_bounded_over_days_of_samples() -> None:
     """Five days of a 2-GPU machine sampled every 10 minutes, with beat's rollup every
     20 minutes and prune every hour: raw rows never exceed the raw retention window plus the
-    hour in progress, and rollups never exceed the rollup retention."""
+    hour in progress (and, on PostgreSQL, one partition's width), and rollups never exceed the
+    rollup retention."""
     gpus = [GPUFactory(), GPUFactory()]
     per_hour = 6
-    raw_bound = len(gpus) * per_hour * (RETENTION["TELEMETRY_RAW_RETENTION_H"] + 2)
+    partition_h = RETENTION["TELEMETRY_PARTITION_H"] if connection.vendor == "postgresql" else 0
+    raw_bound = len(gpus) * per_hour * (RETENTION["TELEMETRY_RAW_RETENTION_H"] + 2 + partition_h)
     rollup_bound = len(gpus) * 24 * (RETENTION["TELEMETRY_ROLLUP_RETENTION_D"] + 1)
     max_raw = max_rollups = 0
     with retention():
@@ -238,3 +247,15 @@ def test_history_refuses_an_empty_or_overlong_range() -> None:
         gpu_history(gpu=gpu, since=T0, until=T0)
     with pytest.raises(ValidationFailed):
         gpu_history(gpu=gpu, since=T0 - timedelta(days=400), until=T0)
+
+
+def test_a_partition_width_that_does_not_tile_the_day_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from marketplace.settings import env_divisor
+
+    monkeypatch.setenv("TELEMETRY_PARTITION_H", "5")
+    with pytest.raises(ImproperlyConfigured, match="TELEMETRY_PARTITION_H=5 must divide 24"):
+        env_divisor("TELEMETRY_PARTITION_H", 6, of=24)
+    monkeypatch.setenv("TELEMETRY_PARTITION_H", "8")
+    assert env_divisor("TELEMETRY_PARTITION_H", 6, of=24) == 8
