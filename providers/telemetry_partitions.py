@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connections, transaction
@@ -47,9 +49,12 @@ logger = logging.getLogger(__name__)
 TABLE = TelemetrySample._meta.db_table
 # How far past now `ensure` keeps range partitions ready: a day of slack for beat.
 AHEAD = timedelta(hours=24)
-# How long a partition's DROP (or the conversion's cutover) waits for its lock before giving up
-# until the next run, so that a long read of telemetry never queues the heartbeats' inserts.
-LOCK_TIMEOUT = "2s"
+# How long a partition's DROP (or the conversion's cutover) waits for its lock before trying again
+# a little later: both need the table's exclusive lock, and while one waits for it behind a long
+# read, the heartbeats' inserts queue behind the wait. Short waits bound that stall.
+LOCK_TIMEOUT = "200ms"
+LOCK_ATTEMPTS = 10
+LOCK_RETRY_S = 0.5
 _STAMP = "%Y%m%d%H"
 
 
@@ -191,7 +196,7 @@ def drop_expired(
     `raw_cutoff`, and every sample in them is rolled up (none at or after `rolled_up_until`, the
     end of the last hour the rollup wrote) or older than the rollups' own retention
     (`rollup_cutoff`). Returns the names dropped. A partition whose lock is not free within
-    LOCK_TIMEOUT (a long read of it) is left for the next run."""
+    LOCK_ATTEMPTS tries of LOCK_TIMEOUT (a long read of it) is left for the next run."""
     if not supported(using):
         return []
     dropped: list[str] = []
@@ -206,12 +211,8 @@ def drop_expired(
                 cursor.execute(unrolled, [rolled_up_until or datetime.min.replace(tzinfo=UTC)])
                 if cursor.fetchone()[0]:
                     continue  # samples the rollup has not summarised yet
-            try:
-                with transaction.atomic(using=using):
-                    cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                    cursor.execute(f'DROP TABLE "{part.name}"')
-            except OperationalError as exc:
-                logger.warning("telemetry: partition %s is in use (%s); dropping it on a later run", part.name, exc)
+            if not _with_short_locks(partial(cursor.execute, f'DROP TABLE "{part.name}"'), cursor):
+                logger.warning("telemetry: partition %s is in use; dropping it on a later run", part.name)
                 continue
             dropped.append(part.name)
     if dropped:
@@ -238,13 +239,30 @@ def delete_expired_defaults(
         return cursor.rowcount
 
 
+def _with_short_locks(step: Callable[[], object], cursor: CursorWrapper) -> bool:
+    """Run `step` in its own transaction (a savepoint inside the caller's) whose lock waits give up
+    after LOCK_TIMEOUT, up to LOCK_ATTEMPTS times LOCK_RETRY_S apart; whether it ran."""
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            with transaction.atomic(using=cursor.db.alias):
+                cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                step()
+            return True
+        except OperationalError as exc:
+            if attempt == LOCK_ATTEMPTS:
+                logger.info("telemetry: gave up waiting for a lock (%s)", exc)
+                return False
+            time.sleep(LOCK_RETRY_S)
+    return False
+
+
 def _bound_after(at: datetime, step: timedelta) -> datetime:
     """The first slot boundary at least an hour after `at`: rows written while the conversion
     runs (stamped with the servers' clocks) stay below it."""
     return floor(at + timedelta(hours=1), step) + step
 
 
-def convert(*, now: datetime, using: str = DEFAULT_DB_ALIAS, table: str = TABLE, attempts: int = 5) -> bool:
+def convert(*, now: datetime, using: str = DEFAULT_DB_ALIAS, table: str = TABLE) -> bool:
     """Turn the plain table `table` into a partitioned one, keeping its rows, ids, indexes,
     constraints and name. Returns False when it already is partitioned (then only `ensure`s).
 
@@ -252,12 +270,12 @@ def convert(*, now: datetime, using: str = DEFAULT_DB_ALIAS, table: str = TABLE,
       1. outside any long lock: a CHECK (at < bound) added NOT VALID then validated (a scan under
          SHARE UPDATE EXCLUSIVE, which lets inserts and reads through), and a unique index on
          (id, at) built CONCURRENTLY;
-      2. one short transaction under ACCESS EXCLUSIVE on the old table (given up after
-         LOCK_TIMEOUT and retried): rename it, make the (id, at) index its primary key, create the
-         partitioned table under the old name (same columns, CHECKs, foreign keys, indexes, a
-         sequence continuing the old ids), attach the old table as [MINVALUE, bound) (no scan:
-         the validated CHECK proves the range; the indexes and foreign key already there are
-         adopted, not rebuilt), and add the DEFAULT partition;
+      2. one short transaction under ACCESS EXCLUSIVE on the old table (each wait for it given up
+         after LOCK_TIMEOUT and tried again, LOCK_ATTEMPTS times): rename it, make the (id, at)
+         index its primary key, create the partitioned table under the old name (same columns,
+         CHECKs, foreign keys, indexes, a sequence continuing the old ids), attach the old table
+         as [MINVALUE, bound) (no scan: the validated CHECK proves the range; the indexes and
+         foreign key already there are adopted, not rebuilt), and add the DEFAULT partition;
       3. `ensure` the partitions from `bound` on.
     """
     connection = connections[using]
@@ -277,65 +295,57 @@ def convert(*, now: datetime, using: str = DEFAULT_DB_ALIAS, table: str = TABLE,
         cursor.execute(f'ALTER TABLE "{table}" VALIDATE CONSTRAINT "{check}"')
         cursor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{unique}"')  # left invalid by an interrupted build
         cursor.execute(f'CREATE UNIQUE INDEX CONCURRENTLY "{unique}" ON "{table}" (id, at)')
-        for attempt in range(1, attempts + 1):
-            try:
-                _cutover(cursor, table=table, bound=bound, check=check, unique=unique)
-                break
-            except OperationalError:
-                if attempt == attempts:
-                    raise
-                logger.warning("telemetry: %s is busy; trying the cutover again (%d/%d)", table, attempt, attempts)
+        done = _with_short_locks(lambda: _cutover(cursor, table=table, bound=bound, check=check, unique=unique), cursor)
+        if not done:
+            raise OperationalError(f"{table} stayed busy: its exclusive lock was not free in {LOCK_ATTEMPTS} tries")
     ensure(now=now, using=using, table=table)
     return True
 
 
 def _cutover(cursor: CursorWrapper, *, table: str, bound: datetime, check: str, unique: str) -> None:
+    """Step 2 of `convert`, inside the caller's short-lock transaction."""
     old = partition_name(None, bound, table)
-    with transaction.atomic(using=cursor.db.alias):
-        cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-        cursor.execute(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
-        cursor.execute(
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = to_regclass(%s) "
-            "AND contype = 'f'",
-            [table],
-        )
-        foreign_keys: Sequence[tuple[str, str]] = cursor.fetchall()
-        cursor.execute(
-            "SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
-            "WHERE x.indrelid = to_regclass(%s) AND NOT x.indisprimary AND i.relname <> %s",
-            [table, unique],
-        )
-        indexes: Sequence[tuple[str, str]] = cursor.fetchall()
-        cursor.execute(
-            "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
-            [table],
-        )
-        (primary_key,) = cursor.fetchone()
-        cursor.execute(f'SELECT max(id) FROM "{table}"')  # noqa: S608
-        (last_id,) = cursor.fetchone()
+    cursor.execute(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
+    cursor.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = to_regclass(%s) "
+        "AND contype = 'f'",
+        [table],
+    )
+    foreign_keys: Sequence[tuple[str, str]] = cursor.fetchall()
+    cursor.execute(
+        "SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+        "WHERE x.indrelid = to_regclass(%s) AND NOT x.indisprimary AND i.relname <> %s",
+        [table, unique],
+    )
+    indexes: Sequence[tuple[str, str]] = cursor.fetchall()
+    cursor.execute(
+        "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
+        [table],
+    )
+    (primary_key,) = cursor.fetchone()
+    cursor.execute(f'SELECT max(id) FROM "{table}"')  # noqa: S608
+    (last_id,) = cursor.fetchone()
 
-        cursor.execute(f'ALTER TABLE "{table}" RENAME TO "{old}"')
-        cursor.execute(f'ALTER TABLE "{old}" DROP CONSTRAINT "{primary_key}"')
-        cursor.execute(f'ALTER TABLE "{old}" ADD CONSTRAINT "{old}_pkey" PRIMARY KEY USING INDEX "{unique}"')
-        cursor.execute(f'ALTER TABLE "{old}" ALTER COLUMN id DROP IDENTITY IF EXISTS')
-        for index, _ in indexes:
-            cursor.execute(f'ALTER INDEX "{index}" RENAME TO "{index[:50]}_pmin"')
+    cursor.execute(f'ALTER TABLE "{table}" RENAME TO "{old}"')
+    cursor.execute(f'ALTER TABLE "{old}" DROP CONSTRAINT "{primary_key}"')
+    cursor.execute(f'ALTER TABLE "{old}" ADD CONSTRAINT "{old}_pkey" PRIMARY KEY USING INDEX "{unique}"')
+    cursor.execute(f'ALTER TABLE "{old}" ALTER COLUMN id DROP IDENTITY IF EXISTS')
+    for index, _ in indexes:
+        cursor.execute(f'ALTER INDEX "{index}" RENAME TO "{index[:50]}_pmin"')
 
-        sequence = f"{table}_id_seq"
-        cursor.execute(
-            f'CREATE TABLE "{table}" (LIKE "{old}" INCLUDING DEFAULTS INCLUDING CONSTRAINTS) PARTITION BY RANGE (at)'
-        )
-        cursor.execute(f'ALTER TABLE "{table}" DROP CONSTRAINT "{check}"')
-        cursor.execute(f'CREATE SEQUENCE "{sequence}" AS bigint OWNED BY "{table}".id')
-        cursor.execute("SELECT setval(%s, %s, %s)", [sequence, last_id or 1, last_id is not None])
-        cursor.execute(f"""ALTER TABLE "{table}" ALTER COLUMN id SET DEFAULT nextval('"{sequence}"')""")
-        cursor.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT "{table}_pkey" PRIMARY KEY (id, at)')
-        for name, definition in foreign_keys:
-            cursor.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT "{name}" {definition}')
-        for _, definition in indexes:
-            cursor.execute(definition)  # its ON names the table, now the partitioned one
-        cursor.execute(
-            f'ALTER TABLE "{table}" ATTACH PARTITION "{old}" FOR VALUES FROM (MINVALUE) TO ({_literal(bound)})'
-        )
-        cursor.execute(f'ALTER TABLE "{old}" DROP CONSTRAINT "{check}"')
-        cursor.execute(f'CREATE TABLE "{default_partition(table)}" PARTITION OF "{table}" DEFAULT')
+    sequence = f"{table}_id_seq"
+    cursor.execute(
+        f'CREATE TABLE "{table}" (LIKE "{old}" INCLUDING DEFAULTS INCLUDING CONSTRAINTS) PARTITION BY RANGE (at)'
+    )
+    cursor.execute(f'ALTER TABLE "{table}" DROP CONSTRAINT "{check}"')
+    cursor.execute(f'CREATE SEQUENCE "{sequence}" AS bigint OWNED BY "{table}".id')
+    cursor.execute("SELECT setval(%s, %s, %s)", [sequence, last_id or 1, last_id is not None])
+    cursor.execute(f"""ALTER TABLE "{table}" ALTER COLUMN id SET DEFAULT nextval('"{sequence}"')""")
+    cursor.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT "{table}_pkey" PRIMARY KEY (id, at)')
+    for name, definition in foreign_keys:
+        cursor.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT "{name}" {definition}')
+    for _, definition in indexes:
+        cursor.execute(definition)  # its ON names the table, now the partitioned one
+    cursor.execute(f'ALTER TABLE "{table}" ATTACH PARTITION "{old}" FOR VALUES FROM (MINVALUE) TO ({_literal(bound)})')
+    cursor.execute(f'ALTER TABLE "{old}" DROP CONSTRAINT "{check}"')
+    cursor.execute(f'CREATE TABLE "{default_partition(table)}" PARTITION OF "{table}" DEFAULT')

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import re
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -143,6 +144,56 @@ def test_a_partition_inside_the_retention_is_kept_whole_even_when_rolled_up() ->
 
     # Every sample is kept, even those past the retention: at most one partition width longer.
     assert TelemetrySample.objects.filter(gpu=gpu).count() == len(rows)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_read_defers_the_drop_and_the_heartbeats_inserts_wait_only_a_short_lock_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DROP needs the table's exclusive lock; behind a long read it would queue every heartbeat's
+    insert for as long as the read lasts. It waits LOCK_TIMEOUT at a time instead, gives up after
+    LOCK_ATTEMPTS, and drops the partition on a later run."""
+    monkeypatch.setattr(tp, "LOCK_ATTEMPTS", 3)
+    monkeypatch.setattr(tp, "LOCK_RETRY_S", 0.3)
+    gpu = GPUFactory()
+    with settings_with(TELEMETRY_PARTITION_H=6, TELEMETRY_RAW_RETENTION_H=12):
+        tp.ensure(now=T)
+        sample(gpu, T + timedelta(minutes=10))
+        telemetry_rollup(now=T + timedelta(hours=6))
+    expired = {"raw_cutoff": T + timedelta(hours=12), "rollup_cutoff": T - HOUR, "rolled_up_until": T + 6 * HOUR}
+    name = tp.partition_name(T, T + timedelta(hours=6))
+    db = connection.settings_dict
+    params = {"host": db["HOST"], "port": db["PORT"] or 5432, "user": db["USER"], "dbname": db["NAME"]}
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def heartbeats() -> None:
+        with psycopg.connect(**params, autocommit=True) as conn:
+            while not stop.is_set():
+                started = time.perf_counter()
+                conn.execute(
+                    "INSERT INTO providers_telemetrysample (at, state, gpu_id) VALUES (now(), 'idle', %s)", [gpu.pk]
+                )
+                waits.append(time.perf_counter() - started)
+                time.sleep(0.01)
+
+    with psycopg.connect(**params) as reader:  # a long read of telemetry (a chart of the year), open
+        reader.execute("SELECT count(*) FROM providers_telemetrysample").fetchone()
+        writer = threading.Thread(target=heartbeats)
+        writer.start()
+        try:
+            deferred = tp.drop_expired(**expired)
+        finally:
+            stop.set()
+            writer.join()
+        reader.rollback()
+    dropped_later = tp.drop_expired(**expired)
+
+    assert deferred == []
+    assert name in dropped_later
+    # Each wait of the DROP lasts LOCK_TIMEOUT (0.2 s); an insert never waits much longer (slack for a
+    # loaded machine), against the read's whole length (here 1.5 s) were the DROP to wait it out.
+    assert waits and max(waits) < 1.0
 
 
 @pytest.mark.django_db(transaction=True)
