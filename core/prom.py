@@ -11,11 +11,14 @@ One process or many:
   multiprocess mode: every process writes its values to files in that directory (the choice is
   made when prometheus_client is first imported, so the variable must be in the environment
   before the process starts), and /metrics adds up the files of every directory in
-  METRICS_MULTIPROC_DIRS (default: PROMETHEUS_MULTIPROC_DIR alone). Compose gives web and the
-  Celery worker a directory each on one shared volume and has web read both: the match cycles
-  run in the worker, the heartbeats in gunicorn's workers. Each service empties its own
-  directory when it starts (web: gunicorn.conf.py's `on_starting`; worker: its command), since
-  the files of a previous run would otherwise be added to the new one's.
+  METRICS_MULTIPROC_DIRS (default: PROMETHEUS_MULTIPROC_DIR alone), and of their immediate
+  subdirectories. Compose gives web and the Celery worker a directory each on one shared volume
+  and has web read both: the match cycles run in the worker, the heartbeats in gunicorn's
+  workers. Each replica of a scaled service writes into a subdirectory named after its
+  container's hostname (two containers' processes may share a pid, and the files are named by
+  pid), and empties it when it starts (web: gunicorn.conf.py's `on_starting`; worker: its
+  command), since the files of a previous run would otherwise be added to the new one's. A
+  removed replica's files stay and keep adding its counts: counters never go back.
 
 Only counters and histograms: they add up across processes without asking which are alive.
 """
@@ -142,5 +145,11 @@ class RequestPathCollector(Collector):
         if not self.dirs:
             yield from REGISTRY.collect()
             return
-        files = [path for d in self.dirs for path in sorted(glob.glob(os.path.join(d, "*.db")))]
+        # A directory's own files, and its subdirectories' (one per replica of a scaled service).
+        files = [
+            path
+            for d in self.dirs
+            for pattern in ("*.db", os.path.join("*", "*.db"))
+            for path in sorted(glob.glob(os.path.join(d, pattern)))
+        ]
         yield from MultiProcessCollector.merge(files, accumulate=True)

@@ -297,6 +297,12 @@ def test_compose_gives_web_and_the_worker_their_own_metrics_directory_and_web_re
     assert web["PROMETHEUS_MULTIPROC_DIR"] != worker["PROMETHEUS_MULTIPROC_DIR"]
     own = [web["PROMETHEUS_MULTIPROC_DIR"], worker["PROMETHEUS_MULTIPROC_DIR"]]
     assert web["METRICS_MULTIPROC_DIRS"].split(",") == own
+    # Each replica of either counts under a directory of its own, its container's hostname (the
+    # files are named by pid, and two containers' processes may share one), which /metrics reads
+    # as a subdirectory of the listed ones.
+    replica_dir = 'export PROMETHEUS_MULTIPROC_DIR="$$PROMETHEUS_MULTIPROC_DIR/$$(cat /etc/hostname)" && '
+    for name in ("web", "worker"):
+        assert " ".join(compose["services"][name]["command"]).startswith(f"sh -c {replica_dir}"), name
     # The worker empties its own directory before Celery starts (web: gunicorn.conf.py).
     assert 'rm -f "$$PROMETHEUS_MULTIPROC_DIR"/*.db' in " ".join(compose["services"]["worker"]["command"])
     for name in ("beat", "migrate", "seed", "chain-deploy"):

@@ -165,6 +165,32 @@ def test_in_multiprocess_mode_metrics_add_up_every_process_of_every_listed_direc
     assert value(samples, "gpgpu_database_up") == 1
 
 
+def test_replicas_of_a_scaled_service_count_in_their_own_subdirectories_and_all_are_added_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given two web replicas (containers) whose gunicorn workers had the same pid, each counting
+    # into its own hostname's directory under web's, and a worker replica under the worker's
+    web, worker = tmp_path / "web", tmp_path / "worker"
+    for replica, heartbeats in (("c0ffee000001", 2), ("c0ffee000002", 5)):
+        (web / replica).mkdir(parents=True)
+        count_in_another_process(web / replica, heartbeats=heartbeats, placed=0)
+    (worker / "c0ffee000003").mkdir(parents=True)
+    count_in_another_process(worker / "c0ffee000003", heartbeats=0, placed=4)
+    # (the second's files renamed to the first's pid: what two containers' pid namespaces give)
+    first = {f.name.split("_")[0]: f.name for f in (web / "c0ffee000001").glob("*.db")}
+    for f in (web / "c0ffee000002").glob("*.db"):
+        f.rename(f.with_name(first[f.name.split("_")[0]]))
+    # when any replica of web is scraped
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(web / "c0ffee000001"))
+    monkeypatch.setenv("METRICS_MULTIPROC_DIRS", f"{web},{worker}")
+
+    samples = _scrape()
+
+    # then it has every replica's counts
+    assert value(samples, "gpgpu_agent_heartbeats_total", outcome="ok") == 7
+    assert value(samples, "gpgpu_match_placements_total") == 4
+
+
 def test_in_multiprocess_mode_web_alone_reads_its_own_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
