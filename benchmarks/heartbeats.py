@@ -25,7 +25,9 @@ through Django's cursors, as its answers say), `rows_written_per_heartbeat` and
 client inserted, updated or deleted, so approximate), `generator_cpu_share` (the load
 generator's CPU time over the run's wall time, in cores: what it took from the machine) and
 `server_cpu_ms_per_heartbeat` (the gunicorn workers' CPU time over the heartbeats answered: a
-figure other work on the machine does not change much, unlike the rates; null with --url). The
+figure other work on the machine does not change much, unlike the rates; null with --url),
+`database_cpu_ms_per_heartbeat` (the same of every PostgreSQL process on this machine, with --url
+too; null when the database runs elsewhere: other clients of it count too). The
 last line is one JSON summary of them all, with the settings.
 
 The script refuses a database that already holds machines unless --force, and deletes what it
@@ -193,6 +195,28 @@ def _cpu_seconds(parent: int) -> float:
         if int(fields[1]) == parent:
             total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def _database_cpu_seconds() -> float | None:
+    """CPU seconds (user and system) used so far by this machine's PostgreSQL processes (every
+    backend, live or ended, and the background writer, WAL writer, checkpointer: what the
+    heartbeats cost the database server), from /proc; None where none is visible (a database on
+    another host)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, seen = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+        except OSError:
+            continue
+        if raw[raw.index("(") + 1 : raw.rindex(")")] != "postgres":
+            continue
+        fields = raw.rsplit(")", 1)[1].split()
+        # Its own utime and stime, and its ended children's (cutime, cstime): a backend that
+        # closed during the run is counted in the postmaster's.
+        total += sum(int(f) for f in fields[11:15])
+        seen = True
+    return total / ticks if seen else None
 
 
 def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
@@ -425,8 +449,10 @@ def main() -> None:
         for concurrency in args.levels:
             before = _pg_counters()
             server_cpu = _cpu_seconds(server.pid) if server is not None else 0.0
+            database_cpu = _database_cpu_seconds()
             run = _drive(url, machines, concurrency, args.generators, args.seconds)
             server_cpu = _cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
+            database_after = _database_cpu_seconds()
             after = _pg_counters()
             n = len(run["latencies"])
             ordered = sorted(run["latencies"])
@@ -444,6 +470,11 @@ def main() -> None:
                 "commits_per_heartbeat": None,
                 "generator_cpu_share": round(run["cpu_s"] / run["wall_s"], 2),
                 "server_cpu_ms_per_heartbeat": round(1000 * server_cpu / n, 2) if server is not None and n else None,
+                "database_cpu_ms_per_heartbeat": (
+                    round(1000 * (database_after - database_cpu) / n, 2)
+                    if database_cpu is not None and database_after is not None and n
+                    else None
+                ),
             }
             if before is not None and after is not None and n:
                 row["rows_written_per_heartbeat"] = round((after["rows"] - before["rows"]) / n, 2)
