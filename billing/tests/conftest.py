@@ -36,9 +36,10 @@ from billing.contract import (
     revert_decode,
     settlement_items_encode,
 )
+from tests.depth import evms
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BACKENDS = ("eth-tester", "anvil")
+BACKENDS = evms()  # anvil unless GPGPU_TEST_EVMS says otherwise (tests/depth.py)
 INITIAL_FEE_BPS = 500
 ONE_TOKEN = 10**6  # MockStablecoin has 6 decimals
 

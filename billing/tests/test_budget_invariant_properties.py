@@ -67,7 +67,7 @@ from jobs.models import Event, Job, Lease, UsageReport
 from jobs.services import JobSpec, lease_end, lease_mark_started
 from marketplace.matching import match_cycle
 from marketplace.submit import job_submit
-from tests.depth import examples
+from tests.depth import evms, examples
 from tests.factories import RenterFactory, machine_with_gpus
 
 pytestmark = pytest.mark.django_db
@@ -196,7 +196,7 @@ def _anvil_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield _world("anvil", w3, tmp_path_factory.mktemp("anvil"))
 
 
-@pytest.fixture(params=["eth-tester", "anvil"])
+@pytest.fixture(params=evms())
 def world(request: pytest.FixtureRequest, settings: Any, tmp_path: Path) -> World:
     settings.VAR_DIR = tmp_path
     settings.CHAIN_CONFIRMATIONS = 1

@@ -33,8 +33,9 @@ from billing.chain.errors import (
 )
 from billing.contract import ESCROW, STABLECOIN
 from billing.tests.support import require_anvil
+from tests.depth import evms
 
-BACKENDS = ("eth-tester", "anvil")
+BACKENDS = evms()  # anvil unless GPGPU_TEST_EVMS says otherwise (tests/depth.py)
 OPERATOR = Account.from_key(keccak(text="gpgpu chain client tests: operator"))
 RENTER = Account.from_key(keccak(text="gpgpu chain client tests: renter"))
 

@@ -30,6 +30,7 @@ from billing.selectors import provider_payable_micro, renter_available_micro
 from billing.statements import LeaseMoney, lease_money, provider_earnings, renter_balance
 from billing.tests._escrow_env import ONE, EscrowEnv, charged_job, escrow_env
 from billing.tests.support import funded_renter, new_job, require_anvil
+from tests.depth import evms
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -97,7 +98,7 @@ def _node(backend: str, tmp_path: Path) -> Node:
     return Node(backend, _anvil_env(anvil, tmp_path), anvil)
 
 
-@pytest.fixture(params=["eth-tester", "anvil"])
+@pytest.fixture(params=evms())
 def node(request: pytest.FixtureRequest, tmp_path: Path, settings: Any) -> Iterator[Node]:
     settings.VAR_DIR = tmp_path
     settings.CHAIN_CONFIRMATIONS = 1
