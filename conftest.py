@@ -203,7 +203,7 @@ LONGEST_MODULES = (
     "tests/test_agent_end_to_end.py",  # 111
     "agent/tests/test_container_engine.py",  # 78
     "agent/tests/test_container_runner.py",  # 49
-    "billing/tests/test_chain_faults.py",  # 42
+    "billing/tests/test_chain_faults.py",  # 26 (on anvil only: tests/depth.py)
     "agent/tests/test_daemon.py",  # 36
     "billing/tests/test_contract.py",  # 29
     "tests/test_authorization_matrix.py",  # 25
