@@ -157,7 +157,8 @@ def _create(cursor: CursorWrapper, table: str, start: datetime, end: datetime) -
 def ensure(*, now: datetime, using: str = DEFAULT_DB_ALIAS, table: str = TABLE) -> list[str]:
     """Make sure range partitions cover [the slot containing `now`, now + AHEAD); returns the
     names created. Idempotent, and safe to run concurrently (a transaction-scoped advisory lock
-    serialises runs). A range already covered, even by partitions of another width (the setting
+    serialises runs); a table too busy to lock within LOCK_ATTEMPTS short waits is left for the
+    next run (AHEAD leaves a day of them). A range already covered, even by partitions of another width (the setting
     changed), is left as it is; new partitions fill the gaps."""
     if not supported(using):
         return []
@@ -176,7 +177,12 @@ def ensure(*, now: datetime, using: str = DEFAULT_DB_ALIAS, table: str = TABLE) 
                 continue
             later = [p.start for p in existing if p.start is not None and p.start > at]
             end = min([floor(at, step) + step, *later])
-            created.append(_create(cursor, table, at, end))
+            # ATTACH locks the DEFAULT partition exclusively while it checks it holds none of the
+            # new range's rows; behind a long read, every read of the table would queue.
+            if not _with_short_locks(partial(_create, cursor, table, at, end), cursor):
+                logger.warning("telemetry: the table is busy; partition [%s, %s) left for a later run", at, end)
+                break
+            created.append(partition_name(at, end, table))
             existing.append(Partition(name=created[-1], start=at, end=end))
             at = end
     if created:

@@ -150,9 +150,10 @@ def test_a_partition_inside_the_retention_is_kept_whole_even_when_rolled_up() ->
 def test_a_long_read_defers_the_drop_and_the_heartbeats_inserts_wait_only_a_short_lock_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """DROP needs the table's exclusive lock; behind a long read it would queue every heartbeat's
-    insert for as long as the read lasts. It waits LOCK_TIMEOUT at a time instead, gives up after
-    LOCK_ATTEMPTS, and drops the partition on a later run."""
+    """DROP needs the table's exclusive lock (and ATTACH the DEFAULT partition's); behind a long
+    read either would queue every heartbeat's insert (or every read) for as long as the read
+    lasts. Each waits LOCK_TIMEOUT at a time instead, gives up after LOCK_ATTEMPTS, and is done on
+    a later run."""
     monkeypatch.setattr(tp, "LOCK_ATTEMPTS", 3)
     monkeypatch.setattr(tp, "LOCK_RETRY_S", 0.3)
     gpu = GPUFactory()
@@ -183,14 +184,18 @@ def test_a_long_read_defers_the_drop_and_the_heartbeats_inserts_wait_only_a_shor
         writer.start()
         try:
             deferred = tp.drop_expired(**expired)
+            with settings_with(TELEMETRY_PARTITION_H=6):
+                not_made = tp.ensure(now=T + timedelta(days=3))  # ATTACH waits for the same read
         finally:
             stop.set()
             writer.join()
         reader.rollback()
     dropped_later = tp.drop_expired(**expired)
 
-    assert deferred == []
+    assert deferred == [] and not_made == []
     assert name in dropped_later
+    with settings_with(TELEMETRY_PARTITION_H=6):
+        assert tp.ensure(now=T + timedelta(days=3))  # made once the read is over
     # Each wait of the DROP lasts LOCK_TIMEOUT (0.2 s); an insert never waits much longer (slack for a
     # loaded machine), against the read's whole length (here 1.5 s) were the DROP to wait it out.
     assert waits and max(waits) < 1.0
