@@ -141,6 +141,12 @@ def _create(cursor: CursorWrapper, table: str, start: datetime, end: datetime) -
     name = partition_name(start, end, table)
     columns = ", ".join(f'"{c}"' for c in _columns(cursor, table))
     with transaction.atomic(using=cursor.db.alias):
+        # First the lock ATTACH takes anyway: no heartbeat may commit a row of the range into the
+        # DEFAULT partition between the move and the ATTACH (which would then refuse the range).
+        # A heartbeat that was routing such a row to DEFAULT meanwhile fails its transaction
+        # ("violates partition constraint") and the agent sends it again; that only happens when
+        # the current slot had no partition (beat stopped for over AHEAD).
+        cursor.execute(f'LOCK TABLE "{default_partition(table)}" IN ACCESS EXCLUSIVE MODE')
         cursor.execute(f'CREATE TABLE "{name}" (LIKE "{table}" INCLUDING DEFAULTS INCLUDING CONSTRAINTS)')
         move = (
             f'WITH moved AS (DELETE FROM "{default_partition(table)}" WHERE at >= {_literal(start)} '  # noqa: S608
@@ -158,8 +164,8 @@ def ensure(*, now: datetime, using: str = DEFAULT_DB_ALIAS, table: str = TABLE) 
     """Make sure range partitions cover [the slot containing `now`, now + AHEAD); returns the
     names created. Idempotent, and safe to run concurrently (a transaction-scoped advisory lock
     serialises runs); a table too busy to lock within LOCK_ATTEMPTS short waits is left for the
-    next run (AHEAD leaves a day of them). A range already covered, even by partitions of another width (the setting
-    changed), is left as it is; new partitions fill the gaps."""
+    next run (AHEAD leaves a day of them). A range already covered, even by partitions of another
+    width (the setting changed), is left as it is; new partitions fill the gaps."""
     if not supported(using):
         return []
     step = width()
