@@ -191,6 +191,7 @@ def test_prune_deletes_rollups_past_their_retention() -> None:
     assert TelemetrySample.objects.count() == 0
 
 
+@pytest.mark.usefixtures("telemetry_partitions_restored")
 @pytest.mark.django_db(transaction=True)  # each step commits, as beat's tasks do (a partition is
 # not dropped in the transaction that wrote it)
 def test_tables_stay_bounded_over_days_of_samples() -> None:
