@@ -49,7 +49,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -181,42 +181,35 @@ def _pg_counters() -> dict[str, int] | None:
 # --- the server -------------------------------------------------------------------------------
 
 
+def _processes() -> Iterator[tuple[str, list[str]]]:
+    """(command name, the stat fields after it) of every process /proc shows: fields[1] is the
+    parent's pid, fields[11:13] the process's utime and stime, fields[13:15] its ended
+    children's, in clock ticks."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+        except OSError:
+            continue
+        yield raw[raw.index("(") + 1 : raw.rindex(")")], raw.rsplit(")", 1)[1].split()
+
+
 def _cpu_seconds(parent: int) -> float:
     """CPU seconds (user and system) used so far by the processes whose parent is `parent`
     (gunicorn's workers), from /proc; 0 where /proc cannot tell."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command: state, ppid, …; utime and stime are the 14th and 15th fields.
-        if int(fields[1]) == parent:
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
+    ticks = sum(int(f[11]) + int(f[12]) for _, f in _processes() if int(f[1]) == parent)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _database_cpu_seconds() -> float | None:
     """CPU seconds (user and system) used so far by this machine's PostgreSQL processes (every
     backend, live or ended, and the background writer, WAL writer, checkpointer: what the
     heartbeats cost the database server), from /proc; None where none is visible (a database on
-    another host)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total, seen = 0, False
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            raw = stat.read_text()
-        except OSError:
-            continue
-        if raw[raw.index("(") + 1 : raw.rindex(")")] != "postgres":
-            continue
-        fields = raw.rsplit(")", 1)[1].split()
-        # Its own utime and stime, and its ended children's (cutime, cstime): a backend that
-        # closed during the run is counted in the postmaster's.
-        total += sum(int(f) for f in fields[11:15])
-        seen = True
-    return total / ticks if seen else None
+    another host). A backend that closed during the run is counted in the postmaster's ended
+    children."""
+    postgres = [f for name, f in _processes() if name == "postgres"]
+    if not postgres:
+        return None
+    return sum(int(t) for f in postgres for t in f[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:

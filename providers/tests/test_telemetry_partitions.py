@@ -49,9 +49,14 @@ def sample(gpu: GPU, at: datetime, util: float = 10.0) -> TelemetrySample:
     return TelemetrySample.objects.create(gpu=gpu, at=at, utilization_pct=util, state=GPU.State.IDLE)
 
 
-def ranges() -> list[tuple[datetime | None, datetime]]:
+def listed() -> list[tp.Partition]:
     with connection.cursor() as cursor:
-        return [(p.start, p.end) for p in tp.partitions(cursor)]
+        return tp.partitions(cursor)
+
+
+def ranges(names: list[str] | None = None) -> list[tuple[datetime | None, datetime]]:
+    """The (start, end) of the table's partitions, or of those named, by start."""
+    return [(p.start, p.end) for p in listed() if names is None or p.name in names]
 
 
 def test_a_sample_lands_in_the_partition_of_its_time_and_one_far_off_in_the_default() -> None:
@@ -74,7 +79,7 @@ def test_partitions_are_made_a_day_ahead_on_the_slots_of_the_day_and_only_once()
         created = tp.ensure(now=T + timedelta(hours=3, minutes=30))
         again = tp.ensure(now=T + timedelta(hours=3, minutes=30))
 
-    made = [(p.start, p.end) for p in map(_parse_name, created)]
+    made = ranges(created)
     # From the slot holding now to past now + 24 h, back to back, each 6 h on the UTC day's slots.
     assert made == [(T + timedelta(hours=h), T + timedelta(hours=h + 6)) for h in range(0, 30, 6)]
     assert again == []
@@ -86,7 +91,7 @@ def test_a_new_width_fills_the_gaps_without_overlapping_the_partitions_already_m
     with settings_with(TELEMETRY_PARTITION_H=4):
         created = tp.ensure(now=T + timedelta(hours=20))
 
-    made = [(p.start, p.end) for p in map(_parse_name, created)]
+    made = ranges(created)
     assert made[0] == (T + timedelta(hours=24), T + timedelta(hours=28))
     assert made[-1][1] >= T + timedelta(hours=44)
     future = [r for r in ranges() if r[0] is not None and r[0] >= T]
@@ -129,7 +134,7 @@ def test_a_partition_goes_once_its_whole_range_is_past_retention_and_rolled_up()
     assert kept_after_first == {s.pk for s in second}
     assert names_after_first == {tp.partition_name(T + timedelta(hours=6), T + timedelta(hours=12))}
     assert kept_after_second == 0
-    assert tp.partition_name(T, T + timedelta(hours=6)) not in {name for (name,) in _partition_names()}
+    assert tp.partition_name(T, T + timedelta(hours=6)) not in {p.name for p in listed()}
     # The summaries outlive the raw rows: one per hour of the twelve.
     assert TelemetryRollup.objects.filter(gpu=gpu).count() == 12
 
@@ -293,15 +298,3 @@ def test_an_existing_plain_table_is_partitioned_as_it_is_written_to_without_a_sc
         writer.join()
         with connection.cursor() as cursor:
             cursor.execute("DROP TABLE IF EXISTS conv_samples CASCADE")
-
-
-def _partition_names() -> list[tuple[str]]:
-    with connection.cursor() as cursor:
-        return [(p.name,) for p in tp.partitions(cursor)]
-
-
-def _parse_name(name: str) -> tp.Partition:
-    match = re.match(r"^providers_telemetrysample_p(\d{10})_(\d{10})$", name)
-    assert match, name
-    start, end = (datetime.strptime(g, "%Y%m%d%H").replace(tzinfo=UTC) for g in match.groups())
-    return tp.Partition(name=name, start=start, end=end)
