@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db import transaction
+from django.db.models import BigIntegerField, Case, F, Q, Value, When
 from django.utils import timezone
 
 from billing import metering
@@ -112,26 +112,42 @@ def _check_ref(ref: AccountRef) -> None:
         raise ValueError(f"account {ref} does not name the owner its kind needs ({owner or 'none'})")
 
 
-def account_get_or_create(*, ref: AccountRef) -> LedgerAccount:
-    """The account `ref` names, created (balance 0) the first time."""
-    _check_ref(ref)
-    key = ref.owner_key
-    account = LedgerAccount.objects.filter(kind=ref.kind, owner_key=key).first()
-    if account is not None:
-        return account
-    try:
-        with transaction.atomic():
-            return LedgerAccount.objects.create(
-                kind=ref.kind,
-                owner_key=key,
-                renter_id=ref.renter_id,
-                provider_id=ref.provider_id,
-                job_id=ref.job_id,
-                lease_id=ref.lease_id,
-            )
-    except IntegrityError:
-        # A concurrent posting created it first.
-        return LedgerAccount.objects.get(kind=ref.kind, owner_key=key)
+def accounts_get_or_create(*, refs: Iterable[AccountRef]) -> dict[AccountRef, int]:
+    """The pks of the accounts `refs` name, each created (balance 0) the first time: one query
+    when they all exist, three when some are new, however many there are. Nothing is locked."""
+    wanted = {(ref.kind, ref.owner_key): ref for ref in refs}
+    for ref in wanted.values():
+        _check_ref(ref)
+    if not wanted:
+        return {}
+
+    def lookup(keys: Iterable[tuple[str, str]]) -> dict[AccountRef, int]:
+        match = Q()
+        for kind, owner_key in keys:
+            match |= Q(kind=kind, owner_key=owner_key)
+        rows = LedgerAccount.objects.filter(match).values_list("pk", "kind", "owner_key")
+        return {wanted[(kind, owner_key)]: pk for pk, kind, owner_key in rows}
+
+    found = lookup(wanted)
+    if missing := [ref for key, ref in wanted.items() if ref not in found]:
+        # ON CONFLICT DO NOTHING: an account a concurrent posting created meanwhile is kept, and
+        # read back with the ones made here.
+        LedgerAccount.objects.bulk_create(
+            [
+                LedgerAccount(
+                    kind=ref.kind,
+                    owner_key=ref.owner_key,
+                    renter_id=ref.renter_id,
+                    provider_id=ref.provider_id,
+                    job_id=ref.job_id,
+                    lease_id=ref.lease_id,
+                )
+                for ref in missing
+            ],
+            ignore_conflicts=True,
+        )
+        found |= lookup((ref.kind, ref.owner_key) for ref in missing)
+    return found
 
 
 def accounts_lock(*, account_ids: Iterable[int]) -> dict[int, LedgerAccount]:
@@ -199,7 +215,7 @@ def ledger_post(
         raise UnbalancedEntry(f"the postings of {idempotency_key!r} sum to {total}, not zero")
 
     with transaction.atomic():
-        ids = {ref: account_get_or_create(ref=ref).pk for ref in merged}
+        ids = accounts_get_or_create(refs=merged)
         locked = accounts_lock(account_ids=ids.values())
         # Checked after the locks: a concurrent post of the same key has committed by now.
         existing = LedgerEntry.objects.filter(idempotency_key=idempotency_key).first()
@@ -234,9 +250,12 @@ def ledger_post(
         Posting.objects.bulk_create(
             [Posting(entry=entry, account_id=pk, amount=amount) for pk, amount in wanted.items()]
         )
-        now = timezone.now()
-        for pk, amount in wanted.items():
-            LedgerAccount.objects.filter(pk=pk).update(balance=F("balance") + amount, updated_at=now)
+        # One statement for every account's balance.
+        LedgerAccount.objects.filter(pk__in=wanted).update(
+            balance=F("balance")
+            + Case(*(When(pk=pk, then=Value(amount)) for pk, amount in wanted.items()), output_field=BigIntegerField()),
+            updated_at=timezone.now(),
+        )
     return entry, True
 
 
@@ -370,8 +389,8 @@ def job_budget_release(*, job_id: int) -> LedgerEntry | None:
         existing = LedgerEntry.objects.filter(idempotency_key=f"release:{job_id}").first()
         if existing is not None:
             return existing
-        account = account_get_or_create(ref=job_reserved(job_id))
-        remaining = accounts_lock(account_ids=[account.pk])[account.pk].balance
+        account_id = accounts_get_or_create(refs=[job_reserved(job_id)])[job_reserved(job_id)]
+        remaining = accounts_lock(account_ids=[account_id])[account_id].balance
         if remaining == 0:
             return None
         entry, _ = ledger_post(
@@ -613,10 +632,9 @@ def lease_meter(*, lease_id: int, now: datetime | None = None) -> LeaseCharge | 
             )
 
         reserved_ref = job_reserved(lease.job_id)
-        reserved = account_get_or_create(ref=reserved_ref)
-        unsettled = account_get_or_create(ref=lease_unsettled(lease_id))
-        locked = accounts_lock(account_ids=[reserved.pk, unsettled.pk])
-        ceiling = charge.cumulative_micro + locked[reserved.pk].balance
+        ids = accounts_get_or_create(refs=[reserved_ref, lease_unsettled(lease_id)])
+        locked = accounts_lock(account_ids=ids.values())
+        ceiling = charge.cumulative_micro + locked[ids[reserved_ref]].balance
         cumulative = max(charge.cumulative_micro, min(uncapped, ceiling))
         capped = uncapped > ceiling
         delta = cumulative - charge.cumulative_micro

@@ -8,6 +8,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import DatabaseError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from billing import selectors, services
 from billing.errors import IdempotencyConflict, InsufficientBalance, InsufficientFunds, UnbalancedEntry
@@ -207,3 +208,62 @@ def test_ledger_check_reports_a_finished_job_whose_budget_was_not_released(capsy
 
     services.budgets_release()
     call_command("ledger_check")
+
+
+def test_a_posting_takes_the_same_few_statements_however_many_accounts_it_touches(django_assert_num_queries):
+    """Accounts are found, created and their balances moved a statement at a time for all of
+    them, not one per leg: a settlement of a busy lease costs what a deposit does."""
+    renters = [RenterFactory(funds=0) for _ in range(4)]
+    services.deposit_record(renter=renters[0], amount=1, tx_hash="0xwarm", log_index=0)  # escrow_chain exists
+
+    def post(key: str, receivers: list) -> None:  # type: ignore[type-arg]
+        legs = [Leg(ESCROW_CHAIN, -len(receivers))] + [Leg(renter_available(r.pk), 1) for r in receivers]
+        ledger_post(kind="deposit", idempotency_key=key, legs=legs)
+
+    with CaptureQueriesContext(connection) as one_new:
+        post("one-new", renters[1:2])
+    with django_assert_num_queries(len(one_new)):
+        post("two-new", renters[2:4])
+    with CaptureQueriesContext(connection) as existing:
+        post("one-existing", renters[1:2])
+    with django_assert_num_queries(len(existing)):
+        post("three-existing", renters[1:4])
+    assert len(existing) < len(one_new)
+    assert [available(r) for r in renters] == [1, 3, 2, 2]
+    assert selectors.ledger_violations() == []
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="SQLite's test database refuses, not waits, a second writer"
+)
+def test_postings_racing_to_open_the_same_new_accounts_all_land_on_one_account_each():
+    """Two deposits for a renter whose account does not exist yet, at the same instant: both
+    create it (one waits for the other's insert), neither fails, and the balance holds both."""
+    import threading
+
+    from django.db import connections
+
+    renter = RenterFactory(funds=0)
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def deposit(n: int) -> None:
+        try:
+            barrier.wait(10)
+            services.deposit_record(renter=renter, amount=10 + n, tx_hash=f"0xrace{n}", log_index=0)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=deposit, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert errors == []
+    assert LedgerAccount.objects.filter(kind="renter_available", renter=renter).count() == 1
+    assert available(renter) == 10 + 11 + 12 + 13
+    assert selectors.ledger_violations() == []
