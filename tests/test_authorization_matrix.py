@@ -4,6 +4,7 @@ the other role's endpoints, and another user's objects are 404 (their existence 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -24,6 +25,7 @@ from tests.factories import (
     placed_lease,
     token_for,
 )
+from tests.module_db import built_once
 
 pytestmark = pytest.mark.django_db
 
@@ -108,6 +110,9 @@ def client_for(user: Any) -> APIClient:
     return client
 
 
+Rows = tuple[dict[str, dict[str, int]], dict[str, str]]  # ids by owner, API tokens by owner
+
+
 @dataclass
 class World:
     """Two renters and two providers, each owning one of everything."""
@@ -150,23 +155,38 @@ def _escrow_known(settings):  # type: ignore[no-untyped-def]
     settings.TOKEN_ADDRESS = "0x" + "70" * 20
 
 
+@pytest.fixture(scope="module")
+def world_rows(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Rows]:
+    """Two renters and two providers with their objects and API tokens, built once for the
+    module: every test reads the same rows, and what a test changes is rolled back after it."""
+    with built_once(django_db_blocker):
+        ids, tokens = {}, {}
+        for owner, build in (
+            ("renter", _renter_objects),
+            ("other_renter", _renter_objects),
+            ("provider", _provider_objects),
+            ("other_provider", _provider_objects),
+        ):
+            user_owner, ids[owner] = build()
+            tokens[owner] = token_for(user_owner.user)
+        yield ids, tokens
+
+
 @pytest.fixture
-def world(db) -> World:  # type: ignore[no-untyped-def]
-    renter, renter_ids = _renter_objects()
-    other_renter, other_renter_ids = _renter_objects()
-    provider, provider_ids = _provider_objects()
-    other_provider, other_provider_ids = _provider_objects()
+def world(db: Any, world_rows: Rows) -> World:
+    ids, tokens = world_rows
+
+    def client(owner: str) -> APIClient:
+        api = APIClient()
+        api.credentials(HTTP_AUTHORIZATION=f"Token {tokens[owner]}")
+        return api
+
     return World(
-        ids={
-            "renter": renter_ids,
-            "other_renter": other_renter_ids,
-            "provider": provider_ids,
-            "other_provider": other_provider_ids,
-        },
-        renter=client_for(renter.user),
-        other_renter=client_for(other_renter.user),
-        provider=client_for(provider.user),
-        other_provider=client_for(other_provider.user),
+        ids=ids,
+        renter=client("renter"),
+        other_renter=client("other_renter"),
+        provider=client("provider"),
+        other_provider=client("other_provider"),
     )
 
 
