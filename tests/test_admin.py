@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -42,6 +43,7 @@ from tests.factories import (
     machine_with_gpus,
     placed_lease,
 )
+from tests.module_db import built_once
 
 pytestmark = pytest.mark.django_db
 
@@ -69,9 +71,21 @@ def console(operator) -> Client:  # type: ignore[no-untyped-def]
     return client
 
 
+@pytest.fixture(scope="module")
+def fleet_rows(django_db_setup: Any, django_db_blocker: Any) -> Iterator[dict[str, tuple[type[Any], int]]]:
+    """One of everything the console lists, wired together as in production: built once for the
+    module (tests.module_db), each object named by its model and pk."""
+    with built_once(django_db_blocker):
+        yield {name: (type(obj), obj.pk) for name, obj in _fleet_build().items()}
+
+
 @pytest.fixture
-def fleet(db) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """One of everything the console lists, wired together as in production."""
+def fleet(db: Any, fleet_rows: dict[str, tuple[type[Any], int]]) -> dict[str, Any]:
+    """The fleet's objects, read afresh for each test (what an earlier test changed is undone)."""
+    return {name: model._base_manager.get(pk=pk) for name, (model, pk) in fleet_rows.items()}
+
+
+def _fleet_build() -> dict[str, Any]:
     machine = machine_with_gpus(count=2)
     provider = machine.provider
     token, _ = registration_token_create(provider=provider, label="rack 3")
