@@ -16,7 +16,7 @@ from eth_utils import keccak, to_checksum_address
 
 from billing import services
 from billing.chain import ChainClient, chain_client_eth_tester
-from billing.chain.deployment import Deployment, deployment_ensure
+from billing.chain.deployment import Deployment, deployment_ensure, deployment_save
 from billing.contract import ESCROW, STABLECOIN, budget_sign
 from billing.models import BudgetAuthorization, LedgerAccount
 from jobs.models import Job, Lease, Renter, UsageReport
@@ -110,11 +110,31 @@ def _balance(kind: str, owner_key: str) -> int:
     return LedgerAccount.objects.filter(kind=kind, owner_key=owner_key).values_list("balance", flat=True).first() or 0
 
 
+# Per process and fee: the chain just after the escrow's deployment, and its snapshot there.
+_DEPLOYED: dict[int, tuple[ChainClient, Any, Deployment]] = {}
+
+
 def escrow_env(tmp_path: Path, *, fee_bps: int = 1000) -> EscrowEnv:
-    client = chain_client_eth_tester()
-    deployment, _ = deployment_ensure(
-        client=client, treasury=client.address, fee_bps=fee_bps, dev_token=True, path=tmp_path / "deployment.json"
-    )
+    """An in-process chain with the escrow and the mock token deployed, as no test has used it.
+
+    The chain is made and the contracts deployed once per process (and fee); every later call
+    reverts it to the snapshot taken right after that deployment (blocks, balances, contract
+    storage) and turns automatic mining back on, instead of deploying again. The client is new
+    each time (its own nonce counter), and the deployment is recorded under `tmp_path`."""
+    if fee_bps not in _DEPLOYED:
+        client = chain_client_eth_tester()
+        deployment, _ = deployment_ensure(
+            client=client, treasury=client.address, fee_bps=fee_bps, dev_token=True, path=tmp_path / "deployment.json"
+        )
+        tester = client.web3.provider.ethereum_tester  # type: ignore[attr-defined]
+        _DEPLOYED[fee_bps] = (client, tester.take_snapshot(), deployment)
+    else:
+        first, snapshot, deployment = _DEPLOYED[fee_bps]
+        tester = first.web3.provider.ethereum_tester  # type: ignore[attr-defined]
+        tester.revert_to_snapshot(snapshot)
+        tester.enable_auto_mine_transactions()
+        client = first.for_account(first.account)
+        deployment_save(deployment, path=tmp_path / "deployment.json")
     return EscrowEnv(
         client=client,
         deployment=deployment,
