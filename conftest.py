@@ -206,7 +206,6 @@ LONGEST_MODULES = (
     "billing/tests/test_chain_faults.py",  # 26 (on anvil only: tests/depth.py)
     "agent/tests/test_daemon.py",  # 36
     "billing/tests/test_contract.py",  # 29
-    "tests/test_authorization_matrix.py",  # 25
     "agent/tests/test_fencing.py",  # 23
     "billing/tests/test_budget_invariant_properties.py",  # 20
     "billing/tests/test_release_on_chain.py",  # 19

@@ -244,11 +244,16 @@ def test_without_a_subscription_a_held_call_looks_every_quarter_second(
     client = agent_client(machine)
     since = timezone.now()
 
-    placer = _in_a_second(lambda: placed_lease(job=JobFactory(), gpus=[gpu]))
+    placed_at: list[float] = []
+    placer = _in_a_second(lambda: (placed_lease(job=JobFactory(), gpus=[gpu]), placed_at.append(time.monotonic())))
     answer, took = wait(client, 20, since=since)
+    answered_at = time.monotonic()
     placer.join()
 
-    assert answer["orders"] is True and 0.9 <= took < 2
+    assert answer["orders"] is True and took >= 0.9
+    # Seen within a few quarter-second looks of the placement's commit, however long the
+    # placement itself took on a busy machine.
+    assert answered_at - placed_at[0] < 1.0
     assert looks.count(machine.pk) >= 4  # it polled, as without Redis
 
 
