@@ -129,7 +129,7 @@ def accounts_get_or_create(*, refs: Iterable[AccountRef]) -> dict[AccountRef, in
         return {wanted[(kind, owner_key)]: pk for pk, kind, owner_key in rows}
 
     found = lookup(wanted)
-    if missing := [ref for key, ref in wanted.items() if ref not in found]:
+    if missing := [ref for ref in wanted.values() if ref not in found]:
         # ON CONFLICT DO NOTHING: an account a concurrent posting created meanwhile is kept, and
         # read back with the ones made here.
         LedgerAccount.objects.bulk_create(
@@ -389,7 +389,8 @@ def job_budget_release(*, job_id: int) -> LedgerEntry | None:
         existing = LedgerEntry.objects.filter(idempotency_key=f"release:{job_id}").first()
         if existing is not None:
             return existing
-        account_id = accounts_get_or_create(refs=[job_reserved(job_id)])[job_reserved(job_id)]
+        reserved = job_reserved(job_id)
+        account_id = accounts_get_or_create(refs=[reserved])[reserved]
         remaining = accounts_lock(account_ids=[account_id])[account_id].balance
         if remaining == 0:
             return None

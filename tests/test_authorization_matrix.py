@@ -104,10 +104,14 @@ PROVIDER_ENDPOINTS = PROVIDER_COLLECTION_ENDPOINTS + PROVIDER_OBJECT_ENDPOINTS
 ALL_ENDPOINTS = ANY_USER_ENDPOINTS + RENTER_ENDPOINTS + PROVIDER_ENDPOINTS
 
 
-def client_for(user: Any) -> APIClient:
+def client_with(token: str) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(user)}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
     return client
+
+
+def client_for(user: Any) -> APIClient:
+    return client_with(token_for(user))
 
 
 Rows = tuple[dict[str, dict[str, int]], dict[str, str]]  # ids by owner, API tokens by owner
@@ -175,18 +179,12 @@ def world_rows(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Rows]:
 @pytest.fixture
 def world(db: Any, world_rows: Rows) -> World:
     ids, tokens = world_rows
-
-    def client(owner: str) -> APIClient:
-        api = APIClient()
-        api.credentials(HTTP_AUTHORIZATION=f"Token {tokens[owner]}")
-        return api
-
     return World(
         ids=ids,
-        renter=client("renter"),
-        other_renter=client("other_renter"),
-        provider=client("provider"),
-        other_provider=client("other_provider"),
+        renter=client_with(tokens["renter"]),
+        other_renter=client_with(tokens["other_renter"]),
+        provider=client_with(tokens["provider"]),
+        other_provider=client_with(tokens["other_provider"]),
     )
 
 

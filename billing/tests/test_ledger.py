@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
 from billing import selectors, services
@@ -238,12 +239,8 @@ def test_a_posting_takes_the_same_few_statements_however_many_accounts_it_touche
     connection.vendor != "postgresql", reason="SQLite's test database refuses, not waits, a second writer"
 )
 def test_postings_racing_to_open_the_same_new_accounts_all_land_on_one_account_each():
-    """Two deposits for a renter whose account does not exist yet, at the same instant: both
-    create it (one waits for the other's insert), neither fails, and the balance holds both."""
-    import threading
-
-    from django.db import connections
-
+    """Four deposits for a renter whose account does not exist yet, at the same instant: each
+    creates it (the others wait for the first insert), none fails, and the balance holds all four."""
     renter = RenterFactory(funds=0)
     barrier = threading.Barrier(4)
     errors: list[BaseException] = []
