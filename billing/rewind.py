@@ -19,7 +19,10 @@ settlement lock, before anything is sent, and:
   is forgotten (billing.release.release_forget);
 - finds every submitted batch whose transaction vanished: the node knows it no more (neither
   mined nor in its pool) while the operator's nonce it used is still unused on chain. It goes back
-  to pending (no ledger entry was made for it yet).
+  to pending (no ledger entry was made for it yet);
+- fills the nonce gaps below the operator's transactions that wait in the node's pool unmined
+  (submitted batches, releases sent): one sent after a rollback under the stale nonce counter
+  waits past the nonces the rollback freed, forever when nothing else is sent.
 
 A pending batch is then completed by the usual path of its run, exactly once: its transaction is
 found by the nonce and calldata hash recorded before it was sent (the chain mined it again), or
@@ -63,11 +66,12 @@ class RewindResult:
     reservations: int = 0
     releases: int = 0
     vanished: int = 0
+    gaps_filled: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.settlements or self.reservations or self.releases or self.vanished)
+        return bool(self.settlements or self.reservations or self.releases or self.vanished or self.gaps_filled)
 
     def as_dict(self) -> dict[str, object]:
         counts: dict[str, object] = {key: value for key, value in self.__dict__.items() if key != "errors" and value}
@@ -140,6 +144,7 @@ def chain_rewind(*, client: ChainClient) -> RewindResult:
         with periodic.item(kind, item_id, atomic=False, passthrough=(NodeUnavailable,)):
             _undo(record, chain, result)
     _vanished(client, result)
+    _gaps(client, result)
     if result.changed:
         client.nonce_reset()  # the operator's transactions that left the chain freed their nonces
         logger.warning("chain rewind: %s", result.as_dict())
@@ -199,6 +204,22 @@ def _vanished(client: ChainClient, result: RewindResult) -> None:
             if moved:
                 logger.warning("%s: transaction %s vanished; it goes out again", record, record.tx_hash)
                 result.vanished += moved
+
+
+def _gaps(client: ChainClient, result: RewindResult) -> None:
+    """Fill the nonce gaps below the operator's sent and unmined transactions (submitted batches,
+    releases sent and not recorded): one sent after a rollback, under a nonce counter the rollback
+    made stale, waits in the node's pool past the freed nonces and, when nothing else goes out,
+    is never mined (ChainClient.nonce_gaps_fill)."""
+    hashes = [
+        *Settlement.objects.filter(status=OS.SUBMITTED).exclude(tx_hash="").values_list("tx_hash", flat=True),
+        *BudgetReservation.objects.filter(status=OS.SUBMITTED).exclude(tx_hash="").values_list("tx_hash", flat=True),
+        *BudgetAuthorization.objects.filter(released_on_chain_at__isnull=True)
+        .exclude(release_tx_hash="")
+        .values_list("release_tx_hash", flat=True),
+    ]
+    if hashes:
+        result.gaps_filled += len(client.nonce_gaps_fill(hashes))
 
 
 __all__ = ["REWIND_DEPTH_BLOCKS", "RewindResult", "chain_rewind"]

@@ -25,6 +25,7 @@ the settlement task), or they will see NonceConflict.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
@@ -57,6 +58,8 @@ from billing.chain.errors import (
     log_scrubbing_install,
 )
 from billing.contract import load_artifact
+
+logger = logging.getLogger(__name__)
 
 # Anvil's (and Hardhat's) development account #0, derived from the public "test test … junk"
 # mnemonic: known to everyone, so it is only ever a default in DEBUG.
@@ -417,6 +420,55 @@ class ChainClient:
         nonces they used, and a transaction sent past a gap waits forever."""
         with self._nonce_lock:
             self._next_local_nonce = None
+
+    def nonce_gaps_fill(self, tx_hashes: list[str], *, limit: int = 32) -> list[int]:
+        """Fill the nonce gaps that keep the operator's transactions `tx_hashes` waiting in the
+        node's pool. Returns the nonces filled.
+
+        A transaction sent under a nonce counter that a rollback made stale sits past a gap: the
+        node holds it (queued) but mines it only once every lower nonce is used, and when nothing
+        else goes out it waits forever. For each of these transactions still unmined, every nonce
+        from the node's pending count (past the mined and the executable ones) up to it that none
+        of them holds gets a 0-value transfer to the operator itself (21,000 gas): the node then
+        mines the queued transactions in order. A nonce the node already holds a transaction for
+        is refused by it (already known, or an underpriced replacement) and left as it is; at most
+        `limit` are filled per call. Raises NodeUnavailable."""
+        waiting: set[int] = set()
+        with chain_errors():
+            for tx_hash in tx_hashes:
+                try:
+                    tx = self.web3.eth.get_transaction(HexStr(tx_hash))
+                except TransactionNotFound:
+                    continue
+                if tx.get("blockNumber") is None and str(tx["from"]).lower() == self.address.lower():
+                    waiting.add(int(tx["nonce"]))
+        if not waiting:
+            return []
+        pending = self._pending_nonce()
+        gaps = [nonce for nonce in range(pending, max(waiting)) if nonce not in waiting][:limit]
+        if not gaps:
+            return []
+        fees = self._fees()
+        chain_id = self.chain_id()
+        filled: list[int] = []
+        with self._nonce_lock:
+            for nonce in gaps:
+                transfer: dict[str, Any] = {"to": self.address, "value": 0, "gas": 21_000, "type": 2}
+                signed = self.account.sign_transaction({**transfer, **fees, "nonce": nonce, "chainId": chain_id})
+                try:
+                    with chain_errors():
+                        self.web3.eth.send_raw_transaction(signed.raw_transaction)
+                except NonceConflict:
+                    continue  # the nonce is taken after all (mined or held meanwhile)
+                except ChainError as error:
+                    if is_already_known(error):
+                        continue
+                    raise
+                filled.append(nonce)
+            self._next_local_nonce = None
+        if filled:
+            logger.warning("nonces %s were a gap below the operator's waiting transactions: filled", filled)
+        return filled
 
     def confirmations(self, tx_hash: str) -> int:
         """How many blocks (its own included) confirm `tx_hash`: 0 if not mined or reorged away."""

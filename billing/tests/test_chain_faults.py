@@ -367,6 +367,45 @@ def test_a_release_whose_transaction_vanished_before_it_confirmed_is_sent_again_
     _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
 
 
+def test_a_release_sent_past_a_nonce_gap_after_a_rollback_is_mined_by_the_next_run(node):
+    """The chain rolls back under the operator's nonce counter (two of its transactions are gone)
+    and the release run sends the job's releaseJob under the stale counter: the node holds it
+    past a gap of two nonces and, with nothing else going out, would never mine it (the fault run
+    found two budgets left unreleased this way). The next run fills the gap and the release is
+    mined, once."""
+    if node.anvil is None:
+        pytest.skip("py-evm refuses a nonce past a gap (the client then sends at its count): nothing waits behind one")
+    renter, account, payee, job, lease = _charged(node, "ivy")
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    client = node.client()
+    mark = node.mark()
+    for _ in range(2):
+        client.wait_receipt(client.send_value(client.address, 0).hash)
+    node.roll_back(mark)
+    node.mine(1)
+    sent_by_operator = client.transaction_count("latest")
+
+    stalled = jobs_release_on_chain(client=client, deployment=node.env.deployment)
+
+    assert (stalled["pending"], stalled["released"]) == (1, 0) and "stalled" in stalled
+    sent = BudgetAuthorization.objects.get(job=job).release_tx_hash
+    assert client.web3.eth.get_transaction(sent)["nonce"] == sent_by_operator + 2  # past the gap
+    assert not node.env.escrow.functions.job(job.pk).call()[5]
+
+    done = jobs_release_on_chain(client=client, deployment=node.env.deployment)
+
+    assert done["rewound"] == {"gaps_filled": 2} and done["released"] == 1
+    assert client.transaction_count("latest") == sent_by_operator + 3  # two fillers, one releaseJob
+    auth = BudgetAuthorization.objects.get(job=job)
+    assert auth.released_on_chain_at is not None and auth.release_tx_hash == sent
+    assert node.env.escrow.functions.job(job.pk).call()[5]
+    assert int(node.env.escrow.functions.availableBalance(account.address).call()) == 9 * ONE
+    _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
+    head = client.block_number()
+    assert jobs_release_on_chain(client=client, deployment=node.env.deployment)["released"] == 0
+    assert client.block_number() == head
+
+
 # ---------------------------------------------------------------------------- a node without history
 
 
