@@ -25,6 +25,7 @@ import pytest
 from conftest import SANDBOX_PYTHON, SandboxKit
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners import ProcessRunner, UnknownLeaseError
+from gpgpu_agent.runners import process as process_module
 from gpgpu_agent.runners.state import LOG_TAIL_BYTES, proc_stat, write_json_atomic
 from gpgpu_agent.types import LeaseSpec, RunState
 
@@ -220,6 +221,30 @@ def test_stop_ends_a_workload_that_traps_sigterm_quickly(runner):
     assert not state.running
     assert state.exit_code == 128 + signal.SIGTERM
     assert "saving checkpoint" in state.log_tail
+
+
+def test_stop_returns_once_the_supervisor_is_gone_not_when_it_has_only_recorded_the_exit(runner, tmp_path, monkeypatch):
+    """The supervisor records the exit, then ends; on a loaded machine its ending takes a while
+    (the daemon's owner-reclaim test saw it alive just after stop returned). Here it takes half a
+    second: stop waits for it, so a stopped lease holds no process."""
+    slow = tmp_path / "slow_shim.py"
+    slow.write_text(
+        "import runpy, sys, time\n"
+        f"sys.argv[0] = {str(process_module.SHIM)!r}\n"
+        "try:\n"
+        f"    runpy.run_path({str(process_module.SHIM)!r}, run_name='__main__')\n"
+        "finally:\n"
+        "    time.sleep(0.5)\n"
+    )
+    monkeypatch.setattr(process_module, "SHIM", slow)
+    runner.start(lease(12, "import time; print('ready', flush=True); time.sleep(30)"), gpu_indexes=GPUS)
+    log_says(runner, 12, "ready")
+    supervisor = runner._records[12].pid
+
+    state = runner.stop(12, grace_s=5)
+
+    assert not state.running and state.exit_code == 128 + signal.SIGTERM
+    assert not alive(supervisor)
 
 
 def test_stop_kills_a_workload_that_ignores_sigterm_after_the_grace_period(runner):

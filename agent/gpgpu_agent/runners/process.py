@@ -117,8 +117,8 @@ class ProcessRunner:
     work directories (default ``state_dir/rentals``). ``sandbox`` is the bubblewrap builder,
     ``user`` the rental user (None: the agent's own, for the simulated demo only), ``cgroups``
     and ``limits`` the per-lease limits (None: none, for the simulated demo only). ``kill_wait_s``
-    bounds how long ``stop`` waits for the kernel to finish a SIGKILL: a stop returns within
-    ``grace_s + kill_wait_s``. ``fence_dir`` holds the leases' deadline files (None: the leases it
+    bounds how long ``stop`` waits for the kernel to finish a SIGKILL, and then for the
+    supervisor to end: a stop returns within ``grace_s + 2 * kill_wait_s``. ``fence_dir`` holds the leases' deadline files (None: the leases it
     starts are not fenced); ``fence_grace_s`` is SIGTERM to SIGKILL when a fence fires. One runner
     is driven from one thread (``stop`` blocks for up to its grace period).
     """
@@ -419,16 +419,17 @@ class ProcessRunner:
 
     def stop(self, lease_id: int, *, grace_s: float) -> RunState:
         """SIGTERM the workload's process group (and descendants that left it), wait up to
-        ``grace_s`` for the workload to end, then SIGKILL them all; returns within
-        ``grace_s + kill_wait_s``. Stopping an ended workload returns its state."""
+        ``grace_s`` for the workload to end, then SIGKILL them all; returns once the supervisor,
+        the last of the workload's processes, is gone too (it records the exit just before it
+        ends), within ``grace_s + 2 * kill_wait_s``. Stopping an ended workload returns its state."""
         record = self._require(lease_id)
         deadline = time.monotonic() + max(0.0, grace_s)
         if self._exit(record) is not None:
-            return self.poll(lease_id)
+            return self._gone(record)
         self._signal(record, signal.SIGTERM)
         while time.monotonic() < deadline:
             if self._exit(record) is not None:
-                return self.poll(lease_id)
+                return self._gone(record)
             time.sleep(min(_POLL_STEP_S, max(0.0, deadline - time.monotonic())))
         if self._exit(record) is None:
             log.info("lease %s: still running %.1f s after SIGTERM; sending SIGKILL", lease_id, grace_s)
@@ -443,7 +444,17 @@ class ProcessRunner:
                     Path(record.exit_path),
                     ExitRecord(EXIT_KILLED, "killed with SIGKILL", exited_at=datetime.now(UTC)),
                 )
-        return self.poll(lease_id)
+                return self.poll(lease_id)
+        return self._gone(record)
+
+    def _gone(self, record: ProcessRecord) -> RunState:
+        """The ended workload's state once its supervisor has exited too (at most kill_wait_s
+        after its exit record, which it writes last): a stopped lease then holds no process, and
+        none of the GPU memory a process holds until it ends."""
+        deadline = time.monotonic() + self.kill_wait_s
+        while self._leader_alive(record) and time.monotonic() < deadline:
+            time.sleep(_POLL_STEP_S)
+        return self.poll(record.lease_id)
 
     def adopt(self) -> list[RunState]:
         """Take back every lease with a pid file in the state directory, as after an agent restart.
