@@ -118,9 +118,10 @@ class ProcessRunner:
     ``user`` the rental user (None: the agent's own, for the simulated demo only), ``cgroups``
     and ``limits`` the per-lease limits (None: none, for the simulated demo only). ``kill_wait_s``
     bounds how long ``stop`` waits for the kernel to finish a SIGKILL, and then for the
-    supervisor to end: a stop returns within ``grace_s + 2 * kill_wait_s``. ``fence_dir`` holds the leases' deadline files (None: the leases it
-    starts are not fenced); ``fence_grace_s`` is SIGTERM to SIGKILL when a fence fires. One runner
-    is driven from one thread (``stop`` blocks for up to its grace period).
+    supervisor to end: a stop returns within ``grace_s + 2 * kill_wait_s``. ``fence_dir`` holds
+    the leases' deadline files (None: the leases it starts are not fenced); ``fence_grace_s`` is
+    SIGTERM to SIGKILL when a fence fires. One runner is driven from one thread (``stop`` blocks
+    for up to its grace period).
     """
 
     def __init__(
