@@ -290,20 +290,23 @@ class ChainClient:
 
     def send_value(self, to: str, amount_wei: int, *, gas: int = 21_000) -> SentTx:
         """Send `amount_wei` of the native coin to `to` (development funding of gas)."""
+        return self._sign_and_send(self._value_transfer(to, amount_wei, gas=gas))
+
+    # The builder returns the transaction to sign for a nonce: fields of several types.
+    def _value_transfer(self, to: str, amount_wei: int, *, gas: int = 21_000) -> Callable[[int], dict[str, Any]]:
+        """A builder of a plain transfer of `amount_wei` to `to` at today's fees, for a nonce."""
         fees = self._fees()
         chain_id = self.chain_id()
         recipient = to_checksum_address(to)
-        return self._sign_and_send(
-            lambda nonce: {
-                "to": recipient,
-                "value": amount_wei,
-                "gas": gas,
-                "nonce": nonce,
-                "chainId": chain_id,
-                "type": 2,
-                **fees,
-            }
-        )
+        return lambda nonce: {
+            "to": recipient,
+            "value": amount_wei,
+            "gas": gas,
+            "nonce": nonce,
+            "chainId": chain_id,
+            "type": 2,
+            **fees,
+        }
 
     def _estimate(self, estimate: Callable[[], int]) -> int:
         with chain_errors():
@@ -448,13 +451,11 @@ class ChainClient:
         gaps = [nonce for nonce in range(pending, max(waiting)) if nonce not in waiting][:limit]
         if not gaps:
             return []
-        fees = self._fees()
-        chain_id = self.chain_id()
+        filler = self._value_transfer(self.address, 0)
         filled: list[int] = []
         with self._nonce_lock:
             for nonce in gaps:
-                transfer: dict[str, Any] = {"to": self.address, "value": 0, "gas": 21_000, "type": 2}
-                signed = self.account.sign_transaction({**transfer, **fees, "nonce": nonce, "chainId": chain_id})
+                signed = self.account.sign_transaction(filler(nonce))
                 try:
                     with chain_errors():
                         self.web3.eth.send_raw_transaction(signed.raw_transaction)
