@@ -431,8 +431,22 @@ class Simulation:
             (min(order for order, _ in made), max(order for order, _ in made), Counter(free.values()), free, made)
             for free, made in given.values()
         ]
+        # A job ahead of every placement (the usual case: the oldest jobs wait) had all that was
+        # free left on every machine: the most free GPUs of its models on any one machine tells.
+        ahead_of_all = min(first for first, *_ in machines)
+        most_free: dict[frozenset[str], int] = {}
         for waiting in old:
             turn = (waiting.arrival, waiting.id)
+            if turn < ahead_of_all:
+                most = most_free.get(waiting.models)
+                if most is None:
+                    most = most_free[waiting.models] = max(
+                        sum(by_model.values()) if not waiting.models else sum(by_model[m] for m in waiting.models)
+                        for _, _, by_model, _, _ in machines
+                    )
+                if most >= waiting.gpu_count:
+                    self.metrics.starved.add(waiting.id)
+                continue
             for first, last, by_model, free, made in machines:
                 if last < turn:
                     continue  # no later job got GPUs here
