@@ -95,8 +95,9 @@ class StretchCounts:
 
     ended: dict[int, dict[int, float]] = field(default_factory=dict)
     censored: dict[int, dict[int, float]] = field(default_factory=dict)
-    # profile(hour) answers, dropped by add/merge/decay (a fleet prior is read for every
-    # machine's forecast; summing its 168 hours each time would dominate). Code that edits
+    # profile(hour) answers, dropped by merge/decay and, for the stretch's hour, by add (which
+    # counts the all-hours answer up in place); a fleet prior is read for every machine's
+    # forecast, and summing its 168 hours each time would dominate. Code that edits
     # `ended`/`censored` directly must call `changed()`.
     _profiles: dict[int | None, tuple[list[float], list[float]]] = field(
         default_factory=dict, repr=False, compare=False
@@ -117,7 +118,12 @@ class StretchCounts:
         row = table.setdefault(began_hour, {})
         b = bin_of(length_s)
         row[b] = row.get(b, 0.0) + weight
-        self._profiles.clear()
+        # Only this hour's profile and the all-hours one change: the latter is kept, counted up
+        # here (rebuilding it sums every hour, and each new forecast of the machine reads it).
+        self._profiles.pop(began_hour, None)
+        every_hour = self._profiles.get(None)
+        if every_hour is not None:
+            every_hour[0 if ended else 1][b] += weight
 
     def merge(self, other: StretchCounts, weight: float = 1.0) -> None:
         for mine, theirs in ((self.ended, other.ended), (self.censored, other.censored)):

@@ -162,3 +162,20 @@ def test_hour_of_week_and_bins() -> None:
     assert bin_of(60) == 1
     assert bin_of(10**9) == len(BIN_EDGES_S) - 1
     assert isinstance(Forecast(StretchCounts(), StretchCounts()).curve(0), Survival)
+
+
+def test_profiles_read_between_counts_answer_as_counts_read_once_at_the_end() -> None:
+    # A machine's forecast reads its profiles after every stretch it counts; what was read and
+    # kept must follow each new stretch, whatever hour and bin it falls in.
+    kept, fresh = StretchCounts(), StretchCounts()
+    stretches = [(h % 168, 37.0 * (h + 1) ** 2, h % 3 != 0, 1.0 + (h % 4) / 4) for h in range(0, 400, 7)]
+    for hour, length_s, ended, weight in stretches:
+        kept.profile()
+        kept.profile(hour)
+        kept.profile((hour + 24) % 168)
+        kept.add(began_hour=hour, length_s=length_s, ended=ended, weight=weight)
+        fresh.add(began_hour=hour, length_s=length_s, ended=ended, weight=weight)
+    assert kept.profile() == fresh.profile()
+    for hour in range(168):
+        assert kept.profile(hour) == fresh.profile(hour)
+    assert sum(kept.profile()[0]) + sum(kept.profile()[1]) == sum(w for *_, w in stretches)
