@@ -64,6 +64,7 @@ BIN_EDGES_S: tuple[float, ...] = (
     604800,
 )
 NBINS = len(BIN_EDGES_S)  # bin i covers [BIN_EDGES_S[i], BIN_EDGES_S[i+1]); the last is open
+_BIN_WIDTHS_S: tuple[float | None, ...] = (*(b - a for a, b in pairwise(BIN_EDGES_S)), None)
 HOURS_OF_WEEK = 168
 # Weight, in stretches, of the machine's all-hours counts blended into one hour's counts, and of
 # the fleet prior blended into the machine's.
@@ -85,7 +86,11 @@ def hour_of_week(at: datetime | float) -> int:
 
 def bin_of(length_s: float) -> int:
     """The bin a stretch of `length_s` seconds falls in."""
-    return max(0, min(bisect_right(BIN_EDGES_S, max(length_s, 0.0)) - 1, NBINS - 1))
+    if length_s <= 0:
+        return 0
+    # The first edge is 0, so a positive length is at or past it: never below bin 0, and
+    # bisect_right is at most NBINS (the last, open bin).
+    return bisect_right(BIN_EDGES_S, length_s) - 1
 
 
 @dataclass
@@ -274,21 +279,18 @@ class Survival:
         edges = [1.0]
         rates: list[float] = []
         s = 1.0
-        for b in range(NBINS):
-            if b == NBINS - 1:
-                width = None
-            else:
-                width = BIN_EDGES_S[b + 1] - BIN_EDGES_S[b]
+        log, exp = math.log, math.exp
+        for b, width in enumerate(_BIN_WIDTHS_S):  # the last is None: the open bin
             if risk[b] <= 0:
                 rate = rates[-1] if rates else _UNKNOWN_RATE
             else:
                 # Censored stretches of this bin were at risk for about half of it.
                 exposed = risk[b] - censored[b] / 2
                 q = min(ended[b] / exposed, 0.999999) if exposed > 0 else 0.0
-                rate = -math.log(1 - q) / width if width else max(_TAIL_RATE, q / 604800)
+                rate = -log(1 - q) / width if width else max(_TAIL_RATE, q / 604800)
             rates.append(rate)
             if width is not None:
-                s *= math.exp(-rate * width)
+                s *= exp(-rate * width)
                 edges.append(s)
         return cls(tuple(edges), tuple(rates))
 
