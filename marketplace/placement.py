@@ -44,7 +44,9 @@ Policies (`POLICIES`):
     (free GPUs + jobs) x log(free GPUs), not jobs x machines (benchmarks/placement.py).
     Jobs are drawn from heaps (JobQueue), and a cycle stops drawing once no GPU is free; a
     caller that keeps its JobQueue across cycles (the simulator) pays for the jobs a cycle
-    tries, not for the queue's length.
+    tries, not for the queue's length. Aged jobs are kept in one heap per tier of GPU count,
+    and a tier no free machine can hold any more (`FreePool.tier_open`) is passed over for
+    the rest of the cycle rather than each of its jobs offered and refused.
 
 Approximations every policy shares: a machine is found through the class lists of the job's
 tier, so a job for n GPUs is not placed across two classes of one machine that each have fewer
@@ -339,6 +341,11 @@ class FreePool:
             gpus.sort(key=lambda g: g.order(self.policy))
         return gpus
 
+    def tier_open(self, tier: int) -> bool:
+        """Whether some machine has a class with at least `_TIERS[tier]` free GPUs: without
+        one, every job of that tier is refused (find_v2 and find_ordered walk only those)."""
+        return any(tiers[tier] for tiers in self.sorted)
+
     def take(self, chosen: Sequence[_Gpu]) -> None:
         for gpu in chosen:
             self.remove(gpu.offer.id)
@@ -473,7 +480,9 @@ class JobQueue:
         self._next = 0
         self._fifo: list[tuple[float, int, int]] = []  # (submitted_at, id, seq); FIFO policies
         self._young: list[tuple[float, int, int]] = []  # v2: jobs not yet past AGE_LIMIT_S
-        self._aged: list[tuple[float, int, int]] = []  # v2: past it, oldest first
+        # v2: jobs past it, oldest first, one heap per tier of GPU count (_TIERS), so a cycle
+        # passes over the jobs of a tier no free machine can hold without taking them out.
+        self._aged: tuple[list[tuple[float, int, int]], ...] = ([], [], [], [])
         self._aged_ids: set[int] = set()
         self._renters: dict[int, list[tuple[int, float, int, int]]] = {}  # v2: (-ceiling, submitted_at, id, seq)
         for job in jobs:
@@ -544,30 +553,44 @@ class JobQueue:
         *,
         now: float,
         held: dict[int, int],
+        tier_open: Callable[[int], bool] = lambda tier: True,
     ) -> None:
         """Offer the jobs in v2's order (module docstring), counting each placement in the
-        renter's holdings, until `exhausted()`; placed jobs leave the queue."""
+        renter's holdings, until `exhausted()`; placed jobs leave the queue. `tier_open(t)`
+        false: no job of tier t (`_tier` of its GPU count) can be placed until something is
+        (the pool only shrinks), so aged jobs of that tier are passed over, not offered: they
+        would be refused and nothing would change."""
         young, aged = self._young, self._aged
         while young and now - young[0][0] > AGE_LIMIT_S:
             entry = heapq.heappop(young)
             if self._live(entry[1], entry[2]):
-                heapq.heappush(aged, entry)
+                heapq.heappush(aged[_tier(self.jobs[entry[1]].gpu_count)], entry)
                 self._aged_ids.add(entry[1])
         if exhausted():
             return
         tried: list[tuple[float, int, int]] = []
-        while aged and not exhausted():
-            entry = heapq.heappop(aged)
+        tiers = range(len(aged))
+        open_ = [tier_open(t) for t in tiers]
+        while not exhausted():
+            # The oldest head among the tiers still open: the order one heap would give.
+            tier = -1
+            for t in tiers:
+                if open_[t] and aged[t] and (tier < 0 or aged[t][0] < aged[tier][0]):
+                    tier = t
+            if tier < 0:
+                break
+            entry = heapq.heappop(aged[tier])
             if not self._live(entry[1], entry[2]):
                 continue
             job = self.jobs[entry[1]]
             if try_place(job):
                 held[job.renter] = held.get(job.renter, 0) + job.gpu_count
                 self.remove(job.id)
+                open_ = [tier_open(t) for t in tiers]
             else:
                 tried.append(entry)
         for entry in tried:
-            heapq.heappush(aged, entry)
+            heapq.heappush(aged[_tier(self.jobs[entry[1]].gpu_count)], entry)
 
         def head(renter: int) -> tuple[float, float, int, int] | None:
             """The renter's next job's place in the renters' heap; stale entries dropped."""
@@ -673,7 +696,7 @@ def pool_place(
     if queue.policy != policy:
         raise ValueError(f"a {queue.policy} queue cannot drive a {policy} pool")
     if policy == "v2":
-        queue.drive_v2(try_place, exhausted, now=now, held=dict(held_by_renter or {}))
+        queue.drive_v2(try_place, exhausted, now=now, held=dict(held_by_renter or {}), tier_open=pool.tier_open)
     else:
         queue.drive_fifo(try_place, exhausted)
     return placements

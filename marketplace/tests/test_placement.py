@@ -272,6 +272,41 @@ def test_a_queue_kept_across_cycles_offers_jobs_as_a_fresh_one(policy: str) -> N
     assert placed_total > 40  # the check above compared real cycles, not empty ones
 
 
+def test_aged_jobs_no_free_machine_can_hold_are_passed_over_and_the_placements_stay_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """v2 passes over aged jobs of a GPU count no free machine can hold (FreePool.tier_open)
+    rather than offering each to be refused: it places exactly what offering every one does."""
+    rng = random.Random(5)
+    closed = 0
+    real_tier_open = FreePool.tier_open
+    for _ in range(25):
+        jobs, machines = random_world(rng)
+        skipping = place(jobs, machines, now=NOW, policy="v2")
+        with monkeypatch.context() as patched:
+            patched.setattr(FreePool, "tier_open", lambda self, tier: True)
+            offering_all = place(jobs, machines, now=NOW, policy="v2")
+        assert [(p.job_id, p.machine_id, p.gpu_ids) for p in skipping] == [
+            (p.job_id, p.machine_id, p.gpu_ids) for p in offering_all
+        ]
+        pool = _pool("v2", machines, NOW)
+        pool_place(pool, jobs, now=NOW)
+        closed += sum(not real_tier_open(pool, t) for t in range(4))
+    assert closed > 0  # some cycles ended with a tier closed: the skip was exercised
+
+    # Passed over is not dropped: the 8-GPU job stays queued, and goes first (the oldest)
+    # once a machine with 8 free GPUs is offered.
+    queue = JobQueue(policy="v2")
+    queue.add(job(1, at=NOW - 8 * 3600, gpus=8))
+    queue.add(job(2, at=NOW - 7 * 3600))
+    queue.add(job(3, at=NOW - 7 * 3600 + 1))
+    one_free = _pool("v2", [machine(1, [gpu(1)])], NOW)
+    assert [p.job_id for p in pool_place(one_free, queue, now=NOW)] == [2]
+    eight_free = _pool("v2", [machine(2, [gpu(10 + n) for n in range(9)])], NOW + 30)
+    assert [p.job_id for p in pool_place(eight_free, queue, now=NOW + 30)] == [1, 3]
+    assert len(queue) == 0
+
+
 def _fields(request: JobRequest) -> dict[str, object]:
     return {name: getattr(request, name) for name in JobRequest.__slots__}
 
