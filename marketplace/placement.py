@@ -44,9 +44,10 @@ Policies (`POLICIES`):
     (free GPUs + jobs) x log(free GPUs), not jobs x machines (benchmarks/placement.py).
     Jobs are drawn from heaps (JobQueue), and a cycle stops drawing once no GPU is free; a
     caller that keeps its JobQueue across cycles (the simulator) pays for the jobs a cycle
-    tries, not for the queue's length. Aged jobs are kept in one heap per tier of GPU count,
-    and a tier no free machine can hold any more (`FreePool.tier_open`) is passed over for
-    the rest of the cycle rather than each of its jobs offered and refused.
+    tries, not for the queue's length. Aged jobs, and each renter's others, are kept in one
+    heap per tier of GPU count, and a tier no free machine can hold any more
+    (`FreePool.tier_open`) is passed over for the rest of the cycle rather than each of its
+    jobs offered and refused.
 
 Approximations every policy shares: a machine is found through the class lists of the job's
 tier, so a job for n GPUs is not placed across two classes of one machine that each have fewer
@@ -484,13 +485,15 @@ class JobQueue:
         # passes over the jobs of a tier no free machine can hold without taking them out.
         self._aged: tuple[list[tuple[float, int, int]], ...] = ([], [], [], [])
         self._aged_ids: set[int] = set()
-        self._renters: dict[int, list[tuple[int, float, int, int]]] = {}  # v2: (-ceiling, submitted_at, id, seq)
+        # v2: each renter's jobs, (-ceiling, submitted_at, id, seq), one heap per tier as above.
+        self._renters: dict[int, tuple[list[tuple[int, float, int, int]], ...]] = {}
         for job in jobs:
             self._enter(job, push=False)
         heapq.heapify(self._fifo)
         heapq.heapify(self._young)
-        for queue in self._renters.values():
-            heapq.heapify(queue)
+        for queues in self._renters.values():
+            for queue in queues:
+                heapq.heapify(queue)
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -507,8 +510,10 @@ class JobQueue:
         entries: list[tuple[list[Any], tuple[Any, ...]]] = []
         if self.policy == "v2":
             entries.append((self._young, (job.submitted_at, job.id, seq)))
-            renter = self._renters.setdefault(job.renter, [])
-            entries.append((renter, (-job.max_price, job.submitted_at, job.id, seq)))
+            queues = self._renters.get(job.renter)
+            if queues is None:
+                queues = self._renters[job.renter] = ([], [], [], [])
+            entries.append((queues[_tier(job.gpu_count)], (-job.max_price, job.submitted_at, job.id, seq)))
         else:
             entries.append((self._fifo, (job.submitted_at, job.id, seq)))
         for heap, entry in entries:
@@ -557,9 +562,10 @@ class JobQueue:
     ) -> None:
         """Offer the jobs in v2's order (module docstring), counting each placement in the
         renter's holdings, until `exhausted()`; placed jobs leave the queue. `tier_open(t)`
-        false: no job of tier t (`_tier` of its GPU count) can be placed until something is
-        (the pool only shrinks), so aged jobs of that tier are passed over, not offered: they
-        would be refused and nothing would change."""
+        false: no job of tier t (`_tier` of its GPU count) can be placed any more in this
+        cycle (the pool only shrinks), so jobs of that tier are passed over, not offered: they
+        would be refused and nothing would change, and the order of the others stays as it
+        would be."""
         young, aged = self._young, self._aged
         while young and now - young[0][0] > AGE_LIMIT_S:
             entry = heapq.heappop(young)
@@ -586,40 +592,55 @@ class JobQueue:
             if try_place(job):
                 held[job.renter] = held.get(job.renter, 0) + job.gpu_count
                 self.remove(job.id)
-                open_ = [tier_open(t) for t in tiers]
+                open_ = [is_open and tier_open(t) for t, is_open in zip(tiers, open_, strict=True)]
             else:
                 tried.append(entry)
         for entry in tried:
             heapq.heappush(aged[_tier(self.jobs[entry[1]].gpu_count)], entry)
 
-        def head(renter: int) -> tuple[float, float, int, int] | None:
-            """The renter's next job's place in the renters' heap; stale entries dropped."""
-            queue = self._renters[renter]
-            while queue and (not self._live(queue[0][2], queue[0][3]) or queue[0][2] in self._aged_ids):
-                heapq.heappop(queue)
-            if not queue:
-                return None
-            job = self.jobs[queue[0][2]]
-            return (-job.max_price / (1 + held.get(renter, 0)), job.submitted_at, job.id, renter)
+        renters = self._renters
 
-        heap = [key for renter in list(self._renters) if (key := head(renter)) is not None]
+        def head(renter: int) -> tuple[float, float, int, int, int] | None:
+            """The renter's next job among the open tiers, as its place in the renters' heap
+            (its tier last, never compared: id and renter come first); stale entries dropped."""
+            queues = renters[renter]
+            best = -1
+            for t in tiers:
+                if not open_[t]:
+                    continue
+                queue = queues[t]
+                while queue and (not self._live(queue[0][2], queue[0][3]) or queue[0][2] in self._aged_ids):
+                    heapq.heappop(queue)
+                if queue and (best < 0 or queue[0] < queues[best][0]):
+                    best = t
+            if best < 0:
+                return None
+            job = self.jobs[queues[best][0][2]]
+            return (-job.max_price / (1 + held.get(renter, 0)), job.submitted_at, job.id, renter, best)
+
+        heap = [key for renter in list(renters) if (key := head(renter)) is not None]
         heapq.heapify(heap)
-        put_back: list[tuple[int, tuple[int, float, int, int]]] = []
+        put_back: list[tuple[int, int, tuple[int, float, int, int]]] = []
         while heap and not exhausted():
-            renter = heapq.heappop(heap)[3]
-            mine = heapq.heappop(self._renters[renter])
+            *_, renter, tier = heapq.heappop(heap)
+            if not open_[tier]:  # closed since this key was made: the renter's next open job
+                if (key := head(renter)) is not None:
+                    heapq.heappush(heap, key)
+                continue
+            mine = heapq.heappop(renters[renter][tier])
             job = self.jobs[mine[2]]
             if try_place(job):
                 held[renter] = held.get(renter, 0) + job.gpu_count
                 self.remove(job.id)
+                open_ = [is_open and tier_open(t) for t, is_open in zip(tiers, open_, strict=True)]
             else:
-                put_back.append((renter, mine))
+                put_back.append((renter, tier, mine))
             if (key := head(renter)) is not None:
                 heapq.heappush(heap, key)
-        for renter, mine in put_back:
-            heapq.heappush(self._renters[renter], mine)
-        for renter in [r for r, queue in self._renters.items() if not queue]:
-            del self._renters[renter]
+        for renter, tier, mine in put_back:
+            heapq.heappush(renters[renter][tier], mine)
+        for renter in [r for r, queues in renters.items() if not any(queues)]:
+            del renters[renter]
 
 
 # --- the entry point ------------------------------------------------------------------------

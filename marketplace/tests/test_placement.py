@@ -272,11 +272,12 @@ def test_a_queue_kept_across_cycles_offers_jobs_as_a_fresh_one(policy: str) -> N
     assert placed_total > 40  # the check above compared real cycles, not empty ones
 
 
-def test_aged_jobs_no_free_machine_can_hold_are_passed_over_and_the_placements_stay_the_same(
+def test_jobs_no_free_machine_can_hold_are_passed_over_and_the_placements_stay_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """v2 passes over aged jobs of a GPU count no free machine can hold (FreePool.tier_open)
-    rather than offering each to be refused: it places exactly what offering every one does."""
+    """v2 passes over jobs (aged, and each renter's) of a GPU count no free machine can hold
+    (FreePool.tier_open) rather than offering each to be refused: it places exactly what
+    offering every one does."""
     rng = random.Random(5)
     closed = 0
     real_tier_open = FreePool.tier_open
@@ -294,17 +295,29 @@ def test_aged_jobs_no_free_machine_can_hold_are_passed_over_and_the_placements_s
         closed += sum(not real_tier_open(pool, t) for t in range(4))
     assert closed > 0  # some cycles ended with a tier closed: the skip was exercised
 
-    # Passed over is not dropped: the 8-GPU job stays queued, and goes first (the oldest)
-    # once a machine with 8 free GPUs is offered.
+    # Passed over is not dropped: the 8-GPU jobs stay queued, and go first (the oldest aged
+    # one, then the renter's richest young one) once a machine with 8 free GPUs is offered.
     queue = JobQueue(policy="v2")
     queue.add(job(1, at=NOW - 8 * 3600, gpus=8))
     queue.add(job(2, at=NOW - 7 * 3600))
     queue.add(job(3, at=NOW - 7 * 3600 + 1))
-    one_free = _pool("v2", [machine(1, [gpu(1)])], NOW)
-    assert [p.job_id for p in pool_place(one_free, queue, now=NOW)] == [2]
-    eight_free = _pool("v2", [machine(2, [gpu(10 + n) for n in range(9)])], NOW + 30)
-    assert [p.job_id for p in pool_place(eight_free, queue, now=NOW + 30)] == [1, 3]
+    queue.add(job(4, renter=2, at=NOW - 60, gpus=8, price=2_000_000))
+    queue.add(job(5, renter=2, at=NOW - 30, price=1_000_000))
+    one_free = _pool("v2", [machine(1, [gpu(1)]), machine(3, [gpu(2)])], NOW)
+    assert [p.job_id for p in pool_place(one_free, queue, now=NOW)] == [2, 3]
+    eight_free = _pool("v2", [machine(2, [gpu(10 + n) for n in range(17)])], NOW + 30)
+    assert [p.job_id for p in pool_place(eight_free, queue, now=NOW + 30)] == [1, 4, 5]
     assert len(queue) == 0
+
+    # A tier that closes during the cycle: renter 1's 8-GPU job was its next when renter 2's job
+    # took one of the 8 free GPUs; renter 1's 1-GPU job goes instead, and the 8-GPU job waits.
+    queue.add(job(10, renter=1, at=NOW - 60, gpus=8, price=1_500_000))
+    queue.add(job(11, renter=1, at=NOW - 50, price=1_000_000))
+    queue.add(job(12, renter=2, at=NOW - 40, price=2_000_000))
+    closing = _pool("v2", [machine(4, [gpu(40 + n) for n in range(8)])], NOW + 60)
+    assert [p.job_id for p in pool_place(closing, queue, now=NOW + 60)] == [12, 11]
+    reopened = _pool("v2", [machine(5, [gpu(50 + n) for n in range(8)])], NOW + 90)
+    assert [p.job_id for p in pool_place(reopened, queue, now=NOW + 90)] == [10]
 
 
 def _fields(request: JobRequest) -> dict[str, object]:
