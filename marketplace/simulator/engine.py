@@ -170,6 +170,7 @@ class Simulation:
         self.seq = 0
         self.jobs: dict[int, _Job] = {}
         self.pending: dict[int, _Job] = {}  # waiting jobs, in the order they entered
+        self.never_placed: dict[int, _Job] = {}  # of those, the ones never placed, in arrival order
         self.queue = JobQueue(policy=config.policy)  # the same, as the policy orders them
         self.held: dict[int, int] = {}
         self.changed = True
@@ -353,6 +354,8 @@ class Simulation:
 
     def _enqueue(self, job: _Job) -> None:
         self.pending[job.id] = job
+        if job.first_start is None:
+            self.never_placed[job.id] = job
         self.queue.add(self._request(job))
         self.changed = True
 
@@ -366,6 +369,7 @@ class Simulation:
             job.gpus = p.gpu_ids
             if job.first_start is None:
                 job.first_start = now
+                del self.never_placed[job.id]
                 self.metrics.waited(job.arrival, now)
             for gpu_id in p.gpu_ids:
                 gpu = self.gpus[gpu_id]
@@ -398,12 +402,10 @@ class Simulation:
         fit it went to a later job in this cycle."""
         if not placements:
             return
-        # Jobs never placed sit in `pending` in arrival order (they enter once, on arrival, and
-        # leave once), so the walk stops at the first of them under a day old.
+        # Jobs never placed are kept in arrival order (they enter once, on arrival, and leave
+        # once), so the walk stops at the first of them under a day old.
         old = []
-        for j in self.pending.values():
-            if j.first_start is not None:
-                continue
+        for j in self.never_placed.values():
             if now - j.arrival <= STARVED_AFTER_S:
                 break
             if j.id not in self.metrics.starved:
@@ -431,21 +433,23 @@ class Simulation:
             (min(order for order, _ in made), max(order for order, _ in made), Counter(free.values()), free, made)
             for free, made in given.values()
         ]
-        # A job ahead of every placement (the usual case: the oldest jobs wait) had all that was
-        # free left on every machine: the most free GPUs of its models on any one machine tells.
+        # What was left for a job at its turn is at most what was free: a job for more GPUs of
+        # its models than any one machine had free fits nowhere. A job ahead of every placement
+        # (the usual case: the oldest jobs wait) had all that was free left on every machine.
         ahead_of_all = min(first for first, *_ in machines)
         most_free: dict[frozenset[str], int] = {}
         for waiting in old:
+            most = most_free.get(waiting.models)
+            if most is None:
+                most = most_free[waiting.models] = max(
+                    sum(by_model.values()) if not waiting.models else sum(by_model[m] for m in waiting.models)
+                    for _, _, by_model, _, _ in machines
+                )
+            if most < waiting.gpu_count:
+                continue
             turn = (waiting.arrival, waiting.id)
             if turn < ahead_of_all:
-                most = most_free.get(waiting.models)
-                if most is None:
-                    most = most_free[waiting.models] = max(
-                        sum(by_model.values()) if not waiting.models else sum(by_model[m] for m in waiting.models)
-                        for _, _, by_model, _, _ in machines
-                    )
-                if most >= waiting.gpu_count:
-                    self.metrics.starved.add(waiting.id)
+                self.metrics.starved.add(waiting.id)
                 continue
             for first, last, by_model, free, made in machines:
                 if last < turn:
