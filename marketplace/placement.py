@@ -558,7 +558,7 @@ class JobQueue:
         *,
         now: float,
         held: dict[int, int],
-        tier_open: Callable[[int], bool] = lambda tier: True,
+        tier_open: Callable[[int], bool],
     ) -> None:
         """Offer the jobs in v2's order (module docstring), counting each placement in the
         renter's holdings, until `exhausted()`; placed jobs leave the queue. `tier_open(t)`
@@ -574,25 +574,34 @@ class JobQueue:
                 self._aged_ids.add(entry[1])
         if exhausted():
             return
-        tried: list[tuple[float, int, int]] = []
         tiers = range(len(aged))
         open_ = [tier_open(t) for t in tiers]
-        while not exhausted():
-            # The oldest head among the tiers still open: the order one heap would give.
-            tier = -1
+
+        def first_open(heaps: Sequence[list[Any]]) -> int:
+            """The open tier whose heap's head comes first (-1: none), as one heap of them all
+            would give it."""
+            first = -1
             for t in tiers:
-                if open_[t] and aged[t] and (tier < 0 or aged[t][0] < aged[tier][0]):
-                    tier = t
-            if tier < 0:
-                break
+                if open_[t] and heaps[t] and (first < 0 or heaps[t][0] < heaps[first][0]):
+                    first = t
+            return first
+
+        def placed(job: JobRequest) -> None:
+            """Count the job in its renter's holdings, take it out, close the tiers it filled."""
+            held[job.renter] = held.get(job.renter, 0) + job.gpu_count
+            self.remove(job.id)
+            for t in tiers:
+                if open_[t] and not tier_open(t):
+                    open_[t] = False
+
+        tried: list[tuple[float, int, int]] = []
+        while not exhausted() and (tier := first_open(aged)) >= 0:
             entry = heapq.heappop(aged[tier])
             if not self._live(entry[1], entry[2]):
                 continue
             job = self.jobs[entry[1]]
             if try_place(job):
-                held[job.renter] = held.get(job.renter, 0) + job.gpu_count
-                self.remove(job.id)
-                open_ = [is_open and tier_open(t) for t, is_open in zip(tiers, open_, strict=True)]
+                placed(job)
             else:
                 tried.append(entry)
         for entry in tried:
@@ -604,15 +613,10 @@ class JobQueue:
             """The renter's next job among the open tiers, as its place in the renters' heap
             (its tier last, never compared: id and renter come first); stale entries dropped."""
             queues = renters[renter]
-            best = -1
-            for t in tiers:
-                if not open_[t]:
-                    continue
-                queue = queues[t]
+            for queue in (queues[t] for t in tiers if open_[t]):
                 while queue and (not self._live(queue[0][2], queue[0][3]) or queue[0][2] in self._aged_ids):
                     heapq.heappop(queue)
-                if queue and (best < 0 or queue[0] < queues[best][0]):
-                    best = t
+            best = first_open(queues)
             if best < 0:
                 return None
             job = self.jobs[queues[best][0][2]]
@@ -630,9 +634,7 @@ class JobQueue:
             mine = heapq.heappop(renters[renter][tier])
             job = self.jobs[mine[2]]
             if try_place(job):
-                held[renter] = held.get(renter, 0) + job.gpu_count
-                self.remove(job.id)
-                open_ = [is_open and tier_open(t) for t, is_open in zip(tiers, open_, strict=True)]
+                placed(job)
             else:
                 put_back.append((renter, tier, mine))
             if (key := head(renter)) is not None:
