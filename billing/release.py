@@ -91,7 +91,7 @@ def _record(auth: BudgetAuthorization, tx_hash: str, block_number: int, block_ha
 
 
 def _record_seen(auth: BudgetAuthorization, client: ChainClient) -> None:
-    """Record a release found on chain (closed already, or never reserved) at the head it was seen."""
+    """Record a release found on chain (the job closed already) at the head it was seen."""
     head = client.block_number()
     _record(auth, "", head, client.block_hash(head) or "")
 
@@ -149,12 +149,23 @@ def _behind(auth: BudgetAuthorization, client: ChainClient, error: ContractRever
     return "waiting"
 
 
+def _reservation_gone(auth: BudgetAuthorization, client: ChainClient) -> str:
+    """The escrow knows no such job, though the ledger holds its budget reserved on chain
+    (activated_at): the block that reserved it left the chain after this run's rewind. Nothing
+    is recorded: the ledger undoes what the chain lost now (the budget goes back to reserving and
+    its batch out again), and a later run releases the job once the escrow holds it again.
+    Recorded released here, the escrow would keep the renter's money reserved for ever."""
+    logger.warning("job %s: the escrow no longer holds its reserved budget; rewinding", auth.job_id)
+    chain_rewind(client=client)
+    return "waiting"
+
+
 def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, deployment: Deployment) -> str:
     """Close one job's budget in the escrow and record it on `auth`. Returns what happened:
     "released" (a releaseJob transaction confirmed), "already_closed" (found closed, recorded),
-    "not_on_chain" (the escrow never reserved it; recorded, nothing to free), "pending" (sent but
-    not confirmed in time, or the node is unreachable: the next run follows the transaction sent),
-    "waiting" (the escrow refused it: it holds less settled for the job than the ledger).
+    "pending" (sent but not confirmed in time, or the node is unreachable: the next run follows
+    the transaction sent), "waiting" (the escrow is behind the ledger: it holds less settled for
+    the job, or no reservation for it at all, after a rollback).
     Raises ContractReverted for any other refusal (e.g. the operator lost its role)."""
     if auth.release_tx_hash:
         followed = _follow_sent(auth, client)
@@ -166,8 +177,7 @@ def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, depl
         _record_seen(auth, client)
         return "already_closed"
     if int(str(renter), 16) == 0:
-        _record_seen(auth, client)
-        return "not_on_chain"
+        return _reservation_gone(auth, client)
     try:
         sent = client.transact(escrow.functions.releaseJob(auth.job_id, *_settled_expected(auth.job_id)))
     except ContractReverted as reverted:
@@ -209,7 +219,7 @@ def jobs_release_on_chain(
     under `errors`, and one that fails otherwise is logged and skipped."""
     deployment = deployment or deployment_require(client)
     # The run's counts, waiting reasons and node error: values of several types.
-    result: dict[str, Any] = {"released": 0, "already_closed": 0, "not_on_chain": 0, "pending": 0, "waiting": 0}
+    result: dict[str, Any] = {"released": 0, "already_closed": 0, "pending": 0, "waiting": 0}
     candidates = (
         BudgetAuthorization.objects.filter(activated_at__isnull=False, released_on_chain_at__isnull=True)
         .filter(Q(job__status__in=Job.TERMINAL))

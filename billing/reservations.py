@@ -352,15 +352,23 @@ def reservation_unconfirm(*, batch: BudgetReservation, why: str) -> BudgetReserv
     matcher places none of their jobs meanwhile, and their charges wait as
     awaiting_budget_reservation) and the batch to pending, keeping its nonce and calldata hash: the
     next run finds its transaction if the chain mined it again, waits for it if the node holds it,
-    and sends it (with those budgets only) once more otherwise. Refusals stand (their jobs were
-    cancelled). A batch that reserved nothing stays confirmed, its block forgotten. The ledger is
-    not touched: it reserved each job's budget at admission, and that has not changed."""
+    and sends it (with those budgets only) once more otherwise; a release recorded for one of them
+    is forgotten with it. Refusals stand (their jobs were cancelled). A batch that reserved
+    nothing stays confirmed, its block forgotten. The ledger is not touched: it reserved each
+    job's budget at admission, and that has not changed."""
     with transaction.atomic():
         locked = BudgetReservation.objects.select_for_update().get(pk=batch.pk)
         if locked.status != RS.CONFIRMED:
             return locked
+        # A release recorded for one of them went with it (every later block left the chain too):
+        # forgotten, so the job is released again once the escrow holds its budget again.
         undone = BudgetAuthorization.objects.filter(reservation=locked, status=BS.RESERVED).update(
-            status=BS.RESERVING, activated_at=None
+            status=BS.RESERVING,
+            activated_at=None,
+            released_on_chain_at=None,
+            release_tx_hash="",
+            release_block_number=None,
+            release_block_hash="",
         )
         if undone:
             locked.status, locked.confirmed_at, locked.reserved_count = RS.PENDING, None, 0

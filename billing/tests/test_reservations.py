@@ -352,3 +352,49 @@ def test_the_renters_chain_balance_lagging_a_ledger_release_makes_a_budget_wait_
     assert not ChainLog.objects.filter(status="flagged").exists()
     _ledger_clean()
     assert env.disagreements({renter.pk: account.address}, {_lease.machine.provider_id: payee.address}) == []
+
+
+def test_a_reservation_the_chain_takes_back_under_a_release_run_is_reserved_again_and_released(env, monkeypatch):
+    # A cancelled job's budget was reserved in the escrow; the ledger has given it back. The
+    # release run's rewind finds the chain whole, then the node rolls back the block that
+    # reserved the budget: the escrow knows no such job now. The run must not record the job as
+    # released (nothing to free): the batch goes out again, the escrow holds the budget again,
+    # and only a release frees it. Recorded released, the escrow would keep the renter's money
+    # reserved for ever while the ledger counts it available.
+    from billing import release, services
+    from billing.release import jobs_release_on_chain
+    from jobs.services import job_cancel
+
+    renter, account = _renter(env, "max", 10 * ONE)
+    job = _submit(renter, tokens="2")
+    _sign(env, account, job)
+    tester = env.client.web3.provider.ethereum_tester
+    before_reservation = tester.take_snapshot()
+    assert reserve_run(client=env.client, deployment=env.deployment)["reserved"] == 1
+    job_cancel(job=job, actor="renter")
+    assert services.budgets_release()["released"] == 1
+    assert renter_available_micro(renter_id=renter.pk) == 10 * ONE
+
+    rewind = release.chain_rewind
+
+    def rewind_then_roll_back(*, client):  # type: ignore[no-untyped-def]
+        found = rewind(client=client)
+        monkeypatch.setattr(release, "chain_rewind", rewind)
+        tester.revert_to_snapshot(before_reservation)
+        return found
+
+    monkeypatch.setattr(release, "chain_rewind", rewind_then_roll_back)
+    result = jobs_release_on_chain(client=env.client, deployment=env.deployment)
+
+    assert result["waiting"] == 1 and result["released"] == result["already_closed"] == 0
+    assert BudgetAuthorization.objects.get(job=job).released_on_chain_at is None
+    # The rewind put the budget back to reserving; the batch goes out again and the escrow holds
+    # the budget again (the renter signed it, the job's cancellation does not undo that) ...
+    assert BudgetAuthorization.objects.get(job=job).status == "reserving"
+    assert reserve_run(client=env.client, deployment=env.deployment)["reserved"] == 1
+    assert int(env.escrow.functions.availableBalance(account.address).call()) == 8 * ONE
+    # ... until the next release run frees it: the escrow and the ledger agree.
+    assert jobs_release_on_chain(client=env.client, deployment=env.deployment)["released"] == 1
+    assert int(env.escrow.functions.availableBalance(account.address).call()) == 10 * ONE
+    assert renter_available_micro(renter_id=renter.pk) == 10 * ONE
+    call_command("ledger_check")

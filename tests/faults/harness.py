@@ -1469,6 +1469,9 @@ def _waiting(snapshot: Mapping[str, Any]) -> str:
         and j["budget"]["status"] == "reserved"
         and not j["budget"]["released_on_chain"]
     ]
+    # A budget still being reserved (a batch in flight, or sent again after a rollback) is about
+    # to leave the renter's available balance on chain, and to come back once its job is released.
+    reserving = [j for j in snapshot["jobs"] if j.get("budget") and j["budget"]["status"] == "reserving"]
     parts = []
     if jobs:
         parts.append(f"{len(jobs)} jobs not terminal")
@@ -1480,6 +1483,8 @@ def _waiting(snapshot: Mapping[str, Any]) -> str:
         parts.append(f"{unsettled} micro unsettled")
     if unreleased:
         parts.append(f"{len(unreleased)} budgets not released on chain")
+    if reserving:
+        parts.append(f"{len(reserving)} budgets being reserved")
     return ", ".join(parts)
 
 
