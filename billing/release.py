@@ -50,7 +50,7 @@ from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavail
 from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW
 from billing.models import BudgetAuthorization, LedgerAccount, OperatorTransaction, SettlementItem
-from billing.rewind import chain_rewind, job_settlements_on_chain
+from billing.rewind import chain_rewind, job_settlements_on_chain, rewound_before_send
 from billing.services import job_leases_final
 from core import periodic
 from jobs.models import Job, Lease
@@ -178,6 +178,8 @@ def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, depl
         return "already_closed"
     if int(str(renter), 16) == 0:
         return _reservation_gone(auth, client)
+    if rewound_before_send(client=client, what=f"the release of job {auth.job_id}"):
+        return "waiting"
     try:
         sent = client.transact(escrow.functions.releaseJob(auth.job_id, *_settled_expected(auth.job_id)))
     except ContractReverted as reverted:

@@ -62,7 +62,7 @@ from billing.contract import BUDGET_SKIP_ALREADY_KNOWN, BUDGET_SKIP_REASONS, ESC
 from billing.errors import ValidationFailed
 from billing.models import BudgetAuthorization, BudgetReservation, LeaseCharge
 from billing.operator_tx import operator_tx_find, operator_tx_in_mempool, operator_tx_replaced
-from billing.rewind import chain_rewind
+from billing.rewind import chain_rewind, rewound_before_send
 from billing.signals import budgets_reserved
 from core import periodic, soon
 from jobs.models import Job, Renter
@@ -235,7 +235,10 @@ def _calldata_hash(fn: ContractFunction) -> str:
 def reservation_send(*, batch: BudgetReservation, client: ChainClient, deployment: Deployment) -> BudgetReservation:
     """Send a pending batch. Records nonce, calldata hash and head block first (committed), then
     the tx_hash (→ submitted). NodeUnavailable: stays pending (re-raised). A revert at estimation
-    (nothing sent): failed, its budgets back to signed."""
+    (nothing sent): failed, its budgets back to signed. The chain gone back under the run
+    (billing.rewind.rewound_before_send): nothing sent, it stays pending."""
+    if rewound_before_send(client=client, what=f"budget reservation {batch.pk}"):
+        return batch
     fn = reserve_call(client, deployment, batch)
     nonce = client.transaction_count("pending")
     BudgetReservation.objects.filter(pk=batch.pk, status=RS.PENDING).update(

@@ -24,6 +24,10 @@ settlement lock, before anything is sent, and:
   (submitted batches, releases sent): one sent after a rollback under the stale nonce counter
   waits past the nonces the rollback freed, forever when nothing else is sent.
 
+The chain can go back after that rewind and before the run sends: each send first asks
+`rewound_before_send`, one block read (the newest block a confirmed record rests on, whose hash
+commits to every block below it), and when the chain went back the run rewinds and sends nothing.
+
 A pending batch is then completed by the usual path of its run, exactly once: its transaction is
 found by the nonce and calldata hash recorded before it was sent (the chain mined it again), or
 waited for (the node holds a transaction with that nonce), or else sent once more, its nonce,
@@ -149,6 +153,55 @@ def chain_rewind(*, client: ChainClient) -> RewindResult:
         client.nonce_reset()  # the operator's transactions that left the chain freed their nonces
         logger.warning("chain rewind: %s", result.as_dict())
     return result
+
+
+def _newest_record() -> tuple[int, str] | None:
+    """(block number, block hash) of the newest block a confirmed record of the operator rests on:
+    a settlement, a reservation batch, a release. None when there is none."""
+    found = [
+        model.objects.filter(status=OS.CONFIRMED, block_number__isnull=False)
+        .exclude(block_hash="")
+        .order_by("-block_number")
+        .values_list("block_number", "block_hash")
+        .first()
+        for model in (Settlement, BudgetReservation)
+    ]
+    found.append(
+        BudgetAuthorization.objects.filter(released_on_chain_at__isnull=False, release_block_number__isnull=False)
+        .exclude(release_block_hash="")
+        .order_by("-release_block_number")
+        .values_list("release_block_number", "release_block_hash")
+        .first()
+    )
+    known = [(int(number), str(block_hash)) for number, block_hash in (f for f in found if f) if number is not None]
+    return max(known, default=None)
+
+
+def chain_went_back(*, client: ChainClient) -> bool:
+    """Whether the chain no longer holds the newest block a confirmed record of the operator rests
+    on. A block's hash commits to every block below it, so one read answers for every record.
+    Asked just before each transaction the operator sends (a settlement, a reservation batch, a
+    release), after the run's own `chain_rewind`: a rollback in between would otherwise let the
+    transaction be mined on the shorter chain, where a settlement pays, under the cumulative
+    charges, the part of a lease that a batch the chain lost had paid (the ledger, which holds
+    that batch confirmed still, would count the payment short, and the lost batch sent again would
+    pay nothing). The caller then rewinds and sends nothing this run. Raises NodeUnavailable."""
+    newest = _newest_record()
+    if newest is None:
+        return False
+    number, block_hash = newest
+    return client.block_hash(number) != block_hash
+
+
+def rewound_before_send(*, client: ChainClient, what: str) -> bool:
+    """Just before the operator sends `what`: when the chain went back since the run's rewind
+    (`chain_went_back`), undo it now (`chain_rewind`) and return True: the caller sends nothing
+    this run, and the next one sends what the chain lost first, in order."""
+    if not chain_went_back(client=client):
+        return False
+    logger.warning("the chain went back under the run; %s is not sent now", what)
+    chain_rewind(client=client)
+    return True
 
 
 def job_settlements_on_chain(*, job_id: int, client: ChainClient) -> bool:

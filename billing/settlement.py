@@ -78,7 +78,7 @@ from billing.models import (
     SettlementItem,
 )
 from billing.operator_tx import operator_tx_find, operator_tx_in_mempool, operator_tx_replaced
-from billing.rewind import chain_rewind
+from billing.rewind import chain_rewind, rewound_before_send
 from core import periodic
 from core.locks import try_lock
 from jobs.models import Lease
@@ -280,7 +280,10 @@ def _calldata_hash(fn: ContractFunction) -> str:
 def settlement_send(*, settlement: Settlement, client: ChainClient, deployment: Deployment) -> Settlement:
     """Send a pending batch. Records nonce, calldata hash and head block first (committed), then
     the tx_hash (→ submitted). NodeUnavailable: stays pending (re-raised). A revert at estimation
-    (nothing sent): failed, charges back to unsettled, a refused budget marked."""
+    (nothing sent): failed, charges back to unsettled, a refused budget marked. The chain gone
+    back under the run (billing.rewind.rewound_before_send): nothing sent, it stays pending."""
+    if rewound_before_send(client=client, what=f"settlement {settlement.pk}"):
+        return settlement
     fn = _settle_call(client, deployment, settlement)
     nonce = client.transaction_count("pending")
     Settlement.objects.filter(pk=settlement.pk).update(
@@ -605,6 +608,9 @@ def _send_and_complete(
     settlement = settlement_send(settlement=settlement, client=client, deployment=deployment)
     if settlement.status == SS.FAILED:
         result["failed"] += 1
+        return
+    if settlement.status == SS.PENDING:  # not sent: the chain went back under the run
+        result["held_back"] = result.get("held_back", 0) + 1
         return
     result["sent"] += 1
     try:

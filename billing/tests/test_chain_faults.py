@@ -7,14 +7,17 @@ agreement (the ledger check passes), every charge paid once and every batch sent
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.utils import timezone
 from eth_account import Account
 from web3 import Web3
 
 from billing import release as release_module
+from billing import reservations as reservations_module
 from billing import services
 from billing import settlement as engine
 from billing.chain import ChainClient, ChainError
@@ -23,14 +26,16 @@ from billing.chain.client import ANVIL_DEV_KEY_0
 from billing.chain.deployment import deployment_ensure
 from billing.contract import ESCROW, STABLECOIN
 from billing.ledger_check import ledger_check_run
-from billing.models import BudgetAuthorization, BudgetReservation, LedgerEntry, Settlement
+from billing.models import BudgetAuthorization, BudgetReservation, LedgerEntry, Settlement, SettlementItem
 from billing.release import jobs_release_on_chain
 from billing.reservations import reserve_run
 from billing.selectors import provider_payable_micro, renter_available_micro
 from billing.statements import LeaseMoney, lease_money, provider_earnings, renter_balance
-from billing.tests._escrow_env import ONE, EscrowEnv, charged_job, escrow_env
+from billing.tests._escrow_env import ONE, EscrowEnv, ProviderFactory, charged_job, escrow_env
 from billing.tests.support import funded_renter, new_job, require_anvil
+from jobs.models import UsageReport
 from tests.depth import evms
+from tests.factories import placed_lease
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -285,6 +290,64 @@ def test_a_rollback_after_the_release_checked_the_settlement_cannot_close_the_jo
     assert jobs_release_on_chain(client=client, deployment=node.env.deployment)["released"] == 1
 
     assert node.env.escrow.functions.job(job.pk).call()[5]
+    assert _earnings(node, payee) == 900_000 == provider_payable_micro(provider_id=lease.machine.provider_id)
+    _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
+
+
+def test_a_rollback_after_the_runs_rewind_holds_back_the_next_batch_of_the_lease_and_each_part_is_paid_once(
+    node, monkeypatch
+):
+    """A running lease's first half hour is settled; the chain then rolls back under the run that
+    settles its second half hour, after the run's own rewind found the chain whole. Sent then, the
+    second batch would be mined on the shorter chain and pay, under the cumulative charge, both
+    half hours while the ledger books one (it still holds the first batch confirmed); the first
+    batch sent again would pay nothing and its half hour would wait unsettled for good (what the
+    fault suite's chain rollback found once). The batch is held back, the ledger undoes the first
+    one, and the next run pays each half hour once, in order."""
+    renter, account = funded_renter(node.env, "ida")
+    payee = node.env.account("payee ida")
+    job = new_job(renter)
+    node.env.sign_budget(account, job, 2 * ONE)
+    client = node.client()
+    deployment = node.env.deployment
+    assert reserve_run(client=client, deployment=deployment)["reserved"] == 1
+    t0 = timezone.now() - timedelta(hours=2)
+    lease = placed_lease(job=job, provider=ProviderFactory(payout_address=payee.address), price="1.00", started=t0)
+
+    def ran_until(seconds: int) -> None:
+        UsageReport.objects.create(
+            lease=lease,
+            report_id=f"until {seconds}",
+            period_start=t0 + timedelta(seconds=seconds - 1800),
+            period_end=t0 + timedelta(seconds=seconds),
+            gpu_seconds=1,
+        )
+        services.lease_meter(lease_id=lease.pk)
+
+    ran_until(1800)
+    mark = node.mark()
+    assert engine.settle_run(client=client, deployment=deployment, force=True)["confirmed"] == 1
+    assert _earnings(node, payee) == 450_000
+    ran_until(3600)
+    rewind = reservations_module.chain_rewind
+
+    def rewind_then_roll_back(*, client: ChainClient):  # type: ignore[no-untyped-def]
+        found = rewind(client=client)
+        node.roll_back(mark)  # the first batch is gone the moment after the run's rewind
+        return found
+
+    monkeypatch.setattr(reservations_module, "chain_rewind", rewind_then_roll_back)
+    held = engine.settle_run(client=client, deployment=deployment, force=True)
+    monkeypatch.undo()
+
+    assert held["held_back"] == 1 and held["sent"] == 0
+    assert list(Settlement.objects.order_by("pk").values_list("status", flat=True)) == ["pending", "pending"]
+    assert _earnings(node, payee) == 0
+
+    again = engine.settle_run(client=client, deployment=deployment)
+
+    assert again["confirmed"] == 2
+    assert [s.delta_micro for s in SettlementItem.objects.order_by("settlement_id")] == [500_000, 500_000]
     assert _earnings(node, payee) == 900_000 == provider_payable_micro(provider_id=lease.machine.provider_id)
     _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
 
