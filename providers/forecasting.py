@@ -107,10 +107,16 @@ class StretchCounts:
     _profiles: dict[int | None, tuple[list[float], list[float]]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # scaled(weight) answers, dropped by every change (a fleet prior, read by every machine's new
+    # forecast, changes only when it is rebuilt).
+    _scaled_profiles: dict[float, tuple[list[float], list[float]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def changed(self) -> None:
         """Forget cached profiles (after editing `ended` or `censored` in place)."""
         self._profiles.clear()
+        self._scaled_profiles.clear()
 
     def add(self, *, began_hour: int, length_s: float, ended: bool, weight: float = 1.0) -> None:
         """Count one stretch that began in hour-of-week `began_hour` and lasted `length_s`
@@ -129,6 +135,8 @@ class StretchCounts:
         every_hour = self._profiles.get(None)
         if every_hour is not None:
             every_hour[0 if ended else 1][b] += weight
+        if self._scaled_profiles:
+            self._scaled_profiles.clear()
 
     def merge(self, other: StretchCounts, weight: float = 1.0) -> None:
         for mine, theirs in ((self.ended, other.ended), (self.censored, other.censored)):
@@ -136,7 +144,7 @@ class StretchCounts:
                 target = mine.setdefault(hour, {})
                 for b, n in row.items():
                     target[b] = target.get(b, 0.0) + n * weight
-        self._profiles.clear()
+        self.changed()
 
     def decay(self, factor: float, *, floor: float = 0.01) -> None:
         """Multiply every count by `factor` (0 < factor <= 1), dropping counts below `floor`."""
@@ -149,7 +157,7 @@ class StretchCounts:
                     table[hour] = row
                 else:
                     del table[hour]
-        self._profiles.clear()
+        self.changed()
 
     def total(self, hour: int | None = None) -> float:
         tables = (self.ended, self.censored)
@@ -160,10 +168,23 @@ class StretchCounts:
     def profile(self, hour: int | None = None) -> tuple[list[float], list[float]]:
         """(ended per bin, censored per bin) for one hour of the week, or summed over all.
         The lists are fresh copies (the cache keeps its own)."""
+        found = self._view(hour)
+        return list(found[0]), list(found[1])
+
+    def _view(self, hour: int | None) -> tuple[list[float], list[float]]:
+        """`profile(hour)` as kept: not to be changed by the caller."""
         found = self._profiles.get(hour)
         if found is None:
             found = self._profiles[hour] = self._profile(hour)
-        return list(found[0]), list(found[1])
+        return found
+
+    def scaled(self, weight: float) -> tuple[list[float], list[float]]:
+        """The all-hours profile scaled to a total of `weight` stretches (zeros when there are
+        none), as kept: not to be changed by the caller."""
+        found = self._scaled_profiles.get(weight)
+        if found is None:
+            found = self._scaled_profiles[weight] = _scaled(self._view(None), weight)
+        return found
 
     def _profile(self, hour: int | None) -> tuple[list[float], list[float]]:
         ended = [0.0] * NBINS
@@ -215,6 +236,16 @@ def _scaled(profile: tuple[list[float], list[float]], weight: float) -> tuple[li
 
 def _add(a: tuple[list[float], list[float]], b: tuple[list[float], list[float]]) -> tuple[list[float], list[float]]:
     return [x + y for x, y in zip(a[0], b[0], strict=True)], [x + y for x, y in zip(a[1], b[1], strict=True)]
+
+
+def _add_hour(into: tuple[list[float], list[float]], counts: StretchCounts, hour: int) -> None:
+    """Add one hour's counts to a profile, in place: what `_add(counts.profile(hour), into)`
+    gives, without building the hour's profile (an hour's rows are sparse)."""
+    for target, table in ((into[0], counts.ended), (into[1], counts.censored)):
+        row = table.get(hour)
+        if row:
+            for b, n in row.items():
+                target[b] += n
 
 
 # A stretch profile nobody has measured: a mean of about an hour, as a constant hazard.
@@ -329,14 +360,15 @@ class Forecast:
                 if found is None:
                     found = self._cache[key] = Survival.from_profile(*self._day(hour_of_day, same_hour))
             else:
-                day = _scaled(self._day(hour_of_day, same_hour), HOUR_PRIOR_WEIGHT)
-                found = Survival.from_profile(*_add(own.profile(began_hour), day))
+                blend = _scaled(self._day(hour_of_day, same_hour), HOUR_PRIOR_WEIGHT)
+                _add_hour(blend, own, began_hour)
+                found = Survival.from_profile(*blend)
             self._cache[began_hour] = found
         return found
 
     def _mine_all(self) -> tuple[list[float], list[float]]:
         if self._all is None:
-            self._all = _add(self.machine.profile(), _scaled(self.fleet.profile(), FLEET_PRIOR_WEIGHT))
+            self._all = _add(self.machine._view(None), self.fleet.scaled(FLEET_PRIOR_WEIGHT))
         return self._all
 
     def _day(self, hour_of_day: int, hours: list[int]) -> tuple[list[float], list[float]]:
@@ -346,7 +378,7 @@ class Forecast:
         if found is None:
             found = _scaled(self._mine_all(), HOUR_PRIOR_WEIGHT)
             for h in hours:
-                found = _add(self.machine.profile(h), found)
+                _add_hour(found, self.machine, h)
             self._days[hour_of_day] = found
         return found
 

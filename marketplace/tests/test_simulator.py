@@ -3,6 +3,7 @@ themselves: what a user of its figures would notice."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -94,6 +95,34 @@ def test_the_same_seed_gives_the_same_figures_and_another_seed_others(traces: di
     one = simulate(traces, seed=3, horizon_s=86400.0)
     assert simulate(traces, seed=3, horizon_s=86400.0) == one
     assert simulate(traces, seed=4, horizon_s=86400.0) != one
+
+
+def test_a_run_leaves_the_garbage_collector_as_it_found_it(traces: dict[str, Path]) -> None:
+    # The run switches the cyclic collector off for its own sake; the process it runs in (a
+    # worker, a test session) gets it back as it was, even when the run fails.
+    assert gc.isenabled()
+    simulate(traces, horizon_s=7200.0, warmup_s=0.0)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        simulate(traces, horizon_s=7200.0, warmup_s=0.0)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    failing = Simulation(
+        nodes=read_fleet(traces["fleet"]),
+        jobs=read_jobs(traces["jobs"]),
+        duty=read_duty(traces["duty"]),
+        config=Config(horizon_s=7200.0, warmup_s=0.0),
+    )
+
+    def cycle_fails(now: float) -> None:
+        raise RuntimeError("a cycle failed")
+
+    failing._cycle = cycle_fails  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a cycle failed"):
+        failing.run()
+    assert gc.isenabled()
 
 
 def test_without_checkpoints_a_preemption_loses_more(traces: dict[str, Path]) -> None:
