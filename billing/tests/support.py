@@ -5,6 +5,7 @@ never from each other."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -141,3 +142,18 @@ def submit_job(renter) -> Job:  # type: ignore[no-untyped-def]
     )
     job, _ = job_submit(renter=renter, spec=spec)
     return job
+
+
+def rolled_back_after_rewind(monkeypatch: pytest.MonkeyPatch, module: Any, roll_back: Callable[[], None]) -> None:
+    """The chain goes back under the next run of `module` (billing.release, billing.reservations)
+    the moment after the run's own rewind found it whole: `module.chain_rewind`'s next call runs,
+    then `roll_back()`; later calls are the real rewind."""
+    rewind = module.chain_rewind
+
+    def rewind_then_roll_back(*, client: Any) -> Any:
+        found = rewind(client=client)
+        monkeypatch.setattr(module, "chain_rewind", rewind)
+        roll_back()
+        return found
+
+    monkeypatch.setattr(module, "chain_rewind", rewind_then_roll_back)

@@ -32,7 +32,7 @@ from billing.reservations import reserve_run
 from billing.selectors import provider_payable_micro, renter_available_micro
 from billing.statements import LeaseMoney, lease_money, provider_earnings, renter_balance
 from billing.tests._escrow_env import ONE, EscrowEnv, ProviderFactory, charged_job, escrow_env
-from billing.tests.support import funded_renter, new_job, require_anvil
+from billing.tests.support import funded_renter, new_job, require_anvil, rolled_back_after_rewind
 from jobs.models import UsageReport
 from tests.depth import evms
 from tests.factories import placed_lease
@@ -329,14 +329,9 @@ def test_a_rollback_after_the_runs_rewind_holds_back_the_next_batch_of_the_lease
     assert engine.settle_run(client=client, deployment=deployment, force=True)["confirmed"] == 1
     assert _earnings(node, payee) == 450_000
     ran_until(3600)
-    rewind = reservations_module.chain_rewind
-
-    def rewind_then_roll_back(*, client: ChainClient):  # type: ignore[no-untyped-def]
-        found = rewind(client=client)
-        node.roll_back(mark)  # the first batch is gone the moment after the run's rewind
-        return found
-
-    monkeypatch.setattr(reservations_module, "chain_rewind", rewind_then_roll_back)
+    # The first batch is gone the moment after the run's rewind (the settlement run's starts
+    # with the reservation run's).
+    rolled_back_after_rewind(monkeypatch, reservations_module, lambda: node.roll_back(mark))
     held = engine.settle_run(client=client, deployment=deployment, force=True)
     monkeypatch.undo()
 

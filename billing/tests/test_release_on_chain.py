@@ -19,6 +19,7 @@ from billing.models import BudgetAuthorization, ChainLog
 from billing.release import jobs_release_on_chain
 from billing.selectors import account_balance, provider_payable_micro, renter_available_micro
 from billing.tests._escrow_env import ONE, charged_job, escrow_env
+from billing.tests.support import rolled_back_after_rewind
 from tests.factories import RenterFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -91,15 +92,7 @@ def test_a_settlement_the_chain_takes_back_during_a_run_is_not_released_over(env
     assert engine.settle_run(client=env.client, deployment=env.deployment, force=True)["confirmed"] == 1
     assert services.budgets_release()["released"] == 1
 
-    rewind = release.chain_rewind
-
-    def rewind_then_roll_back(*, client):  # type: ignore[no-untyped-def]
-        found = rewind(client=client)
-        monkeypatch.setattr(release, "chain_rewind", rewind)
-        tester.revert_to_snapshot(before_settlement)
-        return found
-
-    monkeypatch.setattr(release, "chain_rewind", rewind_then_roll_back)
+    rolled_back_after_rewind(monkeypatch, release, lambda: tester.revert_to_snapshot(before_settlement))
     result = jobs_release_on_chain(client=env.client, deployment=env.deployment)
 
     assert result["released"] == 0 and result["waiting"] == 1

@@ -363,6 +363,7 @@ def test_a_reservation_the_chain_takes_back_under_a_release_run_is_reserved_agai
     # reserved for ever while the ledger counts it available.
     from billing import release, services
     from billing.release import jobs_release_on_chain
+    from billing.tests.support import rolled_back_after_rewind
     from jobs.services import job_cancel
 
     renter, account = _renter(env, "max", 10 * ONE)
@@ -375,15 +376,7 @@ def test_a_reservation_the_chain_takes_back_under_a_release_run_is_reserved_agai
     assert services.budgets_release()["released"] == 1
     assert renter_available_micro(renter_id=renter.pk) == 10 * ONE
 
-    rewind = release.chain_rewind
-
-    def rewind_then_roll_back(*, client):  # type: ignore[no-untyped-def]
-        found = rewind(client=client)
-        monkeypatch.setattr(release, "chain_rewind", rewind)
-        tester.revert_to_snapshot(before_reservation)
-        return found
-
-    monkeypatch.setattr(release, "chain_rewind", rewind_then_roll_back)
+    rolled_back_after_rewind(monkeypatch, release, lambda: tester.revert_to_snapshot(before_reservation))
     result = jobs_release_on_chain(client=env.client, deployment=env.deployment)
 
     assert result["waiting"] == 1 and result["released"] == result["already_closed"] == 0
