@@ -73,6 +73,7 @@ from django.utils import timezone
 
 from billing import selectors as billing_selectors  # the billing gate
 from core import prom, soon
+from core.collector import collector_paused
 from jobs.models import Job, LeaseGPU
 from jobs.services import Placement, job_set_unplaced, leases_assign
 from marketplace import placement as policy
@@ -737,7 +738,8 @@ def match_cycle(*, now: datetime | None = None, batch_size: int | None = None) -
     transactions of CHUNK_SIZE jobs. Safe to run in several workers at once. `now` decides
     availability windows (default: the current time). A cycle that ends is counted in /metrics
     (gpgpu_match_cycles_total, gpgpu_match_cycle_seconds, gpgpu_match_placements_total)."""
-    result = _match_cycle(now=now, batch_size=batch_size)
+    with collector_paused():  # a burst of short-lived rows, offers and placements (core.collector)
+        result = _match_cycle(now=now, batch_size=batch_size)
     prom.match_cycle_observe(seconds=result.seconds, placed=result.placed)
     return result
 

@@ -13,7 +13,6 @@ each GPU's own idle stretches, counted when they end, plus a fleet prior refresh
 
 from __future__ import annotations
 
-import gc
 import heapq
 import math
 import random
@@ -21,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from core.collector import collector_paused
 from marketplace.placement import FreePool, GpuOffer, JobQueue, JobRequest, MachineOffer, Placement, pool_place
 from marketplace.simulator.metrics import Metrics
 from marketplace.simulator.traces import DutySeries, Node, TraceJob
@@ -248,17 +248,11 @@ class Simulation:
     # --- the run -----------------------------------------------------------------------------
 
     def run(self) -> Metrics:
-        # The run makes millions of small objects that die young and never form cycles (events,
-        # requests, offers, forecasts): the cyclic collector, walking a heap of millions each
-        # time, took 18 % of a 1-day run and found nothing to free (the same peak memory
-        # without it). It is off for the run and back as it was after.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        # Millions of small objects that die young and never form cycles (events, requests,
+        # offers, forecasts): the cyclic collector took 18 % of a 1-day run and freed nothing
+        # (the same peak memory without it).
+        with collector_paused():
             return self._run()
-        finally:
-            if collecting:
-                gc.enable()
 
     def _run(self) -> Metrics:
         cfg = self.config
