@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from core.collector import collector_paused
 from marketplace.placement import FreePool, GpuOffer, JobQueue, JobRequest, MachineOffer, Placement, pool_place
@@ -171,7 +172,9 @@ class Simulation:
         self.seq = 0
         self.jobs: dict[int, _Job] = {}
         self.pending: dict[int, _Job] = {}  # waiting jobs, in the order they entered
-        self.never_placed: dict[int, _Job] = {}  # of those, the ones never placed, in arrival order
+        # Of those, the ones never placed and not yet counted starved, by shape (models, GPUs),
+        # each in arrival order.
+        self.unplaced: dict[tuple[frozenset[str], int], dict[int, _Job]] = {}
         self.queue = JobQueue(policy=config.policy)  # the same, as the policy orders them
         self.held: dict[int, int] = {}
         self.changed = True
@@ -363,7 +366,7 @@ class Simulation:
     def _enqueue(self, job: _Job) -> None:
         self.pending[job.id] = job
         if job.first_start is None:
-            self.never_placed[job.id] = job
+            self.unplaced.setdefault((job.models, job.gpu_count), {})[job.id] = job
         self.queue.add(self._request(job))
         self.changed = True
 
@@ -377,7 +380,7 @@ class Simulation:
             job.gpus = p.gpu_ids
             if job.first_start is None:
                 job.first_start = now
-                del self.never_placed[job.id]
+                self.unplaced[(job.models, job.gpu_count)].pop(job.id, None)
                 self.metrics.waited(job.arrival, now)
             for gpu_id in p.gpu_ids:
                 gpu = self.gpus[gpu_id]
@@ -410,15 +413,15 @@ class Simulation:
         fit it went to a later job in this cycle."""
         if not placements:
             return
-        # Jobs never placed are kept in arrival order (they enter once, on arrival, and leave
-        # once), so the walk stops at the first of them under a day old.
-        old = []
-        for j in self.never_placed.values():
-            if now - j.arrival <= STARVED_AFTER_S:
-                break
-            if j.id not in self.metrics.starved:
-                old.append(j)
-        if not old:
+        # Jobs never placed are kept by shape in arrival order (they enter once, on arrival, and
+        # leave once, placed or counted), so each shape's walk stops at its first job under a
+        # day old, and a shape too big for every machine is passed over whole.
+        shapes = [
+            (shape, jobs)
+            for shape, jobs in self.unplaced.items()
+            if jobs and now - next(iter(jobs.values())).arrival > STARVED_AFTER_S
+        ]
+        if not shapes:
             return
         # Per machine given GPUs this cycle: its GPUs free when the cycle began (gpu -> model),
         # and the placements made on it. Every policy offers a job waiting over a day after
@@ -445,32 +448,48 @@ class Simulation:
         # its models than any one machine had free fits nowhere. A job ahead of every placement
         # (the usual case: the oldest jobs wait) had all that was free left on every machine.
         ahead_of_all = min(first for first, *_ in machines)
-        most_free: dict[frozenset[str], int] = {}
-        for waiting in old:
-            most = most_free.get(waiting.models)
-            if most is None:
-                most = most_free[waiting.models] = max(
-                    sum(by_model.values()) if not waiting.models else sum(by_model[m] for m in waiting.models)
-                    for _, _, by_model, _, _ in machines
-                )
-            if most < waiting.gpu_count:
+        for (models, count), jobs in shapes:
+            most = max(
+                sum(by_model.values()) if not models else sum(by_model[m] for m in models)
+                for _, _, by_model, _, _ in machines
+            )
+            if most < count:
                 continue
-            turn = (waiting.arrival, waiting.id)
-            if turn < ahead_of_all:
-                self.metrics.starved.add(waiting.id)
-                continue
-            for first, last, by_model, free, made in machines:
-                if last < turn:
-                    continue  # no later job got GPUs here
-                if first > turn:  # nothing went to a job ahead of it: all that was free was left
-                    left = by_model
-                else:
-                    taken = {g for order, gpu_ids in made if order < turn for g in gpu_ids}
-                    left = Counter(model for g, model in free.items() if g not in taken)
-                fits = sum(left.values()) if not waiting.models else sum(left.get(m, 0) for m in waiting.models)
-                if fits >= waiting.gpu_count:
-                    self.metrics.starved.add(waiting.id)
-                    break
+            starved = [waiting.id for waiting in self._old(jobs, now) if self._fitted(waiting, ahead_of_all, machines)]
+            for job_id in starved:
+                self.metrics.starved.add(job_id)
+                del jobs[job_id]
+
+    @staticmethod
+    def _old(jobs: dict[int, _Job], now: float) -> Iterator[_Job]:
+        """The jobs (in arrival order) waiting over a day."""
+        for waiting in jobs.values():
+            if now - waiting.arrival <= STARVED_AFTER_S:
+                return
+            yield waiting
+
+    @staticmethod
+    def _fitted(
+        waiting: _Job,
+        ahead_of_all: tuple[float, int],
+        machines: list[tuple[tuple[float, int], tuple[float, int], Counter[str], dict[int, str], list[Any]]],
+    ) -> bool:
+        """Whether GPUs of one machine that fitted `waiting` at its turn went to a later job."""
+        turn = (waiting.arrival, waiting.id)
+        if turn < ahead_of_all:
+            return True
+        for first, last, by_model, free, made in machines:
+            if last < turn:
+                continue  # no later job got GPUs here
+            if first > turn:  # nothing went to a job ahead of it: all that was free was left
+                left = by_model
+            else:
+                taken = {g for order, gpu_ids in made if order < turn for g in gpu_ids}
+                left = Counter(model for g, model in free.items() if g not in taken)
+            fits = sum(left.values()) if not waiting.models else sum(left.get(m, 0) for m in waiting.models)
+            if fits >= waiting.gpu_count:
+                return True
+        return False
 
     def _close(self, end: float) -> None:
         for gpu in self.gpus:

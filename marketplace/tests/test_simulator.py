@@ -196,7 +196,7 @@ def _starved_after(placed: list[tuple[int, int]]) -> set[int]:
         config=Config(policy="first-fit", horizon_s=3 * 86400.0, warmup_s=0.0),
     )
     sim.pending = {1: sim.jobs[1]}
-    sim.never_placed = {1: sim.jobs[1]}
+    sim.unplaced = {(sim.jobs[1].models, sim.jobs[1].gpu_count): {1: sim.jobs[1]}}
     for gpu in sim.gpus:
         gpu.rentable = True
     placements = []
