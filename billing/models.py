@@ -255,7 +255,7 @@ class BudgetAuthorization(models.Model):
     # The block the release was confirmed in (or, when it was found closed, the head block it was
     # seen closed at) and its hash: when that block leaves the chain (a reorg, a node rolled back),
     # billing.rewind forgets the release and the next run looks again.
-    release_block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    release_block_number = models.PositiveBigIntegerField(null=True, blank=True, db_index=True)
     release_block_hash = models.CharField(max_length=66, blank=True)
 
     class Meta:
@@ -292,7 +292,8 @@ class OperatorTransaction(models.Model):
     nonce = models.PositiveBigIntegerField(null=True, blank=True)
     calldata_hash = models.CharField(max_length=66, blank=True)
     sent_from_block = models.PositiveBigIntegerField(null=True, blank=True)
-    block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    # Indexed: the newest confirmed one is read before every send (billing.rewind.chain_went_back).
+    block_number = models.PositiveBigIntegerField(null=True, blank=True, db_index=True)
     block_hash = models.CharField(max_length=66, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     rewinds = models.PositiveIntegerField(default=0)

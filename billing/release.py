@@ -22,8 +22,9 @@ item of the run (core.periodic.item): a job whose release fails is logged and sk
 Guarded against the chain going back under it: `releaseJob` carries the job's last settlement
 the ledger holds confirmed (its lease and cumulative charge; `_settled_expected`), and the escrow
 reverts it (`GpgpuEscrow_SettlementBehind`) when its own state for the job is behind that. The run
-checks just before sending that the job's settlements are still in their blocks, but a rollback
-can come after that check and before the transaction is mined (a transaction sent under a nonce
+checks just before sending that the chain still holds what the ledger rests on
+(`billing.rewind.rewound_before_send`), but a rollback can come after that check and before the
+transaction is mined (a transaction sent under a nonce
 the rollback freed waits in the node's pool and is mined later, after the settlement it depended
 on was undone): closed then, the job would skip the settlement sent again and its provider would
 never be paid. A refused release is "waiting": the ledger undoes what the chain lost
@@ -50,7 +51,7 @@ from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavail
 from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW
 from billing.models import BudgetAuthorization, LedgerAccount, OperatorTransaction, SettlementItem
-from billing.rewind import chain_rewind, job_settlements_on_chain, rewound_before_send
+from billing.rewind import chain_rewind, rewound_before_send
 from billing.services import job_leases_final
 from core import periodic
 from jobs.models import Job, Lease
@@ -249,12 +250,6 @@ def _release_one(
     *, auth: BudgetAuthorization, client: ChainClient, deployment: Deployment, result: dict[str, Any]
 ) -> None:
     if not job_ready_for_chain_release(job_id=auth.job_id):
-        result["waiting"] += 1
-        return
-    if not job_settlements_on_chain(job_id=auth.job_id, client=client):
-        # The chain took back a settlement of the job since the run began: undo it in the
-        # ledger now; the job waits until its charges are settled again.
-        chain_rewind(client=client)
         result["waiting"] += 1
         return
     try:

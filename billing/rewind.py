@@ -173,8 +173,7 @@ def _newest_record() -> tuple[int, str] | None:
         .values_list("release_block_number", "release_block_hash")
         .first()
     )
-    known = [(int(number), str(block_hash)) for number, block_hash in (f for f in found if f) if number is not None]
-    return max(known, default=None)
+    return max(((int(number or 0), block_hash) for number, block_hash in filter(None, found)), default=None)
 
 
 def chain_went_back(*, client: ChainClient) -> bool:
@@ -185,7 +184,8 @@ def chain_went_back(*, client: ChainClient) -> bool:
     transaction be mined on the shorter chain, where a settlement pays, under the cumulative
     charges, the part of a lease that a batch the chain lost had paid (the ledger, which holds
     that batch confirmed still, would count the payment short, and the lost batch sent again would
-    pay nothing). The caller then rewinds and sends nothing this run. Raises NodeUnavailable."""
+    pay nothing), and a release closes a job whose settlement the chain lost (its charge never
+    paid). The caller then rewinds and sends nothing this run. Raises NodeUnavailable."""
     newest = _newest_record()
     if newest is None:
         return False
@@ -202,17 +202,6 @@ def rewound_before_send(*, client: ChainClient, what: str) -> bool:
     logger.warning("the chain went back under the run; %s is not sent now", what)
     chain_rewind(client=client)
     return True
-
-
-def job_settlements_on_chain(*, job_id: int, client: ChainClient) -> bool:
-    """Whether every confirmed settlement that paid a lease of the job is still in its block, read
-    at the node's head now. The release run asks it just before it sends a job's releaseJob: a
-    rollback after the run's own rewind would otherwise let it close on chain a job whose charges
-    the ledger still counts as paid, and a closed job's charges are never paid (the escrow skips
-    its items). Raises NodeUnavailable."""
-    chain = _Chain(client)
-    settlements = Settlement.objects.filter(status=OS.CONFIRMED, items__lease__job_id=job_id).distinct()
-    return not any(_left_chain(chain, settlement) for settlement in settlements)
 
 
 def _undo(record: object, chain: _Chain, result: RewindResult) -> None:

@@ -259,8 +259,8 @@ def test_a_rollback_under_reservation_settlement_and_release_undoes_all_three_an
 def test_a_rollback_after_the_release_checked_the_settlement_cannot_close_the_job_with_its_charge_unpaid(
     node, monkeypatch
 ):
-    """The release run checks that the job's settlement is still in its block, then the chain rolls
-    back under it before the releaseJob is mined: the escrow refuses the release (it holds less
+    """The release run checks that the chain still holds what the ledger rests on, then the chain
+    rolls back under it before the releaseJob is mined: the escrow refuses the release (it holds less
     settled for the job than the ledger), the ledger undoes the settlement, it is paid again, and
     only then is the job closed. Closed at once, the job would skip the settlement sent again: the provider
     unpaid for good, the ledger holding the charge forever."""
@@ -268,16 +268,16 @@ def test_a_rollback_after_the_release_checked_the_settlement_cannot_close_the_jo
     client = node.client()
     mark = node.mark()
     assert engine.settle_run(client=client, deployment=node.env.deployment, force=True)["confirmed"] == 1
-    checked = release_module.job_settlements_on_chain
+    checked = release_module.rewound_before_send
 
-    def checked_then_rolled_back(*, job_id: int, client: ChainClient) -> bool:
-        held = checked(job_id=job_id, client=client)
+    def checked_then_rolled_back(*, client: ChainClient, what: str) -> bool:
+        went_back = checked(client=client, what=what)
         node.roll_back(mark)  # the settlement is gone the moment after the check
         node.mine(2)
         client.nonce_reset()  # the operator's next transaction is mined at once
-        return held
+        return went_back
 
-    monkeypatch.setattr(release_module, "job_settlements_on_chain", checked_then_rolled_back)
+    monkeypatch.setattr(release_module, "rewound_before_send", checked_then_rolled_back)
     result = jobs_release_on_chain(client=client, deployment=node.env.deployment)
 
     assert result["waiting"] == 1 and result["released"] == 0
