@@ -439,11 +439,17 @@ class Simulation:
                 }
                 given[p.machine_id] = (free, [])
             given[p.machine_id][1].append(((self.jobs[p.job_id].arrival, p.job_id), p.gpu_ids))
-        # (first and last turn given GPUs there, free GPUs by model, free GPUs, placements)
-        machines = [
-            (min(order for order, _ in made), max(order for order, _ in made), Counter(free.values()), free, made)
-            for free, made in given.values()
-        ]
+        # (first and last turn given GPUs there, free GPUs by model, free GPUs, placements), the
+        # machines whose last placement went to the latest job first: a waiting job's check stops
+        # at the first machine where no job after it got GPUs.
+        machines = sorted(
+            (
+                (min(order for order, _ in made), max(order for order, _ in made), Counter(free.values()), free, made)
+                for free, made in given.values()
+            ),
+            key=lambda machine: machine[1],
+            reverse=True,
+        )
         # What was left for a job at its turn is at most what was free: a job for more GPUs of
         # its models than any one machine had free fits nowhere. A job ahead of every placement
         # (the usual case: the oldest jobs wait) had all that was free left on every machine.
@@ -474,13 +480,14 @@ class Simulation:
         ahead_of_all: tuple[float, int],
         machines: list[tuple[tuple[float, int], tuple[float, int], Counter[str], dict[int, str], list[Any]]],
     ) -> bool:
-        """Whether GPUs of one machine that fitted `waiting` at its turn went to a later job."""
+        """Whether GPUs of one machine that fitted `waiting` at its turn went to a later job
+        (`machines` by their last placement's turn, latest first)."""
         turn = (waiting.arrival, waiting.id)
         if turn < ahead_of_all:
             return True
         for first, last, by_model, free, made in machines:
             if last < turn:
-                continue  # no later job got GPUs here
+                return False  # no later job got GPUs here, nor on any machine after it
             if first > turn:  # nothing went to a job ahead of it: all that was free was left
                 left = by_model
             else:

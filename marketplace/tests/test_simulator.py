@@ -183,12 +183,13 @@ def test_the_bound_counts_only_the_work_a_job_offers_inside_the_measured_period(
     assert metrics.summary()["upper_bound_gpu_s"] == 2 * 200 + 500
 
 
-def _starved_after(placed: list[tuple[int, int]]) -> set[int]:
-    """A 2-GPU machine whose owner never comes back; jobs 0 (1 GPU), 1 (2 GPUs), 2 (1 GPU) in
-    arrival order; at two days, job 1 still waits, both GPUs were free when the cycle began,
-    and `placed` (job, GPU) were this cycle's placements: which jobs count as starved."""
+def _starved_after(placed: list[tuple[int, int]], machines: int = 1) -> set[int]:
+    """`machines` 2-GPU machines (GPUs 0 and 1 on the first, 2 and 3 on the second) whose owners
+    never come back; jobs 0 (1 GPU), 1 (2 GPUs), 2 (1 GPU) in arrival order; at two days, job 1
+    still waits, every GPU was free when the cycle began, and `placed` (job, GPU) were this
+    cycle's placements, in that order: which jobs count as starved."""
     sim = Simulation(
-        nodes=[Node("n0", "t4", 2)],
+        nodes=[Node(f"n{n}", "t4", 2) for n in range(machines)],
         jobs=[
             TraceJob(name, at, gpus, frozenset(), 600) for name, at, gpus in (("e", 0, 1), ("w", 10, 2), ("l", 20, 1))
         ],
@@ -202,7 +203,7 @@ def _starved_after(placed: list[tuple[int, int]]) -> set[int]:
     placements = []
     for job_id, gpu_id in placed:
         sim.gpus[gpu_id].lease = job_id
-        placements.append(Placement(job_id, 0, (gpu_id,), 500_000, math.nan, math.nan))
+        placements.append(Placement(job_id, sim.gpus[gpu_id].machine, (gpu_id,), 500_000, math.nan, math.nan))
     sim._starved(2 * 86400.0, placements)
     return sim.metrics.starved
 
@@ -213,6 +214,12 @@ def test_a_job_is_starved_only_where_gpus_fitting_it_at_its_turn_went_to_later_j
     # An earlier job took one GPU first: one was left at the 2-GPU job's turn, it could not fit,
     # and the later job taking that one starved nobody.
     assert _starved_after([(0, 0), (2, 1)]) == set()
+    # Only an earlier job got GPUs: nobody after the waiting job took what fitted it.
+    assert _starved_after([(0, 0)]) == set()
+    # The earlier job placed first on one machine, the later job on the other, whose two GPUs
+    # were both left at the waiting job's turn: starved, whichever machine is looked at first.
+    assert _starved_after([(0, 0), (2, 2)], machines=2) == {1}
+    assert _starved_after([(2, 2), (0, 0)], machines=2) == {1}
 
 
 @pytest.mark.parametrize(
