@@ -189,6 +189,7 @@ SLOW_MODULES = {
     "billing/tests/test_budget_invariant_properties.py": "random interleavings on two EVM backends",
     "billing/tests/test_contract_properties.py": "random operations against the escrow",
     "providers/tests/test_gpu_state_race.py": "heartbeats racing the matcher for rounds",
+    "marketplace/tests/test_broker_outage.py": "a real worker through a restart of its own redis-server",
 }
 
 
@@ -213,6 +214,7 @@ LONGEST_MODULES = (
     "tests/browser/test_operator_console.py",  # 16
     "client/tests/test_client_live.py",  # 15
     "providers/tests/test_agent_api.py",  # 15
+    "marketplace/tests/test_broker_outage.py",  # 13
     "providers/tests/test_gpu_state_race.py",  # 12
     "marketplace/tests/test_matching_concurrency.py",  # 12
 )
