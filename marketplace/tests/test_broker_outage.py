@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from kombu import Connection
 
 from core.tests.outage import free_port
 
@@ -106,11 +107,14 @@ def test_a_worker_holding_a_retried_task_rides_out_a_redis_restart_and_takes_tas
         worker = subprocess.Popen(  # noqa: S603 - our own interpreter and app
             celery, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    sender = Celery("test-broker-outage", broker=redis_server.url, set_as_current=False)
+    # Sent through a connection of its own: CELERY_BROKER_URL (CI's Redis) would win over a
+    # Celery app's broker argument.
+    sender = Celery("test-broker-outage", set_as_current=False)
+    broker = Connection(redis_server.url)
     try:
         _wait(worker, log, lambda text: " ready." in text, "that it was ready")
         held = str(uuid.uuid4())
-        sender.send_task("marketplace.tasks.worker_heartbeat", task_id=held, countdown=600)
+        sender.send_task("marketplace.tasks.worker_heartbeat", task_id=held, countdown=600, connection=broker)
         _wait(worker, log, lambda text: f"[{held}] received" in text, "the held task received")
 
         redis_server.stop()
@@ -122,11 +126,12 @@ def test_a_worker_holding_a_retried_task_rides_out_a_redis_restart_and_takes_tas
         _wait(worker, log, lambda text: len(re.findall(r"Connected to redis://", text)) >= 2, "a second connection")
         assert worker.poll() is None, log.read_text(errors="replace")[-4000:]
         after = str(uuid.uuid4())
-        sender.send_task("marketplace.tasks.worker_heartbeat", task_id=after, countdown=600)
+        sender.send_task("marketplace.tasks.worker_heartbeat", task_id=after, countdown=600, connection=broker)
         _wait(worker, log, lambda text: f"[{after}] received" in text, "a task sent after the restart received")
         assert worker.poll() is None
         assert "Unrecoverable error" not in log.read_text(errors="replace")
     finally:
+        broker.release()
         sender.close()
         worker.terminate()
         try:
