@@ -44,7 +44,7 @@ from django.db.models import Field, Max, Model, Q
 from django.utils import timezone
 
 from providers import idle_history
-from providers.availability import days_to_mask, mask_to_days, validate_timezone
+from providers.availability import FOREVER, days_to_mask, mask_to_days, validate_timezone
 from providers.errors import (
     Conflict,
     MachineCredentialRevoked,
@@ -66,6 +66,7 @@ from providers.models import (
     RegistrationToken,
     TelemetrySample,
 )
+from providers.selectors import machine_available_until
 
 logger = logging.getLogger(__name__)
 
@@ -735,9 +736,6 @@ class MachineSchedule:
 
 def machine_schedule(*, machine: Machine, now: datetime) -> MachineSchedule:
     """The owner's schedule for `machine` at `now`, from its windows and blackouts."""
-    from providers.availability import FOREVER
-    from providers.selectors import machine_available_until
-
     until = machine_available_until(machine=machine, now=now)
     if until is None:
         return MachineSchedule(available_now=False, available_until=None, indefinitely=False)
