@@ -34,7 +34,8 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import pairwise
+from itertools import accumulate, pairwise
+from operator import add
 from typing import Any
 
 # Duration bins of stretch lengths, seconds: log-spaced from a minute to a week. The last bin is
@@ -64,7 +65,9 @@ BIN_EDGES_S: tuple[float, ...] = (
     604800,
 )
 NBINS = len(BIN_EDGES_S)  # bin i covers [BIN_EDGES_S[i], BIN_EDGES_S[i+1]); the last is open
-_BIN_WIDTHS_S: tuple[float | None, ...] = (*(b - a for a, b in pairwise(BIN_EDGES_S)), None)
+_FINITE_WIDTHS_S: tuple[float, ...] = tuple(float(b - a) for a, b in pairwise(BIN_EDGES_S))  # all but the open bin
+# A bin's share of ended stretches is capped below 1, so its hazard rate stays finite.
+_Q_MAX = 0.999999
 HOURS_OF_WEEK = 168
 # Weight, in stretches, of the machine's all-hours counts blended into one hour's counts, and of
 # the fleet prior blended into the machine's.
@@ -123,11 +126,13 @@ class StretchCounts:
         (ended by the owner's return when `ended`, else censored at that length)."""
         if not 0 <= began_hour < HOURS_OF_WEEK:
             raise ValueError(f"began_hour must be 0..167, not {began_hour}")
-        if not math.isfinite(length_s) or length_s < 0:
+        if not 0 <= length_s < math.inf:  # NaN fails both
             raise ValueError(f"length_s must be a finite number of seconds >= 0, not {length_s}")
         table = self.ended if ended else self.censored
-        row = table.setdefault(began_hour, {})
-        b = bin_of(length_s)
+        row = table.get(began_hour)
+        if row is None:
+            row = table[began_hour] = {}
+        b = bisect_right(BIN_EDGES_S, length_s) - 1 if length_s > 0 else 0  # bin_of, inline: a hot path
         row[b] = row.get(b, 0.0) + weight
         # Only this hour's profile and the all-hours one change: the latter is kept, counted up
         # here (rebuilding it sums every hour, and each new forecast of the machine reads it).
@@ -293,7 +298,7 @@ class Survival:
         while b < NBINS - 1 and self.at_edges[b + 1] >= target:
             b += 1
         start = max(BIN_EDGES_S[b], age)
-        at_start = self(start)
+        at_start = base if start == age else self(start)  # the same answer, one call fewer
         rate = self.rates[b]
         if rate <= 0:
             return cap
@@ -302,27 +307,32 @@ class Survival:
 
     @classmethod
     def from_profile(cls, ended: list[float], censored: list[float]) -> Survival:
-        at_risk = 0.0
-        risk = [0.0] * NBINS
-        for b in range(NBINS - 1, -1, -1):
-            at_risk += ended[b] + censored[b]
-            risk[b] = at_risk
+        # Stretches at risk at each bin's start: the counts of it and every later bin (summed
+        # from the last bin down). A forecast is built for every idle stretch a GPU begins, so
+        # this is written for speed; the arithmetic is the plain loop's, step for step.
+        risk = list(accumulate(map(add, reversed(ended), reversed(censored))))
+        risk.reverse()
         edges = [1.0]
         rates: list[float] = []
         s = 1.0
+        rate = _UNKNOWN_RATE  # a bin nobody was at risk in keeps the rate before it
         log, exp = math.log, math.exp
-        for b, width in enumerate(_BIN_WIDTHS_S):  # the last is None: the open bin
-            if risk[b] <= 0:
-                rate = rates[-1] if rates else _UNKNOWN_RATE
-            else:
+        for b, width in enumerate(_FINITE_WIDTHS_S):
+            at_risk = risk[b]
+            if at_risk > 0:
                 # Censored stretches of this bin were at risk for about half of it.
-                exposed = risk[b] - censored[b] / 2
-                q = min(ended[b] / exposed, 0.999999) if exposed > 0 else 0.0
-                rate = -log(1 - q) / width if width else max(_TAIL_RATE, q / 604800)
+                exposed = at_risk - censored[b] / 2
+                q = ended[b] / exposed if exposed > 0 else 0.0
+                rate = -log(1 - (q if q <= _Q_MAX else _Q_MAX)) / width
             rates.append(rate)
-            if width is not None:
-                s *= exp(-rate * width)
-                edges.append(s)
+            s *= exp(-rate * width)
+            edges.append(s)
+        at_risk = risk[-1]
+        if at_risk > 0:  # the last, open bin
+            exposed = at_risk - censored[-1] / 2
+            q = ended[-1] / exposed if exposed > 0 else 0.0
+            rate = max(_TAIL_RATE, (q if q <= _Q_MAX else _Q_MAX) / 604800)
+        rates.append(rate)
         return cls(tuple(edges), tuple(rates))
 
 
