@@ -89,12 +89,28 @@ _LOST_STEPS = 16
 _TIERS = (1, 2, 4, 8)
 
 
+def _negated(key: tuple[float, ...]) -> tuple[float, ...]:
+    """A v2 entry's key (safe-until, machine id), negated: the downward walk's heap order."""
+    return (-key[0], -key[1])
+
+
+def _drop(entries: list[tuple[tuple[float, ...], int, int]], entry: tuple[tuple[float, ...], int, int]) -> None:
+    """Remove `entry` from a sorted list of a class's tier (when it is there)."""
+    i = bisect_left(entries, entry)
+    if i < len(entries) and entries[i] == entry:
+        del entries[i]
+
+
 def _tier(count: int) -> int:
     """Index of the largest tier <= count (count >= 1)."""
     return 3 if count >= 8 else 2 if count >= 4 else 1 if count >= 2 else 0
 
 
-@dataclass(frozen=True, slots=True)
+# The records below are plain slotted dataclasses, not frozen ones: nothing changes them, and the
+# simulator builds them by the million (a frozen dataclass's __init__ costs four times as much).
+
+
+@dataclass(slots=True)
 class JobRequest:
     id: int
     renter: int  # renter id, for the fair share
@@ -109,7 +125,7 @@ class JobRequest:
     kind_bit: int  # 1 container, 2 process (matching.KIND_BITS)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GpuOffer:
     id: int
     model: str  # lower-case
@@ -132,7 +148,7 @@ class MachineOffer:
     gpus: list[GpuOffer]  # free candidate GPUs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Placement:
     job_id: int
     machine_id: int
@@ -161,7 +177,7 @@ _AGE_GROWTH = 1.5
 _LOG_STEP = math.log(_AGE_GROWTH)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: a pool's lists remove the very entry, not an equal one
 class _Gpu:
     offer: GpuOffer
     machine: int
@@ -171,16 +187,16 @@ class _Gpu:
     safe_until: float  # v2: the owner is still away at this time with probability P_TARGET
     stamp: int = 0
 
-    def order(self, policy: str) -> tuple[float, ...]:
-        """The order GPUs are taken in on one machine."""
-        if policy == "first-fit":
-            return (self.offer.id,)
-        if policy == "v1":
-            return (self.offer.floor, self.offer.id)
-        return (-self.safe_until, self.offer.floor, self.offer.id)  # the safest first
+
+# The order GPUs are taken in on one machine, per policy (v2: the safest first).
+_GPU_ORDER: dict[str, Callable[[_Gpu], tuple[float, ...]]] = {
+    "first-fit": lambda g: (g.offer.id,),
+    "v1": lambda g: (g.offer.floor, g.offer.id),
+    "v2": lambda g: (-g.safe_until, g.offer.floor, g.offer.id),
+}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Machine:
     offer: MachineOffer
     free: dict[int, list[_Gpu]] = field(default_factory=dict)  # class id -> free GPUs, in order
@@ -199,6 +215,7 @@ class FreePool:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; one of {', '.join(POLICIES)}")
         self.policy = policy
+        self._order = _GPU_ORDER[policy]
         self.machines: dict[int, _Machine] = {}
         self.gpus: dict[int, _Gpu] = {}
         self.class_ids: dict[_Class, int] = {}
@@ -240,7 +257,7 @@ class FreePool:
         if self.policy == "v2":
             self._judge(entry, now)
         gpus = held.free.setdefault(cls, [])
-        insort(gpus, entry, key=lambda g: g.order(self.policy))
+        insort(gpus, entry, key=self._order)
         self._reenter(held, cls)
 
     def remove(self, gpu_id: int) -> None:
@@ -275,7 +292,7 @@ class FreePool:
             head = gpus[0]
             gpus.remove(gpu)
             self._judge(gpu, now)
-            insort(gpus, gpu, key=lambda g: g.order(self.policy))
+            insort(gpus, gpu, key=self._order)
             if gpus[0] is not head or head is gpu:  # the class's key moved
                 self._reenter(machine, gpu.cls)
 
@@ -291,24 +308,33 @@ class FreePool:
         return (gpus[0].safe_until, mid)
 
     def _reenter(self, machine: _Machine, cls: int) -> None:
+        """Bring the machine's entries for the class up to date: one per tier up to its free
+        count there, under its current key. Only the entries that change are touched (a tier
+        gained or lost under the same key: those tiers alone)."""
         gpus = machine.free.get(cls)
         old = machine.keys.get(cls)
-        if gpus and old is not None and old == (self._key(machine, cls), _tier(len(gpus))):
-            return  # its entries stand
-        machine.keys.pop(cls, None)
         tiers = self.sorted[cls]
-        if old is not None:
-            entry = (old[0], machine.offer.id, cls)
-            for t in range(old[1] + 1):
-                entries = tiers[t]
-                i = bisect_left(entries, entry)
-                if i < len(entries) and entries[i] == entry:
-                    del entries[i]
+        mid = machine.offer.id
         if gpus:
             key = self._key(machine, cls)
             top = _tier(len(gpus))
+            if old is not None and old[0] == key:
+                if old[1] != top:
+                    entry = (key, mid, cls)
+                    for t in range(old[1] + 1, top + 1):
+                        insort(tiers[t], entry)
+                    for t in range(top + 1, old[1] + 1):
+                        _drop(tiers[t], entry)
+                    machine.keys[cls] = (key, top)
+                return  # its other entries stand
+        if old is not None:
+            entry = (old[0], mid, cls)
+            for t in range(old[1] + 1):
+                _drop(tiers[t], entry)
+            del machine.keys[cls]
+        if gpus:
             machine.keys[cls] = (key, top)
-            entry = (key, machine.offer.id, cls)
+            entry = (key, mid, cls)
             for t in range(top + 1):
                 insort(tiers[t], entry)
 
@@ -339,7 +365,7 @@ class FreePool:
         if len(gpus) < job.gpu_count:
             return None
         if len(machine.free) > 1:
-            gpus.sort(key=lambda g: g.order(self.policy))
+            gpus.sort(key=self._order)
         return gpus
 
     def tier_open(self, tier: int) -> bool:
@@ -426,7 +452,7 @@ class FreePool:
             if fallback is None or found[0] > fallback[0]:
                 fallback = found
         # Downward from the duration: the largest horizon among placements that fit.
-        tails = [(tuple(-x for x in lists[k][i - 1][0]), k, i - 1) for k, i in enumerate(starts) if i > 0]
+        tails = [(_negated(lists[k][i - 1][0]), k, i - 1) for k, i in enumerate(starts) if i > 0]
         heapq.heapify(tails)
         walked = 0
         while tails and walked < _WALK_LIMIT:
@@ -434,7 +460,7 @@ class FreePool:
             if fallback is not None and -neg_key[0] <= fallback[0]:
                 break
             if i > 0:
-                heapq.heappush(tails, (tuple(-x for x in lists[k][i - 1][0]), k, i - 1))
+                heapq.heappush(tails, (_negated(lists[k][i - 1][0]), k, i - 1))
             machine_id = lists[k][i][1]
             if machine_id in seen:
                 continue

@@ -110,7 +110,10 @@ class Metrics:
     _rentable: dict[int, tuple[str, float]] = field(default_factory=dict)
 
     def _clip(self, a: float, b: float) -> float:
-        return max(0.0, min(b, self.horizon_s) - max(a, self.warmup_s))
+        """The length of [a, b] inside the measured period (0 when outside)."""
+        end = b if b < self.horizon_s else self.horizon_s
+        start = a if a > self.warmup_s else self.warmup_s
+        return end - start if end > start else 0.0
 
     def rentable_from(self, gpu: int, model: str, at: float) -> None:
         self._rentable[gpu] = (model, at)
