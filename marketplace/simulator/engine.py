@@ -170,6 +170,11 @@ class Simulation:
         self.learn = config.policy == "v2"
         self.events: list[tuple[float, int, int, int]] = []
         self.seq = 0
+        # Finish times of leases an owner's return ends first, which are not queued (see
+        # _cycle): each would only have been an event that does nothing, but one such event can
+        # be the first at or after the fleet prior's refresh time, so they are kept (v2) until
+        # the refresh passes them.
+        self.unqueued_finishes: list[float] = []
         self.jobs: dict[int, _Job] = {}
         self.pending: dict[int, _Job] = {}  # waiting jobs, in the order they entered
         # Of those, the ones never placed and not yet counted starved, by shape (models, GPUs),
@@ -267,7 +272,7 @@ class Simulation:
             if self.learn and at - last_prior >= FLEET_PRIOR_REFRESH_S:
                 self.fleet = StretchCounts()
                 self.fleet.merge(self.fleet_live)
-                last_prior = at
+                last_prior = self._refreshed_at(last_prior + FLEET_PRIOR_REFRESH_S, at)
             if kind == _BACK:
                 self._owner_back(self.gpus[subject], at)
             elif kind == _RENTABLE:
@@ -285,6 +290,16 @@ class Simulation:
                     self._cycle(at)
         self._close(cfg.horizon_s)
         return self.metrics
+
+    def _refreshed_at(self, due: float, at: float) -> float:
+        """When the fleet prior's refresh, due at `due` and made at the event at `at`, is
+        counted as made: at the first event at or after `due`, an unqueued finish included
+        (nothing else happens between that and `at`, so the prior is the same; the next refresh
+        is due 6 h after it)."""
+        finishes = self.unqueued_finishes
+        first = min((t for t in finishes if due <= t <= at), default=at)
+        self.unqueued_finishes = [t for t in finishes if t > at]
+        return first
 
     def _rentable(self, gpu: _Gpu, now: float) -> None:
         for start, end in gpu.short:  # all ended before this absence began
@@ -388,7 +403,16 @@ class Simulation:
                 gpu.lease = job.id
                 self._unfree(gpu)
             self.held[job.renter] = self.held.get(job.renter, 0) + job.gpu_count
-            self._push(now + (job.duration - job.done), _FINISH, job.id * (1 << 20) + job.lease_seq)
+            end = now + (job.duration - job.done)
+            if min(self.gpus[gpu_id].away_until for gpu_id in p.gpu_ids) <= end:
+                # An owner comes back first (a return is handled before a finish at the same
+                # instant): the lease is preempted and its finish would be an event that does
+                # nothing. Most leases end so (about 4 in 5 at load 1); queued, they made up a
+                # quarter of the events and most of the event heap.
+                if self.learn:
+                    self.unqueued_finishes.append(end)
+            else:
+                self._push(end, _FINISH, job.id * (1 << 20) + job.lease_seq)
             self.metrics.placed(job.id, now)
         self._starved(now, placements)
 
