@@ -97,6 +97,35 @@ def test_the_same_seed_gives_the_same_figures_and_another_seed_others(traces: di
     assert simulate(traces, seed=4, horizon_s=86400.0) != one
 
 
+@pytest.mark.parametrize("policy", ["first-fit", "v2"])
+def test_leaving_out_the_finishes_of_leases_an_owner_ends_first_changes_no_figure(
+    traces: dict[str, Path], policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A finish left out of a lease that was not preempted after all would leave its job running
+    # for ever; the figures must be those of the event loop that queues every finish.
+    fast = simulate(traces, policy=policy, load=1.0)
+    monkeypatch.setattr(Simulation, "queue_every_finish", True)
+    assert simulate(traces, policy=policy, load=1.0) == fast
+    assert fast["preemptions_per_job"] > 0.5  # many leases an owner ended first
+    assert fast["jobs_completed"] > 100
+
+
+def test_the_fleet_priors_refresh_counts_as_made_at_a_left_out_finish_that_came_first(traces: dict[str, Path]) -> None:
+    # Such a finish, queued, would have been the first event after the refresh fell due; the
+    # next refresh falls due 6 h after it, so figures stay those of the loop that queues all.
+    sim = Simulation(
+        nodes=read_fleet(traces["fleet"]),
+        jobs=read_jobs(traces["jobs"]),
+        duty=read_duty(traces["duty"]),
+        config=Config(policy="v2", horizon_s=3600.0),
+    )
+    sim.unqueued_finishes = [50.0, 7000.0, 7010.0, 9000.0]
+    assert sim._refreshed_at(6990.0, 7020.0) == 7000.0
+    assert sim.unqueued_finishes == [9000.0]  # those passed are dropped
+    assert sim._refreshed_at(9500.0, 9520.0) == 9520.0  # none in between: the event's own time
+    assert sim.unqueued_finishes == []
+
+
 def test_a_run_leaves_the_garbage_collector_as_it_found_it(traces: dict[str, Path]) -> None:
     # The run switches the cyclic collector off for its own sake; the process it runs in (a
     # worker, a test session) gets it back as it was, even when the run fails.
