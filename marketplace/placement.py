@@ -94,11 +94,22 @@ def _negated(key: tuple[float, ...]) -> tuple[float, ...]:
     return (-key[0], -key[1])
 
 
-def _drop(entries: list[tuple[tuple[float, ...], int, int]], entry: tuple[tuple[float, ...], int, int]) -> None:
-    """Remove `entry` from a sorted list of a class's tier (when it is there)."""
+_Entry = tuple[tuple[float, ...], int, int]  # (key, machine id, class)
+
+
+def _insert(entries: list[_Entry], firsts: list[float], entry: _Entry) -> None:
+    """Add `entry` to a class's tier: its sorted entries, and their keys' first figures."""
+    i = bisect_left(entries, entry)
+    entries.insert(i, entry)
+    firsts.insert(i, entry[0][0])
+
+
+def _drop(entries: list[_Entry], firsts: list[float], entry: _Entry) -> None:
+    """Remove `entry` from a class's tier (when it is there)."""
     i = bisect_left(entries, entry)
     if i < len(entries) and entries[i] == entry:
         del entries[i]
+        del firsts[i]
 
 
 def _tier(count: int) -> int:
@@ -220,7 +231,10 @@ class FreePool:
         self.gpus: dict[int, _Gpu] = {}
         self.class_ids: dict[_Class, int] = {}
         self.class_keys: list[_Class] = []
-        self.sorted: list[tuple[list[tuple[tuple[float, ...], int, int]], ...]] = []
+        self.sorted: list[tuple[list[_Entry], ...]] = []
+        # The same per class and tier: each entry's key's first figure (v2: its safe-until), so
+        # a job's walk bisects plain floats (at 100,000 GPUs, 80 classes' bisects per job).
+        self.firsts: list[tuple[list[float], ...]] = []
         self._shape_classes: dict[tuple[frozenset[str], int, str, int], tuple[int, ...]] = {}
         self._due: list[tuple[float, int, int]] = []  # v2: (grid age reached at, gpu id, stamp)
         self._stamp = 0
@@ -244,6 +258,7 @@ class FreePool:
             cls = self.class_ids[key] = len(self.class_keys)
             self.class_keys.append(key)
             self.sorted.append(([], [], [], []))
+            self.firsts.append(([], [], [], []))
             self._shape_classes.clear()
         if self.policy == "v2":
             forecast = gpu.forecast or offer.forecast or _NO_FORECAST
@@ -313,7 +328,7 @@ class FreePool:
         gained or lost under the same key: those tiers alone)."""
         gpus = machine.free.get(cls)
         old = machine.keys.get(cls)
-        tiers = self.sorted[cls]
+        tiers, firsts = self.sorted[cls], self.firsts[cls]
         mid = machine.offer.id
         if gpus:
             key = self._key(machine, cls)
@@ -322,21 +337,21 @@ class FreePool:
                 if old[1] != top:
                     entry = (key, mid, cls)
                     for t in range(old[1] + 1, top + 1):
-                        insort(tiers[t], entry)
+                        _insert(tiers[t], firsts[t], entry)
                     for t in range(top + 1, old[1] + 1):
-                        _drop(tiers[t], entry)
+                        _drop(tiers[t], firsts[t], entry)
                     machine.keys[cls] = (key, top)
                 return  # its other entries stand
         if old is not None:
             entry = (old[0], mid, cls)
             for t in range(old[1] + 1):
-                _drop(tiers[t], entry)
+                _drop(tiers[t], firsts[t], entry)
             del machine.keys[cls]
         if gpus:
             machine.keys[cls] = (key, top)
             entry = (key, mid, cls)
             for t in range(top + 1):
-                insort(tiers[t], entry)
+                _insert(tiers[t], firsts[t], entry)
 
     def classes_for(self, job: JobRequest) -> tuple[int, ...]:
         shape = (job.models, job.min_vram_mb, job.region, job.kind_bit)
@@ -423,11 +438,13 @@ class FreePool:
         any placement on it from above."""
         need = now + float(job.duration_s)  # safe_until is a time
         tier = _tier(job.gpu_count)
-        lists = [self.sorted[cls][tier] for cls in classes if self.sorted[cls][tier]]
-        if not lists:
+        with_entries = [cls for cls in classes if self.sorted[cls][tier]]
+        if not with_entries:
             return None
-        # Upward from the duration: the first fitting placement whose horizon covers the job.
-        starts = [bisect_left(entries, ((need,),)) for entries in lists]
+        lists = [self.sorted[cls][tier] for cls in with_entries]
+        # Upward from the duration: the first fitting placement whose horizon covers the job
+        # (the first entry whose safe-until is at least `need`).
+        starts = [bisect_left(self.firsts[cls][tier], need) for cls in with_entries]
         heads = [(lists[k][i], k, i) for k, i in enumerate(starts) if i < len(lists[k])]
         heapq.heapify(heads)
         seen: set[int] = set()
@@ -685,17 +702,19 @@ def place(
     now: float,
     policy: str = "v2",
     held_by_renter: Mapping[int, int] | None = None,
+    report: bool = True,
 ) -> list[Placement]:
     """Place what `policy` places of `jobs` on the free GPUs of `machines` at time `now`
     (Unix s), honouring the hard constraints (module docstring). `held_by_renter`: GPUs each
     renter holds in running leases (v2's fair share; others ignore it). Placements come in
-    the order they were made; a job appears at most once, a GPU at most once."""
+    the order they were made; a job appears at most once, a GPU at most once. Without
+    `report`, placements carry no p_finish or expected_lost_s (NaN; see pool_place)."""
     pool = FreePool(policy)
     for machine in machines:
         if machine.kinds and machine.window_s > 0:
             for gpu in machine.gpus:
                 pool.add(machine, gpu, now=now)
-    return pool_place(pool, jobs, now=now, held_by_renter=held_by_renter)
+    return pool_place(pool, jobs, now=now, held_by_renter=held_by_renter, report=report)
 
 
 def pool_place(
