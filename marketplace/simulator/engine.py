@@ -8,7 +8,9 @@ under `IDLE_BELOW` percent for `RENTABLE_AFTER_S` seconds; the owner's return pr
 on it at once and the work since the lease's last checkpoint is lost; a preempted job goes back
 to the queue with its checkpointed work kept. Forecasts are learnt as production learns them:
 each GPU's own idle stretches, counted when they end, plus a fleet prior refreshed every
-`FLEET_PRIOR_REFRESH_S`; nothing from the future.
+`FLEET_PRIOR_REFRESH_S`; nothing from the future. (The engine itself reads ahead in the
+trace: a lease whose owner comes back before it would finish queues no finish event. Neither
+the policy nor the forecasts see that.)
 """
 
 from __future__ import annotations
