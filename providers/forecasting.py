@@ -132,7 +132,7 @@ class StretchCounts:
         row = table.get(began_hour)
         if row is None:
             row = table[began_hour] = {}
-        b = bisect_right(BIN_EDGES_S, length_s) - 1 if length_s > 0 else 0  # bin_of, inline: a hot path
+        b = bin_of(length_s)
         row[b] = row.get(b, 0.0) + weight
         # Only this hour's profile and the all-hours one change: the latter is kept, counted up
         # here (rebuilding it sums every hour, and each new forecast of the machine reads it).
