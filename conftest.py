@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
+from tests import db_template
 from tests.s3 import S3Store, s3_storage
 
 # Tables a flush leaves as they are: what migrate wrote and every test reads the same (Django's
@@ -69,6 +70,7 @@ def _postgresql_flush_by_delete() -> None:
 
 
 _postgresql_flush_by_delete()
+db_template.install()
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +197,17 @@ SLOW_MODULES = {
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a long end-to-end or attack module (see SLOW_MODULES)")
+    db_template.configure(config)
+    # Users' passwords hashed in a step, not in production's 1,000,000 PBKDF2 rounds (Django's
+    # advice for tests): the fixtures and the demo seed make staff and renters by the hundred
+    # (14 s of the suite's CPU before). Servers and commands the tests start run production's.
+    from django.conf import settings
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    db_template.drop(config)
 
 
 # The longest modules (seconds of a worker each, measured on 2 cores), run first: with tests

@@ -67,7 +67,7 @@ HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 
 @pytest.fixture(scope="module")
 def schema() -> dict:
-    return yaml.safe_load(Client().get("/api/schema/").content)
+    return yaml.load(Client().get("/api/schema/").content, Loader=yaml.CSafeLoader)
 
 
 def test_schema_generates_and_validates_without_warnings(tmp_path: Path):
