@@ -242,6 +242,16 @@ def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
     assert_cache.warm(config, assert_cache.test_files(config, config.args), os.cpu_count() or 1)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Every module the tests import is loaded by now, and stays: moved out of the cyclic
+    garbage collector's reach (`gc.freeze`), so its full collections walk only what the tests
+    make. A worker held about 400,000 objects after collection, and its full collections took
+    1.2 to 5.6 s of each worker's CPU over a run (11.7 s of the run's 15 s of collecting)."""
+    import gc
+
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = config.rootpath
     rank = {module: n for n, module in enumerate(LONGEST_MODULES)}
