@@ -734,6 +734,10 @@ class MachineSchedule:
     indefinitely: bool
 
 
+# A machine with no window (its own or its provider's) and no blackout ending later.
+ALWAYS_AVAILABLE = MachineSchedule(available_now=True, available_until=None, indefinitely=True)
+
+
 def machine_schedule(*, machine: Machine, now: datetime) -> MachineSchedule:
     """The owner's schedule for `machine` at `now`, from its windows and blackouts."""
     until = machine_available_until(machine=machine, now=now)
@@ -789,14 +793,17 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
     reported = {g.uuid: g for g in report.gpus}
     try:
         with transaction.atomic():
-            locked, foreign_gpus = _heartbeat_machine_lock(machine=machine, report=report, now=now)
+            locked, foreign_gpus, scheduled = _heartbeat_machine_lock(machine=machine, report=report, now=now)
             if foreign_gpus:
                 _gpus_claim(machine=locked, uuids=list(reported))
             kinds = _machine_facts_record(machine=locked, report=report, now=now)
             machine_leases().end_refused_kinds(machine_id=machine.pk, kinds=kinds)
             leased = _gpus_record(machine_id=machine.pk, report=report, now=now)
             reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, leased=leased, now=now)
-            reply = replace(reply, schedule=machine_schedule(machine=machine, now=now))
+            # Without a window or a coming blackout (the lock's statement says) it is available
+            # at any time: what machine_schedule answers then, without reading either table.
+            schedule = machine_schedule(machine=machine, now=now) if scheduled else ALWAYS_AVAILABLE
+            reply = replace(reply, schedule=schedule)
     except IntegrityError:
         # Another machine claimed one of these uuids between the check and the insert.
         taken = sorted(
@@ -819,12 +826,14 @@ def _field_column(model: type[Model], name: str) -> tuple[Field[Any, Any], str]:
     return field, connection.ops.quote_name(field.column)
 
 
-def _heartbeat_machine_lock(*, machine: Machine, report: HeartbeatReport, now: datetime) -> tuple[Machine, bool]:
+def _heartbeat_machine_lock(*, machine: Machine, report: HeartbeatReport, now: datetime) -> tuple[Machine, bool, bool]:
     """Lock the machine's row for the heartbeat's transaction and write its heartbeat, in one
     UPDATE … RETURNING (the row lock a non-key UPDATE takes is _machine_lock's, FOR NO KEY
     UPDATE): `last_heartbeat_at`, online unless suspended, and `capabilities_reported_at` when
-    the report has capabilities. Returns the row as it is now and whether any reported GPU
-    uuid is registered to another machine (then _gpus_claim has work to do).
+    the report has capabilities. Returns the row as it is now, whether any reported GPU uuid is
+    registered to another machine (then _gpus_claim has work to do), and whether the machine
+    has an availability window (its own or its provider's) or a blackout ending after `now`
+    (else machine_schedule has nothing to read: most owners declare neither).
 
     Raises MachineCredentialRevoked if the credential was rotated or revoked since the request
     authenticated `machine` (the caller's transaction then rolls the write back)."""
@@ -848,17 +857,31 @@ def _heartbeat_machine_lock(*, machine: Machine, report: HeartbeatReport, now: d
         gpu_machine = f"{gpu_table}.{_field_column(GPU, 'machine')[1]}"
         foreign = f"EXISTS (SELECT 1 FROM {gpu_table} WHERE {gpu_uuid} IN ({listed}) "  # noqa: S608
         foreign += f"AND {gpu_machine} <> {table}.{_field_column(Machine, 'id')[1]})"
+    # What machines_available_until reads: the provider's windows and the machine's own, and
+    # the blackouts of either that end after now.
+    machine_id = f"{table}.{_field_column(Machine, 'id')[1]}"
+    provider_id = f"{table}.{_field_column(Machine, 'provider')[1]}"
+    scheduled = []
+    for model in (AvailabilityWindow, Blackout):
+        t = qn(model._meta.db_table)
+        own = f"{t}.{_field_column(model, 'machine')[1]}"
+        rows = f"{t}.{_field_column(model, 'provider')[1]} = {provider_id} AND ({own} IS NULL OR {own} = {machine_id})"
+        if model is Blackout:
+            rows += f" AND {t}.{_field_column(Blackout, 'ends_at')[1]} > %s"
+        scheduled.append(f"EXISTS (SELECT 1 FROM {t} WHERE {rows})")  # noqa: S608
     columns = ", ".join(f"{table}.{_field_column(Machine, f.name)[1]}" for f in Machine._meta.concrete_fields)
     # Only the models' own (quoted) table and column names go into the text; values are parameters.
-    sql = f"UPDATE {table} SET {', '.join(assignments)} WHERE {table}.{_field_column(Machine, 'id')[1]} = %s "  # noqa: S608
-    sql += f"RETURNING {columns}, {foreign} AS foreign_gpus"
-    params += [machine.pk, *uuids]
+    sql = f"UPDATE {table} SET {', '.join(assignments)} WHERE {machine_id} = %s "  # noqa: S608
+    sql += f"RETURNING {columns}, {foreign} AS foreign_gpus, ({' OR '.join(scheduled)}) AS scheduled"
+    blackout_end = _field_column(Blackout, "ends_at")[0].get_db_prep_value(now, connection)
+    params += [machine.pk, *uuids, blackout_end]
     locked = next(iter(Machine.objects.raw(sql, params)), None)
     if locked is None or locked.credential_digest != machine.credential_digest:
         raise _credential_revoked_error(
             MachineCredentialRevocation.objects.filter(digest=machine.credential_digest).first()
         )
-    return locked, bool(getattr(locked, "foreign_gpus"))  # noqa: B009 - a column of the raw query
+    # Columns of the raw query.
+    return locked, bool(getattr(locked, "foreign_gpus")), bool(getattr(locked, "scheduled"))  # noqa: B009
 
 
 def _machine_facts_record(*, machine: Machine, report: HeartbeatReport, now: datetime) -> frozenset[str]:

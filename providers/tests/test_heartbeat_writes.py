@@ -17,10 +17,11 @@ from tests.factories import MachineFactory, agent_client, capabilities_report, g
 
 pytestmark = pytest.mark.django_db
 
-# What a steady heartbeat of a machine without leases may send: authentication, then the
-# machine's UPDATE … RETURNING, the refused kinds, the GPU rows' lock, their active leases, the
-# changed GPU rows, the windows and the blackouts (no GPU in a lease: no lease to start).
-STEADY_HEARTBEAT_STATEMENTS = 8
+# What a steady heartbeat of a machine without leases, windows or blackouts may send:
+# authentication, then the machine's UPDATE … RETURNING (which also says whether the owner has a
+# window or a blackout to read), the refused kinds, the GPU rows' lock, their active leases and
+# the changed GPU rows (no GPU in a lease: no lease to start).
+STEADY_HEARTBEAT_STATEMENTS = 6
 _TRANSACTION_CONTROL = ("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK", "BEGIN", "COMMIT")
 
 
