@@ -9,6 +9,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 
+from django.db import connection
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
@@ -130,6 +131,15 @@ class MachineLeases:
 
     def end_refused_kinds(self, *, machine_id: int, kinds: frozenset[str]) -> None:
         leases_end_of_refused_kinds(machine_id=machine_id, kinds=kinds)
+
+    def assigned_exists_sql(self, *, machine_id_sql: str) -> tuple[str, list[object]]:
+        qn = connection.ops.quote_name
+        table = qn(Lease._meta.db_table)
+        machine = qn(Lease._meta.get_field("machine").column)
+        status = qn(Lease._meta.get_field("status").column)  # type: ignore[arg-type]
+        # Only the model's own (quoted) names and the caller's expression go into the text.
+        sql = f"EXISTS (SELECT 1 FROM {table} WHERE {table}.{machine} = {machine_id_sql} AND {table}.{status} = %s)"  # noqa: S608
+        return sql, [Lease.Status.ASSIGNED.value]
 
     def active_count(self, *, machine_ids: Sequence[int]) -> int:
         return Lease.objects.filter(machine_id__in=machine_ids, status__in=Lease.ACTIVE).count()

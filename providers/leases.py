@@ -28,6 +28,10 @@ class MachineLeases(Protocol):
     def end_refused_kinds(self, *, machine_id: int, kinds: frozenset[str]) -> None:
         """End the machine's assigned leases whose job kind is not in `kinds` as `failed_to_start`."""
 
+    def assigned_exists_sql(self, *, machine_id_sql: str) -> tuple[str, list[object]]:
+        """An SQL `EXISTS (…)`, true while the machine whose id the SQL expression `machine_id_sql`
+        gives holds an assigned lease, and its parameters: for a statement of providers' own."""
+
     def active_count(self, *, machine_ids: Sequence[int]) -> int:
         """How many active leases these machines hold."""
 

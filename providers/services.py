@@ -793,16 +793,18 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
     reported = {g.uuid: g for g in report.gpus}
     try:
         with transaction.atomic():
-            locked, foreign_gpus, scheduled = _heartbeat_machine_lock(machine=machine, report=report, now=now)
-            if foreign_gpus:
+            lock = _heartbeat_machine_lock(machine=machine, report=report, now=now)
+            locked = lock.machine
+            if lock.foreign_gpus:
                 _gpus_claim(machine=locked, uuids=list(reported))
             kinds = _machine_facts_record(machine=locked, report=report, now=now)
-            machine_leases().end_refused_kinds(machine_id=machine.pk, kinds=kinds)
+            if lock.assigned:  # else no lease of a refused kind to end
+                machine_leases().end_refused_kinds(machine_id=machine.pk, kinds=kinds)
             leased = _gpus_record(machine_id=machine.pk, report=report, now=now)
             reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, leased=leased, now=now)
             # Without a window or a coming blackout (the lock's statement says) it is available
             # at any time: what machine_schedule answers then, without reading either table.
-            schedule = machine_schedule(machine=machine, now=now) if scheduled else ALWAYS_AVAILABLE
+            schedule = machine_schedule(machine=machine, now=now) if lock.scheduled else ALWAYS_AVAILABLE
             reply = replace(reply, schedule=schedule)
     except IntegrityError:
         # Another machine claimed one of these uuids between the check and the insert.
@@ -826,14 +828,27 @@ def _field_column(model: type[Model], name: str) -> tuple[Field[Any, Any], str]:
     return field, connection.ops.quote_name(field.column)
 
 
-def _heartbeat_machine_lock(*, machine: Machine, report: HeartbeatReport, now: datetime) -> tuple[Machine, bool, bool]:
+@dataclass(frozen=True, slots=True)
+class _HeartbeatLock:
+    """What the heartbeat's UPDATE … RETURNING of the machine row answers."""
+
+    machine: Machine  # the row as it is now
+    foreign_gpus: bool  # a reported GPU uuid is registered to another machine
+    # The machine has an availability window (its own or its provider's) or a blackout ending
+    # later; else machine_schedule has nothing to read (most owners declare neither).
+    scheduled: bool
+    # The machine holds an assigned lease; else none can be of a kind it now refuses. One
+    # assigned after this statement began is left to the next heartbeat (the reply never asks
+    # the agent to start a lease of a kind it refuses).
+    assigned: bool
+
+
+def _heartbeat_machine_lock(*, machine: Machine, report: HeartbeatReport, now: datetime) -> _HeartbeatLock:
     """Lock the machine's row for the heartbeat's transaction and write its heartbeat, in one
     UPDATE … RETURNING (the row lock a non-key UPDATE takes is _machine_lock's, FOR NO KEY
     UPDATE): `last_heartbeat_at`, online unless suspended, and `capabilities_reported_at` when
-    the report has capabilities. Returns the row as it is now, whether any reported GPU uuid is
-    registered to another machine (then _gpus_claim has work to do), and whether the machine
-    has an availability window (its own or its provider's) or a blackout ending after `now`
-    (else machine_schedule has nothing to read: most owners declare neither).
+    the report has capabilities. Returns the row and what the same statement found out (see
+    _HeartbeatLock).
 
     Raises MachineCredentialRevoked if the credential was rotated or revoked since the request
     authenticated `machine` (the caller's transaction then rolls the write back)."""
@@ -872,16 +887,23 @@ def _heartbeat_machine_lock(*, machine: Machine, report: HeartbeatReport, now: d
     columns = ", ".join(f"{table}.{_field_column(Machine, f.name)[1]}" for f in Machine._meta.concrete_fields)
     # Only the models' own (quoted) table and column names go into the text; values are parameters.
     sql = f"UPDATE {table} SET {', '.join(assignments)} WHERE {machine_id} = %s "  # noqa: S608
-    sql += f"RETURNING {columns}, {foreign} AS foreign_gpus, ({' OR '.join(scheduled)}) AS scheduled"
+    assigned, assigned_params = machine_leases().assigned_exists_sql(machine_id_sql=machine_id)
+    sql += f"RETURNING {columns}, {foreign} AS foreign_gpus, ({' OR '.join(scheduled)}) AS scheduled, "
+    sql += f"{assigned} AS assigned"
     blackout_end = _field_column(Blackout, "ends_at")[0].get_db_prep_value(now, connection)
-    params += [machine.pk, *uuids, blackout_end]
+    params += [machine.pk, *uuids, blackout_end, *assigned_params]
     locked = next(iter(Machine.objects.raw(sql, params)), None)
     if locked is None or locked.credential_digest != machine.credential_digest:
         raise _credential_revoked_error(
             MachineCredentialRevocation.objects.filter(digest=machine.credential_digest).first()
         )
     # Columns of the raw query.
-    return locked, bool(getattr(locked, "foreign_gpus")), bool(getattr(locked, "scheduled"))  # noqa: B009
+    return _HeartbeatLock(
+        machine=locked,
+        foreign_gpus=bool(getattr(locked, "foreign_gpus")),  # noqa: B009
+        scheduled=bool(getattr(locked, "scheduled")),  # noqa: B009
+        assigned=bool(getattr(locked, "assigned")),  # noqa: B009
+    )
 
 
 def _machine_facts_record(*, machine: Machine, report: HeartbeatReport, now: datetime) -> frozenset[str]:

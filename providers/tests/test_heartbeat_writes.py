@@ -11,17 +11,27 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from jobs.models import Job, Lease
 from providers import services
 from providers.models import GPU, Machine
-from tests.factories import MachineFactory, agent_client, capabilities_report, gpu_entry, heartbeat, machine_with_gpus
+from tests.factories import (
+    MachineFactory,
+    agent_client,
+    capabilities_report,
+    gpu_entry,
+    heartbeat,
+    machine_with_gpus,
+    placed_lease,
+)
 
 pytestmark = pytest.mark.django_db
 
 # What a steady heartbeat of a machine without leases, windows or blackouts may send:
 # authentication, then the machine's UPDATE … RETURNING (which also says whether the owner has a
-# window or a blackout to read), the refused kinds, the GPU rows' lock, their active leases and
-# the changed GPU rows (no GPU in a lease: no lease to start).
-STEADY_HEARTBEAT_STATEMENTS = 6
+# window or a blackout to read and whether the machine holds an assigned lease, which a kind it
+# refuses would end), the GPU rows' lock, their active leases and the changed GPU rows (no GPU in
+# a lease: no lease to start).
+STEADY_HEARTBEAT_STATEMENTS = 5
 _TRANSACTION_CONTROL = ("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK", "BEGIN", "COMMIT")
 
 
@@ -133,3 +143,22 @@ def test_changed_machine_facts_are_written_and_unchanged_ones_kept(one_bucket: N
 
     machine.refresh_from_db()
     assert (machine.status, machine.driver_version, machine.region) == (Machine.Status.ONLINE, "560.1", "eu-west")
+
+
+def test_another_machines_assigned_lease_adds_no_statement_to_a_steady_heartbeat(one_bucket: None) -> None:
+    machine = MachineFactory(accepts_process=False)
+    client = agent_client(machine)
+    gpus = [gpu_entry(f"GPU-{i}", i) for i in range(2)]
+    caps = capabilities_report(kinds=("container",))
+    assert heartbeat(client, gpus, capabilities=caps).status_code == 200
+    with CaptureQueriesContext(connection) as alone:
+        assert heartbeat(client, gpus, capabilities=caps).status_code == 200
+    other = machine_with_gpus(count=1)
+    theirs = placed_lease(gpus=[other.gpus.get()], kind=Job.Kind.PROCESS)  # assigned, a kind this one refuses
+
+    with CaptureQueriesContext(connection) as queries:
+        assert heartbeat(client, gpus, capabilities=caps).status_code == 200
+
+    assert len(statements(queries)) == len(statements(alone)), "\n".join(statements(queries))
+    theirs.refresh_from_db()
+    assert theirs.status == Lease.Status.ASSIGNED
