@@ -651,6 +651,40 @@ def test_an_engine_call_that_hangs_is_cut_off(podman, rentals):
     assert time.monotonic() - began < 5
 
 
+RACE = "Error: read /proc/24681/cgroup: no such process"  # Podman 4.3, inspect as the container exits
+
+
+def test_a_container_that_exits_while_podman_inspects_it_is_asked_again_and_reports_its_end(runner, podman):
+    runner.start(lease(53), gpu_indexes=GPUS)
+    podman.set_container(53, status="exited", exit_code=0)
+    podman.edit(lambda s: s.update(fail_next={"inspect": [RACE, RACE]}))
+
+    state = runner.poll(53)
+
+    assert not state.running and state.exit_code == 0
+    assert len(podman.calls("inspect")) >= 3  # the two that raced, then the answer
+
+
+def test_an_inspect_that_keeps_failing_the_same_way_is_an_error_not_a_loop(runner, podman):
+    runner.start(lease(54), gpu_indexes=GPUS)
+    before = len(podman.calls("inspect"))
+    podman.edit(lambda s: s.update(fail_next={"inspect": [RACE] * 10}))
+
+    with pytest.raises(RunnerError, match=r"could not inspect the container: .*no such process"):
+        runner.poll(54)
+    assert len(podman.calls("inspect")) - before == 1 + container_module.INSPECT_RACE_RETRIES
+
+
+def test_other_inspect_failures_are_not_asked_again(runner, podman):
+    runner.start(lease(55), gpu_indexes=GPUS)
+    before = len(podman.calls("inspect"))
+    podman.edit(lambda s: s.update(fail_next={"inspect": ["Error: permission denied"]}))
+
+    with pytest.raises(RunnerError, match="could not inspect the container: Error: permission denied"):
+        runner.poll(55)
+    assert len(podman.calls("inspect")) - before == 1
+
+
 def test_auto_prefers_podman_and_falls_back_to_docker(tmp_path, monkeypatch, rentals):
     bin_dir = tmp_path / "path"
     bin_dir.mkdir()

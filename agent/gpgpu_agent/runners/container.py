@@ -135,6 +135,10 @@ AGENT_ENV = ("NVIDIA_VISIBLE_DEVICES", "GPGPU_LEASE_ID", "GPGPU_JOB_ID", "HOME")
 REFUSED_ENV = ("NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_MIG_MONITOR_DEVICES", "NVIDIA_IMEX_CHANNELS")
 PROCESS_REFUSED = "the container runner runs container jobs only"
 EXIT_NEVER_STARTED = 125
+# Podman's inspect can race a container's exit (it reads the process's /proc entries as the
+# process goes): asked again after a pause, it answers. Three tries, half a second at most.
+INSPECT_RACE_RETRIES = 3
+INSPECT_RACE_PAUSE_S = 0.15
 # Podman sets its own RLIMIT_NPROC to this before it starts a container; a container may not
 # ask for more (the runtime has no CAP_SYS_RESOURCE to raise it).
 PODMAN_NPROC_CEILING = 32 * 1024
@@ -994,6 +998,11 @@ class ContainerRunner:
 
     def _inspect_name(self, name: str) -> dict[str, object] | None:
         done = self._call(["inspect", "--type", "container", name], timeout=self.call_timeout_s)
+        for _ in range(INSPECT_RACE_RETRIES):
+            if done.returncode == 0 or not _exit_race(_message(done.stderr)):
+                break
+            time.sleep(INSPECT_RACE_PAUSE_S)
+            done = self._call(["inspect", "--type", "container", name], timeout=self.call_timeout_s)
         if done.returncode != 0:
             message = _message(done.stderr)
             if _no_such(message):
@@ -1402,6 +1411,13 @@ def _message(stderr: str) -> str:
 def _network_missing(stderr: str) -> bool:
     lowered = stderr.lower()
     return "network not found" in lowered or ("network" in lowered and "not found" in lowered)
+
+
+def _exit_race(message: str) -> bool:
+    """Podman read a container's /proc entries while its process was exiting ("read
+    /proc/1234/cgroup: no such process"): the container is there, and asked again a moment
+    later, Podman describes it as it now is."""
+    return "/proc/" in message and "no such process" in message.lower()
 
 
 def _no_such(message: str) -> bool:
