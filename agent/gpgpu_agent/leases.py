@@ -183,6 +183,9 @@ class TrackedLease:
     # The marketplace's stop order asked for the checkpoint whatever its reason (a renter's cancel
     # that keeps it): protocol.STOP_SAVE_CHECKPOINT.
     save_checkpoint: bool = False
+    # The last poll that found its workload running: when that poll began (not persisted). A
+    # usage period never ends later than this (see LeaseTracker.account_usage).
+    running_seen_at: datetime | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -373,7 +376,8 @@ class LeaseTracker:
         """A last usage report per running lease (so the next agent continues from `until`),
         and the state file. The rentals keep running."""
         for lease in list(self.leases.values()):
-            self._queue_usage(lease, until=until)
+            seen = lease.running_seen_at
+            self._queue_usage(lease, until=until if seen is None else min(until, seen))
         self.save()
 
     # -- one poll ------------------------------------------------------------------------------
@@ -382,8 +386,11 @@ class LeaseTracker:
         """The runner's state of every lease; a lease whose records are gone is forgotten."""
         states: dict[int, RunState] = {}
         for lease_id in list(self.leases):
+            asked_at = self.clock()
             try:
                 states[lease_id] = self.runner.poll(lease_id)
+                if states[lease_id].running:
+                    self.leases[lease_id].running_seen_at = asked_at
             except RunnerError as exc:  # its records are gone: nothing left to watch
                 logger.warning("lease %s: %s; forgetting it", lease_id, exc)
                 del self.leases[lease_id]
@@ -429,12 +436,20 @@ class LeaseTracker:
                 self._finish(lease, state, at=now)
 
     def account_usage(self) -> None:
-        """Every `usage_interval_s`: spool a usage report per lease for the period since its last."""
+        """Every `usage_interval_s`: spool a usage report per lease for the period since its last,
+        ending when a poll last found the workload running. An agent held up between its poll
+        and this (paused, swapping, starved of CPU) would otherwise bill its renter for the
+        hold-up though the workload had ended meanwhile (its fence watchdog, a crash); the next
+        period, or the end's own report, starts where this one ended, so nothing is lost."""
         if time.monotonic() >= self._next_usage:
             self._next_usage = time.monotonic() + self.usage_interval_s
             for lease in list(self.leases.values()):
-                self._queue_usage(lease, until=self.clock())
+                self._queue_usage(lease, until=self._seen_running_until(lease))
             self.save()
+
+    def _seen_running_until(self, lease: TrackedLease) -> datetime:
+        now = self.clock()
+        return now if lease.running_seen_at is None else min(now, lease.running_seen_at)
 
     def ship_output(self) -> None:
         """Queue what each running lease's workload wrote since the last poll, as log chunks
