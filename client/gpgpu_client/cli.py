@@ -21,13 +21,11 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import requests
-from eth_account.signers.local import LocalAccount
 
 from gpgpu_client import __version__
-from gpgpu_client.chain import Rpc, escrow_deposit
 from gpgpu_client.client import Client
 from gpgpu_client.config import Config, config_load, config_save
 from gpgpu_client.errors import ApiError, ClientError
@@ -35,15 +33,14 @@ from gpgpu_client.jobfile import JobFileError, job_file_read, job_spec
 from gpgpu_client.models import JSON, Job, Offer
 from gpgpu_client.query import QueryError, parse_query
 from gpgpu_client.units import parse_price
-from gpgpu_client.wallet import (
-    WalletError,
-    budget_signature,
-    key_file_load,
-    keystore_load,
-    keystore_password,
-    wallet_link_signature,
-)
 from gpgpu_client.windows import WindowError, parse_window
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+# The wallet and the chain (gpgpu_client.wallet, gpgpu_client.chain) are imported by the commands
+# that sign, not here: eth-account takes about half a second to import (its keystore support
+# computes BLS pairing tables), three quarters of what every other command would take to start.
 
 PROG = "gpgpu"
 COMMANDS = (
@@ -555,17 +552,19 @@ def cmd_statement(args: argparse.Namespace, client: Client, out: TextIO) -> int:
 def _account(args: argparse.Namespace) -> LocalAccount | None:
     """The key named by --key-file or --keystore (its password from GPGPU_KEYSTORE_PASSWORD, or
     asked for), or None when neither is given. UsageError when it cannot be used."""
+    if not args.key_file and not args.keystore:
+        return None
+    from gpgpu_client import wallet
+
     try:
         if args.key_file:
-            return key_file_load(Path(args.key_file))
-        if args.keystore:
-            password = keystore_password()
-            if password is None:
-                password = getpass.getpass(f"Password of {args.keystore}: ")
-            return keystore_load(Path(args.keystore), password)
-    except WalletError as exc:
+            return wallet.key_file_load(Path(args.key_file))
+        password = wallet.keystore_password()
+        if password is None:
+            password = getpass.getpass(f"Password of {args.keystore}: ")
+        return wallet.keystore_load(Path(args.keystore), password)
+    except wallet.WalletError as exc:
         raise UsageError(str(exc)) from None
-    return None
 
 
 def _confirm(question: str) -> bool:
@@ -597,6 +596,8 @@ def job_authorize(
     """Sign job `job_id`'s budget with `account` and store it; returns the stored authorization,
     or None when `confirm` (asked the budget_question; None: do not ask) said no. A budget already
     signed and not refused is left as it is (and returned)."""
+    from gpgpu_client.wallet import budget_signature
+
     address = account.address.lower()
     offer = client.budget_offer(job_id, address=address)
     stored = offer.get("authorization")
@@ -649,6 +650,8 @@ def _micro(text: str) -> int:
 
 def cmd_deposit(args: argparse.Namespace, out: TextIO, session: requests.Session | None) -> int:
     """Needs the chain node and the key, not the marketplace: its chain watcher credits the deposit."""
+    from gpgpu_client.chain import Rpc, escrow_deposit
+
     environ = os.environ
     rpc_url = args.rpc_url or environ.get("GPGPU_RPC_URL")
     escrow = args.escrow or environ.get("GPGPU_ESCROW_ADDRESS")
@@ -688,6 +691,8 @@ def cmd_wallet(args: argparse.Namespace, client: Client, out: TextIO) -> int:
         renter = me.raw.get("renter")
         if not isinstance(renter, dict):
             raise ClientError(f"{me.username} is not a renter: only a renter links wallets")
+        from gpgpu_client.wallet import wallet_link_signature
+
         signature = wallet_link_signature(account, renter_id=int(renter["id"]))
         linked = client.wallet_link(address=account.address.lower(), signature=signature)
     wallets = list(client.wallets())

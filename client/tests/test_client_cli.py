@@ -59,6 +59,45 @@ def test_the_installed_script_answers_a_bad_job_file_the_same_way(tmp_path: Path
     assert done.stderr.startswith(f"gpgpu: bad job file '{job}': not valid YAML")
 
 
+# A command that signs nothing; it fails for want of a login, after loading all it would use.
+_LOADS_AFTER_LS = """
+import sys
+from gpgpu_client.cli import main
+code = main(["ls"])
+print(code, "eth_account" in sys.modules, "gpgpu_client.wallet" in sys.modules)
+"""
+
+
+def test_a_command_that_signs_nothing_starts_without_the_wallets_eth_account(tmp_path: Path) -> None:
+    # eth-account takes about half a second to import, three quarters of such a command's start.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+
+    done = subprocess.run(  # noqa: S603 - argv, no shell
+        [sys.executable, "-c", _LOADS_AFTER_LS], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+
+    assert done.stdout.split() == ["1", "False", "False"], done.stderr
+    assert "gpgpu login --url URL --token TOKEN" in done.stderr
+
+
+def test_a_command_that_signs_opens_the_key_with_eth_account_before_anything_is_sent(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("0x" + "11" * 32)
+    key.chmod(0o600)
+    job = tmp_path / "job.toml"
+    job.write_text('image = "x"\ngpus = 1\nmax_price = "1"\nduration = "1h"\n')
+    program = _LOADS_AFTER_LS.replace('["ls"]', repr(["run", str(job), "--authorize", "--key-file", str(key)]))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+
+    done = subprocess.run(  # noqa: S603 - argv, no shell
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+
+    # The key was read (a bad one would exit 2 here); then the missing login stops it.
+    assert done.stdout.split() == ["1", "True", "True"], done.stderr
+    assert "gpgpu login --url URL --token TOKEN" in done.stderr
+
+
 def test_a_flag_overrides_the_job_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = tmp_path / "job.toml"
     job.write_text('image = "x"\ngpus = 1\nmax_price = "1"\nduration = "1h"\n')
