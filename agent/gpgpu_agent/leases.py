@@ -23,7 +23,8 @@ Times: a lease's end is reported when its workload ended, as recorded where it r
 supervisor's exit file, the container engine's FinishedAt: RunState.ended_at), never when the
 agent happened to notice, so a workload that ended while the agent was stopped is billed to its
 real end; its last usage report is cut there too. Only a reclaim ends billing earlier: at the
-moment the owner was seen.
+moment the owner was seen. A periodic usage report ends no later than the last poll that saw the
+workload running, so an agent held up between its poll and its report never bills the hold-up.
 
 Fencing (gpgpu_agent.fencing): the tracker arms each lease's deadline before it starts the
 workload and removes it once the lease's records are forgotten; the daemon renews the deadlines
