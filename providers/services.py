@@ -744,7 +744,7 @@ def machine_schedule(*, machine: Machine, now: datetime) -> MachineSchedule:
     if until is None:
         return MachineSchedule(available_now=False, available_until=None, indefinitely=False)
     if until == FOREVER:
-        return MachineSchedule(available_now=True, available_until=None, indefinitely=True)
+        return ALWAYS_AVAILABLE
     return MachineSchedule(available_now=True, available_until=until, indefinitely=False)
 
 

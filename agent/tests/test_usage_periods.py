@@ -51,8 +51,8 @@ def _tracker(tmp_path: Path, clock: Clock, runner: Runner) -> tuple[LeaseTracker
     return tracker, spool
 
 
-def _periods(spool: Spool) -> list[tuple[int, int]]:
-    transport = FakeTransport()
+def _periods(spool: Spool, transport: FakeTransport) -> list[tuple[int, int]]:
+    """Every usage period the spool has sent through `transport` so far (replay sends what is new)."""
     spool.replay(transport)
     return sorted(
         (_unix(call.body["period_start"]), _unix(call.body["period_end"]))
@@ -66,8 +66,9 @@ def _unix(wire: object) -> int:
 
 
 def test_an_agent_held_up_between_its_poll_and_its_usage_report_bills_only_what_it_saw_run(tmp_path: Path) -> None:
-    clock, runner = Clock(), Runner()
+    clock, runner, transport = Clock(), Runner(), FakeTransport()
     tracker, spool = _tracker(tmp_path, clock, runner)
+    start = int(START.timestamp())
 
     clock.now = START + timedelta(seconds=30.4)
     tracker.poll()  # running
@@ -75,26 +76,15 @@ def test_an_agent_held_up_between_its_poll_and_its_usage_report_bills_only_what_
     runner.ended_at = START + timedelta(seconds=32.5)
     clock.now = START + timedelta(minutes=10, seconds=30)
     tracker.account_usage()
-    spool_periods = _periods(spool)
 
-    start = int(START.timestamp())
-    assert spool_periods == [(start, start + 30)]  # not ten minutes of a workload that had ended
+    assert _periods(spool, transport) == [(start, start + 30)]  # not ten minutes of an ended workload
 
-
-def test_the_end_report_continues_where_the_last_period_stopped_so_no_second_is_lost(tmp_path: Path) -> None:
-    clock, runner = Clock(), Runner()
-    tracker, spool = _tracker(tmp_path, clock, runner)
-    clock.now = START + timedelta(seconds=30.4)
-    tracker.poll()
-    runner.ended_at = START + timedelta(seconds=32.5)
-    clock.now = START + timedelta(minutes=10, seconds=30)
-    tracker.account_usage()
-
-    states = tracker.poll()  # the agent runs again: it finds the workload ended
+    # Then the agent runs again and finds the workload ended: the end's report continues where
+    # the last period stopped, up to the recorded end, so no second is lost.
+    states = tracker.poll()
     tracker.enforce(states, GpuView(by_uuid={}, foreign={}), schedule_open=True, now=clock.now)
 
-    start = int(START.timestamp())
-    assert _periods(spool) == [(start, start + 30), (start + 30, start + 32)]
+    assert _periods(spool, transport) == [(start, start + 30), (start + 30, start + 32)]
     assert 7 not in tracker.leases
 
 
@@ -109,4 +99,4 @@ def test_a_running_workload_is_billed_up_to_the_poll_that_saw_it(tmp_path: Path)
         clock.now += timedelta(milliseconds=5)  # the rest of the poll
         tracker.account_usage()
 
-    assert _periods(spool) == [(start, start + 60), (start + 60, start + 120)]
+    assert _periods(spool, FakeTransport()) == [(start, start + 60), (start + 60, start + 120)]
