@@ -486,6 +486,9 @@ GPGPU = {
     # Raw telemetry is kept at most one sample per GPU per this many seconds, for this many
     # hours; hourly rollups are kept for this many days.
     "TELEMETRY_SAMPLE_INTERVAL_S": env_int("TELEMETRY_SAMPLE_INTERVAL_S", 60, minimum=1),
+    # With REDIS_URL: a heartbeat that repeats one that changed nothing is answered from Redis,
+    # without the database (providers.heartbeat_steady); false: every heartbeat is a full one.
+    "HEARTBEAT_STEADY_PATH": env_bool("HEARTBEAT_STEADY_PATH", True),
     "TELEMETRY_RAW_RETENTION_H": env_int("TELEMETRY_RAW_RETENTION_H", 48, minimum=1),
     "TELEMETRY_ROLLUP_RETENTION_D": env_int("TELEMETRY_ROLLUP_RETENTION_D", 400, minimum=1),
     # On PostgreSQL raw telemetry is partitioned by time, one partition per this many hours (a

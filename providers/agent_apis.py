@@ -7,12 +7,17 @@ validated strictly (lengths, ranges, finite numbers) and a refusal changes nothi
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Mapping, Sequence
+from datetime import datetime
+from types import SimpleNamespace
 from typing import Any, cast
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.authentication import BaseAuthentication
@@ -27,8 +32,8 @@ from core.api import (
     eth_address_field,
 )
 from gpgpu_agent import protocol
-from providers import services
-from providers.auth import IsMachine, MachineAuthentication
+from providers import heartbeat_steady, services
+from providers.auth import MACHINE_CREDENTIAL_MAX_LENGTH, IsMachine, MachineAuthentication
 from providers.models import JobKind, Machine
 
 MAX_GPUS_PER_MACHINE = 64
@@ -337,6 +342,66 @@ class CapabilitiesSerializer(serializers.Serializer):
         )
 
 
+def _no_constant(name: str) -> Any:  # json.loads' hook for NaN and Infinity: never returns
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# Each telemetry field's bounds, read from the serializer (the rules are written there once):
+# (name, integer only, low, high).
+_TELEMETRY_BOUNDS: list[tuple[str, bool, float, float]] = []
+
+
+def _telemetry_valid(gpus: list[dict[str, Any]]) -> bool:
+    """Whether every GPU's telemetry is what GpuReportSerializer accepts, in its plainest form
+    (JSON numbers, null or absent); anything else goes to the full heartbeat, which says what
+    is wrong."""
+    if not _TELEMETRY_BOUNDS:
+        fields = GpuReportSerializer().fields
+        for name in heartbeat_steady.TELEMETRY_FIELDS:
+            field = fields[name]
+            assert isinstance(field, serializers.IntegerField | serializers.FloatField)
+            assert field.min_value is not None and field.max_value is not None
+            integer = isinstance(field, serializers.IntegerField)
+            _TELEMETRY_BOUNDS.append((name, integer, float(field.min_value), float(field.max_value)))
+    for gpu in gpus:
+        for name, integer, low, high in _TELEMETRY_BOUNDS:
+            value = gpu.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+                return False
+            if isinstance(value, float) and not math.isfinite(value):
+                return False
+            if not low <= value <= high:
+                return False
+    return True
+
+
+# The steady reply's fixed part, per (heartbeat interval, fence): the full heartbeat's
+# serializer writes it once.
+_STEADY_REPLIES: dict[tuple[int, int], dict[str, Any]] = {}
+
+
+def _steady_reply(now: datetime) -> bytes:
+    """What the full heartbeat answers a machine with no lease, order or schedule: its serializer's
+    output with this instant's server_time."""
+    interval, fence = settings.GPGPU["HEARTBEAT_INTERVAL_S"], settings.GPGPU["LEASE_FENCE_S"]
+    template = _STEADY_REPLIES.get((interval, fence))
+    if template is None:
+        reply = services.HeartbeatReply(
+            heartbeat_interval_s=interval,
+            server_time=now,
+            start=[],
+            stop=[],
+            lease_fence_s=fence,
+            schedule=services.ALWAYS_AVAILABLE,
+            predicted_idle_s=None,
+        )
+        template = _STEADY_REPLIES[(interval, fence)] = dict(HeartbeatApi.OutputSerializer(reply).data)
+    body = dict(template, server_time=serializers.DateTimeField().to_representation(now))
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 MACHINE_FACTS = ("agent_version", "driver_version", "cuda_version", "cpu_cores", "ram_mb", "disk_gb", "region")
 
 
@@ -398,11 +463,13 @@ class HeartbeatApi(AgentAPIView):
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         # Counted around DRF's whole dispatch, so a heartbeat refused before post() (a bad
         # credential, a suspended machine, the rate limit) counts too, and one that raises (the
-        # database gone: core.middleware answers it) counts as an error.
+        # database gone: core.middleware answers it) counts as an error. A steady heartbeat
+        # (providers.heartbeat_steady) is answered before DRF sees it.
         started = time.perf_counter()
         outcome = "error"
         try:
-            response = super().dispatch(request, *args, **kwargs)
+            steady = self._steady_answer(request) if heartbeat_steady.enabled() else None
+            response = steady if steady is not None else super().dispatch(request, *args, **kwargs)
             outcome = prom.heartbeat_outcome(response.status_code)
             return response
         finally:
@@ -424,9 +491,64 @@ class HeartbeatApi(AgentAPIView):
             capabilities=v.get("capabilities"),
             **{name: v.get(name) for name in MACHINE_FACTS},
         )
-        # IsMachine admits only a request whose auth is a Machine.
-        reply = services.machine_heartbeat(machine=cast(Machine, request.auth), report=report)
+        machine = cast(Machine, request.auth)  # IsMachine admits only a request whose auth is a Machine
+        generation = heartbeat_steady.generation(machine.pk)  # before anything is read
+        reply = services.machine_heartbeat(machine=machine, report=report)
+        if reply.steady and generation is not None:
+            fp = heartbeat_steady.fingerprint(request.data) if isinstance(request.data, Mapping) else None
+            if fp is not None:
+                heartbeat_steady.remember(
+                    digest=machine.credential_digest,
+                    machine_id=machine.pk,
+                    fp=fp,
+                    at=reply.server_time,
+                    capabilities=v.get("capabilities") is not None,
+                    generation_before=generation,
+                )
         return Response(self.OutputSerializer(reply).data)
+
+    def _steady_answer(self, request: HttpRequest) -> HttpResponse | None:
+        """The answer to a steady heartbeat (providers.heartbeat_steady), or None: the full
+        heartbeat answers. Only what the full heartbeat would accept and answer the same way is
+        answered here: a well-formed credential, a JSON body within the size limit, a record of
+        the same report in this sample interval, valid telemetry, the rate limit not reached."""
+        if request.method != "POST" or request.META.get("HTTP_ACCEPT", "*/*") not in ("*/*", "application/json"):
+            return None
+        scheme, _, raw = str(request.META.get("HTTP_AUTHORIZATION", "")).partition(" ")
+        if scheme.lower() != protocol.AUTH_SCHEME.lower() or not raw or " " in raw:
+            return None
+        if len(raw) > MACHINE_CREDENTIAL_MAX_LENGTH or request.content_type != "application/json":
+            return None
+        try:
+            if int(request.META.get("CONTENT_LENGTH") or 0) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+                return None
+            data = json.loads(request.body.decode("utf-8"), parse_constant=_no_constant)
+        except ValueError:  # a bad length, not UTF-8, not JSON
+            return None
+        if not isinstance(data, dict) or (fp := heartbeat_steady.fingerprint(data)) is None:
+            return None
+        if not _telemetry_valid(data["gpus"]):
+            return None
+        now = timezone.now()
+        digest = services.secret_digest(raw)
+        try:
+            found = heartbeat_steady.check(digest=digest, fp=fp, at=now)
+            if found is None:
+                return None
+            machine_id, capabilities = found
+            # The rate limit counts the credential as the full heartbeat does (Machine.throttle_key).
+            principal = SimpleNamespace(
+                auth=Machine(pk=machine_id, credential_digest=digest),
+                user=None,
+                resolver_match=getattr(request, "resolver_match", None),
+            )
+            if not all(throttle.allow_request(principal, self) for throttle in self.get_throttles()):  # type: ignore[arg-type]  # the throttles read auth and resolver_match only
+                return None  # the full heartbeat answers 429
+            heartbeat_steady.seen(machine_id=machine_id, capabilities=capabilities, at=now)
+        except Exception:
+            heartbeat_steady.warn_unreachable()
+            return None
+        return HttpResponse(_steady_reply(now), content_type="application/json")
 
 
 # --- credential rotation --------------------------------------------------------------------

@@ -43,7 +43,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Field, Max, Model, Q
 from django.utils import timezone
 
-from providers import idle_history
+from providers import heartbeat_steady, idle_history
 from providers.availability import FOREVER, days_to_mask, mask_to_days, validate_timezone
 from providers.errors import (
     Conflict,
@@ -246,6 +246,7 @@ def availability_window_create(
         Provider.objects.select_for_update().filter(pk=provider.pk).first()
         if AvailabilityWindow.objects.filter(provider=provider).count() >= MAX_WINDOWS_PER_PROVIDER:
             raise _invalid("days", f"a provider may declare at most {MAX_WINDOWS_PER_PROVIDER} windows")
+        heartbeat_steady.forget_provider(provider.pk)
         return AvailabilityWindow.objects.create(provider=provider, machine=machine, **fields)
 
 
@@ -271,12 +272,16 @@ def availability_window_update(
         fields["machine"] = machine
     for name, value in fields.items():
         setattr(window, name, value)
-    window.save(update_fields=[*fields])
+    with transaction.atomic():
+        window.save(update_fields=[*fields])
+        heartbeat_steady.forget_provider(provider.pk)
     return window
 
 
 def availability_window_delete(*, window: AvailabilityWindow) -> None:
-    AvailabilityWindow.objects.filter(pk=window.pk).delete()
+    with transaction.atomic():
+        AvailabilityWindow.objects.filter(pk=window.pk).delete()
+        heartbeat_steady.forget_provider(window.provider_id)
 
 
 def blackout_create(
@@ -302,13 +307,16 @@ def blackout_create(
         Provider.objects.select_for_update().filter(pk=provider.pk).first()
         if Blackout.objects.filter(provider=provider).count() >= MAX_BLACKOUTS_PER_PROVIDER:
             raise _invalid("starts_at", f"a provider may keep at most {MAX_BLACKOUTS_PER_PROVIDER} blackouts")
+        heartbeat_steady.forget_provider(provider.pk)
         return Blackout.objects.create(
             provider=provider, machine=machine, starts_at=starts_at, ends_at=ends_at, reason=reason
         )
 
 
 def blackout_delete(*, blackout: Blackout) -> None:
-    Blackout.objects.filter(pk=blackout.pk).delete()
+    with transaction.atomic():
+        Blackout.objects.filter(pk=blackout.pk).delete()
+        heartbeat_steady.forget_provider(blackout.provider_id)
 
 
 # --- agent: registration, heartbeats, liveness ------------------------------------------------
@@ -441,9 +449,12 @@ def gpus_lease(*, gpu_ids: Sequence[int]) -> None:
     if not gpu_ids:
         return
     with transaction.atomic():  # a savepoint in the caller's transaction
-        gpus_lock(gpu_ids=gpu_ids)
+        locked = gpus_lock(gpu_ids=gpu_ids)
         for start in range(0, len(gpu_ids), _GPU_LOCK_CHUNK):
             GPU.objects.filter(pk__in=gpu_ids[start : start + _GPU_LOCK_CHUNK]).update(state=GPU.State.LEASED)
+        # Their machines' next heartbeats are full ones (with the start orders), before the
+        # doorbell (registered after this) rings their agents.
+        heartbeat_steady.forget(machine_id for _, _, machine_id in locked)
 
 
 def gpus_release(*, gpu_ids: Sequence[int], state: str) -> None:
@@ -466,7 +477,8 @@ def gpus_release(*, gpu_ids: Sequence[int], state: str) -> None:
 def _machine_gpus_offline(*, machine_id: int) -> None:
     """Show every GPU of the machine `offline` (it was suspended, revoked or went silent).
     The caller holds a transaction and has ended the machine's leases (locks: machine, leases,
-    then GPUs)."""
+    then GPUs). Its next heartbeat is a full one."""
+    heartbeat_steady.forget([machine_id])
     gpus = _machine_gpus_lock(machine_id=machine_id)
     GPU.objects.filter(machine_id=machine_id).update(state=GPU.State.OFFLINE, idle_since=None)
     away = [g for g in gpus if g.idle_since is not None]
@@ -539,6 +551,7 @@ def machine_credential_rotate(
         if signing_address is not None:
             changes["signing_address"] = signing_address
         Machine.objects.filter(pk=machine.pk).update(**changes)
+        heartbeat_steady.forget([machine.pk])
     logger.info("machine %s credential rotated by %s", machine.pk, actor)
     machine.refresh_from_db()
     return raw
@@ -719,6 +732,9 @@ class HeartbeatReply:
     # How much longer the machine's idle stretch is likely to last (its forecast's median),
     # seconds; None when it runs no lease or no stretch is running. Passed on to the jobs.
     predicted_idle_s: int | None = None
+    # The same report again would change nothing but the machine's last heartbeat and its GPUs'
+    # telemetry, and get this reply (providers.heartbeat_steady). Not sent to the agent.
+    steady: bool = False
 
 
 @dataclass(frozen=True)
@@ -771,7 +787,8 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
       (primary-key order) before the active leases are read, so a concurrent assignment is
       never written back to `idle` (see the module docstring).
     - One TelemetrySample per GPU per TELEMETRY_SAMPLE_INTERVAL_S bucket (the first heartbeat in
-      each bucket writes it), so heartbeats every few seconds do not grow the history.
+      each bucket writes it), so heartbeats every few seconds do not grow the history. A
+      machine's buckets are shifted by an offset of its own (heartbeat_steady.bucket).
     - A GPU whose `idle_since` the report clears or moves had its owner's stretch end: it is
       recorded for the idle forecasts (providers.idle_history), all of them in one insert, and
       nothing is written when none ended.
@@ -805,7 +822,12 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             # Without a window or a coming blackout (the lock's statement says) it is available
             # at any time: what machine_schedule answers then, without reading either table.
             schedule = machine_schedule(machine=machine, now=now) if lock.scheduled else ALWAYS_AVAILABLE
-            reply = replace(reply, schedule=schedule)
+            steady = (
+                locked.status == Machine.Status.ONLINE
+                and not (lock.assigned or lock.scheduled or leased or report.leases or reply.start or reply.stop)
+                and all(g.idle_since is None or g.idle_since <= now for g in report.gpus)
+            )
+            reply = replace(reply, schedule=schedule, steady=steady)
     except IntegrityError:
         # Another machine claimed one of these uuids between the check and the insert.
         taken = sorted(
@@ -954,7 +976,6 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
     The GPU rows are locked before their leases are read: an assignment holding some of them
     commits first, and its leases are then read here (each statement reads what is committed
     when it starts), so its GPUs stay `leased`."""
-    interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
     reported = {g.uuid: g for g in report.gpus}
     existing = {g.uuid: g for g in _machine_gpus_lock(machine_id=machine_id)}
     _gpu_indexes_make_room(existing=existing, reported=reported)
@@ -970,7 +991,9 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
         _gpu_reported(gpu, gr, leased=gpu.pk is not None and gpu.pk in leased_ids, now=now)
         if previous_idle_since is not None and gpu.idle_since != previous_idle_since:
             stretches.append(_stretch_over(gpu, previous_idle_since, gr=gr, now=now))
-        new_bucket = previous_telemetry_at is None or _bucket(previous_telemetry_at, interval) != _bucket(now, interval)
+        new_bucket = previous_telemetry_at is None or heartbeat_steady.bucket(
+            previous_telemetry_at, machine_id
+        ) != heartbeat_steady.bucket(now, machine_id)
         if gpu.pk is None:
             gpu.save()
         elif new_bucket or _gpu_stored(gpu) != stored:
@@ -1093,10 +1116,6 @@ def _capability_facts(capabilities: Mapping[str, Any]) -> dict[str, object]:
         "accepts_container": "container" in kinds,
         "accepts_process": "process" in kinds,
     }
-
-
-def _bucket(at: datetime, interval_s: int) -> int:
-    return int(at.timestamp() // interval_s)
 
 
 def _gpus_claim(*, machine: Machine, uuids: list[str]) -> None:
@@ -1246,6 +1265,9 @@ def machines_liveness_sweep(*, now: datetime | None = None) -> LivenessSweep:
       the machines with a recent heartbeat go silent at once, no lease ends (a disrupted zone, as
       Kubernetes' node controller does) for at most LIVENESS_DISRUPTION_HOLD_S.
 
+    - Steady heartbeats' times are written to the rows first (providers.heartbeat_steady.flush);
+      when they cannot be read (Redis unreachable) the marketplace is blind for this sweep.
+
     Each machine moves in its own transaction, with a conditional UPDATE that re-checks its last
     heartbeat, so a heartbeat landing while the sweep runs keeps its machine.
     """
@@ -1259,6 +1281,9 @@ def machines_liveness_sweep(*, now: datetime | None = None) -> LivenessSweep:
     in_service = Machine.objects.filter(removed_at__isnull=True).exclude(status=Machine.Status.SUSPENDED)
     grace_cutoff, lost_cutoff = now - grace, now - lost_after
     silent = Q(last_heartbeat_at__lt=grace_cutoff) | Q(last_heartbeat_at__isnull=True)
+    # Steady heartbeats' times (providers.heartbeat_steady) into the rows first; unreadable, the
+    # sweep cannot tell who is silent and blames no one.
+    unseen = heartbeat_steady.flush() is None
 
     with transaction.atomic():
         state, _ = LivenessState.objects.select_for_update().get_or_create(pk=1)
@@ -1271,7 +1296,7 @@ def machines_liveness_sweep(*, now: datetime | None = None) -> LivenessSweep:
         state.quiet_since = (state.quiet_since or now) if quiet else None
         if quiet and now - (state.quiet_since or now) <= hold:
             blind = True
-        if blind:
+        if blind or unseen:
             state.blind_until = now
         state.last_sweep_at = now
         since = state.blind_until

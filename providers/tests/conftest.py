@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -27,3 +28,10 @@ def telemetry_partitions_restored(transactional_db: None) -> Iterator[None]:
             if part.start is not None and part.start >= horizon:
                 cursor.execute(f'DROP TABLE "{part.name}"')
     tp.ensure(now=timezone.now())
+
+
+@pytest.fixture
+def full_heartbeats(settings: Any) -> None:
+    """Every heartbeat takes the full path, as without Redis: for a test of what the full
+    heartbeat writes (a steady repeat, providers.heartbeat_steady, writes none of it)."""
+    settings.GPGPU = {**settings.GPGPU, "HEARTBEAT_STEADY_PATH": False}

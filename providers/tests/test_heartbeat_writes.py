@@ -24,7 +24,8 @@ from tests.factories import (
     placed_lease,
 )
 
-pytestmark = pytest.mark.django_db
+# What the full heartbeat writes: a steady repeat is answered without it (test_heartbeat_steady).
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("full_heartbeats")]
 
 # What a steady heartbeat of a machine without leases, windows or blackouts may send:
 # authentication, then the machine's UPDATE … RETURNING (which also says whether the owner has a

@@ -1,0 +1,347 @@
+"""The steady heartbeat (providers.heartbeat_steady): a repeat of a heartbeat that changed
+nothing is answered from Redis, and answered the same; anything that could change the answer
+sends the next heartbeat through the full path. Against a real Redis (REDIS_URL, else
+127.0.0.1:6379): skipped without one, except in CI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from jobs.models import Lease
+from providers import heartbeat_steady, services
+from providers.models import GPU, Machine, TelemetrySample
+from tests.factories import (
+    MachineFactory,
+    agent_client,
+    capabilities_report,
+    gpu_entry,
+    heartbeat,
+    placed_lease,
+)
+
+pytestmark = pytest.mark.django_db
+
+REDIS = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+_TRANSACTION_CONTROL = ("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK", "BEGIN", "COMMIT")
+
+
+def _redis_up(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def steady(settings: Any) -> Iterator[None]:
+    """The steady path on, over a real Redis, every heartbeat of a test in one sample interval."""
+    if not _redis_up(REDIS):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs the steady heartbeat against a real Redis, and {REDIS} does not answer")
+        pytest.skip(f"no Redis at {REDIS}")
+    settings.REDIS_URL = REDIS
+    settings.GPGPU = {**settings.GPGPU, "HEARTBEAT_STEADY_PATH": True, "TELEMETRY_SAMPLE_INTERVAL_S": 10**9}
+    yield
+
+
+def statements(queries: CaptureQueriesContext) -> list[str]:
+    return [q["sql"] for q in queries.captured_queries if not q["sql"].upper().startswith(_TRANSACTION_CONTROL)]
+
+
+GPUS = [gpu_entry(f"GPU-{i}", i, utilization_pct=float(i)) for i in range(8)]
+
+
+def moved(gpus: list[dict[str, Any]], by: float = 1.0) -> list[dict[str, Any]]:
+    """The same GPUs, their telemetry a little different (as every real heartbeat's is)."""
+    return [{**g, "utilization_pct": g["utilization_pct"] + by, "temperature_c": g["temperature_c"] + by} for g in gpus]
+
+
+def beaten() -> tuple[Machine, Any]:
+    """A machine whose first (full) heartbeat is behind it, and its agent's client."""
+    machine = MachineFactory(accepts_process=False)
+    client = agent_client(machine)
+    assert heartbeat(client, GPUS, capabilities=capabilities_report(kinds=("container",))).status_code == 200
+    return machine, client
+
+
+def beat(client: Any, gpus: list[dict[str, Any]] | None = None, **facts: Any) -> Any:
+    facts.setdefault("capabilities", capabilities_report(kinds=("container",)))
+    return heartbeat(client, moved(GPUS) if gpus is None else gpus, **facts)
+
+
+def without_time(reply: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in reply.items() if k != "server_time"}
+
+
+def test_a_repeated_heartbeat_is_answered_without_the_database_and_the_same_way() -> None:
+    _, client = beaten()
+    full = beat(client, GPUS).json()  # the full path's answer to this very report...
+
+    with CaptureQueriesContext(connection) as queries:
+        response = beat(client)  # ...and a repeat, its telemetry moved
+
+    assert response.status_code == 200
+    assert statements(queries) == []
+    assert without_time(response.json()) == without_time(full)
+    assert response.json()["server_time"] >= full["server_time"]
+
+
+def test_a_steady_heartbeat_keeps_its_machine_online_through_the_liveness_sweep() -> None:
+    machine, client = beaten()
+    long_ago = timezone.now() - timedelta(hours=1)
+    Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=long_ago, capabilities_reported_at=long_ago)
+    before = timezone.now()
+    assert beat(client).status_code == 200
+
+    swept = services.machines_liveness_sweep()
+
+    machine.refresh_from_db()
+    assert swept.offline == 0 and machine.status == Machine.Status.ONLINE
+    assert machine.last_heartbeat_at is not None and machine.last_heartbeat_at >= before
+    assert machine.capabilities_reported_at is not None and machine.capabilities_reported_at >= before
+    # Written once: a later flush leaves a newer row as it is.
+    Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=timezone.now() + timedelta(minutes=1))
+    assert heartbeat_steady.flush() == 0
+
+
+def test_a_sweep_that_cannot_read_the_steady_heartbeats_takes_no_machine_offline(settings: Any) -> None:
+    machine, client = beaten()
+    Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=timezone.now() - timedelta(hours=1))
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nobody listens there
+
+    swept = services.machines_liveness_sweep()
+
+    machine.refresh_from_db()
+    assert swept.blind and swept.offline == 0 and machine.status == Machine.Status.ONLINE
+    # The agent meanwhile still gets its answer, from the full heartbeat.
+    with CaptureQueriesContext(connection) as queries:
+        assert beat(client).status_code == 200
+    assert statements(queries)
+
+
+def test_a_lease_assigned_after_a_steady_heartbeat_is_in_the_next_reply() -> None:
+    machine, client = beaten()
+    assert beat(client).json()["start"] == []
+    gpu = GPU.objects.get(machine=machine, index=0)
+
+    lease = placed_lease(gpus=[gpu], kind="container", image="pytorch:2")  # a kind it accepts
+
+    started = beat(client).json()["start"]
+    assert [order["lease_id"] for order in started] == [lease.pk]
+
+
+def test_a_revoked_credential_is_refused_at_once() -> None:
+    machine, client = beaten()
+    assert beat(client).status_code == 200
+
+    services.machine_credential_revoke(machine=machine, actor="operator", reason="stolen laptop")
+
+    response = beat(client)
+    assert response.status_code == 401 and response.json()["code"] == "credential_revoked"
+
+
+def test_a_rotated_credential_is_refused_and_the_new_one_answered() -> None:
+    machine, client = beaten()
+    assert beat(client).status_code == 200
+
+    raw = services.machine_credential_rotate(machine=machine, actor="operator")
+
+    assert beat(client).json()["code"] == "credential_revoked"
+    client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
+    assert beat(client).status_code == 200
+
+
+def test_a_suspended_machine_is_refused_at_once() -> None:
+    machine, client = beaten()
+    assert beat(client).status_code == 200
+
+    services.machine_suspend(machine=machine, reason="abuse report", actor="operator")
+
+    response = beat(client)
+    assert response.status_code == 403 and response.json()["code"] == "machine_suspended"
+
+
+def test_a_machine_the_sweep_took_offline_comes_back_with_its_next_heartbeat() -> None:
+    machine, client = beaten()
+    assert beat(client).status_code == 200
+    Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=timezone.now() - timedelta(hours=1))
+    heartbeat_steady.flush()  # the steady beat above is older than the row's time now
+    Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=timezone.now() - timedelta(hours=1))
+    assert services.machines_liveness_sweep().offline == 1
+
+    assert beat(client).status_code == 200
+
+    machine.refresh_from_db()
+    assert machine.status == Machine.Status.ONLINE
+    assert set(GPU.objects.filter(machine=machine).values_list("state", flat=True)) == {GPU.State.IDLE}
+
+
+def test_a_blackout_declared_by_the_owner_is_in_the_next_reply() -> None:
+    machine, client = beaten()
+    assert beat(client).json()["schedule"]["available_now"] is True
+    now = timezone.now()
+
+    an_hour = timedelta(hours=1)
+    services.blackout_create(provider=machine.provider, machine_id=None, starts_at=now - an_hour, ends_at=now + an_hour)
+
+    assert beat(client).json()["schedule"]["available_now"] is False
+
+
+def test_a_changed_report_takes_the_full_path_and_is_written() -> None:
+    machine, client = beaten()
+    busy = [{**g, "idle": False, "owner_busy": True, "idle_since": None} if g["index"] == 3 else g for g in GPUS]
+
+    assert beat(client, busy).status_code == 200
+
+    assert GPU.objects.get(machine=machine, index=3).state == GPU.State.OWNER_BUSY
+
+
+def test_a_new_sample_interval_takes_the_full_path_and_samples(settings: Any) -> None:
+    machine, client = beaten()
+    assert beat(client).status_code == 200
+    samples = TelemetrySample.objects.filter(gpu__machine=machine).count()
+    # Every heartbeat now falls in a sample interval of its own.
+    settings.GPGPU = {**settings.GPGPU, "TELEMETRY_SAMPLE_INTERVAL_S": 1}
+    GPU.objects.filter(machine=machine).update(last_telemetry_at=timezone.now() - timedelta(seconds=5))
+
+    assert beat(client, moved(GPUS, by=7.0)).status_code == 200
+
+    assert TelemetrySample.objects.filter(gpu__machine=machine).count() == samples + 8
+    assert GPU.objects.get(machine=machine, index=2).utilization_pct == 9.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("utilization_pct", 150.0),
+        ("utilization_pct", "55"),
+        ("utilization_pct", True),
+        ("temperature_c", -1),
+        ("memory_used_mb", 1.5),
+        ("power_w", 10**30),
+    ],
+)
+def test_bad_telemetry_in_a_repeated_heartbeat_is_refused_as_ever(field: str, value: Any) -> None:
+    _, client = beaten()
+    assert beat(client).status_code == 200
+    bad = [{**g, field: value} if g["index"] == 5 else g for g in moved(GPUS)]
+
+    response = beat(client, bad)
+
+    # The full heartbeat judged it: DRF coerces "55" and true, and refuses what is out of range.
+    if value in ("55", True):
+        assert response.status_code == 200
+    else:
+        assert response.status_code == 400, response.json()
+        assert response.json()["code"] == "invalid"
+
+
+def test_another_machines_report_gets_nothing_from_its_record() -> None:
+    """A credential answers for its own machine only: B sending A's (steady) report goes the full
+    way as B, whose GPUs it cannot take (another provider's machine in service)."""
+    _, client_a = beaten()
+    assert beat(client_a).status_code == 200
+    client_b = agent_client(MachineFactory(accepts_process=False))
+
+    response = beat(client_b)
+
+    assert response.status_code == 409 and response.json()["code"] == "gpu_uuid_taken"
+
+
+def test_an_unknown_credential_is_refused_whatever_the_body() -> None:
+    _, client = beaten()
+    assert beat(client).status_code == 200
+    client.credentials(HTTP_AUTHORIZATION="Machine gpm_nobody_holds_this")
+
+    response = beat(client)
+
+    assert response.status_code == 401 and response.json()["code"] == "machine_credential_invalid"
+
+
+def test_steady_heartbeats_count_against_the_machines_rate_limit(settings: Any) -> None:
+    settings.THROTTLE_ENABLED = True
+    settings.THROTTLE_RATES = {**settings.THROTTLE_RATES, "machine": "4/min"}
+    _, client = beaten()  # the first of four
+
+    codes = [beat(client).status_code for _ in range(4)]
+
+    assert codes == [200, 200, 200, 429]
+
+
+def test_an_assignment_committed_while_a_full_heartbeat_ran_is_not_forgotten() -> None:
+    """The generation is read before the full heartbeat reads anything; a bump meanwhile (a
+    lease assigned) stops the heartbeat's record, whose reply did not have the lease."""
+    machine = MachineFactory()
+    generation = heartbeat_steady.generation(machine.pk)
+    assert generation is not None
+    heartbeat_steady.forget([machine.pk])  # the matcher's commit, meanwhile
+
+    remembered = heartbeat_steady.remember(
+        digest=machine.credential_digest,
+        machine_id=machine.pk,
+        fp="0" * 32,
+        at=timezone.now(),
+        capabilities=False,
+        generation_before=generation,
+    )
+
+    assert remembered is False
+    assert heartbeat_steady.check(digest=machine.credential_digest, fp="0" * 32, at=timezone.now()) is None
+
+
+def test_a_machine_running_a_lease_never_takes_the_steady_path() -> None:
+    machine, client = beaten()
+    gpu = GPU.objects.get(machine=machine, index=0)
+    lease = placed_lease(gpus=[gpu], started=True, kind="container", image="pytorch:2")
+    listed = [{"lease_id": lease.pk, "state": "running"}]
+    assert beat(client, leases=listed).status_code == 200
+
+    with CaptureQueriesContext(connection) as queries:
+        response = beat(client, leases=listed)
+
+    assert response.status_code == 200 and statements(queries)
+    assert Lease.objects.get(pk=lease.pk).status == Lease.Status.RUNNING
+
+
+def test_each_machines_sample_interval_turns_at_an_instant_of_its_own(settings: Any) -> None:
+    """A fleet's records do not all end at once (each end sends a full heartbeat): the turns of
+    a hundred machines' intervals are spread over the interval, and a record is steady up to its
+    machine's turn, not after (the check in Redis computes the interval as `bucket` does)."""
+    settings.GPGPU = {**settings.GPGPU, "TELEMETRY_SAMPLE_INTERVAL_S": 60}
+    t0 = timezone.now()
+    turns = set()
+    for machine_id in range(1, 101):
+        b = heartbeat_steady.bucket(t0, machine_id)
+        turn = next(s for s in range(61) if heartbeat_steady.bucket(t0 + timedelta(seconds=s), machine_id) != b)
+        turns.add(turn)
+    assert len(turns) > 30
+
+    machine = MachineFactory()
+    first = heartbeat_steady.bucket(t0, machine.pk)
+    turn = next(
+        t0 + timedelta(seconds=s / 10)
+        for s in range(601)
+        if heartbeat_steady.bucket(t0 + timedelta(seconds=s / 10), machine.pk) != first
+    )
+    fp = "ab" * 16
+    generation = heartbeat_steady.generation(machine.pk)
+    assert generation is not None
+    args = {"digest": machine.credential_digest, "fp": fp}
+    assert heartbeat_steady.remember(
+        **args,
+        machine_id=machine.pk,
+        at=turn - timedelta(seconds=0.2),
+        capabilities=False,
+        generation_before=generation,
+    )
+    assert heartbeat_steady.check(**args, at=turn - timedelta(seconds=0.1)) == (machine.pk, False)
+    assert heartbeat_steady.check(**args, at=turn + timedelta(seconds=0.1)) is None
