@@ -16,7 +16,10 @@ A heartbeat is what the agent sends (gpgpu_agent.daemon.heartbeat_body): --gpus-
 with full telemetry (utilization, memory, temperature and power moving a little each time: the
 latest telemetry differs on every beat, as on a real machine), the agent's idle verdicts (nine
 GPUs in ten idle since a fixed time, the rest busy with their owner), the machine facts and the
-container capabilities. No leases run.
+container capabilities. No leases run. With --beat-interval S each machine heartbeats once every
+S seconds on a schedule of its own (the first ones spread over S), as a fleet of agents does:
+the offered load is machines / S per second, whatever the answers take; without it each
+connection sends its next heartbeat as soon as the last is answered.
 
 One JSON line per concurrency: `heartbeats_per_s`, `p50_ms`, `p95_ms`, `p99_ms`, `errors` (any
 answer but 200, or a broken connection), `sql_per_heartbeat` (statements the server sent
@@ -92,6 +95,13 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="run even if the database holds machines")
     parser.add_argument("--migrate", action="store_true", help="apply unapplied migrations first")
     parser.add_argument("--seed", type=int, default=20260114)
+    parser.add_argument(
+        "--beat-interval",
+        type=float,
+        default=0.0,
+        help="each machine heartbeats at most once per this many seconds, on a schedule of its own (as agents "
+        "do: machines / interval heartbeats per second offered); 0: as fast as the answers come",
+    )
     args = parser.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if args.machines < 1 or not args.levels or min(args.levels) < 1:
@@ -299,13 +309,28 @@ class _Machine:
 
 
 async def _connection(
-    host: str, port: int, machines: Sequence[_Machine], until: float, out: dict[str, Any], once: bool
+    host: str,
+    port: int,
+    machines: Sequence[_Machine],
+    until: float,
+    out: dict[str, Any],
+    once: bool,
+    beat_interval: float = 0.0,
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     head = f"POST {PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    # With a beat interval, the machines' first heartbeats are spread over it, and each machine's
+    # next is due one interval after its last was due (a late answer does not move the schedule).
+    start = time.monotonic()
+    due = [start + beat_interval * i / max(1, len(machines)) for i in range(len(machines))]
     try:
         while True:
-            for machine in machines:
+            for number, machine in enumerate(machines):
+                if beat_interval > 0 and not once:
+                    wait = due[number] - time.monotonic()
+                    due[number] += beat_interval
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 if not once and time.monotonic() >= until:
                     return
                 body = machine.body()
@@ -349,7 +374,15 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
     return status, headers
 
 
-def _generate(url: str, machines: list[_Machine], connections: int, seconds: float, once: bool, queue: Any) -> None:
+def _generate(
+    url: str,
+    machines: list[_Machine],
+    connections: int,
+    seconds: float,
+    once: bool,
+    queue: Any,
+    beat_interval: float = 0.0,
+) -> None:
     """One generator process: `connections` keep-alive connections, each with its share of
     `machines`; puts what it measured on `queue`."""
     parts = urlsplit(url)
@@ -365,7 +398,10 @@ def _generate(url: str, machines: list[_Machine], connections: int, seconds: flo
 
     async def run() -> None:
         await asyncio.gather(
-            *(_connection(host, port, machines[i::connections], until, out, once) for i in range(connections))
+            *(
+                _connection(host, port, machines[i::connections], until, out, once, beat_interval)
+                for i in range(connections)
+            )
         )
 
     asyncio.run(run())
@@ -375,7 +411,13 @@ def _generate(url: str, machines: list[_Machine], connections: int, seconds: flo
 
 
 def _drive(
-    url: str, machines: list[_Machine], concurrency: int, generators: int, seconds: float, once: bool = False
+    url: str,
+    machines: list[_Machine],
+    concurrency: int,
+    generators: int,
+    seconds: float,
+    once: bool = False,
+    beat_interval: float = 0.0,
 ) -> dict[str, Any]:
     """Run `concurrency` connections over `generators` processes (forked: they share the
     machines' bodies) and add up what they measured."""
@@ -389,7 +431,9 @@ def _drive(
     started = time.perf_counter()
     for p in range(procs):
         share = concurrency // procs + (1 if p < concurrency % procs else 0)
-        child = context.Process(target=_generate, args=(url, machines[p::procs], share, seconds, once, queue))
+        child = context.Process(
+            target=_generate, args=(url, machines[p::procs], share, seconds, once, queue, beat_interval)
+        )
         child.start()
         children.append(child)
     results = [queue.get() for _ in children]
@@ -443,7 +487,7 @@ def main() -> None:
             before = _pg_counters()
             server_cpu = _cpu_seconds(server.pid) if server is not None else 0.0
             database_cpu = _database_cpu_seconds()
-            run = _drive(url, machines, concurrency, args.generators, args.seconds)
+            run = _drive(url, machines, concurrency, args.generators, args.seconds, beat_interval=args.beat_interval)
             server_cpu = _cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
             database_after = _database_cpu_seconds()
             after = _pg_counters()
@@ -493,6 +537,7 @@ def main() -> None:
                 "machines": args.machines,
                 "gpus_per_machine": args.gpus_per_machine,
                 "seconds": args.seconds,
+                "beat_interval_s": args.beat_interval,
                 "server": server_desc,
                 "generators": args.generators,
                 "setup_seconds": round(setup_seconds, 1),

@@ -161,7 +161,7 @@ def test_the_rate_limit_cache_is_redis_when_redis_url_is_set_and_local_memory_ot
     with_redis = settings_with(tmp_path, SECRET_KEY=A_KEY, REDIS_URL="redis://cache.internal:6379/1")
     without = settings_with(tmp_path, SECRET_KEY=A_KEY)
 
-    assert with_redis["CACHES"]["default"]["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
+    assert with_redis["CACHES"]["default"]["BACKEND"] == "core.cache.RedisCache"
     assert with_redis["CACHES"]["default"]["LOCATION"] == "redis://cache.internal:6379/1"
     assert without["CACHES"]["default"]["BACKEND"] == "django.core.cache.backends.locmem.LocMemCache"
 
