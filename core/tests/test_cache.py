@@ -8,22 +8,15 @@ import os
 import threading
 
 import pytest
-import redis
 
 from core.cache import RedisCache
-
-REDIS = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+from tests.live_redis import live_redis
 
 
 @pytest.fixture
 def cache() -> RedisCache:
-    try:
-        redis.Redis.from_url(REDIS, socket_connect_timeout=0.5).ping()
-    except redis.RedisError:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI runs the cache against a real Redis, and {REDIS} does not answer")
-        pytest.skip(f"no Redis at {REDIS}")
-    return RedisCache(REDIS, {"KEY_PREFIX": f"test-core-cache-{os.getpid()}", "TIMEOUT": 60})
+    url = live_redis("the cache")
+    return RedisCache(url, {"KEY_PREFIX": f"test-core-cache-{os.getpid()}", "TIMEOUT": 60})
 
 
 def test_one_client_serves_every_operation(cache: RedisCache) -> None:

@@ -8,7 +8,6 @@ down it looks at the database every 0.25 s, as without Redis. Those tests need a
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from jobs.models import Lease
 from jobs.services import job_cancel
 from providers.models import Machine
 from tests.factories import GPUFactory, JobFactory, MachineFactory, agent_client, placed_lease
+from tests.live_redis import live_redis
 
 API = "/api/agent/v1/"
 
@@ -109,31 +109,18 @@ def test_a_marketplace_that_does_not_hold_calls_answers_at_once() -> None:
 
 # --- the doorbell over Redis pub/sub ----------------------------------------------------------
 
-REDIS = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-
-
-def _redis_up(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
 
 @pytest.fixture
 def live_bell(settings: Any) -> Iterator[str]:
     """The marketplace holds calls and rings them through this Redis."""
-    if not _redis_up(REDIS):
-        if os.environ.get("CI"):
-            pytest.fail(f"CI runs the doorbell against a real Redis, and {REDIS} does not answer")
-        pytest.skip(f"no Redis at {REDIS}")
-    settings.REDIS_URL = REDIS
+    settings.REDIS_URL = live_redis("the doorbell")
     settings.GPGPU = {**settings.GPGPU, "AGENT_ORDERS_WAIT_S": 25}
     with doorbell.waiter(0) as bell:  # starts this process's listener; wait until it has subscribed
         deadline = time.monotonic() + 5
         while not bell.live and time.monotonic() < deadline:
             time.sleep(0.02)
         assert bell.live, "the doorbell's listener did not subscribe"
-    yield REDIS
+    yield settings.REDIS_URL
 
 
 @pytest.fixture

@@ -5,13 +5,11 @@ sends the next heartbeat through the full path. Against a real Redis (REDIS_URL,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-import redis
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -27,28 +25,17 @@ from tests.factories import (
     heartbeat,
     placed_lease,
 )
+from tests.live_redis import live_redis
 
 pytestmark = pytest.mark.django_db
 
-REDIS = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 _TRANSACTION_CONTROL = ("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK", "BEGIN", "COMMIT")
-
-
-def _redis_up(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture(autouse=True)
 def steady(settings: Any) -> Iterator[None]:
     """The steady path on, over a real Redis, every heartbeat of a test in one sample interval."""
-    if not _redis_up(REDIS):
-        if os.environ.get("CI"):
-            pytest.fail(f"CI runs the steady heartbeat against a real Redis, and {REDIS} does not answer")
-        pytest.skip(f"no Redis at {REDIS}")
-    settings.REDIS_URL = REDIS
+    settings.REDIS_URL = live_redis("the steady heartbeat")
     settings.GPGPU = {**settings.GPGPU, "HEARTBEAT_STEADY_PATH": True, "TELEMETRY_SAMPLE_INTERVAL_S": 10**9}
     yield
 
