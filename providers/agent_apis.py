@@ -503,6 +503,7 @@ class HeartbeatApi(AgentAPIView):
                     fp=fp,
                     at=reply.server_time,
                     capabilities=v.get("capabilities") is not None,
+                    gpus=reply.gpus,
                     generation_before=generation,
                 )
         return Response(self.OutputSerializer(reply).data)
@@ -532,19 +533,19 @@ class HeartbeatApi(AgentAPIView):
         now = timezone.now()
         digest = services.secret_digest(raw)
         try:
-            found = heartbeat_steady.check(digest=digest, fp=fp, at=now)
-            if found is None:
+            record = heartbeat_steady.check(digest=digest, fp=fp)
+            sample = None if record is None else heartbeat_steady.sample_due(record, now)
+            if record is None or sample is None:
                 return None
-            machine_id, capabilities = found
             # The rate limit counts the credential as the full heartbeat does (Machine.throttle_key).
             principal = SimpleNamespace(
-                auth=Machine(pk=machine_id, credential_digest=digest),
+                auth=Machine(pk=record.machine_id, credential_digest=digest),
                 user=None,
                 resolver_match=getattr(request, "resolver_match", None),
             )
             if not all(throttle.allow_request(principal, self) for throttle in self.get_throttles()):  # type: ignore[arg-type]  # the throttles read auth and resolver_match only
                 return None  # the full heartbeat answers 429
-            heartbeat_steady.seen(machine_id=machine_id, capabilities=capabilities, at=now)
+            heartbeat_steady.seen(record=record, at=now, telemetry=data["gpus"] if sample else None)
         except Exception:
             heartbeat_steady.warn_unreachable()
             return None

@@ -3,41 +3,44 @@
 Most heartbeats of a fleet say what the one before said: the same GPUs, idle (or busy with their
 owner) since the same instant, the same machine facts, no lease. The full heartbeat
 (providers.services.machine_heartbeat: authentication, validation, five statements and a
-commit) then writes only the machine's `last_heartbeat_at` and each GPU's latest telemetry. A
-steady heartbeat writes neither to PostgreSQL: it is answered from Redis in about a tenth of the
-time.
+commit) then writes only the machine's `last_heartbeat_at` and, once per sample interval, each
+GPU's telemetry sample and latest telemetry. A steady heartbeat writes none of it to
+PostgreSQL: it is answered from Redis, and a worker writes what it leaves there in batches.
 
 - **Which heartbeats.** After a full heartbeat whose repeat would change nothing but the
   machine's last heartbeat and its GPUs' telemetry (HeartbeatReply.steady: the machine online,
   no lease listed, active or assigned, no availability window or coming blackout, no order in
   the reply, no idle_since in the future), the view records (`remember`) under the
   credential's digest: the machine, a fingerprint of the report without its telemetry
-  (`fingerprint`), the telemetry sample interval it was in, and the machine's generation. A
-  later heartbeat with the same credential and fingerprint, in the same sample interval, whose
-  telemetry values are valid (the bounds of the heartbeat's own serializer) and whose
-  machine's generation has not moved, is steady (`check`, called by the heartbeat's
-  view, providers.agent_apis, which checks the telemetry against its serializer's bounds): it is counted against the
-  machine's rate limit, its time goes into a Redis hash, and it gets the reply the full
-  heartbeat would give (no orders, always available). Anything else (another body, a new sample
-  interval, a header or a body the fast check does not accept, Redis unreachable) takes the
-  full heartbeat, which validates and answers as it always did.
+  (`fingerprint`), the sample interval it was in, its GPUs' ids and states, and the machine's
+  generation. A later heartbeat with the same credential and fingerprint, whose telemetry is
+  valid (the heartbeat view, providers.agent_apis, checks it against its serializer's bounds)
+  and whose machine's generation has not moved, is steady (`check`): it is counted against the
+  machine's rate limit, its time goes into a Redis hash (`seen`), and it gets the reply the full
+  heartbeat would give (no orders, always available). Anything else (another body, a header or
+  a body the fast check does not accept, Redis unreachable) takes the full heartbeat, which
+  validates and answers as it always did.
+- **Samples.** The first steady heartbeat of each of its machine's sample intervals
+  (`sample_due`; each machine's intervals are shifted by an offset of its own, `bucket`, so a
+  fleet's do not all turn at once) queues its telemetry as the interval's sample, with the
+  GPUs' states of the record, and moves the record on to that interval; `flush` writes the
+  queued samples as TelemetrySample rows and each GPU row's latest telemetry, as the full
+  heartbeat does when it samples. A GPU row's telemetry is thus its sample interval's first
+  report (or its last change of state's), at most one liveness sweep late.
 - **Generations.** Whatever could change what a machine's next heartbeat writes or answers bumps
-  its generation once its transaction commits (`forget`): a lease assigned on it
+  its generation, now and when its transaction commits (`forget`): a lease assigned on it
   (providers.services.gpus_lease, before the doorbell rings its agent), suspension, credential
   rotation, revocation and removal, a window or blackout of it or its provider, and the liveness
   sweep taking it offline. `remember` writes only when the generation read before the full
   heartbeat began is still current, so an assignment committed meanwhile is not forgotten. A
-  record lives to the end of its sample interval at most, so a bump lost to a Redis failure
-  delays an order by at most TELEMETRY_SAMPLE_INTERVAL_S.
+  record lasts RECORD_INTERVALS sample intervals at most (moving it on keeps its expiry), so a
+  bump lost to a Redis failure delays an order by at most that long.
 - **Liveness.** The Redis hash of steady heartbeats' times is written to the machines' rows by
   `flush`, which the liveness sweep calls before it looks at them (every HEARTBEAT_INTERVAL_S):
   `last_heartbeat_at` (and `capabilities_reported_at` when the report carried capabilities)
   is the later of the row's and the hash's. A sweep that cannot read the hash takes no machine
   offline (it cannot tell which are silent). Elsewhere `last_heartbeat_at` lags the agent's
   last steady heartbeat by up to one sweep.
-- **Telemetry.** A steady heartbeat's telemetry is checked and dropped: a GPU row's telemetry
-  is the first report of each TELEMETRY_SAMPLE_INTERVAL_S interval (its sample's), or of the
-  last change of state, rather than the last report's.
 
 Without REDIS_URL (the embedded defaults) or with HEARTBEAT_STEADY_PATH=false every heartbeat is
 a full one.
@@ -52,14 +55,15 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Field
 
-from providers.models import Machine
+from providers.columns import field_column
+from providers.models import GPU, Machine, TelemetrySample
 
 logger = logging.getLogger(__name__)
 
@@ -71,21 +75,35 @@ _GENERATION_TTL_S = 86_400
 # Spreads the machines' sample intervals over the interval (see bucket).
 OFFSET_FACTOR = 7919
 
-# GET the record, check its fingerprint, interval (as `bucket` computes it) and generation;
-# answer the machine id, negative when its record carries capabilities (0: not steady).
+# A record outlives the full heartbeat that wrote it by at most this many sample intervals:
+# however its heartbeats go on, a machine takes the full path at least that often, which bounds
+# what a generation bump lost to a Redis failure can delay.
+RECORD_INTERVALS = 10
+
+# GET the record; answer it when the fingerprint is the same and the machine's generation has
+# not moved (else nil). Record: machine|interval|capabilities 0/1|generation|fingerprint|gpus.
 _CHECK = """
 local rec = redis.call('GET', KEYS[1])
-if not rec then return 0 end
-local mid, bucket, caps, gen, fp = string.match(rec, '^(%d+)|(%d+)|([01])|(%d+)|(%x+)$')
-if not mid or fp ~= ARGV[1] then return 0 end
-local interval = tonumber(ARGV[4])
-local offset = (tonumber(mid) * OFFSET_FACTOR) % interval
-if math.floor((tonumber(ARGV[2]) + offset) / interval) ~= tonumber(bucket) then return 0 end
-local current = redis.call('GET', ARGV[3] .. mid) or '0'
-if current ~= gen then return 0 end
-if caps == '1' then return -tonumber(mid) end
-return tonumber(mid)
-""".replace("OFFSET_FACTOR", str(OFFSET_FACTOR))
+if not rec then return nil end
+local mid, gen, fp = string.match(rec, '^(%d+)|%d+|[01]|(%d+)|(%x+)|')
+if not mid or fp ~= ARGV[1] then return nil end
+local current = redis.call('GET', ARGV[2] .. mid) or '0'
+if current ~= gen then return nil end
+return rec
+"""
+# A steady heartbeat: its time (and capabilities' time) for `flush`; at the turn of its
+# machine's sample interval, the record moved on to the new interval (its expiry kept) and the
+# sample queued, unless the record changed since it was read (then another heartbeat did it).
+_SEEN = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) == ARGV[4] then
+  redis.call('SET', KEYS[3], ARGV[5], 'KEEPTTL')
+  redis.call('RPUSH', KEYS[4], ARGV[6])
+  return 1
+end
+return 0
+"""
 # SET the record only while the generation read before the full heartbeat is current.
 _REMEMBER = """
 local current = redis.call('GET', KEYS[2]) or '0'
@@ -136,7 +154,8 @@ def _redis() -> Any:  # redis.Redis: the package ships no types
             _client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
             _client_url = url
             _scripts.clear()
-            for name, lua in (("check", _CHECK), ("remember", _REMEMBER), ("forget_flushed", _FORGET_FLUSHED)):
+            scripts = (("check", _CHECK), ("seen", _SEEN), ("remember", _REMEMBER), ("forget_flushed", _FORGET_FLUSHED))
+            for name, lua in scripts:
                 _scripts[name] = _client.register_script(lua)
         return _client
 
@@ -151,6 +170,9 @@ def _generation_prefix() -> str:
 
 SEEN_KEY = "seen"  # machine id -> time of its last steady heartbeat (epoch seconds)
 CAPABILITIES_KEY = "seen-capabilities"  # the same, for reports that carry capabilities
+SAMPLES_KEY = "samples"  # a list of queued telemetry samples, oldest first (see _sample)
+# Samples written per statement by `flush`.
+_SAMPLES_PER_BATCH = 2000
 
 
 def bucket(at: datetime, machine_id: int) -> int:
@@ -176,26 +198,65 @@ def fingerprint(data: Mapping[str, Any]) -> str | None:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def check(*, digest: str, fp: str, at: datetime) -> tuple[int, bool] | None:
-    """(machine id, whether its record carries capabilities) when a heartbeat of this credential
-    with this fingerprint at `at` is steady; None otherwise. Raises redis errors."""
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What a full heartbeat left for the steady ones of its credential."""
+
+    machine_id: int
+    bucket: int  # the sample interval the machine was last sampled in
+    capabilities: bool  # the report carries capabilities
+    gpus: tuple[tuple[int, str], ...]  # the reported GPUs' (id, state), in the report's order
+    raw: str  # as stored
+    key: str  # where
+
+    @classmethod
+    def parse(cls, raw: str, key: str) -> Record:
+        mid, b, caps, _gen, _fp, gpus = raw.split("|")
+        pairs = [pair.split(":") for pair in gpus.split(",") if pair]
+        return cls(int(mid), int(b), caps == "1", tuple((int(g), state) for g, state in pairs), raw, key)
+
+
+def check(*, digest: str, fp: str) -> Record | None:
+    """The record of this credential when a heartbeat with this fingerprint may be steady (the
+    machine's generation has not moved); None otherwise. Raises redis errors."""
     _redis()
-    interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
-    args = [fp, repr(at.timestamp()), _generation_prefix(), interval]
-    mid = int(_scripts["check"](keys=[_key("cred", digest)], args=args))
-    if mid == 0:
+    key = _key("cred", digest)
+    raw = _scripts["check"](keys=[key], args=[fp, _generation_prefix()])
+    return Record.parse(raw.decode(), key) if raw is not None else None
+
+
+def sample_due(record: Record, at: datetime) -> bool | None:
+    """Whether a steady heartbeat at `at` opens a new sample interval of its machine (its
+    telemetry is then sampled); None when `at` is before the record's interval (a clock gone
+    back between web processes: the full heartbeat answers)."""
+    current = bucket(at, record.machine_id)
+    if current < record.bucket:
         return None
-    return abs(mid), mid < 0
+    return current > record.bucket
 
 
-def seen(*, machine_id: int, capabilities: bool, at: datetime) -> None:
-    """Record a steady heartbeat's time for `flush`. Raises redis errors."""
-    stamp = repr(at.timestamp())
-    pipe = _redis().pipeline(transaction=False)
-    pipe.hset(_key(SEEN_KEY), str(machine_id), stamp)
-    if capabilities:
-        pipe.hset(_key(CAPABILITIES_KEY), str(machine_id), stamp)
-    pipe.execute()
+def seen(*, record: Record, at: datetime, telemetry: list[Mapping[str, Any]] | None) -> None:
+    """Record a steady heartbeat's time for `flush`; with `telemetry` (the report's GPUs, in its
+    order: a new sample interval), queue its sample and move the record on. Raises redis errors."""
+    mid = str(record.machine_id)
+    expected = new = sample = ""
+    if telemetry is not None:
+        expected = record.raw
+        _, _, rest = record.raw.partition("|")
+        new = f"{mid}|{bucket(at, record.machine_id)}|{rest.partition('|')[2]}"
+        sample = _sample(record, at, telemetry)
+    keys = [_key(SEEN_KEY), _key(CAPABILITIES_KEY), record.key, _key(SAMPLES_KEY)]
+    _scripts["seen"](keys=keys, args=[mid, repr(at.timestamp()), int(record.capabilities), expected, new, sample])
+
+
+def _sample(record: Record, at: datetime, telemetry: list[Mapping[str, Any]]) -> str:
+    """A queued sample: `machine|time|[[gpu id, state, memory_used_mb, utilization_pct,
+    temperature_c, power_w], …]`."""
+    rows = [
+        [gpu_id, state, *(g.get(name) for name in TELEMETRY_FIELDS)]
+        for (gpu_id, state), g in zip(record.gpus, telemetry, strict=True)
+    ]
+    return f"{record.machine_id}|{at.timestamp()!r}|{json.dumps(rows, separators=(',', ':'))}"
 
 
 def generation(machine_id: int) -> str | None:
@@ -212,14 +273,25 @@ def generation(machine_id: int) -> str | None:
 
 
 def remember(
-    *, digest: str, machine_id: int, fp: str, at: datetime, capabilities: bool, generation_before: str
+    *,
+    digest: str,
+    machine_id: int,
+    fp: str,
+    at: datetime,
+    capabilities: bool,
+    gpus: Iterable[tuple[int, str]],
+    generation_before: str,
 ) -> bool:
-    """Record that a repeat of this credential's heartbeat (fingerprint `fp`) within `at`'s
-    sample interval is steady, unless the machine's generation moved since `generation_before`."""
+    """Record that a repeat of this credential's heartbeat (fingerprint `fp`; `gpus` its GPUs'
+    (id, state) as the full heartbeat wrote them, in the report's order) is steady, unless the
+    machine's generation moved since `generation_before`. The record lasts to the end of the
+    RECORD_INTERVALS-th sample interval of the machine from `at`'s."""
     b = bucket(at, machine_id)
     interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
-    ttl = max(1, math.ceil((b + 1) * interval - (machine_id * OFFSET_FACTOR) % interval - at.timestamp()) + 1)
-    value = f"{machine_id}|{b}|{int(capabilities)}|{generation_before}|{fp}"
+    ends = (b + RECORD_INTERVALS) * interval - (machine_id * OFFSET_FACTOR) % interval
+    ttl = max(1, math.ceil(ends - at.timestamp()))
+    listed = ",".join(f"{gpu_id}:{state}" for gpu_id, state in gpus)
+    value = f"{machine_id}|{b}|{int(capabilities)}|{generation_before}|{fp}|{listed}"
     try:
         _redis()
         done = _scripts["remember"](
@@ -279,6 +351,9 @@ def flush() -> int | None:
     except Exception:
         logger.warning("steady heartbeats: could not read their times from Redis", exc_info=True)
         return None
+    samples = _samples_flush(client)
+    if samples:
+        logger.debug("steady heartbeats: %d queued samples written", samples)
     written = 0
     columns = ((SEEN_KEY, seen_raw, "last_heartbeat_at"), (CAPABILITIES_KEY, caps_raw, "capabilities_reported_at"))
     for key, raw, column in columns:
@@ -300,16 +375,96 @@ def flush() -> int | None:
     return written
 
 
+def _samples_flush(client: Any) -> int:
+    """Write the queued samples (oldest first, _SAMPLES_PER_BATCH at a time): a TelemetrySample
+    per GPU, and each GPU row's latest telemetry where the sample is newer than the row's. A batch
+    leaves the queue once its transaction committed; the number of samples written."""
+    key = _key(SAMPLES_KEY)
+    written = 0
+    while True:
+        try:
+            batch = client.lrange(key, 0, _SAMPLES_PER_BATCH - 1)
+        except Exception:
+            logger.warning("steady heartbeats: could not read the queued samples (written next time)", exc_info=True)
+            return written
+        if not batch:
+            return written
+        rows = [row for raw in batch for row in _sample_rows(raw.decode())]
+        with transaction.atomic():
+            TelemetrySample.objects.bulk_create(
+                [
+                    TelemetrySample(
+                        gpu_id=gpu_id,
+                        at=at,
+                        state=state,
+                        memory_used_mb=mem,
+                        utilization_pct=util,
+                        temperature_c=temp,
+                        power_w=power,
+                    )
+                    for gpu_id, at, state, mem, util, temp, power in rows
+                ],
+                batch_size=5000,
+            )
+            _latest_telemetry_write(rows)
+        try:
+            client.ltrim(key, len(batch), -1)
+        except Exception:
+            logger.error("steady heartbeats: written samples stay queued (Redis failed): they will be written twice")
+            return written + len(batch)
+        written += len(batch)
+        if len(batch) < _SAMPLES_PER_BATCH:
+            return written
+
+
+_SampleRow = tuple[int, datetime, str, Any, Any, Any, Any]  # gpu, at, state, then TELEMETRY_FIELDS' values
+
+
+def _sample_rows(raw: str) -> list[_SampleRow]:
+    """A queued sample's rows (see _sample)."""
+    _mid, stamp, rows = raw.split("|", 2)
+    at = datetime.fromtimestamp(float(stamp), tz=UTC)
+    return [(int(gpu_id), at, str(state), *values) for gpu_id, state, *values in json.loads(rows)]
+
+
+def _latest_telemetry_write(rows: list[_SampleRow]) -> None:
+    """Each GPU row's telemetry and `last_telemetry_at` from its newest sample in `rows`, where
+    that is newer than the row's: one UPDATE … FROM (VALUES …) per thousand GPUs."""
+    newest: dict[int, _SampleRow] = {}
+    for row in rows:
+        if row[0] not in newest or newest[row[0]][1] < row[1]:
+            newest[row[0]] = row
+    table = connection.ops.quote_name(GPU._meta.db_table)
+    fields, columns = zip(
+        *(field_column(GPU, name) for name in ("id", "last_telemetry_at", *TELEMETRY_FIELDS)), strict=True
+    )
+    pg = connection.vendor == "postgresql"
+    row_sql = "(" + ", ".join(f"%s::{f.cast_db_type(connection)}" if pg else "%s" for f in fields) + ")"
+    items = sorted(newest.values())
+    for start in range(0, len(items), 1000):
+        chunk = items[start : start + 1000]
+        values = ", ".join([row_sql] * len(chunk))
+        names = ", ".join(columns)
+        sets = ", ".join(f"{c} = v.{c}" for c in columns[1:])
+        at = columns[1]
+        # Only the model's own (quoted) table and column names go into the text; values are parameters.
+        sql = f"WITH v ({names}) AS (VALUES {values}) UPDATE {table} SET {sets} FROM v "  # noqa: S608
+        sql += f"WHERE {table}.{columns[0]} = v.{columns[0]} AND ({table}.{at} IS NULL OR {table}.{at} < v.{at})"
+        params: list[Any] = []
+        for gpu_id, at_value, _state, *values_ in chunk:
+            params.append(gpu_id)
+            params.append(fields[1].get_db_prep_save(at_value, connection))
+            params.extend(values_)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+
+
 def _times_write(times: Mapping[int, datetime], *, column: str) -> None:
     """Set `column` of each machine to the later of its value and the given time, in one
     UPDATE … FROM (VALUES …) per thousand machines."""
-    qn = connection.ops.quote_name
-    table = qn(Machine._meta.db_table)
-    field = Machine._meta.get_field(column)
-    pk_field = Machine._meta.get_field("id")
-    assert isinstance(field, Field) and isinstance(pk_field, Field)
-    assert field.column is not None and pk_field.column is not None
-    col, pk = qn(field.column), qn(pk_field.column)
+    table = connection.ops.quote_name(Machine._meta.db_table)
+    field, col = field_column(Machine, column)
+    pk = field_column(Machine, "id")[1]
     cast = f"::{field.cast_db_type(connection)}" if connection.vendor == "postgresql" else ""
     items = sorted(times.items())
     for start in range(0, len(items), 1000):

@@ -40,11 +40,12 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Field, Max, Model, Q
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from providers import heartbeat_steady, idle_history
 from providers.availability import FOREVER, days_to_mask, mask_to_days, validate_timezone
+from providers.columns import field_column as _field_column
 from providers.errors import (
     Conflict,
     MachineCredentialRevoked,
@@ -735,6 +736,8 @@ class HeartbeatReply:
     # The same report again would change nothing but the machine's last heartbeat and its GPUs'
     # telemetry, and get this reply (providers.heartbeat_steady). Not sent to the agent.
     steady: bool = False
+    # The reported GPUs' (id, state) as written, in the report's order (for the steady record).
+    gpus: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -817,7 +820,7 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             kinds = _machine_facts_record(machine=locked, report=report, now=now)
             if lock.assigned:  # else no lease of a refused kind to end
                 machine_leases().end_refused_kinds(machine_id=machine.pk, kinds=kinds)
-            leased = _gpus_record(machine_id=machine.pk, report=report, now=now)
+            leased, gpus = _gpus_record(machine_id=machine.pk, report=report, now=now)
             reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, leased=leased, now=now)
             # Without a window or a coming blackout (the lock's statement says) it is available
             # at any time: what machine_schedule answers then, without reading either table.
@@ -827,7 +830,7 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
                 and not (lock.assigned or lock.scheduled or leased or report.leases or reply.start or reply.stop)
                 and all(g.idle_since is None or g.idle_since <= now for g in report.gpus)
             )
-            reply = replace(reply, schedule=schedule, steady=steady)
+            reply = replace(reply, schedule=schedule, steady=steady, gpus=gpus)
     except IntegrityError:
         # Another machine claimed one of these uuids between the check and the insert.
         taken = sorted(
@@ -841,13 +844,6 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             ) from None
         raise
     return reply
-
-
-def _field_column(model: type[Model], name: str) -> tuple[Field[Any, Any], str]:
-    """A concrete field of `model` and its column's quoted name, for SQL written here."""
-    field = model._meta.get_field(name)
-    assert isinstance(field, Field) and field.column is not None
-    return field, connection.ops.quote_name(field.column)
 
 
 @dataclass(frozen=True, slots=True)
@@ -963,11 +959,13 @@ _GPU_REPORTED_FIELDS = [
 ]
 
 
-def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> bool:
+def _gpus_record(
+    *, machine_id: int, report: HeartbeatReport, now: datetime
+) -> tuple[bool, tuple[tuple[int, str], ...]]:
     """Upsert the reported GPUs with their state and telemetry, take the ones no longer reported
     offline, and sample telemetry once per TELEMETRY_SAMPLE_INTERVAL_S bucket. Returns whether
     any of the machine's GPUs is in an active lease (their rows stay locked: that holds until
-    the transaction ends).
+    the transaction ends), and the reported GPUs' (id, state) as written, in the report's order.
 
     A known GPU's row is written (all of them in one statement) only when something it stores
     changed, or once per bucket: `last_telemetry_at` says when the telemetry beside it was
@@ -981,6 +979,7 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
     _gpu_indexes_make_room(existing=existing, reported=reported)
     leased_ids = machine_leases().active_gpu_ids(machine_id=machine_id)
     samples: list[TelemetrySample] = []
+    written: list[tuple[int, str]] = []
     to_update: list[GPU] = []
     stretches: list[IdleStretch | None] = []
     for gr in report.gpus:
@@ -1000,6 +999,7 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
             to_update.append(gpu)
         else:
             gpu.last_telemetry_at = previous_telemetry_at  # as stored: the row is not written
+        written.append((gpu.pk, gpu.state))
         if new_bucket:
             samples.append(
                 TelemetrySample(
@@ -1026,7 +1026,7 @@ def _gpus_record(*, machine_id: int, report: HeartbeatReport, now: datetime) -> 
     if samples:
         TelemetrySample.objects.bulk_create(samples)
     idle_history.idle_stretches_record(stretches)
-    return bool(leased_ids)
+    return bool(leased_ids), tuple(written)
 
 
 def _gpu_stored(gpu: GPU) -> tuple[object, ...]:

@@ -5,6 +5,7 @@ sends the next heartbeat through the full path. Against a real Redis (REDIS_URL,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -192,18 +193,51 @@ def test_a_changed_report_takes_the_full_path_and_is_written() -> None:
     assert GPU.objects.get(machine=machine, index=3).state == GPU.State.OWNER_BUSY
 
 
-def test_a_new_sample_interval_takes_the_full_path_and_samples(settings: Any) -> None:
+def until_the_interval_turns(machine: Machine) -> None:
+    """Sleep until the machine's sample interval (a second long here) turns."""
+    first = heartbeat_steady.bucket(timezone.now(), machine.pk)
+    while heartbeat_steady.bucket(timezone.now(), machine.pk) == first:
+        time.sleep(0.02)
+
+
+def test_a_new_sample_interval_is_sampled_without_the_database_and_written_by_the_sweep(settings: Any) -> None:
+    settings.GPGPU = {**settings.GPGPU, "TELEMETRY_SAMPLE_INTERVAL_S": 1}
+    machine, client = beaten()
+    busy = [{**g, "idle": False, "owner_busy": True, "idle_since": None} if g["index"] == 3 else g for g in GPUS]
+    assert beat(client, busy).status_code == 200  # a change: the full path, which samples
+    samples = TelemetrySample.objects.filter(gpu__machine=machine).count()
+    until_the_interval_turns(machine)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert beat(client, moved(busy, by=7.0)).status_code == 200
+        assert beat(client, moved(busy, by=8.0)).status_code == 200  # the same interval: no second sample
+
+    assert statements(queries) == []
+    assert TelemetrySample.objects.filter(gpu__machine=machine).count() == samples
+    services.machines_liveness_sweep()
+    sampled = TelemetrySample.objects.filter(gpu__machine=machine).order_by("-at", "gpu__index")[:8]
+    assert [(s.gpu.index, s.utilization_pct, s.temperature_c, s.state) for s in sampled] == [
+        (i, i + 7.0, 48.0, GPU.State.OWNER_BUSY if i == 3 else GPU.State.IDLE) for i in range(8)
+    ]
+    assert TelemetrySample.objects.filter(gpu__machine=machine).count() == samples + 8
+    # Each GPU row holds the sample's telemetry, as after a full heartbeat that sampled.
+    row = GPU.objects.get(machine=machine, index=2)
+    assert (row.utilization_pct, row.temperature_c, row.last_telemetry_at) == (9.0, 48.0, sampled[0].at)
+    assert heartbeat_steady.flush() == 0  # nothing left queued, nothing written twice
+    assert TelemetrySample.objects.filter(gpu__machine=machine).count() == samples + 8
+
+
+def test_a_record_lasts_a_bounded_number_of_intervals_however_its_machine_beats(settings: Any) -> None:
+    settings.GPGPU = {**settings.GPGPU, "TELEMETRY_SAMPLE_INTERVAL_S": 1}
     machine, client = beaten()
     assert beat(client).status_code == 200
-    samples = TelemetrySample.objects.filter(gpu__machine=machine).count()
-    # Every heartbeat now falls in a sample interval of its own.
-    settings.GPGPU = {**settings.GPGPU, "TELEMETRY_SAMPLE_INTERVAL_S": 1}
-    GPU.objects.filter(machine=machine).update(last_telemetry_at=timezone.now() - timedelta(seconds=5))
+    key = heartbeat_steady._key("cred", Machine.objects.get(pk=machine.pk).credential_digest)
+    ttl = heartbeat_steady._redis().ttl(key)
+    until_the_interval_turns(machine)
 
-    assert beat(client, moved(GPUS, by=7.0)).status_code == 200
+    assert beat(client).status_code == 200  # sampled: the record moves on, its expiry does not
 
-    assert TelemetrySample.objects.filter(gpu__machine=machine).count() == samples + 8
-    assert GPU.objects.get(machine=machine, index=2).utilization_pct == 9.0
+    assert 0 < heartbeat_steady._redis().ttl(key) <= ttl <= heartbeat_steady.RECORD_INTERVALS
 
 
 @pytest.mark.parametrize(
@@ -278,11 +312,12 @@ def test_an_assignment_committed_while_a_full_heartbeat_ran_is_not_forgotten() -
         fp="0" * 32,
         at=timezone.now(),
         capabilities=False,
+        gpus=[],
         generation_before=generation,
     )
 
     assert remembered is False
-    assert heartbeat_steady.check(digest=machine.credential_digest, fp="0" * 32, at=timezone.now()) is None
+    assert heartbeat_steady.check(digest=machine.credential_digest, fp="0" * 32) is None
 
 
 def test_a_machine_running_a_lease_never_takes_the_steady_path() -> None:
@@ -300,9 +335,9 @@ def test_a_machine_running_a_lease_never_takes_the_steady_path() -> None:
 
 
 def test_each_machines_sample_interval_turns_at_an_instant_of_its_own(settings: Any) -> None:
-    """A fleet's records do not all end at once (each end sends a full heartbeat): the turns of
-    a hundred machines' intervals are spread over the interval, and a record is steady up to its
-    machine's turn, not after (the check in Redis computes the interval as `bucket` does)."""
+    """A fleet's intervals do not all turn at once (each turn queues a sample): the turns of a
+    hundred machines' intervals are spread over the interval, and a record's heartbeats are
+    sampled from its machine's turn on, not before."""
     settings.GPGPU = {**settings.GPGPU, "TELEMETRY_SAMPLE_INTERVAL_S": 60}
     t0 = timezone.now()
     turns = set()
@@ -322,13 +357,17 @@ def test_each_machines_sample_interval_turns_at_an_instant_of_its_own(settings: 
     fp = "ab" * 16
     generation = heartbeat_steady.generation(machine.pk)
     assert generation is not None
-    args = {"digest": machine.credential_digest, "fp": fp}
     assert heartbeat_steady.remember(
-        **args,
+        digest=machine.credential_digest,
+        fp=fp,
         machine_id=machine.pk,
         at=turn - timedelta(seconds=0.2),
         capabilities=False,
+        gpus=[],
         generation_before=generation,
     )
-    assert heartbeat_steady.check(**args, at=turn - timedelta(seconds=0.1)) == (machine.pk, False)
-    assert heartbeat_steady.check(**args, at=turn + timedelta(seconds=0.1)) is None
+    record = heartbeat_steady.check(digest=machine.credential_digest, fp=fp)
+    assert record is not None and record.machine_id == machine.pk
+    assert heartbeat_steady.sample_due(record, turn - timedelta(seconds=0.1)) is False
+    assert heartbeat_steady.sample_due(record, turn + timedelta(seconds=0.1)) is True
+    assert heartbeat_steady.sample_due(record, turn - timedelta(seconds=61)) is None
