@@ -30,7 +30,10 @@ generator's CPU time over the run's wall time, in cores: what it took from the m
 `server_cpu_ms_per_heartbeat` (the gunicorn workers' CPU time over the heartbeats answered: a
 figure other work on the machine does not change much, unlike the rates; null with --url),
 `database_cpu_ms_per_heartbeat` (the same of every PostgreSQL process on this machine, with --url
-too; null when the database runs elsewhere: other clients of it count too). The
+too; null when the database runs elsewhere: other clients of it count too),
+`flush_cpu_ms_per_heartbeat` (the CPU time of a process that, during the run, writes what steady
+heartbeats leave in Redis every --flush-every seconds, as the liveness sweep does: their times
+and their telemetry samples; its statements count in the database's figures). The
 last line is one JSON summary of them all, with the settings.
 
 The script refuses a database that already holds machines unless --force, and deletes what it
@@ -95,6 +98,13 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="run even if the database holds machines")
     parser.add_argument("--migrate", action="store_true", help="apply unapplied migrations first")
     parser.add_argument("--seed", type=int, default=20260114)
+    parser.add_argument(
+        "--flush-every",
+        type=float,
+        default=10.0,
+        help="seconds between two writes of what steady heartbeats left in Redis (the liveness sweep's, "
+        "HEARTBEAT_INTERVAL_S), by a process of its own during each run",
+    )
     parser.add_argument(
         "--beat-interval",
         type=float,
@@ -451,6 +461,47 @@ def _drive(
     return total
 
 
+def _flush_once() -> None:
+    from django.db import transaction
+
+    from providers import heartbeat_steady
+
+    with transaction.atomic():
+        pass  # a connection, so that the flush's errors are the flush's
+    heartbeat_steady.flush()
+
+
+def _flush_loop(every: float, stop: Any, queue: Any) -> None:
+    """The worker's share: what steady heartbeats leave in Redis (their times, their samples)
+    written every `every` seconds, and once more at the end; puts its CPU seconds on `queue`."""
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    while not stop.wait(every):
+        _flush_once()
+    _flush_once()
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    queue.put(used.ru_utime - cpu.ru_utime + used.ru_stime - cpu.ru_stime)
+
+
+class _Flusher:
+    """A forked process running _flush_loop while a run lasts."""
+
+    def __init__(self, every: float) -> None:
+        from django.db import connections as db_connections
+
+        db_connections.close_all()  # no database connection crosses the fork
+        context = multiprocessing.get_context("fork")
+        self._stop = context.Event()
+        self._queue = context.Queue()
+        self._process = context.Process(target=_flush_loop, args=(every, self._stop, self._queue))
+        self._process.start()
+
+    def stop(self) -> float:
+        self._stop.set()
+        cpu = float(self._queue.get())
+        self._process.join()
+        return cpu
+
+
 def _percentile(ordered: list[float], share: float) -> float | None:
     if not ordered:
         return None
@@ -483,11 +534,14 @@ def main() -> None:
         if first["errors"]:
             refuse(f"{first['errors']} of the first heartbeats failed (statuses {first['statuses']})")
         setup_seconds = time.perf_counter() - setup_started
+        _flush_once()  # what the setup's heartbeats left in Redis
         for concurrency in args.levels:
             before = _pg_counters()
             server_cpu = _cpu_seconds(server.pid) if server is not None else 0.0
             database_cpu = _database_cpu_seconds()
+            flusher = _Flusher(args.flush_every)
             run = _drive(url, machines, concurrency, args.generators, args.seconds, beat_interval=args.beat_interval)
+            flush_cpu = flusher.stop()
             server_cpu = _cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
             database_after = _database_cpu_seconds()
             after = _pg_counters()
@@ -507,6 +561,7 @@ def main() -> None:
                 "commits_per_heartbeat": None,
                 "generator_cpu_share": round(run["cpu_s"] / run["wall_s"], 2),
                 "server_cpu_ms_per_heartbeat": round(1000 * server_cpu / n, 2) if server is not None and n else None,
+                "flush_cpu_ms_per_heartbeat": round(1000 * flush_cpu / n, 3) if n else None,
                 "database_cpu_ms_per_heartbeat": (
                     round(1000 * (database_after - database_cpu) / n, 2)
                     if database_cpu is not None and database_after is not None and n

@@ -512,7 +512,7 @@ class HeartbeatApi(AgentAPIView):
         """The answer to a steady heartbeat (providers.heartbeat_steady), or None: the full
         heartbeat answers. Only what the full heartbeat would accept and answer the same way is
         answered here: a well-formed credential, a JSON body within the size limit, a record of
-        the same report in this sample interval, valid telemetry, the rate limit not reached."""
+        the same report, valid telemetry, the rate limit not reached."""
         if request.method != "POST" or request.META.get("HTTP_ACCEPT", "*/*") not in ("*/*", "application/json"):
             return None
         scheme, _, raw = str(request.META.get("HTTP_AUTHORIZATION", "")).partition(" ")
@@ -546,7 +546,7 @@ class HeartbeatApi(AgentAPIView):
             if not all(throttle.allow_request(principal, self) for throttle in self.get_throttles()):  # type: ignore[arg-type]  # the throttles read auth and resolver_match only
                 return None  # the full heartbeat answers 429
             heartbeat_steady.seen(record=record, at=now, telemetry=data["gpus"] if sample else None)
-        except Exception:
+        except heartbeat_steady.REDIS_ERRORS:
             heartbeat_steady.warn_unreachable()
             return None
         return HttpResponse(_steady_reply(now), content_type="application/json")

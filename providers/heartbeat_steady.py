@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.db import connection, transaction
 
@@ -66,6 +67,10 @@ from providers.columns import field_column
 from providers.models import GPU, Machine, TelemetrySample
 
 logger = logging.getLogger(__name__)
+
+# What Redis raises when it cannot be reached or answers an error: the heartbeat then takes the
+# full path.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 # A GPU report's telemetry: the values that move on every heartbeat and decide nothing.
 TELEMETRY_FIELDS = ("memory_used_mb", "utilization_pct", "temperature_c", "power_w")
@@ -149,8 +154,6 @@ def _redis() -> Any:  # redis.Redis: the package ships no types
     url = settings.REDIS_URL
     with _client_lock:
         if _client is None or _client_url != url:
-            import redis
-
             _client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
             _client_url = url
             _scripts.clear()
@@ -266,7 +269,7 @@ def generation(machine_id: int) -> str | None:
         return None
     try:
         value = _redis().get(_key("gen", machine_id))
-    except Exception:
+    except REDIS_ERRORS:
         logger.warning("steady heartbeats: Redis unreachable; heartbeats take the full path", exc_info=True)
         return None
     return value.decode() if value is not None else "0"
@@ -297,7 +300,7 @@ def remember(
         done = _scripts["remember"](
             keys=[_key("cred", digest), _key("gen", machine_id)], args=[generation_before, value, ttl]
         )
-    except Exception:
+    except REDIS_ERRORS:
         logger.warning("steady heartbeats: could not remember machine %s", machine_id, exc_info=True)
         return False
     return bool(done)
@@ -320,7 +323,7 @@ def forget(machine_ids: Iterable[int]) -> None:
                 pipe.incr(key)
                 pipe.expire(key, _GENERATION_TTL_S)
             pipe.execute()
-        except Exception:
+        except REDIS_ERRORS:
             logger.warning(
                 "steady heartbeats: could not bump the generation of machines %s; their records end with "
                 "their sample interval",
@@ -348,7 +351,7 @@ def flush() -> int | None:
         client = _redis()
         seen_raw = client.hgetall(_key(SEEN_KEY))
         caps_raw = client.hgetall(_key(CAPABILITIES_KEY))
-    except Exception:
+    except REDIS_ERRORS:
         logger.warning("steady heartbeats: could not read their times from Redis", exc_info=True)
         return None
     samples = _samples_flush(client)
@@ -370,7 +373,7 @@ def flush() -> int | None:
         try:
             for start in range(0, len(args), 2000):
                 _scripts["forget_flushed"](keys=[_key(key)], args=args[start : start + 2000])
-        except Exception:
+        except REDIS_ERRORS:
             logger.warning("steady heartbeats: could not clear flushed times (written again next time)", exc_info=True)
     return written
 
@@ -384,12 +387,16 @@ def _samples_flush(client: Any) -> int:
     while True:
         try:
             batch = client.lrange(key, 0, _SAMPLES_PER_BATCH - 1)
-        except Exception:
+        except REDIS_ERRORS:
             logger.warning("steady heartbeats: could not read the queued samples (written next time)", exc_info=True)
             return written
         if not batch:
             return written
         rows = [row for raw in batch for row in _sample_rows(raw.decode())]
+        # A GPU deleted since its sample was queued (only a test's or a benchmark's clean-up
+        # deletes GPUs) is left out rather than failing the batch for good.
+        known = set(GPU.objects.filter(pk__in={row[0] for row in rows}).values_list("pk", flat=True))
+        rows = [row for row in rows if row[0] in known]
         with transaction.atomic():
             TelemetrySample.objects.bulk_create(
                 [
@@ -409,7 +416,7 @@ def _samples_flush(client: Any) -> int:
             _latest_telemetry_write(rows)
         try:
             client.ltrim(key, len(batch), -1)
-        except Exception:
+        except REDIS_ERRORS:
             logger.error("steady heartbeats: written samples stay queued (Redis failed): they will be written twice")
             return written + len(batch)
         written += len(batch)
