@@ -391,7 +391,8 @@ REST_FRAMEWORK: dict[str, Any] = {
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "core.api.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # DRF's JSON parser with a bound on nesting (a deeply nested body would crash the process).
+    "DEFAULT_PARSER_CLASSES": ["core.parsers.BoundedJSONParser"],
     # Rates are read per request from THROTTLE_RATES (the throttles pick the scope themselves).
     "DEFAULT_THROTTLE_CLASSES": [
         "core.throttling.PrincipalRateThrottle",

@@ -24,7 +24,7 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from core import prom
+from core import parsers, prom
 from core.api import (
     BaseApi,
     NamedChoiceField,
@@ -342,10 +342,6 @@ class CapabilitiesSerializer(serializers.Serializer):
         )
 
 
-def _no_constant(name: str) -> Any:  # json.loads' hook for NaN and Infinity: never returns
-    raise ValueError(f"{name} is not valid JSON")
-
-
 # Each telemetry field's bounds, read from the serializer (the rules are written there once):
 # (name, integer only, low, high).
 _TELEMETRY_BOUNDS: list[tuple[str, bool, float, float]] = []
@@ -523,8 +519,8 @@ class HeartbeatApi(AgentAPIView):
         try:
             if int(request.META.get("CONTENT_LENGTH") or 0) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
                 return None
-            data = json.loads(request.body.decode("utf-8"), parse_constant=_no_constant)
-        except ValueError:  # a bad length, not UTF-8, not JSON
+            data = parsers.loads(request.body.decode("utf-8"))
+        except ValueError:  # a bad length, not UTF-8, not JSON, nested too deep
             return None
         if not isinstance(data, dict) or (fp := heartbeat_steady.fingerprint(data)) is None:
             return None
