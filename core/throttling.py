@@ -16,7 +16,10 @@ REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"]; the views are not touched:
 Rates come from settings.THROTTLE_RATES (THROTTLE_USER, THROTTLE_MACHINE, THROTTLE_MACHINE_LOGS,
 THROTTLE_ANON, THROTTLE_REGISTER), read per request; THROTTLE_ENABLED=false switches them all off (benchmarks).
 Counters live in the default cache: Redis when REDIS_URL is set, so every web worker shares
-them. A request over its rate is refused before the view runs with 429
+them. There each budget is a Redis list of its requests' times, newest first, kept by one Lua
+script (`LOG_SCRIPT`: DRF's sliding log, in one round trip and atomic, where DRF reads a pickled
+list and writes it back, and two requests at once could both pass as one); elsewhere (one
+process's memory) DRF's own. A request over its rate is refused before the view runs with 429
 {"code": "throttled", "detail": …} and a Retry-After header (core.api.exception_handler).
 
 Throttles run after authentication (DRF's order): a request with an invalid credential is
@@ -31,13 +34,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 from django.conf import settings
+from django.core.cache import caches
 from django.http import HttpRequest, HttpResponse
 from rest_framework.throttling import SimpleRateThrottle
 
+from core.cache import RedisCache
 from core.timespans import whole_seconds
 
 if TYPE_CHECKING:
@@ -76,6 +81,52 @@ def client_ip(request: HttpRequest) -> str:
     return remote
 
 
+# A sliding log of request times (epoch seconds), newest first. KEYS[1] the log; ARGV: now,
+# duration, the most requests allowed in it. Answers {1 allowed or 0, requests in the window,
+# the oldest's time ('' when allowed)}, as DRF's SimpleRateThrottle decides. Also run by
+# providers.heartbeat_steady's script, which inlines it.
+LOG_SCRIPT_BODY = """
+local function throttle_log(key, now, duration, limit)
+  local cutoff = now - duration
+  while true do
+    local oldest = redis.call('LINDEX', key, -1)
+    if not oldest or tonumber(oldest) > cutoff then break end
+    redis.call('RPOP', key)
+  end
+  local n = redis.call('LLEN', key)
+  if n >= limit then
+    return {0, n, redis.call('LINDEX', key, -1)}
+  end
+  redis.call('LPUSH', key, tostring(now))
+  redis.call('EXPIRE', key, math.ceil(duration))
+  return {1, n + 1, ''}
+end
+"""
+LOG_SCRIPT = LOG_SCRIPT_BODY + "return throttle_log(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))"
+# The suffix of a budget's list: not the key DRF's pickled history would be under.
+LOG_SUFFIX = ":log"
+
+_log_scripts: dict[int, Any] = {}  # id of a redis.Redis -> its registered script
+
+
+def redis_log() -> tuple[Any, Any] | None:
+    """(redis.Redis, its registered LOG_SCRIPT) when the default cache is the project's Redis
+    cache; None otherwise (DRF's own log is used)."""
+    backend = caches["default"]
+    if not isinstance(backend, RedisCache):
+        return None
+    client = backend._cache.get_client(write=True)
+    script = _log_scripts.get(id(client))
+    if script is None:
+        script = _log_scripts[id(client)] = client.register_script(LOG_SCRIPT)
+    return client, script
+
+
+def log_key(key: str) -> str:
+    """The Redis key of the budget DRF would keep under cache key `key`."""
+    return caches["default"].make_key(key) + LOG_SUFFIX
+
+
 def _warn_cache_down(scope: str) -> None:
     global _cache_warned_at
     now = time.monotonic()
@@ -100,6 +151,8 @@ class _SettingsRateThrottle(SimpleRateThrottle):
         # SimpleRateThrottle reads a fixed rate here; ours depends on the request.
         self.rate: str | None = None
         self.ident = ""
+        # What the Redis log answered: (requests in the window, the oldest's time), for wait().
+        self._logged: tuple[int, float | None] | None = None
 
     def scope_and_ident(self, request: Request) -> tuple[str, str] | None:
         """(scope, identity) the request counts against, or None when this throttle does not apply."""
@@ -116,11 +169,33 @@ class _SettingsRateThrottle(SimpleRateThrottle):
         if self.rate is None:
             return True
         self.num_requests, self.duration = self.parse_rate(self.rate)
+        self._logged = None
         try:
-            return super().allow_request(request, view)
+            log = redis_log()
+            if log is None:
+                return super().allow_request(request, view)
+            _client, script = log
+            self.now = self.timer()
+            key = log_key(self.get_cache_key(request, view))
+            allowed, count, oldest = script(keys=[key], args=[repr(self.now), self.duration, self.num_requests])
+            self._logged = (int(count), float(oldest) if oldest else None)
+            return bool(allowed)
         except _CACHE_ERRORS:
             _warn_cache_down(self.scope)
             return True
+
+    def wait(self) -> float | None:
+        """Seconds until a request would be allowed again, as DRF's SimpleRateThrottle.wait
+        computes it (from the Redis log when that decided)."""
+        if self._logged is None:
+            return super().wait()
+        count, oldest = self._logged
+        duration, limit = float(self.duration or 0), int(self.num_requests or 0)  # set by allow_request
+        remaining = duration - (self.now - oldest) if oldest is not None else duration
+        available = limit - count + 1
+        if available <= 0:
+            return None
+        return remaining / float(available)
 
     def get_cache_key(self, request: Request, view: APIView) -> str:
         return self.cache_format % {"scope": self.scope, "ident": self.ident}

@@ -12,7 +12,6 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Any, cast
 
 from django.conf import settings
@@ -24,13 +23,14 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from core import parsers, prom
+from core import parsers, prom, throttling
 from core.api import (
     BaseApi,
     NamedChoiceField,
     error_responses,
     eth_address_field,
 )
+from core.throttling import PrincipalRateThrottle
 from gpgpu_agent import protocol
 from providers import heartbeat_steady, services
 from providers.auth import MACHINE_CREDENTIAL_MAX_LENGTH, IsMachine, MachineAuthentication
@@ -373,6 +373,18 @@ def _telemetry_valid(gpus: list[dict[str, Any]]) -> bool:
     return True
 
 
+def _machine_rate_limit(digest: str) -> tuple[str, float, int] | None:
+    """The rate limit of a machine's heartbeats, as core.throttling keeps it in Redis (scope
+    `machine`, the credential's own budget: Machine.throttle_key): (its log's key, duration,
+    count); None without a limit."""
+    if not settings.THROTTLE_ENABLED or (rate := settings.THROTTLE_RATES.get("machine")) is None:
+        return None
+    scope, ident = Machine(credential_digest=digest).throttle_key()
+    count, duration = PrincipalRateThrottle().parse_rate(rate)
+    key = throttling.log_key(PrincipalRateThrottle.cache_format % {"scope": scope, "ident": ident})
+    return key, float(duration or 0), int(count or 0)
+
+
 # The steady reply's fixed part, per (heartbeat interval, fence): the full heartbeat's
 # serializer writes it once.
 _STEADY_REPLIES: dict[tuple[int, int], dict[str, Any]] = {}
@@ -464,7 +476,8 @@ class HeartbeatApi(AgentAPIView):
         started = time.perf_counter()
         outcome = "error"
         try:
-            steady = self._steady_answer(request) if heartbeat_steady.enabled() else None
+            # Only with the rate limit in Redis too (core.throttling), where the steady script keeps it.
+            steady = self._steady_answer(request) if heartbeat_steady.enabled() and throttling.redis_log() else None
             response = steady if steady is not None else super().dispatch(request, *args, **kwargs)
             outcome = prom.heartbeat_outcome(response.status_code)
             return response
@@ -529,22 +542,14 @@ class HeartbeatApi(AgentAPIView):
         now = timezone.now()
         digest = services.secret_digest(raw)
         try:
-            record = heartbeat_steady.check(digest=digest, fp=fp)
-            sample = None if record is None else heartbeat_steady.sample_due(record, now)
-            if record is None or sample is None:
-                return None
-            # The rate limit counts the credential as the full heartbeat does (Machine.throttle_key).
-            principal = SimpleNamespace(
-                auth=Machine(pk=record.machine_id, credential_digest=digest),
-                user=None,
-                resolver_match=getattr(request, "resolver_match", None),
+            answer = heartbeat_steady.steady(
+                digest=digest, fp=fp, at=now, gpus=data["gpus"], rate_limit=_machine_rate_limit(digest)
             )
-            if not all(throttle.allow_request(principal, self) for throttle in self.get_throttles()):  # type: ignore[arg-type]  # the throttles read auth and resolver_match only
-                return None  # the full heartbeat answers 429
-            heartbeat_steady.seen(record=record, at=now, telemetry=data["gpus"] if sample else None)
         except heartbeat_steady.REDIS_ERRORS:
             heartbeat_steady.warn_unreachable()
             return None
+        if answer not in (heartbeat_steady.STEADY, heartbeat_steady.SAMPLED):
+            return None  # not steady, or over the rate limit: the full heartbeat answers (429 for that)
         return HttpResponse(_steady_reply(now), content_type="application/json")
 
 

@@ -15,13 +15,14 @@ PostgreSQL: it is answered from Redis, and a worker writes what it leaves there 
   (`fingerprint`), the sample interval it was in, its GPUs' ids and states, and the machine's
   generation. A later heartbeat with the same credential and fingerprint, whose telemetry is
   valid (the heartbeat view, providers.agent_apis, checks it against its serializer's bounds)
-  and whose machine's generation has not moved, is steady (`check`): it is counted against the
-  machine's rate limit, its time goes into a Redis hash (`seen`), and it gets the reply the full
-  heartbeat would give (no orders, always available). Anything else (another body, a header or
-  a body the fast check does not accept, Redis unreachable) takes the full heartbeat, which
+  and whose machine's generation has not moved, is steady (`steady`, one Lua script, one round
+  trip): it is counted against the machine's rate limit (the Redis log core.throttling keeps
+  for it), its time goes into a Redis hash, and it gets the reply the full heartbeat would give
+  (no orders, always available). Anything else (another body, a header or a body the fast check
+  does not accept, the rate limit reached, Redis unreachable) takes the full heartbeat, which
   validates and answers as it always did.
 - **Samples.** The first steady heartbeat of each of its machine's sample intervals
-  (`sample_due`; each machine's intervals are shifted by an offset of its own, `bucket`, so a
+  (each machine's intervals are shifted by an offset of its own, `bucket`, so a
   fleet's do not all turn at once) queues its telemetry as the interval's sample, with the
   GPUs' states of the record, and moves the record on to that interval; `flush` writes the
   queued samples as TelemetrySample rows and each GPU row's latest telemetry, as the full
@@ -55,7 +56,6 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,6 +63,7 @@ import redis
 from django.conf import settings
 from django.db import connection, transaction
 
+from core.throttling import LOG_SCRIPT_BODY
 from providers.columns import field_column
 from providers.models import GPU, Machine, TelemetrySample
 
@@ -85,30 +86,41 @@ OFFSET_FACTOR = 7919
 # what a generation bump lost to a Redis failure can delay.
 RECORD_INTERVALS = 10
 
-# GET the record; answer it when the fingerprint is the same and the machine's generation has
-# not moved (else nil). Record: machine|interval|capabilities 0/1|generation|fingerprint|gpus.
-_CHECK = """
+# One steady heartbeat, in one round trip. KEYS: the credential's record, the seen hash, the
+# seen-with-capabilities hash, the samples list, the machine's rate-limit log. ARGV: the report's
+# fingerprint, the generations' key prefix, now (epoch seconds), the sample interval, the rate
+# limit's duration (0: none) and count, the report's telemetry ([[TELEMETRY_FIELDS…], …] in its
+# order). The record: machine|interval|capabilities 0/1|generation|fingerprint|id:state,….
+# Answers 0 when the heartbeat is not steady (no record, another fingerprint, the generation
+# moved, a time before the record's interval), -1 over the rate limit (nothing written), 1 steady,
+# 2 steady and the first of a new sample interval (its sample queued, the record moved on).
+_STEADY = (
+    LOG_SCRIPT_BODY
+    + """
 local rec = redis.call('GET', KEYS[1])
-if not rec then return nil end
-local mid, gen, fp = string.match(rec, '^(%d+)|%d+|[01]|(%d+)|(%x+)|')
-if not mid or fp ~= ARGV[1] then return nil end
-local current = redis.call('GET', ARGV[2] .. mid) or '0'
-if current ~= gen then return nil end
-return rec
-"""
-# A steady heartbeat: its time (and capabilities' time) for `flush`; at the turn of its
-# machine's sample interval, the record moved on to the new interval (its expiry kept) and the
-# sample queued, unless the record changed since it was read (then another heartbeat did it).
-_SEEN = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[3] == '1' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
-if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) == ARGV[4] then
-  redis.call('SET', KEYS[3], ARGV[5], 'KEEPTTL')
-  redis.call('RPUSH', KEYS[4], ARGV[6])
-  return 1
+if not rec then return 0 end
+local mid, b, caps, gen, fp, gpus = string.match(rec, '^(%d+)|(%d+)|([01])|(%d+)|(%x+)|([%w:_,]*)$')
+if not mid or fp ~= ARGV[1] then return 0 end
+if (redis.call('GET', ARGV[2] .. mid) or '0') ~= gen then return 0 end
+local now = tonumber(ARGV[3])
+local interval = tonumber(ARGV[4])
+local current = math.floor((now + (tonumber(mid) * OFFSET_FACTOR) % interval) / interval)
+if current < tonumber(b) then return 0 end
+if tonumber(ARGV[5]) > 0 then
+  local decided = throttle_log(KEYS[5], now, tonumber(ARGV[5]), tonumber(ARGV[6]))
+  if decided[1] == 0 then return -1 end
 end
-return 0
-"""
+redis.call('HSET', KEYS[2], mid, ARGV[3])
+if caps == '1' then redis.call('HSET', KEYS[3], mid, ARGV[3]) end
+if current > tonumber(b) then
+  local moved = string.format('%s|%d|%s|%s|%s|%s', mid, current, caps, gen, fp, gpus)
+  redis.call('SET', KEYS[1], moved, 'KEEPTTL')
+  redis.call('RPUSH', KEYS[4], mid .. '|' .. ARGV[3] .. '|' .. gpus .. '|' .. ARGV[7])
+  return 2
+end
+return 1
+""".replace("OFFSET_FACTOR", str(OFFSET_FACTOR))
+)
 # SET the record only while the generation read before the full heartbeat is current.
 _REMEMBER = """
 local current = redis.call('GET', KEYS[2]) or '0'
@@ -157,7 +169,7 @@ def _redis() -> Any:  # redis.Redis: the package ships no types
             _client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
             _client_url = url
             _scripts.clear()
-            scripts = (("check", _CHECK), ("seen", _SEEN), ("remember", _REMEMBER), ("forget_flushed", _FORGET_FLUSHED))
+            scripts = (("steady", _STEADY), ("remember", _REMEMBER), ("forget_flushed", _FORGET_FLUSHED))
             for name, lua in scripts:
                 _scripts[name] = _client.register_script(lua)
         return _client
@@ -201,65 +213,29 @@ def fingerprint(data: Mapping[str, Any]) -> str | None:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What a full heartbeat left for the steady ones of its credential."""
-
-    machine_id: int
-    bucket: int  # the sample interval the machine was last sampled in
-    capabilities: bool  # the report carries capabilities
-    gpus: tuple[tuple[int, str], ...]  # the reported GPUs' (id, state), in the report's order
-    raw: str  # as stored
-    key: str  # where
-
-    @classmethod
-    def parse(cls, raw: str, key: str) -> Record:
-        mid, b, caps, _gen, _fp, gpus = raw.split("|")
-        pairs = [pair.split(":") for pair in gpus.split(",") if pair]
-        return cls(int(mid), int(b), caps == "1", tuple((int(g), state) for g, state in pairs), raw, key)
+# What `steady` answers.
+NOT_STEADY, THROTTLED, STEADY, SAMPLED = 0, -1, 1, 2
 
 
-def check(*, digest: str, fp: str) -> Record | None:
-    """The record of this credential when a heartbeat with this fingerprint may be steady (the
-    machine's generation has not moved); None otherwise. Raises redis errors."""
+def steady(
+    *,
+    digest: str,
+    fp: str,
+    at: datetime,
+    gpus: list[Mapping[str, Any]],
+    rate_limit: tuple[str, float, int] | None,
+) -> int:
+    """Whether a heartbeat of this credential with this fingerprint at `at` is steady (`_STEADY`
+    says what each answer means and does): NOT_STEADY, THROTTLED, STEADY or SAMPLED. `gpus`: the
+    report's GPUs, for their telemetry; `rate_limit`: the machine's budget (its log's Redis key,
+    duration, count; None: no limit). Raises REDIS_ERRORS."""
     _redis()
-    key = _key("cred", digest)
-    raw = _scripts["check"](keys=[key], args=[fp, _generation_prefix()])
-    return Record.parse(raw.decode(), key) if raw is not None else None
-
-
-def sample_due(record: Record, at: datetime) -> bool | None:
-    """Whether a steady heartbeat at `at` opens a new sample interval of its machine (its
-    telemetry is then sampled); None when `at` is before the record's interval (a clock gone
-    back between web processes: the full heartbeat answers)."""
-    current = bucket(at, record.machine_id)
-    if current < record.bucket:
-        return None
-    return current > record.bucket
-
-
-def seen(*, record: Record, at: datetime, telemetry: list[Mapping[str, Any]] | None) -> None:
-    """Record a steady heartbeat's time for `flush`; with `telemetry` (the report's GPUs, in its
-    order: a new sample interval), queue its sample and move the record on. Raises redis errors."""
-    mid = str(record.machine_id)
-    expected = new = sample = ""
-    if telemetry is not None:
-        expected = record.raw
-        _, _, rest = record.raw.partition("|")
-        new = f"{mid}|{bucket(at, record.machine_id)}|{rest.partition('|')[2]}"
-        sample = _sample(record, at, telemetry)
-    keys = [_key(SEEN_KEY), _key(CAPABILITIES_KEY), record.key, _key(SAMPLES_KEY)]
-    _scripts["seen"](keys=keys, args=[mid, repr(at.timestamp()), int(record.capabilities), expected, new, sample])
-
-
-def _sample(record: Record, at: datetime, telemetry: list[Mapping[str, Any]]) -> str:
-    """A queued sample: `machine|time|[[gpu id, state, memory_used_mb, utilization_pct,
-    temperature_c, power_w], …]`."""
-    rows = [
-        [gpu_id, state, *(g.get(name) for name in TELEMETRY_FIELDS)]
-        for (gpu_id, state), g in zip(record.gpus, telemetry, strict=True)
-    ]
-    return f"{record.machine_id}|{at.timestamp()!r}|{json.dumps(rows, separators=(',', ':'))}"
+    telemetry = json.dumps([[g.get(name) for name in TELEMETRY_FIELDS] for g in gpus], separators=(",", ":"))
+    key, duration, count = rate_limit if rate_limit is not None else ("", 0.0, 0)
+    keys = [_key("cred", digest), _key(SEEN_KEY), _key(CAPABILITIES_KEY), _key(SAMPLES_KEY), key or _key("none")]
+    interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
+    args = [fp, _generation_prefix(), repr(at.timestamp()), interval, duration, count, telemetry]
+    return int(_scripts["steady"](keys=keys, args=args))
 
 
 def generation(machine_id: int) -> str | None:
@@ -428,10 +404,13 @@ _SampleRow = tuple[int, datetime, str, Any, Any, Any, Any]  # gpu, at, state, th
 
 
 def _sample_rows(raw: str) -> list[_SampleRow]:
-    """A queued sample's rows (see _sample)."""
-    _mid, stamp, rows = raw.split("|", 2)
+    """A queued sample's rows: `machine|time|id:state,…|[[TELEMETRY_FIELDS…], …]` (see _STEADY)."""
+    _mid, stamp, gpus, telemetry = raw.split("|", 3)
     at = datetime.fromtimestamp(float(stamp), tz=UTC)
-    return [(int(gpu_id), at, str(state), *values) for gpu_id, state, *values in json.loads(rows)]
+    states = [pair.split(":") for pair in gpus.split(",") if pair]
+    return [
+        (int(gpu_id), at, state, *values) for (gpu_id, state), values in zip(states, json.loads(telemetry), strict=True)
+    ]
 
 
 def _latest_telemetry_write(rows: list[_SampleRow]) -> None:

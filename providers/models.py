@@ -110,8 +110,10 @@ class Machine(models.Model):
 
     def throttle_key(self) -> tuple[str, str]:
         """The rate limit's scope and key for a request this machine's credential authenticated
-        (core.throttling): per credential, so a rotated credential starts afresh."""
-        return "machine", f"{self.pk}.{self.credential_digest[:16]}"
+        (core.throttling): per credential (its digest: a rotated credential, or a row id handed
+        out again with a new credential, starts afresh), so that a steady heartbeat
+        (providers.heartbeat_steady) knows it before it knows the machine."""
+        return "machine", self.credential_digest[:32]
 
     @property
     def accepted_kinds(self) -> list[str]:

@@ -317,7 +317,10 @@ def test_an_assignment_committed_while_a_full_heartbeat_ran_is_not_forgotten() -
     )
 
     assert remembered is False
-    assert heartbeat_steady.check(digest=machine.credential_digest, fp="0" * 32) is None
+    answer = heartbeat_steady.steady(
+        digest=machine.credential_digest, fp="0" * 32, at=timezone.now(), gpus=[], rate_limit=None
+    )
+    assert answer == heartbeat_steady.NOT_STEADY
 
 
 def test_a_machine_running_a_lease_never_takes_the_steady_path() -> None:
@@ -366,8 +369,8 @@ def test_each_machines_sample_interval_turns_at_an_instant_of_its_own(settings: 
         gpus=[],
         generation_before=generation,
     )
-    record = heartbeat_steady.check(digest=machine.credential_digest, fp=fp)
-    assert record is not None and record.machine_id == machine.pk
-    assert heartbeat_steady.sample_due(record, turn - timedelta(seconds=0.1)) is False
-    assert heartbeat_steady.sample_due(record, turn + timedelta(seconds=0.1)) is True
-    assert heartbeat_steady.sample_due(record, turn - timedelta(seconds=61)) is None
+    at = {"digest": machine.credential_digest, "fp": fp, "gpus": [], "rate_limit": None}
+    assert heartbeat_steady.steady(**at, at=turn - timedelta(seconds=0.1)) == heartbeat_steady.STEADY
+    assert heartbeat_steady.steady(**at, at=turn + timedelta(seconds=0.1)) == heartbeat_steady.SAMPLED
+    assert heartbeat_steady.steady(**at, at=turn + timedelta(seconds=0.2)) == heartbeat_steady.STEADY  # sampled once
+    assert heartbeat_steady.steady(**at, at=turn - timedelta(seconds=61)) == heartbeat_steady.NOT_STEADY
