@@ -101,6 +101,18 @@ def test_a_steady_heartbeat_keeps_its_machine_online_through_the_liveness_sweep(
     assert heartbeat_steady.flush() == 0
 
 
+def test_what_steady_heartbeats_left_is_written_after_the_steady_path_is_switched_off(settings: Any) -> None:
+    machine, client = beaten()
+    Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=timezone.now() - timedelta(hours=1))
+    assert beat(client).status_code == 200
+    settings.GPGPU = {**settings.GPGPU, "HEARTBEAT_STEADY_PATH": False}
+
+    swept = services.machines_liveness_sweep()
+
+    machine.refresh_from_db()
+    assert swept.offline == 0 and machine.status == Machine.Status.ONLINE
+
+
 def test_a_sweep_that_cannot_read_the_steady_heartbeats_takes_no_machine_offline(settings: Any) -> None:
     machine, client = beaten()
     Machine.objects.filter(pk=machine.pk).update(last_heartbeat_at=timezone.now() - timedelta(hours=1))
