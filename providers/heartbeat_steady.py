@@ -370,27 +370,12 @@ def _samples_flush(client: Any) -> int:
         if not batch:
             return written
         rows = [row for raw in batch for row in _sample_rows(raw.decode())]
-        # A GPU deleted since its sample was queued (only a test's or a benchmark's clean-up
-        # deletes GPUs) is left out rather than failing the batch for good.
-        known = set(GPU.objects.filter(pk__in={row[0] for row in rows}).values_list("pk", flat=True))
-        rows = [row for row in rows if row[0] in known]
         with transaction.atomic():
-            TelemetrySample.objects.bulk_create(
-                [
-                    TelemetrySample(
-                        gpu_id=gpu_id,
-                        at=at,
-                        state=state,
-                        memory_used_mb=mem,
-                        utilization_pct=util,
-                        temperature_c=temp,
-                        power_w=power,
-                    )
-                    for gpu_id, at, state, mem, util, temp, power in rows
-                ],
-                batch_size=5000,
-            )
-            _latest_telemetry_write(rows)
+            if connection.vendor == "postgresql":
+                _pg_samples_write(rows)
+            else:
+                _samples_insert_orm(rows)
+                _latest_telemetry_write(rows)
         try:
             client.ltrim(key, len(batch), -1)
         except REDIS_ERRORS:
@@ -404,30 +389,94 @@ def _samples_flush(client: Any) -> int:
 _SampleRow = tuple[int, datetime, str, Any, Any, Any, Any]  # gpu, at, state, then TELEMETRY_FIELDS' values
 
 
+def _newest(rows: list[_SampleRow]) -> list[_SampleRow]:
+    """Each GPU's newest row, by GPU id."""
+    newest: dict[int, _SampleRow] = {}
+    for row in rows:
+        if row[0] not in newest or newest[row[0]][1] < row[1]:
+            newest[row[0]] = row
+    return [newest[gpu_id] for gpu_id in sorted(newest)]
+
+
+def _pg_samples_write(rows: list[_SampleRow]) -> None:
+    """PostgreSQL: the samples inserted and the GPU rows' latest telemetry updated with two
+    statements whatever their number, their values as arrays (unnest): a VALUES list of
+    thousands of rows costs more to build and parse than to run. A GPU deleted since its sample
+    was queued (only a test's or a benchmark's clean-up deletes GPUs) is left out."""
+    if not rows:
+        return
+    qn = connection.ops.quote_name
+    gpu_table, samples = qn(GPU._meta.db_table), qn(TelemetrySample._meta.db_table)
+    gpu_id = field_column(GPU, "id")[1]
+    telemetry = [field_column(GPU, name) for name in TELEMETRY_FIELDS]
+    types = [f.cast_db_type(connection) for f, _ in telemetry]
+    arrays = ", ".join(f"%s::{t}[]" for t in ["bigint", "timestamptz", "text", *types])
+    names = ["gpu", "at", "state", *TELEMETRY_FIELDS]
+    columns = [field_column(TelemetrySample, name)[1] for name in names]
+    source = f"unnest({arrays}) AS v ({', '.join(names)})"
+    params = [list(values) for values in zip(*rows, strict=True)]
+    # Only the models' own (quoted) table and column names go into the text; values are parameters.
+    insert = f"INSERT INTO {samples} ({', '.join(columns)}) SELECT v.{', v.'.join(names)} FROM {source} "  # noqa: S608
+    insert += f"JOIN {gpu_table} g ON g.{gpu_id} = v.gpu"
+    latest_at = field_column(GPU, "last_telemetry_at")[1]
+    sets = ", ".join(
+        [
+            f"{latest_at} = v.at",
+            *(f"{column} = v.{name}" for (_, column), name in zip(telemetry, TELEMETRY_FIELDS, strict=True)),
+        ]
+    )
+    update = f"UPDATE {gpu_table} SET {sets} FROM {source} "  # noqa: S608
+    update += (
+        f"WHERE {gpu_table}.{gpu_id} = v.gpu AND ({gpu_table}.{latest_at} IS NULL OR {gpu_table}.{latest_at} < v.at)"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(insert, params)
+        cursor.execute(update, [list(values) for values in zip(*_newest(rows), strict=True)])
+
+
+def _samples_insert_orm(rows: list[_SampleRow]) -> None:
+    """Other databases: the samples through the ORM, a GPU deleted meanwhile left out."""
+    known = set(GPU.objects.filter(pk__in={row[0] for row in rows}).values_list("pk", flat=True))
+    TelemetrySample.objects.bulk_create(
+        [
+            TelemetrySample(
+                gpu_id=gpu,
+                at=at,
+                state=state,
+                memory_used_mb=mem,
+                utilization_pct=util,
+                temperature_c=temp,
+                power_w=power,
+            )
+            for gpu, at, state, mem, util, temp, power in rows
+            if gpu in known
+        ],
+        batch_size=1000,
+    )
+
+
 def _sample_rows(raw: str) -> list[_SampleRow]:
     """A queued sample's rows: `machine|time|id:state,…|[[TELEMETRY_FIELDS…], …]` (see _STEADY)."""
     _mid, stamp, gpus, telemetry = raw.split("|", 3)
     at = datetime.fromtimestamp(float(stamp), tz=UTC)
     states = [pair.split(":") for pair in gpus.split(",") if pair]
-    return [
-        (int(gpu_id), at, state, *values) for (gpu_id, state), values in zip(states, json.loads(telemetry), strict=True)
-    ]
+    rows: list[_SampleRow] = []
+    for (gpu_id, state), (mem, *floats) in zip(states, json.loads(telemetry), strict=True):
+        # One type per column (int, then floats): the JSON numbers may be either.
+        rows.append((int(gpu_id), at, state, mem, *(None if v is None else float(v) for v in floats)))
+    return rows
 
 
 def _latest_telemetry_write(rows: list[_SampleRow]) -> None:
     """Each GPU row's telemetry and `last_telemetry_at` from its newest sample in `rows`, where
     that is newer than the row's: one UPDATE … FROM (VALUES …) per thousand GPUs."""
-    newest: dict[int, _SampleRow] = {}
-    for row in rows:
-        if row[0] not in newest or newest[row[0]][1] < row[1]:
-            newest[row[0]] = row
     table = connection.ops.quote_name(GPU._meta.db_table)
     fields, columns = zip(
         *(field_column(GPU, name) for name in ("id", "last_telemetry_at", *TELEMETRY_FIELDS)), strict=True
     )
     pg = connection.vendor == "postgresql"
     row_sql = "(" + ", ".join(f"%s::{f.cast_db_type(connection)}" if pg else "%s" for f in fields) + ")"
-    items = sorted(newest.values())
+    items = _newest(rows)
     for start in range(0, len(items), 1000):
         chunk = items[start : start + 1000]
         values = ", ".join([row_sql] * len(chunk))
@@ -452,6 +501,14 @@ def _times_write(times: Mapping[int, datetime], *, column: str) -> None:
     table = connection.ops.quote_name(Machine._meta.db_table)
     field, col = field_column(Machine, column)
     pk = field_column(Machine, "id")[1]
+    if connection.vendor == "postgresql":  # two arrays, one statement (see _pg_samples_write)
+        ids, ats = zip(*sorted(times.items()), strict=True)
+        # Only the model's own (quoted) table and column names go into the text; values are parameters.
+        sql = f"UPDATE {table} SET {col} = v.at FROM unnest(%s::bigint[], %s::timestamptz[]) AS v (id, at) "  # noqa: S608
+        sql += f"WHERE {table}.{pk} = v.id AND ({table}.{col} IS NULL OR {table}.{col} < v.at)"
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [list(ids), list(ats)])
+        return
     cast = f"::{field.cast_db_type(connection)}" if connection.vendor == "postgresql" else ""
     items = sorted(times.items())
     for start in range(0, len(items), 1000):

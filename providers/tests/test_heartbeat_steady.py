@@ -239,6 +239,23 @@ def test_a_new_sample_interval_is_sampled_without_the_database_and_written_by_th
     assert TelemetrySample.objects.filter(gpu__machine=machine).count() == samples + 8
 
 
+def test_a_sample_of_a_gpu_deleted_meanwhile_is_left_out_and_the_rest_written(settings: Any) -> None:
+    settings.GPGPU = {**settings.GPGPU, "TELEMETRY_SAMPLE_INTERVAL_S": 1}
+    machine, client = beaten()
+    assert beat(client).status_code == 200
+    until_the_interval_turns(machine)
+    assert beat(client, moved(GPUS, by=3.0)).status_code == 200  # its sample queued
+    GPU.objects.filter(machine=machine, index=7).delete()
+    before = TelemetrySample.objects.filter(gpu__machine=machine).count()
+
+    services.machines_liveness_sweep()
+
+    newest = TelemetrySample.objects.filter(gpu__machine=machine).order_by("-at", "gpu__index")[:7]
+    assert TelemetrySample.objects.filter(gpu__machine=machine).count() == before + 7
+    assert [(s.gpu.index, s.utilization_pct) for s in newest] == [(i, i + 3.0) for i in range(7)]
+    assert heartbeat_steady.flush() == 0
+
+
 def test_a_record_lasts_a_bounded_number_of_intervals_however_its_machine_beats(settings: Any) -> None:
     settings.GPGPU = {**settings.GPGPU, "TELEMETRY_SAMPLE_INTERVAL_S": 1}
     machine, client = beaten()
