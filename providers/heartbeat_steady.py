@@ -185,7 +185,7 @@ def _generation_prefix() -> str:
 
 SEEN_KEY = "seen"  # machine id -> time of its last steady heartbeat (epoch seconds)
 CAPABILITIES_KEY = "seen-capabilities"  # the same, for reports that carry capabilities
-SAMPLES_KEY = "samples"  # a list of queued telemetry samples, oldest first (see _sample)
+SAMPLES_KEY = "samples"  # a list of queued telemetry samples, oldest first (see _STEADY)
 # Samples written per statement by `flush`.
 _SAMPLES_PER_BATCH = 2000
 
@@ -193,7 +193,7 @@ _SAMPLES_PER_BATCH = 2000
 def bucket(at: datetime, machine_id: int) -> int:
     """The telemetry sample interval of the machine that `at` is in: TELEMETRY_SAMPLE_INTERVAL_S
     long, shifted by an offset of the machine's own, so that a fleet's intervals do not all
-    turn at once (each turn sends a machine's next heartbeat the full way, with its sample)."""
+    turn at once (each turn samples the machine's telemetry)."""
     interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
     return math.floor((at.timestamp() + (machine_id * OFFSET_FACTOR) % interval) / interval)
 
@@ -246,7 +246,7 @@ def generation(machine_id: int) -> str | None:
     try:
         value = _redis().get(_key("gen", machine_id))
     except REDIS_ERRORS:
-        logger.warning("steady heartbeats: Redis unreachable; heartbeats take the full path", exc_info=True)
+        warn_unreachable()
         return None
     return value.decode() if value is not None else "0"
 
@@ -468,14 +468,14 @@ def _sample_rows(raw: str) -> list[_SampleRow]:
 
 
 def _latest_telemetry_write(rows: list[_SampleRow]) -> None:
-    """Each GPU row's telemetry and `last_telemetry_at` from its newest sample in `rows`, where
-    that is newer than the row's: one UPDATE … FROM (VALUES …) per thousand GPUs."""
+    """Other databases than PostgreSQL (_pg_samples_write there): each GPU row's telemetry and
+    `last_telemetry_at` from its newest sample in `rows`, where that is newer than the row's: one
+    UPDATE … FROM (VALUES …) per thousand GPUs."""
     table = connection.ops.quote_name(GPU._meta.db_table)
     fields, columns = zip(
         *(field_column(GPU, name) for name in ("id", "last_telemetry_at", *TELEMETRY_FIELDS)), strict=True
     )
-    pg = connection.vendor == "postgresql"
-    row_sql = "(" + ", ".join(f"%s::{f.cast_db_type(connection)}" if pg else "%s" for f in fields) + ")"
+    row_sql = "(" + ", ".join("%s" for _ in fields) + ")"
     items = _newest(rows)
     for start in range(0, len(items), 1000):
         chunk = items[start : start + 1000]
@@ -496,8 +496,8 @@ def _latest_telemetry_write(rows: list[_SampleRow]) -> None:
 
 
 def _times_write(times: Mapping[int, datetime], *, column: str) -> None:
-    """Set `column` of each machine to the later of its value and the given time, in one
-    UPDATE … FROM (VALUES …) per thousand machines."""
+    """Set `column` of each machine to the later of its value and the given time: on PostgreSQL
+    in one statement, elsewhere one UPDATE … FROM (VALUES …) per thousand machines."""
     table = connection.ops.quote_name(Machine._meta.db_table)
     field, col = field_column(Machine, column)
     pk = field_column(Machine, "id")[1]
@@ -509,11 +509,10 @@ def _times_write(times: Mapping[int, datetime], *, column: str) -> None:
         with connection.cursor() as cursor:
             cursor.execute(sql, [list(ids), list(ats)])
         return
-    cast = f"::{field.cast_db_type(connection)}" if connection.vendor == "postgresql" else ""
     items = sorted(times.items())
     for start in range(0, len(items), 1000):
         chunk = items[start : start + 1000]
-        values = ", ".join([f"(%s::bigint, %s{cast})" if cast else "(%s, %s)"] * len(chunk))
+        values = ", ".join(["(%s, %s)"] * len(chunk))
         # Only the model's own (quoted) table and column names go into the text; values are parameters.
         sql = f"WITH v (id, at) AS (VALUES {values}) UPDATE {table} SET {col} = v.at FROM v "  # noqa: S608
         sql += f"WHERE {table}.{pk} = v.id AND ({table}.{col} IS NULL OR {table}.{col} < v.at)"
