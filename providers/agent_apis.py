@@ -17,6 +17,7 @@ from typing import Any, cast
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils import timezone
+from django.utils.cache import patch_vary_headers
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.authentication import BaseAuthentication
@@ -379,15 +380,22 @@ def _machine_rate_limit(digest: str) -> tuple[str, float, int] | None:
     count); None without a limit."""
     if not settings.THROTTLE_ENABLED or (rate := settings.THROTTLE_RATES.get("machine")) is None:
         return None
-    scope, ident = Machine(credential_digest=digest).throttle_key()
-    count, duration = PrincipalRateThrottle().parse_rate(rate)
+    scope, ident = Machine.throttle_key_of(digest)
+    parsed = _PARSED_RATES.get(rate)
+    if parsed is None:
+        count, duration = PrincipalRateThrottle().parse_rate(rate)
+        parsed = _PARSED_RATES[rate] = (float(duration or 0), int(count or 0))
     key = throttling.log_key(PrincipalRateThrottle.cache_format % {"scope": scope, "ident": ident})
-    return key, float(duration or 0), int(count or 0)
+    return key, *parsed
+
+
+_PARSED_RATES: dict[str, tuple[float, int]] = {}  # a rate as settings write it -> (duration, count)
 
 
 # The steady reply's fixed part, per (heartbeat interval, fence): the full heartbeat's
 # serializer writes it once.
 _STEADY_REPLIES: dict[tuple[int, int], dict[str, Any]] = {}
+_SERVER_TIME = serializers.DateTimeField()  # as the reply's serializer writes server_time
 
 
 def _steady_reply(now: datetime) -> bytes:
@@ -406,8 +414,75 @@ def _steady_reply(now: datetime) -> bytes:
             predicted_idle_s=None,
         )
         template = _STEADY_REPLIES[(interval, fence)] = dict(HeartbeatApi.OutputSerializer(reply).data)
-    body = dict(template, server_time=serializers.DateTimeField().to_representation(now))
+    body = dict(template, server_time=_SERVER_TIME.to_representation(now))
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# Set in a request's environ by providers.heartbeat_front when it has tried the steady answer and
+# handed the heartbeat to Django: the view does not try again.
+STEADY_TRIED = "gpgpu.steady_tried"
+
+
+def steady_enabled() -> bool:
+    """Whether a heartbeat may be answered steady: the setting on, and the rate limit kept in
+    Redis (core.throttling), where the steady script keeps it."""
+    return heartbeat_steady.enabled() and throttling.redis_log() is not None
+
+
+def steady_reply(request: HttpRequest) -> bytes | None:
+    """The answer to a steady heartbeat (providers.heartbeat_steady), or None: the full
+    heartbeat answers. Only what the full heartbeat would accept and answer the same way is
+    answered here: a well-formed credential, a JSON body within the size limit, a record of
+    the same report, valid telemetry, the rate limit not reached."""
+    if not steady_enabled():
+        return None
+    if request.method != "POST" or request.META.get("HTTP_ACCEPT", "*/*") not in ("*/*", "application/json"):
+        return None
+    scheme, _, raw = str(request.META.get("HTTP_AUTHORIZATION", "")).partition(" ")
+    if scheme.lower() != protocol.AUTH_SCHEME.lower() or not raw or " " in raw:
+        return None
+    if len(raw) > MACHINE_CREDENTIAL_MAX_LENGTH or request.content_type != "application/json":
+        return None
+    try:
+        if int(request.META.get("CONTENT_LENGTH") or 0) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            return None
+        data = parsers.loads(request.body.decode("utf-8"))
+    except ValueError:  # a bad length, not UTF-8, not JSON, nested too deep
+        return None
+    if not isinstance(data, dict) or (fp := heartbeat_steady.fingerprint(data)) is None:
+        return None
+    if not _telemetry_valid(data["gpus"]):
+        return None
+    now = timezone.now()
+    digest = services.secret_digest(raw)
+    try:
+        answer = heartbeat_steady.steady(
+            digest=digest, fp=fp, at=now, gpus=data["gpus"], rate_limit=_machine_rate_limit(digest)
+        )
+    except heartbeat_steady.REDIS_ERRORS:
+        heartbeat_steady.warn_unreachable()
+        return None
+    if answer not in (heartbeat_steady.STEADY, heartbeat_steady.SAMPLED):
+        return None  # not steady, or over the rate limit: the full heartbeat answers (429 for that)
+    return _steady_reply(now)
+
+
+def steady_response(reply: bytes) -> HttpResponse:
+    """The steady answer `reply` as Django's response, with the headers DRF's dispatch gives the
+    full heartbeat's (Allow, and Vary where it negotiates); the middlewares add theirs."""
+    response = HttpResponse(reply, content_type="application/json")
+    if not _DRF_HEADERS:
+        _DRF_HEADERS.update(HeartbeatApi().default_response_headers)
+    vary = _DRF_HEADERS.get("Vary")
+    if vary is not None:
+        patch_vary_headers(response, [v.strip() for v in vary.split(",")])
+    for name, value in _DRF_HEADERS.items():
+        if name != "Vary":
+            response[name] = value
+    return response
+
+
+_DRF_HEADERS: dict[str, str] = {}  # HeartbeatApi's default_response_headers, read once
 
 
 MACHINE_FACTS = ("agent_version", "driver_version", "cuda_version", "cpu_cores", "ram_mb", "disk_gb", "region")
@@ -476,8 +551,10 @@ class HeartbeatApi(AgentAPIView):
         started = time.perf_counter()
         outcome = "error"
         try:
-            # Only with the rate limit in Redis too (core.throttling), where the steady script keeps it.
-            steady = self._steady_answer(request) if heartbeat_steady.enabled() and throttling.redis_log() else None
+            # Not twice: providers.heartbeat_front, in front of Django, has tried already.
+            tried = request.META.get(STEADY_TRIED, False)
+            body = None if tried else steady_reply(request)
+            steady = steady_response(body) if body is not None else None
             response = steady if steady is not None else super().dispatch(request, *args, **kwargs)
             outcome = prom.heartbeat_outcome(response.status_code)
             return response
@@ -516,41 +593,6 @@ class HeartbeatApi(AgentAPIView):
                     generation_before=generation,
                 )
         return Response(self.OutputSerializer(reply).data)
-
-    def _steady_answer(self, request: HttpRequest) -> HttpResponse | None:
-        """The answer to a steady heartbeat (providers.heartbeat_steady), or None: the full
-        heartbeat answers. Only what the full heartbeat would accept and answer the same way is
-        answered here: a well-formed credential, a JSON body within the size limit, a record of
-        the same report, valid telemetry, the rate limit not reached."""
-        if request.method != "POST" or request.META.get("HTTP_ACCEPT", "*/*") not in ("*/*", "application/json"):
-            return None
-        scheme, _, raw = str(request.META.get("HTTP_AUTHORIZATION", "")).partition(" ")
-        if scheme.lower() != protocol.AUTH_SCHEME.lower() or not raw or " " in raw:
-            return None
-        if len(raw) > MACHINE_CREDENTIAL_MAX_LENGTH or request.content_type != "application/json":
-            return None
-        try:
-            if int(request.META.get("CONTENT_LENGTH") or 0) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-                return None
-            data = parsers.loads(request.body.decode("utf-8"))
-        except ValueError:  # a bad length, not UTF-8, not JSON, nested too deep
-            return None
-        if not isinstance(data, dict) or (fp := heartbeat_steady.fingerprint(data)) is None:
-            return None
-        if not _telemetry_valid(data["gpus"]):
-            return None
-        now = timezone.now()
-        digest = services.secret_digest(raw)
-        try:
-            answer = heartbeat_steady.steady(
-                digest=digest, fp=fp, at=now, gpus=data["gpus"], rate_limit=_machine_rate_limit(digest)
-            )
-        except heartbeat_steady.REDIS_ERRORS:
-            heartbeat_steady.warn_unreachable()
-            return None
-        if answer not in (heartbeat_steady.STEADY, heartbeat_steady.SAMPLED):
-            return None  # not steady, or over the rate limit: the full heartbeat answers (429 for that)
-        return HttpResponse(_steady_reply(now), content_type="application/json")
 
 
 # --- credential rotation --------------------------------------------------------------------

@@ -113,7 +113,12 @@ class Machine(models.Model):
         (core.throttling): per credential (its digest: a rotated credential, or a row id handed
         out again with a new credential, starts afresh), so that a steady heartbeat
         (providers.heartbeat_steady) knows it before it knows the machine."""
-        return "machine", self.credential_digest[:32]
+        return self.throttle_key_of(self.credential_digest)
+
+    @staticmethod
+    def throttle_key_of(credential_digest: str) -> tuple[str, str]:
+        """throttle_key of the machine whose credential has this digest."""
+        return "machine", credential_digest[:32]
 
     @property
     def accepted_kinds(self) -> list[str]:

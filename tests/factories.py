@@ -11,7 +11,10 @@ from typing import Any
 
 import factory
 from django.contrib.auth import get_user_model
+from django.core.handlers.wsgi import WSGIRequest
 from django.db import transaction
+from django.http import HttpResponse, HttpResponseBase
+from django.test.client import ClientHandler
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -312,6 +315,42 @@ def agent_client(machine: Machine) -> APIClient:
     Machine.objects.filter(pk=machine.pk).update(credential_digest=secret_digest(raw))
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Machine {raw}")
+    return client
+
+
+class _FrontHandler(ClientHandler):
+    """The test client's handler with the marketplace's WSGI layer in front of it
+    (marketplace.wsgi: providers.heartbeat_front), as a WSGI server runs them."""
+
+    def __call__(self, environ: dict[str, Any]) -> HttpResponseBase:
+        from providers.heartbeat_front import SteadyHeartbeats
+
+        behind: list[HttpResponseBase] = []
+
+        def django(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            behind.append(ClientHandler.__call__(self, environ))
+            return []
+
+        answered: dict[str, Any] = {}
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            answered.update(status=status, headers=headers)
+
+        body = b"".join(SteadyHeartbeats(django)(environ, start_response))
+        if behind:
+            return behind[0]
+        response = HttpResponse(body, status=int(answered["status"].split()[0]))
+        for name in list(response.headers):
+            del response[name]
+        for name, value in answered["headers"]:
+            response[name] = value
+        response.wsgi_request = WSGIRequest(environ)  # type: ignore[attr-defined]  # as ClientHandler sets it
+        return response
+
+
+def through_front(client: APIClient) -> APIClient:
+    """`client`, its requests going through the WSGI layer in front of Django first."""
+    client.handler = _FrontHandler(client.handler.enforce_csrf_checks)
     return client
 
 

@@ -18,9 +18,9 @@ from django.utils import timezone
 from jobs.models import Lease
 from providers import heartbeat_steady, services
 from providers.models import GPU, Machine, TelemetrySample
+from tests import factories
 from tests.factories import (
     MachineFactory,
-    agent_client,
     capabilities_report,
     gpu_entry,
     heartbeat,
@@ -33,12 +33,25 @@ pytestmark = pytest.mark.django_db
 _TRANSACTION_CONTROL = ("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK", "BEGIN", "COMMIT")
 
 
-@pytest.fixture(autouse=True)
-def steady(settings: Any) -> Iterator[None]:
-    """The steady path on, over a real Redis, every heartbeat of a test in one sample interval."""
+_ENTRY: list[str] = ["view"]
+
+
+@pytest.fixture(autouse=True, params=["view", "front"])
+def steady(settings: Any, request: pytest.FixtureRequest) -> Iterator[None]:
+    """The steady path on, over a real Redis, every heartbeat of a test in one sample interval;
+    every test twice: the steady answer tried by the view (Django's test client, runserver's
+    handler) and by the WSGI layer in front of Django (providers.heartbeat_front), as the
+    marketplace's WSGI app runs it."""
     settings.REDIS_URL = live_redis("the steady heartbeat")
     settings.GPGPU = {**settings.GPGPU, "HEARTBEAT_STEADY_PATH": True, "TELEMETRY_SAMPLE_INTERVAL_S": 10**9}
+    _ENTRY[0] = request.param
     yield
+    _ENTRY[0] = "view"
+
+
+def agent_client(machine: Machine) -> Any:
+    client = factories.agent_client(machine)
+    return factories.through_front(client) if _ENTRY[0] == "front" else client
 
 
 def statements(queries: CaptureQueriesContext) -> list[str]:
