@@ -7,10 +7,12 @@
 Registers --machines machines (a direct fill of what registration writes: a Machine row per
 machine, offline, holding its credential's digest, so the real `Authorization: Machine …` check
 accepts the credentials), starts gunicorn with the project's WSGI app (DEBUG off, throttles on,
-benchmarks/heartbeats_wsgi.py adds a statement count to each answer) unless --url names a running
-server on the same database, sends every machine's first heartbeat (its GPUs are created then),
-and then, for each concurrency, keeps that many keep-alive connections busy for --seconds, each
-connection heartbeating its own machines in turn (one machine is never sent two at once).
+benchmarks/heartbeats_wsgi.py adds a statement count to each answer; `--server granian` serves
+the same app with granian instead, for comparison: --workers processes of --threads threads
+each) unless --url names a running server on the same database, sends every machine's first
+heartbeat (its GPUs are created then), and then, for each concurrency, keeps that many
+keep-alive connections busy for --seconds, each connection heartbeating its own machines in turn
+(one machine is never sent two at once).
 
 A heartbeat is what the agent sends (gpgpu_agent.daemon.heartbeat_body): --gpus-per-machine GPUs
 with full telemetry (utilization, memory, temperature and power moving a little each time: the
@@ -91,8 +93,16 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--database-url", help="the database (default: DATABASE_URL); PostgreSQL for figures")
     parser.add_argument("--redis-url", help="the cache, for the rate limits (default: REDIS_URL)")
     parser.add_argument("--url", help="a running server on the same database, instead of starting gunicorn")
-    parser.add_argument("--workers", type=int, default=3, help="gunicorn workers")
-    parser.add_argument("--threads", type=int, default=1, help="gunicorn threads per worker (over 1: gthread)")
+    parser.add_argument(
+        "--server", choices=("gunicorn", "granian"), default="gunicorn", help="the WSGI server to start"
+    )
+    parser.add_argument("--workers", type=int, default=3, help="the server's worker processes")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per worker (gunicorn: over 1, gthread; granian: its blocking threads)",
+    )
     parser.add_argument("--generators", type=int, default=1, help="load generator processes")
     parser.add_argument("--keep", action="store_true", help="leave the machines in the database")
     parser.add_argument("--force", action="store_true", help="run even if the database holds machines")
@@ -242,23 +252,28 @@ def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    argv = [sys.executable, "-m", "gunicorn", "heartbeats_wsgi:application", "--bind", f"127.0.0.1:{port}"]
-    argv += ["--workers", str(args.workers), "--log-level", "warning"]
-    if args.threads > 1:
-        argv += ["--worker-class", "gthread", "--threads", str(args.threads)]
+    if args.server == "granian":
+        argv = [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--workers", str(args.workers), "--blocking-threads", str(args.threads), "--log-level", "warning"]
+        argv += ["--no-ws", "--http", "1", "heartbeats_wsgi:application"]
+    else:
+        argv = [sys.executable, "-m", "gunicorn", "heartbeats_wsgi:application", "--bind", f"127.0.0.1:{port}"]
+        argv += ["--workers", str(args.workers), "--log-level", "warning"]
+        if args.threads > 1:
+            argv += ["--worker-class", "gthread", "--threads", str(args.threads)]
     server = subprocess.Popen(argv, cwd=ROOT, env=env)  # noqa: S603 - our own interpreter and arguments
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            refuse("gunicorn stopped while starting")
+            refuse(f"{args.server} stopped while starting")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return server, url
         except OSError:
             time.sleep(0.2)
     server.terminate()
-    refuse("gunicorn did not start listening within 60 s")
+    refuse(f"{args.server} did not start listening within 60 s")
     raise AssertionError  # unreachable
 
 
@@ -582,7 +597,8 @@ def main() -> None:
                 server.kill()
         if not args.keep:
             _cleanup(created)
-    server_desc = args.url or f"gunicorn {'gthread' if args.threads > 1 else 'sync'} x{args.workers}"
+    kind = "" if args.server == "granian" else f" {'gthread' if args.threads > 1 else 'sync'}"
+    server_desc = args.url or f"{args.server}{kind} x{args.workers}"
     if args.threads > 1:
         server_desc += f" x{args.threads} threads"
     print(
