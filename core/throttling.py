@@ -31,6 +31,7 @@ locked-out login is answered.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -127,6 +128,29 @@ def log_key(key: str) -> str:
     return caches["default"].make_key(key) + LOG_SUFFIX
 
 
+def _cache_key(scope: str, ident: str) -> str:
+    """The cache key of the budget (scope, ident), as DRF's SimpleRateThrottle names it."""
+    return SimpleRateThrottle.cache_format % {"scope": scope, "ident": ident}
+
+
+@functools.cache
+def _parsed_rate(rate: str) -> tuple[int, int]:
+    """(requests, seconds) of a rate as settings write it ("600/min"), as DRF parses it."""
+    count, duration = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]  # parse_rate reads no state
+    return int(count or 0), int(duration or 0)
+
+
+def budget(scope: str, ident: str) -> tuple[str, float, int] | None:
+    """The Redis log of the budget (scope, ident) as the throttles below keep it: (its key,
+    duration in seconds, requests allowed in it); None when no limit applies (throttles off, or
+    no rate for the scope). For code that counts a request against it without DRF's throttles
+    (providers.heartbeat_steady's script)."""
+    if not settings.THROTTLE_ENABLED or (rate := settings.THROTTLE_RATES.get(scope)) is None:
+        return None
+    count, duration = _parsed_rate(rate)
+    return log_key(_cache_key(scope, ident)), float(duration), count
+
+
 def _warn_cache_down(scope: str) -> None:
     global _cache_warned_at
     now = time.monotonic()
@@ -198,7 +222,7 @@ class _SettingsRateThrottle(SimpleRateThrottle):
         return remaining / float(available)
 
     def get_cache_key(self, request: Request, view: APIView) -> str:
-        return self.cache_format % {"scope": self.scope, "ident": self.ident}
+        return _cache_key(str(self.scope), self.ident)  # the scope is set by allow_request
 
 
 class PrincipalRateThrottle(_SettingsRateThrottle):

@@ -31,7 +31,6 @@ from core.api import (
     error_responses,
     eth_address_field,
 )
-from core.throttling import PrincipalRateThrottle
 from gpgpu_agent import protocol
 from providers import heartbeat_steady, services
 from providers.auth import MACHINE_CREDENTIAL_MAX_LENGTH, IsMachine, MachineAuthentication
@@ -374,24 +373,6 @@ def _telemetry_valid(gpus: list[dict[str, Any]]) -> bool:
     return True
 
 
-def _machine_rate_limit(digest: str) -> tuple[str, float, int] | None:
-    """The rate limit of a machine's heartbeats, as core.throttling keeps it in Redis (scope
-    `machine`, the credential's own budget: Machine.throttle_key): (its log's key, duration,
-    count); None without a limit."""
-    if not settings.THROTTLE_ENABLED or (rate := settings.THROTTLE_RATES.get("machine")) is None:
-        return None
-    scope, ident = Machine.throttle_key_of(digest)
-    parsed = _PARSED_RATES.get(rate)
-    if parsed is None:
-        count, duration = PrincipalRateThrottle().parse_rate(rate)
-        parsed = _PARSED_RATES[rate] = (float(duration or 0), int(count or 0))
-    key = throttling.log_key(PrincipalRateThrottle.cache_format % {"scope": scope, "ident": ident})
-    return key, *parsed
-
-
-_PARSED_RATES: dict[str, tuple[float, int]] = {}  # a rate as settings write it -> (duration, count)
-
-
 # The steady reply's fixed part, per (heartbeat interval, fence): the full heartbeat's
 # serializer writes it once.
 _STEADY_REPLIES: dict[tuple[int, int], dict[str, Any]] = {}
@@ -433,9 +414,8 @@ def steady_reply(request: HttpRequest) -> bytes | None:
     """The answer to a steady heartbeat (providers.heartbeat_steady), or None: the full
     heartbeat answers. Only what the full heartbeat would accept and answer the same way is
     answered here: a well-formed credential, a JSON body within the size limit, a record of
-    the same report, valid telemetry, the rate limit not reached."""
-    if not steady_enabled():
-        return None
+    the same report, valid telemetry, the rate limit not reached. Callers check
+    steady_enabled() first."""
     if request.method != "POST" or request.META.get("HTTP_ACCEPT", "*/*") not in ("*/*", "application/json"):
         return None
     scheme, _, raw = str(request.META.get("HTTP_AUTHORIZATION", "")).partition(" ")
@@ -455,10 +435,9 @@ def steady_reply(request: HttpRequest) -> bytes | None:
         return None
     now = timezone.now()
     digest = services.secret_digest(raw)
+    budget = throttling.budget(*Machine.throttle_key_of(digest))  # the credential's, as the throttles count it
     try:
-        answer = heartbeat_steady.steady(
-            digest=digest, fp=fp, at=now, gpus=data["gpus"], rate_limit=_machine_rate_limit(digest)
-        )
+        answer = heartbeat_steady.steady(digest=digest, fp=fp, at=now, gpus=data["gpus"], rate_limit=budget)
     except heartbeat_steady.REDIS_ERRORS:
         heartbeat_steady.warn_unreachable()
         return None
@@ -471,18 +450,12 @@ def steady_response(reply: bytes) -> HttpResponse:
     """The steady answer `reply` as Django's response, with the headers DRF's dispatch gives the
     full heartbeat's (Allow, and Vary where it negotiates); the middlewares add theirs."""
     response = HttpResponse(reply, content_type="application/json")
-    if not _DRF_HEADERS:
-        _DRF_HEADERS.update(HeartbeatApi().default_response_headers)
-    vary = _DRF_HEADERS.get("Vary")
-    if vary is not None:
-        patch_vary_headers(response, [v.strip() for v in vary.split(",")])
-    for name, value in _DRF_HEADERS.items():
-        if name != "Vary":
+    for name, value in HeartbeatApi().default_response_headers.items():  # as DRF's finalize_response
+        if name == "Vary":
+            patch_vary_headers(response, [v.strip() for v in value.split(",")])
+        else:
             response[name] = value
     return response
-
-
-_DRF_HEADERS: dict[str, str] = {}  # HeartbeatApi's default_response_headers, read once
 
 
 MACHINE_FACTS = ("agent_version", "driver_version", "cuda_version", "cpu_cores", "ram_mb", "disk_gb", "region")
@@ -553,7 +526,7 @@ class HeartbeatApi(AgentAPIView):
         try:
             # Not twice: providers.heartbeat_front, in front of Django, has tried already.
             tried = request.META.get(STEADY_TRIED, False)
-            body = None if tried else steady_reply(request)
+            body = None if tried or not steady_enabled() else steady_reply(request)
             steady = steady_response(body) if body is not None else None
             response = steady if steady is not None else super().dispatch(request, *args, **kwargs)
             outcome = prom.heartbeat_outcome(response.status_code)

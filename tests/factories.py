@@ -21,6 +21,7 @@ from rest_framework.test import APIClient
 from accounts.services import api_token_create
 from jobs.models import Job, Lease, Renter
 from jobs.services import Placement, lease_mark_started, leases_assign
+from providers.heartbeat_front import SteadyHeartbeats
 from providers.models import GPU, Machine, Provider
 from providers.services import secret_digest
 
@@ -323,8 +324,6 @@ class _FrontHandler(ClientHandler):
     (marketplace.wsgi: providers.heartbeat_front), as a WSGI server runs them."""
 
     def __call__(self, environ: dict[str, Any]) -> HttpResponseBase:
-        from providers.heartbeat_front import SteadyHeartbeats
-
         behind: list[HttpResponseBase] = []
 
         def django(environ: dict[str, Any], start_response: Any) -> list[bytes]:
