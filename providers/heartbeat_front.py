@@ -56,17 +56,15 @@ class SteadyHeartbeats:
 
     def __init__(self, app: WSGIApp) -> None:
         self.app = app
-        self._path: str | None = None
-
-    def path(self) -> str:
-        """The heartbeat's PATH_INFO: its URL without the script prefix (SCRIPT_NAME), which
-        Django strips the same way."""
-        if self._path is None:
-            self._path = "/" + get_resolver().reverse("agent-heartbeat")
-        return self._path
+        # The heartbeat's PATH_INFO: its URL without the script prefix (SCRIPT_NAME), which Django
+        # strips the same way. Resolved here, as the process starts, not by its first requests:
+        # Django builds its URL resolver's reverse index lazily and without a lock, so every
+        # thread of a worker's first burst (hundreds of held orders/wait calls) built it again,
+        # seconds of CPU each time a worker started (benchmarks/doorbell.py).
+        self.path = "/" + get_resolver().reverse("agent-heartbeat")
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path():
+        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path:
             return self.app(environ, start_response)
         started = time.perf_counter()
         try:

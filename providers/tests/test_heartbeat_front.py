@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from core import prom
-from providers import heartbeat_steady
+from providers import heartbeat_front, heartbeat_steady
 from providers.agent_apis import HeartbeatApi
 from tests.factories import (
     AGENT_API,
@@ -180,3 +180,28 @@ def test_a_fault_in_front_of_django_costs_the_agent_nothing(
 
     assert response.status_code == 200  # the full heartbeat answered it
     assert "the front failed" in caplog.text
+
+
+def test_the_heartbeats_path_is_resolved_when_the_app_is_built_not_by_its_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Django's URL resolver builds its reverse index lazily and without a lock: resolved per
+    # request, every thread of a worker's first burst built it again (seconds of CPU).
+    reached: list[str] = []
+
+    def django(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        reached.append(environ["PATH_INFO"])
+        start_response("204 No Content", [])
+        return []
+
+    front = heartbeat_front.SteadyHeartbeats(django)
+    assert front.path == AGENT_API + "heartbeat"
+
+    def resolver_again() -> Any:
+        raise AssertionError("the URL resolver was asked again by a request")
+
+    monkeypatch.setattr(heartbeat_front, "get_resolver", resolver_again)
+    for method, path in (("POST", front.path), ("GET", front.path), ("POST", "/livez")):
+        body = front({"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": None}, lambda *a: None)
+        assert list(body) == []
+    assert reached == [front.path, front.path, "/livez"]
