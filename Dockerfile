@@ -12,7 +12,7 @@ EXPOSE 8545
 ENTRYPOINT ["/chain/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil", "--host", "0.0.0.0", "--port", "8545", \
             "--state", "/data/anvil-state.json", "--state-interval", "5"]
 
-# The marketplace image (the default target): web (gunicorn), Celery worker and beat, and the
+# The marketplace image (the default target): web (granian), Celery worker and beat, and the
 # simulated fleet all run from it with different commands (see docker-compose.yml).
 FROM python:3.11-slim
 
@@ -46,5 +46,7 @@ RUN python manage.py collectstatic --noinput -v 0 \
 
 USER gpgpu
 EXPOSE 8000
-# gthread: see docker-compose.yml's web.
-CMD ["gunicorn", "marketplace.wsgi", "--bind", "0.0.0.0:8000", "--workers", "3", "--worker-class", "gthread", "--threads", "4", "--access-logfile", "-"]
+# web: see docker-compose.yml's web.
+CMD ["granian", "--interface", "wsgi", "--host", "0.0.0.0", "--port", "8000", "--workers", "3", "--blocking-threads", "4", \
+     "--http", "1", "--no-ws", "--respawn-failed-workers", "--workers-kill-timeout", "5", "--access-log", \
+     "marketplace.wsgi:application"]

@@ -282,7 +282,7 @@ def _time(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from django.test.utils import CaptureQueriesContext
     from django.urls import reverse
 
-    # As a web process starts (its gc.freeze included): the requests are timed as gunicorn serves them.
+    # As a web process starts (its gc.freeze included): the requests are timed as the web server serves them.
     import marketplace.wsgi  # noqa: F401
     from marketplace.dashboard import RANGES
 

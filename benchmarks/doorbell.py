@@ -5,13 +5,13 @@
         --redis-url redis://127.0.0.1:6379/3 --migrate --agents 1000
 
 Fills the database with N machines of one idle GPU each (their credentials made as registration
-makes them), starts the web server as production would (gunicorn, DEBUG off, the gthread worker:
-a held call holds a thread, not a process) with AGENT_ORDERS_WAIT_S=25, and has N agents hold
+makes them), starts the web server as production would (granian, DEBUG off; a held call holds one of a
+worker's blocking threads, not a process) with AGENT_ORDERS_WAIT_S=25, and has N agents hold
 their doorbell from one asyncio process (each answered call is made again at once, with the new
 `since`, as the agent does). Once every call is held it measures, over --hold-s seconds:
 
-- the server's memory (RSS of gunicorn's master and workers, and per held call over an idle
-  server's), its CPU (all of gunicorn's processes), and the database connections open;
+- the server's memory (RSS of granian's main process and workers, and per held call over an idle
+  server's), its CPU (all of granian's processes), and the database connections open;
 - then --rings times: a lease assigned to one machine by jobs.services.leases_assign (as the
   matcher does), and the time from its commit to that machine's held call answering
   `orders: true`.
@@ -53,7 +53,13 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/3"))
     parser.add_argument("--mode", choices=("redis", "poll"), default="redis")
     parser.add_argument("--agents", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    parser.add_argument(
+        "--server",
+        choices=("granian", "gunicorn"),
+        default="granian",
+        help="the web server: granian, as docker-compose's web, or gunicorn (gthread) to compare",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="the server's worker processes")
     parser.add_argument("--threads", type=int, default=0, help="threads per worker (default: enough for every agent)")
     parser.add_argument(
         "--pool", type=int, default=20, help="DATABASE_POOL_MAX_SIZE per worker (0: a connection per thread)"
@@ -173,25 +179,14 @@ def _server(args: argparse.Namespace, port: int, threads: int) -> subprocess.Pop
         "DATABASE_POOL_MAX_SIZE": str(args.pool),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    command = [
-        str(Path(sys.executable).with_name("gunicorn")),
-        "marketplace.wsgi",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        str(args.workers),
-        "--worker-class",
-        "gthread",
-        "--threads",
-        str(threads),
-        "--backlog",
-        "4096",
-        "--timeout",
-        "120",
-        "--keep-alive",
-        "60",
-    ]
-    # Our own gunicorn, with arguments built here.
+    command = [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", str(args.workers), "--blocking-threads", str(threads), "--backpressure", str(threads)]
+    command += ["--backlog", "4096", "--http", "1", "--no-ws", "marketplace.wsgi:application"]
+    if args.server == "gunicorn":
+        command = [sys.executable, "-m", "gunicorn", "marketplace.wsgi", "--bind", f"127.0.0.1:{port}"]
+        command += ["--workers", str(args.workers), "--worker-class", "gthread", "--threads", str(threads)]
+        command += ["--backlog", "4096", "--timeout", "120", "--keep-alive", "60"]
+    # Our own server, with arguments built here.
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
 
 
@@ -359,6 +354,7 @@ async def _measure(
         "agents": args.agents,
         "mode": args.mode,
         "workers": args.workers,
+        "server": args.server,
         "threads": args.threads,
         "pool": args.pool,
         "held": held_during,
@@ -393,13 +389,13 @@ def main() -> int:
         deadline = time.monotonic() + 60
         while True:
             if server.poll() is not None:
-                sys.exit("gunicorn exited: " + (server.stderr.read().decode()[-2000:] if server.stderr else ""))
+                sys.exit(f"{args.server} exited: " + (server.stderr.read().decode()[-2000:] if server.stderr else ""))
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    sys.exit("gunicorn did not start listening within 60 s")
+                    sys.exit(f"{args.server} did not start listening within 60 s")
                 time.sleep(0.2)
         time.sleep(2.0)  # the workers have booted
         result = asyncio.run(_measure(args, made, server, port))

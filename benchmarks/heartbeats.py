@@ -6,13 +6,14 @@
 
 Registers --machines machines (a direct fill of what registration writes: a Machine row per
 machine, offline, holding its credential's digest, so the real `Authorization: Machine …` check
-accepts the credentials), starts gunicorn with the project's WSGI app (DEBUG off, throttles on,
-benchmarks/heartbeats_wsgi.py adds a statement count to each answer; `--server granian` serves
-the same app with granian instead, for comparison: --workers processes of --threads threads
-each) unless --url names a running server on the same database, sends every machine's first
-heartbeat (its GPUs are created then), and then, for each concurrency, keeps that many
-keep-alive connections busy for --seconds, each connection heartbeating its own machines in turn
-(one machine is never sent two at once).
+accepts the credentials), starts granian with the project's WSGI app as docker-compose's web
+does (DEBUG off, throttles on, --workers processes of --threads threads each, 3 x 4 by default;
+benchmarks/heartbeats_wsgi.py adds a statement count to each answer; `--server gunicorn` serves
+the same app with gunicorn's gthread worker instead, for comparison) unless --url names a
+running server on the same database, sends every machine's first heartbeat (its GPUs are
+created then), and then, for each concurrency, keeps that many keep-alive connections busy for
+--seconds, each connection heartbeating its own machines in turn (one machine is never sent two
+at once).
 
 A heartbeat is what the agent sends (gpgpu_agent.daemon.heartbeat_body): --gpus-per-machine GPUs
 with full telemetry (utilization, memory, temperature and power moving a little each time: the
@@ -29,7 +30,7 @@ through Django's cursors, as its answers say), `rows_written_per_heartbeat` and
 `commits_per_heartbeat` (PostgreSQL's pg_stat_database deltas over the run: every row any
 client inserted, updated or deleted, so approximate), `generator_cpu_share` (the load
 generator's CPU time over the run's wall time, in cores: what it took from the machine) and
-`server_cpu_ms_per_heartbeat` (the gunicorn workers' CPU time over the heartbeats answered: a
+`server_cpu_ms_per_heartbeat` (the web server's processes' CPU time over the heartbeats answered: a
 figure other work on the machine does not change much, unlike the rates; null with --url),
 `database_cpu_ms_per_heartbeat` (the same of every PostgreSQL process on this machine, with --url
 too; null when the database runs elsewhere: other clients of it count too),
@@ -92,16 +93,19 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20, help="how long each concurrency runs")
     parser.add_argument("--database-url", help="the database (default: DATABASE_URL); PostgreSQL for figures")
     parser.add_argument("--redis-url", help="the cache, for the rate limits (default: REDIS_URL)")
-    parser.add_argument("--url", help="a running server on the same database, instead of starting gunicorn")
+    parser.add_argument("--url", help="a running server on the same database, instead of starting one")
     parser.add_argument(
-        "--server", choices=("gunicorn", "granian"), default="gunicorn", help="the WSGI server to start"
+        "--server",
+        choices=("granian", "gunicorn"),
+        default="granian",
+        help="the WSGI server to start: granian, as docker-compose's web, or gunicorn (gthread) to compare",
     )
     parser.add_argument("--workers", type=int, default=3, help="the server's worker processes")
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="threads per worker (gunicorn: over 1, gthread; granian: its blocking threads)",
+        default=4,
+        help="threads per worker, as docker-compose's web (granian: its blocking threads; gunicorn: over 1, gthread)",
     )
     parser.add_argument("--generators", type=int, default=1, help="load generator processes")
     parser.add_argument("--keep", action="store_true", help="leave the machines in the database")
@@ -225,7 +229,7 @@ def _processes() -> Iterator[tuple[str, list[str]]]:
 
 def _cpu_seconds(parent: int) -> float:
     """CPU seconds (user and system) used so far by the processes whose parent is `parent`
-    (gunicorn's workers), from /proc; 0 where /proc cannot tell."""
+    (the web server's workers), from /proc; 0 where /proc cannot tell."""
     ticks = sum(int(f[11]) + int(f[12]) for _, f in _processes() if int(f[1]) == parent)
     return ticks / os.sysconf("SC_CLK_TCK")
 

@@ -1,7 +1,7 @@
 """The project's WSGI app (marketplace.wsgi) for benchmarks/heartbeats.py, with one addition: each
 answer carries `X-Bench-SQL-Statements`, how many SQL statements the request sent through
 Django's database cursors (savepoints included; the BEGIN and COMMIT that psycopg sends for
-transaction.atomic are not). Only the benchmark's gunicorn loads it.
+transaction.atomic are not). Only the benchmark's web server loads it.
 """
 
 from __future__ import annotations

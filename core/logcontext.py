@@ -6,7 +6,7 @@ the caller's `X-Request-ID` when it is a plain token, else a new one, echoed in 
 binds its task id. `ContextFilter`, on the console handler, copies them onto every record, so
 `LOG_FORMAT=json` writes them as fields of each line (null where they do not apply), and
 `logging` calls anywhere say which request, machine, lease and job they were made for without
-passing the ids along. Context variables: threads (gunicorn gthread) and tasks keep their own.
+passing the ids along. Context variables: threads (granian's, runserver's) and tasks keep their own.
 """
 
 from __future__ import annotations

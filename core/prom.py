@@ -13,11 +13,11 @@ One process or many:
   before the process starts), and /metrics adds up the files of every directory in
   METRICS_MULTIPROC_DIRS (default: PROMETHEUS_MULTIPROC_DIR alone), and of their immediate
   subdirectories. Compose gives web and the Celery worker a directory each on one shared volume
-  and has web read both: the match cycles run in the worker, the heartbeats in gunicorn's
+  and has web read both: the match cycles run in the worker, the heartbeats in granian's
   workers. Each replica of a scaled service writes into a subdirectory named after its
   container's hostname (two containers' processes may share a pid, and the files are named by
-  pid), and empties it when it starts (web: gunicorn.conf.py's `on_starting`; worker: its
-  command), since the files of a previous run would otherwise be added to the new one's. A
+  pid), and empties it when it starts (web and worker: their
+  commands), since the files of a previous run would otherwise be added to the new one's. A
   removed replica's files stay and keep adding its counts: counters never go back.
 
 Only counters and histograms: they add up across processes without asking which are alive.
@@ -59,7 +59,7 @@ _multiproc_dir_ready()
 disable_created_metrics()
 
 # This process's metrics; never prometheus_client's global REGISTRY (whose process and platform
-# collectors would describe one gunicorn worker as if it were the marketplace).
+# collectors would describe one web worker as if it were the marketplace).
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 HEARTBEAT_OUTCOMES = ("ok", "refused", "error")

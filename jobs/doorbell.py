@@ -202,7 +202,7 @@ _listener_lock = threading.Lock()
 
 def _process_listener() -> _Listener | None:
     """This process's listener, started by the first held call (None without Redis). A forked
-    child (a gunicorn worker forked after a call was held in the master) starts its own."""
+    child (a web server's worker forked after a call was held in its parent) starts its own."""
     global _listener
     url = _redis_url()
     if not url:

@@ -2,7 +2,7 @@
 monitoring and alerts.
 
 Every figure is read from the database when Prometheus scrapes, so it is the same whichever web
-process answers (no per-process counters to add up across gunicorn workers) and survives
+process answers (no per-process counters to add up across web workers) and survives
 restarts: the fleet (GPUs by state, machines by status), the queue (jobs by status, the age of
 the oldest pending job), each periodic task's runs, failures and last success (core's
 PeriodicTaskState: matching, metering, settlement, the ledger check...), the worker's heartbeat,

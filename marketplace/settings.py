@@ -217,8 +217,8 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "connect_timeout", env_int("DATABASE_CONNECT_TIMEOUT_S", 5, minimum=1)
     )
     # DATABASE_POOL_MAX_SIZE > 0: each process keeps a pool of at most that many connections
-    # (psycopg_pool), which its threads borrow per request. A threaded web server (gunicorn's
-    # gthread worker, hundreds of threads, most of them holding agents' orders/wait calls) then
+    # (psycopg_pool), which its threads borrow per request. A threaded web server (granian's
+    # blocking threads, hundreds of them, most of them holding agents' orders/wait calls) then
     # opens a bounded number of connections instead of one per thread; a request waits up to
     # DATABASE_POOL_TIMEOUT_S for one (then 503). Connections are not kept per thread with a pool.
     DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 0, minimum=0)
@@ -306,7 +306,7 @@ SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", TLS)
 SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", TLS)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 # X-Forwarded-Proto says "this came in over HTTPS" only when a proxy we trust sets it: a client
-# reaching gunicorn directly could send it too.
+# reaching the web server directly could send it too.
 if env_bool("TRUST_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 # How many proxies in front of the web server append to X-Forwarded-For. 0: the client's address
@@ -462,7 +462,7 @@ GPGPU = {
     # The longest an agent's orders/wait call is held open waiting for a new order (its doorbell:
     # jobs.agent_apis.OrdersWaitApi). 0, the default, answers at once: each held call holds a
     # web worker (or thread) for that long, so enable it only on a server that has one to spare
-    # per machine (runserver, gunicorn --worker-class gthread with enough threads).
+    # per machine (runserver, granian with enough --blocking-threads).
     "AGENT_ORDERS_WAIT_S": min(env_int("AGENT_ORDERS_WAIT_S", 0, minimum=0), 25),
     "HEARTBEAT_GRACE_BEATS": env_int("HEARTBEAT_GRACE_BEATS", 3, minimum=1),
     # An agent stops its rentals' workloads once it has not reached the marketplace for this long

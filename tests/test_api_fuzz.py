@@ -14,12 +14,12 @@ Every response must pass: no 5xx (but 503 chain_unavailable, declared, with the 
 status the schema declares for the operation, the declared content type and headers, and a body
 that matches the declared schema (every error in the one error shape).
 
-Why a pytest module against a live server in this process, not a script against gunicorn: the
+Why a pytest module against a live server in this process, not a script against granian: the
 fixtures are the project's factories and services (a renter with funds and a linked wallet, a
 provider with machines, windows and blackouts, a machine registered through the agent API's
 service, with GPUs and a lease), the database is the one the suite sets up on SQLite or
 PostgreSQL, and nothing outlives the run. The server is Django's threaded WSGI server; what it
-runs (URL routing, the 404/500 handlers, middleware, DRF) is what gunicorn runs.
+runs (URL routing, the 404/500 handlers, middleware, DRF) is what granian runs in production.
 
 The server and the world it serves are set up once for the module (its rows are committed, and
 flushed at the end), so the fuzzer's own writes accumulate as they would on a real server.

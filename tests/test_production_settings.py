@@ -11,8 +11,13 @@ from __future__ import annotations
 import os
 import runpy
 import secrets
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -21,6 +26,8 @@ import pytest
 import yaml
 from django.core.exceptions import ImproperlyConfigured
 from django.test import Client
+
+from tests.faults import harness
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ROOT / "marketplace" / "settings.py"
@@ -303,21 +310,120 @@ def test_compose_gives_web_and_the_worker_their_own_metrics_directory_and_web_re
     replica_dir = 'export PROMETHEUS_MULTIPROC_DIR="$$PROMETHEUS_MULTIPROC_DIR/$$(cat /etc/hostname)" && '
     for name in ("web", "worker"):
         assert " ".join(compose["services"][name]["command"]).startswith(f"sh -c {replica_dir}"), name
-    # The worker empties its own directory before Celery starts (web: gunicorn.conf.py).
-    assert 'rm -f "$$PROMETHEUS_MULTIPROC_DIR"/*.db' in " ".join(compose["services"]["worker"]["command"])
+    # Each empties its own directory before its server starts: a previous run's files would add
+    # to this run's counts.
+    for name in ("web", "worker"):
+        command = " ".join(compose["services"][name]["command"])
+        assert 'rm -f "$$PROMETHEUS_MULTIPROC_DIR"/*.db && exec ' in command, name
     for name in ("beat", "migrate", "seed", "chain-deploy"):
         assert "PROMETHEUS_MULTIPROC_DIR" not in (compose["services"][name].get("environment") or {}), name
 
 
-def test_gunicorn_empties_the_metrics_directory_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "counter_7.db").write_bytes(b"stale")
-    (tmp_path / "keep.txt").write_text("not ours")
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    hooks = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+def _web(compose: dict[str, Any], tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """The command compose gives web, as its shell runs it, on a free local port (DEBUG, SQLite
+    in tmp_path, metrics under tmp_path/metrics): the server, its URL and its log."""
+    command = " ".join(compose["services"]["web"]["command"][2:]).replace("$$", "$")
+    port = harness.free_port()
+    assert "--host 0.0.0.0 --port 8000 " in command
+    command = command.replace("--host 0.0.0.0 --port 8000 ", f"--host 127.0.0.1 --port {port} ")
+    log = tmp_path / "web.log"
+    environment = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(tmp_path),
+        "DEBUG": "true",
+        "GPGPU_VAR_DIR": str(tmp_path / "var"),
+        "STATIC_ROOT": str(tmp_path / "static"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+        "PYTHONPATH": str(ROOT),
+    }
+    with log.open("wb") as out:
+        server = subprocess.Popen(  # noqa: S603 - compose's own command line
+            ["/bin/sh", "-c", command],
+            cwd=ROOT,
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return server, f"http://127.0.0.1:{port}", log
 
-    hooks["on_starting"](server=None)
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+def _stopped_within(server: subprocess.Popen[bytes], seconds: float) -> float:
+    """SIGTERM, as compose stops a service; how long the server took to exit (killed, with
+    every process of its session, after `seconds`: then the test fails)."""
+    server.terminate()
+    started = time.monotonic()
+    try:
+        server.wait(seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+        raise AssertionError(f"web did not stop within {seconds} s of SIGTERM") from None
+    return time.monotonic() - started
+
+
+def test_the_web_command_of_compose_serves_the_app_counts_into_an_emptied_directory_and_logs_access(
+    compose, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    replica = tmp_path / "metrics" / Path("/etc/hostname").read_text().strip()
+    replica.mkdir(parents=True)
+    (replica / "counter_7.db").write_bytes(b"a previous run's")
+    (replica / "keep.txt").write_text("not ours")
+    server, base, log = _web(compose, tmp_path)
+    try:
+        harness.wait_until(lambda: _answers(f"{base}/livez"), 60, "web answering /livez")
+        # An agent's usage report without a credential, and a heartbeat without one (counted).
+        assert _post(f"{base}/api/agent/v1/leases/7/usage") == 401
+        assert _post(f"{base}/api/agent/v1/heartbeat") == 401
+        harness.wait_until(lambda: '/usage HTTP/1.1" 401' in log.read_text(errors="replace"), 10, "access log")
+    finally:
+        stopped_after = _stopped_within(server, 20)
+    assert stopped_after < 10  # compose's grace before it kills
+
+    # What a previous run left is gone, the workers counted into the replica's directory, and
+    # the access log says which usage report was refused, in the form the fault suite reads.
+    names = sorted(p.name for p in replica.iterdir())
+    assert "counter_7.db" not in names
+    assert "keep.txt" in names
+    assert any(name.startswith("counter_") for name in names), names
+    refusals = [r for line in log.read_text(errors="replace").splitlines() if (r := harness.usage_refusal(line))]
+    assert [(lease, status) for _, lease, status in refusals] == [(7, 401)]
+    assert abs(refusals[0][0] - time.time()) < 120
+
+
+def test_web_stopped_while_its_workers_start_exits_within_composes_grace(compose, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Connections are taken once the first worker has loaded the app, often before the others
+    # have: a SIGTERM then (compose stopping a service that just started, a deployment rolled
+    # back at once) left granian waiting forever on the workers still starting.
+    server, base, _ = _web(compose, tmp_path)
+    port = int(base.rsplit(":", 1)[1])
+    harness.wait_until(lambda: _accepts(port), 60, "web listening", step_s=0.01)
+    assert _stopped_within(server, 20) < 10
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - a local URL of our own
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _post(url: str) -> int:
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - a local URL of our own
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
 
 
 # --- liveness -------------------------------------------------------------------------------

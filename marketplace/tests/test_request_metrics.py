@@ -1,6 +1,6 @@
 """The request-path metrics on /metrics (core.prom): heartbeats counted by outcome with their
 latency, the agent API's errors by code, match cycles; and, in prometheus-client's multiprocess
-mode, the counts of several processes (gunicorn's workers, the Celery worker) added up."""
+mode, the counts of several processes (the web server's workers, the Celery worker) added up."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_a_match_cycle_is_counted_with_its_seconds_and_placements() -> None:
 
 
 # A process that counts into PROMETHEUS_MULTIPROC_DIR (set in its environment before it starts,
-# as compose does) and exits, as a recycled gunicorn or Celery worker does.
+# as compose does) and exits, as a respawned web or Celery worker does.
 COUNTING_PROCESS = """
 import sys
 from core import prom
@@ -141,7 +141,7 @@ def count_in_another_process(directory: Path, heartbeats: int, placed: int) -> N
 def test_in_multiprocess_mode_metrics_add_up_every_process_of_every_listed_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given two gunicorn workers counting into web's directory and the Celery worker into its own
+    # Given two web workers counting into web's directory and the Celery worker into its own
     web, worker = tmp_path / "web", tmp_path / "worker"
     web.mkdir()
     worker.mkdir()
@@ -168,7 +168,7 @@ def test_in_multiprocess_mode_metrics_add_up_every_process_of_every_listed_direc
 def test_replicas_of_a_scaled_service_count_in_their_own_subdirectories_and_all_are_added_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given two web replicas (containers) whose gunicorn workers had the same pid, each counting
+    # Given two web replicas (containers) whose web workers had the same pid, each counting
     # into its own hostname's directory under web's, and a worker replica under the worker's
     web, worker = tmp_path / "web", tmp_path / "worker"
     for replica, heartbeats in (("c0ffee000001", 2), ("c0ffee000002", 5)):

@@ -6,9 +6,9 @@ directory and on free ports:
 
 - PostgreSQL (initdb / pg_ctl, as the `postgres` user when we are root), Redis (no persistence)
   and anvil (its chain saved in a state file, so it can be stopped and started again);
-- the marketplace as separate processes: gunicorn, a Celery worker and Celery beat, with
-  DJANGO_SETTINGS_MODULE=tests.faults.settings (short beat periods) and short intervals from the
-  environment (SERVER_ENV);
+- the marketplace as separate processes: granian (as docker-compose's web), a Celery worker and
+  Celery beat, with DJANGO_SETTINGS_MODULE=tests.faults.settings (short beat periods) and short
+  intervals from the environment (SERVER_ENV);
 - the escrow deployed (`chain_deploy`), the demo renter funded on chain (`chain_dev_fund`) and
   linked (`demo_seed --watch-chain`);
 - N real agents in simulation mode (`python -m gpgpu_agent run`, registered with the demo
@@ -492,18 +492,25 @@ class Cluster:
             [
                 PYTHON,
                 "-m",
-                "gunicorn",
-                "marketplace.wsgi",
-                "--bind",
-                f"127.0.0.1:{self.web_port}",
+                "granian",
+                "--interface",
+                "wsgi",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.web_port),
                 "--workers",
                 "2",
-                "--timeout",
-                "30",
-                "--graceful-timeout",
+                "--blocking-threads",
+                "4",
+                "--http",
+                "1",
+                "--no-ws",
+                "--respawn-failed-workers",
+                "--workers-kill-timeout",
                 "3",
-                "--access-logfile",
-                "-",
+                "--access-log",
+                "marketplace.wsgi:application",
             ],
             env=env,
             log_path=self.logs / "web.log",
@@ -721,10 +728,8 @@ class Cluster:
         found = []
         with contextlib.suppress(OSError), self.web.log_path.open(errors="replace") as log:
             for line in log:
-                match = _USAGE_REFUSED.search(line)
-                if match:
-                    when = datetime.strptime(match["time"], "%d/%b/%Y:%H:%M:%S %z").timestamp()
-                    found.append((when, int(match["lease"]), int(match["status"])))
+                if (refusal := usage_refusal(line)) is not None:
+                    found.append(refusal)
         return found
 
     @property
@@ -732,10 +737,20 @@ class Cluster:
         return f"gpgpu-faults-{self.run_id}:"
 
 
-# An access log line of gunicorn's default format for a refused usage report.
+# An access log line of granian's default format for a refused usage report:
+# [2026-12-05 05:31:06 +0000] 127.0.0.1 - "POST /api/agent/v1/leases/7/usage HTTP/1.1" 401 72.525
 _USAGE_REFUSED = re.compile(
-    r'\[(?P<time>[^\]]+)\] "POST /api/agent/v1/leases/(?P<lease>\d+)/usage [^"]*" (?P<status>4\d\d) '
+    r'^\[(?P<time>[^\]]+)\] \S+ - "POST /api/agent/v1/leases/(?P<lease>\d+)/usage [^"]*" (?P<status>4\d\d) '
 )
+
+
+def usage_refusal(line: str) -> tuple[float, int, int] | None:
+    """(when, lease, status) of a web access log line that refused a usage report (a 4xx), else None."""
+    match = _USAGE_REFUSED.search(line)
+    if match is None:
+        return None
+    when = datetime.strptime(match["time"], "%Y-%m-%d %H:%M:%S %z").timestamp()
+    return when, int(match["lease"]), int(match["status"])
 
 
 def workloads_kill(base: str, marker_prefix: str) -> int:

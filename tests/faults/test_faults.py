@@ -1,4 +1,4 @@
-"""The fault suite: the whole marketplace (gunicorn, a Celery worker and beat, PostgreSQL, Redis,
+"""The fault suite: the whole marketplace (granian, a Celery worker and beat, PostgreSQL, Redis,
 anvil with the escrow, three real agents in simulation mode, a renter submitting jobs) through
 nine faults, one at a time, each followed by a recovery period; after each and at the end, the
 invariants of docs/faults.md. It prints a table (fault | jobs | leases | lost | ran twice |
