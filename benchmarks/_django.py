@@ -1,11 +1,13 @@
 """What the benchmarks that run the marketplace's own code share: Django set up on the database
-(and Redis) they are given, a database checked before it is filled, a free port.
+(and Redis) they are given, a database checked before it is filled, a free port, the web server
+started as docker-compose's web runs it (or gunicorn, to compare).
 
 Each script is run as `python benchmarks/<name>.py`, so this directory is on sys.path and
 `import _django` finds this module."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import socket
@@ -55,3 +57,36 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+SERVERS = ("granian", "gunicorn")
+
+
+def add_server_options(parser: argparse.ArgumentParser, *, workers: int, threads: int, threads_help: str) -> None:
+    """--server, --workers and --threads, for `web_server_argv`."""
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="granian",
+        help="the web server: granian, as docker-compose's web, or gunicorn (gthread) to compare",
+    )
+    parser.add_argument("--workers", type=int, default=workers, help="the server's worker processes")
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+
+
+def web_server_argv(server: str, app: str, *, port: int, workers: int, threads: int, backlog: int = 1024) -> list[str]:
+    """The command line of `server` serving the WSGI `app` ("module:callable") on 127.0.0.1:`port`
+    with `workers` processes of `threads` threads (granian: its blocking threads; gunicorn: the
+    gthread worker over 1), warnings-only logs. granian's options are docker-compose's web's;
+    keep-alive connections stay open (granian keeps them; gunicorn is told 60 s)."""
+    if server == "gunicorn":
+        argv = [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
+        argv += ["--backlog", str(backlog), "--keep-alive", "60", "--timeout", "120", "--log-level", "warning"]
+        if threads > 1:
+            argv += ["--worker-class", "gthread", "--threads", str(threads)]
+        return argv
+    argv = [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--workers", str(workers), "--blocking-threads", str(threads), "--backlog", str(backlog)]
+    # Requests a worker takes at once: the default (backlog / workers) may be under its threads.
+    argv += ["--backpressure", str(max(threads, backlog // workers)), "--http", "1", "--no-ws"]
+    return [*argv, "--log-level", "warning", app]

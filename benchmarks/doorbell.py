@@ -40,7 +40,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from _django import django_setup, free_port, migrations_ready, refuse
+from _django import add_server_options, django_setup, free_port, migrations_ready, refuse, web_server_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/api/agent/v1/orders/wait"
@@ -53,14 +53,9 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/3"))
     parser.add_argument("--mode", choices=("redis", "poll"), default="redis")
     parser.add_argument("--agents", type=int, default=1000)
-    parser.add_argument(
-        "--server",
-        choices=("granian", "gunicorn"),
-        default="granian",
-        help="the web server: granian, as docker-compose's web, or gunicorn (gthread) to compare",
+    add_server_options(
+        parser, workers=2, threads=0, threads_help="threads per worker (default: its share of the agents, and 50)"
     )
-    parser.add_argument("--workers", type=int, default=2, help="the server's worker processes")
-    parser.add_argument("--threads", type=int, default=0, help="threads per worker (default: enough for every agent)")
     parser.add_argument(
         "--pool", type=int, default=20, help="DATABASE_POOL_MAX_SIZE per worker (0: a connection per thread)"
     )
@@ -179,13 +174,8 @@ def _server(args: argparse.Namespace, port: int, threads: int) -> subprocess.Pop
         "DATABASE_POOL_MAX_SIZE": str(args.pool),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    command = [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--workers", str(args.workers), "--blocking-threads", str(threads), "--backpressure", str(threads)]
-    command += ["--backlog", "4096", "--http", "1", "--no-ws", "marketplace.wsgi:application"]
-    if args.server == "gunicorn":
-        command = [sys.executable, "-m", "gunicorn", "marketplace.wsgi", "--bind", f"127.0.0.1:{port}"]
-        command += ["--workers", str(args.workers), "--worker-class", "gthread", "--threads", str(threads)]
-        command += ["--backlog", "4096", "--timeout", "120", "--keep-alive", "60"]
+    app = "marketplace.wsgi:application"
+    command = web_server_argv(args.server, app, port=port, workers=args.workers, threads=threads, backlog=4096)
     # Our own server, with arguments built here.
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
 

@@ -56,7 +56,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -64,7 +63,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from _django import django_setup, free_port, migrations_ready, refuse
+from _django import add_server_options, django_setup, free_port, migrations_ready, refuse, web_server_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/api/agent/v1/heartbeat"
@@ -94,18 +93,11 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--database-url", help="the database (default: DATABASE_URL); PostgreSQL for figures")
     parser.add_argument("--redis-url", help="the cache, for the rate limits (default: REDIS_URL)")
     parser.add_argument("--url", help="a running server on the same database, instead of starting one")
-    parser.add_argument(
-        "--server",
-        choices=("granian", "gunicorn"),
-        default="granian",
-        help="the WSGI server to start: granian, as docker-compose's web, or gunicorn (gthread) to compare",
-    )
-    parser.add_argument("--workers", type=int, default=3, help="the server's worker processes")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=4,
-        help="threads per worker, as docker-compose's web (granian: its blocking threads; gunicorn: over 1, gthread)",
+    add_server_options(
+        parser,
+        workers=3,
+        threads=4,
+        threads_help="threads per worker, as docker-compose's web (gunicorn: over 1, the gthread worker)",
     )
     parser.add_argument("--generators", type=int, default=1, help="load generator processes")
     parser.add_argument("--keep", action="store_true", help="leave the machines in the database")
@@ -256,15 +248,9 @@ def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    if args.server == "granian":
-        argv = [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port)]
-        argv += ["--workers", str(args.workers), "--blocking-threads", str(args.threads), "--log-level", "warning"]
-        argv += ["--no-ws", "--http", "1", "heartbeats_wsgi:application"]
-    else:
-        argv = [sys.executable, "-m", "gunicorn", "heartbeats_wsgi:application", "--bind", f"127.0.0.1:{port}"]
-        argv += ["--workers", str(args.workers), "--log-level", "warning"]
-        if args.threads > 1:
-            argv += ["--worker-class", "gthread", "--threads", str(args.threads)]
+    argv = web_server_argv(
+        args.server, "heartbeats_wsgi:application", port=port, workers=args.workers, threads=args.threads
+    )
     server = subprocess.Popen(argv, cwd=ROOT, env=env)  # noqa: S603 - our own interpreter and arguments
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
