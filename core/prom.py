@@ -16,9 +16,9 @@ One process or many:
   and has web read both: the match cycles run in the worker, the heartbeats in granian's
   workers. Each replica of a scaled service writes into a subdirectory named after its
   container's hostname (two containers' processes may share a pid, and the files are named by
-  pid), and empties it when it starts (web and worker: their
-  commands), since the files of a previous run would otherwise be added to the new one's. A
-  removed replica's files stay and keep adding its counts: counters never go back.
+  pid), and empties it when it starts (web's and worker's commands), since the files of a
+  previous run would otherwise be added to the new one's. A removed replica's files stay and
+  keep adding its counts: counters never go back.
 
 Only counters and histograms: they add up across processes without asking which are alive.
 """
