@@ -294,7 +294,7 @@ class Proc:
         return self.process is not None and self.process.poll() is None
 
     def signal(self, sig: int, *, group: bool = True) -> None:
-        """Send `sig` to the process (and its process group: gunicorn's and Celery's children)."""
+        """Send `sig` to the process (and its process group: granian's and Celery's children)."""
         if self.process is None or self.process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
