@@ -62,6 +62,9 @@ class SteadyHeartbeats:
         # thread of a worker's first burst (hundreds of held orders/wait calls) built it again,
         # seconds of CPU each time a worker started (benchmarks/doorbell.py).
         self.path = "/" + get_resolver().reverse("agent-heartbeat")
+        # Built once, as Django's handler builds its middlewares (they read their settings then).
+        self._security = SecurityMiddleware(_unused)
+        self._x_frame_options = XFrameOptionsMiddleware(_unused)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path:
@@ -95,8 +98,7 @@ class SteadyHeartbeats:
         finally:
             body.seek(0)
 
-    @staticmethod
-    def _steady(request: WSGIRequest) -> HttpResponse | None:
+    def _steady(self, request: WSGIRequest) -> HttpResponse | None:
         try:
             request.get_host()
         except DisallowedHost:
@@ -108,7 +110,7 @@ class SteadyHeartbeats:
             return None
         response = steady_response(reply)
         response["Content-Length"] = str(len(reply))  # as CommonMiddleware sets it
-        response = SecurityMiddleware(_unused).process_response(request, response)
-        response = XFrameOptionsMiddleware(_unused).process_response(request, response)
+        response = self._security.process_response(request, response)
+        response = self._x_frame_options.process_response(request, response)
         response["X-Request-ID"] = logcontext.request_id_from(request.headers.get("X-Request-ID"))
         return response
