@@ -29,7 +29,9 @@ Policies (`POLICIES`):
     away with probability `P_TARGET`, from its forecast (providers.forecasting: its own
     stretches by hour of the week, blended with the fleet prior), conditioned on how long the
     owner has been away already (judged at grid ages 0, 60 s, then growing by half: see
-    `_age_step`). A placement's safe-until is the earliest of its GPUs'. The job goes to the
+    `_age_step`), or, where longer, the time its analogs give (`Analogs.safe_until`: the
+    stretches that began at the same time on the days before, scaled by how well they read
+    this machine before). A placement's safe-until is the earliest of its GPUs'. The job goes to the
     fitting placement whose safe-until is the *earliest that still covers the job's
     remaining duration* (best fit: long stretches are kept for long jobs); when none covers
     it, to the one with the latest safe-until (the least expected loss). On a machine the
@@ -69,14 +71,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from providers.forecasting import Forecast, StretchCounts, Survival, expected_lost_s, hour_of_week
+from providers.forecasting import (
+    SAFE_P,
+    Analogs,
+    Forecast,
+    StretchCounts,
+    Survival,
+    expected_lost_s,
+    hour_of_week,
+)
 
 POLICIES = ("first-fit", "v1", "v2")
 
 # v2: a job waiting longer than this goes first (no job waits a day while GPUs fit it).
 AGE_LIMIT_S = 6 * 3600.0
 # v2: a GPU's horizon is the time its owner stays away with this probability.
-P_TARGET = 0.8
+P_TARGET = SAFE_P
 # v2: entries looked at above the best-fit point before settling for the first that fits.
 _WALK_LIMIT = 256
 
@@ -196,6 +206,7 @@ class _Gpu:
     curve: Survival
     idle_since: float
     safe_until: float  # v2: the owner is still away at this time with probability P_TARGET
+    analogs: Analogs | None = None  # v2: the forecast's reading of the days before
     stamp: int = 0
 
 
@@ -265,10 +276,10 @@ class FreePool:
             idle_since = gpu.idle_since if gpu.idle_since is not None else offer.idle_since
             if idle_since is None:
                 idle_since = now
-            curve = forecast.curve(hour_of_week(idle_since))
+            curve, analogs = forecast.curve(hour_of_week(idle_since)), forecast.analogs
         else:
-            curve, idle_since = _NO_CURVE, now
-        entry = self.gpus[gpu.id] = _Gpu(gpu, machine.id, cls, curve, idle_since, 0.0)
+            curve, idle_since, analogs = _NO_CURVE, now, None
+        entry = self.gpus[gpu.id] = _Gpu(gpu, machine.id, cls, curve, idle_since, 0.0, analogs)
         if self.policy == "v2":
             self._judge(entry, now)
         gpus = held.free.setdefault(cls, [])
@@ -290,7 +301,15 @@ class FreePool:
         """v2: the GPU's safe_until at its current grid age; due again at the next grid age."""
         age = max(now - gpu.idle_since, 0.0)
         grid, following = _age_step(age)
-        gpu.safe_until = gpu.idle_since + grid + gpu.curve.quantile_more(grid, P_TARGET)
+        at = gpu.idle_since + grid
+        safe = at + gpu.curve.quantile_more(grid, P_TARGET)
+        if gpu.analogs is not None:
+            # The same days' reading, calibrated to P_TARGET on this machine's record, where it
+            # promises longer (providers.forecasting.Analogs).
+            read = gpu.analogs.safe_until(gpu.idle_since, at)
+            if read is not None and read > safe:
+                safe = read
+        gpu.safe_until = safe
         self._stamp += 1
         gpu.stamp = self._stamp
         heapq.heappush(self._due, (gpu.idle_since + following, gpu.offer.id, gpu.stamp))

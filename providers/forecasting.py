@@ -25,12 +25,19 @@ by its daily habits at that hour (owners keep days more than weeks); one with we
 mostly as itself at that hour of that weekday. Counts decay (`StretchCounts.decay`), so a
 machine whose owner changes habits is forecast by its recent weeks; storage is bounded: at most
 168 × len(bins) × 2 numbers per machine, kept sparse.
+
+Counts by hour mix an hour's stretches together: an owner who steps away for minutes all
+morning and for the afternoon from 13:00 looks, at 13:02, like one more short stretch.
+`Analogs` keeps the machine's recent stretches themselves and reads this one from the stretches
+that began at the same time on the days before, with a calibration learnt from its own past
+that says how far to trust that reading; the matcher (marketplace.placement, v2) takes the
+longer of the two horizons.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -339,12 +346,197 @@ class Survival:
 _ALL_HOURS = HOURS_OF_WEEK  # Forecast._cache's key of the all-hours curve; +1+h: hour of day h's
 
 
+# --- analogs: the same time on the days before ------------------------------------------------
+
+# The probability at which the matcher's horizons are drawn (marketplace.placement.P_TARGET): an
+# owner is still away at a GPU's safe-until with this probability; analogs are calibrated to it.
+SAFE_P = 0.8
+
+# Lags, in days, at which a machine's own past is read as an analog of now.
+ANALOG_LAGS_D: tuple[int, ...] = (1, 2, 3)
+# What a machine keeps of its ended stretches for analogs, counted back from the latest one's end:
+# the longest lag, a day to calibrate the readings of its first stretches, and the window.
+ANALOG_KEEP_S = 4 * 86400.0 + 3600.0
+# Stretches shorter than this are not kept (an owner away this briefly is not rented: a time
+# no kept stretch covers reads as the owner at the machine, which it practically was).
+ANALOG_SHORTEST_S = 120.0
+# At most this many kept stretches (the latest): a machine's storage stays bounded whatever its
+# GPUs and owners do.
+ANALOG_MAX_STRETCHES = 1000
+# An analog of a stretch is the kept stretch that began nearest the same time on a day before,
+# within this.
+ANALOG_WINDOW_S = 3600.0
+# Calibration: each kept stretch is judged at this age (when a GPU becomes rentable) ...
+ANALOG_JUDGED_AT_S = 120.0
+# ... and with fewer judgements than this the analogs are not used.
+ANALOG_MIN_JUDGEMENTS = 5
+_DAY_S = 86400.0
+
+
+@dataclass
+class Analogs:
+    """A machine's own recent past as a forecast: how long its owner stays away this time, read
+    from the stretches that began at the same time of day on the days before (`ANALOG_LAGS_D`),
+    and how far that reading can be trusted, learnt from how it did on this machine's own past.
+
+    `remaining(idle_since, at)`: at each lag k, the kept stretch that began nearest `idle_since -
+    k days` (within `ANALOG_WINDOW_S`), its length less the current stretch's age at `at`; the
+    least of those over the lags that have one. Matching stretches by when they began, not the
+    clock by the clock, follows an owner whose day starts a little earlier or later. An owner
+    who keeps the same days (a render farm's night, an office workstation, a gaming PC used in
+    the evenings) is read closely; an irregular one is not, and the calibration says so:
+    `calibrate(p)` replays the reading at `ANALOG_JUDGED_AT_S` into each kept stretch (using only
+    stretches over by then) and keeps the ratio of what was left of the stretch to what the
+    analogs said. `factor` is the (1 - p) quantile of those ratios, at most 1, so that
+    `safe_until` = at + remaining x factor is a time the owner is still away with probability
+    about p on this machine's record. None (no opinion) while there are fewer than
+    `ANALOG_MIN_JUDGEMENTS` judgements, or when no lag has an analog or the analogs were over by
+    now; the statistical forecast (`Forecast.curve`) then speaks alone.
+
+    Kept: ended stretches of at least `ANALOG_SHORTEST_S`, over the last `ANALOG_KEEP_S`, at most
+    `ANALOG_MAX_STRETCHES`; they may overlap (a machine's GPUs each have their own). Times are
+    Unix seconds."""
+
+    starts: list[float] = field(default_factory=list)  # sorted
+    ends: list[float] = field(default_factory=list)  # the same stretches' ends
+    observed_from: float | None = None  # the first kept stretch's start, or when history began
+    factor: float | None = None  # from calibrate(); None: not trusted (yet)
+    # calibrate()'s judgement of each kept stretch (start, end), made once: what it reads began a
+    # day or more before it and is over by then.
+    _judged: dict[tuple[float, float], float | None] = field(default_factory=dict, repr=False, compare=False)
+
+    def add(self, start: float, end: float) -> None:
+        """Keep an ended stretch (a short or malformed one is ignored)."""
+        if not (math.isfinite(start) and math.isfinite(end)) or end - start < ANALOG_SHORTEST_S:
+            return
+        if self.observed_from is None or start < self.observed_from:
+            self.observed_from = start
+        i = bisect_right(self.starts, start)
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
+        self._prune(end)
+
+    def _prune(self, latest_end: float) -> None:
+        cut = bisect_right(self.starts, latest_end - ANALOG_KEEP_S)
+        cut = max(cut, len(self.starts) - ANALOG_MAX_STRETCHES)
+        if cut > 0:
+            del self.starts[:cut]
+            del self.ends[:cut]
+            self.observed_from = max(self.observed_from or -math.inf, self.starts[0] if self.starts else latest_end)
+
+    def remaining(self, idle_since: float, at: float, *, known_by: float | None = None) -> float | None:
+        """How much longer the owner, away since `idle_since`, stays away after `at`, read at
+        each lag (class docstring): the least over the lags that have an analog; None when none
+        has. `known_by` (default `at`): only stretches over by then are read, so a replay of the
+        past reads what was known then."""
+        if self.observed_from is None:
+            return None
+        known_by = at if known_by is None else known_by
+        age = at - idle_since
+        found: float | None = None
+        for lag in ANALOG_LAGS_D:
+            target = idle_since - lag * _DAY_S
+            if target < self.observed_from - ANALOG_WINDOW_S:
+                break
+            length = self._analog(target, known_by)
+            if length is not None:
+                left = length - age
+                found = left if found is None else min(found, left)
+        return found
+
+    def _analog(self, target: float, known_by: float) -> float | None:
+        """The length of the kept stretch that began nearest `target`, within ANALOG_WINDOW_S;
+        None when none did, or when that one was not over by `known_by`."""
+        i = bisect_left(self.starts, target - ANALOG_WINDOW_S)
+        best: int | None = None
+        while i < len(self.starts) and self.starts[i] <= target + ANALOG_WINDOW_S:
+            if best is None or abs(self.starts[i] - target) < abs(self.starts[best] - target):
+                best = i
+            i += 1
+        if best is None or self.ends[best] > known_by:
+            return None
+        return self.ends[best] - self.starts[best]
+
+    def calibrate(self, p: float) -> float | None:
+        """Learn `factor` from the kept stretches (class docstring); returns it."""
+        ratios = []
+        before, self._judged = self._judged, {}
+        for stretch in zip(self.starts, self.ends, strict=True):
+            if stretch in before:
+                ratio = before[stretch]
+            else:
+                start, end = stretch
+                judged = start + ANALOG_JUDGED_AT_S
+                said = self.remaining(start, judged) if end > judged else None
+                ratio = (end - judged) / said if said is not None and said > 0 else None
+            self._judged[stretch] = ratio
+            if ratio is not None:
+                ratios.append(ratio)
+        if len(ratios) < ANALOG_MIN_JUDGEMENTS:
+            self.factor = None
+        else:
+            ratios.sort()
+            self.factor = min(ratios[int((1.0 - p) * (len(ratios) - 1))], 1.0)
+        return self.factor
+
+    def safe_until(self, idle_since: float, at: float) -> float | None:
+        """The time until which the owner, away since `idle_since`, stays away with the
+        calibrated probability, read at `at`; None when the analogs have no opinion (class
+        docstring)."""
+        if self.factor is None or self.factor <= 0:
+            return None
+        left = self.remaining(idle_since, at)
+        if left is None or left <= 0:
+            return None
+        return at + left * self.factor
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "observed_from": self.observed_from,
+            "factor": self.factor,
+            "stretches": [[s, e - s] for s, e in zip(self.starts, self.ends, strict=True)],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> Analogs:
+        """The inverse of to_json; raises ValueError (or TypeError) on malformed data."""
+        analogs = cls()
+        if not data:
+            return analogs
+        stretches = sorted((_finite(start), _finite(length)) for start, length in data.get("stretches") or ())
+        if any(length < 0 for _, length in stretches):
+            raise ValueError("a stretch of negative length")
+        # to_json wrote them in order: the lists are built as they are, and pruned once.
+        analogs.starts = [start for start, _ in stretches]
+        analogs.ends = [start + length for start, length in stretches]
+        if stretches:
+            analogs.observed_from = analogs.starts[0]
+            analogs._prune(max(analogs.ends))
+        observed = data.get("observed_from")
+        if observed is not None:
+            analogs.observed_from = min(_finite(observed), analogs.observed_from or math.inf)
+        factor = data.get("factor")
+        analogs.factor = None if factor is None else _finite(factor)
+        if analogs.factor is not None and not 0 <= analogs.factor <= 1:
+            raise ValueError(f"analog factor out of range: {analogs.factor}")
+        return analogs
+
+
+def _finite(value: object) -> float:
+    """A stored number: a finite int or float (not a string, not a bool), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"not a finite number: {value!r}")
+    return float(value)
+
+
 @dataclass
 class Forecast:
-    """The forecast of one machine: its own counts blended with the fleet prior."""
+    """The forecast of one machine: its own counts blended with the fleet prior, and its analogs
+    (the same time on the days before; None: none kept)."""
 
     machine: StretchCounts
     fleet: StretchCounts
+    analogs: Analogs | None = None
     _cache: dict[int, Survival] = field(default_factory=dict, repr=False)
     _all: tuple[list[float], list[float]] | None = field(default=None, repr=False)
     _days: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict, repr=False)
@@ -444,6 +636,8 @@ def expected_lost_s(
 
 __all__ = [
     "BIN_EDGES_S",
+    "SAFE_P",
+    "Analogs",
     "Forecast",
     "StretchCounts",
     "Survival",

@@ -325,13 +325,17 @@ class IdleStretch(models.Model):
 class MachineIdleProfile(models.Model):
     """What a machine's idle stretches were like: providers.forecasting.StretchCounts as JSON
     (bounded: at most 168 hours × 22 bins × 2 numbers), decayed to `decayed_at` with a half-life
-    of IDLE_FORECAST_HALF_LIFE_D days. Deleted with the machine, and once its provider removed it."""
+    of IDLE_FORECAST_HALF_LIFE_D days, and its latest stretches (`analogs`). Deleted with the
+    machine, and once its provider removed it."""
 
     machine = models.OneToOneField(Machine, on_delete=models.CASCADE, primary_key=True, related_name="idle_profile")
     counts = models.JSONField(default=dict)
     decayed_at = models.DateTimeField()
     # Stretches folded in so far, not decayed (for the console).
     stretches = models.PositiveIntegerField(default=0)
+    # providers.forecasting.Analogs as JSON: its latest ended stretches (at most
+    # ANALOG_MAX_STRETCHES over ANALOG_KEEP_S) and their calibration, for reading the days before.
+    analogs = models.JSONField(default=dict)
 
     def __str__(self) -> str:
         return f"idle profile of machine {self.machine_id}"

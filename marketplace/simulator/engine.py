@@ -24,10 +24,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.collector import collector_paused
-from marketplace.placement import FreePool, GpuOffer, JobQueue, JobRequest, MachineOffer, Placement, pool_place
+from marketplace.placement import (
+    P_TARGET,
+    FreePool,
+    GpuOffer,
+    JobQueue,
+    JobRequest,
+    MachineOffer,
+    Placement,
+    pool_place,
+)
 from marketplace.simulator.metrics import Metrics
 from marketplace.simulator.traces import DutySeries, Node, TraceJob
-from providers.forecasting import Forecast, StretchCounts, hour_of_week
+from providers.forecasting import Analogs, Forecast, StretchCounts, hour_of_week
 
 IDLE_BELOW = 10.0  # percent: the owner is away below this duty cycle
 RENTABLE_AFTER_S = 120.0
@@ -56,6 +65,8 @@ class Config:
     checkpoint_on_reclaim_s: float | None = None  # jobs save within this of SIGTERM: nothing lost
     max_duration_s: float = 86400.0
     cycle_s: float = 30.0
+    owner_drift_s: float = 0.0  # each day of an owner's pattern shifted by up to this, either way
+    analogs: bool = True  # v2 reads the days before (providers.forecasting.Analogs)
 
 
 def idle_runs(series: DutySeries, *, origin_s: float, period_s: float) -> list[tuple[float, float]]:
@@ -78,9 +89,13 @@ def idle_runs(series: DutySeries, *, origin_s: float, period_s: float) -> list[t
     return [(max(a, 0.0), min(b, period_s)) for a, b in runs if min(b, period_s) > max(a, 0.0)]
 
 
-def _tiled(runs: list[tuple[float, float]], period_s: float, phase_s: float) -> Iterator[tuple[float, float]]:
+def _tiled(
+    runs: list[tuple[float, float]], period_s: float, phase_s: float, drift: tuple[random.Random, float] | None = None
+) -> Iterator[tuple[float, float]]:
     """The runs repeated every period and shifted back by `phase_s`, runs that touch across a
-    period's end joined; from the run in progress at time 0 on."""
+    period's end joined; from the run in progress at time 0 on. `drift` (a generator and S):
+    each period's copy is shifted by its own uniform draw in [-S, S] (an owner who keeps the
+    same habits at different times from day to day); copies that overlap are joined."""
     if not runs:
         return
     if runs[0][0] <= 0 and runs[-1][1] >= period_s and len(runs) == 1:
@@ -90,10 +105,12 @@ def _tiled(runs: list[tuple[float, float]], period_s: float, phase_s: float) -> 
     pending: tuple[float, float] | None = None
     while True:
         base = k * period_s - phase_s
+        if drift is not None:
+            base += drift[0].uniform(-drift[1], drift[1])
         for a, b in runs:
             start, end = a + base, b + base
             if pending is not None and start <= pending[1]:
-                pending = (pending[0], end)
+                pending = (pending[0], max(pending[1], end))
                 continue
             if pending is not None and pending[1] > 0:
                 yield pending
@@ -108,6 +125,7 @@ class _Gpu:
     model: str
     runs: Iterator[tuple[float, float]]
     counts: StretchCounts = field(default_factory=StretchCounts)
+    analogs: Analogs = field(default_factory=lambda: Analogs(observed_from=EPOCH))
     forecast: Forecast | None = None
     forecast_at: float = -math.inf
     counts_changed: bool = False
@@ -167,13 +185,17 @@ class Simulation:
             for _ in range(node.gpus):
                 k = rng.randrange(len(patterns))
                 phase = rng.uniform(0, period)
-                self.gpus.append(_Gpu(len(self.gpus), m, node.model, _tiled(patterns[k], period, phase)))
+                # Drift draws from the GPU's own generator: without drift nothing else changes.
+                drift = (random.Random(config.seed * 1_000_003 + len(self.gpus)), config.owner_drift_s)
+                runs = _tiled(patterns[k], period, phase, drift if config.owner_drift_s > 0 else None)
+                self.gpus.append(_Gpu(len(self.gpus), m, node.model, runs))
                 supply += sum(max(b - a - RENTABLE_AFTER_S, 0.0) for a, b in patterns[k]) / period
         self.mean_supply = supply
         self.pool = FreePool(config.policy)
         self.fleet_live = StretchCounts()
         self.fleet = StretchCounts()
         self.learn = config.policy == "v2"
+        self.read_analogs = self.learn and config.analogs
         self.events: list[tuple[float, int, int, int]] = []
         self.seq = 0
         # Finish times of leases an owner's return ends first, which are not queued (see
@@ -256,6 +278,7 @@ class Simulation:
             return
         hour = hour_of_week(EPOCH + start)
         gpu.counts.add(began_hour=hour, length_s=end - start, ended=True)
+        gpu.analogs.add(EPOCH + start, EPOCH + end)
         self.fleet_live.add(began_hour=hour, length_s=end - start, ended=True)
         gpu.counts_changed = True
 
@@ -312,11 +335,12 @@ class Simulation:
             self._count(gpu, start, end)
         gpu.short.clear()
         if self.learn and gpu.counts_changed and now - gpu.forecast_at >= FORECAST_REFRESH_S:
-            gpu.forecast = Forecast(gpu.counts, self.fleet)
+            gpu.analogs.calibrate(P_TARGET)
+            gpu.forecast = Forecast(gpu.counts, self.fleet, gpu.analogs if self.read_analogs else None)
             gpu.forecast_at = now
             gpu.counts_changed = False
         elif self.learn and gpu.forecast is None:
-            gpu.forecast = Forecast(gpu.counts, self.fleet)
+            gpu.forecast = Forecast(gpu.counts, self.fleet, gpu.analogs if self.read_analogs else None)
             gpu.forecast_at = now
         gpu.rentable = True
         gpu.offer = GpuOffer(gpu.id, gpu.model, VRAM_MB, FLOOR, EPOCH + gpu.away_since, gpu.forecast)

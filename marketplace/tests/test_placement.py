@@ -9,6 +9,7 @@ import random
 import pytest
 
 from marketplace.placement import (
+    P_TARGET,
     POLICIES,
     FreePool,
     GpuOffer,
@@ -18,7 +19,7 @@ from marketplace.placement import (
     place,
     pool_place,
 )
-from providers.forecasting import Forecast, StretchCounts, hour_of_week
+from providers.forecasting import Analogs, Forecast, StretchCounts, hour_of_week
 
 NOW = 1_767_571_200.0 + 10 * 3600
 
@@ -204,6 +205,34 @@ def test_v2_puts_a_long_job_where_the_owner_stays_away_and_a_short_one_on_the_fl
     assert place([long_job], machines[:1], now=NOW, policy="v2")[0].p_finish < 0.5
     # first-fit sends the long job to the flaky GPU
     assert place([long_job], machines, now=NOW, policy="first-fit")[0].machine_id == 1
+
+
+def test_v2_reads_the_owners_days_where_the_statistics_see_a_flaky_gpu() -> None:
+    """Two machines whose stretches look alike in the statistics (mostly a few minutes); one
+    owner was away from this time until 5 hours later on each of the days before, the other's
+    days say nothing. The long job goes where the days before say it will finish."""
+    fleet = _history([300.0] * 50 + [20_000.0] * 50)
+    since = NOW - 200
+    nights = Analogs()
+    for day in range(1, 5):
+        began = since - day * 86400
+        nights.add(began, began + 5 * 3600)
+        nights.add(began + 6 * 3600, began + 6 * 3600 + 300)
+    nights.calibrate(P_TARGET)
+    statistics = _history([400.0] * 40)
+    knows_the_nights = Forecast(statistics, fleet, nights)
+    flaky = Forecast(statistics, fleet)
+    machines = [
+        machine(1, [GpuOffer(1, "a100", 40_000, 500_000, since, knows_the_nights)]),
+        machine(2, [GpuOffer(2, "a100", 40_000, 500_000, since, flaky)]),
+    ]
+    long_job = job(1, duration=4 * 3600, at=NOW - 20)
+    short_job = job(2, duration=60, at=NOW - 10)
+    placements = {p.job_id: p for p in place([long_job, short_job], machines, now=NOW, policy="v2")}
+    assert (placements[1].machine_id, placements[2].machine_id) == (1, 2)
+    # Without the days before the two machines are alike, and the long job goes to the other.
+    blind = [machine(m.id, [GpuOffer(m.id, "a100", 40_000, 500_000, since, flaky)]) for m in machines]
+    assert place([long_job], blind, now=NOW, policy="v2")[0].machine_id == 2
 
 
 def test_v2_leaves_no_gpu_idle_when_more_jobs_wait_than_gpus_are_free() -> None:

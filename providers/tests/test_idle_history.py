@@ -3,6 +3,7 @@ folded into per-machine forecasts and the fleet prior, and read back."""
 
 from __future__ import annotations
 
+import random
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -292,23 +293,36 @@ def test_an_owner_away_every_night_gets_a_longer_forecast_at_night_than_by_day()
     assert forecast.survival(idle_since=day, now=day + 60, more_s=7200) < 0.1
 
 
-def test_a_machine_without_history_is_forecast_as_the_fleet_in_two_queries() -> None:
+def test_machines_are_forecast_in_two_queries_and_a_profile_read_again_only_after_a_fold() -> None:
     known = machine_with_gpus(count=1)
     nightly_history(known, weeks=1)
     fold_idle_stretches()
     new = [MachineFactory() for _ in range(5)]
+    ids = [known.pk, *(m.pk for m in new)]
 
     with CaptureQueriesContext(connection) as queries:
-        forecasts = idle_history.machine_forecasts(machine_ids=[known.pk, *(m.pk for m in new)])
+        forecasts = idle_history.machine_forecasts(machine_ids=ids)
 
-    assert len(queries.captured_queries) == 2
+    # The known machine's profile is read in a third query, then again only after a fold.
+    assert len(queries.captured_queries) == 3
     day = datetime(2026, 11, 24, 14, 5, tzinfo=UTC).timestamp()
     fleet = StretchCounts.from_json(FleetIdleProfile.objects.get().counts)
     as_the_fleet = Forecast(StretchCounts(), fleet).survival(idle_since=day, now=day + 60, more_s=600)
     unknown = Forecast(StretchCounts(), StretchCounts()).survival(idle_since=day, now=day + 60, more_s=600)
     assert forecasts[new[0].pk].survival(idle_since=day, now=day + 60, more_s=600) == pytest.approx(as_the_fleet)
     assert as_the_fleet != pytest.approx(unknown)
-    assert set(forecasts) == {known.pk, *(m.pk for m in new)}
+    assert set(forecasts) == set(ids)
+
+    with CaptureQueriesContext(connection) as queries:
+        again = idle_history.machine_forecasts(machine_ids=ids)
+    assert len(queries.captured_queries) == 2
+    assert again[known.pk].machine is forecasts[known.pk].machine
+    stretch(known, began_at=datetime(2026, 11, 10, 3, 0, tzinfo=UTC), length_s=600)
+    fold_idle_stretches()
+    with CaptureQueriesContext(connection) as queries:
+        folded = idle_history.machine_forecasts(machine_ids=ids)
+    assert len(queries.captured_queries) == 3
+    assert folded[known.pk].machine.total() == pytest.approx(forecasts[known.pk].machine.total() + 1, abs=0.01)
 
 
 def test_machines_idle_since_is_the_youngest_stretch_among_its_idle_or_leased_gpus() -> None:
@@ -336,3 +350,59 @@ def test_a_profile_that_cannot_be_read_starts_afresh_and_stops_nothing() -> None
 
     assert (result["fleet"], result["stretches"]) == (1, 1)
     assert StretchCounts.from_json(MachineIdleProfile.objects.get(machine=machine).counts).total() == 1
+
+
+# --- analogs: the days before -------------------------------------------------------------------
+
+
+def test_the_fold_keeps_the_owners_days_and_the_forecast_reads_tonight_from_the_nights_before() -> None:
+    machine = machine_with_gpus(count=1)
+    nightly_history(machine, weeks=1)
+    stretch(machine, began_at=datetime(2026, 11, 1, 3, 0, tzinfo=UTC), length_s=50_000, ended=False)  # censored
+    fold_idle_stretches()
+
+    analogs = MachineIdleProfile.objects.get(machine=machine).analogs
+    # The nights (9 h) and the days' 4-minute stretches of the last four days (ANALOG_KEEP_S), each
+    # ended; not the censored one.
+    assert len(analogs["stretches"]) == 4 + 4 * 13
+    assert all(length in (240, 9 * 3600) for _, length in analogs["stretches"])
+    assert analogs["factor"] == pytest.approx(1.0)
+    forecast = idle_history.machine_forecasts(machine_ids=[machine.pk])[machine.pk]
+    assert forecast.analogs is not None
+    # The day after the history: away since 22:00, two minutes in: away until 07:00.
+    tonight = datetime(2026, 11, 2, 22, 0, tzinfo=UTC).timestamp()
+    assert forecast.analogs.safe_until(tonight, tonight + 120) == pytest.approx(tonight + 9 * 3600)
+    by_day = datetime(2026, 11, 2, 14, 0, tzinfo=UTC).timestamp()
+    assert forecast.analogs.safe_until(by_day, by_day + 120) == pytest.approx(by_day + 240)
+
+
+def test_a_machine_whose_stretches_follow_no_days_gets_analogs_it_trusts_less() -> None:
+    machine = machine_with_gpus(count=1)
+    start = datetime(2026, 10, 26, tzinfo=UTC)
+    rng = random.Random(5)
+    # Away at the same hours every day, for anything from 10 minutes to 5 hours.
+    for day in range(8):
+        for hour in (2, 10, 18):
+            stretch(machine, began_at=start + timedelta(days=day, hours=hour), length_s=rng.uniform(600, 5 * 3600))
+    fold_idle_stretches()
+
+    # The days before overpromised about a quarter of the times (today shorter than each of
+    # the three before): their readings are scaled down to keep the promise.
+    factor = MachineIdleProfile.objects.get(machine=machine).analogs["factor"]
+    assert factor is not None
+    assert 0 < factor < 0.9
+
+
+def test_analogs_that_cannot_be_read_start_afresh_and_stop_nothing() -> None:
+    machine = machine_with_gpus(count=1)
+    MachineIdleProfile.objects.create(
+        machine=machine, counts={}, analogs={"stretches": [["noon", 5]]}, decayed_at=timezone.now()
+    )
+    stretch(machine, began_at=datetime(2026, 11, 23, 9, 0, tzinfo=UTC), length_s=600)
+
+    assert idle_history.machine_forecasts(machine_ids=[machine.pk])[machine.pk].analogs is None
+    result = fold_idle_stretches()
+
+    assert (result["fleet"], result["stretches"]) == (1, 1)
+    stored = MachineIdleProfile.objects.get(machine=machine).analogs
+    assert [length for _, length in stored["stretches"]] == [600]

@@ -49,6 +49,17 @@ class Command(BaseCommand):
         )
         parser.add_argument("--max-duration", type=float, default=86400.0, help="longer jobs are skipped")
         parser.add_argument("--cycle", type=float, default=30.0, help="seconds between match cycles")
+        parser.add_argument(
+            "--owner-drift",
+            type=float,
+            default=0.0,
+            help="seconds: each day of an owner's pattern is shifted by a uniform draw within this, either way",
+        )
+        parser.add_argument(
+            "--no-analogs",
+            action="store_true",
+            help="v2 forecasts from its stretch statistics alone, without reading the days before",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["horizon"] <= 0 or not 0 <= options["warmup"] < options["horizon"]:
@@ -57,6 +68,8 @@ class Command(BaseCommand):
             raise CommandError("--load must be > 0")
         if options["checkpoint_interval"] < 0 or options["cycle"] <= 0:
             raise CommandError("--checkpoint-interval must be >= 0 and --cycle > 0")
+        if not 0 <= options["owner_drift"] < 43200:
+            raise CommandError("--owner-drift must be >= 0 and under 43200 (half a day)")
         started = time.perf_counter()
         try:
             nodes = read_fleet(options["fleet"])
@@ -74,6 +87,8 @@ class Command(BaseCommand):
             checkpoint_on_reclaim_s=options["checkpoint_on_reclaim"],
             max_duration_s=options["max_duration"],
             cycle_s=options["cycle"],
+            owner_drift_s=options["owner_drift"],
+            analogs=not options["no_analogs"],
         )
         simulation = Simulation(nodes=nodes, jobs=jobs, duty=duty, config=config)
         summary = simulation.run().summary()

@@ -1,0 +1,159 @@
+"""Analogs (providers.forecasting.Analogs): an owner's days read from the days before, the
+calibration that says how far to trust them, honest replays, and bounded storage."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from providers.forecasting import (
+    ANALOG_KEEP_S,
+    ANALOG_MAX_STRETCHES,
+    SAFE_P,
+    Analogs,
+)
+
+DAY = 86400.0
+HOUR = 3600.0
+MONDAY = 1_767_571_200.0  # 2026-01-05 00:00 UTC
+
+
+def days_of(
+    owner: list[tuple[float, float]], days: int, *, jitter_s: float = 0.0, seed: int = 1
+) -> list[tuple[float, float]]:
+    """The owner's absences (start, end as seconds of the day) on `days` days from MONDAY, each
+    day shifted by a uniform draw within `jitter_s`."""
+    rng = random.Random(seed)
+    stretches = []
+    for d in range(days):
+        shift = rng.uniform(-jitter_s, jitter_s) if jitter_s else 0.0
+        stretches.extend((MONDAY + d * DAY + a + shift, MONDAY + d * DAY + b + shift) for a, b in owner)
+    return stretches
+
+
+def learnt(stretches: list[tuple[float, float]]) -> Analogs:
+    analogs = Analogs()
+    for start, end in stretches:
+        analogs.add(start, end)
+    analogs.calibrate(SAFE_P)
+    return analogs
+
+
+# Away at night, over lunch, and for a coffee.
+NIGHT_OWL = [(1 * HOUR, 7 * HOUR), (12 * HOUR, 13 * HOUR), (16 * HOUR, 16 * HOUR + 600)]
+
+
+def test_an_owner_who_keeps_the_same_days_is_read_from_the_days_before() -> None:
+    analogs = learnt(days_of(NIGHT_OWL, 4))
+    assert analogs.factor == pytest.approx(1.0)
+    today = MONDAY + 4 * DAY
+    # Two minutes into tonight's absence: away until 07:00, as on the nights before.
+    assert analogs.safe_until(today + HOUR, today + HOUR + 120) == pytest.approx(today + 7 * HOUR)
+    assert analogs.safe_until(today + 12 * HOUR, today + 12 * HOUR + 120) == pytest.approx(today + 13 * HOUR)
+    # Away since 09:00, when the owner was at the machine on every day before: no analog.
+    assert analogs.safe_until(today + 9 * HOUR, today + 9 * HOUR + 120) is None
+    # Away since 16:00 and it is 16:30: the coffee breaks before were over by 16:10.
+    assert analogs.safe_until(today + 16 * HOUR, today + 16 * HOUR + 1800) is None
+
+
+def test_an_owner_whose_day_starts_later_is_followed() -> None:
+    analogs = learnt(days_of(NIGHT_OWL, 4))
+    today = MONDAY + 4 * DAY
+    # Tonight the owner left at 01:40: the nights before still say six hours.
+    assert analogs.safe_until(today + HOUR + 2400, today + HOUR + 2520) == pytest.approx(today + 7 * HOUR + 2400)
+
+
+def test_the_days_before_disagreeing_are_read_at_the_earliest_return() -> None:
+    analogs = learnt(days_of(NIGHT_OWL, 3))
+    # Last night ended at 04:00 instead of 07:00.
+    yesterday = MONDAY + 3 * DAY
+    analogs.add(yesterday + HOUR, yesterday + 4 * HOUR)
+    assert analogs.remaining(yesterday + DAY + HOUR, yesterday + DAY + 2 * HOUR) == pytest.approx(2 * HOUR)
+
+
+@pytest.mark.parametrize(("owner", "jitter_s"), [("regular", 0.0), ("regular", 1800.0), ("irregular", 0.0)])
+def test_the_promise_holds_on_days_the_calibration_has_not_seen(owner: str, jitter_s: float) -> None:
+    """Learn from 7 days; on the next 7, the owner is still away at safe_until at least about
+    SAFE_P of the times the analogs speak."""
+    rng = random.Random(7)
+    if owner == "regular":
+        stretches = days_of(NIGHT_OWL, 14, jitter_s=jitter_s)
+    else:
+        stretches, at = [], MONDAY
+        while at < MONDAY + 14 * DAY:
+            start = at + rng.expovariate(1 / 3000)
+            at = start + rng.expovariate(1 / 4000)
+            stretches.append((start, at))
+    cut = MONDAY + 7 * DAY
+    analogs = learnt([s for s in stretches if s[1] <= cut])
+    held, spoke = 0, 0
+    for start, end in stretches:
+        if start < cut or end - start <= 120:
+            continue
+        judged = start + 120
+        safe = analogs.safe_until(start, judged)
+        if safe is not None:
+            spoke += 1
+            held += end >= safe - 1e-6
+        analogs.add(start, end)  # what the fold would have added by the next stretch
+    if owner == "regular":
+        assert spoke >= 14
+    if spoke:
+        assert held / spoke >= SAFE_P - 0.15
+
+
+def test_a_replay_reads_only_stretches_over_by_then() -> None:
+    analogs = Analogs()
+    analogs.add(MONDAY, MONDAY + 2 * DAY)  # away two whole days
+    since = MONDAY + DAY
+    # The stretch a day before began then, and was over only after `since + 120`: unknown then.
+    assert analogs.remaining(since, since + 120) is None
+    assert analogs.remaining(since, since + 120, known_by=MONDAY + 3 * DAY) == pytest.approx(2 * DAY - 120)
+
+
+def test_short_stretches_and_too_little_history_give_no_opinion() -> None:
+    analogs = Analogs()
+    analogs.add(MONDAY, MONDAY + 60)  # too short to rent: not kept
+    assert analogs.starts == []
+    assert analogs.remaining(MONDAY + DAY, MONDAY + DAY + 120) is None
+    two_days = learnt(days_of(NIGHT_OWL, 2))
+    assert two_days.factor is None  # three judgements, fewer than ANALOG_MIN_JUDGEMENTS
+    assert two_days.safe_until(MONDAY + 2 * DAY + HOUR, MONDAY + 2 * DAY + HOUR + 120) is None
+
+
+def test_storage_is_bounded_and_survives_json() -> None:
+    rng = random.Random(2)
+    analogs = Analogs()
+    at = MONDAY
+    for _ in range(5000):
+        start = at + rng.uniform(0, 600)
+        at = start + rng.uniform(121, 900)
+        analogs.add(start, at)
+    assert len(analogs.starts) <= ANALOG_MAX_STRETCHES
+    assert analogs.starts[0] >= analogs.ends[-1] - ANALOG_KEEP_S
+    analogs.calibrate(SAFE_P)
+    again = Analogs.from_json(analogs.to_json())
+    assert again.starts == analogs.starts
+    assert again.ends == pytest.approx(analogs.ends)
+    assert again.factor == analogs.factor
+    assert again.observed_from == analogs.observed_from
+    assert Analogs.from_json({}).starts == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"stretches": [[MONDAY, -5.0]]},
+        {"stretches": [[math.nan, 300.0]]},
+        {"stretches": [["1767571200", 300.0]]},
+        {"stretches": [[MONDAY]]},
+        {"factor": 2.0},
+        {"factor": math.inf},
+        {"observed_from": True},
+    ],
+)
+def test_bad_stored_analogs_are_refused(data: dict[str, object]) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        Analogs.from_json(data)
