@@ -34,7 +34,9 @@ Policies (`POLICIES`):
     this machine before). A placement's safe-until is the earliest of its GPUs'. The job goes to the
     fitting placement whose safe-until is the *earliest that still covers the job's
     remaining duration* (best fit: long stretches are kept for long jobs); when none covers
-    it, to the one with the latest safe-until (the least expected loss). On a machine the
+    it, to the one with the latest safe-until (the most it can checkpoint), or, for a job
+    without checkpoints (which keeps nothing unless it runs to the end), to the one with the
+    earliest (the GPU time that costs least; the long stretches stay for jobs they can finish). On a machine the
     steadiest GPUs are taken first. Price plays no part here beyond the hard constraints
     (the agreed price is still the highest floor).
   * No holding back: a job that fits some free GPUs is placed this cycle, so no GPU sits idle
@@ -487,6 +489,13 @@ class FreePool:
                 return found[1], found[2]
             if fallback is None or found[0] > fallback[0]:
                 fallback = found
+        if job.checkpoint_interval_s is None:
+            # Nothing of its run is kept unless it runs to the end, and no placement is likely
+            # to last that long: the one that costs least is the one due back soonest, and the
+            # longer stretches stay for jobs they can finish (or checkpoint in).
+            lowest = self._lowest_fitting(lists, job, classes)
+            if lowest is not None:
+                return lowest
         # Downward from the duration: the largest horizon among placements that fit.
         tails = [(_negated(lists[k][i - 1][0]), k, i - 1) for k, i in enumerate(starts) if i > 0]
         heapq.heapify(tails)
@@ -506,6 +515,28 @@ class FreePool:
             if found is not None and (fallback is None or found[0] > fallback[0]):
                 fallback = found
         return (fallback[1], fallback[2]) if fallback else None
+
+    def _lowest_fitting(
+        self, lists: list[list[_Entry]], job: JobRequest, classes: tuple[int, ...]
+    ) -> tuple[_Machine, list[_Gpu]] | None:
+        """The fitting placement on the machine with the smallest key (its best GPU's horizon)
+        among the job's classes, walking at most _WALK_LIMIT machines up from the bottom."""
+        heads = [(entries[0], k, 0) for k, entries in enumerate(lists) if entries]
+        heapq.heapify(heads)
+        seen: set[int] = set()
+        while heads and len(seen) < _WALK_LIMIT:
+            entry, k, i = heads[0]
+            if i + 1 < len(lists[k]):
+                heapq.heapreplace(heads, (lists[k][i + 1], k, i + 1))
+            else:
+                heapq.heappop(heads)
+            if entry[1] in seen:
+                continue
+            seen.add(entry[1])
+            found = self._v2_candidate(entry[1], job, classes)
+            if found is not None:
+                return found[1], found[2]
+        return None
 
     def _v2_candidate(
         self, machine_id: int, job: JobRequest, classes: tuple[int, ...]

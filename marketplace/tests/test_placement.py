@@ -235,6 +235,22 @@ def test_v2_reads_the_owners_days_where_the_statistics_see_a_flaky_gpu() -> None
     assert place([long_job], blind, now=NOW, policy="v2")[0].machine_id == 2
 
 
+def test_v2_gives_a_job_without_checkpoints_that_nothing_covers_the_gpu_due_back_soonest() -> None:
+    """A 10-hour job that keeps nothing if cut short, and GPUs due back in about 10 minutes, an
+    hour and three hours: wherever it goes it is lost, so it takes the one that costs least.
+    The same job with checkpoints takes the longest (it keeps what it checkpoints there)."""
+    fleet = _history([300.0] * 50 + [20_000.0] * 50)
+    since = NOW - 200
+    machines = [
+        machine(m, [GpuOffer(m, "a100", 40_000, 500_000, since, Forecast(_history([length] * 40), fleet))])
+        for m, length in ((1, 3 * 3600.0), (2, 800.0), (3, 3600.0))
+    ]
+    keeps_nothing = JobRequest(1, 1, NOW - 20, 1, 0, frozenset(), "", 2_000_000, 10 * 3600, None, 1)
+    assert place([keeps_nothing], machines, now=NOW, policy="v2")[0].machine_id == 2
+    checkpoints = JobRequest(1, 1, NOW - 20, 1, 0, frozenset(), "", 2_000_000, 10 * 3600, 600, 1)
+    assert place([checkpoints], machines, now=NOW, policy="v2")[0].machine_id == 1
+
+
 def test_v2_leaves_no_gpu_idle_when_more_jobs_wait_than_gpus_are_free() -> None:
     fleet = _history([200.0] * 100)
     flaky = Forecast(_history([150.0] * 40), fleet)
