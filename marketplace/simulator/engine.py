@@ -186,8 +186,10 @@ class Simulation:
                 k = rng.randrange(len(patterns))
                 phase = rng.uniform(0, period)
                 # Drift draws from the GPU's own generator: without drift nothing else changes.
-                drift = (random.Random(config.seed * 1_000_003 + len(self.gpus)), config.owner_drift_s)
-                runs = _tiled(patterns[k], period, phase, drift if config.owner_drift_s > 0 else None)
+                drift = None
+                if config.owner_drift_s > 0:
+                    drift = (random.Random(config.seed * 1_000_003 + len(self.gpus)), config.owner_drift_s)
+                runs = _tiled(patterns[k], period, phase, drift)
                 self.gpus.append(_Gpu(len(self.gpus), m, node.model, runs))
                 supply += sum(max(b - a - RENTABLE_AFTER_S, 0.0) for a, b in patterns[k]) / period
         self.mean_supply = supply
@@ -278,7 +280,8 @@ class Simulation:
             return
         hour = hour_of_week(EPOCH + start)
         gpu.counts.add(began_hour=hour, length_s=end - start, ended=True)
-        gpu.analogs.add(EPOCH + start, EPOCH + end)
+        if self.read_analogs:
+            gpu.analogs.add(EPOCH + start, EPOCH + end)
         self.fleet_live.add(began_hour=hour, length_s=end - start, ended=True)
         gpu.counts_changed = True
 
@@ -335,7 +338,8 @@ class Simulation:
             self._count(gpu, start, end)
         gpu.short.clear()
         if self.learn and gpu.counts_changed and now - gpu.forecast_at >= FORECAST_REFRESH_S:
-            gpu.analogs.calibrate(P_TARGET)
+            if self.read_analogs:
+                gpu.analogs.calibrate(P_TARGET)
             gpu.forecast = Forecast(gpu.counts, self.fleet, gpu.analogs if self.read_analogs else None)
             gpu.forecast_at = now
             gpu.counts_changed = False
