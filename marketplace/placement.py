@@ -69,7 +69,7 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import bisect_left, insort
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -466,22 +466,9 @@ class FreePool:
         # Upward from the duration: the first fitting placement whose horizon covers the job
         # (the first entry whose safe-until is at least `need`).
         starts = [bisect_left(self.firsts[cls][tier], need) for cls in with_entries]
-        heads = [(lists[k][i], k, i) for k, i in enumerate(starts) if i < len(lists[k])]
-        heapq.heapify(heads)
         seen: set[int] = set()
         fallback: tuple[float, _Machine, list[_Gpu]] | None = None
-        walked = 0
-        while heads and walked < _WALK_LIMIT:
-            entry, k, i = heads[0]
-            if i + 1 < len(lists[k]):
-                heapq.heapreplace(heads, (lists[k][i + 1], k, i + 1))
-            else:
-                heapq.heappop(heads)
-            machine_id = entry[1]
-            if machine_id in seen:
-                continue
-            seen.add(machine_id)
-            walked += 1
+        for machine_id in _walk_up(lists, starts, seen):
             found = self._v2_candidate(machine_id, job, classes)
             if found is None:
                 continue
@@ -493,9 +480,10 @@ class FreePool:
             # Nothing of its run is kept unless it runs to the end, and no placement is likely
             # to last that long: the one that costs least is the one due back soonest, and the
             # longer stretches stay for jobs they can finish (or checkpoint in).
-            lowest = self._lowest_fitting(lists, job, classes)
-            if lowest is not None:
-                return lowest
+            for machine_id in _walk_up(lists, [0] * len(lists), set()):
+                found = self._v2_candidate(machine_id, job, classes)
+                if found is not None:
+                    return found[1], found[2]
         # Downward from the duration: the largest horizon among placements that fit.
         tails = [(_negated(lists[k][i - 1][0]), k, i - 1) for k, i in enumerate(starts) if i > 0]
         heapq.heapify(tails)
@@ -516,28 +504,6 @@ class FreePool:
                 fallback = found
         return (fallback[1], fallback[2]) if fallback else None
 
-    def _lowest_fitting(
-        self, lists: list[list[_Entry]], job: JobRequest, classes: tuple[int, ...]
-    ) -> tuple[_Machine, list[_Gpu]] | None:
-        """The fitting placement on the machine with the smallest key (its best GPU's horizon)
-        among the job's classes, walking at most _WALK_LIMIT machines up from the bottom."""
-        heads = [(entries[0], k, 0) for k, entries in enumerate(lists) if entries]
-        heapq.heapify(heads)
-        seen: set[int] = set()
-        while heads and len(seen) < _WALK_LIMIT:
-            entry, k, i = heads[0]
-            if i + 1 < len(lists[k]):
-                heapq.heapreplace(heads, (lists[k][i + 1], k, i + 1))
-            else:
-                heapq.heappop(heads)
-            if entry[1] in seen:
-                continue
-            seen.add(entry[1])
-            found = self._v2_candidate(entry[1], job, classes)
-            if found is not None:
-                return found[1], found[2]
-        return None
-
     def _v2_candidate(
         self, machine_id: int, job: JobRequest, classes: tuple[int, ...]
     ) -> tuple[float, _Machine, list[_Gpu]] | None:
@@ -549,6 +515,26 @@ class FreePool:
             return None
         chosen = gpus[: job.gpu_count]
         return min(g.safe_until for g in chosen), machine, chosen
+
+
+def _walk_up(lists: list[list[_Entry]], starts: list[int], seen: set[int]) -> Iterator[int]:
+    """The machines of the entries from `starts` up in each list, in key order across the lists,
+    each once (those in `seen` passed over; each walked added to it), at most _WALK_LIMIT."""
+    heads = [(lists[k][i], k, i) for k, i in enumerate(starts) if i < len(lists[k])]
+    heapq.heapify(heads)
+    walked = 0
+    while heads and walked < _WALK_LIMIT:
+        entry, k, i = heads[0]
+        if i + 1 < len(lists[k]):
+            heapq.heapreplace(heads, (lists[k][i + 1], k, i + 1))
+        else:
+            heapq.heappop(heads)
+        machine_id = entry[1]
+        if machine_id in seen:
+            continue
+        seen.add(machine_id)
+        walked += 1
+        yield machine_id
 
 
 # --- order -----------------------------------------------------------------------------------

@@ -506,7 +506,7 @@ class Analogs:
         stretches = sorted((_finite(start), _finite(length)) for start, length in data.get("stretches") or ())
         if any(length < 0 for _, length in stretches):
             raise ValueError("a stretch of negative length")
-        # to_json wrote them in order: the lists are built as they are, and pruned once.
+        # Built whole and pruned once, not added one by one (each add would prune).
         analogs.starts = [start for start, _ in stretches]
         analogs.ends = [start + length for start, length in stretches]
         if stretches:

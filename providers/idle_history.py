@@ -245,9 +245,10 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
         )
     }
     stale = [machine_id for machine_id, stamp in stamps.items() if _READ.get(machine_id, (None,))[0] != stamp]
+    if len(_READ) + len(stale) > _READ_MAX:
+        _READ.clear()
+        stale = list(stamps)  # every profile asked for is read again, not only the changed ones
     if stale:
-        if len(_READ) + len(stale) > _READ_MAX:
-            _READ.clear()
         rows = MachineIdleProfile.objects.filter(machine_id__in=stale).values_list(
             "machine_id", "decayed_at", "stretches", "counts", "analogs"
         )

@@ -98,10 +98,8 @@ def test_the_promise_holds_on_days_the_calibration_has_not_seen(owner: str, jitt
             spoke += 1
             held += end >= safe - 1e-6
         analogs.add(start, end)  # what the fold would have added by the next stretch
-    if owner == "regular":
-        assert spoke >= 14
-    if spoke:
-        assert held / spoke >= SAFE_P - 0.15
+    assert spoke >= 14
+    assert held / spoke >= SAFE_P - 0.15
 
 
 def test_a_replay_reads_only_stretches_over_by_then() -> None:

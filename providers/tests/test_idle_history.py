@@ -406,3 +406,24 @@ def test_analogs_that_cannot_be_read_start_afresh_and_stop_nothing() -> None:
     assert (result["fleet"], result["stretches"]) == (1, 1)
     stored = MachineIdleProfile.objects.get(machine=machine).analogs
     assert [length for _, length in stored["stretches"]] == [600]
+
+
+def test_a_full_cache_emptied_midway_still_forecasts_every_known_machine_as_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    machines = [machine_with_gpus(count=1) for _ in range(2)]
+    for machine in machines:
+        nightly_history(machine, weeks=1)
+    fold_idle_stretches()
+    ids = [m.pk for m in machines]
+    idle_history.machine_forecasts(machine_ids=ids)
+    stretch(machines[0], began_at=datetime(2026, 11, 10, 3, 0, tzinfo=UTC), length_s=600)
+    fold_idle_stretches()
+    monkeypatch.setattr(idle_history, "_READ_MAX", 2)  # the changed profile does not fit: emptied
+
+    forecasts = idle_history.machine_forecasts(machine_ids=ids)
+
+    for machine in machines:
+        own = StretchCounts.from_json(MachineIdleProfile.objects.get(machine=machine).counts)
+        assert forecasts[machine.pk].machine.total() == pytest.approx(own.total(), abs=0.01)
+        assert forecasts[machine.pk].analogs is not None
