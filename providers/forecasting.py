@@ -363,9 +363,18 @@ ANALOG_SHORTEST_S = 120.0
 # At most this many kept stretches (the latest): a machine's storage stays bounded whatever its
 # GPUs and owners do.
 ANALOG_MAX_STRETCHES = 1000
-# An analog of a stretch is the kept stretch that began nearest the same time on a day before,
-# within this.
+# An analog of a stretch is a kept stretch that began near the same time on a day before: of
+# those within ANALOG_SHIFT_MAX_S, the one under whose shift of that day the most of the
+# ANALOG_ALIGN_STRETCHES stretches just before the current one line up too (a stretch of that
+# day began and ended with each within ANALOG_ALIGN_TOLERANCE_S), the nearest of those; one
+# further than ANALOG_WINDOW_S only where at least ANALOG_FAR_LINED_UP line up. An owner whose
+# whole day runs early or late by a different amount each day is thereby read by the stretch
+# that plays the same part in the day, not by whichever began nearest the clock time.
 ANALOG_WINDOW_S = 3600.0
+ANALOG_SHIFT_MAX_S = 3 * 3600.0
+ANALOG_ALIGN_STRETCHES = 8
+ANALOG_FAR_LINED_UP = 6
+ANALOG_ALIGN_TOLERANCE_S = 120.0
 # Calibration: each kept stretch is judged at this age (when a GPU becomes rentable) ...
 ANALOG_JUDGED_AT_S = 120.0
 # ... and with fewer judgements than this the analogs are not used.
@@ -379,10 +388,15 @@ class Analogs:
     from the stretches that began at the same time of day on the days before (`ANALOG_LAGS_D`),
     and how far that reading can be trusted, learnt from how it did on this machine's own past.
 
-    `remaining(idle_since, at)`: at each lag k, the kept stretch that began nearest `idle_since -
-    k days` (within `ANALOG_WINDOW_S`), its length less the current stretch's age at `at`; the
-    least of those over the lags that have one. Matching stretches by when they began, not the
-    clock by the clock, follows an owner whose day starts a little earlier or later. An owner
+    `remaining(idle_since, at)`: at each lag k, the analog of the current stretch among the kept
+    stretches that began near `idle_since - k days`, its length less the current stretch's age
+    at `at`; the least of those over the lags that have one. The analog is the candidate under
+    whose shift (its start less `idle_since - k days`) the most of the `ANALOG_ALIGN_STRETCHES`
+    stretches before the current one have a stretch of that day that began and ended with them
+    (within `ANALOG_ALIGN_TOLERANCE_S`), the nearest one on a tie; within `ANALOG_WINDOW_S`, or
+    up to `ANALOG_SHIFT_MAX_S` where at least `ANALOG_FAR_LINED_UP` line up. Matching stretches
+    by when they began and by what came before them, not the clock by the clock, follows an
+    owner whose day runs earlier or later by a different amount each day. An owner
     who keeps the same days (a render farm's night, an office workstation, a gaming PC used in
     the evenings) is read closely; an irregular one is not, and the calibration says so:
     `calibrate(p)` replays the reading at `ANALOG_JUDGED_AT_S` into each kept stretch (using only
@@ -404,6 +418,10 @@ class Analogs:
     # calibrate()'s judgement of each kept stretch (start, end), made once: what it reads began a
     # day or more before it and is over by then.
     _judged: dict[tuple[float, float], float | None] = field(default_factory=dict, repr=False, compare=False)
+    # remaining()'s analog lengths by lag for a stretch's start, while nothing is added or pruned:
+    # a live stretch is read again at each step of its age, the same analogs each time.
+    _lengths: dict[float, list[float | None]] = field(default_factory=dict, repr=False, compare=False)
+    _latest_end: float = field(default=-math.inf, repr=False, compare=False)  # no kept stretch ends later
 
     def add(self, start: float, end: float) -> None:
         """Keep an ended stretch (a short or malformed one is ignored)."""
@@ -414,12 +432,15 @@ class Analogs:
         i = bisect_right(self.starts, start)
         self.starts.insert(i, start)
         self.ends.insert(i, end)
+        self._latest_end = max(self._latest_end, end)
+        self._lengths.clear()
         self._prune(end)
 
     def _prune(self, latest_end: float) -> None:
         cut = bisect_right(self.starts, latest_end - ANALOG_KEEP_S)
         cut = max(cut, len(self.starts) - ANALOG_MAX_STRETCHES)
         if cut > 0:
+            self._lengths.clear()
             del self.starts[:cut]
             del self.ends[:cut]
             self.observed_from = max(self.observed_from or -math.inf, self.starts[0] if self.starts else latest_end)
@@ -432,30 +453,100 @@ class Analogs:
         if self.observed_from is None:
             return None
         known_by = at if known_by is None else known_by
+        # Every kept stretch is over by a live reading's `known_by`: its lengths are kept until
+        # a stretch is added or pruned. A replay (calibrate) reads what was over by its time.
+        live = known_by >= self._latest_end
+        lengths = self._lengths.get(idle_since) if live else None
+        if lengths is None:
+            lengths = self._read(idle_since, known_by, self.observed_from)
+            if live:
+                if len(self._lengths) >= 64:
+                    self._lengths.clear()
+                self._lengths[idle_since] = lengths
         age = at - idle_since
         found: float | None = None
-        for lag in ANALOG_LAGS_D:
-            target = idle_since - lag * _DAY_S
-            if target < self.observed_from - ANALOG_WINDOW_S:
-                break
-            length = self._analog(target, known_by)
+        for length in lengths:
             if length is not None:
                 left = length - age
                 found = left if found is None else min(found, left)
         return found
 
-    def _analog(self, target: float, known_by: float) -> float | None:
-        """The length of the kept stretch that began nearest `target`, within ANALOG_WINDOW_S;
-        None when none did, or when that one was not over by `known_by`."""
-        i = bisect_left(self.starts, target - ANALOG_WINDOW_S)
-        best: int | None = None
-        while i < len(self.starts) and self.starts[i] <= target + ANALOG_WINDOW_S:
-            if best is None or abs(self.starts[i] - target) < abs(self.starts[best] - target):
-                best = i
-            i += 1
-        if best is None or self.ends[best] > known_by:
-            return None
-        return self.ends[best] - self.starts[best]
+    def _read(self, idle_since: float, known_by: float, observed_from: float) -> list[float | None]:
+        """The analog's length at each lag, None where there is none (or it was not over by
+        `known_by`); the lags before the kept record are left out."""
+        lengths: list[float | None] = []
+        recent: list[int] | None = None  # read once, where a lag has more than one candidate
+        starts, ends = self.starts, self.ends
+        for lag in ANALOG_LAGS_D:
+            target = idle_since - lag * _DAY_S
+            if target < observed_from - ANALOG_WINDOW_S:
+                break
+            lo = bisect_left(starts, target - ANALOG_SHIFT_MAX_S)
+            hi = bisect_right(starts, target + ANALOG_SHIFT_MAX_S)
+            if hi - lo == 1 and abs(starts[lo] - target) <= ANALOG_WINDOW_S:
+                best: int | None = lo  # the one candidate, near: nothing to line up against
+            elif hi > lo:
+                if recent is None:
+                    recent = self._before(idle_since, known_by)
+                best = self._analog(target, lo, hi, known_by, recent, lag * _DAY_S)
+            else:
+                best = None
+            lengths.append(None if best is None or ends[best] > known_by else ends[best] - starts[best])
+        return lengths
+
+    def _before(self, idle_since: float, known_by: float) -> list[int]:
+        """The last ANALOG_ALIGN_STRETCHES kept stretches that began before `idle_since` and were
+        over by then (and by `known_by`), latest first."""
+        found: list[int] = []
+        over_by = min(idle_since, known_by)
+        i = bisect_left(self.starts, idle_since) - 1
+        stop = max(i - 4 * ANALOG_ALIGN_STRETCHES, -1)
+        ends = self.ends
+        while i > stop:
+            if ends[i] <= over_by:
+                found.append(i)
+                if len(found) == ANALOG_ALIGN_STRETCHES:
+                    break
+            i -= 1
+        return found
+
+    def _analog(self, target: float, lo: int, hi: int, known_by: float, recent: list[int], lag_s: float) -> int | None:
+        """The analog (class docstring) among the kept stretches lo..hi-1, which began within
+        ANALOG_SHIFT_MAX_S of `target`; None when none qualifies."""
+        starts = self.starts
+        best, most = None, -1
+        # Nearest first (the earlier of two as near): the first candidate under which every
+        # recent stretch lines up wins.
+        left, right = bisect_left(starts, target, lo, hi) - 1, bisect_left(starts, target, lo, hi)
+        while left >= lo or right < hi:
+            if right >= hi or (left >= lo and target - starts[left] <= starts[right] - target):
+                i, left = left, left - 1
+            else:
+                i, right = right, right + 1
+            near = abs(starts[i] - target) <= ANALOG_WINDOW_S
+            if not recent:
+                return i if near else None
+            lined_up = self._lined_up(recent, starts[i] - target - lag_s, known_by)
+            if lined_up > most and (near or lined_up >= ANALOG_FAR_LINED_UP):
+                best, most = i, lined_up
+                if lined_up == len(recent):
+                    break
+        return best
+
+    def _lined_up(self, recent: list[int], offset: float, known_by: float) -> int:
+        """How many of the `recent` stretches, moved by `offset`, meet a kept stretch over by
+        `known_by` that began and ended with them within ANALOG_ALIGN_TOLERANCE_S."""
+        starts, ends, tolerance = self.starts, self.ends, ANALOG_ALIGN_TOLERANCE_S
+        count = 0
+        for r in recent:
+            start, end = starts[r] + offset, ends[r] + offset
+            j = bisect_left(starts, start - tolerance)
+            while j < len(starts) and starts[j] <= start + tolerance:
+                if abs(ends[j] - end) <= tolerance and ends[j] <= known_by:
+                    count += 1
+                    break
+                j += 1
+        return count
 
     def calibrate(self, p: float) -> float | None:
         """Learn `factor` from the kept stretches (class docstring); returns it."""
@@ -511,6 +602,7 @@ class Analogs:
         analogs.ends = [start + length for start, length in stretches]
         if stretches:
             analogs.observed_from = analogs.starts[0]
+            analogs._latest_end = max(analogs.ends)
             analogs._prune(max(analogs.ends))
         observed = data.get("observed_from")
         if observed is not None:

@@ -65,11 +65,62 @@ def test_an_owner_whose_day_starts_later_is_followed() -> None:
     assert analogs.safe_until(today + HOUR + 2400, today + HOUR + 2520) == pytest.approx(today + 7 * HOUR + 2400)
 
 
+# Away for minutes at uneven times through the morning, then for the afternoon from 12:05.
+ERRANDS = [(10 * HOUR + m * 60, 10 * HOUR + m * 60 + 300) for m in (-60, -25, 0, 40, 70, 85, 110)] + [
+    (12 * HOUR + 300, 15 * HOUR)
+]
+
+
+def test_an_owner_whose_days_shift_is_read_by_the_stretch_that_plays_the_same_part() -> None:
+    """Each day of the owner's runs late or early by its own amount. Today the afternoon's
+    absence began at 12:05; on the day before, a five-minute errand began at 12:05 too, the
+    afternoon 40 minutes later. The errands before them line up only under the day's shift."""
+    stretches = []
+    for day, shift in enumerate((-1800.0, 900.0, 2400.0, 0.0)):
+        stretches.extend((MONDAY + day * DAY + a + shift, MONDAY + day * DAY + b + shift) for a, b in ERRANDS)
+    today = MONDAY + 3 * DAY
+    analogs = Analogs()
+    for start, end in stretches[:-1]:  # all but today's afternoon, still going on
+        analogs.add(start, end)
+    since = today + 12 * HOUR + 300
+    # The nearest start a day and two days before is an errand's; every day's afternoon lasted
+    # 2 h 55 min.
+    assert analogs.remaining(since, since + 120) == pytest.approx(2 * HOUR + 55 * 60 - 120)
+    # Read again at a later age: the same analogs (kept for the stretch until one is added).
+    assert analogs.remaining(since, since + HOUR) == pytest.approx(HOUR + 55 * 60)
+    # Without this morning's errands to line up, the nearest start is the analog: an errand's.
+    morning = Analogs()
+    for start, end in stretches[: 3 * len(ERRANDS)]:
+        morning.add(start, end)
+    assert morning.remaining(since, since + 120) == pytest.approx(300 - 120)
+
+
+def test_a_day_two_hours_late_is_followed_where_the_morning_lines_up() -> None:
+    """On each of the days before, the owner's day ran two hours later than today's: their
+    afternoons began two hours from today's, further than the nearest start (ANALOG_WINDOW_S),
+    and are read only because this morning's errands line up with theirs."""
+    today = MONDAY + 3 * DAY
+    analogs = Analogs()
+    for day in range(3):
+        for a, b in ERRANDS:
+            analogs.add(MONDAY + day * DAY + a + 2 * HOUR, MONDAY + day * DAY + b + 2 * HOUR)
+    since = today + 12 * HOUR + 300
+    before_errands = Analogs.from_json(analogs.to_json())
+    for a, b in ERRANDS[:-1]:
+        analogs.add(today + a, today + b)
+    assert analogs.remaining(since, since + 120) == pytest.approx(2 * HOUR + 55 * 60 - 120)
+    # Without them, the nearest start on those days is an errand's, at 12:00.
+    assert before_errands.remaining(since, since + 120) == pytest.approx(300 - 120)
+
+
 def test_the_days_before_disagreeing_are_read_at_the_earliest_return() -> None:
     analogs = learnt(days_of(NIGHT_OWL, 3))
     # Last night ended at 04:00 instead of 07:00.
     yesterday = MONDAY + 3 * DAY
+    # Read before last night was over (and kept for this stretch) ...
+    assert analogs.remaining(yesterday + DAY + HOUR, yesterday + DAY + 2 * HOUR) == pytest.approx(5 * HOUR)
     analogs.add(yesterday + HOUR, yesterday + 4 * HOUR)
+    # ... and read again once it is.
     assert analogs.remaining(yesterday + DAY + HOUR, yesterday + DAY + 2 * HOUR) == pytest.approx(2 * HOUR)
 
 
