@@ -29,7 +29,8 @@ machine whose owner changes habits is forecast by its recent weeks; storage is b
 Counts by hour mix an hour's stretches together: an owner who steps away for minutes all
 morning and for the afternoon from 13:00 looks, at 13:02, like one more short stretch.
 `Analogs` keeps the machine's recent stretches themselves and reads this one from the stretches
-that began at the same time on the days before, with a calibration learnt from its own past
+that began at about the same time on the days before (the one whose day lines up with today's
+stretches so far), with a calibration learnt from its own past
 that says how far to trust that reading; the matcher (marketplace.placement, v2) takes the
 longer of the two horizons.
 """
@@ -418,7 +419,8 @@ class Analogs:
     # calibrate()'s judgement of each kept stretch (start, end), made once: what it reads began a
     # day or more before it and is over by then.
     _judged: dict[tuple[float, float], float | None] = field(default_factory=dict, repr=False, compare=False)
-    # remaining()'s analog lengths by lag for a stretch's start, while nothing is added or pruned:
+    # remaining()'s analog lengths by lag for a stretch's start, until a stretch is added (add()
+    # empties it; pruning happens only there and in from_json, on a new object):
     # a live stretch is read again at each step of its age, the same analogs each time.
     _lengths: dict[float, list[float | None]] = field(default_factory=dict, repr=False, compare=False)
     _latest_end: float = field(default=-math.inf, repr=False, compare=False)  # no kept stretch ends later
@@ -440,7 +442,6 @@ class Analogs:
         cut = bisect_right(self.starts, latest_end - ANALOG_KEEP_S)
         cut = max(cut, len(self.starts) - ANALOG_MAX_STRETCHES)
         if cut > 0:
-            self._lengths.clear()
             del self.starts[:cut]
             del self.ends[:cut]
             self.observed_from = max(self.observed_from or -math.inf, self.starts[0] if self.starts else latest_end)
