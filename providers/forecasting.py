@@ -38,7 +38,7 @@ longer of the two horizons.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -417,8 +417,12 @@ class Analogs:
     observed_from: float | None = None  # the first kept stretch's start, or when history began
     factor: float | None = None  # from calibrate(); None: not trusted (yet)
     # calibrate()'s judgement of each kept stretch (start, end), made once: what it reads began a
-    # day or more before it and is over by then.
+    # day or more before it and is over by then. Kept up to date as stretches come and go, so
+    # that a calibration judges only the stretches added since the last one (it walked every
+    # kept stretch, up to a thousand, each time: a sixth of a simulation):
     _judged: dict[tuple[float, float], float | None] = field(default_factory=dict, repr=False, compare=False)
+    _ratios: list[float] = field(default_factory=list, repr=False, compare=False)  # sorted, a copy each
+    _unjudged: list[tuple[float, float]] = field(default_factory=list, repr=False, compare=False)  # since then
     # remaining()'s analog lengths by lag for a stretch's start, until a stretch is added (add()
     # empties it; pruning happens only there and in from_json, on a new object):
     # a live stretch is read again at each step of its age, the same analogs each time.
@@ -434,16 +438,34 @@ class Analogs:
         i = bisect_right(self.starts, start)
         self.starts.insert(i, start)
         self.ends.insert(i, end)
+        self._keep((start, end))
         self._latest_end = max(self._latest_end, end)
         self._lengths.clear()
         self._prune(end)
+
+    def _keep(self, stretch: tuple[float, float]) -> None:
+        ratio = self._judged.get(stretch)
+        if ratio is not None:
+            insort(self._ratios, ratio)  # a copy of a stretch judged before counts as it did
+        elif stretch not in self._judged:
+            self._unjudged.append(stretch)
 
     def _prune(self, latest_end: float) -> None:
         cut = bisect_right(self.starts, latest_end - ANALOG_KEEP_S)
         cut = max(cut, len(self.starts) - ANALOG_MAX_STRETCHES)
         if cut > 0:
+            gone = list(zip(self.starts[:cut], self.ends[:cut], strict=True))
             del self.starts[:cut]
             del self.ends[:cut]
+            for stretch in dict.fromkeys(gone):  # each once, its copies together
+                if stretch not in self._judged:
+                    continue  # not judged yet
+                ratio = self._judged[stretch]
+                if ratio is not None:
+                    for _ in range(gone.count(stretch)):
+                        del self._ratios[bisect_left(self._ratios, ratio)]
+                if not self._copies(stretch):
+                    del self._judged[stretch]
             self.observed_from = max(self.observed_from or -math.inf, self.starts[0] if self.starts else latest_end)
 
     def remaining(self, idle_since: float, at: float, *, known_by: float | None = None) -> float | None:
@@ -549,25 +571,35 @@ class Analogs:
                 j += 1
         return count
 
+    def _copies(self, stretch: tuple[float, float]) -> int:
+        """How many times the stretch is kept (a machine's GPUs may each have had it)."""
+        start, end = stretch
+        starts, ends = self.starts, self.ends
+        i, copies = bisect_left(starts, start), 0
+        while i < len(starts) and starts[i] == start:
+            copies += ends[i] == end
+            i += 1
+        return copies
+
     def calibrate(self, p: float) -> float | None:
         """Learn `factor` from the kept stretches (class docstring); returns it."""
-        ratios = []
-        before, self._judged = self._judged, {}
-        for stretch in zip(self.starts, self.ends, strict=True):
-            if stretch in before:
-                ratio = before[stretch]
-            else:
-                start, end = stretch
-                judged = start + ANALOG_JUDGED_AT_S
-                said = self.remaining(start, judged) if end > judged else None
-                ratio = (end - judged) / said if said is not None and said > 0 else None
+        for stretch in self._unjudged:
+            copies = self._copies(stretch)
+            if not copies or stretch in self._judged:
+                continue  # pruned since, or a copy judged just before
+            start, end = stretch
+            judged = start + ANALOG_JUDGED_AT_S
+            said = self.remaining(start, judged) if end > judged else None
+            ratio = (end - judged) / said if said is not None and said > 0 else None
             self._judged[stretch] = ratio
             if ratio is not None:
-                ratios.append(ratio)
+                for _ in range(copies):
+                    insort(self._ratios, ratio)
+        self._unjudged.clear()
+        ratios = self._ratios
         if len(ratios) < ANALOG_MIN_JUDGEMENTS:
             self.factor = None
         else:
-            ratios.sort()
             self.factor = min(ratios[int((1.0 - p) * (len(ratios) - 1))], 1.0)
         return self.factor
 
@@ -601,6 +633,8 @@ class Analogs:
         # Built whole and pruned once, not added one by one (each add would prune).
         analogs.starts = [start for start, _ in stretches]
         analogs.ends = [start + length for start, length in stretches]
+        for stretch in zip(analogs.starts, analogs.ends, strict=True):
+            analogs._keep(stretch)
         if stretches:
             analogs.observed_from = analogs.starts[0]
             analogs._latest_end = max(analogs.ends)

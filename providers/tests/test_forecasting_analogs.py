@@ -191,6 +191,57 @@ def test_storage_is_bounded_and_survives_json() -> None:
     assert Analogs.from_json({}).starts == []
 
 
+class _WholeCalibration(Analogs):
+    """Analogs calibrated as they were before calibrations were kept up to date: every kept
+    stretch walked each time, a judgement reused only while its stretch is kept."""
+
+    def calibrate(self, p: float) -> float | None:
+        ratios = []
+        before, self._whole = getattr(self, "_whole", {}), {}
+        for stretch in zip(self.starts, self.ends, strict=True):
+            if stretch in before:
+                ratio = before[stretch]
+            else:
+                start, end = stretch
+                said = self.remaining(start, start + 120.0) if end > start + 120.0 else None
+                ratio = (end - start - 120.0) / said if said is not None and said > 0 else None
+            self._whole[stretch] = ratio
+            if ratio is not None:
+                ratios.append(ratio)
+        ratios.sort()
+        self.factor = None if len(ratios) < 5 else min(ratios[int((1.0 - p) * (len(ratios) - 1))], 1.0)
+        return self.factor
+
+
+def test_a_calibration_kept_up_to_date_is_the_one_made_over_every_kept_stretch() -> None:
+    """Calibrating judges only the stretches added since the last time, drops the judgements of
+    pruned ones and counts a stretch kept twice (two GPUs of a machine) twice: the factors are
+    those of walking every kept stretch each time, through pruning and a JSON round trip."""
+    rng = random.Random(5)
+    kept, whole = Analogs(), _WholeCalibration()
+    at, factors, most = MONDAY, set(), 0
+    for step in range(2200):
+        # Short absences first (the count bounds what is kept), then long ones too (the time
+        # does), and copies.
+        start = at + rng.uniform(0, 120)
+        long = step > 1300 and rng.random() < 0.3
+        at = start + (rng.uniform(3 * HOUR, 9 * HOUR) if long else rng.uniform(121, 400))
+        copies = 2 if rng.random() < 0.1 else 1
+        for analogs in (kept, whole):
+            for _ in range(copies):
+                analogs.add(start, at)
+        if step % 17 == 0:
+            assert kept.calibrate(SAFE_P) == whole.calibrate(SAFE_P)
+            factors.add(kept.factor)
+        if step == 1100:
+            kept = Analogs.from_json(kept.to_json())
+            whole = _WholeCalibration.from_json(whole.to_json())
+        most = max(most, len(kept.starts))
+    assert most == ANALOG_MAX_STRETCHES  # pruned by count,
+    assert len(kept.starts) < ANALOG_MAX_STRETCHES  # then by time
+    assert len(factors) > 10  # the factor moved: the comparison compared something
+
+
 @pytest.mark.parametrize(
     "data",
     [
