@@ -423,6 +423,10 @@ class Analogs:
     _judged: dict[tuple[float, float], float | None] = field(default_factory=dict, repr=False, compare=False)
     _ratios: list[float] = field(default_factory=list, repr=False, compare=False)  # sorted, a copy each
     _unjudged: list[tuple[float, float]] = field(default_factory=list, repr=False, compare=False)  # since then
+    # A live reading of a stretch's start made when every kept stretch was over by the time it
+    # is judged at, is its judgement's reading: kept for calibrate() until a stretch it could
+    # not have seen then (one over by that time, or begun before it) is added, or one is pruned.
+    _replays: dict[float, list[float | None]] = field(default_factory=dict, repr=False, compare=False)
     # remaining()'s analog lengths by lag for a stretch's start, until a stretch is added (add()
     # empties it; pruning happens only there and in from_json, on a new object):
     # a live stretch is read again at each step of its age, the same analogs each time.
@@ -435,6 +439,12 @@ class Analogs:
             return
         if self.observed_from is None or start < self.observed_from:
             self.observed_from = start
+        if self._replays:
+            if self.observed_from is None or start < self.observed_from:
+                self._replays.clear()
+            else:
+                for since in [t for t in self._replays if start < t or end <= t + ANALOG_JUDGED_AT_S]:
+                    del self._replays[since]
         i = bisect_right(self.starts, start)
         self.starts.insert(i, start)
         self.ends.insert(i, end)
@@ -454,6 +464,7 @@ class Analogs:
         cut = bisect_right(self.starts, latest_end - ANALOG_KEEP_S)
         cut = max(cut, len(self.starts) - ANALOG_MAX_STRETCHES)
         if cut > 0:
+            self._replays.clear()
             gone = list(zip(self.starts[:cut], self.ends[:cut], strict=True))
             del self.starts[:cut]
             del self.ends[:cut]
@@ -486,6 +497,10 @@ class Analogs:
                 if len(self._lengths) >= 64:
                     self._lengths.clear()
                 self._lengths[idle_since] = lengths
+        if live and self._latest_end <= idle_since + ANALOG_JUDGED_AT_S:
+            if len(self._replays) >= 64:
+                self._replays.clear()
+            self._replays[idle_since] = lengths
         age = at - idle_since
         found: float | None = None
         for length in lengths:
@@ -571,6 +586,15 @@ class Analogs:
                 j += 1
         return count
 
+    def _replayed(self, start: float) -> float | None:
+        """remaining(start, start + ANALOG_JUDGED_AT_S), from the live reading where one is kept."""
+        lengths = self._replays.pop(start, None)
+        if lengths is None:
+            return self.remaining(start, start + ANALOG_JUDGED_AT_S)
+        age = (start + ANALOG_JUDGED_AT_S) - start  # as remaining() has it, to the last bit
+        found = [length - age for length in lengths if length is not None]
+        return min(found) if found else None
+
     def _copies(self, stretch: tuple[float, float]) -> int:
         """How many times the stretch is kept (a machine's GPUs may each have had it)."""
         start, end = stretch
@@ -589,7 +613,7 @@ class Analogs:
                 continue  # pruned since, or a copy judged just before
             start, end = stretch
             judged = start + ANALOG_JUDGED_AT_S
-            said = self.remaining(start, judged) if end > judged else None
+            said = self._replayed(start) if end > judged else None
             ratio = (end - judged) / said if said is not None and said > 0 else None
             self._judged[stretch] = ratio
             if ratio is not None:

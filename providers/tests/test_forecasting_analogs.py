@@ -214,9 +214,11 @@ class _WholeCalibration(Analogs):
 
 
 def test_a_calibration_kept_up_to_date_is_the_one_made_over_every_kept_stretch() -> None:
-    """Calibrating judges only the stretches added since the last time, drops the judgements of
-    pruned ones and counts a stretch kept twice (two GPUs of a machine) twice: the factors are
-    those of walking every kept stretch each time, through pruning and a JSON round trip."""
+    """Calibrating judges only the stretches added since the last time (with the reading made
+    live when its GPU became rentable, where nothing since could change it), drops the
+    judgements of pruned ones and counts a stretch kept twice (two GPUs of a machine) twice:
+    the factors are those of walking every kept stretch each time, through pruning, stretches
+    reported late and a JSON round trip."""
     rng = random.Random(5)
     kept, whole = Analogs(), _WholeCalibration()
     at, factors, most = MONDAY, set(), 0
@@ -227,10 +229,16 @@ def test_a_calibration_kept_up_to_date_is_the_one_made_over_every_kept_stretch()
         long = step > 1300 and rng.random() < 0.3
         at = start + (rng.uniform(3 * HOUR, 9 * HOUR) if long else rng.uniform(121, 400))
         copies = 2 if rng.random() < 0.1 else 1
+        # Another GPU's absence of about a day before, reported only now.
+        late = start - DAY + rng.uniform(-HOUR, HOUR)
+        other = (late, late + rng.uniform(121, 1800)) if rng.random() < 0.05 else None
+        kept.remaining(start, start + 120.0)  # read live when the GPU became rentable
         for analogs in (kept, whole):
             for _ in range(copies):
                 analogs.add(start, at)
-        if step % 17 == 0:
+            if other:
+                analogs.add(*other)
+        if step % 29 == 0:
             assert kept.calibrate(SAFE_P) == whole.calibrate(SAFE_P)
             factors.add(kept.factor)
         if step == 1100:
