@@ -437,14 +437,14 @@ class Analogs:
         """Keep an ended stretch (a short or malformed one is ignored)."""
         if not (math.isfinite(start) and math.isfinite(end)) or end - start < ANALOG_SHORTEST_S:
             return
-        if self.observed_from is None or start < self.observed_from:
-            self.observed_from = start
         if self._replays:
             if self.observed_from is None or start < self.observed_from:
-                self._replays.clear()
+                self._replays.clear()  # the record now reaches further back than they read
             else:
                 for since in [t for t in self._replays if start < t or end <= t + ANALOG_JUDGED_AT_S]:
                     del self._replays[since]
+        if self.observed_from is None or start < self.observed_from:
+            self.observed_from = start
         i = bisect_right(self.starts, start)
         self.starts.insert(i, start)
         self.ends.insert(i, end)
