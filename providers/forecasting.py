@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right, insort
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -468,12 +469,12 @@ class Analogs:
             gone = list(zip(self.starts[:cut], self.ends[:cut], strict=True))
             del self.starts[:cut]
             del self.ends[:cut]
-            for stretch in dict.fromkeys(gone):  # each once, its copies together
+            for stretch, copies in Counter(gone).items():
                 if stretch not in self._judged:
                     continue  # not judged yet
                 ratio = self._judged[stretch]
                 if ratio is not None:
-                    for _ in range(gone.count(stretch)):
+                    for _ in range(copies):
                         del self._ratios[bisect_left(self._ratios, ratio)]
                 if not self._copies(stretch):
                     del self._judged[stretch]
@@ -497,17 +498,11 @@ class Analogs:
                 if len(self._lengths) >= 64:
                     self._lengths.clear()
                 self._lengths[idle_since] = lengths
-        if live and self._latest_end <= idle_since + ANALOG_JUDGED_AT_S:
-            if len(self._replays) >= 64:
-                self._replays.clear()
-            self._replays[idle_since] = lengths
-        age = at - idle_since
-        found: float | None = None
-        for length in lengths:
-            if length is not None:
-                left = length - age
-                found = left if found is None else min(found, left)
-        return found
+                if self._latest_end <= idle_since + ANALOG_JUDGED_AT_S:
+                    if len(self._replays) >= 64:
+                        self._replays.clear()
+                    self._replays[idle_since] = lengths
+        return _least_left(lengths, at - idle_since)
 
     def _read(self, idle_since: float, known_by: float, observed_from: float) -> list[float | None]:
         """The analog's length at each lag, None where there is none (or it was not over by
@@ -589,11 +584,10 @@ class Analogs:
     def _replayed(self, start: float) -> float | None:
         """remaining(start, start + ANALOG_JUDGED_AT_S), from the live reading where one is kept."""
         lengths = self._replays.pop(start, None)
+        judged = start + ANALOG_JUDGED_AT_S
         if lengths is None:
-            return self.remaining(start, start + ANALOG_JUDGED_AT_S)
-        age = (start + ANALOG_JUDGED_AT_S) - start  # as remaining() has it, to the last bit
-        found = [length - age for length in lengths if length is not None]
-        return min(found) if found else None
+            return self.remaining(start, judged)
+        return _least_left(lengths, judged - start)  # the age as remaining() has it, to the last bit
 
     def _copies(self, stretch: tuple[float, float]) -> int:
         """How many times the stretch is kept (a machine's GPUs may each have had it)."""
@@ -608,9 +602,11 @@ class Analogs:
     def calibrate(self, p: float) -> float | None:
         """Learn `factor` from the kept stretches (class docstring); returns it."""
         for stretch in self._unjudged:
+            if stretch in self._judged:
+                continue  # a copy judged just before
             copies = self._copies(stretch)
-            if not copies or stretch in self._judged:
-                continue  # pruned since, or a copy judged just before
+            if not copies:
+                continue  # pruned since
             start, end = stretch
             judged = start + ANALOG_JUDGED_AT_S
             said = self._replayed(start) if end > judged else None
@@ -671,6 +667,16 @@ class Analogs:
         if analogs.factor is not None and not 0 <= analogs.factor <= 1:
             raise ValueError(f"analog factor out of range: {analogs.factor}")
         return analogs
+
+
+def _least_left(lengths: list[float | None], age: float) -> float | None:
+    """The least of the analogs' lengths less the current stretch's age; None when none has one."""
+    found: float | None = None
+    for length in lengths:
+        if length is not None:
+            left = length - age
+            found = left if found is None else min(found, left)
+    return found
 
 
 def _finite(value: object) -> float:

@@ -9,8 +9,10 @@ import random
 import pytest
 
 from providers.forecasting import (
+    ANALOG_JUDGED_AT_S,
     ANALOG_KEEP_S,
     ANALOG_MAX_STRETCHES,
+    ANALOG_MIN_JUDGEMENTS,
     SAFE_P,
     Analogs,
 )
@@ -203,13 +205,15 @@ class _WholeCalibration(Analogs):
                 ratio = before[stretch]
             else:
                 start, end = stretch
-                said = self.remaining(start, start + 120.0) if end > start + 120.0 else None
-                ratio = (end - start - 120.0) / said if said is not None and said > 0 else None
+                judged = start + ANALOG_JUDGED_AT_S
+                said = self.remaining(start, judged) if end > judged else None
+                ratio = (end - judged) / said if said is not None and said > 0 else None
             self._whole[stretch] = ratio
             if ratio is not None:
                 ratios.append(ratio)
         ratios.sort()
-        self.factor = None if len(ratios) < 5 else min(ratios[int((1.0 - p) * (len(ratios) - 1))], 1.0)
+        enough = len(ratios) >= ANALOG_MIN_JUDGEMENTS
+        self.factor = min(ratios[int((1.0 - p) * (len(ratios) - 1))], 1.0) if enough else None
         return self.factor
 
 
@@ -232,7 +236,7 @@ def test_a_calibration_kept_up_to_date_is_the_one_made_over_every_kept_stretch()
         # Another GPU's absence of about a day before, reported only now.
         late = start - DAY + rng.uniform(-HOUR, HOUR)
         other = (late, late + rng.uniform(121, 1800)) if rng.random() < 0.05 else None
-        kept.remaining(start, start + 120.0)  # read live when the GPU became rentable
+        kept.remaining(start, start + ANALOG_JUDGED_AT_S)  # read live when the GPU became rentable
         for analogs in (kept, whole):
             for _ in range(copies):
                 analogs.add(start, at)
