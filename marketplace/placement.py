@@ -46,6 +46,11 @@ Policies (`POLICIES`):
     a list of (safe-until, machine) entries sorted; a job bisects to now + its duration and
     walks upward (at most `_WALK_LIMIT` machines each way), so a cycle costs about
     (free GPUs + jobs) x log(free GPUs), not jobs x machines (benchmarks/placement.py).
+    Beside each entry is the least floor at which its machine can give the job anything (its
+    class's cheapest; 0 on a machine with GPUs of several classes, where a job may combine
+    them): the walk passes over the entries of machines that ask more than the job's ceiling
+    without looking at them, and they do not count towards the limit (a job with a low ceiling
+    is not refused because hundreds of machines it cannot pay came first).
     Jobs are drawn from heaps (JobQueue), and a cycle stops drawing once no GPU is free; a
     caller that keeps its JobQueue across cycles (the simulator) pays for the jobs a cycle
     tries, not for the queue's length. Aged jobs, and each renter's others, are kept in one
@@ -109,19 +114,22 @@ def _negated(key: tuple[float, ...]) -> tuple[float, ...]:
 _Entry = tuple[tuple[float, ...], int, int]  # (key, machine id, class)
 
 
-def _insert(entries: list[_Entry], firsts: list[float], entry: _Entry) -> None:
-    """Add `entry` to a class's tier: its sorted entries, and their keys' first figures."""
+def _insert(entries: list[_Entry], firsts: list[float], floors: list[int], entry: _Entry, floor: int) -> None:
+    """Add `entry` to a class's tier: its sorted entries, their keys' first figures and the
+    least ceiling each entry's machine can take a job at (`_Machine.keys`)."""
     i = bisect_left(entries, entry)
     entries.insert(i, entry)
     firsts.insert(i, entry[0][0])
+    floors.insert(i, floor)
 
 
-def _drop(entries: list[_Entry], firsts: list[float], entry: _Entry) -> None:
+def _drop(entries: list[_Entry], firsts: list[float], floors: list[int], entry: _Entry) -> None:
     """Remove `entry` from a class's tier (when it is there)."""
     i = bisect_left(entries, entry)
     if i < len(entries) and entries[i] == entry:
         del entries[i]
         del firsts[i]
+        del floors[i]
 
 
 def _tier(count: int) -> int:
@@ -200,6 +208,21 @@ _AGE_GROWTH = 1.5
 _LOG_STEP = math.log(_AGE_GROWTH)
 
 
+def _judgement(curve: Survival, analogs: Analogs | None, idle_since: float, now: float) -> tuple[float, float]:
+    """v2: (a GPU idle since `idle_since` is still free at this time with probability
+    P_TARGET, judged at its grid age now; the next grid age)."""
+    grid, following = _age_step(max(now - idle_since, 0.0))
+    at = idle_since + grid
+    safe = at + curve.quantile_more(grid, P_TARGET)
+    if analogs is not None:
+        # The same days' reading, calibrated to P_TARGET on this machine's record, where it
+        # promises longer (providers.forecasting.Analogs).
+        read = analogs.safe_until(idle_since, at)
+        if read is not None and read > safe:
+            safe = read
+    return safe, following
+
+
 @dataclass(slots=True, eq=False)  # identity: a pool's lists remove the very entry, not an equal one
 class _Gpu:
     offer: GpuOffer
@@ -224,7 +247,11 @@ _GPU_ORDER: dict[str, Callable[[_Gpu], tuple[float, ...]]] = {
 class _Machine:
     offer: MachineOffer
     free: dict[int, list[_Gpu]] = field(default_factory=dict)  # class id -> free GPUs, in order
-    keys: dict[int, tuple[tuple[float, ...], int]] = field(default_factory=dict)  # class -> (key, tier)
+    # class -> (key, top tier, floor): the key and tiers its entries are under, and the least
+    # price ceiling at which a job can have any of the machine's GPUs through them: the class's
+    # cheapest floor, or 0 once the machine has held GPUs of another class too (a job may then
+    # combine classes, and 0 never rules the machine out).
+    keys: dict[int, tuple[tuple[float, ...], int, int]] = field(default_factory=dict)
 
 
 class FreePool:
@@ -248,7 +275,22 @@ class FreePool:
         # The same per class and tier: each entry's key's first figure (v2: its safe-until), so
         # a job's walk bisects plain floats (at 100,000 GPUs, 80 classes' bisects per job).
         self.firsts: list[tuple[list[float], ...]] = []
+        # And each entry's floor (`_Machine.keys`): v2's walk passes over, without looking at
+        # the machine, the entries of machines that ask more than the job's ceiling (at 100,000
+        # GPUs with floors of their own, 97 % of the machines a cycle looked at, see
+        # benchmarks/README.md).
+        self.floors: list[tuple[list[int], ...]] = []
+        # The floor every GPU offered so far asks (None: they differ), so that a pool whose GPUs
+        # all ask the same (the simulator's) finds a class's cheapest without looking.
+        self._one_floor: int | None = None
+        self._offered = False
         self._shape_classes: dict[tuple[frozenset[str], int, str, int], tuple[int, ...]] = {}
+        # (classes, tier) -> the tier's lists of those classes: (entries, firsts, floors) side by
+        # side. The lists are kept in place as entries come and go, so this holds while no
+        # class is added (cleared with _shape_classes).
+        self._tier_lists: dict[
+            tuple[tuple[int, ...], int], tuple[list[list[_Entry]], list[list[float]], list[list[int]]]
+        ] = {}
         self._due: list[tuple[float, int, int]] = []  # v2: (grid age reached at, gpu id, stamp)
         self._stamp = 0
 
@@ -264,7 +306,53 @@ class FreePool:
         held = self.machines.get(machine.id)
         if held is None:
             held = self.machines[machine.id] = _Machine(machine)
-        offer = held.offer
+        entry = self._entry(held.offer, gpu, now, None)
+        cls = entry.cls
+        gpus = held.free.get(cls)
+        if gpus is None:
+            gpus = held.free[cls] = []
+            if len(held.free) == 2:  # a second class: the first's entries may no longer rule it out
+                for other in held.free:
+                    if other != cls:
+                        self._reenter(held, other)
+        insort(gpus, entry, key=self._order)
+        self._reenter(held, cls)
+
+    def add_machine(self, machine: MachineOffer, *, now: float) -> None:
+        """Offer every GPU of `machine`: the pool `add` makes of them one by one, made in one
+        go (the GPUs that share the machine's forecast and idle stretch judged once, each class
+        entered once; `place()` builds its pool so)."""
+        if machine.id in self.machines:
+            for gpu in machine.gpus:
+                self.add(machine, gpu, now=now)
+            return
+        held = _Machine(machine)
+        judged: dict[tuple[int, float], tuple[Survival, Analogs | None, float, float]] = {}
+        for gpu in machine.gpus:
+            if gpu.id not in self.gpus:
+                entry = self._entry(machine, gpu, now, judged)
+                held.free.setdefault(entry.cls, []).append(entry)
+        if not held.free:
+            return
+        self.machines[machine.id] = held
+        for cls, gpus in held.free.items():
+            gpus.sort(key=self._order)  # as insort would have: the order has no ties
+            self._reenter(held, cls)
+
+    def _entry(
+        self,
+        offer: MachineOffer,
+        gpu: GpuOffer,
+        now: float,
+        judged: dict[tuple[int, float], tuple[Survival, Analogs | None, float, float]] | None,
+    ) -> _Gpu:
+        """The pool's record of a GPU of the machine `offer`, in its class, judged (v2), kept in
+        `gpus` (not yet in its machine's lists). `judged`: the judgements made so far for one
+        machine, by forecast and idle stretch (GPUs without their own share the machine's)."""
+        if not self._offered:
+            self._one_floor, self._offered = gpu.floor, True
+        elif gpu.floor != self._one_floor:
+            self._one_floor = None
         key = (gpu.model, gpu.vram_mb, offer.region, offer.kinds)
         cls = self.class_ids.get(key)
         if cls is None:
@@ -272,21 +360,27 @@ class FreePool:
             self.class_keys.append(key)
             self.sorted.append(([], [], [], []))
             self.firsts.append(([], [], [], []))
+            self.floors.append(([], [], [], []))
             self._shape_classes.clear()
-        if self.policy == "v2":
-            forecast = gpu.forecast or offer.forecast or _NO_FORECAST
-            idle_since = gpu.idle_since if gpu.idle_since is not None else offer.idle_since
-            if idle_since is None:
-                idle_since = now
+            self._tier_lists.clear()
+        if self.policy != "v2":
+            entry = self.gpus[gpu.id] = _Gpu(gpu, offer.id, cls, _NO_CURVE, now, 0.0, None)
+            return entry
+        forecast = gpu.forecast or offer.forecast or _NO_FORECAST
+        idle_since = gpu.idle_since if gpu.idle_since is not None else offer.idle_since
+        if idle_since is None:
+            idle_since = now
+        memo = (id(forecast), idle_since)
+        found = judged.get(memo) if judged is not None else None
+        if found is None:
             curve, analogs = forecast.curve(hour_of_week(idle_since)), forecast.analogs
-        else:
-            curve, idle_since, analogs = _NO_CURVE, now, None
-        entry = self.gpus[gpu.id] = _Gpu(gpu, machine.id, cls, curve, idle_since, 0.0, analogs)
-        if self.policy == "v2":
-            self._judge(entry, now)
-        gpus = held.free.setdefault(cls, [])
-        insort(gpus, entry, key=self._order)
-        self._reenter(held, cls)
+            found = (curve, analogs, *_judgement(curve, analogs, idle_since, now))
+            if judged is not None:
+                judged[memo] = found
+        curve, analogs, safe, following = found
+        entry = self.gpus[gpu.id] = _Gpu(gpu, offer.id, cls, curve, idle_since, safe, analogs)
+        self._due_at(entry, following)
+        return entry
 
     def remove(self, gpu_id: int) -> None:
         """Withdraw a free GPU (ignored when it is not in the pool)."""
@@ -301,17 +395,11 @@ class FreePool:
 
     def _judge(self, gpu: _Gpu, now: float) -> None:
         """v2: the GPU's safe_until at its current grid age; due again at the next grid age."""
-        age = max(now - gpu.idle_since, 0.0)
-        grid, following = _age_step(age)
-        at = gpu.idle_since + grid
-        safe = at + gpu.curve.quantile_more(grid, P_TARGET)
-        if gpu.analogs is not None:
-            # The same days' reading, calibrated to P_TARGET on this machine's record, where it
-            # promises longer (providers.forecasting.Analogs).
-            read = gpu.analogs.safe_until(gpu.idle_since, at)
-            if read is not None and read > safe:
-                safe = read
-        gpu.safe_until = safe
+        gpu.safe_until, following = _judgement(gpu.curve, gpu.analogs, gpu.idle_since, now)
+        self._due_at(gpu, following)
+
+    def _due_at(self, gpu: _Gpu, following: float) -> None:
+        """v2: judge the GPU again at the grid age `following` (a new stamp: earlier dues lapse)."""
         self._stamp += 1
         gpu.stamp = self._stamp
         heapq.heappush(self._due, (gpu.idle_since + following, gpu.offer.id, gpu.stamp))
@@ -349,30 +437,36 @@ class FreePool:
         gained or lost under the same key: those tiers alone)."""
         gpus = machine.free.get(cls)
         old = machine.keys.get(cls)
-        tiers, firsts = self.sorted[cls], self.firsts[cls]
+        tiers, firsts, floors = self.sorted[cls], self.firsts[cls], self.floors[cls]
         mid = machine.offer.id
         if gpus:
             key = self._key(machine, cls)
             top = _tier(len(gpus))
-            if old is not None and old[0] == key:
+            if len(machine.free) > 1:
+                floor = 0
+            elif self._one_floor is not None:
+                floor = self._one_floor
+            else:
+                floor = min(g.offer.floor for g in gpus)
+            if old is not None and old[0] == key and old[2] == floor:
                 if old[1] != top:
                     entry = (key, mid, cls)
                     for t in range(old[1] + 1, top + 1):
-                        _insert(tiers[t], firsts[t], entry)
+                        _insert(tiers[t], firsts[t], floors[t], entry, floor)
                     for t in range(top + 1, old[1] + 1):
-                        _drop(tiers[t], firsts[t], entry)
-                    machine.keys[cls] = (key, top)
+                        _drop(tiers[t], firsts[t], floors[t], entry)
+                    machine.keys[cls] = (key, top, floor)
                 return  # its other entries stand
         if old is not None:
             entry = (old[0], mid, cls)
             for t in range(old[1] + 1):
-                _drop(tiers[t], firsts[t], entry)
+                _drop(tiers[t], firsts[t], floors[t], entry)
             del machine.keys[cls]
         if gpus:
-            machine.keys[cls] = (key, top)
+            machine.keys[cls] = (key, top, floor)
             entry = (key, mid, cls)
             for t in range(top + 1):
-                _insert(tiers[t], firsts[t], entry)
+                _insert(tiers[t], firsts[t], floors[t], entry, floor)
 
     def classes_for(self, job: JobRequest) -> tuple[int, ...]:
         shape = (job.models, job.min_vram_mb, job.region, job.kind_bit)
@@ -459,16 +553,23 @@ class FreePool:
         any placement on it from above."""
         need = now + float(job.duration_s)  # safe_until is a time
         tier = _tier(job.gpu_count)
-        with_entries = [cls for cls in classes if self.sorted[cls][tier]]
-        if not with_entries:
-            return None
-        lists = [self.sorted[cls][tier] for cls in with_entries]
         # Upward from the duration: the first fitting placement whose horizon covers the job
-        # (the first entry whose safe-until is at least `need`).
-        starts = [bisect_left(self.firsts[cls][tier], need) for cls in with_entries]
+        # (the first entry whose safe-until is at least `need`). Entries whose machine asks more
+        # than the job's ceiling are passed over unseen: the walk's limit counts the machines
+        # that could take the job on price.
+        ceiling = job.max_price
+        kept = self._tier_lists.get((classes, tier))
+        if kept is None:
+            kept = self._tier_lists[(classes, tier)] = (
+                [self.sorted[cls][tier] for cls in classes],
+                [self.firsts[cls][tier] for cls in classes],
+                [self.floors[cls][tier] for cls in classes],
+            )
+        lists, firsts, floors = kept  # an empty list among them gives no entry to walk
+        starts = [bisect_left(at, need) for at in firsts]
         seen: set[int] = set()
         fallback: tuple[float, _Machine, list[_Gpu]] | None = None
-        for machine_id in _walk_up(lists, starts, seen):
+        for machine_id in _walk_up(lists, floors, ceiling, starts, seen):
             found = self._v2_candidate(machine_id, job, classes)
             if found is None:
                 continue
@@ -480,20 +581,23 @@ class FreePool:
             # Nothing of its run is kept unless it runs to the end, and no placement is likely
             # to last that long: the one that costs least is the one due back soonest, and the
             # longer stretches stay for jobs they can finish (or checkpoint in).
-            for machine_id in _walk_up(lists, [0] * len(lists), set()):
+            for machine_id in _walk_up(lists, floors, ceiling, [0] * len(lists), set()):
                 found = self._v2_candidate(machine_id, job, classes)
                 if found is not None:
                     return found[1], found[2]
         # Downward from the duration: the largest horizon among placements that fit.
-        tails = [(_negated(lists[k][i - 1][0]), k, i - 1) for k, i in enumerate(starts) if i > 0]
+        tails = []
+        for k, i in enumerate(starts):
+            if (i := _below(floors[k], ceiling, i)) >= 0:
+                tails.append((_negated(lists[k][i][0]), k, i))
         heapq.heapify(tails)
         walked = 0
         while tails and walked < _WALK_LIMIT:
             neg_key, k, i = heapq.heappop(tails)
             if fallback is not None and -neg_key[0] <= fallback[0]:
                 break
-            if i > 0:
-                heapq.heappush(tails, (_negated(lists[k][i - 1][0]), k, i - 1))
+            if (below := _below(floors[k], ceiling, i)) >= 0:
+                heapq.heappush(tails, (_negated(lists[k][below][0]), k, below))
             machine_id = lists[k][i][1]
             if machine_id in seen:
                 continue
@@ -517,16 +621,41 @@ class FreePool:
         return min(g.safe_until for g in chosen), machine, chosen
 
 
-def _walk_up(lists: list[list[_Entry]], starts: list[int], seen: set[int]) -> Iterator[int]:
-    """The machines of the entries from `starts` up in each list, in key order across the lists,
-    each once (those in `seen` passed over; each walked added to it), at most _WALK_LIMIT."""
-    heads = [(lists[k][i], k, i) for k, i in enumerate(starts) if i < len(lists[k])]
+def _from(floors: list[int], ceiling: int, i: int) -> int:
+    """The first index from `i` up whose floor is within `ceiling` (len(floors): none)."""
+    n = len(floors)
+    while i < n and floors[i] > ceiling:
+        i += 1
+    return i
+
+
+def _below(floors: list[int], ceiling: int, i: int) -> int:
+    """The first index below `i`, going down, whose floor is within `ceiling` (-1: none)."""
+    i -= 1
+    while i >= 0 and floors[i] > ceiling:
+        i -= 1
+    return i
+
+
+def _walk_up(
+    lists: list[list[_Entry]], floors: list[list[int]], ceiling: int, starts: list[int], seen: set[int]
+) -> Iterator[int]:
+    """The machines of the entries from `starts` up in each list whose floor (the parallel
+    `floors`) is within `ceiling`, in key order across the lists, each once (those in `seen`
+    passed over; each walked added to it), at most _WALK_LIMIT."""
+    heads = []
+    for k, i in enumerate(starts):
+        at, n = floors[k], len(floors[k])
+        while i < n and at[i] > ceiling:  # _from, inlined: this runs for every class of every job
+            i += 1
+        if i < n:
+            heads.append((lists[k][i], k, i))
     heapq.heapify(heads)
     walked = 0
     while heads and walked < _WALK_LIMIT:
         entry, k, i = heads[0]
-        if i + 1 < len(lists[k]):
-            heapq.heapreplace(heads, (lists[k][i + 1], k, i + 1))
+        if (i := _from(floors[k], ceiling, i + 1)) < len(lists[k]):
+            heapq.heapreplace(heads, (lists[k][i], k, i))
         else:
             heapq.heappop(heads)
         machine_id = entry[1]
@@ -748,8 +877,7 @@ def place(
     pool = FreePool(policy)
     for machine in machines:
         if machine.kinds and machine.window_s > 0:
-            for gpu in machine.gpus:
-                pool.add(machine, gpu, now=now)
+            pool.add_machine(machine, now=now)
     return pool_place(pool, jobs, now=now, held_by_renter=held_by_renter, report=report)
 
 

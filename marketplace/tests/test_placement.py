@@ -251,6 +251,33 @@ def test_v2_gives_a_job_without_checkpoints_that_nothing_covers_the_gpu_due_back
     assert place([checkpoints], machines, now=NOW, policy="v2")[0].machine_id == 1
 
 
+def test_v2_finds_the_one_machine_a_low_ceiling_affords_behind_hundreds_it_does_not() -> None:
+    """600 machines whose GPUs ask 2.00 an hour, all a good fit for the job, then one asking
+    0.30. A job bidding 0.50 goes to that one: the machines it cannot pay are not counted in
+    the walk's limit, so they cannot hide it (they did: the job waited with no placement)."""
+    since = NOW - 100
+    pricey = [machine(m, [GpuOffer(m, "a100", 40_000, 2_000_000, since)]) for m in range(1, 601)]
+    cheap = machine(601, [GpuOffer(601, "a100", 40_000, 300_000, since)])
+    low_bid = job(1, price=500_000, duration=60)
+    placements = place([low_bid], [*pricey, cheap], now=NOW, policy="v2")
+    assert [(p.job_id, p.machine_id, p.price) for p in placements] == [(1, 601, 300_000)]
+    # A machine with two pricey GPUs of one model and one cheap GPU each of two others: it is
+    # found through its pricey model's entry (the others have too few GPUs for a two-GPU job to
+    # be looked for under them), and the job for two GPUs at 0.50 takes the two cheap ones.
+    mixed = machine(
+        602,
+        [
+            GpuOffer(602, "a100", 40_000, 2_000_000, since),
+            GpuOffer(603, "a100", 40_000, 2_000_000, since),
+            GpuOffer(604, "h100", 80_000, 300_000, since),
+            GpuOffer(605, "l4", 24_000, 300_000, since),
+        ],
+    )
+    two = job(2, gpus=2, price=500_000, duration=60)
+    placed = place([two], [mixed], now=NOW, policy="v2")
+    assert [(p.machine_id, sorted(p.gpu_ids)) for p in placed] == [(602, [604, 605])]
+
+
 def test_v2_leaves_no_gpu_idle_when_more_jobs_wait_than_gpus_are_free() -> None:
     fleet = _history([200.0] * 100)
     flaky = Forecast(_history([150.0] * 40), fleet)
