@@ -66,7 +66,7 @@ def jobs_budget_unreserved(*, job_ids: Iterable[int]) -> dict[int, tuple[str, st
     ids = list(job_ids)
     states = {
         job_id: (status, reason)
-        for job_id, status, reason in BudgetAuthorization.objects.filter(job_id__in=ids).values_list(
+        for job_id, status, reason in BudgetAuthorization.objects.filter(job_id__any=ids).values_list(
             "job_id", "status", "rejected_reason"
         )
     }

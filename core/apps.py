@@ -7,8 +7,14 @@ class CoreConfig(AppConfig):
 
     def ready(self) -> None:
         from django.core.signals import request_finished
+        from django.db.models import Field, ForeignObject
 
         from core import logcontext
+        from core.lookups import AnyOf
+
+        # field__any=ids: integer ids as one array parameter (core.lookups).
+        Field.register_lookup(AnyOf)
+        ForeignObject.register_lookup(AnyOf)  # a relation's lookups are its own, not Field's
 
         # A request's log ids (core.logcontext) last until its answer is sent.
         request_finished.connect(logcontext.clear, dispatch_uid="core.logcontext.clear")

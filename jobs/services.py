@@ -345,12 +345,12 @@ def job_set_unplaced(*, reasons: dict[int, tuple[str, str]], now: datetime | Non
         for start in range(0, len(ids), 1000):
             with transaction.atomic():
                 held = list(
-                    Job.objects.filter(pk__in=ids[start : start + 1000], status=JS.PENDING)
+                    Job.objects.filter(pk__any=ids[start : start + 1000], status=JS.PENDING)
                     .order_by("pk")
                     .select_for_update(skip_locked=True)
                     .values_list("pk", flat=True)
                 )
-                Job.objects.filter(pk__in=held).update(
+                Job.objects.filter(pk__any=held).update(
                     unplaced_code=code, unplaced_detail=detail[:500], unplaced_checked_at=now
                 )
 

@@ -662,13 +662,13 @@ def _gpus_lock(gpu_ids: Iterable[int]) -> set[int]:
         return set()
     idle = [(gpu_id, machine_id) for gpu_id, state, machine_id in rows if state == GPU.State.IDLE]
     online = set(
-        Machine.objects.filter(pk__in={m for _, m in idle}, status=Machine.Status.ONLINE).values_list("pk", flat=True)
+        Machine.objects.filter(pk__any={m for _, m in idle}, status=Machine.Status.ONLINE).values_list("pk", flat=True)
     )
     candidates = [gpu_id for gpu_id, machine_id in idle if machine_id in online]
     in_lease: set[int] = set()
     for start in range(0, len(candidates), 1000):
         in_lease.update(
-            LeaseGPU.objects.filter(gpu_id__in=candidates[start : start + 1000], active=True).values_list(
+            LeaseGPU.objects.filter(gpu_id__any=candidates[start : start + 1000], active=True).values_list(
                 "gpu_id", flat=True
             )
         )
@@ -905,7 +905,7 @@ def _plan_write(plan: Sequence[policy.Placement]) -> tuple[list[policy.Placement
         try:
             with transaction.atomic():
                 held_jobs = set(
-                    Job.objects.filter(pk__in=[p.job_id for p in chunk], status=Job.Status.PENDING)
+                    Job.objects.filter(pk__any=[p.job_id for p in chunk], status=Job.Status.PENDING)
                     .select_for_update(skip_locked=True)
                     .values_list("pk", flat=True)
                 )

@@ -240,7 +240,7 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
     fleet = _counts_of(fleet_row, whose="the fleet")
     stamps = {
         machine_id: (decayed_at, stretches)
-        for machine_id, decayed_at, stretches in MachineIdleProfile.objects.filter(machine_id__in=ids).values_list(
+        for machine_id, decayed_at, stretches in MachineIdleProfile.objects.filter(machine_id__any=ids).values_list(
             "machine_id", "decayed_at", "stretches"
         )
     }
@@ -249,7 +249,7 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
         _READ.clear()
         stale = list(stamps)  # every profile asked for is read again, not only the changed ones
     if stale:
-        rows = MachineIdleProfile.objects.filter(machine_id__in=stale).values_list(
+        rows = MachineIdleProfile.objects.filter(machine_id__any=stale).values_list(
             "machine_id", "decayed_at", "stretches", "counts", "analogs"
         )
         for machine_id, decayed_at, stretches, counts, analogs in rows:
@@ -280,7 +280,7 @@ def machines_idle_since(*, machine_ids: Iterable[int]) -> dict[int, float | None
     if not ids:
         return result
     latest = (
-        GPU.objects.filter(machine_id__in=ids, state__in=AWAY_STATES, idle_since__isnull=False)
+        GPU.objects.filter(machine_id__any=ids, state__in=AWAY_STATES, idle_since__isnull=False)
         .order_by()
         .values("machine_id")
         .annotate(latest=Max("idle_since"))

@@ -42,17 +42,19 @@ def machines_available_until(*, machines: Iterable[tuple[int, int]], now: dateti
 
     provider_windows: dict[int, list[WindowSpec]] = defaultdict(list)
     machine_windows: dict[int, list[WindowSpec]] = defaultdict(list)
-    for w in AvailabilityWindow.objects.filter(provider_id__in=provider_ids).filter(
-        Q(machine__isnull=True) | Q(machine_id__in=machine_ids)
-    ):
+    # Every window and blackout of the providers, the other machines' left out here rather than
+    # in the query (an IN list of every machine id cost a tenth of a match cycle's fleet read).
+    for w in AvailabilityWindow.objects.filter(provider_id__any=provider_ids):
+        if w.machine_id is not None and w.machine_id not in machine_ids:
+            continue
         spec = WindowSpec(days=w.days, start=w.start_time, end=w.end_time, tz=w.timezone)
         (machine_windows[w.machine_id] if w.machine_id else provider_windows[w.provider_id]).append(spec)
 
     provider_blackouts: dict[int, list[Interval]] = defaultdict(list)
     machine_blackouts: dict[int, list[Interval]] = defaultdict(list)
-    for b in Blackout.objects.filter(provider_id__in=provider_ids, ends_at__gt=now).filter(
-        Q(machine__isnull=True) | Q(machine_id__in=machine_ids)
-    ):
+    for b in Blackout.objects.filter(provider_id__any=provider_ids, ends_at__gt=now):
+        if b.machine_id is not None and b.machine_id not in machine_ids:
+            continue
         iv = Interval(b.starts_at, b.ends_at)
         (machine_blackouts[b.machine_id] if b.machine_id else provider_blackouts[b.provider_id]).append(iv)
 

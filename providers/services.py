@@ -428,7 +428,7 @@ def gpus_lock(*, gpu_ids: Iterable[int], skip_locked: bool = False) -> list[tupl
     rows: list[tuple[int, str, int]] = []
     for start in range(0, len(ids), _GPU_LOCK_CHUNK):
         rows.extend(
-            GPU.objects.filter(pk__in=ids[start : start + _GPU_LOCK_CHUNK])
+            GPU.objects.filter(pk__any=ids[start : start + _GPU_LOCK_CHUNK])
             .order_by("pk")
             .select_for_update(skip_locked=skip_locked)
             .values_list("pk", "state", "machine_id")
@@ -452,7 +452,7 @@ def gpus_lease(*, gpu_ids: Sequence[int]) -> None:
     with transaction.atomic():  # a savepoint in the caller's transaction
         locked = gpus_lock(gpu_ids=gpu_ids)
         for start in range(0, len(gpu_ids), _GPU_LOCK_CHUNK):
-            GPU.objects.filter(pk__in=gpu_ids[start : start + _GPU_LOCK_CHUNK]).update(state=GPU.State.LEASED)
+            GPU.objects.filter(pk__any=gpu_ids[start : start + _GPU_LOCK_CHUNK]).update(state=GPU.State.LEASED)
         # Their machines' next heartbeats are full ones (with the start orders), before the
         # doorbell (registered after this) rings their agents.
         heartbeat_steady.forget(machine_id for _, _, machine_id in locked)
@@ -470,7 +470,7 @@ def gpus_release(*, gpu_ids: Sequence[int], state: str) -> None:
     with transaction.atomic():  # a savepoint in the caller's transaction
         gpus_lock(gpu_ids=gpu_ids)
         for start in range(0, len(gpu_ids), _GPU_LOCK_CHUNK):
-            GPU.objects.filter(pk__in=gpu_ids[start : start + _GPU_LOCK_CHUNK], state=GPU.State.LEASED).update(
+            GPU.objects.filter(pk__any=gpu_ids[start : start + _GPU_LOCK_CHUNK], state=GPU.State.LEASED).update(
                 state=state
             )
 
