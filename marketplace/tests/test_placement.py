@@ -308,6 +308,36 @@ def test_a_pool_kept_across_cycles_answers_as_a_fresh_one(policy: str) -> None:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
+def test_a_pool_built_a_machine_at_a_time_places_as_one_built_a_gpu_at_a_time(policy: str) -> None:
+    """`add_machine` (what place() uses) against `add` one GPU after another, on machines of
+    mixed models and floors, some GPUs with forecasts and idle stretches of their own, and a
+    machine offered twice (the second time with one more GPU)."""
+    rng = random.Random(7)
+    jobs, machines = random_world(rng)
+    forecasts = [
+        Forecast(_history([rng.expovariate(1 / mean) for _ in range(60)]), StretchCounts()) for mean in (300, 3000)
+    ]
+    for m in machines:
+        m.forecast = rng.choice(forecasts)
+        for g in m.gpus[::3]:
+            g.forecast, g.idle_since = rng.choice(forecasts), NOW - rng.uniform(0, 9000)
+    again = machine(
+        machines[4].id, [*machines[4].gpus, gpu(10_000)], region=machines[4].region, kinds=machines[4].kinds
+    )
+    by_machine, by_gpu = FreePool(policy), FreePool(policy)
+    for m in [*machines, again]:
+        by_machine.add_machine(m, now=NOW)
+        for g in m.gpus:
+            by_gpu.add(m, g, now=NOW)
+    assert len(by_machine) == len(by_gpu) == sum(len(m.gpus) for m in machines) + 1
+    placed = [pool_place(pool, jobs, now=NOW) for pool in (by_machine, by_gpu)]
+    assert placed[0]
+    assert [(p.job_id, p.machine_id, p.gpu_ids, p.price) for p in placed[0]] == [
+        (p.job_id, p.machine_id, p.gpu_ids, p.price) for p in placed[1]
+    ]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 def test_a_queue_kept_across_cycles_offers_jobs_as_a_fresh_one(policy: str) -> None:
     """Cycle after cycle: jobs arrive, some age past AGE_LIMIT_S between cycles, placed jobs
     come back with less work left (a preemption), renters' holdings change. A JobQueue kept
