@@ -335,6 +335,11 @@ def main() -> None:
                 "unplaced": result.unplaced,
                 "seconds": round(seconds, 3),
                 "placements_per_s": round(result.placed / seconds, 1) if seconds else None,
+                # Where `seconds` went (marketplace.matching.MatchResult).
+                "read_seconds": round(result.read_seconds, 3),
+                "plan_seconds": round(result.plan_seconds, 3),
+                "write_seconds": round(result.write_seconds, 3),
+                "reasons_seconds": round(result.reasons_seconds, 3),
                 # This process's CPU time: the database's share of `seconds` is the rest.
                 "cpu_seconds": round(cpu_seconds, 3),
                 "setup_seconds": round(setup_seconds, 3),

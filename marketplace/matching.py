@@ -130,7 +130,10 @@ def _price_text(micros: int) -> str:
 @dataclass
 class MatchResult:
     """What one cycle did. `unplaced` counts the considered jobs left pending (each with a
-    reason); `conflicts` counts chunks rolled back by the unique index."""
+    reason); `conflicts` counts chunks rolled back by the unique index. Where its `seconds`
+    went: reading the fleet, the pending jobs and what the policy needs of them (`read`), the
+    policy's choice (`plan`), the writes under row locks (`write`) and the reasons of the jobs
+    left pending (`reasons`); v1 adds up its chunks' parts."""
 
     considered: int = 0
     placed: int = 0
@@ -140,6 +143,10 @@ class MatchResult:
     chunks: int = 0
     conflicts: int = 0
     seconds: float = 0.0
+    read_seconds: float = 0.0
+    plan_seconds: float = 0.0
+    write_seconds: float = 0.0
+    reasons_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -151,6 +158,10 @@ class MatchResult:
             "chunks": self.chunks,
             "conflicts": self.conflicts,
             "seconds": round(self.seconds, 4),
+            "read_seconds": round(self.read_seconds, 4),
+            "plan_seconds": round(self.plan_seconds, 4),
+            "write_seconds": round(self.write_seconds, 4),
+            "reasons_seconds": round(self.reasons_seconds, 4),
         }
 
 
@@ -765,6 +776,7 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
 
     pool, fleet = _fleet_load(now=now)
     result.candidate_gpus = pool.free_count
+    result.read_seconds = time.perf_counter() - started
     cursor: tuple[datetime, int] | None = None
     while result.considered < limit:
         chunk_jobs: list[_Job] = []
@@ -777,7 +789,10 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
                 # Billing gate: only jobs whose budget the escrow holds are placed.
                 unfunded = billing_selectors.jobs_budget_unreserved(job_ids=[job.id for job in chunk_jobs])
                 placeable = [job for job in chunk_jobs if job.id not in unfunded]
+                mark = time.perf_counter()
                 placements = _chunk_place(pool, placeable) if pool.free_count else []
+                result.plan_seconds += time.perf_counter() - mark
+                mark = time.perf_counter()
                 placed_ids = leases_assign(
                     placements=[
                         Placement(
@@ -792,6 +807,8 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
                 # leases_assign skips a job that stopped being pending (it cannot while we hold
                 # its lock, but the count should say what was written).
                 placements = [p for p in placements if p[0].id in placed_ids]
+                result.write_seconds += time.perf_counter() - mark
+                mark = time.perf_counter()
                 job_set_unplaced(
                     reasons={
                         job.id: unfunded.get(job.id) or fleet.explain(job)  # the billing gate first
@@ -800,6 +817,7 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
                     },
                     now=now,
                 )
+                result.reasons_seconds += time.perf_counter() - mark
         except IntegrityError:
             # The unique index refused a GPU already in an active lease: our view of the fleet
             # is stale. Nothing of this chunk was written; the GPUs it chose stay out of the
@@ -935,29 +953,38 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     let marketplace.placement choose which jobs go where (its order is not FIFO: fair share,
     price and expected lost work), then write the plan under row locks (_plan_write) and
     record a reason on each job left pending."""
+    mark = time.perf_counter()
     pool, fleet = _fleet_load(now=now)
     result.candidate_gpus = pool.free_count
     jobs, requests = _pending_requests(limit)
     unfunded = billing_selectors.jobs_budget_unreserved(job_ids=list(requests))
     placeable = [request for job_id, request in requests.items() if job_id not in unfunded]
-    plan = (
-        policy.place(
+    plan: list[policy.Placement] = []
+    if placeable and pool.free_count:
+        offers, held = _offers(pool), _gpus_held_by_renter()
+        result.read_seconds = time.perf_counter() - mark
+        mark = time.perf_counter()
+        plan = policy.place(
             placeable,
-            _offers(pool),
+            offers,
             now=now.timestamp(),
             policy=name,
-            held_by_renter=_gpus_held_by_renter(),
+            held_by_renter=held,
             report=False,  # a placement's p_finish and expected loss are written nowhere (9 % of a cycle)
         )
-        if placeable and pool.free_count
-        else []
-    )
+        result.plan_seconds = time.perf_counter() - mark
+    else:
+        result.read_seconds = time.perf_counter() - mark
+    mark = time.perf_counter()
     written, result.conflicts = _plan_write(plan)
+    result.write_seconds = time.perf_counter() - mark
+    mark = time.perf_counter()
     placed_ids = {p.job_id for p in written}
     job_set_unplaced(
         reasons={job.id: unfunded.get(job.id) or fleet.explain(job) for job in jobs if job.id not in placed_ids},
         now=now,
     )
+    result.reasons_seconds = time.perf_counter() - mark
     result.considered = len(jobs)
     result.placed = len(written)
     result.gpus_leased = sum(len(p.gpu_ids) for p in written)

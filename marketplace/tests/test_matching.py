@@ -93,6 +93,21 @@ def test_job_is_placed_on_an_idle_gpu_at_the_gpu_floor():
     assert result.as_dict()["unplaced"] == 0
 
 
+def test_a_cycle_says_where_its_time_went() -> None:
+    """Reading, the policy's plan, the writes and the reasons, each measured, together no more
+    than the whole cycle (benchmarks/matching.py prints them)."""
+    machine(gpus=2, price_floor=Decimal("0.35"))
+    job(max_price_per_gpu_hour=Decimal("1.00"))
+    job(max_price_per_gpu_hour=Decimal("0.10"))  # below every floor: a reason is written
+
+    figures = matching.match_cycle().as_dict()
+
+    assert figures["placed"] == 1
+    parts = [figures[f"{part}_seconds"] for part in ("read", "plan", "write", "reasons")]
+    assert all(part > 0 for part in parts), figures
+    assert sum(parts) <= figures["seconds"] + 0.001
+
+
 def test_multi_gpu_job_gets_all_its_gpus_on_one_machine():
     machine(gpus=2)
     machine(gpus=2)
