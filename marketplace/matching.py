@@ -783,12 +783,14 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
         placements: list[_Chosen] = []
         try:
             with transaction.atomic():
+                mark = time.perf_counter()
                 chunk_jobs = _jobs_lock(after=cursor, limit=min(CHUNK_SIZE, limit - result.considered))
                 if not chunk_jobs:
                     break
                 # Billing gate: only jobs whose budget the escrow holds are placed.
                 unfunded = billing_selectors.jobs_budget_unreserved(job_ids=[job.id for job in chunk_jobs])
                 placeable = [job for job in chunk_jobs if job.id not in unfunded]
+                result.read_seconds += time.perf_counter() - mark
                 mark = time.perf_counter()
                 placements = _chunk_place(pool, placeable) if pool.free_count else []
                 result.plan_seconds += time.perf_counter() - mark
@@ -959,12 +961,12 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     jobs, requests = _pending_requests(limit)
     unfunded = billing_selectors.jobs_budget_unreserved(job_ids=list(requests))
     placeable = [request for job_id, request in requests.items() if job_id not in unfunded]
-    plan: list[policy.Placement] = []
-    if placeable and pool.free_count:
-        offers, held = _offers(pool), _gpus_held_by_renter()
-        result.read_seconds = time.perf_counter() - mark
-        mark = time.perf_counter()
-        plan = policy.place(
+    planning = bool(placeable and pool.free_count)
+    offers, held = (_offers(pool), _gpus_held_by_renter()) if planning else ([], {})
+    result.read_seconds = time.perf_counter() - mark
+    mark = time.perf_counter()
+    plan = (
+        policy.place(
             placeable,
             offers,
             now=now.timestamp(),
@@ -972,9 +974,10 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
             held_by_renter=held,
             report=False,  # a placement's p_finish and expected loss are written nowhere (9 % of a cycle)
         )
-        result.plan_seconds = time.perf_counter() - mark
-    else:
-        result.read_seconds = time.perf_counter() - mark
+        if planning
+        else []
+    )
+    result.plan_seconds = time.perf_counter() - mark
     mark = time.perf_counter()
     written, result.conflicts = _plan_write(plan)
     result.write_seconds = time.perf_counter() - mark

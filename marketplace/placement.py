@@ -347,7 +347,7 @@ class FreePool:
         judged: dict[tuple[int, float], tuple[Survival, Analogs | None, float, float]] | None,
     ) -> _Gpu:
         """The pool's record of a GPU of the machine `offer`, in its class, judged (v2), kept in
-        `gpus` (not yet in its machine's lists). `judged`: the judgements made so far for one
+        the pool's `gpus` (not yet in its machine's lists). `judged`: the judgements made so far for one
         machine, by forecast and idle stretch (GPUs without their own share the machine's)."""
         if not self._offered:
             self._one_floor, self._offered = gpu.floor, True
@@ -645,10 +645,7 @@ def _walk_up(
     passed over; each walked added to it), at most _WALK_LIMIT."""
     heads = []
     for k, i in enumerate(starts):
-        at, n = floors[k], len(floors[k])
-        while i < n and at[i] > ceiling:  # _from, inlined: this runs for every class of every job
-            i += 1
-        if i < n:
+        if (i := _from(floors[k], ceiling, i)) < len(lists[k]):
             heads.append((lists[k][i], k, i))
     heapq.heapify(heads)
     walked = 0
