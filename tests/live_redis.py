@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import redis
@@ -20,3 +21,23 @@ def live_redis(what: str) -> str:
             pytest.fail(f"CI runs {what} against a real Redis, and {REDIS} does not answer")
         pytest.skip(f"no Redis at {REDIS}")
     return REDIS
+
+
+def redis_settings(settings: Any, what: str) -> str:
+    """`settings` (pytest-django's fixture) as the marketplace's own with REDIS_URL set at the
+    live Redis (else skip, or fail in CI, as `live_redis`): REDIS_URL, and the default cache in
+    that Redis, where the rate limits keep their counters (marketplace/settings.py). A run on
+    SQLite without REDIS_URL has the cache in memory otherwise. Returns the URL."""
+    url = live_redis(what)
+    settings.REDIS_URL = url
+    if settings.CACHES["default"]["BACKEND"] != "core.cache.RedisCache":
+        settings.CACHES = {
+            **settings.CACHES,
+            "default": {
+                "BACKEND": "core.cache.RedisCache",
+                "LOCATION": url,
+                "KEY_PREFIX": settings.CACHE_KEY_PREFIX,
+                "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
+            },
+        }
+    return url

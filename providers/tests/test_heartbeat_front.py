@@ -22,7 +22,7 @@ from tests.factories import (
     gpu_entry,
     through_front,
 )
-from tests.live_redis import live_redis
+from tests.live_redis import redis_settings
 
 pytestmark = pytest.mark.django_db
 
@@ -32,7 +32,7 @@ CAPABILITIES = capabilities_report(kinds=("container",))
 
 @pytest.fixture(autouse=True)
 def steady(settings: Any) -> Iterator[None]:
-    settings.REDIS_URL = live_redis("the steady heartbeat")
+    redis_settings(settings, "the steady heartbeat")
     settings.GPGPU = {**settings.GPGPU, "HEARTBEAT_STEADY_PATH": True, "TELEMETRY_SAMPLE_INTERVAL_S": 10**9}
     yield
 

@@ -26,7 +26,7 @@ from tests.factories import (
     heartbeat,
     placed_lease,
 )
-from tests.live_redis import live_redis
+from tests.live_redis import redis_settings
 
 pytestmark = pytest.mark.django_db
 
@@ -42,7 +42,7 @@ def steady(settings: Any, request: pytest.FixtureRequest) -> Iterator[None]:
     every test twice: the steady answer tried by the view (Django's test client, runserver's
     handler) and by the WSGI layer in front of Django (providers.heartbeat_front), as the
     marketplace's WSGI app runs it."""
-    settings.REDIS_URL = live_redis("the steady heartbeat")
+    redis_settings(settings, "the steady heartbeat")
     settings.GPGPU = {**settings.GPGPU, "HEARTBEAT_STEADY_PATH": True, "TELEMETRY_SAMPLE_INTERVAL_S": 10**9}
     _ENTRY[0] = request.param
     yield
