@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
+from rest_framework.throttling import SimpleRateThrottle
 
 from tests import db_template
 from tests.s3 import S3Store, s3_storage
@@ -143,6 +144,30 @@ def fleet_summary_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
     monkeypatch.setattr(tasks.summarise_fleet_soon, "apply_async", lambda *args, **kwargs: sent.append(kwargs))
     soon.marker_delete(fleet_summary._QUEUED_KEY)
     return sent
+
+
+@pytest.fixture(autouse=True)
+def rate_limits_fresh() -> None:
+    """Each test starts with rate-limit counters of its own, as it starts with an empty database.
+    The counters live in the cache (Redis, or this process's memory), which outlives a test, and
+    everything a worker's tests send comes from 127.0.0.1: its earlier tests' registrations (an
+    agent registering through a live server, a test of the register endpoint) counted against a
+    later test's 20 a minute, which then answered 429, depending on which modules the worker drew
+    before. In Redis only this process's counters are removed (each test process has a key prefix
+    of its own); this process's memory, when there is no Redis, is emptied."""
+    from django.core.cache import caches
+
+    from core import throttling
+
+    cache = caches["default"]
+    pattern = cache.make_key(SimpleRateThrottle.cache_format % {"scope": "*", "ident": "*"})
+    log = throttling.redis_log()
+    if log is None:
+        cache.clear()
+        return
+    client = log[0]
+    if keys := list(client.scan_iter(match=pattern, count=1000)):
+        client.delete(*keys)
 
 
 @pytest.fixture(autouse=True)
