@@ -205,6 +205,7 @@ def provider_client(db):  # type: ignore[no-untyped-def]
 # run without them; CI runs everything. Each with what makes it slow.
 SLOW_MODULES = {
     "tests/test_agent_end_to_end.py": "real agents against a live server, owners coming and going",
+    "tests/test_agent_outage.py": "a real agent through a minute-long outage of the marketplace",
     "tests/test_billing_end_to_end.py": "a live server, agents and a chain",
     "client/tests/test_client_live.py": "the renter CLI against a live server and a simulated agent",
     "client/tests/test_client_wallet_live.py": "the wallet and provider commands against a live server",
@@ -239,8 +240,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # spread over workers a module at a time, one of them drawn last would run on alone at the end.
 # scripts/test passes --no-loadscope-reorder, or xdist would order modules by their test count.
 LONGEST_MODULES = (
-    "tests/test_agent_end_to_end.py",  # 111
     "agent/tests/test_container_engine.py",  # 78
+    "tests/test_agent_outage.py",  # 68
+    "tests/test_agent_end_to_end.py",  # 59
     "agent/tests/test_container_runner.py",  # 49
     "billing/tests/test_chain_faults.py",  # 26 (on anvil only: tests/depth.py)
     "agent/tests/test_daemon.py",  # 36
