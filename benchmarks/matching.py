@@ -71,7 +71,14 @@ def _parse() -> argparse.Namespace:
     parser.add_argument(
         "--policy", choices=("v2", "v1", "first-fit"), default="v2", help="the placement policy (MATCH_POLICY)"
     )
+    parser.add_argument(
+        "--writers",
+        type=int,
+        help="connections writing the plan's chunks at once (MATCH_WRITERS; default: the setting's)",
+    )
     args = parser.parse_args()
+    if args.writers is not None and args.writers < 1:
+        parser.error("--writers must be at least 1")
     for name in ("machines", "gpus_per_machine", "jobs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -82,6 +89,8 @@ def _parse() -> argparse.Namespace:
 
 def _setup(args: argparse.Namespace) -> None:
     os.environ["MATCH_POLICY"] = args.policy
+    if args.writers is not None:
+        os.environ["MATCH_WRITERS"] = str(args.writers)
     django_setup(database_url=args.database_url)
 
 
@@ -305,6 +314,7 @@ def main() -> None:
     _setup(args)
     _check_database(args)
 
+    from django.conf import settings
     from django.db import connection
 
     from marketplace.matching import match_cycle
@@ -327,6 +337,7 @@ def main() -> None:
         json.dumps(
             {
                 "policy": args.policy,
+                "writers": settings.GPGPU["MATCH_WRITERS"],
                 "gpus": len(created["gpus"]),
                 "jobs": len(created["jobs"]),
                 "placed": result.placed,

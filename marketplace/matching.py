@@ -9,7 +9,8 @@ Which job goes where is decided by a placement policy, settings.MATCH_POLICY:
   `placement.place` returns the plan (fair share across renters, price when short, aging, long
   jobs where owners stay away longest); `_plan_write` writes it in transactions of CHUNK_SIZE
   placements, each locking its jobs (still pending) and GPUs (still candidates) with SKIP
-  LOCKED, so a placement another worker got to first is dropped, never written twice.
+  LOCKED, so a placement another worker got to first is dropped, never written twice; on
+  PostgreSQL MATCH_WRITERS connections write the chunks at once.
 - `v1`: the rule below, matched and written chunk by chunk in FIFO order (also
   `placement.place(..., policy="v1")` for the simulator); `first-fit` for comparison.
 
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import threading
 import time
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
@@ -67,7 +69,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, connections, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
@@ -917,37 +919,75 @@ def _plan_write(plan: Sequence[policy.Placement]) -> tuple[list[policy.Placement
     """Write the plan in transactions of CHUNK_SIZE placements: each locks its jobs (still
     pending) and GPUs (still candidates), skipping rows another worker holds, and writes the
     placements whose job and GPUs it holds; the others wait for the next cycle. Returns what
-    was written and how many chunks the unique index refused."""
-    written: list[policy.Placement] = []
-    conflicts = 0
-    for start in range(0, len(plan), CHUNK_SIZE):
-        chunk = plan[start : start + CHUNK_SIZE]
-        try:
-            with transaction.atomic():
-                held_jobs = set(
-                    Job.objects.filter(pk__any=[p.job_id for p in chunk], status=Job.Status.PENDING)
-                    .select_for_update(skip_locked=True)
-                    .values_list("pk", flat=True)
-                )
-                wanted = [p for p in chunk if p.job_id in held_jobs]
-                held_gpus = _gpus_lock({gpu_id for p in wanted for gpu_id in p.gpu_ids})
-                ready = [p for p in wanted if all(gpu_id in held_gpus for gpu_id in p.gpu_ids)]
-                placed_ids = leases_assign(
-                    placements=[
-                        Placement(
-                            job_id=p.job_id,
-                            machine_id=p.machine_id,
-                            gpu_ids=p.gpu_ids,
-                            price_per_gpu_hour=_from_micros(p.price),
-                        )
-                        for p in ready
-                    ]
-                )
-                written.extend(p for p in ready if p.job_id in placed_ids)
-        except IntegrityError:
-            logger.warning("matching: %d placements rolled back on a lease conflict", len(chunk), exc_info=True)
-            conflicts += 1
-    return written, conflicts
+    was written and how many chunks the unique index refused.
+
+    On PostgreSQL, outside a caller's transaction, MATCH_WRITERS connections write the chunks at
+    once (this thread and MATCH_WRITERS - 1 others, each taking every MATCH_WRITERS-th chunk): a
+    chunk's time is mostly PostgreSQL's, one connection keeps one of its processes busy, and
+    the chunks of one plan share no job and no GPU, so they lock nothing of each other's (as two
+    matcher workers' chunks do not). Inside a transaction (a caller's, a test's) other
+    connections would not see its rows: one writer then."""
+    chunks = [plan[start : start + CHUNK_SIZE] for start in range(0, len(plan), CHUNK_SIZE)]
+    writers = min(settings.GPGPU["MATCH_WRITERS"], len(chunks))
+    if writers < 2 or connection.vendor != "postgresql" or connection.in_atomic_block:
+        done = [_chunk_write(chunk) for chunk in chunks]
+    else:
+        slots: list[tuple[list[policy.Placement], bool] | None] = [None] * len(chunks)
+        failures: list[BaseException] = []
+
+        def write_every(first: int) -> None:
+            try:
+                for index in range(first, len(chunks), writers):
+                    if failures:  # another writer failed: the cycle fails, as one writer would
+                        return
+                    slots[index] = _chunk_write(chunks[index])
+            except BaseException as error:  # handed to the calling thread, raised there
+                failures.append(error)
+            finally:
+                if first:  # a thread of its own: its connection goes with it
+                    connections.close_all()
+
+        threads = [threading.Thread(target=write_every, args=(first,), daemon=True) for first in range(1, writers)]
+        for thread in threads:
+            thread.start()
+        write_every(0)
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
+        done = [slot for slot in slots if slot is not None]
+    written = [p for placed, _ in done for p in placed]
+    return written, sum(1 for _, refused in done if refused)
+
+
+def _chunk_write(chunk: Sequence[policy.Placement]) -> tuple[list[policy.Placement], bool]:
+    """One chunk of _plan_write in a transaction of its own: (what it wrote, whether the unique
+    index refused it)."""
+    try:
+        with transaction.atomic():
+            held_jobs = set(
+                Job.objects.filter(pk__any=[p.job_id for p in chunk], status=Job.Status.PENDING)
+                .select_for_update(skip_locked=True)
+                .values_list("pk", flat=True)
+            )
+            wanted = [p for p in chunk if p.job_id in held_jobs]
+            held_gpus = _gpus_lock({gpu_id for p in wanted for gpu_id in p.gpu_ids})
+            ready = [p for p in wanted if all(gpu_id in held_gpus for gpu_id in p.gpu_ids)]
+            placed_ids = leases_assign(
+                placements=[
+                    Placement(
+                        job_id=p.job_id,
+                        machine_id=p.machine_id,
+                        gpu_ids=p.gpu_ids,
+                        price_per_gpu_hour=_from_micros(p.price),
+                    )
+                    for p in ready
+                ]
+            )
+            return [p for p in ready if p.job_id in placed_ids], False
+    except IntegrityError:
+        logger.warning("matching: %d placements rolled back on a lease conflict", len(chunk), exc_info=True)
+        return [], True
 
 
 def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchResult) -> None:

@@ -480,6 +480,8 @@ GPGPU = {
     # The matching loop's period, and the most pending jobs one cycle considers.
     "MATCH_INTERVAL_S": env_int("MATCH_INTERVAL_S", 5, minimum=1),
     "MATCH_BATCH_SIZE": env_int("MATCH_BATCH_SIZE", 20000, minimum=1),
+    # Connections that write a planned cycle's chunks at once, on PostgreSQL (marketplace.matching).
+    "MATCH_WRITERS": env_int("MATCH_WRITERS", 2, minimum=1),
     # A lease the agent has not started within this many seconds is given up and re-queued.
     "LEASE_START_TIMEOUT_S": env_int("LEASE_START_TIMEOUT_S", 120, minimum=10),
     # How often a job may be placed before it fails (failed starts, lost machines).

@@ -198,3 +198,70 @@ def test_recording_why_jobs_wait_never_waits_on_a_job_another_transaction_holds(
 
     assert Job.objects.get(pk=free.pk).unplaced_code == "no_idle_gpu"
     assert Job.objects.get(pk=held.pk).unplaced_code == ""  # skipped: its holder decides
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_planned_cycle_writes_its_chunks_on_two_connections_at_once(
+    policy: str, monkeypatch: Any, settings: Any
+) -> None:
+    """A planned cycle's chunks are written by MATCH_WRITERS connections at the same time
+    (marketplace.matching._plan_write), each chunk once, and every job placed once."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: other connections see the test's rows only once committed")
+    if policy == "v1":
+        pytest.skip("v1 writes each chunk as it places it, one connection")
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
+    settings.GPGPU = {**settings.GPGPU, "MATCH_WRITERS": 2}
+    _fleet_and_jobs(machines=11, gpus_per_machine=1, jobs=11)  # 4 chunks: 3, 3, 3, 2
+    write = matching._chunk_write
+    both_writing = threading.Barrier(2, timeout=20)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    waited: set[int] = set()
+
+    def chunk_write(chunk: Any) -> Any:
+        if threading.get_ident() not in waited:  # each writer's first chunk: the other must be at its own
+            waited.add(threading.get_ident())
+            both_writing.wait()
+        connection.ensure_connection()  # a writer thread's connection opens at its first query
+        seen.append((connection.connection.info.backend_pid, tuple(sorted(p.job_id for p in chunk))))
+        return write(chunk)
+
+    monkeypatch.setattr(matching, "_chunk_write", chunk_write)
+    result = matching.match_cycle()
+
+    assert result.placed == 11 and result.chunks == 4 and result.conflicts == 0
+    assert len({pid for pid, _ in seen}) == 2
+    chunked = [job_id for _, job_ids in seen for job_id in job_ids]
+    assert sorted(chunked) == sorted(Job.objects.values_list("pk", flat=True))  # each job in one chunk, once
+    assert Job.objects.filter(status=Job.Status.SCHEDULED).count() == 11
+    assert Lease.objects.values("job_id").distinct().count() == Lease.objects.count() == 11
+    assert LeaseGPU.objects.filter(active=True).values("gpu_id").distinct().count() == 11
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_chunk_writer_that_fails_fails_the_cycle(policy: str, monkeypatch: Any, settings: Any) -> None:
+    """An error in a chunk written on another thread reaches the cycle (and the task's failure
+    count), as it would with one writer, instead of dying with its thread."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: other connections see the test's rows only once committed")
+    if policy == "v1":
+        pytest.skip("v1 writes each chunk as it places it, one connection")
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 2)
+    settings.GPGPU = {**settings.GPGPU, "MATCH_WRITERS": 2}
+    _fleet_and_jobs(machines=6, gpus_per_machine=1, jobs=6)
+    write = matching._chunk_write
+    caller = threading.get_ident()
+
+    def chunk_write(chunk: Any) -> Any:
+        if threading.get_ident() != caller:
+            raise RuntimeError("the database went away under this writer")
+        return write(chunk)
+
+    monkeypatch.setattr(matching, "_chunk_write", chunk_write)
+    with pytest.raises(RuntimeError, match="went away under this writer"):
+        matching.match_cycle()
+    # What the calling thread's writer committed stays, as chunks committed before a failure do.
+    assert Job.objects.filter(status=Job.Status.SCHEDULED).count() == Lease.objects.count() <= 4
