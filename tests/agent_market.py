@@ -132,6 +132,40 @@ class Outage:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
+def simulated_agent(*, state_dir: Path, rentals_dir: Path, url: str, turn: Any) -> tuple[Agent, TurnTransport]:
+    """The agent of a machine registered in `state_dir`, as the end-to-end tests run it: one
+    simulated RTX 4090 whose owner stays away, process jobs in the real sandbox under
+    `rentals_dir`, quick polls and heartbeats, its calls taking turns with `turn`. Built, not
+    started; the test is skipped where the process sandbox is missing (failed in CI)."""
+    config = load_config(
+        {
+            "state_dir": str(state_dir),
+            "marketplace_url": url,
+            "simulate": True,
+            "allow_process_jobs": True,
+            "rentals_dir": str(rentals_dir),
+            "simulate_owners_idle": True,
+            "simulate_gpus": "NVIDIA GeForce RTX 4090:24564",
+            "poll_interval_s": "0.2",
+            "heartbeat_interval_s": "0.5",
+            "usage_interval_s": "1",
+            "idle_grace_s": "0",
+            "stop_grace_s": "5",
+        },
+        environ={},
+    )
+    credential = load_credential(config.credential_path)
+    transport = TurnTransport(config.marketplace_url, credential.credential, turn=turn, timeout_s=5)
+    agent = build_agent(config, credential, transport=transport)
+    if "process" not in agent.runner.accepts:  # type: ignore[attr-defined]
+        why = agent.runner.refused.get("process")  # type: ignore[attr-defined]
+        agent.outbox.close()
+        if os.environ.get("CI"):
+            pytest.fail(f"the process sandbox is missing in CI: {why}")
+        pytest.skip(f"process jobs cannot run sandboxed here: {why}")
+    return agent, transport
+
+
 class Market:
     """A live marketplace, a renter session, and the agent(s) of one simulated machine."""
 
@@ -168,32 +202,9 @@ class Market:
         assert code == 0
 
     def start_agent(self, agent_url: str | None = None) -> Agent:
-        config = load_config(
-            {
-                "state_dir": str(self.state_dir),
-                "marketplace_url": agent_url or self.url,
-                "simulate": True,
-                "allow_process_jobs": True,
-                "rentals_dir": str(self.rentals_dir),
-                "simulate_owners_idle": True,
-                "simulate_gpus": "NVIDIA GeForce RTX 4090:24564",
-                "poll_interval_s": "0.2",
-                "heartbeat_interval_s": "0.5",
-                "usage_interval_s": "1",
-                "idle_grace_s": "0",
-                "stop_grace_s": "5",
-            },
-            environ={},
+        agent, self.transport = simulated_agent(
+            state_dir=self.state_dir, rentals_dir=self.rentals_dir, url=agent_url or self.url, turn=self.turn
         )
-        credential = load_credential(config.credential_path)
-        self.transport = TurnTransport(config.marketplace_url, credential.credential, turn=self.turn, timeout_s=5)
-        agent = build_agent(config, credential, transport=self.transport)
-        if "process" not in agent.runner.accepts:  # type: ignore[attr-defined]
-            why = agent.runner.refused.get("process")  # type: ignore[attr-defined]
-            agent.outbox.close()
-            if os.environ.get("CI"):
-                pytest.fail(f"the process sandbox is missing in CI: {why}")
-            pytest.skip(f"process jobs cannot run sandboxed here: {why}")
         agent.backoff = Backoff(base_s=0.2, cap_s=2.0)  # come back quickly after the outage
         self.agent = agent
         self.thread = threading.Thread(target=agent.run, name="agent", daemon=True)

@@ -6,7 +6,7 @@ The CLI runs in-process (gpgpu_client.cli.main) in a thread, while this thread d
 marketplace's workers would: it marks each new job's budget reserved (the billing gate: the chain
 half is billing's tests' business) and runs match cycles. On SQLite the live server shares one
 connection with this thread, so every HTTP call (the CLI's and the agent's) and this thread's
-work take turns (a lock), as tests/test_agent_end_to_end.py does."""
+work take turns (a lock), as the end-to-end tests do (tests/agent_market.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +27,17 @@ import requests
 from django.db import connection
 
 from gpgpu_agent import cli as agent_cli
-from gpgpu_agent.config import load_config
-from gpgpu_agent.credentials import load_credential
-from gpgpu_agent.daemon import Agent, build_agent
-from gpgpu_agent.transport import HttpTransport
 from gpgpu_client.cli import main
 from jobs.models import Job
 from marketplace.matching import match_cycle
+from tests.agent_market import SANDBOX_PYTHON, simulated_agent
 from tests.factories import ProviderFactory, RenterFactory, budget_reserved, token_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(180)]
 
 DEADLINE_S = 60.0
-# Jobs run in the sandbox, which shows /usr only: a virtualenv's python is not there.
 # What the renter deposited (micro): enough for the job's budget, reserved at submission.
 FUNDS_MICRO = 50 * 10**6
-SANDBOX_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
-
-
-class TurnTransport(HttpTransport):
-    """The agent's transport, its calls taking turns with the test thread."""
-
-    def __init__(self, *args: Any, turn: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.turn = turn
-
-    def _post(
-        self, path: str, body: Mapping[str, Any], *, authenticated: bool = True, timeout_s: float | None = None
-    ) -> dict[str, Any]:
-        with self.turn:
-            return super()._post(path, body, authenticated=authenticated, timeout_s=timeout_s)
 
 
 class TurnSession(requests.Session):
@@ -86,33 +67,11 @@ class Rig:
             ]
         )
         assert code == 0
-        config = load_config(
-            {
-                "state_dir": str(self.state_dir),
-                "marketplace_url": url,
-                "simulate": True,
-                "allow_process_jobs": True,
-                "rentals_dir": str(self.rentals_dir),
-                "simulate_owners_idle": True,
-                "simulate_gpus": "NVIDIA GeForce RTX 4090:24564",
-                "poll_interval_s": "0.2",
-                "heartbeat_interval_s": "0.5",
-                "usage_interval_s": "1",
-                "idle_grace_s": "0",
-                "stop_grace_s": "5",
-            },
-            environ={},
-        )
-        credential = load_credential(config.credential_path)
-        transport = TurnTransport(config.marketplace_url, credential.credential, turn=turn, timeout_s=5)
-        self.agent: Agent = build_agent(config, credential, transport=transport)
-        if "process" not in self.agent.runner.accepts:  # type: ignore[attr-defined]
-            why = self.agent.runner.refused.get("process")  # type: ignore[attr-defined]
-            self.agent.outbox.close()
+        try:
+            self.agent, _ = simulated_agent(state_dir=self.state_dir, rentals_dir=self.rentals_dir, url=url, turn=turn)
+        except BaseException:  # skipped (no sandbox here) or failed: nothing of it is left
             shutil.rmtree(self.rentals_dir, ignore_errors=True)
-            if os.environ.get("CI"):
-                pytest.fail(f"the process sandbox is missing in CI: {why}")
-            pytest.skip(f"process jobs cannot run sandboxed here: {why}")
+            raise
         self.thread = threading.Thread(target=self.agent.run, name="agent", daemon=True)
         self.thread.start()
 
