@@ -200,26 +200,28 @@ def test_recording_why_jobs_wait_never_waits_on_a_job_another_transaction_holds(
     assert Job.objects.get(pk=held.pk).unplaced_code == ""  # skipped: its holder decides
 
 
-@pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)
-def test_a_planned_cycle_writes_its_chunks_on_two_connections_at_once(
-    policy: str, monkeypatch: Any, settings: Any
-) -> None:
-    """A planned cycle's chunks are written by MATCH_WRITERS connections at the same time
-    (marketplace.matching._plan_write), each chunk once, and every job placed once: run as beat
-    runs it, the Celery task under its lock (which holds no transaction that would keep the
-    writers to one connection)."""
+@pytest.fixture
+def two_writers(policy: str, settings: Any) -> None:
+    """A planned cycle's chunks written by two connections (MATCH_WRITERS) on PostgreSQL."""
     if connection.vendor != "postgresql":
         pytest.skip("needs PostgreSQL: other connections see the test's rows only once committed")
     if policy == "v1":
         pytest.skip("v1 writes each chunk as it places it, one connection")
-    monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
     settings.GPGPU = {**settings.GPGPU, "MATCH_WRITERS": 2}
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_planned_cycle_writes_its_chunks_on_two_connections_at_once(two_writers: None, monkeypatch: Any) -> None:
+    """A planned cycle's chunks are written by MATCH_WRITERS connections at the same time
+    (marketplace.matching._plan_write), each chunk once, and every job placed once: run as beat
+    runs it, the Celery task under its lock (which holds no transaction that would keep the
+    writers to one connection)."""
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
     _fleet_and_jobs(machines=11, gpus_per_machine=1, jobs=11)  # 4 chunks: 3, 3, 3, 2
     write = matching._chunk_write
     both_writing = threading.Barrier(2, timeout=20)
     seen: list[tuple[int, tuple[int, ...]]] = []
-
     waited: set[int] = set()
 
     def chunk_write(chunk: Any) -> Any:
@@ -244,15 +246,10 @@ def test_a_planned_cycle_writes_its_chunks_on_two_connections_at_once(
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_chunk_writer_that_fails_fails_the_cycle(policy: str, monkeypatch: Any, settings: Any) -> None:
+def test_a_chunk_writer_that_fails_fails_the_cycle(two_writers: None, monkeypatch: Any) -> None:
     """An error in a chunk written on another thread reaches the cycle (and the task's failure
     count), as it would with one writer, instead of dying with its thread."""
-    if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL: other connections see the test's rows only once committed")
-    if policy == "v1":
-        pytest.skip("v1 writes each chunk as it places it, one connection")
     monkeypatch.setattr(matching, "CHUNK_SIZE", 2)
-    settings.GPGPU = {**settings.GPGPU, "MATCH_WRITERS": 2}
     _fleet_and_jobs(machines=6, gpus_per_machine=1, jobs=6)
     write = matching._chunk_write
     caller = threading.get_ident()
