@@ -29,7 +29,7 @@ Policies (`POLICIES`):
     away with probability `P_TARGET`, from its forecast (providers.forecasting: its own
     stretches by hour of the week, blended with the fleet prior), conditioned on how long the
     owner has been away already (judged at grid ages 0, 60 s, then growing by half: see
-    `_age_step`), or, where longer, the time its analogs give (`Analogs.safe_until`: the
+    `_grid_step`), or, where longer, the time its analogs give (`Analogs.safe_until`: the
     stretches that began at the same time on the days before, scaled by how well they read
     this machine before). A placement's safe-until is the earliest of its GPUs'. The job goes to the
     fitting placement whose safe-until is the *earliest that still covers the job's
@@ -166,6 +166,10 @@ class GpuOffer:
     # forecast; None: the machine's.
     idle_since: float | None = None
     forecast: Forecast | None = None
+    # v2's judgements of this GPU's idle stretch made ahead (`judge_ahead`), where its forecast
+    # is kept elsewhere (the simulator learns in a process of its own); None: judged here, from
+    # the forecast (which, where given too, still gives placements' reports their figures).
+    judged: Sequence[float] | None = None
 
 
 @dataclass(slots=True)
@@ -194,14 +198,18 @@ class Placement:
 _Class = tuple[str, int, str, int]  # model, VRAM, region, kinds
 
 
-def _age_step(age_s: float) -> tuple[float, float]:
-    """(the grid age at or below `age_s`, the next grid age). v2 judges a GPU at grid ages
-    (0, then 60 s growing by half each step), so a pool kept across cycles recomputes a
+def _grid_step(age_s: float) -> int:
+    """The step of the grid age at or below `age_s`. v2 judges a GPU at grid ages (step 0: 0 s,
+    step 1: 60 s, then growing by half each step), so a pool kept across cycles recomputes a
     GPU's horizon O(log stretch) times per stretch and answers as one built from scratch."""
     if age_s < 60:
-        return 0.0, 60.0
-    k = math.floor(math.log(age_s / 60) / _LOG_STEP + 1e-9)
-    return 60 * _AGE_GROWTH**k, 60 * _AGE_GROWTH ** (k + 1)
+        return 0
+    return math.floor(math.log(age_s / 60) / _LOG_STEP + 1e-9) + 1
+
+
+def grid_age(step: int) -> float:
+    """The grid age of a step (`_grid_step`), seconds."""
+    return 0.0 if step == 0 else 60 * _AGE_GROWTH ** (step - 1)
 
 
 _AGE_GROWTH = 1.5
@@ -211,7 +219,38 @@ _LOG_STEP = math.log(_AGE_GROWTH)
 def _judgement(curve: Survival, analogs: Analogs | None, idle_since: float, now: float) -> tuple[float, float]:
     """v2: (a GPU idle since `idle_since` is still free at this time with probability
     P_TARGET, judged at its grid age now; the next grid age)."""
-    grid, following = _age_step(max(now - idle_since, 0.0))
+    step = _grid_step(max(now - idle_since, 0.0))
+    return _judged_at(curve, analogs, idle_since, grid_age(step)), grid_age(step + 1)
+
+
+def _ahead(judged: Sequence[float], idle_since: float, now: float) -> tuple[float, float]:
+    """`_judgement` from judgements made ahead (`judge_ahead`)."""
+    step = _grid_step(max(now - idle_since, 0.0))
+    return judged[step], grid_age(step + 1)
+
+
+def judge_ahead(forecast: Forecast, idle_since: float, until_age_s: float) -> list[float]:
+    """v2's judgements of an idle stretch at each grid age up to `until_age_s`, made now: what
+    the pool judges from `forecast` at those ages (`GpuOffer.judged`). The same as judging at
+    the time where nothing the forecast reads changes meanwhile: a GPU's forecast, its curves
+    and its analogs change only when its stretch ends, or when the next one begins."""
+    curve, analogs = forecast.curve(hour_of_week(idle_since)), forecast.analogs
+    grids = [0.0]
+    while (grid := grid_age(len(grids))) <= until_age_s:
+        grids.append(grid)
+    # _judged_at at each grid age, in one walk of the curve and one reading of the analogs.
+    ats = [idle_since + grid for grid in grids]
+    judged = [at + more for at, more in zip(ats, curve.quantiles_more(grids, P_TARGET), strict=True)]
+    if analogs is not None:
+        for i, read in enumerate(analogs.safe_untils(idle_since, ats)):
+            if read is not None and read > judged[i]:
+                judged[i] = read
+    return judged
+
+
+def _judged_at(curve: Survival, analogs: Analogs | None, idle_since: float, grid: float) -> float:
+    """v2: the time a GPU idle since `idle_since` is still free at with probability P_TARGET,
+    judged at the grid age `grid`."""
     at = idle_since + grid
     safe = at + curve.quantile_more(grid, P_TARGET)
     if analogs is not None:
@@ -220,7 +259,7 @@ def _judgement(curve: Survival, analogs: Analogs | None, idle_since: float, now:
         read = analogs.safe_until(idle_since, at)
         if read is not None and read > safe:
             safe = read
-    return safe, following
+    return safe
 
 
 @dataclass(slots=True, eq=False)  # identity: a pool's lists remove the very entry, not an equal one
@@ -232,6 +271,7 @@ class _Gpu:
     idle_since: float
     safe_until: float  # v2: the owner is still away at this time with probability P_TARGET
     analogs: Analogs | None = None  # v2: the forecast's reading of the days before
+    judged: Sequence[float] | None = None  # v2: GpuOffer.judged
     stamp: int = 0
 
 
@@ -366,10 +406,17 @@ class FreePool:
         if self.policy != "v2":
             entry = self.gpus[gpu.id] = _Gpu(gpu, offer.id, cls, _NO_CURVE, now, 0.0, None)
             return entry
-        forecast = gpu.forecast or offer.forecast or _NO_FORECAST
         idle_since = gpu.idle_since if gpu.idle_since is not None else offer.idle_since
         if idle_since is None:
             idle_since = now
+        forecast = gpu.forecast or offer.forecast or _NO_FORECAST
+        if gpu.judged is not None:
+            # The curve only for placements' reports (`_placement`).
+            curve = forecast.curve(hour_of_week(idle_since))
+            safe, following = _ahead(gpu.judged, idle_since, now)
+            entry = self.gpus[gpu.id] = _Gpu(gpu, offer.id, cls, curve, idle_since, safe, None, gpu.judged)
+            self._due_at(entry, following)
+            return entry
         memo = (id(forecast), idle_since)
         found = judged.get(memo) if judged is not None else None
         if found is None:
@@ -395,7 +442,10 @@ class FreePool:
 
     def _judge(self, gpu: _Gpu, now: float) -> None:
         """v2: the GPU's safe_until at its current grid age; due again at the next grid age."""
-        gpu.safe_until, following = _judgement(gpu.curve, gpu.analogs, gpu.idle_since, now)
+        if gpu.judged is not None:
+            gpu.safe_until, following = _ahead(gpu.judged, gpu.idle_since, now)
+        else:
+            gpu.safe_until, following = _judgement(gpu.curve, gpu.analogs, gpu.idle_since, now)
         self._due_at(gpu, following)
 
     def _due_at(self, gpu: _Gpu, following: float) -> None:
@@ -961,6 +1011,8 @@ __all__ = [
     "JobRequest",
     "MachineOffer",
     "Placement",
+    "grid_age",
+    "judge_ahead",
     "place",
     "pool_place",
 ]

@@ -6,9 +6,10 @@ back.
 The world's rules (docs/simulator.md): a GPU is rentable once its owner's utilisation has been
 under `IDLE_BELOW` percent for `RENTABLE_AFTER_S` seconds; the owner's return preempts a lease
 on it at once and the work since the lease's last checkpoint is lost; a preempted job goes back
-to the queue with its checkpointed work kept. Forecasts are learnt as production learns them:
-each GPU's own idle stretches, counted when they end, plus a fleet prior refreshed every
-`FLEET_PRIOR_REFRESH_S`; nothing from the future. (The engine itself reads ahead in the
+to the queue with its checkpointed work kept. Forecasts are learnt as production learns them
+(owners.Learner: each GPU's own idle stretches, counted when they end, plus a fleet prior
+rebuilt every 6 h; nothing from the future), in a process of their own where the platform
+forks, since the owners do not depend on the jobs. (The engine itself reads ahead in the
 trace: a lease whose owner comes back before it would finish queues no finish event. Neither
 the policy nor the forecasts see that.)
 """
@@ -20,30 +21,24 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from core.collector import collector_paused
-from marketplace.placement import (
-    P_TARGET,
-    FreePool,
-    GpuOffer,
-    JobQueue,
-    JobRequest,
-    MachineOffer,
-    Placement,
-    pool_place,
-)
+from marketplace.placement import FreePool, GpuOffer, JobQueue, JobRequest, MachineOffer, Placement, pool_place
 from marketplace.simulator.metrics import Metrics
+from marketplace.simulator.owners import (
+    EPOCH,
+    RENTABLE_AFTER_S,
+    Judgements,
+    Learner,
+    Pattern,
+    idle_runs,
+    learn_apart,
+    next_absence,
+)
 from marketplace.simulator.traces import DutySeries, Node, TraceJob
-from providers.forecasting import Analogs, Forecast, StretchCounts, hour_of_week
 
-IDLE_BELOW = 10.0  # percent: the owner is away below this duty cycle
-RENTABLE_AFTER_S = 120.0
-# The simulated clock's origin: Monday 2026-01-05 00:00 UTC, so hours of the week are plain.
-EPOCH = 1_767_571_200.0
-FORECAST_REFRESH_S = 1800.0  # a GPU's forecast is rebuilt at most this often
-FLEET_PRIOR_REFRESH_S = 6 * 3600.0
 RENTERS = 16
 STARVED_AFTER_S = 86400.0  # a job waiting longer while GPUs fitting it go to later jobs is starved
 FLOOR = 500_000  # micro-units per GPU-hour, every GPU
@@ -67,55 +62,7 @@ class Config:
     cycle_s: float = 30.0
     owner_drift_s: float = 0.0  # each day of an owner's pattern shifted by up to this, either way
     analogs: bool = True  # v2 reads the days before (providers.forecasting.Analogs)
-
-
-def idle_runs(series: DutySeries, *, origin_s: float, period_s: float) -> list[tuple[float, float]]:
-    """The series' owner-away runs (duty cycle under IDLE_BELOW) as (start, end) seconds from
-    `origin_s`, inside [0, period_s). Missing samples and time outside the series count as the
-    owner being present (no rent on what nobody saw)."""
-    runs: list[tuple[float, float]] = []
-    begin: float | None = None
-    offset = series.start_s - origin_s
-    for i, value in enumerate(series.values):
-        at = offset + i * series.step_s
-        idle = value is not None and value < IDLE_BELOW
-        if idle and begin is None:
-            begin = at
-        elif not idle and begin is not None:
-            runs.append((begin, at))
-            begin = None
-    if begin is not None:
-        runs.append((begin, min(offset + len(series.values) * series.step_s, period_s)))
-    return [(max(a, 0.0), min(b, period_s)) for a, b in runs if min(b, period_s) > max(a, 0.0)]
-
-
-def _tiled(
-    runs: list[tuple[float, float]], period_s: float, phase_s: float, drift: tuple[random.Random, float] | None = None
-) -> Iterator[tuple[float, float]]:
-    """The runs repeated every period and shifted back by `phase_s`, runs that touch across a
-    period's end joined; from the run in progress at time 0 on. `drift` (a generator and S):
-    each period's copy is shifted by its own uniform draw in [-S, S] (an owner who keeps the
-    same habits at different times from day to day); copies that overlap are joined."""
-    if not runs:
-        return
-    if runs[0][0] <= 0 and runs[-1][1] >= period_s and len(runs) == 1:
-        yield (-phase_s, math.inf)  # an owner who never comes back (away since the trace began)
-        return
-    k = 0
-    pending: tuple[float, float] | None = None
-    while True:
-        base = k * period_s - phase_s
-        if drift is not None:
-            base += drift[0].uniform(-drift[1], drift[1])
-        for a, b in runs:
-            start, end = a + base, b + base
-            if pending is not None and start <= pending[1]:
-                pending = (pending[0], max(pending[1], end))
-                continue
-            if pending is not None and pending[1] > 0:
-                yield pending
-            pending = (start, end)
-        k += 1
+    learn_apart: bool = True  # v2 learns in a process of its own, where the platform forks
 
 
 @dataclass(slots=True)
@@ -124,12 +71,6 @@ class _Gpu:
     machine: int
     model: str
     runs: Iterator[tuple[float, float]]
-    counts: StretchCounts = field(default_factory=StretchCounts)
-    analogs: Analogs = field(default_factory=lambda: Analogs(observed_from=EPOCH))
-    forecast: Forecast | None = None
-    forecast_at: float = -math.inf
-    counts_changed: bool = False
-    short: list[tuple[float, float]] = field(default_factory=list)  # absences too short to rent, not yet counted
     away_since: float = 0.0  # start of the owner's current absence
     away_until: float = 0.0  # its end
     rentable: bool = False
@@ -160,6 +101,10 @@ class Simulation:
     # Queue the finish of every lease, also of one an owner's return ends first (see _cycle):
     # the same figures, more slowly; the tests compare the two.
     queue_every_finish = False
+    # v2: learn in step with the engine and let the pool judge each GPU from its forecast at
+    # the time, as the matcher does, rather than take the learner's judgements made ahead: the
+    # same figures, more slowly; the tests compare the two.
+    judge_live = False
 
     def __init__(
         self, *, nodes: Sequence[Node], jobs: Sequence[TraceJob], duty: Sequence[DutySeries], config: Config
@@ -173,11 +118,12 @@ class Simulation:
         # keeps, and nothing could learn their habits by the hour.)
         span = max(s.start_s + len(s.values) * s.step_s for s in duty) - origin
         period = math.ceil(span / 86400.0) * 86400.0
-        patterns = [idle_runs(s, origin_s=origin, period_s=period) for s in duty]
+        patterns = [tuple(idle_runs(s, origin_s=origin, period_s=period)) for s in duty]
         self.metrics = Metrics(warmup_s=config.warmup_s, horizon_s=config.horizon_s)
         self.gpus: list[_Gpu] = []
         self.machine_gpus: list[list[int]] = []
         self.machines: list[MachineOffer] = []
+        owners: list[Pattern] = []
         supply = 0.0  # mean rentable GPUs over a period
         for m, node in enumerate(nodes):
             self.machines.append(MachineOffer(m, "", 1, math.inf, None, None, []))
@@ -186,25 +132,24 @@ class Simulation:
                 k = rng.randrange(len(patterns))
                 phase = rng.uniform(0, period)
                 # Drift draws from the GPU's own generator: without drift nothing else changes.
-                drift = None
-                if config.owner_drift_s > 0:
-                    drift = (random.Random(config.seed * 1_000_003 + len(self.gpus)), config.owner_drift_s)
-                runs = _tiled(patterns[k], period, phase, drift)
-                self.gpus.append(_Gpu(len(self.gpus), m, node.model, runs))
+                owner = Pattern(
+                    patterns[k], period, phase, config.owner_drift_s, config.seed * 1_000_003 + len(self.gpus)
+                )
+                owners.append(owner)
+                self.gpus.append(_Gpu(len(self.gpus), m, node.model, owner.absences()))
                 supply += sum(max(b - a - RENTABLE_AFTER_S, 0.0) for a, b in patterns[k]) / period
         self.mean_supply = supply
         self.pool = FreePool(config.policy)
-        self.fleet_live = StretchCounts()
-        self.fleet = StretchCounts()
         self.learn = config.policy == "v2"
-        self.read_analogs = self.learn and config.analogs
+        # v2's learner: its own replay of the owners (see owners.py), started by run().
+        self.learner = (
+            Learner(owners, horizon_s=config.horizon_s, read_analogs=config.analogs, ahead=not self.judge_live)
+            if self.learn
+            else None
+        )
+        self.judgements: Judgements | None = None
         self.events: list[tuple[float, int, int, int]] = []
         self.seq = 0
-        # Finish times of leases an owner's return ends first, which are not queued (see
-        # _cycle): each would only have been an event that does nothing, but one such event can
-        # be the first at or after the fleet prior's refresh time, so they are kept (v2) until
-        # the refresh passes them.
-        self.unqueued_finishes: list[float] = []
         self.jobs: dict[int, _Job] = {}
         self.pending: dict[int, _Job] = {}  # waiting jobs, in the order they entered
         # Of those, the ones never placed and not yet counted starved, by shape (models, GPUs),
@@ -261,29 +206,12 @@ class Simulation:
         heapq.heappush(self.events, (at, kind, self.seq, subject))
 
     def _next_absence(self, gpu: _Gpu, now: float) -> None:
-        """Schedule the GPU's next absence of its owner long enough to rent. Shorter ones are
-        counted in its stretches when they have ended (at the next event)."""
-        for start, end in gpu.runs:
-            if start >= self.config.horizon_s:
-                return
-            if end - start > RENTABLE_AFTER_S:
-                gpu.away_since, gpu.away_until = start, end
-                self._push(max(start + RENTABLE_AFTER_S, now), _RENTABLE, gpu.id)
-                self._push(end, _BACK, gpu.id)
-                return
-            if self.learn and math.isfinite(start):
-                gpu.short.append((start, end))
-
-    def _count(self, gpu: _Gpu, start: float, end: float) -> None:
-        """Count an ended stretch (its end is not in the future)."""
-        if not math.isfinite(start):
-            return
-        hour = hour_of_week(EPOCH + start)
-        gpu.counts.add(began_hour=hour, length_s=end - start, ended=True)
-        if self.read_analogs:
-            gpu.analogs.add(EPOCH + start, EPOCH + end)
-        self.fleet_live.add(began_hour=hour, length_s=end - start, ended=True)
-        gpu.counts_changed = True
+        """Schedule the GPU's next absence of its owner long enough to rent."""
+        found = next_absence(gpu.runs, self.config.horizon_s, None)
+        if found is not None:
+            gpu.away_since, gpu.away_until = found
+            self._push(max(found[0] + RENTABLE_AFTER_S, now), _RENTABLE, gpu.id)
+            self._push(found[1], _BACK, gpu.id)
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -292,19 +220,24 @@ class Simulation:
         # offers, forecasts): the cyclic collector took 18 % of a 1-day run and freed nothing
         # (the same peak memory without it).
         with collector_paused():
-            return self._run()
+            if self.learner is not None and not self.judge_live:
+                apart = self.config.learn_apart and learn_apart()
+                self.judgements = Judgements(self.learner, len(self.gpus), apart=apart)
+            try:
+                return self._run()
+            finally:
+                if self.judgements is not None:
+                    self.judgements.close()
 
     def _run(self) -> Metrics:
         cfg = self.config
-        last_prior = 0.0
+        live = self.learner if self.judge_live else None
         while self.events:
             at, kind, _, subject = heapq.heappop(self.events)
             if at >= cfg.horizon_s:
                 break
-            if self.learn and at - last_prior >= FLEET_PRIOR_REFRESH_S:
-                self.fleet = StretchCounts()
-                self.fleet.merge(self.fleet_live)
-                last_prior = self._refreshed_at(last_prior + FLEET_PRIOR_REFRESH_S, at)
+            if live is not None:
+                live.advance(at, through=True)
             if kind == _BACK:
                 self._owner_back(self.gpus[subject], at)
             elif kind == _RENTABLE:
@@ -323,31 +256,15 @@ class Simulation:
         self._close(cfg.horizon_s)
         return self.metrics
 
-    def _refreshed_at(self, due: float, at: float) -> float:
-        """When the fleet prior's refresh, due at `due` and made at the event at `at`, is
-        counted as made: at the first event at or after `due`, an unqueued finish included
-        (nothing else happens between that and `at`, so the prior is the same; the next refresh
-        is due 6 h after it)."""
-        finishes = self.unqueued_finishes
-        first = min((t for t in finishes if due <= t <= at), default=at)
-        self.unqueued_finishes = [t for t in finishes if t > at]
-        return first
-
     def _rentable(self, gpu: _Gpu, now: float) -> None:
-        for start, end in gpu.short:  # all ended before this absence began
-            self._count(gpu, start, end)
-        gpu.short.clear()
-        if self.learn and gpu.counts_changed and now - gpu.forecast_at >= FORECAST_REFRESH_S:
-            if self.read_analogs:
-                gpu.analogs.calibrate(P_TARGET)
-            gpu.forecast = Forecast(gpu.counts, self.fleet, gpu.analogs if self.read_analogs else None)
-            gpu.forecast_at = now
-            gpu.counts_changed = False
-        elif self.learn and gpu.forecast is None:
-            gpu.forecast = Forecast(gpu.counts, self.fleet, gpu.analogs if self.read_analogs else None)
-            gpu.forecast_at = now
         gpu.rentable = True
-        gpu.offer = GpuOffer(gpu.id, gpu.model, VRAM_MB, FLOOR, EPOCH + gpu.away_since, gpu.forecast)
+        idle_since = EPOCH + gpu.away_since
+        if self.judgements is not None:
+            judged = self.judgements.take(gpu.id, gpu.away_since, now)
+            gpu.offer = GpuOffer(gpu.id, gpu.model, VRAM_MB, FLOOR, idle_since, None, judged)
+        else:
+            forecast = self.learner.forecast_of(gpu.id) if self.learner is not None else None
+            gpu.offer = GpuOffer(gpu.id, gpu.model, VRAM_MB, FLOOR, idle_since, forecast)
         self.metrics.rentable_from(gpu.id, gpu.model, now)
         self._free(gpu, now)
 
@@ -367,8 +284,6 @@ class Simulation:
                 self._preempt(self.jobs[gpu.lease], now)
             else:
                 self._unfree(gpu)
-        if self.learn:
-            self._count(gpu, gpu.away_since, now)
         self._next_absence(gpu, now)
 
     def _end_lease(self, job: _Job, now: float) -> float:
@@ -438,14 +353,11 @@ class Simulation:
                 self._unfree(gpu)
             self.held[job.renter] = self.held.get(job.renter, 0) + job.gpu_count
             end = now + (job.duration - job.done)
-            if not self.queue_every_finish and min(self.gpus[gpu_id].away_until for gpu_id in p.gpu_ids) <= end:
-                # An owner comes back first (a return is handled before a finish at the same
-                # instant): the lease is preempted and its finish would be an event that does
-                # nothing. Most leases end so (about 4 in 5 at load 1); queued, they made up a
-                # quarter of the events and most of the event heap.
-                if self.learn:
-                    self.unqueued_finishes.append(end)
-            else:
+            # Where an owner comes back first (a return is handled before a finish at the same
+            # instant), the lease is preempted and its finish would be an event that does
+            # nothing: not queued. Most leases end so (about 4 in 5 at load 1); queued, they
+            # made up a quarter of the events and most of the event heap.
+            if self.queue_every_finish or min(self.gpus[gpu_id].away_until for gpu_id in p.gpu_ids) > end:
                 self._push(end, _FINISH, job.id * (1 << 20) + job.lease_seq)
             self.metrics.placed(job.id, now)
         self._starved(now, placements)

@@ -6,9 +6,17 @@ from __future__ import annotations
 import gc
 import json
 import math
+import multiprocessing
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -16,6 +24,7 @@ from django.core.management import CommandError, call_command
 from marketplace.placement import Placement
 from marketplace.simulator.engine import Config, Simulation
 from marketplace.simulator.metrics import Metrics, max_flow_bound
+from marketplace.simulator.owners import Judgements, Learner
 from marketplace.simulator.traces import DutySeries, Node, TraceError, TraceJob, read_duty, read_fleet, read_jobs
 
 STEP = 60
@@ -165,20 +174,122 @@ def test_leaving_out_the_finishes_of_leases_an_owner_ends_first_changes_no_figur
     assert fast["jobs_completed"] > 100
 
 
-def test_the_fleet_priors_refresh_counts_as_made_at_a_left_out_finish_that_came_first(traces: dict[str, Path]) -> None:
-    # Such a finish, queued, would have been the first event after the refresh fell due; the
-    # next refresh falls due 6 h after it, so figures stay those of the loop that queues all.
-    sim = Simulation(
-        nodes=read_fleet(traces["fleet"]),
-        jobs=read_jobs(traces["jobs"]),
-        duty=read_duty(traces["duty"]),
-        config=Config(policy="v2", horizon_s=3600.0),
+@pytest.mark.parametrize("drift_s", [0.0, 1800.0])
+def test_judgements_made_ahead_in_a_process_of_their_own_are_those_made_at_the_time(
+    tmp_path: Path, drift_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # v2 learns from the owners alone, so the learner runs ahead of the jobs on the other core
+    # and hands over its judgements of each idle stretch; the figures must be those of a pool
+    # that judges each GPU from its forecast when it needs to, as the matcher does.
+    paths = write_mixed_owners(tmp_path)
+    run = {"policy": "v2", "horizon_s": 3 * 86400.0, "load": 0.6, "owner_drift_s": drift_s}
+    forked: list[int] = []
+    taking = Judgements.__init__
+
+    def noting(self: Judgements, *args: Any, **kwargs: Any) -> None:
+        taking(self, *args, **kwargs)
+        forked.append(self.process.pid if self.process is not None else os.getpid())
+
+    monkeypatch.setattr(Judgements, "__init__", noting)
+    apart = simulate(paths, **run)
+    assert forked and forked[0] != os.getpid()  # the learner ran in a process of its own
+    here = simulate(paths, learn_apart=False, **run)
+    monkeypatch.setattr(Simulation, "judge_live", True)
+    live = simulate(paths, **run)
+    assert apart == here == live
+    assert apart["preemptions_per_job"] > 0.2 and apart["jobs_completed"] > 100
+    assert multiprocessing.active_children() == []  # none left behind
+
+
+def test_a_learner_that_fails_fails_the_run_with_its_error(
+    traces: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Learner, gpu_id: int, gpu: object, now: float) -> None:
+        raise ValueError("a forecast that cannot be built")
+
+    monkeypatch.setattr(Learner, "_rentable", broken)
+    with pytest.raises(RuntimeError, match=r"(?s)the learning process failed.*a forecast that cannot be built"):
+        simulate(traces, policy="v2")
+    with pytest.raises(ValueError, match="a forecast that cannot be built"):
+        simulate(traces, policy="v2", learn_apart=False)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_learning_process_that_dies_fails_the_run(traces: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    def dying(self: Learner, step_s: float = 3600.0) -> Iterator[object]:
+        os._exit(3)
+        yield  # a generator, as batches() is
+
+    monkeypatch.setattr(Learner, "batches", dying)
+    with pytest.raises(RuntimeError, match=r"the learning process ended \(exit code 3\)"):
+        simulate(traces, policy="v2")
+
+
+# A long run that says its learner's process id, for the test below.
+_RUN_SAYING_ITS_LEARNER = """
+import sys
+from pathlib import Path
+
+from marketplace.simulator.engine import Config, Simulation
+from marketplace.simulator.owners import Judgements
+from marketplace.simulator.traces import read_duty, read_fleet, read_jobs
+
+taking = Judgements.__init__
+
+
+def saying(self, *args, **kwargs):
+    taking(self, *args, **kwargs)
+    print(self.process.pid, flush=True)
+
+
+Judgements.__init__ = saying
+folder = Path(sys.argv[1])
+Simulation(
+    nodes=read_fleet(folder / "fleet.csv"),
+    jobs=read_jobs(folder / "jobs.csv"),
+    duty=read_duty(folder / "duty.csv"),
+    config=Config(horizon_s=400 * 86400.0),
+).run()
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has stopped; it waits to be reaped
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_learner_stops_when_its_run_is_killed_outright(tmp_path: Path) -> None:
+    # SIGKILL (or the OOM killer) gives the run no chance to stop its learner, which would
+    # otherwise learn on for the rest of the horizon and then wait for ever on a full pipe.
+    write_mixed_owners(tmp_path)
+    repository = Path(__file__).resolve().parents[2]
+    run = subprocess.Popen(  # noqa: S603 - this interpreter, our script
+        [sys.executable, "-c", _RUN_SAYING_ITS_LEARNER, str(tmp_path)],
+        cwd=repository,
+        env={**os.environ, "PYTHONPATH": str(repository)},
+        stdout=subprocess.PIPE,
     )
-    sim.unqueued_finishes = [50.0, 7000.0, 7010.0, 9000.0]
-    assert sim._refreshed_at(6990.0, 7020.0) == 7000.0
-    assert sim.unqueued_finishes == [9000.0]  # those passed are dropped
-    assert sim._refreshed_at(9500.0, 9520.0) == 9520.0  # none in between: the event's own time
-    assert sim.unqueued_finishes == []
+    learner = 0
+    try:
+        assert run.stdout is not None
+        learner = int(run.stdout.readline())
+        time.sleep(0.5)
+        assert _running(learner)
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 10.0
+        while _running(learner) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(learner)
+    finally:
+        run.kill()
+        run.wait()
+        if learner and _running(learner):
+            os.kill(learner, signal.SIGKILL)
 
 
 def test_a_run_leaves_the_garbage_collector_as_it_found_it(traces: dict[str, Path]) -> None:

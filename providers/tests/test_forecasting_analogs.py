@@ -269,3 +269,21 @@ def test_a_calibration_kept_up_to_date_is_the_one_made_over_every_kept_stretch()
 def test_bad_stored_analogs_are_refused(data: dict[str, object]) -> None:
     with pytest.raises((ValueError, TypeError)):
         Analogs.from_json(data)
+
+
+@pytest.mark.parametrize("jitter_s", [0.0, 1200.0])
+def test_readings_in_one_go_are_the_readings_one_by_one(jitter_s: float) -> None:
+    # The simulator reads a stretch at all its grid ages at once (Analogs.safe_untils).
+    analogs = learnt(days_of(NIGHT_OWL, 4, jitter_s=jitter_s, seed=3))
+    assert analogs.factor is not None
+    today = MONDAY + 4 * DAY
+    for since in (today + HOUR, today + 12 * HOUR, today + 9 * HOUR, today + 16 * HOUR):
+        ats = [since + age for age in (0.0, 60.0, 90.0, 135.0, 1800.0, 5 * HOUR, 6 * HOUR, 9 * HOUR)]
+        assert analogs.safe_untils(since, ats) == [analogs.safe_until(since, at) for at in ats]
+        fresh = learnt(days_of(NIGHT_OWL, 4, jitter_s=jitter_s, seed=3))
+        assert fresh.safe_untils(since, ats) == analogs.safe_untils(since, ats)  # nothing cached counts
+    # Read at a time some kept stretch was not yet over by (a replay): read at each.
+    yesterday = MONDAY + 3 * DAY
+    ats = [yesterday + HOUR + age for age in (0.0, 600.0, 4 * HOUR)]
+    assert analogs.safe_untils(yesterday + HOUR, ats) == [analogs.safe_until(yesterday + HOUR, at) for at in ats]
+    assert Analogs().safe_untils(today, [today]) == [None]
