@@ -29,7 +29,7 @@ Policies (`POLICIES`):
     away with probability `P_TARGET`, from its forecast (providers.forecasting: its own
     stretches by hour of the week, blended with the fleet prior), conditioned on how long the
     owner has been away already (judged at grid ages 0, 60 s, then growing by half: see
-    `_grid_step`), or, where longer, the time its analogs give (`Analogs.safe_until`: the
+    `_age_step`), or, where longer, the time its analogs give (`Analogs.safe_until`: the
     stretches that began at the same time on the days before, scaled by how well they read
     this machine before). A placement's safe-until is the earliest of its GPUs'. The job goes to the
     fitting placement whose safe-until is the *earliest that still covers the job's
@@ -76,11 +76,10 @@ import math
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from providers.forecasting import (
     SAFE_P,
-    Analogs,
     Forecast,
     StretchCounts,
     Survival,
@@ -89,6 +88,24 @@ from providers.forecasting import (
 )
 
 POLICIES = ("first-fit", "v1", "v2")
+
+
+class SafeUntil(Protocol):
+    """What v2 reads of a machine's days before (`providers.forecasting.Analogs`)."""
+
+    def safe_until(self, idle_since: float, at: float) -> float | None: ...
+
+
+class StretchForecast(Protocol):
+    """What v2 reads of a GPU's forecast (`providers.forecasting.Forecast`): the survival curve
+    of stretches begun in an hour of the week, and the days before (None: not read). The
+    simulator hands the pool one stretch's worth of it, read ahead in its learning process."""
+
+    def curve(self, began_hour: int) -> Survival: ...
+
+    @property
+    def analogs(self) -> SafeUntil | None: ...
+
 
 # v2: a job waiting longer than this goes first (no job waits a day while GPUs fit it).
 AGE_LIMIT_S = 6 * 3600.0
@@ -165,11 +182,7 @@ class GpuOffer:
     # Where each GPU has an owner of its own (the simulator's world), its own idle stretch and
     # forecast; None: the machine's.
     idle_since: float | None = None
-    forecast: Forecast | None = None
-    # v2's judgements of this GPU's idle stretch made ahead (`judge_ahead`), where its forecast
-    # is kept elsewhere (the simulator learns in a process of its own); None: judged here, from
-    # the forecast (which, where given too, still gives placements' reports their figures).
-    judged: Sequence[float] | None = None
+    forecast: StretchForecast | None = None
 
 
 @dataclass(slots=True)
@@ -179,7 +192,7 @@ class MachineOffer:
     kinds: int  # accepted kinds, KIND_BITS or-ed
     window_s: float  # declared availability left from now (math.inf: no declared end)
     idle_since: float | None  # Unix s: start of the current idle stretch (None: unknown)
-    forecast: Forecast | None  # None: v2 forecasts it as an unknown machine (a mean of about an hour)
+    forecast: StretchForecast | None  # None: v2 forecasts it as an unknown machine (a mean of about an hour)
     gpus: list[GpuOffer]  # free candidate GPUs
 
 
@@ -198,59 +211,24 @@ class Placement:
 _Class = tuple[str, int, str, int]  # model, VRAM, region, kinds
 
 
-def _grid_step(age_s: float) -> int:
-    """The step of the grid age at or below `age_s`. v2 judges a GPU at grid ages (step 0: 0 s,
-    step 1: 60 s, then growing by half each step), so a pool kept across cycles recomputes a
+def _age_step(age_s: float) -> tuple[float, float]:
+    """(the grid age at or below `age_s`, the next grid age). v2 judges a GPU at grid ages
+    (0, then 60 s growing by half each step), so a pool kept across cycles recomputes a
     GPU's horizon O(log stretch) times per stretch and answers as one built from scratch."""
     if age_s < 60:
-        return 0
-    return math.floor(math.log(age_s / 60) / _LOG_STEP + 1e-9) + 1
-
-
-def grid_age(step: int) -> float:
-    """The grid age of a step (`_grid_step`), seconds."""
-    return 0.0 if step == 0 else 60 * _AGE_GROWTH ** (step - 1)
+        return 0.0, 60.0
+    k = math.floor(math.log(age_s / 60) / _LOG_STEP + 1e-9)
+    return 60 * _AGE_GROWTH**k, 60 * _AGE_GROWTH ** (k + 1)
 
 
 _AGE_GROWTH = 1.5
 _LOG_STEP = math.log(_AGE_GROWTH)
 
 
-def _judgement(curve: Survival, analogs: Analogs | None, idle_since: float, now: float) -> tuple[float, float]:
+def _judgement(curve: Survival, analogs: SafeUntil | None, idle_since: float, now: float) -> tuple[float, float]:
     """v2: (a GPU idle since `idle_since` is still free at this time with probability
     P_TARGET, judged at its grid age now; the next grid age)."""
-    step = _grid_step(max(now - idle_since, 0.0))
-    return _judged_at(curve, analogs, idle_since, grid_age(step)), grid_age(step + 1)
-
-
-def _ahead(judged: Sequence[float], idle_since: float, now: float) -> tuple[float, float]:
-    """`_judgement` from judgements made ahead (`judge_ahead`)."""
-    step = _grid_step(max(now - idle_since, 0.0))
-    return judged[step], grid_age(step + 1)
-
-
-def judge_ahead(forecast: Forecast, idle_since: float, until_age_s: float) -> list[float]:
-    """v2's judgements of an idle stretch at each grid age up to `until_age_s`, made now: what
-    the pool judges from `forecast` at those ages (`GpuOffer.judged`). The same as judging at
-    the time where nothing the forecast reads changes meanwhile: a GPU's forecast, its curves
-    and its analogs change only when its stretch ends, or when the next one begins."""
-    curve, analogs = forecast.curve(hour_of_week(idle_since)), forecast.analogs
-    grids = [0.0]
-    while (grid := grid_age(len(grids))) <= until_age_s:
-        grids.append(grid)
-    # _judged_at at each grid age, in one walk of the curve and one reading of the analogs.
-    ats = [idle_since + grid for grid in grids]
-    judged = [at + more for at, more in zip(ats, curve.quantiles_more(grids, P_TARGET), strict=True)]
-    if analogs is not None:
-        for i, read in enumerate(analogs.safe_untils(idle_since, ats)):
-            if read is not None and read > judged[i]:
-                judged[i] = read
-    return judged
-
-
-def _judged_at(curve: Survival, analogs: Analogs | None, idle_since: float, grid: float) -> float:
-    """v2: the time a GPU idle since `idle_since` is still free at with probability P_TARGET,
-    judged at the grid age `grid`."""
+    grid, following = _age_step(max(now - idle_since, 0.0))
     at = idle_since + grid
     safe = at + curve.quantile_more(grid, P_TARGET)
     if analogs is not None:
@@ -259,7 +237,7 @@ def _judged_at(curve: Survival, analogs: Analogs | None, idle_since: float, grid
         read = analogs.safe_until(idle_since, at)
         if read is not None and read > safe:
             safe = read
-    return safe
+    return safe, following
 
 
 @dataclass(slots=True, eq=False)  # identity: a pool's lists remove the very entry, not an equal one
@@ -270,8 +248,7 @@ class _Gpu:
     curve: Survival
     idle_since: float
     safe_until: float  # v2: the owner is still away at this time with probability P_TARGET
-    analogs: Analogs | None = None  # v2: the forecast's reading of the days before
-    judged: Sequence[float] | None = None  # v2: GpuOffer.judged
+    analogs: SafeUntil | None = None  # v2: the forecast's reading of the days before
     stamp: int = 0
 
 
@@ -367,7 +344,7 @@ class FreePool:
                 self.add(machine, gpu, now=now)
             return
         held = _Machine(machine)
-        judged: dict[tuple[int, float], tuple[Survival, Analogs | None, float, float]] = {}
+        judged: dict[tuple[int, float], tuple[Survival, SafeUntil | None, float, float]] = {}
         for gpu in machine.gpus:
             if gpu.id not in self.gpus:
                 entry = self._entry(machine, gpu, now, judged)
@@ -384,7 +361,7 @@ class FreePool:
         offer: MachineOffer,
         gpu: GpuOffer,
         now: float,
-        judged: dict[tuple[int, float], tuple[Survival, Analogs | None, float, float]] | None,
+        judged: dict[tuple[int, float], tuple[Survival, SafeUntil | None, float, float]] | None,
     ) -> _Gpu:
         """The pool's record of a GPU of the machine `offer`, in its class, judged (v2), kept in
         the pool's `gpus` (not yet in its machine's lists). `judged`: the judgements made so far for one
@@ -406,17 +383,10 @@ class FreePool:
         if self.policy != "v2":
             entry = self.gpus[gpu.id] = _Gpu(gpu, offer.id, cls, _NO_CURVE, now, 0.0, None)
             return entry
+        forecast: StretchForecast = gpu.forecast or offer.forecast or _NO_FORECAST
         idle_since = gpu.idle_since if gpu.idle_since is not None else offer.idle_since
         if idle_since is None:
             idle_since = now
-        forecast = gpu.forecast or offer.forecast or _NO_FORECAST
-        if gpu.judged is not None:
-            # The curve only for placements' reports (`_placement`).
-            curve = forecast.curve(hour_of_week(idle_since))
-            safe, following = _ahead(gpu.judged, idle_since, now)
-            entry = self.gpus[gpu.id] = _Gpu(gpu, offer.id, cls, curve, idle_since, safe, None, gpu.judged)
-            self._due_at(entry, following)
-            return entry
         memo = (id(forecast), idle_since)
         found = judged.get(memo) if judged is not None else None
         if found is None:
@@ -442,10 +412,7 @@ class FreePool:
 
     def _judge(self, gpu: _Gpu, now: float) -> None:
         """v2: the GPU's safe_until at its current grid age; due again at the next grid age."""
-        if gpu.judged is not None:
-            gpu.safe_until, following = _ahead(gpu.judged, gpu.idle_since, now)
-        else:
-            gpu.safe_until, following = _judgement(gpu.curve, gpu.analogs, gpu.idle_since, now)
+        gpu.safe_until, following = _judgement(gpu.curve, gpu.analogs, gpu.idle_since, now)
         self._due_at(gpu, following)
 
     def _due_at(self, gpu: _Gpu, following: float) -> None:
@@ -1011,8 +978,8 @@ __all__ = [
     "JobRequest",
     "MachineOffer",
     "Placement",
-    "grid_age",
-    "judge_ahead",
+    "SafeUntil",
+    "StretchForecast",
     "place",
     "pool_place",
 ]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import accumulate, pairwise
@@ -314,45 +314,6 @@ class Survival:
         t = start + math.log(at_start / target) / rate
         return min(cap, max(t - age, 0.0))
 
-    def quantiles_more(self, ages_s: Sequence[float], p: float) -> list[float]:
-        """`[quantile_more(age, p) for age in ages_s]`, the same figures to the last bit, in one
-        walk for ages in increasing order (the matcher judges a stretch at each of its grid ages:
-        the bin where S falls to p·S(age) moves only forward as the age grows)."""
-        if not 0 < p < 1:
-            raise ValueError(f"p must be in (0, 1), not {p}")
-        cap = 4 * 604800.0
-        edges, rates, at_edges = BIN_EDGES_S, self.rates, self.at_edges
-        log, exp = math.log, math.exp
-        found: list[float] = []
-        last = NBINS - 1
-        walked = 0  # where the walk for the previous age ended: no later age's ends before it
-        for age_s in ages_s:
-            age = max(age_s, 0.0)
-            b = bin_of(age)
-            base = 1.0 if age <= 0 else at_edges[b] * exp(-rates[b] * (age - edges[b]))
-            if base <= 1e-12:
-                rate = rates[-1]
-                found.append(min(cap, -log(p) / rate) if rate > 0 else cap)
-                continue
-            target = p * base
-            if walked > b:
-                b = walked
-            while b < last and at_edges[b + 1] >= target:
-                b += 1
-            walked = b
-            start = edges[b] if edges[b] > age else age
-            if start == age:
-                at_start = base
-            else:
-                at_start = at_edges[b] * exp(-rates[b] * (start - edges[b])) if start > 0 else 1.0
-            rate = rates[b]
-            if rate <= 0:
-                found.append(cap)
-                continue
-            t = start + log(at_start / target) / rate
-            found.append(min(cap, max(t - age, 0.0)))
-        return found
-
     @classmethod
     def from_profile(cls, ended: list[float], censored: list[float]) -> Survival:
         # Stretches at risk at each bin's start: the counts of it and every later bin (summed
@@ -421,6 +382,25 @@ ANALOG_JUDGED_AT_S = 120.0
 # ... and with fewer judgements than this the analogs are not used.
 ANALOG_MIN_JUDGEMENTS = 5
 _DAY_S = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class AnalogReading:
+    """`Analogs.safe_until` for one live stretch, read once (`Analogs.reading`): the least of
+    the analogs' lengths and the calibrated factor. The simulator's learning process hands it to
+    the engine's pool with the stretch's curve."""
+
+    idle_since: float
+    least_s: float
+    factor: float
+
+    def safe_until(self, idle_since: float, at: float) -> float | None:
+        """As `Analogs.safe_until` answers, to the last bit: the least of (length - age) is the
+        least length less the age (rounding keeps order)."""
+        if idle_since != self.idle_since:
+            raise ValueError(f"a reading of the stretch from {self.idle_since}, asked of one from {idle_since}")
+        left = self.least_s - (at - idle_since)
+        return at + left * self.factor if left > 0 else None
 
 
 @dataclass
@@ -678,24 +658,19 @@ class Analogs:
             return None
         return at + left * self.factor
 
-    def safe_untils(self, idle_since: float, ats: Sequence[float]) -> list[float | None]:
-        """`[safe_until(idle_since, at) for at in ats]` for `ats` in increasing order, the same
-        figures to the last bit, read once where every kept stretch is over by the first (a live
-        stretch: every reading from then on is the same)."""
+    def reading(self, idle_since: float, at: float) -> AnalogReading | None:
+        """What `safe_until(idle_since, t)` answers at every `t` from `at` on, read now, kept
+        apart from the analogs; None where it answers None throughout. Only for a live stretch:
+        every kept stretch over by `at` (each later reading of it is then the same), else
+        ValueError."""
+        if at < self._latest_end:
+            raise ValueError("a reading ahead is only for a stretch every kept stretch was over by")
         if self.factor is None or self.factor <= 0 or self.observed_from is None:
-            return [None] * len(ats)
-        if not ats or ats[0] < self._latest_end:
-            return [self.safe_until(idle_since, at) for at in ats]
-        lengths = [length for length in self._reading(idle_since, ats[0]) if length is not None]
+            return None
+        lengths = [length for length in self._reading(idle_since, at) if length is not None]
         if not lengths:
-            return [None] * len(ats)
-        # The least of (length - age) is the least length less the age: rounding keeps order.
-        least, factor = min(lengths), self.factor
-        found: list[float | None] = []
-        for at in ats:
-            left = least - (at - idle_since)
-            found.append(at + left * factor if left > 0 else None)
-        return found
+            return None
+        return AnalogReading(idle_since, min(lengths), self.factor)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -857,6 +832,7 @@ def expected_lost_s(
 __all__ = [
     "BIN_EDGES_S",
     "SAFE_P",
+    "AnalogReading",
     "Analogs",
     "Forecast",
     "StretchCounts",

@@ -25,14 +25,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.collector import collector_paused
-from marketplace.placement import FreePool, GpuOffer, JobQueue, JobRequest, MachineOffer, Placement, pool_place
+from marketplace.placement import (
+    FreePool,
+    GpuOffer,
+    JobQueue,
+    JobRequest,
+    MachineOffer,
+    Placement,
+    StretchForecast,
+    pool_place,
+)
 from marketplace.simulator.metrics import Metrics
 from marketplace.simulator.owners import (
     EPOCH,
     RENTABLE_AFTER_S,
-    Judgements,
     Learner,
     Pattern,
+    Readings,
     idle_runs,
     learn_apart,
     next_absence,
@@ -101,9 +110,9 @@ class Simulation:
     # Queue the finish of every lease, also of one an owner's return ends first (see _cycle):
     # the same figures, more slowly; the tests compare the two.
     queue_every_finish = False
-    # v2: learn in step with the engine and let the pool judge each GPU from its forecast at
-    # the time, as the matcher does, rather than take the learner's judgements made ahead: the
-    # same figures, more slowly; the tests compare the two.
+    # v2: learn in step with the engine and let the pool judge each GPU from its forecast
+    # itself, as the matcher does, rather than from what the learner read of it ahead: the same
+    # figures, more slowly; the tests compare the two.
     judge_live = False
 
     def __init__(
@@ -147,7 +156,7 @@ class Simulation:
             if self.learn
             else None
         )
-        self.judgements: Judgements | None = None
+        self.readings: Readings | None = None
         self.events: list[tuple[float, int, int, int]] = []
         self.seq = 0
         self.jobs: dict[int, _Job] = {}
@@ -222,12 +231,12 @@ class Simulation:
         with collector_paused():
             if self.learner is not None and not self.judge_live:
                 apart = self.config.learn_apart and learn_apart()
-                self.judgements = Judgements(self.learner, len(self.gpus), apart=apart)
+                self.readings = Readings(self.learner, len(self.gpus), apart=apart)
             try:
                 return self._run()
             finally:
-                if self.judgements is not None:
-                    self.judgements.close()
+                if self.readings is not None:
+                    self.readings.close()
 
     def _run(self) -> Metrics:
         cfg = self.config
@@ -259,12 +268,12 @@ class Simulation:
     def _rentable(self, gpu: _Gpu, now: float) -> None:
         gpu.rentable = True
         idle_since = EPOCH + gpu.away_since
-        if self.judgements is not None:
-            judged = self.judgements.take(gpu.id, gpu.away_since, now)
-            gpu.offer = GpuOffer(gpu.id, gpu.model, VRAM_MB, FLOOR, idle_since, None, judged)
-        else:
-            forecast = self.learner.forecast_of(gpu.id) if self.learner is not None else None
-            gpu.offer = GpuOffer(gpu.id, gpu.model, VRAM_MB, FLOOR, idle_since, forecast)
+        forecast: StretchForecast | None = None
+        if self.readings is not None:
+            forecast = self.readings.take(gpu.id, gpu.away_since, now)
+        elif self.learner is not None:
+            forecast = self.learner.forecast_of(gpu.id)
+        gpu.offer = GpuOffer(gpu.id, gpu.model, VRAM_MB, FLOOR, idle_since, forecast)
         self.metrics.rentable_from(gpu.id, gpu.model, now)
         self._free(gpu, now)
 

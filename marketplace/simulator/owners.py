@@ -5,10 +5,12 @@ Nothing here depends on the jobs or the policy: owners come and go as their duty
 whatever is rented, and a forecast learns only from the owners' stretches (as production's
 does, from heartbeats). So v2's learning can run ahead of the jobs, in a process of its own
 (`Learner`, `learn_apart`), while the event engine (engine.py) places and runs the jobs on the
-other core; each time a GPU becomes rentable the learner hands the engine the judgements the
-pool will make of that idle stretch (`marketplace.placement.judge_ahead`: the same code and the
-same figures as judging at the time, since a GPU's forecast changes only when its stretch ends
-or the next begins; a test runs the two ways side by side).
+other core. Each time a GPU becomes rentable the learner reads what the pool will judge that
+idle stretch from: the forecast's curve for the hour it began, and its analogs' reading
+(`providers.forecasting.Analogs.reading`). A GPU's forecast, its curves and its analogs change
+only when its stretch ends or the next begins, never while it is rentable, so the pool judges
+from these as it would from the forecast itself at the time (a test runs the two ways side by
+side).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from marketplace.placement import P_TARGET, judge_ahead
+from marketplace.placement import P_TARGET
 from marketplace.simulator.traces import DutySeries
-from providers.forecasting import Analogs, Forecast, StretchCounts, hour_of_week
+from providers.forecasting import NBINS, AnalogReading, Analogs, Forecast, StretchCounts, Survival, hour_of_week
 
 IDLE_BELOW = 10.0  # percent: the owner is away below this duty cycle
 RENTABLE_AFTER_S = 120.0
@@ -37,7 +39,7 @@ RENTABLE_AFTER_S = 120.0
 EPOCH = 1_767_571_200.0
 FORECAST_REFRESH_S = 1800.0  # a GPU's forecast is rebuilt at most this often
 FLEET_PRIOR_REFRESH_S = 6 * 3600.0  # the fleet prior is rebuilt at every multiple of this
-# The learner hands over its judgements for this much simulated time at once.
+# The learner hands over what it read for this much simulated time at once.
 BATCH_S = 3600.0
 
 
@@ -124,9 +126,12 @@ def next_absence(
     return None
 
 
-# A batch of judgements: (judged through, GPU ids, their stretches' starts, how many judgements
-# each, the judgements one after another); or ("error", the learner's traceback).
-Batch = tuple[float, array, array, array, array]
+# A batch of readings: (read through, then per stretch: GPU id, start, hour of the week it
+# began, its curve's index in the batch, its analogs' least length and factor (NaN: none), then
+# the batch's curves: at_edges and rates one after another, NBINS each); or ("error", the
+# learner's traceback).
+Batch = tuple[float, array, array, array, array, array, array, array]
+
 
 _BACK, _RENTABLE = 0, 1  # at one instant an owner's return is handled first, as in the engine
 
@@ -151,10 +156,10 @@ class Learner:
     FLEET_PRIOR_REFRESH_S from the stretches ended before it); nothing from the future. It
     replays the owners' absences itself, in the engine's order.
 
-    `batches()` runs it ahead: at each time a GPU becomes rentable it judges the stretch at
-    every grid age up to its end (`judge_ahead`) and hands the judgements over a batch at a
-    time. `advance()` runs it in step with the engine instead (`forecast_of`: the forecast the
-    pool then judges from at the time)."""
+    `batches()` runs it ahead: at each time a GPU becomes rentable it reads the stretch's curve
+    and its analogs (module docstring) and hands them over a batch at a time. `advance()` runs it
+    in step with the engine instead (`forecast_of`: the forecast the pool then judges from at the
+    time)."""
 
     def __init__(
         self, patterns: Sequence[Pattern], *, horizon_s: float, read_analogs: bool, ahead: bool = True
@@ -168,7 +173,7 @@ class Learner:
         self.next_prior = FLEET_PRIOR_REFRESH_S
         self.events: list[tuple[float, int, int, int]] = []
         self.seq = 0
-        self.made: list[tuple[int, float, list[float]]] = []  # since the last batch
+        self.made: list[tuple[int, float, int, Survival, AnalogReading | None]] = []  # since the last batch
         for gpu_id, gpu in enumerate(self.gpus):
             self._next_absence(gpu_id, gpu, 0.0)
 
@@ -195,20 +200,29 @@ class Learner:
                 self._rentable(gpu_id, gpu, at)
 
     def batches(self, step_s: float = BATCH_S) -> Iterator[Batch]:
-        """The judgements, a batch for each `step_s` of simulated time, in time order; the
-        last is judged through infinity."""
+        """What it read, a batch for each `step_s` of simulated time, in time order; the
+        last is read through infinity."""
         until = step_s
         while True:
             last = not self.events or until >= self.horizon_s
             self.advance(math.inf if last else until)
-            ids, starts, counts, values = array("l"), array("d"), array("l"), array("d")
-            for gpu_id, start, judged in self.made:
+            ids, starts, hours, curve_of = array("l"), array("d"), array("l"), array("l")
+            least, factor, curves = array("d"), array("d"), array("d")
+            numbered: dict[int, int] = {}  # id(curve) -> its index: GPUs share a forecast's curves
+            for gpu_id, start, hour, curve, reading in self.made:
                 ids.append(gpu_id)
                 starts.append(start)
-                counts.append(len(judged))
-                values.extend(judged)
+                hours.append(hour)
+                number = numbered.get(id(curve))
+                if number is None:
+                    number = numbered[id(curve)] = len(numbered)
+                    curves.extend(curve.at_edges)
+                    curves.extend(curve.rates)
+                curve_of.append(number)
+                least.append(math.nan if reading is None else reading.least_s)
+                factor.append(math.nan if reading is None else reading.factor)
             self.made.clear()
-            yield (math.inf if last else until, ids, starts, counts, values)
+            yield (math.inf if last else until, ids, starts, hours, curve_of, least, factor, curves)
             if last:
                 return
             until += step_s
@@ -250,10 +264,10 @@ class Learner:
             gpu.forecast = Forecast(gpu.counts, self.fleet, analogs)
             gpu.forecast_at = now
         if self.ahead:
-            # Every age the engine can judge the stretch at: it is taken back at its end.
             since = EPOCH + gpu.away_since
-            until_age = (EPOCH + min(gpu.away_until, self.horizon_s)) - since + 1.0
-            self.made.append((gpu_id, gpu.away_since, judge_ahead(gpu.forecast, since, until_age)))
+            hour = hour_of_week(since)
+            reading = analogs.reading(since, since) if analogs is not None else None
+            self.made.append((gpu_id, gpu.away_since, hour, gpu.forecast.curve(hour), reading))
 
 
 def learn_apart() -> bool:
@@ -261,14 +275,29 @@ def learn_apart() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-class Judgements:
-    """The learner's judgements as the engine takes them: `take(gpu_id, start, now)` gives the
-    stretch's judgements, once the learner has judged through `now`. The learner runs in a
+@dataclass(frozen=True, slots=True)
+class StretchRead:
+    """One idle stretch's forecast as the learner read it (`placement.StretchForecast`): the
+    curve of stretches begun in its hour of the week, and its analogs' reading."""
+
+    hour: int
+    stretch_curve: Survival
+    analogs: AnalogReading | None
+
+    def curve(self, began_hour: int) -> Survival:
+        if began_hour != self.hour:
+            raise ValueError(f"read for stretches begun in hour {self.hour}, asked for hour {began_hour}")
+        return self.stretch_curve
+
+
+class Readings:
+    """What the learner read as the engine takes it: `take(gpu_id, start, now)` gives the
+    stretch's `StretchRead`, once the learner has read through `now`. The learner runs in a
     forked process of its own (`apart`), or here, a batch at a time, when asked."""
 
     def __init__(self, learner: Learner, gpus: int, *, apart: bool) -> None:
         self.through = -math.inf
-        self.pending: list[list[tuple[float, Sequence[float]]]] = [[] for _ in range(gpus)]
+        self.pending: list[list[tuple[float, StretchRead]]] = [[] for _ in range(gpus)]
         self.process: Any = None
         if apart:
             context = multiprocessing.get_context("fork")
@@ -278,15 +307,13 @@ class Judgements:
         else:
             self.batches = learner.batches()
 
-    def take(self, gpu_id: int, start: float, now: float) -> Sequence[float]:
+    def take(self, gpu_id: int, start: float, now: float) -> StretchRead:
         while self.through <= now:
             self._receive()
         stretches = self.pending[gpu_id]
         if not stretches or stretches[0][0] != start:
             found = stretches[0][0] if stretches else None
-            raise RuntimeError(
-                f"the learner judged GPU {gpu_id}'s stretch from {found}, the engine has it from {start}"
-            )
+            raise RuntimeError(f"the learner read GPU {gpu_id}'s stretch from {found}, the engine's is from {start}")
         return stretches.pop(0)[1]
 
     def _receive(self) -> None:
@@ -304,11 +331,14 @@ class Judgements:
                         ) from None
         if isinstance(batch[0], str):
             raise RuntimeError(f"the learning process failed:\n{batch[1]}")
-        through, ids, starts, counts, values = batch
-        offset = 0
-        for gpu_id, start, n in zip(ids, starts, counts, strict=True):
-            self.pending[gpu_id].append((start, values[offset : offset + n]))
-            offset += n
+        through, ids, starts, hours, curve_of, least, factor, flat = batch
+        curves = [
+            Survival(tuple(flat[i : i + NBINS]), tuple(flat[i + NBINS : i + 2 * NBINS]))
+            for i in range(0, len(flat), 2 * NBINS)
+        ]
+        for gpu_id, start, hour, number, least_s, k in zip(ids, starts, hours, curve_of, least, factor, strict=True):
+            reading = None if math.isnan(least_s) else AnalogReading(EPOCH + start, least_s, k)
+            self.pending[gpu_id].append((start, StretchRead(hour, curves[number], reading)))
         self.through = through
 
     def close(self) -> None:
@@ -343,9 +373,10 @@ __all__ = [
     "EPOCH",
     "IDLE_BELOW",
     "RENTABLE_AFTER_S",
-    "Judgements",
     "Learner",
     "Pattern",
+    "Readings",
+    "StretchRead",
     "idle_runs",
     "learn_apart",
     "next_absence",

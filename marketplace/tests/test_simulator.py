@@ -24,7 +24,7 @@ from django.core.management import CommandError, call_command
 from marketplace.placement import Placement
 from marketplace.simulator.engine import Config, Simulation
 from marketplace.simulator.metrics import Metrics, max_flow_bound
-from marketplace.simulator.owners import Judgements, Learner
+from marketplace.simulator.owners import Learner, Readings
 from marketplace.simulator.traces import DutySeries, Node, TraceError, TraceJob, read_duty, read_fleet, read_jobs
 
 STEP = 60
@@ -175,22 +175,22 @@ def test_leaving_out_the_finishes_of_leases_an_owner_ends_first_changes_no_figur
 
 
 @pytest.mark.parametrize("drift_s", [0.0, 1800.0])
-def test_judgements_made_ahead_in_a_process_of_their_own_are_those_made_at_the_time(
+def test_forecasts_read_ahead_in_a_process_of_their_own_judge_as_forecasts_read_at_the_time(
     tmp_path: Path, drift_s: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # v2 learns from the owners alone, so the learner runs ahead of the jobs on the other core
-    # and hands over its judgements of each idle stretch; the figures must be those of a pool
-    # that judges each GPU from its forecast when it needs to, as the matcher does.
+    # and hands over what it read of each idle stretch's forecast; the figures must be those of
+    # a pool that judges each GPU from its forecast itself when it needs to, as the matcher does.
     paths = write_mixed_owners(tmp_path)
     run = {"policy": "v2", "horizon_s": 3 * 86400.0, "load": 0.6, "owner_drift_s": drift_s}
     forked: list[int] = []
-    taking = Judgements.__init__
+    taking = Readings.__init__
 
-    def noting(self: Judgements, *args: Any, **kwargs: Any) -> None:
+    def noting(self: Readings, *args: Any, **kwargs: Any) -> None:
         taking(self, *args, **kwargs)
         forked.append(self.process.pid if self.process is not None else os.getpid())
 
-    monkeypatch.setattr(Judgements, "__init__", noting)
+    monkeypatch.setattr(Readings, "__init__", noting)
     apart = simulate(paths, **run)
     assert forked and forked[0] != os.getpid()  # the learner ran in a process of its own
     here = simulate(paths, learn_apart=False, **run)
@@ -231,10 +231,10 @@ import sys
 from pathlib import Path
 
 from marketplace.simulator.engine import Config, Simulation
-from marketplace.simulator.owners import Judgements
+from marketplace.simulator.owners import Readings
 from marketplace.simulator.traces import read_duty, read_fleet, read_jobs
 
-taking = Judgements.__init__
+taking = Readings.__init__
 
 
 def saying(self, *args, **kwargs):
@@ -242,7 +242,7 @@ def saying(self, *args, **kwargs):
     print(self.process.pid, flush=True)
 
 
-Judgements.__init__ = saying
+Readings.__init__ = saying
 folder = Path(sys.argv[1])
 Simulation(
     nodes=read_fleet(folder / "fleet.csv"),

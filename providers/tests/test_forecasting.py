@@ -179,20 +179,3 @@ def test_profiles_read_between_counts_answer_as_counts_read_once_at_the_end() ->
     for hour in range(168):
         assert kept.profile(hour) == fresh.profile(hour)
     assert sum(kept.profile()[0]) + sum(kept.profile()[1]) == sum(w for *_, w in stretches)
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_quantiles_in_one_walk_are_the_quantiles_one_by_one(seed: int) -> None:
-    # The simulator judges each idle stretch at all its grid ages at once (Survival.quantiles_more);
-    # a figure a bit off would move its placements away from the matcher's.
-    rng = random.Random(seed)
-    ended = [rng.choice((0.0, rng.uniform(0, 50))) for _ in BIN_EDGES_S]
-    censored = [rng.choice((0.0, rng.uniform(0, 20))) for _ in BIN_EDGES_S]
-    curve = Survival.from_profile(ended, censored)
-    ages = sorted(
-        [0.0, -5.0, *BIN_EDGES_S[1:], 5e6, *(rng.uniform(0, 2 * 604800) for _ in range(300))],
-    )
-    for p in (0.2, 0.5, 0.8, 0.99):
-        assert curve.quantiles_more(ages, p) == [curve.quantile_more(age, p) for age in ages]
-    with pytest.raises(ValueError, match="p must be"):
-        curve.quantiles_more(ages, 1.0)

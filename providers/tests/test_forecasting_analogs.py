@@ -272,18 +272,23 @@ def test_bad_stored_analogs_are_refused(data: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize("jitter_s", [0.0, 1200.0])
-def test_readings_in_one_go_are_the_readings_one_by_one(jitter_s: float) -> None:
-    # The simulator reads a stretch at all its grid ages at once (Analogs.safe_untils).
+def test_a_reading_kept_apart_answers_as_the_analogs_do(jitter_s: float) -> None:
+    # The simulator reads a stretch's analogs once, when it becomes rentable, and its pool asks
+    # the reading (Analogs.reading) at each age after: the same figures to the last bit.
     analogs = learnt(days_of(NIGHT_OWL, 4, jitter_s=jitter_s, seed=3))
     assert analogs.factor is not None
     today = MONDAY + 4 * DAY
+    answered = 0
     for since in (today + HOUR, today + 12 * HOUR, today + 9 * HOUR, today + 16 * HOUR):
         ats = [since + age for age in (0.0, 60.0, 90.0, 135.0, 1800.0, 5 * HOUR, 6 * HOUR, 9 * HOUR)]
-        assert analogs.safe_untils(since, ats) == [analogs.safe_until(since, at) for at in ats]
-        fresh = learnt(days_of(NIGHT_OWL, 4, jitter_s=jitter_s, seed=3))
-        assert fresh.safe_untils(since, ats) == analogs.safe_untils(since, ats)  # nothing cached counts
-    # Read at a time some kept stretch was not yet over by (a replay): read at each.
-    yesterday = MONDAY + 3 * DAY
-    ats = [yesterday + HOUR + age for age in (0.0, 600.0, 4 * HOUR)]
-    assert analogs.safe_untils(yesterday + HOUR, ats) == [analogs.safe_until(yesterday + HOUR, at) for at in ats]
-    assert Analogs().safe_untils(today, [today]) == [None]
+        reading = analogs.reading(since, since)
+        expected = [analogs.safe_until(since, at) for at in ats]
+        assert [reading.safe_until(since, at) if reading else None for at in ats] == expected
+        answered += sum(found is not None for found in expected)
+    assert answered >= 6  # the nights and the lunches are read
+    with pytest.raises(ValueError, match="asked of one from"):
+        analogs.reading(today + HOUR, today + HOUR).safe_until(today + 2 * HOUR, today + 3 * HOUR)  # type: ignore[union-attr]
+    # A stretch some kept stretch was not over by (a replay) is not read ahead.
+    with pytest.raises(ValueError, match="only for a stretch every kept stretch was over by"):
+        analogs.reading(MONDAY + 3 * DAY + HOUR, MONDAY + 3 * DAY + HOUR)
+    assert Analogs().reading(today, today) is None
