@@ -149,11 +149,10 @@ class Simulation:
                 supply += sum(max(b - a - RENTABLE_AFTER_S, 0.0) for a, b in patterns[k]) / period
         self.mean_supply = supply
         self.pool = FreePool(config.policy)
-        self.learn = config.policy == "v2"
         # v2's learner: its own replay of the owners (see owners.py), started by run().
         self.learner = (
             Learner(owners, horizon_s=config.horizon_s, read_analogs=config.analogs, ahead=not self.judge_live)
-            if self.learn
+            if config.policy == "v2"
             else None
         )
         self.readings: Readings | None = None
@@ -216,11 +215,11 @@ class Simulation:
 
     def _next_absence(self, gpu: _Gpu, now: float) -> None:
         """Schedule the GPU's next absence of its owner long enough to rent."""
-        found = next_absence(gpu.runs, self.config.horizon_s, None)
+        found = next_absence(gpu.runs, self.config.horizon_s, now, None)
         if found is not None:
-            gpu.away_since, gpu.away_until = found
-            self._push(max(found[0] + RENTABLE_AFTER_S, now), _RENTABLE, gpu.id)
-            self._push(found[1], _BACK, gpu.id)
+            gpu.away_since, gpu.away_until, rentable_at = found
+            self._push(rentable_at, _RENTABLE, gpu.id)
+            self._push(gpu.away_until, _BACK, gpu.id)
 
     # --- the run -----------------------------------------------------------------------------
 

@@ -112,15 +112,17 @@ def _tiled(
 
 
 def next_absence(
-    runs: Iterator[tuple[float, float]], horizon_s: float, short: list[tuple[float, float]] | None
-) -> tuple[float, float] | None:
-    """The owner's next absence long enough to rent that begins before the horizon (None: none).
-    Shorter ones on the way are appended to `short` (where given) to be counted later."""
+    runs: Iterator[tuple[float, float]], horizon_s: float, now: float, short: list[tuple[float, float]] | None
+) -> tuple[float, float, float] | None:
+    """The owner's next absence long enough to rent that begins before the horizon, looked for
+    at `now`: (start, end, when it becomes rentable); None: none. The engine and the learner
+    both schedule by it. Shorter ones on the way are appended to `short` (where given) to be
+    counted later."""
     for start, end in runs:
         if start >= horizon_s:
             return None
         if end - start > RENTABLE_AFTER_S:
-            return start, end
+            return start, end, max(start + RENTABLE_AFTER_S, now)
         if short is not None and math.isfinite(start):
             short.append((start, end))
     return None
@@ -232,11 +234,11 @@ class Learner:
         heapq.heappush(self.events, (at, kind, self.seq, gpu_id))
 
     def _next_absence(self, gpu_id: int, gpu: _Learnt, now: float) -> None:
-        found = next_absence(gpu.runs, self.horizon_s, gpu.short)
+        found = next_absence(gpu.runs, self.horizon_s, now, gpu.short)
         if found is not None:
-            gpu.away_since, gpu.away_until = found
-            self._push(max(found[0] + RENTABLE_AFTER_S, now), _RENTABLE, gpu_id)
-            self._push(found[1], _BACK, gpu_id)
+            gpu.away_since, gpu.away_until, rentable_at = found
+            self._push(rentable_at, _RENTABLE, gpu_id)
+            self._push(gpu.away_until, _BACK, gpu_id)
 
     def _count(self, gpu: _Learnt, start: float, end: float) -> None:
         """Count an ended stretch (its end is not in the future)."""
