@@ -33,6 +33,7 @@ from django.db import IntegrityError, connection, models, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from core.lookups import decimal_array, int_array
 from jobs import doorbell
 from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFailed
 from jobs.models import Checkpoint, Event, Job, Lease, LeaseGPU, LogChunk, Renter
@@ -403,7 +404,7 @@ def _jobs_pending(*, job_ids: list[int]) -> set[int]:
         with connection.cursor() as cursor:
             table = connection.ops.quote_name(Job._meta.db_table)
             sql = f"SELECT id FROM {table} WHERE id = ANY(%s::bigint[]) AND status = %s"  # noqa: S608
-            cursor.execute(sql, [job_ids, JS.PENDING])
+            cursor.execute(sql, [int_array(job_ids), JS.PENDING])
             return {row[0] for row in cursor.fetchall()}
     pending: set[int] = set()
     for start in range(0, len(job_ids), 1000):
@@ -523,8 +524,9 @@ def _leases_write_set(*, placements: Sequence[Placement], actor: str) -> dict[in
 
     sql = f"""
         WITH p AS (
-            SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::int[], %s::numeric[], %s::text[])
-                WITH ORDINALITY AS p(job_id, machine_id, gpu_count, price, detail, ord)
+            SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::int[], %s::numeric[])
+                WITH ORDINALITY AS p(job_id, machine_id, gpu_count, price, ord)
+            JOIN jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS d(detail, ord) USING (ord)
         ), moved AS (
             UPDATE {qn(Job._meta.db_table)} AS j
             SET status = %s, attempts = j.attempts + 1, unplaced_code = '', unplaced_detail = '', updated_at = %s
@@ -543,24 +545,24 @@ def _leases_write_set(*, placements: Sequence[Placement], actor: str) -> dict[in
             JOIN lease ON lease.job_id = g.job_id ORDER BY g.ord
         ), event AS (
             INSERT INTO {qn(Event._meta.db_table)} (job_id, lease_id, detail, {", ".join(event_cols)})
-            SELECT p.job_id, lease.id, p.detail::jsonb{slots(event_vals)}
+            SELECT p.job_id, lease.id, p.detail{slots(event_vals)}
             FROM p JOIN lease ON lease.job_id = p.job_id ORDER BY p.ord
         )
         SELECT job_id, id FROM lease
     """  # noqa: S608 (table and column names come from the models; every value is a parameter)
-    params: list[Any] = [
-        [p.job_id for p in placements],
-        [p.machine_id for p in placements],
-        [len(p.gpu_ids) for p in placements],
-        [p.price_per_gpu_hour for p in placements],
-        [json.dumps(_assigned_detail(p)) for p in placements],
+    params: list[Any] = [  # arrays as literals, one JSON array of the details (core.lookups.int_array)
+        int_array(p.job_id for p in placements),
+        int_array(p.machine_id for p in placements),
+        int_array(len(p.gpu_ids) for p in placements),
+        decimal_array(p.price_per_gpu_hour for p in placements),
+        json.dumps([_assigned_detail(p) for p in placements]),
         JS.SCHEDULED,
         now,
         JS.PENDING,
         *lease_vals,
         *gpu_vals,
-        [p.job_id for p in placements for _ in p.gpu_ids],
-        [g for p in placements for g in p.gpu_ids],
+        int_array(p.job_id for p in placements for _ in p.gpu_ids),
+        int_array(g for p in placements for g in p.gpu_ids),
         *event_vals,
     ]
     with connection.cursor() as cursor:
