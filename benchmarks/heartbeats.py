@@ -57,13 +57,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from _django import add_server_options, django_setup, free_port, migrations_ready, refuse, web_server_argv
+from _proc import children_cpu_seconds, database_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/api/agent/v1/heartbeat"
@@ -205,37 +206,6 @@ def _pg_counters() -> dict[str, int] | None:
 
 
 # --- the server -------------------------------------------------------------------------------
-
-
-def _processes() -> Iterator[tuple[str, list[str]]]:
-    """(command name, the stat fields after it) of every process /proc shows: fields[1] is the
-    parent's pid, fields[11:13] the process's utime and stime, fields[13:15] its ended
-    children's, in clock ticks."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            raw = stat.read_text()
-        except OSError:
-            continue
-        yield raw[raw.index("(") + 1 : raw.rindex(")")], raw.rsplit(")", 1)[1].split()
-
-
-def _cpu_seconds(parent: int) -> float:
-    """CPU seconds (user and system) used so far by the processes whose parent is `parent`
-    (the web server's workers), from /proc; 0 where /proc cannot tell."""
-    ticks = sum(int(f[11]) + int(f[12]) for _, f in _processes() if int(f[1]) == parent)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _database_cpu_seconds() -> float | None:
-    """CPU seconds (user and system) used so far by this machine's PostgreSQL processes (every
-    backend, live or ended, and the background writer, WAL writer, checkpointer: what the
-    heartbeats cost the database server), from /proc; None where none is visible (a database on
-    another host). A backend that closed during the run is counted in the postmaster's ended
-    children."""
-    postgres = [f for name, f in _processes() if name == "postgres"]
-    if not postgres:
-        return None
-    return sum(int(t) for f in postgres for t in f[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
@@ -542,13 +512,13 @@ def main() -> None:
         _flush_once()  # what the setup's heartbeats left in Redis
         for concurrency in args.levels:
             before = _pg_counters()
-            server_cpu = _cpu_seconds(server.pid) if server is not None else 0.0
-            database_cpu = _database_cpu_seconds()
+            server_cpu = children_cpu_seconds(server.pid) if server is not None else 0.0
+            database_cpu = database_cpu_seconds()
             flusher = _Flusher(args.flush_every)
             run = _drive(url, machines, concurrency, args.generators, args.seconds, beat_interval=args.beat_interval)
             flush_cpu = flusher.stop()
-            server_cpu = _cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
-            database_after = _database_cpu_seconds()
+            server_cpu = children_cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
+            database_after = database_cpu_seconds()
             after = _pg_counters()
             n = len(run["latencies"])
             ordered = sorted(run["latencies"])

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from _django import django_setup, migrations_ready, refuse
+from _proc import database_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -324,11 +325,12 @@ def main() -> None:
     created = _fill(args, tag)
     _analyze()
     setup_seconds = time.perf_counter() - setup_started
-    cpu_started = time.process_time()
+    cpu_started, database_started = time.process_time(), database_cpu_seconds()
     try:
         now = args.now if args.now.tzinfo else args.now.replace(tzinfo=UTC)
         result = match_cycle(now=now, batch_size=args.jobs)
         cpu_seconds = time.process_time() - cpu_started
+        database_after = database_cpu_seconds()
     finally:
         if not args.keep:
             _cleanup(created)
@@ -353,6 +355,13 @@ def main() -> None:
                 "reasons_seconds": round(result.reasons_seconds, 3),
                 # This process's CPU time: the database's share of `seconds` is the rest.
                 "cpu_seconds": round(cpu_seconds, 3),
+                # PostgreSQL's CPU over the cycle, where it runs on this machine (else null): with
+                # cpu_seconds, what the cycle asks of the cores, whatever overlapped.
+                "database_cpu_seconds": (
+                    round(database_after - database_started, 3)
+                    if database_started is not None and database_after is not None
+                    else None
+                ),
                 "setup_seconds": round(setup_seconds, 3),
                 "database": f"{connection.vendor}:{connection.settings_dict['NAME']}",
             }
