@@ -7,7 +7,7 @@ Which job goes where is decided by a placement policy, settings.MATCH_POLICY:
   machine's idle forecast and current stretch (providers.idle_history), the pending jobs (oldest
   MATCH_BATCH_SIZE, with their renters and checkpoint intervals) and the GPUs each renter holds;
   `placement.place` returns the plan (fair share across renters, price when short, aging, long
-  jobs where owners stay away longest); `_plan_write` writes it in transactions of CHUNK_SIZE
+  jobs where owners stay away longest); `_PlanWriter` writes it in transactions of CHUNK_SIZE
   placements, each locking its jobs (still pending) and GPUs (still candidates) with SKIP
   LOCKED, so a placement another worker got to first is dropped, never written twice; on
   PostgreSQL MATCH_WRITERS connections write the chunks at once.
@@ -559,7 +559,32 @@ class _Fleet:
         return "no_idle_gpu", "matching GPUs exist but all are busy or leased now; the job waits"
 
 
-def _fleet_load(*, now: datetime) -> tuple[_Pool, _Fleet]:
+@dataclass(slots=True)
+class _FreeFleet:
+    """The online fleet as one read gives it: the machines available now (id -> region,
+    seconds, kinds; in the machines query's order) and their candidate GPUs grouped by
+    (model, VRAM) in the order each group first appears, [(floor micros, gpu id)] sorted."""
+
+    machines: dict[int, tuple[str, float, int]]
+    free: dict[int, dict[tuple[str, int], list[tuple[int, int]]]]
+
+    @property
+    def free_count(self) -> int:
+        return sum(len(gpus) for groups in self.free.values() for gpus in groups.values())
+
+    def pool(self) -> _Pool:
+        """As v1 matches from: one class per (model, VRAM, region, kinds)."""
+        pool = _Pool()
+        for machine_id, (region, seconds, kinds) in self.machines.items():
+            pool.add_machine(machine_id, region, seconds, kinds)
+            for (model, vram_mb), gpus in self.free.get(machine_id, {}).items():
+                for floor, gpu_id in gpus:
+                    pool.add_gpu(gpu_id=gpu_id, machine_id=machine_id, model=model, vram_mb=vram_mb, floor=floor)
+        pool.seal()
+        return pool
+
+
+def _fleet_load(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
     """Read the online fleet in four queries: machines, their availability, GPUs, and the GPUs
     in active leases."""
     machines = list(
@@ -570,7 +595,8 @@ def _fleet_load(*, now: datetime) -> tuple[_Pool, _Fleet]:
         )
     )
     until = machines_available_until(machines=[(row[0], row[1]) for row in machines], now=now)
-    pool, fleet = _Pool(), _Fleet()
+    free_fleet, fleet = _FreeFleet(machines={}, free={}), _Fleet()
+    available, free = free_fleet.machines, free_fleet.free
     default_floor: dict[int, int] = {}
     for machine_id, _, region, provider_floor, accepts_container, accepts_process in machines:
         seconds = seconds_available(until.get(machine_id), now)
@@ -581,27 +607,46 @@ def _fleet_load(*, now: datetime) -> tuple[_Pool, _Fleet]:
         fleet.machines[machine_id] = (region, seconds, kinds, [])
         fleet.kinds |= kinds
         if kinds and until.get(machine_id) is not None and seconds > 0:
-            pool.add_machine(machine_id, region, seconds, kinds)
+            available[machine_id] = (region, seconds, kinds)
     in_lease = set(
         LeaseGPU.objects.filter(active=True, gpu__machine__status=Machine.Status.ONLINE).values_list(
             "gpu_id", flat=True
         )
     )
+    model_keys: dict[str, str] = {}  # a fleet has few models: each lower-cased once
+    floors: dict[Decimal, int] = {}  # and its floors repeat
+    idle = GPU.State.IDLE
+    machine_gpus = fleet.machines
     for gpu_id, machine_id, model, vram_mb, state, price_floor in (
         GPU.objects.filter(machine__status=Machine.Status.ONLINE)
         .order_by()
         .values_list("id", "machine_id", "model", "vram_mb", "state", "price_floor")
         .iterator(chunk_size=5000)
     ):
-        if machine_id not in fleet.machines:  # went online after the machine query
+        of_machine = machine_gpus.get(machine_id)
+        if of_machine is None:  # went online after the machine query
             continue
-        floor = _to_micros(price_floor) if price_floor is not None else default_floor[machine_id]
-        model_key = model.strip().lower()
-        fleet.machines[machine_id][3].append((model_key, vram_mb, floor))
-        if state == GPU.State.IDLE and gpu_id not in in_lease and machine_id in pool.machines:
-            pool.add_gpu(gpu_id=gpu_id, machine_id=machine_id, model=model_key, vram_mb=vram_mb, floor=floor)
-    pool.seal()
-    return pool, fleet
+        if price_floor is None:
+            floor = default_floor[machine_id]
+        elif (floor := floors.get(price_floor, -1)) < 0:
+            floor = floors[price_floor] = _to_micros(price_floor)
+        model_key = model_keys.get(model)
+        if model_key is None:
+            model_key = model_keys[model] = model.strip().lower()
+        of_machine[3].append((model_key, vram_mb, floor))
+        if state == idle and machine_id in available and gpu_id not in in_lease:
+            groups = free.get(machine_id)
+            if groups is None:
+                groups = free[machine_id] = {}
+            group = groups.get((model_key, vram_mb))
+            if group is None:
+                groups[(model_key, vram_mb)] = [(floor, gpu_id)]
+            else:
+                group.append((floor, gpu_id))
+    for groups in free.values():
+        for gpus in groups.values():
+            gpus.sort()
+    return free_fleet, fleet
 
 
 def _busy_gpu_ids() -> set[int]:
@@ -776,7 +821,8 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
             logger.info("matching: %s", result.as_dict())
         return result
 
-    pool, fleet = _fleet_load(now=now)
+    free_fleet, fleet = _fleet_load(now=now)
+    pool = free_fleet.pool()
     result.candidate_gpus = pool.free_count
     result.read_seconds = time.perf_counter() - started
     cursor: tuple[datetime, int] | None = None
@@ -877,27 +923,29 @@ def _pending_requests(limit: int) -> tuple[list[_Job], dict[int, policy.JobReque
     return jobs, requests
 
 
-def _offers(pool: _Pool) -> list[policy.MachineOffer]:
-    """The pool's machines with free GPUs, with each machine's idle forecast, for the policy."""
-    machines = [machine for machine in pool.machines.values() if any(machine.free.values())]
-    ids = [machine.id for machine in machines]
+def _offers(free_fleet: _FreeFleet) -> list[policy.MachineOffer]:
+    """The available machines with free GPUs, with each machine's idle forecast, for the
+    policy."""
+    ids = [machine_id for machine_id in free_fleet.machines if free_fleet.free.get(machine_id)]
     forecasts = machine_forecasts(machine_ids=ids)
     idle_since = machines_idle_since(machine_ids=ids)
+    offer = policy.GpuOffer
     offers = []
-    for machine in machines:
+    for machine_id in ids:
+        region, seconds, kinds = free_fleet.machines[machine_id]
         gpus = [
-            policy.GpuOffer(id=gpu_id, model=pool.class_keys[cls][0], vram_mb=pool.class_keys[cls][1], floor=floor)
-            for cls, free in machine.free.items()
+            offer(gpu_id, model, vram_mb, floor)
+            for (model, vram_mb), free in free_fleet.free[machine_id].items()
             for floor, gpu_id in free
         ]
         offers.append(
             policy.MachineOffer(
-                id=machine.id,
-                region=machine.region,
-                kinds=machine.kinds,
-                window_s=machine.seconds,
-                idle_since=idle_since.get(machine.id),
-                forecast=forecasts.get(machine.id),
+                id=machine_id,
+                region=region,
+                kinds=kinds,
+                window_s=seconds,
+                idle_since=idle_since.get(machine_id),
+                forecast=forecasts.get(machine_id),
                 gpus=gpus,
             )
         )
@@ -915,53 +963,113 @@ def _gpus_held_by_renter() -> dict[int, int]:
     )
 
 
-def _plan_write(plan: Sequence[policy.Placement]) -> tuple[list[policy.Placement], int]:
-    """Write the plan in transactions of CHUNK_SIZE placements: each locks its jobs (still
-    pending) and GPUs (still candidates), skipping rows another worker holds, and writes the
-    placements whose job and GPUs it holds; the others wait for the next cycle. Returns what
-    was written and how many chunks the unique index refused.
+class _PlanWriter:
+    """Writes a plan as the policy makes it (`add`, then `close`), in transactions of CHUNK_SIZE
+    placements: each locks its jobs (still pending) and GPUs (still candidates), skipping rows
+    another worker holds, and writes the placements whose job and GPUs it holds; the others
+    wait for the next cycle. `close` returns what was written and how many chunks the unique
+    index refused.
 
-    On PostgreSQL, outside a caller's transaction, MATCH_WRITERS connections write the chunks at
-    once (this thread and MATCH_WRITERS - 1 others, each taking every MATCH_WRITERS-th chunk): a
-    chunk's time is mostly PostgreSQL's, one connection keeps one of its processes busy, and
-    the chunks of one plan share no job and no GPU, so they lock nothing of each other's (as two
-    matcher workers' chunks do not). Inside a transaction (a caller's, a test's) other
-    connections would not see its rows: one writer then."""
-    chunks = [plan[start : start + CHUNK_SIZE] for start in range(0, len(plan), CHUNK_SIZE)]
-    writers = min(settings.GPGPU["MATCH_WRITERS"], len(chunks))
-    if writers < 2 or connection.vendor != "postgresql" or connection.in_atomic_block:
-        done = [_chunk_write(chunk) for chunk in chunks]
-    else:
-        slots: list[tuple[list[policy.Placement], bool] | None] = [None] * len(chunks)
-        failures: list[BaseException] = []
+    On PostgreSQL, outside a caller's transaction, each full chunk goes to a writer thread with
+    a connection of its own while the policy goes on (MATCH_WRITERS - 1 of them, started at the
+    first full chunk), and at `close` this thread writes what is left beside them. A chunk's
+    time is mostly PostgreSQL's, on the core the policy does not use; the chunks of one plan
+    share no job and no GPU, so they lock nothing of each other's (as two matcher workers'
+    chunks do not). Inside a transaction (a caller's, a test's) other connections would not see
+    its rows: the chunks are written at `close`, in this thread, one after another. A writer
+    that fails stops the others and the policy (its error raised at the next `add` or at
+    `close`); chunks written before stay written, each complete."""
 
-        def write_every(first: int) -> None:
-            try:
-                for index in range(first, len(chunks), writers):
-                    if failures:  # another writer failed: the cycle fails, as one writer would
-                        return
-                    slots[index] = _chunk_write(chunks[index])
-            except BaseException as error:  # handed to the calling thread, raised there
-                failures.append(error)
-            finally:
-                if first:  # a thread of its own: its connection goes with it
-                    connections.close_all()
+    def __init__(self) -> None:
+        self._threads_wanted = settings.GPGPU["MATCH_WRITERS"] - 1
+        if connection.vendor != "postgresql" or connection.in_atomic_block:
+            self._threads_wanted = 0
+        self._chunk: list[policy.Placement] = []
+        self._chunks: list[list[policy.Placement]] = []
+        self._done: dict[int, tuple[list[policy.Placement], bool]] = {}
+        self._threads: list[threading.Thread] = []
+        self._failures: list[BaseException] = []
+        self._ready = threading.Condition()
+        self._next = 0  # the first chunk no writer has taken
+        self._closed = False
 
-        threads = [threading.Thread(target=write_every, args=(first,), daemon=True) for first in range(1, writers)]
-        for thread in threads:
-            thread.start()
-        write_every(0)
-        for thread in threads:
+    def __enter__(self) -> _PlanWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._ready:  # stops the writers after the chunk each is writing
+            self._closed = True
+            self._next = len(self._chunks)
+            self._ready.notify_all()
+        for thread in self._threads:
             thread.join()
-        if failures:
-            raise failures[0]
-        done = [slot for slot in slots if slot is not None]
-    written = [p for placed, _ in done for p in placed]
-    return written, sum(1 for _, refused in done if refused)
+
+    @property
+    def chunks(self) -> int:
+        return len(self._chunks)
+
+    def add(self, placement: policy.Placement) -> None:
+        if self._failures:
+            raise self._failures[0]
+        self._chunk.append(placement)
+        if len(self._chunk) >= CHUNK_SIZE:
+            self._hand_over()
+
+    def close(self) -> tuple[list[policy.Placement], int]:
+        if self._chunk:
+            self._hand_over()
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        self._write_taken()
+        for thread in self._threads:
+            thread.join()
+        if self._failures:
+            raise self._failures[0]
+        done = [self._done[index] for index in sorted(self._done)]
+        written = [p for placed, _ in done for p in placed]
+        return written, sum(1 for _, refused in done if refused)
+
+    def _hand_over(self) -> None:
+        with self._ready:
+            self._chunks.append(self._chunk)
+            self._ready.notify()
+        self._chunk = []
+        if len(self._chunks) == 1 and not self._closed:  # a full chunk: the plan is worth the threads
+            for _ in range(self._threads_wanted):
+                thread = threading.Thread(target=self._write_in_thread, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _take(self) -> int | None:
+        """The next chunk to write; None once every chunk is taken and the plan closed, or a
+        writer failed. Waits for the policy's next chunk."""
+        with self._ready:
+            while self._next >= len(self._chunks) and not self._closed and not self._failures:
+                self._ready.wait()
+            if self._failures or self._next >= len(self._chunks):
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def _write_taken(self) -> None:
+        try:
+            while (index := self._take()) is not None:
+                self._done[index] = _chunk_write(self._chunks[index])
+        except BaseException as error:  # raised by add() or close() in the policy's thread
+            with self._ready:
+                self._failures.append(error)
+                self._ready.notify_all()
+
+    def _write_in_thread(self) -> None:
+        try:
+            self._write_taken()
+        finally:
+            connections.close_all()  # a thread of its own: its connection goes with it
 
 
 def _chunk_write(chunk: Sequence[policy.Placement]) -> tuple[list[policy.Placement], bool]:
-    """One chunk of _plan_write in a transaction of its own: (what it wrote, whether the unique
+    """One chunk of _PlanWriter in a transaction of its own: (what it wrote, whether the unique
     index refused it)."""
     try:
         with transaction.atomic():
@@ -993,33 +1101,32 @@ def _chunk_write(chunk: Sequence[policy.Placement]) -> tuple[list[policy.Placeme
 def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchResult) -> None:
     """One cycle of a planning policy (v2, first-fit): read the pending jobs and the free fleet,
     let marketplace.placement choose which jobs go where (its order is not FIFO: fair share,
-    price and expected lost work), then write the plan under row locks (_plan_write) and
-    record a reason on each job left pending."""
+    price and expected lost work), write the plan under row locks as it is made (_PlanWriter),
+    and record a reason on each job left pending."""
     mark = time.perf_counter()
-    pool, fleet = _fleet_load(now=now)
-    result.candidate_gpus = pool.free_count
+    free_fleet, fleet = _fleet_load(now=now)
+    result.candidate_gpus = free_fleet.free_count
     jobs, requests = _pending_requests(limit)
     unfunded = billing_selectors.jobs_budget_unreserved(job_ids=list(requests))
     placeable = [request for job_id, request in requests.items() if job_id not in unfunded]
-    planning = bool(placeable and pool.free_count)
-    offers, held = (_offers(pool), _gpus_held_by_renter()) if planning else ([], {})
+    planning = bool(placeable and result.candidate_gpus)
+    offers, held = (_offers(free_fleet), _gpus_held_by_renter()) if planning else ([], {})
     result.read_seconds = time.perf_counter() - mark
     mark = time.perf_counter()
-    plan = (
-        policy.place(
-            placeable,
-            offers,
-            now=now.timestamp(),
-            policy=name,
-            held_by_renter=held,
-            report=False,  # a placement's p_finish and expected loss are written nowhere (9 % of a cycle)
-        )
-        if planning
-        else []
-    )
-    result.plan_seconds = time.perf_counter() - mark
-    mark = time.perf_counter()
-    written, result.conflicts = _plan_write(plan)
+    with _PlanWriter() as writer:
+        if planning:
+            policy.place(
+                placeable,
+                offers,
+                now=now.timestamp(),
+                policy=name,
+                held_by_renter=held,
+                report=False,  # a placement's p_finish and expected loss are written nowhere (9 % of a cycle)
+                on_placement=writer.add,  # written while the policy goes on (_PlanWriter)
+            )
+        result.plan_seconds = time.perf_counter() - mark
+        mark = time.perf_counter()
+        written, result.conflicts = writer.close()
     result.write_seconds = time.perf_counter() - mark
     mark = time.perf_counter()
     placed_ids = {p.job_id for p in written}
@@ -1031,7 +1138,7 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     result.considered = len(jobs)
     result.placed = len(written)
     result.gpus_leased = sum(len(p.gpu_ids) for p in written)
-    result.chunks = max(1, -(-len(plan) // CHUNK_SIZE))
+    result.chunks = max(1, writer.chunks)
 
 
 # ----------------------------------------------------------------------------------- trigger

@@ -882,17 +882,20 @@ def place(
     policy: str = "v2",
     held_by_renter: Mapping[int, int] | None = None,
     report: bool = True,
+    on_placement: Callable[[Placement], None] | None = None,
 ) -> list[Placement]:
     """Place what `policy` places of `jobs` on the free GPUs of `machines` at time `now`
     (Unix s), honouring the hard constraints (module docstring). `held_by_renter`: GPUs each
     renter holds in running leases (v2's fair share; others ignore it). Placements come in
     the order they were made; a job appears at most once, a GPU at most once. Without
-    `report`, placements carry no p_finish or expected_lost_s (NaN; see pool_place)."""
+    `report`, placements carry no p_finish or expected_lost_s (NaN; see pool_place).
+    `on_placement` is called with each placement as it is made (the matcher writes them
+    while the policy goes on)."""
     pool = FreePool(policy)
     for machine in machines:
         if machine.kinds and machine.window_s > 0:
             pool.add_machine(machine, now=now)
-    return pool_place(pool, jobs, now=now, held_by_renter=held_by_renter, report=report)
+    return pool_place(pool, jobs, now=now, held_by_renter=held_by_renter, report=report, on_placement=on_placement)
 
 
 def pool_place(
@@ -902,11 +905,12 @@ def pool_place(
     now: float,
     held_by_renter: Mapping[int, int] | None = None,
     report: bool = True,
+    on_placement: Callable[[Placement], None] | None = None,
 ) -> list[Placement]:
     """`place()` over a pool kept by the caller: the GPUs placed leave the pool, and, when
     `jobs` is a JobQueue the caller keeps, the jobs placed leave it. Without `report`,
     placements carry no p_finish or expected_lost_s (NaN): figures for people, which decide
-    nothing, and cost a third of a simulated cycle."""
+    nothing, and cost a third of a simulated cycle. `on_placement` as in place()."""
     policy = pool.policy
     if policy == "v2":
         pool._refresh(now)
@@ -930,9 +934,12 @@ def pool_place(
             known[job.max_price] = min(known.get(job.max_price, job.duration_s), job.duration_s)
             return False
         machine, chosen = found
-        placements.append(_placement(job, machine, chosen, now=now, with_forecast=report and policy == "v2"))
+        placement = _placement(job, machine, chosen, now=now, with_forecast=report and policy == "v2")
+        placements.append(placement)
         pool.take(chosen)
         placed_ids.add(job.id)
+        if on_placement is not None:
+            on_placement(placement)
         return True
 
     def exhausted() -> bool:

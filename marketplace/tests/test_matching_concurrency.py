@@ -23,7 +23,7 @@ ROUNDS = 3
 @pytest.fixture(autouse=True, params=["v1", "v2"])
 def policy(request: pytest.FixtureRequest, settings: Any) -> str:
     """Both placement policies: v1 matches chunk by chunk under its locks, v2 plans the whole
-    cycle and then writes it under locks (marketplace.matching._plan_write)."""
+    cycle and writes it under locks as it plans (marketplace.matching._PlanWriter)."""
     settings.MATCH_POLICY = request.param
     return str(request.param)
 
@@ -214,7 +214,7 @@ def two_writers(policy: str, settings: Any) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_a_planned_cycle_writes_its_chunks_on_two_connections_at_once(two_writers: None, monkeypatch: Any) -> None:
     """A planned cycle's chunks are written by MATCH_WRITERS connections at the same time
-    (marketplace.matching._plan_write), each chunk once, and every job placed once: run as beat
+    (marketplace.matching._PlanWriter), each chunk once, and every job placed once: run as beat
     runs it, the Celery task under its lock (which holds no transaction that would keep the
     writers to one connection)."""
     monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
@@ -264,3 +264,64 @@ def test_a_chunk_writer_that_fails_fails_the_cycle(two_writers: None, monkeypatc
         matching.match_cycle()
     # What the calling thread's writer committed stays, as chunks committed before a failure do.
     assert Job.objects.filter(status=Job.Status.SCHEDULED).count() == Lease.objects.count() <= 4
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_planned_cycle_writes_its_first_chunks_while_the_policy_is_still_placing(
+    two_writers: None, monkeypatch: Any
+) -> None:
+    """A full chunk goes to a writer as soon as the policy has made it: the writes run on the
+    database's core while the policy runs on this one, instead of after it."""
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
+    _fleet_and_jobs(machines=8, gpus_per_machine=1, jobs=8)
+    write = matching._chunk_write
+    writing = threading.Event()
+    seen_while_placing: list[bool] = []
+
+    def chunk_write(chunk: Any) -> Any:
+        writing.set()
+        return write(chunk)
+
+    add = matching._PlanWriter.add
+
+    def add_and_look(writer: Any, placement: Any) -> None:
+        add(writer, placement)
+        if writer.chunks == 1 and not seen_while_placing:  # the first chunk was handed over: is it written now?
+            seen_while_placing.append(writing.wait(timeout=20))
+
+    monkeypatch.setattr(matching, "_chunk_write", chunk_write)
+    monkeypatch.setattr(matching._PlanWriter, "add", add_and_look)
+    result = matching.match_cycle()
+
+    assert seen_while_placing == [True]
+    assert (result.placed, result.chunks, result.conflicts) == (8, 3, 0)
+    assert Lease.objects.values("job_id").distinct().count() == Lease.objects.count() == 8
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_policy_that_fails_mid_plan_leaves_whole_chunks_and_no_writer_behind(
+    two_writers: None, monkeypatch: Any
+) -> None:
+    """The policy fails after its first full chunk: the error reaches the cycle, the writer
+    threads end with it, and what was written is that chunk, complete."""
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
+    _fleet_and_jobs(machines=8, gpus_per_machine=1, jobs=8)
+    place = matching.policy.place
+
+    def place_then_fail(*args: Any, on_placement: Any, **kwargs: Any) -> Any:
+        made = place(*args, **kwargs)
+        for placement in made[:4]:
+            on_placement(placement)
+        raise ZeroDivisionError("the policy broke")
+
+    threads_before = set(threading.enumerate())
+    monkeypatch.setattr(matching.policy, "place", place_then_fail)
+    with pytest.raises(ZeroDivisionError, match="the policy broke"):
+        matching.match_cycle()
+
+    assert set(threading.enumerate()) <= threads_before  # no writer left running
+    written = Lease.objects.count()
+    assert written in (0, 3)  # the first chunk, if its writer had taken it, whole; never the fourth placement
+    assert Job.objects.filter(status=Job.Status.SCHEDULED).count() == written
