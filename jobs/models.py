@@ -77,7 +77,9 @@ class Job(models.Model):
     # the renter to download (jobs.checkpoints).
     keep_checkpoint = models.BooleanField(default=False)
 
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    # Indexed by job_status_created (status first), not by an index of its own: each move of a
+    # job wrote to two more indexes.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     # Why the matcher could not place it (a stable code and a sentence), while pending.
     unplaced_code = models.CharField(max_length=64, blank=True)
     unplaced_detail = models.CharField(max_length=500, blank=True)
@@ -134,7 +136,8 @@ class Lease(models.Model):
         CREDENTIAL_REVOKED = "credential_revoked"
 
     job = models.ForeignKey(Job, on_delete=models.PROTECT, related_name="leases")
-    machine = models.ForeignKey(Machine, on_delete=models.PROTECT, related_name="leases")
+    # No index of its own: lease_machine_status (machine first) serves its lookups.
+    machine = models.ForeignKey(Machine, on_delete=models.PROTECT, related_name="leases", db_index=False)
     gpus = models.ManyToManyField(GPU, through="LeaseGPU", related_name="leases")
     gpu_count = models.PositiveSmallIntegerField()
     price_per_gpu_hour = models.DecimalField(max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_DECIMALS)
@@ -172,7 +175,8 @@ class LeaseGPU(models.Model):
     unique index makes it impossible, whatever a racing worker does, for one GPU to be in two
     active leases."""
 
-    lease = models.ForeignKey(Lease, on_delete=models.CASCADE, related_name="lease_gpus")
+    # No index of its own: the unique (lease, gpu) serves its lookups.
+    lease = models.ForeignKey(Lease, on_delete=models.CASCADE, related_name="lease_gpus", db_index=False)
     gpu = models.ForeignKey(GPU, on_delete=models.PROTECT, related_name="lease_gpus")
     active = models.BooleanField(default=True)
 

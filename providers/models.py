@@ -157,12 +157,15 @@ class GPU(models.Model):
         IDLE = "idle"
         LEASED = "leased"
 
-    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="gpus")
+    # No index of its own: the unique (machine, index) serves its lookups.
+    machine = models.ForeignKey(Machine, on_delete=models.CASCADE, related_name="gpus", db_index=False)
     uuid = models.CharField(max_length=96, unique=True)
     index = models.PositiveSmallIntegerField()
     model = models.CharField(max_length=100, db_index=True)
     vram_mb = models.PositiveIntegerField()
-    state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE, db_index=True)
+    # Indexed by gpu_state_model (state first), not by an index of its own: each change of a
+    # GPU's state wrote to two more indexes (three with the machine's).
+    state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE)
     # When the agent last saw this GPU become idle (for how long it has been free).
     idle_since = models.DateTimeField(null=True, blank=True)
     # Per GPU-hour; null means the provider's default floor.
