@@ -337,21 +337,23 @@ def job_set_unplaced(*, reasons: dict[int, tuple[str, str]], now: datetime | Non
     so recording reasons never waits on a job row. Several matcher workers recording reasons
     for overlapping jobs while others write placements deadlocked on PostgreSQL when each
     UPDATE locked its rows as it met them; a skipped job keeps its last reason until the next
-    cycle."""
+    cycle. One transaction per 1,000 jobs, whatever their reasons (a transaction per reason
+    made a cycle's forty reasons forty commits)."""
     now = now or timezone.now()
-    by_reason: dict[tuple[str, str], list[int]] = {}
-    for job_id, reason in reasons.items():
-        by_reason.setdefault(reason, []).append(job_id)
-    for (code, detail), ids in by_reason.items():
-        for start in range(0, len(ids), 1000):
-            with transaction.atomic():
-                held = list(
-                    Job.objects.filter(pk__any=ids[start : start + 1000], status=JS.PENDING)
-                    .order_by("pk")
-                    .select_for_update(skip_locked=True)
-                    .values_list("pk", flat=True)
-                )
-                Job.objects.filter(pk__any=held).update(
+    job_ids = sorted(reasons)
+    for start in range(0, len(job_ids), 1000):
+        with transaction.atomic():
+            held = (
+                Job.objects.filter(pk__any=job_ids[start : start + 1000], status=JS.PENDING)
+                .order_by("pk")
+                .select_for_update(skip_locked=True)
+                .values_list("pk", flat=True)
+            )
+            by_reason: dict[tuple[str, str], list[int]] = {}
+            for job_id in held:
+                by_reason.setdefault(reasons[job_id], []).append(job_id)
+            for (code, detail), ids in by_reason.items():
+                Job.objects.filter(pk__any=ids).update(
                     unplaced_code=code, unplaced_detail=detail[:500], unplaced_checked_at=now
                 )
 
