@@ -1031,11 +1031,12 @@ class _PlanWriter:
         return written, sum(1 for _, refused in done if refused)
 
     def _hand_over(self) -> None:
+        full = len(self._chunk) >= CHUNK_SIZE
         with self._ready:
             self._chunks.append(self._chunk)
             self._ready.notify()
         self._chunk = []
-        if len(self._chunks) == 1 and not self._closed:  # a full chunk: the plan is worth the threads
+        if full and len(self._chunks) == 1:  # the plan fills a chunk: worth the threads (and connections)
             for _ in range(self._threads_wanted):
                 thread = threading.Thread(target=self._write_in_thread, daemon=True)
                 thread.start()

@@ -325,3 +325,32 @@ def test_a_policy_that_fails_mid_plan_leaves_whole_chunks_and_no_writer_behind(
     written = Lease.objects.count()
     assert written in (0, 3)  # the first chunk, if its writer had taken it, whole; never the fourth placement
     assert Job.objects.filter(status=Job.Status.SCHEDULED).count() == written
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_plan_smaller_than_a_chunk_is_written_by_the_cycle_itself(two_writers: None, monkeypatch: Any) -> None:
+    """Most cycles place a few jobs: one partial chunk, written in the calling thread, with no
+    writer thread started (nor its database connection opened)."""
+    _fleet_and_jobs(machines=3, gpus_per_machine=1, jobs=3)
+    write = matching._chunk_write
+    writers: list[int] = []
+
+    def chunk_write(chunk: Any) -> Any:
+        writers.append(threading.get_ident())
+        return write(chunk)
+
+    started = threading.Thread.start
+    threads: list[threading.Thread] = []
+
+    def start(thread: threading.Thread) -> None:
+        threads.append(thread)
+        started(thread)
+
+    monkeypatch.setattr(matching, "_chunk_write", chunk_write)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    result = matching.match_cycle()
+
+    assert (result.placed, result.chunks) == (3, 1)
+    assert writers == [threading.get_ident()]
+    assert threads == []
