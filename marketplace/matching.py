@@ -628,7 +628,9 @@ def _fleet_load(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
             continue
         if price_floor is None:
             floor = default_floor[machine_id]
-        elif (floor := floors.get(price_floor, -1)) < 0:
+        elif (known := floors.get(price_floor)) is not None:
+            floor = known
+        else:
             floor = floors[price_floor] = _to_micros(price_floor)
         model_key = model_keys.get(model)
         if model_key is None:
