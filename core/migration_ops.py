@@ -6,6 +6,7 @@ from typing import Any
 
 from django.contrib.postgres.operations import AddIndexConcurrently
 from django.db.migrations import AddIndex, AlterField
+from django.db.migrations.operations.base import Operation
 
 
 class AddIndexOnline(AddIndexConcurrently):
@@ -49,3 +50,57 @@ class AlterFieldDropIndex(AlterField):
         # AlterField's backwards is its forwards (from the state after the migration to the one
         # before): its own, not the above.
         AlterField.database_forwards(self, app_label, schema_editor, from_state, to_state)
+
+
+class SetFillFactor(Operation):
+    """Set a model's table's `fillfactor` on PostgreSQL (the share of each heap page new rows
+    fill; the rest is kept for new versions of the rows already there); nothing elsewhere, and
+    nothing in the migration state (a storage parameter, not a model option). An UPDATE that
+    changes no indexed column writes its new version on the same page when there is room (a HOT
+    update: no index written at all); a table whose rows are updated over and over, many rows of
+    a page each time, needs that room kept. Pages already full get it as their rows move; a
+    `VACUUM FULL` of the table gives it at once. Backwards: `previous` (None: the default, 100)."""
+
+    reduces_to_sql = True
+    reversible = True
+
+    def __init__(self, model_name: str, fillfactor: int, previous: int | None = None) -> None:
+        if not 10 <= fillfactor <= 100 or (previous is not None and not 10 <= previous <= 100):
+            raise ValueError("a fillfactor is a percentage from 10 to 100")
+        self.model_name = model_name
+        self.fillfactor = fillfactor
+        self.previous = previous
+
+    def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
+        kwargs: dict[str, Any] = {"model_name": self.model_name, "fillfactor": self.fillfactor}
+        if self.previous is not None:
+            kwargs["previous"] = self.previous
+        return self.__class__.__name__, [], kwargs
+
+    def state_forwards(self, app_label: str, state: Any) -> None:
+        pass
+
+    def _set(self, app_label: str, schema_editor: Any, state: Any, value: int | None) -> None:
+        model = state.apps.get_model(app_label, self.model_name)
+        if schema_editor.connection.vendor != "postgresql" or not self.allow_migrate_model(
+            schema_editor.connection.alias, model
+        ):
+            return
+        table = schema_editor.quote_name(model._meta.db_table)
+        if value is None:
+            schema_editor.execute(f"ALTER TABLE {table} RESET (fillfactor)")
+        else:
+            schema_editor.execute(f"ALTER TABLE {table} SET (fillfactor = {int(value)})")
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        self._set(app_label, schema_editor, to_state, self.fillfactor)
+
+    def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        self._set(app_label, schema_editor, to_state, self.previous)
+
+    def describe(self) -> str:
+        return f"Set the fillfactor of {self.model_name}'s table to {self.fillfactor} (PostgreSQL)"
+
+    @property
+    def migration_name_fragment(self) -> str:
+        return f"{self.model_name.lower()}_fillfactor_{self.fillfactor}"

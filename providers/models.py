@@ -87,7 +87,10 @@ class Machine(models.Model):
     region = models.CharField(max_length=64, blank=True, db_index=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OFFLINE, db_index=True)
     suspended_reason = models.CharField(max_length=255, blank=True)
-    last_heartbeat_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    # No index: every heartbeat (or the flush of the steady ones' times) moves it, and with an
+    # index no such UPDATE could be HOT (written on the row's page, no index touched; the table's
+    # fillfactor keeps the room, migration 0010). The liveness sweep reads it for the whole fleet.
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     # What job kinds the machine accepts and how it isolates them, as its agent last reported
     # (the heartbeat's validated `capabilities`; null until it first reports them). The two
     # booleans are what the matcher filters on. A machine that never reported accepts
@@ -163,8 +166,11 @@ class GPU(models.Model):
     index = models.PositiveSmallIntegerField()
     model = models.CharField(max_length=100, db_index=True)
     vram_mb = models.PositiveIntegerField()
-    # Indexed by gpu_state_model (state first), not by an index of its own: each change of a
-    # GPU's state wrote to two more indexes (three with the machine's).
+    # No index: leases, their ends and the owners' comings and goings move it all the time, and
+    # with an index no such UPDATE could be HOT (the new version written on the row's page, no
+    # index touched: the table's fillfactor keeps the room, migration 0010); the latest
+    # telemetry's UPDATE of every reporting GPU is HOT too. GPUs are read by state with their
+    # machine (its unique index) or across the fleet, a scan either way.
     state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE)
     # When the agent last saw this GPU become idle (for how long it has been free).
     idle_since = models.DateTimeField(null=True, blank=True)
@@ -190,7 +196,6 @@ class GPU(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["machine", "index"], name="gpu_unique_index_per_machine"),
         ]
-        indexes = [models.Index(fields=["state", "model"], name="gpu_state_model")]
 
     def __str__(self) -> str:
         return f"{self.model} #{self.index} on {self.machine_id}"
