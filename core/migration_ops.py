@@ -59,23 +59,19 @@ class SetFillFactor(Operation):
     changes no indexed column writes its new version on the same page when there is room (a HOT
     update: no index written at all); a table whose rows are updated over and over, many rows of
     a page each time, needs that room kept. Pages already full get it as their rows move; a
-    `VACUUM FULL` of the table gives it at once. Backwards: `previous` (None: the default, 100)."""
+    `VACUUM FULL` of the table gives it at once. Backwards: the default (100) again."""
 
     reduces_to_sql = True
     reversible = True
 
-    def __init__(self, model_name: str, fillfactor: int, previous: int | None = None) -> None:
-        if not 10 <= fillfactor <= 100 or (previous is not None and not 10 <= previous <= 100):
+    def __init__(self, model_name: str, fillfactor: int) -> None:
+        if not 10 <= fillfactor <= 100:
             raise ValueError("a fillfactor is a percentage from 10 to 100")
         self.model_name = model_name
         self.fillfactor = fillfactor
-        self.previous = previous
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
-        kwargs: dict[str, Any] = {"model_name": self.model_name, "fillfactor": self.fillfactor}
-        if self.previous is not None:
-            kwargs["previous"] = self.previous
-        return self.__class__.__name__, [], kwargs
+        return self.__class__.__name__, [], {"model_name": self.model_name, "fillfactor": self.fillfactor}
 
     def state_forwards(self, app_label: str, state: Any) -> None:
         pass
@@ -96,7 +92,7 @@ class SetFillFactor(Operation):
         self._set(app_label, schema_editor, to_state, self.fillfactor)
 
     def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
-        self._set(app_label, schema_editor, to_state, self.previous)
+        self._set(app_label, schema_editor, to_state, None)
 
     def describe(self) -> str:
         return f"Set the fillfactor of {self.model_name}'s table to {self.fillfactor} (PostgreSQL)"

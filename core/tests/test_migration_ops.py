@@ -1,4 +1,5 @@
-"""core.migration_ops.AlterFieldDropIndex: a field's own index dropped, nothing else touched."""
+"""core.migration_ops: AlterFieldDropIndex (a field's own index dropped, nothing else touched) and
+SetFillFactor (room kept on each page, providers 0010)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,50 @@ def test_the_covered_indexes_go_and_the_foreign_keys_are_not_made_again(before_t
 
     _migrate(BEFORE)  # and back: the indexes made again
     assert _indexes() == indexes
+
+
+HOT = ("providers_gpu", "providers_machine")
+
+
+def _fillfactors() -> dict[str, str | None]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT relname, (SELECT option_value FROM pg_options_to_table(reloptions)"
+            " WHERE option_name = 'fillfactor') FROM pg_class WHERE relname = ANY(%s)",
+            [list(HOT)],
+        )
+        return dict(cursor.fetchall())
+
+
+def _indexed_columns() -> set[tuple[str, str]]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT t.relname, a.attname FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid"
+            " JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = ANY(i.indkey)"
+            " WHERE t.relname = ANY(%s)",
+            [list(HOT)],
+        )
+        return set(cursor.fetchall())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_hot_migration_unindexes_the_moving_columns_and_keeps_room_on_each_page_and_back() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("storage parameters are PostgreSQL's")
+    before, after = ("providers", "0009_indexes_others_cover"), ("providers", "0010_hot_updates")
+    _migrate([before])
+    try:
+        assert _fillfactors() == {"providers_gpu": None, "providers_machine": None}
+        assert {("providers_gpu", "state"), ("providers_machine", "last_heartbeat_at")} <= _indexed_columns()
+
+        _migrate([after])
+        assert _fillfactors() == {"providers_gpu": "50", "providers_machine": "50"}
+        moving = {("providers_gpu", c) for c in ("state", "idle_since", "utilization_pct", "last_telemetry_at")}
+        moving |= {("providers_machine", "last_heartbeat_at")}
+        assert not moving & _indexed_columns()
+
+        _migrate([before])
+        assert _fillfactors() == {"providers_gpu": None, "providers_machine": None}
+        assert {("providers_gpu", "state"), ("providers_machine", "last_heartbeat_at")} <= _indexed_columns()
+    finally:
+        _migrate([("providers", _latest("providers"))])

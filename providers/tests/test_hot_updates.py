@@ -2,7 +2,7 @@
 times); on PostgreSQL those UPDATEs are HOT: the new version written on the row's own page and
 no index touched (migration providers 0010: no index on the columns that move, room kept on
 each page). An index on one of them, or pages left full, makes each such UPDATE write a new
-entry in every index of the table."""
+entry in every index of the table. The migration itself: core/tests/test_migration_ops.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import pytest
 from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 
 from jobs import services as job_services
 from jobs.models import Lease
@@ -86,54 +85,3 @@ def test_a_heartbeat_moves_its_machine_and_gpu_rows_without_writing_an_index() -
     assert gpu_rows.hot == gpu_rows.rows
     assert machine_rows.rows >= 1
     assert machine_rows.hot == machine_rows.rows
-
-
-def _migrate(target: tuple[str, str]) -> None:
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate([target])
-
-
-def _fillfactors() -> dict[str, str | None]:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT relname, (SELECT option_value FROM pg_options_to_table(reloptions)"
-            " WHERE option_name = 'fillfactor') FROM pg_class WHERE relname = ANY(%s)",
-            [["providers_gpu", "providers_machine"]],
-        )
-        return dict(cursor.fetchall())
-
-
-def _indexed_columns() -> set[tuple[str, str]]:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT t.relname, a.attname FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid"
-            " JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = ANY(i.indkey)"
-            " WHERE t.relname = ANY(%s)",
-            [["providers_gpu", "providers_machine"]],
-        )
-        return set(cursor.fetchall())
-
-
-@pytest.mark.django_db(transaction=True)
-def test_the_migration_unindexes_the_moving_columns_and_keeps_room_on_each_page_and_back() -> None:
-    if connection.vendor != "postgresql":
-        pytest.skip("storage parameters are PostgreSQL's")
-    leaves = MigrationExecutor(connection).loader.graph.leaf_nodes()
-    latest = max(name for label, name in leaves if label == "providers")
-    _migrate(("providers", "0009_indexes_others_cover"))
-    try:
-        assert _fillfactors() == {"providers_gpu": None, "providers_machine": None}
-        assert {("providers_gpu", "state"), ("providers_machine", "last_heartbeat_at")} <= _indexed_columns()
-
-        _migrate(("providers", "0010_hot_updates"))
-        assert _fillfactors() == {"providers_gpu": "50", "providers_machine": "50"}
-        moving = {("providers_gpu", c) for c in ("state", "idle_since", "utilization_pct", "last_telemetry_at")}
-        moving |= {("providers_machine", "last_heartbeat_at")}
-        assert not moving & _indexed_columns()
-
-        _migrate(("providers", "0009_indexes_others_cover"))
-        assert _fillfactors() == {"providers_gpu": None, "providers_machine": None}
-        assert {("providers_gpu", "state"), ("providers_machine", "last_heartbeat_at")} <= _indexed_columns()
-    finally:
-        _migrate(("providers", latest))
