@@ -612,6 +612,8 @@ def lease_request_stop(*, lease_id: int, reason: str, actor: str, save_checkpoin
         )
         if updated:
             lease = Lease.objects.get(pk=lease_id)
+            # The stop order is in the machine's next heartbeat reply, not a steady repeat's.
+            providers_services.machine_orders_changed(machine_id=lease.machine_id)
             doorbell.ring([lease.machine_id])
             event_record(
                 job_id=lease.job_id,
@@ -683,6 +685,8 @@ def lease_end(
         )
         if not updated:
             return False
+        # The machine's next heartbeat reply stops the lease if its agent still lists it.
+        providers_services.machine_orders_changed(machine_id=lease.machine_id)
         gpu_ids = list(LeaseGPU.objects.filter(lease_id=lease_id, active=True).values_list("gpu_id", flat=True))
         # GPU rows before the LeaseGPU rows: the lock order of providers.services.
         providers_services.gpus_release(gpu_ids=gpu_ids, state=_GPU_STATE_AFTER.get(reason, GPU.State.IDLE))

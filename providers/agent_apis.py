@@ -379,9 +379,9 @@ _STEADY_REPLIES: dict[tuple[int, int], dict[str, Any]] = {}
 _SERVER_TIME = serializers.DateTimeField()  # as the reply's serializer writes server_time
 
 
-def _steady_reply(now: datetime) -> bytes:
-    """What the full heartbeat answers a machine with no lease, order or schedule: its serializer's
-    output with this instant's server_time."""
+def _steady_reply(now: datetime, predicted_idle_s: int | None) -> bytes:
+    """What the full heartbeat answers a machine with no order or schedule: its serializer's
+    output with this instant's server_time and the given predicted_idle_s."""
     interval, fence = settings.GPGPU["HEARTBEAT_INTERVAL_S"], settings.GPGPU["LEASE_FENCE_S"]
     template = _STEADY_REPLIES.get((interval, fence))
     if template is None:
@@ -395,7 +395,7 @@ def _steady_reply(now: datetime) -> bytes:
             predicted_idle_s=None,
         )
         template = _STEADY_REPLIES[(interval, fence)] = dict(HeartbeatApi.OutputSerializer(reply).data)
-    body = dict(template, server_time=_SERVER_TIME.to_representation(now))
+    body = dict(template, server_time=_SERVER_TIME.to_representation(now), predicted_idle_s=predicted_idle_s)
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -441,9 +441,12 @@ def steady_reply(request: HttpRequest) -> bytes | None:
     except heartbeat_steady.REDIS_ERRORS:
         heartbeat_steady.warn_unreachable()
         return None
-    if answer not in (heartbeat_steady.STEADY, heartbeat_steady.SAMPLED):
+    if answer.code not in (heartbeat_steady.STEADY, heartbeat_steady.SAMPLED):
         return None  # not steady, or over the rate limit: the full heartbeat answers (429 for that)
-    return _steady_reply(now)
+    predicted = None
+    if answer.predicted is not None:
+        predicted = services.predicted_idle_countdown(*answer.predicted, now=now.timestamp())
+    return _steady_reply(now, predicted)
 
 
 def steady_response(reply: bytes) -> HttpResponse:
@@ -564,6 +567,12 @@ class HeartbeatApi(AgentAPIView):
                     capabilities=v.get("capabilities") is not None,
                     gpus=reply.gpus,
                     generation_before=generation,
+                    predicted=reply.predicted_basis,
+                    until=(
+                        services.predicted_idle_due(machine_id=machine.pk, computed_at=reply.predicted_basis[1])
+                        if reply.predicted_basis is not None
+                        else None
+                    ),
                 )
         return Response(self.OutputSerializer(reply).data)
 

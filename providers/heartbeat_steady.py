@@ -1,26 +1,36 @@
 """The steady heartbeat: a repeat of a heartbeat that changed nothing is answered from Redis.
 
 Most heartbeats of a fleet say what the one before said: the same GPUs, idle (or busy with their
-owner) since the same instant, the same machine facts, no lease. The full heartbeat
-(providers.services.machine_heartbeat: authentication, validation, five statements and a
-commit) then writes only the machine's `last_heartbeat_at` and, once per sample interval, each
-GPU's telemetry sample and latest telemetry. A steady heartbeat writes none of it to
-PostgreSQL: it is answered from Redis, and a worker writes what it leaves there in batches.
+owner, or rented) since the same instant, the same machine facts, the same leases running. The
+full heartbeat (providers.services.machine_heartbeat: authentication, validation, five
+statements and a commit) then writes only the machine's `last_heartbeat_at` and, once per
+sample interval, each GPU's telemetry sample and latest telemetry. A steady heartbeat writes
+none of it to PostgreSQL: it is answered from Redis, and a worker writes what it leaves there in
+batches.
 
 - **Which heartbeats.** After a full heartbeat whose repeat would change nothing but the
   machine's last heartbeat and its GPUs' telemetry (HeartbeatReply.steady: the machine online,
-  no lease listed, active or assigned, no availability window or coming blackout, no order in
-  the reply, no idle_since in the future), the view records (`remember`) under the
-  credential's digest: the machine, a fingerprint of the report without its telemetry
-  (`fingerprint`), the sample interval it was in, its GPUs' ids and states, and the machine's
-  generation. A later heartbeat with the same credential and fingerprint, whose telemetry is
-  valid (the heartbeat view, providers.agent_apis, checks it against its serializer's bounds)
-  and whose machine's generation has not moved, is steady (`steady`, one Lua script, one round
-  trip): it is counted against the machine's rate limit (the Redis log core.throttling keeps
-  for it), its time goes into a Redis hash, and it gets the reply the full heartbeat would give
-  (no orders, always available). Anything else (another body, a header or a body the fast check
+  no assigned lease, no availability window or coming blackout, no order in the reply, no
+  idle_since in the future), the view records (`remember`) under the credential's digest: the
+  machine, a fingerprint of the report without its telemetry (`fingerprint`: the leases the
+  agent lists and their states are in it), the sample interval it was in, its GPUs' ids and
+  states, the machine's generation and, while leases run there, the reply's prediction. A later
+  heartbeat with the same credential and fingerprint, whose telemetry is valid (the heartbeat
+  view, providers.agent_apis, checks it against its serializer's bounds) and whose machine's
+  generation has not moved, is steady (`steady`, one Lua script, one round trip): it is counted
+  against the machine's rate limit (the Redis log core.throttling keeps for it), its time goes
+  into a Redis hash, and it gets the reply the full heartbeat would give (no orders, always
+  available, the prediction). Anything else (another body, a header or a body the fast check
   does not accept, the rate limit reached, Redis unreachable) takes the full heartbeat, which
   validates and answers as it always did.
+- **Running leases.** The full heartbeat of a machine running leases tells their jobs how long
+  its idle stretch is likely to last (`predicted_idle_s`), counted down from a prediction it
+  computes at most once per interval of providers.services.PREDICTED_IDLE_CACHE_S (five
+  minutes; each machine's intervals turn at an instant of its own,
+  providers.services.predicted_idle_due). The record keeps that prediction and the time it was
+  computed; its steady replies count down the same way, and it stops answering when the
+  prediction is due again, so such a machine takes the full path once every five minutes
+  (every time, with the cache off), and a fleet's machines not all at once.
 - **Samples.** The first steady heartbeat of each of its machine's sample intervals
   (each machine's intervals are shifted by an offset of its own, `bucket`, so a
   fleet's do not all turn at once) queues its telemetry as the interval's sample, with the
@@ -30,12 +40,14 @@ PostgreSQL: it is answered from Redis, and a worker writes what it leaves there 
   report (or its last change of state's), at most one liveness sweep late.
 - **Generations.** Whatever could change what a machine's next heartbeat writes or answers bumps
   its generation, now and when its transaction commits (`forget`): a lease assigned on it
-  (providers.services.gpus_lease, before the doorbell rings its agent), suspension, credential
-  rotation, revocation and removal, a window or blackout of it or its provider, and the liveness
-  sweep taking it offline. `remember` writes only when the generation read before the full
-  heartbeat began is still current, so an assignment committed meanwhile is not forgotten. A
-  record lasts RECORD_INTERVALS sample intervals at most (moving it on keeps its expiry), so a
-  bump lost to a Redis failure delays an order by at most that long.
+  (providers.services.gpus_lease, before the doorbell rings its agent), a lease on it ended or
+  asked to stop (providers.services.machine_orders_changed, from jobs.services.lease_end and
+  lease_request_stop, before the doorbell), suspension, credential rotation, revocation and
+  removal, a window or blackout of it or its provider, and the liveness sweep taking it
+  offline. `remember` writes only when the generation read before the full heartbeat began is
+  still current, so an assignment committed meanwhile is not forgotten. A record lasts
+  RECORD_INTERVALS sample intervals at most (moving it on keeps its expiry), five minutes with
+  leases, so a bump lost to a Redis failure delays an order by at most that long.
 - **Liveness.** The Redis hash of steady heartbeats' times is written to the machines' rows by
   `flush`, which the liveness sweep calls before it looks at them (every HEARTBEAT_INTERVAL_S):
   `last_heartbeat_at` (and `capabilities_reported_at` when the report carried capabilities)
@@ -57,7 +69,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from django.conf import settings
@@ -90,35 +102,41 @@ RECORD_INTERVALS = 10
 # seen-with-capabilities hash, the samples list, the machine's rate-limit log. ARGV: the report's
 # fingerprint, the generations' key prefix, now (epoch seconds), the sample interval, the rate
 # limit's duration (0: none) and count, the report's telemetry ([[TELEMETRY_FIELDS…], …] in its
-# order). The record: machine|interval|capabilities 0/1|generation|fingerprint|id:state,….
-# Answers 0 when the heartbeat is not steady (no record, another fingerprint, the generation
-# moved, a time before the record's interval), -1 over the rate limit (nothing written), 1 steady,
-# 2 steady and the first of a new sample interval (its sample queued, the record moved on).
+# order). The record: machine|interval|capabilities 0/1|generation|until|prediction|fingerprint|
+# id:state,…, where `until` (epoch seconds, 0: none) is when the record stops answering (its
+# prediction is due to be computed again) and `prediction` is empty (the reply's predicted_idle_s
+# is null) or `seconds,computed at` (epoch seconds). Answers {code, prediction}: code 0 when the
+# heartbeat is not steady (no record, another fingerprint, the generation moved, the record's
+# `until` passed, a time before the record's interval), -1 over the rate limit (nothing written),
+# 1 steady, 2 steady and the first of a new sample interval (its sample queued, the record moved
+# on).
 _STEADY = (
     LOG_SCRIPT_BODY
     + """
 local rec = redis.call('GET', KEYS[1])
-if not rec then return 0 end
-local mid, b, caps, gen, fp, gpus = string.match(rec, '^(%d+)|(%d+)|([01])|(%d+)|(%x+)|([%w:_,]*)$')
-if not mid or fp ~= ARGV[1] then return 0 end
-if (redis.call('GET', ARGV[2] .. mid) or '0') ~= gen then return 0 end
+if not rec then return {0, ''} end
+local mid, b, caps, gen, untl, pred, fp, gpus = string.match(
+  rec, '^(%d+)|(%d+)|([01])|(%d+)|(%d+)|([%d.,]*)|(%x+)|([%w:_,]*)$')
+if not mid or fp ~= ARGV[1] then return {0, ''} end
+if (redis.call('GET', ARGV[2] .. mid) or '0') ~= gen then return {0, ''} end
 local now = tonumber(ARGV[3])
+if tonumber(untl) > 0 and now >= tonumber(untl) then return {0, ''} end
 local interval = tonumber(ARGV[4])
 local current = math.floor((now + (tonumber(mid) * OFFSET_FACTOR) % interval) / interval)
-if current < tonumber(b) then return 0 end
+if current < tonumber(b) then return {0, ''} end
 if tonumber(ARGV[5]) > 0 then
   local decided = throttle_log(KEYS[5], now, tonumber(ARGV[5]), tonumber(ARGV[6]))
-  if decided[1] == 0 then return -1 end
+  if decided[1] == 0 then return {-1, ''} end
 end
 redis.call('HSET', KEYS[2], mid, ARGV[3])
 if caps == '1' then redis.call('HSET', KEYS[3], mid, ARGV[3]) end
 if current > tonumber(b) then
-  local moved = string.format('%s|%d|%s|%s|%s|%s', mid, current, caps, gen, fp, gpus)
+  local moved = string.format('%s|%d|%s|%s|%s|%s|%s|%s', mid, current, caps, gen, untl, pred, fp, gpus)
   redis.call('SET', KEYS[1], moved, 'KEEPTTL')
   redis.call('RPUSH', KEYS[4], mid .. '|' .. ARGV[3] .. '|' .. gpus .. '|' .. ARGV[7])
-  return 2
+  return {2, pred}
 end
-return 1
+return {1, pred}
 """.replace("OFFSET_FACTOR", str(OFFSET_FACTOR))
 )
 # SET the record only while the generation read before the full heartbeat is current.
@@ -217,6 +235,29 @@ def fingerprint(data: Mapping[str, Any]) -> str | None:
 NOT_STEADY, THROTTLED, STEADY, SAMPLED = 0, -1, 1, 2
 
 
+class Answer(NamedTuple):
+    """What `steady` answers: the code, and for a steady heartbeat the prediction its reply
+    counts down (seconds, the Unix time it was computed at; None: the reply's predicted_idle_s is
+    null)."""
+
+    code: int
+    predicted: tuple[int, float] | None = None
+
+
+def _prediction_text(predicted: tuple[int | None, float] | None) -> str:
+    """A record's `prediction` field (see _STEADY)."""
+    if predicted is None or predicted[0] is None:
+        return ""
+    return f"{max(0, int(predicted[0]))},{predicted[1]:.3f}"
+
+
+def _prediction_parse(text: str) -> tuple[int, float] | None:
+    if not text:
+        return None
+    seconds, at = text.split(",")
+    return int(seconds), float(at)
+
+
 def steady(
     *,
     digest: str,
@@ -224,18 +265,19 @@ def steady(
     at: datetime,
     gpus: list[Mapping[str, Any]],
     rate_limit: tuple[str, float, int] | None,
-) -> int:
+) -> Answer:
     """Whether a heartbeat of this credential with this fingerprint at `at` is steady (`_STEADY`
-    says what each answer means and does): NOT_STEADY, THROTTLED, STEADY or SAMPLED. `gpus`: the
-    report's GPUs, for their telemetry; `rate_limit`: the machine's budget (its log's Redis key,
-    duration, count; None: no limit). Raises REDIS_ERRORS."""
+    says what each answer means and does): an Answer whose code is NOT_STEADY, THROTTLED, STEADY
+    or SAMPLED. `gpus`: the report's GPUs, for their telemetry; `rate_limit`: the machine's budget
+    (its log's Redis key, duration, count; None: no limit). Raises REDIS_ERRORS."""
     _redis()
     telemetry = json.dumps([[g.get(name) for name in TELEMETRY_FIELDS] for g in gpus], separators=(",", ":"))
     key, duration, count = rate_limit if rate_limit is not None else ("", 0.0, 0)
     keys = [_key("cred", digest), _key(SEEN_KEY), _key(CAPABILITIES_KEY), _key(SAMPLES_KEY), key or _key("none")]
     interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
     args = [fp, _generation_prefix(), repr(at.timestamp()), interval, duration, count, telemetry]
-    return int(_scripts["steady"](keys=keys, args=args))
+    code, prediction = _scripts["steady"](keys=keys, args=args)
+    return Answer(int(code), _prediction_parse(prediction.decode() if isinstance(prediction, bytes) else prediction))
 
 
 def generation(machine_id: int) -> str | None:
@@ -260,17 +302,28 @@ def remember(
     capabilities: bool,
     gpus: Iterable[tuple[int, str]],
     generation_before: str,
+    predicted: tuple[int | None, float] | None = None,
+    until: float | None = None,
 ) -> bool:
     """Record that a repeat of this credential's heartbeat (fingerprint `fp`; `gpus` its GPUs'
     (id, state) as the full heartbeat wrote them, in the report's order) is steady, unless the
     machine's generation moved since `generation_before`. The record lasts to the end of the
-    RECORD_INTERVALS-th sample interval of the machine from `at`'s."""
+    RECORD_INTERVALS-th sample interval of the machine from `at`'s, and not past `until` (Unix
+    time: when the reply's prediction is due to be computed again) when given. `predicted`: what
+    the reply's predicted_idle_s was counted down from (seconds, the Unix time it was computed
+    at); None: null. Returns whether it recorded."""
     b = bucket(at, machine_id)
     interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
     ends = (b + RECORD_INTERVALS) * interval - (machine_id * OFFSET_FACTOR) % interval
+    if until is not None:
+        ends = min(ends, math.floor(until))
+        if ends - at.timestamp() < 1:
+            return False  # due within the second: the next heartbeat computes it again
     ttl = max(1, math.ceil(ends - at.timestamp()))
     listed = ",".join(f"{gpu_id}:{state}" for gpu_id, state in gpus)
-    value = f"{machine_id}|{b}|{int(capabilities)}|{generation_before}|{fp}|{listed}"
+    ends_at = math.floor(until) if until is not None else 0
+    prediction = _prediction_text(predicted)
+    value = f"{machine_id}|{b}|{int(capabilities)}|{generation_before}|{ends_at}|{prediction}|{fp}|{listed}"
     try:
         _redis()
         done = _scripts["remember"](

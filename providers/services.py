@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -734,8 +735,12 @@ class HeartbeatReply:
     # seconds; None when it runs no lease or no stretch is running. Passed on to the jobs.
     predicted_idle_s: int | None = None
     # The same report again would change nothing but the machine's last heartbeat and its GPUs'
-    # telemetry, and get this reply (providers.heartbeat_steady). Not sent to the agent.
+    # telemetry, and get this reply (providers.heartbeat_steady), until the prediction below is
+    # computed again. Not sent to the agent.
     steady: bool = False
+    # What predicted_idle_s was counted down from: the prediction and the Unix time it was
+    # computed at (see _predicted_idle); None when no lease runs here. Not sent to the agent.
+    predicted_basis: tuple[int | None, float] | None = None
     # The reported GPUs' (id, state) as written, in the report's order (for the steady record).
     gpus: tuple[tuple[int, str], ...] = ()
 
@@ -821,13 +826,21 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             if lock.assigned:  # else no lease of a refused kind to end
                 machine_leases().end_refused_kinds(machine_id=machine.pk, kinds=kinds)
             leased, gpus = _gpus_record(machine_id=machine.pk, report=report, now=now)
-            reply = _heartbeat_reply(machine_id=machine.pk, report=report, kinds=kinds, leased=leased, now=now)
+            # An assigned lease holds active GPUs, and the lock's statement saw it: without both
+            # there is none to start (one assigned since is left to the next heartbeat, which its
+            # generation bump makes a full one).
+            reply = _heartbeat_reply(
+                machine_id=machine.pk, report=report, kinds=kinds, leased=leased and lock.assigned, now=now
+            )
             # Without a window or a coming blackout (the lock's statement says) it is available
             # at any time: what machine_schedule answers then, without reading either table.
             schedule = machine_schedule(machine=machine, now=now) if lock.scheduled else ALWAYS_AVAILABLE
             steady = (
                 locked.status == Machine.Status.ONLINE
-                and not (lock.assigned or lock.scheduled or leased or report.leases or reply.start or reply.stop)
+                and not (lock.assigned or lock.scheduled or reply.start or reply.stop)
+                # A machine running leases: only with its prediction cached (the record then
+                # answers until the prediction is due again).
+                and (PREDICTED_IDLE_CACHE_S > 0 or not (leased or report.leases))
                 and all(g.idle_since is None or g.idle_since <= now for g in report.gpus)
             )
             reply = replace(reply, schedule=schedule, steady=steady, gpus=gpus)
@@ -1185,26 +1198,56 @@ def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuR
         gpu.index = next_free
 
 
-# A machine's predicted idle time is computed at most this often (three queries), and counted down
-# from the cached answer in between: its running jobs are told it at every heartbeat.
-PREDICTED_IDLE_CACHE_S = 60
+# A machine's predicted idle time is computed at most once per interval this long (three
+# queries), and counted down from the cached answer in between: its running jobs are told it at
+# every heartbeat. As often as the forecasts it reads are folded (the fold-idle-stretches task,
+# every 300 s); in between only the stretch's age moves. Each machine's intervals turn at an
+# instant of its own (predicted_idle_due), so that the leases one matching cycle placed do not
+# have their machines compute it, and take the full heartbeat (providers.heartbeat_steady), all
+# at once every interval.
+PREDICTED_IDLE_CACHE_S = 300
 
 
-def _predicted_idle_s(*, machine_id: int, now: datetime) -> int | None:
-    """idle_history.machine_predicted_idle_s, from the cache when it was computed in the last
-    PREDICTED_IDLE_CACHE_S seconds (less the time since); 0: not cached."""
+def predicted_idle_due(*, machine_id: int, computed_at: float) -> float:
+    """When a prediction of the machine computed at `computed_at` (Unix time) is due again: the
+    end of the machine's PREDICTED_IDLE_CACHE_S interval it was computed in (each machine's
+    intervals shifted by an offset of its own, as its telemetry sample intervals are); with the
+    cache off, at once."""
+    interval = PREDICTED_IDLE_CACHE_S
+    if interval <= 0:
+        return computed_at
+    offset = (machine_id * heartbeat_steady.OFFSET_FACTOR) % interval
+    return (math.floor((computed_at + offset) / interval) + 1) * interval - offset
+
+
+def _predicted_idle(*, machine_id: int, now: datetime) -> tuple[int | None, float]:
+    """idle_history.machine_predicted_idle_s and the Unix time it was computed at: from the cache
+    when it was computed in the machine's current PREDICTED_IDLE_CACHE_S interval (0: not
+    cached)."""
+    at = now.timestamp()
     if PREDICTED_IDLE_CACHE_S <= 0:
-        return idle_history.machine_predicted_idle_s(machine_id=machine_id, now=now.timestamp())
+        return idle_history.machine_predicted_idle_s(machine_id=machine_id, now=at), at
     key = f"gpgpu:predicted-idle:{machine_id}"
     cached = cache.get(key)
-    if isinstance(cached, tuple) and len(cached) == 2:
-        predicted, at = cached
-        if predicted is None:
-            return None
-        return max(0, int(predicted - (now.timestamp() - at)))
-    predicted = idle_history.machine_predicted_idle_s(machine_id=machine_id, now=now.timestamp())
-    cache.set(key, (predicted, now.timestamp()), PREDICTED_IDLE_CACHE_S)
-    return predicted
+    if (
+        isinstance(cached, tuple)
+        and len(cached) == 2
+        and at < predicted_idle_due(machine_id=machine_id, computed_at=cached[1])
+    ):
+        predicted, computed_at = cached
+        return predicted, computed_at
+    predicted = idle_history.machine_predicted_idle_s(machine_id=machine_id, now=at)
+    ttl = math.ceil(predicted_idle_due(machine_id=machine_id, computed_at=at) - at)
+    cache.set(key, (predicted, at), max(1, ttl))
+    return predicted, at
+
+
+def predicted_idle_countdown(predicted: int | None, computed_at: float, *, now: float) -> int | None:
+    """A prediction computed at `computed_at` (Unix time) as the reply at `now` says it: the
+    seconds left of it, none below 0."""
+    if predicted is None:
+        return None
+    return max(0, int(predicted - (now - computed_at)))
 
 
 def _heartbeat_reply(
@@ -1213,17 +1256,25 @@ def _heartbeat_reply(
     start, stop = machine_leases().heartbeat_orders(
         machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds, leased=leased
     )
-    predicted = None
+    basis = None
     if report.leases or start:  # only the jobs running here read it: nothing for an idle machine
-        predicted = _predicted_idle_s(machine_id=machine_id, now=now)
+        basis = _predicted_idle(machine_id=machine_id, now=now)
     return HeartbeatReply(
         heartbeat_interval_s=settings.GPGPU["HEARTBEAT_INTERVAL_S"],
         server_time=now,
         start=start,
         stop=stop,
         lease_fence_s=settings.GPGPU["LEASE_FENCE_S"],
-        predicted_idle_s=predicted,
+        predicted_idle_s=predicted_idle_countdown(*basis, now=now.timestamp()) if basis else None,
+        predicted_basis=basis,
     )
+
+
+def machine_orders_changed(*, machine_id: int) -> None:
+    """The machine's next heartbeat reply has an order its last one did not (one of its leases
+    ended or was asked to stop): that heartbeat is a full one (providers.heartbeat_steady). For
+    jobs.services, in the transaction that makes the change, before it rings the doorbell."""
+    heartbeat_steady.forget([machine_id])
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,14 @@ def steady(settings: Any) -> Iterator[None]:
 
 @pytest.fixture
 def steady_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The steady script's answers, one per call."""
+    """The steady script's answers' codes, one per call."""
     calls: list[int] = []
     real = heartbeat_steady.steady
 
-    def counted(**kwargs: Any) -> int:
-        calls.append(real(**kwargs))
-        return calls[-1]
+    def counted(**kwargs: Any) -> heartbeat_steady.Answer:
+        answer = real(**kwargs)
+        calls.append(answer.code)
+        return answer
 
     monkeypatch.setattr(heartbeat_steady, "steady", counted)
     return calls

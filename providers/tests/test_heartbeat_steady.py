@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from django.core.cache import cache
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs.models import Lease
+from jobs.services import lease_end, lease_request_stop
 from providers import heartbeat_steady, services
 from providers.models import GPU, Machine, TelemetrySample
 from tests import factories
@@ -362,11 +364,11 @@ def test_an_assignment_committed_while_a_full_heartbeat_ran_is_not_forgotten() -
     answer = heartbeat_steady.steady(
         digest=machine.credential_digest, fp="0" * 32, at=timezone.now(), gpus=[], rate_limit=None
     )
-    assert answer == heartbeat_steady.NOT_STEADY
+    assert answer.code == heartbeat_steady.NOT_STEADY
 
 
-def test_a_machine_running_a_lease_never_takes_the_steady_path() -> None:
-    machine, client = beaten()
+def test_a_machine_running_a_lease_takes_the_full_path_while_its_prediction_is_not_cached() -> None:
+    machine, client = beaten()  # the tests' settings: services.PREDICTED_IDLE_CACHE_S = 0
     gpu = GPU.objects.get(machine=machine, index=0)
     lease = placed_lease(gpus=[gpu], started=True, kind="container", image="pytorch:2")
     listed = [{"lease_id": lease.pk, "state": "running"}]
@@ -377,6 +379,119 @@ def test_a_machine_running_a_lease_never_takes_the_steady_path() -> None:
 
     assert response.status_code == 200 and statements(queries)
     assert Lease.objects.get(pk=lease.pk).status == Lease.Status.RUNNING
+
+
+@pytest.fixture
+def running(monkeypatch: pytest.MonkeyPatch) -> tuple[Machine, Any, Lease, list[dict[str, Any]]]:
+    """A machine running a lease on one of its GPUs (the prediction cached, as in production), its
+    client, the lease and the agent's list of it; the machine's full heartbeat listing the
+    lease is behind it."""
+    # An interval long enough that the prediction is not due while the test runs.
+    monkeypatch.setattr(services, "PREDICTED_IDLE_CACHE_S", 10**6)
+    machine, client = beaten()
+    gpu = GPU.objects.get(machine=machine, index=0)
+    lease = placed_lease(gpus=[gpu], started=True, kind="container", image="pytorch:2")
+    listed = [{"lease_id": lease.pk, "state": "running"}]
+    full = beat(client, leases=listed)
+    assert full.status_code == 200 and full.json()["stop"] == [] and full.json()["predicted_idle_s"] is not None
+    return machine, client, lease, listed
+
+
+def test_a_machine_running_a_lease_is_answered_steady_with_its_prediction_counted_down(
+    running: tuple[Machine, Any, Lease, list[dict[str, Any]]],
+) -> None:
+    machine, client, lease, listed = running
+    full = beat(client, leases=listed).json()
+    predicted, computed_at = cache.get(f"gpgpu:predicted-idle:{machine.pk}")
+
+    with CaptureQueriesContext(connection) as queries:
+        response = beat(client, leases=listed)
+
+    assert response.status_code == 200 and statements(queries) == []
+    reply = response.json()
+    now = datetime.fromisoformat(reply["server_time"]).timestamp()
+    assert reply["predicted_idle_s"] == max(0, int(predicted - (now - computed_at)))
+    assert {**without_time(reply), "predicted_idle_s": None} == {**without_time(full), "predicted_idle_s": None}
+    assert GPU.objects.get(pk=lease.lease_gpus.get().gpu_id).state == GPU.State.LEASED
+
+
+def test_a_stop_asked_for_a_running_lease_is_in_the_next_reply(
+    running: tuple[Machine, Any, Lease, list[dict[str, Any]]],
+) -> None:
+    _, client, lease, listed = running
+    with CaptureQueriesContext(connection) as queries:
+        assert beat(client, leases=listed).json()["stop"] == []
+    assert statements(queries) == []  # steady
+
+    assert lease_request_stop(lease_id=lease.pk, reason="cancelled", actor="renter")
+
+    stops = beat(client, leases=listed).json()["stop"]
+    assert [(order["lease_id"], order["reason"]) for order in stops] == [(lease.pk, "cancelled")]
+
+
+def test_a_lease_the_marketplace_ended_is_stopped_at_the_next_heartbeat(
+    running: tuple[Machine, Any, Lease, list[dict[str, Any]]],
+) -> None:
+    _, client, lease, listed = running
+    with CaptureQueriesContext(connection) as queries:
+        assert beat(client, leases=listed).json()["stop"] == []
+    assert statements(queries) == []  # steady
+
+    assert lease_end(lease_id=lease.pk, reason="max_duration", actor="sweep")
+
+    stops = beat(client, leases=listed).json()["stop"]
+    assert [(order["lease_id"], order["reason"]) for order in stops] == [(lease.pk, "max_duration")]
+
+
+def test_each_machines_prediction_is_due_at_an_instant_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machines of leases one matching cycle placed compute their predictions (and take the
+    full heartbeat) spread over the interval, each at most one interval after the last."""
+    monkeypatch.setattr(services, "PREDICTED_IDLE_CACHE_S", 300)
+    t0 = timezone.now().timestamp()
+    dues = [services.predicted_idle_due(machine_id=m, computed_at=t0) for m in range(1, 201)]
+    assert all(t0 < due <= t0 + 300 for due in dues)
+    assert len({int((due - t0) // 30) for due in dues}) == 10  # every tenth of the interval has some
+    # Computed again at its due instant, it is due one interval later.
+    assert services.predicted_idle_due(machine_id=7, computed_at=dues[6]) == pytest.approx(dues[6] + 300)
+
+
+def test_a_running_machines_record_stops_answering_when_its_prediction_is_due() -> None:
+    machine = MachineFactory()
+    fp = "cd" * 16
+    generation = heartbeat_steady.generation(machine.pk)
+    assert generation is not None
+    t0 = timezone.now()
+    computed = t0.timestamp() - 20  # the cached prediction the full heartbeat counted down
+    remembered = heartbeat_steady.remember(
+        digest=machine.credential_digest,
+        machine_id=machine.pk,
+        fp=fp,
+        at=t0,
+        capabilities=False,
+        gpus=[],
+        generation_before=generation,
+        predicted=(900, computed),
+        until=computed + 60,
+    )
+    assert remembered
+    at = {"digest": machine.credential_digest, "fp": fp, "gpus": [], "rate_limit": None}
+
+    answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=39))
+    assert answer.code == heartbeat_steady.STEADY and answer.predicted is not None
+    assert answer.predicted[0] == 900 and abs(answer.predicted[1] - computed) < 0.001
+    assert heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=41)).code == heartbeat_steady.NOT_STEADY
+    # One due within the second is not recorded at all.
+    assert not heartbeat_steady.remember(
+        digest=machine.credential_digest,
+        machine_id=machine.pk,
+        fp=fp,
+        at=t0,
+        capabilities=False,
+        gpus=[],
+        generation_before=generation,
+        predicted=(None, computed),
+        until=t0.timestamp() + 0.5,
+    )
 
 
 def test_each_machines_sample_interval_turns_at_an_instant_of_its_own(settings: Any) -> None:
@@ -412,7 +527,8 @@ def test_each_machines_sample_interval_turns_at_an_instant_of_its_own(settings: 
         generation_before=generation,
     )
     at = {"digest": machine.credential_digest, "fp": fp, "gpus": [], "rate_limit": None}
-    assert heartbeat_steady.steady(**at, at=turn - timedelta(seconds=0.1)) == heartbeat_steady.STEADY
-    assert heartbeat_steady.steady(**at, at=turn + timedelta(seconds=0.1)) == heartbeat_steady.SAMPLED
-    assert heartbeat_steady.steady(**at, at=turn + timedelta(seconds=0.2)) == heartbeat_steady.STEADY  # sampled once
-    assert heartbeat_steady.steady(**at, at=turn - timedelta(seconds=61)) == heartbeat_steady.NOT_STEADY
+    assert heartbeat_steady.steady(**at, at=turn - timedelta(seconds=0.1)).code == heartbeat_steady.STEADY
+    assert heartbeat_steady.steady(**at, at=turn + timedelta(seconds=0.1)).code == heartbeat_steady.SAMPLED
+    # Sampled once:
+    assert heartbeat_steady.steady(**at, at=turn + timedelta(seconds=0.2)).code == heartbeat_steady.STEADY
+    assert heartbeat_steady.steady(**at, at=turn - timedelta(seconds=61)).code == heartbeat_steady.NOT_STEADY
