@@ -19,14 +19,20 @@ A heartbeat is what the agent sends (gpgpu_agent.daemon.heartbeat_body): --gpus-
 with full telemetry (utilization, memory, temperature and power moving a little each time: the
 latest telemetry differs on every beat, as on a real machine), the agent's idle verdicts (nine
 GPUs in ten idle since a fixed time, the rest busy with their owner), the machine facts and the
-container capabilities. No leases run. With --beat-interval S each machine heartbeats once every
+container capabilities. With --leased-share X a share X of the machines (drawn with the seed) runs
+a lease on all its idle GPUs, placed and started through the marketplace's own services
+(jobs.services.leases_assign, lease_mark_started) after the first heartbeats, and each sends
+one heartbeat listing it before the runs: their heartbeats list it as running, and its GPUs'
+telemetry is a renter's workload. Without it no lease runs.
+With --beat-interval S each machine heartbeats once every
 S seconds on a schedule of its own (the first ones spread over S), as a fleet of agents does:
 the offered load is machines / S per second, whatever the answers take; without it each
 connection sends its next heartbeat as soon as the last is answered.
 
 One JSON line per concurrency: `heartbeats_per_s`, `p50_ms`, `p95_ms`, `p99_ms`, `errors` (any
 answer but 200, or a broken connection), `sql_per_heartbeat` (statements the server sent
-through Django's cursors, as its answers say), `rows_written_per_heartbeat` and
+through Django's cursors, as its answers say), `full_share` (the share of answers that sent any:
+the heartbeats the full path answered, the rest steady), `rows_written_per_heartbeat` and
 `commits_per_heartbeat` (PostgreSQL's pg_stat_database deltas over the run: every row any
 client inserted, updated or deleted, so approximate), `generator_cpu_share` (the load
 generator's CPU time over the run's wall time, in cores: what it took from the machine) and
@@ -113,6 +119,12 @@ def _parse() -> argparse.Namespace:
         "HEARTBEAT_INTERVAL_S), by a process of its own during each run",
     )
     parser.add_argument(
+        "--leased-share",
+        type=float,
+        default=0.0,
+        help="the share of the machines that run a lease on their idle GPUs (0 to 1; default 0: none)",
+    )
+    parser.add_argument(
         "--beat-interval",
         type=float,
         default=0.0,
@@ -125,6 +137,8 @@ def _parse() -> argparse.Namespace:
         parser.error("--machines and every --concurrency must be at least 1")
     if not 1 <= args.gpus_per_machine <= 64:
         parser.error("--gpus-per-machine must be between 1 and 64")
+    if not 0 <= args.leased_share <= 1:
+        parser.error("--leased-share must be between 0 and 1")
     if max(args.levels) > args.machines:
         parser.error("each connection needs a machine of its own: --machines must be at least the concurrency")
     return args
@@ -177,9 +191,16 @@ def _cleanup(created: dict[str, list[int]]) -> None:
     from django.contrib.auth import get_user_model
     from django.db import transaction
 
+    from jobs.models import Event, Job, Lease, LeaseGPU, Renter
     from providers.models import GPU, IdleStretch, Machine, Provider, TelemetrySample
 
     with transaction.atomic():
+        leases = Lease.objects.filter(machine__provider_id__in=created["providers"])
+        Event.objects.filter(job__renter_id__in=created.get("renters", [])).delete()
+        LeaseGPU.objects.filter(lease__in=leases).delete()
+        leases.delete()
+        Job.objects.filter(renter_id__in=created.get("renters", [])).delete()
+        Renter.objects.filter(pk__in=created.get("renters", [])).delete()
         TelemetrySample.objects.filter(gpu__machine__provider_id__in=created["providers"]).delete()
         IdleStretch.objects.filter(machine__provider_id__in=created["providers"]).delete()
         GPU.objects.filter(machine__provider_id__in=created["providers"]).delete()
@@ -203,6 +224,54 @@ def _pg_counters() -> dict[str, int] | None:
         )
         commits, rows = cursor.fetchone()
     return {"commits": int(commits), "rows": int(rows)}
+
+
+def _leases_place(args: argparse.Namespace, tag: str, created: dict[str, list[int]], machines: list[_Machine]) -> None:
+    """Give a share --leased-share of the machines (drawn with the seed) a running lease on all
+    their idle GPUs, through the marketplace's services, and list it in their heartbeats."""
+    from decimal import Decimal
+
+    from django.contrib.auth import get_user_model
+    from django.db import transaction
+
+    from jobs.models import Job, Renter
+    from jobs.services import Placement, lease_mark_started, leases_assign
+    from providers.models import GPU
+
+    chosen = random.Random(args.seed + 1).sample(range(len(machines)), round(args.leased_share * len(machines)))
+    if not chosen:
+        return
+    user = get_user_model().objects.create(username=f"{tag}-renter")
+    created["users"].append(user.pk)
+    renter = Renter.objects.create(user=user, display_name=user.username)
+    created["renters"] = [renter.pk]
+    gpu_ids: dict[str, int] = dict(
+        GPU.objects.filter(machine_id__in=[created["machines"][i] for i in chosen]).values_list("uuid", "pk")
+    )
+    placements = []
+    for i in chosen:
+        idle = [gpu for gpu in machines[i].gpus if not gpu["busy"]]
+        if not idle:
+            continue
+        job = Job.objects.create(
+            renter=renter,
+            name=f"{tag}-job-{i}",
+            image="pytorch/pytorch:2.3.0-cuda12.1-cudnn8-runtime",
+            command=["python", "train.py"],
+            gpu_count=len(idle),
+            max_price_per_gpu_hour=Decimal("1.00"),
+            expected_duration_s=3600,
+            max_duration_s=7200,
+        )
+        placements.append(
+            (i, Placement(job.pk, created["machines"][i], tuple(gpu_ids[g["uuid"]] for g in idle), Decimal("0.50")))
+        )
+    with transaction.atomic():
+        written = leases_assign(placements=[p for _, p in placements], actor="benchmark")
+    for i, placement in placements:
+        lease_id = written[placement.job_id]
+        lease_mark_started(lease_id=lease_id, actor="benchmark")
+        machines[i].lease_run(lease_id)
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -258,22 +327,29 @@ class _Machine:
             for index in range(gpus)
         ]
         self.idle_since = idle_since.isoformat().replace("+00:00", "Z")
+        self.leases: list[dict[str, Any]] = []
+
+    def lease_run(self, lease_id: int) -> None:
+        """The machine runs this lease on its idle GPUs: listed as running, their telemetry a
+        renter's workload (the owner stays away: still idle since the same time)."""
+        self.leases = [{"lease_id": lease_id, "state": "running"}]
 
     def body(self) -> bytes:
         rng = self.rng
         gpus = []
         for gpu in self.gpus:
             busy = gpu["busy"]
+            working = busy or bool(self.leases)  # the owner's work, or a renter's
             gpus.append(
                 {
                     "uuid": gpu["uuid"],
                     "index": gpu["index"],
                     "model": gpu["model"],
                     "vram_mb": gpu["vram_mb"],
-                    "memory_used_mb": rng.randint(8000, 20000) if busy else rng.randint(0, 4),
-                    "utilization_pct": float(rng.randint(60, 100) if busy else rng.randint(0, 1)),
-                    "temperature_c": float(rng.randint(60, 80) if busy else rng.randint(30, 38)),
-                    "power_w": round(rng.uniform(250, 420) if busy else rng.uniform(18, 30), 3),
+                    "memory_used_mb": rng.randint(8000, 20000) if working else rng.randint(0, 4),
+                    "utilization_pct": float(rng.randint(60, 100) if working else rng.randint(0, 1)),
+                    "temperature_c": float(rng.randint(60, 80) if working else rng.randint(30, 38)),
+                    "power_w": round(rng.uniform(250, 420) if working else rng.uniform(18, 30), 3),
                     "idle": not busy,
                     "idle_since": None if busy else self.idle_since,
                     "owner_busy": busy,
@@ -287,7 +363,7 @@ class _Machine:
                 "cpu_cores": 32,
                 "region": "eu-west",
                 "gpus": gpus,
-                "leases": [],
+                "leases": self.leases,
                 "capabilities": CAPABILITIES,
             }
         ).encode()
@@ -338,6 +414,7 @@ async def _connection(
                 if sql is not None and status == 200:
                     out["sql"] += int(sql)
                     out["sql_counted"] += 1
+                    out["full"] += int(sql) > 0
                 if headers.get("connection") == "close":
                     writer.close()
                     reader, writer = await asyncio.open_connection(host, port)
@@ -377,7 +454,7 @@ def _generate(
     salt = secrets.randbits(64)
     for number, machine in enumerate(machines):
         machine.rng.seed(salt + number)
-    out: dict[str, Any] = {"latencies": [], "errors": 0, "statuses": {}, "sql": 0, "sql_counted": 0}
+    out: dict[str, Any] = {"latencies": [], "errors": 0, "statuses": {}, "sql": 0, "sql_counted": 0, "full": 0}
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     until = time.monotonic() + seconds
 
@@ -425,10 +502,18 @@ def _drive(
     wall = time.perf_counter() - started
     for child in children:
         child.join()
-    total: dict[str, Any] = {"latencies": [], "errors": 0, "statuses": {}, "sql": 0, "sql_counted": 0, "cpu_s": 0.0}
+    total: dict[str, Any] = {
+        "latencies": [],
+        "errors": 0,
+        "statuses": {},
+        "sql": 0,
+        "sql_counted": 0,
+        "full": 0,
+        "cpu_s": 0.0,
+    }
     for r in results:
         total["latencies"].extend(r["latencies"])
-        for key in ("errors", "sql", "sql_counted", "cpu_s"):
+        for key in ("errors", "sql", "sql_counted", "full", "cpu_s"):
             total[key] += r[key]
         for status, n in r["statuses"].items():
             total["statuses"][status] = total["statuses"].get(status, 0) + n
@@ -508,6 +593,12 @@ def main() -> None:
         first = _drive(url, machines, min(32, args.machines), args.generators, 0, once=True)
         if first["errors"]:
             refuse(f"{first['errors']} of the first heartbeats failed (statuses {first['statuses']})")
+        _leases_place(args, tag, created, machines)
+        running = [m for m in machines if m.leases]
+        if running:  # their first heartbeat listing the lease (the full one its assignment calls for)
+            first = _drive(url, running, min(32, len(running)), args.generators, 0, once=True)
+            if first["errors"]:
+                refuse(f"{first['errors']} of the leased machines' first heartbeats failed ({first['statuses']})")
         setup_seconds = time.perf_counter() - setup_started
         _flush_once()  # what the setup's heartbeats left in Redis
         for concurrency in args.levels:
@@ -532,6 +623,7 @@ def main() -> None:
                 "errors": run["errors"],
                 "statuses": run["statuses"],
                 "sql_per_heartbeat": round(run["sql"] / run["sql_counted"], 2) if run["sql_counted"] else None,
+                "full_share": round(run["full"] / run["sql_counted"], 4) if run["sql_counted"] else None,
                 "rows_written_per_heartbeat": None,
                 "commits_per_heartbeat": None,
                 "generator_cpu_share": round(run["cpu_s"] / run["wall_s"], 2),
@@ -569,6 +661,7 @@ def main() -> None:
                 "gpus_per_machine": args.gpus_per_machine,
                 "seconds": args.seconds,
                 "beat_interval_s": args.beat_interval,
+                "leased_share": args.leased_share,
                 "server": server_desc,
                 "generators": args.generators,
                 "setup_seconds": round(setup_seconds, 1),
