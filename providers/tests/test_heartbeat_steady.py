@@ -6,7 +6,7 @@ sends the next heartbeat through the full path. Against a real Redis (REDIS_URL,
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -415,32 +415,32 @@ def test_a_machine_running_a_lease_is_answered_steady_with_its_prediction_counte
     assert GPU.objects.get(pk=lease.lease_gpus.get().gpu_id).state == GPU.State.LEASED
 
 
-def test_a_stop_asked_for_a_running_lease_is_in_the_next_reply(
-    running: tuple[Machine, Any, Lease, list[dict[str, Any]]],
+def _stop_asked(lease: Lease) -> bool:
+    return lease_request_stop(lease_id=lease.pk, reason="cancelled", actor="renter")
+
+
+def _ended(lease: Lease) -> bool:
+    return lease_end(lease_id=lease.pk, reason="max_duration", actor="sweep")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"), [(_stop_asked, "cancelled"), (_ended, "max_duration")], ids=["stop asked", "ended"]
+)
+def test_a_running_lease_stopped_by_the_marketplace_is_in_the_next_reply(
+    running: tuple[Machine, Any, Lease, list[dict[str, Any]]], change: Callable[[Lease], bool], reason: str
 ) -> None:
+    """A stop asked (a renter's cancel, billing's budget, the sweeps' max duration) or the lease
+    ended by the marketplace: the machine's next heartbeat carries the stop order, though its
+    report is the same as the steady one before."""
     _, client, lease, listed = running
     with CaptureQueriesContext(connection) as queries:
         assert beat(client, leases=listed).json()["stop"] == []
     assert statements(queries) == []  # steady
 
-    assert lease_request_stop(lease_id=lease.pk, reason="cancelled", actor="renter")
+    assert change(lease)
 
     stops = beat(client, leases=listed).json()["stop"]
-    assert [(order["lease_id"], order["reason"]) for order in stops] == [(lease.pk, "cancelled")]
-
-
-def test_a_lease_the_marketplace_ended_is_stopped_at_the_next_heartbeat(
-    running: tuple[Machine, Any, Lease, list[dict[str, Any]]],
-) -> None:
-    _, client, lease, listed = running
-    with CaptureQueriesContext(connection) as queries:
-        assert beat(client, leases=listed).json()["stop"] == []
-    assert statements(queries) == []  # steady
-
-    assert lease_end(lease_id=lease.pk, reason="max_duration", actor="sweep")
-
-    stops = beat(client, leases=listed).json()["stop"]
-    assert [(order["lease_id"], order["reason"]) for order in stops] == [(lease.pk, "max_duration")]
+    assert [(order["lease_id"], order["reason"]) for order in stops] == [(lease.pk, reason)]
 
 
 def test_each_machines_prediction_is_due_at_an_instant_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -462,18 +462,16 @@ def test_a_running_machines_record_stops_answering_when_its_prediction_is_due() 
     assert generation is not None
     t0 = timezone.now()
     computed = t0.timestamp() - 20  # the cached prediction the full heartbeat counted down
-    remembered = heartbeat_steady.remember(
-        digest=machine.credential_digest,
-        machine_id=machine.pk,
-        fp=fp,
-        at=t0,
-        capabilities=False,
-        gpus=[],
-        generation_before=generation,
-        predicted=(900, computed),
-        until=computed + 60,
-    )
-    assert remembered
+    record: dict[str, Any] = {
+        "digest": machine.credential_digest,
+        "machine_id": machine.pk,
+        "fp": fp,
+        "at": t0,
+        "capabilities": False,
+        "gpus": [],
+        "generation_before": generation,
+    }
+    assert heartbeat_steady.remember(**record, predicted=(900, computed), until=computed + 60)
     at = {"digest": machine.credential_digest, "fp": fp, "gpus": [], "rate_limit": None}
 
     answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=39))
@@ -481,17 +479,7 @@ def test_a_running_machines_record_stops_answering_when_its_prediction_is_due() 
     assert answer.predicted[0] == 900 and abs(answer.predicted[1] - computed) < 0.001
     assert heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=41)).code == heartbeat_steady.NOT_STEADY
     # One due within the second is not recorded at all.
-    assert not heartbeat_steady.remember(
-        digest=machine.credential_digest,
-        machine_id=machine.pk,
-        fp=fp,
-        at=t0,
-        capabilities=False,
-        gpus=[],
-        generation_before=generation,
-        predicted=(None, computed),
-        until=t0.timestamp() + 0.5,
-    )
+    assert not heartbeat_steady.remember(**record, predicted=(None, computed), until=t0.timestamp() + 0.5)
 
 
 def test_each_machines_sample_interval_turns_at_an_instant_of_its_own(settings: Any) -> None:
