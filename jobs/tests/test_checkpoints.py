@@ -412,8 +412,9 @@ def test_a_machine_running_a_lease_is_told_its_predicted_idle_time_and_an_idle_o
     idle_gpu = idle.gpus.get()
     assert heartbeat(agent_client(idle), [gpu_entry(idle_gpu.uuid, 0)]).json()["predicted_idle_s"] is None
 
-    # Cached for a minute: the forecast is not read again at each heartbeat.
-    monkeypatch.setattr(providers_services, "PREDICTED_IDLE_CACHE_S", 60)
+    # Cached (here for an interval far longer than the test, so that the machine's turn does not
+    # fall between the two heartbeats): the forecast is not read again at each heartbeat.
+    monkeypatch.setattr(providers_services, "PREDICTED_IDLE_CACHE_S", 10**6)
     calls: list[int] = []
     real = idle_history.machine_predicted_idle_s
     monkeypatch.setattr(
