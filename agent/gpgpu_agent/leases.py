@@ -839,9 +839,12 @@ class LeaseTracker:
             checkpoint=spec.checkpoint,
             checkpoint_interval_s=spec.checkpoint_interval_s,
         )
+        # The job's status file (GPGPU_LEASE_INFO) first: the job is already running and may read it
+        # at once. It is still written just after the workload starts, not before it: a job that
+        # reads it in its first milliseconds can miss it.
+        self._write_status(lease)
         self._event(spec.lease_id, EVENT_STARTED, at=started)
         self.save()
-        self._write_status(lease)
         logger.info("lease %s (job %s) started on GPUs %s", spec.lease_id, spec.job_id, list(spec.gpu_uuids))
 
     def _runner_start(self, spec: LeaseSpec, by_uuid: Mapping[str, GpuSample]) -> RunState:
