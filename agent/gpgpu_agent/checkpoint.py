@@ -16,6 +16,8 @@ and an archive to restore may have been made by another machine's agent (or forg
 - ``write_status`` keeps ``/work/.gpgpu-lease.json`` current in the job's view, written whole
   by rename through the work directory's descriptor, so a link the job planted there is
   replaced, never followed.
+- ``prepare_work`` does both for a new lease, before its workload starts: a job may read its
+  status file at its first instruction.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from gpgpu_agent.protocols import AgentError
+from gpgpu_agent.types import LeaseSpec
 
 # The job's view of its work directory (both runners mount it there).
 WORKSPACE = "/work"
@@ -347,3 +350,21 @@ def write_status(work: Path, data: Mapping[str, object]) -> None:
         os.replace(tmp, STATUS_FILE, src_dir_fd=wfd, dst_dir_fd=wfd)
     finally:
         os.close(wfd)
+
+
+def prepare_work(work: Path, spec: LeaseSpec, *, owner: tuple[int, int] | None) -> None:
+    """Fill the new lease's empty work directory before its workload starts: the job's checkpoint
+    restored (when the lease has one to restore; `owner` as for ``unpack``) and its status file
+    (``spec.agent_status``, when given). Raises CheckpointError with a sentence for the renter."""
+    if spec.restore_archive is not None and spec.checkpoint is not None:
+        try:
+            unpack(
+                Path(spec.restore_archive), work, spec.checkpoint.dir, max_bytes=spec.checkpoint.max_bytes, owner=owner
+            )
+        except (CheckpointError, OSError) as exc:
+            raise CheckpointError(f"could not restore the job's checkpoint: {exc}") from exc
+    if spec.agent_status:
+        try:
+            write_status(work, spec.agent_status)
+        except OSError as exc:
+            raise CheckpointError(f"could not write the job's status file: {exc.strerror or exc}") from exc

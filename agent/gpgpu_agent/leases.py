@@ -659,11 +659,13 @@ class LeaseTracker:
         return env
 
     def _with_checkpoint(self, spec: LeaseSpec) -> LeaseSpec:
-        """`spec` with the job's variables and, when it has one, its checkpoint fetched and checked
-        (restore_archive). Raises CheckpointError when the checkpoint cannot be had: the lease
-        then fails to start (and the job is placed again) rather than start from nothing."""
+        """`spec` with the job's variables and status file and, when it has one, its checkpoint
+        fetched and checked (restore_archive). Raises CheckpointError when the checkpoint cannot be
+        had: the lease then fails to start (and the job is placed again) rather than start from
+        nothing."""
         env = self._job_view(spec=spec.checkpoint, promised=spec.checkpoint_interval_s)
-        spec = replace(spec, agent_env=env)
+        status = self._status(spec.lease_id, spec.job_id, spec.checkpoint, spec.checkpoint_interval_s)
+        spec = replace(spec, agent_env=env, agent_status=status)
         ckpt = spec.checkpoint
         if ckpt is None or ckpt.restore_url is None:
             return spec
@@ -739,28 +741,35 @@ class LeaseTracker:
                 self._write_status(lease)
 
     def _write_status(self, lease: TrackedLease) -> None:
-        """/work/.gpgpu-lease.json of the lease: what its job is told to checkpoint well, current."""
+        """/work/.gpgpu-lease.json of the running lease: what its job is told to checkpoint well,
+        current (the runner wrote its first before the workload started)."""
         work = self.runner.workspace(lease.lease_id) if isinstance(self.runner, Workspaces) else None
         self._status_of[lease.lease_id] = self.forecast
         if work is None:
             return
-        predicted = self._predicted_idle_s()
-        data: dict[str, object] = {
-            "lease_id": lease.lease_id,
-            "job_id": lease.job_id,
-            "stop_grace_s": self.stop_grace_s,
-            "predicted_idle_s": predicted,
-            "suggested_checkpoint_interval_s": checkpoint.suggested_interval_s(
-                predicted_idle_s=predicted, promised_s=lease.checkpoint_interval_s
-            ),
-            "checkpoint_dir": lease.checkpoint.dir if lease.checkpoint is not None else None,
-            "resume_count": lease.checkpoint.resume_count if lease.checkpoint is not None else 0,
-            "updated_at": iso(self.clock()),
-        }
+        data = self._status(lease.lease_id, lease.job_id, lease.checkpoint, lease.checkpoint_interval_s)
         try:
             checkpoint.write_status(work, data)
         except OSError as exc:
             logger.warning("lease %s: could not write its status file: %s", lease.lease_id, exc)
+
+    def _status(
+        self, lease_id: int, job_id: int, ckpt: CheckpointSpec | None, promised: int | None
+    ) -> dict[str, object]:
+        """The content of a lease's status file, as of now."""
+        predicted = self._predicted_idle_s()
+        return {
+            "lease_id": lease_id,
+            "job_id": job_id,
+            "stop_grace_s": self.stop_grace_s,
+            "predicted_idle_s": predicted,
+            "suggested_checkpoint_interval_s": checkpoint.suggested_interval_s(
+                predicted_idle_s=predicted, promised_s=promised
+            ),
+            "checkpoint_dir": ckpt.dir if ckpt is not None else None,
+            "resume_count": ckpt.resume_count if ckpt is not None else 0,
+            "updated_at": iso(self.clock()),
+        }
 
     # -- fencing -------------------------------------------------------------------------------
 
@@ -839,10 +848,7 @@ class LeaseTracker:
             checkpoint=spec.checkpoint,
             checkpoint_interval_s=spec.checkpoint_interval_s,
         )
-        # The job's status file (GPGPU_LEASE_INFO) first: the job is already running and may read it
-        # at once. It is still written just after the workload starts, not before it: a job that
-        # reads it in its first milliseconds can miss it.
-        self._write_status(lease)
+        self._status_of[lease.lease_id] = self.forecast  # its status file: the runner wrote it
         self._event(spec.lease_id, EVENT_STARTED, at=started)
         self.save()
         logger.info("lease %s (job %s) started on GPUs %s", spec.lease_id, spec.job_id, list(spec.gpu_uuids))

@@ -123,10 +123,12 @@ class LeaseSpec:
     checkpoint_interval_s: int | None = None
     checkpoint: CheckpointSpec | None = None
     # Set by the agent, not the order: variables the runner gives the workload after the job's
-    # own (GPGPU_STOP_GRACE_S, …), and the checked archive to extract into its checkpoint
-    # directory before the workload starts.
+    # own (GPGPU_STOP_GRACE_S, …), the checked archive to extract into its checkpoint directory
+    # and the job's status file (GPGPU_LEASE_INFO) to write into its work directory, both before
+    # the workload starts.
     agent_env: dict[str, str] = field(default_factory=dict)
     restore_archive: str | None = None
+    agent_status: dict[str, object] = field(default_factory=dict)
 
 
 class JobLimits(TypedDict):

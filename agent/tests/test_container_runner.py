@@ -1153,14 +1153,22 @@ def test_docker_gives_a_restored_checkpoint_to_the_images_user_before_the_contai
     archive = _archive(tmp_path, "state.txt", b"step 13")
 
     runner.start(
-        lease(29, checkpoint=_checkpoint_spec(), restore_archive=str(archive), agent_env={"GPGPU_RESUME_COUNT": "1"}),
+        lease(
+            29,
+            checkpoint=_checkpoint_spec(),
+            restore_archive=str(archive),
+            agent_env={"GPGPU_RESUME_COUNT": "1"},
+            agent_status={"lease_id": 29, "resume_count": 1},
+        ),
         gpu_indexes=GPUS,
     )
 
     work = rentals / "containers" / "lease-29"
     assert (work / "ckpt" / "state.txt").read_bytes() == b"step 13"
+    status = work / ".gpgpu-lease.json"
+    assert json.loads(status.read_text()) == {"lease_id": 29, "resume_count": 1}
     assert sorted(owners) == sorted(
-        (str(path), 165536 + 1000, 165536 + 100) for path in (work, work / "ckpt", work / "ckpt" / "state.txt")
+        (str(path), 165536 + 1000, 165536 + 100) for path in (work, work / "ckpt", work / "ckpt" / "state.txt", status)
     )
     create = next(c for c in docker.calls() if c[0] == "create")
     assert "GPGPU_RESUME_COUNT=1" in values(create, "--env")

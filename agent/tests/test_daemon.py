@@ -972,6 +972,38 @@ def test_a_preempted_jobs_checkpoint_is_uploaded_before_its_end_is_reported_and_
     assert upload < store.log.index("event lease-1-preempted_by_owner")
 
 
+# The job: copies its status file (or says it found none) at its first instruction, and ends.
+READS_STATUS_AT_ONCE = (
+    "import os, shutil\n"
+    "try: shutil.copy(os.environ['GPGPU_LEASE_INFO'], '/work/seen.json')\n"
+    "except FileNotFoundError: open('/work/seen.json', 'w').write('missing')\n"
+)
+
+
+def test_a_job_finds_its_status_file_at_its_first_instruction(checkpoint_rig: Any) -> None:
+    agent, fake, transport, _store, rentals = checkpoint_rig
+    runner = agent.runner
+    seen = rentals / "lease-1" / "seen.json"
+    start = runner.start
+
+    def start_then_wait_for_the_job(spec: Any, **options: Any) -> Any:
+        # However fast the job is, the agent does nothing more until it has looked.
+        state = start(spec, **options)
+        _wait(seen.exists, 15, "the job looking for its status file")
+        return state
+
+    runner.start = start_then_wait_for_the_job
+    agent.poll_once()
+    order = {**_order(1, fake.gpus[0].uuid, 0, script=READS_STATUS_AT_ONCE), "checkpoint": _checkpoint(1)}
+    transport.heartbeat_replies.append(_reply(start=[order], predicted_idle_s=3600))
+    agent.network_once()
+    agent.poll_once()
+    assert seen.read_text() != "missing"
+    status = json.loads(seen.read_text())
+    assert (status["lease_id"], status["job_id"], status["checkpoint_dir"]) == (1, 101, "/work/ckpt")
+    assert 3500 <= status["predicted_idle_s"] <= 3600
+
+
 def test_a_lease_starts_with_its_jobs_checkpoint_restored_and_owned_by_the_job(checkpoint_rig: Any) -> None:
     agent, fake, transport, store, _ = checkpoint_rig
     archive = io.BytesIO()

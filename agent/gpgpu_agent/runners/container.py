@@ -430,20 +430,13 @@ class ContainerRunner:
 
         name = container_name(spec.lease_id)
         work = self._make_work_dir(spec.lease_id)
-        if spec.restore_archive is not None and spec.checkpoint is not None:
-            try:
-                # Before the container exists: nothing of the job runs yet. Podman's `U` mount
-                # option then gives the whole tree to the container's user; Docker's is chowned.
-                checkpoint.unpack(
-                    Path(spec.restore_archive),
-                    work,
-                    spec.checkpoint.dir,
-                    max_bytes=spec.checkpoint.max_bytes,
-                    owner=None,
-                )
-            except (checkpoint.CheckpointError, OSError) as exc:
-                _remove_tree(work)
-                raise RunnerError(f"could not restore the job's checkpoint: {exc}") from exc
+        try:
+            # Before the container exists: nothing of the job runs yet. Podman's `U` mount option
+            # then gives the whole tree to the container's user; Docker's is chowned.
+            checkpoint.prepare_work(work, spec, owner=None)
+        except checkpoint.CheckpointError as exc:
+            _remove_tree(work)
+            raise RunnerError(str(exc)) from exc
         try:
             done = self._call(self.create_args(spec, work), timeout=self.run_timeout_s)
             if done.returncode != 0 and self.firewall is not None and _network_missing(done.stderr):

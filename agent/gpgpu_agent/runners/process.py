@@ -238,19 +238,11 @@ class ProcessRunner:
         work.mkdir(exist_ok=True, mode=0o700)
         if self.user is not None:
             os.chown(work, self.user.uid, self.user.gid)
-        if spec.restore_archive is not None and spec.checkpoint is not None:
-            owner = (self.user.uid, self.user.gid) if self.user is not None else None
-            try:
-                checkpoint.unpack(
-                    Path(spec.restore_archive),
-                    work,
-                    spec.checkpoint.dir,
-                    max_bytes=spec.checkpoint.max_bytes,
-                    owner=owner,
-                )
-            except (checkpoint.CheckpointError, OSError) as exc:
-                shutil.rmtree(work, ignore_errors=True)
-                raise RunnerError(f"could not restore the job's checkpoint: {exc}") from exc
+        try:
+            checkpoint.prepare_work(work, spec, owner=(self.user.uid, self.user.gid) if self.user is not None else None)
+        except checkpoint.CheckpointError as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            raise RunnerError(str(exc)) from exc
         log_path = self.log_dir / f"lease-{spec.lease_id}.log"
         exit_path = self.store.exit_path(spec.lease_id)
         try:
