@@ -49,7 +49,7 @@ def _by_gpu_index(lease_gpu: LeaseGPU) -> int:
 
 
 def leases_heartbeat_orders(
-    *, machine_id: int, listed: set[int], kinds: frozenset[str], leased: bool = True
+    *, machine_id: int, listed: set[int], kinds: frozenset[str], may_have_assigned: bool = True
 ) -> tuple[list[providers_services.LeaseStart], list[providers_services.LeaseStop]]:
     """The heartbeat reply's lease orders for a machine whose agent listed the leases `listed`:
     `start`, its assigned leases without a stop request that the agent did not list, of a kind in
@@ -57,9 +57,9 @@ def leases_heartbeat_orders(
     machine's (reason `unknown_lease`), flagged save_checkpoint when cancelled by a renter who
     keeps the job's checkpoint.
 
-    leased=False: the caller holds the machine's GPU rows (no assignment can commit on them
-    meanwhile) and found none in an active lease; an assigned lease holds active GPUs, so there
-    is none to start and the query is skipped."""
+    may_have_assigned=False: the caller knows the machine has no assigned lease (it holds the
+    machine's GPU rows, so no assignment can commit on them meanwhile, and found none in an active
+    lease, or its lock's statement saw none): there is none to start and the query is skipped."""
     start: list[providers_services.LeaseStart] = []
     # Locked without waiting: a lease a cancel holds is left for the next heartbeat (the cancel
     # then ends it, never started); one sent here records start_sent_at before the lock is let go.
@@ -70,7 +70,7 @@ def leases_heartbeat_orders(
         .select_related("job")
         .prefetch_related("lease_gpus__gpu")
         .order_by("pk")
-        if leased
+        if may_have_assigned
         else Lease.objects.none()
     )
     for lease in assigned:
@@ -155,6 +155,8 @@ class MachineLeases:
         return Exists(LeaseGPU.objects.filter(gpu_id=OuterRef("pk"), active=True))
 
     def heartbeat_orders(
-        self, *, machine_id: int, listed: set[int], kinds: frozenset[str], leased: bool = True
+        self, *, machine_id: int, listed: set[int], kinds: frozenset[str], may_have_assigned: bool = True
     ) -> tuple[list[providers_services.LeaseStart], list[providers_services.LeaseStop]]:
-        return leases_heartbeat_orders(machine_id=machine_id, listed=listed, kinds=kinds, leased=leased)
+        return leases_heartbeat_orders(
+            machine_id=machine_id, listed=listed, kinds=kinds, may_have_assigned=may_have_assigned
+        )

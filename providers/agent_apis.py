@@ -568,11 +568,6 @@ class HeartbeatApi(AgentAPIView):
                     gpus=reply.gpus,
                     generation_before=generation,
                     predicted=reply.predicted_basis,
-                    until=(
-                        services.predicted_idle_due(machine_id=machine.pk, computed_at=reply.predicted_basis[1])
-                        if reply.predicted_basis is not None
-                        else None
-                    ),
                 )
         return Response(self.OutputSerializer(reply).data)
 

@@ -23,14 +23,15 @@ batches.
   available, the prediction). Anything else (another body, a header or a body the fast check
   does not accept, the rate limit reached, Redis unreachable) takes the full heartbeat, which
   validates and answers as it always did.
-- **Running leases.** The full heartbeat of a machine running leases tells their jobs how long
-  its idle stretch is likely to last (`predicted_idle_s`), counted down from a prediction it
-  computes at most once per interval of providers.services.PREDICTED_IDLE_CACHE_S (five
-  minutes; each machine's intervals turn at an instant of its own,
-  providers.services.predicted_idle_due). The record keeps that prediction and the time it was
-  computed; its steady replies count down the same way, and it stops answering when the
-  prediction is due again, so such a machine takes the full path once every five minutes
-  (every time, with the cache off), and a fleet's machines not all at once.
+- **Running leases.** The reply to a machine running leases tells their jobs how long its idle
+  stretch is likely to last (`predicted_idle_s`), counted down from a prediction computed at
+  most once per interval of providers.services.PREDICTED_IDLE_CACHE_S (five minutes): for
+  every such machine at once after each fold of the forecasts, off the heartbeat, and stored
+  here (`predictions_store`), or by the full heartbeat that found none stored. The record keeps
+  the reply's prediction and when it is due; its steady replies count down the stored
+  prediction when one is due later, else the record's, and it stops answering when the later is
+  due. So such a machine takes the full path no more often than an idle one while the
+  predictions are refreshed (every time, with the cache off).
 - **Samples.** The first steady heartbeat of each of its machine's sample intervals
   (each machine's intervals are shifted by an offset of its own, `bucket`, so a
   fleet's do not all turn at once) queues its telemetry as the interval's sample, with the
@@ -102,14 +103,16 @@ RECORD_INTERVALS = 10
 # seen-with-capabilities hash, the samples list, the machine's rate-limit log. ARGV: the report's
 # fingerprint, the generations' key prefix, now (epoch seconds), the sample interval, the rate
 # limit's duration (0: none) and count, the report's telemetry ([[TELEMETRY_FIELDS…], …] in its
-# order). The record: machine|interval|capabilities 0/1|generation|until|prediction|fingerprint|
-# id:state,…, where `until` (epoch seconds, 0: none) is when the record stops answering (its
-# prediction is due to be computed again) and `prediction` is empty (the reply's predicted_idle_s
-# is null) or `seconds,computed at` (epoch seconds). Answers {code, prediction}: code 0 when the
-# heartbeat is not steady (no record, another fingerprint, the generation moved, the record's
-# `until` passed, a time before the record's interval), -1 over the rate limit (nothing written),
-# 1 steady, 2 steady and the first of a new sample interval (its sample queued, the record moved
-# on).
+# order), the stored predictions' key prefix. The record: machine|interval|capabilities 0/1|
+# generation|until|prediction|fingerprint|id:state,…, where `until` (epoch seconds, 0: the reply
+# carries no prediction) is when the record's prediction is due to be computed again and
+# `prediction` is empty (the reply's predicted_idle_s is null) or `seconds,computed at` (epoch
+# seconds). A record with an `until` answers with the machine's stored prediction instead when one
+# is due later (`predictions_store`: `seconds,computed at,due`, seconds empty for null), and stops
+# answering when the later of the two is due. Answers {code, prediction}: code 0 when the
+# heartbeat is not steady (no record, another fingerprint, the generation moved, the prediction
+# due, a time before the record's interval), -1 over the rate limit (nothing written), 1 steady, 2
+# steady and the first of a new sample interval (its sample queued, the record moved on).
 _STEADY = (
     LOG_SCRIPT_BODY
     + """
@@ -120,7 +123,18 @@ local mid, b, caps, gen, untl, pred, fp, gpus = string.match(
 if not mid or fp ~= ARGV[1] then return {0, ''} end
 if (redis.call('GET', ARGV[2] .. mid) or '0') ~= gen then return {0, ''} end
 local now = tonumber(ARGV[3])
-if tonumber(untl) > 0 and now >= tonumber(untl) then return {0, ''} end
+local due = tonumber(untl)
+if due > 0 then
+  local stored = redis.call('GET', ARGV[8] .. mid)
+  if stored then
+    local ss, sat, sdue = string.match(stored, '^(%d*),([%d.]+),([%d.]+)$')
+    if sdue and tonumber(sdue) > due then
+      due = tonumber(sdue)
+      pred = (ss ~= '' and (ss .. ',' .. sat)) or ''
+    end
+  end
+  if now >= due then return {0, ''} end
+end
 local interval = tonumber(ARGV[4])
 local current = math.floor((now + (tonumber(mid) * OFFSET_FACTOR) % interval) / interval)
 if current < tonumber(b) then return {0, ''} end
@@ -208,12 +222,17 @@ SAMPLES_KEY = "samples"  # a list of queued telemetry samples, oldest first (see
 _SAMPLES_PER_BATCH = 2000
 
 
+def offset(machine_id: int, interval: float) -> float:
+    """How far the machine's intervals of this length are shifted (as _STEADY computes it), so
+    that a fleet's do not all turn at once."""
+    return (machine_id * OFFSET_FACTOR) % interval
+
+
 def bucket(at: datetime, machine_id: int) -> int:
     """The telemetry sample interval of the machine that `at` is in: TELEMETRY_SAMPLE_INTERVAL_S
-    long, shifted by an offset of the machine's own, so that a fleet's intervals do not all
-    turn at once (each turn samples the machine's telemetry)."""
+    long, shifted by the machine's `offset` (each turn samples the machine's telemetry)."""
     interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
-    return math.floor((at.timestamp() + (machine_id * OFFSET_FACTOR) % interval) / interval)
+    return math.floor((at.timestamp() + offset(machine_id, interval)) / interval)
 
 
 def fingerprint(data: Mapping[str, Any]) -> str | None:
@@ -235,6 +254,15 @@ def fingerprint(data: Mapping[str, Any]) -> str | None:
 NOT_STEADY, THROTTLED, STEADY, SAMPLED = 0, -1, 1, 2
 
 
+class Prediction(NamedTuple):
+    """A machine's predicted idle time as computed at `at` (Unix time): `seconds` (None: no idle
+    stretch runs there), counted down from then, and computed again from `due` on."""
+
+    seconds: int | None
+    at: float
+    due: float
+
+
 class Answer(NamedTuple):
     """What `steady` answers: the code, and for a steady heartbeat the prediction its reply
     counts down (seconds, the Unix time it was computed at; None: the reply's predicted_idle_s is
@@ -242,13 +270,6 @@ class Answer(NamedTuple):
 
     code: int
     predicted: tuple[int, float] | None = None
-
-
-def _prediction_text(predicted: tuple[int | None, float] | None) -> str:
-    """A record's `prediction` field (see _STEADY)."""
-    if predicted is None or predicted[0] is None:
-        return ""
-    return f"{max(0, int(predicted[0]))},{predicted[1]:.3f}"
 
 
 def _prediction_parse(text: str) -> tuple[int, float] | None:
@@ -275,7 +296,7 @@ def steady(
     key, duration, count = rate_limit if rate_limit is not None else ("", 0.0, 0)
     keys = [_key("cred", digest), _key(SEEN_KEY), _key(CAPABILITIES_KEY), _key(SAMPLES_KEY), key or _key("none")]
     interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
-    args = [fp, _generation_prefix(), repr(at.timestamp()), interval, duration, count, telemetry]
+    args = [fp, _generation_prefix(), repr(at.timestamp()), interval, duration, count, telemetry, _key("pred") + ":"]
     code, prediction = _scripts["steady"](keys=keys, args=args)
     return Answer(int(code), _prediction_parse(prediction.decode() if isinstance(prediction, bytes) else prediction))
 
@@ -302,28 +323,28 @@ def remember(
     capabilities: bool,
     gpus: Iterable[tuple[int, str]],
     generation_before: str,
-    predicted: tuple[int | None, float] | None = None,
-    until: float | None = None,
+    predicted: Prediction | None = None,
 ) -> bool:
     """Record that a repeat of this credential's heartbeat (fingerprint `fp`; `gpus` its GPUs'
     (id, state) as the full heartbeat wrote them, in the report's order) is steady, unless the
     machine's generation moved since `generation_before`. The record lasts to the end of the
-    RECORD_INTERVALS-th sample interval of the machine from `at`'s, and not past `until` (Unix
-    time: when the reply's prediction is due to be computed again) when given. `predicted`: what
-    the reply's predicted_idle_s was counted down from (seconds, the Unix time it was computed
-    at); None: null. Returns whether it recorded."""
+    RECORD_INTERVALS-th sample interval of the machine from `at`'s. `predicted`: what the reply's
+    predicted_idle_s was counted down from (None: the reply carries none); the record answers until
+    it is due, or a later stored prediction (`predictions_store`) is. Returns whether it recorded."""
     b = bucket(at, machine_id)
     interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
-    ends = (b + RECORD_INTERVALS) * interval - (machine_id * OFFSET_FACTOR) % interval
-    if until is not None:
-        ends = min(ends, math.floor(until))
-        if ends - at.timestamp() < 1:
-            return False  # due within the second: the next heartbeat computes it again
+    ends = (b + RECORD_INTERVALS) * interval - offset(machine_id, interval)
     ttl = max(1, math.ceil(ends - at.timestamp()))
+    until = 0
+    prediction = ""
+    if predicted is not None:
+        until = math.floor(predicted.due)
+        if until - at.timestamp() < 1:
+            return False  # due within the second: the next heartbeat computes it again
+        if predicted.seconds is not None:
+            prediction = f"{max(0, int(predicted.seconds))},{predicted.at:.3f}"
     listed = ",".join(f"{gpu_id}:{state}" for gpu_id, state in gpus)
-    ends_at = math.floor(until) if until is not None else 0
-    prediction = _prediction_text(predicted)
-    value = f"{machine_id}|{b}|{int(capabilities)}|{generation_before}|{ends_at}|{prediction}|{fp}|{listed}"
+    value = f"{machine_id}|{b}|{int(capabilities)}|{generation_before}|{until}|{prediction}|{fp}|{listed}"
     try:
         _redis()
         done = _scripts["remember"](
@@ -333,6 +354,42 @@ def remember(
         logger.warning("steady heartbeats: could not remember machine %s", machine_id, exc_info=True)
         return False
     return bool(done)
+
+
+def predictions_store(predictions: Mapping[int, Prediction], *, now: float) -> int:
+    """Store machines' predictions, computed off the heartbeat (providers.services
+    .running_predictions_refresh): a record of such a machine answers with its stored prediction
+    when it is due later than the record's own (see _STEADY), and the full heartbeat uses it
+    (`prediction`); each is kept until it is due. Returns how many were stored; raises
+    REDIS_ERRORS."""
+    pipe = _redis().pipeline(transaction=False)
+    stored = 0
+    for machine_id, p in predictions.items():
+        ttl = math.ceil(p.due - now)
+        if ttl < 1:
+            continue
+        seconds = "" if p.seconds is None else str(max(0, int(p.seconds)))
+        pipe.set(_key("pred", machine_id), f"{seconds},{p.at:.3f},{p.due:.3f}", ex=ttl)
+        stored += 1
+    pipe.execute()
+    return stored
+
+
+def prediction(machine_id: int, *, now: float) -> Prediction | None:
+    """The machine's stored prediction (`predictions_store`) while it is not due; None when there
+    is none, or Redis is unreachable or the steady path off."""
+    if not enabled():
+        return None
+    try:
+        raw = _redis().get(_key("pred", machine_id))
+    except REDIS_ERRORS:
+        warn_unreachable()
+        return None
+    if raw is None:
+        return None
+    seconds, at, due = raw.decode().split(",")
+    p = Prediction(int(seconds) if seconds else None, float(at), float(due))
+    return p if now < p.due else None
 
 
 def forget(machine_ids: Iterable[int]) -> None:

@@ -45,11 +45,11 @@ class MachineLeases(Protocol):
         """An expression for a GPU queryset's annotation: True while the GPU is in an active lease."""
 
     def heartbeat_orders(
-        self, *, machine_id: int, listed: set[int], kinds: frozenset[str], leased: bool = True
+        self, *, machine_id: int, listed: set[int], kinds: frozenset[str], may_have_assigned: bool = True
     ) -> tuple[list[LeaseStart], list[LeaseStop]]:
         """The heartbeat reply's lease orders: (start, stop), lists of providers.services.LeaseStart
-        and LeaseStop. leased=False: the caller holds the machine's GPU rows and saw none of them
-        in an active lease, so the machine has no assigned lease to start."""
+        and LeaseStop. may_have_assigned=False: the caller knows the machine has no assigned lease
+        to start (the query for them is skipped)."""
 
 
 _machine_leases: MachineLeases | None = None

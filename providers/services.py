@@ -738,9 +738,9 @@ class HeartbeatReply:
     # telemetry, and get this reply (providers.heartbeat_steady), until the prediction below is
     # computed again. Not sent to the agent.
     steady: bool = False
-    # What predicted_idle_s was counted down from: the prediction and the Unix time it was
-    # computed at (see _predicted_idle); None when no lease runs here. Not sent to the agent.
-    predicted_basis: tuple[int | None, float] | None = None
+    # What predicted_idle_s was counted down from, and when it is due again (see _predicted_idle);
+    # None when no lease runs here. Not sent to the agent.
+    predicted_basis: heartbeat_steady.Prediction | None = None
     # The reported GPUs' (id, state) as written, in the report's order (for the steady record).
     gpus: tuple[tuple[int, str], ...] = ()
 
@@ -830,7 +830,11 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             # there is none to start (one assigned since is left to the next heartbeat, which its
             # generation bump makes a full one).
             reply = _heartbeat_reply(
-                machine_id=machine.pk, report=report, kinds=kinds, leased=leased and lock.assigned, now=now
+                machine_id=machine.pk,
+                report=report,
+                kinds=kinds,
+                may_have_assigned=leased and lock.assigned,
+                now=now,
             )
             # Without a window or a coming blackout (the lock's statement says) it is available
             # at any time: what machine_schedule answers then, without reading either table.
@@ -838,9 +842,9 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
             steady = (
                 locked.status == Machine.Status.ONLINE
                 and not (lock.assigned or lock.scheduled or reply.start or reply.stop)
-                # A machine running leases: only with its prediction cached (the record then
-                # answers until the prediction is due again).
-                and (PREDICTED_IDLE_CACHE_S > 0 or not (leased or report.leases))
+                # A reply that tells running jobs a prediction: only with it cached (the record
+                # then answers until the prediction is due again).
+                and (PREDICTED_IDLE_CACHE_S > 0 or reply.predicted_basis is None)
                 and all(g.idle_since is None or g.idle_since <= now for g in report.gpus)
             )
             reply = replace(reply, schedule=schedule, steady=steady, gpus=gpus)
@@ -1198,13 +1202,15 @@ def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuR
         gpu.index = next_free
 
 
-# A machine's predicted idle time is computed at most once per interval this long (three
-# queries), and counted down from the cached answer in between: its running jobs are told it at
-# every heartbeat. As often as the forecasts it reads are folded (the fold-idle-stretches task,
-# every 300 s); in between only the stretch's age moves. Each machine's intervals turn at an
-# instant of its own (predicted_idle_due), so that the leases one matching cycle placed do not
-# have their machines compute it, and take the full heartbeat (providers.heartbeat_steady), all
-# at once every interval.
+# A machine's predicted idle time (its running jobs are told it at every heartbeat) is computed
+# off the heartbeat for every machine running a lease, after each fold of the forecasts it reads
+# (running_predictions_refresh, from the fold-idle-stretches task every 300 s), and kept in Redis,
+# where the steady heartbeat reads it (providers.heartbeat_steady): such a machine takes the full
+# heartbeat no more often than an idle one. A full heartbeat that finds none stored (no Redis, a
+# lease started since the fold, a fold late by more than an interval) computes the machine's
+# own (three queries), cached until the end of the machine's interval. Each machine's intervals
+# turn at an instant of its own (predicted_idle_due), so that machines whose predictions fall due
+# together (the leases of one matching cycle) do not all take the full heartbeat at once.
 PREDICTED_IDLE_CACHE_S = 300
 
 
@@ -1216,30 +1222,53 @@ def predicted_idle_due(*, machine_id: int, computed_at: float) -> float:
     interval = PREDICTED_IDLE_CACHE_S
     if interval <= 0:
         return computed_at
-    offset = (machine_id * heartbeat_steady.OFFSET_FACTOR) % interval
+    offset = heartbeat_steady.offset(machine_id, interval)
     return (math.floor((computed_at + offset) / interval) + 1) * interval - offset
 
 
-def _predicted_idle(*, machine_id: int, now: datetime) -> tuple[int | None, float]:
-    """idle_history.machine_predicted_idle_s and the Unix time it was computed at: from the cache
-    when it was computed in the machine's current PREDICTED_IDLE_CACHE_S interval (0: not
-    cached)."""
+def _predicted_idle(*, machine_id: int, now: datetime) -> heartbeat_steady.Prediction:
+    """idle_history.machine_predicted_idle_s as of when it was computed: the stored one
+    (running_predictions_refresh) while it is not due, else the machine's own, cached until the
+    end of the machine's current PREDICTED_IDLE_CACHE_S interval (0: computed each time)."""
     at = now.timestamp()
     if PREDICTED_IDLE_CACHE_S <= 0:
-        return idle_history.machine_predicted_idle_s(machine_id=machine_id, now=at), at
+        return heartbeat_steady.Prediction(idle_history.machine_predicted_idle_s(machine_id=machine_id, now=at), at, at)
+    stored = heartbeat_steady.prediction(machine_id, now=at)
+    if stored is not None:
+        return stored
     key = f"gpgpu:predicted-idle:{machine_id}"
     cached = cache.get(key)
-    if (
-        isinstance(cached, tuple)
-        and len(cached) == 2
-        and at < predicted_idle_due(machine_id=machine_id, computed_at=cached[1])
-    ):
-        predicted, computed_at = cached
-        return predicted, computed_at
-    predicted = idle_history.machine_predicted_idle_s(machine_id=machine_id, now=at)
-    ttl = math.ceil(predicted_idle_due(machine_id=machine_id, computed_at=at) - at)
-    cache.set(key, (predicted, at), max(1, ttl))
-    return predicted, at
+    if isinstance(cached, heartbeat_steady.Prediction) and at < cached.due:
+        return cached
+    due = predicted_idle_due(machine_id=machine_id, computed_at=at)
+    seconds = idle_history.machine_predicted_idle_s(machine_id=machine_id, now=at)
+    computed = heartbeat_steady.Prediction(seconds, at, due)
+    cache.set(key, computed, max(1, math.ceil(due - at)))
+    return computed
+
+
+def running_predictions_refresh(*, now: datetime | None = None) -> int:
+    """Compute the predicted idle time of every machine with a leased GPU, in a few queries for
+    all, and store each where heartbeats read it (heartbeat_steady.predictions_store), due at the
+    end of the machine's next PREDICTED_IDLE_CACHE_S interval: the next refresh comes before.
+    Returns how many were stored: none without the steady path (no Redis: each full heartbeat
+    computes its own) or with the cache off, nor when Redis fails (logged)."""
+    if PREDICTED_IDLE_CACHE_S <= 0 or not heartbeat_steady.enabled():
+        return 0
+    at = (now or timezone.now()).timestamp()
+    machine_ids = GPU.objects.filter(state=GPU.State.LEASED).order_by().values_list("machine_id", flat=True).distinct()
+    predicted = idle_history.machines_predicted_idle_s(machine_ids=machine_ids, now=at)
+    predictions = {
+        machine_id: heartbeat_steady.Prediction(
+            seconds, at, predicted_idle_due(machine_id=machine_id, computed_at=at) + PREDICTED_IDLE_CACHE_S
+        )
+        for machine_id, seconds in predicted.items()
+    }
+    try:
+        return heartbeat_steady.predictions_store(predictions, now=at)
+    except heartbeat_steady.REDIS_ERRORS:
+        logger.warning("could not store %d machines' predicted idle times", len(predictions), exc_info=True)
+        return 0
 
 
 def predicted_idle_countdown(predicted: int | None, computed_at: float, *, now: float) -> int | None:
@@ -1251,10 +1280,13 @@ def predicted_idle_countdown(predicted: int | None, computed_at: float, *, now: 
 
 
 def _heartbeat_reply(
-    *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], leased: bool, now: datetime
+    *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], may_have_assigned: bool, now: datetime
 ) -> HeartbeatReply:
     start, stop = machine_leases().heartbeat_orders(
-        machine_id=machine_id, listed={lr.lease_id for lr in report.leases}, kinds=kinds, leased=leased
+        machine_id=machine_id,
+        listed={lr.lease_id for lr in report.leases},
+        kinds=kinds,
+        may_have_assigned=may_have_assigned,
     )
     basis = None
     if report.leases or start:  # only the jobs running here read it: nothing for an idle machine
@@ -1265,7 +1297,7 @@ def _heartbeat_reply(
         start=start,
         stop=stop,
         lease_fence_s=settings.GPGPU["LEASE_FENCE_S"],
-        predicted_idle_s=predicted_idle_countdown(*basis, now=now.timestamp()) if basis else None,
+        predicted_idle_s=predicted_idle_countdown(basis.seconds, basis.at, now=now.timestamp()) if basis else None,
         predicted_basis=basis,
     )
 

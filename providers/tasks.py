@@ -29,5 +29,8 @@ def prune_telemetry() -> dict[str, int]:
 @periodic_task(name="providers.tasks.fold_idle_stretches", time_limit=600)
 def fold_idle_stretches() -> dict[str, int]:
     """Fold the idle stretches heartbeats recorded into each machine's forecast and the fleet
-    prior, then delete them (providers.idle_history; beat: every 5 minutes)."""
-    return idle_history.idle_stretches_fold()
+    prior, then delete them (providers.idle_history; beat: every 5 minutes); then predict, from
+    the new forecasts, the idle time of every machine running a lease, for their heartbeats
+    (providers.services.running_predictions_refresh)."""
+    folded = idle_history.idle_stretches_fold()
+    return {**folded, "predicted": services.running_predictions_refresh()}

@@ -20,6 +20,7 @@ from jobs.models import Lease
 from jobs.services import lease_end, lease_request_stop
 from providers import heartbeat_steady, services
 from providers.models import GPU, Machine, TelemetrySample
+from providers.tasks import fold_idle_stretches
 from tests import factories
 from tests.factories import (
     MachineFactory,
@@ -402,7 +403,7 @@ def test_a_machine_running_a_lease_is_answered_steady_with_its_prediction_counte
 ) -> None:
     machine, client, lease, listed = running
     full = beat(client, leases=listed).json()
-    predicted, computed_at = cache.get(f"gpgpu:predicted-idle:{machine.pk}")
+    predicted, computed_at, _ = cache.get(f"gpgpu:predicted-idle:{machine.pk}")
 
     with CaptureQueriesContext(connection) as queries:
         response = beat(client, leases=listed)
@@ -471,7 +472,7 @@ def test_a_running_machines_record_stops_answering_when_its_prediction_is_due() 
         "gpus": [],
         "generation_before": generation,
     }
-    assert heartbeat_steady.remember(**record, predicted=(900, computed), until=computed + 60)
+    assert heartbeat_steady.remember(**record, predicted=heartbeat_steady.Prediction(900, computed, computed + 60))
     at = {"digest": machine.credential_digest, "fp": fp, "gpus": [], "rate_limit": None}
 
     answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=39))
@@ -479,7 +480,71 @@ def test_a_running_machines_record_stops_answering_when_its_prediction_is_due() 
     assert answer.predicted[0] == 900 and abs(answer.predicted[1] - computed) < 0.001
     assert heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=41)).code == heartbeat_steady.NOT_STEADY
     # One due within the second is not recorded at all.
-    assert not heartbeat_steady.remember(**record, predicted=(None, computed), until=t0.timestamp() + 0.5)
+    assert not heartbeat_steady.remember(
+        **record, predicted=heartbeat_steady.Prediction(None, computed, t0.timestamp() + 0.5)
+    )
+
+
+def test_a_running_machines_record_answers_with_a_later_stored_prediction_until_that_is_due() -> None:
+    machine = MachineFactory()
+    fp = "ef" * 16
+    generation = heartbeat_steady.generation(machine.pk)
+    assert generation is not None
+    t0 = timezone.now()
+    computed = t0.timestamp() - 20
+    assert heartbeat_steady.remember(
+        digest=machine.credential_digest,
+        machine_id=machine.pk,
+        fp=fp,
+        at=t0,
+        capabilities=False,
+        gpus=[],
+        generation_before=generation,
+        predicted=heartbeat_steady.Prediction(900, computed, computed + 60),
+    )
+    at = {"digest": machine.credential_digest, "fp": fp, "gpus": [], "rate_limit": None}
+    stored_at = t0.timestamp() + 30
+    stored = {machine.pk: heartbeat_steady.Prediction(700, stored_at, t0.timestamp() + 400)}
+    assert heartbeat_steady.predictions_store(stored, now=t0.timestamp()) == 1
+
+    answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=41))  # past the record's own due
+    assert answer.code == heartbeat_steady.STEADY and answer.predicted is not None
+    assert answer.predicted[0] == 700 and abs(answer.predicted[1] - stored_at) < 0.001
+    assert heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=401)).code == heartbeat_steady.NOT_STEADY
+
+    # A stored prediction due before the record's does not replace it; one of no stretch is null.
+    earlier = {machine.pk: heartbeat_steady.Prediction(None, stored_at, computed + 50)}
+    heartbeat_steady.predictions_store(earlier, now=t0.timestamp())
+    answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=29))
+    assert answer.code == heartbeat_steady.STEADY and answer.predicted == (900, pytest.approx(computed))
+    later = {machine.pk: heartbeat_steady.Prediction(None, stored_at, t0.timestamp() + 500)}
+    heartbeat_steady.predictions_store(later, now=t0.timestamp())
+    answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=450))
+    assert answer.code == heartbeat_steady.STEADY and answer.predicted is None
+
+
+def test_predictions_computed_off_the_heartbeat_are_what_running_machines_are_told(
+    running: tuple[Machine, Any, Lease, list[dict[str, Any]]],
+) -> None:
+    machine, client, _lease, listed = running
+    idle = MachineFactory()  # runs no lease: nothing is stored for it
+    assert fold_idle_stretches()["predicted"] == 1  # the forecasts folded, then the predictions
+    now = timezone.now().timestamp()
+    stored = heartbeat_steady.prediction(machine.pk, now=now)
+    assert stored is not None and heartbeat_steady.prediction(idle.pk, now=now) is None
+    assert stored.seconds == services.idle_history.machine_predicted_idle_s(machine_id=machine.pk, now=stored.at)
+    assert stored.due > now + services.PREDICTED_IDLE_CACHE_S - 1  # not due before the next refresh
+
+    # What is stored is what the machine's heartbeats count down, the steady and the full one
+    # (stored due after the record's prediction, which the fixture's interval puts far off).
+    told = {machine.pk: heartbeat_steady.Prediction(12_345, now, now + 2 * services.PREDICTED_IDLE_CACHE_S)}
+    heartbeat_steady.predictions_store(told, now=now)
+    for report in ({}, {"agent_version": "0.1.1"}):  # a repeat, then a changed report: the full path
+        with CaptureQueriesContext(connection) as queries:
+            reply = beat(client, leases=listed, **report).json()
+        assert bool(statements(queries)) == bool(report)
+        elapsed = datetime.fromisoformat(reply["server_time"]).timestamp() - now
+        assert reply["predicted_idle_s"] == int(12_345 - elapsed)
 
 
 def test_each_machines_sample_interval_turns_at_an_instant_of_its_own(settings: Any) -> None:
