@@ -42,7 +42,9 @@ figure other work on the machine does not change much, unlike the rates; null wi
 too; null when the database runs elsewhere: other clients of it count too),
 `flush_cpu_ms_per_heartbeat` (the CPU time of a process that, during the run, writes what steady
 heartbeats leave in Redis every --flush-every seconds, as the liveness sweep does: their times
-and their telemetry samples; its statements count in the database's figures). The
+and their telemetry samples; and, at its start and every --fold-every seconds, folds the idle
+forecasts and stores the running machines' predictions, as the fold-idle-stretches task does;
+its statements count in the database's figures). The
 last line is one JSON summary of them all, with the settings.
 
 The script refuses a database that already holds machines unless --force, and deletes what it
@@ -54,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -117,6 +120,14 @@ def _parse() -> argparse.Namespace:
         default=10.0,
         help="seconds between two writes of what steady heartbeats left in Redis (the liveness sweep's, "
         "HEARTBEAT_INTERVAL_S), by a process of its own during each run",
+    )
+    parser.add_argument(
+        "--fold-every",
+        type=float,
+        default=300.0,
+        help="seconds between two folds of the idle forecasts, each followed by the running machines' "
+        "predictions (the fold-idle-stretches task's, every 300 s), by the same process, from the start of "
+        "each run; 0: never",
     )
     parser.add_argument(
         "--leased-share",
@@ -531,11 +542,25 @@ def _flush_once() -> None:
     heartbeat_steady.flush()
 
 
-def _flush_loop(every: float, stop: Any, queue: Any) -> None:
+def _fold_once() -> None:
+    from providers.tasks import fold_idle_stretches
+
+    fold_idle_stretches()
+
+
+def _flush_loop(every: float, fold_every: float, stop: Any, queue: Any) -> None:
     """The worker's share: what steady heartbeats leave in Redis (their times, their samples)
-    written every `every` seconds, and once more at the end; puts its CPU seconds on `queue`."""
+    written every `every` seconds, and once more at the end; the idle forecasts folded and the
+    running machines' predictions stored at the start and every `fold_every` seconds (0: never);
+    puts its CPU seconds on `queue`."""
     cpu = resource.getrusage(resource.RUSAGE_SELF)
-    while not stop.wait(every):
+    folded_at = -math.inf
+    while True:
+        if fold_every > 0 and time.monotonic() - folded_at >= fold_every:
+            folded_at = time.monotonic()
+            _fold_once()
+        if stop.wait(every):
+            break
         _flush_once()
     _flush_once()
     used = resource.getrusage(resource.RUSAGE_SELF)
@@ -545,14 +570,14 @@ def _flush_loop(every: float, stop: Any, queue: Any) -> None:
 class _Flusher:
     """A forked process running _flush_loop while a run lasts."""
 
-    def __init__(self, every: float) -> None:
+    def __init__(self, every: float, fold_every: float) -> None:
         from django.db import connections as db_connections
 
         db_connections.close_all()  # no database connection crosses the fork
         context = multiprocessing.get_context("fork")
         self._stop = context.Event()
         self._queue = context.Queue()
-        self._process = context.Process(target=_flush_loop, args=(every, self._stop, self._queue))
+        self._process = context.Process(target=_flush_loop, args=(every, fold_every, self._stop, self._queue))
         self._process.start()
 
     def stop(self) -> float:
@@ -605,7 +630,7 @@ def main() -> None:
             before = _pg_counters()
             server_cpu = children_cpu_seconds(server.pid) if server is not None else 0.0
             database_cpu = database_cpu_seconds()
-            flusher = _Flusher(args.flush_every)
+            flusher = _Flusher(args.flush_every, args.fold_every)
             run = _drive(url, machines, concurrency, args.generators, args.seconds, beat_interval=args.beat_interval)
             flush_cpu = flusher.stop()
             server_cpu = children_cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
