@@ -373,9 +373,11 @@ def _telemetry_valid(gpus: list[dict[str, Any]]) -> bool:
     return True
 
 
-# The steady reply's fixed part, per (heartbeat interval, fence): the full heartbeat's
-# serializer writes it once.
-_STEADY_REPLIES: dict[tuple[int, int], dict[str, Any]] = {}
+# The steady reply's fixed parts, per (heartbeat interval, fence): the full heartbeat's
+# serializer writes it once; the text before, between and after its server_time and
+# predicted_idle_s, and whether server_time comes first.
+_STEADY_REPLIES: dict[tuple[int, int], tuple[bytes, bytes, bytes, bool]] = {}
+_CUT = "\x00cut\x00"  # a value no serializer writes, marking where the moving values go
 _SERVER_TIME = serializers.DateTimeField()  # as the reply's serializer writes server_time
 
 
@@ -383,8 +385,8 @@ def _steady_reply(now: datetime, predicted_idle_s: int | None) -> bytes:
     """What the full heartbeat answers a machine with no order or schedule: its serializer's
     output with this instant's server_time and the given predicted_idle_s."""
     interval, fence = settings.GPGPU["HEARTBEAT_INTERVAL_S"], settings.GPGPU["LEASE_FENCE_S"]
-    template = _STEADY_REPLIES.get((interval, fence))
-    if template is None:
+    parts = _STEADY_REPLIES.get((interval, fence))
+    if parts is None:
         reply = services.HeartbeatReply(
             heartbeat_interval_s=interval,
             server_time=now,
@@ -394,9 +396,16 @@ def _steady_reply(now: datetime, predicted_idle_s: int | None) -> bytes:
             schedule=services.ALWAYS_AVAILABLE,
             predicted_idle_s=None,
         )
-        template = _STEADY_REPLIES[(interval, fence)] = dict(HeartbeatApi.OutputSerializer(reply).data)
-    body = dict(template, server_time=_SERVER_TIME.to_representation(now), predicted_idle_s=predicted_idle_s)
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        # The serializer's output rendered once, the two values that move cut out of it.
+        template = dict(HeartbeatApi.OutputSerializer(reply).data, server_time=_CUT, predicted_idle_s=_CUT)
+        text = json.dumps(template, ensure_ascii=False, separators=(",", ":"))
+        first = list(template).index("server_time") < list(template).index("predicted_idle_s")
+        before, between, after = (part.encode() for part in text.split(json.dumps(_CUT)))
+        parts = _STEADY_REPLIES[(interval, fence)] = (before, between, after, first)
+    head, middle, tail, time_first = parts
+    at = json.dumps(_SERVER_TIME.to_representation(now)).encode()
+    predicted = b"null" if predicted_idle_s is None else str(int(predicted_idle_s)).encode()
+    return head + (at if time_first else predicted) + middle + (predicted if time_first else at) + tail
 
 
 # Set in a request's environ by providers.heartbeat_front when it has tried the steady answer and
