@@ -17,7 +17,9 @@ at once).
 
 A heartbeat is what the agent sends (gpgpu_agent.daemon.heartbeat_body): --gpus-per-machine GPUs
 with full telemetry (utilization, memory, temperature and power moving a little each time: the
-latest telemetry differs on every beat, as on a real machine), the agent's idle verdicts (nine
+latest telemetry differs on every beat, as on a real machine; each machine's bodies are drawn
+before each run, seven of them sent in turn, so that the load generator, on the same cores as
+the server, spends its CPU sending them), the agent's idle verdicts (nine
 GPUs in ten idle since a fixed time, the rest busy with their owner), the machine facts and the
 container capabilities. With --leased-share X a share X of the machines (drawn with the seed) runs
 a lease on all its idle GPUs, placed and started through the marketplace's own services
@@ -40,6 +42,10 @@ generator's CPU time over the run's wall time, in cores: what it took from the m
 figure other work on the machine does not change much, unlike the rates; null with --url),
 `database_cpu_ms_per_heartbeat` (the same of every PostgreSQL process on this machine, with --url
 too; null when the database runs elsewhere: other clients of it count too),
+`redis_cpu_ms_per_heartbeat` (the Redis server's CPU time, from its INFO, over the heartbeats:
+other clients of it count too), `stack_cpu_ms_per_heartbeat` (web, flush, PostgreSQL and Redis
+together: what one heartbeat costs the deployment, the load generator's CPU left out; null when
+one is unknown),
 `flush_cpu_ms_per_heartbeat` (the CPU time of a process that, during the run, writes what steady
 heartbeats leave in Redis every --flush-every seconds, as the liveness sweep does: their times
 and their telemetry samples; and, at its start and every --fold-every seconds, folds the idle
@@ -320,6 +326,11 @@ def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
 # --- the load generator -------------------------------------------------------------------------
 
 
+# How many bodies of each machine a run sends in turn (their telemetry drawn apart): a machine's
+# consecutive heartbeats differ, as a real one's do.
+VARIANTS = 7
+
+
 class _Machine:
     """One machine's heartbeat, with telemetry that moves a little on every beat."""
 
@@ -339,6 +350,14 @@ class _Machine:
         ]
         self.idle_since = idle_since.isoformat().replace("+00:00", "Z")
         self.leases: list[dict[str, Any]] = []
+        self.bodies: list[bytes] = []  # render()'s
+
+    def render(self, salt: int) -> None:
+        """Draw VARIANTS bodies afresh (the telemetry's random stream seeded with `salt`), which
+        the machine's heartbeats then send in turn: rendered before a run, not during it, so
+        that the load generator's CPU (on the same cores as the server) goes to sending."""
+        self.rng.seed(salt)
+        self.bodies = [self.body() for _ in range(VARIANTS)]
 
     def lease_run(self, lease_id: int) -> None:
         """The machine runs this lease on its idle GPUs: listed as running, their telemetry a
@@ -395,8 +414,10 @@ async def _connection(
     # next is due one interval after its last was due (a late answer does not move the schedule).
     start = time.monotonic()
     due = [start + beat_interval * i / max(1, len(machines)) for i in range(len(machines))]
+    beats = 0
     try:
         while True:
+            beats += 1
             for number, machine in enumerate(machines):
                 if beat_interval > 0 and not once:
                     wait = due[number] - time.monotonic()
@@ -405,7 +426,7 @@ async def _connection(
                         await asyncio.sleep(wait)
                 if not once and time.monotonic() >= until:
                     return
-                body = machine.body()
+                body = machine.bodies[beats % len(machine.bodies)]
                 request = f"{head}Authorization: {machine.auth}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                 started = time.perf_counter()
                 try:
@@ -460,11 +481,6 @@ def _generate(
     `machines`; puts what it measured on `queue`."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    # Forked children inherit the machines' random state: without a fresh one, each run would
-    # replay the telemetry of the one before, and a repeated report writes nothing.
-    salt = secrets.randbits(64)
-    for number, machine in enumerate(machines):
-        machine.rng.seed(salt + number)
     out: dict[str, Any] = {"latencies": [], "errors": 0, "statuses": {}, "sql": 0, "sql_counted": 0, "full": 0}
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     until = time.monotonic() + seconds
@@ -497,6 +513,11 @@ def _drive(
     from django.db import connections as db_connections
 
     db_connections.close_all()  # no database connection crosses the fork
+    # Each run's bodies drawn afresh: a run that replayed the telemetry of the one before would
+    # send reports that write nothing.
+    salt = secrets.randbits(64)
+    for number, machine in enumerate(machines):
+        machine.render(salt + number)
     procs = min(generators, concurrency)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
@@ -587,6 +608,22 @@ class _Flusher:
         return cpu
 
 
+def _redis_cpu_seconds() -> float | None:
+    """CPU seconds (user and system) the Redis server has used so far (INFO cpu), where the
+    marketplace's Redis is set and answers; None otherwise."""
+    from django.conf import settings
+
+    if not settings.REDIS_URL:
+        return None
+    import redis
+
+    try:
+        info = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5).info("cpu")
+    except (redis.RedisError, OSError):
+        return None
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
 def _percentile(ordered: list[float], share: float) -> float | None:
     if not ordered:
         return None
@@ -630,11 +667,13 @@ def main() -> None:
             before = _pg_counters()
             server_cpu = children_cpu_seconds(server.pid) if server is not None else 0.0
             database_cpu = database_cpu_seconds()
+            redis_cpu = _redis_cpu_seconds()
             flusher = _Flusher(args.flush_every, args.fold_every)
             run = _drive(url, machines, concurrency, args.generators, args.seconds, beat_interval=args.beat_interval)
             flush_cpu = flusher.stop()
             server_cpu = children_cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
             database_after = database_cpu_seconds()
+            redis_after = _redis_cpu_seconds()
             after = _pg_counters()
             n = len(run["latencies"])
             ordered = sorted(run["latencies"])
@@ -660,6 +699,21 @@ def main() -> None:
                     else None
                 ),
             }
+            row["redis_cpu_ms_per_heartbeat"] = (
+                round(1000 * (redis_after - redis_cpu) / n, 3)
+                if redis_cpu is not None and redis_after is not None and n
+                else None
+            )
+            parts = [
+                row[name]
+                for name in (
+                    "server_cpu_ms_per_heartbeat",
+                    "flush_cpu_ms_per_heartbeat",
+                    "database_cpu_ms_per_heartbeat",
+                    "redis_cpu_ms_per_heartbeat",
+                )
+            ]
+            row["stack_cpu_ms_per_heartbeat"] = round(sum(parts), 2) if None not in parts else None
             if before is not None and after is not None and n:
                 row["rows_written_per_heartbeat"] = round((after["rows"] - before["rows"]) / n, 2)
                 row["commits_per_heartbeat"] = round((after["commits"] - before["commits"]) / n, 2)
