@@ -456,9 +456,11 @@ def test_each_machines_prediction_is_due_at_an_instant_of_its_own(monkeypatch: p
     assert services.predicted_idle_due(machine_id=7, computed_at=dues[6]) == pytest.approx(dues[6] + 300)
 
 
-def test_a_running_machines_record_stops_answering_when_its_prediction_is_due() -> None:
+def remembered_running(fp: str) -> tuple[dict[str, Any], dict[str, Any], datetime, float]:
+    """A running machine's record, remembered now with a prediction of 900 s computed 20 s
+    before and due 40 s from now: `remember`'s arguments (but the prediction), `steady`'s (but
+    the time), now, and when the prediction was computed."""
     machine = MachineFactory()
-    fp = "cd" * 16
     generation = heartbeat_steady.generation(machine.pk)
     assert generation is not None
     t0 = timezone.now()
@@ -473,7 +475,11 @@ def test_a_running_machines_record_stops_answering_when_its_prediction_is_due() 
         "generation_before": generation,
     }
     assert heartbeat_steady.remember(**record, predicted=heartbeat_steady.Prediction(900, computed, computed + 60))
-    at = {"digest": machine.credential_digest, "fp": fp, "gpus": [], "rate_limit": None}
+    return record, {"digest": machine.credential_digest, "fp": fp, "gpus": [], "rate_limit": None}, t0, computed
+
+
+def test_a_running_machines_record_stops_answering_when_its_prediction_is_due() -> None:
+    record, at, t0, computed = remembered_running("cd" * 16)
 
     answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=39))
     assert answer.code == heartbeat_steady.STEADY and answer.predicted is not None
@@ -486,25 +492,10 @@ def test_a_running_machines_record_stops_answering_when_its_prediction_is_due() 
 
 
 def test_a_running_machines_record_answers_with_a_later_stored_prediction_until_that_is_due() -> None:
-    machine = MachineFactory()
-    fp = "ef" * 16
-    generation = heartbeat_steady.generation(machine.pk)
-    assert generation is not None
-    t0 = timezone.now()
-    computed = t0.timestamp() - 20
-    assert heartbeat_steady.remember(
-        digest=machine.credential_digest,
-        machine_id=machine.pk,
-        fp=fp,
-        at=t0,
-        capabilities=False,
-        gpus=[],
-        generation_before=generation,
-        predicted=heartbeat_steady.Prediction(900, computed, computed + 60),
-    )
-    at = {"digest": machine.credential_digest, "fp": fp, "gpus": [], "rate_limit": None}
+    record, at, t0, computed = remembered_running("ef" * 16)
+    machine_id = record["machine_id"]
     stored_at = t0.timestamp() + 30
-    stored = {machine.pk: heartbeat_steady.Prediction(700, stored_at, t0.timestamp() + 400)}
+    stored = {machine_id: heartbeat_steady.Prediction(700, stored_at, t0.timestamp() + 400)}
     assert heartbeat_steady.predictions_store(stored, now=t0.timestamp()) == 1
 
     answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=41))  # past the record's own due
@@ -513,11 +504,11 @@ def test_a_running_machines_record_answers_with_a_later_stored_prediction_until_
     assert heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=401)).code == heartbeat_steady.NOT_STEADY
 
     # A stored prediction due before the record's does not replace it; one of no stretch is null.
-    earlier = {machine.pk: heartbeat_steady.Prediction(None, stored_at, computed + 50)}
+    earlier = {machine_id: heartbeat_steady.Prediction(None, stored_at, computed + 50)}
     heartbeat_steady.predictions_store(earlier, now=t0.timestamp())
     answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=29))
     assert answer.code == heartbeat_steady.STEADY and answer.predicted == (900, pytest.approx(computed))
-    later = {machine.pk: heartbeat_steady.Prediction(None, stored_at, t0.timestamp() + 500)}
+    later = {machine_id: heartbeat_steady.Prediction(None, stored_at, t0.timestamp() + 500)}
     heartbeat_steady.predictions_store(later, now=t0.timestamp())
     answer = heartbeat_steady.steady(**at, at=t0 + timedelta(seconds=450))
     assert answer.code == heartbeat_steady.STEADY and answer.predicted is None
