@@ -27,10 +27,11 @@ batches.
   stretch is likely to last (`predicted_idle_s`), counted down from a prediction computed at
   most once per interval of providers.services.PREDICTED_IDLE_CACHE_S (five minutes): for
   every such machine at once after each fold of the forecasts, off the heartbeat, and stored
-  here (`predictions_store`), or by the full heartbeat that found none stored. The record keeps
-  the reply's prediction and when it is due; its steady replies count down the stored
-  prediction when one is due later, else the record's, and it stops answering when the later is
-  due. So such a machine takes the full path no more often than an idle one while the
+  here (`predictions_store`; dropped by a full heartbeat in which an idle stretch of the
+  machine began or ended, `prediction_forget`), or by the full heartbeat that found none
+  stored. The record keeps the reply's prediction and when it is due; its steady replies count
+  down the stored prediction when one is due later, else the record's, and it stops answering
+  when the later is due. So such a machine takes the full path no more often than an idle one while the
   predictions are refreshed (every time, with the cache off).
 - **Samples.** The first steady heartbeat of each of its machine's sample intervals
   (each machine's intervals are shifted by an offset of its own, `bucket`, so a
@@ -390,6 +391,17 @@ def prediction(machine_id: int, *, now: float) -> Prediction | None:
     seconds, at, due = raw.decode().split(",")
     p = Prediction(int(seconds) if seconds else None, float(at), float(due))
     return p if now < p.due else None
+
+
+def prediction_forget(machine_id: int) -> None:
+    """Drop the machine's stored prediction (its idle stretch moved); logged when Redis fails (the
+    prediction is then answered until it is due, at most two intervals)."""
+    if not enabled():
+        return
+    try:
+        _redis().delete(_key("pred", machine_id))
+    except REDIS_ERRORS:
+        logger.warning("steady heartbeats: could not drop machine %s's stored prediction", machine_id, exc_info=True)
 
 
 def forget(machine_ids: Iterable[int]) -> None:

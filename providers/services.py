@@ -999,14 +999,17 @@ def _gpus_record(
     written: list[tuple[int, str]] = []
     to_update: list[GPU] = []
     stretches: list[IdleStretch | None] = []
+    moved = False  # a GPU's idle stretch began or ended: the machine's prediction is stale
     for gr in report.gpus:
         gpu = existing.get(gr.uuid) or GPU(machine_id=machine_id, uuid=gr.uuid)
         previous_telemetry_at = gpu.last_telemetry_at
         previous_idle_since = gpu.idle_since
         stored = _gpu_stored(gpu)
         _gpu_reported(gpu, gr, leased=gpu.pk is not None and gpu.pk in leased_ids, now=now)
-        if previous_idle_since is not None and gpu.idle_since != previous_idle_since:
-            stretches.append(_stretch_over(gpu, previous_idle_since, gr=gr, now=now))
+        if gpu.idle_since != previous_idle_since:
+            moved = True
+            if previous_idle_since is not None:
+                stretches.append(_stretch_over(gpu, previous_idle_since, gr=gr, now=now))
         new_bucket = previous_telemetry_at is None or heartbeat_steady.bucket(
             previous_telemetry_at, machine_id
         ) != heartbeat_steady.bucket(now, machine_id)
@@ -1032,6 +1035,7 @@ def _gpus_record(
     _gpus_write(to_update)
     missing = [g for uuid, g in existing.items() if uuid not in reported]
     if missing:
+        moved = moved or any(g.idle_since is not None for g in missing)
         GPU.objects.filter(pk__in=[g.pk for g in missing]).update(state=GPU.State.OFFLINE, idle_since=None)
         stretches.extend(
             idle_history.idle_stretch_over(
@@ -1043,6 +1047,8 @@ def _gpus_record(
     if samples:
         TelemetrySample.objects.bulk_create(samples)
     idle_history.idle_stretches_record(stretches)
+    if moved and PREDICTED_IDLE_CACHE_S > 0:
+        _predicted_idle_forget(machine_id=machine_id)
     return bool(leased_ids), tuple(written)
 
 
@@ -1208,9 +1214,11 @@ def _gpu_indexes_make_room(*, existing: dict[str, GPU], reported: dict[str, GpuR
 # where the steady heartbeat reads it (providers.heartbeat_steady): such a machine takes the full
 # heartbeat no more often than an idle one. A full heartbeat that finds none stored (no Redis, a
 # lease started since the fold, a fold late by more than an interval) computes the machine's
-# own (three queries), cached until the end of the machine's interval. Each machine's intervals
-# turn at an instant of its own (predicted_idle_due), so that machines whose predictions fall due
-# together (the leases of one matching cycle) do not all take the full heartbeat at once.
+# own (three queries), cached until the end of the machine's interval; a heartbeat in which one
+# of its GPUs' idle stretches began or ended drops both (_predicted_idle_forget). Each machine's
+# intervals turn at an instant of its own (predicted_idle_due), so that machines whose
+# predictions fall due together (the leases of one matching cycle) do not all take the full
+# heartbeat at once.
 PREDICTED_IDLE_CACHE_S = 300
 
 
@@ -1245,6 +1253,13 @@ def _predicted_idle(*, machine_id: int, now: datetime) -> heartbeat_steady.Predi
     computed = heartbeat_steady.Prediction(seconds, at, due)
     cache.set(key, computed, max(1, math.ceil(due - at)))
     return computed
+
+
+def _predicted_idle_forget(*, machine_id: int) -> None:
+    """Drop the machine's cached and stored predictions: they were made for an idle stretch that
+    is over, or before a younger one began (its next heartbeat that needs one computes it)."""
+    cache.delete(f"gpgpu:predicted-idle:{machine_id}")
+    heartbeat_steady.prediction_forget(machine_id)
 
 
 def running_predictions_refresh(*, now: datetime | None = None) -> int:

@@ -538,6 +538,26 @@ def test_predictions_computed_off_the_heartbeat_are_what_running_machines_are_to
         assert reply["predicted_idle_s"] == int(12_345 - elapsed)
 
 
+def test_a_running_machines_prediction_is_made_again_when_one_of_its_idle_stretches_moves(
+    running: tuple[Machine, Any, Lease, list[dict[str, Any]]],
+) -> None:
+    machine, client, _lease, listed = running
+    now = timezone.now().timestamp()
+    stale = {machine.pk: heartbeat_steady.Prediction(12_345, now, now + 2 * services.PREDICTED_IDLE_CACHE_S)}
+    heartbeat_steady.predictions_store(stale, now=now)
+    gpus = moved(GPUS)
+    # The owner was back at GPU 3 and left again 30 s ago: a younger stretch on the machine.
+    gpus[3] = {**gpus[3], "idle_since": (timezone.now() - timedelta(seconds=30)).isoformat().replace("+00:00", "Z")}
+
+    reply = beat(client, gpus, leases=listed).json()
+
+    at = datetime.fromisoformat(reply["server_time"]).timestamp()
+    expected = services.idle_history.machine_predicted_idle_s(machine_id=machine.pk, now=at)
+    assert expected is not None and abs(expected - 12_345) > 100
+    assert abs(reply["predicted_idle_s"] - expected) <= 1
+    assert heartbeat_steady.prediction(machine.pk, now=at) is None  # the stale one is gone
+
+
 def test_each_machines_sample_interval_turns_at_an_instant_of_its_own(settings: Any) -> None:
     """A fleet's intervals do not all turn at once (each turn queues a sample): the turns of a
     hundred machines' intervals are spread over the interval, and a record's heartbeats are
