@@ -50,7 +50,9 @@ one is unknown),
 heartbeats leave in Redis every --flush-every seconds, as the liveness sweep does: their times
 and their telemetry samples; and, at its start and every --fold-every seconds, folds the idle
 forecasts and stores the running machines' predictions, as the fold-idle-stretches task does;
-its statements count in the database's figures). The
+its statements count in the database's figures); and, for a run of at least two
+--timeline-every windows (60 s), its `timeline`: each window's heartbeats a second, full share
+and p99 (a burst of full heartbeats shows there, not in the run's averages). The
 last line is one JSON summary of them all, with the settings.
 
 The script refuses a database that already holds machines unless --force, and deletes what it
@@ -147,6 +149,13 @@ def _parse() -> argparse.Namespace:
         default=0.0,
         help="each machine heartbeats at most once per this many seconds, on a schedule of its own (as agents "
         "do: machines / interval heartbeats per second offered); 0: as fast as the answers come",
+    )
+    parser.add_argument(
+        "--timeline-every",
+        type=float,
+        default=60.0,
+        help="a run of at least two such windows also prints its `timeline`: each window's heartbeats a "
+        "second, full share and p99",
     )
     args = parser.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -438,7 +447,9 @@ async def _connection(
                     writer.close()
                     reader, writer = await asyncio.open_connection(host, port)
                     continue
-                out["latencies"].append(time.perf_counter() - started)
+                ended = time.perf_counter()
+                out["latencies"].append(ended - started)
+                out["ended"].append(ended)
                 if status != 200:
                     out["errors"] += 1
                     out["statuses"][status] = out["statuses"].get(status, 0) + 1
@@ -447,6 +458,8 @@ async def _connection(
                     out["sql"] += int(sql)
                     out["sql_counted"] += 1
                     out["full"] += int(sql) > 0
+                    if int(sql) > 0:
+                        out["full_ended"].append(ended)
                 if headers.get("connection") == "close":
                     writer.close()
                     reader, writer = await asyncio.open_connection(host, port)
@@ -481,7 +494,16 @@ def _generate(
     `machines`; puts what it measured on `queue`."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    out: dict[str, Any] = {"latencies": [], "errors": 0, "statuses": {}, "sql": 0, "sql_counted": 0, "full": 0}
+    out: dict[str, Any] = {
+        "latencies": [],
+        "ended": [],
+        "full_ended": [],
+        "errors": 0,
+        "statuses": {},
+        "sql": 0,
+        "sql_counted": 0,
+        "full": 0,
+    }
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     until = time.monotonic() + seconds
 
@@ -536,6 +558,8 @@ def _drive(
         child.join()
     total: dict[str, Any] = {
         "latencies": [],
+        "ended": [],
+        "full_ended": [],
         "errors": 0,
         "statuses": {},
         "sql": 0,
@@ -544,13 +568,41 @@ def _drive(
         "cpu_s": 0.0,
     }
     for r in results:
-        total["latencies"].extend(r["latencies"])
+        for key in ("latencies", "ended", "full_ended"):
+            total[key].extend(r[key])
         for key in ("errors", "sql", "sql_counted", "full", "cpu_s"):
             total[key] += r[key]
         for status, n in r["statuses"].items():
             total["statuses"][status] = total["statuses"].get(status, 0) + n
     total["wall_s"] = wall
+    total["started"] = started
     return total
+
+
+def _timeline(run: dict[str, Any], every: float) -> list[dict[str, Any]]:
+    """The run in windows of `every` seconds (by when each answer came; perf_counter, the same
+    clock in the generators' forked processes): heartbeats answered a second, the full ones'
+    share, the p99 latency."""
+    windows = max(1, math.ceil(run["wall_s"] / every))
+    latencies: list[list[float]] = [[] for _ in range(windows)]
+    full = [0] * windows
+    for ended, latency in zip(run["ended"], run["latencies"], strict=True):
+        latencies[min(windows - 1, int((ended - run["started"]) / every))].append(latency)
+    for ended in run["full_ended"]:
+        full[min(windows - 1, int((ended - run["started"]) / every))] += 1
+    rows = []
+    for window, answered in enumerate(latencies):
+        span = min(every, run["wall_s"] - window * every)
+        answered.sort()
+        rows.append(
+            {
+                "until_s": round(window * every + span),
+                "heartbeats_per_s": round(len(answered) / span, 1) if span > 0 else None,
+                "full_share": round(full[window] / len(answered), 4) if answered else None,
+                "p99_ms": _percentile(answered, 0.99),
+            }
+        )
+    return rows
 
 
 def _flush_once() -> None:
@@ -699,6 +751,8 @@ def main() -> None:
                     else None
                 ),
             }
+            if args.seconds >= 2 * args.timeline_every:
+                row["timeline"] = _timeline(run, args.timeline_every)
             row["redis_cpu_ms_per_heartbeat"] = (
                 round(1000 * (redis_after - redis_cpu) / n, 3)
                 if redis_cpu is not None and redis_after is not None and n
