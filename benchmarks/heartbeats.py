@@ -583,7 +583,7 @@ def _timeline(run: dict[str, Any], every: float) -> list[dict[str, Any]]:
     """The run in windows of `every` seconds (by when each answer came; perf_counter, the same
     clock in the generators' forked processes): heartbeats answered a second, the full ones'
     share, the p99 latency."""
-    windows = max(1, math.ceil(run["wall_s"] / every))
+    windows = max(1, round(run["wall_s"] / every))  # the run's last fraction of a second in the last
     latencies: list[list[float]] = [[] for _ in range(windows)]
     full = [0] * windows
     for ended, latency in zip(run["ended"], run["latencies"], strict=True):
@@ -592,7 +592,7 @@ def _timeline(run: dict[str, Any], every: float) -> list[dict[str, Any]]:
         full[min(windows - 1, int((ended - run["started"]) / every))] += 1
     rows = []
     for window, answered in enumerate(latencies):
-        span = min(every, run["wall_s"] - window * every)
+        span = every if window < windows - 1 else run["wall_s"] - window * every
         answered.sort()
         rows.append(
             {

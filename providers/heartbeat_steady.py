@@ -49,7 +49,10 @@ batches.
   offline. `remember` writes only when the generation read before the full heartbeat began is
   still current, so an assignment committed meanwhile is not forgotten. A record lasts
   RECORD_INTERVALS sample intervals at most (moving it on keeps its expiry), five minutes with
-  leases, so a bump lost to a Redis failure delays an order by at most that long.
+  leases, so a bump lost to a Redis failure delays an order by at most that long. It runs out
+  at its machine's turn in a cycle of RECORD_INTERVALS intervals (`record_ends`), so the fleet's
+  full heartbeats stay spread over the cycle whatever sent many machines to the full path at
+  once.
 - **Liveness.** The Redis hash of steady heartbeats' times is written to the machines' rows by
   `flush`, which the liveness sweep calls before it looks at them (every HEARTBEAT_INTERVAL_S):
   `last_heartbeat_at` (and `capabilities_reported_at` when the report carried capabilities)
@@ -236,6 +239,20 @@ def bucket(at: datetime, machine_id: int) -> int:
     return math.floor((at.timestamp() + offset(machine_id, interval)) / interval)
 
 
+def record_ends(machine_id: int, b: int) -> float:
+    """When a record remembered in the machine's sample interval `b` stops answering (epoch
+    seconds): at the end of the machine's turn, the first of its intervals from `b` on whose
+    number is the machine's id modulo RECORD_INTERVALS. A record lasts at most RECORD_INTERVALS
+    intervals, exactly that many when it was remembered as the last one ran out, and the fleet's
+    turns are spread over RECORD_INTERVALS intervals. So after the whole fleet took the full path
+    at once (Redis emptied, a fleet registered or started in the same minute) its machines take
+    it next spread over that span: when every record lasted RECORD_INTERVALS intervals, such a
+    fleet took it again all in one interval, at every turn (benchmarks/README.md)."""
+    interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
+    turn = b + (machine_id - b) % RECORD_INTERVALS
+    return (turn + 1) * interval - offset(machine_id, interval)
+
+
 def fingerprint(data: Mapping[str, Any]) -> str | None:
     """A digest of a heartbeat's JSON body without its GPUs' telemetry; None for a body whose
     `gpus` is not a list of objects (the full heartbeat answers it)."""
@@ -328,14 +345,12 @@ def remember(
 ) -> bool:
     """Record that a repeat of this credential's heartbeat (fingerprint `fp`; `gpus` its GPUs'
     (id, state) as the full heartbeat wrote them, in the report's order) is steady, unless the
-    machine's generation moved since `generation_before`. The record lasts to the end of the
-    RECORD_INTERVALS-th sample interval of the machine from `at`'s. `predicted`: what the reply's
+    machine's generation moved since `generation_before`. The record lasts until `record_ends`
+    (at most RECORD_INTERVALS sample intervals). `predicted`: what the reply's
     predicted_idle_s was counted down from (None: the reply carries none); the record answers until
     it is due, or a later stored prediction (`predictions_store`) is. Returns whether it recorded."""
     b = bucket(at, machine_id)
-    interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
-    ends = (b + RECORD_INTERVALS) * interval - offset(machine_id, interval)
-    ttl = max(1, math.ceil(ends - at.timestamp()))
+    ttl = max(1, math.ceil(record_ends(machine_id, b) - at.timestamp()))
     until = 0
     prediction = ""
     if predicted is not None:

@@ -285,6 +285,42 @@ def test_a_record_lasts_a_bounded_number_of_intervals_however_its_machine_beats(
     assert 0 < heartbeat_steady._redis().ttl(key) <= ttl <= heartbeat_steady.RECORD_INTERVALS
 
 
+def test_a_fleet_that_took_the_full_path_at_once_takes_it_next_spread_over_the_records_life(
+    settings: Any,
+) -> None:
+    """A hundred machines' records remembered in the same second (the steady records lost, every
+    machine's next heartbeat a full one) run out spread over RECORD_INTERVALS sample intervals,
+    not all in one; one remembered as its last ran out lasts RECORD_INTERVALS intervals."""
+    settings.GPGPU = {**settings.GPGPU, "TELEMETRY_SAMPLE_INTERVAL_S": 60}
+    intervals = heartbeat_steady.RECORD_INTERVALS
+    at = timezone.now()
+    client = heartbeat_steady._redis()
+    runs_out: dict[int, int] = {}
+    for machine_id in range(1, 101):
+        record = {
+            "digest": f"fleet-{machine_id}",
+            "machine_id": machine_id,
+            "fp": "ab" * 16,
+            "capabilities": False,
+            "gpus": [],
+            "generation_before": heartbeat_steady.generation(machine_id),
+        }
+        assert heartbeat_steady.remember(**record, at=at)
+        ttl = client.ttl(heartbeat_steady._key("cred", f"fleet-{machine_id}"))
+        assert 0 < ttl <= intervals * 60
+        runs_out[ttl // 60] = runs_out.get(ttl // 60, 0) + 1
+
+        if machine_id == 1:  # remembered again as it runs out: a whole life
+            again = at + timedelta(seconds=ttl + 1)
+            assert heartbeat_steady.remember(**record, at=again)
+            assert client.ttl(heartbeat_steady._key("cred", "fleet-1")) > (intervals - 1) * 60
+            client.delete(heartbeat_steady._key("cred", "fleet-1"))
+            assert heartbeat_steady.remember(**record, at=at)
+
+    assert len(runs_out) >= intervals
+    assert max(runs_out.values()) <= 2 * 100 // intervals
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
