@@ -31,7 +31,10 @@ S seconds on a schedule of its own (the first ones spread over S), as a fleet of
 the offered load is machines / S per second, whatever the answers take; without it each
 connection sends its next heartbeat as soon as the last is answered.
 
-One JSON line per concurrency: `heartbeats_per_s`, `p50_ms`, `p95_ms`, `p99_ms`, `errors` (any
+One JSON line per concurrency: `heartbeats_per_s`, `p50_ms`, `p95_ms`, `p99_ms` (from the
+heartbeat's sending to its answer), `p99_from_due_ms` (with --beat-interval: from when it was
+due, so that the wait of a heartbeat whose connection was still busy with the one before counts
+too), `errors` (any
 answer but 200, or a broken connection), `sql_per_heartbeat` (statements the server sent
 through Django's cursors, as its answers say), `full_share` (the share of answers that sent any:
 the heartbeats the full path answered, the rest steady), `rows_written_per_heartbeat` and
@@ -52,7 +55,7 @@ and their telemetry samples; and, at its start and every --fold-every seconds, f
 forecasts and stores the running machines' predictions, as the fold-idle-stretches task does;
 its statements count in the database's figures); and, for a run of at least two
 --timeline-every windows (60 s), its `timeline`: each window's heartbeats a second, full share
-and p99 (a burst of full heartbeats shows there, not in the run's averages). The
+and p99s (a burst of full heartbeats shows there, not in the run's averages). The
 last line is one JSON summary of them all, with the settings.
 
 The script refuses a database that already holds machines unless --force, and deletes what it
@@ -421,15 +424,17 @@ async def _connection(
     head = f"POST {PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
     # With a beat interval, the machines' first heartbeats are spread over it, and each machine's
     # next is due one interval after its last was due (a late answer does not move the schedule).
-    start = time.monotonic()
+    start = time.perf_counter()  # the clock of `started` and `ended` below
     due = [start + beat_interval * i / max(1, len(machines)) for i in range(len(machines))]
     beats = 0
     try:
         while True:
             beats += 1
             for number, machine in enumerate(machines):
+                intended = None
                 if beat_interval > 0 and not once:
-                    wait = due[number] - time.monotonic()
+                    intended = due[number]
+                    wait = intended - time.perf_counter()
                     due[number] += beat_interval
                     if wait > 0:
                         await asyncio.sleep(wait)
@@ -450,6 +455,9 @@ async def _connection(
                 ended = time.perf_counter()
                 out["latencies"].append(ended - started)
                 out["ended"].append(ended)
+                # From when it was due: a late answer delays the connection's next heartbeats,
+                # which the latency from their sending leaves out.
+                out["from_due"].append(ended - min(started, intended) if intended is not None else ended - started)
                 if status != 200:
                     out["errors"] += 1
                     out["statuses"][status] = out["statuses"].get(status, 0) + 1
@@ -496,6 +504,7 @@ def _generate(
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     out: dict[str, Any] = {
         "latencies": [],
+        "from_due": [],
         "ended": [],
         "full_ended": [],
         "errors": 0,
@@ -558,6 +567,7 @@ def _drive(
         child.join()
     total: dict[str, Any] = {
         "latencies": [],
+        "from_due": [],
         "ended": [],
         "full_ended": [],
         "errors": 0,
@@ -568,7 +578,7 @@ def _drive(
         "cpu_s": 0.0,
     }
     for r in results:
-        for key in ("latencies", "ended", "full_ended"):
+        for key in ("latencies", "from_due", "ended", "full_ended"):
             total[key].extend(r[key])
         for key in ("errors", "sql", "sql_counted", "full", "cpu_s"):
             total[key] += r[key]
@@ -585,9 +595,12 @@ def _timeline(run: dict[str, Any], every: float) -> list[dict[str, Any]]:
     share, the p99 latency."""
     windows = max(1, round(run["wall_s"] / every))  # the run's last fraction of a second in the last
     latencies: list[list[float]] = [[] for _ in range(windows)]
+    from_due: list[list[float]] = [[] for _ in range(windows)]
     full = [0] * windows
-    for ended, latency in zip(run["ended"], run["latencies"], strict=True):
-        latencies[min(windows - 1, int((ended - run["started"]) / every))].append(latency)
+    for ended, latency, late in zip(run["ended"], run["latencies"], run["from_due"], strict=True):
+        window = min(windows - 1, int((ended - run["started"]) / every))
+        latencies[window].append(latency)
+        from_due[window].append(late)
     for ended in run["full_ended"]:
         full[min(windows - 1, int((ended - run["started"]) / every))] += 1
     rows = []
@@ -600,6 +613,7 @@ def _timeline(run: dict[str, Any], every: float) -> list[dict[str, Any]]:
                 "heartbeats_per_s": round(len(answered) / span, 1) if span > 0 else None,
                 "full_share": round(full[window] / len(answered), 4) if answered else None,
                 "p99_ms": _percentile(answered, 0.99),
+                "p99_from_due_ms": _percentile(sorted(from_due[window]), 0.99),
             }
         )
     return rows
@@ -736,6 +750,7 @@ def main() -> None:
                 "p50_ms": _percentile(ordered, 0.50),
                 "p95_ms": _percentile(ordered, 0.95),
                 "p99_ms": _percentile(ordered, 0.99),
+                "p99_from_due_ms": _percentile(sorted(run["from_due"]), 0.99) if args.beat_interval > 0 else None,
                 "errors": run["errors"],
                 "statuses": run["statuses"],
                 "sql_per_heartbeat": round(run["sql"] / run["sql_counted"], 2) if run["sql_counted"] else None,
