@@ -7,7 +7,8 @@
 Registers --machines machines (a direct fill of what registration writes: a Machine row per
 machine, offline, holding its credential's digest, so the real `Authorization: Machine …` check
 accepts the credentials), starts granian with the project's WSGI app as docker-compose's web
-does (DEBUG off, throttles on, --workers processes of --threads threads each, 3 x 4 by default;
+does (DEBUG off, throttles on, --workers processes of --threads threads each, 3 x 4 by default,
+--pool connections shared by each worker's threads where given, else one per thread;
 benchmarks/heartbeats_wsgi.py adds a statement count to each answer; `--server gunicorn` serves
 the same app with gunicorn's gthread worker instead, for comparison) unless --url names a
 running server on the same database, sends every machine's first heartbeat (its GPUs are
@@ -152,6 +153,13 @@ def _parse() -> argparse.Namespace:
         default=0.0,
         help="each machine heartbeats at most once per this many seconds, on a schedule of its own (as agents "
         "do: machines / interval heartbeats per second offered); 0: as fast as the answers come",
+    )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=0,
+        help="the server's DATABASE_POOL_MAX_SIZE: each worker's threads share a pool of at most this many "
+        "database connections (0, as docker-compose's web: a connection per thread)",
     )
     parser.add_argument(
         "--timeline-every",
@@ -313,6 +321,7 @@ def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
         "DEBUG": "false",
         "ALLOWED_HOSTS": "127.0.0.1",
         "LOG_LEVEL": "WARNING",
+        "DATABASE_POOL_MAX_SIZE": str(args.pool),
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -801,6 +810,8 @@ def main() -> None:
     server_desc = args.url or f"{args.server}{kind} x{args.workers}"
     if args.threads > 1:
         server_desc += f" x{args.threads} threads"
+    if args.pool:
+        server_desc += f", a pool of {args.pool} connections a worker"
     print(
         json.dumps(
             {
