@@ -498,6 +498,16 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
     return status, headers
 
 
+# What a generator measures: a value per answer (latencies, from due, when it ended; when each
+# full one ended), and counts (CPU seconds: its own).
+_SERIES = ("latencies", "from_due", "ended", "full_ended")
+_COUNTS = ("errors", "sql", "sql_counted", "full", "cpu_s")
+
+
+def _tally() -> dict[str, Any]:
+    return {**{key: [] for key in _SERIES}, **dict.fromkeys(_COUNTS, 0), "statuses": {}}
+
+
 def _generate(
     url: str,
     machines: list[_Machine],
@@ -511,17 +521,7 @@ def _generate(
     `machines`; puts what it measured on `queue`."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    out: dict[str, Any] = {
-        "latencies": [],
-        "from_due": [],
-        "ended": [],
-        "full_ended": [],
-        "errors": 0,
-        "statuses": {},
-        "sql": 0,
-        "sql_counted": 0,
-        "full": 0,
-    }
+    out = _tally()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     until = time.monotonic() + seconds
 
@@ -574,22 +574,11 @@ def _drive(
     wall = time.perf_counter() - started
     for child in children:
         child.join()
-    total: dict[str, Any] = {
-        "latencies": [],
-        "from_due": [],
-        "ended": [],
-        "full_ended": [],
-        "errors": 0,
-        "statuses": {},
-        "sql": 0,
-        "sql_counted": 0,
-        "full": 0,
-        "cpu_s": 0.0,
-    }
+    total = _tally()
     for r in results:
-        for key in ("latencies", "from_due", "ended", "full_ended"):
+        for key in _SERIES:
             total[key].extend(r[key])
-        for key in ("errors", "sql", "sql_counted", "full", "cpu_s"):
+        for key in _COUNTS:
             total[key] += r[key]
         for status, n in r["statuses"].items():
             total["statuses"][status] = total["statuses"].get(status, 0) + n
