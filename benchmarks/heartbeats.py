@@ -166,7 +166,7 @@ def _parse() -> argparse.Namespace:
         type=float,
         default=60.0,
         help="a run of at least two such windows also prints its `timeline`: each window's heartbeats a "
-        "second, full share and p99",
+        "second, full share and p99s (from sending and from due)",
     )
     args = parser.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -590,7 +590,7 @@ def _drive(
 def _timeline(run: dict[str, Any], every: float) -> list[dict[str, Any]]:
     """The run in windows of `every` seconds (by when each answer came; perf_counter, the same
     clock in the generators' forked processes): heartbeats answered a second, the full ones'
-    share, the p99 latency."""
+    share, the p99 latency from sending and from due."""
     windows = max(1, round(run["wall_s"] / every))  # the run's last fraction of a second in the last
     latencies: list[list[float]] = [[] for _ in range(windows)]
     from_due: list[list[float]] = [[] for _ in range(windows)]

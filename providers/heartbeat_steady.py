@@ -31,8 +31,8 @@ batches.
   machine began or ended, `prediction_forget`), or by the full heartbeat that found none
   stored. The record keeps the reply's prediction and when it is due; its steady replies count
   down the stored prediction when one is due later, else the record's, and it stops answering
-  when the later is due. So such a machine takes the full path no more often than an idle one while the
-  predictions are refreshed (every time, with the cache off).
+  when the later is due. So such a machine takes the full path no more often than an idle one
+  while the predictions are refreshed (every time, with the cache off).
 - **Samples.** The first steady heartbeat of each of its machine's sample intervals
   (each machine's intervals are shifted by an offset of its own, `bucket`, so a
   fleet's do not all turn at once) queues its telemetry as the interval's sample, with the

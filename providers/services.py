@@ -1234,6 +1234,11 @@ def predicted_idle_due(*, machine_id: int, computed_at: float) -> float:
     return (math.floor((computed_at + offset) / interval) + 1) * interval - offset
 
 
+def predicted_idle_cache_key(machine_id: int) -> str:
+    """Where a full heartbeat caches the machine's own prediction (_predicted_idle)."""
+    return f"gpgpu:predicted-idle:{machine_id}"
+
+
 def _predicted_idle(*, machine_id: int, now: datetime) -> heartbeat_steady.Prediction:
     """idle_history.machine_predicted_idle_s as of when it was computed: the stored one
     (running_predictions_refresh) while it is not due, else the machine's own, cached until the
@@ -1244,7 +1249,7 @@ def _predicted_idle(*, machine_id: int, now: datetime) -> heartbeat_steady.Predi
     stored = heartbeat_steady.prediction(machine_id, now=at)
     if stored is not None:
         return stored
-    key = f"gpgpu:predicted-idle:{machine_id}"
+    key = predicted_idle_cache_key(machine_id)
     cached = cache.get(key)
     if isinstance(cached, heartbeat_steady.Prediction) and at < cached.due:
         return cached
@@ -1258,7 +1263,7 @@ def _predicted_idle(*, machine_id: int, now: datetime) -> heartbeat_steady.Predi
 def _predicted_idle_forget(*, machine_id: int) -> None:
     """Drop the machine's cached and stored predictions: they were made for an idle stretch that
     is over, or before a younger one began (its next heartbeat that needs one computes it)."""
-    cache.delete(f"gpgpu:predicted-idle:{machine_id}")
+    cache.delete(predicted_idle_cache_key(machine_id))
     heartbeat_steady.prediction_forget(machine_id)
 
 

@@ -439,7 +439,7 @@ def test_a_machine_running_a_lease_is_answered_steady_with_its_prediction_counte
 ) -> None:
     machine, client, lease, listed = running
     full = beat(client, leases=listed).json()
-    predicted, computed_at, _ = cache.get(f"gpgpu:predicted-idle:{machine.pk}")
+    predicted, computed_at, _ = cache.get(services.predicted_idle_cache_key(machine.pk))
 
     with CaptureQueriesContext(connection) as queries:
         response = beat(client, leases=listed)
