@@ -56,7 +56,11 @@ and their telemetry samples; and, at its start and every --fold-every seconds, f
 forecasts and stores the running machines' predictions, as the fold-idle-stretches task does;
 its statements count in the database's figures); and, for a run of at least two
 --timeline-every windows (60 s), its `timeline`: each window's heartbeats a second, full share
-and p99s (a burst of full heartbeats shows there, not in the run's averages). The
+and p99s (a burst of full heartbeats shows there, not in the run's averages). With --warmup S
+each run lasts S seconds longer and its figures leave those first S seconds out (answers that
+came in them, and the CPU and row counters are read when they end), but for `errors`,
+`statuses`, `sql_per_heartbeat`, `generator_cpu_share` and `flush_cpu_ms_per_heartbeat`, which
+are the whole run's; its timeline shows the whole run. The
 last line is one JSON summary of them all, with the settings.
 
 The script refuses a database that already holds machines unless --force, and deletes what it
@@ -71,6 +75,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue as queue_module
 import random
 import resource
 import secrets
@@ -78,7 +83,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -162,6 +167,14 @@ def _parse() -> argparse.Namespace:
         "database connections (0, as docker-compose's web: a connection per thread)",
     )
     parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="seconds at the start of each concurrency's run left out of its latencies, rates, full share and "
+        "per-heartbeat CPU figures (the run lasts --warmup + --seconds; its timeline shows it all): the "
+        "steady state without the run's first minutes",
+    )
+    parser.add_argument(
         "--timeline-every",
         type=float,
         default=60.0,
@@ -176,6 +189,8 @@ def _parse() -> argparse.Namespace:
         parser.error("--gpus-per-machine must be between 1 and 64")
     if not 0 <= args.leased_share <= 1:
         parser.error("--leased-share must be between 0 and 1")
+    if args.warmup < 0 or args.seconds <= 0:
+        parser.error("--seconds must be positive and --warmup at least 0")
     if max(args.levels) > args.machines:
         parser.error("each connection needs a machine of its own: --machines must be at least the concurrency")
     return args
@@ -547,9 +562,12 @@ def _drive(
     seconds: float,
     once: bool = False,
     beat_interval: float = 0.0,
+    warmup: float = 0.0,
+    at_warmup: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run `concurrency` connections over `generators` processes (forked: they share the
-    machines' bodies) and add up what they measured."""
+    machines' bodies) for `warmup` + `seconds`, calling `at_warmup` once the warm-up is over,
+    and add up what they measured."""
     from django.db import connections as db_connections
 
     db_connections.close_all()  # no database connection crosses the fork
@@ -566,11 +584,18 @@ def _drive(
     for p in range(procs):
         share = concurrency // procs + (1 if p < concurrency % procs else 0)
         child = context.Process(
-            target=_generate, args=(url, machines[p::procs], share, seconds, once, queue, beat_interval)
+            target=_generate, args=(url, machines[p::procs], share, warmup + seconds, once, queue, beat_interval)
         )
         child.start()
         children.append(child)
-    results = [queue.get() for _ in children]
+    results = []
+    if at_warmup is not None:
+        try:  # a generator puts what it measured when its run is over, so this waits the warm-up out
+            results.append(queue.get(timeout=max(0.0, started + warmup - time.perf_counter())))
+        except queue_module.Empty:
+            pass
+        at_warmup()
+    results += [queue.get() for _ in range(len(children) - len(results))]
     wall = time.perf_counter() - started
     for child in children:
         child.join()
@@ -584,7 +609,32 @@ def _drive(
             total["statuses"][status] = total["statuses"].get(status, 0) + n
     total["wall_s"] = wall
     total["started"] = started
+    total["measured_from"] = started + warmup
     return total
+
+
+def _measured(run: dict[str, Any]) -> dict[str, Any]:
+    """What the run answered after its warm-up: `latencies`, `from_due`, `full` (the heartbeats
+    the full path answered) of `counted` (those whose statements were counted), and the
+    `seconds` it lasted."""
+    cut = run["measured_from"]
+    if cut <= run["started"]:
+        return {
+            "latencies": run["latencies"],
+            "from_due": run["from_due"],
+            "full": run["full"],
+            "counted": run["sql_counted"],
+            "seconds": run["wall_s"],
+        }
+    kept = [i for i, ended in enumerate(run["ended"]) if ended >= cut]
+    return {
+        "latencies": [run["latencies"][i] for i in kept],
+        "from_due": [run["from_due"][i] for i in kept],
+        "full": sum(1 for ended in run["full_ended"] if ended >= cut),
+        # every answer, where the server counts statements at all (an error answers none)
+        "counted": len(kept) if run["sql_counted"] else 0,
+        "seconds": run["wall_s"] - (cut - run["started"]),
+    }
 
 
 def _timeline(run: dict[str, Any], every: float) -> list[dict[str, Any]]:
@@ -672,6 +722,17 @@ class _Flusher:
         return cpu
 
 
+def _counters(server: subprocess.Popen[bytes] | None) -> dict[str, Any]:
+    """The CPU seconds the web server's processes, PostgreSQL and Redis have used so far, and
+    PostgreSQL's row and commit counters (None where unknown)."""
+    return {
+        "server": children_cpu_seconds(server.pid) if server is not None else 0.0,
+        "database": database_cpu_seconds(),
+        "redis": _redis_cpu_seconds(),
+        "pg": _pg_counters(),
+    }
+
+
 def _redis_cpu_seconds() -> float | None:
     """CPU seconds (user and system) the Redis server has used so far (INFO cpu), where the
     marketplace's Redis is set and answers; None otherwise."""
@@ -728,44 +789,63 @@ def main() -> None:
         setup_seconds = time.perf_counter() - setup_started
         _flush_once()  # what the setup's heartbeats left in Redis
         for concurrency in args.levels:
-            before = _pg_counters()
-            server_cpu = children_cpu_seconds(server.pid) if server is not None else 0.0
-            database_cpu = database_cpu_seconds()
-            redis_cpu = _redis_cpu_seconds()
+            marks = {"before": _counters(server)}
+
+            def warmed_up(marks: dict[str, dict[str, Any]] = marks) -> None:
+                marks["before"] = _counters(server)
+
             flusher = _Flusher(args.flush_every, args.fold_every)
-            run = _drive(url, machines, concurrency, args.generators, args.seconds, beat_interval=args.beat_interval)
+            run = _drive(
+                url,
+                machines,
+                concurrency,
+                args.generators,
+                args.seconds,
+                beat_interval=args.beat_interval,
+                warmup=args.warmup,
+                at_warmup=warmed_up if args.warmup > 0 else None,
+            )
             flush_cpu = flusher.stop()
-            server_cpu = children_cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
-            database_after = database_cpu_seconds()
-            redis_after = _redis_cpu_seconds()
-            after = _pg_counters()
-            n = len(run["latencies"])
-            ordered = sorted(run["latencies"])
+            before, after = marks["before"], _counters(server)
+            measured = _measured(run)
+            n = len(measured["latencies"])
+            ordered = sorted(measured["latencies"])
+            database_cpu, database_after = before["database"], after["database"]
             row: dict[str, Any] = {
                 "concurrency": concurrency,
                 "heartbeats": n,
-                "heartbeats_per_s": round(n / run["wall_s"], 1),
+                "heartbeats_per_s": round(n / measured["seconds"], 1),
                 "p50_ms": _percentile(ordered, 0.50),
                 "p95_ms": _percentile(ordered, 0.95),
                 "p99_ms": _percentile(ordered, 0.99),
-                "p99_from_due_ms": _percentile(sorted(run["from_due"]), 0.99) if args.beat_interval > 0 else None,
+                "p99_from_due_ms": (
+                    _percentile(sorted(measured["from_due"]), 0.99) if args.beat_interval > 0 else None
+                ),
                 "errors": run["errors"],
                 "statuses": run["statuses"],
                 "sql_per_heartbeat": round(run["sql"] / run["sql_counted"], 2) if run["sql_counted"] else None,
-                "full_share": round(run["full"] / run["sql_counted"], 4) if run["sql_counted"] else None,
+                "full_share": round(measured["full"] / measured["counted"], 4) if measured["counted"] else None,
                 "rows_written_per_heartbeat": None,
                 "commits_per_heartbeat": None,
                 "generator_cpu_share": round(run["cpu_s"] / run["wall_s"], 2),
-                "server_cpu_ms_per_heartbeat": round(1000 * server_cpu / n, 2) if server is not None and n else None,
-                "flush_cpu_ms_per_heartbeat": round(1000 * flush_cpu / n, 3) if n else None,
+                "server_cpu_ms_per_heartbeat": (
+                    round(1000 * (after["server"] - before["server"]) / n, 2) if server is not None and n else None
+                ),
+                # the flusher's CPU is known for the whole run only: over the whole run's heartbeats
+                "flush_cpu_ms_per_heartbeat": (
+                    round(1000 * flush_cpu / len(run["latencies"]), 3) if run["latencies"] else None
+                ),
                 "database_cpu_ms_per_heartbeat": (
                     round(1000 * (database_after - database_cpu) / n, 2)
                     if database_cpu is not None and database_after is not None and n
                     else None
                 ),
             }
-            if args.seconds >= 2 * args.timeline_every:
+            if args.warmup > 0:
+                row["warmup_s"] = args.warmup
+            if args.warmup + args.seconds >= 2 * args.timeline_every:
                 row["timeline"] = _timeline(run, args.timeline_every)
+            redis_cpu, redis_after = before["redis"], after["redis"]
             row["redis_cpu_ms_per_heartbeat"] = (
                 round(1000 * (redis_after - redis_cpu) / n, 3)
                 if redis_cpu is not None and redis_after is not None and n
@@ -781,9 +861,9 @@ def main() -> None:
                 )
             ]
             row["stack_cpu_ms_per_heartbeat"] = round(sum(parts), 2) if None not in parts else None
-            if before is not None and after is not None and n:
-                row["rows_written_per_heartbeat"] = round((after["rows"] - before["rows"]) / n, 2)
-                row["commits_per_heartbeat"] = round((after["commits"] - before["commits"]) / n, 2)
+            if before["pg"] is not None and after["pg"] is not None and n:
+                row["rows_written_per_heartbeat"] = round((after["pg"]["rows"] - before["pg"]["rows"]) / n, 2)
+                row["commits_per_heartbeat"] = round((after["pg"]["commits"] - before["pg"]["commits"]) / n, 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -808,6 +888,7 @@ def main() -> None:
                 "machines": args.machines,
                 "gpus_per_machine": args.gpus_per_machine,
                 "seconds": args.seconds,
+                "warmup_s": args.warmup,
                 "beat_interval_s": args.beat_interval,
                 "leased_share": args.leased_share,
                 "server": server_desc,
