@@ -488,8 +488,7 @@ async def _connection(
                 sql = headers.get("x-bench-sql-statements")
                 if sql is not None and status == 200:
                     out["sql"] += int(sql)
-                    out["sql_counted"] += 1
-                    out["full"] += int(sql) > 0
+                    out["counted_ended"].append(ended)
                     if int(sql) > 0:
                         out["full_ended"].append(ended)
                 if headers.get("connection") == "close":
@@ -514,9 +513,9 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
 
 
 # What a generator measures: a value per answer (latencies, from due, when it ended; when each
-# full one ended), and counts (CPU seconds: its own).
-_SERIES = ("latencies", "from_due", "ended", "full_ended")
-_COUNTS = ("errors", "sql", "sql_counted", "full", "cpu_s")
+# one whose statements were counted, and each full one, ended), and counts (CPU seconds: its own).
+_SERIES = ("latencies", "from_due", "ended", "counted_ended", "full_ended")
+_COUNTS = ("errors", "sql", "cpu_s")
 
 
 def _tally() -> dict[str, Any]:
@@ -614,25 +613,16 @@ def _drive(
 
 
 def _measured(run: dict[str, Any]) -> dict[str, Any]:
-    """What the run answered after its warm-up: `latencies`, `from_due`, `full` (the heartbeats
-    the full path answered) of `counted` (those whose statements were counted), and the
-    `seconds` it lasted."""
+    """What the run answered after its warm-up (all of it without one): `latencies`,
+    `from_due`, `full` (the heartbeats the full path answered) of `counted` (those whose
+    statements were counted), and the `seconds` it lasted."""
     cut = run["measured_from"]
-    if cut <= run["started"]:
-        return {
-            "latencies": run["latencies"],
-            "from_due": run["from_due"],
-            "full": run["full"],
-            "counted": run["sql_counted"],
-            "seconds": run["wall_s"],
-        }
     kept = [i for i, ended in enumerate(run["ended"]) if ended >= cut]
     return {
         "latencies": [run["latencies"][i] for i in kept],
         "from_due": [run["from_due"][i] for i in kept],
         "full": sum(1 for ended in run["full_ended"] if ended >= cut),
-        # every answer, where the server counts statements at all (an error answers none)
-        "counted": len(kept) if run["sql_counted"] else 0,
+        "counted": sum(1 for ended in run["counted_ended"] if ended >= cut),
         "seconds": run["wall_s"] - (cut - run["started"]),
     }
 
@@ -726,11 +716,18 @@ def _counters(server: subprocess.Popen[bytes] | None) -> dict[str, Any]:
     """The CPU seconds the web server's processes, PostgreSQL and Redis have used so far, and
     PostgreSQL's row and commit counters (None where unknown)."""
     return {
-        "server": children_cpu_seconds(server.pid) if server is not None else 0.0,
+        "server": children_cpu_seconds(server.pid) if server is not None else None,
         "database": database_cpu_seconds(),
         "redis": _redis_cpu_seconds(),
         "pg": _pg_counters(),
     }
+
+
+def _per_heartbeat(before: dict[str, Any], after: dict[str, Any], key: str, n: int, digits: int) -> float | None:
+    """Milliseconds of a _counters CPU figure between `before` and `after` over `n` heartbeats
+    (None where it is unknown)."""
+    was, now = before[key], after[key]
+    return round(1000 * (now - was) / n, digits) if was is not None and now is not None and n else None
 
 
 def _redis_cpu_seconds() -> float | None:
@@ -810,7 +807,8 @@ def main() -> None:
             measured = _measured(run)
             n = len(measured["latencies"])
             ordered = sorted(measured["latencies"])
-            database_cpu, database_after = before["database"], after["database"]
+
+            counted = len(run["counted_ended"])
             row: dict[str, Any] = {
                 "concurrency": concurrency,
                 "heartbeats": n,
@@ -823,34 +821,23 @@ def main() -> None:
                 ),
                 "errors": run["errors"],
                 "statuses": run["statuses"],
-                "sql_per_heartbeat": round(run["sql"] / run["sql_counted"], 2) if run["sql_counted"] else None,
+                "sql_per_heartbeat": round(run["sql"] / counted, 2) if counted else None,
                 "full_share": round(measured["full"] / measured["counted"], 4) if measured["counted"] else None,
                 "rows_written_per_heartbeat": None,
                 "commits_per_heartbeat": None,
                 "generator_cpu_share": round(run["cpu_s"] / run["wall_s"], 2),
-                "server_cpu_ms_per_heartbeat": (
-                    round(1000 * (after["server"] - before["server"]) / n, 2) if server is not None and n else None
-                ),
+                "server_cpu_ms_per_heartbeat": _per_heartbeat(before, after, "server", n, 2),
                 # the flusher's CPU is known for the whole run only: over the whole run's heartbeats
                 "flush_cpu_ms_per_heartbeat": (
                     round(1000 * flush_cpu / len(run["latencies"]), 3) if run["latencies"] else None
                 ),
-                "database_cpu_ms_per_heartbeat": (
-                    round(1000 * (database_after - database_cpu) / n, 2)
-                    if database_cpu is not None and database_after is not None and n
-                    else None
-                ),
+                "database_cpu_ms_per_heartbeat": _per_heartbeat(before, after, "database", n, 2),
             }
             if args.warmup > 0:
                 row["warmup_s"] = args.warmup
             if args.warmup + args.seconds >= 2 * args.timeline_every:
                 row["timeline"] = _timeline(run, args.timeline_every)
-            redis_cpu, redis_after = before["redis"], after["redis"]
-            row["redis_cpu_ms_per_heartbeat"] = (
-                round(1000 * (redis_after - redis_cpu) / n, 3)
-                if redis_cpu is not None and redis_after is not None and n
-                else None
-            )
+            row["redis_cpu_ms_per_heartbeat"] = _per_heartbeat(before, after, "redis", n, 3)
             parts = [
                 row[name]
                 for name in (
