@@ -8,7 +8,6 @@ validated strictly (lengths, ranges, finite numbers) and a refusal changes nothi
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -359,16 +358,16 @@ def _telemetry_valid(gpus: list[dict[str, Any]]) -> bool:
             assert field.min_value is not None and field.max_value is not None
             integer = isinstance(field, serializers.IntegerField)
             _TELEMETRY_BOUNDS.append((name, integer, float(field.min_value), float(field.max_value)))
+    # The body is parsed JSON: a number is exactly an int or a float (true and false are bools,
+    # not ints), and a float outside the finite bounds (infinite, or NaN, which no comparison
+    # holds for) fails them.
     for gpu in gpus:
         for name, integer, low, high in _TELEMETRY_BOUNDS:
             value = gpu.get(name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
-                return False
-            if isinstance(value, float) and not math.isfinite(value):
-                return False
-            if not low <= value <= high:
+            kind = type(value)
+            if not (kind is int or (kind is float and not integer)) or not low <= value <= high:
                 return False
     return True
 
@@ -461,13 +460,20 @@ def steady_reply(request: HttpRequest) -> bytes | None:
 def steady_response(reply: bytes) -> HttpResponse:
     """The steady answer `reply` as Django's response, with the headers DRF's dispatch gives the
     full heartbeat's (Allow, and Vary where it negotiates); the middlewares add theirs."""
+    global _view_headers
     response = HttpResponse(reply, content_type="application/json")
-    for name, value in HeartbeatApi().default_response_headers.items():  # as DRF's finalize_response
+    headers = _view_headers
+    if headers is None:  # the view's, the same for every answer: read once
+        headers = _view_headers = tuple(HeartbeatApi().default_response_headers.items())
+    for name, value in headers:  # as DRF's finalize_response
         if name == "Vary":
             patch_vary_headers(response, [v.strip() for v in value.split(",")])
         else:
             response[name] = value
     return response
+
+
+_view_headers: tuple[tuple[str, str], ...] | None = None
 
 
 MACHINE_FACTS = ("agent_version", "driver_version", "cuda_version", "cpu_cores", "ram_mb", "disk_gb", "region")

@@ -112,5 +112,5 @@ class SteadyHeartbeats:
         response["Content-Length"] = str(len(reply))  # as CommonMiddleware sets it
         response = self._security.process_response(request, response)
         response = self._x_frame_options.process_response(request, response)
-        response["X-Request-ID"] = logcontext.request_id_from(request.headers.get("X-Request-ID"))
+        response["X-Request-ID"] = logcontext.request_id_from(request.META.get("HTTP_X_REQUEST_ID"))
         return response

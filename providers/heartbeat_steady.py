@@ -312,11 +312,32 @@ def steady(
     _redis()
     telemetry = json.dumps([[g.get(name) for name in TELEMETRY_FIELDS] for g in gpus], separators=(",", ":"))
     key, duration, count = rate_limit if rate_limit is not None else ("", 0.0, 0)
-    keys = [_key("cred", digest), _key(SEEN_KEY), _key(CAPABILITIES_KEY), _key(SAMPLES_KEY), key or _key("none")]
+    seen, capabilities, samples, none, generations, predictions = _steady_keys()
+    keys = [_key("cred", digest), seen, capabilities, samples, key or none]
     interval = settings.GPGPU["TELEMETRY_SAMPLE_INTERVAL_S"]
-    args = [fp, _generation_prefix(), repr(at.timestamp()), interval, duration, count, telemetry, _key("pred") + ":"]
+    args = [fp, generations, repr(at.timestamp()), interval, duration, count, telemetry, predictions]
     code, prediction = _scripts["steady"](keys=keys, args=args)
     return Answer(int(code), _prediction_parse(prediction.decode() if isinstance(prediction, bytes) else prediction))
+
+
+def _steady_keys() -> tuple[str, str, str, str, str, str]:
+    """The keys and key prefixes every steady heartbeat names, for this CACHE_KEY_PREFIX: the
+    seen hashes, the samples, the key that stands for no rate limit, the generations' and the
+    predictions' prefixes."""
+    keys = _STEADY_KEYS.get(settings.CACHE_KEY_PREFIX)
+    if keys is None:
+        keys = _STEADY_KEYS[settings.CACHE_KEY_PREFIX] = (
+            _key(SEEN_KEY),
+            _key(CAPABILITIES_KEY),
+            _key(SAMPLES_KEY),
+            _key("none"),
+            _generation_prefix(),
+            _key("pred") + ":",
+        )
+    return keys
+
+
+_STEADY_KEYS: dict[str, tuple[str, str, str, str, str, str]] = {}
 
 
 def generation(machine_id: int) -> str | None:
