@@ -74,19 +74,24 @@ def add_server_options(parser: argparse.ArgumentParser, *, workers: int, threads
     parser.add_argument("--threads", type=int, default=threads, help=threads_help)
 
 
-def web_server_argv(server: str, app: str, *, port: int, workers: int, threads: int, backlog: int = 1024) -> list[str]:
+def web_server_argv(
+    server: str, app: str, *, port: int, workers: int, threads: int, backlog: int = 1024, access_log: bool = False
+) -> list[str]:
     """The command line of `server` serving the WSGI `app` ("module:callable") on 127.0.0.1:`port`
     with `workers` processes of `threads` threads (granian: its blocking threads; gunicorn: the
-    gthread worker over 1), warnings-only logs. granian's options are docker-compose's web's;
-    keep-alive connections stay open (granian keeps them; gunicorn is told 60 s)."""
+    gthread worker over 1), warnings-only logs, and with `access_log` a line on standard output
+    for each request. granian's options are docker-compose's web's; keep-alive connections stay
+    open (granian keeps them; gunicorn is told 60 s)."""
     if server == "gunicorn":
         argv = [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
         argv += ["--backlog", str(backlog), "--keep-alive", "60", "--timeout", "120", "--log-level", "warning"]
         if threads > 1:
             argv += ["--worker-class", "gthread", "--threads", str(threads)]
-        return argv
+        return [*argv, "--access-logfile", "-"] if access_log else argv
     argv = [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--workers", str(workers), "--blocking-threads", str(threads), "--backlog", str(backlog)]
     # Requests a worker takes at once: the default (backlog / workers) may be under its threads.
     argv += ["--backpressure", str(max(threads, backlog // workers)), "--http", "1", "--no-ws"]
+    if access_log:  # as compose's web: the agents' answered heartbeats left out (core/access_log.py)
+        argv += ["--access-log", "--log-config", str(ROOT / "core" / "access_log.json")]
     return [*argv, "--log-level", "warning", app]

@@ -8,7 +8,9 @@ Registers --machines machines (a direct fill of what registration writes: a Mach
 machine, offline, holding its credential's digest, so the real `Authorization: Machine …` check
 accepts the credentials), starts granian with the project's WSGI app as docker-compose's web
 does (DEBUG off, throttles on, --workers processes of --threads threads each, 3 x 4 by default,
---pool connections shared by each worker's threads where given, else one per thread;
+--pool connections shared by each worker's threads where given, else one per thread; an access
+log line for each request and /metrics' counts in prometheus-client's multiprocess files, unless
+--no-access-log or --no-metrics-dir;
 benchmarks/heartbeats_wsgi.py adds a statement count to each answer; `--server gunicorn` serves
 the same app with gunicorn's gthread worker instead, for comparison) unless --url names a
 running server on the same database, sends every machine's first heartbeat (its GPUs are
@@ -82,6 +84,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -173,6 +176,21 @@ def _parse() -> argparse.Namespace:
         help="seconds at the start of each concurrency's run left out of its latencies, rates, full share and "
         "per-heartbeat CPU figures (the run lasts --warmup + --seconds; its timeline shows it all): the "
         "steady state without the run's first minutes",
+    )
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server writes a line for each request, as docker-compose's web does (to a file the run "
+        "deletes; to its output, collected by Docker, there)",
+    )
+    parser.add_argument(
+        "--metrics-dir",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server's workers count /metrics' values in prometheus-client's files (multiprocess mode), as "
+        "docker-compose's web does (in a directory the run deletes); --no-metrics-dir: in each process's "
+        "memory, as the runs before these options did",
     )
     parser.add_argument(
         "--timeline-every",
@@ -315,9 +333,8 @@ def _leases_place(args: argparse.Namespace, tag: str, created: dict[str, list[in
             expected_duration_s=3600,
             max_duration_s=7200,
         )
-        placements.append(
-            (i, Placement(job.pk, created["machines"][i], tuple(gpu_ids[g["uuid"]] for g in idle), Decimal("0.50")))
-        )
+        gpus = tuple(gpu_ids[str(gpu["uuid"])] for gpu in idle)
+        placements.append((i, Placement(job.pk, created["machines"][i], gpus, Decimal("0.50"))))
     with transaction.atomic():
         written = leases_assign(placements=[p for _, p in placements], actor="benchmark")
     for i, placement in placements:
@@ -329,7 +346,10 @@ def _leases_place(args: argparse.Namespace, tag: str, created: dict[str, list[in
 # --- the server -------------------------------------------------------------------------------
 
 
-def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+def _server_start(args: argparse.Namespace, scratch: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The web server, as docker-compose's web runs it (unless --no-access-log, --no-metrics-dir):
+    its access log written to a file in `scratch`, its workers' metrics kept in prometheus-client's
+    files in a directory there."""
     port = free_port()
     env = {
         **os.environ,
@@ -340,10 +360,21 @@ def _server_start(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("METRICS_MULTIPROC_DIRS", None)
+    if args.metrics_dir:
+        (scratch / "metrics").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(scratch / "metrics")
     argv = web_server_argv(
-        args.server, "heartbeats_wsgi:application", port=port, workers=args.workers, threads=args.threads
+        args.server,
+        "heartbeats_wsgi:application",
+        port=port,
+        workers=args.workers,
+        threads=args.threads,
+        access_log=args.access_log,
     )
-    server = subprocess.Popen(argv, cwd=ROOT, env=env)  # noqa: S603 - our own interpreter and arguments
+    with (scratch / "access.log").open("wb") as log:  # the server keeps its own descriptor
+        stdout = log if args.access_log else None
+        server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=stdout)  # noqa: S603 - our own interpreter and arguments
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -769,11 +800,12 @@ def main() -> None:
     ]
     server = None
     rows: list[dict[str, Any]] = []
+    scratch = tempfile.TemporaryDirectory(prefix="gpgpu-heartbeats-")
     try:
         if args.url:
             url = args.url.rstrip("/")
         else:
-            server, url = _server_start(args)
+            server, url = _server_start(args, Path(scratch.name))
         first = _drive(url, machines, min(32, args.machines), args.generators, 0, once=True)
         if first["errors"]:
             refuse(f"{first['errors']} of the first heartbeats failed (statuses {first['statuses']})")
@@ -860,6 +892,7 @@ def main() -> None:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
+        scratch.cleanup()
         if not args.keep:
             _cleanup(created)
     kind = "" if args.server == "granian" else f" {'gthread' if args.threads > 1 else 'sync'}"

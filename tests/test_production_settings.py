@@ -376,6 +376,7 @@ def test_the_web_command_of_compose_serves_the_app_counts_into_an_emptied_direct
         assert _post(f"{base}/api/agent/v1/leases/7/usage") == 401
         assert _post(f"{base}/api/agent/v1/heartbeat") == 401
         harness.wait_until(lambda: '/usage HTTP/1.1" 401' in log.read_text(errors="replace"), 10, "access log")
+        harness.wait_until(lambda: '/heartbeat HTTP/1.1" 401' in log.read_text(errors="replace"), 10, "access log")
     finally:
         stopped_after = _stopped_within(server, 20)
     assert stopped_after < 10  # compose's grace before it kills
@@ -389,6 +390,14 @@ def test_the_web_command_of_compose_serves_the_app_counts_into_an_emptied_direct
     refusals = [r for line in log.read_text(errors="replace").splitlines() if (r := harness.usage_refusal(line))]
     assert [(lease, status) for _, lease, status in refusals] == [(7, 401)]
     assert abs(refusals[0][0] - time.time()) < 120
+
+
+def test_every_compose_service_keeps_a_bounded_log(compose) -> None:  # type: ignore[no-untyped-def]
+    for name, service in compose["services"].items():
+        logging = service.get("logging") or {}
+        options = logging.get("options") or {}
+        assert logging.get("driver") == "json-file", name
+        assert options.get("max-size") and int(options.get("max-file", 0)) >= 1, name
 
 
 def test_web_stopped_while_its_workers_start_exits_within_composes_grace(compose, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -510,6 +510,8 @@ class Cluster:
                 "--workers-kill-timeout",
                 "3",
                 "--access-log",
+                "--log-config",
+                "core/access_log.json",
                 "marketplace.wsgi:application",
             ],
             env=env,

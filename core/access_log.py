@@ -1,0 +1,33 @@
+"""web's access log (granian's) without the agents' answered heartbeats.
+
+A fleet heartbeats all the time: 10,000 machines every 5 s are 2,000 lines a second, about 17 GB
+a day in Docker's log, and writing each line took web about a tenth of a steady heartbeat's CPU
+(benchmarks/README.md, Heartbeats). An answered heartbeat (2xx) says nothing that /metrics'
+`gpgpu_agent_heartbeats_total` and `gpgpu_agent_heartbeat_seconds` do not count; a refused or
+failed one (4xx, 5xx) and every other request are logged as before, in granian's own format (the
+fault suite reads it: tests/faults/harness.py). docker-compose's web loads `access_log.json`
+beside this module (`granian --access-log --log-config core/access_log.json`), which is granian's
+own logging configuration with this filter on its access logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+HEARTBEAT_PATH = "/api/agent/v1/heartbeat"
+
+
+class AnsweredHeartbeatsLeftOut(logging.Filter):
+    """Drops granian's access records of a POST to `path` answered 2xx; passes every other."""
+
+    def __init__(self, path: str = HEARTBEAT_PATH) -> None:
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = record.args  # granian logs its format with one dict of the request's fields
+        if not isinstance(fields, Mapping) or fields.get("path") != self.path or fields.get("method") != "POST":
+            return True
+        status = fields.get("status")
+        return not (isinstance(status, int) and 200 <= status < 300)
