@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.urls import reverse
 from granian.log import DEFAULT_ACCESSLOG_FMT, LogLevels, configure_logging, log_request_builder
 
+from core import access_log as access_log_module
 from tests.faults import harness
 
 CONFIG = Path(__file__).resolve().parents[1] / "access_log.json"
@@ -38,6 +40,10 @@ def request(method: str, path: str) -> dict[str, object]:
     """The request's fields as granian hands them to its access log."""
     fields = {"addr_remote": "10.0.0.7", "path": path, "qs": "", "method": method}
     return {**fields, "scheme": "http", "protocol": "HTTP/1.1"}
+
+
+def test_the_filter_names_the_heartbeats_path() -> None:
+    assert reverse("agent-heartbeat") == access_log_module.HEARTBEAT_PATH
 
 
 def test_answered_heartbeats_are_left_out_and_refused_ones_and_everything_else_logged(access_log: io.StringIO) -> None:
