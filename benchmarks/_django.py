@@ -79,8 +79,9 @@ def web_server_argv(
 ) -> list[str]:
     """The command line of `server` serving the WSGI `app` ("module:callable") on 127.0.0.1:`port`
     with `workers` processes of `threads` threads (granian: its blocking threads; gunicorn: the
-    gthread worker over 1), warnings-only logs, and with `access_log` a line on standard output
-    for each request. granian's options are docker-compose's web's; keep-alive connections stay
+    gthread worker over 1), warnings-only logs, and with `access_log` an access log on standard
+    output (granian's as compose's web configures it, the agents' answered heartbeats left out;
+    gunicorn's, every request). granian's options are docker-compose's web's; keep-alive connections stay
     open (granian keeps them; gunicorn is told 60 s)."""
     if server == "gunicorn":
         argv = [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]

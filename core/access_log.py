@@ -1,11 +1,11 @@
 """web's access log (granian's) without the agents' answered heartbeats.
 
-A fleet heartbeats all the time: 10,000 machines every 5 s are 2,000 lines a second, about 17 GB
-a day in Docker's log, and writing each line took web about a seventh of its CPU per steady
-heartbeat (benchmarks/README.md, Heartbeats). An answered heartbeat (2xx) says nothing that /metrics'
-`gpgpu_agent_heartbeats_total` and `gpgpu_agent_heartbeat_seconds` do not count; a refused or
-failed one (4xx, 5xx) and every other request are logged as before, in granian's own format (the
-fault suite reads it: tests/faults/harness.py). docker-compose's web loads `access_log.json`
+A fleet heartbeats all the time: 10,000 machines every 5 s are 2,000 lines a second, 16-17 GB of
+text a day (more in Docker's JSON lines), and writing each line took web about a seventh of its
+CPU per steady heartbeat (benchmarks/README.md, Heartbeats). An answered heartbeat (2xx) says
+nothing that /metrics' `gpgpu_agent_heartbeats_total` and `gpgpu_agent_heartbeat_seconds` do not
+count; a refused or failed one (4xx, 5xx) and every other request are logged as before, in
+granian's own format (the fault suite reads it: tests/faults/harness.py). docker-compose's web loads `access_log.json`
 beside this module (`granian --access-log --log-config core/access_log.json`), which is granian's
 own logging configuration with this filter on its access logger.
 """
