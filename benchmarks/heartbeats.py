@@ -901,6 +901,9 @@ def main() -> None:
         server_desc += f" x{args.threads} threads"
     if args.pool:
         server_desc += f", a pool of {args.pool} connections a worker"
+    if not args.url:
+        server_desc += ", access log" if args.access_log else ", no access log"
+        server_desc += ", metrics in files" if args.metrics_dir else ", metrics in memory"
     print(
         json.dumps(
             {

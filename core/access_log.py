@@ -5,9 +5,12 @@ text a day (more in Docker's JSON lines), and writing each line took web about a
 CPU per steady heartbeat (benchmarks/README.md, Heartbeats). An answered heartbeat (2xx) says
 nothing that /metrics' `gpgpu_agent_heartbeats_total` and `gpgpu_agent_heartbeat_seconds` do not
 count; a refused or failed one (4xx, 5xx) and every other request are logged as before, in
-granian's own format (the fault suite reads it: tests/faults/harness.py). docker-compose's web loads `access_log.json`
-beside this module (`granian --access-log --log-config core/access_log.json`), which is granian's
-own logging configuration with this filter on its access logger.
+granian's own format (the fault suite reads it: tests/faults/harness.py).
+
+docker-compose's web loads `access_log.json` beside this module (`granian --access-log
+--log-config core/access_log.json`). granian lays a configuration's top-level keys over its own,
+so that file names only the filter and granian's two loggers again, the access logger with the
+filter; the formatters and handlers stay granian's.
 """
 
 from __future__ import annotations
