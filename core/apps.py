@@ -7,10 +7,12 @@ class CoreConfig(AppConfig):
 
     def ready(self) -> None:
         from django.core.signals import request_finished
+        from django.db.backends.signals import connection_created
         from django.db.models import Field, ForeignObject
 
         from core import logcontext
         from core.lookups import AnyOf
+        from core.timestamps import use_compiled_loader
 
         # field__any=ids: integer ids as one array parameter (core.lookups).
         Field.register_lookup(AnyOf)
@@ -18,3 +20,6 @@ class CoreConfig(AppConfig):
 
         # A request's log ids (core.logcontext) last until its answer is sent.
         request_finished.connect(logcontext.clear, dispatch_uid="core.logcontext.clear")
+
+        # PostgreSQL timestamps read by psycopg's compiled loader (core.timestamps).
+        connection_created.connect(use_compiled_loader, dispatch_uid="core.timestamps.use_compiled_loader")
