@@ -324,13 +324,38 @@ def test_a_pool_built_a_machine_at_a_time_places_as_one_built_a_gpu_at_a_time(po
     again = machine(
         machines[4].id, [*machines[4].gpus, gpu(10_000)], region=machines[4].region, kinds=machines[4].kinds
     )
-    by_machine, by_gpu = FreePool(policy), FreePool(policy)
+    by_machine, by_gpu, in_one_go = FreePool(policy), FreePool(policy), FreePool(policy)
     for m in [*machines, again]:
         by_machine.add_machine(m, now=NOW)
         for g in m.gpus:
             by_gpu.add(m, g, now=NOW)
-    assert len(by_machine) == len(by_gpu) == sum(len(m.gpus) for m in machines) + 1
-    placed = [pool_place(pool, jobs, now=NOW) for pool in (by_machine, by_gpu)]
+    in_one_go.add_machines([*machines, again], now=NOW)
+    assert len(by_machine) == len(by_gpu) == len(in_one_go) == sum(len(m.gpus) for m in machines) + 1
+    # The same lists, entry for entry, with the same least floor beside each (what the walks skip by).
+    assert (in_one_go.sorted, in_one_go.firsts, in_one_go.floors) == (
+        by_machine.sorted,
+        by_machine.firsts,
+        by_machine.floors,
+    )
+    placed = [pool_place(pool, jobs, now=NOW) for pool in (by_machine, by_gpu, in_one_go)]
+    assert placed[0]
+    made = [[(p.job_id, p.machine_id, p.gpu_ids, p.price) for p in each] for each in placed]
+    assert made[0] == made[1] == made[2]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_machines_added_in_one_go_to_a_pool_that_holds_gpus_place_as_added_one_by_one(policy: str) -> None:
+    """`add_machines` into a pool that already holds GPUs (the lists are sorted already: it
+    adds machine by machine) places as `add_machine` does."""
+    rng = random.Random(13)
+    jobs, machines = random_world(rng)
+    half = len(machines) // 2
+    one_by_one, in_one_go = FreePool(policy), FreePool(policy)
+    for m in machines:
+        one_by_one.add_machine(m, now=NOW)
+    in_one_go.add_machines(machines[:half], now=NOW)
+    in_one_go.add_machines(machines[half:], now=NOW)
+    placed = [pool_place(pool, jobs, now=NOW) for pool in (one_by_one, in_one_go)]
     assert placed[0]
     assert [(p.job_id, p.machine_id, p.gpu_ids, p.price) for p in placed[0]] == [
         (p.job_id, p.machine_id, p.gpu_ids, p.price) for p in placed[1]
