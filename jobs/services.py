@@ -532,7 +532,7 @@ def _leases_write_set(*, placements: Sequence[Placement], actor: str) -> dict[in
         ), moved AS (
             UPDATE {qn(Job._meta.db_table)} AS j
             SET status = %s, attempts = j.attempts + 1, unplaced_code = '', unplaced_detail = '', updated_at = %s
-            FROM p WHERE j.id = p.job_id AND j.status = %s
+            WHERE j.id = ANY(%s::bigint[]) AND j.status = %s
             RETURNING j.id
         ), lease AS (
             INSERT INTO {qn(Lease._meta.db_table)}
@@ -552,14 +552,16 @@ def _leases_write_set(*, placements: Sequence[Placement], actor: str) -> dict[in
         )
         SELECT job_id, id FROM lease
     """  # noqa: S608 (table and column names come from the models; every value is a parameter)
+    job_ids = int_array(p.job_id for p in placements)
     params: list[Any] = [  # arrays as literals, one JSON array of the details (core.lookups.int_array)
-        int_array(p.job_id for p in placements),
+        job_ids,
         int_array(p.machine_id for p in placements),
         int_array(len(p.gpu_ids) for p in placements),
         decimal_array(p.price_per_gpu_hour for p in placements),
         json.dumps([_assigned_detail(p) for p in placements]),
         JS.SCHEDULED,
         now,
+        job_ids,
         JS.PENDING,
         *lease_vals,
         *gpu_vals,
