@@ -57,7 +57,9 @@ bulk, so a cycle over 10,000 GPUs and 10,000 jobs takes seconds (benchmarks/matc
 
 from __future__ import annotations
 
+import functools
 import heapq
+import json
 import logging
 import threading
 import time
@@ -66,16 +68,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, connections, transaction
-from django.db.models import Count, Q
+from django.db.models import BigIntegerField, Count, F, Q, QuerySet, TextField
+from django.db.models.functions import Cast, Round
 from django.utils import timezone
 
 from billing import selectors as billing_selectors  # the billing gate
 from core import prom, soon
 from core.collector import collector_paused
+from core.rows import rows as core_rows
 from jobs.models import Job, LeaseGPU
 from jobs.services import Placement, job_set_unplaced, leases_assign
 from marketplace import placement as policy
@@ -563,10 +568,11 @@ class _Fleet:
 class _FreeFleet:
     """The online fleet as one read gives it: the machines available now (id -> region,
     seconds, kinds; in the machines query's order) and their candidate GPUs grouped by
-    (model, VRAM) in the order each group first appears, [(floor micros, gpu id)] sorted."""
+    (model, VRAM) in the order each group first appears, each group sorted by (floor micros,
+    gpu id), as the offers the policy takes (v1's pool reads them too)."""
 
     machines: dict[int, tuple[str, float, int]]
-    free: dict[int, dict[tuple[str, int], list[tuple[int, int]]]]
+    free: dict[int, dict[tuple[str, int], list[policy.GpuOffer]]]
 
     @property
     def free_count(self) -> int:
@@ -578,8 +584,8 @@ class _FreeFleet:
         for machine_id, (region, seconds, kinds) in self.machines.items():
             pool.add_machine(machine_id, region, seconds, kinds)
             for (model, vram_mb), gpus in self.free.get(machine_id, {}).items():
-                for floor, gpu_id in gpus:
-                    pool.add_gpu(gpu_id=gpu_id, machine_id=machine_id, model=model, vram_mb=vram_mb, floor=floor)
+                for gpu in gpus:
+                    pool.add_gpu(gpu_id=gpu.id, machine_id=machine_id, model=model, vram_mb=vram_mb, floor=gpu.floor)
         pool.seal()
         return pool
 
@@ -614,24 +620,23 @@ def _fleet_load(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
         )
     )
     model_keys: dict[str, str] = {}  # a fleet has few models: each lower-cased once
-    floors: dict[Decimal, int] = {}  # and its floors repeat
     idle = GPU.State.IDLE
+    offer = policy.GpuOffer
     machine_gpus = fleet.machines
-    for gpu_id, machine_id, model, vram_mb, state, price_floor in (
+    online_gpus = (
         GPU.objects.filter(machine__status=Machine.Status.ONLINE)
         .order_by()
-        .values_list("id", "machine_id", "model", "vram_mb", "state", "price_floor")
-        .iterator(chunk_size=5000)
-    ):
+        # The floor as a count of millionths, as _to_micros makes it (a price has 6 decimals at
+        # most): an int from the driver, where a Decimal per row cost a lookup or a conversion.
+        .annotate(floor_micros=Cast(Round(F("price_floor") * _MICROS), BigIntegerField()))
+        .values_list("id", "machine_id", "model", "vram_mb", "state", "floor_micros")
+    )
+    for gpu_id, machine_id, model, vram_mb, state, floor in core_rows(online_gpus):
         of_machine = machine_gpus.get(machine_id)
         if of_machine is None:  # went online after the machine query
             continue
-        if price_floor is None:
+        if floor is None:
             floor = default_floor[machine_id]
-        elif (known := floors.get(price_floor)) is not None:
-            floor = known
-        else:
-            floor = floors[price_floor] = _to_micros(price_floor)
         model_key = model_keys.get(model)
         if model_key is None:
             model_key = model_keys[model] = model.strip().lower()
@@ -642,12 +647,14 @@ def _fleet_load(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
                 groups = free[machine_id] = {}
             group = groups.get((model_key, vram_mb))
             if group is None:
-                groups[(model_key, vram_mb)] = [(floor, gpu_id)]
+                groups[(model_key, vram_mb)] = [offer(gpu_id, model_key, vram_mb, floor)]
             else:
-                group.append((floor, gpu_id))
+                group.append(offer(gpu_id, model_key, vram_mb, floor))
+    by_floor = attrgetter("floor", "id")
     for groups in free.values():
         for gpus in groups.values():
-            gpus.sort()
+            if len(gpus) > 1:
+                gpus.sort(key=by_floor)
     return free_fleet, fleet
 
 
@@ -671,7 +678,7 @@ _JOB_FIELDS = (
     "created_at",
     "gpu_count",
     "min_vram_mb",
-    "allowed_models",
+    "allowed_text",  # _with_allowed_text
     "region",
     "max_price_per_gpu_hour",
     "expected_duration_s",
@@ -679,16 +686,32 @@ _JOB_FIELDS = (
 )
 
 
+def _with_allowed_text(jobs: QuerySet[Job]) -> QuerySet[Job]:
+    """The jobs with `allowed_text`: their allowed models as the JSON text stored, which
+    _allowed_models reads once per distinct list (a queue's jobs share a few), where reading the
+    JSON field decoded every job's."""
+    return jobs.annotate(allowed_text=Cast("allowed_models", TextField()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _allowed_models(text: str | None) -> tuple[frozenset[str], str]:
+    """A job's allowed models from their JSON text: (lower-cased names, the names as written,
+    sorted and comma-joined, for sentences)."""
+    listed = json.loads(text) if text else []
+    allowed = [str(m) for m in (listed if isinstance(listed, list) else []) if str(m).strip()]
+    return frozenset(m.strip().lower() for m in allowed), ", ".join(sorted(allowed))
+
+
 def _job_from_row(row: tuple[Any, ...]) -> _Job:  # values_list(*_JOB_FIELDS): each of its field's type
-    job_id, created_at, gpu_count, min_vram_mb, allowed, region, max_price, duration, kind = row
-    allowed = [str(m) for m in (allowed or []) if str(m).strip()]
+    job_id, created_at, gpu_count, min_vram_mb, allowed_text, region, max_price, duration, kind = row
+    models, models_text = _allowed_models(allowed_text)
     return _Job(
         id=job_id,
         created_at=created_at,
         gpu_count=gpu_count,
         min_vram_mb=min_vram_mb or 0,
-        models=frozenset(m.strip().lower() for m in allowed),
-        models_text=", ".join(sorted(allowed)),
+        models=models,
+        models_text=models_text,
         region=region or "",
         max_price=_to_micros(max_price),
         duration_s=duration,
@@ -700,7 +723,7 @@ def _job_from_row(row: tuple[Any, ...]) -> _Job:  # values_list(*_JOB_FIELDS): e
 def _jobs_lock(*, after: tuple[datetime, int] | None, limit: int) -> list[_Job]:
     """The next `limit` pending jobs in FIFO order after the cursor, locked; jobs another
     worker holds are skipped. The caller holds a transaction."""
-    qs = Job.objects.filter(status=Job.Status.PENDING)
+    qs = _with_allowed_text(Job.objects.filter(status=Job.Status.PENDING))
     if after is not None:
         created_at, job_id = after
         qs = qs.filter(Q(created_at__gt=created_at) | Q(created_at=created_at, pk__gt=job_id))
@@ -899,7 +922,7 @@ def _pending_requests(limit: int) -> tuple[list[_Job], dict[int, policy.JobReque
     """The oldest `limit` pending jobs (not locked: the plan is written under locks later), as
     the reasons' view (_Job) and as the policy's requests."""
     rows = list(
-        Job.objects.filter(status=Job.Status.PENDING)
+        _with_allowed_text(Job.objects.filter(status=Job.Status.PENDING))
         .order_by("created_at", "id")
         .values_list(*_JOB_FIELDS, "renter_id", "checkpoint_interval_s")[:limit]
     )
@@ -931,15 +954,11 @@ def _offers(free_fleet: _FreeFleet) -> list[policy.MachineOffer]:
     ids = [machine_id for machine_id in free_fleet.machines if free_fleet.free.get(machine_id)]
     forecasts = machine_forecasts(machine_ids=ids)
     idle_since = machines_idle_since(machine_ids=ids)
-    offer = policy.GpuOffer
     offers = []
     for machine_id in ids:
         region, seconds, kinds = free_fleet.machines[machine_id]
-        gpus = [
-            offer(gpu_id, model, vram_mb, floor)
-            for (model, vram_mb), free in free_fleet.free[machine_id].items()
-            for floor, gpu_id in free
-        ]
+        groups = free_fleet.free[machine_id]
+        gpus = next(iter(groups.values())) if len(groups) == 1 else [g for free in groups.values() for g in free]
         offers.append(
             policy.MachineOffer(
                 id=machine_id,
