@@ -507,9 +507,10 @@ def _fk_checks_by_index(cursor: Any) -> None:
 
 def _leases_write_set(*, placements: Sequence[Placement], actor: str) -> dict[int, int]:
     """leases_assign's writes on PostgreSQL, in one statement: the placements travel as
-    arrays (unnest), the jobs move with one UPDATE … FROM, and the leases, their GPUs and the
-    events are INSERT … SELECT in data-modifying CTEs, in the placements' order. A lease is
-    written only for a job the UPDATE moved from pending."""
+    arrays (unnest), the jobs move with one UPDATE … WHERE id = ANY(the ids) (a join with the
+    placements was planned as a merge join with every pending job), and the leases, their GPUs
+    and the events are INSERT … SELECT in data-modifying CTEs, in the placements' order. A lease
+    is written only for a job the UPDATE moved from pending."""
     now = timezone.now()
     qn = connection.ops.quote_name
     lease_cols, lease_vals = _constant_columns(

@@ -697,8 +697,8 @@ def _with_allowed_text(jobs: QuerySet[Job]) -> QuerySet[Job]:
 def _allowed_models(text: str | None) -> tuple[frozenset[str], str]:
     """A job's allowed models from their JSON text: (lower-cased names, the names as written,
     sorted and comma-joined, for sentences)."""
-    listed = json.loads(text) if text else []
-    allowed = [str(m) for m in (listed if isinstance(listed, list) else []) if str(m).strip()]
+    listed = json.loads(text) if text else None
+    allowed = [str(m) for m in (listed or []) if str(m).strip()]  # as the JSON field's value was read
     return frozenset(m.strip().lower() for m in allowed), ", ".join(sorted(allowed))
 
 

@@ -10,9 +10,12 @@ import pytest
 from django.db import connection
 from psycopg.pq import Format
 
+from core.timestamps import _COMPILED
+
 pytestmark = [
     pytest.mark.django_db,
     pytest.mark.skipif(connection.vendor != "postgresql", reason="a PostgreSQL connection's loader"),
+    pytest.mark.skipif(_COMPILED is None, reason="psycopg's pure-Python build: Django's loader stays"),
 ]
 
 

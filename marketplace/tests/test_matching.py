@@ -172,6 +172,35 @@ def test_allowed_models_are_compared_case_insensitively():
     assert lease_of(j).machine_id == a100.pk
 
 
+def test_allowed_models_named_beyond_ascii_are_matched():
+    """The matcher reads a job's allowed models as their stored JSON text (escaped on SQLite)."""
+    machine(gpus=1, model="RTX 4090", price_floor=Decimal("0.10"))
+    named = machine(gpus=1, model="Quadro RTX 8000 Ä", price_floor=Decimal("0.50"))
+    j = job(allowed_models=["quadro rtx 8000 ä"], max_price_per_gpu_hour=Decimal("2.00"))
+
+    matching.match_cycle()
+
+    assert lease_of(j).machine_id == named.pk
+
+
+def test_a_floor_of_six_decimals_is_the_price_to_the_millionth():
+    """The fleet's floors are read as integer millionths (computed by the database): a ceiling a
+    millionth below the floor is refused, and at the floor the lease is at that exact price."""
+    machine(gpus=1, price_floor=Decimal("0.123457"))
+    short = job(max_price_per_gpu_hour=Decimal("0.123456"))
+
+    matching.match_cycle()
+
+    code, detail = reason(short)
+    assert code == "price_below_every_floor"
+    assert "0.123457" in detail
+
+    exact = job(max_price_per_gpu_hour=Decimal("0.123457"))
+    matching.match_cycle()
+
+    assert lease_of(exact).price_per_gpu_hour == Decimal("0.123457")
+
+
 def test_job_asking_for_a_model_nobody_has_says_so():
     machine(gpus=2, model="RTX 4090")
     j = job(allowed_models=["H100"])
