@@ -383,20 +383,12 @@ class FreePool:
             held = self._held(machine, now)
             if held is None:
                 continue
-            several = len(held.free) > 1
             for cls, gpus in held.free.items():
-                key = self._key(held, cls)
-                top = _tier(len(gpus))
-                # The floor _reenter gives: 0 on a machine of several classes, else the class's cheapest.
-                floor = 0 if several else min(g.offer.floor for g in gpus)
+                key, top, floor = self._key(held, cls), _tier(len(gpus)), self._least_floor(held, gpus)
                 held.keys[cls] = (key, top, floor)
                 item = ((key, machine.id, cls), floor)
                 for tier in range(top + 1):
-                    found = staged.get((cls, tier))
-                    if found is None:
-                        staged[(cls, tier)] = [item]
-                    else:
-                        found.append(item)
+                    staged.setdefault((cls, tier), []).append(item)
         for (cls, tier), items in staged.items():
             items.sort()  # entries differ in their machine id: the floors beside them are never compared
             self.sorted[cls][tier][:] = [entry for entry, _ in items]
@@ -497,6 +489,15 @@ class FreePool:
             return (gpus[0].offer.floor, len(gpus), mid)
         return (gpus[0].safe_until, mid)
 
+    def _least_floor(self, machine: _Machine, gpus: list[_Gpu]) -> int:
+        """The least price ceiling at which a job can have any of the machine's GPUs through the
+        entries of the class whose free GPUs are `gpus` (`_Machine.keys`)."""
+        if len(machine.free) > 1:
+            return 0
+        if self._one_floor is not None:
+            return self._one_floor
+        return min(g.offer.floor for g in gpus)
+
     def _reenter(self, machine: _Machine, cls: int) -> None:
         """Bring the machine's entries for the class up to date: one per tier up to its free
         count there, under its current key. Only the entries that change are touched (a tier
@@ -508,12 +509,7 @@ class FreePool:
         if gpus:
             key = self._key(machine, cls)
             top = _tier(len(gpus))
-            if len(machine.free) > 1:
-                floor = 0
-            elif self._one_floor is not None:
-                floor = self._one_floor
-            else:
-                floor = min(g.offer.floor for g in gpus)
+            floor = self._least_floor(machine, gpus)
             if old is not None and old[0] == key and old[2] == floor:
                 if old[1] != top:
                     entry = (key, mid, cls)
