@@ -302,13 +302,13 @@ def _mined(client: ChainClient, record: OperatorTransaction) -> Receipt | None:
 def _settlements_in_flight(
     client: ChainClient, deployment: Deployment, block: int, adjust: _Adjust, result: LedgerCheckResult
 ) -> None:
-    from billing.settlement import SettlementUnresolved, settlement_outcome, settlement_ref
+    from billing.settlement import SettlementUnresolved, settlement_items_carried, settlement_outcome, settlement_ref
 
     for settlement in Settlement.objects.filter(status__in=(OS.PENDING, OS.SUBMITTED)).order_by("pk"):
         receipt = _mined(client, settlement)
         if receipt is None or not receipt.succeeded or receipt.block_number > block:
             continue
-        items = list(settlement.items.order_by("pk"))
+        items = list(settlement_items_carried(settlement))
         try:
             outcome = settlement_outcome(
                 settlement=settlement, items=items, client=client, deployment=deployment, receipt=receipt

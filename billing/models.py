@@ -344,6 +344,10 @@ class SettlementItem(models.Model):
     cumulative_micro = models.BigIntegerField()
     delta_micro = models.BigIntegerField()
     carries_budget = models.BooleanField(default=False)
+    # Set when the batch confirmed with this item skipped because the escrow knew no such job (its
+    # budget's reservation left the chain with a rollback before the batch was mined): the escrow
+    # recorded nothing of its cumulative, so the next batch carries the charge again.
+    job_unknown = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["pk"]

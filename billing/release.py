@@ -135,7 +135,9 @@ def _settled_expected(job_id: int) -> tuple[int, int]:
     """What the escrow holds settled for the job once every settlement the ledger holds confirmed
     is on chain: (lease id, cumulative charge) of its newest lease in them, (0, 0) when none. The
     escrow keeps, per job, the newest lease an item paid and that lease's highest cumulative charge."""
-    confirmed = SettlementItem.objects.filter(job_id=job_id, settlement__status=OperatorTransaction.Status.CONFIRMED)
+    confirmed = SettlementItem.objects.filter(
+        job_id=job_id, settlement__status=OperatorTransaction.Status.CONFIRMED, job_unknown=False
+    )
     newest = confirmed.order_by("-lease_id", "-cumulative_micro").values_list("lease_id", "cumulative_micro").first()
     return (0, 0) if newest is None else (int(newest[0]), int(newest[1]))
 

@@ -25,8 +25,13 @@ Lifecycle of a Settlement (docs/billing.md "Settlement"):
    before and after the block read; a node that keeps no such state leaves the batch submitted
    and the run reports it (SettlementUnresolved). Paid amounts are posted with
    `settlement_confirm_record` (fee as the contract computes it); whatever was not paid (capped,
-   skipped, already paid) goes back with `settlement_revert_record`. The block's number and hash
-   are recorded. A revert: failed with the decoded error and every item reverted.
+   skipped, already paid) goes back with `settlement_revert_record`. An item skipped because the
+   escrow knew no such job (its budget's reservation left the chain with a rollback just before
+   the batch was mined) is marked `job_unknown`: the escrow recorded nothing of its cumulative
+   charge, so it does not count as sent and the charge goes out again in a later batch, once the
+   budget is reserved again (capped and already-paid items are recorded on chain: sending them
+   again would pay nothing). The block's number and hash are recorded. A revert: failed with the
+   decoded error and every item reverted.
 5. reconcile (`settlements_reconcile`): pending/submitted batches older than SETTLEMENT_STUCK_S
    (or any, when forced) are completed from the chain: by tx_hash, or, when the worker died
    between sending and recording it, by finding the operator's transaction with the recorded
@@ -37,7 +42,7 @@ Lifecycle of a Settlement (docs/billing.md "Settlement"):
    state) has its confirmation's ledger entries compensated and goes back to pending; a submitted
    one whose transaction the node no longer knows goes back to pending. A pending batch is then
    found on chain by nonce and calldata hash (mined again), waited for (in the node's pool), or
-   sent once more.
+   sent once more (without a `job_unknown` item whose charge a later batch took on meanwhile).
 
 Settlement runs, reservation runs, releases on chain and the reconciler share one lock
 (`LOCK_NAME`, taken by core.periodic for the tasks and by `settlement_retry`), held across
@@ -57,7 +62,7 @@ from typing import Any, cast
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, QuerySet
 from django.utils import timezone
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
@@ -68,7 +73,7 @@ from web3.logs import DISCARD
 from billing import reservations, services
 from billing.chain import ChainClient, ChainError, ContractReverted, NodeUnavailable, Receipt, TransactionTimeout
 from billing.chain.deployment import Deployment, deployment_require
-from billing.contract import ESCROW, settlement_items_encode
+from billing.contract import ESCROW, SKIP_UNKNOWN_JOB, settlement_items_encode
 from billing.contract import SettlementItem as ChainItem
 from billing.models import (
     BudgetAuthorization,
@@ -129,9 +134,10 @@ class Gathered:
 
 
 def lease_sent_micro(lease_id: int) -> int:
-    """The highest cumulative charge of the lease in a batch not failed (0 if none)."""
+    """The highest cumulative charge of the lease in a batch not failed (0 if none), leaving out
+    an item the escrow skipped for not knowing the job (`job_unknown`): it recorded nothing of it."""
     return (
-        SettlementItem.objects.filter(lease_id=lease_id)
+        SettlementItem.objects.filter(lease_id=lease_id, job_unknown=False)
         .exclude(settlement__status=SS.FAILED)
         .aggregate(top=Max("cumulative_micro"))["top"]
         or 0
@@ -247,9 +253,16 @@ def settlement_create(*, candidates: list[Candidate], fee_bps: int = 0) -> Settl
 # ----------------------------------------------------------------------------------- send
 
 
+def settlement_items_carried(settlement: Settlement) -> QuerySet[SettlementItem]:
+    """The items a batch not confirmed carries: every one, except an item the escrow skipped at an
+    earlier confirmation for not knowing its job whose charge a later batch took on before the
+    block left the chain (`job_unknown`, kept by settlement_unconfirm): it is not sent again."""
+    return settlement.items.filter(job_unknown=False).order_by("pk")
+
+
 def _settle_call(client: ChainClient, deployment: Deployment, settlement: Settlement) -> ContractFunction:
     escrow = client.contract(ESCROW, deployment.escrow)
-    items = list(settlement.items.select_related("job").order_by("pk"))
+    items = list(settlement_items_carried(settlement).select_related("job"))
     chain_items = [
         ChainItem(
             lease_id=i.lease_id, job_id=i.job_id, provider=i.provider_address, cumulative_charge=i.cumulative_micro
@@ -318,7 +331,7 @@ def _fail(settlement: Settlement, reverted: ContractReverted | None, reason: str
         locked = Settlement.objects.select_for_update().get(pk=settlement.pk)
         if locked.status in (SS.CONFIRMED, SS.FAILED):
             return
-        for item in locked.items.all():
+        for item in settlement_items_carried(locked):
             services.settlement_revert_record(
                 lease_id=item.lease_id,
                 amount=int(item.delta_micro),
@@ -344,11 +357,14 @@ class SettlementUnresolved(ChainError):
 @dataclass(frozen=True)
 class Outcome:
     """What a mined `settle` transaction paid: per SettlementItem pk, and the fee rate applied.
-    `source`: "logs" (the receipt's events) or "state" (the contract's state around the block)."""
+    `source`: "logs" (the receipt's events) or "state" (the contract's state around the block).
+    `job_unknown`: the items skipped because the escrow knew no such job when the batch was mined
+    (its reservation left the chain with a rollback): their charge is to go out again."""
 
     paid: dict[int, int]
     fee_bps: int
     source: str
+    job_unknown: frozenset[int] = frozenset()
 
 
 def _escrow_events(escrow: Contract, receipt: Receipt, name: str) -> list[dict[str, Any]]:
@@ -378,7 +394,11 @@ def settlement_outcome(
     per-job state before and after the block; a node that keeps no such state raises
     SettlementUnresolved. NodeUnavailable propagates."""
     escrow = client.contract(ESCROW, deployment.escrow)
-    skipped = {(int(a["jobId"]), int(a["leaseId"])) for a in _escrow_events(escrow, receipt, "SettlementItemSkipped")}
+    skips = {
+        (int(a["jobId"]), int(a["leaseId"])): int(a["reason"])
+        for a in _escrow_events(escrow, receipt, "SettlementItemSkipped")
+    }
+    skipped = set(skips)
     refused: dict[tuple[int, int], int] = {}
     for a in _escrow_events(escrow, receipt, "ChargeCapped"):
         key = (int(a["jobId"]), int(a["leaseId"]))
@@ -395,7 +415,8 @@ def settlement_outcome(
             settlement=settlement, escrow=escrow, client=client, receipt=receipt, paid=paid, fees=int(totals[0]["fees"])
         )
         if fee_bps is not None:
-            return Outcome(paid=paid, fee_bps=fee_bps, source="logs")
+            unknown = frozenset(i.pk for i in items if skips.get((i.job_id, i.lease_id)) == SKIP_UNKNOWN_JOB)
+            return Outcome(paid=paid, fee_bps=fee_bps, source="logs", job_unknown=unknown)
     try:
         return _outcome_from_state(items=items, escrow=escrow, client=client, block=receipt.block_number)
     except NodeUnavailable:
@@ -440,14 +461,17 @@ def _outcome_from_state(*, items: list[SettlementItem], escrow: Contract, client
     needs the state of block − 1, which a pruned or restored node may not keep."""
     fee_bps = int(client.call(escrow.functions.feeBps(), block=block))
     paid: dict[int, int] = {}
+    unknown: set[int] = set()
     for item in items:
         renter_before, before = _job_remaining(client, escrow, item.job_id, block - 1)
-        _, after = _job_remaining(client, escrow, item.job_id, block)
+        renter_after, after = _job_remaining(client, escrow, item.job_id, block)
+        if int(renter_after, 16) == 0:  # the escrow knew no such job, even after the batch
+            unknown.add(item.pk)
         if int(renter_before, 16) == 0:  # activated by this transaction
             auth = BudgetAuthorization.objects.filter(job_id=item.job_id).first()
             before = int(auth.max_amount) if auth else after
         paid[item.pk] = max(0, min(int(item.delta_micro), before - after))
-    return Outcome(paid=paid, fee_bps=fee_bps, source="state")
+    return Outcome(paid=paid, fee_bps=fee_bps, source="state", job_unknown=frozenset(unknown))
 
 
 def settlement_confirm(
@@ -459,7 +483,7 @@ def settlement_confirm(
     yet, SettlementUnresolved when what it paid cannot be told (it stays submitted)."""
     receipt = client.wait_confirmations(receipt)
     block = receipt.block_number
-    items = list(settlement.items.order_by("pk"))
+    items = list(settlement_items_carried(settlement))
     outcome = settlement_outcome(
         settlement=settlement, items=items, client=client, deployment=deployment, receipt=receipt
     )
@@ -487,7 +511,12 @@ def settlement_confirm(
                 services.settlement_revert_record(
                     lease_id=item.lease_id, amount=rest, settlement_ref=ref, generation=locked.rewinds
                 )
-                notes.append(f"lease {item.lease_id}: {rest} not paid by the escrow")
+                unknown = item.pk in outcome.job_unknown
+                notes.append(
+                    f"lease {item.lease_id}: {rest} not paid by the escrow"
+                    + (" (it knew no such job: the charge goes out again)" if unknown else "")
+                )
+        SettlementItem.objects.filter(pk__in=outcome.job_unknown).update(job_unknown=True)
         # A batch recorded before budgets were reserved ahead of the work may have activated one.
         BudgetAuthorization.objects.filter(
             job_id__in=[i.job_id for i in items if i.carries_budget], activated_at__isnull=True
@@ -501,27 +530,52 @@ def settlement_confirm(
     return locked
 
 
+def _carried_on(item: SettlementItem) -> bool:
+    """Whether a later batch not failed carries the item's lease (its charge moved on from unsettled)."""
+    return (
+        SettlementItem.objects.filter(lease_id=item.lease_id, settlement_id__gt=item.settlement_id)
+        .exclude(settlement__status=SS.FAILED)
+        .exists()
+    )
+
+
 def settlement_unconfirm(*, settlement: Settlement, why: str) -> Settlement:
     """Undo a confirmed batch whose block left the chain (billing.rewind found it): every ledger
     entry its confirmation posted is compensated (services.settlement_unconfirm_record: the whole
     delta of each lease is in settlement again), `rewinds` grows by one (its next confirmation
     posts entries under new keys) and it goes back to pending, keeping its nonce and calldata
     hash, so the next run finds its transaction if the chain mined it again, waits for it if the
-    node holds it, and sends it once more otherwise. Raises InsufficientBalance (nothing written)
-    when the money moved on meanwhile (a withdrawal the ledger still shows). Returns it fresh."""
+    node holds it, and sends it once more otherwise. An item the escrow had skipped for not
+    knowing its job (`job_unknown`: it paid nothing) is in settlement again only while its charge
+    still waited unsettled; one a later batch has carried on is left as it is, and the batch goes
+    out again without it (`settlement_items_carried`); a batch left with nothing to send stays
+    confirmed, its block forgotten. Raises InsufficientBalance (nothing
+    written) when the money moved on meanwhile (a withdrawal the ledger still shows). Returns it
+    fresh."""
     ref = settlement_ref(settlement)
     with transaction.atomic():
         locked = Settlement.objects.select_for_update().get(pk=settlement.pk)
         if locked.status != SS.CONFIRMED:
             return locked
+        undone = 0
         for item in locked.items.order_by("pk"):
+            if item.job_unknown and _carried_on(item):
+                continue  # paid nothing here; its charge is in a later batch: this one goes without it
             services.settlement_unconfirm_record(
                 lease_id=item.lease_id, settlement_ref=ref, generation=locked.rewinds, why=why
             )
-        locked.status, locked.rewinds, locked.last_error = SS.PENDING, locked.rewinds + 1, why[:2000]
-        locked.confirmed_at, locked.block_number, locked.block_hash = None, None, ""
+            if item.job_unknown:  # its charge waited unsettled: in this batch again
+                SettlementItem.objects.filter(pk=item.pk).update(job_unknown=False)
+            undone += 1
+        locked.rewinds, locked.last_error = locked.rewinds + 1, why[:2000]
+        locked.block_number, locked.block_hash = None, ""
+        if undone:
+            locked.status, locked.confirmed_at = SS.PENDING, None
         locked.save()
-    logger.warning("settlement %s is pending again: %s", settlement.pk, why)
+    if undone:
+        logger.warning("settlement %s is pending again: %s", settlement.pk, why)
+    else:  # it paid nothing, and what it carried went out again in later batches: nothing to send
+        logger.warning("settlement %s: %s; it paid nothing and stays confirmed", settlement.pk, why)
     return locked
 
 

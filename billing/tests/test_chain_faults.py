@@ -347,6 +347,86 @@ def test_a_rollback_after_the_runs_rewind_holds_back_the_next_batch_of_the_lease
     _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
 
 
+def _skipped_then_paid(node: Node, monkeypatch: pytest.MonkeyPatch, label: str):  # type: ignore[no-untyped-def]
+    """A finished job whose budget is reserved on chain; the settlement run checks that the chain
+    still holds what the ledger rests on, then the chain rolls back under it (to `mark`, before the
+    reservation) before its batch is mined: the escrow, which no longer knows the job, skips the
+    item (`UnknownJob`) and pays nothing. Then the runs go on until the job is released."""
+    renter, account = funded_renter(node.env, label)
+    payee = node.env.account(f"payee {label}")
+    job, lease = charged_job(renter, provider_address=payee.address)
+    node.env.sign_budget(account, job, 2 * ONE)
+    client = node.client()
+    mark = node.mark()
+    assert reserve_run(client=client, deployment=node.env.deployment)["reserved"] == 1
+    assert services.budgets_release()["released"] == 1
+    checked = engine.rewound_before_send
+
+    def checked_then_rolled_back(*, client: ChainClient, what: str) -> bool:
+        went_back = checked(client=client, what=what)
+        node.roll_back(mark)  # the reservation is gone the moment after the check
+        node.mine(1)
+        return went_back
+
+    monkeypatch.setattr(engine, "rewound_before_send", checked_then_rolled_back)
+    engine.settle_run(client=client, deployment=node.env.deployment, force=True)
+    monkeypatch.undo()
+    assert _earnings(node, payee) == 0
+    _runs(node, client)
+    return renter, account, payee, job, lease, client, mark
+
+
+def _runs(node: Node, client: ChainClient) -> None:
+    """The billing runs, three times over: what billing's beat tasks do within a minute."""
+    for _ in range(3):
+        engine.settle_run(client=client, deployment=node.env.deployment, force=True)
+        engine.settlements_reconcile(client=client, deployment=node.env.deployment, older_than_s=0)
+        jobs_release_on_chain(client=client, deployment=node.env.deployment)
+
+
+def _paid_once_and_released(node: Node, renter: Any, account: Any, payee: Any, job: Any, lease: Any) -> None:
+    assert _earnings(node, payee) == 900_000 == provider_payable_micro(provider_id=lease.machine.provider_id)
+    assert lease_money(lease_ids=[lease.pk])[lease.pk] == LeaseMoney(settled=ONE, fee=100_000, unsettled=0)
+    assert node.env.escrow.functions.job(job.pk).call()[5]  # closed: the unspent token is the renter's again
+    assert int(node.env.escrow.functions.availableBalance(account.address).call()) == 9 * ONE
+    _agree(node, {renter.pk: account.address}, {lease.machine.provider_id: payee.address})
+
+
+def test_a_settlement_mined_after_a_rollback_took_its_jobs_reservation_pays_the_charge_once_reserved_again(
+    node, monkeypatch
+):
+    """The escrow skipped the item of a job whose reservation a rollback took just before the
+    batch was mined (`_skipped_then_paid`): the charge went back to unsettled and goes out again
+    once the budget is reserved again. Counted as sent by the skipped item, it waited unsettled
+    for good, and the job's budget stayed reserved in the escrow though the ledger had released it
+    (what the fault suite's chain rollback found twice)."""
+    renter, account, payee, job, lease, _client, _mark = _skipped_then_paid(node, monkeypatch, "jo")
+
+    _paid_once_and_released(node, renter, account, payee, job, lease)
+    skipped, paid = Settlement.objects.order_by("pk")
+    assert [(i.delta_micro, i.job_unknown) for i in skipped.items.all()] == [(ONE, True)]
+    assert [(i.delta_micro, i.job_unknown) for i in paid.items.all()] == [(ONE, False)]
+    assert "it knew no such job" in skipped.last_error
+
+
+def test_a_rollback_under_a_skipped_item_and_the_batch_that_paid_it_pays_the_charge_once(node, monkeypatch):
+    """After `_skipped_then_paid`, the chain goes back to before the reservation again: the batch
+    that paid the charge, the reservation and the release are gone, and so is the batch whose item
+    was skipped, which paid nothing. The first goes out again and pays the charge once; the second
+    has nothing to send (its charge went out in the first) and stays confirmed."""
+    renter, account, payee, job, lease, client, mark = _skipped_then_paid(node, monkeypatch, "kai")
+
+    node.roll_back(mark)
+    node.mine(2)
+    _runs(node, client)
+
+    _paid_once_and_released(node, renter, account, payee, job, lease)
+    skipped, paid = Settlement.objects.order_by("pk")
+    assert (skipped.status, skipped.rewinds, skipped.block_number) == ("confirmed", 1, None)
+    assert (paid.status, paid.rewinds, paid.attempts) == ("confirmed", 1, 2)
+    assert BudgetReservation.objects.get().rewinds == 2
+
+
 # ---------------------------------------------------------------------------- a submitted transaction vanishes
 
 
