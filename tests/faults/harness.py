@@ -1444,6 +1444,9 @@ class Suite:
             where = next((p.name for p in self.phases if _within(p, observation.at)), "?")
             lines.append(f"{where}: {observation}")
         if self.violations:
+            # What the worker said went wrong, in the report itself: a CI run keeps no logs.
+            lines.append(f"\nthe worker's warnings and errors (the last {LOG_TAIL_LINES}):")
+            lines += [f"  {line}" for line in log_warnings(self.cluster.logs / "worker.log", LOG_TAIL_LINES)]
             lines.append(f"\n{len(self.violations)} violation(s):")
             for violation in self.violations:
                 where = next((p.name for p in self.phases if _within(p, violation.at)), "?")
@@ -1461,6 +1464,20 @@ class Suite:
         self.cluster.close()
         if not self.config.keep:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+LOG_TAIL_LINES = 80
+
+
+def log_warnings(path: Path, limit: int) -> list[str]:
+    """The last `limit` WARNING, ERROR and CRITICAL lines of a log (each cut to 400 characters); []
+    when it cannot be read."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    found = [line[:400] for line in text.splitlines() if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)]
+    return found[-limit:]
 
 
 def _within(phase: Phase, t: float) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import SANDBOX_SH, Watcher
+from tests.faults.harness import SANDBOX_SH, Watcher, log_warnings
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -44,3 +44,17 @@ def test_every_workload_is_seen_even_when_a_scan_lands_inside_its_exec(tmp_path:
     # Each was seen for about its planned 0.4 s, once: the fork that runs `sleep` is part of it.
     assert len(runs) == count
     assert all(0.2 < (run.end or 0) - run.start < 2.0 for run in runs)
+
+
+def test_a_failing_run_reports_the_last_warnings_and_errors_of_a_log(tmp_path: Path) -> None:
+    # A CI run keeps no logs: what the worker said went wrong must be in the report itself.
+    log = tmp_path / "worker.log"
+    lines = [f"[2026-12-06 10:00:{n:02d},000: INFO/ForkPoolWorker-1] task {n} finished" for n in range(50)]
+    lines[10] = "[2026-12-06 10:00:10,000: WARNING/ForkPoolWorker-1] settlement 4 is pending again"
+    lines[20] = "[2026-12-06 10:00:20,000: ERROR/ForkPoolWorker-1] settlement 5: the escrow paid less than sent"
+    lines[30] = "[2026-12-06 10:00:30,000: WARNING/ForkPoolWorker-2] chain rewind: " + "x" * 1000
+    log.write_text("\n".join(lines) + "\n")
+
+    assert log_warnings(log, 2) == [lines[20], lines[30][:400]]
+    assert len(log_warnings(log, 80)) == 3
+    assert log_warnings(tmp_path / "absent.log", 80) == []
