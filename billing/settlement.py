@@ -5,8 +5,9 @@ Lifecycle of a Settlement (docs/billing.md "Settlement"):
 
 1. gather (`settlement_gather`): leases whose lease_unsettled balance is positive, whose job's
    budget the escrow has reserved (billing.reservations does that before the job runs, so a batch
-   never carries budgets), and whose earlier leases of the same job are all final and settled (the
-   contract skips a lease older than the job's current one). At most one lease per job per batch,
+   never carries budgets), whose earlier leases of the same job are all final and settled (the
+   contract skips a lease older than the job's current one), and which has no charge in a batch
+   not yet confirmed (see `settlement_gather`). At most one lease per job per batch,
    so items can be sorted by provider address (the contract credits consecutive items of one
    provider with one write) without breaking that order. Each run first sends the budgets waiting
    to be reserved (`reservations.reserve_run`), so a charge never waits a run for its reservation.
@@ -166,11 +167,22 @@ def settlement_gather(*, limit: int | None = None) -> Gathered:
     sorted by provider address, and counts of why the others wait:
     awaiting_budget_authorization (never signed), awaiting_budget_reservation (signed, not yet
     reserved by the escrow), budget_authorization_refused, awaiting_payout_address,
-    awaiting_earlier_lease, below_min_delta."""
+    awaiting_earlier_lease, awaiting_earlier_batch, below_min_delta.
+
+    A lease with a charge in a batch not yet confirmed (pending or submitted) waits for it
+    (awaiting_earlier_batch): a later batch's cumulative charge would pay that part too should the
+    escrow not record the earlier item (it skips an item whose job it does not know, as after a
+    rollback took the job's reservation), and the ledger, which books each batch its own delta,
+    would count it short and hold the earlier item's part unsettled for good."""
     limit = int(settings.SETTLEMENT_BATCH_MAX) if limit is None else limit
     min_delta = int(settings.SETTLEMENT_MIN_DELTA_MICRO)
     gathered = Gathered()
     jobs_taken: set[int] = set()
+    in_flight = set(
+        SettlementItem.objects.filter(settlement__status__in=(SS.PENDING, SS.SUBMITTED)).values_list(
+            "lease_id", flat=True
+        )
+    )
     accounts = (
         LedgerAccount.objects.filter(kind=AK.LEASE_UNSETTLED, balance__gt=0)
         .select_related("lease__machine__provider", "lease__charge", "lease__job")
@@ -197,6 +209,9 @@ def settlement_gather(*, limit: int | None = None) -> Gathered:
             continue
         if lease.job_id in jobs_taken or not _earlier_leases_done(lease):
             gathered.wait("awaiting_earlier_lease")
+            continue
+        if lease.pk in in_flight:
+            gathered.wait("awaiting_earlier_batch")
             continue
         sent = lease_sent_micro(lease.pk)
         charge = getattr(lease, "charge", None)

@@ -30,7 +30,8 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 from eth_account import Account
-from hypothesis import HealthCheck, example, given, note, settings
+from hexbytes import HexBytes
+from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from billing import release as release_module
@@ -74,12 +75,29 @@ class Chain:
     def __repr__(self) -> str:
         return f"Chain({self.backend})"
 
-    def mark(self) -> Any:
-        return self._mark()
+    def mark(self) -> tuple[Any, int]:
+        """The chain as it is now: (snapshot, head block)."""
+        return self._mark(), self.env.client.block_number()
 
-    def back(self, mark: Any) -> None:
-        """The node comes back as it was at `mark` (its later blocks and their transactions gone)."""
-        self._back(mark)
+    def back(self, mark: tuple[Any, int], *, mined_again: bool = False) -> None:
+        """The node comes back as it was at `mark`: its later blocks and their transactions gone
+        or, `mined_again` (a reorg on a live chain; anvil only), mined again in new blocks, in
+        their order, those the new chain still accepts."""
+        snapshot, block = mark
+        raws = []
+        if mined_again and self.backend == "anvil":
+            w3 = self.env.client.web3
+            for number in range(block + 1, self.env.client.block_number() + 1):
+                for tx_hash in w3.eth.get_block(number)["transactions"]:
+                    found = w3.provider.make_request("eth_getRawTransactionByHash", [HexBytes(tx_hash).to_0x_hex()])
+                    raws.append(found["result"])
+        self._back(snapshot)
+        accepted = 0
+        for raw in raws:
+            answer = w3.provider.make_request("eth_sendRawTransaction", [raw])  # a refusal is the new chain's answer
+            accepted += "result" in answer
+        if raws:
+            event(f"a reorg mined transactions again: {'some' if accepted else 'none'}")
 
 
 def _chain(backend: str, tmp: Path, w3: Any = None) -> Chain:
@@ -156,6 +174,7 @@ OPERATION = st.one_of(
     RUN,
     st.just(("mark",)),
     st.tuples(st.just("back"), st.integers(0, 7)),  # to one of the blocks remembered
+    st.tuples(st.just("reorg"), st.integers(0, 7)),  # the same, its transactions mined again
     BACK_BEFORE_SEND,
     BACK_BEFORE_SEND,
 )
@@ -170,6 +189,9 @@ class Rollback(Exception):
 @given(operations=st.lists(OPERATION, min_size=6, max_size=24))
 # The settlement mined after a rollback took its job's reservation (its item skipped, `UnknownJob`).
 @example(operations=[("job", 0), ("run", "reserve"), ("meter", 0), ("end", 0), ("back_before_send", "settle", 0)])
+# Then a second batch of the same lease, gathered while the first was in flight, paid both parts
+# under its cumulative charge, and the ledger booked only its own delta.
+@example(operations=[("job", 0), ("mark",), ("meter", 0), ("back_before_send", "settle", 0), ("meter", 0)])
 def test_whatever_the_chain_takes_back_every_charge_is_paid_once_and_the_ledger_equals_the_escrow(
     chain: Chain, operations: list[tuple[Any, ...]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -284,15 +306,20 @@ class Play:
     def op_mark(self) -> None:
         self.marks.append(self.chain.mark())
 
-    def _back(self, which: int) -> None:
+    def _back(self, which: int, *, mined_again: bool = False) -> None:
         index = which % len(self.marks)
-        self.chain.back(self.marks[index])
+        self.chain.back(self.marks[index], mined_again=mined_again)
         # A mark is used up by going back to it (evm_revert), and later ones went with it.
         del self.marks[index:]
         self.marks.append(self.chain.mark())
 
     def op_back(self, which: int) -> None:
         self._back(which)
+
+    def op_reorg(self, which: int) -> None:
+        """The blocks since a remembered one are replaced, their transactions mined again in new
+        blocks (on anvil; on the in-process EVM, gone as with `back`)."""
+        self._back(which, mined_again=True)
 
     def op_back_before_send(self, name: str, which: int) -> None:
         """The run `name` checks that the chain holds what the ledger rests on; the chain goes
