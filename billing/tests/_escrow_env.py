@@ -143,6 +143,20 @@ def escrow_env(tmp_path: Path, *, fee_bps: int = 1000) -> EscrowEnv:
     )
 
 
+def escrow_env_deployed(client: ChainClient, path: Path, *, fee_bps: int = 1000) -> EscrowEnv:
+    """The escrow and the mock token deployed afresh by `client` on its chain (treasury: the
+    operator), the deployment recorded at `path`."""
+    deployment, _ = deployment_ensure(
+        client=client, treasury=client.address, fee_bps=fee_bps, dev_token=True, path=path
+    )
+    return EscrowEnv(
+        client=client,
+        deployment=deployment,
+        escrow=client.contract(ESCROW, deployment.escrow),
+        token=client.contract(STABLECOIN, deployment.token),
+    )
+
+
 def charged_job(renter: Renter, *, charge_s: int = 3600, provider_address: str | None = None) -> tuple[Job, Lease]:
     """A job (1 GPU at 1.00/GPU-hour, budget for 2 h) whose one lease ran `charge_s` seconds,
     ended and was finally metered (charge_s/3600 tokens unsettled)."""
@@ -172,4 +186,4 @@ def charged_job(renter: Renter, *, charge_s: int = 3600, provider_address: str |
     return job, lease
 
 
-__all__ = ["ONE", "EscrowEnv", "ProviderFactory", "charged_job", "escrow_env"]
+__all__ = ["ONE", "EscrowEnv", "ProviderFactory", "charged_job", "escrow_env", "escrow_env_deployed"]

@@ -52,17 +52,17 @@ from web3 import Web3
 from billing import reservations, services
 from billing.authorizations import EscrowDomain, budget_authorization_store
 from billing.chain import ChainClient, ContractReverted, chain_client_eth_tester
-from billing.chain.anvil import anvil_binary, anvil_running
+from billing.chain.anvil import anvil_running
 from billing.chain.client import ANVIL_DEV_KEY_0
-from billing.chain.deployment import deployment_ensure
-from billing.contract import ESCROW, STABLECOIN, budget_sign
+from billing.contract import budget_sign
 from billing.deposits import chain_flags, chain_watch, wallet_link
 from billing.errors import InsufficientFunds
 from billing.models import BudgetAuthorization, BudgetReservation, ChainLog, LeaseCharge, LedgerAccount, Settlement
 from billing.release import jobs_release_on_chain
 from billing.selectors import job_budget, ledger_violations
 from billing.settlement import settle_run, settlements_reconcile
-from billing.tests._escrow_env import EscrowEnv
+from billing.tests._escrow_env import EscrowEnv, escrow_env_deployed
+from billing.tests.support import require_anvil
 from jobs.models import Event, Job, Lease, UsageReport
 from jobs.services import JobSpec, lease_end, lease_mark_started
 from marketplace.matching import match_cycle
@@ -161,15 +161,7 @@ def _world(backend: str, w3: Web3 | None, tmp: Path) -> World:
             snapshot_id = w3.provider.make_request("evm_snapshot", [])["result"]
             return lambda: w3.provider.make_request("evm_revert", [snapshot_id])
 
-    deployment, _ = deployment_ensure(
-        client=client, treasury=client.address, fee_bps=1000, dev_token=True, path=tmp / f"{backend}.json"
-    )
-    env = EscrowEnv(
-        client=client,
-        deployment=deployment,
-        escrow=client.contract(ESCROW, deployment.escrow),
-        token=client.contract(STABLECOIN, deployment.token),
-    )
+    env = escrow_env_deployed(client, tmp / f"{backend}.json")
     renters = [Account.from_key(keccak(text=f"budget invariant: renter {i}")) for i in range(RENTERS)]
     payee = Account.from_key(keccak(text="budget invariant: provider payout"))
     for account in [*renters, payee]:
@@ -187,11 +179,7 @@ def _eth_tester_world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 @pytest.fixture(scope="module")
 def _anvil_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    if anvil_binary() is None:
-        message = "anvil binary missing (run `npm ci`): the anvil half of the property test did not run"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_anvil()
     with anvil_running() as w3:
         yield _world("anvil", w3, tmp_path_factory.mktemp("anvil"))
 

@@ -23,15 +23,13 @@ from billing import settlement as engine
 from billing.chain import ChainClient, ChainError
 from billing.chain.anvil import AnvilNode, anvil_start
 from billing.chain.client import ANVIL_DEV_KEY_0
-from billing.chain.deployment import deployment_ensure
-from billing.contract import ESCROW, STABLECOIN
 from billing.ledger_check import ledger_check_run
 from billing.models import BudgetAuthorization, BudgetReservation, LedgerEntry, Settlement, SettlementItem
 from billing.release import jobs_release_on_chain
 from billing.reservations import reserve_run
 from billing.selectors import provider_payable_micro, renter_available_micro
 from billing.statements import LeaseMoney, lease_money, provider_earnings, renter_balance
-from billing.tests._escrow_env import ONE, EscrowEnv, ProviderFactory, charged_job, escrow_env
+from billing.tests._escrow_env import ONE, EscrowEnv, ProviderFactory, charged_job, escrow_env, escrow_env_deployed
 from billing.tests.support import funded_renter, new_job, require_anvil, rolled_back_after_rewind
 from jobs.models import UsageReport
 from tests.depth import evms
@@ -84,15 +82,7 @@ class Node:
 
 def _anvil_env(anvil: AnvilNode, tmp_path: Path) -> EscrowEnv:
     client = ChainClient(anvil.web3(), operator_account=Account.from_key(ANVIL_DEV_KEY_0), receipt_timeout_s=5)
-    deployment, _ = deployment_ensure(
-        client=client, treasury=client.address, fee_bps=1000, dev_token=True, path=tmp_path / "anvil.json"
-    )
-    return EscrowEnv(
-        client=client,
-        deployment=deployment,
-        escrow=client.contract(ESCROW, deployment.escrow),
-        token=client.contract(STABLECOIN, deployment.token),
-    )
+    return escrow_env_deployed(client, tmp_path / "anvil.json")
 
 
 def _node(backend: str, tmp_path: Path) -> Node:

@@ -39,10 +39,8 @@ from billing import reservations as reservations_module
 from billing import services
 from billing import settlement as settlement_module
 from billing.chain import ChainClient, chain_client_eth_tester
-from billing.chain.anvil import anvil_binary, anvil_running
+from billing.chain.anvil import anvil_running
 from billing.chain.client import ANVIL_DEV_KEY_0
-from billing.chain.deployment import deployment_ensure
-from billing.contract import ESCROW, STABLECOIN
 from billing.deposits import chain_watch, wallet_link
 from billing.ledger_check import ledger_check_run
 from billing.models import BudgetAuthorization, LeaseCharge, Settlement
@@ -51,8 +49,8 @@ from billing.reservations import reserve_run
 from billing.selectors import provider_payable_micro
 from billing.settlement import settle_run, settlements_reconcile
 from billing.statements import lease_money
-from billing.tests._escrow_env import ONE, EscrowEnv, ProviderFactory
-from billing.tests.support import new_job
+from billing.tests._escrow_env import ONE, EscrowEnv, ProviderFactory, escrow_env_deployed
+from billing.tests.support import new_job, require_anvil
 from jobs.models import Job, Lease, UsageReport
 from jobs.services import lease_end
 from tests.depth import evms, examples
@@ -124,16 +122,7 @@ def _chain(backend: str, tmp: Path, w3: Any = None) -> Chain:
             w3.provider.make_request("evm_revert", [snapshot])
             w3.provider.make_request("evm_mine", [])
 
-    deployment, _ = deployment_ensure(
-        client=client, treasury=client.address, fee_bps=1000, dev_token=True, path=tmp / f"{backend}.json"
-    )
-    env = EscrowEnv(
-        client=client,
-        deployment=deployment,
-        escrow=client.contract(ESCROW, deployment.escrow),
-        token=client.contract(STABLECOIN, deployment.token),
-    )
-    return Chain(backend, env, mark, back)
+    return Chain(backend, escrow_env_deployed(client, tmp / f"{backend}.json"), mark, back)
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +132,7 @@ def _eth_tester_chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
 
 @pytest.fixture(scope="module")
 def _anvil_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
-    if anvil_binary() is None:
-        message = "anvil binary missing (run `npm ci`): the anvil half of the property test did not run"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_anvil()
     with anvil_running() as w3:
         yield _chain("anvil", tmp_path_factory.mktemp("anvil"), w3)
 
