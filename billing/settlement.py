@@ -627,7 +627,8 @@ def settle_run(
 ) -> dict[str, Any]:
     """One settlement run (the caller holds the lock LOCK_NAME): first reserve the budgets waiting
     for it (billing.reservations; its counts under `reservations`), then finish any pending batch
-    (re-send it: catch-up after the node was down), then, when due (or `force`), gather, create,
+    (re-send it: catch-up after the node was down) and confirm any submitted one mined deep
+    enough since (`_complete_if_deep`), then, when due (or `force`), gather, create,
     send and confirm a new one. NodeUnavailable leaves the batch pending and is reported, not
     raised; any other failure of one pending batch is logged and skipped (core.periodic.item),
     so it holds up neither the other pending batches nor the new one."""
@@ -646,6 +647,9 @@ def settle_run(
         for pending in Settlement.objects.filter(status=SS.PENDING).order_by("pk"):
             with _batch(pending):
                 _resume(settlement=pending, client=client, deployment=deployment, result=result, wait=wait)
+        for submitted in Settlement.objects.filter(status=SS.SUBMITTED).exclude(tx_hash="").order_by("pk"):
+            with _batch(submitted):
+                _complete_if_deep(settlement=submitted, client=client, deployment=deployment, result=result)
         if not (force or _due(timezone.now())):
             return result
         gathered = settlement_gather()
@@ -662,6 +666,27 @@ def settle_run(
         logger.warning("settlement: the chain node is unreachable (%s); pending batches wait", error)
         result["node_unavailable"] = str(error)
     return result
+
+
+# The run's counts, waiting reasons and node error: values of several types.
+def _complete_if_deep(
+    *, settlement: Settlement, client: ChainClient, deployment: Deployment, result: dict[str, Any]
+) -> None:
+    """A submitted batch (its receipt did not come within an earlier run's wait) mined and
+    CHAIN_CONFIRMATIONS deep now: confirmed (or failed, if it reverted) by this run, without
+    waiting; else left for a later run or the reconciler. Its leases' later charges wait for it
+    (`settlement_gather`), so this run does not leave that to the reconciler's
+    SETTLEMENT_STUCK_S."""
+    if client.confirmations(settlement.tx_hash) < client.confirmations_required:
+        return
+    try:
+        completed = _complete(settlement=settlement, client=client, deployment=deployment, wait=False)
+    except TransactionTimeout:  # the chain went back meanwhile: the next run's rewind sees to it
+        return
+    if completed.status == SS.CONFIRMED:
+        result["confirmed"] += 1
+    elif completed.status == SS.FAILED:
+        result["failed"] += 1
 
 
 def _batch(settlement: Settlement) -> contextlib.AbstractContextManager[periodic.Item]:

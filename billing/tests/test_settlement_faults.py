@@ -1,17 +1,24 @@
-"""Settlement faults: the node unreachable, the worker killed between sending and recording. Each
-test ends with the ledger and the escrow in agreement, every charge paid exactly once."""
+"""Settlement faults: the node unreachable, the worker killed between sending and recording, a
+receipt that comes after the run's wait. Each test ends with the ledger and the escrow in
+agreement, every charge paid exactly once."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 from web3 import Web3
 
+from billing import services
 from billing import settlement as engine
 from billing.chain import ChainClient, NodeUnavailable
-from billing.models import Settlement
+from billing.models import Settlement, SettlementItem
 from billing.reservations import reserve_run
-from billing.tests._escrow_env import ONE, charged_job, escrow_env
-from billing.tests.support import funded_renter
+from billing.tests._escrow_env import ONE, ProviderFactory, charged_job, escrow_env
+from billing.tests.support import funded_renter, new_job
+from jobs.models import UsageReport
+from tests.factories import placed_lease
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -156,3 +163,53 @@ def test_a_batch_that_fails_to_resume_is_skipped_and_reported_and_the_others_set
     assert env.disagreements(renters, providers) == []
     state.refresh_from_db()
     assert (state.last_ok, state.consecutive_failures) == (True, 0)
+
+
+def test_a_batch_whose_receipt_came_late_is_confirmed_by_the_next_run_before_its_lease_settles_on(env):
+    """The chain mines nothing for a while: the run's wait for its batch's receipt ends, and the
+    batch stays submitted. The lease's next half hour waits for it (`awaiting_earlier_batch`: a
+    second batch's cumulative charge would pay the first part too, were the first not recorded);
+    once the block is mined, the next settlement run confirms the first batch itself (not the
+    reconciler, SETTLEMENT_STUCK_S later) and sends the second: each half hour paid once."""
+    renter, account = funded_renter(env, "yan")
+    payee = env.account("payee yan")
+    job = new_job(renter)
+    env.sign_budget(account, job, 2 * ONE)
+    assert reserve_run(client=env.client, deployment=env.deployment)["reserved"] == 1
+    t0 = timezone.now() - timedelta(hours=2)
+    lease = placed_lease(job=job, provider=ProviderFactory(payout_address=payee.address), price="1.00", started=t0)
+    tester = env.client.web3.provider.ethereum_tester
+    slow = ChainClient(
+        env.client.web3, operator_account=env.client.account, receipt_timeout_s=0.2, poll_interval_s=0.01
+    )
+
+    def ran_until(seconds: int) -> None:
+        UsageReport.objects.create(
+            lease=lease,
+            report_id=f"until {seconds}",
+            period_start=t0 + timedelta(seconds=seconds - 1800),
+            period_end=t0 + timedelta(seconds=seconds),
+            gpu_seconds=1,
+        )
+        services.lease_meter(lease_id=lease.pk)
+
+    ran_until(1800)
+    tester.disable_auto_mine_transactions()
+    try:
+        first = engine.settle_run(client=slow, deployment=env.deployment, force=True)
+        assert (first["sent"], first["confirmed"]) == (1, 0)
+        assert Settlement.objects.get().status == "submitted"
+        ran_until(3600)
+        waiting = engine.settle_run(client=slow, deployment=env.deployment, force=True)
+        assert waiting["waiting"] == {"awaiting_earlier_batch": 1} and Settlement.objects.count() == 1
+        tester.mine_blocks(1)
+    finally:
+        tester.enable_auto_mine_transactions()
+
+    caught_up = engine.settle_run(client=slow, deployment=env.deployment, force=True)
+
+    assert (caught_up["confirmed"], caught_up["sent"]) == (2, 1)
+    assert list(Settlement.objects.order_by("pk").values_list("status", flat=True)) == ["confirmed", "confirmed"]
+    assert [i.delta_micro for i in SettlementItem.objects.order_by("settlement_id")] == [500_000, 500_000]
+    assert env.escrow.functions.earnings(payee.address).call() == 900_000
+    assert env.disagreements({renter.pk: account.address}, {lease.machine.provider_id: payee.address}) == []
