@@ -14,7 +14,9 @@ settlement lock, before anything is sent, and:
   recorded is checked by its receipt once, and its hash filled in;
 - undoes each, newest block first (a later record may rest on an earlier one: a settlement on its
   job's activation): a settlement's confirmation is compensated in the ledger and the batch goes
-  back to pending (billing.settlement.settlement_unconfirm); a reservation batch's budgets go back
+  back to pending (billing.settlement.settlement_unconfirm; an item the escrow had skipped for not
+  knowing its job, whose charge has gone out in a later batch, stays out of it, and a batch left
+  with nothing to send stays confirmed); a reservation batch's budgets go back
   to reserving and the batch to pending (billing.reservations.reservation_unconfirm); a release
   is forgotten (billing.release.release_forget);
 - finds every submitted batch whose transaction vanished: the node knows it no more (neither

@@ -179,7 +179,7 @@ def settlement_gather(*, limit: int | None = None) -> Gathered:
     gathered = Gathered()
     jobs_taken: set[int] = set()
     in_flight = set(
-        SettlementItem.objects.filter(settlement__status__in=(SS.PENDING, SS.SUBMITTED)).values_list(
+        SettlementItem.objects.filter(settlement__status__in=(SS.PENDING, SS.SUBMITTED), job_unknown=False).values_list(
             "lease_id", flat=True
         )
     )
@@ -480,8 +480,10 @@ def _outcome_from_state(*, items: list[SettlementItem], escrow: Contract, client
     for item in items:
         renter_before, before = _job_remaining(client, escrow, item.job_id, block - 1)
         renter_after, after = _job_remaining(client, escrow, item.job_id, block)
-        if int(renter_after, 16) == 0:  # the escrow knew no such job, even after the batch
+        if int(renter_after, 16) == 0:  # the escrow knew no such job, even after the batch: paid nothing
             unknown.add(item.pk)
+            paid[item.pk] = 0
+            continue
         if int(renter_before, 16) == 0:  # activated by this transaction
             auth = BudgetAuthorization.objects.filter(job_id=item.job_id).first()
             before = int(auth.max_amount) if auth else after
@@ -556,8 +558,9 @@ def _carried_on(item: SettlementItem) -> bool:
 
 def settlement_unconfirm(*, settlement: Settlement, why: str) -> Settlement:
     """Undo a confirmed batch whose block left the chain (billing.rewind found it): every ledger
-    entry its confirmation posted is compensated (services.settlement_unconfirm_record: the whole
-    delta of each lease is in settlement again), `rewinds` grows by one (its next confirmation
+    entry its confirmation posted for the items it sends again is compensated
+    (services.settlement_unconfirm_record: the whole delta of each such lease is in settlement
+    again), `rewinds` grows by one (its next confirmation
     posts entries under new keys) and it goes back to pending, keeping its nonce and calldata
     hash, so the next run finds its transaction if the chain mined it again, waits for it if the
     node holds it, and sends it once more otherwise. An item the escrow had skipped for not
@@ -576,10 +579,15 @@ def settlement_unconfirm(*, settlement: Settlement, why: str) -> Settlement:
         for item in locked.items.order_by("pk"):
             if item.job_unknown and _carried_on(item):
                 continue  # paid nothing here; its charge is in a later batch: this one goes without it
-            services.settlement_unconfirm_record(
+            posted = services.settlement_unconfirm_record(
                 lease_id=item.lease_id, settlement_ref=ref, generation=locked.rewinds, why=why
             )
-            if item.job_unknown:  # its charge waited unsettled: in this batch again
+            if item.job_unknown:
+                if not posted:
+                    # Left out of the confirmation undone (dropped at an earlier rewind): its charge
+                    # waits unsettled for a later batch, and this one still goes without it.
+                    continue
+                # Skipped by this confirmation, its charge still unsettled: in this batch again.
                 SettlementItem.objects.filter(pk=item.pk).update(job_unknown=False)
             undone += 1
         locked.rewinds, locked.last_error = locked.rewinds + 1, why[:2000]
