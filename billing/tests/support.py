@@ -110,6 +110,18 @@ def run_lease(
     return Lease.objects.get(pk=lease.pk)
 
 
+def ran_half_hour_until(lease: Lease, t0: datetime, seconds: int) -> None:
+    """A running lease started at `t0` reports the half hour up to `seconds` after it, and is metered."""
+    UsageReport.objects.create(
+        lease=lease,
+        report_id=f"until {seconds}",
+        period_start=t0 + timedelta(seconds=seconds - 1800),
+        period_end=t0 + timedelta(seconds=seconds),
+        gpu_seconds=1,
+    )
+    services.lease_meter(lease_id=lease.pk)
+
+
 def funded_renter(env, label: str, amount: int = 10 * ONE):  # type: ignore[no-untyped-def]
     renter = RenterFactory(funds=0)
     account = env.account(label)

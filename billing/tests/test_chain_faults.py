@@ -30,8 +30,7 @@ from billing.reservations import reserve_run
 from billing.selectors import provider_payable_micro, renter_available_micro
 from billing.statements import LeaseMoney, lease_money, provider_earnings, renter_balance
 from billing.tests._escrow_env import ONE, EscrowEnv, ProviderFactory, charged_job, escrow_env, escrow_env_deployed
-from billing.tests.support import funded_renter, new_job, require_anvil, rolled_back_after_rewind
-from jobs.models import UsageReport
+from billing.tests.support import funded_renter, new_job, ran_half_hour_until, require_anvil, rolled_back_after_rewind
 from tests.depth import evms
 from tests.factories import placed_lease
 
@@ -304,21 +303,11 @@ def test_a_rollback_after_the_runs_rewind_holds_back_the_next_batch_of_the_lease
     t0 = timezone.now() - timedelta(hours=2)
     lease = placed_lease(job=job, provider=ProviderFactory(payout_address=payee.address), price="1.00", started=t0)
 
-    def ran_until(seconds: int) -> None:
-        UsageReport.objects.create(
-            lease=lease,
-            report_id=f"until {seconds}",
-            period_start=t0 + timedelta(seconds=seconds - 1800),
-            period_end=t0 + timedelta(seconds=seconds),
-            gpu_seconds=1,
-        )
-        services.lease_meter(lease_id=lease.pk)
-
-    ran_until(1800)
+    ran_half_hour_until(lease, t0, 1800)
     mark = node.mark()
     assert engine.settle_run(client=client, deployment=deployment, force=True)["confirmed"] == 1
     assert _earnings(node, payee) == 450_000
-    ran_until(3600)
+    ran_half_hour_until(lease, t0, 3600)
     # The first batch is gone the moment after the run's rewind (the settlement run's starts
     # with the reservation run's).
     rolled_back_after_rewind(monkeypatch, reservations_module, lambda: node.roll_back(mark))

@@ -10,14 +10,12 @@ import pytest
 from django.utils import timezone
 from web3 import Web3
 
-from billing import services
 from billing import settlement as engine
 from billing.chain import ChainClient, NodeUnavailable
 from billing.models import Settlement, SettlementItem
 from billing.reservations import reserve_run
 from billing.tests._escrow_env import ONE, ProviderFactory, charged_job, escrow_env
-from billing.tests.support import funded_renter, new_job
-from jobs.models import UsageReport
+from billing.tests.support import funded_renter, new_job, ran_half_hour_until
 from tests.factories import placed_lease
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -183,23 +181,13 @@ def test_a_batch_whose_receipt_came_late_is_confirmed_by_the_next_run_before_its
         env.client.web3, operator_account=env.client.account, receipt_timeout_s=0.2, poll_interval_s=0.01
     )
 
-    def ran_until(seconds: int) -> None:
-        UsageReport.objects.create(
-            lease=lease,
-            report_id=f"until {seconds}",
-            period_start=t0 + timedelta(seconds=seconds - 1800),
-            period_end=t0 + timedelta(seconds=seconds),
-            gpu_seconds=1,
-        )
-        services.lease_meter(lease_id=lease.pk)
-
-    ran_until(1800)
+    ran_half_hour_until(lease, t0, 1800)
     tester.disable_auto_mine_transactions()
     try:
         first = engine.settle_run(client=slow, deployment=env.deployment, force=True)
         assert (first["sent"], first["confirmed"]) == (1, 0)
         assert Settlement.objects.get().status == "submitted"
-        ran_until(3600)
+        ran_half_hour_until(lease, t0, 3600)
         waiting = engine.settle_run(client=slow, deployment=env.deployment, force=True)
         assert waiting["waiting"] == {"awaiting_earlier_batch": 1} and Settlement.objects.count() == 1
         tester.mine_blocks(1)
