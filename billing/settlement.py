@@ -685,16 +685,25 @@ def _complete_if_deep(
     waiting; else left for a later run or the reconciler. Its leases' later charges wait for it
     (`settlement_gather`), so this run does not leave that to the reconciler's
     SETTLEMENT_STUCK_S."""
-    if client.confirmations(settlement.tx_hash) < client.confirmations_required:
-        return
+    if client.confirmations(settlement.tx_hash) >= client.confirmations_required:
+        _complete_counted(settlement=settlement, client=client, deployment=deployment, result=result)
+
+
+# The run's counts, waiting reasons and node error: values of several types.
+def _complete_counted(
+    *, settlement: Settlement, client: ChainClient, deployment: Deployment, result: dict[str, Any]
+) -> Settlement | None:
+    """`_complete` a submitted batch without waiting, counted in `result`; None when it is not
+    deep enough (or the chain went back meanwhile: the next run's rewind sees to it)."""
     try:
         completed = _complete(settlement=settlement, client=client, deployment=deployment, wait=False)
-    except TransactionTimeout:  # the chain went back meanwhile: the next run's rewind sees to it
-        return
+    except TransactionTimeout:
+        return None
     if completed.status == SS.CONFIRMED:
         result["confirmed"] += 1
     elif completed.status == SS.FAILED:
         result["failed"] += 1
+    return completed
 
 
 def _batch(settlement: Settlement) -> contextlib.AbstractContextManager[periodic.Item]:
@@ -794,15 +803,10 @@ def _reconcile_one(
     if settlement.status == SS.PENDING:
         _resume(settlement=settlement, client=client, deployment=deployment, result=result, wait=False)
         return
-    try:
-        completed = _complete(settlement=settlement, client=client, deployment=deployment, wait=False)
-    except TransactionTimeout:
+    completed = _complete_counted(settlement=settlement, client=client, deployment=deployment, result=result)
+    if completed is None or completed.status in (SS.CONFIRMED, SS.FAILED):
         return
-    if completed.status == SS.CONFIRMED:
-        result["confirmed"] += 1
-    elif completed.status == SS.FAILED:
-        result["failed"] += 1
-    elif client.confirmations(settlement.tx_hash) == 0 and operator_tx_replaced(record=settlement, client=client):
+    if client.confirmations(settlement.tx_hash) == 0 and operator_tx_replaced(record=settlement, client=client):
         _fail(settlement, None, "the transaction was replaced and never mined")
         result["failed"] += 1
 

@@ -169,3 +169,19 @@ def rolled_back_after_rewind(monkeypatch: pytest.MonkeyPatch, module: Any, roll_
         return found
 
     monkeypatch.setattr(module, "chain_rewind", rewind_then_roll_back)
+
+
+def rolled_back_after_check(monkeypatch: pytest.MonkeyPatch, module: Any, roll_back: Callable[[], None]) -> None:
+    """The chain goes back under the next send of `module` (billing.settlement,
+    billing.reservations, billing.release) the moment after the run checked that it still holds
+    what the ledger rests on: `module.rewound_before_send`'s next call runs, then `roll_back()`;
+    later calls are the real check."""
+    checked = module.rewound_before_send
+
+    def checked_then_roll_back(*, client: Any, what: str) -> bool:
+        went_back = checked(client=client, what=what)
+        monkeypatch.setattr(module, "rewound_before_send", checked)
+        roll_back()
+        return went_back
+
+    monkeypatch.setattr(module, "rewound_before_send", checked_then_roll_back)

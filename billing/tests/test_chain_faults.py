@@ -30,7 +30,14 @@ from billing.reservations import reserve_run
 from billing.selectors import provider_payable_micro, renter_available_micro
 from billing.statements import LeaseMoney, lease_money, provider_earnings, renter_balance
 from billing.tests._escrow_env import ONE, EscrowEnv, ProviderFactory, charged_job, escrow_env, escrow_env_deployed
-from billing.tests.support import funded_renter, new_job, ran_half_hour_until, require_anvil, rolled_back_after_rewind
+from billing.tests.support import (
+    funded_renter,
+    new_job,
+    ran_half_hour_until,
+    require_anvil,
+    rolled_back_after_check,
+    rolled_back_after_rewind,
+)
 from tests.depth import evms
 from tests.factories import placed_lease
 
@@ -257,16 +264,13 @@ def test_a_rollback_after_the_release_checked_the_settlement_cannot_close_the_jo
     client = node.client()
     mark = node.mark()
     assert engine.settle_run(client=client, deployment=node.env.deployment, force=True)["confirmed"] == 1
-    checked = release_module.rewound_before_send
 
-    def checked_then_rolled_back(*, client: ChainClient, what: str) -> bool:
-        went_back = checked(client=client, what=what)
-        node.roll_back(mark)  # the settlement is gone the moment after the check
+    def roll_back() -> None:  # the settlement is gone the moment after the check
+        node.roll_back(mark)
         node.mine(2)
         client.nonce_reset()  # the operator's next transaction is mined at once
-        return went_back
 
-    monkeypatch.setattr(release_module, "rewound_before_send", checked_then_rolled_back)
+    rolled_back_after_check(monkeypatch, release_module, roll_back)
     result = jobs_release_on_chain(client=client, deployment=node.env.deployment)
 
     assert result["waiting"] == 1 and result["released"] == 0
@@ -339,15 +343,12 @@ def _skipped_then_paid(node: Node, monkeypatch: pytest.MonkeyPatch, label: str):
     mark = node.mark()
     assert reserve_run(client=client, deployment=node.env.deployment)["reserved"] == 1
     assert services.budgets_release()["released"] == 1
-    checked = engine.rewound_before_send
 
-    def checked_then_rolled_back(*, client: ChainClient, what: str) -> bool:
-        went_back = checked(client=client, what=what)
-        node.roll_back(mark)  # the reservation is gone the moment after the check
+    def roll_back() -> None:  # the reservation is gone the moment after the check
+        node.roll_back(mark)
         node.mine(1)
-        return went_back
 
-    monkeypatch.setattr(engine, "rewound_before_send", checked_then_rolled_back)
+    rolled_back_after_check(monkeypatch, engine, roll_back)
     engine.settle_run(client=client, deployment=node.env.deployment, force=True)
     monkeypatch.undo()
     assert _earnings(node, payee) == 0

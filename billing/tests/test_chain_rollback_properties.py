@@ -50,7 +50,7 @@ from billing.selectors import provider_payable_micro
 from billing.settlement import settle_run, settlements_reconcile
 from billing.statements import lease_money
 from billing.tests._escrow_env import ONE, EscrowEnv, ProviderFactory, escrow_env_deployed
-from billing.tests.support import new_job, require_anvil
+from billing.tests.support import new_job, require_anvil, rolled_back_after_check
 from jobs.models import Job, Lease, UsageReport
 from jobs.services import lease_end
 from tests.depth import evms, examples
@@ -216,15 +216,9 @@ class Play:
         # The chain never goes back past the deposits (the watcher's side of that is its own test).
         self.marks: list[Any] = [chain.mark()]
 
-    def note(self, text: str) -> None:
-        try:
-            note(text)
-        except Exception:
-            print(text)
-
     def run(self, operations: list[tuple[Any, ...]]) -> None:
         for operation in operations:
-            self.note(f"{operation}")
+            note(f"{operation}")
             getattr(self, "op_" + operation[0])(*operation[1:])
         self.drain()
         self.check()
@@ -316,20 +310,10 @@ class Play:
             "release": release_module,
         }[name]
         checked = module.rewound_before_send
-        done = False
-
-        def checked_then_back(*, client: ChainClient, what: str) -> bool:
-            nonlocal done
-            went_back = checked(client=client, what=what)
-            if not done:
-                done = True
-                self._back(which)
-            return went_back
-
-        self.monkeypatch.setattr(module, "rewound_before_send", checked_then_back)
+        rolled_back_after_check(self.monkeypatch, module, lambda: self._back(which))
         try:
             self.op_run(name)
-        finally:
+        finally:  # a run that sent nothing did not check
             self.monkeypatch.setattr(module, "rewound_before_send", checked)
 
     # ------------------------------------------------------------------ the end
