@@ -42,10 +42,14 @@ Policies (`POLICIES`):
   * No holding back: a job that fits some free GPUs is placed this cycle, so no GPU sits idle
     while a fitting job waits. (Holding a job up to 30 min for a steadier GPU while capacity
     was ample was tried on the traces: no fewer preemptions, longer waits.)
-  * Speed: per class of GPU (model, VRAM, region, kinds) and tier of free count (1, 2, 4, 8)
-    a list of (safe-until, machine) entries sorted; a job bisects to now + its duration and
-    walks upward (at most `_WALK_LIMIT` machines each way), so a cycle costs about
-    (free GPUs + jobs) x log(free GPUs), not jobs x machines (benchmarks/placement.py).
+  * Speed: per group of GPU (model, VRAM) and tier of free count (1, 2, 4, 8) a list of
+    (safe-until, machine, class) entries sorted, where a class is the group's GPUs of one
+    region and set of accepted kinds; a job bisects to now + its duration and walks upward
+    (at most `_WALK_LIMIT` machines each way), passing over the entries of classes it does
+    not accept, so a cycle costs about (free GPUs + jobs) x log(free GPUs), not jobs x
+    machines (benchmarks/placement.py). (Lists per class, up to 80 of them a job at 100,000
+    GPUs in five regions, cost a third of the policy's time in their bisects and walks' first
+    steps; per group, about 8.)
     Beside each entry is the least floor at which its machine can give the job anything (its
     class's cheapest; 0 on a machine with GPUs of several classes, where a job may combine
     them): the walk passes over the entries of machines that ask more than the job's ceiling
@@ -132,7 +136,7 @@ _Entry = tuple[tuple[float, ...], int, int]  # (key, machine id, class)
 
 
 def _insert(entries: list[_Entry], firsts: list[float], floors: list[int], entry: _Entry, floor: int) -> None:
-    """Add `entry` to a class's tier: its sorted entries, their keys' first figures and the
+    """Add `entry` to a group's tier: its sorted entries, their keys' first figures and the
     least ceiling each entry's machine can take a job at (`_Machine.keys`)."""
     i = bisect_left(entries, entry)
     entries.insert(i, entry)
@@ -141,7 +145,7 @@ def _insert(entries: list[_Entry], firsts: list[float], floors: list[int], entry
 
 
 def _drop(entries: list[_Entry], firsts: list[float], floors: list[int], entry: _Entry) -> None:
-    """Remove `entry` from a class's tier (when it is there)."""
+    """Remove `entry` from a group's tier (when it is there)."""
     i = bisect_left(entries, entry)
     if i < len(entries) and entries[i] == entry:
         del entries[i]
@@ -273,10 +277,10 @@ class _Machine:
 
 class FreePool:
     """The free GPUs a policy places jobs on, grouped by class (model, VRAM, region, kinds),
-    with per class and tier a sorted list of (key, machine id, class) entries, one live entry
-    per machine and class. `place()` builds one per call; a caller that sees GPUs come and go
-    one by one (the simulator) keeps one and `add`s and `remove`s them, and gets the same
-    answers as `place()` over the same free GPUs (a machine's region, kinds and window are
+    with per group (model, VRAM) and tier a sorted list of (key, machine id, class) entries,
+    one live entry per machine and class. `place()` builds one per call; a caller that sees
+    GPUs come and go one by one (the simulator) keeps one and `add`s and `remove`s them, and
+    gets the same answers as `place()` over the same free GPUs (a machine's region, kinds and window are
     taken from its first `add`)."""
 
     def __init__(self, policy: str) -> None:
@@ -288,9 +292,13 @@ class FreePool:
         self.gpus: dict[int, _Gpu] = {}
         self.class_ids: dict[_Class, int] = {}
         self.class_keys: list[_Class] = []
+        # Each class's group (its model and VRAM): the entries of a group's classes share a
+        # list per tier, sorted (module docstring, Speed).
+        self.group_ids: dict[tuple[str, int], int] = {}
+        self.group_of: list[int] = []
         self.sorted: list[tuple[list[_Entry], ...]] = []
-        # The same per class and tier: each entry's key's first figure (v2: its safe-until), so
-        # a job's walk bisects plain floats (at 100,000 GPUs, 80 classes' bisects per job).
+        # The same per group and tier: each entry's key's first figure (v2: its safe-until), so
+        # a job's walk bisects plain floats.
         self.firsts: list[tuple[list[float], ...]] = []
         # And each entry's floor (`_Machine.keys`): v2's walk passes over, without looking at
         # the machine, the entries of machines that ask more than the job's ceiling (at 100,000
@@ -302,11 +310,13 @@ class FreePool:
         self._one_floor: int | None = None
         self._offered = False
         self._shape_classes: dict[tuple[frozenset[str], int, str, int], tuple[int, ...]] = {}
-        # (classes, tier) -> the tier's lists of those classes: (entries, firsts, floors) side by
-        # side. The lists are kept in place as entries come and go, so this holds while no
-        # class is added (cleared with _shape_classes).
+        # (classes, tier) -> the tier's lists of those classes' groups: (entries, firsts, floors)
+        # side by side, and the classes as a set (a walk passes over the entries of the groups'
+        # other classes). The lists are kept in place as entries come and go, so this holds
+        # while no class is added (cleared with _shape_classes).
         self._tier_lists: dict[
-            tuple[tuple[int, ...], int], tuple[list[list[_Entry]], list[list[float]], list[list[int]]]
+            tuple[tuple[int, ...], int],
+            tuple[list[list[_Entry]], list[list[float]], list[list[int]], frozenset[int]],
         ] = {}
         self._due: list[tuple[float, int, int]] = []  # v2: (grid age reached at, gpu id, stamp)
         self._stamp = 0
@@ -387,13 +397,14 @@ class FreePool:
                 key, top, floor = self._key(held, cls), _tier(len(gpus)), self._least_floor(held, gpus)
                 held.keys[cls] = (key, top, floor)
                 item = ((key, machine.id, cls), floor)
+                group = self.group_of[cls]
                 for tier in range(top + 1):
-                    staged.setdefault((cls, tier), []).append(item)
-        for (cls, tier), items in staged.items():
-            items.sort()  # entries differ in their machine id: the floors beside them are never compared
-            self.sorted[cls][tier][:] = [entry for entry, _ in items]
-            self.firsts[cls][tier][:] = [entry[0][0] for entry, _ in items]
-            self.floors[cls][tier][:] = [floor for _, floor in items]
+                    staged.setdefault((group, tier), []).append(item)
+        for (group, tier), items in staged.items():
+            items.sort()  # entries differ in their machine id or class: the floors beside them are never compared
+            self.sorted[group][tier][:] = [entry for entry, _ in items]
+            self.firsts[group][tier][:] = [entry[0][0] for entry, _ in items]
+            self.floors[group][tier][:] = [floor for _, floor in items]
         for machine in again:
             self.add_machine(machine, now=now)
 
@@ -416,9 +427,13 @@ class FreePool:
         if cls is None:
             cls = self.class_ids[key] = len(self.class_keys)
             self.class_keys.append(key)
-            self.sorted.append(([], [], [], []))
-            self.firsts.append(([], [], [], []))
-            self.floors.append(([], [], [], []))
+            group = self.group_ids.get(key[:2])
+            if group is None:
+                group = self.group_ids[key[:2]] = len(self.sorted)
+                self.sorted.append(([], [], [], []))
+                self.firsts.append(([], [], [], []))
+                self.floors.append(([], [], [], []))
+            self.group_of.append(group)
             self._shape_classes.clear()
             self._tier_lists.clear()
         if self.policy != "v2":
@@ -504,7 +519,8 @@ class FreePool:
         gained or lost under the same key: those tiers alone)."""
         gpus = machine.free.get(cls)
         old = machine.keys.get(cls)
-        tiers, firsts, floors = self.sorted[cls], self.firsts[cls], self.floors[cls]
+        group = self.group_of[cls]
+        tiers, firsts, floors = self.sorted[group], self.firsts[group], self.floors[group]
         mid = machine.offer.id
         if gpus:
             key = self._key(machine, cls)
@@ -576,7 +592,8 @@ class FreePool:
         lower bound of its machine's rank, so the walk stops at the first entry ranked above
         the best machine found."""
         tier = _tier(job.gpu_count)
-        lists = [self.sorted[cls][tier] for cls in classes if self.sorted[cls][tier]]
+        of_groups, _, _, allowed = self._lists(classes, tier)
+        lists = [entries for entries in of_groups if entries]
         heads = [(entries[0], k, 0) for k, entries in enumerate(lists)]
         heapq.heapify(heads)
         seen: set[int] = set()
@@ -584,16 +601,17 @@ class FreePool:
         best: tuple[_Machine, list[_Gpu]] | None = None
         while heads:
             entry, k, i = heads[0]
-            key, machine_id, _ = entry
-            if best_rank is not None and key > best_rank:
+            key, machine_id, cls = entry
+            mine = cls in allowed  # else an entry of the group's other classes: passed over
+            if mine and best_rank is not None and key > best_rank:
                 break
-            if self.policy == "v1" and key[0] > job.max_price:
+            if mine and self.policy == "v1" and key[0] > job.max_price:
                 break
             if i + 1 < len(lists[k]):
                 heapq.heapreplace(heads, (lists[k][i + 1], k, i + 1))
             else:
                 heapq.heappop(heads)
-            if machine_id in seen:
+            if not mine or machine_id in seen:
                 continue
             seen.add(machine_id)
             machine = self.machines[machine_id]
@@ -620,18 +638,11 @@ class FreePool:
         # than the job's ceiling are passed over unseen: the walk's limit counts the machines
         # that could take the job on price.
         ceiling = job.max_price
-        kept = self._tier_lists.get((classes, tier))
-        if kept is None:
-            kept = self._tier_lists[(classes, tier)] = (
-                [self.sorted[cls][tier] for cls in classes],
-                [self.firsts[cls][tier] for cls in classes],
-                [self.floors[cls][tier] for cls in classes],
-            )
-        lists, firsts, floors = kept  # an empty list among them gives no entry to walk
+        lists, firsts, floors, allowed = self._lists(classes, tier)  # an empty list gives no entry to walk
         starts = [bisect_left(at, need) for at in firsts]
         seen: set[int] = set()
         fallback: tuple[float, _Machine, list[_Gpu]] | None = None
-        for machine_id in _walk_up(lists, floors, ceiling, starts, seen):
+        for machine_id in _walk_up(lists, floors, ceiling, allowed, starts, seen):
             found = self._v2_candidate(machine_id, job, classes)
             if found is None:
                 continue
@@ -643,14 +654,14 @@ class FreePool:
             # Nothing of its run is kept unless it runs to the end, and no placement is likely
             # to last that long: the one that costs least is the one due back soonest, and the
             # longer stretches stay for jobs they can finish (or checkpoint in).
-            for machine_id in _walk_up(lists, floors, ceiling, [0] * len(lists), set()):
+            for machine_id in _walk_up(lists, floors, ceiling, allowed, [0] * len(lists), set()):
                 found = self._v2_candidate(machine_id, job, classes)
                 if found is not None:
                     return found[1], found[2]
         # Downward from the duration: the largest horizon among placements that fit.
         tails = []
         for k, i in enumerate(starts):
-            if (i := _below(floors[k], ceiling, i)) >= 0:
+            if (i := _below(lists[k], floors[k], ceiling, allowed, i)) >= 0:
                 tails.append((_negated(lists[k][i][0]), k, i))
         heapq.heapify(tails)
         walked = 0
@@ -658,7 +669,7 @@ class FreePool:
             neg_key, k, i = heapq.heappop(tails)
             if fallback is not None and -neg_key[0] <= fallback[0]:
                 break
-            if (below := _below(floors[k], ceiling, i)) >= 0:
+            if (below := _below(lists[k], floors[k], ceiling, allowed, i)) >= 0:
                 heapq.heappush(tails, (_negated(lists[k][below][0]), k, below))
             machine_id = lists[k][i][1]
             if machine_id in seen:
@@ -669,6 +680,22 @@ class FreePool:
             if found is not None and (fallback is None or found[0] > fallback[0]):
                 fallback = found
         return (fallback[1], fallback[2]) if fallback else None
+
+    def _lists(
+        self, classes: tuple[int, ...], tier: int
+    ) -> tuple[list[list[_Entry]], list[list[float]], list[list[int]], frozenset[int]]:
+        """The tier's lists of the classes' groups (entries, firsts, floors) and the classes as
+        a set (`_tier_lists`)."""
+        kept = self._tier_lists.get((classes, tier))
+        if kept is None:
+            groups = sorted({self.group_of[cls] for cls in classes})
+            kept = self._tier_lists[(classes, tier)] = (
+                [self.sorted[group][tier] for group in groups],
+                [self.firsts[group][tier] for group in groups],
+                [self.floors[group][tier] for group in groups],
+                frozenset(classes),
+            )
+        return kept
 
     def _v2_candidate(
         self, machine_id: int, job: JobRequest, classes: tuple[int, ...]
@@ -683,37 +710,43 @@ class FreePool:
         return min(g.safe_until for g in chosen), machine, chosen
 
 
-def _from(floors: list[int], ceiling: int, i: int) -> int:
-    """The first index from `i` up whose floor is within `ceiling` (len(floors): none)."""
+def _from(entries: list[_Entry], floors: list[int], ceiling: int, allowed: frozenset[int], i: int) -> int:
+    """The first index from `i` up whose entry is of a class in `allowed` and whose floor is
+    within `ceiling` (len(floors): none)."""
     n = len(floors)
-    while i < n and floors[i] > ceiling:
+    while i < n and (floors[i] > ceiling or entries[i][2] not in allowed):
         i += 1
     return i
 
 
-def _below(floors: list[int], ceiling: int, i: int) -> int:
-    """The first index below `i`, going down, whose floor is within `ceiling` (-1: none)."""
+def _below(entries: list[_Entry], floors: list[int], ceiling: int, allowed: frozenset[int], i: int) -> int:
+    """The first index below `i`, going down, as `_from` takes them (-1: none)."""
     i -= 1
-    while i >= 0 and floors[i] > ceiling:
+    while i >= 0 and (floors[i] > ceiling or entries[i][2] not in allowed):
         i -= 1
     return i
 
 
 def _walk_up(
-    lists: list[list[_Entry]], floors: list[list[int]], ceiling: int, starts: list[int], seen: set[int]
+    lists: list[list[_Entry]],
+    floors: list[list[int]],
+    ceiling: int,
+    allowed: frozenset[int],
+    starts: list[int],
+    seen: set[int],
 ) -> Iterator[int]:
-    """The machines of the entries from `starts` up in each list whose floor (the parallel
-    `floors`) is within `ceiling`, in key order across the lists, each once (those in `seen`
-    passed over; each walked added to it), at most _WALK_LIMIT."""
+    """The machines of the entries from `starts` up in each list that `_from` takes (a class in
+    `allowed`, a floor within `ceiling`; the parallel `floors`), in key order across the lists,
+    each once (those in `seen` passed over; each walked added to it), at most _WALK_LIMIT."""
     heads = []
     for k, i in enumerate(starts):
-        if (i := _from(floors[k], ceiling, i)) < len(lists[k]):
+        if (i := _from(lists[k], floors[k], ceiling, allowed, i)) < len(lists[k]):
             heads.append((lists[k][i], k, i))
     heapq.heapify(heads)
     walked = 0
     while heads and walked < _WALK_LIMIT:
         entry, k, i = heads[0]
-        if (i := _from(floors[k], ceiling, i + 1)) < len(lists[k]):
+        if (i := _from(lists[k], floors[k], ceiling, allowed, i + 1)) < len(lists[k]):
             heapq.heapreplace(heads, (lists[k][i], k, i))
         else:
             heapq.heappop(heads)

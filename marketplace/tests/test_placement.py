@@ -278,6 +278,21 @@ def test_v2_finds_the_one_machine_a_low_ceiling_affords_behind_hundreds_it_does_
     assert [(p.machine_id, sorted(p.gpu_ids)) for p in placed] == [(602, [604, 605])]
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_job_finds_the_one_machine_of_its_region_and_kind_behind_hundreds_of_others(policy: str) -> None:
+    """600 machines of the job's model in another region, or in its region but not accepting
+    its kind, all fitting it better, then one that it can have. The job goes to that one: a
+    model's machines of every region and kind share the walk's lists, and those the job does
+    not accept are passed over without counting in its limit."""
+    since = NOW - 100
+    elsewhere = [machine(m, [GpuOffer(m, "a100", 40_000, 500_000, since)], region="us") for m in range(1, 301)]
+    no_process = [machine(m, [GpuOffer(m, "a100", 40_000, 500_000, since)], kinds=1) for m in range(301, 601)]
+    mine = machine(601, [GpuOffer(601, "a100", 40_000, 500_000, NOW - 60)], kinds=3)
+    wanted = job(1, region="eu", kind=2, duration=60)
+    placements = place([wanted], [*elsewhere, *no_process, mine], now=NOW, policy=policy)
+    assert [(p.job_id, p.machine_id) for p in placements] == [(1, 601)]
+
+
 def test_v2_leaves_no_gpu_idle_when_more_jobs_wait_than_gpus_are_free() -> None:
     fleet = _history([200.0] * 100)
     flaky = Forecast(_history([150.0] * 40), fleet)
