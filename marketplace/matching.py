@@ -61,10 +61,12 @@ import functools
 import heapq
 import json
 import logging
+import sys
 import threading
 import time
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -984,6 +986,37 @@ def _gpus_held_by_renter() -> dict[int, int]:
     )
 
 
+# While writer threads run beside the policy: how long the policy's thread may hold the GIL
+# before a thread waiting for it (a writer back from PostgreSQL) gets it (sys.setswitchinterval;
+# CPython's default is 5 ms). A chunk is a dozen statements, and after each reply its writer
+# waited for the policy's thread to give the GIL up: at the default, a chunk written beside
+# the policy took 0.23-0.30 s against 0.08 s alone, and most of the plan was left to write
+# after the policy ended (benchmarks/README.md).
+WRITER_SWITCH_INTERVAL_S = 0.0002
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_before = 0.0
+
+
+@contextmanager
+def _short_switch_interval() -> Iterator[None]:
+    """sys.setswitchinterval(WRITER_SWITCH_INTERVAL_S) while any cycle of this process has
+    writer threads, put back as it was when the last ends (it is the process's setting)."""
+    global _switch_users, _switch_before
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_before = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_before, WRITER_SWITCH_INTERVAL_S))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_before)
+
+
 class _PlanWriter:
     """Writes a plan as the policy makes it (`add`, then `close`), in transactions of CHUNK_SIZE
     placements: each locks its jobs (still pending) and GPUs (still candidates), skipping rows
@@ -999,7 +1032,8 @@ class _PlanWriter:
     chunks do not). Inside a transaction (a caller's, a test's) other connections would not see
     its rows: the chunks are written at `close`, in this thread, one after another. A writer
     that fails stops the others and the policy (its error raised at the next `add` or at
-    `close`); chunks written before stay written, each complete."""
+    `close`); chunks written before stay written, each complete. While its threads run, the
+    process's GIL switch interval is short (WRITER_SWITCH_INTERVAL_S)."""
 
     def __init__(self) -> None:
         self._threads_wanted = settings.GPGPU["MATCH_WRITERS"] - 1
@@ -1013,6 +1047,7 @@ class _PlanWriter:
         self._ready = threading.Condition()
         self._next = 0  # the first chunk no writer has taken
         self._closed = False
+        self._switch = ExitStack()  # the short switch interval while the threads run
 
     def __enter__(self) -> _PlanWriter:
         return self
@@ -1024,6 +1059,7 @@ class _PlanWriter:
             self._ready.notify_all()
         for thread in self._threads:
             thread.join()
+        self._switch.close()
 
     @property
     def chunks(self) -> int:
@@ -1057,7 +1093,8 @@ class _PlanWriter:
             self._chunks.append(self._chunk)
             self._ready.notify()
         self._chunk = []
-        if full and len(self._chunks) == 1:  # the plan fills a chunk: worth the threads (and connections)
+        if full and len(self._chunks) == 1 and self._threads_wanted:  # the plan fills a chunk: worth the threads
+            self._switch.enter_context(_short_switch_interval())
             for _ in range(self._threads_wanted):
                 thread = threading.Thread(target=self._write_in_thread, daemon=True)
                 thread.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter
 from decimal import Decimal
@@ -223,6 +224,8 @@ def test_a_planned_cycle_writes_its_chunks_on_two_connections_at_once(two_writer
     both_writing = threading.Barrier(2, timeout=20)
     seen: list[tuple[int, tuple[int, ...]]] = []
     waited: set[int] = set()
+    switch_intervals: set[float] = set()
+    before = sys.getswitchinterval()
 
     def chunk_write(chunk: Any) -> Any:
         if threading.get_ident() not in waited:  # each writer's first chunk: the other must be at its own
@@ -230,10 +233,16 @@ def test_a_planned_cycle_writes_its_chunks_on_two_connections_at_once(two_writer
             both_writing.wait()
         connection.ensure_connection()  # a writer thread's connection opens at its first query
         seen.append((connection.connection.info.backend_pid, tuple(sorted(p.job_id for p in chunk))))
+        switch_intervals.add(sys.getswitchinterval())
         return write(chunk)
 
     monkeypatch.setattr(matching, "_chunk_write", chunk_write)
     result = tasks.match_pending_jobs()
+
+    # While the writers ran beside the policy a writer back from the database got the GIL
+    # within the short interval; after the cycle the process's own setting is back.
+    assert [pytest.approx(matching.WRITER_SWITCH_INTERVAL_S)] == list(switch_intervals) != [pytest.approx(before)]
+    assert sys.getswitchinterval() == before
 
     assert (result["placed"], result["chunks"], result["conflicts"]) == (11, 4, 0)
     assert len({pid for pid, _ in seen}) == 2
@@ -260,8 +269,10 @@ def test_a_chunk_writer_that_fails_fails_the_cycle(two_writers: None, monkeypatc
         return write(chunk)
 
     monkeypatch.setattr(matching, "_chunk_write", chunk_write)
+    before = sys.getswitchinterval()
     with pytest.raises(RuntimeError, match="went away under this writer"):
         matching.match_cycle()
+    assert sys.getswitchinterval() == before  # the writers' short interval ends with them
     # What the calling thread's writer committed stays, as chunks committed before a failure do.
     assert Job.objects.filter(status=Job.Status.SCHEDULED).count() == Lease.objects.count() <= 4
 
