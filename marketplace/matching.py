@@ -1032,8 +1032,9 @@ class _PlanWriter:
     chunks do not). Inside a transaction (a caller's, a test's) other connections would not see
     its rows: the chunks are written at `close`, in this thread, one after another. A writer
     that fails stops the others and the policy (its error raised at the next `add` or at
-    `close`); chunks written before stay written, each complete. While its threads run, the
-    process's GIL switch interval is short (WRITER_SWITCH_INTERVAL_S)."""
+    `close`); chunks written before stay written, each complete. From the start of its threads
+    until it is left (`with`), the process's GIL switch interval is short
+    (WRITER_SWITCH_INTERVAL_S)."""
 
     def __init__(self) -> None:
         self._threads_wanted = settings.GPGPU["MATCH_WRITERS"] - 1
@@ -1057,9 +1058,11 @@ class _PlanWriter:
             self._closed = True
             self._next = len(self._chunks)
             self._ready.notify_all()
-        for thread in self._threads:
-            thread.join()
-        self._switch.close()
+        try:
+            for thread in self._threads:
+                thread.join()
+        finally:
+            self._switch.close()
 
     @property
     def chunks(self) -> int:

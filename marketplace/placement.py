@@ -47,9 +47,12 @@ Policies (`POLICIES`):
     region and set of accepted kinds; a job bisects to now + its duration and walks upward
     (at most `_WALK_LIMIT` machines each way), passing over the entries of classes it does
     not accept, so a cycle costs about (free GPUs + jobs) x log(free GPUs), not jobs x
-    machines (benchmarks/placement.py). (Lists per class, up to 80 of them a job at 100,000
-    GPUs in five regions, cost a third of the policy's time in their bisects and walks' first
-    steps; per group, about 8.)
+    machines (benchmarks/placement.py), and a job that accepts few of a group's classes (one
+    region of many) passes over about as many entries of the others as there are of them for
+    each of its own. (Lists per class, up to 80 of them a job at 100,000 GPUs in five regions,
+    cost a third of the policy's time in their bisects and walks' first steps; per group,
+    about 8.) first-fit and v1 keep a list per class (their walk has no limit, and each entry
+    passed over would be a heap step).
     Beside each entry is the least floor at which its machine can give the job anything (its
     class's cheapest; 0 on a machine with GPUs of several classes, where a job may combine
     them): the walk passes over the entries of machines that ask more than the job's ceiling
@@ -292,9 +295,9 @@ class FreePool:
         self.gpus: dict[int, _Gpu] = {}
         self.class_ids: dict[_Class, int] = {}
         self.class_keys: list[_Class] = []
-        # Each class's group (its model and VRAM): the entries of a group's classes share a
-        # list per tier, sorted (module docstring, Speed).
-        self.group_ids: dict[tuple[str, int], int] = {}
+        # Each class's group (v2: its model and VRAM; first-fit and v1: the class itself): the
+        # entries of a group's classes share a list per tier, sorted (module docstring, Speed).
+        self.group_ids: dict[tuple[Any, ...], int] = {}
         self.group_of: list[int] = []
         self.sorted: list[tuple[list[_Entry], ...]] = []
         # The same per group and tier: each entry's key's first figure (v2: its safe-until), so
@@ -427,9 +430,10 @@ class FreePool:
         if cls is None:
             cls = self.class_ids[key] = len(self.class_keys)
             self.class_keys.append(key)
-            group = self.group_ids.get(key[:2])
+            group_key = key[:2] if self.policy == "v2" else key
+            group = self.group_ids.get(group_key)
             if group is None:
-                group = self.group_ids[key[:2]] = len(self.sorted)
+                group = self.group_ids[group_key] = len(self.sorted)
                 self.sorted.append(([], [], [], []))
                 self.firsts.append(([], [], [], []))
                 self.floors.append(([], [], [], []))
@@ -588,9 +592,9 @@ class FreePool:
     # --- search ---------------------------------------------------------------------------
 
     def find_ordered(self, job: JobRequest, classes: tuple[int, ...]) -> tuple[_Machine, list[_Gpu]] | None:
-        """first-fit and v1: walk the job's classes in key order (merged); each entry's key is a
-        lower bound of its machine's rank, so the walk stops at the first entry ranked above
-        the best machine found."""
+        """first-fit and v1: walk the job's classes in key order (merged; their lists are one per
+        class, `group_ids`); each entry's key is a lower bound of its machine's rank, so the
+        walk stops at the first entry ranked above the best machine found."""
         tier = _tier(job.gpu_count)
         of_groups, _, _, allowed = self._lists(classes, tier)
         lists = [entries for entries in of_groups if entries]
