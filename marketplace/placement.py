@@ -259,6 +259,10 @@ class _Gpu:
     stamp: int = 0
 
 
+# Whether a policy's pool keeps its walk's lists per group of classes (model, VRAM) rather than
+# per class (module docstring, Speed).
+_BY_MODEL = {"first-fit": False, "v1": False, "v2": True}
+
 # The order GPUs are taken in on one machine, per policy (v2: the safest first).
 _GPU_ORDER: dict[str, Callable[[_Gpu], tuple[float, ...]]] = {
     "first-fit": lambda g: (g.offer.id,),
@@ -430,7 +434,7 @@ class FreePool:
         if cls is None:
             cls = self.class_ids[key] = len(self.class_keys)
             self.class_keys.append(key)
-            group_key = key[:2] if self.policy == "v2" else key
+            group_key = key[:2] if _BY_MODEL[self.policy] else key
             group = self.group_ids.get(group_key)
             if group is None:
                 group = self.group_ids[group_key] = len(self.sorted)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 
+from marketplace import placement
 from marketplace.placement import (
     P_TARGET,
     POLICIES,
@@ -276,6 +278,30 @@ def test_v2_finds_the_one_machine_a_low_ceiling_affords_behind_hundreds_it_does_
     two = job(2, gpus=2, price=500_000, duration=60)
     placed = place([two], [mixed], now=NOW, policy="v2")
     assert [(p.machine_id, sorted(p.gpu_ids)) for p in placed] == [(602, [604, 605])]
+
+
+def _placed(jobs: list[JobRequest], machines: list[MachineOffer]) -> list[tuple[int, int, tuple[int, ...], int]]:
+    return [(p.job_id, p.machine_id, p.gpu_ids, p.price) for p in place(jobs, machines, now=NOW, policy="v2")]
+
+
+@pytest.mark.parametrize("walk_limit", [2, 3, 256])
+def test_v2_walking_a_models_list_places_as_walking_each_class_list(walk_limit: int, monkeypatch: Any) -> None:
+    """v2 keeps one list per model and VRAM, a job passing over the entries of the classes
+    (regions, kinds) it does not accept without counting them: it places every job where
+    lists per class placed it, in the same order, whatever the walk's limit (mixed machines,
+    jobs of 1 to 8 GPUs, with and without checkpoints, low ceilings)."""
+    monkeypatch.setattr(placement, "_WALK_LIMIT", walk_limit)
+    for seed in range(25):
+        jobs, machines = random_world(random.Random(seed))
+        for j in jobs[::3]:
+            j.checkpoint_interval_s = None
+
+        by_model = _placed(jobs, machines)
+        monkeypatch.setitem(placement._BY_MODEL, "v2", False)
+        per_class = _placed(jobs, machines)
+        monkeypatch.setitem(placement._BY_MODEL, "v2", True)
+        assert by_model == per_class, seed
+        assert per_class  # a world where something was placed
 
 
 @pytest.mark.parametrize("policy", POLICIES)
