@@ -259,9 +259,9 @@ class _Gpu:
     stamp: int = 0
 
 
-# Whether a policy's pool keeps its walk's lists per group of classes (model, VRAM) rather than
-# per class (module docstring, Speed).
-_BY_MODEL = {"first-fit": False, "v1": False, "v2": True}
+# Whether v2's pool keeps its walk's lists per group of classes (model, VRAM) rather than per
+# class (module docstring, Speed); first-fit's and v1's are per class (`find_ordered` counts on it).
+_V2_BY_MODEL = True
 
 # The order GPUs are taken in on one machine, per policy (v2: the safest first).
 _GPU_ORDER: dict[str, Callable[[_Gpu], tuple[float, ...]]] = {
@@ -434,7 +434,7 @@ class FreePool:
         if cls is None:
             cls = self.class_ids[key] = len(self.class_keys)
             self.class_keys.append(key)
-            group_key = key[:2] if _BY_MODEL[self.policy] else key
+            group_key = key[:2] if self.policy == "v2" and _V2_BY_MODEL else key
             group = self.group_ids.get(group_key)
             if group is None:
                 group = self.group_ids[group_key] = len(self.sorted)
@@ -597,11 +597,11 @@ class FreePool:
 
     def find_ordered(self, job: JobRequest, classes: tuple[int, ...]) -> tuple[_Machine, list[_Gpu]] | None:
         """first-fit and v1: walk the job's classes in key order (merged; their lists are one per
-        class, `group_ids`); each entry's key is a lower bound of its machine's rank, so the
-        walk stops at the first entry ranked above the best machine found."""
+        class, `_V2_BY_MODEL`, so every entry is of a class the job accepts); each entry's key
+        is a lower bound of its machine's rank, so the walk stops at the first entry ranked
+        above the best machine found."""
         tier = _tier(job.gpu_count)
-        of_groups, _, _, allowed = self._lists(classes, tier)
-        lists = [entries for entries in of_groups if entries]
+        lists = [entries for entries in self._lists(classes, tier)[0] if entries]
         heads = [(entries[0], k, 0) for k, entries in enumerate(lists)]
         heapq.heapify(heads)
         seen: set[int] = set()
@@ -609,17 +609,16 @@ class FreePool:
         best: tuple[_Machine, list[_Gpu]] | None = None
         while heads:
             entry, k, i = heads[0]
-            key, machine_id, cls = entry
-            mine = cls in allowed  # else an entry of the group's other classes: passed over
-            if mine and best_rank is not None and key > best_rank:
+            key, machine_id, _ = entry
+            if best_rank is not None and key > best_rank:
                 break
-            if mine and self.policy == "v1" and key[0] > job.max_price:
+            if self.policy == "v1" and key[0] > job.max_price:
                 break
             if i + 1 < len(lists[k]):
                 heapq.heapreplace(heads, (lists[k][i + 1], k, i + 1))
             else:
                 heapq.heappop(heads)
-            if not mine or machine_id in seen:
+            if machine_id in seen:
                 continue
             seen.add(machine_id)
             machine = self.machines[machine_id]

@@ -297,9 +297,9 @@ def test_v2_walking_a_models_list_places_as_walking_each_class_list(walk_limit: 
             j.checkpoint_interval_s = None
 
         by_model = _placed(jobs, machines)
-        monkeypatch.setitem(placement._BY_MODEL, "v2", False)
+        monkeypatch.setattr(placement, "_V2_BY_MODEL", False)
         per_class = _placed(jobs, machines)
-        monkeypatch.setitem(placement._BY_MODEL, "v2", True)
+        monkeypatch.setattr(placement, "_V2_BY_MODEL", True)
         assert by_model == per_class, seed
         assert per_class  # a world where something was placed
 
