@@ -77,7 +77,23 @@ def _parse() -> argparse.Namespace:
         type=int,
         help="connections writing the plan's chunks at once (MATCH_WRITERS; default: the setting's)",
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="time a worker's first cycle, which reads every GPU row (default: a later cycle, which reads "
+        "only the rows changed since the one before: MATCH_FLEET_FULL_READ_S)",
+    )
+    parser.add_argument(
+        "--changed-share",
+        type=float,
+        default=0.1,
+        help="without --cold: the share of GPU rows written between the worker's cycle before and the "
+        "timed one (heartbeats' telemetry and state; default 0.1, a minute's sampling over a 5 s interval "
+        "is 0.08)",
+    )
     args = parser.parse_args()
+    if not 0 <= args.changed_share <= 1:
+        parser.error("--changed-share must be between 0 and 1")
     if args.writers is not None and args.writers < 1:
         parser.error("--writers must be at least 1")
     for name in ("machines", "gpus_per_machine", "jobs"):
@@ -310,6 +326,43 @@ def _cleanup(created: dict[str, list[int]]) -> None:
         get_user_model().objects.filter(pk__in=created["users"]).delete()
 
 
+def _placements_digest(created: dict[str, list[int]]) -> str:
+    """A digest of the cycle's leases: (job, GPUs, price) by the job's and GPUs' places in the
+    generated queue and fleet, so that runs on fresh databases compare."""
+    from jobs.models import LeaseGPU
+
+    job_at = {job_id: i for i, job_id in enumerate(created["jobs"])}
+    gpu_at = {gpu_id: i for i, gpu_id in enumerate(created["gpus"])}
+    leases: dict[int, tuple[int, str, list[int]]] = {}
+    for lease_id, job_id, price, gpu_id in LeaseGPU.objects.filter(lease__job_id__in=created["jobs"]).values_list(
+        "lease_id", "lease__job_id", "lease__price_per_gpu_hour", "gpu_id"
+    ):
+        leases.setdefault(lease_id, (job_at[job_id], str(price), []))[2].append(gpu_at[gpu_id])
+    rows = sorted((job, price, sorted(gpus)) for job, price, gpus in leases.values())
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def _cycle_before(created: dict[str, list[int]], *, now: datetime, share: float) -> None:
+    """What a worker's cycle before leaves: the fleet read and kept (marketplace.matching), and
+    `share` of the GPU rows written since, as heartbeats write them (a telemetry sample)."""
+    from django.db import connection
+
+    from marketplace import matching
+    from providers.models import GPU
+
+    matching._fleet_forget()
+    matching._fleet_read(now=now)
+    gpu_ids = created["gpus"]
+    step = round(1 / share) if share else 0
+    if step:
+        with connection.cursor() as cursor:
+            table = connection.ops.quote_name(GPU._meta.db_table)
+            cursor.execute(
+                f"UPDATE {table} SET last_telemetry_at = %s WHERE id = ANY(%s)",  # noqa: S608
+                [now, gpu_ids[::step]],
+            )
+
+
 def main() -> None:
     args = _parse()
     _setup(args)
@@ -318,23 +371,28 @@ def main() -> None:
     from django.conf import settings
     from django.db import connection
 
+    from marketplace import matching
     from marketplace.matching import match_cycle
 
     tag = f"bench{int(time.time())}"
     setup_started = time.perf_counter()
     created = _fill(args, tag)
     _analyze()
+    now = args.now if args.now.tzinfo else args.now.replace(tzinfo=UTC)
+    if not args.cold:
+        _cycle_before(created, now=now, share=args.changed_share)
     setup_seconds = time.perf_counter() - setup_started
     cpu_started, database_started = time.process_time(), database_cpu_seconds()
     try:
-        now = args.now if args.now.tzinfo else args.now.replace(tzinfo=UTC)
         result = match_cycle(now=now, batch_size=args.jobs)
         cpu_seconds = time.process_time() - cpu_started
         database_after = database_cpu_seconds()
+        digest = _placements_digest(created)
     finally:
         if not args.keep:
             _cleanup(created)
     seconds = result.seconds
+    kept = matching._kept.last_read if matching._kept is not None else None
     print(
         json.dumps(
             {
@@ -362,6 +420,13 @@ def main() -> None:
                     if database_started is not None and database_after is not None
                     else None
                 ),
+                # How the cycle read the fleet: every GPU row ("full"), or the rows changed since
+                # the worker's cycle before ("changes"); and how many rows.
+                "fleet_read": kept[0] if kept else "full",
+                "gpu_rows_read": kept[1] if kept else len(created["gpus"]),
+                # Which job went on which GPUs at which price, by their places in the generated
+                # fleet and queue: equal digests, equal placements (e.g. --cold and not).
+                "placements_digest": digest,
                 "setup_seconds": round(setup_seconds, 3),
                 "database": f"{connection.vendor}:{connection.settings_dict['NAME']}",
             }

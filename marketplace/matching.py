@@ -50,7 +50,8 @@ heartbeat's machine lock is FOR NO KEY UPDATE, which a lease's foreign key check
 for), so the two cannot deadlock; and a heartbeat locks its machine's GPUs before it reads
 their leases, so it never shows a GPU leased here as idle (providers.services, "GPU state").
 
-Speed: the fleet is read in a handful of queries, matching runs in memory over per-class
+Speed: the fleet is read in a handful of queries (on PostgreSQL a worker keeps what it read
+and reads only the GPU rows written since: `_KeptFleet`), matching runs in memory over per-class
 heaps (class = model, VRAM, region, accepted job kinds) ordered by price, and writes are
 bulk, so a cycle over 10,000 GPUs and 10,000 jobs takes seconds (benchmarks/matching.py).
 """
@@ -61,6 +62,7 @@ import functools
 import heapq
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -88,7 +90,7 @@ from jobs.services import Placement, job_set_unplaced, leases_assign
 from marketplace import placement as policy
 from providers import services as providers_services
 from providers.availability import seconds_available
-from providers.idle_history import machine_forecasts, machines_idle_since
+from providers.idle_history import AWAY_STATES, machine_forecasts, machines_idle_since
 from providers.models import GPU, Machine
 from providers.selectors import machines_available_until
 
@@ -575,6 +577,9 @@ class _FreeFleet:
 
     machines: dict[int, tuple[str, float, int]]
     free: dict[int, dict[tuple[str, int], list[policy.GpuOffer]]]
+    # When each machine with free GPUs began its current stretch, where the read knew it (the
+    # kept fleet does); None: _offers asks providers.idle_history.
+    idle_since: dict[int, float | None] | None = None
 
     @property
     def free_count(self) -> int:
@@ -592,16 +597,22 @@ class _FreeFleet:
         return pool
 
 
-def _fleet_load(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
-    """Read the online fleet in four queries: machines, their availability, GPUs, and the GPUs
-    in active leases."""
-    machines = list(
+def _online_machines() -> list[tuple[Any, ...]]:
+    """(id, provider id, region, provider's default floor, accepts_container, accepts_process) of
+    every online machine."""
+    return list(
         Machine.objects.filter(status=Machine.Status.ONLINE)
         .order_by()
         .values_list(
             "id", "provider_id", "region", "provider__default_price_floor", "accepts_container", "accepts_process"
         )
     )
+
+
+def _fleet_load(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
+    """Read the online fleet in four queries: machines, their availability, GPUs, and the GPUs
+    in active leases."""
+    machines = _online_machines()
     until = machines_available_until(machines=[(row[0], row[1]) for row in machines], now=now)
     free_fleet, fleet = _FreeFleet(machines={}, free={}), _Fleet()
     available, free = free_fleet.machines, free_fleet.free
@@ -658,6 +669,215 @@ def _fleet_load(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
             if len(gpus) > 1:
                 gpus.sort(key=by_floor)
     return free_fleet, fleet
+
+
+# --- the kept fleet ---------------------------------------------------------------------------
+
+# What the kept fleet holds of a GPU row: machine id, model (lower-cased and stripped), VRAM,
+# state, own floor in micros (None: its provider's default), and idle_since in Unix seconds.
+_GpuRow = tuple[int, str, int, str, "int | None", "float | None"]
+
+_GPU_COLUMNS = (
+    "g.id, g.machine_id, g.model, g.vram_mb, g.state, "
+    "(round(g.price_floor * 1000000))::bigint, extract(epoch from g.idle_since)::float8"
+)
+
+
+@dataclass(slots=True)
+class _MachineView:
+    """What one machine's GPU rows give a cycle (as _fleet_load's loop makes them): every GPU as
+    _Fleet holds it, the free ones grouped by (model, VRAM) as _FreeFleet holds them, and when its
+    current stretch began (providers.idle_history.machines_idle_since). Never changed once made:
+    a cycle that read it may still be using it when the next cycle makes the machine's next."""
+
+    gpus: list[tuple[str, int, int]]
+    free: dict[tuple[str, int], list[policy.GpuOffer]]
+    idle_since: float | None
+
+
+class _KeptFleet:
+    """The fleet a matcher worker read, kept between its cycles (PostgreSQL, outside a
+    transaction), so that a cycle reads only what changed: at 100,000 GPUs the read of every GPU
+    row and the loop over it were a quarter of a cycle, and most of a cycle of a few jobs.
+
+    Each cycle, in one REPEATABLE READ transaction (one snapshot):
+    - the online machines and their windows, in full (a few rows per machine, cheap);
+    - the GPU rows written since the last read: those whose `xmin` (the transaction that wrote
+      the row's version) is at or past the last read's snapshot xmin. A transaction the last
+      read could not see has an id at least that: every version it missed is read now;
+    - the GPUs in active leases, in full;
+    - the GPU table's row count: a row gone since (a machine removed) leaves the kept rows more
+      numerous than the table's, and everything is read again.
+    A machine is worked out again (_MachineView) when one of its GPU rows changed, one of its GPUs
+    entered or left an active lease, or its provider's default floor moved; windows are judged
+    every cycle. Every row is read again at least every GPGPU["MATCH_FLEET_FULL_READ_S"]
+    seconds, and on another database. A cycle gets the same _FreeFleet and _Fleet as
+    _fleet_load would read (marketplace/tests/test_matching_kept_fleet.py)."""
+
+    def __init__(self, database: tuple[Any, ...]) -> None:
+        self.database = database
+        self.rows: dict[int, _GpuRow] = {}
+        self.of_machine: dict[int, set[int]] = {}
+        self.in_lease: set[int] = set()
+        self.views: dict[int, tuple[int, _MachineView]] = {}  # machine -> (default floor it was made with, view)
+        self.dirty: set[int] = set()
+        self.watermark: str | None = None
+        self.read_at = -math.inf
+        self.model_keys: dict[str, str] = {}
+        self.last_read = ("", 0)  # ("full" or "changes", GPU rows read): for tests and logs
+
+    def load(self, *, now: datetime) -> tuple[_FreeFleet, _Fleet]:
+        gpus, leased = (connection.ops.quote_name(model._meta.db_table) for model in (GPU, LeaseGPU))
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                machines = _online_machines()
+                until = machines_available_until(machines=[(row[0], row[1]) for row in machines], now=now)
+                cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+                watermark = str(_one(cursor))
+                full = (
+                    self.watermark is None
+                    or time.monotonic() - self.read_at >= settings.GPGPU["MATCH_FLEET_FULL_READ_S"]
+                )
+                if not full:
+                    cursor.execute(
+                        f"SELECT {_GPU_COLUMNS} FROM {gpus} g WHERE age(g.xmin) <= age(xid(%s::xid8))",  # noqa: S608
+                        [self.watermark],
+                    )
+                    changed = cursor.fetchall()
+                    self._apply(changed)
+                    cursor.execute(f"SELECT count(*) FROM {gpus}")  # noqa: S608
+                    if _one(cursor) != len(self.rows):
+                        full = True  # a row left the table
+                    else:
+                        self.last_read = ("changes", len(changed))
+                if full:
+                    cursor.execute(f"SELECT {_GPU_COLUMNS} FROM {gpus} g")  # noqa: S608
+                    self._reset()
+                    rows = cursor.fetchall()
+                    self._apply(rows)
+                    self.read_at = time.monotonic()
+                    self.last_read = ("full", len(rows))
+                cursor.execute(f"SELECT gpu_id FROM {leased} WHERE active")  # noqa: S608
+                in_lease = {row[0] for row in cursor.fetchall()}
+                self.watermark = watermark
+        for gpu_id in in_lease.symmetric_difference(self.in_lease):
+            row = self.rows.get(gpu_id)
+            if row is not None:
+                self.dirty.add(row[0])
+        self.in_lease = in_lease
+        return self._assemble(machines, until, now)
+
+    def _reset(self) -> None:
+        self.rows.clear()
+        self.of_machine.clear()
+        self.views.clear()
+        self.dirty.clear()
+
+    def _apply(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Keep these GPU rows (read as _GPU_COLUMNS), and mark the machines of those that changed
+        for working out."""
+        kept, of_machine, dirty, model_keys = self.rows, self.of_machine, self.dirty, self.model_keys
+        for gpu_id, machine_id, model, vram_mb, state, floor, idle_since in rows:
+            before = kept.get(gpu_id)
+            if before is not None and before[0] != machine_id:
+                of_machine[before[0]].discard(gpu_id)
+                dirty.add(before[0])
+            model_key = model_keys.get(model)
+            if model_key is None:
+                model_key = model_keys[model] = model.strip().lower()
+            row = (machine_id, model_key, vram_mb, state, floor, idle_since)
+            if row == before:
+                continue  # written for columns a cycle does not read (a telemetry sample)
+            kept[gpu_id] = row
+            of_machine.setdefault(machine_id, set()).add(gpu_id)
+            dirty.add(machine_id)
+
+    def _view(self, machine_id: int, default_floor: int) -> _MachineView:
+        """The machine's view as _fleet_load's loop makes it from the same rows."""
+        rows = self.rows
+        in_lease = self.in_lease
+        idle = GPU.State.IDLE
+        gpus: list[tuple[str, int, int]] = []
+        free: dict[tuple[str, int], list[policy.GpuOffer]] = {}
+        since: float | None = None
+        for gpu_id in sorted(self.of_machine.get(machine_id, ())):
+            _, model_key, vram_mb, state, floor, idle_since = rows[gpu_id]
+            if floor is None:
+                floor = default_floor
+            gpus.append((model_key, vram_mb, floor))
+            if state == idle and gpu_id not in in_lease:
+                free.setdefault((model_key, vram_mb), []).append(policy.GpuOffer(gpu_id, model_key, vram_mb, floor))
+            if idle_since is not None and state in AWAY_STATES and (since is None or idle_since > since):
+                since = idle_since
+        by_floor = attrgetter("floor", "id")
+        for group in free.values():
+            group.sort(key=by_floor)
+        return _MachineView(gpus=gpus, free=free, idle_since=since)
+
+    def _assemble(
+        self, machines: list[tuple[Any, ...]], until: dict[int, datetime | None], now: datetime
+    ) -> tuple[_FreeFleet, _Fleet]:
+        free_fleet, fleet = _FreeFleet(machines={}, free={}, idle_since={}), _Fleet()
+        available, free, idle_since = free_fleet.machines, free_fleet.free, free_fleet.idle_since
+        views, dirty = self.views, self.dirty
+        assert idle_since is not None
+        for machine_id, _, region, provider_floor, accepts_container, accepts_process in machines:
+            seconds = seconds_available(until.get(machine_id), now)
+            default_floor = _to_micros(provider_floor)
+            kept = views.get(machine_id)
+            if kept is None or kept[0] != default_floor or machine_id in dirty:
+                kept = views[machine_id] = (default_floor, self._view(machine_id, default_floor))
+                dirty.discard(machine_id)
+            view = kept[1]
+            kinds = (KIND_BITS[Job.Kind.CONTAINER] if accepts_container else 0) | (
+                KIND_BITS[Job.Kind.PROCESS] if accepts_process else 0
+            )
+            fleet.machines[machine_id] = (region, seconds, kinds, view.gpus)
+            fleet.kinds |= kinds
+            if kinds and until.get(machine_id) is not None and seconds > 0:
+                available[machine_id] = (region, seconds, kinds)
+                if view.free:
+                    free[machine_id] = view.free
+                    idle_since[machine_id] = view.idle_since
+        return free_fleet, fleet
+
+
+def _one(cursor: Any) -> Any:
+    """The one value of the one row the cursor's statement returned."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the statement returned no row")
+    return row[0]
+
+
+_kept_lock = threading.Lock()
+_kept: _KeptFleet | None = None
+
+
+def _fleet_read(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
+    """The online fleet for a cycle: from this process's kept fleet where it can be kept
+    (PostgreSQL, outside a transaction, MATCH_FLEET_FULL_READ_S above 0), else read whole
+    (_fleet_load)."""
+    global _kept
+    if (
+        connection.vendor != "postgresql"
+        or connection.in_atomic_block
+        or settings.GPGPU["MATCH_FLEET_FULL_READ_S"] <= 0
+    ):
+        return _fleet_load(now=now)
+    database = (connection.alias, *(connection.settings_dict.get(k) for k in ("HOST", "PORT", "NAME")))
+    with _kept_lock:
+        if _kept is None or _kept.database != database:
+            _kept = _KeptFleet(database)
+        return _kept.load(now=now)
+
+
+def _fleet_forget() -> None:
+    """Drop this process's kept fleet: the next cycle reads every row."""
+    global _kept
+    with _kept_lock:
+        _kept = None
 
 
 def _busy_gpu_ids() -> set[int]:
@@ -848,7 +1068,7 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
             logger.info("matching: %s", result.as_dict())
         return result
 
-    free_fleet, fleet = _fleet_load(now=now)
+    free_fleet, fleet = _fleet_read(now=now)
     pool = free_fleet.pool()
     result.candidate_gpus = pool.free_count
     result.read_seconds = time.perf_counter() - started
@@ -955,7 +1175,9 @@ def _offers(free_fleet: _FreeFleet) -> list[policy.MachineOffer]:
     policy."""
     ids = [machine_id for machine_id in free_fleet.machines if free_fleet.free.get(machine_id)]
     forecasts = machine_forecasts(machine_ids=ids)
-    idle_since = machines_idle_since(machine_ids=ids)
+    idle_since = free_fleet.idle_since
+    if idle_since is None:
+        idle_since = machines_idle_since(machine_ids=ids)
     offers = []
     for machine_id in ids:
         region, seconds, kinds = free_fleet.machines[machine_id]
@@ -1166,7 +1388,7 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     price and expected lost work), write the plan under row locks as it is made (_PlanWriter),
     and record a reason on each job left pending."""
     mark = time.perf_counter()
-    free_fleet, fleet = _fleet_load(now=now)
+    free_fleet, fleet = _fleet_read(now=now)
     result.candidate_gpus = free_fleet.free_count
     jobs, requests = _pending_requests(limit)
     unfunded = billing_selectors.jobs_budget_unreserved(job_ids=list(requests))

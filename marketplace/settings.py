@@ -482,6 +482,10 @@ GPGPU = {
     "MATCH_BATCH_SIZE": env_int("MATCH_BATCH_SIZE", 20000, minimum=1),
     # Connections that write a planned cycle's chunks at once, on PostgreSQL (marketplace.matching).
     "MATCH_WRITERS": env_int("MATCH_WRITERS", 2, minimum=1),
+    # On PostgreSQL a matcher worker keeps the fleet it read between cycles and reads only the GPU
+    # rows changed since (marketplace.matching, "The kept fleet"); it reads every row again at
+    # least this often. 0: every cycle reads every row.
+    "MATCH_FLEET_FULL_READ_S": env_int("MATCH_FLEET_FULL_READ_S", 300, minimum=0),
     # A lease the agent has not started within this many seconds is given up and re-queued.
     "LEASE_START_TIMEOUT_S": env_int("LEASE_START_TIMEOUT_S", 120, minimum=10),
     # How often a job may be placed before it fails (failed starts, lost machines).

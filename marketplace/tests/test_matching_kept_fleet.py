@@ -1,0 +1,214 @@
+"""The fleet a matcher worker keeps between cycles (marketplace.matching._KeptFleet) gives each
+cycle what reading every row would give, after every kind of change the fleet sees, and reads
+only the changed rows to get it."""
+
+from __future__ import annotations
+
+import threading
+from datetime import time as clock
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import connections, transaction
+from django.utils import timezone
+
+from jobs.models import LeaseGPU
+from jobs.services import Placement, leases_assign
+from marketplace import matching
+from providers.idle_history import machines_idle_since
+from providers.models import GPU, AvailabilityWindow, Machine
+from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(autouse=True)
+def _kept_fresh(settings: Any) -> Any:
+    settings.GPGPU = {**settings.GPGPU, "MATCH_FLEET_FULL_READ_S": 300}
+    matching._fleet_forget()
+    yield
+    matching._fleet_forget()
+
+
+def _as_plain(free_fleet: matching._FreeFleet, fleet: matching._Fleet) -> dict[str, Any]:
+    """What a cycle takes from a read, in a form that compares whatever the order rows came in."""
+    return {
+        "available": dict(free_fleet.machines),
+        "free": {
+            machine_id: {group: [(g.id, g.model, g.vram_mb, g.floor) for g in gpus] for group, gpus in groups.items()}
+            for machine_id, groups in free_fleet.free.items()
+        },
+        "fleet": {
+            machine_id: (region, seconds, kinds, sorted(gpus))
+            for machine_id, (region, seconds, kinds, gpus) in fleet.machines.items()
+        },
+        "kinds": fleet.kinds,
+    }
+
+
+def _kept_read() -> tuple[dict[str, Any], str]:
+    """A cycle's read through the kept fleet, checked against a read of every row: (what it
+    read, "full" or "changes")."""
+    now = timezone.now()
+    kept_free, kept_fleet = matching._fleet_read(now=now)
+    assert matching._kept is not None
+    how = matching._kept.last_read[0]
+    whole_free, whole_fleet = matching._fleet_load(now=now)
+    kept, whole = _as_plain(kept_free, kept_fleet), _as_plain(whole_free, whole_fleet)
+    assert kept == whole
+    ids = [machine_id for machine_id, groups in whole_free.free.items() if groups]
+    assert kept_free.idle_since == machines_idle_since(machine_ids=ids)
+    return kept, how
+
+
+def test_after_every_kind_of_change_a_cycle_reads_what_a_whole_read_gives_reading_only_the_changes() -> None:
+    provider = ProviderFactory(default_price_floor=Decimal("0.25"))
+    a = MachineFactory(provider=provider, region="eu-west")
+    b = MachineFactory(provider=provider, region="us-east", accepts_process=False)
+    c = MachineFactory(region="eu-west")
+    for i in range(4):
+        GPUFactory(machine=a, index=i, price_floor=None if i % 2 else Decimal("0.40"))
+    GPUFactory(machine=b, index=0, model="A100-SXM4-80GB", vram_mb=81920)
+    GPUFactory(machine=b, index=1, model=" rtx 4090 ", price_floor=Decimal("0.31"))
+    c_gpu = GPUFactory(machine=c, index=0, state=GPU.State.OWNER_BUSY, idle_since=None)
+    a_gpus = list(GPU.objects.filter(machine=a).order_by("index"))
+
+    read, how = _kept_read()
+    assert how == "full"
+    assert set(read["free"]) == {a.pk, b.pk}
+
+    def changed(expect: str = "changes") -> dict[str, Any]:
+        read, how = _kept_read()
+        assert how == expect
+        return read
+
+    # A telemetry sample rewrites every GPU row: read, but no machine is worked out again.
+    assert matching._kept is not None
+    views = {machine_id: view for machine_id, (_, view) in matching._kept.views.items()}
+    GPU.objects.update(utilization_pct=3.0, last_telemetry_at=timezone.now())
+    changed()
+    assert matching._kept.last_read == ("changes", 7)
+    assert all(matching._kept.views[machine_id][1] is view for machine_id, view in views.items())
+    # The owner takes a GPU back, and leaves another: its stretch begins now.
+    GPU.objects.filter(pk=a_gpus[0].pk).update(state=GPU.State.OWNER_BUSY, idle_since=None)
+    later = timezone.now() + timedelta(seconds=5)
+    GPU.objects.filter(pk=c_gpu.pk).update(state=GPU.State.IDLE, idle_since=later)
+    read = changed()
+    assert a_gpus[0].pk not in {g[0] for gpus in read["free"][a.pk].values() for g in gpus}
+    assert c.pk in read["free"]
+    # A floor of its own, and the provider's default (no GPU row changes: the machine's does not either).
+    GPU.objects.filter(pk=a_gpus[1].pk).update(price_floor=Decimal("0.90"))
+    changed()
+    provider.default_price_floor = Decimal("0.35")
+    provider.save(update_fields=["default_price_floor"])
+    read = changed()
+    assert (a_gpus[3].model.strip().lower(), a_gpus[3].vram_mb, 350_000) in read["fleet"][a.pk][3]
+    # A lease on two GPUs, then its end.
+    job = JobFactory()
+    leases_assign(
+        placements=[
+            Placement(
+                job_id=job.pk,
+                machine_id=a.pk,
+                gpu_ids=(a_gpus[2].pk, a_gpus[3].pk),
+                price_per_gpu_hour=Decimal("0.40"),
+            )
+        ]
+    )
+    read = changed()
+    assert {g[0] for gpus in read["free"].get(a.pk, {}).values() for g in gpus}.isdisjoint({a_gpus[2].pk, a_gpus[3].pk})
+    GPU.objects.filter(pk__in=[a_gpus[2].pk, a_gpus[3].pk]).update(state=GPU.State.IDLE)
+    read = changed()
+    assert {g[0] for gpus in read["free"].get(a.pk, {}).values() for g in gpus}.isdisjoint(
+        {a_gpus[2].pk, a_gpus[3].pk}
+    )  # idle, but still in the lease's active rows
+    LeaseGPU.objects.filter(gpu_id=a_gpus[3].pk).update(active=False)  # no GPU row changes
+    read = changed()
+    assert a_gpus[3].pk in {g[0] for gpus in read["free"][a.pk].values() for g in gpus}
+    # A machine goes offline, comes back, stops taking containers; a window closes another.
+    Machine.objects.filter(pk=b.pk).update(status=Machine.Status.OFFLINE)
+    read = changed()
+    assert b.pk not in read["fleet"]
+    Machine.objects.filter(pk=b.pk).update(status=Machine.Status.ONLINE, accepts_container=False)
+    read = changed()
+    assert b.pk not in read["available"]
+    hour = (timezone.now() + timedelta(hours=3)).time().replace(minute=0, second=0, microsecond=0)
+    AvailabilityWindow.objects.create(
+        provider=c.provider, machine=c, days=127, start_time=hour, end_time=clock(hour.hour, 30)
+    )
+    read = changed()
+    assert c.pk not in read["available"]
+    # A new machine and GPU, and a GPU moved to another machine.
+    d = MachineFactory(provider=provider, region="ap-south")
+    GPUFactory(machine=d, index=0, model="L40S", vram_mb=46068)
+    GPU.objects.filter(pk=a_gpus[1].pk).update(machine=d, index=1)
+    read = changed()
+    assert d.pk in read["free"]
+    # A GPU leaves the table: the changes cannot show it, so everything is read again.
+    GPU.objects.filter(pk=a_gpus[0].pk).delete()
+    changed("full")
+    changed()
+
+
+def test_a_change_committed_after_a_read_began_is_read_by_the_next() -> None:
+    """A transaction that was running when a cycle read the fleet, and commits afterwards, has
+    its rows read by the next cycle: the rows are asked for from the read's snapshot xmin,
+    which is at most that transaction's id (a watermark of the last transaction id the read saw
+    would pass over them)."""
+    machine = MachineFactory()
+    gpu = GPUFactory(machine=machine, index=0)
+    other = GPUFactory(machine=MachineFactory(), index=0)
+    _kept_read()
+    written, release, done = threading.Event(), threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def owner_takes_it_back() -> None:
+        try:
+            with transaction.atomic():
+                GPU.objects.filter(pk=gpu.pk).update(state=GPU.State.OWNER_BUSY, idle_since=None)
+                written.set()
+                assert release.wait(30)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+        finally:
+            connections.close_all()
+            done.set()
+
+    thread = threading.Thread(target=owner_takes_it_back)
+    thread.start()
+    assert written.wait(30)
+    # A later transaction commits while the first is still open.
+    GPU.objects.filter(pk=other.pk).update(price_floor=Decimal("0.70"))
+    read, how = _kept_read()
+    assert how == "changes"
+    assert gpu.pk in {g[0] for gpus in read["free"][machine.pk].values() for g in gpus}  # not yet committed
+    release.set()
+    assert done.wait(30)
+    thread.join(30)
+    assert not errors
+    read, how = _kept_read()
+    assert how == "changes"
+    assert machine.pk not in read["free"]
+
+
+def test_every_row_is_read_again_once_the_full_read_interval_has_passed(settings: Any, monkeypatch: Any) -> None:
+    GPUFactory(machine=MachineFactory(), index=0)
+    assert _kept_read()[1] == "full"
+    assert _kept_read()[1] == "changes"
+    assert matching._kept is not None
+    monkeypatch.setattr(matching._kept, "read_at", matching._kept.read_at - 301)
+    assert _kept_read()[1] == "full"
+    settings.GPGPU = {**settings.GPGPU, "MATCH_FLEET_FULL_READ_S": 0}
+    matching._fleet_forget()
+    matching._fleet_read(now=timezone.now())
+    assert matching._kept is None  # not kept at all
+
+
+def test_a_cycle_inside_a_transaction_reads_every_row() -> None:
+    """Inside a transaction the kept fleet could take in rows that are then rolled back."""
+    GPUFactory(machine=MachineFactory(), index=0)
+    with transaction.atomic():
+        matching._fleet_read(now=timezone.now())
+    assert matching._kept is None
