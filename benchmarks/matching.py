@@ -343,15 +343,20 @@ def _placements_digest(created: dict[str, list[int]]) -> str:
 
 
 def _cycle_before(created: dict[str, list[int]], *, now: datetime, share: float) -> None:
-    """What a worker's cycle before leaves: the fleet read and kept (marketplace.matching), and
-    `share` of the GPU rows written since, as heartbeats write them (a telemetry sample)."""
+    """What a worker's cycle before leaves: the fleet read and kept, and the policy's pool built
+    (marketplace.matching), and `share` of the GPU rows written since, as heartbeats write them
+    (a telemetry sample)."""
+    from django.conf import settings
     from django.db import connection
 
     from marketplace import matching
     from providers.models import GPU
 
     matching._fleet_forget()
-    matching._fleet_read(now=now)
+    free_fleet, _ = matching._fleet_read(now=now)
+    if settings.MATCH_POLICY != "v1":
+        with matching._cycle_pool(settings.MATCH_POLICY, free_fleet, matching._offers(free_fleet), now.timestamp()):
+            pass
     gpu_ids = created["gpus"]
     step = round(1 / share) if share else 0
     if step:

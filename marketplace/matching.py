@@ -580,6 +580,8 @@ class _FreeFleet:
     # When each machine with free GPUs began its current stretch, where the read knew it (the
     # kept fleet does); None: _offers asks providers.idle_history.
     idle_since: dict[int, float | None] | None = None
+    # The kept fleet that gave this read (None: read whole), which keeps a pool beside it.
+    source: _KeptFleet | None = None
 
     @property
     def free_count(self) -> int:
@@ -725,6 +727,12 @@ class _KeptFleet:
         self.read_at = -math.inf
         self.model_keys: dict[str, str] = {}
         self.last_read = ("", 0)  # ("full" or "changes", GPU rows read): for tests and logs
+        # The planning policy's pool, kept beside the fleet (pool_update), with what each machine
+        # in it was offered as (_offered_as); one cycle at a time uses it (pool_lock).
+        self.pool: policy.FreePool | None = None
+        self.offered: dict[int, tuple[Any, ...]] = {}
+        self.pool_now = -math.inf  # the latest cycle time the pool was judged at
+        self.pool_lock = threading.Lock()
 
     def load(self, *, now: datetime) -> tuple[_FreeFleet, _Fleet]:
         gpus, leased = (connection.ops.quote_name(model._meta.db_table) for model in (GPU, LeaseGPU))
@@ -769,6 +777,8 @@ class _KeptFleet:
         return self._assemble(machines, until, now)
 
     def _reset(self) -> None:
+        self.pool = None  # built again from the offers, in one go
+        self.offered = {}
         self.rows.clear()
         self.of_machine.clear()
         self.views.clear()
@@ -818,7 +828,7 @@ class _KeptFleet:
     def _assemble(
         self, machines: list[tuple[Any, ...]], until: dict[int, datetime | None], now: datetime
     ) -> tuple[_FreeFleet, _Fleet]:
-        free_fleet, fleet = _FreeFleet(machines={}, free={}, idle_since={}), _Fleet()
+        free_fleet, fleet = _FreeFleet(machines={}, free={}, idle_since={}, source=self), _Fleet()
         available, free, idle_since = free_fleet.machines, free_fleet.free, free_fleet.idle_since
         views, dirty = self.views, self.dirty
         assert idle_since is not None
@@ -842,6 +852,39 @@ class _KeptFleet:
                     idle_since[machine_id] = view.idle_since
         return free_fleet, fleet
 
+    # --- the pool ---------------------------------------------------------------------------
+
+    def pool_update(
+        self, name: str, free_fleet: _FreeFleet, offers: Sequence[policy.MachineOffer], now: float
+    ) -> policy.FreePool:
+        """The kept pool of policy `name` brought up to this cycle's offers (the caller holds
+        pool_lock): a machine whose offer changed is withdrawn and offered again, one no longer
+        offered is withdrawn, the others stand as the cycles before left them. The pool gives
+        the answers a pool built from the same offers gives (placement.FreePool); built in one
+        go after a full read, for another policy, or for a cycle earlier than one it served (its
+        GPUs are judged again only as time goes on)."""
+        wanted = {offer.id: offer for offer in offers if offer.kinds and offer.window_s > 0}
+        pool = self.pool
+        earlier, self.pool_now = now < self.pool_now, max(now, self.pool_now)
+        if pool is None or pool.policy != name or earlier:
+            self.pool_now = now
+            pool = self.pool = policy.FreePool(name)
+            pool.add_machines(wanted.values(), now=now)
+            self.offered = {machine_id: _offered_as(free_fleet, offer, now) for machine_id, offer in wanted.items()}
+            return pool
+        offered = self.offered
+        for machine_id in [machine_id for machine_id in offered if machine_id not in wanted]:
+            pool.remove_machine(machine_id)
+            del offered[machine_id]
+        for machine_id, offer in wanted.items():
+            now_as = _offered_as(free_fleet, offer, now)
+            before = offered.get(machine_id)
+            if before is None or before[0] is not now_as[0] or before[1] is not now_as[1] or before[2:] != now_as[2:]:
+                pool.remove_machine(machine_id)
+                pool.add_machine(offer, now=now)
+                offered[machine_id] = now_as
+        return pool
+
 
 def _one(cursor: Any) -> Any:
     """The one value of the one row the cursor's statement returned."""
@@ -849,6 +892,53 @@ def _one(cursor: Any) -> Any:
     if row is None:
         raise RuntimeError("the statement returned no row")
     return row[0]
+
+
+# What a machine placed on was offered as: no offer is, so it is withdrawn and offered again.
+_OFFER_AGAIN: tuple[Any, ...] = (None,)
+
+
+def _offered_as(free_fleet: _FreeFleet, offer: policy.MachineOffer, now: float) -> tuple[Any, ...]:
+    """What a machine's offer is made of, to tell whether it changed: its free GPUs (the kept
+    fleet's _MachineView.free, a new object whenever they change) and forecast (the same object
+    while its profile and the fleet prior stand: providers.idle_history) by identity; its region,
+    kinds, window (seconds from now: it moves every cycle for a machine with a declared end) and
+    stretch by value. A machine whose stretch start is unknown is judged as beginning now
+    (FreePool), so it is offered again every cycle."""
+    since = offer.idle_since if offer.idle_since is not None else ("now", now)
+    return (free_fleet.free[offer.id], offer.forecast, offer.region, offer.kinds, offer.window_s, since)
+
+
+@contextmanager
+def _cycle_pool(
+    name: str, free_fleet: _FreeFleet, offers: Sequence[policy.MachineOffer], now: float
+) -> Iterator[tuple[policy.FreePool, set[int]]]:
+    """The pool a planned cycle places on, and a set the cycle adds each machine it placed on to:
+    the kept fleet's pool when this read came from it and no other cycle of this process uses it
+    now, else one built from the offers. The machines placed on are offered again next cycle
+    (their GPUs left the pool whether or not their leases were written); a cycle that fails
+    leaves the pool to be built again."""
+    touched: set[int] = set()
+    kept = free_fleet.source
+    if kept is None or not kept.pool_lock.acquire(blocking=False):
+        pool = policy.FreePool(name)
+        pool.add_machines((offer for offer in offers if offer.kinds and offer.window_s > 0), now=now)
+        yield pool, touched
+        return
+    try:
+        done = False
+        try:
+            yield kept.pool_update(name, free_fleet, offers, now), touched
+            done = True
+        finally:
+            if done:
+                for machine_id in touched:
+                    if machine_id in kept.offered:
+                        kept.offered[machine_id] = _OFFER_AGAIN
+            else:
+                kept.pool = None
+    finally:
+        kept.pool_lock.release()
 
 
 _kept_lock = threading.Lock()
@@ -1399,15 +1489,20 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     mark = time.perf_counter()
     with _PlanWriter() as writer:
         if planning:
-            policy.place(
-                placeable,
-                offers,
-                now=now.timestamp(),
-                policy=name,
-                held_by_renter=held,
-                report=False,  # a placement's p_finish and expected loss are written nowhere (9 % of a cycle)
-                on_placement=writer.add,  # written while the policy goes on (_PlanWriter)
-            )
+            with _cycle_pool(name, free_fleet, offers, now.timestamp()) as (pool, touched):
+
+                def placed(placement: policy.Placement) -> None:
+                    touched.add(placement.machine_id)
+                    writer.add(placement)  # written while the policy goes on (_PlanWriter)
+
+                policy.pool_place(
+                    pool,
+                    placeable,
+                    now=now.timestamp(),
+                    held_by_renter=held,
+                    report=False,  # a placement's p_finish and expected loss are written nowhere (9 % of a cycle)
+                    on_placement=placed,
+                )
         result.plan_seconds = time.perf_counter() - mark
         mark = time.perf_counter()
         written, result.conflicts = writer.close()

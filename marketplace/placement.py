@@ -474,6 +474,18 @@ class FreePool:
         if not any(machine.free.values()):
             del self.machines[entry.machine]
 
+    def remove_machine(self, machine_id: int) -> None:
+        """Withdraw every free GPU of the machine, and the machine with them (ignored when it
+        has none in the pool): offered again, it is judged afresh from its new offer."""
+        held = self.machines.pop(machine_id, None)
+        if held is None:
+            return
+        for cls, gpus in held.free.items():
+            for gpu in gpus:
+                del self.gpus[gpu.offer.id]
+            gpus.clear()
+            self._reenter(held, cls)
+
     def _judge(self, gpu: _Gpu, now: float) -> None:
         """v2: the GPU's safe_until at its current grid age; due again at the next grid age."""
         gpu.safe_until, following = _judgement(gpu.curve, gpu.analogs, gpu.idle_since, now)

@@ -46,6 +46,7 @@ import logging
 import math
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -225,6 +226,12 @@ def idle_stretches_fold(*, now: datetime | None = None) -> dict[str, int]:
 # again only when a fold has changed it. Bounded: emptied when it holds more than this.
 _READ: dict[int, tuple[tuple[datetime, int], StretchCounts, Analogs | None]] = {}
 _READ_MAX = 200_000
+# The fleet prior as last read (its stored counts, and them read), and each machine's Forecast
+# as last handed out, emptied with _READ: a forecast whose profile and prior have not changed is
+# the same object from call to call (its curves are worked out once, and a matcher that keeps
+# its pool between cycles, marketplace.matching, sees that it has not changed).
+_FLEET_READ: list[Any] = [None, None]
+_FORECASTS: dict[int, Forecast] = {}
 
 
 def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
@@ -237,7 +244,10 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
     if not ids:
         return {}
     fleet_row = FleetIdleProfile.objects.filter(pk=_FLEET_PK).values_list("counts", flat=True).first()
-    fleet = _counts_of(fleet_row, whose="the fleet")
+    fleet = _FLEET_READ[1]
+    if fleet is None or fleet_row != _FLEET_READ[0]:
+        fleet = _counts_of(fleet_row, whose="the fleet")
+        _FLEET_READ[:] = [fleet_row, fleet]
     stamps = {
         machine_id: (decayed_at, stretches)
         for machine_id, decayed_at, stretches in MachineIdleProfile.objects.filter(machine_id__any=ids).values_list(
@@ -247,6 +257,7 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
     stale = [machine_id for machine_id, stamp in stamps.items() if _READ.get(machine_id, (None,))[0] != stamp]
     if len(_READ) + len(stale) > _READ_MAX:
         _READ.clear()
+        _FORECASTS.clear()
         stale = list(stamps)  # every profile asked for is read again, not only the changed ones
     if stale:
         rows = MachineIdleProfile.objects.filter(machine_id__any=stale).values_list(
@@ -258,14 +269,24 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
             kept = read if read.starts else None
             _READ[machine_id] = ((decayed_at, stretches), _counts_of(counts, whose=whose), kept)
     # Machines with no history share one Forecast, and so its cached curves.
-    as_the_fleet = Forecast(StretchCounts(), fleet)
+    as_the_fleet = _FORECASTS.get(0)  # no machine has id 0
+    if as_the_fleet is None or as_the_fleet.fleet is not fleet:
+        as_the_fleet = _FORECASTS[0] = Forecast(StretchCounts(), fleet)
     forecasts: dict[int, Forecast] = {}
     for machine_id in ids:
         read_before = _READ.get(machine_id) if machine_id in stamps else None
         if read_before is None:
             forecasts[machine_id] = as_the_fleet
-        else:
-            forecasts[machine_id] = Forecast(read_before[1], fleet, read_before[2])
+            continue
+        forecast = _FORECASTS.get(machine_id)
+        if (
+            forecast is None
+            or forecast.machine is not read_before[1]
+            or forecast.fleet is not fleet
+            or forecast.analogs is not read_before[2]
+        ):
+            forecast = _FORECASTS[machine_id] = Forecast(read_before[1], fleet, read_before[2])
+        forecasts[machine_id] = forecast
     return forecasts
 
 

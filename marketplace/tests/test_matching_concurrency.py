@@ -324,7 +324,7 @@ def test_a_policy_that_fails_mid_plan_leaves_whole_chunks_and_no_writer_behind(
     threads end with it, and what was written is that chunk, complete."""
     monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
     _fleet_and_jobs(machines=8, gpus_per_machine=1, jobs=8)
-    place = matching.policy.place
+    place = matching.policy.pool_place
 
     def place_then_fail(*args: Any, on_placement: Any, **kwargs: Any) -> Any:
         made = place(*args, **kwargs)
@@ -333,9 +333,11 @@ def test_a_policy_that_fails_mid_plan_leaves_whole_chunks_and_no_writer_behind(
         raise ZeroDivisionError("the policy broke")
 
     threads_before = set(threading.enumerate())
-    monkeypatch.setattr(matching.policy, "place", place_then_fail)
+    monkeypatch.setattr(matching.policy, "pool_place", place_then_fail)
     with pytest.raises(ZeroDivisionError, match="the policy broke"):
         matching.match_cycle()
+    # The kept pool lost GPUs to placements that were not all written: the next cycle builds it again.
+    assert matching._kept is not None and matching._kept.pool is None
 
     assert set(threading.enumerate()) <= threads_before  # no writer left running
     written = Lease.objects.count()

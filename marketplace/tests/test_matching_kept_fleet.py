@@ -4,6 +4,7 @@ only the changed rows to get it."""
 
 from __future__ import annotations
 
+import random
 import threading
 from datetime import time as clock
 from datetime import timedelta
@@ -16,10 +17,10 @@ from django.utils import timezone
 
 from jobs.models import LeaseGPU
 from jobs.services import Placement, leases_assign
-from marketplace import matching
+from marketplace import matching, placement
 from providers.idle_history import machines_idle_since
 from providers.models import GPU, AvailabilityWindow, Machine
-from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory
+from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, fickle_owner_history
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -212,3 +213,85 @@ def test_a_cycle_inside_a_transaction_reads_every_row() -> None:
     with transaction.atomic():
         matching._fleet_read(now=timezone.now())
     assert matching._kept is None
+
+
+@pytest.mark.parametrize("policy_name", ["v2", "first-fit"])
+def test_a_kept_pool_places_as_a_pool_built_from_the_same_offers(policy_name: str) -> None:
+    """Thirty cycles over a fleet that changes between them (owners come and go, floors move,
+    machines go offline, windows, some of a cycle's placements written and some not, time going
+    on): each cycle's placements on the kept pool are those of a pool built from its offers."""
+    rng = random.Random(20261207)
+    start = timezone.now()
+    models = [("RTX 4090", 24564), ("A100-SXM4-80GB", 81920), ("RTX 3090", 24576)]
+    machines = []
+    for i in range(36):
+        machine = MachineFactory(region=rng.choice(["eu-west", "us-east"]), accepts_process=rng.random() < 0.5)
+        model, vram = rng.choice(models)
+        for index in range(rng.choice([1, 1, 2, 4, 8])):
+            mixed = rng.random() < 0.1
+            GPUFactory(
+                machine=machine,
+                index=index,
+                model=rng.choice(models)[0] if mixed else model,
+                vram_mb=vram,
+                price_floor=rng.choice([None, Decimal("0.30"), Decimal("0.55")]),
+                idle_since=start - timedelta(seconds=rng.uniform(0, 20000)),
+            )
+        if i % 9 == 0:
+            fickle_owner_history(machine, until=start)
+        machines.append(machine)
+    hour = (start + timedelta(hours=1)).time().replace(minute=0, second=0, microsecond=0)
+    AvailabilityWindow.objects.create(
+        provider=machines[1].provider, machine=machines[1], days=127, start_time=clock(0), end_time=hour
+    )
+    now = start
+    job_id = 0
+    rebuilt = 0
+    for _ in range(30):
+        free_fleet, _ = matching._fleet_read(now=now)
+        offers = matching._offers(free_fleet)
+        jobs = []
+        for _ in range(rng.randint(3, 25)):
+            job_id += 1
+            jobs.append(
+                placement.JobRequest(
+                    id=job_id,
+                    renter=rng.randint(1, 3),
+                    submitted_at=now.timestamp() - rng.uniform(0, 30000),
+                    gpu_count=rng.choice([1, 1, 1, 2, 4, 8]),
+                    min_vram_mb=rng.choice([0, 40000]),
+                    models=frozenset(rng.choice([[], ["rtx 4090"], ["rtx 4090", "rtx 3090"]])),
+                    region=rng.choice(["", "", "eu-west"]),
+                    max_price=rng.choice([400_000, 1_000_000]),
+                    duration_s=rng.choice([300, 3600, 20000]),
+                    checkpoint_interval_s=rng.choice([None, 600]),
+                    kind_bit=rng.choice([1, 1, 2]),
+                )
+            )
+        kept = matching._kept
+        assert kept is not None
+        pool_before = kept.pool
+        with matching._cycle_pool(policy_name, free_fleet, offers, now.timestamp()) as (pool, touched):
+            rebuilt += pool is not pool_before
+            made = placement.pool_place(
+                pool, jobs, now=now.timestamp(), report=False, on_placement=lambda p: touched.add(p.machine_id)
+            )
+        built = placement.place(jobs, offers, now=now.timestamp(), policy=policy_name, report=False)
+        assert [(p.job_id, p.machine_id, p.gpu_ids, p.price) for p in made] == [
+            (p.job_id, p.machine_id, p.gpu_ids, p.price) for p in built
+        ]
+        # The world moves on: half the placements written (their GPUs leased), owners, floors, machines.
+        written = [gpu_id for p in made[::2] for gpu_id in p.gpu_ids]
+        GPU.objects.filter(pk__in=written).update(state=GPU.State.LEASED)
+        gpus = list(GPU.objects.values_list("pk", "state"))
+        for gpu_id, state in rng.sample(gpus, 6):
+            if state == GPU.State.IDLE:
+                GPU.objects.filter(pk=gpu_id).update(state=GPU.State.OWNER_BUSY, idle_since=None)
+            else:
+                GPU.objects.filter(pk=gpu_id).update(state=GPU.State.IDLE, idle_since=now)
+        GPU.objects.filter(pk=rng.choice(gpus)[0]).update(price_floor=Decimal("0.45"))
+        Machine.objects.filter(pk=rng.choice(machines).pk).update(
+            status=rng.choice([Machine.Status.ONLINE, Machine.Status.OFFLINE])
+        )
+        now += timedelta(seconds=rng.choice([5, 60, 400, 2000]))
+    assert rebuilt == 1  # built at the first cycle, then kept

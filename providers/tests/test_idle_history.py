@@ -317,12 +317,19 @@ def test_machines_are_forecast_in_two_queries_and_a_profile_read_again_only_afte
         again = idle_history.machine_forecasts(machine_ids=ids)
     assert len(queries.captured_queries) == 2
     assert again[known.pk].machine is forecasts[known.pk].machine
+    # Nothing folded: the same forecasts, curves and all (a matcher keeping its pool sees them unchanged).
+    assert all(again[machine_id] is forecasts[machine_id] for machine_id in ids)
     stretch(known, began_at=datetime(2026, 11, 10, 3, 0, tzinfo=UTC), length_s=600)
     fold_idle_stretches()
     with CaptureQueriesContext(connection) as queries:
         folded = idle_history.machine_forecasts(machine_ids=ids)
     assert len(queries.captured_queries) == 3
     assert folded[known.pk].machine.total() == pytest.approx(forecasts[known.pk].machine.total() + 1, abs=0.01)
+    assert folded[known.pk] is not forecasts[known.pk]
+    FleetIdleProfile.objects.update(counts={})
+    prior_gone = idle_history.machine_forecasts(machine_ids=ids)
+    assert prior_gone[new[0].pk] is not folded[new[0].pk]
+    assert prior_gone[new[0].pk].fleet.total() == 0
 
 
 def test_machines_idle_since_is_the_youngest_stretch_among_its_idle_or_leased_gpus() -> None:
