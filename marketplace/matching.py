@@ -420,6 +420,15 @@ class _Shape:
         return best
 
 
+def _grouped(gpus: Iterable[tuple[str, int, int]]) -> list[tuple[str, int, list[int]]]:
+    """A machine's GPUs (model, VRAM, floor) grouped by model and VRAM, each group's floors
+    ascending (never changed afterwards: _Fleet's index shares them)."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for model, vram, floor in gpus:
+        groups.setdefault((model, vram), []).append(floor)
+    return [(model, vram, sorted(floors)) for (model, vram), floors in groups.items()]
+
+
 class _Fleet:
     """Every GPU of every online machine, idle or not: what unplaced jobs are explained
     against. Answers are memoised by the job's constraints.
@@ -433,6 +442,9 @@ class _Fleet:
     def __init__(self) -> None:
         # machine id -> (region, seconds, accepted kinds, [(model lower-cased, vram, floor micros)])
         self.machines: dict[int, tuple[str, float, int, list[tuple[str, int, int]]]] = {}
+        # machine id -> its GPUs grouped by (model, VRAM) with floors ascending, where the read
+        # kept them so (_MachineView.grouped); the others are grouped when the index is made.
+        self.grouped: dict[int, list[tuple[str, int, list[int]]]] = {}
         # The job kinds some online machine accepts (KIND_BITS ored).
         self.kinds = 0
         # (model, VRAM, kinds) -> [(region, seconds, floors ascending)] of the machines whose GPUs
@@ -449,15 +461,14 @@ class _Fleet:
     def _index(self) -> dict[tuple[str, int, int], list[tuple[str, float, list[int]]]]:
         if self._uniform is None:
             self._uniform = {}
-            for region, seconds, kinds, gpus in self.machines.values():
-                groups: dict[tuple[str, int], list[int]] = {}
-                for model, vram, floor in gpus:
-                    groups.setdefault((model, vram), []).append(floor)
-                if len(groups) == 1:
-                    ((model, vram), floors) = next(iter(groups.items()))
-                    self._uniform.setdefault((model, vram, kinds), []).append((region, seconds, sorted(floors)))
-                elif groups:
-                    grouped = [(model, vram, sorted(floors)) for (model, vram), floors in groups.items()]
+            for machine_id, (region, seconds, kinds, gpus) in self.machines.items():
+                grouped = self.grouped.get(machine_id)
+                if grouped is None:
+                    grouped = _grouped(gpus)
+                if len(grouped) == 1:
+                    model, vram, floors = grouped[0]
+                    self._uniform.setdefault((model, vram, kinds), []).append((region, seconds, floors))
+                elif grouped:
                     self._mixed.append((region, seconds, kinds, grouped))
         return self._uniform
 
@@ -693,6 +704,7 @@ class _MachineView:
     a cycle that read it may still be using it when the next cycle makes the machine's next."""
 
     gpus: list[tuple[str, int, int]]
+    grouped: list[tuple[str, int, list[int]]]  # gpus as _Fleet's index takes them (_grouped)
     free: dict[tuple[str, int], list[policy.GpuOffer]]
     idle_since: float | None
 
@@ -823,7 +835,7 @@ class _KeptFleet:
         by_floor = attrgetter("floor", "id")
         for group in free.values():
             group.sort(key=by_floor)
-        return _MachineView(gpus=gpus, free=free, idle_since=since)
+        return _MachineView(gpus=gpus, grouped=_grouped(gpus), free=free, idle_since=since)
 
     def _assemble(
         self, machines: list[tuple[Any, ...]], until: dict[int, datetime | None], now: datetime
@@ -844,6 +856,7 @@ class _KeptFleet:
                 KIND_BITS[Job.Kind.PROCESS] if accepts_process else 0
             )
             fleet.machines[machine_id] = (region, seconds, kinds, view.gpus)
+            fleet.grouped[machine_id] = view.grouped
             fleet.kinds |= kinds
             if kinds and until.get(machine_id) is not None and seconds > 0:
                 available[machine_id] = (region, seconds, kinds)

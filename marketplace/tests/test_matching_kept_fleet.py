@@ -46,6 +46,9 @@ def _as_plain(free_fleet: matching._FreeFleet, fleet: matching._Fleet) -> dict[s
             for machine_id, (region, seconds, kinds, gpus) in fleet.machines.items()
         },
         "kinds": fleet.kinds,
+        # The reasons' index of the machines (by model, VRAM and kinds, and the mixed ones).
+        "index": {key: sorted(rows) for key, rows in fleet._index().items()},
+        "mixed": sorted((region, seconds, kinds, sorted(groups)) for region, seconds, kinds, groups in fleet._mixed),
     }
 
 
