@@ -736,6 +736,7 @@ class _KeptFleet:
         self.views: dict[int, tuple[int, _MachineView]] = {}  # machine -> (default floor it was made with, view)
         self.dirty: set[int] = set()
         self.watermark: str | None = None
+        self.server: Any = None  # pg_postmaster_start_time() at the last read
         self.read_at = -math.inf
         self.model_keys: dict[str, str] = {}
         self.last_read = ("", 0)  # ("full" or "changes", GPU rows read): for tests and logs
@@ -744,24 +745,44 @@ class _KeptFleet:
         self.pool: policy.FreePool | None = None
         self.offered: dict[int, tuple[Any, ...]] = {}
         self.pool_now = -math.inf  # the latest cycle time the pool was judged at
+        self.pool_stale = False  # set by a full read (which holds no pool_lock), read by pool_update
         self.pool_lock = threading.Lock()
 
     def load(self, *, now: datetime) -> tuple[_FreeFleet, _Fleet]:
+        try:
+            return self._load(now)
+        except BaseException:
+            # Rows may be kept whose machines were not marked (a time limit mid-read): the next
+            # cycle reads every row.
+            self.watermark = None
+            raise
+
+    def _load(self, now: datetime) -> tuple[_FreeFleet, _Fleet]:
         gpus, leased = (connection.ops.quote_name(model._meta.db_table) for model in (GPU, LeaseGPU))
         with transaction.atomic():
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 machines = _online_machines()
                 until = machines_available_until(machines=[(row[0], row[1]) for row in machines], now=now)
-                cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-                watermark = str(_one(cursor))
+                cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text, pg_postmaster_start_time()")
+                row = cursor.fetchone()
+                if row is None:
+                    raise RuntimeError("the statement returned no row")
+                watermark, server = str(row[0]), row[1]
                 full = (
                     self.watermark is None
                     or time.monotonic() - self.read_at >= settings.GPGPU["MATCH_FLEET_FULL_READ_S"]
+                    # Another server behind the same address (a restore, a failover to another
+                    # history): its transaction ids say nothing of the last read's.
+                    or server != self.server
+                    or int(watermark) < int(self.watermark)
                 )
+                self.server = server
                 if not full:
+                    # age() >= 0 leaves out the frozen rows' (and any older than 2^31 transactions).
                     cursor.execute(
-                        f"SELECT {_GPU_COLUMNS} FROM {gpus} g WHERE age(g.xmin) <= age(xid(%s::xid8))",  # noqa: S608
+                        f"SELECT {_GPU_COLUMNS} FROM {gpus} g "  # noqa: S608
+                        "WHERE age(g.xmin) BETWEEN 0 AND age(xid(%s::xid8))",
                         [self.watermark],
                     )
                     changed = cursor.fetchall()
@@ -789,8 +810,7 @@ class _KeptFleet:
         return self._assemble(machines, until, now)
 
     def _reset(self) -> None:
-        self.pool = None  # built again from the offers, in one go
-        self.offered = {}
+        self.pool_stale = True  # every view is new: the pool is built again, in one go
         self.rows.clear()
         self.of_machine.clear()
         self.views.clear()
@@ -877,25 +897,46 @@ class _KeptFleet:
         go after a full read, for another policy, or for a cycle earlier than one it served (its
         GPUs are judged again only as time goes on)."""
         wanted = {offer.id: offer for offer in offers if offer.kinds and offer.window_s > 0}
+        offered = self.offered
         pool = self.pool
         earlier, self.pool_now = now < self.pool_now, max(now, self.pool_now)
-        if pool is None or pool.policy != name or earlier:
-            self.pool_now = now
+        changed: list[tuple[policy.MachineOffer, tuple[Any, ...]]] = []
+        windows: list[tuple[policy.MachineOffer, tuple[Any, ...]]] = []
+        if pool is not None and pool.policy == name and not earlier and not self.pool_stale:
+            for machine_id, offer in wanted.items():
+                now_as = _offered_as(free_fleet, offer, now)
+                before = offered.get(machine_id)
+                if (
+                    before is None
+                    or before[0] is not now_as[0]
+                    or before[1] is not now_as[1]
+                    or before[2:4] != now_as[2:4]
+                ):
+                    changed.append((offer, now_as))
+                elif before[4:] != now_as[4:]:
+                    (windows if before[5] == now_as[5] else changed).append((offer, now_as))
+        else:
+            pool = None
+        if pool is None or len(changed) > len(wanted) // 2:
+            # New, or most machines changed (the fleet prior moved every forecast): built in one go.
+            self.pool_now, self.pool_stale = now, False
             pool = self.pool = policy.FreePool(name)
             pool.add_machines(wanted.values(), now=now)
             self.offered = {machine_id: _offered_as(free_fleet, offer, now) for machine_id, offer in wanted.items()}
             return pool
-        offered = self.offered
+        # Every machine to withdraw is withdrawn before any is offered again: a GPU that moved
+        # from one machine to another is then offered under the second.
         for machine_id in [machine_id for machine_id in offered if machine_id not in wanted]:
             pool.remove_machine(machine_id)
             del offered[machine_id]
-        for machine_id, offer in wanted.items():
-            now_as = _offered_as(free_fleet, offer, now)
-            before = offered.get(machine_id)
-            if before is None or before[0] is not now_as[0] or before[1] is not now_as[1] or before[2:] != now_as[2:]:
-                pool.remove_machine(machine_id)
-                pool.add_machine(offer, now=now)
-                offered[machine_id] = now_as
+        for offer, _ in changed:
+            pool.remove_machine(offer.id)
+        for offer, now_as in changed:
+            pool.add_machine(offer, now=now)
+            offered[offer.id] = now_as
+        for offer, now_as in windows:
+            pool.window_moved(offer)  # only its declared window: its GPUs stand as judged
+            offered[offer.id] = now_as
         return pool
 
 

@@ -486,6 +486,14 @@ class FreePool:
             gpus.clear()
             self._reenter(held, cls)
 
+    def window_moved(self, machine: MachineOffer) -> None:
+        """The machine's declared window moved (`window_s`, seconds from now), and nothing else
+        of its offer: the pool holds the new offer, its GPUs stand as judged (ignored when the
+        machine is not in the pool)."""
+        held = self.machines.get(machine.id)
+        if held is not None:
+            held.offer = machine
+
     def _judge(self, gpu: _Gpu, now: float) -> None:
         """v2: the GPU's safe_until at its current grid age; due again at the next grid age."""
         gpu.safe_until, following = _judgement(gpu.curve, gpu.analogs, gpu.idle_since, now)
@@ -499,6 +507,11 @@ class FreePool:
 
     def _refresh(self, now: float) -> None:
         due = self._due
+        if len(due) > 2 * len(self.gpus) + 1024:
+            # Mostly the lapsed dues of GPUs withdrawn or judged again (a pool kept for long):
+            # only the live ones kept.
+            due[:] = [item for item in due if (gpu := self.gpus.get(item[1])) is not None and gpu.stamp == item[2]]
+            heapq.heapify(due)
         while due and due[0][0] <= now:
             _, gpu_id, stamp = heapq.heappop(due)
             gpu = self.gpus.get(gpu_id)

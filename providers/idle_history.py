@@ -226,11 +226,13 @@ def idle_stretches_fold(*, now: datetime | None = None) -> dict[str, int]:
 # again only when a fold has changed it. Bounded: emptied when it holds more than this.
 _READ: dict[int, tuple[tuple[datetime, int], StretchCounts, Analogs | None]] = {}
 _READ_MAX = 200_000
-# The fleet prior as last read (its stored counts, and them read), and each machine's Forecast
-# as last handed out, emptied with _READ: a forecast whose profile and prior have not changed is
-# the same object from call to call (its curves are worked out once, and a matcher that keeps
-# its pool between cycles, marketplace.matching, sees that it has not changed).
-_FLEET_READ: list[Any] = [None, None]
+# The fleet prior as last read (its stored counts, and them read: one tuple, replaced whole), and
+# each machine's Forecast as last handed out, emptied with _READ and whenever the prior changes
+# (each fold: so a forecast's cached curves live a fold interval at most): a forecast whose
+# profile and prior have not changed is the same object from call to call (its curves are worked
+# out once, and a matcher that keeps its pool between cycles, marketplace.matching, sees that it
+# has not changed).
+_FLEET_READ: list[tuple[Any, StretchCounts]] = []
 _FORECASTS: dict[int, Forecast] = {}
 
 
@@ -244,10 +246,13 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
     if not ids:
         return {}
     fleet_row = FleetIdleProfile.objects.filter(pk=_FLEET_PK).values_list("counts", flat=True).first()
-    fleet = _FLEET_READ[1]
-    if fleet is None or fleet_row != _FLEET_READ[0]:
+    prior_before = _FLEET_READ[0] if _FLEET_READ else None
+    if prior_before is not None and prior_before[0] == fleet_row:
+        fleet = prior_before[1]
+    else:
         fleet = _counts_of(fleet_row, whose="the fleet")
-        _FLEET_READ[:] = [fleet_row, fleet]
+        _FLEET_READ[:] = [(fleet_row, fleet)]
+        _FORECASTS.clear()  # every forecast blends the prior in: made again as asked for
     stamps = {
         machine_id: (decayed_at, stretches)
         for machine_id, decayed_at, stretches in MachineIdleProfile.objects.filter(machine_id__any=ids).values_list(

@@ -4,6 +4,7 @@ only the changed rows to get it."""
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from datetime import time as clock
@@ -19,7 +20,7 @@ from jobs.models import LeaseGPU
 from jobs.services import Placement, leases_assign
 from marketplace import matching, placement
 from providers.idle_history import machines_idle_since
-from providers.models import GPU, AvailabilityWindow, Machine
+from providers.models import GPU, AvailabilityWindow, FleetIdleProfile, Machine
 from tests.factories import GPUFactory, JobFactory, MachineFactory, ProviderFactory, fickle_owner_history
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -223,7 +224,7 @@ def test_a_kept_pool_places_as_a_pool_built_from_the_same_offers(policy_name: st
     """Thirty cycles over a fleet that changes between them (owners come and go, floors move,
     machines go offline, windows, some of a cycle's placements written and some not, time going
     on): each cycle's placements on the kept pool are those of a pool built from its offers."""
-    rng = random.Random(20261207)
+    rng = random.Random(3)
     start = timezone.now()
     models = [("RTX 4090", 24564), ("A100-SXM4-80GB", 81920), ("RTX 3090", 24576)]
     machines = []
@@ -250,7 +251,7 @@ def test_a_kept_pool_places_as_a_pool_built_from_the_same_offers(policy_name: st
     now = start
     job_id = 0
     rebuilt = 0
-    for _ in range(30):
+    for cycle in range(30):
         free_fleet, _ = matching._fleet_read(now=now)
         offers = matching._offers(free_fleet)
         jobs = []
@@ -296,5 +297,114 @@ def test_a_kept_pool_places_as_a_pool_built_from_the_same_offers(policy_name: st
         Machine.objects.filter(pk=rng.choice(machines).pk).update(
             status=rng.choice([Machine.Status.ONLINE, Machine.Status.OFFLINE])
         )
+        if cycle % 3 == 1:  # a GPU moves to another machine
+            GPU.objects.filter(pk=rng.choice(gpus)[0]).update(machine=rng.choice(machines), index=100 + cycle)
+        if cycle == 10:  # a GPU leaves: every row read again, the pool built again
+            GPU.objects.filter(pk=rng.choice(gpus)[0]).delete()
+        if cycle == 20:  # the fleet prior moves every forecast: the pool built again
+            FleetIdleProfile.objects.update(counts={})
         now += timedelta(seconds=rng.choice([5, 60, 400, 2000]))
-    assert rebuilt == 1  # built at the first cycle, then kept
+    # Built at the first cycle, after the full read, after the prior's change, and when most of
+    # this small fleet's offers changed at once; brought up to date in the other cycles.
+    assert 3 <= rebuilt <= 20
+
+
+def _offer(machine_id: int, gpu_ids: list[int], *, window_s: float = math.inf) -> placement.MachineOffer:
+    return placement.MachineOffer(
+        id=machine_id,
+        region="eu-west",
+        kinds=1,
+        window_s=window_s,
+        idle_since=1_000.0,
+        forecast=None,
+        gpus=[placement.GpuOffer(gpu_id, "rtx 4090", 24564, 300_000) for gpu_id in gpu_ids],
+    )
+
+
+_VIEWS: dict[tuple[int, tuple[int, ...]], dict[tuple[str, int], list[placement.GpuOffer]]] = {}
+
+
+def _kept_pool_cycle(kept: matching._KeptFleet, offers: list[placement.MachineOffer], now: float) -> placement.FreePool:
+    """A cycle's pool_update over these offers; a machine whose GPUs are as before has the same
+    free GPUs object, as the kept fleet's unchanged view gives it."""
+    free = {}
+    for o in offers:
+        key = (o.id, tuple(g.id for g in o.gpus))
+        free[o.id] = _VIEWS.setdefault(key, {("rtx 4090", 24564): o.gpus})
+    free_fleet = matching._FreeFleet(
+        machines={o.id: (o.region, o.window_s, o.kinds) for o in offers}, free=free, source=kept
+    )
+    return kept.pool_update("v2", free_fleet, offers, now)
+
+
+@pytest.mark.django_db(transaction=False)
+def test_a_gpu_moved_to_a_machine_offered_before_its_old_one_stays_in_the_kept_pool() -> None:
+    kept = matching._KeptFleet(("test",))
+    others = [_offer(machine_id, [machine_id * 10]) for machine_id in range(3, 8)]
+    pool = _kept_pool_cycle(kept, [_offer(1, [10, 11]), _offer(2, [20]), *others], 2_000.0)
+    assert pool.gpus[10].machine == 1
+
+    # GPU 10 is now machine 2's, and machine 2 comes first.
+    again = _kept_pool_cycle(kept, [_offer(2, [10, 20]), _offer(1, [11]), *others], 2_005.0)
+
+    assert again is pool  # brought up to date, not built again
+    assert {gpu_id: gpu.machine for gpu_id, gpu in pool.gpus.items() if gpu_id < 30} == {10: 2, 11: 1, 20: 2}
+
+
+@pytest.mark.django_db(transaction=False)
+def test_a_machine_whose_window_alone_moved_keeps_its_gpus_as_judged_and_refuses_longer_jobs() -> None:
+    kept = matching._KeptFleet(("test",))
+    others = [_offer(machine_id, [machine_id * 10]) for machine_id in range(3, 8)]
+    pool = _kept_pool_cycle(kept, [_offer(1, [10], window_s=4_000.0), *others], 2_000.0)
+    judged = pool.gpus[10]
+    dues = len(pool._due)
+
+    pool = _kept_pool_cycle(kept, [_offer(1, [10], window_s=2_500.0), *others], 3_500.0)
+
+    assert pool.gpus[10] is judged and len(pool._due) == dues  # not withdrawn and judged again
+    assert pool.machines[1].offer.window_s == 2_500.0
+    job = placement.JobRequest(
+        id=1,
+        renter=1,
+        submitted_at=0.0,
+        gpu_count=1,
+        min_vram_mb=0,
+        models=frozenset(),
+        region="eu-west",
+        max_price=1_000_000,
+        duration_s=3_000,
+        checkpoint_interval_s=None,
+        kind_bit=1,
+    )
+    placed = placement.pool_place(pool, [job], now=3_500.0, report=False)
+    assert [p.machine_id for p in placed] != [1]
+
+
+def test_a_read_that_fails_midway_makes_the_next_read_every_row(monkeypatch: Any) -> None:
+    GPUFactory(machine=MachineFactory(), index=0)
+    _kept_read()
+    GPU.objects.update(state=GPU.State.OWNER_BUSY, idle_since=None)
+    assert matching._kept is not None
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise TimeoutError("the task's time limit")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(matching._KeptFleet, "_assemble", fail)
+        with pytest.raises(TimeoutError):
+            matching._fleet_read(now=timezone.now())
+    # The changed row was kept but its machine never worked out: only a full read mends that.
+    read, how = _kept_read()
+    assert how == "full"
+    assert read["free"] == {}
+
+
+def test_another_server_behind_the_same_address_makes_the_next_read_every_row() -> None:
+    GPUFactory(machine=MachineFactory(), index=0)
+    _kept_read()
+    assert matching._kept is not None
+    matching._kept.server = "a server started at another time"
+    assert _kept_read()[1] == "full"
+    assert _kept_read()[1] == "changes"
+    matching._kept.watermark = str(2**40)  # a transaction id this server has not reached
+    assert _kept_read()[1] == "full"

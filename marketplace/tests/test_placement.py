@@ -512,3 +512,25 @@ def test_an_unknown_policy_is_refused() -> None:
 
 def test_hour_of_week_of_now_is_plain() -> None:
     assert hour_of_week(1_767_571_200.0) == 0  # a Monday, midnight UTC
+
+
+def test_a_pool_whose_machines_are_offered_again_and_again_keeps_its_due_heap_to_its_live_gpus() -> None:
+    """A kept pool (marketplace.matching) withdraws and offers machines again every cycle: each
+    offer pushes a due judgement per GPU, and the lapsed ones are dropped once they outnumber the
+    live ones, while the pool answers as one built from the same offers."""
+    rng = random.Random(5)
+    offers = [machine(m, [gpu(m * 10 + i) for i in range(4)], idle_since=NOW - rng.uniform(0, 9000)) for m in range(50)]
+    pool = FreePool("v2")
+    pool.add_machines(offers, now=NOW)
+    for cycle in range(1, 40):
+        for offer in offers:
+            pool.remove_machine(offer.id)
+            pool.add_machine(offer, now=NOW + cycle)
+    assert len(pool._due) > 2 * len(pool.gpus) + 1024  # lapsed judgements piled up
+    jobs = [job(j, duration=rng.choice((300, 3600, 20000))) for j in range(30)]
+
+    made = pool_place(pool, jobs, now=NOW + 40)
+
+    assert len(pool._due) <= 2 * (len(pool.gpus) + len(made)) + 1024
+    built = place(jobs, offers, now=NOW + 40)
+    assert [(p.job_id, p.machine_id, p.gpu_ids) for p in made] == [(p.job_id, p.machine_id, p.gpu_ids) for p in built]
