@@ -81,19 +81,26 @@ def _parse() -> argparse.Namespace:
         "--cold",
         action="store_true",
         help="time a worker's first cycle, which reads every GPU row (default: a later cycle, which reads "
-        "only the rows changed since the one before: MATCH_FLEET_FULL_READ_S)",
+        "only the rows changed since the one before: MATCH_FLEET_FULL_READ_S); the database is the same",
     )
     parser.add_argument(
         "--changed-share",
         type=float,
         default=0.1,
-        help="without --cold: the share of GPU rows written between the worker's cycle before and the "
-        "timed one (heartbeats' telemetry and state; default 0.1, a minute's sampling over a 5 s interval "
-        "is 0.08)",
+        help="the share of GPU rows written between the worker's cycle before and the timed one, as a "
+        "telemetry sample writes them (default 0.1: a minute's sampling over a 5 s interval is 0.08)",
+    )
+    parser.add_argument(
+        "--owners-share",
+        type=float,
+        default=0.01,
+        help="the share of GPUs whose owner comes back or leaves between the two cycles (idle <-> "
+        "owner_busy; default 0.01)",
     )
     args = parser.parse_args()
-    if not 0 <= args.changed_share <= 1:
-        parser.error("--changed-share must be between 0 and 1")
+    for name in ("changed_share", "owners_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
     if args.writers is not None and args.writers < 1:
         parser.error("--writers must be at least 1")
     for name in ("machines", "gpus_per_machine", "jobs"):
@@ -342,10 +349,12 @@ def _placements_digest(created: dict[str, list[int]]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
-def _cycle_before(created: dict[str, list[int]], *, now: datetime, share: float) -> None:
-    """What a worker's cycle before leaves: the fleet read and kept, and the policy's pool built
-    (marketplace.matching), and `share` of the GPU rows written since, as heartbeats write them
-    (a telemetry sample)."""
+def _cycle_before(created: dict[str, list[int]], *, now: datetime, share: float, owners: float, cold: bool) -> None:
+    """What a worker's cycle before leaves (marketplace.matching): the fleet read and kept, and
+    the policy's pool built; then `share` of the GPU rows written, as heartbeats write a
+    telemetry sample, and `owners` of the GPUs taken back by their owner or left by them. With
+    `cold`, the worker forgets what it kept: the timed cycle reads every row, over the same
+    database."""
     from django.conf import settings
     from django.db import connection
 
@@ -358,14 +367,23 @@ def _cycle_before(created: dict[str, list[int]], *, now: datetime, share: float)
         with matching._cycle_pool(settings.MATCH_POLICY, free_fleet, matching._offers(free_fleet), now.timestamp()):
             pass
     gpu_ids = created["gpus"]
-    step = round(1 / share) if share else 0
-    if step:
-        with connection.cursor() as cursor:
-            table = connection.ops.quote_name(GPU._meta.db_table)
+    table = connection.ops.quote_name(GPU._meta.db_table)
+    with connection.cursor() as cursor:
+        if share:
             cursor.execute(
                 f"UPDATE {table} SET last_telemetry_at = %s WHERE id = ANY(%s)",  # noqa: S608
-                [now, gpu_ids[::step]],
+                [now, gpu_ids[:: round(1 / share)]],
             )
+        if owners:
+            # Every n-th GPU from the middle of the list, so not only the telemetry's rows.
+            cursor.execute(
+                f"UPDATE {table} SET state = CASE WHEN state = 'idle' THEN 'owner_busy' ELSE 'idle' END, "  # noqa: S608
+                "idle_since = CASE WHEN state = 'idle' THEN NULL ELSE %s END "
+                "WHERE id = ANY(%s) AND state IN ('idle', 'owner_busy')",
+                [now, gpu_ids[1 + round(0.5 / owners) :: round(1 / owners)]],
+            )
+    if cold:
+        matching._fleet_forget()
 
 
 def main() -> None:
@@ -384,8 +402,7 @@ def main() -> None:
     created = _fill(args, tag)
     _analyze()
     now = args.now if args.now.tzinfo else args.now.replace(tzinfo=UTC)
-    if not args.cold:
-        _cycle_before(created, now=now, share=args.changed_share)
+    _cycle_before(created, now=now, share=args.changed_share, owners=args.owners_share, cold=args.cold)
     setup_seconds = time.perf_counter() - setup_started
     cpu_started, database_started = time.process_time(), database_cpu_seconds()
     try:
