@@ -50,8 +50,8 @@ heartbeat's machine lock is FOR NO KEY UPDATE, which a lease's foreign key check
 for), so the two cannot deadlock; and a heartbeat locks its machine's GPUs before it reads
 their leases, so it never shows a GPU leased here as idle (providers.services, "GPU state").
 
-Speed: the fleet is read in a handful of queries (on PostgreSQL a worker keeps what it read
-and reads only the GPU rows written since: `_KeptFleet`), matching runs in memory over per-class
+Speed: the fleet is read in a handful of queries (on PostgreSQL a worker keeps what it read,
+and the planning policy's pool, and reads only the GPU rows written since: `_KeptFleet`), matching runs in memory over per-class
 heaps (class = model, VRAM, region, accepted job kinds) ordered by price, and writes are
 bulk, so a cycle over 10,000 GPUs and 10,000 jobs takes seconds (benchmarks/matching.py).
 """
@@ -723,10 +723,20 @@ class _KeptFleet:
     - the GPU table's row count: a row gone since (a machine removed) leaves the kept rows more
       numerous than the table's, and everything is read again.
     A machine is worked out again (_MachineView) when one of its GPU rows changed, one of its GPUs
-    entered or left an active lease, or its provider's default floor moved; windows are judged
-    every cycle. Every row is read again at least every GPGPU["MATCH_FLEET_FULL_READ_S"]
-    seconds, and on another database. A cycle gets the same _FreeFleet and _Fleet as
-    _fleet_load would read (marketplace/tests/test_matching_kept_fleet.py)."""
+    entered or left an active lease, or its provider's default floor moved (a row rewritten with
+    the same values, a telemetry sample, changes nothing); windows are judged every cycle. Every
+    row is read again at least every GPGPU["MATCH_FLEET_FULL_READ_S"] seconds, after a read that
+    failed midway, and on another database or server (another start time, or a snapshot xmin
+    lower than the last). A cycle gets the same _FreeFleet and _Fleet as _fleet_load would read
+    (marketplace/tests/test_matching_kept_fleet.py). A long transaction elsewhere holds the
+    snapshot xmin back, and the rows written meanwhile are read again each cycle until it ends.
+
+    Beside it the planning policy's pool (pool_update, _cycle_pool), which a cycle brings up to
+    its offers rather than building: about 96 MiB kept with the fleet at 100,000 GPUs. The
+    judgements of a GPU's horizon are a pure function of its stretch and the time, made at grid
+    ages (placement._age_step); a kept GPU is judged again when its next grid age comes, one
+    built afresh at its current grid age, which agree but within a billionth of the age around
+    a grid boundary."""
 
     def __init__(self, database: tuple[Any, ...]) -> None:
         self.database = database
