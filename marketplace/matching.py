@@ -776,10 +776,7 @@ class _KeptFleet:
                 machines = _online_machines()
                 until = machines_available_until(machines=[(row[0], row[1]) for row in machines], now=now)
                 cursor.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text, pg_postmaster_start_time()")
-                row = cursor.fetchone()
-                if row is None:
-                    raise RuntimeError("the statement returned no row")
-                watermark, server = str(row[0]), row[1]
+                watermark, server = _row(cursor)
                 full = (
                     self.watermark is None
                     or time.monotonic() - self.read_at >= settings.GPGPU["MATCH_FLEET_FULL_READ_S"]
@@ -799,7 +796,7 @@ class _KeptFleet:
                     changed = cursor.fetchall()
                     self._apply(changed)
                     cursor.execute(f"SELECT count(*) FROM {gpus}")  # noqa: S608
-                    if _one(cursor) != len(self.rows):
+                    if _row(cursor)[0] != len(self.rows):
                         full = True  # a row left the table
                     else:
                         self.last_read = ("changes", len(changed))
@@ -907,7 +904,7 @@ class _KeptFleet:
         the answers a pool built from the same offers gives (placement.FreePool); built in one
         go after a full read, for another policy, or for a cycle earlier than one it served (its
         GPUs are judged again only as time goes on)."""
-        wanted = {offer.id: offer for offer in offers if offer.kinds and offer.window_s > 0}
+        wanted = {offer.id: offer for offer in offers if policy.offerable(offer)}
         offered = self.offered
         pool = self.pool
         earlier, self.pool_now = now < self.pool_now, max(now, self.pool_now)
@@ -931,8 +928,7 @@ class _KeptFleet:
         if pool is None or len(changed) > len(wanted) // 2:
             # New, or most machines changed (the fleet prior moved every forecast): built in one go.
             self.pool_now, self.pool_stale = now, False
-            pool = self.pool = policy.FreePool(name)
-            pool.add_machines(wanted.values(), now=now)
+            pool = self.pool = policy.pool_of(wanted.values(), policy=name, now=now)
             self.offered = {machine_id: _offered_as(free_fleet, offer, now) for machine_id, offer in wanted.items()}
             return pool
         # Every machine to withdraw is withdrawn before any is offered again: a GPU that moved
@@ -951,12 +947,12 @@ class _KeptFleet:
         return pool
 
 
-def _one(cursor: Any) -> Any:
-    """The one value of the one row the cursor's statement returned."""
+def _row(cursor: Any) -> tuple[Any, ...]:
+    """The one row the cursor's statement returned."""
     row = cursor.fetchone()
     if row is None:
         raise RuntimeError("the statement returned no row")
-    return row[0]
+    return tuple(row)
 
 
 # What a machine placed on was offered as: no offer is, so it is withdrawn and offered again.
@@ -986,9 +982,7 @@ def _cycle_pool(
     touched: set[int] = set()
     kept = free_fleet.source
     if kept is None or not kept.pool_lock.acquire(blocking=False):
-        pool = policy.FreePool(name)
-        pool.add_machines((offer for offer in offers if offer.kinds and offer.window_s > 0), now=now)
-        yield pool, touched
+        yield policy.pool_of(offers, policy=name, now=now), touched
         return
     try:
         done = False

@@ -1001,9 +1001,21 @@ def place(
     `report`, placements carry no p_finish or expected_lost_s (NaN; see pool_place).
     `on_placement` is called with each placement as it is made (the matcher writes them
     while the policy goes on)."""
-    pool = FreePool(policy)
-    pool.add_machines((machine for machine in machines if machine.kinds and machine.window_s > 0), now=now)
+    pool = pool_of(machines, policy=policy, now=now)
     return pool_place(pool, jobs, now=now, held_by_renter=held_by_renter, report=report, on_placement=on_placement)
+
+
+def offerable(machine: MachineOffer) -> bool:
+    """Whether a pool takes the machine's offer: it accepts some kind of job and its declared
+    window has not ended."""
+    return bool(machine.kinds) and machine.window_s > 0
+
+
+def pool_of(machines: Iterable[MachineOffer], *, policy: str, now: float) -> FreePool:
+    """A pool of `policy` holding the free GPUs of the offerable `machines`, built in one go."""
+    pool = FreePool(policy)
+    pool.add_machines((machine for machine in machines if offerable(machine)), now=now)
+    return pool
 
 
 def pool_place(

@@ -226,13 +226,14 @@ def idle_stretches_fold(*, now: datetime | None = None) -> dict[str, int]:
 # again only when a fold has changed it. Bounded: emptied when it holds more than this.
 _READ: dict[int, tuple[tuple[datetime, int], StretchCounts, Analogs | None]] = {}
 _READ_MAX = 200_000
-# The fleet prior as last read (its stored counts, and them read: one tuple, replaced whole), and
+# The fleet prior as last read (its stored counts, them read, and the Forecast of a machine with no
+# history of its own: one tuple, replaced whole), and
 # each machine's Forecast as last handed out, emptied with _READ and whenever the prior changes
 # (each fold: so a forecast's cached curves live a fold interval at most): a forecast whose
 # profile and prior have not changed is the same object from call to call (its curves are worked
 # out once, and a matcher that keeps its pool between cycles, marketplace.matching, sees that it
 # has not changed).
-_FLEET_READ: list[tuple[Any, StretchCounts]] = []
+_FLEET_READ: list[tuple[Any, StretchCounts, Forecast]] = []
 _FORECASTS: dict[int, Forecast] = {}
 
 
@@ -248,10 +249,12 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
     fleet_row = FleetIdleProfile.objects.filter(pk=_FLEET_PK).values_list("counts", flat=True).first()
     prior_before = _FLEET_READ[0] if _FLEET_READ else None
     if prior_before is not None and prior_before[0] == fleet_row:
-        fleet = prior_before[1]
+        _, fleet, as_the_fleet = prior_before
     else:
         fleet = _counts_of(fleet_row, whose="the fleet")
-        _FLEET_READ[:] = [(fleet_row, fleet)]
+        # Machines with no history share one Forecast, and so its cached curves.
+        as_the_fleet = Forecast(StretchCounts(), fleet)
+        _FLEET_READ[:] = [(fleet_row, fleet, as_the_fleet)]
         _FORECASTS.clear()  # every forecast blends the prior in: made again as asked for
     stamps = {
         machine_id: (decayed_at, stretches)
@@ -273,10 +276,6 @@ def machine_forecasts(*, machine_ids: Iterable[int]) -> dict[int, Forecast]:
             read = _analogs_of(analogs, whose=whose)
             kept = read if read.starts else None
             _READ[machine_id] = ((decayed_at, stretches), _counts_of(counts, whose=whose), kept)
-    # Machines with no history share one Forecast, and so its cached curves.
-    as_the_fleet = _FORECASTS.get(0)  # no machine has id 0
-    if as_the_fleet is None or as_the_fleet.fleet is not fleet:
-        as_the_fleet = _FORECASTS[0] = Forecast(StretchCounts(), fleet)
     forecasts: dict[int, Forecast] = {}
     for machine_id in ids:
         read_before = _READ.get(machine_id) if machine_id in stamps else None
