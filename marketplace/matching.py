@@ -68,7 +68,7 @@ import sys
 import threading
 import time
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -145,7 +145,9 @@ class MatchResult:
     reason); `conflicts` counts chunks rolled back by the unique index. Where its `seconds`
     went: reading the fleet, the pending jobs and what the policy needs of them (`read`), the
     policy's choice (`plan`), the writes under row locks (`write`) and the reasons of the jobs
-    left pending (`reasons`); v1 adds up its chunks' parts."""
+    left pending (`reasons`); v1 adds up its chunks' parts. A planning policy (v2, first-fit)
+    works out the reasons of the jobs it left out of its plan while its last chunks are written:
+    that time is in `write`, and `reasons` is what follows the writes."""
 
     considered: int = 0
     placed: int = 0
@@ -1446,12 +1448,17 @@ class _PlanWriter:
         if len(self._chunk) >= CHUNK_SIZE:
             self._hand_over()
 
-    def close(self) -> tuple[list[policy.Placement], int]:
+    def close(self, beside: Callable[[], None] | None = None) -> tuple[list[policy.Placement], int]:
+        """Write what is left, and return what was written and the refused chunks' count.
+        `beside` is this thread's other work, done first, while the writer threads (if any)
+        write; then this thread writes beside them."""
         if self._chunk:
             self._hand_over()
         with self._ready:
             self._closed = True
             self._ready.notify_all()
+        if beside is not None:
+            beside()
         self._write_taken()
         for thread in self._threads:
             thread.join()
@@ -1546,12 +1553,21 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     offers, held = (_offers(free_fleet), _gpus_held_by_renter()) if planning else ([], {})
     result.read_seconds = time.perf_counter() - mark
     mark = time.perf_counter()
+    planned: set[int] = set()
+    reasons: dict[int, tuple[str, str]] = {}
+
+    def explain(wanted: Callable[[int], bool]) -> None:
+        for job in jobs:
+            if wanted(job.id):
+                reasons[job.id] = unfunded.get(job.id) or fleet.explain(job)
+
     with _PlanWriter() as writer:
         if planning:
             with _cycle_pool(name, free_fleet, offers, now.timestamp()) as (pool, touched):
 
                 def placed(placement: policy.Placement) -> None:
                     touched.add(placement.machine_id)
+                    planned.add(placement.job_id)
                     writer.add(placement)  # written while the policy goes on (_PlanWriter)
 
                 policy.pool_place(
@@ -1564,14 +1580,14 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
                 )
         result.plan_seconds = time.perf_counter() - mark
         mark = time.perf_counter()
-        written, result.conflicts = writer.close()
+        # The jobs left out of the plan are explained while the writer threads write its last
+        # chunks (explaining is this process's CPU, writing mostly the database's).
+        written, result.conflicts = writer.close(beside=lambda: explain(lambda job_id: job_id not in planned))
     result.write_seconds = time.perf_counter() - mark
     mark = time.perf_counter()
     placed_ids = {p.job_id for p in written}
-    job_set_unplaced(
-        reasons={job.id: unfunded.get(job.id) or fleet.explain(job) for job in jobs if job.id not in placed_ids},
-        now=now,
-    )
+    explain(lambda job_id: job_id in planned and job_id not in placed_ids)  # planned, but not written
+    job_set_unplaced(reasons=reasons, now=now)
     result.reasons_seconds = time.perf_counter() - mark
     result.considered = len(jobs)
     result.placed = len(written)

@@ -372,3 +372,55 @@ def test_a_plan_smaller_than_a_chunk_is_written_by_the_cycle_itself(two_writers:
     assert (result.placed, result.chunks) == (3, 1)
     assert writers == [threading.get_ident()]
     assert threads == []
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_jobs_left_out_of_the_plan_are_explained_while_its_last_chunks_are_written(
+    two_writers: None, monkeypatch: Any
+) -> None:
+    """The reasons of the jobs the plan left out are worked out (this process's CPU) while the
+    writer thread writes (the database's), before this thread writes beside it: not after the
+    last chunk is written, when one of the two cores would have nothing to do."""
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
+    _fleet_and_jobs(machines=6, gpus_per_machine=1, jobs=9)  # 6 placed in 2 chunks, 3 wait
+    write, explain = matching._chunk_write, matching._Fleet.explain
+    caller = threading.get_ident()
+    explained = threading.Event()
+    main_wrote_after_explaining: list[bool] = []
+    writer_saw_explaining: list[bool] = []
+
+    def chunk_write(chunk: Any) -> Any:
+        if threading.get_ident() == caller:
+            main_wrote_after_explaining.append(explained.is_set())
+        else:  # the writer thread holds its chunk until the reasons are under way
+            writer_saw_explaining.append(explained.wait(timeout=20))
+        return write(chunk)
+
+    def explaining(self: Any, job: Any) -> Any:
+        explained.set()
+        return explain(self, job)
+
+    monkeypatch.setattr(matching, "_chunk_write", chunk_write)
+    monkeypatch.setattr(matching._Fleet, "explain", explaining)
+    result = matching.match_cycle()
+
+    assert (result.placed, result.unplaced) == (6, 3)
+    assert writer_saw_explaining and all(writer_saw_explaining)
+    # Before, this thread took the second chunk and wrote it, and explained after.
+    assert all(main_wrote_after_explaining)
+    waiting = Job.objects.filter(status=Job.Status.PENDING)
+    assert sorted(waiting.values_list("unplaced_code", flat=True)) == ["no_idle_gpu"] * 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_planned_job_its_chunk_could_not_write_gets_its_reason_too(monkeypatch: Any) -> None:
+    """A job in the plan whose GPUs another worker held when its chunk was written stays
+    pending with a reason, as the jobs left out of the plan do."""
+    _fleet_and_jobs(machines=2, gpus_per_machine=1, jobs=3)
+    monkeypatch.setattr(matching, "_gpus_lock", lambda gpu_ids: set())  # every GPU held elsewhere
+    result = matching.match_cycle()
+
+    assert (result.placed, result.unplaced) == (0, 3)
+    waiting = Job.objects.filter(status=Job.Status.PENDING)
+    assert sorted(waiting.values_list("unplaced_code", flat=True)) == ["no_idle_gpu"] * 3
