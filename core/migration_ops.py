@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.postgres.operations import AddIndexConcurrently
-from django.db.migrations import AddIndex, AlterField
+from django.db.migrations import AddConstraint, AddIndex, AlterField
 from django.db.migrations.operations.base import Operation
 
 
@@ -28,14 +28,39 @@ class AddIndexOnline(AddIndexConcurrently):
             AddIndex.database_backwards(self, app_label, schema_editor, from_state, to_state)
 
 
+class AddConstraintOnline(AddConstraint):
+    """AddConstraint of a UniqueConstraint with a condition (on PostgreSQL a unique partial
+    index) that does not block writes there: CREATE UNIQUE INDEX CONCURRENTLY, as
+    AddIndexOnline does for an index; a plain AddConstraint elsewhere. Its migration must say
+    `atomic = False`."""
+
+    def __init__(self, model_name: str, constraint: Any) -> None:
+        if getattr(constraint, "condition", None) is None or not hasattr(constraint, "fields"):
+            raise ValueError("AddConstraintOnline makes unique constraints with a condition (unique partial indexes)")
+        super().__init__(model_name, constraint)
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        model = to_state.apps.get_model(app_label, self.model_name)
+        if schema_editor.connection.vendor != "postgresql" or not self.allow_migrate_model(
+            schema_editor.connection.alias, model
+        ):
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+            return
+        sql = str(self.constraint.create_sql(model, schema_editor))
+        if not sql.startswith("CREATE UNIQUE INDEX "):
+            raise ValueError(f"not a unique index: {sql}")
+        schema_editor.execute("CREATE UNIQUE INDEX CONCURRENTLY " + sql.removeprefix("CREATE UNIQUE INDEX "))
+
+
 class AlterFieldDropIndex(AlterField):
     """AlterField for a field that loses its own index (db_index=True to False, a foreign key's
     included), whose database side is only that: DROP INDEX of each single-column, non-unique
     index on the field's column, as the database lists them (on PostgreSQL a CharField's
     `varchar_pattern_ops` twin too). AlterField's own schema change drops and re-adds a foreign
     key's constraint as well, which makes PostgreSQL check every row of the table under a lock
-    that holds its writes; nothing about the constraint changes here. Backwards, AlterField's
-    (the index made again)."""
+    that holds its writes; nothing about the constraint changes here. An index the model
+    declares in Meta.indexes under its name is kept (one made before, online, to take over).
+    Backwards, AlterField's (the index made again)."""
 
     def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
         model = to_state.apps.get_model(app_label, self.model_name)
@@ -43,6 +68,7 @@ class AlterFieldDropIndex(AlterField):
             return
         column = model._meta.get_field(self.name).column
         names = schema_editor._constraint_names(model, [column], index=True, unique=False, primary_key=False)
+        names = set(names) - {index.name for index in model._meta.indexes}
         for name in sorted(names):
             schema_editor.execute(schema_editor._delete_index_sql(model, name))
 

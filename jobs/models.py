@@ -141,7 +141,9 @@ class Lease(models.Model):
     gpus = models.ManyToManyField(GPU, through="LeaseGPU", related_name="leases")
     gpu_count = models.PositiveSmallIntegerField()
     price_per_gpu_hour = models.DecimalField(max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_DECIMALS)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ASSIGNED, db_index=True)
+    # Indexed by lease_status (Meta): db_index would add a second, pattern-matching index that no
+    # query uses, written with every lease.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ASSIGNED)
     end_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)
     end_detail = models.CharField(max_length=500, blank=True)
     exit_code = models.IntegerField(null=True, blank=True)
@@ -163,7 +165,11 @@ class Lease(models.Model):
             models.Index(fields=["machine", "status"], name="lease_machine_status"),
             # The dashboard's placements and ends in a range, and the preemption losses.
             models.Index(fields=["created_at"], name="lease_created_at"),
-            models.Index(fields=["ended_at"], name="lease_ended_at"),
+            # Of ended leases only: every range of ended_at leaves out the leases still running,
+            # and a new lease writes no entry.
+            models.Index(fields=["ended_at"], name="lease_ended", condition=models.Q(ended_at__isnull=False)),
+            # The sweeps' leases by status across machines.
+            models.Index(fields=["status"], name="lease_status"),
         ]
 
     def __str__(self) -> str:
@@ -202,12 +208,21 @@ class Event(models.Model):
     to_status = models.CharField(max_length=16, blank=True)
     actor = models.CharField(max_length=64, blank=True)  # "renter:3", "machine:7", "matcher", "operator:1"
     detail = models.JSONField(default=dict, blank=True)
-    # For events an agent sends: its event id, so a repeated send is recorded once.
-    idempotency_key = models.CharField(max_length=128, null=True, blank=True, unique=True)
+    # For events an agent sends: its event id, so a repeated send is recorded once. Unique where
+    # present (event_unique_idempotency_key): the events the marketplace writes itself, most of
+    # them, have none and write no entry.
+    idempotency_key = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
         ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="event_unique_idempotency_key",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} (job {self.job_id})"

@@ -1,5 +1,5 @@
 """core.migration_ops: AlterFieldDropIndex (a field's own index dropped, nothing else touched) and
-SetFillFactor (room kept on each page, providers 0010)."""
+SetFillFactor (room kept on each page, providers 0010), AddConstraintOnline (jobs 0012)."""
 
 from __future__ import annotations
 
@@ -125,3 +125,71 @@ def test_the_hot_migration_unindexes_the_moving_columns_and_keeps_room_on_each_p
         assert {("providers_gpu", "state"), ("providers_machine", "last_heartbeat_at")} <= _indexed_columns()
     finally:
         _migrate([("providers", _latest("providers"))])
+
+
+def _index_definitions(tables: tuple[str, ...]) -> dict[str, str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = ANY(%s)", [list(tables)])
+        return dict(cursor.fetchall())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_lease_and_a_marketplace_event_write_no_entry_that_no_query_reads_and_keys_stay_unique() -> None:
+    """jobs 0012: the lease status's and the event key's pattern twins go, and the indexes of
+    mostly-NULL columns leave the NULLs out; a repeated event key is still refused."""
+    if connection.vendor != "postgresql":
+        pytest.skip("the indexes' twins and partial indexes are PostgreSQL's")
+    from jobs.models import Event, Job, Renter
+
+    tables = ("jobs_lease", "jobs_event")
+    before, after = ("jobs", "0011_indexes_others_cover"), ("jobs", "0012_index_entries_not_written")
+    _migrate([before])
+    try:
+        old = _index_definitions(tables)
+        foreign_keys = _foreign_keys()
+        assert {"jobs_lease_status_681d0c43_like", "lease_ended_at", "jobs_event_idempotency_key_a0e2466b_like"} <= set(
+            old
+        )
+
+        _migrate([after])
+        new = _index_definitions(tables)
+        # The key's unique index was named by CREATE TABLE (…_key) or by an earlier way back (…_uniq).
+        (old_unique,) = (n for n, d in old.items() if d.startswith("CREATE UNIQUE") and d.endswith("(idempotency_key)"))
+        assert set(old) - set(new) == {
+            "jobs_lease_status_681d0c43",
+            "jobs_lease_status_681d0c43_like",
+            "lease_ended_at",
+            "jobs_event_idempotency_key_a0e2466b_like",
+            old_unique,
+        }
+        assert set(new) - set(old) == {"lease_status", "lease_ended", "event_unique_idempotency_key"}
+        assert new["lease_status"].endswith("USING btree (status)")
+        assert new["lease_ended"].endswith("USING btree (ended_at) WHERE (ended_at IS NOT NULL)")
+        assert new["event_unique_idempotency_key"].startswith("CREATE UNIQUE INDEX")
+        assert new["event_unique_idempotency_key"].endswith("WHERE (idempotency_key IS NOT NULL)")
+        assert _foreign_keys() == foreign_keys
+
+        from django.contrib.auth import get_user_model
+        from django.db import IntegrityError, transaction
+
+        user = get_user_model().objects.create_user(username="keys", password="x")
+        renter = Renter.objects.create(user=user, display_name="keys")
+        job = Job.objects.create(
+            renter=renter, gpu_count=1, max_price_per_gpu_hour="1", expected_duration_s=60, max_duration_s=60
+        )
+        Event.objects.create(job=job, kind="a", idempotency_key=None)
+        Event.objects.create(job=job, kind="b", idempotency_key=None)  # no key: as many as written
+        Event.objects.create(job=job, kind="c", idempotency_key="agent:1:event:9")
+        with pytest.raises(IntegrityError), transaction.atomic():
+            Event.objects.create(job=job, kind="c", idempotency_key="agent:1:event:9")
+        Event.objects.all().delete()
+        job.delete()
+        renter.delete()
+        user.delete()
+
+        _migrate([before])  # and back
+        back = _index_definitions(tables)
+        assert set(back) - {"jobs_event_idempotency_key_a0e2466b_uniq"} == set(old) - {old_unique}
+        assert back["jobs_event_idempotency_key_a0e2466b_uniq"].endswith("USING btree (idempotency_key)")
+    finally:
+        _migrate([("jobs", _latest("jobs"))])
