@@ -369,7 +369,7 @@ class Placement:
     price_per_gpu_hour: Decimal
 
 
-def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") -> dict[int, int]:
+def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher", held: bool = False) -> dict[int, int]:
     """Create a lease for each placement and move its job pending → scheduled; returns
     {job id: lease id} of the leases written.
 
@@ -380,18 +380,26 @@ def leases_assign(*, placements: Sequence[Placement], actor: str = "matcher") ->
     The GPUs are shown `leased` through providers.services.gpus_lease, the owner of GPU state,
     before their LeaseGPU rows are written (that module's lock order).
 
+    `held`: the caller locked every placement's job (FOR UPDATE, where it read it pending) and
+    GPUs in this transaction (the matcher's chunks), so neither is read or locked again here.
+    The jobs' move still checks that each is pending.
+
     On PostgreSQL the leases, their GPUs, the jobs' moves and their `lease.assigned` events are
     one statement, whatever the number of placements (_leases_write_set); elsewhere bulk ORM
     writes (_leases_write_orm). Both write the same rows.
     """
     if not placements:
         return {}
-    pending = _jobs_pending(job_ids=[p.job_id for p in placements])
-    placements = [p for p in placements if p.job_id in pending]
-    if not placements:
-        return {}
+    if not held:
+        pending = _jobs_pending(job_ids=[p.job_id for p in placements])
+        placements = [p for p in placements if p.job_id in pending]
+        if not placements:
+            return {}
     # GPU rows before the LeaseGPU rows: the lock order of providers.services.
-    providers_services.gpus_lease(gpu_ids=[g for p in placements for g in p.gpu_ids])
+    providers_services.gpus_lease(
+        gpu_ids=[g for p in placements for g in p.gpu_ids],
+        held_on={p.machine_id for p in placements} if held else None,
+    )
     if connection.vendor == "postgresql":
         written = _leases_write_set(placements=placements, actor=actor)
     else:

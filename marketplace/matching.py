@@ -1530,7 +1530,8 @@ def _chunk_write(chunk: Sequence[policy.Placement]) -> tuple[list[policy.Placeme
                         price_per_gpu_hour=_from_micros(p.price),
                     )
                     for p in ready
-                ]
+                ],
+                held=True,  # the jobs locked pending and the GPUs locked above
             )
             return [p for p in ready if p.job_id in placed_ids], False
     except IntegrityError:

@@ -444,19 +444,28 @@ def _machine_gpus_lock(*, machine_id: int) -> list[GPU]:
     return list(GPU.objects.filter(machine_id=machine_id).order_by("pk").select_for_update())
 
 
-def gpus_lease(*, gpu_ids: Sequence[int]) -> None:
+def gpus_lease(*, gpu_ids: Sequence[int], held_on: Iterable[int] | None = None) -> None:
     """Show the GPUs as `leased`. For jobs.services.leases_assign, in the transaction that
     writes their active LeaseGPU rows; the rows are locked here (primary-key order) if the
-    caller does not hold them already."""
+    caller does not hold them already. `held_on`: the caller holds every one of the GPUs
+    locked (gpus_lock, in this transaction), and these are their machines."""
     if not gpu_ids:
         return
-    with transaction.atomic():  # a savepoint in the caller's transaction
-        locked = gpus_lock(gpu_ids=gpu_ids)
-        for start in range(0, len(gpu_ids), _GPU_LOCK_CHUNK):
-            GPU.objects.filter(pk__any=gpu_ids[start : start + _GPU_LOCK_CHUNK]).update(state=GPU.State.LEASED)
-        # Their machines' next heartbeats are full ones (with the start orders), before the
-        # doorbell (registered after this) rings their agents.
-        heartbeat_steady.forget(machine_id for _, _, machine_id in locked)
+    if held_on is not None:
+        machine_ids: Iterable[int] = held_on
+        _gpus_show_leased(gpu_ids)
+    else:
+        with transaction.atomic():  # a savepoint in the caller's transaction
+            machine_ids = [machine_id for _, _, machine_id in gpus_lock(gpu_ids=gpu_ids)]
+            _gpus_show_leased(gpu_ids)
+    # Their machines' next heartbeats are full ones (with the start orders), before the
+    # doorbell (registered after this) rings their agents.
+    heartbeat_steady.forget(machine_ids)
+
+
+def _gpus_show_leased(gpu_ids: Sequence[int]) -> None:
+    for start in range(0, len(gpu_ids), _GPU_LOCK_CHUNK):
+        GPU.objects.filter(pk__any=gpu_ids[start : start + _GPU_LOCK_CHUNK]).update(state=GPU.State.LEASED)
 
 
 def gpus_release(*, gpu_ids: Sequence[int], state: str) -> None:

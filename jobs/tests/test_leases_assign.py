@@ -96,6 +96,39 @@ def test_the_set_based_write_stores_exactly_what_the_orm_write_stores(monkeypatc
 
 
 @pytest.mark.django_db
+def test_a_caller_holding_the_jobs_and_gpus_writes_the_same_rows_without_reading_them_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`held` (the matcher's chunks, which locked the pending jobs and the GPUs): the same rows
+    and the same machines' heartbeats made full ones, in fewer statements."""
+    from providers import heartbeat_steady
+
+    placements = _fleet_and_placements(seed=7, jobs=30)
+    forgotten: list[set[int]] = []
+    monkeypatch.setattr(heartbeat_steady, "forget", lambda machine_ids: forgotten.append(set(machine_ids)))
+
+    def written(*, held: bool) -> tuple[dict[str, Any], int]:
+        with transaction.atomic(), CaptureQueriesContext(connection) as queries:
+            if held:  # as marketplace.matching._chunk_write holds them
+                list(Job.objects.filter(pk__in=[p.job_id for p in placements]).select_for_update())
+                list(GPU.objects.filter(pk__in=[g for p in placements for g in p.gpu_ids]).select_for_update())
+            statements = len(queries)
+            placed = leases_assign(placements=placements, held=held)
+            statements = len(queries) - statements
+            result = _written(placements)
+            result["placed"] = sorted(placed)
+            transaction.set_rollback(True)
+        return result, statements
+
+    (unheld, unheld_statements), (held, held_statements) = written(held=False), written(held=True)
+    assert held == unheld
+    assert len(held["placed"]) == 30
+    assert forgotten[0] == forgotten[1] == {p.machine_id for p in placements}
+    # The pending jobs' read and the GPUs' lock (in a savepoint: three statements) are not made.
+    assert held_statements == unheld_statements - 4
+
+
+@pytest.mark.django_db
 def test_a_chunk_of_placements_is_written_in_the_same_few_statements_whatever_its_size() -> None:
     small = _fleet_and_placements(seed=1, jobs=3)
     large = _fleet_and_placements(seed=2, jobs=120)
