@@ -1291,34 +1291,37 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
 # --- the planned cycle (policies other than v1) -------------------------------------------------
 
 
-def _pending_requests(limit: int) -> tuple[list[_Job], dict[int, policy.JobRequest]]:
+def _pending_requests(limit: int) -> tuple[dict[int, tuple[Any, ...]], dict[int, policy.JobRequest]]:
     """The oldest `limit` pending jobs (not locked: the plan is written under locks later), as
-    the reasons' view (_Job) and as the policy's requests."""
+    the policy's requests, with each job's row (values_list(*_JOB_FIELDS)) by id, from which
+    _job_from_row makes the reasons' view of those a reason is needed for (making it for every
+    job was half this read's time)."""
     rows = list(
         _with_allowed_text(Job.objects.filter(status=Job.Status.PENDING))
         .order_by("created_at", "id")
         .values_list(*_JOB_FIELDS, "renter_id", "checkpoint_interval_s")[:limit]
     )
-    jobs: list[_Job] = []
+    views: dict[int, tuple[Any, ...]] = {}
     requests: dict[int, policy.JobRequest] = {}
+    width = len(_JOB_FIELDS)
     for row in rows:
-        job = _job_from_row(row[: len(_JOB_FIELDS)])
-        renter_id, checkpoint_interval_s = row[len(_JOB_FIELDS) :]
-        jobs.append(job)
-        requests[job.id] = policy.JobRequest(
-            id=job.id,
+        job_id, created_at, gpu_count, min_vram_mb, allowed_text, region, max_price, duration, kind = row[:width]
+        renter_id, checkpoint_interval_s = row[width:]
+        views[job_id] = row[:width]
+        requests[job_id] = policy.JobRequest(
+            id=job_id,
             renter=renter_id,
-            submitted_at=job.created_at.timestamp(),
-            gpu_count=job.gpu_count,
-            min_vram_mb=job.min_vram_mb,
-            models=job.models,
-            region=job.region,
-            max_price=job.max_price,
-            duration_s=job.duration_s,
+            submitted_at=created_at.timestamp(),
+            gpu_count=gpu_count,
+            min_vram_mb=min_vram_mb or 0,
+            models=_allowed_models(allowed_text)[0],
+            region=region or "",
+            max_price=_to_micros(max_price),
+            duration_s=duration,
             checkpoint_interval_s=checkpoint_interval_s,
-            kind_bit=job.kind_bit,
+            kind_bit=KIND_BITS.get(kind, 0),
         )
-    return jobs, requests
+    return views, requests
 
 
 def _offers(free_fleet: _FreeFleet) -> list[policy.MachineOffer]:
@@ -1547,7 +1550,7 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     mark = time.perf_counter()
     free_fleet, fleet = _fleet_read(now=now)
     result.candidate_gpus = free_fleet.free_count
-    jobs, requests = _pending_requests(limit)
+    views, requests = _pending_requests(limit)
     unfunded = billing_selectors.jobs_budget_unreserved(job_ids=list(requests))
     placeable = [request for job_id, request in requests.items() if job_id not in unfunded]
     planning = bool(placeable and result.candidate_gpus)
@@ -1558,9 +1561,9 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     reasons: dict[int, tuple[str, str]] = {}
 
     def explain(wanted: Callable[[int], bool]) -> None:
-        for job in jobs:
-            if wanted(job.id):
-                reasons[job.id] = unfunded.get(job.id) or fleet.explain(job)
+        for job_id, view in views.items():
+            if wanted(job_id):
+                reasons[job_id] = unfunded.get(job_id) or fleet.explain(_job_from_row(view))
 
     with _PlanWriter() as writer:
         if planning:
@@ -1590,7 +1593,7 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     explain(lambda job_id: job_id in planned and job_id not in placed_ids)  # planned, but not written
     job_set_unplaced(reasons=reasons, now=now)
     result.reasons_seconds = time.perf_counter() - mark
-    result.considered = len(jobs)
+    result.considered = len(views)
     result.placed = len(written)
     result.gpus_leased = sum(len(p.gpu_ids) for p in written)
     result.chunks = max(1, writer.chunks)
