@@ -85,6 +85,7 @@ from django.utils import timezone
 from billing import selectors as billing_selectors  # the billing gate
 from core import prom, soon
 from core.collector import collector_paused
+from core.lookups import int_array
 from core.rows import rows as core_rows
 from jobs.models import Job, LeaseGPU
 from jobs.services import Placement, job_set_unplaced, leases_assign
@@ -1104,6 +1105,26 @@ def _jobs_lock(*, after: tuple[datetime, int] | None, limit: int) -> list[_Job]:
     return [_job_from_row(row) for row in rows]
 
 
+def _jobs_hold(job_ids: Iterable[int]) -> set[int]:
+    """Lock the given jobs that are still pending and return their ids; jobs another worker
+    holds are skipped, not waited for. The caller holds a transaction."""
+    ids = list(job_ids)
+    if connection.vendor == "postgresql":  # one statement without the ORM's making: a chunk's Python shares the GIL
+        table = connection.ops.quote_name(Job._meta.db_table)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT id FROM {table} WHERE id = ANY(%s::bigint[]) AND status = %s FOR UPDATE SKIP LOCKED",  # noqa: S608
+                [int_array(ids), Job.Status.PENDING],
+            )
+            return {row[0] for row in cursor.fetchall()}
+    return set(
+        Job.objects.filter(pk__any=ids, status=Job.Status.PENDING)
+        .order_by()
+        .select_for_update(skip_locked=True)
+        .values_list("pk", flat=True)
+    )
+
+
 def _gpus_lock(gpu_ids: Iterable[int]) -> set[int]:
     """Lock the given GPUs and return those that are still candidates (idle, machine online,
     in no active lease). GPUs another worker holds are skipped, not waited for. The caller
@@ -1117,6 +1138,16 @@ def _gpus_lock(gpu_ids: Iterable[int]) -> set[int]:
     if not rows:
         return set()
     idle = [(gpu_id, machine_id) for gpu_id, state, machine_id in rows if state == GPU.State.IDLE]
+    if connection.vendor == "postgresql":  # the machines' and leases' checks in one statement
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"""SELECT g.id FROM unnest(%s::bigint[], %s::bigint[]) AS g(id, machine_id)
+                JOIN {connection.ops.quote_name(Machine._meta.db_table)} m ON m.id = g.machine_id AND m.status = %s
+                WHERE NOT EXISTS (SELECT 1 FROM {connection.ops.quote_name(LeaseGPU._meta.db_table)} l
+                    WHERE l.gpu_id = g.id AND l.active)""",  # noqa: S608 (table names from the models)
+                [int_array(g for g, _ in idle), int_array(m for _, m in idle), Machine.Status.ONLINE],
+            )
+            return {row[0] for row in cursor.fetchall()}
     online = set(
         Machine.objects.filter(pk__any={m for _, m in idle}, status=Machine.Status.ONLINE).values_list("pk", flat=True)
     )
@@ -1516,11 +1547,7 @@ def _chunk_write(chunk: Sequence[policy.Placement]) -> tuple[list[policy.Placeme
     index refused it)."""
     try:
         with transaction.atomic():
-            held_jobs = set(
-                Job.objects.filter(pk__any=[p.job_id for p in chunk], status=Job.Status.PENDING)
-                .select_for_update(skip_locked=True)
-                .values_list("pk", flat=True)
-            )
+            held_jobs = _jobs_hold(p.job_id for p in chunk)
             wanted = [p for p in chunk if p.job_id in held_jobs]
             held_gpus = _gpus_lock({gpu_id for p in wanted for gpu_id in p.gpu_ids})
             ready = [p for p in wanted if all(gpu_id in held_gpus for gpu_id in p.gpu_ids)]

@@ -424,3 +424,23 @@ def test_a_planned_job_its_chunk_could_not_write_gets_its_reason_too(monkeypatch
     assert (result.placed, result.unplaced) == (0, 3)
     waiting = Job.objects.filter(status=Job.Status.PENDING)
     assert sorted(waiting.values_list("unplaced_code", flat=True)) == ["no_idle_gpu"] * 3
+
+
+def test_a_chunk_locks_only_pending_jobs_and_gpus_still_free_for_a_lease(db: Any) -> None:
+    """What a chunk's writer holds before it writes: the jobs still pending, and the GPUs still
+    idle, on an online machine and in no active lease. Both on PostgreSQL (one statement each,
+    without the ORM) and elsewhere."""
+    online, offline = MachineFactory(), MachineFactory(status="offline")
+    free = GPUFactory(machine=online, index=0)
+    busy = GPUFactory(machine=online, index=1, state=GPU.State.OWNER_BUSY)
+    leased = GPUFactory(machine=online, index=2)
+    away = GPUFactory(machine=offline, index=0)
+    lease = Lease.objects.create(
+        job=JobFactory(status=Job.Status.RUNNING), machine=online, gpu_count=1, price_per_gpu_hour=Decimal("1")
+    )
+    LeaseGPU.objects.create(lease=lease, gpu=leased, active=True)
+    pending, cancelled = JobFactory(), JobFactory(status=Job.Status.CANCELLED)
+
+    with transaction.atomic():
+        assert matching._jobs_hold([pending.pk, cancelled.pk, 10**9]) == {pending.pk}
+        assert matching._gpus_lock([free.pk, busy.pk, leased.pk, away.pk, 10**9]) == {free.pk}
