@@ -53,8 +53,9 @@ their leases, so it never shows a GPU leased here as idle (providers.services, "
 Speed: the fleet is read in a handful of queries (on PostgreSQL a worker keeps what it read,
 and the planning policy's pool, and reads only the GPU rows written since: `_KeptFleet`),
 matching runs in memory over per-class heaps (class = model, VRAM, region, accepted job kinds)
-ordered by price, and writes are bulk, so a cycle over 100,000 GPUs and 10,000 jobs takes one
-to two seconds (benchmarks/matching.py).
+ordered by price, and writes are bulk (while the policy places, and while the jobs it left out
+are explained), so a cycle over 100,000 GPUs and 10,000 jobs takes a little over a second
+(benchmarks/matching.py).
 """
 
 from __future__ import annotations
