@@ -1126,10 +1126,11 @@ def _jobs_hold(job_ids: Iterable[int]) -> set[int]:
     )
 
 
-def _gpus_lock(gpu_ids: Iterable[int]) -> set[int]:
+def _gpus_lock(gpu_ids: Iterable[int]) -> dict[int, int]:
     """Lock the given GPUs and return those that are still candidates (idle, machine online,
-    in no active lease). GPUs another worker holds are skipped, not waited for. The caller
-    holds a transaction.
+    in no active lease), each with the machine it is on now: a GPU whose rig registered again
+    since the plan was read has moved to the new machine, and is not leased under the old one.
+    GPUs another worker holds are skipped, not waited for. The caller holds a transaction.
 
     The lock is taken by primary key alone (providers.services.gpus_lock, in primary-key
     order), and the state re-checked on the rows it returns (the latest committed version under
@@ -1137,30 +1138,29 @@ def _gpus_lock(gpu_ids: Iterable[int]) -> set[int]:
     freshly loaded tables."""
     rows = providers_services.gpus_lock(gpu_ids=gpu_ids, skip_locked=True)
     if not rows:
-        return set()
+        return {}
     idle = [(gpu_id, machine_id) for gpu_id, state, machine_id in rows if state == GPU.State.IDLE]
     if connection.vendor == "postgresql":  # the machines' and leases' checks in one statement
         with connection.cursor() as cursor:
             cursor.execute(
-                f"""SELECT g.id FROM unnest(%s::bigint[], %s::bigint[]) AS g(id, machine_id)
+                f"""SELECT g.id, g.machine_id FROM unnest(%s::bigint[], %s::bigint[]) AS g(id, machine_id)
                 JOIN {connection.ops.quote_name(Machine._meta.db_table)} m ON m.id = g.machine_id AND m.status = %s
                 WHERE NOT EXISTS (SELECT 1 FROM {connection.ops.quote_name(LeaseGPU._meta.db_table)} l
                     WHERE l.gpu_id = g.id AND l.active)""",  # noqa: S608 (table names from the models)
                 [int_array(g for g, _ in idle), int_array(m for _, m in idle), Machine.Status.ONLINE],
             )
-            return {row[0] for row in cursor.fetchall()}
+            return dict(cursor.fetchall())
     online = set(
         Machine.objects.filter(pk__any={m for _, m in idle}, status=Machine.Status.ONLINE).values_list("pk", flat=True)
     )
-    candidates = [gpu_id for gpu_id, machine_id in idle if machine_id in online]
+    candidates = {gpu_id: machine_id for gpu_id, machine_id in idle if machine_id in online}
+    ids = list(candidates)
     in_lease: set[int] = set()
-    for start in range(0, len(candidates), 1000):
+    for start in range(0, len(ids), 1000):
         in_lease.update(
-            LeaseGPU.objects.filter(gpu_id__any=candidates[start : start + 1000], active=True).values_list(
-                "gpu_id", flat=True
-            )
+            LeaseGPU.objects.filter(gpu_id__any=ids[start : start + 1000], active=True).values_list("gpu_id", flat=True)
         )
-    return set(candidates) - in_lease
+    return {gpu_id: machine_id for gpu_id, machine_id in candidates.items() if gpu_id not in in_lease}
 
 
 _Chosen = tuple[_Job, _Machine, list[tuple[int, int]]]
@@ -1197,8 +1197,9 @@ def _chunk_place(pool: _Pool, jobs: Sequence[_Job]) -> list[_Chosen]:
     locked: set[int] = set()
     for attempt in range(MAX_LOCK_ROUNDS):
         placements = _match_jobs(pool, jobs)
-        wanted = {gpu_id for _, _, chosen in placements for _, gpu_id in chosen} - locked
-        got = _gpus_lock(wanted)
+        on = {gpu_id: machine.id for _, machine, chosen in placements for _, gpu_id in chosen}
+        wanted = set(on) - locked
+        got = {gpu_id for gpu_id, machine_id in _gpus_lock(wanted).items() if on[gpu_id] == machine_id}
         locked |= got
         lost = wanted - got
         if not lost:
@@ -1551,7 +1552,7 @@ def _chunk_write(chunk: Sequence[policy.Placement]) -> tuple[list[policy.Placeme
             held_jobs = _jobs_hold(p.job_id for p in chunk)
             wanted = [p for p in chunk if p.job_id in held_jobs]
             held_gpus = _gpus_lock({gpu_id for p in wanted for gpu_id in p.gpu_ids})
-            ready = [p for p in wanted if all(gpu_id in held_gpus for gpu_id in p.gpu_ids)]
+            ready = [p for p in wanted if all(held_gpus.get(gpu_id) == p.machine_id for gpu_id in p.gpu_ids)]
             placed_ids = leases_assign(
                 placements=[
                     Placement(

@@ -418,7 +418,7 @@ def test_a_planned_job_its_chunk_could_not_write_gets_its_reason_too(monkeypatch
     """A job in the plan whose GPUs another worker held when its chunk was written stays
     pending with a reason, as the jobs left out of the plan do."""
     _fleet_and_jobs(machines=2, gpus_per_machine=1, jobs=3)
-    monkeypatch.setattr(matching, "_gpus_lock", lambda gpu_ids: set())  # every GPU held elsewhere
+    monkeypatch.setattr(matching, "_gpus_lock", lambda gpu_ids: {})  # every GPU held elsewhere
     result = matching.match_cycle()
 
     assert (result.placed, result.unplaced) == (0, 3)
@@ -443,4 +443,28 @@ def test_a_chunk_locks_only_pending_jobs_and_gpus_still_free_for_a_lease(db: Any
 
     with transaction.atomic():
         assert matching._jobs_hold([pending.pk, cancelled.pk, 10**9]) == {pending.pk}
-        assert matching._gpus_lock([free.pk, busy.pk, leased.pk, away.pk, 10**9]) == {free.pk}
+        assert matching._gpus_lock([free.pk, busy.pk, leased.pk, away.pk, 10**9]) == {free.pk: online.pk}
+
+
+def test_a_gpu_that_moved_machines_after_the_plan_is_not_leased_under_the_old_one(db: Any, monkeypatch: Any) -> None:
+    """Between a cycle's read and its write the GPU's rig registered again: the GPU row moved to
+    the new machine (providers.services._gpus_claim). The placement on the old machine is not
+    written (the old machine's agent would be told to run on a GPU it no longer has); the next
+    cycle places the job on the new machine."""
+    old, new = MachineFactory(), MachineFactory()
+    gpu = GPUFactory(machine=old, index=0)
+    job = JobFactory(budget_reserved=True)
+    real_lock = matching._gpus_lock
+
+    def move_then_lock(gpu_ids: Any) -> Any:
+        GPU.objects.filter(pk=gpu.pk).update(machine=new)
+        return real_lock(gpu_ids)
+
+    monkeypatch.setattr(matching, "_gpus_lock", move_then_lock)
+    assert matching.match_cycle().placed == 0
+    assert not Lease.objects.exists()
+    assert Job.objects.get(pk=job.pk).status == Job.Status.PENDING
+
+    monkeypatch.setattr(matching, "_gpus_lock", real_lock)
+    assert matching.match_cycle().placed == 1
+    assert Lease.objects.get(job=job).machine_id == new.pk

@@ -132,7 +132,7 @@ def test_a_placement_taken_by_another_worker_between_plan_and_write_is_not_writt
     m = idle_machine(gpus=1)
     first = job(age_s=10)
     real_lock = matching._gpus_lock
-    monkeypatch.setattr(matching, "_gpus_lock", lambda gpu_ids: set())  # every GPU held elsewhere
+    monkeypatch.setattr(matching, "_gpus_lock", lambda gpu_ids: {})  # every GPU held elsewhere
 
     assert cycle().placed == 0
     assert Job.objects.get(pk=first.pk).status == Job.Status.PENDING
