@@ -1341,6 +1341,8 @@ def _pending_requests(limit: int) -> tuple[dict[int, tuple[Any, ...]], dict[int,
         job_id, created_at, gpu_count, min_vram_mb, allowed_text, region, max_price, duration, kind = row[:width]
         renter_id, checkpoint_interval_s = row[width:]
         views[job_id] = row[:width]
+        # _job_from_row's conversions, written out: a call and a _Job a job cost as much again
+        # (test_matching.py holds the two to the same values).
         requests[job_id] = policy.JobRequest(
             id=job_id,
             renter=renter_id,

@@ -451,16 +451,15 @@ def gpus_lease(*, gpu_ids: Sequence[int], held_on: Iterable[int] | None = None) 
     locked (gpus_lock, in this transaction), and these are their machines."""
     if not gpu_ids:
         return
-    if held_on is not None:
-        machine_ids: Iterable[int] = held_on
-        _gpus_show_leased(gpu_ids)
-    else:
+    if held_on is None:
         with transaction.atomic():  # a savepoint in the caller's transaction
-            machine_ids = [machine_id for _, _, machine_id in gpus_lock(gpu_ids=gpu_ids)]
+            held_on = [machine_id for _, _, machine_id in gpus_lock(gpu_ids=gpu_ids)]
             _gpus_show_leased(gpu_ids)
+    else:
+        _gpus_show_leased(gpu_ids)
     # Their machines' next heartbeats are full ones (with the start orders), before the
     # doorbell (registered after this) rings their agents.
-    heartbeat_steady.forget(machine_ids)
+    heartbeat_steady.forget(held_on)
 
 
 def _gpus_show_leased(gpu_ids: Sequence[int]) -> None:

@@ -93,6 +93,46 @@ def test_job_is_placed_on_an_idle_gpu_at_the_gpu_floor():
     assert result.as_dict()["unplaced"] == 0
 
 
+def test_a_jobs_request_and_its_reasons_view_read_its_row_alike() -> None:
+    """The planned cycle converts a pending job's row twice: into the policy's request, and
+    (_job_from_row) into the view its reason is worked out from. Both must see the same job."""
+    jobs = [
+        JobFactory(),
+        JobFactory(
+            kind=Job.Kind.CONTAINER,
+            gpu_count=2,
+            min_vram_mb=24000,
+            allowed_models=["NVIDIA L4", " A100 "],
+            region="eu-west",
+            max_price_per_gpu_hour=Decimal("0.123456"),
+            expected_duration_s=90,
+            checkpoint_interval_s=600,
+        ),
+        JobFactory(kind="unknown", allowed_models=[], region=""),
+    ]
+    views, requests = matching._pending_requests(10)
+
+    assert set(views) == set(requests) == {j.pk for j in jobs}
+    for j in jobs:
+        view, request = matching._job_from_row(views[j.pk]), requests[j.pk]
+        assert (view.id, view.created_at.timestamp()) == (request.id, request.submitted_at)
+        assert (view.gpu_count, view.min_vram_mb, view.models, view.region) == (
+            request.gpu_count,
+            request.min_vram_mb,
+            request.models,
+            request.region,
+        )
+        assert (view.max_price, view.duration_s, view.kind_bit) == (
+            request.max_price,
+            request.duration_s,
+            request.kind_bit,
+        )
+    assert requests[jobs[1].pk].models == frozenset({"nvidia l4", "a100"})
+    assert requests[jobs[1].pk].max_price == 123456
+    assert requests[jobs[1].pk].checkpoint_interval_s == 600
+    assert requests[jobs[2].pk].kind_bit == 0
+
+
 def test_a_cycle_says_where_its_time_went() -> None:
     """Reading, the policy's plan, the writes and the reasons, each measured, together no more
     than the whole cycle (benchmarks/matching.py prints them)."""
