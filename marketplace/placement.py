@@ -80,9 +80,11 @@ from __future__ import annotations
 
 import heapq
 import math
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Protocol
 
 from providers.forecasting import (
@@ -138,10 +140,21 @@ def _negated(key: tuple[float, ...]) -> tuple[float, ...]:
 _Entry = tuple[tuple[float, ...], int, int]  # (key, machine id, class)
 
 
+def _index(entries: list[_Entry], firsts: list[float], entry: _Entry) -> int:
+    """Where `entry` is, or would go, in a group's tier (sorted `entries` and their keys' first
+    figures): bisected on the floats, which compare faster than the entries' nested tuples, and
+    among equal ones on the entries."""
+    first = entry[0][0]
+    i = bisect_left(firsts, first)
+    if i < len(firsts) and firsts[i] == first:
+        i = bisect_left(entries, entry, i, bisect_right(firsts, first, i))
+    return i
+
+
 def _insert(entries: list[_Entry], firsts: list[float], floors: list[int], entry: _Entry, floor: int) -> None:
     """Add `entry` to a group's tier: its sorted entries, their keys' first figures and the
     least ceiling each entry's machine can take a job at (`_Machine.keys`)."""
-    i = bisect_left(entries, entry)
+    i = _index(entries, firsts, entry)
     entries.insert(i, entry)
     firsts.insert(i, entry[0][0])
     floors.insert(i, floor)
@@ -149,7 +162,7 @@ def _insert(entries: list[_Entry], firsts: list[float], floors: list[int], entry
 
 def _drop(entries: list[_Entry], firsts: list[float], floors: list[int], entry: _Entry) -> None:
     """Remove `entry` from a group's tier (when it is there)."""
-    i = bisect_left(entries, entry)
+    i = _index(entries, firsts, entry)
     if i < len(entries) and entries[i] == entry:
         del entries[i]
         del firsts[i]
@@ -274,10 +287,11 @@ _GPU_ORDER: dict[str, Callable[[_Gpu], tuple[float, ...]]] = {
 @dataclass(slots=True, eq=False)
 class _Machine:
     offer: MachineOffer
-    free: dict[int, list[_Gpu]] = field(default_factory=dict)  # class id -> free GPUs, in order
+    # class id -> free GPUs, in order (a class whose last free GPU is taken leaves it)
+    free: dict[int, list[_Gpu]] = field(default_factory=dict)
     # class -> (key, top tier, floor): the key and tiers its entries are under, and the least
     # price ceiling at which a job can have any of the machine's GPUs through them: the class's
-    # cheapest floor, or 0 once the machine has held GPUs of another class too (a job may then
+    # cheapest floor, or 0 while the machine has free GPUs of another class too (a job may then
     # combine classes, and 0 never rules the machine out).
     keys: dict[int, tuple[tuple[float, ...], int, int]] = field(default_factory=dict)
 
@@ -469,10 +483,16 @@ class FreePool:
         if entry is None:
             return
         machine = self.machines[entry.machine]
-        machine.free[entry.cls].remove(entry)
+        gpus = machine.free[entry.cls]
+        gpus.remove(entry)
+        if not gpus:  # the machine holds classes with free GPUs only, as one offered afresh
+            del machine.free[entry.cls]
         self._reenter(machine, entry.cls)
-        if not any(machine.free.values()):
+        if not machine.free:
             del self.machines[entry.machine]
+        elif not gpus and len(machine.free) == 1:  # one class left: its own least floor rules it out again
+            for cls in machine.free:
+                self._reenter(machine, cls)
 
     def remove_machine(self, machine_id: int) -> None:
         """Withdraw every free GPU of the machine, and the machine with them (ignored when it
@@ -559,9 +579,15 @@ class FreePool:
             key = self._key(machine, cls)
             top = _tier(len(gpus))
             floor = self._least_floor(machine, gpus)
-            if old is not None and old[0] == key and old[2] == floor:
-                if old[1] != top:
+            if old is not None and old[0] == key:
+                # Its entries stay where they are (a GPU taken from a machine whose GPUs share
+                # one horizon leaves its key as it was): a new least floor is written beside
+                # them, and only a tier gained or lost is touched.
+                if old[1] != top or old[2] != floor:
                     entry = (key, mid, cls)
+                    if old[2] != floor:
+                        for t in range(min(old[1], top) + 1):
+                            floors[t][_index(tiers[t], firsts[t], entry)] = floor
                     for t in range(old[1] + 1, top + 1):
                         _insert(tiers[t], firsts[t], floors[t], entry, floor)
                     for t in range(top + 1, old[1] + 1):
@@ -612,7 +638,7 @@ class FreePool:
     def tier_open(self, tier: int) -> bool:
         """Whether some machine has a class with at least `_TIERS[tier]` free GPUs: without
         one, every job of that tier is refused (find_v2 and find_ordered walk only those)."""
-        return any(tiers[tier] for tiers in self.sorted)
+        return any(map(itemgetter(tier), self.sorted))
 
     def take(self, chosen: Sequence[_Gpu]) -> None:
         for gpu in chosen:
@@ -671,7 +697,7 @@ class FreePool:
         # that could take the job on price.
         ceiling = job.max_price
         lists, firsts, floors, allowed = self._lists(classes, tier)  # an empty list gives no entry to walk
-        starts = [bisect_left(at, need) for at in firsts]
+        starts = list(map(bisect_left, firsts, repeat(need)))
         seen: set[int] = set()
         fallback: tuple[float, _Machine, list[_Gpu]] | None = None
         for machine_id in _walk_up(lists, floors, ceiling, allowed, starts, seen):

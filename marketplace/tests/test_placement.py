@@ -384,6 +384,43 @@ def test_a_pool_built_a_machine_at_a_time_places_as_one_built_a_gpu_at_a_time(po
     assert made[0] == made[1] == made[2]
 
 
+def _lists_by_class(pool: FreePool) -> dict[tuple[Any, ...], tuple[list[Any], ...]]:
+    """A pool's lists per group, each tier's entries (with their class's key for its id: ids go
+    as classes come) and the floors beside them; groups with no entry left out."""
+    found = {}
+    for key, group in pool.group_ids.items():
+        tiers = [[(k, mid, pool.class_keys[cls]) for k, mid, cls in entries] for entries in pool.sorted[group]]
+        if tiers[0]:
+            found[key] = (*tiers, *pool.floors[group])
+    return found
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_pool_its_gpus_were_taken_from_holds_the_lists_of_one_built_from_the_rest(policy: str) -> None:
+    """GPUs taken one after another, the cheapest of each machine first (on machines whose GPUs
+    share one horizon, the machine's key stays and only the least floor beside its entries
+    moves): every list, and the floor beside each entry (what a walk passes over a machine by),
+    is what a pool built from the GPUs left holds."""
+    rng = random.Random(11)
+    _, machines = random_world(rng)
+    pool = FreePool(policy)
+    pool.add_machines(machines, now=NOW)
+    left = {m.id: list(m.gpus) for m in machines}
+    for _ in range(40):
+        m = rng.choice([m for m in machines if left[m.id]])
+        taken = min(left[m.id], key=lambda g: (g.floor, g.id))
+        left[m.id].remove(taken)
+        pool.remove(taken.id)
+        rest = [
+            machine(m.id, left[m.id], region=m.region, kinds=m.kinds, idle_since=m.idle_since, forecast=m.forecast)
+            for m in machines
+            if left[m.id]
+        ]
+        fresh = FreePool(policy)
+        fresh.add_machines(rest, now=NOW)
+        assert _lists_by_class(fresh) == _lists_by_class(pool)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_machines_added_in_one_go_to_a_pool_that_holds_gpus_place_as_added_one_by_one(policy: str) -> None:
     """`add_machines` into a pool that already holds GPUs (the lists are sorted already: it
