@@ -44,6 +44,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
+from core.lookups import int_array
 from providers import heartbeat_steady, idle_history
 from providers.availability import FOREVER, days_to_mask, mask_to_days, validate_timezone
 from providers.columns import field_column as _field_column
@@ -419,6 +420,10 @@ def _machine_lock(*, machine_id: int) -> Machine | None:
 _GPU_LOCK_CHUNK = 1000
 
 
+def _gpu_table() -> str:
+    return connection.ops.quote_name(GPU._meta.db_table)
+
+
 def gpus_lock(*, gpu_ids: Iterable[int], skip_locked: bool = False) -> list[tuple[int, str, int]]:
     """Lock the given GPU rows until the caller's transaction ends, in primary-key order, and
     return (id, state, machine_id) of each as it is now, in that order; ids that do not exist
@@ -426,6 +431,17 @@ def gpus_lock(*, gpu_ids: Iterable[int], skip_locked: bool = False) -> list[tupl
     waited for (the matcher). The one place GPU rows are locked by id. The caller holds a
     transaction."""
     ids = sorted(set(gpu_ids))
+    if connection.vendor == "postgresql":
+        # One statement, the ids as one array, without the ORM's making: the matcher locks
+        # 500 GPUs a chunk this way while its policy shares the GIL (a fifth of a chunk's Python
+        # went to the ORM here).
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT id, state, machine_id FROM {_gpu_table()} WHERE id = ANY(%s::bigint[]) "  # noqa: S608
+                f"ORDER BY id FOR UPDATE{' SKIP LOCKED' if skip_locked else ''}",
+                [int_array(ids)],
+            )
+            return [tuple(row) for row in cursor.fetchall()]
     rows: list[tuple[int, str, int]] = []
     for start in range(0, len(ids), _GPU_LOCK_CHUNK):
         rows.extend(
@@ -463,6 +479,13 @@ def gpus_lease(*, gpu_ids: Sequence[int], held_on: Iterable[int] | None = None) 
 
 
 def _gpus_show_leased(gpu_ids: Sequence[int]) -> None:
+    if connection.vendor == "postgresql":  # as gpus_lock: one statement without the ORM's making
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {_gpu_table()} SET state = %s WHERE id = ANY(%s::bigint[])",  # noqa: S608
+                [GPU.State.LEASED.value, int_array(gpu_ids)],
+            )
+        return
     for start in range(0, len(gpu_ids), _GPU_LOCK_CHUNK):
         GPU.objects.filter(pk__any=gpu_ids[start : start + _GPU_LOCK_CHUNK]).update(state=GPU.State.LEASED)
 

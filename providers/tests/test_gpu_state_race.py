@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 import pytest
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 from rest_framework.test import APIClient
 
 from jobs.models import Job, Lease, LeaseGPU
@@ -137,3 +137,38 @@ def test_heartbeats_racing_assignments_never_undo_a_lease_nor_deadlock(monkeypat
 
     # The race was real: the matcher placed jobs while the heartbeats ran.
     assert placed > 0
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_gpus_lock_gives_each_gpu_as_it_is_and_skips_the_rows_another_transaction_holds() -> None:
+    """The matcher's lock of a chunk's GPUs (one statement on PostgreSQL): each GPU that exists,
+    in primary-key order, with its state and machine; with skip_locked, a GPU another
+    transaction holds is left out, not waited for."""
+    machine = machine_with_gpus(count=3)
+    first, held, last = GPU.objects.filter(machine=machine).order_by("pk")
+    GPU.objects.filter(pk=last.pk).update(state=GPU.State.OWNER_BUSY)
+    other_has_it, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        try:
+            with transaction.atomic():
+                GPU.objects.select_for_update().get(pk=held.pk)
+                other_has_it.set()
+                release.wait(timeout=20)
+        finally:
+            connections.close_all()
+
+    other = threading.Thread(target=hold)
+    other.start()
+    try:
+        assert other_has_it.wait(timeout=20)
+        with transaction.atomic():
+            rows = services.gpus_lock(gpu_ids=[last.pk, first.pk, held.pk, 10**9], skip_locked=True)
+    finally:
+        release.set()
+        other.join(timeout=20)
+
+    assert rows == [(first.pk, GPU.State.IDLE, machine.pk), (last.pk, GPU.State.OWNER_BUSY, machine.pk)]
+    with transaction.atomic():  # released: locked again, every one
+        assert [row[0] for row in services.gpus_lock(gpu_ids=[held.pk, first.pk])] == [first.pk, held.pk]
