@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import Counter
 from decimal import Decimal
 from typing import Any
@@ -411,6 +412,108 @@ def test_the_jobs_left_out_of_the_plan_are_explained_while_its_last_chunks_are_w
     assert all(main_wrote_after_explaining)
     waiting = Job.objects.filter(status=Job.Status.PENDING)
     assert sorted(waiting.values_list("unplaced_code", flat=True)) == ["no_idle_gpu"] * 3
+
+
+def _backends() -> int:
+    """This test database's connections, as PostgreSQL counts them (a closed one's backend may
+    take a moment to go)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return int(cursor.fetchone()[0])
+
+
+def _settled_backends(expected: int) -> int:
+    for _ in range(100):
+        if (count := _backends()) == expected:
+            break
+        time.sleep(0.05)
+    return count
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_cycle_of_a_chunk_of_jobs_or_more_reads_them_while_it_reads_the_fleet(
+    two_writers: None, monkeypatch: Any
+) -> None:
+    """With a chunk's worth of jobs waiting, their read runs in a thread with a connection of
+    its own while this thread reads the fleet (each one's Python runs while the other waits for
+    PostgreSQL); the thread's connection is closed when the cycle returns."""
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
+    _fleet_and_jobs(machines=4, gpus_per_machine=1, jobs=4)
+    before = _backends()
+    jobs_read, fleet_read = matching._jobs_read, matching._fleet_read
+    caller = threading.get_ident()
+    reading_jobs = threading.Event()
+    readers: list[int] = []
+    fleet_saw_jobs_read: list[bool] = []
+
+    def read_jobs(limit: int) -> Any:
+        readers.append(threading.get_ident())
+        reading_jobs.set()
+        return jobs_read(limit)
+
+    def read_fleet(*, now: Any) -> Any:
+        fleet_saw_jobs_read.append(reading_jobs.wait(timeout=20))  # one after the other: 20 s, then False
+        return fleet_read(now=now)
+
+    monkeypatch.setattr(matching, "_jobs_read", read_jobs)
+    monkeypatch.setattr(matching, "_fleet_read", read_fleet)
+    result = matching.match_cycle()
+
+    assert result.placed == 4
+    assert fleet_saw_jobs_read == [True]
+    assert len(readers) == 1 and readers[0] != caller
+    assert _settled_backends(before) == before
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_jobs_read_that_fails_beside_the_fleet_read_fails_the_cycle_and_writes_nothing(
+    two_writers: None, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
+    _fleet_and_jobs(machines=4, gpus_per_machine=1, jobs=4)
+    before = _backends()
+
+    def broken(limit: int) -> Any:
+        raise RuntimeError("the jobs' read failed")
+
+    monkeypatch.setattr(matching, "_pending_requests", broken)
+    with pytest.raises(RuntimeError, match="the jobs' read failed"):
+        matching.match_cycle()
+
+    assert Job.objects.filter(status=Job.Status.PENDING).count() == 4
+    assert not Lease.objects.exists()
+    assert _settled_backends(before) == before
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_fleet_read_that_fails_waits_for_the_jobs_read_beside_it(two_writers: None, monkeypatch: Any) -> None:
+    """The cycle's error goes on only once the jobs' thread has ended and closed its connection."""
+    monkeypatch.setattr(matching, "CHUNK_SIZE", 3)
+    _fleet_and_jobs(machines=4, gpus_per_machine=1, jobs=4)
+    before = _backends()
+    jobs_read = matching._jobs_read
+    finished: list[bool] = []
+
+    def slow_jobs_read(limit: int) -> Any:
+        time.sleep(0.3)
+        value = jobs_read(limit)
+        finished.append(True)
+        return value
+
+    def broken(*, now: Any) -> Any:
+        raise RuntimeError("the fleet's read failed")
+
+    monkeypatch.setattr(matching, "_jobs_read", slow_jobs_read)
+    monkeypatch.setattr(matching, "_fleet_read", broken)
+    with pytest.raises(RuntimeError, match="the fleet's read failed"):
+        matching.match_cycle()
+
+    assert finished == [True]
+    assert not Lease.objects.exists()
+    assert _settled_backends(before) == before
 
 
 @pytest.mark.django_db(transaction=True)
