@@ -74,7 +74,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from operator import attrgetter
+from itertools import accumulate
+from operator import attrgetter, itemgetter
 from typing import Any, Generic, TypeVar
 
 from django.conf import settings
@@ -386,25 +387,37 @@ class _Pool:
         return best
 
 
-# Region ("" = any) -> machines' availability seconds ascending, and the suffix minimum of their
-# lease price: the cheapest machine lasting at least d seconds is a bisect away.
-_ByRegion = dict[str, tuple[list[float], list[int]]]
+class _ByRegion:
+    """What some machines offer a request, by region ("": every region): each machine's
+    availability in seconds, ascending, and the least lease price from each on (`get`), so the
+    cheapest machine lasting at least d seconds is a bisect away. A region's is made when it
+    is first asked for: a cycle's reasons ask for the whole fleet's (""), and for one region's
+    only where a request names it."""
+
+    __slots__ = ("_made", "_rows")
+
+    def __init__(self, rows: list[tuple[float, int, str]]) -> None:
+        self._rows = rows  # (seconds, price, region) of each machine
+        self._made: dict[str, tuple[list[float], list[int]] | None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._rows)
+
+    def get(self, region: str) -> tuple[list[float], list[int]] | None:
+        if region in self._made:
+            return self._made[region]
+        items = sorted((seconds, price) for seconds, price, at in self._rows if not region or at == region)
+        made = None
+        if items:
+            # The least price from each row on, made in C (itertools.accumulate).
+            suffix = list(accumulate(reversed(list(map(_second, items))), min))
+            suffix.reverse()
+            made = (list(map(_first, items)), suffix)
+        self._made[region] = made
+        return made
 
 
-def _by_region(rows: dict[str, list[tuple[float, int]]]) -> _ByRegion:
-    """{region: [(seconds, price)]} as _ByRegion (regions without rows left out)."""
-    by_region: _ByRegion = {}
-    for region, items in rows.items():
-        if not items:
-            continue
-        items.sort()
-        suffix = [0] * len(items)
-        low = items[-1][1]
-        for i in range(len(items) - 1, -1, -1):
-            low = min(low, items[i][1])
-            suffix[i] = low
-        by_region[region] = ([s for s, _ in items], suffix)
-    return by_region
+_first, _second = itemgetter(0), itemgetter(1)
 
 
 @dataclass(slots=True)
@@ -484,16 +497,9 @@ class _Fleet:
         """How many machines of the group have `count` GPUs, and what they offer."""
         found = self._parts.get((key, count))
         if found is None:
-            rows: dict[str, list[tuple[float, int]]] = {"": []}
-            n = 0
-            for region, seconds, floors in self._index()[key]:
-                if len(floors) < count:
-                    continue
-                n += 1
-                price = floors[count - 1]
-                rows[""].append((seconds, price))
-                rows.setdefault(region, []).append((seconds, price))
-            found = self._parts[(key, count)] = (n, _by_region(rows))
+            i = count - 1
+            rows = [(seconds, floors[i], region) for region, seconds, floors in self._index()[key] if len(floors) > i]
+            found = self._parts[(key, count)] = (len(rows), _ByRegion(rows))
         return found
 
     def _shape(self, models: frozenset[str], min_vram: int, count: int, kind_bit: int) -> _Shape:
@@ -512,7 +518,7 @@ class _Fleet:
             has_model = has_model or n > 0
             if vram >= min_vram and by_region:
                 parts.append(by_region)
-        rows: dict[str, list[tuple[float, int]]] = {"": []}
+        rows: list[tuple[float, int, str]] = []
         for region, seconds, kinds, groups in self._mixed:
             if not kinds & kind_bit:
                 continue
@@ -530,10 +536,8 @@ class _Fleet:
             floors = sorted(f for group_floors in eligible for f in group_floors)
             if len(floors) < count:
                 continue
-            price = floors[count - 1]
-            rows[""].append((seconds, price))
-            rows.setdefault(region, []).append((seconds, price))
-        mixed = _by_region(rows)
+            rows.append((seconds, floors[count - 1], region))
+        mixed = _ByRegion(rows)
         if mixed:
             parts.append(mixed)
         shape = self._shapes[key] = _Shape(has_model=has_model, parts=parts)
