@@ -57,7 +57,8 @@ Policies (`POLICIES`):
     class's cheapest; 0 on a machine with GPUs of several classes, where a job may combine
     them): the walk passes over the entries of machines that ask more than the job's ceiling
     without looking at them, and they do not count towards the limit (a job with a low ceiling
-    is not refused because hundreds of machines it cannot pay came first).
+    is not refused because hundreds of machines it cannot pay came first), and a job whose
+    ceiling is below every floor offered in the groups it accepts is refused without a walk.
     Jobs are drawn from heaps (JobQueue), and a cycle stops drawing once no GPU is free; a
     caller that keeps its JobQueue across cycles (the simulator) pays for the jobs a cycle
     tries, not for the queue's length. Aged jobs, and each renter's others, are kept in one
@@ -326,6 +327,10 @@ class FreePool:
         # GPUs with floors of their own, 97 % of the machines a cycle looked at, see
         # benchmarks/README.md).
         self.floors: list[tuple[list[int], ...]] = []
+        # Per group, the least floor any GPU offered in it asked (never raised as GPUs go: a
+        # bound): a v2 job whose ceiling is below it in every group it accepts is refused
+        # without a walk, which would have passed over every entry of its lists.
+        self.cheapest: list[int | float] = []
         # The floor every GPU offered so far asks (None: they differ), so that a pool whose GPUs
         # all ask the same (the simulator's) finds a class's cheapest without looking.
         self._one_floor: int | None = None
@@ -337,7 +342,7 @@ class FreePool:
         # while no class is added (cleared with _shape_classes).
         self._tier_lists: dict[
             tuple[tuple[int, ...], int],
-            tuple[list[list[_Entry]], list[list[float]], list[list[int]], frozenset[int]],
+            tuple[list[list[_Entry]], list[list[float]], list[list[int]], frozenset[int], tuple[int, ...]],
         ] = {}
         self._due: list[tuple[float, int, int]] = []  # v2: (grid age reached at, gpu id, stamp)
         self._stamp = 0
@@ -455,9 +460,13 @@ class FreePool:
                 self.sorted.append(([], [], [], []))
                 self.firsts.append(([], [], [], []))
                 self.floors.append(([], [], [], []))
+                self.cheapest.append(math.inf)
             self.group_of.append(group)
             self._shape_classes.clear()
             self._tier_lists.clear()
+        group = self.group_of[cls]
+        if gpu.floor < self.cheapest[group]:
+            self.cheapest[group] = gpu.floor
         if self.policy != "v2":
             entry = self.gpus[gpu.id] = _Gpu(gpu, offer.id, cls, _NO_CURVE, now, 0.0, None)
             return entry
@@ -696,7 +705,9 @@ class FreePool:
         # than the job's ceiling are passed over unseen: the walk's limit counts the machines
         # that could take the job on price.
         ceiling = job.max_price
-        lists, firsts, floors, allowed = self._lists(classes, tier)  # an empty list gives no entry to walk
+        lists, firsts, floors, allowed, groups = self._lists(classes, tier)  # an empty list gives no entry to walk
+        if min(map(self.cheapest.__getitem__, groups), default=math.inf) > ceiling:
+            return None  # every GPU it accepts asks more
         starts = list(map(bisect_left, firsts, repeat(need)))
         seen: set[int] = set()
         fallback: tuple[float, _Machine, list[_Gpu]] | None = None
@@ -741,9 +752,9 @@ class FreePool:
 
     def _lists(
         self, classes: tuple[int, ...], tier: int
-    ) -> tuple[list[list[_Entry]], list[list[float]], list[list[int]], frozenset[int]]:
-        """The tier's lists of the classes' groups (entries, firsts, floors) and the classes as
-        a set (`_tier_lists`)."""
+    ) -> tuple[list[list[_Entry]], list[list[float]], list[list[int]], frozenset[int], tuple[int, ...]]:
+        """The tier's lists of the classes' groups (entries, firsts, floors), the classes as a
+        set, and the groups (`_tier_lists`)."""
         kept = self._tier_lists.get((classes, tier))
         if kept is None:
             groups = sorted({self.group_of[cls] for cls in classes})
@@ -752,6 +763,7 @@ class FreePool:
                 [self.firsts[group][tier] for group in groups],
                 [self.floors[group][tier] for group in groups],
                 frozenset(classes),
+                tuple(groups),
             )
         return kept
 

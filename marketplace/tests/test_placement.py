@@ -421,6 +421,17 @@ def test_a_pool_its_gpus_were_taken_from_holds_the_lists_of_one_built_from_the_r
         assert _lists_by_class(fresh) == _lists_by_class(pool)
 
 
+def test_a_job_below_every_floor_of_its_models_is_refused_and_one_offered_later_within_it_is_taken() -> None:
+    """v2 refuses a job whose ceiling is below the floor of every GPU it accepts without
+    walking the pool's lists; a GPU offered later at a floor within the ceiling is found."""
+    pool = FreePool("v2")
+    pool.add_machines([machine(1, [gpu(1, floor=900_000)]), machine(2, [gpu(2, model="t4", floor=100_000)])], now=NOW)
+    wanted = job(1, models=frozenset({"a100"}), price=500_000)
+    assert pool_place(pool, [wanted], now=NOW) == []  # the t4 is cheap enough, not of its model
+    pool.add_machine(machine(3, [gpu(3, floor=400_000)]), now=NOW)
+    assert [(p.job_id, p.machine_id, p.gpu_ids) for p in pool_place(pool, [wanted], now=NOW)] == [(1, 3, (3,))]
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_machines_added_in_one_go_to_a_pool_that_holds_gpus_place_as_added_one_by_one(policy: str) -> None:
     """`add_machines` into a pool that already holds GPUs (the lists are sorted already: it
