@@ -128,6 +128,7 @@ _MICROS = 1_000_000
 _PRICE_QUANTUM = Decimal("0.000001")
 
 
+@functools.lru_cache(maxsize=4096)  # a cycle converts each online machine's provider floor: a few hundred values
 def _to_micros(value: Decimal) -> int:
     """A price (6 decimals at most, as the models store them) as an integer count of
     millionths, so the hot loop compares ints rather than Decimals."""
@@ -394,10 +395,11 @@ class _ByRegion:
     is first asked for: a cycle's reasons ask for the whole fleet's (""), and for one region's
     only where a request names it."""
 
-    __slots__ = ("_made", "_rows")
+    __slots__ = ("_made", "_regions", "_rows")
 
     def __init__(self, rows: list[tuple[float, int, str]]) -> None:
         self._rows = rows  # (seconds, price, region) of each machine
+        self._regions: dict[str, list[tuple[float, int]]] | None = None  # the rows by region, once one is asked for
         self._made: dict[str, tuple[list[float], list[int]] | None] = {}
 
     def __bool__(self) -> bool:
@@ -406,7 +408,15 @@ class _ByRegion:
     def get(self, region: str) -> tuple[list[float], list[int]] | None:
         if region in self._made:
             return self._made[region]
-        items = sorted((seconds, price) for seconds, price, at in self._rows if not region or at == region)
+        if not region:
+            items = [(seconds, price) for seconds, price, _ in self._rows]
+        else:
+            if self._regions is None:
+                self._regions = {}
+                for seconds, price, at in self._rows:
+                    self._regions.setdefault(at, []).append((seconds, price))
+            items = self._regions.get(region, [])
+        items.sort()
         made = None
         if items:
             # The least price from each row on, made in C (itertools.accumulate).
