@@ -51,10 +51,11 @@ for), so the two cannot deadlock; and a heartbeat locks its machine's GPUs befor
 their leases, so it never shows a GPU leased here as idle (providers.services, "GPU state").
 
 Speed: the fleet is read in a handful of queries (on PostgreSQL a worker keeps what it read,
-and the planning policy's pool, and reads only the GPU rows written since: `_KeptFleet`),
+and the planning policy's pool, and reads only the GPU rows written since: `_KeptFleet`; with
+500 jobs or more waiting, they are read beside it by a thread of its own: `_Beside`),
 matching runs in memory over per-class heaps (class = model, VRAM, region, accepted job kinds)
 ordered by price, and writes are bulk (while the policy places, and while the jobs it left out
-are explained), so a cycle over 100,000 GPUs and 10,000 jobs takes a little over a second
+are explained), so a cycle over 100,000 GPUs and 10,000 jobs takes about a second
 (benchmarks/matching.py).
 """
 
