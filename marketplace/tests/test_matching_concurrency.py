@@ -17,6 +17,7 @@ from jobs.services import Placement, leases_assign
 from marketplace import matching, tasks
 from providers.models import GPU
 from tests.factories import GPUFactory, JobFactory, MachineFactory
+from tests.row_locks import held_elsewhere
 
 WORKERS = 4
 ROUNDS = 3
@@ -164,22 +165,7 @@ def test_recording_why_jobs_wait_never_waits_on_a_job_another_transaction_holds(
     from jobs.services import job_set_unplaced
 
     held, free = JobFactory(), JobFactory()
-    locked = threading.Event()
-    release = threading.Event()
-
-    def hold() -> None:
-        try:
-            with transaction.atomic():
-                list(Job.objects.filter(pk=held.pk).select_for_update())
-                locked.set()
-                release.wait(timeout=30)
-        finally:
-            connections.close_all()
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert locked.wait(timeout=10)
+    with held_elsewhere(Job.objects.filter(pk=held.pk)):
         done = threading.Event()
 
         def record() -> None:
@@ -194,9 +180,6 @@ def test_recording_why_jobs_wait_never_waits_on_a_job_another_transaction_holds(
         # Before: the UPDATE waited here for the holder, however long it held the job.
         assert done.wait(timeout=5), "recording reasons waited on a job another transaction holds"
         recorder.join(timeout=5)
-    finally:
-        release.set()
-        holder.join(timeout=30)
 
     assert Job.objects.get(pk=free.pk).unplaced_code == "no_idle_gpu"
     assert Job.objects.get(pk=held.pk).unplaced_code == ""  # skipped: its holder decides

@@ -18,6 +18,7 @@ from marketplace import matching
 from providers import services
 from providers.models import GPU, Machine
 from tests.factories import JobFactory, machine_with_gpus
+from tests.row_locks import held_elsewhere
 
 API = "/api/agent/v1/"
 MACHINES = 4
@@ -148,26 +149,8 @@ def test_gpus_lock_gives_each_gpu_as_it_is_and_skips_the_rows_another_transactio
     machine = machine_with_gpus(count=3)
     first, held, last = GPU.objects.filter(machine=machine).order_by("pk")
     GPU.objects.filter(pk=last.pk).update(state=GPU.State.OWNER_BUSY)
-    other_has_it, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        try:
-            with transaction.atomic():
-                GPU.objects.select_for_update().get(pk=held.pk)
-                other_has_it.set()
-                release.wait(timeout=20)
-        finally:
-            connections.close_all()
-
-    other = threading.Thread(target=hold)
-    other.start()
-    try:
-        assert other_has_it.wait(timeout=20)
-        with transaction.atomic():
-            rows = services.gpus_lock(gpu_ids=[last.pk, first.pk, held.pk, 10**9], skip_locked=True)
-    finally:
-        release.set()
-        other.join(timeout=20)
+    with held_elsewhere(GPU.objects.filter(pk=held.pk)), transaction.atomic():
+        rows = services.gpus_lock(gpu_ids=[last.pk, first.pk, held.pk, 10**9], skip_locked=True)
 
     assert rows == [(first.pk, GPU.State.IDLE, machine.pk), (last.pk, GPU.State.OWNER_BUSY, machine.pk)]
     with transaction.atomic():  # released: locked again, every one
