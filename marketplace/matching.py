@@ -1665,8 +1665,9 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
         raise
     views, requests, unfunded, held = jobs_read.result()
     placeable = [request for job_id, request in requests.items() if job_id not in unfunded]
-    planning = bool(placeable and result.candidate_gpus)
-    if planning and offers is None:
+    if not (placeable and result.candidate_gpus):
+        offers = None  # nothing to plan
+    elif offers is None:  # not made beside the jobs' read
         offers = _offers(free_fleet)
     result.read_seconds = time.perf_counter() - mark
     mark = time.perf_counter()
@@ -1679,7 +1680,7 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
                 reasons[job_id] = unfunded.get(job_id) or fleet.explain(_job_from_row(view))
 
     with _PlanWriter() as writer:
-        if planning and offers is not None:
+        if offers is not None:  # a plan to make
             with _cycle_pool(name, free_fleet, offers, now.timestamp()) as (pool, touched):
 
                 def placed(placement: policy.Placement) -> None:
