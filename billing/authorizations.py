@@ -36,8 +36,21 @@ from jobs.models import Job, Renter
 
 ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
 SIGNATURE_RE = re.compile(r"0x[0-9a-fA-F]{130}")
-# How long a budget offered for signing stays valid: long enough for any job to be settled.
+# A budget offered for signing stays valid for a whole run of its job (max_duration_s) and this
+# long besides: to wait for GPUs, be preempted and placed again, and be settled.
 BUDGET_DEADLINE = timedelta(days=30)
+# A signed budget's deadline must leave at least a run of the job, a day to be placed and the
+# settlement margin of the matcher's gate (billing.selectors.SETTLE_MARGIN): past the deadline the
+# escrow lets the renter take the budget back, so the matcher places a job only while a whole run
+# and its settlement fit before it.
+PLACEMENT_ALLOWANCE = timedelta(days=1)
+
+
+def budget_deadline_earliest(*, job: Job, now: datetime) -> int:
+    """The earliest deadline (a Unix time) a budget signed for `job` at `now` may carry."""
+    run = timedelta(seconds=job.max_duration_s)
+    return int((now + run + PLACEMENT_ALLOWANCE + selectors.SETTLE_MARGIN).timestamp())
+
 
 # Reads (eth_call) need a "from" address but never a signature: a fixed key that signs nothing.
 _READER = Account.from_key(keccak(text="gpgpu billing api: read-only caller"))
@@ -161,8 +174,8 @@ def budget_typed_data_for(
 
 
 def budget_offer(*, job: Job, renter_address: str | None, domain: EscrowDomain, now: datetime | None = None) -> dict:
-    """The typed data the renter should sign for `job`: its reserved budget, valid for
-    BUDGET_DEADLINE, for `renter_address` or else the renter's most recently linked wallet.
+    """The typed data the renter should sign for `job`: its reserved budget, valid for a run of the
+    job and BUDGET_DEADLINE, for `renter_address` or else the renter's most recently linked wallet.
     Raises Conflict (wallet_not_linked) when the renter has no wallet and names none."""
     if renter_address is None:
         wallet = RenterWallet.objects.filter(renter_id=job.renter_id).order_by("-pk").first()
@@ -172,7 +185,7 @@ def budget_offer(*, job: Job, renter_address: str | None, domain: EscrowDomain, 
                 code="wallet_not_linked",
             )
         renter_address = wallet.address
-    deadline = int(((now or timezone.now()) + BUDGET_DEADLINE).timestamp())
+    deadline = int(((now or timezone.now()) + timedelta(seconds=job.max_duration_s) + BUDGET_DEADLINE).timestamp())
     return budget_typed_data_for(
         job=job,
         renter_address=renter_address,
@@ -198,7 +211,8 @@ def budget_authorization_store(
     `renter_address` over exactly budget_typed_data(job, renter_address, max_amount, deadline)
     (invalid_signature); `renter_address` is not one of the job's renter's linked wallets
     (wallet_not_linked); max_amount is below the job's reserved budget (budget_too_small) or
-    above MAX_AMOUNT; the deadline has passed (deadline_passed). The same body again changes
+    above MAX_AMOUNT; the deadline has passed (deadline_passed) or comes before
+    budget_deadline_earliest (deadline_too_soon, with `earliest`). The same body again changes
     nothing; another body replaces an authorization not yet sent to the escrow (status signed),
     and is refused with Conflict once it is: authorization_reserving (in a reservation batch),
     authorization_active (reserved on chain), authorization_refused (the escrow refused it and the
@@ -224,6 +238,14 @@ def budget_authorization_store(
         )
     if deadline <= int(now.timestamp()):
         raise ValidationFailed("The deadline has passed; sign a fresh budget.", code="deadline_passed")
+    if deadline < (earliest := budget_deadline_earliest(job=job, now=now)):
+        raise ValidationFailed(
+            f"The deadline must be at least {earliest} (a run of the job's max_duration_s, "
+            f"{job.max_duration_s} s, a day to be placed and a day to settle): after it you could "
+            "take the budget back while the job runs. Sign the budget as offered (GET).",
+            code="deadline_too_soon",
+            extra={"earliest": earliest},
+        )
     typed = budget_typed_data_for(
         job=job, renter_address=address, max_amount=max_amount, deadline=deadline, domain=domain
     )

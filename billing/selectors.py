@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import cast
 
 from django.db.models import Count, Q, QuerySet, Sum
+from django.utils import timezone
 
 from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, LedgerCheck, LedgerEntry, Posting
 from jobs.models import Job, Lease
@@ -56,25 +58,45 @@ def job_budget(*, job_id: int) -> JobBudget:
 
 # The matcher's unplaced code for a job whose budget the escrow does not hold yet.
 BUDGET_NOT_RESERVED = "budget_not_reserved"
+BUDGET_DEADLINE_TOO_CLOSE = "budget_deadline_too_close"
+# Past a budget's deadline the escrow lets its renter take back what the job's reservation still
+# holds (GpgpuEscrow.releaseJob), and a later settlement of the job is skipped: its provider goes
+# unpaid. So a job is placed only while its reserved budget's deadline is at least a whole run of
+# the job (max_duration_s, after which the lease is stopped: jobs.sweeps) and this margin away,
+# the time to stop the lease and settle it on chain, a node outage included.
+SETTLE_MARGIN = timedelta(days=1)
 
 
-def jobs_budget_unreserved(*, job_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
-    """The placement gate: of the given jobs, those whose budget the escrow has not reserved, each
-    with its unplaced reason (code budget_not_reserved and a sentence saying what happens next).
-    A job absent from the answer is reserved on chain and may be placed: every second it runs is
-    then covered by money its renter cannot withdraw. One query."""
+def jobs_budget_unreserved(*, job_ids: Iterable[int], now: datetime | None = None) -> dict[int, tuple[str, str]]:
+    """The placement gate: of the given jobs, those whose budget the escrow does not hold for a
+    whole run from `now` (default: the current time), each with its unplaced reason: code
+    budget_not_reserved (not reserved yet, or refused) or budget_deadline_too_close (reserved,
+    but its deadline comes before a run of max_duration_s and SETTLE_MARGIN), and a sentence
+    saying what happens next. A job absent from the answer is reserved on chain until after any
+    lease placed now has ended and been settled, and may be placed: every second it runs is then
+    covered by money its renter cannot withdraw. One query."""
     ids = list(job_ids)
+    now = now or timezone.now()
     states = {
-        job_id: (status, reason)
-        for job_id, status, reason in BudgetAuthorization.objects.filter(job_id__any=ids).values_list(
-            "job_id", "status", "rejected_reason"
-        )
+        job_id: (status, reason, deadline, max_duration_s)
+        for job_id, status, reason, deadline, max_duration_s in BudgetAuthorization.objects.filter(
+            job_id__any=ids
+        ).values_list("job_id", "status", "rejected_reason", "deadline", "job__max_duration_s")
     }
     status = BudgetAuthorization.Status
     waiting: dict[int, tuple[str, str]] = {}
     for job_id in ids:
-        state, reason = states.get(job_id, (None, ""))
+        state, reason, deadline, max_duration_s = states.get(job_id, (None, "", None, 0))
         if state == status.RESERVED:
+            if deadline >= now + timedelta(seconds=max_duration_s) + SETTLE_MARGIN:
+                continue
+            waiting[job_id] = (
+                BUDGET_DEADLINE_TOO_CLOSE,
+                f"its budget's deadline ({deadline.isoformat()}) is closer than a whole run of the job "
+                f"(max_duration_s {max_duration_s}) and {SETTLE_MARGIN.days} day to settle it; the escrow "
+                "lets you take the budget back after the deadline, so the job is not placed: cancel it "
+                "and submit it again with a budget signed as offered",
+            )
             continue
         if state is None:
             sentence = (

@@ -35,8 +35,9 @@ Both keep the same hard constraints and reasons. The v1 rule (one cycle, `match_
 - A job that is not placed gets a reason (jobs.services.job_set_unplaced): its constraints are
   checked against the whole online fleet (idle or not), one after the other, and the first
   that no machine passes is reported with a stable code (see `REASON_CODES`).
-- Billing gate: only a job whose budget the escrow has reserved on chain is placed
-  (billing.selectors.jobs_budget_unreserved); the others wait with code budget_not_reserved.
+- Billing gate: only a job whose budget the escrow has reserved on chain, with a deadline after
+  a whole run of the job and its settlement, is placed (billing.selectors.jobs_budget_unreserved);
+  the others wait with code budget_not_reserved or budget_deadline_too_close.
 
 Safety with several workers at once: each chunk of jobs is one transaction that locks its
 pending jobs and the GPUs it is about to lease with SELECT … FOR UPDATE SKIP LOCKED and
@@ -118,8 +119,10 @@ REASON_CODES = (
     "region_unavailable",
     "no_window_long_enough",
     "no_idle_gpu",
-    # Billing gate: the job's budget is not reserved in the escrow yet.
+    # Billing gate: the job's budget is not reserved in the escrow yet, or its deadline comes
+    # before a run of the job could be settled.
     "budget_not_reserved",
+    "budget_deadline_too_close",
 )
 
 # A machine's accepted job kinds as a bit mask, so the hot loop tests an int.
@@ -1290,7 +1293,7 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
                 if not chunk_jobs:
                     break
                 # Billing gate: only jobs whose budget the escrow holds are placed.
-                unfunded = billing_selectors.jobs_budget_unreserved(job_ids=[job.id for job in chunk_jobs])
+                unfunded = billing_selectors.jobs_budget_unreserved(job_ids=[job.id for job in chunk_jobs], now=now)
                 placeable = [job for job in chunk_jobs if job.id not in unfunded]
                 result.read_seconds += time.perf_counter() - mark
                 mark = time.perf_counter()
@@ -1410,12 +1413,12 @@ def _offers(free_fleet: _FreeFleet) -> list[policy.MachineOffer]:
 
 
 def _jobs_read(
-    limit: int,
+    limit: int, now: datetime
 ) -> tuple[dict[int, tuple[Any, ...]], dict[int, policy.JobRequest], dict[int, tuple[str, str]], dict[int, int]]:
     """A planned cycle's read of the jobs: the pending jobs (_pending_requests), those whose
-    budget the escrow has not reserved, and the GPUs each renter holds."""
+    budget the escrow does not hold for a run from `now`, and the GPUs each renter holds."""
     views, requests = _pending_requests(limit)
-    unfunded = billing_selectors.jobs_budget_unreserved(job_ids=list(requests))
+    unfunded = billing_selectors.jobs_budget_unreserved(job_ids=list(requests), now=now)
     return views, requests, unfunded, _gpus_held_by_renter()
 
 
@@ -1653,7 +1656,7 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     more wait, and they are read in a thread of their own while the fleet is read (_Beside;
     for a few jobs, the thread's connection would cost more than their read)."""
     mark = time.perf_counter()
-    jobs_read = _Beside(lambda: _jobs_read(limit), in_thread=read_beside)
+    jobs_read = _Beside(lambda: _jobs_read(limit, now), in_thread=read_beside)
     try:
         free_fleet, fleet = _fleet_read(now=now)
         result.candidate_gpus = free_fleet.free_count

@@ -372,6 +372,28 @@ def test_a_budget_below_the_jobs_reservation_is_refused(linked):
     assert response.json()["needed"] == 2_000_000
 
 
+def test_a_budget_whose_deadline_comes_before_a_run_of_the_job_and_its_settlement_is_refused(linked):
+    """Past the deadline the escrow lets the renter take the job's budget back (releaseJob): a
+    deadline a few minutes away would let them do it while the job runs, and leave its provider
+    unpaid."""
+    client, _, job = linked
+    url = f"/api/v1/jobs/{job.pk}/budget-authorization/"
+    typed = client.get(url).json()["typed_data"]
+    earliest = int(timezone.now().timestamp()) + job.max_duration_s + 2 * 86400
+    assert typed["message"]["deadline"] >= earliest  # the offer covers a run, placing and settling
+
+    for deadline in (int(timezone.now().timestamp()) + 300, earliest - 60):
+        typed["message"]["deadline"] = deadline
+        response = client.put(url, put_body(typed, sign_typed(WALLET, typed)), format="json")
+
+        assert response.status_code == 400 and response.json()["code"] == "deadline_too_soon", response.content
+        assert earliest - 5 <= response.json()["earliest"] <= earliest + 5
+        assert not BudgetAuthorization.objects.exists()
+
+    typed["message"]["deadline"] = earliest + 60
+    assert client.put(url, put_body(typed, sign_typed(WALLET, typed)), format="json").status_code == 200
+
+
 def test_an_authorization_active_on_chain_cannot_change(linked):
     client, _, job = linked
     url = f"/api/v1/jobs/{job.pk}/budget-authorization/"

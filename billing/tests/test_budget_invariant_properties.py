@@ -327,7 +327,7 @@ class Play:
             return
         if signs:
             amount = job_budget(job_id=job.pk).reserved
-            deadline = int(time.time()) + 86_400
+            deadline = int(time.time()) + 30 * 86_400  # a run of the job, a day to place and to settle
             signed = budget_sign(
                 private_key=self.world.renters[renter].key,
                 chain_id=self.domain.chain_id,

@@ -62,7 +62,7 @@ def _submit(renter, *, tokens: str) -> Job:  # type: ignore[no-untyped-def]
 def _sign(env, account, job: Job, amount: int | None = None) -> BudgetAuthorization:  # type: ignore[no-untyped-def]
     """The renter signs the job's budget (or `amount`) and stores it as PUT budget-authorization does."""
     amount = amount or job_budget(job_id=job.pk).reserved
-    deadline = int(env.client.web3.eth.get_block("latest")["timestamp"]) + 86_400
+    deadline = int(env.client.web3.eth.get_block("latest")["timestamp"]) + 30 * 86_400  # as offered
     signed = budget_sign(
         private_key=account.key,
         chain_id=env.client.chain_id(),

@@ -642,6 +642,30 @@ def test_a_job_is_placed_only_once_its_budget_is_reserved_on_chain():
     assert "budget_not_reserved" in matching.REASON_CODES
 
 
+def test_a_reserved_budget_whose_deadline_comes_before_a_run_and_its_settlement_places_nothing():
+    """Past the deadline the escrow lets the renter take the budget back (releaseJob) and skips
+    the job's later settlements: a lease placed too close to it could run unpaid."""
+    from billing.models import BudgetAuthorization
+    from billing.selectors import SETTLE_MARGIN
+
+    machine(gpus=2)
+    now = timezone.now()
+    close, covered = job(), job()
+    run = timedelta(seconds=close.max_duration_s)
+    BudgetAuthorization.objects.filter(job=close).update(deadline=now + run + SETTLE_MARGIN - timedelta(minutes=1))
+    BudgetAuthorization.objects.filter(job=covered).update(deadline=now + run + SETTLE_MARGIN + timedelta(minutes=1))
+
+    result = matching.match_cycle(now=now)
+
+    assert result.placed == 1
+    assert Job.objects.get(pk=covered.pk).status == Job.Status.SCHEDULED
+    assert Job.objects.get(pk=close.pk).status == Job.Status.PENDING
+    assert not Lease.objects.filter(job=close).exists()
+    code, detail = reason(close)
+    assert code == "budget_deadline_too_close" and code in matching.REASON_CODES
+    assert "cancel it and submit it again" in detail
+
+
 def test_a_job_whose_budget_becomes_reserved_is_placed_in_the_next_cycle():
     from billing.models import BudgetAuthorization
     from tests.factories import BudgetAuthorizationFactory

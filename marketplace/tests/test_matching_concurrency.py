@@ -430,10 +430,10 @@ def test_a_cycle_of_a_chunk_of_jobs_or_more_reads_them_while_it_reads_the_fleet(
     readers: list[int] = []
     fleet_saw_jobs_read: list[bool] = []
 
-    def read_jobs(limit: int) -> Any:
+    def read_jobs(limit: int, now: Any) -> Any:
         readers.append(threading.get_ident())
         reading_jobs.set()
-        return jobs_read(limit)
+        return jobs_read(limit, now)
 
     def read_fleet(*, now: Any) -> Any:
         fleet_saw_jobs_read.append(reading_jobs.wait(timeout=20))  # one after the other: 20 s, then False
@@ -458,7 +458,7 @@ def test_a_jobs_read_that_fails_beside_the_fleet_read_fails_the_cycle_and_writes
     _fleet_and_jobs(machines=4, gpus_per_machine=1, jobs=4)
     before = _backends()
 
-    def broken(limit: int) -> Any:
+    def broken(limit: int, now: Any) -> Any:
         raise RuntimeError("the jobs' read failed")
 
     monkeypatch.setattr(matching, "_pending_requests", broken)
@@ -480,9 +480,9 @@ def test_a_fleet_read_that_fails_waits_for_the_jobs_read_beside_it(two_writers: 
     jobs_read = matching._jobs_read
     finished: list[bool] = []
 
-    def slow_jobs_read(limit: int) -> Any:
+    def slow_jobs_read(limit: int, now: Any) -> Any:
         time.sleep(0.3)
-        value = jobs_read(limit)
+        value = jobs_read(limit, now)
         finished.append(True)
         return value
 
