@@ -170,7 +170,12 @@ class LeaseUsageApi(AgentAPIView):
         row, created = ingestion.usage_report_ingest(
             machine=cast(Machine, request.auth),  # AgentAPIView's IsMachine admits only a Machine
             lease_id=lease_id,
-            report=ingestion.UsageReportData(**v, payload=dict(request.data)),
+            # The report as sent, for billing's signature check: its own fields only. Others are
+            # ignored (the contract), never stored: they were not checked (a NUL that jsonb
+            # refuses, a quarter MiB of anything in every report).
+            report=ingestion.UsageReportData(
+                **v, payload={name: value for name, value in request.data.items() if name in data.fields}
+            ),
         )
         out = {"id": row.pk, "lease_id": row.lease_id, "report_id": row.report_id, "duplicate": not created}
         return Response(

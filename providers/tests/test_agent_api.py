@@ -713,6 +713,24 @@ def test_usage_report_is_stored_once() -> None:
     assert report.payload["period_start"] == body["period_start"]
 
 
+def test_a_usage_reports_unknown_fields_are_ignored_and_not_stored() -> None:
+    """The contract ignores unknown fields; storing them kept unchecked text (a NUL, which
+    PostgreSQL's jsonb refuses: a 500) and up to a request's size in every report."""
+    machine = machine_with_gpus(count=1)
+    client = agent_client(machine)
+    lease = running_lease(client, JobFactory(), list(machine.gpus.all()))
+    body = usage_body(lease, start_offset_s=60, seconds=60, gpu_seconds="57.000")
+
+    resp = client.post(
+        f"{API}leases/{lease.pk}/usage", {**body, "note": "a\u0000b", "junk": "x" * 100_000}, format="json"
+    )
+
+    assert resp.status_code == 201, resp.content
+    report = UsageReport.objects.get()
+    assert set(report.payload) <= set(body) and report.payload["report_id"] == body["report_id"]
+    assert report.payload["signature"] == body["signature"]
+
+
 def test_a_usage_report_overlapping_one_already_accepted_is_refused() -> None:
     machine = machine_with_gpus(count=1)
     client = agent_client(machine)
