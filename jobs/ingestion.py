@@ -74,7 +74,8 @@ def lease_event_ingest(
     Idempotent by `event_id`: its key is stored on the audit Event the transition records, and a
     repeat returns duplicate=True and changes nothing. Raises NotFound for a lease that is not
     this machine's and InvalidTransition for an event the lease's state does not allow. The
-    agent's `at` is clamped between the lease's previous transition and now. A non-None
+    agent's `at` is clamped between the lease's previous transition (for `started`, when its
+    start was sent: a start cannot be backdated into billed time) and now. A non-None
     `log_tail` replaces the lease's stored tail.
     """
     if type not in AGENT_EVENT_TYPES:
@@ -96,7 +97,12 @@ def lease_event_ingest(
         status = lease.status
         if status == Lease.Status.ENDED and lease.end_reason == ER.LOST and type in ("exited", "preempted_by_owner"):
             # The agent was cut off long enough for the lease to be declared lost, and now tells
-            # how its workload ended: its truth is recorded, never refused.
+            # how its workload ended: its truth is recorded, never refused, once (a workload ends
+            # once; a second account would add audit rows and rewrite the output's tail at will).
+            if Event.objects.filter(lease_id=lease_id, kind="lease.reported_after_loss").exists():
+                raise InvalidTransition(
+                    f"Lease {lease_id} ended as lost and its agent already reported how its workload ended."
+                )
             lease_lost_reconcile(
                 lease=lease, type=type, exit_code=exit_code, at=at, detail=detail, actor=actor, idempotency_key=key
             )
@@ -104,7 +110,10 @@ def lease_event_ingest(
                 Lease.objects.filter(pk=lease_id).update(log_tail=log_tail)
             lease.refresh_from_db()
             return lease, False
-        at = _clamp(at, lower=lease.started_at or lease.created_at, upper=now)
+        # A lease cannot have started before its agent was told to start it (a start is billed
+        # from then): one never sent is counted from when its start is reported.
+        lower = (lease.start_sent_at or now) if type == "started" else (lease.started_at or lease.created_at)
+        at = _clamp(at, lower=lower, upper=now)
         allowed = {
             "started": [Lease.Status.ASSIGNED],
             "exited": [Lease.Status.RUNNING],

@@ -62,6 +62,34 @@ def test_a_workload_that_exited_0_while_cut_off_finishes_its_job_instead_of_runn
     assert lease.end_reason == "lost"  # the charge stays what the marketplace knew
 
 
+def test_a_lost_lease_takes_one_account_of_its_workloads_end_and_refuses_others() -> None:
+    """A workload ends once: further ends under new event ids would add audit rows without limit
+    and rewrite the renter's output tail at any later time."""
+    lease, client = lost_lease()
+    at = lease.ended_at + timedelta(seconds=20)
+    body = {"event_id": "e-1", "type": "exited", "at": at.isoformat(), "exit_code": 0, "log_tail": "the end"}
+
+    first = client.post(f"{API}leases/{lease.pk}/events", body, format="json")
+    others = [
+        client.post(
+            f"{API}leases/{lease.pk}/events", {**body, "event_id": f"e-{n}", "log_tail": "rewritten"}, format="json"
+        )
+        for n in (2, 3)
+    ]
+    preempted = client.post(
+        f"{API}leases/{lease.pk}/events",
+        {"event_id": "e-4", "type": "preempted_by_owner", "at": at.isoformat()},
+        format="json",
+    )
+
+    assert first.status_code == 200
+    assert [r.status_code for r in (*others, preempted)] == [409, 409, 409]
+    assert {r.json()["code"] for r in (*others, preempted)} == {"invalid_transition"}
+    assert Event.objects.filter(lease_id=lease.pk, kind="lease.reported_after_loss").count() == 1
+    assert Lease.objects.get(pk=lease.pk).log_tail == "the end"
+    assert exited(client, lease, at=at).status_code == 200  # the first one's repeat: a duplicate
+
+
 def test_a_fenced_workload_leaves_its_job_queued_to_run_again() -> None:
     lease, client = lost_lease(interruptible=True)
     fence = settings.GPGPU["LEASE_FENCE_S"]

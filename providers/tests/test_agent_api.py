@@ -653,6 +653,24 @@ def test_repeated_event_id_is_answered_like_the_first_and_changes_nothing() -> N
     assert Lease.objects.get(pk=lease.pk).log_tail == "first"
 
 
+def test_a_start_cannot_be_backdated_before_its_agent_was_told_to_start() -> None:
+    """Billing counts from the start: a start reported an hour back would bill the time between
+    the lease's assignment and its start order (or one never sent)."""
+    machine = machine_with_gpus(count=2)
+    client = agent_client(machine)
+    sent, never_sent = (placed_lease(job=JobFactory(), gpus=[gpu]) for gpu in machine.gpus.all())
+    sent_at = timezone.now() - timedelta(seconds=30)
+    Lease.objects.filter(pk=sent.pk).update(created_at=sent_at - timedelta(minutes=5), start_sent_at=sent_at)
+    hour_ago = (timezone.now() - timedelta(hours=1)).isoformat()
+
+    before = timezone.now()
+    for lease in (sent, never_sent):
+        assert post_event(client, lease, "started", at=hour_ago).status_code == 200
+
+    assert Lease.objects.get(pk=sent.pk).started_at == sent_at
+    assert Lease.objects.get(pk=never_sent.pk).started_at >= before
+
+
 def test_event_ids_of_different_leases_do_not_collide() -> None:
     machine = machine_with_gpus(count=2)
     g0, g1 = machine.gpus.order_by("index")
