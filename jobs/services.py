@@ -39,7 +39,7 @@ from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFaile
 from jobs.models import Checkpoint, Event, Job, Lease, LeaseGPU, LogChunk, Renter
 from jobs.signals import lease_ended
 from providers import services as providers_services
-from providers.models import GPU
+from providers.models import GPU, region_key
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def job_create(*, renter: Renter, spec: JobSpec, idempotency_key: str | None = N
                 gpu_count=spec.gpu_count,
                 min_vram_mb=spec.min_vram_mb,
                 allowed_models=sorted(set(spec.allowed_models)),
-                region=spec.region,
+                region=region_key(spec.region),
                 max_price_per_gpu_hour=spec.max_price_per_gpu_hour,
                 expected_duration_s=spec.expected_duration_s,
                 max_duration_s=spec.max_duration_s if spec.max_duration_s is not None else spec.expected_duration_s,

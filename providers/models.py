@@ -17,6 +17,12 @@ eth_address_validator = RegexValidator(
 )
 
 
+def region_key(region: str) -> str:
+    """A region as it is stored and compared: a machine's and a job's are matched exactly, and
+    "EU-West " names the same region as "eu-west"."""
+    return region.strip().lower()
+
+
 class JobKind(models.TextChoices):
     """The kinds of renter code a machine may accept (its capabilities); jobs.models.Job.Kind."""
 

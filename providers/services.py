@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -68,6 +68,7 @@ from providers.models import (
     Provider,
     RegistrationToken,
     TelemetrySample,
+    region_key,
 )
 from providers.selectors import machine_available_until
 
@@ -357,7 +358,7 @@ def machine_register(
             credential_digest=secret_digest(raw_credential),
             signing_address=signing_address,
             agent_version=agent_version,
-            region=region,
+            region=region_key(region),
             status=Machine.Status.OFFLINE,
         )
         RegistrationToken.objects.filter(pk=token.pk).update(machine=machine)
@@ -979,6 +980,8 @@ def _machine_facts_record(*, machine: Machine, report: HeartbeatReport, now: dat
     facts: dict[str, object] = {
         name: getattr(report, name) for name in _MACHINE_FACTS if getattr(report, name) is not None
     }
+    if "region" in facts:
+        facts["region"] = region_key(cast(str, facts["region"]))
     if report.capabilities is not None:
         facts.update(_capability_facts(report.capabilities))
     # _heartbeat_machine_lock wrote the heartbeat itself; here only the facts that changed

@@ -48,6 +48,34 @@ def test_renter_submits_a_job_and_gets_it_back_pending(renter_client):
     assert job.events.get().kind == "job.created"
 
 
+def test_a_region_named_in_another_case_is_matched_with_the_machines_of_that_region(renter_client):
+    """The search compares regions without case; the matcher compares them exactly: both sides are
+    stored lower-cased, so a job asking for "EU-West " is placed on a machine of eu-west (it
+    waited forever with region_unavailable, while its offers listed that machine)."""
+    from billing.models import BudgetAuthorization
+    from marketplace.matching import match_cycle
+    from providers.models import Provider
+    from providers.services import machine_register, registration_token_create
+    from tests.factories import BudgetAuthorizationFactory, MachineFactory
+
+    client, _ = renter_client
+    machine = MachineFactory(region="eu-west", accepts_process=True)
+    GPUFactory.create_batch(2, machine=machine, model="RTX 4090", vram_mb=24564)
+    response = client.post("/api/v1/jobs/", {**PROCESS_JOB, "region": " EU-West "}, format="json")
+    job = Job.objects.get(pk=response.json()["id"])
+    if not BudgetAuthorization.objects.filter(job=job).exists():
+        BudgetAuthorizationFactory(job=job)
+    offered = client.get(f"/api/v1/jobs/{job.pk}/").json()
+
+    match_cycle()
+
+    assert job.region == "eu-west" and offered["region"] == "eu-west"
+    assert Lease.objects.get(job=job).machine_id == machine.pk
+    _, raw = registration_token_create(provider=Provider.objects.get(pk=machine.provider_id), label="rig")
+    registered, _ = machine_register(raw_token=raw, hostname="rig-9", agent_version="1", region="EU-West")
+    assert registered.region == "eu-west"
+
+
 def test_max_duration_defaults_to_the_expected_duration(renter_client):
     client, _ = renter_client
     body = {k: v for k, v in PROCESS_JOB.items() if k != "max_duration_s"}

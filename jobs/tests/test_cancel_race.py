@@ -54,9 +54,11 @@ def test_a_cancel_after_the_start_order_was_sent_stops_the_workload_and_bills_wh
 
     lease.refresh_from_db()
     assert (lease.status, lease.stop_reason) == (Lease.Status.ASSIGNED, "cancelled")
-    # The agent's times, a little in the past (the marketplace keeps events between the lease's
-    # creation and now).
-    Lease.objects.filter(pk=lease.pk).update(created_at=timezone.now() - timedelta(minutes=1))
+    # The agent's times, a little in the past (the marketplace keeps a start between the start
+    # order and now, and an end between the start and now).
+    Lease.objects.filter(pk=lease.pk).update(
+        created_at=timezone.now() - timedelta(minutes=1), start_sent_at=timezone.now() - timedelta(seconds=45)
+    )
     started = timezone.now() - timedelta(seconds=30)
     assert event(client, lease, "started", started).status_code == 200
     reply = heartbeat(client, gpu, [{"lease_id": lease.pk, "state": "running"}])

@@ -146,6 +146,19 @@ def test_changed_machine_facts_are_written_and_unchanged_ones_kept(one_bucket: N
     assert (machine.status, machine.driver_version, machine.region) == (Machine.Status.ONLINE, "560.1", "eu-west")
 
 
+def test_a_reported_region_is_stored_as_the_matcher_compares_it_and_not_written_again(one_bucket: None) -> None:
+    machine = MachineFactory(status=Machine.Status.OFFLINE, region="")
+    client = agent_client(machine)
+
+    assert heartbeat(client, [gpu_entry("GPU-a", 0)], region="EU-West ").status_code == 200
+    machine.refresh_from_db()
+    assert machine.region == "eu-west"
+    with CaptureQueriesContext(connection) as queries:
+        assert heartbeat(client, [gpu_entry("GPU-a", 0)], region="EU-West ", driver_version="1").status_code == 200
+    updates = [q["sql"] for q in queries.captured_queries if q["sql"].startswith('UPDATE "providers_machine"')]
+    assert updates and not any('"region" =' in sql for sql in updates)  # only driver_version was written
+
+
 def test_another_machines_assigned_lease_adds_no_statement_to_a_steady_heartbeat(one_bucket: None) -> None:
     machine = MachineFactory(accepts_process=False)
     client = agent_client(machine)
