@@ -147,7 +147,6 @@ class JobSerializer(serializers.Serializer):
     updated_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField(allow_null=True)
 
-    @extend_schema_field(UnplacedReasonSerializer(allow_null=True))
     @extend_schema_field(CheckpointSerializer(allow_null=True))
     def get_checkpoint(self, job: Job) -> ReturnDict | None:
         try:
@@ -155,6 +154,7 @@ class JobSerializer(serializers.Serializer):
         except Checkpoint.DoesNotExist:
             return None
 
+    @extend_schema_field(UnplacedReasonSerializer(allow_null=True))
     def get_unplaced_reason(self, job: Job) -> ReturnDict | None:
         if job.status != Job.Status.PENDING or not job.unplaced_code:
             return None

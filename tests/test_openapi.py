@@ -156,6 +156,20 @@ def test_job_submission_documents_the_idempotency_key_header(schema):
     assert {"200", "201", "409"} <= set(schema["paths"]["/api/v1/jobs/"]["post"]["responses"])
 
 
+def test_a_jobs_checkpoint_and_unplaced_reason_are_documented_as_the_api_returns_them(schema):
+    """A generated client reads these shapes: the checkpoint was documented as an unplaced
+    reason, and the unplaced reason as any object."""
+    components = schema["components"]["schemas"]
+    job = components["Job"]["properties"]
+
+    def fields(prop: dict) -> set[str]:
+        ref = prop.get("$ref") or next(one["$ref"] for one in prop.get("oneOf", prop.get("allOf", [])) if "$ref" in one)
+        return set(components[ref.rsplit("/", 1)[-1]]["properties"])
+
+    assert {"size", "sha256", "created_at", "kept_until"} <= fields(job["checkpoint"])
+    assert {"code", "detail", "checked_at"} <= fields(job["unplaced_reason"])
+
+
 def test_swagger_ui_renders_with_only_local_assets_and_they_are_served():
     client = Client()
 
