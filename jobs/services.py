@@ -34,6 +34,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from core.lookups import decimal_array, int_array
+from gpgpu_agent.protocol import IMAGE_REF, REFUSED_ENV
 from jobs import doorbell
 from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFailed
 from jobs.models import Checkpoint, Event, Job, Lease, LeaseGPU, LogChunk, Renter
@@ -195,6 +196,11 @@ def _validate_spec(spec: JobSpec) -> None:
         problems["kind"] = f"must be one of {', '.join(Job.Kind.values)}"
     if spec.kind == Job.Kind.CONTAINER and not spec.image:
         problems["image"] = "a container job needs an image"
+    elif spec.kind == Job.Kind.CONTAINER and not IMAGE_REF.match(spec.image):
+        # Every agent refuses it (failed_to_start): placed, it would only take GPUs attempt after attempt.
+        problems["image"] = "must be a container image reference (repository[:tag][@digest])"
+    if spec.kind == Job.Kind.CONTAINER and (refused := [name for name in REFUSED_ENV if name in (spec.env or {})]):
+        problems["env"] = f"a container job may not set {refused[0]} (it would reach past the leased GPUs)"
     if spec.kind == Job.Kind.PROCESS and not spec.command:
         problems["command"] = "a process job needs a command"
     if not all(isinstance(part, str) for part in spec.command):

@@ -28,6 +28,7 @@ period times the GPUs.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -70,6 +71,17 @@ CODE_MACHINE_SUSPENDED = "machine_suspended"
 # asked to keep its checkpoint). Absent or false: the stop reason decides. An agent that does not
 # know the flag still stops the lease, and uploads nothing.
 STOP_SAVE_CHECKPOINT = "save_checkpoint"
+
+# --- what a container job may ask for ---------------------------------------------------------
+
+# The container runner refuses a lease whose job breaks these (failed_to_start), and the
+# marketplace refuses such a job when it is submitted (jobs.services), rather than placing it on
+# providers' GPUs again and again to have it refused.
+# An image reference: repository, optional tag, optional digest. It may not start with "-" (it
+# would be read as an option).
+IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,499}$")
+# Variables that would ask the NVIDIA container runtime for more than the leased GPUs.
+REFUSED_ENV = ("NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_MIG_MONITOR_DEVICES", "NVIDIA_IMEX_CHANNELS")
 
 # --- signed usage reports ---------------------------------------------------------------------
 

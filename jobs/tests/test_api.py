@@ -214,6 +214,10 @@ def test_idempotency_key_of_128_characters_is_accepted(renter_client):
         ({"command": []}, "command"),
         ({"command": ["x"] * 257}, "command"),
         ({"env": {"BAD-NAME": "1"}}, "env"),
+        # What every agent refuses to run (failed_to_start, attempt after attempt on providers' GPUs).
+        ({"kind": "container", "image": "not an image!"}, "image"),
+        ({"kind": "container", "image": "--privileged"}, "image"),
+        ({"kind": "container", "image": "python:3.12", "env": {"NVIDIA_MIG_CONFIG_DEVICES": "all"}}, "env"),
         ({"env": ["A=1"]}, "env"),
         ({"min_vram_mb": -1}, "min_vram_mb"),
         ({"allowed_models": "RTX 4090"}, "allowed_models"),

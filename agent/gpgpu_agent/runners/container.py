@@ -98,6 +98,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from gpgpu_agent import checkpoint, fencing
+from gpgpu_agent.protocol import IMAGE_REF, REFUSED_ENV
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import default_limits as cgroup_default_limits
 from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
@@ -124,15 +125,10 @@ LABEL_LEASE = "gpgpu.lease_id"
 LABEL_JOB = "gpgpu.job_id"
 LABEL_NETWORK = "gpgpu.network"
 WORK = "/work"
-# An image reference: repository, optional tag, optional digest. It may not start with "-" (it
-# would be read as an option).
-IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,499}$")
 MEMORY_SIZE = re.compile(r"^([1-9][0-9]{0,15})([bkmgBKMG]?)$")
 NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # Variables the agent sets itself (they win over the job's env).
 AGENT_ENV = ("NVIDIA_VISIBLE_DEVICES", "GPGPU_LEASE_ID", "GPGPU_JOB_ID", "HOME")
-# Variables that would ask the NVIDIA container runtime for more than the leased GPUs.
-REFUSED_ENV = ("NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_MIG_MONITOR_DEVICES", "NVIDIA_IMEX_CHANNELS")
 PROCESS_REFUSED = "the container runner runs container jobs only"
 EXIT_NEVER_STARTED = 125
 # Podman's inspect can race a container's exit (it reads the process's /proc entries as the
