@@ -8,11 +8,14 @@ existence does not leak. Money is a decimal string in JSON, never a float.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from django.http import HttpResponseRedirect, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers
+from rest_framework.exceptions import NotAcceptable
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.utils.serializer_helpers import ReturnDict
@@ -405,9 +408,26 @@ class JobLogApi(RenterApi):
 # --- checkpoint ---------------------------------------------------------------------------
 
 CHECKPOINT_SHA256_HEADER = "X-Checkpoint-SHA256"
+ARCHIVE_TYPE = "application/x-tar"
+
+
+class _ArchiveNegotiation(DefaultContentNegotiation):
+    """Takes `Accept: application/x-tar`, the archive's own type and the only one the schema gives
+    its 200 (406 before): the archive is a streamed response of its own, never rendered, and an
+    error is answered in JSON."""
+
+    def select_renderer(self, request: Request, renderers: Any, format_suffix: str | None = None) -> Any:
+        try:
+            return super().select_renderer(request, renderers, format_suffix)
+        except NotAcceptable:
+            if ARCHIVE_TYPE not in request.META.get("HTTP_ACCEPT", ""):
+                raise
+            return renderers[0], renderers[0].media_type
 
 
 class JobCheckpointApi(RenterApi):
+    content_negotiation_class = _ArchiveNegotiation
+
     @extend_schema(
         tags=["jobs"],
         summary="The checkpoint of one of my jobs",
@@ -429,7 +449,7 @@ class JobCheckpointApi(RenterApi):
             ),
         ],
         responses={
-            (200, "application/x-tar"): OpenApiResponse(OpenApiTypes.BINARY, description="The archive"),
+            (200, ARCHIVE_TYPE): OpenApiResponse(OpenApiTypes.BINARY, description="The archive"),
             302: OpenApiResponse(description="The archive is at the pre-signed URL in Location"),
             **error_responses(401, 403, 404),
         },
@@ -442,7 +462,7 @@ class JobCheckpointApi(RenterApi):
             response = HttpResponseRedirect(url)
         else:
             response = StreamingHttpResponse(
-                checkpoints.checkpoint_chunks(checkpoints.checkpoint_open(row)), content_type="application/x-tar"
+                checkpoints.checkpoint_chunks(checkpoints.checkpoint_open(row)), content_type=ARCHIVE_TYPE
             )
             response["Content-Length"] = str(row.size)
             response["Content-Disposition"] = f'attachment; filename="job-{job_id}-checkpoint.tar"'

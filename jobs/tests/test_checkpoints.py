@@ -361,11 +361,17 @@ def test_the_renter_sees_the_saved_checkpoint_on_the_job_and_downloads_it() -> N
     assert listed[0]["checkpoint"]["size"] == len(ARCHIVE)
     archive = renter.get(f"/api/v1/jobs/{lease.job_id}/checkpoint/")
     assert (body_of(archive), archive["X-Checkpoint-SHA256"]) == (ARCHIVE, shown["sha256"])
-    # Another renter sees nothing of it.
+    # Asked for by its own type (the only one the schema gives it: a generated client's Accept).
+    as_tar = renter.get(f"/api/v1/jobs/{lease.job_id}/checkpoint/", HTTP_ACCEPT="application/x-tar")
+    assert (as_tar.status_code, as_tar["Content-Type"], body_of(as_tar)) == (200, "application/x-tar", ARCHIVE)
+    # Another renter sees nothing of it, and is told so in JSON whatever it accepts.
     other = APIClient()
     other.credentials(HTTP_AUTHORIZATION=f"Token {token_for(RenterFactory().user)}")
     assert other.get(f"/api/v1/jobs/{lease.job_id}/").status_code == 404
     assert other.get(f"/api/v1/jobs/{lease.job_id}/checkpoint/").status_code == 404
+    refused = other.get(f"/api/v1/jobs/{lease.job_id}/checkpoint/", HTTP_ACCEPT="application/x-tar")
+    assert (refused.status_code, refused["Content-Type"]) == (404, "application/json")
+    assert refused.json()["code"] == "not_found"
 
 
 @pytest.mark.django_db(transaction=True)
