@@ -88,6 +88,7 @@ def jobs_budget_unreserved(*, job_ids: Iterable[int], now: datetime | None = Non
     for job_id in ids:
         state, reason, deadline, max_duration_s = states.get(job_id, (None, "", None, 0))
         if state == status.RESERVED:
+            deadline = cast(datetime, deadline)  # a stored budget has one
             if deadline >= now + timedelta(seconds=max_duration_s) + SETTLE_MARGIN:
                 continue
             waiting[job_id] = (

@@ -174,7 +174,7 @@ class LeaseUsageApi(AgentAPIView):
             # ignored (the contract), never stored: they were not checked (a NUL that jsonb
             # refuses, a quarter MiB of anything in every report).
             report=ingestion.UsageReportData(
-                **v, payload={name: value for name, value in request.data.items() if name in data.fields}
+                **v, payload={name: value for name, value in cast(dict, request.data).items() if name in data.fields}
             ),
         )
         out = {"id": row.pk, "lease_id": row.lease_id, "report_id": row.report_id, "duplicate": not created}
