@@ -308,7 +308,7 @@ class OrdersWaitApi(AgentAPIView):
             while True:
                 orders = selectors.machine_has_new_orders(machine_id=machine.pk, since=since)
                 left = deadline - time.monotonic()
-                if orders or left <= 0:
+                if orders or left <= 0 or bell.superseded:  # a newer call of the machine holds now
                     break
                 if bell.live:
                     # Rung when an order is committed (Redis pub/sub): no query meanwhile, and the

@@ -107,6 +107,8 @@ class Bell:
     def __init__(self, listener: _Listener | None) -> None:
         self._event = threading.Event()
         self._listener = listener
+        # A newer call of the same machine took this call's place (waiter): it ends at once.
+        self.superseded = False
 
     @property
     def live(self) -> bool:
@@ -120,6 +122,10 @@ class Bell:
         return rung
 
     def set(self) -> None:
+        self._event.set()
+
+    def supersede(self) -> None:
+        self.superseded = True
         self._event.set()
 
 
@@ -145,10 +151,6 @@ class _Listener(threading.Thread):
                 bells.discard(bell)
                 if not bells:
                     del self._bells[machine_id]
-
-    def held(self) -> int:
-        with self._lock:
-            return sum(len(b) for b in self._bells.values())
 
     def _ring(self, machine_ids: Iterable[int] | None) -> None:
         with self._lock:
@@ -214,11 +216,23 @@ def _process_listener() -> _Listener | None:
         return _listener
 
 
+# The call each machine holds in this process: one at most. A machine sending more at once (an
+# agent's retries, or one trying to hold every thread of the web server) has the older ended.
+_holding: dict[int, Bell] = {}
+_holding_lock = threading.Lock()
+
+
 @contextmanager
 def waiter(machine_id: int) -> Iterator[Bell]:
-    """A bell for one held call on `machine_id`, heard from now until the block ends."""
+    """A bell for one held call on `machine_id`, heard from now until the block ends. A call the
+    machine already holds in this process is superseded (its bell's `superseded`, rung)."""
     listener = _process_listener()
     bell = Bell(listener)
+    with _holding_lock:
+        older = _holding.get(machine_id)
+        _holding[machine_id] = bell
+    if older is not None:
+        older.supersede()
     if listener is not None:
         listener.add(machine_id, bell)
     try:
@@ -226,12 +240,15 @@ def waiter(machine_id: int) -> Iterator[Bell]:
     finally:
         if listener is not None:
             listener.remove(machine_id, bell)
+        with _holding_lock:
+            if _holding.get(machine_id) is bell:
+                del _holding[machine_id]
 
 
 def held_calls() -> int:
-    """How many calls this process holds on the doorbell now (for tests and benchmarks)."""
-    listener = _listener
-    return listener.held() if listener is not None else 0
+    """How many calls this process holds now (for tests and benchmarks)."""
+    with _holding_lock:
+        return len(_holding)
 
 
 __all__ = ["Bell", "channel", "held_calls", "ring", "waiter"]

@@ -100,6 +100,34 @@ def test_a_held_call_answers_as_soon_as_a_lease_is_placed(held: None) -> None:
     assert answer["orders"] is True and 0.9 <= took < 4
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_machine_holds_one_call_at_a_time_and_a_newer_one_ends_the_older(held: None) -> None:
+    """Each held call keeps a web thread: one machine sending many at once would hold them all."""
+    machine = MachineFactory()
+    results: list[tuple[dict[str, Any], float]] = []
+
+    def hold() -> None:
+        try:
+            results.append(wait(agent_client(machine), 20))
+        finally:
+            connection.close()
+
+    older = threading.Thread(target=hold)
+    older.start()
+    deadline = time.monotonic() + 10
+    while doorbell.held_calls() < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert doorbell.held_calls() == 1
+    newer_answer, newer_took = wait(agent_client(machine), 1.0)  # the older returns as this one starts
+    older.join(timeout=5)
+
+    assert not older.is_alive()
+    ((older_answer, older_took),) = results
+    assert older_answer["orders"] is False and older_took < 5  # ended early, not held its 20 s
+    assert newer_answer["orders"] is False and newer_took >= 0.9  # held its own wait
+    assert doorbell.held_calls() == 0
+
+
 @pytest.mark.django_db
 def test_a_marketplace_that_does_not_hold_calls_answers_at_once() -> None:
     client = agent_client(MachineFactory())
