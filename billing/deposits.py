@@ -113,10 +113,15 @@ def _renter_for(address: str) -> Renter | None:
 
 
 def _provider_for(address: str, amount: int) -> Provider | None:
-    """The provider whose payout address this is (the first holding enough, if several share it)."""
+    """The provider whose earnings this address withdrew: one whose payout address it is, else one
+    whose leases were settled to it before the provider changed its payout address (the escrow
+    keeps those earnings at the address they were settled to); the first holding enough, if several
+    qualify."""
     from billing.selectors import provider_payable_micro
 
-    candidates = list(Provider.objects.filter(payout_address__iexact=address).order_by("pk"))
+    current = list(Provider.objects.filter(payout_address__iexact=address).order_by("pk"))
+    earlier = Provider.objects.filter(machines__leases__settlement_items__provider_address__iexact=address)
+    candidates = current + [p for p in earlier.exclude(pk__in=[p.pk for p in current]).distinct().order_by("pk")]
     for provider in candidates:
         if provider_payable_micro(provider_id=provider.pk) >= amount:
             return provider
