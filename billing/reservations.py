@@ -384,10 +384,12 @@ def reservation_unconfirm(*, batch: BudgetReservation, why: str) -> BudgetReserv
 
 def budget_refuse(*, auth: BudgetAuthorization, reason: str) -> None:
     """The escrow will not hold this (signed or reserving) budget: mark it refused with `reason`
-    (a budget in another state is left alone), and cancel its job if it
-    is still pending (an event says why), releasing the job's ledger reservation. A job past
-    pending (only one admitted before budgets were reserved ahead of work) is left running and
-    the refusal logged: its charges wait as `budget_authorization_refused`."""
+    (a budget in another state is left alone), and cancel its job if it has not finished (an
+    event says why), releasing the job's ledger reservation once its leases are finally metered.
+    A job placed already (its reservation was taken back by a chain rollback, and the renter's
+    withdrawal came first when it was sent again) has its lease asked to stop: nothing on chain
+    backs it any more, so every further second would go unpaid. What ran waits as
+    `budget_authorization_refused`. A finished job is left alone and the refusal logged."""
     sentence = refusal_sentence(reason)
     with transaction.atomic():
         moved = BudgetAuthorization.objects.filter(pk=auth.pk, status__in=(BS.SIGNED, BS.RESERVING)).update(
@@ -396,9 +398,11 @@ def budget_refuse(*, auth: BudgetAuthorization, reason: str) -> None:
         if not moved:
             return
         job = Job.objects.get(pk=auth.job_id)
-        if job.status != Job.Status.PENDING:
+        if job.status in Job.TERMINAL:
             logger.error("job %s (%s): %s", job.pk, job.status, sentence)
             return
+        if job.status != Job.Status.PENDING:
+            logger.error("job %s (%s) runs unbacked and is stopped: %s", job.pk, job.status, sentence)
         event_record(job_id=job.pk, kind="budget.refused", actor="billing", detail={"reason": sentence})
         job_cancel(job=job, actor="billing")
         _release(job.pk)

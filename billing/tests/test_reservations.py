@@ -391,3 +391,26 @@ def test_a_reservation_the_chain_takes_back_under_a_release_run_is_reserved_agai
     assert int(env.escrow.functions.availableBalance(account.address).call()) == 10 * ONE
     assert renter_available_micro(renter_id=renter.pk) == 10 * ONE
     call_command("ledger_check")
+
+
+def test_a_running_job_whose_budget_the_escrow_refuses_when_sent_again_is_stopped():
+    """A chain rollback takes a reservation back (reservation_unconfirm: reserving again) while its
+    job runs; if the renter's withdrawal is mined before the budget is sent again, the escrow
+    skips it. Nothing on chain backs the job then: it was left running, every further second
+    unpaid."""
+    from jobs.services import lease_mark_started
+    from tests.factories import BudgetAuthorizationFactory, JobFactory, placed_lease
+
+    job = JobFactory(budget_reserved=False)
+    auth = BudgetAuthorizationFactory(job=job, status="reserving", activated_at=None)
+    lease = placed_lease(job=job)
+    Lease.objects.filter(pk=lease.pk).update(start_sent_at=lease.created_at)
+    assert lease_mark_started(lease_id=lease.pk, actor="test")
+
+    reservations.budget_refuse(auth=auth, reason="InsufficientBalance")
+
+    lease.refresh_from_db()
+    assert lease.stop_requested_at is not None and lease.stop_reason == "cancelled"
+    assert Job.objects.get(pk=job.pk).status == Job.Status.CANCELLED
+    assert Event.objects.filter(job=job, kind="budget.refused").exists()
+    assert BudgetAuthorization.objects.get(pk=auth.pk).status == "refused"
