@@ -807,6 +807,13 @@ class LeaseTracker:
             refusal = f"GPUs {missing or '(none)'} are not on this machine"
         elif not schedule.open_at(now):
             refusal = "the owner's availability window is closed"
+        elif taken := [
+            (u, other.lease_id) for other in self.leases.values() for u in other.gpu_uuids if u in spec.gpu_uuids
+        ]:
+            # The marketplace never places two leases on one GPU; a start order that would is not
+            # obeyed (its isolation between renters rests on that).
+            uuid, holder = taken[0]
+            refusal = f"GPU {by_uuid[uuid].index} is in lease {holder} already"
         else:
             for uuid in spec.gpu_uuids:
                 if foreign.get(uuid):
@@ -825,6 +832,11 @@ class LeaseTracker:
                 state = self._runner_start(spec, by_uuid)
             except (RunnerError, CheckpointError) as exc:
                 refusal = str(exc)
+            except Exception as exc:  # a runner's unforeseen failure fails the start
+                # Escaping, it left the fence armed, no failed_to_start sent and the rest of the
+                # poll undone, and the marketplace sent the same start again on every heartbeat.
+                logger.exception("lease %s: the runner failed unexpectedly", spec.lease_id)
+                refusal = f"the runner failed: {type(exc).__name__}: {exc}"
             finally:
                 self.starting = None
                 if spec.restore_archive is not None:

@@ -593,6 +593,17 @@ def test_an_image_that_cannot_be_pulled_fails_to_start_and_leaves_nothing(runner
     assert not runner.work_dir(43).exists()
 
 
+def test_a_command_the_engine_cannot_be_given_fails_to_start_and_leaves_nothing(runner, engine):
+    """A NUL in an argument (or an argument list over the kernel's limit) raised ValueError
+    (OSError) out of the start, past its cleanup: the work directory stayed behind."""
+    with pytest.raises(RunnerError, match="could not be run"):
+        runner.start(lease(45, command=("python", "-c", "x\x00y")), gpu_indexes=GPUS)
+
+    with pytest.raises(UnknownLeaseError):
+        runner.poll(45)
+    assert not runner.work_dir(45).exists()
+
+
 def test_docker_without_the_nvidia_toolkit_is_explained_and_keeps_no_container(runner, docker):
     docker.edit(lambda s: s.update(no_gpu_runtime=True))
 

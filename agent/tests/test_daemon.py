@@ -251,6 +251,42 @@ def test_a_kind_the_machine_does_not_accept_fails_to_start_with_the_reason(rig: 
     assert 2 not in agent.leases
 
 
+def test_a_start_order_for_a_gpu_another_lease_holds_fails_to_start(rig: Any) -> None:
+    """The marketplace never places two leases on one GPU; an order that would (a bug, a
+    compromised marketplace) is not obeyed: two renters' jobs would share a GPU."""
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, seconds=30)
+    transport.heartbeat_replies.append(_reply(start=[_order(2, fake.gpus[0].uuid, 30)]))
+    agent.network_once()
+    agent.poll_once()
+    agent.network_once()
+
+    body = transport._events[(2, "lease-2-failed_to_start")]
+    assert body["detail"] == "GPU 0 is in lease 1 already"
+    assert list(agent.leases) == [1]
+
+
+def test_a_runner_failing_unexpectedly_fails_the_start_and_the_poll_goes_on(rig: Any, monkeypatch: Any) -> None:
+    """An error the runner did not foresee (an argument list over the kernel's limit) escaped the
+    start: the fence stayed armed, no failed_to_start was sent, the rest of the poll was skipped,
+    and the marketplace sent the same start again on every heartbeat."""
+    agent, fake, transport = rig
+    agent.poll_once()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(7, "Argument list too long")
+
+    monkeypatch.setattr(agent.runner, "start", broken)
+    transport.heartbeat_replies.append(_reply(start=[_order(3, fake.gpus[0].uuid, 30)]))
+    agent.network_once()
+    agent.poll_once()
+    agent.network_once()
+
+    body = transport._events[(3, "lease-3-failed_to_start")]
+    assert body["detail"] == "the runner failed: OSError: [Errno 7] Argument list too long"
+    assert 3 not in agent.leases
+
+
 def test_a_process_order_on_a_machine_that_did_not_opt_in_fails_to_start(tmp_path: Path) -> None:
     runner = KindRunner(
         runners={"process": ProcessRunner(tmp_path, sandbox=None)}, accepts=set(), refused={"process": PROCESS_OFF}

@@ -974,6 +974,8 @@ class ContainerRunner:
             raise RunnerError(
                 f"`{self.engine} {args[0]}` did not answer within {timeout:g} s; is {self.engine} healthy?"
             ) from exc
+        except (OSError, ValueError) as exc:  # an argument list over the kernel's limit, a NUL in one
+            raise RunnerError(f"`{self.engine} {args[0]}` could not be run: {exc}") from exc
         stdout = done.stdout.decode("utf-8", "replace")
         stderr = done.stderr.decode("utf-8", "replace")
         if done.returncode != 0:
