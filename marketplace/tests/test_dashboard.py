@@ -58,6 +58,8 @@ def fleet():  # type: ignore[no-untyped-def]
     fund(job.renter, 10_000_000)
     job_budget_reserve(job=job)
     running = placed_lease(job=job, gpus=[h1], started=True)
+    # Placed at the fixture's instant, however long the rows before took (a loaded machine).
+    Lease.objects.filter(pk=running.pk).update(created_at=now)
     ledger_post(
         kind=LedgerEntry.Kind.CHARGE,
         idempotency_key=f"charge:{running.pk}:test",

@@ -458,7 +458,7 @@ def test_a_jobs_read_that_fails_beside_the_fleet_read_fails_the_cycle_and_writes
     _fleet_and_jobs(machines=4, gpus_per_machine=1, jobs=4)
     before = _backends()
 
-    def broken(limit: int, now: Any) -> Any:
+    def broken(limit: int) -> Any:
         raise RuntimeError("the jobs' read failed")
 
     monkeypatch.setattr(matching, "_pending_requests", broken)
