@@ -187,7 +187,12 @@ class SettlementAdmin(ReadOnlyAdmin):
     def short_error(self, obj: Settlement) -> str:
         return (obj.last_error[:80] + "…") if len(obj.last_error) > 80 else obj.last_error
 
-    @admin.action(description="Retry selected settlements")
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        """Retrying sends or completes a settlement on chain: staff who may change settlements,
+        not those who may only view them (the page itself is read-only for everyone)."""
+        return request.user.has_perm("billing.change_settlement")
+
+    @admin.action(description="Retry selected settlements", permissions=["retry"])
     def retry(self, request: HttpRequest, queryset: QuerySet[Settlement]) -> None:
         for batch in queryset.order_by("pk"):
             before = batch.status

@@ -148,3 +148,22 @@ def test_retry_action_calls_the_settlement_service_and_reports_each_batch(operat
     assert retried == [stuck.pk, busy.pk]
     assert any(f"Settlement {stuck.pk}: submitted → confirmed" in t for t in texts), texts
     assert any(f"Settlement {busy.pk}: not retried" in t and "in progress" in t for t in texts), texts
+
+
+def test_staff_who_may_only_view_settlements_cannot_retry_them(books, monkeypatch):
+    """Retrying sends a settlement on chain: it was offered to anyone who could open the list."""
+    from django.contrib.auth.models import Permission
+
+    viewer = get_user_model().objects.create_user("vera", password="pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_settlement"))
+    client = Client()
+    client.force_login(viewer)
+    retried: list[int] = []
+    monkeypatch.setattr(settlement_engine, "settlement_retry", lambda *, settlement, client=None: retried.append(1))
+    stuck = books["settlement"]
+
+    page = client.get(admin_url(stuck, "changelist"))
+    client.post(admin_url(stuck, "changelist"), {"action": "retry", "_selected_action": [stuck.pk]}, follow=True)
+
+    assert page.status_code == 200 and 'value="retry"' not in page.content.decode()
+    assert retried == []
