@@ -322,6 +322,12 @@ TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0)
 # under VAR_DIR (a process's memory there kept each web process's marker for QUEUED_TTL_S, so a
 # job's runs waited for beat).
 REDIS_URL = os.environ.get("REDIS_URL", "")
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    # Refused here: the cache's client would refuse it on every request (a 500 each, while the
+    # health checks said ready), where a Redis that is down only lets requests through.
+    raise ImproperlyConfigured(
+        f"REDIS_URL={REDIS_URL!r} is not a Redis URL (redis://host:6379/0, rediss://…, unix:///path)"
+    )
 CACHE_KEY_PREFIX = f"gpgpu-test-{secrets.token_hex(4)}" if RUNNING_TESTS else "gpgpu"
 if REDIS_URL:
     _redis_cache = {

@@ -216,6 +216,15 @@ def test_a_malformed_rate_or_lockout_setting_is_refused_by_name(tmp_path, name, 
         settings_with(tmp_path, SECRET_KEY=A_KEY, **{name: value})
 
 
+@pytest.mark.parametrize("url", ["localhost:6379", "http://127.0.0.1:6379/0", "127.0.0.1"])
+def test_a_redis_url_that_is_no_redis_url_is_refused_at_start(tmp_path, url) -> None:  # type: ignore[no-untyped-def]
+    """The cache's client refused it on every request: every API call answered 500 while the
+    health checks said ready."""
+    with pytest.raises(ImproperlyConfigured, match="REDIS_URL"):
+        settings_with(tmp_path, SECRET_KEY=A_KEY, REDIS_URL=url)
+    assert settings_with(tmp_path, SECRET_KEY=A_KEY, REDIS_URL="redis://127.0.0.1:6379/5")["REDIS_URL"]
+
+
 def test_a_short_metrics_token_is_refused_and_none_leaves_metrics_off(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ImproperlyConfigured, match="METRICS_TOKEN"):
         settings_with(tmp_path, SECRET_KEY=A_KEY, METRICS_TOKEN="short-guessable")
