@@ -703,7 +703,7 @@ def test_a_container_that_ended_while_the_agent_was_away_reports_when_the_engine
 # The agent's stand-in for the fencing test: starts one fenced rental, renews its deadline every
 # half second, and is then SIGKILLed by the test.
 FENCED_AGENT = r"""
-import json, sys, time
+import json, sys, threading, time
 from pathlib import Path
 from gpgpu_agent.fencing import Fence
 from gpgpu_agent.runners import ContainerRunner, Firewall
@@ -723,11 +723,19 @@ spec = LeaseSpec(
     price_per_gpu_hour="0.1",
 )
 fence.arm(spec.lease_id)
+
+
+def renew():  # as the daemon does, during a start too: a loaded machine's start outlasted the fence
+    while True:
+        fence.renew([spec.lease_id], contact=fence.now())
+        time.sleep(0.5)
+
+
+threading.Thread(target=renew, daemon=True).start()
 runner.start(spec, gpu_indexes=lab["gpus"])
 print("started", flush=True)
 while True:
-    fence.renew([spec.lease_id], contact=fence.now())
-    time.sleep(0.5)
+    time.sleep(1)
 """
 
 
