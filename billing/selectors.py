@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db import connection
+from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Q, QuerySet, Sum, Value
 from django.utils import timezone
 
 from billing.models import BudgetAuthorization, LeaseCharge, LedgerAccount, LedgerCheck, LedgerEntry, Posting
@@ -74,21 +75,36 @@ def jobs_budget_unreserved(*, job_ids: Iterable[int], now: datetime | None = Non
     but its deadline comes before a run of max_duration_s and SETTLE_MARGIN), and a sentence
     saying what happens next. A job absent from the answer is reserved on chain until after any
     lease placed now has ended and been settled, and may be placed: every second it runs is then
-    covered by money its renter cannot withdraw. One query."""
+    covered by money its renter cannot withdraw. One query; a job id that is no job is left out."""
     ids = list(job_ids)
     now = now or timezone.now()
-    states = {
-        job_id: (status, reason, deadline, max_duration_s)
-        for job_id, status, reason, deadline, max_duration_s in BudgetAuthorization.objects.filter(
-            job_id__any=ids
-        ).values_list("job_id", "status", "rejected_reason", "deadline", "job__max_duration_s")
-    }
     status = BudgetAuthorization.Status
+    jobs = Job.objects.filter(pk__any=ids).order_by()
+    if connection.vendor == "postgresql":
+        # The database leaves out the jobs the loop below would pass (reserved, the deadline far
+        # enough): at a queue of 10,000 placeable jobs, reading each one's budget and judging it
+        # here was a sixth of the matcher's read. Elsewhere every job comes back and is judged
+        # below; the answer is the same.
+        jobs = jobs.exclude(
+            budget_authorization__status=status.RESERVED,
+            budget_authorization__deadline__gte=ExpressionWrapper(
+                Value(now + SETTLE_MARGIN) + F("max_duration_s") * Value(timedelta(seconds=1)),
+                output_field=DateTimeField(),
+            ),
+        )
+    states = {
+        job_id: (state, reason, deadline, max_duration_s)
+        for job_id, state, reason, deadline, max_duration_s in jobs.values_list(
+            "pk",
+            "budget_authorization__status",
+            "budget_authorization__rejected_reason",
+            "budget_authorization__deadline",
+            "max_duration_s",
+        )
+    }
     waiting: dict[int, tuple[str, str]] = {}
-    for job_id in ids:
-        state, reason, deadline, max_duration_s = states.get(job_id, (None, "", None, 0))
+    for job_id, (state, reason, deadline, max_duration_s) in states.items():
         if state == status.RESERVED:
-            deadline = cast(datetime, deadline)  # a stored budget has one
             if deadline >= now + timedelta(seconds=max_duration_s) + SETTLE_MARGIN:
                 continue
             waiting[job_id] = (

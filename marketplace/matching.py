@@ -74,7 +74,7 @@ from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import accumulate
 from operator import attrgetter, itemgetter
@@ -82,7 +82,7 @@ from typing import Any, Generic, TypeVar
 
 from django.conf import settings
 from django.db import IntegrityError, connection, connections, transaction
-from django.db.models import BigIntegerField, Count, F, Q, QuerySet, TextField
+from django.db.models import BigIntegerField, Count, F, FloatField, Func, Q, QuerySet, TextField
 from django.db.models.functions import Cast, Round
 from django.utils import timezone
 
@@ -636,15 +636,20 @@ class _FreeFleet:
         return pool
 
 
+def _micros_of(price_field: str) -> Cast:
+    """A price column as a count of millionths, as _to_micros makes it (a price has 6 decimals
+    at most): an int from the driver, where a Decimal per row cost a conversion and a lookup."""
+    return Cast(Round(F(price_field) * _MICROS), BigIntegerField())
+
+
 def _online_machines() -> list[tuple[Any, ...]]:
-    """(id, provider id, region, provider's default floor, accepts_container, accepts_process) of
-    every online machine."""
+    """(id, provider id, region, provider's default floor in micros, accepts_container,
+    accepts_process) of every online machine."""
     return list(
         Machine.objects.filter(status=Machine.Status.ONLINE)
         .order_by()
-        .values_list(
-            "id", "provider_id", "region", "provider__default_price_floor", "accepts_container", "accepts_process"
-        )
+        .annotate(floor_micros=_micros_of("provider__default_price_floor"))
+        .values_list("id", "provider_id", "region", "floor_micros", "accepts_container", "accepts_process")
     )
 
 
@@ -658,7 +663,7 @@ def _fleet_load(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
     default_floor: dict[int, int] = {}
     for machine_id, _, region, provider_floor, accepts_container, accepts_process in machines:
         seconds = seconds_available(until.get(machine_id), now)
-        default_floor[machine_id] = _to_micros(provider_floor)
+        default_floor[machine_id] = provider_floor
         kinds = (KIND_BITS[Job.Kind.CONTAINER] if accepts_container else 0) | (
             KIND_BITS[Job.Kind.PROCESS] if accepts_process else 0
         )
@@ -678,9 +683,7 @@ def _fleet_load(*, now: datetime) -> tuple[_FreeFleet, _Fleet]:
     online_gpus = (
         GPU.objects.filter(machine__status=Machine.Status.ONLINE)
         .order_by()
-        # The floor as a count of millionths, as _to_micros makes it (a price has 6 decimals at
-        # most): an int from the driver, where a Decimal per row cost a lookup or a conversion.
-        .annotate(floor_micros=Cast(Round(F("price_floor") * _MICROS), BigIntegerField()))
+        .annotate(floor_micros=_micros_of("price_floor"))
         .values_list("id", "machine_id", "model", "vram_mb", "state", "floor_micros")
     )
     for gpu_id, machine_id, model, vram_mb, state, floor in core_rows(online_gpus):
@@ -897,21 +900,25 @@ class _KeptFleet:
         available, free, idle_since = free_fleet.machines, free_fleet.free, free_fleet.idle_since
         views, dirty = self.views, self.dirty
         assert idle_since is not None
-        for machine_id, _, region, provider_floor, accepts_container, accepts_process in machines:
-            seconds = seconds_available(until.get(machine_id), now)
-            default_floor = _to_micros(provider_floor)
+        # A provider's machines share their window's end (providers.selectors): each end is
+        # worked out in seconds once.
+        seconds_until: dict[datetime | None, float] = {}
+        container, process = KIND_BITS[Job.Kind.CONTAINER], KIND_BITS[Job.Kind.PROCESS]
+        for machine_id, _, region, default_floor, accepts_container, accepts_process in machines:
+            end = until.get(machine_id)
+            seconds = seconds_until.get(end)
+            if seconds is None:
+                seconds = seconds_until[end] = seconds_available(end, now)
             kept = views.get(machine_id)
             if kept is None or kept[0] != default_floor or machine_id in dirty:
                 kept = views[machine_id] = (default_floor, self._view(machine_id, default_floor))
                 dirty.discard(machine_id)
             view = kept[1]
-            kinds = (KIND_BITS[Job.Kind.CONTAINER] if accepts_container else 0) | (
-                KIND_BITS[Job.Kind.PROCESS] if accepts_process else 0
-            )
+            kinds = (container if accepts_container else 0) | (process if accepts_process else 0)
             fleet.machines[machine_id] = (region, seconds, kinds, view.gpus)
             fleet.grouped[machine_id] = view.grouped
             fleet.kinds |= kinds
-            if kinds and until.get(machine_id) is not None and seconds > 0:
+            if kinds and end is not None and seconds > 0:
                 available[machine_id] = (region, seconds, kinds)
                 if view.free:
                     free[machine_id] = view.free
@@ -1350,39 +1357,89 @@ def _match_cycle(*, now: datetime | None, batch_size: int | None) -> MatchResult
 # --- the planned cycle (policies other than v1) -------------------------------------------------
 
 
-def _pending_requests(limit: int) -> tuple[dict[int, tuple[Any, ...]], dict[int, policy.JobRequest]]:
+# A pending job as the planned cycle reads it (_pending_requests).
+_PENDING_FIELDS = (
+    "id",
+    "submitted_at",  # _EpochSeconds of created_at (on PostgreSQL), else created_at
+    "gpu_count",
+    "min_vram_mb",
+    "allowed_text",  # _with_allowed_text
+    "region",
+    "price_micros",  # _micros_of the ceiling
+    "expected_duration_s",
+    "kind",
+    "renter_id",
+    "checkpoint_interval_s",
+)
+
+
+class _EpochSeconds(Func):
+    """A timestamp as Unix seconds, worked out by PostgreSQL: EXTRACT gives them exactly (a
+    numeric, to the microsecond), rounded once to the nearest double, as datetime.timestamp()
+    rounds the same number; the driver then hands over a float, where a datetime per row cost
+    half a pending job's read."""
+
+    template = "EXTRACT(EPOCH FROM %(expressions)s)::float8"
+    output_field = FloatField()
+
+
+def _pending_requests(
+    limit: int, *, epoch_in_database: bool | None = None
+) -> tuple[dict[int, tuple[str | None, str]], dict[int, policy.JobRequest]]:
     """The oldest `limit` pending jobs (not locked: the plan is written under locks later), as
-    the policy's requests, with each job's row (values_list(*_JOB_FIELDS)) by id, from which
-    _job_from_row makes the reasons' view of those a reason is needed for (making it for every
-    job was half this read's time)."""
-    rows = list(
+    the policy's requests, with what else the reasons' view of a job needs (_job_view: its
+    allowed models as stored, its kind) by id: the view is made only for the jobs a reason is
+    needed for (making it for every job was half this read's time). `epoch_in_database`: the
+    submission times as PostgreSQL works them out (default: on PostgreSQL), else as Python
+    does from the datetimes; the two agree (test_matching.py)."""
+    in_database = connection.vendor == "postgresql" if epoch_in_database is None else epoch_in_database
+    rows = (
         _with_allowed_text(Job.objects.filter(status=Job.Status.PENDING))
+        .annotate(
+            submitted_at=_EpochSeconds("created_at") if in_database else F("created_at"),
+            price_micros=_micros_of("max_price_per_gpu_hour"),
+        )
         .order_by("created_at", "id")
-        .values_list(*_JOB_FIELDS, "renter_id", "checkpoint_interval_s")[:limit]
+        .values_list(*_PENDING_FIELDS)[:limit]
     )
-    views: dict[int, tuple[Any, ...]] = {}
+    views: dict[int, tuple[str | None, str]] = {}
     requests: dict[int, policy.JobRequest] = {}
-    width = len(_JOB_FIELDS)
-    for row in rows:
-        job_id, created_at, gpu_count, min_vram_mb, allowed_text, region, max_price, duration, kind = row[:width]
-        renter_id, checkpoint_interval_s = row[width:]
-        views[job_id] = row[:width]
-        # _job_from_row's conversions, written out: a call and a _Job a job cost as much again
-        # (test_matching.py holds the two to the same values).
+    for job_id, submitted, gpu_count, min_vram_mb, allowed_text, region, price, duration, kind, renter, every in rows:
+        views[job_id] = (allowed_text, kind)
+        # _job_view's conversions, written out: a call a job cost as much again.
         requests[job_id] = policy.JobRequest(
             id=job_id,
-            renter=renter_id,
-            submitted_at=created_at.timestamp(),
+            renter=renter,
+            submitted_at=submitted if in_database else submitted.timestamp(),
             gpu_count=gpu_count,
             min_vram_mb=min_vram_mb or 0,
             models=_allowed_models(allowed_text)[0],
             region=region or "",
-            max_price=_to_micros(max_price),
+            max_price=price,
             duration_s=duration,
-            checkpoint_interval_s=checkpoint_interval_s,
+            checkpoint_interval_s=every,
             kind_bit=KIND_BITS.get(kind, 0),
         )
     return views, requests
+
+
+def _job_view(request: policy.JobRequest, view: tuple[str | None, str]) -> _Job:
+    """The reasons' view of a job _pending_requests read, from its request and view."""
+    allowed_text, kind = view
+    models, models_text = _allowed_models(allowed_text)
+    return _Job(
+        id=request.id,
+        created_at=datetime.fromtimestamp(request.submitted_at, UTC),
+        gpu_count=request.gpu_count,
+        min_vram_mb=request.min_vram_mb,
+        models=models,
+        models_text=models_text,
+        region=request.region,
+        max_price=request.max_price,
+        duration_s=request.duration_s,
+        kind=kind,
+        kind_bit=request.kind_bit,
+    )
 
 
 def _offers(free_fleet: _FreeFleet) -> list[policy.MachineOffer]:
@@ -1414,7 +1471,7 @@ def _offers(free_fleet: _FreeFleet) -> list[policy.MachineOffer]:
 
 def _jobs_read(
     limit: int, now: datetime
-) -> tuple[dict[int, tuple[Any, ...]], dict[int, policy.JobRequest], dict[int, tuple[str, str]], dict[int, int]]:
+) -> tuple[dict[int, tuple[str | None, str]], dict[int, policy.JobRequest], dict[int, tuple[str, str]], dict[int, int]]:
     """A planned cycle's read of the jobs: the pending jobs (_pending_requests), those whose
     budget the escrow does not hold for a run from `now`, and the GPUs each renter holds."""
     views, requests = _pending_requests(limit)
@@ -1680,7 +1737,7 @@ def _match_cycle_planned(*, now: datetime, limit: int, name: str, result: MatchR
     def explain(wanted: Callable[[int], bool]) -> None:
         for job_id, view in views.items():
             if wanted(job_id):
-                reasons[job_id] = unfunded.get(job_id) or fleet.explain(_job_from_row(view))
+                reasons[job_id] = unfunded.get(job_id) or fleet.explain(_job_view(requests[job_id], view))
 
     with _PlanWriter() as writer:
         if offers is not None:  # a plan to make

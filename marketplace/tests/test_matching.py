@@ -94,8 +94,10 @@ def test_job_is_placed_on_an_idle_gpu_at_the_gpu_floor():
 
 
 def test_a_jobs_request_and_its_reasons_view_read_its_row_alike() -> None:
-    """The planned cycle converts a pending job's row twice: into the policy's request, and
-    (_job_from_row) into the view its reason is worked out from. Both must see the same job."""
+    """The planned cycle reads a pending job once, into the policy's request, and makes the view
+    its reason is worked out from (_job_view) from it; v1 reads the same row into a view
+    (_job_from_row). All must see the same job, with the submission time as Python works it
+    out (on PostgreSQL the database works it out: to the same double)."""
     jobs = [
         JobFactory(),
         JobFactory(
@@ -110,23 +112,31 @@ def test_a_jobs_request_and_its_reasons_view_read_its_row_alike() -> None:
         ),
         JobFactory(kind="unknown", allowed_models=[], region=""),
     ]
+    # Submission times whose microseconds a double cannot hold exactly.
+    for j, micro in zip(jobs, (1, 999_999, 123_457), strict=True):
+        Job.objects.filter(pk=j.pk).update(created_at=datetime(2026, 12, 7, 17, 3, 9, micro, tzinfo=UTC))
     views, requests = matching._pending_requests(10)
+    in_python = matching._pending_requests(10, epoch_in_database=False)[1]
+    rows = {row[0]: row for row in matching._with_allowed_text(Job.objects.all()).values_list(*matching._JOB_FIELDS)}
 
-    assert set(views) == set(requests) == {j.pk for j in jobs}
+    assert set(views) == set(requests) == set(in_python) == {j.pk for j in jobs}
+    assert requests == in_python
     for j in jobs:
-        view, request = matching._job_from_row(views[j.pk]), requests[j.pk]
-        assert (view.id, view.created_at.timestamp()) == (request.id, request.submitted_at)
-        assert (view.gpu_count, view.min_vram_mb, view.models, view.region) == (
-            request.gpu_count,
-            request.min_vram_mb,
-            request.models,
-            request.region,
-        )
-        assert (view.max_price, view.duration_s, view.kind_bit) == (
-            request.max_price,
-            request.duration_s,
-            request.kind_bit,
-        )
+        request = requests[j.pk]
+        assert request.submitted_at == Job.objects.get(pk=j.pk).created_at.timestamp()
+        for view in (matching._job_view(request, views[j.pk]), matching._job_from_row(rows[j.pk])):
+            assert (view.id, view.created_at.timestamp()) == (request.id, request.submitted_at)
+            assert (view.gpu_count, view.min_vram_mb, view.models, view.region) == (
+                request.gpu_count,
+                request.min_vram_mb,
+                request.models,
+                request.region,
+            )
+            assert (view.max_price, view.duration_s, view.kind_bit) == (
+                request.max_price,
+                request.duration_s,
+                request.kind_bit,
+            )
     assert requests[jobs[1].pk].models == frozenset({"nvidia l4", "a100"})
     assert requests[jobs[1].pk].max_price == 123456
     assert requests[jobs[1].pk].checkpoint_interval_s == 600
@@ -664,6 +674,41 @@ def test_a_reserved_budget_whose_deadline_comes_before_a_run_and_its_settlement_
     code, detail = reason(close)
     assert code == "budget_deadline_too_close" and code in matching.REASON_CODES
     assert "cancel it and submit it again" in detail
+
+
+def test_the_billing_gate_judges_each_job_by_its_own_run_to_the_microsecond():
+    """On PostgreSQL the database leaves out the jobs the gate passes: the same answer as the
+    gate's own judgement, at the boundary and for jobs of different lengths."""
+    from billing.models import BudgetAuthorization
+    from billing.selectors import SETTLE_MARGIN, jobs_budget_unreserved
+    from tests.factories import BudgetAuthorizationFactory
+
+    now = timezone.now()
+    tick = timedelta(microseconds=1)
+    cases = {}
+    for max_duration_s in (60, 3600, 7 * 86400):
+        bound = now + timedelta(seconds=max_duration_s) + SETTLE_MARGIN
+        for name, deadline in (("at", bound), ("before", bound - tick), ("after", bound + tick)):
+            j = job(expected_duration_s=30, max_duration_s=max_duration_s)
+            BudgetAuthorization.objects.filter(job=j).update(deadline=deadline)
+            cases[(max_duration_s, name)] = j.pk
+    unsigned = job(budget_reserved=False)
+    reserving = job(budget_reserved=False)
+    BudgetAuthorizationFactory(job=reserving, status="reserving", activated_at=None)
+    far_but_refused = job(budget_reserved=False)
+    BudgetAuthorizationFactory(
+        job=far_but_refused, status="refused", activated_at=None, deadline=now + timedelta(days=365)
+    )
+
+    waiting = jobs_budget_unreserved(job_ids=[*cases.values(), unsigned.pk, reserving.pk, far_but_refused.pk], now=now)
+
+    too_close = {pk for (_, name), pk in cases.items() if name == "before"}
+    assert {pk for pk, (code, _) in waiting.items() if code == "budget_deadline_too_close"} == too_close
+    assert {pk for pk, (code, _) in waiting.items() if code == "budget_not_reserved"} == {
+        unsigned.pk,
+        reserving.pk,
+        far_but_refused.pk,
+    }
 
 
 def test_a_job_whose_budget_becomes_reserved_is_placed_in_the_next_cycle():
