@@ -18,12 +18,17 @@ All three are public: load balancers, container health checks, uptime monitors a
 port, a URL, a user name or an error's text (a driver's message may hold any of those): a failed
 check names the exception's class, and the full error goes to the log. The document's network
 probes (broker, chain) run side by side and are given up after PROBE_DEADLINE_S, so /healthz
-answers within a few seconds even when a dependency swallows packets.
+answers within a few seconds even when a dependency swallows packets. Being public, /healthz
+must not hand its callers the chain node and the broker: the probes' results are shared by the
+requests of one process for PROBE_SHARE_S (a request meanwhile waits for the probes already
+running, or reads their results), so however many requests come, each process sends the node
+one RPC and opens one broker connection per PROBE_SHARE_S at most.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -60,6 +65,9 @@ FAILING_AFTER = 3
 # The broker and chain probes run in threads and are given up after this long (what is still
 # running then finishes in the background, within its own timeout).
 PROBE_DEADLINE_S = 5.0
+# The probes' results stand this long for the requests that follow, in this process (module
+# docstring). Under a monitor's usual period (15-60 s), so each of its calls probes afresh.
+PROBE_SHARE_S = 5.0
 # Each broker probe: one retry after a short pause (a blip is not an outage), each attempt bounded.
 BROKER_CONNECT_TIMEOUT_S = 2.0
 BROKER_RETRY_PAUSE_S = 0.2
@@ -182,6 +190,30 @@ def _start_probes(probes: dict[str, Callable[[], Check]]) -> Callable[[], dict[s
         return results
 
     return collect
+
+
+_shared_lock = threading.Lock()
+_shared: tuple[float, Callable[[], dict[str, Check]]] | None = None  # (started at, collect)
+
+
+def _remote_checks() -> Callable[[], dict[str, Check]]:
+    """The broker and chain probes of this request: those started by a request of this process
+    less than PROBE_SHARE_S ago (their collect waits for them, up to their own deadline), else
+    new ones."""
+    global _shared
+    with _shared_lock:
+        now = time.monotonic()
+        if _shared is None or now - _shared[0] >= PROBE_SHARE_S:
+            _shared = (now, _start_probes({"broker": _check_broker, "chain": _check_chain}))
+        return _shared[1]
+
+
+def probes_forget() -> None:
+    """Drop the shared probes' results: the next request probes afresh (for tests that change a
+    dependency between requests)."""
+    global _shared
+    with _shared_lock:
+        _shared = None
 
 
 # --- the worker, the periodic tasks and the settlement backlog (all in the database) -----------
@@ -318,8 +350,9 @@ def _ledger() -> dict[str, Any]:
 def healthz(request: HttpRequest) -> JsonResponse:
     """The status document (module docstring; README "Health and status" shows one)."""
     started = time.monotonic()
-    # The network probes go first, in threads; the database's reads meanwhile, here.
-    remote = _start_probes({"broker": _check_broker, "chain": _check_chain})
+    # The network probes go first, in threads (or shared: _remote_checks); the database's reads
+    # meanwhile, here.
+    remote = _remote_checks()
     now = timezone.now()
     database = _check_database()
     cache_check = _check_cache()

@@ -29,6 +29,14 @@ PASSWORD = "pw-Sekr1t-DSN"
 HEARTBEAT_INTERVAL_S = 30.0
 
 
+@pytest.fixture(autouse=True)
+def probes_afresh() -> Iterator[None]:
+    """Each test's dependencies are its own: no probe result shared from the test before."""
+    health.probes_forget()
+    yield
+    health.probes_forget()
+
+
 @pytest.fixture
 def point_broker_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
     """Points the Celery app at another broker for one test; the configured one is restored.
@@ -218,6 +226,34 @@ def test_healthz_is_ok_with_every_dependency_up_and_every_task_fresh(every_task_
     }
     assert body["ledger"] == {"status": "never_run"}
     assert body["server_time"].endswith("Z")
+
+
+def test_a_flood_of_healthz_requests_costs_the_chain_node_one_probe_per_share_window(
+    every_task_fresh: None, chain_up: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/healthz is public: a caller sending it in a loop must not turn each request into an RPC
+    on the marketplace's node (a paid, rate-limited provider in many deployments)."""
+    calls: list[float] = []
+    real = health._check_chain
+
+    def counted() -> dict[str, Any]:
+        calls.append(time.monotonic())
+        return real()
+
+    monkeypatch.setattr(health, "_check_chain", counted)
+    monkeypatch.setattr(health, "PROBE_SHARE_S", 60.0)
+    client = Client()
+
+    bodies = [client.get("/healthz").json() for _ in range(20)]
+
+    assert len(calls) == 1
+    assert all(body["checks"]["chain"]["status"] == "ok" for body in bodies)
+    assert {body["checks"]["chain"]["head_block"] for body in bodies} == {chain_up.block_number()}
+
+    monkeypatch.setattr(health, "PROBE_SHARE_S", 0.0)  # the window has passed
+    before = len(calls)
+    client.get("/healthz")
+    assert len(calls) == before + 1  # past the window: probed afresh
 
 
 def test_healthz_shows_a_ledger_that_differs_from_the_chain_as_a_problem(every_task_fresh: None) -> None:
