@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -487,7 +486,11 @@ class HowToWithdrawSerializer(serializers.Serializer):
 class EarningsSerializer(serializers.Serializer):
     earned = AmountField(help_text="Your share of confirmed settlements to date (after the platform's fee).")
     pending = AmountField(help_text="Charges of leases on your machines not yet settled, before the fee.")
-    fee_bps = serializers.IntegerField(help_text="The platform's fee now, in basis points of each settled charge.")
+    fee_bps = serializers.IntegerField(
+        allow_null=True,
+        help_text="The platform's fee now, in basis points of each settled charge: the escrow's (feeBps); when "
+        "the chain node cannot be read, the fee the latest confirmed settlement paid at; null when neither is known.",
+    )
     payable = AmountField(help_text="Earned and not yet withdrawn, by the ledger.")
     withdrawn = AmountField(help_text="Withdrawn from the escrow to date.")
     on_chain = OnChainSerializer()
@@ -517,7 +520,7 @@ class EarningsApi(ProviderApi):
         body = {
             "earned": figures.earned,
             "pending": figures.pending,
-            "fee_bps": settings.PLATFORM_FEE_BPS,
+            "fee_bps": chain.fee_bps if chain.reachable else statements.fee_bps_last_settled(),
             "payable": figures.payable,
             "withdrawn": figures.withdrawn,
             "on_chain": {"reachable": chain.reachable, "withdrawable": chain.withdrawable, "detail": chain.detail},

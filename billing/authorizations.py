@@ -88,14 +88,17 @@ def escrow_domain(*, client: ChainClient | None = None) -> EscrowDomain:
 
 @dataclass(frozen=True)
 class EscrowEarnings:
-    """What the escrow says a payout address may withdraw. `reachable` is False (with `detail`
-    saying why, and `withdrawable` None) when the node cannot be asked or no escrow is known."""
+    """What the escrow says a payout address may withdraw, and the fee it takes now (feeBps: the
+    operator may change it, so the deployment's default says nothing of it). `reachable` is
+    False (with `detail` saying why, and `withdrawable` and `fee_bps` None) when the node cannot
+    be asked or no escrow is known."""
 
     chain_id: int | None
     escrow: str | None
     reachable: bool
     withdrawable: int | None
     detail: str = ""
+    fee_bps: int | None = None
 
 
 def escrow_earnings_read(*, payout_address: str | None) -> EscrowEarnings:
@@ -113,13 +116,14 @@ def escrow_earnings_read(*, payout_address: str | None) -> EscrowEarnings:
         if deployment is None:
             return EscrowEarnings(chain_id, None, True, None, f"No escrow is deployed on chain {chain_id} yet.")
         escrow = deployment.escrow
-        if not payout_address:
-            return EscrowEarnings(chain_id, escrow, True, None, "No payout address is set.")
         contract = client.contract(ESCROW, escrow)
+        fee_bps = int(client.call(contract.functions.feeBps()))
+        if not payout_address:
+            return EscrowEarnings(chain_id, escrow, True, None, "No payout address is set.", fee_bps=fee_bps)
         withdrawable = int(client.call(contract.functions.earnings(to_checksum_address(payout_address))))
     except ChainError as error:
         return EscrowEarnings(chain_id, escrow, False, None, f"The chain node could not be read: {error}")
-    return EscrowEarnings(chain_id, escrow, True, withdrawable)
+    return EscrowEarnings(chain_id, escrow, True, withdrawable, fee_bps=fee_bps)
 
 
 # --- wallets --------------------------------------------------------------------------------

@@ -304,6 +304,17 @@ class ProviderEarnings:
     pending: int
 
 
+def fee_bps_last_settled() -> int | None:
+    """The fee (basis points) the escrow took in the latest confirmed settlement, as read from
+    the chain when it confirmed; None before the first."""
+    return (
+        Settlement.objects.filter(status=Settlement.Status.CONFIRMED)
+        .order_by("-confirmed_at", "-pk")
+        .values_list("fee_bps", flat=True)
+        .first()
+    )
+
+
 def provider_earnings(*, provider_id: int) -> ProviderEarnings:
     payable_postings = Posting.objects.filter(
         account__kind=AK.PROVIDER_PAYABLE, account__owner_key=f"provider:{provider_id}"

@@ -479,6 +479,11 @@ def test_earnings_come_from_the_ledger_and_say_so_when_the_chain_is_unreachable(
     assert body["on_chain"]["detail"]
     assert body["how_to_withdraw"]["function"] == "withdrawEarnings()"
     assert body["how_to_withdraw"]["caller"] == provider.payout_address.lower()
+    assert body["fee_bps"] is None  # no node to ask, and no settlement confirmed yet
+
+    # The fee the latest confirmed settlement paid at stands in for the escrow's.
+    Settlement.objects.create(status=Settlement.Status.CONFIRMED, confirmed_at=timezone.now(), fee_bps=700)
+    assert client.get("/api/v1/billing/earnings/").json()["fee_bps"] == 700
 
 
 def test_earnings_read_the_escrows_balance_for_the_payout_address(provider_client, tester_chain, settings, monkeypatch):
@@ -504,6 +509,7 @@ def test_earnings_read_the_escrows_balance_for_the_payout_address(provider_clien
 
     assert body["on_chain"]["reachable"] is True
     assert micro(body["on_chain"]["withdrawable"]) == 950_000  # 1 token less the chain's 5 % fee
+    assert settings.PLATFORM_FEE_BPS != 500 and body["fee_bps"] == 500  # the escrow's fee, not the deployment default
     how = body["how_to_withdraw"]
     assert how["escrow_address"] == tester_chain.escrow.address
     assert how["chain_id"] == tester_chain.chain_id
