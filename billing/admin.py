@@ -5,7 +5,10 @@ checks (the ledger against the chain; the newest first).
 Money moves only through billing.services (docs/billing.md), so every page here is view-only:
 ledger entries and postings are append-only, and a mistake is corrected by a new entry, never
 by an edit. The one action is "Retry selected settlements", which calls
-billing.settlement.settlement_retry for each selected batch and says what became of it.
+billing.settlement.settlement_retry for each selected batch and says what became of it; in a
+process without the operator's key (docker-compose gives it to the worker and beat only, never to
+web), it queues a settlement run for the worker instead, which finishes every pending and
+submitted batch.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 
 from billing import settlement as settlement_engine
-from billing.chain import ChainError
+from billing.chain import ChainConfigurationError, ChainError, operator_account_from_settings
 from billing.models import (
     BudgetAuthorization,
     BudgetReservation,
@@ -194,6 +197,21 @@ class SettlementAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Retry selected settlements", permissions=["retry"])
     def retry(self, request: HttpRequest, queryset: QuerySet[Settlement]) -> None:
+        try:
+            operator_account_from_settings()
+        except ChainConfigurationError as error:
+            # No key to sign with here (module docstring): the worker's run, which has one, does
+            # what a retry would for every batch still open.
+            from billing.tasks import settle
+
+            settle.apply_async(expires=300)
+            self.message_user(
+                request,
+                f"This process cannot send transactions ({error}), so a settlement run was queued for the worker: "
+                "it sends or completes every pending and submitted batch. Reload this page for their status.",
+                messages.WARNING,
+            )
+            return
         for batch in queryset.order_by("pk"):
             before = batch.status
             try:

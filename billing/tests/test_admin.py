@@ -124,7 +124,10 @@ def test_settlement_page_shows_its_items_status_and_last_error(operator, books):
     assert batch.tx_hash in page and "node timed out" in page and "166666" in page
 
 
-def test_retry_action_calls_the_settlement_service_and_reports_each_batch(operator, books, monkeypatch):
+def test_retry_action_calls_the_settlement_service_and_reports_each_batch(operator, books, monkeypatch, settings):
+    from billing.chain.client import ANVIL_DEV_KEY_0
+
+    settings.CHAIN_OPERATOR_KEY, settings.CHAIN_OPERATOR_KEY_FILE = ANVIL_DEV_KEY_0, ""  # this process can sign
     stuck = books["settlement"]
     busy = Settlement.objects.create(status=Settlement.Status.PENDING)
     retried: list[int] = []
@@ -148,6 +151,33 @@ def test_retry_action_calls_the_settlement_service_and_reports_each_batch(operat
     assert retried == [stuck.pk, busy.pk]
     assert any(f"Settlement {stuck.pk}: submitted → confirmed" in t for t in texts), texts
     assert any(f"Settlement {busy.pk}: not retried" in t and "in progress" in t for t in texts), texts
+
+
+def test_retry_in_a_process_without_the_operator_key_queues_the_workers_settlement_run(
+    operator, books, monkeypatch, settings
+):
+    """docker-compose gives the operator's key to the worker and beat only: web's retry answered
+    "not retried: no operator key" for every batch, whatever the operator did."""
+    from billing import tasks
+
+    settings.DEBUG = False  # no development key to fall back on
+    settings.CHAIN_OPERATOR_KEY = ""
+    settings.CHAIN_OPERATOR_KEY_FILE = ""
+    queued: list[dict[str, Any]] = []
+    retried: list[int] = []
+    monkeypatch.setattr(tasks.settle, "apply_async", lambda **options: queued.append(options))
+    monkeypatch.setattr(
+        settlement_engine, "settlement_retry", lambda *, settlement, client=None: retried.append(settlement.pk)
+    )
+    stuck = books["settlement"]
+
+    response = operator.post(
+        admin_url(stuck, "changelist"), {"action": "retry", "_selected_action": [stuck.pk]}, follow=True
+    )
+
+    texts = [str(m) for m in get_messages(response.wsgi_request)]
+    assert len(queued) == 1 and retried == []
+    assert any("queued for the worker" in t and "CHAIN_OPERATOR_KEY" in t for t in texts), texts
 
 
 def test_staff_who_may_only_view_settlements_cannot_retry_them(books, monkeypatch):
