@@ -66,6 +66,8 @@ class WatchResult:
     flagged: int = 0
     rewound: int = 0
     reorg: bool = False
+    # EarningsWithdrawn logs of earlier runs, left unmatched then, posted now (_earnings_revisit).
+    revisited: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -377,7 +379,25 @@ def chain_watch(
             cursor.save()
         result.to_block = end
         start = end + 1
+    with transaction.atomic():
+        ChainCursor.objects.select_for_update().get(pk=cursor.pk)  # one watcher at a time, as above
+        result.revisited = _earnings_revisit()
     return result
+
+
+def _earnings_revisit() -> int:
+    """Post the EarningsWithdrawn logs left unmatched by earlier runs whose payee is known now (a
+    provider's earlier payout address was matched only from 9adc42c on, and a log stored before
+    stayed unmatched, the ledger owing the provider what the chain had paid); the others stay
+    unmatched, without a new error in the log each run. Returns how many were posted."""
+    waiting = ChainLog.objects.select_for_update().filter(status=ES.UNMATCHED, event="EarningsWithdrawn")
+    posted = 0
+    for log in waiting.order_by("block_number", "log_index"):
+        if _provider_for(log.address, int(log.args.get("amount", 0))) is None:
+            continue
+        _post(log)
+        posted += log.status == ES.CREDITED
+    return posted
 
 
 def chain_flags() -> list[str]:

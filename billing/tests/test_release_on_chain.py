@@ -256,3 +256,44 @@ def test_earnings_withdrawn_from_an_earlier_payout_address_are_the_providers(env
     assert ChainLog.objects.get(event="EarningsWithdrawn").status == "credited"
     services.budgets_release()
     call_command("ledger_check")
+
+
+def test_an_earnings_withdrawal_left_unmatched_by_an_earlier_run_is_posted_once_its_payee_is_known(env, monkeypatch):
+    """A log stored unmatched by a watcher that matched the current payout address only (as
+    before 9adc42c, which the first run here stands in for) is posted by the next run, once; a
+    log whose payee is still unknown stays unmatched."""
+    from billing import deposits
+    from providers.models import Provider
+
+    _renter, _account, payee, _job, lease = _settled_job(env, "nora")
+    provider = lease.machine.provider
+    provider.payout_address = Account.create().address
+    provider.save(update_fields=["payout_address"])
+    env.send_as(payee, env.escrow.functions.withdrawEarnings())
+    with monkeypatch.context() as before_the_fix:
+        before_the_fix.setattr(
+            deposits,
+            "_provider_for",
+            lambda address, amount: Provider.objects.filter(payout_address__iexact=address).first(),
+        )
+        chain_watch(client=env.client, deployment=env.deployment)
+    log = ChainLog.objects.get(event="EarningsWithdrawn")
+    assert log.status == "unmatched" and provider_payable_micro(provider_id=provider.pk) > 0
+    stranger = ChainLog.objects.create(
+        event="EarningsWithdrawn",
+        address=Account.create().address.lower(),
+        args={"amount": 5},
+        tx_hash="0x" + "ee" * 32,
+        log_index=0,
+        block_number=log.block_number,
+        block_hash=log.block_hash,
+        status="unmatched",
+    )
+
+    first = chain_watch(client=env.client, deployment=env.deployment)
+    second = chain_watch(client=env.client, deployment=env.deployment)
+
+    assert (first.revisited, second.revisited) == (1, 0)
+    assert ChainLog.objects.get(pk=log.pk).status == "credited"
+    assert ChainLog.objects.get(pk=stranger.pk).status == "unmatched"
+    assert provider_payable_micro(provider_id=provider.pk) == 0
