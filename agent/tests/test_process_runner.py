@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import os
 import shutil
 import signal
@@ -95,10 +96,11 @@ def host_pid(marker: str) -> int | None:
 
 
 @pytest.fixture
-def make_runner(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Callable[[], ProcessRunner]:
-    """A new runner over the same state (as an agent after a restart would build it)."""
+def make_runner(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> Callable[..., ProcessRunner]:
+    """A new runner over the same state (as an agent after a restart would build it); keyword
+    arguments go to ProcessRunner."""
 
-    def make() -> ProcessRunner:
+    def make(**options: str) -> ProcessRunner:
         return ProcessRunner(
             tmp_path / "state",
             tmp_path / "logs",
@@ -107,6 +109,7 @@ def make_runner(tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path) -> C
             cgroups=sandbox_kit.cgroups,
             limits=sandbox_kit.limits,
             work_dir=rentals_dir,
+            **options,
         )
 
     return make
@@ -195,6 +198,87 @@ def test_log_tail_is_bounded_valid_text_without_nul(runner):
     assert len(state.log_tail.encode("utf-8")) <= LOG_TAIL_BYTES
     assert state.log_tail.endswith("\ufffdthe end\n")
     assert "\x00" not in state.log_tail
+
+
+# --- the log's cap: a job that prints without end must not fill the owner's disk --------------
+
+LOG_CAP = 64 * 1024
+# What the supervisor adds to a cut log: the line where it cuts, the line before the output's end.
+CUT_LINES = 512
+
+
+def test_a_job_that_prints_far_more_than_the_cap_leaves_a_log_within_it_that_ends_with_its_last_lines(
+    make_runner, tmp_path
+):
+    # Given a log cap of 64 KiB and a job that prints 32 times as much, then its error
+    runner = make_runner(log_max_size="64k")
+    script = """
+        import sys
+        print('starting')
+        for _ in range(512):
+            print('x' * 4095)
+        print('the real error', file=sys.stderr)
+        raise SystemExit(3)
+    """
+
+    runner.start(lease(30, script), gpu_indexes=GPUS)
+    state = ended(runner, 30)
+
+    # Then the log on disk holds no more than the cap and the lines that say what was cut
+    log_file = tmp_path / "logs" / "lease-30.log"
+    assert log_file.stat().st_size <= LOG_CAP + CUT_LINES
+    # And the job's end is reported, with its last lines
+    assert state.exit_code == 3
+    assert state.log_tail.endswith("the real error\n")
+    assert "bytes before them were left out" in state.log_tail
+    # And the output reader reads the log from its start
+    output = runner.read_output(30, offset=0, limit=4 * LOG_CAP)
+    assert output is not None
+    assert output.data.startswith(b"starting\nxxx")
+    assert output.next_offset == log_file.stat().st_size
+    assert b"this lease's log keeps the first" in output.data
+
+
+def test_a_job_whose_output_passes_the_cap_goes_on_running_and_the_owner_is_told_once(
+    make_runner, tmp_path, rentals_dir, caplog
+):
+    # Given a job that prints 64 times the cap, then goes on working
+    runner = make_runner(log_max_size="64k")
+    script = """
+        import os, sys, time
+        line = b'y' * 1023 + b'\\n'
+        for _ in range(4096):
+            sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        open('/work/printed', 'w').close()
+        time.sleep(30)
+    """
+    caplog.set_level(logging.WARNING, logger="gpgpu_agent.runners.process")
+
+    runner.start(lease(31, script), gpu_indexes=GPUS)
+    wait_for(lambda: (rentals_dir / "lease-31" / "printed").exists())
+    running = runner.poll(31)
+    runner.poll(31)
+    size_while_running = (tmp_path / "logs" / "lease-31.log").stat().st_size
+    state = runner.stop(31, grace_s=1)
+
+    # Then it was still running, its log held at the cap, and the renter reads why
+    assert running.running
+    assert size_while_running <= LOG_CAP
+    assert "the rest is left out" in running.log_tail
+    # And its end comes with its last lines, still within the cap
+    assert state.exit_code == 128 + signal.SIGTERM
+    assert (tmp_path / "logs" / "lease-31.log").stat().st_size <= LOG_CAP + CUT_LINES
+    assert state.log_tail.endswith("y" * 1023 + "\n")
+    # And the owner's log says so once
+    told = [r for r in caplog.records if r.getMessage().startswith("lease 31: the job's output passed")]
+    assert len(told) == 1
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "-1m", "20 m", "1k", "4095"])
+def test_a_log_cap_that_is_not_a_size_of_at_least_4k_is_refused(tmp_path, size):
+    with pytest.raises(ValueError, match=f"log_max_size must be a size of at least 4k such as 20m, not '{size}'"):
+        ProcessRunner(tmp_path / "state", tmp_path / "logs", sandbox=None, log_max_size=size)
 
 
 # --- stopping ---------------------------------------------------------------------------------

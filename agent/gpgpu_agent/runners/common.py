@@ -1,4 +1,5 @@
-"""What both runners check before they start anything, and the error for a lease they do not know."""
+"""What both runners check before they start anything, the sizes they take in the engines'
+syntax, and the error for a lease they do not know."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ GPU_UUID = re.compile(r"^[A-Za-z0-9._:/-]{1,96}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_ENV_VALUE_CHARS = 32 * 1024
 MAX_ENV_ITEMS = 256
+# A size as the container engines write it: "20m", "16g", "4096" (bytes); k, m and g are powers of 1024.
+MEMORY_SIZE = re.compile(r"^([1-9][0-9]{0,15})([bkmgBKMG]?)$")
+# How much of a job's output either runner keeps on the owner's disk (a container's log file,
+# a process job's lease-<id>.log): a job that prints without end must not fill it.
+LOG_MAX_SIZE = "20m"
+# The smallest log cap the process runner takes: room for some output beside the lines that say
+# what was cut.
+LOG_MIN_BYTES = 4096
 
 # Exit code reported when a workload was killed with SIGKILL, as a shell (and Docker) reports it.
 EXIT_KILLED = 128 + 9
@@ -25,6 +34,14 @@ class UnknownLeaseError(RunnerError):
     def __init__(self, lease_id: int):
         super().__init__(f"lease {lease_id} has no workload on this machine")
         self.lease_id = lease_id
+
+
+def size_bytes(size: str) -> int:
+    """A size in the engines' syntax ("16g", "512m", "1048576") in bytes. Raises ValueError."""
+    m = MEMORY_SIZE.match(size) if isinstance(size, str) else None
+    if not m:
+        raise ValueError(f"{size!r} is not a size such as 512m or 16g")
+    return int(m.group(1)) * {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
 
 
 def check_env(env: Mapping[str, str]) -> None:

@@ -101,7 +101,15 @@ from gpgpu_agent import checkpoint, fencing
 from gpgpu_agent.protocol import IMAGE_REF, REFUSED_ENV
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import default_limits as cgroup_default_limits
-from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
+from gpgpu_agent.runners.common import (
+    EXIT_KILLED,
+    LOG_MAX_SIZE,
+    MEMORY_SIZE,
+    UnknownLeaseError,
+    check_env,
+    check_gpu_uuids,
+    size_bytes,
+)
 from gpgpu_agent.runners.firewall import Firewall, FirewallError
 from gpgpu_agent.runners.state import (
     LOG_TAIL_BYTES,
@@ -125,7 +133,6 @@ LABEL_LEASE = "gpgpu.lease_id"
 LABEL_JOB = "gpgpu.job_id"
 LABEL_NETWORK = "gpgpu.network"
 WORK = "/work"
-MEMORY_SIZE = re.compile(r"^([1-9][0-9]{0,15})([bkmgBKMG]?)$")
 NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # Variables the agent sets itself (they win over the job's env).
 AGENT_ENV = ("NVIDIA_VISIBLE_DEVICES", "GPGPU_LEASE_ID", "GPGPU_JOB_ID", "HOME")
@@ -171,11 +178,7 @@ def default_limits() -> tuple[float, str]:
 
 def memory_mb(size: str) -> int:
     """A size in the engines' syntax ("16g", "512m", "1048576") in whole MiB, rounded down."""
-    m = MEMORY_SIZE.match(size)
-    if not m:
-        raise ValueError(f"{size!r} is not a size such as 512m or 16g")
-    scale = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
-    return int(m.group(1)) * scale // 1024**2
+    return size_bytes(size) // 1024**2
 
 
 def own_ulimits() -> tuple[int, int]:
@@ -247,7 +250,7 @@ class ContainerRunner:
         pids_limit: int = 4096,
         shm_size: str = "1g",
         tmp_size: str = "1g",
-        log_max_size: str = "20m",
+        log_max_size: str = LOG_MAX_SIZE,
         firewall: Firewall | None = None,
         attach_gpus: bool = True,
         call_timeout_s: float = 30.0,

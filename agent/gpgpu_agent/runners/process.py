@@ -13,8 +13,12 @@ How one lease runs:
   read-only, its own PID, user, network and IPC namespaces, no network, no capability, only the
   leased GPUs' device nodes, one writable ``/work``). The arguments reach ``bwrap`` through a
   file descriptor (``--args``), so the job's environment never shows in a process listing;
-- stdin is /dev/null; stdout and stderr go to ``<log_dir>/lease-<id>.log`` (in the agent's state
-  directory, opened by the runner: the workload writes to it and cannot name it);
+- stdin is /dev/null; stdout and stderr are a pipe to the supervisor, which copies at most
+  ``log_max_size`` of it into ``<log_dir>/lease-<id>.log`` (in the agent's state directory,
+  opened by the runner; the workload holds no descriptor of it and cannot name it): the first
+  bytes as they come, then a line saying the rest is left out, then, when the job ends, its last
+  64 KiB. A job that prints without end cannot fill the disk of the agent's spool and
+  credentials, and goes on running (``shim._Output`` says why this way);
 - the environment is built from nothing: PATH, HOME=/work (its working directory), LANG, TMPDIR,
   then the job's ``env``, then what the agent sets and the job cannot override:
   CUDA_VISIBLE_DEVICES (the leased GPUs' indexes, comma-joined in lease order),
@@ -65,8 +69,17 @@ from typing import TypedDict
 from gpgpu_agent import checkpoint
 from gpgpu_agent.fencing import deadline_path
 from gpgpu_agent.protocols import RunnerError
+from gpgpu_agent.runners import shim
 from gpgpu_agent.runners.cgroups import CgroupError, Cgroups, Limits
-from gpgpu_agent.runners.common import EXIT_KILLED, UnknownLeaseError, check_env, check_gpu_uuids
+from gpgpu_agent.runners.common import (
+    EXIT_KILLED,
+    LOG_MAX_SIZE,
+    LOG_MIN_BYTES,
+    UnknownLeaseError,
+    check_env,
+    check_gpu_uuids,
+    size_bytes,
+)
 from gpgpu_agent.runners.sandbox import TMP_DIR, WORK_DIR, Bubblewrap, LeaseView, SandboxUser, passwd_text
 from gpgpu_agent.runners.state import (
     LOG_TAIL_BYTES,
@@ -120,8 +133,9 @@ class ProcessRunner:
     bounds how long ``stop`` waits for the kernel to finish a SIGKILL, and then for the
     supervisor to end: a stop returns within ``grace_s + 2 * kill_wait_s``. ``fence_dir`` holds
     the leases' deadline files (None: the leases it starts are not fenced); ``fence_grace_s`` is
-    SIGTERM to SIGKILL when a fence fires. One runner is driven from one thread (``stop`` blocks
-    for up to its grace period).
+    SIGTERM to SIGKILL when a fence fires. ``log_max_size`` bounds each lease's log file, in the
+    engines' syntax as the container runner's (at least 4k; ValueError otherwise). One runner is
+    driven from one thread (``stop`` blocks for up to its grace period).
     """
 
     def __init__(
@@ -141,7 +155,14 @@ class ProcessRunner:
         tmp_bytes: int = 1 << 30,
         fence_dir: Path | str | None = None,
         fence_grace_s: float = 5.0,
+        log_max_size: str = LOG_MAX_SIZE,
     ):
+        try:
+            self.log_max_bytes = size_bytes(log_max_size)
+        except ValueError:
+            self.log_max_bytes = 0
+        if self.log_max_bytes < LOG_MIN_BYTES:
+            raise ValueError(f"log_max_size must be a size of at least 4k such as 20m, not {log_max_size!r}")
         state_dir = Path(state_dir)
         self.store = RecordStore(state_dir / "runs")
         self.log_dir = Path(log_dir) if log_dir is not None else state_dir / "logs"
@@ -161,6 +182,8 @@ class ProcessRunner:
         # Supervisors this runner started itself: it is their parent and must reap them.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._boot_id = boot_id()
+        # Leases whose cut log the owner has been told of (once per lease and agent run).
+        self._cut_told: set[int] = set()
 
     def capabilities(self) -> ProcessCapabilities:
         """How process jobs are isolated here, for the heartbeat (docs/agent-api.md)."""
@@ -266,6 +289,7 @@ class ProcessRunner:
                 argv += ["--fence", str(deadline_path(self.fence_dir, spec.lease_id))]
                 argv += ["--grace", f"{max(0.0, self.fence_grace_s):g}"]
                 argv += ["--term-depth", str(_SANDBOX_DEPTH if sandboxed else 1)]
+            argv += ["--log-max", str(self.log_max_bytes)]
             if self.sandbox is not None:
                 command, fds = self._sandbox_command(spec, work, env, minors)
                 for fd in fds:
@@ -275,7 +299,8 @@ class ProcessRunner:
             else:
                 command, child_env, cwd = list(spec.command), env, str(work)
             argv += ["--", *command]
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            # Emptied: a log left by a try that never started is no run's, and the cap counts from 0.
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
             with open(log_fd, "ab") as log_file:
                 child = subprocess.Popen(  # noqa: S603 - argv, no shell; the command is the job's
                     argv,
@@ -385,6 +410,16 @@ class ProcessRunner:
         pids: tuple[int, ...] = ()
         if exit_record is None and stats is not None and self._leader_alive(record):
             pids = workload_pids(record.pid, record.pgid, stats)
+        if lease_id not in self._cut_told and self._log_cut(record):
+            self._cut_told.add(lease_id)
+            head, tail = shim.log_split(self.log_max_bytes)
+            log.warning(
+                "lease %s: the job's output passed the %d bytes its log keeps; the rest is left out but for its "
+                "last %d bytes (the job goes on)",
+                lease_id,
+                head,
+                tail,
+            )
         return RunState(
             lease_id=lease_id,
             running=exit_record is None,
@@ -483,6 +518,7 @@ class ProcessRunner:
         if record.cgroups and self.cgroups is not None:
             self.cgroups.remove(record.cgroups)
         self._records.pop(lease_id, None)
+        self._cut_told.discard(lease_id)
         child = self._children.pop(lease_id, None)
         if child is not None:
             child.poll()
@@ -502,6 +538,22 @@ class ProcessRunner:
         if record is None:
             raise UnknownLeaseError(lease_id)
         return record
+
+    def _log_cut(self, record: ProcessRecord) -> bool:
+        """Whether the supervisor cut the lease's log: its cut line is where the cap put it. Read
+        there and nowhere else, so no output of the job's can pass for it. A lease started with
+        another cap (an agent of another version) is not reported."""
+        head, _tail = shim.log_split(self.log_max_bytes)
+        try:
+            fd = os.open(record.log_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            return os.pread(fd, len(shim.CUT_MARK), head) == shim.CUT_MARK
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _leader_alive(self, record: ProcessRecord) -> bool:
         """Whether the lease's supervisor still runs: the pid is alive, not a zombie, and is the

@@ -2,7 +2,8 @@
 and fences it.
 
     python -I -S shim.py EXIT_FILE [--uid UID --gid GID] [--cgroup DIR]... [--pass-fd FD]...
-                         [--fence FILE [--grace SECONDS] [--term-depth N]] -- COMMAND [ARG...]
+                         [--fence FILE [--grace SECONDS] [--term-depth N]] [--log-max BYTES]
+                         -- COMMAND [ARG...]
 
 The process runner starts this script as the leader of a new session and process group; the
 workload is its child, in the same group. It exists so that the exit code of a workload is known
@@ -27,12 +28,16 @@ even to an agent that restarted meanwhile (and so is not the workload's parent):
   sandbox, whose first two are bwrap's, as the runner's own stop does), then after ``--grace``
   seconds SIGKILLs everything below it and in the lease's cgroups. It needs nothing of the
   agent process for that;
+- with ``--log-max BYTES`` it is the only writer of the lease's log, its own stdout (see _Output):
+  the workload's stdout and stderr are a pipe it reads, and it writes at most BYTES of what
+  comes through to the log;
 - when COMMAND ends, it SIGKILLs whatever the workload left behind (as Docker does when a
-  container's first process exits), then writes ``{"exit_code": N, "detail": …, "started_at": …,
-  "exited_at": …, "fenced_at": …}`` to EXIT_FILE atomically (fsync, rename) and exits with N. The
-  times are wall-clock UTC (ISO 8601): when the workload started, when it ended (the moment the
-  supervisor reaped it), and when the fence fired (null if it did not). They outlive an agent
-  restart, so the agent reports a workload that ended while it was away at its real end.
+  container's first process exits), copies the last of its output to the log, then writes
+  ``{"exit_code": N, "detail": …, "started_at": …, "exited_at": …, "fenced_at": …}`` to EXIT_FILE
+  atomically (fsync, rename) and exits with N. The times are wall-clock UTC (ISO 8601): when
+  the workload started, when it ended (the moment the supervisor reaped it), and when the fence
+  fired (null if it did not). They outlive an agent restart, so the agent reports a workload
+  that ended while it was away at its real end.
 
 Exit codes follow the shell's convention: the workload's own status 0–255, or 128+n when signal n
 killed it (143 for SIGTERM, 137 for SIGKILL); 127 when COMMAND cannot be found, 126 when it cannot
@@ -67,6 +72,17 @@ _DEFAULT_IN_WORKLOAD = (
 _CLEANUP_LIMIT_S = 2.0
 # How often the deadline file is read (fencing.CHECK_INTERVAL_S).
 _FENCE_CHECK_S = 0.5
+# The lease's log: the runner opens it (O_APPEND) as the supervisor's stdout and stderr.
+_LOG_FD = 1
+_READ_BYTES = 64 * 1024
+# The end of the output that a cut log still gets when the job ends: the log tail the agent
+# reports with the job's end (state.LOG_TAIL_BYTES), at most half the log.
+_TAIL_BYTES = 64 * 1024
+# Past the cut, one read of the pipe per pause: see _Output.
+_DISCARD_PAUSE_S = 0.01
+# Where the log is cut, this line begins (at byte log_split(BYTES)[0] of a log that started empty:
+# the runner looks for it there to tell the owner).
+CUT_MARK = b"\n[gpgpu-agent] this lease's log keeps the first "
 
 
 def _become_subreaper() -> None:
@@ -238,6 +254,116 @@ def _kill_all(me: int, cgroups: list[str]) -> None:
             pass
 
 
+def log_split(max_bytes: int) -> tuple[int, int]:
+    """(head, tail) of a log of at most ``max_bytes`` of output: its first ``head`` bytes are
+    written as the job writes them, its last ``tail`` bytes when the job ends."""
+    tail = min(_TAIL_BYTES, max_bytes // 2)
+    return max_bytes - tail, tail
+
+
+class _Output:
+    """The workload's stdout and stderr: a pipe whose read end only this supervisor holds,
+    copied into the lease's log up to ``max_bytes``.
+
+    Why a pipe and not the log file itself, with RLIMIT_FSIZE: the limit would hold for every
+    file the job writes, and its ``/work`` is where it keeps its checkpoints and results, which
+    must not be cut at the size of a log. And the job never holds a descriptor of a file in the
+    agent's state directory, which it could fallocate or reopen through ``/proc/self/fd``.
+    Why this supervisor and not the agent: the job outlives the agent's restarts, so its pipe
+    must too, and the agent never waits on a job or holds its output.
+
+    What the log holds: the first ``head`` bytes of the output as they come; then, once the
+    output passes them, a line that says so (CUT_MARK); when the job ends, a line that says how
+    much was left out and the last ``tail`` bytes (log_split), so the job's last lines (its
+    error) still come with its end. Everything between is read and dropped, so the job never
+    blocks on a full pipe and goes on: its output is no breach of its lease, the owner's disk is
+    safe from it, and a verbose training run is worth more to its renter alive. Past the cut the
+    pipe is read once per _DISCARD_PAUSE_S only: this supervisor is outside the lease's cgroup,
+    so a job printing without end would otherwise turn its output into the owner's CPU time; it
+    waits on its pipe instead. Memory: one read and ``tail`` bytes. A log that cannot be written
+    (a full disk) drops the output; the job goes on all the same.
+    """
+
+    def __init__(self, source: int, max_bytes: int):
+        self.source = source
+        self.max_bytes = max_bytes
+        self.head, self.tail = log_split(max_bytes)
+        self.cut = False
+        self.kept = bytearray()
+        self.left_out = 0
+        self.resume_at = 0.0
+        self.open = True
+        self.broken = False
+
+    def pause_s(self) -> float:
+        """How long until the pipe may be read again (0: now)."""
+        return max(0.0, self.resume_at - time.monotonic()) if self.cut else 0.0
+
+    def pump(self, reads: int, *, throttle: bool = True) -> None:
+        """Copy up to ``reads`` reads of what the pipe holds now; never blocks."""
+        for _ in range(reads):
+            if not self.open or (throttle and self.pause_s() > 0):
+                return
+            try:
+                data = os.read(self.source, _READ_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.open = False
+                return
+            self._take(data)
+            if self.cut and throttle:
+                self.resume_at = time.monotonic() + _DISCARD_PAUSE_S
+
+    def finish(self, deadline: float) -> None:
+        """Once the workload's processes are gone: copy what is left in the pipe (until its end,
+        or ``deadline`` if a process that holds it would not die), then the end of a cut output."""
+        while self.open and time.monotonic() < deadline:
+            select.select([self.source], [], [], max(0.0, deadline - time.monotonic()))
+            self.pump(64, throttle=False)
+        os.close(self.source)
+        if self.cut:
+            self._write(
+                f"[gpgpu-agent] the end of the output: its last {len(self.kept)} bytes ({self.left_out} bytes "
+                "before them were left out)\n".encode()
+            )
+            self._write(bytes(self.kept))
+
+    def _take(self, data: bytes) -> None:
+        if not self.cut:
+            try:
+                written = os.fstat(_LOG_FD).st_size  # the supervisor's own notes count too
+            except OSError:
+                written = self.head
+            room = max(0, self.head - written)
+            if len(data) <= room:
+                self._write(data)
+                return
+            self._write(data[:room])
+            self._write(
+                CUT_MARK
+                + f"{self.head} bytes of the output and its last {self.tail} (it keeps at most "
+                f"{self.max_bytes}); the rest is left out, and the end comes when the job ends\n".encode()
+            )
+            self.cut = True
+            data = data[room:]
+        self.kept += data
+        excess = len(self.kept) - self.tail
+        if excess > 0:
+            self.left_out += excess
+            del self.kept[:excess]
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self.broken:
+            try:
+                view = view[os.write(_LOG_FD, view) :]
+            except OSError:
+                self.broken = True
+
+
 def _ignore(_signum: int, _frame: object) -> None:
     """A caught (not ignored) disposition: exec resets it to the default in the workload."""
 
@@ -253,6 +379,7 @@ class _Options:
     fence: str | None = None
     grace_s: float = 5.0
     term_depth: int = 1
+    log_max: int | None = None
 
 
 def _parse(argv: list[str]) -> _Options | None:
@@ -286,6 +413,8 @@ def _parse(argv: list[str]) -> _Options | None:
             options.pass_fds.append(int(value))
         elif flag == "--term-depth":
             options.term_depth = max(1, int(value))
+        elif flag == "--log-max":
+            options.log_max = max(1, int(value))
         else:
             return None
     if (options.uid is None) != (options.gid is None):
@@ -293,12 +422,16 @@ def _parse(argv: list[str]) -> _Options | None:
     return options
 
 
-def _child(options: _Options, report_fd: int) -> None:
-    """In the forked child: enter the cgroups, drop privileges, exec. Never returns: on a failure
-    it writes ``errno:message`` to ``report_fd`` and exits 126/127 without running the command."""
+def _child(options: _Options, report_fd: int, output_fd: int | None) -> None:
+    """In the forked child: make ``output_fd`` (if any) its stdout and stderr, enter the cgroups,
+    drop privileges, exec. Never returns: on a failure it writes ``errno:message`` to
+    ``report_fd`` and exits 126/127 without running the command."""
     step = "start"
     try:
         signal.set_wakeup_fd(-1)  # the supervisor's; the workload has no business with it
+        if output_fd is not None:
+            os.dup2(output_fd, 1)
+            os.dup2(output_fd, 2)
         step = "join the lease's cgroup"
         for directory in options.cgroups:
             with open(os.path.join(directory, "cgroup.procs"), "w", encoding="ascii") as f:
@@ -326,15 +459,17 @@ def _child(options: _Options, report_fd: int) -> None:
         os._exit(127 if code in (errno.ENOENT, errno.ENOTDIR) and step.startswith("run") else 126)
 
 
-def _spawn(options: _Options) -> tuple[int | None, str, int]:
-    """Fork and start the workload: (pid, "", 0) once it runs, (None, why, exit code 126 or 127)
-    when it never started."""
+def _spawn(options: _Options, output_fd: int | None) -> tuple[int | None, str, int]:
+    """Fork and start the workload (its stdout and stderr ``output_fd``, else the supervisor's):
+    (pid, "", 0) once it runs, (None, why, exit code 126 or 127) when it never started."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(options, write_fd)
+        _child(options, write_fd, output_fd)
     os.close(write_fd)
+    if output_fd is not None:
+        os.close(output_fd)  # the workload's alone: the pipe ends when its last process does
     for fd in options.pass_fds:
         try:
             os.close(fd)
@@ -375,12 +510,16 @@ def _reap(child: int) -> int | None:
             return status
 
 
-def _supervise(options: _Options, me: int, child: int, wake: int) -> tuple[int, str, str | None]:
-    """Wait for the workload, fencing it if its deadline passes: (exit code, detail, fenced_at).
-    ``wake`` is readable when a SIGCHLD arrived (signal.set_wakeup_fd)."""
+def _supervise(
+    options: _Options, me: int, child: int, wake: int, output: _Output | None
+) -> tuple[int, str, str | None]:
+    """Wait for the workload, copying its ``output`` and fencing it if its deadline passes:
+    (exit code, detail, fenced_at). ``wake`` is readable when a SIGCHLD arrived
+    (signal.set_wakeup_fd)."""
     boot = _boot_id()
     fenced_at: str | None = None
     kill_at: float | None = None
+    check_at = time.monotonic()
     while True:
         status = _reap(child)
         if status is not None:
@@ -388,7 +527,11 @@ def _supervise(options: _Options, me: int, child: int, wake: int) -> tuple[int, 
                 return 137, "the workload vanished", fenced_at
             code, detail = _exit_code(status)
             return code, detail, fenced_at
-        if fenced_at is None and options.fence is not None and _deadline_passed(options.fence, boot):
+        due = fenced_at is None and options.fence is not None and time.monotonic() >= check_at
+        if due:
+            # On time, not at each wake-up: a chatty job's output wakes this loop at every line.
+            check_at = time.monotonic() + _FENCE_CHECK_S
+        if due and options.fence is not None and _deadline_passed(options.fence, boot):
             fenced_at = _now()
             _note(
                 f"fenced: this machine's lease deadline passed without renewal at {fenced_at} (the agent lost "
@@ -399,13 +542,27 @@ def _supervise(options: _Options, me: int, child: int, wake: int) -> tuple[int, 
         if kill_at is not None and time.monotonic() >= kill_at:
             _kill_all(me, options.cgroups)
             kill_at = time.monotonic() + 1.0  # again, until the workload is gone
-        timeout = _FENCE_CHECK_S if kill_at is None else max(0.0, min(_FENCE_CHECK_S, kill_at - time.monotonic()))
-        select.select([wake], [], [], timeout)
+        timeout = _FENCE_CHECK_S
+        if fenced_at is None and options.fence is not None:
+            timeout = min(timeout, check_at - time.monotonic())
+        if kill_at is not None:
+            timeout = min(timeout, kill_at - time.monotonic())
+        timeout = max(0.0, timeout)
+        watch = [wake]
+        if output is not None and output.open:
+            pause = output.pause_s()
+            if pause > 0:
+                timeout = min(timeout, pause)
+            else:
+                watch.append(output.source)
+        select.select(watch, [], [], timeout)
         try:
             while os.read(wake, 512):
                 pass
         except BlockingIOError:
             pass
+        if output is not None:
+            output.pump(16)
 
 
 def main(argv: list[str]) -> int:
@@ -413,7 +570,7 @@ def main(argv: list[str]) -> int:
     if options is None:
         _note(
             "usage: shim.py EXIT_FILE [--uid UID --gid GID] [--cgroup DIR]... [--pass-fd FD]... "
-            "[--fence FILE [--grace SECONDS] [--term-depth N]] -- COMMAND [ARG...]"
+            "[--fence FILE [--grace SECONDS] [--term-depth N]] [--log-max BYTES] -- COMMAND [ARG...]"
         )
         return 2
     me = os.getpid()
@@ -426,16 +583,24 @@ def main(argv: list[str]) -> int:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, _ignore)
 
-    child, detail, code = _spawn(options)
+    output: _Output | None = None
+    output_fd: int | None = None
+    if options.log_max is not None:
+        read_fd, output_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(read_fd, False)
+        output = _Output(read_fd, options.log_max)
+    child, detail, code = _spawn(options, output_fd)
     started_at = _now() if child is not None else None
     fenced_at: str | None = None
     if child is None:
         _note(detail)
     else:
-        code, detail, fenced_at = _supervise(options, me, child, wake_r)
+        code, detail, fenced_at = _supervise(options, me, child, wake_r, output)
     exited_at = _now()
     if child is not None:
         _kill_leftovers(me)
+    if output is not None:
+        output.finish(time.monotonic() + _CLEANUP_LIMIT_S)
     if fenced_at is not None:
         detail = f"fenced: the lease's deadline passed at {fenced_at}" + (f"; {detail}" if detail else "")
     _write_exit(
