@@ -235,7 +235,7 @@ class LeaseLogApi(AgentAPIView):
         responses={
             201: OutputSerializer,
             200: OpenApiResponse(OutputSerializer, description="A repeat of a chunk, or one past the job's bound"),
-            **error_responses(400, 401, 403, 404, 413),
+            **error_responses(400, 401, 403, 404, 409, 413),
         },
     )
     def post(self, request: Request, lease_id: int) -> Response:

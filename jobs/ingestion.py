@@ -19,7 +19,7 @@ from django.utils import timezone
 from core.timespans import exact_seconds
 from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
-from jobs.models import Event, Lease, LogChunk, UsageReport
+from jobs.models import Event, Job, Lease, LogChunk, UsageReport
 from jobs.services import (
     ER,
     event_record,
@@ -333,6 +333,11 @@ MAX_LOG_CHUNK_BYTES = 64 * 1024
 # (JOB_LOG_MAX_BYTES / 256 at most).
 LOG_CHUNK_MIN_CHARGE = 256
 CODE_LOG_CHUNK_TOO_LARGE = "log_chunk_too_large"
+# How long after a lease's end (and its job's) its output is still taken: an agent that lost the
+# marketplace for less delivers its job's last lines. Not after: a machine wrote into finished
+# jobs forever, and into pruned ones (JOB_LOG_RETENTION_H, an hour at least) from an empty bound.
+LOG_LATE_S = 3600
+CODE_LEASE_LOG_CLOSED = "lease_log_closed"
 
 
 def log_truncation_notice(*, max_bytes: int) -> str:
@@ -357,13 +362,16 @@ def lease_log_ingest(
     """Store one chunk of the output of one of the machine's leases, for its renter to follow.
 
     Idempotent by (lease, seq): a repeat answers duplicate=True and changes nothing. Raises
-    NotFound for a lease that is not this machine's (whatever its state: the last chunks of a
-    lease may arrive after its end) and ValidationFailed `log_chunk_too_large` for a text over
-    MAX_LOG_CHUNK_BYTES. A job keeps at most settings.GPGPU["JOB_LOG_MAX_BYTES"] of text, each
-    chunk counted as at least LOG_CHUNK_MIN_CHARGE bytes: the first chunk that would pass it is
-    replaced by a notice saying so (truncated, stored=False), and later chunks of the job are
-    answered stored=False and dropped, so the start of the output is kept and the agent is not
-    made to retry. The `at` of the agent is clamped to now.
+    NotFound for a lease that is not this machine's, ValidationFailed `log_chunk_too_large` for a
+    text over MAX_LOG_CHUNK_BYTES, and Conflict `lease_log_closed` for a lease that never started
+    on the machine (failed_to_start) or ended, or whose job finished, more than LOG_LATE_S ago
+    (the last chunks of a lease may arrive after its end, not for ever). A job keeps at most
+    settings.GPGPU["JOB_LOG_MAX_BYTES"] of text, each chunk counted as at least
+    LOG_CHUNK_MIN_CHARGE bytes: the first chunk that would pass it is replaced by a notice saying
+    so (truncated, stored=False), and later chunks of the job are answered stored=False and
+    dropped, so the start of the output is kept and the agent is not made to retry. Only that
+    notice cuts the job: a machine's chunk with the notice's text is output like any other. The
+    `at` of the agent is clamped to now.
 
     The lease's row lock serialises its chunks; a job runs one lease at a time, so its bound
     holds (two of its leases reporting at once, a late one and its successor, may pass it by a
@@ -387,6 +395,20 @@ def lease_log_ingest(
         if existing is not None:
             cut_here = existing.truncated and existing.text == notice
             return LogChunkResult(chunk=existing, duplicate=True, stored=not cut_here)
+        now = timezone.now()
+        finished_at = Job.objects.filter(pk=lease.job_id).values_list("finished_at", flat=True).first()
+        if lease.end_reason == Lease.EndReason.FAILED_TO_START or any(
+            end is not None and now - end > timedelta(seconds=LOG_LATE_S) for end in (lease.ended_at, finished_at)
+        ):
+            raise Conflict(
+                f"Lease {lease.pk} takes no more output: it never started, or it ended (or its job finished) more "
+                f"than {LOG_LATE_S} s ago.",
+                code=CODE_LEASE_LOG_CLOSED,
+            )
+        if truncated and text == notice:
+            # The job's cut is the marketplace's, never the machine's to declare: a chunk made to
+            # look like the notice silenced every later lease of the job, on other machines too.
+            truncated = False
         kept = LogChunk.objects.filter(job_id=lease.job_id)
         if kept.filter(truncated=True, text=notice).exists():
             return LogChunkResult(chunk=None, duplicate=False, stored=False)
@@ -402,6 +424,6 @@ def lease_log_ingest(
             text=text,
             size=size,
             truncated=truncated,
-            at=min(at, timezone.now()),
+            at=min(at, now),
         )
     return LogChunkResult(chunk=chunk, duplicate=False, stored=stored)

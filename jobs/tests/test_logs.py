@@ -186,6 +186,49 @@ def test_prune_deletes_only_the_output_of_jobs_finished_longer_ago_than_the_rete
     assert services.log_chunks_prune() == 0
 
 
+def test_a_machine_cannot_write_into_a_lease_that_never_started_or_ended_long_ago(running, settings) -> None:  # type: ignore[no-untyped-def]
+    """A lease's last chunks may come after its end, not for ever: a machine wrote into finished
+    jobs after their renters were told `finished`, and into pruned ones from an empty bound."""
+    from jobs.ingestion import LOG_LATE_S
+
+    renter, agent, lease = running
+    assert ship(agent, lease, chunk(0, "epoch 1\n")).status_code == 201
+    lease_end(lease_id=lease.pk, reason=Lease.EndReason.SUCCEEDED, actor="test", exit_code=0)
+    assert ship(agent, lease, chunk(1, "the last lines\n")).status_code == 201  # late, but in time
+
+    ended = timezone.now() - timedelta(seconds=LOG_LATE_S + 60)
+    Lease.objects.filter(pk=lease.pk).update(ended_at=ended)
+    Job.objects.filter(pk=lease.job_id).update(finished_at=ended)
+    late = ship(agent, lease, chunk(2, "forged\n"))
+    assert ship(agent, lease, chunk(1, "the last lines\n")).json()["duplicate"] is True  # a repeat still answers
+
+    assert late.status_code == 409 and late.json()["code"] == "lease_log_closed"
+    assert [c["text"] for c in read(renter, lease.job_id)["chunks"]] == ["epoch 1\n", "the last lines\n"]
+
+    never = placed_lease(renter=Job.objects.get(pk=lease.job_id).renter)
+    lease_end(lease_id=never.pk, reason=Lease.EndReason.FAILED_TO_START, actor="test")
+    refused = ship(agent_client(never.machine), never, chunk(0, "forged\n"))
+    assert refused.status_code == 409 and refused.json()["code"] == "lease_log_closed"
+
+
+def test_a_chunk_dressed_as_the_cut_notice_does_not_silence_the_jobs_later_leases(running, settings) -> None:  # type: ignore[no-untyped-def]
+    """The cut is the marketplace's to make: a machine that once held a job sent the notice's
+    text with `truncated` and every later lease of the job, on honest machines, was dropped."""
+    from jobs.ingestion import log_truncation_notice
+
+    renter, agent, lease = running
+    notice = log_truncation_notice(max_bytes=settings.GPGPU["JOB_LOG_MAX_BYTES"])
+    assert ship(agent, lease, chunk(0, notice, truncated=True)).status_code == 201
+    lease_end(lease_id=lease.pk, reason=Lease.EndReason.PREEMPTED_BY_OWNER, actor="test")
+    Job.objects.filter(pk=lease.job_id).update(status=Job.Status.PENDING, finished_at=None)
+    honest = placed_lease(job=Job.objects.get(pk=lease.job_id), started=True)
+
+    answer = ship(agent_client(honest.machine), honest, chunk(0, "epoch 1\n"))
+
+    assert answer.json()["stored"] is True
+    assert read(renter, lease.job_id)["chunks"][-1]["text"] == "epoch 1\n"
+
+
 # --- who reads ---------------------------------------------------------------------------------
 
 
