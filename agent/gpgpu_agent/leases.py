@@ -1019,12 +1019,8 @@ def scrub_secrets(text: str, secrets: tuple[str, ...]) -> str:
     an upper-cased key is caught too). Secrets never leave the machine in a log tail."""
     if not text or not secrets:
         return text
-    lowered = text.lower()
+    # Matched where they are, not found in text.lower() and cut from text: a character whose
+    # lower case is longer ("İ" is two) moved every later position, and the secret went out whole.
     for secret in secrets:
-        needle = secret.lower()
-        start = lowered.find(needle)
-        while start != -1:
-            text = text[:start] + REDACTED + text[start + len(needle) :]
-            lowered = lowered[:start] + REDACTED.lower() + lowered[start + len(needle) :]
-            start = lowered.find(needle, start + len(REDACTED))
+        text = re.sub(re.escape(secret), REDACTED, text, flags=re.IGNORECASE)
     return text

@@ -328,6 +328,15 @@ def test_scrubbing_finds_every_occurrence_in_any_letter_case() -> None:
     assert scrub_secrets(text, secrets) == f"{REDACTED}{REDACTED} {PRIVATE_KEY[:10]} {REDACTED}"
 
 
+def test_scrubbing_is_not_thrown_off_by_characters_whose_lower_case_is_longer() -> None:
+    """A job printed 40 "İ" (two characters lower-cased) before the credential: the scrub found it
+    in the lower-cased text, cut the original at the wrong place, and the credential went out whole."""
+    secrets = secret_variants(credential=CREDENTIAL, private_key_hex=PRIVATE_KEY)
+    text = "İ" * 40 + CREDENTIAL + " İİ " + PRIVATE_KEY.upper() + " tail"
+
+    assert scrub_secrets(text, secrets) == "İ" * 40 + REDACTED + " İİ " + REDACTED + " tail"
+
+
 def test_a_revoked_credential_stops_the_rentals_and_the_agent_says_why(rig: Any) -> None:
     agent, fake, transport = rig
     _start_lease(agent, fake, transport, 300)
