@@ -259,9 +259,18 @@ def unpack(archive: Path, work: Path, checkpoint_dir: str, *, max_bytes: int, ow
         if owner is not None:
             os.lchown(root, *owner)
     total = files = entries = 0
+    archive_size = archive.stat().st_size
+    data_end = 0  # where the last member's content ended in the archive
     try:
         with tarfile.open(archive, mode="r:") as tar:
             for member in _members(tar):
+                # Each member's content lies after the one before and within the archive: a size
+                # below 0 (base-256, or a PAX record) made tarfile jump back and read the same
+                # bytes again as new members, past max_bytes and the duplicate check (a 63 KiB
+                # archive wrote 880 KiB), and a forged checkpoint could fill a machine's disk.
+                if member.size < 0 or member.offset_data < data_end or member.offset_data + member.size > archive_size:
+                    raise CheckpointError(f"the checkpoint's {member.name[:200]!r} is not where a tar member can be")
+                data_end = member.offset_data + member.size
                 entries += 1
                 if entries > MAX_ENTRIES:
                     raise CheckpointError(f"the checkpoint has more than {MAX_ENTRIES} entries")

@@ -192,6 +192,43 @@ def test_a_hostile_archive_is_refused_and_writes_nothing_outside(
     assert not any(p.is_symlink() for p in work.rglob("*"))
 
 
+def _jumping_archive(members: int, limit: int) -> bytes:
+    """An archive of at most `limit` bytes whose regular members each end in a member of a
+    negative size (base-256): Python 3.11's tarfile then reads its next header from earlier bytes,
+    so every member's content is the whole archive's, over and over."""
+
+    def header(name: str, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        buf = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+        buf[124:136] = bytes([0o377 if size < 0 else 0o200]) + (size % 256**11).to_bytes(11, "big")
+        buf[148:156] = b"        "
+        buf[148:156] = b"%06o\x00 " % sum(buf)
+        return bytes(buf)
+
+    block = 512
+    content = limit - block * (2 * members + 4)
+    content -= content % block
+    blob = bytearray(2 * block * members + content + 2 * block)
+    for j in range(members):
+        blob[block * j : block * (j + 1)] = header(f"f{j}", content)
+    for j in range(members - 1):
+        at = block * (j + 1) + content
+        blob[at : at + block] = header(f"hop{j}", block * (j + 1) - (at + block))
+    return bytes(blob)
+
+
+def test_an_archive_whose_members_jump_back_cannot_write_past_its_limit(work: Path, tmp_path: Path) -> None:
+    """A forged checkpoint (any machine can store one for a job it holds) is restored on the
+    next machine the job goes to: 64 KiB of it wrote 880 KiB there, and more members more."""
+    archive = tmp_path / "jumps.tar"
+    archive.write_bytes(_jumping_archive(40, 64 * 1024))
+    assert archive.stat().st_size <= 64 * 1024
+
+    with pytest.raises(CheckpointError, match="is not where a tar member can be"):
+        unpack(archive, work, "/work/ckpt", max_bytes=64 * 1024, owner=None)
+    assert sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) <= 64 * 1024
+
+
 def test_an_archive_with_a_name_twice_is_refused(work: Path, tmp_path: Path) -> None:
     archive = _archive(tmp_path / "dup.tar", (_file("a"), b"1"), (_file("a"), b"2"))
     with pytest.raises(CheckpointError, match="twice"):
