@@ -12,9 +12,14 @@ REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"]; the views are not touched:
   scope `machine_logs`: a chatty job's output never throttles its machine's heartbeats.
 - RegisterRateThrottle: the agent's register endpoint (found by URL name, not by view), per client
   address, scope `register`: registration tokens are guessed there.
+- RotateRateThrottle: a machine's credential rotation, per machine (its row, whatever its
+  credential), scope `machine_rotate`: each rotation starts the machine's other budgets afresh
+  (they are per credential), so without a budget of its own a machine rotating every 600
+  requests had no rate at all, and each rotation writes a revocation row.
 
 Rates come from settings.THROTTLE_RATES (THROTTLE_USER, THROTTLE_MACHINE, THROTTLE_MACHINE_LOGS,
-THROTTLE_ANON, THROTTLE_REGISTER), read per request; THROTTLE_ENABLED=false switches them all off (benchmarks).
+THROTTLE_ANON, THROTTLE_REGISTER, THROTTLE_MACHINE_ROTATE), read per request;
+THROTTLE_ENABLED=false switches them all off (benchmarks).
 Counters live in the default cache: Redis when REDIS_URL is set, so every web worker shares
 them. There each budget is a Redis list of its requests' times, newest first, kept by one Lua
 script (`LOG_SCRIPT`: DRF's sliding log, in one round trip and atomic, where DRF reads a pickled
@@ -57,6 +62,8 @@ logger = logging.getLogger(__name__)
 REGISTER_URL_NAMES = frozenset({"agent-register"})
 # The URL names (jobs/agent_urls.py) of the agent's log shipping, which has a budget of its own.
 LOG_URL_NAMES = frozenset({"agent-lease-logs"})
+# The URL names (providers/agent_urls.py) of the endpoints RotateRateThrottle guards.
+ROTATE_URL_NAMES = frozenset({"agent-credential-rotate"})
 
 # What a cache backend raises when its server is unreachable.
 _CACHE_ERRORS: tuple[type[BaseException], ...] = (OSError, redis.RedisError)
@@ -252,6 +259,17 @@ class RegisterRateThrottle(_SettingsRateThrottle):
         if match is None or match.url_name not in REGISTER_URL_NAMES:
             return None
         return "register", client_ip(request)
+
+
+class RotateRateThrottle(_SettingsRateThrottle):
+    """A machine's credential rotation, per machine row (scope machine_rotate)."""
+
+    def scope_and_ident(self, request: Request) -> tuple[str, str] | None:
+        match = getattr(request, "resolver_match", None)
+        machine_id = getattr(request.auth, "pk", None)
+        if match is None or match.url_name not in ROTATE_URL_NAMES or machine_id is None:
+            return None
+        return "machine_rotate", f"machine{machine_id}"
 
 
 def admin_lockout_response(

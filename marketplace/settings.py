@@ -363,6 +363,7 @@ THROTTLE_RATES: dict[str, str | None] = {
     "machine_logs": env_rate("THROTTLE_MACHINE_LOGS", "600/min"),
     "anon": env_rate("THROTTLE_ANON", "60/min"),
     "register": env_rate("THROTTLE_REGISTER", "20/min"),
+    "machine_rotate": env_rate("THROTTLE_MACHINE_ROTATE", "6/h"),
 }
 
 # The admin login's lockout (django-axes, its attempts in the database): after
@@ -403,6 +404,7 @@ REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_THROTTLE_CLASSES": [
         "core.throttling.PrincipalRateThrottle",
         "core.throttling.RegisterRateThrottle",
+        "core.throttling.RotateRateThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {},
     "NUM_PROXIES": TRUSTED_PROXIES,

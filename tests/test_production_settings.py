@@ -183,6 +183,7 @@ def test_the_default_rates_and_lockout_are_the_documented_ones(tmp_path) -> None
         "machine_logs": "600/min",
         "anon": "60/min",
         "register": "20/min",
+        "machine_rotate": "6/h",
     }
     assert shown["AXES_FAILURE_LIMIT"] == 5
     assert shown["AXES_COOLOFF_TIME"].total_seconds() == 15 * 60

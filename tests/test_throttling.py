@@ -78,6 +78,7 @@ def documented_defaults(settings):  # type: ignore[no-untyped-def]
         "machine_logs": "600/min",
         "anon": "60/min",
         "register": "20/min",
+        "machine_rotate": "6/h",
     }
     settings.TRUSTED_PROXIES = 0
     settings.AXES_ENABLED = True
@@ -199,6 +200,26 @@ def test_a_rotated_machine_credential_is_a_new_budget_and_a_bad_one_is_401_not_c
 
     assert heartbeat(old).status_code == 401
     assert heartbeat(rotated).status_code == 200
+
+
+def test_rotating_its_credential_buys_a_machine_no_more_than_its_rotation_budget(rates) -> None:  # type: ignore[no-untyped-def]
+    """Each rotation starts the per-credential budgets afresh: a machine rotating every few
+    requests went on at any rate it liked. Rotations have a budget of their own, per machine."""
+    rates(machine="2/min", machine_rotate="3/h")
+    client = agent_client(MachineFactory())
+    codes: list[int] = []
+    for _ in range(4):
+        codes.append(heartbeat(client).status_code)  # the rotation is the budget's second request
+        rotated = client.post("/api/agent/v1/credential/rotate", {}, format="json")
+        codes.append(rotated.status_code)
+        if rotated.status_code != 200:
+            assert_throttled(rotated, within_s=3600)
+            break
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Machine {rotated.json()['credential']}")
+
+    assert codes == [200, 200] * 3 + [200, 429]
+    assert_throttled(heartbeat(client))  # and the last credential's budget is spent as any
 
 
 def test_unauthenticated_requests_are_limited_per_address(rates) -> None:  # type: ignore[no-untyped-def]
