@@ -67,6 +67,15 @@ MICRO_PER_TOKEN = 10**6
 
 
 _MONTH_RE = re.compile(r"[0-9]{4}-(?:0[1-9]|1[0-2])")
+# Terminal controls: C0 but tab, newline and carriage return (progress bars), DEL, and C1. A job's
+# output and its end's detail come from the provider's machine: written as they came, a hostile
+# one could set the renter's clipboard (OSC 52), retitle or clear the terminal, hide lines.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every terminal control shown as its escape (\\x1b) instead of acted on."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class UsageError(Exception):
@@ -319,12 +328,19 @@ def _logs_read(client: Client, job_id: int, cursor: int, out: TextIO, *, as_json
     new cursor and whether the output is complete (the job is over and all of it was read)."""
     while True:
         logs = client.job_logs(job_id, cursor=cursor)
+        # On a terminal the text is made safe to show; elsewhere (a file, a pipe) it is as it came.
+        shown = terminal_safe if _is_terminal(out) else str
         for chunk in logs.chunks:
-            out.write(json.dumps(chunk.raw, sort_keys=True) + "\n" if as_json else chunk.text)
+            out.write(json.dumps(chunk.raw, sort_keys=True) + "\n" if as_json else shown(chunk.text))
         out.flush()
         cursor = logs.next_cursor
         if logs.finished or not logs.chunks:
             return cursor, logs.finished
+
+
+def _is_terminal(out: TextIO) -> bool:
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def status_line(job: Job, *, now: datetime | None = None) -> str:
@@ -337,7 +353,7 @@ def status_line(job: Job, *, now: datetime | None = None) -> str:
             end = lease.ended_at or now or datetime.now(UTC)
             parts.append(_duration((end - lease.started_at).total_seconds()))
     elif job.status == "pending" and job.unplaced_reason is not None:
-        parts.append(f"waiting: {job.unplaced_reason.detail}")
+        parts.append(f"waiting: {terminal_safe(job.unplaced_reason.detail)}")
     if job.budget is not None and job.budget.charged:
         parts.append(f"charged {job.budget.charged}")
     return "  ".join(parts)
@@ -356,7 +372,7 @@ def _end_note(job: Job) -> str:
     if job.exit_code is not None:
         notes.append(f"exit code {job.exit_code}")
     if job.failure_reason:
-        notes.append(job.failure_reason)
+        notes.append(terminal_safe(job.failure_reason))  # from the machine that ran it
     return f" ({'; '.join(notes)})" if notes else ""
 
 

