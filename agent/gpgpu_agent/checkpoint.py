@@ -41,6 +41,10 @@ WORKSPACE = "/work"
 STATUS_FILE = ".gpgpu-lease.json"
 MAX_ENTRIES = 100_000
 MAX_DEPTH = 64
+# The most an extended header (PAX records, a GNU long name) of a restored archive may hold: a
+# packed one names a path of at most MAX_DEPTH parts of 255 bytes.
+MAX_EXTENDED_HEADER_BYTES = 256 * 1024
+_BLOCK = 512
 _BLOCK = tarfile.BLOCKSIZE
 _READ = 1 << 20
 
@@ -258,6 +262,7 @@ def unpack(archive: Path, work: Path, checkpoint_dir: str, *, max_bytes: int, ow
                 raise CheckpointError(f"{root} is not a directory") from None
         if owner is not None:
             os.lchown(root, *owner)
+    _extended_headers_check(archive)
     total = files = entries = 0
     archive_size = archive.stat().st_size
     data_end = 0  # where the last member's content ended in the archive
@@ -301,6 +306,66 @@ def unpack(archive: Path, work: Path, checkpoint_dir: str, *, max_bytes: int, ow
     except (tarfile.TarError, EOFError) as exc:
         raise CheckpointError(f"the checkpoint is not a readable tar archive: {exc}") from None
     return files
+
+
+def _extended_headers_check(archive: Path) -> None:
+    """Refuse an archive with an extended header that is not well formed or over
+    MAX_EXTENDED_HEADER_BYTES, before tarfile reads it: tarfile before Python 3.11.10 parses PAX
+    records made of a long run of digits in quadratic time (CVE-2024-6232: 80 KB took 4 s of CPU,
+    a forged checkpoint of a megabyte would hold an agent's poll loop for minutes), and reads a
+    long name whole into memory. tarfile reads headers at multiples of 512 bytes only, so every
+    such block that is a tar header (its checksum holds) of type x, g, L or K is looked at,
+    wherever it lies; a file's content that happens to be one is judged the same way."""
+    with open(archive, "rb") as f:
+        offset = 0
+        while chunk := f.read(1 << 20):  # whole blocks: 1 MiB is 2,048 of them
+            for i in range(0, len(chunk) - _BLOCK + 1, _BLOCK):
+                if chunk[i + 156] in b"xgLK" and _is_header(chunk[i : i + _BLOCK]):
+                    size = _octal(chunk[i + 124 : i + 136])
+                    if size is None or size > MAX_EXTENDED_HEADER_BYTES:
+                        raise CheckpointError(
+                            f"the checkpoint has an extended tar header over {MAX_EXTENDED_HEADER_BYTES} bytes"
+                        )
+                    if chunk[i + 156] in b"xg":
+                        at = f.tell()
+                        f.seek(offset + i + _BLOCK)
+                        _pax_records_check(f.read(size))
+                        f.seek(at)
+            offset += len(chunk)
+
+
+def _octal(field: bytes) -> int | None:
+    """A header's number in octal (None for base-256, or for what is no number)."""
+    text = field.split(b"\0", 1)[0].strip()
+    if not text:
+        return 0
+    if not all(48 <= c <= 55 for c in text):
+        return None
+    return int(text, 8)
+
+
+def _is_header(block: bytes) -> bool:
+    """Whether tarfile would take the block for a header: its checksum holds."""
+    stored = _octal(block[148:156])
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = unsigned - 256 * sum(1 for c in (*block[:148], *block[156:]) if c > 127)
+    return stored is not None and stored in (unsigned, signed)
+
+
+def _pax_records_check(data: bytes) -> None:
+    """PAX records are "<length> <keyword>=<value>\\n", the length counting the whole record,
+    then NUL padding: checked in one pass."""
+    pos, end = 0, len(data)
+    while pos < end and data[pos] != 0:
+        space = data.find(b" ", pos, pos + 20)
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0
+        record = data[pos : pos + length]
+        if length < len(digits) + 4 or pos + length > end or not record.endswith(b"\n") or b"=" not in record:
+            raise CheckpointError("the checkpoint has a PAX header that is not well formed")
+        pos += length
+    if data[pos:].strip(b"\0"):
+        raise CheckpointError("the checkpoint has a PAX header that is not well formed")
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

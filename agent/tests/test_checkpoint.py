@@ -229,6 +229,39 @@ def test_an_archive_whose_members_jump_back_cannot_write_past_its_limit(work: Pa
     assert sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) <= 64 * 1024
 
 
+def test_a_pax_header_of_digits_is_refused_before_tarfile_spends_minutes_on_it(work: Path, tmp_path: Path) -> None:
+    """tarfile before Python 3.11.10 parses such a header in quadratic time (CVE-2024-6232): a
+    forged checkpoint of 200 KB held the restoring agent's poll loop for about 25 s."""
+    import time
+
+    info = tarfile.TarInfo("pax")
+    info.type = tarfile.XHDTYPE
+    records = b"1" * 200_000
+    info.size = len(records)
+    archive = tmp_path / "digits.tar"
+    with tarfile.open(archive, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(records))
+        tar.addfile(_file("after"), io.BytesIO(b""))
+
+    started = time.process_time()
+    with pytest.raises(CheckpointError, match="not well formed"):
+        unpack(archive, work, "/work/ckpt", max_bytes=MB, owner=None)
+    assert time.process_time() - started < 1
+
+
+def test_a_checkpoint_with_the_deepest_longest_names_packs_and_restores(work: Path, tmp_path: Path) -> None:
+    deep = work / "ckpt" / Path(*(["d" * 250] * 15))
+    deep.mkdir(parents=True)
+    (deep / ("f" * 250)).write_bytes(b"kept")
+    archive = tmp_path / "deep.tar"
+    pack(work, "/work/ckpt", archive, max_bytes=MB)
+    other = tmp_path / "other"
+    other.mkdir()
+
+    assert unpack(archive, other, "/work/ckpt", max_bytes=MB, owner=None) == 1
+    assert (other / "ckpt" / Path(*(["d" * 250] * 15)) / ("f" * 250)).read_bytes() == b"kept"
+
+
 def test_an_archive_with_a_name_twice_is_refused(work: Path, tmp_path: Path) -> None:
     archive = _archive(tmp_path / "dup.tar", (_file("a"), b"1"), (_file("a"), b"2"))
     with pytest.raises(CheckpointError, match="twice"):
