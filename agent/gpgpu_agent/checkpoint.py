@@ -142,10 +142,13 @@ class _Budget:
         self.used = 2 * _BLOCK  # the archive's end
         self.entries = 0
 
-    def take(self, content: int) -> None:
+    def take(self, content: int, name: str) -> None:
         self.entries += 1
-        # A header (a PAX one too, for long names) and the content padded to blocks.
-        self.used += 3 * _BLOCK + -(-content // _BLOCK) * _BLOCK
+        # A header, a PAX one before it with the name (a path of MAX_DEPTH long names is 16 KB:
+        # three blocks let the archive grow to several times its limit before the last check),
+        # and the content, each padded to blocks.
+        pax = -(-(len(name.encode("utf-8", "surrogateescape")) + 64) // _BLOCK) * _BLOCK
+        self.used += 2 * _BLOCK + pax + -(-content // _BLOCK) * _BLOCK
         if self.entries > MAX_ENTRIES:
             raise CheckpointError(f"the checkpoint has more than {MAX_ENTRIES} entries")
         if self.used > self.max_bytes:
@@ -175,13 +178,13 @@ def pack(work: Path, checkpoint_dir: str, dest: Path, *, max_bytes: int) -> Pack
                 names = stack.pop()
                 fd = _open_from(top, names)
                 try:
-                    for entry in sorted(os.scandir(fd), key=lambda e: e.name):
+                    for entry in sorted(_listing(fd, MAX_ENTRIES - budget.entries), key=lambda e: e.name):
                         name = "/".join((*names, entry.name))
                         st = entry.stat(follow_symlinks=False)
                         if stat.S_ISDIR(st.st_mode):
                             if len(names) + 1 > MAX_DEPTH:
                                 raise CheckpointError(f"the checkpoint is deeper than {MAX_DEPTH} directories")
-                            budget.take(0)
+                            budget.take(0, name)
                             info = tarfile.TarInfo(name)
                             info.type = tarfile.DIRTYPE
                             info.mode = (st.st_mode & 0o777) | 0o700
@@ -207,6 +210,19 @@ def pack(work: Path, checkpoint_dir: str, dest: Path, *, max_bytes: int) -> Pack
     return Packed(path=dest, size=size, sha256=digest, files=files, skipped=skipped)
 
 
+def _listing(fd: int, room: int) -> list[os.DirEntry[str]]:
+    """The directory's entries, refused past `room` while they are listed: a job that made
+    millions of files in one directory had them all listed and sorted in the agent's memory
+    (150 MiB for 300,000) before the count stopped it."""
+    listed: list[os.DirEntry[str]] = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            listed.append(entry)
+            if len(listed) > room:
+                raise CheckpointError(f"the checkpoint has more than {MAX_ENTRIES} entries")
+    return listed
+
+
 def _add_file(tar: tarfile.TarFile, dir_fd: int, entry: str, name: str, budget: _Budget) -> None:
     try:
         fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -216,7 +232,7 @@ def _add_file(tar: tarfile.TarFile, dir_fd: int, entry: str, name: str, budget: 
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # swapped since it was listed
             raise CheckpointError(f"{name!r} changed while it was packed")
-        budget.take(st.st_size)
+        budget.take(st.st_size, name)
         info = tarfile.TarInfo(name)
         info.size = st.st_size
         info.mode = st.st_mode & 0o777

@@ -129,6 +129,61 @@ def test_a_checkpoint_over_its_limit_is_refused_and_nothing_is_left(work: Path, 
     assert not (tmp_path / "out.tar").exists()
 
 
+def test_a_directory_of_too_many_files_is_refused_while_it_is_listed(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that made millions of files in one directory had them all listed and sorted in the
+    agent's memory before the count of entries stopped it."""
+    monkeypatch.setattr(checkpoint, "MAX_ENTRIES", 100)
+    crowded = work / "ckpt"
+    crowded.mkdir()
+    for i in range(2000):
+        (crowded / f"f{i}").touch()
+    listed = []
+    scandir = os.scandir
+
+    def counted(fd: int) -> Any:
+        class Entries:
+            def __enter__(self) -> Iterator[os.DirEntry[str]]:
+                self.it = scandir(fd)
+                return (listed.append(e) or e for e in self.it)
+
+            def __exit__(self, *exc: object) -> None:
+                self.it.close()
+
+            def __iter__(self) -> Iterator[os.DirEntry[str]]:
+                with self as entries:
+                    yield from entries
+
+        return Entries()
+
+    monkeypatch.setattr(checkpoint.os, "scandir", counted)
+
+    with pytest.raises(CheckpointError, match="more than 100 entries"):
+        pack(work, "/work/ckpt", tmp_path / "c.tar", max_bytes=MB)
+    assert len(listed) <= 101
+
+
+def test_long_names_cannot_make_the_archive_outgrow_its_limit_before_it_is_refused(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each header was charged three blocks, but a path of long names takes a PAX header of up to
+    16 KB: a checkpoint of empty files wrote several times its limit of archive to the agent's
+    disk before the last check refused it."""
+    deep = work / "ckpt" / Path(*(["d" * 250] * 15))  # as deep as a path may name here
+    deep.mkdir(parents=True)
+    for i in range(400):
+        (deep / f"f{i}").touch()
+    written: list[int] = []
+    digest = checkpoint.file_digest
+    monkeypatch.setattr(checkpoint, "file_digest", lambda path: (written.append(path.stat().st_size), digest(path))[1])
+
+    with pytest.raises(CheckpointError, match="larger than its limit"):
+        pack(work, "/work/ckpt", tmp_path / "c.tar", max_bytes=MB)
+    assert all(size <= MB for size in written)
+    assert not (tmp_path / "c.tar").exists()
+
+
 def test_set_id_bits_are_not_carried(work: Path, tmp_path: Path) -> None:
     ckpt = work / "ckpt"
     ckpt.mkdir()
