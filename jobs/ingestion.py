@@ -13,13 +13,14 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, models, transaction
+from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from core.timespans import exact_seconds
 from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
-from jobs.models import Event, Job, Lease, LogChunk, UsageReport
+from jobs.models import Event, Lease, LogChunk, UsageReport
 from jobs.services import (
     ER,
     event_record,
@@ -388,7 +389,12 @@ def lease_log_ingest(
     # The notice depends on the bound alone: found among the job's chunks, the job is cut off.
     notice = log_truncation_notice(max_bytes=max_bytes)
     with transaction.atomic():
-        lease = Lease.objects.select_for_update().filter(pk=lease_id, machine_id=machine.pk).first()
+        lease = (
+            Lease.objects.select_for_update(of=("self",))  # the lease's row, not its job's
+            .filter(pk=lease_id, machine_id=machine.pk)
+            .annotate(job_finished_at=F("job__finished_at"))
+            .first()
+        )
         if lease is None:
             raise NotFound(f"Lease {lease_id} is not a lease of this machine.")
         existing = LogChunk.objects.filter(lease_id=lease.pk, seq=seq).first()
@@ -396,9 +402,9 @@ def lease_log_ingest(
             cut_here = existing.truncated and existing.text == notice
             return LogChunkResult(chunk=existing, duplicate=True, stored=not cut_here)
         now = timezone.now()
-        finished_at = Job.objects.filter(pk=lease.job_id).values_list("finished_at", flat=True).first()
         if lease.end_reason == Lease.EndReason.FAILED_TO_START or any(
-            end is not None and now - end > timedelta(seconds=LOG_LATE_S) for end in (lease.ended_at, finished_at)
+            end is not None and now - end > timedelta(seconds=LOG_LATE_S)
+            for end in (lease.ended_at, lease.job_finished_at)
         ):
             raise Conflict(
                 f"Lease {lease.pk} takes no more output: it never started, or it ended (or its job finished) more "
