@@ -297,3 +297,37 @@ def test_an_earnings_withdrawal_left_unmatched_by_an_earlier_run_is_posted_once_
     assert ChainLog.objects.get(pk=log.pk).status == "credited"
     assert ChainLog.objects.get(pk=stranger.pk).status == "unmatched"
     assert provider_payable_micro(provider_id=provider.pk) == 0
+
+
+def test_withdrawals_by_strangers_cost_a_watcher_run_the_same_however_many_wait():
+    """Each run looks again at the EarningsWithdrawn logs left unmatched; a stranger's withdrawals
+    (no provider's payee, now or earlier) used to cost a payee lookup each, in every run, for good."""
+    from django.db import connection, transaction
+    from django.test.utils import CaptureQueriesContext
+
+    from billing import deposits
+
+    def stranger_log(n: int) -> ChainLog:
+        return ChainLog.objects.create(
+            event="EarningsWithdrawn",
+            address=Account.create().address.lower(),
+            args={"amount": 5},
+            tx_hash="0x" + f"{n:064x}",
+            log_index=0,
+            block_number=n,
+            block_hash="0x" + "ab" * 32,
+            status="unmatched",
+        )
+
+    def queries_of_a_run() -> int:
+        with transaction.atomic(), CaptureQueriesContext(connection) as run:
+            assert deposits._earnings_revisit() == 0
+        return len(run.captured_queries)
+
+    stranger_log(1)
+    one = queries_of_a_run()
+    for n in range(2, 42):
+        stranger_log(n)
+
+    assert queries_of_a_run() == one <= 3
+    assert set(ChainLog.objects.values_list("status", flat=True)) == {"unmatched"}
