@@ -38,6 +38,7 @@ from django.core import signing
 from django.core.files import File
 from django.core.files.storage import Storage
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from jobs.errors import Conflict, NotFound, ValidationFailed
@@ -63,6 +64,13 @@ CODE_NOT_ACCEPTED = "checkpoint_not_accepted"
 CODE_NO_CHECKPOINT = "no_checkpoint"
 CODE_UPLOAD_INVALID = "checkpoint_upload_invalid"
 CODE_NOT_UPLOADED = "checkpoint_not_uploaded"
+CODE_UPLOADS_SPENT = "checkpoint_uploads_spent"
+
+# Pre-signed uploads a lease's machine may ask for: each is an object of up to CHECKPOINT_MAX_BYTES
+# the store keeps, committed or not, until the hourly sweep (checkpoint_orphans_delete), so a
+# machine asking again and again filled the bucket. The agent uploads a lease's checkpoint once,
+# as the lease stops, in at most 3 tries; twice that leaves room for an agent started again.
+DIRECT_UPLOADS_PER_LEASE = 6
 
 # What a direct upload's commit carries back (signed by the marketplace, so that an agent can
 # commit only the object it was given a URL for): salt of django.core.signing.
@@ -284,13 +292,23 @@ def checkpoint_upload_begin(*, machine_id: int, lease_id: int, size: int, sha256
     """A pre-signed PUT for the checkpoint (`size` bytes, SHA-256 `sha256`) of the job of the
     machine's lease `lease_id`, under a new random key. Content-Length and x-amz-checksum-sha256
     are signed: the store refuses a body of another size (the signature) or other bytes (S3 and
-    MinIO answer BadDigest). Raises as checkpoint_upload, and Conflict `checkpoint_not_accepted`
-    when the store takes uploads through the marketplace only (direct_uploads() false)."""
+    MinIO answer BadDigest). Raises as checkpoint_upload, Conflict `checkpoint_not_accepted`
+    when the store takes uploads through the marketplace only (direct_uploads() false), and
+    Conflict `checkpoint_uploads_spent` once the lease was given DIRECT_UPLOADS_PER_LEASE."""
     lease = _upload_admitted(machine_id=machine_id, lease_id=lease_id, size=size, sha256=sha256, header="sha256")
     if not direct_uploads():
         raise Conflict(
             f"This marketplace takes checkpoints through PUT leases/{lease_id}/checkpoint only.",
             code=CODE_NOT_ACCEPTED,
+        )
+    # Counted in one statement, so that parallel requests cannot pass the bound together.
+    counted = Lease.objects.filter(pk=lease.pk, checkpoint_uploads__lt=DIRECT_UPLOADS_PER_LEASE).update(
+        checkpoint_uploads=F("checkpoint_uploads") + 1
+    )
+    if not counted:
+        raise Conflict(
+            f"Lease {lease_id} has been given {DIRECT_UPLOADS_PER_LEASE} checkpoint upload URLs; it gets no more.",
+            code=CODE_UPLOADS_SPENT,
         )
     storage = checkpoint_storage()
     key = _new_key(lease.job_id)

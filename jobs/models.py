@@ -158,6 +158,9 @@ class Lease(models.Model):
     stop_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)
     # The tail of the job's output, as last sent by the agent.
     log_tail = models.TextField(blank=True)
+    # Pre-signed checkpoint uploads handed to its machine (jobs.checkpoints.checkpoint_upload_begin):
+    # each may leave an object of up to CHECKPOINT_MAX_BYTES in the store until the hourly sweep.
+    checkpoint_uploads = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at", "-id"]

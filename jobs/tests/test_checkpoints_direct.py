@@ -235,3 +235,26 @@ def test_with_direct_uploads_off_or_local_files_uploads_go_through_the_marketpla
     )
     assert stored.status_code == 201, stored.content
     assert s3_store.keys() == [Checkpoint.objects.get().storage_key]
+
+
+def test_a_machine_gets_a_bounded_number_of_upload_urls_per_lease(s3_store: S3Store) -> None:
+    """Each pre-signed PUT may leave an object of up to CHECKPOINT_MAX_BYTES in the store, committed
+    or not, until the hourly sweep: a machine asking for URLs in a loop filled the bucket at the
+    marketplace's cost."""
+    from jobs.checkpoints import DIRECT_UPLOADS_PER_LEASE
+
+    lease = running_lease()
+    machine = agent_client(lease.machine)
+    given = [begin(machine, lease.pk) for _ in range(DIRECT_UPLOADS_PER_LEASE)]
+    assert [r.status_code for r in given] == [201] * DIRECT_UPLOADS_PER_LEASE
+    for answer in given:
+        assert put(answer.json()).status_code == 200
+    spent = begin(machine, lease.pk)
+    assert (spent.status_code, spent.json()["code"]) == (409, "checkpoint_uploads_spent")
+    assert len(s3_store.keys()) == DIRECT_UPLOADS_PER_LEASE
+    # The URLs given still commit (the agent's last try is not lost), and the job's next lease
+    # starts with a budget of its own.
+    assert commit(machine, lease.pk, given[-1].json()["token"]).status_code == 201
+    lease_end(lease_id=lease.pk, reason=Lease.EndReason.PREEMPTED_BY_OWNER, actor="test")
+    second = placed_lease(job=Job.objects.get(pk=lease.job_id), started=True)
+    assert begin(agent_client(second.machine), second.pk).status_code == 201
