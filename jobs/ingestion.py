@@ -12,11 +12,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connection, models, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
+from core.locks import lock_key
 from core.timespans import exact_seconds
 from gpgpu_agent import protocol as usage_protocol
 from jobs.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
@@ -345,6 +346,16 @@ def log_truncation_notice(*, max_bytes: int) -> str:
     return f"\n[gpgpu: this job's output passed {max_bytes} bytes; the rest is not kept]\n"
 
 
+def _job_output_lock(job_id: int) -> None:
+    """Serialise the job's chunks until this transaction ends (on PostgreSQL; SQLite has one writer
+    at a time). Without it, two leases of the job storing a chunk at once could commit the later
+    id first: a renter who read it and passed it as the cursor (log_chunks_after) never saw the
+    other."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [lock_key(f"jobs.output.{job_id}")])
+
+
 @dataclass(frozen=True)
 class LogChunkResult:
     """What became of a chunk: `chunk` is the stored row (None when the job's output was already
@@ -374,9 +385,9 @@ def lease_log_ingest(
     notice cuts the job: a machine's chunk with the notice's text is output like any other. The
     `at` of the agent is clamped to now.
 
-    The lease's row lock serialises its chunks; a job runs one lease at a time, so its bound
-    holds (two of its leases reporting at once, a late one and its successor, may pass it by a
-    chunk)."""
+    The lease's row lock serialises its chunks, and a lock per job those of its leases (a late
+    chunk of a lease that was lost, and its successor's): so the job's bound holds, and its
+    chunks commit in the order of their ids, which the renter's cursor needs."""
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_LOG_CHUNK_BYTES:
         raise ValidationFailed(
@@ -411,6 +422,7 @@ def lease_log_ingest(
                 f"than {LOG_LATE_S} s ago.",
                 code=CODE_LEASE_LOG_CLOSED,
             )
+        _job_output_lock(lease.job_id)
         if truncated and text == notice:
             # The job's cut is the marketplace's, never the machine's to declare: a chunk made to
             # look like the notice silenced every later lease of the job, on other machines too.

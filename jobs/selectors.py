@@ -79,8 +79,9 @@ def machine_has_new_orders(*, machine_id: int, since: datetime | None) -> bool:
 
 def log_chunks_after(*, job: Job, cursor: int, limit: int) -> list[LogChunk]:
     """The job's output after `cursor` (a LogChunk id; 0: from the start), oldest first, at most
-    `limit` chunks. Each lease's chunks arrive in order (its agent sends them one at a time), so
-    a follower that passes the last id it got as the next cursor reads each chunk once."""
+    `limit` chunks. A job's chunks commit in the order of their ids (jobs.ingestion serialises
+    them per job, across its leases), so a follower that passes the last id it got as the next
+    cursor reads each chunk once."""
     return list(LogChunk.objects.filter(job=job, pk__gt=cursor).order_by("pk")[:limit])
 
 

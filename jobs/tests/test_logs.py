@@ -250,3 +250,53 @@ def test_a_bad_cursor_is_a_400(running) -> None:  # type: ignore[no-untyped-def]
 
     for params in ({"cursor": "-1"}, {"cursor": "x"}, {"limit": "0"}, {"limit": "1000"}, {"after": "1"}):
         assert renter.get(f"/api/v1/jobs/{lease.job_id}/logs/", params).status_code == 400, params
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_follower_misses_no_chunk_when_two_leases_of_the_job_ship_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost lease's late chunk and its successor's, stored at the same moment: the later id
+    committed first, the renter's cursor passed it, and the earlier chunk was never shown."""
+    import threading
+
+    from django.db import connection
+
+    from jobs.ingestion import lease_log_ingest
+    from jobs.selectors import log_chunks_after
+
+    lost = placed_lease(renter=RenterFactory(), started=True)
+    lease_end(lease_id=lost.pk, reason=Lease.EndReason.PREEMPTED_BY_OWNER, actor="test")
+    successor = placed_lease(job=Job.objects.get(pk=lost.job_id), started=True)
+    inserted, release = threading.Event(), threading.Event()
+    create = LogChunk.objects.create
+
+    def held_after_insert(**fields: Any) -> LogChunk:
+        row = create(**fields)
+        if fields["lease"].pk == lost.pk:  # the late chunk: inserted, its commit held back
+            inserted.set()
+            release.wait(10)
+        return row
+
+    monkeypatch.setattr(LogChunk.objects, "create", held_after_insert)
+
+    def ship_as(lease: Lease, text: str) -> None:
+        try:
+            lease_log_ingest(machine=lease.machine, lease_id=lease.pk, seq=0, text=text, at=timezone.now())
+        finally:
+            connection.close()
+
+    late = threading.Thread(target=ship_as, args=(lost, "last words of the lost lease\n"))
+    late.start()
+    assert inserted.wait(10)
+    newer = threading.Thread(target=ship_as, args=(successor, "first words of the successor\n"))
+    newer.start()
+    newer.join(1.0)
+    job = Job.objects.get(pk=lost.job_id)
+    seen = log_chunks_after(job=job, cursor=0, limit=100)  # the renter follows meanwhile
+    cursor = seen[-1].pk if seen else 0
+    release.set()
+    late.join(10)
+    newer.join(10)
+    seen += log_chunks_after(job=job, cursor=cursor, limit=100)
+
+    assert sorted(c.text for c in seen) == ["first words of the successor\n", "last words of the lost lease\n"]
