@@ -12,9 +12,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, connection, models, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
-from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from core.locks import lock_key
@@ -427,11 +426,12 @@ def lease_log_ingest(
             # The job's cut is the marketplace's, never the machine's to declare: a chunk made to
             # look like the notice silenced every later lease of the job, on other machines too.
             truncated = False
-        kept = LogChunk.objects.filter(job_id=lease.job_id)
-        if kept.filter(truncated=True, text=notice).exists():
+        # The job's newest chunk: what it has used of its bound, and whether it was cut (the
+        # notice is the last chunk a job stores). One index read, however long the output.
+        newest = LogChunk.objects.filter(job_id=lease.job_id).only("truncated", "job_charged").order_by("-pk").first()
+        if newest is not None and newest.truncated and newest.text == notice:
             return LogChunkResult(chunk=None, duplicate=False, stored=False)
-        charged = Greatest("size", models.Value(LOG_CHUNK_MIN_CHARGE))
-        used = kept.aggregate(total=models.Sum(charged))["total"] or 0
+        used = newest.job_charged if newest is not None else 0
         stored = used + max(size, LOG_CHUNK_MIN_CHARGE) <= max_bytes
         if not stored:
             text, size, truncated = notice, len(notice.encode("utf-8")), True
@@ -441,6 +441,7 @@ def lease_log_ingest(
             seq=seq,
             text=text,
             size=size,
+            job_charged=used + max(size, LOG_CHUNK_MIN_CHARGE),
             truncated=truncated,
             at=min(at, now),
         )

@@ -274,6 +274,9 @@ class LogChunk(models.Model):
     text = models.TextField()
     # The text's length in UTF-8 bytes, against the job's bound.
     size = models.PositiveIntegerField()
+    # What the job's chunks up to this one count against its bound (each its size, at least
+    # jobs.ingestion.LOG_CHUNK_MIN_CHARGE): the job's newest chunk says what the job has used.
+    job_charged = models.BigIntegerField(default=0)
     # The agent stopped shipping this lease's output here (its cap), or the marketplace stopped
     # storing this job's (JOB_LOG_MAX_BYTES): this chunk says so.
     truncated = models.BooleanField(default=False)

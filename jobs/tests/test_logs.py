@@ -300,3 +300,22 @@ def test_a_follower_misses_no_chunk_when_two_leases_of_the_job_ship_at_once(monk
     seen += log_chunks_after(job=job, cursor=cursor, limit=100)
 
     assert sorted(c.text for c in seen) == ["first words of the successor\n", "last words of the lost lease\n"]
+
+
+def test_the_bound_counts_the_chunks_of_every_lease_of_the_job(running, settings) -> None:  # type: ignore[no-untyped-def]
+    """What a job used is carried from its newest chunk: a successor lease does not start from an
+    empty bound, and the chunk that passes it becomes the notice."""
+    renter, agent, lease = running
+    settings.GPGPU = {**settings.GPGPU, "JOB_LOG_MAX_BYTES": 1000}
+    assert ship(agent, lease, chunk(0, "x" * 300)).json()["stored"] is True
+    assert ship(agent, lease, chunk(1, "x" * 300)).json()["stored"] is True
+    lease_end(lease_id=lease.pk, reason=Lease.EndReason.PREEMPTED_BY_OWNER, actor="test")
+    successor = placed_lease(job=Job.objects.get(pk=lease.job_id), started=True)
+    machine = agent_client(successor.machine)
+
+    answers = [ship(machine, successor, chunk(seq, "y" * 300)).json()["stored"] for seq in range(3)]
+
+    assert answers == [True, False, False]
+    texts = [c["text"] for c in read(renter, lease.job_id)["chunks"]]
+    assert texts[-1].startswith("\n[gpgpu: this job's output passed 1000 bytes")
+    assert len(texts) == 4
