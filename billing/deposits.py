@@ -151,17 +151,25 @@ def _post(log: ChainLog, *, cancel_unfunded: bool = True) -> None:
         log.status, log.detail = ES.FLAGGED, "event without a positive amount"
         log.save(update_fields=["status", "detail", "updated_at"])
         return
-    if log.credits > 0:
-        # Came back after a reorg reversed it: post the original movement once more.
-        original = _first_entry(log)
-        if original is not None:
-            services.chain_movement_restore(entry=original, generation=log.credits)
-            log.status, log.detail, log.credits = ES.CREDITED, "", log.credits + 1
-            log.save(update_fields=["status", "detail", "credits", "updated_at"])
-            return
+    original = _first_entry(log) if log.credits > 0 else None
     try:
         with transaction.atomic():
-            posted = _post_movement(log, amount, cancel_unfunded=cancel_unfunded)
+            if original is not None:
+                # Came back after a reorg reversed it: post the original movement once more. The
+                # reversal gave a withdrawal's money back to the renter, who may have spent it
+                # since (a job admitted): as on its first posting, the jobs it no longer covers
+                # are cancelled, or it is flagged; an uncaught refusal rolled back the whole range
+                # and every later run met it again, crediting nobody's deposits from then on.
+                if cancel_unfunded and log.event == "Withdrawn" and (renter := _renter_for(log.address)):
+                    reservations.unfunded_jobs_cancel(
+                        renter=renter,
+                        needed=amount,
+                        why=reservations.withdrawal_unfunded_reason(amount=amount, tx_hash=log.tx_hash),
+                    )
+                services.chain_movement_restore(entry=original, generation=log.credits)
+                posted = True
+            else:
+                posted = _post_movement(log, amount, cancel_unfunded=cancel_unfunded)
     except (InsufficientFunds, InsufficientBalance) as error:
         log.status = ES.FLAGGED
         log.detail = (

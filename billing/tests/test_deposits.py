@@ -185,3 +185,60 @@ def test_a_flagged_withdrawal_is_posted_once_its_address_deposits_again(env):
     assert chain_flags() == []
     assert ChainLog.objects.get(event="Withdrawn").status == ChainLog.Status.CREDITED
     assert renter_available_micro(renter_id=renter.pk) == 2 * ONE  # 1 + 4 - 3
+
+
+def test_a_withdrawal_that_comes_back_after_its_reversal_was_spent_does_not_stop_the_watcher(env):
+    """A reorg took a withdrawal's block away (the renter's money given back in the ledger), the
+    renter spent it on a job, and the chain mined the withdrawal again: posting it anew raised and
+    rolled back the whole range, in every later run, so nobody's deposits were credited again."""
+    from billing.services import job_budget_reserve
+    from jobs.models import Job
+    from tests.factories import JobFactory
+
+    renter, other = RenterFactory(funds=0), RenterFactory(funds=0)
+    fay, gus = env.account("fay"), env.account("gus")
+    wallet_link(renter=renter, address=fay.address)
+    wallet_link(renter=other, address=gus.address)
+    env.deposit(fay, 10 * ONE)
+    chain_watch(client=env.client, deployment=env.deployment)
+    tester = env.client.web3.provider.ethereum_tester
+    snapshot = tester.take_snapshot()
+    w3 = env.client.web3
+    signed = fay.sign_transaction(
+        env.escrow.functions.withdraw(4 * ONE).build_transaction(
+            {
+                "from": fay.address,
+                "nonce": w3.eth.get_transaction_count(fay.address),
+                "gas": 300_000,
+                "maxFeePerGas": 10**11,
+                "maxPriorityFeePerGas": 10**9,
+                "chainId": w3.eth.chain_id,
+            }
+        )
+    )
+
+    def withdraw() -> None:
+        w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(signed.raw_transaction))
+
+    withdraw()
+    chain_watch(client=env.client, deployment=env.deployment)
+    assert renter_available_micro(renter_id=renter.pk) == 6 * ONE
+
+    tester.revert_to_snapshot(snapshot)  # the withdrawal's block leaves the chain
+    tester.mine_blocks(3)
+    assert chain_watch(client=env.client, deployment=env.deployment).rewound == 1
+    assert renter_available_micro(renter_id=renter.pk) == 10 * ONE
+    job = JobFactory(renter=renter, max_price_per_gpu_hour="1.00", max_duration_s=8 * 3600)
+    job_budget_reserve(job=job)  # 8 of the 10 the ledger shows, not reserved in the escrow
+    withdraw()  # the same transaction, mined again
+    assert ChainLog.objects.filter(event="Withdrawn", status="rewound").count() == 1
+    env.deposit(gus, 3 * ONE)
+
+    result = chain_watch(client=env.client, deployment=env.deployment)
+
+    assert ChainLog.objects.get(event="Withdrawn").status == "credited"
+    assert Job.objects.get(pk=job.pk).status == Job.Status.CANCELLED
+    assert renter_available_micro(renter_id=renter.pk) == 6 * ONE
+    assert renter_available_micro(renter_id=other.pk) == 3 * ONE  # the watcher goes on
+    assert result.flagged == 0
+    assert env.disagreements({renter.pk: fay.address, other.pk: gus.address}, {}) == []
