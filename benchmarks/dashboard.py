@@ -173,13 +173,13 @@ def _fill(args: argparse.Namespace, now: datetime) -> None:
                   placed - waited, placed, %(r0)s + i %% %(rn)s, %(tag)s || '-' || i, '', false
            FROM bench_plan""",
         """INSERT INTO jobs_lease (gpu_count, price_per_gpu_hour, status, end_reason, end_detail, created_at,
-               started_at, ended_at, stop_reason, log_tail, job_id, machine_id)
+               started_at, ended_at, stop_reason, log_tail, checkpoint_uploads, job_id, machine_id)
            SELECT 1, 0.50, CASE WHEN p.placed + p.ran < %(now)s THEN 'ended' ELSE 'running' END,
                   CASE WHEN p.placed + p.ran >= %(now)s THEN ''
                        WHEN p.fate < 0.10 THEN 'preempted_by_owner' WHEN p.fate < 0.12 THEN 'lost'
                        ELSE 'succeeded' END,
                   '', p.placed, p.placed + interval '30 seconds',
-                  CASE WHEN p.placed + p.ran < %(now)s THEN p.placed + p.ran END, '', '', j.id,
+                  CASE WHEN p.placed + p.ran < %(now)s THEN p.placed + p.ran END, '', '', 0, j.id,
                   %(m0)s + p.i %% %(mn)s
            FROM bench_plan p JOIN jobs_job j ON j.idempotency_key = %(tag)s || '-' || p.i""",
         # Each lease's GPU: one of its machine's, by the lease's number (not active: the synthetic
