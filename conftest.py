@@ -147,6 +147,15 @@ def fleet_summary_requested(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
 
 
 @pytest.fixture(autouse=True)
+def node_behind_forgotten() -> None:
+    """Each test starts with no node seen behind (billing.rewind.node_behind_wait keeps when it
+    first saw one in the coordination cache, which outlives a test)."""
+    from django.core.cache import caches
+
+    caches["coordination"].delete_many(["billing.node_behind.operator", "billing.node_behind.watcher"])
+
+
+@pytest.fixture(autouse=True)
 def rate_limits_fresh() -> None:
     """Each test starts with rate-limit counters of its own, as it starts with an empty database.
     The counters live in the cache (Redis, or this process's memory), which outlives a test, and

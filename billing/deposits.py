@@ -41,6 +41,7 @@ from billing.chain.deployment import Deployment, deployment_require
 from billing.contract import ESCROW
 from billing.errors import InsufficientBalance, InsufficientFunds, ValidationFailed
 from billing.models import ChainCursor, ChainLog, LedgerEntry, RenterWallet, SettlementItem
+from billing.rewind import node_behind_wait
 from jobs.models import Renter
 from providers.models import Provider
 
@@ -336,8 +337,9 @@ def chain_watch(
     """Read the escrow's money events from the cursor to the confirmed head and post them.
 
     Idempotent and safe to stop at any point: each range's logs and the cursor move together in
-    one transaction. Raises NodeUnavailable (and other ChainError) when the node cannot be read;
-    nothing is lost, the next run continues from the cursor.
+    one transaction. Raises NodeUnavailable (and other ChainError) when the node cannot be read,
+    and NodeBehind while its head is below the cursor (billing.rewind.node_behind_wait); nothing
+    is lost, the next run continues from the cursor.
     """
     deployment = deployment or deployment_require(client)
     escrow = client.contract(ESCROW, deployment.escrow)
@@ -349,6 +351,8 @@ def chain_watch(
     with transaction.atomic():
         cursor = _cursor(deployment)
         if cursor.last_block >= 0 and cursor.last_block_hash:
+            # A node behind the cursor knows no hash for its block: waited for, not read as a reorg.
+            node_behind_wait(head=head, needed=cursor.last_block, scope="watcher", what="the watcher's cursor")
             if client.block_hash(cursor.last_block) != cursor.last_block_hash:
                 _rewind(client, cursor, deployment, result)
     result.from_block = cursor.last_block + 1

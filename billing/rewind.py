@@ -7,6 +7,9 @@ closures (releases on chain). `chain_rewind` runs at the start of every run that
 operator's transactions (reservations, and so settlements, the reconciler, releases), under the
 settlement lock, before anything is sent, and:
 
+- waits for a node whose head is below the newest block a confirmed record rests on (or a
+  submitted batch was sent from): it is behind, and the run stops (NodeBehind), for up to
+  CHAIN_BEHIND_GRACE_S; after that the blocks above its head count as gone (node_behind_wait);
 - finds every confirmed record whose block left the chain: its block is above the node's head,
   or the node's block at that number has another hash than the one recorded at confirmation.
   Records confirmed in the last REWIND_DEPTH_BLOCKS blocks are checked (one eth_getBlockByNumber
@@ -44,11 +47,14 @@ reported under "errors" and tried again by the next run; the run counts as faile
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
+from django.conf import settings
+from django.core.cache import caches
 from django.db.models import Q
 
-from billing.chain import ChainClient, NodeUnavailable
+from billing.chain import ChainClient, NodeBehind, NodeUnavailable
 from billing.errors import InsufficientBalance, InsufficientFunds
 from billing.models import BudgetAuthorization, BudgetReservation, OperatorTransaction, Settlement
 from core import periodic
@@ -122,12 +128,62 @@ def _why(number: int | None, chain: _Chain) -> str:
     return f"its block {number} left the chain (the node's head is now {chain.head})"
 
 
+def node_behind_wait(*, head: int, needed: int, scope: str, what: str) -> None:
+    """Raise NodeBehind while the node's `head` is below block `needed`, which `what` rests on,
+    for up to CHAIN_BEHIND_GRACE_S from the first run that saw it so (`scope`: whose runs, kept
+    in the coordination cache); after that, return: the caller reads the blocks above the head as
+    gone (a node restored from older state, which may mine nothing more). A head at or above it
+    forgets the wait.
+
+    A node one block behind (one of several behind a load balancer) answers no hash for the blocks
+    above its head, and was read at once as a chain that went back: the settlements confirmed
+    there were undone and sent again, the contract paid nothing the second time (the charge was
+    paid), and the ledger booked the charge as unpaid for good; the deposit watcher reversed the
+    withdrawals there and gave the money back to spend."""
+    cache = caches["coordination"]
+    key = f"billing.node_behind.{scope}"
+    if head >= needed:
+        if cache.get(key) is not None:
+            cache.delete(key)
+        return
+    grace = int(settings.CHAIN_BEHIND_GRACE_S)
+    now = time.time()
+    since = cache.get(key)
+    if since is None:
+        cache.set(key, now, timeout=None)
+        since = now
+    if now - float(since) >= grace:
+        logger.warning(
+            "the node's head %s has been below block %s (%s) for %.0f s: reading the blocks above it as gone",
+            head,
+            needed,
+            what,
+            now - float(since),
+        )
+        return
+    raise NodeBehind(
+        f"the node's head {head} is below block {needed}, which {what} rests on: it is behind; waiting up to "
+        f"CHAIN_BEHIND_GRACE_S ({grace} s) for it before reading those blocks as gone"
+    )
+
+
 def chain_rewind(*, client: ChainClient) -> RewindResult:
     """Undo the operator's confirmed records whose block left the chain and put back to pending
     the submitted batches whose transaction vanished (module docstring). The caller holds the
     settlement lock. Each record is one item (core.periodic.item): one that fails unexpectedly is
-    logged and skipped. Raises NodeUnavailable."""
+    logged and skipped. Raises NodeUnavailable, and NodeBehind while the node's head is below the
+    newest block a confirmed record rests on or a submitted batch was sent from (node_behind_wait)."""
     chain = _Chain(client)
+    newest = _newest_record()
+    sent_from = [
+        int(number)
+        for model in (Settlement, BudgetReservation)
+        for number in model.objects.filter(status=OS.SUBMITTED, sent_from_block__isnull=False)
+        .order_by("-sent_from_block")
+        .values_list("sent_from_block", flat=True)[:1]
+    ]
+    needed = max([newest[0] if newest else 0, *sent_from])
+    node_behind_wait(head=chain.head, needed=needed, scope="operator", what="the operator's newest transaction")
     result = RewindResult()
     low = max(0, chain.head - REWIND_DEPTH_BLOCKS)
     recent = Q(block_number__gte=low)
@@ -266,4 +322,4 @@ def _gaps(client: ChainClient, result: RewindResult) -> None:
         result.gaps_filled += len(client.nonce_gaps_fill(hashes))
 
 
-__all__ = ["REWIND_DEPTH_BLOCKS", "RewindResult", "chain_rewind"]
+__all__ = ["REWIND_DEPTH_BLOCKS", "RewindResult", "chain_rewind", "node_behind_wait"]

@@ -571,6 +571,10 @@ CHAIN_ID: int | None = env_int("CHAIN_ID", 0, minimum=1) if os.environ.get("CHAI
 # Blocks (the transaction's own included) before a settlement counts as final: 1 on a local node;
 # more on a public chain.
 CHAIN_CONFIRMATIONS = env_int("CHAIN_CONFIRMATIONS", 1, minimum=1)
+# A node whose head is below a block already seen on the chain (a confirmed settlement's, the
+# deposit watcher's cursor) is waited for this long before those blocks count as gone: a lagging
+# node read as a reorg undid confirmed settlements and sent them again (billing.rewind).
+CHAIN_BEHIND_GRACE_S = env_int("CHAIN_BEHIND_GRACE_S", 300, minimum=0)
 CHAIN_RECEIPT_TIMEOUT_S = env_int("CHAIN_RECEIPT_TIMEOUT_S", 120, minimum=1)
 CHAIN_RPC_TIMEOUT_S = env_int("CHAIN_RPC_TIMEOUT_S", 10, minimum=1)
 # The operator's signing key: a 0600 file named by CHAIN_OPERATOR_KEY_FILE (docker-compose mounts

@@ -97,6 +97,12 @@ class NodeUnavailable(ChainError):
     """The node refused the connection, timed out, or answered with an HTTP error (transient)."""
 
 
+class NodeBehind(NodeUnavailable):
+    """The node's head is below a block the marketplace has already seen on the chain: a node
+    that lags (or one of several behind a load balancer), not yet a chain that went back
+    (billing.rewind.node_behind_wait)."""
+
+
 class TransactionTimeout(ChainError):
     """No receipt, or too few confirmations, for `tx_hash` within `timeout_s` seconds."""
 

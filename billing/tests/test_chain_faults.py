@@ -103,6 +103,8 @@ def _node(backend: str, tmp_path: Path) -> Node:
 def node(request: pytest.FixtureRequest, tmp_path: Path, settings: Any) -> Iterator[Node]:
     settings.VAR_DIR = tmp_path
     settings.CHAIN_CONFIRMATIONS = 1
+    # This node loses blocks and may mine no more: read as gone at once (billing.rewind.node_behind_wait).
+    settings.CHAIN_BEHIND_GRACE_S = 0
     made = _node(request.param, tmp_path)
     try:
         yield made
@@ -134,6 +136,92 @@ def _agree(node: Node, renters: dict[int, str], providers: dict[int, str]) -> No
 
 def _earnings(node: Node, payee: Any) -> int:
     return int(node.env.escrow.functions.earnings(payee.address).call())
+
+
+# ---------------------------------------------------------------------------- a node behind the chain
+
+
+class _Lagging(ChainClient):
+    """A node whose head is `lag_head` while the chain is further on (one of several nodes behind a
+    load balancer): it knows no block above its head, nor the operator's nonces used there."""
+
+    lag_head: int | None = None
+    stale_nonce: int | None = None
+
+    def block_number(self) -> int:
+        real = super().block_number()
+        return real if self.lag_head is None else min(real, self.lag_head)
+
+    def block_hash(self, number: int) -> str | None:
+        if self.lag_head is not None and number > self.lag_head:
+            return None
+        return super().block_hash(number)
+
+    def transaction_count(self, block: str = "latest") -> int:
+        return super().transaction_count(block) if self.stale_nonce is None else self.stale_nonce
+
+
+def test_a_node_behind_the_chain_is_waited_for_and_a_settlement_is_neither_undone_nor_sent_again(node, settings):
+    """Read as a chain that went back, a node one block behind undid the confirmed settlement and
+    sent it again; the contract paid nothing the second time (the charge was paid), and the ledger
+    then booked the charge as unpaid for good: the provider owed in the ledger what the chain had
+    paid, the ledger check failing from then on. The deposit watcher gave a withdrawal back."""
+    from billing.chain import NodeBehind
+    from billing.deposits import chain_watch
+
+    settings.CHAIN_BEHIND_GRACE_S = 300
+    renter, account, payee, _job, lease = _charged(node, "lag")
+    renters, providers = {renter.pk: account.address}, {lease.machine.provider_id: payee.address}
+    node.env.send_as(account, node.env.escrow.functions.withdraw(ONE))
+    chain_watch(client=node.env.client, deployment=node.env.deployment)
+    available = renter_available_micro(renter_id=renter.pk)
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    settlement = Settlement.objects.get()
+    chain_watch(client=node.env.client, deployment=node.env.deployment)
+    lagging = _Lagging(
+        node.w3, operator_account=node.env.client.account, confirmations=1, receipt_timeout_s=0.3, poll_interval_s=0.01
+    )
+    lagging.lag_head, lagging.stale_nonce = (settlement.block_number or 0) - 2, settlement.nonce
+
+    behind = engine.settle_run(client=lagging, deployment=node.env.deployment)
+    with pytest.raises(NodeBehind):
+        chain_watch(client=lagging, deployment=node.env.deployment)
+
+    assert "is behind" in behind["node_unavailable"] and behind["sent"] == 0
+    settlement.refresh_from_db()
+    assert (settlement.status, settlement.attempts, settlement.rewinds) == ("confirmed", 1, 0)
+    assert renter_available_micro(renter_id=renter.pk) == available
+    # Caught up: nothing to undo, nothing sent again, the ledger and the chain agree.
+    head = node.env.client.block_number()
+    caught_up = engine.settle_run(client=node.client(), deployment=node.env.deployment, force=True)
+    assert caught_up["sent"] == 0 and "rewound" not in caught_up and node.env.client.block_number() == head
+    assert chain_watch(client=node.env.client, deployment=node.env.deployment).rewound == 0
+    assert _earnings(node, payee) == 900_000 == provider_payable_micro(provider_id=lease.machine.provider_id)
+    _agree(node, renters, providers)
+
+
+def test_a_node_that_stays_behind_past_the_grace_is_read_as_a_chain_that_went_back(node, settings):
+    """A node restored from older state that mines nothing more: after CHAIN_BEHIND_GRACE_S the
+    blocks above its head are gone, and the settlement is undone and paid once more."""
+    import time
+
+    from django.core.cache import caches
+
+    settings.CHAIN_BEHIND_GRACE_S = 300
+    renter, account, payee, _job, lease = _charged(node, "stuck")
+    renters, providers = {renter.pk: account.address}, {lease.machine.provider_id: payee.address}
+    mark = node.mark()
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    node.roll_back(mark)
+    client = node.client()
+
+    assert "is behind" in engine.settle_run(client=client, deployment=node.env.deployment)["node_unavailable"]
+    caches["coordination"].set("billing.node_behind.operator", time.time() - 301, timeout=None)  # 5 minutes on
+    result = engine.settle_run(client=client, deployment=node.env.deployment)
+
+    assert result["rewound"] == {"settlements": 1} and result["sent"] == 1 and result["confirmed"] == 1
+    assert _earnings(node, payee) == 900_000 == provider_payable_micro(provider_id=lease.machine.provider_id)
+    _agree(node, renters, providers)
 
 
 # ---------------------------------------------------------------------------- a rollback under confirmed work

@@ -141,6 +141,8 @@ def _anvil_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
 def chain(request: pytest.FixtureRequest, settings: Any, tmp_path: Path) -> Chain:
     settings.VAR_DIR = tmp_path
     settings.CHAIN_CONFIRMATIONS = 1
+    # This node loses blocks and may mine no more: read as gone at once (billing.rewind.node_behind_wait).
+    settings.CHAIN_BEHIND_GRACE_S = 0
     return request.getfixturevalue(f"_{request.param.replace('-', '_')}_chain")
 
 

@@ -84,6 +84,9 @@ SERVER_ENV = {
     "CHAIN_WATCH_INTERVAL_S": "2",
     "CHAIN_RECEIPT_TIMEOUT_S": "20",
     "CHAIN_RPC_TIMEOUT_S": "5",
+    # anvil mines only what is sent: after a rollback, the marketplace waits this long before it
+    # reads the blocks above the head as gone (it sends nothing while it waits).
+    "CHAIN_BEHIND_GRACE_S": "5",
     "THROTTLE_ENABLED": "false",
     "DATABASE_CONN_MAX_AGE": "60",
     "LOG_LEVEL": "INFO",
