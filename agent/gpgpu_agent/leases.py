@@ -68,6 +68,7 @@ from gpgpu_agent.protocols import (
     TransportUnavailable,
     Workspaces,
 )
+from gpgpu_agent.runners.common import UnknownLeaseError
 from gpgpu_agent.spool import LogCursor, Spool, SpoolError, SpoolFull
 from gpgpu_agent.types import JOB_KINDS, CheckpointSpec, GpuSample, JobKind, LeaseSpec, RunState, json_int
 
@@ -350,10 +351,17 @@ class LeaseTracker:
             else:
                 self._finish(lease, state, at=now)
         for lease_id in [lease_id for lease_id in self.leases if lease_id not in adopted]:
-            logger.warning("lease %s: no runner record of it is left; forgetting it", lease_id)
-            del self.leases[lease_id]
-            self.done.add(lease_id)
-            self._disarm(lease_id)
+            try:
+                self.runner.poll(lease_id)
+            except UnknownLeaseError:
+                logger.warning("lease %s: no runner record of it is left; forgetting it", lease_id)
+                del self.leases[lease_id]
+                self.done.add(lease_id)
+                self._disarm(lease_id)
+            except RunnerError as exc:
+                # Its runner could not be asked (an engine not up yet): kept, fenced, asked again
+                # by the polls.
+                logger.warning("lease %s: could not look for its workload (%s); asking again", lease_id, exc)
         self.save()
 
     def stop_all(self, *, reason: str) -> None:
@@ -384,7 +392,11 @@ class LeaseTracker:
     # -- one poll ------------------------------------------------------------------------------
 
     def poll(self) -> dict[int, RunState]:
-        """The runner's state of every lease; a lease whose records are gone is forgotten."""
+        """The runner's state of every lease; a lease whose records are gone is forgotten. A lease
+        the runner could not be asked about (its engine timed out or is restarting) has no state
+        this poll and stays tracked, its fence armed: its workload may well be running. Forgotten
+        on any error, it ran on untracked and unfenced, never reclaimed for the owner nor
+        reported, while the marketplace placed its job again elsewhere."""
         states: dict[int, RunState] = {}
         for lease_id in list(self.leases):
             asked_at = self.clock()
@@ -392,20 +404,25 @@ class LeaseTracker:
                 states[lease_id] = self.runner.poll(lease_id)
                 if states[lease_id].running:
                     self.leases[lease_id].running_seen_at = asked_at
-            except RunnerError as exc:  # its records are gone: nothing left to watch
+            except UnknownLeaseError as exc:  # its records are gone: nothing left to watch
                 logger.warning("lease %s: %s; forgetting it", lease_id, exc)
                 del self.leases[lease_id]
                 self.done.add(lease_id)
                 self._disarm(lease_id)
                 self._forget_output(lease_id)
+            except RunnerError as exc:
+                logger.warning("lease %s: could not read its state (%s); asking again at the next poll", lease_id, exc)
         return states
 
     def rental_pids(self, states: Mapping[int, RunState]) -> dict[str, set[int]]:
         """GPU uuid → the host pids of the rentals running on it."""
         rental_pids: dict[str, set[int]] = {}
         for lease_id, lease in self.leases.items():
+            state = states.get(lease_id)
+            if state is None:
+                continue  # not read this poll: its GPUs show its processes as not the rentals'
             for uuid in lease.gpu_uuids:
-                rental_pids.setdefault(uuid, set()).update(states[lease_id].pids if states[lease_id].running else ())
+                rental_pids.setdefault(uuid, set()).update(state.pids if state.running else ())
         return rental_pids
 
     def enforce(self, states: dict[int, RunState], gpus: GpuView, *, schedule_open: bool, now: datetime) -> None:
@@ -416,22 +433,32 @@ class LeaseTracker:
         # before any is reported, so that saving one's checkpoint never holds up another's stop.
         reclaimed: list[tuple[TrackedLease, RunState, str]] = []
         for lease_id, lease in list(self.leases.items()):
-            state = states[lease_id]
-            if not state.running or lease.ending is not None:
+            state = states.get(lease_id)
+            if state is None or not state.running:
+                continue
+            if lease.ending is not None:
+                # Still running though it is ending: its stop failed (the runner did not answer).
+                # Asked again at every poll; skipped, it ran on for good, the owner's GPU with it.
+                states[lease_id] = self._stop(lease, state)
                 continue
             why = self._owner_back(lease, gpus, schedule_open)
             if why is not None:
-                reclaimed.append((lease, self._reclaim(lease, why=why), why))
+                stopped = self._reclaim(lease, state, why=why)
+                if stopped.running:
+                    continue  # tried again at the next poll
+                reclaimed.append((lease, stopped, why))
             elif (now - lease.started_at).total_seconds() > lease.max_duration_s:
                 logger.info("lease %s: past its max duration; stopping it", lease_id)
                 lease.ending = "timeout"
-                states[lease_id] = self.runner.stop(lease_id, grace_s=self.stop_grace_s)
+                states[lease_id] = self._stop(lease, state)
         for lease, state, why in reclaimed:
             self._finish(lease, state, at=now, detail=why)  # reported and forgotten
 
         # Measure and notice exits.
         for lease_id, lease in list(self.leases.items()):
-            state = states[lease_id]
+            state = states.get(lease_id)
+            if state is None:
+                continue
             self._measure(lease, gpus.by_uuid)
             if not state.running:
                 self._finish(lease, state, at=now)
@@ -548,13 +575,24 @@ class LeaseTracker:
                 return f"owner process {', '.join(map(str, gpus.foreign[uuid]))} appeared on GPU {gpu.index}"
         return None
 
-    def _reclaim(self, lease: TrackedLease, *, why: str) -> RunState:
+    def _stop(self, lease: TrackedLease, running: RunState) -> RunState:
+        """Stop the rental (SIGTERM, grace, SIGKILL): its final state, or `running` when the
+        runner failed to stop it (enforce asks again at the next poll)."""
+        try:
+            return self.runner.stop(lease.lease_id, grace_s=self.stop_grace_s)
+        except RunnerError as exc:
+            logger.warning("lease %s: could not stop it (%s); trying again at the next poll", lease.lease_id, exc)
+            return running
+
+    def _reclaim(self, lease: TrackedLease, running: RunState, *, why: str) -> RunState:
         """Stop the rental now (SIGTERM, grace, SIGKILL); the caller then reports it
         preempted_by_owner (_finish)."""
         logger.warning("lease %s: reclaiming for the owner: %s", lease.lease_id, why)
         lease.ending = "preempted_by_owner"
         started = time.monotonic()
-        state = self.runner.stop(lease.lease_id, grace_s=self.stop_grace_s)
+        state = self._stop(lease, running)
+        if state.running:
+            return state
         took = time.monotonic() - started
         self.metrics.reclaim(took)
         logger.info("lease %s: rental stopped %.1f s after the owner was seen", lease.lease_id, took)
@@ -894,7 +932,11 @@ class LeaseTracker:
             ", saving its checkpoint" if lease.save_checkpoint else "",
         )
         lease.ending = f"stopped:{reason}"
-        state = self.runner.stop(lease_id, grace_s=self.stop_grace_s)
+        try:
+            state = self.runner.stop(lease_id, grace_s=self.stop_grace_s)
+        except RunnerError as exc:  # enforce asks again at every poll, and reports its end then
+            logger.warning("lease %s: could not stop it (%s); trying again at the next poll", lease_id, exc)
+            return
         self._finish(lease, state, at=self.clock())
 
     # -- reports (write-ahead) -----------------------------------------------------------------

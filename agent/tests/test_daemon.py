@@ -28,7 +28,7 @@ from gpgpu_agent.idle import IdleDetector, no_parent
 from gpgpu_agent.leases import REDACTED, scrub_secrets, secret_variants
 from gpgpu_agent.nvml import NvmlCollector
 from gpgpu_agent.protocol import STOP_SAVE_CHECKPOINT
-from gpgpu_agent.protocols import TransportUnavailable
+from gpgpu_agent.protocols import RunnerError, TransportUnavailable
 from gpgpu_agent.runners.kinds import PROCESS_OFF, KindRunner
 from gpgpu_agent.runners.process import ProcessRunner
 from gpgpu_agent.spool import Spool
@@ -725,6 +725,87 @@ def test_a_lease_whose_start_takes_longer_than_the_fence_is_not_fenced_meanwhile
         agent.request_stop()
         thread.join(30)
         _close(agent)
+
+
+def _engine_down(*args: Any, **kwargs: Any) -> Any:
+    raise RunnerError("the engine did not answer within 30 s")
+
+
+def test_a_lease_its_runner_cannot_answer_for_stays_tracked_and_fenced(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml, monkeypatch: Any
+) -> None:
+    """Any error of the runner's poll (an engine that timed out, a daemon restarting) was read as
+    "its records are gone": the lease was forgotten and its fence taken down while the workload
+    ran on, never reclaimed for the owner nor reported, and the marketplace placed the job again."""
+    transport = FakeTransport()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, fenced=True)
+    deadline_file = tmp_path / "fence" / "lease-1.json"
+    try:
+        _start_lease(agent, gpu, transport, 300)
+        agent.network_once()
+        assert deadline_file.exists()
+        process = agent.runner.runners["process"]
+        with monkeypatch.context() as down:
+            down.setattr(process, "poll", _engine_down)
+            for _ in range(3):
+                agent.poll_once()
+        agent.network_once()
+
+        assert 1 in agent.leases and deadline_file.exists()
+        assert ("event", 1, "lease-1-exited") not in transport.applied
+        assert [lease["lease_id"] for lease in agent.tracker.reports()] == [1]  # in the heartbeats
+        agent.poll_once()
+        assert agent.runner.poll(1).running
+    finally:
+        _close(agent)
+
+
+def test_a_restarted_agent_whose_runner_cannot_answer_yet_keeps_its_leases(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml, monkeypatch: Any
+) -> None:
+    transport = FakeTransport()
+    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport, fenced=True)
+    _start_lease(first, gpu, transport, 300)
+    first.network_once()
+    first.request_stop()
+    first.shutdown()
+    deadline_file = tmp_path / "fence" / "lease-1.json"
+
+    second = _agent(tmp_path, sandbox_kit, rentals_dir, transport, fenced=True)
+    try:
+        process = second.runner.runners["process"]
+        with monkeypatch.context() as down:
+            down.setattr(process, "adopt", _engine_down)
+            down.setattr(process, "poll", _engine_down)
+            second.adopt()
+            assert 1 in second.leases and deadline_file.exists()
+        second.poll_once()
+        assert second.runner.poll(1).running and 1 in second.leases
+    finally:
+        _close(second)
+
+
+def test_a_stop_that_fails_is_tried_again_at_the_next_poll_and_the_owner_gets_the_gpu(
+    rig: Any, monkeypatch: Any
+) -> None:
+    """The reclaim marked the lease ending before its stop; when the stop failed, every later
+    poll passed over a lease already ending, and the rental ran on the owner's GPU for good."""
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)
+    pids = agent.runner.poll(1).pids
+    process = agent.runner.runners["process"]
+    fake.add_process(0, OWNER_PID, 1000)
+    with monkeypatch.context() as down:
+        down.setattr(process, "stop", _engine_down)
+        agent.poll_once()
+    assert 1 in agent.leases and agent.runner.poll(1).running
+
+    agent.poll_once()
+    agent.network_once()
+
+    assert 1 not in agent.leases
+    assert all(not os.path.exists(f"/proc/{pid}/cmdline") or _zombie(pid) for pid in pids)
+    assert ("event", 1, "lease-1-preempted_by_owner") in transport.applied
 
 
 # --- the job's output, live ---------------------------------------------------------------------

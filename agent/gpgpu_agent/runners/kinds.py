@@ -80,14 +80,21 @@ class KindRunner:
         runner = self._owner.get(lease_id)
         if runner is not None:
             return runner
-        # Not started by this agent: ask each runner whose records it is.
+        # Not started by this agent: ask each runner whose records it is. Only when every runner
+        # answered that it has none is the lease unknown; one that could not answer may hold it.
+        failure: RunnerError | None = None
         for candidate in self.runners.values():
             try:
                 candidate.poll(lease_id)
-            except RunnerError:  # UnknownLeaseError among them: not this runner's lease
+            except UnknownLeaseError:
+                continue
+            except RunnerError as exc:
+                failure = exc
                 continue
             self._owner[lease_id] = candidate
             return candidate
+        if failure is not None:
+            raise failure
         raise UnknownLeaseError(lease_id)
 
     def start(
