@@ -985,8 +985,8 @@ def lease_spec_from_order(order: object) -> LeaseSpec:
         raise TypeError("a start order is an object")
     kind = _job_kind(str(order["kind"]))
     return LeaseSpec(
-        lease_id=int(order["lease_id"]),
-        job_id=int(order["job_id"]),
+        lease_id=_record_id(order["lease_id"], "lease_id"),
+        job_id=_record_id(order["job_id"], "job_id"),
         kind=kind,
         image=str(order.get("image") or ""),
         command=tuple(str(part) for part in _items(order.get("command") or ())),
@@ -997,6 +997,24 @@ def lease_spec_from_order(order: object) -> LeaseSpec:
         checkpoint_interval_s=_optional_int(order.get("checkpoint_interval_s")),
         checkpoint=_checkpoint_spec(order.get("checkpoint")),
     )
+
+
+# Ids the marketplace gives: positive, and short enough for the names the runners give a lease's
+# workload (containers, records), which they find again after a restart by those names.
+_ID_MAX = 10**18
+
+
+def _record_id(value: object, name: str) -> int:
+    """A lease's or job's id from an order: a whole number from 1 to 10**18 - 1. Raises ValueError
+    or TypeError. A lease id of 0 or less could not be signed in its usage reports (UsageStruct),
+    and its end raised at every poll from then on, every other lease's exit unnoticed; one past
+    the runners' names was forgotten, unfenced, at the agent's next start."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"{name} must be a whole number")
+    number = int(value)
+    if not 0 < number < _ID_MAX:
+        raise ValueError(f"{name} {number} is outside 1..{_ID_MAX - 1}")
+    return number
 
 
 def _optional_int(value: object) -> int | None:

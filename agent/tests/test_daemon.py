@@ -808,6 +808,28 @@ def test_a_stop_that_fails_is_tried_again_at_the_next_poll_and_the_owner_gets_th
     assert ("event", 1, "lease-1-preempted_by_owner") in transport.applied
 
 
+def test_start_orders_with_ids_out_of_range_are_ignored_and_the_other_leases_go_on(rig: Any) -> None:
+    """A lease id of 0 or less could not be signed in its usage reports: its end raised at every
+    poll from then on, and no other lease's exit was noticed. One of 19 digits was past the names
+    the runners find a workload by after a restart: forgotten there, unfenced."""
+    agent, fake, transport = rig
+    uuid = fake.gpus[0].uuid
+    agent.poll_once()
+    bad = [{**_order(1, uuid, 1), "lease_id": lease_id} for lease_id in (0, -4, 10**18, True, "1e3")]
+    bad.append({**_order(1, uuid, 1), "lease_id": 9, "job_id": 0})
+    transport.heartbeat_replies.append(_reply(start=[*bad, _order(2, uuid, 1)]))
+    agent.network_once()
+    agent.poll_once()
+
+    assert list(agent.leases) == [2]
+    started = time.monotonic()
+    while 2 in agent.leases and time.monotonic() - started < 15:
+        agent.poll_once()
+        time.sleep(0.1)
+    agent.network_once()
+    assert ("event", 2, "lease-2-exited") in transport.applied
+
+
 # --- the job's output, live ---------------------------------------------------------------------
 
 
