@@ -80,8 +80,12 @@ STOP_SAVE_CHECKPOINT = "save_checkpoint"
 # An image reference: repository, optional tag, optional digest. It may not start with "-" (it
 # would be read as an option).
 IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,499}$")
+# The NVIDIA container runtime's feature flags that, "enabled", add the host's InfiniBand,
+# NVSwitch, GPUDirect Storage or GDRCopy device nodes to a container: the agent sets each to
+# "disabled", over an image's own ENV.
+NVIDIA_FEATURES_OFF = ("NVIDIA_MOFED", "NVIDIA_NVSWITCH", "NVIDIA_GDS", "NVIDIA_GDRCOPY")
 # Variables that would ask the NVIDIA container runtime for more than the leased GPUs.
-REFUSED_ENV = ("NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_MIG_MONITOR_DEVICES", "NVIDIA_IMEX_CHANNELS")
+REFUSED_ENV = ("NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_MIG_MONITOR_DEVICES", "NVIDIA_IMEX_CHANNELS", *NVIDIA_FEATURES_OFF)
 
 # --- signed usage reports ---------------------------------------------------------------------
 

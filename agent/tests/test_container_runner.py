@@ -229,6 +229,11 @@ def test_container_gets_a_read_only_root_no_privileges_the_leased_gpus_and_limit
         "GPGPU_LEASE_ID=21",
         "HOME=/work",
         "MODEL=tiny",
+        # The runtime's device-adding features off, whatever the image's own ENV says.
+        "NVIDIA_GDRCOPY=disabled",
+        "NVIDIA_GDS=disabled",
+        "NVIDIA_MOFED=disabled",
+        "NVIDIA_NVSWITCH=disabled",
         "NVIDIA_VISIBLE_DEVICES=GPU-ccc,GPU-aaa",  # the job's "all" cannot widen the GPUs
     ]
     if engine.name == "podman":
@@ -840,6 +845,8 @@ def test_forget_removes_an_ended_container_and_its_work_dir_and_refuses_a_runnin
     runner.forget(55)  # forgetting twice is harmless
 
     assert engine.state()["containers"] == {}
+    # With their anonymous volumes (an image's VOLUME): the renter's data in them goes too.
+    assert all("--volumes" in argv for argv in engine.calls("rm"))
     assert not runner.work_dir(55).exists()
     assert process_lease_dir.is_dir()
     with pytest.raises(UnknownLeaseError):

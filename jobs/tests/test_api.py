@@ -218,6 +218,7 @@ def test_idempotency_key_of_128_characters_is_accepted(renter_client):
         ({"kind": "container", "image": "not an image!"}, "image"),
         ({"kind": "container", "image": "--privileged"}, "image"),
         ({"kind": "container", "image": "python:3.12", "env": {"NVIDIA_MIG_CONFIG_DEVICES": "all"}}, "env"),
+        ({"kind": "container", "image": "python:3.12", "env": {"NVIDIA_MOFED": "enabled"}}, "env"),
         ({"env": ["A=1"]}, "env"),
         ({"min_vram_mb": -1}, "min_vram_mb"),
         ({"allowed_models": "RTX 4090"}, "allowed_models"),

@@ -98,7 +98,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from gpgpu_agent import checkpoint, fencing
-from gpgpu_agent.protocol import IMAGE_REF, REFUSED_ENV
+from gpgpu_agent.protocol import IMAGE_REF, NVIDIA_FEATURES_OFF, REFUSED_ENV
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import default_limits as cgroup_default_limits
 from gpgpu_agent.runners.common import (
@@ -532,7 +532,10 @@ class ContainerRunner:
     def forget(self, lease_id: int) -> None:
         """Remove the lease's ended container (its logs go with it) and its work directory.
         Forgetting an unknown lease does nothing; a running one raises RunnerError."""
-        done = self._call(["rm", container_name(lease_id)], timeout=self.call_timeout_s)
+        # --volumes: with the anonymous volumes an image's VOLUME made (Docker puts them outside
+        # /work, writable despite --read-only); without it they, and the renter's data in them,
+        # stayed on the owner's disk after the lease.
+        done = self._call(["rm", "--volumes", container_name(lease_id)], timeout=self.call_timeout_s)
         if done.returncode != 0:
             message = _message(done.stderr)
             if "running" in message.lower() and not _no_such(message):
@@ -562,6 +565,7 @@ class ContainerRunner:
         uuids = ",".join(spec.gpu_uuids)
         env = {k: v for k, v in spec.env.items() if k not in AGENT_ENV}
         env.update(spec.agent_env)
+        env.update(dict.fromkeys(NVIDIA_FEATURES_OFF, "disabled"))  # over the image's own ENV too
         env.update(
             {
                 "NVIDIA_VISIBLE_DEVICES": uuids,
@@ -1129,7 +1133,7 @@ class ContainerRunner:
 
     def _remove_quietly(self, name: str) -> None:
         try:
-            self._call(["rm", "--force", name], timeout=self.call_timeout_s)
+            self._call(["rm", "--force", "--volumes", name], timeout=self.call_timeout_s)
         except RunnerError as exc:
             log.warning("could not remove container %s: %s", name, exc)
 
