@@ -58,6 +58,7 @@ from billing.chain import ChainClient, NodeBehind, NodeUnavailable
 from billing.errors import InsufficientBalance, InsufficientFunds
 from billing.models import BudgetAuthorization, BudgetReservation, OperatorTransaction, Settlement
 from core import periodic
+from core.locks import lock_check
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +255,13 @@ def chain_went_back(*, client: ChainClient) -> bool:
 def rewound_before_send(*, client: ChainClient, what: str) -> bool:
     """Just before the operator sends `what`: when the chain went back since the run's rewind
     (`chain_went_back`), undo it now (`chain_rewind`) and return True: the caller sends nothing
-    this run, and the next one sends what the chain lost first, in order."""
+    this run, and the next one sends what the chain lost first, in order.
+
+    First, LockLost when the run's database session ended under it (core.locks.lock_check): the
+    settlement lock went with the session, another run may hold it and send the same batch."""
+    from billing.settlement import LOCK_NAME
+
+    lock_check(LOCK_NAME)
     if not chain_went_back(client=client):
         return False
     logger.warning("the chain went back under the run; %s is not sent now", what)

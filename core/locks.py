@@ -6,7 +6,9 @@ never waited for: `try_lock(name)` yields False at once when the lock is held el
 - PostgreSQL: a session advisory lock (`pg_try_advisory_lock`) on the caller's connection, keyed
   by a 64-bit hash of the name; released with `pg_advisory_unlock`, or by the server when the
   connection ends, so a killed worker never leaves it held. (Session locks need a session: not
-  for a pooler in transaction mode.)
+  for a pooler in transaction mode.) A session that ends under its holder (a failover, a server
+  restart) releases the lock too, while the holder runs on: `lock_check(name)` tells, with no
+  query (core.periodic asks it before each item; billing before each transaction it sends).
 - SQLite in a file: an exclusive `flock` on VAR_DIR/locks/<name>.lock, which the kernel drops when
   the process dies. An in-memory database (the tests') lives in one process, so the process-wide
   registry below is its whole lock, and parallel test runs never see each other's locks.
@@ -82,6 +84,29 @@ def _process_lock() -> Iterator[bool]:
     yield True
 
 
+class LockLost(Exception):
+    """The database session that held a lock ended while its holder ran on (a failover, a server
+    restart, the network): the server released the lock with it, and another run may hold it
+    now. The holder must stop before it does anything the lock guards."""
+
+
+# PostgreSQL locks held by this process: name → (alias, the driver connection whose session
+# holds it). Django opens a new connection, a new session, after the old one broke.
+_sessions: dict[str, tuple[str, object]] = {}
+
+
+def lock_check(name: str) -> None:
+    """Raise LockLost when this process holds `name` as a PostgreSQL session lock and the session
+    that took it is gone (Django's connection is another one now). Costs no query. A lock this
+    process does not hold that way (a file lock, one not taken here) passes."""
+    held = _sessions.get(name)
+    if held is None:
+        return
+    alias, session = held
+    if connections[alias].connection is not session:
+        raise LockLost(f"lock {name}: the database session that held it ended; another run may hold it now")
+
+
 @contextmanager
 def _advisory_lock(name: str, connection: BaseDatabaseWrapper) -> Iterator[bool]:
     key = lock_key(name)
@@ -91,16 +116,20 @@ def _advisory_lock(name: str, connection: BaseDatabaseWrapper) -> Iterator[bool]
     if not acquired:
         yield False
         return
+    session = connection.connection
+    _sessions[name] = (connection.alias, session)
     try:
         yield True
     finally:
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
-        except DatabaseError:
-            # The session is broken (or its transaction aborted): ending it releases the lock.
-            logger.warning("lock %s: could not unlock; closing the connection to release it", name, exc_info=True)
-            connection.close()
+        _sessions.pop(name, None)
+        if connection.connection is session:  # else the session is gone, and the lock with it
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+            except DatabaseError:
+                # The session is broken (or its transaction aborted): ending it releases the lock.
+                logger.warning("lock %s: could not unlock; closing the connection to release it", name, exc_info=True)
+                connection.close()
 
 
 @contextmanager

@@ -34,7 +34,9 @@ commits step by step around chain calls (a transaction must not stay open while 
 waited for). An exception is logged with the item's id, counted, and swallowed, so the sweep goes
 on with the next item; `it.ok` says whether the item went through. Not swallowed: the soft time
 limit (the run is out of time), a closed database connection (every later item would fail the
-same), and the exception types the caller names in `passthrough` (an unreachable node ends a chain
+same), the end of the database session that held the run's lock (core.locks.LockLost: checked
+before each item and after a failed one; another run may hold the lock now), and the exception
+types the caller names in `passthrough` (an unreachable node ends a chain
 run, which reports it). A service called outside a periodic run (tests, the shell) gets the same
 per-item behaviour, without the counting.
 """
@@ -55,7 +57,7 @@ from django.db import DatabaseError, InterfaceError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from core.locks import try_lock
+from core.locks import LockLost, lock_check, try_lock
 from core.scrub import scrub
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ ERROR_CHARS = 300
 @dataclass
 class _Run:
     name: str
+    lock: str
     items_ok: int = 0
     failed: list[str] = field(default_factory=list)
 
@@ -103,12 +106,18 @@ def item(
     transaction is only a savepoint of it."""
     it = Item(kind=kind, id=item_id)
     run = _current.get()
+    if run is not None:
+        lock_check(run.lock)  # each item runs under the run's lock, or not at all
     try:
         with transaction.atomic() if atomic else contextlib.nullcontext():
             yield it
-    except (SoftTimeLimitExceeded, InterfaceError, *passthrough):
+    except (SoftTimeLimitExceeded, InterfaceError, LockLost, *passthrough):
         raise
     except Exception as error:
+        if run is not None:
+            # The failure may have been the database session's end, the run's lock with it:
+            # another run may hold the lock now, so this one stops rather than go on without it.
+            lock_check(run.lock)
         logger.exception("%s: %s %s failed and was skipped", run.name if run else "sweep", kind, item_id)
         if run is not None:
             run.failed.append(f"{kind} {item_id}: {describe(error)}")
@@ -134,7 +143,7 @@ def periodic_task(
         def run(task: Any) -> object:  # a bound celery Task: celery ships no types
             with try_lock(lock_name) as acquired:
                 if acquired:
-                    return _run(name, fn)
+                    return _run(name, fn, lock_name)
             return _skip(task, name, lock_name, retry_locked)
 
         run.__name__, run.__qualname__ = fn.__name__, fn.__qualname__
@@ -158,10 +167,11 @@ def _skip(task: Any, name: str, lock_name: str, retry_locked: tuple[int, float] 
     return dict(SKIPPED)
 
 
-def _run(name: str, fn: Callable[[], object]) -> object:
-    run = _Run(name=name)
+def _run(name: str, fn: Callable[[], object], lock: str) -> object:
+    run = _Run(name=name, lock=lock)
     started = time.monotonic()
     _state_write(name, last_started_at=timezone.now())
+    lock_check(lock)  # the state's write may have been the first to find the session gone
     logger.info("%s: started", name)
     token = _current.set(run)
     try:

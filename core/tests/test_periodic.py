@@ -34,6 +34,8 @@ def probe() -> Any:
     in behaviour["fail"] after their write, then raises or returns as told."""
     for n in behaviour.get("items", []):
         with periodic.item("thing", n):
+            if n == behaviour.get("session_ends_at"):
+                behaviour["session_end"]()
             PeriodicTaskState.objects.create(name=f"thing-{n}")
             if n in behaviour.get("fail", ()):
                 raise ValueError(f"thing {n} is bad")
@@ -241,6 +243,64 @@ def test_on_postgres_a_run_skips_while_another_connection_holds_the_advisory_loc
         worker.join()
 
     assert probe() == {"done": 1} and things() == ["thing-1"]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_run_whose_database_session_ends_stops_rather_than_go_on_without_its_lock() -> None:
+    """The server ends the run's session (a failover, a restart): its advisory lock goes with it.
+    The failed item was swallowed, Django opened a new session for the next one, and the run went
+    on without the lock, while the next beat's run took it: two settlement runs sent the same
+    batch."""
+    from core.locks import LockLost
+
+    def end_the_session() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            (pid,) = cursor.fetchone()
+        other = connections.create_connection("default")
+        try:
+            with other.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        finally:
+            other.close()
+
+    behaviour.update(items=[1, 2, 3], session_ends_at=2, session_end=end_the_session)
+
+    with pytest.raises(LockLost):
+        probe()
+
+    assert things() == ["thing-1"]  # nothing more was done without the lock
+    assert state().last_ok is False
+    with try_lock(PROBE) as acquired:  # and the lock is free for the next run
+        assert acquired
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_no_operator_transaction_goes_out_once_the_session_holding_the_settlement_lock_ended() -> None:
+    """Checked again just before each send (billing.rewind.rewound_before_send): a session that
+    ended within an item (between the run's rewind and its send) took the lock with it."""
+    from django.db import OperationalError
+
+    from billing.rewind import rewound_before_send
+    from core.locks import LockLost
+
+    with try_lock(SETTLEMENT_LOCK_NAME) as acquired:
+        assert acquired
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            (pid,) = cursor.fetchone()
+        other = connections.create_connection("default")
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        other.close()
+        with pytest.raises(OperationalError), connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        connection.close()  # as Django does after a failed rollback; the next query opens a new session
+
+        with pytest.raises(LockLost):
+            rewound_before_send(client=None, what="settlement 1")  # type: ignore[arg-type]
 
 
 def test_a_lock_is_not_taken_twice_in_one_process() -> None:
