@@ -177,7 +177,7 @@ def chain_rewind(*, client: ChainClient) -> RewindResult:
     chain = _Chain(client)
     newest = _newest_record()
     sent_from = [
-        int(number)
+        int(number or 0)
         for model in (Settlement, BudgetReservation)
         for number in model.objects.filter(status=OS.SUBMITTED, sent_from_block__isnull=False)
         .order_by("-sent_from_block")
