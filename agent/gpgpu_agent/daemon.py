@@ -91,6 +91,7 @@ MAX_BACKOFF_S = 60.0
 # Heartbeats (and retries) per fence period, at least: one lost or slow heartbeat never fences.
 BEATS_PER_FENCE = 3
 CREDENTIAL_REVOKED = "credential_revoked"
+MACHINE_SUSPENDED = "machine_suspended"
 # While a rotation on this machine is under way (see credentials.rotation_pending), a refused
 # heartbeat is tried again this soon instead of ending the agent.
 ROTATION_RETRY_S = 0.5
@@ -419,6 +420,8 @@ class Agent:
                 self.tracker.start(order, gpus, schedule=self.schedule)
             elif kind == "stop":
                 self.tracker.stop(order)
+            elif kind == "stop_all" and self.tracker.leases:
+                self.tracker.stop_all(reason=str(order))
 
     # -- the network loop ----------------------------------------------------------------------
 
@@ -486,6 +489,13 @@ class Agent:
                 self._next_heartbeat = time.monotonic() + ROTATION_RETRY_S
             elif exc.status == 401 and exc.code == CREDENTIAL_REVOKED:
                 self._revoked(exc.detail or str(exc))
+            elif exc.status == 403 and exc.code == MACHINE_SUSPENDED:
+                # The marketplace ended this machine's leases when it suspended it, and may already
+                # run their jobs elsewhere: stop them now, not when their fence runs out (the
+                # heartbeats go on, so that an operator's unsuspend is seen).
+                logger.error("the marketplace suspended this machine: %s. Its rentals are stopped", exc.detail or exc)
+                self._orders.put(("stop_all", "the machine is suspended"))
+                self._poll_wake.set()
             else:
                 logger.error("the marketplace refused the heartbeat: %s", exc)
         else:

@@ -354,6 +354,21 @@ def test_a_revoked_credential_stops_the_rentals_and_the_agent_says_why(rig: Any)
     assert "revoked by its provider" in status
 
 
+def test_a_suspended_machine_stops_its_rentals_at_once_not_when_their_fence_runs_out(rig: Any) -> None:
+    """The marketplace ends a suspended machine's leases and places their jobs again at once; the
+    agent only logged the 403 and ran them on until their fence (120 s): the same job twice."""
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)
+    pids = agent.runner.poll(1).pids
+    transport.reject_all(403, "machine_suspended", "This machine is suspended: abuse report.")
+
+    agent.network_once()
+    agent.poll_once()
+
+    assert agent.leases == {} and not agent.stopping  # it keeps asking, to see an unsuspend
+    assert all(not os.path.exists(f"/proc/{pid}/cmdline") or _zombie(pid) for pid in pids)
+
+
 def test_a_heartbeat_refused_while_the_credential_is_rotated_here_waits_for_the_new_one(
     rig: Any, tmp_path: Path
 ) -> None:
