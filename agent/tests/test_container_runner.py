@@ -353,6 +353,29 @@ def test_docker_refuses_an_image_user_it_cannot_map(docker, rentals, monkeypatch
     assert not (rentals / "containers" / "lease-29").exists()
 
 
+def test_an_images_huge_passwd_is_not_read_into_the_agents_memory(docker, rentals, tmp_path):
+    """`docker cp` of the image's /etc/passwd was read whole before 4 MiB of it were kept: an
+    image shipping gigabytes there (zeros compress well in a layer) ran the agent, root, out of
+    memory. The stream is read to 4 MiB and the copy killed."""
+    import tracemalloc
+
+    huge = tmp_path / "engine-cp"
+    huge.write_text("#!/bin/sh\nexec head -c 268435456 /dev/zero\n")  # 256 MiB of "tar"
+    huge.chmod(0o755)
+    runner = make_runner(docker, rentals)
+    runner.engine_bin = str(huge)
+
+    tracemalloc.start()
+    try:
+        text = runner._image_file("gpgpu-lease-30", "/etc/passwd")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert text == ""  # not readable: the user is then refused, as one missing from it
+    assert peak < 16 * 1024 * 1024
+
+
 # --- runtime ---------------------------------------------------------------------------------
 
 

@@ -90,6 +90,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -136,6 +137,8 @@ WORK = "/work"
 NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # Variables the agent sets itself (they win over the job's env).
 AGENT_ENV = ("NVIDIA_VISIBLE_DEVICES", "GPGPU_LEASE_ID", "GPGPU_JOB_ID", "HOME")
+# The most of a container file the agent reads (_image_file: /etc/passwd, /etc/group), as a tar.
+IMAGE_FILE_MAX_BYTES = 4 * 1024 * 1024
 PROCESS_REFUSED = "the container runner runs container jobs only"
 EXIT_NEVER_STARTED = 125
 # Podman's inspect can race a container's exit (it reads the process's /proc entries as the
@@ -919,22 +922,36 @@ class ContainerRunner:
         return uid, gid or 0
 
     def _image_file(self, name: str, path: str) -> str:
-        """A small text file of a created container (``docker cp`` streams it as a tar)."""
+        """A small text file of a created container (``docker cp`` streams it as a tar): "" when
+        it cannot be read, or its tar is over IMAGE_FILE_MAX_BYTES. Read as it streams, at most
+        that much: an image's /etc/passwd of gigabytes (zeros compress well in a layer) was held
+        whole in the agent's memory."""
         try:
-            done = subprocess.run(  # noqa: S603 - argv, no shell
+            proc = subprocess.Popen(  # noqa: S603 - argv, no shell
                 [self.engine_bin, "cp", f"{name}:{path}", "-"],
                 stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=self.call_timeout_s,
-                check=False,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
                 cwd=self._engine_cwd(),
             )
-        except (OSError, subprocess.TimeoutExpired):
+        except OSError:
             return ""
-        if done.returncode != 0:
+        timer = threading.Timer(self.call_timeout_s, proc.kill)  # an engine that stalls
+        timer.start()
+        try:
+            data = proc.stdout.read(IMAGE_FILE_MAX_BYTES + 1) if proc.stdout is not None else b""
+            whole = len(data) <= IMAGE_FILE_MAX_BYTES
+            if not whole:
+                proc.kill()
+            code = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if code != 0 or not whole:
             return ""
         try:
-            with tarfile.open(fileobj=io.BytesIO(done.stdout[: 4 * 1024 * 1024])) as tar:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 for member in tar:
                     if member.isfile() and member.size <= 1024 * 1024:
                         f = tar.extractfile(member)
