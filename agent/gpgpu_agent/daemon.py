@@ -158,7 +158,7 @@ class Snapshot:
     leases: list[LeaseReport] = field(default_factory=list)
 
 
-Order = tuple[Literal["start", "stop"], object]
+Order = tuple[Literal["start", "stop", "stop_all"], object]
 
 
 # --- the agent --------------------------------------------------------------------------------
