@@ -34,7 +34,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from core.lookups import decimal_array, int_array
-from gpgpu_agent.protocol import IMAGE_REF, REFUSED_ENV
+from gpgpu_agent.protocol import IMAGE_REF, REFUSED_ENV, image_registry_refusal
 from jobs import doorbell
 from jobs.errors import IdempotencyKeyReused, InvalidTransition, ValidationFailed
 from jobs.models import Checkpoint, Event, Job, Lease, LeaseGPU, LogChunk, Renter
@@ -199,6 +199,8 @@ def _validate_spec(spec: JobSpec) -> None:
     elif spec.kind == Job.Kind.CONTAINER and not IMAGE_REF.match(spec.image):
         # Every agent refuses it (failed_to_start): placed, it would only take GPUs attempt after attempt.
         problems["image"] = "must be a container image reference (repository[:tag][@digest])"
+    elif spec.kind == Job.Kind.CONTAINER and (local := image_registry_refusal(spec.image)):
+        problems["image"] = f"{local}: pull it from a public registry"
     if spec.kind == Job.Kind.CONTAINER and (refused := [name for name in REFUSED_ENV if name in (spec.env or {})]):
         problems["env"] = f"a container job may not set {refused[0]} (it would reach past the leased GPUs)"
     if spec.kind == Job.Kind.PROCESS and not spec.command:

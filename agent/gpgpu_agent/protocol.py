@@ -27,6 +27,7 @@ period times the GPUs.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -84,6 +85,40 @@ IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,499}$")
 # NVSwitch, GPUDirect Storage or GDRCopy device nodes to a container: the agent sets each to
 # "disabled", over an image's own ENV.
 NVIDIA_FEATURES_OFF = ("NVIDIA_MOFED", "NVIDIA_NVSWITCH", "NVIDIA_GDS", "NVIDIA_GDRCOPY")
+# Registry hosts an image may not name: the engine pulls from the owner's machine, outside the
+# rentals' firewall, so a registry on the owner's own network (its router, a service on
+# localhost, a cloud's metadata address) would let a job's image reach it, and the pull's error
+# would tell the renter what answered there.
+_LOCAL_NAMES = ("localhost", "metadata")
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+_LOCAL_SUFFIXES = (".localhost", ".local", ".localdomain", ".internal", ".lan", ".home.arpa")
+
+
+def image_registry_refusal(image: str) -> str | None:
+    """Why the registry an image reference names may not be pulled from (an address of a private,
+    loopback or link-local network, or a name of the local network), or None. The registry is the
+    reference's first part when it has a '.' or a ':', or is `localhost` (Docker's rule)."""
+    first, slash, _ = image.partition("/")
+    if not slash or not ("." in first or ":" in first or first == "localhost"):
+        return None  # Docker Hub
+    host = first.rsplit(":", 1)[0] if first.count(":") == 1 else first
+    host = host.lower().rstrip(".")
+    if host in _LOCAL_NAMES or host.endswith(_LOCAL_SUFFIXES):
+        return f"the registry {host!r} is a name of the local network"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if "." not in host:  # one label: the local network's search domain resolves it
+            return f"the registry {host!r} is a name of the local network"
+        if all(_NUMERIC_LABEL.match(label) for label in host.split(".")):
+            # 127.1, 0x7f.0.0.1: not a name, an address the resolver reads in inet_aton's forms
+            return f"the registry {host!r} is a numeric address in a form that is not refused item by item"
+        return None
+    if not address.is_global:
+        return f"the registry {host!r} is an address of a private, loopback or link-local network"
+    return None
+
+
 # Variables that would ask the NVIDIA container runtime for more than the leased GPUs.
 REFUSED_ENV = ("NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_MIG_MONITOR_DEVICES", "NVIDIA_IMEX_CHANNELS", *NVIDIA_FEATURES_OFF)
 

@@ -4,7 +4,7 @@ It holds Debian's static busybox (package busybox-static) and nothing else of no
 and ``/bin/sh`` (a link to it), a two-line ``/etc/passwd`` and ``/etc/group`` (root and nobody),
 and empty ``/work``, ``/tmp``, ``/proc``, ``/sys``, ``/dev``, ``/run``, ``/usr`` and ``/var``. The image is imported
 from a tarball (``podman import`` / ``docker import``) and named
-``localhost/gpgpu-probe:<digest of its contents>``, so a different busybox makes a new tag and
+``gpgpu-probe:<digest of its contents>`` (no registry: the runner refuses local ones), so a different busybox makes a new tag and
 an unchanged one is reused. Every probe calls its tools through busybox (``busybox nc …``), so
 no applet links are needed.
 
@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-REPOSITORY = "localhost/gpgpu-probe"
+REPOSITORY = "gpgpu-probe"
 # Bump when the layout below changes: the tag is a digest of this and busybox.
 LAYOUT_VERSION = b"gpgpu-probe layout 2"
 PASSWD = "root:x:0:0:root:/work:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"

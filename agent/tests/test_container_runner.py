@@ -353,6 +353,29 @@ def test_docker_refuses_an_image_user_it_cannot_map(docker, rentals, monkeypatch
     assert not (rentals / "containers" / "lease-29").exists()
 
 
+@pytest.mark.parametrize(
+    "image",
+    [
+        "192.168.1.1:8080/probe:1",
+        "127.0.0.1:5000/x",
+        "localhost/x",
+        "169.254.169.254/x",
+        "[::1]:5000/x",
+        "nas:5000/x",
+        "registry.internal/x",
+        "0x7f.1:5000/x",
+        "10.1.2.3/team/x@sha256:" + "a" * 64,
+    ],
+)
+def test_an_image_from_a_registry_on_the_owners_network_is_refused_before_the_engine_is_asked(runner, engine, image):
+    """The engine pulls from the owner's machine, outside the rentals' firewall: a job naming a
+    registry on the owner's network reached its router, a service on localhost or the cloud's
+    metadata address, and the pull's error told the renter what answered there."""
+    with pytest.raises(RunnerError):
+        runner.start(lease(31, image=image), gpu_indexes=GPUS)
+    assert engine.calls("create") == [] and engine.calls("pull") == []
+
+
 def test_an_images_huge_passwd_is_not_read_into_the_agents_memory(docker, rentals, tmp_path):
     """`docker cp` of the image's /etc/passwd was read whole before 4 MiB of it were kept: an
     image shipping gigabytes there (zeros compress well in a layer) ran the agent, root, out of

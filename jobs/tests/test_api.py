@@ -219,6 +219,11 @@ def test_idempotency_key_of_128_characters_is_accepted(renter_client):
         ({"kind": "container", "image": "--privileged"}, "image"),
         ({"kind": "container", "image": "python:3.12", "env": {"NVIDIA_MIG_CONFIG_DEVICES": "all"}}, "env"),
         ({"kind": "container", "image": "python:3.12", "env": {"NVIDIA_MOFED": "enabled"}}, "env"),
+        # Pulled from the owner's machine, outside the rentals' firewall: not from the owner's network.
+        ({"kind": "container", "image": "192.168.1.1:8080/probe:1"}, "image"),
+        ({"kind": "container", "image": "localhost:5000/probe"}, "image"),
+        ({"kind": "container", "image": "169.254.169.254/latest"}, "image"),
+        ({"kind": "container", "image": "0x7f.1/x"}, "image"),
         ({"env": ["A=1"]}, "env"),
         ({"min_vram_mb": -1}, "min_vram_mb"),
         ({"allowed_models": "RTX 4090"}, "allowed_models"),

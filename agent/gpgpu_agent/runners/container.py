@@ -99,7 +99,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from gpgpu_agent import checkpoint, fencing
-from gpgpu_agent.protocol import IMAGE_REF, NVIDIA_FEATURES_OFF, REFUSED_ENV
+from gpgpu_agent.protocol import IMAGE_REF, NVIDIA_FEATURES_OFF, REFUSED_ENV, image_registry_refusal
 from gpgpu_agent.protocols import RunnerError
 from gpgpu_agent.runners.cgroups import default_limits as cgroup_default_limits
 from gpgpu_agent.runners.common import (
@@ -417,6 +417,8 @@ class ContainerRunner:
             raise RunnerError(PROCESS_REFUSED)
         if not isinstance(spec.image, str) or not IMAGE_REF.match(spec.image):
             raise RunnerError(f"{spec.image!r} is not a container image reference")
+        if local := image_registry_refusal(spec.image):
+            raise RunnerError(f"{local}: this machine pulls only from public registries")
         check_env(spec.env)
         check_gpu_uuids(spec.gpu_uuids)
         for uuid in spec.gpu_uuids:
