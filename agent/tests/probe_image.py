@@ -4,9 +4,9 @@ It holds Debian's static busybox (package busybox-static) and nothing else of no
 and ``/bin/sh`` (a link to it), a two-line ``/etc/passwd`` and ``/etc/group`` (root and nobody),
 and empty ``/work``, ``/tmp``, ``/proc``, ``/sys``, ``/dev``, ``/run``, ``/usr`` and ``/var``. The image is imported
 from a tarball (``podman import`` / ``docker import``) and named
-``gpgpu-probe:<digest of its contents>`` (no registry: the runner refuses local ones), so a different busybox makes a new tag and
-an unchanged one is reused. Every probe calls its tools through busybox (``busybox nc …``), so
-no applet links are needed.
+``gpgpu-probe:<digest of its contents>`` (no registry: the runner refuses local ones), so a
+different busybox makes a new tag and an unchanged one is reused. Every probe calls its tools
+through busybox (``busybox nc …``), so no applet links are needed.
 
 Run it directly to build the image for an engine: ``python agent/tests/probe_image.py podman``.
 """
