@@ -154,6 +154,12 @@ class MachineLeases:
     def gpu_in_active_lease(self) -> Exists:
         return Exists(LeaseGPU.objects.filter(gpu_id=OuterRef("pk"), active=True))
 
+    def starting_reported(self, *, machine_id: int, lease_ids: set[int]) -> None:
+        # Written once per lease, the first time: the heartbeats that repeat it change nothing.
+        Lease.objects.filter(
+            machine_id=machine_id, pk__in=lease_ids, status=Lease.Status.ASSIGNED, start_reported_at__isnull=True
+        ).update(start_reported_at=timezone.now())
+
     def heartbeat_orders(
         self, *, machine_id: int, listed: set[int], kinds: frozenset[str], may_have_assigned: bool = True
     ) -> tuple[list[providers_services.LeaseStart], list[providers_services.LeaseStop]]:

@@ -153,6 +153,9 @@ class Lease(models.Model):
     # When a heartbeat reply first told the agent to start it: before that, the agent cannot be
     # running it, so a cancel may end it at once; after, the cancel asks the agent to stop it.
     start_sent_at = models.DateTimeField(null=True, blank=True)
+    # When a heartbeat first listed it as `starting` (the agent pulling its image): the start
+    # timeout then waits up to LEASE_START_MAX_S (jobs.sweeps).
+    start_reported_at = models.DateTimeField(null=True, blank=True)
     # Set when the marketplace wants the agent to stop it (cancel, max duration, suspension).
     stop_requested_at = models.DateTimeField(null=True, blank=True)
     stop_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)

@@ -46,8 +46,8 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
 
     - assigned and asked to stop (a cancel after its start order was sent) STOP_GRACE_S ago,
       never reported started: ended with the requested reason, as of the request;
-    - assigned for longer than LEASE_START_TIMEOUT_S: ended with `start_timeout` (the job is
-      retried while it has attempts left);
+    - assigned for longer than LEASE_START_TIMEOUT_S (LEASE_START_MAX_S when its agent reported
+      it starting): ended with `start_timeout` (the job is retried while it has attempts left);
     - running past their job's max_duration_s: asked to stop with reason `max_duration`;
     - still running STOP_GRACE_S after a stop request (whatever its reason): ended with the
       requested reason, as of the request (as of its maximum for max_duration), so that an
@@ -77,17 +77,23 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
             )
 
     start_timeouts = 0
-    for lease_id in (
+    max_s = max(timeout_s, settings.GPGPU["LEASE_START_MAX_S"])
+    # One its agent reported starting (pulling its image, which takes minutes for a large one)
+    # waits up to LEASE_START_MAX_S: ended at LEASE_START_TIMEOUT_S, it was placed again while the
+    # pull went on, and the workload started here too once the image was in.
+    for lease_id, reported in (
         Lease.objects.filter(status=Lease.Status.ASSIGNED, created_at__lt=now - timedelta(seconds=timeout_s))
+        .exclude(start_reported_at__isnull=False, created_at__gte=now - timedelta(seconds=max_s))
         .order_by("pk")
-        .values_list("pk", flat=True)
+        .values_list("pk", "start_reported_at")
     ):
+        waited = max_s if reported is not None else timeout_s
         with periodic.item("lease", lease_id):
             start_timeouts += lease_end(
                 lease_id=lease_id,
                 reason=ER.START_TIMEOUT,
                 actor="sweeper",
-                detail=f"the agent did not start it within {timeout_s} seconds",
+                detail=f"the agent did not start it within {waited} seconds",
             )
 
     for lease_id, stop_reason, stop_requested_at, started_at, max_duration_s in (

@@ -496,6 +496,9 @@ GPGPU = {
     "MATCH_FLEET_FULL_READ_S": env_int("MATCH_FLEET_FULL_READ_S", 300, minimum=0),
     # A lease the agent has not started within this many seconds is given up and re-queued.
     "LEASE_START_TIMEOUT_S": env_int("LEASE_START_TIMEOUT_S", 120, minimum=10),
+    # ... unless its agent reported it starting (pulling its image): then within this many
+    # seconds of its placement. A silent agent's leases end as lost anyway (LEASE_LOST_AFTER_S).
+    "LEASE_START_MAX_S": env_int("LEASE_START_MAX_S", 1800, minimum=10),
     # How often a job may be placed before it fails (failed starts, lost machines).
     "JOB_MAX_ATTEMPTS": env_int("JOB_MAX_ATTEMPTS", 5, minimum=1),
     # Raw telemetry is kept at most one sample per GPU per this many seconds, for this many

@@ -44,6 +44,10 @@ class MachineLeases(Protocol):
     def gpu_in_active_lease(self) -> Exists:
         """An expression for a GPU queryset's annotation: True while the GPU is in an active lease."""
 
+    def starting_reported(self, *, machine_id: int, lease_ids: set[int]) -> None:
+        """The machine's agent listed these leases as `starting` (pulling their images): their
+        start timeout waits longer (jobs.sweeps)."""
+
     def heartbeat_orders(
         self, *, machine_id: int, listed: set[int], kinds: frozenset[str], may_have_assigned: bool = True
     ) -> tuple[list[LeaseStart], list[LeaseStop]]:

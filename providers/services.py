@@ -1336,6 +1336,8 @@ def predicted_idle_countdown(predicted: int | None, computed_at: float, *, now: 
 def _heartbeat_reply(
     *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], may_have_assigned: bool, now: datetime
 ) -> HeartbeatReply:
+    if starting := {lr.lease_id for lr in report.leases if lr.state == "starting"}:
+        machine_leases().starting_reported(machine_id=machine_id, lease_ids=starting)
     start, stop = machine_leases().heartbeat_orders(
         machine_id=machine_id,
         listed={lr.lease_id for lr in report.leases},

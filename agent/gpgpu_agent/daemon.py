@@ -611,7 +611,7 @@ class Agent:
         stopping = {item.get("lease_id") for item in _order_items(reply.get("stop")) if isinstance(item, Mapping)}
         renewed = [lease["lease_id"] for lease in body["leases"] if lease["lease_id"] not in stopping]
         starting = self.tracker.starting
-        if starting is not None:
+        if starting is not None and starting not in renewed:
             renewed.append(starting)
         try:
             self.fence.renew(renewed, contact=contact)
@@ -670,12 +670,21 @@ class Agent:
             "cpu_cores": os.cpu_count(),
             "region": self.region or None,
             "gpus": gpus[:64],
-            "leases": snapshot.leases,
+            "leases": self._with_starting(snapshot.leases),
         }
         capabilities = getattr(self.runner, "capabilities", None)
         if callable(capabilities):
             body["capabilities"] = capabilities()
         return body
+
+    def _with_starting(self, leases: list[LeaseReport]) -> list[LeaseReport]:
+        """The poll's leases, and the one being started now (its image may take minutes to pull:
+        the poll that starts it has not ended), as `starting`: the marketplace then waits for it
+        past its start timeout, rather than place its job again while the pull goes on."""
+        starting = self.tracker.starting
+        if starting is None or any(lease["lease_id"] == starting for lease in leases):
+            return leases
+        return [*leases, {"lease_id": starting, "state": "starting"}]
 
 
 def _order_items(value: object) -> Iterable[object]:

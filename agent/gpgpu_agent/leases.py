@@ -159,7 +159,7 @@ class LeaseReport(TypedDict):
     """One lease in the heartbeat's `leases` (docs/agent-api.md)."""
 
     lease_id: int
-    state: Literal["running", "stopping"]
+    state: Literal["starting", "running", "stopping"]
 
 
 @dataclass

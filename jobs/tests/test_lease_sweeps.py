@@ -48,6 +48,35 @@ def test_lease_not_started_in_time_is_ended_and_its_job_requeued() -> None:
     assert fresh.status == Lease.Status.ASSIGNED
 
 
+def test_a_lease_its_agent_reports_starting_waits_for_its_image_up_to_the_maximum(settings) -> None:  # type: ignore[no-untyped-def]
+    """A large image takes minutes to pull: ended at LEASE_START_TIMEOUT_S while its agent was
+    pulling, the job was placed again elsewhere, and the workload started here too once the image
+    was in (the agent told to stop it only at its next heartbeat), an attempt spent for nothing."""
+    from tests.factories import agent_client, gpu_entry, heartbeat
+
+    timeout, most = settings.GPGPU["LEASE_START_TIMEOUT_S"], settings.GPGPU["LEASE_START_MAX_S"]
+    pulling, silent = placed_lease(), placed_lease()
+    gpu = pulling.gpus.get()
+    answer = heartbeat(
+        agent_client(pulling.machine), [gpu_entry(gpu.uuid, gpu.index)], [{"lease_id": pulling.pk, "state": "starting"}]
+    )
+    assert answer.status_code == 200 and answer.json()["start"] == []  # listed: not ordered again
+    placed = timezone.now() - timedelta(seconds=timeout + 1)
+    Lease.objects.filter(pk__in=[pulling.pk, silent.pk]).update(created_at=placed)
+
+    assert sweep_leases()["start_timeouts"] == 1
+
+    assert Lease.objects.get(pk=silent.pk).end_reason == "start_timeout"
+    assert Lease.objects.get(pk=pulling.pk).status == Lease.Status.ASSIGNED
+    Lease.objects.filter(pk=pulling.pk).update(created_at=timezone.now() - timedelta(seconds=most + 1))
+    assert sweep_leases()["start_timeouts"] == 1
+    ended = Lease.objects.get(pk=pulling.pk)
+    assert (ended.end_reason, ended.end_detail) == (
+        "start_timeout",
+        f"the agent did not start it within {most} seconds",
+    )
+
+
 def test_start_timeouts_fail_the_job_once_attempts_run_out(settings) -> None:  # type: ignore[no-untyped-def]
     settings.GPGPU = {**settings.GPGPU, "JOB_MAX_ATTEMPTS": 1}
     lease = placed_lease()
