@@ -240,7 +240,7 @@ def reservation_send(*, batch: BudgetReservation, client: ChainClient, deploymen
     if rewound_before_send(client=client, what=f"budget reservation {batch.pk}"):
         return batch
     fn = reserve_call(client, deployment, batch)
-    nonce = client.transaction_count("pending")
+    nonce = client.next_nonce()  # the one the send uses (billing.settlement.settlement_send)
     BudgetReservation.objects.filter(pk=batch.pk, status=RS.PENDING).update(
         nonce=nonce,
         calldata_hash=_calldata_hash(fn),

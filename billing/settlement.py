@@ -313,7 +313,10 @@ def settlement_send(*, settlement: Settlement, client: ChainClient, deployment: 
     if rewound_before_send(client=client, what=f"settlement {settlement.pk}"):
         return settlement
     fn = _settle_call(client, deployment, settlement)
-    nonce = client.transaction_count("pending")
+    # The nonce the send will use: the node's pending count alone lagged behind this client's
+    # counter on a lagging node, the batch recorded a nonce it did not use, and a worker that died
+    # before recording its hash left it unfound: sent a second time.
+    nonce = client.next_nonce()
     Settlement.objects.filter(pk=settlement.pk).update(
         nonce=nonce,
         calldata_hash=_calldata_hash(fn),

@@ -331,6 +331,14 @@ class ChainClient:
         priority = max(suggested, self.priority_fee_floor_wei)
         return {"maxFeePerGas": 2 * int(base_fee) + priority, "maxPriorityFeePerGas": priority}
 
+    def next_nonce(self) -> int:
+        """The nonce the next transact() will use (barring a "nonce too low" from another process
+        using the key): the node's pending count, or past it this client's own counter, when the
+        node has not seen its last transaction yet (a node that lags, one of several behind a load
+        balancer). What a batch records before it is sent, to be found by it if the sender dies."""
+        with self._nonce_lock:
+            return max(self._next_local_nonce or 0, self._pending_nonce())
+
     def _pending_nonce(self) -> int:
         with chain_errors():
             return int(self.web3.eth.get_transaction_count(self.address, "pending"))

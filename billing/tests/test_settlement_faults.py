@@ -100,6 +100,33 @@ def test_worker_killed_after_sending_is_completed_once_by_the_reconciler(env, mo
     assert env.disagreements(renters, providers) == []
 
 
+def test_a_batch_sent_through_a_node_whose_pending_count_lags_is_found_not_sent_again(env, monkeypatch):
+    """The batch recorded the node's pending count as its nonce, but a node that has not seen the
+    operator's last transaction yet (one of several behind a load balancer) counts one short, and
+    the send used the client's own counter: the worker dying before it recorded the hash left the
+    batch unfound under the nonce it recorded, and it was sent again (the escrow paying nothing
+    the second time, the ledger booking the charge unpaid)."""
+    renters, providers, payee = _setup(env, "lag")  # the reservation went out: the counter is past it
+    eth = env.client.web3.eth
+    counted = eth.get_transaction_count
+
+    def lagging(address, block="latest"):  # type: ignore[no-untyped-def]
+        real = counted(address, block)
+        return real - 1 if block == "pending" else real
+
+    monkeypatch.setattr(eth, "get_transaction_count", lagging)
+    settlement = _settle_killed_after_sending(env, monkeypatch)
+    monkeypatch.setattr(eth, "get_transaction_count", counted)
+
+    result = engine.settlements_reconcile(client=env.client, deployment=env.deployment, older_than_s=0)
+
+    settlement.refresh_from_db()
+    assert result["confirmed"] == 1 and settlement.status == "confirmed"
+    assert settlement.attempts == 1  # found on chain, not sent again
+    assert env.escrow.functions.earnings(payee.address).call() == 900_000
+    assert env.disagreements(renters, providers) == []
+
+
 def test_a_batch_mined_below_the_head_it_recorded_is_found_not_sent_again(env, monkeypatch):
     """After the chain went back (a reorg, a node restored from older state), blocks are numbered
     again from below the head a batch recorded before sending: its transaction, mined again, sits
