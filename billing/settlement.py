@@ -469,20 +469,28 @@ def _fee_bps_applied(
     return None
 
 
-def _job_remaining(client: ChainClient, escrow: Contract, job_id: int, block: int) -> tuple[str, int]:
-    renter, _deadline, remaining, _lease, _settled, _closed = client.call(escrow.functions.job(job_id), block=block)
-    return str(renter), int(remaining)
+def _job_state(client: ChainClient, escrow: Contract, job_id: int, block: int) -> tuple[str, int, int, int]:
+    """(renter, remaining, lease id, settled cumulative of that lease) of a job in `block`."""
+    renter, _deadline, remaining, lease, settled, _closed = client.call(escrow.functions.job(job_id), block=block)
+    return str(renter), int(remaining), int(lease), int(settled)
 
 
 def _outcome_from_state(*, items: list[SettlementItem], escrow: Contract, client: ChainClient, block: int) -> Outcome:
     """What left each job's reservation in `block` (the contract's state before and after it):
-    needs the state of block − 1, which a pruned or restored node may not keep."""
+    needs the state of block − 1, which a pruned or restored node may not keep.
+
+    An item this transaction paid nothing for, whose lease the escrow had already settled to its
+    cumulative charge out of a budget never capped (its reservation not drained), was paid by an
+    earlier transaction of the same batch: one the marketplace sent and then lost track of (its
+    record undone, its sender dead before recording it) before sending the batch again. It counts
+    as paid: booked as unpaid, the charge was never sent again (its cumulative is settled) and the
+    ledger owed the provider what the chain had paid, for good."""
     fee_bps = int(client.call(escrow.functions.feeBps(), block=block))
     paid: dict[int, int] = {}
     unknown: set[int] = set()
     for item in items:
-        renter_before, before = _job_remaining(client, escrow, item.job_id, block - 1)
-        renter_after, after = _job_remaining(client, escrow, item.job_id, block)
+        renter_before, before, _lease, _settled = _job_state(client, escrow, item.job_id, block - 1)
+        renter_after, after, lease_after, settled_after = _job_state(client, escrow, item.job_id, block)
         if int(renter_after, 16) == 0:  # the escrow knew no such job, even after the batch: paid nothing
             unknown.add(item.pk)
             paid[item.pk] = 0
@@ -491,6 +499,9 @@ def _outcome_from_state(*, items: list[SettlementItem], escrow: Contract, client
             auth = BudgetAuthorization.objects.filter(job_id=item.job_id).first()
             before = int(auth.max_amount) if auth else after
         paid[item.pk] = max(0, min(int(item.delta_micro), before - after))
+        replayed = before == after and lease_after == item.lease_id and settled_after >= int(item.cumulative_micro)
+        if paid[item.pk] == 0 and replayed and after > 0:
+            paid[item.pk] = int(item.delta_micro)
     return Outcome(paid=paid, fee_bps=fee_bps, source="state", job_unknown=frozenset(unknown))
 
 

@@ -224,6 +224,38 @@ def test_a_node_that_stays_behind_past_the_grace_is_read_as_a_chain_that_went_ba
     _agree(node, renters, providers)
 
 
+def test_a_batch_sent_again_after_its_first_transaction_paid_it_is_booked_paid(node, settings):
+    """A node behind past the grace (or any way the marketplace loses track of a batch it sent)
+    has the batch undone and sent again while its first transaction stands: the escrow pays
+    nothing the second time, the charge being settled. It was booked as unpaid, never sent again
+    (its cumulative settled), and the ledger owed the provider what the chain had paid, for good."""
+    import time
+
+    from django.core.cache import caches
+
+    settings.CHAIN_BEHIND_GRACE_S = 300
+    renter, account, payee, _job, lease = _charged(node, "twice")
+    renters, providers = {renter.pk: account.address}, {lease.machine.provider_id: payee.address}
+    assert engine.settle_run(client=node.env.client, deployment=node.env.deployment, force=True)["confirmed"] == 1
+    settlement = Settlement.objects.get()
+    lagging = _Lagging(
+        node.w3, operator_account=node.env.client.account, confirmations=1, receipt_timeout_s=0.3, poll_interval_s=0.01
+    )
+    lagging.lag_head = (settlement.block_number or 0) - 1
+    caches["coordination"].set("billing.node_behind.operator", time.time() - 301, timeout=None)
+    behind = engine.settle_run(client=lagging, deployment=node.env.deployment)
+    assert behind["rewound"] == {"settlements": 1} and behind["sent"] == 1  # the same batch, again
+    assert _earnings(node, payee) == 900_000  # paid once: the contract skipped the replay
+
+    engine.settle_run(client=node.client(), deployment=node.env.deployment)  # caught up: confirms it
+
+    settlement.refresh_from_db()
+    assert (settlement.status, settlement.attempts) == ("confirmed", 2)
+    assert provider_payable_micro(provider_id=lease.machine.provider_id) == 900_000
+    assert lease_money(lease_ids=[lease.pk])[lease.pk] == LeaseMoney(settled=ONE, fee=100_000, unsettled=0)
+    _agree(node, renters, providers)
+
+
 # ---------------------------------------------------------------------------- a rollback under confirmed work
 
 
