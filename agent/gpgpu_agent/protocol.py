@@ -97,9 +97,11 @@ _LOCAL_SUFFIXES = (".localhost", ".local", ".localdomain", ".internal", ".lan", 
 def image_registry_refusal(image: str) -> str | None:
     """Why the registry an image reference names may not be pulled from (an address of a private,
     loopback or link-local network, or a name of the local network), or None. The registry is the
-    reference's first part when it has a '.' or a ':', or is `localhost` (Docker's rule)."""
+    reference's first part when it has a '.', a ':' or an upper-case letter, or is `localhost`
+    (Docker's and Podman's rule, distribution/reference's splitDockerDomain: `LOCALHOST/x` pulls
+    from localhost)."""
     first, slash, _ = image.partition("/")
-    if not slash or not ("." in first or ":" in first or first == "localhost"):
+    if not slash or not ("." in first or ":" in first or first == "localhost" or first != first.lower()):
         return None  # Docker Hub
     host = first.rsplit(":", 1)[0] if first.count(":") == 1 else first
     host = host.lower().rstrip(".")
