@@ -253,6 +253,9 @@ class Agent:
         )
         self.schedule = Schedule()
         self._orders: queue.Queue[Order] = queue.Queue()
+        # Leases whose start order waits in _orders (the poll thread starts them one at a time,
+        # each holding it while its image is pulled): listed as starting (_with_starting).
+        self._starts_queued: set[int] = set()
         self._snapshot = Snapshot()
         self._snapshot_lock = threading.Lock()
         self._stop = threading.Event()
@@ -417,7 +420,11 @@ class Agent:
             except queue.Empty:
                 return
             if kind == "start":
-                self.tracker.start(order, gpus, schedule=self.schedule)
+                try:
+                    self.tracker.start(order, gpus, schedule=self.schedule)
+                finally:
+                    if isinstance(order, Mapping):
+                        self._starts_queued.discard(order.get("lease_id"))
             elif kind == "stop":
                 self.tracker.stop(order)
             elif kind == "stop_all" and self.tracker.leases:
@@ -508,6 +515,8 @@ class Agent:
             for item in _order_items(reply.get("stop")):
                 self._orders.put(("stop", item))
             for item in _order_items(reply.get("start")):
+                if isinstance(item, Mapping) and type(lease_id := item.get("lease_id")) is int:
+                    self._starts_queued.add(lease_id)
                 self._orders.put(("start", item))
             if not self._orders.empty():
                 self._poll_wake.set()
@@ -678,13 +687,15 @@ class Agent:
         return body
 
     def _with_starting(self, leases: list[LeaseReport]) -> list[LeaseReport]:
-        """The poll's leases, and the one being started now (its image may take minutes to pull:
-        the poll that starts it has not ended), as `starting`: the marketplace then waits for it
-        past its start timeout, rather than place its job again while the pull goes on."""
-        starting = self.tracker.starting
-        if starting is None or any(lease["lease_id"] == starting for lease in leases):
-            return leases
-        return [*leases, {"lease_id": starting, "state": "starting"}]
+        """The poll's leases, and those being started (the one whose image is being pulled now,
+        and those whose start orders wait behind it: the poll thread starts them one at a time)
+        as `starting`: the marketplace then waits for them past their start timeout, rather than
+        place their jobs again while a pull goes on."""
+        listed = {lease["lease_id"] for lease in leases}
+        starting = {*self._starts_queued, *([self.tracker.starting] if self.tracker.starting is not None else [])}
+        new = sorted(lease_id for lease_id in starting - listed if lease_id not in self.tracker.done)
+        added: list[LeaseReport] = [{"lease_id": lease_id, "state": "starting"} for lease_id in new]
+        return [*leases, *added] if added else leases
 
 
 def _order_items(value: object) -> Iterable[object]:

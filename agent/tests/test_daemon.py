@@ -850,27 +850,26 @@ def test_a_lease_whose_image_is_still_being_pulled_is_listed_as_starting(
 ) -> None:
     """The poll that starts a lease holds it until its image is in; meanwhile the heartbeats left
     it out, and the marketplace ended it at its start timeout and placed the job again."""
+    gpu.add_gpu("NVIDIA L4", 23034)
     transport = FakeTransport()
     agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, start_delay_s=3, poll_interval_s=0.1)
-    transport.heartbeat_replies.append(_reply(heartbeat_interval_s=0.5, start=[_order(1, gpu.gpus[0].uuid, 300)]))
+    orders = [_order(1, gpu.gpus[0].uuid, 300), _order(2, gpu.gpus[1].uuid, 300)]
+    transport.heartbeat_replies.append(_reply(heartbeat_interval_s=0.5, start=orders))
     transport.heartbeat_replies.extend(_reply(heartbeat_interval_s=0.5) for _ in range(100))
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
+
+    def heartbeats() -> list[Any]:
+        return [call.body["leases"] for call in list(transport.calls) if call.method == "heartbeat"]
+
     try:
         _wait(lambda: agent.tracker.starting == 1, 10, "the start to begin")
-        _wait(
-            lambda: any(
-                {"lease_id": 1, "state": "starting"} in call.body["leases"]  # type: ignore[operator]
-                for call in list(transport.calls)
-                if call.method == "heartbeat"
-            ),
-            5,
-            "a heartbeat listing it as starting",
-        )
-        _wait(lambda: ("event", 1, "lease-1-started") in transport.applied, 10, "the lease starting")
+        both = [{"lease_id": 1, "state": "starting"}, {"lease_id": 2, "state": "starting"}]
+        # The second waits behind the first's pull: listed as starting too.
+        _wait(lambda: both in heartbeats(), 5, "a heartbeat listing both as starting")
+        _wait(lambda: ("event", 2, "lease-2-started") in transport.applied, 15, "the leases starting")
         time.sleep(1.2)
-        last = [call.body for call in list(transport.calls) if call.method == "heartbeat"][-1]
-        assert last["leases"] == [{"lease_id": 1, "state": "running"}]
+        assert heartbeats()[-1] == [{"lease_id": 1, "state": "running"}, {"lease_id": 2, "state": "running"}]
     finally:
         agent.request_stop()
         thread.join(30)
