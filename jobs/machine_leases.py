@@ -156,9 +156,14 @@ class MachineLeases:
 
     def starting_reported(self, *, machine_id: int, lease_ids: set[int]) -> None:
         # Written once per lease, the first time: the heartbeats that repeat it change nothing.
-        Lease.objects.filter(
+        # The heartbeat holds the machine's GPU rows; a lease being ended holds its row and waits
+        # for them (lease, then GPUs): its row is skipped, not waited for (no deadlock), and the
+        # next heartbeat reports it again if it still starts.
+        free = Lease.objects.filter(
             machine_id=machine_id, pk__in=lease_ids, status=Lease.Status.ASSIGNED, start_reported_at__isnull=True
-        ).update(start_reported_at=timezone.now())
+        ).select_for_update(skip_locked=True, of=("self",))
+        if ids := list(free.values_list("pk", flat=True)):
+            Lease.objects.filter(pk__in=ids).update(start_reported_at=timezone.now())
 
     def heartbeat_orders(
         self, *, machine_id: int, listed: set[int], kinds: frozenset[str], may_have_assigned: bool = True
