@@ -250,7 +250,7 @@ def reservation_send(*, batch: BudgetReservation, client: ChainClient, deploymen
     )
     batch.refresh_from_db()
     try:
-        sent = client.transact(fn)
+        sent = client.transact(fn, nonce=nonce)
     except ContractReverted as reverted:
         _fail(batch, str(reverted))
         return batch

@@ -326,7 +326,7 @@ def settlement_send(*, settlement: Settlement, client: ChainClient, deployment: 
     )
     settlement.refresh_from_db()
     try:
-        sent = client.transact(fn)
+        sent = client.transact(fn, nonce=nonce)
     except ContractReverted as reverted:
         _fail(settlement, reverted)
         return settlement

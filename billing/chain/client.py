@@ -267,8 +267,10 @@ class ChainClient:
 
     # `fn`: a bound ContractFunction or a ContractConstructor, left untyped because web3 types the
     # transaction dicts below as TxParams (TypedDicts of NewTypes), which these plain dicts are not.
-    def transact(self, fn: Any, *, gas: int | None = None, value: int = 0) -> SentTx:
-        """Sign and send `fn` (a bound contract function or constructor) from the operator.
+    def transact(self, fn: Any, *, gas: int | None = None, value: int = 0, nonce: int | None = None) -> SentTx:
+        """Sign and send `fn` (a bound contract function or constructor) from the operator, with
+        `nonce` when given (what the caller recorded, from next_nonce(), to find it by; another
+        only after the node answered "nonce too low": SentTx says which).
 
         Returns as soon as the node accepted it; wait with `wait_receipt`. Without `gas`, the gas
         limit is estimated (plus a margin), and a revert at estimation raises ContractReverted
@@ -286,7 +288,7 @@ class ChainClient:
             with chain_errors():
                 return fn.build_transaction({**params, **fees, "gas": gas, "nonce": nonce, "chainId": chain_id})
 
-        return self._sign_and_send(build)
+        return self._sign_and_send(build, nonce=nonce)
 
     def send_value(self, to: str, amount_wei: int, *, gas: int = 21_000) -> SentTx:
         """Send `amount_wei` of the native coin to `to` (development funding of gas)."""
@@ -344,10 +346,11 @@ class ChainClient:
             return int(self.web3.eth.get_transaction_count(self.address, "pending"))
 
     # `build`: the transaction to sign for a nonce, fields of several types.
-    def _sign_and_send(self, build: Callable[[int], dict[str, Any]]) -> SentTx:
+    def _sign_and_send(self, build: Callable[[int], dict[str, Any]], *, nonce: int | None = None) -> SentTx:
         with self._nonce_lock:
             for attempt in (1, 2):
-                nonce = max(self._next_local_nonce or 0, self._pending_nonce())
+                if nonce is None or attempt == 2:
+                    nonce = max(self._next_local_nonce or 0, self._pending_nonce())
                 signed = self.account.sign_transaction(build(nonce))
                 tx_hash = _hex(signed.hash)
                 try:
