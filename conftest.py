@@ -152,7 +152,9 @@ def node_behind_forgotten() -> None:
     first saw one in the coordination cache, which outlives a test)."""
     from django.core.cache import caches
 
-    caches["coordination"].delete_many(["billing.node_behind.operator", "billing.node_behind.watcher"])
+    caches["coordination"].delete_many(
+        ["billing.node_behind.operator", "billing.node_behind.watcher", "billing.node_behind.vanished"]
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -129,7 +129,7 @@ def _why(number: int | None, chain: _Chain) -> str:
     return f"its block {number} left the chain (the node's head is now {chain.head})"
 
 
-def node_behind_wait(*, head: int, needed: int, scope: str, what: str) -> None:
+def node_behind_wait(*, head: int, needed: int, scope: str, what: str) -> bool:
     """Raise NodeBehind while the node's `head` is below block `needed`, which `what` rests on,
     for up to CHAIN_BEHIND_GRACE_S from the first run that saw it so (`scope`: whose runs, kept
     in the coordination cache); after that, return: the caller reads the blocks above the head as
@@ -140,18 +140,27 @@ def node_behind_wait(*, head: int, needed: int, scope: str, what: str) -> None:
     above its head, and was read at once as a chain that went back: the settlements confirmed
     there were undone and sent again, the contract paid nothing the second time (the charge was
     paid), and the ledger booked the charge as unpaid for good; the deposit watcher reversed the
-    withdrawals there and gave the money back to spend."""
+    withdrawals there and gave the money back to spend.
+
+    Returns True when it let a node still behind through (the grace is over), False when the node
+    is not behind. The cache unreachable: a node behind is waited for, one that is not passes."""
     cache = caches["coordination"]
     key = f"billing.node_behind.{scope}"
-    if head >= needed:
-        if cache.get(key) is not None:
-            cache.delete(key)
-        return
     grace = int(settings.CHAIN_BEHIND_GRACE_S)
     now = time.time()
-    since = cache.get(key)
-    if since is None:
-        cache.set(key, now, timeout=None)
+    try:
+        if head >= needed:
+            if cache.get(key) is not None:
+                cache.delete(key)
+            return False
+        since = cache.get(key)
+        if since is None:
+            cache.set(key, now, timeout=None)
+            since = now
+    except Exception:  # the cache's own errors (Redis down): not a reason to stop a healthy run
+        if head >= needed:
+            return False
+        logger.warning("could not read how long the node has been behind", exc_info=True)
         since = now
     if now - float(since) >= grace:
         logger.warning(
@@ -161,7 +170,7 @@ def node_behind_wait(*, head: int, needed: int, scope: str, what: str) -> None:
             what,
             now - float(since),
         )
-        return
+        return True
     raise NodeBehind(
         f"the node's head {head} is below block {needed}, which {what} rests on: it is behind; waiting up to "
         f"CHAIN_BEHIND_GRACE_S ({grace} s) for it before reading those blocks as gone"
@@ -184,7 +193,9 @@ def chain_rewind(*, client: ChainClient) -> RewindResult:
         .values_list("sent_from_block", flat=True)[:1]
     ]
     needed = max([newest[0] if newest else 0, *sent_from])
-    node_behind_wait(head=chain.head, needed=needed, scope="operator", what="the operator's newest transaction")
+    past_grace = node_behind_wait(
+        head=chain.head, needed=needed, scope="operator", what="the operator's newest transaction"
+    )
     result = RewindResult()
     low = max(0, chain.head - REWIND_DEPTH_BLOCKS)
     recent = Q(block_number__gte=low)
@@ -206,7 +217,7 @@ def chain_rewind(*, client: ChainClient) -> RewindResult:
     for _number, _order, kind, item_id, record in undo:
         with periodic.item(kind, item_id, atomic=False, passthrough=(NodeUnavailable,)):
             _undo(record, chain, result)
-    _vanished(client, result)
+    _vanished(client, result, head=chain.head, past_grace=past_grace)
     _gaps(client, result)
     if result.changed:
         client.nonce_reset()  # the operator's transactions that left the chain freed their nonces
@@ -292,14 +303,29 @@ def _undo(record: object, chain: _Chain, result: RewindResult) -> None:
         result.releases += 1
 
 
-def _vanished(client: ChainClient, result: RewindResult) -> None:
+def _vanished(client: ChainClient, result: RewindResult, *, head: int, past_grace: bool) -> None:
     """Submitted batches whose transaction the node no longer knows while its nonce is unused on
-    chain (it left with a rollback, or was dropped): back to pending, sent again by their run."""
+    chain (it left with a rollback, or was dropped): back to pending, sent again by their run.
+    A node with no block after the one the batch was sent from (`head`) is waited for as a node
+    behind (node_behind_wait, CHAIN_BEHIND_GRACE_S), unless it has been behind past the grace
+    already: one of several behind a load balancer may never have heard of the transaction the
+    others are mining, and the batch was sent a second time."""
     mined: int | None = None
+    unsure: bool | None = None  # whether records the node may not have heard of yet wait (None: none met)
     for model in (BudgetReservation, Settlement):
         for record in model.objects.filter(status=OS.SUBMITTED).exclude(tx_hash="").order_by("pk"):
             if record.nonce is None or client.transaction_known(record.tx_hash):
                 continue
+            if not past_grace and head <= (record.sent_from_block or 0):
+                if unsure is None:
+                    try:  # as a node behind: waited for, up to the grace, then read as gone
+                        unsure = not node_behind_wait(
+                            head=head, needed=head + 1, scope="vanished", what="a batch's send"
+                        )
+                    except NodeBehind:
+                        unsure = True
+                if unsure:
+                    continue
             if mined is None:
                 mined = client.transaction_count("latest")
             if mined > record.nonce:
@@ -311,6 +337,8 @@ def _vanished(client: ChainClient, result: RewindResult) -> None:
             if moved:
                 logger.warning("%s: transaction %s vanished; it goes out again", record, record.tx_hash)
                 result.vanished += moved
+    if unsure is None:
+        node_behind_wait(head=1, needed=0, scope="vanished", what="")  # none waits: the wait starts over
 
 
 def _gaps(client: ChainClient, result: RewindResult) -> None:

@@ -147,6 +147,10 @@ class _Lagging(ChainClient):
 
     lag_head: int | None = None
     stale_nonce: int | None = None
+    deaf: bool = False  # it never heard of the operator's transactions it has not mined
+
+    def transaction_known(self, tx_hash: str) -> bool:
+        return False if self.deaf else super().transaction_known(tx_hash)
 
     def block_number(self) -> int:
         real = super().block_number()
@@ -254,6 +258,49 @@ def test_a_batch_sent_again_after_its_first_transaction_paid_it_is_booked_paid(n
     assert provider_payable_micro(provider_id=lease.machine.provider_id) == 900_000
     assert lease_money(lease_ids=[lease.pk])[lease.pk] == LeaseMoney(settled=ONE, fee=100_000, unsettled=0)
     _agree(node, renters, providers)
+
+
+def test_a_node_that_has_no_block_after_a_batch_was_sent_does_not_make_it_vanish(node, settings):
+    """A node at the very block a batch was sent from, which never heard of its transaction (one
+    of several behind a load balancer), passed the wait for nodes behind: the batch was read as
+    vanished, put back to pending and sent a second time."""
+    from billing.rewind import chain_rewind
+
+    settings.CHAIN_BEHIND_GRACE_S = 300
+    _charged(node, "deaf")
+    # Needing 3 blocks, it is not confirmed by this run: it stays submitted.
+    engine.settle_run(client=node.client(confirmations=3), deployment=node.env.deployment, force=True)
+    settlement = Settlement.objects.get()
+    assert settlement.status == "submitted"
+    deaf = _Lagging(
+        node.w3, operator_account=node.env.client.account, confirmations=1, receipt_timeout_s=0.3, poll_interval_s=0.01
+    )
+    deaf.lag_head, deaf.stale_nonce, deaf.deaf = settlement.sent_from_block, settlement.nonce, True
+
+    assert chain_rewind(client=deaf).vanished == 0
+
+    settlement.refresh_from_db()
+    assert settlement.status == "submitted"
+
+
+def test_a_cache_that_cannot_be_read_stops_no_run_on_a_node_that_is_not_behind(monkeypatch):
+    """The wait for a node behind keeps when it began in the coordination cache; a cache outage
+    failed every chain run, the healthy ones too."""
+    from django.core.cache import caches
+
+    from billing.chain import NodeBehind
+    from billing.rewind import node_behind_wait
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("the cache's Redis is down")
+
+    cache = caches["coordination"]
+    for name in ("get", "set", "delete"):
+        monkeypatch.setattr(cache, name, down)
+
+    assert node_behind_wait(head=10, needed=10, scope="operator", what="a record") is False
+    with pytest.raises(NodeBehind):
+        node_behind_wait(head=9, needed=10, scope="operator", what="a record")
 
 
 # ---------------------------------------------------------------------------- a rollback under confirmed work
