@@ -288,6 +288,8 @@ class LeaseTracker:
         # The lease being started now (the runner may pull an image for minutes meanwhile): the
         # daemon renews its deadline although no heartbeat has reported it yet.
         self.starting: int | None = None
+        # Why the owner's GPU was reclaimed, for a lease whose stop failed and is tried again.
+        self._reclaim_why: dict[int, str] = {}
         self._next_usage = time.monotonic() + usage_interval_s
         self._load()
 
@@ -445,6 +447,7 @@ class LeaseTracker:
             if why is not None:
                 stopped = self._reclaim(lease, state, why=why)
                 if stopped.running:
+                    self._reclaim_why[lease_id] = why  # for its report, once a later poll stops it
                     continue  # tried again at the next poll
                 reclaimed.append((lease, stopped, why))
             elif (now - lease.started_at).total_seconds() > lease.max_duration_s:
@@ -461,7 +464,7 @@ class LeaseTracker:
                 continue
             self._measure(lease, gpus.by_uuid)
             if not state.running:
-                self._finish(lease, state, at=now)
+                self._finish(lease, state, at=now, detail=self._reclaim_why.pop(lease_id, ""))
 
     def account_usage(self) -> None:
         """Every `usage_interval_s`: spool a usage report per lease for the period since its last,

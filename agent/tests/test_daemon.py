@@ -775,6 +775,36 @@ def test_a_lease_its_runner_cannot_answer_for_stays_tracked_and_fenced(
         _close(agent)
 
 
+def test_a_lease_no_runner_knows_is_unknown_though_the_runner_of_a_refused_kind_cannot_answer() -> None:
+    """A machine that runs process jobs only, its container engine broken (why containers are
+    refused there): that runner's errors made every lease the process runner did not know look
+    unreadable rather than unknown, kept and reported running for ever."""
+    from gpgpu_agent.runners.common import UnknownLeaseError
+
+    class Knows:
+        def __init__(self, known: set[int]) -> None:
+            self.known = known
+
+        def poll(self, lease_id: int) -> Any:
+            if lease_id not in self.known:
+                raise UnknownLeaseError(lease_id)
+            return object()
+
+    class Broken:
+        def poll(self, lease_id: int) -> Any:
+            raise RunnerError("Cannot connect to the Docker daemon")
+
+    refused = KindRunner(runners={"process": Knows({1}), "container": Broken()}, accepts={"process"})  # type: ignore[dict-item]
+    accepted = KindRunner(runners={"process": Knows({1}), "container": Broken()}, accepts={"process", "container"})  # type: ignore[dict-item]
+
+    refused.poll(1)
+    with pytest.raises(UnknownLeaseError):
+        refused.poll(7)
+    with pytest.raises(RunnerError) as unreadable:  # it may be the container runner's: kept
+        accepted.poll(7)
+    assert not isinstance(unreadable.value, UnknownLeaseError)
+
+
 def test_a_restarted_agent_whose_runner_cannot_answer_yet_keeps_its_leases(
     tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml, monkeypatch: Any
 ) -> None:
@@ -821,6 +851,7 @@ def test_a_stop_that_fails_is_tried_again_at_the_next_poll_and_the_owner_gets_th
     assert 1 not in agent.leases
     assert all(not os.path.exists(f"/proc/{pid}/cmdline") or _zombie(pid) for pid in pids)
     assert ("event", 1, "lease-1-preempted_by_owner") in transport.applied
+    assert "owner process 4000321" in transport._events[(1, "lease-1-preempted_by_owner")]["detail"]
 
 
 def test_start_orders_with_ids_out_of_range_are_ignored_and_the_other_leases_go_on(rig: Any) -> None:

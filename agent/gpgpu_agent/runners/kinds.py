@@ -81,15 +81,19 @@ class KindRunner:
         if runner is not None:
             return runner
         # Not started by this agent: ask each runner whose records it is. Only when every runner
-        # answered that it has none is the lease unknown; one that could not answer may hold it.
+        # answered that it has none is the lease unknown; one of an accepted kind that could not
+        # answer may hold it. A runner of a kind this machine refuses fails for good when its
+        # engine is missing or broken (why it is refused): its errors would keep every forgotten
+        # lease for ever, reported running.
         failure: RunnerError | None = None
-        for candidate in self.runners.values():
+        for kind, candidate in self.runners.items():
             try:
                 candidate.poll(lease_id)
             except UnknownLeaseError:
                 continue
             except RunnerError as exc:
-                failure = exc
+                if kind in self.accepts:
+                    failure = exc
                 continue
             self._owner[lease_id] = candidate
             return candidate
