@@ -1,30 +1,10 @@
 from django.db import migrations, models
 
-# jobs.ingestion.LOG_CHUNK_MIN_CHARGE when this was written (a migration keeps its own copy).
-MIN_CHARGE = 256
-
-
-def count_up(apps, schema_editor):  # type: ignore[no-untyped-def]
-    """Each kept chunk's job_charged: its job's charged bytes up to and including it, in id order
-    (what the job's bound was checked against when it was stored)."""
-    LogChunk = apps.get_model("jobs", "LogChunk")
-    rows = LogChunk.objects.order_by("job_id", "pk").values_list("pk", "job_id", "size")
-    job, total, batch = None, 0, []
-    for pk, job_id, size in rows.iterator(chunk_size=2000):
-        if job_id != job:
-            job, total = job_id, 0
-        total += max(size, MIN_CHARGE)
-        batch.append(LogChunk(pk=pk, job_charged=total))
-        if len(batch) >= 2000:
-            LogChunk.objects.bulk_update(batch, ["job_charged"])
-            batch = []
-    if batch:
-        LogChunk.objects.bulk_update(batch, ["job_charged"])
-
 
 class Migration(migrations.Migration):
     # A job's output used up to now is read from its newest chunk rather than summed over all its
-    # chunks for each new one (up to 65,536 rows per job at the default bound).
+    # chunks for each new one (up to 65,536 rows per job at the default bound). The column is
+    # filled in for the kept chunks by the next migration, outside this one's table lock.
 
     dependencies = [
         ("jobs", "0014_lease_checkpoint_uploads"),
@@ -36,5 +16,4 @@ class Migration(migrations.Migration):
             name="job_charged",
             field=models.BigIntegerField(default=0),
         ),
-        migrations.RunPython(count_up, migrations.RunPython.noop),
     ]
