@@ -44,23 +44,6 @@ def leases_end_of_refused_kinds(*, machine_id: int, kinds: frozenset[str]) -> No
         )
 
 
-def leases_unlisted_mark(*, machine_id: int, listed: set[int]) -> None:
-    """Mark the machine's running leases its heartbeat does not list (unlisted_since, the first
-    time) and unmark those it lists again. Rows a lease end holds are skipped, not waited for:
-    the heartbeat holds the machine's GPU rows, which a lease end waits for (lease, then GPUs);
-    the next full heartbeat marks them. An agent that forgot a lease (its records gone) left it
-    running here until its job's maximum duration, its GPUs leased and its budget held."""
-    now = timezone.now()
-    running = Lease.objects.filter(machine_id=machine_id, status=Lease.Status.RUNNING)
-    unlisted = running.exclude(pk__in=listed).filter(unlisted_since__isnull=True)
-    if ids := list(unlisted.select_for_update(skip_locked=True, of=("self",)).values_list("pk", flat=True)):
-        Lease.objects.filter(pk__in=ids).update(unlisted_since=now)
-    if listed:
-        back = running.filter(pk__in=listed, unlisted_since__isnull=False)
-        if ids := list(back.select_for_update(skip_locked=True, of=("self",)).values_list("pk", flat=True)):
-            Lease.objects.filter(pk__in=ids).update(unlisted_since=None)
-
-
 def _by_gpu_index(lease_gpu: LeaseGPU) -> int:
     return lease_gpu.gpu.index
 
@@ -183,16 +166,8 @@ class MachineLeases:
             Lease.objects.filter(pk__in=ids).update(start_reported_at=timezone.now())
 
     def heartbeat_orders(
-        self,
-        *,
-        machine_id: int,
-        listed: set[int],
-        kinds: frozenset[str],
-        may_have_assigned: bool = True,
-        may_have_running: bool = True,
+        self, *, machine_id: int, listed: set[int], kinds: frozenset[str], may_have_assigned: bool = True
     ) -> tuple[list[providers_services.LeaseStart], list[providers_services.LeaseStop]]:
-        if may_have_running:
-            leases_unlisted_mark(machine_id=machine_id, listed=listed)
         return leases_heartbeat_orders(
             machine_id=machine_id, listed=listed, kinds=kinds, may_have_assigned=may_have_assigned
         )

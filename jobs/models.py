@@ -156,10 +156,6 @@ class Lease(models.Model):
     # When a heartbeat first listed it as `starting` (the agent pulling its image): the start
     # timeout then waits up to LEASE_START_MAX_S (jobs.sweeps).
     start_reported_at = models.DateTimeField(null=True, blank=True)
-    # Since when its machine's heartbeats, running it, no longer list it (its agent forgot it: its
-    # records are gone). Cleared when a heartbeat lists it again; LEASE_LOST_AFTER_S later the
-    # lease sweep ends it as lost (jobs.sweeps).
-    unlisted_since = models.DateTimeField(null=True, blank=True)
     # Set when the marketplace wants the agent to stop it (cancel, max duration, suspension).
     stop_requested_at = models.DateTimeField(null=True, blank=True)
     stop_reason = models.CharField(max_length=32, choices=EndReason.choices, blank=True)

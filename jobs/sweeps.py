@@ -32,14 +32,12 @@ class LeaseSweepResult:
     start_timeouts: int
     stops_requested: int
     ended_after_stop: int
-    forgotten: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
             "start_timeouts": self.start_timeouts,
             "stops_requested": self.stops_requested,
             "ended_after_stop": self.ended_after_stop,
-            "forgotten": self.forgotten,
         }
 
 
@@ -51,8 +49,6 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
     - assigned for longer than LEASE_START_TIMEOUT_S (LEASE_START_MAX_S when its agent reported
       it starting): ended with `start_timeout` (the job is retried while it has attempts left);
     - running past their job's max_duration_s: asked to stop with reason `max_duration`;
-    - running, and left out of their machine's heartbeats for LEASE_LOST_AFTER_S (its agent
-      forgot them: their records are gone; unlisted_since): ended as `lost`, as of then;
     - still running STOP_GRACE_S after a stop request (whatever its reason): ended with the
       requested reason, as of the request (as of its maximum for max_duration), so that an
       unresponsive agent neither holds the lease nor is paid for the time it ignored the stop.
@@ -132,27 +128,6 @@ def leases_sweep(*, now: datetime | None = None) -> LeaseSweepResult:
         if cast(datetime, started_at) + timedelta(seconds=max_duration_s) < now:  # the filter excludes NULL
             with periodic.item("lease", lease_id):
                 stops_requested += lease_request_stop(lease_id=lease_id, reason=ER.MAX_DURATION, actor="sweeper")
-    # Its agent no longer lists it. Not at the first heartbeat without it: a lease that just ended
-    # there is left out while its exited event is on its way, which ends it as it really ended.
-    lost_after_s = int(settings.GPGPU["LEASE_LOST_AFTER_S"])
-    lost_after = timedelta(seconds=lost_after_s)
-    forgotten = 0
-    for lease_id, unlisted_since in (
-        Lease.objects.filter(status=Lease.Status.RUNNING, unlisted_since__lt=now - lost_after)
-        .order_by("pk")
-        .values_list("pk", "unlisted_since")
-    ):
-        with periodic.item("lease", lease_id):
-            forgotten += lease_end(
-                lease_id=lease_id,
-                reason=ER.LOST,
-                actor="sweeper",
-                at=unlisted_since,
-                detail=f"its machine's heartbeats have not listed it for over {lost_after_s} seconds",
-            )
     return LeaseSweepResult(
-        start_timeouts=start_timeouts,
-        stops_requested=stops_requested,
-        ended_after_stop=ended_after_stop,
-        forgotten=forgotten,
+        start_timeouts=start_timeouts, stops_requested=stops_requested, ended_after_stop=ended_after_stop
     )

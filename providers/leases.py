@@ -49,19 +49,11 @@ class MachineLeases(Protocol):
         start timeout waits longer (jobs.sweeps)."""
 
     def heartbeat_orders(
-        self,
-        *,
-        machine_id: int,
-        listed: set[int],
-        kinds: frozenset[str],
-        may_have_assigned: bool = True,
-        may_have_running: bool = True,
+        self, *, machine_id: int, listed: set[int], kinds: frozenset[str], may_have_assigned: bool = True
     ) -> tuple[list[LeaseStart], list[LeaseStop]]:
         """The heartbeat reply's lease orders: (start, stop), lists of providers.services.LeaseStart
-        and LeaseStop; and the running leases the heartbeat does not list marked so (and those it
-        lists unmarked). may_have_assigned=False: the caller knows the machine has no assigned
-        lease to start (the query for them is skipped); may_have_running=False: no active lease
-        at all."""
+        and LeaseStop. may_have_assigned=False: the caller knows the machine has no assigned lease
+        to start (the query for them is skipped)."""
 
 
 _machine_leases: MachineLeases | None = None

@@ -866,7 +866,6 @@ def machine_heartbeat(*, machine: Machine, report: HeartbeatReport) -> Heartbeat
                 report=report,
                 kinds=kinds,
                 may_have_assigned=leased and lock.assigned,
-                may_have_running=leased,
                 now=now,
             )
             # Without a window or a coming blackout (the lock's statement says) it is available
@@ -1335,13 +1334,7 @@ def predicted_idle_countdown(predicted: int | None, computed_at: float, *, now: 
 
 
 def _heartbeat_reply(
-    *,
-    machine_id: int,
-    report: HeartbeatReport,
-    kinds: frozenset[str],
-    may_have_assigned: bool,
-    may_have_running: bool = True,
-    now: datetime,
+    *, machine_id: int, report: HeartbeatReport, kinds: frozenset[str], may_have_assigned: bool, now: datetime
 ) -> HeartbeatReply:
     if starting := {lr.lease_id for lr in report.leases if lr.state == "starting"}:
         machine_leases().starting_reported(machine_id=machine_id, lease_ids=starting)
@@ -1350,7 +1343,6 @@ def _heartbeat_reply(
         listed={lr.lease_id for lr in report.leases},
         kinds=kinds,
         may_have_assigned=may_have_assigned,
-        may_have_running=may_have_running,
     )
     basis = None
     if report.leases or start:  # only the jobs running here read it: nothing for an idle machine

@@ -77,49 +77,6 @@ def test_a_lease_its_agent_reports_starting_waits_for_its_image_up_to_the_maximu
     )
 
 
-def test_a_running_lease_its_agent_no_longer_lists_ends_as_lost_after_the_grace(settings) -> None:  # type: ignore[no-untyped-def]
-    """An agent that forgot a lease (its records gone) left it running here until its job's
-    maximum duration, days: its GPUs leased, its budget held, an interruptible job never queued
-    again. Not at the first heartbeat without it: a lease that just ended there is left out while
-    its exited event is on its way, and that event ends it as it really ended."""
-    from tests.factories import agent_client, gpu_entry, heartbeat
-
-    grace = settings.GPGPU["LEASE_LOST_AFTER_S"]
-    forgotten = placed_lease(started=True)
-    machine, gpu = agent_client(forgotten.machine), forgotten.gpus.get()
-    entry = [gpu_entry(gpu.uuid, gpu.index, idle=False)]
-
-    assert heartbeat(machine, entry, []).status_code == 200  # it no longer lists it
-    marked = Lease.objects.get(pk=forgotten.pk).unlisted_since
-    assert marked is not None
-    assert sweep_leases()["forgotten"] == 0  # within the grace: an exited event may be on its way
-    assert heartbeat(machine, entry, [{"lease_id": forgotten.pk, "state": "running"}]).status_code == 200
-    assert Lease.objects.get(pk=forgotten.pk).unlisted_since is None  # listed again: not lost
-    assert heartbeat(machine, entry, []).status_code == 200
-    Lease.objects.filter(pk=forgotten.pk).update(unlisted_since=timezone.now() - timedelta(seconds=grace + 1))
-
-    assert sweep_leases()["forgotten"] == 1
-
-    ended = Lease.objects.get(pk=forgotten.pk)
-    assert (ended.status, ended.end_reason) == (Lease.Status.ENDED, "lost")
-    assert GPU.objects.get(pk=gpu.pk).state != GPU.State.LEASED
-
-
-def test_a_lease_left_out_while_its_exited_event_is_on_its_way_ends_as_it_ended(settings) -> None:  # type: ignore[no-untyped-def]
-    from tests.factories import agent_client, gpu_entry, heartbeat
-
-    grace = settings.GPGPU["LEASE_LOST_AFTER_S"]
-    done = placed_lease(started=True)
-    machine, gpu = agent_client(done.machine), done.gpus.get()
-    assert heartbeat(machine, [gpu_entry(gpu.uuid, gpu.index)], []).status_code == 200
-    event = {"event_id": f"lease-{done.pk}-exited", "type": "exited", "at": timezone.now().isoformat(), "exit_code": 0}
-    assert machine.post(f"/api/agent/v1/leases/{done.pk}/events", event, format="json").status_code in (200, 201)
-    Lease.objects.filter(pk=done.pk).update(unlisted_since=timezone.now() - timedelta(seconds=grace + 1))
-
-    assert sweep_leases()["forgotten"] == 0
-    assert Lease.objects.get(pk=done.pk).end_reason == "succeeded"
-
-
 def test_start_timeouts_fail_the_job_once_attempts_run_out(settings) -> None:  # type: ignore[no-untyped-def]
     settings.GPGPU = {**settings.GPGPU, "JOB_MAX_ATTEMPTS": 1}
     lease = placed_lease()
