@@ -43,7 +43,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NotRequired, TypedDict
@@ -425,6 +425,11 @@ class Agent:
                 finally:
                     if isinstance(order, Mapping):
                         self._starts_queued.discard(order.get("lease_id"))
+                    # The heartbeats list it from now on, not from the end of this poll: the next
+                    # start may hold the poll for minutes (its image), and a lease left out of the
+                    # heartbeats meanwhile had its fence run out (its workload killed).
+                    with self._snapshot_lock:
+                        self._snapshot = replace(self._snapshot, leases=self.tracker.reports())
             elif kind == "stop":
                 self.tracker.stop(order)
             elif kind == "stop_all" and self.tracker.leases:

@@ -898,6 +898,10 @@ def test_a_lease_whose_image_is_still_being_pulled_is_listed_as_starting(
         both = [{"lease_id": 1, "state": "starting"}, {"lease_id": 2, "state": "starting"}]
         # The second waits behind the first's pull: listed as starting too.
         _wait(lambda: both in heartbeats(), 5, "a heartbeat listing both as starting")
+        # The first started while the second's image is pulled: listed running meanwhile (left
+        # out until the poll ended, its fence was not renewed).
+        first_up = [{"lease_id": 1, "state": "running"}, {"lease_id": 2, "state": "starting"}]
+        _wait(lambda: first_up in heartbeats(), 6, "a heartbeat listing the first running, the second starting")
         _wait(lambda: ("event", 2, "lease-2-started") in transport.applied, 15, "the leases starting")
         time.sleep(1.2)
         assert heartbeats()[-1] == [{"lease_id": 1, "state": "running"}, {"lease_id": 2, "state": "running"}]
