@@ -791,8 +791,13 @@ def test_a_lease_no_runner_knows_is_unknown_though_the_runner_of_a_refused_kind_
             return object()
 
     class Broken:
+        """A container runner whose engine does not answer; it keeps work directories of 9."""
+
         def poll(self, lease_id: int) -> Any:
             raise RunnerError("Cannot connect to the Docker daemon")
+
+        def workspace(self, lease_id: int) -> Path | None:
+            return Path("/work-of-9") if lease_id == 9 else None
 
     refused = KindRunner(runners={"process": Knows({1}), "container": Broken()}, accepts={"process"})  # type: ignore[dict-item]
     accepted = KindRunner(runners={"process": Knows({1}), "container": Broken()}, accepts={"process", "container"})  # type: ignore[dict-item]
@@ -800,6 +805,11 @@ def test_a_lease_no_runner_knows_is_unknown_though_the_runner_of_a_refused_kind_
     refused.poll(1)
     with pytest.raises(UnknownLeaseError):
         refused.poll(7)
+    # Its own work directory: its engine may be down only for now (an agent started before
+    # Docker at boot), and the container running: kept.
+    with pytest.raises(RunnerError) as kept:
+        refused.poll(9)
+    assert not isinstance(kept.value, UnknownLeaseError)
     with pytest.raises(RunnerError) as unreadable:  # it may be the container runner's: kept
         accepted.poll(7)
     assert not isinstance(unreadable.value, UnknownLeaseError)

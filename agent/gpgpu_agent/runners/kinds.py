@@ -43,6 +43,17 @@ SIMULATED_NO_CONTAINERS = "a simulated machine runs process jobs only"
 CONTAINERS_OFF = "container jobs are off on this machine (container_engine = none)"
 
 
+def _may_hold(runner: CapableRunner, lease_id: int) -> bool:
+    """Whether `runner` may hold the lease though it cannot be asked: it keeps a work directory
+    of it (read from the disk, not its engine), or keeps none at all."""
+    if not isinstance(runner, Workspaces):
+        return True
+    try:
+        return runner.workspace(lease_id) is not None
+    except (OSError, RunnerError):
+        return True
+
+
 class KindRunner:
     """Routes each lease to the runner of its kind (protocols.Runner) and refuses kinds this
     machine does not accept. ``runners`` may hold a runner for a kind that is not accepted: it
@@ -81,10 +92,11 @@ class KindRunner:
         if runner is not None:
             return runner
         # Not started by this agent: ask each runner whose records it is. Only when every runner
-        # answered that it has none is the lease unknown; one of an accepted kind that could not
-        # answer may hold it. A runner of a kind this machine refuses fails for good when its
-        # engine is missing or broken (why it is refused): its errors would keep every forgotten
-        # lease for ever, reported running.
+        # answered that it has none is the lease unknown; one that could not answer may hold it:
+        # one of an accepted kind, or one with a work directory of the lease. A runner of a kind
+        # this machine refuses (its engine missing or broken, or not up yet at boot) with no work
+        # directory of it does not: its errors kept every forgotten lease for ever, reported
+        # running, on a machine whose engine never worked.
         failure: RunnerError | None = None
         for kind, candidate in self.runners.items():
             try:
@@ -92,7 +104,7 @@ class KindRunner:
             except UnknownLeaseError:
                 continue
             except RunnerError as exc:
-                if kind in self.accepts:
+                if kind in self.accepts or _may_hold(candidate, lease_id):
                     failure = exc
                 continue
             self._owner[lease_id] = candidate
