@@ -26,7 +26,7 @@ def test_the_chunks_kept_before_count_up_per_job_in_order() -> None:
         LogChunk.objects.create(job_id=lease.job_id, lease=lease, seq=seq, text="x", size=size, at=timezone.now())
     _migrate("0014_lease_checkpoint_uploads")
     try:
-        _migrate("0016_logchunk_job_charged_fill")
+        _migrate("0017_logchunk_job_charged_fill")
     finally:
         _migrate(max(n for app, n in MigrationExecutor(connection).loader.graph.leaf_nodes() if app == "jobs"))
 

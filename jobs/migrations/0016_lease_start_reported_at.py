@@ -4,7 +4,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0016_logchunk_job_charged_fill'),
+        ('jobs', '0015_logchunk_job_charged'),
     ]
 
     operations = [

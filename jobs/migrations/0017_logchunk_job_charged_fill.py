@@ -28,7 +28,7 @@ class Migration(migrations.Migration):
     atomic = False
 
     dependencies = [
-        ("jobs", "0015_logchunk_job_charged"),
+        ("jobs", "0016_lease_start_reported_at"),
     ]
 
     operations = [
