@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.core.cache import caches
-from django.db.models import Q
+from django.db.models import Max, Q
 
 from billing.chain import ChainClient, NodeBehind, NodeUnavailable
 from billing.errors import InsufficientBalance, InsufficientFunds
@@ -129,6 +129,32 @@ def _why(number: int | None, chain: _Chain) -> str:
     return f"its block {number} left the chain (the node's head is now {chain.head})"
 
 
+def _behind_for(scope: str) -> float:
+    """Seconds since the runs of `scope` first found the node behind (kept in the coordination
+    cache, shared by the workers), starting the count now when they had not; 0 when the cache
+    cannot be read (the wait then never ends while it is down)."""
+    cache, key, now = caches["coordination"], f"billing.node_behind.{scope}", time.time()
+    try:
+        since = cache.get(key)
+        if since is None:
+            cache.set(key, now, timeout=None)
+            return 0.0
+    except Exception:  # the cache's own errors (Redis down)
+        logger.warning("could not read how long the node has been behind", exc_info=True)
+        return 0.0
+    return now - float(since)
+
+
+def _behind_forget(scope: str) -> None:
+    """The runs of `scope` found the node caught up: the next wait counts from zero."""
+    cache, key = caches["coordination"], f"billing.node_behind.{scope}"
+    try:
+        if cache.get(key) is not None:
+            cache.delete(key)
+    except Exception:  # the cache's own errors: not a reason to stop a healthy run
+        logger.warning("could not clear how long the node was behind", exc_info=True)
+
+
 def node_behind_wait(*, head: int, needed: int, scope: str, what: str) -> bool:
     """Raise NodeBehind while the node's `head` is below block `needed`, which `what` rests on,
     for up to CHAIN_BEHIND_GRACE_S from the first run that saw it so (`scope`: whose runs, kept
@@ -144,31 +170,18 @@ def node_behind_wait(*, head: int, needed: int, scope: str, what: str) -> bool:
 
     Returns True when it let a node still behind through (the grace is over), False when the node
     is not behind. The cache unreachable: a node behind is waited for, one that is not passes."""
-    cache = caches["coordination"]
-    key = f"billing.node_behind.{scope}"
+    if head >= needed:
+        _behind_forget(scope)
+        return False
     grace = int(settings.CHAIN_BEHIND_GRACE_S)
-    now = time.time()
-    try:
-        if head >= needed:
-            if cache.get(key) is not None:
-                cache.delete(key)
-            return False
-        since = cache.get(key)
-        if since is None:
-            cache.set(key, now, timeout=None)
-            since = now
-    except Exception:  # the cache's own errors (Redis down): not a reason to stop a healthy run
-        if head >= needed:
-            return False
-        logger.warning("could not read how long the node has been behind", exc_info=True)
-        since = now
-    if now - float(since) >= grace:
+    waited = _behind_for(scope)
+    if waited >= grace:
         logger.warning(
             "the node's head %s has been below block %s (%s) for %.0f s: reading the blocks above it as gone",
             head,
             needed,
             what,
-            now - float(since),
+            waited,
         )
         return True
     raise NodeBehind(
@@ -186,11 +199,8 @@ def chain_rewind(*, client: ChainClient) -> RewindResult:
     chain = _Chain(client)
     newest = _newest_record()
     sent_from = [
-        int(number or 0)
+        model.objects.filter(status=OS.SUBMITTED).aggregate(block=Max("sent_from_block"))["block"] or 0
         for model in (Settlement, BudgetReservation)
-        for number in model.objects.filter(status=OS.SUBMITTED, sent_from_block__isnull=False)
-        .order_by("-sent_from_block")
-        .values_list("sent_from_block", flat=True)[:1]
     ]
     needed = max([newest[0] if newest else 0, *sent_from])
     past_grace = node_behind_wait(
@@ -317,13 +327,8 @@ def _vanished(client: ChainClient, result: RewindResult, *, head: int, past_grac
             if record.nonce is None or client.transaction_known(record.tx_hash):
                 continue
             if not past_grace and head <= (record.sent_from_block or 0):
-                if unsure is None:
-                    try:  # as a node behind: waited for, up to the grace, then read as gone
-                        unsure = not node_behind_wait(
-                            head=head, needed=head + 1, scope="vanished", what="a batch's send"
-                        )
-                    except NodeBehind:
-                        unsure = True
+                if unsure is None:  # as a node behind: waited for, up to the grace, then read as gone
+                    unsure = _behind_for("vanished") < int(settings.CHAIN_BEHIND_GRACE_S)
                 if unsure:
                     continue
             if mined is None:
@@ -338,7 +343,7 @@ def _vanished(client: ChainClient, result: RewindResult, *, head: int, past_grac
                 logger.warning("%s: transaction %s vanished; it goes out again", record, record.tx_hash)
                 result.vanished += moved
     if unsure is None:
-        node_behind_wait(head=1, needed=0, scope="vanished", what="")  # none waits: the wait starts over
+        _behind_forget("vanished")  # none waits: the next wait counts from zero
 
 
 def _gaps(client: ChainClient, result: RewindResult) -> None:

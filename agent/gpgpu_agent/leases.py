@@ -441,19 +441,19 @@ class LeaseTracker:
             if lease.ending is not None:
                 # Still running though it is ending: its stop failed (the runner did not answer).
                 # Asked again at every poll; skipped, it ran on for good, the owner's GPU with it.
-                states[lease_id] = self._stop(lease, state)
+                states[lease_id] = stopped if (stopped := self._stop(lease)) is not None else state
                 continue
             why = self._owner_back(lease, gpus, schedule_open)
             if why is not None:
-                stopped = self._reclaim(lease, state, why=why)
-                if stopped.running:
+                stopped = self._reclaim(lease, why=why)
+                if stopped is None:
                     self._reclaim_why[lease_id] = why  # for its report, once a later poll stops it
                     continue  # tried again at the next poll
                 reclaimed.append((lease, stopped, why))
             elif (now - lease.started_at).total_seconds() > lease.max_duration_s:
                 logger.info("lease %s: past its max duration; stopping it", lease_id)
                 lease.ending = "timeout"
-                states[lease_id] = self._stop(lease, state)
+                states[lease_id] = stopped if (stopped := self._stop(lease)) is not None else state
         for lease, state, why in reclaimed:
             self._finish(lease, state, at=now, detail=why)  # reported and forgotten
 
@@ -578,24 +578,24 @@ class LeaseTracker:
                 return f"owner process {', '.join(map(str, gpus.foreign[uuid]))} appeared on GPU {gpu.index}"
         return None
 
-    def _stop(self, lease: TrackedLease, running: RunState) -> RunState:
-        """Stop the rental (SIGTERM, grace, SIGKILL): its final state, or `running` when the
-        runner failed to stop it (enforce asks again at the next poll)."""
+    def _stop(self, lease: TrackedLease) -> RunState | None:
+        """Stop the rental (SIGTERM, grace, SIGKILL): its final state, or None when the runner
+        failed to stop it (the lease stays ending, and enforce asks again at the next poll)."""
         try:
             return self.runner.stop(lease.lease_id, grace_s=self.stop_grace_s)
         except RunnerError as exc:
             logger.warning("lease %s: could not stop it (%s); trying again at the next poll", lease.lease_id, exc)
-            return running
+            return None
 
-    def _reclaim(self, lease: TrackedLease, running: RunState, *, why: str) -> RunState:
+    def _reclaim(self, lease: TrackedLease, *, why: str) -> RunState | None:
         """Stop the rental now (SIGTERM, grace, SIGKILL); the caller then reports it
-        preempted_by_owner (_finish)."""
+        preempted_by_owner (_finish). None when the stop failed (_stop)."""
         logger.warning("lease %s: reclaiming for the owner: %s", lease.lease_id, why)
         lease.ending = "preempted_by_owner"
         started = time.monotonic()
-        state = self._stop(lease, running)
-        if state.running:
-            return state
+        state = self._stop(lease)
+        if state is None:
+            return None
         took = time.monotonic() - started
         self.metrics.reclaim(took)
         logger.info("lease %s: rental stopped %.1f s after the owner was seen", lease.lease_id, took)
@@ -935,12 +935,9 @@ class LeaseTracker:
             ", saving its checkpoint" if lease.save_checkpoint else "",
         )
         lease.ending = f"stopped:{reason}"
-        try:
-            state = self.runner.stop(lease_id, grace_s=self.stop_grace_s)
-        except RunnerError as exc:  # enforce asks again at every poll, and reports its end then
-            logger.warning("lease %s: could not stop it (%s); trying again at the next poll", lease_id, exc)
-            return
-        self._finish(lease, state, at=self.clock())
+        state = self._stop(lease)
+        if state is not None:  # else enforce asks again at every poll, and reports its end then
+            self._finish(lease, state, at=self.clock())
 
     # -- reports (write-ahead) -----------------------------------------------------------------
 

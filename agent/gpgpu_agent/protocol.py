@@ -114,7 +114,7 @@ def image_registry_refusal(image: str) -> str | None:
             return f"the registry {host!r} is a name of the local network"
         if all(_NUMERIC_LABEL.match(label) for label in host.split(".")):
             # 127.1, 0x7f.0.0.1: not a name, an address the resolver reads in inet_aton's forms
-            return f"the registry {host!r} is a numeric address in a form that is not refused item by item"
+            return f"the registry {host!r} is an address written in a numeric form"
         return None
     if not address.is_global:
         return f"the registry {host!r} is an address of a private, loopback or link-local network"
