@@ -18,7 +18,8 @@ Policies (`POLICIES`):
   eligible GPUs.
 - ``v2``: forecast-aware, fair, priced and aged:
 
-  * Order. A job waiting longer than `AGE_LIMIT_S` goes before every other, oldest first.
+  * Order. A job waiting longer than `AGE_LIMIT_S` goes before every other, oldest first
+    (but for the fit pass below, which only those waiting over `OVERDUE_S` go before).
     The others are taken renter by renter: the next job comes from the renter whose head job
     bids most per GPU already held, max_price / (1 + GPUs the renter holds, counting this
     cycle's placements); within a renter, higher price ceiling first, then FIFO. So when
@@ -39,6 +40,28 @@ Policies (`POLICIES`):
     earliest (the GPU time that costs least; the long stretches stay for jobs they can finish). On a machine the
     steadiest GPUs are taken first. Price plays no part here beyond the hard constraints
     (the agreed price is still the highest floor).
+  * Fit: when capacity is short (more jobs pending than free GPUs), the GPUs choose first. After
+    the jobs waiting over `OVERDUE_S` (20 h), each free GPU, those due back soonest first (at most
+    `_FIT_GPUS` a cycle), goes to a job for one GPU that it can run to the end (remaining duration
+    within the GPU's safe-until): the longest such job of those waiting over `AGE_LIMIT_S` (then
+    the oldest); without one, the longest such job (of equal lengths the higher bid, then the
+    oldest) among the renters that bid at least half the highest bid of a renter with such a job
+    (the bid as in Order; of each renter, its longest such job). A GPU no job fits goes on to the
+    order above. Why: a job that finishes loses nothing to a preemption and frees its GPU for the
+    next, while the oldest job at full load is usually a long one that a short idle stretch would
+    only cut short (in the shared traces 77 % of the owners' stretches are shorter than a 600-s
+    checkpoint interval, where it keeps nothing); and the longest job that fits, rather than any,
+    keeps the rare long stretches for the jobs only they can hold (on the traces, the renters'
+    order among the jobs that fit, or any job within nine tenths of the longest, kept under half of
+    the gain: docs/simulator.md). With GPUs to spare every job is placed anyway, and the jobs
+    choose as below.
+    How fair share and price combine: a renter's bid is its job's ceiling ÷ (1 + GPUs it holds). In
+    the order, the highest bid goes first, so a higher ceiling goes first until its renter holds
+    ceiling-ratio times more than the other, and a flood from one renter cannot starve another. In
+    the fit pass the bids only bound the choice: a renter bidding under half the best bid among the
+    jobs that fit (at equal ceilings, one holding more than about twice the GPUs of the best
+    bidder) is passed over; among the rest the fit decides. A job waiting over `OVERDUE_S` goes
+    before the fit pass, whatever its renter or ceiling.
   * No holding back: a job that fits some free GPUs is placed this cycle, so no GPU sits idle
     while a fitting job waits. (Holding a job up to 30 min for a steadier GPU while capacity
     was ample was tried on the traces: no fewer preemptions, longer waits.)
@@ -119,6 +142,16 @@ class StretchForecast(Protocol):
 
 # v2: a job waiting longer than this goes first (no job waits a day while GPUs fit it).
 AGE_LIMIT_S = 6 * 3600.0
+# v2: a job waiting longer than this goes before the fit pass too (module docstring, Fit): under
+# the day, with the margin of the cycles that placing it may take.
+OVERDUE_S = 20 * 3600.0
+# v2's fit pass: at most this many free GPUs a cycle (those due back soonest), and at most this
+# many of the aged jobs, and of each renter's, looked at for each, from the longest that fits down.
+_FIT_GPUS = 1024
+_FIT_WALK = 16
+# v2's fit pass: a job whose renter bids less than this share of the highest bid among the jobs
+# that fit is passed over (module docstring, Fit).
+_FIT_BID_SHARE = 0.5
 # v2: a GPU's horizon is the time its owner stays away with this probability.
 P_TARGET = SAFE_P
 # v2: entries looked at above the best-fit point before settling for the first that fits.
@@ -857,8 +890,18 @@ class JobQueue:
         self._aged_ids: set[int] = set()
         # v2: each renter's jobs, (-ceiling, submitted_at, id, seq), one heap per tier as above.
         self._renters: dict[int, tuple[list[tuple[int, float, int, int]], ...]] = {}
+        # v2's fit pass: each renter's jobs for one GPU by remaining run, (duration, -submitted_at,
+        # -id), sorted, and how many of them ask each price ceiling; each such job's place in them.
+        # Jobs past AGE_LIMIT_S leave their renter's list for one of their own, which the fit pass
+        # asks first.
+        self._runs: dict[int, list[tuple[int, float, int]]] = {}
+        self._ceilings: dict[int, dict[int, int]] = {}
+        self._aged_runs: list[tuple[int, float, int]] = []
+        self._run_of: dict[int, tuple[int, int, tuple[int, float, int], bool]] = {}
         for job in jobs:
             self._enter(job, push=False)
+        for runs in self._runs.values():
+            runs.sort()
         heapq.heapify(self._fifo)
         heapq.heapify(self._young)
         for queues in self._renters.values():
@@ -879,6 +922,17 @@ class JobQueue:
         self._aged_ids.discard(job.id)
         entries: list[tuple[list[Any], tuple[Any, ...]]] = []
         if self.policy == "v2":
+            self._unrun(job.id)
+            if job.gpu_count == 1:
+                key = (job.duration_s, -job.submitted_at, -job.id)  # the longest, then the oldest, last
+                runs = self._runs.setdefault(job.renter, [])
+                if push:
+                    insort(runs, key)
+                else:
+                    runs.append(key)
+                ceilings = self._ceilings.setdefault(job.renter, {})
+                ceilings[job.max_price] = ceilings.get(job.max_price, 0) + 1
+                self._run_of[job.id] = (job.renter, job.max_price, key, False)
             entries.append((self._young, (job.submitted_at, job.id, seq)))
             queues = self._renters.get(job.renter)
             if queues is None:
@@ -901,6 +955,74 @@ class JobQueue:
         if self.jobs.pop(job_id, None) is not None:
             del self._seq[job_id]
             self._aged_ids.discard(job_id)
+            self._unrun(job_id)
+
+    def _unrun(self, job_id: int) -> None:
+        """Take the job out of the fit pass's index (ignored when it is not there)."""
+        found = self._run_of.pop(job_id, None)
+        if found is None:
+            return
+        renter, ceiling, key, aged = found
+        if aged:
+            del self._aged_runs[bisect_left(self._aged_runs, key)]
+            return
+        runs = self._runs[renter]
+        del runs[bisect_left(runs, key)]
+        ceilings = self._ceilings[renter]
+        ceilings[ceiling] -= 1
+        if not ceilings[ceiling]:
+            del ceilings[ceiling]
+        if not runs:
+            del self._runs[renter], self._ceilings[renter]
+
+    def _run_aged(self, job_id: int) -> None:
+        """Move the job in the fit pass's index to the aged jobs' list (it has passed AGE_LIMIT_S)."""
+        found = self._run_of.get(job_id)
+        if found is not None and not found[3]:
+            self._unrun(job_id)
+            insort(self._aged_runs, found[2])
+            self._run_of[job_id] = (*found[:3], True)
+
+    def fit(self, horizon_s: float, held: Mapping[int, int], accept: Callable[[JobRequest], bool]) -> JobRequest | None:
+        """v2's fit pass (module docstring, Fit): for one GPU whose owner is still away
+        `horizon_s` seconds from now, the job for one GPU that `accept`s it and would run to its
+        end there: the longest (then the oldest) of those waiting past AGE_LIMIT_S; without one,
+        of each renter's such jobs the longest (then the oldest); of those, the ones
+        whose renter bids at least `_FIT_BID_SHARE` of the highest bid (the job's ceiling ÷ (1 +
+        GPUs its renter holds)); of those the longest, then the highest bid, then the oldest.
+        None: no such job."""
+        if horizon_s < 1:
+            return None
+        bound = (int(horizon_s), math.inf, math.inf)  # every key of a duration within it
+        jobs = self.jobs
+        # A job waiting past AGE_LIMIT_S goes first here too: the longest of them that fits.
+        runs = self._aged_runs
+        i = bisect_right(runs, bound)
+        for k in range(i - 1, max(i - 1 - _FIT_WALK, -1), -1):
+            if accept(job := jobs[-runs[k][2]]):
+                return job
+        # Renters by the most they could bid (their highest ceiling): the walk stops at the first
+        # whose most is under the share of the highest bid found.
+        order = sorted((-max(ceilings) / (1 + held.get(r, 0)), r) for r, ceilings in self._ceilings.items())
+        found: list[tuple[float, JobRequest]] = []
+        top = 0.0
+        for most, renter in order:
+            if -most < _FIT_BID_SHARE * top:
+                break
+            runs = self._runs[renter]
+            i = bisect_right(runs, bound)
+            for k in range(i - 1, max(i - 1 - _FIT_WALK, -1), -1):
+                job = jobs[-runs[k][2]]
+                if accept(job):
+                    bid = job.max_price / (1 + held.get(renter, 0))
+                    top = max(top, bid)
+                    found.append((bid, job))
+                    break
+        # The longest; of equal lengths the higher bid (the order's choice), then the oldest.
+        kept = [
+            (job.duration_s, bid, -job.submitted_at, -job.id, job) for bid, job in found if bid >= _FIT_BID_SHARE * top
+        ]
+        return max(kept, key=itemgetter(0, 1, 2, 3))[4] if kept else None
 
     def _live(self, job_id: int, seq: int) -> bool:
         return self._seq.get(job_id) == seq
@@ -929,9 +1051,12 @@ class JobQueue:
         now: float,
         held: dict[int, int],
         tier_open: Callable[[int], bool],
+        fit: Callable[[], None] | None = None,
     ) -> None:
         """Offer the jobs in v2's order (module docstring), counting each placement in the
-        renter's holdings, until `exhausted()`; placed jobs leave the queue. `tier_open(t)`
+        renter's holdings, until `exhausted()`; placed jobs leave the queue. `fit`: the fit
+        pass, run once the jobs waiting over OVERDUE_S have been offered (it places jobs itself,
+        takes them out and counts them in `held`). `tier_open(t)`
         false: no job of tier t (`_tier` of its GPU count) can be placed any more in this
         cycle (the pool only shrinks), so jobs of that tier are passed over, not offered: they
         would be refused and nothing would change, and the order of the others stays as it
@@ -942,6 +1067,7 @@ class JobQueue:
             if self._live(entry[1], entry[2]):
                 heapq.heappush(aged[_tier(self.jobs[entry[1]].gpu_count)], entry)
                 self._aged_ids.add(entry[1])
+                self._run_aged(entry[1])
         if exhausted():
             return
         tiers = range(len(aged))
@@ -964,8 +1090,21 @@ class JobQueue:
                 if open_[t] and not tier_open(t):
                     open_[t] = False
 
+        def fitted() -> None:
+            """Run the fit pass (once), then close the tiers it filled."""
+            nonlocal fit
+            if fit is not None and not exhausted():
+                fit()
+                for t in tiers:
+                    if open_[t] and not tier_open(t):
+                        open_[t] = False
+            fit = None
+
         tried: list[tuple[float, int, int]] = []
         while not exhausted() and (tier := first_open(aged)) >= 0:
+            if fit is not None and now - aged[tier][0][0] <= OVERDUE_S:
+                fitted()  # the overdue jobs have had their turn (the heads are the oldest)
+                continue
             entry = heapq.heappop(aged[tier])
             if not self._live(entry[1], entry[2]):
                 continue
@@ -975,7 +1114,9 @@ class JobQueue:
             else:
                 tried.append(entry)
         for entry in tried:
-            heapq.heappush(aged[_tier(self.jobs[entry[1]].gpu_count)], entry)
+            if self._live(entry[1], entry[2]):  # the fit pass may have placed it since
+                heapq.heappush(aged[_tier(self.jobs[entry[1]].gpu_count)], entry)
+        fitted()
 
         renters = self._renters
 
@@ -1078,6 +1219,14 @@ def pool_place(
     failed: dict[tuple[frozenset[str], int, str, int, int], dict[int, int]] = {}
     placed_ids: set[int] = set()
 
+    def record(job: JobRequest, machine: _Machine, chosen: Sequence[_Gpu]) -> None:
+        placement = _placement(job, machine, chosen, now=now, with_forecast=report and policy == "v2")
+        placements.append(placement)
+        pool.take(chosen)
+        placed_ids.add(job.id)
+        if on_placement is not None:
+            on_placement(placement)
+
     def try_place(job: JobRequest) -> bool:
         if job.id in placed_ids or job.gpu_count <= 0:
             return False
@@ -1091,13 +1240,7 @@ def pool_place(
             known = failed.setdefault(shape, {})
             known[job.max_price] = min(known.get(job.max_price, job.duration_s), job.duration_s)
             return False
-        machine, chosen = found
-        placement = _placement(job, machine, chosen, now=now, with_forecast=report and policy == "v2")
-        placements.append(placement)
-        pool.take(chosen)
-        placed_ids.add(job.id)
-        if on_placement is not None:
-            on_placement(placement)
+        record(job, *found)
         return True
 
     def exhausted() -> bool:
@@ -1106,11 +1249,42 @@ def pool_place(
     queue = jobs if isinstance(jobs, JobQueue) else JobQueue(jobs, policy=policy)
     if queue.policy != policy:
         raise ValueError(f"a {queue.policy} queue cannot drive a {policy} pool")
+    held = dict(held_by_renter or {})
+
+    def fit() -> None:
+        """v2's fit pass (module docstring, Fit), when jobs outnumber the free GPUs."""
+        if len(queue) <= len(pool.gpus):
+            return
+        for gpu in heapq.nsmallest(_FIT_GPUS, pool.gpus.values(), key=_soonest):
+            if gpu.offer.id not in pool.gpus:
+                continue
+            machine = pool.machines[gpu.machine]
+            offer = machine.offer
+
+            def accept(job: JobRequest, gpu: _Gpu = gpu, offer: MachineOffer = offer) -> bool:
+                return (
+                    job.id not in placed_ids
+                    and gpu.offer.floor <= job.max_price
+                    and offer.window_s >= job.duration_s
+                    and bool(offer.kinds & job.kind_bit)
+                    and gpu.cls in pool.classes_for(job)
+                )
+
+            job = queue.fit(gpu.safe_until - now, held, accept)
+            if job is not None:
+                record(job, machine, [gpu])
+                held[job.renter] = held.get(job.renter, 0) + 1
+                queue.remove(job.id)
+
     if policy == "v2":
-        queue.drive_v2(try_place, exhausted, now=now, held=dict(held_by_renter or {}), tier_open=pool.tier_open)
+        queue.drive_v2(try_place, exhausted, now=now, held=held, tier_open=pool.tier_open, fit=fit)
     else:
         queue.drive_fifo(try_place, exhausted)
     return placements
+
+
+def _soonest(gpu: _Gpu) -> tuple[float, int]:
+    return (gpu.safe_until, gpu.offer.id)
 
 
 def _placement(

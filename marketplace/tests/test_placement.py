@@ -582,3 +582,140 @@ def test_a_pool_whose_machines_are_offered_again_and_again_keeps_its_due_heap_to
     assert len(pool._due) <= 2 * (len(pool.gpus) + len(made)) + 1024
     built = place(jobs, offers, now=NOW + 40)
     assert [(p.job_id, p.machine_id, p.gpu_ids) for p in made] == [(p.job_id, p.machine_id, p.gpu_ids) for p in built]
+
+
+# --- v2's fit pass ----------------------------------------------------------------------------
+
+
+def _flaky_gpu(id: int, *, away_s: float = 200.0) -> tuple[GpuOffer, float]:
+    """A GPU whose owner steps away for about 20 minutes at a time, away `away_s` now, and
+    its horizon (the pool's safe-until less now)."""
+    fleet = _history([300.0] * 50 + [20_000.0] * 50)
+    offer = GpuOffer(id, "a100", 40_000, 500_000, NOW - away_s, Forecast(_history([1200.0] * 40), fleet))
+    pool = _pool("v2", [machine(id, [offer])], NOW)
+    return offer, pool.gpus[id].safe_until - NOW
+
+
+def test_when_jobs_outnumber_the_free_gpus_one_due_back_soon_goes_to_a_job_it_can_finish() -> None:
+    """At full load the oldest job is a long one: on a GPU whose owner is due back in minutes it
+    would be cut short. The GPU goes to a younger job it can run to the end, the long one waits
+    for a GPU that can hold it, and one waiting past OVERDUE_S still goes first."""
+    offer, horizon = _flaky_gpu(1)
+    assert 60 < horizon < 3600  # the world this test means: due back in minutes
+    long_old = job(1, at=NOW - 7 * 3600, duration=int(10 * horizon))  # aged (past AGE_LIMIT_S)
+    short_young = job(2, at=NOW - 60, duration=int(horizon * 0.5))
+    longer_young = job(3, at=NOW - 30, duration=int(horizon * 0.9))
+    too_long = job(4, at=NOW - 20, duration=int(horizon * 1.5))
+    jobs = [long_old, short_young, longer_young, too_long]
+    placed = place(jobs, [machine(1, [offer])], now=NOW, policy="v2")
+    # The longest job that fits, not the oldest (before the fit pass: the 7-hour-old one).
+    assert [p.job_id for p in placed] == [3]
+    assert placed[0].p_finish > 0.5
+
+    # A steady GPU beside it: the long job is placed on it, the flaky one still gets a job it fits.
+    fleet = _history([300.0] * 50 + [20_000.0] * 50)
+    steady = GpuOffer(2, "a100", 40_000, 500_000, NOW - 200, Forecast(_history([30_000.0] * 40), fleet))
+    both = {p.job_id: p.machine_id for p in place(jobs, [machine(1, [offer]), machine(2, [steady])], now=NOW)}
+    assert both[3] == 1 and 1 in both and both[1] == 2
+
+    # Overdue: a job waiting past OVERDUE_S is offered before the fit pass, long as it is.
+    overdue = job(1, at=NOW - placement.OVERDUE_S - 60, duration=int(10 * horizon))
+    assert [p.job_id for p in place([overdue, *jobs[1:]], [machine(1, [offer])], now=NOW)] == [1]
+
+    # With a GPU to spare for every job, the jobs choose (as before): the oldest goes first.
+    spare = [machine(10 + n, [GpuOffer(10 + n, "a100", 40_000, 500_000, NOW - 200, offer.forecast)]) for n in range(5)]
+    assert place(jobs, spare, now=NOW)[0].job_id == 1
+
+
+def test_the_fit_pass_keeps_the_fair_share_within_a_factor_of_two() -> None:
+    """Two renters with jobs the GPU can finish: the fit picks the longest, but not from a
+    renter bidding under half the best bid (one holding many GPUs), and a renter's higher
+    ceiling raises its bid."""
+    offer, horizon = _flaky_gpu(1)
+    machines = [machine(1, [offer])]
+    mine = job(1, renter=1, at=NOW - 600, duration=int(horizon * 0.9))
+    theirs = job(2, renter=2, at=NOW - 60, duration=int(horizon * 0.3))
+    blocked = job(
+        3, renter=3, at=NOW - 30, duration=int(horizon * 4)
+    )  # fits nowhere: the queue is longer than the pool
+    jobs = [mine, theirs, blocked]
+    # Renter 1 holds as many as renter 2 (none): the longer job.
+    assert [p.job_id for p in place(jobs, machines, now=NOW, policy="v2")] == [1]
+    # Renter 1 holds 2 GPUs, renter 2 none: bids 1/3 against 1 of the same ceiling, under half.
+    assert [p.job_id for p in place(jobs, machines, now=NOW, policy="v2", held_by_renter={1: 2})] == [2]
+    # Holding 1 against none is within the factor: the fit decides again.
+    assert [p.job_id for p in place(jobs, machines, now=NOW, policy="v2", held_by_renter={1: 1})] == [1]
+    # Renter 2's ceiling is the higher one by far: renter 1's bid falls under half of it.
+    rich = job(2, renter=2, at=NOW - 60, duration=int(horizon * 0.3), price=2_000_000)
+    poor = job(1, renter=1, at=NOW - 600, duration=int(horizon * 0.9), price=900_000)
+    assert [p.job_id for p in place([poor, rich, blocked], machines, now=NOW, policy="v2")] == [2]
+
+
+def test_the_fit_pass_index_follows_the_queue_and_answers_as_a_search_of_every_job() -> None:
+    """JobQueue.fit against a search over every queued job, through arrivals, jobs queued again
+    with less work left, removals, jobs passing AGE_LIMIT_S and renters' holdings."""
+    rng = random.Random(3)
+    queue = JobQueue(policy="v2")
+    live: dict[int, JobRequest] = {}
+    checked = aged_answers = 0
+    for step in range(600):
+        roll = rng.random()
+        if roll < 0.5 or not live:
+            new = job(
+                step,
+                renter=rng.randrange(5),
+                at=NOW - rng.uniform(0, 20_000),
+                gpus=rng.choice((1, 1, 1, 2)),
+                price=rng.choice((500_000, 1_000_000, 2_000_000)),
+                duration=rng.choice((60, 300, 300, 900, 3600)),
+            )
+            queue.add(new)
+            live[new.id] = new
+        elif roll < 0.7:
+            old = live[rng.choice(sorted(live))]
+            again = JobRequest(**{**_fields(old), "duration_s": max(1, old.duration_s // 2)})
+            queue.add(again)
+            live[again.id] = again
+        else:
+            queue.remove(gone := rng.choice(sorted(live)))
+            del live[gone]
+        if step % 50 == 49:  # a cycle that places nothing: jobs past AGE_LIMIT_S are aged
+            queue.drive_v2(lambda j: False, lambda: False, now=NOW + step * 40, held={}, tier_open=lambda t: True)
+        horizon = rng.choice((30.0, 299.0, 300.0, 1000.0, 5000.0))
+        held = {r: rng.randrange(4) for r in range(5)}
+        refused = {i for i in live if rng.random() < 0.2}
+
+        def accept(j: JobRequest, refused: set[int] = refused) -> bool:
+            return j.id not in refused
+
+        aged = {i for i in live if i in queue._aged_ids}
+        expected = _fit_by_search(list(live.values()), horizon, held, accept, aged)
+        got = queue.fit(horizon, held, accept)
+        assert (got.id if got else None) == (expected.id if expected else None)
+        checked += expected is not None
+        aged_answers += expected is not None and expected.id in aged
+    assert checked > 100
+    assert aged_answers > 10  # the aged jobs' list was asked, and answered
+
+
+def _fit_by_search(
+    jobs: list[JobRequest], horizon: float, held: dict[int, int], accept: Any, aged: set[int]
+) -> JobRequest | None:
+    """JobQueue.fit's answer from every job (its walk's limit never reached here)."""
+
+    def key(j: JobRequest) -> tuple[float, ...]:
+        return (j.duration_s, -j.submitted_at, -j.id)
+
+    fits = [j for j in jobs if j.gpu_count == 1 and j.duration_s <= horizon and accept(j)]
+    if old := [j for j in fits if j.id in aged]:
+        return max(old, key=key)
+    best_of: dict[int, JobRequest] = {}
+    for j in fits:
+        if j.renter not in best_of or key(j) > key(best_of[j.renter]):
+            best_of[j.renter] = j
+    if not best_of:
+        return None
+    bids = {j.id: j.max_price / (1 + held.get(j.renter, 0)) for j in best_of.values()}
+    top = max(bids.values())
+    kept = [j for j in best_of.values() if bids[j.id] >= placement._FIT_BID_SHARE * top]
+    return max(kept, key=lambda j: (j.duration_s, bids[j.id], -j.submitted_at, -j.id))
