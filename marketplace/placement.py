@@ -898,10 +898,10 @@ class JobQueue:
         self._ceilings: dict[int, dict[int, int]] = {}
         self._aged_runs: list[tuple[int, float, int]] = []
         self._run_of: dict[int, tuple[int, int, tuple[int, float, int], bool]] = {}
+        # Built at the first fit pass (a cycle with GPUs to spare never needs it), kept after.
+        self._fit_indexed = False
         for job in jobs:
             self._enter(job, push=False)
-        for runs in self._runs.values():
-            runs.sort()
         heapq.heapify(self._fifo)
         heapq.heapify(self._young)
         for queues in self._renters.values():
@@ -922,17 +922,9 @@ class JobQueue:
         self._aged_ids.discard(job.id)
         entries: list[tuple[list[Any], tuple[Any, ...]]] = []
         if self.policy == "v2":
-            self._unrun(job.id)
-            if job.gpu_count == 1:
-                key = (job.duration_s, -job.submitted_at, -job.id)  # the longest, then the oldest, last
-                runs = self._runs.setdefault(job.renter, [])
-                if push:
-                    insort(runs, key)
-                else:
-                    runs.append(key)
-                ceilings = self._ceilings.setdefault(job.renter, {})
-                ceilings[job.max_price] = ceilings.get(job.max_price, 0) + 1
-                self._run_of[job.id] = (job.renter, job.max_price, key, False)
+            if self._fit_indexed:
+                self._unrun(job.id)
+                self._run_add(job, sort=True)
             entries.append((self._young, (job.submitted_at, job.id, seq)))
             queues = self._renters.get(job.renter)
             if queues is None:
@@ -956,6 +948,35 @@ class JobQueue:
             del self._seq[job_id]
             self._aged_ids.discard(job_id)
             self._unrun(job_id)
+
+    def _run_add(self, job: JobRequest, *, sort: bool) -> None:
+        """Enter a job (not yet past AGE_LIMIT_S) in the fit pass's index; without `sort`, its
+        renter's list is left for the caller to sort."""
+        if job.gpu_count != 1:
+            return
+        key = (job.duration_s, -job.submitted_at, -job.id)  # the longest, then the oldest, last
+        runs = self._runs.setdefault(job.renter, [])
+        if sort:
+            insort(runs, key)
+        else:
+            runs.append(key)
+        ceilings = self._ceilings.setdefault(job.renter, {})
+        ceilings[job.max_price] = ceilings.get(job.max_price, 0) + 1
+        self._run_of[job.id] = (job.renter, job.max_price, key, False)
+
+    def _fit_index(self) -> None:
+        """Build the fit pass's index of the queued jobs."""
+        aged = self._aged_ids
+        for job in self.jobs.values():
+            if job.id not in aged:
+                self._run_add(job, sort=False)
+            elif job.gpu_count == 1:
+                key = (job.duration_s, -job.submitted_at, -job.id)
+                self._aged_runs.append(key)
+                self._run_of[job.id] = (job.renter, job.max_price, key, True)
+        for runs in (self._aged_runs, *self._runs.values()):
+            runs.sort()
+        self._fit_indexed = True
 
     def _unrun(self, job_id: int) -> None:
         """Take the job out of the fit pass's index (ignored when it is not there)."""
@@ -991,6 +1012,8 @@ class JobQueue:
         whose renter bids at least `_FIT_BID_SHARE` of the highest bid (the job's ceiling ÷ (1 +
         GPUs its renter holds)); of those the longest, then the highest bid, then the oldest.
         None: no such job."""
+        if not self._fit_indexed:
+            self._fit_index()
         if horizon_s < 1:
             return None
         bound = (int(horizon_s), math.inf, math.inf)  # every key of a duration within it

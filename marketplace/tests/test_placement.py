@@ -679,8 +679,12 @@ def test_the_fit_pass_index_follows_the_queue_and_answers_as_a_search_of_every_j
         else:
             queue.remove(gone := rng.choice(sorted(live)))
             del live[gone]
+        fresh = None
         if step % 50 == 49:  # a cycle that places nothing: jobs past AGE_LIMIT_S are aged
             queue.drive_v2(lambda j: False, lambda: False, now=NOW + step * 40, held={}, tier_open=lambda t: True)
+            # And a queue built from the same jobs now, whose index is built at its first ask.
+            fresh = JobQueue(list(live.values()), policy="v2")
+            fresh.drive_v2(lambda j: False, lambda: False, now=NOW + step * 40, held={}, tier_open=lambda t: True)
         horizon = rng.choice((30.0, 299.0, 300.0, 1000.0, 5000.0))
         held = {r: rng.randrange(4) for r in range(5)}
         refused = {i for i in live if rng.random() < 0.2}
@@ -694,6 +698,10 @@ def test_the_fit_pass_index_follows_the_queue_and_answers_as_a_search_of_every_j
         assert (got.id if got else None) == (expected.id if expected else None)
         checked += expected is not None
         aged_answers += expected is not None and expected.id in aged
+        if fresh is not None:
+            expected = _fit_by_search(list(live.values()), horizon, held, accept, set(fresh._aged_ids))
+            got = fresh.fit(horizon, held, accept)
+            assert (got.id if got else None) == (expected.id if expected else None)
     assert checked > 100
     assert aged_answers > 10  # the aged jobs' list was asked, and answered
 
