@@ -41,20 +41,22 @@ Policies (`POLICIES`):
     steadiest GPUs are taken first. Price plays no part here beyond the hard constraints
     (the agreed price is still the highest floor).
   * Fit: when capacity is short (more jobs pending than free GPUs), the GPUs choose first. After
-    the jobs waiting over `OVERDUE_S` (20 h), each free GPU, those due back soonest first (at most
-    `_FIT_GPUS` a cycle), goes to a job for one GPU that it can run to the end (remaining duration
-    within the GPU's safe-until): the longest such job of those waiting over `AGE_LIMIT_S` (then
-    the oldest); without one, the longest such job (of equal lengths the higher bid, then the
-    oldest) among the renters that bid at least half the highest bid of a renter with such a job
-    (the bid as in Order; of each renter, its longest such job). A GPU no job fits goes on to the
-    order above. Why: a job that finishes loses nothing to a preemption and frees its GPU for the
-    next, while the oldest job at full load is usually a long one that a short idle stretch would
-    only cut short (in the shared traces 77 % of the owners' stretches are shorter than a 600-s
-    checkpoint interval, where it keeps nothing); and the longest job that fits, rather than any,
-    keeps the rare long stretches for the jobs only they can hold (on the traces, the renters'
-    order among the jobs that fit, or any job within nine tenths of the longest, kept under half of
-    the gain: docs/simulator.md). With GPUs to spare every job is placed anyway, and the jobs
-    choose as below.
+    the jobs waiting over `OVERDUE_S` (20 h), and the jobs for several GPUs waiting over
+    `AGE_LIMIT_S` (the pass hands out GPUs one by one and would take their machines apart), each
+    free GPU, those due back soonest first (at most `_FIT_GPUS` a cycle; at most `_FIT_RENTERS`
+    renters and `_FIT_WALK` jobs down each list asked for each), goes to a job for one GPU that it
+    can run to the end (remaining duration within the GPU's safe-until): the longest such job of
+    those waiting over `AGE_LIMIT_S` (then the oldest); without one, the longest such job (of equal
+    lengths the higher bid, then the oldest) among the renters that bid at least half the highest
+    bid of a renter with such a job (the bid as in Order; of each renter, its longest such job). A
+    GPU no job fits goes on to the order above. Why: a job that finishes loses nothing to a
+    preemption and frees its GPU for the next, while the oldest job at full load is usually a long
+    one that a short idle stretch would only cut short (in the shared traces 77 % of the owners'
+    stretches are shorter than a 600-s checkpoint interval, where it keeps nothing); and the
+    longest job that fits, rather than any, keeps the rare long stretches for the jobs only they
+    can hold (on the traces, the renters' order among the jobs that fit, or any job within nine
+    tenths of the longest, kept under half of the gain: docs/simulator.md). With GPUs to spare
+    every job is placed anyway, and the jobs choose as below.
     How fair share and price combine: a renter's bid is its job's ceiling ÷ (1 + GPUs it holds). In
     the order, the highest bid goes first, so a higher ceiling goes first until its renter holds
     ceiling-ratio times more than the other, and a flood from one renter cannot starve another. In
@@ -149,6 +151,9 @@ OVERDUE_S = 20 * 3600.0
 # many of the aged jobs, and of each renter's, looked at for each, from the longest that fits down.
 _FIT_GPUS = 1024
 _FIT_WALK = 16
+# v2's fit pass: at most this many renters asked for each GPU, in the order of the most they could
+# bid (a cycle's cost stays GPUs x this x log jobs however many renters wait).
+_FIT_RENTERS = 64
 # v2's fit pass: a job whose renter bids less than this share of the highest bid among the jobs
 # that fit is passed over (module docstring, Fit).
 _FIT_BID_SHARE = 0.5
@@ -1004,14 +1009,31 @@ class JobQueue:
             insort(self._aged_runs, found[2])
             self._run_of[job_id] = (*found[:3], True)
 
-    def fit(self, horizon_s: float, held: Mapping[int, int], accept: Callable[[JobRequest], bool]) -> JobRequest | None:
+    def fit_order(self, held: Mapping[int, int]) -> list[tuple[float, int]]:
+        """The renters with jobs in the fit pass's index by the most they could bid (their
+        highest ceiling ÷ (1 + GPUs held)), negated: for `fit`, made once per pass. As the pass
+        places jobs their renters' holdings grow and their bids fall, so the order's figures
+        only ever overstate a bid, which `fit`'s early stop allows."""
+        if not self._fit_indexed:
+            self._fit_index()
+        return sorted((-max(ceilings) / (1 + held.get(r, 0)), r) for r, ceilings in self._ceilings.items())
+
+    def fit(
+        self,
+        horizon_s: float,
+        held: Mapping[int, int],
+        accept: Callable[[JobRequest], bool],
+        order: Sequence[tuple[float, int]] | None = None,
+    ) -> JobRequest | None:
         """v2's fit pass (module docstring, Fit): for one GPU whose owner is still away
         `horizon_s` seconds from now, the job for one GPU that `accept`s it and would run to its
         end there: the longest (then the oldest) of those waiting past AGE_LIMIT_S; without one,
         of each renter's such jobs the longest (then the oldest); of those, the ones
         whose renter bids at least `_FIT_BID_SHARE` of the highest bid (the job's ceiling ÷ (1 +
         GPUs its renter holds)); of those the longest, then the highest bid, then the oldest.
-        None: no such job."""
+        None: no such job. Bounded: at most _FIT_WALK jobs down from the longest that fits are
+        looked at in each list, and at most _FIT_RENTERS renters (`fit_order`), so a job further
+        down, or of a renter further on, may be missed."""
         if not self._fit_indexed:
             self._fit_index()
         if horizon_s < 1:
@@ -1024,15 +1046,20 @@ class JobQueue:
         for k in range(i - 1, max(i - 1 - _FIT_WALK, -1), -1):
             if accept(job := jobs[-runs[k][2]]):
                 return job
-        # Renters by the most they could bid (their highest ceiling): the walk stops at the first
-        # whose most is under the share of the highest bid found.
-        order = sorted((-max(ceilings) / (1 + held.get(r, 0)), r) for r, ceilings in self._ceilings.items())
+        # Renters by the most they could bid: the walk stops at the first whose most is under the
+        # share of the highest bid found, or after _FIT_RENTERS.
+        if order is None:
+            order = self.fit_order(held)
         found: list[tuple[float, JobRequest]] = []
         top = 0.0
+        asked = 0
         for most, renter in order:
-            if -most < _FIT_BID_SHARE * top:
+            if -most < _FIT_BID_SHARE * top or asked == _FIT_RENTERS:
                 break
-            runs = self._runs[renter]
+            runs = self._runs.get(renter)
+            if runs is None:  # its last job in the index was placed in this pass
+                continue
+            asked += 1
             i = bisect_right(runs, bound)
             for k in range(i - 1, max(i - 1 - _FIT_WALK, -1), -1):
                 job = jobs[-runs[k][2]]
@@ -1078,8 +1105,8 @@ class JobQueue:
     ) -> None:
         """Offer the jobs in v2's order (module docstring), counting each placement in the
         renter's holdings, until `exhausted()`; placed jobs leave the queue. `fit`: the fit
-        pass, run once the jobs waiting over OVERDUE_S have been offered (it places jobs itself,
-        takes them out and counts them in `held`). `tier_open(t)`
+        pass, run once the jobs that go before it have been offered (`before_fit`; it places
+        jobs itself, takes them out and counts them in `held`). `tier_open(t)`
         false: no job of tier t (`_tier` of its GPU count) can be placed any more in this
         cycle (the pool only shrinks), so jobs of that tier are passed over, not offered: they
         would be refused and nothing would change, and the order of the others stays as it
@@ -1123,10 +1150,30 @@ class JobQueue:
                         open_[t] = False
             fit = None
 
+        def before_fit() -> int:
+            """The open tier whose head comes first among the jobs that go before the fit pass
+            (-1: none): a job for one GPU waiting over OVERDUE_S, and any job for several past
+            AGE_LIMIT_S (the fit pass hands out GPUs one by one, and would take apart the
+            machines such a job needs)."""
+            first = -1
+            for t in tiers:
+                heap = aged[t]
+                if (
+                    open_[t]
+                    and heap
+                    and (t > 0 or now - heap[0][0] > OVERDUE_S)
+                    and (first < 0 or heap[0] < aged[first][0])
+                ):
+                    first = t
+            return first
+
         tried: list[tuple[float, int, int]] = []
-        while not exhausted() and (tier := first_open(aged)) >= 0:
-            if fit is not None and now - aged[tier][0][0] <= OVERDUE_S:
-                fitted()  # the overdue jobs have had their turn (the heads are the oldest)
+        while not exhausted():
+            tier = before_fit() if fit is not None else first_open(aged)
+            if tier < 0:
+                if fit is None:
+                    break
+                fitted()  # those that go before it have had their turn
                 continue
             entry = heapq.heappop(aged[tier])
             if not self._live(entry[1], entry[2]):
@@ -1278,6 +1325,7 @@ def pool_place(
         """v2's fit pass (module docstring, Fit), when jobs outnumber the free GPUs."""
         if len(queue) <= len(pool.gpus):
             return
+        order = queue.fit_order(held)
         for gpu in heapq.nsmallest(_FIT_GPUS, pool.gpus.values(), key=_soonest):
             if gpu.offer.id not in pool.gpus:
                 continue
@@ -1293,7 +1341,7 @@ def pool_place(
                     and gpu.cls in pool.classes_for(job)
                 )
 
-            job = queue.fit(gpu.safe_until - now, held, accept)
+            job = queue.fit(gpu.safe_until - now, held, accept, order)
             if job is not None:
                 record(job, machine, [gpu])
                 held[job.renter] = held.get(job.renter, 0) + 1

@@ -727,3 +727,40 @@ def _fit_by_search(
     top = max(bids.values())
     kept = [j for j in best_of.values() if bids[j.id] >= placement._FIT_BID_SHARE * top]
     return max(kept, key=lambda j: (j.duration_s, bids[j.id], -j.submitted_at, -j.id))
+
+
+def test_the_fit_pass_keeps_the_machines_window_and_serves_the_gpu_due_back_soonest_first() -> None:
+    """The fit pass's hard constraints are the placement's: a job longer than the machine's
+    declared window does not go there, however well it fits the owner's stretch. And the GPUs
+    choose in the order they are due back: a short job that fits both goes to the GPU that only
+    it fits, not to the steadier one that a longer job can use."""
+    offer, horizon = _flaky_gpu(1)
+    long_old = job(1, at=NOW - 7 * 3600, duration=int(10 * horizon))
+    past_window = job(2, at=NOW - 60, duration=int(horizon * 0.9))
+    within = job(3, at=NOW - 30, duration=int(horizon * 0.3))
+    windowed = machine(1, [offer], window=horizon * 0.5)
+    assert [p.job_id for p in place([long_old, past_window, within], [windowed], now=NOW)] == [3]
+
+    fleet = _history([300.0] * 50 + [20_000.0] * 50)
+    steady = GpuOffer(2, "a100", 40_000, 500_000, NOW - 200, Forecast(_history([6000.0] * 40), fleet))
+    machines = [machine(1, [offer]), machine(2, [steady])]
+    assert _pool("v2", machines[1:], NOW).gpus[2].safe_until - NOW > 2 * horizon
+    short = job(4, at=NOW - 60, duration=int(horizon * 0.5))
+    others = [
+        job(5, at=NOW - 7 * 3600, duration=int(100 * horizon)),
+        job(6, at=NOW - 7 * 3600 + 1, duration=int(100 * horizon)),
+    ]
+    placed = {p.job_id: p.machine_id for p in place([short, *others], machines, now=NOW)}
+    assert placed[4] == 1  # the GPU due back soonest chose first; the steady one went to the oldest
+    assert placed[5] == 2
+
+
+def test_a_job_for_several_gpus_past_the_age_limit_goes_before_the_fit_pass() -> None:
+    """The fit pass hands out GPUs one by one: a 2-GPU job waiting 7 hours gets the 2-GPU machine
+    before three young 1-GPU jobs could split it."""
+    offer, horizon = _flaky_gpu(1)
+    second = GpuOffer(2, "a100", 40_000, 500_000, offer.idle_since, offer.forecast)
+    pair = machine(1, [offer, second])
+    old_pair = job(1, at=NOW - 7 * 3600, gpus=2, duration=int(horizon * 0.5))
+    young = [job(10 + n, at=NOW - 60 + n, duration=int(horizon * 0.4)) for n in range(3)]
+    assert [(p.job_id, p.gpu_ids) for p in place([old_pair, *young], [pair], now=NOW)] == [(1, (1, 2))]
