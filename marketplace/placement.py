@@ -1056,9 +1056,9 @@ class JobQueue:
         for most, renter in order:
             if -most < _FIT_BID_SHARE * top or asked == _FIT_RENTERS:
                 break
-            runs = self._runs.get(renter)
-            if runs is None:  # its last job in the index was placed in this pass
+            if renter not in self._runs:  # its last job in the index was placed in this pass
                 continue
+            runs = self._runs[renter]
             asked += 1
             i = bisect_right(runs, bound)
             for k in range(i - 1, max(i - 1 - _FIT_WALK, -1), -1):
