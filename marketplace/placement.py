@@ -1348,7 +1348,9 @@ def pool_place(
                 queue.remove(job.id)
 
     if policy == "v2":
-        queue.drive_v2(try_place, exhausted, now=now, held=held, tier_open=pool.tier_open, fit=fit)
+        # With a GPU to spare for every job there is no fit pass, and the order is as without one.
+        scarce = len(queue) > len(pool.gpus)
+        queue.drive_v2(try_place, exhausted, now=now, held=held, tier_open=pool.tier_open, fit=fit if scarce else None)
     else:
         queue.drive_fifo(try_place, exhausted)
     return placements

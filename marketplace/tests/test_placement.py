@@ -764,3 +764,13 @@ def test_a_job_for_several_gpus_past_the_age_limit_goes_before_the_fit_pass() ->
     old_pair = job(1, at=NOW - 7 * 3600, gpus=2, duration=int(horizon * 0.5))
     young = [job(10 + n, at=NOW - 60 + n, duration=int(horizon * 0.4)) for n in range(3)]
     assert [(p.job_id, p.gpu_ids) for p in place([old_pair, *young], [pair], now=NOW)] == [(1, (1, 2))]
+
+
+def test_with_a_gpu_to_spare_for_every_job_the_order_is_as_without_a_fit_pass() -> None:
+    """Two jobs, two free GPUs: no fit pass, and the jobs past the age limit go oldest first, the
+    1-GPU one before the younger 2-GPU one (which then finds one GPU left)."""
+    offer, _ = _flaky_gpu(1)
+    pair = machine(1, [offer, GpuOffer(2, "a100", 40_000, 500_000, offer.idle_since, offer.forecast)])
+    older_single = job(1, at=NOW - 8 * 3600, duration=60)
+    younger_pair = job(2, at=NOW - 7 * 3600, gpus=2, duration=60)
+    assert [p.job_id for p in place([older_single, younger_pair], [pair], now=NOW)] == [1]
