@@ -109,6 +109,7 @@ import math
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import repeat
 from operator import itemgetter
 from typing import Any, Protocol
@@ -682,6 +683,17 @@ class FreePool:
             gpus.sort(key=self._order)
         return gpus
 
+    def admits(self, gpu: _Gpu, job: JobRequest) -> bool:
+        """Whether this one free GPU can take the job for one GPU: the rule `eligible` applies
+        to a machine's GPUs together, asked of one (v2's fit pass)."""
+        offer = self.machines[gpu.machine].offer
+        return (
+            offer.window_s >= job.duration_s
+            and bool(offer.kinds & job.kind_bit)
+            and gpu.offer.floor <= job.max_price
+            and gpu.cls in self.classes_for(job)
+        )
+
     def tier_open(self, tier: int) -> bool:
         """Whether some machine has a class with at least `_TIERS[tier]` free GPUs: without
         one, every job of that tier is refused (find_v2 and find_ordered walk only those)."""
@@ -929,7 +941,7 @@ class JobQueue:
         if self.policy == "v2":
             if self._fit_indexed:
                 self._unrun(job.id)
-                self._run_add(job, sort=True)
+                self._run_add(job, aged=False, sort=True)
             entries.append((self._young, (job.submitted_at, job.id, seq)))
             queues = self._renters.get(job.renter)
             if queues is None:
@@ -954,31 +966,28 @@ class JobQueue:
             self._aged_ids.discard(job_id)
             self._unrun(job_id)
 
-    def _run_add(self, job: JobRequest, *, sort: bool) -> None:
-        """Enter a job (not yet past AGE_LIMIT_S) in the fit pass's index; without `sort`, its
-        renter's list is left for the caller to sort."""
+    def _run_add(self, job: JobRequest, *, aged: bool, sort: bool) -> None:
+        """Enter a job in the fit pass's index: in the aged jobs' list, or its renter's; without
+        `sort`, the list is left for the caller to sort."""
         if job.gpu_count != 1:
             return
         key = (job.duration_s, -job.submitted_at, -job.id)  # the longest, then the oldest, last
-        runs = self._runs.setdefault(job.renter, [])
+        if aged:
+            runs = self._aged_runs
+        else:
+            runs = self._runs.setdefault(job.renter, [])
+            ceilings = self._ceilings.setdefault(job.renter, {})
+            ceilings[job.max_price] = ceilings.get(job.max_price, 0) + 1
         if sort:
             insort(runs, key)
         else:
             runs.append(key)
-        ceilings = self._ceilings.setdefault(job.renter, {})
-        ceilings[job.max_price] = ceilings.get(job.max_price, 0) + 1
-        self._run_of[job.id] = (job.renter, job.max_price, key, False)
+        self._run_of[job.id] = (job.renter, job.max_price, key, aged)
 
     def _fit_index(self) -> None:
         """Build the fit pass's index of the queued jobs."""
-        aged = self._aged_ids
         for job in self.jobs.values():
-            if job.id not in aged:
-                self._run_add(job, sort=False)
-            elif job.gpu_count == 1:
-                key = (job.duration_s, -job.submitted_at, -job.id)
-                self._aged_runs.append(key)
-                self._run_of[job.id] = (job.renter, job.max_price, key, True)
+            self._run_add(job, aged=job.id in self._aged_ids, sort=False)
         for runs in (self._aged_runs, *self._runs.values()):
             runs.sort()
         self._fit_indexed = True
@@ -1006,8 +1015,7 @@ class JobQueue:
         found = self._run_of.get(job_id)
         if found is not None and not found[3]:
             self._unrun(job_id)
-            insort(self._aged_runs, found[2])
-            self._run_of[job_id] = (*found[:3], True)
+            self._run_add(self.jobs[job_id], aged=True, sort=True)
 
     def fit_order(self, held: Mapping[int, int]) -> list[tuple[float, int]]:
         """The renters with jobs in the fit pass's index by the most they could bid (their
@@ -1039,13 +1047,9 @@ class JobQueue:
         if horizon_s < 1:
             return None
         bound = (int(horizon_s), math.inf, math.inf)  # every key of a duration within it
-        jobs = self.jobs
         # A job waiting past AGE_LIMIT_S goes first here too: the longest of them that fits.
-        runs = self._aged_runs
-        i = bisect_right(runs, bound)
-        for k in range(i - 1, max(i - 1 - _FIT_WALK, -1), -1):
-            if accept(job := jobs[-runs[k][2]]):
-                return job
+        if (job := self._longest(self._aged_runs, bound, accept)) is not None:
+            return job
         # Renters by the most they could bid: the walk stops at the first whose most is under the
         # share of the highest bid found, or after _FIT_RENTERS.
         if order is None:
@@ -1058,21 +1062,30 @@ class JobQueue:
                 break
             if renter not in self._runs:  # its last job in the index was placed in this pass
                 continue
-            runs = self._runs[renter]
             asked += 1
-            i = bisect_right(runs, bound)
-            for k in range(i - 1, max(i - 1 - _FIT_WALK, -1), -1):
-                job = jobs[-runs[k][2]]
-                if accept(job):
-                    bid = job.max_price / (1 + held.get(renter, 0))
-                    top = max(top, bid)
-                    found.append((bid, job))
-                    break
+            if (job := self._longest(self._runs[renter], bound, accept)) is not None:
+                bid = job.max_price / (1 + held.get(renter, 0))
+                top = max(top, bid)
+                found.append((bid, job))
         # The longest; of equal lengths the higher bid (the order's choice), then the oldest.
         kept = [
             (job.duration_s, bid, -job.submitted_at, -job.id, job) for bid, job in found if bid >= _FIT_BID_SHARE * top
         ]
         return max(kept, key=itemgetter(0, 1, 2, 3))[4] if kept else None
+
+    def _longest(
+        self,
+        runs: list[tuple[int, float, int]],
+        bound: tuple[float, float, float],
+        accept: Callable[[JobRequest], bool],
+    ) -> JobRequest | None:
+        """The first job `accept`ed walking down `runs` from the last key within `bound`, at most
+        _FIT_WALK of them (None: none)."""
+        i = bisect_right(runs, bound)
+        for k in range(i - 1, max(i - 1 - _FIT_WALK, -1), -1):
+            if accept(job := self.jobs[-runs[k][2]]):
+                return job
+        return None
 
     def _live(self, job_id: int, seq: int) -> bool:
         return self._seq.get(job_id) == seq
@@ -1329,21 +1342,9 @@ def pool_place(
         for gpu in heapq.nsmallest(_FIT_GPUS, pool.gpus.values(), key=_soonest):
             if gpu.offer.id not in pool.gpus:
                 continue
-            machine = pool.machines[gpu.machine]
-            offer = machine.offer
-
-            def accept(job: JobRequest, gpu: _Gpu = gpu, offer: MachineOffer = offer) -> bool:
-                return (
-                    job.id not in placed_ids
-                    and gpu.offer.floor <= job.max_price
-                    and offer.window_s >= job.duration_s
-                    and bool(offer.kinds & job.kind_bit)
-                    and gpu.cls in pool.classes_for(job)
-                )
-
-            job = queue.fit(gpu.safe_until - now, held, accept, order)
-            if job is not None:
-                record(job, machine, [gpu])
+            job = queue.fit(gpu.safe_until - now, held, partial(pool.admits, gpu), order)
+            if job is not None:  # (a job placed this cycle has left the queue and its index)
+                record(job, pool.machines[gpu.machine], [gpu])
                 held[job.renter] = held.get(job.renter, 0) + 1
                 queue.remove(job.id)
 
