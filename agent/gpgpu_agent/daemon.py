@@ -5,9 +5,10 @@ Two threads share the work so a slow or unreachable marketplace never delays a r
 - the **poll loop** (the caller's thread, every `poll_interval_s`): samples NVML, decides
   idleness and has the lease tracker (gpgpu_agent.leases) read the runner's state of every
   lease, reclaim leased GPUs the owner came back to (a foreign process on a leased GPU, or the
-  owner's schedule closed), notice leases that exited and act on the marketplace's start/stop
-  orders; the tracker writes every event and usage report to the spool first (write-ahead). It
-  is the only thread that calls the runner.
+  owner's schedule closed) or whose processes could not be listed for `BLIND_RECLAIM_S`, notice
+  leases that exited and act on the marketplace's start/stop orders (a start refused on a GPU
+  this poll's idle verdict does not offer); the tracker writes every event and usage report to
+  the spool first (write-ahead). It is the only thread that calls the runner.
 - the **network loop**: heartbeats at the interval the marketplace asks (or the configured
   override), hands the reply's orders to the poll loop, renews the leases' fence deadlines, and
   replays the spool in order: around each heartbeat, and between heartbeats as soon as something
@@ -398,9 +399,13 @@ class Agent:
         sample = self.collector.sample()
         now = self.clock()
         schedule_open = self.schedule.open_at(now)
+        # Judged before the orders are acted on: a start refuses a GPU the owner came back to
+        # since the heartbeat the marketplace placed it from.
+        verdicts = self.idle.update(sample, rental_pids=rental_pids, schedule_open=schedule_open, now=now)
         gpus = GpuView(
             by_uuid={gpu.uuid: gpu for gpu in sample.gpus},
             foreign=foreign_processes(sample, rental_pids, parent_of=self.parent_of),
+            verdicts=verdicts,
         )
         self.tracker.enforce(states, gpus, schedule_open=schedule_open, now=now)
         self._act_on_orders(gpus)
@@ -408,7 +413,6 @@ class Agent:
         self.tracker.ship_output()
         self.tracker.refresh_status()
 
-        verdicts = self.idle.update(sample, rental_pids=rental_pids, schedule_open=schedule_open, now=now)
         with self._snapshot_lock:
             self._snapshot = Snapshot(sample=sample, verdicts=verdicts, leases=self.tracker.reports())
         self.metrics.poll(nvml_errors=len(sample.errors) + sum(len(gpu.errors) for gpu in sample.gpus))

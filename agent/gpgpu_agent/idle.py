@@ -85,6 +85,17 @@ def foreign_processes(
     return found
 
 
+def unlisted_processes(gpu: GpuSample) -> list[str]:
+    """Why the GPU's process lists could not be read this sample ("compute_processes: …"), one
+    entry per list; empty when both were read (a driver that does not support a list is not an
+    error). While any could not, an owner's process on the GPU cannot be seen."""
+    return [
+        f"{name}: {gpu.errors[name]}"
+        for name in ("compute_processes", "graphics_processes")
+        if gpu.errors.get(name, NOT_SUPPORTED) != NOT_SUPPORTED
+    ]
+
+
 def _foreign_on(gpu: GpuSample, rental: Collection[int], parent_of: ParentOf) -> list[int]:
     return sorted(p.pid for p in gpu.processes if not _is_rental(p.pid, rental, parent_of))
 
@@ -164,11 +175,7 @@ class IdleDetector:
         utilization = gpu.utilization_pct
         # Under MIG the driver gives no utilisation for the whole GPU: its processes alone tell.
         processes_only = gpu.mig_enabled is True and gpu.errors.get("utilization") == NOT_SUPPORTED
-        unreadable_processes = [
-            f"{name}: {gpu.errors[name]}"
-            for name in ("compute_processes", "graphics_processes")
-            if gpu.errors.get(name, NOT_SUPPORTED) != NOT_SUPPORTED
-        ]
+        unreadable_processes = unlisted_processes(gpu)
 
         # Why the owner's quiet stretch is broken (or cannot be vouched for), first reason first.
         broken: str | None = None

@@ -50,6 +50,7 @@ from typing import Literal, TypedDict
 from gpgpu_agent import checkpoint, logship
 from gpgpu_agent.checkpoint import CheckpointError, relative_parts
 from gpgpu_agent.fencing import Fence
+from gpgpu_agent.idle import unlisted_processes
 from gpgpu_agent.metrics import AgentMetrics
 from gpgpu_agent.protocol import (
     EVENT_EXITED,
@@ -70,13 +71,15 @@ from gpgpu_agent.protocols import (
 )
 from gpgpu_agent.runners.common import UnknownLeaseError
 from gpgpu_agent.spool import LogCursor, Spool, SpoolError, SpoolFull
-from gpgpu_agent.types import JOB_KINDS, CheckpointSpec, GpuSample, JobKind, LeaseSpec, RunState, json_int
+from gpgpu_agent.types import JOB_KINDS, CheckpointSpec, GpuSample, GpuVerdict, JobKind, LeaseSpec, RunState, json_int
 
 logger = logging.getLogger("gpgpu_agent")
 
 LOG_TAIL_CHARS = 16 * 1024  # the API takes 64 KiB; the last 16 KiB tell the story
 TIMEOUT_EXIT_CODE = 124  # what timeout(1) returns for a command it killed
 REDACTED = "[redacted]"
+# A leased GPU whose process lists could not be read this long on end is given back to its owner.
+BLIND_RECLAIM_S = 5.0
 _DONE_KEPT = 1000  # leases remembered as done (a repeated `start` for them is ignored)
 # A checkpoint upload the marketplace could not take (unreachable, 5xx) is tried this many times,
 # a second, then two, apart: the poll loop waits meanwhile, but the rentals are already stopped.
@@ -148,11 +151,13 @@ class Schedule:
 
 @dataclass(frozen=True)
 class GpuView:
-    """What one poll saw of the GPUs, as lease tracking needs it: each GPU by uuid, and the
-    pids on each GPU that belong to no rental of it (the owner's, see idle.foreign_processes)."""
+    """What one poll saw of the GPUs, as lease tracking needs it: each GPU by uuid, the pids on
+    each GPU that belong to no rental of it (the owner's, see idle.foreign_processes), and the
+    idle detector's verdict on each GPU from the same sample (empty: not judged)."""
 
     by_uuid: Mapping[str, GpuSample]
     foreign: Mapping[str, list[int]]
+    verdicts: Mapping[str, GpuVerdict] = field(default_factory=dict)
 
 
 class LeaseReport(TypedDict):
@@ -290,6 +295,8 @@ class LeaseTracker:
         self.starting: int | None = None
         # Why the owner's GPU was reclaimed, for a lease whose stop failed and is tried again.
         self._reclaim_why: dict[int, str] = {}
+        # Leased GPU uuid -> since when its process lists could not be read (_owner_back).
+        self._blind_since: dict[str, datetime] = {}
         self._next_usage = time.monotonic() + usage_interval_s
         self._load()
 
@@ -434,6 +441,9 @@ class LeaseTracker:
         # Reclaim first: it is the owner's GPU. Every rental the owner came back to is stopped
         # before any is reported, so that saving one's checkpoint never holds up another's stop.
         reclaimed: list[tuple[TrackedLease, RunState, str]] = []
+        leased = {uuid for lease in self.leases.values() for uuid in lease.gpu_uuids}
+        for uuid in [uuid for uuid in self._blind_since if uuid not in leased]:
+            del self._blind_since[uuid]  # its lease ended: a later lease's count starts afresh
         for lease_id, lease in list(self.leases.items()):
             state = states.get(lease_id)
             if state is None or not state.running:
@@ -443,7 +453,7 @@ class LeaseTracker:
                 # Asked again at every poll; skipped, it ran on for good, the owner's GPU with it.
                 states[lease_id] = stopped if (stopped := self._stop(lease)) is not None else state
                 continue
-            why = self._owner_back(lease, gpus, schedule_open)
+            why = self._owner_back(lease, gpus, schedule_open, now)
             if why is not None:
                 stopped = self._reclaim(lease, why=why)
                 if stopped is None:
@@ -569,13 +579,28 @@ class LeaseTracker:
         except SpoolError as exc:
             logger.warning("lease %s: could not drop its output's read position: %s", lease_id, exc)
 
-    def _owner_back(self, lease: TrackedLease, gpus: GpuView, schedule_open: bool) -> str | None:
+    def _owner_back(self, lease: TrackedLease, gpus: GpuView, schedule_open: bool, now: datetime) -> str | None:
+        """Why the owner gets the lease's GPUs back now, or None. A GPU whose processes could not
+        be listed for BLIND_RECLAIM_S on end is given back too: the owner's return could not be
+        seen there (the utilisation is the renter's), and the owner waiting is the worse mistake."""
         if not schedule_open:
             return "the owner's availability window has closed"
         for uuid in lease.gpu_uuids:
             gpu = gpus.by_uuid.get(uuid)
             if gpu is not None and gpus.foreign.get(uuid):
                 return f"owner process {', '.join(map(str, gpus.foreign[uuid]))} appeared on GPU {gpu.index}"
+        for uuid in lease.gpu_uuids:
+            gpu = gpus.by_uuid.get(uuid)
+            unlisted = unlisted_processes(gpu) if gpu is not None else []
+            if gpu is None or not unlisted:
+                self._blind_since.pop(uuid, None)
+                continue
+            since = self._blind_since.setdefault(uuid, now)
+            if (now - since).total_seconds() >= BLIND_RECLAIM_S:
+                return (
+                    f"the owner's processes could not be seen on GPU {gpu.index} for "
+                    f"{(now - since).total_seconds():.0f} s ({'; '.join(unlisted)})"
+                )
         return None
 
     def _stop(self, lease: TrackedLease) -> RunState | None:
@@ -857,8 +882,20 @@ class LeaseTracker:
             refusal = f"GPU {by_uuid[uuid].index} is in lease {holder} already"
         else:
             for uuid in spec.gpu_uuids:
+                verdict = gpus.verdicts.get(uuid)
                 if foreign.get(uuid):
                     refusal = f"the owner is using GPU {by_uuid[uuid].index} (process {foreign[uuid][0]})"
+                elif verdict is not None and not verdict.idle:
+                    # The marketplace placed it on the GPU's last heartbeat; since then the owner
+                    # came back (utilisation over the threshold, within the grace period), or the
+                    # GPU can no longer be vouched for (unreadable, its processes unlisted).
+                    index = by_uuid[uuid].index
+                    refusal = (
+                        f"the owner is using GPU {index} ({verdict.reason})"
+                        if verdict.owner_busy
+                        else f"GPU {index} is not idle ({verdict.reason})"
+                    )
+                if refusal is not None:
                     break
         state: RunState | None = None
         if refusal is None:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pynvml
 import pytest
 
 from conftest import SANDBOX_PYTHON, SandboxKit
@@ -25,10 +26,11 @@ from gpgpu_agent.credentials import rotation_mark_path, rotation_pending
 from gpgpu_agent.daemon import Agent
 from gpgpu_agent.fencing import boottime
 from gpgpu_agent.idle import IdleDetector, no_parent
-from gpgpu_agent.leases import REDACTED, scrub_secrets, secret_variants
+from gpgpu_agent.leases import BLIND_RECLAIM_S, REDACTED, scrub_secrets, secret_variants
 from gpgpu_agent.nvml import NvmlCollector
 from gpgpu_agent.protocol import STOP_SAVE_CHECKPOINT
 from gpgpu_agent.protocols import RunnerError, TransportUnavailable
+from gpgpu_agent.runners.common import UnknownLeaseError
 from gpgpu_agent.runners.kinds import PROCESS_OFF, KindRunner
 from gpgpu_agent.runners.process import ProcessRunner
 from gpgpu_agent.spool import Spool
@@ -163,6 +165,55 @@ def test_owner_process_on_a_leased_gpu_stops_the_rental_and_ends_billing_when_se
     assert "owner process 4000321" in body["detail"]
 
 
+@pytest.fixture
+def clocked_rig(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path
+) -> Iterator[tuple[Agent, FakeNvml, FakeTransport, list[datetime]]]:
+    """The rig with the agent's clock in the test's hands (now[0])."""
+    fake = FakeNvml().install()
+    fake.add_gpu("NVIDIA L4", 23034)
+    transport = FakeTransport()
+    now = [datetime(2026, 3, 2, 12, 0, tzinfo=UTC)]
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, clock=lambda: now[0])
+    try:
+        yield agent, fake, transport, now
+    finally:
+        for lease_id in list(agent.leases):
+            agent.runner.stop(lease_id, grace_s=0)
+        agent.outbox.close()
+        fake.uninstall()
+
+
+def test_a_leased_gpu_whose_processes_stay_unlisted_goes_back_to_the_owner(clocked_rig: Any) -> None:
+    """While NVML cannot list a leased GPU's processes, the owner's return cannot be seen (the
+    utilisation is the renter's): the rental ran on for as long as the listing failed. A failure
+    shorter than BLIND_RECLAIM_S is ridden out, and one that clears counts afresh next time."""
+    agent, fake, transport, now = clocked_rig
+    _start_lease(agent, fake, transport, 300)
+    pids = agent.runner.poll(1).pids
+    step = timedelta(seconds=BLIND_RECLAIM_S - 1)
+    fake.fail_field(0, "graphics_processes", pynvml.NVML_ERROR_UNKNOWN)
+    agent.poll_once()
+    now[0] += step
+    agent.poll_once()
+    fake.heal_field(0, "graphics_processes")
+    agent.poll_once()
+    fake.fail_field(0, "compute_processes", pynvml.NVML_ERROR_UNKNOWN)
+    agent.poll_once()
+    now[0] += step
+    agent.poll_once()
+    assert 1 in agent.leases and agent.runner.poll(1).running  # two hiccups: it runs on
+
+    now[0] += timedelta(seconds=1)
+    agent.poll_once()
+    agent.network_once()
+
+    assert 1 not in agent.leases
+    assert all(not os.path.exists(f"/proc/{pid}/cmdline") or _zombie(pid) for pid in pids)
+    detail = transport._events[(1, "lease-1-preempted_by_owner")]["detail"]
+    assert detail.startswith(f"the owner's processes could not be seen on GPU 0 for {BLIND_RECLAIM_S:.0f} s")
+
+
 def test_closed_schedule_reclaims_the_rental_and_offers_nothing(rig: Any) -> None:
     agent, fake, transport = rig
     _start_lease(agent, fake, transport, 300)
@@ -264,6 +315,50 @@ def test_a_start_order_for_a_gpu_another_lease_holds_fails_to_start(rig: Any) ->
     body = transport._events[(2, "lease-2-failed_to_start")]
     assert body["detail"] == "GPU 0 is in lease 1 already"
     assert list(agent.leases) == [1]
+
+
+def test_a_start_on_a_gpu_the_owner_came_back_to_without_a_listed_process_fails_to_start(rig: Any) -> None:
+    """The marketplace places from the GPU's last heartbeat; by the start the owner may be back.
+    A start checked only the owner's listed processes: an owner whose work shows in the GPU's
+    utilisation but in no process NVML lists had a renter's job started on the GPU they were
+    using."""
+    agent, fake, transport = rig
+    agent.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[_order(2, fake.gpus[0].uuid, 30)]))
+    agent.network_once()
+    fake.set_utilization(0, 85)  # the owner is back between the heartbeat and the start
+    agent.poll_once()
+    agent.network_once()
+
+    body = transport._events[(2, "lease-2-failed_to_start")]
+    assert body["detail"] == "the owner is using GPU 0 (utilisation 85% ≥ 10%)"
+    assert 2 not in agent.leases
+    with pytest.raises(UnknownLeaseError):  # nothing was started
+        agent.runner.poll(2)
+
+
+def test_a_start_on_a_gpu_whose_processes_cannot_be_listed_fails_to_start(rig: Any) -> None:
+    """Without its process list nothing tells the owner's work from the renter's once the job
+    runs (the utilisation is then the renter's): the GPU is not vouched idle, and the start is
+    refused rather than run where the owner's return would go unseen."""
+    agent, fake, transport = rig
+    agent.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[_order(3, fake.gpus[0].uuid, 30)]))
+    agent.network_once()
+    fake.fail_field(0, "compute_processes", pynvml.NVML_ERROR_NO_PERMISSION)
+    agent.poll_once()
+    agent.network_once()
+
+    detail = transport._events[(3, "lease-3-failed_to_start")]["detail"]
+    assert detail.startswith("GPU 0 is not idle (its processes could not be listed (compute_processes:")
+    assert 3 not in agent.leases
+
+    fake.heal_field(0, "compute_processes")  # readable again, and the owner still away: it starts
+    agent.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[_order(4, fake.gpus[0].uuid, 30)]))
+    agent.network_once()
+    agent.poll_once()
+    assert 4 in agent.leases
 
 
 def test_a_runner_failing_unexpectedly_fails_the_start_and_the_poll_goes_on(rig: Any, monkeypatch: Any) -> None:
