@@ -293,6 +293,9 @@ class LeaseTracker:
         # The lease being started now (the runner may pull an image for minutes meanwhile): the
         # daemon renews its deadline although no heartbeat has reported it yet.
         self.starting: int | None = None
+        # Its record (GPUs, maximum), saved before the runner starts it: an agent that dies
+        # between the runner's start and the lease's own record adopts the workload with it.
+        self._starting_record: TrackedLease | None = None
         # Why the owner's GPU was reclaimed, for a lease whose stop failed and is tried again.
         self._reclaim_why: dict[int, str] = {}
         # Leased GPU uuid -> since when its process lists could not be read (_owner_back).
@@ -318,9 +321,18 @@ class LeaseTracker:
                 continue
             self.leases[lease.lease_id] = lease
         self.done.update(int(x) for x in data.get("done", [])[-_DONE_KEPT:])
+        try:
+            self._starting_record = TrackedLease.from_json(data["starting"]) if data.get("starting") else None
+        except (KeyError, TypeError, ValueError, CheckpointError):
+            self._starting_record = None
 
     def save(self) -> None:
-        data = {"leases": [lease.to_json() for lease in self.leases.values()], "done": sorted(self.done)[-_DONE_KEPT:]}
+        data: dict[str, object] = {
+            "leases": [lease.to_json() for lease in self.leases.values()],
+            "done": sorted(self.done)[-_DONE_KEPT:],
+        }
+        if self._starting_record is not None:
+            data["starting"] = self._starting_record.to_json()
         write_private_json(self.path, data)
 
     def reports(self) -> list[LeaseReport]:
@@ -341,10 +353,16 @@ class LeaseTracker:
         adopted = {state.lease_id: state for state in self.runner.adopt()}
         for lease_id, state in adopted.items():
             lease = self.leases.get(lease_id)
-            if lease is None:
-                # No record of its GPUs: keep it reporting; the marketplace's reply tells whether
-                # it still wants it.
-                started = state.started_at or now
+            started = state.started_at or now
+            if lease is None and self._starting_record is not None and self._starting_record.lease_id == lease_id:
+                # The agent died between the runner's start and the lease's record: the record
+                # saved before the start gives it its GPUs (reclaimed for their owner) and maximum.
+                lease = replace(self._starting_record, started_at=started, usage_from=_whole_second(started))
+                self.leases[lease_id] = lease
+                logger.warning("lease %s: adopted from the record saved before its start", lease_id)
+            elif lease is None:
+                # No record of its GPUs (left by an agent from before starting records were
+                # saved): keep it reporting; the marketplace's reply tells whether it still wants it.
                 lease = TrackedLease(
                     lease_id=lease_id,
                     gpu_uuids=(),
@@ -371,6 +389,7 @@ class LeaseTracker:
                 # Its runner could not be asked (an engine not up yet): kept, fenced, asked again
                 # by the polls.
                 logger.warning("lease %s: could not look for its workload (%s); asking again", lease_id, exc)
+        self._starting_record = None  # adopted above, or its workload never started
         self.save()
 
     def stop_all(self, *, reason: str) -> None:
@@ -905,6 +924,22 @@ class LeaseTracker:
                 refusal = f"could not write the lease's fence deadline: {exc.strerror or exc}"
         if refusal is None:
             self.starting = spec.lease_id
+            record = self._starting_record = TrackedLease(
+                lease_id=spec.lease_id,
+                gpu_uuids=spec.gpu_uuids,
+                max_duration_s=float(spec.max_duration_s or math.inf),
+                started_at=now,
+                usage_from=_whole_second(now),
+                job_id=spec.job_id,
+                checkpoint=spec.checkpoint,
+                checkpoint_interval_s=spec.checkpoint_interval_s,
+            )
+            try:
+                self.save()  # before the runner starts anything
+            except OSError as exc:
+                self.starting = self._starting_record = None
+                refusal = f"could not save the lease's record: {exc.strerror or exc}"
+        if refusal is None:
             try:
                 spec = self._with_checkpoint(spec)
                 state = self._runner_start(spec, by_uuid)
@@ -917,6 +952,7 @@ class LeaseTracker:
                 refusal = f"the runner failed: {type(exc).__name__}: {exc}"
             finally:
                 self.starting = None
+                self._starting_record = None  # the lease's own record, or its refusal, is saved next
                 if spec.restore_archive is not None:
                     Path(spec.restore_archive).unlink(missing_ok=True)
         if refusal is not None or state is None:
@@ -928,16 +964,7 @@ class LeaseTracker:
             self.save()
             return
         started = state.started_at or now
-        lease = self.leases[spec.lease_id] = TrackedLease(
-            lease_id=spec.lease_id,
-            gpu_uuids=spec.gpu_uuids,
-            max_duration_s=float(spec.max_duration_s or math.inf),
-            started_at=started,
-            usage_from=_whole_second(started),
-            job_id=spec.job_id,
-            checkpoint=spec.checkpoint,
-            checkpoint_interval_s=spec.checkpoint_interval_s,
-        )
+        lease = self.leases[spec.lease_id] = replace(record, started_at=started, usage_from=_whole_second(started))
         self._status_of[lease.lease_id] = self.forecast  # its status file: the runner wrote it
         self._event(spec.lease_id, EVENT_STARTED, at=started)
         self.save()

@@ -792,6 +792,47 @@ def test_a_rental_cut_off_from_the_marketplace_past_the_fence_is_stopped_and_rep
     assert max(_usage_ends(transport, 1)) <= _at(body)
 
 
+class _AgentDied(BaseException):
+    """The agent's process ending where it is raised (nothing after it runs)."""
+
+
+def test_a_workload_started_just_before_the_agent_died_is_adopted_with_its_gpus_and_reclaimed(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml, monkeypatch: Any
+) -> None:
+    """The agent died after the runner started a workload and before it saved the lease's
+    record: the next agent adopted the workload with no GPUs and no maximum, so an owner coming
+    back to the GPU never got it back. The record is saved before the start now."""
+    transport = FakeTransport()
+    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    first.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[{**_order(1, gpu.gpus[0].uuid, 300), "max_duration_s": 600}]))
+    first.network_once()
+
+    def dies(*args: Any, **kwargs: Any) -> None:
+        raise _AgentDied
+
+    monkeypatch.setattr(first.tracker, "_event", dies)  # the first thing after the runner's start
+    with pytest.raises(_AgentDied):
+        first.poll_once()
+    first.outbox.close()
+    pids = first.runner.poll(1).pids
+    assert pids  # the workload runs on, and the agent is gone
+
+    second = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    try:
+        second.adopt()
+        assert second.leases[1].gpu_uuids == (gpu.gpus[0].uuid,)
+        assert second.leases[1].max_duration_s == 600
+        gpu.add_process(0, OWNER_PID, 1000)  # the owner is back
+        second.poll_once()
+        second.network_once()
+        assert 1 not in second.leases
+        assert all(not os.path.exists(f"/proc/{pid}/cmdline") or _zombie(pid) for pid in pids)
+        assert "owner process 4000321" in transport._events[(1, "lease-1-preempted_by_owner")]["detail"]
+    finally:
+        _close(second)
+
+
 def test_a_rental_adopted_without_a_deadline_gets_one(
     tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
 ) -> None:
