@@ -431,6 +431,7 @@ SPECTACULAR_SETTINGS = {
 # Celery: a broker that needs no server by default (kombu's filesystem transport, which works
 # across processes on one host); CELERY_BROKER_URL or REDIS_URL for Redis in production.
 BROKER_DIR = VAR_DIR / "broker"
+BROKER_CONNECT_TIMEOUT_S = 2.0
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL") or "filesystem://"
 CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):
@@ -447,7 +448,12 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "polling_interval": 0.2,
     }
 else:
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+    # A connect to a broker host that does not answer (down, its SYNs dropped) waited for the
+    # kernel's SYN retries, about 2 minutes, on every try of a publish: a web request that queues a
+    # task after its commit (a submitted job's matching run) was held that long while the rest of
+    # the system answered. On a LAN a connect takes milliseconds; a publish now gives up in about
+    # 4 s (Celery's tries, each cut at the timeout) and the beat schedule runs the work instead.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600, "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_SERIALIZER = "json"

@@ -5,8 +5,10 @@ countdown, as every task whose lock is held is)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -141,3 +143,64 @@ def test_a_worker_holding_a_retried_task_rides_out_a_redis_restart_and_takes_tas
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait(10)
+
+
+@contextlib.contextmanager
+def _silent_listener() -> Iterator[int]:
+    """A port whose SYNs go unanswered, as a broker host that is down or cut off: a listener
+    that never accepts, its queue full (Linux then drops further SYNs, and a connect waits for
+    the kernel's SYN retries, about two minutes)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = int(server.getsockname()[1])
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield port
+    finally:
+        for sock in [*fillers, server]:
+            sock.close()
+
+
+_SEND = """
+import django, time
+django.setup()
+from marketplace.celery import app
+started = time.monotonic()
+try:
+    app.send_task("marketplace.tasks.worker_heartbeat", countdown=600)
+except Exception as exc:
+    print("refused", type(exc).__name__, round(time.monotonic() - started, 1))
+else:
+    print("sent")
+"""
+
+
+def test_a_publish_to_a_broker_that_does_not_answer_gives_up_within_seconds(tmp_path: Path) -> None:
+    """A web request queues its task after its commit (a submitted job's matching run). With
+    the broker's host down, each try of the publish waited for the kernel's SYN retries: the
+    request was held over two minutes (135 s measured) though the database and the cache
+    answered. The project's Celery app, as web configures it from the environment, gives up
+    in seconds, and the beat schedule does the work."""
+    with _silent_listener() as port:
+        env = {
+            **os.environ,
+            "DEBUG": "true",
+            "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'unused.sqlite3'}",
+            "GPGPU_VAR_DIR": str(tmp_path / "var"),
+        }
+        started = time.monotonic()
+        sent = subprocess.run(  # noqa: S603 - our own interpreter and app
+            [sys.executable, "-c", _SEND], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        took = time.monotonic() - started
+    assert sent.returncode == 0, sent.stderr[-4000:]
+    assert sent.stdout.split()[:2] == ["refused", "OperationalError"], sent.stdout + sent.stderr[-2000:]
+    assert took < 30, f"the publish was held {took:.0f} s"
