@@ -381,10 +381,7 @@ class LeaseTracker:
             try:
                 self.runner.poll(lease_id)
             except UnknownLeaseError:
-                logger.warning("lease %s: no runner record of it is left; forgetting it", lease_id)
-                del self.leases[lease_id]
-                self.done.add(lease_id)
-                self._disarm(lease_id)
+                self._vanished(self.leases[lease_id], why="no runner record of it is left")
             except RunnerError as exc:
                 # Its runner could not be asked (an engine not up yet): kept, fenced, asked again
                 # by the polls.
@@ -433,11 +430,7 @@ class LeaseTracker:
                 if states[lease_id].running:
                     self.leases[lease_id].running_seen_at = asked_at
             except UnknownLeaseError as exc:  # its records are gone: nothing left to watch
-                logger.warning("lease %s: %s; forgetting it", lease_id, exc)
-                del self.leases[lease_id]
-                self.done.add(lease_id)
-                self._disarm(lease_id)
-                self._forget_output(lease_id)
+                self._vanished(self.leases[lease_id], why=str(exc))
             except RunnerError as exc:
                 logger.warning("lease %s: could not read its state (%s); asking again at the next poll", lease_id, exc)
         return states
@@ -708,6 +701,21 @@ class LeaseTracker:
         else:
             self._disarm(lease.lease_id)
             self._forget_output(lease.lease_id)
+
+    def _vanished(self, lease: TrackedLease, *, why: str) -> None:
+        """The lease's workload is gone from the machine with its records (its container removed
+        there, the runner's files deleted): how it ended cannot be known. Reported as the
+        machine's side ending it (`preempted_by_owner`, the job not to blame) when it was last
+        seen running, and forgotten. Forgotten without a word, the lease stayed running at the
+        marketplace until its maximum duration, its GPUs held and its job never run again."""
+        logger.warning("lease %s: its workload is gone (%s); reporting it ended and forgetting it", lease.lease_id, why)
+        lease.ending = "preempted_by_owner"
+        lease.checkpoint = None  # its work directory went with it
+        at = max(lease.running_seen_at or lease.usage_from, lease.usage_from)
+        gone = RunState(lease_id=lease.lease_id, running=False, exit_code=None, pids=(), started_at=lease.started_at)
+        self._finish(lease, gone, at=at, detail=f"its workload is gone from the machine ({why}); its end was not seen")
+        self._disarm(lease.lease_id)
+        self._forget_output(lease.lease_id)
 
     def _fenced_detail(self, fenced_at: datetime) -> str:
         """The `exited` detail of a workload its fence stopped (docs/agent-api.md: `fenced:`)."""

@@ -214,6 +214,53 @@ def test_a_leased_gpu_whose_processes_stay_unlisted_goes_back_to_the_owner(clock
     assert detail.startswith(f"the owner's processes could not be seen on GPU 0 for {BLIND_RECLAIM_S:.0f} s")
 
 
+def test_a_rental_removed_on_the_machine_is_reported_ended_not_forgotten_in_silence(rig: Any) -> None:
+    """Its workload and records gone (as `docker rm -f` leaves a container lease), the agent
+    forgot the lease without a word: the marketplace kept it running until its maximum duration,
+    its GPUs held and its job never run again. It is reported ended by the machine's side, at
+    the last time it was seen running."""
+    agent, fake, transport = rig
+    _start_lease(agent, fake, transport, 300)
+    agent.poll_once()
+    seen = agent.leases[1].running_seen_at
+    process = agent.runner.runners["process"]
+    process.stop(1, grace_s=0)
+    process.forget(1)
+    agent.poll_once()
+    agent.network_once()
+
+    assert 1 not in agent.leases
+    body = transport._events[(1, "lease-1-preempted_by_owner")]
+    assert body["detail"].startswith("its workload is gone from the machine (")
+    assert seen is not None and abs(_at(body) - seen) < timedelta(seconds=1)
+    assert [c for c in transport.calls if c.method == "heartbeat"][-1].body["leases"] == []
+
+
+def test_a_rental_whose_records_went_while_the_agent_was_stopped_is_reported_ended(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> None:
+    transport = FakeTransport()
+    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    _start_lease(first, gpu, transport, 300)
+    first.request_stop()
+    first.shutdown()
+    process = first.runner.runners["process"]
+    process.stop(1, grace_s=0)
+    process.forget(1)  # removed while no agent ran
+
+    second = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    try:
+        second.adopt()
+        second.network_once()
+    finally:
+        _close(second)
+
+    assert 1 not in second.leases
+    assert transport._events[(1, "lease-1-preempted_by_owner")]["detail"].startswith(
+        "its workload is gone from the machine (no runner record of it is left)"
+    )
+
+
 def test_closed_schedule_reclaims_the_rental_and_offers_nothing(rig: Any) -> None:
     agent, fake, transport = rig
     _start_lease(agent, fake, transport, 300)
