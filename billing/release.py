@@ -14,7 +14,9 @@ unsettled or in a settlement (the escrow skips every item of a closed job, so re
 would leave a provider unpaid).
 
 Idempotent: the contract's job state is read first; a job already closed (released by an earlier
-run that died before recording it, or by the renter after the deadline) is only recorded. An
+run that died before recording it, or by the renter after the deadline) is only recorded, and so
+is one such a transaction closed after the read, before this run's releaseJob was mined (which
+then reverts). An
 unreachable node leaves the job for the next run. The caller holds the settlement lock
 (`settlement.LOCK_NAME`), so the operator's transactions go out one at a time. Each job is one
 item of the run (core.periodic.item): a job whose release fails is logged and skipped.
@@ -60,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 AK = LedgerAccount.Kind
 BEHIND = "GpgpuEscrow_SettlementBehind"
+CLOSED = "GpgpuEscrow_JobClosed"
 
 
 class ReleaseStalled(Exception):
@@ -186,7 +189,7 @@ def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, depl
     try:
         sent = client.transact(escrow.functions.releaseJob(auth.job_id, *_settled_expected(auth.job_id)))
     except ContractReverted as reverted:
-        if reverted.name == "GpgpuEscrow_JobClosed":  # closed between the read and the send
+        if reverted.name == CLOSED:  # closed between the read and the send
             _record_seen(auth, client)
             return "already_closed"
         if reverted.name == BEHIND:
@@ -198,6 +201,13 @@ def job_release_on_chain(*, auth: BudgetAuthorization, client: ChainClient, depl
     except ContractReverted as reverted:
         if reverted.name == BEHIND:  # mined after a rollback took a settlement away
             return _behind(auth, client, reverted)
+        if reverted.name in (CLOSED, None) and client.call(escrow.functions.job(auth.job_id))[5]:
+            # Closed by a transaction mined before this one: a releaseJob an earlier run sent and
+            # died before recording (its hash unknown here, the job still open when this run read
+            # it), or the renter's own past the deadline. The job is closed, as this one meant. (In
+            # the same block as this one, the replay on the block before cannot name the revert.)
+            _record_seen(auth, client)
+            return "already_closed"
         raise
     except NodeUnavailable as error:
         logger.warning("releaseJob(%s) sent as %s, not confirmed yet: %s", auth.job_id, sent.hash, error)

@@ -219,6 +219,41 @@ def test_a_release_the_chain_does_not_mine_stops_the_run_and_the_next_run_finish
     call_command("ledger_check")
 
 
+def test_a_release_mined_after_the_job_was_closed_is_recorded_closed_not_an_error(env, monkeypatch):
+    """The job was open when the run read it, and closed by a transaction mined before the run's
+    own releaseJob: the renter's, past the budget's deadline, or one an earlier run sent and died
+    before recording. The run's release reverted (JobClosed) when mined, was reported as an error,
+    and the job stayed unrecorded until a later run read its state again."""
+    renter, account, _payee, job, _lease = _settled_job(env, "tara")
+    services.budgets_release()
+    tester = env.client.web3.provider.ethereum_tester
+    tester.time_travel(int(BudgetAuthorization.objects.get(job=job).deadline.timestamp()) + 60)
+    client = env.client.for_account(env.client.account)
+    transact, wait_receipt = client.transact, client.wait_receipt
+
+    def renter_first(fn, **options):  # type: ignore[no-untyped-def]
+        env.client.for_account(account).transact(env.escrow.functions.releaseJob(job.pk, 0, 0))
+        return transact(fn, **options)
+
+    def mined_then_waited(tx_hash: str, **options: object):  # type: ignore[no-untyped-def]
+        tester.mine_blocks(1)  # the renter's release, then the run's, in the order they were sent
+        return wait_receipt(tx_hash, **options)
+
+    monkeypatch.setattr(client, "transact", renter_first)
+    monkeypatch.setattr(client, "wait_receipt", mined_then_waited)
+    tester.disable_auto_mine_transactions()
+    try:
+        result = jobs_release_on_chain(client=client, deployment=env.deployment)
+    finally:
+        tester.enable_auto_mine_transactions()
+
+    assert result["already_closed"] == 1 and "errors" not in result, result
+    auth = BudgetAuthorization.objects.get(job=job)
+    assert auth.released_on_chain_at is not None and auth.release_tx_hash == ""
+    assert _on_chain_available(env, account) == 9 * ONE == renter_available_micro(renter_id=renter.pk)
+    call_command("ledger_check")
+
+
 def test_provider_and_fee_withdrawals_on_chain_are_posted_once_by_the_watcher(env):
     _renter, _account, payee, _job, lease = _settled_job(env, "lena")
     provider_id = lease.machine.provider_id
