@@ -145,6 +145,14 @@ def _start_lease(agent: Agent, fake: FakeNvml, transport: FakeTransport, seconds
     return 1
 
 
+def _left_running(agent: Agent, fake: FakeNvml, transport: FakeTransport, seconds: float) -> Agent:
+    """Lease 1 started, then the agent stopped: the rental runs on for the next agent to adopt."""
+    _start_lease(agent, fake, transport, seconds)
+    agent.request_stop()
+    agent.shutdown()
+    return agent
+
+
 def test_owner_process_on_a_leased_gpu_stops_the_rental_and_ends_billing_when_seen(rig: Any) -> None:
     agent, fake, transport = rig
     _start_lease(agent, fake, transport, 300)
@@ -240,10 +248,7 @@ def test_a_rental_whose_records_went_while_the_agent_was_stopped_is_reported_end
     tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
 ) -> None:
     transport = FakeTransport()
-    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
-    _start_lease(first, gpu, transport, 300)
-    first.request_stop()
-    first.shutdown()
+    first = _left_running(_agent(tmp_path, sandbox_kit, rentals_dir, transport), gpu, transport, 300)
     process = first.runner.runners["process"]
     process.stop(1, grace_s=0)
     process.forget(1)  # removed while no agent ran
@@ -886,10 +891,7 @@ def test_a_rental_adopted_without_a_deadline_gets_one(
     # A rental started by an agent from before fencing has no deadline file; the next agent gives
     # it one (counting from its own start) rather than leave it unfenced for good.
     transport = FakeTransport()
-    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
-    _start_lease(first, gpu, transport, 300)
-    first.request_stop()
-    first.shutdown()
+    _left_running(_agent(tmp_path, sandbox_kit, rentals_dir, transport), gpu, transport, 300)
     deadline_file = tmp_path / "fence" / "lease-1.json"
     deadline_file.unlink()
 
