@@ -142,6 +142,8 @@ class IdleDetector:
         self._clock = clock
         self._parent_of = parent_of
         self._quiet_since: dict[str, datetime] = {}
+        # GPUs whose current quiet stretch began after a break this detector saw (until idle).
+        self._after_break: set[str] = set()
 
     def update(
         self,
@@ -164,6 +166,7 @@ class IdleDetector:
                 verdicts[gpu.uuid] = self._judge(gpu, rental_pids, schedule_open, now)
         for uuid in [uuid for uuid in self._quiet_since if uuid not in verdicts]:
             del self._quiet_since[uuid]
+        self._after_break &= verdicts.keys()
         return verdicts
 
     def _judge(
@@ -196,7 +199,8 @@ class IdleDetector:
 
         if broken is not None:
             self._quiet_since.pop(uuid, None)
-            return GpuVerdict(uuid=uuid, idle=False, owner_busy=owner_busy, idle_since=None, reason=broken)
+            self._after_break.add(uuid)
+            return GpuVerdict(uuid=uuid, idle=False, owner_busy=owner_busy, idle_since=None, reason=broken, broken=True)
 
         quiet_since = self._quiet_since.setdefault(uuid, now)
         quiet_for = (now - quiet_since).total_seconds()
@@ -208,7 +212,16 @@ class IdleDetector:
         elif quiet_for < self.grace_s:
             reason = f"quiet for {_seconds(quiet_for)} of the {_seconds(self.grace_s)} grace period"
         if reason is not None:
-            return GpuVerdict(uuid=uuid, idle=False, owner_busy=False, idle_since=None, reason=reason)
+            in_grace = quiet_for < self.grace_s and gpu.declined_reason is None and schedule_open
+            return GpuVerdict(
+                uuid=uuid,
+                idle=False,
+                owner_busy=False,
+                idle_since=None,
+                reason=reason,
+                broken=in_grace and uuid in self._after_break,
+            )
+        self._after_break.discard(uuid)
         return GpuVerdict(
             uuid=uuid,
             idle=True,

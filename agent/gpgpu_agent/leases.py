@@ -193,9 +193,14 @@ class TrackedLease:
     # The last poll that found its workload running: when that poll began (not persisted). A
     # usage period never ends later than this (see LeaseTracker.account_usage).
     running_seen_at: datetime | None = None
+    # From the record saved before its start, adopted while its runner could not be asked: its
+    # workload may never have started. Until the runner answers for it, a runner that knows no
+    # such workload drops it quietly (the marketplace's next start order starts it).
+    unconfirmed: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
+            "unconfirmed": self.unconfirmed,
             "lease_id": self.lease_id,
             "gpu_uuids": list(self.gpu_uuids),
             "max_duration_s": self.max_duration_s,
@@ -221,6 +226,7 @@ class TrackedLease:
             job_id=json_int(data.get("job_id") or 0),
             checkpoint=_checkpoint_spec(data.get("checkpoint")),
             checkpoint_interval_s=_optional_int(data.get("checkpoint_interval_s")),
+            unconfirmed=data.get("unconfirmed") is True,
         )
 
 
@@ -377,16 +383,25 @@ class LeaseTracker:
                     self._arm(lease_id)
             else:
                 self._finish(lease, state, at=now)
+        record, self._starting_record = self._starting_record, None
+        if record is not None and record.lease_id not in self.leases:
+            # Not adopted: its workload never started, or its runner could not be asked (an
+            # engine not up yet), which the polls below tell apart.
+            self.leases[record.lease_id] = replace(record, unconfirmed=True)
         for lease_id in [lease_id for lease_id in self.leases if lease_id not in adopted]:
+            lease = self.leases[lease_id]
             try:
                 self.runner.poll(lease_id)
+                lease.unconfirmed = False
             except UnknownLeaseError:
-                self._vanished(self.leases[lease_id], why="no runner record of it is left")
+                if lease.unconfirmed:
+                    self._never_started(lease)
+                else:
+                    self._vanished(lease, why="no runner record of it is left")
             except RunnerError as exc:
                 # Its runner could not be asked (an engine not up yet): kept, fenced, asked again
                 # by the polls.
                 logger.warning("lease %s: could not look for its workload (%s); asking again", lease_id, exc)
-        self._starting_record = None  # adopted above, or its workload never started
         self.save()
 
     def stop_all(self, *, reason: str) -> None:
@@ -425,12 +440,19 @@ class LeaseTracker:
         states: dict[int, RunState] = {}
         for lease_id in list(self.leases):
             asked_at = self.clock()
+            lease = self.leases[lease_id]
             try:
                 states[lease_id] = self.runner.poll(lease_id)
                 if states[lease_id].running:
-                    self.leases[lease_id].running_seen_at = asked_at
+                    lease.running_seen_at = asked_at
+                if lease.unconfirmed:
+                    lease.unconfirmed = False
+                    self.save()
             except UnknownLeaseError as exc:  # its records are gone: nothing left to watch
-                self._vanished(self.leases[lease_id], why=str(exc))
+                if lease.unconfirmed:
+                    self._never_started(lease)
+                else:
+                    self._vanished(lease, why=str(exc))
             except RunnerError as exc:
                 logger.warning("lease %s: could not read its state (%s); asking again at the next poll", lease_id, exc)
         return states
@@ -702,6 +724,15 @@ class LeaseTracker:
             self._disarm(lease.lease_id)
             self._forget_output(lease.lease_id)
 
+    def _never_started(self, lease: TrackedLease) -> None:
+        """Forget a lease adopted from the record saved before its start whose workload its runner
+        does not know: the agent died before it started. Not reported and not marked done: the
+        marketplace's start order, sent again, starts it."""
+        logger.info("lease %s: its workload was never started; waiting for its start order", lease.lease_id)
+        del self.leases[lease.lease_id]
+        self._disarm(lease.lease_id)
+        self.save()
+
     def _vanished(self, lease: TrackedLease, *, why: str) -> None:
         """The lease's workload is gone from the machine with its records (its container removed
         there, the runner's files deleted): how it ended cannot be known. Reported as the
@@ -912,10 +943,11 @@ class LeaseTracker:
                 verdict = gpus.verdicts.get(uuid)
                 if foreign.get(uuid):
                     refusal = f"the owner is using GPU {by_uuid[uuid].index} (process {foreign[uuid][0]})"
-                elif verdict is not None and not verdict.idle:
+                elif verdict is not None and verdict.broken:
                     # The marketplace placed it on the GPU's last heartbeat; since then the owner
-                    # came back (utilisation over the threshold, within the grace period), or the
-                    # GPU can no longer be vouched for (unreadable, its processes unlisted).
+                    # came back (utilisation over the threshold, now or within the grace period),
+                    # or the GPU can no longer be vouched for (unreadable, its processes unlisted).
+                    # Not a restarted agent's first grace period: it saw no owner.
                     index = by_uuid[uuid].index
                     refusal = (
                         f"the owner is using GPU {index} ({verdict.reason})"
@@ -932,6 +964,8 @@ class LeaseTracker:
                 refusal = f"could not write the lease's fence deadline: {exc.strerror or exc}"
         if refusal is None:
             self.starting = spec.lease_id
+            for uuid in spec.gpu_uuids:
+                self._blind_since.pop(uuid, None)  # an ended lease's count is not this one's
             record = self._starting_record = TrackedLease(
                 lease_id=spec.lease_id,
                 gpu_uuids=spec.gpu_uuids,
@@ -969,7 +1003,10 @@ class LeaseTracker:
             self.done.add(spec.lease_id)
             detail = scrub_secrets(str(refusal), self.secrets)[:500]
             self._event(spec.lease_id, EVENT_FAILED_TO_START, at=now, detail=detail)
-            self.save()
+            try:
+                self.save()
+            except OSError as exc:  # the refusal is spooled; `done` is saved with the next save
+                logger.warning("lease %s: could not save the agent's lease records: %s", spec.lease_id, exc)
             return
         started = state.started_at or now
         lease = self.leases[spec.lease_id] = replace(record, started_at=started, usage_from=_whole_second(started))

@@ -88,6 +88,10 @@ class GpuVerdict:
     owner_busy: bool
     idle_since: datetime | None
     reason: str  # why not idle, in words ("owner process 4242 is using it", "utilisation 63% ≥ 10%", …)
+    # Not idle because the owner's quiet was broken, or cannot be vouched for, now or within the
+    # grace period since (as this detector saw it: a detector just started has seen no break, and
+    # its first grace period is not one).
+    broken: bool = False
 
 
 @dataclass(frozen=True, slots=True)

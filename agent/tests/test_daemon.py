@@ -84,6 +84,7 @@ def _agent(
     backoff: Backoff | None = None,
     fenced: bool = False,
     start_delay_s: float = 0.0,
+    idle_grace_s: float = 0.0,
     **options: Any,
 ) -> Agent:
     """An agent over the state in tmp_path (a second one over the same state is the first one
@@ -105,7 +106,7 @@ def _agent(
     )
     return Agent(
         collector=NvmlCollector(),
-        idle=IdleDetector(threshold_pct=10, grace_s=0, parent_of=no_parent),
+        idle=IdleDetector(threshold_pct=10, grace_s=idle_grace_s, parent_of=no_parent),
         runner=SlowStart(runner, start_delay_s) if start_delay_s else runner,
         transport=transport,
         outbox=Spool(tmp_path / "spool.sqlite3"),
@@ -143,6 +144,13 @@ def _start_lease(agent: Agent, fake: FakeNvml, transport: FakeTransport, seconds
     agent.poll_once()  # acts on the order
     assert 1 in agent.leases
     return 1
+
+
+def _ordered(agent: Agent, transport: FakeTransport, *orders: dict[str, Any]) -> None:
+    """The next heartbeat's reply orders these starts, and the next poll acts on them."""
+    transport.heartbeat_replies.append(_reply(start=list(orders)))
+    agent.network_once()
+    agent.poll_once()
 
 
 def _left_running(agent: Agent, fake: FakeNvml, transport: FakeTransport, seconds: float) -> Agent:
@@ -266,6 +274,28 @@ def test_a_rental_whose_records_went_while_the_agent_was_stopped_is_reported_end
     )
 
 
+def test_a_blind_spell_under_an_ended_lease_is_not_counted_against_the_next_one(clocked_rig: Any) -> None:
+    """Lease 1 ended while its GPU's process list could not be read; lease 2 started on the GPU in
+    the same poll the first was finished in. Its one later blind sample was counted from the first
+    lease's spell, and the new rental was taken away at once."""
+    agent, fake, transport, now = clocked_rig
+    _start_lease(agent, fake, transport, 0.2)
+    fake.fail_field(0, "compute_processes", pynvml.NVML_ERROR_UNKNOWN)
+    agent.poll_once()  # lease 1's GPU blind from now
+    _wait(lambda: not agent.runner.poll(1).running, 10, "lease 1 ending")
+    fake.heal_field(0, "compute_processes")
+    now[0] += timedelta(seconds=BLIND_RECLAIM_S)
+    transport.heartbeat_replies.append(_reply(start=[_order(2, fake.gpus[0].uuid, 300)]))
+    agent.network_once()
+    agent.poll_once()  # lease 1 finished, lease 2 started
+    assert list(agent.leases) == [2]
+
+    fake.fail_field(0, "compute_processes", pynvml.NVML_ERROR_UNKNOWN)
+    now[0] += timedelta(seconds=1)
+    agent.poll_once()
+    assert 2 in agent.leases and agent.runner.poll(2).running
+
+
 def test_closed_schedule_reclaims_the_rental_and_offers_nothing(rig: Any) -> None:
     agent, fake, transport = rig
     _start_lease(agent, fake, transport, 300)
@@ -387,6 +417,43 @@ def test_a_start_on_a_gpu_the_owner_came_back_to_without_a_listed_process_fails_
     assert 2 not in agent.leases
     with pytest.raises(UnknownLeaseError):  # nothing was started
         agent.runner.poll(2)
+
+
+@pytest.fixture
+def graced(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml
+) -> Iterator[tuple[Agent, FakeNvml, FakeTransport]]:
+    """A freshly started agent whose idle detector asks for 60 s of quiet."""
+    transport = FakeTransport()
+    agent = _agent(tmp_path, sandbox_kit, rentals_dir, transport, idle_grace_s=60)
+    try:
+        yield agent, gpu, transport
+    finally:
+        _close(agent)
+
+
+def test_a_restarted_agent_starts_a_lease_placed_before_it_in_its_first_grace_period(graced: Any) -> None:
+    """A detector just started has seen no owner: its first grace period is not the owner's
+    return. The marketplace goes on sending a lease placed before the agent restarted; refused
+    for that grace period, it cost the job one of its attempts although nobody had been seen."""
+    agent, gpu, transport = graced
+    agent.poll_once()
+    _ordered(agent, transport, _order(5, gpu.gpus[0].uuid, 30))
+    assert 5 in agent.leases
+    assert not [key for _, _, key in transport.applied if "failed_to_start" in key]
+
+
+def test_a_start_within_the_grace_period_after_the_owner_left_fails_to_start(graced: Any) -> None:
+    agent, gpu, transport = graced
+    agent.poll_once()
+    gpu.set_utilization(0, 85)  # the owner, seen by this agent
+    agent.poll_once()
+    gpu.set_utilization(0, 0)  # and gone again, moments before the start
+    _ordered(agent, transport, _order(6, gpu.gpus[0].uuid, 30))
+    agent.network_once()
+    detail = transport._events[(6, "lease-6-failed_to_start")]["detail"]
+    assert detail.startswith("GPU 0 is not idle (quiet for ") and detail.endswith(" of the 60 s grace period)")
+    assert 6 not in agent.leases
 
 
 def test_a_start_on_a_gpu_whose_processes_cannot_be_listed_fails_to_start(rig: Any) -> None:
@@ -881,6 +948,48 @@ def test_a_workload_started_just_before_the_agent_died_is_adopted_with_its_gpus_
         assert 1 not in second.leases
         assert all(not os.path.exists(f"/proc/{pid}/cmdline") or _zombie(pid) for pid in pids)
         assert "owner process 4000321" in transport._events[(1, "lease-1-preempted_by_owner")]["detail"]
+    finally:
+        _close(second)
+
+
+def test_a_lease_the_agent_died_starting_waits_for_its_runner_and_then_for_its_start_order(
+    tmp_path: Path, sandbox_kit: SandboxKit, rentals_dir: Path, gpu: FakeNvml, monkeypatch: Any
+) -> None:
+    """The agent died after saving the starting record and before the runner started anything,
+    and the next agent's runner could not be asked at first (its engine not up yet). The record
+    was dropped at the restart, so a workload started after all would have gone untracked; kept,
+    and once the runner answers that it knows no such workload, it is dropped without a report:
+    the marketplace's start order, sent again, starts it."""
+    transport = FakeTransport()
+    first = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    first.poll_once()
+    transport.heartbeat_replies.append(_reply(start=[_order(1, gpu.gpus[0].uuid, 300)]))
+    first.network_once()
+
+    def dies(*args: Any, **kwargs: Any) -> None:
+        raise _AgentDied
+
+    monkeypatch.setattr(first.tracker, "_runner_start", dies)
+    with pytest.raises(_AgentDied):
+        first.poll_once()
+    first.outbox.close()
+
+    second = _agent(tmp_path, sandbox_kit, rentals_dir, transport)
+    process = second.runner.runners["process"]
+    try:
+        with monkeypatch.context() as down:
+            down.setattr(process, "adopt", _engine_down)
+            down.setattr(process, "poll", _engine_down)
+            second.adopt()
+            assert second.leases[1].gpu_uuids == (gpu.gpus[0].uuid,)  # kept: it may be running
+            second.poll_once()
+        second.poll_once()  # the runner answers: no such workload
+        second.network_once()
+        assert 1 not in second.leases and 1 not in second.done
+        assert not [key for _, _, key in transport.applied if key.startswith("lease-1-")]
+
+        _ordered(second, transport, _order(1, gpu.gpus[0].uuid, 300))
+        assert 1 in second.leases and second.runner.poll(1).running
     finally:
         _close(second)
 
