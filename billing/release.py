@@ -14,10 +14,9 @@ unsettled or in a settlement (the escrow skips every item of a closed job, so re
 would leave a provider unpaid).
 
 Idempotent: the contract's job state is read first; a job already closed (released by an earlier
-run that died before recording it, or by the renter after the deadline) is only recorded, and so
-is one such a transaction closed after the read, before this run's releaseJob was mined (which
-then reverts). An
-unreachable node leaves the job for the next run. The caller holds the settlement lock
+run that died before recording it, or by the renter after the deadline) is only recorded; so is a
+job such a transaction closed after the read, before this run's releaseJob was mined (which then
+reverts). An unreachable node leaves the job for the next run. The caller holds the settlement lock
 (`settlement.LOCK_NAME`), so the operator's transactions go out one at a time. Each job is one
 item of the run (core.periodic.item): a job whose release fails is logged and skipped.
 

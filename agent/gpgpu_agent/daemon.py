@@ -7,7 +7,7 @@ Two threads share the work so a slow or unreachable marketplace never delays a r
   lease, reclaim leased GPUs the owner came back to (a foreign process on a leased GPU, or the
   owner's schedule closed) or whose processes could not be listed for `BLIND_RECLAIM_S`, notice
   leases that exited and act on the marketplace's start/stop orders (a start refused on a GPU
-  this poll's idle verdict does not offer); the tracker writes every event and usage report to
+  whose owner this poll's idle verdict saw back); the tracker writes every event and usage report to
   the spool first (write-ahead). It is the only thread that calls the runner.
 - the **network loop**: heartbeats at the interval the marketplace asks (or the configured
   override), hands the reply's orders to the poll loop, renews the leases' fence deadlines, and

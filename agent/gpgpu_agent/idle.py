@@ -204,6 +204,7 @@ class IdleDetector:
 
         quiet_since = self._quiet_since.setdefault(uuid, now)
         quiet_for = (now - quiet_since).total_seconds()
+        after_break = False
         reason: str | None = None
         if gpu.declined_reason:
             reason = gpu.declined_reason
@@ -211,15 +212,10 @@ class IdleDetector:
             reason = "outside the owner's availability schedule"
         elif quiet_for < self.grace_s:
             reason = f"quiet for {_seconds(quiet_for)} of the {_seconds(self.grace_s)} grace period"
+            after_break = uuid in self._after_break
         if reason is not None:
-            in_grace = quiet_for < self.grace_s and gpu.declined_reason is None and schedule_open
             return GpuVerdict(
-                uuid=uuid,
-                idle=False,
-                owner_busy=False,
-                idle_since=None,
-                reason=reason,
-                broken=in_grace and uuid in self._after_break,
+                uuid=uuid, idle=False, owner_busy=False, idle_since=None, reason=reason, broken=after_break
             )
         self._after_break.discard(uuid)
         return GpuVerdict(

@@ -200,7 +200,6 @@ class TrackedLease:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "unconfirmed": self.unconfirmed,
             "lease_id": self.lease_id,
             "gpu_uuids": list(self.gpu_uuids),
             "max_duration_s": self.max_duration_s,
@@ -209,6 +208,7 @@ class TrackedLease:
             "job_id": self.job_id,
             "checkpoint": asdict(self.checkpoint) if self.checkpoint is not None else None,
             "checkpoint_interval_s": self.checkpoint_interval_s,
+            "unconfirmed": self.unconfirmed,
         }
 
     @classmethod
@@ -304,7 +304,8 @@ class LeaseTracker:
         self._starting_record: TrackedLease | None = None
         # Why the owner's GPU was reclaimed, for a lease whose stop failed and is tried again.
         self._reclaim_why: dict[int, str] = {}
-        # Leased GPU uuid -> since when its process lists could not be read (_owner_back).
+        # Leased GPU uuid -> since when its process lists could not be read (_owner_back); a start
+        # drops its GPUs' entries.
         self._blind_since: dict[str, datetime] = {}
         self._next_usage = time.monotonic() + usage_interval_s
         self._load()
@@ -475,9 +476,6 @@ class LeaseTracker:
         # Reclaim first: it is the owner's GPU. Every rental the owner came back to is stopped
         # before any is reported, so that saving one's checkpoint never holds up another's stop.
         reclaimed: list[tuple[TrackedLease, RunState, str]] = []
-        leased = {uuid for lease in self.leases.values() for uuid in lease.gpu_uuids}
-        for uuid in [uuid for uuid in self._blind_since if uuid not in leased]:
-            del self._blind_since[uuid]  # its lease ended: a later lease's count starts afresh
         for lease_id, lease in list(self.leases.items()):
             state = states.get(lease_id)
             if state is None or not state.running:
